@@ -1,0 +1,28 @@
+"""``raml bench <what>``: benchmarks that measure against a baseline timed in the same run."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+#: sub-benchmark -> module with ``main(argv) -> int``
+BENCHMARKS = {
+    "eval": ("raml.bench.eval", "retrieval evaluation vs the bare similarity matmul (SOP-sized)"),
+    "pipeline": ("raml.bench.pipeline", "coupled-view data pipeline vs the reference's per-view decoding"),
+}
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmarks (" + ", ".join(BENCHMARKS) + ")",
+        description="Run a benchmark; flags after the benchmark's name go to it (see raml bench NAME -h).",
+    )
+    parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark")
+    parser.add_argument("rest", nargs=argparse.REMAINDER, help="flags of that benchmark")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    module = importlib.import_module(BENCHMARKS[args.benchmark][0])
+    return int(module.main(args.rest) or 0)

@@ -1,0 +1,121 @@
+"""``raml test`` (and ``python test.py``): symmetric and asymmetric retrieval tests of trained networks."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from raml.cli.common import (
+    add_runtime_args,
+    comma_list,
+    device_from_args,
+    positive_int,
+    setup_logging,
+    write_json,
+)
+from raml.cli.networks import add_network_args, network_from_args
+from raml.data.splits import get_split
+from raml.retrieval.cache import EmbeddingCache
+from raml.retrieval.evaluate import check_compatible, evaluate_split, format_results_table
+from raml.utils import file_sha256
+
+logger = logging.getLogger("raml")
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "test",
+        help="symmetric / asymmetric retrieval test",
+        description=(
+            "Test a student symmetrically (--sym) and/or asymmetrically against a teacher database "
+            "(runs when --teacher-path or --teacher is given)."
+        ),
+    )
+    add_network_args(parser, "student", required=True)
+    add_network_args(parser, "teacher", required=False)
+    parser.add_argument(
+        "--datasets",
+        type=comma_list,
+        default=["cub-test"],
+        metavar="DATASETS",
+        help="comma-separated test splits, e.g. 'cub-test,cars-test' (default: cub-test)",
+    )
+    parser.add_argument(
+        "--image-size", type=positive_int, default=224, metavar="N", help="query resolution QR (default: 224)"
+    )
+    parser.add_argument(
+        "--teacher-image-size",
+        type=positive_int,
+        default=448,
+        metavar="N",
+        help="database resolution DR (default: 448)",
+    )
+    parser.add_argument("--sym", action="store_true", help="also run the symmetric test of the student")
+    parser.add_argument(
+        "--pool", default="gem", help="pooling for networks built with --student/--teacher ARCH"
+    )
+    parser.add_argument(
+        "--not-pretrained",
+        action="store_true",
+        help="random weights for networks built with --student/--teacher ARCH",
+    )
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write results (percent) as JSON")
+    parser.add_argument(
+        "--no-cache", action="store_true", help="do not cache the teacher's database embeddings"
+    )
+    add_runtime_args(parser)
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    setup_logging(args.verbose)
+    if args.teacher_path is None and args.teacher is None and not args.sym:
+        raise SystemExit(
+            "raml test: nothing to do: give --teacher-path/--teacher for the asymmetric test and/or --sym."
+        )
+    device = device_from_args(args)
+    # Resolve every split first so that a missing dataset fails before any network is loaded.
+    splits = [get_split(name, args.data_root) for name in args.datasets]
+    student, _ = network_from_args(
+        args.student_path,
+        args.student,
+        args.data_root,
+        device,
+        pooling=args.pool,
+        pretrained=not args.not_pretrained,
+    )
+    teacher = teacher_file = None
+    if args.teacher_path is not None or args.teacher is not None:
+        teacher, teacher_file = network_from_args(
+            args.teacher_path,
+            args.teacher,
+            args.data_root,
+            device,
+            pooling=args.pool,
+            pretrained=not args.not_pretrained,
+        )
+        check_compatible(student, teacher)
+    cache = None if args.no_cache else EmbeddingCache(Path(args.data_root) / "cache" / "embeddings")
+    teacher_sha = file_sha256(teacher_file) if teacher_file is not None else None
+
+    results: dict[str, dict[str, dict[str, float]]] = {}
+    for split in splits:
+        results[split.name] = evaluate_split(
+            student,
+            split,
+            args.image_size,
+            device,
+            teacher=teacher,
+            teacher_image_size=args.teacher_image_size,
+            sym=args.sym,
+            batch_size=args.batch_size,
+            workers=args.workers,
+            cache=cache,
+            teacher_sha256=teacher_sha,
+            progress=not args.no_progress,
+        )
+    print(format_results_table(results))
+    if args.json is not None:
+        write_json(args.json, results)
+    return 0

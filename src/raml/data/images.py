@@ -1,0 +1,193 @@
+"""Image loading and the evaluation transform.
+
+Contracts:
+
+- :func:`load_image`: file -> fully loaded ``PIL.Image`` in mode ``RGB`` (8 bit per channel), or
+  :class:`ImageLoadError` naming the file and the reason.
+- :class:`EvalTransform`: RGB ``PIL.Image`` -> ``(3, S, S)`` float32 tensor: Lanczos resize of the shorter
+  side to ``S + S/7`` (each side rounded), centre crop ``S x S``, scale to [0, 1], normalise with mean/std.
+
+Mode conversion rules of :func:`to_rgb` (kept simple on purpose):
+
+- ``RGB`` is kept; ``L``, ``1``, ``LA``, ``RGBA``, ``CMYK``, ``YCbCr`` ... go through ``convert("RGB")``,
+  which drops alpha (the colour under a transparent pixel is kept, not composited on a background).
+- ``P`` / ``PA`` (palette, with or without transparency) -> ``RGBA`` -> ``RGB`` (alpha dropped likewise).
+- 16/32-bit integer modes (``I;16*``, ``I``) are read as 16-bit intensities: ``0..65535 -> 0..255``
+  (``round(v * 255 / 65535)``, values outside clipped), then grey -> RGB.
+- ``F`` (32-bit float) is read as intensities in [0, 1]: ``round(v * 255)`` clipped to ``0..255``.
+
+EXIF orientation is not applied (the published models were evaluated on the raw pixel grid).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image
+
+logger = logging.getLogger(__name__)
+
+_ALPHA_PALETTE_MODES = ("P", "PA")
+
+
+class ImageLoadError(RuntimeError):
+    """An image file is missing, empty, truncated, not an image, or cannot be converted to RGB."""
+
+
+def _gray_to_rgb(values: np.ndarray) -> Image.Image:
+    gray = np.clip(np.rint(values), 0, 255).astype(np.uint8)
+    return Image.fromarray(gray).convert("RGB")
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert an image of any PIL mode to 8-bit ``RGB`` (see the module docstring for the rules).
+
+    Args:
+        img: A PIL image (its pixels are loaded if they are not yet).
+
+    Returns:
+        A new ``RGB`` image of the same size (a copy even when ``img`` is already RGB).
+    """
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy()
+    if mode in _ALPHA_PALETTE_MODES:
+        return img.convert("RGBA").convert("RGB")
+    if mode == "I" or mode.startswith("I;16"):
+        values = np.asarray(img).astype(np.float64)
+        return _gray_to_rgb(np.clip(values, 0, 65535) * (255.0 / 65535.0))
+    if mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        return _gray_to_rgb(np.nan_to_num(values, nan=0.0) * 255.0)
+    return img.convert("RGB")
+
+
+def load_image(path: str | Path) -> Image.Image:
+    """Open an image file, load all its pixels, and convert it to ``RGB``.
+
+    Args:
+        path: The image file.
+
+    Returns:
+        The image in mode ``RGB``, independent of the file (the file is closed).
+
+    Raises:
+        ImageLoadError: The file is missing, empty, truncated, not an image, or its mode cannot be converted;
+            the message names the file and the reason.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise ImageLoadError(f"Cannot load image {path}: the file does not exist.")
+    if not path.is_file():
+        raise ImageLoadError(f"Cannot load image {path}: it is not a regular file.")
+    if path.stat().st_size == 0:
+        raise ImageLoadError(
+            f"Cannot load image {path}: the file is empty (0 bytes); re-download or remove it."
+        )
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return to_rgb(img)
+    except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        raise ImageLoadError(
+            f"Cannot load image {path}: {type(exc).__name__}: {exc} "
+            "(the file is truncated, corrupt or not an image; re-download or remove it)."
+        ) from exc
+
+
+def _round_half_up(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+def eval_resize_size(size: int) -> float:
+    """Target length of the shorter side before the centre crop: ``S + S/7`` (256 for 224, 512 for 448)."""
+    _check_size(size)
+    return size + size / 7
+
+
+def resize_shorter(
+    img: Image.Image, shorter: float, resample: Image.Resampling = Image.Resampling.LANCZOS
+) -> Image.Image:
+    """Scale ``img`` so that its shorter side becomes ``shorter``, each side rounded to the nearest integer.
+
+    Args:
+        img: The image.
+        shorter: Target length of the shorter side (may be fractional; the scale factor uses it unrounded).
+        resample: PIL resampling filter (Lanczos by default, as the published models were evaluated with).
+
+    Returns:
+        The resized image (at least 1 pixel per side).
+    """
+    if not isinstance(img, Image.Image):
+        raise TypeError(f"resize_shorter expects a PIL image, got {type(img).__name__}.")
+    if not shorter > 0:
+        raise ValueError(f"Target shorter side must be positive, got {shorter!r}.")
+    w, h = img.size
+    if w <= 0 or h <= 0:
+        raise ValueError(f"Cannot resize an empty image of size {img.size}.")
+    scale = shorter / min(w, h)
+    new_size = (max(1, _round_half_up(w * scale)), max(1, _round_half_up(h * scale)))
+    return img.resize(new_size, resample=resample)
+
+
+def _check_size(size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, int | np.integer) or size <= 0:
+        raise ValueError(f"Image size must be a positive integer number of pixels, got {size!r}.")
+
+
+class EvalTransform:
+    """RGB ``PIL.Image`` -> ``(3, S, S)`` float32: resize shorter side to ``S + S/7``, centre crop, normalise.
+
+    Args:
+        size: Output side ``S`` in pixels.
+        mean: Per-channel mean (3 values, in [0, 1] units) subtracted after scaling pixels to [0, 1].
+        std: Per-channel standard deviation (3 positive values) divided by.
+    """
+
+    def __init__(self, size: int, mean: Sequence[float], std: Sequence[float]) -> None:
+        _check_size(size)
+        mean_t = torch.as_tensor(list(mean), dtype=torch.float32).flatten()
+        std_t = torch.as_tensor(list(std), dtype=torch.float32).flatten()
+        if mean_t.numel() != 3 or std_t.numel() != 3:
+            raise ValueError(f"mean and std need 3 values each (R, G, B), got {list(mean)} and {list(std)}.")
+        if not bool((std_t > 0).all()):
+            raise ValueError(f"std values must all be positive, got {list(std)}.")
+        self.size = int(size)
+        self.mean = tuple(float(x) for x in mean_t)
+        self.std = tuple(float(x) for x in std_t)
+        self._mean = mean_t.view(3, 1, 1)
+        self._std = std_t.view(3, 1, 1)
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        """Transform one image.
+
+        Args:
+            img: A PIL image in mode ``RGB`` (use :func:`load_image`).
+
+        Returns:
+            ``(3, size, size)`` float32 tensor.
+        """
+        if not isinstance(img, Image.Image):
+            raise TypeError(
+                f"EvalTransform expects a PIL image, got {type(img).__name__}; load it with load_image."
+            )
+        if img.mode != "RGB":
+            raise ValueError(
+                f"EvalTransform expects an RGB image, got mode {img.mode!r}; "
+                "load it with raml.data.load_image (or call raml.data.images.to_rgb) first."
+            )
+        img = resize_shorter(img, eval_resize_size(self.size))
+        img = TF.center_crop(img, [self.size, self.size])
+        x = TF.to_tensor(img)
+        return (x - self._mean) / self._std
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}(size={self.size}, resize_shorter={eval_resize_size(self.size):g}, "
+            f"resample=LANCZOS, mean={self.mean}, std={self.std})"
+        )

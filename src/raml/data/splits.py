@@ -1,0 +1,601 @@
+"""Dataset splits: a dataset name -> ordered image paths + class labels.
+
+Contract: ``get_split(name, data_root, val_ratio)`` -> :class:`Split` with ``paths`` relative to the dataset
+folder ``root`` (class by class, each class's images in index-file order) and ``labels`` in ``0..C-1`` (the
+class index within the split, in class order). Class order is the order in which classes first appear in
+the dataset's own index files.
+
+Name grammar (``BASE`` selects the train part):
+
+- ``BASE``, ``BASE-val``, ``BASE-test``, ``BASE-trainval`` (train classes first, then val classes; used for
+  the final training after a hyper-parameter search). ``BASE-train`` is accepted as a synonym of ``BASE``.
+- ``BASE`` is a registered dataset (``cub``, ``cars``, ``sop``; see :func:`register_dataset`), or an own
+  dataset folder ``<data_root>/<BASE>`` holding a ``split.json``, or a folder-per-class layout
+  ``<data_root>/<BASE>/{train,val,test}/<class>/<image>`` (``val`` and ``test`` optional).
+- ``path/to/split.json`` or ``path/to/split.json:PART`` (PART one of train, val, test, trainval; default
+  train) loads that split file; its paths are relative to the JSON file's folder.
+
+A split dict (the format of ``split.json`` and of every registered loader's result) is
+``{"train": [[paths of class 1], [paths of class 2], ...], "val": [...], "test": [...]}``; a missing part
+is an empty list.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+PARTS = ("train", "val", "test")
+"""The parts a split dict may hold."""
+SPLIT_SUFFIXES = ("train", "val", "test", "trainval")
+"""The parts a split name may select (``trainval`` = train classes followed by val classes)."""
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+"""Image file extensions recognised in folder-per-class layouts (compared case-insensitively)."""
+SPLIT_FILE_NAME = "split.json"
+
+SplitDict = dict[str, list[list[str]]]
+SplitLoader = Callable[[Path, float], SplitDict]
+
+DOWNLOAD_COMMANDS: dict[str, str] = {
+    "cub": (
+        "wget https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz\n"
+        "mkdir -p data/cub && tar -xf CUB_200_2011.tgz -C data/cub --strip-components=1\n"
+        "rm CUB_200_2011.tgz"
+    ),
+    "cars": (
+        "mkdir -p data/cars && cd $_\n"
+        "wget http://ai.stanford.edu/~jkrause/car196/car_ims.tgz\n"
+        "wget http://ai.stanford.edu/~jkrause/car196/cars_annos.mat\n"
+        "tar -xf car_ims.tgz && rm car_ims.tgz"
+    ),
+    "sop": (
+        "wget ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip -P data/sop\n"
+        "cd data/sop && ln -s . Stanford_Online_Products && unzip Stanford_Online_Products.zip\n"
+        "rm Stanford_Online_Products && rm Stanford_Online_Products.zip"
+    ),
+}
+"""Download commands of the published datasets (from the reference README; ``data`` is the data root)."""
+
+EXPECTED_LAYOUTS: dict[str, str] = {
+    "cub": "<data_root>/cub/images.txt and <data_root>/cub/images/<NNN.Class_name>/<file>.jpg",
+    "cars": "<data_root>/cars/cars_annos.mat and <data_root>/cars/car_ims/<NNNNNN>.jpg",
+    "sop": (
+        "<data_root>/sop/Ebay_train.txt, <data_root>/sop/Ebay_test.txt and "
+        "<data_root>/sop/<super>_final/*.JPG"
+    ),
+}
+
+OWN_DATA_HELP = (
+    "To use your own data, either (a) put a split file at <data_root>/<NAME>/split.json of the form "
+    '{"train": [[class 1 paths], [class 2 paths], ...], "val": [...], "test": [...]} with paths relative '
+    "to <data_root>/<NAME>, (b) lay out images as <data_root>/<NAME>/{train,val,test}/<class>/<image> "
+    "(val and test optional), (c) pass the path of a split file as the name (my/split.json or "
+    "my/split.json:test; paths relative to the JSON's folder), or (d) call "
+    "raml.data.register_dataset(NAME, loader) from Python."
+)
+
+
+class DatasetNotFoundError(FileNotFoundError):
+    """A data root, dataset folder, index file or split file does not exist (or the name is unknown)."""
+
+
+@dataclass(frozen=True)
+class Split:
+    """One part of a dataset: ordered image paths and their class labels.
+
+    Attributes:
+        name: The split's name, e.g. ``"cub-test"``.
+        root: The dataset folder; ``paths`` are relative to it.
+        paths: Image paths relative to ``root``, class by class, each class's images in index-file order.
+        labels: Class index within the split (``0..C-1``, in class order), one per path.
+    """
+
+    name: str
+    root: Path
+    paths: tuple[str, ...]
+    labels: tuple[int, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.paths) != len(self.labels):
+            raise ValueError(
+                f"Split {self.name!r}: {len(self.paths)} paths but {len(self.labels)} labels; "
+                "pass exactly one label per path."
+            )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of distinct classes (labels are ``0..num_classes-1``)."""
+        return len(set(self.labels))
+
+    def abspaths(self) -> list[Path]:
+        """Image paths joined with ``root`` (absolute paths, where allowed, are kept as they are)."""
+        return [self.root / p for p in self.paths]
+
+    def classes(self) -> list[list[int]]:
+        """Indices into ``paths`` of each class's images, in class order."""
+        out: list[list[int]] = [[] for _ in range(self.num_classes)]
+        for i, label in enumerate(self.labels):
+            out[label].append(i)
+        return out
+
+
+DATASETS: dict[str, SplitLoader] = {}
+"""Registered dataset loaders: name -> ``loader(dataset_folder, val_ratio) -> split dict``."""
+
+
+def register_dataset(name: str, loader: SplitLoader) -> SplitLoader:
+    """Register a loader under ``name`` so that ``get_split(name, ...)`` uses it.
+
+    The dataset folder is ``<data_root>/<name>``; the loader receives it and the validation ratio and
+    returns the full split dict (paths relative to the folder).
+
+    Args:
+        name: Dataset name; must not end in ``-train``, ``-val``, ``-test`` or ``-trainval`` (those select
+            parts) and must not contain a path separator or ``:``.
+        loader: ``loader(dataset_folder, val_ratio) -> {"train": [...], "val": [...], "test": [...]}``.
+
+    Returns:
+        The loader (so this can also decorate a function via ``functools.partial``).
+    """
+    if not isinstance(name, str) or not name or "/" in name or "\\" in name or ":" in name:
+        raise ValueError(f"Dataset name must be a non-empty string without '/', '\\' or ':'; got {name!r}.")
+    if any(name.endswith(f"-{s}") for s in SPLIT_SUFFIXES):
+        raise ValueError(
+            f"Dataset name {name!r} ends in a part suffix ({', '.join('-' + s for s in SPLIT_SUFFIXES)}); "
+            "choose a name without it."
+        )
+    if not callable(loader):
+        raise TypeError(
+            f"loader for {name!r} must be callable (folder, val_ratio) -> split dict; got {loader!r}."
+        )
+    if name in DATASETS:
+        logger.warning("Replacing the registered loader of dataset %r.", name)
+    DATASETS[name] = loader
+    return loader
+
+
+# --------------------------------------------------------------------------------------------------- helpers
+
+
+def _not_found(what: str, path: Path, dataset: str | None) -> DatasetNotFoundError:
+    lines = [f"{what} not found: {path}"]
+    if what == "Data root":
+        lines.append(
+            "Pass the folder that holds your datasets as data_root (--data-root on the command line)."
+        )
+    if dataset in EXPECTED_LAYOUTS:
+        lines.append(f"Expected layout for {dataset!r}: {EXPECTED_LAYOUTS[dataset]}")
+    if dataset in DOWNLOAD_COMMANDS:
+        lines.append(
+            f"Download it with (run from the folder above a data root named 'data', or adapt the paths):\n"
+            f"{DOWNLOAD_COMMANDS[dataset]}"
+        )
+    return DatasetNotFoundError("\n".join(lines))
+
+
+def _split_ratio(classes: list[list[str]], val_ratio: float) -> tuple[list[list[str]], list[list[str]]]:
+    n_train = round(len(classes) * (1.0 - val_ratio))
+    return classes[:n_train], classes[n_train:]
+
+
+def _halves(classes: list[list[str]], source: Path) -> tuple[list[list[str]], list[list[str]]]:
+    if len(classes) % 2:
+        raise ValueError(
+            f"{source} lists {len(classes)} classes, an odd number; the first half of the classes is used "
+            "for training and the second half for testing, so the count must be even."
+        )
+    half = len(classes) // 2
+    return classes[:half], classes[half:]
+
+
+def _group_in_order(items: list[tuple[object, str]]) -> list[list[str]]:
+    """Group ``(class_key, path)`` pairs by class, classes in order of first appearance."""
+    groups: dict[object, list[str]] = {}
+    for key, path in items:
+        groups.setdefault(key, []).append(path)
+    return list(groups.values())
+
+
+def _require_file(path: Path, dataset: str) -> None:
+    if not path.is_file():
+        raise _not_found(f"Index file of dataset {dataset!r}", path, dataset)
+
+
+# --------------------------------------------------------------------------------------------------- loaders
+
+
+def load_cub(folder: Path, val_ratio: float) -> SplitDict:
+    """CUB-200-2011: ``images.txt`` lines ``<id> <NNN.Class>/<file>``; images under ``images/``.
+
+    Classes (keyed by the number before the first '.' of the folder name, in order of first appearance) are
+    halved: the first half is train + val (the first ``round(n * (1 - val_ratio))`` train, the rest val), the
+    second half test. Real CUB: classes 1-100 train + val, 101-200 test.
+    """
+    index = folder / "images.txt"
+    _require_file(index, "cub")
+    items: list[tuple[object, str]] = []
+    with open(index, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            fields = line.split()
+            if len(fields) != 2 or not fields[0].isdigit():
+                raise ValueError(
+                    f"{index}, line {lineno}: expected '<image id> <class folder>/<file>', "
+                    f"got {line.rstrip()!r}."
+                )
+            rel = fields[1]
+            class_folder, sep, _ = rel.partition("/")
+            number = class_folder.split(".", 1)[0]
+            if not sep or not number.isdigit():
+                raise ValueError(
+                    f"{index}, line {lineno}: expected a path '<NNN.Class_name>/<file>' whose folder starts "
+                    f"with the class number, got {rel!r}."
+                )
+            items.append((int(number), f"images/{rel}"))
+    trainval, test = _halves(_group_in_order(items), index)
+    train, val = _split_ratio(trainval, val_ratio)
+    return {"train": train, "val": val, "test": test}
+
+
+def _mat_value(x: object) -> object:
+    """Unwrap the nested 1x1 arrays that ``scipy.io.loadmat`` produces around scalars and strings."""
+    import numpy as np
+
+    while isinstance(x, np.ndarray):
+        if x.size != 1:
+            raise ValueError(f"expected a single value, got an array of shape {x.shape}")
+        x = x.reshape(-1)[0]
+    return x.item() if isinstance(x, np.generic) else x
+
+
+def load_cars(folder: Path, val_ratio: float) -> SplitDict:
+    """Cars196: ``cars_annos.mat`` struct array ``annotations`` (``relative_im_path``, ``class``, ...).
+
+    Classes in order of first appearance are halved: the first half (98 on the real data) is train + val
+    (the first ``round(n * (1 - val_ratio))`` train, the rest val), the second half test. The ``test`` flag
+    and the bounding boxes are not used.
+    """
+    import numpy as np
+    import scipy.io
+
+    index = folder / "cars_annos.mat"
+    _require_file(index, "cars")
+    try:
+        mat = scipy.io.loadmat(str(index))
+    except Exception as exc:  # scipy raises several types for broken files
+        raise ValueError(f"{index}: cannot read it as a MATLAB file ({type(exc).__name__}: {exc}).") from exc
+    if "annotations" not in mat:
+        keys = sorted(k for k in mat if not k.startswith("__"))
+        raise ValueError(
+            f"{index}: no 'annotations' variable (found {keys}); expected the Cars196 annotation file."
+        )
+    annos = np.asarray(mat["annotations"])
+    names = annos.dtype.names or ()
+    for field in ("relative_im_path", "class"):
+        if field not in names:
+            raise ValueError(f"{index}: 'annotations' has no field {field!r} (fields: {list(names)}).")
+    items: list[tuple[object, str]] = []
+    for i, record in enumerate(annos.reshape(-1), start=1):
+        try:
+            rel = _mat_value(record["relative_im_path"])
+            cls = _mat_value(record["class"])
+        except ValueError as exc:
+            raise ValueError(f"{index}, annotation {i}: {exc}.") from exc
+        if not isinstance(rel, str) or not isinstance(cls, int | float) or int(cls) != cls:
+            raise ValueError(
+                f"{index}, annotation {i}: expected a string relative_im_path and an integer class, "
+                f"got {rel!r} and {cls!r}."
+            )
+        items.append((int(cls), rel))
+    trainval, test = _halves(_group_in_order(items), index)
+    train, val = _split_ratio(trainval, val_ratio)
+    return {"train": train, "val": val, "test": test}
+
+
+def _read_sop_file(index: Path) -> list[list[str]]:
+    items: list[tuple[object, str]] = []
+    with open(index, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            fields = line.split()
+            if not fields:
+                continue
+            if lineno == 1 and not fields[0].isdigit():
+                continue  # the header line 'image_id class_id super_class_id path'
+            if len(fields) != 4 or not all(x.isdigit() for x in fields[:3]):
+                raise ValueError(
+                    f"{index}, line {lineno}: expected 'image_id class_id super_class_id path' with integer "
+                    f"ids, got {line.rstrip()!r}."
+                )
+            items.append((int(fields[1]), fields[3]))
+    return _group_in_order(items)
+
+
+def load_sop(folder: Path, val_ratio: float) -> SplitDict:
+    """Stanford Online Products: ``Ebay_train.txt`` / ``Ebay_test.txt`` (one header line, then rows).
+
+    Train-file classes (in order of first appearance) are split by ``val_ratio`` into train and val; test is
+    the whole test file.
+    """
+    train_file, test_file = folder / "Ebay_train.txt", folder / "Ebay_test.txt"
+    _require_file(train_file, "sop")
+    _require_file(test_file, "sop")
+    train, val = _split_ratio(_read_sop_file(train_file), val_ratio)
+    return {"train": train, "val": val, "test": _read_sop_file(test_file)}
+
+
+def load_folder_layout(folder: Path) -> SplitDict:
+    """Folder-per-class layout ``<folder>/{train,val,test}/<class>/<image>``.
+
+    Classes are the sorted sub-folder names, images sorted by file name; only files with an extension in
+    :data:`IMAGE_EXTENSIONS` (any case) count. Missing ``val`` or ``test`` folders give empty parts.
+    """
+    out: SplitDict = {}
+    for part in PARTS:
+        part_dir = folder / part
+        classes: list[list[str]] = []
+        if part_dir.is_dir():
+            for class_dir in sorted(p for p in part_dir.iterdir() if p.is_dir()):
+                images = sorted(
+                    p.name
+                    for p in class_dir.iterdir()
+                    if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".")
+                )
+                if not images:
+                    raise ValueError(
+                        f"Class folder {class_dir} holds no images "
+                        f"(extensions {', '.join(IMAGE_EXTENSIONS)}); remove the folder or add images."
+                    )
+                classes.append([f"{part}/{class_dir.name}/{name}" for name in images])
+        out[part] = classes
+    return out
+
+
+def _load_split_file(path: Path) -> SplitDict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"Split file {path} is not valid JSON: {exc}.") from exc
+    return _check_split_dict(data, str(path))
+
+
+def _check_split_dict(data: object, source: str) -> SplitDict:
+    """Validate the shape of a split dict; a missing part becomes an empty list."""
+    if not isinstance(data, dict):
+        raise ValueError(
+            f"{source}: a split must be a dict "
+            f"{{'train': [[paths of class 1], ...], 'val': [...], 'test': [...]}}, got {type(data).__name__}."
+        )
+    unknown = sorted(str(k) for k in data if k not in PARTS)
+    if unknown:
+        logger.warning("%s: ignoring unknown split keys %s (valid: %s).", source, unknown, list(PARTS))
+    out: SplitDict = {}
+    for part in PARTS:
+        classes = data.get(part, [])
+        if not isinstance(classes, list | tuple):
+            raise ValueError(
+                f"{source}: '{part}' must be a list of classes (lists of paths), "
+                f"got {type(classes).__name__}."
+            )
+        checked: list[list[str]] = []
+        for c, paths in enumerate(classes):
+            if not isinstance(paths, list | tuple) or not all(isinstance(p, str) for p in paths):
+                raise ValueError(
+                    f"{source}: '{part}' class {c} must be a list of path strings, got {str(paths)[:80]!r}."
+                )
+            checked.append(list(paths))
+        out[part] = checked
+    return out
+
+
+def _check_path(path: str, root: Path, allow_absolute_paths: bool, where: str) -> None:
+    if not path:
+        raise ValueError(f"{where}: empty image path; every path must name a file relative to {root}.")
+    if allow_absolute_paths:
+        return
+    if os.path.isabs(path) or path.startswith(("/", "\\")):
+        raise ValueError(
+            f"{where}: absolute path {path!r}; paths must be relative to the dataset folder {root}. "
+            "Pass allow_absolute_paths=True if you really mean it."
+        )
+    normalised = os.path.normpath(path)
+    if normalised == ".." or normalised.startswith(".." + os.sep) or normalised.startswith("../"):
+        raise ValueError(
+            f"{where}: path {path!r} escapes the dataset folder {root} via '..'; keep images inside it "
+            "or pass allow_absolute_paths=True."
+        )
+
+
+def _build_split(
+    name: str, root: Path, split: SplitDict, part: str, allow_absolute_paths: bool, source: str
+) -> Split:
+    parts = ("train", "val") if part == "trainval" else (part,)
+    paths: list[str] = []
+    labels: list[int] = []
+    seen: dict[str, str] = {}
+    label = 0
+    for p in parts:
+        for c, class_paths in enumerate(split[p]):
+            where = f"{source}, '{p}' class {c}"
+            if not class_paths:
+                raise ValueError(f"{where} is empty; every class needs at least one image.")
+            for path in class_paths:
+                _check_path(path, root, allow_absolute_paths, where)
+                if path in seen:
+                    raise ValueError(
+                        f"{where}: duplicate path {path!r} (already in {seen[path]}) in split {name!r}; "
+                        "each image may appear once."
+                    )
+                seen[path] = where
+                paths.append(path)
+                labels.append(label)
+            label += 1
+    if not paths:
+        raise ValueError(
+            f"Split {name!r} is empty: {source} defines no classes for part(s) {list(parts)}. "
+            "Add them, choose another part, or change val_ratio."
+        )
+    return Split(name=name, root=root, paths=tuple(paths), labels=tuple(labels))
+
+
+# --------------------------------------------------------------------------------------------------- lookup
+
+
+def _parse_name(name: str) -> tuple[str, str]:
+    base, sep, suffix = name.rpartition("-")
+    if sep and base and suffix in SPLIT_SUFFIXES:
+        return base, suffix
+    return name, "train"
+
+
+def _is_own_folder(folder: Path) -> bool:
+    return (folder / SPLIT_FILE_NAME).is_file() or (folder / "train").is_dir()
+
+
+def available_datasets(data_root: str | Path) -> list[str]:
+    """Registered dataset names followed by the own dataset folders found under ``data_root`` (sorted)."""
+    names = list(DATASETS)
+    root = Path(data_root)
+    if root.is_dir():
+        names += sorted(
+            p.name for p in root.iterdir() if p.is_dir() and p.name not in DATASETS and _is_own_folder(p)
+        )
+    return names
+
+
+def _unknown(name: str, data_root: Path) -> DatasetNotFoundError:
+    valid = available_datasets(data_root)
+    return DatasetNotFoundError(
+        f"Unknown dataset {name!r}: it is not registered and {data_root / name} is not a dataset folder "
+        f"(no {SPLIT_FILE_NAME}, no train/ sub-folder). Valid names: {', '.join(valid)} "
+        f"(each optionally with -val, -test or -trainval). {OWN_DATA_HELP}"
+    )
+
+
+def _json_name(name: str) -> tuple[str, str] | None:
+    """``'a/b.json:test'`` -> ``('a/b.json', 'test')``, ``'a/b.json'`` -> ``(..., 'train')``, else None."""
+    if name.endswith(".json"):
+        return name, "train"
+    path, sep, part = name.rpartition(":")
+    if sep and path.endswith(".json"):
+        if part not in SPLIT_SUFFIXES:
+            raise ValueError(
+                f"Unknown part {part!r} in split name {name!r}; valid parts: {', '.join(SPLIT_SUFFIXES)}."
+            )
+        return path, part
+    return None
+
+
+def get_split(
+    name: str, data_root: str | Path, val_ratio: float = 0.5, allow_absolute_paths: bool = False
+) -> Split:
+    """Resolve a split name to its image paths and labels.
+
+    Args:
+        name: ``BASE``, ``BASE-val``, ``BASE-test``, ``BASE-trainval`` (see the module docstring), or a path
+            to a split JSON file with an optional ``:part`` suffix.
+        data_root: The folder holding the datasets (``<data_root>/cub``, ...).
+        val_ratio: Share of the training classes held out as validation classes (registered datasets
+            only; split files and folder layouts define val themselves). Must be in [0, 1).
+        allow_absolute_paths: Accept absolute paths and ``..`` escapes in split files.
+
+    Returns:
+        The split; its ``root`` is the dataset folder (or the JSON file's folder).
+
+    Raises:
+        DatasetNotFoundError: The data root, dataset folder, index or split file is missing, or the name is
+            unknown; the message says what was expected (and, for cub/cars/sop, how to download it).
+        ValueError: Malformed index or split files, empty classes or splits, duplicate or unsafe paths, or a
+            bad ``val_ratio``.
+    """
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"Split name must be a non-empty string, got {name!r}.")
+    if not isinstance(val_ratio, int | float) or not 0.0 <= val_ratio < 1.0:
+        raise ValueError(
+            f"val_ratio must be in [0, 1) (share of training classes used for validation), got {val_ratio!r}."
+        )
+    data_root = Path(data_root).expanduser()
+
+    json_spec = _json_name(name)
+    if json_spec is not None:
+        json_path, part = Path(json_spec[0]).expanduser(), json_spec[1]
+        candidates = [json_path] if json_path.is_absolute() else [json_path, data_root / json_path]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise DatasetNotFoundError(
+                f"Split file not found: tried {', '.join(str(p) for p in candidates)}. {OWN_DATA_HELP}"
+            )
+        split = _load_split_file(found)
+        return _build_split(name, found.parent, split, part, allow_absolute_paths, str(found))
+
+    base, part = _parse_name(name)
+    if base not in DATASETS and not _is_own_folder(data_root / base) and _is_own_folder(data_root / name):
+        base, part = name, "train"  # an own folder whose name happens to end in a part suffix
+    display = base if part == "train" else f"{base}-{part}"
+
+    if base in DATASETS:
+        if not data_root.is_dir():
+            raise _not_found("Data root", data_root, base)
+        folder = data_root / base
+        if not folder.is_dir():
+            raise _not_found(f"Folder of dataset {base!r}", folder, base)
+        split = _check_split_dict(DATASETS[base](folder, float(val_ratio)), f"loader of {base!r}")
+        logger.debug("Loaded dataset %r from %s with val_ratio=%s", base, folder, val_ratio)
+        return _build_split(
+            display, folder, split, part, allow_absolute_paths, f"dataset {base!r} ({folder})"
+        )
+
+    if not data_root.is_dir():
+        raise DatasetNotFoundError(
+            f"Data root not found: {data_root} (needed for dataset {base!r}). Pass the folder holding your "
+            f"datasets as data_root / --data-root. {OWN_DATA_HELP}"
+        )
+    folder = data_root / base
+    if (folder / SPLIT_FILE_NAME).is_file():
+        split = _load_split_file(folder / SPLIT_FILE_NAME)
+        source = str(folder / SPLIT_FILE_NAME)
+    elif (folder / "train").is_dir():
+        split = load_folder_layout(folder)
+        source = f"folder layout {folder}"
+    else:
+        raise _unknown(base, data_root)
+    return _build_split(display, folder, split, part, allow_absolute_paths, source)
+
+
+def split_from_lists(
+    name: str, root: str | Path, classes: Sequence[Sequence[str]], allow_absolute_paths: bool = False
+) -> Split:
+    """Build a :class:`Split` directly from a list of classes (lists of paths relative to ``root``)."""
+    split = _check_split_dict({"train": [list(c) for c in classes]}, f"split {name!r}")
+    return _build_split(name, Path(root), split, "train", allow_absolute_paths, f"split {name!r}")
+
+
+register_dataset("cub", load_cub)
+register_dataset("cars", load_cars)
+register_dataset("sop", load_sop)
+
+
+def load_synth(folder: Path, val_ratio: float) -> SplitDict:
+    """The built-in synthetic dataset (``raml data synth``), stored in the CUB-200-2011 format."""
+    if not (folder / "images.txt").is_file():
+        raise DatasetNotFoundError(
+            f"Synthetic dataset not found: {folder / 'images.txt'} is missing. Generate it with "
+            f"'raml data synth --out {folder}' (or run 'raml demo', which does it for you)."
+        )
+    return load_cub(folder, val_ratio)
+
+
+EXPECTED_LAYOUTS["synth"] = (
+    "the CUB-200-2011 layout written by 'raml data synth --out <data-root>/synth' (or by 'raml demo')"
+)
+register_dataset("synth", load_synth)

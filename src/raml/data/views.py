@@ -1,0 +1,483 @@
+"""Coupled views for distillation (SPEC section 5, ``ts_aug``): one augmentation, two resolutions.
+
+Tensor contract:
+
+- :func:`render_coupled_views`: RGB ``PIL.Image`` + ``P`` :class:`ViewParams` -> student ``(P, 3, QR, QR)``
+  uint8 and teacher ``(P, 3, DR, DR)`` uint8 (un-normalised pixels).
+- :class:`CoupledViewDataset`: ``i`` -> ``((P, 3, QR, QR) uint8, (P, 3, DR, DR) uint8, i)``; the default
+  collate stacks these to ``(B, P, 3, QR, QR)`` and ``(B, P, 3, DR, DR)``.
+- :func:`mixup_views`: float ``(B, P, 3, QR, QR)`` and ``(B, P, 3, DR, DR)`` -> the same shapes, each view
+  mixed with a view of another image, with the same partner and weight at both resolutions.
+
+A view is a random resized crop box (scale 0.08-1, ratio 3/4-4/3, torchvision's ``RandomResizedCrop``
+sampling rule including its fallback to a central crop after 10 failed tries), one horizontal flip decision
+and one colour jitter (brightness, contrast, saturation 0.4, hue 0.1; factors and their random order drawn
+as torchvision's ``ColorJitter`` draws them; with a generator in the state of torch's global RNG,
+:func:`sample_view_params` returns exactly torchvision's parameters). Rendering decodes the image once, then
+per view:
+
+1. crop the box and flip it,
+2. colour jitter, as ONE affine colour transform (a 3x4 matrix applied by PIL's C ``convert``): the four
+   operations, composed in their drawn order, are each affine in RGB: brightness ``b * x``; contrast
+   ``c * x + (1 - c) * mean_grey`` (``mean_grey`` of the image at that point of the chain, computed
+   exactly from the view's mean colour); saturation ``s * x + (1 - s) * grey(x)`` (ITU-R 601 luma, like
+   PIL); hue: a rotation by ``2 pi h`` about the grey axis ``(1, 1, 1)``, the linear counterpart of HSV's
+   hue shift (the idea of NVIDIA DALI's colour twist). Two deliberate differences from torchvision's PIL
+   path, for a ~10x cheaper jitter: values are clipped to [0, 255] once at the end instead of after each
+   step, and hue is that rotation rather than an HSV round trip (close for |h| <= 0.1 turn, not equal),
+3. resize to DR (PIL bilinear). Flip and jitter commute with this resize (a normalised, non-negative,
+   mirror-symmetric filter) up to rounding and clipping, so the jitter runs on the crop when the crop has
+   fewer pixels than the DR view and on the DR view otherwise: the jitter is, in effect, at DR,
+4. the student view is the jittered teacher view resized to QR (antialiased PIL bilinear resize).
+
+So "the student view is the teacher view at QR" holds by construction, up to resampling error.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageStat
+from torch import Tensor
+
+from raml.data.images import load_image
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "COLOR_JITTER",
+    "CROP_RATIO",
+    "CROP_SCALE",
+    "CoupledViewDataset",
+    "ViewParams",
+    "color_twist_matrix",
+    "mixup_views",
+    "render_coupled_views",
+    "sample_view_params",
+]
+
+CROP_SCALE: tuple[float, float] = (0.08, 1.0)
+CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
+#: Jitter strengths: brightness, contrast, saturation factors in [1 - x, 1 + x]; hue shift in [-x, x] turns.
+COLOR_JITTER: dict[str, float] = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
+JITTER_OPS: tuple[str, ...] = ("brightness", "contrast", "saturation", "hue")
+FLIP_PROBABILITY = 0.5
+_CROP_TRIES = 10
+# PIL's RGB -> L weights (ITU-R 601-2 luma), used by ImageEnhance.Color/Contrast and torchvision.
+_LUMA = np.array([0.299, 0.587, 0.114])
+
+
+@dataclass(frozen=True)
+class ViewParams:
+    """The random choices of one coupled view, independent of the output resolution.
+
+    Attributes:
+        top: First row of the crop box, in source pixels.
+        left: First column of the crop box, in source pixels.
+        height: Crop box height, in source pixels.
+        width: Crop box width, in source pixels.
+        flip: Whether the view is flipped horizontally.
+        brightness: Brightness factor (1 = unchanged).
+        contrast: Contrast factor (1 = unchanged).
+        saturation: Saturation factor (1 = unchanged).
+        hue: Hue shift in turns of the colour circle (0 = unchanged).
+        order: Permutation of ``(0, 1, 2, 3)``: the order in which brightness, contrast, saturation, hue
+            (indices into :data:`JITTER_OPS`) are applied.
+    """
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+    brightness: float = 1.0
+    contrast: float = 1.0
+    saturation: float = 1.0
+    hue: float = 0.0
+    order: tuple[int, ...] = (0, 1, 2, 3)
+
+    @property
+    def box(self) -> tuple[int, int, int, int]:
+        """The crop box as PIL wants it: ``(left, upper, right, lower)``."""
+        return (self.left, self.top, self.left + self.width, self.top + self.height)
+
+
+# The draws below mirror torchvision's own calls (float32 uniforms, randint, randperm, rand) one for one,
+# so that a generator in the same state as torch's global RNG yields exactly torchvision's parameters.
+def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+    return float(torch.empty(1).uniform_(low, high, generator=generator))
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    return int(torch.randint(0, high, size=(1,), generator=generator))
+
+
+def _sample_crop(width: int, height: int, generator: torch.Generator) -> tuple[int, int, int, int]:
+    """RandomResizedCrop's rule: 10 tries of (area share, log-uniform ratio), then a central crop."""
+    area = width * height
+    log_ratio = torch.log(torch.tensor(CROP_RATIO))
+    for _ in range(_CROP_TRIES):
+        target_area = area * _uniform(CROP_SCALE[0], CROP_SCALE[1], generator)
+        ratio = float(torch.exp(torch.empty(1).uniform_(log_ratio[0], log_ratio[1], generator=generator)))
+        crop_w = round(math.sqrt(target_area * ratio))
+        crop_h = round(math.sqrt(target_area / ratio))
+        if 0 < crop_w <= width and 0 < crop_h <= height:
+            top = _randint(height - crop_h + 1, generator)
+            left = _randint(width - crop_w + 1, generator)
+            return top, left, crop_h, crop_w
+    # Fallback: the largest central crop whose ratio is clamped into the allowed range.
+    image_ratio = width / height
+    if image_ratio < min(CROP_RATIO):
+        crop_w, crop_h = width, round(width / min(CROP_RATIO))
+    elif image_ratio > max(CROP_RATIO):
+        crop_h, crop_w = height, round(height * max(CROP_RATIO))
+    else:
+        crop_w, crop_h = width, height
+    return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+
+
+def sample_view_params(width: int, height: int, generator: torch.Generator) -> ViewParams:
+    """Draw one coupled view for an image of the given size.
+
+    The draws follow torchvision's ``Compose([RandomResizedCrop, RandomHorizontalFlip, ColorJitter])``:
+    the crop box, then the flip (p = 0.5), then the jitter order (a random permutation) and the brightness,
+    contrast, saturation and hue factors.
+
+    Args:
+        width: Source image width in pixels.
+        height: Source image height in pixels.
+        generator: The source of randomness (seed it for reproducible views).
+
+    Returns:
+        The view's parameters.
+
+    Raises:
+        ValueError: If the size is not positive.
+    """
+    if isinstance(width, bool) or isinstance(height, bool) or int(width) != width or int(height) != height:
+        raise ValueError(f"width and height must be integers, got {width!r} x {height!r}.")
+    if width <= 0 or height <= 0:
+        raise ValueError(f"The image must have a positive size, got {width} x {height} pixels.")
+    if not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}.")
+    top, left, crop_h, crop_w = _sample_crop(int(width), int(height), generator)
+    flip = bool(torch.rand(1, generator=generator).item() < FLIP_PROBABILITY)
+    order = tuple(int(i) for i in torch.randperm(4, generator=generator))
+    factors = {}
+    for name in ("brightness", "contrast", "saturation"):
+        strength = COLOR_JITTER[name]
+        factors[name] = _uniform(max(0.0, 1.0 - strength), 1.0 + strength, generator)
+    factors["hue"] = _uniform(-COLOR_JITTER["hue"], COLOR_JITTER["hue"], generator)
+    return ViewParams(top=top, left=left, height=crop_h, width=crop_w, flip=flip, order=order, **factors)
+
+
+def _hue_rotation(hue: float) -> np.ndarray:
+    """3x3 rotation by ``2 pi hue`` about the grey axis; positive turns move red towards yellow (as HSV)."""
+    theta = 2.0 * math.pi * hue
+    u = np.full(3, 1.0 / math.sqrt(3.0))
+    cross = np.array([[0.0, -u[2], u[1]], [u[2], 0.0, -u[0]], [-u[1], u[0], 0.0]])
+    return math.cos(theta) * np.eye(3) + math.sin(theta) * cross + (1.0 - math.cos(theta)) * np.outer(u, u)
+
+
+def color_twist_matrix(params: ViewParams, mean_rgb: Sequence[float]) -> np.ndarray:
+    """The view's colour jitter as one affine map ``x -> A x + t`` on RGB in [0, 255].
+
+    Args:
+        params: The view (its jitter factors and order are used).
+        mean_rgb: Mean colour of the image the jitter is applied to (for the contrast's mean grey).
+
+    Returns:
+        ``(3, 4)`` float64 array ``[A | t]``.
+    """
+    affine = np.eye(3)
+    offset = np.zeros(3)
+    mean = np.asarray(mean_rgb, dtype=np.float64)
+    for op in params.order:
+        name = JITTER_OPS[op]
+        if name == "brightness":
+            step, shift = params.brightness * np.eye(3), np.zeros(3)
+        elif name == "contrast":
+            # Blend with the mean grey of the image as it is at this point of the chain.
+            mean_grey = float(_LUMA @ (affine @ mean + offset))
+            step, shift = params.contrast * np.eye(3), np.full(3, (1.0 - params.contrast) * mean_grey)
+        elif name == "saturation":
+            step = params.saturation * np.eye(3) + (1.0 - params.saturation) * np.outer(np.ones(3), _LUMA)
+            shift = np.zeros(3)
+        else:
+            step, shift = _hue_rotation(params.hue), np.zeros(3)
+        affine, offset = step @ affine, step @ offset + shift
+    return np.concatenate([affine, offset[:, None]], axis=1)
+
+
+def _apply_twist(img: Image.Image, view: ViewParams) -> Image.Image:
+    twist = color_twist_matrix(view, ImageStat.Stat(img).mean)
+    return img.convert("RGB", tuple(float(v) for v in twist.ravel()))
+
+
+def _check_size(name: str, size: int) -> None:
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size <= 0:
+        raise ValueError(f"{name} must be a positive integer number of pixels, got {size!r}.")
+
+
+def render_coupled_views(
+    img: Image.Image, params: Sequence[ViewParams], student_size: int, teacher_size: int
+) -> tuple[Tensor, Tensor]:
+    """Render the coupled views of one decoded image at the student (QR) and teacher (DR) resolutions.
+
+    Args:
+        img: The decoded image (converted to RGB if it is in another mode).
+        params: One :class:`ViewParams` per view (``P`` of them), drawn for this image's size.
+        student_size: QR, the student's side length in pixels.
+        teacher_size: DR, the teacher's side length in pixels (>= QR).
+
+    Returns:
+        ``(student, teacher)``: uint8 tensors ``(P, 3, QR, QR)`` and ``(P, 3, DR, DR)``.
+
+    Raises:
+        ValueError: On bad sizes, no views, or a crop box outside the image.
+        TypeError: If ``img`` is not a PIL image.
+    """
+    if not isinstance(img, Image.Image):
+        raise TypeError(
+            f"img must be a PIL.Image.Image, got {type(img).__name__}; decode it with load_image."
+        )
+    _check_size("student_size", student_size)
+    _check_size("teacher_size", teacher_size)
+    if student_size > teacher_size:
+        raise ValueError(
+            f"student_size ({student_size}) must not exceed teacher_size ({teacher_size}): the student "
+            "view is the teacher view downsized to QR (the teacher sees the large resolution)."
+        )
+    if len(params) == 0:
+        raise ValueError("params is empty: pass at least one ViewParams (one per coupled view).")
+    if img.mode != "RGB":
+        img = img.convert("RGB")
+    width, height = img.size
+    num_views = len(params)
+    teacher = np.empty((num_views, teacher_size, teacher_size, 3), dtype=np.uint8)
+    student = np.empty((num_views, student_size, student_size, 3), dtype=np.uint8)
+    for i, view in enumerate(params):
+        if not isinstance(view, ViewParams):
+            raise TypeError(f"params[{i}] must be a ViewParams, got {type(view).__name__}.")
+        left, top, right, bottom = view.box
+        if view.width <= 0 or view.height <= 0 or left < 0 or top < 0 or right > width or bottom > height:
+            raise ValueError(
+                f"params[{i}] has crop box {view.box} outside the {width} x {height} image; draw the views "
+                "with sample_view_params(img.width, img.height, generator) for this image."
+            )
+        # Flip and the colour twist commute with the (linear, normalised, mirror-symmetric) resize, so
+        # they run on whichever of the crop and the DR view has fewer pixels; only the rounding and the
+        # final clipping differ between the two orders.
+        crop = img.crop(view.box)
+        if view.flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        jitter = (view.brightness, view.contrast, view.saturation, view.hue) != (1.0, 1.0, 1.0, 0.0)
+        twist_first = view.width * view.height <= teacher_size * teacher_size
+        if jitter and twist_first:
+            crop = _apply_twist(crop, view)
+        big = crop.resize((teacher_size, teacher_size), Image.Resampling.BILINEAR)
+        if jitter and not twist_first:
+            big = _apply_twist(big, view)
+        teacher[i] = np.asarray(big)
+        if student_size == teacher_size:
+            student[i] = teacher[i]
+        else:
+            student[i] = np.asarray(big.resize((student_size, student_size), Image.Resampling.BILINEAR))
+    # (P, H, W, 3) -> (P, 3, H, W) as a permuted view (channels-last memory): no transposing copy here;
+    # the DataLoader's stacking keeps the layout, and .float() / .contiguous() on the device are cheap.
+    return torch.from_numpy(student).permute(0, 3, 1, 2), torch.from_numpy(teacher).permute(0, 3, 1, 2)
+
+
+def _view_seed(seed: int, epoch: int, index: int) -> int:
+    # SeedSequence hashes the triple so that neighbouring (seed, epoch, index) give unrelated streams.
+    state = np.random.SeedSequence([seed, epoch, index]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
+class CoupledViewDataset(torch.utils.data.Dataset):
+    """Images -> ``pos_num`` coupled views at the student and teacher resolutions.
+
+    Every image is decoded once per item. The randomness of item ``i`` comes from a generator seeded with
+    ``(seed, epoch, i)`` only, so the views are reproducible and do not depend on the number of DataLoader
+    workers or on the order in which items are fetched. Call :meth:`set_epoch` before creating each
+    epoch's DataLoader iterator (with ``persistent_workers=True`` the workers keep the old epoch).
+
+    Args:
+        paths: Image files.
+        student_size: QR in pixels.
+        teacher_size: DR in pixels (>= QR).
+        pos_num: ``P``, the number of coupled views per image.
+        seed: Non-negative base seed.
+        loader: Decodes a file to an RGB ``PIL.Image`` (default :func:`raml.data.images.load_image`).
+    """
+
+    def __init__(
+        self,
+        paths: Sequence[str | Path],
+        student_size: int,
+        teacher_size: int,
+        pos_num: int,
+        seed: int,
+        *,
+        loader: Callable[[str | Path], Image.Image] = load_image,
+    ) -> None:
+        if isinstance(paths, (str, Path)):
+            raise TypeError("paths must be a sequence of image files, got a single path; wrap it in a list.")
+        self.paths = [Path(p) for p in paths]
+        if not self.paths:
+            raise ValueError("paths is empty: CoupledViewDataset needs at least one image file.")
+        _check_size("student_size", student_size)
+        _check_size("teacher_size", teacher_size)
+        if student_size > teacher_size:
+            raise ValueError(
+                f"student_size ({student_size}) must not exceed teacher_size ({teacher_size}); "
+                "pass --image-size QR smaller than --teacher-image-size DR."
+            )
+        if isinstance(pos_num, bool) or not isinstance(pos_num, (int, np.integer)) or pos_num < 1:
+            raise ValueError(f"pos_num must be a positive integer (views per image), got {pos_num!r}.")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
+        self.student_size = int(student_size)
+        self.teacher_size = int(teacher_size)
+        self.pos_num = int(pos_num)
+        self.seed = int(seed)
+        self.epoch = 0
+        self.loader = loader
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose views :meth:`__getitem__` returns (reseeds every item)."""
+        if isinstance(epoch, bool) or not isinstance(epoch, (int, np.integer)) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative integer, got {epoch!r}.")
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def generator_for(self, index: int) -> torch.Generator:
+        """The generator that drives item ``index`` in the current epoch."""
+        return torch.Generator().manual_seed(_view_seed(self.seed, self.epoch, index))
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, int]:
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"index {index} is out of range for a dataset of {len(self)} images.")
+        index = int(index) % len(self)
+        img = self.loader(self.paths[index])
+        generator = self.generator_for(index)
+        params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
+        student, teacher = render_coupled_views(img, params, self.student_size, self.teacher_size)
+        return student, teacher, index
+
+
+def _derangement(size: int, generator: torch.Generator) -> Tensor:
+    """A uniformly random permutation without fixed points (rejection sampling, ~e tries); ``size >= 2``."""
+    identity = torch.arange(size)
+    while True:
+        perm = torch.randperm(size, generator=generator)
+        if not bool((perm == identity).any()):
+            return perm
+
+
+def mixup_views(
+    student: Tensor, teacher: Tensor, generator: torch.Generator, alpha: float = 0.2
+) -> tuple[Tensor, Tensor]:
+    """Mix every view with a view of another image, identically at both resolutions.
+
+    View ``(b, i)`` becomes ``lam * x[b, i] + (1 - lam) * x[b', i']`` with ``lam ~ Beta(alpha, alpha)``
+    drawn per view, ``b'`` from a random permutation of the batch without fixed points (one per view
+    slot ``i``; so ``b' != b`` when ``B > 1``) and ``i'`` uniform over the views. The same ``lam``, ``b'``
+    and ``i'`` are used for the student and the teacher input. With ``B == 1`` the partner is another
+    view of the same image (the view itself when ``P == 1``, i.e. no change). Mix un-normalised pixels:
+    normalisation is affine, so mixing before or after it is the same.
+
+    Random numbers are drawn on the CPU from ``generator`` and then moved, so the result is the same on
+    any device.
+
+    Args:
+        student: ``(B, P, 3, QR, QR)`` floating-point student views, or the uint8 views straight from
+            :class:`CoupledViewDataset` (then the conversion to float32 is fused into the mix, one view
+            at a time, which saves a pass over the whole batch).
+        teacher: ``(B, P, 3, DR, DR)`` teacher views of the same dtype (same ``B`` and ``P``, same device).
+        generator: A CPU ``torch.Generator``.
+        alpha: Beta distribution parameter (> 0).
+
+    Returns:
+        The mixed ``(student, teacher)``, new tensors of the input shapes; float inputs keep their dtype,
+        uint8 inputs give float32 (un-rounded pixel values in [0, 255]).
+
+    Raises:
+        ValueError: On inconsistent shapes or a bad ``alpha``.
+        TypeError: On inputs that are neither floating-point nor uint8.
+    """
+    for name, tensor in (("student", student), ("teacher", teacher)):
+        if not isinstance(tensor, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor (B, P, 3, S, S), got {type(tensor).__name__}.")
+        if tensor.dim() != 5:
+            raise ValueError(f"{name} must have shape (B, P, C, S, S), got shape {tuple(tensor.shape)}.")
+        if not (tensor.is_floating_point() or tensor.dtype == torch.uint8):
+            raise TypeError(
+                f"{name} must be a floating-point or uint8 tensor of pixels, got {tensor.dtype}; convert it "
+                "with .float() before mixing."
+            )
+    if student.shape[:3] != teacher.shape[:3]:
+        raise ValueError(
+            f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)} must agree on (B, P, C): "
+            "they are the same views at two resolutions."
+        )
+    if student.dtype != teacher.dtype:
+        raise TypeError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype.")
+    if student.device != teacher.device:
+        raise ValueError(
+            f"student is on {student.device} but teacher is on {teacher.device}; move both first."
+        )
+    if (
+        isinstance(alpha, bool)
+        or not isinstance(alpha, (int, float))
+        or not math.isfinite(alpha)
+        or alpha <= 0
+    ):
+        raise ValueError(f"alpha must be a positive finite number (Beta(alpha, alpha)), got {alpha!r}.")
+    if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
+        raise TypeError(
+            "generator must be a CPU torch.Generator (the draws are made on the CPU, then moved)."
+        )
+    batch, views = student.shape[:2]
+    if batch == 0:
+        return student.clone(), teacher.clone()
+
+    if batch > 1:
+        partner_image = torch.stack([_derangement(batch, generator) for _ in range(views)], dim=1)  # (B, P)
+        partner_view = torch.randint(views, (batch, views), generator=generator)
+    else:
+        partner_image = torch.zeros(1, views, dtype=torch.long)
+        if views > 1:
+            # Another view of the same image: shift by 1..P-1 so the view never pairs with itself.
+            shift = torch.randint(1, views, (1, views), generator=generator)
+            partner_view = (torch.arange(views).unsqueeze(0) + shift) % views
+        else:
+            partner_view = torch.zeros(1, 1, dtype=torch.long)
+    # Beta(a, a) from two Gamma(a) draws, with numpy seeded from the torch generator (torch's samplers
+    # take no generator).
+    numpy_rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=generator)))
+    lam = torch.from_numpy(numpy_rng.beta(alpha, alpha, size=(batch, views)))
+
+    # One fused pass per view (out = lam * x + (1 - lam) * partner) instead of a batched gather followed
+    # by a blend: on the CPU this is memory-bound, and it halves the traffic.
+    lam_list = lam.tolist()
+    pairs = [
+        (b, i, int(partner_image[b, i]), int(partner_view[b, i])) for b in range(batch) for i in range(views)
+    ]
+    outputs = []
+    for tensor in (student, teacher):
+        out_dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
+        mixed = torch.empty_like(tensor, dtype=out_dtype, memory_format=torch.preserve_format)
+        for b, i, pb, pi in pairs:
+            end, start = tensor[b, i].to(out_dtype), tensor[pb, pi].to(out_dtype)  # no copy when float
+            torch.lerp(start, end, lam_list[b][i], out=mixed[b, i])
+        outputs.append(mixed)
+    return outputs[0], outputs[1]

@@ -1,0 +1,1 @@
+"""Engine: optimisation, mining, the training loop for the three modes, hyper-parameter search."""

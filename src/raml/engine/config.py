@@ -1,0 +1,161 @@
+"""The training configuration: one typed object holding every flag of the seed's ``main.py``.
+
+Defaults are the reference's (SPEC section 6). The CLI fills a :class:`TrainConfig` from flags and an
+optional YAML file; the resolved configuration is written next to every run's outputs.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MODES = ("ts_aug", "ts_reg", "sym")
+LOSSES = ("triplet",)
+LOGGERS = ("none", "tensorboard")
+
+
+@dataclass
+class TrainConfig:
+    """Every knob of a training run. Field names are the seed's flags with ``-`` -> ``_``."""
+
+    # networks
+    student: str | None = None
+    student_path: str | None = None
+    teacher: str | None = None
+    teacher_path: str | None = None
+    pool: str = "gem"
+    whitening: int = 512
+    pretrained: bool = True
+    # data
+    training_dataset: str = "cub"
+    test_datasets: list[str] = field(default_factory=lambda: ["cub-test"])
+    data_root: str = "data"
+    directory: str = "exp"
+    val_ratio: float = 0.5
+    # schedule
+    val: bool = True
+    val_freq: int = 20
+    save_freq: int = 20
+    epochs: int = 200
+    # method
+    mode: str = "ts_aug"
+    loss: str = "triplet"
+    loss_margin: float = 0.7
+    image_size: int = 224
+    teacher_image_size: int = 448
+    neg_num: int = 4
+    pos_num: int = 8
+    query_size: int = 8000
+    pool_size: int = 20000
+    lam_1: float = 0.0
+    lam_2: float = 0.0
+    # optimisation
+    batch_size: int = 8
+    update_every: int = 25
+    lr: float = 1e-4
+    optimizer: str = "adamW"
+    scheduler: str = "onecycle"
+    momentum: float = 0.9
+    weight_decay: float = 1e-6
+    seed: int = 1234
+    # runtime
+    workers: int = 8
+    device: str = "auto"
+    gpu_id: int | None = None
+    amp: bool = False
+    print_freq: int = 10
+    comment: str = ""
+    logger: str = "none"
+    eval_batch_size: int = 32
+    # search / resume / outputs
+    optimize: bool = False
+    trials: int = 6
+    trainval: bool = False
+    resume_student: str | None = None
+    overwrite: bool = False
+    json: str | None = None
+
+    def validate(self) -> None:
+        """Refuse inconsistent settings with messages that say how to fix them."""
+        if self.student is None and self.student_path is None:
+            raise ValueError("Give the student: --student ARCH (e.g. resnet50) or --student-path NETWORK.")
+        if self.mode not in MODES:
+            raise ValueError(f"Unknown --mode {self.mode!r}; valid: {', '.join(MODES)}.")
+        if self.loss not in LOSSES:
+            raise ValueError(f"Unknown --loss {self.loss!r}; valid: {', '.join(LOSSES)}.")
+        if self.logger not in LOGGERS:
+            raise ValueError(f"Unknown --logger {self.logger!r}; valid: {', '.join(LOGGERS)}.")
+        if self.mode != "sym" and self.teacher is None and self.teacher_path is None:
+            raise ValueError(
+                f"--mode {self.mode} distils from a teacher: give --teacher-path NETWORK (or --teacher ARCH)."
+            )
+        for name in (
+            "epochs",
+            "batch_size",
+            "update_every",
+            "image_size",
+            "teacher_image_size",
+            "pos_num",
+            "query_size",
+            "val_freq",
+            "save_freq",
+            "print_freq",
+            "trials",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.mode == "sym" and self.neg_num < 1:
+            raise ValueError(f"--neg-num must be at least 1 for triplet training, got {self.neg_num}.")
+        if self.lr <= 0:
+            raise ValueError(f"--lr must be positive, got {self.lr}.")
+        if not 0.0 < self.val_ratio < 1.0:
+            raise ValueError(f"val_ratio must be in (0, 1), got {self.val_ratio}.")
+        if self.whitening < 0:
+            raise ValueError(f"--whitening must be >= 0 (0 = none), got {self.whitening}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+def config_fields() -> dict[str, dataclasses.Field]:
+    return {f.name: f for f in dataclasses.fields(TrainConfig)}
+
+
+def load_yaml_config(path: str | Path) -> dict[str, Any]:
+    """Read a YAML file of flag values (keys as flags, ``-`` or ``_``); unknown keys are an error."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Config file {path} does not exist.")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ValueError(f"Config file {path} must hold a mapping of flag: value, got {type(data).__name__}.")
+    known = config_fields()
+    result: dict[str, Any] = {}
+    for key, value in data.items():
+        name = str(key).lstrip("-").replace("-", "_")
+        if name == "test_datasets" and isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if name not in known:
+            raise ValueError(
+                f"Config file {path}: unknown key {key!r}. Valid keys are the flags of 'raml train', e.g. "
+                + ", ".join(sorted(known)[:12])
+                + ", ..."
+            )
+        result[name] = value
+    return result
+
+
+def part_name(base: str, part: str) -> str:
+    """Split name for a part of a dataset: ``cub`` + ``val`` -> ``cub-val``; JSON files use ``file.json:val``."""
+    if part == "train":
+        return base
+    if base.endswith(".json") or ":" in base:
+        return f"{base.split(':')[0]}:{part}"
+    return f"{base}-{part}"

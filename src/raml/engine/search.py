@@ -1,0 +1,89 @@
+"""Hyper-parameter search (``--optimize``, SPEC section 5) with optuna.
+
+TPE over lr in [1e-4, 2e-4] (log scale), lam-1 and lam-2 in [0.6, 0.8], maximising the validation mAP
+with the val classes held out from training; the first trial is the values given on the command line.
+The study lives in ``<directory>/optuna.db`` (SQLite), so an interrupted search resumes where it stopped
+and several processes can work on one study. Afterwards the best values train a final model on
+train + val, written to ``<directory>`` itself, and that model is tested.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from raml.engine.config import TrainConfig
+from raml.engine.trainer import Trainer, TrainResult
+
+logger = logging.getLogger(__name__)
+
+SEARCH_SPACE = {"lr": (1e-4, 2e-4), "lam_1": (0.6, 0.8), "lam_2": (0.6, 0.8)}
+
+
+def _import_optuna():  # noqa: ANN202 - optional dependency
+    try:
+        import optuna
+    except ImportError as error:
+        raise ImportError("--optimize needs optuna: pip install 'raml[optimize]'") from error
+    return optuna
+
+
+def search(config: TrainConfig, device: torch.device, progress: bool = True) -> dict[str, float]:
+    """Run (or resume) the study until it holds ``config.trials`` finished trials; returns the best values."""
+    optuna = _import_optuna()
+    directory = Path(config.directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    storage = f"sqlite:///{(directory / 'optuna.db').resolve()}"
+    study = optuna.create_study(
+        study_name="raml",
+        storage=storage,
+        direction="maximize",
+        load_if_exists=True,
+        sampler=optuna.samplers.TPESampler(seed=config.seed),
+    )
+    if not study.trials:
+        # The first trial evaluates the values the user gave (clipped into the search space).
+        study.enqueue_trial({k: min(max(getattr(config, k), lo), hi) for k, (lo, hi) in SEARCH_SPACE.items()})
+
+    def objective(trial) -> float:  # noqa: ANN001 - optuna.Trial
+        values = {
+            "lr": trial.suggest_float("lr", *SEARCH_SPACE["lr"], log=True),
+            "lam_1": trial.suggest_float("lam_1", *SEARCH_SPACE["lam_1"]),
+            "lam_2": trial.suggest_float("lam_2", *SEARCH_SPACE["lam_2"]),
+        }
+        trial_config = config.replace(
+            **values,
+            directory=str(directory / f"trial_{trial.number}"),
+            optimize=False,
+            trainval=False,
+            val=True,
+            json=None,
+            resume_student=None,
+            overwrite=True,
+        )
+        result = Trainer(trial_config, device, progress=progress).run()
+        if result.best_map is None:
+            raise RuntimeError("A search trial produced no validation mAP.")
+        return result.best_map
+
+    finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    remaining = max(0, config.trials - len(finished))
+    if remaining:
+        study.optimize(objective, n_trials=remaining)
+    best = dict(study.best_params)
+    logger.info("Best search values: %s (val mAP %.2f)", best, study.best_value)
+    return best
+
+
+def optimize_and_train(
+    config: TrainConfig, device: torch.device, progress: bool = True
+) -> tuple[dict, TrainResult]:
+    """Search, then train on train + val with the best values (no validation) and test."""
+    best = search(config, device, progress)
+    final = config.replace(**best, optimize=False, trainval=True, val=False, overwrite=True)
+    trainer = Trainer(final, device, progress=progress)
+    result = trainer.run()
+    result.test = trainer.test()
+    return best, result

@@ -1,0 +1,623 @@
+"""The training loop for the three modes (SPEC section 5), reading top to bottom.
+
+- ``ts_aug``: P coupled views per image (one crop box, flip and colour jitter rendered at QR for the
+  student and at DR for the teacher), mixup with a partner from the batch, distillation loss over the
+  views of each image. No labels.
+- ``ts_reg``: the student at QR on the evaluation-transformed image against the teacher's cached DR
+  embedding of the same image (absolute term only). No labels.
+- ``sym``: triplet loss with in-batch positives (groups of 4 images per class) and distance-weighted
+  negatives mined once per epoch from a random pool embedded by the current network. Labels.
+
+Shared by all: the student's BatchNorm statistics stay frozen (eval mode) while its weights learn; the
+teacher is frozen and always in eval mode; gradients accumulate over ``update_every`` batches; each epoch
+reseeds with ``seed + epoch`` so that a resumed run continues exactly as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms
+from tqdm.auto import tqdm
+
+from raml.data.datasets import ImageDataset
+from raml.data.images import EvalTransform, load_image
+from raml.data.splits import Split, get_split
+from raml.data.views import CoupledViewDataset, mixup_views
+from raml.engine.config import TrainConfig, part_name
+from raml.engine.mining import class_groups, distance_weighted_negatives
+from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler
+from raml.losses import absolute_loss, distillation_loss_terms, triplet_loss
+from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
+from raml.retrieval.cache import EmbeddingCache
+from raml.retrieval.evaluate import check_compatible, evaluate_split
+from raml.retrieval.extract import extract_embeddings
+from raml.utils import atomic_write_text, file_sha256, seed_everything
+
+logger = logging.getLogger(__name__)
+
+BEST_NAME = "model_best.pth.tar"
+GROUP_SIZE = 4  # images per class in a triplet batch
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised by a ``stop_after_epoch`` hook (tests) or a signal after the last checkpoint was saved."""
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint is kept."""
+
+
+# --------------------------------------------------------------------------------------------- networks
+class FrozenTeacher(nn.Module):
+    """A teacher that cannot learn and cannot leave eval mode, whatever ``.train()`` calls reach it."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network.eval()
+        self.network.requires_grad_(False)
+        self.meta = getattr(network, "meta", {})
+
+    def train(self, mode: bool = True) -> FrozenTeacher:  # noqa: ARG002 - the mode is ignored on purpose
+        self.network.eval()
+        return self
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+
+def student_train_mode(student: nn.Module) -> None:
+    """Train mode with frozen BatchNorm running statistics (their affine weights still learn).
+
+    Batches of a few images (8 x P views of one image) would give noisy statistics; the reference keeps
+    the ImageNet/teacher statistics instead.
+    """
+    student.train()
+    for module in student.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.eval()
+
+
+class Normalizer:
+    """uint8 or [0, 1] images -> normalised float images with a network's mean/std, on a device."""
+
+    def __init__(self, network: nn.Module, device: torch.device) -> None:
+        meta = getattr(network, "meta", {}) or {}
+        self.mean = torch.tensor(meta.get("mean", (0.485, 0.456, 0.406)), device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(meta.get("std", (0.229, 0.224, 0.225)), device=device).view(1, 3, 1, 1)
+
+    def __call__(self, images: torch.Tensor) -> torch.Tensor:
+        return (images - self.mean) / self.std
+
+
+# ----------------------------------------------------------------------------------------------- data
+class AugmentedImages(Dataset):
+    """Training images for ``sym``: random resized crop at ``size`` + horizontal flip, normalised."""
+
+    def __init__(self, paths: list[str], size: int, mean: list[float], std: list[float]) -> None:
+        self.paths = paths
+        self.transform = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
+                transforms.RandomHorizontalFlip(),
+                transforms.ToTensor(),
+                transforms.Normalize(mean, std),
+            ]
+        )
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.transform(load_image(self.paths[index]))
+
+
+class IndexedEval(Dataset):
+    """Eval-transformed images with their index (``ts_reg``: the index selects the cached teacher row)."""
+
+    def __init__(self, paths: list[str], transform: Callable) -> None:
+        self.images = ImageDataset(paths, None, transform)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        return self.images[index][0], index
+
+
+@dataclass
+class BatchLoss:
+    loss: torch.Tensor
+    terms: dict[str, float]
+    images: int
+
+
+# ------------------------------------------------------------------------------------------- results
+@dataclass
+class TrainResult:
+    """What a run produced: the best checkpoint, its validation mAP, the history and the test results."""
+
+    directory: Path
+    best_checkpoint: Path
+    best_map: float | None
+    best_epoch: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+    test: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------- trainer
+class Trainer:
+    """Builds everything a run needs from a :class:`TrainConfig` and runs it.
+
+    Args:
+        config: the run's settings (validated here).
+        device: where the student trains; the teacher goes to a second GPU when two are visible.
+        progress: show progress bars.
+        stop_after_epoch: stop (raising :class:`TrainingInterrupted`) after this epoch's checkpoint, as a
+            killed job would; used to test that resuming reproduces an uninterrupted run.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        progress: bool = True,
+        stop_after_epoch: int | None = None,
+    ) -> None:
+        config.validate()
+        self.config = config
+        self.device = device
+        self.progress = progress
+        self.stop_after_epoch = stop_after_epoch
+        self.directory = Path(config.directory)
+        self.distill = config.mode in ("ts_aug", "ts_reg")
+        self.history: list[dict[str, Any]] = []
+        self.writer = None
+
+        # Data first: a missing dataset fails before any network is built.
+        base = config.training_dataset
+        train_part = "trainval" if config.trainval else "train"
+        self.train_split: Split = get_split(part_name(base, train_part), config.data_root, config.val_ratio)
+        self.val_split: Split | None = None
+        if config.val and not config.trainval:
+            self.val_split = get_split(part_name(base, "val"), config.data_root, config.val_ratio)
+        self.train_paths = [str(p) for p in self.train_split.abspaths()]
+
+        self._prepare_directory()
+        self.student = self._build_student().to(device)
+        self.teacher: FrozenTeacher | None = None
+        self.teacher_sha: str | None = None
+        if config.teacher_path is not None or config.teacher is not None:
+            self.teacher_device = self._teacher_device()
+            self.teacher = FrozenTeacher(self._build_teacher()).to(self.teacher_device)
+            check_compatible(self.student, self.teacher.network)
+        self.cache = EmbeddingCache(Path(config.data_root) / "cache" / "embeddings")
+
+        self.epoch_size = min(config.query_size, len(self.train_split))
+        self.batches_per_epoch = self._batches_per_epoch()
+        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.update_every)
+        self.optimizer = build_optimizer(
+            self.student, config.optimizer, config.lr, config.weight_decay, config.momentum
+        )
+        self.scheduler = build_scheduler(
+            self.optimizer, config.scheduler, self.steps_per_epoch * config.epochs
+        )
+        self.start_epoch = 1
+        self.best_map: float | None = None
+        self.best_epoch = 0
+        if config.resume_student is not None:
+            self._resume(config.resume_student)
+        self.student_norm = Normalizer(self.student, device)
+        self.teacher_norm = (
+            Normalizer(self.teacher, self.teacher_device) if self.teacher is not None else None
+        )
+        self.teacher_cache: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------------------------------ setup
+    def _prepare_directory(self) -> None:
+        existing = list(self.directory.glob("*.pth.tar")) if self.directory.is_dir() else []
+        if existing and self.config.resume_student is None and not self.config.overwrite:
+            raise FileExistsError(
+                f"{self.directory} already holds checkpoints ({', '.join(sorted(p.name for p in existing)[:3])}"
+                "...). Nothing was changed. Use another --directory, continue with --resume-student FILE, "
+                "or pass --overwrite to replace them."
+            )
+        self.directory.mkdir(parents=True, exist_ok=True)
+        # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
+        atomic_write_text(
+            self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False)
+        )
+
+    def _build_student(self) -> nn.Module:
+        c = self.config
+        if c.student_path is not None:
+            return load_network(c.student_path, data_root=c.data_root, device="cpu")
+        return build_network(c.student, pooling=c.pool, whitening=c.whitening, pretrained=c.pretrained)
+
+    def _build_teacher(self) -> nn.Module:
+        c = self.config
+        if c.teacher_path is not None:
+            network = load_network(c.teacher_path, data_root=c.data_root, device="cpu")
+            source = getattr(network, "source_path", None)
+            self.teacher_sha = file_sha256(source) if source is not None else None
+            return network
+        return build_network(c.teacher, pooling=c.pool, whitening=c.whitening, pretrained=c.pretrained)
+
+    def _teacher_device(self) -> torch.device:
+        # A second visible GPU holds the teacher so the student keeps the first one's memory.
+        if self.device.type == "cuda" and torch.cuda.device_count() >= 2:
+            index = self.device.index or 0
+            return torch.device("cuda", (index + 1) % torch.cuda.device_count())
+        return self.device
+
+    def _batches_per_epoch(self) -> int:
+        c = self.config
+        if c.mode == "sym":
+            groups = max(1, self.epoch_size // GROUP_SIZE)
+            return math.ceil(groups / self._groups_per_batch())
+        return math.ceil(self.epoch_size / c.batch_size)
+
+    def _groups_per_batch(self) -> int:
+        return max(1, self.config.batch_size // GROUP_SIZE)
+
+    def _resume(self, path: str) -> None:
+        checkpoint = load_checkpoint_file(path)
+        self.student.load_state_dict(checkpoint["state_dict"])
+        if checkpoint.get("optimizer"):
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if checkpoint.get("scheduler") and self.scheduler is not None:
+            self.scheduler.load_state_dict(checkpoint["scheduler"])
+        self.start_epoch = int(checkpoint.get("epoch", 0)) + 1
+        extra = checkpoint.get("raml", {}) or {}
+        self.best_map = checkpoint.get("max_map")
+        self.best_epoch = int(extra.get("best_epoch", 0))
+        self.history = list(extra.get("history", []))
+        logger.info("Resumed from %s at epoch %d", path, self.start_epoch)
+
+    # -------------------------------------------------------------------------------------- running
+    def run(self) -> TrainResult:
+        """Train for the configured epochs (from the resume point), validate, save; returns the result."""
+        c = self.config
+        if c.logger == "tensorboard":
+            self.writer = _tensorboard_writer(self.directory / "tensorboard", c)
+        if self.start_epoch > c.epochs:
+            logger.info("Nothing to train: the checkpoint already finished %d epochs.", c.epochs)
+        for epoch in range(self.start_epoch, c.epochs + 1):
+            seed_everything(c.seed + epoch)
+            stats = self.train_epoch(epoch)
+            if self.val_split is not None and (epoch % c.val_freq == 0 or epoch == c.epochs):
+                stats["val_mAP"] = self.validate()
+                if self.best_map is None or stats["val_mAP"] > self.best_map:
+                    self.best_map, self.best_epoch = stats["val_mAP"], epoch
+                    self._save(self.directory / BEST_NAME, epoch)
+            elif self.val_split is None:
+                self.best_epoch = epoch  # without validation the best model is the last one
+            self.history.append(stats)
+            self._log_epoch(stats)
+            if self.val_split is None and (epoch % c.save_freq == 0 or epoch == c.epochs):
+                self._save(self.directory / BEST_NAME, epoch)
+            if epoch % c.save_freq == 0 or epoch == c.epochs:
+                self._save(self.directory / f"model_epoch{epoch}.pth.tar", epoch)
+            self._save(self.directory / "model_last.pth.tar", epoch)
+            if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < c.epochs:
+                raise TrainingInterrupted(f"Stopped after epoch {epoch} as asked.")
+        if self.writer is not None:
+            self.writer.close()
+        best = self.directory / BEST_NAME
+        if not best.exists():  # e.g. resumed a finished run without validation
+            self._save(best, c.epochs)
+        return TrainResult(self.directory, best, self.best_map, self.best_epoch, self.history)
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        c = self.config
+        generator = torch.Generator().manual_seed(c.seed + epoch)
+        batches = self._epoch_batches(epoch, generator)
+        student_train_mode(self.student)
+        self.optimizer.zero_grad(set_to_none=True)
+        totals: dict[str, float] = {}
+        images_seen, pending, start = 0, 0, time.perf_counter()
+        bar = tqdm(
+            total=self.batches_per_epoch,
+            desc=f"epoch {epoch}/{c.epochs}",
+            unit="batch",
+            disable=not self.progress,
+            leave=False,
+        )
+        for index, batch in enumerate(batches, start=1):
+            with torch.autocast(
+                self.device.type, dtype=torch.bfloat16, enabled=c.amp and self.device.type == "cuda"
+            ):
+                result = self._batch_loss(batch, generator)
+            if not torch.isfinite(result.loss):
+                raise NonFiniteLossError(
+                    f"The loss became {result.loss.item()} at epoch {epoch}, batch {index}; training stopped and "
+                    f"the last good checkpoint in {self.directory} is kept. Lower --lr or check the data."
+                )
+            # Losses are summed over images; gradients accumulate until an optimizer step.
+            result.loss.backward()
+            pending += 1
+            if pending == c.update_every:
+                self._optimizer_step()
+                pending = 0
+            images_seen += result.images
+            for name, value in result.terms.items():
+                totals[name] = totals.get(name, 0.0) + value
+            bar.update(1)
+            if index % c.print_freq == 0 or index == self.batches_per_epoch:
+                bar.set_postfix(loss=f"{totals['loss'] / max(images_seen, 1):.4f}")
+        if pending:  # flush a partial accumulation so every epoch ends on a step (exact resume)
+            self._optimizer_step()
+        bar.close()
+        if self.scheduler is not None and c.scheduler not in PER_STEP_SCHEDULERS:
+            self.scheduler.step()
+        stats: dict[str, Any] = {"epoch": epoch, "seconds": round(time.perf_counter() - start, 3)}
+        stats.update({name: value / max(images_seen, 1) for name, value in totals.items()})
+        stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        return stats
+
+    def _optimizer_step(self) -> None:
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scheduler is not None and self.config.scheduler in PER_STEP_SCHEDULERS:
+            self.scheduler.step()
+
+    # ---------------------------------------------------------------------------------- mode: batches
+    def _epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
+        mode = self.config.mode
+        if mode == "ts_aug":
+            return self._coupled_view_batches(epoch, generator)
+        if mode == "ts_reg":
+            return self._regression_batches(generator)
+        return self._triplet_batches(generator)
+
+    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+        workers = self.config.workers
+        return DataLoader(
+            dataset,
+            num_workers=workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            **kwargs,
+        )
+
+    def _coupled_view_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
+        c = self.config
+        dataset = CoupledViewDataset(self.train_paths, c.image_size, c.teacher_image_size, c.pos_num, c.seed)
+        dataset.set_epoch(epoch)
+        order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
+        return iter(self._loader(dataset, batch_size=c.batch_size, sampler=order))
+
+    def _regression_batches(self, generator: torch.Generator) -> Iterator[Any]:
+        c = self.config
+        if self.teacher_cache is None:
+            self.teacher_cache = self._teacher_embeddings(self.train_split, self.train_paths)
+        mean, std = self.student.meta["mean"], self.student.meta["std"]
+        dataset = IndexedEval(self.train_paths, EvalTransform(c.image_size, mean, std))
+        order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
+        return iter(self._loader(dataset, batch_size=c.batch_size, sampler=order))
+
+    def _teacher_embeddings(self, split: Split, paths: list[str]) -> torch.Tensor:
+        assert self.teacher is not None
+        size = self.config.teacher_image_size
+
+        def compute() -> torch.Tensor:
+            return extract_embeddings(
+                self.teacher.network,
+                paths,
+                size,
+                self.teacher_device,
+                self.config.eval_batch_size,
+                self.config.workers,
+                self.progress,
+                f"teacher@{size}",
+            )
+
+        if self.teacher_sha is None:
+            return compute()
+        return self.cache.get_or_compute(self.teacher_sha, size, split.name, list(split.paths), compute)
+
+    def _triplet_batches(self, generator: torch.Generator) -> Iterator[Any]:
+        """Mine once per epoch with the current network, then yield (anchor groups, negatives) batches."""
+        c = self.config
+        labels = torch.as_tensor(self.train_split.labels)
+        groups = class_groups(self.train_split.labels, self.epoch_size, GROUP_SIZE, generator)
+        anchors = [i for group in groups for i in group]
+        pool = torch.randperm(len(labels), generator=generator)[: min(c.pool_size, len(labels))]
+        embed_idx = sorted(set(anchors) | set(pool.tolist()))
+        position = {index: row for row, index in enumerate(embed_idx)}
+        embeddings = extract_embeddings(
+            self.student,
+            [self.train_paths[i] for i in embed_idx],
+            c.image_size,
+            self.device,
+            c.eval_batch_size,
+            c.workers,
+            self.progress,
+            "mining",
+        )
+        anchor_rows = torch.tensor([position[i] for i in anchors])
+        pool_rows = torch.tensor([position[i] for i in pool.tolist()])
+        negatives = pool[
+            distance_weighted_negatives(
+                embeddings[anchor_rows],
+                labels[anchors],
+                embeddings[pool_rows],
+                labels[pool],
+                c.neg_num,
+                generator,
+            )
+        ]
+        mean, std = self.student.meta["mean"], self.student.meta["std"]
+        dataset = AugmentedImages(self.train_paths, c.image_size, mean, std)
+        per_batch = self._groups_per_batch()
+        batch_lists: list[list[int]] = []
+        for start in range(0, len(groups), per_batch):
+            rows = list(range(start * GROUP_SIZE, min(len(anchors), (start + per_batch) * GROUP_SIZE)))
+            batch_anchors = [anchors[r] for r in rows]
+            batch_negatives = negatives[rows].reshape(-1).tolist()
+            batch_lists.append(batch_anchors + batch_negatives)
+        return iter(self._loader(dataset, batch_sampler=batch_lists))
+
+    # ------------------------------------------------------------------------------------ mode: losses
+    def _batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
+        mode = self.config.mode
+        if mode == "ts_aug":
+            return self._coupled_view_loss(batch, generator)
+        if mode == "ts_reg":
+            return self._regression_loss(batch)
+        return self._triplet_loss(batch)
+
+    def _coupled_view_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
+        c = self.config
+        assert self.teacher is not None and self.teacher_norm is not None
+        student_views, teacher_views, _ = batch
+        b, p = student_views.shape[:2]
+        student_views = student_views.to(self.device, non_blocking=True).float().div_(255)
+        teacher_views = teacher_views.to(self.device, non_blocking=True).float().div_(255)
+        student_views, teacher_views = mixup_views(student_views, teacher_views, generator)
+        student_in = self.student_norm(student_views.flatten(0, 1))
+        teacher_in = self.teacher_norm(teacher_views.flatten(0, 1).to(self.teacher_device))
+        with torch.no_grad():
+            teacher = self.teacher(teacher_in).to(self.device).float().view(b, p, -1)
+        student = self.student(student_in).float().view(b, p, -1)
+        terms = distillation_loss_terms(student, teacher, c.lam_1, c.lam_2)
+        logged = {
+            "loss": terms["total"].item(),
+            "absolute": terms["absolute"].item(),
+            "relative_1": terms["relative_1"].item(),
+            "relative_2": terms["relative_2"].item(),
+        }
+        return BatchLoss(terms["total"], logged, b)
+
+    def _regression_loss(self, batch: Any) -> BatchLoss:
+        assert self.teacher_cache is not None
+        images, indices = batch
+        student = self.student(images.to(self.device, non_blocking=True)).float()
+        loss = absolute_loss(student, self.teacher_cache[indices].to(self.device))
+        return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
+
+    def _triplet_loss(self, batch: torch.Tensor) -> BatchLoss:
+        c = self.config
+        n_anchor = batch.shape[0] // (1 + c.neg_num)
+        embeddings = self.student(batch.to(self.device, non_blocking=True)).float()
+        anchor, negatives = embeddings[:n_anchor], embeddings[n_anchor:].view(n_anchor, c.neg_num, -1)
+        positives = _group_positives(anchor, GROUP_SIZE)
+        loss = triplet_loss(anchor, positives, negatives, c.loss_margin)
+        return BatchLoss(loss, {"loss": loss.item()}, n_anchor)
+
+    # ----------------------------------------------------------------------------------- validation
+    def validate(self) -> float:
+        """Validation mAP: asymmetric for distillation, symmetric for ``sym``."""
+        c = self.config
+        assert self.val_split is not None
+        teacher = self.teacher.network if (self.distill and self.teacher is not None) else None
+        results = evaluate_split(
+            self.student,
+            self.val_split,
+            c.image_size,
+            self.device,
+            teacher=teacher,
+            teacher_image_size=c.teacher_image_size,
+            sym=not self.distill,
+            batch_size=c.eval_batch_size,
+            workers=c.workers,
+            cache=self.cache,
+            teacher_sha256=self.teacher_sha,
+            progress=self.progress,
+        )
+        return results["asym" if self.distill else "sym"]["mAP"]
+
+    def test(self, checkpoint: Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
+        """Test the best (or given) checkpoint on the configured test datasets."""
+        c = self.config
+        network = load_network(checkpoint or self.directory / BEST_NAME, device=self.device)
+        teacher = self.teacher.network if self.teacher is not None else None
+        results = {}
+        for name in c.test_datasets:
+            split = get_split(name, c.data_root, c.val_ratio)
+            results[split.name] = evaluate_split(
+                network,
+                split,
+                c.image_size,
+                self.device,
+                teacher=teacher,
+                teacher_image_size=c.teacher_image_size,
+                sym=True,
+                batch_size=c.eval_batch_size,
+                workers=c.workers,
+                cache=self.cache,
+                teacher_sha256=self.teacher_sha,
+                progress=self.progress,
+            )
+        return results
+
+    # -------------------------------------------------------------------------------------- outputs
+    def _save(self, path: Path, epoch: int) -> None:
+        extra = {
+            "raml": {
+                "mode": self.config.mode,
+                "image_size": self.config.image_size,
+                "teacher_image_size": self.config.teacher_image_size,
+                "teacher_sha256": self.teacher_sha,
+                "training_dataset": self.config.training_dataset,
+                "best_epoch": self.best_epoch,
+                "history": self.history,
+            }
+        }
+        save_checkpoint(
+            path,
+            self.student,
+            epoch=epoch,
+            max_map=self.best_map,
+            optimizer=self.optimizer.state_dict(),
+            scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
+            extra=extra,
+        )
+
+    def _log_epoch(self, stats: dict[str, Any]) -> None:
+        text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
+        logger.info("%s", text)
+        if self.writer is not None:
+            for name, value in stats.items():
+                if name != "epoch" and isinstance(value, (int, float)):
+                    self.writer.add_scalar(
+                        f"train/{name}" if name != "val_mAP" else "val/mAP", value, stats["epoch"]
+                    )
+            self.writer.flush()
+
+
+def _group_positives(anchor: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B, D) anchors in groups of ``group_size`` -> (B, group_size - 1, D) positives, hardest first."""
+    b, d = anchor.shape
+    groups = anchor.view(b // group_size, group_size, d)
+    rows = []
+    for g in range(groups.shape[0]):
+        for i in range(group_size):
+            others = torch.cat([groups[g, :i], groups[g, i + 1 :]])
+            order = torch.argsort((others - groups[g, i]).pow(2).sum(1).detach(), descending=True)
+            rows.append(others[order])
+    return torch.stack(rows)
+
+
+def _tensorboard_writer(directory: Path, config: TrainConfig):  # noqa: ANN202 - optional dependency
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as error:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "--logger tensorboard needs the tensorboard package: pip install 'raml[tensorboard]'"
+        ) from error
+    writer = SummaryWriter(str(directory))
+    writer.add_text("config", "```\n" + json.dumps(config.to_dict(), indent=2) + "\n```")
+    return writer

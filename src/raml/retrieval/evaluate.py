@@ -1,0 +1,161 @@
+"""The paper's test protocol on a dataset split (SPEC section 4).
+
+Every image of the split is a query against all images of the split; the query itself is junk and the
+other images of its class are the positives.
+
+- asymmetric: queries embedded by the student at QR, database by the teacher at DR;
+- symmetric: the student on both sides at QR.
+
+Returns percentages: ``{"asym": {"mAP": .., "R@1": .., ...}, "sym": {...}}`` (keys present for the tests run).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from raml.data.splits import Split
+from raml.retrieval.cache import EmbeddingCache
+from raml.retrieval.extract import extract_embeddings
+from raml.retrieval.metrics import retrieval_metrics
+
+logger = logging.getLogger(__name__)
+
+#: Recall@k reported per dataset family (SPEC section 4); everything else uses the CUB/Cars set.
+RECALL_KS: dict[str, tuple[int, ...]] = {"sop": (1, 10, 100, 1000)}
+DEFAULT_KS: tuple[int, ...] = (1, 2, 4, 8)
+
+
+def default_ks(split_name: str) -> tuple[int, ...]:
+    """The Recall@k values reported for a split such as ``sop-test`` or ``cub-test``."""
+    base = split_name.split("-")[0].lower()
+    return RECALL_KS.get(base, DEFAULT_KS)
+
+
+def output_dim(network: nn.Module) -> int:
+    """The embedding dimension recorded in a network's metadata."""
+    meta = getattr(network, "meta", None) or {}
+    if "outputdim" in meta:
+        return int(meta["outputdim"])
+    return int(network.output_dim)  # type: ignore[attr-defined]
+
+
+def check_compatible(student: nn.Module, teacher: nn.Module) -> None:
+    """Refuse a student/teacher pair whose embeddings cannot be compared, before any extraction."""
+    student_dim, teacher_dim = output_dim(student), output_dim(teacher)
+    if student_dim != teacher_dim:
+        raise ValueError(
+            f"The student embeds into {student_dim} dimensions but the teacher into {teacher_dim}: "
+            "asymmetric retrieval needs both in the same space. Use a student trained (distilled) for "
+            "this teacher, or the same --whitening dimension as the teacher."
+        )
+
+
+def evaluate_split(
+    student: nn.Module,
+    split: Split,
+    image_size: int,
+    device: torch.device,
+    teacher: nn.Module | None = None,
+    teacher_image_size: int | None = None,
+    sym: bool = False,
+    batch_size: int = 32,
+    workers: int = 0,
+    ks: Sequence[int] | None = None,
+    cache: EmbeddingCache | None = None,
+    teacher_sha256: str | None = None,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Run the asymmetric (when a teacher is given) and/or symmetric test on ``split``.
+
+    Args:
+        student: query network, on ``device``.
+        split: the test split (e.g. ``cub-test``).
+        image_size: query resolution QR.
+        device: where the networks run.
+        teacher: database network for the asymmetric test, on ``device``; None skips that test.
+        teacher_image_size: database resolution DR (defaults to ``image_size``).
+        sym: also run the symmetric test of the student.
+        batch_size: images per forward pass.
+        workers: DataLoader workers.
+        ks: Recall@k values; defaults per dataset (:func:`default_ks`).
+        cache: where to cache the teacher's database embeddings (needs ``teacher_sha256``).
+        teacher_sha256: content hash of the teacher checkpoint, the cache key's identity of the teacher.
+        progress: show progress bars.
+    """
+    if teacher is None and not sym:
+        raise ValueError("Nothing to test: give a teacher for the asymmetric test and/or ask for --sym.")
+    if teacher is not None:
+        check_compatible(student, teacher)
+    ks = tuple(ks) if ks is not None else default_ks(split.name)
+    labels = torch.as_tensor(split.labels)
+    paths = [str(p) for p in split.abspaths()]
+    results: dict[str, dict[str, float]] = {}
+
+    query = extract_embeddings(
+        student,
+        paths,
+        image_size,
+        device,
+        batch_size,
+        workers,
+        progress,
+        f"{split.name} student@{image_size}",
+    )
+    if teacher is not None:
+        db_size = teacher_image_size or image_size
+
+        def embed_database() -> torch.Tensor:
+            return extract_embeddings(
+                teacher,
+                paths,
+                db_size,
+                device,
+                batch_size,
+                workers,
+                progress,
+                f"{split.name} teacher@{db_size}",
+            )
+
+        if cache is not None and teacher_sha256 is not None:
+            database = cache.get_or_compute(
+                teacher_sha256, db_size, split.name, list(split.paths), embed_database
+            )
+        else:
+            database = embed_database()
+        results["asym"] = retrieval_metrics(query, database, labels, labels, ks=ks, exclude_self=True)
+        logger.info("%s asym: %s", split.name, _short(results["asym"]))
+    if sym:
+        results["sym"] = retrieval_metrics(query, query, labels, labels, ks=ks, exclude_self=True)
+        logger.info("%s sym: %s", split.name, _short(results["sym"]))
+    return results
+
+
+def _short(metrics: dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.2f}" for k, v in metrics.items() if k == "mAP" or k.startswith("R@"))
+
+
+def format_results_table(results: dict[str, dict[str, dict[str, float]]]) -> str:
+    """A plain-text table: one row per (dataset, test), one column per metric."""
+    rows: list[list[str]] = []
+    metric_names: list[str] = []
+    for tests in results.values():
+        for metrics in tests.values():
+            for name in metrics:
+                if (name == "mAP" or name.startswith("R@")) and name not in metric_names:
+                    metric_names.append(name)
+    header = ["dataset", "test", *metric_names]
+    for dataset, tests in results.items():
+        for test_name, metrics in tests.items():
+            rows.append(
+                [dataset, test_name, *(f"{metrics[m]:.2f}" if m in metrics else "-" for m in metric_names)]
+            )
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])

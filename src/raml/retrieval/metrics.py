@@ -1,0 +1,410 @@
+"""Exact retrieval metrics (mAP, Recall@k) in bounded memory, without sorting the similarity rows.
+
+Contract:
+    ``query (Nq, D)`` and ``database (Nd, D)`` float embeddings (L2-normalised; the similarity is the dot
+    product, computed in float32) with one label per row -> ``{"mAP": %, "R@k": %, "num_queries": n,
+    "num_no_positive": m}``.
+
+Definitions (SPEC section 4):
+    * The positives of a query are the database items with its label; with ``exclude_self`` the i-th
+      database item is junk for the i-th query (ignored: neither positive nor negative). Everything else
+      is a negative.
+    * Ranks are 0-based positions in the database sorted by decreasing similarity, junk removed.
+    * AP is the trapezoid rule of the revisited Oxford/Paris ``compute_ap``: for the j-th positive
+      (0-based, in rank order) at rank ``r_j``, ``precision_0 = 1 if r_j == 0 else j / r_j``,
+      ``precision_1 = (j + 1) / (r_j + 1)``, ``AP = sum_j (precision_0 + precision_1) / 2 / n_pos``.
+    * R@k is the share of queries with at least one positive among their k nearest neighbours.
+    * Queries without any positive in the database are left out of mAP and R@k and counted in
+      ``num_no_positive``.
+    * Ties (pessimistic): a positive whose similarity equals a negative's is ranked after that negative.
+      Ties among positives do not matter, since they do not change the set of ranks.
+
+Method: the result is exactly that of a full sort of every row, but no row is sorted. Queries are grouped
+by their number of positives and processed in blocks; for a block the similarities ``S = Q_b @ X^T`` are
+computed once (the only ``(B, Nd)`` buffer, about 256 MB by default), positives and junk are overwritten
+with ``-inf``, and for the j-th positive (similarities sorted decreasingly) ``r_j = j + #{negatives with
+similarity >= s_j}``. The counts are taken with one vectorised comparison pass per positive over
+cache-sized tiles of ``S``; for queries with many positives (e.g. CUB, Cars) the rows are sorted in small
+chunks instead and the counts read off with a binary search, whichever is cheaper.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["average_precision", "retrieval_metrics"]
+
+# Budget of one block of similarities (float32) when block_size is not given.
+_BLOCK_BYTES = 256 * 2**20
+# Byte-lane counting of booleans (see _count_by_passes_numpy): int64 words summed at once, and columns.
+_LANE_WORDS = 255
+_LANE_COLS = 8 * _LANE_WORDS
+# Count with numpy on CPU tensors (faster); tests switch it off to exercise the torch path on the CPU.
+_NUMPY_ON_CPU = True
+# Above this many positives per query, sorting row chunks is cheaper than one pass per positive.
+_SORT_MIN_POSITIVES = 48
+# Rows sorted at once on the sorting path (values + int64 indices, kept small).
+_SORT_CHUNK_BYTES = 64 * 2**20
+
+
+def average_precision(ranks: Sequence[int] | np.ndarray) -> float:
+    """Average precision of one query by the trapezoid rule (revisited Oxford/Paris ``compute_ap``).
+
+    Args:
+        ranks: 0-based ranks of the query's positives in the ranked database (junk removed), strictly
+            increasing; one entry per positive.
+
+    Returns:
+        AP in [0, 1] (not a percentage).
+
+    Raises:
+        ValueError: if ``ranks`` is empty, not 1-D, not integral, negative or not strictly increasing.
+    """
+    arr = np.asarray(ranks)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(
+            f"average_precision expects a non-empty 1-D list of ranks (one per positive), got shape "
+            f"{arr.shape}; a query without positives has no AP: leave it out."
+        )
+    if arr.dtype.kind not in "iu":
+        if arr.dtype.kind != "f" or not np.all(np.isfinite(arr)) or not np.all(arr == np.round(arr)):
+            raise ValueError(f"average_precision expects integer ranks, got dtype {arr.dtype} ({arr[:5]}...).")
+        arr = arr.astype(np.int64)
+    if arr[0] < 0 or np.any(np.diff(arr) <= 0):
+        raise ValueError(
+            "average_precision expects 0-based, non-negative, strictly increasing ranks (the positions of "
+            f"the positives sorted ascending), got {arr.tolist()[:10]}."
+        )
+    r = arr.astype(np.float64)
+    j = np.arange(r.size, dtype=np.float64)
+    precision_0 = np.where(r == 0, 1.0, j / np.maximum(r, 1.0))
+    precision_1 = (j + 1.0) / (r + 1.0)
+    return float(np.sum((precision_0 + precision_1) / 2.0) / r.size)
+
+
+def _as_embeddings(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
+    if isinstance(x, np.ndarray):
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{name} must be a float array of embeddings, got dtype {x.dtype}.")
+        x = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    elif isinstance(x, torch.Tensor):
+        if x.is_complex() or x.dtype == torch.bool:
+            raise ValueError(f"{name} must be a float tensor of embeddings, got dtype {x.dtype}.")
+        x = x.detach().to(torch.float32).contiguous()
+    else:
+        raise TypeError(f"{name} must be a torch.Tensor or numpy.ndarray of shape (N, D), got {type(x).__name__}.")
+    if x.ndim != 2:
+        raise ValueError(f"{name} must have shape (N, D) (one embedding per row), got shape {tuple(x.shape)}.")
+    if x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); it needs at least one row and one dimension.")
+    if not bool(torch.isfinite(x).all()):
+        raise ValueError(f"{name} contains NaN or infinite values; check the embedding extraction.")
+    return x
+
+
+def _as_labels(labels: object, name: str, expected: int, what: str) -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    arr = np.asarray(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D (one label per row of {what}), got shape {arr.shape}.")
+    if arr.shape[0] != expected:
+        raise ValueError(
+            f"{name} has {arr.shape[0]} labels but {what} has {expected} rows; give exactly one label per row."
+        )
+    return arr
+
+
+def _encode_labels(query_labels: np.ndarray, database_labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Map labels of any comparable type to class ids ``0..C-1`` shared by both sides."""
+    try:
+        _, inverse = np.unique(np.concatenate([query_labels, database_labels]), return_inverse=True)
+    except TypeError as exc:
+        raise ValueError(
+            "query_labels and database_labels must be of one comparable type (e.g. all ints or all strings)."
+        ) from exc
+    inverse = inverse.reshape(-1).astype(np.int64)
+    return inverse[: query_labels.shape[0]], inverse[query_labels.shape[0] :]
+
+
+def _check_ks(ks: Sequence[int]) -> list[int]:
+    out = []
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"every k in ks must be an integer >= 1 (Recall@k), got {k!r} in {list(ks)}.")
+        out.append(int(k))
+    return out
+
+
+def _count_by_passes(sims: torch.Tensor, thresholds: torch.Tensor, counts: torch.Tensor) -> None:
+    """``counts[i, j] += #{c : sims[i, c] >= thresholds[i, j]}``, one torch comparison pass per threshold.
+
+    The device-agnostic path (GPU); on the CPU :func:`_count_by_passes_numpy` does the same faster.
+    """
+    for j in range(thresholds.shape[1]):
+        counts[:, j] += (sims >= thresholds[:, j : j + 1]).sum(1)
+
+
+def _count_by_passes_numpy(sims: np.ndarray, thresholds: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> None:
+    """CPU version of :func:`_count_by_passes` on numpy views, about twice cheaper than torch's.
+
+    ``mask`` is a zeroed bool scratch of shape ``(rows, W)`` with ``W >= Nd`` a multiple of ``8 * 255``
+    whose columns past ``Nd`` stay ``False``. Each pass writes 1-byte booleans (torch would sum floats or
+    widen bools to int64); the booleans are counted by reading them as int64 words, each holding 8 byte
+    lanes of 0/1: summing 255 words at a time cannot carry out of a lane (255 * 1 <= 255), and the lanes
+    of those sums are added up as bytes.
+    """
+    num_rows, num_cols = sims.shape
+    chunks = mask.shape[1] // _LANE_COLS
+    view = mask[:num_rows]
+    words = view.view(np.int64).reshape(num_rows, chunks, _LANE_WORDS)
+    for j in range(thresholds.shape[1]):
+        np.greater_equal(sims, thresholds[:, j : j + 1], out=view[:, :num_cols])
+        lanes = words.sum(2)  # (rows, chunks) int64, each byte lane <= 255
+        counts[:, j] += lanes.view(np.uint8).reshape(num_rows, -1).sum(1, dtype=np.int64)
+
+
+def _count_by_sorting(sims: torch.Tensor, thresholds: torch.Tensor, counts: torch.Tensor) -> None:
+    """Same contract as :func:`_count_by_passes`, by sorting chunks of rows and binary search."""
+    num_rows, num_cols = sims.shape
+    rows = max(1, min(num_rows, _SORT_CHUNK_BYTES // (12 * num_cols)))
+    for r0 in range(0, num_rows, rows):
+        r1 = min(r0 + rows, num_rows)
+        ascending = torch.sort(sims[r0:r1], dim=1).values
+        below = torch.searchsorted(ascending, thresholds[r0:r1].contiguous(), side="left")
+        counts[r0:r1] += num_cols - below
+
+
+def retrieval_metrics(
+    query: torch.Tensor | np.ndarray,
+    database: torch.Tensor | np.ndarray,
+    query_labels: Sequence[object] | np.ndarray | torch.Tensor,
+    database_labels: Sequence[object] | np.ndarray | torch.Tensor,
+    ks: Sequence[int] = (1, 2, 4, 8),
+    exclude_self: bool = False,
+    block_size: int | None = None,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Exact mAP and Recall@k (in %) of every query against the database, in bounded memory.
+
+    Args:
+        query: ``(Nq, D)`` query embeddings (L2-normalised), tensor (any device) or array.
+        database: ``(Nd, D)`` database embeddings, same ``D`` (and device, for tensors).
+        query_labels: ``Nq`` class labels (ints, strings, ...).
+        database_labels: ``Nd`` class labels of the same type.
+        ks: the k of Recall@k, each >= 1.
+        exclude_self: ignore the i-th database item for the i-th query (junk); needs ``Nq == Nd``. Use it
+            when both sides embed the same images (e.g. student queries against the teacher database).
+        block_size: queries per block; by default as many as keep one block of float32 similarities near
+            256 MB. Smaller blocks lower the memory, never change the result.
+        progress: show a tqdm bar over the blocks.
+
+    Returns:
+        ``{"mAP": ..., "R@k": ... for k in ks, "num_queries": scored queries, "num_no_positive": queries
+        without any positive, left out of mAP and R@k}``; percentages in [0, 100].
+
+    Raises:
+        ValueError: on mismatched or empty inputs, non-finite embeddings, bad ``ks`` or ``block_size``, or
+            when no query has a positive.
+    """
+    q = _as_embeddings(query, "query")
+    x = _as_embeddings(database, "database")
+    if q.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"query and database embeddings differ in dimension: query {tuple(q.shape)}, database "
+            f"{tuple(x.shape)}; both must come from networks with the same output dimension."
+        )
+    if q.device != x.device:
+        raise ValueError(f"query is on {q.device} but database is on {x.device}; move both to one device.")
+    num_q, num_d = q.shape[0], x.shape[0]
+    q_lab = _as_labels(query_labels, "query_labels", num_q, "query")
+    d_lab = _as_labels(database_labels, "database_labels", num_d, "database")
+    if exclude_self and num_q != num_d:
+        raise ValueError(
+            f"exclude_self=True pairs the i-th query with the i-th database item, so it needs as many queries "
+            f"as database items; got {num_q} queries and {num_d} database items."
+        )
+    k_list = _check_ks(ks)
+    if block_size is not None and (isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1):
+        raise ValueError(f"block_size must be a positive integer (queries per block) or None, got {block_size!r}.")
+
+    q_cls, d_cls = _encode_labels(q_lab, d_lab)
+    num_classes = int(max(q_cls.max(), d_cls.max())) + 1
+    class_size = np.bincount(d_cls, minlength=num_classes)
+    class_start = np.concatenate([[0], np.cumsum(class_size)[:-1]])
+    db_by_class = np.argsort(d_cls, kind="stable")
+
+    self_positive = np.zeros(num_q, dtype=bool)
+    if exclude_self:
+        self_positive = q_cls == d_cls
+    num_pos = class_size[q_cls] - self_positive
+    scored = np.flatnonzero(num_pos > 0)
+    num_no_positive = num_q - scored.size
+    if scored.size == 0:
+        raise ValueError(
+            f"none of the {num_q} queries has a positive in the database (no database item shares its label), "
+            "so mAP and Recall@k are undefined; check that the labels of both sides use the same classes."
+        )
+    # Group queries with similar numbers of positives so that a block pads little.
+    order = scored[np.argsort(num_pos[scored], kind="stable")]
+
+    if block_size is None:
+        block_size = max(1, _BLOCK_BYTES // (4 * num_d))
+    block_size = int(block_size)
+    device = q.device
+    ap_sum = 0.0
+    hits = np.zeros(len(k_list), dtype=np.int64)
+    k_tensor = torch.tensor(k_list, dtype=torch.int64, device=device)
+    starts = range(0, order.size, block_size)
+    logger.debug(
+        "retrieval_metrics: %d queries (%d without positives) x %d database items, %d blocks of %d",
+        num_q,
+        num_no_positive,
+        num_d,
+        len(starts),
+        block_size,
+    )
+    with _Counter(device, min(block_size, order.size), num_d) as counter:
+        for b0 in tqdm(starts, desc="retrieval metrics", unit="block", disable=not progress):
+            idx = order[b0 : b0 + block_size]
+            ap_block, hits_block = _score_block(
+                q, x, idx, q_cls, class_size, class_start, db_by_class, exclude_self, k_tensor, counter
+            )
+            ap_sum += ap_block
+            hits += hits_block
+
+    result: dict[str, float] = {"mAP": 100.0 * ap_sum / scored.size}
+    for k, h in zip(k_list, hits):
+        result[f"R@{k}"] = 100.0 * float(h) / scored.size
+    result["num_queries"] = int(scored.size)
+    result["num_no_positive"] = int(num_no_positive)
+    return result
+
+
+class _Counter:
+    """Counts, per row of a block, the negatives at or above each positive's similarity.
+
+    Holds what the blocks share: on the CPU a boolean scratch (``rows x Nd``, 1 byte per entry) and a
+    thread pool (numpy releases the GIL, so rows are split over ``torch.get_num_threads()`` threads).
+    """
+
+    def __init__(self, device: torch.device, max_rows: int, num_cols: int) -> None:
+        self.use_numpy = device.type == "cpu" and _NUMPY_ON_CPU
+        self.mask = np.zeros((0, 0), dtype=bool)
+        self.pool: ThreadPoolExecutor | None = None
+        self.threads = 1
+        if self.use_numpy:
+            width = -(-num_cols // _LANE_COLS) * _LANE_COLS
+            self.mask = np.zeros((max_rows, width), dtype=bool)
+            self.threads = max(1, min(torch.get_num_threads(), max_rows))
+            if self.threads > 1:
+                self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raml-metrics")
+
+    def __enter__(self) -> _Counter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+
+    def count(self, sims: torch.Tensor, thresholds: torch.Tensor, num_pos: np.ndarray) -> torch.Tensor:
+        """``(B, Nd)`` similarities (positives, junk at -inf), ``(B, P)`` thresholds sorted decreasingly
+        (+inf padding past ``num_pos``) -> ``(B, P)`` int64 counts of entries ``>=`` each threshold."""
+        num_rows, p_max = thresholds.shape
+        if p_max >= _SORT_MIN_POSITIVES:
+            counts = torch.zeros(num_rows, p_max, dtype=torch.int64, device=sims.device)
+            _count_by_sorting(sims, thresholds, counts)
+            return counts
+        # Rows come sorted by their number of positives: count each run with exactly its width.
+        runs = np.flatnonzero(np.diff(num_pos)) + 1
+        bounds = [0, *runs.tolist(), num_rows]
+        if not self.use_numpy:
+            counts = torch.zeros(num_rows, p_max, dtype=torch.int64, device=sims.device)
+            for r0, r1 in zip(bounds[:-1], bounds[1:]):
+                p = int(num_pos[r0])
+                _count_by_passes(sims[r0:r1], thresholds[r0:r1, :p], counts[r0:r1, :p])
+            return counts
+        sims_np = sims.numpy()
+        thr_np = thresholds.numpy()
+        counts_np = np.zeros((num_rows, p_max), dtype=np.int64)
+
+        def work(lo: int, hi: int) -> None:
+            for r0, r1 in zip(bounds[:-1], bounds[1:]):
+                r0, r1 = max(r0, lo), min(r1, hi)
+                if r0 < r1:
+                    p = int(num_pos[r0])
+                    _count_by_passes_numpy(sims_np[r0:r1], thr_np[r0:r1, :p], counts_np[r0:r1, :p], self.mask[r0:r1])
+
+        if self.pool is None:
+            work(0, num_rows)
+        else:
+            edges = np.linspace(0, num_rows, self.threads + 1).astype(int)
+            for future in [self.pool.submit(work, lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]:
+                future.result()
+        return torch.from_numpy(counts_np)
+
+
+def _score_block(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    idx: np.ndarray,
+    q_cls: np.ndarray,
+    class_size: np.ndarray,
+    class_start: np.ndarray,
+    db_by_class: np.ndarray,
+    exclude_self: bool,
+    k_tensor: torch.Tensor,
+    counter: _Counter,
+) -> tuple[float, np.ndarray]:
+    """Sum of AP and number of R@k hits over the queries ``idx`` (all with at least one positive)."""
+    device = q.device
+    cls = q_cls[idx]
+    size = class_size[cls]
+    width = int(size.max())
+    # Database columns of each query's class, padded with the class's first column (a positive, harmless).
+    offsets = np.arange(width)
+    valid = offsets[None, :] < size[:, None]
+    slots = class_start[cls][:, None] + np.where(valid, offsets[None, :], 0)
+    cols = db_by_class[slots]
+    if exclude_self:
+        valid &= cols != idx[:, None]
+    num_pos = valid.sum(1)
+
+    idx_t = torch.from_numpy(idx).to(device)
+    cols_t = torch.from_numpy(cols).to(device)
+    valid_t = torch.from_numpy(valid).to(device)
+    sims = q[idx_t] @ x.T  # (B, Nd) float32, the only large buffer
+    pos_sims = sims.gather(1, cols_t).masked_fill_(~valid_t, -math.inf)
+    # Positive similarities in decreasing order; padding (-inf) goes last and becomes +inf (counts 0).
+    p_max = int(num_pos.max())
+    pos_sims = torch.sort(pos_sims, dim=1, descending=True).values[:, :p_max].contiguous()
+    pos_sims.masked_fill_(pos_sims == -math.inf, math.inf)
+
+    # Only negatives may be counted: positives and junk drop to -inf (below every finite threshold).
+    sims.scatter_(1, cols_t, -math.inf)
+    if exclude_self:
+        sims.scatter_(1, idx_t.unsqueeze(1), -math.inf)
+    neg_at_or_above = counter.count(sims, pos_sims, num_pos).to(device)
+    del sims
+
+    j = torch.arange(p_max, dtype=torch.float64, device=device)
+    ranks = j + neg_at_or_above.to(torch.float64)  # 0-based rank of the j-th positive, junk removed
+    precision_0 = torch.where(ranks == 0, torch.ones_like(ranks), j / ranks.clamp(min=1.0))
+    precision_1 = (j + 1.0) / (ranks + 1.0)
+    num_pos_t = torch.from_numpy(num_pos).to(device)
+    pos_valid = j.unsqueeze(0) < num_pos_t.unsqueeze(1)
+    terms = torch.where(pos_valid, (precision_0 + precision_1) / 2.0, torch.zeros_like(ranks))
+    ap_sum = float((terms.sum(1) / num_pos_t.to(torch.float64)).sum())
+    # R@k: the best positive (j = 0) has rank c_0, and is within the k nearest iff c_0 < k.
+    first_rank = neg_at_or_above[:, 0]
+    hits = (first_rank.unsqueeze(1) < k_tensor.unsqueeze(0)).sum(0).cpu().numpy()
+    return ap_sum, hits

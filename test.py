@@ -1,0 +1,14 @@
+#!/usr/bin/env python
+"""The reference's ``python test.py ...`` command, kept verbatim: a thin shim over ``raml test``."""
+
+import sys
+from pathlib import Path
+
+try:
+    from raml.cli.main import main
+except ImportError:  # running from a checkout without installing
+    sys.path.insert(0, str(Path(__file__).resolve().parent / "src"))
+    from raml.cli.main import main
+
+if __name__ == "__main__":
+    raise SystemExit(main(["test", *sys.argv[1:]]))

@@ -1,0 +1,194 @@
+"""Shared pytest fixtures: tiny datasets in the exact on-disk formats, written into a fresh ``tmp_path``.
+
+Every dataset fixture returns the data root (``<tmp_path>/data``); images are tiny (40x30) so that one
+fixture sets up in well under a second.
+
+- ``cub_root``: ``cub/images.txt`` + ``cub/images/<NNN.Bird_NNN>/Bird_NNN_<j>.jpg``; 200 classes x 2 images.
+  Lines are shuffled (deterministically), so classes first appear in a non-numeric order and image ids are
+  not sorted. With val_ratio 0.5: 50 train, 50 val, 100 test classes.
+- ``cars_root``: ``cars/cars_annos.mat`` (struct array ``annotations`` + ``class_names``) +
+  ``cars/car_ims/NNNNNN.jpg``; 196 classes x 2 images, rows in a shuffled order: 49 / 49 / 98 classes.
+- ``sop_root``: ``sop/Ebay_train.txt`` (12 classes x 3 images, rows shuffled) and ``sop/Ebay_test.txt``
+  (6 classes with 2, 3, 4, 2, 3, 4 images) under ``<super>_final/<name>.JPG``: 6 / 6 / 6 classes.
+- ``own_root``: ``mine/split.json`` + ``mine/images/<part>_<c>/<i>.jpg``; 4 train, 2 val, 3 test classes
+  x 3 images.
+- ``folder_root``: ``folders/train/{ant,bee,cat}/`` (2 images each; ``bee`` has ``b.PNG`` upper case and a
+  ``notes.txt`` that is not an image) and ``folders/test/{dog,eel}/`` (3 images each); no val.
+- ``image_factory``: ``make(path, size=(40, 30), color=(r, g, b), mode="RGB") -> Path`` writes one image.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+TINY = (40, 30)
+
+
+def _class_color(k: int) -> tuple[int, int, int]:
+    return ((37 * k) % 256, (91 * k + 50) % 256, (173 * k + 100) % 256)
+
+
+def write_noisy_image(path: Path, color: tuple[int, int, int], rng: np.random.Generator, size=TINY) -> Path:
+    """Solid ``color`` plus a little noise, saved in the format given by the suffix."""
+    w, h = size
+    pixels = np.asarray(color, dtype=np.int16)[None, None, :] + rng.integers(-20, 21, size=(h, w, 3))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fmt = "JPEG" if path.suffix.lower() in (".jpg", ".jpeg") else None
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8), "RGB").save(path, format=fmt)
+    return path
+
+
+def make_image(
+    path: str | Path,
+    size: tuple[int, int] = TINY,
+    color: tuple[int, int, int] = (200, 100, 50),
+    mode: str = "RGB",
+) -> Path:
+    """Write a solid-colour image of ``size`` (w, h) in ``mode``; the format follows the file suffix.
+
+    ``I;16`` and ``I`` store ``color[0] * 257`` (16-bit), ``F`` stores ``color[0] / 255``; other modes are
+    ``Image.new("RGB", size, color).convert(mode)``.
+    """
+    path = Path(path)
+    w, h = size
+    if mode == "I;16":
+        img = Image.fromarray(np.full((h, w), color[0] * 257, dtype=np.uint16))
+    elif mode == "I":
+        img = Image.fromarray(np.full((h, w), color[0] * 257, dtype=np.int32))
+    elif mode == "F":
+        img = Image.fromarray(np.full((h, w), color[0] / 255, dtype=np.float32))
+    else:
+        img = Image.new("RGB", size, tuple(color)).convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
+
+
+@pytest.fixture
+def image_factory() -> Callable[..., Path]:
+    """``make(path, size=(40, 30), color=(r, g, b), mode="RGB") -> Path``: write one image file."""
+    return make_image
+
+
+@pytest.fixture
+def cub_root(tmp_path: Path) -> Path:
+    """CUB-200-2011 layout with 200 classes x 2 images, index lines in a shuffled order."""
+    root = tmp_path / "data"
+    folder = root / "cub"
+    rng = np.random.default_rng(0)
+    lines = []
+    image_id = 0
+    for k in range(1, 201):
+        class_folder = f"{k:03d}.Bird_{k:03d}"
+        for j in range(2):
+            image_id += 1
+            rel = f"{class_folder}/Bird_{k:03d}_{j}.jpg"
+            write_noisy_image(folder / "images" / rel, _class_color(k), rng)
+            lines.append(f"{image_id} {rel}")
+    random.Random(0).shuffle(lines)
+    (folder / "images.txt").write_text("\n".join(lines) + "\n")
+    return root
+
+
+@pytest.fixture
+def cars_root(tmp_path: Path) -> Path:
+    """Cars196 layout: ``cars_annos.mat`` in the real structure, 196 classes x 2 images in shuffled rows."""
+    import scipy.io
+
+    root = tmp_path / "data"
+    folder = root / "cars"
+    rng = np.random.default_rng(1)
+    rows = [(k, j) for k in range(1, 197) for j in range(2)]
+    random.Random(1).shuffle(rows)
+    fields = ["relative_im_path", "bbox_x1", "bbox_y1", "bbox_x2", "bbox_y2", "class", "test"]
+    annotations = np.empty((1, len(rows)), dtype=[(f, "O") for f in fields])
+    for i, (k, _) in enumerate(rows):
+        rel = f"car_ims/{i + 1:06d}.jpg"
+        write_noisy_image(folder / rel, _class_color(k), rng)
+        annotations[0, i] = (
+            np.array([rel]),
+            np.array([[1]], dtype=np.uint8),
+            np.array([[2]], dtype=np.uint8),
+            np.array([[38]], dtype=np.uint8),
+            np.array([[28]], dtype=np.uint8),
+            np.array([[k]], dtype=np.uint8),
+            np.array([[i % 2]], dtype=np.uint8),
+        )
+    class_names = np.empty((1, 196), dtype=object)
+    for k in range(196):
+        class_names[0, k] = np.array([f"Make Model {k + 1} 2012"])
+    scipy.io.savemat(folder / "cars_annos.mat", {"annotations": annotations, "class_names": class_names})
+    return root
+
+
+@pytest.fixture
+def sop_root(tmp_path: Path) -> Path:
+    """SOP layout: 12 train classes x 3 images (rows shuffled), 6 test classes with 2-4 images."""
+    root = tmp_path / "data"
+    folder = root / "sop"
+    rng = np.random.default_rng(2)
+    supers = ["bicycle", "chair", "lamp"]
+    header = "image_id class_id super_class_id path"
+
+    def rows_for(classes: list[tuple[int, int]], start_id: int) -> list[str]:
+        rows = []
+        image_id = start_id
+        for k, n in classes:
+            s = (k - 1) % 3
+            for j in range(n):
+                rel = f"{supers[s]}_final/{111000000 + k}_{j}.JPG"
+                write_noisy_image(folder / rel, _class_color(k), rng)
+                rows.append(f"{image_id} {k} {s + 1} {rel}")
+                image_id += 1
+        return rows
+
+    train_rows = rows_for([(k, 3) for k in range(1, 13)], 1)
+    random.Random(2).shuffle(train_rows)
+    test_rows = rows_for([(13, 2), (14, 3), (15, 4), (16, 2), (17, 3), (18, 4)], 100)
+    (folder / "Ebay_train.txt").write_text("\n".join([header, *train_rows]) + "\n")
+    (folder / "Ebay_test.txt").write_text("\n".join([header, *test_rows]) + "\n")
+    return root
+
+
+@pytest.fixture
+def own_root(tmp_path: Path) -> Path:
+    """Own dataset ``mine`` with ``split.json``: 4 train, 2 val, 3 test classes x 3 images."""
+    root = tmp_path / "data"
+    folder = root / "mine"
+    rng = np.random.default_rng(3)
+    split: dict[str, list[list[str]]] = {}
+    k = 0
+    for part, n_classes in (("train", 4), ("val", 2), ("test", 3)):
+        split[part] = []
+        for c in range(n_classes):
+            k += 1
+            paths = [f"images/{part}_{c}/{i}.jpg" for i in range(3)]
+            for p in paths:
+                write_noisy_image(folder / p, _class_color(k), rng)
+            split[part].append(paths)
+    (folder / "split.json").write_text(json.dumps(split, indent=1))
+    return root
+
+
+@pytest.fixture
+def folder_root(tmp_path: Path) -> Path:
+    """Folder-per-class dataset ``folders``: train/{ant,bee,cat} x 2 images, test/{dog,eel} x 3 images."""
+    root = tmp_path / "data"
+    folder = root / "folders"
+    rng = np.random.default_rng(4)
+    layout = {
+        "train": {"ant": ["a.png", "b.png"], "bee": ["a.png", "b.PNG"], "cat": ["x.png", "y.png"]},
+        "test": {"dog": ["1.png", "2.png", "3.png"], "eel": ["1.png", "2.png", "3.png"]},
+    }
+    for k, (part, name, files) in enumerate((p, c, fs) for p, cs in layout.items() for c, fs in cs.items()):
+        for f in files:
+            write_noisy_image(folder / part / name / f, _class_color(k), rng)
+    (folder / "train" / "bee" / "notes.txt").write_text("not an image\n")
+    return root

@@ -1,0 +1,217 @@
+"""Backbones (torchvision, timm) and the embedding network."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from raml.models import EmbeddingNetwork, build_backbone, build_network
+from raml.models.backbones import IMAGENET_MEAN, IMAGENET_STD, TimmTrunk, _torchvision_trunk
+
+
+@pytest.fixture(scope="module")
+def resnet18_network() -> EmbeddingNetwork:
+    torch.manual_seed(0)
+    return build_network("resnet18", pooling="gem", whitening=16, pretrained=False).eval()
+
+
+def test_resnet_backbone_uses_reference_key_layout(resnet18_network: EmbeddingNetwork) -> None:
+    backbone = resnet18_network.backbone
+    prefixes = sorted({key.split(".")[0] for key in backbone.state_dict()})
+    assert prefixes == ["0", "1", "4", "5", "6", "7"]  # conv1, bn1, layer1..4 (relu, maxpool: no params)
+    reference = torchvision.models.resnet18(weights=None)
+    assert backbone[0].weight.shape == reference.conv1.weight.shape
+    assert isinstance(backbone[7], type(reference.layer4))
+    # Loading our keys into torchvision's resnet (renamed) is strict apart from the dropped fc head.
+    result = reference.load_state_dict(_resnet_keys(backbone.state_dict()), strict=False)
+    assert result.unexpected_keys == [] and result.missing_keys == ["fc.weight", "fc.bias"]
+
+    reference.eval()
+    x = torch.rand(2, 3, 48, 48)
+    with torch.no_grad():
+        y = reference.maxpool(reference.relu(reference.bn1(reference.conv1(x))))
+        for layer in (reference.layer1, reference.layer2, reference.layer3, reference.layer4):
+            y = layer(y)
+        torch.testing.assert_close(backbone(x), y)
+
+
+def test_build_backbone_resnet18() -> None:
+    backbone = build_backbone("resnet18", pretrained=False)
+    assert backbone.source == "torchvision" and backbone.channels == 512
+    assert backbone.mean == IMAGENET_MEAN and backbone.std == IMAGENET_STD
+
+
+def _resnet_keys(state_dict: dict) -> dict:
+    names = {"0": "conv1", "1": "bn1", "4": "layer1", "5": "layer2", "6": "layer3", "7": "layer4"}
+    return {names[k.split(".", 1)[0]] + "." + k.split(".", 1)[1]: v for k, v in state_dict.items()}
+
+
+def test_torchvision_features_trunk() -> None:
+    name = "efficientnet_b0"  # convnext_tiny, vgg, mobilenet take the same path; one is enough here
+    network = build_network(name, whitening=8, pretrained=False).eval()
+    model = torchvision.models.get_model(name, weights=None)
+    assert network.backbone is not None
+    assert set(network.backbone.state_dict()) == {
+        k[len("features.") :] for k in model.state_dict() if k.startswith("features.")
+    }
+    with torch.no_grad():
+        out = network(torch.rand(2, 3, 64, 64))
+    assert out.shape == (2, 8)
+
+
+def test_densenet_trunk_ends_with_relu() -> None:
+    tiny = torchvision.models.DenseNet(growth_rate=4, block_config=(1, 1), num_init_features=8, bn_size=2)
+    trunk = _torchvision_trunk("densenet_tiny", tiny)
+    assert isinstance(list(trunk.children())[-1], nn.ReLU)
+    with torch.no_grad():
+        assert trunk.eval()(torch.rand(1, 3, 32, 32)).min() >= 0
+
+
+@pytest.mark.parametrize(
+    ("name", "channels"),
+    [("test_resnet", 96), ("test_convnext", 64), ("test_efficientnet", 256), ("test_vit", 64)],
+)
+def test_timm_backbones_give_maps_at_two_sizes(name: str, channels: int) -> None:
+    backbone = build_backbone(name, pretrained=False)
+    assert backbone.source == "timm" and backbone.channels == channels
+    module = backbone.module.eval()
+    with torch.no_grad():
+        small, large = module(torch.rand(2, 3, 32, 32)), module(torch.rand(2, 3, 64, 64))
+    assert small.dim() == 4 and small.shape[:2] == (2, channels)
+    assert large.shape[:2] == (2, channels)
+    assert large.shape[2] * large.shape[3] > small.shape[2] * small.shape[3]
+
+
+def test_timm_mean_std_come_from_pretrained_cfg() -> None:
+    vit = build_backbone("test_vit", pretrained=False)
+    assert vit.mean == tuple(vit.module.model.pretrained_cfg["mean"]) == (0.5, 0.5, 0.5)
+    effnet = build_backbone("test_efficientnet", pretrained=False)
+    assert effnet.mean == IMAGENET_MEAN
+
+
+def test_vit_network_at_two_sizes_and_token_layout() -> None:
+    torch.manual_seed(2)
+    network = build_network("test_vit", pooling="spoc", whitening=0, pretrained=False).eval()
+    assert isinstance(network.backbone, TimmTrunk)
+    for size in (32, 64):
+        with torch.no_grad():
+            out = network(torch.rand(3, 3, size, size))
+        assert out.shape == (3, network.output_dim) == (3, 64)
+        torch.testing.assert_close(out.norm(dim=1), torch.ones(3))
+    # The map is the patch tokens (prefix token dropped) laid out row by row.
+    x = torch.rand(1, 3, 64, 48)
+    with torch.no_grad():
+        tokens = network.backbone.model.forward_features(x)
+        feature_map = network.backbone(x)
+    assert feature_map.shape == (1, 64, 4, 3)
+    prefix = network.backbone.model.num_prefix_tokens
+    torch.testing.assert_close(feature_map[0, :, 1, 2], tokens[0, prefix + 1 * 3 + 2])
+
+
+def test_timm_prefix_forces_timm() -> None:
+    backbone = build_backbone("timm/resnet18", pretrained=False)
+    assert backbone.source == "timm" and backbone.channels == 512
+    assert build_backbone("torchvision/resnet18", pretrained=False).source == "torchvision"
+
+
+@pytest.mark.parametrize("name", ["resnet5O", "torchvision/test_vit", "timm/not_a_model", ""])
+def test_unknown_architecture_error(name: str) -> None:
+    with pytest.raises(ValueError, match="neither a torchvision model|non-empty"):
+        build_backbone(name, pretrained=False)
+
+
+def test_unknown_architecture_suggests_close_matches() -> None:
+    with pytest.raises(ValueError, match=r"Close matches: .*resnet50"):
+        build_backbone("resnet5O", pretrained=False)
+
+
+def test_torchvision_vit_is_rejected_with_a_hint() -> None:
+    with pytest.raises(ValueError, match="timm"):
+        build_backbone("vit_b_16", pretrained=False)
+
+
+def test_probe_keeps_training_mode() -> None:
+    backbone = build_backbone("test_resnet", pretrained=False)
+    assert backbone.module.training
+
+
+def test_network_forward_matches_manual_pipeline(resnet18_network: EmbeddingNetwork) -> None:
+    x = torch.rand(2, 3, 64, 64)
+    with torch.no_grad():
+        out = resnet18_network(x)
+        feature_map = resnet18_network.backbone(x).double().numpy()
+    p = resnet18_network.pool.p.item()
+    weight = resnet18_network.whiten.weight.detach().double().numpy()
+    bias = resnet18_network.whiten.bias.detach().double().numpy()
+    expected = []
+    for b in range(2):
+        pooled = np.array(
+            [
+                np.mean(np.maximum(feature_map[b, c], 1e-6) ** p) ** (1 / p)
+                for c in range(feature_map.shape[1])
+            ]
+        )
+        pooled /= np.linalg.norm(pooled)
+        whitened = weight @ pooled + bias
+        expected.append(whitened / np.linalg.norm(whitened))
+    np.testing.assert_allclose(out.numpy(), np.stack(expected), atol=1e-5)
+
+
+def test_network_meta_and_properties(resnet18_network: EmbeddingNetwork) -> None:
+    meta = resnet18_network.meta
+    assert meta == {
+        "architecture": "resnet18",
+        "pooling": "gem",
+        "whitening": 16,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+        "outputdim": 16,
+        "pretrained": False,
+    }
+    assert resnet18_network.output_dim == 16
+    assert resnet18_network.mean == IMAGENET_MEAN and resnet18_network.std == IMAGENET_STD
+    keys = list(resnet18_network.state_dict())
+    assert keys[0] == "backbone.0.weight" and keys[-3:] == ["pool.p", "whiten.weight", "whiten.bias"]
+    assert isinstance(resnet18_network.whiten, nn.Linear) and resnet18_network.whiten.bias is not None
+
+
+def test_network_without_whitening() -> None:
+    network = build_network("test_resnet", pooling="mac", whitening=0, pretrained=False).eval()
+    assert network.whiten is None and network.output_dim == 96
+    assert "whiten.weight" not in network.state_dict()
+    with torch.no_grad():
+        out = network(torch.rand(2, 3, 32, 32))
+    assert out.shape == (2, 96)
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2))
+
+
+def test_gemmp_network_has_per_channel_p() -> None:
+    network = build_network("test_resnet", pooling="gemmp", whitening=4, pretrained=False)
+    assert network.state_dict()["pool.p"].shape == (96,)
+
+
+@pytest.mark.parametrize("whitening", [-1, True, 2.5])
+def test_bad_whitening_is_rejected(whitening) -> None:
+    with pytest.raises(ValueError, match="whitening must be a non-negative int"):
+        build_network("test_resnet", whitening=whitening, pretrained=False)
+
+
+def test_unknown_pooling_in_network() -> None:
+    with pytest.raises(ValueError, match="valid poolings"):
+        build_network("test_resnet", pooling="rmac", pretrained=False)
+
+
+@pytest.mark.parametrize("shape", [(3, 32, 32), (2, 1, 32, 32), (2, 4, 32, 32)])
+def test_forward_rejects_bad_input(resnet18_network: EmbeddingNetwork, shape: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
+        resnet18_network(torch.rand(*shape))
+
+
+def test_gradients_flow_to_all_parts() -> None:
+    network = build_network("test_resnet", pooling="gem", whitening=4, pretrained=False).train()
+    network(torch.rand(2, 3, 32, 32)).sum().backward()
+    assert network.pool.p.grad is not None and network.whiten.weight.grad is not None
+    assert any(p.grad is not None for p in network.backbone.parameters())

@@ -1,0 +1,274 @@
+"""Tests of raml.retrieval.metrics against a slow, obvious full-sort implementation and hand-computed cases."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from raml.retrieval import metrics as metrics_module
+from raml.retrieval.metrics import average_precision, retrieval_metrics
+
+
+def _reference_metrics(
+    query: np.ndarray,
+    database: np.ndarray,
+    query_labels: np.ndarray,
+    database_labels: np.ndarray,
+    ks: list[int],
+    exclude_self: bool,
+) -> dict[str, float]:
+    """Full sort per query, pessimistic ties, trapezoid AP in a plain loop."""
+    sims = (query.astype(np.float32) @ database.astype(np.float32).T).astype(np.float64)
+    ap_total, hits, scored, empty = 0.0, dict.fromkeys(ks, 0), 0, 0
+    for i in range(query.shape[0]):
+        keep = [c for c in range(database.shape[0]) if not (exclude_self and c == i)]
+        s = sims[i, keep]
+        is_pos = np.array([database_labels[c] == query_labels[i] for c in keep])
+        if not is_pos.any():
+            empty += 1
+            continue
+        scored += 1
+        # Decreasing similarity; on ties negatives (is_pos False) first: the pessimistic convention.
+        order = np.lexsort((is_pos, -s))
+        ranked_pos = is_pos[order]
+        pos_ranks = [r for r in range(len(ranked_pos)) if ranked_pos[r]]
+        n_pos = len(pos_ranks)
+        ap = 0.0
+        for j, r in enumerate(pos_ranks):
+            precision_0 = 1.0 if r == 0 else j / r
+            precision_1 = (j + 1) / (r + 1)
+            ap += (precision_0 + precision_1) / 2.0 / n_pos
+        ap_total += ap
+        for k in ks:
+            if ranked_pos[:k].any():
+                hits[k] += 1
+    out = {"mAP": 100.0 * ap_total / scored}
+    for k in ks:
+        out[f"R@{k}"] = 100.0 * hits[k] / scored
+    out["num_queries"] = scored
+    out["num_no_positive"] = empty
+    return out
+
+
+def _assert_close(got: dict[str, float], expected: dict[str, float]) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-12), key
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+@pytest.fixture(params=["numpy", "torch", "sorting"])
+def counting_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Run a test once per counting strategy (numpy passes, torch passes, row sorting)."""
+    monkeypatch.setattr(metrics_module, "_NUMPY_ON_CPU", request.param == "numpy")
+    monkeypatch.setattr(metrics_module, "_SORT_MIN_POSITIVES", 1 if request.param == "sorting" else 10**9)
+    return request.param
+
+
+CASES = [
+    # (num_query, num_database, dim, query classes, database classes, exclude_self)
+    (23, 41, 8, 6, 6, False),  # Nq != Nd
+    (40, 40, 6, 9, 9, True),  # the same images on both sides, self is junk
+    (30, 30, 5, 25, 25, True),  # many singleton classes: queries without positives
+    (17, 50, 4, 3, 8, False),  # some database classes never queried
+    (25, 12, 7, 10, 4, False),  # some query classes absent from the database
+]
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("block_size", [1, 3, None])
+def test_matches_full_sort_reference(case: tuple, block_size: int | None, counting_path: str) -> None:
+    num_q, num_d, dim, q_classes, d_classes, exclude_self = case
+    rng = np.random.default_rng(CASES.index(case) * 10 + (block_size or 0))
+    database = _unit(rng, num_d, dim)
+    database_labels = rng.integers(0, d_classes, num_d)
+    if exclude_self:
+        query = _unit(rng, num_q, dim)  # e.g. student embeddings of the same images
+        query_labels = database_labels.copy()
+    else:
+        query = _unit(rng, num_q, dim)
+        query_labels = rng.integers(0, q_classes, num_q)
+    ks = [1, 2, 5, 1000]
+    got = retrieval_metrics(query, database, query_labels, database_labels, ks, exclude_self, block_size)
+    expected = _reference_metrics(query, database, query_labels, database_labels, ks, exclude_self)
+    _assert_close(got, expected)
+
+
+def test_block_smaller_than_positives_and_mixed_positive_counts(counting_path: str) -> None:
+    rng = np.random.default_rng(3)
+    sizes = [1, 2, 3, 9, 14]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(labels)
+    database = _unit(rng, labels.size, 6)
+    query = database + 0.3 * _unit(rng, labels.size, 6)
+    for block_size in (2, 5):
+        got = retrieval_metrics(query, database, labels, labels, (1, 4, 8), exclude_self=True, block_size=block_size)
+        expected = _reference_metrics(query, database, labels, labels, [1, 4, 8], True)
+        _assert_close(got, expected)
+
+
+def test_large_database_several_lane_chunks_and_sort_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4500 columns span three 2040-column byte-lane chunks; tiny sort chunks sort one row at a time.
+    monkeypatch.setattr(metrics_module, "_SORT_CHUNK_BYTES", 1)
+    rng = np.random.default_rng(4)
+    database = _unit(rng, 4500, 5)
+    query = _unit(rng, 9, 5)
+    database_labels = rng.integers(0, 30, 4500)
+    query_labels = rng.integers(0, 30, 9)
+    expected = _reference_metrics(query, database, query_labels, database_labels, [1, 10, 100], False)
+    for threshold in (1, 10**9):
+        monkeypatch.setattr(metrics_module, "_SORT_MIN_POSITIVES", threshold)
+        got = retrieval_metrics(query, database, query_labels, database_labels, (1, 10, 100), block_size=4)
+        _assert_close(got, expected)
+
+
+def test_byte_lane_counting_does_not_overflow() -> None:
+    # Every entry counts: each byte lane of every 255-word sum reaches its maximum, 255.
+    num_cols = 3 * metrics_module._LANE_COLS + 7
+    sims = np.zeros((3, num_cols), dtype=np.float32)
+    sims[1, ::2] = -1.0
+    thresholds = np.array([[0.0, -2.0], [0.0, -2.0], [1.0, 0.0]], dtype=np.float32)
+    counts = np.zeros((3, 2), dtype=np.int64)
+    mask = np.zeros((3, 4 * metrics_module._LANE_COLS), dtype=bool)
+    metrics_module._count_by_passes_numpy(sims, thresholds, counts, mask)
+    expected = [[(sims[i] >= thresholds[i, j]).sum() for j in range(2)] for i in range(3)]
+    assert counts.tolist() == expected == [[num_cols, num_cols], [num_cols // 2, num_cols], [0, num_cols]]
+
+
+def test_exclude_self_junk_is_removed_even_when_labels_differ() -> None:
+    rng = np.random.default_rng(5)
+    x = _unit(rng, 20, 4)
+    query_labels = rng.integers(0, 3, 20)
+    database_labels = rng.integers(0, 3, 20)
+    got = retrieval_metrics(x, x, query_labels, database_labels, (1, 3), exclude_self=True)
+    _assert_close(got, _reference_metrics(x, x, query_labels, database_labels, [1, 3], True))
+
+
+def _vectors(cosines: list[float]) -> np.ndarray:
+    """Unit vectors whose dot product with (1, 0) is exactly the given cosine."""
+    return np.array([[c, math.sqrt(1.0 - c * c)] for c in cosines], dtype=np.float32)
+
+
+def test_hand_computed_example(counting_path: str) -> None:
+    database = _vectors([0.875, 0.75, 0.625, 0.5, 0.375, 0.25])  # ranks 0..5 for the query (1, 0)
+    database_labels = ["a", "b", "a", "b", "b", "a"]
+    query = np.array([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+    query_labels = ["a", "b", "c"]  # "c" has no positive
+    got = retrieval_metrics(query, database, query_labels, database_labels, ks=(1, 2, 3))
+    # "a": positives at ranks 0, 2, 5: ((1 + 1) / 2 + (1/2 + 2/3) / 2 + (2/5 + 3/6) / 2) / 3 = 61/90.
+    # "b": positives at ranks 1, 3, 4: ((0 + 1/2) / 2 + (1/3 + 2/4) / 2 + (2/4 + 3/5) / 2) / 3 = 73/180.
+    assert got["mAP"] == pytest.approx(100 * (61 / 90 + 73 / 180) / 2, rel=1e-12)
+    assert got["R@1"] == 50.0 and got["R@2"] == 100.0 and got["R@3"] == 100.0
+    assert got["num_queries"] == 2 and got["num_no_positive"] == 1
+    assert average_precision([0, 2, 5]) == pytest.approx(61 / 90, rel=1e-12)
+    assert average_precision([1, 3, 4]) == pytest.approx(73 / 180, rel=1e-12)
+
+
+def test_ties_are_pessimistic(counting_path: str) -> None:
+    query = np.array([[1.0, 0.0]], dtype=np.float32)
+    # A positive tied with a negative (0.5) ranks after it: negatives 0.75 and 0.5 come first, rank 2.
+    database = _vectors([0.5, 0.5, 0.75])
+    got = retrieval_metrics(query, database, [1], [1, 0, 0], ks=(1, 2, 3))
+    assert got["mAP"] == pytest.approx(100 * (0 + 1 / 3) / 2, rel=1e-12)
+    assert (got["R@1"], got["R@2"], got["R@3"]) == (0.0, 0.0, 100.0)
+    # Two positives tied with a negative: ranks 1 and 2: ((0 + 1/2) / 2 + (1/2 + 2/3) / 2) / 2 = 5/12.
+    got = retrieval_metrics(query, _vectors([0.5, 0.5, 0.5]), [1], [1, 1, 0], ks=(1, 2))
+    assert got["mAP"] == pytest.approx(100 * 5 / 12, rel=1e-12)
+    assert (got["R@1"], got["R@2"]) == (0.0, 100.0)
+    # The same with exclude_self: the query's own (tied) database item is junk, not a negative.
+    x = _vectors([0.5, 0.5])
+    got = retrieval_metrics(x, x, [1, 1], [1, 1], ks=(1,), exclude_self=True)
+    assert got["mAP"] == 100.0 and got["R@1"] == 100.0
+
+
+def test_tensor_numpy_and_label_types_agree() -> None:
+    rng = np.random.default_rng(6)
+    x = _unit(rng, 30, 5)
+    y = _unit(rng, 30, 5)
+    labels = rng.integers(0, 5, 30)
+    base = retrieval_metrics(x, y, labels, labels, exclude_self=True)
+    from_torch = retrieval_metrics(
+        torch.from_numpy(x), torch.from_numpy(y).double(), torch.from_numpy(labels), list(labels), exclude_self=True
+    )
+    as_strings = retrieval_metrics(x, y, [f"c{v}" for v in labels], [f"c{v}" for v in labels], exclude_self=True)
+    assert base == from_torch == as_strings
+    assert list(base) == ["mAP", "R@1", "R@2", "R@4", "R@8", "num_queries", "num_no_positive"]
+
+
+def test_progress_bar_runs() -> None:
+    rng = np.random.default_rng(7)
+    x = _unit(rng, 10, 3)
+    labels = np.arange(10) % 3
+    assert retrieval_metrics(x, x, labels, labels, exclude_self=True, block_size=4, progress=True)["num_queries"] == 10
+
+
+def test_average_precision_against_loop() -> None:
+    rng = np.random.default_rng(8)
+    for _ in range(20):
+        ranks = np.sort(rng.choice(50, size=rng.integers(1, 10), replace=False))
+        expected = 0.0
+        for j, r in enumerate(ranks):
+            expected += ((1.0 if r == 0 else j / r) + (j + 1) / (r + 1)) / 2 / len(ranks)
+        assert average_precision(ranks) == pytest.approx(expected, rel=1e-12)
+    assert average_precision([0, 1, 2]) == 1.0
+    assert average_precision(np.array([0.0, 3.0])) == pytest.approx(((1 + 1) / 2 + (1 / 3 + 2 / 4) / 2) / 2)
+
+
+@pytest.mark.parametrize(
+    ("ranks", "match"),
+    [
+        ([], "non-empty"),
+        ([[0, 1]], "1-D"),
+        ([2, 1], "strictly increasing"),
+        ([0, 0], "strictly increasing"),
+        ([-1, 2], "non-negative"),
+        ([0.5, 2], "integer ranks"),
+    ],
+)
+def test_average_precision_bad_input(ranks: object, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        average_precision(ranks)
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    x = np.eye(3, dtype=np.float32)
+    labels = [0, 0, 1]
+    with pytest.raises(ValueError, match="differ in dimension"):
+        retrieval_metrics(x, np.eye(3, 4, dtype=np.float32), labels, labels)
+    with pytest.raises(ValueError, match="has 2 labels but query has 3 rows"):
+        retrieval_metrics(x, x, labels[:2], labels)
+    with pytest.raises(ValueError, match="database_labels has 4 labels"):
+        retrieval_metrics(x, x, labels, labels + [1])
+    with pytest.raises(ValueError, match="exclude_self=True .* got 2 queries and 3 database items"):
+        retrieval_metrics(x[:2], x, labels[:2], labels, exclude_self=True)
+    with pytest.raises(ValueError, match="query is empty"):
+        retrieval_metrics(np.zeros((0, 3), np.float32), x, [], labels)
+    with pytest.raises(ValueError, match="database is empty"):
+        retrieval_metrics(x, np.zeros((0, 3), np.float32), labels, [])
+    with pytest.raises(ValueError, match="shape \\(N, D\\)"):
+        retrieval_metrics(x[0], x, labels, labels)
+    with pytest.raises(ValueError, match="integer >= 1"):
+        retrieval_metrics(x, x, labels, labels, ks=(1, 0))
+    with pytest.raises(ValueError, match="integer >= 1"):
+        retrieval_metrics(x, x, labels, labels, ks=(1.5,))
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        retrieval_metrics(x, x, labels, labels, block_size=0)
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        retrieval_metrics(np.full((3, 3), np.nan, np.float32), x, labels, labels)
+    with pytest.raises(ValueError, match="none of the 3 queries has a positive"):
+        retrieval_metrics(x, x, [5, 6, 7], labels)
+    with pytest.raises(ValueError, match="one label per row"):
+        retrieval_metrics(x, x, np.zeros((3, 1)), labels)
+    with pytest.raises(ValueError, match="one comparable type"):
+        retrieval_metrics(x, x, np.array([0, 1, 2], dtype=object), np.array(["a", 1, None], dtype=object))
+    with pytest.raises(TypeError, match="torch.Tensor or numpy.ndarray"):
+        retrieval_metrics([[1.0, 0.0]], x, [0], labels)
+    with pytest.raises(ValueError, match="float array"):
+        retrieval_metrics(np.array([["a", "b", "c"]]), x, [0], labels)
