@@ -32,12 +32,31 @@ def networks(tmp_path: Path) -> dict[str, Path]:
 
 def test_raml_test_writes_json_for_asym_and_sym(cub_root: Path, networks, tmp_path: Path, capsys):
     out = tmp_path / "results.json"
-    code = main([
-        "test", "--datasets", "cub-test", "--data-root", str(cub_root), "--sym",
-        "--student-path", str(networks["student"]), "--teacher-path", str(networks["teacher"]),
-        "--image-size", "32", "--teacher-image-size", "48", "--workers", "0", "--json", str(out),
-        "--no-progress", "--device", "cpu",
-    ])
+    code = main(
+        [
+            "test",
+            "--datasets",
+            "cub-test",
+            "--data-root",
+            str(cub_root),
+            "--sym",
+            "--student-path",
+            str(networks["student"]),
+            "--teacher-path",
+            str(networks["teacher"]),
+            "--image-size",
+            "32",
+            "--teacher-image-size",
+            "48",
+            "--workers",
+            "0",
+            "--json",
+            str(out),
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 0
     results = json.loads(out.read_text())
     assert set(results) == {"cub-test"}
@@ -55,11 +74,27 @@ def test_raml_test_writes_json_for_asym_and_sym(cub_root: Path, networks, tmp_pa
 def test_dimension_mismatch_is_refused_before_any_extraction(cub_root: Path, networks, tmp_path: Path, capsys):
     out = tmp_path / "results.json"
     out.write_text("previous results")
-    code = main([
-        "test", "--datasets", "cub-test", "--data-root", str(cub_root),
-        "--student-path", str(networks["narrow"]), "--teacher-path", str(networks["teacher"]),
-        "--image-size", "32", "--workers", "0", "--json", str(out), "--device", "cpu",
-    ])
+    code = main(
+        [
+            "test",
+            "--datasets",
+            "cub-test",
+            "--data-root",
+            str(cub_root),
+            "--student-path",
+            str(networks["narrow"]),
+            "--teacher-path",
+            str(networks["teacher"]),
+            "--image-size",
+            "32",
+            "--workers",
+            "0",
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert "8 dimensions" in capsys.readouterr().err
     assert out.read_text() == "previous results"
@@ -67,23 +102,59 @@ def test_dimension_mismatch_is_refused_before_any_extraction(cub_root: Path, net
 
 
 def test_missing_dataset_names_the_download_commands(tmp_path: Path, networks, capsys):
-    code = main(["test", "--datasets", "cub-test", "--data-root", str(tmp_path / "nowhere"), "--sym",
-                 "--student-path", str(networks["student"]), "--device", "cpu"])
+    code = main(
+        [
+            "test",
+            "--datasets",
+            "cub-test",
+            "--data-root",
+            str(tmp_path / "nowhere"),
+            "--sym",
+            "--student-path",
+            str(networks["student"]),
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "nowhere" in err and "CUB_200_2011.tgz" in err
 
 
 def test_unknown_network_lists_published_names(cub_root: Path, capsys):
-    code = main(["test", "--datasets", "cub-test", "--data-root", str(cub_root), "--sym",
-                 "--student-path", "no-such-network", "--device", "cpu"])
+    code = main(
+        [
+            "test",
+            "--datasets",
+            "cub-test",
+            "--data-root",
+            str(cub_root),
+            "--sym",
+            "--student-path",
+            "no-such-network",
+            "--device",
+            "cpu",
+        ]
+    )
     assert code == 2
     assert "cub-448r-resnet50-512-gem-w" in capsys.readouterr().err
 
 
 def test_extract_rows_in_split_order_and_cache_reuse(cub_root: Path, networks, tmp_path: Path):
-    common = ["extract", "--network-path", str(networks["teacher"]), "--dataset", "cub-val",
-              "--data-root", str(cub_root), "--workers", "0", "--device", "cpu", "--no-progress"]
+    common = [
+        "extract",
+        "--network-path",
+        str(networks["teacher"]),
+        "--dataset",
+        "cub-val",
+        "--data-root",
+        str(cub_root),
+        "--workers",
+        "0",
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
     args = [*common, "--image-size", "32"]
     first, second = tmp_path / "a.npy", tmp_path / "b.npy"
     assert main([*args, "--output", str(first)]) == 0
@@ -104,17 +175,48 @@ def test_extract_rows_in_split_order_and_cache_reuse(cub_root: Path, networks, t
 
 def test_extract_refuses_a_non_npy_output(cub_root: Path, networks, tmp_path: Path):
     with pytest.raises(SystemExit, match=r"\.npy"):
-        main(["extract", "--network-path", str(networks["teacher"]), "--dataset", "cub-val",
-              "--data-root", str(cub_root), "--output", str(tmp_path / "x.txt"), "--device", "cpu"])
+        main(
+            [
+                "extract",
+                "--network-path",
+                str(networks["teacher"]),
+                "--dataset",
+                "cub-val",
+                "--data-root",
+                str(cub_root),
+                "--output",
+                str(tmp_path / "x.txt"),
+                "--device",
+                "cpu",
+            ]
+        )
 
 
 def test_seed_test_py_command_runs_verbatim(cub_root: Path, networks, tmp_path: Path):
     # The seed's example, with our tiny data and networks substituted for the published ones.
     result = subprocess.run(
-        [sys.executable, str(REPO / "test.py"), "--datasets", "cub-test", "--sym",
-         "--student-path", str(networks["student"]), "--teacher-path", str(networks["teacher"]),
-         "--image-size", "32", "--teacher-image-size", "48", "--data-root", str(cub_root), "--workers", "0"],
-        capture_output=True, text=True, timeout=300,
+        [
+            sys.executable,
+            str(REPO / "test.py"),
+            "--datasets",
+            "cub-test",
+            "--sym",
+            "--student-path",
+            str(networks["student"]),
+            "--teacher-path",
+            str(networks["teacher"]),
+            "--image-size",
+            "32",
+            "--teacher-image-size",
+            "48",
+            "--data-root",
+            str(cub_root),
+            "--workers",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr
     assert "asym" in result.stdout and "sym" in result.stdout

@@ -15,9 +15,7 @@ def test_log_density_matches_formula():
     d = torch.tensor([0.3, 0.9, 1.4, 1.9], dtype=torch.float64)
     for dim in (3, 8, 64):
         expected = [math.log(x ** (dim - 2) * (1 - x * x / 4) ** ((dim - 3) / 2)) for x in d.tolist()]
-        assert torch.allclose(
-            log_sphere_distance_density(d, dim), torch.tensor(expected, dtype=torch.float64)
-        )
+        assert torch.allclose(log_sphere_distance_density(d, dim), torch.tensor(expected, dtype=torch.float64))
 
 
 def test_negatives_never_share_the_anchor_class_and_follow_the_weights():

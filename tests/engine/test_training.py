@@ -20,7 +20,7 @@ from raml.models import build_network, load_network
 from raml.retrieval.evaluate import evaluate_split
 
 CPU = torch.device("cpu")
-ARCH = "resnet18"
+ARCH = "test_resnet"  # timm's tiny test ResNet: ~3x faster than resnet18 on CPU
 DR, QR = 64, 32
 
 
@@ -33,9 +33,20 @@ def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _config(data_root: Path, directory: Path, **changes) -> TrainConfig:
     base = dict(
-        training_dataset="cub", test_datasets=["cub-test"], data_root=str(data_root), directory=str(directory),
-        pretrained=False, whitening=32, workers=0, batch_size=4, update_every=2, print_freq=1, val_freq=1,
-        save_freq=1, eval_batch_size=16, seed=7,
+        training_dataset="cub",
+        test_datasets=["cub-test"],
+        data_root=str(data_root),
+        directory=str(directory),
+        pretrained=False,
+        whitening=32,
+        workers=0,
+        batch_size=4,
+        update_every=2,
+        print_freq=1,
+        val_freq=1,
+        save_freq=1,
+        eval_batch_size=16,
+        seed=7,
     )
     base.update(changes)
     return TrainConfig(**base)
@@ -44,8 +55,21 @@ def _config(data_root: Path, directory: Path, **changes) -> TrainConfig:
 @pytest.fixture(scope="module")
 def teacher_path(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("teacher")
-    config = _config(data_root, directory, mode="sym", student=ARCH, image_size=DR, teacher_image_size=DR,
-                     epochs=2, lr=1e-3, neg_num=2, query_size=24, pool_size=24, batch_size=8, update_every=1)
+    config = _config(
+        data_root,
+        directory,
+        mode="sym",
+        student=ARCH,
+        image_size=DR,
+        teacher_image_size=DR,
+        epochs=2,
+        lr=1e-3,
+        neg_num=2,
+        query_size=24,
+        pool_size=24,
+        batch_size=8,
+        update_every=1,
+    )
     result = Trainer(config, CPU, progress=False).run()
     assert result.best_checkpoint.is_file()
     assert (directory / "config.yaml").is_file()
@@ -53,9 +77,20 @@ def teacher_path(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> P
 
 
 def _distill_config(data_root: Path, directory: Path, teacher: Path, **changes) -> TrainConfig:
-    values = dict(mode="ts_aug", student_path=str(teacher), teacher_path=str(teacher), image_size=QR,
-                  teacher_image_size=DR, lr=3e-4, lam_1=0.7, lam_2=0.7, pos_num=3, query_size=12, epochs=2,
-                  scheduler="none")
+    values = dict(
+        mode="ts_aug",
+        student_path=str(teacher),
+        teacher_path=str(teacher),
+        image_size=QR,
+        teacher_image_size=DR,
+        lr=3e-4,
+        lam_1=0.7,
+        lam_2=0.7,
+        pos_num=3,
+        query_size=12,
+        epochs=2,
+        scheduler="none",
+    )
     values.update(changes)
     return _config(data_root, directory, **values)
 
@@ -112,10 +147,10 @@ def test_gradients_reach_every_student_parameter_and_never_the_teacher(data_root
 
 
 def test_frozen_teacher_and_frozen_batchnorm_statistics():
-    teacher = FrozenTeacher(build_network(ARCH, whitening=8, pretrained=False))
+    teacher = FrozenTeacher(build_network("resnet18", whitening=8, pretrained=False))
     teacher.train()
     assert not any(m.training for m in teacher.modules() if m is not teacher)
-    student = build_network(ARCH, whitening=8, pretrained=False)
+    student = build_network("resnet18", whitening=8, pretrained=False)
     bn = student.backbone[1]
     before = bn.running_mean.clone()
     student_train_mode(student)
@@ -125,8 +160,9 @@ def test_frozen_teacher_and_frozen_batchnorm_statistics():
 
 
 def test_ts_reg_and_no_val_still_write_model_best(data_root, teacher_path, tmp_path):
-    config = _distill_config(data_root, tmp_path / "reg", teacher_path, mode="ts_reg", epochs=1, val=False,
-                             test_datasets=[])
+    config = _distill_config(
+        data_root, tmp_path / "reg", teacher_path, mode="ts_reg", epochs=1, val=False, test_datasets=[]
+    )
     result = Trainer(config, CPU, progress=False).run()
     assert result.best_checkpoint == tmp_path / "reg" / "model_best.pth.tar"
     assert result.best_checkpoint.is_file() and result.best_map is None

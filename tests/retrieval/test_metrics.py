@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -115,8 +116,9 @@ def test_block_smaller_than_positives_and_mixed_positive_counts(counting_path: s
 
 
 def test_large_database_several_lane_chunks_and_sort_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 4500 columns span three 2040-column byte-lane chunks; tiny sort chunks sort one row at a time.
+    # 4500 columns span three 2040-column byte-lane chunks; tiny row chunks count and sort one row at a time.
     monkeypatch.setattr(metrics_module, "_SORT_CHUNK_BYTES", 1)
+    monkeypatch.setattr(metrics_module, "_CHUNK_BYTES", 1)
     rng = np.random.default_rng(4)
     database = _unit(rng, 4500, 5)
     query = _unit(rng, 9, 5)
@@ -258,8 +260,12 @@ def test_bad_inputs_are_clear_errors() -> None:
         retrieval_metrics(x, x, labels, labels, ks=(1, 0))
     with pytest.raises(ValueError, match="integer >= 1"):
         retrieval_metrics(x, x, labels, labels, ks=(1.5,))
+    with pytest.raises(ValueError, match="sequence of integers"):
+        retrieval_metrics(x, x, labels, labels, ks=5)
     with pytest.raises(ValueError, match="block_size must be a positive integer"):
         retrieval_metrics(x, x, labels, labels, block_size=0)
+    with pytest.raises(ValueError, match="block_size must be a positive integer"):
+        retrieval_metrics(x, x, labels, labels, block_size=2.5)
     with pytest.raises(ValueError, match="NaN or infinite"):
         retrieval_metrics(np.full((3, 3), np.nan, np.float32), x, labels, labels)
     with pytest.raises(ValueError, match="none of the 3 queries has a positive"):
@@ -272,3 +278,43 @@ def test_bad_inputs_are_clear_errors() -> None:
         retrieval_metrics([[1.0, 0.0]], x, [0], labels)
     with pytest.raises(ValueError, match="float array"):
         retrieval_metrics(np.array([["a", "b", "c"]]), x, [0], labels)
+
+
+# --- raml.bench.eval (kept here, next to the metrics it measures) --------------------------------------
+
+
+def test_clustered_embeddings_have_sop_like_classes() -> None:
+    from raml.bench.eval import make_clustered_embeddings
+
+    x, labels = make_clustered_embeddings(500, 16, 100, seed=1)
+    sizes = np.bincount(labels)
+    assert x.shape == (500, 16) and x.dtype == np.float32 and labels.shape == (500,)
+    assert sizes.size == 100 and sizes.min() >= 2 and sizes.max() <= 12 and sizes.sum() == 500
+    np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, rtol=1e-5)
+    again, _ = make_clustered_embeddings(500, 16, 100, seed=1)
+    assert np.array_equal(x, again)
+    with pytest.raises(ValueError, match="cannot form 100 classes of 2..12"):
+        make_clustered_embeddings(150, 16, 100)
+
+
+def test_eval_benchmark_cli_tiny(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+    from raml.bench.eval import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--num-images", "500", "--dim", "32", "--num-classes", "100", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("matmul_s", "eval_s", "ratio", "matmul_peak_rss_gb", "eval_peak_rss_gb", "torch_threads", "cpu_model"):
+        assert key in result
+    assert result["matmul_s"] > 0 and result["eval_s"] > 0 and result["eval_peak_rss_gb"] > 0
+    assert result["metrics"]["num_queries"] == 500 and set(result["metrics"]) >= {"mAP", "R@1", "R@1000"}
+    assert 0.0 <= result["metrics"]["mAP"] <= 100.0
+    report = capsys.readouterr().out
+    assert "retrieval_metrics" in report and "eval / matmul" in report
+
+
+def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
+    from raml.bench.eval import main
+
+    with pytest.raises(SystemExit):
+        main(["--num-images", "10", "--num-classes", "100"])
+    assert "choose --num-images between 200 and 1200" in capsys.readouterr().err

@@ -40,12 +40,23 @@ from raml.utils import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["format_eval_report", "main", "make_clustered_embeddings", "run_eval_benchmark"]
+__all__ = ["check_sizes", "format_eval_report", "main", "make_clustered_embeddings", "run_eval_benchmark"]
 
 _KS = (1, 10, 100, 1000)
 _MIN_CLASS, _MAX_CLASS = 2, 12
 # Noise norm relative to the unit class centre: SOP-like difficulty (mAP around 50-70 %).
-_NOISE = 1.1
+_NOISE = 2.2
+
+
+def check_sizes(num_images: int, dim: int, num_classes: int) -> None:
+    """Raise ``ValueError`` unless ``num_images`` can form ``num_classes`` classes of 2..12 images."""
+    if num_classes < 1 or dim < 1:
+        raise ValueError(f"num_classes and dim must be >= 1, got num_classes={num_classes}, dim={dim}.")
+    if not _MIN_CLASS * num_classes <= num_images <= _MAX_CLASS * num_classes:
+        raise ValueError(
+            f"{num_images} images cannot form {num_classes} classes of {_MIN_CLASS}..{_MAX_CLASS} images; "
+            f"choose --num-images between {_MIN_CLASS * num_classes} and {_MAX_CLASS * num_classes}."
+        )
 
 
 def make_clustered_embeddings(
@@ -62,13 +73,7 @@ def make_clustered_embeddings(
     Returns:
         ``(embeddings (N, D) float32, L2-normalised; labels (N,) int64)``, the rows in random order.
     """
-    if num_classes < 1 or dim < 1:
-        raise ValueError(f"num_classes and dim must be >= 1, got num_classes={num_classes}, dim={dim}.")
-    if not _MIN_CLASS * num_classes <= num_images <= _MAX_CLASS * num_classes:
-        raise ValueError(
-            f"{num_images} images cannot form {num_classes} classes of {_MIN_CLASS}..{_MAX_CLASS} images; "
-            f"choose --num-images between {_MIN_CLASS * num_classes} and {_MAX_CLASS * num_classes}."
-        )
+    check_sizes(num_images, dim, num_classes)
     rng = np.random.default_rng(seed)
     sizes = rng.integers(_MIN_CLASS, _MAX_CLASS + 1, num_classes)
     while (diff := num_images - int(sizes.sum())) != 0:
@@ -246,9 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
     args = parser.parse_args(argv)
     try:
-        result = run_eval_benchmark(args.num_images, args.dim, args.num_classes, args.seed)
+        check_sizes(args.num_images, args.dim, args.num_classes)
     except ValueError as exc:
         parser.error(str(exc))
+    result = run_eval_benchmark(args.num_images, args.dim, args.num_classes, args.seed)
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
     print(format_eval_report(result))

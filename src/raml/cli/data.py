@@ -21,9 +21,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "'synth', 'synth-val', 'synth-test' with --data-root set to the folder above --out "
         "(when --out ends in /synth). See docs/synthetic_data.md.",
     )
-    synth.add_argument(
-        "--out", type=Path, required=True, metavar="DIR", help="dataset folder, e.g. data/synth"
-    )
+    synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder, e.g. data/synth")
     synth.add_argument("--classes", type=positive_int, default=None, help="number of classes (even)")
     synth.add_argument("--images-per-class", type=positive_int, default=None, metavar="N")
     synth.add_argument("--size", type=positive_int, default=None, metavar="PX", help="image side in pixels")

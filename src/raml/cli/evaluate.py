@@ -52,18 +52,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="database resolution DR (default: 448)",
     )
     parser.add_argument("--sym", action="store_true", help="also run the symmetric test of the student")
-    parser.add_argument(
-        "--pool", default="gem", help="pooling for networks built with --student/--teacher ARCH"
-    )
+    parser.add_argument("--pool", default="gem", help="pooling for networks built with --student/--teacher ARCH")
     parser.add_argument(
         "--not-pretrained",
         action="store_true",
         help="random weights for networks built with --student/--teacher ARCH",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write results (percent) as JSON")
-    parser.add_argument(
-        "--no-cache", action="store_true", help="do not cache the teacher's database embeddings"
-    )
+    parser.add_argument("--no-cache", action="store_true", help="do not cache the teacher's database embeddings")
     add_runtime_args(parser)
     parser.set_defaults(func=run)
 

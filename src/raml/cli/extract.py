@@ -29,9 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     add_network_args(parser, "network", required=True)
     parser.add_argument("--dataset", required=True, metavar="NAME", help="split to embed, e.g. 'cub-test'")
-    parser.add_argument(
-        "--image-size", type=positive_int, default=448, metavar="N", help="resolution (default 448)"
-    )
+    parser.add_argument("--image-size", type=positive_int, default=448, metavar="N", help="resolution (default 448)")
     parser.add_argument("--output", type=Path, required=True, metavar="FILE.npy", help="where to write")
     parser.add_argument("--pool", default="gem", help="pooling for a network built with --network ARCH")
     parser.add_argument("--not-pretrained", action="store_true", help="random weights with --network ARCH")

@@ -14,8 +14,15 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from raml.engine.trainer import NonFiniteLossError
     from raml.models.checkpoints import CheckpointError, DownloadError
 
-    return (ValueError, FileNotFoundError, FileExistsError, ImageLoadError, CheckpointError, DownloadError,
-            NonFiniteLossError)
+    return (
+        ValueError,
+        FileNotFoundError,
+        FileExistsError,
+        ImageLoadError,
+        CheckpointError,
+        DownloadError,
+        NonFiniteLossError,
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,9 +38,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             metavar="NETWORK",
             help=f"{role} checkpoint: file, name in <data-root>/networks/, or published name",
         )
-        group.add_argument(
-            f"--{role}", metavar="ARCH", help=f"{role} architecture (torchvision or timm name)"
-        )
+        group.add_argument(f"--{role}", metavar="ARCH", help=f"{role} architecture (torchvision or timm name)")
     net.add_argument("--pool", help=f"global pooling: gem, gemmp, mac, spoc (default {d.pool})")
     net.add_argument(
         "--whitening",
@@ -55,14 +53,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="start the student (--student ARCH) from random weights",
     )
+    net.add_argument(
+        "--train-bn",
+        dest="freeze_bn",
+        action="store_false",
+        default=None,
+        help="update the student's BatchNorm statistics (default: frozen, as in the reference; "
+        "use this when training from random weights)",
+    )
     data = parser.add_argument_group("data")
     data.add_argument("--training-dataset", metavar="DATASET", help=f"default {d.training_dataset}")
     data.add_argument("--test-datasets", type=comma_list, metavar="DATASETS", help="default cub-test")
     data.add_argument("--data-root", metavar="DATA_DIR", help=f"default {d.data_root}")
     data.add_argument("--directory", metavar="EXPORT_DIR", help=f"run outputs (default {d.directory})")
-    data.add_argument(
-        "--val-ratio", type=float, help=f"share of training classes held out (default {d.val_ratio})"
-    )
+    data.add_argument("--val-ratio", type=float, help=f"share of training classes held out (default {d.val_ratio})")
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--no-val", dest="val", action="store_false", default=None, help="no validation")
     sched.add_argument("--val-freq", type=int, metavar="N", help=f"default {d.val_freq}")
@@ -72,62 +76,40 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     method.add_argument("--mode", choices=MODES, help=f"default {d.mode}")
     method.add_argument("--loss", choices=LOSSES, help=f"sym-mode loss (default {d.loss})")
     method.add_argument("--loss-margin", type=float, metavar="LM", help=f"default {d.loss_margin}")
-    method.add_argument(
-        "--image-size", type=int, metavar="N", help=f"student / query size QR (default {d.image_size})"
-    )
+    method.add_argument("--image-size", type=int, metavar="N", help=f"student / query size QR (default {d.image_size})")
     method.add_argument(
         "--teacher-image-size",
         type=int,
         metavar="N",
         help=f"teacher / database size DR (default {d.teacher_image_size})",
     )
-    method.add_argument(
-        "--neg-num", type=int, metavar="N", help=f"negatives per anchor (default {d.neg_num})"
-    )
-    method.add_argument(
-        "--pos-num", type=int, metavar="N", help=f"coupled views per image (default {d.pos_num})"
-    )
-    method.add_argument(
-        "--query-size", type=int, metavar="N", help=f"images per epoch (default {d.query_size})"
-    )
-    method.add_argument(
-        "--pool-size", type=int, metavar="N", help=f"negative mining pool (default {d.pool_size})"
-    )
-    method.add_argument(
-        "--lam-1", type=float, metavar="L1", help=f"weight of relative term 1 (default {d.lam_1})"
-    )
-    method.add_argument(
-        "--lam-2", type=float, metavar="L2", help=f"weight of relative term 2 (default {d.lam_2})"
-    )
+    method.add_argument("--neg-num", type=int, metavar="N", help=f"negatives per anchor (default {d.neg_num})")
+    method.add_argument("--pos-num", type=int, metavar="N", help=f"coupled views per image (default {d.pos_num})")
+    method.add_argument("--query-size", type=int, metavar="N", help=f"images per epoch (default {d.query_size})")
+    method.add_argument("--pool-size", type=int, metavar="N", help=f"negative mining pool (default {d.pool_size})")
+    method.add_argument("--lam-1", type=float, metavar="L1", help=f"weight of relative term 1 (default {d.lam_1})")
+    method.add_argument("--lam-2", type=float, metavar="L2", help=f"weight of relative term 2 (default {d.lam_2})")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=int, metavar="N", help=f"default {d.batch_size}")
-    opt.add_argument(
-        "--update-every", type=int, metavar="N", help=f"gradient accumulation (default {d.update_every})"
-    )
+    opt.add_argument("--update-every", type=int, metavar="N", help=f"gradient accumulation (default {d.update_every})")
     opt.add_argument("--lr", type=float, metavar="LR", help=f"learning rate (default {d.lr})")
     opt.add_argument("--optimizer", choices=list(OPTIMIZERS), help=f"default {d.optimizer}")
     opt.add_argument("--scheduler", choices=list(SCHEDULERS), help=f"default {d.scheduler}")
     opt.add_argument("--momentum", type=float, metavar="M", help=f"SGD momentum (default {d.momentum})")
     opt.add_argument("--weight-decay", type=float, metavar="W", help=f"default {d.weight_decay}")
     opt.add_argument("--seed", type=int, help=f"default {d.seed}")
-    opt.add_argument(
-        "--optimize", action="store_true", default=None, help="optuna search, then train on train+val"
-    )
+    opt.add_argument("--optimize", action="store_true", default=None, help="optuna search, then train on train+val")
     opt.add_argument("--trials", type=int, metavar="N", help=f"search trials (default {d.trials})")
     run_group = parser.add_argument_group("runtime")
     run_group.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
-    run_group.add_argument(
-        "--gpu-id", type=int, metavar="N", help="CUDA device index (same as --device cuda:N)"
-    )
+    run_group.add_argument("--gpu-id", type=int, metavar="N", help="CUDA device index (same as --device cuda:N)")
     run_group.add_argument(
         "--workers", type=int, metavar="N", help=f"data loader workers (default {default_workers()})"
     )
     run_group.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on GPU")
     run_group.add_argument("--print-freq", type=int, metavar="N", help=f"default {d.print_freq}")
     run_group.add_argument("--comment", help="free text stored with the run's configuration")
-    run_group.add_argument(
-        "--logger", choices=LOGGERS, help="tensorboard writes scalars to <directory>/tensorboard"
-    )
+    run_group.add_argument("--logger", choices=LOGGERS, help="tensorboard writes scalars to <directory>/tensorboard")
     run_group.add_argument("--resume-student", metavar="FILENAME", help="continue from a training checkpoint")
     run_group.add_argument(
         "--overwrite",
@@ -147,9 +129,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values: dict[str, Any] = {}
     if args.config is not None:
         values.update(load_yaml_config(args.config))
-    explicit = {
-        k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__
-    }
+    explicit = {k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__}
     for first, second in EXCLUSIVE:
         if first in explicit:
             values.pop(second, None)

@@ -106,11 +106,24 @@ def _hsv(h: float, s: float, v: float) -> tuple[float, float, float]:
     return (float(r), float(g), float(b))
 
 
-def _family_sizes(half: int, max_siblings: int) -> list[int]:
-    """Split ``half`` classes into families of at most ``max_siblings`` (and at least 2 where possible)."""
-    n_fam = math.ceil(half / max_siblings)
-    base, extra = divmod(half, n_fam)
+def _family_sizes(n: int, max_siblings: int) -> list[int]:
+    """Split ``n`` consecutive classes into near-equal families of at most ``max_siblings`` classes."""
+    n_fam = math.ceil(n / max_siblings)
+    base, extra = divmod(n, n_fam)
     return [base + (1 if i < extra else 0) for i in range(n_fam)]
+
+
+def _half_family_sizes(half: int, max_siblings: int) -> list[int]:
+    """Family sizes for one half of the classes.
+
+    The loader's default validation split (ratio 0.5) takes the last ``half - round(half / 2)`` training
+    classes; families are cut at that boundary too (when both parts keep at least 2 classes), so validation
+    classes also come from families unseen in training.
+    """
+    first = round(half * 0.5)
+    if first >= 2 and half - first >= 2:
+        return _family_sizes(first, max_siblings) + _family_sizes(half - first, max_siblings)
+    return _family_sizes(half, max_siblings)
 
 
 def make_class_specs(num_classes: int, seed: int = 0, max_siblings: int = 4) -> list[SynthClass]:
@@ -118,7 +131,8 @@ def make_class_specs(num_classes: int, seed: int = 0, max_siblings: int = 4) -> 
 
     Args:
         num_classes: number of classes, even: the first half and the second half are built from disjoint
-            families, so the loader's train/test split by class never cuts a family in two.
+            families, so the loader's train/test split by class never cuts a family in two (nor, where each
+            quarter has at least 2 classes, its default train/val split of the first half).
         seed: seed of the class definitions (and, in ``generate_synthetic_dataset``, of the images).
         max_siblings: largest number of classes per family (at most ``len(PATTERNS)``).
 
@@ -136,7 +150,7 @@ def make_class_specs(num_classes: int, seed: int = 0, max_siblings: int = 4) -> 
         raise ValueError(f"max_siblings must be in [1, {len(PATTERNS)}], got {max_siblings}")
     rng = np.random.default_rng([seed, 1])
     half = num_classes // 2
-    sizes = _family_sizes(half, max_siblings) * 2
+    sizes = _half_family_sizes(half, max_siblings) * 2
     shape_names = list(SHAPES)
     specs: list[SynthClass] = []
     # Cycle shapes and spread hues so that neighbouring families are clearly different at the coarse level.

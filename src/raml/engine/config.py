@@ -30,6 +30,7 @@ class TrainConfig:
     pool: str = "gem"
     whitening: int = 512
     pretrained: bool = True
+    freeze_bn: bool = True
     # data
     training_dataset: str = "cub"
     test_datasets: list[str] = field(default_factory=lambda: ["cub-test"])
@@ -148,8 +149,37 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
                 + ", ".join(sorted(known)[:12])
                 + ", ..."
             )
-        result[name] = value
+        result[name] = _coerce(name, known[name].type, value, path)
     return result
+
+
+def _coerce(name: str, annotation: object, value: Any, source: Path) -> Any:
+    """Convert a YAML value to the field's type (YAML 1.1 reads ``1e-4`` as a string, for instance)."""
+    kind = str(annotation).replace(" ", "")
+    if value is None:
+        if "None" in kind:
+            return None
+        raise ValueError(f"Config file {source}: {name} must not be empty.")
+    try:
+        if kind.startswith("float"):
+            return float(value)
+        if kind.startswith("int"):
+            if isinstance(value, bool) or float(value) != int(float(value)):
+                raise ValueError
+            return int(float(value))
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
+        if kind.startswith("list"):
+            if not isinstance(value, list):
+                raise ValueError
+            return [str(v) for v in value]
+        if kind.startswith("str"):
+            return str(value)
+    except (TypeError, ValueError):
+        raise ValueError(f"Config file {source}: {name} expects a value of type {kind}, got {value!r}.") from None
+    return value
 
 
 def part_name(base: str, part: str) -> str:

@@ -42,9 +42,7 @@ def distance_weighted_negatives(
         ValueError: when an anchor has fewer than ``neg_num`` other-class items in the pool.
     """
     if anchors.ndim != 2 or pool.ndim != 2 or anchors.shape[1] != pool.shape[1]:
-        raise ValueError(
-            f"Expected anchors (B, D) and pool (M, D); got {tuple(anchors.shape)}, {tuple(pool.shape)}."
-        )
+        raise ValueError(f"Expected anchors (B, D) and pool (M, D); got {tuple(anchors.shape)}, {tuple(pool.shape)}.")
     dim = anchors.shape[1]
     distance = torch.cdist(anchors.double(), pool.double()).clamp(min=cutoff, max=2.0 - 1e-4)
     log_weight = -log_sphere_distance_density(distance, dim)

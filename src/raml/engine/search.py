@@ -77,9 +77,7 @@ def search(config: TrainConfig, device: torch.device, progress: bool = True) -> 
     return best
 
 
-def optimize_and_train(
-    config: TrainConfig, device: torch.device, progress: bool = True
-) -> tuple[dict, TrainResult]:
+def optimize_and_train(config: TrainConfig, device: torch.device, progress: bool = True) -> tuple[dict, TrainResult]:
     """Search, then train on train + val with the best values (no validation) and test."""
     best = search(config, device, progress)
     final = config.replace(**best, optimize=False, trainval=True, val=False, overwrite=True)

@@ -78,16 +78,19 @@ class FrozenTeacher(nn.Module):
         return self.network(images)
 
 
-def student_train_mode(student: nn.Module) -> None:
-    """Train mode with frozen BatchNorm running statistics (their affine weights still learn).
+def student_train_mode(student: nn.Module, freeze_bn: bool = True) -> None:
+    """Train mode; with ``freeze_bn`` the BatchNorm running statistics stay frozen (eval mode).
 
-    Batches of a few images (8 x P views of one image) would give noisy statistics; the reference keeps
-    the ImageNet/teacher statistics instead.
+    The reference starts from ImageNet weights and keeps their statistics, since batches of a few images
+    (8 x P views of one image) would give noisy ones; their affine weights still learn. A network trained
+    from random weights has no statistics worth keeping, so ``freeze_bn=False`` (``--train-bn``) lets them
+    adapt.
     """
     student.train()
-    for module in student.modules():
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            module.eval()
+    if freeze_bn:
+        for module in student.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                module.eval()
 
 
 class Normalizer:
@@ -211,18 +214,14 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.student, config.optimizer, config.lr, config.weight_decay, config.momentum
         )
-        self.scheduler = build_scheduler(
-            self.optimizer, config.scheduler, self.steps_per_epoch * config.epochs
-        )
+        self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.steps_per_epoch * config.epochs)
         self.start_epoch = 1
         self.best_map: float | None = None
         self.best_epoch = 0
         if config.resume_student is not None:
             self._resume(config.resume_student)
         self.student_norm = Normalizer(self.student, device)
-        self.teacher_norm = (
-            Normalizer(self.teacher, self.teacher_device) if self.teacher is not None else None
-        )
+        self.teacher_norm = Normalizer(self.teacher, self.teacher_device) if self.teacher is not None else None
         self.teacher_cache: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ setup
@@ -236,9 +235,7 @@ class Trainer:
             )
         self.directory.mkdir(parents=True, exist_ok=True)
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
-        atomic_write_text(
-            self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False)
-        )
+        atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _build_student(self) -> nn.Module:
         c = self.config
@@ -324,7 +321,7 @@ class Trainer:
         c = self.config
         generator = torch.Generator().manual_seed(c.seed + epoch)
         batches = self._epoch_batches(epoch, generator)
-        student_train_mode(self.student)
+        student_train_mode(self.student, self.config.freeze_bn)
         self.optimizer.zero_grad(set_to_none=True)
         totals: dict[str, float] = {}
         images_seen, pending, start = 0, 0, time.perf_counter()
@@ -336,9 +333,7 @@ class Trainer:
             leave=False,
         )
         for index, batch in enumerate(batches, start=1):
-            with torch.autocast(
-                self.device.type, dtype=torch.bfloat16, enabled=c.amp and self.device.type == "cuda"
-            ):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp and self.device.type == "cuda"):
                 result = self._batch_loss(batch, generator)
             if not torch.isfinite(result.loss):
                 raise NonFiniteLossError(
@@ -592,9 +587,7 @@ class Trainer:
         if self.writer is not None:
             for name, value in stats.items():
                 if name != "epoch" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(
-                        f"train/{name}" if name != "val_mAP" else "val/mAP", value, stats["epoch"]
-                    )
+                    self.writer.add_scalar(f"train/{name}" if name != "val_mAP" else "val/mAP", value, stats["epoch"])
             self.writer.flush()
 
 

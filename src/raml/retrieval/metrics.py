@@ -1,4 +1,4 @@
-"""Exact retrieval metrics (mAP, Recall@k) in bounded memory, without sorting the similarity rows.
+"""Exact retrieval metrics (mAP, Recall@k) in bounded memory, normally without sorting similarity rows.
 
 Contract:
     ``query (Nq, D)`` and ``database (Nd, D)`` float embeddings (L2-normalised; the similarity is the dot
@@ -20,12 +20,15 @@ Definitions (SPEC section 4):
       Ties among positives do not matter, since they do not change the set of ranks.
 
 Method: the result is exactly that of a full sort of every row, but no row is sorted. Queries are grouped
-by their number of positives and processed in blocks; for a block the similarities ``S = Q_b @ X^T`` are
-computed once (the only ``(B, Nd)`` buffer, about 256 MB by default), positives and junk are overwritten
-with ``-inf``, and for the j-th positive (similarities sorted decreasingly) ``r_j = j + #{negatives with
-similarity >= s_j}``. The counts are taken with one vectorised comparison pass per positive over
-cache-sized tiles of ``S``; for queries with many positives (e.g. CUB, Cars) the rows are sorted in small
-chunks instead and the counts read off with a binary search, whichever is cheaper.
+by their number of positives (sorted by it) and processed in blocks; for a block the similarities
+``S = Q_b @ X^T`` are computed once (the only ``(B, Nd)`` float buffer, about 256 MB by default), the
+positives' similarities are gathered and sorted decreasingly (``s_0 >= s_1 >= ...``), positives and junk
+are overwritten with ``-inf``, and ``r_j = j + #{negatives with similarity >= s_j}``. The counts take one
+comparison pass per positive over the row: on the CPU with numpy, a few rows at a time so that they stay
+in the L2 cache, writing 1-byte booleans that are counted as byte lanes of int64 words, over
+``torch.get_num_threads()`` threads; on other devices with torch. For queries with very many positives
+(``>= _SORT_MIN_POSITIVES``) the rows are sorted instead and the counts read off by binary search. Extra
+memory beyond ``S``: a few MB of boolean scratch per thread.
 """
 
 from __future__ import annotations
@@ -50,8 +53,10 @@ _LANE_WORDS = 255
 _LANE_COLS = 8 * _LANE_WORDS
 # Count with numpy on CPU tensors (faster); tests switch it off to exercise the torch path on the CPU.
 _NUMPY_ON_CPU = True
-# Above this many positives per query, sorting row chunks is cheaper than one pass per positive.
-_SORT_MIN_POSITIVES = 48
+# Rows of similarities counted at once on the CPU: small enough to stay in the L2 cache across the passes.
+_CHUNK_BYTES = 2**20
+# Above this many positives per query, sorting rows is cheaper than one comparison pass per positive.
+_SORT_MIN_POSITIVES = 512
 # Rows sorted at once on the sorting path (values + int64 indices, kept small).
 _SORT_CHUNK_BYTES = 64 * 2**20
 
@@ -106,7 +111,8 @@ def _as_embeddings(x: torch.Tensor | np.ndarray, name: str) -> torch.Tensor:
         raise ValueError(f"{name} must have shape (N, D) (one embedding per row), got shape {tuple(x.shape)}.")
     if x.shape[0] == 0 or x.shape[1] == 0:
         raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); it needs at least one row and one dimension.")
-    if not bool(torch.isfinite(x).all()):
+    # A float64 sum is finite iff every entry is (NaN and inf propagate); one cheap reduction.
+    if not bool(torch.isfinite(x.sum(dtype=torch.float64))):
         raise ValueError(f"{name} contains NaN or infinite values; check the embedding extraction.")
     return x
 
@@ -137,6 +143,8 @@ def _encode_labels(query_labels: np.ndarray, database_labels: np.ndarray) -> tup
 
 
 def _check_ks(ks: Sequence[int]) -> list[int]:
+    if isinstance(ks, (int, np.integer, str)):
+        raise ValueError(f"ks must be a sequence of integers such as (1, 2, 4, 8), got {ks!r}.")
     out = []
     for k in ks:
         if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
@@ -157,7 +165,7 @@ def _count_by_passes(sims: torch.Tensor, thresholds: torch.Tensor, counts: torch
 def _count_by_passes_numpy(sims: np.ndarray, thresholds: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> None:
     """CPU version of :func:`_count_by_passes` on numpy views, about twice cheaper than torch's.
 
-    ``mask`` is a zeroed bool scratch of shape ``(rows, W)`` with ``W >= Nd`` a multiple of ``8 * 255``
+    ``mask`` is a zeroed bool scratch of shape ``(>= rows, W)`` with ``W >= Nd`` a multiple of ``8 * 255``
     whose columns past ``Nd`` stay ``False``. Each pass writes 1-byte booleans (torch would sum floats or
     widen bools to int64); the booleans are counted by reading them as int64 words, each holding 8 byte
     lanes of 0/1: summing 255 words at a time cannot carry out of a lane (255 * 1 <= 255), and the lanes
@@ -234,7 +242,9 @@ def retrieval_metrics(
             f"as database items; got {num_q} queries and {num_d} database items."
         )
     k_list = _check_ks(ks)
-    if block_size is not None and (isinstance(block_size, bool) or int(block_size) != block_size or block_size < 1):
+    if block_size is not None and (
+        isinstance(block_size, bool) or not isinstance(block_size, (int, np.integer)) or block_size < 1
+    ):
         raise ValueError(f"block_size must be a positive integer (queries per block) or None, got {block_size!r}.")
 
     q_cls, d_cls = _encode_labels(q_lab, d_lab)
@@ -293,19 +303,23 @@ def retrieval_metrics(
 class _Counter:
     """Counts, per row of a block, the negatives at or above each positive's similarity.
 
-    Holds what the blocks share: on the CPU a boolean scratch (``rows x Nd``, 1 byte per entry) and a
-    thread pool (numpy releases the GIL, so rows are split over ``torch.get_num_threads()`` threads).
+    Holds what the blocks share; on the CPU: a thread pool (numpy releases the GIL, so the rows are split
+    over ``torch.get_num_threads()`` threads) and one small boolean scratch per thread (``chunk x W``,
+    1 byte per entry, ``W`` = ``Nd`` rounded up to whole byte-lane chunks).
     """
 
     def __init__(self, device: torch.device, max_rows: int, num_cols: int) -> None:
         self.use_numpy = device.type == "cpu" and _NUMPY_ON_CPU
-        self.mask = np.zeros((0, 0), dtype=bool)
         self.pool: ThreadPoolExecutor | None = None
         self.threads = 1
+        # A few rows at a time (~1 MiB of similarities) stay in the L2 cache across the passes.
+        self.chunk = max(1, min(max_rows, _CHUNK_BYTES // (4 * num_cols)))
+        self.scratch: list[np.ndarray] = []
         if self.use_numpy:
-            width = -(-num_cols // _LANE_COLS) * _LANE_COLS
-            self.mask = np.zeros((max_rows, width), dtype=bool)
             self.threads = max(1, min(torch.get_num_threads(), max_rows))
+            width = -(-num_cols // _LANE_COLS) * _LANE_COLS
+            # Columns past num_cols are never written and stay False.
+            self.scratch = [np.zeros((self.chunk, width), dtype=bool) for _ in range(self.threads)]
             if self.threads > 1:
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raml-metrics")
 
@@ -326,10 +340,10 @@ class _Counter:
             return counts
         # Rows come sorted by their number of positives: count each run with exactly its width.
         runs = np.flatnonzero(np.diff(num_pos)) + 1
-        bounds = [0, *runs.tolist(), num_rows]
+        bounds = list(zip([0, *runs.tolist()], [*runs.tolist(), num_rows]))
         if not self.use_numpy:
             counts = torch.zeros(num_rows, p_max, dtype=torch.int64, device=sims.device)
-            for r0, r1 in zip(bounds[:-1], bounds[1:]):
+            for r0, r1 in bounds:
                 p = int(num_pos[r0])
                 _count_by_passes(sims[r0:r1], thresholds[r0:r1, :p], counts[r0:r1, :p])
             return counts
@@ -337,19 +351,20 @@ class _Counter:
         thr_np = thresholds.numpy()
         counts_np = np.zeros((num_rows, p_max), dtype=np.int64)
 
-        def work(lo: int, hi: int) -> None:
-            for r0, r1 in zip(bounds[:-1], bounds[1:]):
-                r0, r1 = max(r0, lo), min(r1, hi)
-                if r0 < r1:
-                    p = int(num_pos[r0])
-                    _count_by_passes_numpy(sims_np[r0:r1], thr_np[r0:r1, :p], counts_np[r0:r1, :p], self.mask[r0:r1])
+        def work(lo: int, hi: int, scratch: np.ndarray) -> None:
+            for r0, r1 in bounds:
+                p = int(num_pos[r0])
+                for c0 in range(max(r0, lo), min(r1, hi), self.chunk):
+                    c1 = min(c0 + self.chunk, r1, hi)
+                    _count_by_passes_numpy(sims_np[c0:c1], thr_np[c0:c1, :p], counts_np[c0:c1, :p], scratch)
 
         if self.pool is None:
-            work(0, num_rows)
+            work(0, num_rows, self.scratch[0])
         else:
-            edges = np.linspace(0, num_rows, self.threads + 1).astype(int)
-            for future in [self.pool.submit(work, lo, hi) for lo, hi in zip(edges[:-1], edges[1:])]:
-                future.result()
+            edges = np.linspace(0, num_rows, self.threads + 1).astype(int).tolist()
+            jobs = [self.pool.submit(work, lo, hi, buf) for lo, hi, buf in zip(edges[:-1], edges[1:], self.scratch)]
+            for job in jobs:
+                job.result()
         return torch.from_numpy(counts_np)
 
 

@@ -1,0 +1,113 @@
+"""The training configuration: YAML files, precedence, validation, and the seed's flags."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raml.cli.main import build_parser
+from raml.cli.train import config_from_args
+from raml.engine.config import TrainConfig, load_yaml_config
+
+REPO = Path(__file__).resolve().parents[2]
+
+SEED_FLAGS = (
+    "--student-path --student --teacher-path --teacher --pool --whitening --training-dataset --directory "
+    "--test-datasets --data-root --no-val --val-freq --save-freq --not-pretrained --loss --loss-margin --mode "
+    "--image-size --teacher-image-size --neg-num --query-size --pool-size --pos-num --lam-1 --lam-2 --batch-size "
+    "--update-every --epochs --lr --optimizer --scheduler --gpu-id --workers --momentum --weight-decay "
+    "--print-freq --comment --optimize --seed --resume-student"
+).split()
+
+
+def _parse(argv: list[str]) -> TrainConfig:
+    return config_from_args(build_parser().parse_args(["train", *argv]))
+
+
+def test_every_seed_flag_is_accepted():
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for flag in SEED_FLAGS:
+        assert flag in help_text, flag
+
+
+def test_reference_defaults():
+    c = _parse(["--student", "resnet50", "--teacher-path", "t"])
+    assert (c.data_root, c.training_dataset, c.test_datasets, c.val, c.val_freq, c.save_freq) == (
+        "data",
+        "cub",
+        ["cub-test"],
+        True,
+        20,
+        20,
+    )
+    assert (c.pool, c.whitening, c.pretrained, c.mode, c.loss_margin, c.lam_1, c.lam_2) == (
+        "gem",
+        512,
+        True,
+        "ts_aug",
+        0.7,
+        0.0,
+        0.0,
+    )
+    assert (c.image_size, c.teacher_image_size, c.neg_num, c.pos_num, c.query_size, c.pool_size) == (
+        224,
+        448,
+        4,
+        8,
+        8000,
+        20000,
+    )
+    assert (c.epochs, c.batch_size, c.update_every, c.optimizer, c.scheduler) == (200, 8, 25, "adamW", "onecycle")
+    assert (c.momentum, c.weight_decay, c.print_freq, c.seed) == (0.9, 1e-6, 10, 1234)
+
+
+def test_seed_example_command_parses():
+    c = _parse(
+        "--training-dataset cub --test-datasets cub-test --directory exp --data-root data "
+        "--student resnet50 --teacher-path cub-448r-resnet50-512-gem-w --teacher-image-size 448 "
+        "--image-size 224 --lr 1.4025e-4 --lam-1 0.7718 --lam-2 0.6684".split()
+    )
+    assert c.lr == 1.4025e-4 and c.lam_1 == 0.7718 and c.teacher_path == "cub-448r-resnet50-512-gem-w"
+
+
+@pytest.mark.parametrize("name", ["cub", "cars", "sop"])
+def test_shipped_configs_hold_the_seed_values(name):
+    c = _parse(["--config", str(REPO / "configs" / f"{name}.yaml")])
+    expected = {
+        "cub": (1.4025e-4, 0.7718, 0.6684),
+        "cars": (1.1692e-4, 0.6371, 0.7731),
+        "sop": (1.7579e-4, 0.7482, 0.6778),
+    }[name]
+    assert (c.lr, c.lam_1, c.lam_2) == expected
+    assert (c.teacher_image_size, c.image_size, c.training_dataset) == (448, 224, name)
+
+
+def test_command_line_overrides_yaml_and_exclusive_twins(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("student: resnet50\nteacher-path: t\nlr: 1e-4\nepochs: 3\n")
+    c = _parse(["--config", str(cfg), "--epochs", "5", "--student-path", "s.pth"])
+    assert c.epochs == 5 and c.lr == 1e-4 and c.student_path == "s.pth" and c.student is None
+
+
+def test_bad_yaml_values_are_clear(tmp_path):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("epochs: many\n")
+    with pytest.raises(ValueError, match="epochs expects"):
+        load_yaml_config(cfg)
+    cfg.write_text("learning_rate: 1\n")
+    with pytest.raises(ValueError, match="unknown key"):
+        load_yaml_config(cfg)
+    with pytest.raises(FileNotFoundError):
+        load_yaml_config(tmp_path / "missing.yaml")
+
+
+def test_inconsistent_settings_are_refused():
+    with pytest.raises(ValueError, match="--teacher-path"):
+        TrainConfig(student="resnet50").validate()
+    with pytest.raises(ValueError, match="--student"):
+        TrainConfig(teacher_path="t").validate()
+    with pytest.raises(ValueError, match="--epochs"):
+        TrainConfig(student="r", teacher_path="t", epochs=0).validate()
+    with pytest.raises(ValueError, match="--lr"):
+        TrainConfig(student="r", teacher_path="t", lr=-1).validate()
