@@ -12,7 +12,48 @@ from raml.engine.config import TrainConfig, load_yaml_config
 
 REPO = Path(__file__).resolve().parents[2]
 
-SEED_FLAGS = ["--student-path", "--student", "--teacher-path", "--teacher", "--pool", "--whitening", "--training-dataset", "--directory", "--test-datasets", "--data-root", "--no-val", "--val-freq", "--save-freq", "--not-pretrained", "--loss", "--loss-margin", "--mode", "--image-size", "--teacher-image-size", "--neg-num", "--query-size", "--pool-size", "--pos-num", "--lam-1", "--lam-2", "--batch-size", "--update-every", "--epochs", "--lr", "--optimizer", "--scheduler", "--gpu-id", "--workers", "--momentum", "--weight-decay", "--print-freq", "--comment", "--optimize", "--seed", "--resume-student"]
+SEED_FLAGS = [
+    "--student-path",
+    "--student",
+    "--teacher-path",
+    "--teacher",
+    "--pool",
+    "--whitening",
+    "--training-dataset",
+    "--directory",
+    "--test-datasets",
+    "--data-root",
+    "--no-val",
+    "--val-freq",
+    "--save-freq",
+    "--not-pretrained",
+    "--loss",
+    "--loss-margin",
+    "--mode",
+    "--image-size",
+    "--teacher-image-size",
+    "--neg-num",
+    "--query-size",
+    "--pool-size",
+    "--pos-num",
+    "--lam-1",
+    "--lam-2",
+    "--batch-size",
+    "--update-every",
+    "--epochs",
+    "--lr",
+    "--optimizer",
+    "--scheduler",
+    "--gpu-id",
+    "--workers",
+    "--momentum",
+    "--weight-decay",
+    "--print-freq",
+    "--comment",
+    "--optimize",
+    "--seed",
+    "--resume-student",
+]
 
 
 def _parse(argv: list[str]) -> TrainConfig:
@@ -58,7 +99,30 @@ def test_reference_defaults():
 
 def test_seed_example_command_parses():
     c = _parse(
-        ["--training-dataset", "cub", "--test-datasets", "cub-test", "--directory", "exp", "--data-root", "data", "--student", "resnet50", "--teacher-path", "cub-448r-resnet50-512-gem-w", "--teacher-image-size", "448", "--image-size", "224", "--lr", "1.4025e-4", "--lam-1", "0.7718", "--lam-2", "0.6684"]
+        [
+            "--training-dataset",
+            "cub",
+            "--test-datasets",
+            "cub-test",
+            "--directory",
+            "exp",
+            "--data-root",
+            "data",
+            "--student",
+            "resnet50",
+            "--teacher-path",
+            "cub-448r-resnet50-512-gem-w",
+            "--teacher-image-size",
+            "448",
+            "--image-size",
+            "224",
+            "--lr",
+            "1.4025e-4",
+            "--lam-1",
+            "0.7718",
+            "--lam-2",
+            "0.6684",
+        ]
     )
     assert c.lr == 1.4025e-4 and c.lam_1 == 0.7718 and c.teacher_path == "cub-448r-resnet50-512-gem-w"
 
