@@ -180,3 +180,46 @@ def test_existing_checkpoints_are_not_overwritten(data_root, teacher_path, tmp_p
 def test_distillation_without_teacher_is_refused(data_root, tmp_path):
     with pytest.raises(ValueError, match="--teacher-path"):
         Trainer(_config(data_root, tmp_path / "x", mode="ts_aug", student=ARCH), CPU, progress=False)
+
+
+def test_triplet_sym_mode_mines_and_learns(data_root, tmp_path):
+    config = _config(
+        data_root,
+        tmp_path / "triplet",
+        mode="sym",
+        loss="triplet",
+        student=ARCH,
+        image_size=DR,
+        teacher_image_size=DR,
+        epochs=1,
+        lr=1e-3,
+        neg_num=2,
+        query_size=16,
+        pool_size=24,
+        batch_size=8,
+        update_every=1,
+        test_datasets=[],
+    )
+    result = Trainer(config, CPU, progress=False).run()
+    assert result.best_map is not None and 0 <= result.best_map <= 100  # symmetric validation mAP
+    assert result.history[0]["loss"] > 0
+
+
+def test_optimize_runs_the_search_then_trains_on_train_plus_val(data_root, teacher_path, tmp_path):
+    from raml.engine.search import optimize_and_train
+
+    config = _distill_config(
+        data_root, tmp_path / "search", teacher_path, epochs=1, trials=2, optimize=True, lr=1.5e-4, query_size=8
+    )
+    best, result = optimize_and_train(config, CPU, progress=False)
+    assert set(best) == {"lr", "lam_1", "lam_2"}
+    assert 1e-4 <= best["lr"] <= 2e-4 and 0.6 <= best["lam_1"] <= 0.8
+    assert (tmp_path / "search" / "optuna.db").is_file()
+    assert (tmp_path / "search" / "trial_0" / "model_best.pth.tar").is_file()
+    assert (tmp_path / "search" / "model_best.pth.tar").is_file()
+    assert "cub-test" in result.test
+    # the study resumes: asking for the same number of trials runs no new one
+    import optuna
+
+    study = optuna.load_study(study_name="raml", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}")
+    assert len(study.trials) == 2 and study.trials[0].params["lr"] == pytest.approx(1.5e-4)

@@ -115,3 +115,27 @@ def test_bad_masks_and_margin():
         triplet_loss(a, p, n, float("inf"))
     with pytest.raises(TypeError, match="floating-point"):
         triplet_loss(a.long(), p, n, 0.7)
+
+
+def test_normalized_softmax_loss_matches_an_explicit_loop():
+    import math
+
+    import torch.nn.functional as F
+
+    from raml.losses import normalized_softmax_loss
+
+    g = torch.Generator().manual_seed(0)
+    emb = F.normalize(torch.randn(5, 4, generator=g, dtype=torch.float64), dim=1)
+    proxies = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    labels = torch.tensor([0, 2, 1, 1, 0])
+    expected = 0.0
+    for i in range(5):
+        logits = []
+        for c in range(3):
+            p = proxies[c] / proxies[c].norm()
+            logits.append(float(emb[i] @ p) / 0.1)
+        expected += -(logits[labels[i]] - math.log(sum(math.exp(v) for v in logits)))
+    got = normalized_softmax_loss(emb, labels, proxies, temperature=0.1)
+    assert abs(got.item() - expected) < 1e-10
+    with pytest.raises(ValueError, match="same D"):
+        normalized_softmax_loss(emb, labels, proxies[:, :3])

@@ -306,6 +306,7 @@ def test_eval_benchmark_cli_tiny(tmp_path, capsys: pytest.CaptureFixture[str]) -
     for key in ("matmul_s", "eval_s", "ratio", "matmul_peak_rss_gb", "eval_peak_rss_gb", "torch_threads", "cpu_model"):
         assert key in result
     assert result["matmul_s"] > 0 and result["eval_s"] > 0 and result["eval_peak_rss_gb"] > 0
+    assert result["cpu_ratio"] > 0 and len(result["runs"]) == 1
     assert result["metrics"]["num_queries"] == 500 and set(result["metrics"]) >= {"mAP", "R@1", "R@1000"}
     assert 0.0 <= result["metrics"]["mAP"] <= 100.0
     report = capsys.readouterr().out
@@ -318,3 +319,6 @@ def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["--num-images", "10", "--num-classes", "100"])
     assert "choose --num-images between 200 and 1200" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--num-images", "500", "--num-classes", "100", "--repeat", "0"])
+    assert "--repeat must be >= 1" in capsys.readouterr().err

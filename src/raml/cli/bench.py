@@ -9,6 +9,7 @@ import importlib
 BENCHMARKS = {
     "eval": ("raml.bench.eval", "retrieval evaluation vs the bare similarity matmul (SOP-sized)"),
     "pipeline": ("raml.bench.pipeline", "coupled-view data pipeline vs the reference's per-view decoding"),
+    "query": ("raml.bench.query", "query cost per resolution (FLOPs, latency, throughput) and search time per index"),
 }
 
 

@@ -26,7 +26,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raml.cli import bench, data, evaluate, extract, train
+    from raml.cli import bench, data, demo, evaluate, extract, train
 
     parser = argparse.ArgumentParser(
         prog="raml",
@@ -35,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"raml {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (train, evaluate, extract, data, bench):
+    for module in (demo, train, evaluate, extract, data, bench):
         module.add_parser(subparsers)
     return parser
 

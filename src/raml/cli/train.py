@@ -74,7 +74,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     sched.add_argument("--epochs", type=int, metavar="N", help=f"default {d.epochs}")
     method = parser.add_argument_group("method")
     method.add_argument("--mode", choices=MODES, help=f"default {d.mode}")
-    method.add_argument("--loss", choices=LOSSES, help=f"sym-mode loss (default {d.loss})")
+    method.add_argument(
+        "--loss",
+        choices=LOSSES,
+        help=f"sym-mode loss: triplet (the reference) or normsoftmax (proxy loss, learns fast from random weights; default {d.loss})",
+    )
     method.add_argument("--loss-margin", type=float, metavar="LM", help=f"default {d.loss_margin}")
     method.add_argument("--image-size", type=int, metavar="N", help=f"student / query size QR (default {d.image_size})")
     method.add_argument(

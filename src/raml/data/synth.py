@@ -126,7 +126,9 @@ def _half_family_sizes(half: int, max_siblings: int) -> list[int]:
     return _family_sizes(half, max_siblings)
 
 
-def make_class_specs(num_classes: int, seed: int = 0, max_siblings: int = 4) -> list[SynthClass]:
+def make_class_specs(
+    num_classes: int, seed: int = 0, max_siblings: int = 4, pattern_period: tuple[float, float] = (7.0, 9.0)
+) -> list[SynthClass]:
     """Draw the class definitions: families of siblings that share everything but the fine pattern.
 
     Args:
@@ -176,7 +178,7 @@ def make_class_specs(num_classes: int, seed: int = 0, max_siblings: int = 4) -> 
         cap = _hsv(hue + float(rng.uniform(0.3, 0.7)), float(rng.uniform(0.5, 0.9)), float(rng.uniform(0.35, 0.9)))
         cap_start = float(rng.uniform(0.45, 0.65))
         aspect = float(rng.uniform(1.15, 1.6))
-        period = float(rng.uniform(7.0, 9.0))
+        period = float(rng.uniform(*pattern_period))
         patterns = [PATTERNS[int(i)] for i in rng.permutation(len(PATTERNS))[:n_sib]]
         hue_name = _HUE_NAMES[int(hue * len(_HUE_NAMES)) % len(_HUE_NAMES)]
         for pattern in patterns:
@@ -372,6 +374,7 @@ def generate_synthetic_dataset(
     image_size: int = 128,
     seed: int = 0,
     progress: bool = False,
+    pattern_period: tuple[float, float] = (7.0, 9.0),
 ) -> Path:
     """Write the synthetic dataset to ``out_dir`` in the CUB-200-2011 on-disk format.
 
@@ -398,7 +401,9 @@ def generate_synthetic_dataset(
         raise ValueError(f"images_per_class must be at least 1, got {images_per_class}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16 px, got {image_size}")
-    specs = make_class_specs(num_classes, seed)
+    if not 0 < pattern_period[0] <= pattern_period[1]:
+        raise ValueError(f"pattern_period must be (low, high) with 0 < low <= high, got {pattern_period}")
+    specs = make_class_specs(num_classes, seed, pattern_period=pattern_period)
     out = Path(out_dir)
     (out / "images").mkdir(parents=True, exist_ok=True)
     images_lines: list[str] = []

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 
 MODES = ("ts_aug", "ts_reg", "sym")
-LOSSES = ("triplet",)
+LOSSES = ("triplet", "normsoftmax")
 LOGGERS = ("none", "tensorboard")
 
 

@@ -19,7 +19,7 @@ import json
 import logging
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,7 +38,7 @@ from raml.data.views import CoupledViewDataset, mixup_views
 from raml.engine.config import TrainConfig, part_name
 from raml.engine.mining import class_groups, distance_weighted_negatives
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler
-from raml.losses import absolute_loss, distillation_loss_terms, triplet_loss
+from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, triplet_loss
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, evaluate_split
@@ -48,7 +48,9 @@ from raml.utils import atomic_write_text, file_sha256, seed_everything
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "model_best.pth.tar"
-GROUP_SIZE = 4  # images per class in a triplet batch
+GROUP_SIZE = 4  # images per class in a sym-mode batch
+PROXY_TEMPERATURE = 0.05  # normalised-softmax temperature (Zhai & Wu 2019)
+PROXY_LR_MULTIPLIER = 10.0  # proxies start random and must move faster than the network
 
 
 class TrainingInterrupted(RuntimeError):
@@ -107,7 +109,7 @@ class Normalizer:
 
 # ----------------------------------------------------------------------------------------------- data
 class AugmentedImages(Dataset):
-    """Training images for ``sym``: random resized crop at ``size`` + horizontal flip, normalised."""
+    """Training images for ``sym``: random resized crop at ``size`` + horizontal flip, normalised; with index."""
 
     def __init__(self, paths: list[str], size: int, mean: list[float], std: list[float]) -> None:
         self.paths = paths
@@ -123,21 +125,8 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.transform(load_image(self.paths[index]))
-
-
-class IndexedEval(Dataset):
-    """Eval-transformed images with their index (``ts_reg``: the index selects the cached teacher row)."""
-
-    def __init__(self, paths: list[str], transform: Callable) -> None:
-        self.images = ImageDataset(paths, None, transform)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.images[index][0], index
+        return self.transform(load_image(self.paths[index])), index
 
 
 @dataclass
@@ -214,6 +203,20 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.student, config.optimizer, config.lr, config.weight_decay, config.momentum
         )
+        self.proxies: nn.Parameter | None = None
+        if config.mode == "sym" and config.loss == "normsoftmax":
+            # One learnable proxy per training class; trained with the network, kept in the checkpoints.
+            dim = int(self.student.meta["outputdim"])
+            init = torch.randn(self.train_split.num_classes, dim, generator=torch.Generator().manual_seed(config.seed))
+            self.proxies = nn.Parameter(init.to(device))
+            self.optimizer.add_param_group(
+                {
+                    "name": "proxies",
+                    "params": [self.proxies],
+                    "lr": config.lr * PROXY_LR_MULTIPLIER,
+                    "weight_decay": 0.0,
+                }
+            )
         self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.steps_per_epoch * config.epochs)
         self.start_epoch = 1
         self.best_map: float | None = None
@@ -278,6 +281,11 @@ class Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.start_epoch = int(checkpoint.get("epoch", 0)) + 1
         extra = checkpoint.get("raml", {}) or {}
+        if self.proxies is not None:
+            if "proxies" not in extra:
+                raise ValueError(f"{path} has no proxies for --loss normsoftmax; it was trained with another loss.")
+            with torch.no_grad():
+                self.proxies.copy_(extra["proxies"])
         self.best_map = checkpoint.get("max_map")
         self.best_epoch = int(extra.get("best_epoch", 0))
         self.history = list(extra.get("history", []))
@@ -375,6 +383,8 @@ class Trainer:
             return self._coupled_view_batches(epoch, generator)
         if mode == "ts_reg":
             return self._regression_batches(generator)
+        if self.config.loss == "normsoftmax":
+            return self._proxy_batches(generator)
         return self._triplet_batches(generator)
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
@@ -399,7 +409,10 @@ class Trainer:
         if self.teacher_cache is None:
             self.teacher_cache = self._teacher_embeddings(self.train_split, self.train_paths)
         mean, std = self.student.meta["mean"], self.student.meta["std"]
-        dataset = IndexedEval(self.train_paths, EvalTransform(c.image_size, mean, std))
+        # the "label" of each image is its index: it selects the cached teacher row
+        dataset = ImageDataset(
+            self.train_paths, list(range(len(self.train_paths))), EvalTransform(c.image_size, mean, std)
+        )
         order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
         return iter(self._loader(dataset, batch_size=c.batch_size, sampler=order))
 
@@ -465,6 +478,19 @@ class Trainer:
             batch_lists.append(batch_anchors + batch_negatives)
         return iter(self._loader(dataset, batch_sampler=batch_lists))
 
+    def _proxy_batches(self, generator: torch.Generator) -> Iterator[Any]:
+        """Groups of GROUP_SIZE images per class, ``batch_size`` images per batch; no mining needed."""
+        c = self.config
+        groups = class_groups(self.train_split.labels, self.epoch_size, GROUP_SIZE, generator)
+        mean, std = self.student.meta["mean"], self.student.meta["std"]
+        dataset = AugmentedImages(self.train_paths, c.image_size, mean, std)
+        per_batch = self._groups_per_batch()
+        batch_lists = [
+            [i for group in groups[start : start + per_batch] for i in group]
+            for start in range(0, len(groups), per_batch)
+        ]
+        return iter(self._loader(dataset, batch_sampler=batch_lists))
+
     # ------------------------------------------------------------------------------------ mode: losses
     def _batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
         mode = self.config.mode
@@ -472,6 +498,8 @@ class Trainer:
             return self._coupled_view_loss(batch, generator)
         if mode == "ts_reg":
             return self._regression_loss(batch)
+        if self.proxies is not None:
+            return self._proxy_loss(batch)
         return self._triplet_loss(batch)
 
     def _coupled_view_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
@@ -503,14 +531,23 @@ class Trainer:
         loss = absolute_loss(student, self.teacher_cache[indices].to(self.device))
         return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
 
-    def _triplet_loss(self, batch: torch.Tensor) -> BatchLoss:
+    def _triplet_loss(self, batch: Any) -> BatchLoss:
         c = self.config
-        n_anchor = batch.shape[0] // (1 + c.neg_num)
-        embeddings = self.student(batch.to(self.device, non_blocking=True)).float()
+        images, _ = batch
+        n_anchor = images.shape[0] // (1 + c.neg_num)
+        embeddings = self.student(images.to(self.device, non_blocking=True)).float()
         anchor, negatives = embeddings[:n_anchor], embeddings[n_anchor:].view(n_anchor, c.neg_num, -1)
         positives = _group_positives(anchor, GROUP_SIZE)
         loss = triplet_loss(anchor, positives, negatives, c.loss_margin)
         return BatchLoss(loss, {"loss": loss.item()}, n_anchor)
+
+    def _proxy_loss(self, batch: Any) -> BatchLoss:
+        assert self.proxies is not None
+        images, indices = batch
+        labels = torch.as_tensor(self.train_split.labels)[indices].to(self.device)
+        embeddings = self.student(images.to(self.device, non_blocking=True)).float()
+        loss = normalized_softmax_loss(embeddings, labels, self.proxies, PROXY_TEMPERATURE)
+        return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
 
     # ----------------------------------------------------------------------------------- validation
     def validate(self) -> float:
@@ -571,6 +608,8 @@ class Trainer:
                 "history": self.history,
             }
         }
+        if self.proxies is not None:
+            extra["raml"]["proxies"] = self.proxies.detach().cpu()
         save_checkpoint(
             path,
             self.student,

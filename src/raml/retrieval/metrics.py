@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import logging
 import math
+import queue
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -314,12 +315,13 @@ class _Counter:
         self.threads = 1
         # A few rows at a time (~1 MiB of similarities) stay in the L2 cache across the passes.
         self.chunk = max(1, min(max_rows, _CHUNK_BYTES // (4 * num_cols)))
-        self.scratch: list[np.ndarray] = []
+        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # scratch buffers not in use
         if self.use_numpy:
             self.threads = max(1, min(torch.get_num_threads(), max_rows))
             width = -(-num_cols // _LANE_COLS) * _LANE_COLS
-            # Columns past num_cols are never written and stay False.
-            self.scratch = [np.zeros((self.chunk, width), dtype=bool) for _ in range(self.threads)]
+            for _ in range(self.threads):
+                # Columns past num_cols are never written and stay False.
+                self.free.put(np.zeros((self.chunk, width), dtype=bool))
             if self.threads > 1:
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raml-metrics")
 
@@ -351,19 +353,23 @@ class _Counter:
         thr_np = thresholds.numpy()
         counts_np = np.zeros((num_rows, p_max), dtype=np.int64)
 
-        def work(lo: int, hi: int, scratch: np.ndarray) -> None:
-            for r0, r1 in bounds:
-                p = int(num_pos[r0])
-                for c0 in range(max(r0, lo), min(r1, hi), self.chunk):
-                    c1 = min(c0 + self.chunk, r1, hi)
-                    _count_by_passes_numpy(sims_np[c0:c1], thr_np[c0:c1, :p], counts_np[c0:c1, :p], scratch)
+        def work(lo: int, hi: int) -> None:
+            scratch = self.free.get()
+            try:
+                for r0, r1 in bounds:
+                    p = int(num_pos[r0])
+                    for c0 in range(max(r0, lo), min(r1, hi), self.chunk):
+                        c1 = min(c0 + self.chunk, r1, hi)
+                        _count_by_passes_numpy(sims_np[c0:c1], thr_np[c0:c1, :p], counts_np[c0:c1, :p], scratch)
+            finally:
+                self.free.put(scratch)
 
         if self.pool is None:
-            work(0, num_rows, self.scratch[0])
+            work(0, num_rows)
         else:
-            edges = np.linspace(0, num_rows, self.threads + 1).astype(int).tolist()
-            jobs = [self.pool.submit(work, lo, hi, buf) for lo, hi, buf in zip(edges[:-1], edges[1:], self.scratch)]
-            for job in jobs:
+            # Many small jobs, taken by whichever thread is free: balanced even when a core is busy elsewhere.
+            step = max(self.chunk, -(-num_rows // (8 * self.threads)))
+            for job in [self.pool.submit(work, lo, min(lo + step, num_rows)) for lo in range(0, num_rows, step)]:
                 job.result()
         return torch.from_numpy(counts_np)
 

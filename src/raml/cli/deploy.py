@@ -1,0 +1,333 @@
+"""``raml index``, ``raml search`` and ``raml export``: the deployment path, flags -> typed calls of raml.deploy.
+
+- ``raml index``: embed a folder, a list file or a dataset split with the teacher at DR into a faiss index
+  directory (created, or appended to).
+- ``raml search``: embed query images with the student at QR (PyTorch or an exported ONNX model) and print
+  their nearest database images (optionally as JSON).
+- ``raml export``: export a network to ONNX and/or TorchScript with a preprocessing sidecar, after a parity
+  check against PyTorch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+from raml.cli.common import add_runtime_args, device_from_args, positive_int, setup_logging, write_json
+from raml.data.splits import get_split
+from raml.deploy.export import DEFAULT_TOLERANCE, EXPORTERS, MIN_OPSET, export_onnx, export_torchscript
+from raml.deploy.index import (
+    INDEX_TYPES,
+    METADATA_NAME,
+    IndexParams,
+    check_images_exist,
+    collect_images,
+    embed_images,
+    index_images,
+    load_index,
+    read_image_list,
+)
+from raml.deploy.search import (
+    OnnxEmbedder,
+    check_query_dim,
+    format_search_table,
+    recorded_teacher_sha256,
+    search_images,
+    warn_if_other_teacher,
+)
+from raml.models import checkpoint_sha256, load_network
+
+logger = logging.getLogger("raml")
+
+DEFAULT_QUERY_SIZE = 224
+DEFAULT_DATABASE_SIZE = 448
+
+
+def add_parsers(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``index``, ``search`` and ``export`` sub-commands."""
+    _add_index_parser(subparsers)
+    _add_search_parser(subparsers)
+    _add_export_parser(subparsers)
+
+
+def _add_source_args(parser: argparse.ArgumentParser, required: bool, what: str) -> None:
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument("--images", type=Path, metavar="DIR", help=f"{what}: a folder of images (recursive, sorted)")
+    group.add_argument(
+        "--list",
+        type=Path,
+        metavar="FILE",
+        help=f"{what}: a text file with one image path per line (relative to the file's folder)",
+    )
+    group.add_argument("--dataset", metavar="NAME", help=f"{what}: a dataset split under --data-root, e.g. 'cub-test'")
+
+
+def _source_paths(args: argparse.Namespace) -> tuple[list[str], list[int] | None, str | None]:
+    """Image paths (and labels and split name for a dataset) from --images / --list / --dataset."""
+    if args.images is not None:
+        return collect_images(args.images), None, None
+    if args.list is not None:
+        return read_image_list(args.list), None, None
+    if args.dataset is not None:
+        split = get_split(args.dataset, args.data_root)
+        return [str(p) for p in split.abspaths()], list(split.labels), split.name
+    return [], None, None
+
+
+def _devices(args: argparse.Namespace) -> list[torch.device]:
+    """The extraction devices: every visible GPU for --device auto/cuda when there are several, else one."""
+    device = device_from_args(args)
+    if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
+        return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
+    return [device]
+
+
+def _require_deps(*modules: str) -> None:
+    import importlib
+
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            package = {"faiss": "faiss-cpu"}.get(module, module)
+            raise SystemExit(
+                f"raml: error: this command needs {module}; install it with `pip install {package}`."
+            ) from error
+
+
+# ------------------------------------------------------------------------------------------------ index
+
+
+def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "index",
+        help="embed a database with the teacher and build a faiss index",
+        description=(
+            "Embed images with the database network (the teacher) at --image-size (DR) and store them in a faiss "
+            "inner-product index directory. If --output already holds an index, the images are appended (same "
+            "network and size required; images already indexed are skipped). Every file is written atomically; "
+            "index.json is replaced last, so an interrupted run leaves the previous index intact."
+        ),
+    )
+    parser.add_argument("--network-path", required=True, metavar="NETWORK", help="database network checkpoint")
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=DEFAULT_DATABASE_SIZE,
+        metavar="DR",
+        help=f"database resolution (default {DEFAULT_DATABASE_SIZE})",
+    )
+    _add_source_args(parser, required=True, what="images to index")
+    parser.add_argument("--output", type=Path, required=True, metavar="INDEX_DIR", help="the index directory")
+    group = parser.add_argument_group("index type (for a new index; an append keeps the existing one)")
+    group.add_argument(
+        "--index-type",
+        choices=INDEX_TYPES,
+        default=None,
+        help="flat (exact, default), ivf, hnsw or ivfpq (approximate); see docs/deployment.md",
+    )
+    group.add_argument("--nlist", type=positive_int, metavar="N", help="IVF cells (default ~4*sqrt(N))")
+    group.add_argument("--nprobe", type=positive_int, metavar="N", help="IVF cells searched (default nlist/8)")
+    group.add_argument("--m", type=positive_int, metavar="M", help="PQ sub-quantisers, divides D (default D/8)")
+    group.add_argument("--nbits", type=positive_int, metavar="B", help="bits per PQ code (default 8)")
+    group.add_argument("--hnsw-m", type=positive_int, metavar="M", help="HNSW links per node (default 32)")
+    group.add_argument("--ef-search", type=positive_int, metavar="N", help="HNSW search breadth (default 64)")
+    group.add_argument(
+        "--train-size", type=positive_int, metavar="N", help="embeddings sampled to train IVF/PQ (default all, <= 200k)"
+    )
+    parser.add_argument("--overwrite", action="store_true", help="rebuild the index instead of appending to it")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write a summary as JSON")
+    add_runtime_args(parser)
+    parser.set_defaults(func=run_index)
+
+
+def run_index(args: argparse.Namespace) -> int:
+    """``raml index``."""
+    setup_logging(args.verbose)
+    _require_deps("faiss")
+    flags = ("index_type", "nlist", "nprobe", "m", "nbits", "hnsw_m", "ef_search", "train_size")
+    params = None
+    if any(getattr(args, name) is not None for name in flags):
+        index_type = args.index_type
+        if index_type is None:  # tuning flags alone: keep the type of the index being appended to
+            appending = (args.output / METADATA_NAME).is_file() and not args.overwrite
+            index_type = load_index(args.output).meta["index_type"] if appending else "flat"
+        given = {name: getattr(args, name) for name in flags[1:] if getattr(args, name) is not None}
+        params = IndexParams(index_type=index_type, **given)
+    paths, labels, dataset = _source_paths(args)
+    devices = _devices(args)
+    network = load_network(args.network_path, data_root=args.data_root, device=devices[0])
+    summary = index_images(
+        network,
+        paths,
+        args.image_size,
+        args.output,
+        network_sha256=checkpoint_sha256(network.source_path),
+        network_path=network.source_path,
+        labels=labels,
+        dataset=dataset,
+        params=params,
+        overwrite=args.overwrite,
+        devices=devices,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    print(
+        f"{summary['index_dir']}: {summary['added']} added, {summary['skipped']} skipped (already indexed), "
+        f"{summary['count']} images in a {summary['index_type']} index"
+    )
+    if args.json is not None:
+        write_json(args.json, summary)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ search
+
+
+def _add_search_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "search",
+        help="search an index with query images embedded by the student",
+        description=(
+            "Embed query images with the query network (the student) at --image-size (QR), or with an exported "
+            "ONNX model (--onnx, preprocessing from its sidecar), and list their k nearest images in an index built "
+            "by `raml index`."
+        ),
+    )
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--network-path", metavar="NETWORK", help="query network checkpoint (the student)")
+    source.add_argument("--onnx", type=Path, metavar="FILE", help="an ONNX model written by `raml export`")
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        metavar="QR",
+        help=f"query resolution (default {DEFAULT_QUERY_SIZE}; with --onnx the exported size)",
+    )
+    parser.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR", help="index built by raml index")
+    parser.add_argument("--k", type=positive_int, default=10, metavar="K", help="results per query (default 10)")
+    parser.add_argument("--nprobe", type=positive_int, metavar="N", help="override the IVF cells searched")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("queries", nargs="+", metavar="QUERY_IMAGE", help="query image files")
+    add_runtime_args(parser)
+    parser.set_defaults(func=run_search)
+
+
+def run_search(args: argparse.Namespace) -> int:
+    """``raml search``."""
+    setup_logging(args.verbose)
+    _require_deps("faiss", *(["onnxruntime"] if args.onnx is not None else []))
+    index = load_index(args.index)
+    queries = [str(q) for q in args.queries]
+    if args.onnx is not None:
+        embedder = OnnxEmbedder(args.onnx, args.image_size)
+        check_query_dim(embedder.output_dim, index)
+        warn_if_other_teacher(embedder.teacher_sha256, index)
+        check_images_exist(queries)
+        embeddings = embedder.embed(queries, args.batch_size, args.workers, progress=not args.no_progress)
+    else:
+        device = device_from_args(args)
+        network = load_network(args.network_path, data_root=args.data_root, device=device)
+        check_query_dim(network.output_dim, index)
+        warn_if_other_teacher(recorded_teacher_sha256(network.source_path), index)
+        check_images_exist(queries)
+        size = args.image_size or DEFAULT_QUERY_SIZE
+        embeddings = embed_images(
+            network, queries, size, [device], args.batch_size, args.workers, not args.no_progress, f"queries@{size}"
+        )
+    results = search_images(index, embeddings, queries, args.k, nprobe=args.nprobe)
+    print(format_search_table(results))
+    if args.json is not None:
+        write_json(args.json, results)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------------ export
+
+
+def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "export",
+        help="export a network to ONNX / TorchScript with its preprocessing",
+        description=(
+            "Export a network (on the CPU) to ONNX (--output) and/or TorchScript (--torchscript), with a dynamic "
+            "batch axis, and write its preprocessing to <file>.json next to each file. Each export is checked "
+            "against PyTorch on random inputs (and on real images with --images/--list/--dataset); a maximum "
+            "absolute difference above --tolerance fails the command and writes nothing."
+        ),
+    )
+    parser.add_argument("--network-path", required=True, metavar="NETWORK", help="network checkpoint to export")
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=DEFAULT_QUERY_SIZE,
+        metavar="S",
+        help=f"input resolution (default {DEFAULT_QUERY_SIZE})",
+    )
+    parser.add_argument("--output", type=Path, metavar="FILE.onnx", help="ONNX file to write")
+    parser.add_argument("--torchscript", type=Path, metavar="FILE.pt", help="TorchScript file to write")
+    parser.add_argument("--dynamic-size", action="store_true", help="make height and width dynamic axes too")
+    parser.add_argument(
+        "--opset", type=positive_int, default=MIN_OPSET, metavar="N", help=f"ONNX opset (>= {MIN_OPSET})"
+    )
+    parser.add_argument(
+        "--exporter", choices=EXPORTERS, default="auto", help="ONNX exporter (auto: torchscript-based, then dynamo)"
+    )
+    parser.add_argument(
+        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help=f"max abs difference (default {DEFAULT_TOLERANCE:g})"
+    )
+    _add_source_args(parser, required=False, what="real images for the parity check")
+    parser.add_argument(
+        "--max-images", type=positive_int, default=16, metavar="N", help="real images checked (default 16)"
+    )
+    parser.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding datasets/networks")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the export report as JSON")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser.set_defaults(func=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+    """``raml export``."""
+    setup_logging(args.verbose)
+    if args.output is None and args.torchscript is None:
+        raise SystemExit("raml export: error: give --output FILE.onnx and/or --torchscript FILE.pt.")
+    if args.output is not None and args.output.suffix.lower() != ".onnx":
+        raise SystemExit(f"raml export: error: --output must end in .onnx, got {args.output}.")
+    if args.output is not None:
+        _require_deps("onnx", "onnxruntime")
+    paths, _, _ = _source_paths(args)
+    paths = paths[: args.max_images]
+    check_images_exist(paths)
+    network = load_network(args.network_path, data_root=args.data_root, device="cpu")
+    common = {
+        "dynamic_size": args.dynamic_size,
+        "image_paths": paths,
+        "tolerance": args.tolerance,
+        "network_sha256": checkpoint_sha256(network.source_path),
+        "network_path": network.source_path,
+        "teacher_sha256": recorded_teacher_sha256(network.source_path),
+    }
+    reports = []
+    if args.output is not None:
+        reports.append(
+            export_onnx(network, args.image_size, args.output, opset=args.opset, exporter=args.exporter, **common)
+        )
+    if args.torchscript is not None:
+        reports.append(export_torchscript(network, args.image_size, args.torchscript, **common))
+    for report in reports:
+        images = (
+            f", {report.max_abs_diff_images:.3g} on {report.num_images} images"
+            if report.max_abs_diff_images is not None
+            else ""
+        )
+        print(
+            f"{report.kind} {report.path} ({report.exporter}): max abs difference {report.max_abs_diff_random:.3g} "
+            f"on random inputs{images} (tolerance {args.tolerance:g}); preprocessing in {report.sidecar}"
+        )
+    if args.json is not None:
+        write_json(args.json, [r.as_dict() for r in reports])
+    return 0

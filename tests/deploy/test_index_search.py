@@ -1,0 +1,525 @@
+"""``raml index`` / ``raml search`` and ``raml.deploy``: a tiny teacher indexes a generated dataset, a student
+searches it; results are checked against the exact evaluation of ``raml.retrieval``."""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raml.cli import main as cli_main
+from raml.data import get_split
+from raml.data.synth import generate_synthetic_dataset
+from raml.deploy import (
+    IndexDirectoryError,
+    IndexParams,
+    embed_images,
+    evaluate_with_index,
+    index_images,
+    load_index,
+    warn_if_other_teacher,
+)
+from raml.deploy.search import ranking_metrics
+from raml.models import build_network, checkpoint_sha256, load_network, save_checkpoint
+from raml.retrieval.extract import extract_embeddings
+from raml.retrieval.metrics import average_precision, retrieval_metrics
+
+QR, DR = 32, 48
+CPU = torch.device("cpu")
+
+
+def run_cli(argv: list[str]) -> int:
+    """``raml.cli.main.main`` with the deploy sub-commands registered (if main.py does not yet)."""
+    from raml.cli import deploy
+
+    build = cli_main.build_parser
+
+    def parser_with_deploy():
+        parser = build()
+        action = parser._subparsers._group_actions[0]
+        if "index" not in action.choices:
+            deploy.add_parsers(action)
+        return parser
+
+    cli_main.build_parser = parser_with_deploy
+    try:
+        return cli_main.main(argv)
+    finally:
+        cli_main.build_parser = build
+
+
+@pytest.fixture(autouse=True)
+def one_thread_and_clean_logging():
+    """One torch thread (faster and steadier on a small shared machine); the root logger's handlers (the
+    CLI's setup_logging replaces them with one bound to the captured stderr) are restored afterwards."""
+    threads = torch.get_num_threads()
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    root.handlers[:] = handlers
+    root.setLevel(level)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher, a 16-d student, an 8-d network."""
+    base = tmp_path_factory.mktemp("deploy")
+    root = base / "data"
+    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
+    nets = {}
+    for name, dim, seed in (("teacher", 16, 0), ("student", 16, 1), ("narrow", 8, 2)):
+        torch.manual_seed(seed)
+        nets[name] = base / f"{name}.pth"
+        save_checkpoint(nets[name], build_network("resnet18", whitening=dim, pretrained=False))
+    split = get_split("synth-test", root)
+    index_dir = base / "index"
+    code = run_cli(
+        [
+            "index",
+            "--network-path",
+            str(nets["teacher"]),
+            "--image-size",
+            str(DR),
+            "--data-root",
+            str(root),
+            "--dataset",
+            "synth-test",
+            "--output",
+            str(index_dir),
+            "--workers",
+            "0",
+            "--no-progress",
+            "--device",
+            "cpu",
+        ]
+    )
+    assert code == 0
+    return {"base": base, "root": root, "nets": nets, "split": split, "index": index_dir}
+
+
+def exact_embeddings(setup) -> tuple[torch.Tensor, torch.Tensor]:
+    split = setup["split"]
+    student = load_network(setup["nets"]["student"])
+    teacher = load_network(setup["nets"]["teacher"])
+    query = extract_embeddings(student, split.abspaths(), QR, CPU, progress=False)
+    database = extract_embeddings(teacher, split.abspaths(), DR, CPU, progress=False)
+    return query, database
+
+
+def test_index_directory_contents(setup):
+    index = load_index(setup["index"])
+    split = setup["split"]
+    meta = json.loads((setup["index"] / "index.json").read_text())
+    assert meta["index_type"] == "flat" and meta["count"] == len(split) == 20
+    assert meta["dim"] == 16 and meta["dtype"] == "float32" and meta["image_size"] == DR
+    assert meta["network"]["sha256"] == checkpoint_sha256(setup["nets"]["teacher"])
+    assert meta["network"]["meta"]["architecture"] == "resnet18"
+    assert meta["datasets"] == ["synth-test"]
+    assert index.paths == [str(p) for p in split.abspaths()]
+    assert index.labels.tolist() == list(split.labels)
+    assert index.embeddings.dtype == np.float32 and index.embeddings.shape == (20, 16)
+    _, database = exact_embeddings(setup)
+    np.testing.assert_allclose(index.embeddings, database.numpy(), atol=1e-6)
+
+
+def test_search_gives_the_exact_top_k(setup, tmp_path, capsys):
+    split = setup["split"]
+    queries = [str(p) for p in split.abspaths()[::4]]
+    out = tmp_path / "results.json"
+    code = run_cli(
+        [
+            "search",
+            "--network-path",
+            str(setup["nets"]["student"]),
+            "--image-size",
+            str(QR),
+            "--index",
+            str(setup["index"]),
+            "--k",
+            "5",
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--no-progress",
+            *queries,
+        ]
+    )
+    assert code == 0
+    table = capsys.readouterr().out
+    assert "rank" in table and "score" in table and queries[0] in table
+    results = json.loads(out.read_text())
+
+    query, database = exact_embeddings(setup)
+    similarities = query[::4] @ database.T  # the exact similarities of raml.retrieval
+    paths = [str(p) for p in split.abspaths()]
+    assert [r["query"] for r in results] == queries
+    for row, entry in zip(similarities, results):
+        expected = torch.argsort(row, descending=True)[:5].tolist()
+        assert [hit["path"] for hit in entry["results"]] == [paths[i] for i in expected]
+        np.testing.assert_allclose([hit["score"] for hit in entry["results"]], row[expected].numpy(), atol=1e-5)
+
+
+def test_flat_index_evaluation_equals_exact_metrics(setup):
+    student = load_network(setup["nets"]["student"])
+    result = evaluate_with_index(student, setup["split"], QR, setup["index"], CPU, ks=(1, 2, 4, 8))
+    query, database = exact_embeddings(setup)
+    labels = list(setup["split"].labels)
+    exact = retrieval_metrics(query, database, labels, labels, ks=(1, 2, 4, 8), exclude_self=True)
+    assert result["index_type"] == "flat" and result["search_k"] == 20
+    for key in ("mAP", "R@1", "R@2", "R@4", "R@8", "num_queries", "num_no_positive"):
+        assert result[key] == pytest.approx(exact[key], abs=1e-9), key
+
+
+def test_ivf_probing_every_cell_is_exact_and_approximate_indexes_evaluate(setup, tmp_path):
+    teacher = load_network(setup["nets"]["teacher"])
+    student = load_network(setup["nets"]["student"])
+    split = setup["split"]
+    paths = [str(p) for p in split.abspaths()]
+    sha = checkpoint_sha256(setup["nets"]["teacher"])
+    flat = evaluate_with_index(student, split, QR, setup["index"], CPU)
+    for params in (
+        IndexParams("ivf", nlist=4),
+        IndexParams("hnsw", hnsw_m=4),
+        IndexParams("ivfpq", nlist=2, m=4, nbits=3),
+    ):
+        directory = tmp_path / params.index_type
+        index_images(teacher, paths, DR, directory, sha, labels=list(split.labels), dataset=split.name, params=params)
+        meta = json.loads((directory / "index.json").read_text())
+        assert meta["index_type"] == params.index_type
+        result = evaluate_with_index(student, split, QR, directory, CPU)
+        assert 0.0 < result["mAP"] <= 100.0 and result["num_queries"] == 20
+        if params.index_type == "ivf":
+            assert meta["params"]["nlist"] == 4 and meta["params"]["nprobe"] == 1  # default nlist // 8, at least 1
+            exhaustive = evaluate_with_index(student, split, QR, directory, CPU, nprobe=4)
+            assert exhaustive["mAP"] == pytest.approx(flat["mAP"], abs=1e-9)
+            assert exhaustive["R@1"] == flat["R@1"]
+
+
+def _slow_average_precision(ids, scores, labels_db, label, own):
+    """Full ranking written out: returned items by score (ties: negatives first), then unreturned negatives,
+    then unreturned positives; AP by the SPEC formula."""
+    returned = [(float(s), int(i)) for s, i in zip(scores, ids) if i >= 0 and i != own]
+    returned.sort(key=lambda t: (-t[0], labels_db[t[1]] == label))
+    ranking = [i for _, i in returned]
+    rest = [i for i in range(len(labels_db)) if i != own and i not in ranking]
+    ranking += [i for i in rest if labels_db[i] != label] + [i for i in rest if labels_db[i] == label]
+    ranks = [r for r, i in enumerate(ranking) if labels_db[i] == label]
+    ap = 0.0
+    for j, r in enumerate(ranks):
+        p0 = 1.0 if r == 0 else j / r
+        ap += (p0 + (j + 1) / (r + 1)) / 2 / len(ranks)
+    return ap, ranks[0]
+
+
+def test_ranking_metrics_with_unreturned_items_match_a_slow_implementation():
+    rng = np.random.default_rng(0)
+    labels_db = rng.integers(0, 4, 30)
+    ap_total, hits_total = 0.0, np.zeros(3, dtype=int)
+    ids_rows, score_rows, query_labels, junk = [], [], [], []
+    for _ in range(12):
+        order = rng.permutation(30)[:18]  # the index returns 18 of 30 items, some slots empty
+        scores = np.sort(rng.random(18).round(1))[::-1].astype(np.float32)  # rounded: ties happen
+        order[rng.random(18) < 0.2] = -1
+        own = int(rng.integers(-1, 30))
+        label = int(labels_db[own]) if own >= 0 else int(rng.integers(0, 4))
+        ids_rows.append(order)
+        score_rows.append(scores)
+        query_labels.append(label)
+        junk.append(own)
+        ap, first = _slow_average_precision(order, scores, labels_db, label, own)
+        ap_total += ap
+        hits_total += first < np.array([1, 5, 10])
+    ap_sum, hits, scored, none = ranking_metrics(
+        np.array(ids_rows), np.array(score_rows), np.array(query_labels), labels_db, np.array(junk), (1, 5, 10)
+    )
+    assert scored == 12 and none == 0
+    assert ap_sum == pytest.approx(ap_total, abs=1e-12)
+    assert hits.tolist() == hits_total.tolist()
+    assert average_precision([0]) == 1.0
+
+
+def test_student_with_another_dimension_is_refused_with_nothing_written(setup, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    out.write_text("previous results")
+    query = str(setup["split"].abspaths()[0])
+    code = run_cli(
+        [
+            "search",
+            "--network-path",
+            str(setup["nets"]["narrow"]),
+            "--image-size",
+            str(QR),
+            "--index",
+            str(setup["index"]),
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+            query,
+        ]
+    )
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "8 dimensions" in err and "16-dimensional" in err
+    assert out.read_text() == "previous results"
+    with pytest.raises(ValueError, match="8 dimensions"):
+        evaluate_with_index(load_network(setup["nets"]["narrow"]), setup["split"], QR, setup["index"], CPU)
+
+
+def _snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
+
+
+def test_append_skips_duplicates_and_keeps_one_generation(setup, tmp_path):
+    split = setup["split"]
+    images = tmp_path / "images"
+    for p in split.abspaths():
+        target = images / p.parent.name / p.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(p, target)
+    every = sorted(str(p) for p in images.rglob("*.jpg"))
+    listing = tmp_path / "lists" / "first.txt"
+    listing.parent.mkdir()
+    # relative to the list's folder; one line repeated, a comment and a blank line
+    lines = ["# first half", *[str(Path("..") / Path(p).relative_to(tmp_path)) for p in every[:8]], "", ""]
+    lines.insert(2, lines[1])
+    listing.write_text("\n".join(lines))
+    index_dir = tmp_path / "index"
+    common = [
+        "--network-path",
+        str(setup["nets"]["teacher"]),
+        "--image-size",
+        str(DR),
+        "--output",
+        str(index_dir),
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--no-progress",
+    ]
+    assert run_cli(["index", "--list", str(listing), *common]) == 0
+    first = load_index(index_dir)
+    assert len(first) == 8 and first.paths[0] == str(listing.parent / ".." / Path(every[0]).relative_to(tmp_path))
+    assert (first.labels == -1).all()
+
+    summary = tmp_path / "summary.json"
+    assert run_cli(["index", "--images", str(images), "--json", str(summary), *common]) == 0
+    report = json.loads(summary.read_text())
+    assert report["added"] == 12 and report["skipped"] == 8 and report["count"] == 20
+    index = load_index(index_dir)
+    assert index.paths[:8] == first.paths and index.paths[8:] == every[8:]
+    np.testing.assert_array_equal(index.embeddings[:8], first.embeddings)
+    assert index.index.ntotal == 20 and index.meta["generation"] == 2
+    # only the committed generation's files remain
+    assert sorted(p.name for p in index_dir.iterdir()) == sorted(["index.json", *index.meta["files"].values()])
+    # exact search still agrees with the stored embeddings
+    scores, ids = index.search(index.embeddings[:3], 1)
+    assert ids[:, 0].tolist() == [0, 1, 2]
+
+    before = _snapshot(index_dir)
+    assert run_cli(["index", "--images", str(images), *common]) == 0  # nothing new
+    assert _snapshot(index_dir) == before
+
+
+def test_append_with_another_network_size_or_type_is_refused(setup, tmp_path, capsys):
+    index_dir = tmp_path / "index"
+    shutil.copytree(setup["index"], index_dir)
+    before = _snapshot(index_dir)
+    query = str(setup["split"].abspaths()[0])
+    base = ["--images", str(Path(query).parent), "--output", str(index_dir), "--device", "cpu", "--workers", "0"]
+    cases = [
+        (["--network-path", str(setup["nets"]["student"]), "--image-size", str(DR)], "built by the network"),
+        (["--network-path", str(setup["nets"]["teacher"]), "--image-size", str(QR)], "--image-size 48"),
+        (
+            ["--network-path", str(setup["nets"]["teacher"]), "--image-size", str(DR), "--index-type", "ivf"],
+            "--overwrite",
+        ),
+    ]
+    for extra, message in cases:
+        assert run_cli(["index", *extra, *base]) == 2
+        assert message in capsys.readouterr().err
+        assert _snapshot(index_dir) == before
+
+
+def test_bad_index_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, capsys):
+    teacher = ["--network-path", str(setup["nets"]["teacher"]), "--device", "cpu", "--workers", "0"]
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    missing_list = tmp_path / "list.txt"
+    missing_list.write_text("nowhere/a.jpg\n")
+    cases = [
+        (["--images", str(setup["split"].root), "--output", str(occupied)], "non-empty folder"),
+        (["--images", str(empty), "--output", str(tmp_path / "a")], "No images found"),
+        (["--list", str(missing_list), "--output", str(tmp_path / "b")], "do not exist"),
+        (["--list", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "c")], "does not exist"),
+        (
+            [
+                "--dataset",
+                "synth-test",
+                "--data-root",
+                str(setup["root"]),
+                "--index-type",
+                "ivf",
+                "--nlist",
+                "50",
+                "--output",
+                str(tmp_path / "d"),
+            ],
+            "--nlist 50",
+        ),
+        (
+            [
+                "--dataset",
+                "synth-test",
+                "--data-root",
+                str(setup["root"]),
+                "--index-type",
+                "ivfpq",
+                "--m",
+                "5",
+                "--output",
+                str(tmp_path / "e"),
+            ],
+            "must divide",
+        ),
+    ]
+    for extra, message in cases:
+        assert run_cli(["index", *teacher, *extra]) == 2
+        assert message in capsys.readouterr().err
+    assert _snapshot(occupied) == {"notes.txt": b"mine"}
+    assert not any((tmp_path / name).exists() for name in "abcde")
+    # a missing query image: nothing printed, nothing written
+    out = tmp_path / "r.json"
+    code = run_cli(
+        [
+            "search",
+            "--network-path",
+            str(setup["nets"]["student"]),
+            "--index",
+            str(setup["index"]),
+            "--image-size",
+            str(QR),
+            "--json",
+            str(out),
+            "--device",
+            "cpu",
+            str(tmp_path / "q.jpg"),
+        ]
+    )
+    assert code == 2 and "do not exist" in capsys.readouterr().err and not out.exists()
+    code = run_cli(
+        [
+            "search",
+            "--network-path",
+            str(setup["nets"]["student"]),
+            "--index",
+            str(tmp_path),
+            "--device",
+            "cpu",
+            str(tmp_path / "q.jpg"),
+        ]
+    )
+    assert code == 2 and "index.json is missing" in capsys.readouterr().err
+
+
+def test_a_crash_mid_write_leaves_the_previous_index_intact(setup, tmp_path, monkeypatch):
+    index_dir = tmp_path / "index"
+    shutil.copytree(setup["index"], index_dir)
+    before = _snapshot(index_dir)
+    teacher = load_network(setup["nets"]["teacher"])
+    sha = checkpoint_sha256(setup["nets"]["teacher"])
+    extra = [str(p) for p in sorted(Path(setup["split"].root).rglob("*.jpg"))[:3]]  # train images, not indexed yet
+
+    def crash() -> None:
+        raise KeyboardInterrupt("simulated crash before the commit")
+
+    with pytest.raises(KeyboardInterrupt):
+        index_images(teacher, extra, DR, index_dir, sha, before_commit=crash)
+    assert _snapshot(index_dir) == before
+
+    import faiss
+
+    def broken_write(index, path):
+        Path(path).write_bytes(b"half an index")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(faiss, "write_index", broken_write)
+    with pytest.raises(OSError, match="disk full"):
+        index_images(teacher, extra, DR, index_dir, sha)
+    assert _snapshot(index_dir) == before
+    monkeypatch.undo()
+    assert len(load_index(index_dir)) == 20
+    # the next successful update commits and cleans up
+    summary = index_images(teacher, extra, DR, index_dir, sha)
+    assert summary["added"] == 3 and len(load_index(index_dir)) == 23
+
+
+def test_teacher_mismatch_warns(setup, tmp_path, caplog, capsys):
+    index = load_index(setup["index"])
+    with caplog.at_level(logging.WARNING, logger="raml.deploy.search"):
+        assert warn_if_other_teacher("0" * 64, index)
+        assert not warn_if_other_teacher(index.network_sha256, index)
+        assert not warn_if_other_teacher(None, index)
+    assert sum("different teacher" in r.message for r in caplog.records) == 1
+    # through the CLI: a distilled student records its teacher in checkpoint["raml"]
+    student = tmp_path / "distilled.pth"
+    torch.manual_seed(1)
+    save_checkpoint(
+        student, build_network("resnet18", whitening=16, pretrained=False), extra={"raml": {"teacher_sha256": "f" * 64}}
+    )
+    query = str(setup["split"].abspaths()[0])
+    capsys.readouterr()
+    assert (
+        run_cli(
+            [
+                "search",
+                "--network-path",
+                str(student),
+                "--index",
+                str(setup["index"]),
+                "--image-size",
+                str(QR),
+                "--device",
+                "cpu",
+                "--workers",
+                "0",
+                query,
+            ]
+        )
+        == 0
+    )
+    assert "different teacher" in capsys.readouterr().err
+
+
+def test_sharded_extraction_equals_single_device(setup):
+    network = load_network(setup["nets"]["teacher"])
+    paths = [str(p) for p in setup["split"].abspaths()[:7]]
+    single = embed_images(network, paths, QR, [CPU])
+    sharded = embed_images(network, paths, QR, [CPU, CPU, CPU])
+    np.testing.assert_allclose(sharded, single, atol=1e-6)
+
+
+def test_evaluation_needs_an_index_of_the_same_labelled_split(setup, tmp_path):
+    split = setup["split"]
+    student = load_network(setup["nets"]["student"])
+    index_dir = tmp_path / "unlabelled"
+    teacher = load_network(setup["nets"]["teacher"])
+    index_images(
+        teacher, [str(p) for p in split.abspaths()], DR, index_dir, checkpoint_sha256(setup["nets"]["teacher"])
+    )
+    with pytest.raises(IndexDirectoryError, match="--dataset synth-test"):
+        evaluate_with_index(student, split, QR, index_dir, CPU)
