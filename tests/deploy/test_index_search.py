@@ -115,6 +115,7 @@ def exact_embeddings(setup) -> tuple[torch.Tensor, torch.Tensor]:
 
 def test_index_directory_contents(setup):
     index = load_index(setup["index"])
+    assert type(index.index).__name__ == "IndexFlatIP"
     split = setup["split"]
     meta = json.loads((setup["index"] / "index.json").read_text())
     assert meta["index_type"] == "flat" and meta["count"] == len(split) == 20
@@ -196,6 +197,9 @@ def test_ivf_probing_every_cell_is_exact_and_approximate_indexes_evaluate(setup,
         index_images(teacher, paths, DR, directory, sha, labels=list(split.labels), dataset=split.name, params=params)
         meta = json.loads((directory / "index.json").read_text())
         assert meta["index_type"] == params.index_type
+        expected_class = {"ivf": "IndexIVFFlat", "hnsw": "IndexHNSWFlat", "ivfpq": "IndexIVFPQ"}[params.index_type]
+        faiss_index = load_index(directory).index
+        assert type(faiss_index).__name__ == expected_class and faiss_index.metric_type == 0  # METRIC_INNER_PRODUCT
         result = evaluate_with_index(student, split, QR, directory, CPU)
         assert 0.0 < result["mAP"] <= 100.0 and result["num_queries"] == 20
         if params.index_type == "ivf":

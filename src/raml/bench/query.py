@@ -186,7 +186,11 @@ def run_query_benchmark(
     """
     _check(sizes, batch_size, database_size, index_types, num_queries, k, repeats)
     meta = dict(getattr(network, "meta", {}) or {})
-    dim = int(meta.get("outputdim") or network(torch.zeros(1, 3, sizes[0], sizes[0], device=device)).shape[1])
+    if meta.get("outputdim"):
+        dim = int(meta["outputdim"])
+    else:
+        with torch.no_grad():
+            dim = int(network.eval()(torch.zeros(1, 3, sizes[0], sizes[0], device=device)).shape[1])
     was_training = network.training
     network.eval()
     try:
@@ -355,7 +359,7 @@ def _index_types(value: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench query --network-path NET | --network ARCH --sizes 224,448 [...]``."""
-    from raml.cli.common import positive_int
+    from raml.cli.common import positive_int, setup_logging
     from raml.cli.networks import add_network_args, network_from_args
 
     parser = argparse.ArgumentParser(
@@ -386,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--data-root", default="data", help="folder holding networks/ for --network-path names")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH.png", help="also plot time against resolution")
+    parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
+    setup_logging(args.verbose)
     if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:
         parser.error(f"--plot must end in one of {', '.join(PLOT_FORMATS)}, got {args.plot}")
     if args.index_types:

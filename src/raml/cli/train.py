@@ -77,7 +77,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     method.add_argument(
         "--loss",
         choices=LOSSES,
-        help=f"sym-mode loss: triplet (the reference) or normsoftmax (proxy loss, learns fast from random weights; default {d.loss})",
+        help="sym-mode loss: triplet (the reference) or normsoftmax (proxy loss, learns fast from random "
+        f"weights; default {d.loss})",
     )
     method.add_argument("--loss-margin", type=float, metavar="LM", help=f"default {d.loss_margin}")
     method.add_argument("--image-size", type=int, metavar="N", help=f"student / query size QR (default {d.image_size})")
