@@ -151,6 +151,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raml.engine.distributed import init_distributed
     from raml.engine.search import optimize_and_train
     from raml.engine.trainer import Trainer
 
@@ -159,16 +160,24 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"raml train: error: {error}") from error
+    # Under torchrun every process joins the group and gets its own device; otherwise choose one as usual.
+    dist, dist_device = init_distributed(config.device)
+    if not dist.is_main:
+        logging.getLogger().setLevel(logging.WARNING)
     args.device = config.device
-    device = device_from_args(args)
+    device = dist_device or device_from_args(args)
     progress = not args.no_progress
     if config.optimize:
+        if dist.enabled:
+            raise SystemExit("raml train: --optimize runs in a single process; launch it without torchrun.")
         best, result = optimize_and_train(config, device, progress)
         logger.info("Search picked %s", best)
     else:
-        trainer = Trainer(config, device, progress=progress)
+        trainer = Trainer(config, device, progress=progress, dist=dist)
         result = trainer.run()
         result.test = trainer.test() if config.test_datasets else {}
+    if not dist.is_main:
+        return 0
     logger.info("Best checkpoint: %s (epoch %d)", result.best_checkpoint, result.best_epoch)
     if result.test:
         print(format_results_table(result.test))

@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from typing import Any
 import torch
 import yaml
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
@@ -36,6 +38,7 @@ from raml.data.images import EvalTransform, load_image
 from raml.data.splits import Split, get_split
 from raml.data.views import CoupledViewDataset, mixup_views
 from raml.engine.config import TrainConfig, part_name
+from raml.engine.distributed import SINGLE, DistContext, all_gather_rows, all_reduce_sum_, shard_bounds
 from raml.engine.mining import class_groups, distance_weighted_negatives
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler
 from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, triplet_loss
@@ -109,7 +112,12 @@ class Normalizer:
 
 # ----------------------------------------------------------------------------------------------- data
 class AugmentedImages(Dataset):
-    """Training images for ``sym``: random resized crop at ``size`` + horizontal flip, normalised; with index."""
+    """Training images for ``sym``: random resized crop at ``size`` + horizontal flip, normalised.
+
+    Items are requested as ``(index, seed)``: each draw is seeded by the sampler, so an image's augmentation
+    depends on its place in the epoch only, not on the worker or the process that loads it (this is what
+    makes a multi-process run equal to a single-process one). Returns ``(image, index)``.
+    """
 
     def __init__(self, paths: list[str], size: int, mean: list[float], std: list[float]) -> None:
         self.paths = paths
@@ -125,8 +133,12 @@ class AugmentedImages(Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
-        return self.transform(load_image(self.paths[index])), index
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item
+        image = load_image(self.paths[index])
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(image), index
 
 
 @dataclass
@@ -159,6 +171,7 @@ class Trainer:
         progress: show progress bars.
         stop_after_epoch: stop (raising :class:`TrainingInterrupted`) after this epoch's checkpoint, as a
             killed job would; used to test that resuming reproduces an uninterrupted run.
+        dist: this process's place among ``torchrun`` processes (default: a single process).
     """
 
     def __init__(
@@ -167,11 +180,14 @@ class Trainer:
         device: torch.device,
         progress: bool = True,
         stop_after_epoch: int | None = None,
+        dist: DistContext = SINGLE,
     ) -> None:
         config.validate()
         self.config = config
         self.device = device
-        self.progress = progress
+        self.dist = dist
+        self.progress = progress and dist.is_main
+        self._stop_signal: int | None = None
         self.stop_after_epoch = stop_after_epoch
         self.directory = Path(config.directory)
         self.distill = config.mode in ("ts_aug", "ts_reg")
@@ -189,6 +205,8 @@ class Trainer:
 
         self._prepare_directory()
         self.student = self._build_student().to(device)
+        if dist.enabled and not config.freeze_bn and device.type == "cuda":
+            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.teacher: FrozenTeacher | None = None
         self.teacher_sha: str | None = None
         if config.teacher_path is not None or config.teacher is not None:
@@ -223,6 +241,12 @@ class Trainer:
         self.best_epoch = 0
         if config.resume_student is not None:
             self._resume(config.resume_student)
+        # The module that trains: DDP averages gradients over processes (see engine.distributed).
+        self.model: nn.Module = self.student
+        if dist.enabled:
+            self.model = DistributedDataParallel(
+                self.student, device_ids=[device.index] if device.type == "cuda" else None
+            )
         self.student_norm = Normalizer(self.student, device)
         self.teacher_norm = Normalizer(self.teacher, self.teacher_device) if self.teacher is not None else None
         self.teacher_cache: torch.Tensor | None = None
@@ -238,7 +262,8 @@ class Trainer:
             )
         self.directory.mkdir(parents=True, exist_ok=True)
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
-        atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        if self.dist.is_main:
+            atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _build_student(self) -> nn.Module:
         c = self.config
@@ -273,6 +298,8 @@ class Trainer:
         return max(1, self.config.batch_size // GROUP_SIZE)
 
     def _resume(self, path: str) -> None:
+        if path == "last":
+            path = str(self.last_checkpoint())
         checkpoint = load_checkpoint_file(path)
         self.student.load_state_dict(checkpoint["state_dict"])
         if checkpoint.get("optimizer"):
@@ -291,6 +318,19 @@ class Trainer:
         self.history = list(extra.get("history", []))
         logger.info("Resumed from %s at epoch %d", path, self.start_epoch)
 
+    def last_checkpoint(self) -> Path:
+        """The newest finished-epoch checkpoint in the run's directory (for ``--resume-student last``)."""
+        candidates = [p for p in self.directory.glob("model_*.pth.tar") if p.name != BEST_NAME]
+        candidates = [p for p in candidates if "interrupted" not in p.name]
+        if not candidates:
+            raise FileNotFoundError(
+                f"--resume-student last: {self.directory} holds no training checkpoint (model_last.pth.tar or "
+                "model_epoch<N>.pth.tar); start without --resume-student or name a checkpoint file."
+            )
+        return max(
+            candidates, key=lambda p: (int(load_checkpoint_file(p).get("epoch", 0)), p.name == "model_last.pth.tar")
+        )
+
     # -------------------------------------------------------------------------------------- running
     def run(self) -> TrainResult:
         """Train for the configured epochs (from the resume point), validate, save; returns the result."""
@@ -299,6 +339,40 @@ class Trainer:
             self.writer = _tensorboard_writer(self.directory / "tensorboard", c)
         if self.start_epoch > c.epochs:
             logger.info("Nothing to train: the checkpoint already finished %d epochs.", c.epochs)
+        previous = self._install_signal_handlers()
+        try:
+            self._run_epochs()
+        finally:
+            self._restore_signal_handlers(previous)
+        if self.writer is not None:
+            self.writer.close()
+        best = self.directory / BEST_NAME
+        if not best.exists():  # e.g. resumed a finished run without validation
+            self._save(best, c.epochs)
+        self.dist.barrier()
+        return TrainResult(self.directory, best, self.best_map, self.best_epoch, self.history)
+
+    def _install_signal_handlers(self) -> dict[int, Any]:
+        """SIGINT/SIGTERM: finish the current batch, save a checkpoint, stop (see :meth:`train_epoch`)."""
+        previous: dict[int, Any] = {}
+
+        def request_stop(signum: int, frame: Any) -> None:  # noqa: ARG001
+            self._stop_signal = signum
+
+        try:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                previous[signum] = signal.signal(signum, request_stop)
+        except ValueError:  # not the main thread: leave the signals alone
+            pass
+        return previous
+
+    @staticmethod
+    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+    def _run_epochs(self) -> None:
+        c = self.config
         for epoch in range(self.start_epoch, c.epochs + 1):
             seed_everything(c.seed + epoch)
             stats = self.train_epoch(epoch)
@@ -318,12 +392,6 @@ class Trainer:
             self._save(self.directory / "model_last.pth.tar", epoch)
             if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < c.epochs:
                 raise TrainingInterrupted(f"Stopped after epoch {epoch} as asked.")
-        if self.writer is not None:
-            self.writer.close()
-        best = self.directory / BEST_NAME
-        if not best.exists():  # e.g. resumed a finished run without validation
-            self._save(best, c.epochs)
-        return TrainResult(self.directory, best, self.best_map, self.best_epoch, self.history)
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         c = self.config
@@ -348,8 +416,9 @@ class Trainer:
                     f"The loss became {result.loss.item()} at epoch {epoch}, batch {index}; training stopped and "
                     f"the last good checkpoint in {self.directory} is kept. Lower --lr or check the data."
                 )
-            # Losses are summed over images; gradients accumulate until an optimizer step.
-            result.loss.backward()
+            # Losses are summed over images; gradients accumulate until an optimizer step. With several
+            # processes DDP averages gradients, so scale by the world size to get the sum over all images.
+            (result.loss * self.dist.world_size).backward()
             pending += 1
             if pending == c.update_every:
                 self._optimizer_step()
@@ -360,17 +429,32 @@ class Trainer:
             bar.update(1)
             if index % c.print_freq == 0 or index == self.batches_per_epoch:
                 bar.set_postfix(loss=f"{totals['loss'] / max(images_seen, 1):.4f}")
+            if self._stop_signal is not None:
+                bar.close()
+                self._save(self.directory / "model_interrupted.pth.tar", epoch - 1)
+                raise TrainingInterrupted(
+                    f"Stopped by signal {self._stop_signal} during epoch {epoch}; the weights of that moment are in "
+                    f"{self.directory / 'model_interrupted.pth.tar'}. Continue exactly from the last finished "
+                    "epoch with --resume-student last."
+                )
         if pending:  # flush a partial accumulation so every epoch ends on a step (exact resume)
             self._optimizer_step()
         bar.close()
         if self.scheduler is not None and c.scheduler not in PER_STEP_SCHEDULERS:
             self.scheduler.step()
         stats: dict[str, Any] = {"epoch": epoch, "seconds": round(time.perf_counter() - start, 3)}
+        if self.dist.enabled:  # the epoch's mean loss over every process's images
+            counts = torch.tensor([images_seen, *totals.values()], dtype=torch.float64, device=self.device)
+            summed = all_reduce_sum_(counts, self.dist).cpu()
+            images_seen, totals = int(summed[0]), dict(zip(totals, summed[1:].tolist()))
         stats.update({name: value / max(images_seen, 1) for name, value in totals.items()})
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         return stats
 
     def _optimizer_step(self) -> None:
+        if self.proxies is not None and self.dist.enabled and self.proxies.grad is not None:
+            # the proxies are outside DDP: sum their gradients over processes by hand (loss was scaled by W)
+            all_reduce_sum_(self.proxies.grad, self.dist).div_(self.dist.world_size)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None and self.config.scheduler in PER_STEP_SCHEDULERS:
@@ -384,8 +468,50 @@ class Trainer:
         if mode == "ts_reg":
             return self._regression_batches(generator)
         if self.config.loss == "normsoftmax":
-            return self._proxy_batches(generator)
-        return self._triplet_batches(generator)
+            return self._proxy_batches(epoch, generator)
+        return self._triplet_batches(epoch, generator)
+
+    def _local(self, batch: list[Any]) -> list[Any]:
+        """This process's contiguous share of a global batch (all of it for a single process)."""
+        start, stop = shard_bounds(len(batch), self.dist)
+        if start == stop:
+            raise ValueError(
+                f"A batch of {len(batch)} items leaves process {self.dist.rank} of {self.dist.world_size} with "
+                "nothing to do; use a batch size (and epoch size) of at least the number of processes."
+            )
+        return batch[start:stop]
+
+    def _global_batches(self, order: list[int]) -> list[list[int]]:
+        size = self.config.batch_size
+        return [order[i : i + size] for i in range(0, len(order), size)]
+
+    def _item_seeds(self, epoch: int, count: int) -> list[int]:
+        """One seed per position of the epoch's global sample list (same on every process)."""
+        base = (self.config.seed * 1_000_003 + epoch) * 10_000_019
+        return [(base + position) % 2**62 for position in range(count)]
+
+    def _embed(
+        self,
+        network: nn.Module,
+        paths: list[str],
+        image_size: int,
+        device: torch.device,
+        batch_size: int,
+        workers: int,
+        progress: bool,
+        description: str,
+    ) -> torch.Tensor:
+        """``extract_embeddings`` sharded over processes and gathered (rows in ``paths`` order)."""
+        if not self.dist.enabled:
+            return extract_embeddings(network, paths, image_size, device, batch_size, workers, progress, description)
+        start, stop = shard_bounds(len(paths), self.dist)
+        if start < stop:
+            local = extract_embeddings(
+                network, paths[start:stop], image_size, device, batch_size, workers, progress, description
+            )
+        else:
+            local = torch.zeros(0, int(network.meta["outputdim"]))
+        return all_gather_rows(local.to(self.device), self.dist).cpu()
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         workers = self.config.workers
@@ -402,7 +528,8 @@ class Trainer:
         dataset = CoupledViewDataset(self.train_paths, c.image_size, c.teacher_image_size, c.pos_num, c.seed)
         dataset.set_epoch(epoch)
         order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
-        return iter(self._loader(dataset, batch_size=c.batch_size, sampler=order))
+        batches = [self._local(batch) for batch in self._global_batches(order)]
+        return iter(self._loader(dataset, batch_sampler=batches))
 
     def _regression_batches(self, generator: torch.Generator) -> Iterator[Any]:
         c = self.config
@@ -414,14 +541,15 @@ class Trainer:
             self.train_paths, list(range(len(self.train_paths))), EvalTransform(c.image_size, mean, std)
         )
         order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
-        return iter(self._loader(dataset, batch_size=c.batch_size, sampler=order))
+        batches = [self._local(batch) for batch in self._global_batches(order)]
+        return iter(self._loader(dataset, batch_sampler=batches))
 
     def _teacher_embeddings(self, split: Split, paths: list[str]) -> torch.Tensor:
         assert self.teacher is not None
         size = self.config.teacher_image_size
 
         def compute() -> torch.Tensor:
-            return extract_embeddings(
+            return self._embed(
                 self.teacher.network,
                 paths,
                 size,
@@ -436,7 +564,7 @@ class Trainer:
             return compute()
         return self.cache.get_or_compute(self.teacher_sha, size, split.name, list(split.paths), compute)
 
-    def _triplet_batches(self, generator: torch.Generator) -> Iterator[Any]:
+    def _triplet_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         """Mine once per epoch with the current network, then yield (anchor groups, negatives) batches."""
         c = self.config
         labels = torch.as_tensor(self.train_split.labels)
@@ -445,7 +573,7 @@ class Trainer:
         pool = torch.randperm(len(labels), generator=generator)[: min(c.pool_size, len(labels))]
         embed_idx = sorted(set(anchors) | set(pool.tolist()))
         position = {index: row for row, index in enumerate(embed_idx)}
-        embeddings = extract_embeddings(
+        embeddings = self._embed(
             self.student,
             [self.train_paths[i] for i in embed_idx],
             c.image_size,
@@ -470,25 +598,32 @@ class Trainer:
         mean, std = self.student.meta["mean"], self.student.meta["std"]
         dataset = AugmentedImages(self.train_paths, c.image_size, mean, std)
         per_batch = self._groups_per_batch()
-        batch_lists: list[list[int]] = []
+        seeds = iter(self._item_seeds(epoch, len(anchors) * (1 + c.neg_num)))
+        batch_lists: list[list[tuple[int, int]]] = []
         for start in range(0, len(groups), per_batch):
-            rows = list(range(start * GROUP_SIZE, min(len(anchors), (start + per_batch) * GROUP_SIZE)))
-            batch_anchors = [anchors[r] for r in rows]
-            batch_negatives = negatives[rows].reshape(-1).tolist()
-            batch_lists.append(batch_anchors + batch_negatives)
+            # every process draws the seeds of the whole batch, then keeps its share of the groups
+            group_ids = list(range(start, min(len(groups), start + per_batch)))
+            rows = [g * GROUP_SIZE + i for g in group_ids for i in range(GROUP_SIZE)]
+            anchor_items = [(anchors[r], next(seeds)) for r in rows]
+            negative_items = [[(int(n), next(seeds)) for n in negatives[r].tolist()] for r in rows]
+            local_groups = self._local(group_ids)
+            keep = [k for k, g in enumerate(group_ids) if g in local_groups]
+            local_rows = [k * GROUP_SIZE + i for k in keep for i in range(GROUP_SIZE)]
+            batch_lists.append(
+                [anchor_items[r] for r in local_rows] + [item for r in local_rows for item in negative_items[r]]
+            )
         return iter(self._loader(dataset, batch_sampler=batch_lists))
 
-    def _proxy_batches(self, generator: torch.Generator) -> Iterator[Any]:
+    def _proxy_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         """Groups of GROUP_SIZE images per class, ``batch_size`` images per batch; no mining needed."""
         c = self.config
         groups = class_groups(self.train_split.labels, self.epoch_size, GROUP_SIZE, generator)
         mean, std = self.student.meta["mean"], self.student.meta["std"]
         dataset = AugmentedImages(self.train_paths, c.image_size, mean, std)
         per_batch = self._groups_per_batch()
-        batch_lists = [
-            [i for group in groups[start : start + per_batch] for i in group]
-            for start in range(0, len(groups), per_batch)
-        ]
+        items = list(zip([i for group in groups for i in group], self._item_seeds(epoch, len(groups) * GROUP_SIZE)))
+        size = per_batch * GROUP_SIZE
+        batch_lists = [self._local(items[i : i + size]) for i in range(0, len(items), size)]
         return iter(self._loader(dataset, batch_sampler=batch_lists))
 
     # ------------------------------------------------------------------------------------ mode: losses
@@ -506,15 +641,24 @@ class Trainer:
         c = self.config
         assert self.teacher is not None and self.teacher_norm is not None
         student_views, teacher_views, _ = batch
+        student_views = student_views.to(self.device, non_blocking=True)
+        teacher_views = teacher_views.to(self.device, non_blocking=True)
+        if self.dist.enabled:
+            # mixup partners come from the whole global batch, as in a single process: gather the (uint8)
+            # views, mix them all with the shared generator, keep this process's share
+            student_views = all_gather_rows(student_views.contiguous(), self.dist)
+            teacher_views = all_gather_rows(teacher_views.contiguous(), self.dist)
+        student_views, teacher_views = mixup_views(
+            student_views.float().div_(255), teacher_views.float().div_(255), generator
+        )
+        start, stop = shard_bounds(student_views.shape[0], self.dist)
+        student_views, teacher_views = student_views[start:stop], teacher_views[start:stop]
         b, p = student_views.shape[:2]
-        student_views = student_views.to(self.device, non_blocking=True).float().div_(255)
-        teacher_views = teacher_views.to(self.device, non_blocking=True).float().div_(255)
-        student_views, teacher_views = mixup_views(student_views, teacher_views, generator)
         student_in = self.student_norm(student_views.flatten(0, 1))
         teacher_in = self.teacher_norm(teacher_views.flatten(0, 1).to(self.teacher_device))
         with torch.no_grad():
             teacher = self.teacher(teacher_in).to(self.device).float().view(b, p, -1)
-        student = self.student(student_in).float().view(b, p, -1)
+        student = self.model(student_in).float().view(b, p, -1)
         terms = distillation_loss_terms(student, teacher, c.lam_1, c.lam_2)
         logged = {
             "loss": terms["total"].item(),
@@ -527,7 +671,7 @@ class Trainer:
     def _regression_loss(self, batch: Any) -> BatchLoss:
         assert self.teacher_cache is not None
         images, indices = batch
-        student = self.student(images.to(self.device, non_blocking=True)).float()
+        student = self.model(images.to(self.device, non_blocking=True)).float()
         loss = absolute_loss(student, self.teacher_cache[indices].to(self.device))
         return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
 
@@ -535,7 +679,7 @@ class Trainer:
         c = self.config
         images, _ = batch
         n_anchor = images.shape[0] // (1 + c.neg_num)
-        embeddings = self.student(images.to(self.device, non_blocking=True)).float()
+        embeddings = self.model(images.to(self.device, non_blocking=True)).float()
         anchor, negatives = embeddings[:n_anchor], embeddings[n_anchor:].view(n_anchor, c.neg_num, -1)
         positives = _group_positives(anchor, GROUP_SIZE)
         loss = triplet_loss(anchor, positives, negatives, c.loss_margin)
@@ -545,7 +689,7 @@ class Trainer:
         assert self.proxies is not None
         images, indices = batch
         labels = torch.as_tensor(self.train_split.labels)[indices].to(self.device)
-        embeddings = self.student(images.to(self.device, non_blocking=True)).float()
+        embeddings = self.model(images.to(self.device, non_blocking=True)).float()
         loss = normalized_softmax_loss(embeddings, labels, self.proxies, PROXY_TEMPERATURE)
         return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
 
@@ -568,6 +712,7 @@ class Trainer:
             cache=self.cache,
             teacher_sha256=self.teacher_sha,
             progress=self.progress,
+            embed=self._embed,
         )
         return results["asym" if self.distill else "sym"]["mAP"]
 
@@ -592,11 +737,14 @@ class Trainer:
                 cache=self.cache,
                 teacher_sha256=self.teacher_sha,
                 progress=self.progress,
+                embed=self._embed,
             )
         return results
 
     # -------------------------------------------------------------------------------------- outputs
     def _save(self, path: Path, epoch: int) -> None:
+        if not self.dist.is_main:  # one writer; every process holds the same weights
+            return
         extra = {
             "raml": {
                 "mode": self.config.mode,
@@ -621,6 +769,8 @@ class Trainer:
         )
 
     def _log_epoch(self, stats: dict[str, Any]) -> None:
+        if not self.dist.is_main:
+            return
         text = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in stats.items())
         logger.info("%s", text)
         if self.writer is not None:

@@ -12,7 +12,7 @@ Returns percentages: ``{"asym": {"mAP": .., "R@1": .., ...}, "sym": {...}}`` (ke
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 from torch import nn
@@ -68,6 +68,7 @@ def evaluate_split(
     cache: EmbeddingCache | None = None,
     teacher_sha256: str | None = None,
     progress: bool = True,
+    embed: Callable[..., torch.Tensor] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Run the asymmetric (when a teacher is given) and/or symmetric test on ``split``.
 
@@ -85,6 +86,8 @@ def evaluate_split(
         cache: where to cache the teacher's database embeddings (needs ``teacher_sha256``).
         teacher_sha256: content hash of the teacher checkpoint, the cache key's identity of the teacher.
         progress: show progress bars.
+        embed: replaces :func:`extract_embeddings` (same arguments), e.g. to shard extraction across
+            processes.
     """
     if teacher is None and not sym:
         raise ValueError("Nothing to test: give a teacher for the asymmetric test and/or ask for --sym.")
@@ -95,7 +98,8 @@ def evaluate_split(
     paths = [str(p) for p in split.abspaths()]
     results: dict[str, dict[str, float]] = {}
 
-    query = extract_embeddings(
+    embed = embed or extract_embeddings
+    query = embed(
         student,
         paths,
         image_size,
@@ -109,7 +113,7 @@ def evaluate_split(
         db_size = teacher_image_size or image_size
 
         def embed_database() -> torch.Tensor:
-            return extract_embeddings(
+            return embed(
                 teacher,
                 paths,
                 db_size,

@@ -1,0 +1,408 @@
+"""Bad-image detection: find the files of a split that would stop a run, and a policy for what to do.
+
+Contracts:
+
+- :func:`check_image`: file -> ``None`` (fine) or a short reason (``"missing file"``, ``"truncated JPEG
+  (...)"``, ...). The fast mode (default) reads headers and a few bytes at the end of the file only, never
+  pixels; ``full_decode=True`` then also decodes the whole image with :func:`raml.data.images.load_image`.
+- :func:`scan_split`: :class:`~raml.data.splits.Split` -> ``list[BadImage]`` in split order.
+- :func:`drop_bad_images`: split + bad images -> a new split without them (emptied classes removed, labels
+  renumbered ``0..C'-1`` in class order).
+- :func:`apply_bad_image_policy`: ``"error"`` raises :class:`BadImagesError` naming every bad file;
+  ``"skip"`` drops them, logs each one and writes ``skipped_images_<split>.txt``.
+
+What the fast mode finds: missing, empty or non-regular files; files PIL cannot identify (text, HTML error
+pages, zero-size images); modes that cannot be converted to RGB; truncated JPEGs (no end-of-image marker
+``FF D9`` after the start of the scan data) and truncated PNGs (no ``IEND`` chunk). Grayscale, CMYK,
+palette, RGBA and 16-bit images are fine: :func:`~raml.data.images.load_image` converts them.
+
+What only ``full_decode=True`` finds: errors inside the compressed data, e.g. a stray marker in a JPEG's
+scan (PIL: ``broken data stream``). Note that libjpeg only *warns* about most corrupt entropy-coded data
+(bytes overwritten with zeros or noise): PIL then decodes such a JPEG to garbage pixels without an error, so
+neither mode can detect it.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from raml.data.images import ImageLoadError, load_image, to_rgb
+from raml.data.splits import Split
+from raml.utils import atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+BAD_IMAGE_POLICIES = ("error", "skip")
+"""Valid values of ``--bad-images``: stop with a list of the bad files, or leave them out of the split."""
+
+TAIL_BYTES = 1024
+"""How far from the end of a JPEG/PNG the end marker is first looked for (trailing bytes are tolerated)."""
+
+MAX_LISTED = 50
+"""Bad files listed in a :class:`BadImagesError` message when the full list is also written to a file."""
+
+_JPEG_FORMATS = ("JPEG", "MPO")
+_JPEG_EOI = b"\xff\xd9"
+_PNG_IEND = b"IEND"
+
+
+@dataclass(frozen=True)
+class BadImage:
+    """An image file of a split that cannot be used.
+
+    Attributes:
+        path: The path as in the split (relative to the split's ``root``).
+        reason: Why it is bad, in a few words.
+    """
+
+    path: str
+    reason: str
+
+
+# ------------------------------------------------------------------------------------------- single files
+
+
+@functools.cache
+def _mode_problem(mode: str) -> str | None:
+    """None if :func:`to_rgb` converts ``mode``; else why not. Tried on a 1x1 image: no file pixels needed."""
+    try:
+        to_rgb(Image.new(mode, (1, 1)))
+    except Exception as exc:  # PIL raises ValueError, KeyError, ... for modes it cannot create or convert
+        return f"unsupported mode {mode!r}: cannot convert it to RGB ({type(exc).__name__}: {exc})"
+    return None
+
+
+def _find_from(f: BinaryIO, needle: bytes, start: int, chunk_size: int = 1 << 20) -> bool:
+    """Whether ``needle`` occurs in the file at or after byte ``start`` (read in chunks, never all at once)."""
+    f.seek(start)
+    carry = b""
+    while chunk := f.read(chunk_size):
+        if needle in carry + chunk:
+            return True
+        carry = chunk[-(len(needle) - 1) :]
+    return False
+
+
+def _has_end_marker(f: BinaryIO, size: int, needle: bytes, start: int) -> bool:
+    """Whether ``needle`` occurs at or after ``start``: the last :data:`TAIL_BYTES` first (the common case,
+    one small read), then everything after ``start`` (files with a long trailer, e.g. a motion photo's video
+    appended after the JPEG's end marker)."""
+    tail_start = max(start, size - TAIL_BYTES)
+    f.seek(tail_start)
+    if needle in f.read():
+        return True
+    return tail_start > start and _find_from(f, needle, start)
+
+
+def _jpeg_scan_start(f: BinaryIO, size: int) -> int:
+    """Offset of the first entropy-coded byte (just after the first SOS segment), or ``size`` if none.
+
+    Walking the marker segments by their lengths skips tables and embedded EXIF thumbnails, whose own
+    ``FF D9`` must not count as the end of the image. Returns 0 when the structure is not understood (then
+    the whole file is searched, as a plain tail search would).
+    """
+    f.seek(0)
+    if f.read(2) != b"\xff\xd8":
+        return 0
+    pos = 2
+    while pos + 4 <= size:
+        f.seek(pos)
+        head = f.read(4)
+        if head[0] != 0xFF:
+            return 0
+        marker = head[1]
+        if marker == 0xFF:  # fill byte before a marker
+            pos += 1
+            continue
+        if 0xD0 <= marker <= 0xD7 or marker == 0x01:  # markers without a length field
+            pos += 2
+            continue
+        length = int.from_bytes(head[2:4], "big")
+        if length < 2:
+            return 0
+        pos += 2 + length
+        if marker == 0xDA:  # start of scan
+            return min(pos, size)
+    return size
+
+
+def _tail_problem(f: BinaryIO, size: int, fmt: str | None) -> str | None:
+    if fmt in _JPEG_FORMATS:
+        if not _has_end_marker(f, size, _JPEG_EOI, _jpeg_scan_start(f, size)):
+            return "truncated JPEG (no end-of-image marker FF D9 after the scan data)"
+    elif fmt == "PNG" and not _has_end_marker(f, size, _PNG_IEND, 8):
+        return "truncated PNG (no IEND chunk)"
+    return None
+
+
+def _header_problem(path: Path) -> str | None:
+    """The fast checks: file, header, size, mode and end marker; no pixel is decoded."""
+    if not path.exists():
+        return "missing file"
+    if not path.is_file():
+        return "not a regular file"
+    size = path.stat().st_size
+    if size == 0:
+        return "empty file (0 bytes)"
+    with open(path, "rb") as f:
+        try:
+            img = Image.open(f)
+        except UnidentifiedImageError:
+            return "not an image (PIL cannot identify the format)"
+        except Exception as exc:  # DecompressionBombError, SyntaxError, struct.error, ...
+            return f"unreadable image header ({type(exc).__name__}: {exc})"
+        with img:  # closing the image also closes ``f``: finish all reads inside
+            width, height = img.size
+            if width <= 0 or height <= 0:
+                return f"zero-size image ({width}x{height})"
+            problem = _mode_problem(img.mode)
+            if problem is not None:
+                return problem
+            return _tail_problem(f, size, img.format)
+
+
+def _decode_problem(path: Path) -> str | None:
+    try:
+        load_image(path)
+    except ImageLoadError as exc:
+        cause = exc.__cause__
+        if cause is not None:
+            return f"decoding failed ({type(cause).__name__}: {cause})"
+        return f"decoding failed ({exc})"
+    return None
+
+
+def _one_line(text: str) -> str:
+    """Reasons go into ``path<TAB>reason`` report lines: no tabs or newlines."""
+    return " ".join(text.split())
+
+
+def check_image(path: Path, full_decode: bool = False) -> str | None:
+    """Check one image file.
+
+    Args:
+        path: The image file.
+        full_decode: After the fast checks, also decode every pixel with :func:`raml.data.images.load_image`
+            (slower; finds corrupt compressed data that the headers do not show).
+
+    Returns:
+        None if the image is usable, else a short reason such as ``"missing file"``, ``"empty file (0
+        bytes)"``, ``"not an image (...)"`` or ``"truncated JPEG (...)"``.
+    """
+    path = Path(path)
+    try:
+        problem = _header_problem(path)
+        if problem is None and full_decode:
+            problem = _decode_problem(path)
+    except OSError as exc:  # permission denied, I/O error, a file removed while being checked, ...
+        problem = f"cannot read the file ({type(exc).__name__}: {exc})"
+    return None if problem is None else _one_line(problem)
+
+
+# -------------------------------------------------------------------------------------------------- splits
+
+
+def scan_split(split: Split, full_decode: bool = False, workers: int = 1, progress: bool = False) -> list[BadImage]:
+    """Check every image of a split.
+
+    Args:
+        split: The split; its paths are checked under ``split.root``.
+        full_decode: Decode every image too (see :func:`check_image`).
+        workers: Threads checking files in parallel (the fast mode mostly waits on file reads).
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The bad images, in split order (empty if all are fine).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    paths = split.abspaths()
+    mode = "full decode" if full_decode else "headers"
+    bar = functools.partial(
+        tqdm, total=len(paths), desc=f"check {split.name} ({mode})", unit="img", disable=not progress
+    )
+
+    def check(path: Path) -> str | None:
+        return check_image(path, full_decode=full_decode)
+
+    if workers == 1:
+        reasons = [check(p) for p in bar(paths)]
+    else:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raml-check") as pool:
+            reasons = list(bar(pool.map(check, paths)))
+    bad = [BadImage(path, reason) for path, reason in zip(split.paths, reasons, strict=True) if reason is not None]
+    logger.info("Checked %d images of %s (%s): %d bad.", len(paths), split.name, mode, len(bad))
+    return bad
+
+
+def drop_bad_images(split: Split, bad: Sequence[BadImage]) -> Split:
+    """A new split without the bad images.
+
+    Classes left without images are removed and the labels renumbered ``0..C'-1`` in the original class
+    order (a warning names the removed classes). ``name`` and ``root`` are kept. Bad images whose path is
+    not in the split are ignored with a warning.
+
+    Args:
+        split: The split.
+        bad: The images to leave out (e.g. from :func:`scan_split`).
+
+    Returns:
+        The filtered split (``split`` itself when ``bad`` is empty).
+
+    Raises:
+        ValueError: Every image of the split is bad.
+    """
+    if not bad:
+        return split
+    drop = {b.path for b in bad}
+    unknown = drop.difference(split.paths)
+    if unknown:
+        logger.warning(
+            "Split %r: %d of the bad images are not in it and were ignored: %s",
+            split.name,
+            len(unknown),
+            ", ".join(sorted(unknown)[:10]) + (" ..." if len(unknown) > 10 else ""),
+        )
+    kept = [(p, y) for p, y in zip(split.paths, split.labels, strict=True) if p not in drop]
+    if not kept:
+        raise ValueError(
+            f"Split {split.name!r}: all {len(split)} images are bad (under {split.root}); nothing is left. "
+            "Fix the files or the split."
+        )
+    kept_labels = sorted({y for _, y in kept})
+    new_label = {old: new for new, old in enumerate(kept_labels)}
+    removed = sorted(set(split.labels).difference(new_label))
+    if removed:
+        first_image = {}
+        for p, y in zip(split.paths, split.labels, strict=True):
+            first_image.setdefault(y, p)
+        logger.warning(
+            "Split %r: removed %d class(es) whose images were all bad: %s; labels renumbered 0..%d.",
+            split.name,
+            len(removed),
+            ", ".join(f"class {y} (first image {first_image[y]})" for y in removed),
+            len(kept_labels) - 1,
+        )
+    return Split(
+        name=split.name,
+        root=split.root,
+        paths=tuple(p for p, _ in kept),
+        labels=tuple(new_label[y] for _, y in kept),
+    )
+
+
+class BadImagesError(ValueError):
+    """A split holds bad images and the policy is ``"error"``.
+
+    Args:
+        split_name: The split's name.
+        root: The split's root (paths are relative to it).
+        bad: Every bad image.
+        total: Number of images in the split (for the message), if known.
+        report_file: A file listing all bad images; when given, the message lists at most
+            :data:`MAX_LISTED` and points to it.
+    """
+
+    def __init__(
+        self,
+        split_name: str,
+        root: Path,
+        bad: Sequence[BadImage],
+        total: int | None = None,
+        report_file: Path | None = None,
+    ) -> None:
+        self.split_name = split_name
+        self.root = Path(root)
+        self.bad = list(bad)
+        self.report_file = report_file
+        of = f" of {total}" if total is not None else ""
+        lines = [f"Split {split_name!r} (under {self.root}): {len(self.bad)}{of} images are bad:"]
+        listed = self.bad if report_file is None else self.bad[:MAX_LISTED]
+        lines += [f"  {b.path}: {b.reason}" for b in listed]
+        if len(listed) < len(self.bad):
+            lines.append(f"  ... and {len(self.bad) - len(listed)} more; full list in {report_file}")
+        lines.append(
+            "Fix or remove these files (and their entries in the split), or pass --bad-images skip to train "
+            "without them (each skipped file is then logged and listed in skipped_images_<split>.txt)."
+        )
+        super().__init__("\n".join(lines))
+
+
+def report_file_name(prefix: str, split_name: str) -> str:
+    """``<prefix>_<split name>.txt`` with characters unsafe in file names (``/``, ``:``, ...) replaced."""
+    safe = re.sub(r"[^A-Za-z0-9._-]+", "_", split_name).strip("._") or "split"
+    return f"{prefix}_{safe}.txt"
+
+
+def write_bad_image_report(path: Path, bad: Sequence[BadImage]) -> None:
+    """Write ``path<TAB>reason`` lines, one per bad image (atomically)."""
+    atomic_write_text(path, "".join(f"{b.path}\t{_one_line(b.reason)}\n" for b in bad))
+
+
+def apply_bad_image_policy(
+    split: Split,
+    policy: str,
+    full_decode: bool = False,
+    workers: int = 1,
+    report_dir: Path | None = None,
+    progress: bool = False,
+) -> tuple[Split, list[BadImage]]:
+    """Scan a split and apply a bad-image policy, before a long run starts rather than hours into it.
+
+    Args:
+        split: The split.
+        policy: ``"error"``: raise if any image is bad (with ``report_dir``, the full list is also written to
+            ``<report_dir>/bad_images_<split>.txt``). ``"skip"``: leave the bad images out, log a warning
+            naming each one, and (with ``report_dir``) write ``<report_dir>/skipped_images_<split>.txt`` with
+            ``path<TAB>reason`` lines (an empty file when nothing was skipped).
+        full_decode: Decode every image too (see :func:`check_image`).
+        workers: Threads checking files in parallel.
+        report_dir: Where to write the list of bad files, or None.
+        progress: Show a tqdm progress bar.
+
+    Returns:
+        The split to use (filtered with ``"skip"``) and the bad images found.
+
+    Raises:
+        ValueError: Unknown policy, or (with ``"skip"``) every image is bad.
+        BadImagesError: Policy ``"error"`` and at least one bad image.
+    """
+    if policy not in BAD_IMAGE_POLICIES:
+        raise ValueError(f"Unknown bad-image policy {policy!r}; valid policies: {', '.join(BAD_IMAGE_POLICIES)}.")
+    bad = scan_split(split, full_decode=full_decode, workers=workers, progress=progress)
+    if policy == "error":
+        if not bad:
+            return split, bad
+        report = None
+        if report_dir is not None:
+            report = Path(report_dir) / report_file_name("bad_images", split.name)
+            write_bad_image_report(report, bad)
+        raise BadImagesError(split.name, split.root, bad, total=len(split), report_file=report)
+
+    report = None
+    if report_dir is not None:
+        report = Path(report_dir) / report_file_name("skipped_images", split.name)
+        write_bad_image_report(report, bad)
+    if bad:
+        listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
+        where = f" (list in {report})" if report is not None else ""
+        logger.warning(
+            "Split %r (under %s): skipping %d of %d images that are bad%s:\n%s",
+            split.name,
+            split.root,
+            len(bad),
+            len(split),
+            where,
+            listing,
+        )
+    return drop_bad_images(split, bad), bad

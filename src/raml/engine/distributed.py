@@ -1,0 +1,106 @@
+"""Multi-process training on PyTorch's own engine (``torchrun``), one process per GPU (or CPU with gloo).
+
+``torchrun --nproc_per_node N -m raml train ...`` sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+:func:`init_distributed` turns them into a :class:`DistContext` and the process's device. Without them
+everything runs as a single process and every helper here is the identity.
+
+Data parallelism with the same result as one process: every rank builds the same global batch (same
+seeded generator), takes a contiguous share of it, and losses (sums over images) are multiplied by the
+world size before ``backward`` so that DistributedDataParallel's gradient *average* equals the
+single-process gradient *sum*. Embeddings for validation and mining are extracted in shards and gathered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DistContext:
+    """Where this process sits among the training processes."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def share(self, count: int) -> tuple[int, int]:
+        """[start, stop) of this rank's contiguous share of ``count`` items (``count`` divisible by the world)."""
+        if count % self.world_size:
+            raise ValueError(
+                f"A batch of {count} cannot be split evenly over {self.world_size} processes; use a batch size "
+                f"that is a multiple of the number of processes."
+            )
+        size = count // self.world_size
+        return self.rank * size, (self.rank + 1) * size
+
+
+SINGLE = DistContext()
+
+
+def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
+    """Join the process group when launched by torchrun; returns the context and this rank's device.
+
+    The device is None for a single process (the caller chooses it as usual). With CUDA each rank uses
+    ``cuda:LOCAL_RANK`` and the nccl backend; on CPU (or ``--device cpu``) the gloo backend.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size <= 1:
+        return SINGLE, None
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = torch.cuda.is_available() and device_name != "cpu"
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    logger.info("Process %d of %d on %s", rank, world_size, device)
+    return DistContext(rank, world_size, local_rank), device
+
+
+def all_gather_rows(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """Concatenate every rank's (n_r, ...) tensor along rows in rank order; shapes may differ in n_r."""
+    if not ctx.enabled:
+        return tensor
+    count = torch.tensor([tensor.shape[0]], device=tensor.device)
+    counts = [torch.zeros_like(count) for _ in range(ctx.world_size)]
+    dist.all_gather(counts, count)
+    sizes = [int(c.item()) for c in counts]
+    padded = torch.zeros((max(sizes), *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+    padded[: tensor.shape[0]] = tensor
+    gathered = [torch.zeros_like(padded) for _ in range(ctx.world_size)]
+    dist.all_gather(gathered, padded)
+    return torch.cat([g[:n] for g, n in zip(gathered, sizes)])
+
+
+def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In-place sum over ranks (identity for a single process)."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def shard_bounds(count: int, ctx: DistContext) -> tuple[int, int]:
+    """[start, stop) of this rank's contiguous share of ``count`` items (uneven shares allowed)."""
+    per = -(-count // ctx.world_size)
+    return min(count, ctx.rank * per), min(count, (ctx.rank + 1) * per)
