@@ -60,9 +60,7 @@ def select_device(name: str = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"--device {name!r} asked for CUDA, but no CUDA device is visible; use --device cpu."
-        )
+        raise ValueError(f"--device {name!r} asked for CUDA, but no CUDA device is visible; use --device cpu.")
     return device
 
 

@@ -53,9 +53,7 @@ def test_sampler_matches_torchvision_draw_for_draw():
             torch.manual_seed(seed)
             top, left, height, width = rrc.get_params(img, rrc.scale, rrc.ratio)
             flip = bool(torch.rand(1) < 0.5)
-            order, b, c, s, h = transforms.ColorJitter.get_params(
-                (0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1)
-            )
+            order, b, c, s, h = transforms.ColorJitter.get_params((0.6, 1.4), (0.6, 1.4), (0.6, 1.4), (-0.1, 0.1))
         assert (params.top, params.left, params.height, params.width) == (top, left, height, width)
         assert params.flip == flip
         assert params.order == tuple(int(i) for i in order)

@@ -101,10 +101,7 @@ def _manual_embedding(resnet: torchvision.models.ResNet, checkpoint: dict, x: to
     rows = []
     for b in range(feature_map.shape[0]):
         pooled = np.array(
-            [
-                np.mean(np.maximum(feature_map[b, c], 1e-6) ** p) ** (1.0 / p)
-                for c in range(feature_map.shape[1])
-            ]
+            [np.mean(np.maximum(feature_map[b, c], 1e-6) ** p) ** (1.0 / p) for c in range(feature_map.shape[1])]
         )
         pooled = pooled / np.sqrt(np.sum(pooled**2))
         whitened = weight @ pooled + bias
@@ -263,9 +260,7 @@ def test_meta_without_architecture_is_rejected() -> None:
 
 def test_unknown_architecture_in_meta_is_rejected() -> None:
     with pytest.raises(CheckpointError, match="x.pth: cannot rebuild.*neither a torchvision"):
-        network_from_checkpoint(
-            {"meta": {"architecture": "nonet", "pooling": "gem"}, "state_dict": {}}, "x.pth"
-        )
+        network_from_checkpoint({"meta": {"architecture": "nonet", "pooling": "gem"}, "state_dict": {}}, "x.pth")
 
 
 def test_mismatched_state_dict_lists_keys(network: EmbeddingNetwork) -> None:
@@ -273,9 +268,7 @@ def test_mismatched_state_dict_lists_keys(network: EmbeddingNetwork) -> None:
     del state_dict["pool.p"]
     state_dict["head.weight"] = torch.zeros(1)
     checkpoint = {"meta": dict(network.meta), "state_dict": state_dict}
-    with pytest.raises(
-        CheckpointError, match=r"missing keys \['pool.p'\], unexpected keys \['head.weight'\]"
-    ):
+    with pytest.raises(CheckpointError, match=r"missing keys \['pool.p'\], unexpected keys \['head.weight'\]"):
         network_from_checkpoint(checkpoint, source="bad.pth")
 
 
@@ -346,9 +339,7 @@ def test_download_success(server: tuple[str, Path], tmp_path: Path) -> None:
 def test_download_404_is_clear_and_leaves_nothing(server: tuple[str, Path], tmp_path: Path) -> None:
     url, _ = server
     dest = tmp_path / "cache" / "missing.pth"
-    with pytest.raises(
-        DownloadError, match=r"Could not download .*/missing.pth .*404.*put it at .*missing.pth"
-    ):
+    with pytest.raises(DownloadError, match=r"Could not download .*/missing.pth .*404.*put it at .*missing.pth"):
         download_file(f"{url}/missing.pth", dest, timeout=5, retries=3, retry_wait=0)
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 

@@ -149,10 +149,7 @@ def test_network_forward_matches_manual_pipeline(resnet18_network: EmbeddingNetw
     expected = []
     for b in range(2):
         pooled = np.array(
-            [
-                np.mean(np.maximum(feature_map[b, c], 1e-6) ** p) ** (1 / p)
-                for c in range(feature_map.shape[1])
-            ]
+            [np.mean(np.maximum(feature_map[b, c], 1e-6) ** p) ** (1 / p) for c in range(feature_map.shape[1])]
         )
         pooled /= np.linalg.norm(pooled)
         whitened = weight @ pooled + bias

@@ -65,9 +65,7 @@ class BaselineCoupledViewDataset(Dataset):
     other image rendered the same way. Returns float32 ``(P, 3, QR, QR)``, ``(P, 3, DR, DR)`` and the index.
     """
 
-    def __init__(
-        self, paths: Sequence[Path], student_size: int, teacher_size: int, pos_num: int, seed: int
-    ) -> None:
+    def __init__(self, paths: Sequence[Path], student_size: int, teacher_size: int, pos_num: int, seed: int) -> None:
         from torchvision import transforms
 
         self.paths = list(paths)
@@ -144,9 +142,7 @@ def _list_images(folder: Path) -> list[Path]:
     return paths
 
 
-def _time_loader(
-    loader: DataLoader, generator: torch.Generator | None, num_batches: int
-) -> tuple[float, float, int]:
+def _time_loader(loader: DataLoader, generator: torch.Generator | None, num_batches: int) -> tuple[float, float, int]:
     """Wall seconds, this process's CPU seconds and coupled views for ``num_batches`` batches.
 
     Includes the float conversion and, for ours, the mixup (the baseline mixes inside its dataset).
@@ -217,9 +213,7 @@ def run_pipeline_benchmark(
         make_loader(ours, batches), torch.Generator().manual_seed(seed), batches
     )
     baseline = BaselineCoupledViewDataset(paths, student_size, teacher_size, pos_num, seed)
-    base_seconds, base_cpu, base_views = _time_loader(
-        make_loader(baseline, baseline_batches), None, baseline_batches
-    )
+    base_seconds, base_cpu, base_views = _time_loader(make_loader(baseline, baseline_batches), None, baseline_batches)
 
     ours_rate = ours_views / ours_seconds
     base_rate = base_views / base_seconds
@@ -260,9 +254,7 @@ def run_pipeline_benchmark(
         "torch_version": torch.__version__,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }
-    logger.info(
-        "coupled views/s: ours %.1f, baseline %.1f, speedup %.1fx", ours_rate, base_rate, report["speedup"]
-    )
+    logger.info("coupled views/s: ours %.1f, baseline %.1f, speedup %.1fx", ours_rate, base_rate, report["speedup"])
     return report
 
 
@@ -273,22 +265,14 @@ def build_parser() -> argparse.ArgumentParser:
         description="Coupled views per second of the distillation data pipeline vs the reference's approach.",
     )
     parser.add_argument("--image-size", type=int, default=224, help="QR, the student's resolution (224)")
-    parser.add_argument(
-        "--teacher-image-size", type=int, default=448, help="DR, the teacher's resolution (448)"
-    )
+    parser.add_argument("--teacher-image-size", type=int, default=448, help="DR, the teacher's resolution (448)")
     parser.add_argument("--pos-num", type=int, default=8, help="coupled views per image (8)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
     parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = main process)")
-    parser.add_argument(
-        "--images", type=Path, default=None, help="folder of images (default: generated JPEGs)"
-    )
-    parser.add_argument(
-        "--num-synthetic", type=int, default=16, help="generated 500x375 JPEGs without --images"
-    )
+    parser.add_argument("--images", type=Path, default=None, help="folder of images (default: generated JPEGs)")
+    parser.add_argument("--num-synthetic", type=int, default=16, help="generated 500x375 JPEGs without --images")
     parser.add_argument("--batches", type=int, default=10, help="batches timed for our pipeline (10)")
-    parser.add_argument(
-        "--baseline-batches", type=int, default=None, help="batches for the baseline (min(2, N))"
-    )
+    parser.add_argument("--baseline-batches", type=int, default=None, help="batches for the baseline (min(2, N))")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     return parser

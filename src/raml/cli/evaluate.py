@@ -15,6 +15,7 @@ from raml.cli.common import (
     write_json,
 )
 from raml.cli.networks import add_network_args, network_from_args
+from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, evaluate_split, format_results_table
@@ -60,6 +61,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write results (percent) as JSON")
     parser.add_argument("--no-cache", action="store_true", help="do not cache the teacher's database embeddings")
+    parser.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        default="error",
+        help="unreadable images: stop with the list of files (default) or leave them out (skip)",
+    )
     add_runtime_args(parser)
     parser.set_defaults(func=run)
 
@@ -72,7 +79,11 @@ def run(args: argparse.Namespace) -> int:
         )
     device = device_from_args(args)
     # Resolve every split first so that a missing dataset fails before any network is loaded.
-    splits = [get_split(name, args.data_root) for name in args.datasets]
+    splits, skipped = [], {}
+    for name in args.datasets:
+        split, bad = apply_bad_image_policy(get_split(name, args.data_root), args.bad_images, workers=args.workers)
+        splits.append(split)
+        skipped[split.name] = len(bad)
     student, _ = network_from_args(
         args.student_path,
         args.student,
@@ -111,6 +122,8 @@ def run(args: argparse.Namespace) -> int:
             teacher_sha256=teacher_sha,
             progress=not args.no_progress,
         )
+        for metrics in results[split.name].values():
+            metrics["num_skipped_images"] = skipped[split.name]
     print(format_results_table(results))
     if args.json is not None:
         write_json(args.json, results)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from raml.cli.common import add_runtime_args, device_from_args, positive_int, setup_logging, write_json
 from raml.cli.networks import add_network_args, network_from_args
+from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.extract import extract_embeddings
@@ -34,6 +35,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pool", default="gem", help="pooling for a network built with --network ARCH")
     parser.add_argument("--not-pretrained", action="store_true", help="random weights with --network ARCH")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
+    parser.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        default="error",
+        help="unreadable images: stop with the list of files (default) or leave them out (skip)",
+    )
     add_runtime_args(parser)
     parser.set_defaults(func=run)
 
@@ -43,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if args.output.suffix != ".npy":
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
     device = device_from_args(args)
-    split = get_split(args.dataset, args.data_root)
+    split, bad = apply_bad_image_policy(get_split(args.dataset, args.data_root), args.bad_images, workers=args.workers)
     network, checkpoint = network_from_args(
         args.network_path,
         args.network,
@@ -85,6 +92,7 @@ def run(args: argparse.Namespace) -> int:
             "shape": list(embeddings.shape),
             "paths": list(split.paths),
             "labels": list(split.labels),
+            "skipped_images": [{"path": b.path, "reason": b.reason} for b in bad],
         },
     )
     logger.info("Wrote %s embeddings of %s to %s", tuple(embeddings.shape), split.name, args.output)

@@ -11,7 +11,7 @@ from raml import __version__
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from raml.data.images import ImageLoadError
-    from raml.engine.trainer import NonFiniteLossError
+    from raml.engine.trainer import NonFiniteLossError, TrainingInterrupted
     from raml.models.checkpoints import CheckpointError, DownloadError
 
     return (
@@ -22,11 +22,12 @@ def _user_errors() -> tuple[type[BaseException], ...]:
         CheckpointError,
         DownloadError,
         NonFiniteLossError,
+        TrainingInterrupted,
     )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raml.cli import bench, data, demo, evaluate, extract, train
+    from raml.cli import bench, check, data, demo, evaluate, extract, train
 
     parser = argparse.ArgumentParser(
         prog="raml",
@@ -35,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"raml {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (demo, train, evaluate, extract, data, bench):
+    for module in (demo, train, evaluate, extract, check, data, bench):
         module.add_parser(subparsers)
     return parser
 

@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raml.cli.common import comma_list, default_workers, device_from_args, setup_logging, write_json
+from raml.cli.common import default_workers, device_from_args, setup_logging, write_json
 from raml.engine.config import LOGGERS, LOSSES, MODES, TrainConfig, load_yaml_config
 from raml.engine.optim import OPTIMIZERS, SCHEDULERS
 from raml.retrieval.evaluate import format_results_table
@@ -63,9 +63,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     data = parser.add_argument_group("data")
     data.add_argument("--training-dataset", metavar="DATASET", help=f"default {d.training_dataset}")
-    data.add_argument("--test-datasets", type=comma_list, metavar="DATASETS", help="default cub-test")
+    data.add_argument("--test-datasets", type=optional_comma_list, metavar="DATASETS", help="default cub-test")
     data.add_argument("--data-root", metavar="DATA_DIR", help=f"default {d.data_root}")
     data.add_argument("--directory", metavar="EXPORT_DIR", help=f"run outputs (default {d.directory})")
+    data.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        help="unreadable images: stop with the list of files (error, default) or leave them out (skip)",
+    )
     data.add_argument("--val-ratio", type=float, help=f"share of training classes held out (default {d.val_ratio})")
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--no-val", dest="val", action="store_false", default=None, help="no validation")
@@ -127,6 +132,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run_group.add_argument("--verbose", action="store_true", help="debug logging")
     parser.set_defaults(func=run)
+
+
+def optional_comma_list(value: str) -> list[str]:
+    """Comma-separated test datasets; an empty string means no final test."""
+    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -48,8 +48,7 @@ class ImageDataset(Dataset):
         else:
             if len(labels) != len(self.paths):
                 raise ValueError(
-                    f"Got {len(self.paths)} paths but {len(labels)} labels; "
-                    "pass one label per path (or None)."
+                    f"Got {len(self.paths)} paths but {len(labels)} labels; pass one label per path (or None)."
                 )
             self.labels = [int(x) for x in labels]
         if not callable(transform):

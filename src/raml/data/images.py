@@ -86,9 +86,7 @@ def load_image(path: str | Path) -> Image.Image:
     if not path.is_file():
         raise ImageLoadError(f"Cannot load image {path}: it is not a regular file.")
     if path.stat().st_size == 0:
-        raise ImageLoadError(
-            f"Cannot load image {path}: the file is empty (0 bytes); re-download or remove it."
-        )
+        raise ImageLoadError(f"Cannot load image {path}: the file is empty (0 bytes); re-download or remove it.")
     try:
         with Image.open(path) as img:
             img.load()
@@ -173,9 +171,7 @@ class EvalTransform:
             ``(3, size, size)`` float32 tensor.
         """
         if not isinstance(img, Image.Image):
-            raise TypeError(
-                f"EvalTransform expects a PIL image, got {type(img).__name__}; load it with load_image."
-            )
+            raise TypeError(f"EvalTransform expects a PIL image, got {type(img).__name__}; load it with load_image.")
         if img.mode != "RGB":
             raise ValueError(
                 f"EvalTransform expects an RGB image, got mode {img.mode!r}; "

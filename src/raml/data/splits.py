@@ -65,10 +65,7 @@ DOWNLOAD_COMMANDS: dict[str, str] = {
 EXPECTED_LAYOUTS: dict[str, str] = {
     "cub": "<data_root>/cub/images.txt and <data_root>/cub/images/<NNN.Class_name>/<file>.jpg",
     "cars": "<data_root>/cars/cars_annos.mat and <data_root>/cars/car_ims/<NNNNNN>.jpg",
-    "sop": (
-        "<data_root>/sop/Ebay_train.txt, <data_root>/sop/Ebay_test.txt and "
-        "<data_root>/sop/<super>_final/*.JPG"
-    ),
+    "sop": ("<data_root>/sop/Ebay_train.txt, <data_root>/sop/Ebay_test.txt and <data_root>/sop/<super>_final/*.JPG"),
 }
 
 OWN_DATA_HELP = (
@@ -154,9 +151,7 @@ def register_dataset(name: str, loader: SplitLoader) -> SplitLoader:
             "choose a name without it."
         )
     if not callable(loader):
-        raise TypeError(
-            f"loader for {name!r} must be callable (folder, val_ratio) -> split dict; got {loader!r}."
-        )
+        raise TypeError(f"loader for {name!r} must be callable (folder, val_ratio) -> split dict; got {loader!r}.")
     if name in DATASETS:
         logger.warning("Replacing the registered loader of dataset %r.", name)
     DATASETS[name] = loader
@@ -169,9 +164,7 @@ def register_dataset(name: str, loader: SplitLoader) -> SplitLoader:
 def _not_found(what: str, path: Path, dataset: str | None) -> DatasetNotFoundError:
     lines = [f"{what} not found: {path}"]
     if what == "Data root":
-        lines.append(
-            "Pass the folder that holds your datasets as data_root (--data-root on the command line)."
-        )
+        lines.append("Pass the folder that holds your datasets as data_root (--data-root on the command line).")
     if dataset in EXPECTED_LAYOUTS:
         lines.append(f"Expected layout for {dataset!r}: {EXPECTED_LAYOUTS[dataset]}")
     if dataset in DOWNLOAD_COMMANDS:
@@ -230,8 +223,7 @@ def load_cub(folder: Path, val_ratio: float) -> SplitDict:
             fields = line.split()
             if len(fields) != 2 or not fields[0].isdigit():
                 raise ValueError(
-                    f"{index}, line {lineno}: expected '<image id> <class folder>/<file>', "
-                    f"got {line.rstrip()!r}."
+                    f"{index}, line {lineno}: expected '<image id> <class folder>/<file>', got {line.rstrip()!r}."
                 )
             rel = fields[1]
             class_folder, sep, _ = rel.partition("/")
@@ -276,9 +268,7 @@ def load_cars(folder: Path, val_ratio: float) -> SplitDict:
         raise ValueError(f"{index}: cannot read it as a MATLAB file ({type(exc).__name__}: {exc}).") from exc
     if "annotations" not in mat:
         keys = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(
-            f"{index}: no 'annotations' variable (found {keys}); expected the Cars196 annotation file."
-        )
+        raise ValueError(f"{index}: no 'annotations' variable (found {keys}); expected the Cars196 annotation file.")
     annos = np.asarray(mat["annotations"])
     names = annos.dtype.names or ()
     for field in ("relative_im_path", "class"):
@@ -384,8 +374,7 @@ def _check_split_dict(data: object, source: str) -> SplitDict:
         classes = data.get(part, [])
         if not isinstance(classes, list | tuple):
             raise ValueError(
-                f"{source}: '{part}' must be a list of classes (lists of paths), "
-                f"got {type(classes).__name__}."
+                f"{source}: '{part}' must be a list of classes (lists of paths), got {type(classes).__name__}."
             )
         checked: list[list[str]] = []
         for c, paths in enumerate(classes):
@@ -416,9 +405,7 @@ def _check_path(path: str, root: Path, allow_absolute_paths: bool, where: str) -
         )
 
 
-def _build_split(
-    name: str, root: Path, split: SplitDict, part: str, allow_absolute_paths: bool, source: str
-) -> Split:
+def _build_split(name: str, root: Path, split: SplitDict, part: str, allow_absolute_paths: bool, source: str) -> Split:
     parts = ("train", "val") if part == "trainval" else (part,)
     paths: list[str] = []
     labels: list[int] = []
@@ -467,9 +454,7 @@ def available_datasets(data_root: str | Path) -> list[str]:
     names = list(DATASETS)
     root = Path(data_root)
     if root.is_dir():
-        names += sorted(
-            p.name for p in root.iterdir() if p.is_dir() and p.name not in DATASETS and _is_own_folder(p)
-        )
+        names += sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in DATASETS and _is_own_folder(p))
     return names
 
 
@@ -489,16 +474,12 @@ def _json_name(name: str) -> tuple[str, str] | None:
     path, sep, part = name.rpartition(":")
     if sep and path.endswith(".json"):
         if part not in SPLIT_SUFFIXES:
-            raise ValueError(
-                f"Unknown part {part!r} in split name {name!r}; valid parts: {', '.join(SPLIT_SUFFIXES)}."
-            )
+            raise ValueError(f"Unknown part {part!r} in split name {name!r}; valid parts: {', '.join(SPLIT_SUFFIXES)}.")
         return path, part
     return None
 
 
-def get_split(
-    name: str, data_root: str | Path, val_ratio: float = 0.5, allow_absolute_paths: bool = False
-) -> Split:
+def get_split(name: str, data_root: str | Path, val_ratio: float = 0.5, allow_absolute_paths: bool = False) -> Split:
     """Resolve a split name to its image paths and labels.
 
     Args:
@@ -551,9 +532,7 @@ def get_split(
             raise _not_found(f"Folder of dataset {base!r}", folder, base)
         split = _check_split_dict(DATASETS[base](folder, float(val_ratio)), f"loader of {base!r}")
         logger.debug("Loaded dataset %r from %s with val_ratio=%s", base, folder, val_ratio)
-        return _build_split(
-            display, folder, split, part, allow_absolute_paths, f"dataset {base!r} ({folder})"
-        )
+        return _build_split(display, folder, split, part, allow_absolute_paths, f"dataset {base!r} ({folder})")
 
     if not data_root.is_dir():
         raise DatasetNotFoundError(

@@ -244,9 +244,7 @@ def render_coupled_views(
         TypeError: If ``img`` is not a PIL image.
     """
     if not isinstance(img, Image.Image):
-        raise TypeError(
-            f"img must be a PIL.Image.Image, got {type(img).__name__}; decode it with load_image."
-        )
+        raise TypeError(f"img must be a PIL.Image.Image, got {type(img).__name__}; decode it with load_image.")
     _check_size("student_size", student_size)
     _check_size("teacher_size", teacher_size)
     if student_size > teacher_size:
@@ -432,20 +430,11 @@ def mixup_views(
     if student.dtype != teacher.dtype:
         raise TypeError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype.")
     if student.device != teacher.device:
-        raise ValueError(
-            f"student is on {student.device} but teacher is on {teacher.device}; move both first."
-        )
-    if (
-        isinstance(alpha, bool)
-        or not isinstance(alpha, (int, float))
-        or not math.isfinite(alpha)
-        or alpha <= 0
-    ):
+        raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}; move both first.")
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not math.isfinite(alpha) or alpha <= 0:
         raise ValueError(f"alpha must be a positive finite number (Beta(alpha, alpha)), got {alpha!r}.")
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
-        raise TypeError(
-            "generator must be a CPU torch.Generator (the draws are made on the CPU, then moved)."
-        )
+        raise TypeError("generator must be a CPU torch.Generator (the draws are made on the CPU, then moved).")
     batch, views = student.shape[:2]
     if batch == 0:
         return student.clone(), teacher.clone()
@@ -469,9 +458,7 @@ def mixup_views(
     # One fused pass per view (out = lam * x + (1 - lam) * partner) instead of a batched gather followed
     # by a blend: on the CPU this is memory-bound, and it halves the traffic.
     lam_list = lam.tolist()
-    pairs = [
-        (b, i, int(partner_image[b, i]), int(partner_view[b, i])) for b in range(batch) for i in range(views)
-    ]
+    pairs = [(b, i, int(partner_image[b, i]), int(partner_view[b, i])) for b in range(batch) for i in range(views)]
     outputs = []
     for tensor in (student, teacher):
         out_dtype = tensor.dtype if tensor.is_floating_point() else torch.float32

@@ -37,6 +37,7 @@ class TrainConfig:
     data_root: str = "data"
     directory: str = "exp"
     val_ratio: float = 0.5
+    bad_images: str = "error"
     # schedule
     val: bool = True
     val_freq: int = 20
@@ -88,6 +89,8 @@ class TrainConfig:
             raise ValueError(f"Unknown --mode {self.mode!r}; valid: {', '.join(MODES)}.")
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown --loss {self.loss!r}; valid: {', '.join(LOSSES)}.")
+        if self.bad_images not in ("error", "skip"):
+            raise ValueError(f"Unknown --bad-images {self.bad_images!r}; valid: error, skip.")
         if self.logger not in LOGGERS:
             raise ValueError(f"Unknown --logger {self.logger!r}; valid: {', '.join(LOGGERS)}.")
         if self.mode != "sym" and self.teacher is None and self.teacher_path is None:

@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from tqdm.auto import tqdm
 
+from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, write_bad_image_report
 from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform, load_image
 from raml.data.splits import Split, get_split
@@ -197,13 +198,18 @@ class Trainer:
         # Data first: a missing dataset fails before any network is built.
         base = config.training_dataset
         train_part = "trainval" if config.trainval else "train"
-        self.train_split: Split = get_split(part_name(base, train_part), config.data_root, config.val_ratio)
+        # Bad images are found now, in seconds, not after hours (headers only; see raml.data.check).
+        self.skipped: dict[str, list[BadImage]] = {}
+        self.train_split: Split = self._checked_split(part_name(base, train_part))
         self.val_split: Split | None = None
         if config.val and not config.trainval:
-            self.val_split = get_split(part_name(base, "val"), config.data_root, config.val_ratio)
+            self.val_split = self._checked_split(part_name(base, "val"))
         self.train_paths = [str(p) for p in self.train_split.abspaths()]
 
         self._prepare_directory()
+        if dist.is_main:
+            for name, bad in self.skipped.items():
+                write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
         self.student = self._build_student().to(device)
         if dist.enabled and not config.freeze_bn and device.type == "cuda":
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
@@ -264,6 +270,15 @@ class Trainer:
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
         if self.dist.is_main:
             atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+
+    def _checked_split(self, name: str) -> Split:
+        """Load a split and apply the ``--bad-images`` policy to it (skipped files are remembered)."""
+        c = self.config
+        split = get_split(name, c.data_root, c.val_ratio)
+        split, bad = apply_bad_image_policy(split, c.bad_images, workers=max(1, c.workers))
+        if bad:
+            self.skipped[split.name] = bad
+        return split
 
     def _build_student(self) -> nn.Module:
         c = self.config
@@ -723,7 +738,7 @@ class Trainer:
         teacher = self.teacher.network if self.teacher is not None else None
         results = {}
         for name in c.test_datasets:
-            split = get_split(name, c.data_root, c.val_ratio)
+            split = self._checked_split(name)
             results[split.name] = evaluate_split(
                 network,
                 split,

@@ -45,9 +45,7 @@ def _check_pair(student: Tensor, teacher: Tensor, ndim: int, layout: str) -> Non
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}.")
         if tensor.dim() != ndim:
-            raise ValueError(
-                f"{name} must have shape {layout} ({ndim} dimensions), got shape {tuple(tensor.shape)}."
-            )
+            raise ValueError(f"{name} must have shape {layout} ({ndim} dimensions), got shape {tuple(tensor.shape)}.")
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor of embeddings, got {tensor.dtype}.")
     if student.shape != teacher.shape:
@@ -105,9 +103,7 @@ def distillation_loss_terms(
     return {"absolute": absolute, "relative_1": relative_1, "relative_2": relative_2, "total": total}
 
 
-def distillation_loss(
-    student: Tensor, teacher: Tensor, lam_1: float, lam_2: float, eps: float = 1e-6
-) -> Tensor:
+def distillation_loss(student: Tensor, teacher: Tensor, lam_1: float, lam_2: float, eps: float = 1e-6) -> Tensor:
     """The ``ts_aug`` distillation loss: absolute + weighted relative terms, summed over images.
 
     Args:

@@ -69,9 +69,7 @@ def triplet_loss(
         if not isinstance(tensor, Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape {layout}, got {type(tensor).__name__}.")
         if tensor.dim() != ndim:
-            raise ValueError(
-                f"{name} must have shape {layout} ({ndim} dimensions), got shape {tuple(tensor.shape)}."
-            )
+            raise ValueError(f"{name} must have shape {layout} ({ndim} dimensions), got shape {tuple(tensor.shape)}.")
         if not tensor.is_floating_point():
             raise TypeError(f"{name} must be a floating-point tensor of embeddings, got {tensor.dtype}.")
     batch, dim = anchor.shape
@@ -104,12 +102,8 @@ def triplet_loss(
             return anchor.new_zeros(())
         return hinge.mean(dim=(1, 2)).sum()
 
-    pos_valid = (
-        positive_mask if positive_mask is not None else anchor.new_ones((batch, num_pos), dtype=torch.bool)
-    )
-    neg_valid = (
-        negative_mask if negative_mask is not None else anchor.new_ones((batch, num_neg), dtype=torch.bool)
-    )
+    pos_valid = positive_mask if positive_mask is not None else anchor.new_ones((batch, num_pos), dtype=torch.bool)
+    neg_valid = negative_mask if negative_mask is not None else anchor.new_ones((batch, num_neg), dtype=torch.bool)
     valid = pos_valid.unsqueeze(2) & neg_valid.unsqueeze(1)  # (B, P, N)
     count = valid.sum(dim=(1, 2))
     per_anchor = torch.where(valid, hinge, hinge.new_zeros(())).sum(dim=(1, 2)) / count.clamp(min=1)

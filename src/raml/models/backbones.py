@@ -175,10 +175,7 @@ def _torchvision_trunk(name: str, model: nn.Module) -> nn.Module:
 
 def _build_torchvision(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
     # Refuse before building: these models are large and slow to initialise.
-    if (
-        torchvision.models.get_model_builder(name).__module__
-        == torchvision.models.vision_transformer.__name__
-    ):
+    if torchvision.models.get_model_builder(name).__module__ == torchvision.models.vision_transformer.__name__:
         raise _torchvision_vit_error(name)
     weights = "DEFAULT" if pretrained else None
     model = torchvision.models.get_model(name, weights=weights)
@@ -280,11 +277,7 @@ def build_backbone(architecture: str, pretrained: bool) -> Backbone:
     in_timm = name.split(".", 1)[0] in timm_model_names()
     if source is None:
         source = "torchvision" if in_torchvision else "timm" if in_timm else None
-    if (
-        source is None
-        or (source == "torchvision" and not in_torchvision)
-        or (source == "timm" and not in_timm)
-    ):
+    if source is None or (source == "torchvision" and not in_torchvision) or (source == "timm" and not in_timm):
         raise _unknown_model_error(name)
 
     if source == "torchvision":

@@ -124,9 +124,7 @@ def save_checkpoint(
     if extra:
         clash = sorted(set(extra) & set(_RESERVED_KEYS))
         if clash:
-            raise ValueError(
-                f"extra reuses reserved checkpoint keys {clash}; pass them as keyword arguments."
-            )
+            raise ValueError(f"extra reuses reserved checkpoint keys {clash}; pass them as keyword arguments.")
         checkpoint.update(extra)
     atomic_torch_save(checkpoint, path)
     logger.info("Saved checkpoint %s", path)
@@ -175,8 +173,7 @@ def load_checkpoint_file(path: str | Path) -> dict:
         ) from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
-            f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict with 'meta' and "
-            "'state_dict'."
+            f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict with 'meta' and 'state_dict'."
         )
     missing = [key for key in ("meta", "state_dict") if key not in checkpoint]
     if missing:
@@ -222,9 +219,7 @@ def network_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> E
             str(meta["architecture"]), pooling=str(meta["pooling"]), whitening=whitening, pretrained=False
         )
     except ValueError as error:
-        raise CheckpointError(
-            f"{source}: cannot rebuild the network described by its meta: {error}"
-        ) from error
+        raise CheckpointError(f"{source}: cannot rebuild the network described by its meta: {error}") from error
 
     result = network.load_state_dict(state_dict, strict=False)
     unexpected = list(result.unexpected_keys)
@@ -251,9 +246,7 @@ def network_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> E
     return network.eval()
 
 
-def download_file(
-    url: str, dest: str | Path, timeout: float = 60, retries: int = 3, retry_wait: float = 2.0
-) -> Path:
+def download_file(url: str, dest: str | Path, timeout: float = 60, retries: int = 3, retry_wait: float = 2.0) -> Path:
     """Download ``url`` to ``dest`` with a progress bar; no partial file is ever left at ``dest``.
 
     Args:

@@ -95,8 +95,7 @@ def build_network(
     """
     if isinstance(whitening, bool) or not isinstance(whitening, int) or whitening < 0:
         raise ValueError(
-            f"whitening must be a non-negative int (the output dimension, 0 for no whitening), got "
-            f"{whitening!r}."
+            f"whitening must be a non-negative int (the output dimension, 0 for no whitening), got {whitening!r}."
         )
     backbone = build_backbone(architecture, pretrained=pretrained)
     pool = build_pooling(pooling, backbone.channels)

@@ -125,9 +125,7 @@ def evaluate_split(
             )
 
         if cache is not None and teacher_sha256 is not None:
-            database = cache.get_or_compute(
-                teacher_sha256, db_size, split.name, list(split.paths), embed_database
-            )
+            database = cache.get_or_compute(teacher_sha256, db_size, split.name, list(split.paths), embed_database)
         else:
             database = embed_database()
         results["asym"] = retrieval_metrics(query, database, labels, labels, ks=ks, exclude_self=True)
@@ -154,9 +152,7 @@ def format_results_table(results: dict[str, dict[str, dict[str, float]]]) -> str
     header = ["dataset", "test", *metric_names]
     for dataset, tests in results.items():
         for test_name, metrics in tests.items():
-            rows.append(
-                [dataset, test_name, *(f"{metrics[m]:.2f}" if m in metrics else "-" for m in metric_names)]
-            )
+            rows.append([dataset, test_name, *(f"{metrics[m]:.2f}" if m in metrics else "-" for m in metric_names)])
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

@@ -1,0 +1,174 @@
+"""Reliability: bad images fail fast or are skipped, kills and signals lose no finished epoch, non-finite
+losses stop the run, and two gloo processes train exactly like one (CPU, tiny backbone, tiny images)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from raml.cli.main import main
+from raml.data.synth import generate_synthetic_dataset
+from raml.engine.config import TrainConfig
+from raml.engine.trainer import NonFiniteLossError, Trainer
+from raml.models import build_network, load_checkpoint_file, save_checkpoint
+
+CPU = torch.device("cpu")
+DR, QR = 32, 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """A tiny dataset in the CUB format and a random-weights teacher checkpoint."""
+    root = tmp_path_factory.mktemp("rel")
+    generate_synthetic_dataset(root / "data" / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
+    torch.manual_seed(0)
+    teacher = root / "teacher.pth"
+    save_checkpoint(teacher, build_network("test_resnet", whitening=16, pretrained=False))
+    return root / "data", teacher
+
+
+def _train_args(data_root: Path, teacher: Path, directory: Path, *extra: str) -> list[str]:
+    return [
+        "train", "--mode", "ts_aug", "--student-path", str(teacher), "--teacher-path", str(teacher),
+        "--training-dataset", "cub", "--test-datasets", "", "--data-root", str(data_root),
+        "--directory", str(directory), "--image-size", str(QR), "--teacher-image-size", str(DR),
+        "--pos-num", "2", "--batch-size", "4", "--update-every", "1", "--lr", "1e-3", "--lam-1", "0.5",
+        "--lam-2", "0.5", "--workers", "0", "--no-val", "--save-freq", "1", "--device", "cpu", "--no-progress",
+        "--epochs", "3", *extra,
+    ]  # fmt: skip
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint_file(path)["state_dict"]
+
+
+def _assert_same_weights(a: Path, b: Path, atol: float = 0.0) -> None:
+    wa, wb = _weights(a), _weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        if atol:
+            assert torch.allclose(wa[key], wb[key], atol=atol, rtol=0), key
+        else:
+            assert torch.equal(wa[key], wb[key]), key
+
+
+def _subprocess_env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[2] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def test_corrupt_image_fails_first_with_its_name_and_skip_leaves_it_out(setup, tmp_path, capsys):
+    data_root, teacher = setup
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
+    victim = sorted((data / "cub" / "images").rglob("*.jpg"))[0]
+    victim.write_bytes(victim.read_bytes()[:200])  # a truncated JPEG
+    run_dir = tmp_path / "run"
+    code = main(_train_args(data, teacher, run_dir))
+    assert code == 2
+    assert victim.name in capsys.readouterr().err
+    assert not run_dir.exists()  # it failed before creating anything
+    code = main(_train_args(data, teacher, run_dir, "--bad-images", "skip", "--epochs", "1"))
+    assert code == 0
+    report = (run_dir / "skipped_images_cub.txt").read_text()
+    assert victim.name in report and "truncated" in report.lower()
+    assert (run_dir / "model_best.pth.tar").is_file()
+
+
+def test_sigkill_then_resume_last_equals_an_uninterrupted_run(setup, tmp_path):
+    data_root, teacher = setup
+    assert main(_train_args(data_root, teacher, tmp_path / "full")) == 0
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "raml", *_train_args(data_root, teacher, killed)]
+    proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    try:
+        # kill -9 as soon as the first epoch's checkpoint is on disk (mid-way through epoch 2)
+        while not (killed / "model_epoch1.pth.tar").exists():
+            assert proc.poll() is None, "the training process ended before it could be killed"
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    assert not list(killed.glob("*.tmp"))  # no half-written file left behind
+    assert main([*_train_args(data_root, teacher, killed), "--resume-student", "last"]) == 0
+    _assert_same_weights(tmp_path / "full" / "model_epoch3.pth.tar", killed / "model_epoch3.pth.tar")
+
+
+def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
+    data_root, teacher = setup
+    run_dir = tmp_path / "term"
+    cmd = [sys.executable, "-m", "raml", *_train_args(data_root, teacher, run_dir, "--epochs", "50")]
+    proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (run_dir / "model_last.pth.tar").exists():
+        assert proc.poll() is None and time.monotonic() < deadline
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert "--resume-student last" in err
+    assert (run_dir / "model_interrupted.pth.tar").is_file()
+    assert load_checkpoint_file(run_dir / "model_last.pth.tar")["epoch"] >= 1
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
+    data_root, teacher = setup
+    config = TrainConfig(
+        mode="ts_aug", student_path=str(teacher), teacher_path=str(teacher), training_dataset="cub",
+        test_datasets=[], data_root=str(data_root), directory=str(tmp_path / "nan"), image_size=QR,
+        teacher_image_size=DR, pos_num=2, batch_size=4, update_every=1, workers=0, val=False, epochs=3,
+    )  # fmt: skip
+    trainer = Trainer(config, CPU, progress=False)
+    original = trainer._batch_loss
+
+    def poisoned(batch, generator):
+        result = original(batch, generator)
+        if trainer.history:  # from epoch 2 on
+            result.loss = result.loss * float("nan")
+        return result
+
+    monkeypatch.setattr(trainer, "_batch_loss", poisoned)
+    with pytest.raises(NonFiniteLossError, match="last good checkpoint"):
+        trainer.run()
+    last = load_checkpoint_file(tmp_path / "nan" / "model_last.pth.tar")
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in last["state_dict"].values() if v.is_floating_point())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("mode", ["ts_aug", "sym"])
+def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode):
+    data_root, teacher = setup
+    # SGD: its step is linear in the gradient, so float summation-order noise stays noise (Adam divides by
+    # the gradient's own scale and turns noise on near-zero gradients into full-size steps)
+    extra = ["--epochs", "2", "--optimizer", "sgd", "--lr", "0.05"]
+    if mode == "sym":
+        extra += ["--mode", "sym", "--loss", "normsoftmax", "--image-size", str(DR), "--teacher-image-size", str(DR),
+                  "--batch-size", "8"]  # fmt: skip
+    single = tmp_path / "single"
+    assert main([*_train_args(data_root, teacher, single), *extra]) == 0
+    double = tmp_path / "double"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "raml", *_train_args(data_root, teacher, double), *extra,
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_weights(single / "model_epoch2.pth.tar", double / "model_epoch2.pth.tar", atol=1e-5)
