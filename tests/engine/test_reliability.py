@@ -101,8 +101,10 @@ def test_sigkill_then_resume_last_equals_an_uninterrupted_run(setup, tmp_path):
     finally:
         proc.wait(timeout=60)
     assert proc.returncode == -signal.SIGKILL
-    assert not list(killed.glob("*.tmp"))  # no half-written file left behind
+    for checkpoint in killed.glob("*.pth.tar"):  # whatever the moment of the kill, no target is half-written
+        assert load_checkpoint_file(checkpoint)["epoch"] >= 1
     assert main([*_train_args(data_root, teacher, killed), "--resume-student", "last"]) == 0
+    assert not list(killed.glob(".*.tmp"))  # a temporary file of the killed write is cleaned up
     _assert_same_weights(tmp_path / "full" / "model_epoch3.pth.tar", killed / "model_epoch3.pth.tar")
 
 

@@ -81,7 +81,9 @@ def run(args: argparse.Namespace) -> int:
     # Resolve every split first so that a missing dataset fails before any network is loaded.
     splits, skipped = [], {}
     for name in args.datasets:
-        split, bad = apply_bad_image_policy(get_split(name, args.data_root), args.bad_images, workers=args.workers)
+        split, bad = apply_bad_image_policy(
+            get_split(name, args.data_root), args.bad_images, workers=max(1, args.workers)
+        )
         splits.append(split)
         skipped[split.name] = len(bad)
     student, _ = network_from_args(

@@ -50,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     if args.output.suffix != ".npy":
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
     device = device_from_args(args)
-    split, bad = apply_bad_image_policy(get_split(args.dataset, args.data_root), args.bad_images, workers=args.workers)
+    split, bad = apply_bad_image_policy(
+        get_split(args.dataset, args.data_root), args.bad_images, workers=max(1, args.workers)
+    )
     network, checkpoint = network_from_args(
         args.network_path,
         args.network,

@@ -267,6 +267,10 @@ class Trainer:
                 "or pass --overwrite to replace them."
             )
         self.directory.mkdir(parents=True, exist_ok=True)
+        if self.dist.is_main:
+            # a job killed while writing (kill -9) leaves its temporary file behind, never a half target
+            for stale in self.directory.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
         if self.dist.is_main:
             atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
