@@ -220,3 +220,20 @@ def test_seed_test_py_command_runs_verbatim(cub_root: Path, networks, tmp_path: 
     )
     assert result.returncode == 0, result.stderr
     assert "asym" in result.stdout and "sym" in result.stdout
+
+
+def test_raml_test_with_an_index_as_the_database_equals_the_exact_test(cub_root: Path, networks, tmp_path: Path):
+    index_dir = tmp_path / "index"
+    assert main(["index", "--network-path", str(networks["teacher"]), "--image-size", "48", "--data-root",
+                 str(cub_root), "--dataset", "cub-test", "--output", str(index_dir), "--workers", "0",
+                 "--device", "cpu"]) == 0  # fmt: skip
+    common = ["test", "--datasets", "cub-test", "--data-root", str(cub_root), "--student-path",
+              str(networks["student"]), "--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    exact, via_index = tmp_path / "exact.json", tmp_path / "index.json"
+    assert main([*common, "--teacher-path", str(networks["teacher"]), "--teacher-image-size", "48",
+                 "--json", str(exact)]) == 0  # fmt: skip
+    assert main([*common, "--index", str(index_dir), "--json", str(via_index)]) == 0
+    a = json.loads(exact.read_text())["cub-test"]["asym"]
+    b = json.loads(via_index.read_text())["cub-test"]["asym"]
+    for key in ("mAP", "R@1", "R@2", "R@4", "R@8"):
+        assert abs(a[key] - b[key]) < 1e-6, key

@@ -21,7 +21,7 @@ from raml.retrieval.evaluate import evaluate_split
 
 CPU = torch.device("cpu")
 ARCH = "test_resnet"  # timm's tiny test ResNet: ~3x faster than resnet18 on CPU
-DR, QR = 64, 32
+DR, QR = 48, 24
 
 
 @pytest.fixture(scope="module")

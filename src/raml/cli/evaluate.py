@@ -60,6 +60,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="random weights for networks built with --student/--teacher ARCH",
     )
     parser.add_argument("--json", type=Path, metavar="PATH", help="write results (percent) as JSON")
+    parser.add_argument(
+        "--index",
+        type=Path,
+        metavar="INDEX_DIR",
+        help="database side of the asymmetric test from an index built by 'raml index' on the test split "
+        "(measures what an approximate index costs); replaces --teacher-path/--teacher",
+    )
     parser.add_argument("--no-cache", action="store_true", help="do not cache the teacher's database embeddings")
     parser.add_argument(
         "--bad-images",
@@ -73,7 +80,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
-    if args.teacher_path is None and args.teacher is None and not args.sym:
+    if args.index is not None and (args.teacher_path is not None or args.teacher is not None):
+        raise SystemExit("raml test: --index replaces the teacher; give either --index or --teacher-path/--teacher.")
+    if args.index is not None and len(args.datasets) != 1:
+        raise SystemExit("raml test: --index holds one split; test one dataset at a time with it.")
+    if args.teacher_path is None and args.teacher is None and args.index is None and not args.sym:
         raise SystemExit(
             "raml test: nothing to do: give --teacher-path/--teacher for the asymmetric test and/or --sym."
         )
@@ -110,6 +121,35 @@ def run(args: argparse.Namespace) -> int:
 
     results: dict[str, dict[str, dict[str, float]]] = {}
     for split in splits:
+        if args.index is not None:
+            from raml.deploy.search import evaluate_with_index
+
+            results[split.name] = {
+                "asym": evaluate_with_index(
+                    student,
+                    split,
+                    args.image_size,
+                    args.index,
+                    device,
+                    batch_size=args.batch_size,
+                    workers=args.workers,
+                    progress=not args.no_progress,
+                )
+            }
+            if args.sym:
+                results[split.name].update(
+                    evaluate_split(
+                        student,
+                        split,
+                        args.image_size,
+                        device,
+                        sym=True,
+                        batch_size=args.batch_size,
+                        workers=args.workers,
+                        progress=not args.no_progress,
+                    )
+                )
+            continue
         results[split.name] = evaluate_split(
             student,
             split,
@@ -124,6 +164,7 @@ def run(args: argparse.Namespace) -> int:
             teacher_sha256=teacher_sha,
             progress=not args.no_progress,
         )
+    for split in splits:
         for metrics in results[split.name].values():
             metrics["num_skipped_images"] = skipped[split.name]
     print(format_results_table(results))

@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raml.cli import bench, check, data, demo, evaluate, extract, train
+    from raml.cli import bench, check, data, demo, deploy, evaluate, extract, train
 
     parser = argparse.ArgumentParser(
         prog="raml",
@@ -36,8 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"raml {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (demo, train, evaluate, extract, check, data, bench):
+    for module in (demo, train, evaluate, extract, check, data):
         module.add_parser(subparsers)
+    deploy.add_parsers(subparsers)
+    bench.add_parser(subparsers)
     return parser
 
 
