@@ -271,8 +271,7 @@ class Trainer:
             # a job killed while writing (kill -9) leaves its temporary file behind, never a half target
             for stale in self.directory.glob(".*.tmp"):
                 stale.unlink(missing_ok=True)
-        # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
-        if self.dist.is_main:
+            # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
             atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _checked_split(self, name: str) -> Split:
@@ -300,8 +299,9 @@ class Trainer:
         return build_network(c.teacher, pooling=c.pool, whitening=c.whitening, pretrained=c.pretrained)
 
     def _teacher_device(self) -> torch.device:
-        # A second visible GPU holds the teacher so the student keeps the first one's memory.
-        if self.device.type == "cuda" and torch.cuda.device_count() >= 2:
+        # A second visible GPU holds the teacher so the student keeps the first one's memory (single-process
+        # runs only: under torchrun every process owns one GPU).
+        if self.device.type == "cuda" and torch.cuda.device_count() >= 2 and not self.dist.enabled:
             index = self.device.index or 0
             return torch.device("cuda", (index + 1) % torch.cuda.device_count())
         return self.device
