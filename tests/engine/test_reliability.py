@@ -174,3 +174,21 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode):
     result = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_weights(single / "model_epoch2.pth.tar", double / "model_epoch2.pth.tar", atol=1e-5)
+
+
+def test_extraction_shards_over_two_gloo_processes(setup, tmp_path):
+    data_root, teacher = setup
+    args = ["extract", "--network-path", str(teacher), "--dataset", "cub-test", "--data-root", str(data_root),
+            "--image-size", str(DR), "--workers", "0", "--device", "cpu", "--no-progress", "--no-cache"]  # fmt: skip
+    assert main([*args, "--output", str(tmp_path / "one.npy")]) == 0
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(_free_port()), "-m", "raml", *args, "--output", str(tmp_path / "two.npy"),
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    import numpy as np
+
+    one, two = np.load(tmp_path / "one.npy"), np.load(tmp_path / "two.npy")
+    assert one.shape == two.shape == (16, 16)  # 4 test classes x 4 images, 16-d
+    np.testing.assert_allclose(one, two, atol=1e-5)

@@ -10,8 +10,9 @@ from raml.cli.common import add_runtime_args, device_from_args, positive_int, se
 from raml.cli.networks import add_network_args, network_from_args
 from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
+from raml.distributed import init_distributed
 from raml.retrieval.cache import EmbeddingCache
-from raml.retrieval.extract import extract_embeddings
+from raml.retrieval.extract import extract_embeddings_sharded
 from raml.utils import atomic_numpy_save, file_sha256
 
 logger = logging.getLogger("raml")
@@ -49,7 +50,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     if args.output.suffix != ".npy":
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
-    device = device_from_args(args)
+    # under torchrun every process embeds a share of the split; rank 0 writes the outputs
+    dist, dist_device = init_distributed(args.device)
+    device = dist_device or device_from_args(args)
     split, bad = apply_bad_image_policy(
         get_split(args.dataset, args.data_root), args.bad_images, workers=max(1, args.workers)
     )
@@ -64,11 +67,12 @@ def run(args: argparse.Namespace) -> int:
     paths = [str(p) for p in split.abspaths()]
 
     def compute():
-        return extract_embeddings(
+        return extract_embeddings_sharded(
             network,
             paths,
             args.image_size,
             device,
+            dist,
             args.batch_size,
             args.workers,
             progress=not args.no_progress,
@@ -81,6 +85,8 @@ def run(args: argparse.Namespace) -> int:
         embeddings = cache.get_or_compute(sha, args.image_size, split.name, list(split.paths), compute)
     else:
         embeddings = compute()
+    if not dist.is_main:
+        return 0
     atomic_numpy_save(embeddings.numpy(), args.output)
     write_json(
         args.output.with_suffix(".json"),

@@ -161,7 +161,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raml.engine.distributed import init_distributed
+    from raml.distributed import init_distributed
     from raml.engine.search import optimize_and_train
     from raml.engine.trainer import Trainer
 

@@ -38,15 +38,15 @@ from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform, load_image
 from raml.data.splits import Split, get_split
 from raml.data.views import CoupledViewDataset, mixup_views
+from raml.distributed import SINGLE, DistContext, all_gather_rows, all_reduce_sum_, shard_bounds
 from raml.engine.config import TrainConfig, part_name
-from raml.engine.distributed import SINGLE, DistContext, all_gather_rows, all_reduce_sum_, shard_bounds
 from raml.engine.mining import class_groups, distance_weighted_negatives
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler
 from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, triplet_loss
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, evaluate_split
-from raml.retrieval.extract import extract_embeddings
+from raml.retrieval.extract import extract_embeddings_sharded
 from raml.utils import atomic_write_text, file_sha256, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -247,7 +247,7 @@ class Trainer:
         self.best_epoch = 0
         if config.resume_student is not None:
             self._resume(config.resume_student)
-        # The module that trains: DDP averages gradients over processes (see engine.distributed).
+        # The module that trains: DDP averages gradients over processes (see raml.distributed).
         self.model: nn.Module = self.student
         if dist.enabled:
             self.model = DistributedDataParallel(
@@ -521,16 +521,9 @@ class Trainer:
         description: str,
     ) -> torch.Tensor:
         """``extract_embeddings`` sharded over processes and gathered (rows in ``paths`` order)."""
-        if not self.dist.enabled:
-            return extract_embeddings(network, paths, image_size, device, batch_size, workers, progress, description)
-        start, stop = shard_bounds(len(paths), self.dist)
-        if start < stop:
-            local = extract_embeddings(
-                network, paths[start:stop], image_size, device, batch_size, workers, progress, description
-            )
-        else:
-            local = torch.zeros(0, int(network.meta["outputdim"]))
-        return all_gather_rows(local.to(self.device), self.dist).cpu()
+        return extract_embeddings_sharded(
+            network, paths, image_size, device, self.dist, batch_size, workers, progress, description
+        )
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         workers = self.config.workers

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform
+from raml.distributed import DistContext, all_gather_rows, shard_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -78,3 +79,29 @@ def extract_embeddings(
     if not chunks:
         raise ValueError("No images to embed: the list of paths is empty.")
     return torch.cat(chunks)
+
+
+def extract_embeddings_sharded(
+    network: nn.Module,
+    paths: Sequence[str | Path],
+    image_size: int,
+    device: torch.device,
+    dist: DistContext,
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = True,
+    description: str = "extract",
+) -> torch.Tensor:
+    """:func:`extract_embeddings` split over ``torchrun`` processes: each embeds a contiguous share of
+    ``paths`` and every process receives all (N, D) rows, in ``paths`` order (a collective call)."""
+    if not dist.enabled:
+        return extract_embeddings(network, paths, image_size, device, batch_size, workers, progress, description)
+    start, stop = shard_bounds(len(paths), dist)
+    if start < stop:
+        local = extract_embeddings(
+            network, list(paths)[start:stop], image_size, device, batch_size, workers, progress, description
+        )
+    else:
+        local = torch.zeros(0, int(getattr(network, "meta", {})["outputdim"]))
+    # nccl gathers device tensors; gloo is happy either way
+    return all_gather_rows(local.to(device), dist).cpu()
