@@ -6,6 +6,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import platform
 import random
 import tempfile
 from collections.abc import Iterator
@@ -78,3 +79,14 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
+
+
+def cpu_model() -> str:
+    """The processor's model name (for benchmark reports)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

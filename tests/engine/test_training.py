@@ -160,12 +160,15 @@ def test_frozen_teacher_and_frozen_batchnorm_statistics():
 
 
 def test_ts_reg_and_no_val_still_write_model_best(data_root, teacher_path, tmp_path):
+    # also: --logger tensorboard writes the run's scalars
     config = _distill_config(
-        data_root, tmp_path / "reg", teacher_path, mode="ts_reg", epochs=1, val=False, test_datasets=[]
+        data_root, tmp_path / "reg", teacher_path, mode="ts_reg", epochs=1, val=False, test_datasets=[],
+        logger="tensorboard",
     )
     result = Trainer(config, CPU, progress=False).run()
     assert result.best_checkpoint == tmp_path / "reg" / "model_best.pth.tar"
     assert result.best_checkpoint.is_file() and result.best_map is None
+    assert list((tmp_path / "reg" / "tensorboard").glob("events.out.tfevents.*"))
 
 
 def test_existing_checkpoints_are_not_overwritten(data_root, teacher_path, tmp_path):

@@ -36,7 +36,7 @@ import torch
 
 import raml
 from raml.retrieval import metrics as metrics_module
-from raml.utils import atomic_write_text
+from raml.utils import atomic_write_text, cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -152,16 +152,6 @@ def _spawn_phase(phase: str, data_path: Path, workdir: Path) -> dict:
     return json.loads(out_path.read_text())
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_eval_benchmark(
     num_images: int = 60502, dim: int = 512, num_classes: int = 11316, seed: int = 0, repeats: int = 1
 ) -> dict:
@@ -220,7 +210,7 @@ def run_eval_benchmark(
         "data_rss_gb": evaluation["loaded_rss_gb"],
         "metrics": evaluation["metrics"],
         "torch_threads": evaluation["torch_threads"],
-        "cpu_model": _cpu_model(),
+        "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_version": torch.__version__,
         "python": platform.python_version(),

@@ -19,7 +19,6 @@ import datetime
 import json
 import logging
 import os
-import platform
 import statistics
 import time
 from collections.abc import Sequence
@@ -32,7 +31,7 @@ from torch import nn
 
 from raml.deploy.index import INDEX_TYPES, IndexParams, build_faiss_index
 from raml.models.cost import gflops_per_image, latency_ms_per_image
-from raml.utils import atomic_path, atomic_write_text, select_device
+from raml.utils import atomic_path, atomic_write_text, cpu_model, select_device
 
 logger = logging.getLogger(__name__)
 
@@ -157,16 +156,6 @@ def measure_search(
     return rows
 
 
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def run_query_benchmark(
     network: nn.Module,
     sizes: Sequence[int],
@@ -206,7 +195,7 @@ def run_query_benchmark(
         "architecture": meta.get("architecture"),
         "dim": dim,
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_model(),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_model(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch_version": torch.__version__,

@@ -73,3 +73,13 @@ def write_json(path: str | Path, payload: object) -> None:
     """Write JSON atomically (a temp file renamed into place)."""
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     logger.info("Wrote %s", path)
+
+
+def add_bad_images_arg(parser: argparse.ArgumentParser, default: str | None = "error") -> None:
+    """``--bad-images {error,skip}``: what to do with images that cannot be read (see raml.data.check)."""
+    parser.add_argument(
+        "--bad-images",
+        choices=("error", "skip"),
+        default=default,
+        help="unreadable images: stop with the list of files (error, default) or leave them out (skip)",
+    )

@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from raml.cli.common import (
+    add_bad_images_arg,
     add_runtime_args,
     comma_list,
     device_from_args,
@@ -68,12 +69,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(measures what an approximate index costs); replaces --teacher-path/--teacher",
     )
     parser.add_argument("--no-cache", action="store_true", help="do not cache the teacher's database embeddings")
-    parser.add_argument(
-        "--bad-images",
-        choices=("error", "skip"),
-        default="error",
-        help="unreadable images: stop with the list of files (default) or leave them out (skip)",
-    )
+    add_bad_images_arg(parser)
     add_runtime_args(parser)
     parser.set_defaults(func=run)
 

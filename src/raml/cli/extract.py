@@ -6,7 +6,14 @@ import argparse
 import logging
 from pathlib import Path
 
-from raml.cli.common import add_runtime_args, device_from_args, positive_int, setup_logging, write_json
+from raml.cli.common import (
+    add_bad_images_arg,
+    add_runtime_args,
+    device_from_args,
+    positive_int,
+    setup_logging,
+    write_json,
+)
 from raml.cli.networks import add_network_args, network_from_args
 from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
@@ -36,12 +43,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--pool", default="gem", help="pooling for a network built with --network ARCH")
     parser.add_argument("--not-pretrained", action="store_true", help="random weights with --network ARCH")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
-    parser.add_argument(
-        "--bad-images",
-        choices=("error", "skip"),
-        default="error",
-        help="unreadable images: stop with the list of files (default) or leave them out (skip)",
-    )
+    add_bad_images_arg(parser)
     add_runtime_args(parser)
     parser.set_defaults(func=run)
 

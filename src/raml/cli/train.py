@@ -10,7 +10,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raml.cli.common import default_workers, device_from_args, setup_logging, write_json
+from raml.cli.common import add_bad_images_arg, default_workers, device_from_args, setup_logging, write_json
 from raml.engine.config import LOGGERS, LOSSES, MODES, TrainConfig, load_yaml_config
 from raml.engine.optim import OPTIMIZERS, SCHEDULERS
 from raml.retrieval.evaluate import format_results_table
@@ -66,11 +66,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument("--test-datasets", type=optional_comma_list, metavar="DATASETS", help="default cub-test")
     data.add_argument("--data-root", metavar="DATA_DIR", help=f"default {d.data_root}")
     data.add_argument("--directory", metavar="EXPORT_DIR", help=f"run outputs (default {d.directory})")
-    data.add_argument(
-        "--bad-images",
-        choices=("error", "skip"),
-        help="unreadable images: stop with the list of files (error, default) or leave them out (skip)",
-    )
+    add_bad_images_arg(data, default=None)
     data.add_argument("--val-ratio", type=float, help=f"share of training classes held out (default {d.val_ratio})")
     sched = parser.add_argument_group("schedule")
     sched.add_argument("--no-val", dest="val", action="store_false", default=None, help="no validation")
