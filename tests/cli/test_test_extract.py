@@ -228,7 +228,8 @@ def test_raml_test_with_an_index_as_the_database_equals_the_exact_test(cub_root:
                  str(cub_root), "--dataset", "cub-test", "--output", str(index_dir), "--workers", "0",
                  "--device", "cpu"]) == 0  # fmt: skip
     common = ["test", "--datasets", "cub-test", "--data-root", str(cub_root), "--student-path",
-              str(networks["student"]), "--image-size", "32", "--workers", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+              str(networks["student"]), "--image-size", "32", "--workers", "0", "--device", "cpu",
+              "--no-progress"]  # fmt: skip
     exact, via_index = tmp_path / "exact.json", tmp_path / "index.json"
     assert main([*common, "--teacher-path", str(networks["teacher"]), "--teacher-image-size", "48",
                  "--json", str(exact)]) == 0  # fmt: skip
