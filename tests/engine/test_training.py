@@ -162,7 +162,13 @@ def test_frozen_teacher_and_frozen_batchnorm_statistics():
 def test_ts_reg_and_no_val_still_write_model_best(data_root, teacher_path, tmp_path):
     # also: --logger tensorboard writes the run's scalars
     config = _distill_config(
-        data_root, tmp_path / "reg", teacher_path, mode="ts_reg", epochs=1, val=False, test_datasets=[],
+        data_root,
+        tmp_path / "reg",
+        teacher_path,
+        mode="ts_reg",
+        epochs=1,
+        val=False,
+        test_datasets=[],
         logger="tensorboard",
     )
     result = Trainer(config, CPU, progress=False).run()
