@@ -20,14 +20,18 @@ from raml.models import build_network, load_network
 from raml.retrieval.evaluate import evaluate_split
 
 CPU = torch.device("cpu")
-ARCH = "test_resnet"  # timm's tiny test ResNet: ~3x faster than resnet18 on CPU
-DR, QR = 48, 24
+ARCH = "resnet18"
+DR, QR = 64, 32
 
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # the demo's data design at a small size: 40 classes (20 train, 20 test) x 6 images, fine patterns that
+    # survive at QR but that a DR-trained teacher sees at the wrong scale there
     root = tmp_path_factory.mktemp("data")
-    generate_synthetic_dataset(root / "cub", num_classes=16, images_per_class=6, image_size=DR, seed=3)
+    generate_synthetic_dataset(
+        root / "cub", num_classes=40, images_per_class=6, image_size=DR, seed=3, pattern_period=(22.0, 28.0)
+    )
     return root
 
 
@@ -45,7 +49,7 @@ def _config(data_root: Path, directory: Path, **changes) -> TrainConfig:
         print_freq=1,
         val_freq=1,
         save_freq=1,
-        eval_batch_size=16,
+        eval_batch_size=32,
         seed=7,
     )
     base.update(changes)
@@ -54,21 +58,24 @@ def _config(data_root: Path, directory: Path, **changes) -> TrainConfig:
 
 @pytest.fixture(scope="module")
 def teacher_path(data_root: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A teacher trained with labels (sym) from random weights at DR on the train + val classes."""
     directory = tmp_path_factory.mktemp("teacher")
     config = _config(
         data_root,
         directory,
         mode="sym",
+        loss="normsoftmax",
         student=ARCH,
         image_size=DR,
         teacher_image_size=DR,
-        epochs=2,
-        lr=1e-3,
-        neg_num=2,
-        query_size=24,
-        pool_size=24,
-        batch_size=8,
+        epochs=8,
+        lr=3e-3,
+        query_size=10**6,
+        batch_size=16,
         update_every=1,
+        freeze_bn=False,
+        trainval=True,
+        val=False,
     )
     result = Trainer(config, CPU, progress=False).run()
     assert result.best_checkpoint.is_file()
@@ -96,7 +103,7 @@ def _distill_config(data_root: Path, directory: Path, teacher: Path, **changes) 
 
 
 def test_distilled_student_beats_the_undistilled_asymmetric_baseline(data_root, teacher_path, tmp_path):
-    config = _distill_config(data_root, tmp_path / "student", teacher_path, epochs=3, query_size=24)
+    config = _distill_config(data_root, tmp_path / "student", teacher_path, epochs=5, query_size=10**6, val=False)
     trainer = Trainer(config, CPU, progress=False)
     result = trainer.run()
     test = get_split("cub-test", data_root)
@@ -104,7 +111,8 @@ def test_distilled_student_beats_the_undistilled_asymmetric_baseline(data_root, 
     student = load_network(result.best_checkpoint)
     baseline = evaluate_split(teacher, test, QR, CPU, teacher=teacher, teacher_image_size=DR, progress=False)
     method = evaluate_split(student, test, QR, CPU, teacher=teacher, teacher_image_size=DR, progress=False)
-    assert method["asym"]["mAP"] > baseline["asym"]["mAP"]
+    # by a margin well beyond run-to-run noise (14-18 points over three data seeds while tuning)
+    assert method["asym"]["mAP"] > baseline["asym"]["mAP"] + 5.0
     # the final test of the run reports both tests for the test dataset
     results = trainer.test()
     assert set(results["cub-test"]) == {"asym", "sym"}
