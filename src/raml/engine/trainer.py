@@ -396,7 +396,8 @@ class Trainer:
             seed_everything(c.seed + epoch)
             stats = self.train_epoch(epoch)
             if self.val_split is not None and (epoch % c.val_freq == 0 or epoch == c.epochs):
-                stats["val_mAP"] = self.validate()
+                metrics = self.validate()
+                stats["val_mAP"], stats["val_R@1"] = metrics["mAP"], metrics["R@1"]
                 if self.best_map is None or stats["val_mAP"] > self.best_map:
                     self.best_map, self.best_epoch = stats["val_mAP"], epoch
                     self._save(self.directory / BEST_NAME, epoch)
@@ -706,8 +707,8 @@ class Trainer:
         return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
 
     # ----------------------------------------------------------------------------------- validation
-    def validate(self) -> float:
-        """Validation mAP: asymmetric for distillation, symmetric for ``sym``."""
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (mAP, R@k): asymmetric for distillation, symmetric for ``sym``."""
         c = self.config
         assert self.val_split is not None
         teacher = self.teacher.network if (self.distill and self.teacher is not None) else None
@@ -726,7 +727,7 @@ class Trainer:
             progress=self.progress,
             embed=self._embed,
         )
-        return results["asym" if self.distill else "sym"]["mAP"]
+        return results["asym" if self.distill else "sym"]
 
     def test(self, checkpoint: Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
         """Test the best (or given) checkpoint on the configured test datasets."""
@@ -788,7 +789,8 @@ class Trainer:
         if self.writer is not None:
             for name, value in stats.items():
                 if name != "epoch" and isinstance(value, (int, float)):
-                    self.writer.add_scalar(f"train/{name}" if name != "val_mAP" else "val/mAP", value, stats["epoch"])
+                    tag = f"val/{name[4:]}" if name.startswith("val_") else f"train/{name}"
+                    self.writer.add_scalar(tag, value, stats["epoch"])
             self.writer.flush()
 
 
