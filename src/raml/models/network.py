@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from raml.models.backbones import build_backbone
@@ -25,6 +24,12 @@ from raml.models.pooling import build_pooling
 logger = logging.getLogger(__name__)
 
 __all__ = ["EmbeddingNetwork", "build_network"]
+
+
+def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """``x / (||x||_2 + eps)`` along dim 1: the reference's normalisation, kept exactly so that published
+    checkpoints give the reference's embeddings (``F.normalize`` divides by ``max(||x||, eps)`` instead)."""
+    return x / (x.norm(p=2, dim=1, keepdim=True) + eps)
 
 
 class EmbeddingNetwork(nn.Module):
@@ -67,9 +72,9 @@ class EmbeddingNetwork(nn.Module):
                 f"EmbeddingNetwork expects a batch of RGB images of shape (B, 3, H, W), got "
                 f"{tuple(x.shape)}; add a batch dimension with x.unsqueeze(0) and convert images to RGB."
             )
-        descriptor = F.normalize(self.pool(self.backbone(x)), p=2, dim=1)
+        descriptor = l2_normalize(self.pool(self.backbone(x)))
         if self.whiten is not None:
-            descriptor = F.normalize(self.whiten(descriptor), p=2, dim=1)
+            descriptor = l2_normalize(self.whiten(descriptor))
         return descriptor
 
     def extra_repr(self) -> str:
