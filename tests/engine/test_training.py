@@ -143,7 +143,11 @@ def test_resume_reproduces_an_uninterrupted_run(data_root, teacher_path, tmp_pat
 
 
 def test_gradients_reach_every_student_parameter_and_never_the_teacher(data_root, teacher_path, tmp_path):
-    config = _distill_config(data_root, tmp_path / "grad", teacher_path, epochs=1)
+    # at QR = 32 px a ResNet's feature map is 1 x 1, where GeM's p has no effect (and no gradient):
+    # use 64 / 128 px so that every parameter, p included, shapes the embedding
+    config = _distill_config(
+        data_root, tmp_path / "grad", teacher_path, epochs=1, image_size=2 * QR, teacher_image_size=2 * DR
+    )
     trainer = Trainer(config, CPU, progress=False)
     generator = torch.Generator().manual_seed(0)
     batch = next(trainer._epoch_batches(1, generator))
