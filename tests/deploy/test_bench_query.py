@@ -3,26 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 
 import pytest
 import torch
 
 from raml.bench import query
 from raml.models import build_network
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_clean_logging():
-    """One torch thread; the root logger's handlers (replaced by the CLI's setup_logging) restored afterwards."""
-    threads = torch.get_num_threads()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def test_cli_writes_table_json_and_plot(tmp_path, capsys):

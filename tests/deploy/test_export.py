@@ -4,7 +4,6 @@ preprocessing, and a failed export writes nothing; ``raml search --onnx`` agrees
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -19,39 +18,6 @@ from raml.deploy import export as export_module
 from raml.models import build_network, checkpoint_sha256, load_network, save_checkpoint
 
 REPO_IMAGES = 6
-
-
-def run_cli(argv: list[str]) -> int:
-    """``raml.cli.main.main`` with the deploy sub-commands registered (if main.py does not yet)."""
-    from raml.cli import deploy
-
-    build = cli_main.build_parser
-
-    def parser_with_deploy():
-        parser = build()
-        action = parser._subparsers._group_actions[0]
-        if "index" not in action.choices:
-            deploy.add_parsers(action)
-        return parser
-
-    cli_main.build_parser = parser_with_deploy
-    try:
-        return cli_main.main(argv)
-    finally:
-        cli_main.build_parser = build
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_clean_logging():
-    """One torch thread; the root logger's handlers (replaced by the CLI's setup_logging) restored afterwards."""
-    threads = torch.get_num_threads()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    root.handlers[:] = handlers
-    root.setLevel(level)
 
 
 def _write_images(folder: Path, count: int) -> list[Path]:
@@ -85,7 +51,7 @@ def nets(tmp_path_factory) -> dict:
 @pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
 def test_onnx_and_torchscript_match_pytorch_with_sidecars(nets, tmp_path, capsys):
     onnx_file, ts_file, report = tmp_path / "student.onnx", tmp_path / "student.pt", tmp_path / "report.json"
-    code = run_cli(
+    code = cli_main.main(
         [
             "export",
             "--network-path",
@@ -156,7 +122,9 @@ def test_parity_failure_writes_nothing_and_keeps_the_previous_file(nets, tmp_pat
         return lambda batch: run(batch) + 1e-3
 
     monkeypatch.setattr(export_module, "_onnx_runner", drifting_runner)
-    code = run_cli(["export", "--network-path", str(nets["resnet"]), "--image-size", "32", "--output", str(onnx_file)])
+    code = cli_main.main(
+        ["export", "--network-path", str(nets["resnet"]), "--image-size", "32", "--output", str(onnx_file)]
+    )
     assert code == 2
     err = capsys.readouterr().err
     assert "exceeds the tolerance 0.0001" in err and "nothing was written" in err
@@ -170,14 +138,16 @@ def test_parity_failure_writes_nothing_and_keeps_the_previous_file(nets, tmp_pat
 def test_bad_export_inputs(nets, tmp_path, capsys):
     network = ["export", "--network-path", str(nets["resnet"])]
     with pytest.raises(SystemExit, match="must end in .onnx"):
-        run_cli([*network, "--output", str(tmp_path / "model.bin")])
+        cli_main.main([*network, "--output", str(tmp_path / "model.bin")])
     with pytest.raises(SystemExit, match="--output FILE.onnx and/or --torchscript"):
-        run_cli(network)
-    assert run_cli([*network, "--output", str(tmp_path / "a.onnx"), "--images", str(tmp_path / "none")]) == 2
+        cli_main.main(network)
+    assert cli_main.main([*network, "--output", str(tmp_path / "a.onnx"), "--images", str(tmp_path / "none")]) == 2
     assert "is not a folder" in capsys.readouterr().err
-    assert run_cli([*network, "--output", str(tmp_path / "b.onnx"), "--opset", "11"]) == 2
+    assert cli_main.main([*network, "--output", str(tmp_path / "b.onnx"), "--opset", "11"]) == 2
     assert "opset must be an integer >= 17" in capsys.readouterr().err
-    code = run_cli(["export", "--network-path", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "b.onnx")])
+    code = cli_main.main(
+        ["export", "--network-path", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "b.onnx")]
+    )
     assert code == 2 and "Unknown network" in capsys.readouterr().err
     assert not any(tmp_path.iterdir())
 
@@ -194,7 +164,7 @@ def test_search_through_onnx_matches_pytorch(nets, tmp_path):
     torch_out, onnx_out = tmp_path / "torch.json", tmp_path / "onnx.json"
     common = ["--index", str(index_dir), "--k", "3", "--workers", "0", "--no-progress", *images[:2]]
     assert (
-        run_cli(
+        cli_main.main(
             [
                 "search",
                 "--network-path",
@@ -210,14 +180,14 @@ def test_search_through_onnx_matches_pytorch(nets, tmp_path):
         )
         == 0
     )
-    assert run_cli(["search", "--onnx", str(onnx_file), "--json", str(onnx_out), *common]) == 0
+    assert cli_main.main(["search", "--onnx", str(onnx_file), "--json", str(onnx_out), *common]) == 0
     a, b = json.loads(torch_out.read_text()), json.loads(onnx_out.read_text())
     assert [[h["path"] for h in q["results"]] for q in a] == [[h["path"] for h in q["results"]] for q in b]
     for qa, qb in zip(a, b):
         np.testing.assert_allclose([h["score"] for h in qa["results"]], [h["score"] for h in qb["results"]], atol=1e-5)
     assert len(load_index(index_dir)) == REPO_IMAGES
     # a fixed-size export refuses another query size
-    assert run_cli(["search", "--onnx", str(onnx_file), "--image-size", "64", *common]) == 2
+    assert cli_main.main(["search", "--onnx", str(onnx_file), "--image-size", "64", *common]) == 2
 
 
 @pytest.mark.slow

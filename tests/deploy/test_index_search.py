@@ -33,40 +33,6 @@ QR, DR = 32, 48
 CPU = torch.device("cpu")
 
 
-def run_cli(argv: list[str]) -> int:
-    """``raml.cli.main.main`` with the deploy sub-commands registered (if main.py does not yet)."""
-    from raml.cli import deploy
-
-    build = cli_main.build_parser
-
-    def parser_with_deploy():
-        parser = build()
-        action = parser._subparsers._group_actions[0]
-        if "index" not in action.choices:
-            deploy.add_parsers(action)
-        return parser
-
-    cli_main.build_parser = parser_with_deploy
-    try:
-        return cli_main.main(argv)
-    finally:
-        cli_main.build_parser = build
-
-
-@pytest.fixture(autouse=True)
-def one_thread_and_clean_logging():
-    """One torch thread (faster and steadier on a small shared machine); the root logger's handlers (the
-    CLI's setup_logging replaces them with one bound to the captured stderr) are restored afterwards."""
-    threads = torch.get_num_threads()
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    root.handlers[:] = handlers
-    root.setLevel(level)
-
-
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher, a 16-d student, an 8-d network."""
@@ -80,7 +46,7 @@ def setup(tmp_path_factory) -> dict:
         save_checkpoint(nets[name], build_network("resnet18", whitening=dim, pretrained=False))
     split = get_split("synth-test", root)
     index_dir = base / "index"
-    code = run_cli(
+    code = cli_main.main(
         [
             "index",
             "--network-path",
@@ -134,7 +100,7 @@ def test_search_gives_the_exact_top_k(setup, tmp_path, capsys):
     split = setup["split"]
     queries = [str(p) for p in split.abspaths()[::4]]
     out = tmp_path / "results.json"
-    code = run_cli(
+    code = cli_main.main(
         [
             "search",
             "--network-path",
@@ -256,7 +222,7 @@ def test_student_with_another_dimension_is_refused_with_nothing_written(setup, t
     out = tmp_path / "results.json"
     out.write_text("previous results")
     query = str(setup["split"].abspaths()[0])
-    code = run_cli(
+    code = cli_main.main(
         [
             "search",
             "--network-path",
@@ -312,13 +278,13 @@ def test_append_skips_duplicates_and_keeps_one_generation(setup, tmp_path):
         "0",
         "--no-progress",
     ]
-    assert run_cli(["index", "--list", str(listing), *common]) == 0
+    assert cli_main.main(["index", "--list", str(listing), *common]) == 0
     first = load_index(index_dir)
     assert len(first) == 8 and first.paths[0] == str(listing.parent / ".." / Path(every[0]).relative_to(tmp_path))
     assert (first.labels == -1).all()
 
     summary = tmp_path / "summary.json"
-    assert run_cli(["index", "--images", str(images), "--json", str(summary), *common]) == 0
+    assert cli_main.main(["index", "--images", str(images), "--json", str(summary), *common]) == 0
     report = json.loads(summary.read_text())
     assert report["added"] == 12 and report["skipped"] == 8 and report["count"] == 20
     index = load_index(index_dir)
@@ -332,7 +298,7 @@ def test_append_skips_duplicates_and_keeps_one_generation(setup, tmp_path):
     assert ids[:, 0].tolist() == [0, 1, 2]
 
     before = _snapshot(index_dir)
-    assert run_cli(["index", "--images", str(images), *common]) == 0  # nothing new
+    assert cli_main.main(["index", "--images", str(images), *common]) == 0  # nothing new
     assert _snapshot(index_dir) == before
 
 
@@ -351,7 +317,7 @@ def test_append_with_another_network_size_or_type_is_refused(setup, tmp_path, ca
         ),
     ]
     for extra, message in cases:
-        assert run_cli(["index", *extra, *base]) == 2
+        assert cli_main.main(["index", *extra, *base]) == 2
         assert message in capsys.readouterr().err
         assert _snapshot(index_dir) == before
 
@@ -402,13 +368,13 @@ def test_bad_index_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, ca
         ),
     ]
     for extra, message in cases:
-        assert run_cli(["index", *teacher, *extra]) == 2
+        assert cli_main.main(["index", *teacher, *extra]) == 2
         assert message in capsys.readouterr().err
     assert _snapshot(occupied) == {"notes.txt": b"mine"}
     assert not any((tmp_path / name).exists() for name in "abcde")
     # a missing query image: nothing printed, nothing written
     out = tmp_path / "r.json"
-    code = run_cli(
+    code = cli_main.main(
         [
             "search",
             "--network-path",
@@ -425,7 +391,7 @@ def test_bad_index_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, ca
         ]
     )
     assert code == 2 and "do not exist" in capsys.readouterr().err and not out.exists()
-    code = run_cli(
+    code = cli_main.main(
         [
             "search",
             "--network-path",
@@ -488,7 +454,7 @@ def test_teacher_mismatch_warns(setup, tmp_path, caplog, capsys):
     query = str(setup["split"].abspaths()[0])
     capsys.readouterr()
     assert (
-        run_cli(
+        cli_main.main(
             [
                 "search",
                 "--network-path",
