@@ -55,8 +55,13 @@ def positive_int(value: str) -> int:
     return number
 
 
+def optional_comma_list(value: str) -> list[str]:
+    """Comma-separated names; an empty string gives an empty list."""
+    return [item.strip() for item in value.split(",") if item.strip()]
+
+
 def comma_list(value: str) -> list[str]:
-    items = [item.strip() for item in value.split(",") if item.strip()]
+    items = optional_comma_list(value)
     if not items:
         raise argparse.ArgumentTypeError("expected a comma-separated list such as 'cub-test,cars-test'")
     return items

@@ -19,7 +19,7 @@ from raml.cli.networks import add_network_args, network_from_args
 from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
 from raml.retrieval.cache import EmbeddingCache
-from raml.retrieval.evaluate import check_compatible, evaluate_split, format_results_table
+from raml.retrieval.evaluate import evaluate_split, format_results_table
 from raml.utils import file_sha256
 
 logger = logging.getLogger("raml")
@@ -111,7 +111,6 @@ def run(args: argparse.Namespace) -> int:
             pooling=args.pool,
             pretrained=not args.not_pretrained,
         )
-        check_compatible(student, teacher)
     cache = None if args.no_cache else EmbeddingCache(Path(args.data_root) / "cache" / "embeddings")
     teacher_sha = file_sha256(teacher_file) if teacher_file is not None else None
 

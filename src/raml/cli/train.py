@@ -10,7 +10,14 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from raml.cli.common import add_bad_images_arg, default_workers, device_from_args, setup_logging, write_json
+from raml.cli.common import (
+    add_bad_images_arg,
+    default_workers,
+    device_from_args,
+    optional_comma_list,
+    setup_logging,
+    write_json,
+)
 from raml.engine.config import LOGGERS, LOSSES, MODES, TrainConfig, load_yaml_config
 from raml.engine.optim import OPTIMIZERS, SCHEDULERS
 from raml.retrieval.evaluate import format_results_table
@@ -128,11 +135,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     run_group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run_group.add_argument("--verbose", action="store_true", help="debug logging")
     parser.set_defaults(func=run)
-
-
-def optional_comma_list(value: str) -> list[str]:
-    """Comma-separated test datasets; an empty string means no final test."""
-    return [item.strip() for item in value.split(",") if item.strip()]
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

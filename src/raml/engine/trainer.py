@@ -46,7 +46,7 @@ from raml.losses import absolute_loss, distillation_loss_terms, normalized_softm
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, evaluate_split
-from raml.retrieval.extract import extract_embeddings_sharded
+from raml.retrieval.extract import extract_embeddings_sharded, network_mean_std
 from raml.utils import atomic_write_text, file_sha256, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -103,9 +103,9 @@ class Normalizer:
     """uint8 or [0, 1] images -> normalised float images with a network's mean/std, on a device."""
 
     def __init__(self, network: nn.Module, device: torch.device) -> None:
-        meta = getattr(network, "meta", {}) or {}
-        self.mean = torch.tensor(meta.get("mean", (0.485, 0.456, 0.406)), device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(meta.get("std", (0.229, 0.224, 0.225)), device=device).view(1, 3, 1, 1)
+        mean, std = network_mean_std(network)
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
@@ -204,6 +204,8 @@ class Trainer:
         self.val_split: Split | None = None
         if config.val and not config.trainval:
             self.val_split = self._checked_split(part_name(base, "val"))
+        # the final test's splits too: a bad test image must stop the run now, not after training
+        self.test_splits = [self._checked_split(name) for name in config.test_datasets]
         self.train_paths = [str(p) for p in self.train_split.abspaths()]
 
         self._prepare_directory()
@@ -735,8 +737,7 @@ class Trainer:
         network = load_network(checkpoint or self.directory / BEST_NAME, device=self.device)
         teacher = self.teacher.network if self.teacher is not None else None
         results = {}
-        for name in c.test_datasets:
-            split = self._checked_split(name)
+        for split in self.test_splits:
             results[split.name] = evaluate_split(
                 network,
                 split,
