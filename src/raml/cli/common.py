@@ -36,6 +36,44 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+WORKERS_HELP = "data loader workers (default: 8, the reference's, capped at this machine's CPU count: {})"
+
+
+def parse_gpu_id(value: str) -> list[int]:
+    """The reference's ``-g/--gpu-id``: a string of comma-separated GPU indices (``'0'``, ``'0,1'``)."""
+    items = [item.strip() for item in str(value).split(",")]
+    if not items or any(not item.isdigit() for item in items):
+        raise argparse.ArgumentTypeError(
+            f"--gpu-id expects GPU indices such as '0' or '0,1' (student, then teacher), got {value!r}"
+        )
+    return [int(item) for item in items]
+
+
+def devices_from_gpu_id(gpu_id: str | None, device: str = "auto") -> tuple[torch.device, torch.device]:
+    """Resolve the (student, teacher) devices once, at the entry point.
+
+    The reference makes ``--gpu-id`` visible and puts the student on its first GPU and, when two are
+    listed (``'0,1'``), the teacher on the second. Here the same string selects the GPUs directly. An
+    explicit ``--device`` (not ``auto``) wins over ``--gpu-id``. Without CUDA, ``--gpu-id`` falls back to the
+    CPU with a log line, so the reference's commands also run on a machine without a GPU.
+    """
+    if device != "auto" or gpu_id is None:
+        chosen = select_device(device)
+        return chosen, chosen
+    indices = parse_gpu_id(gpu_id)
+    if not torch.cuda.is_available():
+        logger.info("--gpu-id %s: no CUDA device is visible, running on the CPU.", gpu_id)
+        cpu = torch.device("cpu")
+        return cpu, cpu
+    count = torch.cuda.device_count()
+    bad = [i for i in indices if i >= count]
+    if bad:
+        raise ValueError(f"--gpu-id {gpu_id}: GPU {bad[0]} does not exist; this machine has {count} (0..{count - 1}).")
+    student = torch.device("cuda", indices[0])
+    teacher = torch.device("cuda", indices[1]) if len(indices) > 1 else student
+    return student, teacher
+
+
 def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> None:
     group = parser.add_argument_group("runtime")
     group.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding the datasets")

@@ -38,6 +38,10 @@ class TrainConfig:
     directory: str = "exp"
     val_ratio: float = 0.5
     bad_images: str = "error"
+    #: ImageNet weights of a backbone built from an architecture name: ``v1`` (what the reference's
+    #: ``pretrained=True`` loads, torchvision's IMAGENET1K_V1), ``default`` (torchvision's DEFAULT), or a
+    #: torchvision weights name / timm pretrained tag
+    pretrained_weights: str = "v1"
     # schedule
     val: bool = True
     val_freq: int = 20
@@ -55,6 +59,9 @@ class TrainConfig:
     pool_size: int = 20000
     lam_1: float = 0.0
     lam_2: float = 0.0
+    #: ``ts_aug`` mixup partner: ``dataset`` (the reference: a random image of the whole training set per
+    #: view, rendered with the view's random draws) or ``batch`` (ours: a view of another image of the batch)
+    mixup_partner: str = "dataset"
     # optimisation
     batch_size: int = 8
     update_every: int = 25
@@ -63,11 +70,16 @@ class TrainConfig:
     scheduler: str = "onecycle"
     momentum: float = 0.9
     weight_decay: float = 1e-6
+    #: ours: each parameter group's schedule peaks at its own lr (GeM p at 10 x lr); the reference builds
+    #: its scheduler with one ``max_lr = lr`` for every group
+    group_lr_peaks: bool = False
+    #: ours: step on the last incomplete ``--update-every`` accumulation of an epoch; the reference drops it
+    flush_accumulation: bool = False
     seed: int = 1234
     # runtime
     workers: int = 8
     device: str = "auto"
-    gpu_id: int | None = None
+    gpu_id: str | None = None
     amp: bool = False
     print_freq: int = 10
     comment: str = ""
@@ -76,7 +88,11 @@ class TrainConfig:
     # search / resume / outputs
     optimize: bool = False
     trials: int = 6
-    trainval: bool = False
+    #: the search scores a trial by its ``last`` validation (the reference) or its ``best`` epoch (ours)
+    search_objective: str = "last"
+    #: the reference's protocol: train on train + val, monitor the test datasets, keep the last epoch.
+    #: ``False`` (``--select-on-val``): train on train only and keep the epoch with the best val mAP
+    trainval: bool = True
     resume_student: str | None = None
     overwrite: bool = False
     json: str | None = None
