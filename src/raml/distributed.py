@@ -42,16 +42,6 @@ class DistContext:
         if self.enabled:
             dist.barrier()
 
-    def share(self, count: int) -> tuple[int, int]:
-        """[start, stop) of this rank's contiguous share of ``count`` items (``count`` divisible by the world)."""
-        if count % self.world_size:
-            raise ValueError(
-                f"A batch of {count} cannot be split evenly over {self.world_size} processes; use a batch size "
-                f"that is a multiple of the number of processes."
-            )
-        size = count // self.world_size
-        return self.rank * size, (self.rank + 1) * size
-
 
 SINGLE = DistContext()
 

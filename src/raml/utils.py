@@ -1,14 +1,16 @@
-"""Small shared helpers: atomic file output, device selection, content hashing, seeding."""
+"""Small shared helpers: atomic, durable file output; device selection; content hashing; seeding."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import logging
 import os
 import platform
 import random
-import tempfile
+import secrets
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,31 +20,79 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+_TEMPORARY_ATTEMPTS = 100
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path next to ``path``; rename it onto ``path`` only if the block succeeds.
+    """Yield a temporary path next to ``path``; move it onto ``path``, durably, only if the block succeeds.
 
-    Readers never see a half-written file, and a failure (or a kill) leaves any previous file intact.
+    Readers never see a half-written file, and a failure (or a kill) leaves any previous file intact. The
+    temporary file is fsynced before the rename and the directory after it, so that a power loss cannot
+    leave a renamed but empty file. It gets the permissions a plain ``open()`` would give: those of an
+    existing ``path``, else ``0o666`` less the process umask (which is never changed here).
+
+    The temporary file is ``.<name>.<random hex>.tmp`` in the same folder (the index cleans up such files
+    left by a kill).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    try:
+        keep_mode: int | None = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        keep_mode = None
+    tmp = _create_temporary(path, 0o666 if keep_mode is None else keep_mode)
     try:
         yield tmp
-        # mkstemp creates the file readable by its owner only; give it the permissions a plain open() would
-        os.chmod(tmp, 0o666 & ~_current_umask())
+        if keep_mode is not None:  # the umask may have removed bits of the existing file's mode
+            os.chmod(tmp, keep_mode)
+        _fsync_path(tmp)
         os.replace(tmp, path)
+        fsync_directory(path.parent)
     finally:
-        if tmp.exists():
-            tmp.unlink()
+        tmp.unlink(missing_ok=True)
 
 
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
+def _create_temporary(path: Path, mode: int) -> Path:
+    """Create an empty, new file next to ``path`` with ``mode`` (less the umask, applied by the kernel)."""
+    for _ in range(_TEMPORARY_ATTEMPTS):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(  # pragma: no cover - 100 collisions of 32 random bits
+        f"Could not create a temporary file next to {path}: {_TEMPORARY_ATTEMPTS} names were taken; remove the "
+        f"leftover .{path.name}.*.tmp files."
+    )
+
+
+def _fsync_path(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_directory(directory: str | Path) -> None:
+    """Flush a directory's entries (renames, new files) to disk; a no-op where directories cannot be opened.
+
+    File systems that do not support fsync on a directory (``EINVAL``) are skipped; other errors are raised.
+    """
+    if os.name == "nt":  # pragma: no cover - Windows cannot open a directory; its renames are journalled
+        return
+    fd = os.open(directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        os.fsync(fd)
+    except OSError as error:
+        if error.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
+            raise
+        logger.debug("fsync is not supported on the directory %s (%s); skipped", directory, error)
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

@@ -36,7 +36,7 @@ import torch
 
 import raml
 from raml.retrieval import metrics as metrics_module
-from raml.utils import atomic_write_text, cpu_model
+from raml.utils import atomic_path, atomic_write_text, cpu_model
 
 logger = logging.getLogger(__name__)
 
@@ -178,7 +178,8 @@ def run_eval_benchmark(
     with tempfile.TemporaryDirectory(prefix="raml-bench-eval-") as tmp:
         workdir = Path(tmp)
         data_path = workdir / "data.npz"
-        np.savez(data_path, embeddings=x, labels=labels)
+        with atomic_path(data_path) as part, open(part, "wb") as f:  # a file object: savez adds no ".npz"
+            np.savez(f, embeddings=x, labels=labels)
         del x
         runs: list[dict] = []
         for run in range(repeats):

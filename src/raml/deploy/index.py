@@ -13,14 +13,18 @@ On-disk layout (``index_dir``)::
     embeddings-<G>.npy       (N, D) float32 embeddings, rows in index order (re-adding, exact re-ranking)
     paths-<G>.json           the N image paths, as given on the command line / resolved from a list file
     labels-<G>.npy           (N,) int64 class labels (-1 where the images did not come from a dataset split)
+    .lock                    present while a writer holds the index (raml.deploy.lock)
 
 ``index.json`` holds the format version, index type and effective parameters, the embedding dimension and
 dtype, the network's checkpoint path, content SHA-256 and meta, the image size, the count, the datasets
 added, and ``files`` (the names above). An update writes every file of the next generation ``G + 1``
-through temporary files renamed into place, and only then replaces ``index.json`` (atomically): that
-rename is the commit. A crash or an error at any earlier point leaves the previous ``index.json`` and the
+through temporary files that are fsynced, renamed into place and their directory fsynced
+(``raml.utils.atomic_path``), and only then replaces ``index.json`` the same way: that rename is the
+commit. A crash, an error or a power loss at any earlier point leaves the previous ``index.json`` and the
 files it names untouched; files of an uncommitted generation are removed on error or at the next update.
-Two processes must not update the same index at the same time.
+An update holds the directory's lock (:class:`raml.deploy.lock.DirectoryLock`) from reading the current
+generation to the commit, so a second writer is refused at once; readers take no lock (see
+:func:`load_index`).
 
 Index types (all inner product): ``flat`` (``IndexFlatIP``, exact), ``ivf`` (``IndexIVFFlat``: k-means
 coarse quantiser with ``nlist`` cells, ``nprobe`` of them searched), ``hnsw`` (``IndexHNSWFlat``: a graph
@@ -50,6 +54,7 @@ from torch import nn
 
 from raml.data.images import ImageLoadError
 from raml.data.splits import IMAGE_EXTENSIONS
+from raml.deploy.lock import LOCK_NAME, DirectoryLock
 from raml.retrieval.extract import extract_embeddings
 from raml.utils import atomic_numpy_save, atomic_path, atomic_write_text
 
@@ -84,6 +89,7 @@ INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 _FILE_KINDS = {"index": "faiss", "embeddings": "npy", "paths": "json", "labels": "npy"}
 _DEFAULT_TRAIN_SIZE = 200_000
 _NO_LABEL = -1
+_LOAD_ATTEMPTS = 3  # loads of successive generations when writers keep committing during a load
 
 
 class IndexDirectoryError(ValueError):
@@ -498,12 +504,29 @@ def _params_from_meta(meta: dict[str, Any]) -> IndexParams:
 def load_index(index_dir: str | Path) -> DatabaseIndex:
     """Load an index directory written by :func:`index_images`.
 
+    Reading takes no lock: ``index.json`` names one committed generation. Should a writer commit the next
+    generation and remove this one's files between reading ``index.json`` and opening them, the load starts
+    again from the new ``index.json``.
+
     Raises:
         IndexDirectoryError: If the directory is not an index, or its files are missing or inconsistent.
     """
-    faiss = import_faiss()
     index_dir = Path(index_dir)
     meta = _read_metadata(index_dir)
+    for attempt in range(1, _LOAD_ATTEMPTS + 1):
+        try:
+            return _load_generation(index_dir, meta)
+        except IndexDirectoryError:
+            current = _read_metadata(index_dir)
+            if current.get("files") == meta.get("files") or attempt == _LOAD_ATTEMPTS:
+                raise
+            logger.info("The index at %s was updated while loading it; loading the new generation", index_dir)
+            meta = current
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def _load_generation(index_dir: Path, meta: dict[str, Any]) -> DatabaseIndex:
+    faiss = import_faiss()
     files = meta.get("files", {})
     try:
         paths_file, emb_file, labels_file, index_file = (
@@ -542,14 +565,22 @@ def _is_generation_file(name: str) -> bool:
     return False
 
 
+def _is_index_temporary(name: str) -> bool:
+    """A temporary file of ``atomic_path`` (``.<target name>.<random>.tmp``) for an index file; a kill leaves them."""
+    target = name[1:].rsplit(".", 2)[0] if name.startswith(".") and name.endswith(".tmp") else ""
+    return bool(target) and (_is_generation_file(target) or target == METADATA_NAME)
+
+
+def _is_index_leftover(name: str) -> bool:
+    """A file a writer of this folder may leave behind: lock, generation file or temporary file."""
+    return name == LOCK_NAME or _is_generation_file(name) or _is_index_temporary(name)
+
+
 def _remove_unreferenced(index_dir: Path, keep: set[str]) -> None:
     """Delete generation files (and leftover temporary files) that the current index.json does not name."""
     for entry in index_dir.iterdir():
         name = entry.name
-        # atomic_path's temporary files are ".<target name>.<random>.tmp"; a kill can leave them behind.
-        target = name[1:].rsplit(".", 2)[0] if name.startswith(".") and name.endswith(".tmp") else ""
-        stale_tmp = bool(target) and (_is_generation_file(target) or target == METADATA_NAME)
-        if (_is_generation_file(name) and name not in keep) or stale_tmp:
+        if (_is_generation_file(name) and name not in keep) or _is_index_temporary(name):
             try:
                 entry.unlink()
             except OSError as error:  # not fatal: the index itself is committed
@@ -644,6 +675,8 @@ def index_images(
         IndexDirectoryError: On an incompatible existing index, or a non-empty folder that is not an index.
         ValueError: On bad arguments (no paths, wrong number of labels, infeasible parameters).
         ImageLoadError: If images are missing or unreadable.
+        LockHeldError: If another process is writing to ``index_dir`` (a ``FileExistsError``; the message
+            names its PID). A lock left by a killed writer is taken over, with a warning.
     """
     index_dir = Path(index_dir)
     paths = [str(p) for p in paths]
@@ -656,99 +689,107 @@ def index_images(
     label_array = np.asarray(labels if labels is not None else [_NO_LABEL] * len(paths), dtype=np.int64)
     dim = int(getattr(network, "meta", {}).get("outputdim", 0)) or None
 
-    existing: DatabaseIndex | None = None
-    if (index_dir / METADATA_NAME).exists() and not overwrite:
-        existing = load_index(index_dir)
-        _check_append(existing, network_sha256, image_size, dim, params)
-    elif index_dir.exists() and not (index_dir / METADATA_NAME).exists():
-        if not index_dir.is_dir():
-            raise IndexDirectoryError(
-                f"--output {str(index_dir)!r} exists and is not a folder; choose a folder for the index."
-            )
-        if any(index_dir.iterdir()):
-            raise IndexDirectoryError(
-                f"--output {str(index_dir)!r} is a non-empty folder that holds no raml index; choose an empty or "
-                "new folder (nothing was written)."
-            )
+    if index_dir.exists() and not index_dir.is_dir():
+        raise IndexDirectoryError(
+            f"--output {str(index_dir)!r} exists and is not a folder; choose a folder for the index."
+        )
 
-    # Duplicates: against the index, and within this call.
-    seen = {image_key(p) for p in existing.paths} if existing is not None else set()
-    keep: list[int] = []
-    for i, path in enumerate(paths):
-        key = image_key(path)
-        if key not in seen:
-            seen.add(key)
-            keep.append(i)
-    skipped = len(paths) - len(keep)
-    if skipped:
-        logger.info("Skipping %d image(s) already in the index or repeated", skipped)
-    new_paths = [paths[i] for i in keep]
-    new_labels = label_array[keep]
-    if existing is not None and not new_paths:
-        logger.info("Nothing to add: all %d images are already in %s", len(paths), index_dir)
-        return _summary(index_dir, existing.meta, 0, skipped)
-    check_images_exist(new_paths)
-    if existing is None and dim is not None:
-        (params or IndexParams()).resolve(len(new_paths), dim)  # infeasible parameters fail before embedding
-
-    embeddings = embed_images(
-        network, new_paths, image_size, list(devices), batch_size, workers, progress, f"index@{image_size}"
-    )
-    now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-    if existing is None:
-        index, resolved = build_faiss_index(embeddings, params or IndexParams())
-        meta: dict[str, Any] = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "generation": _next_generation(index_dir),
-            "index_type": resolved.index_type,
-            "faiss_factory": resolved.factory_string(),
-            "metric": "inner_product",
-            "params": asdict(resolved),
-            "dim": int(embeddings.shape[1]),
-            "dtype": "float32",
-            "network": {
-                "path": str(network_path) if network_path is not None else None,
-                "sha256": network_sha256,
-                "meta": dict(getattr(network, "meta", {}) or {}),
-            },
-            "image_size": int(image_size),
-            "transform": "resize shorter side to S*8/7 (Lanczos), centre crop S, normalise with the network's mean/std",
-            "count": int(embeddings.shape[0]),
-            "datasets": [dataset] if dataset else [],
-            "created": now,
-            "updated": now,
-        }
-        all_embeddings, all_paths, all_labels = embeddings, new_paths, new_labels
-    else:
-        index = existing.index
-        index.add(embeddings)
-        meta = dict(existing.meta)
-        meta["generation"] = int(meta["generation"]) + 1
-        meta["count"] = int(index.ntotal)
-        meta["updated"] = now
-        if dataset and dataset not in meta.get("datasets", []):
-            if meta.get("datasets") and labels is not None:
-                logger.warning(
-                    "Appending labelled images of %s to an index holding %s: class labels of different splits "
-                    "are not comparable.",
-                    dataset,
-                    ", ".join(meta["datasets"]),
+    # One writer at a time: the lock spans reading the current generation to committing the next one.
+    with DirectoryLock(index_dir, "raml index"):
+        existing: DatabaseIndex | None = None
+        if (index_dir / METADATA_NAME).exists() and not overwrite:
+            existing = load_index(index_dir)
+            _check_append(existing, network_sha256, image_size, dim, params)
+        elif not (index_dir / METADATA_NAME).exists():
+            # A folder holding only what a killed first build left (generation, temporary, lock files) is reused.
+            foreign = sorted(p.name for p in index_dir.iterdir() if not _is_index_leftover(p.name))
+            if foreign:
+                raise IndexDirectoryError(
+                    f"--output {str(index_dir)!r} is a non-empty folder that holds no raml index (it holds "
+                    f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder "
+                    "(nothing was written)."
                 )
-            meta["datasets"] = [*meta.get("datasets", []), dataset]
-        all_embeddings = np.concatenate([existing.embeddings, embeddings])
-        all_paths = [*existing.paths, *new_paths]
-        all_labels = np.concatenate([existing.labels, new_labels])
-    _write_generation(index_dir, meta, index, all_embeddings, all_paths, all_labels, before_commit)
-    logger.info(
-        "Index %s: %d added, %d skipped, %d in total (%s)",
-        index_dir,
-        len(new_paths),
-        skipped,
-        meta["count"],
-        meta["index_type"],
-    )
-    return _summary(index_dir, meta, len(new_paths), skipped)
+
+        # Duplicates: against the index, and within this call.
+        seen = {image_key(p) for p in existing.paths} if existing is not None else set()
+        keep: list[int] = []
+        for i, path in enumerate(paths):
+            key = image_key(path)
+            if key not in seen:
+                seen.add(key)
+                keep.append(i)
+        skipped = len(paths) - len(keep)
+        if skipped:
+            logger.info("Skipping %d image(s) already in the index or repeated", skipped)
+        new_paths = [paths[i] for i in keep]
+        new_labels = label_array[keep]
+        if existing is not None and not new_paths:
+            logger.info("Nothing to add: all %d images are already in %s", len(paths), index_dir)
+            return _summary(index_dir, existing.meta, 0, skipped)
+        check_images_exist(new_paths)
+        if existing is None and dim is not None:
+            (params or IndexParams()).resolve(len(new_paths), dim)  # infeasible parameters fail before embedding
+
+        embeddings = embed_images(
+            network, new_paths, image_size, list(devices), batch_size, workers, progress, f"index@{image_size}"
+        )
+        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        if existing is None:
+            index, resolved = build_faiss_index(embeddings, params or IndexParams())
+            meta: dict[str, Any] = {
+                "format": FORMAT,
+                "version": FORMAT_VERSION,
+                "generation": _next_generation(index_dir),
+                "index_type": resolved.index_type,
+                "faiss_factory": resolved.factory_string(),
+                "metric": "inner_product",
+                "params": asdict(resolved),
+                "dim": int(embeddings.shape[1]),
+                "dtype": "float32",
+                "network": {
+                    "path": str(network_path) if network_path is not None else None,
+                    "sha256": network_sha256,
+                    "meta": dict(getattr(network, "meta", {}) or {}),
+                },
+                "image_size": int(image_size),
+                "transform": (
+                    "resize shorter side to S*8/7 (Lanczos), centre crop S, normalise with the network's mean/std"
+                ),
+                "count": int(embeddings.shape[0]),
+                "datasets": [dataset] if dataset else [],
+                "created": now,
+                "updated": now,
+            }
+            all_embeddings, all_paths, all_labels = embeddings, new_paths, new_labels
+        else:
+            index = existing.index
+            index.add(embeddings)
+            meta = dict(existing.meta)
+            meta["generation"] = int(meta["generation"]) + 1
+            meta["count"] = int(index.ntotal)
+            meta["updated"] = now
+            if dataset and dataset not in meta.get("datasets", []):
+                if meta.get("datasets") and labels is not None:
+                    logger.warning(
+                        "Appending labelled images of %s to an index holding %s: class labels of different splits "
+                        "are not comparable.",
+                        dataset,
+                        ", ".join(meta["datasets"]),
+                    )
+                meta["datasets"] = [*meta.get("datasets", []), dataset]
+            all_embeddings = np.concatenate([existing.embeddings, embeddings])
+            all_paths = [*existing.paths, *new_paths]
+            all_labels = np.concatenate([existing.labels, new_labels])
+        _write_generation(index_dir, meta, index, all_embeddings, all_paths, all_labels, before_commit)
+        logger.info(
+            "Index %s: %d added, %d skipped, %d in total (%s)",
+            index_dir,
+            len(new_paths),
+            skipped,
+            meta["count"],
+            meta["index_type"],
+        )
+        return _summary(index_dir, meta, len(new_paths), skipped)
 
 
 def _next_generation(index_dir: Path) -> int:
