@@ -238,3 +238,110 @@ def test_raml_test_with_an_index_as_the_database_equals_the_exact_test(cub_root:
     b = json.loads(via_index.read_text())["cub-test"]["asym"]
     for key in ("mAP", "R@1", "R@2", "R@4", "R@8"):
         assert abs(a[key] - b[key]) < 1e-6, key
+
+
+def test_raml_test_wires_devices_scales_and_hashing_into_the_protocol(
+    sop_root: Path, networks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+):
+    """-g '0,1' puts the teacher on the second device; -ms and --hash-images reach evaluate_split."""
+    import torch
+
+    from raml.cli import evaluate as test_cli
+
+    seen: dict = {}
+
+    def fake_devices(gpu_id, device):
+        seen["gpu_id"] = (gpu_id, device)
+        return torch.device("cpu"), torch.device("meta")  # two distinguishable devices on any machine
+
+    def fake_evaluate_split(student, split, image_size, device, **kwargs):
+        seen.update(kwargs, student=student, device=device, image_size=image_size, split=split.name)
+        return {"asym": {"mAP": 1.0, "R@1": 2.0}}
+
+    monkeypatch.setattr(test_cli, "devices_from_gpu_id", fake_devices)
+    monkeypatch.setattr(test_cli, "evaluate_split", fake_evaluate_split)
+    code = main(["test", "-spath", str(networks["student"]), "-tpath", str(networks["teacher"]), "-g", "0,1",
+                 "-ms", "[1, 1/2]", "--hash-images", "-imsize", "32", "-timsize", "48", "-d", "sop-test",
+                 "--data-root", str(sop_root), "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert seen["gpu_id"] == ("0,1", "auto")
+    assert seen["device"] == torch.device("cpu") and seen["teacher_device"] == torch.device("meta")
+    assert next(seen["student"].parameters()).device.type == "cpu"
+    assert next(seen["teacher"].parameters()).device.type == "meta"
+    assert seen["query_scales"] == (1.0, 0.5) and seen["content_hash"] is True
+    assert (seen["image_size"], seen["teacher_image_size"], seen["split"]) == (32, 48, "sop-test")
+
+
+def test_model_hints_reach_load_network_only_when_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    import torch
+
+    from raml.cli import networks as networks_cli
+
+    calls = []
+
+    class Loaded(torch.nn.Module):
+        source_path = None
+
+    def fake_load_network(path, **kwargs):
+        calls.append(kwargs)
+        return Loaded()
+
+    monkeypatch.setattr(networks_cli, "load_network", fake_load_network)
+    cpu = torch.device("cpu")
+    networks_cli.network_from_args("old.pth", None, tmp_path, cpu)
+    networks_cli.network_from_args("old.pth", None, tmp_path, cpu, pooling="mac", whitening=0)
+    assert calls[0] == {"data_root": tmp_path, "device": cpu}
+    assert calls[1] == {"data_root": tmp_path, "device": cpu, "pooling": "mac", "whitening": 0}
+    # an architecture: the reference's defaults (gem, no whitening) unless given
+    built = networks_cli.network_from_args(None, "resnet18", tmp_path, cpu, pretrained=False)[0]
+    assert built.meta["pooling"] == "gem" and built.meta["whitening"] == 0
+    built = networks_cli.network_from_args(None, "resnet18", tmp_path, cpu, "mac", 16, pretrained=False)[0]
+    assert built.meta["pooling"] == "mac" and built.output_dim == 16
+
+
+def test_raml_test_multiscale_runs_and_refuses_it_with_an_index(cub_root: Path, networks, tmp_path: Path, capsys):
+    common = ["test", "-d", "cub-val", "--data-root", str(cub_root), "-spath", str(networks["student"]),
+              "-imsize", "32", "-j", "0", "-g", "0", "--no-progress", "--sym"]  # fmt: skip
+    single, multi = tmp_path / "single.json", tmp_path / "multi.json"
+    assert main([*common, "--json", str(single)]) == 0
+    assert main([*common, "-ms", "[1, 2**(1/2)]", "--json", str(multi)]) == 0
+    a, b = (json.loads(p.read_text())["cub-val"]["sym"] for p in (single, multi))
+    assert a["num_queries"] == b["num_queries"] == 100
+    assert a["mAP"] != b["mAP"]  # the queries are other embeddings
+    with pytest.raises(SystemExit, match="multi-scale"):
+        main([*common, "-ms", "[1, 0.5]", "--index", str(tmp_path)])
+
+
+def test_extract_re_embeds_an_image_rewritten_in_place(sop_root: Path, networks, tmp_path: Path):
+    """The cache key holds each image's size and mtime: a regenerated image is never served stale."""
+    from PIL import Image
+
+    from raml.data.splits import get_split
+
+    common = ["extract", "-npath", str(networks["teacher"]), "--dataset", "sop-test", "--data-root", str(sop_root),
+              "-imsize", "32", "-j", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    first, second = tmp_path / "first.npy", tmp_path / "second.npy"
+    assert main([*common, "--output", str(first)]) == 0
+    split = get_split("sop-test", sop_root)
+    changed = 5
+    image = split.root / split.paths[changed]
+    with Image.open(image) as img:
+        inverted = 255 - np.asarray(img.convert("RGB"))
+    Image.fromarray(inverted.astype(np.uint8)).save(image, format="JPEG")  # same name, other content
+    assert main([*common, "--output", str(second)]) == 0
+    a, b = np.load(first), np.load(second)
+    assert np.flatnonzero(np.abs(a - b).max(axis=1) > 1e-6).tolist() == [changed]
+    assert len(list((sop_root / "cache" / "embeddings").glob("*.npy"))) == 2  # not reused: a second entry
+
+
+def test_extract_multiscale_is_its_own_cache_entry(sop_root: Path, networks, tmp_path: Path):
+    common = ["extract", "-npath", str(networks["teacher"]), "--dataset", "sop-test", "--data-root", str(sop_root),
+              "-imsize", "32", "-j", "0", "--device", "cpu", "--no-progress"]  # fmt: skip
+    single, multi = tmp_path / "single.npy", tmp_path / "multi.npy"
+    assert main([*common, "--output", str(single)]) == 0
+    assert main([*common, "-ms", "[1, 1/2**(1/2)]", "--output", str(multi)]) == 0
+    assert len(list((sop_root / "cache" / "embeddings").glob("*.npy"))) == 2
+    assert not np.allclose(np.load(single), np.load(multi))
+    meta = json.loads(multi.with_suffix(".json").read_text())
+    assert meta["multiscale"] == pytest.approx([1.0, 2**-0.5])
+    assert meta["multiscale_power"] == 1.0  # whitened network: a plain mean over scales

@@ -8,35 +8,44 @@ from pathlib import Path
 
 from raml.cli.common import (
     add_bad_images_arg,
-    add_runtime_args,
     comma_list,
-    device_from_args,
+    devices_from_gpu_id,
     positive_int,
     setup_logging,
     write_json,
 )
-from raml.cli.networks import add_network_args, network_from_args
+from raml.cli.networks import (
+    add_model_hint_args,
+    add_multiscale_arg,
+    add_network_args,
+    add_runtime_args,
+    network_from_args,
+)
 from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import evaluate_split, format_results_table
+from raml.retrieval.extract import SINGLE_SCALE
 from raml.utils import file_sha256
 
 logger = logging.getLogger("raml")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``raml test``: every flag and alias of the reference's ``test.py``, plus our own."""
     parser = subparsers.add_parser(
         "test",
         help="symmetric / asymmetric retrieval test",
         description=(
             "Test a student symmetrically (--sym) and/or asymmetrically against a teacher database "
-            "(runs when --teacher-path or --teacher is given)."
+            "(runs when --teacher-path or --teacher is given). Accepts the reference test.py's flags."
         ),
     )
-    add_network_args(parser, "student", required=True)
-    add_network_args(parser, "teacher", required=False)
+    add_network_args(parser, "student", required=True, short="-s", path_short="-spath")
+    add_network_args(parser, "teacher", required=False, short="-t", path_short="-tpath")
+    add_model_hint_args(parser)
     parser.add_argument(
+        "-d",
         "--datasets",
         type=comma_list,
         default=["cub-test"],
@@ -44,17 +53,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="comma-separated test splits, e.g. 'cub-test,cars-test' (default: cub-test)",
     )
     parser.add_argument(
-        "--image-size", type=positive_int, default=224, metavar="N", help="query resolution QR (default: 224)"
+        "-imsize",
+        "--image-size",
+        type=positive_int,
+        default=224,
+        metavar="N",
+        help="query resolution QR (default: 224)",
     )
     parser.add_argument(
+        "-timsize",
         "--teacher-image-size",
         type=positive_int,
         default=448,
         metavar="N",
         help="database resolution DR (default: 448)",
     )
+    add_multiscale_arg(parser)
     parser.add_argument("--sym", action="store_true", help="also run the symmetric test of the student")
-    parser.add_argument("--pool", default="gem", help="pooling for networks built with --student/--teacher ARCH")
     parser.add_argument(
         "--not-pretrained",
         action="store_true",
@@ -70,7 +85,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--no-cache", action="store_true", help="do not cache the teacher's database embeddings")
     add_bad_images_arg(parser)
-    add_runtime_args(parser)
+    add_runtime_args(
+        parser,
+        gpu_help="GPU ids: the student runs on the first, the teacher on the second when two are given "
+        "('0,1'); the CPU when no GPU is visible (default: '0')",
+    )
     parser.set_defaults(func=run)
 
 
@@ -84,7 +103,10 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(
             "raml test: nothing to do: give --teacher-path/--teacher for the asymmetric test and/or --sym."
         )
-    device = device_from_args(args)
+    if args.index is not None and args.multiscale != SINGLE_SCALE:
+        raise SystemExit("raml test: --index does not support multi-scale queries; drop --multiscale.")
+    # the student on the first --gpu-id GPU, the teacher on the second when two are listed
+    device, teacher_device = devices_from_gpu_id(args.gpu_id, args.device)
     # Resolve every split first so that a missing dataset fails before any network is loaded.
     splits, skipped = [], {}
     for name in args.datasets:
@@ -99,6 +121,7 @@ def run(args: argparse.Namespace) -> int:
         args.data_root,
         device,
         pooling=args.pool,
+        whitening=args.whitening,
         pretrained=not args.not_pretrained,
     )
     teacher = teacher_file = None
@@ -107,8 +130,9 @@ def run(args: argparse.Namespace) -> int:
             args.teacher_path,
             args.teacher,
             args.data_root,
-            device,
+            teacher_device,
             pooling=args.pool,
+            whitening=args.whitening,
             pretrained=not args.not_pretrained,
         )
     cache = None if args.no_cache else EmbeddingCache(Path(args.data_root) / "cache" / "embeddings")
@@ -158,6 +182,9 @@ def run(args: argparse.Namespace) -> int:
             cache=cache,
             teacher_sha256=teacher_sha,
             progress=not args.no_progress,
+            teacher_device=teacher_device,
+            query_scales=args.multiscale,
+            content_hash=args.hash_images,
         )
     for split in splits:
         for metrics in results[split.name].values():

@@ -8,43 +8,58 @@ from pathlib import Path
 
 from raml.cli.common import (
     add_bad_images_arg,
-    add_runtime_args,
-    device_from_args,
+    devices_from_gpu_id,
     positive_int,
     setup_logging,
     write_json,
 )
-from raml.cli.networks import add_network_args, network_from_args
+from raml.cli.networks import (
+    add_model_hint_args,
+    add_multiscale_arg,
+    add_network_args,
+    add_runtime_args,
+    network_from_args,
+)
 from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
 from raml.distributed import init_distributed
 from raml.retrieval.cache import EmbeddingCache
-from raml.retrieval.extract import extract_embeddings_sharded
+from raml.retrieval.extract import extract_embeddings_sharded, multiscale_power
 from raml.utils import atomic_numpy_save, file_sha256
 
 logger = logging.getLogger("raml")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """``raml extract``: the reference's ``extract_features.py`` flags where they apply, one split per call."""
     parser = subparsers.add_parser(
         "extract",
         help="embed a dataset split and save the embeddings",
         description=(
             "Embed every image of a split (rows in split order) and write them to --output as float32 .npy, "
-            "with a JSON description (paths, labels, network, size) beside it. Embeddings of a checkpoint are "
-            "cached under <data-root>/cache/embeddings, keyed by the checkpoint's content hash, the size and "
-            "the split, so later runs (e.g. a teacher's database side) reuse them."
+            "with a JSON description (paths, labels, network, size, scales) beside it. Embeddings of a checkpoint "
+            "are cached under <data-root>/cache/embeddings, keyed by the checkpoint's content hash, the size, the "
+            "scales, the split and each image's size and modification time, so later runs (e.g. a teacher's "
+            "database side) reuse them."
         ),
     )
-    add_network_args(parser, "network", required=True)
+    add_network_args(parser, "network", required=True, path_short="-npath")
+    add_model_hint_args(parser)
     parser.add_argument("--dataset", required=True, metavar="NAME", help="split to embed, e.g. 'cub-test'")
-    parser.add_argument("--image-size", type=positive_int, default=448, metavar="N", help="resolution (default 448)")
+    parser.add_argument(
+        "-imsize",
+        "--image-size",
+        type=positive_int,
+        default=448,
+        metavar="N",
+        help="resolution (default 448)",
+    )
+    add_multiscale_arg(parser)
     parser.add_argument("--output", type=Path, required=True, metavar="FILE.npy", help="where to write")
-    parser.add_argument("--pool", default="gem", help="pooling for a network built with --network ARCH")
     parser.add_argument("--not-pretrained", action="store_true", help="random weights with --network ARCH")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     add_bad_images_arg(parser)
-    add_runtime_args(parser)
+    add_runtime_args(parser, gpu_help="GPU id the network runs on (the first when several are listed; default: '0')")
     parser.set_defaults(func=run)
 
 
@@ -54,7 +69,7 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
     # under torchrun every process embeds a share of the split; rank 0 writes the outputs
     dist, dist_device = init_distributed(args.device)
-    device = dist_device or device_from_args(args)
+    device = dist_device or devices_from_gpu_id(args.gpu_id, args.device)[0]
     split, bad = apply_bad_image_policy(
         get_split(args.dataset, args.data_root), args.bad_images, workers=max(1, args.workers)
     )
@@ -64,6 +79,7 @@ def run(args: argparse.Namespace) -> int:
         args.data_root,
         device,
         pooling=args.pool,
+        whitening=args.whitening,
         pretrained=not args.not_pretrained,
     )
     paths = [str(p) for p in split.abspaths()]
@@ -79,12 +95,22 @@ def run(args: argparse.Namespace) -> int:
             args.workers,
             progress=not args.no_progress,
             description=f"{split.name}@{args.image_size}",
+            scales=args.multiscale,
         )
 
     sha = file_sha256(checkpoint) if checkpoint is not None else None
     if sha is not None and not args.no_cache:
         cache = EmbeddingCache(Path(args.data_root) / "cache" / "embeddings")
-        embeddings = cache.get_or_compute(sha, args.image_size, split.name, list(split.paths), compute)
+        embeddings = cache.get_or_compute(
+            sha,
+            args.image_size,
+            split.name,
+            list(split.paths),
+            compute,
+            root=split.root,
+            scales=args.multiscale,
+            content_hash=args.hash_images,
+        )
     else:
         embeddings = compute()
     if not dist.is_main:
@@ -97,6 +123,8 @@ def run(args: argparse.Namespace) -> int:
             "split": split.name,
             "root": str(split.root),
             "image_size": args.image_size,
+            "multiscale": list(args.multiscale),
+            "multiscale_power": multiscale_power(network, args.multiscale),
             "network": str(checkpoint) if checkpoint is not None else args.network,
             "network_sha256": sha,
             "shape": list(embeddings.shape),

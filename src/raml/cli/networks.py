@@ -1,27 +1,145 @@
-"""``--student-path NETWORK | --student ARCH`` style flags and how they become networks."""
+"""Flags shared by ``raml test`` and ``raml extract``, with the reference's spellings, and how they become
+typed values: ``--student-path NETWORK | --student ARCH`` style network pairs, ``-p/--pool``,
+``-w/--whitening``, ``-ms/--multiscale``, ``-g/--gpu-id`` and the runtime flags (``-j/--workers``, ...)."""
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from raml.models import build_network, load_network
+from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id
+from raml.models import POOLINGS, build_network, load_network
+from raml.retrieval.extract import parse_scales
+
+#: What ``--pool`` and ``--whitening`` mean when they are not given (the reference's defaults).
+DEFAULT_POOL = "gem"
+DEFAULT_WHITENING = 0
 
 
-def add_network_args(parser: argparse.ArgumentParser, role: str, required: bool) -> None:
-    """Add the seed's mutually exclusive ``--<role>-path NETWORK`` / ``--<role> ARCH`` pair."""
+def add_network_args(
+    parser: argparse.ArgumentParser,
+    role: str,
+    required: bool,
+    short: str | None = None,
+    path_short: str | None = None,
+) -> None:
+    """Add the seed's mutually exclusive ``--<role>-path NETWORK`` / ``--<role> ARCH`` pair.
+
+    Args:
+        parser: the command's parser.
+        role: ``student``, ``teacher`` or ``network``.
+        required: one of the two must be given.
+        short: the reference's alias of ``--<role>`` (e.g. ``-s``).
+        path_short: the reference's alias of ``--<role>-path`` (e.g. ``-spath``).
+    """
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument(
+        *([path_short] if path_short else []),
         f"--{role}-path",
         metavar="NETWORK",
         help=f"{role} checkpoint: a file, a name in <data-root>/networks/, or a published model name",
     )
     group.add_argument(
+        *([short] if short else []),
         f"--{role}",
         metavar="ARCH",
         help=f"{role} built from a torchvision/timm architecture name (ImageNet weights unless --not-pretrained)",
+    )
+
+
+def non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
+    return number
+
+
+def scales_arg(value: str) -> tuple[float, ...]:
+    """argparse type of ``-ms/--multiscale``: the reference's list syntax, parsed without ``eval``."""
+    try:
+        return parse_scales(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(
+            f"{error}. Expected a list of positive scales such as '[1]' or '[1, 1/2**(1/2), 1/2]'."
+        ) from None
+
+
+def gpu_id_arg(value: str) -> str:
+    """argparse type of ``-g/--gpu-id``: checked at parse time, kept as the reference's string (``'0,1'``)."""
+    parse_gpu_id(value)
+    return value.strip()
+
+
+def add_model_hint_args(parser: argparse.ArgumentParser) -> None:
+    """``-p/--pool`` and ``-w/--whitening``: how ARCH networks are built, and hints for old checkpoints."""
+    parser.add_argument(
+        "-p",
+        "--pool",
+        choices=sorted(POOLINGS),
+        default=None,
+        metavar="POOL",
+        help=f"pooling of a network built from an architecture name (ARCH), and of a checkpoint without 'meta': "
+        f"{' | '.join(sorted(POOLINGS))} (default: {DEFAULT_POOL}; a checkpoint's own meta wins)",
+    )
+    parser.add_argument(
+        "-w",
+        "--whitening",
+        type=non_negative_int,
+        default=None,
+        metavar="DIM",
+        help=f"whitening output dimension of a network built from ARCH, and of a checkpoint without 'meta'; "
+        f"0 = none (default: {DEFAULT_WHITENING}; a checkpoint's own meta wins)",
+    )
+
+
+def add_multiscale_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "-ms",
+        "--multiscale",
+        type=scales_arg,
+        default="[1]",
+        metavar="MULTISCALE",
+        help="scales of the query embeddings (the database stays single-scale), e.g. '[1]' | "
+        "'[1, 1/2**(1/2), 1/2]' | '[1, 2**(1/2), 1/2**(1/2)]'; numbers and + - * / ** only (default: '[1]')",
+    )
+
+
+def add_runtime_args(
+    parser: argparse.ArgumentParser, batch_size: int = 32, gpu_help: str = "GPU ids, e.g. '0' (default: '0')"
+) -> None:
+    """The runtime flags of ``raml.cli.common.add_runtime_args`` plus the reference's ``-j`` and ``-g/--gpu-id``."""
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding the datasets")
+    group.add_argument(
+        "--device",
+        default="auto",
+        help="'auto' (the --gpu-id GPUs when CUDA is present, else the CPU), 'cpu', 'cuda', 'cuda:1', ...; "
+        "anything but 'auto' overrides --gpu-id",
+    )
+    group.add_argument("-g", "--gpu-id", type=gpu_id_arg, default="0", metavar="N", help=gpu_help)
+    group.add_argument(
+        "-j",
+        "--workers",
+        type=non_negative_int,
+        default=default_workers(),
+        metavar="N",
+        help=WORKERS_HELP.format(os.cpu_count() or 1),
+    )
+    group.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help="images per batch")
+    group.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    group.add_argument("--verbose", action="store_true", help="debug logging")
+    group.add_argument(
+        "--hash-images",
+        action="store_true",
+        help="key cached embeddings by each image's content (SHA-256) instead of its size and modification "
+        "time: also sees a same-size rewrite that kept the old time, at the cost of reading every image",
     )
 
 
@@ -30,15 +148,29 @@ def network_from_args(
     architecture: str | None,
     data_root: str | Path,
     device: torch.device,
-    pooling: str = "gem",
-    whitening: int = 0,
+    pooling: str | None = None,
+    whitening: int | None = None,
     pretrained: bool = True,
 ) -> tuple[torch.nn.Module, Path | None]:
-    """Load a checkpoint (``path``) or build an architecture; returns the network and its checkpoint file."""
+    """Load a checkpoint (``path``) or build an architecture; returns the network and its checkpoint file.
+
+    ``pooling``/``whitening`` build an architecture (defaults :data:`DEFAULT_POOL`, :data:`DEFAULT_WHITENING`)
+    and are passed to :func:`raml.models.load_network` as hints only when given (not None).
+    """
     if path is not None:
-        network = load_network(path, data_root=data_root, device=device)
+        hints: dict[str, Any] = {}
+        if pooling is not None:
+            hints["pooling"] = pooling
+        if whitening is not None:
+            hints["whitening"] = whitening
+        network = load_network(path, data_root=data_root, device=device, **hints)
         return network, getattr(network, "source_path", None)
     if architecture is None:
         raise ValueError("Give either a checkpoint (--*-path) or an architecture name.")
-    network = build_network(architecture, pooling=pooling, whitening=whitening, pretrained=pretrained)
+    network = build_network(
+        architecture,
+        pooling=pooling if pooling is not None else DEFAULT_POOL,
+        whitening=whitening if whitening is not None else DEFAULT_WHITENING,
+        pretrained=pretrained,
+    )
     return network.to(device).eval(), None

@@ -1,8 +1,15 @@
 """On-disk cache of embeddings that do not change: a frozen teacher's database side.
 
 The key is derived from everything the embeddings depend on: the checkpoint's content hash (not its
-name), the image size, the split's name and the exact list of image paths, and the version of the
-evaluation transform. A different teacher, size or split therefore can never reuse a stale entry.
+name), the image size, the scales of a multi-scale embedding, the split's name, the exact list of image
+paths, a stamp of every image file, and the version of the evaluation transform.
+
+The stamp of a file is its size and modification time (``st_size``, ``st_mtime_ns``) by default: an image
+regenerated in place under the same name gets a new key, so its stale embeddings are not reused. The one
+change this cannot see is a rewrite that keeps both the size and the modification time (``cp -p``/``rsync
+-t`` of a same-sized file, ``touch -r``): ``content_hash=True`` stamps each file with the SHA-256 of its
+bytes instead, which sees every change at the cost of reading every image once per lookup.
+
 Entries are ``<key>.npy`` (float32, (N, D)) with a ``<key>.json`` description beside them.
 """
 
@@ -11,28 +18,84 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from raml.utils import atomic_numpy_save, atomic_write_text
+from raml.utils import atomic_numpy_save, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
 #: Bump when the evaluation transform changes so that old entries are not reused.
 TRANSFORM_VERSION = "eval-lanczos-8/7-centrecrop-v1"
 
+#: The stamp of a file that could not be read (it is still part of the key: if it appears, the key changes).
+MISSING = "missing"
 
-def cache_key(network_sha256: str, image_size: int, split_name: str, paths: Sequence[str]) -> str:
-    """A hex key that changes whenever the network content, the size or the split's images change."""
+
+def file_stamps(files: Sequence[str | Path], content_hash: bool = False) -> list[str]:
+    """One stamp per file: ``"<size>:<mtime_ns>"``, or ``"sha256:<hex>"`` with ``content_hash``.
+
+    A file that cannot be read is stamped :data:`MISSING` and logged once (with a count), so a cache lookup
+    never fails on its own; reading the images will report them properly.
+    """
+    stamps: list[str] = []
+    missing: list[str] = []
+    for file in files:
+        try:
+            if content_hash:
+                stamps.append(f"sha256:{file_sha256(file)}")
+            else:
+                st = os.stat(file)
+                stamps.append(f"{st.st_size}:{st.st_mtime_ns}")
+        except OSError:
+            stamps.append(MISSING)
+            missing.append(str(file))
+    if missing:
+        logger.warning(
+            "Embedding cache: %d of %d image files could not be read (first: %s); a change to them will not be "
+            "seen by the cache. Pass the dataset folder as root= when the paths are relative to it.",
+            len(missing),
+            len(stamps),
+            missing[0],
+        )
+    return stamps
+
+
+def cache_key(
+    network_sha256: str,
+    image_size: int,
+    split_name: str,
+    paths: Sequence[str],
+    *,
+    scales: Sequence[float] = (1.0,),
+    stamps: Sequence[str] | None = None,
+) -> str:
+    """A hex key that changes whenever the network content, the size, the scales or the images change.
+
+    Args:
+        network_sha256: content hash of the checkpoint.
+        image_size: the side S of the evaluation transform.
+        split_name: e.g. ``cub-test``.
+        paths: the split's image paths, in row order.
+        scales: the multi-scale factors (``(1,)`` for single-scale).
+        stamps: one :func:`file_stamps` entry per path (None: the paths alone identify the images).
+    """
+    if stamps is not None and len(stamps) != len(paths):
+        raise ValueError(f"cache_key needs one stamp per path, got {len(stamps)} stamps for {len(paths)} paths.")
     digest = hashlib.sha256()
-    for part in (network_sha256, str(image_size), split_name, TRANSFORM_VERSION):
+    scales_text = ",".join(repr(float(s)) for s in scales)
+    for part in (network_sha256, str(image_size), split_name, TRANSFORM_VERSION, f"scales={scales_text}"):
         digest.update(part.encode())
         digest.update(b"\0")
-    for path in paths:
+    for i, path in enumerate(paths):
         digest.update(str(path).encode())
+        if stamps is not None:
+            digest.update(b"\t")
+            digest.update(stamps[i].encode())
         digest.update(b"\n")
     return digest.hexdigest()[:32]
 
@@ -76,9 +139,26 @@ class EmbeddingCache:
         split_name: str,
         paths: Sequence[str],
         compute: Callable[[], torch.Tensor],
+        *,
+        root: str | Path | None = None,
+        scales: Sequence[float] = (1.0,),
+        content_hash: bool = False,
     ) -> torch.Tensor:
-        """Return cached embeddings for this (network, size, split), computing and storing them if needed."""
-        key = cache_key(network_sha256, image_size, split_name, paths)
+        """Return cached embeddings for these (network, size, scales, split, images), computing them if needed.
+
+        Args:
+            network_sha256: content hash of the checkpoint.
+            image_size: the side S of the evaluation transform.
+            split_name: e.g. ``cub-test``.
+            paths: the image paths, in row order (relative to ``root`` when it is given).
+            compute: returns the (N, D) embeddings when the cache has no entry.
+            root: the dataset folder the paths are relative to; the files stamped are ``root / path``.
+            scales: the multi-scale factors the embeddings are computed with.
+            content_hash: stamp the images by content (SHA-256) instead of size and modification time.
+        """
+        files = [Path(root) / p for p in paths] if root is not None else [Path(p) for p in paths]
+        stamps = file_stamps(files, content_hash=content_hash)
+        key = cache_key(network_sha256, image_size, split_name, paths, scales=scales, stamps=stamps)
         cached = self.load(key, expected_rows=len(paths))
         if cached is not None:
             return cached
@@ -89,10 +169,12 @@ class EmbeddingCache:
             {
                 "network_sha256": network_sha256,
                 "image_size": image_size,
+                "scales": [float(s) for s in scales],
                 "split": split_name,
                 "num_images": len(paths),
                 "dim": int(embeddings.shape[1]),
                 "transform": TRANSFORM_VERSION,
+                "file_stamps": "sha256" if content_hash else "size+mtime_ns",
             },
         )
         return embeddings

@@ -2,15 +2,28 @@
 
 Images go through the evaluation transform (Lanczos resize of the shorter side to S + S/7, centre crop S)
 with the network's own mean/std, in batches, on the device the caller chose.
+
+Multi-scale embedding (the reference's ``--multiscale``, used for queries only): the evaluation-transformed
+batch ``(B, 3, S, S)`` is rescaled bilinearly by each scale ``s`` (``s == 1`` is the batch itself), each
+rescaled batch is embedded, and with ``p`` the multi-scale power (:func:`multiscale_power`)::
+
+    v = (mean_s  f(x_s) ** p) ** (1 / p),   embedding = v / ||v||_2            (B, D)
+
+Scales are parsed from the reference's list syntax by :func:`parse_scales`, which evaluates nothing: it walks
+the expression tree and allows numbers and ``+ - * / **`` only.
 """
 
 from __future__ import annotations
 
+import ast
 import logging
-from collections.abc import Sequence
+import math
+import operator
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -21,6 +34,19 @@ from raml.distributed import DistContext, all_gather_rows, shard_bounds
 
 logger = logging.getLogger(__name__)
 
+#: One scale: the image as the evaluation transform gives it.
+SINGLE_SCALE: tuple[float, ...] = (1.0,)
+
+_MAX_SCALES_TEXT = 1000
+_BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
+    ast.Add: operator.add,
+    ast.Sub: operator.sub,
+    ast.Mult: operator.mul,
+    ast.Div: operator.truediv,
+    ast.Pow: operator.pow,
+}
+_UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
+
 
 def network_mean_std(network: nn.Module) -> tuple[list[float], list[float]]:
     """The input normalisation a network was trained with (its ``meta``), ImageNet defaults otherwise."""
@@ -28,6 +54,120 @@ def network_mean_std(network: nn.Module) -> tuple[list[float], list[float]]:
     mean = list(meta.get("mean", (0.485, 0.456, 0.406)))
     std = list(meta.get("std", (0.229, 0.224, 0.225)))
     return mean, std
+
+
+def _scale_value(node: ast.AST, text: str) -> float:
+    """The value of one scale expression: numbers combined with ``+ - * / **`` and unary signs."""
+    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
+        return float(node.value)
+    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
+        return _UNARY_OPS[type(node.op)](_scale_value(node.operand, text))
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
+        left, right = _scale_value(node.left, text), _scale_value(node.right, text)
+        try:
+            value = _BINARY_OPS[type(node.op)](left, right)
+        except ZeroDivisionError:
+            raise ValueError(f"{ast.unparse(node)!r} in {text!r} divides by zero") from None
+        except OverflowError:
+            raise ValueError(f"{ast.unparse(node)!r} in {text!r} is too large") from None
+        if not isinstance(value, float):  # a negative base to a fractional power is complex
+            raise ValueError(f"{ast.unparse(node)!r} in {text!r} is not a real number")
+        return value
+    raise ValueError(
+        f"{ast.unparse(node)!r} in {text!r} is not allowed: a scale is a number or arithmetic on numbers "
+        "with + - * / ** (e.g. 1/2**(1/2))"
+    )
+
+
+def validate_scales(scales: Sequence[float]) -> tuple[float, ...]:
+    """Check that ``scales`` is a non-empty list of positive finite numbers; return it as a tuple of floats."""
+    if isinstance(scales, str | bytes) or not isinstance(scales, Sequence):
+        raise ValueError(f"scales must be a sequence of numbers such as (1, 0.5), got {scales!r}")
+    values = tuple(float(s) for s in scales)
+    if not values:
+        raise ValueError("scales must hold at least one scale, e.g. (1,)")
+    bad = [s for s in values if not (math.isfinite(s) and s > 0)]
+    if bad:
+        raise ValueError(f"every scale must be a positive finite number, got {bad[0]!r} in {list(values)}")
+    return values
+
+
+def parse_scales(text: str) -> tuple[float, ...]:
+    """Parse the reference's ``--multiscale`` value, e.g. ``'[1, 1/2**(1/2), 1/2]'``, without evaluating it.
+
+    Accepted: a list or tuple (brackets optional) of numbers or arithmetic on numbers with ``+ - * / **``
+    and unary signs. Every scale must be positive and finite.
+
+    Raises:
+        ValueError: on anything else (names, calls, nested lists, strings, empty lists, non-positive or
+            non-finite scales), naming the part that was refused.
+    """
+    if not isinstance(text, str):
+        raise ValueError(f"scales must be given as text such as '[1, 1/2]', got {text!r}")
+    if len(text) > _MAX_SCALES_TEXT:
+        raise ValueError(f"the list of scales is longer than {_MAX_SCALES_TEXT} characters")
+    try:
+        tree = ast.parse(text.strip(), mode="eval")
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
+        raise ValueError(f"{text!r} is not a list of scales such as '[1, 1/2**(1/2), 1/2]' ({error})") from None
+    body = tree.body
+    items = body.elts if isinstance(body, ast.List | ast.Tuple) else [body]
+    try:
+        values = [_scale_value(item, text) for item in items]
+    except RecursionError:
+        raise ValueError(f"{text!r} is nested too deeply") from None
+    return validate_scales(values)
+
+
+def multiscale_power(network: nn.Module, scales: Sequence[float]) -> float:
+    """The exponent ``p`` of the multi-scale mean: GeM's learned ``p`` when the network pools with GeM and
+    has no whitening and more than one scale is used; 1 (a plain mean) otherwise, as in the reference."""
+    if len(scales) <= 1:
+        return 1.0
+    meta = getattr(network, "meta", {}) or {}
+    pool = getattr(network, "pool", None)
+    p = getattr(pool, "p", None)
+    if meta.get("pooling") == "gem" and not meta.get("whitening") and isinstance(p, torch.Tensor) and p.numel() == 1:
+        return float(p.detach().item())
+    return 1.0
+
+
+def embed_batch(
+    network: nn.Module, images: torch.Tensor, scales: Sequence[float] = SINGLE_SCALE, power: float = 1.0
+) -> torch.Tensor:
+    """Embed ``(B, 3, S, S)`` images, at several scales when ``scales`` is not ``(1,)`` (see module docstring).
+
+    Args:
+        network: maps ``(B, 3, H, W)`` -> ``(B, D)``; on the images' device.
+        images: the evaluation-transformed batch.
+        scales: bilinear rescaling factors; ``(1,)`` is the plain single-scale embedding.
+        power: the exponent ``p`` of the generalized mean over scales (:func:`multiscale_power`).
+
+    Returns:
+        ``(B, D)`` float32 embeddings, L2-normalised.
+    """
+    scales = validate_scales(scales)
+    if scales == SINGLE_SCALE:
+        return network(images).float()
+    if not (math.isfinite(power) and power > 0):
+        raise ValueError(f"the multi-scale power must be a positive finite number, got {power!r}")
+    total: torch.Tensor | None = None
+    for scale in scales:
+        if scale == 1.0:
+            rescaled = images
+        else:
+            height, width = images.shape[-2:]
+            if math.floor(height * scale) < 1 or math.floor(width * scale) < 1:
+                raise ValueError(
+                    f"scale {scale} turns {height}x{width} images into less than one pixel; use larger scales "
+                    "or a larger image size"
+                )
+            rescaled = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
+        term = network(rescaled).float().pow(power)
+        total = term if total is None else total + term
+    assert total is not None
+    pooled = (total / len(scales)).pow(1.0 / power)
+    return pooled / pooled.norm(p=2, dim=1, keepdim=True)
 
 
 @torch.inference_mode()
@@ -40,8 +180,9 @@ def extract_embeddings(
     workers: int = 0,
     progress: bool = True,
     description: str = "extract",
+    scales: Sequence[float] = SINGLE_SCALE,
 ) -> torch.Tensor:
-    """Embed images with ``network`` at ``image_size``.
+    """Embed images with ``network`` at ``image_size``, optionally multi-scale (:func:`embed_batch`).
 
     Args:
         network: maps (B, 3, S, S) -> (B, D) L2-normalised embeddings; already on ``device``.
@@ -52,12 +193,17 @@ def extract_embeddings(
         workers: DataLoader worker processes (0 = load in this process).
         progress: show a progress bar.
         description: label of the progress bar.
+        scales: rescaling factors of the evaluation-transformed images; ``(1,)`` is single-scale.
 
     Returns:
         (N, D) float32 tensor on the CPU.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
+    scales = validate_scales(scales)
+    power = multiscale_power(network, scales)
+    if scales != SINGLE_SCALE:
+        logger.info("Multi-scale embedding: scales %s, power %.4g (%s)", list(scales), power, description)
     mean, std = network_mean_std(network)
     dataset = ImageDataset(list(paths), None, EvalTransform(image_size, mean, std))
     loader = DataLoader(
@@ -72,8 +218,8 @@ def extract_embeddings(
     chunks: list[torch.Tensor] = []
     try:
         for images, _ in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
-            embeddings = network(images.to(device, non_blocking=True))
-            chunks.append(embeddings.float().cpu())
+            embeddings = embed_batch(network, images.to(device, non_blocking=True), scales, power)
+            chunks.append(embeddings.cpu())
     finally:
         network.train(was_training)
     if not chunks:
@@ -91,15 +237,26 @@ def extract_embeddings_sharded(
     workers: int = 0,
     progress: bool = True,
     description: str = "extract",
+    scales: Sequence[float] = SINGLE_SCALE,
 ) -> torch.Tensor:
     """:func:`extract_embeddings` split over ``torchrun`` processes: each embeds a contiguous share of
     ``paths`` and every process receives all (N, D) rows, in ``paths`` order (a collective call)."""
     if not dist.enabled:
-        return extract_embeddings(network, paths, image_size, device, batch_size, workers, progress, description)
+        return extract_embeddings(
+            network, paths, image_size, device, batch_size, workers, progress, description, scales=scales
+        )
     start, stop = shard_bounds(len(paths), dist)
     if start < stop:
         local = extract_embeddings(
-            network, list(paths)[start:stop], image_size, device, batch_size, workers, progress, description
+            network,
+            list(paths)[start:stop],
+            image_size,
+            device,
+            batch_size,
+            workers,
+            progress,
+            description,
+            scales=scales,
         )
     else:
         local = torch.zeros(0, int(getattr(network, "meta", {})["outputdim"]))
