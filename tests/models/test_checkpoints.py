@@ -6,7 +6,10 @@ import functools
 import http.server
 import os
 import pickle
+import shutil
+import subprocess
 import threading
+import types
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +25,7 @@ from raml.models import (
     EmbeddingNetwork,
     build_network,
     checkpoint_sha256,
+    infer_meta,
     load_checkpoint_file,
     load_network,
     network_from_checkpoint,
@@ -29,7 +33,8 @@ from raml.models import (
     save_checkpoint,
 )
 from raml.models import checkpoints as checkpoints_module
-from raml.models.checkpoints import download_file
+from raml.models.backbones import _torchvision_trunk
+from raml.models.checkpoints import download_file, read_sha256sums
 
 # torchvision ResNet child name -> index in the reference's ``backbone`` Sequential.
 _RESNET_CHILDREN = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
@@ -103,9 +108,9 @@ def _manual_embedding(resnet: torchvision.models.ResNet, checkpoint: dict, x: to
         pooled = np.array(
             [np.mean(np.maximum(feature_map[b, c], 1e-6) ** p) ** (1.0 / p) for c in range(feature_map.shape[1])]
         )
-        pooled = pooled / np.sqrt(np.sum(pooled**2))
+        pooled = pooled / (np.sqrt(np.sum(pooled**2)) + 1e-6)  # the reference's L2N adds eps to the norm
         whitened = weight @ pooled + bias
-        rows.append(whitened / np.sqrt(np.sum(whitened**2)))
+        rows.append(whitened / (np.sqrt(np.sum(whitened**2)) + 1e-6))
     return np.stack(rows)
 
 
@@ -241,8 +246,8 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("content", "message"),
     [
-        ({"state_dict": {}}, r"lacks \['meta'\]; found keys \['state_dict'\]"),
-        ({"model": {}}, r"lacks \['meta', 'state_dict'\]"),
+        ({"meta": {"architecture": "resnet18"}}, r"lacks 'state_dict'; found keys \['meta'\]"),
+        ({"model": {}}, r"lacks 'state_dict'; found keys \['model'\]"),
         ([1, 2], "not a checkpoint dict"),
     ],
 )
@@ -389,3 +394,316 @@ def test_unknown_network_lists_published_names(name: str, tmp_path: Path) -> Non
 def test_unknown_network_suggests_close_published_name(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Did you mean cub-448r-resnet50-512-gem-w"):
         resolve_network_path("cub-448r-resnet50-512-gem", tmp_path)
+
+
+# ------------------------------------------------- training checkpoints of the reference (no meta)
+
+
+def _reference_training_checkpoint(network: EmbeddingNetwork, pooling: str, old_torch: bool = False) -> dict:
+    """What the reference's ``save_checkpoint`` writes after training ``network``: no ``meta``; the AdamW and
+    OneCycleLR of its ``get_model_optimizer`` (GeM ``p`` at 10x lr without weight decay)."""
+    lr = 1e-4
+    groups = [{"params": network.backbone.parameters()}]
+    if pooling == "gem":
+        groups.append({"params": network.pool.parameters(), "lr": lr * 10, "weight_decay": 0})
+    elif pooling == "gemmp":
+        groups.append({"params": network.pool.parameters(), "lr": lr * 100, "weight_decay": 0})
+    if network.whiten is not None:
+        groups.append({"params": network.whiten.parameters()})
+    optimizer = torch.optim.AdamW(groups, lr, weight_decay=1e-6)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, div_factor=10, steps_per_epoch=3, epochs=2)
+    network.train()
+    network(torch.rand(2, 3, 32, 32)).square().sum().backward()
+    optimizer.step()
+    scheduler.step()
+    network.eval()
+    scheduler_state = scheduler.state_dict()
+    max_map: object = 0.4321
+    if old_torch:
+        # PyTorch 1.12 (the reference's) kept OneCycleLR's annealing function as a bound method in its state
+        # dict, pickled as getattr(<the scheduler object, with its optimizer>, name); the reference's mAP is a
+        # numpy float. weights_only=True refuses both.
+        scheduler_state["anneal_func"] = types.MethodType(torch.optim.lr_scheduler.OneCycleLR._annealing_cos, scheduler)
+        max_map = np.float64(0.4321)
+    return {
+        "epoch": 2,
+        "state_dict": network.state_dict(),
+        "max_map": max_map,
+        "optimizer": optimizer.state_dict(),
+        "scheduler": scheduler_state,
+    }
+
+
+@pytest.fixture(scope="module")
+def reference_gem() -> tuple[EmbeddingNetwork, dict]:
+    """A resnet18 GeM network trained one step, and its checkpoint as the reference's PyTorch 1.12 wrote it."""
+    torch.manual_seed(7)
+    trained = build_network("resnet18", pooling="gem", whitening=16, pretrained=False)
+    return trained, _reference_training_checkpoint(trained, "gem", old_torch=True)
+
+
+def _same_embeddings(a: EmbeddingNetwork, b: EmbeddingNetwork, size: int = 32) -> None:
+    x = torch.rand(2, 3, size, size)
+    with torch.no_grad():
+        torch.testing.assert_close(a.eval()(x), b.eval()(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("old_torch", [False, True], ids=["torch2-state", "torch1.12-state"])
+def test_reference_training_checkpoint_without_meta_loads(
+    old_torch: bool, reference_gem: tuple, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    trained, checkpoint = reference_gem
+    if not old_torch:  # what the reference's save_checkpoint writes under today's PyTorch
+        checkpoint = dict(checkpoint, max_map=float(checkpoint["max_map"]))
+        checkpoint["scheduler"] = {k: v for k, v in checkpoint["scheduler"].items() if k != "anneal_func"}
+    path = tmp_path / "model_best.pth.tar"
+    torch.save(checkpoint, path)
+    if old_torch:
+        with pytest.raises(pickle.UnpicklingError):
+            torch.load(path, weights_only=True)
+
+    with caplog.at_level("INFO", logger="raml.models.checkpoints"):
+        loaded = load_network(path, data_root=tmp_path)
+    assert loaded.meta["architecture"] == "resnet18" and loaded.meta["pooling"] == "gem"
+    assert loaded.meta["whitening"] == 16 and loaded.output_dim == 16
+    assert loaded.mean == tuple(_MEAN) and loaded.std == tuple(_STD)
+    assert "has no 'meta'; inferred from its weights: architecture resnet18, pooling gem, whitening 16" in caplog.text
+    _same_embeddings(loaded, trained)
+
+    checkpoint = load_checkpoint_file(path)
+    assert checkpoint["epoch"] == 2 and checkpoint["max_map"] == pytest.approx(0.4321)
+    assert type(checkpoint["max_map"]) is float
+    # The optimizer state is plain data and is kept: a resume can restore it.
+    torch.optim.AdamW(
+        [
+            {"params": list(trained.backbone.parameters())},
+            {"params": trained.pool.parameters()},
+            {"params": trained.whiten.parameters()},
+        ]
+    ).load_state_dict(checkpoint["optimizer"])
+    if old_torch:
+        assert "scheduler" not in checkpoint
+        warning = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"][-1]
+        assert "restricted unpickler" in warning and "dropped ['scheduler']" in warning
+        assert "torch.optim.lr_scheduler.OneCycleLR" in warning and "builtins.getattr" in warning
+    else:
+        assert checkpoint["scheduler"]["total_steps"] == 6 and checkpoint["scheduler"]["last_epoch"] == 1
+
+
+def test_meta_less_gemmp_without_whitening(tmp_path: Path) -> None:
+    torch.manual_seed(8)
+    trained = build_network("resnet18", pooling="gemmp", whitening=0, pretrained=False)
+    path = tmp_path / "gemmp.pth"
+    torch.save(_reference_training_checkpoint(trained, "gemmp"), path)
+    loaded = load_network(path, whitening=0)
+    assert loaded.meta["pooling"] == "gemmp" and loaded.meta["whitening"] == 0 and loaded.output_dim == 512
+    _same_embeddings(loaded, trained)
+
+
+@pytest.mark.parametrize("pooling", ["mac", "spoc"])
+def test_meta_less_mac_or_spoc_needs_the_pool_hint(pooling: str, tmp_path: Path) -> None:
+    torch.manual_seed(9)
+    trained = build_network("resnet18", pooling=pooling, whitening=8, pretrained=False)
+    path = tmp_path / f"{pooling}.pth"
+    torch.save(_reference_training_checkpoint(trained, pooling), path)
+    with pytest.raises(CheckpointError, match=r"no 'meta' and no pool.p.*--pool mac or --pool spoc"):
+        load_network(path)
+    with pytest.raises(CheckpointError, match=r"its pooling cannot be 'gem'.*--pool mac or --pool spoc"):
+        load_network(path, pooling="gem")
+    loaded = load_network(path, pooling=pooling.upper())
+    assert loaded.meta["pooling"] == pooling
+    _same_embeddings(loaded, trained)
+
+
+def test_hints_that_contradict_the_weights_are_logged_and_ignored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    torch.manual_seed(10)
+    trained = build_network("resnet18", pooling="gem", whitening=8, pretrained=False).eval()
+    path = tmp_path / "gem.pth"
+    torch.save({"state_dict": trained.state_dict()}, path)
+    with caplog.at_level("WARNING", logger="raml.models.checkpoints"):
+        loaded = load_network(path, pooling="spoc", whitening=512)
+    assert loaded.meta["pooling"] == "gem" and loaded.output_dim == 8
+    assert "ignoring the pooling hint 'spoc'" in caplog.text and "ignoring the whitening hint 512" in caplog.text
+
+
+def test_hints_are_not_used_when_meta_is_present(network: EmbeddingNetwork, tmp_path: Path) -> None:
+    path = tmp_path / "ours.pth"
+    save_checkpoint(path, network)
+    assert load_network(path, pooling="mac", whitening=3, architecture="resnet50").meta == network.meta
+
+
+_RESNET_FAMILY = [
+    "resnet18",
+    "resnet34",
+    "resnet50",
+    "resnet101",
+    "resnet152",
+    "resnext50_32x4d",
+    "resnext101_32x8d",
+    "resnext101_64x4d",
+    "wide_resnet50_2",
+    "wide_resnet101_2",
+]
+
+
+@pytest.mark.parametrize("name", _RESNET_FAMILY)
+def test_resnet_architecture_is_inferred_from_the_weights(name: str) -> None:
+    with torch.device("meta"):  # shapes only: no memory, no initialisation
+        trunk = _torchvision_trunk(name, torchvision.models.get_model(name))
+    state_dict = {f"backbone.{k}": v for k, v in trunk.state_dict().items()}
+    state_dict["pool.p"] = torch.ones(1)
+    state_dict["whiten.weight"] = torch.empty(24, 2048 if name not in ("resnet18", "resnet34") else 512, device="meta")
+    meta = infer_meta(state_dict, "x.pth")
+    assert meta == {
+        "architecture": name,
+        "pooling": "gem",
+        "whitening": 24,
+        "mean": _MEAN,
+        "std": _STD,
+    }
+
+
+def test_unrecognised_meta_less_backbone_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    torch.manual_seed(11)
+    trained = build_network("test_resnet", pooling="gem", whitening=4, pretrained=False).eval()
+    path = tmp_path / "timm.pth"
+    torch.save({"state_dict": trained.state_dict(), "epoch": 1}, path)
+    with pytest.raises(
+        CheckpointError, match=r"timm.pth has no 'meta'.*not those of a torchvision ResNet.*architecture="
+    ):
+        load_network(path)
+    loaded = load_network(path, architecture="test_resnet")
+    assert loaded.meta["architecture"] == "test_resnet"
+    _same_embeddings(loaded, trained, size=32)
+
+
+def test_truncated_resnet_is_not_mistaken_for_another_depth() -> None:
+    with torch.device("meta"):
+        trunk = _torchvision_trunk("resnet34", torchvision.models.resnet34())
+    state_dict = {f"backbone.{k}": v for k, v in trunk.state_dict().items() if not k.startswith("6.5.")}
+    with pytest.raises(CheckpointError, match="not those of a torchvision ResNet"):
+        infer_meta(state_dict, "x.pth", pooling="mac")
+
+
+def test_state_dict_that_does_not_fit_its_meta_is_a_clear_error(network: EmbeddingNetwork) -> None:
+    state_dict = dict(network.state_dict())
+    meta = dict(network.meta, pooling="gemmp")  # gemmp needs 512 values of p, the file has one
+    with pytest.raises(
+        CheckpointError, match=r"bad.pth: the state dict does not fit a 'resnet18' network with 'gemmp'"
+    ):
+        network_from_checkpoint({"meta": meta, "state_dict": state_dict}, source="bad.pth")
+
+
+def test_reference_timm_key_layout_loads(tmp_path: Path) -> None:
+    """The reference keeps a timm backbone unwrapped: ``backbone.<timm key>``; ours is ``backbone.model.*``."""
+    torch.manual_seed(12)
+    trained = build_network("test_resnet", pooling="gem", whitening=4, pretrained=False).eval()
+    state_dict = {k.replace("backbone.model.", "backbone.", 1): v for k, v in trained.state_dict().items()}
+    meta = {"architecture": "test_resnet", "pooling": "gem", "whitening": 4, "mean": _MEAN, "std": _STD}
+    path = tmp_path / "timm_reference.pth"
+    torch.save({"meta": meta, "state_dict": state_dict}, path)
+    _same_embeddings(load_network(path), trained, size=32)
+
+
+def test_restricted_loading_still_refuses_code(reference_gem: tuple, tmp_path: Path) -> None:
+    """A payload next to genuine old training state: the numpy/scheduler parts alone would be loadable."""
+    marker = tmp_path / "pwned"
+    checkpoint = dict(reference_gem[1])
+    checkpoint["scheduler"] = dict(checkpoint["scheduler"], hook=_Evil(marker))
+    path = tmp_path / "evil_training.pth"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match=r"Refused to load .*evil_training.pth.* for safety.*(posix|os)\.system"):
+        load_network(path)
+    assert not marker.exists()
+
+
+def test_training_objects_inside_the_state_dict_are_refused(reference_gem: tuple, tmp_path: Path) -> None:
+    checkpoint = dict(reference_gem[1])
+    checkpoint["state_dict"] = dict(checkpoint["state_dict"], **{"pool.p": checkpoint["scheduler"]["anneal_func"]})
+    path = tmp_path / "odd.pth"
+    torch.save(checkpoint, path)
+    with pytest.raises(CheckpointError, match="for safety.*'state_dict' is not a dict of tensors"):
+        load_checkpoint_file(path)
+
+
+def test_restricted_loading_reports_corrupt_files(reference_gem: tuple, tmp_path: Path) -> None:
+    path = tmp_path / "cut.pth"
+    torch.save(reference_gem[1], path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="cut.pth.*is not a valid checkpoint"):
+        load_checkpoint_file(path)
+
+
+# ------------------------------------------------------------------------- SHA-256 of published files
+
+
+@pytest.fixture
+def fake_zoo(tmp_path: Path, network: EmbeddingNetwork, monkeypatch: pytest.MonkeyPatch) -> dict:
+    """``download_file`` replaced by a copy of a local checkpoint; counts the downloads."""
+    source = tmp_path / "served.pth"
+    save_checkpoint(source, network)
+    calls: list[str] = []
+
+    def fake_download(url: str, dest: str | Path, **kwargs: object) -> Path:
+        calls.append(url)
+        Path(dest).parent.mkdir(parents=True, exist_ok=True)
+        Path(dest).write_bytes(source.read_bytes())
+        return Path(dest)
+
+    monkeypatch.setattr(checkpoints_module, "download_file", fake_download)
+    name = "cars-224r-resnet50-512-gem-w"
+    return {"name": name, "source": source, "calls": calls, "root": tmp_path / "data"}
+
+
+def test_first_download_records_sha256_and_later_loads_verify_it(fake_zoo: dict) -> None:
+    name, root = fake_zoo["name"], fake_zoo["root"]
+    loaded = load_network(name, data_root=root)
+    cached = root / "networks" / f"{name}.pth"
+    sums = root / "networks" / "SHA256SUMS"
+    digest = checkpoint_sha256(fake_zoo["source"])
+    assert sums.read_text() == f"{digest}  {name}.pth\n"
+    assert sorted(p.name for p in cached.parent.iterdir()) == ["SHA256SUMS", f"{name}.pth"]
+    if shutil.which("sha256sum"):  # the file is in sha256sum's own format
+        subprocess.run(["sha256sum", "--check", "--quiet", "SHA256SUMS"], cwd=cached.parent, check=True)
+
+    assert load_network(name, data_root=root).meta == loaded.meta  # verified, not downloaded again
+    assert resolve_network_path(cached, "elsewhere") == cached  # by path too
+    assert len(fake_zoo["calls"]) == 1
+
+
+def test_changed_published_file_is_a_clear_error(fake_zoo: dict) -> None:
+    name, root = fake_zoo["name"], fake_zoo["root"]
+    load_network(name, data_root=root)
+    cached = root / "networks" / f"{name}.pth"
+    recorded = checkpoint_sha256(cached)
+    with open(cached, "ab") as f:
+        f.write(b"\0")
+    changed = checkpoint_sha256(cached)
+    pattern = rf"{name}.pth is not the file that was downloaded: its SHA-256 is {changed}, but {recorded} .*Delete"
+    for target in (name, cached):
+        with pytest.raises(CheckpointError, match=pattern):
+            load_network(target, data_root=root)
+    cached.unlink()  # the fix the message gives
+    load_network(name, data_root=root)
+    assert len(fake_zoo["calls"]) == 2
+
+
+def test_published_file_placed_by_hand_is_recorded_on_first_use(fake_zoo: dict) -> None:
+    name, root = fake_zoo["name"], fake_zoo["root"]
+    cached = root / "networks" / f"{name}.pth"
+    cached.parent.mkdir(parents=True)
+    shutil.copy(fake_zoo["source"], cached)
+    (cached.parent / "SHA256SUMS").write_text(f"{'a' * 64}  other.pth\nnot a checksum line\n")
+    assert resolve_network_path(name, root) == cached
+    assert read_sha256sums(cached.parent) == {"other.pth": "a" * 64, f"{name}.pth": checkpoint_sha256(cached)}
+    assert fake_zoo["calls"] == []
+
+
+def test_own_networks_in_the_cache_folder_are_not_hashed(tmp_path: Path, network: EmbeddingNetwork) -> None:
+    path = tmp_path / "networks" / "mine.pth"
+    save_checkpoint(path, network)
+    load_network("mine", data_root=tmp_path)
+    assert not (tmp_path / "networks" / "SHA256SUMS").exists()

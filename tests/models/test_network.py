@@ -9,7 +9,16 @@ import torchvision
 from torch import nn
 
 from raml.models import EmbeddingNetwork, build_backbone, build_network
-from raml.models.backbones import IMAGENET_MEAN, IMAGENET_STD, TimmTrunk, _torchvision_trunk
+from raml.models.backbones import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    TimmTrunk,
+    TorchvisionViTTrunk,
+    _torchvision_trunk,
+)
+from raml.models.network import l2_normalize
+
+EPS = 1e-6  # the reference's L2N: x / (||x|| + eps)
 
 
 @pytest.fixture(scope="module")
@@ -128,9 +137,76 @@ def test_unknown_architecture_suggests_close_matches() -> None:
         build_backbone("resnet5O", pretrained=False)
 
 
-def test_torchvision_vit_is_rejected_with_a_hint() -> None:
-    with pytest.raises(ValueError, match="timm"):
-        build_backbone("vit_b_16", pretrained=False)
+def _tiny_torchvision_vit(seed: int = 0) -> torchvision.models.VisionTransformer:
+    torch.manual_seed(seed)
+    vit = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16, mlp_dim=32
+    )
+    with torch.no_grad():  # torchvision initialises the position embeddings nearly flat; make them matter
+        vit.encoder.pos_embedding.normal_(0, 1)
+    return vit.eval()
+
+
+def test_torchvision_vit_tokens_equal_torchvision_at_its_size() -> None:
+    vit = _tiny_torchvision_vit()
+    trunk = _torchvision_trunk("vit_tiny", vit)
+    assert isinstance(trunk, TorchvisionViTTrunk)
+    assert not any(key.startswith("heads") for key in trunk.state_dict())
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        tokens = vit._process_input(x)
+        tokens = vit.encoder(torch.cat([vit.class_token.expand(2, -1, -1), tokens], dim=1))
+        feature_map = trunk(x)
+    assert feature_map.shape == (2, 16, 4, 4)
+    # patch (row 1, column 2) is token 1 + 1 * 4 + 2 (the class token comes first)
+    torch.testing.assert_close(feature_map[:, :, 1, 2], tokens[:, 1 + 1 * 4 + 2])
+    torch.testing.assert_close(feature_map.flatten(2).transpose(1, 2), tokens[:, 1:])
+
+
+def test_torchvision_vit_resamples_position_embeddings_like_timm() -> None:
+    from timm.layers import resample_abs_pos_embed
+
+    vit = _tiny_torchvision_vit(seed=1)
+    trunk = _torchvision_trunk("vit_tiny", vit)
+    expected = resample_abs_pos_embed(vit.encoder.pos_embedding, (6, 5), (4, 4), num_prefix_tokens=1)
+    torch.testing.assert_close(trunk.position_embedding(6, 5), expected)
+    x = torch.rand(1, 3, 48, 40)
+    with torch.no_grad():
+        tokens = torch.cat([vit.class_token, vit.conv_proj(x).flatten(2).transpose(1, 2)], dim=1) + expected
+        tokens = vit.encoder.ln(vit.encoder.layers(tokens))
+        feature_map = trunk(x)
+    assert feature_map.shape == (1, 16, 6, 5)
+    torch.testing.assert_close(feature_map.flatten(2).transpose(1, 2), tokens[:, 1:])
+
+
+def test_torchvision_vit_by_name_builds_a_network(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    """``vit_b_16`` goes through the ViT trunk (a tiny ViT stands in for the 86M-parameter one)."""
+    from raml.models import load_network, save_checkpoint
+
+    built = []
+
+    def tiny_get_model(name: str, weights=None):
+        built.append((name, weights))
+        return _tiny_torchvision_vit(seed=2)
+
+    monkeypatch.setattr(torchvision.models, "get_model", tiny_get_model)
+    network = build_network("vit_b_16", pooling="gem", whitening=8, pretrained=False).eval()
+    assert built[0] == ("vit_b_16", None)
+    assert isinstance(network.backbone, TorchvisionViTTrunk) and network.meta["mean"] == list(IMAGENET_MEAN)
+    for size in (32, 64):
+        with torch.no_grad():
+            out = network(torch.rand(2, 3, size, size))
+        assert out.shape == (2, 8) and torch.isfinite(out).all()
+    path = tmp_path / "vit.pth"
+    save_checkpoint(path, network)
+    x = torch.rand(1, 3, 48, 48)
+    with torch.no_grad():
+        torch.testing.assert_close(load_network(path)(x), network(x), rtol=0, atol=0)
+
+
+def test_torchvision_maxvit_is_refused_before_building() -> None:
+    with pytest.raises(ValueError, match=r"'maxvit_t' .*fixed when it is built.*'swin_t'"):
+        build_backbone("maxvit_t", pretrained=True)  # refused before any download
 
 
 def test_probe_keeps_training_mode() -> None:
@@ -151,10 +227,29 @@ def test_network_forward_matches_manual_pipeline(resnet18_network: EmbeddingNetw
         pooled = np.array(
             [np.mean(np.maximum(feature_map[b, c], 1e-6) ** p) ** (1 / p) for c in range(feature_map.shape[1])]
         )
-        pooled /= np.linalg.norm(pooled)
+        pooled /= np.linalg.norm(pooled) + EPS
         whitened = weight @ pooled + bias
-        expected.append(whitened / np.linalg.norm(whitened))
+        expected.append(whitened / (np.linalg.norm(whitened) + EPS))
     np.testing.assert_allclose(out.numpy(), np.stack(expected), atol=1e-5)
+
+
+def test_l2_normalize_adds_the_reference_epsilon_to_the_norm() -> None:
+    # ||x|| = 5e-6: x / (5e-6 + 1e-6) = (0.5, 0.6667); F.normalize (x / max(||x||, eps)) would give (0.6, 0.8)
+    tiny = torch.tensor([[3e-6, 4e-6]], dtype=torch.float64)
+    torch.testing.assert_close(l2_normalize(tiny), torch.tensor([[0.5, 4 / 6]], dtype=torch.float64))
+    large = torch.tensor([[3.0, 4.0]], dtype=torch.float64)
+    torch.testing.assert_close(l2_normalize(large), large / (5 + EPS), rtol=0, atol=1e-15)
+    torch.testing.assert_close(l2_normalize(torch.zeros(1, 3)), torch.zeros(1, 3))
+
+
+def test_network_output_keeps_the_epsilon() -> None:
+    """An embedding whose pre-normalisation norm is tiny shows the epsilon: (3, 4)e-6 -> (0.5, 0.667)."""
+    network = build_network("test_resnet", pooling="gem", whitening=2, pretrained=False).eval()
+    with torch.no_grad():
+        network.whiten.weight.zero_()
+        network.whiten.bias.copy_(torch.tensor([3e-6, 4e-6]))
+        out = network(torch.rand(3, 3, 32, 32))
+    torch.testing.assert_close(out, torch.tensor([[0.5, 4 / 6]]).expand(3, 2), rtol=0, atol=1e-6)
 
 
 def test_network_meta_and_properties(resnet18_network: EmbeddingNetwork) -> None:
@@ -167,6 +262,7 @@ def test_network_meta_and_properties(resnet18_network: EmbeddingNetwork) -> None
         "std": list(IMAGENET_STD),
         "outputdim": 16,
         "pretrained": False,
+        "pretrained_weights": None,
     }
     assert resnet18_network.output_dim == 16
     assert resnet18_network.mean == IMAGENET_MEAN and resnet18_network.std == IMAGENET_STD

@@ -9,12 +9,18 @@ or a published name, ``save_checkpoint`` to write one.
 
 from __future__ import annotations
 
-from raml.models.backbones import Backbone, build_backbone
+from raml.models.backbones import (
+    Backbone,
+    DownloadError,
+    build_backbone,
+    resolve_timm_weights,
+    resolve_torchvision_weights,
+)
 from raml.models.checkpoints import (
     PUBLISHED_NETWORKS,
     CheckpointError,
-    DownloadError,
     checkpoint_sha256,
+    infer_meta,
     load_checkpoint_file,
     load_network,
     network_from_checkpoint,
@@ -35,9 +41,12 @@ __all__ = [
     "build_network",
     "build_pooling",
     "checkpoint_sha256",
+    "infer_meta",
     "load_checkpoint_file",
     "load_network",
     "network_from_checkpoint",
     "resolve_network_path",
+    "resolve_timm_weights",
+    "resolve_torchvision_weights",
     "save_checkpoint",
 ]

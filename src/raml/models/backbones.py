@@ -10,19 +10,41 @@ Tensor contract: ``(B, 3, H, W)`` float, normalised with ``Backbone.mean``/``Bac
 - timm models: ``create_model(num_classes=0, global_pool="")`` and ``forward_features``. Token outputs
   ``(B, N, C)`` of vision transformers are turned into a map by dropping prefix tokens and reshaping
   the patch tokens; channels-last outputs are permuted to channels-first.
+- torchvision vision transformers (``vit_b_16``, ...) are treated like timm's: the patch tokens become the
+  map and the position embeddings are interpolated to the input's patch grid (``TorchvisionViTTrunk``).
+
+Every torchvision classification family gives a map at any input size (checked at 224 and 320 px):
+AlexNet, VGG, ResNet/ResNeXt/Wide-ResNet, RegNet, DenseNet, SqueezeNet, GoogLeNet, Inception-v3, MobileNet
+v2/v3, MNASNet, ShuffleNet v2, EfficientNet (v1, v2), ConvNeXt, Swin (v1, v2) and ViT, except MaxViT, whose
+window grid is fixed at 224 px when it is built: it is refused.
 
 Plain names prefer torchvision; prefix ``timm/`` (or ``torchvision/``) to choose the library.
+
+ImageNet weights (``pretrained_weights``): ``"v1"`` (the default) is what the reference's
+``pretrained=True`` loads. In torchvision 0.13+ the legacy ``pretrained=True`` of every classification
+builder maps to its ``IMAGENET1K_V1`` weights (checked for all 80 builders of torchvision 0.29): e.g.
+``resnet50`` gets ``IMAGENET1K_V1`` (76.1 % top-1), not ``DEFAULT`` = ``IMAGENET1K_V2`` (80.9 %), which
+``weights="DEFAULT"`` gives. The two builders without ``IMAGENET1K_V1`` (``regnet_y_128gf``, ``vit_h_14``)
+had no legacy weights (``pretrained=True`` raises there), so ``"v1"`` is refused for them. ``"default"``
+selects torchvision's ``DEFAULT``; any member name of the model's weights enum (``"IMAGENET1K_V2"``) selects
+that member. For timm, ``"v1"`` and ``"default"`` are timm's default pretrained tag and anything else is a
+timm pretrained tag. Failed downloads raise ``DownloadError`` naming the file and where to put it by hand.
 """
 
 from __future__ import annotations
 
 import difflib
 import logging
+import os
+import pickle
+import urllib.parse
 from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 
 import timm
 import torch
+import torch.nn.functional as F
 import torchvision
 from torch import nn
 
@@ -32,8 +54,12 @@ __all__ = [
     "IMAGENET_MEAN",
     "IMAGENET_STD",
     "Backbone",
+    "DownloadError",
     "TimmTrunk",
+    "TorchvisionViTTrunk",
     "build_backbone",
+    "resolve_timm_weights",
+    "resolve_torchvision_weights",
     "torchvision_model_names",
     "timm_model_names",
 ]
@@ -47,6 +73,32 @@ _HEAD_CHILDREN = ("avgpool", "pool", "fc", "classifier", "head", "heads")
 _AUX_CHILDREN = ("aux1", "aux2", "AuxLogits", "dropout")
 # Input sizes tried, in order, for the dry forward that determines the channel count.
 _PROBE_SIZES = (64, 224)
+# ``pretrained_weights`` values that select the library's reference choice rather than a named weight set.
+_V1, _DEFAULT = "v1", "default"
+_NOT_PRETRAINED_HINT = "or train from random weights with --not-pretrained"
+
+
+class DownloadError(OSError):
+    """Weights (a published network or a backbone's ImageNet weights) could not be downloaded."""
+
+
+def _download_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that mean "the weights could not be fetched" (network down, host unknown, HTTP error).
+
+    ``urllib`` (torchvision, timm URLs) and Hugging Face Hub errors derive from ``OSError``; the HTTP client
+    under ``huggingface_hub`` raises its own types for failures in the middle of a transfer.
+    """
+    errors: list[type[BaseException]] = [OSError]
+    for module_name in ("httpx2", "httpx", "requests"):
+        try:
+            module = __import__(module_name)
+        except ImportError:
+            continue
+        for attr in ("HTTPError", "TransportError", "RequestException"):
+            error_type = getattr(module, attr, None)
+            if isinstance(error_type, type) and issubclass(error_type, BaseException):
+                errors.append(error_type)
+    return tuple(dict.fromkeys(errors))
 
 
 @dataclass(frozen=True)
@@ -66,6 +118,9 @@ class Backbone:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     source: str
+    weights: str | None = None
+    """The ImageNet weights loaded (``"ResNet50_Weights.IMAGENET1K_V1"``, ``"timm/resnet50.a1_in1k"``), or
+    None for random weights."""
 
 
 @lru_cache(maxsize=1)
@@ -133,6 +188,53 @@ class TimmTrunk(nn.Module):
         )
 
 
+class TorchvisionViTTrunk(nn.Module):
+    """A torchvision ``VisionTransformer`` cut to its patch tokens, for any input size.
+
+    The patch embedding, class token and encoder are torchvision's own (state-dict keys ``conv_proj.*``,
+    ``class_token``, ``encoder.*``); the classification head is dropped. At the size the model was built for,
+    the tokens equal torchvision's; at other sizes the position embeddings of the patch grid are resampled
+    to the input's grid (bicubic, antialiased, in float32, as timm does with ``dynamic_img_size``). Inputs
+    whose sides are not multiples of the patch size lose the remainder, as in the patch convolution.
+
+    Args:
+        model: A torchvision ``VisionTransformer`` (its weights are shared, not copied).
+    """
+
+    def __init__(self, model: torchvision.models.VisionTransformer) -> None:
+        super().__init__()
+        self.conv_proj = model.conv_proj
+        self.class_token = model.class_token
+        self.encoder = model.encoder
+        self.patch_size = int(model.patch_size)
+        self.grid_size = int(model.image_size) // int(model.patch_size)
+
+    def position_embedding(self, height: int, width: int) -> torch.Tensor:
+        """Position embeddings ``(1, 1 + height * width, D)`` for a ``height x width`` patch grid."""
+        pos = self.encoder.pos_embedding
+        if (height, width) == (self.grid_size, self.grid_size):
+            return pos
+        prefix, grid = pos[:, :1], pos[:, 1:]
+        grid = grid.reshape(1, self.grid_size, self.grid_size, -1).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+        grid = grid.to(pos.dtype).flatten(2).transpose(1, 2)
+        return torch.cat([prefix, grid], dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Map ``(B, 3, H, W)`` -> ``(B, D, H // patch, W // patch)``."""
+        patches = self.conv_proj(x)
+        batch, dim, height, width = patches.shape
+        tokens = patches.flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.class_token.expand(batch, -1, -1), tokens], dim=1)
+        tokens = tokens + self.position_embedding(height, width)
+        encoder = self.encoder
+        tokens = encoder.ln(encoder.layers(encoder.dropout(tokens)))
+        return tokens[:, 1:].transpose(1, 2).reshape(batch, dim, height, width)
+
+    def extra_repr(self) -> str:
+        return f"patch_size={self.patch_size}, grid_size={self.grid_size}"
+
+
 def _as_triple(values: object, default: tuple[float, float, float]) -> tuple[float, float, float]:
     if values is None:
         return default
@@ -142,17 +244,9 @@ def _as_triple(values: object, default: tuple[float, float, float]) -> tuple[flo
     return values  # type: ignore[return-value]
 
 
-def _torchvision_vit_error(name: str) -> ValueError:
-    return ValueError(
-        f"torchvision's {name!r} has fixed-size position embeddings and no feature map, so it cannot "
-        "embed images of other sizes; use a timm vision transformer instead, e.g. "
-        "'timm/vit_base_patch16_224' (see timm.list_models('vit_*'))."
-    )
-
-
 def _torchvision_trunk(name: str, model: nn.Module) -> nn.Module:
     if isinstance(model, torchvision.models.VisionTransformer):
-        raise _torchvision_vit_error(name)
+        return TorchvisionViTTrunk(model)
     if isinstance(model, torchvision.models.DenseNet):
         # DenseNet's forward applies a ReLU after its trunk, before pooling.
         features = model.features
@@ -173,18 +267,165 @@ def _torchvision_trunk(name: str, model: nn.Module) -> nn.Module:
     return nn.Sequential(*trunk)
 
 
-def _build_torchvision(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
-    # Refuse before building: these models are large and slow to initialise.
-    if torchvision.models.get_model_builder(name).__module__ == torchvision.models.vision_transformer.__name__:
-        raise _torchvision_vit_error(name)
-    weights = "DEFAULT" if pretrained else None
-    model = torchvision.models.get_model(name, weights=weights)
+def _choices(names: list[str]) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def resolve_torchvision_weights(name: str, pretrained_weights: str = _V1) -> torchvision.models.WeightsEnum:
+    """The torchvision weights that ``pretrained_weights`` selects for the model ``name``.
+
+    Args:
+        name: A torchvision classification model name (``resnet50``).
+        pretrained_weights: ``"v1"`` (the weights of the legacy ``pretrained=True``: ``IMAGENET1K_V1``),
+            ``"default"`` (torchvision's ``DEFAULT``), or a member of the model's weights enum, by name
+            (``"IMAGENET1K_V2"``) or in full (``"ResNet50_Weights.IMAGENET1K_V2"``).
+
+    Returns:
+        The weights enum member (``str()`` of it is ``"ResNet50_Weights.IMAGENET1K_V1"``).
+
+    Raises:
+        ValueError: If the model has no such weights; the message lists the valid names.
+    """
+    enum = torchvision.models.get_model_weights(name)
+    members = [member.name for member in enum]
+    valid = f"valid values for {name!r} are {_choices([_V1, _DEFAULT, *members])}"
+    if not isinstance(pretrained_weights, str) or not pretrained_weights:
+        raise ValueError(f"pretrained_weights must be a non-empty string; {valid}.")
+    choice = pretrained_weights.strip()
+    if choice.lower() == _V1:
+        if "IMAGENET1K_V1" not in members:
+            raise ValueError(
+                f"torchvision's {name!r} has no IMAGENET1K_V1 weights (the reference's pretrained=True has none "
+                f"for it either); choose one with --pretrained-weights (pretrained_weights=...): "
+                f"{_choices([_DEFAULT, *members])}, {_NOT_PRETRAINED_HINT}."
+            )
+        return enum["IMAGENET1K_V1"]
+    if choice.lower() == _DEFAULT:
+        return enum.DEFAULT
+    member = choice.split(".", 1)[1] if choice.startswith(f"{enum.__name__}.") else choice
+    for candidate in (member, member.upper()):
+        if candidate in members:
+            return enum[candidate]
+    raise ValueError(f"Unknown pretrained weights {pretrained_weights!r} for torchvision's {name!r}; {valid}.")
+
+
+def resolve_timm_weights(name: str, pretrained_weights: str = _V1) -> str:
+    """The timm ``<model>.<tag>`` name whose weights ``pretrained_weights`` selects.
+
+    Args:
+        name: A timm model name, optionally with a pretrained tag (``resnet50`` or ``resnet50.a1_in1k``).
+        pretrained_weights: ``"v1"`` or ``"default"``: the tag in ``name``, else timm's default tag for the
+            model; anything else is a timm pretrained tag (``"a1_in1k"``).
+
+    Returns:
+        The model name with its tag, e.g. ``"resnet50.a1_in1k"``.
+
+    Raises:
+        ValueError: If the model has no pretrained weights, the tag is unknown, or it contradicts the tag in
+            ``name``; the message lists the valid tags.
+    """
+    arch, _, name_tag = name.partition(".")
+    tags = [full.partition(".")[2] for full in timm.list_pretrained(f"{arch}.*") if full.partition(".")[0] == arch]
+    if not tags:
+        raise ValueError(
+            f"timm's {arch!r} has no pretrained weights; build it with --not-pretrained (pretrained=False) or "
+            "choose a model listed by timm.list_pretrained()."
+        )
+    valid = f"valid tags for timm's {arch!r} are {_choices(tags)} (or {_V1!r}/{_DEFAULT!r} for timm's default)"
+    if not isinstance(pretrained_weights, str) or not pretrained_weights:
+        raise ValueError(f"pretrained_weights must be a non-empty string; {valid}.")
+    choice = pretrained_weights.strip()
+    if choice.lower() in (_V1, _DEFAULT):
+        tag = name_tag or timm.models.get_pretrained_cfg(arch).tag
+    else:
+        tag = choice[len(arch) + 1 :] if choice.startswith(f"{arch}.") else choice
+        if name_tag and tag != name_tag:
+            raise ValueError(
+                f"The model name {name!r} already selects the pretrained tag {name_tag!r}, but pretrained_weights "
+                f"asks for {choice!r}; give the tag in one place only."
+            )
+    if tag not in tags:
+        raise ValueError(f"Unknown pretrained tag {tag!r} for timm's {arch!r}; {valid}.")
+    return f"{arch}.{tag}"
+
+
+def _hub_checkpoint_path(url: str) -> Path:
+    """Where ``torch.hub.load_state_dict_from_url`` caches the file of ``url``."""
+    filename = os.path.basename(urllib.parse.urlparse(url).path)
+    return Path(torch.hub.get_dir()) / "checkpoints" / filename
+
+
+def _torchvision_download_error(
+    name: str, weights: torchvision.models.WeightsEnum, error: BaseException
+) -> DownloadError:
+    path = _hub_checkpoint_path(weights.url)
+    if path.is_file():  # the file is there but could not be read: a truncated or foreign file
+        return DownloadError(
+            f"The ImageNet weights {weights} of torchvision's {name!r} at {path} could not be read "
+            f"({type(error).__name__}: {error}); delete that file to download it again, {_NOT_PRETRAINED_HINT}."
+        )
+    return DownloadError(
+        f"Could not download the ImageNet weights {weights} of torchvision's {name!r} "
+        f"({type(error).__name__}: {error}). If this machine is offline, download {weights.url} elsewhere and "
+        f"place it by hand at {path} (torch's hub cache: $TORCH_HOME/hub/checkpoints/{path.name}), "
+        f"{_NOT_PRETRAINED_HINT}."
+    )
+
+
+def _timm_download_error(full_name: str, error: BaseException) -> DownloadError:
+    cfg = timm.models.get_pretrained_cfg(full_name)
+    places = []
+    if cfg is not None and cfg.hf_hub_id:
+        from huggingface_hub import constants
+
+        repo = cfg.hf_hub_id.split("@", 1)[0]
+        filename = cfg.hf_hub_filename or "model.safetensors"
+        folder = Path(constants.HF_HUB_CACHE) / f"models--{repo.replace('/', '--')}"
+        places.append(
+            f"timm fetches {filename} of the Hugging Face Hub repository {repo!r} into the Hugging Face cache "
+            f"{folder}; on a machine with internet run `hf download {repo} {filename}` and copy its cache folder "
+            f"models--{repo.replace('/', '--')} to {folder.parent} here (then set HF_HUB_OFFLINE=1)"
+        )
+    if cfg is not None and cfg.url:
+        path = _hub_checkpoint_path(cfg.url)
+        # timm reads the torch hub cache first only with TIMM_USE_OLD_CACHE=1 when the Hub is an option.
+        switch = " and set TIMM_USE_OLD_CACHE=1" if places else ""
+        places.append(f"{'or ' if places else ''}download {cfg.url} and place it at {path} (torch's hub cache){switch}")
+    where = "; ".join(places) or "see timm's documentation on pretrained weights"
+    return DownloadError(
+        f"Could not download the pretrained weights of timm's {full_name!r} ({type(error).__name__}: {error}). "
+        f"If this machine is offline: {where}; {_NOT_PRETRAINED_HINT}."
+    )
+
+
+def _build_torchvision(
+    name: str, pretrained: bool, pretrained_weights: str
+) -> tuple[nn.Module, tuple, tuple, str | None]:
+    # Refuse before building (and downloading): MaxViT's window partition is fixed at construction.
+    if torchvision.models.get_model_builder(name).__module__ == torchvision.models.maxvit.__name__:
+        raise ValueError(
+            f"torchvision's {name!r} partitions its feature maps into windows whose grid is fixed when it is built "
+            "(224 px inputs only), so it cannot embed the teacher's and the student's resolutions; use another "
+            "family (e.g. 'convnext_tiny', 'swin_t', 'vit_b_16', 'resnet50') or a timm model."
+        )
+    weights = resolve_torchvision_weights(name, pretrained_weights) if pretrained else None
+    try:
+        model = torchvision.models.get_model(name, weights=weights)
+    except _download_errors() as error:
+        if weights is None:
+            raise
+        raise _torchvision_download_error(name, weights, error) from error
+    except (RuntimeError, pickle.UnpicklingError, EOFError) as error:
+        # A hash mismatch of a fresh download, or an unreadable file in the hub cache.
+        if weights is None or not ("hash" in str(error) or _hub_checkpoint_path(weights.url).is_file()):
+            raise
+        raise _torchvision_download_error(name, weights, error) from error
     mean, std = IMAGENET_MEAN, IMAGENET_STD
     if getattr(model, "transform_input", False):
         # GoogLeNet/Inception with ImageNet weights re-normalise their input inside forward() to
         # mean = std = 0.5; the cut trunk skips that step, so feed it that normalisation directly.
         mean, std = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-    return _torchvision_trunk(name, model), mean, std
+    return _torchvision_trunk(name, model), mean, std, (str(weights) if weights is not None else None)
 
 
 def _create_timm(name: str, pretrained: bool) -> nn.Module:
@@ -198,12 +439,18 @@ def _create_timm(name: str, pretrained: bool) -> nn.Module:
     return timm.create_model(name, **kwargs)
 
 
-def _build_timm(name: str, pretrained: bool) -> tuple[nn.Module, tuple, tuple]:
-    model = _create_timm(name, pretrained)
+def _build_timm(name: str, pretrained: bool, pretrained_weights: str) -> tuple[nn.Module, tuple, tuple, str | None]:
+    full_name = resolve_timm_weights(name, pretrained_weights) if pretrained else name
+    try:
+        model = _create_timm(full_name, pretrained)
+    except _download_errors() as error:
+        if not pretrained:
+            raise
+        raise _timm_download_error(full_name, error) from error
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = _as_triple(cfg.get("mean"), IMAGENET_MEAN)
     std = _as_triple(cfg.get("std"), IMAGENET_STD)
-    return TimmTrunk(model), mean, std
+    return TimmTrunk(model), mean, std, (f"timm/{full_name}" if pretrained else None)
 
 
 def _probe_channels(name: str, module: nn.Module) -> int:
@@ -248,20 +495,25 @@ def _unknown_model_error(name: str) -> ValueError:
     )
 
 
-def build_backbone(architecture: str, pretrained: bool) -> Backbone:
+def build_backbone(architecture: str, pretrained: bool, pretrained_weights: str = _V1) -> Backbone:
     """Build a backbone by name.
 
     Args:
         architecture: A torchvision classification model name (``resnet50``), a timm model name
             (``vit_small_patch16_224``), or either prefixed with ``timm/`` / ``torchvision/`` to choose
             the library when both have the name (plain names prefer torchvision).
-        pretrained: Load the library's default ImageNet weights (needs network access or a cache).
+        pretrained: Load ImageNet weights (needs network access or a cached file).
+        pretrained_weights: Which weights when ``pretrained``: ``"v1"`` (the reference's choice: torchvision's
+            ``IMAGENET1K_V1``, timm's default tag), ``"default"`` (torchvision's ``DEFAULT``, timm's default
+            tag), a torchvision weights name (``"IMAGENET1K_V2"``) or a timm pretrained tag. Ignored
+            without ``pretrained``.
 
     Returns:
-        The trunk with its channel count and input normalisation.
+        The trunk with its channel count, input normalisation and the weights loaded.
 
     Raises:
-        ValueError: If the name is unknown or the model has no usable feature map.
+        ValueError: If the name is unknown, the model has no usable feature map, or the weights are unknown.
+        DownloadError: If the weights could not be downloaded (the message says where to put them by hand).
     """
     if not isinstance(architecture, str) or not architecture:
         raise ValueError(f"architecture must be a non-empty model name, got {architecture!r}.")
@@ -280,10 +532,8 @@ def build_backbone(architecture: str, pretrained: bool) -> Backbone:
     if source is None or (source == "torchvision" and not in_torchvision) or (source == "timm" and not in_timm):
         raise _unknown_model_error(name)
 
-    if source == "torchvision":
-        module, mean, std = _build_torchvision(name, pretrained)
-    else:
-        module, mean, std = _build_timm(name, pretrained)
+    build = _build_torchvision if source == "torchvision" else _build_timm
+    module, mean, std, weights = build(name, pretrained, pretrained_weights)
     channels = _probe_channels(architecture, module)
-    logger.debug("Built %s backbone %r with %d channels.", source, name, channels)
-    return Backbone(module=module, channels=channels, mean=mean, std=std, source=source)
+    logger.debug("Built %s backbone %r with %d channels (weights: %s).", source, name, channels, weights)
+    return Backbone(module=module, channels=channels, mean=mean, std=std, source=source, weights=weights)

@@ -2,11 +2,19 @@
 
 A checkpoint is a ``torch.save`` dict ``{"meta": {...}, "state_dict": {...}}`` (training checkpoints add
 ``epoch``, ``max_map``, ``optimizer``, ``scheduler``). ``meta`` holds plain Python values only
-(``architecture``, ``pooling``, ``whitening``, ``mean``, ``std``, ``outputdim``, ``pretrained``), so every
-file loads with ``torch.load(weights_only=True)``: files whose pickle would run arbitrary code are
-refused. A loaded network maps ``(B, 3, H, W)`` -> ``(B, D)`` L2-normalised (see ``raml.models.network``).
+(``architecture``, ``pooling``, ``whitening``, ``mean``, ``std``, ``outputdim``, ``pretrained``,
+``pretrained_weights``), so every file we write loads with ``torch.load(weights_only=True)``. A loaded
+network maps ``(B, 3, H, W)`` -> ``(B, D)`` L2-normalised (see ``raml.models.network``).
 
-Published networks are fetched on first use into ``<data_root>/networks/<name>.pth``.
+Checkpoints written by the reference's training (``model_best.pth.tar``) have no ``meta``: the network is
+then inferred from the weights (torchvision ResNets: depth, width and groups from the ``backbone.<i>.*``
+keys; pooling from ``pool.p``; whitening from ``whiten.weight``; ImageNet mean/std). Their optimizer and
+scheduler state may need more than ``weights_only=True`` allows (a numpy ``max_map``, a pickled scheduler
+method): such files are read with ``raml.models.restricted_pickle``, which rebuilds only data and drops the
+training machinery, and files that reference anything else are refused. Unrestricted unpickling is never used.
+
+Published networks are fetched on first use into ``<data_root>/networks/<name>.pth``; the SHA-256 of each is
+recorded in ``<data_root>/networks/SHA256SUMS`` (``sha256sum`` format) and checked on every later load.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import difflib
 import logging
 import pickle
+import re
 import time
 import urllib.error
 import urllib.request
@@ -23,8 +32,11 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from raml.models.backbones import IMAGENET_MEAN, IMAGENET_STD, DownloadError, TimmTrunk
 from raml.models.network import EmbeddingNetwork, build_network
-from raml.utils import atomic_path, atomic_torch_save, file_sha256
+from raml.models.pooling import POOLINGS
+from raml.models.restricted_pickle import UnsafeGlobalError, contains_dropped, restricted_torch_load
+from raml.utils import atomic_path, atomic_torch_save, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +52,11 @@ __all__ = [
     "resolve_network_path",
     "load_network",
     "checkpoint_sha256",
+    "infer_meta",
+    "SHA256SUMS_NAME",
+    "read_sha256sums",
+    "record_sha256",
+    "verify_sha256",
 ]
 
 PUBLISHED_URL_TEMPLATE = "http://ptak.felk.cvut.cz/personal/sumapave/public/{name}.pth"
@@ -60,10 +77,6 @@ _RESERVED_KEYS = ("meta", "state_dict", "epoch", "max_map", "optimizer", "schedu
 
 class CheckpointError(ValueError):
     """A file is not a usable network checkpoint (unreadable, unsafe, or inconsistent)."""
-
-
-class DownloadError(OSError):
-    """A published network could not be downloaded."""
 
 
 def _plain(value: Any, where: str) -> Any:
@@ -130,19 +143,87 @@ def save_checkpoint(
     logger.info("Saved checkpoint %s", path)
 
 
+def _unpickling_detail(error: BaseException) -> str:
+    message = str(error)
+    return next(
+        (line.strip() for line in message.splitlines() if "unsupported" in line.lower()),
+        message.splitlines()[0] if message else type(error).__name__,
+    )
+
+
+def _unsafe_error(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"Refused to load {str(path)!r} for safety: its pickle references Python objects other than tensors, "
+        "plain values and training state, and loading it could run arbitrary code. If you trust its origin, "
+        "re-save only its 'meta' (plain values) and 'state_dict' (tensors) with torch.save. "
+        f"Details: {detail}"
+    )
+
+
+def _load_restricted(path: Path, first_error: BaseException) -> dict:
+    """Read a file that ``weights_only=True`` refused; keep only the entries rebuilt entirely from data."""
+    try:
+        loaded, dropped_globals = restricted_torch_load(path)
+    except UnsafeGlobalError as error:
+        raise _unsafe_error(path, f"{error}; {_unpickling_detail(first_error)}") from error
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise CheckpointError(
+            f"{str(path)!r} is not a valid checkpoint ({type(error).__name__}: {error}); if it was downloaded, "
+            "delete it to fetch it again."
+        ) from error
+    if not isinstance(loaded, dict):
+        raise CheckpointError(
+            f"{str(path)!r} holds a {type(loaded).__name__}, not a checkpoint dict with 'state_dict'."
+        )
+    state_dict = loaded.get("state_dict")
+    if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise _unsafe_error(path, "its 'state_dict' is not a dict of tensors")
+    kept: dict[str, Any] = {}
+    dropped_keys = []
+    for key, value in loaded.items():
+        if contains_dropped(value):
+            dropped_keys.append(str(key))
+            continue
+        if key == "meta":
+            try:
+                value = _plain(value, "meta")
+            except TypeError:
+                dropped_keys.append(str(key))
+                continue
+        elif key in ("epoch", "max_map") and hasattr(value, "item"):  # numpy / torch scalars
+            value = value.item()
+        kept[key] = value
+    logger.warning(
+        "%s needs more than weights-only unpickling (%s); read it with the restricted unpickler: kept %s, "
+        "dropped %s (objects not rebuilt: %s).",
+        path,
+        _unpickling_detail(first_error),
+        sorted(map(str, kept)),
+        dropped_keys or "nothing",
+        ", ".join(dropped_globals) or "none",
+    )
+    return kept
+
+
 def load_checkpoint_file(path: str | Path) -> dict:
-    """Load a checkpoint file safely (``weights_only=True``) onto the CPU.
+    """Load a checkpoint file safely onto the CPU.
+
+    ``torch.load(weights_only=True)`` first. Files that it refuses because they reference other globals
+    (checkpoints of the reference's training: a numpy ``max_map``, a pickled scheduler method) are read again
+    with ``raml.models.restricted_pickle``: entries holding objects it does not rebuild (e.g. the scheduler)
+    are dropped, with a warning; files referencing anything beyond data and training state are refused.
 
     Args:
         path: A ``.pth`` file written by ``save_checkpoint`` or the reference implementation.
 
     Returns:
-        The checkpoint dict, with at least ``meta`` and ``state_dict``.
+        The checkpoint dict, with at least ``state_dict`` (``meta`` is absent in the reference's training
+        checkpoints; see ``infer_meta``).
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        CheckpointError: If the file is not a checkpoint, needs arbitrary code to unpickle, or lacks
-            ``meta``/``state_dict``.
+        CheckpointError: If the file is not a checkpoint, needs arbitrary code to unpickle, or lacks a
+            ``state_dict``.
     """
     path = Path(path)
     if not path.is_file():
@@ -150,22 +231,12 @@ def load_checkpoint_file(path: str | Path) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        message = str(error)
-        detail = next(
-            (line.strip() for line in message.splitlines() if "unsupported" in line.lower()),
-            message.splitlines()[0] if message else type(error).__name__,
-        )
-        if "global" in message.lower():
+        if "global" not in str(error).lower():
             raise CheckpointError(
-                f"Refused to load {str(path)!r} for safety: its pickle references Python objects other than "
-                "tensors and plain values, and loading it could run arbitrary code. If you trust its origin, "
-                "re-save only its 'meta' (plain values) and 'state_dict' (tensors) with torch.save. "
-                f"Details: {detail}"
+                f"{str(path)!r} is not a valid checkpoint (safe unpickling failed: {_unpickling_detail(error)}); "
+                "if it was downloaded, delete it to fetch it again."
             ) from error
-        raise CheckpointError(
-            f"{str(path)!r} is not a valid checkpoint (safe unpickling failed: {detail}); if it was "
-            "downloaded, delete it to fetch it again."
-        ) from error
+        checkpoint = _load_restricted(path, error)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
         raise CheckpointError(
             f"{str(path)!r} is not a valid checkpoint ({type(error).__name__}: {error}); if it was "
@@ -175,43 +246,207 @@ def load_checkpoint_file(path: str | Path) -> dict:
         raise CheckpointError(
             f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict with 'meta' and 'state_dict'."
         )
-    missing = [key for key in ("meta", "state_dict") if key not in checkpoint]
-    if missing:
+    if "state_dict" not in checkpoint:
         raise CheckpointError(
-            f"{str(path)!r} lacks {missing}; found keys {sorted(map(str, checkpoint))}. A network checkpoint "
-            "needs 'meta' (architecture, pooling, ...) and 'state_dict'."
+            f"{str(path)!r} lacks 'state_dict'; found keys {sorted(map(str, checkpoint))}. A network checkpoint "
+            "needs 'state_dict' (the weights) and, unless written by the reference's training, 'meta'."
         )
     return checkpoint
 
 
-def network_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> EmbeddingNetwork:
+# (block, blocks per layer, groups, width per group) of torchvision's ResNet family -> model name. In a
+# bottleneck, layer1's first conv2 has weight (width, width / groups, 3, 3) with width = groups * width per
+# group; basic blocks always have groups 1 and width 64.
+_TORCHVISION_RESNETS: dict[tuple[str, tuple[int, ...], int, int], str] = {
+    ("basic", (2, 2, 2, 2), 1, 64): "resnet18",
+    ("basic", (3, 4, 6, 3), 1, 64): "resnet34",
+    ("bottleneck", (3, 4, 6, 3), 1, 64): "resnet50",
+    ("bottleneck", (3, 4, 23, 3), 1, 64): "resnet101",
+    ("bottleneck", (3, 8, 36, 3), 1, 64): "resnet152",
+    ("bottleneck", (3, 4, 6, 3), 32, 4): "resnext50_32x4d",
+    ("bottleneck", (3, 4, 23, 3), 32, 8): "resnext101_32x8d",
+    ("bottleneck", (3, 4, 23, 3), 64, 4): "resnext101_64x4d",
+    ("bottleneck", (3, 4, 6, 3), 1, 128): "wide_resnet50_2",
+    ("bottleneck", (3, 4, 23, 3), 1, 128): "wide_resnet101_2",
+}
+_RESNET_CHILDREN_WITH_WEIGHTS = {"0", "1", "4", "5", "6", "7"}  # conv1, bn1, layer1..layer4
+_ARCHITECTURE_HINT = (
+    "re-save it with a 'meta' dict ({'architecture': ..., 'pooling': ..., 'mean': ..., 'std': ...}) or pass "
+    "architecture=... to raml.models.load_network"
+)
+
+
+def _infer_torchvision_resnet(state_dict: dict[str, Any]) -> str | None:
+    """The torchvision ResNet whose trunk (``backbone.<i>.*`` keys) has exactly these layers, or None."""
+    children: dict[str, set[int]] = {}
+    for key in state_dict:
+        parts = key.split(".")
+        if parts[0] != "backbone" or len(parts) < 3:
+            continue
+        blocks = children.setdefault(parts[1], set())
+        if parts[2].isdigit():
+            blocks.add(int(parts[2]))
+    if set(children) != _RESNET_CHILDREN_WITH_WEIGHTS:
+        return None
+    conv1 = state_dict.get("backbone.0.weight")
+    conv2 = state_dict.get("backbone.4.0.conv2.weight")
+    if conv1 is None or conv2 is None or tuple(conv1.shape[1:]) != (3, 7, 7) or conv2.dim() != 4:
+        return None
+    layers = tuple(len(children[i]) for i in ("4", "5", "6", "7"))
+    if any(sorted(children[i]) != list(range(n)) for i, n in zip(("4", "5", "6", "7"), layers)):
+        return None
+    block = "bottleneck" if "backbone.4.0.conv3.weight" in state_dict else "basic"
+    width, per_group = int(conv2.shape[0]), int(conv2.shape[1])
+    if per_group <= 0 or width % per_group:
+        return None
+    groups = width // per_group
+    return _TORCHVISION_RESNETS.get((block, layers, groups, width // groups))
+
+
+def infer_meta(
+    state_dict: dict[str, Any],
+    source: str = "<checkpoint>",
+    *,
+    architecture: str | None = None,
+    pooling: str | None = None,
+    whitening: int | None = None,
+) -> dict[str, Any]:
+    """Describe the network of a checkpoint without ``meta`` (the reference's training checkpoints).
+
+    - architecture: a torchvision ResNet (``resnet18/34/50/101/152``, ``resnext*``, ``wide_resnet*``) from
+      its ``backbone.<i>.*`` keys: bottleneck or basic blocks, blocks per layer, groups and width;
+    - pooling: ``gem`` if ``pool.p`` has one value, ``gemmp`` if it has one per channel; without ``pool.p``
+      the network used ``mac`` or ``spoc``, which have no weights: the ``pooling`` hint must say which;
+    - whitening: the rows of ``whiten.weight`` (0 without it);
+    - mean/std: the ImageNet statistics the reference uses for torchvision backbones.
+
+    Args:
+        state_dict: The weights (``backbone.*``, ``pool.p``, ``whiten.*``), without a ``module.`` prefix.
+        source: Where they came from, for messages.
+        architecture: Use this architecture instead of inferring it (any name ``build_network`` accepts).
+        pooling: Which pooling when the weights cannot tell (``mac`` or ``spoc``); checked against ``pool.p``.
+        whitening: Expected whitening dimension; the weights win, a different value is logged.
+
+    Returns:
+        A ``meta`` dict for ``network_from_checkpoint``.
+
+    Raises:
+        CheckpointError: If the architecture or the pooling cannot be inferred; the message names the flag
+            or argument that supplies it.
+    """
+    if architecture is None:
+        architecture = _infer_torchvision_resnet(state_dict)
+        if architecture is None:
+            raise CheckpointError(
+                f"{source} has no 'meta' and its weights are not those of a torchvision ResNet "
+                f"({', '.join(_TORCHVISION_RESNETS.values())}), the only backbones that can be recognised from "
+                f"their weights; {_ARCHITECTURE_HINT}."
+            )
+    p = state_dict.get("pool.p")
+    if p is not None:
+        inferred_pooling = "gem" if p.numel() == 1 else "gemmp"
+        if pooling is not None and pooling.lower() != inferred_pooling:
+            logger.warning(
+                "%s: ignoring the pooling hint %r: its pool.p has %d value(s), which is %s pooling.",
+                source,
+                pooling,
+                p.numel(),
+                inferred_pooling,
+            )
+        pooling = inferred_pooling
+    elif pooling is None:
+        raise CheckpointError(
+            f"{source} has no 'meta' and no pool.p, so it was trained with mac or spoc pooling, which have no "
+            "weights and cannot be told apart; say which with --pool mac or --pool spoc (pooling=... in "
+            "raml.models.load_network)."
+        )
+    elif pooling.lower() not in ("mac", "spoc"):
+        raise CheckpointError(
+            f"{source} has no pool.p, so its pooling cannot be {pooling!r} (gem and gemmp store pool.p); "
+            "give --pool mac or --pool spoc."
+        )
+    weight = state_dict.get("whiten.weight")
+    inferred_whitening = int(weight.shape[0]) if weight is not None else 0
+    if whitening is not None and int(whitening) != inferred_whitening:
+        logger.warning(
+            "%s: ignoring the whitening hint %s: its weights have whitening %d.", source, whitening, inferred_whitening
+        )
+    meta = {
+        "architecture": architecture,
+        "pooling": pooling.lower(),
+        "whitening": inferred_whitening,
+        "mean": list(IMAGENET_MEAN),
+        "std": list(IMAGENET_STD),
+    }
+    logger.info(
+        "%s has no 'meta'; inferred from its weights: architecture %s, pooling %s, whitening %d, ImageNet mean/std.",
+        source,
+        meta["architecture"],
+        meta["pooling"],
+        meta["whitening"],
+    )
+    return meta
+
+
+def _timm_reference_keys(network: EmbeddingNetwork, state_dict: dict[str, Any]) -> dict[str, Any]:
+    """The reference keeps a timm backbone unwrapped (``backbone.<timm key>``); ours is ``backbone.model.*``."""
+    if not isinstance(network.backbone, TimmTrunk):
+        return state_dict
+    keys = [k for k in state_dict if k.startswith("backbone.")]
+    if not keys or any(k.startswith("backbone.model.") for k in keys):
+        return state_dict
+    return {
+        (f"backbone.model.{k[len('backbone.') :]}" if k.startswith("backbone.") else k): v
+        for k, v in state_dict.items()
+    }
+
+
+def network_from_checkpoint(
+    checkpoint: dict,
+    source: str = "<checkpoint>",
+    *,
+    architecture: str | None = None,
+    pooling: str | None = None,
+    whitening: int | None = None,
+) -> EmbeddingNetwork:
     """Rebuild a network from a loaded checkpoint dict.
 
     The whitening dimension is read from the shape of ``whiten.weight`` (the reference may store
-    ``meta["whitening"]`` as a bool). The backbone is built without pretrained weights and the state
-    dict is loaded strictly.
+    ``meta["whitening"]`` as a bool). Without ``meta`` (the reference's training checkpoints) the network is
+    inferred from the weights by ``infer_meta``, helped by the hints. The backbone is built without
+    pretrained weights and the state dict is loaded strictly.
 
     Args:
-        checkpoint: A dict with ``meta`` and ``state_dict`` (see ``load_checkpoint_file``).
+        checkpoint: A dict with ``state_dict`` and usually ``meta`` (see ``load_checkpoint_file``).
         source: Where it came from, for error messages.
+        architecture: Hint for checkpoints without ``meta`` (see ``infer_meta``); ignored otherwise.
+        pooling: Hint for checkpoints without ``meta`` (``mac`` or ``spoc``); ignored otherwise.
+        whitening: Hint for checkpoints without ``meta``; ignored otherwise.
 
     Returns:
         The network in eval mode, on the CPU.
 
     Raises:
-        CheckpointError: If ``meta`` lacks the architecture/pooling, names unknown ones, or the state dict
-            does not match the network.
+        CheckpointError: If ``meta`` lacks the architecture/pooling, names unknown ones, the network cannot
+            be inferred, or the state dict does not match the network.
     """
     meta = checkpoint.get("meta")
     state_dict = checkpoint.get("state_dict")
-    if not isinstance(meta, dict) or not isinstance(state_dict, dict):
+    if not isinstance(state_dict, dict) or (meta is not None and not isinstance(meta, dict)):
         raise CheckpointError(f"{source}: expected dicts under 'meta' and 'state_dict'.")
-    missing = [key for key in ("architecture", "pooling") if key not in meta]
-    if missing:
-        raise CheckpointError(f"{source}: meta lacks {missing}; found meta keys {sorted(meta)}.")
     # Checkpoints saved from nn.DataParallel prefix every key with "module.".
     if state_dict and all(str(k).startswith("module.") for k in state_dict):
         state_dict = {k[len("module.") :]: v for k, v in state_dict.items()}
+    if meta is None:
+        meta = infer_meta(state_dict, source, architecture=architecture, pooling=pooling, whitening=whitening)
+    missing = [key for key in ("architecture", "pooling") if key not in meta]
+    if missing:
+        raise CheckpointError(f"{source}: meta lacks {missing}; found meta keys {sorted(meta)}.")
+    if str(meta["pooling"]).lower() not in POOLINGS:
+        raise CheckpointError(
+            f"{source}: meta names the pooling {meta['pooling']!r}, which is not supported; supported poolings "
+            f"are {', '.join(POOLINGS)}."
+        )
     whiten_weight = state_dict.get("whiten.weight")
     whitening = int(whiten_weight.shape[0]) if whiten_weight is not None else 0
     try:
@@ -221,13 +456,17 @@ def network_from_checkpoint(checkpoint: dict, source: str = "<checkpoint>") -> E
     except ValueError as error:
         raise CheckpointError(f"{source}: cannot rebuild the network described by its meta: {error}") from error
 
-    result = network.load_state_dict(state_dict, strict=False)
+    state_dict = _timm_reference_keys(network, state_dict)
+    description = f"a {meta['architecture']!r} network with {meta['pooling']!r} pooling and whitening {whitening}"
+    try:
+        result = network.load_state_dict(state_dict, strict=False)
+    except RuntimeError as error:  # shape mismatches
+        raise CheckpointError(f"{source}: the state dict does not fit {description}: {error}") from error
     unexpected = list(result.unexpected_keys)
     missing_keys = list(result.missing_keys)
     if missing_keys or unexpected:
         raise CheckpointError(
-            f"{source}: the state dict does not match a {meta['architecture']!r} network with "
-            f"{meta['pooling']!r} pooling and whitening {whitening}: missing keys {missing_keys[:10]}"
+            f"{source}: the state dict does not match {description}: missing keys {missing_keys[:10]}"
             f"{' ...' if len(missing_keys) > 10 else ''}, unexpected keys {unexpected[:10]}"
             f"{' ...' if len(unexpected) > 10 else ''}."
         )
@@ -298,12 +537,78 @@ def download_file(url: str, dest: str | Path, timeout: float = 60, retries: int 
     )
 
 
+SHA256SUMS_NAME = "SHA256SUMS"
+"""File next to the published networks recording their SHA-256, in ``sha256sum`` format."""
+
+_SUM_LINE = re.compile(r"^([0-9a-fA-F]{64}) [ *](.+)$")
+
+
 def _published_path(name: str, data_root: str | Path) -> Path:
     return Path(data_root) / "networks" / f"{name}.pth"
 
 
+def read_sha256sums(folder: str | Path) -> dict[str, str]:
+    """``file name -> hex SHA-256`` from ``<folder>/SHA256SUMS`` (empty if there is none); bad lines are skipped."""
+    path = Path(folder) / SHA256SUMS_NAME
+    if not path.is_file():
+        return {}
+    sums = {}
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        match = _SUM_LINE.match(line.strip())
+        if match is None:
+            if line.strip():
+                logger.warning("%s line %d is not '<sha256>  <file>'; ignored.", path, number)
+            continue
+        sums[match.group(2)] = match.group(1).lower()
+    return sums
+
+
+def record_sha256(path: str | Path, digest: str | None = None) -> str:
+    """Record the SHA-256 of ``path`` in ``SHA256SUMS`` of its folder (rewritten atomically); returns it."""
+    path = Path(path)
+    digest = digest or file_sha256(path)
+    sums = read_sha256sums(path.parent)
+    sums[path.name] = digest
+    atomic_write_text(path.parent / SHA256SUMS_NAME, "".join(f"{sums[n]}  {n}\n" for n in sorted(sums)))
+    return digest
+
+
+def verify_sha256(path: str | Path) -> None:
+    """Check ``path`` against the SHA-256 recorded for it in ``SHA256SUMS`` of its folder, if any.
+
+    Raises:
+        CheckpointError: If the file's content differs from the recorded hash.
+    """
+    path = Path(path)
+    recorded = read_sha256sums(path.parent).get(path.name)
+    if recorded is None:
+        return
+    actual = file_sha256(path)
+    if actual != recorded:
+        raise CheckpointError(
+            f"{path} is not the file that was downloaded: its SHA-256 is {actual}, but {recorded} was recorded in "
+            f"{path.parent / SHA256SUMS_NAME} when it was first downloaded (a truncated or replaced file). Delete "
+            f"{path} to download it again (or, if you replaced it on purpose, delete its line from "
+            f"{SHA256SUMS_NAME})."
+        )
+
+
+def _checked_published(name: str, path: Path) -> Path:
+    """Verify a cached published network against SHA256SUMS; record it there if it is not listed yet."""
+    if path.name in read_sha256sums(path.parent):
+        verify_sha256(path)
+    else:  # cached before hashes were recorded, or placed by hand: trust it from now on
+        digest = record_sha256(path)
+        logger.info("Recorded the SHA-256 of %s (%s) in %s.", name, digest, path.parent / SHA256SUMS_NAME)
+    return path
+
+
 def resolve_network_path(name_or_path: str | Path, data_root: str | Path, download: bool = True) -> Path:
     """Find the checkpoint file for a path, a cached name, or a published name.
+
+    A published network's file is checked against the SHA-256 recorded for it in
+    ``<data_root>/networks/SHA256SUMS`` at its download (recorded on first use if the file was placed there by
+    hand); any file given by path is checked too if the ``SHA256SUMS`` of its folder lists it.
 
     Args:
         name_or_path: An existing file; or a name with a file ``<data_root>/networks/<name>.pth``; or one
@@ -316,16 +621,18 @@ def resolve_network_path(name_or_path: str | Path, data_root: str | Path, downlo
 
     Raises:
         ValueError: If nothing matches, or a published network is missing and ``download`` is False.
+        CheckpointError: If a file differs from its recorded SHA-256.
         DownloadError: If the download fails.
     """
     candidate = Path(name_or_path)
     if candidate.is_file():
+        verify_sha256(candidate)
         return candidate
     name = str(name_or_path)
     name = name[: -len(".pth")] if name.endswith(".pth") else name
     cached = _published_path(name, data_root)
     if cached.is_file():
-        return cached
+        return _checked_published(name, cached) if name in PUBLISHED_NETWORKS else cached
     if name in PUBLISHED_NETWORKS:
         if not download:
             raise ValueError(
@@ -333,7 +640,10 @@ def resolve_network_path(name_or_path: str | Path, data_root: str | Path, downlo
                 f"{PUBLISHED_NETWORKS[name]} and put it at {cached}, or allow downloading."
             )
         logger.info("Downloading published network %s to %s", name, cached)
-        return download_file(PUBLISHED_NETWORKS[name], cached)
+        path = download_file(PUBLISHED_NETWORKS[name], cached)
+        digest = record_sha256(path)
+        logger.info("SHA-256 of %s: %s (recorded in %s)", name, digest, path.parent / SHA256SUMS_NAME)
+        return path
     close = difflib.get_close_matches(name, list(PUBLISHED_NETWORKS), n=3, cutoff=0.6)
     hint = f" Did you mean {', '.join(close)}?" if close else ""
     raise ValueError(
@@ -349,6 +659,10 @@ def load_network(
     data_root: str | Path = "data",
     device: torch.device | str = "cpu",
     download: bool = True,
+    *,
+    pooling: str | None = None,
+    whitening: int | None = None,
+    architecture: str | None = None,
 ) -> EmbeddingNetwork:
     """Load a network from a path, a cached name, or a published name.
 
@@ -357,17 +671,25 @@ def load_network(
         data_root: The data folder holding ``networks/``.
         device: Where to put the network.
         download: Allow downloading a published network that is not cached yet.
+        pooling: For checkpoints without ``meta`` only (the reference's training checkpoints): the pooling
+            when the weights cannot tell (``mac`` or ``spoc``; CLI ``--pool``).
+        whitening: For checkpoints without ``meta`` only: the expected whitening dimension (the weights win).
+        architecture: For checkpoints without ``meta`` only: the architecture, when it is not a torchvision
+            ResNet that can be recognised from the weights.
 
     Returns:
         The network in eval mode on ``device``, with ``network.source_path`` set.
 
     Raises:
-        ValueError: If the name cannot be resolved (``CheckpointError`` if the file is unusable).
+        ValueError: If the name cannot be resolved (``CheckpointError`` if the file is unusable or the network
+            cannot be inferred).
         DownloadError: If a download fails.
     """
     path = resolve_network_path(name_or_path, data_root, download=download)
     checkpoint = load_checkpoint_file(path)
-    network = network_from_checkpoint(checkpoint, source=str(path))
+    network = network_from_checkpoint(
+        checkpoint, source=str(path), architecture=architecture, pooling=pooling, whitening=whitening
+    )
     network = network.to(torch.device(device)).eval()
     network.source_path = path
     logger.info("Loaded network %s (%s, D=%d)", path, network.meta["architecture"], network.output_dim)

@@ -6,7 +6,8 @@ Tensor contract: ``(B, 3, H, W)`` float, normalised with ``network.mean``/``netw
 Submodules are named ``backbone``, ``pool`` and ``whiten`` so that state-dict keys are
 ``backbone.<...>``, ``pool.p``, ``whiten.weight``, ``whiten.bias``, the layout of the published
 checkpoints. ``network.meta`` carries what is needed to rebuild the network (architecture, pooling,
-whitening dimension, mean, std, output dimension) as plain Python values.
+whitening dimension, mean, std, output dimension) as plain Python values, and which ImageNet weights
+initialised it (``pretrained_weights``, e.g. ``"ResNet50_Weights.IMAGENET1K_V1"``, None for random ones).
 """
 
 from __future__ import annotations
@@ -82,7 +83,11 @@ class EmbeddingNetwork(nn.Module):
 
 
 def build_network(
-    architecture: str, pooling: str = "gem", whitening: int = 512, pretrained: bool = True
+    architecture: str,
+    pooling: str = "gem",
+    whitening: int = 512,
+    pretrained: bool = True,
+    pretrained_weights: str = "v1",
 ) -> EmbeddingNetwork:
     """Build an embedding network.
 
@@ -90,19 +95,23 @@ def build_network(
         architecture: torchvision or timm model name (see ``raml.models.build_backbone``).
         pooling: Global pooling, one of ``raml.models.pooling.POOLINGS``.
         whitening: Output dimension of the whitening layer; 0 for none (D = backbone channels).
-        pretrained: Initialise the backbone with the library's ImageNet weights.
+        pretrained: Initialise the backbone with ImageNet weights.
+        pretrained_weights: Which ImageNet weights: ``"v1"`` (the reference's: torchvision's
+            ``IMAGENET1K_V1``), ``"default"``, a torchvision weights name or a timm tag (see
+            ``raml.models.build_backbone``). Recorded, resolved, in ``meta["pretrained_weights"]``.
 
     Returns:
         The network, in training mode, on the CPU.
 
     Raises:
-        ValueError: For an unknown architecture or pooling, or a negative whitening dimension.
+        ValueError: For an unknown architecture, pooling or weights, or a negative whitening dimension.
+        DownloadError: If the ImageNet weights cannot be downloaded.
     """
     if isinstance(whitening, bool) or not isinstance(whitening, int) or whitening < 0:
         raise ValueError(
             f"whitening must be a non-negative int (the output dimension, 0 for no whitening), got {whitening!r}."
         )
-    backbone = build_backbone(architecture, pretrained=pretrained)
+    backbone = build_backbone(architecture, pretrained=pretrained, pretrained_weights=pretrained_weights)
     pool = build_pooling(pooling, backbone.channels)
     whiten = nn.Linear(backbone.channels, whitening, bias=True) if whitening > 0 else None
     meta = {
@@ -113,5 +122,6 @@ def build_network(
         "std": [float(v) for v in backbone.std],
         "outputdim": int(whitening) if whitening > 0 else int(backbone.channels),
         "pretrained": bool(pretrained),
+        "pretrained_weights": backbone.weights,
     }
     return EmbeddingNetwork(backbone.module, pool, whiten, meta)

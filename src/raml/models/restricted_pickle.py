@@ -1,0 +1,209 @@
+"""Restricted unpickling for old training checkpoints that ``torch.load(weights_only=True)`` refuses.
+
+Checkpoints written by the reference implementation (PyTorch 1.12) can hold objects that the weights-only
+unpickler does not rebuild, although their weights are plain tensors: a ``numpy.float64`` ``max_map``, or a
+``OneCycleLR`` state dict whose ``anneal_func`` is a bound method (pickled as ``getattr(<scheduler>, name)``
+together with the whole scheduler and optimizer objects). ``restricted_torch_load`` reads such a file with an
+unpickler that
+
+- rebuilds tensors, parameters, storages, plain containers, ``OrderedDict``, ``torch.Size``/dtypes/devices and
+  numpy scalars/arrays (all of which construct data, never run code);
+- replaces objects of the training machinery (``torch.optim.*`` optimizers and schedulers, ``getattr`` of
+  bound methods, ``copyreg`` reconstructors, ``functools.partial``, ``weakref``) by inert ``Dropped``
+  placeholders that ignore their arguments and state;
+- refuses every other global (``os.system``, ``subprocess.Popen``, ``builtins.eval``, ...) with
+  ``UnsafeGlobalError``: a crafted file is never executed, not even partly.
+
+Nothing outside the allow-list above is ever imported or called, so the placeholders cannot run code either;
+the refusal list exists so that a file that tries to run code is reported as such instead of loading.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import builtins
+import codecs
+import importlib
+import pickle
+import types
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Dropped", "UnsafeGlobalError", "contains_dropped", "restricted_torch_load"]
+
+
+class UnsafeGlobalError(pickle.UnpicklingError):
+    """The pickle references a global outside both the allow-list and the inert training-state list."""
+
+    def __init__(self, global_name: str) -> None:
+        super().__init__(f"the pickle references {global_name}, which is neither data nor training state")
+        self.global_name = global_name
+
+
+class Dropped:
+    """Inert stand-in for an object of the training machinery: ignores its arguments, state and items."""
+
+    global_name = "?"
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> Dropped:
+        return super().__new__(cls)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def __setstate__(self, state: Any) -> None:
+        pass
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        pass
+
+    def append(self, item: Any) -> None:
+        pass
+
+    def extend(self, items: Any) -> None:
+        pass
+
+    def add(self, item: Any) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"<dropped {self.global_name}>"
+
+
+_TORCH_REBUILDERS = (
+    "_rebuild_tensor",
+    "_rebuild_tensor_v2",
+    "_rebuild_tensor_v3",
+    "_rebuild_parameter",
+    "_rebuild_parameter_with_state",
+)
+_BUILTINS = (
+    "set",
+    "frozenset",
+    "dict",
+    "list",
+    "tuple",
+    "int",
+    "float",
+    "bool",
+    "str",
+    "bytes",
+    "complex",
+    "bytearray",
+    "slice",
+)
+_NUMPY = {
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "dtype"),
+    ("numpy", "ndarray"),
+}
+_DROPPABLE_GLOBALS = {
+    ("builtins", "getattr"),
+    ("builtins", "object"),
+    ("copyreg", "_reconstructor"),
+    ("copyreg", "__newobj__"),
+    ("copyreg", "__newobj_ex__"),
+    ("functools", "partial"),
+    ("collections", "defaultdict"),
+}
+_DROPPABLE_MODULES = ("torch.optim", "weakref", "_weakref")
+
+
+def _allowed(module: str, name: str) -> Any | None:
+    """The real object for an allowed data global, else None."""
+    if module == "torch._utils" and name in _TORCH_REBUILDERS:
+        return getattr(torch._utils, name)
+    if module == "torch":
+        value = getattr(torch, name, None)
+        if isinstance(value, torch.dtype) or name in ("Size", "device"):
+            return value
+        return None
+    if module == "collections" and name == "OrderedDict":
+        return OrderedDict
+    if module == "builtins" and name in _BUILTINS:
+        return getattr(builtins, name)
+    if module == "_codecs" and name == "encode":
+        return codecs.encode
+    if (module, name) in _NUMPY:
+        import numpy
+
+        # numpy 2 moved numpy.core to numpy._core; pickles of numpy 1 name the old module.
+        if module.startswith("numpy.core") and hasattr(numpy, "_core"):
+            module = "numpy._core" + module[len("numpy.core") :]
+        return getattr(importlib.import_module(module), name)
+    return None
+
+
+def _droppable(module: str, name: str) -> bool:
+    return (module, name) in _DROPPABLE_GLOBALS or any(
+        module == prefix or module.startswith(prefix + ".") for prefix in _DROPPABLE_MODULES
+    )
+
+
+def _restricted_pickle_module(dropped: set[str]) -> types.ModuleType:
+    """A stand-in for the ``pickle`` module whose ``Unpickler`` only rebuilds allowed globals."""
+
+    class RestrictedUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            # Protocol 0-2 pickles name Python 2 modules (``__builtin__``); map them as pickle itself does
+            # (those names do not exist in Python 3, so mapping them whatever the protocol is harmless).
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+            obj = _allowed(module, name)
+            if obj is not None:
+                return obj
+            global_name = f"{module}.{name}"
+            if _droppable(module, name):
+                dropped.add(global_name)
+                return type(f"Dropped[{global_name}]", (Dropped,), {"global_name": global_name})
+            raise UnsafeGlobalError(global_name)
+
+    def load(file: Any, **kwargs: Any) -> Any:
+        return RestrictedUnpickler(file, **kwargs).load()
+
+    module = types.ModuleType("raml_restricted_pickle")
+    module.Unpickler = RestrictedUnpickler  # type: ignore[attr-defined]
+    module.load = load  # type: ignore[attr-defined]
+    module.UnpicklingError = pickle.UnpicklingError  # type: ignore[attr-defined]
+    return module
+
+
+def restricted_torch_load(path: str | Path) -> tuple[Any, list[str]]:
+    """Load a ``torch.save`` file onto the CPU with the restricted unpickler.
+
+    Args:
+        path: The file.
+
+    Returns:
+        The loaded object (training-state objects replaced by ``Dropped`` placeholders) and the sorted names
+        of the globals that were replaced.
+
+    Raises:
+        UnsafeGlobalError: If the file references any other global (it is then not loaded at all).
+        Exception: Whatever ``torch.load`` raises for a corrupt file.
+    """
+    dropped: set[str] = set()
+    # weights_only=False only lets torch use the given pickle module: the restricted one above.
+    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(dropped))
+    return obj, sorted(dropped)
+
+
+def contains_dropped(obj: Any, _depth: int = 0) -> bool:
+    """Whether a loaded object holds a ``Dropped`` placeholder anywhere in its containers."""
+    if isinstance(obj, Dropped) or (isinstance(obj, type) and issubclass(obj, Dropped)):
+        return True
+    if _depth > 100:
+        return True  # implausibly deep for a state dict: treat as not rebuilt
+    if isinstance(obj, dict):
+        return any(contains_dropped(k, _depth + 1) or contains_dropped(v, _depth + 1) for k, v in obj.items())
+    if isinstance(obj, (list, tuple, set, frozenset)):
+        return any(contains_dropped(v, _depth + 1) for v in obj)
+    return False
