@@ -1,9 +1,9 @@
-"""Coupled views: sampling rule, rendering, reproducibility, mixup, and the pipeline benchmark."""
+"""Coupled views: sampling rule, rendering, reproducibility, both mixups (batch and reference partners)."""
 
 from __future__ import annotations
 
-import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,12 +13,11 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
-from raml.bench.pipeline import main as bench_main
-from raml.bench.pipeline import make_synthetic_jpegs, run_pipeline_benchmark
-from raml.data.images import ImageLoadError
+from raml.data.images import ImageLoadError, load_image
 from raml.data.views import (
     CoupledViewDataset,
     ViewParams,
+    mix_partner_views,
     mixup_views,
     render_coupled_views,
     sample_view_params,
@@ -362,32 +361,268 @@ def test_mixup_bad_inputs():
         mixup_views(s, t, None)
 
 
-# ---------------------------------------------------------------- benchmark
+# ---------------------------------------------------------------- resize backends
 
 
-def test_pipeline_benchmark_runs(tmp_path):
-    paths = make_synthetic_jpegs(tmp_path / "imgs", 2, width=40, height=30)
-    report = run_pipeline_benchmark(paths, 16, 32, pos_num=2, batch_size=2, workers=0, batches=1)
-    for key in (
-        "coupled_views_per_s",
-        "baseline_coupled_views_per_s",
-        "speedup",
-        "settings",
-        "torch_threads",
-    ):
-        assert key in report
-    assert report["ours"]["coupled_views"] == 4 and report["baseline"]["coupled_views"] == 4
-    out = tmp_path / "report.json"
-    argv = ["--images", str(tmp_path / "imgs"), "--image-size", "16", "--teacher-image-size", "32"]
-    argv += ["--pos-num", "2", "--batch-size", "2", "--batches", "1", "--json", str(out)]
-    assert bench_main(argv) == 0
-    assert json.loads(out.read_text())["settings"]["batch_size"] == 2
+def test_torch_backend_is_the_pil_filter_within_one_level():
+    img = Image.fromarray(np.random.default_rng(0).integers(0, 256, (90, 120, 3), dtype=np.uint8))  # noise
+    g = torch.Generator().manual_seed(0)
+    geometry = [
+        ViewParams(p.top, p.left, p.height, p.width, p.flip) for p in (sample_view_params(120, 90, g) for _ in range(8))
+    ]
+    for student_size, teacher_size in ((16, 32), (24, 64), (40, 40)):
+        pil = render_coupled_views(img, geometry, student_size, teacher_size, backend="pil")
+        fast = render_coupled_views(img, geometry, student_size, teacher_size, backend="torch")
+        for a, b in zip(pil, fast, strict=True):
+            assert a.shape == b.shape and b.dtype == torch.uint8
+            diff = (a.int() - b.int()).abs()
+            assert diff.max() <= 1 and diff.float().mean() < 0.05
+    # With jitter the twist can scale a one-level resize difference by its gain (contrast, saturation).
+    jittered = [sample_view_params(120, 90, g) for _ in range(8)]
+    pil = render_coupled_views(img, jittered, 16, 32, backend="pil")
+    fast = render_coupled_views(img, jittered, 16, 32, backend="torch")
+    for a, b in zip(pil, fast, strict=True):
+        diff = (a.int() - b.int()).abs()
+        assert diff.max() <= 4 and diff.float().mean() < 0.1
 
 
-def test_pipeline_benchmark_bad_images_folder(tmp_path):
-    with pytest.raises(SystemExit, match="not a folder"):
-        bench_main(["--images", str(tmp_path / "missing")])
-    with pytest.raises(SystemExit, match="No image files"):
-        bench_main(["--images", str(tmp_path)])
-    with pytest.raises(SystemExit, match="--batches must be >= 1"):
-        bench_main(["--batches", "0"])
+def test_unknown_backend():
+    img = _smooth_image(40, 30)
+    with pytest.raises(ValueError, match="backend must be one of 'pil', 'torch'"):
+        render_coupled_views(img, [_plain(img)], 16, 32, backend="cv2")
+
+
+# ---------------------------------------------------------------- reference partners (partners=True)
+
+
+def _partner_dataset(paths, **kw) -> CoupledViewDataset:
+    return CoupledViewDataset(paths, 16, 32, pos_num=4, seed=11, partners=True, **kw)
+
+
+def test_partner_item_shapes_dtypes_and_defaults(image_files):
+    ds = _partner_dataset(image_files)
+    assert ds.backend == "torch" and CoupledViewDataset(image_files, 16, 32, 4, 11).backend == "pil"
+    student, teacher, partner_student, partner_teacher, lam, index = ds[1]
+    assert index == 1
+    assert student.shape == partner_student.shape == (4, 3, 16, 16)
+    assert teacher.shape == partner_teacher.shape == (4, 3, 32, 32)
+    assert student.dtype == teacher.dtype == partner_student.dtype == partner_teacher.dtype == torch.uint8
+    assert lam.shape == (4,) and lam.dtype == torch.float32
+    assert torch.equal(lam, torch.tensor(ds.partner_draws(1).lam))
+    assert ds.partner_draws(1) == _partner_dataset(image_files).partner_draws(1)  # a plain value
+
+
+def test_partner_items_depend_only_on_seed_epoch_index(image_files):
+    ds = _partner_dataset(image_files)
+    items = {i: ds[i] for i in (2, 0, 1)}
+    again = _partner_dataset(image_files)
+    for i in (0, 1, 2):  # another instance, another order
+        for a, b in zip(items[i][:5], again[i][:5], strict=True):
+            assert torch.equal(a, b)
+    # Through a worker process, in yet another order: the same items, collated.
+    (batch,) = list(DataLoader(ds, batch_size=3, sampler=[1, 2, 0], num_workers=1))
+    assert batch[0].shape == (3, 4, 3, 16, 16) and batch[4].shape == (3, 4) and batch[5].tolist() == [1, 2, 0]
+    for k, i in enumerate((1, 2, 0)):
+        for field in range(5):
+            assert torch.equal(batch[field][k], items[i][field])
+    ds.set_epoch(1)
+    assert not torch.equal(ds[0][1], items[0][1]) and ds.partner_draws(0) != again.partner_draws(0)
+    other_seed = CoupledViewDataset(image_files, 16, 32, pos_num=4, seed=12, partners=True)
+    assert other_seed.partner_draws(0).view_seeds != again.partner_draws(0).view_seeds
+
+
+def test_partner_view_is_drawn_with_the_view_seed_on_the_partner_size(tmp_path):
+    # Images of four different sizes, so the partner's draws on its own size differ from the view's.
+    paths = []
+    for k, (w, h) in enumerate(((64, 48), (40, 56), (90, 30), (50, 50))):
+        paths.append(tmp_path / f"p{k}.png")
+        _smooth_image(w, h, seed=10 + k).save(paths[-1])
+    ds = CoupledViewDataset(paths, 16, 32, pos_num=6, seed=3, partners=True)
+    rrc = transforms.RandomResizedCrop(8, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    checked_other = 0
+    for index in range(len(paths)):
+        student, teacher, partner_student, partner_teacher, _, _ = ds[index]
+        draws = ds.partner_draws(index)
+        img = load_image(paths[index])
+        for slot, (view_seed, partner) in enumerate(zip(draws.view_seeds, draws.partners, strict=True)):
+            partner_img = load_image(paths[partner])
+            view = sample_view_params(img.width, img.height, torch.Generator().manual_seed(view_seed))
+            partner_view = sample_view_params(
+                partner_img.width, partner_img.height, torch.Generator().manual_seed(view_seed)
+            )
+            # The reference's rule: reseed torch's RNG with the view's seed, then run the same sampling code
+            # on the partner image (here checked against torchvision's own RandomResizedCrop + flip).
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(view_seed)
+                box = rrc.get_params(partner_img, rrc.scale, rrc.ratio)
+                flip = bool(torch.rand(1) < 0.5)
+            assert (partner_view.top, partner_view.left, partner_view.height, partner_view.width) == box
+            assert partner_view.flip == flip
+            # Explicit re-renders equal the dataset's views and partner views.
+            s, t = render_coupled_views(img, [view], 16, 32, backend="torch")
+            ps, pt = render_coupled_views(partner_img, [partner_view], 16, 32, backend="torch")
+            assert torch.equal(student[slot], s[0]) and torch.equal(teacher[slot], t[0])
+            assert torch.equal(partner_student[slot], ps[0]) and torch.equal(partner_teacher[slot], pt[0])
+            if partner != index:
+                checked_other += 1
+                assert view.box != partner_view.box  # not the view's box reused on another image
+    assert checked_other >= 10
+
+
+def test_each_partner_decoded_once_per_item_and_self_partner_is_the_view(image_files):
+    calls: list[Path] = []
+
+    def counting_loader(path):
+        calls.append(Path(path))
+        return load_image(path)
+
+    ds = CoupledViewDataset(image_files, 16, 32, pos_num=8, seed=0, partners=True, loader=counting_loader)
+    saw_self = False
+    for index in range(len(image_files)):
+        calls.clear()
+        student, teacher, partner_student, partner_teacher, _, _ = ds[index]
+        partners = ds.partner_draws(index).partners
+        assert len(calls) == len(set(calls)) == 1 + len(set(partners) - {index})
+        for slot, partner in enumerate(partners):
+            if partner == index:
+                saw_self = True
+                assert torch.equal(partner_student[slot], student[slot])
+                assert torch.equal(partner_teacher[slot], teacher[slot])
+    assert saw_self  # 3 images x 8 views: an item is its own partner in practice
+
+
+def test_partner_indices_uniform_over_the_whole_dataset(tmp_path):
+    paths = [tmp_path / f"x{i}.jpg" for i in range(10)]  # never decoded: only the draws are used
+    ds = CoupledViewDataset(paths, 16, 32, pos_num=8, seed=5, partners=True)
+    partners, own = [], []
+    for epoch in range(50):
+        ds.set_epoch(epoch)
+        for index in range(10):
+            drawn = ds.partner_draws(index).partners
+            partners += drawn
+            own += [p == index for p in drawn]
+    counts = np.bincount(partners, minlength=10)
+    assert counts.sum() == 4000 and counts.min() > 320 and counts.max() < 480  # 400 expected, sd ~19
+    assert 0.08 < np.mean(own) < 0.12  # itself with probability 1/10 (sd ~0.005), as in the reference
+
+
+def _beta_cdf(x: np.ndarray, alpha: float) -> np.ndarray:
+    from scipy.special import betainc  # the regularised incomplete beta function is the Beta CDF
+
+    return betainc(alpha, alpha, x)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0])
+def test_lambda_follows_beta(tmp_path, alpha):
+    ds = CoupledViewDataset([tmp_path / "a.jpg"] * 500, 16, 32, pos_num=8, seed=2, partners=True, alpha=alpha)
+    lam = np.sort(np.concatenate([ds.partner_draws(i).lam for i in range(500)]).astype(np.float64))  # 4000
+    assert lam.min() >= 0.0 and lam.max() <= 1.0
+    # Beta(a, a): mean 1/2, variance 1 / (4 (2a + 1)); Kolmogorov-Smirnov distance to its CDF below the
+    # 0.1 % critical value 1.95 / sqrt(n).
+    assert abs(lam.mean() - 0.5) < 0.03
+    assert abs(lam.var() - 1 / (4 * (2 * alpha + 1))) < 0.015
+    cdf = _beta_cdf(lam, alpha)
+    n = len(lam)
+    ks = max((np.arange(1, n + 1) / n - cdf).max(), (cdf - np.arange(n) / n).max())
+    assert ks < 1.95 / math.sqrt(n)
+
+
+def test_partner_dataset_bad_inputs(image_files):
+    with pytest.raises(TypeError, match="partners must be a bool"):
+        CoupledViewDataset(image_files, 16, 32, 2, 0, partners=1)
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        CoupledViewDataset(image_files, 16, 32, 2, 0, partners=True, alpha=0)
+    with pytest.raises(ValueError, match="alpha must be a positive"):
+        CoupledViewDataset(image_files, 16, 32, 2, 0, partners=True, alpha=float("nan"))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        CoupledViewDataset(image_files, 16, 32, 2, 0, backend="opencv")
+    with pytest.raises(IndexError, match="out of range"):
+        _partner_dataset(image_files).partner_draws(3)
+
+
+# ---------------------------------------------------------------- mix_partner_views
+
+
+def _loop_mix(x: torch.Tensor, p: torch.Tensor, lam: torch.Tensor) -> torch.Tensor:
+    """Slow reference: every pixel of every view, in float64."""
+    out = torch.empty(x.shape, dtype=torch.float64)
+    for b in range(x.shape[0]):
+        for i in range(x.shape[1]):
+            w = float(lam[b, i])
+            out[b, i] = w * x[b, i].double() + (1 - w) * p[b, i].double()
+    return out
+
+
+def _views(batch, views, size, dtype, generator, channels_last=False) -> torch.Tensor:
+    x = torch.randint(0, 256, (batch, views, size, size, 3), generator=generator, dtype=torch.uint8)
+    x = x.permute(0, 1, 4, 2, 3) if channels_last else x.permute(0, 1, 4, 2, 3).contiguous()
+    return x if dtype == torch.uint8 else x.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_mix_partner_views_matches_a_plain_loop(dtype, channels_last):
+    g = torch.Generator().manual_seed(0)
+    s, t = _views(3, 2, 4, dtype, g, channels_last), _views(3, 2, 8, dtype, g, channels_last)
+    ps, pt = _views(3, 2, 4, dtype, g, channels_last), _views(3, 2, 8, dtype, g, channels_last)
+    lam = torch.tensor([[0.0, 1.0], [0.3, 0.97], [0.5, 1e-4]])
+    before = [v.clone() for v in (s, t, ps, pt)]
+    mixed_s, mixed_t = mix_partner_views(s, t, ps, pt, lam)
+    expected_dtype = torch.float32 if dtype == torch.uint8 else dtype
+    assert mixed_s.dtype == mixed_t.dtype == expected_dtype
+    assert mixed_s.shape == s.shape and mixed_t.shape == t.shape
+    tol = 1e-3 if expected_dtype == torch.float32 else 1e-10
+    # The same lam at both resolutions.
+    assert torch.allclose(mixed_s.double(), _loop_mix(s, ps, lam), atol=tol, rtol=0)
+    assert torch.allclose(mixed_t.double(), _loop_mix(t, pt, lam), atol=tol, rtol=0)
+    assert torch.equal(mixed_s[0, 0].double(), ps[0, 0].double())  # lam 0: the partner
+    assert torch.equal(mixed_t[0, 1].double(), t[0, 1].double())  # lam 1: the view
+    assert all(torch.equal(a, b) for a, b in zip(before, (s, t, ps, pt), strict=True))  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.float64])
+def test_batched_mix_of_accelerators_matches_a_plain_loop(dtype):
+    # The kernel mix_partner_views runs on non-CPU devices, exercised here on the CPU.
+    from raml.data.views import _lerp_batched
+
+    g = torch.Generator().manual_seed(1)
+    x, p = _views(2, 3, 8, dtype, g, True), _views(2, 3, 8, dtype, g, True)
+    lam = torch.rand(2, 3, generator=g)
+    out_dtype = torch.float32 if dtype == torch.uint8 else dtype
+    mixed = _lerp_batched(x, p, lam, out_dtype)
+    assert mixed.dtype == out_dtype
+    assert torch.allclose(mixed.double(), _loop_mix(x, p, lam), atol=1e-3, rtol=0)
+
+
+def test_mix_partner_views_of_a_collated_dataset_batch(image_files):
+    ds = _partner_dataset(image_files)
+    (batch,) = list(DataLoader(ds, batch_size=3, sampler=[0, 1, 2]))
+    mixed_s, mixed_t = mix_partner_views(*batch[:5])
+    assert mixed_s.shape == (3, 4, 3, 16, 16) and mixed_t.shape == (3, 4, 3, 32, 32)
+    assert torch.allclose(mixed_t.double(), _loop_mix(batch[1], batch[3], batch[4]), atol=1e-3, rtol=0)
+    assert float(mixed_s.min()) >= 0 and float(mixed_s.max()) <= 255
+
+
+def test_mix_partner_views_bad_inputs():
+    s, t = torch.zeros(2, 3, 3, 4, 4), torch.zeros(2, 3, 3, 8, 8)
+    lam = torch.full((2, 3), 0.5)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        mix_partner_views(s.numpy(), t, s, t, lam)
+    with pytest.raises(ValueError, match=r"partner_student must have shape \(B, P, C, S, S\)"):
+        mix_partner_views(s, t, s[0], t, lam)
+    with pytest.raises(TypeError, match="floating-point or uint8"):
+        mix_partner_views(s.long(), t.long(), s.long(), t.long(), lam)
+    with pytest.raises(TypeError, match="partner_teacher has dtype torch.float64"):
+        mix_partner_views(s, t, s, t.double(), lam)
+    with pytest.raises(ValueError, match="must have the shape of teacher"):
+        mix_partner_views(s, t, s, torch.zeros(2, 3, 3, 6, 6), lam)
+    with pytest.raises(ValueError, match="must agree on"):
+        mix_partner_views(s, t[:1], s, t[:1], lam)
+    with pytest.raises(ValueError, match=r"lam must have shape \(B, P\) = \(2, 3\)"):
+        mix_partner_views(s, t, s, t, lam[:, :2])
+    with pytest.raises(TypeError, match="lam must be a floating-point"):
+        mix_partner_views(s, t, s, t, torch.ones(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+        mix_partner_views(s, t, s, t, torch.full((2, 3), 1.5))
+    with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
+        mix_partner_views(s, t, s, t, torch.full((2, 3), float("nan")))
