@@ -82,3 +82,45 @@ def test_exponential_gamma():
         scheduler.step()
     assert opt.param_groups[0]["lr"] == pytest.approx(1e-3 * math.exp(-0.005))
     assert build_scheduler(opt, "none", 10) is None
+
+
+def test_reference_schedule_lengths_follow_the_image_count():
+    from raml.engine.optim import reference_schedule_lengths
+
+    # CUB train + val: 5,864 images, batch 8, 25 batches per step, 200 epochs
+    assert reference_schedule_lengths(200, 5864, 8, 25) == (200 * 30, 977)
+    # ... while 733 batches an epoch with the last incomplete accumulation dropped take 29 steps (docs/fidelity.md)
+    assert math.ceil(5864 / 8) // 25 == 29
+    # an exact multiple: no rounding up
+    assert reference_schedule_lengths(2, 400, 8, 25) == (4, 0)
+
+
+@pytest.mark.parametrize("name", ["onecycle", "cyclic"])
+def test_shared_max_lr_overrides_every_groups_rate(name):
+    # the reference: OneCycleLR/CyclicLR(max_lr=lr), one scalar, so GeM p follows the backbone's schedule
+    lr = 1e-3
+    opt = build_optimizer(Tiny(), "adamW", lr=lr)
+    scheduler = build_scheduler(opt, name, 60, shared_max_lr=lr, cycle_up_steps=10)
+    seen = []
+    for _ in range(60):
+        rates = [g["lr"] for g in opt.param_groups]
+        assert max(rates) - min(rates) < 1e-15, rates  # every group, the pool's included, at the same rate
+        seen.append(rates[0])
+        opt.step()
+        scheduler.step()
+    assert seen[0] == pytest.approx(lr / 10)
+    assert max(seen) == pytest.approx(lr, rel=1e-3)
+    if name == "cyclic":
+        assert seen[10] == pytest.approx(lr)  # the given up phase
+
+
+def test_group_peaks_keep_the_pool_multiplier():
+    opt = build_optimizer(Tiny(), "adamW", lr=1e-3)
+    scheduler = build_scheduler(opt, "onecycle", 50)
+    peaks = {g["name"]: 0.0 for g in opt.param_groups}
+    for _ in range(50):
+        for g in opt.param_groups:
+            peaks[g["name"]] = max(peaks[g["name"]], g["lr"])
+        opt.step()
+        scheduler.step()
+    assert peaks["pool"] == pytest.approx(10 * peaks["backbone"])

@@ -3,6 +3,7 @@ losses stop the run, and two gloo processes train exactly like one (CPU, tiny ba
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -77,11 +78,19 @@ def test_corrupt_image_fails_first_with_its_name_and_skip_leaves_it_out(setup, t
     assert code == 2
     assert victim.name in capsys.readouterr().err
     assert not run_dir.exists()  # it failed before creating anything
-    code = main(_train_args(data, teacher, run_dir, "--bad-images", "skip", "--epochs", "1"))
+    test_victim = sorted((data / "cub" / "images").rglob("*.jpg"))[-1]  # the last class is a test class
+    test_victim.write_bytes(b"")
+    args = _train_args(data, teacher, run_dir, "--bad-images", "skip", "--epochs", "1")
+    args[args.index("--test-datasets") + 1] = "cub-test"
+    code = main([*args, "--json", str(tmp_path / "results.json")])
     assert code == 0
-    report = (run_dir / "skipped_images_cub.txt").read_text()
+    report = (run_dir / "skipped_images_cub-trainval.txt").read_text()  # the training split: train + val
     assert victim.name in report and "truncated" in report.lower()
+    assert test_victim.name in (run_dir / "skipped_images_cub-test.txt").read_text()
     assert (run_dir / "model_best.pth.tar").is_file()
+    # the final test results state how many images the skipped files cover, as raml test's do
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert {m["num_skipped_images"] for m in results["cub-test"].values()} == {1}
 
 
 def test_sigkill_then_resume_last_equals_an_uninterrupted_run(setup, tmp_path):
@@ -155,15 +164,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.mark.parametrize("mode", ["ts_aug", "sym"])
+@pytest.mark.parametrize("mode", ["ts_aug", "ts_aug-batch", "sym", "sym-triplet"])
 def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode):
     data_root, teacher = setup
     # SGD: its step is linear in the gradient, so float summation-order noise stays noise (Adam divides by
     # the gradient's own scale and turns noise on near-zero gradients into full-size steps)
     extra = ["--epochs", "2", "--optimizer", "sgd", "--lr", "0.05"]
-    if mode == "sym":
-        extra += ["--mode", "sym", "--loss", "normsoftmax", "--image-size", str(DR), "--teacher-image-size", str(DR),
-                  "--batch-size", "8"]  # fmt: skip
+    if mode == "ts_aug-batch":  # mixup partners from the global batch, gathered over the processes
+        extra += ["--mixup-partner", "batch"]
+    if mode.startswith("sym"):
+        loss = "triplet" if mode == "sym-triplet" else "normsoftmax"
+        # triplet: the pool is embedded in shards and gathered, negatives mined from it on every process
+        extra += ["--mode", "sym", "--loss", loss, "--image-size", str(DR), "--teacher-image-size", str(DR),
+                  "--batch-size", "8", "--neg-num", "2", "--pool-size", "16"]  # fmt: skip
     single = tmp_path / "single"
     assert main([*_train_args(data_root, teacher, single), *extra]) == 0
     double = tmp_path / "double"

@@ -359,8 +359,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     add_network_args(parser, "network", required=True)
     parser.add_argument("--not-pretrained", action="store_true", help="random weights for --network ARCH")
-    parser.add_argument("--pool", default="gem", help="pooling for --network ARCH (default gem)")
-    parser.add_argument("--whitening", type=int, default=512, help="whitening dimension for --network ARCH (512)")
+    parser.add_argument(
+        "--pool", help="pooling for --network ARCH (default gem); for a checkpoint without meta, a hint"
+    )
+    parser.add_argument(
+        "--whitening",
+        type=int,
+        help="whitening dimension for --network ARCH (default 512); for a checkpoint without meta, a hint",
+    )
     parser.add_argument("--sizes", type=_sizes, default=[224, 448], help="query resolutions (default 224,448)")
     parser.add_argument("--batch-size", type=positive_int, default=32, help="batch of the throughput figure (32)")
     parser.add_argument("--repeats", type=positive_int, default=5, help="timed passes per figure (median; 5)")
@@ -406,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
             args.data_root,
             device,
             pooling=args.pool,
-            whitening=args.whitening,
+            whitening=args.whitening if args.whitening is not None or args.network_path else 512,
             pretrained=not args.not_pretrained,
         )
     except (ValueError, FileNotFoundError) as error:

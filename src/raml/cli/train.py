@@ -11,14 +11,24 @@ from pathlib import Path
 from typing import Any
 
 from raml.cli.common import (
+    WORKERS_HELP,
     add_bad_images_arg,
     default_workers,
-    device_from_args,
+    devices_from_gpu_id,
     optional_comma_list,
+    parse_gpu_id,
     setup_logging,
     write_json,
 )
-from raml.engine.config import LOGGERS, LOSSES, MODES, TrainConfig, load_yaml_config
+from raml.engine.config import (
+    LOGGERS,
+    LOSSES,
+    MIXUP_PARTNERS,
+    MODES,
+    SEARCH_OBJECTIVES,
+    TrainConfig,
+    load_yaml_config,
+)
 from raml.engine.optim import OPTIMIZERS, SCHEDULERS
 from raml.retrieval.evaluate import format_results_table
 
@@ -38,17 +48,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     d = TrainConfig()
     net = parser.add_argument_group("networks")
-    for role in ("student", "teacher"):
+    for role, short in (("student", "s"), ("teacher", "t")):
         group = net.add_mutually_exclusive_group()
         group.add_argument(
             f"--{role}-path",
+            f"-{short}path",
             metavar="NETWORK",
             help=f"{role} checkpoint: file, name in <data-root>/networks/, or published name",
         )
-        group.add_argument(f"--{role}", metavar="ARCH", help=f"{role} architecture (torchvision or timm name)")
-    net.add_argument("--pool", help=f"global pooling: gem, gemmp, mac, spoc (default {d.pool})")
+        group.add_argument(
+            f"--{role}", f"-{short}", metavar="ARCH", help=f"{role} architecture (torchvision or timm name)"
+        )
+    net.add_argument("--pool", "-p", metavar="POOL", help=f"global pooling: gem, gemmp, mac, spoc (default {d.pool})")
     net.add_argument(
         "--whitening",
+        "-w",
         type=int,
         metavar="DIM",
         help=f"linear whitening output dimension, 0 = none (default {d.whitening})",
@@ -61,6 +75,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="start the student (--student ARCH) from random weights",
     )
     net.add_argument(
+        "--pretrained-weights",
+        metavar="TAG",
+        help="ImageNet weights for --student/--teacher ARCH: v1 (default; torchvision's IMAGENET1K_V1, what the "
+        "reference's pretrained=True loads), default (torchvision's DEFAULT, e.g. V2 for ResNet-50), a "
+        "torchvision weights name such as IMAGENET1K_V2, or a timm pretrained tag",
+    )
+    net.add_argument(
         "--train-bn",
         dest="freeze_bn",
         action="store_false",
@@ -69,26 +90,48 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "use this when training from random weights)",
     )
     data = parser.add_argument_group("data")
-    data.add_argument("--training-dataset", metavar="DATASET", help=f"default {d.training_dataset}")
-    data.add_argument("--test-datasets", type=optional_comma_list, metavar="DATASETS", help="default cub-test")
+    data.add_argument("--training-dataset", "-d", metavar="DATASET", help=f"default {d.training_dataset}")
+    data.add_argument(
+        "--test-datasets",
+        "-td",
+        type=optional_comma_list,
+        metavar="DATASETS",
+        help="comma-separated test splits, evaluated every --val-freq epochs as monitoring and at the end "
+        "(default cub-test)",
+    )
     data.add_argument("--data-root", metavar="DATA_DIR", help=f"default {d.data_root}")
     data.add_argument("--directory", metavar="EXPORT_DIR", help=f"run outputs (default {d.directory})")
     add_bad_images_arg(data, default=None)
     data.add_argument("--val-ratio", type=float, help=f"share of training classes held out (default {d.val_ratio})")
     sched = parser.add_argument_group("schedule")
-    sched.add_argument("--no-val", dest="val", action="store_false", default=None, help="no validation")
-    sched.add_argument("--val-freq", type=int, metavar="N", help=f"default {d.val_freq}")
+    sched.add_argument(
+        "--no-val",
+        dest="val",
+        action="store_false",
+        default=None,
+        help="no periodic evaluation (of the test datasets; of the val classes with --select-on-val)",
+    )
+    sched.add_argument("--val-freq", type=int, metavar="N", help=f"evaluate every N epochs (default {d.val_freq})")
     sched.add_argument("--save-freq", type=int, metavar="N", help=f"default {d.save_freq}")
     sched.add_argument("--epochs", type=int, metavar="N", help=f"default {d.epochs}")
+    sched.add_argument(
+        "--select-on-val",
+        dest="trainval",
+        action="store_false",
+        default=None,
+        help="ours: train on the train classes only, validate on the held-out val classes and keep the epoch "
+        "with the best val mAP (default: the reference's protocol: train on train + val, monitor the test "
+        "datasets, keep and test the last epoch)",
+    )
     method = parser.add_argument_group("method")
-    method.add_argument("--mode", choices=MODES, help=f"default {d.mode}")
+    method.add_argument("--mode", "-m", choices=MODES, help=f"default {d.mode}")
     method.add_argument(
         "--loss",
         choices=LOSSES,
         help="sym-mode loss: triplet (the reference) or normsoftmax (proxy loss, learns fast from random "
         f"weights; default {d.loss})",
     )
-    method.add_argument("--loss-margin", type=float, metavar="LM", help=f"default {d.loss_margin}")
+    method.add_argument("--loss-margin", "-lm", type=float, metavar="LM", help=f"default {d.loss_margin}")
     method.add_argument("--image-size", type=int, metavar="N", help=f"student / query size QR (default {d.image_size})")
     method.add_argument(
         "--teacher-image-size",
@@ -96,34 +139,74 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help=f"teacher / database size DR (default {d.teacher_image_size})",
     )
-    method.add_argument("--neg-num", type=int, metavar="N", help=f"negatives per anchor (default {d.neg_num})")
-    method.add_argument("--pos-num", type=int, metavar="N", help=f"coupled views per image (default {d.pos_num})")
-    method.add_argument("--query-size", type=int, metavar="N", help=f"images per epoch (default {d.query_size})")
-    method.add_argument("--pool-size", type=int, metavar="N", help=f"negative mining pool (default {d.pool_size})")
+    method.add_argument("--neg-num", "-nn", type=int, metavar="N", help=f"negatives per anchor (default {d.neg_num})")
+    method.add_argument(
+        "--pos-num", "-pn", type=int, metavar="N", help=f"coupled views per image (default {d.pos_num})"
+    )
+    method.add_argument("--query-size", "-qs", type=int, metavar="N", help=f"images per epoch (default {d.query_size})")
+    method.add_argument(
+        "--pool-size", "-ps", type=int, metavar="N", help=f"negative mining pool (default {d.pool_size})"
+    )
     method.add_argument("--lam-1", type=float, metavar="L1", help=f"weight of relative term 1 (default {d.lam_1})")
     method.add_argument("--lam-2", type=float, metavar="L2", help=f"weight of relative term 2 (default {d.lam_2})")
+    method.add_argument(
+        "--mixup-partner",
+        choices=MIXUP_PARTNERS,
+        help="ts_aug mixup partner of each view: dataset (default, the reference: a random image of the whole "
+        "training set rendered with the view's random draws) or batch (ours: a view of another image of the "
+        "batch, cheaper to load)",
+    )
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=int, metavar="N", help=f"default {d.batch_size}")
-    opt.add_argument("--update-every", type=int, metavar="N", help=f"gradient accumulation (default {d.update_every})")
-    opt.add_argument("--lr", type=float, metavar="LR", help=f"learning rate (default {d.lr})")
-    opt.add_argument("--optimizer", choices=list(OPTIMIZERS), help=f"default {d.optimizer}")
+    opt.add_argument("--batch-size", "-b", type=int, metavar="N", help=f"default {d.batch_size}")
+    opt.add_argument(
+        "--update-every", "-u", type=int, metavar="N", help=f"gradient accumulation (default {d.update_every})"
+    )
+    opt.add_argument(
+        "--flush-accumulation",
+        action="store_true",
+        default=None,
+        help="ours: step on the last incomplete --update-every accumulation of an epoch (default: dropped, as "
+        "in the reference)",
+    )
+    opt.add_argument("--lr", "--learning-rate", type=float, metavar="LR", help=f"learning rate (default {d.lr})")
+    opt.add_argument("--optimizer", "-o", choices=list(OPTIMIZERS), help=f"default {d.optimizer}")
     opt.add_argument("--scheduler", choices=list(SCHEDULERS), help=f"default {d.scheduler}")
+    opt.add_argument(
+        "--group-lr-peaks",
+        action="store_true",
+        default=None,
+        help="ours: onecycle/cyclic peak at each parameter group's own lr (GeM p at 10 x lr); default: one "
+        "max_lr = --lr for every group, as in the reference",
+    )
     opt.add_argument("--momentum", type=float, metavar="M", help=f"SGD momentum (default {d.momentum})")
-    opt.add_argument("--weight-decay", type=float, metavar="W", help=f"default {d.weight_decay}")
+    opt.add_argument("--weight-decay", "--wd", type=float, metavar="W", help=f"default {d.weight_decay}")
     opt.add_argument("--seed", type=int, help=f"default {d.seed}")
     opt.add_argument("--optimize", action="store_true", default=None, help="optuna search, then train on train+val")
     opt.add_argument("--trials", type=int, metavar="N", help=f"search trials (default {d.trials})")
-    run_group = parser.add_argument_group("runtime")
-    run_group.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...")
-    run_group.add_argument("--gpu-id", type=int, metavar="N", help="CUDA device index (same as --device cuda:N)")
-    run_group.add_argument(
-        "--workers", type=int, metavar="N", help=f"data loader workers (default {default_workers()})"
+    opt.add_argument(
+        "--search-objective",
+        choices=SEARCH_OBJECTIVES,
+        help="score of a search trial: its last validation (default, the reference) or its best epoch (ours)",
     )
+    run_group = parser.add_argument_group("runtime")
+    run_group.add_argument("--device", help="auto (CUDA if present, else CPU), cpu, cuda, cuda:1, ...; wins over -g")
+    run_group.add_argument(
+        "--gpu-id",
+        "-g",
+        metavar="N",
+        help="the reference's GPU string: '0' (default), or '0,1' to put the teacher on the second GPU; "
+        "falls back to the CPU where no GPU exists",
+    )
+    run_group.add_argument("--workers", "-j", type=int, metavar="N", help=WORKERS_HELP.format(default_workers()))
     run_group.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on GPU")
     run_group.add_argument("--print-freq", type=int, metavar="N", help=f"default {d.print_freq}")
-    run_group.add_argument("--comment", help="free text stored with the run's configuration")
+    run_group.add_argument("--comment", "-c", help="free text stored with the run's configuration")
     run_group.add_argument("--logger", choices=LOGGERS, help="tensorboard writes scalars to <directory>/tensorboard")
-    run_group.add_argument("--resume-student", metavar="FILENAME", help="continue from a training checkpoint")
+    run_group.add_argument(
+        "--resume-student",
+        metavar="FILENAME",
+        help="continue from a training checkpoint: a file in --directory (as the reference), a path, or 'last'",
+    )
     run_group.add_argument(
         "--overwrite",
         action="store_true",
@@ -151,8 +234,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     values.update(explicit)
     if "workers" not in values:
         values["workers"] = default_workers()
-    if args.gpu_id is not None and values.get("device", "auto") == "auto":
-        values["device"] = f"cuda:{args.gpu_id}"
+    if values.get("gpu_id") is not None:
+        try:
+            parse_gpu_id(values["gpu_id"])
+        except argparse.ArgumentTypeError as error:
+            raise ValueError(str(error)) from None
     config = TrainConfig(**values)
     config.validate()
     return config
@@ -172,16 +258,24 @@ def run(args: argparse.Namespace) -> int:
     dist, dist_device = init_distributed(config.device)
     if not dist.is_main:
         logging.getLogger().setLevel(logging.WARNING)
-    args.device = config.device
-    device = dist_device or device_from_args(args)
+    if dist_device is not None:
+        device = teacher_device = dist_device
+    else:
+        try:
+            device, teacher_device = devices_from_gpu_id(config.gpu_id, config.device)
+        except (RuntimeError, ValueError) as error:
+            raise SystemExit(f"raml train: error: {error}") from error
     progress = not args.no_progress
     if config.optimize:
         if dist.enabled:
             raise SystemExit("raml train: --optimize runs in a single process; launch it without torchrun.")
-        best, result = optimize_and_train(config, device, progress)
+        try:
+            best, result = optimize_and_train(config, device, progress, teacher_device=teacher_device)
+        except ImportError as error:  # optuna missing: say how to install it
+            raise SystemExit(f"raml train: error: {error}") from error
         logger.info("Search picked %s", best)
     else:
-        trainer = Trainer(config, device, progress=progress, dist=dist)
+        trainer = Trainer(config, device, progress=progress, dist=dist, teacher_device=teacher_device)
         result = trainer.run()
         result.test = trainer.test() if config.test_datasets else {}
     if not dist.is_main:

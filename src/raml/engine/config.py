@@ -14,6 +14,8 @@ from typing import Any
 import yaml
 
 MODES = ("ts_aug", "ts_reg", "sym")
+MIXUP_PARTNERS = ("dataset", "batch")
+SEARCH_OBJECTIVES = ("last", "best")
 LOSSES = ("triplet", "normsoftmax")
 LOGGERS = ("none", "tensorboard")
 
@@ -79,7 +81,8 @@ class TrainConfig:
     # runtime
     workers: int = 8
     device: str = "auto"
-    gpu_id: str | None = None
+    #: the reference's GPU string ('0', '0,1': the teacher on the second GPU); --device (not auto) wins
+    gpu_id: str | None = "0"
     amp: bool = False
     print_freq: int = 10
     comment: str = ""
@@ -107,6 +110,12 @@ class TrainConfig:
             raise ValueError(f"Unknown --loss {self.loss!r}; valid: {', '.join(LOSSES)}.")
         if self.bad_images not in ("error", "skip"):
             raise ValueError(f"Unknown --bad-images {self.bad_images!r}; valid: error, skip.")
+        if self.mixup_partner not in MIXUP_PARTNERS:
+            raise ValueError(f"Unknown --mixup-partner {self.mixup_partner!r}; valid: {', '.join(MIXUP_PARTNERS)}.")
+        if self.search_objective not in SEARCH_OBJECTIVES:
+            raise ValueError(
+                f"Unknown --search-objective {self.search_objective!r}; valid: {', '.join(SEARCH_OBJECTIVES)}."
+            )
         if self.logger not in LOGGERS:
             raise ValueError(f"Unknown --logger {self.logger!r}; valid: {', '.join(LOGGERS)}.")
         if self.mode != "sym" and self.teacher is None and self.teacher_path is None:

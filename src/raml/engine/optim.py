@@ -3,6 +3,10 @@
 Parameter groups: the backbone and the whitening learn at ``lr`` with weight decay; the pooling exponent
 (GeM ``p``) learns at 10 x ``lr`` (per-channel GeM: 100 x) without weight decay, since it is a single
 (or per-channel) scalar that should move faster than the weights and must not be pulled towards 0.
+
+As in the reference, ``onecycle`` and ``cyclic`` are built with one ``max_lr = lr`` by default, which
+overrides those multipliers: every group, ``p`` included, follows the same schedule peaking at ``lr``
+(the multipliers only act with ``exponential`` or no scheduler). ``--group-lr-peaks`` keeps them.
 """
 
 from __future__ import annotations
@@ -56,19 +60,47 @@ def build_optimizer(
     return OPTIMIZERS[name](groups, lr=lr, weight_decay=weight_decay)
 
 
+def reference_schedule_lengths(epochs: int, epoch_size: int, batch_size: int, update_every: int) -> tuple[int, int]:
+    """The reference's scheduler lengths, from the epoch's *image* count (not the steps actually taken).
+
+    Returns ``(onecycle_total_steps, cyclic_step_size_up)``: OneCycle is built for
+    ``epochs * ceil(epoch_size / batch_size / update_every)`` steps and CyclicLR's up phase is
+    ``int(epochs * epoch_size / batch_size / update_every / 6)`` steps. When the last accumulation of an
+    epoch is dropped, fewer steps are taken than OneCycle was built for, so its annealing stops short of
+    the end, exactly as in the reference.
+    """
+    per_epoch = epoch_size / batch_size / update_every
+    return epochs * math.ceil(per_epoch), int(epochs * per_epoch / 6)
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, name: str, total_steps: int
+    optimizer: torch.optim.Optimizer,
+    name: str,
+    total_steps: int,
+    *,
+    shared_max_lr: float | None = None,
+    cycle_up_steps: int | None = None,
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
     """The learning-rate schedule; ``total_steps`` counts optimizer steps over the whole run.
 
-    - ``onecycle``: max lr = each group's lr, starting at lr / 10 (div factor 10), stepped per optimizer step;
-    - ``cyclic``: triangular2 between lr / 10 and lr, the up phase one sixth of all optimizer steps;
+    - ``onecycle``: from max lr / 10 (div factor 10) up to max lr and down, stepped per optimizer step;
+    - ``cyclic``: triangular2 between max lr / 10 and max lr, the up phase ``cycle_up_steps`` (default one
+      sixth of ``total_steps``), no momentum cycling;
     - ``exponential``: gamma = exp(-0.001), stepped per epoch;
     - ``none``: constant.
+
+    ``shared_max_lr`` is the reference's way: one scalar ``max_lr`` for every parameter group, which
+    overrides the per-group rates (GeM ``p`` then follows the same schedule as the backbone). Without it
+    each group peaks at its own lr (``--group-lr-peaks``).
     """
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}.")
-    max_lrs = [group["lr"] for group in optimizer.param_groups]
+    if shared_max_lr is not None:
+        max_lrs: list[float] | float = shared_max_lr
+        base_lrs: list[float] | float = shared_max_lr / 10
+    else:
+        max_lrs = [group["lr"] for group in optimizer.param_groups]
+        base_lrs = [lr / 10 for lr in max_lrs]
     if name == "onecycle":
         has_momentum = "betas" in optimizer.defaults or optimizer.defaults.get("momentum", 0) > 0
         return torch.optim.lr_scheduler.OneCycleLR(
@@ -81,9 +113,9 @@ def build_scheduler(
     if name == "cyclic":
         return torch.optim.lr_scheduler.CyclicLR(
             optimizer,
-            base_lr=[lr / 10 for lr in max_lrs],
+            base_lr=base_lrs,
             max_lr=max_lrs,
-            step_size_up=max(1, total_steps // 6),
+            step_size_up=max(1, cycle_up_steps if cycle_up_steps is not None else total_steps // 6),
             mode="triangular2",
             cycle_momentum=False,
         )

@@ -1,10 +1,13 @@
 """Hyper-parameter search (``--optimize``, SPEC section 5) with optuna.
 
 TPE over lr in [1e-4, 2e-4] (log scale), lam-1 and lam-2 in [0.6, 0.8], maximising the validation mAP
-with the val classes held out from training; the first trial is the values given on the command line.
-The study lives in ``<directory>/optuna.db`` (SQLite), so an interrupted search resumes where it stopped
-and several processes can work on one study. Afterwards the best values train a final model on
-train + val, written to ``<directory>`` itself, and that model is tested.
+with the val classes held out from training; the first trial is the values given on the command line. A
+trial is scored by its last validation, as in the reference (``--search-objective best``: its best
+epoch). The study lives in ``<directory>/optuna.db`` (SQLite), so an interrupted search resumes where it
+stopped and several processes can work on one study; trials train in ``<directory>/trial_<n>``.
+Afterwards the best values train a final model on train + val with the reference's protocol, written to
+``<directory>`` itself, and that model is tested. A ``<directory>`` that already holds checkpoints is
+refused before any trial runs, unless ``--overwrite`` or ``--resume-student`` says otherwise.
 """
 
 from __future__ import annotations
@@ -26,11 +29,30 @@ def _import_optuna():  # noqa: ANN202 - optional dependency
     try:
         import optuna
     except ImportError as error:
-        raise ImportError("--optimize needs optuna: pip install 'raml[optimize]'") from error
+        raise ImportError(
+            "--optimize needs optuna, which is not installed: pip install optuna (or pip install 'raml[optimize]')"
+        ) from error
     return optuna
 
 
-def search(config: TrainConfig, device: torch.device, progress: bool = True) -> dict[str, float]:
+def check_directory(config: TrainConfig) -> None:
+    """Refuse, before any trial, a ``--directory`` whose checkpoints the final run would replace."""
+    directory = Path(config.directory)
+    existing = sorted(p.name for p in directory.glob("*.pth.tar")) if directory.is_dir() else []
+    if existing and config.resume_student is None and not config.overwrite:
+        raise FileExistsError(
+            f"{directory} already holds checkpoints ({', '.join(existing[:3])}...). Nothing was changed. Use "
+            "another --directory, continue the final run with --resume-student last, or pass --overwrite to "
+            "replace them."
+        )
+
+
+def search(
+    config: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    teacher_device: torch.device | None = None,
+) -> dict[str, float]:
     """Run (or resume) the study until it holds ``config.trials`` finished trials; returns the best values."""
     optuna = _import_optuna()
     directory = Path(config.directory)
@@ -57,16 +79,17 @@ def search(config: TrainConfig, device: torch.device, progress: bool = True) -> 
             **values,
             directory=str(directory / f"trial_{trial.number}"),
             optimize=False,
-            trainval=False,
+            trainval=False,  # the search selects on the held-out val classes
             val=True,
             json=None,
             resume_student=None,
-            overwrite=True,
+            overwrite=True,  # a trial's own folder: an interrupted trial starts over
         )
-        result = Trainer(trial_config, device, progress=progress).run()
-        if result.best_map is None:
+        result = Trainer(trial_config, device, progress=progress, teacher_device=teacher_device).run()
+        score = result.best_map if config.search_objective == "best" else result.last_val_map
+        if score is None:
             raise RuntimeError("A search trial produced no validation mAP.")
-        return result.best_map
+        return score
 
     finished = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     remaining = max(0, config.trials - len(finished))
@@ -77,11 +100,18 @@ def search(config: TrainConfig, device: torch.device, progress: bool = True) -> 
     return best
 
 
-def optimize_and_train(config: TrainConfig, device: torch.device, progress: bool = True) -> tuple[dict, TrainResult]:
-    """Search, then train on train + val with the best values (no validation) and test."""
-    best = search(config, device, progress)
-    final = config.replace(**best, optimize=False, trainval=True, val=False, overwrite=True)
-    trainer = Trainer(final, device, progress=progress)
+def optimize_and_train(
+    config: TrainConfig,
+    device: torch.device,
+    progress: bool = True,
+    teacher_device: torch.device | None = None,
+) -> tuple[dict, TrainResult]:
+    """Search, then train on train + val with the best values (the test datasets monitored) and test."""
+    _import_optuna()
+    check_directory(config)
+    best = search(config, device, progress, teacher_device)
+    final = config.replace(**best, optimize=False, trainval=True)
+    trainer = Trainer(final, device, progress=progress, teacher_device=teacher_device)
     result = trainer.run()
-    result.test = trainer.test()
+    result.test = trainer.test() if final.test_datasets else {}
     return best, result

@@ -1,16 +1,24 @@
 """The training loop for the three modes (SPEC section 5), reading top to bottom.
 
 - ``ts_aug``: P coupled views per image (one crop box, flip and colour jitter rendered at QR for the
-  student and at DR for the teacher), mixup with a partner from the batch, distillation loss over the
-  views of each image. No labels.
+  student and at DR for the teacher), each mixed up with a partner (by default, as the reference, a view
+  of a random image of the whole training set rendered with the same random draws; ``--mixup-partner
+  batch``: a view of another image of the batch), distillation loss over the views of each image. No
+  labels.
 - ``ts_reg``: the student at QR on the evaluation-transformed image against the teacher's cached DR
   embedding of the same image (absolute term only). No labels.
 - ``sym``: triplet loss with in-batch positives (groups of 4 images per class) and distance-weighted
   negatives mined once per epoch from a random pool embedded by the current network. Labels.
 
 Shared by all: the student's BatchNorm statistics stay frozen (eval mode) while its weights learn; the
-teacher is frozen and always in eval mode; gradients accumulate over ``update_every`` batches; each epoch
-reseeds with ``seed + epoch`` so that a resumed run continues exactly as an uninterrupted one.
+teacher is frozen and always in eval mode; gradients accumulate over ``update_every`` batches (the last
+incomplete accumulation of an epoch is dropped, as in the reference, unless ``--flush-accumulation``);
+each epoch reseeds with ``seed + epoch`` so that a resumed run continues exactly as an uninterrupted one.
+
+The protocol (SPEC section 3) is the reference's by default: train on train + val, evaluate the test
+datasets every ``--val-freq`` epochs as monitoring only (nothing is selected on them), save the last
+epoch as ``model_best.pth.tar`` and test it. ``--select-on-val`` (``trainval=False``) trains on the train
+classes only, validates on the held-out val classes and keeps the epoch with the best val mAP.
 """
 
 from __future__ import annotations
@@ -37,11 +45,11 @@ from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, 
 from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform, load_image
 from raml.data.splits import Split, get_split
-from raml.data.views import CoupledViewDataset, mixup_views
+from raml.data.views import CoupledViewDataset, mix_partner_views, mixup_views
 from raml.distributed import SINGLE, DistContext, all_gather_rows, all_reduce_sum_, shard_bounds
 from raml.engine.config import TrainConfig, part_name
 from raml.engine.mining import class_groups, distance_weighted_negatives
-from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler
+from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
 from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, triplet_loss
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.cache import EmbeddingCache
@@ -152,7 +160,13 @@ class BatchLoss:
 # ------------------------------------------------------------------------------------------- results
 @dataclass
 class TrainResult:
-    """What a run produced: the best checkpoint, its validation mAP, the history and the test results."""
+    """What a run produced: the tested checkpoint, the history and the test results.
+
+    ``best_map``/``best_epoch``: with ``--select-on-val`` the best validation mAP and its epoch; in the
+    reference's protocol (train + val) the last epoch and its last monitoring mAP on the test datasets (or
+    None without monitoring), as the reference stores in ``max_map``. ``last_val_map``: the mAP of the
+    last validation (what the hyper-parameter search scores by default).
+    """
 
     directory: Path
     best_checkpoint: Path
@@ -160,6 +174,7 @@ class TrainResult:
     best_epoch: int
     history: list[dict[str, Any]] = field(default_factory=list)
     test: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    last_val_map: float | None = None
 
 
 # ---------------------------------------------------------------------------------------------- trainer
@@ -168,7 +183,9 @@ class Trainer:
 
     Args:
         config: the run's settings (validated here).
-        device: where the student trains; the teacher goes to a second GPU when two are visible.
+        device: where the student trains.
+        teacher_device: where the teacher runs (the reference's ``--gpu-id 0,1`` puts it on a second GPU);
+            default: ``device``. Every embedding by the teacher (training, validation, test) happens there.
         progress: show progress bars.
         stop_after_epoch: stop (raising :class:`TrainingInterrupted`) after this epoch's checkpoint, as a
             killed job would; used to test that resuming reproduces an uninterrupted run.
@@ -182,6 +199,7 @@ class Trainer:
         progress: bool = True,
         stop_after_epoch: int | None = None,
         dist: DistContext = SINGLE,
+        teacher_device: torch.device | None = None,
     ) -> None:
         config.validate()
         self.config = config
@@ -206,6 +224,15 @@ class Trainer:
             self.val_split = self._checked_split(part_name(base, "val"))
         # the final test's splits too: a bad test image must stop the run now, not after training
         self.test_splits = [self._checked_split(name) for name in config.test_datasets]
+        # The reference's protocol evaluates the test datasets every --val-freq epochs, as a printout only.
+        self.monitor_splits = self.test_splits if (config.val and config.trainval) else []
+        logger.info(
+            "Training on %s: %d classes, %d images (%s)",
+            self.train_split.name,
+            self.train_split.num_classes,
+            len(self.train_split),
+            "train + val, the reference's protocol" if config.trainval else "train only, --select-on-val",
+        )
         self.train_paths = [str(p) for p in self.train_split.abspaths()]
 
         self._prepare_directory()
@@ -217,15 +244,23 @@ class Trainer:
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
         self.teacher: FrozenTeacher | None = None
         self.teacher_sha: str | None = None
+        self.teacher_device = teacher_device if teacher_device is not None else device
         if config.teacher_path is not None or config.teacher is not None:
-            self.teacher_device = self._teacher_device()
             self.teacher = FrozenTeacher(self._build_teacher()).to(self.teacher_device)
             check_compatible(self.student, self.teacher.network)
         self.cache = EmbeddingCache(Path(config.data_root) / "cache" / "embeddings")
 
         self.epoch_size = min(config.query_size, len(self.train_split))
         self.batches_per_epoch = self._batches_per_epoch()
-        self.steps_per_epoch = math.ceil(self.batches_per_epoch / config.update_every)
+        # optimizer steps per epoch: the last incomplete accumulation is dropped (the reference) or flushed
+        rounding = math.ceil if config.flush_accumulation else math.floor
+        self.steps_per_epoch = rounding(self.batches_per_epoch / config.update_every)
+        if self.steps_per_epoch == 0:
+            raise ValueError(
+                f"An epoch has {self.batches_per_epoch} batches, fewer than --update-every {config.update_every}: "
+                "no optimizer step would ever be taken (the reference drops an incomplete accumulation). Lower "
+                "--update-every, raise --query-size, or pass --flush-accumulation."
+            )
         self.optimizer = build_optimizer(
             self.student, config.optimizer, config.lr, config.weight_decay, config.momentum
         )
@@ -243,7 +278,7 @@ class Trainer:
                     "weight_decay": 0.0,
                 }
             )
-        self.scheduler = build_scheduler(self.optimizer, config.scheduler, self.steps_per_epoch * config.epochs)
+        self.scheduler = self._build_scheduler()
         self.start_epoch = 1
         self.best_map: float | None = None
         self.best_epoch = 0
@@ -288,25 +323,42 @@ class Trainer:
     def _build_student(self) -> nn.Module:
         c = self.config
         if c.student_path is not None:
-            return load_network(c.student_path, data_root=c.data_root, device="cpu")
-        return build_network(c.student, pooling=c.pool, whitening=c.whitening, pretrained=c.pretrained)
+            # --pool only matters for a reference checkpoint without meta (mac and spoc store no weights)
+            return load_network(c.student_path, data_root=c.data_root, device="cpu", pooling=c.pool)
+        return self._build_architecture(c.student)
 
     def _build_teacher(self) -> nn.Module:
         c = self.config
         if c.teacher_path is not None:
-            network = load_network(c.teacher_path, data_root=c.data_root, device="cpu")
+            network = load_network(c.teacher_path, data_root=c.data_root, device="cpu", pooling=c.pool)
             source = getattr(network, "source_path", None)
             self.teacher_sha = file_sha256(source) if source is not None else None
             return network
-        return build_network(c.teacher, pooling=c.pool, whitening=c.whitening, pretrained=c.pretrained)
+        return self._build_architecture(c.teacher)
 
-    def _teacher_device(self) -> torch.device:
-        # A second visible GPU holds the teacher so the student keeps the first one's memory (single-process
-        # runs only: under torchrun every process owns one GPU).
-        if self.device.type == "cuda" and torch.cuda.device_count() >= 2 and not self.dist.enabled:
-            index = self.device.index or 0
-            return torch.device("cuda", (index + 1) % torch.cuda.device_count())
-        return self.device
+    def _build_architecture(self, name: str) -> nn.Module:
+        c = self.config
+        return build_network(
+            name,
+            pooling=c.pool,
+            whitening=c.whitening,
+            pretrained=c.pretrained,
+            pretrained_weights=c.pretrained_weights,
+        )
+
+    def _build_scheduler(self) -> torch.optim.lr_scheduler.LRScheduler | None:
+        c = self.config
+        if c.group_lr_peaks:  # ours: each group peaks at its own lr, the length is the steps actually taken
+            return build_scheduler(self.optimizer, c.scheduler, self.steps_per_epoch * c.epochs)
+        # The reference: one max_lr for every group, lengths computed from the epoch's image count.
+        total, cycle_up = reference_schedule_lengths(c.epochs, self.epoch_size, c.batch_size, c.update_every)
+        return build_scheduler(
+            self.optimizer,
+            c.scheduler,
+            max(total, self.steps_per_epoch * c.epochs),  # never fewer steps than are taken (OneCycle raises)
+            shared_max_lr=c.lr,
+            cycle_up_steps=cycle_up,
+        )
 
     def _batches_per_epoch(self) -> int:
         c = self.config
@@ -318,14 +370,36 @@ class Trainer:
     def _groups_per_batch(self) -> int:
         return max(1, self.config.batch_size // GROUP_SIZE)
 
-    def _resume(self, path: str) -> None:
-        if path == "last":
-            path = str(self.last_checkpoint())
+    def resume_path(self, name: str) -> Path:
+        """Where ``--resume-student NAME`` points: ``last`` is the newest finished epoch of ``--directory``;
+        a relative name is looked up in ``--directory`` first (the reference joins the two), then as given."""
+        if name == "last":
+            return self.last_checkpoint()
+        given = Path(name)
+        candidates = [given] if given.is_absolute() else [self.directory / given, given]
+        for candidate in candidates:
+            if candidate.is_file():
+                return candidate
+        raise FileNotFoundError(
+            f"--resume-student {name}: no such checkpoint (looked for {' and '.join(map(str, candidates))}). "
+            "Name a file in --directory (e.g. model_last.pth.tar), a path, or 'last'."
+        )
+
+    def _resume(self, name: str) -> None:
+        path = self.resume_path(name)
         checkpoint = load_checkpoint_file(path)
         self.student.load_state_dict(checkpoint["state_dict"])
         if checkpoint.get("optimizer"):
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.scheduler is not None:
+            saved_total = checkpoint["scheduler"].get("total_steps")
+            ours = getattr(self.scheduler, "total_steps", None)
+            if saved_total is not None and ours is not None and saved_total != ours:
+                raise ValueError(
+                    f"{path} was trained with a {saved_total}-step learning-rate schedule, this run's is {ours} "
+                    "steps: --epochs, --query-size, --batch-size or --update-every differ from the checkpoint's "
+                    "run. Resume with the same settings, or start a new run from its weights with --student-path."
+                )
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.start_epoch = int(checkpoint.get("epoch", 0)) + 1
         extra = checkpoint.get("raml", {}) or {}
@@ -371,7 +445,8 @@ class Trainer:
         if not best.exists():  # e.g. resumed a finished run without validation
             self._save(best, c.epochs)
         self.dist.barrier()
-        return TrainResult(self.directory, best, self.best_map, self.best_epoch, self.history)
+        last_val = next((h["val_mAP"] for h in reversed(self.history) if "val_mAP" in h), None)
+        return TrainResult(self.directory, best, self.best_map, self.best_epoch, self.history, last_val_map=last_val)
 
     def _install_signal_handlers(self) -> dict[int, Any]:
         """SIGINT/SIGTERM: finish the current batch, save a checkpoint, stop (see :meth:`train_epoch`)."""
@@ -397,20 +472,27 @@ class Trainer:
         for epoch in range(self.start_epoch, c.epochs + 1):
             seed_everything(c.seed + epoch)
             stats = self.train_epoch(epoch)
-            if self.val_split is not None and (epoch % c.val_freq == 0 or epoch == c.epochs):
+            evaluate_now = epoch % c.val_freq == 0 or epoch == c.epochs
+            if self.val_split is not None and evaluate_now:  # --select-on-val: held-out classes select
                 metrics = self.validate()
                 stats["val_mAP"], stats["val_R@1"] = metrics["mAP"], metrics["R@1"]
                 if self.best_map is None or stats["val_mAP"] > self.best_map:
                     self.best_map, self.best_epoch = stats["val_mAP"], epoch
                     self._save(self.directory / BEST_NAME, epoch)
-            elif self.val_split is None:
-                self.best_epoch = epoch  # without validation the best model is the last one
+            if self.monitor_splits and epoch % c.val_freq == 0:  # the reference's printout: selects nothing
+                monitored = self.monitor()
+                for name, metrics in monitored.items():
+                    stats[f"monitor_{name}_mAP"], stats[f"monitor_{name}_R@1"] = metrics["mAP"], metrics["R@1"]
+                # the reference stores the mean of the last such evaluation as the checkpoint's max_map
+                self.best_map = sum(m["mAP"] for m in monitored.values()) / len(monitored)
+            if self.val_split is None:
+                self.best_epoch = epoch  # the model kept is the last one
             self.history.append(stats)
             self._log_epoch(stats)
-            if self.val_split is None and (epoch % c.save_freq == 0 or epoch == c.epochs):
-                self._save(self.directory / BEST_NAME, epoch)
             if epoch % c.save_freq == 0 or epoch == c.epochs:
                 self._save(self.directory / f"model_epoch{epoch}.pth.tar", epoch)
+            if self.val_split is None and epoch == c.epochs:
+                self._save(self.directory / BEST_NAME, epoch)
             self._save(self.directory / "model_last.pth.tar", epoch)
             if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < c.epochs:
                 raise TrainingInterrupted(f"Stopped after epoch {epoch} as asked.")
@@ -421,6 +503,7 @@ class Trainer:
         batches = self._epoch_batches(epoch, generator)
         student_train_mode(self.student, self.config.freeze_bn)
         self.optimizer.zero_grad(set_to_none=True)
+        self._lr_peaks: dict[str, float] = {}
         totals: dict[str, float] = {}
         images_seen, pending, start = 0, 0, time.perf_counter()
         bar = tqdm(
@@ -459,8 +542,10 @@ class Trainer:
                     f"{self.directory / 'model_interrupted.pth.tar'}. Continue exactly from the last finished "
                     "epoch with --resume-student last."
                 )
-        if pending:  # flush a partial accumulation so every epoch ends on a step (exact resume)
+        if pending and c.flush_accumulation:  # ours: the epoch's last images still make a step
             self._optimizer_step()
+        # The reference drops an incomplete accumulation: its gradients are discarded, never applied.
+        self.optimizer.zero_grad(set_to_none=True)
         bar.close()
         if self.scheduler is not None and c.scheduler not in PER_STEP_SCHEDULERS:
             self.scheduler.step()
@@ -471,12 +556,17 @@ class Trainer:
             images_seen, totals = int(summed[0]), dict(zip(totals, summed[1:].tolist()))
         stats.update({name: value / max(images_seen, 1) for name, value in totals.items()})
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
+        # the highest rate each parameter group stepped with this epoch (the schedule's shape, per group)
+        stats.update({f"lr_max_{name}": value for name, value in self._lr_peaks.items()})
         return stats
 
     def _optimizer_step(self) -> None:
         if self.proxies is not None and self.dist.enabled and self.proxies.grad is not None:
             # the proxies are outside DDP: sum their gradients over processes by hand (loss was scaled by W)
             all_reduce_sum_(self.proxies.grad, self.dist).div_(self.dist.world_size)
+        for index, group in enumerate(self.optimizer.param_groups):
+            name = str(group.get("name", index))
+            self._lr_peaks[name] = max(self._lr_peaks.get(name, 0.0), float(group["lr"]))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         if self.scheduler is not None and self.config.scheduler in PER_STEP_SCHEDULERS:
@@ -522,10 +612,11 @@ class Trainer:
         workers: int,
         progress: bool,
         description: str,
+        **kwargs: Any,
     ) -> torch.Tensor:
         """``extract_embeddings`` sharded over processes and gathered (rows in ``paths`` order)."""
         return extract_embeddings_sharded(
-            network, paths, image_size, device, self.dist, batch_size, workers, progress, description
+            network, paths, image_size, device, self.dist, batch_size, workers, progress, description, **kwargs
         )
 
     def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
@@ -540,7 +631,14 @@ class Trainer:
 
     def _coupled_view_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         c = self.config
-        dataset = CoupledViewDataset(self.train_paths, c.image_size, c.teacher_image_size, c.pos_num, c.seed)
+        dataset = CoupledViewDataset(
+            self.train_paths,
+            c.image_size,
+            c.teacher_image_size,
+            c.pos_num,
+            c.seed,
+            partners=c.mixup_partner == "dataset",
+        )
         dataset.set_epoch(epoch)
         order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
         batches = [self._local(batch) for batch in self._global_batches(order)]
@@ -577,7 +675,9 @@ class Trainer:
 
         if self.teacher_sha is None:
             return compute()
-        return self.cache.get_or_compute(self.teacher_sha, size, split.name, list(split.paths), compute)
+        return self.cache.get_or_compute(
+            self.teacher_sha, size, split.name, list(split.paths), compute, root=split.root
+        )
 
     def _triplet_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         """Mine once per epoch with the current network, then yield (anchor groups, negatives) batches."""
@@ -655,19 +755,32 @@ class Trainer:
     def _coupled_view_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
         c = self.config
         assert self.teacher is not None and self.teacher_norm is not None
-        student_views, teacher_views, _ = batch
-        student_views = student_views.to(self.device, non_blocking=True)
-        teacher_views = teacher_views.to(self.device, non_blocking=True)
-        if self.dist.enabled:
-            # mixup partners come from the whole global batch, as in a single process: gather the (uint8)
-            # views, mix them all with the shared generator, keep this process's share
-            student_views = all_gather_rows(student_views.contiguous(), self.dist)
-            teacher_views = all_gather_rows(teacher_views.contiguous(), self.dist)
-        student_views, teacher_views = mixup_views(
-            student_views.float().div_(255), teacher_views.float().div_(255), generator
-        )
-        start, stop = shard_bounds(student_views.shape[0], self.dist)
-        student_views, teacher_views = student_views[start:stop], teacher_views[start:stop]
+        if c.mixup_partner == "dataset":
+            # the reference: every view's partner (a random training image rendered with the view's draws)
+            # and its weight come with the item, so nothing is shared across processes
+            student_views, teacher_views, partner_student, partner_teacher, lam, _ = batch
+            student_views, teacher_views = mix_partner_views(
+                student_views.to(self.device, non_blocking=True),
+                teacher_views.to(self.device, non_blocking=True),
+                partner_student.to(self.device, non_blocking=True),
+                partner_teacher.to(self.device, non_blocking=True),
+                lam.to(self.device),
+            )
+            student_views, teacher_views = student_views.div_(255), teacher_views.div_(255)
+        else:
+            student_views, teacher_views, _ = batch
+            student_views = student_views.to(self.device, non_blocking=True)
+            teacher_views = teacher_views.to(self.device, non_blocking=True)
+            if self.dist.enabled:
+                # mixup partners come from the whole global batch, as in a single process: gather the (uint8)
+                # views, mix them all with the shared generator, keep this process's share
+                student_views = all_gather_rows(student_views.contiguous(), self.dist)
+                teacher_views = all_gather_rows(teacher_views.contiguous(), self.dist)
+            student_views, teacher_views = mixup_views(
+                student_views.float().div_(255), teacher_views.float().div_(255), generator
+            )
+            start, stop = shard_bounds(student_views.shape[0], self.dist)
+            student_views, teacher_views = student_views[start:stop], teacher_views[start:stop]
         b, p = student_views.shape[:2]
         student_in = self.student_norm(student_views.flatten(0, 1))
         teacher_in = self.teacher_norm(teacher_views.flatten(0, 1).to(self.teacher_device))
@@ -709,19 +822,20 @@ class Trainer:
         return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
 
     # ----------------------------------------------------------------------------------- validation
-    def validate(self) -> dict[str, float]:
-        """Validation metrics (mAP, R@k): asymmetric for distillation, symmetric for ``sym``."""
+    def _evaluate(self, network: nn.Module, split: Split, asym: bool, sym: bool) -> dict[str, dict[str, float]]:
+        """The test protocol on one split: student queries at QR; the teacher's database at DR, embedded on
+        the teacher's device (cached: the teacher never changes)."""
         c = self.config
-        assert self.val_split is not None
-        teacher = self.teacher.network if (self.distill and self.teacher is not None) else None
-        results = evaluate_split(
-            self.student,
-            self.val_split,
+        teacher = self.teacher.network if (asym and self.teacher is not None) else None
+        return evaluate_split(
+            network,
+            split,
             c.image_size,
             self.device,
             teacher=teacher,
             teacher_image_size=c.teacher_image_size,
-            sym=not self.distill,
+            teacher_device=self.teacher_device,
+            sym=sym or teacher is None,
             batch_size=c.eval_batch_size,
             workers=c.workers,
             cache=self.cache,
@@ -729,30 +843,33 @@ class Trainer:
             progress=self.progress,
             embed=self._embed,
         )
+
+    def validate(self) -> dict[str, float]:
+        """Validation metrics (mAP, R@k) on the held-out val classes (``--select-on-val``): asymmetric for
+        distillation, symmetric for ``sym``."""
+        assert self.val_split is not None
+        results = self._evaluate(self.student, self.val_split, asym=self.distill, sym=not self.distill)
         return results["asym" if self.distill else "sym"]
 
+    def monitor(self) -> dict[str, dict[str, float]]:
+        """The reference's periodic evaluation of the test datasets during training: asymmetric for
+        distillation, symmetric for ``sym``. A printout only: nothing is selected on it."""
+        key = "asym" if self.distill else "sym"
+        return {
+            split.name: self._evaluate(self.student, split, asym=self.distill, sym=not self.distill)[key]
+            for split in self.monitor_splits
+        }
+
     def test(self, checkpoint: Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
-        """Test the best (or given) checkpoint on the configured test datasets."""
-        c = self.config
+        """Test the kept (or given) checkpoint on the configured test datasets: symmetric, and asymmetric
+        when there is a teacher. Each result states how many images ``--bad-images skip`` left out."""
         network = load_network(checkpoint or self.directory / BEST_NAME, device=self.device)
-        teacher = self.teacher.network if self.teacher is not None else None
         results = {}
         for split in self.test_splits:
-            results[split.name] = evaluate_split(
-                network,
-                split,
-                c.image_size,
-                self.device,
-                teacher=teacher,
-                teacher_image_size=c.teacher_image_size,
-                sym=True,
-                batch_size=c.eval_batch_size,
-                workers=c.workers,
-                cache=self.cache,
-                teacher_sha256=self.teacher_sha,
-                progress=self.progress,
-                embed=self._embed,
-            )
+            results[split.name] = self._evaluate(network, split, asym=True, sym=True)
+            skipped = len(self.skipped.get(split.name, []))
+            for metrics in results[split.name].values():
+                metrics["num_skipped_images"] = skipped
         return results
 
     # -------------------------------------------------------------------------------------- outputs
@@ -762,6 +879,9 @@ class Trainer:
         extra = {
             "raml": {
                 "mode": self.config.mode,
+                "trainval": self.config.trainval,
+                "train_split": self.train_split.name,
+                "train_classes": self.train_split.num_classes,
                 "image_size": self.config.image_size,
                 "teacher_image_size": self.config.teacher_image_size,
                 "teacher_sha256": self.teacher_sha,
@@ -796,15 +916,14 @@ class Trainer:
 
 
 def _group_positives(anchor: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B, D) anchors in groups of ``group_size`` -> (B, group_size - 1, D) positives, hardest first."""
+    """(B, D) anchors in groups of ``group_size`` -> (B, group_size - 1, D): each anchor's positives are the
+    other images of its group (the triplet loss sums over them, so their order does not matter)."""
     b, d = anchor.shape
     groups = anchor.view(b // group_size, group_size, d)
     rows = []
     for g in range(groups.shape[0]):
         for i in range(group_size):
-            others = torch.cat([groups[g, :i], groups[g, i + 1 :]])
-            order = torch.argsort((others - groups[g, i]).pow(2).sum(1).detach(), descending=True)
-            rows.append(others[order])
+            rows.append(torch.cat([groups[g, :i], groups[g, i + 1 :]]))
     return torch.stack(rows)
 
 

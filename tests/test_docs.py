@@ -1,0 +1,40 @@
+"""The docs name only flags that exist, and the README links the fidelity table."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from raml.cli.main import build_parser
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _options() -> set[str]:
+    subparsers = build_parser()._subparsers._group_actions[0].choices
+    return {option for parser in subparsers.values() for option in parser._option_string_actions}
+
+
+@pytest.mark.parametrize("doc", ["README.md", "docs/fidelity.md"])
+def test_every_flag_the_docs_name_exists(doc):
+    text = (REPO / doc).read_text()
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*[a-z0-9])", text))
+    known = _options() | {"--nproc_per_node", "--nnodes", "--rdzv-endpoint", "--strip-components"}
+    assert named, doc
+    assert not named - known, f"{doc} names flags no command has: {sorted(named - known)}"
+
+
+def test_fidelity_table_lists_every_reference_variant_flag():
+    text = (REPO / "docs" / "fidelity.md").read_text()
+    for flag in (
+        "--select-on-val",
+        "--pretrained-weights",
+        "--group-lr-peaks",
+        "--flush-accumulation",
+        "--mixup-partner",
+        "--search-objective",
+    ):
+        assert flag in text, flag
+    assert "docs/fidelity.md" in (REPO / "README.md").read_text()
