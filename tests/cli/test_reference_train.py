@@ -244,9 +244,7 @@ def test_main_py_with_short_aliases_runs_the_reference_protocol(cub_root: Path, 
     assert all("monitor_cub-test_mAP" in h for h in history)
     assert best["max_map"] == pytest.approx(history[-1]["monitor_cub-test_mAP"])
     # one max_lr for every parameter group (GeM p included), as the reference's OneCycleLR(max_lr=lr)
-    peaks = {
-        name[len("lr_max_") :]: max(h[name] for h in history) for name in history[0] if name.startswith("lr_max_")
-    }
+    peaks = {name[len("lr_max_") :]: max(h[name] for h in history) for name in history[0] if name.startswith("lr_max_")}
     assert set(peaks) == {"backbone", "pool", "whiten"}
     assert max(peaks.values()) - min(peaks.values()) < 1e-12
     assert 0.5e-3 < peaks["pool"] <= 1e-3 + 1e-12
