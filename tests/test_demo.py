@@ -1,11 +1,35 @@
-"""A reduced ``raml demo`` (few images, one epoch each, a tiny backbone) writes every artefact."""
+"""``raml demo``: a reduced run writes every artefact and repeats itself exactly; the documents show its table.
+
+The reduced demo (8 classes x 6 images, one epoch each, timm's ``test_resnet``) takes seconds; the full
+default demo, whose numbers README.md and docs/demo.md show, runs only with ``-m slow``.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import importlib.util
+import io
 import json
+import sys
 from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
 
 from raml.cli.main import main
+from raml.demo import (
+    TIMING_KEYS,
+    DemoSettings,
+    comparable,
+    parse_results_table,
+    reproducible,
+    results_markdown,
+    results_table,
+    summary,
+)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 KEYS = {
     "setting",
@@ -19,32 +43,54 @@ KEYS = {
     "query_gflops",
     "query_ms",
 }
+STACK_KEYS = {"torch", "torchvision", "timm", "numpy", "pillow", "torch_threads", "cpu", "device"}
+REDUCED = [
+    "--classes",
+    "8",
+    "--images-per-class",
+    "6",
+    "--teacher-epochs",
+    "1",
+    "--student-epochs",
+    "1",
+    "--architecture",
+    "test_resnet",
+    "--device",
+    "cpu",
+    "--no-progress",
+]
 
 
-def test_reduced_demo_writes_every_artefact(tmp_path: Path, capsys):
-    out = tmp_path / "demo"
-    code = main(
-        [
-            "demo",
-            "--out",
-            str(out),
-            "--classes",
-            "8",
-            "--images-per-class",
-            "6",
-            "--teacher-epochs",
-            "1",
-            "--student-epochs",
-            "1",
-            "--architecture",
-            "test_resnet",
-            "--device",
-            "cpu",
-            "--no-progress",
-        ]
-    )
-    assert code == 0
-    rows = json.loads((out / "results.json").read_text())
+def _load_refresh_script():
+    path = ROOT / "scripts" / "refresh_demo_tables.py"
+    spec = importlib.util.spec_from_file_location("refresh_demo_tables", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+refresh_script = _load_refresh_script()
+
+
+def _run_reduced_demo(out: Path) -> str:
+    """Run the reduced demo into ``out``; returns what it printed."""
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out), *REDUCED]) == 0
+    return printed.getvalue()
+
+
+@pytest.fixture(scope="module")
+def reduced_demo(tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("demo") / "first"
+    return out, _run_reduced_demo(out)
+
+
+def test_reduced_demo_writes_every_artefact(reduced_demo):
+    out, printed = reduced_demo
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
     assert len(rows) == 5
     for row in rows:
         assert set(row) == KEYS
@@ -53,8 +99,170 @@ def test_reduced_demo_writes_every_artefact(tmp_path: Path, capsys):
     # queries at QR cost about (QR/DR)^2 of queries at DR for the same architecture
     ratio = rows[4]["query_gflops"] / rows[0]["query_gflops"]
     assert 0.15 < ratio < 0.4
+    stack = results["stack"]
+    assert set(stack) >= STACK_KEYS
+    assert stack["torch_threads"] == DemoSettings().threads and stack["torch"] == torch.__version__.split("+")[0]
     assert (out / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (out / "results.md").read_text()
-    assert "student QR / teacher DR" in markdown and "Distillation lifts" in markdown
-    assert "Distillation lifts" in capsys.readouterr().out
+    assert "student QR / teacher DR" in markdown and "Distillation lifts" in printed
+    assert f"torch {stack['torch']}" in markdown and f"{stack['torch_threads']} torch threads" in markdown
+    # results.md shows results.json's rows (the milliseconds with fewer decimals)
+    assert comparable({"rows": parse_results_table(markdown)}) == comparable(results)
     assert (out / "teacher" / "model_best.pth.tar").is_file() and (out / "student" / "model_best.pth.tar").is_file()
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def test_reduced_demo_repeats_itself_exactly(reduced_demo, tmp_path):
+    """A second seeded run in the same process (after other tests moved torch's RNG) gives the same numbers."""
+    first, _ = reduced_demo
+    torch.manual_seed(12345)  # a global RNG state the first run did not see
+    second = tmp_path / "second"
+    _run_reduced_demo(second)
+    a, b = (json.loads((out / "results.json").read_text()) for out in (first, second))
+    assert comparable(a) == comparable(b)
+    assert all(TIMING_KEYS.isdisjoint(row) for row in comparable(a)) and {"query_ms"} <= TIMING_KEYS
+    images = [
+        {p.relative_to(out): p.read_bytes() for p in (out / "data" / "synth").rglob("*.jpg")} for out in (first, second)
+    ]
+    assert images[0] and images[0] == images[1]  # the synthetic dataset too
+    # the rounded metrics could hide small differences: the trained weights must be equal bit for bit
+    for network in ("teacher", "student"):
+        wa, wb = (_weights(out / network / "model_best.pth.tar") for out in (first, second))
+        assert wa.keys() == wb.keys()
+        assert all(torch.equal(wa[k], wb[k]) for k in wa), network
+
+
+def test_reproducible_restores_the_thread_count_and_the_deterministic_flag():
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    with reproducible(1):
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+    assert torch.get_num_threads() == threads and torch.are_deterministic_algorithms_enabled() == deterministic
+    with pytest.raises(ValueError, match="threads"), reproducible(0):
+        pass
+
+
+# ------------------------------------------------------------------------- the documents' demo table
+
+
+def _rows(offset: float = 0.0) -> list[dict[str, Any]]:
+    settings = [
+        ("teacher DR / DR (symmetric)", "teacher", 64, "teacher", 64),
+        ("teacher QR / QR (symmetric)", "teacher", 32, "teacher", 32),
+        ("teacher QR / teacher DR (asymmetric, no distillation)", "teacher", 32, "teacher", 64),
+        ("student QR / QR (symmetric)", "student", 32, "student", 32),
+        ("student QR / teacher DR (asymmetric, the method)", "student", 32, "teacher", 64),
+    ]
+    return [
+        {
+            "setting": s,
+            "query_network": qn,
+            "query_size": qs,
+            "database_network": dn,
+            "database_size": ds,
+            "mAP": round(20.0 + 3 * i + offset, 2),
+            "R@1": round(30.0 + 2 * i + offset, 2),
+            "R@4": round(60.0 + i + offset, 2),
+            "query_gflops": 0.2962 if qs == 64 else 0.0742,
+            "query_ms": 3.07 if qs == 64 else 1.28,
+        }
+        for i, (s, qn, qs, dn, ds) in enumerate(settings)
+    ]
+
+
+STACK = {
+    "python": "3.11.7",
+    "torch": "2.14.1",
+    "torchvision": "0.29.1",
+    "timm": "1.0.31",
+    "numpy": "2.4.6",
+    "pillow": "13.0.0",
+    "torch_threads": 2,
+    "cpu": "Some CPU",
+    "device": "cpu",
+}
+
+
+def _results_md(rows: list[dict[str, Any]]) -> str:
+    return results_markdown(rows, DemoSettings(), seconds=312.0, stack=STACK)
+
+
+def _documents(root: Path) -> dict[str, str]:
+    return {name: (root / name).read_text() for name in refresh_script.TARGETS}
+
+
+def test_parse_results_table_inverts_results_table():
+    rows = _rows(offset=0.123)
+    assert parse_results_table("text before\n\n" + results_table(rows) + "\n\ntext after") == rows
+    with pytest.raises(ValueError, match="No demo results table"):
+        parse_results_table("| a | b |\n|---|---|\n")
+
+
+def test_refresh_rewrites_the_marked_blocks_and_nothing_else(tmp_path):
+    for name in refresh_script.TARGETS:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text((ROOT / name).read_text())
+    before = _documents(tmp_path)
+    rows = _rows(offset=0.5)
+    results = tmp_path / "results.md"
+    results.write_text(_results_md(rows))
+    argv = ["--results", str(results), "--root", str(tmp_path)]
+
+    assert refresh_script.main([*argv, "--check"]) == 1  # the fake numbers are not the documents' numbers
+    assert _documents(tmp_path) == before  # --check writes nothing
+    assert refresh_script.main(argv) == 0
+    after = _documents(tmp_path)
+    for name, details in refresh_script.TARGETS.items():
+        old_head, old_block, old_tail = refresh_script.split_block(before[name])
+        head, block, tail = refresh_script.split_block(after[name])
+        assert (head, tail) == (old_head, old_tail), f"{name}: text outside the markers changed"
+        assert block != old_block
+        assert parse_results_table(block) == rows
+        assert " ".join(summary(rows).split()) in " ".join(block.split())
+        assert ("Stack: torch 2.14.1" in block) == details  # docs/demo.md also shows the run's stack
+    assert refresh_script.main([*argv, "--check"]) == 0  # idempotent
+    assert refresh_script.main(argv) == 0 and _documents(tmp_path) == after
+
+
+def test_refresh_refuses_documents_without_exactly_one_block():
+    with pytest.raises(ValueError, match="Expected exactly one"):
+        refresh_script.split_block("no markers here\n")
+    twice = f"{refresh_script.START}\nx\n{refresh_script.END}\n" * 2
+    with pytest.raises(ValueError, match="Expected exactly one"):
+        refresh_script.split_block(twice)
+
+
+def _marked_rows_and_summary(name: str) -> tuple[list[dict[str, Any]], str]:
+    _, block, _ = refresh_script.split_block((ROOT / name).read_text())
+    paragraphs = block.split("\n\n")
+    return parse_results_table(paragraphs[0]), " ".join(paragraphs[1].split())
+
+
+def test_readme_block_is_what_the_script_writes_for_its_numbers():
+    """README.md's block is the script's output for a results.md with the same numbers; docs/demo.md agrees."""
+    rows, sentence = _marked_rows_and_summary("README.md")
+    assert len(rows) == 5
+    assert sentence == summary(rows)  # the sentence was computed from this table, not edited by hand
+    results = refresh_script.read_results(_results_md(rows))
+    _, block, _ = refresh_script.split_block((ROOT / "README.md").read_text())
+    assert block == refresh_script.render_block(results, details=False)
+    assert _marked_rows_and_summary("docs/demo.md") == (rows, sentence)
+
+
+@pytest.mark.slow
+def test_full_demo_gives_the_documents_numbers(tmp_path):
+    """The default ``raml demo`` on a CPU reproduces README.md's table (timings aside).
+
+    It holds on the stack docs/demo.md names (versions, thread count, processor); after a change that moves
+    the numbers, run ``make demo`` and ``python scripts/refresh_demo_tables.py``.
+    """
+    out = tmp_path / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main(["demo", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows, sentence = _marked_rows_and_summary("README.md")
+    assert comparable(results) == comparable({"rows": rows}), f"stack of this run: {results['stack']}"
+    assert summary(results["rows"]) == sentence

@@ -6,15 +6,24 @@
 4. Test five settings on the held-out classes, measure each query network's cost, and write
    ``results.json``, ``results.md`` and ``tradeoff.png`` into the output folder.
 
-Every number in the outputs is measured in the run; nothing is filled in.
+Every number in the outputs is measured in the run; nothing is filled in. On a CPU the accuracies and FLOPs
+are reproducible bit for bit: every stage is seeded (network initialisation draws from torch's global
+generator, which a fresh process seeds at random), torch runs on ``threads`` intra-op threads (a reduction
+split over another thread count sums in another order) with deterministic algorithms, and ``results.json``
+records the software stack and the processor that produced them. Only the latency (``query_ms``) and the
+run time are measured, not reproduced: ``TIMING_KEYS``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import platform
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +36,15 @@ from raml.engine.trainer import Trainer
 from raml.models import load_network
 from raml.models.cost import gflops_per_image, latency_ms_per_image
 from raml.retrieval.evaluate import evaluate_split
-from raml.utils import atomic_path, atomic_write_text
+from raml.utils import atomic_path, atomic_write_text, cpu_model, seed_everything
 
 logger = logging.getLogger(__name__)
 
 DATASET = "synth"
+#: measured, not reproduced: left out of every equality check of two runs' results
+TIMING_KEYS = frozenset({"query_ms"})
+#: the packages whose versions decide the numbers (besides the processor and the thread count)
+STACK_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow")
 
 
 @dataclass
@@ -59,6 +72,9 @@ class DemoSettings:
     lam_2: float = 0.7
     seed: int = 0
     workers: int = 0
+    # torch intra-op threads for the whole run: the numbers are bit-identical only for the same count (and the
+    # same software and processor); 2 is what the README's table was measured with
+    threads: int = 2
     latency_batch: int = 16
 
 
@@ -223,24 +239,81 @@ def summary(rows: list[dict[str, Any]]) -> str:
     )
 
 
-def results_markdown(rows: list[dict[str, Any]], settings: DemoSettings, seconds: float) -> str:
-    header = "| setting | query | database | mAP | R@1 | R@4 | query GFLOPs | query ms/image |"
-    lines = [header, "|---|---|---|---|---|---|---|---|"]
+TABLE_HEADER = "| setting | query | database | mAP | R@1 | R@4 | query GFLOPs | query ms/image |"
+TABLE_RULE = "|---|---|---|---|---|---|---|---|"
+
+
+def results_table(rows: list[dict[str, Any]]) -> str:
+    """The Markdown table of the rows (the one ``results.md``, the README and docs/demo.md show)."""
+    lines = [TABLE_HEADER, TABLE_RULE]
     for r in rows:
         lines.append(
             f"| {r['setting']} | {r['query_network']} @ {r['query_size']} px | {r['database_network']} @ "
             f"{r['database_size']} px | {r['mAP']:.2f} | {r['R@1']:.2f} | {r['R@4']:.2f} | "
             f"{r['query_gflops']:.4f} | {r['query_ms']:.2f} |"
         )
+    return "\n".join(lines)
+
+
+def parse_results_table(text: str) -> list[dict[str, Any]]:
+    """The rows of the first ``results_table`` found in ``text``, typed as in ``results.json`` (the inverse).
+
+    Raises:
+        ValueError: ``text`` holds no such table, or a row of it does not parse.
+    """
+    lines = text.splitlines()
+    try:
+        first = lines.index(TABLE_HEADER) + 2
+    except ValueError:
+        raise ValueError(f"No demo results table (a line {TABLE_HEADER!r}) found.") from None
+    rows = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        cells = [cell.strip() for cell in line.strip().strip("|").split("|")]
+        if len(cells) != 8:
+            raise ValueError(f"A demo table row needs 8 cells, got {len(cells)}: {line!r}")
+        (query_net, query_size), (db_net, db_size) = (_network_at(cell) for cell in cells[1:3])
+        rows.append(
+            {
+                "setting": cells[0],
+                "query_network": query_net,
+                "query_size": query_size,
+                "database_network": db_net,
+                "database_size": db_size,
+                "mAP": float(cells[3]),
+                "R@1": float(cells[4]),
+                "R@4": float(cells[5]),
+                "query_gflops": float(cells[6]),
+                "query_ms": float(cells[7]),
+            }
+        )
+    return rows
+
+
+def _network_at(cell: str) -> tuple[str, int]:
+    """``"teacher @ 64 px"`` -> ``("teacher", 64)``."""
+    network, _, size = cell.partition(" @ ")
+    if not size.endswith(" px"):
+        raise ValueError(f"Expected '<network> @ <size> px', got {cell!r}.")
+    return network, int(size[: -len(" px")])
+
+
+def results_markdown(rows: list[dict[str, Any]], settings: DemoSettings, seconds: float, stack: dict[str, Any]) -> str:
+    """``results.md``: title, table, summary sentence, then one paragraph each on the settings and the stack."""
+    versions = ", ".join(f"{name} {stack.get(name)}" for name in STACK_PACKAGES)
+    where = stack.get("gpu") or stack["cpu"]
     return (
         "# raml demo results\n\n"
-        + "\n".join(lines)
+        + results_table(rows)
         + f"\n\n{summary(rows)}\n\n"
         + f"Dataset: synthetic, {settings.num_classes} classes x {settings.images_per_class} images "
         f"({settings.num_classes // 2} training classes, {settings.num_classes // 2} test classes); "
         f"{settings.architecture} from random weights, DR {settings.teacher_size} px, QR {settings.student_size} px; "
-        f"teacher {settings.teacher_epochs} epochs, student {settings.student_epochs} epochs; "
-        f"total {seconds / 60:.1f} min on {torch.get_num_threads()} CPU threads.\n"
+        f"teacher {settings.teacher_epochs} epochs, student {settings.student_epochs} epochs, seed {settings.seed}; "
+        f"total {seconds / 60:.1f} min.\n\n"
+        + f"Stack: {versions}, Python {stack['python']}; {stack['torch_threads']} torch threads, "
+        f"device {stack['device']} ({where}).\n"
     )
 
 
@@ -282,24 +355,91 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
+@contextmanager
+def reproducible(threads: int) -> Iterator[None]:
+    """Run the block on ``threads`` intra-op threads with deterministic algorithms; restore both after.
+
+    Deterministic algorithms only warn where an operation has no deterministic implementation (some CUDA
+    kernels; none that the demo uses on a CPU), so that a GPU run still finishes.
+    """
+    if threads < 1:
+        raise ValueError(f"threads must be at least 1, got {threads}.")
+    previous = (
+        torch.get_num_threads(),
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+        torch.backends.cudnn.benchmark,
+    )
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.backends.cudnn.benchmark = False  # cuDNN's autotuner may pick a different kernel on every run
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous[0])
+        torch.use_deterministic_algorithms(previous[1], warn_only=previous[2])
+        torch.backends.cudnn.benchmark = previous[3]
+
+
+def software_stack(device: torch.device) -> dict[str, Any]:
+    """What decides the numbers besides the settings: package versions, thread count, processor, device."""
+    versions = {}
+    for name in STACK_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    stack: dict[str, Any] = {
+        "python": platform.python_version(),
+        **versions,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cpu": cpu_model(),
+        "machine": platform.machine(),
+        "system": platform.system(),
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        stack["gpu"] = torch.cuda.get_device_name(device)
+        stack["cuda"] = torch.version.cuda
+        stack["cudnn"] = torch.backends.cudnn.version()
+    return stack
+
+
+def comparable(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """The rows of a ``results.json`` without the measured timings: what two runs must agree on exactly."""
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in results["rows"]]
+
+
 def run_demo(settings: DemoSettings, device: torch.device, progress: bool = True) -> list[dict[str, Any]]:
-    """Run the whole demo; returns the table rows (also written to ``settings.out``)."""
+    """Run the whole demo; returns the table rows (also written to ``settings.out``).
+
+    ``results.json`` holds ``{"rows": [...], "stack": software_stack(...), "seconds": ...}``.
+    """
     start = time.perf_counter()
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)
     data_root = out / "data"
-    logger.info("1/4 generating the synthetic dataset")
-    _generate(settings, data_root)
-    logger.info("2/4 training the teacher at %d px (labels, random weights)", settings.teacher_size)
-    teacher = train_teacher(settings, data_root, device, progress)
-    logger.info("3/4 distilling the student at %d px (no labels)", settings.student_size)
-    student = distil_student(settings, data_root, teacher, device, progress)
-    logger.info("4/4 testing")
-    rows = evaluate_settings(settings, data_root, teacher, student, device, progress)
+    with reproducible(settings.threads):
+        logger.info("1/4 generating the synthetic dataset")
+        _generate(settings, data_root)
+        # Every stage starts from the seed, so that no stage depends on what an earlier one drew (or on the
+        # random seed of a fresh process, which the teacher's initial weights would otherwise come from).
+        logger.info("2/4 training the teacher at %d px (labels, random weights)", settings.teacher_size)
+        seed_everything(settings.seed)
+        teacher = train_teacher(settings, data_root, device, progress)
+        logger.info("3/4 distilling the student at %d px (no labels)", settings.student_size)
+        seed_everything(settings.seed)
+        student = distil_student(settings, data_root, teacher, device, progress)
+        logger.info("4/4 testing")
+        seed_everything(settings.seed)
+        rows = evaluate_settings(settings, data_root, teacher, student, device, progress)
+        stack = software_stack(device)
     seconds = time.perf_counter() - start
     settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
-    atomic_write_text(out / "results.json", json.dumps(rows, indent=2) + "\n")
-    atomic_write_text(out / "results.md", results_markdown(rows, settings, seconds))
+    results = {"rows": rows, "stack": stack, "seconds": round(seconds, 1)}
+    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
+    atomic_write_text(out / "results.md", results_markdown(rows, settings, seconds, stack))
     atomic_write_text(out / "settings.json", json.dumps({**settings_dict, "seconds": round(seconds, 1)}, indent=2))
     plot_tradeoff(rows, out / "tradeoff.png")
     return rows

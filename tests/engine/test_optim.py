@@ -124,3 +124,17 @@ def test_group_peaks_keep_the_pool_multiplier():
         opt.step()
         scheduler.step()
     assert peaks["pool"] == pytest.approx(10 * peaks["backbone"])
+
+
+def test_proxies_of_our_proxy_loss_keep_their_own_peak_under_the_shared_max_lr():
+    opt = build_optimizer(Tiny(), "adamW", lr=1e-3)
+    opt.add_param_group({"name": "proxies", "params": [nn.Parameter(torch.zeros(3, 2))], "lr": 1e-2})
+    scheduler = build_scheduler(opt, "onecycle", 50, shared_max_lr=1e-3)
+    peaks = {g["name"]: 0.0 for g in opt.param_groups}
+    for _ in range(50):
+        for g in opt.param_groups:
+            peaks[g["name"]] = max(peaks[g["name"]], g["lr"])
+        opt.step()
+        scheduler.step()
+    assert peaks["backbone"] == pytest.approx(peaks["pool"]) == pytest.approx(peaks["whiten"])
+    assert peaks["proxies"] == pytest.approx(10 * peaks["backbone"])

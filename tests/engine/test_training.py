@@ -262,3 +262,36 @@ def test_optimize_runs_the_search_then_trains_on_train_plus_val(data_root, teach
     # the final run: train + val, the last epoch kept
     final = load_checkpoint_file(tmp_path / "search" / "model_best.pth.tar")
     assert final["epoch"] == 2 and final["raml"]["trainval"] is True
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (the teacher on the second)")
+def test_teacher_on_a_second_gpu_trains_validates_and_tests(data_root, teacher_path, tmp_path):
+    """-g 0,1: the student on cuda:0, the teacher on cuda:1, in training, monitoring and the final test."""
+    config = _distill_config(data_root, tmp_path / "two", teacher_path, epochs=1, val_freq=1, query_size=8)
+    trainer = Trainer(config, torch.device("cuda", 0), progress=False, teacher_device=torch.device("cuda", 1))
+    assert next(trainer.teacher.parameters()).device == torch.device("cuda", 1)
+    result = trainer.run()
+    assert "monitor_cub-test_mAP" in result.history[-1]
+    assert set(trainer.test()["cub-test"]) == {"asym", "sym"}
+
+
+def test_the_teacher_device_reaches_every_evaluation(data_root, teacher_path, tmp_path, monkeypatch):
+    """Monitoring and the final test embed the database on the teacher's device, not the student's."""
+    import raml.engine.trainer as trainer_module
+
+    config = _distill_config(data_root, tmp_path / "dev", teacher_path, epochs=1, val_freq=1, query_size=8)
+    sentinel = torch.device("cpu", 0)  # a distinct object standing in for a second device
+    trainer = Trainer(config, CPU, progress=False, teacher_device=sentinel)
+    seen = []
+    real = trainer_module.evaluate_split
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs["teacher_device"])
+        kwargs["teacher_device"] = CPU
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "evaluate_split", spy)
+    trainer.run()
+    trainer.test()
+    assert len(seen) == 2 and all(device == sentinel for device in seen)

@@ -26,6 +26,8 @@ SCHEDULERS = ("onecycle", "cyclic", "exponential", "none")
 #: schedulers stepped after every optimizer step; the others once per epoch
 PER_STEP_SCHEDULERS = ("onecycle", "cyclic")
 POOL_LR_MULTIPLIER = {"gem": 10.0, "gemmp": 100.0}
+#: parameter groups the reference does not have, which keep their own peak under its shared max_lr
+OWN_PEAK_GROUPS = ("proxies",)
 
 
 def parameter_groups(network: nn.Module, lr: float, weight_decay: float) -> list[dict]:
@@ -96,8 +98,12 @@ def build_scheduler(
     if name not in SCHEDULERS:
         raise ValueError(f"Unknown scheduler {name!r}; valid: {', '.join(SCHEDULERS)}.")
     if shared_max_lr is not None:
-        max_lrs: list[float] | float = shared_max_lr
-        base_lrs: list[float] | float = shared_max_lr / 10
+        # every group of the reference's network peaks at the one max_lr; a group that only our additions
+        # have (the proxies of --loss normsoftmax) keeps its own rate
+        max_lrs: list[float] | float = [
+            group["lr"] if group.get("name") in OWN_PEAK_GROUPS else shared_max_lr for group in optimizer.param_groups
+        ]
+        base_lrs: list[float] | float = [lr / 10 for lr in max_lrs]
     else:
         max_lrs = [group["lr"] for group in optimizer.param_groups]
         base_lrs = [lr / 10 for lr in max_lrs]
