@@ -114,15 +114,21 @@ def test_shared_max_lr_overrides_every_groups_rate(name):
         assert seen[10] == pytest.approx(lr)  # the given up phase
 
 
-def test_group_peaks_keep_the_pool_multiplier():
-    opt = build_optimizer(Tiny(), "adamW", lr=1e-3)
-    scheduler = build_scheduler(opt, "onecycle", 50)
+def _peaks(opt: torch.optim.Optimizer, scheduler, steps: int) -> dict[str, float]:
+    """The highest rate each named parameter group steps with over ``steps`` optimizer steps."""
     peaks = {g["name"]: 0.0 for g in opt.param_groups}
-    for _ in range(50):
+    for _ in range(steps):
         for g in opt.param_groups:
             peaks[g["name"]] = max(peaks[g["name"]], g["lr"])
         opt.step()
         scheduler.step()
+    return peaks
+
+
+def test_group_peaks_keep_the_pool_multiplier():
+    opt = build_optimizer(Tiny(), "adamW", lr=1e-3)
+    scheduler = build_scheduler(opt, "onecycle", 50)
+    peaks = _peaks(opt, scheduler, 50)
     assert peaks["pool"] == pytest.approx(10 * peaks["backbone"])
 
 
@@ -130,11 +136,6 @@ def test_proxies_of_our_proxy_loss_keep_their_own_peak_under_the_shared_max_lr()
     opt = build_optimizer(Tiny(), "adamW", lr=1e-3)
     opt.add_param_group({"name": "proxies", "params": [nn.Parameter(torch.zeros(3, 2))], "lr": 1e-2})
     scheduler = build_scheduler(opt, "onecycle", 50, shared_max_lr=1e-3)
-    peaks = {g["name"]: 0.0 for g in opt.param_groups}
-    for _ in range(50):
-        for g in opt.param_groups:
-            peaks[g["name"]] = max(peaks[g["name"]], g["lr"])
-        opt.step()
-        scheduler.step()
+    peaks = _peaks(opt, scheduler, 50)
     assert peaks["backbone"] == pytest.approx(peaks["pool"]) == pytest.approx(peaks["whiten"])
     assert peaks["proxies"] == pytest.approx(10 * peaks["backbone"])
