@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from raml.engine.config import TrainConfig
-from raml.engine.trainer import Trainer, TrainResult
+from raml.engine.trainer import Trainer, TrainResult, refuse_existing_checkpoints
 
 logger = logging.getLogger(__name__)
 
@@ -33,18 +33,6 @@ def _import_optuna():  # noqa: ANN202 - optional dependency
             "--optimize needs optuna, which is not installed: pip install optuna (or pip install 'raml[optimize]')"
         ) from error
     return optuna
-
-
-def check_directory(config: TrainConfig) -> None:
-    """Refuse, before any trial, a ``--directory`` whose checkpoints the final run would replace."""
-    directory = Path(config.directory)
-    existing = sorted(p.name for p in directory.glob("*.pth.tar")) if directory.is_dir() else []
-    if existing and config.resume_student is None and not config.overwrite:
-        raise FileExistsError(
-            f"{directory} already holds checkpoints ({', '.join(existing[:3])}...). Nothing was changed. Use "
-            "another --directory, continue the final run with --resume-student last, or pass --overwrite to "
-            "replace them."
-        )
 
 
 def search(
@@ -108,7 +96,7 @@ def optimize_and_train(
 ) -> tuple[dict, TrainResult]:
     """Search, then train on train + val with the best values (the test datasets monitored) and test."""
     _import_optuna()
-    check_directory(config)
+    refuse_existing_checkpoints(config)  # before any trial: the final run would replace them
     best = search(config, device, progress, teacher_device)
     final = config.replace(**best, optimize=False, trainval=True)
     trainer = Trainer(final, device, progress=progress, teacher_device=teacher_device)

@@ -177,6 +177,19 @@ class TrainResult:
     last_val_map: float | None = None
 
 
+def refuse_existing_checkpoints(config: TrainConfig) -> None:
+    """Refuse a ``--directory`` that holds checkpoints, unless ``--resume-student`` or ``--overwrite`` says
+    to go on; checked before anything is written (by the trainer, and by the search before any trial)."""
+    directory = Path(config.directory)
+    existing = sorted(p.name for p in directory.glob("*.pth.tar")) if directory.is_dir() else []
+    if existing and config.resume_student is None and not config.overwrite:
+        raise FileExistsError(
+            f"{directory} already holds checkpoints ({', '.join(existing[:3])}...). Nothing was changed. Use "
+            "another --directory, continue with --resume-student last (or a checkpoint file), or pass "
+            "--overwrite to replace them."
+        )
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
@@ -296,13 +309,7 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ setup
     def _prepare_directory(self) -> None:
-        existing = list(self.directory.glob("*.pth.tar")) if self.directory.is_dir() else []
-        if existing and self.config.resume_student is None and not self.config.overwrite:
-            raise FileExistsError(
-                f"{self.directory} already holds checkpoints ({', '.join(sorted(p.name for p in existing)[:3])}"
-                "...). Nothing was changed. Use another --directory, continue with --resume-student FILE, "
-                "or pass --overwrite to replace them."
-            )
+        refuse_existing_checkpoints(self.config)
         self.directory.mkdir(parents=True, exist_ok=True)
         if self.dist.is_main:
             # a job killed while writing (kill -9) leaves its temporary file behind, never a half target

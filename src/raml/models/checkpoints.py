@@ -160,6 +160,13 @@ def _unsafe_error(path: Path, detail: str) -> CheckpointError:
     )
 
 
+def _invalid_checkpoint(path: Path, detail: str) -> CheckpointError:
+    """The error for a file that cannot be read as a checkpoint at all (corrupt, truncated, foreign)."""
+    return CheckpointError(
+        f"{str(path)!r} is not a valid checkpoint ({detail}); if it was downloaded, delete it to fetch it again."
+    )
+
+
 def _load_restricted(path: Path, first_error: BaseException) -> dict:
     """Read a file that ``weights_only=True`` refused; keep only the entries rebuilt entirely from data."""
     try:
@@ -167,10 +174,7 @@ def _load_restricted(path: Path, first_error: BaseException) -> dict:
     except UnsafeGlobalError as error:
         raise _unsafe_error(path, f"{error}; {_unpickling_detail(first_error)}") from error
     except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise CheckpointError(
-            f"{str(path)!r} is not a valid checkpoint ({type(error).__name__}: {error}); if it was downloaded, "
-            "delete it to fetch it again."
-        ) from error
+        raise _invalid_checkpoint(path, f"{type(error).__name__}: {error}") from error
     if not isinstance(loaded, dict):
         raise CheckpointError(
             f"{str(path)!r} holds a {type(loaded).__name__}, not a checkpoint dict with 'state_dict'."
@@ -232,16 +236,10 @@ def load_checkpoint_file(path: str | Path) -> dict:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         if "global" not in str(error).lower():
-            raise CheckpointError(
-                f"{str(path)!r} is not a valid checkpoint (safe unpickling failed: {_unpickling_detail(error)}); "
-                "if it was downloaded, delete it to fetch it again."
-            ) from error
+            raise _invalid_checkpoint(path, f"safe unpickling failed: {_unpickling_detail(error)}") from error
         checkpoint = _load_restricted(path, error)
     except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise CheckpointError(
-            f"{str(path)!r} is not a valid checkpoint ({type(error).__name__}: {error}); if it was "
-            "downloaded, delete it to fetch it again."
-        ) from error
+        raise _invalid_checkpoint(path, f"{type(error).__name__}: {error}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
             f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict with 'meta' and 'state_dict'."
