@@ -13,7 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _options() -> set[str]:
-    parsers = build_parser()._subparsers._group_actions[0].choices.values()
+    parsers = list(build_parser()._subparsers._group_actions[0].choices.values())
+    for parser in parsers:  # nested sub-commands too (`raml data download`)
+        if parser._subparsers is not None:
+            parsers += parser._subparsers._group_actions[0].choices.values()
     options = {option for parser in parsers for option in parser._option_string_actions}
     # `raml bench <name>` hands its arguments to the benchmark's own parser, built in its main()
     for source in (REPO / "src" / "raml" / "bench").glob("*.py"):

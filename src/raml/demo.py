@@ -5,6 +5,8 @@
 3. Distil a student at the small size QR = DR / 2 from it without labels (``--mode ts_aug``).
 4. Test five settings on the held-out classes, measure each query network's cost, and write
    ``results.json``, ``results.md`` and ``tradeoff.png`` into the output folder.
+5. Draw ``gallery.png``: for a few held-out queries, the top-5 of the teacher's DR database for the
+   undistilled teacher at QR and for the distilled student at QR, side by side (:func:`demo_gallery_rows`).
 
 Every number in the outputs is measured in the run; nothing is filled in. On a CPU the accuracies and FLOPs
 are reproducible bit for bit: every stage is seeded (network initialisation draws from torch's global
@@ -20,7 +22,7 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
@@ -31,11 +33,13 @@ import torch
 
 from raml.data.splits import get_split
 from raml.data.synth import generate_synthetic_dataset
+from raml.deploy.gallery import GalleryRow, Hit, write_gallery
 from raml.engine.config import TrainConfig
 from raml.engine.trainer import Trainer
 from raml.models import load_network
 from raml.models.cost import gflops_per_image, latency_ms_per_image
 from raml.retrieval.evaluate import evaluate_split
+from raml.retrieval.extract import extract_embeddings
 from raml.utils import atomic_path, atomic_write_text, cpu_model, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -45,6 +49,9 @@ DATASET = "synth"
 TIMING_KEYS = frozenset({"query_ms"})
 #: the packages whose versions decide the numbers (besides the processor and the thread count)
 STACK_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow")
+#: the gallery: this many held-out queries (the first image of evenly spaced test classes), top-k each
+GALLERY_QUERIES = 4
+GALLERY_K = 5
 
 
 @dataclass
@@ -225,6 +232,80 @@ def evaluate_settings(
             }
         )
     return rows
+
+
+def gallery_query_ids(labels: Sequence[int], num_queries: int) -> list[int]:
+    """The first image of ``num_queries`` evenly spaced classes (all classes when there are fewer)."""
+    first: dict[int, int] = {}
+    for i, label in enumerate(labels):
+        first.setdefault(int(label), i)
+    classes = sorted(first)
+    count = min(num_queries, len(classes))
+    picks = [classes[(j * len(classes)) // count] for j in range(count)]
+    return [first[c] for c in picks]
+
+
+def demo_gallery_rows(
+    paths: Sequence[str],
+    labels: Sequence[int],
+    database: torch.Tensor,
+    queries: Sequence[torch.Tensor],
+    query_ids: Sequence[int],
+    k: int,
+) -> list[GalleryRow]:
+    """Gallery rows: for each query id, one panel per query-embedding matrix with its top-k database images.
+
+    Args:
+        paths: The N images (database and queries are the same images, as in the test protocol).
+        labels: Their N labels.
+        database: ``(N, D)`` L2-normalised database embeddings.
+        queries: Query embedding matrices ``(N, D)``, one per panel (e.g. teacher and student at QR).
+        query_ids: The images used as queries.
+        k: Results per panel.
+
+    The query's own image is left out of its results (it is junk in the protocol); ties keep database order.
+    """
+    rows = []
+    for q in query_ids:
+        panels = []
+        for matrix in queries:
+            scores = database @ matrix[q]
+            scores[q] = -float("inf")
+            order = torch.sort(scores, descending=True, stable=True).indices[:k]
+            panels.append([Hit(str(paths[i]), int(labels[i]), float(scores[i])) for i in order.tolist()])
+        rows.append(GalleryRow(str(paths[q]), panels, int(labels[q])))
+    return rows
+
+
+def write_demo_gallery(
+    settings: DemoSettings,
+    data_root: Path,
+    teacher_path: Path,
+    student_path: Path,
+    device: torch.device,
+    path: Path,
+    progress: bool,
+) -> Path:
+    """``gallery.png``: held-out queries at QR by the teacher (no distillation) and by the student, top-5 of
+    the teacher's DR database each."""
+    split = get_split(f"{DATASET}-test", data_root)
+    teacher = load_network(teacher_path, device=device)
+    student = load_network(student_path, device=device)
+    dr, qr = settings.teacher_size, settings.student_size
+    paths = [str(p) for p in split.abspaths()]
+    database = extract_embeddings(teacher, paths, dr, device, progress=progress, description=f"gallery teacher@{dr}")
+    queries = [
+        extract_embeddings(net, paths, qr, device, progress=progress, description=f"gallery {name}@{qr}")
+        for name, net in (("teacher", teacher), ("student", student))
+    ]
+    rows = demo_gallery_rows(
+        paths, split.labels, database, queries, gallery_query_ids(split.labels, GALLERY_QUERIES), GALLERY_K
+    )
+    titles = [
+        f"teacher @ {qr} px queries (no distillation), teacher @ {dr} px database",
+        f"student @ {qr} px queries (distilled), teacher @ {dr} px database",
+    ]
+    return write_gallery(rows, path, titles)
 
 
 def summary(rows: list[dict[str, Any]]) -> str:
@@ -435,6 +516,8 @@ def run_demo(settings: DemoSettings, device: torch.device, progress: bool = True
         seed_everything(settings.seed)
         rows = evaluate_settings(settings, data_root, teacher, student, device, progress)
         stack = software_stack(device)
+        # after every number is measured: the gallery only reads the networks
+        write_demo_gallery(settings, data_root, teacher, student, device, out / "gallery.png", progress)
     seconds = time.perf_counter() - start
     settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     results = {"rows": rows, "stack": stack, "seconds": round(seconds, 1)}

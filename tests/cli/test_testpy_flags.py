@@ -163,7 +163,8 @@ def test_bad_values_are_clear_argparse_errors(parser, capsys, argv, flag, hint):
 def test_network_choice_is_required_and_exclusive(parser, capsys):
     with pytest.raises(SystemExit):
         parser.parse_args(["--sym"])
-    assert "one of the arguments -spath/--student-path -s/--student is required" in capsys.readouterr().err
+    required = "one of the arguments -spath/--student-path -s/--student --student-onnx is required"
+    assert required in capsys.readouterr().err
     with pytest.raises(SystemExit):
         parser.parse_args(["-s", "resnet18", "-spath", "x.pth"])
     assert "not allowed with argument" in capsys.readouterr().err

@@ -25,6 +25,7 @@ from torch import nn
 import raml
 from raml.deploy import IndexDirectoryError, index_images, load_index
 from raml.deploy import index as index_module
+from raml.deploy import store as store_module
 from raml.deploy.lock import LOCK_NAME, DirectoryLock, LockHeldError, LockHolder, pid_alive
 
 SIZE = 16
@@ -255,14 +256,14 @@ def test_a_reader_that_races_a_commit_loads_the_new_generation(tmp_path, monkeyp
     index_images(TinyNet(), images, SIZE, index_dir, SHA)  # commits generation 2, removes generation 1
     assert not (index_dir / old_meta["files"]["embeddings"]).exists()
 
-    real_read = index_module._read_metadata
+    real_read = store_module._read_metadata
     reads: list[Path] = []
 
     def stale_first(directory: Path) -> dict:
         reads.append(directory)  # the first read happened just before the writer's commit
         return old_meta if len(reads) == 1 else real_read(directory)
 
-    monkeypatch.setattr(index_module, "_read_metadata", stale_first)
+    monkeypatch.setattr(store_module, "_read_metadata", stale_first)
     index = load_index(index_dir)
     assert len(index) == 5 and index.meta["generation"] == old_meta["generation"] + 1 and len(reads) == 2
 

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raml.deploy.index import INDEX_TYPES, IndexParams, build_faiss_index
+from raml.deploy.faiss_index import INDEX_TYPES, IndexParams, build_faiss_index
 from raml.models.cost import gflops_per_image, latency_ms_per_image
 from raml.utils import atomic_path, atomic_write_text, cpu_model, select_device
 
@@ -106,7 +106,7 @@ def measure_search(
     Args:
         dim: Embedding dimension D.
         database_size: N random L2-normalised database vectors.
-        index_types: Index types to measure (default parameters, see ``raml.deploy.index.IndexParams``).
+        index_types: Index types to measure (default parameters, see ``raml.deploy.faiss_index.IndexParams``).
         num_queries: Queries searched one by one.
         k: Neighbours per query.
         seed: Data seed.
@@ -393,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--plot must end in one of {', '.join(PLOT_FORMATS)}, got {args.plot}")
     if args.index_types:
         try:
-            from raml.deploy.index import import_faiss
+            from raml.deploy.faiss_index import import_faiss
 
             import_faiss()
         except ImportError as error:
@@ -401,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
         if args.index_types:
-            from raml.deploy.index import import_faiss
+            from raml.deploy.faiss_index import import_faiss
 
             import_faiss().omp_set_num_threads(args.threads)
     try:

@@ -8,8 +8,12 @@ import importlib
 #: sub-benchmark -> module with ``main(argv) -> int``
 BENCHMARKS = {
     "eval": ("raml.bench.eval", "retrieval evaluation vs the bare similarity matmul (SOP-sized)"),
+    "methods": ("raml.bench.methods", "every distillation method and ablation side by side on the demo's data"),
     "pipeline": ("raml.bench.pipeline", "coupled-view data pipeline vs the reference's per-view decoding"),
+    "resolutions": ("raml.bench.resolutions", "one student for several query sizes vs a dedicated student per size"),
     "query": ("raml.bench.query", "query cost per resolution (FLOPs, latency, throughput) and search time per index"),
+    "quantization": ("raml.bench.quantization", "fp32 vs int8 ONNX student x exact vs IVF-PQ database: mAP, ms, bytes"),
+    "serve": ("raml.bench.serve", "raml serve's queries/s and latency under concurrent clients, batched vs not"),
 }
 
 

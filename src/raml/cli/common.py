@@ -93,6 +93,18 @@ def positive_int(value: str) -> int:
     return number
 
 
+def image_sizes_arg(value: str) -> int | list[int]:
+    """``--image-size 32`` -> ``32``; ``--image-size 24,32,48`` -> ``[24, 32, 48]`` (several query sizes; see
+    :func:`raml.data.sizes.parse_image_sizes`)."""
+    from raml.data.sizes import parse_image_sizes
+
+    try:
+        sizes = parse_image_sizes(value)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return sizes if len(sizes) > 1 else sizes[0]
+
+
 def optional_comma_list(value: str) -> list[str]:
     """Comma-separated names; an empty string gives an empty list."""
     return [item.strip() for item in value.split(",") if item.strip()]

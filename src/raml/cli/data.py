@@ -1,18 +1,21 @@
-"""``raml data synth``: write the built-in synthetic fine-grained dataset (CUB-200-2011 format)."""
+"""``raml data synth``: write the built-in synthetic fine-grained dataset (CUB-200-2011 format).
+``raml data download``: fetch CUB-200-2011, Cars196 or SOP, unpack, verify (see ``raml.data.download``)."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import os
+import sys
 from pathlib import Path
 
-from raml.cli.common import positive_int, setup_logging
+from raml.cli.common import default_workers, positive_int, setup_logging
 
 logger = logging.getLogger("raml")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="dataset utilities (synth)")
+    parser = subparsers.add_parser("data", help="dataset utilities (synth, download)")
     commands = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     synth = commands.add_parser(
         "synth",
@@ -27,6 +30,94 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--size", type=positive_int, default=None, metavar="PX", help="image side in pixels")
     synth.add_argument("--seed", type=int, default=0)
     synth.set_defaults(func=run_synth)
+    _add_download_parser(commands)
+
+
+def _add_download_parser(commands: argparse._SubParsersAction) -> None:
+    from raml.data.download import DOWNLOADS_DIR, MIRROR_ENV, SOURCE_FILE
+    from raml.data.sources import SOURCES
+
+    files = "; ".join(f"{s.name}: {', '.join(f.name for f in s.files)}" for s in SOURCES.values())
+    download = commands.add_parser(
+        "download",
+        help="download, unpack and verify CUB-200-2011, Cars196 or SOP",
+        description=f"Fetch the published files of each dataset ({files}) into <data-root>/{DOWNLOADS_DIR}/ "
+        "(resumable: an interrupted transfer continues where it stopped), unpack them safely into "
+        "<data-root>/<name> in the layout of the README's commands, check every image the dataset's index "
+        f"files list, and record each file's URL, size, SHA-256 and date in <data-root>/<name>/{SOURCE_FILE}. "
+        "A dataset already in place is left alone. On any error no partial dataset folder is left.",
+    )
+    download.add_argument("datasets", nargs="+", choices=list(SOURCES), metavar="NAME", help="cub, cars and/or sop")
+    download.add_argument("--data-root", type=Path, default=Path("data"), metavar="DATA_DIR", help="default: data")
+    download.add_argument(
+        "--url",
+        action="append",
+        default=[],
+        metavar="FILE=URL",
+        help="fetch the file FILE (its official name, e.g. CUB_200_2011.tgz) from URL instead (repeatable); "
+        f"a mirror holding all files: set {MIRROR_ENV}=BASE_URL (then <BASE_URL>/<FILE>)",
+    )
+    download.add_argument("--timeout", type=float, default=60.0, metavar="S", help="seconds of silence (default 60)")
+    download.add_argument("--retries", type=positive_int, default=5, metavar="N", help="attempts per file (default 5)")
+    download.add_argument(
+        "--retry-wait",
+        type=float,
+        default=2.0,
+        metavar="S",
+        help="seconds before the second attempt, doubled for each further one up to 60 (default 2)",
+    )
+    download.add_argument(
+        "--keep-archives", action="store_true", help=f"keep the downloaded files in <data-root>/{DOWNLOADS_DIR}/"
+    )
+    download.add_argument(
+        "--force", action="store_true", help="download again and replace an existing dataset folder once verified"
+    )
+    download.add_argument(
+        "--workers", type=positive_int, default=default_workers(), metavar="N", help="threads checking images"
+    )
+    download.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    download.add_argument("--verbose", action="store_true", help="debug logging")
+    download.set_defaults(func=run_download)
+
+
+def run_download(args: argparse.Namespace) -> int:
+    from raml.data.archives import ArchiveError
+    from raml.data.download import (
+        MIRROR_ENV,
+        DownloadSettings,
+        InsufficientSpaceError,
+        install_dataset,
+        parse_url_overrides,
+    )
+    from raml.data.sources import IncompleteDatasetError, get_source
+    from raml.models.backbones import DownloadError
+
+    setup_logging(args.verbose)
+    sources = [get_source(name) for name in dict.fromkeys(args.datasets)]
+    overrides = parse_url_overrides(args.url, sources)
+    settings = DownloadSettings(
+        timeout=args.timeout, attempts=args.retries, retry_wait=args.retry_wait, progress=not args.no_progress
+    )
+    mirror = os.environ.get(MIRROR_ENV) or None
+    for source in sources:
+        try:
+            report = install_dataset(
+                source.name,
+                args.data_root,
+                overrides=overrides,
+                mirror=mirror,
+                settings=settings,
+                keep_archives=args.keep_archives,
+                force=args.force,
+                workers=args.workers,
+            )
+        except (DownloadError, InsufficientSpaceError, ArchiveError, IncompleteDatasetError) as error:
+            print(f"raml data download: error: {error}", file=sys.stderr)
+            return 2
+        print(report.message, flush=True)
+        for record in report.files if report.installed else []:
+            print(f"  {record['file']}: {record['size']} bytes, sha256 {record['sha256']}, from {record['url']}")
+    return 0
 
 
 def run_synth(args: argparse.Namespace) -> int:

@@ -18,17 +18,17 @@ import torch
 
 from raml.cli.common import add_runtime_args, device_from_args, positive_int, setup_logging, write_json
 from raml.data.splits import get_split
+from raml.deploy.embed import embed_images
 from raml.deploy.export import DEFAULT_TOLERANCE, EXPORTERS, MIN_OPSET, export_onnx, export_torchscript
-from raml.deploy.index import (
-    INDEX_TYPES,
-    METADATA_NAME,
-    IndexParams,
-    check_images_exist,
-    collect_images,
-    embed_images,
-    index_images,
-    load_index,
-    read_image_list,
+from raml.deploy.faiss_index import INDEX_TYPES, IndexParams
+from raml.deploy.image_files import check_images_exist, collect_images, read_image_list
+from raml.deploy.index import index_images
+from raml.deploy.quantize import (
+    CALIBRATION_METHODS,
+    DEFAULT_MIN_COSINE,
+    QuantizationReport,
+    evenly_spaced,
+    quantize_onnx,
 )
 from raml.deploy.search import (
     OnnxEmbedder,
@@ -37,7 +37,9 @@ from raml.deploy.search import (
     recorded_teacher_sha256,
     search_images,
     warn_if_other_teacher,
+    warn_if_untrained_size,
 )
+from raml.deploy.store import METADATA_NAME, load_index
 from raml.models import checkpoint_sha256, load_network
 
 logger = logging.getLogger("raml")
@@ -206,12 +208,20 @@ def _add_search_parser(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=None,
         metavar="QR",
-        help=f"query resolution (default {DEFAULT_QUERY_SIZE}; with --onnx the exported size)",
+        help=f"query resolution, per call (default {DEFAULT_QUERY_SIZE}; with --onnx the exported size; for a "
+        "student trained for several query sizes the first of them)",
     )
     parser.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR", help="index built by raml index")
     parser.add_argument("--k", type=positive_int, default=10, metavar="K", help="results per query (default 10)")
     parser.add_argument("--nprobe", type=positive_int, metavar="N", help="override the IVF cells searched")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument(
+        "--gallery",
+        type=Path,
+        metavar="PATH.png",
+        help="also draw the results: one row per query with its top-k thumbnails, framed green (same label) or red "
+        "(other label) where the index stores labels and the query is one of its images, grey otherwise",
+    )
     parser.add_argument("queries", nargs="+", metavar="QUERY_IMAGE", help="query image files")
     add_runtime_args(parser)
     parser.set_defaults(func=run_search)
@@ -221,6 +231,10 @@ def run_search(args: argparse.Namespace) -> int:
     """``raml search``."""
     setup_logging(args.verbose)
     _require_deps("faiss", *(["onnxruntime"] if args.onnx is not None else []))
+    if args.gallery is not None:  # a bad gallery path fails before anything is embedded or written
+        from raml.deploy.gallery import check_gallery_path
+
+        check_gallery_path(args.gallery)
     index = load_index(args.index)
     queries = [str(q) for q in args.queries]
     if args.onnx is not None:
@@ -235,7 +249,10 @@ def run_search(args: argparse.Namespace) -> int:
         check_query_dim(network.output_dim, index)
         warn_if_other_teacher(recorded_teacher_sha256(network.source_path), index)
         check_images_exist(queries)
-        size = args.image_size or DEFAULT_QUERY_SIZE
+        # a student trained for several query sizes: the query size is chosen per call, the first by default
+        trained_sizes = network.meta.get("image_sizes")
+        size = args.image_size or (int(trained_sizes[0]) if trained_sizes else DEFAULT_QUERY_SIZE)
+        warn_if_untrained_size(size, trained_sizes, str(args.network_path))
         embeddings = embed_images(
             network, queries, size, [device], args.batch_size, args.workers, not args.no_progress, f"queries@{size}"
         )
@@ -243,6 +260,12 @@ def run_search(args: argparse.Namespace) -> int:
     print(format_search_table(results))
     if args.json is not None:
         write_json(args.json, results)
+    if args.gallery is not None:
+        from raml.deploy.gallery import search_gallery_rows, write_gallery
+        from raml.deploy.image_files import image_key
+
+        rows = search_gallery_rows(results, index.paths, index.labels.tolist(), key=image_key)
+        print(f"gallery: {write_gallery(rows, args.gallery)}")
     return 0
 
 
@@ -264,9 +287,10 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--image-size",
         type=positive_int,
-        default=DEFAULT_QUERY_SIZE,
+        default=None,
         metavar="S",
-        help=f"input resolution (default {DEFAULT_QUERY_SIZE})",
+        help=f"input resolution (default {DEFAULT_QUERY_SIZE}; for a student trained for several query sizes the "
+        "first of them, exported with a dynamic side and checked at each of them)",
     )
     parser.add_argument("--output", type=Path, metavar="FILE.onnx", help="ONNX file to write")
     parser.add_argument("--torchscript", type=Path, metavar="FILE.pt", help="TorchScript file to write")
@@ -286,6 +310,32 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding datasets/networks")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the export report as JSON")
+    int8 = parser.add_argument_group("int8 (static quantisation of the ONNX export, onnxruntime, QDQ)")
+    int8.add_argument(
+        "--int8",
+        action="store_true",
+        help="write --output as an int8 model: the fp32 export (parity-checked) quantised with activation ranges "
+        "calibrated on --calibration-images images of --calibration-split; kept only if its embeddings stay "
+        "within --min-cosine of the fp32 model's",
+    )
+    int8.add_argument("--calibration-split", metavar="NAME", help="dataset split of the calibration images (--int8)")
+    int8.add_argument(
+        "--calibration-images",
+        type=positive_int,
+        default=64,
+        metavar="N",
+        help="calibration images, evenly spaced over the split (default 64)",
+    )
+    int8.add_argument(
+        "--calibration-method", choices=CALIBRATION_METHODS, default="minmax", help="activation ranges (default minmax)"
+    )
+    int8.add_argument(
+        "--min-cosine",
+        type=float,
+        default=DEFAULT_MIN_COSINE,
+        metavar="C",
+        help=f"smallest mean fp32/int8 embedding cosine similarity accepted (default {DEFAULT_MIN_COSINE})",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.set_defaults(func=run_export)
 
@@ -299,12 +349,19 @@ def run_export(args: argparse.Namespace) -> int:
         raise SystemExit(f"raml export: error: --output must end in .onnx, got {args.output}.")
     if args.output is not None:
         _require_deps("onnx", "onnxruntime")
+    calibration = _int8_calibration(args)  # [] without --int8; a bad split fails here, before anything is written
     paths, _, _ = _source_paths(args)
     paths = paths[: args.max_images]
     check_images_exist(paths)
     network = load_network(args.network_path, data_root=args.data_root, device="cpu")
+    # a student trained for several query sizes (meta["image_sizes"]): one graph for all of them
+    trained_sizes = [int(v) for v in network.meta.get("image_sizes") or []]
+    multi_size = len(trained_sizes) > 1 and not network.meta.get("bn_sizes")
+    if args.image_size is None:
+        args.image_size = trained_sizes[0] if trained_sizes else DEFAULT_QUERY_SIZE
     common = {
-        "dynamic_size": args.dynamic_size,
+        "dynamic_size": args.dynamic_size or multi_size,
+        "check_sizes": trained_sizes if multi_size else [],
         "image_paths": paths,
         "tolerance": args.tolerance,
         "network_sha256": checkpoint_sha256(network.source_path),
@@ -312,13 +369,23 @@ def run_export(args: argparse.Namespace) -> int:
         "teacher_sha256": recorded_teacher_sha256(network.source_path),
     }
     reports = []
-    if args.output is not None:
+    if args.output is not None and args.int8:
+        reports.append(_export_int8(network, args, common, calibration))
+    elif args.output is not None:
         reports.append(
             export_onnx(network, args.image_size, args.output, opset=args.opset, exporter=args.exporter, **common)
         )
     if args.torchscript is not None:
         reports.append(export_torchscript(network, args.image_size, args.torchscript, **common))
     for report in reports:
+        if isinstance(report, QuantizationReport):
+            print(
+                f"onnx int8 {report.path}: {report.int8_bytes} bytes (fp32 {report.fp32_bytes}); embeddings' cosine "
+                f"similarity to fp32 mean {report.mean_cosine:.4f}, min {report.min_cosine:.4f} on "
+                f"{report.checked_images} images; calibrated on {report.calibration_images} images of "
+                f"{args.calibration_split}; preprocessing in {report.sidecar}"
+            )
+            continue
         images = (
             f", {report.max_abs_diff_images:.3g} on {report.num_images} images"
             if report.max_abs_diff_images is not None
@@ -331,3 +398,43 @@ def run_export(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, [r.as_dict() for r in reports])
     return 0
+
+
+def _int8_calibration(args: argparse.Namespace) -> list[str]:
+    """The calibration images of ``--int8`` (evenly spaced over the split), after checking the flags."""
+    if not args.int8:
+        if args.calibration_split is not None:
+            raise SystemExit("raml export: error: --calibration-split is used with --int8 only; add --int8.")
+        return []
+    if args.output is None:
+        raise SystemExit("raml export: error: --int8 quantises the ONNX export; give --output FILE.onnx.")
+    if args.calibration_split is None:
+        raise SystemExit(
+            "raml export: error: --int8 needs calibration images like the queries: give --calibration-split NAME "
+            "(a dataset split under --data-root, e.g. cub-train)."
+        )
+    split = get_split(args.calibration_split, args.data_root)
+    paths = evenly_spaced([str(p) for p in split.abspaths()], args.calibration_images)
+    check_images_exist(paths)
+    return paths
+
+
+def _export_int8(
+    network: torch.nn.Module, args: argparse.Namespace, common: dict, calibration: list[str]
+) -> QuantizationReport:
+    """Export fp32 ONNX to a temporary file (parity-checked against PyTorch), quantise it into --output."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="raml-export-") as work:
+        fp32 = Path(work) / "fp32.onnx"
+        export_onnx(network, args.image_size, fp32, opset=args.opset, exporter=args.exporter, **common)
+        return quantize_onnx(
+            fp32,
+            args.output,
+            calibration,
+            check_paths=common["image_paths"],
+            method=args.calibration_method,
+            min_cosine=args.min_cosine,
+            calibration_split=args.calibration_split,
+            source_label=str(network.source_path),
+        )

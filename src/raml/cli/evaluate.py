@@ -6,10 +6,13 @@ import argparse
 import logging
 from pathlib import Path
 
+import torch
+
 from raml.cli.common import (
     add_bad_images_arg,
     comma_list,
     devices_from_gpu_id,
+    image_sizes_arg,
     positive_int,
     setup_logging,
     write_json,
@@ -41,7 +44,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
             "(runs when --teacher-path or --teacher is given). Accepts the reference test.py's flags."
         ),
     )
-    add_network_args(parser, "student", required=True, short="-s", path_short="-spath")
+    add_network_args(parser, "student", required=True, short="-s", path_short="-spath", onnx=True)
     add_network_args(parser, "teacher", required=False, short="-t", path_short="-tpath")
     add_model_hint_args(parser)
     parser.add_argument(
@@ -55,10 +58,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "-imsize",
         "--image-size",
-        type=positive_int,
+        type=image_sizes_arg,
         default=224,
-        metavar="N",
-        help="query resolution QR (default: 224)",
+        metavar="N[,N...]",
+        help="query resolution QR (default: 224); several sizes (e.g. 24,32,48) test each against the same "
+        "teacher database, one row per size with its query GFLOPs",
     )
     parser.add_argument(
         "-timsize",
@@ -105,6 +109,10 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.index is not None and args.multiscale != SINGLE_SCALE:
         raise SystemExit("raml test: --index does not support multi-scale queries; drop --multiscale.")
+    sizes = args.image_size if isinstance(args.image_size, list) else [args.image_size]
+    if args.index is not None and len(sizes) > 1:
+        raise SystemExit("raml test: --index tests one query size at a time; give a single --image-size.")
+    args.image_size = sizes[0]
     # the student on the first --gpu-id GPU, the teacher on the second when two are listed
     device, teacher_device = devices_from_gpu_id(args.gpu_id, args.device)
     # Resolve every split first so that a missing dataset fails before any network is loaded.
@@ -115,15 +123,19 @@ def run(args: argparse.Namespace) -> int:
         )
         splits.append(split)
         skipped[split.name] = len(bad)
-    student, _ = network_from_args(
-        args.student_path,
-        args.student,
-        args.data_root,
-        device,
-        pooling=args.pool,
-        whitening=args.whitening,
-        pretrained=not args.not_pretrained,
-    )
+    if args.student_onnx is not None:
+        student = _onnx_student(args.student_onnx, sizes, args.multiscale)
+        device = torch.device("cpu")  # onnxruntime runs on the CPU
+    else:
+        student, _ = network_from_args(
+            args.student_path,
+            args.student,
+            args.data_root,
+            device,
+            pooling=args.pool,
+            whitening=args.whitening,
+            pretrained=not args.not_pretrained,
+        )
     teacher = teacher_file = None
     if args.teacher_path is not None or args.teacher is not None:
         teacher, teacher_file = network_from_args(
@@ -138,6 +150,8 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else EmbeddingCache(Path(args.data_root) / "cache" / "embeddings")
     teacher_sha = file_sha256(teacher_file) if teacher_file is not None else None
 
+    if len(sizes) > 1:
+        return _run_sizes(args, sizes, student, splits, skipped, device, teacher, teacher_device, cache, teacher_sha)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for split in splits:
         if args.index is not None:
@@ -193,3 +207,47 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, results)
     return 0
+
+
+def _run_sizes(args, sizes, student, splits, skipped, device, teacher, teacher_device, cache, teacher_sha) -> int:  # noqa: ANN001
+    """``--image-size 24,32,48``: every query size against the one teacher database, one row per size."""
+    from raml.retrieval.sizes import evaluate_sizes, format_sizes_table
+
+    entries = evaluate_sizes(
+        student,
+        splits,
+        sizes,
+        device,
+        teacher=teacher,
+        teacher_image_size=args.teacher_image_size,
+        sym=args.sym,
+        batch_size=args.batch_size,
+        workers=args.workers,
+        cache=cache,
+        teacher_sha256=teacher_sha,
+        progress=not args.no_progress,
+        teacher_device=teacher_device,
+        query_scales=args.multiscale,
+        content_hash=args.hash_images,
+    )
+    for entry in entries:
+        for name, tests in entry["results"].items():
+            for metrics in tests.values():
+                metrics["num_skipped_images"] = skipped[name]
+    print(format_sizes_table(entries))
+    if args.json is not None:
+        write_json(args.json, {"sizes": entries})
+    return 0
+
+
+def _onnx_student(path: Path, sizes: list[int], multiscale: tuple[float, ...]) -> torch.nn.Module:
+    """``--student-onnx``: the exported student as a query network, after checking the flags it cannot serve."""
+    from raml.deploy.onnx_network import OnnxQueryNetwork
+
+    if len(sizes) > 1:
+        raise SystemExit("raml test: --student-onnx tests one query size at a time; give a single --image-size.")
+    if tuple(multiscale) != SINGLE_SCALE:
+        raise SystemExit("raml test: --student-onnx does not support multi-scale queries; drop --multiscale.")
+    student = OnnxQueryNetwork(path)
+    student.check_image_size(sizes[0])
+    return student

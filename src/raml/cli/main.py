@@ -27,7 +27,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from raml.cli import bench, check, data, demo, deploy, evaluate, extract, train
+    from raml.cli import bench, check, data, demo, deploy, evaluate, extract, reproduce, serve, train
 
     parser = argparse.ArgumentParser(
         prog="raml",
@@ -36,9 +36,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"raml {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    for module in (demo, train, evaluate, extract, check, data):
+    for module in (demo, train, evaluate, extract, check, data, reproduce):
         module.add_parser(subparsers)
     deploy.add_parsers(subparsers)
+    serve.add_parser(subparsers)
     bench.add_parser(subparsers)
     return parser
 

@@ -26,6 +26,7 @@ def add_network_args(
     required: bool,
     short: str | None = None,
     path_short: str | None = None,
+    onnx: bool = False,
 ) -> None:
     """Add the seed's mutually exclusive ``--<role>-path NETWORK`` / ``--<role> ARCH`` pair.
 
@@ -35,6 +36,7 @@ def add_network_args(
         required: one of the two must be given.
         short: the reference's alias of ``--<role>`` (e.g. ``-s``).
         path_short: the reference's alias of ``--<role>-path`` (e.g. ``-spath``).
+        onnx: also offer ``--<role>-onnx FILE``, a model written by ``raml export`` run by onnxruntime.
     """
     group = parser.add_mutually_exclusive_group(required=required)
     group.add_argument(
@@ -49,6 +51,14 @@ def add_network_args(
         metavar="ARCH",
         help=f"{role} built from a torchvision/timm architecture name (ImageNet weights unless --not-pretrained)",
     )
+    if onnx:
+        group.add_argument(
+            f"--{role}-onnx",
+            type=Path,
+            metavar="FILE.onnx",
+            help=f"{role} exported by `raml export` (fp32 or --int8), run by onnxruntime on the CPU with the "
+            "preprocessing of its sidecar",
+        )
 
 
 def non_negative_int(value: str) -> int:

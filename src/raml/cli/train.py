@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +16,14 @@ from raml.cli.common import (
     add_bad_images_arg,
     default_workers,
     devices_from_gpu_id,
+    image_sizes_arg,
     optional_comma_list,
     parse_gpu_id,
     setup_logging,
     write_json,
 )
 from raml.engine.config import (
+    AML_VARIANTS,
     LOGGERS,
     LOSSES,
     MIXUP_PARTNERS,
@@ -29,6 +32,7 @@ from raml.engine.config import (
     TrainConfig,
     load_yaml_config,
 )
+from raml.engine.methods import method_help
 from raml.engine.optim import OPTIMIZERS, SCHEDULERS
 from raml.retrieval.evaluate import format_results_table
 
@@ -41,9 +45,14 @@ EXCLUSIVE = (("student", "student_path"), ("teacher", "teacher_path"))
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a teacher (sym) or distil a student (ts_aug, ts_reg)",
-        description="Train with labels (--mode sym) or distil a low-resolution student from a frozen "
-        "high-resolution teacher without labels (--mode ts_aug, the paper's method, or ts_reg).",
+        help="train a teacher (sym) or distil a student (ts_aug, ts_reg, aml, rkd, csd, d3)",
+        description=textwrap.fill(
+            "Train with labels (--mode sym) or distil a low-resolution student from a frozen high-resolution "
+            "teacher without labels (--mode ts_aug, the paper's method, or another method below).",
+            100,
+        ),
+        epilog=method_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
         argument_default=None,
     )
     d = TrainConfig()
@@ -124,7 +133,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "datasets, keep and test the last epoch)",
     )
     method = parser.add_argument_group("method")
-    method.add_argument("--mode", "-m", choices=MODES, help=f"default {d.mode}")
+    method.add_argument("--mode", "-m", choices=MODES, help=f"training method, listed below (default {d.mode})")
     method.add_argument(
         "--loss",
         choices=LOSSES,
@@ -132,7 +141,20 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"weights; default {d.loss})",
     )
     method.add_argument("--loss-margin", "-lm", type=float, metavar="LM", help=f"default {d.loss_margin}")
-    method.add_argument("--image-size", type=int, metavar="N", help=f"student / query size QR (default {d.image_size})")
+    method.add_argument(
+        "--image-size",
+        type=image_sizes_arg,
+        metavar="N[,N...]",
+        help=f"student / query size QR (default {d.image_size}); several sizes (e.g. 24,32,48, distillation modes "
+        "only) train one student for all of them, one size drawn per batch",
+    )
+    method.add_argument(
+        "--per-size-bn",
+        action="store_true",
+        default=None,
+        help="with several --image-size sizes: after training, estimate BatchNorm statistics per size on the "
+        "training images, chosen by the query's size at inference (see docs/resolutions.md)",
+    )
     method.add_argument(
         "--teacher-image-size",
         type=int,
@@ -156,6 +178,36 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "training set rendered with the view's random draws) or batch (ours: a view of another image of the "
         "batch, cheaper to load)",
     )
+    method.add_argument(
+        "--no-mixup",
+        dest="mixup",
+        action="store_false",
+        default=None,
+        help="view-based methods (ts_aug, aml, rkd, csd, d3): no mixup, the views as rendered (an ablation)",
+    )
+    method.add_argument(
+        "--uncoupled-views",
+        action="store_true",
+        default=None,
+        help="view-based methods: independent crop/flip/jitter draws for the teacher's view of an image instead "
+        "of the student's (an ablation)",
+    )
+    others = parser.add_argument_group("settings of the other distillers (defaults: raml.losses docstrings)")
+    others.add_argument("--aml-variant", choices=AML_VARIANTS, help=f"aml loss (default {d.aml_variant})")
+    others.add_argument("--aml-margin", type=float, metavar="M", help=f"aml margin (default {d.aml_margin})")
+    for flag, kind, text in (
+        ("rkd-distance-weight", float, "rkd distance-wise weight"),
+        ("rkd-angle-weight", float, "rkd angle-wise weight"),
+        ("csd-k", int, "csd context size, the image included"),
+        ("csd-temperature", float, "csd softmax temperature"),
+        ("csd-first-order-weight", float, "csd first-order term weight"),
+        ("d3-k", int, "d3 top-k, the image included"),
+        ("d3-alpha", float, "d3 first-order weight"),
+        ("d3-beta", float, "d3 hard-pair weight"),
+        ("d3-gamma", float, "d3 easy-pair weight"),
+    ):
+        default = getattr(d, flag.replace("-", "_"))
+        others.add_argument(f"--{flag}", type=kind, metavar="X", help=f"{text} (default {default})")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--batch-size", "-b", type=int, metavar="N", help=f"default {d.batch_size}")
     opt.add_argument(
@@ -232,6 +284,11 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         if second in explicit:
             values.pop(first, None)
     values.update(explicit)
+    if "image_size" in explicit:  # --image-size N or N,N,...: the first size is the default one
+        given = explicit["image_size"]
+        values["image_size"], values["image_sizes"] = (given[0], given) if isinstance(given, list) else (given, None)
+    elif values.get("image_sizes") and "image_size" not in values:  # a YAML file with image_sizes only
+        values["image_size"] = values["image_sizes"][0]
     if "workers" not in values:
         values["workers"] = default_workers()
     if values.get("gpu_id") is not None:
@@ -266,6 +323,11 @@ def run(args: argparse.Namespace) -> int:
         except (RuntimeError, ValueError) as error:
             raise SystemExit(f"raml train: error: {error}") from error
     progress = not args.no_progress
+    if config.per_size_bn and (config.optimize or dist.enabled):
+        raise SystemExit(
+            "raml train: error: --per-size-bn runs in a single process without --optimize; estimate the statistics "
+            "of the finished run's checkpoint in a single-process run instead."
+        )
     if config.optimize:
         if dist.enabled:
             raise SystemExit("raml train: --optimize runs in a single process; launch it without torchrun.")
@@ -277,6 +339,8 @@ def run(args: argparse.Namespace) -> int:
     else:
         trainer = Trainer(config, device, progress=progress, dist=dist, teacher_device=teacher_device)
         result = trainer.run()
+        if config.per_size_bn:
+            _add_per_size_bn(trainer, result.best_checkpoint, device, progress)
         result.test = trainer.test() if config.test_datasets else {}
     if not dist.is_main:
         return 0
@@ -286,3 +350,19 @@ def run(args: argparse.Namespace) -> int:
     if config.json is not None:
         write_json(config.json, result.test)
     return 0
+
+
+def _add_per_size_bn(trainer: Any, checkpoint: Path, device: Any, progress: bool) -> None:
+    """``--per-size-bn``: the kept checkpoint gets BatchNorm statistics per student size (training images)."""
+    from raml.models.switchable_bn import recalibrate_checkpoint
+
+    config = trainer.config
+    recalibrate_checkpoint(
+        checkpoint,
+        trainer.train_paths,
+        config.student_sizes(),
+        device,
+        batch_size=config.eval_batch_size,
+        workers=config.workers,
+        progress=progress,
+    )

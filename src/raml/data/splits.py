@@ -169,8 +169,8 @@ def _not_found(what: str, path: Path, dataset: str | None) -> DatasetNotFoundErr
         lines.append(f"Expected layout for {dataset!r}: {EXPECTED_LAYOUTS[dataset]}")
     if dataset in DOWNLOAD_COMMANDS:
         lines.append(
-            f"Download it with (run from the folder above a data root named 'data', or adapt the paths):\n"
-            f"{DOWNLOAD_COMMANDS[dataset]}"
+            f"Download it with 'raml data download {dataset} --data-root <data_root>', or by hand (run from the "
+            f"folder above a data root named 'data', or adapt the paths):\n{DOWNLOAD_COMMANDS[dataset]}"
         )
     return DatasetNotFoundError("\n".join(lines))
 

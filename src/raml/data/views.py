@@ -7,7 +7,8 @@ Tensor contract:
 - :class:`CoupledViewDataset`: ``i`` -> ``((P, 3, QR, QR) uint8, (P, 3, DR, DR) uint8, i)``; the default
   collate stacks these to ``(B, P, 3, QR, QR)`` and ``(B, P, 3, DR, DR)``. With ``partners=True`` (the
   reference's mixup): ``i`` -> ``(student, teacher, partner_student, partner_teacher, lam, i)``, the partner
-  views in the same shapes and ``lam`` float32 ``(P,)``.
+  views in the same shapes and ``lam`` float32 ``(P,)``. An item ``(i, S)`` renders the student views at
+  ``S`` instead of QR (several query sizes, one per batch: :mod:`raml.data.sizes`), with the same draws.
 - :func:`mix_partner_views`: views and partner views ``(B, P, 3, S, S)`` (uint8 or float) and ``lam``
   ``(B, P)`` -> float ``lam * view + (1 - lam) * partner`` at both resolutions (the reference's mixup).
 - :func:`mixup_views`: float ``(B, P, 3, QR, QR)`` and ``(B, P, 3, DR, DR)`` -> the same shapes, each view
@@ -420,6 +421,12 @@ def _view_generator(view_seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(view_seed)
 
 
+def _teacher_seed(view_seed: int) -> int:
+    """The seed of the teacher's own draws for a view (``coupled=False``), unrelated to ``view_seed``'s stream."""
+    state = np.random.SeedSequence([view_seed, 1]).generate_state(2, dtype=np.uint32)
+    return int(state[0]) << 32 | int(state[1])
+
+
 class CoupledViewDataset(torch.utils.data.Dataset):
     """Images -> ``pos_num`` coupled views at the student and teacher resolutions.
 
@@ -446,6 +453,11 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         loader: Decodes a file to an RGB ``PIL.Image`` (default :func:`raml.data.images.load_image`).
         backend: Resize implementation (:data:`RESIZE_BACKENDS`); default ``"pil"`` without partners
             (outputs unchanged from earlier versions), ``"torch"`` with partners (~2.5x faster rendering).
+        coupled: ``False`` (the paper's ablation ``--uncoupled-views``): the teacher's view of each view slot
+            gets its own crop, flip and jitter draws (without partners: the next ``P`` draws of the item's
+            generator; with partners: a seed derived from the view's seed, also for the partner view), so
+            the student and teacher views of an image no longer show the same crop. The student's views
+            and every other draw are those of the coupled views.
     """
 
     def __init__(
@@ -460,6 +472,7 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         alpha: float = 0.2,
         loader: Callable[[str | Path], Image.Image] = load_image,
         backend: str | None = None,
+        coupled: bool = True,
     ) -> None:
         if isinstance(paths, (str, Path)):
             raise TypeError("paths must be a sequence of image files, got a single path; wrap it in a list.")
@@ -479,6 +492,8 @@ class CoupledViewDataset(torch.utils.data.Dataset):
             raise ValueError(f"seed must be a non-negative integer, got {seed!r}.")
         if not isinstance(partners, bool):
             raise TypeError(f"partners must be a bool, got {type(partners).__name__}.")
+        if not isinstance(coupled, bool):
+            raise TypeError(f"coupled must be a bool, got {type(coupled).__name__}.")
         _check_alpha(alpha)
         backend = ("torch" if partners else "pil") if backend is None else backend
         _check_backend(backend)
@@ -487,6 +502,7 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         self.pos_num = int(pos_num)
         self.seed = int(seed)
         self.partners = partners
+        self.coupled = coupled
         self.alpha = float(alpha)
         self.backend = backend
         self.epoch = 0
@@ -525,24 +541,47 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         lam = beta_rng.beta(self.alpha, self.alpha, size=self.pos_num).astype(np.float32).tolist()
         return PartnerDraws(view_seeds=tuple(view_seeds), partners=tuple(partners), lam=tuple(lam))
 
-    def __getitem__(self, index: int) -> tuple[Tensor, ...] | tuple[Tensor, Tensor, int]:
+    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, ...] | tuple[Tensor, Tensor, int]:
+        """Item ``i``, or ``(i, size)``: the student views rendered at ``size`` instead of ``student_size``
+        (several query sizes, :mod:`raml.data.sizes`); the random draws do not depend on the size."""
+        index, student_size = item if isinstance(item, tuple) else (item, self.student_size)
         index = self._check_index(index)
+        if student_size != self.student_size:
+            _check_sizes(student_size, self.teacher_size)
         if self.partners:
-            return self._item_with_partners(index)
+            return self._item_with_partners(index, student_size)
         img = self.loader(self.paths[index])
         generator = self.generator_for(index)
         params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
-        student, teacher = render_coupled_views(img, params, self.student_size, self.teacher_size, backend=self.backend)
+        if self.coupled:
+            student, teacher = render_coupled_views(img, params, student_size, self.teacher_size, backend=self.backend)
+            return student, teacher, index
+        # --uncoupled-views: the teacher's views from the next draws of the same generator
+        teacher_params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
+        student, _ = render_coupled_views(img, params, student_size, self.teacher_size, backend=self.backend)
+        _, teacher = render_coupled_views(img, teacher_params, student_size, self.teacher_size, backend=self.backend)
         return student, teacher, index
 
-    def _item_with_partners(self, index: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    def _render_seeded(
+        self, img: Image.Image, seeds: Sequence[int], student: np.ndarray, teacher: np.ndarray, slots: Sequence[int]
+    ) -> None:
+        """Render the views drawn from ``seeds`` (one per slot) into ``student``/``teacher`` (partner mode);
+        uncoupled: the teacher's from seeds derived from them."""
+        params = [sample_view_params(img.width, img.height, _view_generator(s)) for s in seeds]
+        if self.coupled:
+            _render_into(img, params, student, teacher, slots, self.backend)
+            return
+        teacher_params = [sample_view_params(img.width, img.height, _view_generator(_teacher_seed(s))) for s in seeds]
+        _render_into(img, params, student, np.empty_like(teacher), slots, self.backend)
+        _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend)
+
+    def _item_with_partners(self, index: int, student_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
         draws = self.partner_draws(index)
-        num, small, big = self.pos_num, self.student_size, self.teacher_size
+        num, small, big = self.pos_num, student_size, self.teacher_size
         student, partner_student = (np.empty((num, small, small, 3), dtype=np.uint8) for _ in range(2))
         teacher, partner_teacher = (np.empty((num, big, big, 3), dtype=np.uint8) for _ in range(2))
         img = self.loader(self.paths[index])
-        params = [sample_view_params(img.width, img.height, _view_generator(s)) for s in draws.view_seeds]
-        _render_into(img, params, student, teacher, range(num), self.backend)
+        self._render_seeded(img, draws.view_seeds, student, teacher, range(num))
         # Views grouped by partner image: each distinct partner is decoded once for this item.
         slots_of: dict[int, list[int]] = {}
         for slot, partner in enumerate(draws.partners):
@@ -553,11 +592,8 @@ class CoupledViewDataset(torch.utils.data.Dataset):
                 partner_student[slots], partner_teacher[slots] = student[slots], teacher[slots]
                 continue
             partner_img = self.loader(self.paths[partner])
-            width, height = partner_img.size
-            partner_params = [
-                sample_view_params(width, height, _view_generator(draws.view_seeds[slot])) for slot in slots
-            ]
-            _render_into(partner_img, partner_params, partner_student, partner_teacher, slots, self.backend)
+            seeds = [draws.view_seeds[slot] for slot in slots]
+            self._render_seeded(partner_img, seeds, partner_student, partner_teacher, slots)
         return (
             _to_chw(student),
             _to_chw(teacher),

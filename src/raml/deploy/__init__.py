@@ -1,7 +1,8 @@
 """Deployment: index a database with the teacher, search it with the student, export the query network.
 
 Data flow: image files -> teacher at DR -> ``(N, D)`` float32 L2-normalised embeddings -> faiss
-inner-product index in a directory (:mod:`raml.deploy.index`); query files -> student at QR (PyTorch or an
+inner-product index in a directory (:mod:`raml.deploy.index` writes it, :mod:`raml.deploy.store` reads it;
+index types in :mod:`raml.deploy.faiss_index`); query files -> student at QR (PyTorch or an
 exported ONNX model) -> ``(Q, D)`` -> k nearest database images (:mod:`raml.deploy.search`); a network ->
 ONNX / TorchScript file + preprocessing sidecar, checked against PyTorch (:mod:`raml.deploy.export`).
 faiss, onnx and onnxruntime are optional dependencies, imported when used.
@@ -9,6 +10,7 @@ faiss, onnx and onnxruntime are optional dependencies, imported when used.
 
 from __future__ import annotations
 
+from raml.deploy.embed import embed_images
 from raml.deploy.export import (
     ExportReport,
     ParityError,
@@ -18,18 +20,9 @@ from raml.deploy.export import (
     read_sidecar,
     sidecar_path,
 )
-from raml.deploy.index import (
-    INDEX_TYPES,
-    DatabaseIndex,
-    IndexDirectoryError,
-    IndexParams,
-    build_faiss_index,
-    collect_images,
-    embed_images,
-    index_images,
-    load_index,
-    read_image_list,
-)
+from raml.deploy.faiss_index import INDEX_TYPES, IndexParams, build_faiss_index
+from raml.deploy.image_files import collect_images, read_image_list
+from raml.deploy.index import index_images
 from raml.deploy.search import (
     OnnxEmbedder,
     check_query_dim,
@@ -39,6 +32,7 @@ from raml.deploy.search import (
     search_images,
     warn_if_other_teacher,
 )
+from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
 
 __all__ = [
     "INDEX_TYPES",

@@ -2,7 +2,8 @@
 
 Contract: the exported graph maps ``(B, 3, S, S)`` float32 images, already preprocessed, to ``(B, D)``
 L2-normalised embeddings, exactly as ``EmbeddingNetwork.forward``. The batch axis is dynamic; the image
-side is fixed at ``S`` unless ``dynamic_size`` is set. Preprocessing is not part of the graph: it is
+side is fixed at ``S`` unless ``dynamic_size`` is set (a student trained for several query sizes is exported
+with a dynamic side and checked at each of its sizes, ``check_sizes``). Preprocessing is not part of the graph: it is
 written to a sidecar JSON next to each exported file (``<file>.json``, see :func:`preprocessing_record`):
 resize the shorter side to ``S * 8 / 7`` with PIL's Lanczos filter (each side rounded to the nearest
 pixel), centre-crop ``S x S``, scale to [0, 1], subtract ``mean`` and divide by ``std`` per RGB channel
@@ -209,14 +210,20 @@ def _check_args(image_size: int, tolerance: float) -> None:
         raise ValueError(f"tolerance must be positive, got {tolerance!r}.")
 
 
-def _random_inputs(image_size: int, dynamic_size: bool, seed: int = 0) -> list[torch.Tensor]:
-    """Random parity inputs: batch 2 at S, batch 1 at S; with a dynamic size also batch 3 at another side."""
+def _random_inputs(
+    image_size: int, dynamic_size: bool, seed: int = 0, check_sizes: Sequence[int] = ()
+) -> list[torch.Tensor]:
+    """Random parity inputs: batch 2 at S, batch 1 at S; with a dynamic size also batch 3 at another side,
+    and batch 2 at each of ``check_sizes`` (the sizes a multi-size student was trained for)."""
     generator = torch.Generator().manual_seed(seed)
     inputs = [torch.randn(2, 3, image_size, image_size, generator=generator)]
     inputs.append(torch.randn(1, 3, image_size, image_size, generator=generator))
     if dynamic_size:
         other = image_size + max(8, image_size // 4)
         inputs.append(torch.randn(3, 3, other, other + 16, generator=generator))
+    for size in check_sizes:
+        if size != image_size:
+            inputs.append(torch.randn(2, 3, size, size, generator=generator))
     return inputs
 
 
@@ -252,11 +259,15 @@ def _check_parity(
     image_paths: Sequence[str | Path],
     tolerance: float,
     what: str,
+    check_sizes: Sequence[int] = (),
 ) -> tuple[float, float | None, list[list[int]]]:
-    inputs = _random_inputs(image_size, dynamic_size)
+    inputs = _random_inputs(image_size, dynamic_size, check_sizes=check_sizes)
     random_diff = _max_diff(run_exported, network, inputs)
+    image_sizes = [image_size, *(s for s in check_sizes if s != image_size)]
     image_diff = (
-        _max_diff(run_exported, network, _image_batches(network, image_paths, image_size)) if image_paths else None
+        max(_max_diff(run_exported, network, _image_batches(network, image_paths, s)) for s in image_sizes)
+        if image_paths
+        else None
     )
     worst = max(random_diff, image_diff or 0.0)
     logger.info(
@@ -276,6 +287,23 @@ def _check_parity(
     return random_diff, image_diff, [list(t.shape) for t in inputs]
 
 
+def _check_sizes_arg(network: nn.Module, dynamic_size: bool, check_sizes: Sequence[int]) -> list[int]:
+    sizes = [int(s) for s in check_sizes]
+    if any(s < 1 for s in sizes):
+        raise ValueError(f"check_sizes must be positive image sides, got {sizes}.")
+    if sizes and not dynamic_size:
+        raise ValueError(
+            f"check_sizes {sizes}: several input sizes need a dynamic side; pass dynamic_size=True (--dynamic-size)."
+        )
+    if dynamic_size and (getattr(network, "meta", None) or {}).get("bn_sizes"):
+        raise ValueError(
+            "This network has per-size BatchNorm statistics (meta['bn_sizes']), chosen in Python by the input "
+            "size, which a traced graph cannot do: export one file per size (--image-size S without "
+            "--dynamic-size); each holds that size's statistics."
+        )
+    return sizes
+
+
 def _cpu_copy(network: nn.Module) -> nn.Module:
     return copy.deepcopy(network).to("cpu").eval()
 
@@ -288,7 +316,13 @@ def _file_sha256(path: Path) -> str:
 
 
 def _onnx_export(
-    network: nn.Module, example: torch.Tensor, target: Path, dynamic_size: bool, opset: int, exporter: str
+    network: nn.Module,
+    example: torch.Tensor,
+    target: Path,
+    dynamic_size: bool,
+    opset: int,
+    exporter: str,
+    min_side: int = 32,
 ) -> None:
     # The legacy exporter warns that it is deprecated and the tracer about the shape check in forward();
     # both are expected here, and the parity check below is what guards the result.
@@ -311,8 +345,8 @@ def _onnx_export(
         else:
             dims = {0: torch.export.Dim("batch", min=1, max=4096)}
             if dynamic_size:
-                dims[2] = torch.export.Dim("height", min=32, max=4096)
-                dims[3] = torch.export.Dim("width", min=32, max=4096)
+                dims[2] = torch.export.Dim("height", min=min_side, max=4096)
+                dims[3] = torch.export.Dim("width", min=min_side, max=4096)
             torch.onnx.export(
                 network,
                 (example,),
@@ -347,6 +381,7 @@ def export_onnx(
     network_sha256: str | None = None,
     network_path: str | Path | None = None,
     teacher_sha256: str | None = None,
+    check_sizes: Sequence[int] = (),
 ) -> ExportReport:
     """Export ``network`` to ONNX at ``path`` (plus its sidecar), after a parity check with onnxruntime.
 
@@ -362,6 +397,8 @@ def export_onnx(
         network_sha256: Source checkpoint hash, recorded in the sidecar.
         network_path: Source checkpoint path, recorded.
         teacher_sha256: The teacher this network was distilled for, recorded (``raml search`` checks it).
+        check_sizes: With ``dynamic_size``: sides at which parity is checked too (a multi-size student's
+            training sizes); recorded in the sidecar as ``image_sizes``.
 
     Returns:
         An :class:`ExportReport`.
@@ -381,15 +418,17 @@ def export_onnx(
         import onnxruntime  # noqa: F401
     except ImportError as error:  # pragma: no cover - installed in the dev environment
         raise ImportError("ONNX export needs onnx and onnxruntime: `pip install raml[export]`.") from error
+    check_sizes = _check_sizes_arg(network, dynamic_size, check_sizes)
     path = Path(path)
     net = _cpu_copy(network)
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
+    min_side = min([32, image_size, *check_sizes])
     candidates = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     with atomic_path(path) as tmp:
         used = None
         for i, name in enumerate(candidates):
             try:
-                _onnx_export(net, example, tmp, dynamic_size, opset, name)
+                _onnx_export(net, example, tmp, dynamic_size, opset, name, min_side)
                 import onnx
 
                 onnx.checker.check_model(str(tmp))
@@ -402,7 +441,7 @@ def export_onnx(
                     "ONNX export with the %s exporter failed (%s); trying %s", name, error, candidates[i + 1]
                 )
         random_diff, image_diff, shapes = _check_parity(
-            _onnx_runner(tmp), net, image_size, dynamic_size, image_paths, tolerance, "ONNX"
+            _onnx_runner(tmp), net, image_size, dynamic_size, image_paths, tolerance, "ONNX", check_sizes
         )
         record = preprocessing_record(
             net,
@@ -416,6 +455,8 @@ def export_onnx(
             _file_sha256(tmp),
         )
         record["opset"] = opset if used == "torchscript" else max(opset, 18)
+        if check_sizes:
+            record["image_sizes"] = check_sizes
         atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
     logger.info("Wrote %s (%s exporter) and %s", path, used, sidecar_path(path).name)
     return ExportReport(path, sidecar_path(path), "onnx", str(used), random_diff, image_diff, len(image_paths), shapes)
@@ -434,6 +475,7 @@ def export_torchscript(
     network_sha256: str | None = None,
     network_path: str | Path | None = None,
     teacher_sha256: str | None = None,
+    check_sizes: Sequence[int] = (),
 ) -> ExportReport:
     """Trace ``network`` with ``torch.jit.trace`` and save it at ``path`` (plus its sidecar), after a parity check.
 
@@ -444,6 +486,7 @@ def export_torchscript(
         ParityError: If the traced module differs by more than ``tolerance`` (nothing is written).
     """
     _check_args(image_size, tolerance)
+    check_sizes = _check_sizes_arg(network, dynamic_size, check_sizes)
     path = Path(path)
     net = _cpu_copy(network)
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
@@ -462,7 +505,7 @@ def export_torchscript(
                 return loaded(batch).numpy()
 
         random_diff, image_diff, shapes = _check_parity(
-            run, net, image_size, dynamic_size, image_paths, tolerance, "TorchScript"
+            run, net, image_size, dynamic_size, image_paths, tolerance, "TorchScript", check_sizes
         )
         record = preprocessing_record(
             net,
@@ -475,6 +518,8 @@ def export_torchscript(
             teacher_sha256,
             _file_sha256(tmp),
         )
+        if check_sizes:
+            record["image_sizes"] = check_sizes
         atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
     logger.info("Wrote %s and %s", path, sidecar_path(path).name)
     return ExportReport(

@@ -2,9 +2,9 @@
 
 Contracts:
     * Query embedders map image files to ``(Q, D)`` float32 L2-normalised rows: a PyTorch network at QR
-      (:func:`raml.deploy.index.embed_images`) or an exported ONNX model (:class:`OnnxEmbedder`, whose
+      (:func:`raml.deploy.embed.embed_images`) or an exported ONNX model (:class:`OnnxEmbedder`, whose
       preprocessing is read from the model's sidecar).
-    * :func:`search_images`: query embeddings + :class:`~raml.deploy.index.DatabaseIndex` ->
+    * :func:`search_images`: query embeddings + :class:`~raml.deploy.store.DatabaseIndex` ->
       ``[{"query": path, "results": [{"path": db path as given to raml index, "score": float}, ...]}, ...]``,
       results by decreasing inner product.
     * :func:`evaluate_with_index`: a split's images as student queries against an index built on the same
@@ -35,8 +35,10 @@ from tqdm.auto import tqdm
 from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform
 from raml.data.splits import Split
+from raml.deploy.embed import embed_images
 from raml.deploy.export import read_sidecar
-from raml.deploy.index import DatabaseIndex, IndexDirectoryError, embed_images, image_key, load_index
+from raml.deploy.image_files import image_key
+from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
 from raml.models.checkpoints import load_checkpoint_file
 from raml.retrieval.evaluate import default_ks
 from raml.retrieval.metrics import average_precision
@@ -52,10 +54,22 @@ __all__ = [
     "recorded_teacher_sha256",
     "search_images",
     "warn_if_other_teacher",
+    "warn_if_untrained_size",
 ]
 
 # Result entries (int64 id + float32 score) per block of queries when searching the whole index.
 _BLOCK_ENTRIES = 16 * 2**20
+
+
+def warn_if_untrained_size(image_size: int, trained_sizes: list[int] | None, what: str) -> None:
+    """Log a warning when a multi-size student (``meta["image_sizes"]``) is asked for a size it was not trained at."""
+    if trained_sizes and len(trained_sizes) > 1 and image_size not in trained_sizes:
+        logger.warning(
+            "%s was trained for query sizes %s; %d px queries are outside them and may retrieve worse.",
+            what,
+            trained_sizes,
+            image_size,
+        )
 
 
 class OnnxEmbedder:
@@ -85,6 +99,7 @@ class OnnxEmbedder:
                 f"{image_size}; omit --image-size, or re-export with --image-size {image_size} (or --dynamic-size)."
             )
         self.image_size = int(image_size or exported_size)
+        warn_if_untrained_size(self.image_size, self.sidecar.get("image_sizes"), str(self.path))
         self.output_dim = int(self.sidecar["output_dim"])
         self.teacher_sha256: str | None = self.sidecar.get("teacher_sha256")
         options = ort.SessionOptions()

@@ -13,11 +13,14 @@ from typing import Any
 
 import yaml
 
-MODES = ("ts_aug", "ts_reg", "sym")
+from raml.engine.methods import METHODS
+
+MODES = tuple(METHODS)  # --mode: the registered training methods (raml.engine.methods)
 MIXUP_PARTNERS = ("dataset", "batch")
 SEARCH_OBJECTIVES = ("last", "best")
 LOSSES = ("triplet", "normsoftmax")
 LOGGERS = ("none", "tensorboard")
+AML_VARIANTS = ("contrastive", "regression")
 
 
 @dataclass
@@ -54,6 +57,12 @@ class TrainConfig:
     loss: str = "triplet"
     loss_margin: float = 0.7
     image_size: int = 224
+    #: several student (query) sizes, one drawn per batch (``--image-size 24,32,48``, distillation only);
+    #: ``image_size`` is then the first of them. None: the single size ``image_size``
+    image_sizes: list[int] | None = None
+    #: after training, BatchNorm statistics estimated per student size on the training images, chosen by the
+    #: query's size at inference (``raml.models.switchable_bn``); needs several sizes
+    per_size_bn: bool = False
     teacher_image_size: int = 448
     neg_num: int = 4
     pos_num: int = 8
@@ -64,6 +73,22 @@ class TrainConfig:
     #: ``ts_aug`` mixup partner: ``dataset`` (the reference: a random image of the whole training set per
     #: view, rendered with the view's random draws) or ``batch`` (ours: a view of another image of the batch)
     mixup_partner: str = "dataset"
+    #: the paper's ablations of the view-based methods: ``False`` (``--no-mixup``) uses the views unmixed;
+    #: ``uncoupled_views`` draws the teacher's crop/flip/jitter independently of the student's
+    mixup: bool = True
+    uncoupled_views: bool = False
+    # the other asymmetric distillers (raml.engine.methods, raml.losses: equations and defaults' sources)
+    aml_variant: str = "contrastive"
+    aml_margin: float = 0.7
+    rkd_distance_weight: float = 1.0
+    rkd_angle_weight: float = 2.0
+    csd_k: int = 16
+    csd_temperature: float = 0.1
+    csd_first_order_weight: float = 1.0
+    d3_k: int = 10
+    d3_alpha: float = 50.0
+    d3_beta: float = 2.0
+    d3_gamma: float = 1.0
     # optimisation
     batch_size: int = 8
     update_every: int = 25
@@ -137,14 +162,62 @@ class TrainConfig:
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}.")
+        if self.image_sizes is not None:
+            self._validate_image_sizes()
+        if self.per_size_bn and len(self.student_sizes()) < 2:
+            raise ValueError(
+                "--per-size-bn estimates BatchNorm statistics for each of several student sizes; give them with "
+                "--image-size 24,32,48 (or drop --per-size-bn)."
+            )
         if self.mode == "sym" and self.neg_num < 1:
             raise ValueError(f"--neg-num must be at least 1 for triplet training, got {self.neg_num}.")
         if self.lr <= 0:
             raise ValueError(f"--lr must be positive, got {self.lr}.")
+        self._validate_method_settings()
         if not 0.0 < self.val_ratio < 1.0:
             raise ValueError(f"val_ratio must be in (0, 1), got {self.val_ratio}.")
         if self.whitening < 0:
             raise ValueError(f"--whitening must be >= 0 (0 = none), got {self.whitening}.")
+
+    def _validate_image_sizes(self) -> None:
+        from raml.data.sizes import parse_image_sizes
+
+        sizes = parse_image_sizes(self.image_sizes)
+        if len(sizes) > 1 and self.mode == "sym":
+            raise ValueError(
+                f"--image-size {','.join(map(str, sizes))}: several student sizes need a distillation mode "
+                "(--mode ts_aug or ts_reg); --mode sym trains at one size."
+            )
+        if sizes[0] != self.image_size:
+            raise ValueError(
+                f"image_size ({self.image_size}) must be the first of image_sizes {sizes}; give the list alone "
+                "(--image-size 24,32,48) and the first size becomes the default one."
+            )
+        too_big = [s for s in sizes if s > self.teacher_image_size]
+        if too_big:
+            raise ValueError(
+                f"Student sizes {too_big} exceed --teacher-image-size {self.teacher_image_size}: the student views "
+                "are the teacher's views downsized. Use sizes up to the teacher's."
+            )
+
+    def student_sizes(self) -> list[int]:
+        """The student's training sizes: ``image_sizes``, or ``[image_size]``."""
+        return list(self.image_sizes) if self.image_sizes else [self.image_size]
+
+    def _validate_method_settings(self) -> None:
+        if self.aml_variant not in AML_VARIANTS:
+            raise ValueError(f"Unknown --aml-variant {self.aml_variant!r}; valid: {', '.join(AML_VARIANTS)}.")
+        for name in ("aml_margin", "csd_temperature"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
+        for name in ("rkd_distance_weight", "rkd_angle_weight", "csd_first_order_weight", "d3_alpha", "d3_beta",
+                     "d3_gamma"):  # fmt: skip
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
+        if self.csd_k < 1:
+            raise ValueError(f"--csd-k must be at least 1 (the image itself), got {self.csd_k}.")
+        if self.d3_k < 2:
+            raise ValueError(f"--d3-k must be at least 2 (the image and one neighbour), got {self.d3_k}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -199,6 +272,10 @@ def _coerce(name: str, annotation: object, value: Any, source: Path) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
+        if kind.startswith("list[int]"):
+            from raml.data.sizes import parse_image_sizes
+
+            return parse_image_sizes(value if isinstance(value, (str, list)) else [value])
         if kind.startswith("list"):
             if not isinstance(value, list):
                 raise ValueError

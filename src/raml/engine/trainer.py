@@ -1,14 +1,10 @@
-"""The training loop for the three modes (SPEC section 5), reading top to bottom.
+"""The training loop, reading top to bottom; what is trained how is a method's (:mod:`raml.engine.methods`).
 
-- ``ts_aug``: P coupled views per image (one crop box, flip and colour jitter rendered at QR for the
-  student and at DR for the teacher), each mixed up with a partner (by default, as the reference, a view
-  of a random image of the whole training set rendered with the same random draws; ``--mixup-partner
-  batch``: a view of another image of the batch), distillation loss over the views of each image. No
-  labels.
-- ``ts_reg``: the student at QR on the evaluation-transformed image against the teacher's cached DR
-  embedding of the same image (absolute term only). No labels.
-- ``sym``: triplet loss with in-batch positives (groups of 4 images per class) and distance-weighted
-  negatives mined once per epoch from a random pool embedded by the current network. Labels.
+``--mode NAME`` selects a method through the registry :data:`raml.engine.methods.METHODS`: the paper's
+``ts_aug`` (coupled views, mixup, distillation loss), ``ts_reg`` (regression on the teacher's cached
+embeddings), ``sym`` (labels: triplet or normalised softmax), and the other asymmetric distillers (``aml``,
+``rkd``, ``csd``, ``d3``). A method gives the epoch's batches and the loss of one batch; this module does the
+rest.
 
 Shared by all: the student's BatchNorm statistics stay frozen (eval mode) while its weights learn; the
 teacher is frozen and always in eval mode; gradients accumulate over ``update_every`` batches (the last
@@ -38,19 +34,15 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
-from torchvision import transforms
 from tqdm.auto import tqdm
 
 from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, write_bad_image_report
-from raml.data.datasets import ImageDataset
-from raml.data.images import EvalTransform, load_image
 from raml.data.splits import Split, get_split
-from raml.data.views import CoupledViewDataset, mix_partner_views, mixup_views
-from raml.distributed import SINGLE, DistContext, all_gather_rows, all_reduce_sum_, shard_bounds
+from raml.distributed import SINGLE, DistContext, all_reduce_sum_, shard_bounds
 from raml.engine.config import TrainConfig, part_name
-from raml.engine.mining import class_groups, distance_weighted_negatives
+from raml.engine.methods import method_class
+from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
-from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, triplet_loss
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, evaluate_split
@@ -60,9 +52,6 @@ from raml.utils import atomic_write_text, file_sha256, seed_everything
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "model_best.pth.tar"
-GROUP_SIZE = 4  # images per class in a sym-mode batch
-PROXY_TEMPERATURE = 0.05  # normalised-softmax temperature (Zhai & Wu 2019)
-PROXY_LR_MULTIPLIER = 10.0  # proxies start random and must move faster than the network
 
 
 class TrainingInterrupted(RuntimeError):
@@ -117,44 +106,6 @@ class Normalizer:
 
     def __call__(self, images: torch.Tensor) -> torch.Tensor:
         return (images - self.mean) / self.std
-
-
-# ----------------------------------------------------------------------------------------------- data
-class AugmentedImages(Dataset):
-    """Training images for ``sym``: random resized crop at ``size`` + horizontal flip, normalised.
-
-    Items are requested as ``(index, seed)``: each draw is seeded by the sampler, so an image's augmentation
-    depends on its place in the epoch only, not on the worker or the process that loads it (this is what
-    makes a multi-process run equal to a single-process one). Returns ``(image, index)``.
-    """
-
-    def __init__(self, paths: list[str], size: int, mean: list[float], std: list[float]) -> None:
-        self.paths = paths
-        self.transform = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(size, scale=(0.08, 1.0)),
-                transforms.RandomHorizontalFlip(),
-                transforms.ToTensor(),
-                transforms.Normalize(mean, std),
-            ]
-        )
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item
-        image = load_image(self.paths[index])
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return self.transform(image), index
-
-
-@dataclass
-class BatchLoss:
-    loss: torch.Tensor
-    terms: dict[str, float]
-    images: int
 
 
 # ------------------------------------------------------------------------------------------- results
@@ -222,7 +173,6 @@ class Trainer:
         self._stop_signal: int | None = None
         self.stop_after_epoch = stop_after_epoch
         self.directory = Path(config.directory)
-        self.distill = config.mode in ("ts_aug", "ts_reg")
         self.history: list[dict[str, Any]] = []
         self.writer = None
 
@@ -264,7 +214,10 @@ class Trainer:
         self.cache = EmbeddingCache(Path(config.data_root) / "cache" / "embeddings")
 
         self.epoch_size = min(config.query_size, len(self.train_split))
-        self.batches_per_epoch = self._batches_per_epoch()
+        # the recipe: batches and loss (see raml.engine.methods); it reads what it needs from this trainer
+        self.method: Method = method_class(config.mode, config.loss)(self)
+        self.distill = self.method.asymmetric
+        self.batches_per_epoch = self.method.batches_per_epoch()
         # optimizer steps per epoch: the last incomplete accumulation is dropped (the reference) or flushed
         rounding = math.ceil if config.flush_accumulation else math.floor
         self.steps_per_epoch = rounding(self.batches_per_epoch / config.update_every)
@@ -277,20 +230,7 @@ class Trainer:
         self.optimizer = build_optimizer(
             self.student, config.optimizer, config.lr, config.weight_decay, config.momentum
         )
-        self.proxies: nn.Parameter | None = None
-        if config.mode == "sym" and config.loss == "normsoftmax":
-            # One learnable proxy per training class; trained with the network, kept in the checkpoints.
-            dim = int(self.student.meta["outputdim"])
-            init = torch.randn(self.train_split.num_classes, dim, generator=torch.Generator().manual_seed(config.seed))
-            self.proxies = nn.Parameter(init.to(device))
-            self.optimizer.add_param_group(
-                {
-                    "name": "proxies",
-                    "params": [self.proxies],
-                    "lr": config.lr * PROXY_LR_MULTIPLIER,
-                    "weight_decay": 0.0,
-                }
-            )
+        self.method.add_parameters(self.optimizer)  # e.g. sym's class proxies, in their own group
         self.scheduler = self._build_scheduler()
         self.start_epoch = 1
         self.best_map: float | None = None
@@ -305,7 +245,6 @@ class Trainer:
             )
         self.student_norm = Normalizer(self.student, device)
         self.teacher_norm = Normalizer(self.teacher, self.teacher_device) if self.teacher is not None else None
-        self.teacher_cache: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------------------ setup
     def _prepare_directory(self) -> None:
@@ -367,16 +306,6 @@ class Trainer:
             cycle_up_steps=cycle_up,
         )
 
-    def _batches_per_epoch(self) -> int:
-        c = self.config
-        if c.mode == "sym":
-            groups = max(1, self.epoch_size // GROUP_SIZE)
-            return math.ceil(groups / self._groups_per_batch())
-        return math.ceil(self.epoch_size / c.batch_size)
-
-    def _groups_per_batch(self) -> int:
-        return max(1, self.config.batch_size // GROUP_SIZE)
-
     def resume_path(self, name: str) -> Path:
         """Where ``--resume-student NAME`` points: ``last`` is the newest finished epoch of ``--directory``;
         a relative name is looked up in ``--directory`` first (the reference joins the two), then as given."""
@@ -410,11 +339,7 @@ class Trainer:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.start_epoch = int(checkpoint.get("epoch", 0)) + 1
         extra = checkpoint.get("raml", {}) or {}
-        if self.proxies is not None:
-            if "proxies" not in extra:
-                raise ValueError(f"{path} has no proxies for --loss normsoftmax; it was trained with another loss.")
-            with torch.no_grad():
-                self.proxies.copy_(extra["proxies"])
+        self.method.load_checkpoint_state(extra, path)
         self.best_map = checkpoint.get("max_map")
         self.best_epoch = int(extra.get("best_epoch", 0))
         self.history = list(extra.get("history", []))
@@ -568,9 +493,7 @@ class Trainer:
         return stats
 
     def _optimizer_step(self) -> None:
-        if self.proxies is not None and self.dist.enabled and self.proxies.grad is not None:
-            # the proxies are outside DDP: sum their gradients over processes by hand (loss was scaled by W)
-            all_reduce_sum_(self.proxies.grad, self.dist).div_(self.dist.world_size)
+        self.method.before_optimizer_step()
         for index, group in enumerate(self.optimizer.param_groups):
             name = str(group.get("name", index))
             self._lr_peaks[name] = max(self._lr_peaks.get(name, 0.0), float(group["lr"]))
@@ -579,18 +502,15 @@ class Trainer:
         if self.scheduler is not None and self.config.scheduler in PER_STEP_SCHEDULERS:
             self.scheduler.step()
 
-    # ---------------------------------------------------------------------------------- mode: batches
+    # ------------------------------------------------------------------------- the method's batches and loss
     def _epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
-        mode = self.config.mode
-        if mode == "ts_aug":
-            return self._coupled_view_batches(epoch, generator)
-        if mode == "ts_reg":
-            return self._regression_batches(generator)
-        if self.config.loss == "normsoftmax":
-            return self._proxy_batches(epoch, generator)
-        return self._triplet_batches(epoch, generator)
+        return self.method.epoch_batches(epoch, generator)
 
-    def _local(self, batch: list[Any]) -> list[Any]:
+    def _batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
+        return self.method.batch_loss(batch, generator)
+
+    # ------------------------------------------------------------------- helpers the methods build batches with
+    def local_share(self, batch: list[Any]) -> list[Any]:
         """This process's contiguous share of a global batch (all of it for a single process)."""
         start, stop = shard_bounds(len(batch), self.dist)
         if start == stop:
@@ -600,16 +520,16 @@ class Trainer:
             )
         return batch[start:stop]
 
-    def _global_batches(self, order: list[int]) -> list[list[int]]:
+    def global_batches(self, order: list[int]) -> list[list[int]]:
         size = self.config.batch_size
         return [order[i : i + size] for i in range(0, len(order), size)]
 
-    def _item_seeds(self, epoch: int, count: int) -> list[int]:
+    def item_seeds(self, epoch: int, count: int) -> list[int]:
         """One seed per position of the epoch's global sample list (same on every process)."""
         base = (self.config.seed * 1_000_003 + epoch) * 10_000_019
         return [(base + position) % 2**62 for position in range(count)]
 
-    def _embed(
+    def embed(
         self,
         network: nn.Module,
         paths: list[str],
@@ -626,7 +546,7 @@ class Trainer:
             network, paths, image_size, device, self.dist, batch_size, workers, progress, description, **kwargs
         )
 
-    def _loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
+    def loader(self, dataset: Dataset, **kwargs: Any) -> DataLoader:
         workers = self.config.workers
         return DataLoader(
             dataset,
@@ -636,40 +556,13 @@ class Trainer:
             **kwargs,
         )
 
-    def _coupled_view_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
-        c = self.config
-        dataset = CoupledViewDataset(
-            self.train_paths,
-            c.image_size,
-            c.teacher_image_size,
-            c.pos_num,
-            c.seed,
-            partners=c.mixup_partner == "dataset",
-        )
-        dataset.set_epoch(epoch)
-        order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
-        batches = [self._local(batch) for batch in self._global_batches(order)]
-        return iter(self._loader(dataset, batch_sampler=batches))
-
-    def _regression_batches(self, generator: torch.Generator) -> Iterator[Any]:
-        c = self.config
-        if self.teacher_cache is None:
-            self.teacher_cache = self._teacher_embeddings(self.train_split, self.train_paths)
-        mean, std = self.student.meta["mean"], self.student.meta["std"]
-        # the "label" of each image is its index: it selects the cached teacher row
-        dataset = ImageDataset(
-            self.train_paths, list(range(len(self.train_paths))), EvalTransform(c.image_size, mean, std)
-        )
-        order = torch.randperm(len(dataset), generator=generator)[: self.epoch_size].tolist()
-        batches = [self._local(batch) for batch in self._global_batches(order)]
-        return iter(self._loader(dataset, batch_sampler=batches))
-
-    def _teacher_embeddings(self, split: Split, paths: list[str]) -> torch.Tensor:
+    def teacher_embeddings(self, split: Split, paths: list[str]) -> torch.Tensor:
+        """The teacher's embeddings of ``paths`` at DR, cached on disk when the teacher is a checkpoint file."""
         assert self.teacher is not None
         size = self.config.teacher_image_size
 
         def compute() -> torch.Tensor:
-            return self._embed(
+            return self.embed(
                 self.teacher.network,
                 paths,
                 size,
@@ -685,148 +578,6 @@ class Trainer:
         return self.cache.get_or_compute(
             self.teacher_sha, size, split.name, list(split.paths), compute, root=split.root
         )
-
-    def _triplet_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
-        """Mine once per epoch with the current network, then yield (anchor groups, negatives) batches."""
-        c = self.config
-        labels = torch.as_tensor(self.train_split.labels)
-        groups = class_groups(self.train_split.labels, self.epoch_size, GROUP_SIZE, generator)
-        anchors = [i for group in groups for i in group]
-        pool = torch.randperm(len(labels), generator=generator)[: min(c.pool_size, len(labels))]
-        embed_idx = sorted(set(anchors) | set(pool.tolist()))
-        position = {index: row for row, index in enumerate(embed_idx)}
-        embeddings = self._embed(
-            self.student,
-            [self.train_paths[i] for i in embed_idx],
-            c.image_size,
-            self.device,
-            c.eval_batch_size,
-            c.workers,
-            self.progress,
-            "mining",
-        )
-        anchor_rows = torch.tensor([position[i] for i in anchors])
-        pool_rows = torch.tensor([position[i] for i in pool.tolist()])
-        negatives = pool[
-            distance_weighted_negatives(
-                embeddings[anchor_rows],
-                labels[anchors],
-                embeddings[pool_rows],
-                labels[pool],
-                c.neg_num,
-                generator,
-            )
-        ]
-        mean, std = self.student.meta["mean"], self.student.meta["std"]
-        dataset = AugmentedImages(self.train_paths, c.image_size, mean, std)
-        per_batch = self._groups_per_batch()
-        seeds = iter(self._item_seeds(epoch, len(anchors) * (1 + c.neg_num)))
-        batch_lists: list[list[tuple[int, int]]] = []
-        for start in range(0, len(groups), per_batch):
-            # every process draws the seeds of the whole batch, then keeps its share of the groups
-            group_ids = list(range(start, min(len(groups), start + per_batch)))
-            rows = [g * GROUP_SIZE + i for g in group_ids for i in range(GROUP_SIZE)]
-            anchor_items = [(anchors[r], next(seeds)) for r in rows]
-            negative_items = [[(int(n), next(seeds)) for n in negatives[r].tolist()] for r in rows]
-            local_groups = self._local(group_ids)
-            keep = [k for k, g in enumerate(group_ids) if g in local_groups]
-            local_rows = [k * GROUP_SIZE + i for k in keep for i in range(GROUP_SIZE)]
-            batch_lists.append(
-                [anchor_items[r] for r in local_rows] + [item for r in local_rows for item in negative_items[r]]
-            )
-        return iter(self._loader(dataset, batch_sampler=batch_lists))
-
-    def _proxy_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
-        """Groups of GROUP_SIZE images per class, ``batch_size`` images per batch; no mining needed."""
-        c = self.config
-        groups = class_groups(self.train_split.labels, self.epoch_size, GROUP_SIZE, generator)
-        mean, std = self.student.meta["mean"], self.student.meta["std"]
-        dataset = AugmentedImages(self.train_paths, c.image_size, mean, std)
-        per_batch = self._groups_per_batch()
-        items = list(zip([i for group in groups for i in group], self._item_seeds(epoch, len(groups) * GROUP_SIZE)))
-        size = per_batch * GROUP_SIZE
-        batch_lists = [self._local(items[i : i + size]) for i in range(0, len(items), size)]
-        return iter(self._loader(dataset, batch_sampler=batch_lists))
-
-    # ------------------------------------------------------------------------------------ mode: losses
-    def _batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
-        mode = self.config.mode
-        if mode == "ts_aug":
-            return self._coupled_view_loss(batch, generator)
-        if mode == "ts_reg":
-            return self._regression_loss(batch)
-        if self.proxies is not None:
-            return self._proxy_loss(batch)
-        return self._triplet_loss(batch)
-
-    def _coupled_view_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
-        c = self.config
-        assert self.teacher is not None and self.teacher_norm is not None
-        if c.mixup_partner == "dataset":
-            # the reference: every view's partner (a random training image rendered with the view's draws)
-            # and its weight come with the item, so nothing is shared across processes
-            student_views, teacher_views, partner_student, partner_teacher, lam, _ = batch
-            student_views, teacher_views = mix_partner_views(
-                student_views.to(self.device, non_blocking=True),
-                teacher_views.to(self.device, non_blocking=True),
-                partner_student.to(self.device, non_blocking=True),
-                partner_teacher.to(self.device, non_blocking=True),
-                lam.to(self.device),
-            )
-            student_views, teacher_views = student_views.div_(255), teacher_views.div_(255)
-        else:
-            student_views, teacher_views, _ = batch
-            student_views = student_views.to(self.device, non_blocking=True)
-            teacher_views = teacher_views.to(self.device, non_blocking=True)
-            if self.dist.enabled:
-                # mixup partners come from the whole global batch, as in a single process: gather the (uint8)
-                # views, mix them all with the shared generator, keep this process's share
-                student_views = all_gather_rows(student_views.contiguous(), self.dist)
-                teacher_views = all_gather_rows(teacher_views.contiguous(), self.dist)
-            student_views, teacher_views = mixup_views(
-                student_views.float().div_(255), teacher_views.float().div_(255), generator
-            )
-            start, stop = shard_bounds(student_views.shape[0], self.dist)
-            student_views, teacher_views = student_views[start:stop], teacher_views[start:stop]
-        b, p = student_views.shape[:2]
-        student_in = self.student_norm(student_views.flatten(0, 1))
-        teacher_in = self.teacher_norm(teacher_views.flatten(0, 1).to(self.teacher_device))
-        with torch.no_grad():
-            teacher = self.teacher(teacher_in).to(self.device).float().view(b, p, -1)
-        student = self.model(student_in).float().view(b, p, -1)
-        terms = distillation_loss_terms(student, teacher, c.lam_1, c.lam_2)
-        logged = {
-            "loss": terms["total"].item(),
-            "absolute": terms["absolute"].item(),
-            "relative_1": terms["relative_1"].item(),
-            "relative_2": terms["relative_2"].item(),
-        }
-        return BatchLoss(terms["total"], logged, b)
-
-    def _regression_loss(self, batch: Any) -> BatchLoss:
-        assert self.teacher_cache is not None
-        images, indices = batch
-        student = self.model(images.to(self.device, non_blocking=True)).float()
-        loss = absolute_loss(student, self.teacher_cache[indices].to(self.device))
-        return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
-
-    def _triplet_loss(self, batch: Any) -> BatchLoss:
-        c = self.config
-        images, _ = batch
-        n_anchor = images.shape[0] // (1 + c.neg_num)
-        embeddings = self.model(images.to(self.device, non_blocking=True)).float()
-        anchor, negatives = embeddings[:n_anchor], embeddings[n_anchor:].view(n_anchor, c.neg_num, -1)
-        positives = _group_positives(anchor, GROUP_SIZE)
-        loss = triplet_loss(anchor, positives, negatives, c.loss_margin)
-        return BatchLoss(loss, {"loss": loss.item()}, n_anchor)
-
-    def _proxy_loss(self, batch: Any) -> BatchLoss:
-        assert self.proxies is not None
-        images, indices = batch
-        labels = torch.as_tensor(self.train_split.labels)[indices].to(self.device)
-        embeddings = self.model(images.to(self.device, non_blocking=True)).float()
-        loss = normalized_softmax_loss(embeddings, labels, self.proxies, PROXY_TEMPERATURE)
-        return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
 
     # ----------------------------------------------------------------------------------- validation
     def _evaluate(self, network: nn.Module, split: Split, asym: bool, sym: bool) -> dict[str, dict[str, float]]:
@@ -848,7 +599,7 @@ class Trainer:
             cache=self.cache,
             teacher_sha256=self.teacher_sha,
             progress=self.progress,
-            embed=self._embed,
+            embed=self.embed,
         )
 
     def validate(self) -> dict[str, float]:
@@ -897,8 +648,13 @@ class Trainer:
                 "history": self.history,
             }
         }
-        if self.proxies is not None:
-            extra["raml"]["proxies"] = self.proxies.detach().cpu()
+        extra["raml"].update(self.method.checkpoint_state())
+        # a student for several query sizes: meta["image_sizes"] (read by raml test, search, export and serve)
+        sizes = self.config.student_sizes()
+        if len(sizes) > 1:
+            self.student.meta["image_sizes"] = sizes
+        else:
+            self.student.meta.pop("image_sizes", None)
         save_checkpoint(
             path,
             self.student,
@@ -920,18 +676,6 @@ class Trainer:
                     tag = f"val/{name[4:]}" if name.startswith("val_") else f"train/{name}"
                     self.writer.add_scalar(tag, value, stats["epoch"])
             self.writer.flush()
-
-
-def _group_positives(anchor: torch.Tensor, group_size: int) -> torch.Tensor:
-    """(B, D) anchors in groups of ``group_size`` -> (B, group_size - 1, D): each anchor's positives are the
-    other images of its group (the triplet loss sums over them, so their order does not matter)."""
-    b, d = anchor.shape
-    groups = anchor.view(b // group_size, group_size, d)
-    rows = []
-    for g in range(groups.shape[0]):
-        for i in range(group_size):
-            rows.append(torch.cat([groups[g, :i], groups[g, i + 1 :]]))
-    return torch.stack(rows)
 
 
 def _tensorboard_writer(directory: Path, config: TrainConfig):  # noqa: ANN202 - optional dependency

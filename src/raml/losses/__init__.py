@@ -7,12 +7,31 @@
   (``sym``).
 - :func:`normalized_softmax_loss`: ``(B, D)`` embeddings, labels, ``(C, D)`` proxies -> scalar (``sym`` with
   ``--loss normsoftmax``).
+- :func:`aml_contrastive_loss`, :func:`rkd_loss`, :func:`csd_loss`, :func:`d3_loss`: student ``(N, D)`` and
+  teacher ``(N, D)`` embeddings of the same images -> scalar (or a dict of terms with ``"total"``): the other
+  asymmetric distillers (``--mode aml``, ``rkd``, ``csd``, ``d3``).
 """
 
 from __future__ import annotations
 
+from raml.losses.aml import aml_contrastive_loss
+from raml.losses.csd import csd_loss
+from raml.losses.d3 import d3_loss
 from raml.losses.distillation import absolute_loss, distillation_loss, distillation_loss_terms
 from raml.losses.proxy import normalized_softmax_loss
+from raml.losses.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
 from raml.losses.triplet import triplet_loss
 
-__all__ = ["absolute_loss", "distillation_loss", "distillation_loss_terms", "normalized_softmax_loss", "triplet_loss"]
+__all__ = [
+    "absolute_loss",
+    "aml_contrastive_loss",
+    "csd_loss",
+    "d3_loss",
+    "distillation_loss",
+    "distillation_loss_terms",
+    "normalized_softmax_loss",
+    "rkd_angle_loss",
+    "rkd_distance_loss",
+    "rkd_loss",
+    "triplet_loss",
+]

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import difflib
 import logging
+import os
 import pickle
 import re
 import time
@@ -71,6 +72,17 @@ PUBLISHED_NETWORKS: dict[str, str] = {
     for name in (pattern.format(dataset) for dataset in ("cub", "cars", "sop"))
 }
 """Published network name -> download URL (teachers at 448 and 224 px, distilled students)."""
+
+ZOO_URL_ENV = "RAML_ZOO_URL"
+"""Environment variable: a mirror's base URL for the published networks (``<base>/<name>.pth``), read at each
+download; unset, the authors' host above is used."""
+
+
+def published_url(name: str) -> str:
+    """The download URL of a published network: ``$RAML_ZOO_URL/<name>.pth`` when that is set, else the authors'."""
+    base = os.environ.get(ZOO_URL_ENV)
+    return f"{base.rstrip('/')}/{name}.pth" if base else PUBLISHED_NETWORKS[name]
+
 
 _RESERVED_KEYS = ("meta", "state_dict", "epoch", "max_map", "optimizer", "scheduler")
 
@@ -455,6 +467,10 @@ def network_from_checkpoint(
         raise CheckpointError(f"{source}: cannot rebuild the network described by its meta: {error}") from error
 
     state_dict = _timm_reference_keys(network, state_dict)
+    if meta.get("bn_sizes"):  # per-size BatchNorm statistics (raml.models.switchable_bn)
+        from raml.models.switchable_bn import enable_size_bn
+
+        enable_size_bn(network, meta["bn_sizes"])
     description = f"a {meta['architecture']!r} network with {meta['pooling']!r} pooling and whitening {whitening}"
     try:
         result = network.load_state_dict(state_dict, strict=False)
@@ -635,10 +651,10 @@ def resolve_network_path(name_or_path: str | Path, data_root: str | Path, downlo
         if not download:
             raise ValueError(
                 f"Published network {name!r} is not in {cached.parent} and downloading is off; download "
-                f"{PUBLISHED_NETWORKS[name]} and put it at {cached}, or allow downloading."
+                f"{published_url(name)} and put it at {cached}, or allow downloading."
             )
         logger.info("Downloading published network %s to %s", name, cached)
-        path = download_file(PUBLISHED_NETWORKS[name], cached)
+        path = download_file(published_url(name), cached)
         digest = record_sha256(path)
         logger.info("SHA-256 of %s: %s (recorded in %s)", name, digest, path.parent / SHA256SUMS_NAME)
         return path

@@ -1,0 +1,207 @@
+"""``raml serve``: run the query service (HTTP API + web page) over an index directory; flags -> typed calls.
+
+The service embeds each query with the student (a checkpoint, or an ONNX model written by ``raml export``)
+at the query size, micro-batches concurrent queries, and searches the teacher's index built by
+``raml index``; new generations committed into the index directory are served without a restart
+(see :mod:`raml.deploy.service`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import logging
+from pathlib import Path
+
+from raml.cli.common import device_from_args, positive_int, setup_logging
+
+logger = logging.getLogger("raml")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8000
+DEFAULT_QUERY_SIZE = 224
+
+
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return number
+
+
+def add_parser(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``serve`` sub-command."""
+    from raml.deploy.service.service import ServiceLimits
+
+    defaults = ServiceLimits()
+    parser = subparsers.add_parser(
+        "serve",
+        help="serve searches of an index over HTTP (JSON API and a web page)",
+        description=(
+            "Serve top-k searches of an index built by `raml index` over HTTP: POST /search (an image as multipart "
+            "field 'image' or as a raw image/* body), GET /health, GET /metrics (Prometheus), GET /image/ID and a "
+            "web page at /. Concurrent queries are embedded together (micro-batching); new index generations are "
+            "picked up without a restart. Binds to 127.0.0.1 (this machine only) unless --host says otherwise; "
+            "--host 0.0.0.0 makes it reachable from the network, with no authentication."
+        ),
+    )
+    parser.add_argument("--index", type=Path, required=True, metavar="INDEX_DIR", help="index built by raml index")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--network-path", metavar="NETWORK", help="query network checkpoint (the student)")
+    source.add_argument("--onnx", type=Path, metavar="FILE", help="an ONNX model written by `raml export`")
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        metavar="QR",
+        help=f"default query size (default {DEFAULT_QUERY_SIZE}; with --onnx the exported size; a network whose "
+        "meta lists image_sizes serves those, a request picks one with ?size=)",
+    )
+    parser.add_argument(
+        "--host",
+        default=DEFAULT_HOST,
+        help=f"address to bind (default {DEFAULT_HOST}: this machine only; 0.0.0.0: every interface, reachable "
+        "from the network without authentication)",
+    )
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    group = parser.add_argument_group("batching and limits")
+    group.add_argument(
+        "--max-batch", type=positive_int, default=defaults.max_batch, metavar="N", help="most queries per forward pass"
+    )
+    group.add_argument(
+        "--max-wait-ms",
+        type=non_negative_float,
+        default=defaults.max_wait_ms,
+        metavar="MS",
+        help=f"longest wait for more queries once a batch has one (default {defaults.max_wait_ms:g})",
+    )
+    group.add_argument(
+        "--queue-size",
+        type=positive_int,
+        default=defaults.queue_size,
+        metavar="N",
+        help=f"most queries waiting; beyond it requests get 503 with Retry-After (default {defaults.queue_size})",
+    )
+    group.add_argument(
+        "--max-bytes",
+        type=positive_int,
+        default=defaults.max_bytes,
+        metavar="N",
+        help=f"largest request body in bytes; larger gets 413 (default {defaults.max_bytes})",
+    )
+    group.add_argument(
+        "--max-pixels",
+        type=positive_int,
+        default=defaults.max_pixels,
+        metavar="N",
+        help=f"largest image (width x height), read before decoding; larger gets 413 (default {defaults.max_pixels})",
+    )
+    group.add_argument(
+        "--max-k", type=positive_int, default=defaults.max_k, metavar="K", help=f"largest k (default {defaults.max_k})"
+    )
+    group.add_argument(
+        "--poll-interval",
+        type=positive_float,
+        default=defaults.poll_interval_s,
+        metavar="S",
+        help=f"seconds between checks for a new index generation (default {defaults.poll_interval_s:g})",
+    )
+    runtime = parser.add_argument_group("runtime")
+    runtime.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding networks/")
+    runtime.add_argument("--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', ...")
+    runtime.add_argument("--verbose", action="store_true", help="debug logging and uvicorn's access log")
+    parser.set_defaults(func=run_serve)
+
+
+def _require_serve_deps() -> None:
+    import importlib
+
+    from raml.deploy.faiss_index import import_faiss
+
+    for module in ("starlette", "uvicorn", "python_multipart"):
+        try:
+            importlib.import_module(module)
+        except ImportError as error:
+            raise SystemExit(
+                f"raml serve: error: needs {module}; install the service's dependencies with `pip install raml[serve]`."
+            ) from error
+    import_faiss()
+
+
+def build_service(args: argparse.Namespace):  # -> SearchService (imported lazily: optional dependencies)
+    """The :class:`~raml.deploy.service.SearchService` the flags describe (network and index loaded)."""
+    from raml.deploy.service import OnnxQueryEmbedder, SearchService, ServiceLimits, TorchQueryEmbedder
+    from raml.models import load_network
+
+    limits = ServiceLimits(
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        queue_size=args.queue_size,
+        max_bytes=args.max_bytes,
+        max_pixels=args.max_pixels,
+        max_k=args.max_k,
+        poll_interval_s=args.poll_interval,
+    )
+    if args.onnx is not None:
+        embedder = OnnxQueryEmbedder(args.onnx, args.image_size)
+    else:
+        device = device_from_args(args)
+        network = load_network(args.network_path, data_root=args.data_root, device=device)
+        size = args.image_size
+        if size is None and not network.meta.get("image_sizes"):
+            size = DEFAULT_QUERY_SIZE
+        embedder = TorchQueryEmbedder(network, device, size)
+    return SearchService(embedder, args.index, limits)
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``raml serve``: blocks until interrupted (Ctrl-C)."""
+    setup_logging(args.verbose)
+    _require_serve_deps()
+    import uvicorn
+
+    from raml.deploy.service.app import create_app
+
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be between 0 and 65535, got {args.port}.")
+    service = build_service(args)
+    if not _is_loopback(args.host):
+        logger.warning(
+            "Binding to %s: the service is reachable from the network, and it has no authentication; anyone who "
+            "can reach the port can search the index and fetch its images.",
+            args.host,
+        )
+    index = service.index.current
+    logger.info(
+        "Serving %d images (generation %d) of %s at http://%s:%d/ (query sizes %s)",
+        len(index),
+        index.generation,
+        index.directory,
+        args.host,
+        args.port,
+        ", ".join(map(str, service.embedder.sizes)),
+    )
+    uvicorn.run(
+        create_app(service),
+        host=args.host,
+        port=args.port,
+        log_level="debug" if args.verbose else "info",
+        access_log=args.verbose,
+    )
+    return 0

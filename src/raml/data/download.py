@@ -1,0 +1,522 @@
+"""``raml data download``: fetch a published dataset, unpack it safely, verify it, record where it came from.
+
+Contract: :func:`install_dataset` (name, data root) -> :class:`InstallReport`; afterwards
+``<data_root>/<name>`` holds exactly the layout of the reference README's commands plus ``SOURCE.json``
+(per file: URL, size, SHA-256, date), or, on any error, is left as it was (never a partial folder).
+
+Steps:
+
+1. Fetch every file of the dataset (:data:`raml.data.sources.SOURCES`) into ``<data_root>/downloads/``
+   with :func:`fetch`: the data goes to ``<file>.part``, an interrupted transfer continues from where it
+   stopped (HTTP ``Range``, FTP ``REST``) on the next attempt or the next run, a server that ignores the
+   request is read again from the start, transient failures are retried with exponential back-off, and the
+   free space is checked against the size the server announces. A complete file found there (fetched
+   earlier, or put there by hand) is used as it is.
+2. Unpack into a temporary sibling ``<data_root>/.<name>.partial`` (after a free-space check against the
+   unpacked size where the archive tells it), safely (:mod:`raml.data.archives`).
+3. Verify against the dataset's own index files (:func:`raml.data.sources.verify_dataset`), write
+   ``SOURCE.json``, and rename the folder into place.
+
+URLs: ``--url FILE=URL`` > the mirror base URL in :data:`MIRROR_ENV` (``<base>/<file name>``) > official.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import ftplib
+import http.client
+import json
+import logging
+import os
+import shutil
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote, urlsplit
+
+from tqdm import tqdm
+
+from raml import __version__
+from raml.data.sources import DatasetCounts, DatasetSource, IncompleteDatasetError, get_source, verify_dataset
+from raml.data.splits import DOWNLOAD_COMMANDS
+from raml.models.backbones import DownloadError
+from raml.utils import atomic_write_text, file_sha256
+
+logger = logging.getLogger(__name__)
+
+MIRROR_ENV = "RAML_DATA_MIRROR"
+"""Environment variable holding a mirror's base URL; a file's URL is then ``<base>/<official file name>``."""
+SOURCE_FILE = "SOURCE.json"
+"""Written into a downloaded dataset folder: where each file came from, its size, SHA-256 and date."""
+DOWNLOADS_DIR = "downloads"
+"""Folder under the data root where files are fetched (``<file>.part`` while incomplete)."""
+CHUNK = 1 << 20
+_USER_AGENT = f"raml/{__version__} (dataset download; Python urllib)"
+
+
+class InsufficientSpaceError(OSError):
+    """The disk lacks room for a download or an unpacked archive; checked before writing."""
+
+
+class _Permanent(Exception):
+    """A failure that retrying cannot fix (HTTP 404, FTP 550, ...)."""
+
+
+class _Restart(Exception):
+    """The partial file cannot be continued (e.g. the server answered another range): start again at 0."""
+
+
+@dataclass(frozen=True)
+class DownloadSettings:
+    """How hard to try.
+
+    Attributes:
+        timeout: Seconds a connection may stay silent.
+        attempts: Attempts per file in one run (each continues from the bytes already received).
+        retry_wait: Seconds before the second attempt, doubled for each further one, at most ``max_wait``.
+        max_wait: Longest wait between attempts.
+        progress: Show progress bars (size and rate).
+    """
+
+    timeout: float = 60.0
+    attempts: int = 5
+    retry_wait: float = 2.0
+    max_wait: float = 60.0
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.attempts < 1 or self.timeout <= 0 or self.retry_wait < 0:
+            raise ValueError(
+                f"Expected attempts (--retries) >= 1, timeout (--timeout) > 0 and retry_wait (--retry-wait) >= 0; "
+                f"got {self.attempts}, {self.timeout} and {self.retry_wait}."
+            )
+
+
+@dataclass
+class _Transfer:
+    """One file's transfer across attempts (what the error message reports)."""
+
+    url: str
+    part: Path
+    settings: DownloadSettings
+    range_ignored: bool = False
+
+    def received(self) -> int:
+        return self.part.stat().st_size if self.part.exists() else 0
+
+
+def ensure_free_space(folder: Path, needed: int, what: str) -> None:
+    """Raise :class:`InsufficientSpaceError` when ``folder``'s disk has fewer than ``needed`` free bytes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise InsufficientSpaceError(
+            f"Not enough free space for {what}: it needs {_size(needed)} but {folder} has {_size(free)} free. "
+            "Free some space, or choose a --data-root on a larger disk. Nothing was written."
+        )
+
+
+def _size(n: int) -> str:
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
+def _progress_bar(transfer: _Transfer, total: int | None, initial: int) -> tqdm:
+    return tqdm(
+        total=total,
+        initial=initial,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=transfer.part.name.removesuffix(".part"),
+        disable=not transfer.settings.progress,
+    )
+
+
+# ------------------------------------------------------------------------------------------------ HTTP(S)
+def _content_range_start(value: str | None) -> tuple[int | None, int | None]:
+    """``'bytes 100-199/200'`` -> (100, 200); ``'bytes */200'`` -> (None, 200)."""
+    if not value or not value.startswith("bytes "):
+        return None, None
+    span, _, total = value[len("bytes ") :].partition("/")
+    start = span.split("-")[0]
+    return (int(start) if start.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+def _http_attempt(transfer: _Transfer) -> None:
+    offset = transfer.received()
+    headers = {"User-Agent": _USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    request = urllib.request.Request(transfer.url, headers=headers)
+    try:
+        response = urllib.request.urlopen(request, timeout=transfer.settings.timeout)
+    except urllib.error.HTTPError as error:
+        if error.code == 416 and offset:  # asked from beyond the end: complete already, or a different file
+            _, total = _content_range_start(error.headers.get("Content-Range"))
+            if total == offset:
+                return
+            transfer.part.unlink()
+            raise _Restart(f"the server has no byte {offset} of this file (HTTP 416)") from error
+        if 400 <= error.code < 500 and error.code not in (408, 429):
+            raise _Permanent(f"HTTP {error.code} {error.reason}") from error
+        raise
+    with response:
+        length = response.headers.get("Content-Length")
+        size = int(length) if length is not None and length.isdigit() else None
+        if offset and response.status == 206:
+            start, total = _content_range_start(response.headers.get("Content-Range"))
+            if start != offset:
+                transfer.part.unlink()
+                raise _Restart(f"asked for bytes from {offset}, the server sent them from {start}")
+            total = total if total is not None else (offset + size if size is not None else None)
+            mode = "ab"
+        else:
+            if offset:
+                logger.warning(
+                    "%s ignored the request to continue at byte %d (HTTP %d); reading it again from the start.",
+                    transfer.url,
+                    offset,
+                    response.status,
+                )
+                transfer.range_ignored = True
+            offset, total, mode = 0, size, "wb"
+        if total is not None:
+            ensure_free_space(transfer.part.parent, total - offset, f"downloading {transfer.url}")
+        received = offset
+        with open(transfer.part, mode) as f, _progress_bar(transfer, total, offset) as bar:
+            while chunk := response.read(CHUNK):
+                f.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    if total is not None and received < total:
+        raise ConnectionError(f"the connection closed after {received} of {total} bytes")
+
+
+# ---------------------------------------------------------------------------------------------------- FTP
+def _ftp_attempt(transfer: _Transfer) -> None:
+    parts = urlsplit(transfer.url)
+    path = unquote(parts.path)
+    with ftplib.FTP(timeout=transfer.settings.timeout) as ftp:
+        ftp.connect(parts.hostname or "", parts.port or 21)
+        ftp.login(unquote(parts.username or "anonymous"), unquote(parts.password or "anonymous@"))
+        ftp.voidcmd("TYPE I")
+        try:
+            total: int | None = ftp.size(path)
+        except ftplib.error_perm as error:
+            if str(error).startswith("550"):
+                raise _Permanent(f"FTP {error}") from error
+            total = None  # SIZE not supported
+        offset = transfer.received()
+        if total is not None and offset > total:
+            transfer.part.unlink()
+            offset = 0
+        if total is not None and offset == total:
+            return
+        if total is not None:
+            ensure_free_space(transfer.part.parent, total - offset, f"downloading {transfer.url}")
+        if offset:
+            try:
+                ftp.sendcmd(f"REST {offset}")
+            except ftplib.error_perm:
+                logger.warning("%s does not support REST; reading it again from the start.", transfer.url)
+                transfer.range_ignored = True
+                offset = 0
+        with open(transfer.part, "ab" if offset else "wb") as f, _progress_bar(transfer, total, offset) as bar:
+            try:  # the REST above (if any) applies to this RETR
+                with ftp.transfercmd(f"RETR {path}") as connection:
+                    while chunk := connection.recv(CHUNK):
+                        f.write(chunk)
+                        bar.update(len(chunk))
+                ftp.voidresp()
+            except ftplib.error_perm as error:
+                if str(error).startswith("550"):
+                    raise _Permanent(f"FTP {error}") from error
+                raise
+    received = transfer.received()
+    if total is not None and received < total:
+        raise ConnectionError(f"the transfer stopped after {received} of {total} bytes")
+
+
+_PROTOCOLS: dict[str, Callable[[_Transfer], None]] = {
+    "http": _http_attempt,
+    "https": _http_attempt,
+    "ftp": _ftp_attempt,
+}
+_TRANSIENT = (OSError, http.client.HTTPException, ftplib.Error, EOFError, _Restart)
+
+
+def fetch(url: str, dest: Path, settings: DownloadSettings = DownloadSettings()) -> Path:
+    """Download ``url`` to ``dest`` through ``dest.part``, continuing any partial file already there.
+
+    Args:
+        url: ``http://``, ``https://`` or ``ftp://`` address.
+        dest: The final file; created only when the transfer is complete.
+        settings: Timeouts, attempts, back-off and progress bars.
+
+    Returns:
+        ``dest``.
+
+    Raises:
+        DownloadError: Every attempt failed, or the server refused for good (e.g. 404); the message names the
+            URL and the bytes kept in ``dest.part`` for the next run.
+        InsufficientSpaceError: The disk lacks room for the rest of the file.
+    """
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in _PROTOCOLS or not parts.hostname:
+        raise DownloadError(
+            f"Cannot download {url!r}: expected an address such as https://host/path/file; supported are "
+            f"{', '.join(_PROTOCOLS)}."
+        )
+    transfer = _Transfer(url, dest.with_name(dest.name + ".part"), settings)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    last: BaseException | None = None
+    for attempt in range(1, settings.attempts + 1):
+        try:
+            _PROTOCOLS[scheme](transfer)
+            os.replace(transfer.part, dest)
+            logger.info("Downloaded %s (%s) to %s", url, _size(dest.stat().st_size), dest)
+            return dest
+        except (InsufficientSpaceError, DownloadError):
+            raise
+        except _Permanent as error:
+            raise DownloadError(f"Could not download {url}: {error}.") from error
+        except _TRANSIENT as error:
+            last = error
+        if attempt < settings.attempts:
+            wait = (
+                0.0 if isinstance(last, _Restart) else min(settings.retry_wait * 2 ** (attempt - 1), settings.max_wait)
+            )
+            logger.warning(
+                "Download of %s failed (%s); attempt %d of %d in %.0f s, continuing from byte %d.",
+                url,
+                last,
+                attempt + 1,
+                settings.attempts,
+                wait,
+                transfer.received(),
+            )
+            time.sleep(wait)
+    kept = transfer.received()
+    note = (
+        " The server ignored the request to continue a partial transfer, so every attempt started again from "
+        "byte 0; try a mirror that supports resuming (HTTP Range, FTP REST)."
+        if transfer.range_ignored
+        else ""
+    )
+    resume = f" {transfer.part} keeps the {kept} bytes received; running again continues from there." if kept else ""
+    raise DownloadError(
+        f"Could not download {url} in {settings.attempts} attempt{'s' if settings.attempts > 1 else ''} (last error: "
+        f"{last}).{note}{resume}"
+    )
+
+
+# ----------------------------------------------------------------------------------------------- installing
+@dataclass
+class InstallReport:
+    """What :func:`install_dataset` did.
+
+    Attributes:
+        name: The dataset.
+        folder: ``<data_root>/<name>``.
+        installed: True if it was downloaded now; False if it was already in place (nothing done).
+        counts: Images and classes, when verified in this run.
+        files: The ``SOURCE.json`` records of the files (empty when the folder was placed by hand).
+        message: One line for the user.
+    """
+
+    name: str
+    folder: Path
+    installed: bool
+    counts: DatasetCounts | None
+    files: list[dict[str, object]] = field(default_factory=list)
+    message: str = ""
+
+
+def parse_url_overrides(items: Sequence[str], sources: Sequence[DatasetSource]) -> dict[str, str]:
+    """``["FILE=URL", ...]`` -> ``{FILE: URL}``; FILE must be an official file name of the datasets asked for."""
+    known = [f.name for s in sources for f in s.files]
+    overrides: dict[str, str] = {}
+    for item in items:
+        name, sep, url = item.partition("=")
+        if not sep or not name or not url:
+            raise ValueError(
+                f"--url expects FILE=URL (e.g. {known[0]}=https://mirror.example/{known[0]}), got {item!r}."
+            )
+        if name not in known:
+            raise ValueError(
+                f"--url {item}: {name!r} is not a file of the datasets asked for; their files: {', '.join(known)}."
+            )
+        overrides[name] = url
+    return overrides
+
+
+def file_urls(
+    source: DatasetSource, overrides: Mapping[str, str] | None = None, mirror: str | None = None
+) -> dict[str, str]:
+    """Each file's URL: an override, else ``<mirror>/<file name>``, else the official address."""
+    overrides = overrides or {}
+    mirror = mirror.rstrip("/") if mirror else None
+    return {f.name: overrides.get(f.name) or (f"{mirror}/{f.name}" if mirror else f.url) for f in source.files}
+
+
+def _manual_help(name: str, data_root: Path, files: Sequence[str]) -> str:
+    return (
+        f"To place the files by hand, run the README's commands (from the folder above a data root named 'data'):\n"
+        f"{DOWNLOAD_COMMANDS[name]}\n"
+        f"or put {', '.join(files)} into {data_root / DOWNLOADS_DIR} and run this again, or use a mirror: "
+        f"--url FILE=URL or {MIRROR_ENV}=BASE_URL."
+    )
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).replace(microsecond=0).isoformat().replace("+00:00", "Z")
+
+
+def install_dataset(
+    name: str,
+    data_root: str | Path,
+    *,
+    overrides: Mapping[str, str] | None = None,
+    mirror: str | None = None,
+    settings: DownloadSettings = DownloadSettings(),
+    keep_archives: bool = False,
+    force: bool = False,
+    workers: int = 1,
+) -> InstallReport:
+    """Download, unpack and verify dataset ``name`` into ``<data_root>/<name>`` (see the module docstring).
+
+    Args:
+        name: ``cub``, ``cars`` or ``sop``.
+        data_root: The folder holding the datasets.
+        overrides: Official file name -> URL.
+        mirror: A mirror's base URL (``<mirror>/<file name>``); ``overrides`` win.
+        settings: Download settings.
+        keep_archives: Keep the downloaded files in ``<data_root>/downloads`` (default: delete them once the
+            dataset is verified, as the README's commands do).
+        force: Replace an existing dataset folder (only once the new one is verified).
+        workers: Threads checking image headers.
+
+    Returns:
+        What was done.
+
+    Raises:
+        DownloadError: A file could not be fetched; the message names the URL and how to place it by hand.
+        ArchiveError: An archive is damaged or unsafe.
+        IncompleteDatasetError: The unpacked folder lacks images its index lists.
+        InsufficientSpaceError: Not enough disk space.
+        FileExistsError: ``<data_root>/<name>`` exists but is not complete (and ``force`` is off).
+    """
+    source = get_source(name)
+    data_root = Path(data_root)
+    folder = data_root / name
+    if folder.exists() and not force:
+        return _already_there(name, folder, workers, settings.progress)
+    urls = file_urls(source, overrides, mirror)
+    downloads = data_root / DOWNLOADS_DIR
+    fetched: dict[str, tuple[Path, str]] = {}
+    for remote in source.files:
+        dest = downloads / remote.name
+        if dest.is_file():
+            logger.info("Using %s, already downloaded (or placed there by hand).", dest)
+            fetched[remote.name] = (dest, "found in " + str(downloads))
+            continue
+        try:
+            fetch(urls[remote.name], dest, settings)
+        except DownloadError as error:
+            raise DownloadError(
+                f"{error}\nNothing was unpacked: {folder} was not created.\n"
+                + _manual_help(name, data_root, [f.name for f in source.files])
+            ) from error
+        fetched[remote.name] = (dest, "downloaded")
+
+    staging = data_root / f".{name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
+    staging.mkdir(parents=True)
+    try:
+        records = []
+        for remote in source.files:
+            path, obtained = fetched[remote.name]
+            ensure_free_space(staging, remote.unpacker.unpacked_size(path), f"unpacking {path.name}")
+            count = remote.unpacker.unpack(path, staging, progress=settings.progress)
+            logger.info("Unpacked %s: %d files.", path.name, count)
+            records.append(
+                {
+                    "file": remote.name,
+                    "url": urls[remote.name],
+                    "size": path.stat().st_size,
+                    "sha256": file_sha256(path),
+                    "date": _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
+                    .replace(microsecond=0)
+                    .isoformat()
+                    .replace("+00:00", "Z"),
+                    "obtained": obtained,
+                }
+            )
+        counts = verify_dataset(name, staging, workers=workers, progress=settings.progress)
+        record = {"dataset": name, "created": _now(), "files": records, "counts": counts.__dict__}
+        atomic_write_text(staging / SOURCE_FILE, json.dumps(record, indent=2) + "\n")
+        _move_into_place(staging, folder)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if not keep_archives:
+        for path, _ in fetched.values():
+            path.unlink(missing_ok=True)
+    return InstallReport(
+        name, folder, True, counts, records, f"{name}: {counts.describe()}, all present and readable, in {folder}."
+    )
+
+
+def _already_there(name: str, folder: Path, workers: int, progress: bool) -> InstallReport:
+    """A dataset folder exists: say so and do nothing, or refuse to touch an incomplete one."""
+    record_path = folder / SOURCE_FILE
+    if record_path.is_file():
+        try:
+            record = json.loads(record_path.read_text())
+            when = record.get("created", "an earlier run")
+        except (OSError, ValueError):
+            record, when = {}, "an earlier run"
+        return InstallReport(
+            name,
+            folder,
+            False,
+            None,
+            list(record.get("files", [])) if isinstance(record, dict) else [],
+            f"{name}: already in place in {folder} (downloaded {when}, see {SOURCE_FILE}); nothing to do. "
+            f"'raml check-data --datasets {name},{name}-test' checks its images; --force downloads it again.",
+        )
+    try:
+        counts = verify_dataset(name, folder, workers=workers, progress=progress)
+    except IncompleteDatasetError as error:
+        raise FileExistsError(
+            f"{folder} exists but is not a complete dataset ({error}). Nothing was changed. Move it away, or pass "
+            "--force to download it again and replace it once the new copy is verified."
+        ) from error
+    return InstallReport(
+        name,
+        folder,
+        False,
+        counts,
+        [],
+        f"{name}: already in place in {folder} (placed by hand, no {SOURCE_FILE}): {counts.describe()}, all present "
+        "and readable; nothing to do.",
+    )
+
+
+def _move_into_place(staging: Path, folder: Path) -> None:
+    """Rename the verified staging folder to ``folder``; an old ``folder`` (``--force``) goes only after."""
+    old = folder.with_name(f".{folder.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    if folder.exists():
+        os.replace(folder, old)
+    os.replace(staging, folder)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,207 @@
+"""faiss index types and their parameters: build an inner-product index from embeddings, set search knobs.
+
+Contract:
+    ``build_faiss_index((N, D) float32 L2-normalised, IndexParams)`` -> (faiss index holding ids ``0..N-1``,
+    resolved parameters). The similarity is the inner product (= cosine, the embeddings being L2-normalised).
+
+Index types (all inner product): ``flat`` (``IndexFlatIP``, exact), ``ivf`` (``IndexIVFFlat``: k-means
+coarse quantiser with ``nlist`` cells, ``nprobe`` of them searched), ``hnsw`` (``IndexHNSWFlat``: a graph
+with ``hnsw_m`` links per node, ``ef_search`` candidates kept while searching) and ``ivfpq``
+(``IndexIVFPQ``: IVF cells whose vectors are compressed to ``m`` codes of ``nbits`` bits). The trained types
+learn their quantisers from a random sample of at most ``train_size`` embeddings of the first build;
+later appends reuse them.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "INDEX_TYPES",
+    "IndexParams",
+    "apply_search_params",
+    "as_float32_matrix",
+    "build_faiss_index",
+    "import_faiss",
+]
+
+INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
+"""Supported index types, see the module docstring."""
+
+_DEFAULT_TRAIN_SIZE = 200_000
+
+
+def import_faiss() -> Any:
+    """Import faiss, with a clear error when it is not installed."""
+    # faiss logs every CPU-specific library it tries at INFO level; only its warnings are of interest.
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    try:
+        import faiss
+    except ImportError as error:  # pragma: no cover - faiss is installed in the dev environment
+        raise ImportError(
+            "The deployment index needs faiss; install it with `pip install faiss-cpu` (or `pip install "
+            "raml[index]`; faiss-gpu works too)."
+        ) from error
+    return faiss
+
+
+@dataclass(frozen=True)
+class IndexParams:
+    """How to build a faiss index; ``None`` means a default derived from the data (see :meth:`resolve`).
+
+    Attributes:
+        index_type: One of :data:`INDEX_TYPES`.
+        nlist: IVF cells (ivf, ivfpq); default ``round(4 * sqrt(N))``, at most one per 39
+            training vectors.
+        nprobe: IVF cells searched per query (ivf, ivfpq); default ``max(1, nlist // 8)``.
+        m: PQ sub-quantisers (ivfpq); must divide D; default the largest divisor of D up to ``D // 8``.
+        nbits: Bits per PQ code (ivfpq); default 8, fewer when the training sample has under 256 vectors.
+        hnsw_m: Graph links per node (hnsw).
+        ef_construction: Candidate list size while building (hnsw).
+        ef_search: Candidate list size while searching (hnsw; raised to k when searching deeper).
+        train_size: Training sample size (ivf, ivfpq); default all embeddings up to 200,000.
+        seed: Seed of the training sample.
+    """
+
+    index_type: str = "flat"
+    nlist: int | None = None
+    nprobe: int | None = None
+    m: int | None = None
+    nbits: int | None = None
+    hnsw_m: int = 32
+    ef_construction: int = 40
+    ef_search: int = 64
+    train_size: int | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.index_type not in INDEX_TYPES:
+            raise ValueError(f"Unknown index type {self.index_type!r}; choose one of {', '.join(INDEX_TYPES)}.")
+        for name in ("nlist", "nprobe", "m", "nbits", "train_size"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None (default), got {value!r}.")
+        for name in ("hnsw_m", "ef_construction", "ef_search"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.nbits is not None and self.nbits > 16:
+            raise ValueError(f"nbits must be at most 16 (bits per PQ code), got {self.nbits}.")
+
+    def resolve(self, num_vectors: int, dim: int) -> IndexParams:
+        """Fill in the defaults for ``num_vectors`` embeddings of dimension ``dim``; check feasibility.
+
+        Raises:
+            ValueError: When the parameters cannot work with this data (e.g. more IVF cells than training
+                vectors, or ``m`` not dividing ``dim``); the message says what to change.
+        """
+        if num_vectors < 1:
+            raise ValueError("Cannot build an index without any embeddings.")
+        out = self
+        if self.index_type in ("ivf", "ivfpq"):
+            train = min(num_vectors, self.train_size or _DEFAULT_TRAIN_SIZE)
+            # ~4 sqrt(N) cells, but no fewer than ~39 training vectors per cell (faiss's k-means minimum)
+            default_nlist = max(1, min(round(4 * math.sqrt(num_vectors)), train // 39))
+            nlist = self.nlist if self.nlist is not None else default_nlist
+            if nlist > train:
+                raise ValueError(
+                    f"--nlist {nlist} needs at least {nlist} training vectors but only {train} are available "
+                    f"({num_vectors} images, --train-size {self.train_size}); lower --nlist (about 4 * sqrt(N) "
+                    "is usual) or index more images."
+                )
+            nprobe = self.nprobe if self.nprobe is not None else max(1, nlist // 8)
+            if nprobe > nlist:
+                raise ValueError(f"--nprobe {nprobe} exceeds --nlist {nlist}; choose nprobe <= nlist.")
+            out = replace(out, train_size=train, nlist=nlist, nprobe=nprobe)
+            if self.index_type == "ivfpq":
+                m = self.m if self.m is not None else max(d for d in range(1, max(1, dim // 8) + 1) if dim % d == 0)
+                if dim % m != 0:
+                    raise ValueError(
+                        f"--m {m} must divide the embedding dimension {dim} (each PQ sub-quantiser codes "
+                        f"{dim}/m dimensions); choose a divisor such as "
+                        f"{', '.join(str(d) for d in range(1, dim + 1) if dim % d == 0 and d <= 64)}."
+                    )
+                nbits = self.nbits if self.nbits is not None else min(8, int(math.log2(train)))
+                if 2**nbits > train:
+                    raise ValueError(
+                        f"--nbits {nbits} needs at least {2**nbits} training vectors (one per PQ centroid) "
+                        f"but only {train} are available; lower --nbits or index more images."
+                    )
+                out = replace(out, m=m, nbits=nbits)
+        return out
+
+    def factory_string(self) -> str:
+        """The ``faiss.index_factory`` description of a resolved parameter set."""
+        if self.index_type == "flat":
+            return "Flat"
+        if self.index_type == "hnsw":
+            return f"HNSW{self.hnsw_m},Flat"
+        if self.index_type == "ivf":
+            return f"IVF{self.nlist},Flat"
+        # "np": no polysemous training (a slow code-reordering step for Hamming filtering, which we do not use)
+        return f"IVF{self.nlist},PQ{self.m}x{self.nbits}np"
+
+
+def build_faiss_index(embeddings: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
+    """Build (train and fill) an inner-product faiss index.
+
+    Args:
+        embeddings: ``(N, D)`` float32, L2-normalised.
+        params: Index type and parameters; defaults are resolved from the data.
+
+    Returns:
+        The faiss index holding all N vectors (ids 0..N-1) and the resolved parameters.
+    """
+    faiss = import_faiss()
+    x = as_float32_matrix(embeddings)
+    resolved = params.resolve(x.shape[0], x.shape[1])
+    index = faiss.index_factory(x.shape[1], resolved.factory_string(), faiss.METRIC_INNER_PRODUCT)
+    if resolved.index_type == "hnsw":
+        index.hnsw.efConstruction = resolved.ef_construction
+    if not index.is_trained:
+        rng = np.random.default_rng(resolved.seed)
+        sample = (
+            x
+            if resolved.train_size >= x.shape[0]
+            else x[np.sort(rng.choice(x.shape[0], resolved.train_size, replace=False))]
+        )
+        logger.info("Training a %s index on %d embeddings", resolved.factory_string(), sample.shape[0])
+        index.train(sample)
+    index.add(x)
+    apply_search_params(index, resolved)
+    return index, resolved
+
+
+def apply_search_params(index: Any, params: IndexParams, k: int | None = None) -> None:
+    """Set the search-time knobs (``nprobe``, ``efSearch``) of ``index`` from ``params``.
+
+    Args:
+        index: A faiss index built by :func:`build_faiss_index`.
+        params: Resolved parameters (what the index was built with, ``nprobe`` possibly overridden).
+        k: Results wanted per query; HNSW keeps at least k candidates.
+    """
+    faiss = import_faiss()
+    if params.index_type in ("ivf", "ivfpq"):
+        faiss.extract_index_ivf(index).nprobe = int(params.nprobe)
+    elif params.index_type == "hnsw":
+        index.hnsw.efSearch = max(int(params.ef_search), int(k or 0))
+
+
+def as_float32_matrix(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:
+    """``(N, D)`` embeddings as a contiguous float32 array; refuses empty, non-2-D or non-finite input."""
+    if isinstance(embeddings, torch.Tensor):
+        embeddings = embeddings.detach().cpu().numpy()
+    x = np.ascontiguousarray(embeddings, dtype=np.float32)
+    if x.ndim != 2 or x.shape[0] == 0 or x.shape[1] == 0:
+        raise ValueError(f"Expected a non-empty (N, D) matrix of embeddings, got shape {x.shape}.")
+    if not np.isfinite(x).all():
+        raise ValueError("The embeddings contain NaN or infinite values; check the network and the images.")
+    return x

@@ -1,0 +1,90 @@
+"""Image files to index or query: a folder's images, a list file's paths, duplicate keys, existence checks.
+
+Contract: each function returns or checks plain path strings (``str``), in a stable order (a folder: sorted by
+the path relative to it; a list file: its line order).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from raml.data.images import ImageLoadError
+from raml.data.splits import IMAGE_EXTENSIONS
+
+__all__ = ["check_images_exist", "collect_images", "image_key", "read_image_list"]
+
+
+def collect_images(directory: str | Path) -> list[str]:
+    """Image files under ``directory`` (recursively), sorted by their path relative to it.
+
+    Args:
+        directory: A folder; files with an extension in ``raml.data.splits.IMAGE_EXTENSIONS`` (any case)
+            are taken, hidden files and folders are skipped.
+
+    Returns:
+        Paths as ``str(directory / relative_path)`` (relative when ``directory`` is relative).
+
+    Raises:
+        FileNotFoundError: If ``directory`` is not a folder.
+        ValueError: If it holds no image.
+    """
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"--images {str(directory)!r} is not a folder; give a folder of images.")
+    found: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(directory):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        rel_dir = Path(dirpath).relative_to(directory)
+        for name in filenames:
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                found.append((rel_dir / name).as_posix())
+    if not found:
+        raise ValueError(
+            f"No images found under {str(directory)!r} (looked for {', '.join(IMAGE_EXTENSIONS)} files, recursively)."
+        )
+    return [str(directory / rel) for rel in sorted(found)]
+
+
+def read_image_list(list_file: str | Path) -> list[str]:
+    """Image paths listed in a text file, one per line.
+
+    Blank lines and lines starting with ``#`` are skipped; relative paths are relative to the list file's
+    folder (returned as ``str(list_folder / path)``), absolute paths are kept.
+
+    Raises:
+        FileNotFoundError: If the list file does not exist.
+        ValueError: If it lists no path.
+    """
+    list_file = Path(list_file)
+    if not list_file.is_file():
+        raise FileNotFoundError(
+            f"--list {str(list_file)!r} does not exist; give a text file with one image path per line."
+        )
+    paths = []
+    for line in list_file.read_text().splitlines():
+        entry = line.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        path = Path(entry).expanduser()
+        paths.append(str(path if path.is_absolute() else list_file.parent / path))
+    if not paths:
+        raise ValueError(f"--list {str(list_file)!r} lists no image paths (one path per line expected).")
+    return paths
+
+
+def image_key(path: str) -> str:
+    """Identity of an image file for duplicate detection: its normalised absolute path."""
+    return os.path.normcase(os.path.abspath(path))
+
+
+def check_images_exist(paths: Sequence[str]) -> None:
+    """Raise :class:`~raml.data.images.ImageLoadError` naming the missing files, before any embedding."""
+    missing = [p for p in paths if not Path(p).is_file()]
+    if missing:
+        shown = ", ".join(repr(p) for p in missing[:5])
+        raise ImageLoadError(
+            f"{len(missing)} of {len(paths)} images do not exist (e.g. {shown}); fix the paths (relative paths "
+            "in a list file are relative to the list file's folder)."
+        )

@@ -1,0 +1,284 @@
+"""Static int8 quantisation of an exported ONNX query network (onnxruntime), checked against the fp32 model.
+
+Contract: ``quantize_onnx(fp32, output, calibration_paths)`` reads an fp32 model written by
+:func:`raml.deploy.export.export_onnx` (``(B, 3, S, S)`` -> ``(B, D)``, preprocessing in its sidecar) and
+writes ``output``: the same graph with int8 weights and activations, plus its sidecar (the fp32 one with a
+``quantization`` record).
+
+How: the fp32 graph is first prepared by ``onnxruntime.quantization.quant_pre_process`` (shape inference
+and graph optimisation, e.g. BatchNorm folded into the convolutions), then ``quantize_static`` inserts
+QuantizeLinear/DequantizeLinear pairs (the QDQ format onnxruntime's CPU kernels are optimised for):
+weights signed int8 (per output channel by default, which suits ResNet convolutions), activations unsigned
+int8 with ranges calibrated on the calibration images (preprocessed exactly as at query time, through the
+sidecar's transform), by the min/max of what they produce (``minmax``) or by a percentile
+(``percentile``) or an entropy criterion (``entropy``).
+
+Check before keeping: the fp32 and int8 models embed the calibration images (and ``check_paths`` when
+given); the mean cosine similarity of the two embeddings of each image must reach ``min_cosine``
+(:data:`DEFAULT_MIN_COSINE`), otherwise :class:`QuantizationError` is raised and nothing is written. The
+model is written to a temporary name and renamed into place only after the check, so an existing file is
+never replaced by a failed quantisation.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raml.data.images import EvalTransform, load_image
+from raml.deploy.export import read_sidecar, sidecar_path
+from raml.deploy.onnx_network import onnx_session
+from raml.utils import atomic_path, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CALIBRATION_METHODS",
+    "DEFAULT_MIN_COSINE",
+    "QuantizationError",
+    "QuantizationReport",
+    "evenly_spaced",
+    "quantize_onnx",
+]
+
+#: the mean fp32/int8 cosine similarity an int8 model must reach to be kept. The demo's trained ResNet-18
+#: networks reach 0.999 (docs/deployment.md); a model calibrated on blank images, whose activation ranges
+#: collapse, falls far below (tests/deploy/test_quantize.py).
+DEFAULT_MIN_COSINE = 0.95
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+_BATCH = 16
+
+
+class _QuietQuantizer(logging.Filter):
+    """Drops the INFO lines onnxruntime's quantisation tools log on the root logger (one per copied bias, ...)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or "onnxruntime" not in record.pathname
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    # A filter on the root logger sees only records logged on the root logger itself (what those tools do),
+    # not those of named loggers propagating to it.
+    quiet = _QuietQuantizer()
+    root = logging.getLogger()
+    root.addFilter(quiet)
+    try:
+        yield
+    finally:
+        root.removeFilter(quiet)
+
+
+class QuantizationError(ValueError):
+    """The int8 model's embeddings are too far from the fp32 model's (nothing was written)."""
+
+
+@dataclass
+class QuantizationReport:
+    """What a quantisation wrote and how close it stays to the fp32 model.
+
+    Attributes:
+        path: The int8 model.
+        sidecar: Its preprocessing JSON.
+        source: The fp32 model it was made from.
+        fp32_bytes: Size of the fp32 file.
+        int8_bytes: Size of the int8 file.
+        calibration_images: Images the activation ranges were calibrated on.
+        checked_images: Images of the fp32/int8 comparison.
+        mean_cosine: Mean cosine similarity of the fp32 and int8 embeddings of the same image.
+        min_cosine: The smallest one.
+        method: Calibration method.
+        per_channel: Whether weights have one scale per output channel.
+    """
+
+    path: Path
+    sidecar: Path
+    source: Path
+    fp32_bytes: int
+    int8_bytes: int
+    calibration_images: int
+    checked_images: int
+    mean_cosine: float
+    min_cosine: float
+    method: str
+    per_channel: bool
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-serialisable form."""
+        return {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(self).items()}
+
+
+def evenly_spaced(paths: Sequence[str], count: int) -> list[str]:
+    """``count`` items spread evenly over ``paths`` (first and last included; all of them when fewer).
+
+    A split lists its images class by class, so the first ``count`` would cover a few classes only.
+    """
+    if count < 1:
+        raise ValueError(f"The number of calibration images must be positive, got {count}.")
+    if count >= len(paths):
+        return list(paths)
+    positions = np.unique(np.round(np.linspace(0, len(paths) - 1, count)).astype(int))
+    return [paths[i] for i in positions]
+
+
+def _preprocess(paths: Sequence[str | Path], sidecar: dict[str, Any]) -> np.ndarray:
+    transform = EvalTransform(int(sidecar["image_size"]), sidecar["mean"], sidecar["std"])
+    return torch.stack([transform(load_image(p)) for p in paths]).numpy()
+
+
+class _Calibration:
+    """onnxruntime's ``CalibrationDataReader`` protocol over preprocessed images, in batches."""
+
+    def __init__(self, input_name: str, images: np.ndarray) -> None:
+        self.input_name, self.images = input_name, images
+        self._batches: Iterator[np.ndarray] = iter(())
+        self.rewind()
+
+    def rewind(self) -> None:
+        self._batches = iter([self.images[i : i + _BATCH] for i in range(0, len(self.images), _BATCH)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self._batches, None)
+        return None if batch is None else {self.input_name: batch}
+
+
+def _embed(session: Any, images: np.ndarray) -> np.ndarray:
+    name = session.get_inputs()[0].name
+    chunks = [session.run(None, {name: images[i : i + _BATCH]})[0] for i in range(0, len(images), _BATCH)]
+    return np.concatenate(chunks).astype(np.float64)
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
+
+
+def _calibration_reader(input_name: str, images: np.ndarray) -> Any:
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(_Calibration, CalibrationDataReader):
+        pass
+
+    return Reader(input_name, images)
+
+
+def quantize_onnx(
+    fp32_path: str | Path,
+    output: str | Path,
+    calibration_paths: Sequence[str | Path],
+    check_paths: Sequence[str | Path] = (),
+    method: str = "minmax",
+    per_channel: bool = True,
+    min_cosine: float = DEFAULT_MIN_COSINE,
+    calibration_split: str | None = None,
+    source_label: str | None = None,
+) -> QuantizationReport:
+    """Quantise an exported fp32 ONNX model to int8 (static, QDQ) and write it with its sidecar.
+
+    Args:
+        fp32_path: The fp32 ``.onnx`` file written by ``raml export`` (its sidecar next to it).
+        output: The int8 ``.onnx`` file to write (a different file).
+        calibration_paths: Images whose activations set the quantisation ranges (a few dozen to a few hundred
+            images like the queries).
+        check_paths: More images for the fp32/int8 comparison (the calibration images are always used).
+        method: One of :data:`CALIBRATION_METHODS`.
+        per_channel: One weight scale per output channel (better accuracy for convolutions).
+        min_cosine: The smallest acceptable mean fp32/int8 cosine similarity.
+        calibration_split: The split the calibration images came from, recorded in the sidecar.
+        source_label: What the sidecar records as the fp32 model (default ``fp32_path``; e.g. the checkpoint
+            when the fp32 model is a temporary file).
+
+    Raises:
+        FileNotFoundError: A missing model, sidecar or image.
+        ValueError: Bad arguments, an already quantised input, or a file that is not an ONNX model.
+        QuantizationError: The int8 model is too far from the fp32 one; nothing is written.
+    """
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    fp32_path, output = Path(fp32_path), Path(output)
+    sidecar = read_sidecar(fp32_path)
+    if sidecar.get("quantization"):
+        raise ValueError(f"{fp32_path} is already quantised; quantise the fp32 export instead.")
+    if output.suffix.lower() != ".onnx":
+        raise ValueError(f"The int8 model must be written to a .onnx file, got {output}.")
+    if output.resolve() == fp32_path.resolve():
+        raise ValueError(f"The int8 model must not replace its fp32 source {fp32_path}; give another --output.")
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile}
+    methods["entropy"] = CalibrationMethod.Entropy
+    if method not in methods:
+        raise ValueError(f"Unknown calibration method {method!r}; choose one of {', '.join(CALIBRATION_METHODS)}.")
+    if not 0 < min_cosine <= 1:
+        raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine!r}.")
+    if not calibration_paths:
+        raise ValueError("Quantisation needs calibration images; give at least one.")
+    fp32_session = onnx_session(fp32_path)
+    input_name = fp32_session.get_inputs()[0].name
+    calibration = _preprocess(calibration_paths, sidecar)
+    checks = np.concatenate([calibration, _preprocess(check_paths, sidecar)]) if check_paths else calibration
+
+    with tempfile.TemporaryDirectory(prefix="raml-quantize-") as work, atomic_path(output) as tmp:
+        prepared = Path(work) / "prepared.onnx"
+        with _quiet_quantizer():
+            quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+            quantize_static(
+                str(prepared),
+                str(tmp),
+                _calibration_reader(input_name, calibration),
+                quant_format=QuantFormat.QDQ,
+                per_channel=per_channel,
+                activation_type=QuantType.QUInt8,
+                weight_type=QuantType.QInt8,
+                calibrate_method=methods[method],
+            )
+        cosines = _cosines(_embed(fp32_session, checks), _embed(onnx_session(tmp), checks))
+        mean, low = float(cosines.mean()), float(cosines.min())
+        logger.info("int8 vs fp32 on %d images: mean cosine %.4f, min %.4f", len(checks), mean, low)
+        if not mean >= min_cosine:
+            raise QuantizationError(
+                f"The int8 model's embeddings are too far from the fp32 model's: mean cosine similarity {mean:.4f} "
+                f"(min {low:.4f}) on {len(checks)} images, below {min_cosine}; nothing was written. Calibrate on "
+                "more (or more typical) images, or try another --calibration-method."
+            )
+        record = dict(sidecar)
+        record["model_sha256"] = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        record["quantization"] = {
+            "tool": "onnxruntime.quantization.quantize_static",
+            "format": "QDQ",
+            "weights": "int8" + (" per channel" if per_channel else " per tensor"),
+            "activations": "uint8",
+            "calibration_method": method,
+            "calibration_split": calibration_split,
+            "calibration_images": len(calibration_paths),
+            "fp32_model": source_label if source_label is not None else str(fp32_path),
+            "fp32_sha256": sidecar.get("model_sha256"),
+            "mean_cosine_to_fp32": mean,
+            "min_cosine_to_fp32": low,
+            "checked_images": int(len(checks)),
+        }
+        int8_bytes = tmp.stat().st_size
+        atomic_write_text(sidecar_path(output), json.dumps(record, indent=2) + "\n")
+    fp32_bytes = fp32_path.stat().st_size
+    logger.info("Wrote %s (%d bytes, fp32 %d) and %s", output, int8_bytes, fp32_bytes, sidecar_path(output))
+    return QuantizationReport(
+        path=output,
+        sidecar=sidecar_path(output),
+        source=fp32_path,
+        fp32_bytes=fp32_bytes,
+        int8_bytes=int8_bytes,
+        calibration_images=len(calibration_paths),
+        checked_images=int(len(checks)),
+        mean_cosine=mean,
+        min_cosine=low,
+        method=method,
+        per_channel=per_channel,
+    )

@@ -1,0 +1,216 @@
+"""The HTTP API of ``raml serve``: a Starlette (ASGI) application over a :class:`SearchService`.
+
+Routes:
+
+- ``GET /``: the web page (``web/index.html``: choose or drop a query image, see the top-k thumbnails);
+- ``POST /search?k=K&size=S``: the image as multipart form data (field ``image``) or as the raw body with an
+  ``image/*`` content type -> ``{"k", "size", "generation", "batch_size", "results": [{"rank", "id", "path",
+  "label", "score"}, ...], "timings_ms": {"read", "decode", "queue", "embed", "search", "total"}}``
+  (``label`` is null where the index has none). Errors are ``{"error": message}`` with status 400 (bad k or
+  size, truncated or corrupt image, bad form), 413 (body over ``max_bytes``, image over ``max_pixels``), 415
+  (not an image, or a body that is neither multipart nor ``image/*``), 503 with ``Retry-After`` (queue full);
+- ``GET /health``: :meth:`SearchService.health`;
+- ``GET /metrics``: Prometheus text (:mod:`raml.deploy.service.metrics`);
+- ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
+  request; ids outside the served index get 404).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import importlib.resources
+import logging
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.exceptions import HTTPException
+from starlette.formparsers import MultiPartException
+from starlette.requests import Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.routing import Route
+
+from raml.deploy.service.batching import QueueFullError
+from raml.deploy.service.decode import QueryImageError
+from raml.deploy.service.service import SearchService
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DEFAULT_K", "RETRY_AFTER_S", "create_app", "read_limited_body"]
+
+DEFAULT_K = 10
+RETRY_AFTER_S = 1
+_FORM_FIELD = "image"
+
+
+def _page() -> str:
+    return importlib.resources.files("raml.deploy.service").joinpath("web/index.html").read_text(encoding="utf-8")
+
+
+async def read_limited_body(request: Request, max_bytes: int) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``max_bytes`` (announced or streamed)."""
+    announced = request.headers.get("content-length")
+    too_large = QueryImageError(
+        413, f"The request body is over this service's limit of {max_bytes} bytes (--max-bytes); send a smaller file."
+    )
+    if announced is not None and announced.isdigit() and int(announced) > max_bytes:
+        raise too_large
+    chunks, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > max_bytes:
+            raise too_large
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def _upload_bytes(request: Request, body: bytes) -> bytes:
+    """The image bytes of a multipart body (field ``image``) or a raw ``image/*`` body."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type.startswith("image/"):
+        return body
+    if content_type != "multipart/form-data":
+        raise QueryImageError(
+            415,
+            f"Send the image as multipart form data (field {_FORM_FIELD!r}) or as the raw body with an image/* "
+            f"content type, not {content_type or 'no content type'!r}.",
+        )
+
+    async def replay() -> dict[str, Any]:
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        replayed = Request(request.scope, receive=replay)
+        form = await replayed.form(max_files=1, max_fields=16, max_part_size=max(1, len(body)))
+    except (MultiPartException, HTTPException) as error:
+        detail = getattr(error, "detail", error)
+        raise QueryImageError(400, f"The multipart form could not be parsed: {detail}.") from None
+    try:
+        upload = form.get(_FORM_FIELD)
+        if not isinstance(upload, UploadFile):
+            raise QueryImageError(400, f"The form has no file field {_FORM_FIELD!r}; send the image in that field.")
+        return await upload.read()
+    finally:
+        await form.close()
+
+
+def _int_param(request: Request, name: str, default: int | None, low: int, high: int) -> int | None:
+    text = request.query_params.get(name)
+    if text is None or text == "":
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        raise QueryImageError(400, f"{name}={text!r} is not an integer; give one between {low} and {high}.") from None
+    if not low <= value <= high:
+        raise QueryImageError(400, f"{name}={value} is out of range; give {name} between {low} and {high}.")
+    return value
+
+
+def create_app(service: SearchService) -> Starlette:
+    """The ASGI application; its lifespan starts and stops ``service``'s threads."""
+    page = _page()
+    metrics = service.metrics
+
+    def answer(route: str, response: Response, started: float | None = None) -> Response:
+        seconds = time.perf_counter() - started if started is not None else None
+        metrics.record_request(route, response.status_code, seconds)
+        return response
+
+    def error(status: int, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    async def search(request: Request) -> Response:
+        started = time.perf_counter()
+        try:
+            k = _int_param(request, "k", DEFAULT_K, 1, service.limits.max_k)
+            requested = _int_param(request, "size", None, 1, 1 << 16)
+            try:
+                size = service.query_size(requested)
+            except ValueError as refused:
+                raise QueryImageError(400, str(refused)) from None
+            with service.arriving():
+                body = await read_limited_body(request, service.limits.max_bytes)
+                data = await _upload_bytes(request, body)
+                read_done = time.perf_counter()
+                image = await run_in_threadpool(service.prepare, data, size)
+                decoded = time.perf_counter()
+                future = service.submit(image, size, int(k))
+            result = await asyncio.wrap_future(future)
+        except QueryImageError as refused:
+            return answer("search", error(refused.status, str(refused)), started)
+        except QueueFullError as busy:
+            return answer("search", error(503, str(busy), {"Retry-After": str(RETRY_AFTER_S)}), started)
+        except Exception:
+            logger.exception("Search failed")
+            return answer("search", error(500, "The search failed; see the service's log."), started)
+        index = result.index
+        hits = [
+            {
+                "rank": rank,
+                "id": int(i),
+                "path": index.paths[int(i)],
+                "label": int(index.labels[int(i)]) if int(index.labels[int(i)]) >= 0 else None,
+                "score": float(s),
+            }
+            for rank, (i, s) in enumerate(zip(result.ids, result.scores), start=1)
+        ]
+        total = time.perf_counter() - started
+        timings = {
+            "read": read_done - started,
+            "decode": decoded - read_done,
+            "queue": result.queue_s,
+            "embed": result.embed_s,
+            "search": result.search_s,
+            "total": total,
+        }
+        payload = {
+            "k": k,
+            "size": size,
+            "generation": index.generation,
+            "batch_size": result.batch_size,
+            "results": hits,
+            "timings_ms": {name: round(1000.0 * value, 3) for name, value in timings.items()},
+        }
+        return answer("search", JSONResponse(payload), started)
+
+    async def health(request: Request) -> Response:
+        return answer("health", JSONResponse(service.health()))
+
+    async def metrics_text(request: Request) -> Response:
+        return answer("metrics", PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4"))
+
+    async def image(request: Request) -> Response:
+        index = service.index.current
+        image_id = int(request.path_params["image_id"])
+        if not 0 <= image_id < len(index):
+            return answer("image", error(404, f"No image {image_id}: the index holds ids 0 to {len(index) - 1}."))
+        path = Path(index.paths[image_id])
+        if not path.is_file():
+            return answer("image", error(404, f"Image {image_id} is missing on the server's disk."))
+        return answer("image", FileResponse(path))
+
+    async def home(request: Request) -> Response:
+        return answer("page", HTMLResponse(page))
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            await run_in_threadpool(service.stop)
+
+    routes = [
+        Route("/", home, methods=["GET"]),
+        Route("/search", search, methods=["POST"]),
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_text, methods=["GET"]),
+        Route("/image/{image_id:int}", image, methods=["GET"]),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -1,0 +1,219 @@
+"""Dynamic micro-batching: queries from concurrent requests embedded together, then searched.
+
+Contract: :meth:`MicroBatcher.submit` puts one transformed query ``(3, S, S)`` (its size S and k) into a bounded
+queue and returns a :class:`concurrent.futures.Future` of a :class:`QueryResult`, or raises
+:class:`QueueFullError` at once when ``queue_size`` queries already wait (the caller sheds the load). One
+worker thread takes the first waiting query, then keeps taking queries until it holds ``max_batch`` of them or
+``max_wait_s`` have passed since it took the first, or no query is waiting and ``arriving()`` says none is on its
+way (so a lone query is not held back for nothing); it reads the served index once for the whole batch,
+embeds the queries of each size in one forward pass ``(B, 3, S, S) -> (B, D)``, searches the queries of each k
+together, and resolves every future (with the error, should the network or the search fail). With
+``max_batch == 1`` every query is embedded alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from raml.deploy.store import DatabaseIndex
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["MicroBatcher", "QueryResult", "QueueFullError"]
+
+_POLL_S = 0.0005  # while waiting for more queries: how often to re-check whether any is still arriving
+
+
+class QueueFullError(RuntimeError):
+    """The batching queue holds ``queue_size`` queries already; try again later."""
+
+
+@dataclass
+class QueryResult:
+    """The answer to one query.
+
+    Attributes:
+        ids: ``(k',)`` database ids by decreasing score (k' <= k; -1 entries removed).
+        scores: ``(k',)`` inner products.
+        index: The index searched (its paths and labels name the ids).
+        batch_size: Queries embedded in the same forward pass.
+        queue_s: Seconds between submission and the start of its batch.
+        embed_s: Seconds of its batch's forward pass.
+        search_s: Seconds of its search.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    index: DatabaseIndex
+    batch_size: int
+    queue_s: float
+    embed_s: float
+    search_s: float
+
+
+@dataclass
+class _Query:
+    image: torch.Tensor
+    size: int
+    k: int
+    submitted: float
+    future: Future = field(default_factory=Future)
+
+
+class MicroBatcher:
+    """A bounded queue of queries and the one worker thread that batches them (see the module docstring).
+
+    Args:
+        embed: ``(B, 3, S, S)`` float32 -> ``(B, D)`` float32 numpy.
+        current_index: Returns the index to search (read once per batch).
+        max_batch: Most queries per forward pass.
+        max_wait_s: Longest wait for more queries once a batch has its first one.
+        queue_size: Most queries waiting; beyond it :meth:`submit` raises :class:`QueueFullError`.
+        on_batch: Called with the size of each forward pass (metrics).
+        arriving: Returns how many queries are on their way (received, not yet submitted); None = always wait
+            the full ``max_wait_s``.
+    """
+
+    def __init__(
+        self,
+        embed: Callable[[torch.Tensor], np.ndarray],
+        current_index: Callable[[], DatabaseIndex],
+        max_batch: int = 32,
+        max_wait_s: float = 0.005,
+        queue_size: int = 256,
+        on_batch: Callable[[int], None] | None = None,
+        arriving: Callable[[], int] | None = None,
+    ) -> None:
+        for name, value in (("max_batch", max_batch), ("queue_size", queue_size)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not max_wait_s >= 0:
+            raise ValueError(f"max_wait_s must be zero or positive, got {max_wait_s!r}.")
+        self._embed = embed
+        self._current_index = current_index
+        self.max_batch = max_batch
+        self.max_wait_s = float(max_wait_s)
+        self.queue_size = queue_size
+        self._on_batch = on_batch or (lambda size: None)
+        self._arriving = arriving or (lambda: 1)
+        self._queue: queue.Queue[_Query | None] = queue.Queue(maxsize=queue_size)
+        self._thread: threading.Thread | None = None
+
+    @property
+    def depth(self) -> int:
+        """Queries waiting for the worker."""
+        return self._queue.qsize()
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker thread is alive."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
+        """Queue one ``(3, size, size)`` query for the ``k`` nearest database images.
+
+        Raises:
+            QueueFullError: When ``queue_size`` queries already wait.
+            RuntimeError: When the worker is not running.
+        """
+        if not self.running:
+            raise RuntimeError("The batching worker is not running; start() it first.")
+        query = _Query(image, int(size), int(k), time.perf_counter())
+        try:
+            self._queue.put_nowait(query)
+        except queue.Full:
+            raise QueueFullError(
+                f"{self.queue_size} queries are already waiting (--queue-size); try again shortly."
+            ) from None
+        return query.future
+
+    def start(self) -> None:
+        """Start the worker thread."""
+        if self.running:
+            return
+        self._thread = threading.Thread(target=self._work, name="raml-batcher", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 30.0) -> None:
+        """Let the worker finish the queries already queued, then stop it."""
+        if self._thread is None:
+            return
+        self._queue.put(None)  # after everything already queued
+        self._thread.join(timeout=timeout_s)
+        self._thread = None
+
+    def _take_batch(self, first: _Query) -> tuple[list[_Query], bool]:
+        """``first`` and the queries that arrive until the batch is full or the wait is over; True = stop seen."""
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait_s
+        while len(batch) < self.max_batch:
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0 or self._arriving() <= 0:
+                    break
+                try:  # short waits, so that the last arriving query's failure does not hold the batch back
+                    item = self._queue.get(timeout=min(remaining, _POLL_S))
+                except queue.Empty:
+                    continue
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _work(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            batch, stop = self._take_batch(first)
+            self._run_batch(batch)
+            if stop:
+                return
+
+    def _run_batch(self, batch: list[_Query]) -> None:
+        started = time.perf_counter()
+        # A query whose client went away (its future cancelled) is dropped; the others can no longer be cancelled.
+        batch = [query for query in batch if query.future.set_running_or_notify_cancel()]
+        if not batch:
+            return
+        index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
+        by_size: dict[int, list[_Query]] = defaultdict(list)
+        for query in batch:
+            by_size[query.size].append(query)
+        for group in by_size.values():
+            try:
+                t0 = time.perf_counter()
+                embeddings = self._embed(torch.stack([q.image for q in group]))
+                embed_s = time.perf_counter() - t0
+                self._on_batch(len(group))
+                by_k: dict[int, list[int]] = defaultdict(list)
+                for row, query in enumerate(group):
+                    by_k[query.k].append(row)
+                for k, rows in by_k.items():
+                    t0 = time.perf_counter()
+                    scores, ids = index.search(embeddings[rows], k)
+                    search_s = time.perf_counter() - t0
+                    for row, row_scores, row_ids in zip(rows, scores, ids):
+                        keep = row_ids >= 0
+                        result = QueryResult(
+                            row_ids[keep], row_scores[keep], index, len(group), started - group[row].submitted,
+                            embed_s, search_s,
+                        )  # fmt: skip
+                        group[row].future.set_result(result)
+            except Exception as error:  # the requests of this group get the error; the worker goes on
+                logger.exception("A batch of %d queries at %d px failed", len(group), group[0].size)
+                for query in group:
+                    if not query.future.done():
+                        query.future.set_exception(error)

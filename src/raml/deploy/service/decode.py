@@ -1,0 +1,72 @@
+"""Query images from untrusted bytes: size limits before decoding, then a fully loaded RGB ``PIL.Image``.
+
+Contract: ``decode_query_image(data, max_pixels)`` -> ``RGB`` image (:func:`raml.data.images.to_rgb` rules), or
+:class:`QueryImageError` carrying the HTTP status a client should get:
+
+- 415: the bytes are not an image PIL can identify;
+- 413: the header announces more than ``max_pixels`` pixels (checked before any pixel is decoded, so a
+  decompression bomb costs nothing), or PIL's own bomb guard fires;
+- 400: an empty body, or an image that fails while decoding (truncated or corrupt).
+
+The byte limit of the request body itself is the caller's (it must stop reading early; see
+:func:`raml.deploy.service.app.read_limited_body`).
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image, UnidentifiedImageError
+
+from raml.data.images import to_rgb
+
+__all__ = ["QueryImageError", "decode_query_image"]
+
+
+class QueryImageError(ValueError):
+    """A query the service refuses; ``status`` is the HTTP status to answer with."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_query_image(data: bytes, max_pixels: int) -> Image.Image:
+    """Decode ``data`` into an RGB image of at most ``max_pixels`` pixels.
+
+    Args:
+        data: The uploaded file's bytes.
+        max_pixels: Largest accepted width x height.
+
+    Returns:
+        The image in mode ``RGB``, independent of ``data``.
+
+    Raises:
+        QueryImageError: With status 400, 413 or 415 (see the module docstring).
+    """
+    if not data:
+        raise QueryImageError(400, "The request holds no image: send the image file as the body or as field 'image'.")
+    try:
+        # Image.open reads the header only (PIL itself refuses images over twice its global pixel limit there).
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise QueryImageError(
+                    413,
+                    f"The image is {width}x{height} = {width * height} pixels, over this service's limit of "
+                    f"{max_pixels} (--max-pixels); send a smaller image.",
+                )
+            img.load()
+            return to_rgb(img)
+    except QueryImageError:
+        raise
+    except UnidentifiedImageError as error:
+        raise QueryImageError(
+            415, "The upload is not an image this service can read (JPEG, PNG, WebP, GIF, BMP, TIFF ...)."
+        ) from error
+    except Image.DecompressionBombError as error:
+        raise QueryImageError(413, f"The image is too large to decode safely ({error}); send a smaller one.") from error
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... on truncated or corrupt data
+        raise QueryImageError(
+            400, f"The image could not be decoded ({type(error).__name__}: {error}); it is truncated or corrupt."
+        ) from error

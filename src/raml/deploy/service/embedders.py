@@ -1,0 +1,138 @@
+"""Query embedders of the service: a batch of transformed query images -> ``(B, D)`` float32 rows.
+
+Contract (:class:`QueryEmbedder`): ``transform(size)`` is the evaluation transform of the query network at
+one of its ``sizes`` (RGB ``PIL.Image`` -> ``(3, S, S)``); ``embed((B, 3, S, S) float32)`` -> ``(B, D)`` float32
+numpy, L2-normalised, exactly what ``raml search`` computes for the same images (the same transform, network
+call and dtype). Two implementations: a PyTorch network (:class:`TorchQueryEmbedder`) and an ONNX model exported
+by ``raml export`` (:class:`OnnxQueryEmbedder`, preprocessing from its sidecar).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import nn
+
+from raml.data.images import EvalTransform
+from raml.deploy.search import OnnxEmbedder, recorded_teacher_sha256
+from raml.retrieval.extract import embed_batch, network_mean_std
+
+__all__ = ["OnnxQueryEmbedder", "QueryEmbedder", "TorchQueryEmbedder", "allowed_query_sizes"]
+
+
+class QueryEmbedder(Protocol):
+    """What the service needs of a query network (see the module docstring)."""
+
+    output_dim: int
+    sizes: tuple[int, ...]
+    default_size: int
+    teacher_sha256: str | None
+
+    def transform(self, size: int) -> EvalTransform: ...
+
+    def embed(self, images: torch.Tensor) -> np.ndarray: ...
+
+    def describe(self) -> dict[str, Any]: ...
+
+
+def allowed_query_sizes(meta: dict[str, Any], image_size: int | None) -> tuple[tuple[int, ...], int]:
+    """The query sizes a network may be asked for, and the default one.
+
+    A network whose ``meta`` lists ``image_sizes`` (a student trained for several query resolutions) serves
+    those, by default ``image_size`` when given (it must be one of them) else the first listed; any other
+    network serves ``image_size`` only.
+
+    Raises:
+        ValueError: If no size is known, or ``image_size`` is not among the network's ``image_sizes``.
+    """
+    listed = [int(s) for s in meta.get("image_sizes") or []]
+    if listed:
+        if image_size is not None and image_size not in listed:
+            raise ValueError(
+                f"--image-size {image_size} is not one of the query sizes this network was trained for "
+                f"({', '.join(map(str, listed))}); choose one of them or omit --image-size."
+            )
+        return tuple(listed), int(image_size if image_size is not None else listed[0])
+    if image_size is None:
+        raise ValueError("The query network lists no image_sizes in its meta; give --image-size QR.")
+    return (int(image_size),), int(image_size)
+
+
+class TorchQueryEmbedder:
+    """A PyTorch query network (the student) on one device.
+
+    Args:
+        network: ``(B, 3, S, S)`` -> ``(B, D)`` L2-normalised, in eval mode, on ``device``.
+        device: Where it runs.
+        image_size: The query size QR (see :func:`allowed_query_sizes`).
+    """
+
+    def __init__(self, network: nn.Module, device: torch.device, image_size: int | None) -> None:
+        self.network = network.eval()
+        self.device = device
+        meta = dict(getattr(network, "meta", {}) or {})
+        self.sizes, self.default_size = allowed_query_sizes(meta, image_size)
+        self.output_dim = int(getattr(network, "output_dim", 0) or meta.get("outputdim", 0))
+        source = getattr(network, "source_path", None)
+        self.source = str(source) if source is not None else None
+        self.teacher_sha256 = recorded_teacher_sha256(source) if source is not None else None
+        self.mean, self.std = network_mean_std(network)
+        self._architecture = meta.get("architecture")
+
+    def transform(self, size: int) -> EvalTransform:
+        """The evaluation transform at ``size`` with the network's mean/std."""
+        return EvalTransform(size, self.mean, self.std)
+
+    @torch.inference_mode()
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """``(B, 3, S, S)`` -> ``(B, D)`` float32."""
+        return embed_batch(self.network, images.to(self.device)).cpu().numpy()
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/health``."""
+        return {
+            "kind": "pytorch",
+            "path": self.source,
+            "architecture": self._architecture,
+            "output_dim": self.output_dim,
+            "device": str(self.device),
+        }
+
+
+class OnnxQueryEmbedder:
+    """An ONNX query model written by ``raml export`` (onnxruntime on the CPU, preprocessing from its sidecar).
+
+    Args:
+        path: The ``.onnx`` file (its sidecar ``<file>.json`` next to it).
+        image_size: The query size; default the exported one (see :class:`raml.deploy.search.OnnxEmbedder`). A
+            model exported with ``--dynamic-size`` whose sidecar lists ``image_sizes`` serves those sizes.
+    """
+
+    def __init__(self, path: str | Path, image_size: int | None = None) -> None:
+        self._model = OnnxEmbedder(path, image_size)
+        sidecar = self._model.sidecar
+        if sidecar.get("dynamic_size") and sidecar.get("image_sizes"):
+            self.sizes, self.default_size = allowed_query_sizes(sidecar, image_size)
+        else:  # a fixed-size model runs at its one size only
+            self.sizes, self.default_size = (self._model.image_size,), self._model.image_size
+        self.output_dim = self._model.output_dim
+        self.teacher_sha256 = self._model.teacher_sha256
+        self.mean: Sequence[float] = sidecar["mean"]
+        self.std: Sequence[float] = sidecar["std"]
+
+    def transform(self, size: int) -> EvalTransform:
+        """The evaluation transform at ``size`` with the sidecar's mean/std."""
+        return EvalTransform(size, self.mean, self.std)
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        """``(B, 3, S, S)`` -> ``(B, D)`` float32."""
+        out = self._model.session.run(None, {self._model.input_name: images.numpy()})[0]
+        return np.asarray(out, dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """For ``/health``."""
+        return {"kind": "onnx", "path": str(self._model.path), "output_dim": self.output_dim, "device": "cpu"}

@@ -1,0 +1,180 @@
+"""The query service without HTTP: a query network, the live index, the micro-batcher and the metrics.
+
+Contract: :meth:`SearchService.prepare` turns untrusted upload bytes into a ``(3, S, S)`` query at an allowed
+size S (or raises :class:`~raml.deploy.service.decode.QueryImageError` / ``ValueError``);
+:meth:`SearchService.submit` queues it for the ``k`` nearest images of the served index (a future of a
+:class:`~raml.deploy.service.batching.QueryResult`); :meth:`SearchService.health` describes what is served.
+The HTTP layer (:mod:`raml.deploy.service.app`) only parses requests and formats answers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from collections.abc import Iterator
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from raml.deploy.search import check_query_dim, warn_if_other_teacher
+from raml.deploy.service.batching import MicroBatcher
+from raml.deploy.service.decode import decode_query_image
+from raml.deploy.service.embedders import QueryEmbedder
+from raml.deploy.service.live_index import LiveIndex
+from raml.deploy.service.metrics import ServiceMetrics
+from raml.deploy.store import DatabaseIndex
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ServiceLimits", "SearchService"]
+
+
+@dataclass(frozen=True)
+class ServiceLimits:
+    """Batching, load-shedding and input limits of a service.
+
+    Attributes:
+        max_batch: Most queries embedded in one forward pass (1 = no batching).
+        max_wait_ms: Longest wait for more queries once a batch has its first one.
+        queue_size: Most queries waiting for the worker; more get 503.
+        max_bytes: Largest accepted request body; larger gets 413.
+        max_pixels: Largest accepted image (width x height, read from the header before decoding); larger gets 413.
+        max_k: Largest k a request may ask for.
+        poll_interval_s: Seconds between checks for a new index generation.
+    """
+
+    max_batch: int = 32
+    max_wait_ms: float = 5.0
+    queue_size: int = 256
+    max_bytes: int = 20 * 2**20
+    max_pixels: int = 40_000_000
+    max_k: int = 100
+    poll_interval_s: float = 1.0
+
+    def __post_init__(self) -> None:
+        for name in ("max_batch", "queue_size", "max_bytes", "max_pixels", "max_k"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not self.max_wait_ms >= 0:
+            raise ValueError(f"max_wait_ms must be zero or positive, got {self.max_wait_ms!r}.")
+        if not self.poll_interval_s > 0:
+            raise ValueError(f"poll_interval_s must be positive, got {self.poll_interval_s!r}.")
+
+
+class SearchService:
+    """Serve top-k searches of the index in ``index_dir`` for queries embedded by ``embedder``.
+
+    Args:
+        embedder: The query network (the student).
+        index_dir: The index directory built by ``raml index`` (new generations are picked up).
+        limits: Batching and input limits.
+
+    Raises:
+        IndexDirectoryError: If ``index_dir`` holds no index.
+        ValueError: If the query network's output dimension differs from the index's.
+    """
+
+    def __init__(self, embedder: QueryEmbedder, index_dir: Any, limits: ServiceLimits | None = None) -> None:
+        self.embedder = embedder
+        self.limits = limits or ServiceLimits()
+        self.index = LiveIndex(index_dir, accept=self._accept, poll_interval_s=self.limits.poll_interval_s)
+        self.transforms = {size: embedder.transform(size) for size in embedder.sizes}
+        self.metrics = ServiceMetrics(
+            {
+                "queue_depth": ("Queries waiting for the batching worker.", lambda: self.batcher.depth),
+                "index_generation": ("Generation of the index being served.", lambda: self.index.current.generation),
+                "index_size": ("Images in the index being served.", lambda: len(self.index.current)),
+            }
+        )
+        self.batcher = MicroBatcher(
+            embedder.embed,
+            lambda: self.index.current,
+            max_batch=self.limits.max_batch,
+            max_wait_s=self.limits.max_wait_ms / 1000.0,
+            queue_size=self.limits.queue_size,
+            on_batch=self.metrics.record_batch,
+            arriving=lambda: self._arriving,
+        )
+        self._arriving = 0  # requests between their arrival and the submission of their query
+        self._arriving_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def arriving(self) -> Iterator[None]:
+        """Wrap reading, decoding and submitting one query: the batcher waits for queries on their way only."""
+        with self._arriving_lock:
+            self._arriving += 1
+        try:
+            yield
+        finally:
+            with self._arriving_lock:
+                self._arriving -= 1
+
+    def _accept(self, index: DatabaseIndex) -> None:
+        check_query_dim(self.embedder.output_dim, index)
+        warn_if_other_teacher(self.embedder.teacher_sha256, index)
+
+    def start(self) -> None:
+        """Start the batching worker and the index watcher."""
+        self.batcher.start()
+        self.index.start()
+
+    def stop(self) -> None:
+        """Finish the queued queries, then stop both threads."""
+        self.index.stop()
+        self.batcher.stop()
+
+    def query_size(self, requested: int | None) -> int:
+        """The query size to use: ``requested`` if it is served, the default when None.
+
+        Raises:
+            ValueError: If ``requested`` is not one of the served sizes (the message lists them).
+        """
+        if requested is None:
+            return self.embedder.default_size
+        if requested not in self.embedder.sizes:
+            raise ValueError(
+                f"size={requested} is not served; allowed query sizes: {', '.join(map(str, self.embedder.sizes))}."
+            )
+        return requested
+
+    def prepare(self, data: bytes, size: int) -> torch.Tensor:
+        """Decode an upload (within ``max_pixels``) and transform it to ``(3, size, size)``."""
+        return self.transforms[size](decode_query_image(data, self.limits.max_pixels))
+
+    def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
+        """Queue a prepared query; raises ``QueueFullError`` when the queue is full."""
+        return self.batcher.submit(image, size, k)
+
+    def health(self) -> dict[str, Any]:
+        """What ``GET /health`` reports."""
+        index = self.index.current
+        return {
+            "ready": self.batcher.running,
+            "index": {
+                "directory": str(index.directory),
+                "size": len(index),
+                "generation": index.generation,
+                "index_type": index.meta.get("index_type"),
+                "dim": index.dim,
+            },
+            "networks": {
+                "query": self.embedder.describe(),
+                "database": {
+                    "path": index.meta.get("network", {}).get("path"),
+                    "sha256": index.network_sha256,
+                    "image_size": index.meta.get("image_size"),
+                },
+            },
+            "query_sizes": list(self.embedder.sizes),
+            "default_query_size": self.embedder.default_size,
+            "batching": {
+                "max_batch": self.limits.max_batch,
+                "max_wait_ms": self.limits.max_wait_ms,
+                "queue_size": self.limits.queue_size,
+                "queue_depth": self.batcher.depth,
+            },
+        }

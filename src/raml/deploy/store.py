@@ -1,0 +1,307 @@
+"""The on-disk index store: committed generations of an index directory, read without a lock.
+
+Contract:
+    ``load_index(index_dir)`` -> :class:`DatabaseIndex` (faiss index, ``(N, D)`` float32 embeddings, paths,
+    labels, metadata) of the committed generation; ``committed_generation(index_dir)`` -> its number, read
+    cheaply (a reader polls it to notice a new commit); ``write_generation(...)`` writes and commits the next
+    one. This is the whole interface readers (``raml search``, ``raml serve``) use.
+
+On-disk layout (``index_dir``)::
+
+    index.json               metadata; the commit record naming the files of the current generation
+    index-<G>.faiss          the faiss index (faiss.write_index)
+    embeddings-<G>.npy       (N, D) float32 embeddings, rows in index order (re-adding, exact re-ranking)
+    paths-<G>.json           the N image paths, as given on the command line / resolved from a list file
+    labels-<G>.npy           (N,) int64 class labels (-1 where the images did not come from a dataset split)
+    .lock                    present while a writer holds the index (raml.deploy.lock)
+
+``index.json`` holds the format version, the generation number, index type and effective parameters, the
+embedding dimension and dtype, the network's checkpoint path, content SHA-256 and meta, the image size, the
+count, the datasets added, and ``files`` (the names above). An update writes every file of the next
+generation ``G + 1`` through temporary files that are fsynced, renamed into place and their directory
+fsynced (``raml.utils.atomic_path``), and only then replaces ``index.json`` the same way: that rename is the
+commit. A crash, an error or a power loss at any earlier point leaves the previous ``index.json`` and the
+files it names untouched; files of an uncommitted generation are removed on error or at the next update.
+Writers hold the directory's lock (:mod:`raml.deploy.index`); readers take none (see :func:`load_index`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from raml.deploy.faiss_index import IndexParams, apply_search_params, as_float32_matrix, import_faiss
+from raml.deploy.lock import LOCK_NAME
+from raml.utils import atomic_numpy_save, atomic_path, atomic_write_text
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "FORMAT",
+    "FORMAT_VERSION",
+    "METADATA_NAME",
+    "DatabaseIndex",
+    "IndexDirectoryError",
+    "committed_generation",
+    "is_index_leftover",
+    "load_index",
+    "next_generation",
+    "write_generation",
+]
+
+FORMAT = "raml-index"
+FORMAT_VERSION = 1
+METADATA_NAME = "index.json"
+
+_FILE_KINDS = {"index": "faiss", "embeddings": "npy", "paths": "json", "labels": "npy"}
+_LOAD_ATTEMPTS = 3  # loads of successive generations when writers keep committing during a load
+
+
+class IndexDirectoryError(ValueError):
+    """An index directory is missing, damaged, or incompatible with the requested operation."""
+
+
+@dataclass
+class DatabaseIndex:
+    """A loaded index directory.
+
+    Attributes:
+        directory: The index directory.
+        meta: Contents of ``index.json``.
+        index: The faiss index (search parameters already applied).
+        embeddings: ``(N, D)`` float32 embeddings, rows in index order.
+        paths: N image paths as given when indexing.
+        labels: ``(N,)`` int64 labels, -1 where unknown.
+        params: The parameters the index was built with.
+    """
+
+    directory: Path
+    meta: dict[str, Any]
+    index: Any
+    embeddings: np.ndarray
+    paths: list[str]
+    labels: np.ndarray
+    params: IndexParams
+
+    @property
+    def dim(self) -> int:
+        """Embedding dimension D."""
+        return int(self.meta["dim"])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    @property
+    def generation(self) -> int:
+        """The committed generation this index was loaded from."""
+        return int(self.meta.get("generation", 0))
+
+    @property
+    def network_sha256(self) -> str | None:
+        """Content hash of the checkpoint that embedded the database."""
+        return self.meta.get("network", {}).get("sha256")
+
+    def search(
+        self, queries: np.ndarray | torch.Tensor, k: int, nprobe: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Search ``(Q, D)`` queries; returns ``(scores, ids)``, each ``(Q, min(k, N))``; id -1 = no result.
+
+        Args:
+            queries: L2-normalised query embeddings of dimension D.
+            k: Results per query (clamped to the index size).
+            nprobe: Override the stored IVF ``nprobe`` for this search.
+        """
+        q = as_float32_matrix(queries)
+        if q.shape[1] != self.dim:
+            raise ValueError(
+                f"Query embeddings have dimension {q.shape[1]} but the index at {self.directory} holds "
+                f"{self.dim}-dimensional embeddings; use a query network with output dimension {self.dim}."
+            )
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}.")
+        k = min(k, len(self))
+        params = self.params
+        if nprobe is not None and params.nlist is not None:
+            params = replace(params, nprobe=min(int(nprobe), params.nlist))
+        apply_search_params(self.index, params, k)
+        scores, ids = self.index.search(q, k)
+        return scores, ids
+
+
+def _read_metadata(index_dir: Path) -> dict[str, Any]:
+    meta_path = index_dir / METADATA_NAME
+    if not meta_path.is_file():
+        raise IndexDirectoryError(
+            f"{str(index_dir)!r} is not a raml index: {METADATA_NAME} is missing. Build one with `raml index`."
+        )
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise IndexDirectoryError(
+            f"{meta_path} is unreadable ({error}); rebuild the index with `raml index --overwrite`."
+        ) from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise IndexDirectoryError(f"{meta_path} is not a raml index description (format {FORMAT!r} expected).")
+    if int(meta.get("version", 0)) > FORMAT_VERSION:
+        raise IndexDirectoryError(
+            f"{meta_path} has format version {meta.get('version')}, newer than this raml understands "
+            f"({FORMAT_VERSION}); upgrade raml."
+        )
+    return meta
+
+
+def _params_from_meta(meta: dict[str, Any]) -> IndexParams:
+    stored = dict(meta.get("params", {}))
+    known = {f for f in IndexParams.__dataclass_fields__}
+    return IndexParams(**{k: v for k, v in stored.items() if k in known})
+
+
+def load_index(index_dir: str | Path) -> DatabaseIndex:
+    """Load an index directory written by :func:`index_images`.
+
+    Reading takes no lock: ``index.json`` names one committed generation. Should a writer commit the next
+    generation and remove this one's files between reading ``index.json`` and opening them, the load starts
+    again from the new ``index.json``.
+
+    Raises:
+        IndexDirectoryError: If the directory is not an index, or its files are missing or inconsistent.
+    """
+    index_dir = Path(index_dir)
+    meta = _read_metadata(index_dir)
+    for attempt in range(1, _LOAD_ATTEMPTS + 1):
+        try:
+            return _load_generation(index_dir, meta)
+        except IndexDirectoryError:
+            current = _read_metadata(index_dir)
+            if current.get("files") == meta.get("files") or attempt == _LOAD_ATTEMPTS:
+                raise
+            logger.info("The index at %s was updated while loading it; loading the new generation", index_dir)
+            meta = current
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def committed_generation(index_dir: str | Path) -> int:
+    """The generation number ``index.json`` names now (one small file read; no index file is opened).
+
+    Raises:
+        IndexDirectoryError: If the directory holds no readable index description.
+    """
+    return int(_read_metadata(Path(index_dir))["generation"])
+
+
+def _load_generation(index_dir: Path, meta: dict[str, Any]) -> DatabaseIndex:
+    faiss = import_faiss()
+    files = meta.get("files", {})
+    try:
+        paths_file, emb_file, labels_file, index_file = (
+            index_dir / files[k] for k in ("paths", "embeddings", "labels", "index")
+        )
+        paths = json.loads(paths_file.read_text())
+        embeddings = np.load(emb_file, allow_pickle=False)
+        labels = np.load(labels_file, allow_pickle=False)
+        index = faiss.read_index(str(index_file))
+    except (KeyError, OSError, ValueError, RuntimeError) as error:
+        raise IndexDirectoryError(
+            f"The index at {index_dir} is damaged ({type(error).__name__}: {error}); rebuild it with "
+            "`raml index --overwrite`."
+        ) from error
+    count = int(meta["count"])
+    if not (len(paths) == embeddings.shape[0] == labels.shape[0] == index.ntotal == count):
+        raise IndexDirectoryError(
+            f"The index at {index_dir} is inconsistent: {count} in {METADATA_NAME}, {len(paths)} paths, "
+            f"{embeddings.shape[0]} embeddings, {labels.shape[0]} labels, {index.ntotal} vectors in the faiss "
+            "index; rebuild it with `raml index --overwrite`."
+        )
+    params = _params_from_meta(meta)
+    apply_search_params(index, params)
+    return DatabaseIndex(index_dir, meta, index, embeddings, [str(p) for p in paths], labels.astype(np.int64), params)
+
+
+def _generation_files(generation: int) -> dict[str, str]:
+    return {kind: f"{kind}-{generation:06d}.{ext}" for kind, ext in _FILE_KINDS.items()}
+
+
+def _is_generation_file(name: str) -> bool:
+    for kind, ext in _FILE_KINDS.items():
+        stem, dot, suffix = name.partition(".")
+        if dot and suffix == ext and stem.startswith(f"{kind}-") and stem[len(kind) + 1 :].isdigit():
+            return True
+    return False
+
+
+def _is_index_temporary(name: str) -> bool:
+    """A temporary file of ``atomic_path`` (``.<target name>.<random>.tmp``) for an index file; a kill leaves them."""
+    target = name[1:].rsplit(".", 2)[0] if name.startswith(".") and name.endswith(".tmp") else ""
+    return bool(target) and (_is_generation_file(target) or target == METADATA_NAME)
+
+
+def is_index_leftover(name: str) -> bool:
+    """A file a writer of this folder may leave behind: lock, generation file or temporary file."""
+    return name == LOCK_NAME or _is_generation_file(name) or _is_index_temporary(name)
+
+
+def _remove_unreferenced(index_dir: Path, keep: set[str]) -> None:
+    """Delete generation files (and leftover temporary files) that the current index.json does not name."""
+    for entry in index_dir.iterdir():
+        name = entry.name
+        if (_is_generation_file(name) and name not in keep) or _is_index_temporary(name):
+            try:
+                entry.unlink()
+            except OSError as error:  # not fatal: the index itself is committed
+                logger.warning("Could not remove stale index file %s: %s", entry, error)
+
+
+def write_generation(
+    index_dir: Path,
+    meta: dict[str, Any],
+    index: Any,
+    embeddings: np.ndarray,
+    paths: list[str],
+    labels: np.ndarray,
+    before_commit: Callable[[], None] | None = None,
+) -> None:
+    """Write the next generation's files, then commit by replacing ``index.json``; see the module docstring."""
+    faiss = import_faiss()
+    generation = int(meta["generation"])
+    files = _generation_files(generation)
+    meta["files"] = files
+    index_dir.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    try:
+        for kind in ("embeddings", "labels", "paths", "index"):
+            target = index_dir / files[kind]
+            written.append(target)
+            if kind == "embeddings":
+                atomic_numpy_save(np.ascontiguousarray(embeddings, dtype=np.float32), target)
+            elif kind == "labels":
+                atomic_numpy_save(np.asarray(labels, dtype=np.int64), target)
+            elif kind == "paths":
+                atomic_write_text(target, json.dumps(paths, indent=0) + "\n")
+            else:
+                with atomic_path(target) as tmp:
+                    faiss.write_index(index, str(tmp))
+        if before_commit is not None:
+            before_commit()
+        atomic_write_text(index_dir / METADATA_NAME, json.dumps(meta, indent=2) + "\n")  # the commit
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    _remove_unreferenced(index_dir, set(files.values()))
+
+
+def next_generation(index_dir: Path) -> int:
+    """The generation number a new index in ``index_dir`` gets: one after the committed one, else 1."""
+    if (index_dir / METADATA_NAME).is_file():
+        try:
+            return int(json.loads((index_dir / METADATA_NAME).read_text()).get("generation", 0)) + 1
+        except (OSError, ValueError):
+            return 1
+    return 1

@@ -1,0 +1,104 @@
+"""Training methods, one module each; ``--mode NAME`` picks one through :data:`METHODS`.
+
+A method (:class:`raml.engine.methods.base.Method`) says what a training step needs (its epoch's batches,
+whether the teacher runs online on views or as cached embeddings, whether labels are used) and computes its
+loss on one batch. Everything else (the loop, optimisation, gradient accumulation, DDP, checkpoints,
+validation, signals) is the trainer's (:mod:`raml.engine.trainer`).
+
+This module is light on purpose (no torch import): the CLI lists the registry in ``raml train --help`` and the
+configuration validates ``--mode`` against it. The classes load on first use.
+
+Adding a method: one new module with a :class:`~raml.engine.methods.base.Method` subclass, and one entry in
+:data:`METHODS` (its loss, if new, goes to :mod:`raml.losses`).
+"""
+
+from __future__ import annotations
+
+import importlib
+import textwrap
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from raml.engine.methods.base import Method
+
+__all__ = ["METHODS", "MethodEntry", "method_class", "method_help"]
+
+
+@dataclass(frozen=True)
+class MethodEntry:
+    """One ``--mode``: a one-line summary and where its class lives.
+
+    Attributes:
+        summary: One line for ``raml train --help``.
+        target: ``"module:Class"``, or a mapping ``--loss`` value -> ``"module:Class"`` for a mode whose
+            recipe depends on ``--loss`` (``sym``).
+    """
+
+    summary: str
+    target: str | dict[str, str]
+
+
+_PACKAGE = "raml.engine.methods"
+
+METHODS: dict[str, MethodEntry] = {
+    "ts_aug": MethodEntry(
+        "the paper's distillation: coupled QR/DR views of each image, mixup, absolute + relative terms (no labels)",
+        f"{_PACKAGE}.ts_aug:CoupledViewDistillation",
+    ),
+    "ts_reg": MethodEntry(
+        "regression on the teacher's cached DR embeddings of the evaluation-transformed images (no labels)",
+        f"{_PACKAGE}.ts_reg:CachedRegression",
+    ),
+    "sym": MethodEntry(
+        "a network trained with labels at one size: triplet with mined negatives (--loss triplet) or "
+        "normalised softmax over class proxies (--loss normsoftmax)",
+        {"triplet": f"{_PACKAGE}.sym_triplet:TripletTraining", "normsoftmax": f"{_PACKAGE}.sym_proxy:ProxyTraining"},
+    ),
+    "aml": MethodEntry(
+        "asymmetric metric learning (Budnik & Avrithis, CVPR 2021): contrastive loss of student queries against "
+        "teacher anchors, on ts_aug's views (no labels)",
+        f"{_PACKAGE}.aml:AsymmetricMetricLearning",
+    ),
+    "rkd": MethodEntry(
+        "relational knowledge distillation (Park et al., CVPR 2019): distance- and angle-wise terms over the "
+        "batch, on ts_aug's views (no labels)",
+        f"{_PACKAGE}.rkd:RelationalDistillation",
+    ),
+    "csd": MethodEntry(
+        "contextual similarity distillation (Wu et al., CVPR 2022): similarities to the teacher's k nearest "
+        "neighbours (KL) + first-order term, on ts_aug's views (no labels)",
+        f"{_PACKAGE}.csd:ContextualSimilarityDistillation",
+    ),
+    "d3": MethodEntry(
+        "D3still (Xie et al., CVPR 2024): first-order term + decoupled differential terms over the teacher's "
+        "top-k neighbours, on ts_aug's views (no labels)",
+        f"{_PACKAGE}.d3:DecoupledDifferentialDistillation",
+    ),
+}
+
+
+def method_class(mode: str, loss: str) -> type[Method]:
+    """The class of ``--mode mode`` (with ``--loss loss`` where the mode depends on it).
+
+    Raises:
+        ValueError: an unknown mode or, for a mode that depends on it, an unknown loss; the message lists the
+            valid names.
+    """
+    if mode not in METHODS:
+        raise ValueError(f"Unknown --mode {mode!r}; valid: {', '.join(METHODS)}.")
+    target = METHODS[mode].target
+    if isinstance(target, dict):
+        if loss not in target:
+            raise ValueError(f"Unknown --loss {loss!r} for --mode {mode}; valid: {', '.join(target)}.")
+        target = target[loss]
+    module_name, _, class_name = target.partition(":")
+    return getattr(importlib.import_module(module_name), class_name)
+
+
+def method_help(width: int = 100) -> str:
+    """The registered modes, one entry each (wrapped at ``width``), for ``raml train --help``."""
+    lines = ["training methods (--mode NAME):"]
+    for name, entry in METHODS.items():
+        lines.append(textwrap.fill(entry.summary, width, initial_indent=f"  {name:<8}", subsequent_indent=" " * 10))
+    return "\n".join(lines)

@@ -1,0 +1,83 @@
+"""What a training method is: the batches of an epoch and the loss of one batch (see :mod:`raml.engine.methods`).
+
+A method is built once per run with the :class:`~raml.engine.trainer.Trainer` as its context: the trainer owns
+the networks (``student``, ``model`` (the student, wrapped by DDP when distributed), ``teacher``), the
+devices, the configuration, the training split and the helpers that shard batches over processes
+(``local_share``, ``global_batches``, ``item_seeds``, ``embed``, ``loader``). A method reads these, never
+re-creates them, and draws randomness only from the generator it is given (the epoch's, seeded with
+``seed + epoch``) or from seeds derived from the epoch, so that a resumed or multi-process run equals an
+uninterrupted single-process one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from raml.engine.trainer import Trainer
+
+__all__ = ["TEACHER_USES", "BatchLoss", "Method"]
+
+#: how a method uses the teacher: not at all, run online on each batch's views, or as embeddings cached once
+TEACHER_USES = ("none", "online", "cached")
+
+
+@dataclass
+class BatchLoss:
+    """One batch's loss (summed over its images), the terms to log (also sums) and the number of images."""
+
+    loss: torch.Tensor
+    terms: dict[str, float]
+    images: int
+
+
+class Method:
+    """Base class of a training recipe. Subclasses set the class attributes and implement the two methods.
+
+    Attributes:
+        teacher: :data:`TEACHER_USES`: ``"online"`` (the teacher embeds each batch's views), ``"cached"``
+            (its embeddings of the training images, computed once) or ``"none"``.
+        labels: whether the method reads the training labels.
+    """
+
+    teacher: ClassVar[str] = "none"
+    labels: ClassVar[bool] = False
+
+    def __init__(self, run: Trainer) -> None:
+        self.run = run
+
+    @property
+    def asymmetric(self) -> bool:
+        """Distillation: validated and monitored asymmetrically (student queries, teacher database)."""
+        return self.teacher != "none"
+
+    def batches_per_epoch(self) -> int:
+        """How many batches :meth:`epoch_batches` yields (``epoch_size / batch_size``, rounded up)."""
+        return math.ceil(self.run.epoch_size / self.run.config.batch_size)
+
+    def add_parameters(self, optimizer: torch.optim.Optimizer) -> None:
+        """Add the method's own learnable parameters (e.g. class proxies) to the optimizer; none by default."""
+
+    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
+        """The epoch's batches (this process's share), drawing randomness from ``generator`` only."""
+        raise NotImplementedError
+
+    def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
+        """The loss of one batch from :meth:`epoch_batches`, summed over its images."""
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Called before each optimizer step (after the gradients of the accumulated batches are summed)."""
+
+    def checkpoint_state(self) -> dict[str, Any]:
+        """Entries saved in the checkpoint's ``raml`` section (e.g. the proxies); none by default."""
+        return {}
+
+    def load_checkpoint_state(self, extra: dict[str, Any], path: Path) -> None:
+        """Restore what :meth:`checkpoint_state` saved, from the ``raml`` section of checkpoint ``path``."""

@@ -1,0 +1,125 @@
+"""The batches of the view-based distillation methods (``ts_aug``, ``aml``, ``rkd``, ``csd``, ``d3``).
+
+Each batch holds ``batch_size`` training images, each as ``P = --pos-num`` coupled views (one crop box, flip
+and colour jitter rendered at QR ``--image-size`` for the student and at DR ``--teacher-image-size`` for the
+teacher; :class:`raml.data.views.CoupledViewDataset`). By default each view is mixed up with a partner at both
+resolutions with the same weight: ``--mixup-partner dataset`` (the reference: a random image of the whole
+training set rendered with the view's random draws) or ``batch`` (a view of another image of the batch). The
+paper's ablations switch parts off: ``--no-mixup`` (the views as rendered) and ``--uncoupled-views``
+(independent crop/flip/jitter draws for the teacher's view of an image). With several ``--image-size`` sizes
+each batch's student views are rendered at one of them (:func:`raml.data.sizes.draw_batch_sizes`). No labels.
+
+:meth:`CoupledViewMethod.view_embeddings` gives a batch's student ``(B, P, D)`` and teacher ``(B, P, D)``
+embeddings, L2-normalised (the teacher frozen, no gradient); a subclass turns them into its loss.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from raml.data.sizes import draw_batch_sizes
+from raml.data.views import CoupledViewDataset, mix_partner_views, mixup_views
+from raml.distributed import all_gather_rows, shard_bounds
+from raml.engine.methods.base import BatchLoss, Method
+
+
+class CoupledViewMethod(Method):
+    """Coupled student/teacher views of each image of the batch; the teacher runs online on its views."""
+
+    teacher = "online"
+
+    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
+        run, c = self.run, self.run.config
+        dataset = CoupledViewDataset(
+            run.train_paths,
+            c.image_size,
+            c.teacher_image_size,
+            c.pos_num,
+            c.seed,
+            partners=c.mixup and c.mixup_partner == "dataset",
+            coupled=not c.uncoupled_views,
+        )
+        dataset.set_epoch(epoch)
+        order = torch.randperm(len(dataset), generator=generator)[: run.epoch_size].tolist()
+        global_batches = run.global_batches(order)
+        if len(c.student_sizes()) > 1:
+            # several query sizes: one per global batch, from a stream of its own (raml.data.sizes), so every
+            # process renders the same size and a single-size run's draws are untouched
+            drawn = draw_batch_sizes(c.student_sizes(), len(global_batches), c.seed, epoch)
+            global_batches = [[(i, size) for i in batch] for batch, size in zip(global_batches, drawn, strict=True)]
+        batches = [run.local_share(batch) for batch in global_batches]
+        return iter(run.loader(dataset, batch_sampler=batches))
+
+    def _views(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """The batch's float [0, 1] student ``(B, P, 3, QR, QR)`` and teacher ``(B, P, 3, DR, DR)`` views,
+        mixed up unless ``--no-mixup``, on the student's device."""
+        run, c = self.run, self.run.config
+        device = run.device
+        if not c.mixup:
+            student_views, teacher_views, _ = batch
+            student_views = student_views.to(device, non_blocking=True).float().div_(255)
+            teacher_views = teacher_views.to(device, non_blocking=True).float().div_(255)
+            return student_views, teacher_views
+        if c.mixup_partner == "dataset":
+            # the reference: every view's partner (a random training image rendered with the view's draws)
+            # and its weight come with the item, so nothing is shared across processes
+            student_views, teacher_views, partner_student, partner_teacher, lam, _ = batch
+            student_views, teacher_views = mix_partner_views(
+                student_views.to(device, non_blocking=True),
+                teacher_views.to(device, non_blocking=True),
+                partner_student.to(device, non_blocking=True),
+                partner_teacher.to(device, non_blocking=True),
+                lam.to(device),
+            )
+            return student_views.div_(255), teacher_views.div_(255)
+        student_views, teacher_views, _ = batch
+        student_views = student_views.to(device, non_blocking=True)
+        teacher_views = teacher_views.to(device, non_blocking=True)
+        if run.dist.enabled:
+            # mixup partners come from the whole global batch, as in a single process: gather the (uint8)
+            # views, mix them all with the shared generator, keep this process's share
+            student_views = all_gather_rows(student_views.contiguous(), run.dist)
+            teacher_views = all_gather_rows(teacher_views.contiguous(), run.dist)
+        student_views, teacher_views = mixup_views(
+            student_views.float().div_(255), teacher_views.float().div_(255), generator
+        )
+        start, stop = shard_bounds(student_views.shape[0], run.dist)
+        return student_views[start:stop], teacher_views[start:stop]
+
+    def view_embeddings(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student ``(B, P, D)`` (with gradient) and frozen teacher ``(B, P, D)`` embeddings of the batch's views."""
+        run = self.run
+        assert run.teacher is not None and run.teacher_norm is not None
+        student_views, teacher_views = self._views(batch, generator)
+        b, p = student_views.shape[:2]
+        student_in = run.student_norm(student_views.flatten(0, 1))
+        teacher_in = run.teacher_norm(teacher_views.flatten(0, 1).to(run.teacher_device))
+        with torch.no_grad():
+            teacher = run.teacher(teacher_in).to(run.device).float().view(b, p, -1)
+        student = run.model(student_in).float().view(b, p, -1)
+        return student, teacher
+
+
+class BatchRelationMethod(CoupledViewMethod):
+    """A loss over the relations of the whole batch: its ``B x P`` views flattened to ``N`` rows ``(N, D)``.
+
+    The loss functions of :mod:`raml.losses` return a mean over the ``N`` rows; it is multiplied by ``B`` so
+    that, as for every method, a batch's loss is a sum over its images (the learning rate means the same).
+    With several processes the relations are those within each process's share of the batch.
+    """
+
+    def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
+        """``(N, D)`` student, ``(N, D)`` teacher, ``(N,)`` image of each row -> terms with ``"total"`` (means)."""
+        raise NotImplementedError
+
+    def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
+        student, teacher = self.view_embeddings(batch, generator)
+        b, p = student.shape[:2]
+        groups = torch.arange(b, device=student.device).repeat_interleave(p)
+        terms = self.relation_terms(student.flatten(0, 1), teacher.flatten(0, 1), groups)
+        loss = terms["total"] * b
+        logged = {"loss": loss.item(), **{name: value.item() * b for name, value in terms.items() if name != "total"}}
+        return BatchLoss(loss, logged, b)

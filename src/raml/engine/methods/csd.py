@@ -1,0 +1,25 @@
+"""``--mode csd``: contextual similarity distillation (Wu et al., CVPR 2022), without labels.
+
+Batches: ts_aug's coupled views (:mod:`raml.engine.methods.coupled`), the teacher online on its DR views. The
+context of each view is its ``--csd-k`` nearest neighbours among the teacher's embeddings of the batch's views
+(at most all of them). Loss: :func:`raml.losses.csd_loss` with ``--csd-temperature`` and
+``--csd-first-order-weight``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from raml.engine.methods.coupled import BatchRelationMethod
+from raml.losses import csd_loss
+
+
+class ContextualSimilarityDistillation(BatchRelationMethod):
+    """Student similarities to the teacher's nearest neighbours matched to the teacher's (KL) + first order."""
+
+    def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:  # noqa: ARG002
+        c = self.run.config
+        k = min(c.csd_k, student.shape[0])
+        return csd_loss(student, teacher, k, c.csd_temperature, c.csd_first_order_weight)

@@ -1,0 +1,93 @@
+"""``--mode sym --loss triplet`` (the reference's symmetric training): labels, one image size.
+
+Each batch: groups of ``GROUP_SIZE`` images of one class (each anchor's positives are the rest of its group)
+followed by ``neg_num`` negatives per anchor, drawn once per epoch by distance-weighted sampling from a random
+pool embedded by the current network. Loss: :func:`raml.losses.triplet_loss` with ``--loss-margin``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+
+from raml.engine.methods.base import BatchLoss
+from raml.engine.methods.labelled import GROUP_SIZE, LabelledMethod
+from raml.engine.mining import class_groups, distance_weighted_negatives
+from raml.losses import triplet_loss
+
+
+class TripletTraining(LabelledMethod):
+    """Triplet loss with in-batch positives and distance-weighted negatives mined once per epoch."""
+
+    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
+        """Mine once per epoch with the current network, then yield (anchor groups, negatives) batches."""
+        run, c = self.run, self.run.config
+        labels = torch.as_tensor(run.train_split.labels)
+        groups = class_groups(run.train_split.labels, run.epoch_size, GROUP_SIZE, generator)
+        anchors = [i for group in groups for i in group]
+        pool = torch.randperm(len(labels), generator=generator)[: min(c.pool_size, len(labels))]
+        embed_idx = sorted(set(anchors) | set(pool.tolist()))
+        position = {index: row for row, index in enumerate(embed_idx)}
+        embeddings = run.embed(
+            run.student,
+            [run.train_paths[i] for i in embed_idx],
+            c.image_size,
+            run.device,
+            c.eval_batch_size,
+            c.workers,
+            run.progress,
+            "mining",
+        )
+        anchor_rows = torch.tensor([position[i] for i in anchors])
+        pool_rows = torch.tensor([position[i] for i in pool.tolist()])
+        negatives = pool[
+            distance_weighted_negatives(
+                embeddings[anchor_rows],
+                labels[anchors],
+                embeddings[pool_rows],
+                labels[pool],
+                c.neg_num,
+                generator,
+            )
+        ]
+        dataset = self.augmented_images()
+        per_batch = self.groups_per_batch()
+        seeds = iter(run.item_seeds(epoch, len(anchors) * (1 + c.neg_num)))
+        batch_lists: list[list[tuple[int, int]]] = []
+        for start in range(0, len(groups), per_batch):
+            # every process draws the seeds of the whole batch, then keeps its share of the groups
+            group_ids = list(range(start, min(len(groups), start + per_batch)))
+            rows = [g * GROUP_SIZE + i for g in group_ids for i in range(GROUP_SIZE)]
+            anchor_items = [(anchors[r], next(seeds)) for r in rows]
+            negative_items = [[(int(n), next(seeds)) for n in negatives[r].tolist()] for r in rows]
+            local_groups = run.local_share(group_ids)
+            keep = [k for k, g in enumerate(group_ids) if g in local_groups]
+            local_rows = [k * GROUP_SIZE + i for k in keep for i in range(GROUP_SIZE)]
+            batch_lists.append(
+                [anchor_items[r] for r in local_rows] + [item for r in local_rows for item in negative_items[r]]
+            )
+        return iter(run.loader(dataset, batch_sampler=batch_lists))
+
+    def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:  # noqa: ARG002
+        c = self.run.config
+        images, _ = batch
+        n_anchor = images.shape[0] // (1 + c.neg_num)
+        embeddings = self.run.model(images.to(self.run.device, non_blocking=True)).float()
+        anchor, negatives = embeddings[:n_anchor], embeddings[n_anchor:].view(n_anchor, c.neg_num, -1)
+        positives = group_positives(anchor, GROUP_SIZE)
+        loss = triplet_loss(anchor, positives, negatives, c.loss_margin)
+        return BatchLoss(loss, {"loss": loss.item()}, n_anchor)
+
+
+def group_positives(anchor: torch.Tensor, group_size: int) -> torch.Tensor:
+    """(B, D) anchors in groups of ``group_size`` -> (B, group_size - 1, D): each anchor's positives are the
+    other images of its group (the triplet loss sums over them, so their order does not matter)."""
+    b, d = anchor.shape
+    groups = anchor.view(b // group_size, group_size, d)
+    rows = []
+    for g in range(groups.shape[0]):
+        for i in range(group_size):
+            rows.append(torch.cat([groups[g, :i], groups[g, i + 1 :]]))
+    return torch.stack(rows)

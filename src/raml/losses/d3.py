@@ -1,0 +1,76 @@
+"""D3still (Xie et al., "D3still: Decoupled Differential Distillation for Asymmetric Image Retrieval", CVPR 2024).
+
+Tensor contract: student ``(N, D)`` and teacher ``(N, D)``, L2-normalised embeddings of the same ``N`` images
+-> scalar.
+
+With ``T_ij = t_i . t_j`` (the teacher's similarities, the gallery side) and ``C_ij = s_i . t_j`` (student
+query against teacher gallery), and for each image ``i`` its ``k - 1`` nearest neighbours ``n_1 .. n_{k-1}``
+in the teacher's space among the other images (the image itself is the teacher's top-1)::
+
+    first order:   L_F = alpha / N * || (T_ii - C_ii)_i ||_2            (T_ii = 1)
+    differences:   dT_iab = T_{i n_b} - T_{i n_a},   dC_iab = C_{i n_b} - C_{i n_a}    (a != b)
+    relative error r_iab = (dC_iab - dT_iab) / (0.1 + |dT_iab|)
+    hard pairs:    dC_iab * dT_iab < 0   (the student orders the two neighbours the other way round)
+    easy pairs:    dC_iab * dT_iab > 0
+    L_H = beta  / (k - 1) * mean_i || r_i on hard pairs ||_2
+    L_E = gamma / (k - 1) * mean_i || r_i on easy pairs ||_2
+    loss = L_F + L_H + L_E
+
+The three parts are the paper's feature-representation knowledge and its inconsistent (hard) and consistent
+(easy) pairwise similarity-differential knowledge, weighted separately. Formulas, the ``0.1`` offset, the
+norms (not squared) and the defaults ``k = 10, alpha = 50, beta = 2, gamma = 1`` follow the authors' released
+implementation. Choices: the neighbours come from the current batch, which is the gallery (as in the authors'
+code); pairs with ``dT = 0`` (ties) or ``dC = 0`` count as neither hard nor easy; the hard/easy split is a
+constant of the step (no gradient through the selection).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from raml.losses.aml import _check_embeddings
+
+__all__ = ["d3_loss"]
+
+DIFFERENCE_OFFSET = 0.1  # keeps the relative error finite where the teacher's two similarities nearly tie
+
+
+def d3_loss(
+    student: Tensor, teacher: Tensor, k: int = 10, alpha: float = 50.0, beta: float = 2.0, gamma: float = 1.0
+) -> dict[str, Tensor]:
+    """``{"first_order": L_F, "hard": L_H, "easy": L_E, "total": L_F + L_H + L_E}`` (module docstring).
+
+    Args:
+        student: ``(N, D)`` L2-normalised student embeddings.
+        teacher: ``(N, D)`` L2-normalised teacher embeddings of the same images (the gallery).
+        k: The teacher's top-k, the image itself included: ``k - 1`` neighbours, ``2 <= k <= N``.
+        alpha: Weight of the first-order term.
+        beta: Weight of the hard (inconsistently ordered) pairs.
+        gamma: Weight of the easy (consistently ordered) pairs.
+
+    Raises:
+        ValueError: on bad shapes, ``k`` outside ``[2, N]`` or a negative weight.
+    """
+    _check_embeddings(student, teacher)
+    n = student.shape[0]
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
+        raise ValueError(f"k must be an integer in [2, {n}] (the batch's {n} embeddings), got {k!r}.")
+    for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
+    teacher = teacher.detach()
+    teacher_sim = teacher @ teacher.T
+    cross = student @ teacher.T
+    first_order = alpha / n * (teacher_sim.diagonal() - cross.diagonal()).norm()
+    # the k - 1 nearest other images: the diagonal is pushed out of the ranking
+    others = teacher_sim.masked_fill(torch.eye(n, dtype=torch.bool, device=teacher.device), float("-inf"))
+    t_top, neighbours = others.topk(k - 1, dim=1)  # (N, k - 1)
+    c_top = cross.gather(1, neighbours)
+    d_teacher = t_top[:, None, :] - t_top[:, :, None]  # [i, a, b] = T_{i n_b} - T_{i n_a}
+    d_student = c_top[:, None, :] - c_top[:, :, None]
+    relative = (d_student - d_teacher) / (DIFFERENCE_OFFSET + d_teacher.abs())
+    agreement = (d_student * d_teacher).detach()
+    hard = (relative * (agreement < 0)).flatten(1).norm(dim=1).mean() * beta / (k - 1)
+    easy = (relative * (agreement > 0)).flatten(1).norm(dim=1).mean() * gamma / (k - 1)
+    return {"first_order": first_order, "hard": hard, "easy": easy, "total": first_order + hard + easy}

@@ -1,0 +1,226 @@
+"""Per-resolution BatchNorm statistics: one set of running statistics per query size, chosen by the input.
+
+The idea of resolution-switchable networks: the activations of a network differ in their statistics from
+one input resolution to another, so each resolution gets its own BatchNorm running mean and variance (the
+affine weights stay shared). Here the statistics are estimated after training
+(:func:`recalibrate_size_bn`: a pass over training images at each size, cumulative averages), because
+raml trains students with frozen statistics (``student_train_mode``): during distillation every size uses
+the statistics the student started from, so per-size statistics can only come from a re-estimation.
+
+Tensor contract: unchanged, ``(B, 3, H, W)`` -> ``(B, D)``. A forward pre-hook on the network reads the
+input's side: a square input of a size with its own statistics (``H == W == S``, ``S`` in
+``meta["bn_sizes"]``) is normalised with them; any other input with the shared statistics (the usual
+``running_mean``/``running_var``). Training mode (statistics updated from the batch) is unaffected.
+
+Checkpoint format (``save_checkpoint`` stores it as is): ``meta["bn_sizes"]`` lists the sizes, and every
+BatchNorm layer ``<layer>`` has, besides its usual keys, ``<layer>.running_mean_s<S>`` and
+``<layer>.running_var_s<S>`` for each size ``S`` (e.g. ``backbone.layer1.0.bn1.running_mean_s24``).
+:func:`raml.models.load_network` rebuilds such a network (it calls :func:`enable_size_bn` before loading the
+weights). Loading the state dict into a plain network (``build_network(...).load_state_dict``) fails with
+``Unexpected key(s)`` naming those keys; :func:`strip_size_bn` gives the plain state dict (shared statistics).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from raml.data.datasets import ImageDataset
+from raml.data.images import EvalTransform
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BN_SIZES_KEY",
+    "SwitchableBatchNorm2d",
+    "enable_size_bn",
+    "recalibrate_checkpoint",
+    "recalibrate_size_bn",
+    "size_bn_sizes",
+    "strip_size_bn",
+]
+
+#: the ``meta`` key listing the sizes with their own BatchNorm statistics
+BN_SIZES_KEY = "bn_sizes"
+_SUFFIX = "_s"
+
+
+class SwitchableBatchNorm2d(nn.BatchNorm2d):
+    """A ``BatchNorm2d`` with extra running statistics per input size (buffers ``running_mean_s<S>``...).
+
+    ``active_size`` (set by the network's pre-hook) selects the statistics used in eval mode; None or a size
+    without its own statistics uses the shared ones.
+    """
+
+    sizes: tuple[int, ...]
+    active_size: int | None
+
+    def add_sizes(self, sizes: Sequence[int]) -> None:
+        """Register statistics for ``sizes``, initialised to copies of the shared ones."""
+        existing = set(getattr(self, "sizes", ()))
+        for size in sizes:
+            if size in existing:
+                continue
+            self.register_buffer(f"running_mean{_SUFFIX}{size}", self.running_mean.detach().clone())
+            self.register_buffer(f"running_var{_SUFFIX}{size}", self.running_var.detach().clone())
+        self.sizes = tuple(sorted(existing | {int(s) for s in sizes}))
+        self.active_size = None
+
+    def stats_for(self, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The running mean and variance of ``size``."""
+        return getattr(self, f"running_mean{_SUFFIX}{size}"), getattr(self, f"running_var{_SUFFIX}{size}")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training or self.active_size is None or self.active_size not in self.sizes:
+            return super().forward(x)
+        mean, var = self.stats_for(self.active_size)
+        return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
+
+
+def _switchable_layers(network: nn.Module) -> list[SwitchableBatchNorm2d]:
+    return [m for m in network.modules() if isinstance(m, SwitchableBatchNorm2d)]
+
+
+def _select_size(network: nn.Module, args: tuple[Any, ...]) -> None:
+    x = args[0]
+    side = int(x.shape[-1]) if x.shape[-1] == x.shape[-2] else None
+    for layer in _switchable_layers(network):
+        layer.active_size = side
+
+
+def enable_size_bn(network: nn.Module, sizes: Sequence[int]) -> nn.Module:
+    """Give every ``BatchNorm2d`` of ``network`` statistics per size (in place) and record ``meta["bn_sizes"]``.
+
+    The new statistics start as copies of the shared ones (so the network computes what it did); fill them
+    with :func:`recalibrate_size_bn`, or load a checkpoint's. Calling it again adds sizes.
+
+    Returns:
+        ``network`` itself.
+    """
+    sizes = [int(s) for s in sizes]
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"sizes must be a non-empty list of positive image sides, got {sizes}.")
+    layers = [m for m in network.modules() if type(m) is nn.BatchNorm2d or isinstance(m, SwitchableBatchNorm2d)]
+    if not layers:
+        raise ValueError("The network has no BatchNorm2d layer: per-size statistics would change nothing.")
+    for layer in layers:
+        if not isinstance(layer, SwitchableBatchNorm2d):
+            layer.__class__ = SwitchableBatchNorm2d
+        layer.add_sizes(sizes)
+    if not getattr(network, "_size_bn_hook", None):
+        network._size_bn_hook = network.register_forward_pre_hook(_select_size)
+    meta = getattr(network, "meta", None)
+    if isinstance(meta, dict):
+        meta[BN_SIZES_KEY] = sorted(set(meta.get(BN_SIZES_KEY, [])) | set(sizes))
+    return network
+
+
+def size_bn_sizes(network: nn.Module) -> list[int]:
+    """The sizes with their own BatchNorm statistics (empty for a plain network)."""
+    layers = _switchable_layers(network)
+    return list(layers[0].sizes) if layers else []
+
+
+def strip_size_bn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict without per-size statistics: what a plain network loads (shared statistics)."""
+    return {
+        k: v
+        for k, v in state_dict.items()
+        if not any(k.rsplit(".", 1)[-1].startswith(f"running_{s}{_SUFFIX}") for s in ("mean", "var"))
+    }
+
+
+@torch.no_grad()
+def recalibrate_size_bn(
+    network: nn.Module,
+    paths: Sequence[str | Path],
+    sizes: Sequence[int],
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = False,
+) -> nn.Module:
+    """Estimate each size's BatchNorm statistics on ``paths`` (evaluation transform at that size).
+
+    Per size: every BatchNorm layer runs in training mode with a cumulative average (``momentum=None``) over
+    one pass of the images, only the statistics change (no gradients), and the result is stored as that
+    size's statistics; the shared statistics and the weights are left as they were.
+
+    Returns:
+        ``network`` (with :func:`enable_size_bn` applied), in eval mode.
+    """
+    enable_size_bn(network, sizes)
+    network.eval()
+    layers = _switchable_layers(network)
+    shared = [
+        (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone(), layer.momentum)
+        for layer in layers
+    ]
+    mean, std = network.meta["mean"], network.meta["std"]
+    try:
+        for size in sizes:
+            for layer in layers:
+                layer.reset_running_stats()
+                layer.momentum = None
+                layer.train()
+            loader = DataLoader(
+                ImageDataset(paths, None, EvalTransform(size, mean, std)), batch_size=batch_size, num_workers=workers
+            )
+            for images, _ in tqdm(loader, desc=f"BN statistics @{size}", disable=not progress, leave=False):
+                network(images.to(device))
+            for layer in layers:
+                size_mean, size_var = layer.stats_for(size)
+                size_mean.copy_(layer.running_mean)
+                size_var.copy_(layer.running_var)
+    finally:
+        for layer, (m, v, n, momentum) in zip(layers, shared, strict=True):
+            layer.running_mean.copy_(m)
+            layer.running_var.copy_(v)
+            layer.num_batches_tracked.copy_(n)
+            layer.momentum = momentum
+        network.eval()
+    logger.info("Per-size BatchNorm statistics estimated at %s on %d images", list(sizes), len(paths))
+    return network
+
+
+def recalibrate_checkpoint(
+    path: str | Path,
+    paths: Sequence[str | Path],
+    sizes: Sequence[int],
+    device: torch.device,
+    batch_size: int = 64,
+    workers: int = 0,
+    progress: bool = False,
+) -> None:
+    """Add per-size BatchNorm statistics (estimated on ``paths``) to the checkpoint file ``path``, in place.
+
+    Everything else in the file (training state, ``raml`` records) is kept; the file is replaced atomically.
+    """
+    from raml.models.checkpoints import (
+        _RESERVED_KEYS,
+        load_checkpoint_file,
+        network_from_checkpoint,
+        save_checkpoint,
+    )
+
+    checkpoint = load_checkpoint_file(path)
+    network = network_from_checkpoint(checkpoint, str(path)).to(device)
+    recalibrate_size_bn(network, paths, sizes, device, batch_size=batch_size, workers=workers, progress=progress)
+    extra = {k: v for k, v in checkpoint.items() if k not in _RESERVED_KEYS}
+    save_checkpoint(
+        path,
+        network.cpu(),
+        epoch=checkpoint.get("epoch"),
+        max_map=checkpoint.get("max_map"),
+        optimizer=checkpoint.get("optimizer"),
+        scheduler=checkpoint.get("scheduler"),
+        extra=extra,
+    )

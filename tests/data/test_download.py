@@ -1,0 +1,362 @@
+"""``raml data download`` on loopback servers: archives built from the fixture datasets in the internal
+layout of the official files; resume, refusals, and that ``raml check-data`` / ``raml test`` work after."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import shutil
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from raml.cli.main import main
+from raml.data import download as download_module
+from raml.data.download import DOWNLOADS_DIR, SOURCE_FILE, DownloadSettings, fetch
+from raml.data.sources import SOURCES
+from raml.models import build_network, save_checkpoint
+
+FAST = ["--no-progress", "--retry-wait", "0", "--timeout", "10", "--workers", "2"]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _tgz(folder: Path, arcname: str, extra: dict[str, bytes] | None = None) -> bytes:
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        tar.add(folder, arcname=arcname)
+        for name, data in (extra or {}).items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def official_files(name: str, data_root: Path) -> dict[str, bytes]:
+    """The dataset's official files, built from a fixture folder, with the official archives' inner layout."""
+    folder = data_root / name
+    if name == "cub":  # CUB_200_2011/... plus a top-level attributes.txt (dropped by --strip-components=1)
+        return {"CUB_200_2011.tgz": _tgz(folder, "CUB_200_2011", {"attributes.txt": b"1 has_bill_shape::dagger\n"})}
+    if name == "cars":  # car_ims/NNNNNN.jpg; the annotations come as a file of their own
+        return {
+            "car_ims.tgz": _tgz(folder / "car_ims", "car_ims"),
+            "cars_annos.mat": (folder / "cars_annos.mat").read_bytes(),
+        }
+    buffer = io.BytesIO()  # SOP: every member under Stanford_Online_Products/
+    with zipfile.ZipFile(buffer, "w") as z:
+        z.writestr("Stanford_Online_Products/", b"")
+        for path in sorted(folder.rglob("*")):
+            if path.is_file():
+                z.write(path, f"Stanford_Online_Products/{path.relative_to(folder)}")
+    return {"Stanford_Online_Products.zip": buffer.getvalue()}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """One torch thread: steadier on a small shared machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def tiny_network(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "net.pth"
+    save_checkpoint(path, build_network("test_resnet", whitening=8, pretrained=False))
+    return path
+
+
+@pytest.mark.parametrize("name", ["cub", "cars", "sop"])
+def test_download_gives_the_readme_layout_and_check_data_and_test_work(
+    name, request, http_server, tiny_network, tmp_path, monkeypatch, capsys
+):
+    source_root = request.getfixturevalue(f"{name}_root")
+    files = official_files(name, source_root)
+    http_server.files.update(files)
+    root = tmp_path / "downloaded"
+    if name == "cars":  # a mirror holding every file, through the environment
+        monkeypatch.setenv("RAML_DATA_MIRROR", http_server.base_url + "/")
+        urls = []
+    else:
+        urls = [arg for f in files for arg in ("--url", f"{f}={http_server.url(f)}")]
+    assert main(["data", "download", name, "--data-root", str(root), *urls, *FAST]) == 0
+    out = capsys.readouterr().out
+    assert "all present and readable" in out
+
+    # exactly the files of the README's commands (the fixture folder), plus SOURCE.json
+    got = _files(root / name)
+    record = json.loads(got.pop(SOURCE_FILE))
+    assert got == _files(source_root / name)
+    assert [r["file"] for r in record["files"]] == list(files)
+    for r in record["files"]:
+        content = files[r["file"]]
+        assert (r["size"], r["sha256"]) == (len(content), hashlib.sha256(content).hexdigest())
+        assert r["url"] == http_server.url(r["file"]) and r["date"].endswith("Z")
+    assert record["counts"]["images"] == sum(1 for p in got if p.lower().endswith(".jpg"))
+    assert not list((root / DOWNLOADS_DIR).iterdir())  # archives removed, as the README's rm does
+    assert not list(root.glob(".*"))  # no staging folder left
+
+    # a second run finds everything in place, says so, and asks the server nothing
+    asked = len(http_server.requests)
+    assert main(["data", "download", name, "--data-root", str(root), *urls, *FAST]) == 0
+    assert "already in place" in capsys.readouterr().out
+    assert len(http_server.requests) == asked
+
+    assert main(["check-data", "--data-root", str(root), "--datasets", f"{name},{name}-test", "--no-progress"]) == 0
+    results = tmp_path / "results.json"
+    argv = ["test", "--datasets", f"{name}-test", "--sym", "--student-path", str(tiny_network), "--image-size", "32"]
+    argv += ["--data-root", str(root), "--workers", "0", "--device", "cpu", "--no-progress", "--json", str(results)]
+    assert main(argv) == 0
+    assert json.loads(results.read_text())[f"{name}-test"]["sym"]["num_queries"] > 0
+
+
+def _serve_cub(http_server, cub_root: Path) -> tuple[bytes, list[str]]:
+    content = official_files("cub", cub_root)["CUB_200_2011.tgz"]
+    http_server.files["CUB_200_2011.tgz"] = content
+    return content, ["--url", f"CUB_200_2011.tgz={http_server.url('CUB_200_2011.tgz')}"]
+
+
+def _no_dataset_left(root: Path, name: str = "cub") -> None:
+    assert not (root / name).exists()
+    assert not list(root.glob(f".{name}.*"))
+
+
+def test_a_dropped_connection_continues_from_the_byte_where_it_stopped(http_server, cub_root, tmp_path):
+    content, url = _serve_cub(http_server, cub_root)
+    half = len(content) // 2
+    http_server.drop_after["CUB_200_2011.tgz"] = [half, 1]
+    root = tmp_path / "dl"
+    assert main(["data", "download", "cub", "--data-root", str(root), "--keep-archives", *url, *FAST]) == 0
+    assert http_server.requests == [("CUB_200_2011.tgz", None), ("CUB_200_2011.tgz", f"bytes={half}-")]
+    assert (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").read_bytes() == content
+    record = json.loads((root / "cub" / SOURCE_FILE).read_text())
+    assert record["files"][0]["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+def test_an_interrupted_run_leaves_no_dataset_and_the_next_run_resumes(http_server, cub_root, tmp_path, capsys):
+    content, url = _serve_cub(http_server, cub_root)
+    cut = len(content) // 3
+    http_server.drop_after["CUB_200_2011.tgz"] = [cut, 1]
+    root = tmp_path / "dl"
+    assert main(["data", "download", "cub", "--data-root", str(root), "--retries", "1", *url, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "CUB_200_2011.tgz.part keeps the" in err and "tar -xf" in err  # resumable, and the manual way
+    _no_dataset_left(root)
+    assert (root / DOWNLOADS_DIR / "CUB_200_2011.tgz.part").stat().st_size == cut
+    assert main(["data", "download", "cub", "--data-root", str(root), *url, *FAST]) == 0
+    assert http_server.requests[-1] == ("CUB_200_2011.tgz", f"bytes={cut}-")
+    assert _files(root / "cub").keys() - {SOURCE_FILE} == _files(cub_root / "cub").keys()
+
+
+def test_a_server_that_ignores_range_is_read_again_from_the_start(http_server, cub_root, tmp_path, caplog):
+    content, url = _serve_cub(http_server, cub_root)
+    http_server.ignore_range = True
+    dest = tmp_path / "CUB_200_2011.tgz"
+    dest.with_name(dest.name + ".part").write_bytes(b"stale bytes of another file")
+    fetch(http_server.url("CUB_200_2011.tgz"), dest, DownloadSettings(retry_wait=0, progress=False))
+    assert http_server.requests == [("CUB_200_2011.tgz", "bytes=27-")]
+    assert dest.read_bytes() == content  # overwritten from byte 0, not appended
+    assert "ignored the request to continue" in caplog.text
+
+
+def test_a_server_that_ignores_range_and_keeps_dropping_is_a_clear_error(http_server, cub_root, tmp_path, capsys):
+    content, url = _serve_cub(http_server, cub_root)
+    http_server.ignore_range = True
+    http_server.drop_after["CUB_200_2011.tgz"] = [len(content) // 2, -1]
+    root = tmp_path / "dl"
+    assert main(["data", "download", "cub", "--data-root", str(root), "--retries", "3", *url, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "ignored the request to continue a partial transfer" in err and "3 attempts" in err
+    assert [r for _, r in http_server.requests] == [None, f"bytes={len(content) // 2}-", f"bytes={len(content) // 2}-"]
+    _no_dataset_left(root)
+
+
+def test_404_names_the_url_and_the_manual_commands(http_server, tmp_path, capsys):
+    root = tmp_path / "dl"
+    missing = http_server.url("CUB_200_2011.tgz")
+    assert (
+        main(["data", "download", "cub", "--data-root", str(root), "--url", f"CUB_200_2011.tgz={missing}", *FAST]) == 2
+    )
+    err = capsys.readouterr().err
+    assert missing in err and "HTTP 404" in err
+    assert "--strip-components=1" in err and "RAML_DATA_MIRROR" in err
+    assert len(http_server.requests) == 1  # a 404 is not retried
+    _no_dataset_left(root)
+
+
+def test_unreachable_host_is_a_clear_error(tmp_path, capsys):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = tmp_path / "dl"
+    url = f"http://127.0.0.1:{port}/car_ims.tgz"
+    assert (
+        main(
+            [
+                "data",
+                "download",
+                "cars",
+                "--data-root",
+                str(root),
+                "--url",
+                f"car_ims.tgz={url}",
+                "--retries",
+                "2",
+                *FAST,
+            ]
+        )
+        == 2
+    )
+    err = capsys.readouterr().err
+    assert url in err and "2 attempts" in err and "car_ims.tgz" in err
+    _no_dataset_left(root, "cars")
+
+
+@pytest.mark.parametrize("damage", ["truncated", "traversal", "missing image"])
+def test_a_bad_archive_leaves_no_dataset_folder(damage, http_server, cub_root, tmp_path, capsys):
+    folder = cub_root / "cub"
+    if damage == "truncated":
+        content = official_files("cub", cub_root)["CUB_200_2011.tgz"]
+        content = content[: len(content) * 2 // 3]
+    elif damage == "traversal":
+        content = _tgz(folder, "CUB_200_2011", {"CUB_200_2011/../../../escaped.txt": b"x"})
+    else:
+        next((folder / "images").rglob("*.jpg")).unlink()
+        content = official_files("cub", cub_root)["CUB_200_2011.tgz"]
+    http_server.files["CUB_200_2011.tgz"] = content
+    root = tmp_path / "dl"
+    url = ["--url", f"CUB_200_2011.tgz={http_server.url('CUB_200_2011.tgz')}"]
+    assert main(["data", "download", "cub", "--data-root", str(root), *url, *FAST]) == 2
+    err = capsys.readouterr().err
+    expected = {"truncated": "is damaged", "traversal": "climbs out", "missing image": "missing file"}[damage]
+    assert expected in err
+    _no_dataset_left(root)
+    assert not list(tmp_path.rglob("escaped.txt"))
+    # the downloaded file is kept (nothing already written is lost), and named in the message
+    assert (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").read_bytes() == content
+
+
+def test_not_enough_space_stops_before_writing(http_server, cub_root, tmp_path, monkeypatch, capsys):
+    _, url = _serve_cub(http_server, cub_root)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(download_module.shutil, "disk_usage", lambda _: usage._replace(free=100))
+    root = tmp_path / "dl"
+    assert main(["data", "download", "cub", "--data-root", str(root), *url, *FAST]) == 2
+    assert "Not enough free space" in capsys.readouterr().err
+    assert not list((root / DOWNLOADS_DIR).iterdir())
+    _no_dataset_left(root)
+
+
+def test_an_incomplete_existing_folder_is_refused_then_replaced_with_force(http_server, cub_root, tmp_path, capsys):
+    _, url = _serve_cub(http_server, cub_root)
+    root = tmp_path / "dl"
+    (root / "cub").mkdir(parents=True)
+    (root / "cub" / "mine.txt").write_text("precious")
+    assert main(["data", "download", "cub", "--data-root", str(root), *url, *FAST]) == 2
+    assert "not a complete dataset" in capsys.readouterr().err
+    assert (root / "cub" / "mine.txt").read_text() == "precious" and not http_server.requests
+    assert main(["data", "download", "cub", "--data-root", str(root), "--force", *url, *FAST]) == 0
+    assert not (root / "cub" / "mine.txt").exists() and (root / "cub" / SOURCE_FILE).is_file()
+
+
+def test_a_complete_folder_placed_by_hand_is_left_alone(cub_root, capsys):
+    before = _files(cub_root / "cub")
+    assert main(["data", "download", "cub", "--data-root", str(cub_root), *FAST]) == 0
+    assert "placed by hand" in capsys.readouterr().out
+    assert _files(cub_root / "cub") == before
+
+
+def test_a_file_put_into_downloads_by_hand_is_used_without_asking_the_network(cub_root, tmp_path, capsys):
+    root = tmp_path / "dl"
+    (root / DOWNLOADS_DIR).mkdir(parents=True)
+    (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").write_bytes(official_files("cub", cub_root)["CUB_200_2011.tgz"])
+    dead = ["--url", "CUB_200_2011.tgz=http://127.0.0.1:9/none"]
+    assert main(["data", "download", "cub", "--data-root", str(root), *dead, *FAST]) == 0
+    record = json.loads((root / "cub" / SOURCE_FILE).read_text())
+    assert record["files"][0]["obtained"].startswith("found in")
+
+
+@pytest.mark.parametrize("url", ["file:///tmp/CUB_200_2011.tgz", "http:///CUB_200_2011.tgz", "mirror/CUB_200_2011.tgz"])
+def test_unusable_addresses_fail_at_once(url, tmp_path, capsys):
+    assert (
+        main(["data", "download", "cub", "--data-root", str(tmp_path), "--url", f"CUB_200_2011.tgz={url}", *FAST]) == 2
+    )
+    assert "expected an address such as https://host/path/file" in capsys.readouterr().err
+    assert not (tmp_path / "cub").exists()
+
+
+@pytest.mark.parametrize("flag", [["--timeout", "0"], ["--retry-wait", "-1"]])
+def test_bad_download_settings_are_clear_errors(flag, tmp_path, capsys):
+    argv = ["data", "download", "cub", "--data-root", str(tmp_path / "dl"), "--no-progress", *flag]
+    assert main(argv) == 2
+    assert flag[0] in capsys.readouterr().err
+    assert not (tmp_path / "dl").exists()
+
+
+@pytest.mark.parametrize("bad", ["nonsense", "other.tgz=http://x/y", "CUB_200_2011.tgz="])
+def test_bad_url_overrides_are_clear_errors(bad, tmp_path, capsys):
+    assert main(["data", "download", "cub", "--data-root", str(tmp_path), "--url", bad, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "--url" in err and "CUB_200_2011.tgz" in err
+    assert not list(tmp_path.iterdir())
+
+
+def test_sop_over_ftp_resumes_with_rest(ftp_server, sop_root, tmp_path):
+    content = official_files("sop", sop_root)["Stanford_Online_Products.zip"]
+    (ftp_server.root / "Stanford_Online_Products.zip").write_bytes(content)
+    root = tmp_path / "dl"
+    part = root / DOWNLOADS_DIR / "Stanford_Online_Products.zip.part"
+    part.parent.mkdir(parents=True)
+    part.write_bytes(content[:1000])  # what an interrupted earlier run left
+    url = ["--url", f"Stanford_Online_Products.zip={ftp_server.url('Stanford_Online_Products.zip')}"]
+    assert main(["data", "download", "sop", "--data-root", str(root), "--keep-archives", *url, *FAST]) == 0
+    assert ftp_server.rest_offsets == [1000]
+    assert (root / DOWNLOADS_DIR / "Stanford_Online_Products.zip").read_bytes() == content
+    assert _files(root / "sop").keys() - {SOURCE_FILE} == _files(sop_root / "sop").keys()
+
+
+def test_ftp_missing_file_is_not_retried(ftp_server, tmp_path, capsys):
+    url = ftp_server.url("Stanford_Online_Products.zip")
+    argv = [
+        "data",
+        "download",
+        "sop",
+        "--data-root",
+        str(tmp_path / "dl"),
+        "--url",
+        f"Stanford_Online_Products.zip={url}",
+    ]
+    assert main([*argv, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert url in err and "550" in err and "unzip" in err
+
+
+def test_the_table_holds_the_readmes_files_and_urls():
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for source in SOURCES.values():
+        for remote in source.files:
+            assert remote.url in readme, remote.url
+
+
+def test_failed_attempts_wait_twice_as_long_each_time(http_server, tmp_path, monkeypatch):
+    http_server.files["car_ims.tgz"] = b"x" * 1000
+    http_server.drop_after["car_ims.tgz"] = [10, -1]  # never completes:
+    http_server.ignore_range = True  # every attempt starts again at byte 0 and breaks at byte 10
+    waits: list[float] = []
+    monkeypatch.setattr(download_module.time, "sleep", waits.append)
+    settings = DownloadSettings(attempts=5, retry_wait=2.0, max_wait=6.0, progress=False)
+    with pytest.raises(download_module.DownloadError, match="5 attempts"):
+        fetch(http_server.url("car_ims.tgz"), tmp_path / "car_ims.tgz", settings)
+    assert waits == [2.0, 4.0, 6.0, 6.0]
+    assert [r for _, r in http_server.requests] == [None] + ["bytes=10-"] * 4
+    assert (tmp_path / "car_ims.tgz.part").read_bytes() == b"x" * 10

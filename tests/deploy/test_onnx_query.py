@@ -1,0 +1,109 @@
+"""An exported ONNX student as a query network: ``raml test --student-onnx`` gives the PyTorch student's metrics
+(fp32 export), by both the exact protocol and an index; bad files and flags are clear errors."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from raml.cli import main as cli_main
+from raml.data.synth import generate_synthetic_dataset
+from raml.deploy.export import export_onnx, sidecar_path
+from raml.deploy.onnx_network import OnnxQueryNetwork
+from raml.models import build_network, load_network, save_checkpoint
+from raml.retrieval.extract import extract_embeddings
+
+QR, DR = 32, 48
+CPU = torch.device("cpu")
+RUNTIME = ["--device", "cpu", "--workers", "0", "--no-progress", "--no-cache"]
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """synth-test (4 classes x 5 images), a teacher and a student (timm test_resnet, 16-d), the student in ONNX."""
+    base = tmp_path_factory.mktemp("onnx_query")
+    root = base / "data"
+    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
+    nets = {}
+    for name, seed in (("teacher", 0), ("student", 1)):
+        torch.manual_seed(seed)
+        nets[name] = base / f"{name}.pth"
+        save_checkpoint(nets[name], build_network("timm/test_resnet", whitening=16, pretrained=False))
+    onnx_file = base / "student.onnx"
+    export_onnx(load_network(nets["student"]), QR, onnx_file, exporter="torchscript")
+    return {"base": base, "root": root, "nets": nets, "onnx": onnx_file}
+
+
+def _raml_test(setup, tmp_path: Path, student: list[str], *extra: str) -> dict:
+    out = tmp_path / f"result_{len(list(tmp_path.iterdir()))}.json"
+    args = ["test", *student, "--datasets", "synth-test", "--image-size", str(QR), "--data-root", str(setup["root"])]
+    assert cli_main.main([*args, *extra, "--json", str(out), *RUNTIME]) == 0
+    return json.loads(out.read_text())["synth-test"]
+
+
+def test_onnx_query_network_embeds_like_pytorch(setup):
+    network = OnnxQueryNetwork(setup["onnx"])
+    student = load_network(setup["nets"]["student"])
+    assert network.meta["outputdim"] == 16 and network.output_dim == 16 and network.image_size == QR
+    assert network.meta["mean"] == pytest.approx(list(student.mean))
+    paths = sorted((setup["root"] / "synth").rglob("*.jpg"))[:7]
+    onnx_rows = extract_embeddings(network, paths, QR, CPU, batch_size=3, progress=False)
+    torch_rows = extract_embeddings(student, paths, QR, CPU, batch_size=3, progress=False)
+    assert onnx_rows.shape == (7, 16) and onnx_rows.dtype == torch.float32
+    assert (onnx_rows - torch_rows).abs().max() < 1e-4
+    with pytest.raises(ValueError, match="fixed size"):
+        network(torch.zeros(1, 3, QR + 8, QR + 8))
+    with pytest.raises(ValueError, match="--image-size 32"):
+        network.check_image_size(QR * 2)
+
+
+def test_raml_test_with_the_fp32_onnx_student_gives_the_pytorch_metrics(setup, tmp_path):
+    teacher = ["--teacher-path", str(setup["nets"]["teacher"]), "--teacher-image-size", str(DR)]
+    pytorch = _raml_test(setup, tmp_path, ["--student-path", str(setup["nets"]["student"])], *teacher, "--sym")
+    onnx = _raml_test(setup, tmp_path, ["--student-onnx", str(setup["onnx"])], *teacher, "--sym")
+    assert set(pytorch) == set(onnx) == {"asym", "sym"}
+    for test in ("asym", "sym"):
+        assert set(onnx[test]) == set(pytorch[test])
+        for metric, value in pytorch[test].items():
+            assert onnx[test][metric] == pytest.approx(value, abs=1e-6), (test, metric)
+    # the test must be able to tell students apart: the teacher as query network scores differently
+    other = _raml_test(setup, tmp_path, ["--student-path", str(setup["nets"]["teacher"])], *teacher)
+    assert other["asym"]["mAP"] != pytest.approx(pytorch["asym"]["mAP"], abs=1e-3)
+
+
+def test_raml_test_with_the_onnx_student_against_an_index(setup, tmp_path):
+    index = tmp_path / "index"
+    args = ["index", "--network-path", str(setup["nets"]["teacher"]), "--image-size", str(DR)]
+    args += ["--data-root", str(setup["root"]), "--dataset", "synth-test", "--output", str(index)]
+    assert cli_main.main([*args, "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    pytorch = _raml_test(setup, tmp_path, ["--student-path", str(setup["nets"]["student"])], "--index", str(index))
+    onnx = _raml_test(setup, tmp_path, ["--student-onnx", str(setup["onnx"])], "--index", str(index))
+    for metric in ("mAP", "R@1", "R@2", "R@4", "R@8"):
+        assert onnx["asym"][metric] == pytest.approx(pytorch["asym"][metric], abs=1e-6), metric
+
+
+def test_bad_onnx_students_are_clear_errors(setup, tmp_path, capsys):
+    teacher = ["--teacher-path", str(setup["nets"]["teacher"]), "--data-root", str(setup["root"]), "-d", "synth-test"]
+    # a checkpoint is not an exported model: no sidecar
+    assert cli_main.main(["test", "--student-onnx", str(setup["nets"]["student"]), *teacher, *RUNTIME]) == 2
+    assert "sidecar" in capsys.readouterr().err
+    # a sidecar next to something that is not ONNX
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"not a protobuf at all")
+    sidecar_path(fake).write_text(sidecar_path(setup["onnx"]).read_text())
+    assert cli_main.main(["test", "--student-onnx", str(fake), *teacher, *RUNTIME]) == 2
+    assert "not an ONNX model" in capsys.readouterr().err
+    # a size the fixed-size export cannot take, refused before any image is read
+    args = ["test", "--student-onnx", str(setup["onnx"]), *teacher]
+    assert cli_main.main([*args, "--image-size", "64", *RUNTIME]) == 2
+    assert "--image-size 32" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="multi-scale"):
+        cli_main.main([*args, "--image-size", "32", "-ms", "[1, 0.5]", *RUNTIME])
+    with pytest.raises(SystemExit, match="one query size"):
+        cli_main.main([*args, "--image-size", "32,48", *RUNTIME])
+    with pytest.raises(SystemExit):  # argparse: --student-onnx and --student-path exclude each other
+        cli_main.main([*args, "--student-path", str(setup["nets"]["student"]), *RUNTIME])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.onnx", "fake.onnx.json"]

@@ -1,0 +1,168 @@
+"""``raml export --int8``: a static int8 ONNX student, smaller than the fp32 one and close to it; a broken
+calibration and bad inputs are refused with nothing written."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from raml.cli import main as cli_main
+from raml.data import EvalTransform, get_split, load_image
+from raml.data.synth import generate_synthetic_dataset
+from raml.deploy import quantize as quantize_module
+from raml.deploy.export import export_onnx, read_sidecar, sidecar_path
+from raml.deploy.onnx_network import onnx_session
+from raml.deploy.quantize import QuantizationError, evenly_spaced, quantize_onnx
+from raml.models import build_network, load_network, save_checkpoint
+
+S = 32
+#: what a correct int8 model of the tiny test network reaches on every image (it measures ~0.999); a
+#: calibration on blank images (below) gives ~0.45
+MIN_COSINE_PER_IMAGE = 0.99
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> dict:
+    """synth (train 4 classes, test 4 classes x 5 images), a timm test_resnet student (16-d) and its fp32 export."""
+    base = tmp_path_factory.mktemp("quantize")
+    root = base / "data"
+    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
+    torch.manual_seed(0)
+    net = base / "student.pth"
+    save_checkpoint(net, build_network("timm/test_resnet", whitening=16, pretrained=False))
+    fp32 = base / "fp32.onnx"
+    export_onnx(load_network(net), S, fp32, exporter="torchscript")
+    return {"base": base, "root": root, "net": net, "fp32": fp32}
+
+
+def _export_args(setup, output, *extra: str) -> list[str]:
+    args = ["export", "--network-path", str(setup["net"]), "--image-size", str(S), "--output", str(output)]
+    return [*args, "--data-root", str(setup["root"]), *extra]
+
+
+def _embed(model, paths, sidecar) -> np.ndarray:
+    transform = EvalTransform(sidecar["image_size"], sidecar["mean"], sidecar["std"])
+    batch = torch.stack([transform(load_image(p)) for p in paths]).numpy()
+    session = onnx_session(model)
+    return session.run(None, {session.get_inputs()[0].name: batch})[0].astype(np.float64)
+
+
+def test_int8_export_is_smaller_and_close_to_fp32(setup, tmp_path, capsys):
+    out, report = tmp_path / "student.int8.onnx", tmp_path / "report.json"
+    calibration = ["--int8", "--calibration-split", "synth-train", "--calibration-images", "8"]
+    assert cli_main.main([*_export_args(setup, out, *calibration), "--json", str(report)]) == 0
+    assert "onnx int8" in capsys.readouterr().out
+    [record] = json.loads(report.read_text())
+    assert record["calibration_images"] == 8 and record["int8_bytes"] == out.stat().st_size
+    assert out.stat().st_size < 0.5 * setup["fp32"].stat().st_size
+
+    # the graph holds int8 weights and quantise/dequantise pairs (QDQ)
+    model = onnx.load(str(out))
+    ops = {node.op_type for node in model.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    int8_weights = [t for t in model.graph.initializer if t.data_type == onnx.TensorProto.INT8]
+    assert len(int8_weights) >= 5  # one per convolution / linear layer at least
+
+    sidecar = read_sidecar(out)
+    quantization = sidecar["quantization"]
+    assert quantization["format"] == "QDQ" and quantization["calibration_split"] == "synth-train"
+    assert quantization["calibration_images"] == 8 and quantization["fp32_model"] == str(setup["net"])
+    assert sidecar["image_size"] == S and sidecar["output_dim"] == 16
+
+    # on held-out images (the test split; calibration used the training split) every embedding stays close,
+    # and each int8 embedding's nearest fp32 embedding is that of its own image
+    paths = [str(p) for p in get_split("synth-test", setup["root"]).abspaths()]
+    fp32, int8 = _embed(setup["fp32"], paths, sidecar), _embed(out, paths, sidecar)
+    cosines = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
+    assert cosines.min() > MIN_COSINE_PER_IMAGE
+    assert (np.argmax(int8 @ fp32.T, axis=1) == np.arange(len(paths))).all()
+
+
+def test_a_broken_calibration_is_refused_and_writes_nothing(setup, tmp_path, monkeypatch):
+    out = tmp_path / "student.int8.onnx"
+    out.write_bytes(b"previous model")
+    real_reader = quantize_module._calibration_reader
+    # blank calibration images: every activation range collapses, the int8 model saturates
+    monkeypatch.setattr(quantize_module, "_calibration_reader", lambda name, images: real_reader(name, images * 0))
+    paths = evenly_spaced([str(p) for p in get_split("synth-train", setup["root"]).abspaths()], 8)
+    with pytest.raises(QuantizationError, match="too far from the fp32") as error:
+        quantize_onnx(setup["fp32"], out, paths)
+    mean = float(str(error.value).split("mean cosine similarity ")[1].split(" ")[0])
+    assert mean < 0.8
+    assert out.read_bytes() == b"previous model" and not sidecar_path(out).exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [out.name]
+
+
+def test_bad_int8_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, capsys):
+    out = tmp_path / "student.onnx"
+    with pytest.raises(SystemExit, match="--calibration-split"):
+        cli_main.main(_export_args(setup, out, "--int8"))
+    with pytest.raises(SystemExit, match="--int8"):
+        cli_main.main(_export_args(setup, out, "--calibration-split", "synth-train"))
+    assert cli_main.main(_export_args(setup, out, "--int8", "--calibration-split", "nosuch-train")) == 2
+    assert "nosuch" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+    # quantising something that is not an ONNX model, or an int8 model again
+    fake = tmp_path / "fake.onnx"
+    fake.write_bytes(b"\x00garbage")
+    sidecar_path(fake).write_text(sidecar_path(setup["fp32"]).read_text())
+    paths = [str(p) for p in get_split("synth-test", setup["root"]).abspaths()][:2]
+    with pytest.raises(ValueError, match="not an ONNX model"):
+        quantize_onnx(fake, tmp_path / "q.onnx", paths)
+    with pytest.raises(FileNotFoundError, match="sidecar"):
+        quantize_onnx(setup["net"], tmp_path / "q.onnx", paths)
+    with pytest.raises(ValueError, match="must not replace"):
+        quantize_onnx(setup["fp32"], setup["fp32"], paths)
+    with pytest.raises(ValueError, match="calibration method"):
+        quantize_onnx(setup["fp32"], tmp_path / "q.onnx", paths, method="magic")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.onnx", "fake.onnx.json"]
+    record = json.loads(sidecar_path(fake).read_text())
+    record["quantization"] = {"format": "QDQ"}
+    sidecar_path(fake).write_text(json.dumps(record))
+    with pytest.raises(ValueError, match="already quantised"):
+        quantize_onnx(fake, tmp_path / "q.onnx", paths)
+
+
+def test_evenly_spaced_takes_first_last_and_spreads_the_rest():
+    items = [f"img{i}" for i in range(10)]
+    assert evenly_spaced(items, 4) == ["img0", "img3", "img6", "img9"]
+    assert evenly_spaced(items, 1) == ["img0"]
+    assert evenly_spaced(items, 20) == items
+    with pytest.raises(ValueError, match="positive"):
+        evenly_spaced(items, 0)
+
+
+def test_quantization_benchmark_rows(setup, tmp_path):
+    """The benchmark's table on tiny data: the fp32 export reproduces PyTorch, bytes are faiss's code sizes."""
+    from raml.bench.quantization import format_quantization_report, run_quantization_benchmark
+    from raml.deploy import IndexParams
+
+    result = run_quantization_benchmark(
+        setup["net"],  # the student's own database: same dimension, all that matters here
+        setup["net"],
+        setup["root"],
+        "synth-test",
+        S,
+        40,
+        "synth-train",
+        tmp_path / "work",
+        calibration_images=8,
+        ivfpq=IndexParams("ivfpq", nlist=2, m=4, nbits=4),
+        probes=[1, 2],
+        repeats=1,
+    )
+    assert [r["nprobe"] for r in result["rows"]] == [None] * 3 + [1] * 3 + [2] * 3
+    rows = {(r["query_network"], r["database"]): r for r in result["rows"] if r["nprobe"] != 1}
+    assert len(rows) == 6
+    for database, size in (("exact (flat)", 4 * 16), ("ivfpq", 4 * 4 // 8)):
+        pytorch, fp32, int8 = (rows[(name, database)] for name in ("PyTorch fp32", "ONNX fp32", "ONNX int8"))
+        assert fp32["mAP"] == pytest.approx(pytorch["mAP"], abs=1e-6) and fp32["R@1"] == pytorch["R@1"]
+        assert all(r["bytes_per_vector"] == size and r["query_ms"] > r["embed_ms"] > 0 for r in (fp32, int8))
+        assert 0 <= int8["mAP"] <= 100 and int8["num_queries"] == 20
+    assert result["files"]["int8_bytes"] < result["files"]["fp32_bytes"]
+    assert "| ONNX int8 | ivfpq | IVF2,PQ4x4np, nprobe 2 |" in format_quantization_report(result)

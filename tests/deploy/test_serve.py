@@ -1,0 +1,461 @@
+"""``raml serve``: the HTTP API of a real server on 127.0.0.1 (a free port) with a real HTTP client.
+
+A tiny teacher indexes a generated dataset; a tiny student queries it. Results are checked against ``raml search``
+(and a plain numpy ranking); batching, load shedding, bad inputs and an index generation committed while clients
+query are exercised against the running server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import struct
+import threading
+import time
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("faiss")
+
+from raml.cli import main as cli_main  # noqa: E402
+from raml.cli import serve as serve_cli  # noqa: E402
+from raml.data import get_split  # noqa: E402
+from raml.data.synth import generate_synthetic_dataset  # noqa: E402
+from raml.deploy import index_images, load_index  # noqa: E402
+from raml.deploy.search import check_query_dim  # noqa: E402
+from raml.deploy.service import (  # noqa: E402
+    LiveIndex,
+    MicroBatcher,
+    QueryImageError,
+    SearchService,
+    ServiceLimits,
+    ServiceMetrics,
+    TorchQueryEmbedder,
+    decode_query_image,
+)
+from raml.deploy.service.app import create_app  # noqa: E402
+from raml.deploy.service.background import BackgroundServer  # noqa: E402
+from raml.deploy.service.metrics import Histogram  # noqa: E402
+from raml.models import build_network, checkpoint_sha256, load_network, save_checkpoint  # noqa: E402
+from raml.retrieval.extract import extract_embeddings  # noqa: E402
+
+QR, DR = 32, 48
+CPU = torch.device("cpu")
+WAIT_S = 20.0  # bound of every wait loop
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict:
+    """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student, an index of synth-test."""
+    base = tmp_path_factory.mktemp("serve")
+    root = base / "data"
+    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
+    nets = {}
+    for name, seed in (("teacher", 0), ("student", 1)):
+        torch.manual_seed(seed)
+        nets[name] = base / f"{name}.pth"
+        save_checkpoint(nets[name], build_network("resnet18", whitening=16, pretrained=False))
+    split = get_split("synth-test", root)
+    paths = [str(p) for p in split.abspaths()]
+    teacher = load_network(nets["teacher"])
+    index_dir = base / "index"
+    index_images(
+        teacher, paths, DR, index_dir, checkpoint_sha256(nets["teacher"]), labels=list(split.labels), dataset=split.name
+    )
+    return {"base": base, "nets": nets, "paths": paths, "teacher": teacher, "index": index_dir}
+
+
+def student_embedder(world: dict, image_sizes: list[int] | None = None) -> TorchQueryEmbedder:
+    network = load_network(world["nets"]["student"])
+    if image_sizes is not None:
+        network.meta["image_sizes"] = image_sizes
+    return TorchQueryEmbedder(network, CPU, None if image_sizes else QR)
+
+
+@pytest.fixture(scope="module")
+def server(world):
+    """One running service: student at 32 px (48 px also served), batches of up to 8, small input limits."""
+    limits = ServiceLimits(max_batch=8, max_wait_ms=100, queue_size=64, max_bytes=100_000, max_pixels=1_000_000)
+    service = SearchService(student_embedder(world, image_sizes=[QR, 48]), world["index"], limits)
+    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+        yield {"service": service, "client": client, "url": running.url}
+
+
+def post_file(client, path: str, k: int = 5, multipart: bool = True, **params):
+    data = Path(path).read_bytes()
+    query = {"k": k, **params}
+    if multipart:
+        return client.post("/search", params=query, files={"image": (Path(path).name, data, "image/jpeg")})
+    return client.post("/search", params=query, content=data, headers={"content-type": "image/jpeg"})
+
+
+def metric(text: str, name: str) -> float:
+    match = re.search(rf"^{re.escape(name)} (\S+)$", text, flags=re.MULTILINE)
+    assert match, f"{name} not in /metrics"
+    return float(match.group(1))
+
+
+# ------------------------------------------------------------------------------------------------ results
+
+
+def test_results_equal_raml_search_and_a_numpy_ranking(world, server, tmp_path):
+    queries = world["paths"][::4]
+    out = tmp_path / "search.json"
+    code = cli_main.main(
+        ["search", "--network-path", str(world["nets"]["student"]), "--image-size", str(QR), "--index"]
+        + [str(world["index"]), "--k", "5", "--json", str(out), "--device", "cpu", "--workers", "0", "--no-progress"]
+        + queries
+    )
+    assert code == 0
+    expected = json.loads(out.read_text())
+    index = load_index(world["index"])
+    student = load_network(world["nets"]["student"])
+    query_embeddings = extract_embeddings(student, queries, QR, CPU, progress=False).numpy()
+    for i, (path, want) in enumerate(zip(queries, expected)):
+        response = post_file(server["client"], path, multipart=i % 2 == 0)
+        assert response.status_code == 200, response.text
+        got = response.json()
+        assert got["k"] == 5 and got["size"] == QR and got["generation"] == index.generation
+        assert [h["path"] for h in got["results"]] == [h["path"] for h in want["results"]]
+        got_scores, want_scores = [h["score"] for h in got["results"]], [h["score"] for h in want["results"]]
+        np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
+        # an independent ranking: every database embedding's inner product with the query, sorted
+        scores = index.embeddings @ query_embeddings[i]
+        order = np.argsort(-scores, kind="stable")[:5]
+        assert [h["id"] for h in got["results"]] == order.tolist()
+        assert [h["rank"] for h in got["results"]] == [1, 2, 3, 4, 5]
+        assert [h["label"] for h in got["results"]] == index.labels[order].tolist()
+        assert set(got["timings_ms"]) == {"read", "decode", "queue", "embed", "search", "total"}
+
+
+def test_an_onnx_student_serves_the_results_of_raml_search_onnx(world, tmp_path):
+    pytest.importorskip("onnxruntime")
+    from raml.deploy import export_onnx
+    from raml.deploy.service import OnnxQueryEmbedder
+
+    onnx_file = tmp_path / "student.onnx"
+    export_onnx(load_network(world["nets"]["student"]), QR, onnx_file, exporter="torchscript")
+    queries = world["paths"][1:3]
+    out = tmp_path / "search.json"
+    argv = ["search", "--onnx", str(onnx_file), "--index", str(world["index"]), "--k", "4", "--json", str(out)]
+    assert cli_main.main([*argv, "--workers", "0", "--no-progress", *queries]) == 0
+    service = SearchService(OnnxQueryEmbedder(onnx_file), world["index"], ServiceLimits(max_wait_ms=0))
+    assert service.embedder.sizes == (QR,)
+    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+        assert client.get("/health").json()["networks"]["query"]["kind"] == "onnx"
+        for path, want in zip(queries, json.loads(out.read_text())):
+            got = post_file(client, path, k=4).json()["results"]
+            assert [h["path"] for h in got] == [h["path"] for h in want["results"]]
+            np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want["results"]], atol=1e-5)
+
+
+def test_a_listed_query_size_is_served_and_others_are_refused_by_name(world, server):
+    path = world["paths"][3]
+    response = post_file(server["client"], path, k=3, size=48)
+    assert response.status_code == 200 and response.json()["size"] == 48
+    index = load_index(world["index"])
+    query = extract_embeddings(load_network(world["nets"]["student"]), [path], 48, CPU, progress=False).numpy()[0]
+    assert [h["id"] for h in response.json()["results"]] == np.argsort(-(index.embeddings @ query))[:3].tolist()
+    refused = post_file(server["client"], path, size=40)
+    assert refused.status_code == 400 and "allowed query sizes: 32, 48" in refused.json()["error"]
+
+
+def test_health_and_images_by_id_only(world, server):
+    client = server["client"]
+    health = client.get("/health").json()
+    assert health["ready"] is True
+    assert health["index"]["size"] == 20 and health["index"]["generation"] == load_index(world["index"]).generation
+    assert health["query_sizes"] == [QR, 48] and health["default_query_size"] == QR
+    assert health["networks"]["query"]["path"] == str(world["nets"]["student"])
+    assert health["networks"]["database"]["sha256"] == checkpoint_sha256(world["nets"]["teacher"])
+    image = client.get("/image/7")
+    assert image.status_code == 200 and image.content == Path(world["paths"][7]).read_bytes()
+    assert image.headers["content-type"] == "image/jpeg"
+    for bad in ("/image/20", "/image/-1", "/image/..%2F..%2Fetc%2Fpasswd", "/image/" + world["paths"][0]):
+        assert client.get(bad).status_code == 404, bad
+    page = client.get("/")
+    assert page.status_code == 200 and '<input id="file" type="file"' in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # self-contained: nothing from the internet
+
+
+# ------------------------------------------------------------------------------------------------ batching
+
+
+def test_concurrent_queries_are_embedded_together(world, server):
+    client = server["client"]
+    before = client.get("/metrics").text
+    batches_before = metric(before, "raml_batch_size_count")
+    ones_before = metric(before, 'raml_batch_size_bucket{le="1"}')
+    with ThreadPoolExecutor(8) as pool:
+        responses = list(pool.map(lambda p: post_file(client, p), world["paths"][:8]))
+    assert [r.status_code for r in responses] == [200] * 8
+    after = client.get("/metrics").text
+    batches = metric(after, "raml_batch_size_count") - batches_before
+    single = metric(after, 'raml_batch_size_bucket{le="1"}') - ones_before
+    assert batches < 8 and single < batches  # fewer forward passes than queries: some held several queries
+    assert max(r.json()["batch_size"] for r in responses) > 1
+    assert metric(after, 'raml_requests_total{route="search",status="200"}') >= 8
+    assert metric(after, "raml_queue_depth") == 0
+    # batched results are the single-query ones
+    index = load_index(world["index"])
+    embeddings = extract_embeddings(load_network(world["nets"]["student"]), world["paths"][:8], QR, CPU, progress=False)
+    for response, query in zip(responses, embeddings.numpy()):
+        assert [h["id"] for h in response.json()["results"]] == np.argsort(-(index.embeddings @ query))[:5].tolist()
+
+
+def test_batches_hold_one_query_size_each(world):
+    index = load_index(world["index"])
+    shapes: list[tuple[int, ...]] = []
+
+    def embed(images: torch.Tensor) -> np.ndarray:
+        shapes.append(tuple(images.shape))
+        return index.embeddings[: images.shape[0]]
+
+    batcher = MicroBatcher(embed, lambda: index, max_batch=6, max_wait_s=5.0, queue_size=6)
+    batcher.start()
+    try:
+        futures = [batcher.submit(torch.zeros(3, s, s), s, k=4) for s in (8, 12, 8, 12, 8, 12)]
+        results = [f.result(timeout=WAIT_S) for f in futures]
+    finally:
+        batcher.stop()
+    assert sorted(shapes) == [(3, 3, 8, 8), (3, 3, 12, 12)]  # one batch of six, one forward pass per size
+    for row, result in enumerate(results):
+        expected = np.argsort(-(index.embeddings @ index.embeddings[row // 2]), kind="stable")[:4]
+        assert result.ids.tolist() == expected.tolist() and result.batch_size == 3
+
+
+def test_a_lone_query_is_not_held_back_when_none_is_arriving(world):
+    index = load_index(world["index"])
+    asked: list[int] = []
+
+    def arriving() -> int:
+        asked.append(1)
+        return 0
+
+    embed = lambda images: index.embeddings[: images.shape[0]]  # noqa: E731
+    batcher = MicroBatcher(embed, lambda: index, max_batch=8, max_wait_s=10 * WAIT_S, arriving=arriving)
+    batcher.start()
+    try:  # were it to wait max_wait_s for company, the result would time out
+        result = batcher.submit(torch.zeros(3, 8, 8), 8, k=2).result(timeout=WAIT_S)
+    finally:
+        batcher.stop()
+    assert result.batch_size == 1 and asked
+
+
+def test_a_full_queue_sheds_load_with_503_and_retry_after(world):
+    real = student_embedder(world)
+    entered, release = threading.Event(), threading.Event()
+
+    class Blocking:  # the real embedder, held at its first forward pass until released
+        sizes, default_size, output_dim, teacher_sha256 = real.sizes, real.default_size, real.output_dim, None
+        transform, describe = real.transform, real.describe
+
+        def embed(self, images):
+            entered.set()
+            assert release.wait(WAIT_S), "the test never released the worker"
+            return real.embed(images)
+
+    limits = ServiceLimits(max_batch=1, max_wait_ms=0, queue_size=1)
+    service = SearchService(Blocking(), world["index"], limits)
+    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+        path = world["paths"][0]
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post_file, client, path)
+            assert entered.wait(WAIT_S)  # the worker holds the first query
+            second = pool.submit(post_file, client, path)
+            deadline = time.monotonic() + WAIT_S
+            while service.batcher.depth < 1:  # the second query waits in the queue
+                assert time.monotonic() < deadline, "the second query never reached the queue"
+                time.sleep(0.01)
+            shed = post_file(client, path)
+            assert shed.status_code == 503 and shed.headers["retry-after"] == "1"
+            assert "--queue-size" in shed.json()["error"]
+            release.set()
+            assert first.result().status_code == 200 and second.result().status_code == 200
+        assert post_file(client, path).status_code == 200
+        assert metric(client.get("/metrics").text, 'raml_requests_total{route="search",status="503"}') == 1
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _png(size: tuple[int, int] = (20, 20)) -> bytes:
+    """A noisy RGB PNG (noise: its compressed pixel data is long enough to truncate)."""
+    pixels = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _png_claiming(width: int, height: int) -> bytes:
+    """A small PNG whose header (IHDR, with a valid CRC) announces ``width x height`` pixels: a decompression bomb."""
+    data = bytearray(_png())
+    ihdr = 8 + 8  # signature, then the IHDR chunk's length and type
+    data[ihdr : ihdr + 8] = struct.pack(">II", width, height)
+    data[ihdr + 13 : ihdr + 17] = struct.pack(">I", zlib.crc32(bytes(data[ihdr - 4 : ihdr + 13])))
+    return bytes(data)
+
+
+def test_decode_classifies_bad_uploads():
+    assert decode_query_image(_png(), 1000).size == (20, 20)
+    cases = {
+        b"": 400,
+        b"not an image at all": 415,
+        _png()[:600]: 400,  # truncated
+        _png_claiming(5000, 5000): 413,  # over our limit, under PIL's own
+        _png_claiming(40000, 40000): 413,  # over PIL's own bomb limit
+        _png((40, 30)): 413,  # 1200 pixels > 1000
+    }
+    for data, status in cases.items():
+        with pytest.raises(QueryImageError) as refused:
+            decode_query_image(data, 1000)
+        assert refused.value.status == status, data[:20]
+
+
+def test_each_bad_input_gets_its_status_and_the_next_request_is_served(world, server):
+    client = server["client"]
+    good = Path(world["paths"][1]).read_bytes()
+    png = {"content-type": "image/png"}
+    cases = [
+        ("text body", dict(content=b"hello", headers={"content-type": "text/plain"}), 415),
+        ("non-image as image/png", dict(content=b"hello, not a png", headers=png), 415),
+        ("truncated", dict(content=_png()[:600], headers=png), 400),
+        ("bomb over PIL's limit", dict(content=_png_claiming(40000, 40000), headers=png), 413),
+        ("over --max-pixels", dict(content=_png_claiming(2000, 2000), headers=png), 413),
+        ("over --max-bytes", dict(content=good + b"\0" * 100_000, headers={"content-type": "image/jpeg"}), 413),
+        ("over --max-bytes, multipart", dict(files={"image": ("a.jpg", b"\0" * 120_000, "image/jpeg")}), 413),
+        ("over --max-bytes, streamed", dict(content=iter([good] + [b"\0" * 10_000] * 12), headers=png), 413),
+        ("empty body", dict(content=b"", headers=png), 400),
+        ("form without the image field", dict(files={"picture": ("a.jpg", good, "image/jpeg")}), 400),
+        ("non-image in the form", dict(files={"image": ("a.txt", b"plain text", "text/plain")}), 415),
+        ("k=0", dict(content=good, headers=png, params={"k": "0"}), 400),
+        ("k=ten", dict(content=good, headers=png, params={"k": "ten"}), 400),
+        ("k over --max-k", dict(content=good, headers=png, params={"k": "101"}), 400),
+    ]
+    for name, request, status in cases:
+        response = client.post("/search", **request)
+        assert response.status_code == status, (name, response.text)
+        assert response.json()["error"], name
+        follow = post_file(client, world["paths"][2], k=2)
+        assert follow.status_code == 200, (name, follow.text)
+    text = client.get("/metrics").text
+    assert metric(text, 'raml_requests_total{route="search",status="413"}') >= 5
+    assert metric(text, 'raml_requests_total{route="search",status="415"}') >= 3
+
+
+# ------------------------------------------------------------------------------------------------ hot swap
+
+
+def test_a_generation_committed_while_clients_query_is_picked_up_without_a_failed_request(world, tmp_path):
+    index_dir = tmp_path / "index"
+    sha = checkpoint_sha256(world["nets"]["teacher"])
+    index_images(world["teacher"], world["paths"][:12], DR, index_dir, sha)
+    service = SearchService(student_embedder(world), index_dir, ServiceLimits(max_wait_ms=1, poll_interval_s=0.05))
+    statuses: list[int] = []
+    generations: list[int] = []
+    stop = threading.Event()
+    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+
+        def query_until_stopped(path: str) -> None:
+            deadline = time.monotonic() + 2 * WAIT_S
+            while not stop.is_set() and time.monotonic() < deadline:
+                response = post_file(client, path, k=3, multipart=False)
+                statuses.append(response.status_code)
+                if response.status_code == 200:
+                    generations.append(response.json()["generation"])
+
+        with ThreadPoolExecutor(2) as pool:
+            clients = [pool.submit(query_until_stopped, p) for p in world["paths"][:2]]
+            try:
+                deadline = time.monotonic() + WAIT_S
+                while len(statuses) < 3:  # clients are querying generation 1
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+                index_images(world["teacher"], world["paths"], DR, index_dir, sha)  # commits generation 2
+                deadline = time.monotonic() + WAIT_S
+                while client.get("/health").json()["index"]["generation"] != 2:
+                    assert time.monotonic() < deadline, "the new generation was never served"
+                    time.sleep(0.02)
+                seen = len(generations)
+                while len(generations) < seen + 3:  # a few queries against the new generation
+                    assert time.monotonic() < deadline
+                    time.sleep(0.01)
+            finally:
+                stop.set()
+            for future in clients:
+                future.result()
+        health = client.get("/health").json()
+    assert set(statuses) == {200}
+    assert generations[0] == 1 and generations[-1] == 2 and sorted(generations) == generations
+    assert health["index"] == {**health["index"], "size": 20, "generation": 2}
+
+
+def test_a_generation_the_student_cannot_search_is_refused_and_the_old_one_kept(world, tmp_path):
+    index_dir = tmp_path / "index"
+    index_images(world["teacher"], world["paths"][:4], DR, index_dir, checkpoint_sha256(world["nets"]["teacher"]))
+    live = LiveIndex(index_dir, accept=lambda index: check_query_dim(16, index), poll_interval_s=0.05)
+    assert live.check() is False and live.current.generation == 1  # nothing new
+
+    class Narrow(torch.nn.Module):  # an 8-d network rebuilds the index: the 16-d student cannot search it
+        meta = {"outputdim": 8}
+
+        def forward(self, x):
+            return torch.nn.functional.normalize(x.mean(dim=(2, 3)).repeat(1, 3)[:, :8] + 1.0, dim=1)
+
+    index_images(Narrow(), world["paths"][:4], DR, index_dir, "0" * 64, overwrite=True)
+    assert load_index(index_dir).generation == 2 and load_index(index_dir).dim == 8
+    assert live.check() is False and live.current.generation == 1 and live.current.dim == 16
+    index_images(world["teacher"], world["paths"][:5], DR, index_dir, "1" * 64, overwrite=True)  # 16-d again
+    assert live.check() is True and live.current.generation == 3 and len(live.current) == 5
+
+
+# ------------------------------------------------------------------------------------------------ pieces
+
+
+def test_metrics_histograms_match_an_explicit_count():
+    values = [0.001, 0.005, 0.0051, 0.3, 2.0, 11.0, 0.01]
+    histogram = Histogram([0.005, 0.01, 1.0])
+    for value in values:
+        histogram.observe(value)
+    expected = [sum(1 for v in values if v <= bound) for bound in (0.005, 0.01, 1.0)] + [len(values)]
+    assert histogram.cumulative() == expected and histogram.count == 7
+    assert histogram.sum == pytest.approx(sum(values))
+    metrics = ServiceMetrics({"queue_depth": ("help", lambda: 3)})
+    for size in (1, 3, 3, 40):
+        metrics.record_batch(size)
+    metrics.record_request("search", 200, 0.02)
+    text = metrics.render()
+    assert 'raml_batch_size_bucket{le="2"} 1' in text and 'raml_batch_size_bucket{le="4"} 3' in text
+    assert 'raml_batch_size_bucket{le="+Inf"} 4' in text and "raml_batch_size_sum 47" in text
+    assert 'raml_request_seconds_bucket{le="0.025"} 1' in text and 'raml_request_seconds_bucket{le="0.01"} 0' in text
+    assert 'raml_requests_total{route="search",status="200"} 1' in text and "raml_queue_depth 3" in text
+
+
+def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
+    parser = cli_main.build_parser()
+    argv = ["serve", "--index", str(world["index"]), "--network-path", str(world["nets"]["student"])]
+    args = parser.parse_args([*argv, "--image-size", str(QR), "--max-batch", "4", "--device", "cpu"])
+    assert args.host == "127.0.0.1" and args.port == 8000
+    assert [serve_cli._is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "0.0.0.0", "192.168.1.2")] == [
+        True,
+        True,
+        True,
+        False,  # every interface: warned about as reachable from the network without authentication
+        False,
+    ]
+    service = serve_cli.build_service(args)
+    assert service.embedder.sizes == (QR,) and service.limits.max_batch == 4 and len(service.index.current) == 20
+    with pytest.raises(SystemExit):
+        parser.parse_args([*argv, "--onnx", "x.onnx"])  # one query network
+    not_an_index = ["serve", "--index", str(world["base"]), "--network-path", str(world["nets"]["student"])]
+    assert cli_main.main([*not_an_index, "--device", "cpu"]) == 2  # a clear error, not a traceback

@@ -1,0 +1,110 @@
+"""The web page of ``raml serve`` in a real headless Chromium (selenium + the system's chromedriver).
+
+Upload a query through the page's file input, wait for the top-k thumbnails, check that they show the database
+images with their scores and that the page fits a phone-sized screen, and save a screenshot in the test's temp
+folder. Skipped, with the reason, where no Chromium or chromedriver is installed (``.ci/run`` installs them).
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("faiss")
+
+from raml.data.synth import generate_synthetic_dataset  # noqa: E402
+from raml.deploy import collect_images, index_images, load_index  # noqa: E402
+from raml.deploy.service import SearchService, ServiceLimits, TorchQueryEmbedder  # noqa: E402
+from raml.deploy.service.app import create_app  # noqa: E402
+from raml.deploy.service.background import BackgroundServer  # noqa: E402
+from raml.models import build_network  # noqa: E402
+
+PHONE = (390, 844)  # CSS pixels of a common phone screen
+WAIT_S = 30.0
+
+
+def _browser_paths() -> tuple[str, str]:
+    """The Chromium binary and its WebDriver, or a skip naming what is missing."""
+    try:
+        import selenium  # noqa: F401
+    except ImportError:
+        pytest.skip("selenium is not installed (pip install selenium; it is in raml[dev])")
+    browser = next((p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None)
+    driver = shutil.which("chromedriver") or (
+        "/usr/bin/chromedriver" if Path("/usr/bin/chromedriver").is_file() else None
+    )
+    if browser is None or driver is None:
+        missing = " and ".join(name for name, path in (("chromium", browser), ("chromedriver", driver)) if path is None)
+        pytest.skip(f"no headless browser: {missing} not found (apt-get install chromium chromium-driver)")
+    return browser, driver
+
+
+def _start_chromium(browser: str, driver: str):
+    from selenium import webdriver
+    from selenium.common.exceptions import WebDriverException
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = browser
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run"):
+        options.add_argument(flag)
+    options.add_argument(f"--window-size={PHONE[0]},{PHONE[1]}")
+    # a phone's viewport (desktop windows have a minimum width above a phone's)
+    metrics = {"width": PHONE[0], "height": PHONE[1], "pixelRatio": 1.0}
+    options.add_experimental_option("mobileEmulation", {"deviceMetrics": metrics})
+    try:
+        return webdriver.Chrome(service=Service(executable_path=driver), options=options)
+    except WebDriverException as error:
+        pytest.skip(f"chromium could not be started by {driver}: {error.msg}")
+
+
+def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _browser_paths()
+    generate_synthetic_dataset(tmp_path / "synth", num_classes=4, images_per_class=3, image_size=48)
+    paths = collect_images(tmp_path / "synth" / "images")
+    torch.manual_seed(0)
+    network = build_network("resnet18", whitening=16, pretrained=False).eval()
+    index_images(network, paths, 32, tmp_path / "index", "0" * 64)
+    service = SearchService(TorchQueryEmbedder(network, torch.device("cpu"), 32), tmp_path / "index", ServiceLimits())
+    k = 6
+    with BackgroundServer(create_app(service)) as server:
+        chromium = _start_chromium(browser, driver_path)
+        try:
+            chromium.set_page_load_timeout(WAIT_S)
+            chromium.get(server.url + "/")
+            wait = WebDriverWait(chromium, WAIT_S)
+            wait.until(lambda d: "12 images" in d.find_element(By.ID, "served").text)
+            k_box = chromium.find_element(By.ID, "k")
+            k_box.clear()
+            k_box.send_keys(str(k))
+            chromium.find_element(By.ID, "file").send_keys(str(Path(paths[4]).resolve()))
+            wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#results li.hit")) == k)
+            loaded = (
+                "return [...document.querySelectorAll('#results img')].every(i => i.complete && i.naturalWidth > 0)"
+            )
+            wait.until(lambda d: d.execute_script(loaded))
+            status = chromium.find_element(By.ID, "status").text
+            captions = [e.text for e in chromium.find_elements(By.CSS_SELECTOR, "#results .caption")]
+            sources = [e.get_attribute("src") for e in chromium.find_elements(By.CSS_SELECTOR, "#results img")]
+            width = chromium.execute_script("return window.innerWidth")
+            overflow = chromium.execute_script("return document.documentElement.scrollWidth - window.innerWidth")
+            shot = tmp_path / "web_page.png"
+            assert chromium.save_screenshot(str(shot))
+        finally:
+            chromium.quit()
+    index = load_index(tmp_path / "index")
+    assert status.startswith(f"Top {k} in ") and "ms" in status
+    ids = [int(src.rsplit("/", 1)[1]) for src in sources]
+    assert len(set(ids)) == k and all(0 <= i < len(index) for i in ids)
+    assert all(index.paths[i] in caption for i, caption in zip(ids, captions))
+    assert captions[0].startswith("#1 ")
+    assert width == PHONE[0] and overflow <= 0  # no horizontal scrolling at phone width
+    assert shot.stat().st_size > 1000

@@ -1,0 +1,246 @@
+"""Training methods as plug-ins: the registry, the other distillers, the ablation switches and ``raml bench methods``.
+
+The existing modes' behaviour is pinned by the other engine tests (unchanged); here: every registered mode
+resolves to a method, the new ones train, their batch loss is the :mod:`raml.losses` function on the views,
+``--no-mixup`` and ``--uncoupled-views`` do what they say, and the benchmark writes its table for every row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from raml.bench.methods import BASELINE, ROWS, MethodsBenchSettings, _summarise, methods_table, run_methods_benchmark
+from raml.bench.methods import main as bench_main
+from raml.cli.main import build_parser, main
+from raml.cli.train import config_from_args
+from raml.data.synth import generate_synthetic_dataset
+from raml.data.views import CoupledViewDataset
+from raml.demo import DemoSettings
+from raml.engine.config import LOSSES, TrainConfig
+from raml.engine.methods import METHODS, method_class
+from raml.engine.methods.base import TEACHER_USES, Method
+from raml.engine.trainer import Trainer
+from raml.losses import rkd_loss
+from raml.models import build_network, load_checkpoint_file, save_checkpoint
+
+CPU = torch.device("cpu")
+DR, QR = 32, 16
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    root = tmp_path_factory.mktemp("data")
+    generate_synthetic_dataset(root / "cub", num_classes=4, images_per_class=4, image_size=DR, seed=1)
+    torch.manual_seed(0)
+    teacher = root / "teacher.pth"
+    save_checkpoint(teacher, build_network("test_resnet", whitening=16, pretrained=False))
+    return root, teacher
+
+
+def _config(setup: tuple[Path, Path], directory: Path, **changes) -> TrainConfig:
+    data_root, teacher = setup
+    values = dict(
+        mode="ts_aug", student_path=str(teacher), teacher_path=str(teacher), training_dataset="cub",
+        test_datasets=[], data_root=str(data_root), directory=str(directory), image_size=QR, teacher_image_size=DR,
+        pos_num=2, batch_size=4, update_every=1, query_size=8, epochs=1, workers=0, val=False, seed=3,
+        scheduler="none", lr=1e-3,
+    )  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _first_batch(trainer: Trainer):
+    generator = torch.Generator().manual_seed(0)
+    return next(trainer._epoch_batches(1, generator)), generator
+
+
+# ------------------------------------------------------------------------------------------- registry
+def test_every_mode_resolves_to_a_method_that_says_what_it_needs():
+    assert list(METHODS)[:3] == ["ts_aug", "ts_reg", "sym"]
+    for name in METHODS:
+        for loss in LOSSES:
+            cls = method_class(name, loss)
+            assert issubclass(cls, Method) and cls.teacher in TEACHER_USES
+            assert (cls.teacher == "none") == (name == "sym") == cls.labels
+    assert method_class("sym", "triplet") is not method_class("sym", "normsoftmax")
+    assert method_class("ts_reg", "triplet").teacher == "cached"
+
+
+def test_an_unknown_mode_is_refused_with_the_valid_names():
+    with pytest.raises(ValueError, match="valid: ts_aug, ts_reg, sym, aml, rkd, csd, d3"):
+        method_class("kd", "triplet")
+    with pytest.raises(ValueError, match="Unknown --mode 'kd'"):
+        _config((Path("data"), Path("t.pth")), Path("x"), mode="kd").validate()
+
+
+def test_train_help_lists_every_method_with_one_entry():
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = printed.getvalue()
+    for name, entry in METHODS.items():
+        assert f"\n  {name:<8}{entry.summary.split()[0]}" in text
+    assert "--no-mixup" in text and "--uncoupled-views" in text
+
+
+def test_flags_reach_the_config():
+    args = build_parser().parse_args(
+        ["train", "--student", "resnet18", "--teacher", "resnet18", "--mode", "d3", "--no-mixup",
+         "--uncoupled-views", "--d3-k", "5", "--csd-temperature", "0.2", "--aml-variant", "regression"]
+    )  # fmt: skip
+    config = config_from_args(args)
+    assert (config.mode, config.mixup, config.uncoupled_views) == ("d3", False, True)
+    assert (config.d3_k, config.csd_temperature, config.aml_variant) == (5, 0.2, "regression")
+    default = config_from_args(build_parser().parse_args(["train", "--student", "resnet18", "--teacher", "resnet18"]))
+    assert default.mixup is True and default.uncoupled_views is False
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("csd_k", 0, "--csd-k"),
+        ("d3_k", 1, "--d3-k"),
+        ("aml_variant", "hinge", "--aml-variant"),
+        ("aml_margin", 0.0, "--aml-margin"),
+        ("csd_temperature", -1.0, "--csd-temperature"),
+        ("rkd_angle_weight", -1.0, "--rkd-angle-weight"),
+    ],
+)
+def test_bad_method_settings_are_refused(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        _config((Path("data"), Path("t.pth")), Path("x"), **{field: value}).validate()
+
+
+# ----------------------------------------------------------------------------------- the new methods
+@pytest.mark.parametrize("mode", ["aml", "rkd", "csd", "d3"])
+def test_each_new_method_gives_a_finite_loss_whose_gradient_reaches_the_student(setup, tmp_path, mode):
+    trainer = Trainer(_config(setup, tmp_path / mode, mode=mode), CPU, progress=False)
+    batch, generator = _first_batch(trainer)
+    result = trainer._batch_loss(batch, generator)
+    assert torch.isfinite(result.loss) and result.loss.item() > 0 and result.images == 4
+    result.loss.backward()
+    grads = [p.grad for p in trainer.student.parameters() if p.requires_grad]
+    assert any(g is not None and g.abs().sum() > 0 for g in grads)
+    assert all(p.grad is None for p in trainer.teacher.parameters())
+
+
+def test_a_batch_relation_loss_is_the_loss_function_on_the_flattened_views_times_the_images(setup, tmp_path):
+    trainer = Trainer(_config(setup, tmp_path / "rkd", mode="rkd", rkd_angle_weight=0.5), CPU, progress=False)
+    batch, generator = _first_batch(trainer)
+    student, teacher = trainer.method.view_embeddings(batch, generator)
+    expected = rkd_loss(student.flatten(0, 1), teacher.flatten(0, 1), 1.0, 0.5)["total"] * student.shape[0]
+    assert trainer._batch_loss(batch, generator).loss.item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_a_new_method_trains_and_saves_its_mode(setup, tmp_path):
+    result = Trainer(_config(setup, tmp_path / "d3", mode="d3", d3_k=3), CPU, progress=False).run()
+    assert set(result.history[-1]) >= {"loss", "first_order", "hard", "easy"}
+    assert load_checkpoint_file(result.best_checkpoint)["raml"]["mode"] == "d3"
+
+
+# -------------------------------------------------------------------------------------------- ablations
+@pytest.mark.parametrize("partner", ["dataset", "batch"])
+def test_no_mixup_feeds_the_views_as_rendered(setup, tmp_path, partner):
+    config = _config(setup, tmp_path / "plain", mixup=False, mixup_partner=partner)
+    trainer = Trainer(config, CPU, progress=False)
+    batch, generator = _first_batch(trainer)
+    assert len(batch) == 3  # no partner views loaded
+    student_views, teacher_views = trainer.method._views(batch, generator)
+    assert torch.equal(student_views, batch[0].float() / 255) and torch.equal(teacher_views, batch[1].float() / 255)
+
+
+@pytest.mark.parametrize("partners", [False, True])
+def test_uncoupled_views_keep_the_student_views_and_redraw_the_teacher_views(setup, partners):
+    data_root, _ = setup
+    paths = sorted((data_root / "cub" / "images").rglob("*.jpg"))[:6]
+    coupled = CoupledViewDataset(paths, QR, DR, 3, seed=5, partners=partners)
+    uncoupled = CoupledViewDataset(paths, QR, DR, 3, seed=5, partners=partners, coupled=False)
+    for index in range(len(paths)):
+        a, b = coupled[index], uncoupled[index]
+        assert torch.equal(a[0], b[0])  # the student's views and every other draw are unchanged
+        assert not torch.equal(a[1], b[1])  # the teacher's views are drawn anew
+        if partners:
+            assert torch.equal(a[2], b[2]) and torch.equal(a[4], b[4])
+        # the teacher view is no longer the student view at DR: downsized, it differs from the student view
+        small = torch.nn.functional.interpolate(b[1].float(), size=QR, mode="bilinear", antialias=True)
+        assert (small - b[0].float()).abs().mean() > 5
+    with pytest.raises(TypeError, match="coupled"):
+        CoupledViewDataset(paths, QR, DR, 3, seed=5, coupled="no")
+
+
+# ----------------------------------------------------------------------------------------- the benchmark
+def test_bench_methods_writes_every_row_and_reuses_its_teacher(tmp_path):
+    out = tmp_path / "bench"
+    demo = DemoSettings(num_classes=4, images_per_class=4, image_size=DR, teacher_size=DR, student_size=QR,
+                        architecture="test_resnet", whitening=16, teacher_epochs=1, pos_num=2, threads=1)  # fmt: skip
+    rows = run_methods_benchmark(MethodsBenchSettings(out=out, seeds=1, epochs=1, demo=demo), CPU, progress=False)
+    assert [row["method"] for row in rows] == [BASELINE, *ROWS]
+    for row in rows:
+        for key in ("method", "asym_mAP", "asym_R@1", "sym_mAP", "train_seconds"):
+            assert key in row
+        assert 0 <= row["asym_mAP"] <= 100 and row["seeds"] == 1 and row["asym_mAP_std"] == 0.0
+    assert rows[0]["train_seconds"] == 0.0 and all(row["train_seconds"] > 0 for row in rows[1:])
+    table = (out / "methods.md").read_text()
+    assert all(f"| {name} |" in table for name in [BASELINE, *ROWS])
+    assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    teacher = out / "teacher" / "model_best.pth.tar"
+    stamp = teacher.stat().st_mtime_ns
+    again = run_methods_benchmark(
+        MethodsBenchSettings(out=out, seeds=1, epochs=1, demo=demo, rows=("ts_reg",)), CPU, progress=False
+    )
+    assert teacher.stat().st_mtime_ns == stamp  # the cached teacher, not a new one
+    assert again[0] == rows[0]  # the baseline: the same teacher, the same numbers
+    assert [row["method"] for row in again] == [BASELINE, "ts_reg"]
+
+
+def test_several_seeds_give_mean_and_sample_std():
+    runs = [
+        {"asym_mAP": a, "asym_R@1": 10.0, "sym_mAP": 5.0, "train_seconds": 2.0, "seed": s}
+        for s, a in enumerate([1, 2, 6])
+    ]
+    row = _summarise("ts_aug", runs)
+    assert row["asym_mAP"] == 3.0 and row["asym_mAP_std"] == pytest.approx(2.65, abs=0.005)  # sqrt(7)
+    assert row["asym_R@1_std"] == 0.0 and row["seeds"] == 3 and row["runs"] == runs
+    assert "| ts_aug | 3.00 ± 2.65 | 10.00 ± 0.00 | 5.00 ± 0.00 | 2.00 ± 0.00 |" in methods_table([row])
+
+
+def test_bench_methods_refuses_bad_arguments_before_writing(tmp_path):
+    a_file = tmp_path / "taken"
+    a_file.write_text("keep")
+    with pytest.raises(SystemExit, match="is a file"):
+        bench_main(["--out", str(a_file), "--quick"])
+    with pytest.raises(SystemExit, match="Unknown method rows"):
+        bench_main(["--out", str(tmp_path / "new"), "--methods", "ts_aug,kd"])
+    assert a_file.read_text() == "keep" and not (tmp_path / "new").exists()
+
+
+# ------------------------------------------------------------------------------------------- the documents
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_the_readme_lists_every_method_and_links_the_comparison():
+    readme = (REPO / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in METHODS) and "docs/methods.md" in readme
+
+
+def test_docs_methods_shows_a_table_of_every_row_and_names_only_existing_flags():
+    text = (REPO / "docs" / "methods.md").read_text()
+    lines = text.splitlines()
+    first = lines.index("| method | asym mAP | asym R@1 | sym mAP | training s |") + 2
+    names = []
+    for line in lines[first:]:
+        if not line.startswith("|"):
+            break
+        names.append(line.split("|")[1].strip())
+    assert names == [BASELINE, *ROWS]
+    parsers = build_parser()._subparsers._group_actions[0].choices
+    known = set(parsers["train"]._option_string_actions)
+    known |= set(re.findall(r'add_argument\(\s*"(--[^"]+)"', (REPO / "src/raml/bench/methods.py").read_text()))
+    named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*[a-z0-9])", text))
+    assert named and not named - known, sorted(named - known)

@@ -1,0 +1,77 @@
+"""Relational knowledge distillation (distance- and angle-wise) against explicit loops, gradients, input checks."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raml.losses import rkd_angle_loss, rkd_distance_loss, rkd_loss
+
+
+def _unit(n: int, d: int, seed: int) -> torch.Tensor:
+    return F.normalize(torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=1)
+
+
+def _huber(x: float) -> float:
+    return 0.5 * x * x if abs(x) < 1 else abs(x) - 0.5
+
+
+def _dist(a, b) -> float:
+    return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
+
+
+def _distance_loop(student, teacher):
+    s, t = student.tolist(), teacher.tolist()
+    pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if i != j]
+    mu_s = sum(_dist(s[i], s[j]) for i, j in pairs) / len(pairs)
+    mu_t = sum(_dist(t[i], t[j]) for i, j in pairs) / len(pairs)
+    return sum(_huber(_dist(s[i], s[j]) / mu_s - _dist(t[i], t[j]) / mu_t) for i, j in pairs) / len(pairs)
+
+
+def _cos_angle(x, i, j, k) -> float:
+    e_ij = [a - b for a, b in zip(x[i], x[j])]
+    e_kj = [a - b for a, b in zip(x[k], x[j])]
+    return sum(a * b for a, b in zip(e_ij, e_kj)) / (_dist(x[i], x[j]) * _dist(x[k], x[j]))
+
+
+def _angle_loop(student, teacher):
+    s, t = student.tolist(), teacher.tolist()
+    triples = list(itertools.permutations(range(len(s)), 3))
+    return sum(_huber(_cos_angle(s, *ijk) - _cos_angle(t, *ijk)) for ijk in triples) / len(triples)
+
+
+def test_distance_term_matches_a_loop():
+    # a scale factor on the teacher changes nothing: each side is normalised by its own mean distance
+    student, teacher = _unit(6, 5, 0), 3.0 * _unit(6, 5, 1)
+    assert rkd_distance_loss(student, teacher).item() == pytest.approx(_distance_loop(student, teacher), rel=1e-9)
+
+
+def test_angle_term_matches_a_loop():
+    student, teacher = _unit(5, 4, 2), _unit(5, 4, 3)
+    assert rkd_angle_loss(student, teacher).item() == pytest.approx(_angle_loop(student, teacher), rel=1e-9)
+
+
+def test_weighted_total_and_huber_beyond_delta():
+    student, teacher = 10 * _unit(5, 4, 4), _unit(5, 4, 5)  # large differences reach the linear part
+    terms = rkd_loss(student, teacher, distance_weight=3.0, angle_weight=0.5)
+    assert terms["distance"].item() == pytest.approx(_distance_loop(student, teacher), rel=1e-9)
+    assert terms["total"].item() == pytest.approx(3.0 * terms["distance"].item() + 0.5 * terms["angle"].item())
+
+
+def test_gradcheck():
+    student = _unit(4, 3, 6).requires_grad_(True)
+    teacher = _unit(4, 3, 7)
+    assert torch.autograd.gradcheck(lambda s: rkd_loss(s, teacher)["total"], (student,))
+
+
+def test_bad_inputs_are_refused():
+    with pytest.raises(ValueError, match="at least 3"):
+        rkd_angle_loss(torch.randn(2, 3), torch.randn(2, 3))
+    with pytest.raises(ValueError, match="same shape"):
+        rkd_loss(torch.randn(4, 3), torch.randn(5, 3))
+    with pytest.raises(ValueError, match="angle_weight"):
+        rkd_loss(torch.randn(4, 3), torch.randn(4, 3), angle_weight=-1.0)
