@@ -85,8 +85,9 @@ class DemoSettings:
     latency_batch: int = 16
 
 
-def _generate(settings: DemoSettings, data_root: Path) -> None:
-    """Write the dataset unless the same settings already produced it."""
+def generate_dataset(settings: DemoSettings, data_root: Path, progress: bool = True) -> None:
+    """Write the demo's synthetic dataset unless the same settings already produced it (also used by the
+    benchmarks that reuse the demo's data)."""
     folder = data_root / DATASET
     stamp = folder / "raml_synth.json"
     wanted = {
@@ -105,7 +106,7 @@ def _generate(settings: DemoSettings, data_root: Path) -> None:
         images_per_class=settings.images_per_class,
         image_size=settings.image_size,
         seed=settings.seed,
-        progress=True,
+        progress=progress,
         pattern_period=settings.pattern_period,
     )
     atomic_write_text(stamp, json.dumps(wanted))
@@ -503,7 +504,7 @@ def run_demo(settings: DemoSettings, device: torch.device, progress: bool = True
     data_root = out / "data"
     with reproducible(settings.threads):
         logger.info("1/4 generating the synthetic dataset")
-        _generate(settings, data_root)
+        generate_dataset(settings, data_root)
         # Every stage starts from the seed, so that no stage depends on what an earlier one drew (or on the
         # random seed of a fresh process, which the teacher's initial weights would otherwise come from).
         logger.info("2/4 training the teacher at %d px (labels, random weights)", settings.teacher_size)

@@ -29,8 +29,7 @@ from typing import Any
 import torch
 
 from raml.data.splits import get_split
-from raml.data.synth import generate_synthetic_dataset
-from raml.demo import DATASET, DemoSettings, reproducible, software_stack, train_teacher
+from raml.demo import DATASET, DemoSettings, generate_dataset, reproducible, software_stack, train_teacher
 from raml.engine.config import TrainConfig
 from raml.engine.trainer import Trainer
 from raml.models import load_network
@@ -84,31 +83,6 @@ def _check_settings(settings: MethodsBenchSettings) -> None:
         raise ValueError(f"--seeds and --epochs must be at least 1, got {settings.seeds} and {settings.epochs}.")
     if settings.out.exists() and not settings.out.is_dir():
         raise ValueError(f"--out {settings.out} is a file; give a folder (it is created if missing).")
-
-
-def _generate(demo: DemoSettings, data_root: Path) -> None:
-    """The demo's synthetic dataset, unless the same settings already produced it."""
-    folder = data_root / DATASET
-    stamp = folder / "raml_synth.json"
-    wanted = {
-        "num_classes": demo.num_classes,
-        "images_per_class": demo.images_per_class,
-        "image_size": demo.image_size,
-        "pattern_period": list(demo.pattern_period),
-        "seed": demo.seed,
-    }
-    if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (folder / "images.txt").is_file():
-        logger.info("Reusing the synthetic dataset in %s", folder)
-        return
-    generate_synthetic_dataset(
-        folder,
-        num_classes=demo.num_classes,
-        images_per_class=demo.images_per_class,
-        image_size=demo.image_size,
-        seed=demo.seed,
-        pattern_period=demo.pattern_period,
-    )
-    atomic_write_text(stamp, json.dumps(wanted))
 
 
 def _teacher(demo: DemoSettings, data_root: Path, device: torch.device, progress: bool) -> Path:
@@ -208,7 +182,7 @@ def run_methods_benchmark(
     data_root = out / "data"
     rows: list[dict[str, Any]] = []
     with reproducible(demo.threads):
-        _generate(demo, data_root)
+        generate_dataset(demo, data_root, progress=False)
         teacher_path = _teacher(demo, data_root, device, progress)
         teacher = load_network(teacher_path, device=device)
         seed_everything(demo.seed)

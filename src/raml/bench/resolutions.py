@@ -36,7 +36,15 @@ import yaml
 
 from raml.data.sizes import parse_image_sizes
 from raml.data.splits import get_split
-from raml.demo import DATASET, DemoSettings, _generate, _train_config, reproducible, software_stack, train_teacher
+from raml.demo import (
+    DATASET,
+    DemoSettings,
+    _train_config,
+    generate_dataset,
+    reproducible,
+    software_stack,
+    train_teacher,
+)
 from raml.engine.config import part_name
 from raml.engine.trainer import Trainer
 from raml.models import load_network
@@ -325,7 +333,7 @@ def run_resolutions_benchmark(
     rows: list[dict[str, Any]] = []
     bn_rows: list[dict[str, Any]] = []
     with reproducible(demo.threads):
-        _generate(demo, data_root)
+        generate_dataset(demo, data_root)
         teacher_path = _teacher(settings, data_root, device, progress)
         split = get_split(f"{DATASET}-test", data_root)
         train_paths = [str(p) for p in get_split(part_name(DATASET, "trainval"), data_root).abspaths()]
