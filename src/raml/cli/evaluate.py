@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -150,8 +151,22 @@ def run(args: argparse.Namespace) -> int:
     cache = None if args.no_cache else EmbeddingCache(Path(args.data_root) / "cache" / "embeddings")
     teacher_sha = file_sha256(teacher_file) if teacher_file is not None else None
 
+    # what the exact test of one size and of several sizes share
+    options: dict[str, Any] = {
+        "teacher": teacher,
+        "teacher_image_size": args.teacher_image_size,
+        "sym": args.sym,
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "cache": cache,
+        "teacher_sha256": teacher_sha,
+        "progress": not args.no_progress,
+        "teacher_device": teacher_device,
+        "query_scales": args.multiscale,
+        "content_hash": args.hash_images,
+    }
     if len(sizes) > 1:
-        return _run_sizes(args, sizes, student, splits, skipped, device, teacher, teacher_device, cache, teacher_sha)
+        return _run_sizes(args, sizes, student, splits, skipped, device, options)
     results: dict[str, dict[str, dict[str, float]]] = {}
     for split in splits:
         if args.index is not None:
@@ -183,23 +198,7 @@ def run(args: argparse.Namespace) -> int:
                     )
                 )
             continue
-        results[split.name] = evaluate_split(
-            student,
-            split,
-            args.image_size,
-            device,
-            teacher=teacher,
-            teacher_image_size=args.teacher_image_size,
-            sym=args.sym,
-            batch_size=args.batch_size,
-            workers=args.workers,
-            cache=cache,
-            teacher_sha256=teacher_sha,
-            progress=not args.no_progress,
-            teacher_device=teacher_device,
-            query_scales=args.multiscale,
-            content_hash=args.hash_images,
-        )
+        results[split.name] = evaluate_split(student, split, args.image_size, device, **options)
     for split in splits:
         for metrics in results[split.name].values():
             metrics["num_skipped_images"] = skipped[split.name]
@@ -209,27 +208,11 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_sizes(args, sizes, student, splits, skipped, device, teacher, teacher_device, cache, teacher_sha) -> int:  # noqa: ANN001
+def _run_sizes(args, sizes, student, splits, skipped, device, options) -> int:  # noqa: ANN001
     """``--image-size 24,32,48``: every query size against the one teacher database, one row per size."""
     from raml.retrieval.sizes import evaluate_sizes, format_sizes_table
 
-    entries = evaluate_sizes(
-        student,
-        splits,
-        sizes,
-        device,
-        teacher=teacher,
-        teacher_image_size=args.teacher_image_size,
-        sym=args.sym,
-        batch_size=args.batch_size,
-        workers=args.workers,
-        cache=cache,
-        teacher_sha256=teacher_sha,
-        progress=not args.no_progress,
-        teacher_device=teacher_device,
-        query_scales=args.multiscale,
-        content_hash=args.hash_images,
-    )
+    entries = evaluate_sizes(student, splits, sizes, device, **options)
     for entry in entries:
         for name, tests in entry["results"].items():
             for metrics in tests.values():
