@@ -15,6 +15,8 @@ fixture sets up in well under a second.
 - ``folder_root``: ``folders/train/{ant,bee,cat}/`` (2 images each; ``bee`` has ``b.PNG`` upper case and a
   ``notes.txt`` that is not an image) and ``folders/test/{dog,eel}/`` (3 images each); no val.
 - ``image_factory``: ``make(path, size=(40, 30), color=(r, g, b), mode="RGB") -> Path`` writes one image.
+- ``one_torch_thread``: torch limited to one thread for the test (not autouse; a module opts in with
+  ``pytestmark``).
 """
 
 from __future__ import annotations
@@ -69,6 +71,18 @@ def make_image(
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
     return path
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch thread for the test (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``): tiny
+    networks gain nothing from two, and a busy shared machine makes two much slower."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

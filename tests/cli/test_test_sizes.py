@@ -21,13 +21,7 @@ ARCH = "timm/test_resnet"
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: tiny networks gain nothing from two, and a busy shared machine makes two much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _assert_same(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]]) -> None:

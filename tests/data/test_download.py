@@ -57,13 +57,7 @@ def official_files(name: str, data_root: Path) -> dict[str, bytes]:
     return {"Stanford_Online_Products.zip": buffer.getvalue()}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One torch thread: steadier on a small shared machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture

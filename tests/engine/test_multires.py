@@ -25,13 +25,7 @@ from raml.engine.trainer import Trainer, TrainingInterrupted
 # ------------------------------------------------------------------------------------------- size lists
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: tiny networks gain nothing from two, and a busy shared machine makes two much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_parse_image_sizes_accepts_strings_ints_and_lists():

@@ -23,13 +23,7 @@ from raml.models.switchable_bn import (
 ARCH = "timm/test_resnet"
 
 
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    """One torch thread: tiny networks gain nothing from two, and a busy shared machine makes two much slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
