@@ -45,3 +45,22 @@ def test_fidelity_table_lists_every_reference_variant_flag():
     ):
         assert flag in text, flag
     assert "docs/fidelity.md" in (REPO / "README.md").read_text()
+
+
+def test_the_readme_layout_names_existing_packages_and_every_benchmark():
+    from raml.cli.bench import BENCHMARKS
+
+    text = (REPO / "README.md").read_text()
+    block = text[text.index("## Layout") :]
+    block = block[block.index("```\nsrc/raml/") + 4 : block.index("```", block.index("```\nsrc/raml/") + 4)]
+    entries = re.findall(r"^  ([a-z_]+(?:/|\.py))", block, flags=re.MULTILINE)
+    assert len(entries) >= 9, entries
+    missing = [entry for entry in entries if not (REPO / "src" / "raml" / entry).exists()]
+    assert not missing, f"README's layout names {missing}, which src/raml does not have"
+    packages = {p.name + "/" for p in (REPO / "src" / "raml").iterdir() if (p / "__init__.py").is_file()}
+    assert packages <= set(entries), f"packages missing from README's layout: {sorted(packages - set(entries))}"
+    listed = re.search(r"raml bench ([a-z |]+)\)", block)
+    assert listed is not None
+    assert {name.strip() for name in listed.group(1).split("|")} == set(BENCHMARKS)
+    for folder in ("methods/", "service/"):
+        assert folder in block
