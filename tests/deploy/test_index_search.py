@@ -14,7 +14,6 @@ import torch
 
 from raml.cli import main as cli_main
 from raml.data import get_split
-from raml.data.synth import generate_synthetic_dataset
 from raml.deploy import (
     IndexDirectoryError,
     IndexParams,
@@ -34,16 +33,10 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, synth_and_networks) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher, a 16-d student, an 8-d network."""
     base = tmp_path_factory.mktemp("deploy")
-    root = base / "data"
-    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
-    nets = {}
-    for name, dim, seed in (("teacher", 16, 0), ("student", 16, 1), ("narrow", 8, 2)):
-        torch.manual_seed(seed)
-        nets[name] = base / f"{name}.pth"
-        save_checkpoint(nets[name], build_network("resnet18", whitening=dim, pretrained=False))
+    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1), "narrow": (8, 2)})
     split = get_split("synth-test", root)
     index_dir = base / "index"
     code = cli_main.main(

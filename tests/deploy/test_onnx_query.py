@@ -10,10 +10,9 @@ import pytest
 import torch
 
 from raml.cli import main as cli_main
-from raml.data.synth import generate_synthetic_dataset
 from raml.deploy.export import export_onnx, sidecar_path
 from raml.deploy.onnx_network import OnnxQueryNetwork
-from raml.models import build_network, load_network, save_checkpoint
+from raml.models import load_network
 from raml.retrieval.extract import extract_embeddings
 
 QR, DR = 32, 48
@@ -22,16 +21,10 @@ RUNTIME = ["--device", "cpu", "--workers", "0", "--no-progress", "--no-cache"]
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, synth_and_networks) -> dict:
     """synth-test (4 classes x 5 images), a teacher and a student (timm test_resnet, 16-d), the student in ONNX."""
     base = tmp_path_factory.mktemp("onnx_query")
-    root = base / "data"
-    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
-    nets = {}
-    for name, seed in (("teacher", 0), ("student", 1)):
-        torch.manual_seed(seed)
-        nets[name] = base / f"{name}.pth"
-        save_checkpoint(nets[name], build_network("timm/test_resnet", whitening=16, pretrained=False))
+    root, nets = synth_and_networks(base, "timm/test_resnet", {"teacher": (16, 0), "student": (16, 1)})
     onnx_file = base / "student.onnx"
     export_onnx(load_network(nets["student"]), QR, onnx_file, exporter="torchscript")
     return {"base": base, "root": root, "nets": nets, "onnx": onnx_file}

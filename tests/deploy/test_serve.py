@@ -30,7 +30,6 @@ pytest.importorskip("faiss")
 from raml.cli import main as cli_main  # noqa: E402
 from raml.cli import serve as serve_cli  # noqa: E402
 from raml.data import get_split  # noqa: E402
-from raml.data.synth import generate_synthetic_dataset  # noqa: E402
 from raml.deploy import index_images, load_index  # noqa: E402
 from raml.deploy.search import check_query_dim  # noqa: E402
 from raml.deploy.service import (  # noqa: E402
@@ -46,7 +45,7 @@ from raml.deploy.service import (  # noqa: E402
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
 from raml.deploy.service.metrics import Histogram  # noqa: E402
-from raml.models import build_network, checkpoint_sha256, load_network, save_checkpoint  # noqa: E402
+from raml.models import checkpoint_sha256, load_network  # noqa: E402
 from raml.retrieval.extract import extract_embeddings  # noqa: E402
 
 QR, DR = 32, 48
@@ -55,16 +54,10 @@ WAIT_S = 20.0  # bound of every wait loop
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict:
+def world(tmp_path_factory, synth_and_networks) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student, an index of synth-test."""
     base = tmp_path_factory.mktemp("serve")
-    root = base / "data"
-    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
-    nets = {}
-    for name, seed in (("teacher", 0), ("student", 1)):
-        torch.manual_seed(seed)
-        nets[name] = base / f"{name}.pth"
-        save_checkpoint(nets[name], build_network("resnet18", whitening=16, pretrained=False))
+    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
     split = get_split("synth-test", root)
     paths = [str(p) for p in split.abspaths()]
     teacher = load_network(nets["teacher"])
