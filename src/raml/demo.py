@@ -112,7 +112,9 @@ def generate_dataset(settings: DemoSettings, data_root: Path, progress: bool = T
     atomic_write_text(stamp, json.dumps(wanted))
 
 
-def _train_config(settings: DemoSettings, data_root: Path, directory: Path, **values: Any) -> TrainConfig:
+def train_config(settings: DemoSettings, data_root: Path, directory: Path, **values: Any) -> TrainConfig:
+    """The demo's training settings (its data, no downloads, no model selection) updated with ``values``; also the
+    base of the benchmarks that reuse the demo's data."""
     base: dict[str, Any] = dict(
         training_dataset=DATASET,
         trainval=True,  # the demo does no model selection: train on all training classes, test on the rest
@@ -137,7 +139,7 @@ def _train_config(settings: DemoSettings, data_root: Path, directory: Path, **va
 
 def train_teacher(settings: DemoSettings, data_root: Path, device: torch.device, progress: bool) -> Path:
     """Labels, random weights, DR. A normalised-softmax (proxy) loss learns fast from scratch on a CPU."""
-    config = _train_config(
+    config = train_config(
         settings,
         data_root,
         settings.out / "teacher",
@@ -158,7 +160,7 @@ def distil_student(
     settings: DemoSettings, data_root: Path, teacher: Path, device: torch.device, progress: bool
 ) -> Path:
     """No labels: coupled views at QR (student) and DR (teacher), the paper's loss. Starts from the teacher."""
-    config = _train_config(
+    config = train_config(
         settings,
         data_root,
         settings.out / "student",

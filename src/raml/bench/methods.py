@@ -29,7 +29,15 @@ from typing import Any
 import torch
 
 from raml.data.splits import get_split
-from raml.demo import DATASET, DemoSettings, generate_dataset, reproducible, software_stack, train_teacher
+from raml.demo import (
+    DATASET,
+    DemoSettings,
+    generate_dataset,
+    reproducible,
+    software_stack,
+    train_config,
+    train_teacher,
+)
 from raml.engine.config import TrainConfig
 from raml.engine.trainer import Trainer
 from raml.models import load_network
@@ -105,37 +113,27 @@ def _student_config(
 ) -> TrainConfig:
     """The shared budget (the demo's student stage, ``settings.epochs`` epochs) plus the row's own settings."""
     demo = settings.demo
-    base: dict[str, Any] = dict(
-        training_dataset=DATASET,
-        trainval=True,
-        val=False,
-        test_datasets=[],
-        data_root=str(data_root),
-        directory=str(directory),
-        student_path=str(teacher),
-        teacher_path=str(teacher),
-        pretrained=False,
-        freeze_bn=True,
-        whitening=demo.whitening,
-        workers=demo.workers,
-        eval_batch_size=64,
-        print_freq=5,
-        save_freq=1000,
-        query_size=10**9,  # every training image, every epoch
-        image_size=demo.student_size,
-        teacher_image_size=demo.teacher_size,
-        epochs=settings.epochs,
-        lr=demo.student_lr,
-        lam_1=demo.lam_1,
-        lam_2=demo.lam_2,
-        pos_num=demo.pos_num,
-        batch_size=8,
-        update_every=1,
-        seed=seed,
-        overwrite=True,  # the benchmark owns its output folder
+    return train_config(
+        demo,
+        data_root,
+        directory,
+        **{
+            "student_path": str(teacher),
+            "teacher_path": str(teacher),
+            "freeze_bn": True,
+            "image_size": demo.student_size,
+            "teacher_image_size": demo.teacher_size,
+            "epochs": settings.epochs,
+            "lr": demo.student_lr,
+            "lam_1": demo.lam_1,
+            "lam_2": demo.lam_2,
+            "pos_num": demo.pos_num,
+            "batch_size": 8,
+            "update_every": 1,
+            "seed": seed,
+            **values,
+        },
     )
-    base.update(values)
-    return TrainConfig(**base)
 
 
 def _evaluate(network: torch.nn.Module, teacher: torch.nn.Module, demo: DemoSettings, data_root: Path,

@@ -39,10 +39,10 @@ from raml.data.splits import get_split
 from raml.demo import (
     DATASET,
     DemoSettings,
-    _train_config,
     generate_dataset,
     reproducible,
     software_stack,
+    train_config,
     train_teacher,
 )
 from raml.engine.config import part_name
@@ -131,7 +131,7 @@ def train_student(
 ) -> Path:
     """The demo's distillation (``ts_aug``, initialised from the teacher) at ``sizes`` (one per batch)."""
     demo = settings.demo
-    config = _train_config(
+    config = train_config(
         demo,
         data_root,
         directory,
