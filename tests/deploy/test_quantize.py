@@ -14,8 +14,7 @@ from raml.cli import main as cli_main
 from raml.data import EvalTransform, get_split, load_image
 from raml.data.synth import generate_synthetic_dataset
 from raml.deploy import quantize as quantize_module
-from raml.deploy.export import export_onnx, read_sidecar, sidecar_path
-from raml.deploy.onnx_network import onnx_session
+from raml.deploy.export import export_onnx, onnx_session, read_sidecar, sidecar_path
 from raml.deploy.quantize import QuantizationError, evenly_spaced, quantize_onnx
 from raml.models import build_network, load_network, save_checkpoint
 

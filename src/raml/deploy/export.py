@@ -50,6 +50,7 @@ __all__ = [
     "ParityError",
     "export_onnx",
     "export_torchscript",
+    "onnx_session",
     "preprocessing_record",
     "read_sidecar",
     "sidecar_path",
@@ -360,12 +361,36 @@ def _onnx_export(
             )
 
 
-def _onnx_runner(path: Path):
-    import onnxruntime as ort
+def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+    """An onnxruntime CPU session of ``path``.
 
+    Args:
+        path: An ONNX model file.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
+
+    Raises:
+        ImportError: onnxruntime is not installed.
+        ValueError: The file is not a model onnxruntime can load.
+    """
+    try:
+        import onnxruntime as ort
+    except ImportError as error:  # pragma: no cover - installed in the dev environment
+        raise ImportError("ONNX models need onnxruntime: `pip install onnxruntime` (or raml[export]).") from error
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    session = ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    if threads is not None:
+        options.intra_op_num_threads = int(threads)
+    try:
+        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
+        raise ValueError(
+            f"{str(path)!r} is not an ONNX model that onnxruntime can load ({type(error).__name__}: "
+            f"{str(error).strip()[:200]}); give a file written by `raml export`."
+        ) from error
+
+
+def _onnx_runner(path: Path):
+    session = onnx_session(path)
     return lambda batch: session.run(None, {session.get_inputs()[0].name: batch.numpy()})[0]
 
 

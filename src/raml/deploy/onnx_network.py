@@ -21,39 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from raml.deploy.export import read_sidecar
+from raml.deploy.export import onnx_session, read_sidecar
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OnnxQueryNetwork", "onnx_session"]
-
-
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
-    """An onnxruntime CPU session of ``path``.
-
-    Args:
-        path: An ONNX model file.
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
-
-    Raises:
-        ImportError: onnxruntime is not installed.
-        ValueError: The file is not a model onnxruntime can load.
-    """
-    try:
-        import onnxruntime as ort
-    except ImportError as error:  # pragma: no cover - installed in the dev environment
-        raise ImportError("ONNX models need onnxruntime: `pip install onnxruntime` (or raml[export]).") from error
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
-    try:
-        return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
-    except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files
-        raise ValueError(
-            f"{str(path)!r} is not an ONNX model that onnxruntime can load ({type(error).__name__}: "
-            f"{str(error).strip()[:200]}); give a file written by `raml export`."
-        ) from error
+__all__ = ["OnnxQueryNetwork"]
 
 
 class OnnxQueryNetwork(nn.Module):

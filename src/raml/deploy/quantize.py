@@ -36,8 +36,7 @@ import numpy as np
 import torch
 
 from raml.data.images import EvalTransform, load_image
-from raml.deploy.export import read_sidecar, sidecar_path
-from raml.deploy.onnx_network import onnx_session
+from raml.deploy.export import onnx_session, read_sidecar, sidecar_path
 from raml.utils import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)

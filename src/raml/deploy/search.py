@@ -36,7 +36,7 @@ from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform
 from raml.data.splits import Split
 from raml.deploy.embed import embed_images
-from raml.deploy.export import read_sidecar
+from raml.deploy.export import onnx_session, read_sidecar
 from raml.deploy.image_files import image_key
 from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
 from raml.models.checkpoints import load_checkpoint_file
@@ -86,10 +86,6 @@ class OnnxEmbedder:
     """
 
     def __init__(self, path: str | Path, image_size: int | None = None) -> None:
-        try:
-            import onnxruntime as ort
-        except ImportError as error:  # pragma: no cover - installed in the dev environment
-            raise ImportError("--onnx needs onnxruntime: `pip install onnxruntime` (or raml[export]).") from error
         self.path = Path(path)
         self.sidecar = read_sidecar(self.path)
         exported_size = int(self.sidecar["image_size"])
@@ -102,9 +98,7 @@ class OnnxEmbedder:
         warn_if_untrained_size(self.image_size, self.sidecar.get("image_sizes"), str(self.path))
         self.output_dim = int(self.sidecar["output_dim"])
         self.teacher_sha256: str | None = self.sidecar.get("teacher_sha256")
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
-        self.session = ort.InferenceSession(str(self.path), sess_options=options, providers=["CPUExecutionProvider"])
+        self.session = onnx_session(self.path)
         self.input_name = self.session.get_inputs()[0].name
 
     def embed(
