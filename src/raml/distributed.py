@@ -12,6 +12,7 @@ single-process gradient *sum*. Embeddings for validation and mining are extracte
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ class DistContext:
 SINGLE = DistContext()
 
 
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
     """Join the process group when launched by torchrun; returns the context and this rank's device.
 
@@ -59,6 +65,9 @@ def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.devi
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+        # left alive at exit, the backend's threads can abort the process ("terminate called without an
+        # active exception") after its work is done, when the other ranks finished first
+        atexit.register(_destroy_process_group)
     if use_cuda:
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
