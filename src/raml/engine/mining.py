@@ -1,11 +1,26 @@
-"""Negative mining and class-grouped batches for the symmetric (triplet) mode.
+"""Epochs of class groups and distance-weighted negative mining for the symmetric (triplet) mode.
 
-- :func:`class_groups` draws an epoch's anchors as groups of ``group_size`` images of one class, so each
-  anchor finds its positives (the rest of its group) inside the batch.
-- :func:`distance_weighted_negatives` draws, for each anchor embedding (B, D), ``neg_num`` negatives from
-  a pool (M, D) with probability proportional to the inverse of the density of pairwise distances between
-  random points on the unit sphere in D dimensions (Wu et al., "Sampling matters in deep embedding
-  learning", 2017), so negatives are spread over all distances instead of all being easy.
+The reference's construction (its ``TuplesFineGrainDataset`` with ``spc = 4``, ``create_epoch_tuples`` and
+``mine_dist``/``inverse_sphere_distances``; SPEC section 5, ``sym``), in our own code:
+
+- :func:`grouped_classes`: only classes with at least ``samples_per_class`` images take part.
+- :func:`class_grouped_epoch`: every kept class gives ``min_class // spc * spc`` distinct images (each once),
+  cut into groups of ``spc``; the classes are put in a random order and the epoch is group 0 of every class
+  in that order, then group 1 of every class, and so on, cut at the epoch's size. Each anchor's positives are
+  the rest of its group, so a batch of whole groups holds them.
+- :func:`negative_probabilities` and :func:`distance_weighted_negatives`: for each anchor embedding (B, D),
+  ``neg_num`` pool items (M, D) drawn without replacement with probability proportional to the inverse of the
+  density of distances between random points on the unit sphere in D dimensions (Wu et al., "Sampling matters
+  in deep embedding learning", 2017), with the reference's arithmetic: distances clamped below at 0.5,
+  same-class log-weights set to 0 *before* the max is taken, same-class weights 0 after the exponential, then
+  1e-6 added to every pool item (so a same-class item, even the anchor itself, can be drawn, rarely).
+
+Randomness comes from a ``numpy.random.RandomState`` seeded like the reference's global numpy state at that
+epoch, and is drawn in the reference's order (a permutation of each kept class, a permutation of the classes,
+a permutation of the kept images for the pool, then one weighted draw without replacement per anchor), so
+the anchors and the pool are the reference's for the same seed and split, and the negatives are too wherever
+the probabilities agree (ours are float64, the reference's float32 on the GPU).
+:func:`class_groups` is the sampler of our own ``--loss normsoftmax``.
 """
 
 from __future__ import annotations
@@ -13,7 +28,15 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
+
+#: added to every pool item's weight before normalising (the reference's ``q_d_inv += 1e-6``)
+WEIGHT_FLOOR = 1e-6
+#: distances are clamped below at this value (the reference's ``clamp(min=0.5)``)
+DISTANCE_CUTOFF = 0.5
+#: the largest double below 2: only an exactly antipodal pair reaches it, where the reference's weights are NaN
+DISTANCE_CEILING = math.nextafter(2.0, 0.0)
 
 
 def log_sphere_distance_density(distance: torch.Tensor, dim: int) -> torch.Tensor:
@@ -24,44 +47,127 @@ def log_sphere_distance_density(distance: torch.Tensor, dim: int) -> torch.Tenso
     return (dim - 2.0) * torch.log(distance) + (dim - 3.0) / 2.0 * torch.log1p(-(distance**2) / 4.0)
 
 
+def reference_epoch_seed(seed: int, epoch: int) -> int:
+    """The seed of the reference's numpy state at our (1-based) ``epoch``: it seeds ``seed + epoch`` with
+    0-based epochs, so our epoch 1 draws what its first epoch draws."""
+    return seed + epoch - 1
+
+
+def grouped_classes(labels: Sequence[int], samples_per_class: int) -> list[list[int]]:
+    """Indices of each class's images, in class (label) order, for the classes with at least
+    ``samples_per_class`` images; the others take no part in ``sym`` training (neither anchor nor pool).
+
+    Raises:
+        ValueError: when no class has ``samples_per_class`` images.
+    """
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    kept = [by_class[label] for label in sorted(by_class) if len(by_class[label]) >= samples_per_class]
+    if not kept:
+        largest = max((len(members) for members in by_class.values()), default=0)
+        raise ValueError(
+            f"Triplet training (--mode sym) uses classes with at least {samples_per_class} images; the largest "
+            f"class of this split has {largest}. Use a split with larger classes."
+        )
+    return kept
+
+
+def class_grouped_epoch_size(labels: Sequence[int], samples_per_class: int, max_images: int) -> int:
+    """Images in a ``sym`` epoch: ``min(max_images, min_class // spc * spc * kept_classes)`` (the reference's
+    ``qsize``; OneCycle's length follows from it)."""
+    classes = grouped_classes(labels, samples_per_class)
+    per_class = min(len(members) for members in classes) // samples_per_class * samples_per_class
+    return min(max_images, per_class * len(classes))
+
+
+def class_grouped_epoch(
+    labels: Sequence[int], samples_per_class: int, max_images: int, rng: np.random.RandomState
+) -> list[int]:
+    """One epoch's anchors (indices into ``labels``), in groups of ``samples_per_class`` images of one class.
+
+    Draws, in this order: a permutation of each kept class's images (class order), then a permutation of the
+    classes. The epoch is group g of every class (in the permuted order) for g = 0, 1, ..., cut at
+    :func:`class_grouped_epoch_size` images.
+    """
+    classes = grouped_classes(labels, samples_per_class)
+    per_class = min(len(members) for members in classes) // samples_per_class * samples_per_class
+    picks = [[members[j] for j in rng.permutation(len(members))[:per_class]] for members in classes]
+    order = rng.permutation(len(classes)).tolist()
+    epoch: list[int] = []
+    for start in range(0, per_class, samples_per_class):
+        for c in order:
+            epoch.extend(picks[c][start : start + samples_per_class])
+    return epoch[: class_grouped_epoch_size(labels, samples_per_class, max_images)]
+
+
+def mining_pool(labels: Sequence[int], samples_per_class: int, pool_size: int, rng: np.random.RandomState) -> list[int]:
+    """The epoch's negative pool: ``pool_size`` random images of the kept classes (drawn after the anchors)."""
+    kept = [index for members in grouped_classes(labels, samples_per_class) for index in members]
+    return [kept[j] for j in rng.permutation(len(kept))[:pool_size].tolist()]
+
+
+def negative_probabilities(
+    anchors: torch.Tensor, anchor_labels: torch.Tensor, pool: torch.Tensor, pool_labels: torch.Tensor
+) -> torch.Tensor:
+    """(B, M) float64: each anchor's probability of drawing each pool item, the reference's arithmetic.
+
+    ``anchors`` (B, D) and ``pool`` (M, D) are L2-normalised embeddings; d = sqrt(max(2 - 2 a.p, 0)) clamped
+    below at 0.5 (and at the largest double below 2, where the reference's weights would be NaN);
+    log w = -log q(d) with q the unit-sphere distance density; same-class log w = 0; w = exp(log w - max_row);
+    same-class w = 0; w += 1e-6; normalised per row.
+    """
+    if anchors.ndim != 2 or pool.ndim != 2 or anchors.shape[1] != pool.shape[1]:
+        raise ValueError(f"Expected anchors (B, D) and pool (M, D); got {tuple(anchors.shape)}, {tuple(pool.shape)}.")
+    dim = anchors.shape[1]
+    product = anchors.double() @ pool.double().T
+    distance = (2.0 - 2.0 * product).clamp(min=0.0).sqrt().clamp(min=DISTANCE_CUTOFF, max=DISTANCE_CEILING)
+    log_weight = -log_sphere_distance_density(distance, dim)
+    same = anchor_labels.view(-1, 1) == pool_labels.view(1, -1)
+    log_weight = log_weight.masked_fill(same, 0.0)
+    weight = torch.exp(log_weight - log_weight.max(dim=1, keepdim=True).values)
+    weight = weight.masked_fill(same, 0.0) + WEIGHT_FLOOR
+    return weight / weight.sum(dim=1, keepdim=True)
+
+
 def distance_weighted_negatives(
     anchors: torch.Tensor,
     anchor_labels: torch.Tensor,
     pool: torch.Tensor,
     pool_labels: torch.Tensor,
     neg_num: int,
-    generator: torch.Generator,
-    cutoff: float = 0.5,
+    rng: np.random.RandomState,
+    chunk: int = 256,
 ) -> torch.Tensor:
-    """Indices into ``pool`` of ``neg_num`` negatives per anchor, (B, neg_num) int64.
+    """Indices into ``pool`` of ``neg_num`` distinct negatives per anchor, (B, neg_num) int64.
 
-    Distances are clipped below at ``cutoff`` (and just below 2) so the weights stay finite; same-class
-    pool items get weight 0. Sampling is without replacement when the anchor has enough candidates.
+    One ``rng.choice(M, neg_num, replace=False, p=...)`` per anchor, in anchor order, with the probabilities
+    of :func:`negative_probabilities` (computed ``chunk`` anchors at a time, so memory stays at chunk x M).
 
     Raises:
-        ValueError: when an anchor has fewer than ``neg_num`` other-class items in the pool.
+        ValueError: when the pool has fewer than ``neg_num`` images.
     """
-    if anchors.ndim != 2 or pool.ndim != 2 or anchors.shape[1] != pool.shape[1]:
-        raise ValueError(f"Expected anchors (B, D) and pool (M, D); got {tuple(anchors.shape)}, {tuple(pool.shape)}.")
-    dim = anchors.shape[1]
-    distance = torch.cdist(anchors.double(), pool.double()).clamp(min=cutoff, max=2.0 - 1e-4)
-    log_weight = -log_sphere_distance_density(distance, dim)
-    same = anchor_labels.view(-1, 1) == pool_labels.view(1, -1)
-    log_weight = log_weight.masked_fill(same, -math.inf)
-    valid = (~same).sum(1)
-    if int(valid.min()) < neg_num:
+    if pool.shape[0] < neg_num:
         raise ValueError(
-            f"An anchor has only {int(valid.min())} other-class images in the mining pool but --neg-num is "
-            f"{neg_num}: increase --pool-size or lower --neg-num."
+            f"The mining pool has {pool.shape[0]} images but --neg-num is {neg_num}: increase --pool-size (or use "
+            "a larger training split) or lower --neg-num."
         )
-    weight = torch.exp(log_weight - log_weight.max(dim=1, keepdim=True).values)
-    return torch.multinomial(weight, neg_num, replacement=False, generator=generator)
+    rows: list[np.ndarray] = []
+    for start in range(0, anchors.shape[0], chunk):
+        stop = start + chunk
+        probabilities = negative_probabilities(anchors[start:stop], anchor_labels[start:stop], pool, pool_labels)
+        for row in probabilities.numpy():
+            rows.append(rng.choice(pool.shape[0], size=neg_num, replace=False, p=row))
+    if not rows:
+        return torch.empty(0, neg_num, dtype=torch.int64)
+    return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
 def class_groups(
     labels: Sequence[int], num_images: int, group_size: int, generator: torch.Generator
 ) -> list[list[int]]:
-    """About ``num_images`` anchor indices as groups of ``group_size`` images of one class.
+    """About ``num_images`` anchor indices as groups of ``group_size`` images of one class (ours, the sampler
+    of ``--loss normsoftmax``; the triplet loss uses :func:`class_grouped_epoch`, the reference's).
 
     Classes are visited in random order (cycling if needed); each group is a random draw of the class's
     images without replacement (with replacement for classes smaller than ``group_size``).
@@ -74,7 +180,7 @@ def class_groups(
         by_class.setdefault(int(label), []).append(index)
     usable = [members for members in by_class.values() if len(members) >= 2]
     if not usable:
-        raise ValueError("Triplet training needs classes with at least two images; this split has none.")
+        raise ValueError("--loss normsoftmax needs classes with at least two images; this split has none.")
     groups: list[list[int]] = []
     target_groups = max(1, num_images // group_size)
     while len(groups) < target_groups:

@@ -213,9 +213,9 @@ class Trainer:
             check_compatible(self.student, self.teacher.network)
         self.cache = EmbeddingCache(Path(config.data_root) / "cache" / "embeddings")
 
-        self.epoch_size = min(config.query_size, len(self.train_split))
         # the recipe: batches and loss (see raml.engine.methods); it reads what it needs from this trainer
         self.method: Method = method_class(config.mode, config.loss)(self)
+        self.epoch_size = self.method.epoch_images()  # sym's follows from its class groups (the reference's)
         self.distill = self.method.asymmetric
         self.batches_per_epoch = self.method.batches_per_epoch()
         # optimizer steps per epoch: the last incomplete accumulation is dropped (the reference) or flushed

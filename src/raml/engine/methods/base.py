@@ -57,6 +57,10 @@ class Method:
         """Distillation: validated and monitored asymmetrically (student queries, teacher database)."""
         return self.teacher != "none"
 
+    def epoch_images(self) -> int:
+        """Images drawn per epoch (the trainer's ``epoch_size``): ``--query-size``, at most the split's size."""
+        return min(self.run.config.query_size, len(self.run.train_split))
+
     def batches_per_epoch(self) -> int:
         """How many batches :meth:`epoch_batches` yields (``epoch_size / batch_size``, rounded up)."""
         return math.ceil(self.run.epoch_size / self.run.config.batch_size)

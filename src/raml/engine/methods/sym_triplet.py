@@ -1,8 +1,13 @@
 """``--mode sym --loss triplet`` (the reference's symmetric training): labels, one image size.
 
-Each batch: groups of ``GROUP_SIZE`` images of one class (each anchor's positives are the rest of its group)
-followed by ``neg_num`` negatives per anchor, drawn once per epoch by distance-weighted sampling from a random
-pool embedded by the current network. Loss: :func:`raml.losses.triplet_loss` with ``--loss-margin``.
+An epoch is the reference's (:func:`raml.engine.mining.class_grouped_epoch`): only classes with at least
+``GROUP_SIZE`` images, ``min_class // GROUP_SIZE * GROUP_SIZE`` distinct images of each, in groups of
+``GROUP_SIZE`` of one class, group after group over the classes in a random order, cut at ``--query-size``; so
+the epoch's size, and OneCycle's length, follow from the data. Each batch is ``batch_size // GROUP_SIZE``
+consecutive groups (each anchor's positives are the rest of its group) followed by ``neg_num`` negatives per
+anchor, drawn once per epoch by distance-weighted sampling from a random pool of the kept classes embedded by
+the current network; an incomplete last batch is dropped, as the reference's loader does. Loss:
+:func:`raml.losses.triplet_loss` with ``--loss-margin``.
 """
 
 from __future__ import annotations
@@ -10,24 +15,43 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
 import torch
 
 from raml.engine.methods.base import BatchLoss
 from raml.engine.methods.labelled import GROUP_SIZE, LabelledMethod
-from raml.engine.mining import class_groups, distance_weighted_negatives
+from raml.engine.mining import (
+    class_grouped_epoch,
+    class_grouped_epoch_size,
+    distance_weighted_negatives,
+    mining_pool,
+    reference_epoch_seed,
+)
 from raml.losses import triplet_loss
 
 
 class TripletTraining(LabelledMethod):
     """Triplet loss with in-batch positives and distance-weighted negatives mined once per epoch."""
 
-    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
-        """Mine once per epoch with the current network, then yield (anchor groups, negatives) batches."""
+    def epoch_images(self) -> int:
+        """``min(--query-size, min_class // GROUP_SIZE * GROUP_SIZE * kept_classes)``, the reference's."""
+        return class_grouped_epoch_size(self.run.train_split.labels, GROUP_SIZE, self.run.config.query_size)
+
+    def batches_per_epoch(self) -> int:
+        """Whole batches only (the reference's loader drops the last incomplete one in ``sym`` mode)."""
+        return self.run.epoch_size // (self.groups_per_batch() * GROUP_SIZE)
+
+    def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:  # noqa: ARG002
+        """Mine once per epoch with the current network, then yield (anchor groups, negatives) batches.
+
+        The anchors, the pool and the negative draws come from a numpy ``RandomState`` seeded as the reference
+        seeds its global numpy state at this epoch, in the reference's order (see :mod:`raml.engine.mining`).
+        """
         run, c = self.run, self.run.config
         labels = torch.as_tensor(run.train_split.labels)
-        groups = class_groups(run.train_split.labels, run.epoch_size, GROUP_SIZE, generator)
-        anchors = [i for group in groups for i in group]
-        pool = torch.randperm(len(labels), generator=generator)[: min(c.pool_size, len(labels))]
+        rng = np.random.RandomState(reference_epoch_seed(c.seed, epoch))
+        anchors = class_grouped_epoch(run.train_split.labels, GROUP_SIZE, run.epoch_size, rng)
+        pool = torch.tensor(mining_pool(run.train_split.labels, GROUP_SIZE, c.pool_size, rng), dtype=torch.int64)
         embed_idx = sorted(set(anchors) | set(pool.tolist()))
         position = {index: row for row, index in enumerate(embed_idx)}
         embeddings = run.embed(
@@ -39,26 +63,22 @@ class TripletTraining(LabelledMethod):
             c.workers,
             run.progress,
             "mining",
-        )
-        anchor_rows = torch.tensor([position[i] for i in anchors])
-        pool_rows = torch.tensor([position[i] for i in pool.tolist()])
+        ).cpu()
+        anchor_rows = torch.tensor([position[i] for i in anchors], dtype=torch.int64)
+        pool_rows = torch.tensor([position[i] for i in pool.tolist()], dtype=torch.int64)
+        # each anchor's own label (the reference passes labels of images 0..N-1 here: docs/fidelity.md)
         negatives = pool[
             distance_weighted_negatives(
-                embeddings[anchor_rows],
-                labels[anchors],
-                embeddings[pool_rows],
-                labels[pool],
-                c.neg_num,
-                generator,
+                embeddings[anchor_rows], labels[anchors], embeddings[pool_rows], labels[pool], c.neg_num, rng
             )
         ]
         dataset = self.augmented_images()
         per_batch = self.groups_per_batch()
         seeds = iter(run.item_seeds(epoch, len(anchors) * (1 + c.neg_num)))
         batch_lists: list[list[tuple[int, int]]] = []
-        for start in range(0, len(groups), per_batch):
+        for batch in range(self.batches_per_epoch()):
             # every process draws the seeds of the whole batch, then keeps its share of the groups
-            group_ids = list(range(start, min(len(groups), start + per_batch)))
+            group_ids = list(range(batch * per_batch, (batch + 1) * per_batch))
             rows = [g * GROUP_SIZE + i for g in group_ids for i in range(GROUP_SIZE)]
             anchor_items = [(anchors[r], next(seeds)) for r in rows]
             negative_items = [[(int(n), next(seeds)) for n in negatives[r].tolist()] for r in rows]
