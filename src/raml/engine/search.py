@@ -1,7 +1,8 @@
 """Hyper-parameter search (``--optimize``, SPEC section 5) with optuna.
 
 TPE over lr in [1e-4, 2e-4] (log scale), lam-1 and lam-2 in [0.6, 0.8], maximising the validation mAP
-with the val classes held out from training; the first trial is the values given on the command line. A
+with the val classes held out from training; the first trial is the values given on the command line, unclipped
+(as the reference enqueues them). Our TPE sampler is seeded with ``--seed`` (the reference's is not). A
 trial is scored by its last validation, as in the reference (``--search-objective best``: its best
 epoch). The study lives in ``<directory>/optuna.db`` (SQLite), so an interrupted search resumes where it
 stopped and several processes can work on one study; trials train in ``<directory>/trial_<n>``.
@@ -54,8 +55,10 @@ def search(
         sampler=optuna.samplers.TPESampler(seed=config.seed),
     )
     if not study.trials:
-        # The first trial evaluates the values the user gave (clipped into the search space).
-        study.enqueue_trial({k: min(max(getattr(config, k), lo), hi) for k, (lo, hi) in SEARCH_SPACE.items()})
+        # The first trial evaluates the values the user gave, as given, as the reference enqueues them: a value
+        # outside the range is kept (optuna warns), e.g. the reference's default --lam-1 0 --lam-2 0 makes the
+        # first trial the absolute term alone.
+        study.enqueue_trial({name: getattr(config, name) for name in SEARCH_SPACE})
 
     def objective(trial) -> float:  # noqa: ANN001 - optuna.Trial
         values = {
