@@ -27,7 +27,7 @@ REFERENCE_MAIN = {
     "directory": (["--directory"], str, ...),  # reference: none (required in practice); ours: exp
     "training_dataset": (["--training-dataset", "-d"], str, "cub"),
     "val": (["--no-val"], bool, True),
-    "test_datasets": (["--test-datasets", "-td"], list, ...),  # reference: roxford5k,rparis6k; ours: cub-test
+    "test_datasets": (["--test-datasets", "-td"], list, ...),  # cub-test in both (HEAD: a string; ours: a list)
     "val_freq": (["--val-freq"], int, 20),
     "save_freq": (["--save-freq"], int, 20),
     "student": (["--student", "-s"], str, ...),  # one of the pair is required, as in the reference
