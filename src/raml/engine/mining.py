@@ -49,8 +49,8 @@ def log_sphere_distance_density(distance: torch.Tensor, dim: int) -> torch.Tenso
 
 def reference_epoch_seed(seed: int, epoch: int) -> int:
     """The seed of the reference's numpy state at our (1-based) ``epoch``: it seeds ``seed + epoch`` with
-    0-based epochs, so our epoch 1 draws what its first epoch draws."""
-    return seed + epoch - 1
+    0-based epochs, so our epoch 1 draws what its first epoch draws (numpy seeds must lie in [0, 2**32))."""
+    return (seed + epoch - 1) % 2**32
 
 
 def grouped_classes(labels: Sequence[int], samples_per_class: int) -> list[list[int]]:

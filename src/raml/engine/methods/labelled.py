@@ -14,7 +14,7 @@ from torchvision import transforms
 from raml.data.images import load_image
 from raml.engine.methods.base import Method
 
-GROUP_SIZE = 4  # images per class in a sym-mode batch
+GROUP_SIZE = 4  # images per class in a sym-mode group: the reference's constant spc = 4 (not --pos-num)
 
 
 class AugmentedImages(Dataset):
