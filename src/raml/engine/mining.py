@@ -123,7 +123,7 @@ def negative_probabilities(
     product = anchors.double() @ pool.double().T
     distance = (2.0 - 2.0 * product).clamp(min=0.0).sqrt().clamp(min=DISTANCE_CUTOFF, max=DISTANCE_CEILING)
     log_weight = -log_sphere_distance_density(distance, dim)
-    same = anchor_labels.view(-1, 1) == pool_labels.view(1, -1)
+    same = anchor_labels.to(anchors.device).view(-1, 1) == pool_labels.to(anchors.device).view(1, -1)
     log_weight = log_weight.masked_fill(same, 0.0)
     weight = torch.exp(log_weight - log_weight.max(dim=1, keepdim=True).values)
     weight = weight.masked_fill(same, 0.0) + WEIGHT_FLOOR
@@ -142,7 +142,8 @@ def distance_weighted_negatives(
     """Indices into ``pool`` of ``neg_num`` distinct negatives per anchor, (B, neg_num) int64.
 
     One ``rng.choice(M, neg_num, replace=False, p=...)`` per anchor, in anchor order, with the probabilities
-    of :func:`negative_probabilities` (computed ``chunk`` anchors at a time, so memory stays at chunk x M).
+    of :func:`negative_probabilities` (computed on the embeddings' device, ``chunk`` anchors at a time, so
+    memory stays at chunk x M).
 
     Raises:
         ValueError: when the pool has fewer than ``neg_num`` images.
@@ -156,7 +157,7 @@ def distance_weighted_negatives(
     for start in range(0, anchors.shape[0], chunk):
         stop = start + chunk
         probabilities = negative_probabilities(anchors[start:stop], anchor_labels[start:stop], pool, pool_labels)
-        for row in probabilities.numpy():
+        for row in probabilities.cpu().numpy():
             rows.append(rng.choice(pool.shape[0], size=neg_num, replace=False, p=row))
     if not rows:
         return torch.empty(0, neg_num, dtype=torch.int64)

@@ -63,9 +63,12 @@ class TripletTraining(LabelledMethod):
             c.workers,
             run.progress,
             "mining",
-        ).cpu()
-        anchor_rows = torch.tensor([position[i] for i in anchors], dtype=torch.int64)
-        pool_rows = torch.tensor([position[i] for i in pool.tolist()], dtype=torch.int64)
+        )
+        # the float64 weights on the GPU where there is one (the reference's are on the GPU), the draws on the CPU
+        where = run.device if run.device.type == "cuda" else torch.device("cpu")
+        embeddings = embeddings.to(where)
+        anchor_rows = torch.tensor([position[i] for i in anchors], dtype=torch.int64, device=where)
+        pool_rows = torch.tensor([position[i] for i in pool.tolist()], dtype=torch.int64, device=where)
         # each anchor's own label (the reference passes labels of images 0..N-1 here: docs/fidelity.md)
         negatives = pool[
             distance_weighted_negatives(
