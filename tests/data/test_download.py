@@ -495,3 +495,63 @@ def test_failed_attempts_wait_twice_as_long_each_time(http_server, tmp_path, mon
     assert waits == [2.0, 4.0, 6.0, 6.0]
     assert [r for _, r in http_server.requests] == [None] + ["bytes=10-"] * 4
     assert (tmp_path / "car_ims.tgz.part").read_bytes() == b"x" * 10
+
+
+# ------------------------------------------------------------------------------------ issue 18, items 1-2 end to end
+def _symlink_chain_tgz() -> bytes:
+    """The CVE-2025-4517 pattern (see tests/data/test_archives.py): ``escape/escaped.txt`` lands in the parent
+    of the folder it is unpacked into, through symlinks the ``"data"`` filter of Python < 3.11.13 accepts."""
+    long_dir, steps, prefix = "d" * 247, "abcdefghijklmnop", ""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for step in steps:
+            folder = tarfile.TarInfo(f"{prefix}{long_dir}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            link = tarfile.TarInfo(f"{prefix}{step}")
+            link.type, link.linkname = tarfile.SYMTYPE, long_dir
+            tar.addfile(link)
+            prefix += long_dir + "/"
+        top = "/".join(steps) + "/" + "l" * 254
+        link = tarfile.TarInfo(top)
+        link.type, link.linkname = tarfile.SYMTYPE, "../" * len(steps)
+        tar.addfile(link)
+        escape = tarfile.TarInfo("escape")
+        escape.type, escape.linkname = tarfile.SYMTYPE, top + "/.."
+        tar.addfile(escape)
+        data = b"written outside the staging folder\n"
+        member = tarfile.TarInfo("escape/escaped.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_the_symlink_chain_archive_is_refused_end_to_end(http_server, cars_root, tmp_path, capsys):
+    http_server.files["car_ims.tgz"] = _symlink_chain_tgz()
+    http_server.files["cars_annos.mat"] = (cars_root / "cars" / "cars_annos.mat").read_bytes()
+    root = tmp_path / "dl"
+    urls = [arg for f in ("car_ims.tgz", "cars_annos.mat") for arg in ("--url", f"{f}={http_server.url(f)}")]
+    assert main(["data", "download", "cars", "--data-root", str(root), *urls, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "member 'a' is a symbolic link" in err and "car_ims.tgz" in err
+    assert not list(tmp_path.rglob("escaped.txt"))
+    _no_dataset_left(root, "cars")
+
+
+def test_a_forged_gzip_trailer_cannot_pass_the_free_space_check_end_to_end(cub_root, tmp_path, monkeypatch, capsys):
+    """A hand-placed archive (no download-time check) whose gzip trailer claims 1,000 bytes: the unpacking
+    adds up the members' sizes instead, and stops before writing."""
+    filler = random.Random(0).randbytes(3 << 20).translate(bytes(b"ACGT"[i % 4] for i in range(256)))
+    content = _tgz(cub_root / "cub", "CUB_200_2011", {"CUB_200_2011/filler.bin": filler})
+    forged = content[:-4] + (1000).to_bytes(4, "little")
+    root = tmp_path / "dl"
+    (root / DOWNLOADS_DIR).mkdir(parents=True)
+    (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").write_bytes(forged)
+    assert len(forged) < 2 << 20 < len(filler)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(download_module.shutil, "disk_usage", lambda _: usage._replace(free=2 << 20))
+    dead = ["--url", "CUB_200_2011.tgz=http://127.0.0.1:9/none"]
+    assert main(["data", "download", "cub", "--data-root", str(root), *dead, *FAST]) == 2
+    assert "Not enough free space for unpacking CUB_200_2011.tgz" in capsys.readouterr().err
+    _no_dataset_left(root)
+    assert (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").read_bytes() == forged  # placed by hand: kept

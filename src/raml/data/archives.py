@@ -74,8 +74,19 @@ FREE_SPACE_CHECK_BYTES = 64 << 20
 """While writing, the free space is checked again at every member and after this many bytes."""
 CHUNK = 1 << 20
 
-_DAMAGED = (tarfile.TarError, EOFError, zlib.error, zipfile.BadZipFile, struct.error, UnicodeError, ValueError)
-"""What the parsers raise on malformed input (``ArchiveError`` is a ``ValueError`` and is re-raised first)."""
+_DAMAGED = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    zipfile.BadZipFile,
+    struct.error,
+    UnicodeError,
+    ValueError,
+    NotImplementedError,
+)
+"""What the parsers raise on malformed input (``ArchiveError`` is a ``ValueError`` and is re-raised first;
+``zipfile`` raises ``NotImplementedError`` for a version field it does not know, while reading the directory)."""
 
 _TAR_KINDS = {
     tarfile.SYMTYPE: "symbolic link",
@@ -215,10 +226,10 @@ class _Budget:
                 f"{self.archive}: holds more than {MAX_MEMBERS} members; a dataset has far fewer. Refusing it."
             )
         self.planned += size
+        if self.planned > self.ratio_cap:  # first: a forged size is a bomb, not a lack of space
+            raise self._too_large(self.planned)
         if self.planned > self.free:
             raise self._no_room(self.planned)
-        if self.planned > self.ratio_cap:
-            raise self._too_large(self.planned)
 
     def wrote(self, size: int) -> None:
         """``size`` more bytes are about to be written: stop past the limits or when the disk fills up."""
@@ -319,10 +330,7 @@ class _Writer:
             if os.path.isdir(path) and not os.path.islink(path):
                 shutil.rmtree(path, ignore_errors=True)
             else:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
+                Path(path).unlink(missing_ok=True)
 
 
 # ------------------------------------------------------------------------------------------------------- tar
@@ -457,22 +465,30 @@ class ZipArchive:
             raise _damaged(path, error) from error
         return writer.files
 
-    def _plan(
-        self, archive: zipfile.ZipFile, path: Path, budget: _Budget
-    ) -> list[tuple[zipfile.ZipInfo, str]]:
+    def _plan(self, archive: zipfile.ZipFile, path: Path, budget: _Budget) -> list[tuple[zipfile.ZipInfo, str]]:
         """Every member's target name, all checked (and their sizes added up) before anything is written."""
         plan, seen = [], set()
         prefix = self.strip_prefix.strip("/")
         for info in archive.infolist():
+            if not info.filename:
+                raise ArchiveError(f"{path}: holds a member without a name; the archive is damaged. Refusing it.")
             mode = info.external_attr >> 16
             if info.create_system == 3 and stat.S_IFMT(mode) in _MODE_KINDS:  # Unix mode bits
                 raise _refused_kind(path, info.filename, _MODE_KINDS[stat.S_IFMT(mode)])
-            if info.flag_bits & 0x1:
-                raise ArchiveError(f"{path}: member {info.filename!r} is encrypted; refusing this archive.")
+            if info.flag_bits & (0x1 | 0x20 | 0x40):  # encrypted, patched data, strong encryption
+                raise ArchiveError(
+                    f"{path}: member {info.filename!r} is encrypted or patched data (zip flags {info.flag_bits:#x}); "
+                    "refusing this archive."
+                )
             if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
                 raise ArchiveError(
                     f"{path}: member {info.filename!r} uses zip compression method {info.compress_type}; only "
                     "stored and deflated members are unpacked (the datasets use those). Refusing this archive."
+                )
+            if not 0 <= info.header_offset <= budget.archive_size - 30 or info.compress_size > budget.archive_size:
+                raise ArchiveError(
+                    f"{path}: member {info.filename!r} lies outside the file (offset {info.header_offset}, "
+                    f"{info.compress_size} bytes); the archive is damaged. Refusing it."
                 )
             name = safe_member_name(info.filename, path)
             if prefix and (name == prefix or name.startswith(prefix + "/")):
