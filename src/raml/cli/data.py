@@ -88,7 +88,7 @@ def _add_download_parser(commands: argparse._SubParsersAction) -> None:
         default=MAX_UNPACK_RATIO,
         metavar="R",
         help=f"refuse an archive whose members hold more than R times its size (a decompression bomb; default "
-        f"{MAX_UNPACK_RATIO:g}: the datasets' photos unpack to about 1.1 times)",
+        f"{MAX_UNPACK_RATIO:g}; JPEG photos barely compress)",
     )
     download.add_argument(
         "--force", action="store_true", help="download again and replace an existing dataset folder once verified"

@@ -61,7 +61,7 @@ logger = logging.getLogger(__name__)
 
 MAX_UNPACK_RATIO = 20.0
 """Default ``--max-unpack-ratio``: the members may hold at most this many times the archive's size. The
-datasets are JPEG photos, which gzip/deflate hardly shrink (ratio about 1.0-1.1); a bomb is 100-1000+."""
+datasets are JPEG photos, which gzip/deflate barely shrink; 16 MiB of zeros gzip about 1000 times."""
 UNPACK_GRACE_BYTES = 1 << 20
 """The ratio is not applied to archives whose members hold less than this (small, very compressible files)."""
 MAX_MEMBERS = 1_000_000
