@@ -151,13 +151,15 @@ def test_an_interrupted_run_leaves_no_dataset_and_the_next_run_resumes(http_serv
     assert _files(root / "cub").keys() - {SOURCE_FILE} == _files(cub_root / "cub").keys()
 
 
-def _interrupted(http_server, name: str, content: bytes, dest: Path, cut: int) -> None:
-    """A first transfer of ``content`` that breaks after ``cut`` bytes: ``dest.part`` and its record remain."""
+def _interrupted(http_server, name: str, content: bytes, dest: Path, cut: int) -> str:
+    """A first transfer of ``content`` that breaks after ``cut`` bytes: ``dest.part`` (and its record) remain.
+    Returns the error message."""
     http_server.files[name] = content
     http_server.drop_after[name] = [cut, 1]
-    with pytest.raises(download_module.DownloadError):
+    with pytest.raises(download_module.DownloadError) as failed:
         fetch(http_server.url(name), dest, DownloadSettings(attempts=1, retry_wait=0, progress=False))
     assert dest.with_name(dest.name + ".part").stat().st_size == cut
+    return str(failed.value)
 
 
 def _random_bytes(n: int, seed: int) -> bytes:
@@ -201,7 +203,7 @@ def test_a_file_that_changed_on_the_server_between_runs_is_read_again_from_byte_
 def test_an_unchanged_file_is_continued_with_if_range(http_server, tmp_path):
     content = _random_bytes(100_000, 3)
     dest = tmp_path / "car_ims.tgz"
-    _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
+    assert "continues from there" in _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
     fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
     assert dest.read_bytes() == content
     assert http_server.requests[1:] == [("car_ims.tgz", "bytes=40000-")]
@@ -224,7 +226,7 @@ def test_without_validators_a_partial_file_is_not_continued(http_server, tmp_pat
     content = _random_bytes(100_000, 6)
     http_server.validators = False  # no ETag, no Last-Modified: a change could not be told
     dest = tmp_path / "car_ims.tgz"
-    _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
+    assert "running again starts from byte 0" in _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
     fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
     assert dest.read_bytes() == content
     assert [r for _, r in http_server.requests] == [None, None]

@@ -434,7 +434,17 @@ def fetch(url: str, dest: Path, settings: DownloadSettings = DownloadSettings())
         if transfer.range_ignored
         else ""
     )
-    resume = f" {transfer.part} keeps the {kept} bytes received; running again continues from there." if kept else ""
+    record = transfer.record()
+    tied = _if_range(record, url) is not None or bool(record and record.get("url") == url and record.get("modified"))
+    resume = (
+        f" {transfer.part} keeps the {kept} bytes received; running again continues from there (if the file on "
+        "the server is unchanged)."
+        if kept and tied
+        else f" The server identifies no version of the file (no ETag, Last-Modified or MDTM), so running again "
+        f"starts from byte 0 ({transfer.part} holds {kept} bytes)."
+        if kept
+        else ""
+    )
     raise DownloadError(
         f"Could not download {url} in {settings.attempts} attempt{'s' if settings.attempts > 1 else ''} (last error: "
         f"{last}).{note}{resume}"
