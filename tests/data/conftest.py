@@ -8,8 +8,11 @@
 
 from __future__ import annotations
 
+import email.utils
+import hashlib
 import threading
 import warnings
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -29,13 +32,25 @@ class FileServer:
         drop_after: URL path -> (byte offset in the file, how many more responses to break there; -1 = all).
         ignore_range: Answer 200 with the whole file even when a Range is asked for.
         requests: (path, Range header or None) of every GET, in order.
+        validators: Send ``ETag`` and ``Last-Modified`` (both derived from the content) and honour ``If-Range``.
+        ignore_if_range: Answer a Range with 206 even when its ``If-Range`` does not match (a broken server).
+        if_ranges: The ``If-Range`` header (or None) of every GET, in order.
     """
 
     files: dict[str, bytes] = field(default_factory=dict)
     drop_after: dict[str, list[int]] = field(default_factory=dict)
     ignore_range: bool = False
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    validators: bool = True
+    ignore_if_range: bool = False
+    if_ranges: list[str | None] = field(default_factory=list)
     port: int = 0
+
+    def etag(self, name: str) -> str:
+        return '"' + hashlib.sha256(self.files[name]).hexdigest()[:16] + '"'
+
+    def last_modified(self, name: str) -> str:
+        return email.utils.formatdate(1_600_000_000 + zlib.crc32(self.files[name]) % 10**8, usegmt=True)
 
     def url(self, name: str) -> str:
         return f"http://127.0.0.1:{self.port}/{name}"
@@ -56,6 +71,7 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             name = self.path.lstrip("/")
             asked = self.headers.get("Range")
             state.requests.append((name, asked))
+            state.if_ranges.append(self.headers.get("If-Range"))
             if name not in state.files:
                 self.send_response(404)
                 self.send_header("Content-Length", "0")
@@ -64,6 +80,10 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                 return
             content = state.files[name]
             start = 0
+            tags = (state.etag(name), state.last_modified(name)) if state.validators else ()
+            if_range = self.headers.get("If-Range")
+            if asked and if_range is not None and if_range not in tags and not state.ignore_if_range:
+                asked = None  # another version than the client's: the whole file (RFC 9110, If-Range)
             if asked and not state.ignore_range:
                 start = int(asked.removeprefix("bytes=").split("-")[0])
                 if start >= len(content):
@@ -77,6 +97,9 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{len(content) - 1}/{len(content)}")
             else:
                 self.send_response(200)
+            if tags:
+                self.send_header("ETag", tags[0])
+                self.send_header("Last-Modified", tags[1])
             self.send_header("Content-Length", str(len(content) - start))
             self.send_header("Connection", "close")
             self.end_headers()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import random
 import shutil
 import stat
 import subprocess
@@ -79,7 +80,6 @@ def test_zip_prefix_is_removed_like_the_readme_symlink_trick(tmp_path: Path):
     assert ZipArchive(strip_prefix="Stanford_Online_Products/").unpack(archive, ours) == 3
     expected = {"Ebay_test.txt": b"header\n", "chair_final/1.JPG": b"jpeg", "README_outside.txt": b"kept as it is"}
     assert _files(ours) == expected
-    assert ZipArchive().unpacked_size(archive) == sum(len(v) for v in expected.values())
     if shutil.which("unzip") is None:
         return
     readme = tmp_path / "readme"
@@ -143,13 +143,168 @@ def test_truncated_archives_are_reported_as_damaged(tmp_path: Path):
         ZipArchive().unpack(archive, tmp_path / "dest2")
 
 
-def test_gzip_size_bound_is_the_unpacked_size_of_a_small_archive(tmp_path: Path):
-    archive = _tar(tmp_path / "x.tgz", MEMBERS)
-    with gzip.open(archive) as f:
-        unpacked = len(f.read())
-    assert TarArchive().unpacked_size(archive) == unpacked
+def test_a_plain_file_is_copied(tmp_path: Path):
     plain = tmp_path / "cars_annos.mat"
     plain.write_bytes(b"matlab")
-    assert PlainFile().unpacked_size(plain) == 6
     assert PlainFile().unpack(plain, tmp_path / "cars") == 1
     assert (tmp_path / "cars" / "cars_annos.mat").read_bytes() == b"matlab"
+
+
+# ------------------------------------------------------------------------------------------ issue 18, item 1
+def _outside(box: Path, dest: Path, *keep: Path) -> list[str]:
+    """Every file or link under ``box`` that is neither in ``dest`` nor one of ``keep``."""
+    return sorted(
+        str(p.relative_to(box))
+        for p in box.rglob("*")
+        if (p.is_file() or p.is_symlink()) and dest not in p.parents and p not in keep
+    )
+
+
+def _symlink_chain_tar(path: Path) -> Path:
+    """The CVE-2025-4517 pattern: symlinks to 247-character folder names, nested 16 deep, so that the path the
+    ``"data"`` filter resolves passes PATH_MAX and it stops following them; ``escape`` then points to the
+    destination's parent, and ``escape/escaped.txt`` is written there."""
+    long_dir, steps, prefix = "d" * 247, "abcdefghijklmnop", ""
+    with tarfile.open(path, "w:gz") as tar:
+        for step in steps:
+            folder = tarfile.TarInfo(f"{prefix}{long_dir}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            link = tarfile.TarInfo(f"{prefix}{step}")
+            link.type, link.linkname = tarfile.SYMTYPE, long_dir
+            tar.addfile(link)
+            prefix += long_dir + "/"
+        top = "/".join(steps) + "/" + "l" * 254
+        link = tarfile.TarInfo(top)
+        link.type, link.linkname = tarfile.SYMTYPE, "../" * len(steps)
+        tar.addfile(link)
+        escape = tarfile.TarInfo("escape")
+        escape.type, escape.linkname = tarfile.SYMTYPE, top + "/.."
+        tar.addfile(escape)
+        data = b"written outside the destination\n"
+        member = tarfile.TarInfo("escape/escaped.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return path
+
+
+def test_symlink_chain_archive_is_refused_and_nothing_lands_outside(tmp_path: Path):
+    box = tmp_path / "box"
+    box.mkdir()
+    archive = _symlink_chain_tar(box / "car_ims.tgz")
+    dest = box / "dest"
+    with pytest.raises(ArchiveError, match=r"member 'a' is a symbolic link"):
+        TarArchive().unpack(archive, dest)
+    assert _outside(box, dest, archive) == []
+    assert not dest.exists() or not any(dest.iterdir())  # refused before anything was written
+
+
+@pytest.mark.parametrize(
+    ("kind", "word"),
+    [
+        (tarfile.SYMTYPE, "symbolic link"),
+        (tarfile.LNKTYPE, "hard link"),
+        (tarfile.FIFOTYPE, "FIFO"),
+        (tarfile.CHRTYPE, "character device"),
+        (tarfile.BLKTYPE, "block device"),
+    ],
+)
+def test_tar_members_other_than_files_and_folders_are_refused_before_anything_is_written(tmp_path, kind, word):
+    archive = tmp_path / "x.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        first = tarfile.TarInfo("car_ims/000001.jpg")
+        first.size = 4
+        tar.addfile(first, io.BytesIO(b"jpeg"))
+        odd = tarfile.TarInfo("car_ims/odd")
+        odd.type, odd.linkname = kind, "car_ims/000001.jpg"  # a harmless target: refused all the same
+        tar.addfile(odd)
+    dest = tmp_path / "dest"
+    with pytest.raises(ArchiveError, match=r"member 'car_ims/odd' is a") as refused:
+        TarArchive().unpack(archive, dest)
+    assert not dest.exists() or not any(dest.iterdir())  # not even the regular file before it
+    assert word in str(refused.value)
+
+
+@pytest.mark.parametrize(("mode", "word"), [(stat.S_IFIFO, "FIFO"), (stat.S_IFCHR, "character device")])
+def test_zip_members_with_a_special_unix_mode_are_refused(tmp_path, mode, word):
+    archive = tmp_path / "sop.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("first.txt", b"fine")
+        info = zipfile.ZipInfo("pipe")
+        info.create_system, info.external_attr = 3, (mode | 0o644) << 16
+        z.writestr(info, b"")
+    dest = tmp_path / "dest"
+    with pytest.raises(ArchiveError, match=rf"member 'pipe' is a {word}"):
+        ZipArchive().unpack(archive, dest)
+    assert not dest.exists()
+
+
+# ------------------------------------------------------------------------------------------ issue 18, item 2
+def _forge_gzip_trailer(path: Path, claimed: int) -> None:
+    """Overwrite the gzip ISIZE field (the last 4 bytes: unpacked size modulo 2**32) with ``claimed``."""
+    data = bytearray(path.read_bytes())
+    data[-4:] = claimed.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+
+
+def _acgt(n: int, seed: int = 0) -> bytes:
+    """``n`` bytes over a 4-letter alphabet: gzip shrinks them about 3.5 times (like a poorly compressible file)."""
+    return random.Random(seed).randbytes(n).translate(bytes(b"ACGT"[i % 4] for i in range(256)))
+
+
+def _nothing_in(dest: Path) -> bool:
+    return not dest.exists() or not any(dest.iterdir())
+
+
+def test_a_forged_gzip_trailer_does_not_hide_a_bomb(tmp_path: Path):
+    archive = _tar(tmp_path / "car_ims.tgz", {"car_ims/zeros.bin": bytes(16 << 20)})
+    _forge_gzip_trailer(archive, 65_321)
+    with gzip.open(archive) as f:  # a valid gzip stream; only the trailer lies (gzip checks it at the very end)
+        assert len(f.read(16 << 20)) == 16 << 20
+    dest = tmp_path / "dest"
+    with pytest.raises(ArchiveError, match=r"--max-unpack-ratio") as refused:
+        TarArchive().unpack(archive, dest)
+    assert "car_ims.tgz" in str(refused.value)
+    assert _nothing_in(dest)
+
+
+def test_unpacking_past_the_free_space_is_refused_before_writing(tmp_path: Path, monkeypatch):
+    content = _acgt(4 << 20)
+    archive = _tar(tmp_path / "car_ims.tgz", {"car_ims/a.bin": content})
+    _forge_gzip_trailer(archive, 1000)
+    assert archive.stat().st_size < 2 << 20 < len(content)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=2 << 20))
+    dest = tmp_path / "dest"
+    with pytest.raises(OSError, match=r"Not enough free space .*unpacking car_ims.tgz"):
+        TarArchive().unpack(archive, dest)
+    assert _nothing_in(dest)
+
+
+def test_free_space_is_watched_while_unpacking_and_a_stop_leaves_nothing(tmp_path: Path, monkeypatch):
+    members = {f"car_ims/{i:06d}.jpg": _acgt(100_000, seed=i) for i in range(3)}
+    archive = _tar(tmp_path / "car_ims.tgz", members)
+    dest = tmp_path / "dest"
+    usage = shutil.disk_usage(tmp_path)
+
+    def disk_filling_up(_: object) -> object:  # another program fills the disk once the first image is written
+        written = dest.exists() and any(p.is_file() for p in dest.rglob("*"))
+        return usage._replace(free=150_000 if written else 1 << 40)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_filling_up)
+    with pytest.raises(OSError, match=r"free space .*fell") as stopped:
+        TarArchive().unpack(archive, dest)
+    assert "car_ims.tgz" in str(stopped.value)
+    assert _nothing_in(dest)  # the image already written is removed too
+    monkeypatch.undo()
+    assert TarArchive().unpack(archive, dest) == 3  # with the space back, the same archive unpacks
+
+
+def test_the_unpack_ratio_is_a_setting(tmp_path: Path):
+    content = _acgt(3 << 20)  # gzip: about 3.5 times smaller
+    archive = _tar(tmp_path / "car_ims.tgz", {"car_ims/a.bin": content})
+    with pytest.raises(ArchiveError, match=r"more than 2 times"):
+        TarArchive().unpack(archive, tmp_path / "narrow", max_ratio=2)
+    assert _nothing_in(tmp_path / "narrow")
+    assert TarArchive().unpack(archive, tmp_path / "wide", max_ratio=5) == 1
+    assert (tmp_path / "wide" / "car_ims" / "a.bin").read_bytes() == content

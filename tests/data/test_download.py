@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import random
 import shutil
 import tarfile
 import zipfile
@@ -150,15 +151,110 @@ def test_an_interrupted_run_leaves_no_dataset_and_the_next_run_resumes(http_serv
     assert _files(root / "cub").keys() - {SOURCE_FILE} == _files(cub_root / "cub").keys()
 
 
-def test_a_server_that_ignores_range_is_read_again_from_the_start(http_server, cub_root, tmp_path, caplog):
-    content, url = _serve_cub(http_server, cub_root)
-    http_server.ignore_range = True
+def _interrupted(http_server, name: str, content: bytes, dest: Path, cut: int) -> str:
+    """A first transfer of ``content`` that breaks after ``cut`` bytes: ``dest.part`` (and its record) remain.
+    Returns the error message."""
+    http_server.files[name] = content
+    http_server.drop_after[name] = [cut, 1]
+    with pytest.raises(download_module.DownloadError) as failed:
+        fetch(http_server.url(name), dest, DownloadSettings(attempts=1, retry_wait=0, progress=False))
+    assert dest.with_name(dest.name + ".part").stat().st_size == cut
+    return str(failed.value)
+
+
+def _random_bytes(n: int, seed: int) -> bytes:
+    return random.Random(seed).randbytes(n)
+
+
+def test_a_server_that_ignores_range_is_read_again_from_the_start(http_server, tmp_path, caplog):
+    content = _random_bytes(50_000, 0)
     dest = tmp_path / "CUB_200_2011.tgz"
-    dest.with_name(dest.name + ".part").write_bytes(b"stale bytes of another file")
+    _interrupted(http_server, "CUB_200_2011.tgz", content, dest, 20_000)
+    http_server.ignore_range = True
     fetch(http_server.url("CUB_200_2011.tgz"), dest, DownloadSettings(retry_wait=0, progress=False))
-    assert http_server.requests == [("CUB_200_2011.tgz", "bytes=27-")]
+    assert http_server.requests[1:] == [("CUB_200_2011.tgz", "bytes=20000-")]
     assert dest.read_bytes() == content  # overwritten from byte 0, not appended
     assert "ignored the request to continue" in caplog.text
+
+
+# ------------------------------------------------------------------------- issue 18, item 4: one version only
+SETTINGS = DownloadSettings(retry_wait=0, progress=False)
+
+
+def test_a_file_that_changed_on_the_server_between_runs_is_read_again_from_byte_zero(http_server, tmp_path, caplog):
+    old, new = _random_bytes(100_000, 1), _random_bytes(100_000, 2)  # one size: only the validators differ
+    dest = tmp_path / "car_ims.tgz"
+    _interrupted(http_server, "car_ims.tgz", old, dest, 40_000)
+    old_etag = http_server.etag("car_ims.tgz")
+    record = dest.with_name("car_ims.tgz.part.json")  # persisted beside the .part: what the next run uses
+    started = json.loads(record.read_text()) if record.exists() else {}
+    http_server.files["car_ims.tgz"] = new  # the remote file changes before the next run
+    fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
+    assert dest.read_bytes() == new  # not the first 40,000 bytes of the old file + the rest of the new one
+    assert http_server.requests[1:] == [("car_ims.tgz", "bytes=40000-")]
+    assert http_server.if_ranges[1:] == [old_etag]  # the server answered 200 with the whole new file
+    assert "changed on the server" in caplog.text
+    assert started.get("etag") == old_etag and started.get("url") == http_server.url("car_ims.tgz")
+    done = json.loads(dest.with_name("car_ims.tgz.download.json").read_text())
+    assert done["etag"] == http_server.etag("car_ims.tgz") and done["url"] == http_server.url("car_ims.tgz")
+    assert not dest.with_name("car_ims.tgz.part.json").exists()
+
+
+def test_an_unchanged_file_is_continued_with_if_range(http_server, tmp_path):
+    content = _random_bytes(100_000, 3)
+    dest = tmp_path / "car_ims.tgz"
+    assert "continues from there" in _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
+    fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
+    assert dest.read_bytes() == content
+    assert http_server.requests[1:] == [("car_ims.tgz", "bytes=40000-")]
+    assert http_server.if_ranges[1:] == [http_server.etag("car_ims.tgz")]
+
+
+def test_a_206_of_another_version_is_not_appended(http_server, tmp_path, caplog):
+    old, new = _random_bytes(100_000, 4), _random_bytes(100_000, 5)
+    dest = tmp_path / "car_ims.tgz"
+    _interrupted(http_server, "car_ims.tgz", old, dest, 40_000)
+    http_server.files["car_ims.tgz"] = new
+    http_server.ignore_if_range = True  # a broken server: 206 whatever the If-Range, but with the new ETag
+    fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
+    assert dest.read_bytes() == new
+    assert [r for _, r in http_server.requests[1:]] == ["bytes=40000-", None]
+    assert "ETag changed" in caplog.text
+
+
+def test_without_validators_a_partial_file_is_not_continued(http_server, tmp_path, caplog):
+    content = _random_bytes(100_000, 6)
+    http_server.validators = False  # no ETag, no Last-Modified: a change could not be told
+    dest = tmp_path / "car_ims.tgz"
+    assert "running again starts from byte 0" in _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
+    fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
+    assert dest.read_bytes() == content
+    assert [r for _, r in http_server.requests] == [None, None]
+    assert "no record of which version" in caplog.text
+
+
+def test_a_complete_part_file_is_finished_by_the_416_answer(http_server, tmp_path):
+    content = _random_bytes(100_000, 7)
+    dest = tmp_path / "car_ims.tgz"
+    _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
+    with open(dest.with_name("car_ims.tgz.part"), "ab") as part:  # a run stopped after the last byte
+        part.write(content[40_000:])
+    fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
+    assert dest.read_bytes() == content
+    assert http_server.requests[1:] == [("car_ims.tgz", "bytes=100000-")]  # answered 416 "bytes */100000"
+    assert len(http_server.requests) == 2
+
+
+def test_a_part_file_longer_than_the_remote_file_is_started_again(http_server, tmp_path, caplog):
+    content = _random_bytes(100_000, 8)
+    dest = tmp_path / "car_ims.tgz"
+    _interrupted(http_server, "car_ims.tgz", content, dest, 40_000)
+    with open(dest.with_name("car_ims.tgz.part"), "ab") as part:
+        part.write(bytes(70_000))
+    fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
+    assert dest.read_bytes() == content
+    assert [r for _, r in http_server.requests[1:]] == ["bytes=110000-", None]
+    assert "HTTP 416" in caplog.text
 
 
 def test_a_server_that_ignores_range_and_keeps_dropping_is_a_clear_error(http_server, cub_root, tmp_path, capsys):
@@ -270,14 +366,35 @@ def test_a_complete_folder_placed_by_hand_is_left_alone(cub_root, capsys):
     assert _files(cub_root / "cub") == before
 
 
-def test_a_file_put_into_downloads_by_hand_is_used_without_asking_the_network(cub_root, tmp_path, capsys):
+def test_a_file_put_into_downloads_by_hand_is_used_kept_and_named_as_such(cub_root, tmp_path, capsys):
     root = tmp_path / "dl"
     (root / DOWNLOADS_DIR).mkdir(parents=True)
-    (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").write_bytes(official_files("cub", cub_root)["CUB_200_2011.tgz"])
-    dead = ["--url", "CUB_200_2011.tgz=http://127.0.0.1:9/none"]
-    assert main(["data", "download", "cub", "--data-root", str(root), *dead, *FAST]) == 0
-    record = json.loads((root / "cub" / SOURCE_FILE).read_text())
-    assert record["files"][0]["obtained"].startswith("found in")
+    placed = root / DOWNLOADS_DIR / "CUB_200_2011.tgz"
+    content = official_files("cub", cub_root)["CUB_200_2011.tgz"]
+    placed.write_bytes(content)
+    dead = "http://127.0.0.1:9/none"
+    assert main(["data", "download", "cub", "--data-root", str(root), "--url", f"CUB_200_2011.tgz={dead}", *FAST]) == 0
+    out = capsys.readouterr().out
+    assert placed.read_bytes() == content  # it may be the user's only copy: never deleted
+    assert f"kept {placed}" in out and "by hand" in out
+    assert dead not in out  # the address was never contacted, so it is not named as the source
+    record = json.loads((root / "cub" / SOURCE_FILE).read_text())["files"][0]
+    assert record["url"] is None and "by hand" in record["obtained"]
+
+
+def test_a_file_downloaded_by_an_earlier_run_is_deleted_and_its_url_named(http_server, cub_root, tmp_path, capsys):
+    content, url = _serve_cub(http_server, cub_root)
+    root = tmp_path / "dl"
+    argv = ["data", "download", "cub", "--data-root", str(root), *url, *FAST]
+    assert main([*argv, "--keep-archives"]) == 0
+    archive = root / DOWNLOADS_DIR / "CUB_200_2011.tgz"
+    assert archive.read_bytes() == content
+    capsys.readouterr()
+    assert main([*argv, "--force"]) == 0  # not asked again, but known as raml's own download: removed
+    out = capsys.readouterr().out
+    assert len(http_server.requests) == 1 and not archive.exists()
+    assert f"from {http_server.url('CUB_200_2011.tgz')}" in out
+    assert not list((root / DOWNLOADS_DIR).iterdir())  # its download record goes with it
 
 
 @pytest.mark.parametrize("url", ["file:///tmp/CUB_200_2011.tgz", "http:///CUB_200_2011.tgz", "mirror/CUB_200_2011.tgz"])
@@ -311,12 +428,38 @@ def test_sop_over_ftp_resumes_with_rest(ftp_server, sop_root, tmp_path):
     root = tmp_path / "dl"
     part = root / DOWNLOADS_DIR / "Stanford_Online_Products.zip.part"
     part.parent.mkdir(parents=True)
-    part.write_bytes(content[:1000])  # what an interrupted earlier run left
-    url = ["--url", f"Stanford_Online_Products.zip={ftp_server.url('Stanford_Online_Products.zip')}"]
+    part.write_bytes(content[:1000])  # what an interrupted earlier run left, with its record
+    address = ftp_server.url("Stanford_Online_Products.zip")
+    record = {"url": address, "size": len(content), "modified": _mdtm(ftp_server, "Stanford_Online_Products.zip")}
+    part.with_name("Stanford_Online_Products.zip.part.json").write_text(json.dumps(record))
+    url = ["--url", f"Stanford_Online_Products.zip={address}"]
     assert main(["data", "download", "sop", "--data-root", str(root), "--keep-archives", *url, *FAST]) == 0
     assert ftp_server.rest_offsets == [1000]
     assert (root / DOWNLOADS_DIR / "Stanford_Online_Products.zip").read_bytes() == content
     assert _files(root / "sop").keys() - {SOURCE_FILE} == _files(sop_root / "sop").keys()
+
+
+def _mdtm(ftp_server, name: str) -> str:
+    import ftplib
+
+    with ftplib.FTP() as ftp:
+        ftp.connect("127.0.0.1", ftp_server.port)
+        ftp.login()
+        return ftp.sendcmd(f"MDTM {name}").split()[-1]
+
+
+@pytest.mark.parametrize("change", ["modified", "size", "url"])
+def test_ftp_partial_file_of_another_version_is_started_again(change, ftp_server, tmp_path):
+    content = _random_bytes(30_000, 9)
+    (ftp_server.root / "car_ims.tgz").write_bytes(content)
+    dest = tmp_path / "car_ims.tgz"
+    address = ftp_server.url("car_ims.tgz")
+    record = {"url": address, "size": len(content), "modified": _mdtm(ftp_server, "car_ims.tgz")}
+    record[change] = {"modified": "19990101000000", "size": 12345, "url": "ftp://elsewhere/car_ims.tgz"}[change]
+    dest.with_name("car_ims.tgz.part").write_bytes(b"a version that is not on the server any more")
+    dest.with_name("car_ims.tgz.part.json").write_text(json.dumps(record))
+    fetch(address, dest, SETTINGS)
+    assert dest.read_bytes() == content and ftp_server.rest_offsets == []
 
 
 def test_ftp_missing_file_is_not_retried(ftp_server, tmp_path, capsys):
@@ -354,3 +497,63 @@ def test_failed_attempts_wait_twice_as_long_each_time(http_server, tmp_path, mon
     assert waits == [2.0, 4.0, 6.0, 6.0]
     assert [r for _, r in http_server.requests] == [None] + ["bytes=10-"] * 4
     assert (tmp_path / "car_ims.tgz.part").read_bytes() == b"x" * 10
+
+
+# ------------------------------------------------------------------------------------ issue 18, items 1-2 end to end
+def _symlink_chain_tgz() -> bytes:
+    """The CVE-2025-4517 pattern (see tests/data/test_archives.py): ``escape/escaped.txt`` lands in the parent
+    of the folder it is unpacked into, through symlinks the ``"data"`` filter of Python < 3.11.13 accepts."""
+    long_dir, steps, prefix = "d" * 247, "abcdefghijklmnop", ""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for step in steps:
+            folder = tarfile.TarInfo(f"{prefix}{long_dir}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            link = tarfile.TarInfo(f"{prefix}{step}")
+            link.type, link.linkname = tarfile.SYMTYPE, long_dir
+            tar.addfile(link)
+            prefix += long_dir + "/"
+        top = "/".join(steps) + "/" + "l" * 254
+        link = tarfile.TarInfo(top)
+        link.type, link.linkname = tarfile.SYMTYPE, "../" * len(steps)
+        tar.addfile(link)
+        escape = tarfile.TarInfo("escape")
+        escape.type, escape.linkname = tarfile.SYMTYPE, top + "/.."
+        tar.addfile(escape)
+        data = b"written outside the staging folder\n"
+        member = tarfile.TarInfo("escape/escaped.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()
+
+
+def test_the_symlink_chain_archive_is_refused_end_to_end(http_server, cars_root, tmp_path, capsys):
+    http_server.files["car_ims.tgz"] = _symlink_chain_tgz()
+    http_server.files["cars_annos.mat"] = (cars_root / "cars" / "cars_annos.mat").read_bytes()
+    root = tmp_path / "dl"
+    urls = [arg for f in ("car_ims.tgz", "cars_annos.mat") for arg in ("--url", f"{f}={http_server.url(f)}")]
+    assert main(["data", "download", "cars", "--data-root", str(root), *urls, *FAST]) == 2
+    err = capsys.readouterr().err
+    assert "member 'a' is a symbolic link" in err and "car_ims.tgz" in err
+    assert not list(tmp_path.rglob("escaped.txt"))
+    _no_dataset_left(root, "cars")
+
+
+def test_a_forged_gzip_trailer_cannot_pass_the_free_space_check_end_to_end(cub_root, tmp_path, monkeypatch, capsys):
+    """A hand-placed archive (no download-time check) whose gzip trailer claims 1,000 bytes: the unpacking
+    adds up the members' sizes instead, and stops before writing."""
+    filler = random.Random(0).randbytes(3 << 20).translate(bytes(b"ACGT"[i % 4] for i in range(256)))
+    content = _tgz(cub_root / "cub", "CUB_200_2011", {"CUB_200_2011/filler.bin": filler})
+    forged = content[:-4] + (1000).to_bytes(4, "little")
+    root = tmp_path / "dl"
+    (root / DOWNLOADS_DIR).mkdir(parents=True)
+    (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").write_bytes(forged)
+    assert len(forged) < 2 << 20 < len(filler)
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(download_module.shutil, "disk_usage", lambda _: usage._replace(free=2 << 20))
+    dead = ["--url", "CUB_200_2011.tgz=http://127.0.0.1:9/none"]
+    assert main(["data", "download", "cub", "--data-root", str(root), *dead, *FAST]) == 2
+    assert "Not enough free space for unpacking CUB_200_2011.tgz" in capsys.readouterr().err
+    _no_dataset_left(root)
+    assert (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").read_bytes() == forged  # placed by hand: kept

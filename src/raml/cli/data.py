@@ -33,7 +33,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     _add_download_parser(commands)
 
 
+def _positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {value}")
+    return number
+
+
 def _add_download_parser(commands: argparse._SubParsersAction) -> None:
+    from raml.data.archives import MAX_UNPACK_RATIO
     from raml.data.download import DOWNLOADS_DIR, MIRROR_ENV, SOURCE_FILE
     from raml.data.sources import SOURCES
 
@@ -45,7 +53,9 @@ def _add_download_parser(commands: argparse._SubParsersAction) -> None:
         "(resumable: an interrupted transfer continues where it stopped), unpack them safely into "
         "<data-root>/<name> in the layout of the README's commands, check every image the dataset's index "
         f"files list, and record each file's URL, size, SHA-256 and date in <data-root>/<name>/{SOURCE_FILE}. "
-        "A dataset already in place is left alone. On any error no partial dataset folder is left.",
+        "A dataset already in place is left alone. On any error no partial dataset folder is left. Archive members "
+        "other than regular files and folders (links, devices) are refused, and so are archives that unpack past "
+        "the free space or --max-unpack-ratio; see 'Security' in docs/deployment.md.",
     )
     download.add_argument("datasets", nargs="+", choices=list(SOURCES), metavar="NAME", help="cub, cars and/or sop")
     download.add_argument("--data-root", type=Path, default=Path("data"), metavar="DATA_DIR", help="default: data")
@@ -67,7 +77,18 @@ def _add_download_parser(commands: argparse._SubParsersAction) -> None:
         help="seconds before the second attempt, doubled for each further one up to 60 (default 2)",
     )
     download.add_argument(
-        "--keep-archives", action="store_true", help=f"keep the downloaded files in <data-root>/{DOWNLOADS_DIR}/"
+        "--keep-archives",
+        action="store_true",
+        help=f"keep the files raml downloads in <data-root>/{DOWNLOADS_DIR}/ (files placed there by hand are "
+        "never deleted)",
+    )
+    download.add_argument(
+        "--max-unpack-ratio",
+        type=_positive_float,
+        default=MAX_UNPACK_RATIO,
+        metavar="R",
+        help=f"refuse an archive whose members hold more than R times its size (a decompression bomb; default "
+        f"{MAX_UNPACK_RATIO:g}; JPEG photos barely compress)",
     )
     download.add_argument(
         "--force", action="store_true", help="download again and replace an existing dataset folder once verified"
@@ -110,13 +131,15 @@ def run_download(args: argparse.Namespace) -> int:
                 keep_archives=args.keep_archives,
                 force=args.force,
                 workers=args.workers,
+                max_unpack_ratio=args.max_unpack_ratio,
             )
         except (DownloadError, InsufficientSpaceError, ArchiveError, IncompleteDatasetError) as error:
             print(f"raml data download: error: {error}", file=sys.stderr)
             return 2
         print(report.message, flush=True)
         for record in report.files if report.installed else []:
-            print(f"  {record['file']}: {record['size']} bytes, sha256 {record['sha256']}, from {record['url']}")
+            origin = f"from {record['url']}" if record.get("url") else str(record.get("obtained"))
+            print(f"  {record['file']}: {record['size']} bytes, sha256 {record['sha256']}, {origin}")
     return 0
 
 

@@ -1,62 +1,138 @@
 """Safe unpacking of downloaded dataset files into a dataset folder.
 
-Contract: an unpacker maps ``(file, dest)`` -> files written under ``dest``, and reports a lower bound of
-the bytes it will write (for the free-space check) before writing anything.
+Contract: an unpacker maps ``(file, dest)`` -> regular files and folders written under ``dest``; on any error
+it raises and removes everything it wrote (``dest`` is as it was before).
 
-- :class:`TarArchive`: ``.tar``/``.tgz``, optionally dropping the first ``strip_components`` path components
-  of every member as GNU ``tar --strip-components`` does (members with fewer components are skipped).
-- :class:`ZipArchive`: ``.zip``, optionally removing a leading ``strip_prefix`` from member names (the
-  effect of the README's ``ln -s . Stanford_Online_Products && unzip ...``; other members keep their name).
+- :class:`TarArchive`: ``.tar``/``.tgz`` (plain or gzip), optionally dropping the first ``strip_components``
+  path components of every member as GNU ``tar --strip-components`` does (members with fewer components are
+  skipped).
+- :class:`ZipArchive`: ``.zip`` (stored or deflated members), optionally removing a leading ``strip_prefix``
+  from member names (the effect of the README's ``ln -s . Stanford_Online_Products && unzip ...``; other
+  members keep their name).
 - :class:`PlainFile`: a file that is not an archive (``cars_annos.mat``), copied into ``dest``.
 
-Safety: no member may land outside ``dest``. Absolute names and ``..`` components are refused before
-anything is written for them; tar members also go through Python's ``tarfile`` ``"data"`` filter (which
-also refuses links that point outside, device files and unsafe modes); where this Python lacks it, links
-are refused altogether. Zip members that are symbolic links (Unix mode in ``external_attr``) are refused. A
-damaged archive (truncated, bad CRC, not an archive) raises :class:`ArchiveError` naming the file.
+Safety (the archive is untrusted: the official Cars URL is plain ``http://``):
+
+1. Every member is checked before anything is written (a first pass over a tar's headers; a zip's central
+   directory): only regular files and folders are accepted. Symbolic links, hard links, devices, FIFOs and
+   sparse files are refused whatever the Python version (the datasets hold none, and links are how
+   ``tarfile``'s own ``"data"`` filter was bypassed before Python 3.11.13 / 3.12.11, CVE-2025-4517). Absolute
+   names, ``..`` components, NUL bytes and over-long names are refused; so are encrypted zip members, zip
+   compression methods other than stored/deflated, and tar compressions other than gzip.
+2. The members' sizes (from the headers, which are what gets written: ``tarfile`` reads exactly that many
+   bytes and ``zipfile`` stops at the declared size) are added up before writing: more than the free space
+   (:class:`InsufficientSpaceError`) or more than ``max_ratio`` times the archive's own size
+   (:data:`MAX_UNPACK_RATIO`, ``--max-unpack-ratio``; not applied below :data:`UNPACK_GRACE_BYTES`) is
+   refused. The gzip size trailer, which wraps at 4 GiB and can be forged, is not used.
+3. Members are written by this module (never ``tarfile.extract``/``zipfile.extract``): into paths built
+   from the checked name under the resolved ``dest``, every folder on the way checked to be a real folder
+   (not a link), files created with ``O_EXCL | O_NOFOLLOW``. Bytes are counted while writing: past the
+   limits, or when the disk's free space falls below what is left to write (checked at every member and
+   every :data:`FREE_SPACE_CHECK_BYTES`), unpacking stops and what it wrote is removed.
+4. Memory stays bounded: members are streamed (``tarfile``'s member list is not kept), no single read by
+   ``tarfile`` may exceed :data:`MAX_READ_BYTES` (a PAX header or long name bigger than that is refused), and
+   at most :data:`MAX_MEMBERS` members are accepted.
+
+A damaged archive (truncated, bad CRC, wrong gzip length, not an archive) raises :class:`ArchiveError`
+naming the file. The documented errors are :class:`ArchiveError` and :class:`InsufficientSpaceError`.
 """
 
 from __future__ import annotations
 
-import copy
+import errno
 import gzip
 import logging
+import os
 import re
 import shutil
+import stat
 import struct
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from tqdm import tqdm
 
 logger = logging.getLogger(__name__)
 
-HAS_DATA_FILTER = hasattr(tarfile, "data_filter")
-"""Whether this Python's ``tarfile`` has the ``"data"`` extraction filter (3.10.12+, 3.11.4+, 3.12+)."""
+MAX_UNPACK_RATIO = 20.0
+"""Default ``--max-unpack-ratio``: the members may hold at most this many times the archive's size. The
+datasets are JPEG photos, which gzip/deflate barely shrink; 16 MiB of zeros gzip about 1000 times."""
+UNPACK_GRACE_BYTES = 1 << 20
+"""The ratio is not applied to archives whose members hold less than this (small, very compressible files)."""
+MAX_MEMBERS = 1_000_000
+"""Most members an archive may hold (SOP, the largest dataset, has about 120,000 files)."""
+MAX_NAME_BYTES = 1024
+"""Longest member name (UTF-8 bytes); a single component may not exceed 255 bytes either."""
+MAX_READ_BYTES = 1 << 20
+"""Largest single read ``tarfile`` may make (PAX headers and GNU long names are read whole)."""
+FREE_SPACE_CHECK_BYTES = 64 << 20
+"""While writing, the free space is checked again at every member and after this many bytes."""
+CHUNK = 1 << 20
 
-_S_IFMT, _S_IFLNK = 0o170000, 0o120000
+_DAMAGED = (
+    tarfile.TarError,
+    EOFError,
+    zlib.error,
+    gzip.BadGzipFile,
+    zipfile.BadZipFile,
+    struct.error,
+    UnicodeError,
+    ValueError,
+    NotImplementedError,
+)
+"""What the parsers raise on malformed input (``ArchiveError`` is a ``ValueError`` and is re-raised first;
+``zipfile`` raises ``NotImplementedError`` for a version field it does not know, while reading the directory)."""
+
+_TAR_KINDS = {
+    tarfile.SYMTYPE: "symbolic link",
+    tarfile.LNKTYPE: "hard link",
+    tarfile.CHRTYPE: "character device",
+    tarfile.BLKTYPE: "block device",
+    tarfile.FIFOTYPE: "FIFO",
+    tarfile.GNUTYPE_SPARSE: "sparse file",
+}
+_MODE_KINDS = {
+    stat.S_IFLNK: "symbolic link",
+    stat.S_IFCHR: "character device",
+    stat.S_IFBLK: "block device",
+    stat.S_IFIFO: "FIFO",
+    stat.S_IFSOCK: "socket",
+}
 
 
 class ArchiveError(ValueError):
-    """An archive is damaged or holds a member that would land outside the target folder."""
+    """An archive is damaged, too large for its size, or holds a member that is refused."""
+
+
+class InsufficientSpaceError(OSError):
+    """The disk lacks room for a download or an unpacked archive."""
 
 
 class Unpacker(Protocol):
     """How one downloaded file lands in the dataset folder."""
 
-    def unpacked_size(self, path: Path) -> int:
-        """A lower bound of the bytes :meth:`unpack` writes (for the free-space check)."""
-
-    def unpack(self, path: Path, dest: Path, progress: bool = False) -> int:
+    def unpack(self, path: Path, dest: Path, *, max_ratio: float = MAX_UNPACK_RATIO, progress: bool = False) -> int:
         """Write the file's content under ``dest``; returns the number of files written."""
 
 
+def size_text(n: int) -> str:
+    """``1536`` -> ``'1.5 KiB'``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
+        value /= 1024
+    return f"{n} B"
+
+
 def safe_member_name(name: str, archive: Path) -> str:
-    """``name`` normalised to ``a/b/c`` form; refuses absolute names, drive letters and ``..`` components."""
+    """``name`` normalised to ``a/b/c`` form; refuses absolute names, drive letters, ``..`` components, NUL
+    bytes and over-long names."""
     if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
         raise ArchiveError(
             f"{archive}: member {name!r} has an absolute path and would be written outside the target folder; "
@@ -68,12 +144,20 @@ def safe_member_name(name: str, archive: Path) -> str:
             f"{archive}: member {name!r} climbs out of the target folder with '..'; refusing this archive "
             "(nothing of it is kept). Get the file from the official source."
         )
+    if "\x00" in name:
+        raise ArchiveError(f"{archive}: member {name!r} has a NUL byte in its name; refusing this archive.")
+    encoded = [p.encode("utf-8", "surrogateescape") for p in parts]
+    if sum(len(p) + 1 for p in encoded) > MAX_NAME_BYTES or any(len(p) > 255 for p in encoded):
+        raise ArchiveError(
+            f"{archive}: member {name[:80]!r}... has a name longer than {MAX_NAME_BYTES} bytes (or a component "
+            "longer than 255); refusing this archive."
+        )
     return "/".join(parts)
 
 
 def _strip(name: str, components: int) -> str | None:
     """GNU tar's ``--strip-components``: None when the name has no more than ``components`` parts."""
-    parts = [p for p in name.split("/") if p not in ("", ".")]
+    parts = [p for p in name.split("/") if p]
     if len(parts) <= components:
         return None
     return "/".join(parts[components:])
@@ -86,129 +170,353 @@ def _damaged(archive: Path, error: BaseException) -> ArchiveError:
     )
 
 
+def _refused_kind(archive: Path, name: str, kind: str, target: str = "") -> ArchiveError:
+    to = f" to {target!r}" if target else ""
+    return ArchiveError(
+        f"{archive}: member {name!r} is a {kind}{to}; the datasets hold only regular files and folders, so "
+        "anything else is refused (links can lead writes outside the target folder). Nothing of this archive "
+        "was written. Get the file from the official source or a trusted mirror."
+    )
+
+
+def _free_space(folder: Path) -> int:
+    """Free bytes on the disk of ``folder`` (or of its nearest existing parent)."""
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free
+    return shutil.disk_usage(".").free
+
+
+# --------------------------------------------------------------------------------------------------- limits
+class _Budget:
+    """The bytes an unpacking may write: checked on the planned total first, then counted while writing."""
+
+    def __init__(self, archive: Path, dest: Path, max_ratio: float) -> None:
+        if not max_ratio > 0:
+            raise ValueError(f"Expected max_ratio (--max-unpack-ratio) > 0, got {max_ratio}.")
+        self.archive, self.dest, self.max_ratio = archive, dest, max_ratio
+        self.archive_size = archive.stat().st_size
+        self.ratio_cap = max(int(max_ratio * self.archive_size), UNPACK_GRACE_BYTES)
+        self.free = _free_space(dest)
+        self.planned = 0
+        self.members = 0
+        self.written = 0
+        self._next_check = 0
+
+    def _too_large(self, total: int) -> ArchiveError:
+        return ArchiveError(
+            f"{self.archive}: its members hold more than {size_text(total)}, more than {self.max_ratio:g} times "
+            f"the archive's {size_text(self.archive_size)} (--max-unpack-ratio {self.max_ratio:g}). Photos hardly "
+            "compress, so this looks like a decompression bomb or a forged size; refusing it, and nothing of it "
+            "is kept. If the file is genuine, raise --max-unpack-ratio."
+        )
+
+    def _no_room(self, total: int) -> InsufficientSpaceError:
+        return InsufficientSpaceError(
+            f"Not enough free space for unpacking {self.archive.name}: its members hold {size_text(total)} but "
+            f"{self.dest} has {size_text(self.free)} free. Free some space, or choose a --data-root on a larger "
+            "disk. Nothing of it was kept."
+        )
+
+    def plan(self, size: int) -> None:
+        """One more member of ``size`` bytes, before anything is written."""
+        self.members += 1
+        if self.members > MAX_MEMBERS:
+            raise ArchiveError(
+                f"{self.archive}: holds more than {MAX_MEMBERS} members; a dataset has far fewer. Refusing it."
+            )
+        self.planned += size
+        if self.planned > self.ratio_cap:  # first: a forged size is a bomb, not a lack of space
+            raise self._too_large(self.planned)
+        if self.planned > self.free:
+            raise self._no_room(self.planned)
+
+    def wrote(self, size: int) -> None:
+        """``size`` more bytes are about to be written: stop past the limits or when the disk fills up."""
+        self.written += size
+        if self.written > self.ratio_cap:
+            raise self._too_large(self.written)
+        if self.written > self.free:
+            raise self._no_room(self.written)
+        if self.written >= self._next_check:
+            self.check_disk()
+
+    def check_disk(self) -> None:
+        """Stop when the disk's free space is less than what is left to write."""
+        self._next_check = self.written + FREE_SPACE_CHECK_BYTES
+        remaining = max(self.planned - self.written, 0)
+        free = _free_space(self.dest)
+        if free < remaining:
+            raise InsufficientSpaceError(
+                f"The free space on {self.dest} fell to {size_text(free)} while unpacking {self.archive.name}, "
+                f"with {size_text(remaining)} of it still to write (another program is filling the disk?); "
+                "stopped, and removed what was unpacked of it. Free some space and run the command again."
+            )
+
+
+# --------------------------------------------------------------------------------------------------- writing
+class _Writer:
+    """Writes members into checked paths under ``dest``, counting bytes; :meth:`undo` removes all it wrote."""
+
+    def __init__(self, archive: Path, dest: Path, budget: _Budget) -> None:
+        self.archive, self.budget = archive, budget
+        self.dest_existed = dest.exists()
+        dest.mkdir(parents=True, exist_ok=True)
+        self.root = os.path.realpath(dest)
+        self.created: list[str] = []  # what undo removes: created paths whose parent was there before
+        self._created_dirs: set[str] = set()
+        self.files = 0
+
+    def _folder(self, name: str, parts: list[str]) -> str:
+        """The real path of folder ``parts`` under the root, made where missing; each level must be a folder."""
+        path = self.root
+        for part in parts:
+            parent, path = path, os.path.join(path, part)
+            try:
+                mode = os.lstat(path).st_mode
+            except FileNotFoundError:
+                os.mkdir(path)
+                if parent not in self._created_dirs:
+                    self.created.append(path)
+                self._created_dirs.add(path)
+                continue
+            if not stat.S_ISDIR(mode):  # a link or a file: never followed
+                raise ArchiveError(
+                    f"{self.archive}: member {name!r} would be written under {path}, which is not a folder; "
+                    "refusing this archive."
+                )
+        real = os.path.realpath(path)
+        if os.path.commonpath([self.root, real]) != self.root:
+            raise ArchiveError(f"{self.archive}: member {name!r} resolves outside {self.root}; refusing this archive.")
+        return path
+
+    def directory(self, name: str) -> None:
+        self._folder(name, name.split("/"))
+
+    def file(self, name: str, source: BinaryIO) -> None:
+        parts = name.split("/")
+        folder = self._folder(name, parts[:-1])
+        path = os.path.join(folder, parts[-1])
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
+        try:
+            fd = os.open(path, flags, 0o666)
+        except FileExistsError as error:
+            raise ArchiveError(
+                f"{self.archive}: member {name!r} lands on {path}, which already exists (two members with one "
+                "name, or a member over a folder); refusing this archive."
+            ) from error
+        if folder not in self._created_dirs:
+            self.created.append(path)
+        self.budget.check_disk()
+        with os.fdopen(fd, "wb") as out:
+            while chunk := source.read(CHUNK):
+                self.budget.wrote(len(chunk))
+                try:
+                    out.write(chunk)
+                except OSError as error:
+                    if error.errno == errno.ENOSPC:
+                        raise InsufficientSpaceError(
+                            f"The disk of {self.root} filled up while unpacking {self.archive.name}; stopped, and "
+                            "removed what was unpacked of it. Free some space and run the command again."
+                        ) from error
+                    raise
+        self.files += 1
+
+    def undo(self) -> None:
+        if not self.dest_existed:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        for path in reversed(self.created):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                Path(path).unlink(missing_ok=True)
+
+
+# ------------------------------------------------------------------------------------------------------- tar
+class _BoundedReads:
+    """A read-only file object for ``tarfile`` that refuses any single read of more than :data:`MAX_READ_BYTES`
+    (``tarfile`` reads PAX headers and long names whole, at the size their header claims)."""
+
+    def __init__(self, raw: BinaryIO, archive: Path) -> None:
+        self.raw, self.archive = raw, archive
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0 or size > MAX_READ_BYTES:
+            raise ArchiveError(
+                f"{self.archive}: holds a header (PAX or long name) of {size} bytes, more than {MAX_READ_BYTES}; "
+                "refusing it."
+            )
+        return self.raw.read(size)
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self.raw.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self.raw.tell()
+
+
 @dataclass(frozen=True)
 class TarArchive:
-    """A tar file (any compression ``tarfile`` reads), members optionally stripped of leading components."""
+    """A tar file (plain or gzip), members optionally stripped of leading components."""
 
     strip_components: int = 0
 
-    def unpacked_size(self, path: Path) -> int:
-        """For gzip: the size in the gzip trailer (the true size modulo 2**32, hence a lower bound)."""
-        with open(path, "rb") as f:
-            if f.read(2) != b"\x1f\x8b":
-                return path.stat().st_size
-            f.seek(-4, 2)
-            return max(struct.unpack("<I", f.read(4))[0], path.stat().st_size)
+    def _open(self, path: Path, raw: BinaryIO) -> tuple[tarfile.TarFile, BinaryIO]:
+        magic = raw.read(6)
+        raw.seek(0)
+        if magic.startswith(b"\x1f\x8b"):
+            stream: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[assignment]
+        elif magic.startswith((b"BZh", b"\xfd7zXZ\x00", b"\x28\xb5\x2f\xfd")):
+            raise ArchiveError(f"{path}: compressed with bzip2, xz or zstd; expected a plain or gzip tar file.")
+        else:
+            stream = raw
+        return tarfile.open(fileobj=_BoundedReads(stream, path), mode="r:"), stream  # type: ignore[arg-type]
 
-    def unpack(self, path: Path, dest: Path, progress: bool = False) -> int:
-        count = 0
+    def _members(self, path: Path, tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
+        """Every member and its checked, stripped name (None: skipped), without keeping the member list."""
+        while (member := tar.next()) is not None:
+            tar.members.clear()  # tarfile keeps every member it has read; a header pass must not
+            name = _strip(safe_member_name(member.name, path), self.strip_components)
+            if member.type in _TAR_KINDS or not (member.isreg() or member.isdir()):
+                kind = _TAR_KINDS.get(member.type, f"member of tar type {member.type!r}")
+                raise _refused_kind(path, member.name, kind, member.linkname)
+            yield member, name
+
+    def unpack(self, path: Path, dest: Path, *, max_ratio: float = MAX_UNPACK_RATIO, progress: bool = False) -> int:
+        budget = _Budget(path, dest, max_ratio)
         try:
-            with (
-                tarfile.open(path, "r:*") as tar,
-                tqdm(desc=f"unpack {path.name}", unit="file", disable=not progress) as bar,
-            ):
-                for member in tar:  # streamed: each member is checked just before it is written
-                    name = _strip(safe_member_name(member.name, path), self.strip_components)
-                    if name is None:
-                        continue
-                    changes = {"name": name}
-                    if member.islnk():
-                        target = _strip(safe_member_name(member.linkname, path), self.strip_components)
-                        if target is None:
-                            raise ArchiveError(f"{path}: hard link {member.name!r} points outside the kept members.")
-                        changes["linkname"] = target
-                    member = copy.copy(member)  # renamed copy; the archive's own member list is untouched
-                    for key, value in changes.items():
-                        setattr(member, key, value)
-                    if not (member.isfile() or member.isdir() or member.issym() or member.islnk()):
-                        raise ArchiveError(f"{path}: member {member.name!r} is a device or special file; refusing.")
-                    self._extract(tar, member, dest, path)
-                    count += member.isfile()
-                    bar.update(1)
+            with open(path, "rb") as raw:  # pass 1: every header checked and every size added up
+                tar, stream = self._open(path, raw)
+                with tar:
+                    for member, name in self._members(path, tar):
+                        budget.plan(member.size if name is not None and member.isreg() else 0)
+                    self._drain(path, stream, budget)
         except ArchiveError:
             raise
-        except (tarfile.TarError, EOFError, zlib.error, gzip.BadGzipFile) as error:
+        except _DAMAGED as error:
             raise _damaged(path, error) from error
-        return count
+        writer = _Writer(path, dest, budget)
+        try:
+            with (
+                open(path, "rb") as raw,
+                tqdm(desc=f"unpack {path.name}", unit="file", disable=not progress) as bar,
+            ):
+                tar, _ = self._open(path, raw)
+                with tar:
+                    for member, name in self._members(path, tar):  # pass 2: checked again, then written
+                        if name is None:
+                            continue
+                        if member.isdir():
+                            writer.directory(name)
+                            continue
+                        source = tar.extractfile(member)
+                        assert source is not None  # a regular file always has one
+                        with source:
+                            writer.file(name, source)  # type: ignore[arg-type]
+                        bar.update(1)
+        except BaseException as error:
+            writer.undo()
+            if isinstance(error, _DAMAGED) and not isinstance(error, ArchiveError):
+                raise _damaged(path, error) from error
+            raise
+        return writer.files
 
     @staticmethod
-    def _extract(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path, path: Path) -> None:
-        if HAS_DATA_FILTER:
-            try:
-                tar.extract(member, dest, filter="data")
-            except tarfile.FilterError as error:
-                raise ArchiveError(
-                    f"{path}: member {member.name!r} is unsafe ({error}); refusing this archive (nothing of it is "
-                    "kept)."
-                ) from error
+    def _drain(path: Path, stream: BinaryIO, budget: _Budget) -> None:
+        """Read a gzip stream to its end, so that its CRC and length trailer are checked (bounded)."""
+        if not isinstance(stream, gzip.GzipFile):
             return
-        # No "data" filter in this Python: names were checked above; links are refused outright.
-        if member.issym() or member.islnk():
-            raise ArchiveError(
-                f"{path}: member {member.name!r} is a link, and this Python's tarfile has no 'data' filter to check "
-                "where it points; refusing it. Upgrade Python (3.10.12+, 3.11.4+ or 3.12+) to unpack archives "
-                "with links."
-            )
-        tar.extract(member, dest, set_attrs=False)
+        limit = stream.tell() + budget.ratio_cap
+        while stream.read(CHUNK):
+            if stream.tell() > limit:
+                raise ArchiveError(
+                    f"{path}: more than {size_text(budget.ratio_cap)} of data follow the end of the tar archive; "
+                    "refusing it."
+                )
 
 
+# ------------------------------------------------------------------------------------------------------- zip
 @dataclass(frozen=True)
 class ZipArchive:
     """A zip file; a leading ``strip_prefix`` (e.g. ``"Stanford_Online_Products/"``) is removed from names."""
 
     strip_prefix: str = ""
 
-    def unpacked_size(self, path: Path) -> int:
+    def unpack(self, path: Path, dest: Path, *, max_ratio: float = MAX_UNPACK_RATIO, progress: bool = False) -> int:
+        budget = _Budget(path, dest, max_ratio)
         try:
             with zipfile.ZipFile(path) as archive:
-                return sum(info.file_size for info in archive.infolist())
-        except (zipfile.BadZipFile, EOFError) as error:
-            raise _damaged(path, error) from error
-
-    def unpack(self, path: Path, dest: Path, progress: bool = False) -> int:
-        try:
-            with zipfile.ZipFile(path) as archive:
-                plan = self._plan(archive, path)
-                for info, name in tqdm(plan, desc=f"unpack {path.name}", unit="file", disable=not progress):
-                    target = dest / name
-                    if info.is_dir():
-                        target.mkdir(parents=True, exist_ok=True)
-                        continue
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    try:
-                        with archive.open(info) as src, open(target, "xb") as dst:
-                            shutil.copyfileobj(src, dst, 1 << 20)
-                    except FileExistsError as error:
-                        raise ArchiveError(f"{path}: two members land on {name!r}; refusing this archive.") from error
+                plan = self._plan(archive, path, budget)
+                writer = _Writer(path, dest, budget)
+                try:
+                    for info, name in tqdm(plan, desc=f"unpack {path.name}", unit="file", disable=not progress):
+                        if info.is_dir():
+                            writer.directory(name)
+                            continue
+                        with archive.open(info) as source:
+                            writer.file(name, source)  # type: ignore[arg-type]
+                except BaseException:
+                    writer.undo()
+                    raise
         except ArchiveError:
             raise
-        except (zipfile.BadZipFile, EOFError, zlib.error) as error:
+        except _DAMAGED as error:
             raise _damaged(path, error) from error
-        return sum(1 for info, _ in plan if not info.is_dir())
+        return writer.files
 
-    def _plan(self, archive: zipfile.ZipFile, path: Path) -> list[tuple[zipfile.ZipInfo, str]]:
-        """Every member's target name, all checked before anything is written."""
-        plan = []
+    def _plan(self, archive: zipfile.ZipFile, path: Path, budget: _Budget) -> list[tuple[zipfile.ZipInfo, str]]:
+        """Every member's target name, all checked (and their sizes added up) before anything is written."""
+        plan, seen = [], set()
+        prefix = self.strip_prefix.strip("/")
         for info in archive.infolist():
-            if (info.external_attr >> 16) & _S_IFMT == _S_IFLNK:
-                raise ArchiveError(f"{path}: member {info.filename!r} is a symbolic link; refusing this archive.")
+            if not info.filename:
+                raise ArchiveError(f"{path}: holds a member without a name; the archive is damaged. Refusing it.")
+            mode = info.external_attr >> 16
+            if info.create_system == 3 and stat.S_IFMT(mode) in _MODE_KINDS:  # Unix mode bits
+                raise _refused_kind(path, info.filename, _MODE_KINDS[stat.S_IFMT(mode)])
+            if info.flag_bits & (0x1 | 0x20 | 0x40):  # encrypted, patched data, strong encryption
+                raise ArchiveError(
+                    f"{path}: member {info.filename!r} is encrypted or patched data (zip flags {info.flag_bits:#x}); "
+                    "refusing this archive."
+                )
+            if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+                raise ArchiveError(
+                    f"{path}: member {info.filename!r} uses zip compression method {info.compress_type}; only "
+                    "stored and deflated members are unpacked (the datasets use those). Refusing this archive."
+                )
+            if not 0 <= info.header_offset <= budget.archive_size - 30 or info.compress_size > budget.archive_size:
+                raise ArchiveError(
+                    f"{path}: member {info.filename!r} lies outside the file (offset {info.header_offset}, "
+                    f"{info.compress_size} bytes); the archive is damaged. Refusing it."
+                )
             name = safe_member_name(info.filename, path)
-            prefix = self.strip_prefix.strip("/")
             if prefix and (name == prefix or name.startswith(prefix + "/")):
                 name = name[len(prefix) + 1 :]
-            if name:
-                plan.append((info, name))
+            budget.plan(0 if info.is_dir() else info.file_size)
+            if not name:
+                continue
+            if not info.is_dir():
+                if name in seen:
+                    raise ArchiveError(f"{path}: two members land on {name!r}; refusing this archive.")
+                seen.add(name)
+            plan.append((info, name))
         return plan
 
 
+# ------------------------------------------------------------------------------------------------ plain file
 @dataclass(frozen=True)
 class PlainFile:
     """A file that is used as it is (e.g. ``cars_annos.mat``): copied into the dataset folder."""
 
-    def unpacked_size(self, path: Path) -> int:
-        return path.stat().st_size
-
-    def unpack(self, path: Path, dest: Path, progress: bool = False) -> int:  # noqa: ARG002 - one file
-        dest.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(path, dest / path.name)
+    def unpack(self, path: Path, dest: Path, *, max_ratio: float = MAX_UNPACK_RATIO, progress: bool = False) -> int:  # noqa: ARG002
+        budget = _Budget(path, dest, max_ratio)
+        budget.plan(path.stat().st_size)
+        writer = _Writer(path, dest, budget)
+        try:
+            with open(path, "rb") as source:
+                writer.file(safe_member_name(path.name, path), source)
+        except BaseException:
+            writer.undo()
+            raise
         return 1

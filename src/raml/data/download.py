@@ -12,10 +12,21 @@ Steps:
    request is read again from the start, transient failures are retried with exponential back-off, and the
    free space is checked against the size the server announces. A complete file found there (fetched
    earlier, or put there by hand) is used as it is.
-2. Unpack into a temporary sibling ``<data_root>/.<name>.partial`` (after a free-space check against the
-   unpacked size where the archive tells it), safely (:mod:`raml.data.archives`).
+2. Unpack into a temporary sibling ``<data_root>/.<name>.partial``, safely (:mod:`raml.data.archives`:
+   only regular files and folders, sizes checked against the free space and ``--max-unpack-ratio``).
 3. Verify against the dataset's own index files (:func:`raml.data.sources.verify_dataset`), write
    ``SOURCE.json``, and rename the folder into place.
+4. Delete the files this tool downloaded (unless ``--keep-archives``); a file it did not download (put into
+   ``downloads/`` by hand) is never deleted, and is named as such, not by a URL that was not contacted.
+
+Which version a partial file belongs to: when a transfer starts from byte 0, the server's validators (HTTP
+``ETag`` / ``Last-Modified``; FTP ``SIZE`` / ``MDTM``) and the URL are written to ``<file>.part.json``. A
+later attempt or run continues only with ``If-Range`` set to that ETag (or date); a server whose file
+changed answers the whole new file, which is then written from byte 0 (a ``206`` whose validators or total
+size differ from the record also restarts). A partial file without a record, from another URL, or from a
+server that gave no validator, is started again from byte 0. On completion the record becomes
+``<file>.download.json`` (plus the file's size and mtime): how a later run tells raml's own downloads from
+files placed by hand.
 
 URLs: ``--url FILE=URL`` > the mirror base URL in :data:`MIRROR_ENV` (``<base>/<file name>``) > official.
 """
@@ -40,6 +51,7 @@ from urllib.parse import unquote, urlsplit
 from tqdm import tqdm
 
 from raml import __version__
+from raml.data.archives import MAX_UNPACK_RATIO, InsufficientSpaceError, size_text
 from raml.data.sources import DatasetCounts, DatasetSource, IncompleteDatasetError, get_source, verify_dataset
 from raml.data.splits import DOWNLOAD_COMMANDS
 from raml.models.backbones import DownloadError
@@ -53,12 +65,12 @@ SOURCE_FILE = "SOURCE.json"
 """Written into a downloaded dataset folder: where each file came from, its size, SHA-256 and date."""
 DOWNLOADS_DIR = "downloads"
 """Folder under the data root where files are fetched (``<file>.part`` while incomplete)."""
+PART_RECORD_SUFFIX = ".part.json"
+"""``<file>.part.json``: the URL and validators of the transfer writing ``<file>.part``."""
+DONE_RECORD_SUFFIX = ".download.json"
+"""``<file>.download.json``: written when raml completes a download of ``<file>`` (see the module docstring)."""
 CHUNK = 1 << 20
 _USER_AGENT = f"raml/{__version__} (dataset download; Python urllib)"
-
-
-class InsufficientSpaceError(OSError):
-    """The disk lacks room for a download or an unpacked archive; checked before writing."""
 
 
 class _Permanent(Exception):
@@ -104,8 +116,31 @@ class _Transfer:
     settings: DownloadSettings
     range_ignored: bool = False
 
+    @property
+    def record_path(self) -> Path:
+        return self.part.with_name(self.part.name.removesuffix(".part") + PART_RECORD_SUFFIX)
+
     def received(self) -> int:
         return self.part.stat().st_size if self.part.exists() else 0
+
+    def record(self) -> dict[str, object] | None:
+        """What was recorded when the partial file's transfer started (None: nothing usable)."""
+        try:
+            record = json.loads(self.record_path.read_text())
+        except (OSError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def start(self, record: dict[str, object]) -> None:
+        """A transfer from byte 0: drop any partial file and record which version of the file it is."""
+        self.part.unlink(missing_ok=True)
+        atomic_write_text(self.record_path, json.dumps({"url": self.url, **record, "started": _now()}) + "\n")
+
+    def restart(self, why: str) -> None:
+        """The partial file is not continued: it and its record go."""
+        logger.warning("%s: not continuing %s (%s); reading it again from byte 0.", self.url, self.part, why)
+        self.part.unlink(missing_ok=True)
+        self.record_path.unlink(missing_ok=True)
 
 
 def ensure_free_space(folder: Path, needed: int, what: str) -> None:
@@ -119,13 +154,7 @@ def ensure_free_space(folder: Path, needed: int, what: str) -> None:
         )
 
 
-def _size(n: int) -> str:
-    value = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if value < 1024 or unit == "GiB":
-            return f"{value:.1f} {unit}" if unit != "B" else f"{n} B"
-        value /= 1024
-    return f"{n} B"
+_size = size_text
 
 
 def _progress_bar(transfer: _Transfer, total: int | None, initial: int) -> tqdm:
@@ -150,20 +179,55 @@ def _content_range_start(value: str | None) -> tuple[int | None, int | None]:
     return (int(start) if start.isdigit() else None), (int(total) if total.isdigit() else None)
 
 
+def _validators(headers: object) -> dict[str, str | None]:
+    """The response's ``ETag`` and ``Last-Modified`` (None where absent)."""
+    get = headers.get  # type: ignore[attr-defined]
+    return {"etag": get("ETag"), "last_modified": get("Last-Modified")}
+
+
+def _if_range(record: dict[str, object] | None, url: str) -> str | None:
+    """The ``If-Range`` value that ties a resumed transfer to the recorded version: a strong ETag, else the
+    Last-Modified date; None when the partial file cannot be tied to a version (no record, another URL)."""
+    if record is None or record.get("url") != url:
+        return None
+    etag, modified = record.get("etag"), record.get("last_modified")
+    if isinstance(etag, str) and etag and not etag.startswith("W/"):
+        return etag
+    return modified if isinstance(modified, str) and modified else None
+
+
+def _differs(record: dict[str, object], response: Mapping[str, str | None]) -> str | None:
+    """Why a ``206`` answer belongs to another version than the recorded one (None: the same, as far as known)."""
+    for key, label in (("etag", "ETag"), ("last_modified", "Last-Modified")):
+        if record.get(key) and response[key] and record[key] != response[key]:
+            return f"its {label} changed from {record[key]} to {response[key]}"
+    return None
+
+
 def _http_attempt(transfer: _Transfer) -> None:
     offset = transfer.received()
+    record = transfer.record() if offset else None
+    validator = _if_range(record, transfer.url) if offset else None
+    if offset and validator is None:
+        transfer.restart(
+            "no record of which version of the file it holds (no ETag or Last-Modified from the server, or another URL)"
+            if record is None or record.get("url") == transfer.url
+            else f"it came from {record.get('url')}"
+        )
+        offset = 0
     headers = {"User-Agent": _USER_AGENT}
     if offset:
         headers["Range"] = f"bytes={offset}-"
+        headers["If-Range"] = validator or ""
     request = urllib.request.Request(transfer.url, headers=headers)
     try:
         response = urllib.request.urlopen(request, timeout=transfer.settings.timeout)
     except urllib.error.HTTPError as error:
-        if error.code == 416 and offset:  # asked from beyond the end: complete already, or a different file
+        if error.code == 416 and offset:  # the validator matched and byte `offset` is past the end
             _, total = _content_range_start(error.headers.get("Content-Range"))
             if total == offset:
-                return
-            transfer.part.unlink()
+                return  # complete already (a run stopped between the last byte and the rename)
+            transfer.restart(f"the server has no byte {offset} of this file (HTTP 416)")
             raise _Restart(f"the server has no byte {offset} of this file (HTTP 416)") from error
         if 400 <= error.code < 500 and error.code not in (408, 429):
             raise _Permanent(f"HTTP {error.code} {error.reason}") from error
@@ -171,25 +235,42 @@ def _http_attempt(transfer: _Transfer) -> None:
     with response:
         length = response.headers.get("Content-Length")
         size = int(length) if length is not None and length.isdigit() else None
+        now = _validators(response.headers)
         if offset and response.status == 206:
+            assert record is not None
             start, total = _content_range_start(response.headers.get("Content-Range"))
-            if start != offset:
-                transfer.part.unlink()
-                raise _Restart(f"asked for bytes from {offset}, the server sent them from {start}")
+            changed = _differs(record, now)
+            if changed is None and total is not None and record.get("size") not in (None, total):
+                changed = f"its size changed from {record.get('size')} to {total} bytes"
+            if start != offset or changed:
+                why = changed or f"asked for bytes from {offset}, the server sent them from {start}"
+                transfer.restart(why)
+                raise _Restart(why)
             total = total if total is not None else (offset + size if size is not None else None)
             mode = "ab"
         else:
             if offset:
-                logger.warning(
-                    "%s ignored the request to continue at byte %d (HTTP %d); reading it again from the start.",
-                    transfer.url,
-                    offset,
-                    response.status,
-                )
-                transfer.range_ignored = True
+                changed = _differs(record or {}, now)
+                if changed:
+                    logger.warning(
+                        "%s changed on the server since the transfer began (%s; If-Range): reading it again "
+                        "from byte 0.",
+                        transfer.url,
+                        changed,
+                    )
+                else:
+                    logger.warning(
+                        "%s ignored the request to continue at byte %d (HTTP %d); reading it again from the start.",
+                        transfer.url,
+                        offset,
+                        response.status,
+                    )
+                    transfer.range_ignored = True
             offset, total, mode = 0, size, "wb"
         if total is not None:
             ensure_free_space(transfer.part.parent, total - offset, f"downloading {transfer.url}")
+        if mode == "wb":  # a transfer from byte 0: record which version of the file it is
+            transfer.start({**now, "size": size})
         received = offset
         with open(transfer.part, mode) as f, _progress_bar(transfer, total, offset) as bar:
             while chunk := response.read(CHUNK):
@@ -214,14 +295,29 @@ def _ftp_attempt(transfer: _Transfer) -> None:
             if str(error).startswith("550"):
                 raise _Permanent(f"FTP {error}") from error
             total = None  # SIZE not supported
+        try:
+            modified: str | None = ftp.sendcmd(f"MDTM {path}").split()[-1]
+        except ftplib.error_perm:
+            modified = None  # MDTM not supported: a partial file cannot be tied to a version
         offset = transfer.received()
-        if total is not None and offset > total:
-            transfer.part.unlink()
-            offset = 0
-        if total is not None and offset == total:
+        if offset:
+            record = transfer.record() or {}
+            same = record.get("url") == transfer.url and modified is not None and total is not None
+            if not (same and record.get("modified") == modified and record.get("size") == total):
+                transfer.restart(
+                    "the file on the server is not the one it was started from (or SIZE/MDTM cannot tell): "
+                    f"recorded size {record.get('size')}, modified {record.get('modified')}; now {total}, {modified}"
+                )
+                offset = 0
+            elif offset > total:
+                transfer.restart(f"it is longer than the file on the server ({offset} > {total} bytes)")
+                offset = 0
+        if offset and offset == total:
             return
         if total is not None:
             ensure_free_space(transfer.part.parent, total - offset, f"downloading {transfer.url}")
+        if not offset:
+            transfer.start({"size": total, "modified": modified})
         if offset:
             try:
                 ftp.sendcmd(f"REST {offset}")
@@ -253,6 +349,31 @@ _PROTOCOLS: dict[str, Callable[[_Transfer], None]] = {
 _TRANSIENT = (OSError, http.client.HTTPException, ftplib.Error, EOFError, _Restart)
 
 
+def _complete_record(transfer: _Transfer, dest: Path) -> None:
+    """``<file>.part.json`` -> ``<file>.download.json``, with the finished file's size and mtime."""
+    done = dest.with_name(dest.name + DONE_RECORD_SUFFIX)
+    status = dest.stat()
+    record = {**(transfer.record() or {"url": transfer.url}), "completed": _now()}
+    record.update(size=status.st_size, mtime_ns=status.st_mtime_ns)
+    atomic_write_text(done, json.dumps(record) + "\n")
+    transfer.record_path.unlink(missing_ok=True)
+
+
+def downloaded_by_raml(path: Path) -> dict[str, object] | None:
+    """The record of raml's own download of ``path`` if it still describes this file (size and mtime), else
+    None (the file was put there by hand, or replaced since)."""
+    try:
+        record = json.loads(path.with_name(path.name + DONE_RECORD_SUFFIX).read_text())
+        status = path.stat()
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or not isinstance(record.get("url"), str):
+        return None
+    if (record.get("size"), record.get("mtime_ns")) != (status.st_size, status.st_mtime_ns):
+        return None
+    return record
+
+
 def fetch(url: str, dest: Path, settings: DownloadSettings = DownloadSettings()) -> Path:
     """Download ``url`` to ``dest`` through ``dest.part``, continuing any partial file already there.
 
@@ -262,7 +383,7 @@ def fetch(url: str, dest: Path, settings: DownloadSettings = DownloadSettings())
         settings: Timeouts, attempts, back-off and progress bars.
 
     Returns:
-        ``dest``.
+        ``dest`` (beside it ``dest.download.json``: the URL, validators, size and mtime).
 
     Raises:
         DownloadError: Every attempt failed, or the server refused for good (e.g. 404); the message names the
@@ -283,6 +404,7 @@ def fetch(url: str, dest: Path, settings: DownloadSettings = DownloadSettings())
         try:
             _PROTOCOLS[scheme](transfer)
             os.replace(transfer.part, dest)
+            _complete_record(transfer, dest)
             logger.info("Downloaded %s (%s) to %s", url, _size(dest.stat().st_size), dest)
             return dest
         except (InsufficientSpaceError, DownloadError):
@@ -312,7 +434,17 @@ def fetch(url: str, dest: Path, settings: DownloadSettings = DownloadSettings())
         if transfer.range_ignored
         else ""
     )
-    resume = f" {transfer.part} keeps the {kept} bytes received; running again continues from there." if kept else ""
+    record = transfer.record()
+    tied = _if_range(record, url) is not None or bool(record and record.get("url") == url and record.get("modified"))
+    resume = (
+        f" {transfer.part} keeps the {kept} bytes received; running again continues from there (if the file on "
+        "the server is unchanged)."
+        if kept and tied
+        else f" The server identifies no version of the file (no ETag, Last-Modified or MDTM), so running again "
+        f"starts from byte 0 ({transfer.part} holds {kept} bytes)."
+        if kept
+        else ""
+    )
     raise DownloadError(
         f"Could not download {url} in {settings.attempts} attempt{'s' if settings.attempts > 1 else ''} (last error: "
         f"{last}).{note}{resume}"
@@ -330,7 +462,8 @@ class InstallReport:
         installed: True if it was downloaded now; False if it was already in place (nothing done).
         counts: Images and classes, when verified in this run.
         files: The ``SOURCE.json`` records of the files (empty when the folder was placed by hand).
-        message: One line for the user.
+        message: What was done, for the user (one line, plus one per file kept that raml did not download).
+        kept: Files in ``downloads/`` that raml did not download and therefore kept.
     """
 
     name: str
@@ -339,6 +472,7 @@ class InstallReport:
     counts: DatasetCounts | None
     files: list[dict[str, object]] = field(default_factory=list)
     message: str = ""
+    kept: list[Path] = field(default_factory=list)
 
 
 def parse_url_overrides(items: Sequence[str], sources: Sequence[DatasetSource]) -> dict[str, str]:
@@ -391,6 +525,7 @@ def install_dataset(
     keep_archives: bool = False,
     force: bool = False,
     workers: int = 1,
+    max_unpack_ratio: float = MAX_UNPACK_RATIO,
 ) -> InstallReport:
     """Download, unpack and verify dataset ``name`` into ``<data_root>/<name>`` (see the module docstring).
 
@@ -401,16 +536,18 @@ def install_dataset(
         mirror: A mirror's base URL (``<mirror>/<file name>``); ``overrides`` win.
         settings: Download settings.
         keep_archives: Keep the downloaded files in ``<data_root>/downloads`` (default: delete them once the
-            dataset is verified, as the README's commands do).
+            dataset is verified, as the README's commands do). Files raml did not download are always kept.
         force: Replace an existing dataset folder (only once the new one is verified).
         workers: Threads checking image headers.
+        max_unpack_ratio: An archive's members may hold at most this many times its size
+            (:data:`raml.data.archives.MAX_UNPACK_RATIO`).
 
     Returns:
         What was done.
 
     Raises:
         DownloadError: A file could not be fetched; the message names the URL and how to place it by hand.
-        ArchiveError: An archive is damaged or unsafe.
+        ArchiveError: An archive is damaged, unsafe, or unpacks to more than ``max_unpack_ratio`` times its size.
         IncompleteDatasetError: The unpacked folder lacks images its index lists.
         InsufficientSpaceError: Not enough disk space.
         FileExistsError: ``<data_root>/<name>`` exists but is not complete (and ``force`` is off).
@@ -422,12 +559,18 @@ def install_dataset(
         return _already_there(name, folder, workers, settings.progress)
     urls = file_urls(source, overrides, mirror)
     downloads = data_root / DOWNLOADS_DIR
-    fetched: dict[str, tuple[Path, str]] = {}
+    fetched: dict[str, _Obtained] = {}
     for remote in source.files:
         dest = downloads / remote.name
         if dest.is_file():
-            logger.info("Using %s, already downloaded (or placed there by hand).", dest)
-            fetched[remote.name] = (dest, "found in " + str(downloads))
+            earlier = downloaded_by_raml(dest)
+            if earlier is not None:
+                logger.info("Using %s, downloaded from %s by an earlier run.", dest, earlier["url"])
+                how = f"downloaded by an earlier run ({earlier.get('completed', 'date unknown')})"
+                fetched[remote.name] = _Obtained(dest, str(earlier["url"]), how, ours=True)
+            else:
+                logger.info("Using %s, found there (placed by hand: it will be kept).", dest)
+                fetched[remote.name] = _Obtained(dest, None, f"placed by hand in {downloads}", ours=False)
             continue
         try:
             fetch(urls[remote.name], dest, settings)
@@ -436,7 +579,7 @@ def install_dataset(
                 f"{error}\nNothing was unpacked: {folder} was not created.\n"
                 + _manual_help(name, data_root, [f.name for f in source.files])
             ) from error
-        fetched[remote.name] = (dest, "downloaded")
+        fetched[remote.name] = _Obtained(dest, urls[remote.name], "downloaded", ours=True)
 
     staging = data_root / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
@@ -444,21 +587,20 @@ def install_dataset(
     try:
         records = []
         for remote in source.files:
-            path, obtained = fetched[remote.name]
-            ensure_free_space(staging, remote.unpacker.unpacked_size(path), f"unpacking {path.name}")
-            count = remote.unpacker.unpack(path, staging, progress=settings.progress)
-            logger.info("Unpacked %s: %d files.", path.name, count)
+            got = fetched[remote.name]
+            count = remote.unpacker.unpack(got.path, staging, max_ratio=max_unpack_ratio, progress=settings.progress)
+            logger.info("Unpacked %s: %d files.", got.path.name, count)
             records.append(
                 {
                     "file": remote.name,
-                    "url": urls[remote.name],
-                    "size": path.stat().st_size,
-                    "sha256": file_sha256(path),
-                    "date": _dt.datetime.fromtimestamp(path.stat().st_mtime, _dt.timezone.utc)
+                    "url": got.url,
+                    "size": got.path.stat().st_size,
+                    "sha256": file_sha256(got.path),
+                    "date": _dt.datetime.fromtimestamp(got.path.stat().st_mtime, _dt.timezone.utc)
                     .replace(microsecond=0)
                     .isoformat()
                     .replace("+00:00", "Z"),
-                    "obtained": obtained,
+                    "obtained": got.how,
                 }
             )
         counts = verify_dataset(name, staging, workers=workers, progress=settings.progress)
@@ -468,12 +610,26 @@ def install_dataset(
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    kept = [got.path for got in fetched.values() if not got.ours]
     if not keep_archives:
-        for path, _ in fetched.values():
-            path.unlink(missing_ok=True)
-    return InstallReport(
-        name, folder, True, counts, records, f"{name}: {counts.describe()}, all present and readable, in {folder}."
-    )
+        for got in fetched.values():
+            if got.ours:  # never a file raml did not download: it may be the user's only copy
+                got.path.unlink(missing_ok=True)
+                got.path.with_name(got.path.name + DONE_RECORD_SUFFIX).unlink(missing_ok=True)
+    message = f"{name}: {counts.describe()}, all present and readable, in {folder}."
+    for path in kept:
+        message += f"\n  kept {path}: it was placed there by hand, and raml deletes only files it downloaded itself."
+    return InstallReport(name, folder, True, counts, records, message, kept)
+
+
+@dataclass(frozen=True)
+class _Obtained:
+    """A dataset file in ``downloads/``: where it came from, and whether raml downloaded it (may delete it)."""
+
+    path: Path
+    url: str | None
+    how: str
+    ours: bool
 
 
 def _already_there(name: str, folder: Path, workers: int, progress: bool) -> InstallReport:
