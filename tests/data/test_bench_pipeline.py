@@ -19,9 +19,9 @@ def jpegs(tmp_path):
     return make_synthetic_jpegs(tmp_path / "imgs", 3, width=40, height=30)
 
 
-def test_report_has_both_modes_against_the_reference(jpegs):
+def test_report_has_every_mode_against_the_reference(jpegs):
     report = run_pipeline_benchmark(jpegs, 16, 32, pos_num=2, batch_size=2, workers=0, batches=1, repeat=2)
-    assert set(report["speedups"]) == {"faithful", "batch"}
+    assert set(report["speedups"]) == {"faithful", "fused", "batch"}
     base = report["baseline"]
     assert len(base["runs"]) == 2 and all(run["coupled_views"] == 4 for run in base["runs"])
     for name, mode in report["modes"].items():
@@ -32,6 +32,7 @@ def test_report_has_both_modes_against_the_reference(jpegs):
         assert report["speedups"][name] == {"wall": mode["speedup"], "cpu": mode["speedup_cpu"]}
         assert mode["goal"] == GOALS[name] and mode["goal_met"] == (mode["speedup_cpu"] >= GOALS[name])
     assert report["modes"]["faithful"]["backend"] == "torch" and report["modes"]["batch"]["backend"] == "pil"
+    assert report["modes"]["fused"]["fused"] is True and report["modes"]["faithful"]["fused"] is False
     assert 0 < report["modes"]["faithful"]["partner_decodes_per_view"] <= 1
     assert report["settings"]["repeat"] == 2 and report["goals"]["per"] == "cpu_second"
     json.dumps(report)  # serialisable
@@ -69,7 +70,7 @@ def test_cli_writes_json(jpegs, tmp_path):
     argv += ["--pos-num", "2", "--batch-size", "2", "--batches", "1", "--repeat", "1", "--json", str(out)]
     assert bench_main(argv) == 0
     report = json.loads(out.read_text())
-    assert report["settings"]["batch_size"] == 2 and set(report["speedups"]) == {"faithful", "batch"}
+    assert report["settings"]["batch_size"] == 2 and set(report["speedups"]) == {"faithful", "fused", "batch"}
 
 
 def test_cli_bad_flags(tmp_path):

@@ -199,8 +199,12 @@ def test_resize_shorter_published_sizes(size: int, shorter: int) -> None:
 def test_resize_shorter_rounds_each_side() -> None:
     # 100 -> shorter 114.2857: short side 114, long side 140 * 1.142857 = 160 exactly
     assert resize_shorter(Image.new("RGB", (140, 100)), eval_resize_size(100)).size == (160, 114)
-    # 41 x 30 -> shorter 45: 41 * 1.5 = 61.5 rounds half up to 62
+    # Halves go to the even neighbour (Python's round, as the reference): 41 * 1.5 = 61.5 -> 62,
+    # 43 * 1.5 = 64.5 -> 64 (half up would give 65), 681 * 0.5 = 340.5 -> 340
     assert resize_shorter(Image.new("RGB", (41, 30)), 45).size == (62, 45)
+    assert resize_shorter(Image.new("RGB", (43, 30)), 45).size == (64, 45)
+    assert resize_shorter(Image.new("RGB", (681, 512)), eval_resize_size(224)).size == (340, 256)
+    assert resize_shorter(Image.new("RGB", (512, 681)), eval_resize_size(224)).size == (256, 340)
 
 
 def test_resize_shorter_uses_lanczos_by_default() -> None:
@@ -221,11 +225,13 @@ def test_resize_shorter_bad_input() -> None:
 
 
 def _manual_eval(img: Image.Image, size: int, mean, std) -> np.ndarray:
-    """Obvious reference: PIL Lanczos resize, explicit crop box, numpy normalisation."""
+    """Obvious reference, the reference's ``fg_eval_transform`` arithmetic: ``imrescale(img, S + S/7, min)``
+    (``ratio = target / min(w, h)``, each side ``round(ratio * side)`` with Python's round), PIL Lanczos,
+    explicit centre-crop box, numpy normalisation."""
     w, h = img.size
     target = size + size / 7
-    scale = target / min(w, h)
-    new_w, new_h = int(np.floor(w * scale + 0.5)), int(np.floor(h * scale + 0.5))
+    ratio = target / min(w, h)
+    new_w, new_h = round(ratio * w), round(ratio * h)
     resized = img.resize((new_w, new_h), Image.Resampling.LANCZOS)
     left, top = int(round((new_w - size) / 2)), int(round((new_h - size) / 2))
     crop = resized.crop((left, top, left + size, top + size))
@@ -241,6 +247,21 @@ def test_eval_transform_matches_manual(w: int, h: int, size: int) -> None:
     out = EvalTransform(size, MEAN, STD)(img)
     assert out.shape == (3, size, size) and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), _manual_eval(img, size, MEAN, STD), atol=1e-5)
+
+
+def test_eval_transform_681x512_at_224_gets_the_reference_crop() -> None:
+    # 681 x 512 at 224: the shorter side goes to 256, the longer to 681 * 0.5 = 340.5, which the reference's
+    # round() sends to 340 (half up: 341, a wider image and another centre crop).
+    rng = np.random.default_rng(681)
+    coarse = rng.integers(0, 256, (16, 22, 3), dtype=np.uint8)
+    img = Image.fromarray(coarse).resize((681, 512), Image.Resampling.BICUBIC)
+    out = EvalTransform(224, MEAN, STD)(img)
+    np.testing.assert_allclose(out.numpy(), _manual_eval(img, 224, MEAN, STD), atol=1e-5)
+    resized = img.resize((341, 256), Image.Resampling.LANCZOS)  # what rounding half up would give
+    left = int(round((341 - 224) / 2))
+    half_up = np.asarray(resized.crop((left, 16, left + 224, 240)), dtype=np.float64) / 255.0
+    half_up = ((half_up - np.asarray(MEAN)) / np.asarray(STD)).transpose(2, 0, 1)
+    assert np.abs(out.numpy() - half_up).max() > 0.05
 
 
 @pytest.mark.parametrize("size", [224, 448])

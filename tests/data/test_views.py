@@ -115,7 +115,8 @@ def test_geometry_without_jitter_is_crop_flip_resize():
 
 
 def _sequential_jitter(pixels: np.ndarray, view: ViewParams) -> np.ndarray:
-    """Slow reference: the four operations one after another in float64, clipped once at the end."""
+    """Slow reference of the fused mode: the four operations one after another in float64, clipped once at
+    the end, hue as a rotation about the grey axis."""
     x = pixels.reshape(-1, 3).astype(np.float64)
     luma = np.array([0.299, 0.587, 0.114])
     for op in view.order:
@@ -140,20 +141,20 @@ def _sequential_jitter(pixels: np.ndarray, view: ViewParams) -> np.ndarray:
 
 
 @pytest.mark.parametrize("order", [(0, 1, 2, 3), (3, 2, 1, 0), (1, 3, 0, 2)])
-def test_jitter_matches_sequential_float_reference(order):
+def test_fused_jitter_matches_sequential_float_reference(order):
     img = _smooth_image(32, 32, seed=3)
     view = _plain(img, brightness=1.2, contrast=0.7, saturation=1.3, hue=0.08, order=order)
-    _, teacher = render_coupled_views(img, [view], 16, 32)
+    _, teacher = render_coupled_views(img, [view], 16, 32, fused=True)
     expected = _sequential_jitter(np.asarray(img), view)
     got = teacher[0].permute(1, 2, 0).numpy().astype(np.float64)
     assert np.abs(got - expected).max() <= 1.0  # PIL rounds to the nearest level
 
 
-def test_jitter_commutes_with_the_resize():
+def test_fused_jitter_commutes_with_the_resize():
     # A crop larger than the DR view is jittered after the resize, a smaller one before: same result.
     img = _smooth_image(48, 48, seed=5)
     view = _plain(img, brightness=0.8, contrast=1.3, saturation=0.7, hue=-0.06, order=(2, 0, 3, 1))
-    _, teacher = render_coupled_views(img, [view], 16, 32)
+    _, teacher = render_coupled_views(img, [view], 16, 32, fused=True)
     got = teacher[0].permute(1, 2, 0).numpy().astype(np.float64)
     resized = np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR))
     assert np.abs(got - _sequential_jitter(resized, view)).max() <= 1.0
@@ -162,25 +163,94 @@ def test_jitter_commutes_with_the_resize():
     assert np.abs(got - other_order).mean() < 0.5 and np.abs(got - other_order).max() <= 3
 
 
-def test_hue_direction_and_grey_invariance():
+@pytest.mark.parametrize("fused", [False, True])
+def test_hue_direction_and_grey_invariance(fused):
     # A positive shift moves red towards yellow (green rises), as HSV hue does; greys stay grey.
     img = Image.new("RGB", (8, 8), (200, 40, 40))
     img.paste((128, 128, 128), (0, 0, 4, 8))
-    _, teacher = render_coupled_views(img, [_plain(img, hue=0.05)], 8, 8)
+    _, teacher = render_coupled_views(img, [_plain(img, hue=0.05)], 8, 8, fused=fused)
     red, grey = teacher[0, :, 0, 7].tolist(), teacher[0, :, 0, 0].tolist()
-    assert red[1] > 40 + 20 and red[2] < 40 and grey == [128, 128, 128]
+    assert red[1] > 40 + 20 and red[2] <= 40 and red[0] >= 195 and grey == [128, 128, 128]
 
 
-def test_student_is_the_teacher_resized():
+def test_fused_student_is_the_teacher_resized():
     img = _smooth_image(200, 150, seed=4)
     params = [sample_view_params(200, 150, torch.Generator().manual_seed(s)) for s in range(6)]
-    student, teacher = render_coupled_views(img, params, 32, 64)
+    student, teacher = render_coupled_views(img, params, 32, 64, fused=True)
     # Independent resize (torch, antialiased bilinear) of the teacher view, in [0, 1] units.
     resized = F.interpolate(teacher.float() / 255, size=(32, 32), mode="bilinear", antialias=True)
     same = (student.float() / 255 - resized).abs().mean(dim=(1, 2, 3))
     other = (student.float() / 255 - resized.roll(1, dims=0)).abs().mean(dim=(1, 2, 3))
     assert same.max() < 0.02
     assert other.min() > 5 * same.max()
+
+
+def _torchvision_view(img: Image.Image, size: int, seed: int) -> np.ndarray:
+    """The reference's view at one size: torchvision's RandomResizedCrop(size) + flip + ColorJitter on the PIL
+    image, torch's RNG seeded with the view's seed (its get_random_aug)."""
+    pipeline = transforms.Compose(
+        [
+            transforms.RandomResizedCrop(size),
+            transforms.RandomHorizontalFlip(0.5),
+            transforms.ColorJitter(brightness=0.4, hue=0.1, saturation=0.4, contrast=0.4),
+        ]
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return np.asarray(pipeline(img)).astype(np.int16)
+
+
+def _hwc(view: torch.Tensor) -> np.ndarray:
+    return view.permute(1, 2, 0).numpy().astype(np.int16)
+
+
+@pytest.mark.parametrize(("width", "height"), [(120, 90), (70, 100)])
+def test_default_views_are_torchvision_at_each_resolution(width, height):
+    # The reference renders each resolution on its own from the crop box: equal pixels at QR and DR.
+    img = _smooth_image(width, height, seed=width)
+    seeds = list(range(10))
+    params = [sample_view_params(width, height, torch.Generator().manual_seed(s)) for s in seeds]
+    for student_size, teacher_size in ((24, 64), (40, 40)):
+        student, teacher = render_coupled_views(img, params, student_size, teacher_size, backend="pil")
+        for k, seed in enumerate(seeds):
+            assert np.array_equal(_hwc(teacher[k]), _torchvision_view(img, teacher_size, seed)), seed
+            assert np.array_equal(_hwc(student[k]), _torchvision_view(img, student_size, seed)), seed
+
+
+def test_default_views_with_the_torch_resize_within_a_grey_level():
+    # The torch backend's resize rounds differently (within one level before the jitter); the jitter's
+    # 8-bit HSV round trip can turn that into a few levels at single pixels, well under one on average.
+    img = _smooth_image(150, 110, seed=9)
+    seeds = list(range(10))
+    params = [sample_view_params(150, 110, torch.Generator().manual_seed(s)) for s in seeds]
+    student, teacher = render_coupled_views(img, params, 32, 64, backend="torch")
+    means = []
+    for k, seed in enumerate(seeds):
+        for view, size in ((student[k], 32), (teacher[k], 64)):
+            diff = np.abs(_hwc(view) - _torchvision_view(img, size, seed))
+            means.append(diff.mean())
+            assert diff.mean() < 1.0 and diff.max() <= 16, (seed, size)
+    assert np.mean(means) < 0.25
+
+
+def test_default_student_is_not_the_teacher_resized():
+    # The student view is the crop resized straight to QR (sharp), not the DR view downsized (blurred):
+    # on a noise image the straight resize keeps more gradient energy than the fused mode's two steps.
+    img = Image.fromarray(np.random.default_rng(3).integers(0, 256, (120, 160, 3), dtype=np.uint8))
+    geometry = [ViewParams(10, 20, 100, 120, False), ViewParams(0, 0, 120, 160, True)]
+    student, _ = render_coupled_views(img, geometry, 32, 64, backend="pil")
+    fused_student, _ = render_coupled_views(img, geometry, 32, 64, backend="pil", fused=True)
+    for k, view in enumerate(geometry):
+        crop = img.crop(view.box).resize((32, 32), Image.Resampling.BILINEAR)
+        if view.flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        assert np.array_equal(_hwc(student[k]), np.asarray(crop).astype(np.int16))
+
+    def energy(views: torch.Tensor) -> float:
+        x = views.double()
+        return float((x.diff(dim=-1) ** 2).mean() + (x.diff(dim=-2) ** 2).mean())
+
+    assert energy(student) > 1.3 * energy(fused_student)  # measured: 1.6x
 
 
 def test_render_bad_inputs():
@@ -232,6 +302,23 @@ def test_dataset_independent_of_workers_and_order(image_files):
     assert index.tolist() == [2, 0, 1]
     for k in range(3):
         assert torch.equal(student[k], direct[k][0]) and torch.equal(teacher[k], direct[k][1])
+
+
+def test_dataset_fused_flag(image_files):
+    default = CoupledViewDataset(image_files, 16, 32, pos_num=3, seed=4)
+    fused = CoupledViewDataset(image_files, 16, 32, pos_num=3, seed=4, fused=True)
+    assert default.fused is False and fused.fused is True
+    img = load_image(image_files[1])
+    generator = default.generator_for(1)
+    params = [sample_view_params(img.width, img.height, generator) for _ in range(3)]
+    for dataset, flag in ((default, False), (fused, True)):
+        student, teacher, _ = dataset[1]
+        expected = render_coupled_views(img, params, 16, 32, backend="pil", fused=flag)
+        assert torch.equal(student, expected[0]) and torch.equal(teacher, expected[1])
+    partner_fused = CoupledViewDataset(image_files, 16, 32, pos_num=3, seed=4, partners=True, fused=True)
+    assert not torch.equal(partner_fused[0][0], CoupledViewDataset(image_files, 16, 32, 3, 4, partners=True)[0][0])
+    with pytest.raises(TypeError, match="fused must be a bool"):
+        CoupledViewDataset(image_files, 16, 32, 3, 4, fused="yes")
 
 
 def test_dataset_bad_inputs(image_files, tmp_path):
@@ -377,10 +464,10 @@ def test_torch_backend_is_the_pil_filter_within_one_level():
             assert a.shape == b.shape and b.dtype == torch.uint8
             diff = (a.int() - b.int()).abs()
             assert diff.max() <= 1 and diff.float().mean() < 0.05
-    # With jitter the twist can scale a one-level resize difference by its gain (contrast, saturation).
+    # With jitter the fused twist can scale a one-level resize difference by its gain (contrast, saturation).
     jittered = [sample_view_params(120, 90, g) for _ in range(8)]
-    pil = render_coupled_views(img, jittered, 16, 32, backend="pil")
-    fast = render_coupled_views(img, jittered, 16, 32, backend="torch")
+    pil = render_coupled_views(img, jittered, 16, 32, backend="pil", fused=True)
+    fast = render_coupled_views(img, jittered, 16, 32, backend="torch", fused=True)
     for a, b in zip(pil, fast, strict=True):
         diff = (a.int() - b.int()).abs()
         assert diff.max() <= 4 and diff.float().mean() < 0.1
@@ -626,3 +713,32 @@ def test_mix_partner_views_bad_inputs():
         mix_partner_views(s, t, s, t, torch.full((2, 3), 1.5))
     with pytest.raises(ValueError, match=r"lam must lie in \[0, 1\]"):
         mix_partner_views(s, t, s, t, torch.full((2, 3), float("nan")))
+
+
+# ---------------------------------------------------------------- --fused-views
+
+
+def test_fused_views_flag_reaches_the_dataset(image_files, monkeypatch):
+    from types import SimpleNamespace
+
+    from raml.cli.main import build_parser
+    from raml.cli.train import config_from_args
+    from raml.engine.methods import coupled
+
+    base = ["train", "--student", "resnet18", "--teacher", "resnet18"]
+    assert config_from_args(build_parser().parse_args(base)).fused_views is False
+    config = config_from_args(build_parser().parse_args([*base, "--fused-views"]))
+    assert config.fused_views is True
+
+    class Built(Exception):
+        pass
+
+    def record(*args, **kwargs):
+        raise Built(kwargs)
+
+    monkeypatch.setattr(coupled, "CoupledViewDataset", record)
+    method = coupled.CoupledViewMethod.__new__(coupled.CoupledViewMethod)
+    method.run = SimpleNamespace(train_paths=image_files, config=config)
+    with pytest.raises(Built) as built:
+        method.epoch_batches(0, torch.Generator())
+    assert built.value.args[0]["fused"] is True

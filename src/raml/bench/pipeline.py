@@ -1,11 +1,15 @@
 """``raml bench pipeline``: coupled views per second, ours against the reference's approach, in one run.
 
-Three pipelines, each through a ``DataLoader`` with the same settings and the same sampled indices; the unit
+Four pipelines, each through a ``DataLoader`` with the same settings and the same sampled indices; the unit
 is one coupled view (a student view at QR + a teacher view at DR, mixed), float32 out:
 
-- **faithful** (ours, the reference's mixup): :class:`~raml.data.views.CoupledViewDataset` with
-  ``partners=True`` (image decoded once per item, each distinct partner once, views and partner views
-  rendered at DR and downsized to QR, uint8), then :func:`~raml.data.views.mix_partner_views` on the CPU.
+- **faithful** (ours, the default: the reference's mixup and the reference's pixels):
+  :class:`~raml.data.views.CoupledViewDataset` with ``partners=True`` (image decoded once per item, each
+  distinct partner once; every view and partner view rendered at QR and at DR from its crop box, flipped and
+  jittered with torchvision's ``ColorJitter`` arithmetic at that size, uint8), then
+  :func:`~raml.data.views.mix_partner_views` on the CPU.
+- **fused** (``--fused-views``): the same with ``fused=True``: one colour matrix, the crop resized to DR
+  and the DR view to QR (faster, not the reference's pixels).
 - **batch** (ours, batch partners): ``CoupledViewDataset`` with ``partners=False``, then
   :func:`~raml.data.views.mixup_views` (partner = a view of another image of the batch).
 - **reference** (the baseline, :class:`ReferenceMixupDataset`): the approach of the reference's
@@ -61,7 +65,7 @@ __all__ = ["GOALS", "ReferenceMixupDataset", "main", "make_synthetic_jpegs", "ru
 
 _IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".ppm", ".tif", ".tiff"}
 #: Speed-up goals per CPU core against the reference's approach, per mode of ours.
-GOALS: dict[str, float] = {"faithful": 4.0, "batch": 5.0}
+GOALS: dict[str, float] = {"faithful": 4.0, "fused": 4.0, "batch": 5.0}
 _MIXUP_ALPHA = 0.2
 
 
@@ -234,9 +238,9 @@ def run_pipeline_benchmark(
     repeat: int = 1,
     backend: str | None = None,
 ) -> dict:
-    """Measure coupled views per second of our two mixup modes and of the reference's approach.
+    """Measure coupled views per second of our three modes and of the reference's approach.
 
-    Each repeat times the three pipelines once, in a rotating order (so that a slow spell of a shared
+    Each repeat times the four pipelines once, in a rotating order (so that a slow spell of a shared
     machine does not always hit the same one); each rate reported is the best of the repeats.
 
     Args:
@@ -281,10 +285,12 @@ def run_pipeline_benchmark(
 
     sizes = (student_size, teacher_size, pos_num, seed)
     faithful = CoupledViewDataset(paths, *sizes, partners=True, alpha=_MIXUP_ALPHA, backend=backend)
+    fused = CoupledViewDataset(paths, *sizes, partners=True, alpha=_MIXUP_ALPHA, backend=backend, fused=True)
     batch_mode = CoupledViewDataset(paths, *sizes, partners=False, backend=backend)
     reference = ReferenceMixupDataset(paths, *sizes)
     pipelines: dict[str, tuple[Dataset, _Mixer, int]] = {
         "faithful": (faithful, _mix_faithful, batches),
+        "fused": (fused, _mix_faithful, batches),
         "batch": (batch_mode, _batch_mixer(seed), batches),
         "reference": (reference, _mix_none, baseline_batches),
     }
@@ -303,7 +309,8 @@ def run_pipeline_benchmark(
     modes: dict[str, dict[str, Any]] = {}
     speedups: dict[str, dict[str, float]] = {}
     for name, description in (
-        ("faithful", "partners=True + mix_partner_views (the reference's mixup partner)"),
+        ("faithful", "partners=True + mix_partner_views (the reference's mixup partner and pixels)"),
+        ("fused", "partners=True, fused=True + mix_partner_views (--fused-views)"),
         ("batch", "partners=False + mixup_views (a view of another image of the batch)"),
     ):
         dataset = pipelines[name][0]
@@ -315,6 +322,7 @@ def run_pipeline_benchmark(
         modes[name] = {
             "description": description,
             "backend": dataset.backend,
+            "fused": dataset.fused,
             **best,
             "speedup": speedup["wall"],
             **({"speedup_cpu": speedup["cpu"]} if with_cpu else {}),

@@ -192,6 +192,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="view-based methods: independent crop/flip/jitter draws for the teacher's view of an image instead "
         "of the student's (an ablation)",
     )
+    method.add_argument(
+        "--fused-views",
+        action="store_true",
+        default=None,
+        help="view-based methods: render each view once at DR with one fused colour matrix and downsize it to QR "
+        "(faster; not the reference's pixels: a blurrier student view, hue by a rotation, one clip; "
+        "docs/fidelity.md)",
+    )
     others = parser.add_argument_group("settings of the other distillers (defaults: raml.losses docstrings)")
     others.add_argument("--aml-variant", choices=AML_VARIANTS, help=f"aml loss (default {d.aml_variant})")
     others.add_argument("--aml-margin", type=float, metavar="M", help=f"aml margin (default {d.aml_margin})")

@@ -5,7 +5,8 @@ Contracts:
 - :func:`load_image`: file -> fully loaded ``PIL.Image`` in mode ``RGB`` (8 bit per channel), or
   :class:`ImageLoadError` naming the file and the reason.
 - :class:`EvalTransform`: RGB ``PIL.Image`` -> ``(3, S, S)`` float32 tensor: Lanczos resize of the shorter
-  side to ``S + S/7`` (each side rounded), centre crop ``S x S``, scale to [0, 1], normalise with mean/std.
+  side to ``S + S/7`` (each side rounded half to even, Python's ``round``, as the reference's ``imrescale``),
+  centre crop ``S x S``, scale to [0, 1], normalise with mean/std.
 
 Mode conversion rules of :func:`to_rgb` (kept simple on purpose):
 
@@ -98,8 +99,10 @@ def load_image(path: str | Path) -> Image.Image:
         ) from exc
 
 
-def _round_half_up(x: float) -> int:
-    return int(np.floor(x + 0.5))
+def _round_half_even(x: float) -> int:
+    """Round to the nearest integer, halves to the even neighbour: Python's ``round``, which the reference's
+    ``imrescale`` (``datahelpers.py``) applies to each scaled side (681 x 512 at 256: 340.5 -> 340)."""
+    return round(float(x))
 
 
 def eval_resize_size(size: int) -> float:
@@ -112,6 +115,10 @@ def resize_shorter(
     img: Image.Image, shorter: float, resample: Image.Resampling = Image.Resampling.LANCZOS
 ) -> Image.Image:
     """Scale ``img`` so that its shorter side becomes ``shorter``, each side rounded to the nearest integer.
+
+    The arithmetic is the reference's ``imrescale(img, shorter, side=min)``: ``ratio = shorter / min(w, h)``,
+    then ``round(ratio * w)`` and ``round(ratio * h)`` with Python's ``round`` (halves to even, e.g. 340.5 ->
+    340).
 
     Args:
         img: The image.
@@ -128,8 +135,8 @@ def resize_shorter(
     w, h = img.size
     if w <= 0 or h <= 0:
         raise ValueError(f"Cannot resize an empty image of size {img.size}.")
-    scale = shorter / min(w, h)
-    new_size = (max(1, _round_half_up(w * scale)), max(1, _round_half_up(h * scale)))
+    ratio = shorter / min(w, h)
+    new_size = (max(1, _round_half_even(ratio * w)), max(1, _round_half_even(ratio * h)))
     return img.resize(new_size, resample=resample)
 
 

@@ -3,7 +3,8 @@
 Tensor contract:
 
 - :func:`render_coupled_views`: RGB ``PIL.Image`` + ``P`` :class:`ViewParams` -> student ``(P, 3, QR, QR)``
-  uint8 and teacher ``(P, 3, DR, DR)`` uint8 (un-normalised pixels).
+  uint8 and teacher ``(P, 3, DR, DR)`` uint8 (un-normalised pixels), the same crop box, flip and jitter
+  rendered at each resolution.
 - :class:`CoupledViewDataset`: ``i`` -> ``((P, 3, QR, QR) uint8, (P, 3, DR, DR) uint8, i)``; the default
   collate stacks these to ``(B, P, 3, QR, QR)`` and ``(B, P, 3, DR, DR)``. With ``partners=True`` (the
   reference's mixup): ``i`` -> ``(student, teacher, partner_student, partner_teacher, lam, i)``, the partner
@@ -18,32 +19,38 @@ A view is a random resized crop box (scale 0.08-1, ratio 3/4-4/3, torchvision's 
 sampling rule including its fallback to a central crop after 10 failed tries), one horizontal flip decision
 and one colour jitter (brightness, contrast, saturation 0.4, hue 0.1; factors and their random order drawn
 as torchvision's ``ColorJitter`` draws them; with a generator in the state of torch's global RNG,
-:func:`sample_view_params` returns exactly torchvision's parameters). Rendering decodes the image once, then
-per view:
+:func:`sample_view_params` returns exactly torchvision's parameters). Rendering decodes the image once.
 
-1. crop the box and flip it,
-2. colour jitter, as ONE affine colour transform (a 3x4 matrix applied by PIL's C ``convert``): the four
-   operations, composed in their drawn order, are each affine in RGB: brightness ``b * x``; contrast
-   ``c * x + (1 - c) * mean_grey`` (``mean_grey`` of the image at that point of the chain, computed
-   exactly from the view's mean colour); saturation ``s * x + (1 - s) * grey(x)`` (ITU-R 601 luma, like
-   PIL); hue: a rotation by ``2 pi h`` about the grey axis ``(1, 1, 1)``, the linear counterpart of HSV's
-   hue shift (the idea of NVIDIA DALI's colour twist). Two deliberate differences from torchvision's PIL
-   path, for a ~10x cheaper jitter: values are clipped to [0, 255] once at the end instead of after each
-   step, and hue is that rotation rather than an HSV round trip (close for |h| <= 0.1 turn, not equal),
-3. resize to DR (antialiased bilinear). Flip and jitter commute with this resize (a normalised, non-negative,
-   mirror-symmetric filter) up to rounding and clipping, so the jitter runs on the crop when the crop has
-   fewer pixels than the DR view and on the DR view otherwise: the jitter is, in effect, at DR,
-4. the student view is the jittered teacher view resized to QR (antialiased bilinear resize).
+By default (the reference's ``AugFineGrainTS``: ``RandomResizedCrop(imsize)`` and
+``RandomResizedCrop(teacher_imsize)`` from the same seed, then ``RandomHorizontalFlip`` and ``ColorJitter``
+at that size), each view is rendered at each resolution on its own:
 
-So "the student view is the teacher view at QR" holds by construction, up to resampling error.
+1. the crop box resized straight to the size (QR for the student, DR for the teacher; antialiased bilinear,
+   torchvision's default interpolation),
+2. flipped,
+3. jittered with torchvision's ``ColorJitter`` arithmetic on the 8-bit pixels at that size: the four
+   operations in the drawn order, each rounding and clipping, hue through PIL's 8-bit HSV
+   (:mod:`raml.data.color_jitter`, bit for bit torchvision's result, faster).
+
+With the ``"pil"`` backend the views are torchvision's pixels exactly (tested); with ``"torch"`` the resize
+rounds differently (within one grey level), which the jitter's 8-bit HSV round trip can turn into a few
+levels at single pixels (mean difference well under one level, tested).
+
+``fused=True`` (``--fused-views``, ours, several times faster, not the reference's pixels) renders each view
+once: crop, flip, the jitter as ONE affine colour transform (a 3x4 matrix applied by PIL's C ``convert``:
+brightness ``b * x``; contrast ``c * x + (1 - c) * mean_grey``; saturation ``s * x + (1 - s) * grey(x)``;
+hue a rotation by ``2 pi h`` about the grey axis, the linear counterpart of HSV's hue shift; one clip at the
+end), applied to whichever of the crop and the DR view has fewer pixels, a resize to DR, and the student view
+is the DR view resized to QR. Its differences from the reference (docs/fidelity.md): the student view goes
+through two resizes (blurrier than the reference's single resize from the crop), hue is a rotation, not an
+HSV shift, and values are clipped once, not after every step.
 
 Two resize backends implement the same filter (PIL's antialiased bilinear): ``"pil"`` (PIL's C code) and
 ``"torch"`` (``F.interpolate(..., antialias=True)`` on uint8 channels-last pixels, torch's AVX2 port of
-PIL's algorithm, ~3x faster). Their integer weights are rounded differently: the resized pixels differ
-by at most one grey level (on ~1 % of the pixels of a noise image, hardly any on smooth ones); where the
-jitter follows the resize (crops larger than DR x DR) its gain can scale that to a few levels. ``"pil"`` is
-the default of the batch-partner mode, which keeps its earlier outputs bit for bit; ``"torch"`` is the
-default of the reference-partner mode, which renders twice as many views.
+PIL's algorithm, several times faster). Their integer weights are rounded differently: the resized pixels
+differ by at most one grey level (on ~1 % of the pixels of a noise image, hardly any on smooth ones).
+``"pil"`` is the default of the batch-partner mode; ``"torch"`` is the default of the reference-partner mode,
+which renders twice as many views.
 
 The reference's mixup (``partners=True``, SPEC section 5): each view is mixed with a view of a random image
 of the whole training set (drawn per view; it may be the image itself), rendered with the same random draws
@@ -67,6 +74,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from raml.data.color_jitter import JITTER_OPS, jitter_pixels
 from raml.data.images import load_image
 
 logger = logging.getLogger(__name__)
@@ -90,7 +98,6 @@ CROP_SCALE: tuple[float, float] = (0.08, 1.0)
 CROP_RATIO: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0)
 #: Jitter strengths: brightness, contrast, saturation factors in [1 - x, 1 + x]; hue shift in [-x, x] turns.
 COLOR_JITTER: dict[str, float] = {"brightness": 0.4, "contrast": 0.4, "saturation": 0.4, "hue": 0.1}
-JITTER_OPS: tuple[str, ...] = ("brightness", "contrast", "saturation", "hue")
 FLIP_PROBABILITY = 0.5
 _CROP_TRIES = 10
 # PIL's RGB -> L weights (ITU-R 601-2 luma), used by ImageEnhance.Color/Contrast and torchvision.
@@ -268,7 +275,7 @@ def _check_sizes(student_size: int, teacher_size: int) -> None:
     if student_size > teacher_size:
         raise ValueError(
             f"student_size ({student_size}) must not exceed teacher_size ({teacher_size}): the student "
-            "view is the teacher view downsized to QR (the teacher sees the large resolution)."
+            "view is the small-resolution rendering of the teacher view (the teacher sees the large resolution)."
         )
 
 
@@ -290,12 +297,12 @@ def _render_into(
     teacher: np.ndarray,
     slots: Sequence[int],
     backend: str,
+    fused: bool = False,
 ) -> None:
     """Render ``params[k]`` of ``img`` into ``student[slots[k]]`` (QR, HWC uint8) and ``teacher[slots[k]]``."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     width, height = img.size
-    teacher_size, student_size = teacher.shape[1], student.shape[1]
     pixels: Tensor | None = None  # the whole image as an (H, W, 3) tensor, made on first need (torch backend)
     for i, (slot, view) in enumerate(zip(slots, params, strict=True)):
         if not isinstance(view, ViewParams):
@@ -306,48 +313,98 @@ def _render_into(
                 f"params[{i}] has crop box {view.box} outside the {width} x {height} image; draw the views "
                 "with sample_view_params(img.width, img.height, generator) for this image."
             )
-        # Flip and the colour twist commute with the (linear, normalised, mirror-symmetric) resize, so
-        # they run on whichever of the crop and the DR view has fewer pixels; only the rounding and the
-        # final clipping differ between the two orders.
-        jitter = (view.brightness, view.contrast, view.saturation, view.hue) != (1.0, 1.0, 1.0, 0.0)
-        twist_first = view.width * view.height <= teacher_size * teacher_size
-        if backend == "pil":
-            crop = img.crop(view.box)
-            if view.flip:
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            if jitter and twist_first:
-                crop = _apply_twist(crop, view)
-            big = crop.resize((teacher_size, teacher_size), Image.Resampling.BILINEAR)
-            if jitter and not twist_first:
-                big = _apply_twist(big, view)
-            teacher[slot] = np.asarray(big)
-            if student_size == teacher_size:
-                student[slot] = teacher[slot]
-            else:
-                student[slot] = np.asarray(big.resize((student_size, student_size), Image.Resampling.BILINEAR))
-            continue
-        if jitter and twist_first:
-            # The twist is PIL's C colour matrix: crop, flip and twist the (small) crop in PIL.
-            crop = img.crop(view.box)
-            if view.flip:
-                crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-            source = torch.from_numpy(np.array(_apply_twist(crop, view)))
+        if backend == "torch" and pixels is None:
+            pixels = torch.from_numpy(np.array(img))
+        if fused:
+            _render_fused(img, pixels, view, student, teacher, slot, backend)
         else:
-            if pixels is None:
-                pixels = torch.from_numpy(np.array(img))
-            source = pixels[top:bottom, left:right]  # a view, no copy
-            if view.flip:
-                source = source.flip(1)
-        big_pixels = _resize_uint8(source, teacher_size)
+            _render_reference(img, pixels, view, student, teacher, slot, backend)
+
+
+def _has_jitter(view: ViewParams) -> bool:
+    return (view.brightness, view.contrast, view.saturation, view.hue) != (1.0, 1.0, 1.0, 0.0)
+
+
+def _render_reference(
+    img: Image.Image,
+    pixels: Tensor | None,
+    view: ViewParams,
+    student: np.ndarray,
+    teacher: np.ndarray,
+    slot: int,
+    backend: str,
+) -> None:
+    """The reference's view at each size: the crop box resized straight to the size, flipped, jittered there."""
+    teacher_size, student_size = teacher.shape[1], student.shape[1]
+    crop = img.crop(view.box) if backend == "pil" else None
+    sizes = [(teacher_size, teacher)] + ([(student_size, student)] if student_size != teacher_size else [])
+    for size, out in sizes:
+        if crop is not None:
+            resized = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
+        else:
+            left, top, right, bottom = view.box
+            resized = _resize_uint8(pixels[top:bottom, left:right], size).numpy()
+        if view.flip:
+            resized = resized[:, ::-1]
+        if _has_jitter(view):
+            resized = jitter_pixels(resized, view.brightness, view.contrast, view.saturation, view.hue, view.order)
+        out[slot] = resized
+    if student_size == teacher_size:
+        student[slot] = teacher[slot]
+
+
+def _render_fused(
+    img: Image.Image,
+    pixels: Tensor | None,
+    view: ViewParams,
+    student: np.ndarray,
+    teacher: np.ndarray,
+    slot: int,
+    backend: str,
+) -> None:
+    """``fused=True``: the crop resized to DR with the jitter as one colour matrix, then DR -> QR."""
+    teacher_size, student_size = teacher.shape[1], student.shape[1]
+    left, top, right, bottom = view.box
+    # Flip and the colour twist commute with the (linear, normalised, mirror-symmetric) resize, so they run
+    # on whichever of the crop and the DR view has fewer pixels; only the rounding and the final clipping
+    # differ between the two orders.
+    jitter = _has_jitter(view)
+    twist_first = view.width * view.height <= teacher_size * teacher_size
+    if backend == "pil":
+        crop = img.crop(view.box)
+        if view.flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if jitter and twist_first:
+            crop = _apply_twist(crop, view)
+        big = crop.resize((teacher_size, teacher_size), Image.Resampling.BILINEAR)
         if jitter and not twist_first:
-            twisted = _apply_twist(Image.fromarray(big_pixels.contiguous().numpy()), view)
-            big_pixels = torch.from_numpy(np.array(twisted))
-        teacher_slot = torch.from_numpy(teacher[slot])
-        teacher_slot.copy_(big_pixels)
+            big = _apply_twist(big, view)
+        teacher[slot] = np.asarray(big)
         if student_size == teacher_size:
             student[slot] = teacher[slot]
         else:
-            torch.from_numpy(student[slot]).copy_(_resize_uint8(teacher_slot, student_size))
+            student[slot] = np.asarray(big.resize((student_size, student_size), Image.Resampling.BILINEAR))
+        return
+    if jitter and twist_first:
+        # The twist is PIL's C colour matrix: crop, flip and twist the (small) crop in PIL.
+        crop = img.crop(view.box)
+        if view.flip:
+            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        source = torch.from_numpy(np.array(_apply_twist(crop, view)))
+    else:
+        source = pixels[top:bottom, left:right]  # a view, no copy
+        if view.flip:
+            source = source.flip(1)
+    big_pixels = _resize_uint8(source, teacher_size)
+    if jitter and not twist_first:
+        twisted = _apply_twist(Image.fromarray(big_pixels.contiguous().numpy()), view)
+        big_pixels = torch.from_numpy(np.array(twisted))
+    teacher_slot = torch.from_numpy(teacher[slot])
+    teacher_slot.copy_(big_pixels)
+    if student_size == teacher_size:
+        student[slot] = teacher[slot]
+    else:
+        torch.from_numpy(student[slot]).copy_(_resize_uint8(teacher_slot, student_size))
 
 
 def _to_chw(views: np.ndarray) -> Tensor:
@@ -363,8 +420,13 @@ def render_coupled_views(
     teacher_size: int,
     *,
     backend: str = "pil",
+    fused: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """Render the coupled views of one decoded image at the student (QR) and teacher (DR) resolutions.
+
+    By default each view is rendered as the reference renders it at each resolution: the crop box resized
+    straight to the size (antialiased bilinear), flipped, then torchvision's ``ColorJitter`` arithmetic
+    (:mod:`raml.data.color_jitter`). ``fused=True``: the faster approximation (module docstring).
 
     Args:
         img: The decoded image (converted to RGB if it is in another mode).
@@ -373,6 +435,7 @@ def render_coupled_views(
         teacher_size: DR, the teacher's side length in pixels (>= QR).
         backend: The resize implementation, one of :data:`RESIZE_BACKENDS` (``"pil"`` or the ~3x faster
             ``"torch"``; the same filter, within one grey level of each other).
+        fused: Render the DR view with the fused colour matrix and the QR view from it (``--fused-views``).
 
     Returns:
         ``(student, teacher)``: uint8 tensors ``(P, 3, QR, QR)`` and ``(P, 3, DR, DR)``.
@@ -385,12 +448,14 @@ def render_coupled_views(
         raise TypeError(f"img must be a PIL.Image.Image, got {type(img).__name__}; decode it with load_image.")
     _check_sizes(student_size, teacher_size)
     _check_backend(backend)
+    if not isinstance(fused, bool):
+        raise TypeError(f"fused must be a bool, got {type(fused).__name__}.")
     if len(params) == 0:
         raise ValueError("params is empty: pass at least one ViewParams (one per coupled view).")
     num_views = len(params)
     teacher = np.empty((num_views, teacher_size, teacher_size, 3), dtype=np.uint8)
     student = np.empty((num_views, student_size, student_size, 3), dtype=np.uint8)
-    _render_into(img, params, student, teacher, range(num_views), backend)
+    _render_into(img, params, student, teacher, range(num_views), backend, fused)
     return _to_chw(student), _to_chw(teacher)
 
 
@@ -451,13 +516,15 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         partners: Return the reference's mixup partners with each item (see above).
         alpha: The Beta distribution's parameter for ``lam`` (``partners=True`` only).
         loader: Decodes a file to an RGB ``PIL.Image`` (default :func:`raml.data.images.load_image`).
-        backend: Resize implementation (:data:`RESIZE_BACKENDS`); default ``"pil"`` without partners
-            (outputs unchanged from earlier versions), ``"torch"`` with partners (~2.5x faster rendering).
+        backend: Resize implementation (:data:`RESIZE_BACKENDS`); default ``"pil"`` without partners,
+            ``"torch"`` with partners (faster resizes, within a grey level).
         coupled: ``False`` (the paper's ablation ``--uncoupled-views``): the teacher's view of each view slot
             gets its own crop, flip and jitter draws (without partners: the next ``P`` draws of the item's
             generator; with partners: a seed derived from the view's seed, also for the partner view), so
             the student and teacher views of an image no longer show the same crop. The student's views
             and every other draw are those of the coupled views.
+        fused: Render with the fused approximation (``--fused-views``, module docstring) instead of the
+            reference's per-resolution rendering.
     """
 
     def __init__(
@@ -473,6 +540,7 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         loader: Callable[[str | Path], Image.Image] = load_image,
         backend: str | None = None,
         coupled: bool = True,
+        fused: bool = False,
     ) -> None:
         if isinstance(paths, (str, Path)):
             raise TypeError("paths must be a sequence of image files, got a single path; wrap it in a list.")
@@ -494,6 +562,8 @@ class CoupledViewDataset(torch.utils.data.Dataset):
             raise TypeError(f"partners must be a bool, got {type(partners).__name__}.")
         if not isinstance(coupled, bool):
             raise TypeError(f"coupled must be a bool, got {type(coupled).__name__}.")
+        if not isinstance(fused, bool):
+            raise TypeError(f"fused must be a bool, got {type(fused).__name__}.")
         _check_alpha(alpha)
         backend = ("torch" if partners else "pil") if backend is None else backend
         _check_backend(backend)
@@ -503,6 +573,7 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         self.seed = int(seed)
         self.partners = partners
         self.coupled = coupled
+        self.fused = fused
         self.alpha = float(alpha)
         self.backend = backend
         self.epoch = 0
@@ -554,13 +625,18 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         generator = self.generator_for(index)
         params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
         if self.coupled:
-            student, teacher = render_coupled_views(img, params, student_size, self.teacher_size, backend=self.backend)
+            student, teacher = self._render(img, params, student_size)
             return student, teacher, index
         # --uncoupled-views: the teacher's views from the next draws of the same generator
         teacher_params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
-        student, _ = render_coupled_views(img, params, student_size, self.teacher_size, backend=self.backend)
-        _, teacher = render_coupled_views(img, teacher_params, student_size, self.teacher_size, backend=self.backend)
+        student, _ = self._render(img, params, student_size)
+        _, teacher = self._render(img, teacher_params, student_size)
         return student, teacher, index
+
+    def _render(self, img: Image.Image, params: Sequence[ViewParams], student_size: int) -> tuple[Tensor, Tensor]:
+        return render_coupled_views(
+            img, params, student_size, self.teacher_size, backend=self.backend, fused=self.fused
+        )
 
     def _render_seeded(
         self, img: Image.Image, seeds: Sequence[int], student: np.ndarray, teacher: np.ndarray, slots: Sequence[int]
@@ -569,11 +645,11 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         uncoupled: the teacher's from seeds derived from them."""
         params = [sample_view_params(img.width, img.height, _view_generator(s)) for s in seeds]
         if self.coupled:
-            _render_into(img, params, student, teacher, slots, self.backend)
+            _render_into(img, params, student, teacher, slots, self.backend, self.fused)
             return
         teacher_params = [sample_view_params(img.width, img.height, _view_generator(_teacher_seed(s))) for s in seeds]
-        _render_into(img, params, student, np.empty_like(teacher), slots, self.backend)
-        _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend)
+        _render_into(img, params, student, np.empty_like(teacher), slots, self.backend, self.fused)
+        _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend, self.fused)
 
     def _item_with_partners(self, index: int, student_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
         draws = self.partner_draws(index)

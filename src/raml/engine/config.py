@@ -77,6 +77,9 @@ class TrainConfig:
     #: ``uncoupled_views`` draws the teacher's crop/flip/jitter independently of the student's
     mixup: bool = True
     uncoupled_views: bool = False
+    #: ``fused_views`` (ours, off by default): each view rendered once at DR with one fused colour matrix and
+    #: the student's view downsized from it, instead of the reference's per-resolution rendering (faster)
+    fused_views: bool = False
     # the other asymmetric distillers (raml.engine.methods, raml.losses: equations and defaults' sources)
     aml_variant: str = "contrastive"
     aml_margin: float = 0.7

@@ -41,6 +41,7 @@ class CoupledViewMethod(Method):
             c.seed,
             partners=c.mixup and c.mixup_partner == "dataset",
             coupled=not c.uncoupled_views,
+            fused=c.fused_views,
         )
         dataset.set_epoch(epoch)
         order = torch.randperm(len(dataset), generator=generator)[: run.epoch_size].tolist()
