@@ -4,8 +4,10 @@ Contract: ``decode_query_image(data, max_pixels)`` -> ``RGB`` image (:func:`raml
 :class:`QueryImageError` carrying the HTTP status a client should get:
 
 - 415: the bytes are not an image PIL can identify;
-- 413: the header announces more than ``max_pixels`` pixels (checked before any pixel is decoded, so a
-  decompression bomb costs nothing), or PIL's own bomb guard fires;
+- 413: the header announces more than ``max_pixels`` pixels, or a size that the evaluation transform at the
+  query size would resize to more than ``max_pixels`` pixels (an extreme aspect ratio such as 100000x1); both
+  are checked before any pixel is decoded (:mod:`raml.data.image_limits`), so a decompression bomb costs
+  nothing; or PIL's own bomb guard fires;
 - 400: an empty body, or an image that fails while decoding (truncated or corrupt).
 
 The byte limit of the request body itself is the caller's (it must stop reading early; see
@@ -18,6 +20,7 @@ import io
 
 from PIL import Image, UnidentifiedImageError
 
+from raml.data.image_limits import ImageTooLargeError, check_image_size
 from raml.data.images import to_rgb
 
 __all__ = ["QueryImageError", "decode_query_image"]
@@ -31,12 +34,14 @@ class QueryImageError(ValueError):
         self.status = status
 
 
-def decode_query_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an RGB image of at most ``max_pixels`` pixels.
+def decode_query_image(data: bytes, max_pixels: int, size: int | None = None) -> Image.Image:
+    """Decode ``data`` into an RGB image of at most ``max_pixels`` pixels, before and after the query resize.
 
     Args:
         data: The uploaded file's bytes.
-        max_pixels: Largest accepted width x height.
+        max_pixels: Largest accepted width x height, and largest image the evaluation transform at ``size`` may
+            resize it to (an extreme aspect ratio is refused before any pixel is decoded).
+        size: The query size ``S`` the image will be transformed at (None: no check of the resized size).
 
     Returns:
         The image in mode ``RGB``, independent of ``data``.
@@ -50,12 +55,10 @@ def decode_query_image(data: bytes, max_pixels: int) -> Image.Image:
         # Image.open reads the header only (PIL itself refuses images over twice its global pixel limit there).
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            if width * height > max_pixels:
-                raise QueryImageError(
-                    413,
-                    f"The image is {width}x{height} = {width * height} pixels, over this service's limit of "
-                    f"{max_pixels} (--max-pixels); send a smaller image.",
-                )
+            try:
+                check_image_size(width, height, size, max_pixels, what="The image")
+            except ImageTooLargeError as refused:
+                raise QueryImageError(413, f"{refused} (this service's --max-pixels)") from None
             img.load()
             return to_rgb(img)
     except QueryImageError:
