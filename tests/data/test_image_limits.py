@@ -77,3 +77,22 @@ def test_16bit_conversion_makes_no_float_copy_of_the_image():
         tracemalloc.stop()
     # one float64 copy alone would be 8 bytes per pixel; the banded integer conversion needs ~1 (+ one band)
     assert peak < 3 * side * side, f"{peak / side / side:.1f} bytes per pixel traced"
+
+
+def test_bad_images_skip_leaves_out_an_image_too_large_once_resized(tmp_path):
+    from raml.data.check import apply_bad_image_policy, check_image
+    from raml.data.splits import split_from_lists
+
+    root = tmp_path / "ds"
+    for folder, names in (("a", ["ok1.png", "thin.png"]), ("b", ["ok2.png", "ok3.png"])):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            size = (100_000, 1) if name == "thin.png" else (40, 30)  # 100,000 pixels, but 3657143 x 37 at 32 px
+            Image.new("L", size).save(root / folder / name)
+    assert check_image(root / "a" / "thin.png") is None  # without a size: only the image's own limits
+    reason = check_image(root / "a" / "thin.png", image_size=32)
+    assert reason is not None and reason.startswith("too large once resized") and "3657143x37" in reason
+    assert check_image(root / "a" / "ok1.png", image_size=32) is None
+    split = split_from_lists("thin", root, [["a/ok1.png", "a/thin.png"], ["b/ok2.png", "b/ok3.png"]])
+    kept, bad = apply_bad_image_policy(split, "skip", image_size=32)
+    assert [b.path for b in bad] == ["a/thin.png"] and "a/thin.png" not in kept.paths and len(kept) == 3

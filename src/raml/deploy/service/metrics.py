@@ -5,8 +5,10 @@ Exposed series (``raml_`` prefix):
 - ``raml_requests_total{route, status}`` counter: answered HTTP requests by route and status code;
 - ``raml_request_seconds`` histogram: latency of ``POST /search`` requests, arrival to answer;
 - ``raml_batch_size`` histogram: queries embedded together per forward pass;
-- ``raml_queue_depth`` gauge: queries waiting for the batching worker; ``raml_index_generation`` and
-  ``raml_index_size`` gauges: the index being served.
+- ``raml_queue_depth`` gauge: queries waiting for the batching worker; ``raml_uploads_in_flight`` and
+  ``raml_decodes_in_flight`` gauges: request bodies being received and images being decoded (bounded by
+  ``--max-uploads`` / ``--max-decodes``); ``raml_index_generation`` and ``raml_index_size`` gauges: the index
+  being served.
 
 A histogram's ``_bucket{le="x"}`` counts observations ``<= x`` (cumulative), ``le="+Inf"`` all of them.
 """
