@@ -312,3 +312,23 @@ def test_a_stalled_upload_does_not_hold_a_lone_query_for_the_batching_window(wor
         with httpx.Client(base_url=url, timeout=WAIT_S / 2) as client:
             response = client.post("/search", content=good_query(world), headers={"content-type": "image/jpeg"})
         assert response.status_code == 200 and response.json()["batch_size"] == 1
+
+
+def test_slots_admit_within_the_limit_and_one_oversized_request_alone():
+    from raml.deploy.service.admission import ServiceBusyError, Slots
+
+    budget = Slots(100, "pixels being decoded", "--max-decode-pixels")
+    with budget.take(60):
+        with budget.take(40):  # exactly full
+            assert budget.held == 100
+            with pytest.raises(ServiceBusyError, match="--max-decode-pixels is 100") as refused, budget.take(1):
+                pass
+            assert refused.value.flag == "--max-decode-pixels"
+        with pytest.raises(ServiceBusyError), budget.take(41):
+            pass
+    assert budget.held == 0
+    with budget.take(500):  # larger than the whole budget: admitted when nothing else is held
+        assert budget.held == 500
+        with pytest.raises(ServiceBusyError), budget.take(1):
+            pass
+    assert budget.held == 0

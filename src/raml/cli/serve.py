@@ -117,8 +117,17 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=defaults.max_decodes,
         metavar="N",
-        help="most images being decoded at once; more get 503 with Retry-After before decoding (default "
-        f"{defaults.max_decodes}; each takes up to ~6 bytes per --max-pixels pixel)",
+        help=f"most images being decoded at once; more get 503 with Retry-After before decoding (default "
+        f"{defaults.max_decodes})",
+    )
+    group.add_argument(
+        "--max-decode-pixels",
+        type=positive_int,
+        default=defaults.max_decode_pixels,
+        metavar="N",
+        help="most pixels (width x height, from the headers) of the images being decoded at once, ~7 bytes of "
+        "memory each; an image that does not fit gets 503 before decoding, one image is always admitted alone "
+        f"(default {defaults.max_decode_pixels})",
     )
     group.add_argument(
         "--header-timeout",
@@ -189,6 +198,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         poll_interval_s=args.poll_interval,
         max_uploads=args.max_uploads,
         max_decodes=args.max_decodes,
+        max_decode_pixels=args.max_decode_pixels,
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,

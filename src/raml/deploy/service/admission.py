@@ -1,11 +1,11 @@
 """Admission control: a bounded number of uploads and decodes in flight, refused at once beyond it.
 
-Contract: ``with slots.take():`` holds one of ``slots.limit`` slots for the block, or raises
-:class:`ServiceBusyError` at once (never waits) when all are held; the HTTP layer answers that with 503 and
-``Retry-After``. The service keeps one :class:`Slots` for request bodies being read (``--max-uploads``) and one
-for images being decoded and transformed (``--max-decodes``), so that the memory a burst of requests can take
-is bounded *before* any body is buffered or any pixel decoded (the batching queue's ``--queue-size`` only
-bounds what waits after decoding).
+Contract: ``with slots.take(n):`` holds ``n`` of ``slots.limit`` units for the block, or raises
+:class:`ServiceBusyError` at once (never waits) when they do not fit; the HTTP layer answers that with 503 and
+``Retry-After``. The service keeps three: request bodies being received (``--max-uploads``), images being
+decoded and transformed (``--max-decodes``), and the pixels of those images, read from their headers
+(``--max-decode-pixels``), so that the memory a burst of requests can take is bounded *before* any body is
+buffered or any pixel decoded (the batching queue's ``--queue-size`` only bounds what waits after decoding).
 """
 
 from __future__ import annotations
@@ -18,15 +18,23 @@ __all__ = ["ServiceBusyError", "Slots"]
 
 
 class ServiceBusyError(RuntimeError):
-    """Every slot of a kind is held; try again shortly (HTTP 503 with ``Retry-After``)."""
+    """What a request needs is all held; try again shortly (HTTP 503 with ``Retry-After``).
+
+    Attributes:
+        flag: The command-line flag of the limit reached (the metrics count refusals by it).
+    """
+
+    def __init__(self, message: str, flag: str = "") -> None:
+        super().__init__(message)
+        self.flag = flag
 
 
 class Slots:
-    """``limit`` slots taken without waiting (thread-safe).
+    """``limit`` units taken without waiting (thread-safe): slots (one per holder) or a budget (e.g. pixels).
 
     Args:
-        limit: Most holders at once (positive).
-        what: What a slot holds, for the refusal message (e.g. ``"uploads being received"``).
+        limit: Most units held at once (positive).
+        what: What is held, for the refusal message (e.g. ``"request bodies being received"``).
         flag: The command-line flag that sets ``limit``, named in the refusal message.
     """
 
@@ -41,22 +49,31 @@ class Slots:
 
     @property
     def held(self) -> int:
-        """Slots held now."""
+        """Units held now."""
         return self._held
 
     @contextlib.contextmanager
-    def take(self) -> Iterator[None]:
-        """Hold a slot for the block.
+    def take(self, amount: int = 1) -> Iterator[None]:
+        """Hold ``amount`` units (one slot, or e.g. an image's pixels) for the block.
+
+        ``amount`` is admitted when the units held plus ``amount`` stay within ``limit``, or when nothing is held
+        (so that one request larger than the whole budget is still served, alone).
 
         Raises:
-            ServiceBusyError: At once, when all ``limit`` slots are held.
+            ServiceBusyError: At once, when ``amount`` does not fit.
         """
+        if isinstance(amount, bool) or not isinstance(amount, int) or amount < 0:
+            raise ValueError(f"amount must be a non-negative integer, got {amount!r}.")
         with self._lock:
-            if self._held >= self.limit:
-                raise ServiceBusyError(f"{self.limit} {self.what} already ({self.flag}); try again shortly.")
-            self._held += 1
+            if self._held > 0 and self._held + amount > self.limit:
+                raise ServiceBusyError(
+                    f"The service is busy: {self._held} {self.what} in flight, {self.flag} is {self.limit}; "
+                    "try again shortly.",
+                    self.flag,
+                )
+            self._held += amount
         try:
             yield
         finally:
             with self._lock:
-                self._held -= 1
+                self._held -= amount
