@@ -180,7 +180,8 @@ def test_uploads_beyond_max_uploads_get_503_before_their_body_is_read(world):
                 assert busy.status_code == 503 and "--max-uploads" in busy.json()["error"]
                 assert busy.headers["retry-after"] == "1"
                 metrics = client.get("/metrics").text
-                assert "raml_uploads_in_flight 1" in metrics and "raml_decodes_in_flight 0" in metrics
+                assert "raml_uploads_in_flight 1.0" in metrics and "raml_decodes_in_flight 0.0" in metrics
+                assert 'raml_shed_total{reason="uploads"} 1.0' in metrics
         # the slow client is gone: its slot is free again
         deadline = time.monotonic() + WAIT_S
         while service.uploads.held:

@@ -173,7 +173,7 @@ def _require_serve_deps() -> None:
 
     from raml.deploy.faiss_index import import_faiss
 
-    for module in ("starlette", "uvicorn", "python_multipart"):
+    for module in ("starlette", "uvicorn", "python_multipart", "prometheus_client"):
         try:
             importlib.import_module(module)
         except ImportError as error:

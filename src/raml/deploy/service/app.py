@@ -13,7 +13,7 @@ Routes:
   ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded, or the batching
   queue full: refused before the body is read or the image decoded);
 - ``GET /health``: :meth:`SearchService.health`;
-- ``GET /metrics``: Prometheus text (:mod:`raml.deploy.service.metrics`);
+- ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
   request; ids outside the served index get 404).
 """
@@ -35,12 +35,13 @@ from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
 from raml.deploy.service.admission import ServiceBusyError
 from raml.deploy.service.batching import QueueFullError
 from raml.deploy.service.decode import QueryImageError
+from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raml.deploy.service.service import SearchService
 
 logger = logging.getLogger(__name__)
@@ -170,10 +171,12 @@ def create_app(service: SearchService) -> Starlette:
             headers = {"Connection": "close"} if refused.status == 408 else None
             return answer("search", error(refused.status, str(refused), headers), started)
         except (QueueFullError, ServiceBusyError) as busy:
+            metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size")
             return answer("search", error(503, str(busy), {"Retry-After": str(RETRY_AFTER_S)}), started)
         except Exception:
             logger.exception("Search failed")
             return answer("search", error(500, "The search failed; see the service's log."), started)
+        metrics.record_query(size, result.queue_s)
         index = result.index
         hits = [
             {
@@ -208,7 +211,7 @@ def create_app(service: SearchService) -> Starlette:
         return answer("health", JSONResponse(service.health()))
 
     async def metrics_text(request: Request) -> Response:
-        return answer("metrics", PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4"))
+        return answer("metrics", Response(metrics.render(), media_type=METRICS_CONTENT_TYPE))
 
     async def image(request: Request) -> Response:
         index = service.index.current
