@@ -22,6 +22,9 @@ S = 32
 #: what a correct int8 model of the tiny test network reaches on every image (it measures ~0.999); a
 #: calibration on blank images (below) gives ~0.45
 MIN_COSINE_PER_IMAGE = 0.99
+#: largest difference of a retrieval metric (in points) between the int8 and the fp32 student under `raml test`:
+#: one query of synth-test's 20 changing its top hit moves R@1 by 5 points
+INT8_METRIC_TOLERANCE = 5.0
 
 
 @pytest.fixture(scope="module")
@@ -43,8 +46,13 @@ def _export_args(setup, output, *extra: str) -> list[str]:
     return [*args, "--data-root", str(setup["root"]), *extra]
 
 
-def _embed(model, paths, sidecar) -> np.ndarray:
-    transform = EvalTransform(sidecar["image_size"], sidecar["mean"], sidecar["std"])
+def _held_out(setup) -> list[str]:
+    """Check images not used for calibration (calibration uses synth-train): synth-test."""
+    return [str(p) for p in get_split("synth-test", setup["root"]).abspaths()]
+
+
+def _embed(model, paths, sidecar, size: int | None = None) -> np.ndarray:
+    transform = EvalTransform(size or sidecar["image_size"], sidecar["mean"], sidecar["std"])
     batch = torch.stack([transform(load_image(p)) for p in paths]).numpy()
     session = onnx_session(model)
     return session.run(None, {session.get_inputs()[0].name: batch})[0].astype(np.float64)
@@ -86,10 +94,12 @@ def test_a_broken_calibration_is_refused_and_writes_nothing(setup, tmp_path, mon
     out.write_bytes(b"previous model")
     real_reader = quantize_module._calibration_reader
     # blank calibration images: every activation range collapses, the int8 model saturates
-    monkeypatch.setattr(quantize_module, "_calibration_reader", lambda name, images: real_reader(name, images * 0))
+    monkeypatch.setattr(
+        quantize_module, "_calibration_reader", lambda name, images: real_reader(name, [x * 0 for x in images])
+    )
     paths = evenly_spaced([str(p) for p in get_split("synth-train", setup["root"]).abspaths()], 8)
     with pytest.raises(QuantizationError, match="too far from the fp32") as error:
-        quantize_onnx(setup["fp32"], out, paths)
+        quantize_onnx(setup["fp32"], out, paths, _held_out(setup))
     mean = float(str(error.value).split("mean cosine similarity ")[1].split(" ")[0])
     assert mean < 0.8
     assert out.read_bytes() == b"previous model" and not sidecar_path(out).exists()
@@ -112,7 +122,7 @@ def test_bad_int8_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, cap
     sidecar_path(fake).write_text(sidecar_path(setup["fp32"]).read_text())
     paths = [str(p) for p in get_split("synth-test", setup["root"]).abspaths()][:2]
     with pytest.raises(ValueError, match="not an ONNX model"):
-        quantize_onnx(fake, tmp_path / "q.onnx", paths)
+        quantize_onnx(fake, tmp_path / "q.onnx", paths, _held_out(setup))
     with pytest.raises(FileNotFoundError, match="sidecar"):
         quantize_onnx(setup["net"], tmp_path / "q.onnx", paths)
     with pytest.raises(ValueError, match="must not replace"):
@@ -165,3 +175,77 @@ def test_quantization_benchmark_rows(setup, tmp_path):
         assert 0 <= int8["mAP"] <= 100 and int8["num_queries"] == 20
     assert result["files"]["int8_bytes"] < result["files"]["fp32_bytes"]
     assert "| ONNX int8 | ivfpq | IVF2,PQ4x4np, nprobe 2 |" in format_quantization_report(result)
+
+
+# ------------------------------------------------------------------------ issue 18, item 9: sizes, worst, held out
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))
+
+
+def test_a_multi_size_student_is_calibrated_and_checked_at_every_size(setup, tmp_path, monkeypatch):
+    student = load_network(setup["net"])
+    fp32 = tmp_path / "multi.onnx"
+    export_onnx(student, S, fp32, dynamic_size=True, check_sizes=[S, 48], exporter="torchscript")
+    assert read_sidecar(fp32)["image_sizes"] == [S, 48]
+    seen: list[tuple[int, ...]] = []
+    real_reader = quantize_module._calibration_reader
+
+    def spying_reader(name, images):
+        seen.extend(x.shape for x in images)
+        return real_reader(name, images)
+
+    monkeypatch.setattr(quantize_module, "_calibration_reader", spying_reader)
+    calibration = evenly_spaced([str(p) for p in get_split("synth-train", setup["root"]).abspaths()], 8)
+    out = tmp_path / "multi.int8.onnx"
+    report = quantize_onnx(fp32, out, calibration, _held_out(setup))
+    assert sorted(seen) == [(8, 3, S, S), (8, 3, 48, 48)]  # the calibration images at both sizes
+    assert report.sizes == [S, 48] and set(report.cosine_by_size) == {str(S), "48"}
+    assert report.checked_images == 20  # the held-out images only
+    record = read_sidecar(out)["quantization"]
+    assert record["sizes"] == [S, 48] and record["checked_images"] == 20
+    # independently: at each size, every held-out image's int8 embedding stays close to its fp32 one, and the
+    # report's worst cosine is the worst of these
+    sidecar = read_sidecar(fp32)
+    worst = []
+    for size in (S, 48):
+        cosines = _cosines(_embed(fp32, _held_out(setup), sidecar, size), _embed(out, _held_out(setup), sidecar, size))
+        assert cosines.min() > MIN_COSINE_PER_IMAGE, size
+        assert report.cosine_by_size[str(size)]["min"] == pytest.approx(cosines.min(), abs=1e-6)
+        worst.append(cosines.min())
+    assert report.min_cosine == pytest.approx(min(worst), abs=1e-6)
+
+
+def test_the_gate_is_on_the_worst_image_and_on_held_out_images(setup, tmp_path):
+    calibration = evenly_spaced([str(p) for p in get_split("synth-train", setup["root"]).abspaths()], 8)
+    out = tmp_path / "q.onnx"
+    # a mean that passes easily, a worst image that cannot (no int8 embedding equals its fp32 one exactly)
+    with pytest.raises(QuantizationError, match=r"worst 0\.9\d+ at 32 px \(needs 1\.0\)"):
+        quantize_onnx(setup["fp32"], out, calibration, _held_out(setup), min_cosine=0.01, min_worst_cosine=1.0)
+    assert not out.exists()
+    # the calibration images themselves are not a check
+    with pytest.raises(ValueError, match="not used for calibration"):
+        quantize_onnx(setup["fp32"], out, calibration, calibration)
+    report = quantize_onnx(setup["fp32"], out, calibration, [*calibration, *_held_out(setup)[:5]])
+    assert report.checked_images == 5
+
+
+def test_raml_test_with_the_int8_student_is_within_tolerance_of_fp32(setup, tmp_path):
+    """``raml test --student-onnx``: the int8 model's metrics within 5 points (one query of 20 at R@1) of the
+    fp32 model's."""
+    int8 = tmp_path / "student.int8.onnx"
+    calibration = ["--int8", "--calibration-split", "synth-train", "--calibration-images", "8"]
+    assert cli_main.main([*_export_args(setup, int8, *calibration)]) == 0
+    results = {}
+    for name, model in (("fp32", setup["fp32"]), ("int8", int8)):
+        out = tmp_path / f"{name}.json"
+        args = ["test", "--student-onnx", str(model), "--datasets", "synth-test", "--image-size", str(S)]
+        args += ["--data-root", str(setup["root"]), "--teacher-path", str(setup["net"]), "--teacher-image-size", "40"]
+        args += ["--json", str(out), "--device", "cpu", "--workers", "0", "--no-progress", "--no-cache"]
+        assert cli_main.main(args) == 0
+        results[name] = json.loads(out.read_text())["synth-test"]["asym"]
+    assert set(results["int8"]) == set(results["fp32"]) and "mAP" in results["fp32"]
+    for metric, value in results["fp32"].items():
+        assert results["int8"][metric] == pytest.approx(value, abs=INT8_METRIC_TOLERANCE), metric
+    print(f"fp32 {results['fp32']}\nint8 {results['int8']}")

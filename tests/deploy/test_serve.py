@@ -44,7 +44,6 @@ from raml.deploy.service import (  # noqa: E402
 )
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
-from raml.deploy.service.metrics import Histogram  # noqa: E402
 from raml.models import checkpoint_sha256, load_network  # noqa: E402
 from raml.retrieval.extract import extract_embeddings  # noqa: E402
 
@@ -188,17 +187,19 @@ def test_concurrent_queries_are_embedded_together(world, server):
     client = server["client"]
     before = client.get("/metrics").text
     batches_before = metric(before, "raml_batch_size_count")
-    ones_before = metric(before, 'raml_batch_size_bucket{le="1"}')
+    ones_before = metric(before, 'raml_batch_size_bucket{le="1.0"}')
     with ThreadPoolExecutor(8) as pool:
         responses = list(pool.map(lambda p: post_file(client, p), world["paths"][:8]))
     assert [r.status_code for r in responses] == [200] * 8
     after = client.get("/metrics").text
     batches = metric(after, "raml_batch_size_count") - batches_before
-    single = metric(after, 'raml_batch_size_bucket{le="1"}') - ones_before
+    single = metric(after, 'raml_batch_size_bucket{le="1.0"}') - ones_before
     assert batches < 8 and single < batches  # fewer forward passes than queries: some held several queries
     assert max(r.json()["batch_size"] for r in responses) > 1
     assert metric(after, 'raml_requests_total{route="search",status="200"}') >= 8
     assert metric(after, "raml_queue_depth") == 0
+    assert metric(after, 'raml_queries_total{size="32"}') - metric(before, 'raml_queries_total{size="32"}') == 8
+    assert metric(after, "raml_queue_seconds_count") - metric(before, "raml_queue_seconds_count") == 8
     # batched results are the single-query ones
     index = load_index(world["index"])
     embeddings = extract_embeddings(load_network(world["nets"]["student"]), world["paths"][:8], QR, CPU, progress=False)
@@ -276,7 +277,9 @@ def test_a_full_queue_sheds_load_with_503_and_retry_after(world):
             release.set()
             assert first.result().status_code == 200 and second.result().status_code == 200
         assert post_file(client, path).status_code == 200
-        assert metric(client.get("/metrics").text, 'raml_requests_total{route="search",status="503"}') == 1
+        text = client.get("/metrics").text
+        assert metric(text, 'raml_requests_total{route="search",status="503"}') == 1
+        assert metric(text, 'raml_shed_total{reason="queue"}') == 1
 
 
 # ------------------------------------------------------------------------------------------------ bad input
@@ -415,23 +418,40 @@ def test_a_generation_the_student_cannot_search_is_refused_and_the_old_one_kept(
 # ------------------------------------------------------------------------------------------------ pieces
 
 
-def test_metrics_histograms_match_an_explicit_count():
-    values = [0.001, 0.005, 0.0051, 0.3, 2.0, 11.0, 0.01]
-    histogram = Histogram([0.005, 0.01, 1.0])
-    for value in values:
-        histogram.observe(value)
-    expected = [sum(1 for v in values if v <= bound) for bound in (0.005, 0.01, 1.0)] + [len(values)]
-    assert histogram.cumulative() == expected and histogram.count == 7
-    assert histogram.sum == pytest.approx(sum(values))
+def test_metrics_match_an_explicit_count():
+    """The exposition (prometheus_client) against counts written out plainly."""
+    latencies = [0.001, 0.005, 0.0051, 0.3, 2.0, 11.0, 0.01]
+    sizes = [1, 3, 3, 40]
     metrics = ServiceMetrics({"queue_depth": ("help", lambda: 3)})
-    for size in (1, 3, 3, 40):
+    for size in sizes:
         metrics.record_batch(size)
-    metrics.record_request("search", 200, 0.02)
+    for seconds in latencies:
+        metrics.record_request("search", 200, seconds)
+    metrics.record_request("health", 200)
+    metrics.record_query(32, 0.004)
+    metrics.record_query(48, 0.3)
+    metrics.record_query(32, 0.02)
+    for flag in ("--queue-size", "--max-decodes", "--max-decodes", "--max-decode-pixels"):
+        metrics.record_shed(flag)
     text = metrics.render()
-    assert 'raml_batch_size_bucket{le="2"} 1' in text and 'raml_batch_size_bucket{le="4"} 3' in text
-    assert 'raml_batch_size_bucket{le="+Inf"} 4' in text and "raml_batch_size_sum 47" in text
-    assert 'raml_request_seconds_bucket{le="0.025"} 1' in text and 'raml_request_seconds_bucket{le="0.01"} 0' in text
-    assert 'raml_requests_total{route="search",status="200"} 1' in text and "raml_queue_depth 3" in text
+    for bound in (1, 2, 4, 8, 16, 32, 64):
+        assert metric(text, f'raml_batch_size_bucket{{le="{float(bound)}"}}') == sum(1 for v in sizes if v <= bound)
+    assert metric(text, 'raml_batch_size_bucket{le="+Inf"}') == 4 and metric(text, "raml_batch_size_sum") == 47
+    for bound in (0.005, 0.01, 0.025, 1.0, 10.0):
+        assert metric(text, f'raml_request_seconds_bucket{{le="{bound}"}}') == sum(1 for v in latencies if v <= bound)
+    assert metric(text, "raml_request_seconds_count") == 7
+    assert metric(text, "raml_request_seconds_sum") == pytest.approx(sum(latencies))
+    assert metric(text, 'raml_requests_total{route="search",status="200"}') == 7
+    assert metric(text, 'raml_requests_total{route="health",status="200"}') == 1
+    assert metrics.request_count("search", 200) == 7 and metrics.request_count("search", 503) == 0
+    assert metric(text, 'raml_queries_total{size="32"}') == 2 and metric(text, 'raml_queries_total{size="48"}') == 1
+    assert metric(text, 'raml_queue_seconds_bucket{le="0.005"}') == 1 and metric(text, "raml_queue_seconds_count") == 3
+    assert (
+        metric(text, 'raml_shed_total{reason="queue"}') == 1 and metric(text, 'raml_shed_total{reason="decodes"}') == 2
+    )
+    assert metric(text, 'raml_shed_total{reason="decode_pixels"}') == 1
+    assert metric(text, "raml_queue_depth") == 3
+    assert "# TYPE raml_batch_size histogram" in text and "# TYPE raml_requests_total counter" in text
 
 
 def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):

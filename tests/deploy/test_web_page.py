@@ -2,7 +2,9 @@
 
 Upload a query through the page's file input, wait for the top-k thumbnails, check that they show the database
 images with their scores and that the page fits a phone-sized screen, and save a screenshot in the test's temp
-folder. Skipped, with the reason, where no Chromium or chromedriver is installed (``.ci/run`` installs them).
+folder. Skipped, with the reason, where selenium, Chromium or chromedriver is not installed (``.ci/run`` installs
+them); where they are installed but the browser fails to start, the test FAILS (a broken CI image must not pass as
+a skip); ``test_a_browser_that_fails_to_start_fails_the_test`` checks that with a driver that exits at once.
 """
 
 from __future__ import annotations
@@ -60,7 +62,11 @@ def _start_chromium(browser: str, driver: str):
     try:
         return webdriver.Chrome(service=Service(executable_path=driver), options=options)
     except WebDriverException as error:
-        pytest.skip(f"chromium could not be started by {driver}: {error.msg}")
+        # Chromium and its driver are installed (or a skip would have come earlier): a browser that then fails
+        # to start is a broken CI image, which must fail the run, not hide the page's test behind a skip.
+        pytest.fail(
+            f"chromium {browser} and chromedriver {driver} are installed but the browser failed to start: {error.msg}"
+        )
 
 
 def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
@@ -108,3 +114,18 @@ def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
     assert captions[0].startswith("#1 ")
     assert width == PHONE[0] and overflow <= 0  # no horizontal scrolling at phone width
     assert shot.stat().st_size > 1000
+
+
+def test_a_browser_that_fails_to_start_fails_the_test(tmp_path):
+    pytest.importorskip("selenium")
+    # a "chromedriver" that exits at once, as a driver mismatched with its browser or missing a library does
+    fake_driver = tmp_path / "chromedriver"
+    fake_driver.write_text("#!/bin/sh\necho 'fake chromedriver: cannot start' >&2\nexit 1\n")
+    fake_driver.chmod(0o755)
+    fake_browser = tmp_path / "chromium"
+    fake_browser.write_text("#!/bin/sh\nexit 1\n")
+    fake_browser.chmod(0o755)
+    with pytest.raises(BaseException) as outcome:  # BaseException: a skip (pytest's Skipped) is caught too
+        _start_chromium(str(fake_browser), str(fake_driver))
+    assert outcome.type is pytest.fail.Exception, f"{outcome.type.__name__}: {outcome.value}"  # not a skip
+    assert "installed but the browser failed to start" in str(outcome.value)

@@ -112,7 +112,8 @@ def run_quantization_benchmark(
         calibration = evenly_spaced(calibration_paths, calibration_images)
         fp32_file, int8_file = work / "student.fp32.onnx", work / "student.int8.onnx"
         export_onnx(student, image_size, fp32_file, network_path=student_path)
-        quantized = quantize_onnx(fp32_file, int8_file, calibration, calibration_split=calibration_split)
+        held_out = evenly_spaced([str(p) for p in split.abspaths()], 64)  # checked on the queries, not calibration
+        quantized = quantize_onnx(fp32_file, int8_file, calibration, held_out, calibration_split=calibration_split)
         networks: dict[str, nn.Module] = {
             "PyTorch fp32": student,
             "ONNX fp32": OnnxQueryNetwork(fp32_file, threads=threads),

@@ -26,6 +26,7 @@ from raml.deploy.index import index_images
 from raml.deploy.quantize import (
     CALIBRATION_METHODS,
     DEFAULT_MIN_COSINE,
+    DEFAULT_MIN_WORST_COSINE,
     QuantizationReport,
     evenly_spaced,
     quantize_onnx,
@@ -336,6 +337,14 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="C",
         help=f"smallest mean fp32/int8 embedding cosine similarity accepted (default {DEFAULT_MIN_COSINE})",
     )
+    int8.add_argument(
+        "--min-worst-cosine",
+        type=float,
+        default=DEFAULT_MIN_WORST_COSINE,
+        metavar="C",
+        help="smallest fp32/int8 cosine similarity accepted for any one held-out image at any served size "
+        f"(default {DEFAULT_MIN_WORST_COSINE})",
+    )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.set_defaults(func=run_export)
 
@@ -382,7 +391,8 @@ def run_export(args: argparse.Namespace) -> int:
             print(
                 f"onnx int8 {report.path}: {report.int8_bytes} bytes (fp32 {report.fp32_bytes}); embeddings' cosine "
                 f"similarity to fp32 mean {report.mean_cosine:.4f}, min {report.min_cosine:.4f} on "
-                f"{report.checked_images} images; calibrated on {report.calibration_images} images of "
+                f"{report.checked_images} held-out images at sizes {', '.join(map(str, report.sizes))}; calibrated on "
+                f"{report.calibration_images} images of "
                 f"{args.calibration_split}; preprocessing in {report.sidecar}"
             )
             continue
@@ -400,12 +410,13 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _int8_calibration(args: argparse.Namespace) -> list[str]:
-    """The calibration images of ``--int8`` (evenly spaced over the split), after checking the flags."""
+def _int8_calibration(args: argparse.Namespace) -> tuple[list[str], list[str]]:
+    """The calibration images of ``--int8`` (evenly spaced over the split) and as many held-out images of the
+    split to check the int8 model on (evenly spaced over the rest), after checking the flags."""
     if not args.int8:
         if args.calibration_split is not None:
             raise SystemExit("raml export: error: --calibration-split is used with --int8 only; add --int8.")
-        return []
+        return [], []
     if args.output is None:
         raise SystemExit("raml export: error: --int8 quantises the ONNX export; give --output FILE.onnx.")
     if args.calibration_split is None:
@@ -414,13 +425,17 @@ def _int8_calibration(args: argparse.Namespace) -> list[str]:
             "(a dataset split under --data-root, e.g. cub-train)."
         )
     split = get_split(args.calibration_split, args.data_root)
-    paths = evenly_spaced([str(p) for p in split.abspaths()], args.calibration_images)
-    check_images_exist(paths)
-    return paths
+    every = [str(p) for p in split.abspaths()]
+    paths = evenly_spaced(every, args.calibration_images)
+    chosen = set(paths)
+    rest = [p for p in every if p not in chosen]
+    held_out = evenly_spaced(rest, args.calibration_images) if rest else []
+    check_images_exist(paths + held_out)
+    return paths, held_out
 
 
 def _export_int8(
-    network: torch.nn.Module, args: argparse.Namespace, common: dict, calibration: list[str]
+    network: torch.nn.Module, args: argparse.Namespace, common: dict, calibration: tuple[list[str], list[str]]
 ) -> QuantizationReport:
     """Export fp32 ONNX to a temporary file (parity-checked against PyTorch), quantise it into --output."""
     import tempfile
@@ -431,10 +446,11 @@ def _export_int8(
         return quantize_onnx(
             fp32,
             args.output,
-            calibration,
-            check_paths=common["image_paths"],
+            calibration[0],
+            check_paths=[*calibration[1], *common["image_paths"]],  # images not used for calibration
             method=args.calibration_method,
             min_cosine=args.min_cosine,
+            min_worst_cosine=args.min_worst_cosine,
             calibration_split=args.calibration_split,
             source_label=str(network.source_path),
         )

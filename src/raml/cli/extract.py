@@ -71,7 +71,10 @@ def run(args: argparse.Namespace) -> int:
     dist, dist_device = init_distributed(args.device)
     device = dist_device or devices_from_gpu_id(args.gpu_id, args.device)[0]
     split, bad = apply_bad_image_policy(
-        get_split(args.dataset, args.data_root), args.bad_images, workers=max(1, args.workers)
+        get_split(args.dataset, args.data_root),
+        args.bad_images,
+        workers=max(1, args.workers),
+        image_size=args.image_size,
     )
     network, checkpoint = network_from_args(
         args.network_path,

@@ -101,7 +101,55 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         default=defaults.max_pixels,
         metavar="N",
-        help=f"largest image (width x height), read before decoding; larger gets 413 (default {defaults.max_pixels})",
+        help="largest image (width x height), and largest image after the resize to the query size (an extreme "
+        f"aspect ratio), both read before decoding; larger gets 413 (default {defaults.max_pixels})",
+    )
+    group.add_argument(
+        "--max-uploads",
+        type=positive_int,
+        default=defaults.max_uploads,
+        metavar="N",
+        help="most request bodies being received at once; more get 503 with Retry-After before their body is read "
+        f"(default {defaults.max_uploads})",
+    )
+    group.add_argument(
+        "--max-decodes",
+        type=positive_int,
+        default=defaults.max_decodes,
+        metavar="N",
+        help=f"most images being decoded at once; more get 503 with Retry-After before decoding (default "
+        f"{defaults.max_decodes})",
+    )
+    group.add_argument(
+        "--max-decode-pixels",
+        type=positive_int,
+        default=defaults.max_decode_pixels,
+        metavar="N",
+        help="most pixels (width x height, from the headers) of the images being decoded at once, ~7 bytes of "
+        "memory each; an image that does not fit gets 503 before decoding, one image is always admitted alone "
+        f"(default {defaults.max_decode_pixels})",
+    )
+    group.add_argument(
+        "--header-timeout",
+        type=positive_float,
+        default=defaults.header_timeout_s,
+        metavar="S",
+        help="seconds a connection has to send complete request headers; then 408 and closed "
+        f"(default {defaults.header_timeout_s:g})",
+    )
+    group.add_argument(
+        "--body-timeout",
+        type=positive_float,
+        default=defaults.body_timeout_s,
+        metavar="S",
+        help=f"seconds a request has to send its whole body; then 408 and closed (default {defaults.body_timeout_s:g})",
+    )
+    group.add_argument(
+        "--max-connections",
+        type=positive_int,
+        default=defaults.max_connections,
+        metavar="N",
+        help=f"most connections open at once; more get 503 and are closed (default {defaults.max_connections})",
     )
     group.add_argument(
         "--max-k", type=positive_int, default=defaults.max_k, metavar="K", help=f"largest k (default {defaults.max_k})"
@@ -125,7 +173,7 @@ def _require_serve_deps() -> None:
 
     from raml.deploy.faiss_index import import_faiss
 
-    for module in ("starlette", "uvicorn", "python_multipart"):
+    for module in ("starlette", "uvicorn", "python_multipart", "prometheus_client"):
         try:
             importlib.import_module(module)
         except ImportError as error:
@@ -148,6 +196,12 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         max_pixels=args.max_pixels,
         max_k=args.max_k,
         poll_interval_s=args.poll_interval,
+        max_uploads=args.max_uploads,
+        max_decodes=args.max_decodes,
+        max_decode_pixels=args.max_decode_pixels,
+        header_timeout_s=args.header_timeout,
+        body_timeout_s=args.body_timeout,
+        max_connections=args.max_connections,
     )
     if args.onnx is not None:
         embedder = OnnxQueryEmbedder(args.onnx, args.image_size)
@@ -177,6 +231,7 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from raml.deploy.service.app import create_app
+    from raml.deploy.service.connections import server_options
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}.")
@@ -203,5 +258,6 @@ def run_serve(args: argparse.Namespace) -> int:
         port=args.port,
         log_level="debug" if args.verbose else "info",
         access_log=args.verbose,
+        **server_options(service.limits.header_timeout_s, service.limits.max_connections),
     )
     return 0

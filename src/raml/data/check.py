@@ -36,6 +36,7 @@ from typing import BinaryIO
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from raml.data.image_limits import ImageTooLargeError, check_resized_size
 from raml.data.images import ImageLoadError, load_image, to_rgb
 from raml.data.splits import Split
 from raml.utils import atomic_write_text
@@ -145,8 +146,9 @@ def _tail_problem(f: BinaryIO, size: int, fmt: str | None) -> str | None:
     return None
 
 
-def _header_problem(path: Path) -> str | None:
-    """The fast checks: file, header, size, mode and end marker; no pixel is decoded."""
+def _header_problem(path: Path, image_size: int | None = None) -> str | None:
+    """The fast checks: file, header, size (and the size once resized to ``image_size``), mode and end marker; no
+    pixel is decoded."""
     if not path.exists():
         return "missing file"
     if not path.is_file():
@@ -165,6 +167,11 @@ def _header_problem(path: Path) -> str | None:
             width, height = img.size
             if width <= 0 or height <= 0:
                 return f"zero-size image ({width}x{height})"
+            if image_size is not None:
+                try:
+                    check_resized_size(width, height, image_size)
+                except ImageTooLargeError as refused:
+                    return f"too large once resized ({refused})"
             problem = _mode_problem(img.mode)
             if problem is not None:
                 return problem
@@ -187,13 +194,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
-def check_image(path: Path, full_decode: bool = False) -> str | None:
+def check_image(path: Path, full_decode: bool = False, image_size: int | None = None) -> str | None:
     """Check one image file.
 
     Args:
         path: The image file.
         full_decode: After the fast checks, also decode every pixel with :func:`raml.data.images.load_image`
             (slower; finds corrupt compressed data that the headers do not show).
+        image_size: The evaluation size S the image will be used at: an image that the evaluation transform
+            would resize to more than :data:`raml.data.image_limits.DEFAULT_MAX_PIXELS` pixels (an extreme
+            aspect ratio) is bad. None: not checked.
 
     Returns:
         None if the image is usable, else a short reason such as ``"missing file"``, ``"empty file (0
@@ -201,7 +211,7 @@ def check_image(path: Path, full_decode: bool = False) -> str | None:
     """
     path = Path(path)
     try:
-        problem = _header_problem(path)
+        problem = _header_problem(path, image_size)
         if problem is None and full_decode:
             problem = _decode_problem(path)
     except OSError as exc:  # permission denied, I/O error, a file removed while being checked, ...
@@ -212,7 +222,9 @@ def check_image(path: Path, full_decode: bool = False) -> str | None:
 # -------------------------------------------------------------------------------------------------- splits
 
 
-def scan_split(split: Split, full_decode: bool = False, workers: int = 1, progress: bool = False) -> list[BadImage]:
+def scan_split(
+    split: Split, full_decode: bool = False, workers: int = 1, progress: bool = False, image_size: int | None = None
+) -> list[BadImage]:
     """Check every image of a split.
 
     Args:
@@ -220,6 +232,7 @@ def scan_split(split: Split, full_decode: bool = False, workers: int = 1, progre
         full_decode: Decode every image too (see :func:`check_image`).
         workers: Threads checking files in parallel (the fast mode mostly waits on file reads).
         progress: Show a tqdm progress bar.
+        image_size: The evaluation size the images will be used at (see :func:`check_image`), or None.
 
     Returns:
         The bad images, in split order (empty if all are fine).
@@ -233,7 +246,7 @@ def scan_split(split: Split, full_decode: bool = False, workers: int = 1, progre
     )
 
     def check(path: Path) -> str | None:
-        return check_image(path, full_decode=full_decode)
+        return check_image(path, full_decode=full_decode, image_size=image_size)
 
     if workers == 1:
         reasons = [check(p) for p in bar(paths)]
@@ -356,6 +369,7 @@ def apply_bad_image_policy(
     workers: int = 1,
     report_dir: Path | None = None,
     progress: bool = False,
+    image_size: int | None = None,
 ) -> tuple[Split, list[BadImage]]:
     """Scan a split and apply a bad-image policy, before a long run starts rather than hours into it.
 
@@ -369,6 +383,8 @@ def apply_bad_image_policy(
         workers: Threads checking files in parallel.
         report_dir: Where to write the list of bad files, or None.
         progress: Show a tqdm progress bar.
+        image_size: The evaluation size the images will be used at: images too large once resized to it are bad
+            (see :func:`check_image`). None: not checked.
 
     Returns:
         The split to use (filtered with ``"skip"``) and the bad images found.
@@ -379,7 +395,7 @@ def apply_bad_image_policy(
     """
     if policy not in BAD_IMAGE_POLICIES:
         raise ValueError(f"Unknown bad-image policy {policy!r}; valid policies: {', '.join(BAD_IMAGE_POLICIES)}.")
-    bad = scan_split(split, full_decode=full_decode, workers=workers, progress=progress)
+    bad = scan_split(split, full_decode=full_decode, workers=workers, progress=progress, image_size=image_size)
     if policy == "error":
         if not bad:
             return split, bad

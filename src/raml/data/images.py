@@ -45,6 +45,25 @@ def _gray_to_rgb(values: np.ndarray) -> Image.Image:
     return Image.fromarray(gray).convert("RGB")
 
 
+_CHUNK_PIXELS = 1 << 18  # 16-bit conversion: pixels converted at a time (2 MB of int64), not the whole image
+
+
+def _sixteen_bit_to_gray(img: Image.Image) -> Image.Image:
+    """``I;16*`` / ``I`` -> ``L``: ``round(v * 255 / 65535)`` in integers, a band of rows at a time (no float copy)."""
+    width, height = img.size
+    gray = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        values = np.asarray(img.crop((0, top, width, bottom)), dtype=np.int64)
+        np.clip(values, 0, 65535, out=values)
+        values *= 2  # in place: round(v / 257) = (2v + 257) // 514 (never a tie: 257 is odd)
+        values += 257
+        values //= 514
+        gray[top:bottom] = values
+    return Image.fromarray(gray)
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert an image of any PIL mode to 8-bit ``RGB`` (see the module docstring for the rules).
 
@@ -60,8 +79,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     if mode in _ALPHA_PALETTE_MODES:
         return img.convert("RGBA").convert("RGB")
     if mode == "I" or mode.startswith("I;16"):
-        values = np.asarray(img).astype(np.float64)
-        return _gray_to_rgb(np.clip(values, 0, 65535) * (255.0 / 65535.0))
+        return _sixteen_bit_to_gray(img).convert("RGB")
     if mode == "F":
         values = np.asarray(img).astype(np.float64)
         return _gray_to_rgb(np.nan_to_num(values, nan=0.0) * 255.0)
@@ -176,6 +194,10 @@ class EvalTransform:
 
         Returns:
             ``(3, size, size)`` float32 tensor.
+
+        Raises:
+            raml.data.image_limits.ImageTooLargeError: If the resized image would have more than
+                ``raml.data.image_limits.DEFAULT_MAX_PIXELS`` pixels (an extreme aspect ratio).
         """
         if not isinstance(img, Image.Image):
             raise TypeError(f"EvalTransform expects a PIL image, got {type(img).__name__}; load it with load_image.")
@@ -184,6 +206,9 @@ class EvalTransform:
                 f"EvalTransform expects an RGB image, got mode {img.mode!r}; "
                 "load it with raml.data.load_image (or call raml.data.images.to_rgb) first."
             )
+        from raml.data.image_limits import check_resized_size  # imported here: image_limits imports this module
+
+        check_resized_size(img.size[0], img.size[1], self.size)  # before the resize allocates it
         img = resize_shorter(img, eval_resize_size(self.size))
         img = TF.center_crop(img, [self.size, self.size])
         x = TF.to_tensor(img)

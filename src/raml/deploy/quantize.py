@@ -10,12 +10,15 @@ and graph optimisation, e.g. BatchNorm folded into the convolutions), then ``qua
 QuantizeLinear/DequantizeLinear pairs (the QDQ format onnxruntime's CPU kernels are optimised for):
 weights signed int8 (per output channel by default, which suits ResNet convolutions), activations unsigned
 int8 with ranges calibrated on the calibration images (preprocessed exactly as at query time, through the
-sidecar's transform), by the min/max of what they produce (``minmax``) or by a percentile
+sidecar's transform, at every query size the model serves: the sidecar's ``image_sizes`` of a multi-size student,
+else its ``image_size``), by the min/max of what they produce (``minmax``) or by a percentile
 (``percentile``) or an entropy criterion (``entropy``).
 
-Check before keeping: the fp32 and int8 models embed the calibration images (and ``check_paths`` when
-given); the mean cosine similarity of the two embeddings of each image must reach ``min_cosine``
-(:data:`DEFAULT_MIN_COSINE`), otherwise :class:`QuantizationError` is raised and nothing is written. The
+Check before keeping: the fp32 and int8 models embed the check images that were not used for calibration
+(``check_paths`` minus ``calibration_paths``), at every served size; the mean cosine similarity of the two
+embeddings of each image must reach ``min_cosine`` (:data:`DEFAULT_MIN_COSINE`) and the worst one, over every
+image and size, ``min_worst_cosine`` (:data:`DEFAULT_MIN_WORST_COSINE`); otherwise :class:`QuantizationError` is
+raised and nothing is written. The
 model is written to a temporary name and renamed into place only after the check, so an existing file is
 never replaced by a failed quantisation.
 """
@@ -44,16 +47,21 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CALIBRATION_METHODS",
     "DEFAULT_MIN_COSINE",
+    "DEFAULT_MIN_WORST_COSINE",
     "QuantizationError",
     "QuantizationReport",
     "evenly_spaced",
     "quantize_onnx",
+    "served_sizes",
 ]
 
 #: the mean fp32/int8 cosine similarity an int8 model must reach to be kept. The demo's trained ResNet-18
 #: networks reach 0.999 (docs/deployment.md); a model calibrated on blank images, whose activation ranges
 #: collapse, falls far below (tests/deploy/test_quantize.py).
 DEFAULT_MIN_COSINE = 0.95
+#: the cosine similarity every check image must reach at every size (the mean alone can hide a few images
+#: the int8 model gets badly wrong)
+DEFAULT_MIN_WORST_COSINE = 0.90
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
 _BATCH = 16
 
@@ -93,11 +101,14 @@ class QuantizationReport:
         fp32_bytes: Size of the fp32 file.
         int8_bytes: Size of the int8 file.
         calibration_images: Images the activation ranges were calibrated on.
-        checked_images: Images of the fp32/int8 comparison.
-        mean_cosine: Mean cosine similarity of the fp32 and int8 embeddings of the same image.
-        min_cosine: The smallest one.
+        checked_images: Held-out images (not used for calibration) of the fp32/int8 comparison.
+        mean_cosine: Mean cosine similarity of the fp32 and int8 embeddings of the same image, over the checked
+            images at every size.
+        min_cosine: The smallest one (the worst image at the worst size).
         method: Calibration method.
         per_channel: Whether weights have one scale per output channel.
+        sizes: The query sizes calibrated and checked (every size the model serves).
+        cosine_by_size: ``{size: {"mean", "min"}}``.
     """
 
     path: Path
@@ -111,6 +122,8 @@ class QuantizationReport:
     min_cosine: float
     method: str
     per_channel: bool
+    sizes: list[int]
+    cosine_by_size: dict[str, dict[str, float]]
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable form."""
@@ -130,21 +143,30 @@ def evenly_spaced(paths: Sequence[str], count: int) -> list[str]:
     return [paths[i] for i in positions]
 
 
-def _preprocess(paths: Sequence[str | Path], sidecar: dict[str, Any]) -> np.ndarray:
-    transform = EvalTransform(int(sidecar["image_size"]), sidecar["mean"], sidecar["std"])
+def served_sizes(sidecar: dict[str, Any]) -> list[int]:
+    """The query sizes a model serves: its sidecar's ``image_sizes`` (a multi-size student), else ``image_size``;
+    the default size first."""
+    default = int(sidecar["image_size"])
+    listed = [int(s) for s in sidecar.get("image_sizes") or []]
+    return [default, *(s for s in dict.fromkeys(listed) if s != default)]
+
+
+def _preprocess(paths: Sequence[str | Path], sidecar: dict[str, Any], size: int) -> np.ndarray:
+    transform = EvalTransform(size, sidecar["mean"], sidecar["std"])
     return torch.stack([transform(load_image(p)) for p in paths]).numpy()
 
 
 class _Calibration:
-    """onnxruntime's ``CalibrationDataReader`` protocol over preprocessed images, in batches."""
+    """onnxruntime's ``CalibrationDataReader`` protocol over preprocessed images, in batches of one size each
+    (a multi-size student is calibrated on its images at every size it serves)."""
 
-    def __init__(self, input_name: str, images: np.ndarray) -> None:
-        self.input_name, self.images = input_name, images
+    def __init__(self, input_name: str, images: Sequence[np.ndarray]) -> None:
+        self.input_name, self.images = input_name, list(images)
         self._batches: Iterator[np.ndarray] = iter(())
         self.rewind()
 
     def rewind(self) -> None:
-        self._batches = iter([self.images[i : i + _BATCH] for i in range(0, len(self.images), _BATCH)])
+        self._batches = iter([x[i : i + _BATCH] for x in self.images for i in range(0, len(x), _BATCH)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self._batches, None)
@@ -162,7 +184,7 @@ def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(axis=1) / np.maximum(norms, 1e-12)
 
 
-def _calibration_reader(input_name: str, images: np.ndarray) -> Any:
+def _calibration_reader(input_name: str, images: Sequence[np.ndarray]) -> Any:
     from onnxruntime.quantization import CalibrationDataReader
 
     class Reader(_Calibration, CalibrationDataReader):
@@ -179,6 +201,7 @@ def quantize_onnx(
     method: str = "minmax",
     per_channel: bool = True,
     min_cosine: float = DEFAULT_MIN_COSINE,
+    min_worst_cosine: float = DEFAULT_MIN_WORST_COSINE,
     calibration_split: str | None = None,
     source_label: str | None = None,
 ) -> QuantizationReport:
@@ -189,10 +212,12 @@ def quantize_onnx(
         output: The int8 ``.onnx`` file to write (a different file).
         calibration_paths: Images whose activations set the quantisation ranges (a few dozen to a few hundred
             images like the queries).
-        check_paths: More images for the fp32/int8 comparison (the calibration images are always used).
+        check_paths: Images for the fp32/int8 comparison; those among the calibration images are left out
+            (the check is on held-out images), and at least one must remain.
         method: One of :data:`CALIBRATION_METHODS`.
         per_channel: One weight scale per output channel (better accuracy for convolutions).
-        min_cosine: The smallest acceptable mean fp32/int8 cosine similarity.
+        min_cosine: The smallest acceptable mean fp32/int8 cosine similarity (over images and sizes).
+        min_worst_cosine: The smallest acceptable cosine similarity of any one check image at any size.
         calibration_split: The split the calibration images came from, recorded in the sidecar.
         source_label: What the sidecar records as the fp32 model (default ``fp32_path``; e.g. the checkpoint
             when the fp32 model is a temporary file).
@@ -220,10 +245,20 @@ def quantize_onnx(
         raise ValueError(f"min_cosine must be in (0, 1], got {min_cosine!r}.")
     if not calibration_paths:
         raise ValueError("Quantisation needs calibration images; give at least one.")
+    if not 0 < min_worst_cosine <= 1:
+        raise ValueError(f"min_worst_cosine must be in (0, 1], got {min_worst_cosine!r}.")
+    calibrated = {Path(p).resolve() for p in calibration_paths}
+    held_out = list(dict.fromkeys(str(p) for p in check_paths if Path(p).resolve() not in calibrated))
+    if not held_out:
+        raise ValueError(
+            "The int8 model is checked on images not used for calibration; give check images (check_paths) "
+            "other than the calibration images."
+        )
+    sizes = served_sizes(sidecar)
     fp32_session = onnx_session(fp32_path)
     input_name = fp32_session.get_inputs()[0].name
-    calibration = _preprocess(calibration_paths, sidecar)
-    checks = np.concatenate([calibration, _preprocess(check_paths, sidecar)]) if check_paths else calibration
+    calibration = [_preprocess(calibration_paths, sidecar, size) for size in sizes]
+    checks = {size: _preprocess(held_out, sidecar, size) for size in sizes}
 
     with tempfile.TemporaryDirectory(prefix="raml-quantize-") as work, atomic_path(output) as tmp:
         prepared = Path(work) / "prepared.onnx"
@@ -239,14 +274,26 @@ def quantize_onnx(
                 weight_type=QuantType.QInt8,
                 calibrate_method=methods[method],
             )
-        cosines = _cosines(_embed(fp32_session, checks), _embed(onnx_session(tmp), checks))
+        int8_session = onnx_session(tmp)
+        by_size = {size: _cosines(_embed(fp32_session, x), _embed(int8_session, x)) for size, x in checks.items()}
+        cosines = np.concatenate(list(by_size.values()))
         mean, low = float(cosines.mean()), float(cosines.min())
-        logger.info("int8 vs fp32 on %d images: mean cosine %.4f, min %.4f", len(checks), mean, low)
-        if not mean >= min_cosine:
+        per_size = {str(size): {"mean": float(c.mean()), "min": float(c.min())} for size, c in by_size.items()}
+        for size, c in by_size.items():
+            logger.info(
+                "int8 vs fp32 at %d px on %d held-out images: mean cosine %.4f, min %.4f",
+                size,
+                len(c),
+                c.mean(),
+                c.min(),
+            )
+        if not (mean >= min_cosine and low >= min_worst_cosine):
+            worst_size = min(by_size, key=lambda size: float(by_size[size].min()))
             raise QuantizationError(
                 f"The int8 model's embeddings are too far from the fp32 model's: mean cosine similarity {mean:.4f} "
-                f"(min {low:.4f}) on {len(checks)} images, below {min_cosine}; nothing was written. Calibrate on "
-                "more (or more typical) images, or try another --calibration-method."
+                f"(needs {min_cosine}), worst {low:.4f} at {worst_size} px (needs {min_worst_cosine}), on "
+                f"{len(held_out)} images not used for calibration at sizes {', '.join(map(str, sizes))}; nothing "
+                "was written. Calibrate on more (or more typical) images, or try another --calibration-method."
             )
         record = dict(sidecar)
         record["model_sha256"] = hashlib.sha256(tmp.read_bytes()).hexdigest()
@@ -262,7 +309,9 @@ def quantize_onnx(
             "fp32_sha256": sidecar.get("model_sha256"),
             "mean_cosine_to_fp32": mean,
             "min_cosine_to_fp32": low,
-            "checked_images": int(len(checks)),
+            "checked_images": len(held_out),
+            "sizes": sizes,
+            "cosine_to_fp32_by_size": per_size,
         }
         int8_bytes = tmp.stat().st_size
         atomic_write_text(sidecar_path(output), json.dumps(record, indent=2) + "\n")
@@ -275,9 +324,11 @@ def quantize_onnx(
         fp32_bytes=fp32_bytes,
         int8_bytes=int8_bytes,
         calibration_images=len(calibration_paths),
-        checked_images=int(len(checks)),
+        checked_images=len(held_out),
         mean_cosine=mean,
         min_cosine=low,
         method=method,
         per_channel=per_channel,
+        sizes=sizes,
+        cosine_by_size=per_size,
     )

@@ -5,8 +5,10 @@ query size -> :mod:`~raml.deploy.service.batching` (bounded queue, one worker: `
 student of :mod:`~raml.deploy.service.embedders` -> ``(B, D)``, searched in the index of
 :mod:`~raml.deploy.service.live_index`) -> JSON from :mod:`~raml.deploy.service.app`.
 :mod:`~raml.deploy.service.service` composes these without HTTP; :mod:`~raml.deploy.service.metrics` counts.
-Starlette and uvicorn are optional (``pip install raml[serve]``); only :mod:`~raml.deploy.service.app` and the
-CLI import them.
+:mod:`~raml.deploy.service.admission` bounds the uploads and decodes in flight; :mod:`~raml.deploy.service.connections`
+adds the header deadline and the connection cap to uvicorn's protocol. Starlette and uvicorn are optional
+(``pip install raml[serve]``); only :mod:`~raml.deploy.service.app`, :mod:`~raml.deploy.service.connections`
+and the CLI import them.
 """
 
 from __future__ import annotations

@@ -7,10 +7,13 @@ Routes:
   ``image/*`` content type -> ``{"k", "size", "generation", "batch_size", "results": [{"rank", "id", "path",
   "label", "score"}, ...], "timings_ms": {"read", "decode", "queue", "embed", "search", "total"}}``
   (``label`` is null where the index has none). Errors are ``{"error": message}`` with status 400 (bad k or
-  size, truncated or corrupt image, bad form), 413 (body over ``max_bytes``, image over ``max_pixels``), 415
-  (not an image, or a body that is neither multipart nor ``image/*``), 503 with ``Retry-After`` (queue full);
+  size, truncated or corrupt image, bad form), 408 (the body did not arrive within ``body_timeout_s``; the
+  connection is closed), 413 (body over ``max_bytes``; image, or the image resized to the query size, over
+  ``max_pixels``), 415 (not an image, or a body that is neither multipart nor ``image/*``), 503 with
+  ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded, or the batching
+  queue full: refused before the body is read or the image decoded);
 - ``GET /health``: :meth:`SearchService.health`;
-- ``GET /metrics``: Prometheus text (:mod:`raml.deploy.service.metrics`);
+- ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
   request; ids outside the served index get 404).
 """
@@ -31,12 +34,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
-from starlette.requests import Request
-from starlette.responses import FileResponse, HTMLResponse, JSONResponse, PlainTextResponse, Response
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from raml.deploy.service.admission import ServiceBusyError
 from raml.deploy.service.batching import QueueFullError
 from raml.deploy.service.decode import QueryImageError
+from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raml.deploy.service.service import SearchService
 
 logger = logging.getLogger(__name__)
@@ -52,8 +57,9 @@ def _page() -> str:
     return importlib.resources.files("raml.deploy.service").joinpath("web/index.html").read_text(encoding="utf-8")
 
 
-async def read_limited_body(request: Request, max_bytes: int) -> bytes:
-    """The request body, refused with 413 as soon as it exceeds ``max_bytes`` (announced or streamed)."""
+async def read_limited_body(request: Request, max_bytes: int, timeout_s: float | None = None) -> bytes:
+    """The request body, refused with 413 as soon as it exceeds ``max_bytes`` (announced or streamed), and with
+    408 when it has not arrived in full within ``timeout_s`` seconds (None: no deadline)."""
     announced = request.headers.get("content-length")
     too_large = QueryImageError(
         413, f"The request body is over this service's limit of {max_bytes} bytes (--max-bytes); send a smaller file."
@@ -61,11 +67,26 @@ async def read_limited_body(request: Request, max_bytes: int) -> bytes:
     if announced is not None and announced.isdigit() and int(announced) > max_bytes:
         raise too_large
     chunks, total = [], 0
-    async for chunk in request.stream():
-        total += len(chunk)
-        if total > max_bytes:
-            raise too_large
-        chunks.append(chunk)
+
+    async def read() -> None:
+        nonlocal total
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise too_large
+            chunks.append(chunk)
+
+    try:
+        async with asyncio.timeout(timeout_s):
+            await read()
+    except TimeoutError:
+        raise QueryImageError(
+            408,
+            f"The request body did not arrive in full within {timeout_s:g} s (--body-timeout; {total} bytes "
+            "received); the connection is closed.",
+        ) from None
+    except ClientDisconnect:
+        raise QueryImageError(400, "The client closed the connection before sending the whole body.") from None
     return b"".join(chunks)
 
 
@@ -134,21 +155,28 @@ def create_app(service: SearchService) -> Starlette:
                 size = service.query_size(requested)
             except ValueError as refused:
                 raise QueryImageError(400, str(refused)) from None
-            with service.arriving():
-                body = await read_limited_body(request, service.limits.max_bytes)
+            # admission before anything is buffered or decoded: beyond the limits, 503 at once
+            with service.uploads.take():
+                body = await read_limited_body(request, service.limits.max_bytes, service.limits.body_timeout_s)
                 data = await _upload_bytes(request, body)
-                read_done = time.perf_counter()
+            del body
+            read_done = time.perf_counter()
+            with service.decodes.take(), service.arriving():  # only a query with its whole body holds a batch
                 image = await run_in_threadpool(service.prepare, data, size)
+                del data
                 decoded = time.perf_counter()
                 future = service.submit(image, size, int(k))
             result = await asyncio.wrap_future(future)
         except QueryImageError as refused:
-            return answer("search", error(refused.status, str(refused)), started)
-        except QueueFullError as busy:
+            headers = {"Connection": "close"} if refused.status == 408 else None
+            return answer("search", error(refused.status, str(refused), headers), started)
+        except (QueueFullError, ServiceBusyError) as busy:
+            metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size")
             return answer("search", error(503, str(busy), {"Retry-After": str(RETRY_AFTER_S)}), started)
         except Exception:
             logger.exception("Search failed")
             return answer("search", error(500, "The search failed; see the service's log."), started)
+        metrics.record_query(size, result.queue_s)
         index = result.index
         hits = [
             {
@@ -183,7 +211,7 @@ def create_app(service: SearchService) -> Starlette:
         return answer("health", JSONResponse(service.health()))
 
     async def metrics_text(request: Request) -> Response:
-        return answer("metrics", PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4"))
+        return answer("metrics", Response(metrics.render(), media_type=METRICS_CONTENT_TYPE))
 
     async def image(request: Request) -> Response:
         index = service.index.current

@@ -25,9 +25,18 @@ class BackgroundServer:
         host: Address to bind.
         port: Port; 0 picks a free one.
         timeout_s: Longest wait for start-up and for shut-down.
+        options: More ``uvicorn.Config`` keyword arguments, e.g.
+            :func:`raml.deploy.service.connections.server_options` (the deadlines of ``raml serve``).
     """
 
-    def __init__(self, app: Any, host: str = "127.0.0.1", port: int = 0, timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        app: Any,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        timeout_s: float = 30.0,
+        options: dict[str, Any] | None = None,
+    ) -> None:
         import uvicorn
 
         self._socket = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
@@ -36,7 +45,7 @@ class BackgroundServer:
         self.host = host
         self.port = int(self._socket.getsockname()[1])
         self.timeout_s = float(timeout_s)
-        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+        config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", **(options or {}))
         self._server = uvicorn.Server(config)
         self._thread = threading.Thread(
             target=self._server.run, kwargs={"sockets": [self._socket]}, name="raml-uvicorn", daemon=True

@@ -4,8 +4,10 @@ Contract: ``decode_query_image(data, max_pixels)`` -> ``RGB`` image (:func:`raml
 :class:`QueryImageError` carrying the HTTP status a client should get:
 
 - 415: the bytes are not an image PIL can identify;
-- 413: the header announces more than ``max_pixels`` pixels (checked before any pixel is decoded, so a
-  decompression bomb costs nothing), or PIL's own bomb guard fires;
+- 413: the header announces more than ``max_pixels`` pixels, or a size that the evaluation transform at the
+  query size would resize to more than ``max_pixels`` pixels (an extreme aspect ratio such as 100000x1); both
+  are checked before any pixel is decoded (:mod:`raml.data.image_limits`), so a decompression bomb costs
+  nothing; or PIL's own bomb guard fires;
 - 400: an empty body, or an image that fails while decoding (truncated or corrupt).
 
 The byte limit of the request body itself is the caller's (it must stop reading early; see
@@ -14,11 +16,17 @@ The byte limit of the request body itself is the caller's (it must stop reading 
 
 from __future__ import annotations
 
+import contextlib
 import io
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from typing import Any
 
 from PIL import Image, UnidentifiedImageError
 
+from raml.data.image_limits import ImageTooLargeError, check_image_size
 from raml.data.images import to_rgb
+from raml.deploy.service.admission import ServiceBusyError
 
 __all__ = ["QueryImageError", "decode_query_image"]
 
@@ -31,18 +39,32 @@ class QueryImageError(ValueError):
         self.status = status
 
 
-def decode_query_image(data: bytes, max_pixels: int) -> Image.Image:
-    """Decode ``data`` into an RGB image of at most ``max_pixels`` pixels.
+def decode_query_image(
+    data: bytes,
+    max_pixels: int,
+    size: int | None = None,
+    admit: Callable[[int], AbstractContextManager[Any]] | None = None,
+    finish: Callable[[Image.Image], Any] | None = None,
+) -> Any:
+    """Decode ``data`` into an RGB image of at most ``max_pixels`` pixels, before and after the query resize.
 
     Args:
         data: The uploaded file's bytes.
-        max_pixels: Largest accepted width x height.
+        max_pixels: Largest accepted width x height, and largest image the evaluation transform at ``size`` may
+            resize it to (an extreme aspect ratio is refused before any pixel is decoded).
+        size: The query size ``S`` the image will be transformed at (None: no check of the resized size).
+        admit: Called with the image's pixel count (from its header, after the size checks); the context it
+            returns is held while the image is decoded and ``finish`` runs (the service's decode budget, which
+            raises :class:`~raml.deploy.service.admission.ServiceBusyError` when the image does not fit).
+        finish: Applied to the RGB image inside ``admit``'s context (e.g. the query transform); its result is
+            returned.
 
     Returns:
-        The image in mode ``RGB``, independent of ``data``.
+        The image in mode ``RGB``, independent of ``data`` (or ``finish``'s result).
 
     Raises:
         QueryImageError: With status 400, 413 or 415 (see the module docstring).
+        ServiceBusyError: From ``admit``.
     """
     if not data:
         raise QueryImageError(400, "The request holds no image: send the image file as the body or as field 'image'.")
@@ -50,16 +72,16 @@ def decode_query_image(data: bytes, max_pixels: int) -> Image.Image:
         # Image.open reads the header only (PIL itself refuses images over twice its global pixel limit there).
         with Image.open(io.BytesIO(data)) as img:
             width, height = img.size
-            if width * height > max_pixels:
-                raise QueryImageError(
-                    413,
-                    f"The image is {width}x{height} = {width * height} pixels, over this service's limit of "
-                    f"{max_pixels} (--max-pixels); send a smaller image.",
-                )
-            img.load()
-            return to_rgb(img)
-    except QueryImageError:
+            check_image_size(width, height, size, max_pixels, what="The image")
+            with admit(width * height) if admit is not None else contextlib.nullcontext():
+                img.load()
+                rgb = to_rgb(img)
+                img.close()  # the decoded source is no longer needed while ``finish`` runs
+                return finish(rgb) if finish is not None else rgb
+    except (QueryImageError, ServiceBusyError):
         raise
+    except ImageTooLargeError as refused:
+        raise QueryImageError(413, f"{refused} (this service's --max-pixels)") from None
     except UnidentifiedImageError as error:
         raise QueryImageError(
             415, "The upload is not an image this service can read (JPEG, PNG, WebP, GIF, BMP, TIFF ...)."

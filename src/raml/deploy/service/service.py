@@ -19,7 +19,9 @@ from typing import Any
 
 import torch
 
+from raml.data.image_limits import DEFAULT_MAX_PIXELS
 from raml.deploy.search import check_query_dim, warn_if_other_teacher
+from raml.deploy.service.admission import Slots
 from raml.deploy.service.batching import MicroBatcher
 from raml.deploy.service.decode import decode_query_image
 from raml.deploy.service.embedders import QueryEmbedder
@@ -44,18 +46,36 @@ class ServiceLimits:
         max_pixels: Largest accepted image (width x height, read from the header before decoding); larger gets 413.
         max_k: Largest k a request may ask for.
         poll_interval_s: Seconds between checks for a new index generation.
+        max_uploads: Most request bodies being received at once; more get 503 at once (before being read).
+        max_decodes: Most images being decoded and transformed at once; more get 503 at once (before decoding).
+        max_decode_pixels: Most pixels (width x height from the headers) of the images being decoded and
+            transformed at once; an image that does not fit gets 503 before decoding (one image is always
+            admitted when none is being decoded). About 7 bytes of memory per pixel.
+        header_timeout_s: Seconds a connection has to deliver complete request headers; then 408 and closed.
+        body_timeout_s: Seconds a request has to deliver its whole body once its handler reads it; then 408.
+        max_connections: Most connections open at once; more get 503 and are closed.
     """
 
     max_batch: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 256
     max_bytes: int = 20 * 2**20
-    max_pixels: int = 40_000_000
+    max_pixels: int = DEFAULT_MAX_PIXELS
     max_k: int = 100
     poll_interval_s: float = 1.0
+    max_uploads: int = 32
+    max_decodes: int = 16
+    max_decode_pixels: int = 64_000_000
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_connections: int = 256
 
     def __post_init__(self) -> None:
-        for name in ("max_batch", "queue_size", "max_bytes", "max_pixels", "max_k"):
+        for name in ("header_timeout_s", "body_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}.")
+        counts = ("max_batch", "queue_size", "max_bytes", "max_pixels", "max_k", "max_uploads", "max_decodes")
+        for name in (*counts, "max_decode_pixels", "max_connections"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
@@ -88,6 +108,12 @@ class SearchService:
                 "queue_depth": ("Queries waiting for the batching worker.", lambda: self.batcher.depth),
                 "index_generation": ("Generation of the index being served.", lambda: self.index.current.generation),
                 "index_size": ("Images in the index being served.", lambda: len(self.index.current)),
+                "uploads_in_flight": ("Request bodies being received (--max-uploads).", lambda: self.uploads.held),
+                "decodes_in_flight": ("Images being decoded (--max-decodes).", lambda: self.decodes.held),
+                "decode_pixels_in_flight": (
+                    "Pixels of the images being decoded (--max-decode-pixels).",
+                    lambda: self.decode_pixels.held,
+                ),
             }
         )
         self.batcher = MicroBatcher(
@@ -99,12 +125,16 @@ class SearchService:
             on_batch=self.metrics.record_batch,
             arriving=lambda: self._arriving,
         )
-        self._arriving = 0  # requests between their arrival and the submission of their query
+        self._arriving = 0  # requests between the end of their body and the submission of their query
         self._arriving_lock = threading.Lock()
+        self.uploads = Slots(self.limits.max_uploads, "request bodies being received", "--max-uploads")
+        self.decodes = Slots(self.limits.max_decodes, "images being decoded", "--max-decodes")
+        self.decode_pixels = Slots(self.limits.max_decode_pixels, "pixels being decoded", "--max-decode-pixels")
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
-        """Wrap reading, decoding and submitting one query: the batcher waits for queries on their way only."""
+        """Wrap decoding and submitting one query whose body has arrived in full: the batcher waits for such
+        queries only (an upload still being received, perhaps stalled, never holds a batch back)."""
         with self._arriving_lock:
             self._arriving += 1
         try:
@@ -142,8 +172,17 @@ class SearchService:
         return requested
 
     def prepare(self, data: bytes, size: int) -> torch.Tensor:
-        """Decode an upload (within ``max_pixels``) and transform it to ``(3, size, size)``."""
-        return self.transforms[size](decode_query_image(data, self.limits.max_pixels))
+        """Decode an upload (within ``max_pixels``, before and after the resize) and transform it to
+        ``(3, size, size)``, holding its pixels (read from the header) in the :attr:`decode_pixels` budget; the
+        caller holds a :attr:`decodes` slot.
+
+        Raises:
+            QueryImageError: With the HTTP status to answer (see :mod:`raml.deploy.service.decode`).
+            ServiceBusyError: When the image's pixels do not fit in the budget (503).
+        """
+        return decode_query_image(
+            data, self.limits.max_pixels, size, admit=self.decode_pixels.take, finish=self.transforms[size]
+        )
 
     def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
         """Queue a prepared query; raises ``QueueFullError`` when the queue is full."""
@@ -176,5 +215,15 @@ class SearchService:
                 "max_wait_ms": self.limits.max_wait_ms,
                 "queue_size": self.limits.queue_size,
                 "queue_depth": self.batcher.depth,
+            },
+            "limits": {
+                "max_uploads": self.limits.max_uploads,
+                "max_decodes": self.limits.max_decodes,
+                "max_decode_pixels": self.limits.max_decode_pixels,
+                "max_connections": self.limits.max_connections,
+                "header_timeout_s": self.limits.header_timeout_s,
+                "body_timeout_s": self.limits.body_timeout_s,
+                "max_bytes": self.limits.max_bytes,
+                "max_pixels": self.limits.max_pixels,
             },
         }

@@ -1,0 +1,98 @@
+"""Size limits read from the header (issue 18, item 5) and the 16-bit conversion without float copies (item 6)."""
+
+from __future__ import annotations
+
+import tracemalloc
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from raml.data.image_limits import (
+    DEFAULT_MAX_PIXELS,
+    ImageTooLargeError,
+    check_image_size,
+    check_resized_size,
+    resized_size,
+)
+from raml.data.images import EvalTransform, ImageLoadError, resize_shorter, to_rgb
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+@pytest.mark.parametrize("size", [7, 32, 48, 224])
+@pytest.mark.parametrize("width, height", [(1, 1), (7, 3), (681, 512), (512, 681), (100, 1), (3, 250), (64, 64)])
+def test_resized_size_is_the_size_the_eval_transform_resizes_to(width, height, size):
+    # independent: what resize_shorter actually produces on an image of that size
+    actual = resize_shorter(Image.new("L", (width, height)), size + size / 7).size
+    assert resized_size(width, height, size) == actual
+
+
+def test_an_extreme_aspect_ratio_is_refused_by_its_resized_size():
+    check_resized_size(4000, 3000, 224)  # a photo: fine
+    check_image_size(4000, 3000, 224)
+    with pytest.raises(ImageTooLargeError) as refused:
+        check_resized_size(100_000, 1, 32)  # 100,000 pixels; its short side to 36.57 px: 3657143 x 37
+    message = str(refused.value)
+    assert "100000x1" in message and "3657143x37" in message and str(DEFAULT_MAX_PIXELS) in message
+    assert isinstance(refused.value, ImageLoadError)  # handled wherever unreadable images are
+    with pytest.raises(ImageTooLargeError):
+        check_resized_size(1, 40_000, 224)
+    with pytest.raises(ImageTooLargeError, match="over the limit of 1000 pixels"):
+        check_image_size(40, 30, None, max_pixels=1000)
+    check_image_size(4000, 3000, None)  # 12 M pixels: under the default
+
+
+def test_the_eval_transform_refuses_before_resizing():
+    # 40000 x 1 at 32 px would be resized to 1462857 x 37 (54 M pixels, 160 MB) before the centre crop
+    thin = Image.new("RGB", (40_000, 1))
+    with pytest.raises(ImageTooLargeError, match="1462857x37"):
+        EvalTransform(32, MEAN, STD)(thin)
+    assert EvalTransform(32, MEAN, STD)(Image.new("RGB", (300, 20))).shape == (3, 32, 32)
+
+
+def _reference_16bit(values: np.ndarray) -> np.ndarray:
+    """The documented rule, plainly: round(v * 255 / 65535) of v clipped to 0..65535."""
+    return np.array([round(min(max(int(v), 0), 65535) * 255 / 65535) for v in values.ravel()], dtype=np.uint8)
+
+
+def test_16bit_conversion_matches_the_rule_for_every_value():
+    every = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    got = np.asarray(to_rgb(Image.fromarray(every)))
+    assert got.shape == (256, 256, 3) and (got == got[..., :1]).all()
+    np.testing.assert_array_equal(got[..., 0].ravel(), _reference_16bit(every))
+    wide = np.array([[-5, 0, 128, 129, 65535, 70000, 2**31 - 1]], dtype=np.int32)  # mode "I": clipped
+    got = np.asarray(to_rgb(Image.fromarray(wide, mode="I")))[..., 0]
+    np.testing.assert_array_equal(got.ravel(), _reference_16bit(wide))
+
+
+def test_16bit_conversion_makes_no_float_copy_of_the_image():
+    side = 3000
+    image = Image.fromarray(np.tile(np.linspace(0, 65535, side).astype(np.uint16), (side, 1)))
+    tracemalloc.start()  # numpy reports its buffers to tracemalloc (PIL's own buffers are not counted)
+    try:
+        to_rgb(image)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # one float64 copy alone would be 8 bytes per pixel; the banded integer conversion needs ~1 (+ one band)
+    assert peak < 3 * side * side, f"{peak / side / side:.1f} bytes per pixel traced"
+
+
+def test_bad_images_skip_leaves_out_an_image_too_large_once_resized(tmp_path):
+    from raml.data.check import apply_bad_image_policy, check_image
+    from raml.data.splits import split_from_lists
+
+    root = tmp_path / "ds"
+    for folder, names in (("a", ["ok1.png", "thin.png"]), ("b", ["ok2.png", "ok3.png"])):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            size = (100_000, 1) if name == "thin.png" else (40, 30)  # 100,000 pixels, but 3657143 x 37 at 32 px
+            Image.new("L", size).save(root / folder / name)
+    assert check_image(root / "a" / "thin.png") is None  # without a size: only the image's own limits
+    reason = check_image(root / "a" / "thin.png", image_size=32)
+    assert reason is not None and reason.startswith("too large once resized") and "3657143x37" in reason
+    assert check_image(root / "a" / "ok1.png", image_size=32) is None
+    split = split_from_lists("thin", root, [["a/ok1.png", "a/thin.png"], ["b/ok2.png", "b/ok3.png"]])
+    kept, bad = apply_bad_image_policy(split, "skip", image_size=32)
+    assert [b.path for b in bad] == ["a/thin.png"] and "a/thin.png" not in kept.paths and len(kept) == 3
