@@ -280,6 +280,116 @@ def test_bad_inputs_are_clear_errors() -> None:
         retrieval_metrics(np.array([["a", "b", "c"]]), x, [0], labels)
 
 
+# --- symmetric tests: each pair of blocks computed once (queries = database, self excluded) -------------
+
+
+def _layout(name: str, rng: np.random.Generator) -> np.ndarray:
+    """Labels of one class layout, in random order."""
+    sizes = {
+        "sop_like": rng.integers(2, 13, 12),
+        "singletons": [1] * 9 + [2, 3, 5],  # queries without positives, still negatives for the others
+        "mixed": [1, 2, 3, 9, 14, 30],  # one class wider than the blocks
+        "one_class": [37],
+        "two_classes": [20, 21],
+    }[name]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(labels)
+    return labels
+
+
+def _tied_embeddings(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """Small integer coordinates (dot products exact in float32, so equal pairs tie exactly) and duplicated
+    rows: ties within classes, between classes and with the query's own row."""
+    x = rng.integers(-2, 3, (n, dim)).astype(np.float32)
+    dup = rng.choice(n, size=n // 3, replace=False)
+    x[dup[1:]] = x[dup[:-1]]
+    return x
+
+
+LAYOUTS = ["sop_like", "singletons", "mixed", "one_class", "two_classes"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("block_size", [3, 8, None])
+def test_symmetric_pairs_equal_one_sided_path_and_full_sort(
+    layout: str, ties: bool, block_size: int | None, counting_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(LAYOUTS.index(layout) * 7 + ties)
+    labels = _layout(layout, rng)
+    x = _tied_embeddings(rng, labels.size, 3) if ties else _unit(rng, labels.size, 6)
+    ks = [1, 2, 5, 1000]
+    calls = []
+    real = metrics_module._symmetric_scores
+    monkeypatch.setattr(metrics_module, "_symmetric_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pairs = retrieval_metrics(x, x, labels, labels, ks, exclude_self=True, block_size=block_size)
+    assert calls, "the symmetric path was not taken"
+    monkeypatch.setattr(metrics_module, "_SYMMETRIC_PAIRS", False)
+    one_sided = retrieval_metrics(x, x, labels, labels, ks, exclude_self=True, block_size=block_size)
+    assert len(calls) == 1
+    # The same ranks: R@k and the counts are identical; the AP sums may differ only in the order of the float
+    # additions (a few ulp). With ties the products are exact, so both paths compare the same numbers.
+    assert {k: v for k, v in pairs.items() if k != "mAP"} == {k: v for k, v in one_sided.items() if k != "mAP"}
+    assert pairs["mAP"] == pytest.approx(one_sided["mAP"], rel=1e-13, abs=1e-13)
+    _assert_close(pairs, _reference_metrics(x, x, labels, labels, ks, True))
+
+
+def test_symmetric_pairs_computes_half_the_similarities(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(11)
+    labels = _layout("sop_like", rng)
+    x = _unit(rng, labels.size, 8)
+    n, block = labels.size, 5
+    computed = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def counting_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = real_matmul(a, b)
+        computed.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting_matmul)
+    monkeypatch.setattr(metrics_module, "_GRAM_ROWS", 1)  # the positives' similarities: one class at a time
+    retrieval_metrics(x, x, labels, labels, (1, 4), exclude_self=True, block_size=block)
+    sizes = np.bincount(labels)
+    blocks = -(-n // block)
+    assert len(computed) == blocks * (blocks + 1) // 2 + sizes.size
+    # the upper triangle of blocks, diagonal included, and each class against itself
+    assert sum(computed) <= (n * n + n * block) / 2 + int((sizes**2).sum())
+    computed.clear()
+    monkeypatch.setattr(metrics_module, "_SYMMETRIC_PAIRS", False)
+    retrieval_metrics(x, x, labels, labels, (1, 4), exclude_self=True, block_size=block)
+    assert sum(computed) == n * n  # the one-sided path: every query row in full
+
+
+def test_symmetric_path_only_when_both_sides_are_the_same() -> None:
+    rng = np.random.default_rng(12)
+    labels = _layout("sop_like", rng)
+    x = _unit(rng, labels.size, 5)
+    y = x.copy()
+    y[3, 0] += 1e-3  # one row differs: an asymmetric test that must not be taken for a symmetric one
+    got = retrieval_metrics(x, y, labels, labels, (1, 4), exclude_self=True, block_size=4)
+    _assert_close(got, _reference_metrics(x, y, labels, labels, [1, 4], True))
+    other = labels.copy()
+    other[[0, 1]] = other[[1, 0]] if other[0] != other[1] else other[[0, 2]]
+    got = retrieval_metrics(x, x, labels, other, (1, 4), exclude_self=True, block_size=4)
+    _assert_close(got, _reference_metrics(x, x, labels, other, [1, 4], True))
+
+
+def test_transposed_column_count_against_loop() -> None:
+    rng = np.random.default_rng(13)
+    sims = rng.standard_normal((9, 3000)).astype(np.float32)
+    num_pos = np.sort(rng.integers(0, 4, 3000))
+    thresholds = np.full((3000, 3), np.inf, dtype=np.float32)
+    for c in range(3000):
+        thresholds[c, : num_pos[c]] = np.sort(rng.standard_normal(num_pos[c]))[::-1]
+    starts = np.searchsorted(num_pos, np.arange(3), side="right")
+    counts = np.zeros((3000, 3), dtype=np.int64)
+    mask = np.zeros((9, 2 * metrics_module._LANE_COLS), dtype=bool)
+    metrics_module._count_columns_numpy(sims, np.ascontiguousarray(thresholds.T), starts, counts, mask)
+    expected = [[int((sims[:, c] >= thresholds[c, j]).sum()) for j in range(3)] for c in range(3000)]
+    assert counts.tolist() == expected
+
+
 # --- raml.bench.eval (kept here, next to the metrics it measures) --------------------------------------
 
 
