@@ -327,10 +327,7 @@ def test_symmetric_pairs_equal_one_sided_path_and_full_sort(
     monkeypatch.setattr(metrics_module, "_SYMMETRIC_PAIRS", False)
     one_sided = retrieval_metrics(x, x, labels, labels, ks, exclude_self=True, block_size=block_size)
     assert len(calls) == 1
-    # The same ranks: R@k and the counts are identical; the AP sums may differ only in the order of the float
-    # additions (a few ulp). With ties the products are exact, so both paths compare the same numbers.
-    assert {k: v for k, v in pairs.items() if k != "mAP"} == {k: v for k, v in one_sided.items() if k != "mAP"}
-    assert pairs["mAP"] == pytest.approx(one_sided["mAP"], rel=1e-13, abs=1e-13)
+    assert pairs == one_sided  # identical, not just close: the same ranks and the same sums
     _assert_close(pairs, _reference_metrics(x, x, labels, labels, ks, True))
 
 
@@ -390,6 +387,37 @@ def test_transposed_column_count_against_loop() -> None:
     assert counts.tolist() == expected
 
 
+# --- the device path: sums stay on the device, one transfer to the host at the end ----------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_device_path_reads_the_host_a_fixed_number_of_times(symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every read of a device value on the host is a synchronisation. The torch (device) path runs
+    here on the CPU with the same functions; its host reads must not grow with the number of blocks."""
+    monkeypatch.setattr(metrics_module, "_NUMPY_ON_CPU", False)  # the path a CUDA device takes
+    rng = np.random.default_rng(14)
+    labels = _layout("sop_like", rng)
+    x = _unit(rng, labels.size, 6)
+    y = x if symmetric else _unit(rng, labels.size, 6)
+    reads: list[str] = []
+    for name in ("cpu", "numpy", "item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda self, *a, _real=real, _name=name, **kw: reads.append(_name) or _real(self, *a, **kw),
+        )
+    per_block_size = {}
+    for block_size in (3, 40):
+        reads.clear()
+        got = retrieval_metrics(x, y, labels, labels, (1, 4), exclude_self=True, block_size=block_size)
+        per_block_size[block_size] = list(reads)
+    assert per_block_size[3] == per_block_size[40]
+    assert len(per_block_size[3]) <= 6  # the finiteness check of each side; the AP sum and the hits, to the host
+    monkeypatch.undo()
+    _assert_close(got, _reference_metrics(x, y, labels, labels, [1, 4], True))
+
+
 # --- raml.bench.eval (kept here, next to the metrics it measures) --------------------------------------
 
 
@@ -411,16 +439,25 @@ def test_eval_benchmark_cli_tiny(tmp_path, capsys: pytest.CaptureFixture[str]) -
     from raml.bench.eval import main
 
     out = tmp_path / "bench.json"
-    assert main(["--num-images", "500", "--dim", "32", "--num-classes", "100", "--json", str(out)]) == 0
+    argv = ["--num-images", "500", "--dim", "32", "--num-classes", "100", "--device", "cuda", "--json", str(out)]
+    assert main(argv) == 0
     result = json.loads(out.read_text())
     for key in ("matmul_s", "eval_s", "ratio", "matmul_peak_rss_gb", "eval_peak_rss_gb", "torch_threads", "cpu_model"):
         assert key in result
-    assert result["matmul_s"] > 0 and result["eval_s"] > 0 and result["eval_peak_rss_gb"] > 0
+    assert result["phases"] == ["matmul", "sym", "sym_one_sided", "asym"]
+    for phase in ("sym", "sym_one_sided", "asym"):
+        assert result[f"{phase}_s"] > 0 and result[f"{phase}_ratio"] > 0 and result[f"{phase}_peak_rss_gb"] > 0
+        assert result[f"{phase}_metrics"]["num_queries"] == 500
+        assert set(result[f"{phase}_metrics"]) >= {"mAP", "R@1", "R@1000"}
+        assert 0.0 <= result[f"{phase}_metrics"]["mAP"] <= 100.0
+    assert result["sym_metrics_equal"] is True and result["sym_max_abs_diff"] == 0.0
+    assert result["asym_metrics"] != result["sym_metrics"]  # other queries, other figures
     assert result["cpu_ratio"] > 0 and len(result["runs"]) == 1
-    assert result["metrics"]["num_queries"] == 500 and set(result["metrics"]) >= {"mAP", "R@1", "R@1000"}
-    assert 0.0 <= result["metrics"]["mAP"] <= 100.0
     report = capsys.readouterr().out
-    assert "retrieval_metrics" in report and "eval / matmul" in report
+    assert "symmetric, pairs once" in report and "x matmul (CPU)" in report
+    cuda = torch.cuda.is_available()
+    assert result["device"] == ("cuda" if cuda else "cpu") and result["cuda_unavailable"] is (not cuda)
+    assert ("CUDA was asked for but is not available" in report) is (not cuda)
 
 
 def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -432,3 +469,9 @@ def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["--num-images", "500", "--num-classes", "100", "--repeat", "0"])
     assert "--repeat must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--num-images", "500", "--num-classes", "100", "--device", "tpu"])
+    assert "--device must be 'cpu' or 'cuda'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--num-images", "500", "--num-classes", "100", "--phases", "sort"])
+    assert "unknown --phases ['sort']" in capsys.readouterr().err

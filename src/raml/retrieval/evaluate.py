@@ -151,12 +151,22 @@ def evaluate_split(
             )
         else:
             database = embed_database()
-        results["asym"] = retrieval_metrics(query, database, labels, labels, ks=ks, exclude_self=True)
+        # On a CUDA device the embeddings and the counting stay there (one transfer of the sums at the end).
+        results["asym"] = retrieval_metrics(
+            _on_eval_device(query, device), _on_eval_device(database, device), labels, labels, ks=ks, exclude_self=True
+        )
         logger.info("%s asym: %s", split.name, _short(results["asym"]))
     if sym:
-        results["sym"] = retrieval_metrics(query, query, labels, labels, ks=ks, exclude_self=True)
+        on_device = _on_eval_device(query, device)
+        results["sym"] = retrieval_metrics(on_device, on_device, labels, labels, ks=ks, exclude_self=True)
         logger.info("%s sym: %s", split.name, _short(results["sym"]))
     return results
+
+
+def _on_eval_device(embeddings: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The embeddings on ``device`` when it is a CUDA device (where the exact evaluation runs fastest), else
+    on the CPU (the numpy counting path; other accelerators lack the float64 the AP sums use)."""
+    return embeddings.to(device) if device.type == "cuda" else embeddings.cpu()
 
 
 def _short(metrics: dict[str, float]) -> str:

@@ -310,14 +310,14 @@ def retrieval_metrics(
         and 12 * num_q * int(num_pos.max()) <= _BLOCK_BYTES
     )
     if symmetric:
-        ap_sum, hits = _symmetric_scores(x, d_cls, k_tensor, block_size, progress)
+        ap, hits = _symmetric_scores(x, d_cls, k_tensor, block_size, progress)
     else:
-        ap_sum, hits = _blocked_scores(
+        ap, hits = _blocked_scores(
             q, x, q_cls, d_cls, class_size, exclude_self, num_pos, k_tensor, block_size, progress
         )
 
     # The one transfer of results to the host: sums accumulate on the embeddings' device.
-    ap_total = float(ap_sum.cpu())
+    ap_total = float(ap.sum().cpu())  # every path sums the same per-query vector in query order
     hits_host = hits.cpu().tolist()
     result: dict[str, float] = {"mAP": 100.0 * ap_total / scored.size}
     for k, h in zip(k_list, hits_host):
@@ -339,7 +339,8 @@ def _blocked_scores(
     block_size: int | None,
     progress: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of AP and R@k hits over the scored queries, one ``(B, Nd)`` block of query rows at a time."""
+    """AP of every query ``(Nq,)`` (0 without positives) and the R@k hits, one ``(B, Nd)`` block of query rows
+    at a time; both on the embeddings' device."""
     num_q, num_d = q.shape[0], x.shape[0]
     class_start = np.concatenate([[0], np.cumsum(class_size)[:-1]])
     db_by_class = np.argsort(d_cls, kind="stable")
@@ -350,7 +351,7 @@ def _blocked_scores(
         block_size = max(1, _BLOCK_BYTES // (4 * num_d))
     block_size = int(block_size)
     device = q.device
-    ap_sum = torch.zeros((), dtype=torch.float64, device=device)
+    ap = torch.zeros(num_q, dtype=torch.float64, device=device)
     hits = torch.zeros(k_tensor.numel(), dtype=torch.int64, device=device)
     starts = range(0, order.size, block_size)
     logger.debug(
@@ -367,9 +368,9 @@ def _blocked_scores(
             ap_block, hits_block = _score_block(
                 q, x, idx, q_cls, class_size, class_start, db_by_class, exclude_self, k_tensor, counter
             )
-            ap_sum += ap_block
+            ap[torch.from_numpy(idx).to(device)] = ap_block
             hits += hits_block
-    return ap_sum, hits
+    return ap, hits
 
 
 def _positive_thresholds(x: torch.Tensor, members: torch.Tensor, num_pos: np.ndarray, p_max: int) -> torch.Tensor:
@@ -452,7 +453,7 @@ def _symmetric_scores(
     else:
         counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
     num_pos_t = torch.from_numpy(num_pos).to(device)
-    ap_sum = torch.zeros((), dtype=torch.float64, device=device)
+    ap = torch.zeros(n, dtype=torch.float64, device=device)
     hits = torch.zeros(k_tensor.numel(), dtype=torch.int64, device=device)
     bounds = [(b0, min(b0 + block, n)) for b0 in range(0, n, block)]
     logger.debug(
@@ -484,9 +485,9 @@ def _symmetric_scores(
                 del sims
             block_counts = counts[i0:i1].to(device)
             ap_block, hits_block = _ap_and_hits(block_counts, num_pos_t[i0:i1], k_tensor)
-            ap_sum += ap_block
+            ap[members[i0:i1]] = ap_block
             hits += hits_block
-    return ap_sum, hits
+    return ap, hits
 
 
 class _Scratch:
@@ -621,9 +622,10 @@ class _Counter:
 def _ap_and_hits(
     neg_at_or_above: torch.Tensor, num_pos: torch.Tensor, k_tensor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of AP and R@k hits of queries from ``(B, P)`` counts of negatives at or above each positive.
+    """AP of each query ``(B,)`` float64 and R@k hits ``(len(ks),)`` from ``(B, P)`` counts of negatives at or
+    above each positive.
 
-    Rows with ``num_pos == 0`` (no positive) contribute nothing. Both results stay on the counts' device.
+    Rows with ``num_pos == 0`` (no positive) get AP 0 and no hit. Both results stay on the counts' device.
     """
     device = neg_at_or_above.device
     p_max = neg_at_or_above.shape[1]
@@ -634,11 +636,13 @@ def _ap_and_hits(
     pos_valid = j.unsqueeze(0) < num_pos.unsqueeze(1)
     terms = torch.where(pos_valid, (precision_0 + precision_1) / 2.0, torch.zeros_like(ranks))
     scored = num_pos > 0
-    ap_sum = (terms.sum(1)[scored] / num_pos[scored].to(torch.float64)).sum()
+    # A sequential sum along the row (cumsum), so that the padding zeros at the end change no bit: every path
+    # gives a query the same AP, whatever the width of its block.
+    ap = terms.cumsum(1)[:, -1] / num_pos.clamp(min=1).to(torch.float64)
     # R@k: the best positive (j = 0) has rank c_0, and is within the k nearest iff c_0 < k.
     first_rank = neg_at_or_above[scored, 0]
     hits = (first_rank.unsqueeze(1) < k_tensor.unsqueeze(0)).sum(0)
-    return ap_sum, hits
+    return ap, hits
 
 
 def _score_block(
@@ -653,7 +657,7 @@ def _score_block(
     k_tensor: torch.Tensor,
     counter: _Counter,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sum of AP and number of R@k hits over the queries ``idx`` (all with at least one positive), as
+    """AP of each of the queries ``idx`` (all with at least one positive) and their number of R@k hits, as
     tensors on the embeddings' device (no transfer to the host)."""
     device = q.device
     cls = q_cls[idx]
