@@ -75,6 +75,7 @@ def evaluate_split(
     teacher_device: torch.device | None = None,
     query_scales: Sequence[float] = SINGLE_SCALE,
     content_hash: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Run the asymmetric (when a teacher is given) and/or symmetric test on ``split``.
 
@@ -98,6 +99,9 @@ def evaluate_split(
         query_scales: multi-scale factors of the student's query embeddings (the reference's
             ``--multiscale``); the teacher's database is always embedded at the single scale 1.
         content_hash: key the teacher cache by the images' content instead of their size and mtime.
+        precision: ``fp32`` (default, the paper's numbers) or ``bf16`` (opt-in: both networks' forward under
+            bfloat16 autocast, see :func:`raml.retrieval.extract.bf16_support`); bf16 embeddings are never
+            cached, nor read from the cache.
     """
     if teacher is None and not sym:
         raise ValueError("Nothing to test: give a teacher for the asymmetric test and/or ask for --sym.")
@@ -112,7 +116,10 @@ def evaluate_split(
 
     embed = embed or extract_embeddings
     # a custom ``embed`` without a ``scales`` argument keeps working for single-scale queries
-    multiscale = {} if query_scales == SINGLE_SCALE else {"scales": query_scales}
+    multiscale: dict[str, object] = {} if query_scales == SINGLE_SCALE else {"scales": query_scales}
+    # likewise a custom ``embed`` without ``precision`` keeps working in fp32
+    low_precision = {} if precision == "fp32" else {"precision": precision}
+    multiscale.update(low_precision)
     query = embed(
         student,
         paths,
@@ -137,9 +144,10 @@ def evaluate_split(
                 workers,
                 progress,
                 f"{split.name} teacher@{db_size}",
+                **low_precision,
             )
 
-        if cache is not None and teacher_sha256 is not None:
+        if cache is not None and teacher_sha256 is not None and precision == "fp32":
             database = cache.get_or_compute(
                 teacher_sha256,
                 db_size,
