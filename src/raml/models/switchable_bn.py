@@ -95,7 +95,7 @@ def enable_size_bn(network: nn.Module, sizes: Sequence[int]) -> nn.Module:
     """Give every ``BatchNorm2d`` of ``network`` statistics per size (in place) and record ``meta["bn_sizes"]``.
 
     The new statistics start as copies of the shared ones (so the network computes what it did); fill them
-    with :func:`recalibrate_size_bn`, or load a checkpoint's. Calling it again adds sizes.
+    with :func:`raml.retrieval.size_bn.recalibrate_size_bn`, or load a checkpoint's. Calling it again adds sizes.
 
     Returns:
         ``network`` itself.
