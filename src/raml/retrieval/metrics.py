@@ -29,6 +29,15 @@ in the L2 cache, writing 1-byte booleans that are counted as byte lanes of int64
 ``torch.get_num_threads()`` threads; on other devices with torch. For queries with very many positives
 (``>= _SORT_MIN_POSITIVES``) the rows are sorted instead and the counts read off by binary search. Extra
 memory beyond ``S``: a few MB of boolean scratch per thread.
+
+Symmetric tests (``exclude_self`` with the same embeddings and labels on both sides): ``S`` is symmetric, so
+each pair of blocks is computed once (:func:`_symmetric_scores`). Items are ordered by (number of positives,
+class); the positives' similarities come from per-class products through the same GEMM kind; for blocks
+``i <= j`` the square ``S_ij = X_i @ X_j^T`` (about 67 MB) has class-mates and self set to ``-inf`` (in both
+directions at once) and is counted along its rows for the queries of block ``i`` and along its columns for
+those of block ``j`` (1-byte booleans summed over at most 255 rows as bytes). Every query's AP is computed
+along its row sequentially and the per-query APs are summed in query order, so both paths give bit-identical
+results. The sums stay on the embeddings' device; one transfer to the host at the end.
 """
 
 from __future__ import annotations
