@@ -418,6 +418,20 @@ def test_device_path_reads_the_host_a_fixed_number_of_times(symmetric: bool, mon
     _assert_close(got, _reference_metrics(x, y, labels, labels, [1, 4], True))
 
 
+def test_the_test_protocol_counts_on_a_cuda_device_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """raml test hands the embeddings to the metrics on a CUDA device (counting there), elsewhere on the CPU
+    (the numpy path; other accelerators lack the float64 sums)."""
+    from raml.retrieval.evaluate import _on_eval_device
+
+    x = torch.ones(2, 3)
+    moved: list[tuple] = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: moved.append(a) or self)
+    assert _on_eval_device(x, torch.device("cuda", 1)) is x and moved == [(torch.device("cuda", 1),)]
+    moved.clear()
+    assert _on_eval_device(x, torch.device("cpu")) is x and _on_eval_device(x, torch.device("meta")) is x
+    assert moved == []
+
+
 # --- raml.bench.eval (kept here, next to the metrics it measures) --------------------------------------
 
 
