@@ -15,10 +15,10 @@ from raml.models import build_network, load_network, save_checkpoint
 from raml.models.switchable_bn import (
     SwitchableBatchNorm2d,
     enable_size_bn,
-    recalibrate_size_bn,
     size_bn_sizes,
     strip_size_bn,
 )
+from raml.retrieval.size_bn import recalibrate_size_bn
 
 ARCH = "timm/test_resnet"
 

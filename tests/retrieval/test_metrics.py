@@ -280,6 +280,158 @@ def test_bad_inputs_are_clear_errors() -> None:
         retrieval_metrics(np.array([["a", "b", "c"]]), x, [0], labels)
 
 
+# --- symmetric tests: each pair of blocks computed once (queries = database, self excluded) -------------
+
+
+def _layout(name: str, rng: np.random.Generator) -> np.ndarray:
+    """Labels of one class layout, in random order."""
+    sizes = {
+        "sop_like": rng.integers(2, 13, 12),
+        "singletons": [1] * 9 + [2, 3, 5],  # queries without positives, still negatives for the others
+        "mixed": [1, 2, 3, 9, 14, 30],  # one class wider than the blocks
+        "one_class": [37],
+        "two_classes": [20, 21],
+    }[name]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(labels)
+    return labels
+
+
+def _tied_embeddings(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    """Small integer coordinates (dot products exact in float32, so equal pairs tie exactly) and duplicated
+    rows: ties within classes, between classes and with the query's own row."""
+    x = rng.integers(-2, 3, (n, dim)).astype(np.float32)
+    dup = rng.choice(n, size=n // 3, replace=False)
+    x[dup[1:]] = x[dup[:-1]]
+    return x
+
+
+LAYOUTS = ["sop_like", "singletons", "mixed", "one_class", "two_classes"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("block_size", [3, 8, None])
+def test_symmetric_pairs_equal_one_sided_path_and_full_sort(
+    layout: str, ties: bool, block_size: int | None, counting_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    rng = np.random.default_rng(LAYOUTS.index(layout) * 7 + ties)
+    labels = _layout(layout, rng)
+    x = _tied_embeddings(rng, labels.size, 3) if ties else _unit(rng, labels.size, 6)
+    ks = [1, 2, 5, 1000]
+    calls = []
+    real = metrics_module._symmetric_scores
+    monkeypatch.setattr(metrics_module, "_symmetric_scores", lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    pairs = retrieval_metrics(x, x, labels, labels, ks, exclude_self=True, block_size=block_size)
+    assert calls, "the symmetric path was not taken"
+    monkeypatch.setattr(metrics_module, "_SYMMETRIC_PAIRS", False)
+    one_sided = retrieval_metrics(x, x, labels, labels, ks, exclude_self=True, block_size=block_size)
+    assert len(calls) == 1
+    assert pairs == one_sided  # identical, not just close: the same ranks and the same sums
+    _assert_close(pairs, _reference_metrics(x, x, labels, labels, ks, True))
+
+
+def test_symmetric_pairs_computes_half_the_similarities(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(11)
+    labels = _layout("sop_like", rng)
+    x = _unit(rng, labels.size, 8)
+    n, block = labels.size, 5
+    computed = []
+    real_matmul = torch.Tensor.__matmul__
+
+    def counting_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        out = real_matmul(a, b)
+        computed.append(out.numel())
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", counting_matmul)
+    monkeypatch.setattr(metrics_module, "_GRAM_ROWS", 1)  # the positives' similarities: one class at a time
+    retrieval_metrics(x, x, labels, labels, (1, 4), exclude_self=True, block_size=block)
+    sizes = np.bincount(labels)
+    blocks = -(-n // block)
+    assert len(computed) == blocks * (blocks + 1) // 2 + sizes.size
+    # the upper triangle of blocks, diagonal included, and each class against itself
+    assert sum(computed) <= (n * n + n * block) / 2 + int((sizes**2).sum())
+    computed.clear()
+    monkeypatch.setattr(metrics_module, "_SYMMETRIC_PAIRS", False)
+    retrieval_metrics(x, x, labels, labels, (1, 4), exclude_self=True, block_size=block)
+    assert sum(computed) == n * n  # the one-sided path: every query row in full
+
+
+def test_symmetric_path_only_when_both_sides_are_the_same() -> None:
+    rng = np.random.default_rng(12)
+    labels = _layout("sop_like", rng)
+    x = _unit(rng, labels.size, 5)
+    y = x.copy()
+    y[3, 0] += 1e-3  # one row differs: an asymmetric test that must not be taken for a symmetric one
+    got = retrieval_metrics(x, y, labels, labels, (1, 4), exclude_self=True, block_size=4)
+    _assert_close(got, _reference_metrics(x, y, labels, labels, [1, 4], True))
+    other = labels.copy()
+    other[[0, 1]] = other[[1, 0]] if other[0] != other[1] else other[[0, 2]]
+    got = retrieval_metrics(x, x, labels, other, (1, 4), exclude_self=True, block_size=4)
+    _assert_close(got, _reference_metrics(x, x, labels, other, [1, 4], True))
+
+
+def test_transposed_column_count_against_loop() -> None:
+    rng = np.random.default_rng(13)
+    sims = rng.standard_normal((9, 3000)).astype(np.float32)
+    num_pos = np.sort(rng.integers(0, 4, 3000))
+    thresholds = np.full((3000, 3), np.inf, dtype=np.float32)
+    for c in range(3000):
+        thresholds[c, : num_pos[c]] = np.sort(rng.standard_normal(num_pos[c]))[::-1]
+    starts = np.searchsorted(num_pos, np.arange(3), side="right")
+    counts = np.zeros((3000, 3), dtype=np.int64)
+    mask = np.zeros((9, 2 * metrics_module._LANE_COLS), dtype=bool)
+    metrics_module._count_columns_numpy(sims, np.ascontiguousarray(thresholds.T), starts, counts, mask)
+    expected = [[int((sims[:, c] >= thresholds[c, j]).sum()) for j in range(3)] for c in range(3000)]
+    assert counts.tolist() == expected
+
+
+# --- the device path: sums stay on the device, one transfer to the host at the end ----------------------
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_device_path_reads_the_host_a_fixed_number_of_times(symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a GPU every read of a device value on the host is a synchronisation. The torch (device) path runs
+    here on the CPU with the same functions; its host reads must not grow with the number of blocks."""
+    monkeypatch.setattr(metrics_module, "_NUMPY_ON_CPU", False)  # the path a CUDA device takes
+    rng = np.random.default_rng(14)
+    labels = _layout("sop_like", rng)
+    x = _unit(rng, labels.size, 6)
+    y = x if symmetric else _unit(rng, labels.size, 6)
+    reads: list[str] = []
+    for name in ("cpu", "numpy", "item", "tolist", "__float__", "__int__", "__bool__", "__index__"):
+        real = getattr(torch.Tensor, name)
+        monkeypatch.setattr(
+            torch.Tensor,
+            name,
+            lambda self, *a, _real=real, _name=name, **kw: reads.append(_name) or _real(self, *a, **kw),
+        )
+    per_block_size = {}
+    for block_size in (3, 40):
+        reads.clear()
+        got = retrieval_metrics(x, y, labels, labels, (1, 4), exclude_self=True, block_size=block_size)
+        per_block_size[block_size] = list(reads)
+    assert per_block_size[3] == per_block_size[40]
+    assert len(per_block_size[3]) <= 6  # the finiteness check of each side; the AP sum and the hits, to the host
+    monkeypatch.undo()
+    _assert_close(got, _reference_metrics(x, y, labels, labels, [1, 4], True))
+
+
+def test_the_test_protocol_counts_on_a_cuda_device_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """raml test hands the embeddings to the metrics on a CUDA device (counting there), elsewhere on the CPU
+    (the numpy path; other accelerators lack the float64 sums)."""
+    from raml.retrieval.evaluate import _on_eval_device
+
+    x = torch.ones(2, 3)
+    moved: list[tuple] = []
+    monkeypatch.setattr(torch.Tensor, "to", lambda self, *a, **kw: moved.append(a) or self)
+    assert _on_eval_device(x, torch.device("cuda", 1)) is x and moved == [(torch.device("cuda", 1),)]
+    moved.clear()
+    assert _on_eval_device(x, torch.device("cpu")) is x and _on_eval_device(x, torch.device("meta")) is x
+    assert moved == []
+
+
 # --- raml.bench.eval (kept here, next to the metrics it measures) --------------------------------------
 
 
@@ -301,16 +453,25 @@ def test_eval_benchmark_cli_tiny(tmp_path, capsys: pytest.CaptureFixture[str]) -
     from raml.bench.eval import main
 
     out = tmp_path / "bench.json"
-    assert main(["--num-images", "500", "--dim", "32", "--num-classes", "100", "--json", str(out)]) == 0
+    argv = ["--num-images", "500", "--dim", "32", "--num-classes", "100", "--device", "cuda", "--json", str(out)]
+    assert main(argv) == 0
     result = json.loads(out.read_text())
     for key in ("matmul_s", "eval_s", "ratio", "matmul_peak_rss_gb", "eval_peak_rss_gb", "torch_threads", "cpu_model"):
         assert key in result
-    assert result["matmul_s"] > 0 and result["eval_s"] > 0 and result["eval_peak_rss_gb"] > 0
+    assert result["phases"] == ["matmul", "sym", "sym_one_sided", "asym"]
+    for phase in ("sym", "sym_one_sided", "asym"):
+        assert result[f"{phase}_s"] > 0 and result[f"{phase}_ratio"] > 0 and result[f"{phase}_peak_rss_gb"] > 0
+        assert result[f"{phase}_metrics"]["num_queries"] == 500
+        assert set(result[f"{phase}_metrics"]) >= {"mAP", "R@1", "R@1000"}
+        assert 0.0 <= result[f"{phase}_metrics"]["mAP"] <= 100.0
+    assert result["sym_metrics_equal"] is True and result["sym_max_abs_diff"] == 0.0
+    assert result["asym_metrics"] != result["sym_metrics"]  # other queries, other figures
     assert result["cpu_ratio"] > 0 and len(result["runs"]) == 1
-    assert result["metrics"]["num_queries"] == 500 and set(result["metrics"]) >= {"mAP", "R@1", "R@1000"}
-    assert 0.0 <= result["metrics"]["mAP"] <= 100.0
     report = capsys.readouterr().out
-    assert "retrieval_metrics" in report and "eval / matmul" in report
+    assert "symmetric, pairs once" in report and "x matmul (CPU)" in report
+    cuda = torch.cuda.is_available()
+    assert result["device"] == ("cuda" if cuda else "cpu") and result["cuda_unavailable"] is (not cuda)
+    assert ("CUDA was asked for but is not available" in report) is (not cuda)
 
 
 def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> None:
@@ -322,3 +483,9 @@ def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["--num-images", "500", "--num-classes", "100", "--repeat", "0"])
     assert "--repeat must be >= 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--num-images", "500", "--num-classes", "100", "--device", "tpu"])
+    assert "--device must be 'cpu' or 'cuda'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--num-images", "500", "--num-classes", "100", "--phases", "sort"])
+    assert "unknown --phases ['sort']" in capsys.readouterr().err

@@ -286,7 +286,7 @@ def plot_methods(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench methods [--out DIR] [--quick] [--seeds N] [--epochs N]``."""
-    from raml.cli.common import positive_int, setup_logging
+    from raml.entry import positive_int, setup_logging
 
     parser = argparse.ArgumentParser(
         prog="raml bench methods",

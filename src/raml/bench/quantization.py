@@ -228,7 +228,7 @@ def format_quantization_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raml.cli.common import positive_int, setup_logging, write_json
+    from raml.entry import positive_int, setup_logging, write_json
 
     parser = argparse.ArgumentParser(
         prog="raml bench quantization",

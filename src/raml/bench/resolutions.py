@@ -48,7 +48,7 @@ from raml.demo import (
 from raml.engine.config import part_name
 from raml.engine.trainer import Trainer
 from raml.models import load_network
-from raml.models.switchable_bn import recalibrate_size_bn
+from raml.retrieval.size_bn import recalibrate_size_bn
 from raml.retrieval.sizes import DatabaseOnce, evaluate_sizes
 from raml.utils import atomic_path, atomic_write_text, seed_everything
 
@@ -424,7 +424,7 @@ def _write_results(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench resolutions [--quick] [--out DIR] [--seeds N] [--epochs E] [--sizes 24,32,48]``."""
-    from raml.cli.common import image_sizes_arg, positive_int, setup_logging
+    from raml.entry import image_sizes_arg, positive_int, setup_logging
     from raml.utils import select_device
 
     d = ResolutionSettings()

@@ -261,7 +261,7 @@ def format_serve_report(result: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench serve [--duration S] [--concurrency 1,8,32] [--json PATH]``."""
-    from raml.cli.common import positive_int, setup_logging
+    from raml.entry import positive_int, setup_logging
 
     defaults = ServeBenchSettings()
     parser = argparse.ArgumentParser(

@@ -8,6 +8,7 @@ import importlib
 #: sub-benchmark -> module with ``main(argv) -> int``
 BENCHMARKS = {
     "eval": ("raml.bench.eval", "retrieval evaluation vs the bare similarity matmul (SOP-sized)"),
+    "extract": ("raml.bench.extract", "raml extract's images/s vs the reference's loader, same embeddings"),
     "methods": ("raml.bench.methods", "every distillation method and ablation side by side on the demo's data"),
     "pipeline": ("raml.bench.pipeline", "coupled-view data pipeline vs the reference's per-view decoding"),
     "resolutions": ("raml.bench.resolutions", "one student for several query sizes vs a dedicated student per size"),

@@ -3,32 +3,16 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
-import sys
-from pathlib import Path
 
 import torch
 
-from raml.utils import atomic_write_text, select_device
+# Shared with the benchmarks, so defined below the CLI; re-exported here for the commands.
+from raml.entry import image_sizes_arg, positive_int, setup_logging, write_json  # noqa: F401
+from raml.utils import select_device
 
 logger = logging.getLogger("raml")
-
-
-class _CurrentStderrHandler(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time of the record (it may be replaced, e.g. by tests)."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.stream = sys.stderr
-        super().emit(record)
-
-
-def setup_logging(verbose: bool = False) -> None:
-    """Log to stderr with timestamps; the library only uses module loggers."""
-    handler = _CurrentStderrHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler], force=True)
 
 
 def default_workers() -> int:
@@ -86,25 +70,6 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> N
     group.add_argument("--verbose", action="store_true", help="debug logging")
 
 
-def positive_int(value: str) -> int:
-    number = int(value)
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return number
-
-
-def image_sizes_arg(value: str) -> int | list[int]:
-    """``--image-size 32`` -> ``32``; ``--image-size 24,32,48`` -> ``[24, 32, 48]`` (several query sizes; see
-    :func:`raml.data.sizes.parse_image_sizes`)."""
-    from raml.data.sizes import parse_image_sizes
-
-    try:
-        sizes = parse_image_sizes(value)
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-    return sizes if len(sizes) > 1 else sizes[0]
-
-
 def optional_comma_list(value: str) -> list[str]:
     """Comma-separated names; an empty string gives an empty list."""
     return [item.strip() for item in value.split(",") if item.strip()]
@@ -122,12 +87,6 @@ def device_from_args(args: argparse.Namespace) -> torch.device:
         return select_device(args.device)
     except (RuntimeError, ValueError) as error:
         raise SystemExit(f"raml: error: {error}") from error
-
-
-def write_json(path: str | Path, payload: object) -> None:
-    """Write JSON atomically (a temp file renamed into place)."""
-    atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
-    logger.info("Wrote %s", path)
 
 
 def add_bad_images_arg(parser: argparse.ArgumentParser, default: str | None = "error") -> None:

@@ -89,6 +89,12 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(measures what an approximate index costs); replaces --teacher-path/--teacher",
     )
     parser.add_argument("--no-cache", action="store_true", help="do not cache the teacher's database embeddings")
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="opt-in: both networks' forward in bfloat16 autocast (fast only on CPUs with AVX-512 BF16 or AMX, "
+        "or a GPU with bf16); off by default, the paper's numbers are fp32; bf16 embeddings are not cached",
+    )
     add_bad_images_arg(parser)
     add_runtime_args(
         parser,
@@ -165,6 +171,10 @@ def run(args: argparse.Namespace) -> int:
         "query_scales": args.multiscale,
         "content_hash": args.hash_images,
     }
+    if args.bf16:
+        if len(sizes) > 1 or args.index is not None:
+            raise SystemExit("raml test: --bf16 works with one --image-size and without --index")
+        options["precision"] = "bf16"
     if len(sizes) > 1:
         return _run_sizes(args, sizes, student, splits, skipped, device, options)
     results: dict[str, dict[str, dict[str, float]]] = {}

@@ -362,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _add_per_size_bn(trainer: Any, checkpoint: Path, device: Any, progress: bool) -> None:
     """``--per-size-bn``: the kept checkpoint gets BatchNorm statistics per student size (training images)."""
-    from raml.models.switchable_bn import recalibrate_checkpoint
+    from raml.retrieval.size_bn import recalibrate_checkpoint
 
     config = trainer.config
     recalibrate_checkpoint(

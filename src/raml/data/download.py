@@ -54,7 +54,7 @@ from raml import __version__
 from raml.data.archives import MAX_UNPACK_RATIO, InsufficientSpaceError, size_text
 from raml.data.sources import DatasetCounts, DatasetSource, IncompleteDatasetError, get_source, verify_dataset
 from raml.data.splits import DOWNLOAD_COMMANDS
-from raml.models.backbones import DownloadError
+from raml.errors import DownloadError
 from raml.utils import atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)

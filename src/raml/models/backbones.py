@@ -48,6 +48,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from raml.errors import DownloadError  # defined below every package; re-exported here
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -76,10 +78,6 @@ _PROBE_SIZES = (64, 224)
 # ``pretrained_weights`` values that select the library's reference choice rather than a named weight set.
 _V1, _DEFAULT = "v1", "default"
 _NOT_PRETRAINED_HINT = "or train from random weights with --not-pretrained"
-
-
-class DownloadError(OSError):
-    """Weights (a published network or a backbone's ImageNet weights) could not be downloaded."""
 
 
 def _download_errors() -> tuple[type[BaseException], ...]:

@@ -3,7 +3,8 @@
 The idea of resolution-switchable networks: the activations of a network differ in their statistics from
 one input resolution to another, so each resolution gets its own BatchNorm running mean and variance (the
 affine weights stay shared). Here the statistics are estimated after training
-(:func:`recalibrate_size_bn`: a pass over training images at each size, cumulative averages), because
+(:func:`raml.retrieval.size_bn.recalibrate_size_bn`: a pass over training images at each size, cumulative
+averages; a procedure over data, so it lives with extraction, not with the network), because
 raml trains students with frozen statistics (``student_train_mode``): during distillation every size uses
 the statistics the student started from, so per-size statistics can only come from a re-estimation.
 
@@ -24,17 +25,11 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
-
-from raml.data.datasets import ImageDataset
-from raml.data.images import EvalTransform
 
 logger = logging.getLogger(__name__)
 
@@ -42,9 +37,8 @@ __all__ = [
     "BN_SIZES_KEY",
     "SwitchableBatchNorm2d",
     "enable_size_bn",
-    "recalibrate_checkpoint",
-    "recalibrate_size_bn",
     "size_bn_sizes",
+    "switchable_layers",
     "strip_size_bn",
 ]
 
@@ -85,14 +79,15 @@ class SwitchableBatchNorm2d(nn.BatchNorm2d):
         return F.batch_norm(x, mean, var, self.weight, self.bias, False, 0.0, self.eps)
 
 
-def _switchable_layers(network: nn.Module) -> list[SwitchableBatchNorm2d]:
+def switchable_layers(network: nn.Module) -> list[SwitchableBatchNorm2d]:
+    """The network's per-size BatchNorm layers, in module order (empty for a plain network)."""
     return [m for m in network.modules() if isinstance(m, SwitchableBatchNorm2d)]
 
 
 def _select_size(network: nn.Module, args: tuple[Any, ...]) -> None:
     x = args[0]
     side = int(x.shape[-1]) if x.shape[-1] == x.shape[-2] else None
-    for layer in _switchable_layers(network):
+    for layer in switchable_layers(network):
         layer.active_size = side
 
 
@@ -100,7 +95,7 @@ def enable_size_bn(network: nn.Module, sizes: Sequence[int]) -> nn.Module:
     """Give every ``BatchNorm2d`` of ``network`` statistics per size (in place) and record ``meta["bn_sizes"]``.
 
     The new statistics start as copies of the shared ones (so the network computes what it did); fill them
-    with :func:`recalibrate_size_bn`, or load a checkpoint's. Calling it again adds sizes.
+    with :func:`raml.retrieval.size_bn.recalibrate_size_bn`, or load a checkpoint's. Calling it again adds sizes.
 
     Returns:
         ``network`` itself.
@@ -125,7 +120,7 @@ def enable_size_bn(network: nn.Module, sizes: Sequence[int]) -> nn.Module:
 
 def size_bn_sizes(network: nn.Module) -> list[int]:
     """The sizes with their own BatchNorm statistics (empty for a plain network)."""
-    layers = _switchable_layers(network)
+    layers = switchable_layers(network)
     return list(layers[0].sizes) if layers else []
 
 
@@ -136,91 +131,3 @@ def strip_size_bn(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
         for k, v in state_dict.items()
         if not any(k.rsplit(".", 1)[-1].startswith(f"running_{s}{_SUFFIX}") for s in ("mean", "var"))
     }
-
-
-@torch.no_grad()
-def recalibrate_size_bn(
-    network: nn.Module,
-    paths: Sequence[str | Path],
-    sizes: Sequence[int],
-    device: torch.device,
-    batch_size: int = 64,
-    workers: int = 0,
-    progress: bool = False,
-) -> nn.Module:
-    """Estimate each size's BatchNorm statistics on ``paths`` (evaluation transform at that size).
-
-    Per size: every BatchNorm layer runs in training mode with a cumulative average (``momentum=None``) over
-    one pass of the images, only the statistics change (no gradients), and the result is stored as that
-    size's statistics; the shared statistics and the weights are left as they were.
-
-    Returns:
-        ``network`` (with :func:`enable_size_bn` applied), in eval mode.
-    """
-    enable_size_bn(network, sizes)
-    network.eval()
-    layers = _switchable_layers(network)
-    shared = [
-        (layer.running_mean.clone(), layer.running_var.clone(), layer.num_batches_tracked.clone(), layer.momentum)
-        for layer in layers
-    ]
-    mean, std = network.meta["mean"], network.meta["std"]
-    try:
-        for size in sizes:
-            for layer in layers:
-                layer.reset_running_stats()
-                layer.momentum = None
-                layer.train()
-            loader = DataLoader(
-                ImageDataset(paths, None, EvalTransform(size, mean, std)), batch_size=batch_size, num_workers=workers
-            )
-            for images, _ in tqdm(loader, desc=f"BN statistics @{size}", disable=not progress, leave=False):
-                network(images.to(device))
-            for layer in layers:
-                size_mean, size_var = layer.stats_for(size)
-                size_mean.copy_(layer.running_mean)
-                size_var.copy_(layer.running_var)
-    finally:
-        for layer, (m, v, n, momentum) in zip(layers, shared, strict=True):
-            layer.running_mean.copy_(m)
-            layer.running_var.copy_(v)
-            layer.num_batches_tracked.copy_(n)
-            layer.momentum = momentum
-        network.eval()
-    logger.info("Per-size BatchNorm statistics estimated at %s on %d images", list(sizes), len(paths))
-    return network
-
-
-def recalibrate_checkpoint(
-    path: str | Path,
-    paths: Sequence[str | Path],
-    sizes: Sequence[int],
-    device: torch.device,
-    batch_size: int = 64,
-    workers: int = 0,
-    progress: bool = False,
-) -> None:
-    """Add per-size BatchNorm statistics (estimated on ``paths``) to the checkpoint file ``path``, in place.
-
-    Everything else in the file (training state, ``raml`` records) is kept; the file is replaced atomically.
-    """
-    from raml.models.checkpoints import (
-        _RESERVED_KEYS,
-        load_checkpoint_file,
-        network_from_checkpoint,
-        save_checkpoint,
-    )
-
-    checkpoint = load_checkpoint_file(path)
-    network = network_from_checkpoint(checkpoint, str(path)).to(device)
-    recalibrate_size_bn(network, paths, sizes, device, batch_size=batch_size, workers=workers, progress=progress)
-    extra = {k: v for k, v in checkpoint.items() if k not in _RESERVED_KEYS}
-    save_checkpoint(
-        path,
-        network.cpu(),
-        epoch=checkpoint.get("epoch"),
-        max_map=checkpoint.get("max_map"),
-        optimizer=checkpoint.get("optimizer"),
-        scheduler=checkpoint.get("scheduler"),
-        extra=extra,
-    )

@@ -75,6 +75,7 @@ def evaluate_split(
     teacher_device: torch.device | None = None,
     query_scales: Sequence[float] = SINGLE_SCALE,
     content_hash: bool = False,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Run the asymmetric (when a teacher is given) and/or symmetric test on ``split``.
 
@@ -98,6 +99,9 @@ def evaluate_split(
         query_scales: multi-scale factors of the student's query embeddings (the reference's
             ``--multiscale``); the teacher's database is always embedded at the single scale 1.
         content_hash: key the teacher cache by the images' content instead of their size and mtime.
+        precision: ``fp32`` (default, the paper's numbers) or ``bf16`` (opt-in: both networks' forward under
+            bfloat16 autocast, see :func:`raml.retrieval.extract.bf16_support`); bf16 embeddings are never
+            cached, nor read from the cache.
     """
     if teacher is None and not sym:
         raise ValueError("Nothing to test: give a teacher for the asymmetric test and/or ask for --sym.")
@@ -112,7 +116,10 @@ def evaluate_split(
 
     embed = embed or extract_embeddings
     # a custom ``embed`` without a ``scales`` argument keeps working for single-scale queries
-    multiscale = {} if query_scales == SINGLE_SCALE else {"scales": query_scales}
+    multiscale: dict[str, object] = {} if query_scales == SINGLE_SCALE else {"scales": query_scales}
+    # likewise a custom ``embed`` without ``precision`` keeps working in fp32
+    low_precision = {} if precision == "fp32" else {"precision": precision}
+    multiscale.update(low_precision)
     query = embed(
         student,
         paths,
@@ -137,9 +144,10 @@ def evaluate_split(
                 workers,
                 progress,
                 f"{split.name} teacher@{db_size}",
+                **low_precision,
             )
 
-        if cache is not None and teacher_sha256 is not None:
+        if cache is not None and teacher_sha256 is not None and precision == "fp32":
             database = cache.get_or_compute(
                 teacher_sha256,
                 db_size,
@@ -151,12 +159,22 @@ def evaluate_split(
             )
         else:
             database = embed_database()
-        results["asym"] = retrieval_metrics(query, database, labels, labels, ks=ks, exclude_self=True)
+        # On a CUDA device the embeddings and the counting stay there (one transfer of the sums at the end).
+        results["asym"] = retrieval_metrics(
+            _on_eval_device(query, device), _on_eval_device(database, device), labels, labels, ks=ks, exclude_self=True
+        )
         logger.info("%s asym: %s", split.name, _short(results["asym"]))
     if sym:
-        results["sym"] = retrieval_metrics(query, query, labels, labels, ks=ks, exclude_self=True)
+        on_device = _on_eval_device(query, device)
+        results["sym"] = retrieval_metrics(on_device, on_device, labels, labels, ks=ks, exclude_self=True)
         logger.info("%s sym: %s", split.name, _short(results["sym"]))
     return results
+
+
+def _on_eval_device(embeddings: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The embeddings on ``device`` when it is a CUDA device (where the exact evaluation runs fastest), else
+    on the CPU (the numpy counting path; other accelerators lack the float64 the AP sums use)."""
+    return embeddings.to(device) if device.type == "cuda" else embeddings.cpu()
 
 
 def _short(metrics: dict[str, float]) -> str:

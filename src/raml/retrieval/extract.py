@@ -37,6 +37,11 @@ logger = logging.getLogger(__name__)
 #: One scale: the image as the evaluation transform gives it.
 SINGLE_SCALE: tuple[float, ...] = (1.0,)
 
+#: Numeric precisions of the forward pass: ``fp32`` (the default, the paper's numbers) or ``bf16`` (opt-in:
+#: bfloat16 autocast; fast only where the hardware has bf16 arithmetic, see :func:`bf16_support`).
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
+_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
 _MAX_SCALES_TEXT = 1000
 _BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
     ast.Add: operator.add,
@@ -170,6 +175,44 @@ def embed_batch(
     return pooled / pooled.norm(p=2, dim=1, keepdim=True)
 
 
+def bf16_support(device: torch.device | None = None, cpuinfo: str | Path = "/proc/cpuinfo") -> tuple[bool, str]:
+    """Whether ``device`` (default: the CPU) computes bfloat16 natively, and a sentence saying why or why not.
+
+    On the CPU: the ``avx512_bf16`` or ``amx_bf16`` flag of ``/proc/cpuinfo`` (Intel Cooper Lake / Sapphire
+    Rapids and later, AMD Zen 4 and later). Without them, bf16 autocast still runs but emulates the arithmetic
+    and is usually slower than fp32. On CUDA: ``torch.cuda.is_bf16_supported()``.
+    """
+    if device is not None and device.type == "cuda":
+        ok = torch.cuda.is_bf16_supported()
+        return ok, f"CUDA device {'supports' if ok else 'does not support'} bfloat16"
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False, f"cannot read {cpuinfo} to find the CPU's bf16 support; assuming none"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            flags.update(line.partition(":")[2].split())
+            break
+    found = [f for f in _BF16_CPU_FLAGS if f in flags]
+    if found:
+        return True, f"the CPU has {' and '.join(found)}: bf16 matrix arithmetic in hardware"
+    return False, (
+        "the CPU has neither avx512_bf16 nor amx_bf16: bf16 is emulated, usually slower than fp32 (it needs an "
+        "Intel Cooper Lake / Sapphire Rapids or AMD Zen 4 or later CPU to pay off)"
+    )
+
+
+def check_precision(precision: str, device: torch.device) -> None:
+    """Refuse an unknown precision; warn once when bf16 is asked for on hardware that only emulates it."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}.")
+    if precision == "bf16":
+        native, reason = bf16_support(device)
+        if not native:
+            logger.warning("bf16 requested: %s. Running it anyway; expect no speed-up.", reason)
+
+
 @torch.inference_mode()
 def extract_embeddings(
     network: nn.Module,
@@ -181,6 +224,7 @@ def extract_embeddings(
     progress: bool = True,
     description: str = "extract",
     scales: Sequence[float] = SINGLE_SCALE,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """Embed images with ``network`` at ``image_size``, optionally multi-scale (:func:`embed_batch`).
 
@@ -194,12 +238,15 @@ def extract_embeddings(
         progress: show a progress bar.
         description: label of the progress bar.
         scales: rescaling factors of the evaluation-transformed images; ``(1,)`` is single-scale.
+        precision: ``fp32`` (default) or ``bf16``: the forward under bfloat16 autocast, the embeddings
+            L2-normalised again in float32 (opt-in; see :func:`bf16_support`).
 
     Returns:
         (N, D) float32 tensor on the CPU.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
+    check_precision(precision, device)
     scales = validate_scales(scales)
     power = multiscale_power(network, scales)
     if scales != SINGLE_SCALE:
@@ -218,7 +265,12 @@ def extract_embeddings(
     chunks: list[torch.Tensor] = []
     try:
         for images, _ in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
-            embeddings = embed_batch(network, images.to(device, non_blocking=True), scales, power)
+            if precision == "bf16":
+                with torch.autocast(device.type, dtype=torch.bfloat16):
+                    embeddings = embed_batch(network, images.to(device, non_blocking=True), scales, power)
+                embeddings = F.normalize(embeddings.float(), dim=1)
+            else:
+                embeddings = embed_batch(network, images.to(device, non_blocking=True), scales, power)
             chunks.append(embeddings.cpu())
     finally:
         network.train(was_training)
@@ -238,12 +290,13 @@ def extract_embeddings_sharded(
     progress: bool = True,
     description: str = "extract",
     scales: Sequence[float] = SINGLE_SCALE,
+    precision: str = "fp32",
 ) -> torch.Tensor:
     """:func:`extract_embeddings` split over ``torchrun`` processes: each embeds a contiguous share of
     ``paths`` and every process receives all (N, D) rows, in ``paths`` order (a collective call)."""
     if not dist.enabled:
         return extract_embeddings(
-            network, paths, image_size, device, batch_size, workers, progress, description, scales=scales
+            network, paths, image_size, device, batch_size, workers, progress, description, scales, precision
         )
     start, stop = shard_bounds(len(paths), dist)
     if start < stop:
@@ -257,6 +310,7 @@ def extract_embeddings_sharded(
             progress,
             description,
             scales=scales,
+            precision=precision,
         )
     else:
         local = torch.zeros(0, int(getattr(network, "meta", {})["outputdim"]))

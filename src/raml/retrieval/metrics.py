@@ -29,6 +29,15 @@ in the L2 cache, writing 1-byte booleans that are counted as byte lanes of int64
 ``torch.get_num_threads()`` threads; on other devices with torch. For queries with very many positives
 (``>= _SORT_MIN_POSITIVES``) the rows are sorted instead and the counts read off by binary search. Extra
 memory beyond ``S``: a few MB of boolean scratch per thread.
+
+Symmetric tests (``exclude_self`` with the same embeddings and labels on both sides): ``S`` is symmetric, so
+each pair of blocks is computed once (:func:`_symmetric_scores`). Items are ordered by (number of positives,
+class); the positives' similarities come from per-class products through the same GEMM kind; for blocks
+``i <= j`` the square ``S_ij = X_i @ X_j^T`` (about 67 MB) has class-mates and self set to ``-inf`` (in both
+directions at once) and is counted along its rows for the queries of block ``i`` and along its columns for
+those of block ``j`` (1-byte booleans summed over at most 255 rows as bytes). Every query's AP is computed
+along its row sequentially and the per-query APs are summed in query order, so both paths give bit-identical
+results. The sums stay on the embeddings' device; one transfer to the host at the end.
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from __future__ import annotations
 import logging
 import math
 import queue
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -60,6 +69,13 @@ _CHUNK_BYTES = 2**20
 _SORT_MIN_POSITIVES = 512
 # Rows sorted at once on the sorting path (values + int64 indices, kept small).
 _SORT_CHUNK_BYTES = 64 * 2**20
+# Symmetric tests (queries = database, self excluded) compute each pair of blocks once; tests switch it off
+# to compare with the one-sided path.
+_SYMMETRIC_PAIRS = True
+# Budget of one square block of similarities (float32) of a symmetric test when block_size is not given.
+_PAIR_BYTES = 64 * 2**20
+# Rows of one product of class-mates when the symmetric path gathers the positives' similarities.
+_GRAM_ROWS = 256
 
 
 def average_precision(ranks: Sequence[int] | np.ndarray) -> float:
@@ -182,6 +198,26 @@ def _count_by_passes_numpy(sims: np.ndarray, thresholds: np.ndarray, counts: np.
         counts[:, j] += lanes.view(np.uint8).reshape(num_rows, -1).sum(1, dtype=np.int64)
 
 
+def _count_columns_numpy(
+    sims: np.ndarray, thresholds_t: np.ndarray, starts: np.ndarray, counts: np.ndarray, mask: np.ndarray
+) -> None:
+    """The transposed count: ``counts[c, j] += #{r : sims[r, c] >= thresholds_t[j, c]}``.
+
+    ``sims`` has at most 255 rows (so per-column sums fit a byte); column ``c`` has a ``j``-th threshold
+    only from ``starts[j]`` on (columns sorted by their number of positives), so each pass covers the
+    columns ``starts[j]:``. Each pass writes 1-byte booleans into ``mask`` and adds them up row by row as
+    bytes (contiguous, vectorised), then widens the column sums once.
+    """
+    num_rows, num_cols = sims.shape
+    for j in range(thresholds_t.shape[0]):
+        s = int(starts[j])
+        if s >= num_cols:
+            break  # starts are non-decreasing: no later pass has a column either
+        view = mask[:num_rows, : num_cols - s]
+        np.greater_equal(sims[:, s:], thresholds_t[j, s:], out=view)
+        counts[s:, j] += view.view(np.uint8).sum(0, dtype=np.uint8)
+
+
 def _count_by_sorting(sims: torch.Tensor, thresholds: torch.Tensor, counts: torch.Tensor) -> None:
     """Same contract as :func:`_count_by_passes`, by sorting chunks of rows and binary search."""
     num_rows, num_cols = sims.shape
@@ -191,6 +227,12 @@ def _count_by_sorting(sims: torch.Tensor, thresholds: torch.Tensor, counts: torc
         ascending = torch.sort(sims[r0:r1], dim=1).values
         below = torch.searchsorted(ascending, thresholds[r0:r1].contiguous(), side="left")
         counts[r0:r1] += num_cols - below
+
+
+def _runs(num_pos: np.ndarray) -> list[tuple[int, int, int]]:
+    """``(start, stop, positives)`` of the runs of equal values in the non-decreasing ``num_pos``."""
+    cuts = (np.flatnonzero(np.diff(num_pos)) + 1).tolist()
+    return [(r0, r1, int(num_pos[r0])) for r0, r1 in zip([0, *cuts], [*cuts, num_pos.size])]
 
 
 def retrieval_metrics(
@@ -213,8 +255,11 @@ def retrieval_metrics(
         ks: the k of Recall@k, each >= 1.
         exclude_self: ignore the i-th database item for the i-th query (junk); needs ``Nq == Nd``. Use it
             when both sides embed the same images (e.g. student queries against the teacher database).
+            When moreover the query embeddings and labels equal the database's (the symmetric test), each
+            pair of blocks is computed once and counted both ways (see the module docstring).
         block_size: queries per block; by default as many as keep one block of float32 similarities near
-            256 MB. Smaller blocks lower the memory, never change the result.
+            256 MB (64 MB for a symmetric test's square blocks). Smaller blocks lower the memory, never
+            change the result.
         progress: show a tqdm bar over the blocks.
 
     Returns:
@@ -251,8 +296,6 @@ def retrieval_metrics(
     q_cls, d_cls = _encode_labels(q_lab, d_lab)
     num_classes = int(max(q_cls.max(), d_cls.max())) + 1
     class_size = np.bincount(d_cls, minlength=num_classes)
-    class_start = np.concatenate([[0], np.cumsum(class_size)[:-1]])
-    db_by_class = np.argsort(d_cls, kind="stable")
 
     self_positive = np.zeros(num_q, dtype=bool)
     if exclude_self:
@@ -265,21 +308,65 @@ def retrieval_metrics(
             f"none of the {num_q} queries has a positive in the database (no database item shares its label), "
             "so mAP and Recall@k are undefined; check that the labels of both sides use the same classes."
         )
+    device = q.device
+    k_tensor = torch.tensor(k_list, dtype=torch.int64, device=device)
+    symmetric = (
+        exclude_self
+        and _SYMMETRIC_PAIRS
+        and np.array_equal(q_cls, d_cls)
+        and (q.data_ptr() == x.data_ptr() or torch.equal(q, x))
+        # the per-query thresholds and counts of the whole set are kept: bounded like one block
+        and 12 * num_q * int(num_pos.max()) <= _BLOCK_BYTES
+    )
+    if symmetric:
+        ap, hits = _symmetric_scores(x, d_cls, k_tensor, block_size, progress)
+    else:
+        ap, hits = _blocked_scores(
+            q, x, q_cls, d_cls, class_size, exclude_self, num_pos, k_tensor, block_size, progress
+        )
+
+    # The one transfer of results to the host: sums accumulate on the embeddings' device.
+    ap_total = float(ap.sum().cpu())  # every path sums the same per-query vector in query order
+    hits_host = hits.cpu().tolist()
+    result: dict[str, float] = {"mAP": 100.0 * ap_total / scored.size}
+    for k, h in zip(k_list, hits_host):
+        result[f"R@{k}"] = 100.0 * float(h) / scored.size
+    result["num_queries"] = int(scored.size)
+    result["num_no_positive"] = int(num_no_positive)
+    return result
+
+
+def _blocked_scores(
+    q: torch.Tensor,
+    x: torch.Tensor,
+    q_cls: np.ndarray,
+    d_cls: np.ndarray,
+    class_size: np.ndarray,
+    exclude_self: bool,
+    num_pos: np.ndarray,
+    k_tensor: torch.Tensor,
+    block_size: int | None,
+    progress: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AP of every query ``(Nq,)`` (0 without positives) and the R@k hits, one ``(B, Nd)`` block of query rows
+    at a time; both on the embeddings' device."""
+    num_q, num_d = q.shape[0], x.shape[0]
+    class_start = np.concatenate([[0], np.cumsum(class_size)[:-1]])
+    db_by_class = np.argsort(d_cls, kind="stable")
+    scored = np.flatnonzero(num_pos > 0)
     # Group queries with similar numbers of positives so that a block pads little.
     order = scored[np.argsort(num_pos[scored], kind="stable")]
-
     if block_size is None:
         block_size = max(1, _BLOCK_BYTES // (4 * num_d))
     block_size = int(block_size)
     device = q.device
-    ap_sum = 0.0
-    hits = np.zeros(len(k_list), dtype=np.int64)
-    k_tensor = torch.tensor(k_list, dtype=torch.int64, device=device)
+    ap = torch.zeros(num_q, dtype=torch.float64, device=device)
+    hits = torch.zeros(k_tensor.numel(), dtype=torch.int64, device=device)
     starts = range(0, order.size, block_size)
     logger.debug(
         "retrieval_metrics: %d queries (%d without positives) x %d database items, %d blocks of %d",
         num_q,
-        num_no_positive,
+        num_q - scored.size,
         num_d,
         len(starts),
         block_size,
@@ -290,15 +377,141 @@ def retrieval_metrics(
             ap_block, hits_block = _score_block(
                 q, x, idx, q_cls, class_size, class_start, db_by_class, exclude_self, k_tensor, counter
             )
-            ap_sum += ap_block
+            ap[torch.from_numpy(idx).to(device)] = ap_block
             hits += hits_block
+    return ap, hits
 
-    result: dict[str, float] = {"mAP": 100.0 * ap_sum / scored.size}
-    for k, h in zip(k_list, hits):
-        result[f"R@{k}"] = 100.0 * float(h) / scored.size
-    result["num_queries"] = int(scored.size)
-    result["num_no_positive"] = int(num_no_positive)
-    return result
+
+def _positive_thresholds(x: torch.Tensor, members: torch.Tensor, num_pos: np.ndarray, p_max: int) -> torch.Tensor:
+    """Each item's similarities to the other members of its class, sorted decreasingly, ``+inf`` padded.
+
+    ``members`` lists the items class after class (each class contiguous, ``num_pos + 1`` members, classes
+    of equal size together); row ``i`` of the ``(N, p_max)`` result belongs to ``members[i]``.
+    """
+    n = members.numel()
+    out = torch.full((n, max(p_max, 1)), math.inf, dtype=torch.float32, device=x.device)
+    for r0, r1, p in _runs(num_pos):
+        if p == 0:
+            continue
+        size = p + 1
+        off_diagonal = ~torch.eye(size, dtype=torch.bool, device=x.device)
+        # Whole classes, about _GRAM_ROWS rows at a time, through the same matrix product as the similarity
+        # blocks (a plain GEMM with the same inner dimension), so that a positive's threshold is the very number
+        # the blocks hold for it: ties with negatives then resolve exactly as in the one-sided path.
+        per_chunk = max(1, _GRAM_ROWS // size)
+        for c0 in range(r0, r1, size * per_chunk):
+            c1 = min(c0 + size * per_chunk, r1)
+            e = x[members[c0:c1]]
+            k = (c1 - c0) // size
+            gram = (e @ e.T).view(k, size, k, size).diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (k, size, size)
+            others = gram[:, off_diagonal].view(-1, p)  # row i: its class-mates, self left out
+            out[c0:c1, :p] = torch.sort(others, dim=1, descending=True).values
+    return out
+
+
+def _same_class_entries(first: np.ndarray, end: np.ndarray, j0: int, j1: int) -> tuple[np.ndarray, np.ndarray]:
+    """Block coordinates of the entries whose column lies in its row's class range.
+
+    Row ``r`` of a block (columns ``j0:j1`` of the class-ordered items) has its class-mates and itself in
+    the columns ``first[r]:end[r]``; returns the ``(row, column)`` indices of those that fall in the block.
+    """
+    lo = np.clip(first, j0, j1) - j0
+    length = np.clip(end, j0, j1) - j0 - lo
+    rows = np.repeat(np.arange(first.size), length)
+    offsets = np.arange(int(length.sum())) - np.repeat(np.cumsum(length) - length, length)
+    return rows, np.repeat(lo, length) + offsets
+
+
+def _symmetric_scores(
+    x: torch.Tensor, cls: np.ndarray, k_tensor: torch.Tensor, block_size: int | None, progress: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric test (queries = database, self excluded) with each pair of blocks computed once.
+
+    Items are ordered by (number of positives, class): every class is contiguous, so a block of rows has
+    positives only in the few column blocks its classes reach. For blocks ``i <= j`` the similarities
+    ``S = X_i @ X_j^T`` are computed once; positives and self (same class) drop to ``-inf`` in both
+    directions at once (the relation is symmetric); the rows of ``S`` count negatives for the queries of
+    block ``i``, its columns for those of block ``j``. A block's counts are final once its row of pairs is
+    done, and its AP and R@k are taken then.
+    """
+    n = x.shape[0]
+    device = x.device
+    class_size = np.bincount(cls)
+    num_pos_all = class_size[cls] - 1
+    order = np.lexsort((cls, num_pos_all))  # stable: by positives, then class, then index
+    num_pos = num_pos_all[order]
+    cls_sorted = cls[order]
+    new_class = np.concatenate([[True], cls_sorted[1:] != cls_sorted[:-1]])
+    class_first = np.flatnonzero(new_class)
+    class_end = np.concatenate([class_first[1:], [n]])
+    run = np.cumsum(new_class) - 1
+    first_of, end_of = class_first[run], class_end[run]  # the class range of every position
+
+    members = torch.from_numpy(order).to(device)
+    p_max = int(num_pos.max())
+    thresholds = _positive_thresholds(x, members, num_pos, p_max)
+    if block_size is None:
+        # A whole number of byte-lane chunks wide, so that the lane sums read no padding.
+        block_size = max(_LANE_COLS, math.isqrt(_PAIR_BYTES // 4) // _LANE_COLS * _LANE_COLS)
+    block = int(min(block_size, n))
+    counter = _Counter(device, block, block)
+    use_numpy = counter.use_numpy
+    if use_numpy:
+        counts_np = np.zeros(thresholds.shape, dtype=np.int64)
+        counts = torch.from_numpy(counts_np)
+    else:
+        counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
+    num_pos_t = torch.from_numpy(num_pos).to(device)
+    ap = torch.zeros(n, dtype=torch.float64, device=device)
+    hits = torch.zeros(k_tensor.numel(), dtype=torch.int64, device=device)
+    bounds = [(b0, min(b0 + block, n)) for b0 in range(0, n, block)]
+    logger.debug(
+        "retrieval_metrics (symmetric): %d items, %d blocks of %d, %d block pairs",
+        n,
+        len(bounds),
+        block,
+        len(bounds) * (len(bounds) + 1) // 2,
+    )
+    with counter:
+        for i, (i0, i1) in enumerate(tqdm(bounds, desc="retrieval metrics", unit="block", disable=not progress)):
+            xi = x[members[i0:i1]]
+            for j0, j1 in bounds[i:]:
+                if num_pos[i1 - 1] == 0 and num_pos[j1 - 1] == 0:
+                    continue  # neither side has a query to score (num_pos is non-decreasing)
+                xj = xi if j0 == i0 else x[members[j0:j1]]
+                sims = xi @ xj.T  # (Bi, Bj) float32
+                if first_of[i0] < j1 and end_of[i1 - 1] > j0:  # some row has class-mates (or itself) here
+                    rows, cols = _same_class_entries(first_of[i0:i1], end_of[i0:i1], j0, j1)
+                    sims[torch.from_numpy(rows).to(device), torch.from_numpy(cols).to(device)] = -math.inf
+                if j0 == i0:
+                    counter.count(sims, thresholds[i0:i1], num_pos[i0:i1], counts[i0:i1])
+                else:
+                    counter.count_pair(
+                        sims,
+                        (thresholds[i0:i1], num_pos[i0:i1], counts[i0:i1]),
+                        (thresholds[j0:j1], num_pos[j0:j1], counts[j0:j1]),
+                    )
+                del sims
+            block_counts = counts[i0:i1].to(device)
+            ap_block, hits_block = _ap_and_hits(block_counts, num_pos_t[i0:i1], k_tensor)
+            ap[members[i0:i1]] = ap_block
+            hits += hits_block
+    return ap, hits
+
+
+class _Scratch:
+    """A zeroed boolean buffer (``rows x W``) and how many of its leading columns may hold ``True``."""
+
+    def __init__(self, rows: int, width: int) -> None:
+        self.mask = np.zeros((rows, width), dtype=bool)
+        self.dirty = 0
+
+    def for_columns(self, num_cols: int) -> np.ndarray:
+        """The buffer, with every column from ``num_cols`` on ``False`` (the lane sums read them)."""
+        if self.dirty > num_cols:
+            self.mask[:, num_cols : self.dirty] = False
+        self.dirty = num_cols
+        return self.mask
 
 
 class _Counter:
@@ -306,22 +519,22 @@ class _Counter:
 
     Holds what the blocks share; on the CPU: a thread pool (numpy releases the GIL, so the rows are split
     over ``torch.get_num_threads()`` threads) and one small boolean scratch per thread (``chunk x W``,
-    1 byte per entry, ``W`` = ``Nd`` rounded up to whole byte-lane chunks).
+    1 byte per entry, ``W`` = the widest block rounded up to whole byte-lane chunks).
     """
 
     def __init__(self, device: torch.device, max_rows: int, num_cols: int) -> None:
         self.use_numpy = device.type == "cpu" and _NUMPY_ON_CPU
         self.pool: ThreadPoolExecutor | None = None
         self.threads = 1
-        # A few rows at a time (~1 MiB of similarities) stay in the L2 cache across the passes.
-        self.chunk = max(1, min(max_rows, _CHUNK_BYTES // (4 * num_cols)))
-        self.free: queue.SimpleQueue[np.ndarray] = queue.SimpleQueue()  # scratch buffers not in use
+        # A few rows at a time (~1 MiB of similarities) stay in the L2 cache across the passes; at most
+        # 255, so that the transposed count's per-column sums fit a byte.
+        self.chunk = max(1, min(max_rows, 255, _CHUNK_BYTES // (4 * num_cols)))
+        self.free: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()  # scratch buffers not in use
         if self.use_numpy:
             self.threads = max(1, min(torch.get_num_threads(), max_rows))
             width = -(-num_cols // _LANE_COLS) * _LANE_COLS
             for _ in range(self.threads):
-                # Columns past num_cols are never written and stay False.
-                self.free.put(np.zeros((self.chunk, width), dtype=bool))
+                self.free.put(_Scratch(self.chunk, width))
             if self.threads > 1:
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raml-metrics")
 
@@ -332,46 +545,113 @@ class _Counter:
         if self.pool is not None:
             self.pool.shutdown()
 
-    def count(self, sims: torch.Tensor, thresholds: torch.Tensor, num_pos: np.ndarray) -> torch.Tensor:
-        """``(B, Nd)`` similarities (positives, junk at -inf), ``(B, P)`` thresholds sorted decreasingly
-        (+inf padding past ``num_pos``) -> ``(B, P)`` int64 counts of entries ``>=`` each threshold."""
+    def _run_jobs(self, num_rows: int, work: Callable[[int, int], object]) -> list[object]:
+        """``work(lo, hi)`` over row ranges covering ``0..num_rows``, on the pool; their results in order."""
+        if self.pool is None:
+            return [work(0, num_rows)]
+        # Many small jobs, taken by whichever thread is free: balanced even when a core is busy elsewhere.
+        step = max(self.chunk, -(-num_rows // (8 * self.threads)))
+        jobs = [self.pool.submit(work, lo, min(lo + step, num_rows)) for lo in range(0, num_rows, step)]
+        return [job.result() for job in jobs]
+
+    def count(self, sims: torch.Tensor, thresholds: torch.Tensor, num_pos: np.ndarray, out: torch.Tensor) -> None:
+        """``out += `` the counts of entries of ``sims`` (``(B, N)``, positives and junk at -inf) ``>=``
+        each of the ``(B, P)`` thresholds (sorted decreasingly per row, +inf padding past ``num_pos``, which
+        is non-decreasing). ``out`` is ``(B, P)`` int64 on the device, or a numpy-backed CPU tensor."""
         num_rows, p_max = thresholds.shape
         if p_max >= _SORT_MIN_POSITIVES:
-            counts = torch.zeros(num_rows, p_max, dtype=torch.int64, device=sims.device)
-            _count_by_sorting(sims, thresholds, counts)
-            return counts
-        # Rows come sorted by their number of positives: count each run with exactly its width.
-        runs = np.flatnonzero(np.diff(num_pos)) + 1
-        bounds = list(zip([0, *runs.tolist()], [*runs.tolist(), num_rows]))
+            _count_by_sorting(sims, thresholds, out)
+            return
+        bounds = _runs(num_pos)
         if not self.use_numpy:
-            counts = torch.zeros(num_rows, p_max, dtype=torch.int64, device=sims.device)
-            for r0, r1 in bounds:
-                p = int(num_pos[r0])
-                _count_by_passes(sims[r0:r1], thresholds[r0:r1, :p], counts[r0:r1, :p])
-            return counts
+            for r0, r1, p in bounds:
+                if p:
+                    _count_by_passes(sims[r0:r1], thresholds[r0:r1, :p], out[r0:r1, :p])
+            return
         sims_np = sims.numpy()
         thr_np = thresholds.numpy()
-        counts_np = np.zeros((num_rows, p_max), dtype=np.int64)
+        out_np = out.numpy()
 
         def work(lo: int, hi: int) -> None:
             scratch = self.free.get()
             try:
-                for r0, r1 in bounds:
-                    p = int(num_pos[r0])
+                mask = scratch.for_columns(sims_np.shape[1])
+                for r0, r1, p in bounds:
+                    if p == 0:
+                        continue  # queries without positives: nothing to count
                     for c0 in range(max(r0, lo), min(r1, hi), self.chunk):
                         c1 = min(c0 + self.chunk, r1, hi)
-                        _count_by_passes_numpy(sims_np[c0:c1], thr_np[c0:c1, :p], counts_np[c0:c1, :p], scratch)
+                        _count_by_passes_numpy(sims_np[c0:c1], thr_np[c0:c1, :p], out_np[c0:c1, :p], mask)
             finally:
                 self.free.put(scratch)
 
-        if self.pool is None:
-            work(0, num_rows)
-        else:
-            # Many small jobs, taken by whichever thread is free: balanced even when a core is busy elsewhere.
-            step = max(self.chunk, -(-num_rows // (8 * self.threads)))
-            for job in [self.pool.submit(work, lo, min(lo + step, num_rows)) for lo in range(0, num_rows, step)]:
-                job.result()
-        return torch.from_numpy(counts_np)
+        self._run_jobs(num_rows, work)
+
+    def count_pair(
+        self,
+        sims: torch.Tensor,
+        rows: tuple[torch.Tensor, np.ndarray, torch.Tensor],
+        cols: tuple[torch.Tensor, np.ndarray, torch.Tensor],
+    ) -> None:
+        """:meth:`count` for the rows of ``sims`` (``rows`` = thresholds, num_pos, out) and for its
+        columns (``cols``, as if for ``sims.T``), in one sweep over the rows on the CPU."""
+        thr_r, pos_r, out_r = rows
+        thr_c, pos_c, out_c = cols
+        if not self.use_numpy or max(thr_r.shape[1], thr_c.shape[1]) >= _SORT_MIN_POSITIVES:
+            self.count(sims, thr_r, pos_r, out_r)
+            self.count(sims.T.contiguous(), thr_c, pos_c, out_c)
+            return
+        sims_np = sims.numpy()
+        thr_r_np, out_r_np = thr_r.numpy(), out_r.numpy()
+        thr_c_t = np.ascontiguousarray(thr_c.numpy().T)  # (P, Bj): one contiguous row per pass
+        col_starts = np.searchsorted(pos_c, np.arange(thr_c_t.shape[0]), side="right")
+        bounds = _runs(pos_r)
+
+        def work(lo: int, hi: int) -> np.ndarray:
+            partial = np.zeros(out_c.shape, dtype=np.int64)
+            scratch = self.free.get()
+            try:
+                mask = scratch.for_columns(sims_np.shape[1])
+                for c0 in range(lo, hi, self.chunk):
+                    c1 = min(c0 + self.chunk, hi)
+                    for r0, r1, p in bounds:
+                        a, b = max(r0, c0), min(r1, c1)
+                        if p and a < b:
+                            _count_by_passes_numpy(sims_np[a:b], thr_r_np[a:b, :p], out_r_np[a:b, :p], mask)
+                    _count_columns_numpy(sims_np[c0:c1], thr_c_t, col_starts, partial, mask)
+            finally:
+                self.free.put(scratch)
+            return partial
+
+        out_c_np = out_c.numpy()
+        for partial in self._run_jobs(sims_np.shape[0], work):
+            out_c_np += partial
+
+
+def _ap_and_hits(
+    neg_at_or_above: torch.Tensor, num_pos: torch.Tensor, k_tensor: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AP of each query ``(B,)`` float64 and R@k hits ``(len(ks),)`` from ``(B, P)`` counts of negatives at or
+    above each positive.
+
+    Rows with ``num_pos == 0`` (no positive) get AP 0 and no hit. Both results stay on the counts' device.
+    """
+    device = neg_at_or_above.device
+    p_max = neg_at_or_above.shape[1]
+    j = torch.arange(p_max, dtype=torch.float64, device=device)
+    ranks = j + neg_at_or_above.to(torch.float64)  # 0-based rank of the j-th positive, junk removed
+    precision_0 = torch.where(ranks == 0, torch.ones_like(ranks), j / ranks.clamp(min=1.0))
+    precision_1 = (j + 1.0) / (ranks + 1.0)
+    pos_valid = j.unsqueeze(0) < num_pos.unsqueeze(1)
+    terms = torch.where(pos_valid, (precision_0 + precision_1) / 2.0, torch.zeros_like(ranks))
+    scored = num_pos > 0
+    # A sequential sum along the row (cumsum), so that the padding zeros at the end change no bit: every path
+    # gives a query the same AP, whatever the width of its block.
+    ap = terms.cumsum(1)[:, -1] / num_pos.clamp(min=1).to(torch.float64)
+    # R@k: the best positive (j = 0) has rank c_0, and is within the k nearest iff c_0 < k.
+    first_rank = neg_at_or_above[scored, 0]
+    hits = (first_rank.unsqueeze(1) < k_tensor.unsqueeze(0)).sum(0)
+    return ap, hits
 
 
 def _score_block(
@@ -385,8 +665,9 @@ def _score_block(
     exclude_self: bool,
     k_tensor: torch.Tensor,
     counter: _Counter,
-) -> tuple[float, np.ndarray]:
-    """Sum of AP and number of R@k hits over the queries ``idx`` (all with at least one positive)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """AP of each of the queries ``idx`` (all with at least one positive) and their number of R@k hits, as
+    tensors on the embeddings' device (no transfer to the host)."""
     device = q.device
     cls = q_cls[idx]
     size = class_size[cls]
@@ -414,18 +695,10 @@ def _score_block(
     sims.scatter_(1, cols_t, -math.inf)
     if exclude_self:
         sims.scatter_(1, idx_t.unsqueeze(1), -math.inf)
-    neg_at_or_above = counter.count(sims, pos_sims, num_pos).to(device)
+    if counter.use_numpy:
+        counts = torch.from_numpy(np.zeros((idx.size, p_max), dtype=np.int64))
+    else:
+        counts = torch.zeros(idx.size, p_max, dtype=torch.int64, device=device)
+    counter.count(sims, pos_sims, num_pos, counts)
     del sims
-
-    j = torch.arange(p_max, dtype=torch.float64, device=device)
-    ranks = j + neg_at_or_above.to(torch.float64)  # 0-based rank of the j-th positive, junk removed
-    precision_0 = torch.where(ranks == 0, torch.ones_like(ranks), j / ranks.clamp(min=1.0))
-    precision_1 = (j + 1.0) / (ranks + 1.0)
-    num_pos_t = torch.from_numpy(num_pos).to(device)
-    pos_valid = j.unsqueeze(0) < num_pos_t.unsqueeze(1)
-    terms = torch.where(pos_valid, (precision_0 + precision_1) / 2.0, torch.zeros_like(ranks))
-    ap_sum = float((terms.sum(1) / num_pos_t.to(torch.float64)).sum())
-    # R@k: the best positive (j = 0) has rank c_0, and is within the k nearest iff c_0 < k.
-    first_rank = neg_at_or_above[:, 0]
-    hits = (first_rank.unsqueeze(1) < k_tensor.unsqueeze(0)).sum(0).cpu().numpy()
-    return ap_sum, hits
+    return _ap_and_hits(counts.to(device), torch.from_numpy(num_pos).to(device), k_tensor)
