@@ -99,6 +99,13 @@ def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_min_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In-place minimum over ranks (identity for a single process)."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
 def shard_bounds(count: int, ctx: DistContext) -> tuple[int, int]:
     """[start, stop) of this rank's contiguous share of ``count`` items (uneven shares allowed)."""
     per = -(-count // ctx.world_size)

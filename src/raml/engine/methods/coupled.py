@@ -121,5 +121,9 @@ class BatchRelationMethod(CoupledViewMethod):
         groups = torch.arange(b, device=student.device).repeat_interleave(p)
         terms = self.relation_terms(student.flatten(0, 1), teacher.flatten(0, 1), groups)
         loss = terms["total"] * b
-        logged = {"loss": loss.item(), **{name: value.item() * b for name, value in terms.items() if name != "total"}}
+        # detached device tensors: no host-device sync per batch (the trainer reads them every --print-freq)
+        logged = {
+            "loss": loss.detach(),
+            **{name: value.detach() * b for name, value in terms.items() if name != "total"},
+        }
         return BatchLoss(loss, logged, b)

@@ -1,0 +1,195 @@
+"""The CUDA code paths, exercised on the CPU (issue 23): bf16 autocast (it exists on the CPU too), DDP under
+torchrun with gloo (the code path NCCL takes) and the device-selection branches with ``torch.cuda`` patched.
+
+Tiny on purpose: 32 px teacher views, 16 px student views, timm ``test_*`` backbones, 16 training images.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import raml.engine.device as device_module
+from raml.data.synth import generate_synthetic_dataset
+from raml.engine.config import TrainConfig
+from raml.engine.trainer import Trainer
+from raml.models import build_network, load_checkpoint_file, save_checkpoint
+
+CPU = torch.device("cpu")
+DR, QR = 32, 16
+HERE = Path(__file__).resolve().parent
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path, Path]:
+    """A tiny CUB-format dataset, a random test_resnet checkpoint and a random test_convnext checkpoint."""
+    root = tmp_path_factory.mktemp("gpu_paths")
+    generate_synthetic_dataset(root / "data" / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
+    torch.manual_seed(0)
+    resnet = root / "resnet.pth"
+    save_checkpoint(resnet, build_network("test_resnet", whitening=16, pretrained=False))
+    convnext = root / "convnext.pth"
+    save_checkpoint(convnext, build_network("test_convnext", whitening=16, pretrained=False))
+    return root / "data", resnet, convnext
+
+
+def _config(data_root: Path, network: Path, directory: Path, **changes) -> TrainConfig:
+    values = dict(
+        mode="ts_aug", student_path=str(network), teacher_path=str(network), training_dataset="cub",
+        test_datasets=[], data_root=str(data_root), directory=str(directory), image_size=QR,
+        teacher_image_size=DR, pos_num=2, batch_size=4, update_every=1, workers=0, val=False, epochs=1,
+        lr=1e-3, lam_1=0.5, lam_2=0.5, print_freq=1, save_freq=1,
+    )  # fmt: skip
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = str(HERE.parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+def _torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), *args]  # fmt: skip
+    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
+
+
+# ----------------------------------------------------------------------------------------- 1: --amp
+@pytest.mark.parametrize("mode", ["ts_aug", "csd", "d3"])
+def test_amp_runs_the_student_in_bf16_and_every_loss_in_fp32(setup, tmp_path, monkeypatch, mode):
+    """Under --amp the loss equals the fp32 loss of the same embeddings (bf16 similarities would be off by
+    ~1e-3); the student's forward ran under autocast, the teacher's did not (its targets are fp32)."""
+    data_root, resnet, _ = setup
+    monkeypatch.setattr(device_module, "AMP_DEVICE_TYPES", ("cuda", "cpu"))  # the CUDA path, on the CPU
+    trainer = Trainer(_config(data_root, resnet, tmp_path / mode, mode=mode, amp=True), CPU, progress=False)
+    assert trainer.amp
+    autocast_seen: dict[str, list[bool]] = {"student": [], "teacher": []}
+    trainer.student.register_forward_hook(lambda *_: autocast_seen["student"].append(torch.is_autocast_enabled("cpu")))
+    trainer.teacher.network.register_forward_hook(
+        lambda *_: autocast_seen["teacher"].append(torch.is_autocast_enabled("cpu"))
+    )
+    method = trainer.method
+    embeddings, losses = [], []
+    view_embeddings, batch_loss = method.view_embeddings, trainer._batch_loss
+
+    def recording_views(batch, generator):
+        student, teacher = view_embeddings(batch, generator)
+        embeddings.append((student.detach().clone(), teacher.detach().clone()))
+        return student, teacher
+
+    def recording_loss(batch, generator):
+        result = batch_loss(batch, generator)
+        losses.append(result.loss.detach().clone())
+        return result
+
+    monkeypatch.setattr(method, "view_embeddings", recording_views)
+    monkeypatch.setattr(trainer, "_batch_loss", recording_loss)
+    trainer.train_epoch(1)
+    assert len(losses) == trainer.batches_per_epoch == 4
+    assert autocast_seen["student"] and all(autocast_seen["student"])
+    assert autocast_seen["teacher"] and not any(autocast_seen["teacher"])
+    for (student, teacher), loss in zip(embeddings, losses, strict=True):
+        assert student.dtype == teacher.dtype == loss.dtype == torch.float32
+        # the same method's loss of the same embeddings, with autocast nowhere in sight
+        monkeypatch.setattr(method, "view_embeddings", lambda *_, s=student, t=teacher: (s, t))
+        assert not torch.is_autocast_enabled("cpu")
+        expected = method.batch_loss(None, torch.Generator()).loss
+        torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+
+
+def test_amp_is_off_on_the_cpu_and_refused_on_gpus_without_native_bf16(monkeypatch):
+    assert device_module.amp_active(True, CPU) is False  # --amp on the CPU: fp32, with a log line
+    assert device_module.amp_active(False, torch.device("cuda", 0)) is False
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (7, 0))
+    with pytest.raises(ValueError, match=r"Tesla V100.*compute capability 7\.0.*without --amp"):
+        device_module.amp_active(True, torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (8, 0))  # A100
+    assert device_module.amp_active(True, torch.device("cuda", 0)) is True
+
+
+# ------------------------------------------------------------------------- 2: timm students under DDP
+def test_timm_backbone_has_no_trainable_parameter_outside_forward_features():
+    """ConvNeXt's head norm (and other heads timm keeps with num_classes=0) would make DDP wait forever for
+    their gradients; they are frozen, so every trainable parameter gets a gradient from one forward."""
+    network = build_network("test_convnext", whitening=16, pretrained=False)
+    assert "backbone.model.head.norm.weight" in dict(network.named_parameters())  # checkpoints keep the keys
+    network(torch.rand(2, 3, DR, DR)).sum().backward()
+    missing = [n for n, p in network.named_parameters() if p.requires_grad and p.grad is None]
+    assert missing == []
+
+
+def test_convnext_student_trains_in_two_gloo_processes_like_one(setup, tmp_path):
+    data_root, _, convnext = setup
+    # the student from a checkpoint: a random --student ARCH would start from each process's own random state
+    args = ["train", "--mode", "ts_aug", "--student-path", str(convnext), "--teacher-path", str(convnext),
+            "--training-dataset", "cub", "--test-datasets", "", "--data-root", str(data_root),
+            "--image-size", "32", "--teacher-image-size", "64", "--pos-num", "2", "--batch-size", "4",
+            "--update-every", "1", "--optimizer", "sgd", "--lr", "0.05", "--workers", "0", "--no-val",
+            "--epochs", "1", "--device", "cpu", "--no-progress"]  # fmt: skip
+    from raml.cli.main import main
+
+    assert main([*args, "--directory", str(tmp_path / "one")]) == 0
+    # "Expected to have finished reduction in the prior iteration" came on the second batch
+    result = _torchrun("-m", "raml", *args, "--directory", str(tmp_path / "two"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    one = load_checkpoint_file(tmp_path / "one" / "model_best.pth.tar")["state_dict"]
+    two = load_checkpoint_file(tmp_path / "two" / "model_best.pth.tar")["state_dict"]
+    assert one.keys() == two.keys()
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0, msg=key)
+
+
+# ------------------------------------------------------ 3, 4: non-finite loss on one rank; no_sync
+def _scenario(name: str, config: TrainConfig, out: Path) -> list[dict]:
+    out.mkdir()
+    config_file = out / "config.json"
+    config_file.write_text(json.dumps(dataclasses.asdict(config)))
+    result = _torchrun(str(HERE / "ddp_scenarios.py"), name, str(config_file), str(out), timeout=300)
+    reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
+    assert len(reports) == 2, f"a rank wrote no report (rc {result.returncode}): {result.stderr[-3000:]}"
+    return reports
+
+
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_path):
+    data_root, resnet, _ = setup
+    config = _config(data_root, resnet, tmp_path / "run", epochs=2)
+    reports = _scenario("nan", config, tmp_path / "out")
+    for report in reports:  # rank 0's loss was finite; it must stop too, not wait in an all-reduce
+        assert report["outcome"] == "NonFiniteLossError", report
+        assert "epoch 1, batch 2" in report["message"]
+    # nothing of the bad batch reached the weights: the only checkpoint is none (epoch 1 never finished)
+    assert not (tmp_path / "run" / "model_last.pth.tar").exists()
+
+
+def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path):
+    data_root, resnet, _ = setup
+    # 16 images, batches of 4 -> 4 batches per epoch; update-every 2 -> 2 optimizer steps per epoch
+    config = _config(data_root, resnet, tmp_path / "two", update_every=2, epochs=1, optimizer="sgd", lr=0.05)
+    reports = _scenario("count", config, tmp_path / "out")
+    for report in reports:
+        assert report["batches"] == 4 and report["steps"] == 2, report
+        assert report["reduces"] == report["steps"], report  # was one per batch (4)
+    # the accumulated gradients are still the sum over both processes' images: the same weights as one process
+    single = dataclasses.replace(config, directory=str(tmp_path / "one"))
+    Trainer(single, CPU, progress=False).run()
+    one = load_checkpoint_file(tmp_path / "one" / "model_last.pth.tar")["state_dict"]
+    two = load_checkpoint_file(tmp_path / "two" / "model_last.pth.tar")["state_dict"]
+    for key in one:
+        torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0, msg=key)
