@@ -193,3 +193,66 @@ def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path):
     two = load_checkpoint_file(tmp_path / "two" / "model_last.pth.tar")["state_dict"]
     for key in one:
         torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0, msg=key)
+
+
+# --------------------------------------------------------------- 7, 9, 10: the entry point's CUDA settings
+class _Stop(Exception):
+    """Raised by the fake Trainer: the test ends where training would start on the (absent) GPU."""
+
+
+@pytest.fixture
+def fake_two_gpus(monkeypatch):
+    """torch.cuda patched to show two GPUs of the given capability; records set_device; no Trainer runs."""
+    import raml.engine.trainer as trainer_module
+
+    calls: dict[str, list] = {"set_device": [], "trainer": []}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *_: "Tesla V100-SXM2-16GB")
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *_: (7, 0))
+    monkeypatch.setattr(torch.cuda, "set_device", lambda device: calls["set_device"].append(torch.device(device)))
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+
+    def fake_trainer(config, device, **kwargs):
+        calls["trainer"].append((device, kwargs.get("teacher_device")))
+        raise _Stop
+
+    monkeypatch.setattr(trainer_module, "Trainer", fake_trainer)
+    return calls
+
+
+def _cli_args(data_root: Path, network: Path, directory: Path, *extra: str) -> list[str]:
+    return ["train", "--student-path", str(network), "--teacher-path", str(network), "--training-dataset", "cub",
+            "--test-datasets", "", "--data-root", str(data_root), "--directory", str(directory), "--image-size",
+            str(QR), "--teacher-image-size", str(DR), "--workers", "0", "--no-val", "--no-progress",
+            *extra]  # fmt: skip
+
+
+def test_the_students_gpu_is_made_current_and_cudnn_benchmarks(setup, tmp_path, fake_two_gpus):
+    from raml.cli.main import main
+
+    data_root, resnet, _ = setup
+    with pytest.raises(_Stop):
+        main(_cli_args(data_root, resnet, tmp_path / "run", "-g", "1,0"))
+    assert fake_two_gpus["trainer"] == [(torch.device("cuda", 1), torch.device("cuda", 0))]
+    assert fake_two_gpus["set_device"] == [torch.device("cuda", 1)]  # not GPU 0, where the teacher is
+    assert torch.backends.cudnn.benchmark is True
+
+
+def test_deterministic_algorithms_keep_cudnn_benchmark_off(setup, tmp_path, fake_two_gpus, monkeypatch):
+    from raml.cli.main import main
+
+    monkeypatch.setattr(torch, "are_deterministic_algorithms_enabled", lambda: True)
+    data_root, resnet, _ = setup
+    with pytest.raises(_Stop):
+        main(_cli_args(data_root, resnet, tmp_path / "run", "-g", "0"))
+    assert torch.backends.cudnn.benchmark is False
+
+
+def test_amp_on_a_gpu_without_native_bf16_is_refused_before_anything_runs(setup, tmp_path, fake_two_gpus):
+    from raml.cli.main import main
+
+    data_root, resnet, _ = setup
+    with pytest.raises(SystemExit, match=r"Tesla V100.*compute capability 7\.0.*without --amp"):
+        main(_cli_args(data_root, resnet, tmp_path / "run", "-g", "0", "--amp"))
+    assert fake_two_gpus["trainer"] == [] and fake_two_gpus["set_device"] == []
