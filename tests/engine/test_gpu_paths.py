@@ -256,3 +256,32 @@ def test_amp_on_a_gpu_without_native_bf16_is_refused_before_anything_runs(setup,
     with pytest.raises(SystemExit, match=r"Tesla V100.*compute capability 7\.0.*without --amp"):
         main(_cli_args(data_root, resnet, tmp_path / "run", "-g", "0", "--amp"))
     assert fake_two_gpus["trainer"] == [] and fake_two_gpus["set_device"] == []
+
+
+# ------------------------------------------------------------------- 12: --optimize frees each trial
+def test_each_search_trial_is_freed_before_the_next_starts(setup, tmp_path, monkeypatch):
+    """A trial's trainer (networks, optimizer state) is gone when the next trial starts, even with the cyclic
+    garbage collector off (on a GPU its memory would otherwise stay held)."""
+    import gc
+    import weakref
+
+    import raml.engine.search as search_module
+
+    data_root, resnet, _ = setup
+    trainers: list[weakref.ref] = []
+    alive_at_start: list[int] = []
+
+    class RecordingTrainer(Trainer):
+        def __init__(self, *args, **kwargs):
+            alive_at_start.append(sum(ref() is not None for ref in trainers))
+            super().__init__(*args, **kwargs)
+            trainers.append(weakref.ref(self))
+
+    monkeypatch.setattr(search_module, "Trainer", RecordingTrainer)
+    config = _config(data_root, resnet, tmp_path / "search", optimize=True, trials=2, epochs=1, val_freq=1)
+    gc.disable()
+    try:
+        search_module.search(config, CPU, progress=False)
+    finally:
+        gc.enable()
+    assert alive_at_start == [0, 0]
