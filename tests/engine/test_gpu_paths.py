@@ -285,3 +285,29 @@ def test_each_search_trial_is_freed_before_the_next_starts(setup, tmp_path, monk
     finally:
         gc.enable()
     assert alive_at_start == [0, 0]
+
+
+# ------------------------------------------------------------- 5: no host-device sync in a batch's views
+def test_a_batchs_views_never_read_a_value_back_from_the_device(setup, tmp_path, monkeypatch):
+    """The meta device holds no values: any read-back (``.item()``, ``bool()`` of a device tensor, such as the
+    mixup weights' range check after ``.to(device)``) fails there. The views must come through it."""
+    data_root, resnet, _ = setup
+    trainer = Trainer(_config(data_root, resnet, tmp_path / "run"), CPU, progress=False)
+    generator = torch.Generator().manual_seed(0)
+    batch = next(iter(trainer.method.epoch_batches(1, generator)))
+    monkeypatch.setattr(trainer, "device", torch.device("meta"))
+    student, teacher = trainer.method._views(batch, generator)
+    assert student.device.type == teacher.device.type == "meta"
+    assert student.shape == (4, 2, 3, QR, QR) and teacher.shape == (4, 2, 3, DR, DR)
+
+
+def test_the_logged_terms_stay_on_the_device(setup, tmp_path):
+    """A batch's logged terms are detached device tensors, summed by the trainer without ``.item()``."""
+    data_root, resnet, _ = setup
+    for mode in ("ts_aug", "csd"):
+        trainer = Trainer(_config(data_root, resnet, tmp_path / mode, mode=mode), CPU, progress=False)
+        generator = torch.Generator().manual_seed(0)
+        batch = next(iter(trainer.method.epoch_batches(1, generator)))
+        result = trainer._batch_loss(batch, generator)
+        assert result.terms and all(torch.is_tensor(v) and not v.requires_grad for v in result.terms.values())
+        torch.testing.assert_close(result.terms["loss"], result.loss.detach())

@@ -65,14 +65,15 @@ class CoupledViewMethod(Method):
             return student_views, teacher_views
         if c.mixup_partner == "dataset":
             # the reference: every view's partner (a random training image rendered with the view's draws)
-            # and its weight come with the item, so nothing is shared across processes
+            # and its weight come with the item, so nothing is shared across processes. The weights stay on the
+            # CPU: their range check there does not wait for the device (mix_partner_views moves them).
             student_views, teacher_views, partner_student, partner_teacher, lam, _ = batch
             student_views, teacher_views = mix_partner_views(
                 student_views.to(device, non_blocking=True),
                 teacher_views.to(device, non_blocking=True),
                 partner_student.to(device, non_blocking=True),
                 partner_teacher.to(device, non_blocking=True),
-                lam.to(device),
+                lam,
             )
             return student_views.div_(255), teacher_views.div_(255)
         student_views, teacher_views, _ = batch
