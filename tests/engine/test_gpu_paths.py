@@ -296,6 +296,7 @@ def test_a_batchs_views_never_read_a_value_back_from_the_device(setup, tmp_path,
     generator = torch.Generator().manual_seed(0)
     batch = next(iter(trainer.method.epoch_batches(1, generator)))
     monkeypatch.setattr(trainer, "device", torch.device("meta"))
+    monkeypatch.setattr(trainer, "teacher_device", torch.device("meta"))
     student, teacher = trainer.method._views(batch, generator)
     assert student.device.type == teacher.device.type == "meta"
     assert student.shape == (4, 2, 3, QR, QR) and teacher.shape == (4, 2, 3, DR, DR)
@@ -311,3 +312,32 @@ def test_the_logged_terms_stay_on_the_device(setup, tmp_path):
         result = trainer._batch_loss(batch, generator)
         assert result.terms and all(torch.is_tensor(v) and not v.requires_grad for v in result.terms.values())
         torch.testing.assert_close(result.terms["loss"], result.loss.detach())
+
+
+# ----------------------------------------------------------- 6: teacher views straight to the teacher's GPU
+@pytest.mark.parametrize("mixup", ["dataset", "batch", "none"])
+def test_teacher_views_go_straight_to_the_teachers_device(setup, tmp_path, monkeypatch, mixup):
+    """With -g 0,1 the uint8 teacher views (and partners) go to the teacher's device and are mixed there; the
+    student's device never holds them. The teacher's device is played by the meta device here."""
+    data_root, resnet, _ = setup
+    changes = {"mixup": False} if mixup == "none" else {"mixup_partner": mixup}
+    trainer = Trainer(_config(data_root, resnet, tmp_path / "run", **changes), CPU, progress=False)
+    generator = torch.Generator().manual_seed(0)
+    batch = next(iter(trainer.method.epoch_batches(1, generator)))
+    moved_to: list[str] = []
+    to = torch.Tensor.to
+
+    def recording_to(self, *args, **kwargs):
+        out = to(self, *args, **kwargs)
+        if self.dim() == 5 and self.shape[-1] == DR:  # a teacher-resolution tensor
+            moved_to.append(f"{out.device.type}:{out.dtype}")
+        return out
+
+    monkeypatch.setattr(trainer, "teacher_device", torch.device("meta"))
+    monkeypatch.setattr(torch.Tensor, "to", recording_to)
+    student, teacher = trainer.method._views(batch, generator)
+    monkeypatch.undo()
+    assert student.device == CPU and teacher.device.type == "meta"
+    assert student.shape == (4, 2, 3, QR, QR) and teacher.shape == (4, 2, 3, DR, DR)
+    assert moved_to and moved_to[0] == "meta:torch.uint8"  # the first move is of the uint8 views, to the teacher
+    assert not any(entry.startswith("cpu:torch.float") for entry in moved_to)
