@@ -178,10 +178,13 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_
     assert not (tmp_path / "run" / "model_last.pth.tar").exists()
 
 
-def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path):
+@pytest.mark.parametrize("update_every, flush", [(2, False), (3, True)])
+def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path, update_every, flush):
     data_root, resnet, _ = setup
-    # 16 images, batches of 4 -> 4 batches per epoch; update-every 2 -> 2 optimizer steps per epoch
-    config = _config(data_root, resnet, tmp_path / "two", update_every=2, epochs=1, optimizer="sgd", lr=0.05)
+    # 16 images, batches of 4 -> 4 batches per epoch -> 2 optimizer steps: update-every 2, or update-every 3
+    # and the last (flushed) batch, which must be all-reduced too
+    config = _config(data_root, resnet, tmp_path / "two", update_every=update_every, flush_accumulation=flush,
+                     epochs=1, optimizer="sgd", lr=0.05)  # fmt: skip
     reports = _scenario("count", config, tmp_path / "out")
     for report in reports:
         assert report["batches"] == 4 and report["steps"] == 2, report
