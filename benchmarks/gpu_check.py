@@ -275,6 +275,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("| training | amp active | images/s | views/s | loader wait | peak GiB |")
     lines.append("|---|---|---|---|---|---|")
     for row in report["training"]:
+        if "refused" in row:
+            lines.append(f"| ts_aug {'--amp' if row['amp'] else 'fp32'} | refused: {row['refused']} | | | | |")
+            continue
         lines.append(
             f"| ts_aug {'--amp' if row['amp'] else 'fp32'} | {row['amp_active']} | {row['images_per_s']} | "
             f"{row['views_per_s']} | {row['loader_wait_share']:.0%} | {row['peak_memory_gib']} |"
@@ -314,7 +317,12 @@ def run_check(settings: CheckSettings, device: torch.device, work: Path) -> dict
         "settings": dataclasses.asdict(settings),
     }
     data_root, network = prepare_data(settings, work)
-    report["training"] = [measure_training(settings, data_root, network, work, device, amp) for amp in (False, True)]
+    report["training"] = []
+    for amp in (False, True):
+        try:
+            report["training"].append(measure_training(settings, data_root, network, work, device, amp))
+        except ValueError as error:  # --amp refused: this GPU has no native bf16
+            report["training"].append({"amp": amp, "refused": str(error)})
     report["ddp"] = measure_ddp(settings, data_root, network, work, device)
     report["evaluation"] = measure_evaluation(settings, device)
     report["latency"] = measure_latency(settings, network, device)

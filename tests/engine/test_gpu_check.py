@@ -55,3 +55,21 @@ def test_tiny_cpu_run_reports_every_part(gpu_check, tmp_path, capsys):
     }
     out = capsys.readouterr().out
     assert "ts_aug --amp" in out and "exact evaluation" in out and "| teacher |" in out
+
+
+def test_a_refused_amp_run_is_reported_not_fatal(gpu_check, monkeypatch):
+    """On a GPU without native bf16 the --amp row says why it was refused; the rest of the report goes on."""
+
+    def measure(settings, data_root, network, work, device, amp):
+        if amp:
+            raise ValueError("--amp trains in bf16, which Tesla T4 (compute capability 7.5) does not support")
+        return {"amp": False, "amp_active": False, "images_per_s": 1.0, "views_per_s": 2.0,
+                "loader_wait_share": 0.5, "peak_memory_gib": None}  # fmt: skip
+
+    monkeypatch.setattr(gpu_check, "prepare_data", lambda settings, work: (work, work / "net.pth"))
+    monkeypatch.setattr(gpu_check, "measure_training", measure)
+    monkeypatch.setattr(gpu_check, "measure_evaluation", lambda settings, device: {"skipped": True})
+    monkeypatch.setattr(gpu_check, "measure_latency", lambda settings, network, device: [])
+    report = gpu_check.run_check(gpu_check.TINY, torch.device("cpu"), Path("/nonexistent"))
+    assert report["training"][0]["amp"] is False and "images_per_s" in report["training"][0]
+    assert "Tesla T4" in report["training"][1]["refused"]
