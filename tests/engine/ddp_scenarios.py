@@ -5,6 +5,7 @@ Each rank writes ``OUT_DIR/rank<R>.json`` with what it saw; a rank killed or hun
 
 - ``nan``: rank 1's loss of epoch 1, batch 2 is made NaN; every rank must stop with NonFiniteLossError.
 - ``count``: a DDP communication hook counts the gradient all-reduces (bucket 0) against the optimizer steps.
+- ``eval``: monitoring and the final test; which ranks score (``retrieval_metrics``) and what each gets.
 """
 
 from __future__ import annotations
@@ -63,6 +64,21 @@ def main(scenario: str, config_path: str, out_dir: str) -> None:
         trainer._optimizer_step = counted_step
         trainer.run()
         report.update(counts, batches=trainer.batches_per_epoch * config.epochs)
+    elif scenario == "eval":
+        import raml.engine.trainer as trainer_module
+        import raml.retrieval.evaluate as evaluate_module
+
+        scored = []
+        metrics = evaluate_module.retrieval_metrics
+
+        def counting_metrics(query, database, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            scored.append(str(query.device))
+            return metrics(query, database, *args, **kwargs)
+
+        # wherever the trainer scores: through evaluate_split or by itself
+        trainer_module.retrieval_metrics = evaluate_module.retrieval_metrics = counting_metrics
+        trainer.run()
+        report.update(scored=scored, history=trainer.history, test=trainer.test())
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     (Path(out_dir) / f"rank{dist.rank}.json").write_text(json.dumps(report))

@@ -344,3 +344,19 @@ def test_teacher_views_go_straight_to_the_teachers_device(setup, tmp_path, monke
     assert student.shape == (4, 2, 3, QR, QR) and teacher.shape == (4, 2, 3, DR, DR)
     assert moved_to and moved_to[0] == "meta:torch.uint8"  # the first move is of the uint8 views, to the teacher
     assert not any(entry.startswith("cpu:torch.float") for entry in moved_to)
+
+
+# ------------------------------------------------------------ 8: under DDP rank 0 scores, the others receive
+def test_under_ddp_only_rank_0_scores_and_every_rank_gets_its_metrics(setup, tmp_path):
+    data_root, resnet, _ = setup
+    # the reference's protocol: the test split monitored after the epoch, then the final test (asym + sym)
+    config = _config(data_root, resnet, tmp_path / "run", val=True, val_freq=1, test_datasets=["cub-test"])
+    reports = {report["rank"]: report for report in _scenario("eval", config, tmp_path / "out")}
+    assert reports[1]["scored"] == []  # rank 1 embedded its shard but scored nothing
+    assert len(reports[0]["scored"]) == 3  # monitoring (asym) + test (asym, sym), on rank 0's device
+    for h0, h1 in zip(reports[0]["history"], reports[1]["history"], strict=True):
+        h0.pop("seconds"), h1.pop("seconds")  # each process's own clock
+        assert h0 == h1
+    assert reports[0]["test"] == reports[1]["test"]
+    assert {"asym", "sym"} <= set(reports[0]["test"]["cub-test"])
+    assert "monitor_cub-test_mAP" in reports[0]["history"][0]

@@ -39,7 +39,7 @@ from tqdm.auto import tqdm
 
 from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, write_bad_image_report
 from raml.data.splits import Split, get_split
-from raml.distributed import SINGLE, DistContext, all_reduce_min_, all_reduce_sum_, shard_bounds
+from raml.distributed import SINGLE, DistContext, all_reduce_min_, all_reduce_sum_, broadcast_object, shard_bounds
 from raml.engine.config import TrainConfig, part_name
 from raml.engine.device import AutocastForward, amp_active
 from raml.engine.methods import method_class
@@ -47,8 +47,9 @@ from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.cache import EmbeddingCache
-from raml.retrieval.evaluate import check_compatible, evaluate_split
+from raml.retrieval.evaluate import check_compatible, default_ks, evaluate_split
 from raml.retrieval.extract import extract_embeddings_sharded, network_mean_std
+from raml.retrieval.metrics import retrieval_metrics
 from raml.utils import atomic_write_text, file_sha256, seed_everything
 
 logger = logging.getLogger(__name__)
@@ -635,6 +636,8 @@ class Trainer:
         the teacher's device (cached: the teacher never changes)."""
         c = self.config
         teacher = self.teacher.network if (asym and self.teacher is not None) else None
+        if self.dist.enabled:
+            return self._evaluate_distributed(network, split, teacher, sym=sym or teacher is None)
         return evaluate_split(
             network,
             split,
@@ -651,6 +654,34 @@ class Trainer:
             progress=self.progress,
             embed=self.embed,
         )
+
+    def _evaluate_distributed(
+        self, network: nn.Module, split: Split, teacher: nn.Module | None, sym: bool
+    ) -> dict[str, dict[str, float]]:
+        """:meth:`_evaluate` under DDP: every process embeds its shard (gathered), the teacher's database
+        comes from the cache as in a single process, and rank 0 alone scores on its device; the other ranks
+        receive its metrics (they used to repeat the whole scoring, on the CPU, each on one thread)."""
+        c = self.config
+        if teacher is not None:
+            check_compatible(network, teacher)
+        paths = [str(p) for p in split.abspaths()]
+        description = f"{split.name} student@{c.image_size}"
+        query = self.embed(
+            network, paths, c.image_size, self.device, c.eval_batch_size, c.workers, self.progress, description
+        )
+        database = self.teacher_embeddings(split, paths) if teacher is not None else None
+        results: dict[str, dict[str, float]] | None = None
+        if self.dist.is_main:
+            labels, ks = torch.as_tensor(split.labels), default_ks(split.name)
+            query = query.to(self.device)
+            results = {}
+            if database is not None:
+                database = database.to(self.device)
+                results["asym"] = retrieval_metrics(query, database, labels, labels, ks=ks, exclude_self=True)
+            if sym:
+                results["sym"] = retrieval_metrics(query, query, labels, labels, ks=ks, exclude_self=True)
+            logger.info("%s: %s", split.name, results)
+        return broadcast_object(results, self.dist)
 
     def validate(self) -> dict[str, float]:
         """Validation metrics (mAP, R@k) on the held-out val classes (``--select-on-val``): asymmetric for
