@@ -16,11 +16,14 @@ import atexit
 import logging
 import os
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -97,6 +100,22 @@ def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def all_reduce_min_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
+    """In-place minimum over ranks (identity for a single process)."""
+    if ctx.enabled:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+    return tensor
+
+
+def broadcast_object(obj: T, ctx: DistContext, src: int = 0) -> T:
+    """Rank ``src``'s picklable ``obj`` on every rank (the identity for a single process)."""
+    if not ctx.enabled:
+        return obj
+    holder = [obj if ctx.rank == src else None]
+    dist.broadcast_object_list(holder, src=src)
+    return holder[0]
 
 
 def shard_bounds(count: int, ctx: DistContext) -> tuple[int, int]:

@@ -311,6 +311,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def run(args: argparse.Namespace) -> int:
     from raml.distributed import init_distributed
+    from raml.engine.device import prepare_cuda_device
     from raml.engine.search import optimize_and_train
     from raml.engine.trainer import Trainer
 
@@ -330,6 +331,12 @@ def run(args: argparse.Namespace) -> int:
             device, teacher_device = devices_from_gpu_id(config.gpu_id, config.device)
         except (RuntimeError, ValueError) as error:
             raise SystemExit(f"raml train: error: {error}") from error
+    # The student's GPU becomes the current one (else the pin-memory thread makes a context on GPU 0 with
+    # -g 1), cudnn.benchmark goes on, and --amp is refused where bf16 is emulated (see raml.engine.device).
+    try:
+        prepare_cuda_device(device, config.amp)
+    except ValueError as error:
+        raise SystemExit(f"raml train: error: {error}") from error
     progress = not args.no_progress
     if config.per_size_bn and (config.optimize or dist.enabled):
         raise SystemExit(

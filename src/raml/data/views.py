@@ -697,9 +697,9 @@ def mix_partner_views(
     Args:
         student: ``(B, P, 3, QR, QR)`` student views, uint8 (as :class:`CoupledViewDataset` gives them) or
             floating point.
-        teacher: ``(B, P, 3, DR, DR)`` teacher views, the same dtype and device.
-        partner_student: The partner views at QR, the shape and dtype of ``student``.
-        partner_teacher: The partner views at DR, the shape and dtype of ``teacher``.
+        teacher: ``(B, P, 3, DR, DR)`` teacher views, the same dtype; on any device (the teacher's, ``-g 0,1``).
+        partner_student: The partner views at QR, the shape, dtype and device of ``student``.
+        partner_teacher: The partner views at DR, the shape, dtype and device of ``teacher``.
         lam: ``(B, P)`` floating-point weights in [0, 1] (on the CPU or the views' device).
 
     Returns:
@@ -725,8 +725,10 @@ def mix_partner_views(
             raise TypeError(f"{name} must be a floating-point or uint8 tensor of pixels, got {tensor.dtype}.")
         if tensor.dtype != student.dtype:
             raise TypeError(f"{name} has dtype {tensor.dtype} but student has {student.dtype}; use one dtype.")
-        if tensor.device != student.device:
-            raise ValueError(f"{name} is on {tensor.device} but student is on {student.device}; move all four.")
+        # each resolution on its network's device: the teacher's views may live on another GPU (-g 0,1)
+        view = teacher if name.endswith("teacher") else student
+        if tensor.device != view.device:
+            raise ValueError(f"{name} is on {tensor.device} but its view is on {view.device}; move the pair together.")
     for name, (view, partner) in (("student", (student, partner_student)), ("teacher", (teacher, partner_teacher))):
         if view.shape != partner.shape:
             raise ValueError(
@@ -744,11 +746,11 @@ def mix_partner_views(
     if lam.numel() and not bool(((lam >= 0) & (lam <= 1)).all()):
         raise ValueError("lam must lie in [0, 1] (a Beta draw); got values outside it or NaN.")
     out_dtype = student.dtype if student.is_floating_point() else torch.float32
-    mix = _lerp_per_view if student.device.type == "cpu" else _lerp_batched
-    return (
-        mix(student, partner_student, lam, out_dtype),
-        mix(teacher, partner_teacher, lam, out_dtype),
-    )
+    mixed = []
+    for view, partner in ((student, partner_student), (teacher, partner_teacher)):
+        mix = _lerp_per_view if view.device.type == "cpu" else _lerp_batched
+        mixed.append(mix(view, partner, lam, out_dtype))
+    return mixed[0], mixed[1]
 
 
 def _lerp_per_view(view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.dtype) -> Tensor:
@@ -800,7 +802,8 @@ def mixup_views(
         student: ``(B, P, 3, QR, QR)`` floating-point student views, or the uint8 views straight from
             :class:`CoupledViewDataset` (then the conversion to float32 is fused into the mix, one view
             at a time, which saves a pass over the whole batch).
-        teacher: ``(B, P, 3, DR, DR)`` teacher views of the same dtype (same ``B`` and ``P``, same device).
+        teacher: ``(B, P, 3, DR, DR)`` teacher views of the same dtype (same ``B`` and ``P``; on the student's
+            device or the teacher's own).
         generator: A CPU ``torch.Generator``.
         alpha: Beta distribution parameter (> 0).
 
@@ -829,8 +832,6 @@ def mixup_views(
         )
     if student.dtype != teacher.dtype:
         raise TypeError(f"student ({student.dtype}) and teacher ({teacher.dtype}) must have the same dtype.")
-    if student.device != teacher.device:
-        raise ValueError(f"student is on {student.device} but teacher is on {teacher.device}; move both first.")
     _check_alpha(alpha)
     if not isinstance(generator, torch.Generator) or generator.device.type != "cpu":
         raise TypeError("generator must be a CPU torch.Generator (the draws are made on the CPU, then moved).")

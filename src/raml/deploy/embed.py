@@ -22,6 +22,17 @@ logger = logging.getLogger(__name__)
 __all__ = ["embed_images"]
 
 
+def _cpu_copy(network: nn.Module) -> nn.Module:
+    """A deep copy of ``network`` whose parameters and buffers are on the CPU, made without copying any of
+    them on their own device (each tensor is moved to the CPU, then the module structure is copied)."""
+    memo: dict[int, object] = {}
+    for param in network.parameters():
+        memo[id(param)] = nn.Parameter(param.detach().to("cpu", copy=True), requires_grad=param.requires_grad)
+    for buffer in network.buffers():
+        memo[id(buffer)] = buffer.detach().to("cpu", copy=True)
+    return copy.deepcopy(network, memo)
+
+
 def embed_images(
     network: nn.Module,
     paths: Sequence[str],
@@ -57,14 +68,18 @@ def embed_images(
             network, paths, image_size, devices[0], batch_size, workers, progress, description
         ).numpy()
     bounds = np.linspace(0, len(paths), shards + 1).astype(int)
+    # The replicas are built here, before any thread starts, from one CPU copy: a deep copy of the CUDA
+    # model would first land on its GPU (GPU 0) and only then move, once per replica.
+    template = _cpu_copy(network)
+    replicas = [network] + [copy.deepcopy(template).to(device) for device in devices[1:shards]]
+    del template
     results: list[np.ndarray | None] = [None] * shards
     errors: list[BaseException] = []
 
     def work(i: int) -> None:
         try:
-            replica = network if i == 0 else copy.deepcopy(network).to(devices[i])
             results[i] = extract_embeddings(
-                replica,
+                replicas[i],
                 paths[bounds[i] : bounds[i + 1]],
                 image_size,
                 devices[i],

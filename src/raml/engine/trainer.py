@@ -19,6 +19,7 @@ classes only, validates on the held-out val classes and keeps the epoch with the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -38,20 +39,25 @@ from tqdm.auto import tqdm
 
 from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, write_bad_image_report
 from raml.data.splits import Split, get_split
-from raml.distributed import SINGLE, DistContext, all_reduce_sum_, shard_bounds
+from raml.distributed import SINGLE, DistContext, all_reduce_min_, all_reduce_sum_, broadcast_object, shard_bounds
 from raml.engine.config import TrainConfig, part_name
+from raml.engine.device import AutocastForward, amp_active
 from raml.engine.methods import method_class
 from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.cache import EmbeddingCache
-from raml.retrieval.evaluate import check_compatible, evaluate_split
+from raml.retrieval.evaluate import check_compatible, default_ks, evaluate_split
 from raml.retrieval.extract import extract_embeddings_sharded, network_mean_std
+from raml.retrieval.metrics import retrieval_metrics
 from raml.utils import atomic_write_text, file_sha256, seed_everything
 
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "model_best.pth.tar"
+
+#: "no non-finite loss yet" in the device-side record of the first batch whose loss was NaN or infinite
+_ALL_FINITE = 2**62
 
 
 class TrainingInterrupted(RuntimeError):
@@ -237,12 +243,13 @@ class Trainer:
         self.best_epoch = 0
         if config.resume_student is not None:
             self._resume(config.resume_student)
-        # The module that trains: DDP averages gradients over processes (see raml.distributed).
-        self.model: nn.Module = self.student
+        # The module that trains: with --amp the student's forward runs in bf16 and returns float32, so that
+        # every loss is computed in float32 (raml.engine.device); DDP averages gradients over processes.
+        self.amp = amp_active(config.amp, device)
+        forward: nn.Module = AutocastForward(self.student, device.type) if self.amp else self.student
+        self.model: nn.Module = forward
         if dist.enabled:
-            self.model = DistributedDataParallel(
-                self.student, device_ids=[device.index] if device.type == "cuda" else None
-            )
+            self.model = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
         self.student_norm = Normalizer(self.student, device)
         self.teacher_norm = Normalizer(self.teacher, self.teacher_device) if self.teacher is not None else None
 
@@ -436,8 +443,13 @@ class Trainer:
         student_train_mode(self.student, self.config.freeze_bn)
         self.optimizer.zero_grad(set_to_none=True)
         self._lr_peaks: dict[str, float] = {}
-        totals: dict[str, float] = {}
-        images_seen, pending, start = 0, 0, time.perf_counter()
+        # Sums of the logged terms, kept on the device (tensors) and read every --print-freq batches only: no
+        # host-device sync between one batch's forward and backward.
+        totals: dict[str, torch.Tensor | float] = {}
+        # The first batch whose loss was not finite (on the device; read at each optimizer step, see
+        # _check_finite): the check neither stops the device on every batch nor lets one process raise alone.
+        first_nonfinite = torch.full((), _ALL_FINITE, dtype=torch.int64, device=self.device)
+        images_seen, pending, synced, start = 0, 0, True, time.perf_counter()
         bar = tqdm(
             total=self.batches_per_epoch,
             desc=f"epoch {epoch}/{c.epochs}",
@@ -446,26 +458,29 @@ class Trainer:
             leave=False,
         )
         for index, batch in enumerate(batches, start=1):
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=c.amp and self.device.type == "cuda"):
-                result = self._batch_loss(batch, generator)
-            if not torch.isfinite(result.loss):
-                raise NonFiniteLossError(
-                    f"The loss became {result.loss.item()} at epoch {epoch}, batch {index}; training stopped and "
-                    f"the last good checkpoint in {self.directory} is kept. Lower --lr or check the data."
-                )
-            # Losses are summed over images; gradients accumulate until an optimizer step. With several
-            # processes DDP averages gradients, so scale by the world size to get the sum over all images.
-            (result.loss * self.dist.world_size).backward()
             pending += 1
+            # DDP all-reduces the gradients in backward; of an accumulation only its last batch needs to (the
+            # others accumulate locally under no_sync), so one all-reduce per optimizer step, not per batch.
+            synced = pending == c.update_every or (c.flush_accumulation and index == self.batches_per_epoch)
+            with self._gradient_sync(synced):
+                result = self._batch_loss(batch, generator)  # forward (bf16 with --amp), loss in float32
+                loss = result.loss.detach()
+                first_nonfinite = torch.where(
+                    torch.isfinite(loss), first_nonfinite, torch.clamp(first_nonfinite, max=index)
+                )
+                # Losses are summed over images; gradients accumulate until an optimizer step. With several
+                # processes DDP averages gradients, so scale by the world size to get the sum over all images.
+                (result.loss * self.dist.world_size).backward()
             if pending == c.update_every:
+                self._check_finite(first_nonfinite, epoch)
                 self._optimizer_step()
                 pending = 0
             images_seen += result.images
             for name, value in result.terms.items():
-                totals[name] = totals.get(name, 0.0) + value
+                totals[name] = totals.get(name, 0.0) + (value.detach().double() if torch.is_tensor(value) else value)
             bar.update(1)
             if index % c.print_freq == 0 or index == self.batches_per_epoch:
-                bar.set_postfix(loss=f"{totals['loss'] / max(images_seen, 1):.4f}")
+                bar.set_postfix(loss=f"{float(totals['loss']) / max(images_seen, 1):.4f}")
             if self._stop_signal is not None:
                 bar.close()
                 self._save(self.directory / "model_interrupted.pth.tar", epoch - 1)
@@ -474,7 +489,11 @@ class Trainer:
                     f"{self.directory / 'model_interrupted.pth.tar'}. Continue exactly from the last finished "
                     "epoch with --resume-student last."
                 )
+        # a non-finite loss in the epoch's last (dropped or flushed) accumulation stops the run too
+        self._check_finite(first_nonfinite, epoch)
         if pending and c.flush_accumulation:  # ours: the epoch's last images still make a step
+            if not synced:  # fewer batches than batches_per_epoch said: average the local gradients by hand
+                self._average_gradients()
             self._optimizer_step()
         # The reference drops an incomplete accumulation: its gradients are discarded, never applied.
         self.optimizer.zero_grad(set_to_none=True)
@@ -482,15 +501,47 @@ class Trainer:
         if self.scheduler is not None and c.scheduler not in PER_STEP_SCHEDULERS:
             self.scheduler.step()
         stats: dict[str, Any] = {"epoch": epoch, "seconds": round(time.perf_counter() - start, 3)}
+        sums = [float(value) for value in totals.values()]
         if self.dist.enabled:  # the epoch's mean loss over every process's images
-            counts = torch.tensor([images_seen, *totals.values()], dtype=torch.float64, device=self.device)
+            counts = torch.tensor([images_seen, *sums], dtype=torch.float64, device=self.device)
             summed = all_reduce_sum_(counts, self.dist).cpu()
-            images_seen, totals = int(summed[0]), dict(zip(totals, summed[1:].tolist()))
-        stats.update({name: value / max(images_seen, 1) for name, value in totals.items()})
+            images_seen, sums = int(summed[0]), summed[1:].tolist()
+        stats.update({name: value / max(images_seen, 1) for name, value in zip(totals, sums)})
         stats["lr"] = self.optimizer.param_groups[0]["lr"]
         # the highest rate each parameter group stepped with this epoch (the schedule's shape, per group)
         stats.update({f"lr_max_{name}": value for name, value in self._lr_peaks.items()})
         return stats
+
+    def _gradient_sync(self, sync: bool) -> contextlib.AbstractContextManager:
+        """DDP's ``no_sync`` (gradients accumulate locally, nothing is all-reduced) unless ``sync``; a single
+        process always accumulates locally."""
+        if self.dist.enabled and not sync:
+            return self.model.no_sync()
+        return contextlib.nullcontext()
+
+    def _average_gradients(self) -> None:
+        """All-reduce (average) the gradients by hand: the rare flushed accumulation that no batch synced."""
+        for param in self.student.parameters():
+            if param.grad is not None:
+                all_reduce_sum_(param.grad, self.dist).div_(self.dist.world_size)
+
+    def _check_finite(self, first_nonfinite: torch.Tensor, epoch: int) -> None:
+        """Raise :class:`NonFiniteLossError` on every process when any process saw a non-finite loss.
+
+        Called before each optimizer step (so a bad gradient never reaches the weights) and at the end of the
+        epoch. The processes agree first (an all-reduce of the first bad batch): a process that raised alone
+        would leave the others waiting in DDP's next all-reduce until a watchdog killed them.
+        """
+        agreed = all_reduce_min_(first_nonfinite.clone(), self.dist)
+        batch = int(agreed.item())
+        if batch == _ALL_FINITE:
+            return
+        where = f" (on at least one of the {self.dist.world_size} processes)" if self.dist.enabled else ""
+        raise NonFiniteLossError(
+            f"The loss became NaN or infinite at epoch {epoch}, batch {batch}{where}; training stopped before that "
+            f"batch's gradients were applied, and the last good checkpoint in {self.directory} is kept. Lower "
+            "--lr or check the data."
+        )
 
     def _optimizer_step(self) -> None:
         self.method.before_optimizer_step()
@@ -585,6 +636,8 @@ class Trainer:
         the teacher's device (cached: the teacher never changes)."""
         c = self.config
         teacher = self.teacher.network if (asym and self.teacher is not None) else None
+        if self.dist.enabled:
+            return self._evaluate_distributed(network, split, teacher, sym=sym or teacher is None)
         return evaluate_split(
             network,
             split,
@@ -601,6 +654,34 @@ class Trainer:
             progress=self.progress,
             embed=self.embed,
         )
+
+    def _evaluate_distributed(
+        self, network: nn.Module, split: Split, teacher: nn.Module | None, sym: bool
+    ) -> dict[str, dict[str, float]]:
+        """:meth:`_evaluate` under DDP: every process embeds its shard (gathered), the teacher's database
+        comes from the cache as in a single process, and rank 0 alone scores on its device; the other ranks
+        receive its metrics (they used to repeat the whole scoring, on the CPU, each on one thread)."""
+        c = self.config
+        if teacher is not None:
+            check_compatible(network, teacher)
+        paths = [str(p) for p in split.abspaths()]
+        description = f"{split.name} student@{c.image_size}"
+        query = self.embed(
+            network, paths, c.image_size, self.device, c.eval_batch_size, c.workers, self.progress, description
+        )
+        database = self.teacher_embeddings(split, paths) if teacher is not None else None
+        results: dict[str, dict[str, float]] | None = None
+        if self.dist.is_main:
+            labels, ks = torch.as_tensor(split.labels), default_ks(split.name)
+            query = query.to(self.device)
+            results = {}
+            if database is not None:
+                database = database.to(self.device)
+                results["asym"] = retrieval_metrics(query, database, labels, labels, ks=ks, exclude_self=True)
+            if sym:
+                results["sym"] = retrieval_metrics(query, query, labels, labels, ks=ks, exclude_self=True)
+            logger.info("%s: %s", split.name, results)
+        return broadcast_object(results, self.dist)
 
     def validate(self) -> dict[str, float]:
         """Validation metrics (mAP, R@k) on the held-out val classes (``--select-on-val``): asymmetric for

@@ -448,7 +448,40 @@ def _build_timm(name: str, pretrained: bool, pretrained_weights: str) -> tuple[n
     cfg = getattr(model, "pretrained_cfg", None) or {}
     mean = _as_triple(cfg.get("mean"), IMAGENET_MEAN)
     std = _as_triple(cfg.get("std"), IMAGENET_STD)
-    return TimmTrunk(model), mean, std, (f"timm/{full_name}" if pretrained else None)
+    trunk = TimmTrunk(model)
+    _freeze_unused_parameters(full_name, trunk)
+    return trunk, mean, std, (f"timm/{full_name}" if pretrained else None)
+
+
+def _freeze_unused_parameters(name: str, trunk: nn.Module) -> None:
+    """Freeze (``requires_grad=False``) the parameters that ``forward_features`` never uses.
+
+    timm keeps parts of the classifier head with ``num_classes=0`` (ConvNeXt's and Hiera's ``head.norm``,
+    MaxViT's ``head.pre_logits``, MobileNetV3's ``conv_head``, ``fc_norm`` of some ViTs). They never get a
+    gradient, and DistributedDataParallel then waits for them and fails on the second batch ("Expected to have
+    finished reduction in the prior iteration"). Found by one dry forward and backward (eval mode, zeros);
+    frozen rather than removed, so that state-dict keys (and existing checkpoints) stay as they are.
+    """
+    was_training = trunk.training
+    trunk.eval()
+    try:
+        for size in _PROBE_SIZES:
+            try:
+                trunk(torch.zeros(1, 3, size, size)).float().sum().backward()
+                break
+            except Exception:  # noqa: BLE001 - the next size; _probe_channels reports models that fail at all
+                trunk.zero_grad(set_to_none=True)
+        else:
+            return
+        unused = [param_name for param_name, param in trunk.named_parameters() if param.grad is None]
+        for param in trunk.parameters():
+            if param.grad is None:
+                param.requires_grad_(False)
+        trunk.zero_grad(set_to_none=True)
+    finally:
+        trunk.train(was_training)
+    if unused:
+        logger.debug("timm %r: frozen parameters that forward_features does not use: %s", name, ", ".join(unused))
 
 
 def _probe_channels(name: str, module: nn.Module) -> int:

@@ -30,10 +30,15 @@ TEACHER_USES = ("none", "online", "cached")
 
 @dataclass
 class BatchLoss:
-    """One batch's loss (summed over its images), the terms to log (also sums) and the number of images."""
+    """One batch's loss (summed over its images), the terms to log (also sums) and the number of images.
+
+    The terms are best left as 0-d tensors on the device (detached): the trainer sums them there and reads
+    them every ``--print-freq`` batches, while a ``float`` (``.item()``) stops the host until the device has
+    finished the batch's forward pass, on every batch.
+    """
 
     loss: torch.Tensor
-    terms: dict[str, float]
+    terms: dict[str, float | torch.Tensor]
     images: int
 
 

@@ -55,30 +55,35 @@ class CoupledViewMethod(Method):
         return iter(run.loader(dataset, batch_sampler=batches))
 
     def _views(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-        """The batch's float [0, 1] student ``(B, P, 3, QR, QR)`` and teacher ``(B, P, 3, DR, DR)`` views,
-        mixed up unless ``--no-mixup``, on the student's device."""
+        """The batch's float [0, 1] student ``(B, P, 3, QR, QR)`` views on the student's device and teacher
+        ``(B, P, 3, DR, DR)`` views on the teacher's (``-g 0,1``), mixed up unless ``--no-mixup``.
+
+        The uint8 views (and partners) go straight to their network's device and are made float and mixed
+        there: the 448-px teacher views never pass through the student's GPU.
+        """
         run, c = self.run, self.run.config
-        device = run.device
+        device, teacher_device = run.device, run.teacher_device
         if not c.mixup:
             student_views, teacher_views, _ = batch
             student_views = student_views.to(device, non_blocking=True).float().div_(255)
-            teacher_views = teacher_views.to(device, non_blocking=True).float().div_(255)
+            teacher_views = teacher_views.to(teacher_device, non_blocking=True).float().div_(255)
             return student_views, teacher_views
         if c.mixup_partner == "dataset":
             # the reference: every view's partner (a random training image rendered with the view's draws)
-            # and its weight come with the item, so nothing is shared across processes
+            # and its weight come with the item, so nothing is shared across processes. The weights stay on the
+            # CPU: their range check there does not wait for the device (mix_partner_views moves them).
             student_views, teacher_views, partner_student, partner_teacher, lam, _ = batch
             student_views, teacher_views = mix_partner_views(
                 student_views.to(device, non_blocking=True),
-                teacher_views.to(device, non_blocking=True),
+                teacher_views.to(teacher_device, non_blocking=True),
                 partner_student.to(device, non_blocking=True),
-                partner_teacher.to(device, non_blocking=True),
-                lam.to(device),
+                partner_teacher.to(teacher_device, non_blocking=True),
+                lam,
             )
             return student_views.div_(255), teacher_views.div_(255)
         student_views, teacher_views, _ = batch
         student_views = student_views.to(device, non_blocking=True)
-        teacher_views = teacher_views.to(device, non_blocking=True)
+        teacher_views = teacher_views.to(teacher_device, non_blocking=True)
         if run.dist.enabled:
             # mixup partners come from the whole global batch, as in a single process: gather the (uint8)
             # views, mix them all with the shared generator, keep this process's share
@@ -97,7 +102,7 @@ class CoupledViewMethod(Method):
         student_views, teacher_views = self._views(batch, generator)
         b, p = student_views.shape[:2]
         student_in = run.student_norm(student_views.flatten(0, 1))
-        teacher_in = run.teacher_norm(teacher_views.flatten(0, 1).to(run.teacher_device))
+        teacher_in = run.teacher_norm(teacher_views.flatten(0, 1))
         with torch.no_grad():
             teacher = run.teacher(teacher_in).to(run.device).float().view(b, p, -1)
         student = run.model(student_in).float().view(b, p, -1)
@@ -122,5 +127,9 @@ class BatchRelationMethod(CoupledViewMethod):
         groups = torch.arange(b, device=student.device).repeat_interleave(p)
         terms = self.relation_terms(student.flatten(0, 1), teacher.flatten(0, 1), groups)
         loss = terms["total"] * b
-        logged = {"loss": loss.item(), **{name: value.item() * b for name, value in terms.items() if name != "total"}}
+        # detached device tensors: no host-device sync per batch (the trainer reads them every --print-freq)
+        logged = {
+            "loss": loss.detach(),
+            **{name: value.detach() * b for name, value in terms.items() if name != "total"},
+        }
         return BatchLoss(loss, logged, b)

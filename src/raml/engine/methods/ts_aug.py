@@ -15,6 +15,9 @@ from raml.engine.methods.base import BatchLoss
 from raml.engine.methods.coupled import CoupledViewMethod
 from raml.losses import distillation_loss_terms
 
+#: logged name -> the term of raml.losses.distillation_loss_terms
+_LOGGED = {"loss": "total", "absolute": "absolute", "relative_1": "relative_1", "relative_2": "relative_2"}
+
 
 class CoupledViewDistillation(CoupledViewMethod):
     """The paper's distillation loss over the coupled views of each image."""
@@ -23,10 +26,6 @@ class CoupledViewDistillation(CoupledViewMethod):
         c = self.run.config
         student, teacher = self.view_embeddings(batch, generator)
         terms = distillation_loss_terms(student, teacher, c.lam_1, c.lam_2)
-        logged = {
-            "loss": terms["total"].item(),
-            "absolute": terms["absolute"].item(),
-            "relative_1": terms["relative_1"].item(),
-            "relative_2": terms["relative_2"].item(),
-        }
+        # detached device tensors: no host-device sync per batch (the trainer reads them every --print-freq)
+        logged = {name: terms[key].detach() for name, key in _LOGGED.items()}
         return BatchLoss(terms["total"], logged, student.shape[0])

@@ -52,4 +52,4 @@ class CachedRegression(Method):
         images, indices = batch
         student = run.model(images.to(run.device, non_blocking=True)).float()
         loss = absolute_loss(student, self.teacher_cache[indices].to(run.device))
-        return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
+        return BatchLoss(loss, {"loss": loss.detach()}, images.shape[0])

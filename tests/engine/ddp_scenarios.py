@@ -1,0 +1,88 @@
+"""Two-process training scenarios that need a hand inside each process; run by tests/engine/test_gpu_paths.py as
+``torchrun --nproc_per_node 2 ddp_scenarios.py SCENARIO CONFIG.json OUT_DIR`` (gloo, CPU).
+
+Each rank writes ``OUT_DIR/rank<R>.json`` with what it saw; a rank killed or hung writes nothing.
+
+- ``nan``: rank 1's loss of epoch 1, batch 2 is made NaN; every rank must stop with NonFiniteLossError.
+- ``count``: a DDP communication hook counts the gradient all-reduces (bucket 0) against the optimizer steps.
+- ``eval``: monitoring and the final test; which ranks score (``retrieval_metrics``) and what each gets.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+from raml.distributed import init_distributed
+from raml.engine.config import TrainConfig
+from raml.engine.trainer import NonFiniteLossError, Trainer
+
+
+def main(scenario: str, config_path: str, out_dir: str) -> None:
+    torch.set_num_threads(1)
+    dist, device = init_distributed("cpu")
+    config = TrainConfig(**json.loads(Path(config_path).read_text()))
+    trainer = Trainer(config, device, progress=False, dist=dist)
+    report: dict[str, object] = {"rank": dist.rank}
+    if scenario == "nan":
+        original = trainer._batch_loss
+        calls = {"n": 0}
+
+        def poisoned(batch, generator):  # noqa: ANN001, ANN202
+            result = original(batch, generator)
+            calls["n"] += 1
+            if dist.rank == 1 and calls["n"] == 2:
+                result.loss = result.loss * float("nan")
+            return result
+
+        trainer._batch_loss = poisoned
+        try:
+            trainer.run()
+            report["outcome"] = "finished"
+        except NonFiniteLossError as error:
+            report["outcome"] = "NonFiniteLossError"
+            report["message"] = str(error)
+    elif scenario == "count":
+        counts = {"reduces": 0, "steps": 0}
+
+        def counting_hook(state, bucket):  # noqa: ANN001, ANN202
+            if bucket.index() == 0:
+                counts["reduces"] += 1
+            return default_hooks.allreduce_hook(state, bucket)
+
+        trainer.model.register_comm_hook(None, counting_hook)
+        step = trainer._optimizer_step
+
+        def counted_step() -> None:
+            counts["steps"] += 1
+            step()
+
+        trainer._optimizer_step = counted_step
+        trainer.run()
+        report.update(counts, batches=trainer.batches_per_epoch * config.epochs)
+    elif scenario == "eval":
+        import raml.engine.trainer as trainer_module
+        import raml.retrieval.evaluate as evaluate_module
+
+        scored = []
+        metrics = evaluate_module.retrieval_metrics
+
+        def counting_metrics(query, database, *args, **kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+            scored.append(str(query.device))
+            return metrics(query, database, *args, **kwargs)
+
+        # wherever the trainer scores: through evaluate_split or by itself
+        trainer_module.retrieval_metrics = evaluate_module.retrieval_metrics = counting_metrics
+        trainer.run()
+        report.update(scored=scored, history=trainer.history, test=trainer.test())
+    else:
+        raise SystemExit(f"unknown scenario {scenario!r}")
+    (Path(out_dir) / f"rank{dist.rank}.json").write_text(json.dumps(report))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:4])

@@ -1,0 +1,75 @@
+"""benchmarks/gpu_check.py (issue 23, item 13): without CUDA it says so and exits 0; ``--device cpu --tiny``
+runs every part at toy sizes (the figures mean nothing; the report's shape and consistency are checked)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu_check.py"
+
+
+@pytest.fixture(scope="module")
+def gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["gpu_check"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop("gpu_check", None)
+
+
+def test_without_cuda_it_says_so_and_exits_0(gpu_check, monkeypatch, tmp_path, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.chdir(tmp_path)
+    assert gpu_check.main([]) == 0
+    assert "no CUDA device" in capsys.readouterr().out
+    assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
+
+
+def test_tiny_cpu_run_reports_every_part(gpu_check, tmp_path, capsys):
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    settings = report["settings"]
+    assert [row["amp"] for row in report["training"]] == [False, True]
+    for row in report["training"]:
+        assert row["amp_active"] is False  # --amp is off on the CPU
+        assert row["batches_measured"] >= settings["steps"]
+        assert row["images_per_s"] > 0 and row["views_per_s"] == pytest.approx(
+            row["images_per_s"] * settings["pos_num"], rel=1e-3
+        )
+        assert 0.0 < row["loader_wait_share"] < 1.0
+    assert report["ddp"] == {"skipped": "fewer than two CUDA devices"}
+    evaluation = report["evaluation"]
+    assert evaluation["equal"] and evaluation["max_metric_difference"] == 0.0  # the CPU against itself here
+    assert 0.0 <= evaluation["metrics"]["mAP"] <= 100.0
+    assert {(r["role"], r["image_size"], r["batch_size"]) for r in report["latency"]} == {
+        (role, size, batch)
+        for role, size in (("student", settings["image_size"]), ("teacher", settings["teacher_image_size"]))
+        for batch in settings["latency_batches"]
+    }
+    out = capsys.readouterr().out
+    assert "ts_aug --amp" in out and "exact evaluation" in out and "| teacher |" in out
+
+
+def test_a_refused_amp_run_is_reported_not_fatal(gpu_check, monkeypatch):
+    """On a GPU without native bf16 the --amp row says why it was refused; the rest of the report goes on."""
+
+    def measure(settings, data_root, network, work, device, amp):
+        if amp:
+            raise ValueError("--amp trains in bf16, which Tesla T4 (compute capability 7.5) does not support")
+        return {"amp": False, "amp_active": False, "images_per_s": 1.0, "views_per_s": 2.0,
+                "loader_wait_share": 0.5, "peak_memory_gib": None}  # fmt: skip
+
+    monkeypatch.setattr(gpu_check, "prepare_data", lambda settings, work: (work, work / "net.pth"))
+    monkeypatch.setattr(gpu_check, "measure_training", measure)
+    monkeypatch.setattr(gpu_check, "measure_evaluation", lambda settings, device: {"skipped": True})
+    monkeypatch.setattr(gpu_check, "measure_latency", lambda settings, network, device: [])
+    report = gpu_check.run_check(gpu_check.TINY, torch.device("cpu"), Path("/nonexistent"))
+    assert report["training"][0]["amp"] is False and "images_per_s" in report["training"][0]
+    assert "Tesla T4" in report["training"][1]["refused"]
