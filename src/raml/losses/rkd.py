@@ -24,11 +24,12 @@ against a mean over distinct pairs (x1.07 at N = 16) and ``N^2 / ((N - 1)(N - 2)
 
 Choices that differ from the official metric-learning recipe, with the reason:
 
-- **The student is L2-normalised.** The RKD authors' metric-learning command lines train the student with
-  ``--l2normalize false``; here every network ends with L2 normalisation, because the student's queries are
-  compared with the teacher's L2-normalised database at test time (asymmetric retrieval): an unnormalised
-  student would be searched with a different metric than it was trained for. The distance term is
-  scale-invariant (each side divided by its mean), so only the angles and the distances' spread see it.
+- **The student is L2-normalised.** The RKD authors' metric-learning command lines train the student
+  unnormalised (their option ``l2normalize false``); here every network ends with L2 normalisation, because
+  the student's queries are compared with the teacher's L2-normalised database at test time (asymmetric
+  retrieval): an unnormalised student would be searched with a different metric than it was trained for.
+  The distance term is scale-invariant (each side divided by its mean), so only the angles and the
+  distances' spread see it.
 - **The other views of one image** (``groups``) are left out: an entry ``(i, j)`` or triangle whose rows
   include two different rows of one group is dropped from the means (the degenerate entries of a single row
   stay, as in the official code); ``mu`` is the mean over pairs of different groups. This treats an image's
