@@ -9,25 +9,37 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import re
 from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
-from raml.bench.methods import BASELINE, ROWS, MethodsBenchSettings, _summarise, methods_table, run_methods_benchmark
+from raml.bench.methods import (
+    BASELINE,
+    ROWS,
+    MethodsBenchSettings,
+    _summarise,
+    methods_table,
+    run_directory,
+    run_methods_benchmark,
+)
 from raml.bench.methods import main as bench_main
 from raml.cli.main import build_parser, main
 from raml.cli.train import config_from_args
+from raml.data.splits import get_split
 from raml.data.synth import generate_synthetic_dataset
 from raml.data.views import CoupledViewDataset
-from raml.demo import DemoSettings
+from raml.demo import DATASET, DemoSettings
 from raml.engine.config import LOSSES, TrainConfig
 from raml.engine.methods import METHODS, method_class
 from raml.engine.methods.base import TEACHER_USES, Method
 from raml.engine.trainer import Trainer
-from raml.losses import rkd_loss
-from raml.models import build_network, load_checkpoint_file, save_checkpoint
+from raml.losses import absolute_loss, aml_contrastive_loss, csd_loss, d3_loss, rkd_loss, rop_loss
+from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
+from raml.retrieval.evaluate import evaluate_split
 
 CPU = torch.device("cpu")
 DR, QR = 32, 16
@@ -73,7 +85,7 @@ def test_every_mode_resolves_to_a_method_that_says_what_it_needs():
 
 
 def test_an_unknown_mode_is_refused_with_the_valid_names():
-    with pytest.raises(ValueError, match="valid: ts_aug, ts_reg, sym, aml, rkd, csd, d3"):
+    with pytest.raises(ValueError, match="valid: ts_aug, ts_reg, sym, aml, rkd, csd, d3, rop"):
         method_class("kd", "triplet")
     with pytest.raises(ValueError, match="Unknown --mode 'kd'"):
         _config((Path("data"), Path("t.pth")), Path("x"), mode="kd").validate()
@@ -92,11 +104,13 @@ def test_train_help_lists_every_method_with_one_entry():
 def test_flags_reach_the_config():
     args = build_parser().parse_args(
         ["train", "--student", "resnet18", "--teacher", "resnet18", "--mode", "d3", "--no-mixup",
-         "--uncoupled-views", "--d3-k", "5", "--csd-temperature", "0.2", "--aml-variant", "regression"]
+         "--uncoupled-views", "--d3-k", "5", "--csd-temperature", "0.2", "--aml-variant", "regression",
+         "--rop-k", "7", "--rop-temperature", "0.3", "--rop-rank-weight", "0.5"]
     )  # fmt: skip
     config = config_from_args(args)
     assert (config.mode, config.mixup, config.uncoupled_views) == ("d3", False, True)
     assert (config.d3_k, config.csd_temperature, config.aml_variant) == (5, 0.2, "regression")
+    assert (config.rop_k, config.rop_temperature, config.rop_rank_weight) == (7, 0.3, 0.5)
     default = config_from_args(build_parser().parse_args(["train", "--student", "resnet18", "--teacher", "resnet18"]))
     assert default.mixup is True and default.uncoupled_views is False
 
@@ -110,6 +124,9 @@ def test_flags_reach_the_config():
         ("aml_margin", 0.0, "--aml-margin"),
         ("csd_temperature", -1.0, "--csd-temperature"),
         ("rkd_angle_weight", -1.0, "--rkd-angle-weight"),
+        ("rop_k", 0, "--rop-k"),
+        ("rop_temperature", 0.0, "--rop-temperature"),
+        ("rop_rank_weight", -0.5, "--rop-rank-weight"),
     ],
 )
 def test_bad_method_settings_are_refused(field, value, match):
@@ -118,7 +135,7 @@ def test_bad_method_settings_are_refused(field, value, match):
 
 
 # ----------------------------------------------------------------------------------- the new methods
-@pytest.mark.parametrize("mode", ["aml", "rkd", "csd", "d3"])
+@pytest.mark.parametrize("mode", ["aml", "rkd", "csd", "d3", "rop"])
 def test_each_new_method_gives_a_finite_loss_whose_gradient_reaches_the_student(setup, tmp_path, mode):
     trainer = Trainer(_config(setup, tmp_path / mode, mode=mode), CPU, progress=False)
     batch, generator = _first_batch(trainer)
@@ -130,12 +147,116 @@ def test_each_new_method_gives_a_finite_loss_whose_gradient_reaches_the_student(
     assert all(p.grad is None for p in trainer.teacher.parameters())
 
 
-def test_a_batch_relation_loss_is_the_loss_function_on_the_flattened_views_times_the_images(setup, tmp_path):
-    trainer = Trainer(_config(setup, tmp_path / "rkd", mode="rkd", rkd_angle_weight=0.5), CPU, progress=False)
+#: every relational mode with each of its parameters away from its default (the mutants of issue 24: a mode
+#: computing another mode's loss, ignoring a parameter or the groups, or running with other values)
+CONFIGURED: dict[str, dict[str, object]] = {
+    "aml": {"aml_margin": 1.3},
+    "rkd": {"rkd_distance_weight": 0.5, "rkd_angle_weight": 3.0},
+    "csd": {"csd_k": 5, "csd_temperature": 0.3, "csd_first_order_weight": 2.0},
+    "d3": {"d3_k": 5, "d3_alpha": 7.0, "d3_beta": 3.0, "d3_gamma": 0.5},
+    "rop": {"rop_k": 5, "rop_temperature": 0.2, "rop_rank_weight": 0.7},
+}
+
+
+def _expected_loss(mode: str, values: dict, student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """The loss function of ``mode`` called by hand on the ``(B, P, D)`` views, flattened, times the B images; the
+    groups are the images (each image's P views in a row)."""
+    b, p = student.shape[:2]
+    s, t = student.flatten(0, 1), teacher.flatten(0, 1)
+    groups = torch.arange(b).repeat_interleave(p)
+    v = values
+    if mode == "aml":
+        loss = aml_contrastive_loss(s, t, v["aml_margin"], groups)
+    elif mode == "rkd":
+        loss = rkd_loss(s, t, v["rkd_distance_weight"], v["rkd_angle_weight"], groups)["total"]
+    elif mode == "csd":
+        loss = csd_loss(s, t, v["csd_k"], v["csd_temperature"], v["csd_first_order_weight"], groups)["total"]
+    elif mode == "d3":
+        loss = d3_loss(s, t, v["d3_k"], v["d3_alpha"], v["d3_beta"], v["d3_gamma"], groups)["total"]
+    else:
+        loss = rop_loss(s, t, v["rop_k"], v["rop_temperature"], v["rop_rank_weight"], groups)
+    return loss * b
+
+
+@pytest.mark.parametrize("mode", list(CONFIGURED))
+def test_each_mode_s_batch_loss_is_its_loss_function_with_the_configured_parameters(setup, tmp_path, mode):
+    trainer = Trainer(_config(setup, tmp_path / mode, mode=mode, pos_num=3, **CONFIGURED[mode]), CPU, progress=False)
     batch, generator = _first_batch(trainer)
-    student, teacher = trainer.method.view_embeddings(batch, generator)
-    expected = rkd_loss(student.flatten(0, 1), teacher.flatten(0, 1), 1.0, 0.5)["total"] * student.shape[0]
-    assert trainer._batch_loss(batch, generator).loss.item() == pytest.approx(expected.item(), rel=1e-5)
+    with torch.no_grad():
+        student, teacher = trainer.method.view_embeddings(batch, generator)
+        got = trainer._batch_loss(batch, generator)
+    expected = _expected_loss(mode, CONFIGURED[mode], student, teacher)
+    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5) and got.images == 4
+
+
+@pytest.mark.parametrize(
+    ("mode", "field", "value"),
+    [(mode, field, value) for mode, values in CONFIGURED.items() for field, value in values.items()]
+    + [("aml", "aml_variant", "regression")],
+)
+def test_changing_each_parameter_changes_the_loss(setup, tmp_path, mode, field, value):
+    trainer = Trainer(_config(setup, tmp_path / mode, mode=mode, pos_num=3), CPU, progress=False)
+    batch, generator = _first_batch(trainer)
+    with torch.no_grad():
+        default = trainer._batch_loss(batch, generator).loss.item()
+        trainer.config = trainer.config.replace(**{field: value})
+        changed = trainer._batch_loss(batch, generator).loss.item()
+    assert changed != pytest.approx(default, rel=1e-4), (field, value)
+    if field == "aml_variant":
+        student, teacher = trainer.method.view_embeddings(batch, generator)
+        regression = absolute_loss(student.flatten(0, 1), teacher.flatten(0, 1)) / student.shape[1]
+        assert changed == pytest.approx(regression.item(), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", list(CONFIGURED))
+def test_a_trained_mode_changes_the_student_s_weights(setup, tmp_path, mode):
+    trainer = Trainer(_config(setup, tmp_path / mode, mode=mode), CPU, progress=False)
+    before = {name: p.detach().clone() for name, p in trainer.student.named_parameters()}
+    trainer.run()
+    moved = [name for name, p in trainer.student.named_parameters() if not torch.equal(p.detach(), before[name])]
+    assert len(moved) > len(before) // 2, moved
+
+
+def test_with_mixup_the_method_sees_the_mixed_views_not_the_raw_ones(setup, tmp_path):
+    """The default mixup (dataset partner): the student's and the teacher's inputs are lam * view + (1 - lam) *
+    partner, written here by hand from the batch's items, normalised by each network's mean and std."""
+    trainer = Trainer(_config(setup, tmp_path / "mix", mode="csd"), CPU, progress=False)
+    assert trainer.config.mixup and trainer.config.mixup_partner == "dataset"
+    batch, generator = _first_batch(trainer)
+    student_views, teacher_views, partner_student, partner_teacher, lam, _ = batch
+    w = lam.double()[:, :, None, None, None]
+    mixed_student = (w * student_views.double() + (1 - w) * partner_student.double()) / 255
+    mixed_teacher = (w * teacher_views.double() + (1 - w) * partner_teacher.double()) / 255
+    assert (lam < 1).any()
+    seen = {}
+
+    def keep(name):
+        def hook(module, inputs):
+            seen[name] = inputs[0].detach().clone()
+
+        return hook
+
+    handles = [trainer.model.register_forward_pre_hook(keep("student")),
+               trainer.teacher.register_forward_pre_hook(keep("teacher"))]  # fmt: skip
+    try:
+        with torch.no_grad():
+            trainer._batch_loss(batch, generator)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    def normalised(views, network):
+        mean = torch.tensor(network.meta["mean"], dtype=torch.float64)[:, None, None]
+        std = torch.tensor(network.meta["std"], dtype=torch.float64)[:, None, None]
+        return (views.flatten(0, 1) - mean) / std
+
+    for name, mixed, raw, network in (
+        ("student", mixed_student, student_views, trainer.student),
+        ("teacher", mixed_teacher, teacher_views, trainer.teacher),
+    ):
+        got = seen[name].double()
+        assert torch.allclose(got, normalised(mixed, network), atol=1e-4), name
+        assert (got - normalised(raw.double() / 255, network)).abs().max() > 0.1, name
 
 
 def test_a_new_method_trains_and_saves_its_mode(setup, tmp_path):
@@ -189,12 +310,40 @@ def test_bench_methods_writes_every_row_and_reuses_its_teacher(tmp_path):
     table = (out / "methods.md").read_text()
     assert all(f"| {name} |" in table for name in [BASELINE, *ROWS])
     assert (out / "methods.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    teacher = out / "teacher" / "model_best.pth.tar"
-    stamp = teacher.stat().st_mtime_ns
+
+    # each row trained what it says: its saved config holds the row's settings and the shared budget
+    shared = None
+    for name in ROWS:
+        saved = yaml.safe_load((run_directory(out, name, demo.seed) / "config.yaml").read_text())
+        assert {key: saved[key] for key in ROWS[name]} == ROWS[name], name
+        assert saved["mixup"] == ROWS[name].get("mixup", True) and saved["uncoupled_views"] == ROWS[name].get(
+            "uncoupled_views", False
+        )
+        budget = {key: saved[key] for key in ("epochs", "lr", "batch_size", "pos_num", "image_size", "seed")}
+        assert shared is None or budget == shared, name
+        shared = budget
+    assert shared == {"epochs": 1, "lr": demo.student_lr, "batch_size": 8, "pos_num": 2, "image_size": QR, "seed": 0}
+
+    # each row's numbers are those of its saved student, tested again here (the baseline: the teacher's)
+    teacher = load_network(out / "teacher" / "model_best.pth.tar", device=CPU)
+    split = get_split(f"{DATASET}-test", out / "data")
+    for row in rows:
+        if row["method"] == BASELINE:
+            network = teacher
+        else:
+            network = load_network(run_directory(out, row["method"], demo.seed) / "model_best.pth.tar", device=CPU)
+        again = evaluate_split(network, split, QR, CPU, teacher=teacher, teacher_image_size=DR, sym=True, ks=(1,),
+                               progress=False)  # fmt: skip
+        assert row["asym_mAP"] == round(again["asym"]["mAP"], 2), row["method"]
+        assert row["asym_R@1"] == round(again["asym"]["R@1"], 2), row["method"]
+        assert row["sym_mAP"] == round(again["sym"]["mAP"], 2), row["method"]
+
+    teacher_path = out / "teacher" / "model_best.pth.tar"
+    stamp = teacher_path.stat().st_mtime_ns
     again = run_methods_benchmark(
         MethodsBenchSettings(out=out, seeds=1, epochs=1, demo=demo, rows=("ts_reg",)), CPU, progress=False
     )
-    assert teacher.stat().st_mtime_ns == stamp  # the cached teacher, not a new one
+    assert teacher_path.stat().st_mtime_ns == stamp  # the cached teacher, not a new one
     assert again[0] == rows[0]  # the baseline: the same teacher, the same numbers
     assert [row["method"] for row in again] == [BASELINE, "ts_reg"]
 
@@ -229,16 +378,15 @@ def test_the_readme_lists_every_method_and_links_the_comparison():
     assert all(f"`{name}`" in readme for name in METHODS) and "docs/methods.md" in readme
 
 
-def test_docs_methods_shows_a_table_of_every_row_and_names_only_existing_flags():
+def test_docs_methods_shows_the_recorded_run_of_every_row_and_names_only_existing_flags():
     text = (REPO / "docs" / "methods.md").read_text()
-    lines = text.splitlines()
-    first = lines.index("| method | asym mAP | asym R@1 | sym mAP | training s |") + 2
-    names = []
-    for line in lines[first:]:
-        if not line.startswith("|"):
-            break
-        names.append(line.split("|")[1].strip())
-    assert names == [BASELINE, *ROWS]
+    # the table is the recorded run's, kept beside the page as methods.json (the benchmark's own output)
+    recorded = json.loads((REPO / "docs" / "methods.json").read_text())
+    assert [row["method"] for row in recorded] == [BASELINE, *ROWS]
+    assert methods_table(recorded) in text
+    for row in recorded[1:]:
+        assert len(row["runs"]) == row["seeds"] >= 3
+        assert row["asym_mAP"] == round(sum(run["asym_mAP"] for run in row["runs"]) / row["seeds"], 2)
     parsers = build_parser()._subparsers._group_actions[0].choices
     known = set(parsers["train"]._option_string_actions)
     known |= set(re.findall(r'add_argument\(\s*"(--[^"]+)"', (REPO / "src/raml/bench/methods.py").read_text()))

@@ -294,16 +294,37 @@ def test_bench_resolutions_quick_writes_rows_table_and_plot(tmp_path, capsys, mo
     assert main(["bench", "resolutions", "--quick", "--out", str(out), "--no-progress", "--device", "cpu"]) == 0
     result = json.loads((out / "resolutions.json").read_text())
     rows = result["rows"]
-    assert {r["student"] for r in rows} == {"multi", "dedicated"}
+    assert {r["student"] for r in rows} == {"multi", "dedicated", "dedicated-same-steps"}
     for row in rows:
         assert {"student", "query_size", "asym_mAP", "asym_R@1", "query_gflops"} <= set(row)
         assert 0 <= row["asym_mAP"] <= 100 and row["query_gflops"] > 0
-    assert sorted(r["query_size"] for r in rows if r["student"] == "multi") == [16, 24]
-    assert sorted(r["query_size"] for r in rows if r["student"] == "dedicated") == [16, 24]
+    for student in ("multi", "dedicated", "dedicated-same-steps"):
+        assert sorted(r["query_size"] for r in rows if r["student"] == student) == [16, 24]
     assert [r["query_size"] for r in result["per_size_bn"]] == [16, 24]
+    assert {(g["student"], g["control"]) for g in result["gaps"]} == {
+        (student, control)
+        for student in ("multi", "multi+per-size-bn")
+        for control in ("dedicated", "dedicated-same-steps")
+    }
     assert (out / "resolutions.png").stat().st_size > 0
     assert "| multi | 24 px |" in (out / "resolutions.md").read_text()
-    assert "Paired difference" in capsys.readouterr().out
+    assert "Paired difference to each control" in capsys.readouterr().out
+
+    # what each student was trained on: the multi-size student on both sizes for 2 x 1 epochs, each
+    # dedicated student on its size alone, for 1 epoch or (same steps) for 2
+    def trained(path: Path) -> tuple[list[int] | None, int]:
+        checkpoint = torch.load(path / "model_best.pth.tar", weights_only=True)
+        return checkpoint["meta"].get("image_sizes"), checkpoint["epoch"]
+
+    students = out / "students" / "seed0"
+    assert trained(students / "multi") == ([16, 24], 2)
+    assert trained(students / "dedicated16") == (None, 1) and trained(students / "dedicated24-same-steps") == (None, 2)
+    assert yaml.safe_load((students / "dedicated24-same-steps" / "config.yaml").read_text())["image_size"] == 24
+    # the per-size statistics change what the multi-size student retrieves: its rows are not the plain ones
+    plain = {r["query_size"]: r for r in rows if r["student"] == "multi"}
+    for row in result["per_size_bn"]:
+        metrics = ("asym_mAP", "asym_R@1", "sym_mAP")
+        assert [row[k] for k in metrics] != [plain[row["query_size"]][k] for k in metrics], row
     # a finished student of the same settings is reused (an interrupted benchmark resumes), never retrained
     from raml.bench import resolutions
 
@@ -331,5 +352,8 @@ def test_docs_name_existing_flags_and_show_the_recorded_run():
     # the tables are those of the recorded run's resolutions.json, kept next to the page
     recorded = json.loads((repo / "docs" / "resolutions.json").read_text())
     assert resolutions_tables(recorded) in text
-    assert {r["student"] for r in recorded["rows"]} == {"multi", "dedicated"}
+    students = {r["student"] for r in recorded["rows"]}
+    assert {"multi", "dedicated"} <= students <= {"multi", "dedicated", "dedicated-same-steps"}
+    if "dedicated-same-steps" not in students:  # a run without the second control must say so
+        assert "predates the second control" in text and "not yet measured" in text
     assert recorded["settings"]["seeds"] >= 3

@@ -24,12 +24,13 @@ def _softmax(values, temperature):
     return [e / sum(exps) for e in exps]
 
 
-def _loop(student, teacher, k, temperature, weight):
+def _loop(student, teacher, k, temperature, weight, groups=None):
     s, t = student.tolist(), teacher.tolist()
     n = len(s)
     context = first = 0.0
     for i in range(n):
-        ranked = sorted(range(n), key=lambda j: -_dot(t[i], t[j]))[:k]
+        allowed = [j for j in range(n) if j == i or groups is None or groups[j] != groups[i]]
+        ranked = sorted(allowed, key=lambda j: -_dot(t[i], t[j]))[:k]
         p = _softmax([_dot(t[i], t[j]) for j in ranked], temperature)
         q = _softmax([_dot(s[i], t[j]) for j in ranked], temperature)
         context += sum(pj * math.log(pj / qj) for pj, qj in zip(p, q))
@@ -45,6 +46,22 @@ def test_matches_a_loop(k, temperature, weight):
     assert terms["context"].item() == pytest.approx(context, rel=1e-9, abs=1e-12)
     assert terms["first_order"].item() == pytest.approx(first, rel=1e-9)
     assert terms["total"].item() == pytest.approx(total, rel=1e-9)
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_groups_leave_the_other_views_of_an_image_out_of_the_context(k):
+    groups = [0, 0, 0, 1, 1, 2, 3, 3]
+    teacher = _unit(8, 6, 5)
+    # the other views of an image: near-duplicates at the teacher, which would fill the context otherwise
+    teacher = F.normalize(teacher[torch.tensor(groups)] + 0.1 * _unit(8, 6, 6), dim=1)
+    student = F.normalize(teacher + 0.5 * _unit(8, 6, 7), dim=1)
+    got = csd_loss(student, teacher, k, 0.1, 1.0, torch.tensor(groups))
+    context, first, total = _loop(student, teacher, k, 0.1, 1.0, groups)
+    assert got["context"].item() == pytest.approx(context, rel=1e-9, abs=1e-12)
+    assert got["total"].item() == pytest.approx(total, rel=1e-9)
+    assert got["context"].item() != pytest.approx(csd_loss(student, teacher, k, 0.1, 1.0)["context"].item())
+    with pytest.raises(ValueError, match=r"k must be an integer in \[1, 6\]"):
+        csd_loss(student, teacher, 7, groups=torch.tensor(groups))
 
 
 def test_zero_when_the_student_is_the_teacher():

@@ -19,13 +19,14 @@ def _dot(a, b) -> float:
     return sum(x * y for x, y in zip(a, b))
 
 
-def _loop(student, teacher, k, alpha, beta, gamma):
+def _loop(student, teacher, k, alpha, beta, gamma, groups=None):
     s, t = student.tolist(), teacher.tolist()
     n = len(s)
     first = alpha / n * math.sqrt(sum((_dot(t[i], t[i]) - _dot(s[i], t[i])) ** 2 for i in range(n)))
     hard = easy = 0.0
     for i in range(n):
-        neighbours = sorted((j for j in range(n) if j != i), key=lambda j: -_dot(t[i], t[j]))[: k - 1]
+        others = [j for j in range(n) if j != i and (groups is None or groups[j] != groups[i])]
+        neighbours = sorted(others, key=lambda j: -_dot(t[i], t[j]))[: k - 1]
         hard_sq = easy_sq = 0.0
         for a in neighbours:
             for b in neighbours:
@@ -59,6 +60,28 @@ def test_matches_a_loop(k, alpha, beta, gamma):
     assert terms["total"].item() == pytest.approx(first + hard + easy, rel=1e-9)
     if k > 2:
         assert hard > 0 and easy > 0  # the case exercises both kinds of pairs
+
+
+def test_groups_leave_the_other_views_of_an_image_out_of_the_neighbours():
+    groups = [0, 0, 1, 1, 2, 2, 3, 4, 5]
+    teacher = F.normalize(_unit(9, 5, 6)[torch.tensor(groups)] + 0.1 * _unit(9, 5, 7), dim=1)
+    student = F.normalize(teacher + 0.6 * _unit(9, 5, 8), dim=1)
+    terms = d3_loss(student, teacher, 4, 100.0, 5.0, 1.0, torch.tensor(groups))
+    first, hard, easy = _loop(student, teacher, 4, 100.0, 5.0, 1.0, groups)
+    assert terms["hard"].item() == pytest.approx(hard, rel=1e-9)
+    assert terms["easy"].item() == pytest.approx(easy, rel=1e-9)
+    assert terms["total"].item() == pytest.approx(first + hard + easy, rel=1e-9)
+    assert terms["total"].item() != pytest.approx(d3_loss(student, teacher, 4, 100.0, 5.0, 1.0)["total"].item())
+    with pytest.raises(ValueError, match=r"k must be an integer in \[2, 8\]"):
+        d3_loss(student, teacher, 9, groups=torch.tensor(groups))
+
+
+def test_defaults_are_the_authors_fine_grained_setting():
+    """AIR-Distiller's CUB-200 configs (ResNet-18 student): k 10, alpha 100, beta 5, gamma 1."""
+    teacher = _unit(12, 5, 9)
+    student = F.normalize(teacher + 0.6 * _unit(12, 5, 10), dim=1)
+    first, hard, easy = _loop(student, teacher, 10, 100.0, 5.0, 1.0)
+    assert d3_loss(student, teacher)["total"].item() == pytest.approx(first + hard + easy, rel=1e-9)
 
 
 def test_zero_when_the_student_is_the_teacher():

@@ -24,23 +24,40 @@ def _dist(a, b) -> float:
     return math.sqrt(sum((x - y) ** 2 for x, y in zip(a, b)))
 
 
-def _distance_loop(student, teacher):
+def _kept(groups, i, j) -> bool:
+    """The official loss runs over every entry; with groups, two different rows of one group are left out."""
+    return i == j or groups is None or groups[i] != groups[j]
+
+
+def _distance_loop(student, teacher, groups=None):
+    """The official arithmetic (lenscloth/RKD): the mean over all N^2 entries, d_ii = 0 included."""
     s, t = student.tolist(), teacher.tolist()
-    pairs = [(i, j) for i in range(len(s)) for j in range(len(s)) if i != j]
+    n = len(s)
+    entries = [(i, j) for i in range(n) for j in range(n) if _kept(groups, i, j)]
+    pairs = [(i, j) for i, j in entries if i != j]
     mu_s = sum(_dist(s[i], s[j]) for i, j in pairs) / len(pairs)
     mu_t = sum(_dist(t[i], t[j]) for i, j in pairs) / len(pairs)
-    return sum(_huber(_dist(s[i], s[j]) / mu_s - _dist(t[i], t[j]) / mu_t) for i, j in pairs) / len(pairs)
+    return sum(_huber(_dist(s[i], s[j]) / mu_s - _dist(t[i], t[j]) / mu_t) for i, j in entries) / len(entries)
 
 
 def _cos_angle(x, i, j, k) -> float:
+    """The cosine at j of the triangle (i, j, k); 0 where i == j or k == j (a zero side has no direction)."""
+    if i == j or k == j:
+        return 0.0
     e_ij = [a - b for a, b in zip(x[i], x[j])]
     e_kj = [a - b for a, b in zip(x[k], x[j])]
     return sum(a * b for a, b in zip(e_ij, e_kj)) / (_dist(x[i], x[j]) * _dist(x[k], x[j]))
 
 
-def _angle_loop(student, teacher):
+def _angle_loop(student, teacher, groups=None):
+    """The official arithmetic: the mean over all N^3 entries, the degenerate triangles included."""
     s, t = student.tolist(), teacher.tolist()
-    triples = list(itertools.permutations(range(len(s)), 3))
+    n = len(s)
+    triples = [
+        (i, j, k)
+        for i, j, k in itertools.product(range(n), repeat=3)
+        if _kept(groups, i, j) and _kept(groups, j, k) and _kept(groups, i, k)
+    ]
     return sum(_huber(_cos_angle(s, *ijk) - _cos_angle(t, *ijk)) for ijk in triples) / len(triples)
 
 
@@ -53,6 +70,36 @@ def test_distance_term_matches_a_loop():
 def test_angle_term_matches_a_loop():
     student, teacher = _unit(5, 4, 2), _unit(5, 4, 3)
     assert rkd_angle_loss(student, teacher).item() == pytest.approx(_angle_loop(student, teacher), rel=1e-9)
+
+
+def test_the_means_run_over_all_entries_as_in_the_official_code():
+    """Against distinct pairs and triples only, the official means are smaller by (N-1)/N and (N-1)(N-2)/N^2."""
+    n = 7
+    student, teacher = _unit(n, 5, 8), _unit(n, 5, 9)
+    s, t = student.tolist(), teacher.tolist()
+    pairs = [(i, j) for i in range(n) for j in range(n) if i != j]
+    mu_s = sum(_dist(s[i], s[j]) for i, j in pairs) / len(pairs)
+    mu_t = sum(_dist(t[i], t[j]) for i, j in pairs) / len(pairs)
+    distinct_d = sum(_huber(_dist(s[i], s[j]) / mu_s - _dist(t[i], t[j]) / mu_t) for i, j in pairs) / len(pairs)
+    triples = list(itertools.permutations(range(n), 3))
+    distinct_a = sum(_huber(_cos_angle(s, *ijk) - _cos_angle(t, *ijk)) for ijk in triples) / len(triples)
+    assert rkd_distance_loss(student, teacher).item() == pytest.approx(distinct_d * (n - 1) / n, rel=1e-9)
+    assert rkd_angle_loss(student, teacher).item() == pytest.approx(distinct_a * (n - 1) * (n - 2) / n**2, rel=1e-9)
+
+
+def test_groups_leave_the_other_views_of_an_image_out():
+    groups = [0, 0, 1, 1, 2, 2, 3]
+    student, teacher = _unit(7, 5, 10), _unit(7, 5, 11)
+    g = torch.tensor(groups)
+    assert rkd_distance_loss(student, teacher, g).item() == pytest.approx(
+        _distance_loop(student, teacher, groups), rel=1e-9
+    )
+    assert rkd_angle_loss(student, teacher, g).item() == pytest.approx(_angle_loop(student, teacher, groups), rel=1e-9)
+    assert rkd_distance_loss(student, teacher, g).item() != pytest.approx(rkd_distance_loss(student, teacher).item())
+    # every row its own group is the official loss
+    assert rkd_loss(student, teacher, groups=torch.arange(7))["total"].item() == pytest.approx(
+        rkd_loss(student, teacher)["total"].item(), rel=1e-12
+    )
 
 
 def test_weighted_total_and_huber_beyond_delta():

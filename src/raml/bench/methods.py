@@ -5,9 +5,13 @@ On the demo's synthetic dataset (:mod:`raml.demo`: its :class:`~raml.demo.DemoSe
 (reused while the settings that made it are unchanged). Then each row of :data:`ROWS` distils a student at QR
 from it without labels, with the same budget (epochs, every training image every epoch, 8 images per batch,
 ``pos_num`` views, learning rate, schedule), once per seed; the student starts from the teacher's weights as in
-the demo. Each student is tested on the held-out classes: asymmetric (student at QR against the teacher's DR
-database: mAP, R@1) and symmetric (student at QR on both sides: mAP). The first row is the undistilled
-baseline, the teacher's own QR queries against its DR database (trained once: no spread over seeds).
+the demo. The shared learning rate (3e-4) and ``ts_aug``'s lambdas (0.7, 0.7) are the demo's student settings
+(:class:`~raml.demo.DemoSettings`), not tuned per method; every other method runs with its loss's defaults
+(:mod:`raml.losses`). The relational methods (``aml``, ``rkd``, ``csd``, ``d3``, ``rop``) all leave the
+other views of a row's image out of its relations. Each student is tested on the held-out classes:
+asymmetric (student at QR against the teacher's DR database: mAP, R@1) and symmetric (student at QR on both
+sides: mAP). The first row is the undistilled baseline, the teacher's own QR queries against its DR database
+(trained once: no spread over seeds).
 
 Outputs in ``--out``: ``methods.json`` (a list of rows: ``method``, ``asym_mAP``, ``asym_R@1``, ``sym_mAP``,
 ``train_seconds`` as means over the seeds, each with a ``*_std`` companion (sample standard deviation, 0 for
@@ -46,7 +50,7 @@ from raml.utils import atomic_path, atomic_write_text, seed_everything, select_d
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ROWS", "MethodsBenchSettings", "main", "methods_markdown", "run_methods_benchmark"]
+__all__ = ["ROWS", "MethodsBenchSettings", "main", "methods_markdown", "run_directory", "run_methods_benchmark"]
 
 BASELINE = "no distillation (teacher at QR)"
 #: the distillation rows: name -> the training settings that differ from the shared budget
@@ -59,6 +63,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "rkd": {"mode": "rkd"},
     "csd": {"mode": "csd"},
     "d3": {"mode": "d3"},
+    "rop": {"mode": "rop"},
 }
 METRICS = ("asym_mAP", "asym_R@1", "sym_mAP", "train_seconds")
 #: the demo settings that make the teacher (a cached teacher is reused while they are unchanged)
@@ -106,6 +111,11 @@ def _teacher(demo: DemoSettings, data_root: Path, device: torch.device, progress
     checkpoint = train_teacher(demo, data_root, device, progress)
     atomic_write_text(stamp, json.dumps(wanted, indent=2))
     return checkpoint
+
+
+def run_directory(out: Path, name: str, seed: int) -> Path:
+    """Where row ``name``'s student of ``seed`` is trained (its ``config.yaml`` and ``model_best.pth.tar``)."""
+    return out / "runs" / name.replace(" --", "_").replace("-", "_") / f"seed{seed}"
 
 
 def _student_config(
@@ -190,7 +200,7 @@ def run_methods_benchmark(
             runs = []
             for seed in range(demo.seed, demo.seed + settings.seeds):
                 logger.info("%s, seed %d", name, seed)
-                directory = out / "runs" / name.replace(" --", "_").replace("-", "_") / f"seed{seed}"
+                directory = run_directory(out, name, seed)
                 config = _student_config(settings, data_root, teacher_path, directory, seed, **ROWS[name])
                 seed_everything(seed)
                 began = time.perf_counter()

@@ -6,17 +6,22 @@ under ``--out``), for each of ``--seeds`` seeds:
 - a dedicated student per size S of ``--sizes``: ``ts_aug`` distillation at S alone, ``--epochs`` epochs;
 - one multi-resolution student: the same method, one size drawn per batch from the list
   (``--image-size 24,32,48``), ``len(sizes) * --epochs`` epochs: the same total number of student images
-  as the dedicated students together (the same total training budget).
+  as the dedicated students together (the same total training budget);
+- unless ``--no-same-steps``, a second dedicated student per size (``dedicated-same-steps``) trained for
+  ``len(sizes) * --epochs`` epochs: as many optimizer steps as the multi-resolution student, so the
+  comparison is made against both controls (the same total budget, and the same steps per student).
 
 Every student is tested asymmetrically (queries at S against the teacher's database at DR, embedded once) on
-the held-out classes; the multi-resolution student at every size, each dedicated student at its own. With
+the held-out classes; the multi-resolution student at every size, each dedicated student at its own. The
+paired gaps (same seed) are given against each control. With
 ``--per-size-bn`` the multi-resolution student is also tested with per-size BatchNorm statistics estimated
 on the training images (``raml.models.switchable_bn``), reported apart (``per_size_bn`` rows).
 
 Outputs in ``--out``: ``resolutions.json`` (``rows``: one per student, seed and query size with ``student``
-in {``multi``, ``dedicated``}, ``seed``, ``query_size``, ``asym_mAP``, ``asym_R@1``, ``sym_mAP``,
-``query_gflops``; ``summary``: mean and standard deviation over the seeds; ``settings``; ``stack``;
-``seconds``), ``resolutions.md`` (the table) and ``resolutions.png`` (mAP against query GFLOPs, both curves).
+in {``multi``, ``dedicated``, ``dedicated-same-steps``}, ``seed``, ``query_size``, ``asym_mAP``,
+``asym_R@1``, ``sym_mAP``, ``query_gflops``; ``summary``: mean and standard deviation over the seeds;
+``gaps``: paired differences against each control; ``settings``; ``stack``; ``seconds``),
+``resolutions.md`` (the table) and ``resolutions.png`` (mAP against query GFLOPs, one curve per student).
 """
 
 from __future__ import annotations
@@ -63,7 +68,9 @@ __all__ = [
     "summarise",
 ]
 
-STUDENTS = ("multi", "dedicated")
+STUDENTS = ("multi", "dedicated", "dedicated-same-steps")
+#: the controls the multi-resolution student is compared with: the same total budget, the same steps
+CONTROLS = ("dedicated", "dedicated-same-steps")
 KS = (1, 4)
 
 
@@ -77,6 +84,8 @@ class ResolutionSettings:
     #: epochs of each dedicated student; the multi-resolution student gets ``len(sizes)`` times as many
     epochs: int = 4
     per_size_bn: bool = True
+    #: also train a dedicated student per size for ``len(sizes) * epochs`` epochs (the multi student's steps)
+    same_steps: bool = True
     demo: DemoSettings = field(default_factory=DemoSettings)
 
 
@@ -196,22 +205,23 @@ def summarise(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return summary
 
 
-def gaps(rows: list[dict[str, Any]], other: str = "multi") -> list[dict[str, Any]]:
-    """Per size: ``other`` minus dedicated asym mAP, per seed (paired) and its mean and spread."""
+def gaps(rows: list[dict[str, Any]], other: str = "multi", control: str = "dedicated") -> list[dict[str, Any]]:
+    """Per size: ``other`` minus ``control`` asym mAP, per seed (paired) and its mean and spread."""
     by_key = {(r["student"], r["seed"], r["query_size"]): r for r in rows}
-    sizes = sorted({r["query_size"] for r in rows if r["student"] == "dedicated"})
+    sizes = sorted({r["query_size"] for r in rows if r["student"] == control})
     result = []
     for size in sizes:
         diffs = [
-            by_key[(other, seed, size)]["asym_mAP"] - by_key[("dedicated", seed, size)]["asym_mAP"]
+            by_key[(other, seed, size)]["asym_mAP"] - by_key[(control, seed, size)]["asym_mAP"]
             for (student, seed, s) in by_key
-            if student == "dedicated" and s == size and (other, seed, size) in by_key
+            if student == control and s == size and (other, seed, size) in by_key
         ]
         if diffs:
             result.append(
                 {
                     "query_size": size,
                     "student": other,
+                    "control": control,
                     "gap_mean": round(statistics.fmean(diffs), 2),
                     "gap_std": round(statistics.stdev(diffs), 2) if len(diffs) > 1 else 0.0,
                     "gap_per_seed": [round(d, 2) for d in diffs],
@@ -237,7 +247,14 @@ def resolutions_markdown(results: dict[str, Any]) -> str:
         f"Settings: {d['architecture']}, {d['num_classes']} classes x {d['images_per_class']} images, DR "
         f"{d['teacher_size']} px, teacher {d['teacher_epochs']} epochs (trained once); sizes {s['sizes']}; "
         f"dedicated students {s['epochs']} epochs each, the multi-size student {s['epochs'] * len(s['sizes'])} "
-        f"epochs (the same number of student images); seeds {s['seed_values']}; total "
+        f"epochs (the same number of student images)"
+        + (
+            f", the dedicated-same-steps students {s['epochs'] * len(s['sizes'])} epochs each (the multi-size "
+            "student's optimizer steps)"
+            if s.get("same_steps")
+            else ""
+        )
+        + f"; seeds {s['seed_values']}; total "
         f"{results['seconds'] / 60:.1f} min on {results['stack']['torch_threads']} torch threads "
         f"({results['stack'].get('gpu') or results['stack']['cpu']}).",
         "",
@@ -257,12 +274,13 @@ def resolutions_tables(results: dict[str, Any]) -> str:
             f"{e['asym_R@1_mean']:.2f} ± {e['asym_R@1_std']:.2f} | {e['sym_mAP_mean']:.2f} ± {e['sym_mAP_std']:.2f} "
             f"| {e['query_gflops']:.4f} |"
         )
-    lines += ["", "Paired difference to the dedicated student (same seed), asym mAP:", ""]
-    lines += ["| student | query size | mean | std | per seed |", "|---|---|---|---|---|"]
+    lines += ["", "Paired difference to each control (same seed), asym mAP:", ""]
+    lines += ["| student | against | query size | mean | std | per seed |", "|---|---|---|---|---|---|"]
     for g in results["gaps"]:
         per_seed = ", ".join(f"{d:+.2f}" for d in g["gap_per_seed"])
         lines.append(
-            f"| {g['student']} | {g['query_size']} px | {g['gap_mean']:+.2f} | {g['gap_std']:.2f} | {per_seed} |"
+            f"| {g['student']} | {g.get('control', 'dedicated')} | {g['query_size']} px | {g['gap_mean']:+.2f} | "
+            f"{g['gap_std']:.2f} | {per_seed} |"
         )
     return "\n".join(lines)
 
@@ -276,6 +294,7 @@ def plot_resolutions(summary: list[dict[str, Any]], path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(7.0, 4.5))
     styles = {"multi": ("*-", "one student, all sizes"), "dedicated": ("o--", "a dedicated student per size")}
+    styles["dedicated-same-steps"] = ("d-.", "a dedicated student per size, the multi student's steps")
     styles["multi+per-size-bn"] = ("s:", "one student, per-size BN statistics")
     labelled: set[int] = set()
     for student, (style, label) in styles.items():
@@ -374,6 +393,20 @@ def run_resolutions_benchmark(
                 )
                 rows += _rows("dedicated", seed, test(path, [size]), split.name)
             epochs = settings.epochs * len(sizes)
+            for size in sizes if settings.same_steps else []:
+                logger.info("seed %d: dedicated student at %d px, %d epochs (same steps)", seed, size, epochs)
+                path = train_student(
+                    settings,
+                    data_root,
+                    teacher_path,
+                    [size],
+                    epochs,
+                    seed,
+                    out / "students" / f"seed{seed}" / f"dedicated{size}-same-steps",
+                    device,
+                    progress,
+                )
+                rows += _rows("dedicated-same-steps", seed, test(path, [size]), split.name)
             logger.info("seed %d: one student for %s, %d epochs", seed, sizes, epochs)
             path = train_student(
                 settings,
@@ -410,7 +443,12 @@ def _write_results(
     results = {
         "rows": rows,
         "summary": summary,
-        "gaps": gaps(rows) + (gaps(rows + bn_rows, "multi+per-size-bn") if bn_rows else []),
+        "gaps": [
+            gap
+            for control in CONTROLS
+            for other in ("multi", "multi+per-size-bn")
+            for gap in gaps(rows + bn_rows, other, control)
+        ],
         "per_size_bn": bn_rows,
         "settings": settings_dict,
         "stack": stack,
@@ -444,6 +482,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-per-size-bn", action="store_true", help="skip the per-size BatchNorm statistics measurement"
     )
     parser.add_argument(
+        "--no-same-steps",
+        action="store_true",
+        help="skip the second control: a dedicated student per size with the multi-size student's steps",
+    )
+    parser.add_argument(
         "--threads", type=positive_int, help=f"torch intra-op threads for the whole run (default {d.demo.threads})"
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
@@ -459,6 +502,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.sizes is not None:
         settings.sizes = args.sizes if isinstance(args.sizes, list) else [args.sizes]
     settings.per_size_bn = not args.no_per_size_bn
+    settings.same_steps = not args.no_same_steps
     if args.threads is not None:
         settings.demo = replace(settings.demo, threads=args.threads)
     try:

@@ -45,7 +45,7 @@ EXCLUSIVE = (("student", "student_path"), ("teacher", "teacher_path"))
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a teacher (sym) or distil a student (ts_aug, ts_reg, aml, rkd, csd, d3)",
+        help="train a teacher (sym) or distil a student (ts_aug, ts_reg, aml, rkd, csd, d3, rop)",
         description=textwrap.fill(
             "Train with labels (--mode sym) or distil a low-resolution student from a frozen high-resolution "
             "teacher without labels (--mode ts_aug, the paper's method, or another method below).",
@@ -183,7 +183,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         dest="mixup",
         action="store_false",
         default=None,
-        help="view-based methods (ts_aug, aml, rkd, csd, d3): no mixup, the views as rendered (an ablation)",
+        help="view-based methods (ts_aug, aml, rkd, csd, d3, rop): no mixup, the views as rendered (an ablation)",
     )
     method.add_argument(
         "--uncoupled-views",
@@ -213,6 +213,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         ("d3-alpha", float, "d3 first-order weight"),
         ("d3-beta", float, "d3 hard-pair weight"),
         ("d3-gamma", float, "d3 easy-pair weight"),
+        ("rop-k", int, "rop top-k, the image included"),
+        ("rop-temperature", float, "rop temperature of the student's indicator"),
+        ("rop-rank-weight", float, "rop scale of the teacher's similarities in the rank weights"),
     ):
         default = getattr(d, flag.replace("-", "_"))
         others.add_argument(f"--{flag}", type=kind, metavar="X", help=f"{text} (default {default})")

@@ -89,9 +89,12 @@ class TrainConfig:
     csd_temperature: float = 0.1
     csd_first_order_weight: float = 1.0
     d3_k: int = 10
-    d3_alpha: float = 50.0
-    d3_beta: float = 2.0
+    d3_alpha: float = 100.0
+    d3_beta: float = 5.0
     d3_gamma: float = 1.0
+    rop_k: int = 256
+    rop_temperature: float = 0.1
+    rop_rank_weight: float = 0.2
     # optimisation
     batch_size: int = 8
     update_every: int = 25
@@ -210,17 +213,19 @@ class TrainConfig:
     def _validate_method_settings(self) -> None:
         if self.aml_variant not in AML_VARIANTS:
             raise ValueError(f"Unknown --aml-variant {self.aml_variant!r}; valid: {', '.join(AML_VARIANTS)}.")
-        for name in ("aml_margin", "csd_temperature"):
+        for name in ("aml_margin", "csd_temperature", "rop_temperature"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
         for name in ("rkd_distance_weight", "rkd_angle_weight", "csd_first_order_weight", "d3_alpha", "d3_beta",
-                     "d3_gamma"):  # fmt: skip
+                     "d3_gamma", "rop_rank_weight"):  # fmt: skip
             if not getattr(self, name) >= 0:
                 raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
         if self.csd_k < 1:
             raise ValueError(f"--csd-k must be at least 1 (the image itself), got {self.csd_k}.")
         if self.d3_k < 2:
             raise ValueError(f"--d3-k must be at least 2 (the image and one neighbour), got {self.d3_k}.")
+        if self.rop_k < 1:
+            raise ValueError(f"--rop-k must be at least 1 (the image itself), got {self.rop_k}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

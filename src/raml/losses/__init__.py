@@ -7,9 +7,10 @@
   (``sym``).
 - :func:`normalized_softmax_loss`: ``(B, D)`` embeddings, labels, ``(C, D)`` proxies -> scalar (``sym`` with
   ``--loss normsoftmax``).
-- :func:`aml_contrastive_loss`, :func:`rkd_loss`, :func:`csd_loss`, :func:`d3_loss`: student ``(N, D)`` and
-  teacher ``(N, D)`` embeddings of the same images -> scalar (or a dict of terms with ``"total"``): the other
-  asymmetric distillers (``--mode aml``, ``rkd``, ``csd``, ``d3``).
+- :func:`aml_contrastive_loss`, :func:`rkd_loss`, :func:`csd_loss`, :func:`d3_loss`, :func:`rop_loss`: student
+  ``(N, D)`` and teacher ``(N, D)`` embeddings of the same images, optional ``(N,)`` groups (the image of each
+  view: its other views are left out of the relations) -> scalar (or a dict of terms with ``"total"``): the
+  other asymmetric distillers (``--mode aml``, ``rkd``, ``csd``, ``d3``, ``rop``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from raml.losses.d3 import d3_loss
 from raml.losses.distillation import absolute_loss, distillation_loss, distillation_loss_terms
 from raml.losses.proxy import normalized_softmax_loss
 from raml.losses.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
+from raml.losses.rop import rop_loss
 from raml.losses.triplet import triplet_loss
 
 __all__ = [
@@ -33,5 +35,6 @@ __all__ = [
     "rkd_angle_loss",
     "rkd_distance_loss",
     "rkd_loss",
+    "rop_loss",
     "triplet_loss",
 ]

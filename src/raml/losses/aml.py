@@ -9,11 +9,15 @@ contrastive loss with asymmetric pairs (student query, teacher database item), n
 
     loss = mean_i [ 1/2 ||s_i - t_i||^2  +  sum_{j : g_j != g_i} 1/2 max(0, m - ||s_i - t_j||)^2 ]
 
-Choices the paper leaves open (ours): the positive of an anchor is the teacher's embedding of the same image
-(the paper's label-free knowledge-transfer setting); every other image of the batch is a negative (no mining);
-rows of one ``group`` (the views of one image) are neither each other's positives nor negatives; the 1/2
-factors and the sum over negatives follow the contrastive loss of Radenović et al.'s training code, on which
-the paper builds; the margin ``m`` defaults to that code's 0.7.
+This is our own label-free construction, not the authors' loss. The official AML code (budnikm/aml, built on
+Radenović et al.'s cnnimageretrieval-pytorch) trains with labels: each tuple holds a query, a labelled
+positive (another image of the query's class) and mined hard negatives (images of other classes), with the
+student embedding the query and the teacher the positive and the negatives, and the loss is summed per tuple.
+Here, without labels, the positive of an anchor is the teacher's embedding of the same image (the same view);
+every other image of the batch is a negative (no mining); rows of one ``group`` (the other views of the same
+image) are neither positives nor negatives, as in every relational method of :mod:`raml.losses`; the loss is
+a mean over the anchors. What we keep from the official code: the 1/2 factors and the sum over negatives of
+the contrastive loss, and its margin default 0.7.
 
 The paper's plain regression variant, ``sum_i (1 - s_i.t_i)^2``, is :func:`raml.losses.absolute_loss`.
 """
@@ -25,7 +29,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["aml_contrastive_loss"]
+__all__ = ["aml_contrastive_loss", "other_views_mask"]
 
 
 def _check_embeddings(student: Tensor, teacher: Tensor) -> None:
@@ -51,6 +55,16 @@ def _describe(value: object) -> str:
 def _check_positive(name: str, value: float) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a positive finite number, got {value!r}.")
+
+
+def other_views_mask(groups: Tensor | None, n: int, device: torch.device) -> Tensor:
+    """(N, N) bool: True where rows ``i != j`` belong to the same group (the other views of one image).
+
+    Every relational loss of :mod:`raml.losses` leaves these entries out of its relations, so that the methods
+    treat the other views of an image alike (AIR-Distiller's distillation batches hold distinct images, where
+    no such rows exist). Without ``groups`` (``None``) every row is its own group: no entry is True.
+    """
+    return _group_mask(groups, n, device) & ~torch.eye(n, dtype=torch.bool, device=device)
 
 
 def _group_mask(groups: Tensor | None, n: int, device: torch.device) -> Tensor:

@@ -18,7 +18,9 @@ Choices the paper leaves open or that differ (ours): the neighbours are searched
 embeddings of the current batch (the paper searches an offline teacher-embedded training set; a batch-wide
 gallery keeps the teacher online on the same views as every other method here); one temperature for both
 distributions (default 0.1); ``L_1`` is written out explicitly with weight ``w_1`` (default 1), although the
-image itself in ``K_i`` already ties ``s_i`` to ``t_i``.
+image itself in ``K_i`` already ties ``s_i`` to ``t_i``; with ``groups`` (the views of one image) the other
+rows of the row's group are left out of its context (AIR-Distiller's distillation batches hold distinct
+images, so no such near-duplicates exist there).
 """
 
 from __future__ import annotations
@@ -26,13 +28,18 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from raml.losses.aml import _check_embeddings, _check_positive
+from raml.losses.aml import _check_embeddings, _check_positive, other_views_mask
 
 __all__ = ["csd_loss"]
 
 
 def csd_loss(
-    student: Tensor, teacher: Tensor, k: int, temperature: float = 0.1, first_order_weight: float = 1.0
+    student: Tensor,
+    teacher: Tensor,
+    k: int,
+    temperature: float = 0.1,
+    first_order_weight: float = 1.0,
+    groups: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``{"context": L_ctx, "first_order": L_1, "total": L_ctx + w_1 L_1}`` (module docstring).
 
@@ -42,20 +49,30 @@ def csd_loss(
         k: Context size, ``1 <= k <= N`` (the image itself included).
         temperature: Softmax temperature of both distributions.
         first_order_weight: ``w_1`` (>= 0).
+        groups: Optional ``(N,)`` group ids (the image of each view): the other rows of a row's group are not
+            in its context. Default: every row is a candidate.
 
     Raises:
-        ValueError: on bad shapes, ``k`` outside ``[1, N]``, a non-positive temperature or a negative weight.
+        ValueError: on bad shapes, ``k`` outside ``[1, candidates]`` (the fewest rows a row may rank, itself
+            included), a non-positive temperature or a negative weight.
     """
     _check_embeddings(student, teacher)
     n = student.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ValueError(f"k must be an integer in [1, {n}] (the batch's {n} embeddings), got {k!r}.")
+    excluded = other_views_mask(groups, n, student.device)
+    candidates = n - int(excluded.sum(dim=1).max())
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= candidates:
+        raise ValueError(
+            f"k must be an integer in [1, {candidates}] (each row's {candidates} candidates among the batch's {n} "
+            f"embeddings, other views of its image excluded), got {k!r}."
+        )
     _check_positive("temperature", temperature)
     if isinstance(first_order_weight, bool) or not first_order_weight >= 0:
         raise ValueError(f"first_order_weight must be a number >= 0, got {first_order_weight!r}.")
     teacher = teacher.detach()
     teacher_sim = teacher @ teacher.T
-    top_sim, neighbours = teacher_sim.topk(k, dim=1)  # (N, k), the image itself first
+    # (N, k), the image itself first; the other views of its image cannot be drawn
+    _, neighbours = teacher_sim.masked_fill(excluded, float("-inf")).topk(k, dim=1)
+    top_sim = teacher_sim.gather(1, neighbours)
     cross = (student @ teacher.T).gather(1, neighbours)
     log_p = F.log_softmax(top_sim / temperature, dim=1)
     log_q = F.log_softmax(cross / temperature, dim=1)

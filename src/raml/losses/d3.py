@@ -17,11 +17,17 @@ in the teacher's space among the other images (the image itself is the teacher's
     loss = L_F + L_H + L_E
 
 The three parts are the paper's feature-representation knowledge and its inconsistent (hard) and consistent
-(easy) pairwise similarity-differential knowledge, weighted separately. Formulas, the ``0.1`` offset, the
-norms (not squared) and the defaults ``k = 10, alpha = 50, beta = 2, gamma = 1`` follow the authors' released
-implementation. Choices: the neighbours come from the current batch, which is the gallery (as in the authors'
-code); pairs with ``dT = 0`` (ties) or ``dC = 0`` count as neither hard nor easy; the hard/easy split is a
-constant of the step (no gradient through the selection).
+(easy) pairwise similarity-differential knowledge, weighted separately. Formulas, the ``0.1`` offset and the
+norms (not squared) follow the authors' released implementation (AIR-Distiller, ``distillers/D3.py`` in
+SCY-X/D3still). Defaults: ``k = 10, alpha = 100, beta = 5, gamma = 1``, the authors' fine-grained setting
+(``Training_Configs/CUB200/ResNet101_256x256_ResNet18_128x128/D3.yaml``: a ResNet-18 student at 128 px, 256
+distinct images per distillation batch); their code's global defaults ``alpha = 50, beta = 2`` are the
+MSMT17 person re-identification setting, and their SOP configs use ``alpha = 200, beta = 10, gamma = 2``.
+Choices: the neighbours come from the current batch, which is the gallery (as in the authors' code); with
+``groups`` (the views of one image) the other rows of the row's group are left out of its neighbours (the
+authors' distillation batches hold distinct images, so no such near-duplicates exist there); pairs with
+``dT = 0`` (ties) or ``dC = 0`` count as neither hard nor easy; the hard/easy split is a constant of the
+step (no gradient through the selection).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raml.losses.aml import _check_embeddings
+from raml.losses.aml import _check_embeddings, other_views_mask
 
 __all__ = ["d3_loss"]
 
@@ -37,7 +43,13 @@ DIFFERENCE_OFFSET = 0.1  # keeps the relative error finite where the teacher's t
 
 
 def d3_loss(
-    student: Tensor, teacher: Tensor, k: int = 10, alpha: float = 50.0, beta: float = 2.0, gamma: float = 1.0
+    student: Tensor,
+    teacher: Tensor,
+    k: int = 10,
+    alpha: float = 100.0,
+    beta: float = 5.0,
+    gamma: float = 1.0,
+    groups: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``{"first_order": L_F, "hard": L_H, "easy": L_E, "total": L_F + L_H + L_E}`` (module docstring).
 
@@ -48,14 +60,22 @@ def d3_loss(
         alpha: Weight of the first-order term.
         beta: Weight of the hard (inconsistently ordered) pairs.
         gamma: Weight of the easy (consistently ordered) pairs.
+        groups: Optional ``(N,)`` group ids (the image of each view): the other rows of a row's group are not
+            its neighbours. Default: every other row is a candidate.
 
     Raises:
-        ValueError: on bad shapes, ``k`` outside ``[2, N]`` or a negative weight.
+        ValueError: on bad shapes, ``k`` outside ``[2, candidates]`` (``candidates``: the fewest rows a row
+            may rank, itself included) or a negative weight.
     """
     _check_embeddings(student, teacher)
     n = student.shape[0]
-    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= n:
-        raise ValueError(f"k must be an integer in [2, {n}] (the batch's {n} embeddings), got {k!r}.")
+    excluded = other_views_mask(groups, n, student.device)
+    candidates = n - int(excluded.sum(dim=1).max())
+    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= candidates:
+        raise ValueError(
+            f"k must be an integer in [2, {candidates}] (each row's {candidates} candidates among the batch's {n} "
+            f"embeddings, other views of its image excluded), got {k!r}."
+        )
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
@@ -64,7 +84,7 @@ def d3_loss(
     cross = student @ teacher.T
     first_order = alpha / n * (teacher_sim.diagonal() - cross.diagonal()).norm()
     # the k - 1 nearest other images: the diagonal is pushed out of the ranking
-    others = teacher_sim.masked_fill(torch.eye(n, dtype=torch.bool, device=teacher.device), float("-inf"))
+    others = teacher_sim.masked_fill(excluded | torch.eye(n, dtype=torch.bool, device=teacher.device), float("-inf"))
     t_top, neighbours = others.topk(k - 1, dim=1)  # (N, k - 1)
     c_top = cross.gather(1, neighbours)
     d_teacher = t_top[:, None, :] - t_top[:, :, None]  # [i, a, b] = T_{i n_b} - T_{i n_a}

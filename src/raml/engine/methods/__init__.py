@@ -75,6 +75,11 @@ METHODS: dict[str, MethodEntry] = {
         "top-k neighbours, on ts_aug's views (no labels)",
         f"{_PACKAGE}.d3:DecoupledDifferentialDistillation",
     ),
+    "rop": MethodEntry(
+        "rank order preservation (Wu et al., ICLR 2023): the student's soft ranking of the teacher's top-k "
+        "neighbours matched to the teacher's, rank-weighted, on ts_aug's views (no labels)",
+        f"{_PACKAGE}.rop:RankOrderPreservation",
+    ),
 }
 
 

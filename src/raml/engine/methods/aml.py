@@ -3,9 +3,9 @@
 Batches: ts_aug's coupled views (:mod:`raml.engine.methods.coupled`; mixup unless ``--no-mixup``), the teacher
 online on its DR views. Loss (``--aml-variant``): ``contrastive`` (default),
 :func:`raml.losses.aml_contrastive_loss` with margin ``--aml-margin``: each student view against the teacher's
-embedding of the same view (positive) and the teacher's embeddings of the other images' views (negatives; the
-other views of the same image are neither); or ``regression``, the paper's plain regression
-:func:`raml.losses.absolute_loss` (``ts_reg``'s term, here on the views).
+embedding of the same view (positive) and the teacher's embeddings of the other images' views (negatives; the other
+views of the same image are neither, as in every relational method); or ``regression``, the paper's plain
+regression :func:`raml.losses.absolute_loss` (``ts_reg``'s term, here on the views).
 """
 
 from __future__ import annotations

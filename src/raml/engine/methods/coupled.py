@@ -1,4 +1,4 @@
-"""The batches of the view-based distillation methods (``ts_aug``, ``aml``, ``rkd``, ``csd``, ``d3``).
+"""The batches of the view-based distillation methods (``ts_aug``, ``aml``, ``rkd``, ``csd``, ``d3``, ``rop``).
 
 Each batch holds ``batch_size`` training images, each as ``P = --pos-num`` coupled views (one crop box, flip
 and colour jitter rendered at QR ``--image-size`` for the student and at DR ``--teacher-image-size`` for the
@@ -115,7 +115,16 @@ class BatchRelationMethod(CoupledViewMethod):
     The loss functions of :mod:`raml.losses` return a mean over the ``N`` rows; it is multiplied by ``B`` so
     that, as for every method, a batch's loss is a sum over its images (the learning rate means the same).
     With several processes the relations are those within each process's share of the batch.
+
+    The ``groups`` passed to :meth:`relation_terms` give the image of each row: every relational loss leaves
+    the other views of a row's image out of its relations (AIR-Distiller's distillation batches hold distinct
+    images), so that the methods treat those near-duplicates alike.
     """
+
+    @staticmethod
+    def candidates(groups: torch.Tensor) -> int:
+        """The fewest rows any row may relate to, itself included: ``N`` minus the largest group, plus one."""
+        return int(groups.numel() - torch.bincount(groups).max() + 1)
 
     def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         """``(N, D)`` student, ``(N, D)`` teacher, ``(N,)`` image of each row -> terms with ``"total"`` (means)."""

@@ -1,9 +1,9 @@
 """``--mode d3``: D3still, decoupled differential distillation (Xie et al., CVPR 2024), without labels.
 
 Batches: ts_aug's coupled views (:mod:`raml.engine.methods.coupled`), the teacher online on its DR views; the
-batch's teacher embeddings are the gallery whose top-k orders the student must keep. Loss:
-:func:`raml.losses.d3_loss` with ``--d3-k`` (at most the batch's view count), ``--d3-alpha`` (first order),
-``--d3-beta`` (hard pairs) and ``--d3-gamma`` (easy pairs).
+batch's teacher embeddings (the other views of a view's own image left out) are the gallery whose top-k orders the
+student must keep. Loss: :func:`raml.losses.d3_loss` with ``--d3-k`` (at most the gallery's size), ``--d3-alpha``
+(first order), ``--d3-beta`` (hard pairs) and ``--d3-gamma`` (easy pairs).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from raml.losses import d3_loss
 class DecoupledDifferentialDistillation(BatchRelationMethod):
     """First-order term + the teacher's top-k similarity differences, hard and easy pairs weighted apart."""
 
-    def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:  # noqa: ARG002
+    def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         c = self.run.config
-        k = min(c.d3_k, student.shape[0])
-        return d3_loss(student, teacher, k, c.d3_alpha, c.d3_beta, c.d3_gamma)
+        k = min(c.d3_k, self.candidates(groups))
+        return d3_loss(student, teacher, k, c.d3_alpha, c.d3_beta, c.d3_gamma, groups)

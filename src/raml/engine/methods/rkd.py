@@ -1,8 +1,8 @@
 """``--mode rkd``: relational knowledge distillation (Park et al., CVPR 2019), without labels.
 
 Batches: ts_aug's coupled views (:mod:`raml.engine.methods.coupled`), the teacher online on its DR views; the
-relations are those of all the batch's views. Loss: :func:`raml.losses.rkd_loss`, ``--rkd-distance-weight`` x
-distance-wise + ``--rkd-angle-weight`` x angle-wise.
+relations are those of the batch's views, between different images (an image's other views are left out). Loss:
+:func:`raml.losses.rkd_loss`, ``--rkd-distance-weight`` x distance-wise + ``--rkd-angle-weight`` x angle-wise.
 """
 
 from __future__ import annotations
@@ -18,6 +18,6 @@ from raml.losses import rkd_loss
 class RelationalDistillation(BatchRelationMethod):
     """Distance- and angle-wise relations of the batch's student embeddings matched to the teacher's."""
 
-    def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:  # noqa: ARG002
+    def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         c = self.run.config
-        return rkd_loss(student, teacher, c.rkd_distance_weight, c.rkd_angle_weight)
+        return rkd_loss(student, teacher, c.rkd_distance_weight, c.rkd_angle_weight, groups)
