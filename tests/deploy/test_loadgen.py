@@ -32,7 +32,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         time.sleep(SERVICE_S)
         total_ms = 1000.0 * (time.monotonic() - started)
-        payload = json.dumps({"timings_ms": {"total": total_ms, "embed": 1000.0 * SERVICE_S}}).encode()
+        payload = json.dumps({"batch_size": 1, "timings_ms": {"total": total_ms, "embed": 1000.0 * SERVICE_S}}).encode()
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(payload)))
@@ -104,7 +104,7 @@ def test_closed_loop_row_counts_503s_apart_from_errors_and_checks_retry_after(th
     assert row["rejected_503"] == sum(r[4] == 503 for r in inside) > 0
     assert row["rejected_without_retry_after"] == 0 and row["errors"] == 0
     assert row["queries"] == sum(r[4] == 200 for r in inside)
-    assert row["queries_per_s"] == pytest.approx(row["queries"] / (end - start))
+    assert row["queries_per_s"] == pytest.approx(row["queries"] / (end - start)) and row["mean_batch"] == 1.0
     # the server's own total is about SERVICE_S; the time outside it is small on loopback
     assert row["server_total_p50_ms"] == pytest.approx(1000.0 * SERVICE_S, abs=15.0)
     assert row["outside_server_p50_ms"] < row["server_total_p50_ms"]
@@ -120,18 +120,9 @@ def test_small_open_loop_run_is_not_client_limited(threaded_server):
 
 
 def _records(lags_ms: list[float], latency_ms: float) -> list:
+    t = [1.0 + i / 100 for i in range(len(lags_ms))]
     return [
-        (
-            1.0 + i / 100,
-            1.0 + i / 100,
-            1.0 + i / 100,
-            1.0 + i / 100 + latency_ms / 1000,
-            200,
-            1.0,
-            1.0,
-            False,
-            lag / 1000.0,
-        )
+        (t[i], t[i], t[i], t[i] + latency_ms / 1000, 200, 1.0, 1.0, 1.0, False, lag / 1000.0)
         for i, lag in enumerate(lags_ms)
     ]
 
@@ -140,8 +131,9 @@ def _records(lags_ms: list[float], latency_ms: float) -> list:
     ("lags_ms", "latency_ms", "cpu", "limited"),
     [
         ([0.1] * 100, 50.0, [0.2], False),  # no lag, idle client
-        ([0.1] * 90 + [60.0] * 10, 100.0, [0.2], True),  # lag p99 60 ms > 10 % of 100 ms
-        ([0.1] * 90 + [4.0] * 10, 20.0, [0.2], False),  # lag above 10 % but below the floor
+        ([0.1] * 90 + [60.0] * 10, 100.0, [0.2], True),  # lag p99 60 ms > 25 % of 100 ms
+        ([0.1] * 90 + [15.0] * 10, 20.0, [0.2], False),  # lag above 25 % but below the 20 ms floor
+        ([0.1] * 90 + [150.0] * 10, 2400.0, [0.2], False),  # lag above the floor but 6 % of the p99
         ([0.1] * 100, 50.0, [0.3, 0.95], True),  # a client process at 95 % of a core
     ],
 )
@@ -150,3 +142,14 @@ def test_client_limited_verdict(lags_ms, latency_ms, cpu, limited):
     row = summarise(result)
     assert row["client_lag_p99_ms"] == pytest.approx(np.percentile(lags_ms, 99))
     assert row["client_limited"] is limited and bool(row["client_limited_because"]) is limited
+
+
+def test_mean_batch_counts_forward_passes_from_the_answers_batch_sizes():
+    """Two passes of 4 (8 answers saying 4), one of 2, one of 1: 11 queries in 4 passes; 503s and errors don't count."""
+    sizes = [4] * 8 + [2] * 2 + [1]
+    records = [(1.0, 1.0, 1.0, 1.01, 200, 1.0, 1.0, float(b), False, 0.0) for b in sizes]
+    records += [(1.0, 1.0, 1.0, 1.01, 503, float("nan"), float("nan"), float("nan"), True, 0.0)]
+    row = summarise(LoadResult(records, (0.0, 2.0), [0.1], None, 4, (None, None)))
+    passes = 8 / 4 + 2 / 2 + 1 / 1
+    assert row["mean_batch"] == pytest.approx(len(sizes) / passes) == pytest.approx(11 / 4)
+    assert row["rejected_503"] == 1 and row["errors"] == 0 and row["queries"] == 11
