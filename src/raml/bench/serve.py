@@ -67,7 +67,7 @@ class ServeBenchSettings:
     query_size: int = 32
     k: int = 10
     rates: tuple[float, ...] = (0.25, 0.5, 0.8, 1.0, 1.5, 2.0)  # open loop, x the batched saturation rate
-    open_connections: int = 64  # open loop: the most requests in flight
+    open_connections: int = 256  # open loop: the most requests in flight; above queue_size + max_batch, or no 503
     client_processes: int = 2
     queue_size: int = 64  # the server's --queue-size
     timeout_s: float = 30.0
@@ -453,7 +453,7 @@ def main(argv: list[str] | None = None) -> int:
         "--open-connections",
         type=positive_int,
         default=defaults.open_connections,
-        help="open loop: the most requests in flight (64)",
+        help="open loop: the most requests in flight (256; above --queue-size + --max-batch, or nothing is shed)",
     )
     parser.add_argument(
         "--client-processes", type=positive_int, default=defaults.client_processes, help="client processes (2)"
