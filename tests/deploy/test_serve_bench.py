@@ -40,3 +40,37 @@ def test_bench_serve_reports_throughput_latency_and_errors_as_json_and_table(tmp
     rows = [line.split()[:3] for line in table.splitlines() if re.match(r"(un)?batched +\d", line)]
     expected = [["batched", "4", "1"], ["batched", "4", "3"], ["unbatched", "1", "1"], ["unbatched", "1", "3"]]
     assert rows == expected
+
+
+def test_bench_serve_open_loop_curve_goals_and_plot_with_a_client_that_was_not_the_limit(tmp_path, capsys):
+    """Structure of the open-loop curve, the goals and the PNG; on this small run the client was not the limit."""
+    out, png = tmp_path / "serve.json", tmp_path / "curve.png"
+    argv = ["bench", "serve", "--work-dir", str(tmp_path / "work"), "--json", str(out), "--plot", str(png)]
+    argv += ["--concurrency", "2", "--rates", "0.5,2", "--duration", "1.0", "--warmup", "0.3", "--num-classes", "4"]
+    argv += ["--images-per-class", "2", "--architecture", "timm/test_resnet", "--whitening", "8", "--max-batch", "4"]
+    argv += ["--open-connections", "8", "--client-processes", "1"]
+    assert cli_main.main(argv) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    saturation = result["runs"][0]["queries_per_s"]  # the only batched closed-loop row
+    assert result["goals"]["saturation_per_s"]["batched"] == saturation
+    opened = [(r["mode"], r["saturation_fraction"], r["offered_per_s"]) for r in result["open_loop"]]
+    assert opened == [
+        ("batched", 0.5, pytest.approx(0.5 * saturation)),
+        ("batched", 2.0, pytest.approx(2.0 * saturation)),
+        ("unbatched", 0.5, pytest.approx(0.5 * saturation)),
+        ("unbatched", 2.0, pytest.approx(2.0 * saturation)),
+    ]
+    for row in result["runs"] + result["open_loop"]:
+        assert row["errors"] == 0 and row["queries"] > 0
+        assert row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"]
+        assert row["server_total_p99_ms"] > 0 and row["client_lag_p99_ms"] >= 0
+        assert row["rejected_without_retry_after"] == 0
+    # the client was not the limit where the load is light: a closed loop of 2 clients and half the saturation rate
+    light = result["runs"] + [r for r in result["open_loop"] if r["saturation_fraction"] == 0.5]
+    assert [r["client_limited_because"] for r in light] == [[] for _ in light]
+    goals = result["goals"]
+    assert goals["saturation_ratio"] == pytest.approx(saturation / result["runs"][1]["queries_per_s"])
+    assert set(goals["at_2x"]) >= {"rejected_503", "p99_ms", "bound_ms", "met"} and "at_80pct" not in goals
+    assert "open loop (Poisson arrivals" in table and "open loop at 2x saturation" in table
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

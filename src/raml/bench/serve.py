@@ -1,20 +1,28 @@
-"""``raml bench serve``: queries/s and latency of ``raml serve`` under concurrent clients, micro-batched vs not.
+"""``raml bench serve``: the load curve of ``raml serve``, micro-batched vs not, from a client that is not the limit.
 
 Contract: in one run on loopback, a demo-sized index (the synthetic dataset of ``raml demo``: 60 classes x 16
 images of 64 px, embedded by a resnet18 with 128-d whitening at DR = 64) is served by ``raml serve`` (a
 separate process) with a student of the same shape at QR = 32, once with micro-batching (``--max-batch``,
-default 32) and once with ``--max-batch 1``. For each, ``concurrency`` clients (default 1, 8 and 32) each send
-one query after the other (the JPEG files of the dataset, as raw ``image/jpeg`` bodies) for ``duration_s``
-seconds after a ``warmup_s`` warm-up; the report gives queries/s, p50/p95/p99 latency (client side, request sent
-to answer read), errors (any status but 200, or a failed connection) and the mean number of queries per forward
-pass (from ``/metrics``), plus the batched / unbatched throughput ratio per concurrency. The networks have
-random weights: throughput does not depend on them.
+default 32) and once with ``--max-batch 1``, both with ``--queue-size`` (default 64). The load comes from
+:mod:`raml.bench.loadgen` (client processes, one blocking keep-alive connection per client thread):
+
+- **closed loop**: ``concurrency`` clients (default 1, 8 and 32) each send one query after the other; the best
+  batched throughput is the *saturation rate*;
+- **open loop**: Poisson arrivals at ``rates`` x the saturation rate (default 0.25 to 2), the same absolute
+  rates for both modes, latency measured from each request's intended send time (no coordinated omission).
+
+Each row runs ``duration_s`` seconds after a ``warmup_s`` warm-up and gives queries/s (answered 200s),
+p50/p95/p99 latency, errors (failed connections, statuses other than 200 and 503), 503s (and whether each
+carried ``Retry-After``), the mean number of queries per forward pass (from the answers' ``batch_size``: ``n /
+sum(1 / batch_size)``), the server's own
+``timings_ms.total`` p99, the client's lag p99 and whether the client, not the server, limited the row. The
+report adds the batched / unbatched ratio per concurrency and issue 20's goals as measured in the run. The
+networks have random weights: throughput does not depend on them.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import logging
@@ -29,14 +37,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
+from raml.bench.loadgen import ClientPool, run_load, summarise
 from raml.utils import atomic_write_text, cpu_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServeBenchSettings", "format_serve_report", "main", "run_serve_benchmark"]
+__all__ = ["ServeBenchSettings", "format_serve_report", "main", "plot_serve_curve", "run_serve_benchmark"]
 
 _START_TIMEOUT_S = 180.0
 
@@ -58,6 +66,12 @@ class ServeBenchSettings:
     database_size: int = 64
     query_size: int = 32
     k: int = 10
+    rates: tuple[float, ...] = (0.25, 0.5, 0.8, 1.0, 1.5, 2.0)  # open loop, x the batched saturation rate
+    open_connections: int = 256  # open loop: the most requests in flight; above queue_size + max_batch, or no 503
+    client_processes: int = 2
+    queue_size: int = 64  # the server's --queue-size
+    timeout_s: float = 30.0
+    seed: int = 0
 
 
 def _free_port() -> int:
@@ -98,7 +112,7 @@ class _Server:
         command = [sys.executable, "-m", "raml", "serve", "--index", str(index_dir), "--network-path", str(student)]
         command += ["--image-size", str(settings.query_size), "--port", str(self.port), "--device", "cpu"]
         command += ["--max-batch", str(max_batch), "--max-wait-ms", str(settings.max_wait_ms)]
-        command += ["--queue-size", str(max(256, 4 * max(settings.concurrency)))]
+        command += ["--queue-size", str(settings.queue_size)]
         self._log = log.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -133,61 +147,89 @@ def _batch_totals(metrics_text: str) -> tuple[float, float]:
     return float(found.get("sum", 0)), float(found.get("count", 0))
 
 
-async def _drive(url: str, bodies: Sequence[bytes], concurrency: int, seconds: float, k: int) -> tuple[list, int]:
-    """``concurrency`` clients query for ``seconds``; returns (latencies in s of answered 200s, errors)."""
-    import httpx
-
-    latencies: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(base_url=url, timeout=60.0, limits=limits) as client:
-        stop_at = time.perf_counter() + seconds
-
-        async def one_client(start: int) -> None:
-            nonlocal errors
-            i = start
-            while time.perf_counter() < stop_at:
-                body = bodies[i % len(bodies)]
-                i += concurrency
-                sent = time.perf_counter()
-                try:
-                    response = await client.post(
-                        "/search", params={"k": k}, content=body, headers={"content-type": "image/jpeg"}
-                    )
-                    ok = response.status_code == 200
-                except httpx.HTTPError:
-                    ok = False
-                if ok:
-                    latencies.append(time.perf_counter() - sent)
-                else:
-                    errors += 1
-
-        await asyncio.gather(*(one_client(c) for c in range(concurrency)))
-    return latencies, errors
+def _measure(
+    server: _Server,
+    pool: ClientPool,
+    bodies: Sequence[bytes],
+    settings: ServeBenchSettings,
+    concurrency: int,
+    rate: float | None,
+) -> dict[str, Any]:
+    """One row: closed loop at ``concurrency`` clients (``rate`` None) or open loop at ``rate`` requests/s."""
+    result = run_load(
+        server.url,
+        bodies,
+        k=settings.k,
+        warmup_s=settings.warmup_s,
+        duration_s=settings.duration_s,
+        concurrency=concurrency,
+        rate=rate,
+        processes=settings.client_processes,
+        timeout_s=settings.timeout_s,
+        seed=settings.seed,
+        pool=pool,
+    )
+    return summarise(result)
 
 
-def _measure(server: _Server, bodies: Sequence[bytes], concurrency: int, settings: ServeBenchSettings) -> dict:
-    import httpx
+def _log_row(row: dict[str, Any]) -> None:
+    what = f"{row['concurrency']} clients" if row["loop"] == "closed" else f"{row['offered_per_s']:.1f}/s offered"
+    logger.info(
+        "%s, %s loop, %s: %.1f q/s, p99 %s ms, %d errors, %d 503s%s",
+        row["mode"],
+        row["loop"],
+        what,
+        row["queries_per_s"],
+        f"{row['p99_ms']:.1f}" if row["p99_ms"] is not None else "-",
+        row["errors"],
+        row["rejected_503"],
+        "; CLIENT-LIMITED: " + "; ".join(row["client_limited_because"]) if row["client_limited"] else "",
+    )
 
-    asyncio.run(_drive(server.url, bodies, concurrency, settings.warmup_s, settings.k))
-    queries_before, passes_before = _batch_totals(httpx.get(server.url + "/metrics").text)
-    started = time.perf_counter()
-    latencies, errors = asyncio.run(_drive(server.url, bodies, concurrency, settings.duration_s, settings.k))
-    elapsed = time.perf_counter() - started
-    queries_after, passes_after = _batch_totals(httpx.get(server.url + "/metrics").text)
-    ms = np.asarray(latencies) * 1000.0
-    passes = passes_after - passes_before
-    return {
-        "concurrency": concurrency,
-        "queries": len(latencies),
-        "errors": errors,
-        "seconds": elapsed,
-        "queries_per_s": len(latencies) / elapsed,
-        "p50_ms": float(np.percentile(ms, 50)) if ms.size else None,
-        "p95_ms": float(np.percentile(ms, 95)) if ms.size else None,
-        "p99_ms": float(np.percentile(ms, 99)) if ms.size else None,
-        "mean_batch": (queries_after - queries_before) / passes if passes else None,
+
+def _nearest(rows: list[dict[str, Any]], fraction: float) -> dict[str, Any] | None:
+    """The open-loop row whose offered rate is nearest ``fraction`` of the saturation rate (within 10 %)."""
+    best = min(rows, key=lambda r: abs(r["saturation_fraction"] - fraction), default=None)
+    return best if best is not None and abs(best["saturation_fraction"] - fraction) <= 0.1 * fraction else None
+
+
+def _goals(runs: list[dict], open_rows: list[dict], settings: ServeBenchSettings) -> dict[str, Any]:
+    """Issue 20's goals, each a ratio or a bound measured in this run (None where the run lacks the row)."""
+    saturation = {
+        mode: max((r["queries_per_s"] for r in runs if r["mode"] == mode), default=0.0)
+        for mode in ("batched", "unbatched")
     }
+    batched_open = [r for r in open_rows if r["mode"] == "batched"]
+    goals: dict[str, Any] = {
+        "saturation_per_s": saturation,
+        "saturation_ratio": saturation["batched"] / saturation["unbatched"] if saturation["unbatched"] else None,
+    }
+    goals["saturation_ratio_met"] = goals["saturation_ratio"] is not None and goals["saturation_ratio"] >= 4.0
+    at80 = _nearest(batched_open, 0.8)
+    if at80 is not None and at80["p50_ms"]:
+        ratio = at80["p99_ms"] / at80["p50_ms"]
+        clean = at80["errors"] == 0 and at80["rejected_503"] == 0
+        goals["at_80pct"] = {"p99_over_p50": ratio, "errors": at80["errors"], "rejected_503": at80["rejected_503"]}
+        goals["at_80pct"]["met"] = ratio <= 3.0 and clean
+    at2x = _nearest(batched_open, 2.0)
+    if at2x is not None:
+        service = at2x["server_embed_p50_ms"]
+        bound = settings.max_wait_ms + 2.0 * service if service is not None else None
+        goals["at_2x"] = {
+            "rejected_503": at2x["rejected_503"],
+            "rejected_without_retry_after": at2x["rejected_without_retry_after"],
+            "p99_ms": at2x["p99_ms"],
+            "bound_ms": bound,
+            "batch_service_ms": service,
+        }
+        goals["at_2x"]["met"] = bool(
+            at2x["rejected_503"] > 0
+            and at2x["rejected_without_retry_after"] == 0
+            and bound is not None
+            and at2x["p99_ms"] is not None
+            and at2x["p99_ms"] <= bound
+        )
+    return goals
 
 
 def run_serve_benchmark(work_dir: str | Path, settings: ServeBenchSettings | None = None) -> dict[str, Any]:
@@ -199,75 +241,171 @@ def run_serve_benchmark(work_dir: str | Path, settings: ServeBenchSettings | Non
     bodies = [p.read_bytes() for p in query_files]
     modes = {"batched": settings.max_batch, "unbatched": 1}
     runs: list[dict[str, Any]] = []
+    open_rows: list[dict[str, Any]] = []
+    rates: list[float] = []
+    pool = ClientPool(settings.client_processes, bodies)
     for mode, max_batch in modes.items():
         server = _Server(index_dir, student, settings, max_batch, work_dir / f"serve-{mode}.log")
         try:
             server.wait_ready()
             for concurrency in settings.concurrency:
-                row = {"mode": mode, "max_batch": max_batch, **_measure(server, bodies, concurrency, settings)}
-                logger.info(
-                    "%s, concurrency %d: %.1f q/s, p99 %s ms, %d errors",
-                    mode,
-                    concurrency,
-                    row["queries_per_s"],
-                    f"{row['p99_ms']:.1f}" if row["p99_ms"] is not None else "-",
-                    row["errors"],
-                )
+                row = {
+                    "mode": mode,
+                    "max_batch": max_batch,
+                    **_measure(server, pool, bodies, settings, concurrency, None),
+                }
+                _log_row(row)
                 runs.append(row)
+            if not rates:  # the offered rates are fractions of the batched server's saturation, for both modes
+                saturation = max(r["queries_per_s"] for r in runs)
+                rates = [f * saturation for f in settings.rates if f * saturation > 0]
+            for fraction, rate in zip(settings.rates, rates):
+                row = _measure(server, pool, bodies, settings, settings.open_connections, rate)
+                row = {"mode": mode, "max_batch": max_batch, "saturation_fraction": fraction, **row}
+                _log_row(row)
+                open_rows.append(row)
         finally:
             server.close()
+    pool.close()
     qps = {(r["mode"], r["concurrency"]): r["queries_per_s"] for r in runs}
     speedup = {
         str(c): qps[("batched", c)] / qps[("unbatched", c)] if qps[("unbatched", c)] else None
         for c in settings.concurrency
     }
+    every = runs + open_rows
     return {
         "benchmark": "serve",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "torch": torch.__version__},
+        "machine": {
+            "cpu": cpu_model(),
+            "cores": os.cpu_count(),
+            "torch": torch.__version__,
+            "load_average": list(os.getloadavg()),
+        },
         "settings": {**asdict(settings), "database_images": len(query_files)},
         "runs": runs,
+        "open_loop": open_rows,
         "speedup_batched_over_unbatched": speedup,
-        "errors": sum(r["errors"] for r in runs),
+        "goals": _goals(runs, open_rows, settings),
+        "errors": sum(r["errors"] for r in every),
+        "rejected_503": sum(r["rejected_503"] for r in every),
+        "client_limited_rows": sum(r["client_limited"] for r in every),
     }
 
 
+def _number(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
 def format_serve_report(result: dict[str, Any]) -> str:
-    """A plain-text table: one row per (mode, concurrency), then the throughput ratios."""
+    """Plain-text tables: closed-loop rows per (mode, concurrency), the open-loop curve, the ratios and goals."""
     s = result["settings"]
     lines = [
         f"raml serve on loopback: {s['database_images']} images indexed by {s['architecture']} "
         f"(D={s['whitening']}) at {s['database_size']} px, queries at {s['query_size']} px, k={s['k']}, "
-        f"{s['duration_s']:g} s per row after {s['warmup_s']:g} s warm-up; {result['machine']['cpu']}, "
-        f"{result['machine']['cores']} cores",
+        f"{s['duration_s']:g} s per row after {s['warmup_s']:g} s warm-up, {s['client_processes']} client "
+        f"processes; {result['machine']['cpu']}, {result['machine']['cores']} cores, load average "
+        + " ".join(f"{v:.1f}" for v in result["machine"]["load_average"]),
         "",
+        "closed loop (each client sends its next query when the last one is answered):",
         f"{'mode':<10} {'max_batch':>9} {'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'errors':>6} {'batch':>6}",
+        f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'lag p99':>8} {'limit':>6}",
     ]
-
-    def number(value: float | None, digits: int = 1) -> str:
-        return "-" if value is None else f"{value:.{digits}f}"
-
     for r in result["runs"]:
         lines.append(
-            f"{r['mode']:<10} {r['max_batch']:>9} {r['concurrency']:>7} {number(r['queries_per_s']):>8} "
-            f"{number(r['p50_ms']):>8} {number(r['p95_ms']):>8} {number(r['p99_ms']):>8} {r['errors']:>6} "
-            f"{number(r['mean_batch']):>6}"
+            f"{r['mode']:<10} {r['max_batch']:>9} {r['concurrency']:>7} {_number(r['queries_per_s']):>8} "
+            f"{_number(r['p50_ms']):>8} {_number(r['p95_ms']):>8} {_number(r['p99_ms']):>8} {r['errors']:>6} "
+            f"{r['rejected_503']:>5} {_number(r['mean_batch']):>6} {_number(r['server_total_p99_ms']):>8} "
+            f"{_number(r['client_lag_p99_ms']):>8} {'client' if r['client_limited'] else 'server':>6}"
         )
-    ratios = ", ".join(f"{c} clients {number(v, 2)}x" for c, v in result["speedup_batched_over_unbatched"].items())
+    if result["open_loop"]:
+        lines += [
+            "",
+            "open loop (Poisson arrivals at the offered rate; latency from the intended send time):",
+            f"{'offered/s':>9} {'x sat':>5} {'mode':<10} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
+            f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'lag p99':>8} {'limit':>6}",
+        ]
+        for r in result["open_loop"]:
+            lines.append(
+                f"{r['offered_per_s']:>9.1f} {r['saturation_fraction']:>5.2f} {r['mode']:<10} "
+                f"{_number(r['queries_per_s']):>8} {_number(r['p50_ms']):>8} {_number(r['p95_ms']):>8} "
+                f"{_number(r['p99_ms']):>8} {r['errors']:>6} {r['rejected_503']:>5} {_number(r['mean_batch']):>6} "
+                f"{_number(r['server_total_p99_ms']):>8} {_number(r['client_lag_p99_ms']):>8} "
+                f"{'client' if r['client_limited'] else 'server':>6}"
+            )
+    ratios = ", ".join(f"{c} clients {_number(v, 2)}x" for c, v in result["speedup_batched_over_unbatched"].items())
     lines += ["", f"batched / unbatched throughput: {ratios}"]
+    goals = result["goals"]
+    sat = goals["saturation_per_s"]
+    lines.append(
+        f"saturation (best closed-loop q/s): batched {sat['batched']:.1f}, unbatched {sat['unbatched']:.1f}, "
+        f"ratio {_number(goals['saturation_ratio'], 2)}x "
+        f"(goal >= 4x: {'met' if goals['saturation_ratio_met'] else 'missed'})"
+    )
+    if "at_80pct" in goals:
+        g = goals["at_80pct"]
+        lines.append(
+            f"open loop at 0.8x saturation: p99/p50 {g['p99_over_p50']:.2f}, {g['errors']} errors, "
+            f"{g['rejected_503']} 503s (goal p99 <= 3x p50, none refused: {'met' if g['met'] else 'missed'})"
+        )
+    if "at_2x" in goals:
+        g = goals["at_2x"]
+        lines.append(
+            f"open loop at 2x saturation: {g['rejected_503']} 503s ({g['rejected_without_retry_after']} without "
+            f"Retry-After), accepted p99 {_number(g['p99_ms'])} ms vs max-wait + 2 batch service times "
+            f"{_number(g['bound_ms'])} ms (goal: {'met' if g['met'] else 'missed'})"
+        )
+    limited = [r for r in result["runs"] + result["open_loop"] if r["client_limited"]]
+    for r in limited:
+        what = f"{r['concurrency']} clients" if r["loop"] == "closed" else f"{r['offered_per_s']:.1f}/s"
+        lines.append(f"CLIENT-LIMITED row ({r['mode']}, {what}): " + "; ".join(r["client_limited_because"]))
     return "\n".join(lines)
 
 
+def plot_serve_curve(result: dict[str, Any], path: Path) -> None:
+    """PNG: achieved q/s, p50/p99 latency and the share refused with 503 against the offered rate, per mode."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for mode, colour in (("batched", "tab:blue"), ("unbatched", "tab:orange")):
+        rows = sorted((r for r in result["open_loop"] if r["mode"] == mode), key=lambda r: r["offered_per_s"])
+        if not rows:
+            continue
+        offered = [r["offered_per_s"] for r in rows]
+        axes[0].plot(offered, [r["queries_per_s"] for r in rows], "o-", color=colour, label=mode)
+        axes[1].plot(offered, [r["p50_ms"] or float("nan") for r in rows], "o--", color=colour, label=f"{mode} p50")
+        axes[1].plot(offered, [r["p99_ms"] or float("nan") for r in rows], "o-", color=colour, label=f"{mode} p99")
+        share = [r["rejected_503"] / max(1, r["sent_per_s"] * r["seconds"]) for r in rows]
+        axes[2].plot(offered, share, "o-", color=colour, label=mode)
+    top = max((r["offered_per_s"] for r in result["open_loop"]), default=1.0)
+    axes[0].plot([0, top], [0, top], ":", color="grey", label="achieved = offered")
+    axes[0].set(xlabel="offered queries/s (Poisson)", ylabel="answered queries/s (200)", title="throughput")
+    axes[1].set(xlabel="offered queries/s", ylabel="ms from the intended send", title="latency", yscale="log")
+    axes[2].set(xlabel="offered queries/s", ylabel="share answered 503", title="shed", ylim=(0, 1))
+    for ax in axes:
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"raml serve, open loop, {result['date']} (load average {result['machine']['load_average'][0]:.1f})")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """CLI entry: ``raml bench serve [--duration S] [--concurrency 1,8,32] [--json PATH]``."""
+    """CLI entry: ``raml bench serve [--duration S] [--concurrency 1,8,32] [--rates 0.5,1,2] [--json P] [--plot P]``."""
     from raml.entry import positive_int, setup_logging
 
     defaults = ServeBenchSettings()
     parser = argparse.ArgumentParser(
         prog="raml bench serve",
-        description="Queries/s and p50/p95/p99 latency of raml serve on loopback at several client concurrencies, "
-        "with micro-batching and with --max-batch 1, on a demo-sized synthetic index.",
+        description="The load curve of raml serve on loopback (closed loop at several client concurrencies, open "
+        "loop at offered rates): queries/s, p50/p95/p99, errors, 503s, mean batch, with micro-batching and with "
+        "--max-batch 1, on a demo-sized synthetic index; the client runs in separate processes and each row says "
+        "whether it, not the server, was the limit.",
     )
 
     def concurrency_list(value: str) -> tuple[int, ...]:
@@ -278,6 +416,17 @@ def main(argv: list[str] | None = None) -> int:
         if not levels or min(levels) < 1:
             raise argparse.ArgumentTypeError(f"expected positive integers such as 1,8,32, got {value!r}")
         return levels
+
+    def rate_list(value: str) -> tuple[float, ...]:
+        if value.strip().lower() == "none":
+            return ()
+        try:
+            rates = tuple(float(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            rates = ()
+        if not rates or not all(r > 0 for r in rates):
+            raise argparse.ArgumentTypeError(f"expected positive numbers such as 0.5,1,2 (or none), got {value!r}")
+        return rates
 
     parser.add_argument("--work-dir", type=Path, default=Path("bench-serve"), help="data, index, server logs")
     parser.add_argument(
@@ -293,7 +442,25 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--whitening", type=positive_int, default=defaults.whitening, help="embedding dimension")
     parser.add_argument("--query-size", type=positive_int, default=defaults.query_size, help="QR (32)")
     parser.add_argument("--database-size", type=positive_int, default=defaults.database_size, help="DR (64)")
+    parser.add_argument(
+        "--rates",
+        type=rate_list,
+        default=defaults.rates,
+        help="open-loop offered rates as multiples of the batched saturation rate (default 0.25,0.5,0.8,1,1.5,2; "
+        "'none' for closed loop only)",
+    )
+    parser.add_argument(
+        "--open-connections",
+        type=positive_int,
+        default=defaults.open_connections,
+        help="open loop: the most requests in flight (256; above --queue-size + --max-batch, or nothing is shed)",
+    )
+    parser.add_argument(
+        "--client-processes", type=positive_int, default=defaults.client_processes, help="client processes (2)"
+    )
+    parser.add_argument("--queue-size", type=positive_int, default=defaults.queue_size, help="server's queue (64)")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
+    parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot the open-loop curve as a PNG")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
@@ -312,9 +479,15 @@ def main(argv: list[str] | None = None) -> int:
         whitening=args.whitening,
         database_size=args.database_size,
         query_size=args.query_size,
+        rates=args.rates,
+        open_connections=args.open_connections,
+        client_processes=args.client_processes,
+        queue_size=args.queue_size,
     )
     result = run_serve_benchmark(args.work_dir, settings)
     print(format_serve_report(result))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
+    if args.plot is not None:
+        plot_serve_curve(result, args.plot)
     return 0

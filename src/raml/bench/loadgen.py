@@ -1,0 +1,395 @@
+"""HTTP load generator for ``raml bench serve``: client processes with blocking connections, closed or open loop.
+
+Why not one asyncio client: a single event loop in the benchmark's process shares its core with JSON parsing,
+TLS-free socket work and every other coroutine, so under load requests wait *inside the client* before their
+headers are sent, and the benchmark reports the client's queue as the server's latency (issue 20). Here:
+
+- ``processes`` worker processes (``multiprocessing``, spawn), each with ``threads`` threads, each thread with
+  its own blocking ``http.client.HTTPConnection`` (keep-alive);
+- **closed loop** (:func:`run_load` with ``rate=None``): every thread sends one request after the other; the
+  latency of a request is measured from its send to its answer;
+- **open loop** (``rate`` in requests/s): arrivals follow a Poisson process at the offered rate (exponential
+  gaps, seeded). A dispatcher thread per process hands each arrival to a free connection at its *intended* time,
+  and the latency is measured from that intended time, so a request that waited for a free connection because
+  the server was slow is charged that wait (no coordinated omission);
+- the client's own lag: in the open loop, how late the dispatcher handed an arrival over (intended -> handed);
+  in the closed loop, the gap between an answer and the next send on the same connection. ``pool wait``
+  (handed -> sent) is the time an arrival waited for a free connection: it grows when the server holds all
+  ``processes * threads`` connections, which is the server's doing, not the client's;
+- each answer's ``timings_ms`` (the server's own account: ``total`` from the handler's start to the answer,
+  ``embed`` the batch's forward pass) is kept, so the time spent outside the server's handler is known.
+
+A row is **client-limited** (:func:`summarise`) when a client process used more than ``CPU_LIMIT`` of a core, or
+when the client's lag p99 exceeds ``LAG_SHARE`` of the latency p99 (and ``LAG_FLOOR_MS``): then the row
+describes the client, not the server.
+
+Records: one tuple per request, ``(intended, handed, sent, done, status, server_total_ms, server_embed_ms,
+batch_size, retry_after, lag)`` with times in s on the system-wide ``time.monotonic`` clock (the same in every
+process on Linux), ``status`` 0 for a failed connection or a time-out, ``retry_after`` whether a 503 carried
+``Retry-After``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import http.client
+import json
+import logging
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import urlsplit
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "ClientPool",
+    "CPU_LIMIT",
+    "LAG_FLOOR_MS",
+    "LAG_SHARE",
+    "LoadResult",
+    "poisson_schedule",
+    "run_load",
+    "summarise",
+]
+
+#: a client process above this share of one core may itself be the bottleneck
+CPU_LIMIT = 0.8
+#: the client's lag p99 may be at most this share of the latency p99 (issue 20's client: 2.2 s of a 2.4 s p99) ...
+LAG_SHARE = 0.25
+#: ... unless it is below this many ms (timer and scheduler granularity on a busy 2-core machine)
+LAG_FLOOR_MS = 20.0
+
+_READY_TIMEOUT_S = 120.0
+
+Record = tuple[float, float, float, float, int, float, float, float, bool, float]
+
+
+@dataclass(frozen=True)
+class _Job:
+    host: str
+    port: int
+    target: str
+    bodies: tuple[bytes, ...]
+    threads: int
+    start_offset: int
+    timeout_s: float
+    schedule: tuple[float, ...] | None  # open loop: intended send times of this worker, s after t0
+    stop_after_s: float  # closed loop: send no request after t0 + this
+
+
+@dataclass
+class LoadResult:
+    """What :func:`run_load` measured: the raw records, the window, and the client processes' CPU use."""
+
+    records: list[Record]
+    window: tuple[float, float]  # (start, end) on time.monotonic
+    cpu_share: list[float]  # per client process: CPU s / wall s while it sent
+    rate: float | None  # offered requests/s (open loop), None for the closed loop
+    concurrency: int  # connections in all
+    probes: tuple[Any, Any]  # what ``probe`` returned at the window's start and end
+
+
+def poisson_schedule(rate: float, seconds: float, seed: int) -> np.ndarray:
+    """Arrival times in ``[0, seconds)`` of a Poisson process of ``rate`` per s (exponential gaps)."""
+    if not rate > 0:
+        raise ValueError(f"The offered rate must be positive (requests/s), got {rate!r}.")
+    rng = np.random.default_rng(seed)
+    expected = int(rate * seconds)
+    gaps = rng.exponential(1.0 / rate, size=expected + 10 * int(np.sqrt(expected) + 10))
+    times = np.cumsum(gaps)
+    while times[-1] < seconds:  # astronomically rare; keeps the schedule exact
+        times = np.concatenate([times, times[-1] + np.cumsum(rng.exponential(1.0 / rate, size=expected + 10))])
+    return times[times < seconds]
+
+
+def _send(conn: http.client.HTTPConnection, target: str, body: bytes) -> tuple[int, float, float, float, bool]:
+    """One POST; (status, server total ms, server embed ms, batch size, Retry-After present). Raises on a failed
+    connection."""
+    conn.request("POST", target, body=body, headers={"Content-Type": "image/jpeg"})
+    response = conn.getresponse()
+    data = response.read()
+    total = embed = batch = float("nan")
+    if response.status == 200:
+        answer = json.loads(data)
+        timings = answer.get("timings_ms", {})
+        total, embed = float(timings.get("total", "nan")), float(timings.get("embed", "nan"))
+        batch = float(answer.get("batch_size", "nan"))
+    return response.status, total, embed, batch, response.getheader("Retry-After") is not None
+
+
+def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None:
+    """One client process: connect ``job.threads`` connections, wait for t0, send, put (index, records, cpu)."""
+    records: list[Record] = []
+    lock = threading.Lock()
+    conns = [http.client.HTTPConnection(job.host, job.port, timeout=job.timeout_s) for _ in range(job.threads)]
+    for conn in conns:
+        conn.connect()
+    ready.put(index)
+    t0 = start.get(timeout=_READY_TIMEOUT_S)
+    arrivals: queue.Queue = queue.Queue()
+
+    def request(conn: http.client.HTTPConnection, i: int) -> tuple[int, float, float, float, bool]:
+        try:
+            return _send(conn, job.target, job.bodies[i % len(job.bodies)])
+        except (OSError, http.client.HTTPException):
+            conn.close()  # reconnects on the next request
+            return 0, float("nan"), float("nan"), float("nan"), False
+
+    def closed(t: int) -> None:
+        conn, i = conns[t], job.start_offset + t
+        stop = t0 + job.stop_after_s
+        while time.monotonic() < t0:
+            time.sleep(min(0.01, max(0.0, t0 - time.monotonic())))
+        previous = time.monotonic()
+        while (sent := time.monotonic()) < stop:
+            status, total, embed, batch, retry = request(conn, i)
+            done = time.monotonic()
+            with lock:
+                records.append((sent, sent, sent, done, status, total, embed, batch, retry, sent - previous))
+            previous, i = done, i + job.threads
+
+    def open_(t: int) -> None:
+        conn = conns[t]
+        while (item := arrivals.get()) is not None:
+            intended, handed, i = item
+            sent = time.monotonic()
+            status, total, embed, batch, retry = request(conn, i)
+            done = time.monotonic()
+            with lock:
+                records.append((intended, handed, sent, done, status, total, embed, batch, retry, handed - intended))
+
+    threads = [
+        threading.Thread(target=open_ if job.schedule is not None else closed, args=(t,), daemon=True)
+        for t in range(job.threads)
+    ]
+    cpu0, wall0 = time.process_time(), time.monotonic()
+    for thread in threads:
+        thread.start()
+    if job.schedule is not None:
+        for n, offset in enumerate(job.schedule):
+            intended = t0 + offset
+            while (now := time.monotonic()) < intended:
+                time.sleep(intended - now)
+            arrivals.put((intended, time.monotonic(), job.start_offset + n))
+        for _ in threads:
+            arrivals.put(None)
+    for thread in threads:
+        thread.join(timeout=job.stop_after_s + 2 * job.timeout_s + 10)
+    cpu_share = (time.process_time() - cpu0) / max(1e-9, time.monotonic() - max(wall0, t0))
+    for conn in conns:
+        conn.close()
+    with lock:
+        results.put((index, list(records), cpu_share))
+
+
+def _worker_loop(index: int, bodies: tuple[bytes, ...], jobs: Any, ready: Any, start: Any, results: Any) -> None:
+    """A client process of a :class:`ClientPool`: runs one job after the other until it receives None."""
+    while (job := jobs.get()) is not None:
+        _worker(dataclasses.replace(job, bodies=bodies), index, ready, start, results)
+
+
+class ClientPool:
+    """``processes`` client processes, started once and reused for every row (a spawn costs seconds on a busy
+    machine). Use as a context manager; :func:`run_load` takes it as ``pool``."""
+
+    def __init__(self, processes: int, bodies: Sequence[bytes]):
+        if processes < 1:
+            raise ValueError(f"processes must be >= 1, got {processes}.")
+        if not bodies:
+            raise ValueError("No request bodies to send.")
+        context = multiprocessing.get_context("spawn")  # never fork a parent that holds torch's threads
+        self.ready, self.results = context.Queue(), context.Queue()
+        self.jobs = [context.Queue() for _ in range(processes)]
+        self.starts = [context.Queue() for _ in range(processes)]
+        self.workers = [
+            context.Process(
+                target=_worker_loop,
+                args=(p, tuple(bodies), self.jobs[p], self.ready, self.starts[p], self.results),
+                daemon=True,
+            )
+            for p in range(processes)
+        ]
+        for worker in self.workers:
+            worker.start()
+
+    def close(self) -> None:
+        """Stop the processes (those that do not stop within 30 s are terminated)."""
+        for jobs in self.jobs:
+            jobs.put(None)
+        for worker in self.workers:
+            worker.join(timeout=30)
+            if worker.is_alive():
+                worker.terminate()
+                worker.join(timeout=10)
+
+    def __enter__(self) -> ClientPool:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def run_load(
+    url: str,
+    bodies: Sequence[bytes],
+    *,
+    k: int,
+    warmup_s: float,
+    duration_s: float,
+    concurrency: int,
+    rate: float | None = None,
+    processes: int = 2,
+    timeout_s: float = 30.0,
+    seed: int = 0,
+    probe: Callable[[], Any] | None = None,
+    pool: ClientPool | None = None,
+) -> LoadResult:
+    """Drive ``POST {url}/search?k=K`` for ``warmup_s + duration_s`` seconds from client processes.
+
+    Args:
+        url: the server, ``http://host:port``.
+        bodies: JPEG bodies, sent in turn (ignored when ``pool`` is given: the pool's bodies are sent).
+        k: results per query.
+        warmup_s: seconds before the measured window (requests sent then are not summarised).
+        duration_s: seconds of the measured window.
+        concurrency: connections in all (closed loop: clients; open loop: the most requests in flight).
+        rate: offered requests/s for the open loop; None for the closed loop.
+        processes: client processes (at most ``concurrency``); the connections are shared out among them.
+            Ignored when ``pool`` is given (its processes are used, at most ``concurrency`` of them).
+        timeout_s: per request; a request without an answer by then counts as failed (status 0).
+        seed: of the Poisson schedule.
+        probe: called at the window's start and end (e.g. to read the server's ``/metrics``).
+        pool: client processes to reuse; None starts (and stops) a pool for this call.
+
+    Returns:
+        The records of every request, the window and the client processes' CPU shares.
+    """
+    if pool is None:
+        with ClientPool(max(1, min(processes, concurrency)), bodies) as own:
+            return run_load(
+                url, bodies, k=k, warmup_s=warmup_s, duration_s=duration_s, concurrency=concurrency, rate=rate,
+                timeout_s=timeout_s, seed=seed, probe=probe, pool=own,
+            )  # fmt: skip
+    if concurrency < 1:
+        raise ValueError(f"concurrency must be >= 1, got {concurrency}.")
+    parts = urlsplit(url)
+    processes = min(len(pool.workers), concurrency)
+    threads = [concurrency // processes + (1 if p < concurrency % processes else 0) for p in range(processes)]
+    total_s = warmup_s + duration_s
+    schedules: list[tuple[float, ...] | None] = [None] * processes
+    if rate is not None:
+        arrivals = poisson_schedule(rate, total_s, seed)
+        schedules = [tuple(float(t) for t in arrivals[p::processes]) for p in range(processes)]
+    offset = 0
+    for p in range(processes):
+        job = _Job(
+            parts.hostname or "127.0.0.1",
+            int(parts.port or 80),
+            f"/search?k={int(k)}",
+            (),
+            threads[p],
+            offset,
+            timeout_s,
+            schedules[p],
+            total_s,
+        )
+        offset += threads[p]
+        pool.jobs[p].put(job)
+    for _ in range(processes):
+        pool.ready.get(timeout=_READY_TIMEOUT_S)
+    t0 = time.monotonic() + 0.05
+    for p in range(processes):
+        pool.starts[p].put(t0)
+    window = (t0 + warmup_s, t0 + total_s)
+    time.sleep(max(0.0, window[0] - time.monotonic()))
+    before = probe() if probe is not None else None
+    time.sleep(max(0.0, window[1] - time.monotonic()))
+    after = probe() if probe is not None else None
+    gathered = [pool.results.get(timeout=2 * timeout_s + 60) for _ in range(processes)]
+    gathered.sort(key=lambda item: item[0])
+    records = [record for _, part, _ in gathered for record in part]
+    return LoadResult(records, window, [share for _, _, share in gathered], rate, concurrency, (before, after))
+
+
+def _percentile(values: np.ndarray, q: float) -> float | None:
+    return float(np.percentile(values, q)) if values.size else None
+
+
+def summarise(result: LoadResult) -> dict[str, Any]:
+    """One row of the report from the records of requests *intended* within the window.
+
+    Fields: ``queries`` (200s answered within the window), ``queries_per_s`` (those / window), ``sent_per_s``,
+    ``offered_per_s``,
+    ``p50_ms``/``p95_ms``/``p99_ms`` (answered 200s, from the intended send: the send in the closed loop),
+    ``errors`` (failed connections and statuses other than 200 and 503), ``rejected_503``,
+    ``rejected_without_retry_after``, ``mean_batch`` (queries per forward pass, from each answer's ``batch_size``),
+    ``server_total_p50_ms``/``_p99_ms`` (the server's ``timings_ms.total``),
+    ``server_embed_p50_ms``, ``outside_server_p50_ms``/``_p99_ms`` (send -> answer minus the server's total),
+    ``client_lag_p50_ms``/``_p99_ms``/``_max_ms``, ``pool_wait_p99_ms``, ``client_cpu_max``,
+    ``client_limited`` and ``client_limited_because`` (the reasons, empty when the server was the limit).
+    """
+    start, end = result.window
+    seconds = end - start
+    # throughput: 200s *answered* within the window (a backlog answered after it is not throughput)
+    completed = sum(1 for r in result.records if r[4] == 200 and start <= r[3] < end)
+    rows = np.array(
+        [r[:8] + (float(r[8]), r[9]) for r in result.records if start <= r[0] < end], dtype=np.float64
+    ).reshape(-1, 10)
+    intended, handed, sent, done, status = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
+    ok = status == 200
+    latency = (done - intended)[ok] * 1000.0
+    server_total = rows[ok, 5]
+    outside = (done - sent)[ok] * 1000.0 - server_total
+    lag = rows[:, 9] * 1000.0
+    batch = rows[ok, 7]
+    batch = batch[np.isfinite(batch) & (batch >= 1)]
+    pool_wait = (sent - handed) * 1000.0
+    embed = rows[ok, 6]
+    row: dict[str, Any] = {
+        "loop": "closed" if result.rate is None else "open",
+        "offered_per_s": result.rate,
+        "concurrency": result.concurrency,
+        "queries": completed,
+        "seconds": seconds,
+        "queries_per_s": completed / seconds,
+        "sent_per_s": len(rows) / seconds,
+        "p50_ms": _percentile(latency, 50),
+        "p95_ms": _percentile(latency, 95),
+        "p99_ms": _percentile(latency, 99),
+        "errors": int(((status != 200) & (status != 503)).sum()),
+        "rejected_503": int((status == 503).sum()),
+        "rejected_without_retry_after": int(((status == 503) & (rows[:, 8] == 0)).sum()),
+        # a forward pass of b queries answers b requests, each saying b: passes = sum(1 / b)
+        "mean_batch": float(batch.size / np.sum(1.0 / batch)) if batch.size else None,
+        "server_total_p50_ms": _percentile(server_total[np.isfinite(server_total)], 50),
+        "server_total_p99_ms": _percentile(server_total[np.isfinite(server_total)], 99),
+        "server_embed_p50_ms": _percentile(embed[np.isfinite(embed)], 50),
+        "outside_server_p50_ms": _percentile(outside[np.isfinite(outside)], 50),
+        "outside_server_p99_ms": _percentile(outside[np.isfinite(outside)], 99),
+        "client_lag_p50_ms": _percentile(lag, 50),
+        "client_lag_p99_ms": _percentile(lag, 99),
+        "client_lag_max_ms": float(lag.max()) if lag.size else None,
+        "pool_wait_p99_ms": _percentile(pool_wait, 99),
+        "client_cpu_max": max(result.cpu_share) if result.cpu_share else None,
+    }
+    reasons = []
+    if row["client_cpu_max"] is not None and row["client_cpu_max"] > CPU_LIMIT:
+        reasons.append(f"a client process used {row['client_cpu_max']:.0%} of a core (limit {CPU_LIMIT:.0%})")
+    lag_p99, p99 = row["client_lag_p99_ms"], row["p99_ms"]
+    if lag_p99 is not None and lag_p99 > max(LAG_FLOOR_MS, LAG_SHARE * (p99 or 0.0)):
+        reasons.append(
+            f"the client's lag p99 {lag_p99:.1f} ms exceeds {LAG_SHARE:.0%} of the latency p99 "
+            f"({p99 or 0.0:.1f} ms) and {LAG_FLOOR_MS:g} ms"
+        )
+    if not len(rows):
+        reasons.append("no request was sent in the window")
+    row["client_limited"] = bool(reasons)
+    row["client_limited_because"] = reasons
+    return row

@@ -1,0 +1,156 @@
+"""The load generator of ``raml bench serve`` against a tiny stand-in server on loopback (no model, no torch)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, HTTPServer, ThreadingHTTPServer
+
+import numpy as np
+import pytest
+
+from raml.bench.loadgen import LoadResult, poisson_schedule, run_load, summarise
+
+SERVICE_S = 0.04
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """Answers every POST after ``SERVICE_S`` like ``/search``; every 4th body ``b"busy"`` gets a 503."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True  # headers and body go in two writes: avoid Nagle x delayed-ACK stalls of 40 ms
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        started = time.monotonic()
+        body = self.rfile.read(int(self.headers["Content-Length"]))
+        if body == b"busy":
+            self.send_response(503)
+            self.send_header("Retry-After", "1")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        time.sleep(SERVICE_S)
+        total_ms = 1000.0 * (time.monotonic() - started)
+        payload = json.dumps({"batch_size": 1, "timings_ms": {"total": total_ms, "embed": 1000.0 * SERVICE_S}}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def _serve(server_class):
+    server = server_class(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+@pytest.fixture
+def threaded_server():
+    server, url = _serve(ThreadingHTTPServer)
+    yield url
+    server.shutdown()
+    server.server_close()
+
+
+def test_poisson_schedule_has_the_offered_rate_and_exponential_gaps():
+    times = poisson_schedule(200.0, 50.0, seed=3)
+    assert np.all(np.diff(times) > 0) and times[0] >= 0 and times[-1] < 50.0
+    assert len(times) == pytest.approx(200.0 * 50.0, rel=0.05)  # 10,000 arrivals: sd 1 %
+    gaps = np.diff(times)
+    assert gaps.mean() == pytest.approx(1 / 200.0, rel=0.05)
+    assert np.mean(gaps > 1 / 200.0) == pytest.approx(np.exp(-1.0), abs=0.02)  # P(gap > mean) of an exponential
+    with pytest.raises(ValueError, match="positive"):
+        poisson_schedule(0.0, 1.0, seed=0)
+
+
+def test_open_loop_charges_the_wait_for_a_slow_server_from_the_intended_send_time():
+    """One connection, a server that takes 40 ms, 50 arrivals/s offered: requests queue at the client. The
+    latency must count from the intended time (the plain computation below), not from the late send."""
+    server, url = _serve(HTTPServer)  # one request at a time
+    try:
+        result = run_load(url, [b"img"], k=1, warmup_s=0.0, duration_s=1.0, concurrency=1, rate=50.0, processes=1)
+    finally:
+        server.shutdown()
+        server.server_close()
+    row = summarise(result)
+    start, end = result.window
+    inside = [r for r in result.records if start <= r[0] < end and r[4] == 200]
+    from_intended = [1000.0 * (r[3] - r[0]) for r in inside]
+    from_send = [1000.0 * (r[3] - r[2]) for r in inside]
+    assert len(inside) > 10 and row["errors"] == 0
+    assert row["queries"] == sum(r[4] == 200 and start <= r[3] < end for r in result.records)
+    assert row["p99_ms"] == pytest.approx(np.percentile(from_intended, 99))
+    assert row["p50_ms"] == pytest.approx(np.percentile(from_intended, 50))
+    # 50/s offered against at most 25/s served: the backlog grows, and the open loop shows it
+    assert row["p99_ms"] > 3 * np.percentile(from_send, 99)
+    assert row["pool_wait_p99_ms"] > 100.0  # the wait was for the one busy connection ...
+    assert row["client_lag_p99_ms"] < row["pool_wait_p99_ms"]  # ... not the dispatcher being late
+
+
+def test_closed_loop_row_counts_503s_apart_from_errors_and_checks_retry_after(threaded_server):
+    bodies = [b"busy", b"a", b"b", b"c"]
+    result = run_load(threaded_server, bodies, k=1, warmup_s=0.2, duration_s=0.8, concurrency=4, processes=2)
+    row = summarise(result)
+    start, end = result.window
+    inside = [r for r in result.records if start <= r[0] < end]
+    assert row["loop"] == "closed" and row["offered_per_s"] is None
+    # each of the 4 connections sends one body in turn: connection 0 only "busy"
+    assert row["rejected_503"] == sum(r[4] == 503 for r in inside) > 0
+    assert row["rejected_without_retry_after"] == 0 and row["errors"] == 0
+    assert row["queries"] == sum(r[4] == 200 and start <= r[3] < end for r in result.records)
+    assert row["queries_per_s"] == pytest.approx(row["queries"] / (end - start)) and row["mean_batch"] == 1.0
+    # the server's own total is about SERVICE_S; the time outside it is small on loopback
+    assert row["server_total_p50_ms"] == pytest.approx(1000.0 * SERVICE_S, abs=15.0)
+    assert row["outside_server_p50_ms"] < row["server_total_p50_ms"]
+
+
+def test_small_open_loop_run_is_not_client_limited(threaded_server):
+    """The benchmark's own check: at a modest rate the client keeps its schedule and stays well under a core."""
+    result = run_load(threaded_server, [b"x"], k=1, warmup_s=0.3, duration_s=1.5, concurrency=8, rate=40.0)
+    row = summarise(result)
+    assert row["errors"] == 0 and row["queries"] > 20
+    assert row["sent_per_s"] == pytest.approx(40.0, rel=0.5)
+    assert not row["client_limited"], row["client_limited_because"]
+
+
+def _records(lags_ms: list[float], latency_ms: float) -> list:
+    t = [1.0 + i / 100 for i in range(len(lags_ms))]
+    return [
+        (t[i], t[i], t[i], t[i] + latency_ms / 1000, 200, 1.0, 1.0, 1.0, False, lag / 1000.0)
+        for i, lag in enumerate(lags_ms)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lags_ms", "latency_ms", "cpu", "limited"),
+    [
+        ([0.1] * 100, 50.0, [0.2], False),  # no lag, idle client
+        ([0.1] * 90 + [60.0] * 10, 100.0, [0.2], True),  # lag p99 60 ms > 25 % of 100 ms
+        ([0.1] * 90 + [15.0] * 10, 20.0, [0.2], False),  # lag above 25 % but below the 20 ms floor
+        ([0.1] * 90 + [150.0] * 10, 2400.0, [0.2], False),  # lag above the floor but 6 % of the p99
+        ([0.1] * 100, 50.0, [0.3, 0.95], True),  # a client process at 95 % of a core
+    ],
+)
+def test_client_limited_verdict(lags_ms, latency_ms, cpu, limited):
+    result = LoadResult(_records(lags_ms, latency_ms), (0.0, 10.0), cpu, 10.0, 1, (None, None))
+    row = summarise(result)
+    assert row["client_lag_p99_ms"] == pytest.approx(np.percentile(lags_ms, 99))
+    assert row["client_limited"] is limited and bool(row["client_limited_because"]) is limited
+
+
+def test_mean_batch_counts_forward_passes_from_the_answers_batch_sizes():
+    """Two passes of 4 (8 answers saying 4), one of 2, one of 1: 11 queries in 4 passes; 503s and errors don't count."""
+    sizes = [4] * 8 + [2] * 2 + [1]
+    records = [(1.0, 1.0, 1.0, 1.01, 200, 1.0, 1.0, float(b), False, 0.0) for b in sizes]
+    records += [(1.0, 1.0, 1.0, 1.01, 503, float("nan"), float("nan"), float("nan"), True, 0.0)]
+    row = summarise(LoadResult(records, (0.0, 2.0), [0.1], None, 4, (None, None)))
+    passes = 8 / 4 + 2 / 2 + 1 / 1
+    assert row["mean_batch"] == pytest.approx(len(sizes) / passes) == pytest.approx(11 / 4)
+    assert row["rejected_503"] == 1 and row["errors"] == 0 and row["queries"] == 11

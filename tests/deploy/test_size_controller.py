@@ -1,0 +1,114 @@
+"""The adaptive query-size controller as a pure function of measured load (issue 20, item 6): table-driven."""
+
+from __future__ import annotations
+
+import pytest
+
+from raml.deploy.service.size_controller import (
+    ControllerSettings,
+    SizeLoad,
+    choose_size,
+    predict_latency_ms,
+    smooth,
+)
+
+SIZES = (24, 32, 48)
+TARGET = 100.0
+SETTINGS = ControllerSettings(target_ms=TARGET, sizes=SIZES, up_fraction=0.7)
+#: batch service times measured at every size (ms)
+MEASURED = {24: 10.0, 32: 20.0, 48: 40.0}
+
+
+@pytest.mark.parametrize(
+    ("case", "current", "queue_ms", "pinned", "expected"),
+    [
+        # predicted(s) = queue * service[s] / service[current] + service[s]; target 100 ms; up needs <= 70 ms
+        ("idle: largest stays", 48, 0.0, None, 48),
+        ("48 at 50+40=90: stays", 48, 50.0, None, 48),
+        ("48 at 70+40=110: one step to 32 (35+20=55)", 48, 70.0, None, 32),
+        ("48 at 240, 32 at 100+20=120: two steps to 24 (50+10=60)", 48, 200.0, None, 24),
+        ("every size over target (24: 125+10): the smallest", 48, 500.0, None, 24),
+        ("24 at 210: nothing smaller, stays", 24, 200.0, None, 24),
+        ("load falls: 24 -> 32 when 32 predicted <= 70 (40+20=60)", 24, 20.0, None, 32),
+        ("step up is one size at a time (idle: 48 fits, still 32)", 24, 0.0, None, 32),
+        ("hysteresis: 32 predicted 60+20=80 (within target, > 70): 24 stays", 24, 30.0, None, 24),
+        ("hysteresis: 48 predicted 40+40=80 at 32: stays at 32", 32, 20.0, None, 32),
+        ("... and 48 in use at that load (40+40=80 <= 100) stays at 48", 48, 40.0, None, 48),
+        ("load falls further: 32 -> 48 (20+40=60)", 32, 10.0, None, 48),
+        ("pinned 48 under overload is honoured", 32, 500.0, 48, 48),
+        ("pinned 24 when idle is honoured", 48, 0.0, 24, 24),
+    ],
+)
+def test_choose_size(case, current, queue_ms, pinned, expected):
+    load = SizeLoad(queue_delay_ms=queue_ms, service_ms=MEASURED)
+    assert choose_size(current, load, SETTINGS, pinned=pinned) == expected, case
+
+
+def test_no_flapping_when_the_queue_delay_follows_the_size_served():
+    """A steady offered load whose queue delay scales with the batch service time of the size in use
+    (``queue = f * service[size]``): stepping down shortens the queue, which, without hysteresis, would invite a
+    step back up at once. Iterated at every load, the controller settles within
+    two moves and never oscillates."""
+    for tenths in range(0, 60):
+        f = tenths / 10
+        for start in SIZES:
+            path = [start]
+            for _ in range(10):
+                load = SizeLoad(queue_delay_ms=f * MEASURED[path[-1]], service_ms=MEASURED)
+                path.append(choose_size(path[-1], load, SETTINGS))
+            assert len(set(path[3:])) == 1, (f, path)
+            # at most one correction: the prediction for a smaller size keeps today's queue, so a step down may
+            # overshoot by a size and come back once
+            assert sum(b != a for a, b in zip(path, path[1:])) <= 2, (f, path)
+
+
+@pytest.mark.parametrize(
+    ("service", "size", "current", "expected"),
+    [
+        ({24: 10.0, 32: 20.0, 48: 40.0}, 48, None, 5.0 + 40.0),  # measured
+        ({24: 10.0, 32: 20.0, 48: 40.0}, 48, 48, 5.0 + 40.0),  # the size in use: no scaling
+        ({24: 10.0, 32: 20.0, 48: 40.0}, 48, 24, 5.0 * 40.0 / 10.0 + 40.0),  # queue measured at 24, scaled
+        ({24: 10.0}, 48, None, 5.0 + 10.0 * 4.0),  # unmeasured: nearest (24) x (48/24)^2
+        ({24: 10.0}, 48, 24, 5.0 * 4.0 + 10.0 * 4.0),
+        ({24: 10.0, 48: 40.0}, 32, None, 5.0 + 10.0 * (32 / 24) ** 2),  # nearest of 24 (8 away) and 48 (16 away)
+        ({}, 32, 24, 5.0),  # nothing measured yet: the queue delay alone
+    ],
+)
+def test_predicted_latency(service, size, current, expected):
+    assert predict_latency_ms(size, SizeLoad(5.0, service), current) == pytest.approx(expected)
+
+
+def test_an_unmeasured_larger_size_is_predicted_from_the_pixel_count_before_stepping_up():
+    # only 24 measured (10 ms); 32 is predicted at 10 * (32/24)^2 = 17.8 ms, its queue scaled by the same 1.78:
+    # (29 + 10) * 1.78 = 69.3 <= 70 steps up, (30 + 10) * 1.78 = 71.1 does not
+    assert choose_size(24, SizeLoad(29.0, {24: 10.0}), SETTINGS) == 32
+    assert choose_size(24, SizeLoad(30.0, {24: 10.0}), SETTINGS) == 24
+
+
+def test_smooth_is_an_exponentially_weighted_moving_average():
+    load = SizeLoad()
+    expected_queue, expected_32 = 0.0, None
+    for queue, service in [(10.0, 20.0), (30.0, 24.0), (0.0, 18.0)]:
+        load = smooth(load, queue_delay_ms=queue, size=32, service_ms=service, alpha=0.25)
+        expected_queue = 0.75 * expected_queue + 0.25 * queue
+        expected_32 = service if expected_32 is None else 0.75 * expected_32 + 0.25 * service
+    assert load.queue_delay_ms == pytest.approx(expected_queue)
+    assert load.service_ms == {32: pytest.approx(expected_32)}
+    assert smooth(load, size=24, service_ms=7.0).service_ms[24] == 7.0  # first sample of a size: as it is
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda: ControllerSettings(0.0, SIZES), "target must be positive"),
+        (lambda: ControllerSettings(100.0, (32, 24)), "increasing order"),
+        (lambda: ControllerSettings(100.0, SIZES, up_fraction=1.0), "hysteresis"),
+        (lambda: choose_size(40, SizeLoad(), SETTINGS), "current size 40 is not a trained size"),
+        (lambda: choose_size(32, SizeLoad(), SETTINGS, pinned=64), "pinned size 64 is not a trained size"),
+        (lambda: smooth(SizeLoad(), size=32), "together"),
+        (lambda: smooth(SizeLoad(), queue_delay_ms=1.0, alpha=0.0), "alpha"),
+    ],
+)
+def test_bad_arguments_say_what_was_expected(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
