@@ -46,6 +46,7 @@ __all__ = [
     "is_shards_folder",
     "plan_shards",
     "remove_shard_folders",
+    "write_shard",
 ]
 
 DEFAULT_SHARD_SIZE = 4096
@@ -149,21 +150,7 @@ class ShardPlan:
     def write(self, i: int, rows: np.ndarray) -> None:
         """Write shard ``i``: its rows, then (the commit of the shard) its record with their SHA-256."""
         start, stop = self.bounds(i)
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[0] != stop - start:
-            raise ValueError(f"shard {i} needs {stop - start} rows (paths {start}..{stop - 1}), got shape {rows.shape}")
-        rows_file, record_file = self._files(i)
-        atomic_numpy_save(rows, rows_file)
-        record = {
-            "shard": i,
-            "start": start,
-            "stop": stop,
-            "rows": int(rows.shape[0]),
-            "dim": int(rows.shape[1]),
-            "sha256": file_sha256(rows_file),
-            "paths": self.paths[start:stop],
-        }
-        atomic_write_text(record_file, json.dumps(record) + "\n")
+        write_shard(self.directory, i, start, self.paths[start:stop], rows)
 
     def read(self, i: int) -> np.ndarray:
         """The rows of shard ``i``, checked against the recorded SHA-256.
@@ -188,6 +175,29 @@ class ShardPlan:
         """``(start row, rows)`` of every shard in order, one shard in memory at a time."""
         for i in range(self.num_shards):
             yield self.bounds(i)[0], self.read(i)
+
+
+def write_shard(directory: Path, i: int, start: int, paths: list[str], rows: np.ndarray) -> None:
+    """Write shard ``i`` (rows ``start .. start + len(paths) - 1`` of its job) into the work folder ``directory``:
+    the rows, then (the commit of the shard) its record with their SHA-256. A worker of a distributed engine
+    calls this with its shard's paths only; rewriting a shard (a retried task) replaces it atomically."""
+    rows = np.ascontiguousarray(rows, dtype=np.float32)
+    if rows.ndim != 2 or rows.shape[0] != len(paths):
+        raise ValueError(
+            f"shard {i} needs {len(paths)} rows (paths {start}..{start + len(paths) - 1}), got shape {rows.shape}"
+        )
+    rows_file, record_file = directory / f"shard-{i:06d}.npy", directory / f"shard-{i:06d}.json"
+    atomic_numpy_save(rows, rows_file)
+    record = {
+        "shard": i,
+        "start": start,
+        "stop": start + len(paths),
+        "rows": int(rows.shape[0]),
+        "dim": int(rows.shape[1]),
+        "sha256": file_sha256(rows_file),
+        "paths": list(paths),
+    }
+    atomic_write_text(record_file, json.dumps(record) + "\n")
 
 
 def plan_shards(
