@@ -69,9 +69,9 @@ __all__ = ["ShardEngine", "index_images", "local_engine"]
 _NO_LABEL = -1
 _CHUNK_ROWS = 65536  # rows copied / added to faiss per step when assembling a generation
 
-ShardEngine = Callable[[ShardPlan], None]
-"""Fills every missing or damaged shard of a plan (the single-process default: :func:`local_engine`; the Ray
-engine: :func:`raml.deploy.ray_engine.ray_engine`)."""
+ShardEngine = Callable[[ShardPlan], "dict[str, Any] | None"]
+"""Fills every missing or damaged shard of a plan and may return figures about the run (the single-process
+default: :func:`local_engine`; the Ray engine: :func:`raml.deploy.ray_engine.ray_engine`)."""
 
 
 def local_engine(
@@ -85,14 +85,15 @@ def local_engine(
     """The single-process engine: shard after shard through :func:`raml.deploy.embed.embed_images` (several
     CUDA devices split each shard)."""
 
-    def run(plan: ShardPlan) -> None:
+    def run(plan: ShardPlan) -> dict[str, Any]:
         todo = len(plan.missing())
         with tqdm(total=todo, desc=f"index@{image_size}", unit="shard", disable=not progress) as bar:
-            embed_missing_shards(
+            computed = embed_missing_shards(
                 plan,
                 lambda paths: embed_images(network, paths, image_size, list(devices), batch_size, workers, False),
                 progress=lambda done, total: bar.update(1),
             )
+        return {"engine": "local", "shards": plan.num_shards, "shards_computed": computed}
 
     return run
 
@@ -280,13 +281,15 @@ def index_images(
             (params or IndexParams()).resolve(live_after, dim)  # infeasible parameters fail before embedding
 
         plan = None
+        engine_report: dict[str, Any] = {}
         if work_paths:
             work_stamps = file_stamps(work_paths, content_hash=hash_images)
             for image_id, stamp in zip(work_ids, work_stamps):
                 stamps_now[image_id] = stamp
             plan = plan_shards(index_dir, work_paths, work_stamps, network_sha256, image_size, shard_size)
             run_engine = engine or local_engine(network, image_size, devices, batch_size, workers, progress)
-            run_engine(plan)
+            figures = run_engine(plan)
+            engine_report = dict(figures) if isinstance(figures, dict) else {}
             missing = plan.missing()
             if missing:
                 raise RuntimeError(f"The extraction engine left {len(missing)} shard(s) of {plan.directory} unwritten.")
@@ -387,7 +390,7 @@ def index_images(
             meta["count"],
             meta["index_type"],
         )
-        return _summary(index_dir, meta, added, skipped, reembedded, len(removed_ids), not_found)
+        return {**_summary(index_dir, meta, added, skipped, reembedded, len(removed_ids), not_found), **engine_report}
 
 
 def _compare_stamp(path: str, old: str, hash_images: bool) -> tuple[bool, str]:
@@ -406,6 +409,35 @@ def _compare_stamp(path: str, old: str, hash_images: bool) -> tuple[bool, str]:
     return stamp != old, stamp
 
 
+class _RowsFile:
+    """An ``(N, D)`` float32 ``.npy`` file read and written a chunk at a time through short-lived memory maps:
+    mapped pages count towards a process's resident memory only while mapped, so peak memory stays one chunk
+    (a long-lived map of the whole file would end up resident, ``N x D`` floats)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int] | None = None) -> None:
+        self.path = path
+        if shape is not None:
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()  # zeros: tombstones
+        header = np.load(path, mmap_mode="r")
+        self.shape: tuple[int, int] = (int(header.shape[0]), int(header.shape[1]))
+        del header
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(mapped[rows], dtype=np.float32)
+        finally:
+            del mapped
+
+    def write(self, rows: Any, values: np.ndarray) -> None:
+        mapped = np.load(self.path, mmap_mode="r+")
+        try:
+            mapped[rows] = values
+            mapped.flush()
+        finally:
+            del mapped
+
+
 def _assemble_embeddings(
     target: Path,
     num_ids: int,
@@ -414,25 +446,25 @@ def _assemble_embeddings(
     removed_ids: list[int],
     plan: ShardPlan | None,
     work_ids: list[int],
-) -> np.ndarray:
+) -> _RowsFile:
     """Write the next generation's ``(num_ids, dim)`` embeddings to ``target`` (a .npy file) chunk by chunk:
-    kept rows of ``existing``, zero tombstones, the shards' rows at their ids; return it memory-mapped."""
-    rows = np.lib.format.open_memmap(target, mode="w+", dtype=np.float32, shape=(num_ids, dim))
+    kept rows of ``existing``, zero tombstones, the shards' rows at their ids."""
+    rows = _RowsFile(target, (num_ids, dim))
     if existing is not None:
+        old = _RowsFile(existing.directory / existing.meta["files"]["embeddings"])
         for start in range(0, len(existing), _CHUNK_ROWS):
             stop = min(start + _CHUNK_ROWS, len(existing))
-            rows[start:stop] = existing.embeddings[start:stop]
-        for image_id in removed_ids:
-            rows[image_id] = 0.0
+            chunk = old[start:stop]
+            chunk[np.isin(np.arange(start, stop), removed_ids)] = 0.0
+            rows.write(slice(start, stop), chunk)
     if plan is not None:
         ids = np.asarray(work_ids, dtype=np.int64)
         for start, shard in plan.iter_rows():
-            rows[ids[start : start + shard.shape[0]]] = shard
-    rows.flush()
+            rows.write(ids[start : start + shard.shape[0]], shard)
     return rows
 
 
-def _build_index(rows: np.ndarray, live_ids: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
+def _build_index(rows: _RowsFile, live_ids: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
     """A new faiss index of the live rows: trained on a sample, filled a chunk at a time."""
     resolved = params.resolve(len(live_ids), rows.shape[1])
     index = empty_faiss_index(resolved, rows.shape[1])
@@ -444,7 +476,7 @@ def _build_index(rows: np.ndarray, live_ids: np.ndarray, params: IndexParams) ->
     return index, resolved
 
 
-def _add_rows(index: Any, rows: np.ndarray, ids: np.ndarray) -> None:
+def _add_rows(index: Any, rows: _RowsFile, ids: np.ndarray) -> None:
     for start in range(0, len(ids), _CHUNK_ROWS):
         chunk = ids[start : start + _CHUNK_ROWS]
         add_with_ids(index, rows[chunk], chunk)
@@ -452,7 +484,7 @@ def _add_rows(index: Any, rows: np.ndarray, ids: np.ndarray) -> None:
 
 def _update_index(
     existing: DatabaseIndex,
-    rows: np.ndarray,
+    rows: _RowsFile,
     live_ids: np.ndarray,
     removed_ids: list[int],
     work_ids: list[int],

@@ -101,6 +101,8 @@ class _ShardEmbedder:
         self.batch_size = batch_size
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        import resource
+
         from raml.deploy.shards import write_shard
         from raml.retrieval.extract import extract_embeddings
 
@@ -112,7 +114,12 @@ class _ShardEmbedder:
             ).numpy()
             write_shard(Path(str(directory)), int(shard), int(start), paths, rows)
             written.append(int(shard))
-        return {"shard": np.asarray(written, dtype=np.int64)}
+        peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+        return {
+            "shard": np.asarray(written, dtype=np.int64),
+            "peak_rss_mib": np.full(len(written), peak_kib / 1024.0),
+            "pid": np.full(len(written), os.getpid(), dtype=np.int64),
+        }
 
 
 def _import_ray() -> Any:
@@ -148,10 +155,10 @@ def _start_ray(ray: Any, options: RayOptions) -> bool:
 def ray_engine(options: RayOptions) -> Any:
     """The Ray engine for :func:`raml.deploy.index.index_images` (see the module docstring)."""
 
-    def run(plan: ShardPlan) -> None:
+    def run(plan: ShardPlan) -> dict[str, Any]:
         todo = plan.missing()
         if not todo:
-            return
+            return {"engine": "ray", "shards": plan.num_shards, "shards_computed": 0}
         ray = _import_ray()
         started = _start_ray(ray, options)
         try:
@@ -188,8 +195,18 @@ def ray_engine(options: RayOptions) -> Any:
                 max_restarts=options.max_retries,
                 max_task_retries=options.max_retries,
             )
-            written = sorted(int(row["shard"]) for row in done.iter_rows())
-            logger.info("Ray wrote %d shard(s)", len(written))
+            rows = list(done.iter_rows())
+            peaks: dict[int, float] = {}
+            for row in rows:
+                peaks[int(row["pid"])] = max(peaks.get(int(row["pid"]), 0.0), float(row["peak_rss_mib"]))
+            logger.info("Ray wrote %d shard(s) with %d actor process(es)", len(rows), len(peaks))
+            return {
+                "engine": "ray",
+                "shards": plan.num_shards,
+                "shards_computed": len(rows),
+                "actors": actors,
+                "actor_peak_rss_mib": sorted(peaks.values()),
+            }
         finally:
             if started:
                 ray.shutdown()
