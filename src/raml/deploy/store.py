@@ -139,7 +139,8 @@ class DatabaseIndex:
     def search(
         self, queries: np.ndarray | torch.Tensor, k: int, nprobe: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Search ``(Q, D)`` queries; returns ``(scores, ids)``, each ``(Q, min(k, N))``; id -1 = no result.
+        """Search ``(Q, D)`` queries; returns ``(scores, ids)``, each ``(Q, min(k, live_count))``; id -1 = no
+        result. Ids are the stable image ids (rows of ``paths``, ``labels``, ``embeddings``).
 
         Args:
             queries: L2-normalised query embeddings of dimension D.
