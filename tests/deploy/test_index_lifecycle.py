@@ -281,3 +281,45 @@ def test_a_removal_while_two_clients_query_is_served_without_a_failed_request(wo
         else:  # removed images are gone; the remaining keep their ids
             assert not set(hit_paths) & set(removed) and len(hit_ids) == 6
             assert hit_ids == [paths.index(p) for p in hit_paths]
+
+
+def test_an_index_written_before_ids_and_stamps_is_updated_with_its_ids_kept(world, tmp_path):
+    """A version-1 index (plain IndexFlatIP numbered by position, no stamps file) loads, and an append plus a
+    removal keep every id naming its image."""
+    import faiss
+
+    from raml.deploy.store import write_generation
+
+    paths = sorted(str(p) for p in world["images"].iterdir())
+    rows = embed(world, paths[:6])
+    index_dir = tmp_path / "index"
+    legacy = faiss.IndexFlatIP(rows.shape[1])
+    legacy.add(rows)
+    meta = {
+        "format": "raml-index",
+        "version": 1,
+        "generation": 1,
+        "index_type": "flat",
+        "faiss_factory": "Flat",
+        "metric": "inner_product",
+        "params": {"index_type": "flat"},
+        "dim": int(rows.shape[1]),
+        "dtype": "float32",
+        "network": {"path": None, "sha256": checkpoint_sha256(world["nets"]["teacher"]), "meta": {}},
+        "image_size": DR,
+        "count": 6,
+        "datasets": [],
+    }
+    write_generation(index_dir, meta, legacy, rows, paths[:6], np.full(6, -1, np.int64))
+    written = json.loads((index_dir / "index.json").read_text())
+    (index_dir / written["files"].pop("stamps")).unlink()  # version 1 had no stamps file
+    (index_dir / "index.json").write_text(json.dumps(written))
+    assert load_index(index_dir).stamps is None
+
+    sha = checkpoint_sha256(world["nets"]["teacher"])
+    summary = index_images(world["teacher"], paths[6:8], DR, index_dir, sha, remove=[paths[1]])
+    assert (summary["added"], summary["removed"], summary["count"]) == (2, 1, 7)
+    index = load_index(index_dir)
+    assert index.paths == [paths[0], "", *paths[2:8]] and index.meta["version"] == 2
+    _, ids = index.search(np.asarray(index.embeddings[[0, 2, 5, 6, 7]]), 1)
+    assert ids[:, 0].tolist() == [0, 2, 5, 6, 7]
