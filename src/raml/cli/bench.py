@@ -14,6 +14,7 @@ BENCHMARKS = {
     "resolutions": ("raml.bench.resolutions", "one student for several query sizes vs a dedicated student per size"),
     "query": ("raml.bench.query", "query cost per resolution (FLOPs, latency, throughput) and search time per index"),
     "quantization": ("raml.bench.quantization", "fp32 vs int8 ONNX student x exact vs IVF-PQ database: mAP, ms, bytes"),
+    "index": ("raml.bench.index", "raml index: peak memory and images/s vs database size, single process vs Ray"),
     "serve": ("raml.bench.serve", "raml serve's queries/s and latency under concurrent clients, batched vs not"),
 }
 

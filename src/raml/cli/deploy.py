@@ -40,6 +40,7 @@ from raml.deploy.search import (
     warn_if_other_teacher,
     warn_if_untrained_size,
 )
+from raml.deploy.shards import DEFAULT_SHARD_SIZE
 from raml.deploy.store import METADATA_NAME, load_index
 from raml.models import checkpoint_sha256, load_network
 
@@ -95,7 +96,7 @@ def _require_deps(*modules: str) -> None:
         try:
             importlib.import_module(module)
         except ImportError as error:
-            package = {"faiss": "faiss-cpu"}.get(module, module)
+            package = {"faiss": "faiss-cpu", "ray": "raml[ray]"}.get(module, module)
             raise SystemExit(
                 f"raml: error: this command needs {module}; install it with `pip install {package}`."
             ) from error
@@ -123,8 +124,36 @@ def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="DR",
         help=f"database resolution (default {DEFAULT_DATABASE_SIZE})",
     )
-    _add_source_args(parser, required=True, what="images to index")
+    _add_source_args(parser, required=False, what="images to index")
     parser.add_argument("--output", type=Path, required=True, metavar="INDEX_DIR", help="the index directory")
+    life = parser.add_argument_group("updates (ids are stable: a removed image's id is never given again)")
+    life.add_argument("--remove", nargs="+", default=[], metavar="PATH", help="take these images out of the index")
+    life.add_argument("--remove-list", type=Path, metavar="FILE", help="take the images listed in FILE out")
+    life.add_argument(
+        "--hash-images",
+        action="store_true",
+        help="re-embed an indexed image when its content (SHA-256) changed, not only its size or modification time",
+    )
+    scale = parser.add_argument_group("extraction (streamed into resumable shards; see docs/deployment.md)")
+    scale.add_argument(
+        "--shard-size",
+        type=positive_int,
+        default=DEFAULT_SHARD_SIZE,
+        metavar="N",
+        help=f"images per shard; a killed run resumes at the first missing shard (default {DEFAULT_SHARD_SIZE})",
+    )
+    scale.add_argument(
+        "--engine",
+        choices=("local", "ray"),
+        default="local",
+        help="local: this process (default); ray: a Ray Data actor pool (pip install raml[ray])",
+    )
+    scale.add_argument(
+        "--ray-address", metavar="ADDRESS", help="Ray cluster to join (default: start a local instance on 127.0.0.1)"
+    )
+    scale.add_argument(
+        "--ray-actors", type=positive_int, metavar="N", help="embedding actors (default: one per GPU, else CPUs - 1)"
+    )
     group = parser.add_argument_group("index type (for a new index; an append keeps the existing one)")
     group.add_argument(
         "--index-type",
@@ -161,8 +190,26 @@ def run_index(args: argparse.Namespace) -> int:
         given = {name: getattr(args, name) for name in flags[1:] if getattr(args, name) is not None}
         params = IndexParams(index_type=index_type, **given)
     paths, labels, dataset = _source_paths(args)
+    remove = [*args.remove, *(read_image_list(args.remove_list) if args.remove_list is not None else [])]
+    if not paths and not remove:
+        raise SystemExit("raml index: error: give the images to index (--images, --list or --dataset) and/or --remove.")
     devices = _devices(args)
     network = load_network(args.network_path, data_root=args.data_root, device=devices[0])
+    engine = None
+    if args.engine == "ray":
+        _require_deps("ray")
+        from raml.deploy.ray_engine import RayOptions, ray_engine
+
+        engine = ray_engine(
+            RayOptions(
+                network_path=str(network.source_path),
+                image_size=args.image_size,
+                batch_size=args.batch_size,
+                address=args.ray_address,
+                actors=args.ray_actors,
+                data_root=args.data_root,
+            )
+        )
     summary = index_images(
         network,
         paths,
@@ -178,10 +225,15 @@ def run_index(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         workers=args.workers,
         progress=not args.no_progress,
+        remove=remove,
+        hash_images=args.hash_images,
+        shard_size=args.shard_size,
+        engine=engine,
     )
     print(
-        f"{summary['index_dir']}: {summary['added']} added, {summary['skipped']} skipped (already indexed), "
-        f"{summary['count']} images in a {summary['index_type']} index"
+        f"{summary['index_dir']}: {summary['added']} added, {summary['reembedded']} re-embedded (file changed), "
+        f"{summary['removed']} removed, {summary['skipped']} skipped (already indexed), "
+        f"{summary['count']} images in a {summary['index_type']} index (generation {summary['generation']})"
     )
     if args.json is not None:
         write_json(args.json, summary)

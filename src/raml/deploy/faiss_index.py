@@ -3,6 +3,9 @@
 Contract:
     ``build_faiss_index((N, D) float32 L2-normalised, IndexParams)`` -> (faiss index holding ids ``0..N-1``,
     resolved parameters). The similarity is the inner product (= cosine, the embeddings being L2-normalised).
+    ``empty_faiss_index(params, D)`` / ``train_faiss_index`` / ``add_with_ids`` / ``remove_ids`` build and update
+    an index in pieces (from shards, one shard in memory at a time); ids are the caller's (int64), never
+    positions: flat and HNSW indexes are wrapped in ``IndexIDMap2``, IVF indexes carry ids themselves.
 
 Index types (all inner product): ``flat`` (``IndexFlatIP``, exact), ``ivf`` (``IndexIVFFlat``: k-means
 coarse quantiser with ``nlist`` cells, ``nprobe`` of them searched), ``hnsw`` (``IndexHNSWFlat``: a graph
@@ -29,8 +32,13 @@ __all__ = [
     "IndexParams",
     "apply_search_params",
     "as_float32_matrix",
+    "add_with_ids",
     "build_faiss_index",
+    "empty_faiss_index",
+    "has_ids",
     "import_faiss",
+    "remove_ids",
+    "train_faiss_index",
 ]
 
 INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
@@ -150,34 +158,108 @@ class IndexParams:
         return f"IVF{self.nlist},PQ{self.m}x{self.nbits}np"
 
 
-def build_faiss_index(embeddings: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
+def empty_faiss_index(resolved: IndexParams, dim: int) -> Any:
+    """An empty (untrained where the type needs training) inner-product index that stores caller ids."""
+    faiss = import_faiss()
+    wrap = resolved.index_type in ("flat", "hnsw")  # IVF indexes store ids themselves
+    factory = ("IDMap2," if wrap else "") + resolved.factory_string()
+    index = faiss.index_factory(int(dim), factory, faiss.METRIC_INNER_PRODUCT)
+    if resolved.index_type == "hnsw":
+        _hnsw(index).efConstruction = resolved.ef_construction
+    return index
+
+
+def training_sample(num_rows: int, resolved: IndexParams) -> np.ndarray | None:
+    """Sorted row numbers of the training sample (None = every row), drawn with ``resolved.seed``."""
+    if resolved.train_size is None or resolved.train_size >= num_rows:
+        return None
+    rng = np.random.default_rng(resolved.seed)
+    return np.sort(rng.choice(num_rows, resolved.train_size, replace=False))
+
+
+def train_faiss_index(index: Any, embeddings: np.ndarray, resolved: IndexParams) -> None:
+    """Train ``index`` (if its type needs it) on a sample of ``embeddings`` (an array or a memory map: only the
+    sampled rows are read)."""
+    if index.is_trained:
+        return
+    rows = training_sample(embeddings.shape[0], resolved)
+    sample = as_float32_matrix(embeddings if rows is None else embeddings[rows])
+    logger.info("Training a %s index on %d embeddings", resolved.factory_string(), sample.shape[0])
+    index.train(sample)
+
+
+def add_with_ids(index: Any, embeddings: np.ndarray, ids: np.ndarray) -> None:
+    """Add ``(n, D)`` rows under the int64 ``ids``."""
+    x = as_float32_matrix(embeddings)
+    index.add_with_ids(x, np.ascontiguousarray(ids, dtype=np.int64))
+
+
+def has_ids(index: Any) -> bool:
+    """Whether ``index`` stores caller ids (an id map or an IVF index); indexes written by raml before ids
+    existed (plain flat / HNSW) number their vectors by position instead."""
+    faiss = import_faiss()
+    return isinstance(index, faiss.IndexIDMap) or _ivf_or_none(index) is not None
+
+
+def remove_ids(index: Any, ids: np.ndarray) -> bool:
+    """Remove ``ids`` from ``index`` in place where faiss supports it (id maps over flat, IVF).
+
+    Returns:
+        False when the index type cannot remove (HNSW): the caller rebuilds it from the remaining rows.
+    """
+    faiss = import_faiss()
+    if len(ids) == 0:
+        return True
+    if not has_ids(index):
+        return False
+    try:
+        index.remove_ids(faiss.IDSelectorBatch(np.ascontiguousarray(ids, dtype=np.int64)))
+    except RuntimeError:  # HNSW: no removal in faiss
+        return False
+    return True
+
+
+def build_faiss_index(
+    embeddings: np.ndarray, params: IndexParams, ids: np.ndarray | None = None, chunk_rows: int = 65536
+) -> tuple[Any, IndexParams]:
     """Build (train and fill) an inner-product faiss index.
 
     Args:
-        embeddings: ``(N, D)`` float32, L2-normalised.
+        embeddings: ``(N, D)`` float32, L2-normalised (an array or a memory map; read ``chunk_rows`` at a time).
         params: Index type and parameters; defaults are resolved from the data.
+        ids: ``(N,)`` int64 ids of the rows; default ``0..N-1``.
+        chunk_rows: Rows added per call.
 
     Returns:
-        The faiss index holding all N vectors (ids 0..N-1) and the resolved parameters.
+        The faiss index holding all N vectors and the resolved parameters.
     """
-    faiss = import_faiss()
-    x = as_float32_matrix(embeddings)
-    resolved = params.resolve(x.shape[0], x.shape[1])
-    index = faiss.index_factory(x.shape[1], resolved.factory_string(), faiss.METRIC_INNER_PRODUCT)
-    if resolved.index_type == "hnsw":
-        index.hnsw.efConstruction = resolved.ef_construction
-    if not index.is_trained:
-        rng = np.random.default_rng(resolved.seed)
-        sample = (
-            x
-            if resolved.train_size >= x.shape[0]
-            else x[np.sort(rng.choice(x.shape[0], resolved.train_size, replace=False))]
-        )
-        logger.info("Training a %s index on %d embeddings", resolved.factory_string(), sample.shape[0])
-        index.train(sample)
-    index.add(x)
+    if embeddings.ndim != 2 or embeddings.shape[0] == 0:
+        raise ValueError(f"Expected a non-empty (N, D) matrix of embeddings, got shape {embeddings.shape}.")
+    n, dim = embeddings.shape
+    ids = np.arange(n, dtype=np.int64) if ids is None else np.asarray(ids, dtype=np.int64)
+    resolved = params.resolve(n, dim)
+    index = empty_faiss_index(resolved, dim)
+    train_faiss_index(index, embeddings, resolved)
+    for start in range(0, n, chunk_rows):
+        add_with_ids(index, embeddings[start : start + chunk_rows], ids[start : start + chunk_rows])
     apply_search_params(index, resolved)
     return index, resolved
+
+
+def _ivf_or_none(index: Any) -> Any:
+    faiss = import_faiss()
+    try:
+        return faiss.extract_index_ivf(index)
+    except (RuntimeError, TypeError):
+        return None
+
+
+def _hnsw(index: Any) -> Any:
+    """The HNSW graph of an HNSW index, wrapped in an id map or not."""
+    faiss = import_faiss()
+    if isinstance(index, faiss.IndexIDMap):
+        index = faiss.downcast_index(index.index)
+    return index.hnsw
 
 
 def apply_search_params(index: Any, params: IndexParams, k: int | None = None) -> None:
@@ -192,7 +274,7 @@ def apply_search_params(index: Any, params: IndexParams, k: int | None = None) -
     if params.index_type in ("ivf", "ivfpq"):
         faiss.extract_index_ivf(index).nprobe = int(params.nprobe)
     elif params.index_type == "hnsw":
-        index.hnsw.efSearch = max(int(params.ef_search), int(k or 0))
+        _hnsw(index).efSearch = max(int(params.ef_search), int(k or 0))
 
 
 def as_float32_matrix(embeddings: np.ndarray | torch.Tensor) -> np.ndarray:

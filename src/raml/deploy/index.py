@@ -1,9 +1,17 @@
-"""``raml index``: embed a database with the teacher at DR and create, or append to, an index directory.
+"""``raml index``: embed a database with the teacher at DR and create, update or rebuild an index directory.
 
 Contract:
     ``index_images(network, paths, image_size, index_dir, ...)`` embeds ``paths`` (rows ``(N, D)`` float32,
     L2-normalised, in path order) and commits them as the next generation of the index stored in
-    ``index_dir`` (layout and commit protocol: :mod:`raml.deploy.store`; index types: :mod:`raml.deploy.faiss_index`).
+    ``index_dir`` (layout, ids and commit protocol: :mod:`raml.deploy.store`; index types:
+    :mod:`raml.deploy.faiss_index`). It also removes images (``remove``) and re-embeds indexed images whose
+    file changed (size and modification time, or content with ``hash_images``).
+
+The extraction streams: the images to embed are cut into fixed-size shards written to a work folder in the
+index directory as they are produced (:mod:`raml.deploy.shards`), so a killed run resumes at the first missing
+or damaged shard; the next generation's embeddings file and faiss index are then filled shard by shard from
+a memory map, and the work folder is removed after the commit. Peak memory is one shard plus the faiss index
+(plus the training sample of IVF types), not ``N x D`` floats.
 
 An update holds the directory's lock (:class:`raml.deploy.lock.DirectoryLock`) from reading the current
 generation to the commit, so a second writer is refused at once; readers take no lock.
@@ -13,6 +21,8 @@ from __future__ import annotations
 
 import datetime
 import logging
+import os
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
@@ -21,28 +31,71 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from raml.deploy.embed import embed_images
-from raml.deploy.faiss_index import IndexParams, build_faiss_index
+from raml.deploy.faiss_index import (
+    IndexParams,
+    add_with_ids,
+    apply_search_params,
+    empty_faiss_index,
+    has_ids,
+    remove_ids,
+    train_faiss_index,
+    training_sample,
+)
 from raml.deploy.image_files import check_images_exist, image_key
 from raml.deploy.lock import DirectoryLock
+from raml.deploy.shards import DEFAULT_SHARD_SIZE, ShardPlan, embed_missing_shards, plan_shards, remove_shard_folders
 from raml.deploy.store import (
     FORMAT,
     FORMAT_VERSION,
     METADATA_NAME,
+    REMOVED,
     DatabaseIndex,
     IndexDirectoryError,
+    generation_file,
     is_index_leftover,
     load_index,
     next_generation,
     write_generation,
 )
+from raml.retrieval.cache import file_stamps
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["index_images"]
+__all__ = ["ShardEngine", "index_images", "local_engine"]
 
 _NO_LABEL = -1
+_CHUNK_ROWS = 65536  # rows copied / added to faiss per step when assembling a generation
+
+ShardEngine = Callable[[ShardPlan], "dict[str, Any] | None"]
+"""Fills every missing or damaged shard of a plan and may return figures about the run (the single-process
+default: :func:`local_engine`; the Ray engine: :func:`raml.deploy.ray_engine.ray_engine`)."""
+
+
+def local_engine(
+    network: nn.Module,
+    image_size: int,
+    devices: Sequence[torch.device] = (torch.device("cpu"),),
+    batch_size: int = 32,
+    workers: int = 0,
+    progress: bool = False,
+) -> ShardEngine:
+    """The single-process engine: shard after shard through :func:`raml.deploy.embed.embed_images` (several
+    CUDA devices split each shard)."""
+
+    def run(plan: ShardPlan) -> dict[str, Any]:
+        todo = len(plan.missing())
+        with tqdm(total=todo, desc=f"index@{image_size}", unit="shard", disable=not progress) as bar:
+            computed = embed_missing_shards(
+                plan,
+                lambda paths: embed_images(network, paths, image_size, list(devices), batch_size, workers, False),
+                progress=lambda done, total: bar.update(1),
+            )
+        return {"engine": "local", "shards": plan.num_shards, "shards_computed": computed}
+
+    return run
 
 
 def index_images(
@@ -61,16 +114,24 @@ def index_images(
     workers: int = 0,
     progress: bool = False,
     before_commit: Callable[[], None] | None = None,
+    remove: Sequence[str | Path] = (),
+    hash_images: bool = False,
+    shard_size: int = DEFAULT_SHARD_SIZE,
+    engine: ShardEngine | None = None,
 ) -> dict[str, Any]:
-    """Create an index of ``paths`` in ``index_dir``, or append them to the index already there.
+    """Create an index of ``paths`` in ``index_dir``, or update the index already there.
 
-    When ``index_dir`` holds an index (and ``overwrite`` is False) the images are appended: the network's
-    content hash and the image size must match the index's, and images already indexed (same normalised
-    absolute path) or repeated in ``paths`` are skipped. Every check runs before any image is embedded.
+    When ``index_dir`` holds an index (and ``overwrite`` is False) it is updated: the network's content hash
+    and the image size must match the index's; new images are appended with new ids; images already indexed
+    (same normalised absolute path) keep their id and are re-embedded only if their file changed (size and
+    modification time, or SHA-256 of the content with ``hash_images``); repeats in ``paths`` are skipped;
+    ``remove`` takes images out (their ids are never given again). ``overwrite`` rebuilds the index from
+    ``paths`` alone (any network), keeping the id of every path the old index had. Every check runs before
+    any image is embedded.
 
     Args:
         network: The database network (teacher), on ``devices[0]``; ``(B, 3, S, S)`` -> ``(B, D)``.
-        paths: Image files.
+        paths: Image files (may be empty when only removing).
         image_size: Database resolution DR.
         index_dir: The index directory (created if missing).
         network_sha256: Content hash of the network's checkpoint (see ``raml.models.checkpoint_sha256``).
@@ -86,9 +147,14 @@ def index_images(
         progress: Show progress bars.
         before_commit: Called after the data files are written and before ``index.json`` is replaced (tests
             use it to simulate a crash).
+        remove: Images to take out of the index (paths as indexed; normalised like ``paths``).
+        hash_images: Compare indexed files by content (SHA-256) instead of size and modification time.
+        shard_size: Images per shard of the resumable extraction.
+        engine: What fills the shards; default :func:`local_engine` over ``devices``.
 
     Returns:
-        A summary: ``{"index_dir", "added", "skipped", "count", "index_type", "params"}``.
+        A summary: ``{"index_dir", "added", "skipped", "reembedded", "removed", "not_found", "count",
+        "index_type", "params", "generation"}``.
 
     Raises:
         IndexDirectoryError: On an incompatible existing index, or a non-empty folder that is not an index.
@@ -99,8 +165,14 @@ def index_images(
     """
     index_dir = Path(index_dir)
     paths = [str(p) for p in paths]
-    if not paths:
+    remove = [str(p) for p in remove]
+    if not paths and not remove:
         raise ValueError("No images to index: the list of paths is empty.")
+    if remove and overwrite:
+        raise ValueError(
+            "--remove updates an existing index; --overwrite rebuilds it from the given images alone "
+            "(leave the removed images out of them instead)."
+        )
     if labels is not None and len(labels) != len(paths):
         raise ValueError(f"Got {len(paths)} paths but {len(labels)} labels; give one label per path (or none).")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -115,11 +187,17 @@ def index_images(
 
     # One writer at a time: the lock spans reading the current generation to committing the next one.
     with DirectoryLock(index_dir, "raml index"):
-        existing: DatabaseIndex | None = None
+        existing: DatabaseIndex | None = None  # the index being updated
+        previous: DatabaseIndex | None = None  # the index being rebuilt (--overwrite): only its ids are kept
         if (index_dir / METADATA_NAME).exists() and not overwrite:
             existing = load_index(index_dir)
             _check_append(existing, network_sha256, image_size, dim, params)
-        elif not (index_dir / METADATA_NAME).exists():
+        elif (index_dir / METADATA_NAME).exists():
+            try:
+                previous = load_index(index_dir)
+            except IndexDirectoryError as error:
+                logger.warning("Rebuilding %s without its ids: the old index is unreadable (%s)", index_dir, error)
+        else:
             # A folder holding only what a killed first build left (generation, temporary, lock files) is reused.
             foreign = sorted(p.name for p in index_dir.iterdir() if not is_index_leftover(p.name))
             if foreign:
@@ -128,97 +206,326 @@ def index_images(
                     f"{', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}); choose an empty or new folder "
                     "(nothing was written)."
                 )
+        if remove and existing is None:
+            raise IndexDirectoryError(f"--remove needs an index in {str(index_dir)!r}, and there is none.")
 
-        # Duplicates: against the index, and within this call.
-        seen = {image_key(p) for p in existing.paths} if existing is not None else set()
-        keep: list[int] = []
+        base = existing if existing is not None else previous
+        id_of = {image_key(p): i for i, p in enumerate(base.paths) if p != REMOVED} if base is not None else {}
+        num_ids = len(base.paths) if base is not None else 0
+
+        # Removals first: a path both removed and given is removed.
+        removed_ids: list[int] = []
+        not_found: list[str] = []
+        for path in dict.fromkeys(remove):
+            key = image_key(path)
+            if key in id_of:
+                removed_ids.append(id_of.pop(key))
+            else:
+                not_found.append(path)
+        if not_found:
+            logger.warning("%d image(s) to remove are not in the index (e.g. %r)", len(not_found), not_found[0])
+        removed_keys = {image_key(p) for p in remove}
+
+        # Classify the given paths: new (next ids), known and changed (same id, re-embedded), known and unchanged.
+        seen: set[str] = set()
+        work_paths: list[str] = []  # to embed, in this order
+        work_ids: list[int] = []
+        work_labels: list[int] = []
+        known: list[tuple[int, str, int]] = []  # (id, path, position in the call) of indexed images, for stamps
         for i, path in enumerate(paths):
             key = image_key(path)
-            if key not in seen:
-                seen.add(key)
-                keep.append(i)
-        skipped = len(paths) - len(keep)
+            if key in seen or key in removed_keys:
+                continue
+            seen.add(key)
+            if key in id_of and existing is not None:
+                known.append((id_of[key], path, i))
+                continue
+            image_id = id_of.get(key)  # --overwrite: the id this path had
+            if image_id is None:
+                image_id = num_ids
+                num_ids += 1
+            work_paths.append(path)
+            work_ids.append(image_id)
+            work_labels.append(int(label_array[i]))
+        stamps_now: dict[int, str] = {}
+        reembedded = 0
+        if known and existing is not None:
+            check_images_exist([p for _, p, _ in known])
+            old_stamps = existing.stamps or [""] * len(existing)
+            for image_id, path, i in known:
+                changed, stamp = _compare_stamp(path, old_stamps[image_id], hash_images)
+                if changed:
+                    work_paths.append(path)
+                    work_ids.append(image_id)
+                    work_labels.append(int(label_array[i]) if labels is not None else int(existing.labels[image_id]))
+                    reembedded += 1
+                elif stamp != old_stamps[image_id]:
+                    stamps_now[image_id] = stamp  # first stamp of a legacy index, or sha256 replacing size+mtime
+        skipped = len(paths) - len(work_paths)
         if skipped:
-            logger.info("Skipping %d image(s) already in the index or repeated", skipped)
-        new_paths = [paths[i] for i in keep]
-        new_labels = label_array[keep]
-        if existing is not None and not new_paths:
-            logger.info("Nothing to add: all %d images are already in %s", len(paths), index_dir)
-            return _summary(index_dir, existing.meta, 0, skipped)
-        check_images_exist(new_paths)
-        if existing is None and dim is not None:
-            (params or IndexParams()).resolve(len(new_paths), dim)  # infeasible parameters fail before embedding
-
-        embeddings = embed_images(
-            network, new_paths, image_size, list(devices), batch_size, workers, progress, f"index@{image_size}"
+            logger.info("Skipping %d image(s) already in the index (unchanged) or repeated", skipped)
+        if reembedded:
+            logger.info("Re-embedding %d indexed image(s) whose file changed", reembedded)
+        if existing is not None and not work_paths and not removed_ids and not stamps_now:
+            logger.info("Nothing to change: all %d images are already in %s", len(paths), index_dir)
+            return _summary(index_dir, existing.meta, 0, skipped, 0, 0, not_found)
+        if existing is None and not work_paths:
+            raise ValueError("No images to index: every given path is a repeat or removed.")
+        check_images_exist(work_paths)
+        live_after = (
+            (existing.live_count if existing is not None else 0) - len(removed_ids) + len(work_paths) - reembedded
         )
-        now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
-        if existing is None:
-            index, resolved = build_faiss_index(embeddings, params or IndexParams())
-            meta: dict[str, Any] = {
-                "format": FORMAT,
-                "version": FORMAT_VERSION,
-                "generation": next_generation(index_dir),
-                "index_type": resolved.index_type,
-                "faiss_factory": resolved.factory_string(),
-                "metric": "inner_product",
-                "params": asdict(resolved),
-                "dim": int(embeddings.shape[1]),
-                "dtype": "float32",
-                "network": {
-                    "path": str(network_path) if network_path is not None else None,
-                    "sha256": network_sha256,
-                    "meta": dict(getattr(network, "meta", {}) or {}),
-                },
-                "image_size": int(image_size),
-                "transform": (
-                    "resize shorter side to S*8/7 (Lanczos), centre crop S, normalise with the network's mean/std"
-                ),
-                "count": int(embeddings.shape[0]),
-                "datasets": [dataset] if dataset else [],
-                "created": now,
-                "updated": now,
-            }
-            all_embeddings, all_paths, all_labels = embeddings, new_paths, new_labels
-        else:
-            index = existing.index
-            index.add(embeddings)
-            meta = dict(existing.meta)
-            meta["generation"] = int(meta["generation"]) + 1
-            meta["count"] = int(index.ntotal)
-            meta["updated"] = now
-            if dataset and dataset not in meta.get("datasets", []):
-                if meta.get("datasets") and labels is not None:
-                    logger.warning(
-                        "Appending labelled images of %s to an index holding %s: class labels of different splits "
-                        "are not comparable.",
-                        dataset,
-                        ", ".join(meta["datasets"]),
-                    )
-                meta["datasets"] = [*meta.get("datasets", []), dataset]
-            all_embeddings = np.concatenate([existing.embeddings, embeddings])
-            all_paths = [*existing.paths, *new_paths]
-            all_labels = np.concatenate([existing.labels, new_labels])
-        write_generation(index_dir, meta, index, all_embeddings, all_paths, all_labels, before_commit)
+        if live_after < 1:
+            raise ValueError(f"Refusing to remove every image of {index_dir}; delete the folder instead.")
+        if existing is None and dim is not None:
+            (params or IndexParams()).resolve(live_after, dim)  # infeasible parameters fail before embedding
+
+        plan = None
+        engine_report: dict[str, Any] = {}
+        if work_paths:
+            work_stamps = file_stamps(work_paths, content_hash=hash_images)
+            for image_id, stamp in zip(work_ids, work_stamps):
+                stamps_now[image_id] = stamp
+            plan = plan_shards(index_dir, work_paths, work_stamps, network_sha256, image_size, shard_size)
+            run_engine = engine or local_engine(network, image_size, devices, batch_size, workers, progress)
+            figures = run_engine(plan)
+            engine_report = dict(figures) if isinstance(figures, dict) else {}
+            missing = plan.missing()
+            if missing:
+                raise RuntimeError(f"The extraction engine left {len(missing)} shard(s) of {plan.directory} unwritten.")
+            dim = int(plan.read(0).shape[1])
+        elif existing is not None:
+            dim = existing.dim
+        assert dim is not None
+
+        # Row layout of the next generation: row = id.
+        new_paths = list(base.paths) if existing is not None else [REMOVED] * num_ids
+        new_paths += [REMOVED] * (num_ids - len(new_paths))
+        new_labels = np.full(num_ids, _NO_LABEL, dtype=np.int64)
+        new_stamps = [""] * num_ids
+        if existing is not None:
+            new_labels[: len(existing)] = existing.labels
+            new_stamps[: len(existing)] = existing.stamps or [""] * len(existing)
+        for image_id in removed_ids:
+            new_paths[image_id], new_labels[image_id], new_stamps[image_id] = REMOVED, _NO_LABEL, ""
+        for image_id, path, label in zip(work_ids, work_paths, work_labels):
+            new_paths[image_id], new_labels[image_id] = path, label
+        for image_id, stamp in stamps_now.items():
+            new_stamps[image_id] = stamp
+
+        generation = next_generation(index_dir) if existing is None else int(existing.meta["generation"]) + 1
+        emb_tmp = index_dir / f".{generation_file('embeddings', generation)}.{secrets.token_hex(4)}.tmp"
+        try:
+            rows = _assemble_embeddings(emb_tmp, num_ids, dim, existing, removed_ids, plan, work_ids)
+            live_ids = np.asarray([i for i, p in enumerate(new_paths) if p != REMOVED], dtype=np.int64)
+            if existing is None:
+                index, resolved = _build_index(rows, live_ids, params or IndexParams())
+            else:
+                resolved = existing.params
+                index = _update_index(existing, rows, live_ids, removed_ids, work_ids, reembedded > 0)
+            del rows
+            now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+            if existing is None:
+                meta: dict[str, Any] = {
+                    "format": FORMAT,
+                    "version": FORMAT_VERSION,
+                    "generation": generation,
+                    "index_type": resolved.index_type,
+                    "faiss_factory": resolved.factory_string(),
+                    "metric": "inner_product",
+                    "params": asdict(resolved),
+                    "dim": dim,
+                    "dtype": "float32",
+                    "network": {
+                        "path": str(network_path) if network_path is not None else None,
+                        "sha256": network_sha256,
+                        "meta": dict(getattr(network, "meta", {}) or {}),
+                    },
+                    "image_size": int(image_size),
+                    "transform": (
+                        "resize shorter side to S*8/7 (Lanczos), centre crop S, normalise with the network's mean/std"
+                    ),
+                    "count": int(index.ntotal),
+                    "datasets": [dataset] if dataset else [],
+                    "created": now,
+                    "updated": now,
+                }
+            else:
+                meta = dict(existing.meta)
+                meta["version"] = FORMAT_VERSION
+                meta["generation"] = generation
+                meta["count"] = int(index.ntotal)
+                meta["updated"] = now
+                if dataset and dataset not in meta.get("datasets", []):
+                    if meta.get("datasets") and labels is not None:
+                        logger.warning(
+                            "Appending labelled images of %s to an index holding %s: class labels of different "
+                            "splits are not comparable.",
+                            dataset,
+                            ", ".join(meta["datasets"]),
+                        )
+                    meta["datasets"] = [*meta.get("datasets", []), dataset]
+            meta["file_stamps"] = "sha256" if hash_images else meta.get("file_stamps", "size+mtime_ns")
+            write_generation(
+                index_dir,
+                meta,
+                index,
+                lambda target: os.replace(emb_tmp, target),
+                new_paths,
+                new_labels,
+                before_commit,
+                stamps=new_stamps,
+            )
+        finally:
+            emb_tmp.unlink(missing_ok=True)
+        remove_shard_folders(index_dir)  # committed: the work folders (this one, stale ones) are done
+        added = len(work_paths) - reembedded
         logger.info(
-            "Index %s: %d added, %d skipped, %d in total (%s)",
+            "Index %s: %d added, %d re-embedded, %d removed, %d skipped, %d in total (%s)",
             index_dir,
-            len(new_paths),
+            added,
+            reembedded,
+            len(removed_ids),
             skipped,
             meta["count"],
             meta["index_type"],
         )
-        return _summary(index_dir, meta, len(new_paths), skipped)
+        return {**_summary(index_dir, meta, added, skipped, reembedded, len(removed_ids), not_found), **engine_report}
 
 
-def _summary(index_dir: Path, meta: dict[str, Any], added: int, skipped: int) -> dict[str, Any]:
+def _compare_stamp(path: str, old: str, hash_images: bool) -> tuple[bool, str]:
+    """``(changed, current stamp)`` of an indexed file against its recorded stamp ``old``.
+
+    The current stamp is a SHA-256 one with ``hash_images`` or when ``old`` is one, else size+mtime. Moving
+    from size+mtime to SHA-256 compares size+mtime once more; an unknown ``old`` (an index written before
+    stamps) counts as unchanged.
+    """
+    by_content = hash_images or old.startswith("sha256:")
+    stamp = file_stamps([path], content_hash=by_content)[0]
+    if not old:
+        return False, stamp
+    if by_content and not old.startswith("sha256:"):
+        return file_stamps([path], content_hash=False)[0] != old, stamp
+    return stamp != old, stamp
+
+
+class _RowsFile:
+    """An ``(N, D)`` float32 ``.npy`` file read and written a chunk at a time through short-lived memory maps:
+    mapped pages count towards a process's resident memory only while mapped, so peak memory stays one chunk
+    (a long-lived map of the whole file would end up resident, ``N x D`` floats)."""
+
+    def __init__(self, path: Path, shape: tuple[int, int] | None = None) -> None:
+        self.path = path
+        if shape is not None:
+            np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=shape).flush()  # zeros: tombstones
+        header = np.load(path, mmap_mode="r")
+        self.shape: tuple[int, int] = (int(header.shape[0]), int(header.shape[1]))
+        del header
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        mapped = np.load(self.path, mmap_mode="r")
+        try:
+            return np.array(mapped[rows], dtype=np.float32)
+        finally:
+            del mapped
+
+    def write(self, rows: Any, values: np.ndarray) -> None:
+        mapped = np.load(self.path, mmap_mode="r+")
+        try:
+            mapped[rows] = values
+            mapped.flush()
+        finally:
+            del mapped
+
+
+def _assemble_embeddings(
+    target: Path,
+    num_ids: int,
+    dim: int,
+    existing: DatabaseIndex | None,
+    removed_ids: list[int],
+    plan: ShardPlan | None,
+    work_ids: list[int],
+) -> _RowsFile:
+    """Write the next generation's ``(num_ids, dim)`` embeddings to ``target`` (a .npy file) chunk by chunk:
+    kept rows of ``existing``, zero tombstones, the shards' rows at their ids."""
+    rows = _RowsFile(target, (num_ids, dim))
+    if existing is not None:
+        old = _RowsFile(existing.directory / existing.meta["files"]["embeddings"])
+        for start in range(0, len(existing), _CHUNK_ROWS):
+            stop = min(start + _CHUNK_ROWS, len(existing))
+            chunk = old[start:stop]
+            chunk[np.isin(np.arange(start, stop), removed_ids)] = 0.0
+            rows.write(slice(start, stop), chunk)
+    if plan is not None:
+        ids = np.asarray(work_ids, dtype=np.int64)
+        for start, shard in plan.iter_rows():
+            rows.write(ids[start : start + shard.shape[0]], shard)
+    return rows
+
+
+def _build_index(rows: _RowsFile, live_ids: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
+    """A new faiss index of the live rows: trained on a sample, filled a chunk at a time."""
+    resolved = params.resolve(len(live_ids), rows.shape[1])
+    index = empty_faiss_index(resolved, rows.shape[1])
+    sample = training_sample(len(live_ids), resolved)
+    if not index.is_trained:
+        train_faiss_index(index, rows[live_ids if sample is None else live_ids[sample]], resolved)
+    _add_rows(index, rows, live_ids)
+    apply_search_params(index, resolved)
+    return index, resolved
+
+
+def _add_rows(index: Any, rows: _RowsFile, ids: np.ndarray) -> None:
+    for start in range(0, len(ids), _CHUNK_ROWS):
+        chunk = ids[start : start + _CHUNK_ROWS]
+        add_with_ids(index, rows[chunk], chunk)
+
+
+def _update_index(
+    existing: DatabaseIndex,
+    rows: _RowsFile,
+    live_ids: np.ndarray,
+    removed_ids: list[int],
+    work_ids: list[int],
+    reembedded: bool,
+) -> Any:
+    """The existing faiss index with the removed and re-embedded ids taken out and the new rows added; rebuilt
+    from the rows (same trained quantiser) where faiss cannot remove (HNSW) or the index has no ids (legacy)."""
+    index = existing.index
+    outdated = np.asarray(sorted({*removed_ids, *(work_ids if reembedded else [])}), dtype=np.int64)
+    if not has_ids(index) or not remove_ids(index, outdated[np.isin(outdated, existing.live_ids())]):
+        logger.info("Rebuilding the %s faiss index from its %d rows", existing.meta["index_type"], len(live_ids))
+        index = empty_faiss_index(existing.params, rows.shape[1])
+        if not index.is_trained:  # pragma: no cover - IVF indexes have ids and remove in place
+            raise AssertionError("an untrained index type cannot be rebuilt here")
+        _add_rows(index, rows, live_ids)
+    else:
+        _add_rows(index, rows, np.asarray(sorted(set(work_ids)), dtype=np.int64))
+    apply_search_params(index, existing.params)
+    return index
+
+
+def _summary(
+    index_dir: Path,
+    meta: dict[str, Any],
+    added: int,
+    skipped: int,
+    reembedded: int,
+    removed: int,
+    not_found: list[str],
+) -> dict[str, Any]:
     return {
         "index_dir": str(index_dir),
         "added": added,
         "skipped": skipped,
+        "reembedded": reembedded,
+        "removed": removed,
+        "not_found": not_found,
         "count": int(meta["count"]),
         "index_type": meta["index_type"],
         "params": meta["params"],
+        "generation": int(meta["generation"]),
     }
 
 

@@ -13,7 +13,18 @@ On-disk layout (``index_dir``)::
     embeddings-<G>.npy       (N, D) float32 embeddings, rows in index order (re-adding, exact re-ranking)
     paths-<G>.json           the N image paths, as given on the command line / resolved from a list file
     labels-<G>.npy           (N,) int64 class labels (-1 where the images did not come from a dataset split)
+    stamps-<G>.json          the N file stamps (``"<size>:<mtime_ns>"`` or ``"sha256:<hex>"``): a changed file is
+                             re-embedded (indexes written before stamps existed have none)
+    shards-<key>/            the work folder of an extraction in progress (raml.deploy.shards), kept by a
+                             killed run so that the next one resumes; removed after the commit
     .lock                    present while a writer holds the index (raml.deploy.lock)
+
+Ids: row ``i`` of every file is the image with id ``i``, and the faiss index returns these ids (an
+``IndexIDMap2`` around flat and HNSW indexes, the IVF indexes' own ids). Ids are stable and never reused: an
+append gives new images the next ids, a re-embedded (changed) image keeps its id, a removed image leaves a
+tombstone row (path ``""``, label -1, zero embedding, absent from the faiss index) whose id is never given
+again, and a rebuild (``--overwrite``) keeps the id of every path it indexes again. ``count`` in
+``index.json`` is the number of live images; ``len(DatabaseIndex)`` is the number of ids (rows).
 
 ``index.json`` holds the format version, the generation number, index type and effective parameters, the
 embedding dimension and dtype, the network's checkpoint path, content SHA-256 and meta, the image size, the
@@ -39,6 +50,7 @@ import torch
 
 from raml.deploy.faiss_index import IndexParams, apply_search_params, as_float32_matrix, import_faiss
 from raml.deploy.lock import LOCK_NAME
+from raml.deploy.shards import is_shards_folder
 from raml.utils import atomic_numpy_save, atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -47,9 +59,11 @@ __all__ = [
     "FORMAT",
     "FORMAT_VERSION",
     "METADATA_NAME",
+    "REMOVED",
     "DatabaseIndex",
     "IndexDirectoryError",
     "committed_generation",
+    "generation_file",
     "is_index_leftover",
     "load_index",
     "next_generation",
@@ -57,10 +71,12 @@ __all__ = [
 ]
 
 FORMAT = "raml-index"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: stable ids with tombstone rows, stamps-<G>.json
 METADATA_NAME = "index.json"
 
-_FILE_KINDS = {"index": "faiss", "embeddings": "npy", "paths": "json", "labels": "npy"}
+_FILE_KINDS = {"index": "faiss", "embeddings": "npy", "paths": "json", "labels": "npy", "stamps": "json"}
+REMOVED = ""
+"""The path of a removed image's tombstone row."""
 _LOAD_ATTEMPTS = 3  # loads of successive generations when writers keep committing during a load
 
 
@@ -80,6 +96,7 @@ class DatabaseIndex:
         paths: N image paths as given when indexing.
         labels: ``(N,)`` int64 labels, -1 where unknown.
         params: The parameters the index was built with.
+        stamps: N file stamps (``""`` where unknown), or None for an index written before stamps existed.
     """
 
     directory: Path
@@ -89,6 +106,7 @@ class DatabaseIndex:
     paths: list[str]
     labels: np.ndarray
     params: IndexParams
+    stamps: list[str] | None = None
 
     @property
     def dim(self) -> int:
@@ -96,7 +114,17 @@ class DatabaseIndex:
         return int(self.meta["dim"])
 
     def __len__(self) -> int:
+        """The number of ids (rows), removed ones included; ``live_count`` is the number of images."""
         return len(self.paths)
+
+    @property
+    def live_count(self) -> int:
+        """The number of images in the faiss index (ids not removed)."""
+        return int(self.index.ntotal)
+
+    def live_ids(self) -> np.ndarray:
+        """``(live_count,)`` int64 ids of the images not removed, ascending."""
+        return np.asarray([i for i, p in enumerate(self.paths) if p != REMOVED], dtype=np.int64)
 
     @property
     def generation(self) -> int:
@@ -111,7 +139,8 @@ class DatabaseIndex:
     def search(
         self, queries: np.ndarray | torch.Tensor, k: int, nprobe: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Search ``(Q, D)`` queries; returns ``(scores, ids)``, each ``(Q, min(k, N))``; id -1 = no result.
+        """Search ``(Q, D)`` queries; returns ``(scores, ids)``, each ``(Q, min(k, live_count))``; id -1 = no
+        result. Ids are the stable image ids (rows of ``paths``, ``labels``, ``embeddings``).
 
         Args:
             queries: L2-normalised query embeddings of dimension D.
@@ -126,7 +155,7 @@ class DatabaseIndex:
             )
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise ValueError(f"k must be a positive integer, got {k!r}.")
-        k = min(k, len(self))
+        k = min(k, max(1, self.live_count))
         params = self.params
         if nprobe is not None and params.nlist is not None:
             params = replace(params, nprobe=min(int(nprobe), params.nlist))
@@ -204,8 +233,10 @@ def _load_generation(index_dir: Path, meta: dict[str, Any]) -> DatabaseIndex:
             index_dir / files[k] for k in ("paths", "embeddings", "labels", "index")
         )
         paths = json.loads(paths_file.read_text())
-        embeddings = np.load(emb_file, allow_pickle=False)
+        # memory-mapped: replicas on one node share the pages, and a later commit only unlinks the file
+        embeddings = np.load(emb_file, allow_pickle=False, mmap_mode="r")
         labels = np.load(labels_file, allow_pickle=False)
+        stamps = json.loads((index_dir / files["stamps"]).read_text()) if "stamps" in files else None
         index = faiss.read_index(str(index_file))
     except (KeyError, OSError, ValueError, RuntimeError) as error:
         raise IndexDirectoryError(
@@ -213,15 +244,31 @@ def _load_generation(index_dir: Path, meta: dict[str, Any]) -> DatabaseIndex:
             "`raml index --overwrite`."
         ) from error
     count = int(meta["count"])
-    if not (len(paths) == embeddings.shape[0] == labels.shape[0] == index.ntotal == count):
+    live = sum(1 for p in paths if p != REMOVED)
+    stamps_ok = stamps is None or len(stamps) == len(paths)
+    if not (len(paths) == embeddings.shape[0] == labels.shape[0] and index.ntotal == count == live and stamps_ok):
         raise IndexDirectoryError(
-            f"The index at {index_dir} is inconsistent: {count} in {METADATA_NAME}, {len(paths)} paths, "
-            f"{embeddings.shape[0]} embeddings, {labels.shape[0]} labels, {index.ntotal} vectors in the faiss "
-            "index; rebuild it with `raml index --overwrite`."
+            f"The index at {index_dir} is inconsistent: {count} in {METADATA_NAME}, {len(paths)} paths ({live} not "
+            f"removed), {embeddings.shape[0]} embeddings, {labels.shape[0]} labels, {index.ntotal} vectors in the "
+            "faiss index; rebuild it with `raml index --overwrite`."
         )
     params = _params_from_meta(meta)
     apply_search_params(index, params)
-    return DatabaseIndex(index_dir, meta, index, embeddings, [str(p) for p in paths], labels.astype(np.int64), params)
+    return DatabaseIndex(
+        index_dir,
+        meta,
+        index,
+        embeddings,
+        [str(p) for p in paths],
+        labels.astype(np.int64),
+        params,
+        None if stamps is None else [str(s) for s in stamps],
+    )
+
+
+def generation_file(kind: str, generation: int) -> str:
+    """The name of one file (``index``, ``embeddings``, ``paths``, ``labels``, ``stamps``) of a generation."""
+    return _generation_files(generation)[kind]
 
 
 def _generation_files(generation: int) -> dict[str, str]:
@@ -243,8 +290,8 @@ def _is_index_temporary(name: str) -> bool:
 
 
 def is_index_leftover(name: str) -> bool:
-    """A file a writer of this folder may leave behind: lock, generation file or temporary file."""
-    return name == LOCK_NAME or _is_generation_file(name) or _is_index_temporary(name)
+    """A file a writer of this folder may leave behind: lock, generation file, temporary file, shard folder."""
+    return name == LOCK_NAME or _is_generation_file(name) or _is_index_temporary(name) or is_shards_folder(name)
 
 
 def _remove_unreferenced(index_dir: Path, keep: set[str]) -> None:
@@ -262,12 +309,17 @@ def write_generation(
     index_dir: Path,
     meta: dict[str, Any],
     index: Any,
-    embeddings: np.ndarray,
+    embeddings: np.ndarray | Callable[[Path], None],
     paths: list[str],
     labels: np.ndarray,
     before_commit: Callable[[], None] | None = None,
+    stamps: list[str] | None = None,
 ) -> None:
-    """Write the next generation's files, then commit by replacing ``index.json``; see the module docstring."""
+    """Write the next generation's files, then commit by replacing ``index.json``; see the module docstring.
+
+    ``embeddings`` is the ``(N, D)`` array, or a function that writes it as a ``.npy`` file to the path it is
+    given (to stream it from shards without holding it in memory). ``stamps`` default to ``""`` (unknown).
+    """
     faiss = import_faiss()
     generation = int(meta["generation"])
     files = _generation_files(generation)
@@ -275,11 +327,16 @@ def write_generation(
     index_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        for kind in ("embeddings", "labels", "paths", "index"):
+        for kind in ("embeddings", "labels", "paths", "stamps", "index"):
             target = index_dir / files[kind]
             written.append(target)
-            if kind == "embeddings":
+            if kind == "embeddings" and callable(embeddings):
+                with atomic_path(target) as tmp:
+                    embeddings(tmp)
+            elif kind == "embeddings":
                 atomic_numpy_save(np.ascontiguousarray(embeddings, dtype=np.float32), target)
+            elif kind == "stamps":
+                atomic_write_text(target, json.dumps(stamps if stamps is not None else [""] * len(paths)) + "\n")
             elif kind == "labels":
                 atomic_numpy_save(np.asarray(labels, dtype=np.int64), target)
             elif kind == "paths":

@@ -1,0 +1,213 @@
+"""``raml bench index``: peak memory and images/s of ``raml index`` against the database size, single process vs
+Ray, in one run.
+
+Contract: synthetic databases of ``sizes`` images (default 2k, 8k and 32k; small random JPEGs of ``image_size``
+px, the larger databases extending the smaller ones) are indexed by ``raml index`` in a fresh process each, once
+with the single-process engine and once with ``--engine ray`` (a local Ray instance, ``ray_actors`` actors), by a
+randomly initialised ``architecture`` (default timm's tiny ``test_resnet``, so that the run measures the
+pipeline rather than the convolutions) with 512-d whitening (the paper's embedding size) into an IVF-PQ index trained on
+``train_size`` embeddings (memory bounded by the codes). Per run the report gives the wall time, images/s, the
+peak resident memory (``ru_maxrss``) of the indexing process and, for Ray, of each actor; per size, whether both
+engines wrote bit-identical embeddings; per engine, the ratio of the largest database's peak memory to the
+smallest's (streaming goal: within 10%).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from raml.utils import atomic_write_text, cpu_model
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["format_index_report", "main", "run_index_benchmark"]
+
+
+def _write_images(folder: Path, count: int, size: int, seed: int = 0) -> list[str]:
+    """``count`` random ``size`` px JPEGs (kept between runs: only missing files are written)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(count):
+        path = folder / f"{i // 1000:04d}" / f"img{i:07d}.jpg"
+        pixels = rng.integers(0, 256, (size // 4, size // 4, 3), dtype=np.uint8)  # drawn always: same images
+        if not path.is_file():
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(pixels).resize((size, size), Image.BILINEAR).save(path, quality=90)
+        paths.append(str(path))
+    return paths
+
+
+def _run_index(command: list[str], env: dict[str, str]) -> tuple[float, float, int]:
+    """Run one ``raml index`` process; ``(wall seconds, its peak RSS in MiB, exit code)``."""
+    started = time.perf_counter()
+    process = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    assert process.stderr is not None
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)
+    process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - started
+    if process.returncode != 0:
+        logger.error("raml index failed:\n%s", stderr.decode(errors="replace")[-4000:])
+    return wall, usage.ru_maxrss / 1024.0, process.returncode
+
+
+def run_index_benchmark(
+    work_dir: Path,
+    sizes: tuple[int, ...] = (2000, 8000, 32000),
+    engines: tuple[str, ...] = ("local", "ray"),
+    image_size: int = 32,
+    shard_size: int = 1024,
+    batch_size: int = 64,
+    ray_actors: int = 2,
+    train_size: int = 2000,
+    architecture: str = "test_resnet",
+) -> dict[str, Any]:
+    """Run the benchmark (see the module docstring); returns the report as a dict."""
+    import torch
+
+    from raml.deploy.store import load_index
+    from raml.models import build_network, save_checkpoint
+
+    work_dir.mkdir(parents=True, exist_ok=True)
+    paths = _write_images(work_dir / "images", max(sizes), image_size)
+    network = work_dir / f"teacher-{architecture}-512.pth"
+    if not network.is_file():
+        torch.manual_seed(0)
+        save_checkpoint(network, build_network(architecture, whitening=512, pretrained=False))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "RAY_USAGE_STATS_ENABLED": "0"}
+    runs: list[dict[str, Any]] = []
+    equal: dict[int, dict[str, Any]] = {}
+    for size in sizes:
+        listing = work_dir / f"list-{size}.txt"
+        listing.write_text("\n".join(paths[:size]) + "\n")
+        outputs = {}
+        for engine in engines:
+            output = work_dir / f"index-{engine}-{size}"
+            summary = work_dir / f"summary-{engine}-{size}.json"
+            command = [sys.executable, "-m", "raml", "index", "--network-path", str(network), "--list", str(listing)]
+            command += ["--output", str(output), "--overwrite", "--image-size", str(image_size), "--device", "cpu"]
+            command += ["--workers", "0", "--no-progress", "--batch-size", str(batch_size), "--shard-size"]
+            command += [str(shard_size), "--index-type", "ivfpq", "--train-size", str(min(train_size, size))]
+            command += ["--engine", engine, "--json", str(summary)]
+            if engine == "ray":
+                command += ["--ray-actors", str(ray_actors)]
+            wall, peak, code = _run_index(command, env)
+            report = json.loads(summary.read_text()) if code == 0 else {}
+            runs.append(
+                {
+                    "engine": engine,
+                    "images": size,
+                    "exit_code": code,
+                    "wall_s": round(wall, 2),
+                    "images_per_s": round(size / wall, 1),
+                    "peak_rss_mib": round(peak, 1),
+                    "actor_peak_rss_mib": [round(v, 1) for v in report.get("actor_peak_rss_mib", [])],
+                }
+            )
+            logger.info("%s", runs[-1])
+            outputs[engine] = output
+        if len(outputs) == 2 and all(r["exit_code"] == 0 for r in runs[-2:]):
+            a, b = (np.asarray(load_index(outputs[e]).embeddings) for e in engines)
+            equal[size] = {"bit_identical": bool(np.array_equal(a, b)), "max_abs_diff": float(np.abs(a - b).max())}
+    ratios = {}
+    for engine in engines:
+        peaks = {r["images"]: r["peak_rss_mib"] for r in runs if r["engine"] == engine and r["exit_code"] == 0}
+        if min(sizes) in peaks and max(sizes) in peaks:
+            ratios[engine] = round(peaks[max(sizes)] / peaks[min(sizes)], 3)
+    return {
+        "benchmark": "index",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": list(os.getloadavg())},
+        "settings": {
+            "sizes": list(sizes),
+            "image_size": image_size,
+            "shard_size": shard_size,
+            "batch_size": batch_size,
+            "ray_actors": ray_actors,
+            "train_size": train_size,
+            "network": f"{architecture}, 512-d whitening, random weights",
+            "index": "ivfpq",
+        },
+        "runs": runs,
+        "equal_outputs": {str(k): v for k, v in equal.items()},
+        "peak_rss_ratio_largest_to_smallest": ratios,
+    }
+
+
+def format_index_report(report: dict[str, Any]) -> str:
+    """The report as a Markdown table."""
+    lines = [
+        "| engine | images | wall s | images/s | peak RSS MiB (process) | actors' peak RSS MiB |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        actors = ", ".join(f"{v:.0f}" for v in r["actor_peak_rss_mib"]) or "-"
+        lines.append(
+            f"| {r['engine']} | {r['images']} | {r['wall_s']} | {r['images_per_s']} | {r['peak_rss_mib']:.0f} | "
+            f"{actors} |"
+        )
+    for size, result in report["equal_outputs"].items():
+        lines.append(
+            f"\n{size} images: local vs ray bit-identical: {result['bit_identical']} "
+            f"(max abs diff {result['max_abs_diff']:.3g})"
+        )
+    for engine, ratio in report["peak_rss_ratio_largest_to_smallest"].items():
+        lines.append(f"\n{engine}: peak RSS largest / smallest database = {ratio}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry: ``raml bench index [--sizes 2000,8000,32000] [--engines local,ray] [--json PATH]``."""
+    from raml.cli.common import positive_int, setup_logging
+
+    parser = argparse.ArgumentParser(prog="raml bench index", description=__doc__.splitlines()[0])
+
+    def int_list(value: str) -> tuple[int, ...]:
+        try:
+            items = tuple(int(v) for v in value.split(",") if v.strip())
+        except ValueError:
+            items = ()
+        if not items or min(items) < 1:
+            raise argparse.ArgumentTypeError(f"expected positive integers such as 2000,8000, got {value!r}")
+        return items
+
+    parser.add_argument("--work-dir", type=Path, default=Path("bench-index"), help="images, network, indexes")
+    parser.add_argument("--sizes", type=int_list, default=(2000, 8000, 32000), help="database sizes")
+    parser.add_argument("--engines", default="local,ray", help="engines compared (local,ray)")
+    parser.add_argument("--image-size", type=positive_int, default=32, help="image side and DR (32)")
+    parser.add_argument("--shard-size", type=positive_int, default=1024)
+    parser.add_argument("--batch-size", type=positive_int, default=64)
+    parser.add_argument("--ray-actors", type=positive_int, default=2)
+    parser.add_argument("--architecture", default="test_resnet", help="backbone (default timm's tiny test_resnet)")
+    parser.add_argument("--json", type=Path, help="also write the report as JSON")
+    parser.add_argument("--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    setup_logging(args.verbose)
+    engines = tuple(e for e in args.engines.split(",") if e)
+    report = run_index_benchmark(
+        args.work_dir,
+        args.sizes,
+        engines,
+        args.image_size,
+        args.shard_size,
+        args.batch_size,
+        args.ray_actors,
+        architecture=args.architecture,
+    )
+    print(format_index_report(report))
+    if args.json is not None:
+        atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
+    return 0 if all(r["exit_code"] == 0 for r in report["runs"]) else 1

@@ -1,0 +1,26 @@
+"""``raml bench index`` end to end on a tiny setting (slow: every ``raml index`` run is a fresh process)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raml.bench.index import format_index_report, run_index_benchmark
+from raml.deploy import load_index
+
+
+@pytest.mark.slow
+def test_bench_index_reports_memory_rates_and_equal_outputs(tmp_path):
+    report = run_index_benchmark(
+        tmp_path, sizes=(4, 8), engines=("local",), image_size=32, shard_size=4, batch_size=4, train_size=4
+    )
+    assert [(r["engine"], r["images"], r["exit_code"]) for r in report["runs"]] == [("local", 4, 0), ("local", 8, 0)]
+    for run in report["runs"]:
+        assert run["peak_rss_mib"] > 0 and run["images_per_s"] == round(run["images"] / run["wall_s"], 1)
+    small, large = (r["peak_rss_mib"] for r in report["runs"])
+    assert report["peak_rss_ratio_largest_to_smallest"] == {"local": round(large / small, 3)}
+    # the larger database extends the smaller one: the same images give the same rows
+    a = np.asarray(load_index(tmp_path / "index-local-4").embeddings)
+    b = np.asarray(load_index(tmp_path / "index-local-8").embeddings)
+    np.testing.assert_array_equal(a, b[:4])
+    assert "| local | 8 |" in format_index_report(report)
