@@ -213,6 +213,19 @@ def check_precision(precision: str, device: torch.device) -> None:
             logger.warning("bf16 requested: %s. Running it anyway; expect no speed-up.", reason)
 
 
+def worker_start_method(device: torch.device, workers: int) -> str | None:
+    """How the loader's worker processes start: ``forkserver`` when the network runs on CUDA, else the default.
+
+    A process that already uses CUDA (and, in multi-device ``raml index``, runs one extraction thread per
+    device) must not ``fork`` its loader workers: a forked child inherits the CUDA context and the other
+    threads' locks in whatever state they were. ``forkserver`` starts them from a clean server process.
+    ``None`` (no workers, or a CPU device) keeps PyTorch's default, which is cheaper to start.
+    """
+    if workers > 0 and device.type == "cuda":
+        return "forkserver"
+    return None
+
+
 @torch.inference_mode()
 def extract_embeddings(
     network: nn.Module,
@@ -259,6 +272,7 @@ def extract_embeddings(
         shuffle=False,
         num_workers=workers,
         pin_memory=device.type == "cuda",
+        multiprocessing_context=worker_start_method(device, workers),
     )
     was_training = network.training
     network.eval()
