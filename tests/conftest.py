@@ -22,6 +22,7 @@ fixture sets up in well under a second.
 from __future__ import annotations
 
 import json
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -31,6 +32,16 @@ import pytest
 from PIL import Image
 
 TINY = (40, 30)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist (``make test`` runs ``-n auto``), give each worker its share of the cores for torch,
+    so that N workers do not each start as many threads as there are cores."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
 
 
 def _class_color(k: int) -> tuple[int, int, int]:
