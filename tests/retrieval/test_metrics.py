@@ -322,3 +322,23 @@ def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["--num-images", "500", "--num-classes", "100", "--repeat", "0"])
     assert "--repeat must be >= 1" in capsys.readouterr().err
+
+
+def test_eval_benchmark_metrics_are_those_of_its_embeddings(tmp_path) -> None:
+    """The benchmark's metrics are measured on its data, not filled in: they equal a direct ``retrieval_metrics``
+    call and the plain reference on the same seeded embeddings (fixed numbers in their place failed here)."""
+    from raml.bench.eval import _KS, main, make_clustered_embeddings
+
+    out = tmp_path / "bench.json"
+    argv = ["--num-images", "300", "--dim", "16", "--num-classes", "60", "--seed", "3", "--json", str(out)]
+    assert main(argv) == 0
+    measured = json.loads(out.read_text())["metrics"]
+    x, labels = make_clustered_embeddings(300, 16, 60, seed=3)
+    direct = retrieval_metrics(x, x, labels, labels, ks=_KS, exclude_self=True)
+    reference = _reference_metrics(x, x, labels, labels, list(_KS), exclude_self=True)
+    assert set(measured) == set(direct)
+    for key, value in direct.items():
+        assert measured[key] == pytest.approx(value, abs=1e-9), key
+    for key, value in reference.items():
+        assert measured[key] == pytest.approx(value, abs=1e-6), key
+    assert 0.0 < measured["mAP"] < 100.0  # neither trivial end: the data has hard and easy queries
