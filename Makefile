@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench-eval clean
+.PHONY: demo test lint bench-eval mutate clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,11 @@ lint: $(STAMP)
 
 bench-eval: $(STAMP)
 	$(BIN)/raml bench eval
+
+# Mutation testing of the core modules against their own tests (long; not part of `make test`):
+# docs/benchmarks.md "Mutation testing". One target: make mutate TARGETS=metrics
+mutate: $(STAMP)
+	$(BIN)/python scripts/mutate.py $(TARGETS)
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info

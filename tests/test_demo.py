@@ -135,6 +135,41 @@ def test_reduced_demo_repeats_itself_exactly(reduced_demo, tmp_path):
         assert all(torch.equal(wa[k], wb[k]) for k in wa), network
 
 
+def _asym_alignment(out: Path, network: str) -> float:
+    """Mean cosine of ``network``'s 32 px embedding of each held-out image to the teacher's 64 px embedding of it."""
+    from raml.data.splits import get_split
+    from raml.models import load_network
+    from raml.retrieval.extract import extract_embeddings
+
+    cpu = torch.device("cpu")
+    paths = [str(p) for p in get_split("synth-test", out / "data").abspaths()]
+    teacher = load_network(out / "teacher" / "model_best.pth.tar", device=cpu)
+    query_net = load_network(out / network / "model_best.pth.tar", device=cpu)
+    database = extract_embeddings(teacher, paths, 64, cpu, progress=False)
+    queries = extract_embeddings(query_net, paths, 32, cpu, progress=False)
+    return float((queries * database).sum(1).mean())
+
+
+def test_reduced_demo_distils_the_student_towards_the_teacher_database(reduced_demo):
+    """The student is distilled, not a copy of the teacher: its weights moved, its QR/DR row is not the
+    undistilled one, and its 32 px embeddings lie closer to the teacher's 64 px ones than the teacher's own 32 px
+    embeddings do (what the distillation optimises). A student copied from the teacher failed here.
+
+    The reduced run cannot pin the paper's ordering (method row >> undistilled row): its teacher takes one
+    optimiser step, so its 32 px and 64 px embeddings already agree (cosine ~0.99) and the two rows' mAP on its
+    24 held-out images are within a few points either way (docs/demo.md, "What holds on every machine"); the
+    ordering with a margin is checked on the full demo, with ``-m slow``.
+    """
+    out, _ = reduced_demo
+    rows = {row["setting"]: row for row in json.loads((out / "results.json").read_text())["rows"]}
+    undistilled = rows["teacher QR / teacher DR (asymmetric, no distillation)"]
+    method = rows["student QR / teacher DR (asymmetric, the method)"]
+    assert (method["mAP"], method["R@1"], method["R@4"]) != (undistilled["mAP"], undistilled["R@1"], undistilled["R@4"])
+    teacher, student = (_weights(out / name / "model_best.pth.tar") for name in ("teacher", "student"))
+    assert any(not torch.equal(teacher[k], student[k]) for k in teacher)
+    assert _asym_alignment(out, "student") > _asym_alignment(out, "teacher")
+
+
 def test_reproducible_restores_the_thread_count_and_the_deterministic_flag():
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     with reproducible(1):
@@ -251,18 +286,40 @@ def test_readme_block_is_what_the_script_writes_for_its_numbers():
     assert _marked_rows_and_summary("docs/demo.md") == (rows, sentence)
 
 
-@pytest.mark.slow
-def test_full_demo_gives_the_documents_numbers(tmp_path):
-    """The default ``raml demo`` on a CPU reproduces README.md's table (timings aside).
+#: what the full demo must show on every machine: distillation lifts QR/DR asymmetric mAP by at least this much
+#: (README's machine: 9.59 -> 34.88, +25.3; docs/demo.md lists the spread measured across machines)
+FULL_DEMO_MIN_LIFT = 15.0
 
-    It holds on the stack docs/demo.md names (versions, thread count, processor); after a change that moves
-    the numbers, run ``make demo`` and ``python scripts/refresh_demo_tables.py``.
-    """
-    out = tmp_path / "demo"
+
+@pytest.fixture(scope="module")
+def full_demo(tmp_path_factory) -> dict[str, Any]:
+    """The default ``raml demo`` on a CPU (minutes), run once for the slow tests."""
+    out = tmp_path_factory.mktemp("full_demo") / "demo"
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert main(["demo", "--out", str(out), "--device", "cpu", "--no-progress"]) == 0
-    results = json.loads((out / "results.json").read_text())
+    return json.loads((out / "results.json").read_text())
+
+
+@pytest.mark.slow
+def test_full_demo_shows_the_papers_ordering(full_demo):
+    """What holds on every machine (the digits do not: docs/demo.md): the distilled student's QR/DR mAP beats
+    the undistilled teacher's QR/DR mAP by ``FULL_DEMO_MIN_LIFT`` and stays below the teacher's DR/DR."""
+    mAP = {row["setting"]: row["mAP"] for row in full_demo["rows"]}
+    undistilled = mAP["teacher QR / teacher DR (asymmetric, no distillation)"]
+    method = mAP["student QR / teacher DR (asymmetric, the method)"]
+    assert method - undistilled >= FULL_DEMO_MIN_LIFT, f"stack of this run: {full_demo['stack']}"
+    assert mAP["teacher DR / DR (symmetric)"] > method
+
+
+@pytest.mark.slow
+def test_full_demo_gives_the_documents_numbers(full_demo):
+    """The default ``raml demo`` on a CPU reproduces README.md's table (timings aside).
+
+    It holds only on the machine that produced the table: the same versions and thread count on another
+    processor, even one of the same model name, give other digits (docs/demo.md). After a change that moves
+    the numbers, run ``make demo`` and ``python scripts/refresh_demo_tables.py``.
+    """
     rows, sentence = _marked_rows_and_summary("README.md")
-    assert comparable(results) == comparable({"rows": rows}), f"stack of this run: {results['stack']}"
-    assert summary(results["rows"]) == sentence
+    assert comparable(full_demo) == comparable({"rows": rows}), f"stack of this run: {full_demo['stack']}"
+    assert summary(full_demo["rows"]) == sentence

@@ -64,3 +64,40 @@ def test_the_readme_layout_names_existing_packages_and_every_benchmark():
     assert {name.strip() for name in listed.group(1).split("|")} == set(BENCHMARKS)
     for folder in ("methods/", "service/"):
         assert folder in block
+
+
+def _load_mutate_script():
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("mutate_script", REPO / "scripts" / "mutate.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up while the class is built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_mutation_targets_cover_the_core_modules_and_the_docs_name_them():
+    """scripts/mutate.py's targets are pyproject's [tool.mutmut] split by module; each target's work folder gets
+    a pyproject naming only its own modules and tests; docs/benchmarks.md records a line for every target."""
+    import tomllib
+
+    script = _load_mutate_script()
+    pyproject_text = (REPO / "pyproject.toml").read_text()
+    config = tomllib.loads(pyproject_text)["tool"]["mutmut"]
+    targets = script.TARGETS
+    assert sorted(m for t in targets.values() for m in t.modules) == sorted(config["only_mutate"])
+    assert sorted(f for t in targets.values() for f in t.tests) == sorted(config["pytest_add_cli_args_test_selection"])
+    for target in targets.values():
+        assert all(list(REPO.glob(module)) for module in target.modules)
+        assert all((REPO / test).exists() for test in target.tests)
+    rewritten = tomllib.loads(script.target_pyproject(pyproject_text, targets["metrics"]))
+    assert rewritten["tool"]["mutmut"]["only_mutate"] == ["src/raml/retrieval/metrics.py"]
+    assert rewritten["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == ["tests/retrieval/test_metrics.py"]
+    assert rewritten["tool"]["pytest"] == tomllib.loads(pyproject_text)["tool"]["pytest"]  # the rest is kept
+    with pytest.raises(ValueError, match=r"no \[tool.mutmut\] section"):
+        script.target_pyproject("[project]\nname = 'x'\n", targets["metrics"])
+    text = (REPO / "docs" / "benchmarks.md").read_text()
+    section = text[text.index("## Mutation testing") :]
+    for name in targets:
+        assert f"| {name} |" in section, name

@@ -50,8 +50,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class PaperRow:
-    """One row of the paper's table (seed README; ResNet50, GeM, 512-d whitening, DR 448, QR 224, seed 1234):
-    the optimised hyper-parameters and the distilled student's results in %."""
+    """One row of the paper's table (the authors' README, :data:`PAPER_SOURCE_URL`; ResNet50, GeM, 512-d
+    whitening, DR 448, QR 224, seed 1234): the optimised hyper-parameters and the distilled student's results in %."""
 
     lr: float
     lam_1: float
@@ -65,12 +65,21 @@ class PaperRow:
         return {"asym": {"mAP": self.asym_map, "R@1": self.asym_r1}, "sym": {"mAP": self.sym_map, "R@1": self.sym_r1}}
 
 
+#: Where :data:`PAPER_RESULTS` comes from: the table "Optimized hyperparameters for each dataset and the default seed
+#: (1234) along with the resulting score" in the README of the authors' code release, at this commit. That README
+#: accompanies Suma & Tolias, "Large-to-small Image Resolution Asymmetry in Deep Metric Learning", WACV 2023,
+#: arXiv:2210.05463 (it links the unversioned abstract page; v1 is dated 11 Oct 2022). These are the numbers of the
+#: released models with the optimised hyper-parameters; they were not checked here against the tables of the PDF.
+PAPER_SOURCE_URL = "https://github.com/pavelsuma/raml/blob/140f34e99ffc6568d2a2e8fbf2c38f4335964f66/README.md"
+PAPER_ARXIV = "arXiv:2210.05463"
+
 PAPER_RESULTS: dict[str, PaperRow] = {
     "cub": PaperRow(1.4025e-4, 0.7718, 0.6684, 40.80, 70.43, 41.08, 71.79),
     "cars": PaperRow(1.1692e-4, 0.6371, 0.7731, 39.43, 85.06, 40.19, 86.87),
     "sop": PaperRow(1.7579e-4, 0.7482, 0.6778, 60.23, 81.14, 60.49, 81.44),
 }
-"""The paper's numbers, the one place in the code that holds them (the README's table is checked against it)."""
+"""The paper's numbers (source: :data:`PAPER_SOURCE_URL`), the one place in the code that holds them; the README's
+table is checked against this constant, and nothing else holds a copy."""
 
 METRICS = ("mAP", "R@1")
 TRAIN_STEP_FORWARDS = 3.0

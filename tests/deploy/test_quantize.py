@@ -146,25 +146,46 @@ def test_evenly_spaced_takes_first_last_and_spreads_the_rest():
         evenly_spaced(items, 0)
 
 
-def test_quantization_benchmark_rows(setup, tmp_path):
-    """The benchmark's table on tiny data: the fp32 export reproduces PyTorch, bytes are faiss's code sizes."""
-    from raml.bench.quantization import format_quantization_report, run_quantization_benchmark
+@pytest.fixture(scope="module")
+def bench(setup, tmp_path_factory) -> dict:
+    """One tiny ``run_quantization_benchmark`` run, with the query embeddings of each row recorded (in row order)."""
+    from raml.bench import quantization as bench_module
     from raml.deploy import IndexParams
 
-    result = run_quantization_benchmark(
-        setup["net"],  # the student's own database: same dimension, all that matters here
-        setup["net"],
-        setup["root"],
-        "synth-test",
-        S,
-        40,
-        "synth-train",
-        tmp_path / "work",
-        calibration_images=8,
-        ivfpq=IndexParams("ivfpq", nlist=2, m=4, nbits=4),
-        probes=[1, 2],
-        repeats=1,
-    )
+    recorded: list[np.ndarray] = []
+    real_extract = bench_module.extract_embeddings
+
+    def recording_extract(*args, **kwargs):
+        embeddings = real_extract(*args, **kwargs)
+        recorded.append(embeddings.numpy().astype(np.float64))
+        return embeddings
+
+    work = tmp_path_factory.mktemp("quantization_bench") / "work"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_module, "extract_embeddings", recording_extract)
+        result = bench_module.run_quantization_benchmark(
+            setup["net"],  # the student's own database: same dimension, all that matters here
+            setup["net"],
+            setup["root"],
+            "synth-test",
+            S,
+            40,
+            "synth-train",
+            work,
+            calibration_images=8,
+            ivfpq=IndexParams("ivfpq", nlist=2, m=4, nbits=4),
+            probes=[1, 2],
+            repeats=1,
+        )
+    assert len(recorded) == len(result["rows"])
+    return {"result": result, "work": work, "queries": recorded}
+
+
+def test_quantization_benchmark_rows(bench):
+    """The benchmark's table on tiny data: the fp32 export reproduces PyTorch, bytes are faiss's code sizes."""
+    from raml.bench.quantization import format_quantization_report
+
+    result = bench["result"]
     assert [r["nprobe"] for r in result["rows"]] == [None] * 3 + [1] * 3 + [2] * 3
     rows = {(r["query_network"], r["database"]): r for r in result["rows"] if r["nprobe"] != 1}
     assert len(rows) == 6
@@ -249,3 +270,30 @@ def test_raml_test_with_the_int8_student_is_within_tolerance_of_fp32(setup, tmp_
     for metric, value in results["fp32"].items():
         assert results["int8"][metric] == pytest.approx(value, abs=INT8_METRIC_TOLERANCE), metric
     print(f"fp32 {results['fp32']}\nint8 {results['int8']}")
+
+
+def test_quantization_benchmark_int8_rows_measure_the_int8_file(setup, bench):
+    """The int8 rows embed queries with the int8 file: its embeddings, which differ from the fp32 file's yet keep
+    cosine >= 0.99 on every image, and the exact row's mAP is that of those embeddings against the database (an
+    int8 row that measured the fp32 file passed the rows test)."""
+    from raml.retrieval.extract import extract_embeddings
+    from raml.retrieval.metrics import retrieval_metrics
+
+    split = get_split("synth-test", setup["root"])
+    paths = [str(p) for p in split.abspaths()]
+    int8_file, fp32_file = bench["work"] / "student.int8.onnx", bench["work"] / "student.fp32.onnx"
+    sidecar = read_sidecar(int8_file)
+    int8, fp32 = _embed(int8_file, paths, sidecar), _embed(fp32_file, paths, sidecar)
+    cosines = (fp32 * int8).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(int8, axis=1))
+    assert cosines.min() >= MIN_COSINE_PER_IMAGE and np.abs(int8 - fp32).max() > 1e-3
+
+    rows = bench["result"]["rows"]
+    int8_rows = [i for i, r in enumerate(rows) if r["query_network"] == "ONNX int8"]
+    assert len(int8_rows) == 3
+    for i in int8_rows:
+        np.testing.assert_allclose(bench["queries"][i], int8, atol=1e-5)
+    database = extract_embeddings(load_network(setup["net"]), paths, 40, torch.device("cpu"), progress=False)
+    [exact] = [rows[i] for i in int8_rows if rows[i]["database"] == "exact (flat)"]
+    queries = torch.from_numpy(int8).float()
+    expected = retrieval_metrics(queries, database, split.labels, split.labels, exclude_self=True)
+    assert exact["mAP"] == pytest.approx(expected["mAP"], abs=1e-4)

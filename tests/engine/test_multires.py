@@ -17,6 +17,7 @@ from PIL import Image
 
 from raml.cli.main import build_parser
 from raml.cli.train import config_from_args
+from raml.data.images import EvalTransform, load_image
 from raml.data.sizes import SizedImages, draw_batch_sizes, parse_image_sizes
 from raml.data.views import CoupledViewDataset
 from raml.engine.config import TrainConfig, load_yaml_config
@@ -108,6 +109,22 @@ def test_sized_images_render_each_item_at_its_size(images):
     image, index = dataset[(2, 24)]
     assert tuple(image.shape) == (3, 24, 24) and index == 2
     assert tuple(dataset[(2, 40)][0].shape) == (3, 40, 40)
+
+
+@pytest.mark.parametrize("size", [24, 40])
+def test_sized_images_item_is_the_eval_transform_of_its_own_image(images, size):
+    """Item ``(i, S)`` is exactly ``EvalTransform(S, mean, std)(load_image(paths[i]))``: the pixels of image i,
+    not another image's, not a blank, with this normalisation (a zeros-returning dataset failed here)."""
+    mean, std = [0.2, 0.4, 0.6], [0.5, 0.25, 0.125]
+    dataset = SizedImages(images, mean, std)
+    expected = [EvalTransform(size, mean, std)(load_image(path)) for path in images]
+    for index in (3, 0, 2, 1):  # out of order: the item follows its index, not the call order
+        image, returned = dataset[(index, size)]
+        assert returned == index and image.dtype == torch.float32
+        assert torch.equal(image, expected[index])
+    # the images are random noise, so each differs from the others and from a blank
+    assert all(not torch.allclose(expected[i], expected[j]) for i in range(4) for j in range(i))
+    assert all(float(e.abs().sum()) > 0 for e in expected)
 
 
 # ------------------------------------------------------------------------------------------------ config

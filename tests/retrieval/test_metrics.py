@@ -432,6 +432,135 @@ def test_the_test_protocol_counts_on_a_cuda_device_only(monkeypatch: pytest.Monk
     assert moved == []
 
 
+# --- cases found by mutation testing (scripts/mutate.py metrics; docs/benchmarks.md) -----------------------
+
+
+@pytest.fixture
+def three_torch_threads():
+    """Three torch threads: retrieval_metrics then counts on a pool of threads (the default under make test's
+    OMP_NUM_THREADS=1 is one thread and no pool)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 200, None])
+def test_thread_pool_counting_matches_the_reference(three_torch_threads, monkeypatch, chunk_bytes) -> None:
+    """The CPU counting split over a pool of threads, in jobs of one or several rows, gives the full-sort
+    reference's numbers, with classes of 1 to 20 images (runs of rows with different numbers of positives)."""
+    if chunk_bytes is not None:
+        monkeypatch.setattr(metrics_module, "_CHUNK_BYTES", chunk_bytes)
+    rng = np.random.default_rng(11)
+    sizes = [1, 2, 2, 3, 5, 8, 13, 20]
+    labels = np.repeat(np.arange(len(sizes)), sizes)
+    rng.shuffle(labels)
+    database = _unit(rng, labels.size, 4)
+    query = _unit(rng, labels.size, 4)
+    ks = [1, 3, 10]
+    for block_size in (None, 7):
+        got = retrieval_metrics(query, database, labels, labels, ks, exclude_self=True, block_size=block_size)
+        _assert_close(got, _reference_metrics(query, database, labels, labels, ks, True))
+    counter = metrics_module._Counter(torch.device("cpu"), max_rows=labels.size, num_cols=labels.size)
+    with counter:
+        assert counter.use_numpy and counter.threads == 3 and counter.pool is not None
+    assert counter.pool._shutdown  # leaving the block shuts the pool down
+
+
+def test_counter_sizes_its_scratch_and_threads() -> None:
+    """One scratch buffer per thread, ``chunk`` rows (about _CHUNK_BYTES of similarities) by ``Nd`` rounded up to
+    whole byte-lane chunks, all False; never more threads than rows; no pool on one thread or off the numpy path."""
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(4)
+        counter = metrics_module._Counter(torch.device("cpu"), max_rows=3, num_cols=3000)
+        with counter:
+            assert counter.threads == 3 and counter.pool is not None
+            assert counter.chunk == min(3, metrics_module._CHUNK_BYTES // (4 * 3000))
+            buffers = [counter.free.get() for _ in range(3)]
+            assert counter.free.empty()
+            width = 2 * metrics_module._LANE_COLS  # 3000 columns need two 2040-column chunks
+            assert all(b.shape == (counter.chunk, width) and b.dtype == np.bool_ and not b.any() for b in buffers)
+        big = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=1000)
+        assert big.chunk == metrics_module._CHUNK_BYTES // (4 * 1000) and big.threads == 4
+        big.__exit__(None, None, None)
+        torch.set_num_threads(1)
+        single = metrics_module._Counter(torch.device("cpu"), max_rows=50, num_cols=10)
+        assert single.threads == 1 and single.pool is None and single.chunk == 50
+    finally:
+        torch.set_num_threads(before)
+    off = metrics_module._Counter(torch.device("meta"), max_rows=5, num_cols=10)
+    assert not off.use_numpy and off.threads == 1 and off.pool is None and off.free.empty()
+
+
+def test_sorting_path_in_chunks_of_rows_matches_the_reference(monkeypatch) -> None:
+    """The sorting path with a chunk budget of a few rows (not one row, not all of them)."""
+    monkeypatch.setattr(metrics_module, "_SORT_MIN_POSITIVES", 1)
+    rng = np.random.default_rng(12)
+    labels = rng.integers(0, 4, 60)
+    database = _unit(rng, 60, 5)
+    query = _unit(rng, 60, 5)
+    monkeypatch.setattr(metrics_module, "_SORT_CHUNK_BYTES", 3 * 12 * 60)  # three rows per sort
+    got = retrieval_metrics(query, database, labels, labels, (1, 5), exclude_self=True)
+    _assert_close(got, _reference_metrics(query, database, labels, labels, [1, 5], True))
+
+
+def test_similarities_are_float32_even_for_float64_inputs() -> None:
+    """float64 embeddings are compared in float32 (the contract): two similarities that differ only beyond
+    float32's precision tie, and the tie is pessimistic."""
+    query = np.array([[1.0, 0.0]])
+    database = np.array([[1.0, 0.0], [1.0 + 1e-12, 0.0]])  # the positive is ahead in float64, equal in float32
+    got = retrieval_metrics(query, database, [0], [1, 0], ks=(1,))
+    # float32: the positive ties with the negative and ranks after it (rank 1, AP (0 + 1/2) / 2); float64 would
+    # rank it first (AP 1)
+    assert got["R@1"] == 0.0 and got["mAP"] == pytest.approx(25.0)
+    tensors = retrieval_metrics(torch.from_numpy(query), torch.from_numpy(database), [0], [1, 0], ks=(1,))
+    assert tensors == got
+
+
+def test_large_finite_embeddings_are_accepted_and_one_dimension_is_enough() -> None:
+    """The finiteness check sums in float64: entries whose float32 sum overflows are still finite. D = 1 works."""
+    query = np.array([[1e-30, 0.0]], dtype=np.float32)
+    database = np.array([[3e38, 0.0], [3e38, 0.0]], dtype=np.float32)
+    assert retrieval_metrics(query, database, [0], [0, 1], ks=(1,))["num_queries"] == 1
+    x = np.array([[1.0], [-1.0], [1.0]], dtype=np.float32)
+    got = retrieval_metrics(x, x, [0, 1, 0], [0, 1, 0], ks=(1,), exclude_self=True)
+    assert got["num_queries"] == 2 and got["num_no_positive"] == 1 and got["R@1"] == 100.0
+
+
+def test_more_bad_inputs_name_the_argument() -> None:
+    x = np.eye(3, dtype=np.float32)
+    labels = [0, 0, 1]
+    with pytest.raises(ValueError, match="^query_labels has 2 labels but query has 3 rows"):
+        retrieval_metrics(x, x, labels[:2], labels)
+    with pytest.raises(ValueError, match="^database_labels has 4 labels but database has 3 rows"):
+        retrieval_metrics(x, x, labels, labels + [1])
+    with pytest.raises(ValueError, match="^query must be a float tensor of embeddings, got dtype torch.bool"):
+        retrieval_metrics(torch.ones(3, 3, dtype=torch.bool), x, labels, labels)
+    with pytest.raises(ValueError, match="^database must be a float tensor of embeddings, got dtype torch.complex64"):
+        retrieval_metrics(x, torch.ones(3, 3, dtype=torch.complex64), labels, labels)
+    with pytest.raises(TypeError, match="got list"):
+        retrieval_metrics([[1.0, 0.0]], x, [0], labels)
+    with pytest.raises(ValueError, match="mAP and Recall@k are undefined"):
+        retrieval_metrics(x, x, [5, 6, 7], labels)
+    with pytest.raises(ValueError, match="^query_labels and database_labels must be of one comparable type"):
+        retrieval_metrics(x, x, np.array([0, 1, 2], dtype=object), np.array(["a", 1, None], dtype=object))
+    with pytest.raises(ValueError, match="integer ranks"):
+        average_precision([0.0, np.inf])
+    with pytest.raises(ValueError, match=r"^average_precision expects 0-based.*got \[3, 2, 1, 0\]"):
+        average_precision([3, 2, 1, 0])
+
+
+def test_no_progress_bar_unless_asked(capsys) -> None:
+    rng = np.random.default_rng(13)
+    x = _unit(rng, 10, 3)
+    labels = np.arange(10) % 3
+    retrieval_metrics(x, x, labels, labels, exclude_self=True, block_size=4)
+    assert capsys.readouterr().err == ""
+    retrieval_metrics(x, x, labels, labels, exclude_self=True, block_size=4, progress=True)
+    assert "retrieval metrics" in capsys.readouterr().err
+
+
 # --- raml.bench.eval (kept here, next to the metrics it measures) --------------------------------------
 
 
@@ -489,3 +618,23 @@ def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> Non
     with pytest.raises(SystemExit):
         main(["--num-images", "500", "--num-classes", "100", "--phases", "sort"])
     assert "unknown --phases ['sort']" in capsys.readouterr().err
+
+
+def test_eval_benchmark_metrics_are_those_of_its_embeddings(tmp_path) -> None:
+    """The benchmark's metrics are measured on its data, not filled in: they equal a direct ``retrieval_metrics``
+    call and the plain reference on the same seeded embeddings (fixed numbers in their place failed here)."""
+    from raml.bench.eval import _KS, main, make_clustered_embeddings
+
+    out = tmp_path / "bench.json"
+    argv = ["--num-images", "300", "--dim", "16", "--num-classes", "60", "--seed", "3", "--json", str(out)]
+    assert main(argv) == 0
+    measured = json.loads(out.read_text())["metrics"]
+    x, labels = make_clustered_embeddings(300, 16, 60, seed=3)
+    direct = retrieval_metrics(x, x, labels, labels, ks=_KS, exclude_self=True)
+    reference = _reference_metrics(x, x, labels, labels, list(_KS), exclude_self=True)
+    assert set(measured) == set(direct)
+    for key, value in direct.items():
+        assert measured[key] == pytest.approx(value, abs=1e-9), key
+    for key, value in reference.items():
+        assert measured[key] == pytest.approx(value, abs=1e-6), key
+    assert 0.0 < measured["mAP"] < 100.0  # neither trivial end: the data has hard and easy queries

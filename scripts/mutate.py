@@ -1,0 +1,170 @@
+"""Mutation testing of the core modules, each against its own test files (mutmut; docs/benchmarks.md).
+
+mutmut edits one thing at a time in a copy of the code (a ``+`` becomes ``-``, a ``<`` a ``<=``, a constant
+changes...) and runs the tests that call the edited function; a mutant the tests do not notice "survives".
+Each survivor is a test to write or dead code to remove.
+
+Each target runs in its own work folder, ``mutants-work/<target>/`` (git-ignored), holding a copy of
+``src/``, ``tests/`` and a ``pyproject.toml`` whose ``[tool.mutmut]`` names only that target's modules and
+test files. mutmut keeps its results there, so a second run only re-tests what changed.
+
+    python scripts/mutate.py                       # every target (long: tens of minutes on 2 cores)
+    python scripts/mutate.py metrics losses        # some targets
+    python scripts/mutate.py metrics --survivors   # also print each survivor's diff
+    python scripts/mutate.py --list                # the targets, their modules and test files
+    make mutate                                    # = python scripts/mutate.py
+
+It prints one line per target (killed / total, the score, the survivors' names) and writes
+``mutants-work/<target>/score.json``. Not part of ``make test``: run it before closing an issue that changes
+these modules. Run it with the project's interpreter (``.venv/bin/python``); the ``PYTHONPATH`` of the
+calling shell is dropped, so that the mutated copy, not the checkout, is what the tests import.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+WORK = ROOT / "mutants-work"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One group of modules to mutate and the test files that own them."""
+
+    modules: tuple[str, ...]  # globs relative to the checkout, as mutmut's ``only_mutate`` reads them
+    tests: tuple[str, ...]
+
+
+TARGETS: dict[str, Target] = {
+    "losses": Target(("src/raml/losses/*",), ("tests/losses/",)),
+    "metrics": Target(("src/raml/retrieval/metrics.py",), ("tests/retrieval/test_metrics.py",)),
+    "methods": Target(("src/raml/engine/methods/*",), ("tests/engine/test_methods.py",)),
+    "views": Target(("src/raml/data/views.py",), ("tests/data/test_views.py",)),
+}
+
+_MUTMUT_SECTION = re.compile(r"^\[tool\.mutmut\]\n(?:(?!^\[).*\n?)*", re.MULTILINE)
+
+
+def _toml_list(items: tuple[str, ...] | list[str]) -> str:
+    return "[" + ", ".join(json.dumps(i) for i in items) + "]"
+
+
+def target_pyproject(pyproject: str, target: Target) -> str:
+    """``pyproject`` with its ``[tool.mutmut]`` section replaced by one for ``target`` alone.
+
+    Args:
+        pyproject: the checkout's pyproject.toml text (must hold a ``[tool.mutmut]`` section).
+        target: the modules to mutate and their test files.
+
+    Returns:
+        The text for the work folder's pyproject.toml.
+    """
+    if not _MUTMUT_SECTION.search(pyproject):
+        raise ValueError("pyproject.toml has no [tool.mutmut] section; restore it from git before running this script")
+    section = (
+        "[tool.mutmut]\n"
+        'source_paths = ["src/"]\n'
+        f"only_mutate = {_toml_list(target.modules)}\n"
+        f"pytest_add_cli_args_test_selection = {_toml_list(target.tests)}\n"
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n\n'
+    )
+    return _MUTMUT_SECTION.sub(lambda _: section, pyproject, count=1)
+
+
+def prepare(name: str, target: Target) -> Path:
+    """Create or refresh ``mutants-work/<name>/`` from the checkout; returns the folder."""
+    work = WORK / name
+    work.mkdir(parents=True, exist_ok=True)
+    for folder in ("src", "tests"):
+        if (work / folder).exists():
+            shutil.rmtree(work / folder)
+        shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (work / "pyproject.toml").write_text(target_pyproject((ROOT / "pyproject.toml").read_text(), target))
+    return work
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env.setdefault("OMP_NUM_THREADS", "1")
+    env.setdefault("MKL_NUM_THREADS", "1")
+    return env
+
+
+def mutmut(work: Path, *args: str, capture: bool = False) -> subprocess.CompletedProcess:
+    """Run ``python -m mutmut <args>`` in ``work`` with this interpreter."""
+    cmd = [sys.executable, "-m", "mutmut", *args]
+    return subprocess.run(cmd, cwd=work, env=_env(), text=True, capture_output=capture, check=False)
+
+
+def survivors(work: Path) -> list[str]:
+    """Names of the surviving mutants, from ``mutmut results``."""
+    out = mutmut(work, "results", capture=True).stdout
+    return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(": survived")]
+
+
+def score(work: Path) -> dict:
+    """mutmut's counts for the work folder, plus ``score`` = killed / (total - skipped) in percent."""
+    result = mutmut(work, "export-cicd-stats", capture=True)
+    stats_path = work / "mutants" / "mutmut-cicd-stats.json"
+    if result.returncode != 0 or not stats_path.exists():
+        raise RuntimeError(f"mutmut export-cicd-stats failed in {work}:\n{result.stdout}\n{result.stderr}")
+    stats = json.loads(stats_path.read_text())
+    # a mutant that times out or crashes the test run is caught by the tests too
+    caught = stats["killed"] + stats["timeout"] + stats["segfault"]
+    judged = stats["total"] - stats["skipped"]
+    stats["score"] = round(100.0 * caught / judged, 1) if judged else 0.0
+    return stats
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("targets", nargs="*", help=f"some of {', '.join(TARGETS)} (default: all of them)")
+    parser.add_argument("--survivors", action="store_true", help="print each surviving mutant's diff")
+    parser.add_argument("--list", action="store_true", help="print the targets and exit")
+    parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    args = parser.parse_args(argv)
+    if args.list:
+        for name, t in TARGETS.items():
+            print(f"{name:8s} {' '.join(t.modules)}  <-  {' '.join(t.tests)}")
+        return 0
+    unknown = [t for t in args.targets if t not in TARGETS]
+    if unknown:
+        parser.error(f"unknown target(s) {', '.join(unknown)}; expected some of {', '.join(TARGETS)}")
+    failed = False
+    for name in args.targets or list(TARGETS):
+        work = prepare(name, TARGETS[name])
+        start = time.monotonic()
+        run = mutmut(work, "run", "--max-children", str(args.max_children))
+        minutes = (time.monotonic() - start) / 60
+        if run.returncode != 0:
+            print(f"{name}: mutmut run exited with {run.returncode}; see the output above", file=sys.stderr)
+            failed = True
+            continue
+        stats = score(work)
+        alive = survivors(work)
+        stats.update(target=name, minutes=round(minutes, 1), survivors=alive)
+        (work / "score.json").write_text(json.dumps(stats, indent=2) + "\n")
+        caught = stats["killed"] + stats["timeout"] + stats["segfault"]
+        print(
+            f"{name}: {caught} of {stats['total'] - stats['skipped']} mutants killed ({stats['score']}%), "
+            f"{stats['survived']} survived, {stats['no_tests']} untested, in {minutes:.1f} min"
+        )
+        for mutant in alive:
+            print(f"  survived: {mutant}")
+            if args.survivors:
+                print(mutmut(work, "show", mutant, capture=True).stdout)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
