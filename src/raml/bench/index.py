@@ -171,7 +171,7 @@ def format_index_report(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench index [--sizes 2000,8000,32000] [--engines local,ray] [--json PATH]``."""
-    from raml.cli.common import positive_int, setup_logging
+    from raml.entry import positive_int, setup_logging
 
     parser = argparse.ArgumentParser(prog="raml bench index", description=__doc__.splitlines()[0])
 

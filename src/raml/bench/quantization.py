@@ -49,7 +49,11 @@ def _code_bytes(index: Any, index_type: str) -> int:
     """Bytes of one stored vector code in a faiss index built by ``raml.deploy``."""
     import faiss
 
-    return int(faiss.extract_index_ivf(index).code_size if index_type in ("ivf", "ivfpq") else index.code_size)
+    if index_type in ("ivf", "ivfpq"):
+        return int(faiss.extract_index_ivf(index).code_size)
+    if isinstance(index, faiss.IndexIDMap):  # flat and HNSW indexes carry their ids in an IndexIDMap2
+        index = faiss.downcast_index(index.index)
+    return int(index.code_size)
 
 
 def _search_ms(database: DatabaseIndex, queries: np.ndarray, k: int, repeats: int, nprobe: int | None) -> float:
