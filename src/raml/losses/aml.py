@@ -67,6 +67,25 @@ def other_views_mask(groups: Tensor | None, n: int, device: torch.device) -> Ten
     return _group_mask(groups, n, device) & ~torch.eye(n, dtype=torch.bool, device=device)
 
 
+def top_k_exclusions(k: int, groups: Tensor | None, n: int, device: torch.device, smallest: int = 1) -> Tensor:
+    """Check a top-k size against the rows a row may rank and return :func:`other_views_mask`.
+
+    Each row ranks the ``n`` rows less the other views of its image; ``k`` must lie in ``[smallest,
+    candidates]`` for the row with the fewest candidates (itself included).
+
+    Raises:
+        ValueError: ``k`` is not an integer in that range (the message names the range and why).
+    """
+    excluded = other_views_mask(groups, n, device)
+    candidates = n - int(excluded.sum(dim=1).max())
+    if isinstance(k, bool) or not isinstance(k, int) or not smallest <= k <= candidates:
+        raise ValueError(
+            f"k must be an integer in [{smallest}, {candidates}] (each row's {candidates} candidates among the "
+            f"batch's {n} embeddings, other views of its image excluded), got {k!r}."
+        )
+    return excluded
+
+
 def _group_mask(groups: Tensor | None, n: int, device: torch.device) -> Tensor:
     """(N, N) bool: True where rows i and j belong to the same group (the diagonal included)."""
     if groups is None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor
 
-from raml.losses.aml import _check_embeddings, _check_positive, other_views_mask
+from raml.losses.aml import _check_embeddings, _check_positive, top_k_exclusions
 
 __all__ = ["csd_loss"]
 
@@ -58,13 +58,7 @@ def csd_loss(
     """
     _check_embeddings(student, teacher)
     n = student.shape[0]
-    excluded = other_views_mask(groups, n, student.device)
-    candidates = n - int(excluded.sum(dim=1).max())
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= candidates:
-        raise ValueError(
-            f"k must be an integer in [1, {candidates}] (each row's {candidates} candidates among the batch's {n} "
-            f"embeddings, other views of its image excluded), got {k!r}."
-        )
+    excluded = top_k_exclusions(k, groups, n, student.device)
     _check_positive("temperature", temperature)
     if isinstance(first_order_weight, bool) or not first_order_weight >= 0:
         raise ValueError(f"first_order_weight must be a number >= 0, got {first_order_weight!r}.")

@@ -35,7 +35,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from raml.losses.aml import _check_embeddings, other_views_mask
+from raml.losses.aml import _check_embeddings, top_k_exclusions
 
 __all__ = ["d3_loss"]
 
@@ -69,13 +69,7 @@ def d3_loss(
     """
     _check_embeddings(student, teacher)
     n = student.shape[0]
-    excluded = other_views_mask(groups, n, student.device)
-    candidates = n - int(excluded.sum(dim=1).max())
-    if isinstance(k, bool) or not isinstance(k, int) or not 2 <= k <= candidates:
-        raise ValueError(
-            f"k must be an integer in [2, {candidates}] (each row's {candidates} candidates among the batch's {n} "
-            f"embeddings, other views of its image excluded), got {k!r}."
-        )
+    excluded = top_k_exclusions(k, groups, n, student.device, smallest=2)
     for name, value in (("alpha", alpha), ("beta", beta), ("gamma", gamma)):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
             raise ValueError(f"{name} must be a number >= 0, got {value!r}.")
