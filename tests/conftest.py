@@ -41,7 +41,12 @@ def pytest_configure(config: pytest.Config) -> None:
     if workers:
         import torch
 
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // int(workers)))
+        threads = max(1, (os.cpu_count() or 1) // int(workers))
+        torch.set_num_threads(threads)
+        # the processes a test starts (torchrun, a killed-and-resumed training) inherit the same count, so
+        # that a run in this process and one in a child reduce in the same order (bit-identical weights)
+        for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+            os.environ[name] = str(threads)
 
 
 def _class_color(k: int) -> tuple[int, int, int]:
