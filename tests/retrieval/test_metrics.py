@@ -483,7 +483,7 @@ def test_counter_sizes_its_scratch_and_threads() -> None:
             masks = [b.mask for b in buffers]
             assert all(m.shape == (counter.chunk, width) and m.dtype == np.bool_ and not m.any() for m in masks)
         big = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=1000)
-        assert big.chunk == min(255, metrics_module._CHUNK_BYTES // (4 * 1000)) and big.threads == 4  # at most 255 rows a chunk
+        assert big.chunk == min(255, metrics_module._CHUNK_BYTES // (4 * 1000)) and big.threads == 4
         big.__exit__(None, None, None)
         torch.set_num_threads(1)
         single = metrics_module._Counter(torch.device("cpu"), max_rows=50, num_cols=10)
