@@ -1,5 +1,6 @@
 """Helpers every entry point shares: ``raml``'s commands (:mod:`raml.cli`) and the benchmarks' ``main``
-functions (:mod:`raml.bench`). Logging set-up, JSON output, and argparse value types.
+functions (:mod:`raml.bench`). Logging set-up, JSON output, argparse value types, and the
+``--<role>-path NETWORK`` / ``--<role> ARCH`` flag pair with how it becomes a network.
 
 Not part of the CLI: a benchmark may use these without importing :mod:`raml.cli` (which sits above every
 other package, see README's Layout and ``tests/test_layering.py``).
@@ -12,12 +13,25 @@ import json
 import logging
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from raml.utils import atomic_write_text
 
+if TYPE_CHECKING:
+    import torch
+
 logger = logging.getLogger("raml")
 
-__all__ = ["image_sizes_arg", "positive_int", "setup_logging", "write_json"]
+__all__ = [
+    "DEFAULT_POOL",
+    "DEFAULT_WHITENING",
+    "add_network_args",
+    "image_sizes_arg",
+    "network_from_args",
+    "positive_int",
+    "setup_logging",
+    "write_json",
+]
 
 
 class _CurrentStderrHandler(logging.StreamHandler):
@@ -59,3 +73,84 @@ def write_json(path: str | Path, payload: object) -> None:
     """Write JSON atomically (a temp file renamed into place)."""
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     logger.info("Wrote %s", path)
+
+
+#: What ``--pool`` and ``--whitening`` mean when they are not given (the reference's defaults).
+DEFAULT_POOL = "gem"
+DEFAULT_WHITENING = 0
+
+
+def add_network_args(
+    parser: argparse.ArgumentParser,
+    role: str,
+    required: bool,
+    short: str | None = None,
+    path_short: str | None = None,
+    onnx: bool = False,
+) -> None:
+    """Add the seed's mutually exclusive ``--<role>-path NETWORK`` / ``--<role> ARCH`` pair.
+
+    Args:
+        parser: the command's parser.
+        role: ``student``, ``teacher`` or ``network``.
+        required: one of the two must be given.
+        short: the reference's alias of ``--<role>`` (e.g. ``-s``).
+        path_short: the reference's alias of ``--<role>-path`` (e.g. ``-spath``).
+        onnx: also offer ``--<role>-onnx FILE``, a model written by ``raml export`` run by onnxruntime.
+    """
+    group = parser.add_mutually_exclusive_group(required=required)
+    group.add_argument(
+        *([path_short] if path_short else []),
+        f"--{role}-path",
+        metavar="NETWORK",
+        help=f"{role} checkpoint: a file, a name in <data-root>/networks/, or a published model name",
+    )
+    group.add_argument(
+        *([short] if short else []),
+        f"--{role}",
+        metavar="ARCH",
+        help=f"{role} built from a torchvision/timm architecture name (ImageNet weights unless --not-pretrained)",
+    )
+    if onnx:
+        group.add_argument(
+            f"--{role}-onnx",
+            type=Path,
+            metavar="FILE.onnx",
+            help=f"{role} exported by `raml export` (fp32 or --int8), run by onnxruntime on the CPU with the "
+            "preprocessing of its sidecar",
+        )
+
+
+def network_from_args(
+    path: str | None,
+    architecture: str | None,
+    data_root: str | Path,
+    device: torch.device,
+    pooling: str | None = None,
+    whitening: int | None = None,
+    pretrained: bool = True,
+) -> tuple[torch.nn.Module, Path | None]:
+    """Load a checkpoint (``path``) or build an architecture; returns the network and its checkpoint file.
+
+    ``pooling``/``whitening`` build an architecture (defaults :data:`DEFAULT_POOL`, :data:`DEFAULT_WHITENING`)
+    and are passed to :func:`raml.models.load_network` as hints only when given (not None).
+    """
+    from raml.models import build_network, load_network
+
+    if path is not None:
+        hints: dict[str, Any] = {}
+        if pooling is not None:
+            hints["pooling"] = pooling
+        if whitening is not None:
+            hints["whitening"] = whitening
+        network = load_network(path, data_root=data_root, device=device, **hints)
+        return network, getattr(network, "source_path", None)
+    if architecture is None:
+        raise ValueError("Give either a checkpoint (--*-path) or an architecture name.")
+    network = build_network(
+        architecture,
+        pooling=pooling if pooling is not None else DEFAULT_POOL,
+        whitening=whitening if whitening is not None else DEFAULT_WHITENING,
+        pretrained=pretrained,
+    )
+    return network.to(device).eval(), None

@@ -275,7 +275,8 @@ def test_raml_test_wires_devices_scales_and_hashing_into_the_protocol(
 def test_model_hints_reach_load_network_only_when_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import torch
 
-    from raml.cli import networks as networks_cli
+    import raml.models
+    from raml import entry as networks_cli
 
     calls = []
 
@@ -286,7 +287,7 @@ def test_model_hints_reach_load_network_only_when_given(monkeypatch: pytest.Monk
         calls.append(kwargs)
         return Loaded()
 
-    monkeypatch.setattr(networks_cli, "load_network", fake_load_network)
+    monkeypatch.setattr(raml.models, "load_network", fake_load_network)
     cpu = torch.device("cpu")
     networks_cli.network_from_args("old.pth", None, tmp_path, cpu)
     networks_cli.network_from_args("old.pth", None, tmp_path, cpu, pooling="mac", whitening=0)

@@ -15,7 +15,7 @@ import pytest
 from raml.cli import evaluate as test_cli
 from raml.cli import extract as extract_cli
 from raml.cli.common import WORKERS_HELP, default_workers
-from raml.cli.networks import DEFAULT_POOL, DEFAULT_WHITENING
+from raml.entry import DEFAULT_POOL, DEFAULT_WHITENING
 
 
 def _subparser(module) -> argparse.ArgumentParser:

@@ -349,8 +349,7 @@ def _index_types(value: str) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench query --network-path NET | --network ARCH --sizes 224,448 [...]``."""
-    from raml.cli.networks import add_network_args, network_from_args
-    from raml.entry import positive_int, setup_logging
+    from raml.entry import add_network_args, network_from_args, positive_int, setup_logging
 
     parser = argparse.ArgumentParser(
         prog="raml bench query",

@@ -18,15 +18,10 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.cli.networks import (
-    add_model_hint_args,
-    add_multiscale_arg,
-    add_network_args,
-    add_runtime_args,
-    network_from_args,
-)
+from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args
 from raml.data.check import apply_bad_image_policy
 from raml.data.splits import get_split
+from raml.entry import add_network_args, network_from_args
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import evaluate_split, format_results_table
 from raml.retrieval.extract import SINGLE_SCALE

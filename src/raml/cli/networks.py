@@ -6,59 +6,11 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
-from typing import Any
-
-import torch
 
 from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id
-from raml.models import POOLINGS, build_network, load_network
+from raml.entry import DEFAULT_POOL, DEFAULT_WHITENING
+from raml.models import POOLINGS
 from raml.retrieval.extract import parse_scales
-
-#: What ``--pool`` and ``--whitening`` mean when they are not given (the reference's defaults).
-DEFAULT_POOL = "gem"
-DEFAULT_WHITENING = 0
-
-
-def add_network_args(
-    parser: argparse.ArgumentParser,
-    role: str,
-    required: bool,
-    short: str | None = None,
-    path_short: str | None = None,
-    onnx: bool = False,
-) -> None:
-    """Add the seed's mutually exclusive ``--<role>-path NETWORK`` / ``--<role> ARCH`` pair.
-
-    Args:
-        parser: the command's parser.
-        role: ``student``, ``teacher`` or ``network``.
-        required: one of the two must be given.
-        short: the reference's alias of ``--<role>`` (e.g. ``-s``).
-        path_short: the reference's alias of ``--<role>-path`` (e.g. ``-spath``).
-        onnx: also offer ``--<role>-onnx FILE``, a model written by ``raml export`` run by onnxruntime.
-    """
-    group = parser.add_mutually_exclusive_group(required=required)
-    group.add_argument(
-        *([path_short] if path_short else []),
-        f"--{role}-path",
-        metavar="NETWORK",
-        help=f"{role} checkpoint: a file, a name in <data-root>/networks/, or a published model name",
-    )
-    group.add_argument(
-        *([short] if short else []),
-        f"--{role}",
-        metavar="ARCH",
-        help=f"{role} built from a torchvision/timm architecture name (ImageNet weights unless --not-pretrained)",
-    )
-    if onnx:
-        group.add_argument(
-            f"--{role}-onnx",
-            type=Path,
-            metavar="FILE.onnx",
-            help=f"{role} exported by `raml export` (fp32 or --int8), run by onnxruntime on the CPU with the "
-            "preprocessing of its sidecar",
-        )
 
 
 def non_negative_int(value: str) -> int:
@@ -151,36 +103,3 @@ def add_runtime_args(
         help="key cached embeddings by each image's content (SHA-256) instead of its size and modification "
         "time: also sees a same-size rewrite that kept the old time, at the cost of reading every image",
     )
-
-
-def network_from_args(
-    path: str | None,
-    architecture: str | None,
-    data_root: str | Path,
-    device: torch.device,
-    pooling: str | None = None,
-    whitening: int | None = None,
-    pretrained: bool = True,
-) -> tuple[torch.nn.Module, Path | None]:
-    """Load a checkpoint (``path``) or build an architecture; returns the network and its checkpoint file.
-
-    ``pooling``/``whitening`` build an architecture (defaults :data:`DEFAULT_POOL`, :data:`DEFAULT_WHITENING`)
-    and are passed to :func:`raml.models.load_network` as hints only when given (not None).
-    """
-    if path is not None:
-        hints: dict[str, Any] = {}
-        if pooling is not None:
-            hints["pooling"] = pooling
-        if whitening is not None:
-            hints["whitening"] = whitening
-        network = load_network(path, data_root=data_root, device=device, **hints)
-        return network, getattr(network, "source_path", None)
-    if architecture is None:
-        raise ValueError("Give either a checkpoint (--*-path) or an architecture name.")
-    network = build_network(
-        architecture,
-        pooling=pooling if pooling is not None else DEFAULT_POOL,
-        whitening=whitening if whitening is not None else DEFAULT_WHITENING,
-        pretrained=pretrained,
-    )
-    return network.to(device).eval(), None
