@@ -272,6 +272,11 @@ def test_a_removal_while_two_clients_query_is_served_without_a_failed_request(wo
                 stop.set()
             for future in clients:
                 future.result()
+        health = client.get("/health").json()["index"]
+        assert (health["size"], health["removed"], health["generation"]) == (6, 6, 2)
+        gone = client.get(f"/image/{paths.index(removed[0])}")
+        assert gone.status_code == 404 and "was removed from the index" in gone.json()["error"]
+        assert client.get(f"/image/{paths.index(paths[-1])}").status_code == 200
     assert {a[0] for a in answers} == {200}
     generations = [a[1] for a in answers]
     assert generations[0] == 1 and generations[-1] == 2

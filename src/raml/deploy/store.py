@@ -144,6 +144,10 @@ class DatabaseIndex:
         """The number of images in the faiss index (ids not removed)."""
         return int(self.index.ntotal)
 
+    def is_removed(self, image_id: int) -> bool:
+        """Whether the id ``image_id`` (``0 <= image_id < len(self)``) names a removed image (a tombstone row)."""
+        return self.paths[image_id] == REMOVED
+
     def live_ids(self) -> np.ndarray:
         """``(live_count,)`` int64 ids of the images not removed, ascending."""
         return np.asarray([i for i, p in enumerate(self.paths) if p != REMOVED], dtype=np.int64)
