@@ -73,19 +73,17 @@ def empty_copy(index: Any) -> Any:
     """A copy of the IVF ``index`` with its trained quantiser (and PQ) and no vectors, its lists in memory."""
     faiss = import_faiss()
     ivf = _ivf(index)
-    lists = ivf.invlists
+    lists, owned, ntotal = ivf.invlists, ivf.own_invlists, index.ntotal
     # clone_index cannot copy on-disk lists: swap in empty lists for the copy, then put the original back
     ivf.own_invlists = False
     empty = faiss.ArrayInvertedLists(ivf.nlist, ivf.code_size)
-    ntotal = index.ntotal
     ivf.replace_invlists(empty, False)
     index.ntotal = ivf.ntotal = 0
     try:
         copy = faiss.clone_index(index)
     finally:
-        ivf.replace_invlists(lists, False)
+        ivf.replace_invlists(lists, owned)
         index.ntotal = ivf.ntotal = ntotal
-        ivf.own_invlists = True
     return copy
 
 
@@ -96,14 +94,14 @@ def _write_parts(
     faiss = import_faiss()
     scratch.mkdir(parents=True, exist_ok=True)
     parts = []
+    part = faiss.clone_index(template)  # one copy of the quantiser, emptied after each part
     for rows, ids in chunks:
         if len(ids) == 0:
             continue
-        part = faiss.clone_index(template)
         add_with_ids(part, rows, ids)
         path = scratch / f"part-{first + len(parts):06d}.faiss"
         faiss.write_index(part, str(path))
-        del part
+        part.reset()
         parts.append(path)
     return parts
 
@@ -204,28 +202,21 @@ def _kept_parts(index: Any, remove: np.ndarray, scratch: Path, group_rows: int) 
     faiss = import_faiss()
     ivf = _ivf(index)
     source = ivf.invlists
-    template = empty_copy(index)
+    part = empty_copy(index)  # emptied after each part written
+    part_ivf = faiss.extract_index_ivf(part)
     scratch.mkdir(parents=True, exist_ok=True)
     parts: list[Path] = []
-    part, rows_in_part = None, 0
     for list_no in range(ivf.nlist):
         ids, codes = _remove_in_list(*_list_entries(source, list_no, ivf.code_size), remove)
-        if len(ids) == 0:
-            continue
-        if part is None:
-            part = faiss.clone_index(template)
-        faiss.extract_index_ivf(part).invlists.add_entries(
-            list_no, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(np.ascontiguousarray(codes))
-        )
-        part.ntotal += len(ids)  # the factory's IVF indexes are the top-level index (no wrapper)
-        rows_in_part += len(ids)
-        if rows_in_part >= group_rows:
+        if len(ids):
+            part_ivf.invlists.add_entries(
+                list_no, len(ids), faiss.swig_ptr(ids), faiss.swig_ptr(np.ascontiguousarray(codes))
+            )
+            part.ntotal = part_ivf.ntotal = part.ntotal + len(ids)
+        if part.ntotal and (part.ntotal >= group_rows or list_no == ivf.nlist - 1):
             parts.append(scratch / f"kept-{len(parts):06d}.faiss")
             faiss.write_index(part, str(parts[-1]))
-            part, rows_in_part = None, 0
-    if part is not None:
-        parts.append(scratch / f"kept-{len(parts):06d}.faiss")
-        faiss.write_index(part, str(parts[-1]))
+            part.reset()
     return parts
 
 
