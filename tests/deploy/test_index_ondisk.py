@@ -58,7 +58,7 @@ def test_merged_on_disk_lists_search_like_the_in_memory_index(tmp_path, index_ty
     in_memory = faiss.clone_index(template)
     add_with_ids(in_memory, rows, ids)
     chunks = [(rows[s : s + 700], ids[s : s + 700]) for s in range(0, 3000, 700)]
-    built = build_ondisk_ivf(template, chunks, tmp_path / "lists.ivfdata", tmp_path / "parts")
+    built = build_ondisk_ivf(template, chunks, tmp_path / "lists.ivfdata", tmp_path / "parts", part_rows=1000)
     assert is_ondisk(built) and built.ntotal == 3000
     assert not any((tmp_path / "parts").iterdir())  # the per-chunk parts are removed
     loaded = write_and_read(built, tmp_path, tmp_path / "lists.ivfdata")
@@ -84,7 +84,7 @@ def test_merged_on_disk_lists_search_like_the_in_memory_index(tmp_path, index_ty
         [(new_rows[:200], new_ids[:200]), (new_rows[200:], new_ids[200:])],
         tmp_path / "lists2.ivfdata",
         tmp_path / "parts",
-        group_rows=500,  # several parts of kept lists
+        part_rows=500,  # several parts of kept lists
     )
     (tmp_path / "next").mkdir()
     (tmp_path / "lists2.ivfdata").rename(tmp_path / "next" / "lists2.ivfdata")

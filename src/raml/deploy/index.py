@@ -69,7 +69,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ShardEngine", "index_images", "local_engine"]
 
 _NO_LABEL = -1
-_CHUNK_ROWS = 65536  # rows copied / added to faiss per step when assembling a generation
+_CHUNK_ROWS = 8192  # rows copied / added to faiss per step when assembling a generation (16 MiB of 512-d float32)
 
 ShardEngine = Callable[[ShardPlan], "dict[str, Any] | None"]
 """Fills every missing or damaged shard of a plan and may return figures about the run (the single-process
@@ -435,7 +435,8 @@ class _RowsFile:
     def __getitem__(self, rows: Any) -> np.ndarray:
         mapped = np.load(self.path, mmap_mode="r")
         try:
-            return np.array(mapped[rows], dtype=np.float32)
+            chunk = mapped[rows]  # a view of the map for a slice, a copy for a list of rows
+            return np.array(chunk) if np.may_share_memory(chunk, mapped) else np.asarray(chunk)
         finally:
             del mapped
 

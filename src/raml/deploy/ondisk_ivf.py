@@ -3,13 +3,13 @@
 Contract:
     ``build_ondisk_ivf(template, chunks, ivfdata, scratch)`` -> an IVF index equal to ``template`` (an empty,
     trained IVF / IVF-PQ index) with every ``(rows (n, D) float32, ids (n,) int64)`` chunk added, whose lists
-    are stored in the file ``ivfdata``. Each chunk is encoded into its own small IVF index (same trained
-    quantiser), written to a part file under ``scratch`` and dropped; the parts are then merged, list by list,
-    into ``ivfdata`` through memory maps (faiss's ``OnDiskInvertedLists.merge_from_multiple``). Memory is one
-    chunk's rows and codes, not the whole index. ``extend_ondisk_ivf`` builds the next version of such an index
-    (some ids removed, new chunks added) into a new file the same way, without touching the old file, which
-    readers may still be serving. ``empty_copy(index)`` -> the trained quantiser of an IVF index
-    without its vectors.
+    are stored in the file ``ivfdata``. The chunks are encoded into part indexes of ``part_rows`` vectors (same
+    trained quantiser), each written to a part file under ``scratch`` and emptied; the parts are then merged,
+    list by list, into ``ivfdata`` through memory maps (faiss's ``OnDiskInvertedLists.merge_from_multiple``).
+    Memory is one chunk's rows and one part's codes, not the whole index. ``extend_ondisk_ivf`` builds the
+    next version of such an index (some ids removed, new chunks added) into a new file the same way, without
+    touching the old file, which readers may still be serving. ``empty_copy(index)`` -> the trained quantiser
+    of an IVF index without its vectors.
 
 Search results equal those of the in-memory index that adds the same chunks in the same order to the same
 trained template: the lists hold the same codes and ids in the same order (tested: ids and distances).
@@ -32,6 +32,9 @@ import numpy as np
 from raml.deploy.faiss_index import add_with_ids, import_faiss
 
 logger = logging.getLogger(__name__)
+
+DEFAULT_PART_ROWS = 1 << 20
+"""Vectors per part index of an on-disk build: 72 MiB of codes and ids for IVF-PQ with m = 64."""
 
 __all__ = ["build_ondisk_ivf", "empty_copy", "extend_ondisk_ivf", "is_ondisk", "lists_file", "set_lists_name"]
 
@@ -88,21 +91,27 @@ def empty_copy(index: Any) -> Any:
 
 
 def _write_parts(
-    template: Any, chunks: Iterable[tuple[np.ndarray, np.ndarray]], scratch: Path, first: int = 0
+    template: Any, chunks: Iterable[tuple[np.ndarray, np.ndarray]], scratch: Path, part_rows: int, first: int = 0
 ) -> list[Path]:
-    """Each chunk encoded into a copy of ``template`` and written to a part file; one chunk in memory at a time."""
+    """The chunks encoded, in order, into copies of ``template`` of about ``part_rows`` vectors each, written to
+    part files; one chunk of rows and one part's codes in memory at a time."""
     faiss = import_faiss()
     scratch.mkdir(parents=True, exist_ok=True)
-    parts = []
+    parts: list[Path] = []
     part = faiss.clone_index(template)  # one copy of the quantiser, emptied after each part
-    for rows, ids in chunks:
-        if len(ids) == 0:
-            continue
-        add_with_ids(part, rows, ids)
-        path = scratch / f"part-{first + len(parts):06d}.faiss"
-        faiss.write_index(part, str(path))
+
+    def flush() -> None:
+        parts.append(scratch / f"part-{first + len(parts):06d}.faiss")
+        faiss.write_index(part, str(parts[-1]))
         part.reset()
-        parts.append(path)
+
+    for rows, ids in chunks:
+        if len(ids):
+            add_with_ids(part, rows, ids)
+        if part.ntotal >= part_rows:
+            flush()
+    if part.ntotal:
+        flush()
     return parts
 
 
@@ -140,7 +149,11 @@ def _merge_parts(template: Any, parts: Sequence[Path], ivfdata: Path) -> Any:
 
 
 def build_ondisk_ivf(
-    template: Any, chunks: Iterable[tuple[np.ndarray, np.ndarray]], ivfdata: Path, scratch: Path
+    template: Any,
+    chunks: Iterable[tuple[np.ndarray, np.ndarray]],
+    ivfdata: Path,
+    scratch: Path,
+    part_rows: int = DEFAULT_PART_ROWS,
 ) -> Any:
     """An IVF index with ``template``'s quantiser holding every chunk, its lists stored in ``ivfdata``.
 
@@ -149,13 +162,15 @@ def build_ondisk_ivf(
         chunks: ``(rows (n, D) float32, ids (n,) int64)`` pairs, added in order.
         ivfdata: The lists file to create (it must not exist).
         scratch: A folder for the part files; they are removed before returning.
+        part_rows: Vectors per part index (one part's codes are in memory at a time; fewer, larger parts
+            merge faster: the merge visits every list of every part).
 
     Returns:
         The index (its lists mapped read-write from ``ivfdata``; :func:`set_lists_name` before writing it).
     """
     if not template.is_trained or template.ntotal != 0:
         raise ValueError("build_ondisk_ivf needs an empty, trained IVF index as the template.")
-    parts = _write_parts(template, chunks, scratch)
+    parts = _write_parts(template, chunks, scratch, part_rows)
     try:
         return _merge_parts(template, parts, ivfdata)
     finally:
@@ -226,13 +241,13 @@ def extend_ondisk_ivf(
     chunks: Iterable[tuple[np.ndarray, np.ndarray]],
     ivfdata: Path,
     scratch: Path,
-    group_rows: int = 65536,
+    part_rows: int = DEFAULT_PART_ROWS,
 ) -> Any:
     """The next version of an IVF ``index`` (lists on disk or in memory) in the new lists file ``ivfdata``:
     its vectors without the ids ``remove``, then the chunks. ``index`` and its file are not modified (readers
     may be serving it).
 
-    The kept lists are copied a group of lists (about ``group_rows`` entries) at a time into part files, the
+    The kept lists are copied a group of lists (about ``part_rows`` entries) at a time into part files, the
     chunks encoded into further parts, and all parts merged into ``ivfdata``, as for a new build: faiss's
     merged on-disk lists are never modified in place (their free-space bookkeeping does not survive a merge,
     so growing a list there would overwrite another). Each list ends up as the in-memory update leaves it
@@ -243,8 +258,8 @@ def extend_ondisk_ivf(
     template = empty_copy(index)
     parts: list[Path] = []
     try:
-        parts += _kept_parts(index, remove, scratch, group_rows)
-        parts += _write_parts(template, chunks, scratch, first=len(parts))
+        parts += _kept_parts(index, remove, scratch, part_rows)
+        parts += _write_parts(template, chunks, scratch, part_rows, first=len(parts))
         return _merge_parts(template, parts, ivfdata)
     finally:
         for path in parts:
