@@ -271,3 +271,13 @@ def test_two_processes_loading_the_same_index_share_its_pages(tmp_path, on_disk)
     for rss, pss in figures:
         assert rss >= 0.5 * size_kib  # the file is mapped and resident, not copied into the process
         assert pss <= 0.55 * rss  # each resident page is counted once for two processes: shared
+
+
+def test_the_cli_refuses_on_disk_for_a_flat_index_before_anything_is_read(tmp_path, capsys):
+    from raml.cli import main as cli_main
+
+    argv = ["index", "--network-path", str(tmp_path / "absent.pth"), "--images", str(tmp_path)]
+    argv += ["--output", str(tmp_path / "index"), "--on-disk", "--index-type", "flat"]
+    assert cli_main.main(argv) == 2
+    assert "only ivf and ivfpq" in capsys.readouterr().err
+    assert not (tmp_path / "index").exists()
