@@ -281,3 +281,32 @@ def test_the_cli_refuses_on_disk_for_a_flat_index_before_anything_is_read(tmp_pa
     assert cli_main.main(argv) == 2
     assert "only ivf and ivfpq" in capsys.readouterr().err
     assert not (tmp_path / "index").exists()
+
+
+def test_a_crash_before_the_commit_leaves_the_on_disk_index_intact(tmp_path):
+    paths = make_files(tmp_path / "images", 900)
+    index_dir = tmp_path / "disk"
+    build(index_dir, paths[:800], on_disk=True)
+
+    def snapshot() -> dict[str, bytes]:
+        return {p.name: p.read_bytes() for p in sorted(index_dir.iterdir()) if p.is_file()}
+
+    before = snapshot()
+
+    def crash() -> None:
+        raise KeyboardInterrupt("simulated crash before the commit")
+
+    with pytest.raises(KeyboardInterrupt):
+        index_images(
+            nn.Identity(), paths, 32, index_dir, SHA, remove=paths[:5], before_commit=crash, engine=fake_engine
+        )
+    assert snapshot() == before  # no lists file of generation 2, no temporary file or parts folder left
+    assert sorted(p.name for p in index_dir.iterdir() if p.is_dir()) == [
+        p.name for p in index_dir.glob("shards-*")
+    ]  # only the resumable shards of the interrupted run
+    assert load_index(index_dir).live_count == 800
+    summary = index_images(nn.Identity(), paths, 32, index_dir, SHA, remove=paths[:5], engine=fake_engine)
+    assert (summary["added"], summary["removed"], summary["generation"]) == (100, 5, 2)
+    assert sorted(p.name for p in index_dir.iterdir() if p.name.startswith(("invlists", "."))) == [
+        "invlists-000002.ivfdata"
+    ]
