@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from raml.bench.index import format_index_report, run_index_benchmark
+from raml.bench.index import format_build_report, format_index_report, run_build_benchmark, run_index_benchmark
 from raml.deploy import load_index
 
 
@@ -24,3 +24,20 @@ def test_bench_index_reports_memory_rates_and_equal_outputs(tmp_path):
     b = np.asarray(load_index(tmp_path / "index-local-8").embeddings)
     np.testing.assert_array_equal(a, b[:4])
     assert "| local | 8 |" in format_index_report(report)
+
+
+@pytest.mark.slow
+def test_bench_index_build_part_compares_in_memory_and_on_disk_builds(tmp_path):
+    report = run_build_benchmark(
+        tmp_path, sizes=(3000,), dim=16, nlist=8, m=4, chunk_rows=500, part_rows=1000, train_size=1000, queries=20
+    )
+    assert [(r["mode"], r["vectors"], r["exit_code"]) for r in report["runs"]] == [
+        ("memory", 3000, 0),
+        ("disk", 3000, 0),
+    ]
+    assert report["equal_outputs"] == {"3000": {"ids_equal": True, "scores_equal": True}}
+    for run in report["runs"]:
+        assert run["peak_anon_mib"] >= run["baseline_anon_mib"] > 0 and run["ru_maxrss_mib"] > 0
+        assert run["codes_mib"] == round(3000 * (4 + 8) / 2**20, 1)
+    assert "| disk | 3000 |" in format_build_report(report)
+    assert (tmp_path / "build-disk-3000" / "lists.ivfdata").is_file()

@@ -272,6 +272,11 @@ def test_a_removal_while_two_clients_query_is_served_without_a_failed_request(wo
                 stop.set()
             for future in clients:
                 future.result()
+        health = client.get("/health").json()["index"]
+        assert (health["size"], health["removed"], health["generation"]) == (6, 6, 2)
+        gone = client.get(f"/image/{paths.index(removed[0])}")
+        assert gone.status_code == 404 and "was removed from the index" in gone.json()["error"]
+        assert client.get(f"/image/{paths.index(paths[-1])}").status_code == 200
     assert {a[0] for a in answers} == {200}
     generations = [a[1] for a in answers]
     assert generations[0] == 1 and generations[-1] == 2
@@ -323,3 +328,20 @@ def test_an_index_written_before_ids_and_stamps_is_updated_with_its_ids_kept(wor
     assert index.paths == [paths[0], "", *paths[2:8]] and index.meta["version"] == 2
     _, ids = index.search(np.asarray(index.embeddings[[0, 2, 5, 6, 7]]), 1)
     assert ids[:, 0].tolist() == [0, 2, 5, 6, 7]
+
+
+def test_raml_index_on_disk_through_the_cli_keeps_the_setting_on_append(world, tmp_path):
+    from raml.deploy.ondisk_ivf import is_ondisk
+
+    paths = copy_images(world, tmp_path / "images")
+    index_dir = tmp_path / "index"
+    common = ["--network-path", str(world["nets"]["teacher"]), "--image-size", str(DR), "--output", str(index_dir)]
+    common += ["--device", "cpu", "--workers", "0", "--no-progress"]
+    first = ["index", "--list", _listing(tmp_path / "a.txt", paths[:8]), *common, "--index-type", "ivf", "--on-disk"]
+    assert cli_main.main(first) == 0
+    assert cli_main.main(["index", "--list", _listing(tmp_path / "b.txt", paths), *common]) == 0
+    index = load_index(index_dir)
+    assert index.params.on_disk and is_ondisk(index.index) and index.live_count == 12
+    assert index.meta["files"]["invlists"] == "invlists-000002.ivfdata"
+    scores, ids = index.search(embed(world, paths[8:]), 1, nprobe=index.params.nlist)
+    np.testing.assert_array_equal(ids[:, 0], np.arange(8, 12))  # each appended image finds itself

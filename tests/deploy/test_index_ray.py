@@ -9,6 +9,7 @@ import os
 import signal
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +60,11 @@ def test_ray_actors_give_bit_identical_embeddings_to_the_single_process_path(ray
     local_dir, ray_dir = tmp_path / "local", tmp_path / "ray"
     index_images(world["teacher"], world["paths"], DR, local_dir, sha, batch_size=BATCH, shard_size=4)
     engine = ray_engine(RayOptions(str(world["net"]), DR, batch_size=BATCH, actors=2))
-    summary = index_images(world["teacher"], world["paths"], DR, ray_dir, sha, shard_size=4, engine=engine)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        summary = index_images(world["teacher"], world["paths"], DR, ray_dir, sha, shard_size=4, engine=engine)
+    ours = [f"{w.category.__name__}: {w.message}" for w in caught if Path(w.filename).name == "ray_engine.py"]
+    assert ours == []  # no deprecated Ray argument (max_restarts in the remote args, Ray 2.60)
     assert summary["added"] == 20 and ray_instance.is_initialized()  # the shared instance is left running
     local, remote = load_index(local_dir), load_index(ray_dir)
     assert remote.paths == local.paths == world["paths"]

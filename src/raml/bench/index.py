@@ -10,6 +10,13 @@ pipeline rather than the convolutions) with 512-d whitening (the paper's embeddi
 peak resident memory (``ru_maxrss``) of the indexing process and, for Ray, of each actor; per size, whether both
 engines wrote bit-identical embeddings; per engine, the ratio of the largest database's peak memory to the
 smallest's (streaming goal: within 10%).
+
+``run_build_benchmark`` measures the faiss index build alone, on synthetic unit rows (no network, no images):
+an IVF-PQ index of ``sizes`` vectors built in memory (one index, the chunks added to it) and on disk (part
+indexes of ``part_rows`` vectors merged into an ``OnDiskInvertedLists`` file: ``raml index --on-disk``),
+each in a fresh process that samples its anonymous resident memory (``RssAnon``: what the build allocates;
+mapped file pages are the page cache's and the kernel reclaims them) and reports it with its ``ru_maxrss``;
+both indexes are then searched with the same queries and their results (ids and scores) compared.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -32,7 +40,7 @@ from raml.utils import atomic_write_text, cpu_model
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["format_index_report", "main", "run_index_benchmark"]
+__all__ = ["format_build_report", "format_index_report", "main", "run_build_benchmark", "run_index_benchmark"]
 
 
 def _write_images(folder: Path, count: int, size: int, seed: int = 0) -> list[str]:
@@ -169,6 +177,185 @@ def format_index_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _rss_anon_kib() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1])
+    return 0
+
+
+class _PeakSampler:
+    """Samples this process's ``RssAnon`` every ``interval_s`` in a thread; ``peak_kib`` is the largest seen."""
+
+    def __init__(self, interval_s: float = 0.005) -> None:
+        self.interval_s = interval_s
+        self.peak_kib = _rss_anon_kib()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.peak_kib = max(self.peak_kib, _rss_anon_kib())
+
+    def __enter__(self) -> _PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak_kib = max(self.peak_kib, _rss_anon_kib())
+
+
+def _synthetic_chunks(n: int, dim: int, chunk_rows: int, seed: int) -> Any:
+    """``(rows, ids)`` chunks of ``n`` unit rows, the same for every call with the same arguments."""
+    for start in range(0, n, chunk_rows):
+        stop = min(start + chunk_rows, n)
+        x = np.random.default_rng([seed, start]).standard_normal((stop - start, dim), dtype=np.float32)
+        x /= np.linalg.norm(x, axis=1, keepdims=True)
+        yield x, np.arange(start, stop, dtype=np.int64)
+
+
+def build_child(
+    mode: str, n: int, out: str, dim: int, nlist: int, m: int, chunk_rows: int, part_rows: int, train: int
+) -> dict:
+    """One build (run in a fresh process by :func:`run_build_benchmark`): ``mode`` is ``memory`` or ``disk``."""
+    from raml.deploy.faiss_index import IndexParams, add_with_ids, empty_faiss_index, import_faiss
+    from raml.deploy.ondisk_ivf import build_ondisk_ivf, set_lists_name
+
+    faiss = import_faiss()
+    faiss.omp_set_num_threads(1)
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = IndexParams("ivfpq", nlist=nlist, m=m, nbits=8, train_size=train).resolve(max(n, train), dim)
+    template = empty_faiss_index(params, dim)
+    template.train(next(_synthetic_chunks(train, dim, train, seed=1))[0])  # the same sample for both modes
+    baseline = _rss_anon_kib()
+    started = time.perf_counter()
+    with _PeakSampler() as sampler:
+        if mode == "memory":
+            index = faiss.clone_index(template)
+            for rows, ids in _synthetic_chunks(n, dim, chunk_rows, seed=0):
+                add_with_ids(index, rows, ids)
+            faiss.write_index(index, str(folder / "index.faiss"))
+        else:
+            index = build_ondisk_ivf(
+                template,
+                _synthetic_chunks(n, dim, chunk_rows, seed=0),
+                folder / "lists.ivfdata",
+                folder / "parts",
+                part_rows=part_rows,
+            )
+            set_lists_name(index, "lists.ivfdata")
+            faiss.write_index(index, str(folder / "index.faiss"))
+    wall = time.perf_counter() - started
+    import resource
+
+    return {
+        "mode": mode,
+        "vectors": n,
+        "wall_s": round(wall, 2),
+        "baseline_anon_mib": round(baseline / 1024, 1),
+        "peak_anon_mib": round(sampler.peak_kib / 1024, 1),
+        "build_anon_mib": round((sampler.peak_kib - baseline) / 1024, 1),
+        "ru_maxrss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "codes_mib": round(n * (params.m + 8) / 2**20, 1),
+        "part_codes_mib": round(min(n, part_rows) * (params.m + 8) / 2**20, 1),
+        "chunk_rows_mib": round(min(n, chunk_rows) * dim * 4 / 2**20, 1),
+    }
+
+
+def run_build_benchmark(
+    work_dir: Path,
+    sizes: tuple[int, ...] = (250_000, 1_000_000, 4_000_000),
+    dim: int = 64,
+    nlist: int = 256,
+    m: int = 16,
+    chunk_rows: int = 8192,
+    part_rows: int = 1 << 20,
+    train_size: int = 20_000,
+    queries: int = 200,
+) -> dict[str, Any]:
+    """Peak build memory of in-memory vs on-disk IVF-PQ against N, and equality of their search results."""
+    from raml.deploy.faiss_index import import_faiss
+
+    faiss = import_faiss()
+    work_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    runs: list[dict[str, Any]] = []
+    equal: dict[str, Any] = {}
+    q = next(_synthetic_chunks(queries, dim, queries, seed=2))[0]
+    for n in sizes:
+        for mode in ("memory", "disk"):
+            out = work_dir / f"build-{mode}-{n}"
+            code = (
+                "import json, sys; from raml.bench.index import build_child; "
+                f"print(json.dumps(build_child({mode!r}, {n}, {str(out)!r}, {dim}, {nlist}, {m}, {chunk_rows}, "
+                f"{part_rows}, {train_size})))"
+            )
+            result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+            if result.returncode != 0:
+                logger.error("build %s %d failed:\n%s", mode, n, result.stderr[-4000:])
+                runs.append({"mode": mode, "vectors": n, "exit_code": result.returncode})
+                continue
+            runs.append({**json.loads(result.stdout.strip().splitlines()[-1]), "exit_code": 0})
+            logger.info("%s", runs[-1])
+        if all(r.get("exit_code") == 0 for r in runs[-2:]):
+            memory = faiss.read_index(str(work_dir / f"build-memory-{n}" / "index.faiss"))
+            disk = faiss.read_index(
+                str(work_dir / f"build-disk-{n}" / "index.faiss"),
+                faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY,
+            )
+            results = []
+            for index in (memory, disk):
+                faiss.extract_index_ivf(index).nprobe = 16
+                results.append(index.search(q, 10))
+            equal[str(n)] = {
+                "ids_equal": bool(np.array_equal(results[0][1], results[1][1])),
+                "scores_equal": bool(np.array_equal(results[0][0], results[1][0])),
+            }
+            del memory, disk
+    return {
+        "benchmark": "index build",
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "machine": {"cpu": cpu_model(), "cores": os.cpu_count(), "load_average": list(os.getloadavg())},
+        "settings": {
+            "sizes": list(sizes),
+            "dim": dim,
+            "index": f"IVF{nlist},PQ{m}x8 (inner product), synthetic unit rows",
+            "chunk_rows": chunk_rows,
+            "part_rows": part_rows,
+            "train_size": train_size,
+            "threads": 1,
+        },
+        "runs": runs,
+        "equal_outputs": equal,
+    }
+
+
+def format_build_report(report: dict[str, Any]) -> str:
+    """The build report as a Markdown table."""
+    lines = [
+        "| build | vectors | wall s | RssAnon peak - baseline MiB | ru_maxrss MiB | all codes+ids MiB | one part's "
+        "codes+ids MiB | one chunk's rows MiB |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in report["runs"]:
+        if r.get("exit_code"):
+            lines.append(f"| {r['mode']} | {r['vectors']} | failed | | | | | |")
+            continue
+        lines.append(
+            f"| {r['mode']} | {r['vectors']} | {r['wall_s']} | {r['build_anon_mib']} | {r['ru_maxrss_mib']} | "
+            f"{r['codes_mib']} | {r['part_codes_mib']} | {r['chunk_rows_mib']} |"
+        )
+    for n, result in report["equal_outputs"].items():
+        lines.append(
+            f"\n{n} vectors: on-disk vs in-memory search results equal: ids {result['ids_equal']}, scores "
+            f"{result['scores_equal']}"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench index [--sizes 2000,8000,32000] [--engines local,ray] [--json PATH]``."""
     from raml.entry import positive_int, setup_logging
@@ -192,22 +379,39 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=positive_int, default=64)
     parser.add_argument("--ray-actors", type=positive_int, default=2)
     parser.add_argument("--architecture", default="test_resnet", help="backbone (default timm's tiny test_resnet)")
+    parser.add_argument(
+        "--build-sizes", type=int_list, default=(250_000, 1_000_000, 4_000_000), help="vectors of the build part"
+    )
+    parser.add_argument(
+        "--parts", default="extraction,build", help="what to run: extraction (raml index), build (faiss, on disk)"
+    )
     parser.add_argument("--json", type=Path, help="also write the report as JSON")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     engines = tuple(e for e in args.engines.split(",") if e)
-    report = run_index_benchmark(
-        args.work_dir,
-        args.sizes,
-        engines,
-        args.image_size,
-        args.shard_size,
-        args.batch_size,
-        args.ray_actors,
-        architecture=args.architecture,
-    )
-    print(format_index_report(report))
+    parts = {p for p in args.parts.split(",") if p}
+    if not parts or parts - {"extraction", "build"}:
+        parser.error(f"--parts takes extraction and/or build, got {args.parts!r}")
+    report: dict[str, Any] = {}
+    ok = True
+    if "extraction" in parts:
+        report = run_index_benchmark(
+            args.work_dir,
+            args.sizes,
+            engines,
+            args.image_size,
+            args.shard_size,
+            args.batch_size,
+            args.ray_actors,
+            architecture=args.architecture,
+        )
+        print(format_index_report(report))
+        ok = all(r["exit_code"] == 0 for r in report["runs"])
+    if "build" in parts:
+        report["build"] = run_build_benchmark(args.work_dir, args.build_sizes)
+        print(format_build_report(report["build"]))
+        ok = ok and all(r["exit_code"] == 0 for r in report["build"]["runs"])
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(report, indent=2) + "\n")
-    return 0 if all(r["exit_code"] == 0 for r in report["runs"]) else 1
+    return 0 if ok else 1

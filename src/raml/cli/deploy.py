@@ -170,6 +170,12 @@ def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--train-size", type=positive_int, metavar="N", help="embeddings sampled to train IVF/PQ (default all, <= 200k)"
     )
+    group.add_argument(
+        "--on-disk",
+        action="store_true",
+        help="ivf/ivfpq: keep the inverted lists in their own file (invlists-<G>.ivfdata), built from per-chunk "
+        "indexes and served memory-mapped, for an index larger than memory (appends keep the setting)",
+    )
     parser.add_argument("--overwrite", action="store_true", help="rebuild the index instead of appending to it")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write a summary as JSON")
     add_runtime_args(parser)
@@ -182,13 +188,13 @@ def run_index(args: argparse.Namespace) -> int:
     _require_deps("faiss")
     flags = ("index_type", "nlist", "nprobe", "m", "nbits", "hnsw_m", "ef_search", "train_size")
     params = None
-    if any(getattr(args, name) is not None for name in flags):
+    if any(getattr(args, name) is not None for name in flags) or args.on_disk:
         index_type = args.index_type
         if index_type is None:  # tuning flags alone: keep the type of the index being appended to
             appending = (args.output / METADATA_NAME).is_file() and not args.overwrite
             index_type = load_index(args.output).meta["index_type"] if appending else "flat"
         given = {name: getattr(args, name) for name in flags[1:] if getattr(args, name) is not None}
-        params = IndexParams(index_type=index_type, **given)
+        params = IndexParams(index_type=index_type, on_disk=args.on_disk, **given)
     paths, labels, dataset = _source_paths(args)
     remove = [*args.remove, *(read_image_list(args.remove_list) if args.remove_list is not None else [])]
     if not paths and not remove:

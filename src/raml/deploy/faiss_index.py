@@ -77,6 +77,8 @@ class IndexParams:
         ef_search: Candidate list size while searching (hnsw; raised to k when searching deeper).
         train_size: Training sample size (ivf, ivfpq); default all embeddings up to 200,000.
         seed: Seed of the training sample.
+        on_disk: Store the inverted lists in their own file, built by merging per-chunk indexes and served
+            memory-mapped (ivf, ivfpq; :mod:`raml.deploy.ondisk_ivf`), for an index larger than memory.
     """
 
     index_type: str = "flat"
@@ -89,10 +91,18 @@ class IndexParams:
     ef_search: int = 64
     train_size: int | None = None
     seed: int = 0
+    on_disk: bool = False
 
     def __post_init__(self) -> None:
         if self.index_type not in INDEX_TYPES:
             raise ValueError(f"Unknown index type {self.index_type!r}; choose one of {', '.join(INDEX_TYPES)}.")
+        if not isinstance(self.on_disk, bool):
+            raise ValueError(f"on_disk must be True or False, got {self.on_disk!r}.")
+        if self.on_disk and self.index_type not in ("ivf", "ivfpq"):
+            raise ValueError(
+                f"--on-disk stores inverted lists, which only ivf and ivfpq indexes have (not {self.index_type}); "
+                "use --index-type ivfpq (or ivf). Flat and HNSW indexes are memory-mapped when loaded anyway."
+            )
         for name in ("nlist", "nprobe", "m", "nbits", "train_size"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):

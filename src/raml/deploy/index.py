@@ -23,7 +23,8 @@ import datetime
 import logging
 import os
 import secrets
-from collections.abc import Callable, Sequence
+import shutil
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ from raml.deploy.faiss_index import (
 )
 from raml.deploy.image_files import check_images_exist, image_key
 from raml.deploy.lock import DirectoryLock
+from raml.deploy.ondisk_ivf import build_ondisk_ivf, extend_ondisk_ivf
 from raml.deploy.shards import DEFAULT_SHARD_SIZE, ShardPlan, embed_missing_shards, plan_shards, remove_shard_folders
 from raml.deploy.store import (
     FORMAT,
@@ -67,7 +69,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["ShardEngine", "index_images", "local_engine"]
 
 _NO_LABEL = -1
-_CHUNK_ROWS = 65536  # rows copied / added to faiss per step when assembling a generation
+_CHUNK_ROWS = 8192  # rows copied / added to faiss per step when assembling a generation (16 MiB of 512-d float32)
 
 ShardEngine = Callable[[ShardPlan], "dict[str, Any] | None"]
 """Fills every missing or damaged shard of a plan and may return figures about the run (the single-process
@@ -190,7 +192,7 @@ def index_images(
         existing: DatabaseIndex | None = None  # the index being updated
         previous: DatabaseIndex | None = None  # the index being rebuilt (--overwrite): only its ids are kept
         if (index_dir / METADATA_NAME).exists() and not overwrite:
-            existing = load_index(index_dir)
+            existing = load_index(index_dir, mmap=False)  # updated in a copy, never in its mapped file
             _check_append(existing, network_sha256, image_size, dim, params)
         elif (index_dir / METADATA_NAME).exists():
             try:
@@ -315,14 +317,19 @@ def index_images(
 
         generation = next_generation(index_dir) if existing is None else int(existing.meta["generation"]) + 1
         emb_tmp = index_dir / f".{generation_file('embeddings', generation)}.{secrets.token_hex(4)}.tmp"
+        # an on-disk index's lists file and the folder of its per-chunk parts, under temporary names
+        lists_tmp = index_dir / f".{generation_file('invlists', generation)}.{secrets.token_hex(4)}.tmp"
+        scratch = index_dir / f".{generation_file('invlists', generation)}.parts-{secrets.token_hex(4)}.tmp"
         try:
             rows = _assemble_embeddings(emb_tmp, num_ids, dim, existing, removed_ids, plan, work_ids)
             live_ids = np.asarray([i for i, p in enumerate(new_paths) if p != REMOVED], dtype=np.int64)
             if existing is None:
-                index, resolved = _build_index(rows, live_ids, params or IndexParams())
+                index, resolved = _build_index(rows, live_ids, params or IndexParams(), lists_tmp, scratch)
             else:
                 resolved = existing.params
-                index = _update_index(existing, rows, live_ids, removed_ids, work_ids, reembedded > 0)
+                index = _update_index(
+                    existing, rows, live_ids, removed_ids, work_ids, reembedded > 0, lists_tmp, scratch
+                )
             del rows
             now = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
             if existing is None:
@@ -375,9 +382,12 @@ def index_images(
                 new_labels,
                 before_commit,
                 stamps=new_stamps,
+                lists_file=lists_tmp if resolved.on_disk else None,
             )
         finally:
             emb_tmp.unlink(missing_ok=True)
+            lists_tmp.unlink(missing_ok=True)
+            shutil.rmtree(scratch, ignore_errors=True)
         remove_shard_folders(index_dir)  # committed: the work folders (this one, stale ones) are done
         added = len(work_paths) - reembedded
         logger.info(
@@ -425,7 +435,8 @@ class _RowsFile:
     def __getitem__(self, rows: Any) -> np.ndarray:
         mapped = np.load(self.path, mmap_mode="r")
         try:
-            return np.array(mapped[rows], dtype=np.float32)
+            chunk = mapped[rows]  # a view of the map for a slice, a copy for a list of rows
+            return np.array(chunk) if np.may_share_memory(chunk, mapped) else np.asarray(chunk)
         finally:
             del mapped
 
@@ -464,22 +475,34 @@ def _assemble_embeddings(
     return rows
 
 
-def _build_index(rows: _RowsFile, live_ids: np.ndarray, params: IndexParams) -> tuple[Any, IndexParams]:
-    """A new faiss index of the live rows: trained on a sample, filled a chunk at a time."""
+def _build_index(
+    rows: _RowsFile, live_ids: np.ndarray, params: IndexParams, lists_file: Path, scratch: Path
+) -> tuple[Any, IndexParams]:
+    """A new faiss index of the live rows: trained on a sample, filled a chunk at a time (on-disk: one part
+    index per chunk, merged into ``lists_file``; see :mod:`raml.deploy.ondisk_ivf`)."""
     resolved = params.resolve(len(live_ids), rows.shape[1])
     index = empty_faiss_index(resolved, rows.shape[1])
     sample = training_sample(len(live_ids), resolved)
     if not index.is_trained:
         train_faiss_index(index, rows[live_ids if sample is None else live_ids[sample]], resolved)
-    _add_rows(index, rows, live_ids)
+    if resolved.on_disk:
+        index = build_ondisk_ivf(index, _chunks(rows, live_ids), lists_file, scratch)
+    else:
+        _add_rows(index, rows, live_ids)
     apply_search_params(index, resolved)
     return index, resolved
 
 
-def _add_rows(index: Any, rows: _RowsFile, ids: np.ndarray) -> None:
+def _chunks(rows: _RowsFile, ids: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """``(rows, ids)`` of ``ids`` a chunk at a time, in order."""
     for start in range(0, len(ids), _CHUNK_ROWS):
         chunk = ids[start : start + _CHUNK_ROWS]
-        add_with_ids(index, rows[chunk], chunk)
+        yield rows[chunk], chunk
+
+
+def _add_rows(index: Any, rows: _RowsFile, ids: np.ndarray) -> None:
+    for chunk_rows, chunk in _chunks(rows, ids):
+        add_with_ids(index, chunk_rows, chunk)
 
 
 def _update_index(
@@ -489,12 +512,21 @@ def _update_index(
     removed_ids: list[int],
     work_ids: list[int],
     reembedded: bool,
+    lists_file: Path,
+    scratch: Path,
 ) -> Any:
     """The existing faiss index with the removed and re-embedded ids taken out and the new rows added; rebuilt
-    from the rows (same trained quantiser) where faiss cannot remove (HNSW) or the index has no ids (legacy)."""
+    from the rows (same trained quantiser) where faiss cannot remove (HNSW) or the index has no ids (legacy).
+    An on-disk index gets a new lists file (``lists_file``, parts in ``scratch``): the committed one is never
+    modified."""
     index = existing.index
     outdated = np.asarray(sorted({*removed_ids, *(work_ids if reembedded else [])}), dtype=np.int64)
-    if not has_ids(index) or not remove_ids(index, outdated[np.isin(outdated, existing.live_ids())]):
+    if existing.params.on_disk:
+        new_ids = np.asarray(sorted(set(work_ids)), dtype=np.int64)
+        index = extend_ondisk_ivf(
+            index, outdated[np.isin(outdated, existing.live_ids())], _chunks(rows, new_ids), lists_file, scratch
+        )
+    elif not has_ids(index) or not remove_ids(index, outdated[np.isin(outdated, existing.live_ids())]):
         logger.info("Rebuilding the %s faiss index from its %d rows", existing.meta["index_type"], len(live_ids))
         index = empty_faiss_index(existing.params, rows.shape[1])
         if not index.is_trained:  # pragma: no cover - IVF indexes have ids and remove in place
@@ -558,7 +590,17 @@ def _check_append(
         stored = existing.params
         changed = [
             name
-            for name in ("nlist", "m", "nbits", "hnsw_m", "ef_construction", "train_size", "nprobe", "ef_search")
+            for name in (
+                "nlist",
+                "m",
+                "nbits",
+                "hnsw_m",
+                "ef_construction",
+                "train_size",
+                "nprobe",
+                "ef_search",
+                "on_disk",
+            )
             if getattr(params, name) not in (None, getattr(stored, name))
             and getattr(params, name) != getattr(IndexParams(), name)
         ]

@@ -8,10 +8,11 @@ that each load the network once (one actor per GPU, else one per CPU slot) and w
 node sees (a local folder on one machine, a shared one on a cluster).
 
 Each shard is embedded exactly like the single-process engine embeds it (:func:`raml.retrieval.extract.
-extract_embeddings` over the shard's paths in batches of ``batch_size``), so the rows are bit-identical. A failed
-actor is restarted and its shard retried by Ray; a rewritten shard replaces the earlier file atomically and the
-index reads each shard once, so every row ends up exactly once. A shard that still fails leaves the work folder
-as it is: the next run resumes from it.
+extract_embeddings` over the shard's paths in batches of ``batch_size``), so the rows are bit-identical. An actor
+that dies (a killed process, a lost node) is restarted and its shard retried by Ray Data (its default fault
+tolerance: without a limit); a rewritten shard replaces the earlier file atomically and the index reads each
+shard once, so every row ends up exactly once. A shard whose embedding raises (an unreadable image) fails the
+job at once and leaves the work folder as it is: the next run resumes from it.
 
 Actor pool: Ray's read and write tasks need a CPU of their own, so on a local instance the pool gets one actor
 per CPU less one (at least one), and the instance declares at least ``actors + 1`` CPUs; with ``num_cpus=2`` and
@@ -48,7 +49,6 @@ class RayOptions:
         actors: Embedding actors; default one per GPU of the cluster, else one per CPU less one.
         data_root: Where published network names are looked up / downloaded.
         num_cpus: CPUs the local instance declares (default this machine's count, at least ``actors + 1``).
-        max_retries: Restarts of a failed actor and retries of its shard.
     """
 
     network_path: str
@@ -58,7 +58,6 @@ class RayOptions:
     actors: int | None = None
     data_root: str = "data"
     num_cpus: int | None = None
-    max_retries: int = 3
 
 
 def actor_pool(cpus: float, gpus: float, actors: int | None) -> tuple[int, bool]:
@@ -189,11 +188,11 @@ def ray_engine(options: RayOptions) -> Any:
                     "use_gpu": use_gpu,
                 },
                 batch_size=1,
-                concurrency=actors,
+                compute=ray.data.ActorPoolStrategy(size=actors),
                 num_cpus=0 if use_gpu else 1,
                 num_gpus=1 if use_gpu else 0,
-                max_restarts=options.max_retries,
-                max_task_retries=options.max_retries,
+                # fault tolerance: Ray Data's default (a dead actor is restarted, its shard retried); passing
+                # max_restarts / max_task_retries through the remote args is deprecated since Ray 2.60
             )
             rows = list(done.iter_rows())
             peaks: dict[int, float] = {}

@@ -10,6 +10,8 @@ On-disk layout (``index_dir``)::
 
     index.json               metadata; the commit record naming the files of the current generation
     index-<G>.faiss          the faiss index (faiss.write_index)
+    invlists-<G>.ivfdata     an on-disk IVF index's inverted lists (``--on-disk``; raml.deploy.ondisk_ivf): the
+                             .faiss file holds the quantiser and names this file
     embeddings-<G>.npy       (N, D) float32 embeddings, rows in index order (re-adding, exact re-ranking)
     paths-<G>.json           the N image paths, as given on the command line / resolved from a list file
     labels-<G>.npy           (N,) int64 class labels (-1 where the images did not come from a dataset split)
@@ -34,12 +36,23 @@ fsynced (``raml.utils.atomic_path``), and only then replaces ``index.json`` the 
 commit. A crash, an error or a power loss at any earlier point leaves the previous ``index.json`` and the
 files it names untouched; files of an uncommitted generation are removed on error or at the next update.
 Writers hold the directory's lock (:mod:`raml.deploy.index`); readers take none (see :func:`load_index`).
+
+Readers map the faiss index instead of reading it (``load_index(..., mmap=True)``, the default), so processes
+serving the same generation share its pages: faiss 1.15's ``IO_FLAG_MMAP_IFC`` maps the codes of flat, HNSW
+(vectors and graph) and in-memory IVF / IVF-PQ lists from the ``.faiss`` file, and an on-disk index's lists are
+mapped read-only from ``invlists-<G>.ivfdata`` (``IO_FLAG_ONDISK_SAME_DIR | IO_FLAG_READ_ONLY``; its small
+``.faiss`` part, the quantiser, is read). What stays in each process: the id map's reverse table of flat and
+HNSW indexes (``IndexIDMap2``) and the IVF quantisers. A writer loads with ``mmap=False`` (it updates a copy).
+A generation's files are never modified after the commit (the next one writes new files), so a mapped index
+stays valid while it is served, even after a later commit has unlinked its files.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -50,8 +63,9 @@ import torch
 
 from raml.deploy.faiss_index import IndexParams, apply_search_params, as_float32_matrix, import_faiss
 from raml.deploy.lock import LOCK_NAME
+from raml.deploy.ondisk_ivf import set_lists_name
 from raml.deploy.shards import is_shards_folder
-from raml.utils import atomic_numpy_save, atomic_path, atomic_write_text
+from raml.utils import atomic_numpy_save, atomic_path, atomic_write_text, fsync_directory
 
 logger = logging.getLogger(__name__)
 
@@ -71,10 +85,18 @@ __all__ = [
 ]
 
 FORMAT = "raml-index"
-FORMAT_VERSION = 2  # 2: stable ids with tombstone rows, stamps-<G>.json
+FORMAT_VERSION = 3  # 2: stable ids with tombstone rows, stamps-<G>.json; 3: on-disk inverted lists
+_PLAIN_VERSION = 2  # the version an index without on-disk lists is written as (older raml reads it)
 METADATA_NAME = "index.json"
 
-_FILE_KINDS = {"index": "faiss", "embeddings": "npy", "paths": "json", "labels": "npy", "stamps": "json"}
+_FILE_KINDS = {
+    "index": "faiss",
+    "embeddings": "npy",
+    "paths": "json",
+    "labels": "npy",
+    "stamps": "json",
+    "invlists": "ivfdata",
+}
 REMOVED = ""
 """The path of a removed image's tombstone row."""
 _LOAD_ATTEMPTS = 3  # loads of successive generations when writers keep committing during a load
@@ -121,6 +143,10 @@ class DatabaseIndex:
     def live_count(self) -> int:
         """The number of images in the faiss index (ids not removed)."""
         return int(self.index.ntotal)
+
+    def is_removed(self, image_id: int) -> bool:
+        """Whether the id ``image_id`` (``0 <= image_id < len(self)``) names a removed image (a tombstone row)."""
+        return self.paths[image_id] == REMOVED
 
     def live_ids(self) -> np.ndarray:
         """``(live_count,)`` int64 ids of the images not removed, ascending."""
@@ -192,12 +218,18 @@ def _params_from_meta(meta: dict[str, Any]) -> IndexParams:
     return IndexParams(**{k: v for k, v in stored.items() if k in known})
 
 
-def load_index(index_dir: str | Path) -> DatabaseIndex:
+def load_index(index_dir: str | Path, mmap: bool = True) -> DatabaseIndex:
     """Load an index directory written by :func:`index_images`.
 
     Reading takes no lock: ``index.json`` names one committed generation. Should a writer commit the next
     generation and remove this one's files between reading ``index.json`` and opening them, the load starts
     again from the new ``index.json``.
+
+    Args:
+        index_dir: The index directory.
+        mmap: Map the faiss index's codes from its files (shared between processes; see the module docstring)
+            rather than reading them into this process. A process that modifies the loaded faiss index must
+            pass False (an on-disk index's lists are mapped read-only either way).
 
     Raises:
         IndexDirectoryError: If the directory is not an index, or its files are missing or inconsistent.
@@ -206,7 +238,7 @@ def load_index(index_dir: str | Path) -> DatabaseIndex:
     meta = _read_metadata(index_dir)
     for attempt in range(1, _LOAD_ATTEMPTS + 1):
         try:
-            return _load_generation(index_dir, meta)
+            return _load_generation(index_dir, meta, mmap)
         except IndexDirectoryError:
             current = _read_metadata(index_dir)
             if current.get("files") == meta.get("files") or attempt == _LOAD_ATTEMPTS:
@@ -225,7 +257,14 @@ def committed_generation(index_dir: str | Path) -> int:
     return int(_read_metadata(Path(index_dir))["generation"])
 
 
-def _load_generation(index_dir: Path, meta: dict[str, Any]) -> DatabaseIndex:
+def _read_flags(faiss: Any, on_disk: bool, mmap: bool) -> int:
+    """faiss.read_index flags: see the module docstring."""
+    if on_disk:  # IO_FLAG_ONDISK_SAME_DIR: the lists file named in the .faiss, looked up next to it
+        return faiss.IO_FLAG_ONDISK_SAME_DIR | faiss.IO_FLAG_READ_ONLY
+    return int(getattr(faiss, "IO_FLAG_MMAP_IFC", 0)) if mmap else 0  # faiss < 1.10: no mapping, read
+
+
+def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> DatabaseIndex:
     faiss = import_faiss()
     files = meta.get("files", {})
     try:
@@ -237,7 +276,9 @@ def _load_generation(index_dir: Path, meta: dict[str, Any]) -> DatabaseIndex:
         embeddings = np.load(emb_file, allow_pickle=False, mmap_mode="r")
         labels = np.load(labels_file, allow_pickle=False)
         stamps = json.loads((index_dir / files["stamps"]).read_text()) if "stamps" in files else None
-        index = faiss.read_index(str(index_file))
+        if "invlists" in files and not (index_dir / files["invlists"]).is_file():
+            raise OSError(f"{files['invlists']} (the inverted lists of {files['index']}) is missing")
+        index = faiss.read_index(str(index_file), _read_flags(faiss, "invlists" in files, mmap))
     except (KeyError, OSError, ValueError, RuntimeError) as error:
         raise IndexDirectoryError(
             f"The index at {index_dir} is damaged ({type(error).__name__}: {error}); rebuild it with "
@@ -267,7 +308,8 @@ def _load_generation(index_dir: Path, meta: dict[str, Any]) -> DatabaseIndex:
 
 
 def generation_file(kind: str, generation: int) -> str:
-    """The name of one file (``index``, ``embeddings``, ``paths``, ``labels``, ``stamps``) of a generation."""
+    """The name of one file (``index``, ``embeddings``, ``paths``, ``labels``, ``stamps``, ``invlists``) of a
+    generation."""
     return _generation_files(generation)[kind]
 
 
@@ -295,12 +337,16 @@ def is_index_leftover(name: str) -> bool:
 
 
 def _remove_unreferenced(index_dir: Path, keep: set[str]) -> None:
-    """Delete generation files (and leftover temporary files) that the current index.json does not name."""
+    """Delete generation files (and leftover temporary files and folders) that the current index.json does not
+    name."""
     for entry in index_dir.iterdir():
         name = entry.name
         if (_is_generation_file(name) and name not in keep) or _is_index_temporary(name):
             try:
-                entry.unlink()
+                if entry.is_dir() and not entry.is_symlink():
+                    shutil.rmtree(entry)
+                else:
+                    entry.unlink()
             except OSError as error:  # not fatal: the index itself is committed
                 logger.warning("Could not remove stale index file %s: %s", entry, error)
 
@@ -314,23 +360,38 @@ def write_generation(
     labels: np.ndarray,
     before_commit: Callable[[], None] | None = None,
     stamps: list[str] | None = None,
+    lists_file: Path | None = None,
 ) -> None:
     """Write the next generation's files, then commit by replacing ``index.json``; see the module docstring.
 
     ``embeddings`` is the ``(N, D)`` array, or a function that writes it as a ``.npy`` file to the path it is
     given (to stream it from shards without holding it in memory). ``stamps`` default to ``""`` (unknown).
+    ``lists_file`` is the file holding the inverted lists of an on-disk ``index`` (written in ``index_dir``
+    under a temporary name; it is fsynced and renamed to ``invlists-<G>.ivfdata``).
     """
     faiss = import_faiss()
     generation = int(meta["generation"])
     files = _generation_files(generation)
+    if lists_file is None:
+        del files["invlists"]
     meta["files"] = files
+    meta["version"] = FORMAT_VERSION if lists_file is not None else _PLAIN_VERSION
     index_dir.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     try:
-        for kind in ("embeddings", "labels", "paths", "stamps", "index"):
+        for kind in ("embeddings", "labels", "paths", "stamps", "invlists", "index"):
+            if kind not in files:
+                continue
             target = index_dir / files[kind]
             written.append(target)
-            if kind == "embeddings" and callable(embeddings):
+            if kind == "invlists":
+                assert lists_file is not None
+                with open(lists_file, "rb+") as handle:  # the lists were written through a shared mapping
+                    os.fsync(handle.fileno())
+                os.replace(lists_file, target)
+                fsync_directory(index_dir)
+                set_lists_name(index, files[kind])  # a base name: read back with IO_FLAG_ONDISK_SAME_DIR
+            elif kind == "embeddings" and callable(embeddings):
                 with atomic_path(target) as tmp:
                     embeddings(tmp)
             elif kind == "embeddings":

@@ -218,6 +218,8 @@ def create_app(service: SearchService) -> Starlette:
         image_id = int(request.path_params["image_id"])
         if not 0 <= image_id < len(index):
             return answer("image", error(404, f"No image {image_id}: the index holds ids 0 to {len(index) - 1}."))
+        if index.is_removed(image_id):
+            return answer("image", error(404, f"Image {image_id} was removed from the index (ids are never reused)."))
         path = Path(index.paths[image_id])
         if not path.is_file():
             return answer("image", error(404, f"Image {image_id} is missing on the server's disk."))

@@ -195,7 +195,8 @@ class SearchService:
             "ready": self.batcher.running,
             "index": {
                 "directory": str(index.directory),
-                "size": len(index),
+                "size": index.live_count,  # images served; removed ids (tombstones) counted apart
+                "removed": len(index) - index.live_count,
                 "generation": index.generation,
                 "index_type": index.meta.get("index_type"),
                 "dim": index.dim,
