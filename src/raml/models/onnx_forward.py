@@ -135,6 +135,7 @@ class OrtForward(nn.Module):
         self.warmup_pixels = int(warmup_pixels)
         self.export_seconds = 0.0
         self._warmup: dict[tuple[int, int, int], int] = {}  # pixels run by the network so far, per size
+        self.train(network.training)  # the wrapper's mode is the network's: callers save and restore it
         self.checks: dict[tuple[int, int, int], float | None] = {}
         self._sessions: dict[tuple[int, int, int], Any] = {}  # None = this size runs the network itself
 
@@ -195,8 +196,10 @@ class OrtForward(nn.Module):
         """Export, open and check the session of this batch's size; None when the network runs it instead."""
         key = _size_key(images)
         start = time.perf_counter()
+        sample = images[: self.check_images]
         try:
             session = _session(self._export(*key), self.threads or torch.get_num_threads())
+            got = self._run(session, sample)  # a graph that lost its input fails here, not at export
         except Exception as error:  # noqa: BLE001 - the exporter and onnxruntime raise many types
             self.checks[key] = None
             self.export_seconds += time.perf_counter() - start
@@ -205,8 +208,8 @@ class OrtForward(nn.Module):
                 raise OrtParityError(message + "; use the torch runtime (--cpu-runtime torch).") from error
             logger.warning("%s; using PyTorch's forward for this size.", message)
             return None
-        sample = images[: self.check_images]
-        diff = float((self._run(session, sample) - self.network(sample).float()).abs().max())
+        expected = self.network(sample).float()
+        diff = float((got - expected).abs().max()) if got.shape == expected.shape else float("inf")
         self.checks[key] = diff
         self.export_seconds += time.perf_counter() - start
         if not diff <= self.tolerance:  # also catches NaN

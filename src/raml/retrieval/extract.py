@@ -239,6 +239,7 @@ class Bf16Forward(nn.Module):
         super().__init__()
         self.network = network
         self.device_type = device_type
+        self.train(network.training)  # the wrapper's mode is the network's: callers save and restore it
 
     def __getattr__(self, name: str) -> object:
         try:
