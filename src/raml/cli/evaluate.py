@@ -18,7 +18,6 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.cli.extract import add_cpu_runtime_arg
 from raml.cli.networks import (
     add_model_hint_args,
     add_multiscale_arg,
@@ -96,6 +95,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="opt-in: both networks' forward in bfloat16 autocast (fast only on CPUs with AVX-512 BF16 or AMX, "
         "or a GPU with bf16); off by default, the paper's numbers are fp32; bf16 embeddings are not cached",
     )
+    from raml.cli.extract import add_cpu_runtime_arg  # here: keeps this module's imports as they were
+
     add_cpu_runtime_arg(parser)
     add_bad_images_arg(parser)
     add_runtime_args(
