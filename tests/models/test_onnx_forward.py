@@ -148,3 +148,15 @@ def test_gradients_and_autocast_run_the_network_itself(network: nn.Module) -> No
     assert not ort.checks  # nothing was exported
     with pytest.raises(TypeError, match="cannot be copied"):
         copy.deepcopy(ort)
+
+
+def test_a_known_job_size_decides_up_front(network: nn.Module) -> None:
+    ort = OrtForward(network, warmup_pixels=2 * 32 * 32)
+    with torch.inference_mode():
+        ort.expect((3, 32, 32), 3)  # 3 images: less than twice the warm-up, PyTorch to the job's end
+        for _ in range(3):
+            ort(torch.randn(1, 3, 32, 32))
+        assert not ort.checks and ort._warmup == {(3, 32, 32): 3 * 32 * 32}  # past the warm-up, not exported
+        ort.expect((3, 32, 32), 4)  # the next job is twice the warm-up: exported on its first batch
+        ort(torch.randn(2, 3, 32, 32))
+        assert set(ort.checks) == {(3, 32, 32)} and ort._warmup == {(3, 32, 32): 3 * 32 * 32}

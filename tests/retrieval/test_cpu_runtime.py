@@ -117,3 +117,15 @@ def test_raml_index_bf16_embeds_as_raml_extract_bf16(
     with pytest.raises(SystemExit, match="--bf16 runs with --engine local"):
         _index(cub_root, teacher, tmp_path / "index-ray", "--bf16", "--engine", "ray")
     assert not (tmp_path / "index-ray").exists()
+
+
+def test_extract_embeddings_tells_the_forward_the_jobs_size(tmp_path: Path, image_factory) -> None:
+    paths = [image_factory(tmp_path / f"{i}.png", color=(50 * i, 80, 120), size=(50, 40)) for i in range(4)]
+    net = _network()
+    small = OrtForward(net, warmup_pixels=3 * 40 * 40)  # 4 images < twice the warm-up: never exported
+    extract_embeddings(small, paths, 40, CPU, batch_size=1, progress=False)
+    assert not small.checks and small._warmup == {(3, 40, 40): 4 * 40 * 40}
+    large = OrtForward(net, warmup_pixels=2 * 40 * 40)  # 4 images = twice the warm-up: exported at once
+    rows = extract_embeddings(large, paths, 40, CPU, batch_size=1, progress=False, scales=(1.0, 0.5))
+    assert set(large.checks) == {(3, 40, 40)} and large._warmup == {(3, 20, 20): 4 * 20 * 20}
+    torch.testing.assert_close(rows, extract_embeddings(net, paths, 40, CPU, progress=False, scales=(1.0, 0.5)))

@@ -15,7 +15,9 @@ forward ~2x faster than PyTorch's eager fp32 forward, with embeddings within 1e-
   that many pixels (batch x height x width, summed) went through it, and exports only then: a job too small to
   repay the export never pays it, a large one spends at most about the export's cost in the slower forward
   first (the rent-or-buy rule). :data:`AUTO_WARMUP_PIXELS` is 32 images at 224 px, about one ResNet-50 export
-  in eager forward time on this project's CPU.
+  in eager forward time on this project's CPU. When the caller knows a job's size (:meth:`OrtForward.expect`,
+  called by ``extract_embeddings``), the choice is made up front instead: a job of at least twice the warm-up
+  exports on its first batch, a smaller one runs in PyTorch to its end.
 - **Checked before use.** On the first batch of each size, the first ``check_images`` images go through both
   the network and the session; if their outputs differ by more than ``tolerance`` (max abs, default 1e-4)
   or the export fails, that size runs the network's own forward from then on (``strict=False``, with a
@@ -135,6 +137,7 @@ class OrtForward(nn.Module):
         self.warmup_pixels = int(warmup_pixels)
         self.export_seconds = 0.0
         self._warmup: dict[tuple[int, int, int], int] = {}  # pixels run by the network so far, per size
+        self._threshold: dict[tuple[int, int, int], int] = {}  # per size, when a job's size raised the warm-up
         self.train(network.training)  # the wrapper's mode is the network's: callers save and restore it
         self.checks: dict[tuple[int, int, int], float | None] = {}
         self._sessions: dict[tuple[int, int, int], Any] = {}  # None = this size runs the network itself
@@ -230,6 +233,23 @@ class OrtForward(nn.Module):
         )
         return session
 
+    def expect(self, shape: tuple[int, int, int], images: int) -> None:
+        """A job of ``images`` inputs of ``shape`` ``(C, H, W)`` starts: with a warm-up, decide for it now.
+
+        At least twice the warm-up's pixels: the size is exported on the job's first batch. Fewer: the job runs
+        in PyTorch to its end (the warm-up is raised past it). Without a warm-up, or for a size already decided,
+        nothing changes.
+        """
+        key = (int(shape[0]), int(shape[1]), int(shape[2]))
+        if self.warmup_pixels == 0 or key in self._sessions:
+            return
+        seen = self._warmup.get(key, 0)
+        pixels = int(images) * key[1] * key[2]
+        if pixels >= 2 * self.warmup_pixels:
+            self._threshold[key] = seen
+        else:
+            self._threshold[key] = max(self._threshold.get(key, self.warmup_pixels), seen + pixels + 1)
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         """``(B, 3, H, W)`` -> the network's output, from onnxruntime where it applies (module docstring)."""
         if not self._uses_session(images):
@@ -237,7 +257,7 @@ class OrtForward(nn.Module):
         key = _size_key(images)
         if key not in self._sessions:
             seen = self._warmup.get(key, 0)
-            if seen < self.warmup_pixels:
+            if seen < self._threshold.get(key, self.warmup_pixels):
                 self._warmup[key] = seen + images.shape[0] * images.shape[2] * images.shape[3]
                 return self.network(images)
             self._sessions[key] = self._prepare(images)

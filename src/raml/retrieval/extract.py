@@ -347,6 +347,10 @@ def extract_embeddings(
     power = multiscale_power(network, scales)
     if scales != SINGLE_SCALE:
         logger.info("Multi-scale embedding: scales %s, power %.4g (%s)", list(scales), power, description)
+    if isinstance(forward, OrtForward):  # the job's size decides whether exporting to onnxruntime pays
+        for scale in scales:
+            side = image_size if scale == 1.0 else math.floor(image_size * scale)
+            forward.expect((3, side, side), len(paths))
     mean, std = network_mean_std(network)
     dataset = ImageDataset(list(paths), None, EvalTransform(image_size, mean, std))
     loader = DataLoader(
