@@ -37,11 +37,10 @@ def add_cpu_runtime_arg(parser: argparse.ArgumentParser) -> None:
         "--cpu-runtime",
         choices=CPU_RUNTIMES,
         default="auto",
-        help="how the fp32 forward runs on the CPU: auto (default): PyTorch for the first 32 images at 224 px (or "
-        "as many pixels) of each size, then onnxruntime (~2x faster on this project's CPU; the export costs "
-        "seconds) once a check on the first images shows the network's embeddings within 1e-4, else PyTorch; "
-        "onnxruntime: from the first batch, an error instead of the fallback; torch: PyTorch's eager forward. "
-        "A GPU always runs PyTorch.",
+        help="how the fp32 forward runs on the CPU: auto (default): onnxruntime (~2x faster on this project's CPU; "
+        "the export costs seconds per size) for a job of at least 64 images at 224 px (or as many pixels) once a "
+        "check on its first images shows the network's embeddings within 1e-4, else PyTorch; onnxruntime: for "
+        "every job, an error instead of the fallback; torch: PyTorch's eager forward. A GPU always runs PyTorch.",
     )
 
 
