@@ -263,7 +263,8 @@ def inference_network(
     - ``precision="bf16"``: :class:`Bf16Forward` (``runtime`` does not apply).
     - fp32 on the CPU with ``runtime`` ``onnxruntime``: an :class:`OrtForward` exporting each size on its first
       batch; an export that fails or differs by more than 1e-4 raises. With ``auto``: one that exports a size
-      only after :data:`~raml.models.onnx_forward.AUTO_WARMUP_PIXELS` pixels of it ran in PyTorch (small jobs
+      only for a job of at least twice :data:`~raml.models.onnx_forward.AUTO_WARMUP_PIXELS` pixels
+      (:meth:`~raml.models.onnx_forward.OrtForward.expect`, which :func:`extract_embeddings` calls; small jobs
       never pay the export) and falls back to PyTorch for a size whose export fails or differs.
     - ``torch``, another device, a network without parameters (e.g. an ONNX student already) or ``auto``
       without onnxruntime installed: the network itself.
