@@ -87,11 +87,15 @@ def test_bench_extract_tiny_matches_the_reference_loader(tmp_path: Path, capsys:
 
     out = tmp_path / "extract.json"
     argv = ["--num-images", "3", "--sizes", "40", "--batch-size", "2", "--workers", "0", "--bf16", "--json", str(out)]
-    assert main(argv) == 0
+    assert main([*argv, "--architecture", ARCH, "--cpu-runtime", "onnxruntime"]) == 0
     result = json.loads(out.read_text())
     entry = result["sizes"]["40"]
-    assert entry["max_abs_diff"] <= 1e-4  # raml extract's embeddings are the reference loader's
+    assert result["network"].startswith(ARCH) and entry["runtime"] == "onnxruntime"
+    # raml extract's embeddings are the reference loader's, through onnxruntime and through PyTorch
+    assert entry["max_abs_diff"] <= 1e-4 and entry["torch_max_abs_diff"] <= 1e-4
     assert entry["reference_ips"] > 0 and entry["raml_ips"] > 0 and entry["raml_bf16_ips"] > 0
+    assert entry["raml_torch_ips"] > 0 and entry["raml_export_s"] > 0  # the export is timed, and inside raml_ips
+    assert entry["speedup_without_export"] > entry["speedup"]
     assert 0 < entry["bf16_max_abs_diff"] < 0.1
     assert set(entry["stages"]) == {"decode", "resize", "crop_tensor_normalise", "forward"}
     assert result["workers"] == 0 and isinstance(result["bf16_native"], bool) and result["bf16_note"]

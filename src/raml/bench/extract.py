@@ -9,9 +9,12 @@ worker processes and torch threads:
   open, ``convert("RGB")``), the shorter side resized to ``S * 8 / 7`` with Lanczos (each side ``round()``-ed,
   as the reference's ``fg_eval_transform`` does), ``CenterCrop(S)``, ``ToTensor``, ``Normalize``, a
   ``DataLoader``, an eager fp32 forward under ``torch.no_grad``;
-* ``raml``: :func:`raml.retrieval.extract.extract_embeddings` (fp32);
-* ``raml_bf16`` (with ``--bf16``): the same with bfloat16 autocast (``precision="bf16"``), whether or not
-  the CPU has native bf16 (the result says which).
+* ``raml``: :func:`raml.retrieval.extract.extract_embeddings` (fp32) as ``raml extract`` runs it by default
+  (``--cpu-runtime auto``: the forward through onnxruntime, :class:`raml.models.onnx_forward.OrtForward`),
+  the export of the network to ONNX and its check included in the time (``raml_export_s`` says how much);
+* ``raml_torch``: the same with PyTorch's eager forward (``--cpu-runtime torch``): raml's loader alone;
+* ``raml_bf16`` (with ``--bf16``): bfloat16 autocast (``precision="bf16"``), whether or not the CPU has
+  native bf16 (the result says which).
 
 Per size the result holds images/s of each, the ratios to the reference, the largest absolute difference of
 the embeddings from the reference's, and where the reference's time goes (decode, resize, crop + tensor +
@@ -39,7 +42,7 @@ from torchvision import transforms
 
 from raml.entry import positive_int, setup_logging, write_json
 from raml.models import build_network
-from raml.retrieval.extract import bf16_support, extract_embeddings, network_mean_std
+from raml.retrieval.extract import CPU_RUNTIMES, bf16_support, extract_embeddings, inference_network, network_mean_std
 from raml.utils import cpu_model
 
 logger = logging.getLogger(__name__)
@@ -154,11 +157,22 @@ def _stage_times(network: torch.nn.Module, paths: Sequence[Path], size: int) -> 
 
 
 def _raml_embeddings(
-    network: torch.nn.Module, paths: Sequence[Path], size: int, batch_size: int, workers: int, precision: str = "fp32"
+    network: torch.nn.Module,
+    paths: Sequence[Path],
+    size: int,
+    batch_size: int,
+    workers: int,
+    precision: str = "fp32",
+    runtime: str = "torch",
+    export_seconds: list[float] | None = None,
 ) -> torch.Tensor:
-    return extract_embeddings(
-        network, [str(p) for p in paths], size, torch.device("cpu"), batch_size, workers, False, precision=precision
-    )
+    """``raml extract``'s path; the wrapper (and so any ONNX export) is built inside, so the caller's timing
+    counts it; its export seconds are appended to ``export_seconds``."""
+    forward = inference_network(network, torch.device("cpu"), precision, runtime)
+    out = extract_embeddings(forward, [str(p) for p in paths], size, torch.device("cpu"), batch_size, workers, False)
+    if export_seconds is not None:
+        export_seconds.append(float(getattr(forward, "export_seconds", 0.0)))
+    return out
 
 
 def _timed(fn: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float, float]:
@@ -178,6 +192,8 @@ def run_extract_benchmark(
     bf16: bool = False,
     stage_images: int = 4,
     seed: int = 0,
+    runtime: str = "auto",
+    architecture: str = "resnet50",
 ) -> dict:
     """Images/s of the reference's loader + eager forward against ``raml extract``'s, same images and network.
 
@@ -190,17 +206,23 @@ def run_extract_benchmark(
         bf16: also time raml with bfloat16 autocast and compare its embeddings.
         stage_images: images of the per-step breakdown of the reference's time.
         seed: images and weights seed.
+        runtime: the CPU runtime of the ``raml`` row (``auto``: ``raml extract``'s default).
+        architecture: the backbone (tests use a tiny one).
 
     Returns:
-        A JSON-serialisable dict with one entry per size under ``sizes``: ``reference_ips``, ``raml_ips``
-        (images/s), ``speedup`` (raml / reference), ``max_abs_diff`` (raml vs reference embeddings),
-        ``stages`` (seconds per image of each step), and with ``bf16`` the ``raml_bf16_*`` figures; plus the
-        machine, load average, thread and worker counts and whether the CPU has native bf16.
+        A JSON-serialisable dict with one entry per size under ``sizes``: ``reference_ips``, ``raml_ips``,
+        ``raml_torch_ips`` (images/s), their process CPU seconds, ``raml_export_s`` (the ONNX export and check,
+        inside ``raml_ips``), ``speedup`` (raml / reference, wall), ``speedup_cpu`` (reference / raml CPU
+        seconds), ``speedup_without_export``, ``torch_speedup`` (raml's loader with the eager forward /
+        reference), ``max_abs_diff`` / ``torch_max_abs_diff`` (vs the reference's embeddings), ``stages``
+        (seconds per image of each step), and with ``bf16`` the ``raml_bf16_*`` figures; plus the machine,
+        load average (at the start and the end), thread and worker counts and whether the CPU has native bf16.
     """
     if threads is not None:
         torch.set_num_threads(threads)
+    load_before = list(os.getloadavg())
     torch.manual_seed(seed)
-    network = build_network("resnet50", pooling="gem", whitening=512, pretrained=False).eval()
+    network = build_network(architecture, pooling="gem", whitening=512, pretrained=False).eval()
     results: dict = {}
     with tempfile.TemporaryDirectory(prefix="raml-bench-extract-") as tmp:
         paths = make_jpegs(Path(tmp), num_images, seed)
@@ -212,14 +234,29 @@ def run_extract_benchmark(
             reference_embeddings(network, paths[:2], size, 2, 0)
             _raml_embeddings(network, paths[:2], size, 2, 0)
             ref, ref_ips, ref_cpu = _timed(partial(reference_embeddings, network, paths, size, batch_size, workers))
-            ours, ours_ips, ours_cpu = _timed(partial(_raml_embeddings, network, paths, size, batch_size, workers))
+            eager, eager_ips, eager_cpu = _timed(
+                partial(_raml_embeddings, network, paths, size, batch_size, workers, runtime="torch")
+            )
+            export: list[float] = []
+            ours, ours_ips, ours_cpu = _timed(
+                partial(_raml_embeddings, network, paths, size, batch_size, workers, "fp32", runtime, export)
+            )
+            ours_seconds = num_images / ours_ips
             entry = {
+                "runtime": runtime,
                 "reference_ips": ref_ips,
                 "raml_ips": ours_ips,
+                "raml_torch_ips": eager_ips,
                 "reference_cpu_s": ref_cpu,
                 "raml_cpu_s": ours_cpu,
+                "raml_torch_cpu_s": eager_cpu,
+                "raml_export_s": export[0],
                 "speedup": ours_ips / ref_ips,
+                "speedup_cpu": ref_cpu / ours_cpu,
+                "speedup_without_export": num_images / (ours_seconds - export[0]) / ref_ips,
+                "torch_speedup": eager_ips / ref_ips,
                 "max_abs_diff": float((ours - ref).abs().max()),
+                "torch_max_abs_diff": float((eager - ref).abs().max()),
             }
             if bf16:
                 low, low_ips, low_cpu = _timed(
@@ -229,8 +266,8 @@ def run_extract_benchmark(
                     {
                         "raml_bf16_ips": low_ips,
                         "raml_bf16_cpu_s": low_cpu,
-                        "bf16_speedup": low_ips / ours_ips,
-                        "bf16_max_abs_diff": float((low - ours).abs().max()),
+                        "bf16_speedup": low_ips / eager_ips,
+                        "bf16_max_abs_diff": float((low - eager).abs().max()),
                     }
                 )
             entry["stages"] = _stage_times(network, paths[:stage_images], size)
@@ -240,7 +277,7 @@ def run_extract_benchmark(
         "benchmark": "extract",
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "num_images": num_images,
-        "network": "resnet50 + GeM + whitening 512, random weights",
+        "network": f"{architecture} + GeM + whitening 512, random weights",
         "batch_size": batch_size,
         "workers": workers,
         "torch_threads": torch.get_num_threads(),
@@ -249,6 +286,7 @@ def run_extract_benchmark(
         "sizes": results,
         "cpu_model": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "load_average_start": load_before,
         "load_average": list(os.getloadavg()),
         "torch_version": torch.__version__,
         "python": platform.python_version(),
@@ -261,17 +299,21 @@ def format_extract_report(result: dict) -> str:
         f"raml bench extract: {result['num_images']} JPEGs (CUB-like sizes), {result['network']}, batch "
         f"{result['batch_size']}, {result['workers']} workers, {result['torch_threads']} torch threads",
         f"machine: {result['cpu_model']}, {result['cpu_count']} cores, load average "
-        f"{', '.join(f'{v:.2f}' for v in result['load_average'])}; bf16: {result['bf16_note']}",
+        f"{', '.join(f'{v:.2f}' for v in result['load_average_start'])} (start), "
+        f"{', '.join(f'{v:.2f}' for v in result['load_average'])} (end); bf16: {result['bf16_note']}",
         "",
     ]
     for size, e in result["sizes"].items():
         line = (
-            f"{size} px: reference {e['reference_ips']:.2f} img/s, raml {e['raml_ips']:.2f} img/s "
-            f"({e['speedup']:.2f}x), max |raml - reference| {e['max_abs_diff']:.2e}"
+            f"{size} px: reference {e['reference_ips']:.2f} img/s; raml ({e['runtime']}) {e['raml_ips']:.2f} img/s "
+            f"({e['speedup']:.2f}x wall, {e['speedup_cpu']:.2f}x CPU, export {e['raml_export_s']:.1f} s included; "
+            f"{e['speedup_without_export']:.2f}x without it), max |raml - reference| {e['max_abs_diff']:.2e}; "
+            f"raml torch {e['raml_torch_ips']:.2f} img/s ({e['torch_speedup']:.2f}x), max |diff| "
+            f"{e['torch_max_abs_diff']:.2e}"
         )
         if "raml_bf16_ips" in e:
             line += (
-                f"; raml bf16 {e['raml_bf16_ips']:.2f} img/s ({e['bf16_speedup']:.2f}x fp32), "
+                f"; raml bf16 {e['raml_bf16_ips']:.2f} img/s ({e['bf16_speedup']:.2f}x raml torch fp32), "
                 f"max |bf16 - fp32| {e['bf16_max_abs_diff']:.2e}"
             )
         lines.append(line)
@@ -283,7 +325,7 @@ def format_extract_report(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench extract [--num-images N] [--sizes S ...] [--batch-size B] [--workers W]
-    [--threads T] [--bf16] [--json PATH]``."""
+    [--threads T] [--bf16] [--cpu-runtime R] [--json PATH]``."""
     parser = argparse.ArgumentParser(
         prog="raml bench extract",
         description="Images/s of raml extract against the reference's loader and eager forward (same images, "
@@ -295,6 +337,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes, both sides (default 1)")
     parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--bf16", action="store_true", help="also time raml with bfloat16 autocast")
+    parser.add_argument(
+        "--cpu-runtime",
+        choices=CPU_RUNTIMES,
+        default="auto",
+        help="the forward of the raml row (default auto, raml extract's default)",
+    )
+    parser.add_argument("--architecture", default="resnet50", help="backbone (default resnet50, the paper's)")
     parser.add_argument("--seed", type=int, default=0, help="images and weights seed (default 0)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -303,7 +352,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--workers must be >= 0, got {args.workers}")
     setup_logging(args.verbose)
     result = run_extract_benchmark(
-        args.num_images, args.sizes, args.batch_size, args.workers, args.threads, args.bf16, seed=args.seed
+        args.num_images,
+        args.sizes,
+        args.batch_size,
+        args.workers,
+        args.threads,
+        args.bf16,
+        seed=args.seed,
+        runtime=args.cpu_runtime,
+        architecture=args.architecture,
     )
     if args.json is not None:
         write_json(args.json, result)

@@ -43,6 +43,7 @@ from raml.deploy.search import (
 from raml.deploy.shards import DEFAULT_SHARD_SIZE
 from raml.deploy.store import METADATA_NAME, load_index
 from raml.models import checkpoint_sha256, load_network
+from raml.retrieval.extract import inference_network
 
 logger = logging.getLogger("raml")
 
@@ -178,8 +179,22 @@ def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--overwrite", action="store_true", help="rebuild the index instead of appending to it")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write a summary as JSON")
+    _add_index_forward_args(parser)
     add_runtime_args(parser)
     parser.set_defaults(func=run_index)
+
+
+def _add_index_forward_args(parser: argparse.ArgumentParser) -> None:
+    """``raml index``'s forward flags, as ``raml extract``'s: ``--bf16`` and ``--cpu-runtime``."""
+    from raml.cli.extract import add_cpu_runtime_arg
+
+    parser.add_argument(
+        "--bf16",
+        action="store_true",
+        help="opt-in: the forward in bfloat16 autocast (fast only on CPUs with AVX-512 BF16 or AMX, or a GPU with "
+        "bf16); off by default, the paper's numbers are fp32; --engine local only",
+    )
+    add_cpu_runtime_arg(parser)
 
 
 def run_index(args: argparse.Namespace) -> int:
@@ -201,6 +216,9 @@ def run_index(args: argparse.Namespace) -> int:
         raise SystemExit("raml index: error: give the images to index (--images, --list or --dataset) and/or --remove.")
     devices = _devices(args)
     network = load_network(args.network_path, data_root=args.data_root, device=devices[0])
+    if args.bf16 and args.engine != "local":
+        raise SystemExit("raml index: --bf16 runs with --engine local; drop one of them.")
+    forward = inference_network(network, devices[0], "bf16" if args.bf16 else "fp32", args.cpu_runtime)
     engine = None
     if args.engine == "ray":
         _require_deps("ray")
@@ -217,7 +235,7 @@ def run_index(args: argparse.Namespace) -> int:
             )
         )
     summary = index_images(
-        network,
+        forward,
         paths,
         args.image_size,
         args.output,

@@ -24,7 +24,7 @@ from raml.data.splits import get_split
 from raml.entry import add_network_args, network_from_args
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import evaluate_split, format_results_table
-from raml.retrieval.extract import SINGLE_SCALE
+from raml.retrieval.extract import SINGLE_SCALE, inference_network
 from raml.utils import file_sha256
 
 logger = logging.getLogger("raml")
@@ -90,6 +90,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="opt-in: both networks' forward in bfloat16 autocast (fast only on CPUs with AVX-512 BF16 or AMX, "
         "or a GPU with bf16); off by default, the paper's numbers are fp32; bf16 embeddings are not cached",
     )
+    from raml.cli.extract import add_cpu_runtime_arg  # here: keeps this module's imports as they were
+
+    add_cpu_runtime_arg(parser)
     add_bad_images_arg(parser)
     add_runtime_args(
         parser,
@@ -149,6 +152,10 @@ def run(args: argparse.Namespace) -> int:
             whitening=args.whitening,
             pretrained=not args.not_pretrained,
         )
+    if not args.bf16:  # the fp32 forward on the CPU through onnxruntime (checked) unless --cpu-runtime torch
+        student = inference_network(student, device, "fp32", args.cpu_runtime)
+        if teacher is not None:
+            teacher = inference_network(teacher, teacher_device, "fp32", args.cpu_runtime)
     cache = None if args.no_cache else EmbeddingCache(Path(args.data_root) / "cache" / "embeddings")
     teacher_sha = file_sha256(teacher_file) if teacher_file is not None else None
 

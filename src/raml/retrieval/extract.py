@@ -11,6 +11,12 @@ rescaled batch is embedded, and with ``p`` the multi-scale power (:func:`multisc
 
 Scales are parsed from the reference's list syntax by :func:`parse_scales`, which evaluates nothing: it walks
 the expression tree and allows numbers and ``+ - * / **`` only.
+
+How the forward pass runs (:func:`inference_network`): ``precision`` ``fp32`` (default) or ``bf16``
+(:class:`Bf16Forward`, opt-in); on the CPU in fp32, ``runtime`` ``torch`` (PyTorch's eager forward, the
+library's default), ``onnxruntime`` (:class:`raml.models.onnx_forward.OrtForward`, an fp32 onnxruntime graph
+checked against the network) or ``auto`` (onnxruntime where it installs and passes the check, else torch; the
+default of ``raml extract`` / ``raml test`` / ``raml index``).
 """
 
 from __future__ import annotations
@@ -31,6 +37,7 @@ from tqdm.auto import tqdm
 from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform
 from raml.distributed import DistContext, all_gather_rows, shard_bounds
+from raml.models.onnx_forward import AUTO_WARMUP_PIXELS, OrtForward, onnxruntime_available
 
 logger = logging.getLogger(__name__)
 
@@ -41,6 +48,10 @@ SINGLE_SCALE: tuple[float, ...] = (1.0,)
 #: bfloat16 autocast; fast only where the hardware has bf16 arithmetic, see :func:`bf16_support`).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
+
+#: How an fp32 forward runs on the CPU: ``auto`` (onnxruntime where it works, else torch), ``onnxruntime``
+#: (error when it does not) or ``torch`` (PyTorch's eager forward).
+CPU_RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "torch")
 
 _MAX_SCALES_TEXT = 1000
 _BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
@@ -213,6 +224,76 @@ def check_precision(precision: str, device: torch.device) -> None:
             logger.warning("bf16 requested: %s. Running it anyway; expect no speed-up.", reason)
 
 
+class Bf16Forward(nn.Module):
+    """``network``'s forward under bfloat16 autocast, its output L2-normalised again in float32.
+
+    Attributes the callers read from a network (``meta``, ``pool``, ``source_path``, ...) are forwarded to the
+    wrapped network.
+
+    Args:
+        network: ``(B, 3, H, W)`` -> ``(B, D)``.
+        device_type: The autocast device type (``"cpu"``, ``"cuda"``).
+    """
+
+    def __init__(self, network: nn.Module, device_type: str) -> None:
+        super().__init__()
+        self.network = network
+        self.device_type = device_type
+        self.train(network.training)  # the wrapper's mode is the network's: callers save and restore it
+
+    def __getattr__(self, name: str) -> object:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "network":
+                raise
+            return getattr(self.network, name)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(self.device_type, dtype=torch.bfloat16):
+            out = self.network(images)
+        return F.normalize(out.float(), dim=1)
+
+
+def inference_network(
+    network: nn.Module, device: torch.device, precision: str = "fp32", runtime: str = "torch"
+) -> nn.Module:
+    """``network`` wrapped for inference on ``device`` at ``precision`` with the CPU ``runtime`` (module doc).
+
+    - ``precision="bf16"``: :class:`Bf16Forward` (``runtime`` does not apply).
+    - fp32 on the CPU with ``runtime`` ``onnxruntime``: an :class:`OrtForward` exporting each size on its first
+      batch; an export that fails or differs by more than 1e-4 raises. With ``auto``: one that exports a size
+      only for a job of at least twice :data:`~raml.models.onnx_forward.AUTO_WARMUP_PIXELS` pixels
+      (:meth:`~raml.models.onnx_forward.OrtForward.expect`, which :func:`extract_embeddings` calls; small jobs
+      never pay the export) and falls back to PyTorch for a size whose export fails or differs.
+    - ``torch``, another device, a network without parameters (e.g. an ONNX student already) or ``auto``
+      without onnxruntime installed: the network itself.
+
+    Build it once the weights are final: the onnxruntime graph reads them when it is first used at a size.
+
+    Raises:
+        ValueError: an unknown precision or runtime.
+        ImportError: ``runtime="onnxruntime"`` without onnxruntime installed.
+    """
+    check_precision(precision, device)
+    if runtime not in CPU_RUNTIMES:
+        raise ValueError(f"runtime must be one of {', '.join(CPU_RUNTIMES)}, got {runtime!r}.")
+    if isinstance(network, Bf16Forward):
+        return network
+    if precision == "bf16":  # an OrtForward hands calls under autocast to its network
+        return Bf16Forward(network, device.type)
+    if isinstance(network, OrtForward):
+        return network
+    if runtime == "torch" or device.type != "cpu" or next(network.parameters(), None) is None:
+        return network
+    if runtime == "auto" and not onnxruntime_available():
+        logger.info("onnxruntime is not installed: the forward runs in PyTorch (pip install onnxruntime is faster).")
+        return network
+    if runtime == "onnxruntime":
+        return OrtForward(network, strict=True)
+    return OrtForward(network, warmup_pixels=AUTO_WARMUP_PIXELS)
+
+
 def worker_start_method(device: torch.device, workers: int) -> str | None:
     """How the loader's worker processes start: ``forkserver`` when the network runs on CUDA, else the default.
 
@@ -238,6 +319,7 @@ def extract_embeddings(
     description: str = "extract",
     scales: Sequence[float] = SINGLE_SCALE,
     precision: str = "fp32",
+    runtime: str = "torch",
 ) -> torch.Tensor:
     """Embed images with ``network`` at ``image_size``, optionally multi-scale (:func:`embed_batch`).
 
@@ -252,18 +334,24 @@ def extract_embeddings(
         description: label of the progress bar.
         scales: rescaling factors of the evaluation-transformed images; ``(1,)`` is single-scale.
         precision: ``fp32`` (default) or ``bf16``: the forward under bfloat16 autocast, the embeddings
-            L2-normalised again in float32 (opt-in; see :func:`bf16_support`).
+            L2-normalised again in float32 (opt-in; see :func:`bf16_support` and :class:`Bf16Forward`).
+        runtime: how an fp32 forward runs on the CPU (:data:`CPU_RUNTIMES`, :func:`inference_network`);
+            ``torch`` by default. A ``network`` already wrapped by :func:`inference_network` keeps its own.
 
     Returns:
         (N, D) float32 tensor on the CPU.
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
-    check_precision(precision, device)
+    forward = inference_network(network, device, precision, runtime)
     scales = validate_scales(scales)
     power = multiscale_power(network, scales)
     if scales != SINGLE_SCALE:
         logger.info("Multi-scale embedding: scales %s, power %.4g (%s)", list(scales), power, description)
+    if isinstance(forward, OrtForward):  # the job's size decides whether exporting to onnxruntime pays
+        for scale in scales:
+            side = image_size if scale == 1.0 else math.floor(image_size * scale)
+            forward.expect((3, side, side), len(paths))
     mean, std = network_mean_std(network)
     dataset = ImageDataset(list(paths), None, EvalTransform(image_size, mean, std))
     loader = DataLoader(
@@ -279,12 +367,7 @@ def extract_embeddings(
     chunks: list[torch.Tensor] = []
     try:
         for images, _ in tqdm(loader, desc=description, unit="batch", disable=not progress, leave=False):
-            if precision == "bf16":
-                with torch.autocast(device.type, dtype=torch.bfloat16):
-                    embeddings = embed_batch(network, images.to(device, non_blocking=True), scales, power)
-                embeddings = F.normalize(embeddings.float(), dim=1)
-            else:
-                embeddings = embed_batch(network, images.to(device, non_blocking=True), scales, power)
+            embeddings = embed_batch(forward, images.to(device, non_blocking=True), scales, power)
             chunks.append(embeddings.cpu())
     finally:
         network.train(was_training)
@@ -305,12 +388,13 @@ def extract_embeddings_sharded(
     description: str = "extract",
     scales: Sequence[float] = SINGLE_SCALE,
     precision: str = "fp32",
+    runtime: str = "torch",
 ) -> torch.Tensor:
     """:func:`extract_embeddings` split over ``torchrun`` processes: each embeds a contiguous share of
     ``paths`` and every process receives all (N, D) rows, in ``paths`` order (a collective call)."""
     if not dist.enabled:
         return extract_embeddings(
-            network, paths, image_size, device, batch_size, workers, progress, description, scales, precision
+            network, paths, image_size, device, batch_size, workers, progress, description, scales, precision, runtime
         )
     start, stop = shard_bounds(len(paths), dist)
     if start < stop:
@@ -325,6 +409,7 @@ def extract_embeddings_sharded(
             description,
             scales=scales,
             precision=precision,
+            runtime=runtime,
         )
     else:
         local = torch.zeros(0, int(getattr(network, "meta", {})["outputdim"]))
