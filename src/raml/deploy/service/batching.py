@@ -147,13 +147,6 @@ class MicroBatcher:
         full = self.cost.predict(self.max_batch)
         return None if full is None else max(full, MIN_AUTO_QUEUE_WAIT_S)
 
-    def predicted_wait(self) -> float:
-        """Seconds a query submitted now is predicted to wait for its batch to start (0 before any measurement)."""
-        full = self.cost.predict(self.max_batch)
-        if full is None:
-            return 0.0
-        return predicted_wait_s(self.depth, self.max_batch, self._busy_remaining(), full, self.max_wait_s)
-
     def _busy_remaining(self) -> float:
         busy = self._busy
         if busy is None:
@@ -171,6 +164,28 @@ class MicroBatcher:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
+    def check_admission(self) -> None:
+        """Refuse a query now if its predicted wait for its batch exceeds the bound (the HTTP layer calls this
+        before reading a request's body, so that a request to be shed costs no read and no decode; :meth:`submit`
+        calls it again).
+
+        Raises:
+            QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
+        """
+        bound, full = self.queue_wait_bound_s, self.cost.predict(self.max_batch)
+        if bound is None or full is None:
+            return
+        depth, remaining = self.depth, self._busy_remaining()
+        predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
+        if should_shed(predicted, bound, depth, remaining):
+            with self._shed_lock:
+                self.shed_predicted += 1
+            raise QueueWaitError(
+                f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
+                f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default one "
+                "batch service time); try again shortly."
+            )
+
     def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
         """Queue one ``(3, size, size)`` query for the ``k`` nearest database images.
 
@@ -181,18 +196,7 @@ class MicroBatcher:
         """
         if not self.running:
             raise RuntimeError("The batching worker is not running; start() it first.")
-        bound, depth, remaining = self.queue_wait_bound_s, self.depth, self._busy_remaining()
-        full = self.cost.predict(self.max_batch)
-        if bound is not None and full is not None:
-            predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
-            if should_shed(predicted, bound, depth, remaining):
-                with self._shed_lock:
-                    self.shed_predicted += 1
-                raise QueueWaitError(
-                    f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
-                    f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default one "
-                    "batch service time); try again shortly."
-                )
+        self.check_admission()
         query = _Query(image, int(size), int(k), time.perf_counter())
         try:
             self._queue.put_nowait(query)
