@@ -222,6 +222,7 @@ from raml.deploy import index_images  # noqa: E402
 from raml.deploy.service import SearchService, ServiceLimits, TorchQueryEmbedder  # noqa: E402
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
+from raml.deploy.service.connections import server_options  # noqa: E402
 from raml.models import checkpoint_sha256, load_network  # noqa: E402
 
 QR, DR = 32, 48
@@ -290,3 +291,51 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     # the server's own reported queue wait of every 200 is within the largest bound it applied
     largest_ms = 1000 * max(r.wait_bound_s for r in bounded)
     assert max(r.json()["timings_ms"]["queue"] for r in ok) <= largest_ms + 0.001
+
+
+def test_a_request_shed_for_its_wait_leaves_the_clients_keep_alive_connection_usable(world):
+    """The refusal comes after the body is read: answering before it breaks a connection still sending."""
+    import http.client
+
+    real = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
+
+    class Slow:
+        sizes, default_size, output_dim, teacher_sha256 = real.sizes, real.default_size, real.output_dim, None
+        transform, describe = real.transform, real.describe
+
+        def embed(self, images):
+            time.sleep(BATCH_SLEEP_S)
+            return real.embed(images)
+
+    limits = ServiceLimits(max_batch=1, max_wait_ms=0, queue_size=64, max_queue_wait_ms=1.0)
+    service = SearchService(Slow(), world["index"], limits)
+    body = Path(world["paths"][1]).read_bytes()
+    outcomes: list[object] = []
+
+    def client(port: int) -> None:  # one keep-alive connection, 12 requests one after the other
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+        for _ in range(12):
+            try:  # the headers, then the body a moment later, as a client on a real network sends them
+                conn.putrequest("POST", "/search?k=3")
+                conn.putheader("Content-Type", "image/jpeg")
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders()
+                time.sleep(0.01)
+                conn.send(body)
+                response = conn.getresponse()
+                response.read()
+                outcomes.append(response.status)
+            except (OSError, http.client.HTTPException) as error:
+                outcomes.append(type(error).__name__)
+                conn.close()
+        conn.close()
+
+    options = server_options(limits.header_timeout_s, limits.max_connections)  # raml serve's connection handling
+    with BackgroundServer(create_app(service), options=options) as running:
+        threads = [threading.Thread(target=client, args=(running.port,)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=4 * WAIT_S)
+    assert len(outcomes) == 72 and set(outcomes) <= {200, 503}, sorted(map(str, outcomes))
+    assert 503 in outcomes and service.batcher.shed_predicted > 0

@@ -11,8 +11,8 @@ Routes:
   connection is closed), 413 (body over ``max_bytes``; image, or the image resized to the query size, over
   ``max_pixels``), 415 (not an image, or a body that is neither multipart nor ``image/*``), 503 with
   ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded, the batching
-  queue full, or a query's predicted wait for its batch over ``--max-queue-wait-ms``: refused before the body is
-  read or the image decoded);
+  queue full: refused before the body is read or the image decoded; or a query's predicted wait for its batch over
+  ``--max-queue-wait-ms``: refused before the image is decoded);
 - ``GET /health``: :meth:`SearchService.health`;
 - ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
@@ -157,12 +157,14 @@ def create_app(service: SearchService) -> Starlette:
             except ValueError as refused:
                 raise QueryImageError(400, str(refused)) from None
             # admission before anything is buffered or decoded: beyond the limits, 503 at once
-            service.batcher.check_admission()  # the predicted wait for a batch (--max-queue-wait-ms)
             with service.uploads.take():
                 body = await read_limited_body(request, service.limits.max_bytes, service.limits.body_timeout_s)
                 data = await _upload_bytes(request, body)
             del body
             read_done = time.perf_counter()
+            # the predicted wait for a batch (--max-queue-wait-ms), before decoding; after the body is read, since a
+            # response before it would break the client's keep-alive connection while it still sends
+            service.batcher.check_admission()
             with service.decodes.take(), service.arriving():  # only a query with its whole body holds a batch
                 image = await run_in_threadpool(service.prepare, data, size)
                 del data

@@ -166,8 +166,8 @@ class MicroBatcher:
 
     def check_admission(self) -> None:
         """Refuse a query now if its predicted wait for its batch exceeds the bound (the HTTP layer calls this
-        before reading a request's body, so that a request to be shed costs no read and no decode; :meth:`submit`
-        calls it again).
+        before decoding a request's image, so that a request to be shed costs no decode; :meth:`submit` calls it
+        again).
 
         Raises:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
