@@ -114,6 +114,8 @@ class _Server:
         command += ["--image-size", str(settings.query_size), "--port", str(self.port), "--device", "cpu"]
         command += ["--max-batch", str(max_batch), "--max-wait-ms", str(settings.max_wait_ms)]
         command += ["--queue-size", str(settings.queue_size)]
+        # room for every client connection and the benchmark's own /metrics probe
+        command += ["--max-connections", str(max(256, settings.open_connections + 16))]
         self._log = log.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -148,10 +150,15 @@ def _shed_totals(metrics_text: str) -> dict[str, float]:
     return {reason: float(value) for reason, value in found}
 
 
-def _scrape_shed(url: str) -> dict[str, float]:
+def _scrape_shed(url: str) -> dict[str, float] | None:
+    """The server's shed counts, or None when ``/metrics`` did not answer 200 (e.g. every connection taken)."""
     import httpx
 
-    return _shed_totals(httpx.get(url + "/metrics", timeout=10).text)
+    try:
+        response = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    return _shed_totals(response.text) if response.status_code == 200 else None
 
 
 def _batch_totals(metrics_text: str) -> tuple[float, float]:
@@ -187,7 +194,11 @@ def _measure(
     before, after = result.probes
     # the server's own account of the 503s sent in the window, by the limit reached (queue_wait: the predicted or
     # actual wait for a batch over --max-queue-wait-ms)
-    row["shed_by_reason"] = {reason: int(count - before.get(reason, 0.0)) for reason, count in sorted(after.items())}
+    row["shed_by_reason"] = (
+        None
+        if before is None or after is None
+        else {reason: int(count - before.get(reason, 0.0)) for reason, count in sorted(after.items())}
+    )
     return row
 
 
@@ -380,7 +391,7 @@ def format_serve_report(result: dict[str, Any]) -> str:
         lines.append(
             f"open loop at 2x saturation: {g['rejected_503']} 503s ({g['rejected_without_retry_after']} without "
             f"Retry-After; server: "
-            + (", ".join(f"{n} {r}" for r, n in g.get("shed_by_reason", {}).items()) or "none")
+            + (", ".join(f"{n} {r}" for r, n in (g.get("shed_by_reason") or {}).items()) or "none")
             + f"), accepted p99 {_number(g['p99_ms'])} ms vs max-wait + 2 batch service times "
             f"{_number(g['bound_ms'])} ms (goal: {'met' if g['met'] else 'missed'})"
         )
