@@ -76,6 +76,10 @@ def test_bench_serve_open_loop_curve_goals_and_plot_with_a_client_that_was_not_t
     assert [r["client_limited_because"] for r in light] == [[] for _ in light]
     goals = result["goals"]
     assert goals["saturation_ratio"] == pytest.approx(saturation / result["runs"][1]["queries_per_s"])
-    assert set(goals["at_2x"]) >= {"rejected_503", "p99_ms", "bound_ms", "met"} and "at_80pct" not in goals
+    assert set(goals["at_2x"]) >= {"rejected_503", "shed_by_reason", "p99_ms", "bound_ms", "met"}
+    assert "at_80pct" not in goals
+    for row in result["open_loop"]:  # the server's own count of the 503s in the window, by reason
+        assert row["shed_by_reason"] is not None  # the probe got through
+        assert all(isinstance(n, int) and n >= 0 for n in row["shed_by_reason"].values())
     assert "open loop (Poisson arrivals" in table and "open loop at 2x saturation" in table
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

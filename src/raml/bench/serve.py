@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from raml.bench.loadgen import ClientPool, run_load, summarise
+from raml.deploy.service.embedders import available_cores, serving_threads
 from raml.utils import atomic_write_text, cpu_model
 
 logger = logging.getLogger(__name__)
@@ -113,6 +114,8 @@ class _Server:
         command += ["--image-size", str(settings.query_size), "--port", str(self.port), "--device", "cpu"]
         command += ["--max-batch", str(max_batch), "--max-wait-ms", str(settings.max_wait_ms)]
         command += ["--queue-size", str(settings.queue_size)]
+        # room for every client connection and the benchmark's own /metrics probe
+        command += ["--max-connections", str(max(256, settings.open_connections + 16))]
         self._log = log.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -139,6 +142,23 @@ class _Server:
             self.process.kill()
             self.process.wait(timeout=30)
         self._log.close()
+
+
+def _shed_totals(metrics_text: str) -> dict[str, float]:
+    """Requests shed with 503 so far, by reason (``raml_shed_total{reason=...}`` of ``/metrics``)."""
+    found = re.findall(r'^raml_shed_total\{reason="([^"]+)"\} (\S+)$', metrics_text, flags=re.MULTILINE)
+    return {reason: float(value) for reason, value in found}
+
+
+def _scrape_shed(url: str) -> dict[str, float] | None:
+    """The server's shed counts, or None when ``/metrics`` did not answer 200 (e.g. every connection taken)."""
+    import httpx
+
+    try:
+        response = httpx.get(url + "/metrics", timeout=10)
+    except httpx.HTTPError:
+        return None
+    return _shed_totals(response.text) if response.status_code == 200 else None
 
 
 def _batch_totals(metrics_text: str) -> tuple[float, float]:
@@ -168,8 +188,18 @@ def _measure(
         timeout_s=settings.timeout_s,
         seed=settings.seed,
         pool=pool,
+        probe=lambda: _scrape_shed(server.url),
     )
-    return summarise(result)
+    row = summarise(result)
+    before, after = result.probes
+    # the server's own account of the 503s sent in the window, by the limit reached (queue_wait: the predicted or
+    # actual wait for a batch over --max-queue-wait-ms)
+    row["shed_by_reason"] = (
+        None
+        if before is None or after is None
+        else {reason: int(count - before.get(reason, 0.0)) for reason, count in sorted(after.items())}
+    )
+    return row
 
 
 def _log_row(row: dict[str, Any]) -> None:
@@ -217,6 +247,7 @@ def _goals(runs: list[dict], open_rows: list[dict], settings: ServeBenchSettings
         bound = settings.max_wait_ms + 2.0 * service if service is not None else None
         goals["at_2x"] = {
             "rejected_503": at2x["rejected_503"],
+            "shed_by_reason": at2x.get("shed_by_reason", {}),
             "rejected_without_retry_after": at2x["rejected_without_retry_after"],
             "p99_ms": at2x["p99_ms"],
             "bound_ms": bound,
@@ -235,6 +266,7 @@ def _goals(runs: list[dict], open_rows: list[dict], settings: ServeBenchSettings
 def run_serve_benchmark(work_dir: str | Path, settings: ServeBenchSettings | None = None) -> dict[str, Any]:
     """Run the benchmark (see the module docstring) in ``work_dir``; returns the report as a dict."""
     settings = settings or ServeBenchSettings()
+    load_at_start = list(os.getloadavg())
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     index_dir, student, query_files = prepare_data(work_dir, settings)
@@ -280,7 +312,9 @@ def run_serve_benchmark(work_dir: str | Path, settings: ServeBenchSettings | Non
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
+            "load_average_at_start": load_at_start,
             "load_average": list(os.getloadavg()),
+            "server_threads": serving_threads(available_cores()),  # raml serve's default --threads here
         },
         "settings": {**asdict(settings), "database_images": len(query_files)},
         "runs": runs,
@@ -304,8 +338,12 @@ def format_serve_report(result: dict[str, Any]) -> str:
         f"raml serve on loopback: {s['database_images']} images indexed by {s['architecture']} "
         f"(D={s['whitening']}) at {s['database_size']} px, queries at {s['query_size']} px, k={s['k']}, "
         f"{s['duration_s']:g} s per row after {s['warmup_s']:g} s warm-up, {s['client_processes']} client "
-        f"processes; {result['machine']['cpu']}, {result['machine']['cores']} cores, load average "
-        + " ".join(f"{v:.1f}" for v in result["machine"]["load_average"]),
+        f"processes; {result['machine']['cpu']}, {result['machine']['cores']} cores, server's torch threads "
+        f"{result['machine'].get('server_threads', '-')}, load average (1, 5, 15 min) "
+        + " ".join(f"{v:.1f}" for v in result["machine"].get("load_average_at_start", []))
+        + " at the start, "
+        + " ".join(f"{v:.1f}" for v in result["machine"]["load_average"])
+        + " at the end",
         "",
         "closed loop (each client sends its next query when the last one is answered):",
         f"{'mode':<10} {'max_batch':>9} {'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
@@ -352,7 +390,9 @@ def format_serve_report(result: dict[str, Any]) -> str:
         g = goals["at_2x"]
         lines.append(
             f"open loop at 2x saturation: {g['rejected_503']} 503s ({g['rejected_without_retry_after']} without "
-            f"Retry-After), accepted p99 {_number(g['p99_ms'])} ms vs max-wait + 2 batch service times "
+            f"Retry-After; server: "
+            + (", ".join(f"{n} {r}" for r, n in (g.get("shed_by_reason") or {}).items()) or "none")
+            + f"), accepted p99 {_number(g['p99_ms'])} ms vs max-wait + 2 batch service times "
             f"{_number(g['bound_ms'])} ms (goal: {'met' if g['met'] else 'missed'})"
         )
     limited = [r for r in result["runs"] + result["open_loop"] if r["client_limited"]]

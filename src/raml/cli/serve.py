@@ -90,6 +90,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"most queries waiting; beyond it requests get 503 with Retry-After (default {defaults.queue_size})",
     )
     group.add_argument(
+        "--max-queue-wait-ms",
+        type=positive_float,
+        default=defaults.max_queue_wait_ms,
+        metavar="MS",
+        help="longest predicted (and actual) wait of a query for its batch to start; beyond it 503 with Retry-After "
+        "(default: one full batch's measured service time, at least 50 ms)",
+    )
+    group.add_argument(
         "--max-bytes",
         type=positive_int,
         default=defaults.max_bytes,
@@ -164,6 +172,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding networks/")
     runtime.add_argument("--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', ...")
+    runtime.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="intra-op threads of the query network (default: half the cores, at least 1; the rest decode images and "
+        "run the HTTP server)",
+    )
     runtime.add_argument("--verbose", action="store_true", help="debug logging and uvicorn's access log")
     parser.set_defaults(func=run_serve)
 
@@ -192,6 +208,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         queue_size=args.queue_size,
+        max_queue_wait_ms=args.max_queue_wait_ms,
         max_bytes=args.max_bytes,
         max_pixels=args.max_pixels,
         max_k=args.max_k,
@@ -232,9 +249,11 @@ def run_serve(args: argparse.Namespace) -> int:
 
     from raml.deploy.service.app import create_app
     from raml.deploy.service.connections import server_options
+    from raml.deploy.service.embedders import use_serving_threads
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}.")
+    use_serving_threads(args.threads)
     service = build_service(args)
     if not _is_loopback(args.host):
         logger.warning(

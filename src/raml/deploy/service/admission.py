@@ -1,4 +1,4 @@
-"""Admission control: a bounded number of uploads and decodes in flight, refused at once beyond it.
+"""Admission control: a bounded number of uploads and decodes in flight, and a queue bounded in *time*.
 
 Contract: ``with slots.take(n):`` holds ``n`` of ``slots.limit`` units for the block, or raises
 :class:`ServiceBusyError` at once (never waits) when they do not fit; the HTTP layer answers that with 503 and
@@ -6,6 +6,14 @@ Contract: ``with slots.take(n):`` holds ``n`` of ``slots.limit`` units for the b
 decoded and transformed (``--max-decodes``), and the pixels of those images, read from their headers
 (``--max-decode-pixels``), so that the memory a burst of requests can take is bounded *before* any body is
 buffered or any pixel decoded (the batching queue's ``--queue-size`` only bounds what waits after decoding).
+
+The batching queue is also bounded in time (issue 20): a count of queries says nothing of how long they will
+wait, since a batch's service time depends on the machine, the query size and the load. :class:`BatchCostModel`
+fits the service time of a batch of ``n`` queries, ``t(n) = a + b n``, by exponentially weighted least squares
+over the batches served (the newest weighs most); :func:`predicted_wait_s` turns the queue's state into the
+seconds a query submitted now waits for its batch to start; :func:`should_shed` compares that with the bound
+(``--max-queue-wait-ms``, by default one full batch's smoothed service time), and the batcher refuses the query
+with :class:`QueueWaitError` (503 + ``Retry-After``) when it is over.
 """
 
 from __future__ import annotations
@@ -14,7 +22,10 @@ import contextlib
 import threading
 from collections.abc import Iterator
 
-__all__ = ["ServiceBusyError", "Slots"]
+__all__ = ["BatchCostModel", "QueueWaitError", "ServiceBusyError", "Slots", "predicted_wait_s", "should_shed"]
+
+#: the flag that sets the bound on a query's wait for its batch (the metrics count refusals by it)
+QUEUE_WAIT_FLAG = "--max-queue-wait-ms"
 
 
 class ServiceBusyError(RuntimeError):
@@ -77,3 +88,101 @@ class Slots:
         finally:
             with self._lock:
                 self._held -= amount
+
+
+class QueueWaitError(ServiceBusyError):
+    """A query would wait (or has waited) longer than the queue-wait bound for its batch to start (HTTP 503)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, QUEUE_WAIT_FLAG)
+
+
+class BatchCostModel:
+    """The smoothed service time of a batch as a function of its number of queries: ``t(n) = a + b n``.
+
+    Fitted by exponentially weighted least squares: each batch observed multiplies the weight of the earlier ones
+    by ``decay``, so the model follows a change of load (other processes on the cores, another query size) within
+    a few batches. Where the batches seen so far have (nearly) one size, or the fit would be negative at 0 or
+    decreasing in ``n``, the model falls back to ``t(n) = b n`` through the origin (or a constant when ``b`` would be
+    negative): a cost proportional to the work, which over-estimates a larger batch (sheds early) rather than
+    under-estimating it.
+
+    Args:
+        decay: Weight kept by the earlier batches at each new one, in (0, 1) (0.9: the last ~10 batches count).
+    """
+
+    def __init__(self, decay: float = 0.9) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"decay must lie in (0, 1), got {decay!r}.")
+        self.decay = float(decay)
+        self._sums = [0.0] * 5  # weighted sums of 1, n, t, n*n, n*t
+        self._lock = threading.Lock()
+
+    @property
+    def observed(self) -> bool:
+        """Whether any batch has been observed."""
+        return self._sums[0] > 0
+
+    def observe(self, queries: int, seconds: float) -> None:
+        """Account one batch of ``queries`` queries that took ``seconds`` to serve."""
+        if queries < 1 or not seconds >= 0:
+            raise ValueError(f"A batch needs >= 1 query and a duration >= 0, got {queries!r} and {seconds!r}.")
+        n, t = float(queries), float(seconds)
+        with self._lock:
+            self._sums = [self.decay * s + x for s, x in zip(self._sums, (1.0, n, t, n * n, n * t))]
+
+    def coefficients(self) -> tuple[float, float] | None:
+        """``(a, b)`` of ``t(n) = a + b n`` in seconds, or None before any batch is observed."""
+        with self._lock:
+            w, sn, st, snn, snt = self._sums
+        if w <= 0:
+            return None
+        mean_n, mean_t = sn / w, st / w
+        variance = snn / w - mean_n * mean_n
+        if variance > 1e-6 * max(1.0, mean_n * mean_n):
+            b = (snt / w - mean_n * mean_t) / variance
+            a = mean_t - b * mean_n
+            if b < 0:  # noise made larger batches look faster: a constant cost
+                return mean_t, 0.0
+            if a >= 0:
+                return a, b
+        return 0.0, snt / snn  # one batch size seen (or a < 0): proportional to the work
+
+    def predict(self, queries: int) -> float | None:
+        """Predicted seconds to serve a batch of ``queries`` queries, or None before any batch is observed."""
+        fitted = self.coefficients()
+        if fitted is None:
+            return None
+        a, b = fitted
+        return max(0.0, a + b * queries)
+
+
+def predicted_wait_s(
+    depth: int, max_batch: int, busy_remaining_s: float, full_batch_s: float, max_wait_s: float
+) -> float:
+    """Seconds a query submitted now waits for its batch to start (its ``queue`` time).
+
+    The worker first finishes the batch in progress (``busy_remaining_s``), then serves the ``depth`` queries
+    waiting ahead of this one in order, ``max_batch`` at a time: ``depth // max_batch`` full batches of
+    ``full_batch_s`` each come before this query's batch. That batch then waits up to ``max_wait_s`` for more
+    queries, unless this query fills it.
+
+    Args:
+        depth: Queries waiting ahead of this one.
+        max_batch: Most queries per batch.
+        busy_remaining_s: Predicted rest of the batch in progress (0 when the worker is idle).
+        full_batch_s: Predicted service time of a full batch.
+        max_wait_s: The batching window.
+    """
+    ahead = depth // max_batch
+    fills_its_batch = depth % max_batch + 1 >= max_batch
+    return busy_remaining_s + ahead * full_batch_s + (0.0 if fills_its_batch else max_wait_s)
+
+
+def should_shed(predicted_s: float, bound_s: float | None, depth: int, busy_remaining_s: float) -> bool:
+    """Whether to refuse a query whose predicted wait is ``predicted_s``: when it exceeds ``bound_s`` (None: no
+    bound yet, nothing measured), except that a query finding the worker idle and the queue empty is always
+    admitted (it waits for nothing but its own batching window)."""
+    if bound_s is None or (depth == 0 and busy_remaining_s <= 0):
+        return False
+    return predicted_s > bound_s

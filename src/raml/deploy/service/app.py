@@ -10,8 +10,9 @@ Routes:
   size, truncated or corrupt image, bad form), 408 (the body did not arrive within ``body_timeout_s``; the
   connection is closed), 413 (body over ``max_bytes``; image, or the image resized to the query size, over
   ``max_pixels``), 415 (not an image, or a body that is neither multipart nor ``image/*``), 503 with
-  ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded, or the batching
-  queue full: refused before the body is read or the image decoded);
+  ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded, the batching
+  queue full: refused before the body is read or the image decoded; or a query's predicted wait for its batch over
+  ``--max-queue-wait-ms``: refused before the image is decoded);
 - ``GET /health``: :meth:`SearchService.health`;
 - ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
@@ -161,6 +162,9 @@ def create_app(service: SearchService) -> Starlette:
                 data = await _upload_bytes(request, body)
             del body
             read_done = time.perf_counter()
+            # the predicted wait for a batch (--max-queue-wait-ms), before decoding; after the body is read, since a
+            # response before it would break the client's keep-alive connection while it still sends
+            service.batcher.check_admission()
             with service.decodes.take(), service.arriving():  # only a query with its whole body holds a batch
                 image = await run_in_threadpool(service.prepare, data, size)
                 del data

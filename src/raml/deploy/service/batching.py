@@ -1,8 +1,16 @@
 """Dynamic micro-batching: queries from concurrent requests embedded together, then searched.
 
 Contract: :meth:`MicroBatcher.submit` puts one transformed query ``(3, S, S)`` (its size S and k) into a bounded
-queue and returns a :class:`concurrent.futures.Future` of a :class:`QueryResult`, or raises
-:class:`QueueFullError` at once when ``queue_size`` queries already wait (the caller sheds the load). One
+queue and returns a :class:`concurrent.futures.Future` of a :class:`QueryResult`, or raises at once (the caller
+sheds the load with 503): :class:`QueueFullError` when ``queue_size`` queries already wait, and
+:class:`~raml.deploy.service.admission.QueueWaitError` when the query's *predicted wait* for its batch to start
+(:func:`~raml.deploy.service.admission.predicted_wait_s`: the rest of the batch in progress and the full batches
+queued ahead of it, from the smoothed service time of the batches served so far) exceeds the bound
+``max_queue_wait_s`` (default: one full batch's smoothed service time, at least ``MIN_AUTO_QUEUE_WAIT_S``). A
+query that, against the prediction, has waited longer than the bound when its batch starts gets the same error
+instead of a late answer, so no query that is answered waited longer than the bound in force when its batch
+started (:attr:`QueryResult.wait_bound_s`).
+One
 worker thread takes the first waiting query, then keeps taking queries until it holds ``max_batch`` of them or
 ``max_wait_s`` have passed since it took the first, or no query is waiting and ``arriving()`` says none is on its
 way (so a lone query is not held back for nothing); it reads the served index once for the whole batch,
@@ -14,6 +22,7 @@ together, and resolves every future (with the error, should the network or the s
 from __future__ import annotations
 
 import logging
+import math
 import queue
 import threading
 import time
@@ -25,13 +34,17 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from raml.deploy.service.admission import BatchCostModel, QueueWaitError, predicted_wait_s, should_shed
 from raml.deploy.store import DatabaseIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MicroBatcher", "QueryResult", "QueueFullError"]
+__all__ = ["MIN_AUTO_QUEUE_WAIT_S", "MicroBatcher", "QueryResult", "QueueFullError", "QueueWaitError"]
 
 _POLL_S = 0.0005  # while waiting for more queries: how often to re-check whether any is still arriving
+#: the default queue-wait bound (one full batch's service time) is never below this: a wait this short is not worth
+#: a refusal (a scheduler hiccup or a garbage collection on a busy host lasts as long), e.g. with batches of 2 ms
+MIN_AUTO_QUEUE_WAIT_S = 0.05
 
 
 class QueueFullError(RuntimeError):
@@ -50,6 +63,8 @@ class QueryResult:
         queue_s: Seconds between submission and the start of its batch.
         embed_s: Seconds of its batch's forward pass.
         search_s: Seconds of its search.
+        wait_bound_s: The queue-wait bound in force when its batch started (``queue_s`` is within it), or None
+            while no batch had been measured yet.
     """
 
     ids: np.ndarray
@@ -59,6 +74,7 @@ class QueryResult:
     queue_s: float
     embed_s: float
     search_s: float
+    wait_bound_s: float | None = None
 
 
 @dataclass
@@ -82,6 +98,10 @@ class MicroBatcher:
         on_batch: Called with the size of each forward pass (metrics).
         arriving: Returns how many queries are on their way (received, not yet submitted); None = always wait
             the full ``max_wait_s``.
+        max_queue_wait_s: Longest predicted (and actual) wait of a query for its batch to start; beyond it the
+            query is refused with :class:`QueueWaitError`. None: one full batch's smoothed service time, at least
+            ``MIN_AUTO_QUEUE_WAIT_S`` (an answered query then takes about two batch service times at most);
+            ``math.inf``: no bound in time (only ``queue_size``).
     """
 
     def __init__(
@@ -93,12 +113,15 @@ class MicroBatcher:
         queue_size: int = 256,
         on_batch: Callable[[int], None] | None = None,
         arriving: Callable[[], int] | None = None,
+        max_queue_wait_s: float | None = None,
     ) -> None:
         for name, value in (("max_batch", max_batch), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if not max_wait_s >= 0:
             raise ValueError(f"max_wait_s must be zero or positive, got {max_wait_s!r}.")
+        if max_queue_wait_s is not None and not max_queue_wait_s > 0:
+            raise ValueError(f"max_queue_wait_s must be positive (or None: one batch time), got {max_queue_wait_s!r}.")
         self._embed = embed
         self._current_index = current_index
         self.max_batch = max_batch
@@ -108,6 +131,28 @@ class MicroBatcher:
         self._arriving = arriving or (lambda: 1)
         self._queue: queue.Queue[_Query | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
+        self.max_queue_wait_s = max_queue_wait_s
+        self.cost = BatchCostModel()
+        self._busy: tuple[float, int] | None = None  # (start, queries) of the batch in progress
+        self._shed_lock = threading.Lock()
+        self.shed_predicted = 0  # queries refused at submission: predicted wait over the bound
+        self.shed_expired = 0  # queries refused when their batch started: actual wait over the bound
+
+    @property
+    def queue_wait_bound_s(self) -> float | None:
+        """The bound on a query's wait for its batch to start: ``max_queue_wait_s``, else one full batch's smoothed
+        service time, at least ``MIN_AUTO_QUEUE_WAIT_S`` (None while no batch has been served, or without a bound)."""
+        if self.max_queue_wait_s is not None:
+            return None if math.isinf(self.max_queue_wait_s) else self.max_queue_wait_s
+        full = self.cost.predict(self.max_batch)
+        return None if full is None else max(full, MIN_AUTO_QUEUE_WAIT_S)
+
+    def _busy_remaining(self) -> float:
+        busy = self._busy
+        if busy is None:
+            return 0.0
+        started, queries = busy
+        return max(0.0, (self.cost.predict(queries) or 0.0) - (time.perf_counter() - started))
 
     @property
     def depth(self) -> int:
@@ -119,15 +164,39 @@ class MicroBatcher:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
+    def check_admission(self) -> None:
+        """Refuse a query now if its predicted wait for its batch exceeds the bound (the HTTP layer calls this
+        before decoding a request's image, so that a request to be shed costs no decode; :meth:`submit` calls it
+        again).
+
+        Raises:
+            QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
+        """
+        bound, full = self.queue_wait_bound_s, self.cost.predict(self.max_batch)
+        if bound is None or full is None:
+            return
+        depth, remaining = self.depth, self._busy_remaining()
+        predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
+        if should_shed(predicted, bound, depth, remaining):
+            with self._shed_lock:
+                self.shed_predicted += 1
+            raise QueueWaitError(
+                f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
+                f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default one "
+                "batch service time); try again shortly."
+            )
+
     def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
         """Queue one ``(3, size, size)`` query for the ``k`` nearest database images.
 
         Raises:
             QueueFullError: When ``queue_size`` queries already wait.
+            QueueWaitError: When the query's predicted wait for its batch exceeds the bound.
             RuntimeError: When the worker is not running.
         """
         if not self.running:
             raise RuntimeError("The batching worker is not running; start() it first.")
+        self.check_admission()
         query = _Query(image, int(size), int(k), time.perf_counter())
         try:
             self._queue.put_nowait(query)
@@ -186,8 +255,30 @@ class MicroBatcher:
         started = time.perf_counter()
         # A query whose client went away (its future cancelled) is dropped; the others can no longer be cancelled.
         batch = [query for query in batch if query.future.set_running_or_notify_cancel()]
+        bound = self.queue_wait_bound_s
+        if bound is not None:  # a query that waited past the bound gets 503 rather than a late answer
+            late = [query for query in batch if started - query.submitted > bound]
+            for query in late:
+                query.future.set_exception(
+                    QueueWaitError(
+                        f"The service is busy: the query waited {1000 * (started - query.submitted):.0f} ms for its "
+                        f"batch, over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms); try again shortly."
+                    )
+                )
+            if late:
+                with self._shed_lock:
+                    self.shed_expired += len(late)
+                batch = [query for query in batch if not query.future.done()]
         if not batch:
             return
+        self._busy = (started, len(batch))
+        try:
+            self._serve(batch, started, bound)
+        finally:
+            self._busy = None
+            self.cost.observe(len(batch), time.perf_counter() - started)
+
+    def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
         by_size: dict[int, list[_Query]] = defaultdict(list)
         for query in batch:
@@ -209,7 +300,7 @@ class MicroBatcher:
                         keep = row_ids >= 0
                         result = QueryResult(
                             row_ids[keep], row_scores[keep], index, len(group), started - group[row].submitted,
-                            embed_s, search_s,
+                            embed_s, search_s, bound,
                         )  # fmt: skip
                         group[row].future.set_result(result)
             except Exception as error:  # the requests of this group get the error; the worker goes on

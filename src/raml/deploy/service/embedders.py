@@ -5,10 +5,20 @@ one of its ``sizes`` (RGB ``PIL.Image`` -> ``(3, S, S)``); ``embed((B, 3, S, S) 
 numpy, L2-normalised, exactly what ``raml search`` computes for the same images (the same transform, network
 call and dtype). Two implementations: a PyTorch network (:class:`TorchQueryEmbedder`) and an ONNX model exported
 by ``raml export`` (:class:`OnnxQueryEmbedder`, preprocessing from its sidecar).
+
+Threads (:func:`serving_threads`, :func:`use_serving_threads`): in a server, the query network shares the cores
+with the HTTP event loop and the decoding threads. An intra-op thread pool as wide as the machine then fights them:
+an OpenMP team whose threads are preempted waits for its slowest member at every operator, so a forward pass takes
+many times the CPU it needs (measured on the project's 2-core machine under load, a batch of 32 at 32 px: 70 ms
+of CPU with 1 thread, 470-690 ms with 2; see docs/deployment.md). The service therefore gives the network half
+the cores (at least one) unless told otherwise.
 """
 
 from __future__ import annotations
 
+import logging
+import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -21,7 +31,49 @@ from raml.data.images import EvalTransform
 from raml.deploy.search import OnnxEmbedder, recorded_teacher_sha256
 from raml.retrieval.extract import embed_batch, network_mean_std
 
-__all__ = ["OnnxQueryEmbedder", "QueryEmbedder", "TorchQueryEmbedder", "allowed_query_sizes"]
+__all__ = [
+    "OnnxQueryEmbedder",
+    "QueryEmbedder",
+    "TorchQueryEmbedder",
+    "allowed_query_sizes",
+    "available_cores",
+    "serving_threads",
+    "use_serving_threads",
+]
+
+logger = logging.getLogger(__name__)
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity where the system reports it, else the machine's count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def serving_threads(cores: int) -> int:
+    """Intra-op threads for the query network of a server on ``cores`` cores: half of them, at least one (the other
+    half decodes images and runs the HTTP server; see the module docstring)."""
+    if cores < 1:
+        raise ValueError(f"cores must be >= 1, got {cores!r}.")
+    return max(1, cores // 2)
+
+
+def use_serving_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads (and faiss's OpenMP threads, when faiss is loaded) to ``threads``, by default
+    :func:`serving_threads` of :func:`available_cores`; returns the number set. Process-wide: call it once, at the
+    entry point of a server."""
+    if threads is None:
+        threads = serving_threads(available_cores())
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    torch.set_num_threads(threads)
+    faiss = sys.modules.get("faiss")
+    if faiss is not None and hasattr(faiss, "omp_set_num_threads"):
+        faiss.omp_set_num_threads(threads)
+    logger.info("Query network: %d intra-op thread(s) on %d core(s)", threads, available_cores())
+    return threads
 
 
 class QueryEmbedder(Protocol):

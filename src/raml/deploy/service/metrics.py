@@ -8,7 +8,8 @@ Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_c
 - ``raml_queue_seconds`` histogram: how long each query waited in the batching queue before its forward pass;
 - ``raml_shed_total{reason}`` counter: requests refused with 503 to shed load, by the limit reached
   (``queue`` = ``--queue-size``, ``uploads`` = ``--max-uploads``, ``decodes`` = ``--max-decodes``,
-  ``decode_pixels`` = ``--max-decode-pixels``);
+  ``decode_pixels`` = ``--max-decode-pixels``, ``queue_wait`` = a query's wait for its batch predicted, or found,
+  over ``--max-queue-wait-ms``);
 - ``raml_batch_size`` histogram: queries embedded together per forward pass;
 - gauges given by the service, read at scrape time: ``raml_queue_depth``, ``raml_uploads_in_flight``,
   ``raml_decodes_in_flight``, ``raml_decode_pixels_in_flight``, ``raml_index_generation``, ``raml_index_size``.
@@ -34,6 +35,7 @@ SHED_REASONS = {
     "--max-uploads": "uploads",
     "--max-decodes": "decodes",
     "--max-decode-pixels": "decode_pixels",
+    "--max-queue-wait-ms": "queue_wait",
 }
 
 

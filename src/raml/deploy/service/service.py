@@ -42,6 +42,8 @@ class ServiceLimits:
         max_batch: Most queries embedded in one forward pass (1 = no batching).
         max_wait_ms: Longest wait for more queries once a batch has its first one.
         queue_size: Most queries waiting for the worker; more get 503.
+        max_queue_wait_ms: Longest predicted (and actual) wait of a query for its batch to start; more gets 503
+            (None: one full batch's measured service time, see :class:`~raml.deploy.service.batching.MicroBatcher`).
         max_bytes: Largest accepted request body; larger gets 413.
         max_pixels: Largest accepted image (width x height, read from the header before decoding); larger gets 413.
         max_k: Largest k a request may ask for.
@@ -59,6 +61,7 @@ class ServiceLimits:
     max_batch: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 256
+    max_queue_wait_ms: float | None = None
     max_bytes: int = 20 * 2**20
     max_pixels: int = DEFAULT_MAX_PIXELS
     max_k: int = 100
@@ -79,6 +82,8 @@ class ServiceLimits:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if self.max_queue_wait_ms is not None and not self.max_queue_wait_ms > 0:
+            raise ValueError(f"max_queue_wait_ms must be positive (or None), got {self.max_queue_wait_ms!r}.")
         if not self.max_wait_ms >= 0:
             raise ValueError(f"max_wait_ms must be zero or positive, got {self.max_wait_ms!r}.")
         if not self.poll_interval_s > 0:
@@ -124,6 +129,7 @@ class SearchService:
             queue_size=self.limits.queue_size,
             on_batch=self.metrics.record_batch,
             arriving=lambda: self._arriving,
+            max_queue_wait_s=None if self.limits.max_queue_wait_ms is None else self.limits.max_queue_wait_ms / 1000.0,
         )
         self._arriving = 0  # requests between the end of their body and the submission of their query
         self._arriving_lock = threading.Lock()

@@ -1,0 +1,341 @@
+"""A batching queue bounded in time (issue 20): the predicted wait, the batch cost model, and shedding on them.
+
+The pure pieces (:func:`predicted_wait_s`, :func:`should_shed`, :class:`BatchCostModel`) are checked against plain
+implementations written here (a simulation of the worker's FIFO, ``numpy.polyfit``); the batcher against a
+worker held at a known point; the service end to end on loopback, where an overload must be shed with 503 +
+``Retry-After`` and every answered query must have waited no longer than the bound the server computed from its
+own measured batch times.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raml.deploy.service.admission import (
+    BatchCostModel,
+    QueueWaitError,
+    ServiceBusyError,
+    predicted_wait_s,
+    should_shed,
+)
+from raml.deploy.service.batching import MIN_AUTO_QUEUE_WAIT_S, MicroBatcher
+
+WAIT_S = 20.0  # bound of every wait
+
+
+# ------------------------------------------------------------------------------------------- predicted wait
+
+
+def simulated_wait(depth: int, max_batch: int, remaining: float, full: float, window: float) -> float:
+    """The worker, step by step: finish the batch in progress, take the queue's head max_batch at a time; the
+    query's own batch waits for the window unless the query fills it."""
+    waited, ahead = remaining, depth
+    while ahead >= max_batch:  # a full batch of the queries ahead
+        waited += full
+        ahead -= max_batch
+    if ahead + 1 < max_batch:  # its batch (the ``ahead`` left and itself) is not full: the window
+        waited += window
+    return waited
+
+
+@pytest.mark.parametrize(
+    ("depth", "max_batch", "remaining", "full", "window", "expected"),
+    [
+        (0, 32, 0.0, 0.2, 0.005, 0.005),  # idle worker, empty queue: the batching window only
+        (0, 32, 0.1, 0.2, 0.005, 0.105),  # the rest of the batch in progress, then the window
+        (30, 32, 0.1, 0.2, 0.005, 0.105),  # 30 ahead + this one = 31: its batch is not full yet
+        (31, 32, 0.1, 0.2, 0.005, 0.1),  # 31 ahead + this one fill the next batch: no window
+        (32, 32, 0.1, 0.2, 0.005, 0.305),  # one full batch ahead
+        (95, 32, 0.0, 0.2, 0.005, 0.4),  # 95 ahead: two full batches, then its batch is full (31 + 1)
+        (3, 1, 0.05, 0.02, 0.005, 0.11),  # unbatched: every query ahead is a batch; no window
+    ],
+)
+def test_predicted_wait_table(depth, max_batch, remaining, full, window, expected):
+    assert predicted_wait_s(depth, max_batch, remaining, full, window) == pytest.approx(expected)
+
+
+def test_predicted_wait_equals_a_simulation_of_the_worker():
+    for depth in range(0, 80):
+        for max_batch in (1, 2, 7, 16, 32):
+            args = (depth, max_batch, 0.013, 0.17, 0.004)
+            assert predicted_wait_s(*args) == pytest.approx(simulated_wait(*args)), args
+
+
+@pytest.mark.parametrize(
+    ("predicted", "bound", "depth", "remaining", "shed"),
+    [
+        (0.30, 0.25, 5, 0.1, True),  # over the bound
+        (0.25, 0.25, 5, 0.1, False),  # at the bound: admitted
+        (0.10, 0.25, 40, 0.0, False),  # under it
+        (9.00, None, 500, 1.0, False),  # nothing measured yet: no bound, only --queue-size
+        (0.01, 0.001, 0, 0.0, False),  # idle worker, empty queue: always admitted, even over a tiny bound
+        (0.01, 0.001, 1, 0.0, True),  # ... but not with a query ahead of it
+        (0.01, 0.001, 0, 0.005, True),  # ... nor behind a batch in progress
+    ],
+)
+def test_should_shed_table(predicted, bound, depth, remaining, shed):
+    assert should_shed(predicted, bound, depth, remaining) is shed
+
+
+# ------------------------------------------------------------------------------------------- batch cost model
+
+
+def test_the_cost_model_is_weighted_least_squares():
+    rng = np.random.default_rng(0)
+    sizes = rng.integers(1, 33, size=40)
+    seconds = 0.02 + 0.006 * sizes + rng.uniform(0, 0.004, size=sizes.size)
+    model = BatchCostModel(decay=0.8)
+    for n, t in zip(sizes, seconds):
+        model.observe(int(n), float(t))
+    weights = 0.8 ** np.arange(sizes.size)[::-1]  # the newest batch weighs 1, the one before 0.8, ...
+    b, a = np.polyfit(sizes, seconds, 1, w=np.sqrt(weights))  # polyfit's w multiplies the residuals
+    assert model.coefficients() == pytest.approx((a, b), rel=1e-6)
+    assert model.predict(32) == pytest.approx(a + 32 * b, rel=1e-6)
+
+
+def test_the_cost_model_follows_a_change_of_load():
+    model = BatchCostModel(decay=0.5)
+    for n in (4, 8, 16, 32) * 3:
+        model.observe(n, 0.01 * n)  # 10 ms a query
+    for n in (4, 8, 16, 32) * 5:
+        model.observe(n, 0.03 * n)  # the machine got three times slower
+    assert model.predict(32) == pytest.approx(0.96, rel=0.01)
+
+
+@pytest.mark.parametrize(
+    ("batches", "expected_a_b"),
+    [
+        ([(4, 0.2), (4, 0.2)], (0.0, 0.05)),  # one batch size only: proportional to the work (t = b n)
+        ([(1, 0.3), (8, 0.1)], (0.2, 0.0)),  # larger looked faster (noise): a constant, the weighted mean
+        ([(2, 0.01), (4, 0.2)], None),  # the line would be negative at 0: through the origin, computed below
+    ],
+)
+def test_the_cost_model_falls_back_where_a_line_does_not_fit(batches, expected_a_b):
+    model = BatchCostModel(decay=0.5)
+    for n, t in batches:
+        model.observe(n, t)
+    if expected_a_b is None:
+        w = np.array([0.5, 1.0])
+        n, t = np.array([b[0] for b in batches], float), np.array([b[1] for b in batches])
+        expected_a_b = (0.0, float(np.sum(w * n * t) / np.sum(w * n * n)))
+    if batches[0][0] == 1:  # the constant is the weighted mean of the times
+        expected_a_b = ((0.5 * 0.3 + 0.1) / 1.5, 0.0)
+    assert model.coefficients() == pytest.approx(expected_a_b)
+
+
+def test_the_cost_model_knows_nothing_before_a_batch():
+    model = BatchCostModel()
+    assert model.predict(8) is None and model.coefficients() is None and not model.observed
+    with pytest.raises(ValueError, match="decay"):
+        BatchCostModel(decay=1.0)
+
+
+# ------------------------------------------------------------------------------------------- the batcher
+
+
+class HeldEmbed:
+    """An embedder the test holds at its forward pass until released (the worker's state is then known)."""
+
+    def __init__(self) -> None:
+        self.entered, self.release = threading.Event(), threading.Event()
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        self.entered.set()
+        assert self.release.wait(WAIT_S), "the test never released the worker"
+        return np.eye(4, dtype=np.float32)[np.zeros(images.shape[0], dtype=int)]
+
+
+class OneRowIndex:
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return np.ones((len(queries), 1), np.float32), np.zeros((len(queries), 1), np.int64)
+
+
+def test_the_batcher_sheds_on_the_predicted_wait_and_expires_what_waited_too_long():
+    embed = HeldEmbed()
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.0, queue_size=100, max_queue_wait_s=0.15)
+    for _ in range(3):
+        batcher.cost.observe(1, 0.1)
+        batcher.cost.observe(2, 0.2)  # t(n) = 0.1 n: a batch of 1 takes 0.1 s, a full batch of 2 0.2 s
+    assert batcher.cost.predict(2) == pytest.approx(0.2) and batcher.queue_wait_bound_s == 0.15
+    image = torch.zeros(3, 4, 4)
+    batcher.start()
+    try:
+        first = batcher.submit(image, 4, 1)
+        assert embed.entered.wait(WAIT_S)  # the worker holds a batch of 1 (predicted 0.1 s)
+        queued = [batcher.submit(image, 4, 1) for _ in range(2)]  # wait: the rest of that batch, < 0.15 s
+        assert batcher.depth == 2
+        with pytest.raises(QueueWaitError, match="--max-queue-wait-ms") as refused:
+            batcher.submit(image, 4, 1)  # two ahead = one full batch of 0.2 s (plus the rest): over 0.15 s
+        assert isinstance(refused.value, ServiceBusyError) and refused.value.flag == "--max-queue-wait-ms"
+        assert batcher.shed_predicted == 1
+        time.sleep(0.2)  # the batch in progress overruns: the two queued have now waited past the bound
+        embed.release.set()
+        assert first.result(timeout=WAIT_S).queue_s < 0.15
+        for future in queued:
+            with pytest.raises(QueueWaitError, match="waited"):
+                future.result(timeout=WAIT_S)
+        assert batcher.shed_expired == 2
+        late = batcher.submit(image, 4, 1).result(timeout=WAIT_S)  # idle again: served
+        assert late.queue_s <= late.wait_bound_s
+    finally:
+        embed.release.set()
+        batcher.stop()
+
+
+def test_without_measurements_or_with_an_infinite_bound_only_the_queue_size_limits():
+    embed = HeldEmbed()
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.0, queue_size=100)
+    batcher.start()
+    try:
+        futures = [batcher.submit(torch.zeros(3, 4, 4), 4, 1) for _ in range(20)]  # nothing measured: all queued
+        embed.release.set()
+        assert futures[0].result(timeout=WAIT_S).wait_bound_s is None  # its batch started before any measurement
+        for future in futures:  # the others are answered, or refused for their wait once a batch was measured
+            assert future.exception(timeout=WAIT_S) is None or isinstance(future.exception(), QueueWaitError)
+    finally:
+        embed.release.set()
+        batcher.stop()
+    unbounded = MicroBatcher(embed, OneRowIndex, max_batch=2, max_queue_wait_s=float("inf"))
+    unbounded.cost.observe(2, 0.2)
+    assert unbounded.queue_wait_bound_s is None
+    with pytest.raises(ValueError, match="max_queue_wait_s"):
+        MicroBatcher(embed, OneRowIndex, max_queue_wait_s=0.0)
+
+
+# ------------------------------------------------------------------------------------------- end to end
+
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("faiss")
+
+from raml.data import get_split  # noqa: E402
+from raml.deploy import index_images  # noqa: E402
+from raml.deploy.service import SearchService, ServiceLimits, TorchQueryEmbedder  # noqa: E402
+from raml.deploy.service.app import create_app  # noqa: E402
+from raml.deploy.service.background import BackgroundServer  # noqa: E402
+from raml.deploy.service.connections import server_options  # noqa: E402
+from raml.models import checkpoint_sha256, load_network  # noqa: E402
+
+QR, DR = 32, 48
+BATCH_SLEEP_S = 0.04  # added to every forward pass, so that a burst of a few dozen requests overloads the server
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, synth_and_networks) -> dict:
+    base = tmp_path_factory.mktemp("queue_wait")
+    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
+    paths = [str(p) for p in get_split("synth-test", root).abspaths()]
+    index_images(load_network(nets["teacher"]), paths[:8], DR, base / "index", checkpoint_sha256(nets["teacher"]))
+    return {"nets": nets, "paths": paths, "index": base / "index"}
+
+
+def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_bound(world):
+    real = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
+
+    class Slow:  # the real student, each forward pass 40 ms slower
+        sizes, default_size, output_dim, teacher_sha256 = real.sizes, real.default_size, real.output_dim, None
+        transform, describe = real.transform, real.describe
+
+        def embed(self, images):
+            time.sleep(BATCH_SLEEP_S)
+            return real.embed(images)
+
+    limits = ServiceLimits(max_batch=4, max_wait_ms=2, queue_size=256, max_uploads=128, max_decodes=128)
+    service = SearchService(Slow(), world["index"], limits)
+    answered: list[Future] = []
+    submit = service.submit
+
+    def recording_submit(image, size, k):  # keeps each accepted query's future, to read its result's bound
+        future = submit(image, size, k)
+        answered.append(future)
+        return future
+
+    service.submit = recording_submit
+    body = Path(world["paths"][1]).read_bytes()
+
+    def post(client):
+        return client.post("/search", params={"k": 3}, content=body, headers={"content-type": "image/jpeg"})
+
+    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+        for _ in range(4):  # measured batches: the bound exists from here on
+            assert post(client).status_code == 200
+        with ThreadPoolExecutor(4) as pool:
+            assert all(r.status_code == 200 for r in pool.map(lambda _: post(client), range(8)))
+        assert service.batcher.queue_wait_bound_s is not None
+        with ThreadPoolExecutor(48) as pool:  # a burst of 96: a dozen times what one batch time absorbs
+            burst = list(pool.map(lambda _: post(client), range(96)))
+        metrics = client.get("/metrics").text
+    ok = [r for r in burst if r.status_code == 200]
+    shed = [r for r in burst if r.status_code == 503]
+    assert len(ok) + len(shed) == len(burst), [r.status_code for r in burst]
+    assert shed and ok and all(r.headers.get("retry-after") for r in shed)
+    assert service.batcher.shed_predicted > 0  # refused on the prediction, before queueing
+    assert f'raml_shed_total{{reason="queue_wait"}} {float(len(shed))}' in metrics
+    # every answered query started its batch within the bound in force, computed from the measured batch times
+    results = [f.result(timeout=0) for f in answered if f.done() and f.exception() is None]
+    assert len(results) == len(answered) - service.batcher.shed_expired
+    bounded = [r for r in results if r.wait_bound_s is not None]
+    assert len(bounded) >= len(ok) and all(r.queue_s <= r.wait_bound_s for r in bounded)
+    full_batch_s = service.batcher.cost.predict(limits.max_batch)
+    assert full_batch_s >= BATCH_SLEEP_S
+    assert service.batcher.queue_wait_bound_s == max(full_batch_s, MIN_AUTO_QUEUE_WAIT_S)
+    # the server's own reported queue wait of every 200 is within the largest bound it applied
+    largest_ms = 1000 * max(r.wait_bound_s for r in bounded)
+    assert max(r.json()["timings_ms"]["queue"] for r in ok) <= largest_ms + 0.001
+
+
+def test_a_request_shed_for_its_wait_leaves_the_clients_keep_alive_connection_usable(world):
+    """The refusal comes after the body is read: answering before it breaks a connection still sending."""
+    import http.client
+
+    real = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
+
+    class Slow:
+        sizes, default_size, output_dim, teacher_sha256 = real.sizes, real.default_size, real.output_dim, None
+        transform, describe = real.transform, real.describe
+
+        def embed(self, images):
+            time.sleep(BATCH_SLEEP_S)
+            return real.embed(images)
+
+    limits = ServiceLimits(max_batch=1, max_wait_ms=0, queue_size=64, max_queue_wait_ms=1.0)
+    service = SearchService(Slow(), world["index"], limits)
+    body = Path(world["paths"][1]).read_bytes()
+    outcomes: list[object] = []
+
+    def client(port: int) -> None:  # one keep-alive connection, 12 requests one after the other
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=WAIT_S)
+        for _ in range(12):
+            try:  # the headers, then the body a moment later, as a client on a real network sends them
+                conn.putrequest("POST", "/search?k=3")
+                conn.putheader("Content-Type", "image/jpeg")
+                conn.putheader("Content-Length", str(len(body)))
+                conn.endheaders()
+                time.sleep(0.01)
+                conn.send(body)
+                response = conn.getresponse()
+                response.read()
+                outcomes.append(response.status)
+            except (OSError, http.client.HTTPException) as error:
+                outcomes.append(type(error).__name__)
+                conn.close()
+        conn.close()
+
+    options = server_options(limits.header_timeout_s, limits.max_connections)  # raml serve's connection handling
+    with BackgroundServer(create_app(service), options=options) as running:
+        threads = [threading.Thread(target=client, args=(running.port,)) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=4 * WAIT_S)
+    assert len(outcomes) == 72 and set(outcomes) <= {200, 503}, sorted(map(str, outcomes))
+    assert 503 in outcomes and service.batcher.shed_predicted > 0
