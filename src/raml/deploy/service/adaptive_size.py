@@ -1,0 +1,128 @@
+"""The query size of a service with a latency target: :func:`~raml.deploy.service.size_controller.choose_size` with
+the state it needs (the size in use, the smoothed load), thread-safe (issue 20, item 4).
+
+Contract: the batching worker calls :meth:`AdaptiveQuerySize.choose` once per batch it forms, with how long the
+oldest query of that batch has waited (s), and gets the size to serve the batch's unpinned queries at; after each
+forward pass and search it calls :meth:`AdaptiveQuerySize.observe` with the size and the seconds they took. The
+request handlers ask :meth:`AdaptiveQuerySize.prepare_sizes` which sizes to transform an upload at before it is
+queued (its size is chosen only when its batch is formed, so it must be ready at each size the batch may pick).
+
+Why the oldest query's wait: the target bounds the tail (p99) of the latency, not its mean; within a batch the
+first query taken has waited longest, so the smoothed wait of each batch's oldest query tracks the tail of the
+queue delay, and it is known *when the batch is formed* (no lag of one batch). After a quiet spell the oldest
+query of the next batch has hardly waited, so the smoothed delay falls and the size climbs back, one size per
+batch at most (see :mod:`~raml.deploy.service.size_controller` for the rule and its hysteresis).
+
+Which sizes an upload is prepared at: every trained size up to one above the size in use. A step down may go to
+any smaller size, a step up goes one size at a time, so a query queued while the size in use changes once is
+ready at the size of its batch; should the size climb further while it waits, it is served at the largest size
+it was prepared at (never above the batch's). Under load, when the size in use is small, this spares the
+transforms at the large sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections import deque
+from dataclasses import dataclass
+
+from raml.deploy.service.size_controller import ControllerSettings, SizeLoad, choose_size, predict_latency_ms, smooth
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdaptiveQuerySize", "SizeDecision"]
+
+_KEEP_DECISIONS = 100
+
+
+@dataclass(frozen=True)
+class SizeDecision:
+    """One change of the size in use: ``before`` -> ``after`` and the predicted latency that made it (ms)."""
+
+    before: int
+    after: int
+    queue_delay_ms: float
+    predicted_ms: float
+
+
+class AdaptiveQuerySize:
+    """The size in use and the smoothed load of one service (see the module docstring).
+
+    Args:
+        settings: The latency target, the trained sizes (increasing) and the hysteresis.
+        alpha: Weight of each new observation in the smoothed queue delay and service times (0 < alpha <= 1).
+
+    The size in use starts at the largest trained size (an idle service answers at its best accuracy).
+    """
+
+    def __init__(self, settings: ControllerSettings, alpha: float = 0.2) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}.")
+        self.settings = settings
+        self.alpha = float(alpha)
+        self._current = settings.sizes[-1]
+        self._load = SizeLoad()
+        self._lock = threading.Lock()
+        self.changes = 0  # changes of the size in use so far
+        self.decisions: deque[SizeDecision] = deque(maxlen=_KEEP_DECISIONS)  # the latest changes, oldest first
+
+    @property
+    def current(self) -> int:
+        """The size in use (the last batch's choice)."""
+        return self._current
+
+    @property
+    def load(self) -> SizeLoad:
+        """The smoothed load (a snapshot)."""
+        with self._lock:
+            return self._load
+
+    def prepare_sizes(self) -> tuple[int, ...]:
+        """The sizes to transform an upload at now: every trained size up to one above the size in use."""
+        sizes = self.settings.sizes
+        upto = min(sizes.index(self._current) + 1, len(sizes) - 1)
+        return sizes[: upto + 1]
+
+    def choose(self, oldest_wait_s: float) -> int:
+        """The size for the batch being formed, its oldest query having waited ``oldest_wait_s`` seconds."""
+        with self._lock:
+            self._load = smooth(self._load, queue_delay_ms=1000.0 * max(0.0, oldest_wait_s), alpha=self.alpha)
+            before = self._current
+            after = choose_size(before, self._load, self.settings)
+            if after != before:
+                decision = SizeDecision(
+                    before, after, self._load.queue_delay_ms, predict_latency_ms(before, self._load)
+                )
+                self.decisions.append(decision)
+                self.changes += 1
+                self._current = after
+        if after != before:
+            logger.info(
+                "Query size %d -> %d px: predicted latency at %d px %.1f ms (target %.0f ms, smoothed queue delay "
+                "%.1f ms)",
+                before,
+                after,
+                before,
+                decision.predicted_ms,
+                self.settings.target_ms,
+                decision.queue_delay_ms,
+            )
+        return after
+
+    def observe(self, size: int, service_s: float) -> None:
+        """Record one forward pass and search of queries at ``size`` that took ``service_s`` seconds."""
+        with self._lock:
+            self._load = smooth(self._load, size=int(size), service_ms=1000.0 * service_s, alpha=self.alpha)
+
+    def describe(self) -> dict[str, object]:
+        """For ``/health``: the target, the size in use and the smoothed load."""
+        load = self.load
+        return {
+            "latency_target_ms": self.settings.target_ms,
+            "current_size": self._current,
+            "up_fraction": self.settings.up_fraction,
+            "queue_delay_ms": round(load.queue_delay_ms, 3),
+            "service_ms": {str(size): round(ms, 3) for size, ms in sorted(load.service_ms.items())},
+            "changes": self.changes,
+        }
