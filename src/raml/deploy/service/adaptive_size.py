@@ -3,7 +3,8 @@ the state it needs (the size in use, the smoothed load), thread-safe (issue 20, 
 
 Contract: the batching worker calls :meth:`AdaptiveQuerySize.choose` once per batch it forms, with how long the
 oldest query of that batch has waited (s), and gets the size to serve the batch's unpinned queries at; after each
-forward pass and search it calls :meth:`AdaptiveQuerySize.observe` with the size and the seconds they took. The
+forward pass and search it calls :meth:`AdaptiveQuerySize.observe` with the size, the number of queries and the
+seconds they took. The
 request handlers ask :meth:`AdaptiveQuerySize.prepare_sizes` which sizes to transform an upload at before it is
 queued (its size is chosen only when its batch is formed, so it must be ready at each size the batch may pick).
 
@@ -12,6 +13,14 @@ first query taken has waited longest, so the smoothed wait of each batch's oldes
 queue delay, and it is known *when the batch is formed* (no lag of one batch). After a quiet spell the oldest
 query of the next batch has hardly waited, so the smoothed delay falls and the size climbs back, one size per
 batch at most (see :mod:`~raml.deploy.service.size_controller` for the rule and its hysteresis).
+
+The batch service time the controller is given for a size is the smoothed time *per query* at that size times the
+smoothed number of queries per batch. A batch's time grows with its queries, and a size not in use keeps the
+measurement of the last time it was: under load a size is measured on full batches, and kept as a per-batch time
+it would stay too large once the load falls and batches are small again (the service would never step back up).
+Per query, scaled by the batch size of the moment, it follows the load. (A batch of one query costs more per query
+than a full one, so right after a burst the prediction for a large size is optimistic; its first batch corrects
+it.)
 
 Which sizes an upload is prepared at: every trained size up to one above the size in use. A step down may go to
 any smaller size, a step up goes one size at a time, so a query queued while the size in use changes once is
@@ -27,7 +36,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from raml.deploy.service.size_controller import ControllerSettings, SizeLoad, choose_size, predict_latency_ms, smooth
+from raml.deploy.service.size_controller import ControllerSettings, SizeLoad, choose_size, predict_latency_ms
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +47,14 @@ _KEEP_DECISIONS = 100
 
 @dataclass(frozen=True)
 class SizeDecision:
-    """One change of the size in use: ``before`` -> ``after`` and the predicted latency that made it (ms)."""
+    """One change of the size in use: ``before`` -> ``after``, the smoothed queue delay and the predicted latency
+    at both sizes that made it (ms)."""
 
     before: int
     after: int
     queue_delay_ms: float
     predicted_ms: float
+    predicted_after_ms: float
 
 
 class AdaptiveQuerySize:
@@ -51,7 +62,8 @@ class AdaptiveQuerySize:
 
     Args:
         settings: The latency target, the trained sizes (increasing) and the hysteresis.
-        alpha: Weight of each new observation in the smoothed queue delay and service times (0 < alpha <= 1).
+        alpha: Weight of each new observation in the smoothed queue delay, per-query service times and batch size
+            (0 < alpha <= 1).
 
     The size in use starts at the largest trained size (an idle service answers at its best accuracy).
     """
@@ -62,7 +74,9 @@ class AdaptiveQuerySize:
         self.settings = settings
         self.alpha = float(alpha)
         self._current = settings.sizes[-1]
-        self._load = SizeLoad()
+        self._queue_ms = 0.0
+        self._per_query_ms: dict[int, float] = {}
+        self._batch = 1.0  # smoothed queries per forward pass
         self._lock = threading.Lock()
         self.changes = 0  # changes of the size in use so far
         self.decisions: deque[SizeDecision] = deque(maxlen=_KEEP_DECISIONS)  # the latest changes, oldest first
@@ -74,9 +88,15 @@ class AdaptiveQuerySize:
 
     @property
     def load(self) -> SizeLoad:
-        """The smoothed load (a snapshot)."""
+        """The smoothed load: queue delay, and batch service time per measured size at the smoothed batch size."""
         with self._lock:
-            return self._load
+            return self._snapshot()
+
+    def _snapshot(self) -> SizeLoad:
+        return SizeLoad(self._queue_ms, {size: ms * self._batch for size, ms in self._per_query_ms.items()})
+
+    def _ewma(self, old: float | None, sample: float) -> float:
+        return sample if old is None else (1 - self.alpha) * old + self.alpha * sample
 
     def prepare_sizes(self) -> tuple[int, ...]:
         """The sizes to transform an upload at now: every trained size up to one above the size in use."""
@@ -87,33 +107,44 @@ class AdaptiveQuerySize:
     def choose(self, oldest_wait_s: float) -> int:
         """The size for the batch being formed, its oldest query having waited ``oldest_wait_s`` seconds."""
         with self._lock:
-            self._load = smooth(self._load, queue_delay_ms=1000.0 * max(0.0, oldest_wait_s), alpha=self.alpha)
+            self._queue_ms = self._ewma(self._queue_ms, 1000.0 * max(0.0, oldest_wait_s))
+            load = self._snapshot()
             before = self._current
-            after = choose_size(before, self._load, self.settings)
+            after = choose_size(before, load, self.settings)
             if after != before:
                 decision = SizeDecision(
-                    before, after, self._load.queue_delay_ms, predict_latency_ms(before, self._load)
+                    before,
+                    after,
+                    load.queue_delay_ms,
+                    predict_latency_ms(before, load),
+                    predict_latency_ms(after, load, before),
                 )
                 self.decisions.append(decision)
                 self.changes += 1
                 self._current = after
         if after != before:
             logger.info(
-                "Query size %d -> %d px: predicted latency at %d px %.1f ms (target %.0f ms, smoothed queue delay "
-                "%.1f ms)",
+                "Query size %d -> %d px: predicted latency %.1f ms at %d px, %.1f ms at %d px (target %.0f ms, "
+                "smoothed queue delay %.1f ms)",
                 before,
                 after,
-                before,
                 decision.predicted_ms,
+                before,
+                decision.predicted_after_ms,
+                after,
                 self.settings.target_ms,
                 decision.queue_delay_ms,
             )
         return after
 
-    def observe(self, size: int, service_s: float) -> None:
-        """Record one forward pass and search of queries at ``size`` that took ``service_s`` seconds."""
+    def observe(self, size: int, queries: int, service_s: float) -> None:
+        """Record one forward pass and search of ``queries`` queries at ``size`` that took ``service_s`` seconds."""
+        if queries < 1:
+            raise ValueError(f"A batch holds at least one query, got {queries!r}.")
         with self._lock:
-            self._load = smooth(self._load, size=int(size), service_ms=1000.0 * service_s, alpha=self.alpha)
+            per_query = 1000.0 * service_s / queries
+            self._per_query_ms[int(size)] = self._ewma(self._per_query_ms.get(int(size)), per_query)
+            self._batch = self._ewma(self._batch, float(queries))
 
     def describe(self) -> dict[str, object]:
         """For ``/health``: the target, the size in use and the smoothed load."""
@@ -123,6 +154,6 @@ class AdaptiveQuerySize:
             "current_size": self._current,
             "up_fraction": self.settings.up_fraction,
             "queue_delay_ms": round(load.queue_delay_ms, 3),
-            "service_ms": {str(size): round(ms, 3) for size, ms in sorted(load.service_ms.items())},
+            "batch_service_ms": {str(size): round(ms, 3) for size, ms in sorted(load.service_ms.items())},
             "changes": self.changes,
         }

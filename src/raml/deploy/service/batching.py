@@ -14,7 +14,7 @@ With a ``sizer`` (a latency target, :mod:`raml.deploy.service.adaptive_size`), a
 a size, as a mapping ``{S: (3, S, S)}`` of its transforms at several sizes: when a batch is formed the worker asks
 ``sizer.choose(oldest wait)`` for the batch's size and serves each such query at the largest size it holds not
 above it (the smallest it holds if none is); queries submitted with a size keep it (``size=`` pinned by the
-request). After each size group's forward pass and search, ``sizer.observe(size, seconds)``.
+request). After each size group's forward pass and search, ``sizer.observe(size, queries, seconds)``.
 """
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ class BatchSizer(Protocol):
 
     def choose(self, oldest_wait_s: float) -> int: ...
 
-    def observe(self, size: int, service_s: float) -> None: ...
+    def observe(self, size: int, queries: int, service_s: float) -> None: ...
 
 
 @dataclass
@@ -146,11 +146,12 @@ class MicroBatcher:
         Raises:
             QueueFullError: When ``queue_size`` queries already wait.
             RuntimeError: When the worker is not running.
+            ValueError: When ``size`` is None but ``image`` is no mapping (or no sizer chooses), or the reverse.
         """
-        if not self.running:
-            raise RuntimeError("The batching worker is not running; start() it first.")
         if (size is None) != isinstance(image, Mapping) or (size is None and (self._sizer is None or not image)):
             raise ValueError("Submit a tensor with its size, or (with a sizer) a non-empty mapping of sizes without.")
+        if not self.running:
+            raise RuntimeError("The batching worker is not running; start() it first.")
         query = _Query(image, None if size is None else int(size), int(k), time.perf_counter())
         try:
             self._queue.put_nowait(query)
@@ -242,7 +243,7 @@ class MicroBatcher:
                         )  # fmt: skip
                         group[row].future.set_result(result)
                 if self._sizer is not None:
-                    self._sizer.observe(size, time.perf_counter() - t0)
+                    self._sizer.observe(size, len(group), time.perf_counter() - t0)
             except Exception as error:  # the requests of this group get the error; the worker goes on
                 logger.exception("A batch of %d queries at %d px failed", len(group), group[0].size)
                 for query in group:
