@@ -39,6 +39,7 @@ SIZES = [24, 32, 48]
 DR = 48
 CPU = torch.device("cpu")
 WAIT_S = 30.0  # bound of every wait
+EMBED_S = 0.03
 
 
 @pytest.fixture(scope="module")
@@ -79,25 +80,31 @@ def metric(text: str, name: str) -> float:
 
 
 def test_adaptive_size_smooths_per_query_times_and_prepares_one_size_above():
-    """The load given to the controller, against the same arithmetic written out: queue delay = EWMA of each
-    batch's oldest wait; batch service time of a size = EWMA of its time per query x EWMA of queries per batch."""
+    """The load given to the controller, against the same arithmetic written out: queue delay = EWMA of, per batch,
+    the larger of its oldest query's wait and the queries still waiting x the time per query at the size in use;
+    batch service time of a size = EWMA of its time per query (batches of at least half a full one) x EWMA of
+    queries per batch."""
     alpha = 0.5
-    adaptive = AdaptiveQuerySize(ControllerSettings(100.0, (24, 32, 48), 0.7), alpha=alpha)
+    adaptive = AdaptiveQuerySize(ControllerSettings(100.0, (24, 32, 48), 0.7), alpha=alpha, full_batch=4)
     assert adaptive.current == 48 and adaptive.prepare_sizes() == (24, 32, 48)
+    adaptive.observe(48, 1, 0.050)  # a lone query (below half a full batch): its time per query is not recorded
+    assert adaptive.load.service_ms == {}
     adaptive.observe(48, 4, 0.080)  # 20 ms per query; batch EWMA 0.5 * 1 + 0.5 * 4
     batch = 0.5 * 1 + 0.5 * 4
     assert adaptive.load.service_ms == pytest.approx({48: 20.0 * batch})
-    # oldest wait 200 ms: queue 100 ms; 48 predicted 100 + 50 > 100 -> 32, estimated from 48 by pixels
-    assert adaptive.choose(0.200) == 32
+    # oldest wait 200 ms, none behind: queue 100 ms; 48 predicted 100 + 50 > 100 -> 32, estimated from 48 by pixels
+    assert adaptive.choose(0.200, 0) == 32
     s48, s32 = 20.0 * batch, 20.0 * batch * (32 / 48) ** 2
     assert adaptive.decisions[-1].predicted_ms == pytest.approx(100.0 + s48)
-    assert 100.0 * s32 / s48 + s32 <= 100.0  # why 32 fits
+    assert adaptive.decisions[-1].predicted_after_ms == pytest.approx(100.0 * s32 / s48 + s32) and s32 <= 100.0
     assert adaptive.current == 32 and adaptive.prepare_sizes() == (24, 32, 48)  # one size above the one in use
-    adaptive.observe(32, 4, 0.120)  # 30 ms per query at 32 now (a slower machine): batch EWMA 0.5 * 2.5 + 0.5 * 4
+    adaptive.observe(32, 4, 0.040)  # 10 ms per query at 32; batch EWMA 0.5 * 2.5 + 0.5 * 4
     batch = 0.5 * batch + 0.5 * 4
-    assert adaptive.load.service_ms == pytest.approx({48: 20.0 * batch, 32: 30.0 * batch})
-    # queue 0.5 * 100 + 0.5 * 300 = 200: 32 predicted 200 + 97.5 > 100; 24 from 32 by pixels: (24/32)^2
-    assert adaptive.choose(0.300) == 24
+    assert adaptive.load.service_ms == pytest.approx({48: 20.0 * batch, 32: 10.0 * batch})
+    # oldest wait 10 ms, but 20 queries behind at 10 ms each: sample 200, queue 0.5 * 100 + 0.5 * 200 = 150;
+    # 32 predicted 150 + 32.5 > 100 -> down (the oldest wait alone: queue 55, 87.5, would have stayed)
+    assert adaptive.choose(0.010, 20) == 24
+    assert adaptive.decisions[-1].queue_delay_ms == pytest.approx(150.0)
     assert adaptive.current == 24 and adaptive.prepare_sizes() == (24, 32)  # 48 is two steps away: not prepared
     assert adaptive.changes == 2 and [(d.before, d.after) for d in adaptive.decisions] == [(48, 32), (32, 24)]
     with pytest.raises(ValueError, match="at least one query"):
@@ -114,14 +121,16 @@ class FixedSizer:
         self.size = size
         self.waits: list[float] = []
         self.observed: list[tuple[int, int]] = []
+        self.seconds: list[float] = []
 
-    def choose(self, oldest_wait_s: float) -> int:
+    def choose(self, oldest_wait_s: float, waiting: int) -> int:
+        assert waiting >= 0
         self.waits.append(oldest_wait_s)
         return self.size
 
     def observe(self, size: int, queries: int, service_s: float) -> None:
-        assert service_s >= 0
         self.observed.append((size, queries))
+        self.seconds.append(service_s)
 
 
 def test_the_batcher_serves_unpinned_queries_at_the_size_of_their_batch(world):
@@ -130,6 +139,7 @@ def test_the_batcher_serves_unpinned_queries_at_the_size_of_their_batch(world):
 
     def embed(images: torch.Tensor) -> np.ndarray:
         shapes.append(tuple(images.shape))
+        time.sleep(EMBED_S)  # a forward pass that takes a known time: the service time observed includes it
         return index.embeddings[: images.shape[0]]
 
     def at(*sizes: int) -> dict[int, torch.Tensor]:
@@ -157,6 +167,7 @@ def test_the_batcher_serves_unpinned_queries_at_the_size_of_their_batch(world):
     assert len(sizer.waits) == 1 and sizer.waits[0] >= 0  # chosen once, when the batch was formed
     assert sorted(shapes) == [(1, 3, 24, 24), (2, 3, 32, 32), (2, 3, 48, 48)]
     assert sorted(sizer.observed) == [(24, 1), (32, 2), (48, 2)]
+    assert all(EMBED_S <= seconds < WAIT_S for seconds in sizer.seconds), sizer.seconds  # forward pass + search
 
 
 # ------------------------------------------------------------------------------------------------ service

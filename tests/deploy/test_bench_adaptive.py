@@ -23,6 +23,7 @@ def test_size_shares_and_served_map_against_plain_arithmetic():
     assert size_shares(after, after) == {} and served_map({}, {16: 1.0}) is None
 
 
+@pytest.mark.slow
 def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, capsys):
     out, png = tmp_path / "adaptive.json", tmp_path / "adaptive.png"
     argv = ["bench", "adaptive", "--quick", "--work-dir", str(tmp_path / "work"), "--json", str(out)]

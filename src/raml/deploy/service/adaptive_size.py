@@ -2,25 +2,31 @@
 the state it needs (the size in use, the smoothed load), thread-safe (issue 20, item 4).
 
 Contract: the batching worker calls :meth:`AdaptiveQuerySize.choose` once per batch it forms, with how long the
-oldest query of that batch has waited (s), and gets the size to serve the batch's unpinned queries at; after each
+oldest query of that batch has waited (s) and how many queries still wait behind the batch, and gets the size to
+serve the batch's unpinned queries at; after each
 forward pass and search it calls :meth:`AdaptiveQuerySize.observe` with the size, the number of queries and the
 seconds they took. The
 request handlers ask :meth:`AdaptiveQuerySize.prepare_sizes` which sizes to transform an upload at before it is
 queued (its size is chosen only when its batch is formed, so it must be ready at each size the batch may pick).
 
-Why the oldest query's wait: the target bounds the tail (p99) of the latency, not its mean; within a batch the
-first query taken has waited longest, so the smoothed wait of each batch's oldest query tracks the tail of the
-queue delay, and it is known *when the batch is formed* (no lag of one batch). After a quiet spell the oldest
-query of the next batch has hardly waited, so the smoothed delay falls and the size climbs back, one size per
-batch at most (see :mod:`~raml.deploy.service.size_controller` for the rule and its hysteresis).
+The queue delay observed per batch is the larger of two waits known *when the batch is formed* (no lag of one
+batch): how long its oldest query has waited (the target bounds the tail, and within a batch the first query taken
+has waited longest), and how long the last query still waiting will wait for the queries ahead of it (their number
+times the time per query at the size in use). The second sees a burst as it arrives, before any query has waited
+long: a queue that fills faster than the smoothed wait of served queries rises would otherwise overflow (503)
+before the size steps down. After a quiet spell both are near zero, so the smoothed delay falls and the size
+climbs back, one size per batch at most (see :mod:`~raml.deploy.service.size_controller` for the rule and its
+hysteresis).
 
 The batch service time the controller is given for a size is the smoothed time *per query* at that size times the
 smoothed number of queries per batch. A batch's time grows with its queries, and a size not in use keeps the
 measurement of the last time it was: under load a size is measured on full batches, and kept as a per-batch time
 it would stay too large once the load falls and batches are small again (the service would never step back up).
-Per query, scaled by the batch size of the moment, it follows the load. (A batch of one query costs more per query
-than a full one, so right after a burst the prediction for a large size is optimistic; its first batch corrects
-it.)
+Per query, scaled by the batch size of the moment, it follows the load. The time per query is taken from batches
+of at least half ``full_batch`` queries only: a lone query costs several times more per query than a full batch
+(fixed costs), and times per query measured at different batch sizes would make the ratio between two sizes, which
+rescales the queue delay, meaningless (a step up predicted at a fraction of its cost, then straight back down).
+A size without such a measurement is estimated from the nearest measured one by the pixel count.
 
 Which sizes an upload is prepared at: every trained size up to one above the size in use. A step down may go to
 any smaller size, a step up goes one size at a time, so a query queued while the size in use changes once is
@@ -64,15 +70,19 @@ class AdaptiveQuerySize:
         settings: The latency target, the trained sizes (increasing) and the hysteresis.
         alpha: Weight of each new observation in the smoothed queue delay, per-query service times and batch size
             (0 < alpha <= 1).
+        full_batch: The batcher's ``max_batch``; times per query are measured on batches of at least half of it.
 
     The size in use starts at the largest trained size (an idle service answers at its best accuracy).
     """
 
-    def __init__(self, settings: ControllerSettings, alpha: float = 0.2) -> None:
+    def __init__(self, settings: ControllerSettings, alpha: float = 0.2, full_batch: int = 1) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}.")
+        if full_batch < 1:
+            raise ValueError(f"full_batch must be a positive number of queries, got {full_batch!r}.")
         self.settings = settings
         self.alpha = float(alpha)
+        self.measured_from = max(1, full_batch // 2)  # the smallest batch whose time per query is recorded
         self._current = settings.sizes[-1]
         self._queue_ms = 0.0
         self._per_query_ms: dict[int, float] = {}
@@ -104,12 +114,15 @@ class AdaptiveQuerySize:
         upto = min(sizes.index(self._current) + 1, len(sizes) - 1)
         return sizes[: upto + 1]
 
-    def choose(self, oldest_wait_s: float) -> int:
-        """The size for the batch being formed, its oldest query having waited ``oldest_wait_s`` seconds."""
+    def choose(self, oldest_wait_s: float, waiting: int = 0) -> int:
+        """The size for the batch being formed: its oldest query has waited ``oldest_wait_s`` seconds, and
+        ``waiting`` queries wait behind it."""
         with self._lock:
-            self._queue_ms = self._ewma(self._queue_ms, 1000.0 * max(0.0, oldest_wait_s))
-            load = self._snapshot()
             before = self._current
+            per_query = predict_latency_ms(before, SizeLoad(0.0, self._snapshot().service_ms)) / self._batch
+            sample = max(1000.0 * max(0.0, oldest_wait_s), max(0, waiting) * per_query)
+            self._queue_ms = self._ewma(self._queue_ms, sample)
+            load = self._snapshot()
             after = choose_size(before, load, self.settings)
             if after != before:
                 decision = SizeDecision(
@@ -142,8 +155,9 @@ class AdaptiveQuerySize:
         if queries < 1:
             raise ValueError(f"A batch holds at least one query, got {queries!r}.")
         with self._lock:
-            per_query = 1000.0 * service_s / queries
-            self._per_query_ms[int(size)] = self._ewma(self._per_query_ms.get(int(size)), per_query)
+            if queries >= self.measured_from:
+                per_query = 1000.0 * service_s / queries
+                self._per_query_ms[int(size)] = self._ewma(self._per_query_ms.get(int(size)), per_query)
             self._batch = self._ewma(self._batch, float(queries))
 
     def describe(self) -> dict[str, object]:

@@ -12,9 +12,10 @@ together, and resolves every future (with the error, should the network or the s
 
 With a ``sizer`` (a latency target, :mod:`raml.deploy.service.adaptive_size`), a query may be submitted without
 a size, as a mapping ``{S: (3, S, S)}`` of its transforms at several sizes: when a batch is formed the worker asks
-``sizer.choose(oldest wait)`` for the batch's size and serves each such query at the largest size it holds not
-above it (the smallest it holds if none is); queries submitted with a size keep it (``size=`` pinned by the
-request). After each size group's forward pass and search, ``sizer.observe(size, queries, seconds)``.
+``sizer.choose(oldest wait, queries still waiting)`` for the batch's size and serves each such query at the
+largest size it holds not above it (the smallest it holds if none is); queries submitted with a size keep it
+(``size=`` pinned by the request). After each size group's forward pass and search,
+``sizer.observe(size, queries, seconds)``.
 """
 
 from __future__ import annotations
@@ -73,7 +74,7 @@ class QueryResult:
 class BatchSizer(Protocol):
     """Chooses the size of each batch's unpinned queries (see the module docstring)."""
 
-    def choose(self, oldest_wait_s: float) -> int: ...
+    def choose(self, oldest_wait_s: float, waiting: int) -> int: ...
 
     def observe(self, size: int, queries: int, service_s: float) -> None: ...
 
@@ -214,7 +215,7 @@ class MicroBatcher:
             return
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
         if self._sizer is not None:  # the batch's size, chosen now (not at upload) from the oldest query's wait
-            chosen = self._sizer.choose(started - batch[0].submitted)
+            chosen = self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
             for query in batch:
                 if isinstance(query.image, Mapping):
                     query.size = max((s for s in query.image if s <= chosen), default=min(query.image))
@@ -224,7 +225,7 @@ class MicroBatcher:
             by_size[query.size].append(query)
         for size, group in by_size.items():
             try:
-                t0 = time.perf_counter()
+                t0 = group_started = time.perf_counter()
                 embeddings = self._embed(torch.stack([q.image for q in group]))
                 embed_s = time.perf_counter() - t0
                 self._on_batch(len(group))
@@ -243,7 +244,7 @@ class MicroBatcher:
                         )  # fmt: skip
                         group[row].future.set_result(result)
                 if self._sizer is not None:
-                    self._sizer.observe(size, len(group), time.perf_counter() - t0)
+                    self._sizer.observe(size, len(group), time.perf_counter() - group_started)
             except Exception as error:  # the requests of this group get the error; the worker goes on
                 logger.exception("A batch of %d queries at %d px failed", len(group), group[0].size)
                 for query in group:

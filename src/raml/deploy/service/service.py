@@ -127,7 +127,9 @@ class SearchService:
                     f"'image_sizes', e.g. `raml train --image-size 24,32,48`); this one serves {sizes[0]} px only. "
                     "Serve a multi-size student, or drop --latency-target-ms."
                 )
-            self.adaptive = AdaptiveQuerySize(ControllerSettings(float(latency_target_ms), sizes, up_fraction))
+            self.adaptive = AdaptiveQuerySize(
+                ControllerSettings(float(latency_target_ms), sizes, up_fraction), full_batch=self.limits.max_batch
+            )
         gauges = {}
         if self.adaptive is not None:
             adaptive = self.adaptive
