@@ -109,6 +109,14 @@ def test_adaptive_size_smooths_per_query_times_and_prepares_one_size_above():
     assert adaptive.changes == 2 and [(d.before, d.after) for d in adaptive.decisions] == [(48, 32), (32, 24)]
     with pytest.raises(ValueError, match="at least one query"):
         adaptive.observe(24, 0, 0.01)
+    # utilisation = arrival rate x time per query (measured, or the nearest measured one scaled by pixels)
+    assert adaptive.load.utilisation == {24: 0.0, 32: 0.0, 48: 0.0}  # nothing arrived yet
+    slow = AdaptiveQuerySize(ControllerSettings(100.0, (24, 32, 48), 0.7), full_batch=4, rate_window_s=60.0)
+    assert slow.load.utilisation == {}  # nothing measured: no constraint
+    slow.observe(48, 4, 0.080)  # 20 ms per query at 48
+    for _ in range(30):
+        slow.arrived()  # 30 queries within the last 60 s: 0.5 per s
+    assert slow.load.utilisation == pytest.approx({48: 0.5 * 0.020, 32: 0.5 * 0.020 * (32 / 48) ** 2, 24: 0.5 * 0.005})
 
 
 # ------------------------------------------------------------------------------------------------ batcher hook
@@ -217,6 +225,7 @@ def test_answers_say_the_size_chosen_and_equal_raml_search_at_that_size(world, t
 COST_48_S = 0.02
 TARGET_MS = 150.0
 BURST = 40
+QUIET_GAP_S = 0.1  # between the quiet period's queries: ~8 per s, 48 px busy ~20 % of the time (utilisation)
 
 
 class Slowed:
@@ -237,8 +246,8 @@ class Slowed:
 def test_a_burst_steps_the_size_down_and_a_quiet_period_brings_it_back(world):
     """40 queries at once against batches of 4 at 80 ms each (48 px): the oldest query's wait passes the 150 ms
     target within a few batches, so the server steps down and answers part of the burst at a smaller size, every
-    one of them 200. Then one query at a time (at most 60, each answered before the next): the wait falls, the size
-    climbs back one step per batch to 48, and stays there."""
+    one of them 200. Then one query at a time, 0.1 s apart (at most 60, each answered before the next): the wait
+    and the arrival rate fall, the size climbs back one step per batch to 48, and stays there."""
     limits = ServiceLimits(max_batch=4, max_wait_ms=2, queue_size=128, max_uploads=64, max_decodes=64)
     service = SearchService(Slowed(multi_size_student(world)), world["index"], limits, latency_target_ms=TARGET_MS)
     paths = world["paths"]
@@ -252,6 +261,7 @@ def test_a_burst_steps_the_size_down_and_a_quiet_period_brings_it_back(world):
         assert any(d.after < d.before for d in service.adaptive.decisions)
         quiet: list[int] = []
         for i in range(60):
+            time.sleep(QUIET_GAP_S)
             quiet.append(post(client, paths[i % len(paths)]).json()["size"])
             if quiet[-3:] == [48, 48, 48]:
                 break

@@ -68,11 +68,13 @@ class AdaptiveBenchSettings:
     rates: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # x the fixed server's saturation rate
     duration_s: float = 8.0
     warmup_s: float = 2.0
-    saturation_clients: int = 32
+    saturation_clients: int = 64  # closed loop: twice --max-batch, so that batches are full
     max_batch: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 64
-    open_connections: int = 256
+    # open loop: the most requests in flight; above queue_size + max_batch (or nothing is shed) and below the
+    # server's --max-connections (256), so that the /metrics probe always gets a connection
+    open_connections: int = 160
     client_processes: int = 2
     database_size: int = 64
     k: int = 10
@@ -221,8 +223,27 @@ def _queries_by_size(metrics_text: str) -> dict[int, float]:
     return {int(size): float(value) for size, value in found}
 
 
-def size_shares(before: dict[int, float], after: dict[int, float]) -> dict[int, float]:
-    """Share of the queries embedded between two counter readings, per size (empty when none was)."""
+def _read_counters(server: _ServeProcess, attempts: int = 5) -> dict[int, float] | None:
+    """The server's per-size query counters, or None when ``/metrics`` did not answer 200 (then the row has no
+    size shares rather than wrong ones)."""
+    for _ in range(attempts):
+        try:
+            response = server.get("/metrics")
+        except Exception as error:  # a busy server may time out; try again
+            logger.warning("GET /metrics failed (%s); retrying", error)
+            continue
+        if response.status_code == 200:
+            return _queries_by_size(response.text)
+        logger.warning("GET /metrics answered %d; retrying", response.status_code)
+        time.sleep(0.1)
+    return None
+
+
+def size_shares(before: dict[int, float] | None, after: dict[int, float] | None) -> dict[int, float]:
+    """Share of the queries embedded between two counter readings, per size (empty when none was, or when a
+    reading is missing)."""
+    if before is None or after is None:
+        return {}
     counts = {size: after.get(size, 0.0) - before.get(size, 0.0) for size in after}
     total = sum(counts.values())
     return {size: count / total for size, count in sorted(counts.items()) if count > 0} if total > 0 else {}
@@ -243,12 +264,13 @@ def _row(server: _ServeProcess, pool: ClientPool, bodies: list[bytes], s: Adapti
         processes=s.client_processes,
         timeout_s=s.timeout_s,
         seed=s.seed,
-        probe=lambda: _queries_by_size(server.get("/metrics").text),
+        probe=lambda: _read_counters(server),
         pool=pool,
         **load,
     )
     row = summarise(result)
     row["size_share"] = {str(size): share for size, share in size_shares(*result.probes).items()}
+    row["size_share_read"] = all(probe is not None for probe in result.probes)
     return row
 
 

@@ -28,6 +28,10 @@ of at least half ``full_batch`` queries only: a lone query costs several times m
 rescales the queue delay, meaningless (a step up predicted at a fraction of its cost, then straight back down).
 A size without such a measurement is estimated from the nearest measured one by the pixel count.
 
+The utilisation of each size (the controller's guard against stepping up into a load the larger size cannot
+serve, see :mod:`~raml.deploy.service.size_controller`) is the arrival rate (the queries submitted in the last
+``rate_window_s`` seconds, counted by :meth:`AdaptiveQuerySize.arrived`) times the size's time per query.
+
 Which sizes an upload is prepared at: every trained size up to one above the size in use. A step down may go to
 any smaller size, a step up goes one size at a time, so a query queued while the size in use changes once is
 ready at the size of its batch; should the size climb further while it waits, it is served at the largest size
@@ -39,6 +43,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -71,18 +76,25 @@ class AdaptiveQuerySize:
         alpha: Weight of each new observation in the smoothed queue delay, per-query service times and batch size
             (0 < alpha <= 1).
         full_batch: The batcher's ``max_batch``; times per query are measured on batches of at least half of it.
+        rate_window_s: The arrival rate is the number of queries submitted in this many last seconds, divided by it.
 
     The size in use starts at the largest trained size (an idle service answers at its best accuracy).
     """
 
-    def __init__(self, settings: ControllerSettings, alpha: float = 0.2, full_batch: int = 1) -> None:
+    def __init__(
+        self, settings: ControllerSettings, alpha: float = 0.2, full_batch: int = 1, rate_window_s: float = 1.0
+    ) -> None:
         if not 0 < alpha <= 1:
             raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}.")
         if full_batch < 1:
             raise ValueError(f"full_batch must be a positive number of queries, got {full_batch!r}.")
         self.settings = settings
         self.alpha = float(alpha)
+        if not rate_window_s > 0:
+            raise ValueError(f"rate_window_s must be positive, got {rate_window_s!r}.")
         self.measured_from = max(1, full_batch // 2)  # the smallest batch whose time per query is recorded
+        self.rate_window_s = float(rate_window_s)
+        self._arrivals: deque[float] = deque()  # submission times within the last rate_window_s
         self._current = settings.sizes[-1]
         self._queue_ms = 0.0
         self._per_query_ms: dict[int, float] = {}
@@ -103,7 +115,25 @@ class AdaptiveQuerySize:
             return self._snapshot()
 
     def _snapshot(self) -> SizeLoad:
-        return SizeLoad(self._queue_ms, {size: ms * self._batch for size, ms in self._per_query_ms.items()})
+        service = {size: ms * self._batch for size, ms in self._per_query_ms.items()}
+        utilisation = {}
+        if self._per_query_ms:
+            rate = self._rate(time.monotonic())
+            per_query = SizeLoad(0.0, self._per_query_ms)
+            utilisation = {s: rate * predict_latency_ms(s, per_query) / 1000.0 for s in self.settings.sizes}
+        return SizeLoad(self._queue_ms, service, utilisation)
+
+    def _rate(self, now: float) -> float:
+        while self._arrivals and self._arrivals[0] < now - self.rate_window_s:
+            self._arrivals.popleft()
+        return len(self._arrivals) / self.rate_window_s
+
+    def arrived(self) -> None:
+        """Count one query submitted now (for the arrival rate)."""
+        now = time.monotonic()
+        with self._lock:
+            self._arrivals.append(now)
+            self._rate(now)  # drops the old ones: the deque holds at most a window's arrivals
 
     def _ewma(self, old: float | None, sample: float) -> float:
         return sample if old is None else (1 - self.alpha) * old + self.alpha * sample
@@ -138,7 +168,7 @@ class AdaptiveQuerySize:
         if after != before:
             logger.info(
                 "Query size %d -> %d px: predicted latency %.1f ms at %d px, %.1f ms at %d px (target %.0f ms, "
-                "smoothed queue delay %.1f ms)",
+                "smoothed queue delay %.1f ms); utilisation %.2f at %d px, %.2f at %d px",
                 before,
                 after,
                 decision.predicted_ms,
@@ -147,6 +177,10 @@ class AdaptiveQuerySize:
                 after,
                 self.settings.target_ms,
                 decision.queue_delay_ms,
+                load.utilisation.get(before, 0.0),
+                before,
+                load.utilisation.get(after, 0.0),
+                after,
             )
         return after
 
@@ -169,5 +203,6 @@ class AdaptiveQuerySize:
             "up_fraction": self.settings.up_fraction,
             "queue_delay_ms": round(load.queue_delay_ms, 3),
             "batch_service_ms": {str(size): round(ms, 3) for size, ms in sorted(load.service_ms.items())},
+            "utilisation": {str(size): round(u, 3) for size, u in sorted(load.utilisation.items())},
             "changes": self.changes,
         }

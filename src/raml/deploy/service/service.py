@@ -248,6 +248,8 @@ class SearchService:
     def submit(self, image: torch.Tensor | dict[int, torch.Tensor], size: int | None, k: int) -> Future:
         """Queue a prepared query (``size`` None: prepared at several sizes); raises ``QueueFullError`` when the
         queue is full."""
+        if self.adaptive is not None:
+            self.adaptive.arrived()  # offered load: counted also when the queue is full
         return self.batcher.submit(image, size, k)
 
     def health(self) -> dict[str, Any]:
