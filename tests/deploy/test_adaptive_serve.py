@@ -247,8 +247,9 @@ def test_a_burst_steps_the_size_down_and_a_quiet_period_brings_it_back(world):
     """40 queries at once against batches of 4 at 200 ms each (48 px): the backlog passes the 400 ms target
     within a batch or two, so the server steps down and answers part of the burst at a smaller size, every one of
     them 200. The real network's time comes on top of the known cost; on a loaded machine it can reach tens of ms
-    per query, which the target leaves room for. Then one query at a time, 0.5 s apart (at most 60, each answered before the next): the wait
-    and the arrival rate fall, the size climbs back one step per batch to 48, and stays there."""
+    per query, which the target leaves room for. Then one query at a time, 0.5 s apart (at most 60, each answered
+    before the next): the wait and the arrival rate fall, the size climbs back one step per batch to 48, and stays
+    there."""
     limits = ServiceLimits(max_batch=4, max_wait_ms=2, queue_size=128, max_uploads=64, max_decodes=64)
     service = SearchService(Slowed(multi_size_student(world)), world["index"], limits, latency_target_ms=TARGET_MS)
     paths = world["paths"]
