@@ -24,6 +24,7 @@ adaptive). ``--quick``: random tiny networks on a tiny dataset, a few seconds pe
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import logging
@@ -33,6 +34,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -274,10 +276,30 @@ def _row(server: _ServeProcess, pool: ClientPool, bodies: list[bytes], s: Adapti
     return row
 
 
+@contextlib.contextmanager
+def _held(lock: Path | None) -> Iterator[None]:
+    """An exclusive ``flock`` on ``lock`` for the block (None: nothing), so that timed runs never overlap."""
+    if lock is None:
+        yield
+        return
+    import fcntl
+
+    with open(lock, "a") as handle:
+        logger.info("Waiting for the lock %s", lock)
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        logger.info("Holding the lock %s (load average %s)", lock, " ".join(f"{v:.1f}" for v in os.getloadavg()))
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def run_adaptive_benchmark(
-    inputs: BenchInputs, work_dir: Path, settings: AdaptiveBenchSettings | None = None
+    inputs: BenchInputs, work_dir: Path, settings: AdaptiveBenchSettings | None = None, lock: Path | None = None
 ) -> dict[str, Any]:
-    """Run the benchmark (see the module docstring) in ``work_dir``; returns the report as a dict."""
+    """Run the benchmark (see the module docstring) in ``work_dir``; returns the report as a dict. ``lock``: a
+    file to hold an exclusive ``flock`` on while the servers are loaded (not while the mAP is evaluated and the
+    index built), so that timed runs of several benchmarks never overlap."""
     from raml.models import load_network
 
     settings = settings or AdaptiveBenchSettings()
@@ -295,7 +317,9 @@ def run_adaptive_benchmark(
     common += ["--max-wait-ms", str(settings.max_wait_ms), "--queue-size", str(settings.queue_size)]
     rows: list[dict[str, Any]] = []
     target = settings.target_ms
-    with ClientPool(settings.client_processes, bodies) as pool:
+    load_before = list(os.getloadavg())
+    with _held(lock), ClientPool(settings.client_processes, bodies) as pool:
+        load_before = list(os.getloadavg())
         with _ServeProcess([*common, "--image-size", str(largest)], work_dir / "serve-fixed.log") as fixed:
             closed = _row(fixed, pool, bodies, settings, concurrency=settings.saturation_clients)
             saturation = closed["queries_per_s"]
@@ -329,6 +353,7 @@ def run_adaptive_benchmark(
             "cpu": cpu_model(),
             "cores": os.cpu_count(),
             "torch": torch.__version__,
+            "load_average_before": load_before,
             "load_average": list(os.getloadavg()),
         },
         "settings": {**asdict(replace(settings, target_ms=target)), "target_derived": settings.target_ms is None},
@@ -395,7 +420,10 @@ def format_adaptive_report(result: dict[str, Any]) -> str:
         f"{' (derived: 2x the fixed p99 at the lowest rate)' if s['target_derived'] else ''}; "
         f"{result['database_images']} images indexed at {s['database_size']} px; {s['duration_s']:g} s per row after "
         f"{s['warmup_s']:g} s warm-up; {result['machine']['cpu']}, {result['machine']['cores']} cores, load average "
-        + " ".join(f"{v:.1f}" for v in result["machine"]["load_average"]),
+        + " ".join(f"{v:.1f}" for v in result["machine"]["load_average_before"])
+        + " before the load rows, "
+        + " ".join(f"{v:.1f}" for v in result["machine"]["load_average"])
+        + " after",
         "asymmetric mAP per query size (raml test): "
         + ", ".join(f"{size} px {value:.2f}" for size, value in result["asym_mAP"].items()),
         f"saturation of the fixed server ({sat['clients']} closed-loop clients): {sat['queries_per_s']:.1f} q/s",
@@ -507,6 +535,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--saturation-clients", type=positive_int, default=d.saturation_clients)
     parser.add_argument("--client-processes", type=positive_int, default=d.client_processes)
     parser.add_argument("--database-size", type=positive_int, default=d.database_size, help="DR of the index (64)")
+    parser.add_argument(
+        "--lock",
+        type=Path,
+        metavar="FILE",
+        help="hold an exclusive flock on FILE while the servers are loaded (not during the mAP evaluation and "
+        "indexing), so that timed runs on a shared machine never overlap",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot p99 and served mAP as a PNG")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -551,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         inputs = BenchInputs(args.student, args.teacher, args.data_root)
     else:
         inputs = resolutions_inputs(args.resolutions)
-    result = run_adaptive_benchmark(inputs, args.work_dir, settings)
+    result = run_adaptive_benchmark(inputs, args.work_dir, settings, lock=args.lock)
     print(format_adaptive_report(result))
     if args.json is not None:
         atomic_write_text(args.json, json.dumps(result, indent=2) + "\n")
