@@ -44,6 +44,38 @@ def test_choose_size(case, current, queue_ms, pinned, expected):
     assert choose_size(current, load, SETTINGS, pinned=pinned) == expected, case
 
 
+@pytest.mark.parametrize(
+    ("case", "current", "queue_ms", "utilisation", "expected"),
+    [
+        # utilisation = arrival rate x time per query at that size; > 1: that size cannot keep up at all
+        ("short queue, but 48 cannot keep up (1.6): down to 32 (0.8)", 48, 0.0, {48: 1.6, 32: 0.8, 24: 0.4}, 32),
+        ("32 cannot keep up either (1.2): down to 24", 48, 0.0, {48: 2.4, 32: 1.2, 24: 0.6}, 24),
+        ("none can keep up: the smallest", 48, 0.0, {48: 4.0, 32: 2.0, 24: 1.1}, 24),
+        ("queue drained after a step down (48 predicted 0+40): no step up while 48 would be at 1.6", 32, 0.0,
+         {48: 1.6, 32: 0.8}, 32),
+        ("... nor at 0.8 (over up_fraction 0.7: hysteresis)", 32, 0.0, {48: 0.8, 32: 0.4}, 32),
+        ("... up at 0.6", 32, 0.0, {48: 0.6, 32: 0.3}, 48),
+        ("48 at 0.9 (<= 1) with a short queue stays", 48, 10.0, {48: 0.9}, 48),
+        ("no utilisation given: the queue delay alone decides (0+40 fits)", 48, 0.0, {}, 48),
+    ],
+)  # fmt: skip
+def test_choose_size_with_utilisation(case, current, queue_ms, utilisation, expected):
+    load = SizeLoad(queue_delay_ms=queue_ms, service_ms=MEASURED, utilisation=utilisation)
+    assert choose_size(current, load, SETTINGS) == expected, case
+
+
+def test_no_flapping_under_a_steady_overload_of_the_largest_size():
+    """Offered load twice what 48 can serve: after a step down the queue drains (delay 0), which alone invites a
+    step back up; the utilisation of 48 (2.0) forbids it, at every queue delay the smaller size sees."""
+    per_query = {24: 1.0, 32: 2.0, 48: 4.0}  # ms per query; arrivals: 0.5 per ms -> 48 at 2.0, 32 at 1.0
+    utilisation = {size: 0.5 * ms for size, ms in per_query.items()}
+    path = [48]
+    for queue_ms in (0.0, 5.0, 0.0, 20.0, 0.0, 0.0, 10.0, 0.0):
+        load = SizeLoad(queue_delay_ms=queue_ms, service_ms=MEASURED, utilisation=utilisation)
+        path.append(choose_size(path[-1], load, SETTINGS))
+    assert path == [48, 32, 32, 32, 32, 32, 32, 32, 32], path
+
+
 def test_no_flapping_when_the_queue_delay_follows_the_size_served():
     """A steady offered load whose queue delay scales with the batch service time of the size in use
     (``queue = f * service[size]``): stepping down shortens the queue, which, without hysteresis, would invite a

@@ -16,6 +16,7 @@ BENCHMARKS = {
     "quantization": ("raml.bench.quantization", "fp32 vs int8 ONNX student x exact vs IVF-PQ database: mAP, ms, bytes"),
     "index": ("raml.bench.index", "raml index: peak memory and images/s vs database size, single process vs Ray"),
     "serve": ("raml.bench.serve", "raml serve's queries/s and latency under concurrent clients, batched vs not"),
+    "adaptive": ("raml.bench.adaptive", "raml serve at a fixed query size vs --latency-target-ms: p99, 503s, mAP"),
 }
 
 

@@ -71,6 +71,23 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "from the network without authentication)",
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    adaptive = parser.add_argument_group("latency target (a network trained for several query sizes)")
+    adaptive.add_argument(
+        "--latency-target-ms",
+        type=positive_float,
+        default=None,
+        metavar="T",
+        help="keep the p99 latency under T ms by serving each batch at the largest trained query size predicted to "
+        "meet it (measured queue delay and batch time per size, smoothed): smaller sizes under load, back up when "
+        "it falls; a request's ?size= still pins its size. Needs a network whose meta lists image_sizes",
+    )
+    adaptive.add_argument(
+        "--latency-up-fraction",
+        type=positive_float,
+        default=0.7,
+        metavar="F",
+        help="hysteresis: step up to a larger size only when it is predicted within F x T (0 < F < 1, default 0.7)",
+    )
     group = parser.add_argument_group("batching and limits")
     group.add_argument(
         "--max-batch", type=positive_int, default=defaults.max_batch, metavar="N", help="most queries per forward pass"
@@ -229,7 +246,9 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         if size is None and not network.meta.get("image_sizes"):
             size = DEFAULT_QUERY_SIZE
         embedder = TorchQueryEmbedder(network, device, size)
-    return SearchService(embedder, args.index, limits)
+    return SearchService(
+        embedder, args.index, limits, latency_target_ms=args.latency_target_ms, up_fraction=args.latency_up_fraction
+    )
 
 
 def _is_loopback(host: str) -> bool:
@@ -263,13 +282,14 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     index = service.index.current
     logger.info(
-        "Serving %d images (generation %d) of %s at http://%s:%d/ (query sizes %s)",
+        "Serving %d images (generation %d) of %s at http://%s:%d/ (query sizes %s%s)",
         len(index),
         index.generation,
         index.directory,
         args.host,
         args.port,
         ", ".join(map(str, service.embedder.sizes)),
+        f"; chosen per batch for a p99 under {args.latency_target_ms:g} ms" if service.adaptive is not None else "",
     )
     uvicorn.run(
         create_app(service),

@@ -9,6 +9,8 @@ student of :mod:`~raml.deploy.service.embedders` -> ``(B, D)``, searched in the 
 adds the header deadline and the connection cap to uvicorn's protocol. Starlette and uvicorn are optional
 (``pip install raml[serve]``); only :mod:`~raml.deploy.service.app`, :mod:`~raml.deploy.service.connections`
 and the CLI import them.
+:mod:`~raml.deploy.service.adaptive_size` (with :mod:`~raml.deploy.service.size_controller`) chooses the query
+size per batch for ``raml serve --latency-target-ms``.
 """
 
 from __future__ import annotations

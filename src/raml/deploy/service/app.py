@@ -4,8 +4,10 @@ Routes:
 
 - ``GET /``: the web page (``web/index.html``: choose or drop a query image, see the top-k thumbnails);
 - ``POST /search?k=K&size=S``: the image as multipart form data (field ``image``) or as the raw body with an
-  ``image/*`` content type -> ``{"k", "size", "generation", "batch_size", "results": [{"rank", "id", "path",
-  "label", "score"}, ...], "timings_ms": {"read", "decode", "queue", "embed", "search", "total"}}``
+  ``image/*`` content type -> ``{"k", "size", "size_chosen_by", "generation", "batch_size", "results": [{"rank",
+  "id", "path", "label", "score"}, ...], "timings_ms": {"read", "decode", "queue", "embed", "search", "total"}}``
+  (``size``: the query size that answered; ``size_chosen_by``: ``"request"`` (``size=``), ``"default"`` (the
+  network's default size) or ``"latency_target"`` (``raml serve --latency-target-ms``: the size of its batch))
   (``label`` is null where the index has none). Errors are ``{"error": message}`` with status 400 (bad k or
   size, truncated or corrupt image, bad form), 408 (the body did not arrive within ``body_timeout_s``; the
   connection is closed), 413 (body over ``max_bytes``; image, or the image resized to the query size, over
@@ -180,7 +182,7 @@ def create_app(service: SearchService) -> Starlette:
         except Exception:
             logger.exception("Search failed")
             return answer("search", error(500, "The search failed; see the service's log."), started)
-        metrics.record_query(size, result.queue_s)
+        metrics.record_query(result.size, result.queue_s)
         index = result.index
         hits = [
             {
@@ -192,6 +194,7 @@ def create_app(service: SearchService) -> Starlette:
             }
             for rank, (i, s) in enumerate(zip(result.ids, result.scores), start=1)
         ]
+        chosen_by = "request" if requested is not None else "default" if size is not None else "latency_target"
         total = time.perf_counter() - started
         timings = {
             "read": read_done - started,
@@ -203,7 +206,8 @@ def create_app(service: SearchService) -> Starlette:
         }
         payload = {
             "k": k,
-            "size": size,
+            "size": result.size,
+            "size_chosen_by": chosen_by,
             "generation": index.generation,
             "batch_size": result.batch_size,
             "results": hits,

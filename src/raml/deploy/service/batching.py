@@ -17,6 +17,13 @@ way (so a lone query is not held back for nothing); it reads the served index on
 embeds the queries of each size in one forward pass ``(B, 3, S, S) -> (B, D)``, searches the queries of each k
 together, and resolves every future (with the error, should the network or the search fail). With
 ``max_batch == 1`` every query is embedded alone.
+
+With a ``sizer`` (a latency target, :mod:`raml.deploy.service.adaptive_size`), a query may be submitted without
+a size, as a mapping ``{S: (3, S, S)}`` of its transforms at several sizes: when a batch is formed the worker asks
+``sizer.choose(oldest wait, queries still waiting)`` for the batch's size and serves each such query at the
+largest size it holds not above it (the smallest it holds if none is); queries submitted with a size keep it
+(``size=`` pinned by the request). After each size group's forward pass and search,
+``sizer.observe(size, queries, seconds)``.
 """
 
 from __future__ import annotations
@@ -27,9 +34,10 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -39,7 +47,7 @@ from raml.deploy.store import DatabaseIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["MIN_AUTO_QUEUE_WAIT_S", "MicroBatcher", "QueryResult", "QueueFullError", "QueueWaitError"]
+__all__ = ["MIN_AUTO_QUEUE_WAIT_S", "BatchSizer", "MicroBatcher", "QueryResult", "QueueFullError", "QueueWaitError"]
 
 _POLL_S = 0.0005  # while waiting for more queries: how often to re-check whether any is still arriving
 #: the default queue-wait bound (one full batch's service time) is never below this: a wait this short is not worth
@@ -65,6 +73,7 @@ class QueryResult:
         search_s: Seconds of its search.
         wait_bound_s: The queue-wait bound in force when its batch started (``queue_s`` is within it), or None
             while no batch had been measured yet.
+        size: The query size it was embedded at.
     """
 
     ids: np.ndarray
@@ -75,12 +84,21 @@ class QueryResult:
     embed_s: float
     search_s: float
     wait_bound_s: float | None = None
+    size: int = 0
+
+
+class BatchSizer(Protocol):
+    """Chooses the size of each batch's unpinned queries (see the module docstring)."""
+
+    def choose(self, oldest_wait_s: float, waiting: int) -> int: ...
+
+    def observe(self, size: int, queries: int, service_s: float) -> None: ...
 
 
 @dataclass
 class _Query:
-    image: torch.Tensor
-    size: int
+    image: torch.Tensor | Mapping[int, torch.Tensor]  # a mapping: transformed at several sizes, not pinned
+    size: int | None
     k: int
     submitted: float
     future: Future = field(default_factory=Future)
@@ -102,6 +120,7 @@ class MicroBatcher:
             query is refused with :class:`QueueWaitError`. None: one full batch's smoothed service time, at least
             ``MIN_AUTO_QUEUE_WAIT_S`` (an answered query then takes about two batch service times at most);
             ``math.inf``: no bound in time (only ``queue_size``).
+        sizer: Chooses the size of unpinned queries per batch; None: every query is submitted with its size.
     """
 
     def __init__(
@@ -114,6 +133,7 @@ class MicroBatcher:
         on_batch: Callable[[int], None] | None = None,
         arriving: Callable[[], int] | None = None,
         max_queue_wait_s: float | None = None,
+        sizer: BatchSizer | None = None,
     ) -> None:
         for name, value in (("max_batch", max_batch), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -129,6 +149,7 @@ class MicroBatcher:
         self.queue_size = queue_size
         self._on_batch = on_batch or (lambda size: None)
         self._arriving = arriving or (lambda: 1)
+        self._sizer = sizer
         self._queue: queue.Queue[_Query | None] = queue.Queue(maxsize=queue_size)
         self._thread: threading.Thread | None = None
         self.max_queue_wait_s = max_queue_wait_s
@@ -186,18 +207,22 @@ class MicroBatcher:
                 "batch service time); try again shortly."
             )
 
-    def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
-        """Queue one ``(3, size, size)`` query for the ``k`` nearest database images.
+    def submit(self, image: torch.Tensor | Mapping[int, torch.Tensor], size: int | None, k: int) -> Future:
+        """Queue one ``(3, size, size)`` query for the ``k`` nearest database images (``size`` None: ``image`` maps
+        sizes to the query's transforms, the batch's size is chosen by the ``sizer``).
 
         Raises:
             QueueFullError: When ``queue_size`` queries already wait.
             QueueWaitError: When the query's predicted wait for its batch exceeds the bound.
             RuntimeError: When the worker is not running.
+            ValueError: When ``size`` is None but ``image`` is no mapping (or no sizer chooses), or the reverse.
         """
+        if (size is None) != isinstance(image, Mapping) or (size is None and (self._sizer is None or not image)):
+            raise ValueError("Submit a tensor with its size, or (with a sizer) a non-empty mapping of sizes without.")
         if not self.running:
             raise RuntimeError("The batching worker is not running; start() it first.")
         self.check_admission()
-        query = _Query(image, int(size), int(k), time.perf_counter())
+        query = _Query(image, None if size is None else int(size), int(k), time.perf_counter())
         try:
             self._queue.put_nowait(query)
         except queue.Full:
@@ -280,12 +305,18 @@ class MicroBatcher:
 
     def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
+        if self._sizer is not None:  # the batch's size, chosen now (not at upload) from the oldest query's wait
+            chosen = self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
+            for query in batch:
+                if isinstance(query.image, Mapping):
+                    query.size = max((s for s in query.image if s <= chosen), default=min(query.image))
+                    query.image = query.image[query.size]
         by_size: dict[int, list[_Query]] = defaultdict(list)
         for query in batch:
             by_size[query.size].append(query)
-        for group in by_size.values():
+        for size, group in by_size.items():
             try:
-                t0 = time.perf_counter()
+                t0 = group_started = time.perf_counter()
                 embeddings = self._embed(torch.stack([q.image for q in group]))
                 embed_s = time.perf_counter() - t0
                 self._on_batch(len(group))
@@ -300,9 +331,11 @@ class MicroBatcher:
                         keep = row_ids >= 0
                         result = QueryResult(
                             row_ids[keep], row_scores[keep], index, len(group), started - group[row].submitted,
-                            embed_s, search_s, bound,
+                            embed_s, search_s, bound, size,
                         )  # fmt: skip
                         group[row].future.set_result(result)
+                if self._sizer is not None:
+                    self._sizer.observe(size, len(group), time.perf_counter() - group_started)
             except Exception as error:  # the requests of this group get the error; the worker goes on
                 logger.exception("A batch of %d queries at %d px failed", len(group), group[0].size)
                 for query in group:

@@ -4,7 +4,8 @@ Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_c
 
 - ``raml_requests_total{route, status}`` counter: answered HTTP requests by route and status code;
 - ``raml_request_seconds`` histogram: latency of ``POST /search`` requests, arrival to answer;
-- ``raml_queries_total{size}`` counter: queries embedded, by the query size chosen (``?size=`` or the default);
+- ``raml_queries_total{size}`` counter: queries embedded, by the query size that answered (``?size=``, the
+  default, or with ``--latency-target-ms`` the size chosen for its batch);
 - ``raml_queue_seconds`` histogram: how long each query waited in the batching queue before its forward pass;
 - ``raml_shed_total{reason}`` counter: requests refused with 503 to shed load, by the limit reached
   (``queue`` = ``--queue-size``, ``uploads`` = ``--max-uploads``, ``decodes`` = ``--max-decodes``,
@@ -12,7 +13,9 @@ Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_c
   over ``--max-queue-wait-ms``);
 - ``raml_batch_size`` histogram: queries embedded together per forward pass;
 - gauges given by the service, read at scrape time: ``raml_queue_depth``, ``raml_uploads_in_flight``,
-  ``raml_decodes_in_flight``, ``raml_decode_pixels_in_flight``, ``raml_index_generation``, ``raml_index_size``.
+  ``raml_decodes_in_flight``, ``raml_decode_pixels_in_flight``, ``raml_index_generation``, ``raml_index_size``;
+  with ``--latency-target-ms`` also ``raml_query_size`` (the size in use for queries that pin none),
+  ``raml_queue_delay_smoothed_seconds`` (the controller's smoothed queue delay) and ``raml_latency_target_seconds``.
 
 A histogram's ``_bucket{le="x"}`` counts observations ``<= x`` (cumulative), ``le="+Inf"`` all of them; bounds
 are written as floats (``le="1.0"``), as ``prometheus_client`` does.
@@ -58,7 +61,9 @@ class ServiceMetrics:
             buckets=LATENCY_BUCKETS,
             registry=reg,
         )
-        self._queries = Counter("raml_queries", "Queries embedded, by the query size chosen.", ["size"], registry=reg)
+        self._queries = Counter(
+            "raml_queries", "Queries embedded, by the query size that answered.", ["size"], registry=reg
+        )
         self._queue = Histogram(
             "raml_queue_seconds",
             "Seconds a query waited in the batching queue before its forward pass.",

@@ -4,6 +4,10 @@ Contract: :meth:`SearchService.prepare` turns untrusted upload bytes into a ``(3
 size S (or raises :class:`~raml.deploy.service.decode.QueryImageError` / ``ValueError``);
 :meth:`SearchService.submit` queues it for the ``k`` nearest images of the served index (a future of a
 :class:`~raml.deploy.service.batching.QueryResult`); :meth:`SearchService.health` describes what is served.
+
+With a latency target (``latency_target_ms``, a network trained for several query sizes), a query whose request
+pins no size is prepared at several sizes (:meth:`AdaptiveQuerySize.prepare_sizes`) and served at the size its
+batch is given when it is formed (:mod:`raml.deploy.service.adaptive_size`); the result says which size answered.
 The HTTP layer (:mod:`raml.deploy.service.app`) only parses requests and formats answers.
 """
 
@@ -21,12 +25,14 @@ import torch
 
 from raml.data.image_limits import DEFAULT_MAX_PIXELS
 from raml.deploy.search import check_query_dim, warn_if_other_teacher
+from raml.deploy.service.adaptive_size import AdaptiveQuerySize
 from raml.deploy.service.admission import Slots
 from raml.deploy.service.batching import MicroBatcher
 from raml.deploy.service.decode import decode_query_image
 from raml.deploy.service.embedders import QueryEmbedder
 from raml.deploy.service.live_index import LiveIndex
 from raml.deploy.service.metrics import ServiceMetrics
+from raml.deploy.service.size_controller import ControllerSettings
 from raml.deploy.store import DatabaseIndex
 
 logger = logging.getLogger(__name__)
@@ -97,15 +103,55 @@ class SearchService:
         embedder: The query network (the student).
         index_dir: The index directory built by ``raml index`` (new generations are picked up).
         limits: Batching and input limits.
+        latency_target_ms: The p99 latency to keep (ms) by choosing the query size per batch among the network's
+            trained sizes; None: every query at the size it asks for, else the default size.
+        up_fraction: With a latency target: a larger size is taken only when predicted within this share of it.
 
     Raises:
         IndexDirectoryError: If ``index_dir`` holds no index.
-        ValueError: If the query network's output dimension differs from the index's.
+        ValueError: If the query network's output dimension differs from the index's, or a latency target is
+            given for a network that serves a single query size.
     """
 
-    def __init__(self, embedder: QueryEmbedder, index_dir: Any, limits: ServiceLimits | None = None) -> None:
+    def __init__(
+        self,
+        embedder: QueryEmbedder,
+        index_dir: Any,
+        limits: ServiceLimits | None = None,
+        latency_target_ms: float | None = None,
+        up_fraction: float = 0.7,
+    ) -> None:
         self.embedder = embedder
         self.limits = limits or ServiceLimits()
+        self.adaptive: AdaptiveQuerySize | None = None
+        if latency_target_ms is not None:
+            sizes = tuple(sorted(embedder.sizes))
+            if len(sizes) < 2:
+                raise ValueError(
+                    f"--latency-target-ms needs a query network trained for several query sizes (meta "
+                    f"'image_sizes', e.g. `raml train --image-size 24,32,48`); this one serves {sizes[0]} px only. "
+                    "Serve a multi-size student, or drop --latency-target-ms."
+                )
+            self.adaptive = AdaptiveQuerySize(
+                ControllerSettings(float(latency_target_ms), sizes, up_fraction), full_batch=self.limits.max_batch
+            )
+        gauges = {}
+        if self.adaptive is not None:
+            adaptive = self.adaptive
+            gauges = {
+                "query_size": (
+                    "Query size in use for unpinned queries (--latency-target-ms).",
+                    lambda: adaptive.current,
+                ),
+                "queue_delay_smoothed_seconds": (
+                    "Smoothed wait of each batch's oldest query, the controller's queue delay.",
+                    lambda: adaptive.load.queue_delay_ms / 1000.0,
+                ),
+                "latency_target_seconds": (
+                    "The latency target (--latency-target-ms).",
+                    lambda: adaptive.settings.target_ms / 1000.0,
+                ),
+            }
         self.index = LiveIndex(index_dir, accept=self._accept, poll_interval_s=self.limits.poll_interval_s)
         self.transforms = {size: embedder.transform(size) for size in embedder.sizes}
         self.metrics = ServiceMetrics(
@@ -119,6 +165,7 @@ class SearchService:
                     "Pixels of the images being decoded (--max-decode-pixels).",
                     lambda: self.decode_pixels.held,
                 ),
+                **gauges,
             }
         )
         self.batcher = MicroBatcher(
@@ -130,6 +177,7 @@ class SearchService:
             on_batch=self.metrics.record_batch,
             arriving=lambda: self._arriving,
             max_queue_wait_s=None if self.limits.max_queue_wait_ms is None else self.limits.max_queue_wait_ms / 1000.0,
+            sizer=self.adaptive,
         )
         self._arriving = 0  # requests between the end of their body and the submission of their query
         self._arriving_lock = threading.Lock()
@@ -163,35 +211,51 @@ class SearchService:
         self.index.stop()
         self.batcher.stop()
 
-    def query_size(self, requested: int | None) -> int:
-        """The query size to use: ``requested`` if it is served, the default when None.
+    def query_size(self, requested: int | None) -> int | None:
+        """The query size to use: ``requested`` if it is served; when None, the default, or None with a latency
+        target (the size is chosen when the query's batch is formed).
 
         Raises:
             ValueError: If ``requested`` is not one of the served sizes (the message lists them).
         """
         if requested is None:
-            return self.embedder.default_size
+            return None if self.adaptive is not None else self.embedder.default_size
         if requested not in self.embedder.sizes:
             raise ValueError(
                 f"size={requested} is not served; allowed query sizes: {', '.join(map(str, self.embedder.sizes))}."
             )
         return requested
 
-    def prepare(self, data: bytes, size: int) -> torch.Tensor:
+    def prepare(self, data: bytes, size: int | None) -> torch.Tensor | dict[int, torch.Tensor]:
         """Decode an upload (within ``max_pixels``, before and after the resize) and transform it to
         ``(3, size, size)``, holding its pixels (read from the header) in the :attr:`decode_pixels` budget; the
-        caller holds a :attr:`decodes` slot.
+        caller holds a :attr:`decodes` slot. ``size`` None (a latency target, no size pinned): ``{S: (3, S, S)}``
+        at each of :meth:`AdaptiveQuerySize.prepare_sizes`, from one decode.
 
         Raises:
             QueryImageError: With the HTTP status to answer (see :mod:`raml.deploy.service.decode`).
             ServiceBusyError: When the image's pixels do not fit in the budget (503).
         """
+        if size is None:
+            if self.adaptive is None:
+                raise ValueError("A query without a size needs a latency target; give its size.")
+            sizes = self.adaptive.prepare_sizes()
+            return decode_query_image(
+                data,
+                self.limits.max_pixels,
+                max(sizes),  # the largest resize is the one to check
+                admit=self.decode_pixels.take,
+                finish=lambda rgb: {s: self.transforms[s](rgb) for s in sizes},
+            )
         return decode_query_image(
             data, self.limits.max_pixels, size, admit=self.decode_pixels.take, finish=self.transforms[size]
         )
 
-    def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
-        """Queue a prepared query; raises ``QueueFullError`` when the queue is full."""
+    def submit(self, image: torch.Tensor | dict[int, torch.Tensor], size: int | None, k: int) -> Future:
+        """Queue a prepared query (``size`` None: prepared at several sizes); raises ``QueueFullError`` when the
+        queue is full."""
+        if self.adaptive is not None:
+            self.adaptive.arrived()  # offered load: counted also when the queue is full
         return self.batcher.submit(image, size, k)
 
     def health(self) -> dict[str, Any]:
@@ -217,6 +281,7 @@ class SearchService:
             },
             "query_sizes": list(self.embedder.sizes),
             "default_query_size": self.embedder.default_size,
+            "adaptive": self.adaptive.describe() if self.adaptive is not None else None,
             "batching": {
                 "max_batch": self.limits.max_batch,
                 "max_wait_ms": self.limits.max_wait_ms,

@@ -12,13 +12,21 @@ The predicted latency of a batch served at ``size``, while ``current`` is in use
 query waits for the batches ahead of it, which take longer or shorter in proportion to the size served, so the
 queue delay measured at the size in use is scaled to the other size. Without that scaling a step down shortens
 the queue, which invites a step straight back up (flapping; see the tests). A size never measured is estimated
-from the nearest measured one, scaled by the pixel count. :func:`choose_size` then, from the size in use:
+from the nearest measured one, scaled by the pixel count.
 
-- **steps down** when the size in use is predicted over the target: to the largest smaller size predicted
-  within it (the smallest size if none is);
+The queue delay says how long queries wait *now*; it cannot say that the offered load exceeds what a size can
+serve at all while the queue is momentarily short (just after a step down has drained it), and a step back up
+then overloads the larger size until the queue has grown again (flapping under a steady overload). So the load
+may also give each size's **utilisation**: the arrival rate times the size's time per query, the share of the
+worker's time that serving the current arrivals at that size would take (> 1: the queue grows without bound).
+Sizes without one are not constrained by it. :func:`choose_size` then, from the size in use:
+
+- **steps down** when the size in use is predicted over the target, or its utilisation is over 1: to the
+  largest smaller size predicted within the target with a utilisation of at most 1 (the smallest size if none
+  is);
 - **steps up** one size at a time, and only when the next larger size is predicted within ``up_fraction`` of
-  the target (default 0.7): between the two thresholds it stays where it is, so a load that sits near the
-  boundary does not make the size flap;
+  the target (default 0.7) and its utilisation is at most ``up_fraction``: between the two thresholds it stays
+  where it is, so a load that sits near the boundary does not make the size flap;
 - returns the size a request **pinned** with ``size=`` unchanged (the request asked for it; it is checked to be
   one of the trained sizes).
 
@@ -55,10 +63,12 @@ class ControllerSettings:
 
 @dataclass(frozen=True)
 class SizeLoad:
-    """The service's smoothed load: queue delay, and batch service time per size measured so far (ms)."""
+    """The service's smoothed load: queue delay, batch service time per size measured so far (ms), and the
+    utilisation each size would have at the current arrival rate (optional)."""
 
     queue_delay_ms: float = 0.0
     service_ms: Mapping[int, float] = field(default_factory=dict)
+    utilisation: Mapping[int, float] = field(default_factory=dict)
 
 
 def _service_ms(size: int, load: SizeLoad) -> float:
@@ -100,11 +110,18 @@ def choose_size(current: int, load: SizeLoad, settings: ControllerSettings, pinn
             raise ValueError(f"The {name} size {value} is not a trained size; expected one of {list(sizes)}.")
     if pinned is not None:
         return pinned
-    if predict_latency_ms(current, load) > settings.target_ms:
-        smaller = [s for s in sizes if s < current and predict_latency_ms(s, load, current) <= settings.target_ms]
+    target, up = settings.target_ms, settings.up_fraction
+
+    def busy(size: int) -> float:
+        return float(load.utilisation.get(size, 0.0))
+
+    if predict_latency_ms(current, load) > target or busy(current) > 1.0:
+        smaller = [
+            s for s in sizes if s < current and predict_latency_ms(s, load, current) <= target and busy(s) <= 1.0
+        ]
         return max(smaller) if smaller else sizes[0]
     larger = [s for s in sizes if s > current]
-    if larger and predict_latency_ms(larger[0], load, current) <= settings.up_fraction * settings.target_ms:
+    if larger and predict_latency_ms(larger[0], load, current) <= up * target and busy(larger[0]) <= up:
         return larger[0]
     return current
 
@@ -126,4 +143,4 @@ def smooth(
         raise ValueError("Give a batch's size and its service time together.")
     if size is not None and service_ms is not None:
         service[size] = (1 - alpha) * service[size] + alpha * service_ms if size in service else float(service_ms)
-    return SizeLoad(queue, service)
+    return SizeLoad(queue, service, load.utilisation)

@@ -1,0 +1,208 @@
+"""The query size of a service with a latency target: :func:`~raml.deploy.service.size_controller.choose_size` with
+the state it needs (the size in use, the smoothed load), thread-safe (issue 20, item 4).
+
+Contract: the batching worker calls :meth:`AdaptiveQuerySize.choose` once per batch it forms, with how long the
+oldest query of that batch has waited (s) and how many queries still wait behind the batch, and gets the size to
+serve the batch's unpinned queries at; after each
+forward pass and search it calls :meth:`AdaptiveQuerySize.observe` with the size, the number of queries and the
+seconds they took. The
+request handlers ask :meth:`AdaptiveQuerySize.prepare_sizes` which sizes to transform an upload at before it is
+queued (its size is chosen only when its batch is formed, so it must be ready at each size the batch may pick).
+
+The queue delay observed per batch is the larger of two waits known *when the batch is formed* (no lag of one
+batch): how long its oldest query has waited (the target bounds the tail, and within a batch the first query taken
+has waited longest), and how long the last query still waiting will wait for the queries ahead of it (their number
+times the time per query at the size in use). The second sees a burst as it arrives, before any query has waited
+long: a queue that fills faster than the smoothed wait of served queries rises would otherwise overflow (503)
+before the size steps down. After a quiet spell both are near zero, so the smoothed delay falls and the size
+climbs back, one size per batch at most (see :mod:`~raml.deploy.service.size_controller` for the rule and its
+hysteresis).
+
+The batch service time the controller is given for a size is the smoothed time *per query* at that size times the
+smoothed number of queries per batch. A batch's time grows with its queries, and a size not in use keeps the
+measurement of the last time it was: under load a size is measured on full batches, and kept as a per-batch time
+it would stay too large once the load falls and batches are small again (the service would never step back up).
+Per query, scaled by the batch size of the moment, it follows the load. The time per query is taken from batches
+of at least half ``full_batch`` queries only: a lone query costs several times more per query than a full batch
+(fixed costs), and times per query measured at different batch sizes would make the ratio between two sizes, which
+rescales the queue delay, meaningless (a step up predicted at a fraction of its cost, then straight back down).
+A size without such a measurement is estimated from the nearest measured one by the pixel count.
+
+The utilisation of each size (the controller's guard against stepping up into a load the larger size cannot
+serve, see :mod:`~raml.deploy.service.size_controller`) is the arrival rate (the queries submitted in the last
+``rate_window_s`` seconds, counted by :meth:`AdaptiveQuerySize.arrived`) times the size's time per query.
+
+Which sizes an upload is prepared at: every trained size up to one above the size in use. A step down may go to
+any smaller size, a step up goes one size at a time, so a query queued while the size in use changes once is
+ready at the size of its batch; should the size climb further while it waits, it is served at the largest size
+it was prepared at (never above the batch's). Under load, when the size in use is small, this spares the
+transforms at the large sizes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from raml.deploy.service.size_controller import ControllerSettings, SizeLoad, choose_size, predict_latency_ms
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["AdaptiveQuerySize", "SizeDecision"]
+
+_KEEP_DECISIONS = 100
+
+
+@dataclass(frozen=True)
+class SizeDecision:
+    """One change of the size in use: ``before`` -> ``after``, the smoothed queue delay and the predicted latency
+    at both sizes that made it (ms)."""
+
+    before: int
+    after: int
+    queue_delay_ms: float
+    predicted_ms: float
+    predicted_after_ms: float
+
+
+class AdaptiveQuerySize:
+    """The size in use and the smoothed load of one service (see the module docstring).
+
+    Args:
+        settings: The latency target, the trained sizes (increasing) and the hysteresis.
+        alpha: Weight of each new observation in the smoothed queue delay, per-query service times and batch size
+            (0 < alpha <= 1).
+        full_batch: The batcher's ``max_batch``; times per query are measured on batches of at least half of it.
+        rate_window_s: The arrival rate is the number of queries submitted in this many last seconds, divided by it.
+
+    The size in use starts at the largest trained size (an idle service answers at its best accuracy).
+    """
+
+    def __init__(
+        self, settings: ControllerSettings, alpha: float = 0.2, full_batch: int = 1, rate_window_s: float = 1.0
+    ) -> None:
+        if not 0 < alpha <= 1:
+            raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}.")
+        if full_batch < 1:
+            raise ValueError(f"full_batch must be a positive number of queries, got {full_batch!r}.")
+        self.settings = settings
+        self.alpha = float(alpha)
+        if not rate_window_s > 0:
+            raise ValueError(f"rate_window_s must be positive, got {rate_window_s!r}.")
+        self.measured_from = max(1, full_batch // 2)  # the smallest batch whose time per query is recorded
+        self.rate_window_s = float(rate_window_s)
+        self._arrivals: deque[float] = deque()  # submission times within the last rate_window_s
+        self._current = settings.sizes[-1]
+        self._queue_ms = 0.0
+        self._per_query_ms: dict[int, float] = {}
+        self._batch = 1.0  # smoothed queries per forward pass
+        self._lock = threading.Lock()
+        self.changes = 0  # changes of the size in use so far
+        self.decisions: deque[SizeDecision] = deque(maxlen=_KEEP_DECISIONS)  # the latest changes, oldest first
+
+    @property
+    def current(self) -> int:
+        """The size in use (the last batch's choice)."""
+        return self._current
+
+    @property
+    def load(self) -> SizeLoad:
+        """The smoothed load: queue delay, and batch service time per measured size at the smoothed batch size."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> SizeLoad:
+        service = {size: ms * self._batch for size, ms in self._per_query_ms.items()}
+        utilisation = {}
+        if self._per_query_ms:
+            rate = self._rate(time.monotonic())
+            per_query = SizeLoad(0.0, self._per_query_ms)
+            utilisation = {s: rate * predict_latency_ms(s, per_query) / 1000.0 for s in self.settings.sizes}
+        return SizeLoad(self._queue_ms, service, utilisation)
+
+    def _rate(self, now: float) -> float:
+        while self._arrivals and self._arrivals[0] < now - self.rate_window_s:
+            self._arrivals.popleft()
+        return len(self._arrivals) / self.rate_window_s
+
+    def arrived(self) -> None:
+        """Count one query submitted now (for the arrival rate)."""
+        now = time.monotonic()
+        with self._lock:
+            self._arrivals.append(now)
+            self._rate(now)  # drops the old ones: the deque holds at most a window's arrivals
+
+    def _ewma(self, old: float | None, sample: float) -> float:
+        return sample if old is None else (1 - self.alpha) * old + self.alpha * sample
+
+    def prepare_sizes(self) -> tuple[int, ...]:
+        """The sizes to transform an upload at now: every trained size up to one above the size in use."""
+        sizes = self.settings.sizes
+        upto = min(sizes.index(self._current) + 1, len(sizes) - 1)
+        return sizes[: upto + 1]
+
+    def choose(self, oldest_wait_s: float, waiting: int = 0) -> int:
+        """The size for the batch being formed: its oldest query has waited ``oldest_wait_s`` seconds, and
+        ``waiting`` queries wait behind it."""
+        with self._lock:
+            before = self._current
+            per_query = predict_latency_ms(before, SizeLoad(0.0, self._snapshot().service_ms)) / self._batch
+            sample = max(1000.0 * max(0.0, oldest_wait_s), max(0, waiting) * per_query)
+            self._queue_ms = self._ewma(self._queue_ms, sample)
+            load = self._snapshot()
+            after = choose_size(before, load, self.settings)
+            if after != before:
+                decision = SizeDecision(
+                    before,
+                    after,
+                    load.queue_delay_ms,
+                    predict_latency_ms(before, load),
+                    predict_latency_ms(after, load, before),
+                )
+                self.decisions.append(decision)
+                self.changes += 1
+                self._current = after
+        if after != before:
+            logger.info(
+                "Query size %d -> %d px: predicted latency %.1f ms at %d px, %.1f ms at %d px (target %.0f ms, "
+                "smoothed queue delay %.1f ms); utilisation %.2f at %d px, %.2f at %d px",
+                before,
+                after,
+                decision.predicted_ms,
+                before,
+                decision.predicted_after_ms,
+                after,
+                self.settings.target_ms,
+                decision.queue_delay_ms,
+                load.utilisation.get(before, 0.0),
+                before,
+                load.utilisation.get(after, 0.0),
+                after,
+            )
+        return after
+
+    def observe(self, size: int, queries: int, service_s: float) -> None:
+        """Record one forward pass and search of ``queries`` queries at ``size`` that took ``service_s`` seconds."""
+        if queries < 1:
+            raise ValueError(f"A batch holds at least one query, got {queries!r}.")
+        with self._lock:
+            if queries >= self.measured_from:
+                per_query = 1000.0 * service_s / queries
+                self._per_query_ms[int(size)] = self._ewma(self._per_query_ms.get(int(size)), per_query)
+            self._batch = self._ewma(self._batch, float(queries))
+
+    def describe(self) -> dict[str, object]:
+        """For ``/health``: the target, the size in use and the smoothed load."""
+        load = self.load
+        return {
+            "latency_target_ms": self.settings.target_ms,
+            "current_size": self._current,
+            "up_fraction": self.settings.up_fraction,
+            "queue_delay_ms": round(load.queue_delay_ms, 3),
+            "batch_service_ms": {str(size): round(ms, 3) for size, ms in sorted(load.service_ms.items())},
+            "utilisation": {str(size): round(u, 3) for size, u in sorted(load.utilisation.items())},
+            "changes": self.changes,
+        }

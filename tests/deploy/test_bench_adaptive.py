@@ -1,0 +1,58 @@
+"""``raml bench adaptive``: a tiny run of the whole benchmark (a fixed and an adaptive server on loopback)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("faiss")
+
+from raml.bench.adaptive import served_map, size_shares  # noqa: E402
+from raml.cli import main as cli_main  # noqa: E402
+
+
+def test_size_shares_and_served_map_against_plain_arithmetic():
+    before, after = {16: 2.0, 24: 10.0}, {16: 8.0, 24: 12.0, 32: 0.0}
+    shares = size_shares(before, after)  # 6 queries at 16 px, 2 at 24 px in between
+    assert shares == pytest.approx({16: 0.75, 24: 0.25})
+    assert served_map(shares, {16: 40.0, 24: 60.0, 32: 70.0}) == pytest.approx(0.75 * 40.0 + 0.25 * 60.0)
+    assert size_shares(after, after) == {} and served_map({}, {16: 1.0}) is None
+
+
+@pytest.mark.slow
+def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, capsys):
+    out, png = tmp_path / "adaptive.json", tmp_path / "adaptive.png"
+    argv = ["bench", "adaptive", "--quick", "--work-dir", str(tmp_path / "work"), "--json", str(out)]
+    assert cli_main.main([*argv, "--plot", str(png)]) == 0
+    table = capsys.readouterr().out
+    result = json.loads(out.read_text())
+    assert result["sizes"] == [16, 24] and set(result["asym_mAP"]) == {"16", "24"}
+    assert all(0.0 <= v <= 100.0 for v in result["asym_mAP"].values())
+    assert result["saturation"]["queries_per_s"] > 0
+    assert [(r["server"], r["saturation_fraction"]) for r in result["rows"]] == [
+        ("fixed", 1.0),
+        ("fixed", 2.0),
+        ("adaptive", 1.0),
+        ("adaptive", 2.0),
+    ]
+    saturation = result["saturation"]["queries_per_s"]
+    maps = {int(s): v for s, v in result["asym_mAP"].items()}
+    for row in result["rows"]:
+        assert row["offered_per_s"] == pytest.approx(row["saturation_fraction"] * saturation)
+        assert row["queries"] > 0 and row["errors"] == 0
+        shares = {int(s): v for s, v in row["size_share"].items()}
+        assert sum(shares.values()) == pytest.approx(1.0)
+        assert row["served_mAP"] == pytest.approx(sum(v * maps[s] for s, v in shares.items()))
+        if row["server"] == "fixed":  # every query at the largest size
+            assert shares == {24: pytest.approx(1.0)}
+        assert "client_limited" in row
+    target = result["settings"]["target_ms"]
+    fixed_first = result["rows"][0]
+    assert result["settings"]["target_derived"] and target == pytest.approx(2.0 * fixed_first["p99_ms"], abs=0.05)
+    assert result["goals"]["target_ms"] == target and "met" in result["goals"]["at_2x"]
+    assert "served mAP" in table and "at 2x saturation" in table
+    assert png.stat().st_size > 10_000
