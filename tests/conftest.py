@@ -54,7 +54,7 @@ def pytest_configure(config: pytest.Config) -> None:
 # Opt-in profile of the suite's own cost: RAML_TEST_PROFILE=<folder> writes one line per test phase
 # (setup, call, teardown) into <folder>/<worker>.tsv: test id, phase, wall s, this process's CPU s, and the
 # CPU s of the child processes that ended during the phase. CPU time does not depend on the machine's load,
-# so it is what to compare before and after a change on a shared machine (docs/testing.md).
+# so it is what to compare before and after a change on a shared machine (docs/benchmarks.md, "Test suite").
 _PROFILE_DIR = os.environ.get("RAML_TEST_PROFILE")
 
 
