@@ -27,8 +27,8 @@ FAILED_RANK_GRACE_S = 30.0
 
 @dataclass
 class RanksResult:
-    """What ``subprocess.run`` would give for the pair: the first non-zero exit code (else 0) and both outputs,
-    rank 0's first."""
+    """What ``subprocess.run`` would give for the pair: the exit code of the rank that failed first (else 0)
+    and both outputs, rank 0's first."""
 
     returncode: int
     stdout: str
@@ -41,7 +41,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _run_two_ranks(args: list[str], env: dict[str, str], timeout: float, workdir: Path) -> RanksResult:
+def _run_two_ranks(
+    args: list[str], env: dict[str, str], timeout: float, workdir: Path, grace_s: float = FAILED_RANK_GRACE_S
+) -> RanksResult:
     port = str(_free_port())
     procs, logs = [], []
     for rank in range(2):
@@ -52,13 +54,13 @@ def _run_two_ranks(args: list[str], env: dict[str, str], timeout: float, workdir
             procs.append(subprocess.Popen([sys.executable, *args], env=rank_env, stdout=fo, stderr=fe))
         logs.append((out, err))
     deadline = time.monotonic() + timeout
-    failed_at, timed_out = None, False
+    failed_at, first_failure, timed_out = None, 0, False
     try:
-        while any(p.poll() is None for p in procs):
+        while None in [p.poll() for p in procs]:  # a list: every rank polled, so each exit code is seen
             now = time.monotonic()
             if failed_at is None and any(p.returncode not in (None, 0) for p in procs):
-                failed_at = now
-            if failed_at is not None and now > failed_at + FAILED_RANK_GRACE_S:
+                failed_at, first_failure = now, next(p.returncode for p in procs if p.returncode not in (None, 0))
+            if failed_at is not None and now > failed_at + grace_s:
                 break
             if now > deadline:
                 timed_out = True
@@ -73,7 +75,7 @@ def _run_two_ranks(args: list[str], env: dict[str, str], timeout: float, workdir
         raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
     codes = [p.returncode for p in procs]
     return RanksResult(
-        returncode=next((c for c in codes if c != 0), 0),
+        returncode=first_failure or next((c for c in codes if c != 0), 0),
         stdout="".join(out.read_text() for out, _ in logs),
         stderr="".join(err.read_text() for _, err in logs),
     )
@@ -81,9 +83,12 @@ def _run_two_ranks(args: list[str], env: dict[str, str], timeout: float, workdir
 
 @pytest.fixture
 def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., RanksResult]:
-    """``run(args, env, timeout) -> RanksResult``: ``python ARGS`` as ranks 0 and 1 of a two-process group."""
+    """``run(args, env, timeout, grace_s) -> RanksResult``: ``python ARGS`` as ranks 0 and 1 of a two-process
+    group; raises ``subprocess.TimeoutExpired`` (both ranks killed) past ``timeout`` seconds."""
 
-    def run(args: list[str], env: dict[str, str], timeout: float = 300) -> RanksResult:
-        return _run_two_ranks(args, env, timeout, tmp_path_factory.mktemp("ranks"))
+    def run(
+        args: list[str], env: dict[str, str], timeout: float = 300, grace_s: float = FAILED_RANK_GRACE_S
+    ) -> RanksResult:
+        return _run_two_ranks(args, env, timeout, tmp_path_factory.mktemp("ranks"), grace_s)
 
     return run
