@@ -17,7 +17,7 @@ demo: $(STAMP)
 	$(BIN)/raml demo --out demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto
+	$(BIN)/python -m pytest -q -n auto --dist loadgroup
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts

@@ -24,7 +24,9 @@ from __future__ import annotations
 import json
 import os
 import random
-from collections.abc import Callable
+import resource
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +49,43 @@ def pytest_configure(config: pytest.Config) -> None:
         # that a run in this process and one in a child reduce in the same order (bit-identical weights)
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(threads)
+
+
+# Opt-in profile of the suite's own cost: RAML_TEST_PROFILE=<folder> writes one line per test phase
+# (setup, call, teardown) into <folder>/<worker>.tsv: test id, phase, wall s, this process's CPU s, and the
+# CPU s of the child processes that ended during the phase. CPU time does not depend on the machine's load,
+# so it is what to compare before and after a change on a shared machine (docs/benchmarks.md, "Test suite").
+_PROFILE_DIR = os.environ.get("RAML_TEST_PROFILE")
+
+
+def _cpu_clocks() -> tuple[float, float, float]:
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.perf_counter(), time.process_time(), children.ru_utime + children.ru_stime
+
+
+def _profile_phase(item: pytest.Item, phase: str) -> Iterator[None]:
+    start = _cpu_clocks()
+    yield
+    end = _cpu_clocks()
+    worker = os.environ.get("PYTEST_XDIST_WORKER", "main")
+    with open(Path(_PROFILE_DIR) / f"{worker}.tsv", "a") as f:
+        f.write("\t".join([item.nodeid, phase, *(f"{b - a:.3f}" for a, b in zip(start, end))]) + "\n")
+
+
+if _PROFILE_DIR:
+    Path(_PROFILE_DIR).mkdir(parents=True, exist_ok=True)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+        yield from _profile_phase(item, "setup")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_call(item: pytest.Item) -> Iterator[None]:
+        yield from _profile_phase(item, "call")
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_teardown(item: pytest.Item) -> Iterator[None]:
+        yield from _profile_phase(item, "teardown")
 
 
 def _class_color(k: int) -> tuple[int, int, int]:

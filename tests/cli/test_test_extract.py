@@ -16,15 +16,17 @@ from raml.models import build_network, save_checkpoint
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.fixture
-def networks(tmp_path: Path) -> dict[str, Path]:
-    """A 16-d 'teacher', a 16-d 'student' and an 8-d network, resnet18 with random weights."""
+@pytest.fixture(scope="module")
+def networks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A 16-d 'teacher', a 16-d 'student' and an 8-d network, resnet18 with random weights; built once for the
+    module (the tests only read them: 3 x 45 MB written per test before)."""
     out = {}
+    folder = tmp_path_factory.mktemp("nets")
     for name, dim, seed in (("teacher", 16, 0), ("student", 16, 1), ("narrow", 8, 2)):
         import torch
 
         torch.manual_seed(seed)
-        path = tmp_path / "nets" / f"{name}.pth"
+        path = folder / f"{name}.pth"
         save_checkpoint(path, build_network("resnet18", whitening=dim, pretrained=False))
         out[name] = path
     return out

@@ -30,12 +30,14 @@ def _assert_same(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]])
         assert a[test] == pytest.approx(b[test])
 
 
-@pytest.fixture
-def networks(tmp_path: Path) -> dict[str, Path]:
+@pytest.fixture(scope="module")
+def networks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Random 8-d teacher and student, built once for the module (the tests only read them)."""
     out = {}
+    folder = tmp_path_factory.mktemp("nets")
     for name, seed in (("teacher", 0), ("student", 1)):
         torch.manual_seed(seed)
-        out[name] = tmp_path / "nets" / f"{name}.pth"
+        out[name] = folder / f"{name}.pth"
         save_checkpoint(out[name], build_network(ARCH, whitening=8, pretrained=False))
     return out
 

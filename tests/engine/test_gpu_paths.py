@@ -1,5 +1,6 @@
-"""The CUDA code paths, exercised on the CPU (issue 23): bf16 autocast (it exists on the CPU too), DDP under
-torchrun with gloo (the code path NCCL takes) and the device-selection branches with ``torch.cuda`` patched.
+"""The CUDA code paths, exercised on the CPU (issue 23): bf16 autocast (it exists on the CPU too), DDP in two
+gloo processes (the code path NCCL takes; started by torchrun, or with torchrun's variables by the engine
+conftest's ``two_ranks``) and the device-selection branches with ``torch.cuda`` patched.
 
 Tiny on purpose: 32 px teacher views, 16 px student views, timm ``test_*`` backbones, 16 training images.
 """
@@ -12,6 +13,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -157,20 +159,21 @@ def test_convnext_student_trains_in_two_gloo_processes_like_one(setup, tmp_path)
 
 
 # ------------------------------------------------------ 3, 4: non-finite loss on one rank; no_sync
-def _scenario(name: str, config: TrainConfig, out: Path) -> list[dict]:
+def _scenario(name: str, config: TrainConfig, out: Path, two_ranks: Callable[..., object]) -> list[dict]:
     out.mkdir()
     config_file = out / "config.json"
     config_file.write_text(json.dumps(dataclasses.asdict(config)))
-    result = _torchrun(str(HERE / "ddp_scenarios.py"), name, str(config_file), str(out), timeout=300)
+    # two ranks with torchrun's variables, without its launcher process (tests/engine/conftest.py)
+    result = two_ranks([str(HERE / "ddp_scenarios.py"), name, str(config_file), str(out)], _env(), timeout=300)
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert len(reports) == 2, f"a rank wrote no report (rc {result.returncode}): {result.stderr[-3000:]}"
     return reports
 
 
-def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_path):
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_path, two_ranks):
     data_root, resnet, _ = setup
     config = _config(data_root, resnet, tmp_path / "run", epochs=2)
-    reports = _scenario("nan", config, tmp_path / "out")
+    reports = _scenario("nan", config, tmp_path / "out", two_ranks)
     for report in reports:  # rank 0's loss was finite; it must stop too, not wait in an all-reduce
         assert report["outcome"] == "NonFiniteLossError", report
         assert "epoch 1, batch 2" in report["message"]
@@ -179,13 +182,13 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_
 
 
 @pytest.mark.parametrize("update_every, flush", [(2, False), (3, True)])
-def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path, update_every, flush):
+def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path, update_every, flush, two_ranks):
     data_root, resnet, _ = setup
     # 16 images, batches of 4 -> 4 batches per epoch -> 2 optimizer steps: update-every 2, or update-every 3
     # and the last (flushed) batch, which must be all-reduced too
     config = _config(data_root, resnet, tmp_path / "two", update_every=update_every, flush_accumulation=flush,
                      epochs=1, optimizer="sgd", lr=0.05)  # fmt: skip
-    reports = _scenario("count", config, tmp_path / "out")
+    reports = _scenario("count", config, tmp_path / "out", two_ranks)
     for report in reports:
         assert report["batches"] == 4 and report["steps"] == 2, report
         assert report["reduces"] == report["steps"], report  # was one per batch (4)
@@ -347,11 +350,11 @@ def test_teacher_views_go_straight_to_the_teachers_device(setup, tmp_path, monke
 
 
 # ------------------------------------------------------------ 8: under DDP rank 0 scores, the others receive
-def test_under_ddp_only_rank_0_scores_and_every_rank_gets_its_metrics(setup, tmp_path):
+def test_under_ddp_only_rank_0_scores_and_every_rank_gets_its_metrics(setup, tmp_path, two_ranks):
     data_root, resnet, _ = setup
     # the reference's protocol: the test split monitored after the epoch, then the final test (asym + sym)
     config = _config(data_root, resnet, tmp_path / "run", val=True, val_freq=1, test_datasets=["cub-test"])
-    reports = {report["rank"]: report for report in _scenario("eval", config, tmp_path / "out")}
+    reports = {report["rank"]: report for report in _scenario("eval", config, tmp_path / "out", two_ranks)}
     assert reports[1]["scored"] == []  # rank 1 embedded its shard but scored nothing
     assert len(reports[0]["scored"]) == 3  # monitoring (asym) + test (asym, sym), on rank 0's device
     for h0, h1 in zip(reports[0]["history"], reports[1]["history"], strict=True):

@@ -165,7 +165,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("mode", ["ts_aug", "ts_aug-batch", "sym", "sym-triplet"])
-def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode):
+def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode, two_ranks):
     data_root, teacher = setup
     # SGD: its step is linear in the gradient, so float summation-order noise stays noise (Adam divides by
     # the gradient's own scale and turns noise on near-zero gradients into full-size steps)
@@ -180,11 +180,8 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode):
     single = tmp_path / "single"
     assert main([*_train_args(data_root, teacher, single), *extra]) == 0
     double = tmp_path / "double"
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(_free_port()), "-m", "raml", *_train_args(data_root, teacher, double), *extra,
-    ]  # fmt: skip
-    result = subprocess.run(cmd, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
+    # two ranks with torchrun's variables, without its launcher process (tests/engine/conftest.py)
+    result = two_ranks(["-m", "raml", *_train_args(data_root, teacher, double), *extra], _subprocess_env(), 600)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_weights(single / "model_epoch2.pth.tar", double / "model_epoch2.pth.tar", atol=1e-5)
 
