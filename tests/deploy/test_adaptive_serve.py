@@ -274,3 +274,16 @@ def test_a_burst_steps_the_size_down_and_a_quiet_period_brings_it_back(world):
     assert served == 1 + BURST + len(quiet)
     assert metric(text, "raml_query_size") == 48
     assert metric(text, 'raml_requests_total{route="search",status="200"}') == 1 + BURST + len(quiet)
+
+
+def test_a_latency_target_lifts_the_queue_wait_bound_unless_one_is_given(world):
+    """With a latency target the backlog is answered at a smaller size, not shed on a wait predicted from the
+    larger size's batch times; an explicit --max-queue-wait-ms still applies; without a target the batcher's
+    default (one batch time) stays."""
+    student = multi_size_student(world)
+    adaptive = SearchService(student, world["index"], ServiceLimits(), latency_target_ms=TARGET_MS)
+    assert adaptive.batcher.max_queue_wait_s == float("inf")
+    given = SearchService(student, world["index"], ServiceLimits(max_queue_wait_ms=120), latency_target_ms=TARGET_MS)
+    assert given.batcher.max_queue_wait_s == pytest.approx(0.12)
+    fixed = SearchService(student, world["index"], ServiceLimits())
+    assert fixed.batcher.max_queue_wait_s is None

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -49,7 +50,9 @@ class ServiceLimits:
         max_wait_ms: Longest wait for more queries once a batch has its first one.
         queue_size: Most queries waiting for the worker; more get 503.
         max_queue_wait_ms: Longest predicted (and actual) wait of a query for its batch to start; more gets 503
-            (None: one full batch's measured service time, see :class:`~raml.deploy.service.batching.MicroBatcher`).
+            (None: one full batch's measured service time, see :class:`~raml.deploy.service.batching.MicroBatcher`;
+            with a latency target, no bound in time unless given: the size controller keeps the latency and
+            ``queue_size`` bounds the queue).
         max_bytes: Largest accepted request body; larger gets 413.
         max_pixels: Largest accepted image (width x height, read from the header before decoding); larger gets 413.
         max_k: Largest k a request may ask for.
@@ -176,7 +179,7 @@ class SearchService:
             queue_size=self.limits.queue_size,
             on_batch=self.metrics.record_batch,
             arriving=lambda: self._arriving,
-            max_queue_wait_s=None if self.limits.max_queue_wait_ms is None else self.limits.max_queue_wait_ms / 1000.0,
+            max_queue_wait_s=self._queue_wait_bound_s(),
             sizer=self.adaptive,
         )
         self._arriving = 0  # requests between the end of their body and the submission of their query
@@ -184,6 +187,15 @@ class SearchService:
         self.uploads = Slots(self.limits.max_uploads, "request bodies being received", "--max-uploads")
         self.decodes = Slots(self.limits.max_decodes, "images being decoded", "--max-decodes")
         self.decode_pixels = Slots(self.limits.max_decode_pixels, "pixels being decoded", "--max-decode-pixels")
+
+    def _queue_wait_bound_s(self) -> float | None:
+        """The batcher's bound on a query's wait (s): ``max_queue_wait_ms`` when given; with a latency target and
+        none given, no bound in time (the size controller steps the size down instead of shedding, and the
+        service-time model behind the bound counts queries, not pixels, so it would over-predict the wait right
+        after a step down); else None, the batcher's default."""
+        if self.limits.max_queue_wait_ms is not None:
+            return self.limits.max_queue_wait_ms / 1000.0
+        return math.inf if self.adaptive is not None else None
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
