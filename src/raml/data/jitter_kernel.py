@@ -281,7 +281,19 @@ def _jitter_steps(
 
 
 def warm_up() -> None:
-    """Compile (or load from the on-disk cache) the kernels for the array layouts views use; a few ms cached."""
+    """Compile (or load from numba's on-disk cache) the kernels for the inputs views give them.
+
+    Writable and read-only sources (torch's resize, PIL's), flipped or not, contrast first or later, and the
+    uint8 mix of :mod:`raml.data.mix_kernel`. Cached, this takes well under a second; a fresh install compiles
+    (seconds, docs/benchmarks.md).
+    """
+    from raml.data.mix_kernel import lerp_uint8_into
+
     pixels = np.zeros((2, 2, 3), dtype=np.uint8)
-    jitter_into(pixels, 1.1, 0.9, 1.1, 0.01, (1, 0, 2, 3))
-    jitter_into(pixels, 1.1, 0.9, 1.1, 0.01, (0, 1, 2, 3))
+    frozen = pixels.copy()
+    frozen.flags.writeable = False
+    for src in (pixels, frozen):
+        for flip in (False, True):
+            jitter_into(src, 1.1, 0.9, 1.1, 0.01, (1, 0, 2, 3), flip=flip)
+            jitter_into(src, 1.1, 0.9, 1.1, 0.01, (3, 2, 1, 0), flip=flip)
+    lerp_uint8_into(pixels, pixels, 0.5, np.empty(pixels.shape, dtype=np.float32))
