@@ -30,7 +30,9 @@ at that size), each view is rendered at each resolution on its own:
 2. flipped,
 3. jittered with torchvision's ``ColorJitter`` arithmetic on the 8-bit pixels at that size: the four
    operations in the drawn order, each rounding and clipping, hue through PIL's 8-bit HSV
-   (:mod:`raml.data.color_jitter`, bit for bit torchvision's result, faster).
+   (:mod:`raml.data.color_jitter`'s arithmetic, bit for bit torchvision's result, run as compiled numba
+   passes by :mod:`raml.data.jitter_kernel`, the flip folded into the first pass, written straight into
+   the batch array).
 
 With the ``"pil"`` backend the views are torchvision's pixels exactly (tested); with ``"torch"`` the resize
 rounds differently (within one grey level), which the jitter's 8-bit HSV round trip can turn into a few
