@@ -64,6 +64,19 @@ def test_random_draws_orders_and_shapes_equal_the_numpy_reference():
         assert np.array_equal(got, _reference(pixels, factors, order, flip)), (trial, factors, order, flip)
 
 
+@pytest.mark.parametrize(("height", "width"), [(32, 32), (1, 1023), (1, 1025), (41, 50), (3, 700)])
+def test_chunk_boundaries_in_place_steps_and_flips(height, width):
+    # The steps run over chunks of 1024 pixels, the later ones in place through a copy of each chunk, and a
+    # flipped view mirrors first: pixel counts at, below and across chunk ends, every order, both flips.
+    rng = np.random.default_rng(height * 10_000 + width)
+    pixels = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+    for k, order in enumerate(_ORDERS):
+        factors = (*rng.uniform(0.6, 1.4, 3), float(rng.uniform(-0.1, 0.1)))
+        flip = k % 2 == 1
+        expected = _reference(pixels, factors, order, flip)
+        np.testing.assert_array_equal(jitter_into(pixels, *factors, order, flip=flip), expected, err_msg=str(order))
+
+
 @pytest.mark.parametrize("order", _ORDERS)
 def test_every_order_on_edge_colours(order):
     # Every permutation (contrast first, last, between; brightness right after contrast: composed tables).
