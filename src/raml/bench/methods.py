@@ -8,7 +8,8 @@ from it without labels, with the same budget (epochs, every training image every
 the demo. The shared learning rate (3e-4) and ``ts_aug``'s lambdas (0.7, 0.7) are the demo's student settings
 (:class:`~raml.demo.DemoSettings`), not tuned per method; every other method runs with its loss's defaults
 (:mod:`raml.losses`). The relational methods (``aml``, ``rkd``, ``csd``, ``d3``, ``rop``) all leave the
-other views of a row's image out of its relations. Each student is tested on the held-out classes:
+other views of a row's image out of its relations. ``ugd`` is the one distiller that reads the training labels
+(its unambiguous regions, :mod:`raml.engine.methods.ugd`). Each student is tested on the held-out classes:
 asymmetric (student at QR against the teacher's DR database: mAP, R@1) and symmetric (student at QR on both
 sides: mAP). The first row is the undistilled baseline, the teacher's own QR queries against its DR database
 (trained once: no spread over seeds).
@@ -64,6 +65,7 @@ ROWS: dict[str, dict[str, Any]] = {
     "csd": {"mode": "csd"},
     "d3": {"mode": "d3"},
     "rop": {"mode": "rop"},
+    "ugd": {"mode": "ugd"},
 }
 METRICS = ("asym_mAP", "asym_R@1", "sym_mAP", "train_seconds")
 #: the demo settings that make the teacher (a cached teacher is reused while they are unchanged)

@@ -30,7 +30,9 @@ at that size), each view is rendered at each resolution on its own:
 2. flipped,
 3. jittered with torchvision's ``ColorJitter`` arithmetic on the 8-bit pixels at that size: the four
    operations in the drawn order, each rounding and clipping, hue through PIL's 8-bit HSV
-   (:mod:`raml.data.color_jitter`, bit for bit torchvision's result, faster).
+   (:mod:`raml.data.color_jitter`'s arithmetic, bit for bit torchvision's result, run as compiled numba
+   passes by :mod:`raml.data.jitter_kernel`, the flip folded into the first pass, written straight into
+   the batch array).
 
 With the ``"pil"`` backend the views are torchvision's pixels exactly (tested); with ``"torch"`` the resize
 rounds differently (within one grey level), which the jitter's 8-bit HSV round trip can turn into a few
@@ -64,6 +66,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,10 +77,18 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
-from raml.data.color_jitter import JITTER_OPS, jitter_pixels
+from raml.data.color_jitter import JITTER_OPS
 from raml.data.images import load_image
+from raml.data.jitter_kernel import jitter_into
+from raml.data.mix_kernel import lerp_uint8_into
 
 logger = logging.getLogger(__name__)
+
+# torch's CPU allocator backs large tensors (>= 2 MB) with transparent huge pages when THP_MEM_ALLOC_ENABLE is
+# set (read on the first large allocation): a fresh float32 batch of mixed views (77 MB at 224/448 px, 8x8
+# views) then costs ~40 page faults instead of ~19,000, and the mix runs ~5x faster (docs/benchmarks.md).
+# Set only where unset: an explicit setting (THP_MEM_ALLOC_ENABLE=0) wins.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __all__ = [
     "COLOR_JITTER",
@@ -344,11 +355,12 @@ def _render_reference(
         else:
             left, top, right, bottom = view.box
             resized = _resize_uint8(pixels[top:bottom, left:right], size).numpy()
-        if view.flip:
-            resized = resized[:, ::-1]
         if _has_jitter(view):
-            resized = jitter_pixels(resized, view.brightness, view.contrast, view.saturation, view.hue, view.order)
-        out[slot] = resized
+            # flip + torchvision's ColorJitter in compiled passes, written straight into the batch array
+            factors = (view.brightness, view.contrast, view.saturation, view.hue)
+            jitter_into(resized, *factors, view.order, flip=view.flip, out=out[slot])
+        else:
+            out[slot] = resized[:, ::-1] if view.flip else resized
     if student_size == teacher_size:
         student[slot] = teacher[slot]
 
@@ -762,10 +774,32 @@ def _lerp_per_view(view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.
             out = mixed[b, i]
             if view.is_floating_point():
                 torch.lerp(partner[b, i], view[b, i], weights[b][i], out=out)
+            elif out_dtype == torch.float32 and _same_dense_layout(view[b, i], partner[b, i], out):
+                # one compiled pass: both uint8 views read once, the float32 result written once (3x fewer
+                # passes than convert + convert + lerp; the same formula as torch.lerp)
+                dims = _memory_order(out)
+                lerp_uint8_into(
+                    partner[b, i].permute(dims).numpy(), view[b, i].permute(dims).numpy(), weights[b][i],
+                    out.permute(dims).numpy(),
+                )  # fmt: skip
             else:
                 out.copy_(partner[b, i])  # uint8 -> float straight into the output: no temporary
                 out.lerp_(view[b, i].to(out_dtype), weights[b][i])
     return mixed
+
+
+def _memory_order(tensor: Tensor) -> list[int]:
+    """Dimensions from the largest stride to the smallest: permuted so, a dense tensor is C-contiguous."""
+    return sorted(range(tensor.dim()), key=lambda d: -tensor.stride(d))
+
+
+def _same_dense_layout(*tensors: Tensor) -> bool:
+    """Whether the tensors have one shape and one stride order, each dense (C-contiguous once permuted)."""
+    first = tensors[0]
+    dims = _memory_order(first)
+    return all(
+        t.shape == first.shape and t.stride() == first.stride() and t.permute(dims).is_contiguous() for t in tensors
+    )
 
 
 def _lerp_batched(view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.dtype) -> Tensor:

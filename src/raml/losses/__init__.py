@@ -11,6 +11,8 @@
   ``(N, D)`` and teacher ``(N, D)`` embeddings of the same images, optional ``(N,)`` groups (the image of each
   view: its other views are left out of the relations) -> scalar (or a dict of terms with ``"total"``): the
   other asymmetric distillers (``--mode aml``, ``rkd``, ``csd``, ``d3``, ``rop``).
+- :func:`ugd_loss`: student/teacher ``(N, D)`` embeddings plus per-granularity region features ``(N, R, D)``
+  and masks ``(N, R)`` -> dict of terms (``--mode ugd``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from raml.losses.proxy import normalized_softmax_loss
 from raml.losses.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
 from raml.losses.rop import rop_loss
 from raml.losses.triplet import triplet_loss
+from raml.losses.ugd import ugd_loss
 
 __all__ = [
     "absolute_loss",
@@ -37,4 +40,5 @@ __all__ = [
     "rkd_loss",
     "rop_loss",
     "triplet_loss",
+    "ugd_loss",
 ]

@@ -80,6 +80,11 @@ METHODS: dict[str, MethodEntry] = {
         "neighbours matched to the teacher's, rank-weighted, on ts_aug's views (no labels)",
         f"{_PACKAGE}.rop:RankOrderPreservation",
     ),
+    "ugd": MethodEntry(
+        "unambiguous granularity distillation (Neural Networks 2025): global + region-level distances, the "
+        "regions kept where the teacher's class (nearest class prototype) is the label, on ts_aug's views (labels)",
+        f"{_PACKAGE}.ugd:UnambiguousGranularityDistillation",
+    ),
 }
 
 
