@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -745,16 +742,3 @@ def test_fused_views_flag_reaches_the_dataset(image_files, monkeypatch):
     with pytest.raises(Built) as built:
         method.epoch_batches(0, torch.Generator())
     assert built.value.args[0]["fused"] is True
-
-
-@pytest.mark.parametrize(("preset", "expected"), [(None, "1"), ("0", "0")])
-def test_importing_views_enables_torch_huge_pages_unless_set(preset, expected):
-    # torch reads THP_MEM_ALLOC_ENABLE on its first large CPU allocation: importing the views module sets it
-    # (the mix's fresh batch without page faults per 4 kB), an explicit setting is left alone.
-    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    if preset is not None:
-        env["THP_MEM_ALLOC_ENABLE"] = preset
-    code = "import os, raml.data.views; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
-    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.strip() == expected

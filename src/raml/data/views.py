@@ -66,7 +66,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,12 +82,6 @@ from raml.data.jitter_kernel import jitter_into
 from raml.data.mix_kernel import lerp_uint8_into
 
 logger = logging.getLogger(__name__)
-
-# torch's CPU allocator backs large tensors (>= 2 MB) with transparent huge pages when THP_MEM_ALLOC_ENABLE is
-# set (read on the first large allocation): a fresh float32 batch of mixed views (77 MB at 224/448 px, 8x8
-# views) then costs ~40 page faults instead of ~19,000, and the mix runs ~5x faster (docs/benchmarks.md).
-# Set only where unset: an explicit setting (THP_MEM_ALLOC_ENABLE=0) wins.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 __all__ = [
     "COLOR_JITTER",
