@@ -1,0 +1,84 @@
+"""Tests written for the survivors of mutation testing of raml.retrieval.metrics (scripts/mutate.py metrics).
+
+Each test asserts behaviour against a plain computation written here (a full sort per query in a loop), so
+that a one-line change of the module (a mutant) that keeps the shapes but changes a number fails it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from raml.retrieval import metrics as metrics_module
+from raml.retrieval.metrics import retrieval_metrics
+
+
+def _plain_metrics(
+    sims: np.ndarray, query_labels: list, database_labels: list, ks: tuple[int, ...], exclude_self: bool
+) -> dict[str, float]:
+    """mAP and R@k from a (Nq, Nd) similarity matrix: sort every row, negatives before positives on ties."""
+    aps, hits, empty = [], dict.fromkeys(ks, 0), 0
+    for i, row in enumerate(sims):
+        items = [
+            (-row[c], database_labels[c] == query_labels[i]) for c in range(len(row)) if not (exclude_self and c == i)
+        ]
+        items.sort()  # decreasing similarity; False (negative) sorts before True (positive) on a tie
+        positives = [r for r, (_, is_pos) in enumerate(items) if is_pos]
+        if not positives:
+            empty += 1
+            continue
+        ap = 0.0
+        for j, r in enumerate(positives):
+            ap += ((1.0 if r == 0 else j / r) + (j + 1) / (r + 1)) / 2 / len(positives)
+        aps.append(ap)
+        for k in ks:
+            hits[k] += positives[0] < k
+    out = {"mAP": 100 * sum(aps) / len(aps)}
+    out.update({f"R@{k}": 100 * hits[k] / len(aps) for k in ks})
+    out.update(num_queries=len(aps), num_no_positive=empty)
+    return out
+
+
+def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def _check(got: dict, expected: dict) -> None:
+    assert set(got) == set(expected)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+
+
+@pytest.mark.parametrize("exclude_self", [False, True])
+def test_string_labels_and_queries_without_positives_against_a_plain_sort(exclude_self: bool) -> None:
+    """Classes of 1 to 4 items (with exclude_self a singleton class has no positive), string labels."""
+    rng = np.random.default_rng(0)
+    labels = [f"c{c}" for c in [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 4, 5]]
+    x = _unit(rng, len(labels), 6)
+    q = _unit(rng, len(labels), 6)
+    expected = _plain_metrics(q @ x.T, labels, labels, (1, 2, 3, 5), exclude_self)
+    if exclude_self:
+        assert expected["num_no_positive"] == 2  # the singletons c3 and c5
+    for block_size in (1, 4, None):
+        got = retrieval_metrics(q, x, labels, labels, ks=(1, 2, 3, 5), exclude_self=exclude_self, block_size=block_size)
+        _check(got, expected)
+
+
+def test_symmetric_path_falls_back_to_blocks_when_the_whole_set_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The symmetric path keeps 12 bytes per query and positive; above the block budget the one-sided blocks
+    run instead, with the same result."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat(np.arange(5), 3)
+    x = _unit(rng, labels.size, 5)
+    expected = _plain_metrics(x @ x.T, labels.tolist(), labels.tolist(), (1, 4), True)
+    calls = []
+    original = metrics_module._symmetric_scores
+    monkeypatch.setattr(metrics_module, "_symmetric_scores", lambda *a: calls.append(1) or original(*a))
+    # 12 * 15 queries * 2 positives = 360 bytes: exactly the budget still takes the symmetric path
+    monkeypatch.setattr(metrics_module, "_BLOCK_BYTES", 360)
+    _check(retrieval_metrics(x, x, labels, labels, ks=(1, 4), exclude_self=True, block_size=4), expected)
+    assert calls == [1]
+    monkeypatch.setattr(metrics_module, "_BLOCK_BYTES", 359)
+    _check(retrieval_metrics(x, x, labels, labels, ks=(1, 4), exclude_self=True, block_size=4), expected)
+    assert calls == [1]
