@@ -82,3 +82,15 @@ def test_symmetric_path_falls_back_to_blocks_when_the_whole_set_does_not_fit(mon
     monkeypatch.setattr(metrics_module, "_BLOCK_BYTES", 359)
     _check(retrieval_metrics(x, x, labels, labels, ks=(1, 4), exclude_self=True, block_size=4), expected)
     assert calls == [1]
+
+
+def test_average_precision_errors_quote_the_first_ranks_only() -> None:
+    """A bad list is quoted by its head: the first 5 ranks of a non-integral one, the first 10 of a non-increasing
+    one (the whole list of a large query would flood the log)."""
+    ranks = np.array([0, 1.5, 2, 3, 4, 5, 6])
+    with pytest.raises(ValueError) as bad_type:
+        metrics_module.average_precision(ranks)
+    assert f"({ranks[:5]}...)" in str(bad_type.value)
+    with pytest.raises(ValueError) as bad_order:
+        metrics_module.average_precision([*range(12), 3])
+    assert str(bad_order.value).endswith(f"got {list(range(10))}.")
