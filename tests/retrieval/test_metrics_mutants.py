@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from raml.retrieval import metrics as metrics_module
 from raml.retrieval.metrics import retrieval_metrics
@@ -94,3 +95,21 @@ def test_average_precision_errors_quote_the_first_ranks_only() -> None:
     with pytest.raises(ValueError) as bad_order:
         metrics_module.average_precision([*range(12), 3])
     assert str(bad_order.value).endswith(f"got {list(range(10))}.")
+
+
+@pytest.mark.parametrize(("budget", "rows"), [(12 * 5 * 3, [3, 3, 1]), (12 * 5 * 3 - 1, [2, 2, 2, 1]), (1, [1] * 7)])
+def test_sorting_path_sorts_at_most_the_budgeted_rows_at_once(monkeypatch, budget: int, rows: list[int]) -> None:
+    """The sorting path holds ``rows x Nd`` values and int64 indices (12 bytes each) within _SORT_CHUNK_BYTES, at
+    least one row at a time; the counts are those of a plain loop, ties counted (``>=``)."""
+    rng = np.random.default_rng(2)
+    sims = torch.from_numpy(rng.integers(0, 4, size=(7, 5)).astype(np.float32))
+    thresholds = torch.from_numpy(rng.integers(0, 5, size=(7, 2)).astype(np.float32))
+    counts = torch.zeros(7, 2, dtype=torch.int64)
+    sorted_rows = []
+    original_sort = torch.sort
+    monkeypatch.setattr(torch, "sort", lambda x, *a, **k: sorted_rows.append(x.shape[0]) or original_sort(x, *a, **k))
+    monkeypatch.setattr(metrics_module, "_SORT_CHUNK_BYTES", budget)
+    metrics_module._count_by_sorting(sims, thresholds, counts)
+    assert sorted_rows == rows
+    plain = [[sum(float(s) >= float(t) for s in sims[i]) for t in thresholds[i]] for i in range(7)]
+    assert counts.tolist() == plain
