@@ -113,3 +113,21 @@ def test_sorting_path_sorts_at_most_the_budgeted_rows_at_once(monkeypatch, budge
     assert sorted_rows == rows
     plain = [[sum(float(s) >= float(t) for s in sims[i]) for t in thresholds[i]] for i in range(7)]
     assert counts.tolist() == plain
+
+
+def test_transposed_column_count_adds_to_the_counts_it_is_given() -> None:
+    """A job sweeps its rows in chunks and adds each chunk's column counts to one partial sum: the count adds."""
+    rng = np.random.default_rng(3)
+    sims = rng.integers(0, 5, size=(6, 4)).astype(np.float32)
+    thresholds_t = np.array([[1, 2, 3, 4], [np.inf, 3, 2, 4]], dtype=np.float32)  # (P, columns)
+    starts = np.array([0, 1])  # column 0 has one positive, the others two
+    counts = rng.integers(0, 9, size=(4, 2)).astype(np.int64)
+    expected = counts.copy()
+    for c in range(4):
+        for j in range(2):
+            if c >= starts[j]:
+                expected[c, j] += sum(sims[r, c] >= thresholds_t[j, c] for r in range(6))
+    mask = np.zeros((6, metrics_module._LANE_COLS), dtype=bool)
+    metrics_module._count_columns_numpy(sims[:3], thresholds_t, starts, counts, mask)
+    metrics_module._count_columns_numpy(sims[3:], thresholds_t, starts, counts, mask)
+    assert counts.tolist() == expected.tolist()
