@@ -131,3 +131,21 @@ def test_transposed_column_count_adds_to_the_counts_it_is_given() -> None:
     metrics_module._count_columns_numpy(sims[:3], thresholds_t, starts, counts, mask)
     metrics_module._count_columns_numpy(sims[3:], thresholds_t, starts, counts, mask)
     assert counts.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(("budget", "blocks"), [(4 * 6 * 3, [3, 3, 2]), (4 * 6 * 3 - 1, [2, 2, 2, 2]), (1, [1] * 8)])
+def test_default_blocks_hold_the_budgeted_float32_similarities(monkeypatch, budget: int, blocks: list[int]) -> None:
+    """Without ``block_size`` a block holds as many queries as keep its (B, Nd) float32 similarities within
+    _BLOCK_BYTES, at least one; the result is the plain one whatever the blocks."""
+    rng = np.random.default_rng(4)
+    labels = [0, 0, 1, 1, 2, 2, 0, 1]
+    q, x = _unit(rng, 8, 4), _unit(rng, 6, 4)
+    sizes = []
+    original = metrics_module._score_block
+    monkeypatch.setattr(
+        metrics_module, "_score_block", lambda q_, x_, idx, *a: sizes.append(idx.size) or original(q_, x_, idx, *a)
+    )
+    monkeypatch.setattr(metrics_module, "_BLOCK_BYTES", budget)
+    got = retrieval_metrics(q, x, labels, labels[:6], ks=(1, 2))
+    assert sizes == blocks
+    _check(got, _plain_metrics(q @ x.T, labels, labels[:6], (1, 2), False))
