@@ -149,3 +149,12 @@ def test_default_blocks_hold_the_budgeted_float32_similarities(monkeypatch, budg
     got = retrieval_metrics(q, x, labels, labels[:6], ks=(1, 2))
     assert sizes == blocks
     _check(got, _plain_metrics(q @ x.T, labels, labels[:6], (1, 2), False))
+
+
+def test_the_debug_log_states_the_problem_size_and_the_blocks(caplog, monkeypatch) -> None:
+    rng = np.random.default_rng(5)
+    q, x = _unit(rng, 5, 3), _unit(rng, 6, 3)
+    monkeypatch.setattr(metrics_module, "_BLOCK_BYTES", 4 * 6 * 2)
+    with caplog.at_level("DEBUG", logger="raml.retrieval.metrics"):
+        retrieval_metrics(q, x, [0, 1, 2, 0, 9], [0, 1, 2, 0, 1, 2], ks=(1,))
+    assert caplog.messages == ["retrieval_metrics: 5 queries (1 without positives) x 6 database items, 2 blocks of 2"]
