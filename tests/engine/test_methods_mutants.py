@@ -27,8 +27,9 @@ def test_help_lists_every_mode_with_its_summary_wrapped_at_the_width() -> None:
     # every line after the first is an entry's first line ("  name    summary...") or its continuation,
     # indented by 10 columns; without the white space, the entries follow one another in registry order
     assert all(line.startswith("  ") and (line[2] != " " or line.startswith(" " * 10)) for line in lines[1:])
-    firsts = [line.split()[0] for line in lines[1:] if line[2] != " "]
-    assert firsts == list(METHODS)
+    firsts = [line for line in lines[1:] if line[2] != " "]
+    assert [line.split()[0] for line in firsts] == list(METHODS)
+    assert all(line[:10] == f"  {name:<8}" and line[10] != " " for line, name in zip(firsts, METHODS))  # column 10
     squeezed = "".join(text.split())
     assert squeezed == "trainingmethods(--modeNAME):" + "".join(
         name + "".join(entry.summary.split()) for name, entry in METHODS.items()
