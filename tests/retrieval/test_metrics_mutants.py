@@ -158,3 +158,15 @@ def test_the_debug_log_states_the_problem_size_and_the_blocks(caplog, monkeypatc
     with caplog.at_level("DEBUG", logger="raml.retrieval.metrics"):
         retrieval_metrics(q, x, [0, 1, 2, 0, 9], [0, 1, 2, 0, 1, 2], ks=(1,))
     assert caplog.messages == ["retrieval_metrics: 5 queries (1 without positives) x 6 database items, 2 blocks of 2"]
+
+
+def test_the_one_sided_path_shows_its_bar_only_when_asked(capsys) -> None:
+    """The symmetric path's bar is tested in test_metrics.py; this is the blocked (one-sided) path's."""
+    rng = np.random.default_rng(6)
+    q, x = _unit(rng, 6, 3), _unit(rng, 7, 3)
+    labels = [0, 1, 2, 0, 1, 2]
+    retrieval_metrics(q, x, labels, [*labels, 0], block_size=2)
+    assert capsys.readouterr().err == ""
+    retrieval_metrics(q, x, labels, [*labels, 0], block_size=2, progress=True)
+    err = capsys.readouterr().err
+    assert "retrieval metrics" in err and "3/3" in err and "block" in err
