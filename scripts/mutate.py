@@ -11,6 +11,7 @@ test files. mutmut keeps its results there, so a second run only re-tests what c
     python scripts/mutate.py                       # every target (long: tens of minutes on 2 cores)
     python scripts/mutate.py metrics losses        # some targets
     python scripts/mutate.py metrics --survivors   # also print each survivor's diff
+    python scripts/mutate.py metrics --retest-survivors  # after writing tests: re-test the last survivors only
     python scripts/mutate.py --list                # the targets, their modules and test files
     make mutate                                    # = python scripts/mutate.py
 
@@ -47,9 +48,14 @@ class Target:
 
 TARGETS: dict[str, Target] = {
     "losses": Target(("src/raml/losses/*",), ("tests/losses/",)),
-    "metrics": Target(("src/raml/retrieval/metrics.py",), ("tests/retrieval/test_metrics.py",)),
-    "methods": Target(("src/raml/engine/methods/*",), ("tests/engine/test_methods.py",)),
-    "views": Target(("src/raml/data/views.py",), ("tests/data/test_views.py",)),
+    "metrics": Target(
+        ("src/raml/retrieval/metrics.py",),
+        ("tests/retrieval/test_metrics.py", "tests/retrieval/test_metrics_mutants.py"),
+    ),
+    "methods": Target(
+        ("src/raml/engine/methods/*",), ("tests/engine/test_methods.py", "tests/engine/test_methods_mutants.py")
+    ),
+    "views": Target(("src/raml/data/views.py",), ("tests/data/test_views.py", "tests/data/test_views_mutants.py")),
 }
 
 _MUTMUT_SECTION = re.compile(r"^\[tool\.mutmut\]\n(?:(?!^\[).*\n?)*", re.MULTILINE)
@@ -59,12 +65,21 @@ def _toml_list(items: tuple[str, ...] | list[str]) -> str:
     return "[" + ", ".join(json.dumps(i) for i in items) + "]"
 
 
-def target_pyproject(pyproject: str, target: Target) -> str:
+def target_pyproject(
+    pyproject: str, target: Target, timeout_constant: float = 10.0, timeout_multiplier: float = 15.0
+) -> str:
     """``pyproject`` with its ``[tool.mutmut]`` section replaced by one for ``target`` alone.
+
+    mutmut stops a mutant's test run after ``(t + timeout_constant) * timeout_multiplier`` seconds of wall
+    time, ``t`` being the duration of the tests that cover it measured in the clean run; a mutant stopped
+    there counts as a timeout. On a loaded machine a plain slow run would pass for one, so the constant is
+    generous (mutmut's default is 1 s).
 
     Args:
         pyproject: the checkout's pyproject.toml text (must hold a ``[tool.mutmut]`` section).
         target: the modules to mutate and their test files.
+        timeout_constant: seconds added to every mutant's measured test time before the multiplier.
+        timeout_multiplier: factor over the measured test time.
 
     Returns:
         The text for the work folder's pyproject.toml.
@@ -76,12 +91,14 @@ def target_pyproject(pyproject: str, target: Target) -> str:
         'source_paths = ["src/"]\n'
         f"only_mutate = {_toml_list(target.modules)}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(target.tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n\n'
+        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        f"timeout_constant = {float(timeout_constant)}\n"
+        f"timeout_multiplier = {float(timeout_multiplier)}\n\n"
     )
     return _MUTMUT_SECTION.sub(lambda _: section, pyproject, count=1)
 
 
-def prepare(name: str, target: Target) -> Path:
+def prepare(name: str, target: Target, timeout_constant: float = 10.0, timeout_multiplier: float = 15.0) -> Path:
     """Create or refresh ``mutants-work/<name>/`` from the checkout; returns the folder."""
     work = WORK / name
     work.mkdir(parents=True, exist_ok=True)
@@ -89,7 +106,8 @@ def prepare(name: str, target: Target) -> Path:
         if (work / folder).exists():
             shutil.rmtree(work / folder)
         shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (work / "pyproject.toml").write_text(target_pyproject((ROOT / "pyproject.toml").read_text(), target))
+    pyproject = target_pyproject((ROOT / "pyproject.toml").read_text(), target, timeout_constant, timeout_multiplier)
+    (work / "pyproject.toml").write_text(pyproject)
     return work
 
 
@@ -132,6 +150,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--survivors", action="store_true", help="print each surviving mutant's diff")
     parser.add_argument("--list", action="store_true", help="print the targets and exit")
     parser.add_argument("--max-children", type=int, default=2, help="mutants tested at once (default 2)")
+    parser.add_argument(
+        "--timeout-constant",
+        type=float,
+        default=10.0,
+        help="seconds added to a mutant's measured test time before --timeout-multiplier (default 10; mutmut's 1 "
+        "turns slow runs on a loaded machine into timeouts)",
+    )
+    parser.add_argument("--timeout-multiplier", type=float, default=15.0, help="mutmut's timeout factor (default 15)")
+    parser.add_argument(
+        "--retest-survivors",
+        action="store_true",
+        help="re-test only the survivors of the previous run in the work folder (after writing tests for them); "
+        "the other verdicts are kept, so the score stays that of every mutant",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, t in TARGETS.items():
@@ -142,9 +174,13 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown target(s) {', '.join(unknown)}; expected some of {', '.join(TARGETS)}")
     failed = False
     for name in args.targets or list(TARGETS):
-        work = prepare(name, TARGETS[name])
+        previous = survivors(WORK / name) if args.retest_survivors and (WORK / name / "mutants").is_dir() else []
+        if args.retest_survivors and not previous:
+            print(f"{name}: no survivors of a previous run in {WORK / name}; nothing to re-test")
+            continue
+        work = prepare(name, TARGETS[name], args.timeout_constant, args.timeout_multiplier)
         start = time.monotonic()
-        run = mutmut(work, "run", "--max-children", str(args.max_children))
+        run = mutmut(work, "run", "--max-children", str(args.max_children), *previous)
         minutes = (time.monotonic() - start) / 60
         if run.returncode != 0:
             print(f"{name}: mutmut run exited with {run.returncode}; see the output above", file=sys.stderr)
@@ -152,12 +188,14 @@ def main(argv: list[str] | None = None) -> int:
             continue
         stats = score(work)
         alive = survivors(work)
-        stats.update(target=name, minutes=round(minutes, 1), survivors=alive)
+        stats.update(target=name, minutes=round(minutes, 1), survivors=alive, retested=len(previous))
         (work / "score.json").write_text(json.dumps(stats, indent=2) + "\n")
         caught = stats["killed"] + stats["timeout"] + stats["segfault"]
         print(
-            f"{name}: {caught} of {stats['total'] - stats['skipped']} mutants killed ({stats['score']}%), "
-            f"{stats['survived']} survived, {stats['no_tests']} untested, in {minutes:.1f} min"
+            f"{name}: {caught} of {stats['total'] - stats['skipped']} mutants killed ({stats['score']}%; "
+            f"{stats['timeout']} of them by a timeout, {stats['segfault']} by a crash), {stats['survived']} survived, "
+            f"{stats['no_tests']} untested, in {minutes:.1f} min"
+            + (f" (re-tested the {len(previous)} previous survivors)" if previous else "")
         )
         for mutant in alive:
             print(f"  survived: {mutant}")

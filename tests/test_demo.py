@@ -156,9 +156,10 @@ def test_reduced_demo_distils_the_student_towards_the_teacher_database(reduced_d
     embeddings do (what the distillation optimises). A student copied from the teacher failed here.
 
     The reduced run cannot pin the paper's ordering (method row >> undistilled row): its teacher takes one
-    optimiser step, so its 32 px and 64 px embeddings already agree (cosine ~0.99) and the two rows' mAP on its
-    24 held-out images are within a few points either way (docs/demo.md, "What holds on every machine"); the
-    ordering with a margin is checked on the full demo, with ``-m slow``.
+    optimiser step, so its 32 px and 64 px embeddings already agree (cosine ~0.99), and on a few dozen held-out
+    images the difference of the two rows depends on the seed, also for reduced runs with a resnet18 teacher
+    that learns (every configuration measured on seeds 0-2 had a seed at or below +1 mAP: docs/demo.md, "What
+    holds on every machine"); the ordering with a margin is checked on the full demo, with ``-m slow``.
     """
     out, _ = reduced_demo
     rows = {row["setting"]: row for row in json.loads((out / "results.json").read_text())["rows"]}

@@ -93,7 +93,8 @@ def test_mutation_targets_cover_the_core_modules_and_the_docs_name_them():
         assert all((REPO / test).exists() for test in target.tests)
     rewritten = tomllib.loads(script.target_pyproject(pyproject_text, targets["metrics"]))
     assert rewritten["tool"]["mutmut"]["only_mutate"] == ["src/raml/retrieval/metrics.py"]
-    assert rewritten["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == ["tests/retrieval/test_metrics.py"]
+    assert rewritten["tool"]["mutmut"]["pytest_add_cli_args_test_selection"] == list(targets["metrics"].tests)
+    assert rewritten["tool"]["mutmut"]["timeout_constant"] == 10.0  # generous: load must not pass for a timeout
     assert rewritten["tool"]["pytest"] == tomllib.loads(pyproject_text)["tool"]["pytest"]  # the rest is kept
     with pytest.raises(ValueError, match=r"no \[tool.mutmut\] section"):
         script.target_pyproject("[project]\nname = 'x'\n", targets["metrics"])
