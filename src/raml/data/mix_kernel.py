@@ -34,7 +34,8 @@ def _lerp_flat(start: np.ndarray, end: np.ndarray, out: np.ndarray, weight: np.f
 
 
 def lerp_uint8_into(start: np.ndarray, end: np.ndarray, weight: float, out: np.ndarray) -> np.ndarray:
-    """``out = torch.lerp(start.float(), end.float(), weight)`` (to the last bit) for uint8 inputs, in one pass.
+    """``out = torch.lerp(start.float(), end.float(), weight)`` for uint8 inputs, in one pass (torch's formula,
+    each step rounded to float32; torch's fused multiply-add may differ in the last bit).
 
     Args:
         start: C-contiguous uint8 array (the partner view: the result at ``weight = 0``).
