@@ -43,6 +43,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from raml.models.forward_wrapper import NetworkWrapper
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["AUTO_WARMUP_PIXELS", "OrtForward", "OrtParityError", "onnxruntime_available"]
@@ -87,7 +89,7 @@ def _size_text(key: tuple[int, int, int]) -> str:
     return f"{key[1]}x{key[2]}"
 
 
-class OrtForward(nn.Module):
+class OrtForward(NetworkWrapper):
     """``network``'s forward pass run by onnxruntime in fp32 on the CPU (see the module docstring).
 
     Args:
@@ -120,7 +122,7 @@ class OrtForward(nn.Module):
         strict: bool = False,
         warmup_pixels: int = 0,
     ) -> None:
-        super().__init__()
+        super().__init__(network)
         if not onnxruntime_available():
             raise ImportError("The onnxruntime CPU runtime needs onnxruntime: `pip install onnxruntime`.")
         if not tolerance >= 0:
@@ -129,7 +131,6 @@ class OrtForward(nn.Module):
             raise ValueError(f"check_images must be at least 1, got {check_images}")
         if warmup_pixels < 0:
             raise ValueError(f"warmup_pixels must be >= 0, got {warmup_pixels}")
-        self.network = network
         self.threads = threads
         self.tolerance = float(tolerance)
         self.check_images = int(check_images)
@@ -138,17 +139,8 @@ class OrtForward(nn.Module):
         self.export_seconds = 0.0
         self._warmup: dict[tuple[int, int, int], int] = {}  # pixels run by the network so far, per size
         self._threshold: dict[tuple[int, int, int], int] = {}  # per size, when a job's size raised the warm-up
-        self.train(network.training)  # the wrapper's mode is the network's: callers save and restore it
         self.checks: dict[tuple[int, int, int], float | None] = {}
         self._sessions: dict[tuple[int, int, int], Any] = {}  # None = this size runs the network itself
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "network":
-                raise
-            return getattr(self.network, name)
 
     def __deepcopy__(self, memo: dict) -> OrtForward:
         raise TypeError(

@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform
 from raml.distributed import DistContext, all_gather_rows, shard_bounds
+from raml.models.forward_wrapper import NetworkWrapper
 from raml.models.onnx_forward import AUTO_WARMUP_PIXELS, OrtForward, onnxruntime_available
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ def check_precision(precision: str, device: torch.device) -> None:
             logger.warning("bf16 requested: %s. Running it anyway; expect no speed-up.", reason)
 
 
-class Bf16Forward(nn.Module):
+class Bf16Forward(NetworkWrapper):
     """``network``'s forward under bfloat16 autocast, its output L2-normalised again in float32.
 
     Attributes the callers read from a network (``meta``, ``pool``, ``source_path``, ...) are forwarded to the
@@ -236,18 +237,8 @@ class Bf16Forward(nn.Module):
     """
 
     def __init__(self, network: nn.Module, device_type: str) -> None:
-        super().__init__()
-        self.network = network
+        super().__init__(network)
         self.device_type = device_type
-        self.train(network.training)  # the wrapper's mode is the network's: callers save and restore it
-
-    def __getattr__(self, name: str) -> object:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "network":
-                raise
-            return getattr(self.network, name)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device_type, dtype=torch.bfloat16):
