@@ -44,3 +44,34 @@ def synth_and_networks() -> Callable[[Path, str, dict[str, tuple[int, int]]], tu
     the synthetic dataset (synth-test: 4 classes x 5 images, 40 px) under ``base/data`` and one randomly
     initialised checkpoint ``base/<name>.pth`` per network."""
     return _synth_and_networks
+
+
+def _indexed_synth_world(base: Path, database_size: int) -> dict:
+    """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student (resnet18, seeds 0 and 1)
+    and the teacher's index of synth-test at ``database_size`` px under ``base``: the world of the service tests.
+    Returns ``{"base", "nets", "paths", "teacher", "index"}``."""
+    from raml.data import get_split
+    from raml.deploy import index_images
+    from raml.models import checkpoint_sha256, load_network
+
+    root, nets = _synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
+    split = get_split("synth-test", root)
+    paths = [str(p) for p in split.abspaths()]
+    teacher = load_network(nets["teacher"])
+    index_dir = base / "index"
+    index_images(
+        teacher,
+        paths,
+        database_size,
+        index_dir,
+        checkpoint_sha256(nets["teacher"]),
+        labels=list(split.labels),
+        dataset=split.name,
+    )
+    return {"base": base, "nets": nets, "paths": paths, "teacher": teacher, "index": index_dir}
+
+
+@pytest.fixture(scope="session")
+def indexed_synth_world() -> Callable[[Path, int], dict]:
+    """``make(base, database size) -> world``: see :func:`_indexed_synth_world`."""
+    return _indexed_synth_world

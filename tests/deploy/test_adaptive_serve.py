@@ -25,14 +25,13 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("faiss")
 
 from raml.cli import main as cli_main  # noqa: E402
-from raml.data import get_split  # noqa: E402
-from raml.deploy import index_images, load_index  # noqa: E402
+from raml.deploy import load_index  # noqa: E402
 from raml.deploy.service import MicroBatcher, SearchService, ServiceLimits, TorchQueryEmbedder  # noqa: E402
 from raml.deploy.service.adaptive_size import AdaptiveQuerySize  # noqa: E402
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
 from raml.deploy.service.size_controller import ControllerSettings  # noqa: E402
-from raml.models import checkpoint_sha256, load_network  # noqa: E402
+from raml.models import load_network  # noqa: E402
 from raml.retrieval.extract import extract_embeddings  # noqa: E402
 
 SIZES = [24, 32, 48]
@@ -43,18 +42,9 @@ EMBED_S = 0.03
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, synth_and_networks) -> dict:
+def world(tmp_path_factory, indexed_synth_world) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student, an index of synth-test."""
-    base = tmp_path_factory.mktemp("adaptive")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
-    split = get_split("synth-test", root)
-    paths = [str(p) for p in split.abspaths()]
-    teacher = load_network(nets["teacher"])
-    index_dir = base / "index"
-    index_images(
-        teacher, paths, DR, index_dir, checkpoint_sha256(nets["teacher"]), labels=list(split.labels), dataset=split.name
-    )
-    return {"base": base, "nets": nets, "paths": paths, "index": index_dir}
+    return indexed_synth_world(tmp_path_factory.mktemp("adaptive"), DR)
 
 
 def multi_size_student(world: dict, sizes: list[int] | None = SIZES) -> TorchQueryEmbedder:

@@ -29,7 +29,6 @@ pytest.importorskip("faiss")
 
 from raml.cli import main as cli_main  # noqa: E402
 from raml.cli import serve as serve_cli  # noqa: E402
-from raml.data import get_split  # noqa: E402
 from raml.deploy import index_images, load_index  # noqa: E402
 from raml.deploy.search import check_query_dim  # noqa: E402
 from raml.deploy.service import (  # noqa: E402
@@ -53,18 +52,9 @@ WAIT_S = 20.0  # bound of every wait loop
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, synth_and_networks) -> dict:
+def world(tmp_path_factory, indexed_synth_world) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student, an index of synth-test."""
-    base = tmp_path_factory.mktemp("serve")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
-    split = get_split("synth-test", root)
-    paths = [str(p) for p in split.abspaths()]
-    teacher = load_network(nets["teacher"])
-    index_dir = base / "index"
-    index_images(
-        teacher, paths, DR, index_dir, checkpoint_sha256(nets["teacher"]), labels=list(split.labels), dataset=split.name
-    )
-    return {"base": base, "nets": nets, "paths": paths, "teacher": teacher, "index": index_dir}
+    return indexed_synth_world(tmp_path_factory.mktemp("serve"), DR)
 
 
 def student_embedder(world: dict, image_sizes: list[int] | None = None) -> TorchQueryEmbedder:
