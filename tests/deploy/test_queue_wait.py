@@ -209,6 +209,33 @@ def test_without_measurements_or_with_an_infinite_bound_only_the_queue_size_limi
         MicroBatcher(embed, OneRowIndex, max_queue_wait_s=0.0)
 
 
+def test_the_default_bound_is_the_window_plus_one_full_batch_so_a_query_joining_the_next_batch_is_admitted():
+    """At moderate load a full batch may have just started when a query arrives: it waits for that batch and the
+    window, and joins the next batch. The default bound admits it (a bound of one batch time alone refused it)."""
+    embed = HeldEmbed()
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.02, queue_size=100)
+    for _ in range(3):
+        batcher.cost.observe(1, 0.1)
+        batcher.cost.observe(2, 0.2)
+    assert batcher.queue_wait_bound_s == pytest.approx(0.22)  # window 0.02 + full batch 0.2
+    image = torch.zeros(3, 4, 4)
+    batcher.start()
+    try:
+        held = [batcher.submit(image, 4, 1), batcher.submit(image, 4, 1)]
+        assert embed.entered.wait(WAIT_S)  # the worker holds a full batch of 2, just started (~0.2 s to go)
+        joining = batcher.submit(image, 4, 1)  # predicted ~0.2 + 0.02: within the bound
+        assert batcher.shed_predicted == 0
+        behind = batcher.submit(image, 4, 1)  # fills the next batch: no window, ~0.2 s
+        with pytest.raises(QueueWaitError):  # a whole batch ahead of it: ~0.4 s, over the bound
+            batcher.submit(image, 4, 1)
+        embed.release.set()
+        for future in (*held, joining, behind):
+            assert future.result(timeout=WAIT_S).queue_s <= future.result().wait_bound_s
+    finally:
+        embed.release.set()
+        batcher.stop()
+
+
 # ------------------------------------------------------------------------------------------- end to end
 
 
@@ -287,7 +314,8 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     assert len(bounded) >= len(ok) and all(r.queue_s <= r.wait_bound_s for r in bounded)
     full_batch_s = service.batcher.cost.predict(limits.max_batch)
     assert full_batch_s >= BATCH_SLEEP_S
-    assert service.batcher.queue_wait_bound_s == max(full_batch_s, MIN_AUTO_QUEUE_WAIT_S)
+    window_s = limits.max_wait_ms / 1000
+    assert service.batcher.queue_wait_bound_s == max(window_s + full_batch_s, MIN_AUTO_QUEUE_WAIT_S)
     # the server's own reported queue wait of every 200 is within the largest bound it applied
     largest_ms = 1000 * max(r.wait_bound_s for r in bounded)
     assert max(r.json()["timings_ms"]["queue"] for r in ok) <= largest_ms + 0.001

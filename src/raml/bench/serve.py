@@ -6,7 +6,7 @@ separate process) with a student of the same shape at QR = 32, once with micro-b
 default 32) and once with ``--max-batch 1``, both with ``--queue-size`` (default 64). The load comes from
 :mod:`raml.bench.loadgen` (client processes, one blocking keep-alive connection per client thread):
 
-- **closed loop**: ``concurrency`` clients (default 1, 8 and 32) each send one query after the other; the best
+- **closed loop**: ``concurrency`` clients (default 1, 8, 32 and 64) each send one query after the other; the best
   batched throughput is the *saturation rate*;
 - **open loop**: Poisson arrivals at ``rates`` x the saturation rate (default 0.25 to 2), the same absolute
   rates for both modes, latency measured from each request's intended send time (no coordinated omission).
@@ -54,7 +54,7 @@ _START_TIMEOUT_S = 180.0
 class ServeBenchSettings:
     """What one ``raml bench serve`` run does (see the module docstring)."""
 
-    concurrency: tuple[int, ...] = (1, 8, 32)
+    concurrency: tuple[int, ...] = (1, 8, 32, 64)
     duration_s: float = 10.0
     warmup_s: float = 2.0
     max_batch: int = 32
@@ -470,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser.add_argument("--work-dir", type=Path, default=Path("bench-serve"), help="data, index, server logs")
     parser.add_argument(
-        "--concurrency", type=concurrency_list, default=defaults.concurrency, help="clients (default 1,8,32)"
+        "--concurrency", type=concurrency_list, default=defaults.concurrency, help="clients (default 1,8,32,64)"
     )
     parser.add_argument("--duration", type=float, default=defaults.duration_s, help="seconds measured per row (10)")
     parser.add_argument("--warmup", type=float, default=defaults.warmup_s, help="seconds of warm-up per row (2)")

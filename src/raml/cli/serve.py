@@ -111,9 +111,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=positive_float,
         default=defaults.max_queue_wait_ms,
         metavar="MS",
-        help="longest predicted (and actual) wait of a query for its batch to start; beyond it 503 with Retry-After "
-        "(default: one full batch's measured service time, at least 50 ms; with --latency-target-ms, no bound in "
-        "time: the query size steps down instead)",
+        help="longest predicted (and actual) wait of a query for its batch to start (after its decoding); beyond it "
+        "503 with Retry-After (default: --max-wait-ms plus one full batch's "
+        "measured service time, at least 50 ms; with --latency-target-ms, no bound in time: the query size steps "
+        "down instead)",
     )
     group.add_argument(
         "--max-bytes",

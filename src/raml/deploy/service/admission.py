@@ -12,8 +12,8 @@ wait, since a batch's service time depends on the machine, the query size and th
 fits the service time of a batch of ``n`` queries, ``t(n) = a + b n``, by exponentially weighted least squares
 over the batches served (the newest weighs most); :func:`predicted_wait_s` turns the queue's state into the
 seconds a query submitted now waits for its batch to start; :func:`should_shed` compares that with the bound
-(``--max-queue-wait-ms``, by default one full batch's smoothed service time), and the batcher refuses the query
-with :class:`QueueWaitError` (503 + ``Retry-After``) when it is over.
+(``--max-queue-wait-ms``, by default the batching window plus one full batch's smoothed service time), and the
+batcher refuses the query with :class:`QueueWaitError` (503 + ``Retry-After``) when it is over.
 """
 
 from __future__ import annotations

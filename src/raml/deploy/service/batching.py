@@ -6,10 +6,17 @@ sheds the load with 503): :class:`QueueFullError` when ``queue_size`` queries al
 :class:`~raml.deploy.service.admission.QueueWaitError` when the query's *predicted wait* for its batch to start
 (:func:`~raml.deploy.service.admission.predicted_wait_s`: the rest of the batch in progress and the full batches
 queued ahead of it, from the smoothed service time of the batches served so far) exceeds the bound
-``max_queue_wait_s`` (default: one full batch's smoothed service time, at least ``MIN_AUTO_QUEUE_WAIT_S``). A
-query that, against the prediction, has waited longer than the bound when its batch starts gets the same error
-instead of a late answer, so no query that is answered waited longer than the bound in force when its batch
-started (:attr:`QueryResult.wait_bound_s`).
+``max_queue_wait_s`` (default: the batching window plus one full batch's smoothed service time, at least
+``MIN_AUTO_QUEUE_WAIT_S``: a query is admitted unless a whole batch's worth of queries already waits ahead of it,
+so it is answered within the window plus two batch service times). A query that, against the prediction, has
+waited longer than the bound when its batch starts gets the same error instead of a late answer, so no query that
+is answered waited longer than the bound in force when its batch started (:attr:`QueryResult.wait_bound_s`).
+
+The bound counts from the query's submission, after its image was decoded, not from the end of its upload: counting
+the decoding too was tried (issue 20) and, under closed-loop clients that resend at once after a 503, made the
+service livelock: the front end, busy answering 503s, delayed every decode past the bound, so every decoded query
+was refused (0 answers/s at 64 clients on the 2-core machine at load ~10, against 213 without it at the same
+load). A query is refused before its decoding or not at all, unless the worker falls behind the prediction.
 One
 worker thread takes the first waiting query, then keeps taking queries until it holds ``max_batch`` of them or
 ``max_wait_s`` have passed since it took the first, or no query is waiting and ``arriving()`` says none is on its
@@ -117,9 +124,9 @@ class MicroBatcher:
         arriving: Returns how many queries are on their way (received, not yet submitted); None = always wait
             the full ``max_wait_s``.
         max_queue_wait_s: Longest predicted (and actual) wait of a query for its batch to start; beyond it the
-            query is refused with :class:`QueueWaitError`. None: one full batch's smoothed service time, at least
-            ``MIN_AUTO_QUEUE_WAIT_S`` (an answered query then takes about two batch service times at most);
-            ``math.inf``: no bound in time (only ``queue_size``).
+            query is refused with :class:`QueueWaitError`. None: ``max_wait_s`` plus one full batch's smoothed
+            service time, at least ``MIN_AUTO_QUEUE_WAIT_S`` (an answered query then takes about the window plus
+            two batch service times at most); ``math.inf``: no bound in time (only ``queue_size``).
         sizer: Chooses the size of unpinned queries per batch; None: every query is submitted with its size.
     """
 
@@ -161,12 +168,18 @@ class MicroBatcher:
 
     @property
     def queue_wait_bound_s(self) -> float | None:
-        """The bound on a query's wait for its batch to start: ``max_queue_wait_s``, else one full batch's smoothed
-        service time, at least ``MIN_AUTO_QUEUE_WAIT_S`` (None while no batch has been served, or without a bound)."""
+        """The bound on a query's wait for its batch to start: ``max_queue_wait_s``,
+        else the batching window plus one full batch's smoothed service time, at least ``MIN_AUTO_QUEUE_WAIT_S``
+        (None while no batch has been served, or without a bound).
+
+        Why that default: a query that finds fewer than ``max_batch`` queries ahead of it joins the next batch, so
+        it waits at most for the batch in progress and the window; only a whole batch's worth ahead of it makes
+        the wait longer. Refusing earlier (e.g. at one batch time, without the window) sheds queries at moderate
+        load whenever a full batch has just started."""
         if self.max_queue_wait_s is not None:
             return None if math.isinf(self.max_queue_wait_s) else self.max_queue_wait_s
         full = self.cost.predict(self.max_batch)
-        return None if full is None else max(full, MIN_AUTO_QUEUE_WAIT_S)
+        return None if full is None else max(self.max_wait_s + full, MIN_AUTO_QUEUE_WAIT_S)
 
     def _busy_remaining(self) -> float:
         busy = self._busy
@@ -203,8 +216,8 @@ class MicroBatcher:
                 self.shed_predicted += 1
             raise QueueWaitError(
                 f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
-                f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default one "
-                "batch service time); try again shortly."
+                f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default the "
+                "batching window plus one batch service time); try again shortly."
             )
 
     def submit(self, image: torch.Tensor | Mapping[int, torch.Tensor], size: int | None, k: int) -> Future:

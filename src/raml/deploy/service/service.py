@@ -50,7 +50,8 @@ class ServiceLimits:
         max_wait_ms: Longest wait for more queries once a batch has its first one.
         queue_size: Most queries waiting for the worker; more get 503.
         max_queue_wait_ms: Longest predicted (and actual) wait of a query for its batch to start; more gets 503
-            (None: one full batch's measured service time, see :class:`~raml.deploy.service.batching.MicroBatcher`;
+            (None: ``max_wait_ms`` plus one full batch's measured service time, see
+            :class:`~raml.deploy.service.batching.MicroBatcher`;
             with a latency target, no bound in time unless given: the size controller keeps the latency and
             ``queue_size`` bounds the queue).
         max_bytes: Largest accepted request body; larger gets 413.
@@ -265,7 +266,7 @@ class SearchService:
 
     def submit(self, image: torch.Tensor | dict[int, torch.Tensor], size: int | None, k: int) -> Future:
         """Queue a prepared query (``size`` None: prepared at several sizes); raises ``QueueFullError`` when the
-        queue is full."""
+        queue is full, ``QueueWaitError`` when its predicted wait exceeds the bound."""
         if self.adaptive is not None:
             self.adaptive.arrived()  # offered load: counted also when the queue is full
         return self.batcher.submit(image, size, k)
