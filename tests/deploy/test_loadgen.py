@@ -123,7 +123,7 @@ def test_small_open_loop_run_is_not_client_limited(threaded_server):
 def _records(lags_ms: list[float], latency_ms: float) -> list:
     t = [1.0 + i / 100 for i in range(len(lags_ms))]
     return [
-        (t[i], t[i], t[i], t[i] + latency_ms / 1000, 200, 1.0, 1.0, 1.0, False, lag / 1000.0)
+        (t[i], t[i], t[i], t[i] + latency_ms / 1000, 200, 1.0, 1.0, 1.0, False, lag / 1000.0, 0.5, 0.25)
         for i, lag in enumerate(lags_ms)
     ]
 
@@ -148,9 +148,13 @@ def test_client_limited_verdict(lags_ms, latency_ms, cpu, limited):
 def test_mean_batch_counts_forward_passes_from_the_answers_batch_sizes():
     """Two passes of 4 (8 answers saying 4), one of 2, one of 1: 11 queries in 4 passes; 503s and errors don't count."""
     sizes = [4] * 8 + [2] * 2 + [1]
-    records = [(1.0, 1.0, 1.0, 1.01, 200, 1.0, 1.0, float(b), False, 0.0) for b in sizes]
-    records += [(1.0, 1.0, 1.0, 1.01, 503, float("nan"), float("nan"), float("nan"), True, 0.0)]
+    records = [(1.0, 1.0, 1.0, 1.01, 200, 1.0, 1.0, float(b), False, 0.0, float(b), 2.0 * b) for b in sizes]
+    nan = float("nan")
+    records += [(1.0, 1.0, 1.0, 1.01, 503, nan, nan, nan, True, 0.0, nan, nan)]
     row = summarise(LoadResult(records, (0.0, 2.0), [0.1], None, 4, (None, None)))
     passes = 8 / 4 + 2 / 2 + 1 / 1
     assert row["mean_batch"] == pytest.approx(len(sizes) / passes) == pytest.approx(11 / 4)
     assert row["rejected_503"] == 1 and row["errors"] == 0 and row["queries"] == 11
+    # the server's decode and queue times of the answered requests (here decode = b ms, queue = 2b ms)
+    assert row["server_decode_p50_ms"] == pytest.approx(np.percentile(sizes, 50))
+    assert row["server_queue_p99_ms"] == pytest.approx(np.percentile([2.0 * b for b in sizes], 99))

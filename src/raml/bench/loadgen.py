@@ -24,9 +24,9 @@ when the client's lag p99 exceeds ``LAG_SHARE`` of the latency p99 (and ``LAG_FL
 describes the client, not the server.
 
 Records: one tuple per request, ``(intended, handed, sent, done, status, server_total_ms, server_embed_ms,
-batch_size, retry_after, lag)`` with times in s on the system-wide ``time.monotonic`` clock (the same in every
-process on Linux), ``status`` 0 for a failed connection or a time-out, ``retry_after`` whether a 503 carried
-``Retry-After``.
+batch_size, retry_after, lag, server_decode_ms, server_queue_ms)`` with times in s on the system-wide
+``time.monotonic`` clock (the same in every process on Linux), ``status`` 0 for a failed connection or a time-out,
+``retry_after`` whether a 503 carried ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ LAG_FLOOR_MS = 20.0
 
 _READY_TIMEOUT_S = 120.0
 
-Record = tuple[float, float, float, float, int, float, float, float, bool, float]
+Record = tuple[float, float, float, float, int, float, float, float, bool, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -109,19 +109,24 @@ def poisson_schedule(rate: float, seconds: float, seed: int) -> np.ndarray:
     return times[times < seconds]
 
 
-def _send(conn: http.client.HTTPConnection, target: str, body: bytes) -> tuple[int, float, float, float, bool]:
-    """One POST; (status, server total ms, server embed ms, batch size, Retry-After present). Raises on a failed
-    connection."""
+_NO_TIMINGS = (float("nan"),) * 4
+
+
+def _send(
+    conn: http.client.HTTPConnection, target: str, body: bytes
+) -> tuple[int, tuple[float, float, float, float], float, bool]:
+    """One POST; (status, the server's (total, embed, decode, queue) ms, batch size, Retry-After present). Raises on a
+    failed connection."""
     conn.request("POST", target, body=body, headers={"Content-Type": "image/jpeg"})
     response = conn.getresponse()
     data = response.read()
-    total = embed = batch = float("nan")
+    timings, batch = _NO_TIMINGS, float("nan")
     if response.status == 200:
         answer = json.loads(data)
-        timings = answer.get("timings_ms", {})
-        total, embed = float(timings.get("total", "nan")), float(timings.get("embed", "nan"))
+        ms = answer.get("timings_ms", {})
+        timings = tuple(float(ms.get(name, "nan")) for name in ("total", "embed", "decode", "queue"))
         batch = float(answer.get("batch_size", "nan"))
-    return response.status, total, embed, batch, response.getheader("Retry-After") is not None
+    return response.status, timings, batch, response.getheader("Retry-After") is not None
 
 
 def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None:
@@ -135,12 +140,12 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
     t0 = start.get(timeout=_READY_TIMEOUT_S)
     arrivals: queue.Queue = queue.Queue()
 
-    def request(conn: http.client.HTTPConnection, i: int) -> tuple[int, float, float, float, bool]:
+    def request(conn: http.client.HTTPConnection, i: int) -> tuple[int, tuple[float, ...], float, bool]:
         try:
             return _send(conn, job.target, job.bodies[i % len(job.bodies)])
         except (OSError, http.client.HTTPException):
             conn.close()  # reconnects on the next request
-            return 0, float("nan"), float("nan"), float("nan"), False
+            return 0, _NO_TIMINGS, float("nan"), False
 
     def closed(t: int) -> None:
         conn, i = conns[t], job.start_offset + t
@@ -149,10 +154,12 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
             time.sleep(min(0.01, max(0.0, t0 - time.monotonic())))
         previous = time.monotonic()
         while (sent := time.monotonic()) < stop:
-            status, total, embed, batch, retry = request(conn, i)
+            status, (total, embed, decode, wait), batch, retry = request(conn, i)
             done = time.monotonic()
             with lock:
-                records.append((sent, sent, sent, done, status, total, embed, batch, retry, sent - previous))
+                records.append(
+                    (sent, sent, sent, done, status, total, embed, batch, retry, sent - previous, decode, wait)
+                )
             previous, i = done, i + job.threads
 
     def open_(t: int) -> None:
@@ -160,10 +167,12 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
         while (item := arrivals.get()) is not None:
             intended, handed, i = item
             sent = time.monotonic()
-            status, total, embed, batch, retry = request(conn, i)
+            status, (total, embed, decode, wait), batch, retry = request(conn, i)
             done = time.monotonic()
             with lock:
-                records.append((intended, handed, sent, done, status, total, embed, batch, retry, handed - intended))
+                records.append(
+                    (intended, handed, sent, done, status, total, embed, batch, retry, handed - intended, decode, wait)
+                )
 
     threads = [
         threading.Thread(target=open_ if job.schedule is not None else closed, args=(t,), daemon=True)
@@ -331,7 +340,9 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     ``errors`` (failed connections and statuses other than 200 and 503), ``rejected_503``,
     ``rejected_without_retry_after``, ``mean_batch`` (queries per forward pass, from each answer's ``batch_size``),
     ``server_total_p50_ms``/``_p99_ms`` (the server's ``timings_ms.total``),
-    ``server_embed_p50_ms``, ``outside_server_p50_ms``/``_p99_ms`` (send -> answer minus the server's total),
+    ``server_embed_p50_ms``, ``server_decode_p50_ms``/``_p99_ms`` and ``server_queue_p50_ms``/``_p99_ms`` (the
+    server's ``timings_ms.decode`` and ``.queue``: where an answered request's time went),
+    ``outside_server_p50_ms``/``_p99_ms`` (send -> answer minus the server's total),
     ``client_lag_p50_ms``/``_p99_ms``/``_max_ms``, ``pool_wait_p99_ms``, ``client_cpu_max``,
     ``client_limited`` and ``client_limited_because`` (the reasons, empty when the server was the limit).
     """
@@ -340,8 +351,8 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     # throughput: 200s *answered* within the window (a backlog answered after it is not throughput)
     completed = sum(1 for r in result.records if r[4] == 200 and start <= r[3] < end)
     rows = np.array(
-        [r[:8] + (float(r[8]), r[9]) for r in result.records if start <= r[0] < end], dtype=np.float64
-    ).reshape(-1, 10)
+        [r[:8] + (float(r[8]),) + r[9:12] for r in result.records if start <= r[0] < end], dtype=np.float64
+    ).reshape(-1, 12)
     intended, handed, sent, done, status = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
     ok = status == 200
     latency = (done - intended)[ok] * 1000.0
@@ -351,7 +362,7 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     batch = rows[ok, 7]
     batch = batch[np.isfinite(batch) & (batch >= 1)]
     pool_wait = (sent - handed) * 1000.0
-    embed = rows[ok, 6]
+    embed, decode, wait = rows[ok, 6], rows[ok, 10], rows[ok, 11]
     row: dict[str, Any] = {
         "loop": "closed" if result.rate is None else "open",
         "offered_per_s": result.rate,
@@ -371,6 +382,10 @@ def summarise(result: LoadResult) -> dict[str, Any]:
         "server_total_p50_ms": _percentile(server_total[np.isfinite(server_total)], 50),
         "server_total_p99_ms": _percentile(server_total[np.isfinite(server_total)], 99),
         "server_embed_p50_ms": _percentile(embed[np.isfinite(embed)], 50),
+        "server_decode_p50_ms": _percentile(decode[np.isfinite(decode)], 50),
+        "server_decode_p99_ms": _percentile(decode[np.isfinite(decode)], 99),
+        "server_queue_p50_ms": _percentile(wait[np.isfinite(wait)], 50),
+        "server_queue_p99_ms": _percentile(wait[np.isfinite(wait)], 99),
         "outside_server_p50_ms": _percentile(outside[np.isfinite(outside)], 50),
         "outside_server_p99_ms": _percentile(outside[np.isfinite(outside)], 99),
         "client_lag_p50_ms": _percentile(lag, 50),
