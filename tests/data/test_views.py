@@ -820,3 +820,15 @@ def test_mix_partner_views_into_pool_memory_equals_fresh_memory():
         assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(pooled, fresh, strict=True))
         del pooled
     assert pool.created == 2
+
+
+def test_mixup_views_into_pool_memory_equals_fresh_memory():
+    g = torch.Generator().manual_seed(4)
+    s, t = _views(3, 2, 512, torch.uint8, g, True), _views(3, 2, 1024, torch.uint8, g, True)
+    fresh = mixup_views(s, t, torch.Generator().manual_seed(9))
+    pool = BufferPool()
+    for _ in range(2):
+        pooled = mixup_views(s, t, torch.Generator().manual_seed(9), pool=pool)
+        assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(pooled, fresh, strict=True))
+        del pooled
+    assert pool.created == 2

@@ -192,11 +192,12 @@ def _partner_mixer() -> _Mixer:
 
 def _batch_mixer(seed: int) -> _Mixer:
     generator = torch.Generator().manual_seed(seed)
+    pool = BufferPool()
 
     def mix(batch: Any) -> tuple[Tensor, Tensor]:
         student, teacher, _ = batch
         # uint8 in: the float conversion is fused into the mix (see mixup_views).
-        return mixup_views(student, teacher, generator)
+        return mixup_views(student, teacher, generator, pool=pool)
 
     return mix
 

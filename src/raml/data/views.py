@@ -918,7 +918,12 @@ def _derangement(size: int, generator: torch.Generator) -> Tensor:
 
 
 def mixup_views(
-    student: Tensor, teacher: Tensor, generator: torch.Generator, alpha: float = 0.2
+    student: Tensor,
+    teacher: Tensor,
+    generator: torch.Generator,
+    alpha: float = 0.2,
+    *,
+    pool: BufferPool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mix every view with a view of another image, identically at both resolutions.
 
@@ -940,6 +945,8 @@ def mixup_views(
             device or the teacher's own).
         generator: A CPU ``torch.Generator``.
         alpha: Beta distribution parameter (> 0).
+        pool: CPU outputs only: take them from this :class:`~raml.data.buffers.BufferPool` (recycled memory,
+            as :func:`mix_partner_views`) instead of fresh memory.
 
     Returns:
         The mixed ``(student, teacher)``, new tensors of the input shapes; float inputs keep their dtype,
@@ -996,7 +1003,10 @@ def mixup_views(
     outputs = []
     for tensor in (student, teacher):
         out_dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
-        mixed = torch.empty_like(tensor, dtype=out_dtype, memory_format=torch.preserve_format)
+        if pool is not None and tensor.device.type == "cpu":
+            mixed = pool.empty_like(tensor, out_dtype)
+        else:
+            mixed = torch.empty_like(tensor, dtype=out_dtype, memory_format=torch.preserve_format)
         for b, i, pb, pi in pairs:
             end, start = tensor[b, i].to(out_dtype), tensor[pb, pi].to(out_dtype)  # no copy when float
             torch.lerp(start, end, lam_list[b][i], out=mixed[b, i])

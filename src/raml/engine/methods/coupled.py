@@ -99,7 +99,7 @@ class CoupledViewMethod(Method):
             student_views = all_gather_rows(student_views.contiguous(), run.dist)
             teacher_views = all_gather_rows(teacher_views.contiguous(), run.dist)
         student_views, teacher_views = mixup_views(
-            student_views.float().div_(255), teacher_views.float().div_(255), generator
+            student_views.float().div_(255), teacher_views.float().div_(255), generator, pool=self._mix_pool
         )
         start, stop = shard_bounds(student_views.shape[0], run.dist)
         return student_views[start:stop], teacher_views[start:stop]
