@@ -7,7 +7,9 @@ is one coupled view (a student view at QR + a teacher view at DR, mixed), float3
   :class:`~raml.data.views.CoupledViewDataset` with ``partners=True`` (image decoded once per item, each
   distinct partner once; every view and partner view rendered at QR and at DR from its crop box, flipped and
   jittered with torchvision's ``ColorJitter`` arithmetic at that size, uint8), then
-  :func:`~raml.data.views.mix_partner_views` on the CPU.
+  :func:`~raml.data.views.mix_partner_views` on the CPU. Our modes are loaded as the trainer loads them: each
+  batch rendered in place (:func:`~raml.data.views.batch_loader_arguments`), the mixes' outputs from a
+  :class:`~raml.data.buffers.BufferPool`.
 - **fused** (``--fused-views``): the same with ``fused=True``: one colour matrix, the crop resized to DR
   and the DR view to QR (faster, not the reference's pixels).
 - **batch** (ours, batch partners): ``CoupledViewDataset`` with ``partners=False``, then

@@ -10,6 +10,9 @@ Tensor contract:
   reference's mixup): ``i`` -> ``(student, teacher, partner_student, partner_teacher, lam, i)``, the partner
   views in the same shapes and ``lam`` float32 ``(P,)``. An item ``(i, S)`` renders the student views at
   ``S`` instead of QR (several query sizes, one per batch: :mod:`raml.data.sizes`), with the same draws.
+- :meth:`CoupledViewDataset.batch` (or the dataset indexed with a list of items): the items collated, equal
+  to the default collation of the items bit for bit and stride for stride, rendered straight into the batch
+  (:func:`batch_loader_arguments` makes a ``DataLoader`` load it so).
 - :func:`mix_partner_views`: views and partner views ``(B, P, 3, S, S)`` (uint8 or float) and ``lam``
   ``(B, P)`` -> float ``lam * view + (1 - lam) * partner`` at both resolutions (the reference's mixup).
 - :func:`mixup_views`: float ``(B, P, 3, QR, QR)`` and ``(B, P, 3, DR, DR)`` -> the same shapes, each view
