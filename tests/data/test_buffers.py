@@ -9,37 +9,31 @@ import pytest
 import torch
 
 import raml.data.buffers as buffers
-from raml.data.buffers import HUGE_PAGE_BYTES, BufferPool, empty_huge, huge_pages_available
+from raml.data.buffers import HUGE_PAGE_BYTES, BufferPool, huge_pages_available
 
 BIG = (3, 1024, 1024)  # 3 MiB of uint8, 12 MiB of float32: above one huge page
 
 
+@pytest.mark.parametrize("available", [True, False])
 @pytest.mark.parametrize("dtype", [torch.uint8, torch.float32, torch.float64])
-def test_empty_huge_is_a_usable_correctly_sized_buffer(dtype):
-    x = empty_huge(BIG, dtype)
+def test_pool_buffer_is_usable_correctly_sized_and_zero_copy(monkeypatch, available, dtype):
+    # available=False: no madvise (not Linux), the buffer is a bytearray
+    monkeypatch.setattr(buffers, "huge_pages_available", lambda: available and huge_pages_available())
+    pool = BufferPool()
+    x = pool.empty(BIG, dtype)
     assert x.shape == BIG and x.dtype == dtype and x.is_contiguous() and x.device.type == "cpu"
-    assert x.untyped_storage().nbytes() >= x.numel() * x.element_size()
-    if huge_pages_available():
+    assert x.untyped_storage().nbytes() == x.numel() * x.element_size()
+    if available and huge_pages_available():
         assert x.data_ptr() % HUGE_PAGE_BYTES == 0  # starts on a huge-page boundary
-    gc.collect()  # no Python reference to the mapping but the tensor's: it must stay alive
+    del pool
+    gc.collect()  # no Python reference to the memory but the tensor's: it must stay alive
     x.fill_(7)
     x[1, 2, 3] = 1
     assert int(x.sum()) == 7 * x.numel() - 6
-    # zero-copy: numpy sees the same memory
-    x.numpy()[0, 0, 0] = 3
+    x.numpy()[0, 0, 0] = 3  # zero-copy: numpy sees the same memory
     assert int(x[0, 0, 0]) == 3
-
-
-def test_empty_huge_falls_back_to_plain_memory(monkeypatch):
-    small = empty_huge((4, 5), torch.float32)  # below one huge page: torch.empty
-    assert small.shape == (4, 5) and small.is_contiguous()
-    monkeypatch.setattr(buffers, "huge_pages_available", lambda: False)
-    x = empty_huge(BIG, torch.uint8)
-    assert x.shape == BIG
-    x.fill_(1)
-    assert int(x.sum()) == x.numel()
     with pytest.raises(ValueError, match="non-negative"):
-        empty_huge((2, -1), torch.uint8)
+        BufferPool().empty((2, -1), torch.uint8)
 
 
 @pytest.mark.parametrize("available", [True, False])

@@ -13,10 +13,10 @@ machine, docs/benchmarks.md). So the pipeline recycles its buffers:
   as the storage lives; a ``weakref.finalize`` on that ``memoryview`` returns the memory to the pool). A batch
   the caller still holds is therefore never overwritten; the pool keeps at most ``capacity`` idle buffers of
   each size and lets the others go.
-- :func:`empty_huge` is one fresh such mapping (an anonymous private ``mmap``, over-allocated by 2 MiB so the
-  tensor starts on a huge-page boundary, hinted ``MADV_HUGEPAGE`` where the kernel's transparent huge pages
-  are in ``madvise`` mode): the pool's buffers fault in 2 MiB pages the one time they are created. The hint is
-  per mapping: nothing process-wide changes. Where it does not exist (not Linux), ordinary pages.
+- each of the pool's buffers is a mapping of its own (an anonymous private ``mmap``, over-allocated by 2 MiB so
+  the buffer starts on a huge-page boundary, hinted ``MADV_HUGEPAGE`` where the kernel's transparent huge
+  pages are in ``madvise`` mode): it faults in 2 MiB pages the one time it is created. The hint is per
+  mapping: nothing process-wide changes. Where it does not exist (not Linux), a ``bytearray``.
 
 Contract: a shape and a dtype -> an uninitialised C-contiguous CPU tensor of them (``empty_like``: in the
 tensor's memory layout), which keeps its memory alive.
@@ -37,7 +37,7 @@ from torch import Tensor
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["HUGE_PAGE_BYTES", "BufferPool", "empty_huge", "huge_pages_available"]
+__all__ = ["HUGE_PAGE_BYTES", "BufferPool", "huge_pages_available"]
 
 #: The size of a transparent huge page on x86-64 and most arm64 kernels (2 MiB).
 HUGE_PAGE_BYTES = 2 << 20
@@ -71,27 +71,6 @@ def _huge_mapping(nbytes: int) -> memoryview:
     address = np.frombuffer(mapping, dtype=np.uint8, count=1).ctypes.data
     offset = (-address) % HUGE_PAGE_BYTES
     return memoryview(mapping)[offset : offset + nbytes]  # keeps the mapping alive
-
-
-def empty_huge(shape: Sequence[int], dtype: torch.dtype) -> Tensor:
-    """A fresh uninitialised C-contiguous CPU tensor over its own mapping, hinted ``MADV_HUGEPAGE``.
-
-    Args:
-        shape: The tensor's shape.
-        dtype: Its dtype.
-
-    Returns:
-        A new tensor that owns its memory (unmapped when the tensor and its views are freed). Below one huge
-        page, or where the hint does not exist, a plain ``torch.empty(shape, dtype=dtype)``.
-
-    Raises:
-        ValueError: On a negative dimension.
-    """
-    shape = _check_shape(shape)
-    nbytes = math.prod(shape) * _itemsize(dtype)
-    if nbytes < HUGE_PAGE_BYTES or not huge_pages_available():
-        return torch.empty(shape, dtype=dtype)
-    return torch.frombuffer(_huge_mapping(nbytes), dtype=dtype).view(shape)
 
 
 class BufferPool:
