@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -796,6 +797,10 @@ def test_batch_memory_is_recycled_only_once_the_batch_is_freed(image_files):
     third = ds.batch([1, 2])  # first's memory is free again: reused, nothing created
     assert {t.data_ptr() for t in third[:4]} == addresses and ds._pool.created == 8
     assert all(torch.equal(a, b) for a, b in zip(third, ds.batch([1, 2]), strict=True))
+    # a spawned DataLoader worker gets the dataset pickled, without this process's pool
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._pool is None and ds._pool is not None
+    assert all(torch.equal(a, b) for a, b in zip(copy.batch([1, 2]), third, strict=True))
 
 
 def test_batch_bad_inputs(image_files):
