@@ -183,3 +183,42 @@ def test_lerp_uint8_rejects_other_layouts():
         lerp_uint8_into(a, a, 0.5, np.zeros((4, 4, 3), np.float64))
     with pytest.raises(ValueError, match="C-contiguous uint8"):
         lerp_uint8_into(a, np.zeros((4, 8, 3), np.uint8)[:, ::2], 0.5, np.zeros((4, 4, 3), np.float32))
+
+
+def _hsv_round_trip_halves(step: int) -> None:
+    # The hue kernel computes PIL's two conversions (no tables); each half against the numpy tables (which equal
+    # PIL's arithmetic, test_color_jitter.py): RGB -> (H, S, V) on every step-th of the 2**24 colours, and
+    # (H, S, V) -> RGB on every step-th of the 2**24 triples. A shift only moves H (modulo 256) between them, so
+    # with step 1 this covers every colour at every one of the 256 shifts.
+    from raml.data.color_jitter import _hsv_tables
+    from raml.data.jitter_kernel import _hsv_chunk, _rgb_chunk
+
+    hue_cr, sat, weights = _hsv_tables()
+    codes = np.arange(0, 2**24, step, dtype=np.uint32)
+    a, b, c = (
+        ((codes >> 16) & 255).astype(np.int32),
+        ((codes >> 8) & 255).astype(np.int32),
+        (codes & 255).astype(np.int32),
+    )
+    h_cr = hue_cr[(a - b + 255) * 511 + (b - c + 255)].astype(np.int32)
+    top = np.maximum(np.maximum(a, b), c)
+    hue, saturation, value = (np.empty(codes.size, dtype=np.int32) for _ in range(3))
+    _hsv_chunk(np.stack([a, b, c], axis=-1).astype(np.uint8).reshape(-1), hue, saturation, value)
+    assert np.array_equal(hue, h_cr & 255)
+    assert np.array_equal(saturation, sat.reshape(-1)[(h_cr & 0xFF00) | top])
+    assert np.array_equal(value, top)
+    # (H, S, V) = (a, b, c): round(V * w) with the tables' float32 weights
+    key = (a << 8) | b
+    expected = np.stack([(w[key] * c.astype(np.float32) + np.float32(0.5)).astype(np.int32) for w in weights], -1)
+    out = np.empty(3 * codes.size, dtype=np.uint8)
+    _rgb_chunk(a, b, c, 0, out)
+    assert np.array_equal(out.reshape(-1, 3), expected.astype(np.uint8))
+
+
+def test_hsv_conversions_on_a_seventh_of_all_colours_equal_the_tables():
+    _hsv_round_trip_halves(7)
+
+
+@pytest.mark.slow
+def test_hsv_conversions_on_every_colour_and_shift_equal_the_tables():
+    _hsv_round_trip_halves(1)

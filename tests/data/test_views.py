@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 from pathlib import Path
 
 import numpy as np
@@ -10,13 +11,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from torchvision import transforms
 
+from raml.data.buffers import BufferPool
 from raml.data.images import ImageLoadError, load_image
 from raml.data.views import (
     CoupledViewDataset,
     ViewParams,
+    batch_loader_arguments,
     mix_partner_views,
     mixup_views,
     render_coupled_views,
@@ -742,3 +745,95 @@ def test_fused_views_flag_reaches_the_dataset(image_files, monkeypatch):
     with pytest.raises(Built) as built:
         method.epoch_batches(0, torch.Generator())
     assert built.value.args[0]["fused"] is True
+
+
+# ---------------------------------------------------------------- batches rendered in place
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"partners": True},
+        {"partners": False},
+        {"partners": True, "coupled": False},
+        {"partners": False, "coupled": False},
+        {"partners": True, "fused": True},
+    ],
+)
+def test_batch_rendered_in_place_equals_the_stacked_batch(image_files, options):
+    ds = CoupledViewDataset(image_files, 16, 32, 3, 5, **options)
+    items = [2, 0, 2, 1]
+    stacked = default_collate([ds[i] for i in items])
+    for batch in (ds[items], ds.batch(items)):
+        assert len(batch) == len(stacked)
+        for got, expected in zip(batch, stacked, strict=True):
+            assert got.dtype == expected.dtype and got.shape == expected.shape
+            assert got.stride() == expected.stride()  # the same (channels-last) layout
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_batch_loader_arguments_give_the_default_loader_batches(image_files, workers):
+    ds = _partner_dataset(image_files)
+    batches = [[0, 2], [1, 1, 0], [(2, 8), (0, 8)]]  # the last at another student size
+    expected = list(DataLoader(ds, batch_sampler=batches))
+    got = list(DataLoader(ds, **batch_loader_arguments(batches), num_workers=workers))
+    assert len(got) == len(expected)
+    for batch, reference in zip(got, expected, strict=True):
+        assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(batch, reference, strict=True))
+    assert got[2][0].shape[-1] == 8
+
+
+def test_batch_memory_is_recycled_only_once_the_batch_is_freed(image_files):
+    ds = CoupledViewDataset(image_files, 384, 512, 3, 5, partners=True)  # buffers above one huge page
+    first = ds.batch([0, 1])
+    expected = [t.clone() for t in first]
+    second = ds.batch([2, 0])  # first is alive: written elsewhere, first untouched
+    assert ds._pool.created == 8
+    assert all(torch.equal(a, b) for a, b in zip(first, expected, strict=True))
+    addresses = {t.data_ptr() for t in first[:4]}
+    assert addresses.isdisjoint({t.data_ptr() for t in second[:4]})
+    del first, expected
+    third = ds.batch([1, 2])  # first's memory is free again: reused, nothing created
+    assert {t.data_ptr() for t in third[:4]} == addresses and ds._pool.created == 8
+    assert all(torch.equal(a, b) for a, b in zip(third, ds.batch([1, 2]), strict=True))
+    # a spawned DataLoader worker gets the dataset pickled, without this process's pool
+    copy = pickle.loads(pickle.dumps(ds))
+    assert copy._pool is None and ds._pool is not None
+    assert all(torch.equal(a, b) for a, b in zip(copy.batch([1, 2]), third, strict=True))
+
+
+def test_batch_bad_inputs(image_files):
+    ds = _partner_dataset(image_files)
+    with pytest.raises(ValueError, match="at least one item"):
+        ds.batch([])
+    with pytest.raises(ValueError, match="share one student size"):
+        ds.batch([(0, 8), 1])
+    with pytest.raises(IndexError, match="out of range"):
+        ds[[0, 7]]
+
+
+def test_mix_partner_views_into_pool_memory_equals_fresh_memory():
+    g = torch.Generator().manual_seed(3)
+    s, t = _views(2, 2, 512, torch.uint8, g, True), _views(2, 2, 1024, torch.uint8, g, True)
+    ps, pt = _views(2, 2, 512, torch.uint8, g, True), _views(2, 2, 1024, torch.uint8, g, True)
+    lam = torch.rand(2, 2, generator=g)
+    pool = BufferPool()
+    fresh = mix_partner_views(s, t, ps, pt, lam)
+    for _ in range(2):  # the second call recycles the first's memory
+        pooled = mix_partner_views(s, t, ps, pt, lam, pool=pool)
+        assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(pooled, fresh, strict=True))
+        del pooled
+    assert pool.created == 2
+
+
+def test_mixup_views_into_pool_memory_equals_fresh_memory():
+    g = torch.Generator().manual_seed(4)
+    s, t = _views(3, 2, 512, torch.uint8, g, True), _views(3, 2, 1024, torch.uint8, g, True)
+    fresh = mixup_views(s, t, torch.Generator().manual_seed(9))
+    pool = BufferPool()
+    for _ in range(2):
+        pooled = mixup_views(s, t, torch.Generator().manual_seed(9), pool=pool)
+        assert all(torch.equal(a, b) and a.stride() == b.stride() for a, b in zip(pooled, fresh, strict=True))
+        del pooled
+    assert pool.created == 2

@@ -7,7 +7,9 @@ is one coupled view (a student view at QR + a teacher view at DR, mixed), float3
   :class:`~raml.data.views.CoupledViewDataset` with ``partners=True`` (image decoded once per item, each
   distinct partner once; every view and partner view rendered at QR and at DR from its crop box, flipped and
   jittered with torchvision's ``ColorJitter`` arithmetic at that size, uint8), then
-  :func:`~raml.data.views.mix_partner_views` on the CPU.
+  :func:`~raml.data.views.mix_partner_views` on the CPU. Our modes are loaded as the trainer loads them: each
+  batch rendered in place (:func:`~raml.data.views.batch_loader_arguments`), the mixes' outputs from a
+  :class:`~raml.data.buffers.BufferPool`.
 - **fused** (``--fused-views``): the same with ``fused=True``: one colour matrix, the crop resized to DR
   and the DR view to QR (faster, not the reference's pixels).
 - **batch** (ours, batch partners): ``CoupledViewDataset`` with ``partners=False``, then
@@ -51,6 +53,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from raml.data.buffers import BufferPool
 from raml.data.images import load_image
 from raml.data.jitter_kernel import warm_up
 from raml.data.views import (
@@ -59,6 +62,7 @@ from raml.data.views import (
     CROP_SCALE,
     RESIZE_BACKENDS,
     CoupledViewDataset,
+    batch_loader_arguments,
     mix_partner_views,
     mixup_views,
 )
@@ -178,18 +182,24 @@ def _list_images(folder: Path) -> list[Path]:
 _Mixer = Callable[[Any], tuple[Tensor, Tensor]]
 
 
-def _mix_faithful(batch: Any) -> tuple[Tensor, Tensor]:
-    student, teacher, partner_student, partner_teacher, lam, _ = batch
-    return mix_partner_views(student, teacher, partner_student, partner_teacher, lam)
+def _partner_mixer() -> _Mixer:
+    pool = BufferPool()  # the outputs' memory, recycled as the trainer's CPU mix does
+
+    def mix(batch: Any) -> tuple[Tensor, Tensor]:
+        student, teacher, partner_student, partner_teacher, lam, _ = batch
+        return mix_partner_views(student, teacher, partner_student, partner_teacher, lam, pool=pool)
+
+    return mix
 
 
 def _batch_mixer(seed: int) -> _Mixer:
     generator = torch.Generator().manual_seed(seed)
+    pool = BufferPool()
 
     def mix(batch: Any) -> tuple[Tensor, Tensor]:
         student, teacher, _ = batch
         # uint8 in: the float conversion is fused into the mix (see mixup_views).
-        return mixup_views(student, teacher, generator)
+        return mixup_views(student, teacher, generator, pool=pool)
 
     return mix
 
@@ -286,6 +296,11 @@ def run_pipeline_benchmark(
 
     def make_loader(dataset: Dataset, num_batches: int) -> DataLoader:
         sampler = _RandomIndices(len(paths), num_batches * batch_size, seed)
+        if isinstance(dataset, CoupledViewDataset):
+            # as the trainer loads them (raml.engine.methods.coupled): each batch rendered in place
+            indices = sampler.indices
+            batches = [indices[i : i + batch_size] for i in range(0, len(indices), batch_size)]
+            return DataLoader(dataset, **batch_loader_arguments(batches), num_workers=workers)
         return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers)
 
     sizes = (student_size, teacher_size, pos_num, seed)
@@ -294,8 +309,8 @@ def run_pipeline_benchmark(
     batch_mode = CoupledViewDataset(paths, *sizes, partners=False, backend=backend)
     reference = ReferenceMixupDataset(paths, *sizes)
     pipelines: dict[str, tuple[Dataset, _Mixer, int]] = {
-        "faithful": (faithful, _mix_faithful, batches),
-        "fused": (fused, _mix_faithful, batches),
+        "faithful": (faithful, _partner_mixer(), batches),
+        "fused": (fused, _partner_mixer(), batches),
         "batch": (batch_mode, _batch_mixer(seed), batches),
         "reference": (reference, _mix_none, baseline_batches),
     }

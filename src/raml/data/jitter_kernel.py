@@ -13,8 +13,11 @@ What each step computes (the arithmetic of :mod:`raml.data.color_jitter`, which 
   PIL) and looked up per channel;
 - saturation: PIL's blend with the pixel's luma ``L = (19595 R + 38470 G + 7471 B + 2**15) >> 16``:
   ``float32(L) + float32(s) * float32(x - L)``, then ``<= 0 -> 0``, ``>= 255 -> 255``, else truncated;
-- hue: the tables of :func:`raml.data.color_jitter._hsv_tables` (PIL's 8-bit H and S, then the HSV -> RGB
-  weights), ``floor(float32(V) * w + 0.5)`` in float32.
+- hue: PIL's 8-bit RGB -> HSV, ``H += shift`` modulo 256, HSV -> RGB, each conversion computed with PIL's float32
+  and double steps (:func:`_hsv_of`, :func:`_rgb_of`: the values of :func:`raml.data.color_jitter._hsv_tables`
+  without looking them up: 1.3 MB of tables that do not fit the L2 cache, and five dependent look-ups per pixel
+  that the compiler cannot vectorise), ``floor(float32(V) * w + 0.5)`` in float32; per chunk one vectorised
+  loop to H, S, V and one back. Equal to the tables on every colour at every shift (tested exhaustively).
 
 Contrast blends with the mean luma of the image as it is when contrast runs, a whole-image reduction: the
 step before contrast also sums the luma of its output (or, when contrast comes first, a read-only pass sums
@@ -38,7 +41,7 @@ from collections.abc import Sequence
 import numpy as np
 from numba import njit
 
-from raml.data.color_jitter import _hsv_tables, _hue_shift_of
+from raml.data.color_jitter import _hue_shift_of
 
 logger = logging.getLogger(__name__)
 
@@ -96,24 +99,77 @@ def _luma_sum_flat(pixels: np.ndarray) -> int:
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _hue_pixel(r: int, g: int, b: int, shift: int, tables: tuple) -> tuple[int, int, int]:
-    # PIL's 8-bit RGB -> HSV, H += shift modulo 256, HSV -> RGB, through the tables of _hsv_tables.
-    hue_cr, sat, w_red, w_green, w_blue = tables
+def _hsv_of(r: int, g: int, b: int) -> tuple[int, int, int]:
+    """PIL's 8-bit RGB -> HSV (``rgb2hsv``), computed: its float32 / double steps, in registers, no tables.
+
+    ``H``: the two channel distances to the largest channel that PIL's formula for it uses, each divided by
+    ``max - min`` in float32, ``h = (base + first) - second`` in double stored in a float (R largest: base 0,
+    which is exactly PIL's float32 ``bc - gc``; G: 2; B: 4), ``fmod(h / 6 + 1, 1)`` (for ``h / 6 + 1`` in
+    [0.8, 1.9) that is ``x - 1`` when ``x >= 1``), stored in a float, ``(int)(h * 255.0)``. ``S``:
+    ``(int)((float)cr / (float)max * 255.0)``; both 0 for greys. Dividing by the constants 6 and 255 is a
+    multiplication by their reciprocal here: equal on every 8-bit colour (tested exhaustively).
+    """
     top = max(r, max(g, b))
-    h_cr = np.int32(hue_cr[(r - g + 255) * 511 + (g - b + 255)])  # H (low byte), max - min (high byte)
-    key = (((h_cr + shift) & 255) << 8) | np.int32(sat[(h_cr & 0xFF00) | top])
-    value, half = np.float32(top), np.float32(0.5)
+    cr = top - min(r, min(g, b))
+    crf = np.float32(max(cr, 1))
+    r_top = r == top
+    g_top = g == top
+    first = np.float32(top - (b if r_top else (r if g_top else g))) / crf
+    second = np.float32(top - (g if r_top else (b if g_top else r))) / crf
+    base = 0.0 if r_top else (2.0 if g_top else 4.0)
+    h = np.float32((base + np.float64(first)) - np.float64(second))
+    x = np.float64(h) * (1.0 / 6.0) + 1.0
+    x = x - 1.0 if x >= 1.0 else x
+    hue = np.int32(np.float64(np.float32(x)) * 255.0)
+    sat = np.int32(np.float64(np.float32(cr) / np.float32(max(top, 1))) * 255.0)
+    return (hue if cr > 0 else 0), (sat if cr > 0 else 0), top
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _rgb_of(hue: int, sat: int, value: int) -> tuple[int, int, int]:
+    """PIL's 8-bit HSV -> RGB (``hsv2rgb``), computed: the weights of :func:`raml.data.color_jitter._hsv_tables`.
+
+    ``x = H * 6 / 255``, sector ``i = floor(x)`` (6 is 0), ``f = (float)(x - i)``, ``fs = (float)(S / 255)``;
+    ``p = 1 - fs``, ``q = 1 - fs * f`` (a float product), ``t = 1 - fs * (1 - f)``, each in double stored in a
+    float; by sector the channels are (V,t,p) (q,V,p) (p,V,t) (p,q,V) (t,p,V) (V,p,q), each ``round(V * w)`` as
+    ``(int)(w * float(V) + 0.5)`` in float32 (V's weight 1: V itself).
+    """
+    x = np.float64(hue) * (6.0 / 255.0)
+    sector = np.int32(x)
+    f = np.float32(x - np.float64(sector))
+    fs = np.float32(np.float64(sat) * (1.0 / 255.0))
+    one = np.float32(1.0)
+    p = np.float32(1.0 - np.float64(fs))
+    q = np.float32(1.0 - np.float64(fs * f))
+    t = np.float32(1.0 - np.float64(fs) * (1.0 - np.float64(f)))
+    sector = sector if sector < 6 else 0
+    w_red = one if (sector == 0 or sector == 5) else (q if sector == 1 else (t if sector == 4 else p))
+    w_green = t if sector == 0 else (one if (sector == 1 or sector == 2) else (q if sector == 3 else p))
+    w_blue = p if sector <= 1 else (t if sector == 2 else (q if sector == 5 else one))
+    v, half = np.float32(value), np.float32(0.5)
     # truncation of a non-negative float: round(V * w) half up
-    return (
-        np.int32(w_red[key] * value + half),
-        np.int32(w_green[key] * value + half),
-        np.int32(w_blue[key] * value + half),
-    )
+    return np.int32(w_red * v + half), np.int32(w_green * v + half), np.int32(w_blue * v + half)
+
+
+@njit(cache=True, nogil=True)
+def _hsv_chunk(src: np.ndarray, hue: np.ndarray, sat: np.ndarray, value: np.ndarray) -> None:
+    """:func:`_hsv_of` of every pixel of flat RGB bytes into three int32 arrays (a loop the compiler vectorises)."""
+    for i in range(src.shape[0] // 3):
+        j = 3 * i
+        hue[i], sat[i], value[i] = _hsv_of(np.int32(src[j]), np.int32(src[j + 1]), np.int32(src[j + 2]))
+
+
+@njit(cache=True, nogil=True)
+def _rgb_chunk(hue: np.ndarray, sat: np.ndarray, value: np.ndarray, shift: int, dst: np.ndarray) -> None:
+    """:func:`_rgb_of` of ``((H + shift) mod 256, S, V)`` of every pixel into flat RGB bytes (vectorised)."""
+    for i in range(hue.shape[0]):
+        j = 3 * i
+        dst[j], dst[j + 1], dst[j + 2] = _rgb_of((hue[i] + shift) & 255, sat[i], value[i])
 
 
 @njit(cache=True, nogil=True)
 def _pass_flat(
-    kind: int, src: np.ndarray, dst: np.ndarray, lut: np.ndarray, factor: np.float32, shift: int, tables: tuple,
+    kind: int, src: np.ndarray, dst: np.ndarray, lut: np.ndarray, factor: np.float32, shift: int,
     want_luma: bool, in_place: bool,
 ) -> int:  # fmt: skip
     """One step (``kind`` 0: table, 1: saturation, 2: hue) over ``(N, 3)`` pixels; ``src`` may be ``dst``.
@@ -125,6 +181,7 @@ def _pass_flat(
     pixels = src.shape[0]
     grey = np.empty(_CHUNK, dtype=np.float32)
     scratch = np.empty(3 * _CHUNK, dtype=np.uint8)
+    hsv = np.empty(3 * _CHUNK, dtype=np.int32)
     for start in range(0, pixels, _CHUNK):
         stop = min(start + _CHUNK, pixels)
         chunk = dst[start:stop].reshape(-1)
@@ -140,7 +197,7 @@ def _pass_flat(
         elif kind == 1:
             _saturation_chunk(chunk_src, chunk, factor, grey)
         else:
-            _hue_chunk(chunk_src, chunk, shift, tables)
+            _hue_chunk(chunk_src, chunk, shift, hsv)
         if want_luma:
             total += _luma_sum_flat(chunk)
     return total
@@ -154,17 +211,19 @@ def _lut_chunk(src: np.ndarray, dst: np.ndarray, lut: np.ndarray) -> None:
 
 
 @njit(cache=True, nogil=True)
-def _hue_chunk(src: np.ndarray, dst: np.ndarray, shift: int, tables: tuple) -> None:
-    """:func:`_hue_pixel` over flat RGB bytes."""
-    for i in range(src.shape[0] // 3):
-        j = 3 * i
-        r, g, b = _hue_pixel(np.int32(src[j]), np.int32(src[j + 1]), np.int32(src[j + 2]), shift, tables)
-        dst[j], dst[j + 1], dst[j + 2] = r, g, b
+def _hue_chunk(src: np.ndarray, dst: np.ndarray, shift: int, hsv: np.ndarray) -> None:
+    """PIL's HSV round trip with ``H += shift`` over flat RGB bytes: H, S, V of the chunk into ``hsv`` (int32,
+    three thirds), then back to RGB; two loops the compiler vectorises (one loop doing both was measured slower)."""
+    pixels = src.shape[0] // 3
+    third = hsv.shape[0] // 3
+    hue, sat, value = hsv[:pixels], hsv[third : third + pixels], hsv[2 * third : 2 * third + pixels]
+    _hsv_chunk(src, hue, sat, value)
+    _rgb_chunk(hue, sat, value, shift, dst)
 
 
 @njit(cache=True, nogil=True)
 def _pass_mirrored(
-    kind: int, src: np.ndarray, dst: np.ndarray, lut: np.ndarray, factor: np.float32, shift: int, tables: tuple,
+    kind: int, src: np.ndarray, dst: np.ndarray, lut: np.ndarray, factor: np.float32, shift: int,
     want_luma: bool,
 ) -> int:  # fmt: skip
     """:func:`_pass_flat` on ``(H, W, 3)`` pixels, reading ``src`` mirrored left to right into ``dst``.
@@ -178,7 +237,7 @@ def _pass_mirrored(
             for c in range(3):
                 dst[y, x, c] = src[y, width - 1 - x, c]
     pixels = dst.reshape(height * width, 3)
-    return _pass_flat(kind, pixels, pixels, lut, factor, shift, tables, want_luma, True)
+    return _pass_flat(kind, pixels, pixels, lut, factor, shift, want_luma, True)
 
 
 def _active_ops(brightness: float, contrast: float, saturation: float, hue: float, order: Sequence[int]) -> list[int]:
@@ -241,11 +300,9 @@ def jitter_into(
         out[...] = src[:, ::-1] if flip else src
         return out
     src = np.ascontiguousarray(src)
-    hue_cr, sat, (w_red, w_green, w_blue) = _hsv_tables()
-    tables = (hue_cr, sat.reshape(-1), w_red, w_green, w_blue)
     factors = (np.float32(brightness), np.float32(contrast), np.float32(saturation))
     shift = _hue_shift_of(hue) if _HUE in ops else 0
-    _jitter_steps(src, out, flip, np.array(ops, dtype=np.int64), *factors, shift, tables)
+    _jitter_steps(src, out, flip, np.array(ops, dtype=np.int64), *factors, shift)
     return out
 
 
@@ -263,7 +320,7 @@ def _blend_table(base: int, factor: np.float32) -> np.ndarray:
 @njit(cache=True, nogil=True)
 def _jitter_steps(
     src: np.ndarray, out: np.ndarray, flip: bool, ops: np.ndarray, brightness: np.float32, contrast: np.float32,
-    saturation: np.float32, shift: int, tables: tuple,
+    saturation: np.float32, shift: int,
 ) -> None:  # fmt: skip
     """Run the active steps ``ops`` (codes of JITTER_OPS, in order) from ``src`` into ``out``."""
     pixels = src.shape[0] * src.shape[1]
@@ -291,10 +348,10 @@ def _jitter_steps(
             kind = 1 if op == 2 else 2
         want_luma = k + 1 < ops.shape[0] and ops[k + 1] == 1
         if first and flip:
-            luma_sum = _pass_mirrored(kind, src, out, lut, saturation, shift, tables, want_luma)
+            luma_sum = _pass_mirrored(kind, src, out, lut, saturation, shift, want_luma)
         else:
             luma_sum = _pass_flat(
-                kind, flat_src if first else flat_out, flat_out, lut, saturation, shift, tables, want_luma, not first
+                kind, flat_src if first else flat_out, flat_out, lut, saturation, shift, want_luma, not first
             )
         k += 1
 

@@ -10,6 +10,9 @@ Tensor contract:
   reference's mixup): ``i`` -> ``(student, teacher, partner_student, partner_teacher, lam, i)``, the partner
   views in the same shapes and ``lam`` float32 ``(P,)``. An item ``(i, S)`` renders the student views at
   ``S`` instead of QR (several query sizes, one per batch: :mod:`raml.data.sizes`), with the same draws.
+- :meth:`CoupledViewDataset.batch` (or the dataset indexed with a list of items): the items collated, equal
+  to the default collation of the items bit for bit and stride for stride, rendered straight into the batch
+  (:func:`batch_loader_arguments` makes a ``DataLoader`` load it so).
 - :func:`mix_partner_views`: views and partner views ``(B, P, 3, S, S)`` (uint8 or float) and ``lam``
   ``(B, P)`` -> float ``lam * view + (1 - lam) * partner`` at both resolutions (the reference's mixup).
 - :func:`mixup_views`: float ``(B, P, 3, QR, QR)`` and ``(B, P, 3, DR, DR)`` -> the same shapes, each view
@@ -76,6 +79,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from raml.data.buffers import BufferPool
 from raml.data.color_jitter import JITTER_OPS
 from raml.data.images import load_image
 from raml.data.jitter_kernel import jitter_into
@@ -91,6 +95,7 @@ __all__ = [
     "CoupledViewDataset",
     "PartnerDraws",
     "ViewParams",
+    "batch_loader_arguments",
     "color_twist_matrix",
     "mix_partner_views",
     "mixup_views",
@@ -583,6 +588,13 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         self.backend = backend
         self.epoch = 0
         self.loader = loader
+        self._pool: BufferPool | None = None  # the main process's batch buffers (batch()), made on first use
+
+    def __getstate__(self) -> dict:
+        # a DataLoader worker gets no pool (its batches go to shared memory); the pool is this process's
+        state = self.__dict__.copy()
+        state["_pool"] = None
+        return state
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose views :meth:`__getitem__` returns (reseeds every item)."""
@@ -617,31 +629,97 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         lam = beta_rng.beta(self.alpha, self.alpha, size=self.pos_num).astype(np.float32).tolist()
         return PartnerDraws(view_seeds=tuple(view_seeds), partners=tuple(partners), lam=tuple(lam))
 
-    def __getitem__(self, item: int | tuple[int, int]) -> tuple[Tensor, ...] | tuple[Tensor, Tensor, int]:
-        """Item ``i``, or ``(i, size)``: the student views rendered at ``size`` instead of ``student_size``
-        (several query sizes, :mod:`raml.data.sizes`); the random draws do not depend on the size."""
+    def _item_size(self, item: int | tuple[int, int]) -> tuple[int, int]:
         index, student_size = item if isinstance(item, tuple) else (item, self.student_size)
         index = self._check_index(index)
         if student_size != self.student_size:
             _check_sizes(student_size, self.teacher_size)
+        return index, int(student_size)
+
+    def __getitem__(self, item: int | tuple[int, int] | list) -> tuple[Tensor, ...] | tuple[Tensor, Tensor, int]:
+        """Item ``i``, or ``(i, size)``: the student views rendered at ``size`` instead of ``student_size``
+        (several query sizes, :mod:`raml.data.sizes`); the random draws do not depend on the size.
+
+        A list of items is a whole batch (:meth:`batch`), rendered in place: give the ``DataLoader`` the
+        batches as its ``sampler`` with ``batch_size=None`` (:func:`batch_loader_arguments`).
+        """
+        if isinstance(item, list):
+            return self.batch(item)
+        index, student_size = self._item_size(item)
+        outputs = self._empty_outputs(1, student_size, lambda shape: np.empty(shape, dtype=np.uint8))
+        lam = self._render_item(index, *(array[0] for array in outputs))
+        views = tuple(_to_chw(array[0]) for array in outputs)
         if self.partners:
-            return self._item_with_partners(index, student_size)
+            return (*views, torch.tensor(lam, dtype=torch.float32), index)
+        return (*views, index)
+
+    def batch(self, items: Sequence[int | tuple[int, int]]) -> list:
+        """The items ``items`` collated, rendered straight into the batch (no per-item arrays, no stacking).
+
+        Equal, bit for bit and in layout (channels-last memory), to the ``DataLoader``'s default collation of
+        ``[self[i] for i in items]``: ``[student (B, P, 3, S, S), teacher (B, P, 3, DR, DR), indices (B,)]``,
+        with partners ``[student, teacher, partner_student, partner_teacher, lam (B, P), indices]``.
+
+        Who owns the memory: the returned tensors. In a ``DataLoader`` worker they are new shared memory (as the
+        default collation allocates them: the batch reaches the main process without a copy). In the main
+        process they come from the dataset's :class:`~raml.data.buffers.BufferPool`: memory of an earlier
+        batch is reused only once every tensor of that batch (and every view of one) has been freed, so a
+        batch the caller still holds is never overwritten.
+
+        Raises:
+            ValueError: On no items, or items asking for different student sizes.
+        """
+        if len(items) == 0:
+            raise ValueError("items is empty: a batch needs at least one item.")
+        resolved = [self._item_size(item) for item in items]
+        sizes = {size for _, size in resolved}
+        if len(sizes) != 1:
+            raise ValueError(f"The items of one batch must share one student size, got sizes {sorted(sizes)}.")
+        if torch.utils.data.get_worker_info() is not None:
+            allocate = _shared_uint8
+        else:
+            if self._pool is None:
+                # up to 4 arrays of a size per batch (student size = teacher size), 2 batches alive
+                self._pool = BufferPool(capacity=8)
+            pool = self._pool
+
+            def allocate(shape: tuple[int, ...]) -> Tensor:
+                return pool.empty(shape, torch.uint8)
+
+        outputs = self._empty_outputs(len(resolved), sizes.pop(), lambda shape: allocate(shape).numpy())
+        lams = [self._render_item(index, *(array[b] for array in outputs)) for b, (index, _) in enumerate(resolved)]
+        batch: list = [torch.from_numpy(array).permute(0, 1, 4, 2, 3) for array in outputs]
+        if self.partners:
+            batch.append(torch.tensor(lams, dtype=torch.float32))
+        batch.append(torch.tensor([index for index, _ in resolved]))
+        return batch
+
+    def _empty_outputs(
+        self, batch: int, student_size: int, allocate: Callable[[tuple[int, ...]], np.ndarray]
+    ) -> list[np.ndarray]:
+        """``(batch, P, S, S, 3)`` uint8 arrays for the student and teacher views (and the partner views)."""
+        num, big = self.pos_num, self.teacher_size
+        shapes = [(batch, num, student_size, student_size, 3), (batch, num, big, big, 3)]
+        return [allocate(shape) for shape in (shapes * 2 if self.partners else shapes)]
+
+    def _render_item(self, index: int, *outputs: np.ndarray) -> tuple[float, ...] | None:
+        """Render item ``index`` into ``(P, S, S, 3)`` arrays (student, teacher, and with partners the partner
+        views); return the mixing weights (partners) or None."""
+        if self.partners:
+            return self._render_item_with_partners(index, *outputs)
+        student, teacher = outputs
         img = self.loader(self.paths[index])
         generator = self.generator_for(index)
         params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
         if self.coupled:
-            student, teacher = self._render(img, params, student_size)
-            return student, teacher, index
+            _render_into(img, params, student, teacher, range(self.pos_num), self.backend, self.fused)
+            return None
         # --uncoupled-views: the teacher's views from the next draws of the same generator
         teacher_params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
-        student, _ = self._render(img, params, student_size)
-        _, teacher = self._render(img, teacher_params, student_size)
-        return student, teacher, index
-
-    def _render(self, img: Image.Image, params: Sequence[ViewParams], student_size: int) -> tuple[Tensor, Tensor]:
-        return render_coupled_views(
-            img, params, student_size, self.teacher_size, backend=self.backend, fused=self.fused
-        )
+        slots = range(self.pos_num)
+        _render_into(img, params, student, np.empty_like(teacher), slots, self.backend, self.fused)
+        _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend, self.fused)
+        return None
 
     def _render_seeded(
         self, img: Image.Image, seeds: Sequence[int], student: np.ndarray, teacher: np.ndarray, slots: Sequence[int]
@@ -656,13 +734,17 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         _render_into(img, params, student, np.empty_like(teacher), slots, self.backend, self.fused)
         _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend, self.fused)
 
-    def _item_with_partners(self, index: int, student_size: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    def _render_item_with_partners(
+        self,
+        index: int,
+        student: np.ndarray,
+        teacher: np.ndarray,
+        partner_student: np.ndarray,
+        partner_teacher: np.ndarray,
+    ) -> tuple[float, ...]:
         draws = self.partner_draws(index)
-        num, small, big = self.pos_num, student_size, self.teacher_size
-        student, partner_student = (np.empty((num, small, small, 3), dtype=np.uint8) for _ in range(2))
-        teacher, partner_teacher = (np.empty((num, big, big, 3), dtype=np.uint8) for _ in range(2))
         img = self.loader(self.paths[index])
-        self._render_seeded(img, draws.view_seeds, student, teacher, range(num))
+        self._render_seeded(img, draws.view_seeds, student, teacher, range(self.pos_num))
         # Views grouped by partner image: each distinct partner is decoded once for this item.
         slots_of: dict[int, list[int]] = {}
         for slot, partner in enumerate(draws.partners):
@@ -675,14 +757,22 @@ class CoupledViewDataset(torch.utils.data.Dataset):
             partner_img = self.loader(self.paths[partner])
             seeds = [draws.view_seeds[slot] for slot in slots]
             self._render_seeded(partner_img, seeds, partner_student, partner_teacher, slots)
-        return (
-            _to_chw(student),
-            _to_chw(teacher),
-            _to_chw(partner_student),
-            _to_chw(partner_teacher),
-            torch.tensor(draws.lam, dtype=torch.float32),
-            index,
-        )
+        return draws.lam
+
+
+def batch_loader_arguments(batches: Sequence[Sequence[int | tuple[int, int]]]) -> dict:
+    """``DataLoader`` keyword arguments that make each batch one :meth:`CoupledViewDataset.batch` call.
+
+    ``DataLoader(dataset, **batch_loader_arguments(batches), num_workers=...)`` yields, per list of items,
+    the batch the default ``batch_sampler=batches`` would (the same tensors, bit for bit), rendered in place.
+    """
+    return {"sampler": [list(batch) for batch in batches], "batch_size": None}
+
+
+def _shared_uint8(shape: tuple[int, ...]) -> Tensor:
+    """A uint8 tensor in shared memory, as the default collation allocates a worker's batch."""
+    storage = torch.UntypedStorage._new_shared(math.prod(shape))
+    return torch.empty(0, dtype=torch.uint8).set_(storage).view(shape)
 
 
 def _check_alpha(alpha: float) -> None:
@@ -691,7 +781,13 @@ def _check_alpha(alpha: float) -> None:
 
 
 def mix_partner_views(
-    student: Tensor, teacher: Tensor, partner_student: Tensor, partner_teacher: Tensor, lam: Tensor
+    student: Tensor,
+    teacher: Tensor,
+    partner_student: Tensor,
+    partner_teacher: Tensor,
+    lam: Tensor,
+    *,
+    pool: BufferPool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The reference's mixup: ``lam * view + (1 - lam) * partner``, with the same ``lam`` at both resolutions.
 
@@ -706,6 +802,9 @@ def mix_partner_views(
         partner_student: The partner views at QR, the shape, dtype and device of ``student``.
         partner_teacher: The partner views at DR, the shape, dtype and device of ``teacher``.
         lam: ``(B, P)`` floating-point weights in [0, 1] (on the CPU or the views' device).
+        pool: CPU outputs only: take them from this :class:`~raml.data.buffers.BufferPool` (memory recycled
+            once the previous outputs are freed; no page faults of a fresh 150 MB batch per call) instead of
+            fresh memory. Ignored on other devices.
 
     Returns:
         The mixed ``(student, teacher)``: new tensors of the input shapes; float32 for uint8 inputs (pixel
@@ -754,13 +853,22 @@ def mix_partner_views(
     mixed = []
     for view, partner in ((student, partner_student), (teacher, partner_teacher)):
         mix = _lerp_per_view if view.device.type == "cpu" else _lerp_batched
-        mixed.append(mix(view, partner, lam, out_dtype))
+        mixed.append(mix(view, partner, lam, out_dtype, pool))
     return mixed[0], mixed[1]
 
 
-def _lerp_per_view(view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.dtype) -> Tensor:
-    """CPU: one fused ``lerp`` per view into the output (uint8 converted view by view, never as a batch)."""
-    mixed = torch.empty_like(view, dtype=out_dtype, memory_format=torch.preserve_format)
+def _lerp_per_view(
+    view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.dtype, pool: BufferPool | None = None
+) -> Tensor:
+    """CPU: one fused ``lerp`` per view into the output (uint8 converted view by view, never as a batch).
+
+    The output has the views' memory layout; from ``pool`` if given (recycled memory: a big fresh batch costs
+    more in page faults than in arithmetic, :mod:`raml.data.buffers`), else fresh.
+    """
+    if pool is not None:
+        mixed = pool.empty_like(view, out_dtype)
+    else:
+        mixed = torch.empty_like(view, dtype=out_dtype, memory_format=torch.preserve_format)
     weights = lam.tolist()
     for b in range(view.shape[0]):
         for i in range(view.shape[1]):
@@ -795,7 +903,9 @@ def _same_dense_layout(*tensors: Tensor) -> bool:
     )
 
 
-def _lerp_batched(view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.dtype) -> Tensor:
+def _lerp_batched(
+    view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.dtype, pool: BufferPool | None = None
+) -> Tensor:
     """Accelerators: one batched kernel; ``lerp(start, end, w) = start + w * (end - start)``."""
     weight = lam.to(view.device, out_dtype).view(*lam.shape, 1, 1, 1)
     return torch.lerp(partner.to(out_dtype), view.to(out_dtype), weight)
@@ -811,7 +921,12 @@ def _derangement(size: int, generator: torch.Generator) -> Tensor:
 
 
 def mixup_views(
-    student: Tensor, teacher: Tensor, generator: torch.Generator, alpha: float = 0.2
+    student: Tensor,
+    teacher: Tensor,
+    generator: torch.Generator,
+    alpha: float = 0.2,
+    *,
+    pool: BufferPool | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Mix every view with a view of another image, identically at both resolutions.
 
@@ -833,6 +948,8 @@ def mixup_views(
             device or the teacher's own).
         generator: A CPU ``torch.Generator``.
         alpha: Beta distribution parameter (> 0).
+        pool: CPU outputs only: take them from this :class:`~raml.data.buffers.BufferPool` (recycled memory,
+            as :func:`mix_partner_views`) instead of fresh memory.
 
     Returns:
         The mixed ``(student, teacher)``, new tensors of the input shapes; float inputs keep their dtype,
@@ -889,7 +1006,10 @@ def mixup_views(
     outputs = []
     for tensor in (student, teacher):
         out_dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
-        mixed = torch.empty_like(tensor, dtype=out_dtype, memory_format=torch.preserve_format)
+        if pool is not None and tensor.device.type == "cpu":
+            mixed = pool.empty_like(tensor, out_dtype)
+        else:
+            mixed = torch.empty_like(tensor, dtype=out_dtype, memory_format=torch.preserve_format)
         for b, i, pb, pi in pairs:
             end, start = tensor[b, i].to(out_dtype), tensor[pb, pi].to(out_dtype)  # no copy when float
             torch.lerp(start, end, lam_list[b][i], out=mixed[b, i])

@@ -20,8 +20,9 @@ from typing import Any
 
 import torch
 
+from raml.data.buffers import BufferPool
 from raml.data.sizes import draw_batch_sizes
-from raml.data.views import CoupledViewDataset, mix_partner_views, mixup_views
+from raml.data.views import CoupledViewDataset, batch_loader_arguments, mix_partner_views, mixup_views
 from raml.distributed import all_gather_rows, shard_bounds
 from raml.engine.methods.base import BatchLoss, Method
 
@@ -30,6 +31,11 @@ class CoupledViewMethod(Method):
     """Coupled student/teacher views of each image of the batch; the teacher runs online on its views."""
 
     teacher = "online"
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        # the CPU mix's outputs (training on the CPU): memory recycled once the previous batch is freed
+        self._mix_pool = BufferPool()
 
     def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         run, c = self.run, self.run.config
@@ -52,7 +58,9 @@ class CoupledViewMethod(Method):
             drawn = draw_batch_sizes(c.student_sizes(), len(global_batches), c.seed, epoch)
             global_batches = [[(i, size) for i in batch] for batch, size in zip(global_batches, drawn, strict=True)]
         batches = [run.local_share(batch) for batch in global_batches]
-        return iter(run.loader(dataset, batch_sampler=batches))
+        # each batch rendered straight into its collated tensors (CoupledViewDataset.batch): no per-item arrays
+        # and no stacking copy; the same tensors as batch_sampler=batches with the default collation
+        return iter(run.loader(dataset, **batch_loader_arguments(batches)))
 
     def _views(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's float [0, 1] student ``(B, P, 3, QR, QR)`` views on the student's device and teacher
@@ -79,6 +87,7 @@ class CoupledViewMethod(Method):
                 partner_student.to(device, non_blocking=True),
                 partner_teacher.to(teacher_device, non_blocking=True),
                 lam,
+                pool=self._mix_pool,
             )
             return student_views.div_(255), teacher_views.div_(255)
         student_views, teacher_views, _ = batch
@@ -90,7 +99,7 @@ class CoupledViewMethod(Method):
             student_views = all_gather_rows(student_views.contiguous(), run.dist)
             teacher_views = all_gather_rows(teacher_views.contiguous(), run.dist)
         student_views, teacher_views = mixup_views(
-            student_views.float().div_(255), teacher_views.float().div_(255), generator
+            student_views.float().div_(255), teacher_views.float().div_(255), generator, pool=self._mix_pool
         )
         start, stop = shard_bounds(student_views.shape[0], run.dist)
         return student_views[start:stop], teacher_views[start:stop]
