@@ -4,7 +4,10 @@ protocol its default run follows (train on train + val, keep and test the last e
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -352,6 +355,13 @@ def test_requirements_txt_resolves_in_this_environment(tmp_path: Path):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     assert "raml" in result.stdout
+    # the scripts run here: in this process (a fresh interpreter per script cost ~6 CPU s of imports; both run
+    # verbatim as commands in test_main_py_with_short_aliases_runs_the_reference_protocol and
+    # tests/cli/test_test_extract.py::test_seed_test_py_command_runs_verbatim)
     for script in ("main.py", "test.py"):
-        shown = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True)
-        assert shown.returncode == 0 and "--student-path" in shown.stdout, shown.stderr[-2000:]
+        shown = io.StringIO()
+        with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stdout(shown):
+            patch.setattr(sys, "argv", [str(REPO / script), "--help"])
+            with pytest.raises(SystemExit) as stop:
+                runpy.run_path(str(REPO / script), run_name="__main__")
+        assert stop.value.code == 0 and "--student-path" in shown.getvalue(), script

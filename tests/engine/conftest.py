@@ -3,19 +3,30 @@
 ``two_ranks(args, env, timeout) -> RanksResult`` starts ``python ARGS`` twice with the variables torchrun gives
 its workers (``RANK``, ``LOCAL_RANK``, ``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT``),
 so rank 0 hosts the rendezvous store itself. The launcher is a third Python process importing torch (about
-3 CPU seconds per test); the tests of "two processes train like one" do not depend on it, and two tests keep
-the real ``torch.distributed.run`` launch (test_extraction_shards_over_two_gloo_processes,
-test_convnext_student_trains_in_two_gloo_processes_like_one). Like torchrun, when one rank fails the other is
+3 CPU seconds per test); the tests of "two processes train like one" do not depend on it, and one test keeps
+the real ``torch.distributed.run`` launch of ``-m raml`` (test_reliability.py::
+test_extraction_shards_over_two_gloo_processes). Like torchrun, when one rank fails the other is
 ended after a grace period rather than left waiting in a collective.
+
+``rank_pair.run(args, env, timeout) -> RanksResult`` runs on the same pair kept alive for the whole session
+(one per pytest worker): two ``rank_server.py`` processes that import torch and raml once and run each request
+as ``python ARGS`` would (module ``__main__``, ``sys.argv``, stdout/stderr, working directory, thread count,
+and torch's random generator seeded afresh as in a new process), in one gloo group made once. Two fresh
+interpreters cost about 13 CPU seconds of imports before any work; the DDP tests with a pair of their own paid
+that each. After a request that fails or times out the pair is ended (the ranks may be out of step in a
+collective) and the next request starts a new one.
 """
 
 from __future__ import annotations
 
+import json
+import os
+import select
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,3 +103,116 @@ def two_ranks(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., RanksRe
         return _run_two_ranks(args, env, timeout, tmp_path_factory.mktemp("ranks"), grace_s)
 
     return run
+
+
+#: variables a rank server applies per request instead of at its start (the thread count), or that change from
+#: test to test without meaning to the ranks (pytest's own)
+_PER_REQUEST = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYTEST_CURRENT_TEST")
+RANK_SERVER = Path(__file__).resolve().parent / "rank_server.py"
+
+
+class RankPair:
+    """Two ``rank_server.py`` processes (ranks 0 and 1 of a gloo group), started on the first request."""
+
+    def __init__(self, workdirs: Callable[[], Path], preload: bool = True) -> None:
+        self._workdirs = workdirs
+        self._server = [sys.executable, str(RANK_SERVER), *(["--preload"] if preload else [])]
+        self._procs: list[subprocess.Popen] = []
+        self._env_key: dict[str, str] | None = None
+        self.starts = 0  # how many pairs were started
+        self.pids: list[int] = []  # the current pair's process ids
+
+    def _start(self, env: dict[str, str]) -> None:
+        port = str(_free_port())
+        base = {k: v for k, v in env.items() if k not in _PER_REQUEST}
+        logs = self._workdirs()
+        for rank in range(2):
+            rank_env = dict(base, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2")
+            rank_env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+            with open(logs / f"server{rank}.err", "w") as err:  # what a server prints outside any request
+                self._procs.append(
+                    subprocess.Popen(
+                        self._server,
+                        env=rank_env,
+                        stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE,
+                        stderr=err,
+                        text=True,
+                    )
+                )
+        self._env_key = base
+        self.starts += 1
+        self.pids = [p.pid for p in self._procs]
+
+    def close(self) -> None:
+        for proc in self._procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait(timeout=60)
+            for stream in (proc.stdin, proc.stdout):
+                stream.close()
+        self._procs = []
+
+    def run(
+        self, args: list[str], env: dict[str, str], timeout: float = 300, grace_s: float = FAILED_RANK_GRACE_S
+    ) -> RanksResult:
+        base = {k: v for k, v in env.items() if k not in _PER_REQUEST}
+        if not self._procs or any(p.poll() is not None for p in self._procs) or base != self._env_key:
+            self.close()
+            self._start(env)
+        workdir = self._workdirs()
+        logs = [(workdir / f"rank{rank}.out", workdir / f"rank{rank}.err") for rank in range(2)]
+        for proc, (out, err) in zip(self._procs, logs):
+            request = {"args": list(args), "cwd": os.getcwd(), "stdout": str(out), "stderr": str(err)}
+            request["omp_num_threads"] = env.get("OMP_NUM_THREADS")
+            proc.stdin.write(json.dumps(request) + "\n")
+            proc.stdin.flush()
+        codes: list[int | None] = [None, None]
+        deadline = time.monotonic() + timeout
+        failed_at, first_failure, timed_out = None, 0, False
+        while None in codes:
+            waiting = {self._procs[r].stdout: r for r in range(2) if codes[r] is None}
+            ready, _, _ = select.select(list(waiting), [], [], 0.05)
+            for stream in ready:
+                line = stream.readline()  # a reply, or "" when the server died
+                rank = waiting[stream]
+                if line:
+                    codes[rank] = json.loads(line)["returncode"]
+                else:
+                    codes[rank] = self._procs[rank].wait(timeout=60) or 1
+            now = time.monotonic()
+            if failed_at is None and any(c not in (None, 0) for c in codes):
+                failed_at, first_failure = now, next(c for c in codes if c not in (None, 0))
+            if failed_at is not None and now > failed_at + grace_s:
+                break
+            if now > deadline:
+                timed_out = True
+                break
+        if timed_out or any(c != 0 for c in codes):
+            self.close()  # a rank may be stuck in a collective or out of step with the other: start afresh
+        if timed_out:
+            raise subprocess.TimeoutExpired([sys.executable, *args], timeout)
+        return RanksResult(
+            returncode=first_failure or next((c for c in codes if c not in (None, 0)), 0),
+            stdout="".join(out.read_text() for out, _ in logs),
+            stderr="".join(err.read_text() for _, err in logs),
+        )
+
+
+@pytest.fixture(scope="session")
+def rank_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RankPair]:
+    """The session's :class:`RankPair`: ``rank_pair.run(args, env, timeout, grace_s) -> RanksResult``, as
+    ``two_ranks`` but without starting two interpreters per call. ``make test`` (``--dist loadfile``) runs each
+    test file on one worker, so each worker that runs a file using it starts one pair."""
+    pair = RankPair(lambda: tmp_path_factory.mktemp("rank_pair"))
+    yield pair
+    pair.close()
+
+
+@pytest.fixture
+def bare_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RankPair]:
+    """A :class:`RankPair` of its own whose servers import nothing, for the launcher's tests (scripts without
+    torch): it starts in a few hundredths of a second."""
+    pair = RankPair(lambda: tmp_path_factory.mktemp("pair"), preload=False)
+    yield pair
+    pair.close()

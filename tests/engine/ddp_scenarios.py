@@ -1,5 +1,6 @@
 """Two-process training scenarios that need a hand inside each process; run by tests/engine/test_gpu_paths.py as
-``torchrun --nproc_per_node 2 ddp_scenarios.py SCENARIO CONFIG.json OUT_DIR`` (gloo, CPU).
+``python ddp_scenarios.py SCENARIO CONFIG.json OUT_DIR`` in both ranks of the session's gloo pair (the engine
+conftest's ``rank_pair``, whose processes run one scenario after another: a scenario leaves no patch behind).
 
 Each rank writes ``OUT_DIR/rank<R>.json`` with what it saw; a rank killed or hung writes nothing.
 
@@ -75,10 +76,14 @@ def main(scenario: str, config_path: str, out_dir: str) -> None:
             scored.append(str(query.device))
             return metrics(query, database, *args, **kwargs)
 
-        # wherever the trainer scores: through evaluate_split or by itself
+        # wherever the trainer scores: through evaluate_split or by itself (restored after: the rank servers of
+        # tests/engine/conftest.py run the next scenario in this same process)
         trainer_module.retrieval_metrics = evaluate_module.retrieval_metrics = counting_metrics
-        trainer.run()
-        report.update(scored=scored, history=trainer.history, test=trainer.test())
+        try:
+            trainer.run()
+            report.update(scored=scored, history=trainer.history, test=trainer.test())
+        finally:
+            trainer_module.retrieval_metrics = evaluate_module.retrieval_metrics = metrics
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     (Path(out_dir) / f"rank{dist.rank}.json").write_text(json.dumps(report))

@@ -1,6 +1,6 @@
 """The CUDA code paths, exercised on the CPU (issue 23): bf16 autocast (it exists on the CPU too), DDP in two
 gloo processes (the code path NCCL takes; started by torchrun, or with torchrun's variables by the engine
-conftest's ``two_ranks``) and the device-selection branches with ``torch.cuda`` patched.
+conftest's session pair ``rank_pair``) and the device-selection branches with ``torch.cuda`` patched.
 
 Tiny on purpose: 32 px teacher views, 16 px student views, timm ``test_*`` backbones, 16 training images.
 """
@@ -10,11 +10,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import socket
-import subprocess
-import sys
-from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -54,22 +51,10 @@ def _config(data_root: Path, network: Path, directory: Path, **changes) -> Train
     return TrainConfig(**values)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env() -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1")
     env["PYTHONPATH"] = str(HERE.parents[1] / "src") + os.pathsep + env.get("PYTHONPATH", "")
     return env
-
-
-def _torchrun(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), *args]  # fmt: skip
-    return subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=timeout)
 
 
 # ----------------------------------------------------------------------------------------- 1: --amp
@@ -137,7 +122,7 @@ def test_timm_backbone_has_no_trainable_parameter_outside_forward_features():
     assert missing == []
 
 
-def test_convnext_student_trains_in_two_gloo_processes_like_one(setup, tmp_path):
+def test_convnext_student_trains_in_two_gloo_processes_like_one(setup, tmp_path, rank_pair):
     data_root, _, convnext = setup
     # the student from a checkpoint: a random --student ARCH would start from each process's own random state
     args = ["train", "--mode", "ts_aug", "--student-path", str(convnext), "--teacher-path", str(convnext),
@@ -148,8 +133,10 @@ def test_convnext_student_trains_in_two_gloo_processes_like_one(setup, tmp_path)
     from raml.cli.main import main
 
     assert main([*args, "--directory", str(tmp_path / "one")]) == 0
-    # "Expected to have finished reduction in the prior iteration" came on the second batch
-    result = _torchrun("-m", "raml", *args, "--directory", str(tmp_path / "two"))
+    # "Expected to have finished reduction in the prior iteration" came on the second batch; the session's two
+    # ranks with torchrun's variables (tests/engine/conftest.py; the real torchrun launch of `-m raml` is tested by
+    # test_reliability.py::test_extraction_shards_over_two_gloo_processes)
+    result = rank_pair.run(["-m", "raml", *args, "--directory", str(tmp_path / "two")], _env(), timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one = load_checkpoint_file(tmp_path / "one" / "model_best.pth.tar")["state_dict"]
     two = load_checkpoint_file(tmp_path / "two" / "model_best.pth.tar")["state_dict"]
@@ -159,21 +146,21 @@ def test_convnext_student_trains_in_two_gloo_processes_like_one(setup, tmp_path)
 
 
 # ------------------------------------------------------ 3, 4: non-finite loss on one rank; no_sync
-def _scenario(name: str, config: TrainConfig, out: Path, two_ranks: Callable[..., object]) -> list[dict]:
+def _scenario(name: str, config: TrainConfig, out: Path, rank_pair: Any) -> list[dict]:  # conftest's RankPair
     out.mkdir()
     config_file = out / "config.json"
     config_file.write_text(json.dumps(dataclasses.asdict(config)))
-    # two ranks with torchrun's variables, without its launcher process (tests/engine/conftest.py)
-    result = two_ranks([str(HERE / "ddp_scenarios.py"), name, str(config_file), str(out)], _env(), timeout=300)
+    # the session's two ranks with torchrun's variables, without its launcher process (tests/engine/conftest.py)
+    result = rank_pair.run([str(HERE / "ddp_scenarios.py"), name, str(config_file), str(out)], _env(), timeout=300)
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert len(reports) == 2, f"a rank wrote no report (rc {result.returncode}): {result.stderr[-3000:]}"
     return reports
 
 
-def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_path, two_ranks):
+def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_path, rank_pair):
     data_root, resnet, _ = setup
     config = _config(data_root, resnet, tmp_path / "run", epochs=2)
-    reports = _scenario("nan", config, tmp_path / "out", two_ranks)
+    reports = _scenario("nan", config, tmp_path / "out", rank_pair)
     for report in reports:  # rank 0's loss was finite; it must stop too, not wait in an all-reduce
         assert report["outcome"] == "NonFiniteLossError", report
         assert "epoch 1, batch 2" in report["message"]
@@ -182,13 +169,13 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_
 
 
 @pytest.mark.parametrize("update_every, flush", [(2, False), (3, True)])
-def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path, update_every, flush, two_ranks):
+def test_gradients_are_all_reduced_once_per_optimizer_step(setup, tmp_path, update_every, flush, rank_pair):
     data_root, resnet, _ = setup
     # 16 images, batches of 4 -> 4 batches per epoch -> 2 optimizer steps: update-every 2, or update-every 3
     # and the last (flushed) batch, which must be all-reduced too
     config = _config(data_root, resnet, tmp_path / "two", update_every=update_every, flush_accumulation=flush,
                      epochs=1, optimizer="sgd", lr=0.05)  # fmt: skip
-    reports = _scenario("count", config, tmp_path / "out", two_ranks)
+    reports = _scenario("count", config, tmp_path / "out", rank_pair)
     for report in reports:
         assert report["batches"] == 4 and report["steps"] == 2, report
         assert report["reduces"] == report["steps"], report  # was one per batch (4)
@@ -350,11 +337,11 @@ def test_teacher_views_go_straight_to_the_teachers_device(setup, tmp_path, monke
 
 
 # ------------------------------------------------------------ 8: under DDP rank 0 scores, the others receive
-def test_under_ddp_only_rank_0_scores_and_every_rank_gets_its_metrics(setup, tmp_path, two_ranks):
+def test_under_ddp_only_rank_0_scores_and_every_rank_gets_its_metrics(setup, tmp_path, rank_pair):
     data_root, resnet, _ = setup
     # the reference's protocol: the test split monitored after the epoch, then the final test (asym + sym)
     config = _config(data_root, resnet, tmp_path / "run", val=True, val_freq=1, test_datasets=["cub-test"])
-    reports = {report["rank"]: report for report in _scenario("eval", config, tmp_path / "out", two_ranks)}
+    reports = {report["rank"]: report for report in _scenario("eval", config, tmp_path / "out", rank_pair)}
     assert reports[1]["scored"] == []  # rank 1 embedded its shard but scored nothing
     assert len(reports[0]["scored"]) == 3  # monitoring (asym) + test (asym, sym), on rank 0's device
     for h0, h1 in zip(reports[0]["history"], reports[1]["history"], strict=True):

@@ -165,7 +165,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("mode", ["ts_aug", "ts_aug-batch", "sym", "sym-triplet"])
-def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode, two_ranks):
+def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode, rank_pair):
     data_root, teacher = setup
     # SGD: its step is linear in the gradient, so float summation-order noise stays noise (Adam divides by
     # the gradient's own scale and turns noise on near-zero gradients into full-size steps)
@@ -180,8 +180,8 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode, two_ranks):
     single = tmp_path / "single"
     assert main([*_train_args(data_root, teacher, single), *extra]) == 0
     double = tmp_path / "double"
-    # two ranks with torchrun's variables, without its launcher process (tests/engine/conftest.py)
-    result = two_ranks(["-m", "raml", *_train_args(data_root, teacher, double), *extra], _subprocess_env(), 600)
+    # the session's two ranks with torchrun's variables, without its launcher process (tests/engine/conftest.py)
+    result = rank_pair.run(["-m", "raml", *_train_args(data_root, teacher, double), *extra], _subprocess_env(), 600)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_weights(single / "model_epoch2.pth.tar", double / "model_epoch2.pth.tar", atol=1e-5)
 

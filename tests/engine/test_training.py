@@ -19,9 +19,7 @@ from raml.engine.trainer import FrozenTeacher, Trainer, TrainingInterrupted, stu
 from raml.models import build_network, load_checkpoint_file, load_network
 from raml.retrieval.evaluate import evaluate_split
 
-# one xdist worker runs the whole module (make test: --dist loadgroup), so the module's trained teacher is trained
-# once, and first: xdist starts the largest group before the single tests
-pytestmark = pytest.mark.xdist_group("test_training")
+# one xdist worker runs the whole module (make test: --dist loadfile), so the module's trained teacher is trained once
 
 CPU = torch.device("cpu")
 ARCH = "resnet18"
