@@ -6,10 +6,23 @@ Each test asserts behaviour against a plain computation written here, so that a 
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import numpy as np
+import pytest
 import torch
 
+from raml.data.synth import generate_synthetic_dataset
+from raml.engine.config import TrainConfig
 from raml.engine.methods import METHODS, method_help
 from raml.engine.methods.coupled import BatchRelationMethod
+from raml.engine.methods.labelled import GROUP_SIZE
+from raml.engine.methods.sym_triplet import group_positives
+from raml.engine.mining import class_grouped_epoch, distance_weighted_negatives, mining_pool, reference_epoch_seed
+from raml.engine.trainer import Trainer
+from raml.losses import triplet_loss
+from raml.models import build_network, save_checkpoint
+from raml.retrieval.extract import extract_embeddings
 
 
 def test_candidates_is_the_rows_outside_the_largest_group_plus_one() -> None:
@@ -27,10 +40,198 @@ def test_help_lists_every_mode_with_its_summary_wrapped_at_the_width() -> None:
     # every line after the first is an entry's first line ("  name    summary...") or its continuation,
     # indented by 10 columns; without the white space, the entries follow one another in registry order
     assert all(line.startswith("  ") and (line[2] != " " or line.startswith(" " * 10)) for line in lines[1:])
+    assert all(line[10] != " " for line in lines[1:])  # continuations indented by exactly 10 columns
+    assert any(line[2] == " " for line in lines[1:])  # (there are some at this width)
     firsts = [line for line in lines[1:] if line[2] != " "]
     assert [line.split()[0] for line in firsts] == list(METHODS)
     assert all(line[:10] == f"  {name:<8}" and line[10] != " " for line, name in zip(firsts, METHODS))  # column 10
+    # the default width is 100 columns, and the summaries fill it
+    default = method_help().splitlines()
+    assert max(len(line) for line in default) in range(91, 101) and default == method_help(100).splitlines()
     squeezed = "".join(text.split())
     assert squeezed == "trainingmethods(--modeNAME):" + "".join(
         name + "".join(entry.summary.split()) for name, entry in METHODS.items()
     )
+
+
+# ------------------------------------------------------------------------------------------ sym --loss triplet
+CPU = torch.device("cpu")
+SIZE = 32
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """6 classes of 5 images: the training split holds 3 classes of 5, so an epoch keeps 4 of each (12 images)."""
+    root = tmp_path_factory.mktemp("labelled")
+    generate_synthetic_dataset(root / "cub", num_classes=6, images_per_class=5, image_size=SIZE, seed=2)
+    torch.manual_seed(0)
+    network = root / "network.pth"
+    save_checkpoint(network, build_network("test_resnet", whitening=16, pretrained=False))
+    return root, network
+
+
+def _sym_trainer(labelled, directory: Path, **changes) -> Trainer:
+    data_root, network = labelled
+    values = dict(
+        mode="sym", loss="triplet", student_path=str(network), training_dataset="cub", test_datasets=[],
+        data_root=str(data_root), directory=str(directory), image_size=SIZE, pos_num=2, batch_size=4, neg_num=2,
+        pool_size=6, update_every=1, query_size=100, epochs=1, workers=0, val=False, seed=3, scheduler="none",
+        lr=1e-3, loss_margin=0.3,
+    )  # fmt: skip
+    values.update(changes)
+    return Trainer(TrainConfig(**values), CPU, progress=False)
+
+
+def test_group_positives_are_the_other_members_of_each_group() -> None:
+    anchor = torch.arange(8 * 2, dtype=torch.float32).view(8, 2)
+    positives = group_positives(anchor, 4)
+    assert positives.shape == (8, 3, 2)
+    for row in range(8):
+        group = range(row // 4 * 4, row // 4 * 4 + 4)
+        assert torch.equal(positives[row], anchor[[other for other in group if other != row]])
+
+
+@pytest.mark.parametrize(
+    ("query_size", "batch_size", "images", "batches"), [(100, 4, 12, 3), (100, 8, 12, 1), (9, 4, 9, 2)]
+)
+def test_a_triplet_epoch_keeps_whole_groups_and_drops_the_last_incomplete_batch(
+    labelled, tmp_path, query_size, batch_size, images, batches
+) -> None:
+    """3 kept classes of 4 images (of 5): 12 images, at most --query-size; whole batches only."""
+    trainer = _sym_trainer(labelled, tmp_path, query_size=query_size, batch_size=batch_size)
+    assert trainer.method.epoch_images() == trainer.epoch_size == images
+    assert trainer.method.batches_per_epoch() == batches
+
+
+def test_a_triplet_epoch_is_the_reference_s_anchors_with_mined_negatives_and_item_seeds(labelled, tmp_path) -> None:
+    """The anchors, the pool and the negatives drawn from a RandomState seeded as the reference's epoch, the
+    negatives by distance-weighted sampling on the current network's embeddings of the anchors and the pool;
+    each batch is its anchors (whole groups) then each anchor's negatives; every item carries the epoch's next
+    seed, the batch's anchors first."""
+    trainer = _sym_trainer(labelled, tmp_path)
+    c, epoch = trainer.config, 2
+    captured = {}
+
+    def loader(dataset, batch_sampler):
+        captured["dataset"] = dataset
+        return batch_sampler
+
+    trainer.loader = loader
+    batches = list(trainer.method.epoch_batches(epoch, torch.Generator()))
+
+    labels = trainer.train_split.labels
+    rng = np.random.RandomState(reference_epoch_seed(c.seed, epoch))
+    anchors = class_grouped_epoch(labels, GROUP_SIZE, trainer.epoch_size, rng)
+    pool = mining_pool(labels, GROUP_SIZE, c.pool_size, rng)
+    rows = sorted(set(anchors) | set(pool))
+    embeddings = extract_embeddings(
+        trainer.student, [trainer.train_paths[i] for i in rows], c.image_size, CPU, batch_size=c.eval_batch_size,
+        workers=0, progress=False,
+    )  # fmt: skip
+    at = {index: row for row, index in enumerate(rows)}
+    drawn = distance_weighted_negatives(
+        embeddings[[at[i] for i in anchors]], torch.as_tensor(labels)[anchors], embeddings[[at[i] for i in pool]],
+        torch.as_tensor(labels)[pool], c.neg_num, rng,
+    )  # fmt: skip
+    negatives = torch.as_tensor(pool)[drawn].tolist()
+
+    seeds = iter(trainer.item_seeds(epoch, len(anchors) * (1 + c.neg_num)))
+    per_batch = c.batch_size
+    assert len(batches) == len(anchors) // per_batch == 3
+    for b, batch in enumerate(batches):
+        rows_of_batch = range(b * per_batch, (b + 1) * per_batch)
+        expected = [(anchors[r], next(seeds)) for r in rows_of_batch]
+        expected += [(n, next(seeds)) for r in rows_of_batch for n in negatives[r]]
+        assert batch == expected, b
+        for r in rows_of_batch:  # the negatives: of another class, from the pool
+            assert all(labels[n] != labels[anchors[r]] and n in pool for n in negatives[r])
+    dataset = captured["dataset"]
+    assert dataset.paths == trainer.train_paths and len(dataset) == len(trainer.train_paths)
+
+
+def test_a_triplet_batch_loss_is_the_triplet_loss_of_groups_and_negatives(labelled, tmp_path) -> None:
+    trainer = _sym_trainer(labelled, tmp_path, loss_margin=0.7)
+    images = torch.randn(4 * 3, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1))
+    got = trainer.method.batch_loss((images, torch.arange(12)), torch.Generator())
+    with torch.no_grad():
+        embeddings = trainer.model(images).float()
+    anchor, negatives = embeddings[:4], embeddings[4:].view(4, 2, -1)
+    positives = torch.stack([anchor[[j for j in range(4) if j != i]] for i in range(4)])
+    expected = triplet_loss(anchor, positives, negatives, 0.7)
+    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5) and got.images == 4
+    assert got.terms == {"loss": pytest.approx(expected.item(), rel=1e-5)}
+    assert got.loss.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ checkpoint state
+def test_proxies_are_restored_from_a_checkpoint_and_their_absence_is_named(labelled, tmp_path) -> None:
+    trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax")
+    method = trainer.method
+    saved = torch.randn_like(method.proxies)
+    method.load_checkpoint_state({"proxies": saved}, tmp_path / "a.pth")
+    assert torch.equal(method.proxies.detach(), saved) and isinstance(method.proxies, torch.nn.Parameter)
+    assert torch.equal(method.checkpoint_state()["proxies"], saved)
+    with pytest.raises(ValueError) as error:
+        method.load_checkpoint_state({}, tmp_path / "b.pth")
+    assert (
+        str(error.value)
+        == f"{tmp_path / 'b.pth'} has no proxies for --loss normsoftmax; it was trained with another loss."
+    )
+
+
+def test_ugd_projectors_are_restored_from_a_checkpoint_and_their_absence_is_named(labelled, tmp_path) -> None:
+    data_root, network = labelled
+    trainer = _sym_trainer(
+        labelled, tmp_path, mode="ugd", teacher_path=str(network), image_size=16, teacher_image_size=SIZE,
+        batch_size=4, query_size=8,
+    )  # fmt: skip
+    method = trainer.method
+    state = {
+        k: torch.randn_like(v) if v.is_floating_point() else v + 1 for k, v in method.projectors.state_dict().items()
+    }
+    method.load_checkpoint_state({"ugd_projectors": state}, tmp_path / "a.pth")
+    assert all(torch.equal(method.projectors.state_dict()[k], v) for k, v in state.items())
+    with pytest.raises(ValueError) as error:
+        method.load_checkpoint_state({}, tmp_path / "b.pth")
+    assert str(error.value) == f"{tmp_path / 'b.pth'} has no UGD projectors; it was not trained with --mode ugd."
+
+
+# ------------------------------------------------------------------------------------------ sym --loss normsoftmax
+def test_proxies_start_from_the_seed_and_train_ten_times_faster_without_weight_decay(labelled, tmp_path) -> None:
+    trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax", lr=2e-3, weight_decay=0.01, seed=5)
+    proxies = trainer.method.proxies
+    expected = torch.randn(3, proxies.shape[1], generator=torch.Generator().manual_seed(5))
+    assert proxies.shape[1] == trainer.student.meta["outputdim"] and torch.equal(proxies.detach(), expected)
+    groups = [group for group in trainer.optimizer.param_groups if group.get("name") == "proxies"]
+    assert len(groups) == 1 and groups[0]["params"] == [proxies]
+    assert groups[0]["lr"] == pytest.approx(2e-3 * 10) and groups[0]["weight_decay"] == 0.0
+
+
+@pytest.mark.parametrize(("query_size", "batch_size", "batches"), [(10, 8, 1), (5, 4, 1), (15, 8, 2), (15, 4, 3)])
+def test_a_proxy_epoch_has_a_batch_per_groups_of_the_batch_size(labelled, tmp_path, query_size, batch_size, batches):
+    """``--query-size`` images (at most the 15 of the split) in groups of 4, ``batch_size // 4`` groups a batch
+    (at least one): as many batches as the epoch yields."""
+    trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax", query_size=query_size, batch_size=batch_size)
+    assert trainer.method.groups_per_batch() == max(1, batch_size // 4)
+    assert trainer.method.batches_per_epoch() == batches
+    trainer.loader = lambda dataset, batch_sampler: batch_sampler
+    assert len(list(trainer.method.epoch_batches(1, torch.Generator().manual_seed(0)))) == batches
+
+
+def test_augmented_images_are_torchvision_s_crop_and_flip_seeded_per_item(labelled, tmp_path) -> None:
+    from torchvision import transforms
+
+    from raml.data.images import load_image
+
+    trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax")
+    dataset = trainer.method.augmented_images()
+    meta = trainer.student.meta
+    reference = transforms.Compose([
+        transforms.RandomResizedCrop(SIZE, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), transforms.RandomHorizontalFlip(),
+        transforms.ToTensor(), transforms.Normalize(meta["mean"], meta["std"]),
+    ])  # fmt: skip
+    for index, seed in ((0, 1), (3, 12345), (7, 99)):
+        image, got_index = dataset[(index, seed)]
+        torch.manual_seed(seed)
+        expected = reference(load_image(trainer.train_paths[index]))
+        assert got_index == index and torch.equal(image, expected)
