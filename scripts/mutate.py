@@ -12,6 +12,7 @@ test files. mutmut keeps its results there, so a second run only re-tests what c
     python scripts/mutate.py metrics losses        # some targets
     python scripts/mutate.py metrics --survivors   # also print each survivor's diff
     python scripts/mutate.py metrics --retest-survivors  # after writing tests: re-test the last survivors only
+                                                   # (and the mutants no test reached)
     python scripts/mutate.py --list                # the targets, their modules and test files
     make mutate                                    # = python scripts/mutate.py
 
@@ -60,7 +61,7 @@ TARGETS: dict[str, Target] = {
     ),
     "methods": Target(
         ("src/raml/engine/methods/*",),
-        ("tests/engine/test_methods.py", "tests/engine/test_methods_mutants.py"),
+        ("tests/engine/test_methods.py", "tests/engine/test_methods_mutants.py", "tests/engine/test_ugd_method.py"),
         # raml bench methods' own test: it trains a teacher and every row (24 s of an idle core, the slowest test
         # of the file by far) and so covers every method function; the methods are tested on their own beside it
         deselect=("tests/engine/test_methods.py::test_bench_methods_writes_every_row_and_reuses_its_teacher",),
@@ -142,10 +143,11 @@ def mutmut(work: Path, *args: str, capture: bool = False) -> subprocess.Complete
     return subprocess.run(cmd, cwd=work, env=_env(), text=True, capture_output=capture, check=False)
 
 
-def survivors(work: Path) -> list[str]:
-    """Names of the surviving mutants, from ``mutmut results``."""
-    out = mutmut(work, "results", capture=True).stdout
-    return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(": survived")]
+def survivors(work: Path, untested: bool = False) -> list[str]:
+    """Names of the surviving mutants (and, with ``untested``, of those no test reached), from ``mutmut results``."""
+    out = mutmut(work, "results", "--all", "true", capture=True).stdout
+    verdicts = (": survived", ": no tests") if untested else (": survived",)
+    return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(verdicts)]
 
 
 def score(work: Path) -> dict:
@@ -179,8 +181,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retest-survivors",
         action="store_true",
-        help="re-test only the survivors of the previous run in the work folder (after writing tests for them); "
-        "the other verdicts are kept, so the score stays that of every mutant",
+        help="re-test only the survivors and the untested mutants of the previous run in the work folder (after "
+        "writing tests for them); the other verdicts are kept, so the score stays that of every mutant",
     )
     args = parser.parse_args(argv)
     if args.list:
@@ -194,7 +196,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown target(s) {', '.join(unknown)}; expected some of {', '.join(TARGETS)}")
     failed = False
     for name in args.targets or list(TARGETS):
-        previous = survivors(WORK / name) if args.retest_survivors and (WORK / name / "mutants").is_dir() else []
+        previous = (
+            survivors(WORK / name, untested=True)
+            if args.retest_survivors and (WORK / name / "mutants").is_dir()
+            else []
+        )
         if args.retest_survivors and not previous:
             print(f"{name}: no survivors of a previous run in {WORK / name}; nothing to re-test")
             continue

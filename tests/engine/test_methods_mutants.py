@@ -12,6 +12,8 @@ import numpy as np
 import pytest
 import torch
 
+from raml.data.images import EvalTransform, load_image
+from raml.data.sizes import draw_batch_sizes
 from raml.data.synth import generate_synthetic_dataset
 from raml.engine.config import TrainConfig
 from raml.engine.methods import METHODS, method_help
@@ -20,7 +22,7 @@ from raml.engine.methods.labelled import GROUP_SIZE
 from raml.engine.methods.sym_triplet import group_positives
 from raml.engine.mining import class_grouped_epoch, distance_weighted_negatives, mining_pool, reference_epoch_seed
 from raml.engine.trainer import Trainer
-from raml.losses import triplet_loss
+from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, triplet_loss
 from raml.models import build_network, save_checkpoint
 from raml.retrieval.extract import extract_embeddings
 
@@ -235,3 +237,89 @@ def test_augmented_images_are_torchvision_s_crop_and_flip_seeded_per_item(labell
         torch.manual_seed(seed)
         expected = reference(load_image(trainer.train_paths[index]))
         assert got_index == index and torch.equal(image, expected)
+
+
+# ------------------------------------------------------------------------------------------ the batch losses
+def _distiller(labelled, directory: Path, mode: str, **changes) -> Trainer:
+    _, network = labelled
+    values = dict(mode=mode, teacher_path=str(network), image_size=16, teacher_image_size=SIZE, query_size=8)
+    values.update(changes)
+    return _sym_trainer(labelled, directory, **values)
+
+
+def test_ts_aug_s_batch_loss_is_the_distillation_loss_of_the_views_with_its_terms(labelled, tmp_path) -> None:
+    trainer = _distiller(labelled, tmp_path, "ts_aug", lam_1=0.3, lam_2=2.5, pos_num=3)
+    generator = torch.Generator().manual_seed(0)
+    batch = next(trainer._epoch_batches(1, generator))
+    with torch.no_grad():
+        student, teacher = trainer.method.view_embeddings(batch, generator)
+    got = trainer.method.batch_loss(batch, generator)
+    terms = distillation_loss_terms(student, teacher, 0.3, 2.5)
+    assert got.images == student.shape[0] == 4 and student.shape[1] == 3
+    assert got.loss.item() == pytest.approx(terms["total"].item(), rel=1e-5) and got.loss.requires_grad
+    logged = {"loss": "total", "absolute": "absolute", "relative_1": "relative_1", "relative_2": "relative_2"}
+    assert set(got.terms) == set(logged)
+    for name, key in logged.items():
+        assert float(got.terms[name]) == pytest.approx(terms[key].item(), rel=1e-5, abs=1e-7), name
+        assert not got.terms[name].requires_grad
+
+
+def test_ts_reg_regresses_the_cached_teacher_rows_of_its_images(labelled, tmp_path) -> None:
+    trainer = _distiller(labelled, tmp_path, "ts_reg", batch_size=3, query_size=7)
+    captured = {}
+
+    def loader(dataset, batch_sampler):
+        captured["dataset"] = dataset
+        return batch_sampler
+
+    trainer.loader = loader
+    generator = torch.Generator().manual_seed(4)
+    batches = list(trainer.method.epoch_batches(1, generator))
+    order = torch.randperm(15, generator=torch.Generator().manual_seed(4))[:7].tolist()
+    assert batches == [order[0:3], order[3:6], order[6:7]]
+    dataset = captured["dataset"]
+    meta = trainer.student.meta
+    transform = EvalTransform(16, meta["mean"], meta["std"])
+    for index in (0, 9):
+        image, label = dataset[index]
+        assert label == index and torch.equal(image, transform(load_image(trainer.train_paths[index])))
+    cache = trainer.method.teacher_cache
+    expected_cache = extract_embeddings(trainer.teacher, trainer.train_paths, SIZE, CPU, progress=False)
+    assert torch.allclose(cache, expected_cache, atol=1e-5)
+    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
+    indices = torch.tensor([4, 0, 11])
+    got = trainer.method.batch_loss((images, indices), generator)
+    with torch.no_grad():
+        expected = absolute_loss(trainer.model(images).float(), cache[indices])
+    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5) and got.images == 3
+    assert float(got.terms["loss"]) == pytest.approx(expected.item(), rel=1e-5) and got.loss.requires_grad
+
+
+def test_ts_reg_with_several_sizes_draws_one_size_per_batch(labelled, tmp_path) -> None:
+    trainer = _distiller(labelled, tmp_path, "ts_reg", batch_size=2, query_size=8, image_sizes=[16, 24])
+    captured = {}
+
+    def loader(dataset, batch_sampler):
+        captured["dataset"] = dataset
+        return batch_sampler
+
+    trainer.loader = loader
+    batches = list(trainer.method.epoch_batches(2, torch.Generator().manual_seed(1)))
+    order = torch.randperm(15, generator=torch.Generator().manual_seed(1))[:8].tolist()
+    sizes = draw_batch_sizes([16, 24], 4, trainer.config.seed, 2)
+    assert batches == [[(i, size) for i in order[2 * b : 2 * b + 2]] for b, size in enumerate(sizes)]
+    image, index = captured["dataset"][(3, 24)]
+    assert index == 3 and image.shape == (3, 24, 24)
+
+
+def test_a_proxy_batch_loss_is_the_normalised_softmax_of_the_batch_s_labels(labelled, tmp_path) -> None:
+    trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax")
+    images = torch.randn(4, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    indices = torch.tensor([0, 6, 7, 14])
+    got = trainer.method.batch_loss((images, indices), torch.Generator())
+    labels = torch.as_tensor(trainer.train_split.labels)[indices]
+    assert len(set(labels.tolist())) == 3
+    with torch.no_grad():
+        expected = normalized_softmax_loss(trainer.model(images).float(), labels, trainer.method.proxies, 0.05)
+    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5) and got.images == 4
+    assert got.terms == {"loss": pytest.approx(expected.item(), rel=1e-5)} and got.loss.requires_grad
