@@ -323,3 +323,54 @@ def test_a_proxy_batch_loss_is_the_normalised_softmax_of_the_batch_s_labels(labe
         expected = normalized_softmax_loss(trainer.model(images).float(), labels, trainer.method.proxies, 0.05)
     assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5) and got.images == 4
     assert got.terms == {"loss": pytest.approx(expected.item(), rel=1e-5)} and got.loss.requires_grad
+
+
+# ------------------------------------------------------------------------------------------ parameters outside DDP
+class _TwoRanks:
+    """The process group of a two-process run, seen from one rank: ``all_reduce_sum_`` is replaced by the sum over
+    this rank and another whose gradients are ``other`` times this one's."""
+
+    enabled, world_size, rank = True, 2, 0
+
+
+def _fake_all_reduce(other: float):
+    calls = []
+
+    def all_reduce_sum_(tensor: torch.Tensor, dist) -> torch.Tensor:
+        calls.append(dist)
+        return tensor.mul_(1.0 + other)
+
+    return all_reduce_sum_, calls
+
+
+@pytest.mark.parametrize("mode", ["normsoftmax", "ugd"])
+def test_gradients_outside_ddp_are_averaged_over_the_processes(labelled, tmp_path, monkeypatch, mode) -> None:
+    """The proxies' (UGD's projectors') gradients are the mean over the processes: (g + 3 g) / 2 = 2 g here; a
+    single process leaves them alone, and a parameter without a gradient stays without one."""
+    from raml.engine.methods import sym_proxy, ugd
+
+    if mode == "ugd":
+        trainer = _distiller(labelled, tmp_path, "ugd", batch_size=4)
+        parameters, module = list(trainer.method.projectors.parameters()), ugd
+    else:
+        trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax")
+        parameters, module = [trainer.method.proxies], sym_proxy
+    reduce, calls = _fake_all_reduce(3.0)
+    monkeypatch.setattr(module, "all_reduce_sum_", reduce)
+    grads = [torch.randn_like(p) for p in parameters]
+    for parameter, grad in zip(parameters, grads, strict=True):
+        parameter.grad = grad.clone()
+    trainer.method.before_optimizer_step()  # one process: nothing to average
+    assert calls == [] and all(torch.equal(p.grad, g) for p, g in zip(parameters, grads, strict=True))
+    trainer.dist = _TwoRanks()
+    trainer.method.before_optimizer_step()
+    assert len(calls) == len(parameters) and all(dist is trainer.dist for dist in calls)
+    assert all(torch.allclose(p.grad, 2 * g) for p, g in zip(parameters, grads, strict=True))
+    if len(parameters) > 1:
+        parameters[0].grad = None
+        trainer.method.before_optimizer_step()
+        assert parameters[0].grad is None and len(calls) == 2 * len(parameters) - 1
+    else:
+        parameters[0].grad = None
+        trainer.method.before_optimizer_step()
+        assert parameters[0].grad is None and len(calls) == 1
