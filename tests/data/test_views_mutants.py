@@ -74,6 +74,11 @@ def _files(tmp_path, sizes: list[tuple[int, int]]) -> list:
     return paths
 
 
+def _channels_last(views_: torch.Tensor) -> torch.Tensor:
+    """``(B, P, 3, S, S)`` views with each view's channels in the last place in memory (as the dataset gives them)."""
+    return views_.permute(0, 1, 3, 4, 2).contiguous().permute(0, 1, 4, 2, 3)
+
+
 def _message(text: str) -> str:
     """A pytest ``match`` pattern for the whole message, word for word."""
     return "^" + re.escape(text) + "$"
@@ -438,8 +443,8 @@ def test_uint8_views_of_different_layouts_are_mixed_by_the_plain_path() -> None:
     lam = torch.tensor([[0.2, 0.9], [0.5, 0.0]])
     w = lam.double()[:, :, None, None, None]
     for view, partner in (
-        (s, ps.contiguous(memory_format=torch.channels_last_3d)),  # partner channels-last
-        (s.contiguous(memory_format=torch.channels_last_3d), ps),  # view channels-last
+        (s, _channels_last(ps)),  # partner channels-last
+        (_channels_last(s), ps),  # view channels-last
         (wide[..., ::2], ps),  # the view not dense
         (s, wide[..., 1::2]),  # the partner not dense
     ):
@@ -518,3 +523,39 @@ def test_mixup_weights_come_from_the_whole_62_bit_seed_range() -> None:
         mixed_s, _ = mixup_views(student, teacher, torch.Generator().manual_seed(seed), alpha=1.0)
         lams.add(1.0 - float(mixed_s[0, 0, 0, 0, 0]))
     assert len(lams) == 200
+
+
+def test_the_dataset_renders_with_its_backend(tmp_path) -> None:
+    """backend="torch" without partners: the items are the torch backend's rendering (not PIL's)."""
+    paths = _files(tmp_path, [(40, 30)])
+    img = load_image(paths[0])
+    for backend in ("torch", "pil"):
+        dataset = CoupledViewDataset(paths, 8, 16, 3, seed=2, backend=backend)
+        generator = dataset.generator_for(0)
+        params = [sample_view_params(img.width, img.height, generator) for _ in range(3)]
+        student, teacher, _ = dataset[0]
+        expected = render_coupled_views(img, params, 8, 16, backend=backend)
+        other = render_coupled_views(img, params, 8, 16, backend="pil" if backend == "torch" else "torch")
+        assert torch.equal(student, expected[0]) and torch.equal(teacher, expected[1])
+        assert not torch.equal(teacher, other[1])
+
+
+def test_dense_uint8_views_of_one_layout_are_mixed_by_the_one_pass_kernel(monkeypatch) -> None:
+    """uint8 views, partners and output of one dense layout (contiguous or channels-last) go through the compiled
+    one-pass kernel, view by view; floating-point views through torch.lerp."""
+    calls = []
+    kernel = views.lerp_uint8_into
+    monkeypatch.setattr(views, "lerp_uint8_into", lambda *a: calls.append(a[0].shape) or kernel(*a))
+    g = torch.Generator().manual_seed(2)
+    s = torch.randint(0, 256, (2, 3, 3, 4, 4), dtype=torch.uint8, generator=g)
+    ps = torch.randint(0, 256, (2, 3, 3, 4, 4), dtype=torch.uint8, generator=g)
+    lam = torch.rand(2, 3, generator=g)
+    w = lam.double()[:, :, None, None, None]
+    for view, partner in ((s, ps), (_channels_last(s), _channels_last(ps))):
+        calls.clear()
+        mixed, _ = mix_partner_views(view, view, partner, partner, lam)
+        assert len(calls) == 2 * 6  # both resolutions, each of the 6 views
+        assert torch.allclose(mixed.double(), w * s.double() + (1 - w) * ps.double(), atol=1e-4, rtol=0)
+    calls.clear()
+    mix_partner_views(s.float(), s.float(), ps.float(), ps.float(), lam)
+    assert calls == []
