@@ -374,3 +374,56 @@ def test_gradients_outside_ddp_are_averaged_over_the_processes(labelled, tmp_pat
         parameters[0].grad = None
         trainer.method.before_optimizer_step()
         assert parameters[0].grad is None and len(calls) == 1
+
+
+# ------------------------------------------------------------------------------------------ ugd's pieces
+class _LayeredTrunk(torch.nn.Module):
+    """A timm-like trunk: stages named layer1..layerN (not a Sequential)."""
+
+    def __init__(self, stages: int) -> None:
+        super().__init__()
+        for n in range(1, stages + 1):
+            self.add_module(f"layer{n}", torch.nn.Conv2d(n, n + 1, 1))
+
+
+def test_ugd_distils_the_stage_counted_from_the_end_of_the_trunk() -> None:
+    from raml.engine.methods.ugd import _stage
+
+    four = _LayeredTrunk(4)
+    assert _stage(four, -2) is four.layer3 and _stage(four, -1) is four.layer4
+    two = _LayeredTrunk(2)  # two named stages are enough
+    assert _stage(two, -2) is two.layer1
+    sequential = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.ReLU())  # a cut torchvision trunk
+    assert _stage(sequential, -2) is sequential[0] and _stage(sequential, -1) is sequential[1]
+    for backbone in (_LayeredTrunk(1), torch.nn.Sequential(torch.nn.ReLU()), torch.nn.Linear(2, 2)):
+        with pytest.raises(ValueError) as error:
+            _stage(backbone, -2)
+        assert str(error.value) == (
+            "--mode ugd needs a ResNet-like backbone (stages layer1..layer4, or a sequence of stages); got "
+            f"{type(backbone).__name__}."
+        )
+
+
+def test_ugd_reads_a_stage_s_channels_from_its_last_batch_norm_else_its_last_convolution() -> None:
+    from raml.engine.methods.ugd import _channels
+
+    conv, bn = torch.nn.Conv2d, torch.nn.BatchNorm2d
+    normed = torch.nn.Sequential(conv(3, 4, 1), bn(4), conv(4, 6, 1), bn(6), conv(6, 10, 1), bn(9), conv(9, 5, 1))
+    assert _channels(normed) == 9
+    assert _channels(torch.nn.Sequential(conv(3, 4, 1), conv(4, 6, 1), conv(6, 10, 1))) == 10
+    with pytest.raises(ValueError) as error:
+        _channels(torch.nn.Sequential(torch.nn.ReLU()))
+    assert str(error.value) == "Cannot tell the output channels of the stage Sequential for --mode ugd."
+
+
+def test_ugd_projector_is_bn_linear_bn_with_kaiming_fan_out_weights_from_the_generator() -> None:
+    from raml.engine.methods.ugd import ugd_projector
+
+    projector = ugd_projector(5, 7, torch.Generator().manual_seed(4))
+    first, linear, last = projector
+    assert type(first) is torch.nn.BatchNorm1d and first.num_features == 5
+    assert type(last) is torch.nn.BatchNorm1d and last.num_features == 7
+    assert type(linear) is torch.nn.Linear and linear.bias is None and linear.weight.shape == (7, 5)
+    # Kaiming normal, fan_out (= 7 outputs), ReLU gain sqrt(2): N(0, 2 / 7), drawn from the given generator
+    expected = torch.empty(7, 5).normal_(0.0, (2.0 / 7.0) ** 0.5, generator=torch.Generator().manual_seed(4))
+    assert torch.allclose(linear.weight.detach(), expected, rtol=1e-6, atol=0)
