@@ -427,3 +427,25 @@ def test_ugd_projector_is_bn_linear_bn_with_kaiming_fan_out_weights_from_the_gen
     # Kaiming normal, fan_out (= 7 outputs), ReLU gain sqrt(2): N(0, 2 / 7), drawn from the given generator
     expected = torch.empty(7, 5).normal_(0.0, (2.0 / 7.0) ** 0.5, generator=torch.Generator().manual_seed(4))
     assert torch.allclose(linear.weight.detach(), expected, rtol=1e-6, atol=0)
+
+
+def test_ugd_projects_the_student_s_second_last_stage_onto_the_teacher_s_dimension(labelled, tmp_path) -> None:
+    """Two projectors (fine and coarse grid) from the student's stage -2 channels to the teacher's embedding size,
+    drawn one after the other from a generator seeded with --seed, in their own parameter group at --lr; the
+    teacher's regions come from its last stage."""
+    from raml.engine.methods.ugd import _channels, _stage, ugd_projector
+
+    trainer = _distiller(labelled, tmp_path, "ugd", batch_size=4, seed=7, lr=3e-3)
+    method, student, teacher = trainer.method, trainer.student, trainer.teacher.network  # the frozen teacher's network
+    assert method._student_stage is _stage(student.backbone, -2)
+    assert method._teacher_stage is _stage(teacher.backbone, -1) and method._teacher_stage is not method._student_stage
+    generator = torch.Generator().manual_seed(7)
+    channels, dim = _channels(_stage(student.backbone, -2)), int(teacher.meta["outputdim"])
+    expected = [ugd_projector(channels, dim, generator) for _ in range(2)]
+    assert len(method.projectors) == 2
+    for got, want in zip(method.projectors, expected, strict=True):
+        assert got[1].weight.shape == (dim, channels) and torch.equal(got[1].weight, want[1].weight)
+    assert not torch.equal(method.projectors[0][1].weight, method.projectors[1][1].weight)
+    groups = [group for group in trainer.optimizer.param_groups if group.get("name") == "ugd_projectors"]
+    assert len(groups) == 1 and groups[0]["lr"] == 3e-3
+    assert [id(p) for p in groups[0]["params"]] == [id(p) for p in method.projectors.parameters()]
