@@ -449,3 +449,24 @@ def test_ugd_projects_the_student_s_second_last_stage_onto_the_teacher_s_dimensi
     groups = [group for group in trainer.optimizer.param_groups if group.get("name") == "ugd_projectors"]
     assert len(groups) == 1 and groups[0]["lr"] == 3e-3
     assert [id(p) for p in groups[0]["params"]] == [id(p) for p in method.projectors.parameters()]
+
+
+def test_a_proxy_epoch_is_class_groups_from_the_epoch_generator_with_item_seeds(labelled, tmp_path) -> None:
+    from raml.engine.methods.labelled import AugmentedImages
+    from raml.engine.mining import class_groups
+
+    trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax", query_size=12, batch_size=8)
+    captured = {}
+
+    def loader(dataset, batch_sampler):
+        captured["dataset"] = dataset
+        return batch_sampler
+
+    trainer.loader = loader
+    batches = list(trainer.method.epoch_batches(3, torch.Generator().manual_seed(6)))
+    groups = class_groups(trainer.train_split.labels, 12, GROUP_SIZE, torch.Generator().manual_seed(6))
+    indices = [i for group in groups for i in group]
+    items = list(zip(indices, trainer.item_seeds(3, len(indices)), strict=True))
+    assert batches == [items[0:8], items[8:12]]
+    dataset = captured["dataset"]
+    assert isinstance(dataset, AugmentedImages) and dataset.paths == trainer.train_paths
