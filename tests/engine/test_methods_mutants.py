@@ -15,6 +15,7 @@ import torch
 from raml.data.images import EvalTransform, load_image
 from raml.data.sizes import draw_batch_sizes
 from raml.data.synth import generate_synthetic_dataset
+from raml.data.views import mixup_views
 from raml.engine.config import TrainConfig
 from raml.engine.methods import METHODS, method_help
 from raml.engine.methods.coupled import BatchRelationMethod
@@ -470,3 +471,36 @@ def test_a_proxy_epoch_is_class_groups_from_the_epoch_generator_with_item_seeds(
     assert batches == [items[0:8], items[8:12]]
     dataset = captured["dataset"]
     assert isinstance(dataset, AugmentedImages) and dataset.paths == trainer.train_paths
+
+
+# ------------------------------------------------------------------------------------------ batch mixup over processes
+def test_batch_mixup_over_processes_mixes_the_gathered_views_and_keeps_this_rank_s_share(
+    labelled, tmp_path, monkeypatch
+) -> None:
+    """--mixup-partner batch with two processes: every process gathers the uint8 views of the whole global batch,
+    mixes them all with the shared generator (partners may come from the other process's images) and keeps its
+    own rows; here rank 1 of two, the other rank's views a stand-in (this rank's, inverted)."""
+    from raml.engine.methods import coupled
+
+    trainer = _distiller(labelled, tmp_path, "ts_aug", mixup_partner="batch", batch_size=4)
+    batch = next(trainer._epoch_batches(1, torch.Generator().manual_seed(0)))
+    student, teacher, _ = batch
+
+    class SecondOfTwo:
+        enabled, world_size, rank = True, 2, 1
+
+    gathered = []
+
+    def all_gather_rows(tensor: torch.Tensor, dist) -> torch.Tensor:
+        assert dist is trainer.dist and tensor.is_contiguous()
+        gathered.append(tensor)
+        return torch.cat([255 - tensor, tensor])  # rank 0's rows first
+
+    monkeypatch.setattr(coupled, "all_gather_rows", all_gather_rows)
+    trainer.dist = SecondOfTwo()
+    got_student, got_teacher = trainer.method._views(batch, torch.Generator().manual_seed(9))
+    assert [g.dtype for g in gathered] == [torch.uint8, torch.uint8]
+    everyone = (torch.cat([255 - student, student]).float() / 255, torch.cat([255 - teacher, teacher]).float() / 255)
+    mixed_student, mixed_teacher = mixup_views(*everyone, torch.Generator().manual_seed(9))
+    assert got_student.shape == student.shape and got_teacher.shape == teacher.shape
+    assert torch.equal(got_student, mixed_student[4:]) and torch.equal(got_teacher, mixed_teacher[4:])
