@@ -144,9 +144,10 @@ def mutmut(work: Path, *args: str, capture: bool = False) -> subprocess.Complete
 
 
 def survivors(work: Path, untested: bool = False) -> list[str]:
-    """Names of the surviving mutants (and, with ``untested``, of those no test reached), from ``mutmut results``."""
+    """Names of the surviving mutants (and, with ``untested``, of those no test reached or a stopped run did not
+    reach), from ``mutmut results``."""
     out = mutmut(work, "results", "--all", "true", capture=True).stdout
-    verdicts = (": survived", ": no tests") if untested else (": survived",)
+    verdicts = (": survived", ": no tests", ": not checked") if untested else (": survived",)
     return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(verdicts)]
 
 
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
         "--retest-survivors",
         action="store_true",
         help="re-test only the survivors and the untested mutants of the previous run in the work folder (after "
-        "writing tests for them); the other verdicts are kept, so the score stays that of every mutant",
+        "writing tests for them; also those a stopped run did not reach); the other verdicts are kept, so the "
+        "score stays that of every mutant",
     )
     args = parser.parse_args(argv)
     if args.list:
