@@ -23,7 +23,7 @@ from raml.engine.methods.labelled import GROUP_SIZE
 from raml.engine.methods.sym_triplet import group_positives
 from raml.engine.mining import class_grouped_epoch, distance_weighted_negatives, mining_pool, reference_epoch_seed
 from raml.engine.trainer import Trainer
-from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, triplet_loss
+from raml.losses import absolute_loss, distillation_loss_terms, normalized_softmax_loss, rkd_loss, triplet_loss
 from raml.models import build_network, save_checkpoint
 from raml.retrieval.extract import extract_embeddings
 
@@ -287,12 +287,12 @@ def test_ts_reg_regresses_the_cached_teacher_rows_of_its_images(labelled, tmp_pa
     cache = trainer.method.teacher_cache
     expected_cache = extract_embeddings(trainer.teacher, trainer.train_paths, SIZE, CPU, progress=False)
     assert torch.allclose(cache, expected_cache, atol=1e-5)
-    images = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(2))
-    indices = torch.tensor([4, 0, 11])
+    images = torch.randn(5, 3, 16, 16, generator=torch.Generator().manual_seed(2))  # 5 images of 3 channels
+    indices = torch.tensor([4, 0, 11, 2, 2])
     got = trainer.method.batch_loss((images, indices), generator)
     with torch.no_grad():
         expected = absolute_loss(trainer.model(images).float(), cache[indices])
-    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5) and got.images == 3
+    assert got.loss.item() == pytest.approx(expected.item(), rel=1e-5) and got.images == 5
     assert float(got.terms["loss"]) == pytest.approx(expected.item(), rel=1e-5) and got.loss.requires_grad
 
 
@@ -504,3 +504,68 @@ def test_batch_mixup_over_processes_mixes_the_gathered_views_and_keeps_this_rank
     mixed_student, mixed_teacher = mixup_views(*everyone, torch.Generator().manual_seed(9))
     assert got_student.shape == student.shape and got_teacher.shape == teacher.shape
     assert torch.equal(got_student, mixed_student[4:]) and torch.equal(got_teacher, mixed_teacher[4:])
+
+
+# ------------------------------------------------------------------------------ logged terms, batch partners
+def test_relation_methods_log_each_term_summed_over_the_images_and_pass_the_generator_to_the_mixup(
+    labelled, tmp_path
+) -> None:
+    """rkd with --mixup-partner batch (the mixup draws from the batch generator): the loss is rkd's total on the
+    views times B, and each other term is logged times B ("total" is the loss itself)."""
+    trainer = _distiller(
+        labelled, tmp_path, "rkd", mixup_partner="batch", rkd_distance_weight=0.5, rkd_angle_weight=3.0
+    )
+    batch = next(trainer._epoch_batches(1, torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        student, teacher = trainer.method.view_embeddings(batch, torch.Generator().manual_seed(5))
+    got = trainer.method.batch_loss(batch, torch.Generator().manual_seed(5))
+    b, p = student.shape[:2]
+    groups = torch.arange(b).repeat_interleave(p)
+    terms = rkd_loss(student.flatten(0, 1), teacher.flatten(0, 1), 0.5, 3.0, groups)
+    assert set(got.terms) == {"loss", "distance", "angle"} and got.images == b == 4
+    assert got.loss.item() == pytest.approx(terms["total"].item() * b, rel=1e-5)
+    assert float(got.terms["loss"]) == pytest.approx(terms["total"].item() * b, rel=1e-5)
+    for name in ("distance", "angle"):
+        assert float(got.terms[name]) == pytest.approx(terms[name].item() * b, rel=1e-5), name
+
+
+def test_ts_aug_with_batch_partners_mixes_with_the_batch_generator(labelled, tmp_path) -> None:
+    trainer = _distiller(labelled, tmp_path, "ts_aug", mixup_partner="batch")
+    batch = next(trainer._epoch_batches(1, torch.Generator().manual_seed(0)))
+    with torch.no_grad():
+        student, teacher = trainer.method.view_embeddings(batch, torch.Generator().manual_seed(5))
+    got = trainer.method.batch_loss(batch, torch.Generator().manual_seed(5))
+    terms = distillation_loss_terms(student, teacher, trainer.config.lam_1, trainer.config.lam_2)
+    assert got.loss.item() == pytest.approx(terms["total"].item(), rel=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("size", "grids"), [(8, [1, 1]), (16, [1, 1]), (32, [2, 1]), (48, [3, 1]), (64, [4, 2]), (96, [6, 3])]
+)
+def test_ugd_grids_are_the_student_size_over_16_and_half_of_it(labelled, tmp_path, size, grids) -> None:
+    trainer = _distiller(labelled, tmp_path, "ugd", batch_size=4)
+    got = trainer.method.grids(size)
+    assert got == grids and all(type(g) is int for g in got)
+
+
+def test_ugd_logs_its_global_and_local_terms_summed_over_the_images(labelled, tmp_path) -> None:
+    """With batch partners (the generator reaches the mixup): loss = (alpha global + beta local) x B, each term logged
+    x B, and the checkpoint keeps the projectors under their name."""
+    from raml.losses.ugd import UGD_ALPHA, UGD_BETA
+
+    trainer = _distiller(labelled, tmp_path, "ugd", batch_size=4, mixup_partner="batch")
+    batch = next(trainer._epoch_batches(1, torch.Generator().manual_seed(0)))
+    got = trainer.method.batch_loss(batch, torch.Generator().manual_seed(5))
+    assert set(got.terms) == {"loss", "global", "local"} and got.images == 4
+    total = UGD_ALPHA * float(got.terms["global"]) + UGD_BETA * float(got.terms["local"])
+    assert float(got.terms["loss"]) == pytest.approx(total, rel=1e-5) and got.loss.item() == pytest.approx(
+        total, rel=1e-5
+    )
+    assert float(got.terms["local"]) > 0 and float(got.terms["global"]) > 0
+    again = trainer.method.batch_loss(batch, torch.Generator().manual_seed(6))  # other partners: another loss
+    assert again.loss.item() != pytest.approx(got.loss.item(), rel=1e-6)
+    saved = trainer.method.checkpoint_state()
+    assert set(saved) == {"ugd_projectors"}
+    state = trainer.method.projectors.state_dict()
+    assert set(saved["ugd_projectors"]) == set(state)
+    assert all(torch.equal(saved["ugd_projectors"][k], state[k]) for k in state)
