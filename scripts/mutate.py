@@ -13,6 +13,7 @@ test files. mutmut keeps its results there, so a second run only re-tests what c
     python scripts/mutate.py metrics --survivors   # also print each survivor's diff
     python scripts/mutate.py metrics --retest-survivors  # after writing tests: re-test the last survivors only
                                                    # (and the mutants no test reached)
+    python scripts/mutate.py methods --retest NAME...  # re-test the named mutants only
     python scripts/mutate.py --list                # the targets, their modules and test files
     make mutate                                    # = python scripts/mutate.py
 
@@ -186,6 +187,13 @@ def main(argv: list[str] | None = None) -> int:
         "writing tests for them; also those a stopped run did not reach); the other verdicts are kept, so the "
         "score stays that of every mutant",
     )
+    parser.add_argument(
+        "--retest",
+        nargs="+",
+        metavar="MUTANT",
+        help="re-test only these mutants (names as `mutmut results` prints them) of the one target given, e.g. the "
+        "survivors a new test is written for; the other verdicts are kept",
+    )
     args = parser.parse_args(argv)
     if args.list:
         for name, t in TARGETS.items():
@@ -196,6 +204,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; expected some of {', '.join(TARGETS)}")
+    if args.retest and len(args.targets) != 1:
+        parser.error("--retest needs exactly one target (the one the mutants belong to)")
     failed = False
     for name in args.targets or list(TARGETS):
         previous = (
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             if args.retest_survivors and (WORK / name / "mutants").is_dir()
             else []
         )
+        if args.retest:
+            previous = list(args.retest)
         if args.retest_survivors and not previous:
             print(f"{name}: no survivors of a previous run in {WORK / name}; nothing to re-test")
             continue
