@@ -569,3 +569,40 @@ def test_ugd_logs_its_global_and_local_terms_summed_over_the_images(labelled, tm
     state = trainer.method.projectors.state_dict()
     assert set(saved["ugd_projectors"]) == set(state)
     assert all(torch.equal(saved["ugd_projectors"][k], state[k]) for k in state)
+
+
+# ------------------------------------------------------------------------------------------ the coupled views' epoch
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {},
+        {"uncoupled_views": True, "fused_views": True, "mixup": False},
+        {"mixup_partner": "batch", "image_sizes": [16, 24]},
+    ],
+)
+def test_a_coupled_epoch_is_the_generator_s_order_of_the_configured_dataset(labelled, tmp_path, changes) -> None:
+    """The dataset of coupled views as configured (partners with dataset mixup, --uncoupled-views, --fused-views)
+    at this epoch; the items in the order of the epoch generator's permutation, cut at the epoch size, in batches of
+    the batch size; with several student sizes, each batch's items carry its size (raml.data.sizes' draw)."""
+    trainer = _distiller(labelled, tmp_path, "ts_aug", batch_size=3, query_size=10, **changes)
+    c = trainer.config
+    captured = {}
+
+    def loader(dataset, batch_sampler):
+        captured["dataset"] = dataset
+        return batch_sampler
+
+    trainer.loader = loader
+    batches = list(trainer.method.epoch_batches(2, torch.Generator().manual_seed(8)))
+    order = torch.randperm(15, generator=torch.Generator().manual_seed(8))[:10].tolist()
+    expected = [order[i : i + 3] for i in range(0, 10, 3)]
+    if "image_sizes" in changes:
+        sizes = draw_batch_sizes([16, 24], len(expected), c.seed, 2)
+        expected = [[(i, size) for i in batch] for batch, size in zip(expected, sizes, strict=True)]
+        assert set(sizes) == {16, 24}
+    assert batches == expected
+    dataset = captured["dataset"]
+    assert dataset.paths == [Path(p) for p in trainer.train_paths] and dataset.epoch == 2
+    assert (dataset.student_size, dataset.teacher_size, dataset.pos_num, dataset.seed) == (16, SIZE, 2, c.seed)
+    assert dataset.partners == (c.mixup and c.mixup_partner == "dataset")
+    assert dataset.coupled == (not c.uncoupled_views) and dataset.fused == c.fused_views
