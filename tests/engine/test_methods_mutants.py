@@ -600,9 +600,17 @@ def test_a_coupled_epoch_is_the_generator_s_order_of_the_configured_dataset(labe
         sizes = draw_batch_sizes([16, 24], len(expected), c.seed, 2)
         expected = [[(i, size) for i in batch] for batch, size in zip(expected, sizes, strict=True)]
         assert set(sizes) == {16, 24}
-    assert batches == expected
+    assert batches == expected and trainer.method.batches_per_epoch() == 4  # ceil(10 / 3)
     dataset = captured["dataset"]
     assert dataset.paths == [Path(p) for p in trainer.train_paths] and dataset.epoch == 2
     assert (dataset.student_size, dataset.teacher_size, dataset.pos_num, dataset.seed) == (16, SIZE, 2, c.seed)
     assert dataset.partners == (c.mixup and c.mixup_partner == "dataset")
     assert dataset.coupled == (not c.uncoupled_views) and dataset.fused == c.fused_views
+
+
+def test_an_unknown_loss_of_a_loss_dependent_mode_is_refused_with_the_valid_names() -> None:
+    from raml.engine.methods import method_class
+
+    with pytest.raises(ValueError) as error:
+        method_class("sym", "arcface")
+    assert str(error.value) == "Unknown --loss 'arcface' for --mode sym; valid: triplet, normsoftmax."
