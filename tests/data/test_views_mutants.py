@@ -116,7 +116,7 @@ def test_render_accepts_one_pixel_views_and_refuses_a_boolean_size() -> None:
     img = _noise_image(9, 7)
     view = ViewParams(top=2, left=3, height=1, width=1, flip=False)
     student, teacher = render_coupled_views(img, [view], 1, 1)
-    pixel = np.asarray(img)[2, 3]
+    pixel = np.array(img)[2, 3]
     assert torch.equal(teacher[0, :, 0, 0], torch.from_numpy(pixel)) and torch.equal(student, teacher)
     with pytest.raises(
         ValueError, match=_message("student_size must be a positive integer number of pixels, got True.")
