@@ -189,3 +189,50 @@ def test_csd_defaults():
         assert all(torch.equal(default[key], explicit[key]) for key in default)
     else:
         assert torch.equal(default, explicit)
+
+
+# ------------------------------------------------------------------------------------------ csd, rop, ugd arguments
+def _pair(n: int = 6, d: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def test_csd_and_rop_name_their_bad_temperature_and_weights_word_for_word() -> None:
+    from raml.losses import csd_loss, rop_loss
+
+    s, t = _pair()
+    for loss in (csd_loss, rop_loss):
+        with pytest.raises(ValueError) as error:
+            loss(s, t, 3, temperature=0.0)
+        assert str(error.value) == "temperature must be a positive finite number, got 0.0."
+    with pytest.raises(ValueError) as error:
+        csd_loss(s, t, 3, first_order_weight=-1.0)
+    assert str(error.value) == "first_order_weight must be a number >= 0, got -1.0."
+    with pytest.raises(ValueError, match=r"^first_order_weight must be a number >= 0, got True\.$"):
+        csd_loss(s, t, 3, first_order_weight=True)
+    with pytest.raises(ValueError, match=r"^rank_weight must be a number >= 0, got True\.$"):
+        rop_loss(s, t, 3, rank_weight=True)
+
+
+def test_ugd_loss_checks_each_weight_and_each_region_shape_on_its_own() -> None:
+    from raml.losses import ugd_loss
+
+    n, d = 2, 2  # n = d, so that a 4-d region tensor (n, R, n, d) has shape[::2] == (n, d)
+    s, t = _pair(n, d)
+    regions = torch.randn(n, 3, d)
+    mask = torch.ones(n, 3, dtype=torch.bool)
+    assert torch.isfinite(ugd_loss(s, t, [regions], [regions.clone()], [mask])["total"])
+    for name in ("alpha", "beta"):
+        with pytest.raises(ValueError) as error:
+            ugd_loss(s, t, [regions], [regions], [mask], **{name: -1.0})
+        assert str(error.value) == f"{name} must be a number >= 0, got -1.0."
+        with pytest.raises(ValueError, match=f"^{name} must be a number >= 0, got True.$"):
+            ugd_loss(s, t, [regions], [regions], [mask], **{name: True})
+    four_d = torch.randn(n, 3, n, d)
+    other_count = torch.randn(n, 4, d)
+    for student_regions, teacher_regions in ((four_d, four_d.clone()), (regions, other_count)):
+        with pytest.raises(ValueError, match="^granularity 0: student and teacher regions must be"):
+            ugd_loss(s, t, [student_regions], [teacher_regions], [mask])
+    with pytest.raises(ValueError) as error:
+        ugd_loss(s, t, [regions], [regions], [mask.float()])
+    assert str(error.value) == "granularity 0: the mask must be bool (2, 3), got torch.float32 (2, 3)."
