@@ -12,6 +12,8 @@ test files. mutmut keeps its results there, so a second run only re-tests what c
     python scripts/mutate.py metrics losses        # some targets
     python scripts/mutate.py metrics --survivors   # also print each survivor's diff
     python scripts/mutate.py metrics --retest-survivors  # after writing tests: re-test the last survivors only
+                                                   # (and the mutants no test reached)
+    python scripts/mutate.py methods --retest NAME...  # re-test the named mutants only
     python scripts/mutate.py --list                # the targets, their modules and test files
     make mutate                                    # = python scripts/mutate.py
 
@@ -36,6 +38,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 WORK = ROOT / "mutants-work"
+#: read by some of the targets' tests (test_methods.py checks README.md and docs/methods.md against the registry);
+#: copied beside ``src/`` and ``tests/`` into the work folder and from there into mutmut's ``mutants/``
+DOCUMENTS: tuple[str, ...] = ("README.md", "docs")
 
 
 @dataclass(frozen=True)
@@ -44,6 +49,9 @@ class Target:
 
     modules: tuple[str, ...]  # globs relative to the checkout, as mutmut's ``only_mutate`` reads them
     tests: tuple[str, ...]
+    #: tests of those files left out of the mutation runs (``--deselect``): tests of another module that happen
+    #: to live in the same file and call everything (each survivor would pay for them)
+    deselect: tuple[str, ...] = ()
 
 
 TARGETS: dict[str, Target] = {
@@ -53,7 +61,11 @@ TARGETS: dict[str, Target] = {
         ("tests/retrieval/test_metrics.py", "tests/retrieval/test_metrics_mutants.py"),
     ),
     "methods": Target(
-        ("src/raml/engine/methods/*",), ("tests/engine/test_methods.py", "tests/engine/test_methods_mutants.py")
+        ("src/raml/engine/methods/*",),
+        ("tests/engine/test_methods.py", "tests/engine/test_methods_mutants.py", "tests/engine/test_ugd_method.py"),
+        # raml bench methods' own test: it trains a teacher and every row (24 s of an idle core, the slowest test
+        # of the file by far) and so covers every method function; the methods are tested on their own beside it
+        deselect=("tests/engine/test_methods.py::test_bench_methods_writes_every_row_and_reuses_its_teacher",),
     ),
     "views": Target(("src/raml/data/views.py",), ("tests/data/test_views.py", "tests/data/test_views_mutants.py")),
 }
@@ -86,12 +98,14 @@ def target_pyproject(
     """
     if not _MUTMUT_SECTION.search(pyproject):
         raise ValueError("pyproject.toml has no [tool.mutmut] section; restore it from git before running this script")
+    deselect = [arg for test in target.deselect for arg in ("--deselect", test)]
     section = (
         "[tool.mutmut]\n"
         'source_paths = ["src/"]\n'
         f"only_mutate = {_toml_list(target.modules)}\n"
         f"pytest_add_cli_args_test_selection = {_toml_list(target.tests)}\n"
-        'pytest_add_cli_args = ["-p", "no:cacheprovider", "-x", "-q"]\n'
+        f"pytest_add_cli_args = {_toml_list(['-p', 'no:cacheprovider', '-x', '-q', *deselect])}\n"
+        f"also_copy = {_toml_list(DOCUMENTS)}\n"
         f"timeout_constant = {float(timeout_constant)}\n"
         f"timeout_multiplier = {float(timeout_multiplier)}\n\n"
     )
@@ -106,6 +120,12 @@ def prepare(name: str, target: Target, timeout_constant: float = 10.0, timeout_m
         if (work / folder).exists():
             shutil.rmtree(work / folder)
         shutil.copytree(ROOT / folder, work / folder, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    for document in DOCUMENTS:
+        if (ROOT / document).is_dir():
+            shutil.rmtree(work / document, ignore_errors=True)
+            shutil.copytree(ROOT / document, work / document)
+        else:
+            shutil.copy2(ROOT / document, work / document)
     pyproject = target_pyproject((ROOT / "pyproject.toml").read_text(), target, timeout_constant, timeout_multiplier)
     (work / "pyproject.toml").write_text(pyproject)
     return work
@@ -124,10 +144,12 @@ def mutmut(work: Path, *args: str, capture: bool = False) -> subprocess.Complete
     return subprocess.run(cmd, cwd=work, env=_env(), text=True, capture_output=capture, check=False)
 
 
-def survivors(work: Path) -> list[str]:
-    """Names of the surviving mutants, from ``mutmut results``."""
-    out = mutmut(work, "results", capture=True).stdout
-    return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(": survived")]
+def survivors(work: Path, untested: bool = False) -> list[str]:
+    """Names of the surviving mutants (and, with ``untested``, of those no test reached or a stopped run did not
+    reach), from ``mutmut results``."""
+    out = mutmut(work, "results", "--all", "true", capture=True).stdout
+    verdicts = (": survived", ": no tests", ": not checked") if untested else (": survived",)
+    return [line.split(":")[0].strip() for line in out.splitlines() if line.strip().endswith(verdicts)]
 
 
 def score(work: Path) -> dict:
@@ -161,20 +183,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--retest-survivors",
         action="store_true",
-        help="re-test only the survivors of the previous run in the work folder (after writing tests for them); "
-        "the other verdicts are kept, so the score stays that of every mutant",
+        help="re-test only the survivors and the untested mutants of the previous run in the work folder (after "
+        "writing tests for them; also those a stopped run did not reach); the other verdicts are kept, so the "
+        "score stays that of every mutant",
+    )
+    parser.add_argument(
+        "--retest",
+        nargs="+",
+        metavar="MUTANT",
+        help="re-test only these mutants (names as `mutmut results` prints them) of the one target given, e.g. the "
+        "survivors a new test is written for; the other verdicts are kept",
     )
     args = parser.parse_args(argv)
     if args.list:
         for name, t in TARGETS.items():
             print(f"{name:8s} {' '.join(t.modules)}  <-  {' '.join(t.tests)}")
+            for test in t.deselect:
+                print(f"{'':8s} (without {test})")
         return 0
     unknown = [t for t in args.targets if t not in TARGETS]
     if unknown:
         parser.error(f"unknown target(s) {', '.join(unknown)}; expected some of {', '.join(TARGETS)}")
+    if args.retest and len(args.targets) != 1:
+        parser.error("--retest needs exactly one target (the one the mutants belong to)")
     failed = False
     for name in args.targets or list(TARGETS):
-        previous = survivors(WORK / name) if args.retest_survivors and (WORK / name / "mutants").is_dir() else []
+        previous = (
+            survivors(WORK / name, untested=True)
+            if args.retest_survivors and (WORK / name / "mutants").is_dir()
+            else []
+        )
+        if args.retest:
+            previous = list(args.retest)
         if args.retest_survivors and not previous:
             print(f"{name}: no survivors of a previous run in {WORK / name}; nothing to re-test")
             continue

@@ -189,3 +189,104 @@ def test_csd_defaults():
         assert all(torch.equal(default[key], explicit[key]) for key in default)
     else:
         assert torch.equal(default, explicit)
+
+
+# ------------------------------------------------------------------------------------------ csd, rop, ugd arguments
+def _pair(n: int = 6, d: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+
+
+def test_csd_and_rop_name_their_bad_temperature_and_weights_word_for_word() -> None:
+    from raml.losses import csd_loss, rop_loss
+
+    s, t = _pair()
+    for loss in (csd_loss, rop_loss):
+        with pytest.raises(ValueError) as error:
+            loss(s, t, 3, temperature=0.0)
+        assert str(error.value) == "temperature must be a positive finite number, got 0.0."
+    with pytest.raises(ValueError) as error:
+        csd_loss(s, t, 3, first_order_weight=-1.0)
+    assert str(error.value) == "first_order_weight must be a number >= 0, got -1.0."
+    with pytest.raises(ValueError, match=r"^first_order_weight must be a number >= 0, got True\.$"):
+        csd_loss(s, t, 3, first_order_weight=True)
+    with pytest.raises(ValueError, match=r"^rank_weight must be a number >= 0, got True\.$"):
+        rop_loss(s, t, 3, rank_weight=True)
+
+
+def test_ugd_loss_checks_each_weight_and_each_region_shape_on_its_own() -> None:
+    from raml.losses import ugd_loss
+
+    n, d = 2, 2  # n = d, so that a 4-d region tensor (n, R, n, d) has shape[::2] == (n, d)
+    s, t = _pair(n, d)
+    regions = torch.randn(n, 3, d)
+    mask = torch.ones(n, 3, dtype=torch.bool)
+    assert torch.isfinite(ugd_loss(s, t, [regions], [regions.clone()], [mask])["total"])
+    for name in ("alpha", "beta"):
+        with pytest.raises(ValueError) as error:
+            ugd_loss(s, t, [regions], [regions], [mask], **{name: -1.0})
+        assert str(error.value) == f"{name} must be a number >= 0, got -1.0."
+        with pytest.raises(ValueError, match=f"^{name} must be a number >= 0, got True.$"):
+            ugd_loss(s, t, [regions], [regions], [mask], **{name: True})
+    four_d = torch.randn(n, 3, n, d)
+    other_count = torch.randn(n, 4, d)
+    for student_regions, teacher_regions in ((four_d, four_d.clone()), (regions, other_count)):
+        with pytest.raises(ValueError, match="^granularity 0: student and teacher regions must be"):
+            ugd_loss(s, t, [student_regions], [teacher_regions], [mask])
+    with pytest.raises(ValueError) as error:
+        ugd_loss(s, t, [regions], [regions], [mask.float()])
+    assert str(error.value) == "granularity 0: the mask must be bool (2, 3), got torch.float32 (2, 3)."
+
+
+def test_rkd_loss_passes_the_groups_to_both_terms() -> None:
+    from raml.losses.rkd import rkd_angle_loss, rkd_distance_loss, rkd_loss
+
+    s, t = _pair(6, 4)
+    groups = torch.tensor([0, 0, 1, 1, 2, 2])
+    got = rkd_loss(s, t, 1.0, 1.0, groups)
+    assert torch.equal(got["distance"], rkd_distance_loss(s, t, groups))
+    assert torch.equal(got["angle"], rkd_angle_loss(s, t, groups))
+    assert not torch.allclose(got["distance"], rkd_distance_loss(s, t))
+    assert not torch.allclose(got["angle"], rkd_angle_loss(s, t))
+    with pytest.raises(ValueError) as error:
+        rkd_distance_loss(s, t, torch.zeros(6, dtype=torch.long))
+    assert str(error.value) == "The distance-wise term needs two rows of different groups; every row is of one group."
+
+
+def test_triplet_loss_without_positives_is_zero_and_one_valid_pair_is_not_halved() -> None:
+    from raml.losses import triplet_loss
+
+    g = torch.Generator().manual_seed(3)
+    anchor = F.normalize(torch.randn(2, 4, generator=g), dim=1)
+    positives = F.normalize(torch.randn(2, 1, 4, generator=g), dim=2)
+    negatives = F.normalize(torch.randn(2, 1, 4, generator=g), dim=2)
+    assert triplet_loss(anchor, positives[:, :0], negatives, 0.5).item() == 0.0  # no positives, some negatives
+    # one (positive, negative) pair per anchor: the sum of the hinges on squared distances; with masks (all kept),
+    # each anchor's mean over its one valid pair is that hinge, not half of it
+    d_pos = (anchor - positives[:, 0]).pow(2).sum(dim=1)
+    d_neg = (anchor - negatives[:, 0]).pow(2).sum(dim=1)
+    expected = (d_pos - d_neg + 5.0).clamp(min=0).sum()
+    assert expected.item() > 0
+    assert triplet_loss(anchor, positives, negatives, 5.0).item() == pytest.approx(expected.item(), rel=1e-5)
+    keep = torch.ones(2, 1, dtype=torch.bool)
+    masked = triplet_loss(anchor, positives, negatives, 5.0, positive_mask=keep, negative_mask=keep)
+    assert masked.item() == pytest.approx(expected.item(), rel=1e-5)
+    with pytest.raises(ValueError, match="margin"):
+        triplet_loss(anchor, positives, negatives, True)
+
+
+def test_top_k_refuses_a_boolean_k_and_distillation_names_its_bad_arguments() -> None:
+    from raml.losses import absolute_loss, distillation_loss_terms
+    from raml.losses.aml import top_k_exclusions
+
+    with pytest.raises(ValueError, match="^k must be an integer"):
+        top_k_exclusions(True, None, 6, torch.device("cpu"))
+    s = F.normalize(torch.randn(2, 3, 4, generator=torch.Generator().manual_seed(0)), dim=2)
+    with pytest.raises(ValueError, match=r"^lam_1 must be a finite number, got nan\.$"):
+        distillation_loss_terms(s, s, float("nan"), 1.0)
+    with pytest.raises(ValueError, match=r"^eps must be a finite number, got inf\.$"):
+        distillation_loss_terms(s, s, 1.0, 1.0, eps=float("inf"))
+    with pytest.raises(ValueError, match=r"^eps must be a finite number, got inf\.$"):
+        absolute_loss(s[0], s[0], eps=float("inf"))
+    with pytest.raises(ValueError, match=r"make the output dimensions match \(same whitening\)\.$"):
+        distillation_loss_terms(s, s[..., :3], 1.0, 1.0)

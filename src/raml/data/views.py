@@ -306,7 +306,7 @@ def _render_into(
     teacher: np.ndarray,
     slots: Sequence[int],
     backend: str,
-    fused: bool = False,
+    fused: bool,
 ) -> None:
     """Render ``params[k]`` of ``img`` into ``student[slots[k]]`` (QR, HWC uint8) and ``teacher[slots[k]]``."""
     if img.mode != "RGB":
