@@ -588,9 +588,10 @@ def test_a_coupled_epoch_is_the_generator_s_order_of_the_configured_dataset(labe
     c = trainer.config
     captured = {}
 
-    def loader(dataset, batch_sampler):
+    def loader(dataset, sampler, batch_size):  # as batch_loader_arguments sets it up: whole batches as "items"
+        assert batch_size is None
         captured["dataset"] = dataset
-        return batch_sampler
+        return sampler
 
     trainer.loader = loader
     batches = list(trainer.method.epoch_batches(2, torch.Generator().manual_seed(8)))
