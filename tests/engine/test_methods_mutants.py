@@ -28,6 +28,23 @@ from raml.models import build_network, save_checkpoint
 from raml.retrieval.extract import extract_embeddings
 
 
+def _capture_loader(trainer) -> dict:
+    """Replace ``trainer``'s DataLoader factory: it records the dataset it is given (``captured["dataset"]``) and
+    returns the batches as they are (a batch sampler, or the whole batches that ``batch_loader_arguments`` passes as
+    a sampler with ``batch_size=None``)."""
+    captured: dict = {}
+
+    def loader(dataset, batch_sampler=None, sampler=None, batch_size=1):
+        captured["dataset"] = dataset
+        if sampler is not None:
+            assert batch_size is None and batch_sampler is None
+            return sampler
+        return batch_sampler
+
+    trainer.loader = loader
+    return captured
+
+
 def test_candidates_is_the_rows_outside_the_largest_group_plus_one() -> None:
     groups = torch.tensor([0, 0, 1, 1, 1, 2])
     # 6 rows; the largest image (1) has 3 views: a row of it relates to the 3 others and itself
@@ -113,13 +130,7 @@ def test_a_triplet_epoch_is_the_reference_s_anchors_with_mined_negatives_and_ite
     seed, the batch's anchors first."""
     trainer = _sym_trainer(labelled, tmp_path)
     c, epoch = trainer.config, 2
-    captured = {}
-
-    def loader(dataset, batch_sampler):
-        captured["dataset"] = dataset
-        return batch_sampler
-
-    trainer.loader = loader
+    captured = _capture_loader(trainer)
     batches = list(trainer.method.epoch_batches(epoch, torch.Generator()))
 
     labels = trainer.train_split.labels
@@ -267,13 +278,7 @@ def test_ts_aug_s_batch_loss_is_the_distillation_loss_of_the_views_with_its_term
 
 def test_ts_reg_regresses_the_cached_teacher_rows_of_its_images(labelled, tmp_path) -> None:
     trainer = _distiller(labelled, tmp_path, "ts_reg", batch_size=3, query_size=7)
-    captured = {}
-
-    def loader(dataset, batch_sampler):
-        captured["dataset"] = dataset
-        return batch_sampler
-
-    trainer.loader = loader
+    captured = _capture_loader(trainer)
     generator = torch.Generator().manual_seed(4)
     batches = list(trainer.method.epoch_batches(1, generator))
     order = torch.randperm(15, generator=torch.Generator().manual_seed(4))[:7].tolist()
@@ -298,13 +303,7 @@ def test_ts_reg_regresses_the_cached_teacher_rows_of_its_images(labelled, tmp_pa
 
 def test_ts_reg_with_several_sizes_draws_one_size_per_batch(labelled, tmp_path) -> None:
     trainer = _distiller(labelled, tmp_path, "ts_reg", batch_size=2, query_size=8, image_sizes=[16, 24])
-    captured = {}
-
-    def loader(dataset, batch_sampler):
-        captured["dataset"] = dataset
-        return batch_sampler
-
-    trainer.loader = loader
+    captured = _capture_loader(trainer)
     batches = list(trainer.method.epoch_batches(2, torch.Generator().manual_seed(1)))
     order = torch.randperm(15, generator=torch.Generator().manual_seed(1))[:8].tolist()
     sizes = draw_batch_sizes([16, 24], 4, trainer.config.seed, 2)
@@ -457,13 +456,7 @@ def test_a_proxy_epoch_is_class_groups_from_the_epoch_generator_with_item_seeds(
     from raml.engine.mining import class_groups
 
     trainer = _sym_trainer(labelled, tmp_path, loss="normsoftmax", query_size=12, batch_size=8)
-    captured = {}
-
-    def loader(dataset, batch_sampler):
-        captured["dataset"] = dataset
-        return batch_sampler
-
-    trainer.loader = loader
+    captured = _capture_loader(trainer)
     batches = list(trainer.method.epoch_batches(3, torch.Generator().manual_seed(6)))
     groups = class_groups(trainer.train_split.labels, 12, GROUP_SIZE, torch.Generator().manual_seed(6))
     indices = [i for group in groups for i in group]
@@ -586,14 +579,7 @@ def test_a_coupled_epoch_is_the_generator_s_order_of_the_configured_dataset(labe
     the batch size; with several student sizes, each batch's items carry its size (raml.data.sizes' draw)."""
     trainer = _distiller(labelled, tmp_path, "ts_aug", batch_size=3, query_size=10, **changes)
     c = trainer.config
-    captured = {}
-
-    def loader(dataset, sampler, batch_size):  # as batch_loader_arguments sets it up: whole batches as "items"
-        assert batch_size is None
-        captured["dataset"] = dataset
-        return sampler
-
-    trainer.loader = loader
+    captured = _capture_loader(trainer)
     batches = list(trainer.method.epoch_batches(2, torch.Generator().manual_seed(8)))
     order = torch.randperm(15, generator=torch.Generator().manual_seed(8))[:10].tolist()
     expected = [order[i : i + 3] for i in range(0, 10, 3)]
