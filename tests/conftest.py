@@ -25,6 +25,8 @@ import json
 import os
 import random
 import resource
+import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -34,6 +36,26 @@ import pytest
 from PIL import Image
 
 TINY = (40, 30)
+
+
+def _fresh_tqdm_locks_in_child() -> None:
+    """Give a forked child tqdm write locks of its own.
+
+    tqdm's global thread lock is a class attribute; a process forked while another of its threads holds it (tqdm's
+    monitor thread takes it every few seconds) inherits it held by a thread that does not exist in the child, and
+    the child's first progress bar waits for ever. mutmut runs each mutant's tests in a child forked from one
+    parent (scripts/mutate.py): every ``blocked_scores`` mutant hung there at no CPU until this, counted as a
+    timeout. The child's bars then no longer share tqdm's multiprocessing lock with the parent (bars interleave,
+    nothing waits)."""
+    std = sys.modules.get("tqdm.std")
+    if std is None:
+        return
+    std.TqdmDefaultWriteLock.th_lock = threading.RLock()
+    std.TqdmDefaultWriteLock.mp_lock = None  # not a new multiprocessing lock: that would fix the start method
+    std.tqdm.set_lock(std.TqdmDefaultWriteLock())
+
+
+os.register_at_fork(after_in_child=_fresh_tqdm_locks_in_child)
 
 
 def pytest_configure(config: pytest.Config) -> None:
