@@ -52,7 +52,14 @@ def _fresh_tqdm_locks_in_child() -> None:
         return
     std.TqdmDefaultWriteLock.th_lock = threading.RLock()
     std.TqdmDefaultWriteLock.mp_lock = None  # not a new multiprocessing lock: that would fix the start method
-    std.tqdm.set_lock(std.TqdmDefaultWriteLock())
+    fresh = std.TqdmDefaultWriteLock()
+    classes = [std.tqdm]
+    while classes:  # tqdm.auto's class and other subclasses keep the lock their get_lock() made, on themselves
+        cls = classes.pop()
+        classes.extend(cls.__subclasses__())
+        if "_lock" in vars(cls):
+            cls._lock = fresh
+    std.tqdm.set_lock(fresh)
 
 
 os.register_at_fork(after_in_child=_fresh_tqdm_locks_in_child)

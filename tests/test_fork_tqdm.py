@@ -9,14 +9,17 @@ import time
 
 import pytest
 from tqdm import tqdm
+from tqdm.auto import tqdm as auto_tqdm
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_child_forked_while_tqdms_lock_is_held_makes_a_bar():
+@pytest.mark.parametrize("bar", [tqdm, auto_tqdm])  # the library's bars are tqdm.auto's (a subclass)
+def test_a_child_forked_while_tqdms_lock_is_held_makes_a_bar(bar):
     held, release = threading.Event(), threading.Event()
+    bar.get_lock()  # a subclass keeps the lock its first get_lock() made on itself
 
     def holder() -> None:  # what tqdm's monitor thread does every few seconds
-        with tqdm.get_lock():
+        with bar.get_lock():
             held.set()
             release.wait(10)
 
@@ -26,8 +29,8 @@ def test_a_child_forked_while_tqdms_lock_is_held_makes_a_bar():
     pid = os.fork()
     if pid == 0:  # the child: a bar, then exit 0 (os._exit: no pytest teardown in the child)
         try:
-            with tqdm(total=1, disable=True) as bar:
-                bar.update()
+            with bar(total=1, disable=True) as shown:
+                shown.update()
         finally:
             os._exit(0)
     release.set()
