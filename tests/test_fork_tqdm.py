@@ -9,14 +9,21 @@ import time
 
 import pytest
 from tqdm import tqdm
-from tqdm.auto import tqdm as auto_tqdm
+from tqdm.std import TqdmDefaultWriteLock
+
+
+class OwnLockBar(tqdm):
+    """A subclass holding a lock of its own, as tqdm.auto's class (the library's bars) does when its get_lock() ran
+    before tqdm's own."""
+
+
+OwnLockBar.set_lock(TqdmDefaultWriteLock())
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-@pytest.mark.parametrize("bar", [tqdm, auto_tqdm])  # the library's bars are tqdm.auto's (a subclass)
+@pytest.mark.parametrize("bar", [tqdm, OwnLockBar])
 def test_a_child_forked_while_tqdms_lock_is_held_makes_a_bar(bar):
     held, release = threading.Event(), threading.Event()
-    bar.get_lock()  # a subclass keeps the lock its first get_lock() made on itself
 
     def holder() -> None:  # what tqdm's monitor thread does every few seconds
         with bar.get_lock():
