@@ -170,3 +170,27 @@ def test_the_one_sided_path_shows_its_bar_only_when_asked(capsys) -> None:
     retrieval_metrics(q, x, labels, [*labels, 0], block_size=2, progress=True)
     err = capsys.readouterr().err
     assert "retrieval metrics" in err and "3/3" in err and "block" in err
+
+
+@pytest.mark.parametrize(
+    ("n", "block_size", "pair_bytes", "expected"),
+    [
+        (8, 3, None, "8 items, 3 blocks of 3, 6 block pairs"),
+        # the default block: the largest whole number of lane chunks (2,040 columns) whose square of float32
+        # similarities fits _PAIR_BYTES: isqrt(4 * 5000**2 / 4) = 5000 -> 2 chunks = 4,080 columns
+        (4500, None, 4 * 5000 * 5000, "4500 items, 2 blocks of 4080, 3 block pairs"),
+    ],
+)
+def test_the_symmetric_paths_debug_log_states_its_blocks(caplog, monkeypatch, n, block_size, pair_bytes, expected):
+    assert metrics_module._LANE_COLS == 2040  # the expected block above is computed with this width
+    if pair_bytes is not None:
+        monkeypatch.setattr(metrics_module, "_PAIR_BYTES", pair_bytes)
+    rng = np.random.default_rng(7)
+    x = _unit(rng, n, 4)
+    labels = [i // 5 for i in range(n)]
+    with caplog.at_level("DEBUG", logger="raml.retrieval.metrics"):
+        got = retrieval_metrics(x, x, labels, labels, ks=(1,), exclude_self=True, block_size=block_size)
+    assert f"retrieval_metrics (symmetric): {expected}" in caplog.messages
+    if n <= 8:
+        sims = x @ x.T
+        _check(got, _plain_metrics(sims, labels, labels, (1,), True))
