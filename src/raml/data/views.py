@@ -711,15 +711,28 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         img = self.loader(self.paths[index])
         generator = self.generator_for(index)
         params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
-        if self.coupled:
-            _render_into(img, params, student, teacher, range(self.pos_num), self.backend, self.fused)
-            return None
-        # --uncoupled-views: the teacher's views from the next draws of the same generator
-        teacher_params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
-        slots = range(self.pos_num)
+        teacher_params = None
+        if not self.coupled:  # --uncoupled-views: the teacher's views from the next draws of the same generator
+            teacher_params = [sample_view_params(img.width, img.height, generator) for _ in range(self.pos_num)]
+        self._render_views(img, params, teacher_params, student, teacher, range(self.pos_num))
+        return None
+
+    def _render_views(
+        self,
+        img: Image.Image,
+        params: Sequence[ViewParams],
+        teacher_params: Sequence[ViewParams] | None,
+        student: np.ndarray,
+        teacher: np.ndarray,
+        slots: Sequence[int],
+    ) -> None:
+        """Render ``params[k]`` into ``student[slots[k]]`` and ``teacher[slots[k]]``; uncoupled (``teacher_params``
+        given): the student's views from ``params``, the teacher's from ``teacher_params``."""
+        if teacher_params is None:
+            _render_into(img, params, student, teacher, slots, self.backend, self.fused)
+            return
         _render_into(img, params, student, np.empty_like(teacher), slots, self.backend, self.fused)
         _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend, self.fused)
-        return None
 
     def _render_seeded(
         self, img: Image.Image, seeds: Sequence[int], student: np.ndarray, teacher: np.ndarray, slots: Sequence[int]
@@ -727,12 +740,12 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         """Render the views drawn from ``seeds`` (one per slot) into ``student``/``teacher`` (partner mode);
         uncoupled: the teacher's from seeds derived from them."""
         params = [sample_view_params(img.width, img.height, _view_generator(s)) for s in seeds]
-        if self.coupled:
-            _render_into(img, params, student, teacher, slots, self.backend, self.fused)
-            return
-        teacher_params = [sample_view_params(img.width, img.height, _view_generator(_teacher_seed(s))) for s in seeds]
-        _render_into(img, params, student, np.empty_like(teacher), slots, self.backend, self.fused)
-        _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend, self.fused)
+        teacher_params = None
+        if not self.coupled:
+            teacher_params = [
+                sample_view_params(img.width, img.height, _view_generator(_teacher_seed(s))) for s in seeds
+            ]
+        self._render_views(img, params, teacher_params, student, teacher, slots)
 
     def _render_item_with_partners(
         self,
@@ -857,6 +870,14 @@ def mix_partner_views(
     return mixed[0], mixed[1]
 
 
+def _empty_output(like: Tensor, dtype: torch.dtype, pool: BufferPool | None) -> Tensor:
+    """An uninitialised tensor of ``like``'s shape and memory layout in ``dtype``: from ``pool`` for a CPU tensor
+    when a pool is given (recycled memory), else fresh."""
+    if pool is not None and like.device.type == "cpu":
+        return pool.empty_like(like, dtype)
+    return torch.empty_like(like, dtype=dtype, memory_format=torch.preserve_format)
+
+
 def _lerp_per_view(
     view: Tensor, partner: Tensor, lam: Tensor, out_dtype: torch.dtype, pool: BufferPool | None = None
 ) -> Tensor:
@@ -865,10 +886,7 @@ def _lerp_per_view(
     The output has the views' memory layout; from ``pool`` if given (recycled memory: a big fresh batch costs
     more in page faults than in arithmetic, :mod:`raml.data.buffers`), else fresh.
     """
-    if pool is not None:
-        mixed = pool.empty_like(view, out_dtype)
-    else:
-        mixed = torch.empty_like(view, dtype=out_dtype, memory_format=torch.preserve_format)
+    mixed = _empty_output(view, out_dtype, pool)
     weights = lam.tolist()
     for b in range(view.shape[0]):
         for i in range(view.shape[1]):
@@ -1006,10 +1024,7 @@ def mixup_views(
     outputs = []
     for tensor in (student, teacher):
         out_dtype = tensor.dtype if tensor.is_floating_point() else torch.float32
-        if pool is not None and tensor.device.type == "cpu":
-            mixed = pool.empty_like(tensor, out_dtype)
-        else:
-            mixed = torch.empty_like(tensor, dtype=out_dtype, memory_format=torch.preserve_format)
+        mixed = _empty_output(tensor, out_dtype, pool)
         for b, i, pb, pi in pairs:
             end, start = tensor[b, i].to(out_dtype), tensor[pb, pi].to(out_dtype)  # no copy when float
             torch.lerp(start, end, lam_list[b][i], out=mixed[b, i])
