@@ -80,6 +80,115 @@ def pytest_configure(config: pytest.Config) -> None:
             os.environ[name] = str(threads)
 
 
+# Order of the files under `make test` (-n auto --dist loadfile). xdist's loadfile hands out whole files, largest
+# test count first, so a file of a few long tests (the training files) started last and kept one worker busy for
+# a minute while the other had finished. Here the files known to be long go first, longest first (the other
+# worker takes the next ones, and the many short files fill in at the end, so both workers end together), and
+# the files that share one per-worker resource travel as one unit. Seconds: wall time of each file on the idle
+# 2-core machine with 2 workers (RAML_TEST_PROFILE runs of 2026-12-04, docs/benchmarks.md "Test suite"); only
+# the order matters, a file missing here goes after these, largest test count first as before.
+_FILE_SECONDS = {
+    "tests/engine/test_training.py": 60,  # the first training file to start also trains the shared teacher
+    "tests/retrieval/test_metrics.py": 30,
+    "tests/cli/test_reference_train.py": 25,
+    "tests/engine/test_training_modes.py": 25,
+    "tests/deploy/test_serve_bench.py": 25,
+    "tests/engine/test_training_resume.py": 21,
+    "tests/data/test_download.py": 20,
+    "tests/data/test_jitter_kernel.py": 20,
+    "tests/engine/test_methods.py": 18,
+    "tests/models/test_checkpoints.py": 18,
+    "tests/deploy/test_index_ray.py": 18,
+    "tests/cli/test_test_extract.py": 16,
+    "tests/deploy/test_index_shards.py": 15,
+    "tests/deploy/test_adaptive_serve.py": 12,
+    "tests/deploy/test_index_lock.py": 11,
+    "tests/engine/test_multires.py": 10,
+    "tests/deploy/test_index_search.py": 9,
+    "tests/test_demo.py": 9,
+    "tests/deploy/test_serve_limits.py": 8,
+    "tests/data/test_archives.py": 8,
+    "tests/deploy/test_queue_wait.py": 7,
+    "tests/deploy/test_serve.py": 7,
+    "tests/deploy/test_index_lifecycle.py": 6,
+}
+# files run as one unit on one worker: the DDP tests share the worker's pair of gloo ranks (tests/engine/
+# conftest.py ``rank_pair``, about 15 CPU s to start), which a second worker would start again
+_UNITS = {
+    "tests/engine/test_reliability.py": "rank_pair",
+    "tests/engine/test_gpu_paths.py": "rank_pair",
+    "tests/engine/test_two_ranks.py": "rank_pair",
+}
+_UNIT_SECONDS = {"rank_pair": 70}
+
+
+def _unit_of(nodeid: str) -> str:
+    file = nodeid.split("::", 1)[0]
+    return _UNITS.get(file, file)
+
+
+def longest_first(units: dict[str, int]) -> list[str]:
+    """The units (``{unit: its number of tests}``, a unit being a file or a ``_UNITS`` name) in the order of
+    their known seconds, longest first, then the others by test count, largest first."""
+    return sorted(units, key=lambda unit: (-_UNIT_SECONDS.get(unit, _FILE_SECONDS.get(unit, 0)), -units[unit]))
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log):
+    """``--dist loadfile``: xdist's file scheduling with the units and order of :func:`longest_first`."""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from collections import OrderedDict
+
+    from xdist.scheduler import LoadFileScheduling
+
+    class LongestFirstFileScheduling(LoadFileScheduling):
+        ordered = False
+
+        def _split_scope(self, nodeid: str) -> str:
+            return _unit_of(nodeid)
+
+        def _assign_work_unit(self, node) -> None:
+            if not self.ordered:  # the first call: the queue holds every unit, none handed out yet
+                self.ordered = True
+                order = longest_first({unit: len(tests) for unit, tests in self.workqueue.items()})
+                self.workqueue = OrderedDict((unit, self.workqueue[unit]) for unit in order)
+            super()._assign_work_unit(node)
+
+    return LongestFirstFileScheduling(config, log)
+
+
+@pytest.fixture(scope="session")
+def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], None]], Path]:
+    """``build(name, make) -> folder``: ``make(folder)`` runs once per test session, in whichever pytest-xdist
+    worker asks first; the other workers wait for it (a file lock) and get the same folder. For an artefact
+    that costs seconds to make (a trained network) and that tests in several files use: each file can then run
+    on either worker without making it again. A ``make`` that failed leaves no folder marked done: the next
+    worker to ask makes it again (and fails the same way)."""
+    import fcntl
+    import shutil
+
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # <session>/popen-gwN -> <session>, common to the session's workers
+
+    def build(name: str, make: Callable[[Path], None]) -> Path:
+        folder = base / f"once-{name}"
+        with open(base / f"once-{name}.lock", "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                if not (folder / ".done").is_file():
+                    shutil.rmtree(folder, ignore_errors=True)
+                    folder.mkdir()
+                    make(folder)
+                    (folder / ".done").touch()
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+        return folder
+
+    return build
+
+
 # Opt-in profile of the suite's own cost: RAML_TEST_PROFILE=<folder> writes one line per test phase
 # (setup, call, teardown) into <folder>/<worker>.tsv: test id, phase, wall s, this process's CPU s, and the
 # CPU s of the child processes that ended during the phase. CPU time does not depend on the machine's load,

@@ -216,3 +216,113 @@ def bare_pair(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RankPair]:
     pair = RankPair(lambda: tmp_path_factory.mktemp("pair"), preload=False)
     yield pair
     pair.close()
+
+
+# The end-to-end training tests (test_training.py, test_training_resume.py, test_training_modes.py): one small
+# generated dataset in the CUB format and one teacher trained on it, each made once per test session and shared
+# by the pytest-xdist workers (``build_once``), so that the three files can run on different workers.
+
+#: database (teacher) and query (student) image sizes of the training tests
+TRAIN_DR, TRAIN_QR = 64, 32
+#: the tiny backbone of the training tests' teacher and students
+TRAIN_ARCH = "resnet18"
+
+
+@dataclass(frozen=True)
+class TrainingSetup:
+    """The training tests' data root, image sizes (``dr`` database, ``qr`` query), backbone, and their two
+    configurations: ``config(directory, **changes)`` (labels only) and ``distill_config(directory, teacher,
+    **changes)`` (a ``ts_aug`` student of ``teacher``)."""
+
+    data_root: Path
+    dr: int = TRAIN_DR
+    qr: int = TRAIN_QR
+    arch: str = TRAIN_ARCH
+
+    def config(self, directory: Path, **changes):
+        from raml.engine.config import TrainConfig
+
+        base = dict(
+            training_dataset="cub",
+            test_datasets=["cub-test"],
+            data_root=str(self.data_root),
+            directory=str(directory),
+            pretrained=False,
+            whitening=32,
+            workers=0,
+            batch_size=4,
+            update_every=2,
+            print_freq=1,
+            val_freq=1,
+            save_freq=1,
+            eval_batch_size=32,
+            seed=7,
+        )
+        base.update(changes)
+        return TrainConfig(**base)
+
+    def distill_config(self, directory: Path, teacher: Path, **changes):
+        values = dict(
+            mode="ts_aug",
+            student_path=str(teacher),
+            teacher_path=str(teacher),
+            image_size=TRAIN_QR,
+            teacher_image_size=TRAIN_DR,
+            lr=3e-4,
+            lam_1=0.7,
+            lam_2=0.7,
+            pos_num=3,
+            query_size=12,
+            epochs=2,
+            scheduler="none",
+        )
+        values.update(changes)
+        return self.config(directory, **values)
+
+
+def _training_data(folder: Path) -> None:
+    from raml.data.synth import generate_synthetic_dataset
+
+    # the demo's data design at a small size: 40 classes (20 train, 20 test) x 6 images, fine patterns that
+    # survive at QR but that a DR-trained teacher sees at the wrong scale there
+    generate_synthetic_dataset(
+        folder / "cub", num_classes=40, images_per_class=6, image_size=TRAIN_DR, seed=3, pattern_period=(22.0, 28.0)
+    )
+
+
+@pytest.fixture(scope="session")
+def training(build_once) -> TrainingSetup:
+    """The training tests' :class:`TrainingSetup`, its dataset generated once per session."""
+    return TrainingSetup(build_once("training_data", _training_data))
+
+
+@pytest.fixture(scope="session")
+def teacher_path(training: TrainingSetup, build_once) -> Path:
+    """A teacher trained with labels (sym) from random weights at DR on the train + val classes, once per
+    session (about 25 s on one core): the best checkpoint."""
+    import torch
+
+    from raml.engine.trainer import Trainer
+
+    def train(folder: Path) -> None:
+        config = training.config(
+            folder,
+            mode="sym",
+            loss="normsoftmax",
+            student=TRAIN_ARCH,
+            image_size=TRAIN_DR,
+            teacher_image_size=TRAIN_DR,
+            epochs=8,
+            lr=3e-3,
+            query_size=10**6,
+            batch_size=16,
+            update_every=1,
+            freeze_bn=False,
+            trainval=True,
+            val=False,
+        )
+        result = Trainer(config, torch.device("cpu"), progress=False).run()
+        assert result.best_checkpoint == folder / "model_best.pth.tar" and result.best_checkpoint.is_file()
+        assert (folder / "config.yaml").is_file()
+
+    return build_once("training_teacher", train) / "model_best.pth.tar"
