@@ -16,8 +16,11 @@ $(STAMP): pyproject.toml | $(BIN)/python
 demo: $(STAMP)
 	$(BIN)/raml demo --out demo
 
+# PYTHONDONTWRITEBYTECODE emptied: pytest keeps the test modules it rewrote for its asserts (and Python raml's
+# compiled modules) in __pycache__ (git-ignored), so that a second run does not rewrite them again in each worker
+# (about 7 CPU s a worker, docs/benchmarks.md "Test suite"). The files the suite runs first: tests/conftest.py.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -n auto --dist loadfile
+	PYTHONDONTWRITEBYTECODE= $(BIN)/python -m pytest -q -n auto --dist loadfile
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks scripts
