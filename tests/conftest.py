@@ -17,6 +17,10 @@ fixture sets up in well under a second.
 - ``image_factory``: ``make(path, size=(40, 30), color=(r, g, b), mode="RGB") -> Path`` writes one image.
 - ``one_torch_thread``: torch limited to one thread for the test (not autouse; a module opts in with
   ``pytestmark``).
+- ``build_once``: ``build(name, make) -> folder``, made once per session and shared by the pytest-xdist workers.
+
+Under ``make test`` (``-n auto --dist loadfile``) the files are handed out longest first
+(``pytest_xdist_make_scheduler`` below).
 """
 
 from __future__ import annotations
