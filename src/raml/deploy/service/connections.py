@@ -1,7 +1,11 @@
 """Connection-level defences of ``raml serve``: a header deadline, a cap on open connections, no idle bodies.
 
-Contract: :func:`server_options` ``(limits)`` -> keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``
-selecting :class:`DeadlineH11Protocol` (uvicorn's h11 protocol with three additions):
+Contract: :func:`server_options` ``(limits, http=, loop=)`` -> keyword arguments for ``uvicorn.Config`` /
+``uvicorn.run``: the HTTP protocol class and the event loop. ``http="httptools"`` selects
+:class:`raml.deploy.service.httptools_protocol.DeadlineHttpToolsProtocol` (uvicorn's protocol on llhttp, in C),
+``"h11"`` :class:`DeadlineH11Protocol` (pure Python), ``"auto"`` the first if ``httptools`` is importable;
+``loop="uvloop"`` / ``"asyncio"`` / ``"auto"`` (uvloop if importable) likewise. Both protocols add the same
+defences to uvicorn's:
 
 - **header deadline**: a connection must deliver a request's complete headers within ``header_timeout_s`` of
   being opened, and of its previous response; otherwise it gets ``408 Request Timeout`` and is closed (a client
@@ -27,10 +31,22 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeadlineH11Protocol", "server_options"]
+__all__ = [
+    "HTTP_CHOICES",
+    "LOOP_CHOICES",
+    "DeadlineH11Protocol",
+    "raw_response",
+    "resolve_http",
+    "resolve_loop",
+    "server_options",
+]
+
+HTTP_CHOICES = ("auto", "httptools", "h11")
+LOOP_CHOICES = ("auto", "uvloop", "asyncio")
 
 
-def _raw_response(status: int, reason: str, message: str, extra: str = "") -> bytes:
+def raw_response(status: int, reason: str, message: str, extra: str = "") -> bytes:
+    """A complete JSON error response (``{"error": message}``) that closes the connection, as raw bytes."""
     body = json.dumps({"error": message}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
@@ -56,7 +72,7 @@ class DeadlineH11Protocol(H11Protocol):
             logger.warning("Refused a connection: %d open (--max-connections)", self.max_connections)
             message = f"{self.max_connections} connections are open already (--max-connections); try again shortly."
             extra = f"retry-after: {self.retry_after_s}\r\n"
-            transport.write(_raw_response(503, "Service Unavailable", message, extra))
+            transport.write(raw_response(503, "Service Unavailable", message, extra))
             transport.close()
             return
         self._arm_header_timer()
@@ -82,7 +98,7 @@ class DeadlineH11Protocol(H11Protocol):
             f"The request headers were not received within {self.header_timeout_s:g} s (--header-timeout); "
             "the connection is closed."
         )
-        self.transport.write(_raw_response(408, "Request Timeout", message))
+        self.transport.write(raw_response(408, "Request Timeout", message))
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -100,25 +116,77 @@ class DeadlineH11Protocol(H11Protocol):
             self._arm_header_timer()  # the next request's headers have the same deadline
 
 
-def server_options(header_timeout_s: float, max_connections: int, retry_after_s: int = 1) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``: the protocol class with these limits.
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_http(http: str) -> str:
+    """``"httptools"`` or ``"h11"``: ``http`` itself, or for ``"auto"`` httptools where it is importable.
+
+    Raises:
+        ValueError: ``http`` is not one of :data:`HTTP_CHOICES`.
+        ImportError: ``"httptools"`` asked for and not installed.
+    """
+    if http not in HTTP_CHOICES:
+        raise ValueError(f"http must be one of {', '.join(HTTP_CHOICES)}, got {http!r}.")
+    if http == "auto":
+        return "httptools" if _importable("httptools") else "h11"
+    if http == "httptools" and not _importable("httptools"):
+        raise ImportError("--http httptools needs the httptools package: pip install raml[serve] (or httptools).")
+    return http
+
+
+def resolve_loop(loop: str) -> str:
+    """``"uvloop"`` or ``"asyncio"``: ``loop`` itself, or for ``"auto"`` uvloop where it is importable.
+
+    Raises:
+        ValueError: ``loop`` is not one of :data:`LOOP_CHOICES`.
+        ImportError: ``"uvloop"`` asked for and not installed.
+    """
+    if loop not in LOOP_CHOICES:
+        raise ValueError(f"loop must be one of {', '.join(LOOP_CHOICES)}, got {loop!r}.")
+    if loop == "auto":
+        return "uvloop" if _importable("uvloop") else "asyncio"
+    if loop == "uvloop" and not _importable("uvloop"):
+        raise ImportError("--loop uvloop needs the uvloop package: pip install raml[serve] (or uvloop).")
+    return loop
+
+
+def server_options(
+    header_timeout_s: float,
+    max_connections: int,
+    retry_after_s: int = 1,
+    http: str = "auto",
+    loop: str = "auto",
+    max_header_bytes: int = 16 * 1024,
+) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``: the protocol class with these limits, the loop.
 
     Args:
         header_timeout_s: Seconds a connection has to deliver complete request headers.
         max_connections: Most connections open at once.
         retry_after_s: ``Retry-After`` of the 503 a connection over the cap gets.
+        http: ``"httptools"``, ``"h11"`` or ``"auto"`` (httptools where importable; see :func:`resolve_http`).
+        loop: ``"uvloop"``, ``"asyncio"`` or ``"auto"`` (uvloop where importable; see :func:`resolve_loop`).
+        max_header_bytes: With httptools, most bytes of a request before its headers are complete (h11 has its
+            own bound, 16 KiB).
     """
     if not header_timeout_s > 0:
         raise ValueError(f"header_timeout_s must be positive, got {header_timeout_s!r}.")
     if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
         raise ValueError(f"max_connections must be a positive integer, got {max_connections!r}.")
-    protocol = type(
-        "RamlH11Protocol",
-        (DeadlineH11Protocol,),
-        {
-            "header_timeout_s": float(header_timeout_s),
-            "max_connections": max_connections,
-            "retry_after_s": retry_after_s,
-        },
-    )
-    return {"http": protocol}
+    limits: dict[str, Any] = {
+        "header_timeout_s": float(header_timeout_s),
+        "max_connections": max_connections,
+        "retry_after_s": retry_after_s,
+    }
+    if resolve_http(http) == "httptools":
+        from raml.deploy.service.httptools_protocol import DeadlineHttpToolsProtocol
+
+        limits["max_header_bytes"] = max_header_bytes
+        protocol = type("RamlHttpToolsProtocol", (DeadlineHttpToolsProtocol,), limits)
+    else:
+        protocol = type("RamlH11Protocol", (DeadlineH11Protocol,), limits)
+    return {"http": protocol, "loop": resolve_loop(loop)}
