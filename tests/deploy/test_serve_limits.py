@@ -343,6 +343,7 @@ def test_a_response_sent_before_the_body_arrived_closes_the_connection(world, fr
             refused.sendall(head + b"cd")
             answer = _read_until_closed(refused, limit_s=3.0)  # fails if the connection stays open
             assert answer.startswith(b"HTTP/1.1 503 ") and b"--max-uploads" in answer
+            assert b"connection: close" in answer.lower()  # so that a keep-alive client opens a new connection
         with httpx.Client(base_url=url, timeout=WAIT_S) as client:
             assert client.post("/search", content=good_query(world), headers={"content-type": "image/jpeg"}).is_success
 

@@ -160,6 +160,7 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
 
     async def search(request: Request) -> Response:
         started = time.perf_counter()
+        body_read = False  # a refusal before the whole body was read closes the connection (Connection: close)
         try:
             k = _int_param(request, "k", DEFAULT_K, 1, service.limits.max_k)
             requested = _int_param(request, "size", None, 1, 1 << 16)
@@ -170,6 +171,7 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
             # admission before anything is buffered or decoded: beyond the limits, 503 at once
             with service.uploads.take():
                 body = await read_limited_body(request, service.limits.max_bytes, service.limits.body_timeout_s)
+                body_read = True
                 data = await _upload_bytes(request, body)
             del body
             read_done = time.perf_counter()
@@ -187,11 +189,14 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
                 future = service.submit(image, size, int(k))
             result = await asyncio.wrap_future(future)
         except QueryImageError as refused:
-            headers = {"Connection": "close"} if refused.status == 408 else None
+            headers = {"Connection": "close"} if refused.status == 408 or not body_read else None
             return answer("search", error(refused.status, str(refused), headers), started)
         except (QueueFullError, ServiceBusyError) as busy:
             metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size")
-            return answer("search", error(503, str(busy), {"Retry-After": str(RETRY_AFTER_S)}), started)
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            if not body_read:
+                headers["Connection"] = "close"
+            return answer("search", error(503, str(busy), headers), started)
         except Exception:
             logger.exception("Search failed")
             return answer("search", error(500, "The search failed; see the service's log."), started)

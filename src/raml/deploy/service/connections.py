@@ -13,7 +13,8 @@ defences to uvicorn's:
 - **open connections**: beyond ``max_connections`` open at once, a new connection gets ``503`` with
   ``Retry-After`` and is closed at once;
 - **unread bodies**: a response sent before its request's body was received in full closes the connection (so a
-  client cannot keep trickling a body nobody reads).
+  client cannot keep trickling a body nobody reads), after lingering at most ``linger_s`` (1 s) while discarding
+  what still arrives, so that a client still sending reads the response instead of a reset (:class:`LingeringClose`).
 
 The body deadline itself (408 when a body is not received in full within ``body_timeout_s``) is the
 application's (:func:`raml.deploy.service.app.read_limited_body`), which answers it in JSON.
@@ -35,6 +36,7 @@ __all__ = [
     "HTTP_CHOICES",
     "LOOP_CHOICES",
     "DeadlineH11Protocol",
+    "LingeringClose",
     "raw_response",
     "resolve_http",
     "resolve_loop",
@@ -55,7 +57,75 @@ def raw_response(status: int, reason: str, message: str, extra: str = "") -> byt
     return head.encode("latin-1") + body
 
 
-class DeadlineH11Protocol(H11Protocol):
+class _LingeringTransport:
+    """A connection's transport as the uvicorn protocol sees it: ``close()`` lingers (see :class:`LingeringClose`)
+    while the request's body is unread; everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.write = transport.write  # the hot path, without __getattr__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if not self.is_closing() and self._protocol._body_unread():
+            self._protocol._linger()
+        else:
+            self._transport.close()
+
+
+class LingeringClose:
+    """Mixin for a uvicorn HTTP protocol: a connection whose response went out before its request's body arrived in
+    full (refused early, or past the body deadline) is closed *after* a short lingering.
+
+    Closing at once, with the client's body still arriving, makes the kernel answer its next segment with a reset,
+    and a client still sending then often loses the response it was sent (e.g. a 413, or a 503 with Retry-After).
+    So, as web servers do, the protocol sends its end of the stream (FIN), discards whatever still comes for at most
+    ``linger_s`` seconds, and closes when the client has closed its side or that time is up: the connection never
+    outlives the response by more than ``linger_s``, and nothing it sends is parsed or buffered. Subclasses say
+    when the body is unread (:meth:`_body_unread`). The application should send ``Connection: close`` with such a
+    response, so that a keep-alive client does not send its next request on this connection.
+    """
+
+    linger_s: float = 1.0
+    _lingering: bool = False
+    _linger_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[misc]
+
+    def _body_unread(self) -> bool:
+        raise NotImplementedError
+
+    def _linger(self) -> None:
+        transport: asyncio.Transport = self.transport._transport  # type: ignore[attr-defined]
+        self._lingering = True
+        self._linger_timer = self.loop.call_later(self.linger_s, transport.close)  # type: ignore[attr-defined]
+        flow = getattr(self, "flow", None)
+        if flow is not None:
+            flow.resume_reading()  # a paused read would leave the client blocked, and the reset would come anyway
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a body nobody reads
+        super().data_received(data)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class DeadlineH11Protocol(LingeringClose, H11Protocol):
     """uvicorn's h11 protocol with a header deadline and a connection cap (see the module docstring).
 
     The limits are class attributes, set on the subclass :func:`server_options` makes.
@@ -105,11 +175,14 @@ class DeadlineH11Protocol(H11Protocol):
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def _body_unread(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
+
     def on_response_complete(self) -> None:
-        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+        if not self.transport.is_closing() and self._body_unread():
             # answered before its body arrived in full (refused early, or the body deadline passed): close
             self.server_state.total_requests += 1
-            self.transport.close()
+            self._linger()
             return
         super().on_response_complete()
         if not self.transport.is_closing():

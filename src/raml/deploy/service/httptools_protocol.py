@@ -10,7 +10,8 @@ selects one of the two):
   and the connection is closed (h11 has this bound built in, 16 KiB; llhttp has none, so without it a client
   could grow the server's memory for ``header_timeout_s``);
 - **open connections**: beyond ``max_connections``, ``503`` with ``Retry-After`` and the new connection is closed;
-- **unread bodies**: a response sent before its request's body arrived in full closes the connection.
+- **unread bodies**: a response sent before its request's body arrived in full closes the connection (after a
+  lingering of at most ``linger_s``, :class:`~raml.deploy.service.connections.LingeringClose`).
 
 Importing this module needs ``httptools`` (``pip install raml[serve]``).
 """
@@ -22,14 +23,14 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from raml.deploy.service.connections import raw_response
+from raml.deploy.service.connections import LingeringClose, raw_response
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DeadlineHttpToolsProtocol"]
 
 
-class DeadlineHttpToolsProtocol(HttpToolsProtocol):
+class DeadlineHttpToolsProtocol(LingeringClose, HttpToolsProtocol):
     """uvicorn's httptools protocol with a header deadline, a header size bound and a connection cap.
 
     The limits are class attributes, set on the subclass :func:`raml.deploy.service.connections.server_options`
@@ -105,15 +106,18 @@ class DeadlineHttpToolsProtocol(HttpToolsProtocol):
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def _body_unread(self) -> bool:
+        # self.cycle is the answered request's, unless a pipelined request is queued behind it (whose headers came
+        # after the answered request's whole body)
+        return not self.pipeline and self.cycle is not None and self.cycle.more_body
+
     def on_response_complete(self) -> None:
-        # self.cycle is the answered request's, unless a pipelined request (whose headers arrived after the answered
-        # request's whole body) is queued behind it
-        pipelined = bool(self.pipeline)
-        if not self.transport.is_closing() and not pipelined and self.cycle is not None and self.cycle.more_body:
+        if not self.transport.is_closing() and self._body_unread():
             # answered before its body arrived in full (refused early, or the body deadline passed): close
             self.server_state.total_requests += 1
-            self.transport.close()
+            self._linger()
             return
+        pipelined = bool(self.pipeline)  # the next request's headers came already
         super().on_response_complete()
         if not self.transport.is_closing() and not pipelined:
             self._arm_header_timer()  # the next request's headers have the same deadline
