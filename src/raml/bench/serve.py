@@ -369,16 +369,17 @@ def format_serve_report(result: dict[str, Any]) -> str:
             "",
             "open loop (Poisson arrivals at the offered rate; latency from the intended send time):",
             f"{'offered/s':>9} {'x sat':>5} {'mode':<10} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-            f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'dec p99':>8} {'que p99':>8} {'emb p50':>8} "
-            f"{'lag p99':>8} {'limit':>6}",
+            f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'read p99':>8} {'dec p99':>8} {'que p99':>8} "
+            f"{'emb p50':>8} {'rest p99':>8} {'lag p99':>8} {'limit':>6}",
         ]
         for r in result["open_loop"]:
             lines.append(
                 f"{r['offered_per_s']:>9.1f} {r['saturation_fraction']:>5.2f} {r['mode']:<10} "
                 f"{_number(r['queries_per_s']):>8} {_number(r['p50_ms']):>8} {_number(r['p95_ms']):>8} "
                 f"{_number(r['p99_ms']):>8} {r['errors']:>6} {r['rejected_503']:>5} {_number(r['mean_batch']):>6} "
-                f"{_number(r['server_total_p99_ms']):>8} {_number(r.get('server_decode_p99_ms')):>8} "
-                f"{_number(r.get('server_queue_p99_ms')):>8} {_number(r['server_embed_p50_ms']):>8} "
+                f"{_number(r['server_total_p99_ms']):>8} {_number(r.get('server_read_p99_ms')):>8} "
+                f"{_number(r.get('server_decode_p99_ms')):>8} {_number(r.get('server_queue_p99_ms')):>8} "
+                f"{_number(r['server_embed_p50_ms']):>8} {_number(r.get('server_rest_p99_ms')):>8} "
                 f"{_number(r['client_lag_p99_ms']):>8} {'client' if r['client_limited'] else 'server':>6}"
             )
     ratios = ", ".join(f"{c} clients {_number(v, 2)}x" for c, v in result["speedup_batched_over_unbatched"].items())
