@@ -291,6 +291,23 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the network, the index, the imported libraries) to the garbage collector's
+    permanent generation, so that a full collection while serving scans only what was made since.
+
+    With torch, faiss and the web stack loaded a server holds ~450,000 tracked objects; on the project's 2-core
+    machine each full collection then stopped the whole process (event loop, decode threads, batching worker) for
+    140-300 ms, 9 times in 45 s of load: the tail of every latency percentile. Returns the number frozen.
+    """
+    import gc
+
+    gc.collect()  # what is garbage now is not frozen
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.debug("Froze %d objects alive at start-up (out of the garbage collector's full collections)", frozen)
+    return frozen
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """``raml serve``: blocks until interrupted (Ctrl-C)."""
     setup_logging(args.verbose)
@@ -329,8 +346,10 @@ def run_serve(args: argparse.Namespace) -> int:
         http,
         loop,
     )
+    app = create_app(service, args.inline_decode_pixels)
+    freeze_startup_objects()
     uvicorn.run(
-        create_app(service, args.inline_decode_pixels),
+        app,
         host=args.host,
         port=args.port,
         log_level="debug" if args.verbose else "info",
