@@ -297,7 +297,8 @@ def freeze_startup_objects() -> int:
 
     With torch, faiss and the web stack loaded a server holds ~450,000 tracked objects; on the project's 2-core
     machine each full collection then stopped the whole process (event loop, decode threads, batching worker) for
-    140-300 ms, 9 times in 45 s of load: the tail of every latency percentile. Returns the number frozen.
+    140-330 ms, two or three times in each ``raml bench serve`` run's measured rows: the tail of every latency
+    percentile (8-13 ms with the objects frozen). Returns the number frozen.
     """
     import gc
 
