@@ -75,3 +75,26 @@ def _indexed_synth_world(base: Path, database_size: int) -> dict:
 def indexed_synth_world() -> Callable[[Path, int], dict]:
     """``make(base, database size) -> world``: see :func:`_indexed_synth_world`."""
     return _indexed_synth_world
+
+
+def _installed(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture(
+    scope="module",
+    params=[
+        pytest.param({"http": "h11", "loop": "asyncio"}, id="h11"),
+        pytest.param(
+            {"http": "httptools", "loop": "auto"},
+            id="httptools",
+            marks=pytest.mark.skipif(not _installed("httptools"), reason="httptools is not installed"),
+        ),
+    ],
+)
+def front_end(request) -> dict[str, str]:
+    """``raml serve``'s HTTP front ends, for :func:`raml.deploy.service.connections.server_options`: h11 on
+    asyncio's loop (the pure-Python fallback) and httptools on uvloop where installed (the default)."""
+    return request.param

@@ -158,3 +158,12 @@ def test_mean_batch_counts_forward_passes_from_the_answers_batch_sizes():
     # the server's decode and queue times of the answered requests (here decode = b ms, queue = 2b ms)
     assert row["server_decode_p50_ms"] == pytest.approx(np.percentile(sizes, 50))
     assert row["server_queue_p99_ms"] == pytest.approx(np.percentile([2.0 * b for b in sizes], 99))
+    assert row["server_read_p99_ms"] is None  # records of 12 fields carry no read / search timings
+
+
+def test_read_and_the_rest_of_the_handler_time_come_from_the_answers_timings():
+    # total 50 ms = read 3 + decode 2 + queue 10 + embed 20 + search 1 + 14 after the batch (k ms more for request k)
+    records = [(1.0, 1.0, 1.0, 1.06, 200, 50.0 + k, 20.0, 4.0, False, 0.0, 2.0, 10.0, 3.0, 1.0) for k in range(101)]
+    row = summarise(LoadResult(records, (0.0, 2.0), [0.1], None, 4, (None, None)))
+    assert row["server_read_p99_ms"] == pytest.approx(3.0)
+    assert row["server_rest_p99_ms"] == pytest.approx(np.percentile([14.0 + k for k in range(101)], 99))

@@ -265,7 +265,7 @@ def world(tmp_path_factory, synth_and_networks) -> dict:
     return {"nets": nets, "paths": paths, "index": base / "index"}
 
 
-def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_bound(world):
+def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_bound(world, front_end):
     real = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
 
     class Slow:  # the real student, each forward pass 40 ms slower
@@ -292,7 +292,11 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     def post(client):
         return client.post("/search", params={"k": 3}, content=body, headers={"content-type": "image/jpeg"})
 
-    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+    options = server_options(limits.header_timeout_s, limits.max_connections, **front_end)
+    with (
+        BackgroundServer(create_app(service), options=options) as running,
+        httpx.Client(base_url=running.url, timeout=WAIT_S) as client,
+    ):
         for _ in range(4):  # measured batches: the bound exists from here on
             assert post(client).status_code == 200
         with ThreadPoolExecutor(4) as pool:
@@ -321,7 +325,7 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     assert max(r.json()["timings_ms"]["queue"] for r in ok) <= largest_ms + 0.001
 
 
-def test_a_request_shed_for_its_wait_leaves_the_clients_keep_alive_connection_usable(world):
+def test_a_request_shed_for_its_wait_leaves_the_clients_keep_alive_connection_usable(world, front_end):
     """The refusal comes after the body is read: answering before it breaks a connection still sending."""
     import http.client
 
@@ -358,7 +362,8 @@ def test_a_request_shed_for_its_wait_leaves_the_clients_keep_alive_connection_us
                 conn.close()
         conn.close()
 
-    options = server_options(limits.header_timeout_s, limits.max_connections)  # raml serve's connection handling
+    # raml serve's connection handling
+    options = server_options(limits.header_timeout_s, limits.max_connections, **front_end)
     with BackgroundServer(create_app(service), options=options) as running:
         threads = [threading.Thread(target=client, args=(running.port,)) for _ in range(6)]
         for thread in threads:

@@ -43,6 +43,7 @@ from raml.deploy.service import (  # noqa: E402
 )
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
+from raml.deploy.service.connections import server_options  # noqa: E402
 from raml.models import checkpoint_sha256, load_network  # noqa: E402
 from raml.retrieval.extract import extract_embeddings  # noqa: E402
 
@@ -64,12 +65,18 @@ def student_embedder(world: dict, image_sizes: list[int] | None = None) -> Torch
     return TorchQueryEmbedder(network, CPU, None if image_sizes else QR)
 
 
+def serving(service: SearchService, front_end: dict[str, str]) -> BackgroundServer:
+    """``service`` on loopback with ``raml serve``'s connection handling on the front end ``front_end``."""
+    options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
+    return BackgroundServer(create_app(service), options=options)
+
+
 @pytest.fixture(scope="module")
-def server(world):
+def server(world, front_end):
     """One running service: student at 32 px (48 px also served), batches of up to 8, small input limits."""
     limits = ServiceLimits(max_batch=8, max_wait_ms=100, queue_size=64, max_bytes=100_000, max_pixels=1_000_000)
     service = SearchService(student_embedder(world, image_sizes=[QR, 48]), world["index"], limits)
-    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+    with serving(service, front_end) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
         yield {"service": service, "client": client, "url": running.url}
 
 
@@ -124,7 +131,7 @@ def test_results_equal_raml_search_and_a_numpy_ranking(world, server, tmp_path):
         assert set(got["timings_ms"]) == {"read", "decode", "queue", "embed", "search", "total"}
 
 
-def test_an_onnx_student_serves_the_results_of_raml_search_onnx(world, tmp_path):
+def test_an_onnx_student_serves_the_results_of_raml_search_onnx(world, tmp_path, front_end):
     pytest.importorskip("onnxruntime")
     from raml.deploy import export_onnx
     from raml.deploy.service import OnnxQueryEmbedder
@@ -137,7 +144,7 @@ def test_an_onnx_student_serves_the_results_of_raml_search_onnx(world, tmp_path)
     assert cli_main.main([*argv, "--workers", "0", "--no-progress", *queries]) == 0
     service = SearchService(OnnxQueryEmbedder(onnx_file), world["index"], ServiceLimits(max_wait_ms=0))
     assert service.embedder.sizes == (QR,)
-    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+    with serving(service, front_end) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
         assert client.get("/health").json()["networks"]["query"]["kind"] == "onnx"
         for path, want in zip(queries, json.loads(out.read_text())):
             got = post_file(client, path, k=4).json()["results"]
@@ -241,7 +248,7 @@ def test_a_lone_query_is_not_held_back_when_none_is_arriving(world):
     assert result.batch_size == 1 and asked
 
 
-def test_a_full_queue_sheds_load_with_503_and_retry_after(world):
+def test_a_full_queue_sheds_load_with_503_and_retry_after(world, front_end):
     real = student_embedder(world)
     entered, release = threading.Event(), threading.Event()
 
@@ -256,7 +263,7 @@ def test_a_full_queue_sheds_load_with_503_and_retry_after(world):
 
     limits = ServiceLimits(max_batch=1, max_wait_ms=0, queue_size=1)
     service = SearchService(Blocking(), world["index"], limits)
-    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+    with serving(service, front_end) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
         path = world["paths"][0]
         with ThreadPoolExecutor(2) as pool:
             first = pool.submit(post_file, client, path)
@@ -347,7 +354,7 @@ def test_each_bad_input_gets_its_status_and_the_next_request_is_served(world, se
 # ------------------------------------------------------------------------------------------------ hot swap
 
 
-def test_a_generation_committed_while_clients_query_is_picked_up_without_a_failed_request(world, tmp_path):
+def test_a_generation_committed_while_clients_query_is_picked_up_without_a_failed_request(world, tmp_path, front_end):
     index_dir = tmp_path / "index"
     sha = checkpoint_sha256(world["nets"]["teacher"])
     index_images(world["teacher"], world["paths"][:12], DR, index_dir, sha)
@@ -355,7 +362,7 @@ def test_a_generation_committed_while_clients_query_is_picked_up_without_a_faile
     statuses: list[int] = []
     generations: list[int] = []
     stop = threading.Event()
-    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+    with serving(service, front_end) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
 
         def query_until_stopped(path: str) -> None:
             deadline = time.monotonic() + 2 * WAIT_S

@@ -52,11 +52,12 @@ def world(tmp_path_factory, synth_and_networks) -> dict:
 
 
 @contextlib.contextmanager
-def serving(world: dict, **limits) -> Iterator[tuple[SearchService, str]]:
-    """A service over the test index with ``limits`` (ServiceLimits fields), its deadlines in force."""
+def serving(world: dict, front_end: dict[str, str], **limits) -> Iterator[tuple[SearchService, str]]:
+    """A service over the test index with ``limits`` (ServiceLimits fields), its deadlines in force, on the HTTP
+    front end ``front_end`` (:func:`server_options`'s ``http`` and ``loop``)."""
     embedder = TorchQueryEmbedder(load_network(world["nets"]["student"]), CPU, QR)
     service = SearchService(embedder, world["index"], ServiceLimits(**limits))
-    options = server_options(service.limits.header_timeout_s, service.limits.max_connections)
+    options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
     with BackgroundServer(create_app(service), options=options) as running:
         yield service, running.url
 
@@ -74,10 +75,13 @@ def png_bytes(array: np.ndarray) -> bytes:
 # ------------------------------------------------------------------------------ item 5: extreme aspect ratio
 
 
-def test_an_extreme_aspect_ratio_is_refused_with_413_before_decoding(world):
+def test_an_extreme_aspect_ratio_is_refused_with_413_before_decoding(world, front_end):
     thin = png_bytes(np.zeros((1, 100_000), dtype=np.uint8))  # 100,000 pixels, under any --max-pixels here
     assert len(thin) < 1000
-    with serving(world, max_pixels=1_000_000) as (_, url), httpx.Client(base_url=url, timeout=WAIT_S) as client:
+    with (
+        serving(world, front_end, max_pixels=1_000_000) as (_, url),
+        httpx.Client(base_url=url, timeout=WAIT_S) as client,
+    ):
         response = client.post("/search", content=thin, headers={"content-type": "image/png"})
         assert response.status_code == 413, response.text
         message = response.json()["error"]
@@ -135,14 +139,17 @@ def peak_rss() -> Iterator[dict]:
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="needs Linux /proc to read the RSS")
-def test_a_burst_of_16bit_uploads_keeps_the_peak_rss_bounded_and_the_service_up(world):
+def test_a_burst_of_16bit_uploads_keeps_the_peak_rss_bounded_and_the_service_up(world, front_end):
     # a 16-bit 4000x4000 PNG: 16 M pixels, 32 MB decoded, ~40 KB as a file
     ramp = np.tile(np.linspace(0, 65535, 4000).astype(np.uint16), (4000, 1))
     upload = png_bytes(ramp)
     del ramp
     assert len(upload) < 100_000 and Image.open(io.BytesIO(upload)).mode.startswith("I;16")
     limits = dict(max_pixels=20_000_000, max_batch=4, max_wait_ms=1, queue_size=4)
-    with serving(world, **limits) as (service, url), httpx.Client(base_url=url, timeout=4 * WAIT_S) as client:
+    with (
+        serving(world, front_end, **limits) as (service, url),
+        httpx.Client(base_url=url, timeout=4 * WAIT_S) as client,
+    ):
         assert client.post("/search", content=good_query(world), headers={"content-type": "image/jpeg"}).is_success
         idle = _rss_kb("VmRSS") * 1024
         barrier = threading.Barrier(16, timeout=WAIT_S)
@@ -165,8 +172,8 @@ def test_a_burst_of_16bit_uploads_keeps_the_peak_rss_bounded_and_the_service_up(
         assert after.status_code == 200, after.text
 
 
-def test_uploads_beyond_max_uploads_get_503_before_their_body_is_read(world):
-    with serving(world, max_uploads=1, body_timeout_s=WAIT_S) as (service, url):
+def test_uploads_beyond_max_uploads_get_503_before_their_body_is_read(world, front_end):
+    with serving(world, front_end, max_uploads=1, body_timeout_s=WAIT_S) as (service, url):
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=WAIT_S) as slow:
             slow.sendall(
                 b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\nab"
@@ -214,8 +221,8 @@ def _read_until_closed(sock: socket.socket, limit_s: float = WAIT_S) -> bytes:
     raise AssertionError("the server kept the connection open")
 
 
-def test_a_client_that_never_finishes_its_headers_gets_408_and_is_closed(world):
-    with serving(world, header_timeout_s=0.3) as (_, url):
+def test_a_client_that_never_finishes_its_headers_gets_408_and_is_closed(world, front_end):
+    with serving(world, front_end, header_timeout_s=0.3) as (_, url):
         port = _port(url)
         with (
             socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as partial,
@@ -225,12 +232,36 @@ def test_a_client_that_never_finishes_its_headers_gets_408_and_is_closed(world):
             for sock in (partial, silent):
                 answer = _read_until_closed(sock)
                 assert answer.startswith(b"HTTP/1.1 408 ") and b"--header-timeout" in answer
+        # the deadline runs again after each response: a keep-alive connection answered once, then sending part of
+        # its next request's headers, is closed like a new one (its first request outlasts the first deadline: the
+        # headers at once, the body after it)
+        with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as answered:
+            query = good_query(world)
+            answered.sendall(
+                b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                % len(query)
+            )
+            time.sleep(0.5)
+            answered.sendall(query)
+            first = b""
+            while b"\r\n\r\n" not in first:
+                chunk = answered.recv(65536)
+                assert chunk, "the connection closed before answering"
+                first += chunk
+            head, _, body = first.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+            while len(body) < length:
+                body += answered.recv(65536)
+            answered.sendall(b"GET /health HTTP/1.1\r\nHo")
+            answer = _read_until_closed(answered)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b"--header-timeout" in answer
         with httpx.Client(base_url=url, timeout=WAIT_S) as client:  # a normal client is unaffected
             assert client.post("/search", content=good_query(world), headers={"content-type": "image/jpeg"}).is_success
 
 
-def test_trickled_bodies_get_408_at_the_body_deadline_and_are_closed(world):
-    with serving(world, body_timeout_s=0.5, header_timeout_s=WAIT_S) as (_, url):
+def test_trickled_bodies_get_408_at_the_body_deadline_and_are_closed(world, front_end):
+    with serving(world, front_end, body_timeout_s=0.5, header_timeout_s=WAIT_S) as (_, url):
         port = _port(url)
         sockets = [socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) for _ in range(3)]
         try:
@@ -272,8 +303,8 @@ def test_trickled_bodies_get_408_at_the_body_deadline_and_are_closed(world):
             assert client.post("/search", content=good_query(world), headers={"content-type": "image/jpeg"}).is_success
 
 
-def test_open_connections_are_bounded(world):
-    with serving(world, max_connections=3, header_timeout_s=WAIT_S) as (_, url):
+def test_open_connections_are_bounded(world, front_end):
+    with serving(world, front_end, max_connections=3, header_timeout_s=WAIT_S) as (_, url):
         port = _port(url)
         held = [socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) for _ in range(3)]
         try:
@@ -295,13 +326,56 @@ def test_open_connections_are_bounded(world):
             time.sleep(0.05)
 
 
-def test_a_stalled_upload_does_not_hold_a_lone_query_for_the_batching_window(world):
+def test_a_response_sent_before_the_body_arrived_closes_the_connection(world, front_end):
+    # the only upload slot is held, so the second request gets 503 before its body is read: a client that goes on
+    # trickling that body must not keep the connection (and its socket) open
+    with serving(world, front_end, max_uploads=1, body_timeout_s=WAIT_S, header_timeout_s=WAIT_S) as (service, url):
+        head = b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+        with (
+            socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as holder,
+            socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as refused,
+        ):
+            holder.sendall(head + b"ab")
+            deadline = time.monotonic() + WAIT_S
+            while service.uploads.held < 1:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            refused.sendall(head + b"cd")
+            answer = _read_until_closed(refused, limit_s=3.0)  # fails if the connection stays open
+            assert answer.startswith(b"HTTP/1.1 503 ") and b"--max-uploads" in answer
+            assert b"connection: close" in answer.lower()  # so that a keep-alive client opens a new connection
+        with httpx.Client(base_url=url, timeout=WAIT_S) as client:
+            assert client.post("/search", content=good_query(world), headers={"content-type": "image/jpeg"}).is_success
+
+
+def test_endless_request_headers_are_refused_and_closed_before_the_header_deadline(world, front_end):
+    # h11 bounds an unfinished request to 16 KiB; llhttp has no bound, so httptools' protocol adds one (431)
+    with (
+        serving(world, front_end, header_timeout_s=WAIT_S) as (_, url),
+        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
+    ):
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        sent, started, answer = 0, time.monotonic(), b""
+        try:
+            while sent < 4 * MB:
+                sock.sendall(b"X-Filler-%d: %s\r\n" % (sent, b"y" * 1000))
+                sent += 1000
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed by the server while sending: its answer may be lost, the point is it closed
+        else:
+            answer = _read_until_closed(sock, limit_s=WAIT_S / 2)
+        assert time.monotonic() - started < WAIT_S / 2, "the connection was held until the header deadline"
+        if answer:
+            assert answer.startswith((b"HTTP/1.1 400 ", b"HTTP/1.1 431 ")), answer[:200]
+
+
+def test_a_stalled_upload_does_not_hold_a_lone_query_for_the_batching_window(world, front_end):
     # a batching window far longer than the client's patience: were the stalled upload counted as a query on its
     # way, the lone query would wait for it (for max_wait_ms, or until the body deadline) and time out
     window_s = 10 * WAIT_S
     limits = dict(max_batch=8, max_wait_ms=1000 * window_s, body_timeout_s=window_s, header_timeout_s=window_s)
     with (
-        serving(world, **limits) as (service, url),
+        serving(world, front_end, **limits) as (service, url),
         socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as stalled,
     ):
         stalled.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 900\r\n\r\n")

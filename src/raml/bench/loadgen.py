@@ -24,9 +24,9 @@ when the client's lag p99 exceeds ``LAG_SHARE`` of the latency p99 (and ``LAG_FL
 describes the client, not the server.
 
 Records: one tuple per request, ``(intended, handed, sent, done, status, server_total_ms, server_embed_ms,
-batch_size, retry_after, lag, server_decode_ms, server_queue_ms)`` with times in s on the system-wide
-``time.monotonic`` clock (the same in every process on Linux), ``status`` 0 for a failed connection or a time-out,
-``retry_after`` whether a 503 carried ``Retry-After``.
+batch_size, retry_after, lag, server_decode_ms, server_queue_ms, server_read_ms, server_search_ms)`` with times in
+s on the system-wide ``time.monotonic`` clock (the same in every process on Linux), ``status`` 0 for a failed
+connection or a time-out, ``retry_after`` whether a 503 carried ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ LAG_FLOOR_MS = 20.0
 
 _READY_TIMEOUT_S = 120.0
 
-Record = tuple[float, float, float, float, int, float, float, float, bool, float, float, float]
+Record = tuple[float, float, float, float, int, float, float, float, bool, float, float, float, float, float]
 
 
 @dataclass(frozen=True)
@@ -109,14 +109,15 @@ def poisson_schedule(rate: float, seconds: float, seed: int) -> np.ndarray:
     return times[times < seconds]
 
 
-_NO_TIMINGS = (float("nan"),) * 4
+_NO_TIMINGS = (float("nan"),) * 6
+_TIMINGS = ("total", "embed", "decode", "queue", "read", "search")
 
 
 def _send(
     conn: http.client.HTTPConnection, target: str, body: bytes
 ) -> tuple[int, tuple[float, float, float, float], float, bool]:
-    """One POST; (status, the server's (total, embed, decode, queue) ms, batch size, Retry-After present). Raises on a
-    failed connection."""
+    """One POST; (status, the server's (total, embed, decode, queue, read, search) ms, batch size, Retry-After
+    present). Raises on a failed connection."""
     conn.request("POST", target, body=body, headers={"Content-Type": "image/jpeg"})
     response = conn.getresponse()
     data = response.read()
@@ -124,7 +125,7 @@ def _send(
     if response.status == 200:
         answer = json.loads(data)
         ms = answer.get("timings_ms", {})
-        timings = tuple(float(ms.get(name, "nan")) for name in ("total", "embed", "decode", "queue"))
+        timings = tuple(float(ms.get(name, "nan")) for name in _TIMINGS)
         batch = float(answer.get("batch_size", "nan"))
     return response.status, timings, batch, response.getheader("Retry-After") is not None
 
@@ -154,11 +155,12 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
             time.sleep(min(0.01, max(0.0, t0 - time.monotonic())))
         previous = time.monotonic()
         while (sent := time.monotonic()) < stop:
-            status, (total, embed, decode, wait), batch, retry = request(conn, i)
+            status, (total, embed, decode, wait, read, search), batch, retry = request(conn, i)
             done = time.monotonic()
+            lag = sent - previous
             with lock:
                 records.append(
-                    (sent, sent, sent, done, status, total, embed, batch, retry, sent - previous, decode, wait)
+                    (sent, sent, sent, done, status, total, embed, batch, retry, lag, decode, wait, read, search)
                 )
             previous, i = done, i + job.threads
 
@@ -167,11 +169,12 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
         while (item := arrivals.get()) is not None:
             intended, handed, i = item
             sent = time.monotonic()
-            status, (total, embed, decode, wait), batch, retry = request(conn, i)
+            status, (total, embed, decode, wait, read, search), batch, retry = request(conn, i)
             done = time.monotonic()
+            lag = handed - intended
             with lock:
                 records.append(
-                    (intended, handed, sent, done, status, total, embed, batch, retry, handed - intended, decode, wait)
+                    (intended, handed, sent, done, status, total, embed, batch, retry, lag, decode, wait, read, search)
                 )
 
     threads = [
@@ -341,7 +344,9 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     ``rejected_without_retry_after``, ``mean_batch`` (queries per forward pass, from each answer's ``batch_size``),
     ``server_total_p50_ms``/``_p99_ms`` (the server's ``timings_ms.total``),
     ``server_embed_p50_ms``, ``server_decode_p50_ms``/``_p99_ms`` and ``server_queue_p50_ms``/``_p99_ms`` (the
-    server's ``timings_ms.decode`` and ``.queue``: where an answered request's time went),
+    server's ``timings_ms.decode`` and ``.queue``: where an answered request's time went), ``server_read_p99_ms``
+    (``timings_ms.read``: receiving the body) and ``server_rest_p99_ms`` (``total`` minus read, decode, queue, embed
+    and search: the wake-up of the event loop after the batch and the answer),
     ``outside_server_p50_ms``/``_p99_ms`` (send -> answer minus the server's total),
     ``client_lag_p50_ms``/``_p99_ms``/``_max_ms``, ``pool_wait_p99_ms``, ``client_cpu_max``,
     ``client_limited`` and ``client_limited_because`` (the reasons, empty when the server was the limit).
@@ -350,9 +355,11 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     seconds = end - start
     # throughput: 200s *answered* within the window (a backlog answered after it is not throughput)
     completed = sum(1 for r in result.records if r[4] == 200 and start <= r[3] < end)
+    nan2 = (float("nan"),) * 2  # records of 12 fields: no read / search timings
     rows = np.array(
-        [r[:8] + (float(r[8]),) + r[9:12] for r in result.records if start <= r[0] < end], dtype=np.float64
-    ).reshape(-1, 12)
+        [r[:8] + (float(r[8]),) + r[9:12] + (tuple(r[12:14]) or nan2) for r in result.records if start <= r[0] < end],
+        dtype=np.float64,
+    ).reshape(-1, 14)
     intended, handed, sent, done, status = rows[:, 0], rows[:, 1], rows[:, 2], rows[:, 3], rows[:, 4]
     ok = status == 200
     latency = (done - intended)[ok] * 1000.0
@@ -363,6 +370,9 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     batch = batch[np.isfinite(batch) & (batch >= 1)]
     pool_wait = (sent - handed) * 1000.0
     embed, decode, wait = rows[ok, 6], rows[ok, 10], rows[ok, 11]
+    read = rows[ok, 12]
+    # the rest of the handler's time: after the batch (the event loop's wake-up, the JSON answer), and any hop
+    rest = server_total - rows[ok, 12] - decode - wait - embed - rows[ok, 13]
     row: dict[str, Any] = {
         "loop": "closed" if result.rate is None else "open",
         "offered_per_s": result.rate,
@@ -386,6 +396,8 @@ def summarise(result: LoadResult) -> dict[str, Any]:
         "server_decode_p99_ms": _percentile(decode[np.isfinite(decode)], 99),
         "server_queue_p50_ms": _percentile(wait[np.isfinite(wait)], 50),
         "server_queue_p99_ms": _percentile(wait[np.isfinite(wait)], 99),
+        "server_read_p99_ms": _percentile(read[np.isfinite(read)], 99),
+        "server_rest_p99_ms": _percentile(rest[np.isfinite(rest)], 99),
         "outside_server_p50_ms": _percentile(outside[np.isfinite(outside)], 50),
         "outside_server_p99_ms": _percentile(outside[np.isfinite(outside)], 99),
         "client_lag_p50_ms": _percentile(lag, 50),

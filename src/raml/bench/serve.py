@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from raml.bench.loadgen import ClientPool, run_load, summarise
+from raml.deploy.service.connections import resolve_http, resolve_loop
 from raml.deploy.service.embedders import available_cores, serving_threads
 from raml.utils import atomic_write_text, cpu_model
 
@@ -73,6 +74,9 @@ class ServeBenchSettings:
     queue_size: int = 64  # the server's --queue-size
     timeout_s: float = 30.0
     seed: int = 0
+    http: str = "auto"  # the server's --http (httptools where installed)
+    loop: str = "auto"  # the server's --loop (uvloop where installed)
+    server_args: tuple[str, ...] = ()  # more raml serve flags, for both servers (A/B experiments)
 
 
 def _free_port() -> int:
@@ -113,9 +117,10 @@ class _Server:
         command = [sys.executable, "-m", "raml", "serve", "--index", str(index_dir), "--network-path", str(student)]
         command += ["--image-size", str(settings.query_size), "--port", str(self.port), "--device", "cpu"]
         command += ["--max-batch", str(max_batch), "--max-wait-ms", str(settings.max_wait_ms)]
-        command += ["--queue-size", str(settings.queue_size)]
+        command += ["--queue-size", str(settings.queue_size), "--http", settings.http, "--loop", settings.loop]
         # room for every client connection and the benchmark's own /metrics probe
         command += ["--max-connections", str(max(256, settings.open_connections + 16))]
+        command += list(settings.server_args)
         self._log = log.open("w")
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
@@ -315,6 +320,8 @@ def run_serve_benchmark(work_dir: str | Path, settings: ServeBenchSettings | Non
             "load_average_at_start": load_at_start,
             "load_average": list(os.getloadavg()),
             "server_threads": serving_threads(available_cores()),  # raml serve's default --threads here
+            "server_http": resolve_http(settings.http),  # what the server's --http / --loop resolve to here
+            "server_loop": resolve_loop(settings.loop),
         },
         "settings": {**asdict(settings), "database_images": len(query_files)},
         "runs": runs,
@@ -339,7 +346,8 @@ def format_serve_report(result: dict[str, Any]) -> str:
         f"(D={s['whitening']}) at {s['database_size']} px, queries at {s['query_size']} px, k={s['k']}, "
         f"{s['duration_s']:g} s per row after {s['warmup_s']:g} s warm-up, {s['client_processes']} client "
         f"processes; {result['machine']['cpu']}, {result['machine']['cores']} cores, server's torch threads "
-        f"{result['machine'].get('server_threads', '-')}, load average (1, 5, 15 min) "
+        f"{result['machine'].get('server_threads', '-')}, HTTP {result['machine'].get('server_http', '-')}, loop "
+        f"{result['machine'].get('server_loop', '-')}, load average (1, 5, 15 min) "
         + " ".join(f"{v:.1f}" for v in result["machine"].get("load_average_at_start", []))
         + " at the start, "
         + " ".join(f"{v:.1f}" for v in result["machine"]["load_average"])
@@ -361,16 +369,17 @@ def format_serve_report(result: dict[str, Any]) -> str:
             "",
             "open loop (Poisson arrivals at the offered rate; latency from the intended send time):",
             f"{'offered/s':>9} {'x sat':>5} {'mode':<10} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-            f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'dec p99':>8} {'que p99':>8} {'emb p50':>8} "
-            f"{'lag p99':>8} {'limit':>6}",
+            f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'read p99':>8} {'dec p99':>8} {'que p99':>8} "
+            f"{'emb p50':>8} {'rest p99':>8} {'lag p99':>8} {'limit':>6}",
         ]
         for r in result["open_loop"]:
             lines.append(
                 f"{r['offered_per_s']:>9.1f} {r['saturation_fraction']:>5.2f} {r['mode']:<10} "
                 f"{_number(r['queries_per_s']):>8} {_number(r['p50_ms']):>8} {_number(r['p95_ms']):>8} "
                 f"{_number(r['p99_ms']):>8} {r['errors']:>6} {r['rejected_503']:>5} {_number(r['mean_batch']):>6} "
-                f"{_number(r['server_total_p99_ms']):>8} {_number(r.get('server_decode_p99_ms')):>8} "
-                f"{_number(r.get('server_queue_p99_ms')):>8} {_number(r['server_embed_p50_ms']):>8} "
+                f"{_number(r['server_total_p99_ms']):>8} {_number(r.get('server_read_p99_ms')):>8} "
+                f"{_number(r.get('server_decode_p99_ms')):>8} {_number(r.get('server_queue_p99_ms')):>8} "
+                f"{_number(r['server_embed_p50_ms']):>8} {_number(r.get('server_rest_p99_ms')):>8} "
                 f"{_number(r['client_lag_p99_ms']):>8} {'client' if r['client_limited'] else 'server':>6}"
             )
     ratios = ", ".join(f"{c} clients {_number(v, 2)}x" for c, v in result["speedup_batched_over_unbatched"].items())
@@ -501,6 +510,15 @@ def main(argv: list[str] | None = None) -> int:
         "--client-processes", type=positive_int, default=defaults.client_processes, help="client processes (2)"
     )
     parser.add_argument("--queue-size", type=positive_int, default=defaults.queue_size, help="server's queue (64)")
+    parser.add_argument("--http", choices=("auto", "httptools", "h11"), default=defaults.http, help="server's --http")
+    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default=defaults.loop, help="server's --loop")
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more raml serve argument for both servers (repeat; e.g. --server-arg=--max-decodes --server-arg=8)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot the open-loop curve as a PNG")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -525,6 +543,9 @@ def main(argv: list[str] | None = None) -> int:
         open_connections=args.open_connections,
         client_processes=args.client_processes,
         queue_size=args.queue_size,
+        http=args.http,
+        loop=args.loop,
+        server_args=tuple(args.server_arg),
     )
     result = run_serve_benchmark(args.work_dir, settings)
     print(format_serve_report(result))

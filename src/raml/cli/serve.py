@@ -29,6 +29,13 @@ def non_negative_float(value: str) -> float:
     return number
 
 
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return number
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -38,6 +45,7 @@ def positive_float(value: str) -> float:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` sub-command."""
+    from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS
     from raml.deploy.service.service import ServiceLimits
 
     defaults = ServiceLimits()
@@ -157,6 +165,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         f"(default {defaults.max_decode_pixels})",
     )
     group.add_argument(
+        "--inline-decode-pixels",
+        type=non_negative_int,
+        default=DEFAULT_INLINE_DECODE_PIXELS,
+        metavar="N",
+        help="decode images of at most N pixels (from the header) on the event loop instead of a worker thread "
+        "(0: every image in a thread; default %(default)s)",
+    )
+    group.add_argument(
         "--header-timeout",
         type=positive_float,
         default=defaults.header_timeout_s,
@@ -198,6 +214,19 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         help="intra-op threads of the query network (default: half the cores, at least 1; the rest decode images and "
         "run the HTTP server)",
+    )
+    runtime.add_argument(
+        "--http",
+        choices=("auto", "httptools", "h11"),
+        default="auto",
+        help="HTTP protocol: httptools (llhttp, in C; pip install raml[serve]) or h11 (pure Python, slower under "
+        "load); auto: httptools where installed (default). Both keep the connection limits above",
+    )
+    runtime.add_argument(
+        "--loop",
+        choices=("auto", "uvloop", "asyncio"),
+        default="auto",
+        help="event loop: uvloop (libuv) or asyncio's own; auto: uvloop where installed (default)",
     )
     runtime.add_argument("--verbose", action="store_true", help="debug logging and uvicorn's access log")
     parser.set_defaults(func=run_serve)
@@ -262,6 +291,24 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def freeze_startup_objects() -> int:
+    """Move every object alive now (the network, the index, the imported libraries) to the garbage collector's
+    permanent generation, so that a full collection while serving scans only what was made since.
+
+    With torch, faiss and the web stack loaded a server holds ~450,000 tracked objects; on the project's 2-core
+    machine each full collection then stopped the whole process (event loop, decode threads, batching worker) for
+    140-330 ms, two or three times in each ``raml bench serve`` run's measured rows: the tail of every latency
+    percentile (8-13 ms with the objects frozen). Returns the number frozen.
+    """
+    import gc
+
+    gc.collect()  # what is garbage now is not frozen
+    gc.freeze()
+    frozen = gc.get_freeze_count()
+    logger.debug("Froze %d objects alive at start-up (out of the garbage collector's full collections)", frozen)
+    return frozen
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """``raml serve``: blocks until interrupted (Ctrl-C)."""
     setup_logging(args.verbose)
@@ -269,11 +316,15 @@ def run_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     from raml.deploy.service.app import create_app
-    from raml.deploy.service.connections import server_options
+    from raml.deploy.service.connections import resolve_http, resolve_loop, server_options
     from raml.deploy.service.embedders import use_serving_threads
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}.")
+    try:
+        http, loop = resolve_http(args.http), resolve_loop(args.loop)
+    except ImportError as error:
+        raise SystemExit(f"raml serve: error: {error}") from None
     use_serving_threads(args.threads)
     service = build_service(args)
     if not _is_loopback(args.host):
@@ -282,9 +333,10 @@ def run_serve(args: argparse.Namespace) -> int:
             "can reach the port can search the index and fetch its images.",
             args.host,
         )
+    options = server_options(service.limits.header_timeout_s, service.limits.max_connections, http=http, loop=loop)
     index = service.index.current
     logger.info(
-        "Serving %d images (generation %d) of %s at http://%s:%d/ (query sizes %s%s)",
+        "Serving %d images (generation %d) of %s at http://%s:%d/ (query sizes %s%s; HTTP %s, loop %s)",
         len(index),
         index.generation,
         index.directory,
@@ -292,13 +344,17 @@ def run_serve(args: argparse.Namespace) -> int:
         args.port,
         ", ".join(map(str, service.embedder.sizes)),
         f"; chosen per batch for a p99 under {args.latency_target_ms:g} ms" if service.adaptive is not None else "",
+        http,
+        loop,
     )
+    app = create_app(service, args.inline_decode_pixels)
+    freeze_startup_objects()
     uvicorn.run(
-        create_app(service),
+        app,
         host=args.host,
         port=args.port,
         log_level="debug" if args.verbose else "info",
         access_log=args.verbose,
-        **server_options(service.limits.header_timeout_s, service.limits.max_connections),
+        **options,
     )
     return 0

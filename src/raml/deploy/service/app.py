@@ -43,7 +43,7 @@ from starlette.routing import Route
 
 from raml.deploy.service.admission import ServiceBusyError
 from raml.deploy.service.batching import QueueFullError
-from raml.deploy.service.decode import QueryImageError
+from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, header_pixels
 from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raml.deploy.service.service import SearchService
 
@@ -136,8 +136,17 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
     return value
 
 
-def create_app(service: SearchService) -> Starlette:
-    """The ASGI application; its lifespan starts and stops ``service``'s threads."""
+def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLINE_DECODE_PIXELS) -> Starlette:
+    """The ASGI application; its lifespan starts and stops ``service``'s threads.
+
+    Args:
+        service: The search service.
+        inline_decode_pixels: An image whose header announces at most this many pixels is decoded and transformed
+            on the event loop itself; larger ones in a worker thread (0: every image in a thread). For a small image
+            the hop to a thread (and the wait for the GIL behind a busy loop) costs more than the decoding.
+    """
+    if isinstance(inline_decode_pixels, bool) or not isinstance(inline_decode_pixels, int) or inline_decode_pixels < 0:
+        raise ValueError(f"inline_decode_pixels must be an integer >= 0, got {inline_decode_pixels!r}.")
     page = _page()
     metrics = service.metrics
 
@@ -151,6 +160,7 @@ def create_app(service: SearchService) -> Starlette:
 
     async def search(request: Request) -> Response:
         started = time.perf_counter()
+        body_read = False  # a refusal before the whole body was read closes the connection (Connection: close)
         try:
             k = _int_param(request, "k", DEFAULT_K, 1, service.limits.max_k)
             requested = _int_param(request, "size", None, 1, 1 << 16)
@@ -161,6 +171,7 @@ def create_app(service: SearchService) -> Starlette:
             # admission before anything is buffered or decoded: beyond the limits, 503 at once
             with service.uploads.take():
                 body = await read_limited_body(request, service.limits.max_bytes, service.limits.body_timeout_s)
+                body_read = True
                 data = await _upload_bytes(request, body)
             del body
             read_done = time.perf_counter()
@@ -168,17 +179,24 @@ def create_app(service: SearchService) -> Starlette:
             # response before it would break the client's keep-alive connection while it still sends
             service.batcher.check_admission()
             with service.decodes.take(), service.arriving():  # only a query with its whole body holds a batch
-                image = await run_in_threadpool(service.prepare, data, size)
+                pixels = header_pixels(data) if inline_decode_pixels else None
+                if pixels is not None and pixels <= inline_decode_pixels:
+                    image = service.prepare(data, size)  # small: cheaper here than a hop to a thread
+                else:
+                    image = await run_in_threadpool(service.prepare, data, size)
                 del data
                 decoded = time.perf_counter()
                 future = service.submit(image, size, int(k))
             result = await asyncio.wrap_future(future)
         except QueryImageError as refused:
-            headers = {"Connection": "close"} if refused.status == 408 else None
+            headers = {"Connection": "close"} if refused.status == 408 or not body_read else None
             return answer("search", error(refused.status, str(refused), headers), started)
         except (QueueFullError, ServiceBusyError) as busy:
             metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size")
-            return answer("search", error(503, str(busy), {"Retry-After": str(RETRY_AFTER_S)}), started)
+            headers = {"Retry-After": str(RETRY_AFTER_S)}
+            if not body_read:
+                headers["Connection"] = "close"
+            return answer("search", error(503, str(busy), headers), started)
         except Exception:
             logger.exception("Search failed")
             return answer("search", error(500, "The search failed; see the service's log."), started)

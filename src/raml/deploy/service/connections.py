@@ -1,7 +1,11 @@
 """Connection-level defences of ``raml serve``: a header deadline, a cap on open connections, no idle bodies.
 
-Contract: :func:`server_options` ``(limits)`` -> keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``
-selecting :class:`DeadlineH11Protocol` (uvicorn's h11 protocol with three additions):
+Contract: :func:`server_options` ``(limits, http=, loop=)`` -> keyword arguments for ``uvicorn.Config`` /
+``uvicorn.run``: the HTTP protocol class and the event loop. ``http="httptools"`` selects
+:class:`raml.deploy.service.httptools_protocol.DeadlineHttpToolsProtocol` (uvicorn's protocol on llhttp, in C),
+``"h11"`` :class:`DeadlineH11Protocol` (pure Python), ``"auto"`` the first if ``httptools`` is importable;
+``loop="uvloop"`` / ``"asyncio"`` / ``"auto"`` (uvloop if importable) likewise. Both protocols add the same
+defences to uvicorn's:
 
 - **header deadline**: a connection must deliver a request's complete headers within ``header_timeout_s`` of
   being opened, and of its previous response; otherwise it gets ``408 Request Timeout`` and is closed (a client
@@ -9,7 +13,8 @@ selecting :class:`DeadlineH11Protocol` (uvicorn's h11 protocol with three additi
 - **open connections**: beyond ``max_connections`` open at once, a new connection gets ``503`` with
   ``Retry-After`` and is closed at once;
 - **unread bodies**: a response sent before its request's body was received in full closes the connection (so a
-  client cannot keep trickling a body nobody reads).
+  client cannot keep trickling a body nobody reads), after lingering at most ``linger_s`` (1 s) while discarding
+  what still arrives, so that a client still sending reads the response instead of a reset (:class:`LingeringClose`).
 
 The body deadline itself (408 when a body is not received in full within ``body_timeout_s``) is the
 application's (:func:`raml.deploy.service.app.read_limited_body`), which answers it in JSON.
@@ -27,10 +32,23 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DeadlineH11Protocol", "server_options"]
+__all__ = [
+    "HTTP_CHOICES",
+    "LOOP_CHOICES",
+    "DeadlineH11Protocol",
+    "LingeringClose",
+    "raw_response",
+    "resolve_http",
+    "resolve_loop",
+    "server_options",
+]
+
+HTTP_CHOICES = ("auto", "httptools", "h11")
+LOOP_CHOICES = ("auto", "uvloop", "asyncio")
 
 
-def _raw_response(status: int, reason: str, message: str, extra: str = "") -> bytes:
+def raw_response(status: int, reason: str, message: str, extra: str = "") -> bytes:
+    """A complete JSON error response (``{"error": message}``) that closes the connection, as raw bytes."""
     body = json.dumps({"error": message}).encode()
     head = (
         f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
@@ -39,7 +57,75 @@ def _raw_response(status: int, reason: str, message: str, extra: str = "") -> by
     return head.encode("latin-1") + body
 
 
-class DeadlineH11Protocol(H11Protocol):
+class _LingeringTransport:
+    """A connection's transport as the uvicorn protocol sees it: ``close()`` lingers (see :class:`LingeringClose`)
+    while the request's body is unread; everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.write = transport.write  # the hot path, without __getattr__
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        if not self.is_closing() and self._protocol._body_unread():
+            self._protocol._linger()
+        else:
+            self._transport.close()
+
+
+class LingeringClose:
+    """Mixin for a uvicorn HTTP protocol: a connection whose response went out before its request's body arrived in
+    full (refused early, or past the body deadline) is closed *after* a short lingering.
+
+    Closing at once, with the client's body still arriving, makes the kernel answer its next segment with a reset,
+    and a client still sending then often loses the response it was sent (e.g. a 413, or a 503 with Retry-After).
+    So, as web servers do, the protocol sends its end of the stream (FIN), discards whatever still comes for at most
+    ``linger_s`` seconds, and closes when the client has closed its side or that time is up: the connection never
+    outlives the response by more than ``linger_s``, and nothing it sends is parsed or buffered. Subclasses say
+    when the body is unread (:meth:`_body_unread`). The application should send ``Connection: close`` with such a
+    response, so that a keep-alive client does not send its next request on this connection.
+    """
+
+    linger_s: float = 1.0
+    _lingering: bool = False
+    _linger_timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[misc]
+
+    def _body_unread(self) -> bool:
+        raise NotImplementedError
+
+    def _linger(self) -> None:
+        transport: asyncio.Transport = self.transport._transport  # type: ignore[attr-defined]
+        self._lingering = True
+        self._linger_timer = self.loop.call_later(self.linger_s, transport.close)  # type: ignore[attr-defined]
+        flow = getattr(self, "flow", None)
+        if flow is not None:
+            flow.resume_reading()  # a paused read would leave the client blocked, and the reset would come anyway
+        if transport.can_write_eof():
+            transport.write_eof()
+        else:
+            transport.close()
+
+    def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return  # the rest of a body nobody reads
+        super().data_received(data)  # type: ignore[misc]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._linger_timer is not None:
+            self._linger_timer.cancel()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+
+class DeadlineH11Protocol(LingeringClose, H11Protocol):
     """uvicorn's h11 protocol with a header deadline and a connection cap (see the module docstring).
 
     The limits are class attributes, set on the subclass :func:`server_options` makes.
@@ -56,7 +142,7 @@ class DeadlineH11Protocol(H11Protocol):
             logger.warning("Refused a connection: %d open (--max-connections)", self.max_connections)
             message = f"{self.max_connections} connections are open already (--max-connections); try again shortly."
             extra = f"retry-after: {self.retry_after_s}\r\n"
-            transport.write(_raw_response(503, "Service Unavailable", message, extra))
+            transport.write(raw_response(503, "Service Unavailable", message, extra))
             transport.close()
             return
         self._arm_header_timer()
@@ -82,43 +168,98 @@ class DeadlineH11Protocol(H11Protocol):
             f"The request headers were not received within {self.header_timeout_s:g} s (--header-timeout); "
             "the connection is closed."
         )
-        self.transport.write(_raw_response(408, "Request Timeout", message))
+        self.transport.write(raw_response(408, "Request Timeout", message))
         self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
 
+    def _body_unread(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
+
     def on_response_complete(self) -> None:
-        if not self.transport.is_closing() and self.conn.their_state is h11.SEND_BODY:
+        if not self.transport.is_closing() and self._body_unread():
             # answered before its body arrived in full (refused early, or the body deadline passed): close
             self.server_state.total_requests += 1
-            self.transport.close()
+            self._linger()
             return
         super().on_response_complete()
         if not self.transport.is_closing():
             self._arm_header_timer()  # the next request's headers have the same deadline
 
 
-def server_options(header_timeout_s: float, max_connections: int, retry_after_s: int = 1) -> dict[str, Any]:
-    """Keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``: the protocol class with these limits.
+def _importable(module: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(module) is not None
+
+
+def resolve_http(http: str) -> str:
+    """``"httptools"`` or ``"h11"``: ``http`` itself, or for ``"auto"`` httptools where it is importable.
+
+    Raises:
+        ValueError: ``http`` is not one of :data:`HTTP_CHOICES`.
+        ImportError: ``"httptools"`` asked for and not installed.
+    """
+    if http not in HTTP_CHOICES:
+        raise ValueError(f"http must be one of {', '.join(HTTP_CHOICES)}, got {http!r}.")
+    if http == "auto":
+        return "httptools" if _importable("httptools") else "h11"
+    if http == "httptools" and not _importable("httptools"):
+        raise ImportError("--http httptools needs the httptools package: pip install raml[serve] (or httptools).")
+    return http
+
+
+def resolve_loop(loop: str) -> str:
+    """``"uvloop"`` or ``"asyncio"``: ``loop`` itself, or for ``"auto"`` uvloop where it is importable.
+
+    Raises:
+        ValueError: ``loop`` is not one of :data:`LOOP_CHOICES`.
+        ImportError: ``"uvloop"`` asked for and not installed.
+    """
+    if loop not in LOOP_CHOICES:
+        raise ValueError(f"loop must be one of {', '.join(LOOP_CHOICES)}, got {loop!r}.")
+    if loop == "auto":
+        return "uvloop" if _importable("uvloop") else "asyncio"
+    if loop == "uvloop" and not _importable("uvloop"):
+        raise ImportError("--loop uvloop needs the uvloop package: pip install raml[serve] (or uvloop).")
+    return loop
+
+
+def server_options(
+    header_timeout_s: float,
+    max_connections: int,
+    retry_after_s: int = 1,
+    http: str = "auto",
+    loop: str = "auto",
+    max_header_bytes: int = 16 * 1024,
+) -> dict[str, Any]:
+    """Keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``: the protocol class with these limits, the loop.
 
     Args:
         header_timeout_s: Seconds a connection has to deliver complete request headers.
         max_connections: Most connections open at once.
         retry_after_s: ``Retry-After`` of the 503 a connection over the cap gets.
+        http: ``"httptools"``, ``"h11"`` or ``"auto"`` (httptools where importable; see :func:`resolve_http`).
+        loop: ``"uvloop"``, ``"asyncio"`` or ``"auto"`` (uvloop where importable; see :func:`resolve_loop`).
+        max_header_bytes: With httptools, most bytes of a request before its headers are complete (h11 has its
+            own bound, 16 KiB).
     """
     if not header_timeout_s > 0:
         raise ValueError(f"header_timeout_s must be positive, got {header_timeout_s!r}.")
     if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
         raise ValueError(f"max_connections must be a positive integer, got {max_connections!r}.")
-    protocol = type(
-        "RamlH11Protocol",
-        (DeadlineH11Protocol,),
-        {
-            "header_timeout_s": float(header_timeout_s),
-            "max_connections": max_connections,
-            "retry_after_s": retry_after_s,
-        },
-    )
-    return {"http": protocol}
+    limits: dict[str, Any] = {
+        "header_timeout_s": float(header_timeout_s),
+        "max_connections": max_connections,
+        "retry_after_s": retry_after_s,
+    }
+    if resolve_http(http) == "httptools":
+        from raml.deploy.service.httptools_protocol import DeadlineHttpToolsProtocol
+
+        limits["max_header_bytes"] = max_header_bytes
+        protocol = type("RamlHttpToolsProtocol", (DeadlineHttpToolsProtocol,), limits)
+    else:
+        protocol = type("RamlH11Protocol", (DeadlineH11Protocol,), limits)
+    return {"http": protocol, "loop": resolve_loop(loop)}

@@ -28,7 +28,13 @@ from raml.data.image_limits import ImageTooLargeError, check_image_size
 from raml.data.images import to_rgb
 from raml.deploy.service.admission import ServiceBusyError
 
-__all__ = ["QueryImageError", "decode_query_image"]
+__all__ = ["DEFAULT_INLINE_DECODE_PIXELS", "QueryImageError", "decode_query_image", "header_pixels"]
+
+#: ``raml serve`` decodes an image of at most this many pixels (from its header) on the event loop, not in a worker
+#: thread (:func:`raml.deploy.service.app.create_app`): up to 128 x 128, decoding and the query transform took
+#: 0.5 ms of CPU on the project's 2-core machine (256 x 256: 1.6 ms, 512 x 512: 5.4 ms), about what the hop to a
+#: thread costs once the loop is busy; larger images would stall every other request on the loop for longer
+DEFAULT_INLINE_DECODE_PIXELS = 128 * 128
 
 
 class QueryImageError(ValueError):
@@ -37,6 +43,17 @@ class QueryImageError(ValueError):
     def __init__(self, status: int, message: str) -> None:
         super().__init__(message)
         self.status = status
+
+
+def header_pixels(data: bytes) -> int | None:
+    """Width x height announced by the image header of ``data`` (no pixel is decoded), or None where PIL cannot
+    identify it (:func:`decode_query_image` then says why)."""
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            width, height = img.size
+    except Exception:  # noqa: BLE001 - any failure is reported by decode_query_image
+        return None
+    return width * height
 
 
 def decode_query_image(
