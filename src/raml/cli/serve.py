@@ -293,7 +293,7 @@ def run_serve(args: argparse.Namespace) -> int:
         args.host,
         args.port,
         ", ".join(map(str, service.embedder.sizes)),
-        f"; chosen for a p99 under {args.latency_target_ms:g} ms" if service.adaptive is not None else "",
+        f"; chosen per batch for a p99 under {args.latency_target_ms:g} ms" if service.adaptive is not None else "",
     )
     uvicorn.run(
         create_app(service),
