@@ -212,6 +212,41 @@ def test_the_batcher_bounds_the_wait_with_the_sizers_bound_and_batch_times(world
     assert all(f.result(timeout=WAIT_S).size == 24 for f in [first, *queued])
 
 
+def test_the_sizer_is_told_of_a_batch_even_when_every_query_of_it_waited_past_the_bound(world):
+    """A backlog refused whole at its batch's start (each query past the bound) must still reach the controller:
+    otherwise a burst queued before the first measurement expires batch after batch and the size never steps
+    down (seen in the end-to-end test below)."""
+    index = load_index(world["index"])
+    release = threading.Event()
+
+    def embed(images: torch.Tensor) -> np.ndarray:
+        release.wait(WAIT_S)
+        return index.embeddings[: images.shape[0]]
+
+    sizer = FixedSizer(24, per_query_s=1e-3, bound_s=10.0)
+    batcher = MicroBatcher(embed, lambda: index, max_batch=2, max_wait_s=0.0, queue_size=8, sizer=sizer)
+    batcher.start()
+    try:
+        first = batcher.submit(torch.zeros(3, 24, 24), 24, k=2)
+        deadline = time.monotonic() + WAIT_S
+        while batcher.depth or batcher._busy is None:  # the worker holds it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        late = [batcher.submit(torch.zeros(3, 24, 24), 24, k=2) for _ in range(2)]  # one batch, queued
+        sizer.bound_s = 1e-6  # the bound falls (a step down, say): MIN_AUTO_QUEUE_WAIT_S from now on
+        time.sleep(2 * MIN_AUTO_QUEUE_WAIT_S)
+        release.set()
+        assert first.result(timeout=WAIT_S).size == 24
+        for future in late:
+            with pytest.raises(QueueWaitError, match="waited"):
+                future.result(timeout=WAIT_S)
+    finally:
+        release.set()
+        batcher.stop()
+    assert len(sizer.waits) == 2 and sizer.waits[1] >= 2 * MIN_AUTO_QUEUE_WAIT_S  # told of the refused batch too
+    assert sizer.observed == [(24, 1)]  # only the batch served was timed
+
+
 # ------------------------------------------------------------------------------------------------ service
 
 

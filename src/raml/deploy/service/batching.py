@@ -322,6 +322,10 @@ class MicroBatcher:
         started = time.perf_counter()
         # A query whose client went away (its future cancelled) is dropped; the others can no longer be cancelled.
         batch = [query for query in batch if query.future.set_running_or_notify_cancel()]
+        if self._sizer is not None and batch:
+            # the size in use for the queries decoded from now on; told before any query is refused for its wait,
+            # so that a backlog refused whole (every query of the batch past the bound) still steps the size down
+            self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
         bound = self.queue_wait_bound_s
         if bound is not None:  # a query that waited past the bound gets 503 rather than a late answer
             late = [query for query in batch if started - query.submitted > bound]
@@ -347,8 +351,6 @@ class MicroBatcher:
 
     def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
-        if self._sizer is not None:  # the size in use for the queries decoded from now on
-            self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
         by_size: dict[int, list[_Query]] = defaultdict(list)
         for query in batch:
             by_size[query.size].append(query)
