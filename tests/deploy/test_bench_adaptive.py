@@ -11,7 +11,7 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("faiss")
 
-from raml.bench.adaptive import served_map, size_shares  # noqa: E402
+from raml.bench.adaptive import _read_counters, counter_deltas, served_map, size_shares  # noqa: E402
 from raml.cli import main as cli_main  # noqa: E402
 
 
@@ -21,6 +21,33 @@ def test_size_shares_and_served_map_against_plain_arithmetic():
     assert shares == pytest.approx({16: 0.75, 24: 0.25})
     assert served_map(shares, {16: 40.0, 24: 60.0, 32: 70.0}) == pytest.approx(0.75 * 40.0 + 0.25 * 60.0)
     assert size_shares(after, after) == {} and served_map({}, {16: 1.0}) is None
+
+
+class _Metrics:
+    """A server whose ``/metrics`` answers ``text``."""
+
+    def __init__(self, text: str, status: int = 200) -> None:
+        self.text, self.status_code = text, status
+
+    def get(self, route: str) -> _Metrics:
+        assert route == "/metrics"
+        return self
+
+
+def test_counters_read_from_metrics_and_their_growth():
+    text = (
+        "# HELP raml_queries_total ...\n"
+        'raml_queries_total{size="24"} 12.0\n'
+        'raml_queries_total{size="48"} 3.0\n'
+        'raml_shed_total{reason="queue_wait"} 7.0\n'
+        'raml_shed_total{reason="decodes"} 1.0\n'
+        'raml_requests_total{route="search",status="503"} 8.0\n'
+    )
+    assert _read_counters(_Metrics(text)) == ({24: 12.0, 48: 3.0}, {"queue_wait": 7.0, "decodes": 1.0})
+    assert _read_counters(_Metrics("", status=500), attempts=2) is None
+    before, after = {"queue_wait": 7.0, "decodes": 1.0}, {"queue_wait": 10.0, "decodes": 1.0, "uploads": 2.0}
+    assert counter_deltas(before, after) == {"queue_wait": 3, "uploads": 2}  # only those that grew
+    assert counter_deltas(None, after) == {} and counter_deltas(after, after) == {}
 
 
 @pytest.mark.slow
@@ -50,6 +77,7 @@ def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, cap
         if row["server"] == "fixed":  # every query at the largest size
             assert shares == {24: pytest.approx(1.0)}
         assert "client_limited" in row
+        assert all(isinstance(n, int) and n > 0 for n in row["shed_by_reason"].values())
     target = result["settings"]["target_ms"]
     fixed_first = result["rows"][0]
     assert result["settings"]["target_derived"] and target == pytest.approx(2.0 * fixed_first["p99_ms"], abs=0.05)

@@ -9,6 +9,7 @@ from raml.deploy.service.size_controller import (
     SizeLoad,
     choose_size,
     predict_latency_ms,
+    queue_wait_bound_ms,
     smooth,
 )
 
@@ -130,6 +131,22 @@ def test_smooth_is_an_exponentially_weighted_moving_average():
 
 
 @pytest.mark.parametrize(
+    ("case", "target", "full", "window", "expected"),
+    [
+        # max(window + full, target - full - window), ms
+        ("a target with room: what it leaves after a batch and the window", 400.0, 100.0, 5.0, 295.0),
+        ("a step down shortens the batch: the bound grows", 400.0, 50.0, 5.0, 345.0),
+        ("a target tighter than two batches: a fixed server's bound", 150.0, 100.0, 5.0, 105.0),
+        ("the two meet", 210.0, 100.0, 5.0, 105.0),
+        ("no window", 300.0, 100.0, 0.0, 200.0),
+        ("nothing measured yet (no batch time): the target less the window", 300.0, 0.0, 5.0, 295.0),
+    ],
+)
+def test_queue_wait_bound(case, target, full, window, expected):
+    assert queue_wait_bound_ms(target, full, window) == pytest.approx(expected), case
+
+
+@pytest.mark.parametrize(
     ("call", "message"),
     [
         (lambda: ControllerSettings(0.0, SIZES), "target must be positive"),
@@ -139,6 +156,8 @@ def test_smooth_is_an_exponentially_weighted_moving_average():
         (lambda: choose_size(32, SizeLoad(), SETTINGS, pinned=64), "pinned size 64 is not a trained size"),
         (lambda: smooth(SizeLoad(), size=32), "together"),
         (lambda: smooth(SizeLoad(), queue_delay_ms=1.0, alpha=0.0), "alpha"),
+        (lambda: queue_wait_bound_ms(100.0, -1.0, 5.0), "full_batch_ms must be zero or positive"),
+        (lambda: queue_wait_bound_ms(float("nan"), 1.0, 5.0), "target_ms must be zero or positive"),
     ],
 )
 def test_bad_arguments_say_what_was_expected(call, message):

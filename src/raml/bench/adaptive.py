@@ -70,7 +70,11 @@ class AdaptiveBenchSettings:
     rates: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0, 3.0)  # x the fixed server's saturation rate
     duration_s: float = 8.0
     warmup_s: float = 2.0
-    saturation_clients: int = 64  # closed loop: twice --max-batch, so that batches are full
+    # closed loop: --max-batch clients, each query finds room in the next batch. Twice as many (64, until
+    # 2026-12-04) made the time-bounded queue shed ~1,000 requests in 6 s, the clients resent at once, and the
+    # server's front end spent its time on 503s: 180 q/s at 48 px against 222 q/s with 32 clients, measured the
+    # same hour (docs/deployment.md), so "2x saturation" was 1.6x what the server can answer
+    saturation_clients: int = 32
     max_batch: int = 32
     max_wait_ms: float = 5.0
     queue_size: int = 64
@@ -225,9 +229,23 @@ def _queries_by_size(metrics_text: str) -> dict[int, float]:
     return {int(size): float(value) for size, value in found}
 
 
-def _read_counters(server: _ServeProcess, attempts: int = 5) -> dict[int, float] | None:
-    """The server's per-size query counters, or None when ``/metrics`` did not answer 200 (then the row has no
-    size shares rather than wrong ones)."""
+def _shed_by_reason(metrics_text: str) -> dict[str, float]:
+    """``raml_shed_total{reason="R"}`` counters of a ``/metrics`` text (503s by the limit reached)."""
+    found = re.findall(r'^raml_shed_total\{reason="([^"]+)"\} (\S+)$', metrics_text, flags=re.MULTILINE)
+    return {reason: float(value) for reason, value in found}
+
+
+def counter_deltas(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, int]:
+    """How much each counter grew between two readings (only those that did; empty when a reading is missing)."""
+    if before is None or after is None:
+        return {}
+    grown = {name: after[name] - before.get(name, 0.0) for name in sorted(after)}
+    return {name: int(round(value)) for name, value in grown.items() if value > 0}
+
+
+def _read_counters(server: _ServeProcess, attempts: int = 5) -> tuple[dict[int, float], dict[str, float]] | None:
+    """The server's per-size query counters and its 503s by reason, or None when ``/metrics`` did not answer 200
+    (then the row has no size shares rather than wrong ones)."""
     for _ in range(attempts):
         try:
             response = server.get("/metrics")
@@ -235,7 +253,7 @@ def _read_counters(server: _ServeProcess, attempts: int = 5) -> dict[int, float]
             logger.warning("GET /metrics failed (%s); retrying", error)
             continue
         if response.status_code == 200:
-            return _queries_by_size(response.text)
+            return _queries_by_size(response.text), _shed_by_reason(response.text)
         logger.warning("GET /metrics answered %d; retrying", response.status_code)
         time.sleep(0.1)
     return None
@@ -271,8 +289,11 @@ def _row(server: _ServeProcess, pool: ClientPool, bodies: list[bytes], s: Adapti
         **load,
     )
     row = summarise(result)
-    row["size_share"] = {str(size): share for size, share in size_shares(*result.probes).items()}
+    sizes = [None if probe is None else probe[0] for probe in result.probes]
+    row["size_share"] = {str(size): share for size, share in size_shares(*sizes).items()}
     row["size_share_read"] = all(probe is not None for probe in result.probes)
+    # the server's account of its 503s in the window, by the limit reached (queue_wait, uploads, decodes, ...)
+    row["shed_by_reason"] = counter_deltas(*[None if probe is None else probe[1] for probe in result.probes])
     return row
 
 
@@ -395,7 +416,7 @@ def _goals(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
 
 def _log_row(row: dict[str, Any], maps: dict[int, float]) -> None:
     logger.info(
-        "%s at %.2fx saturation (%.1f/s): %.1f q/s, p99 %s ms, %d errors, %d 503s, sizes %s",
+        "%s at %.2fx saturation (%.1f/s): %.1f q/s, p99 %s ms, %d errors, %d 503s (server: %s), sizes %s",
         row["server"],
         row["saturation_fraction"],
         row["offered_per_s"],
@@ -403,6 +424,7 @@ def _log_row(row: dict[str, Any], maps: dict[int, float]) -> None:
         _number(row["p99_ms"]),
         row["errors"],
         row["rejected_503"],
+        row.get("shed_by_reason"),
         row["size_share"],
     )
 
@@ -430,14 +452,15 @@ def format_adaptive_report(result: dict[str, Any]) -> str:
         "",
         f"{'server':<9} {'x sat':>5} {'offered':>8} {'q/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'503s':>5} "
         + " ".join(f"{f'{size}px':>6}" for size in sizes)
-        + f" {'mAP':>6} {'limit':>6}",
+        + f" {'mAP':>6} {'limit':>6}  503s by the server's reason",
     ]
     for r in result["rows"]:
         shares = " ".join(f"{r['size_share'].get(str(size), 0.0):>6.0%}" for size in sizes)
         lines.append(
             f"{r['server']:<9} {r['saturation_fraction']:>5.2f} {r['offered_per_s']:>8.1f} {r['queries_per_s']:>7.1f} "
             f"{_number(r['p50_ms']):>8} {_number(r['p99_ms']):>8} {r['errors']:>6} {r['rejected_503']:>5} {shares} "
-            f"{_number(r['served_mAP'], 2):>6} {'client' if r['client_limited'] else 'server':>6}"
+            f"{_number(r['served_mAP'], 2):>6} {'client' if r['client_limited'] else 'server':>6}  "
+            + (", ".join(f"{reason} {n}" for reason, n in r.get("shed_by_reason", {}).items()) or "-")
         )
     goal = result["goals"].get("at_2x")
     if goal:

@@ -85,9 +85,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         type=positive_float,
         default=None,
         metavar="T",
-        help="keep the p99 latency under T ms by serving each batch at the largest trained query size predicted to "
-        "meet it (measured queue delay and batch time per size, smoothed): smaller sizes under load, back up when "
-        "it falls; a request's ?size= still pins its size. Needs a network whose meta lists image_sizes",
+        help="keep the p99 latency under T ms by answering at the largest trained query size predicted to meet it "
+        "(measured queue delay and batch time per size, smoothed; the size in use is updated as batches form and "
+        "taken by each query when it is decoded): smaller sizes under load, back up when it falls; the queue is "
+        "bounded by what T leaves at the size in use; a request's ?size= still pins its size. Needs a network "
+        "whose meta lists image_sizes",
     )
     adaptive.add_argument(
         "--latency-up-fraction",
@@ -121,8 +123,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="MS",
         help="longest predicted (and actual) wait of a query for its batch to start (after its decoding); beyond it "
         "503 with Retry-After (default: --max-wait-ms plus one full batch's "
-        "measured service time, at least 50 ms; with --latency-target-ms, no bound in time: the query size steps "
-        "down instead)",
+        "measured service time, at least 50 ms; with --latency-target-ms, the larger of that and T less a full "
+        "batch and the window, at the size in use)",
     )
     group.add_argument(
         "--max-bytes",

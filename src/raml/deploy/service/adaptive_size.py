@@ -2,12 +2,18 @@
 the state it needs (the size in use, the smoothed load), thread-safe (issue 20, item 4).
 
 Contract: the batching worker calls :meth:`AdaptiveQuerySize.choose` once per batch it forms, with how long the
-oldest query of that batch has waited (s) and how many queries still wait behind the batch, and gets the size to
-serve the batch's unpinned queries at; after each
-forward pass and search it calls :meth:`AdaptiveQuerySize.observe` with the size, the number of queries and the
-seconds they took. The
-request handlers ask :meth:`AdaptiveQuerySize.prepare_sizes` which sizes to transform an upload at before it is
-queued (its size is chosen only when its batch is formed, so it must be ready at each size the batch may pick).
+oldest query of that batch has waited (s) and how many queries still wait behind the batch; it updates the size in
+use (:attr:`AdaptiveQuerySize.current`). After each forward pass and search it calls
+:meth:`AdaptiveQuerySize.observe` with the size, the number of queries and the seconds they took. The request
+handlers transform each upload that pins no size at :attr:`AdaptiveQuerySize.current` *when it is decoded* (one
+transform per query), and the query is served at that size. The batcher bounds a query's wait for its batch by
+:meth:`AdaptiveQuerySize.wait_bound_s`, predicting waits with :meth:`AdaptiveQuerySize.batch_s`.
+
+Why the size is taken at decoding, not when the batch is formed: choosing per batch needs each query ready at every
+size its batch may pick, so each upload was transformed at up to three sizes; in a run at twice the largest size's
+saturation (docs/deployment.md) the server spent its time on the front end, not on the network, and the extra
+transforms were a cost without a gain. The price: queries queued before a step down are served at the size they
+were prepared at; the wait bound refuses those that would miss the target.
 
 The queue delay observed per batch is the larger of two waits known *when the batch is formed* (no lag of one
 batch): how long its oldest query has waited (the target bounds the tail, and within a batch the first query taken
@@ -32,11 +38,8 @@ The utilisation of each size (the controller's guard against stepping up into a 
 serve, see :mod:`~raml.deploy.service.size_controller`) is the arrival rate (the queries submitted in the last
 ``rate_window_s`` seconds, counted by :meth:`AdaptiveQuerySize.arrived`) times the size's time per query.
 
-Which sizes an upload is prepared at: every trained size up to one above the size in use. A step down may go to
-any smaller size, a step up goes one size at a time, so a query queued while the size in use changes once is
-ready at the size of its batch; should the size climb further while it waits, it is served at the largest size
-it was prepared at (never above the batch's). Under load, when the size in use is small, this spares the
-transforms at the large sizes.
+The wait bound (:func:`~raml.deploy.service.size_controller.queue_wait_bound_ms`) is expressed at the size in use:
+a full batch's time is the time per query at that size times ``full_batch``, so a step down shortens it.
 """
 
 from __future__ import annotations
@@ -47,7 +50,13 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from raml.deploy.service.size_controller import ControllerSettings, SizeLoad, choose_size, predict_latency_ms
+from raml.deploy.service.size_controller import (
+    ControllerSettings,
+    SizeLoad,
+    choose_size,
+    predict_latency_ms,
+    queue_wait_bound_ms,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -92,6 +101,7 @@ class AdaptiveQuerySize:
         self.alpha = float(alpha)
         if not rate_window_s > 0:
             raise ValueError(f"rate_window_s must be positive, got {rate_window_s!r}.")
+        self.full_batch = int(full_batch)
         self.measured_from = max(1, full_batch // 2)  # the smallest batch whose time per query is recorded
         self.rate_window_s = float(rate_window_s)
         self._arrivals: deque[float] = deque()  # submission times within the last rate_window_s
@@ -138,15 +148,26 @@ class AdaptiveQuerySize:
     def _ewma(self, old: float | None, sample: float) -> float:
         return sample if old is None else (1 - self.alpha) * old + self.alpha * sample
 
-    def prepare_sizes(self) -> tuple[int, ...]:
-        """The sizes to transform an upload at now: every trained size up to one above the size in use."""
-        sizes = self.settings.sizes
-        upto = min(sizes.index(self._current) + 1, len(sizes) - 1)
-        return sizes[: upto + 1]
+    def batch_s(self, size: int, queries: int) -> float | None:
+        """Predicted seconds to serve ``queries`` queries at ``size``: the smoothed time per query at that size
+        (else the nearest measured size's, scaled by the pixel count) times ``queries``; None before any batch of
+        at least half ``full_batch`` queries was measured."""
+        with self._lock:
+            if not self._per_query_ms:
+                return None
+            return predict_latency_ms(int(size), SizeLoad(0.0, dict(self._per_query_ms))) * queries / 1000.0
+
+    def wait_bound_s(self, window_s: float) -> float | None:
+        """The bound on a query's wait for its batch at the size in use (s, see
+        :func:`~raml.deploy.service.size_controller.queue_wait_bound_ms`); None before any measurement."""
+        full = self.batch_s(self._current, self.full_batch)
+        if full is None:
+            return None
+        return queue_wait_bound_ms(self.settings.target_ms, 1000.0 * full, 1000.0 * window_s) / 1000.0
 
     def choose(self, oldest_wait_s: float, waiting: int = 0) -> int:
-        """The size for the batch being formed: its oldest query has waited ``oldest_wait_s`` seconds, and
-        ``waiting`` queries wait behind it."""
+        """Update the size in use as a batch is formed: its oldest query has waited ``oldest_wait_s`` seconds, and
+        ``waiting`` queries wait behind it. Returns the size in use from now on."""
         with self._lock:
             before = self._current
             per_query = predict_latency_ms(before, SizeLoad(0.0, self._snapshot().service_ms)) / self._batch

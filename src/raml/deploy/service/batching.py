@@ -25,12 +25,14 @@ embeds the queries of each size in one forward pass ``(B, 3, S, S) -> (B, D)``, 
 together, and resolves every future (with the error, should the network or the search fail). With
 ``max_batch == 1`` every query is embedded alone.
 
-With a ``sizer`` (a latency target, :mod:`raml.deploy.service.adaptive_size`), a query may be submitted without
-a size, as a mapping ``{S: (3, S, S)}`` of its transforms at several sizes: when a batch is formed the worker asks
-``sizer.choose(oldest wait, queries still waiting)`` for the batch's size and serves each such query at the
-largest size it holds not above it (the smallest it holds if none is); queries submitted with a size keep it
-(``size=`` pinned by the request). After each size group's forward pass and search,
-``sizer.observe(size, queries, seconds)``.
+With a ``sizer`` (a latency target, :mod:`raml.deploy.service.adaptive_size`), every query still comes with its
+size (the request handlers transform an unpinned query at the ``sizer``'s size in use when it is decoded); when a
+batch is formed the worker tells the sizer ``sizer.choose(oldest wait, queries still waiting)`` (which updates the
+size in use for the queries decoded next), and after each size group's forward pass and search
+``sizer.observe(size, queries, seconds)``. The queue's bound in time then comes from the sizer, expressed at the
+size in use (``sizer.wait_bound_s(window)``, unless ``max_queue_wait_s`` is given), and the predicted waits from
+its time per query at each size (``sizer.batch_s(size, queries)``) rather than from :class:`BatchCostModel`, which
+counts queries whatever their size.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ import queue
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -95,17 +97,24 @@ class QueryResult:
 
 
 class BatchSizer(Protocol):
-    """Chooses the size of each batch's unpinned queries (see the module docstring)."""
+    """Keeps the query size in use and the service time per size (see the module docstring)."""
+
+    @property
+    def current(self) -> int: ...
 
     def choose(self, oldest_wait_s: float, waiting: int) -> int: ...
 
     def observe(self, size: int, queries: int, service_s: float) -> None: ...
 
+    def batch_s(self, size: int, queries: int) -> float | None: ...
+
+    def wait_bound_s(self, window_s: float) -> float | None: ...
+
 
 @dataclass
 class _Query:
-    image: torch.Tensor | Mapping[int, torch.Tensor]  # a mapping: transformed at several sizes, not pinned
-    size: int | None
+    image: torch.Tensor
+    size: int
     k: int
     submitted: float
     future: Future = field(default_factory=Future)
@@ -127,7 +136,8 @@ class MicroBatcher:
             query is refused with :class:`QueueWaitError`. None: ``max_wait_s`` plus one full batch's smoothed
             service time, at least ``MIN_AUTO_QUEUE_WAIT_S`` (an answered query then takes about the window plus
             two batch service times at most); ``math.inf``: no bound in time (only ``queue_size``).
-        sizer: Chooses the size of unpinned queries per batch; None: every query is submitted with its size.
+        sizer: Keeps the size in use for a latency target and bounds the queue's wait at that size (None: a
+            fixed size).
     """
 
     def __init__(
@@ -161,7 +171,7 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self.max_queue_wait_s = max_queue_wait_s
         self.cost = BatchCostModel()
-        self._busy: tuple[float, int] | None = None  # (start, queries) of the batch in progress
+        self._busy: tuple[float, float] | None = None  # (start, predicted seconds) of the batch in progress
         self._shed_lock = threading.Lock()
         self.shed_predicted = 0  # queries refused at submission: predicted wait over the bound
         self.shed_expired = 0  # queries refused when their batch started: actual wait over the bound
@@ -178,15 +188,33 @@ class MicroBatcher:
         load whenever a full batch has just started."""
         if self.max_queue_wait_s is not None:
             return None if math.isinf(self.max_queue_wait_s) else self.max_queue_wait_s
+        if self._sizer is not None:
+            bound = self._sizer.wait_bound_s(self.max_wait_s)
+            return None if bound is None else max(bound, MIN_AUTO_QUEUE_WAIT_S)
         full = self.cost.predict(self.max_batch)
         return None if full is None else max(self.max_wait_s + full, MIN_AUTO_QUEUE_WAIT_S)
+
+    def _full_batch_s(self) -> float | None:
+        """Predicted service time of a full batch: at the sizer's size in use, else from :attr:`cost`."""
+        if self._sizer is not None:
+            return self._sizer.batch_s(self._sizer.current, self.max_batch)
+        return self.cost.predict(self.max_batch)
+
+    def _predict_batch_s(self, batch: list[_Query]) -> float:
+        """Predicted service time of ``batch`` (0 before any measurement): per size with a sizer."""
+        if self._sizer is None:
+            return self.cost.predict(len(batch)) or 0.0
+        counts: dict[int, int] = defaultdict(int)
+        for query in batch:
+            counts[query.size] += 1
+        return sum(self._sizer.batch_s(size, n) or 0.0 for size, n in counts.items())
 
     def _busy_remaining(self) -> float:
         busy = self._busy
         if busy is None:
             return 0.0
-        started, queries = busy
-        return max(0.0, (self.cost.predict(queries) or 0.0) - (time.perf_counter() - started))
+        started, predicted = busy
+        return max(0.0, predicted - (time.perf_counter() - started))
 
     @property
     def depth(self) -> int:
@@ -206,7 +234,7 @@ class MicroBatcher:
         Raises:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
         """
-        bound, full = self.queue_wait_bound_s, self.cost.predict(self.max_batch)
+        bound, full = self.queue_wait_bound_s, self._full_batch_s()
         if bound is None or full is None:
             return
         depth, remaining = self.depth, self._busy_remaining()
@@ -217,25 +245,26 @@ class MicroBatcher:
             raise QueueWaitError(
                 f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
                 f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default the "
-                "batching window plus one batch service time); try again shortly."
+                "batching window plus one batch service time, or what a --latency-target-ms leaves); try again "
+                "shortly."
             )
 
-    def submit(self, image: torch.Tensor | Mapping[int, torch.Tensor], size: int | None, k: int) -> Future:
-        """Queue one ``(3, size, size)`` query for the ``k`` nearest database images (``size`` None: ``image`` maps
-        sizes to the query's transforms, the batch's size is chosen by the ``sizer``).
+    def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
+        """Queue one ``(3, size, size)`` query for the ``k`` nearest database images.
 
         Raises:
             QueueFullError: When ``queue_size`` queries already wait.
             QueueWaitError: When the query's predicted wait for its batch exceeds the bound.
             RuntimeError: When the worker is not running.
-            ValueError: When ``size`` is None but ``image`` is no mapping (or no sizer chooses), or the reverse.
+            ValueError: When ``image`` is not ``(3, size, size)``.
         """
-        if (size is None) != isinstance(image, Mapping) or (size is None and (self._sizer is None or not image)):
-            raise ValueError("Submit a tensor with its size, or (with a sizer) a non-empty mapping of sizes without.")
+        if not isinstance(image, torch.Tensor) or tuple(image.shape[-2:]) != (size, size):
+            shape = getattr(image, "shape", image)
+            raise ValueError(f"Submit a (3, {size}, {size}) query tensor with its size {size}, got {shape!r}.")
         if not self.running:
             raise RuntimeError("The batching worker is not running; start() it first.")
         self.check_admission()
-        query = _Query(image, None if size is None else int(size), int(k), time.perf_counter())
+        query = _Query(image, int(size), int(k), time.perf_counter())
         try:
             self._queue.put_nowait(query)
         except queue.Full:
@@ -293,6 +322,10 @@ class MicroBatcher:
         started = time.perf_counter()
         # A query whose client went away (its future cancelled) is dropped; the others can no longer be cancelled.
         batch = [query for query in batch if query.future.set_running_or_notify_cancel()]
+        if self._sizer is not None and batch:
+            # the size in use for the queries decoded from now on; told before any query is refused for its wait,
+            # so that a backlog refused whole (every query of the batch past the bound) still steps the size down
+            self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
         bound = self.queue_wait_bound_s
         if bound is not None:  # a query that waited past the bound gets 503 rather than a late answer
             late = [query for query in batch if started - query.submitted > bound]
@@ -309,7 +342,7 @@ class MicroBatcher:
                 batch = [query for query in batch if not query.future.done()]
         if not batch:
             return
-        self._busy = (started, len(batch))
+        self._busy = (started, self._predict_batch_s(batch))
         try:
             self._serve(batch, started, bound)
         finally:
@@ -318,12 +351,6 @@ class MicroBatcher:
 
     def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
-        if self._sizer is not None:  # the batch's size, chosen now (not at upload) from the oldest query's wait
-            chosen = self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
-            for query in batch:
-                if isinstance(query.image, Mapping):
-                    query.size = max((s for s in query.image if s <= chosen), default=min(query.image))
-                    query.image = query.image[query.size]
         by_size: dict[int, list[_Query]] = defaultdict(list)
         for query in batch:
             by_size[query.size].append(query)

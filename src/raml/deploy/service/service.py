@@ -6,8 +6,9 @@ size S (or raises :class:`~raml.deploy.service.decode.QueryImageError` / ``Value
 :class:`~raml.deploy.service.batching.QueryResult`); :meth:`SearchService.health` describes what is served.
 
 With a latency target (``latency_target_ms``, a network trained for several query sizes), a query whose request
-pins no size is prepared at several sizes (:meth:`AdaptiveQuerySize.prepare_sizes`) and served at the size its
-batch is given when it is formed (:mod:`raml.deploy.service.adaptive_size`); the result says which size answered.
+pins no size is transformed once, at the size in use when it is decoded (:attr:`AdaptiveQuerySize.current`, which
+the batcher updates as it forms batches, :mod:`raml.deploy.service.adaptive_size`), and served at that size; the
+result says which size answered.
 The HTTP layer (:mod:`raml.deploy.service.app`) only parses requests and formats answers.
 """
 
@@ -15,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -52,8 +52,8 @@ class ServiceLimits:
         max_queue_wait_ms: Longest predicted (and actual) wait of a query for its batch to start; more gets 503
             (None: ``max_wait_ms`` plus one full batch's measured service time, see
             :class:`~raml.deploy.service.batching.MicroBatcher`;
-            with a latency target, no bound in time unless given: the size controller keeps the latency and
-            ``queue_size`` bounds the queue).
+            with a latency target, what the target leaves at the size in use, see
+            :func:`~raml.deploy.service.size_controller.queue_wait_bound_ms`).
         max_bytes: Largest accepted request body; larger gets 413.
         max_pixels: Largest accepted image (width x height, read from the header before decoding); larger gets 413.
         max_k: Largest k a request may ask for.
@@ -190,13 +190,11 @@ class SearchService:
         self.decode_pixels = Slots(self.limits.max_decode_pixels, "pixels being decoded", "--max-decode-pixels")
 
     def _queue_wait_bound_s(self) -> float | None:
-        """The batcher's bound on a query's wait (s): ``max_queue_wait_ms`` when given; with a latency target and
-        none given, no bound in time (the size controller steps the size down instead of shedding, and the
-        service-time model behind the bound counts queries, not pixels, so it would over-predict the wait right
-        after a step down); else None, the batcher's default."""
+        """The batcher's bound on a query's wait (s): ``max_queue_wait_ms`` when given, else None: the batcher's
+        default (with a latency target, the sizer's bound at the size in use)."""
         if self.limits.max_queue_wait_ms is not None:
             return self.limits.max_queue_wait_ms / 1000.0
-        return math.inf if self.adaptive is not None else None
+        return None
 
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
@@ -239,11 +237,11 @@ class SearchService:
             )
         return requested
 
-    def prepare(self, data: bytes, size: int | None) -> torch.Tensor | dict[int, torch.Tensor]:
+    def prepare(self, data: bytes, size: int | None) -> torch.Tensor:
         """Decode an upload (within ``max_pixels``, before and after the resize) and transform it to
         ``(3, size, size)``, holding its pixels (read from the header) in the :attr:`decode_pixels` budget; the
-        caller holds a :attr:`decodes` slot. ``size`` None (a latency target, no size pinned): ``{S: (3, S, S)}``
-        at each of :meth:`AdaptiveQuerySize.prepare_sizes`, from one decode.
+        caller holds a :attr:`decodes` slot. ``size`` None (a latency target, no size pinned): at the size in use
+        now (:attr:`AdaptiveQuerySize.current`).
 
         Raises:
             QueryImageError: With the HTTP status to answer (see :mod:`raml.deploy.service.decode`).
@@ -252,24 +250,18 @@ class SearchService:
         if size is None:
             if self.adaptive is None:
                 raise ValueError("A query without a size needs a latency target; give its size.")
-            sizes = self.adaptive.prepare_sizes()
-            return decode_query_image(
-                data,
-                self.limits.max_pixels,
-                max(sizes),  # the largest resize is the one to check
-                admit=self.decode_pixels.take,
-                finish=lambda rgb: {s: self.transforms[s](rgb) for s in sizes},
-            )
+            size = self.adaptive.current
         return decode_query_image(
             data, self.limits.max_pixels, size, admit=self.decode_pixels.take, finish=self.transforms[size]
         )
 
-    def submit(self, image: torch.Tensor | dict[int, torch.Tensor], size: int | None, k: int) -> Future:
-        """Queue a prepared query (``size`` None: prepared at several sizes); raises ``QueueFullError`` when the
-        queue is full, ``QueueWaitError`` when its predicted wait exceeds the bound."""
+    def submit(self, image: torch.Tensor, size: int | None, k: int) -> Future:
+        """Queue a prepared query (``size`` None: chosen by the latency target, read from the tensor's shape);
+        raises ``QueueFullError`` when the queue is full, ``QueueWaitError`` when its predicted wait exceeds the
+        bound."""
         if self.adaptive is not None:
             self.adaptive.arrived()  # offered load: counted also when the queue is full
-        return self.batcher.submit(image, size, k)
+        return self.batcher.submit(image, int(image.shape[-1]) if size is None else size, k)
 
     def health(self) -> dict[str, Any]:
         """What ``GET /health`` reports."""

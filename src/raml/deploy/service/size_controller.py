@@ -30,6 +30,13 @@ Sizes without one are not constrained by it. :func:`choose_size` then, from the 
 - returns the size a request **pinned** with ``size=`` unchanged (the request asked for it; it is checked to be
   one of the trained sizes).
 
+The controller cannot make a size that keeps up out of an offered load that even the smallest size cannot serve,
+nor unmake the queries queued at a larger size before a step down. :func:`queue_wait_bound_ms` is the service's
+bound on a query's wait for its batch in that case (the batcher refuses a query, 503, whose predicted or actual
+wait exceeds it): the wait that still leaves a query answered within the target, ``target - full batch -
+window`` at the size in use, and never less than the bound of a server without a target (``window + full
+batch``), so that a target never sheds more than a fixed size would.
+
 No clock, no state, no I/O: the caller keeps the :class:`SizeLoad` and the size in use.
 """
 
@@ -38,7 +45,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ControllerSettings", "SizeLoad", "choose_size", "predict_latency_ms", "smooth"]
+__all__ = ["ControllerSettings", "SizeLoad", "choose_size", "predict_latency_ms", "queue_wait_bound_ms", "smooth"]
 
 
 @dataclass(frozen=True)
@@ -124,6 +131,18 @@ def choose_size(current: int, load: SizeLoad, settings: ControllerSettings, pinn
     if larger and predict_latency_ms(larger[0], load, current) <= up * target and busy(larger[0]) <= up:
         return larger[0]
     return current
+
+
+def queue_wait_bound_ms(target_ms: float, full_batch_ms: float, window_ms: float) -> float:
+    """The longest a query may wait for its batch to start under a latency target (see the module docstring):
+    ``max(window + full batch, target - full batch - window)``, all in ms, ``full_batch_ms`` a full batch's
+    service time at the size in use. A query that waited longer would be answered after the target (its batch
+    takes up to a full batch's time, and waits up to the window for more queries); the front end's time (reading,
+    decoding, the HTTP exchange) comes on top and is not counted."""
+    for name, value in (("target_ms", target_ms), ("full_batch_ms", full_batch_ms), ("window_ms", window_ms)):
+        if not value >= 0:
+            raise ValueError(f"{name} must be zero or positive (ms), got {value!r}.")
+    return max(window_ms + full_batch_ms, target_ms - full_batch_ms - window_ms)
 
 
 def smooth(
