@@ -35,6 +35,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "HTTP_CHOICES",
     "LOOP_CHOICES",
+    "ConnectionDefences",
     "DeadlineH11Protocol",
     "LingeringClose",
     "raw_response",
@@ -125,74 +126,102 @@ class LingeringClose:
         super().connection_lost(exc)  # type: ignore[misc]
 
 
-class DeadlineH11Protocol(LingeringClose, H11Protocol):
-    """uvicorn's h11 protocol with a header deadline and a connection cap (see the module docstring).
+class ConnectionDefences(LingeringClose):
+    """Mixin for a uvicorn HTTP protocol: the header deadline, the connection cap and the close of a connection
+    answered before its body arrived (see the module docstring), the same for every protocol.
 
-    The limits are class attributes, set on the subclass :func:`server_options` makes.
+    The limits are class attributes, set on the subclass :func:`server_options` makes. Subclasses say whether the
+    connection still waits for a request's complete headers (:meth:`_headers_pending`), whether the answered
+    request's body is unread (:meth:`_body_unread`), and whether the next request's headers came already
+    (:meth:`_next_request_started`).
     """
 
     header_timeout_s: float = 10.0
     max_connections: int = 256
     retry_after_s: int = 1
+    _header_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self._header_timer: asyncio.TimerHandle | None = None
-        if len(self.connections) > self.max_connections:
+        if len(self.connections) > self.max_connections:  # type: ignore[attr-defined]
             logger.warning("Refused a connection: %d open (--max-connections)", self.max_connections)
             message = f"{self.max_connections} connections are open already (--max-connections); try again shortly."
-            extra = f"retry-after: {self.retry_after_s}\r\n"
-            transport.write(raw_response(503, "Service Unavailable", message, extra))
+            transport.write(raw_response(503, "Service Unavailable", message, f"retry-after: {self.retry_after_s}\r\n"))
             transport.close()
             return
         self._arm_header_timer()
 
+    def _headers_pending(self) -> bool:
+        raise NotImplementedError
+
+    def _next_request_started(self) -> bool:
+        return False
+
     def _arm_header_timer(self) -> None:
         self._cancel_header_timer()
-        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_deadline)
+        self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_deadline)  # type: ignore[attr-defined]
 
     def _cancel_header_timer(self) -> None:
-        timer = getattr(self, "_header_timer", None)
-        if timer is not None:
-            timer.cancel()
+        if self._header_timer is not None:
+            self._header_timer.cancel()
             self._header_timer = None
+
+    def _refuse(self, status: int, reason: str, message: str) -> None:
+        self._cancel_header_timer()
+        self.transport.write(raw_response(status, reason, message))  # type: ignore[attr-defined]
+        self.transport.close()  # type: ignore[attr-defined]
 
     def _header_deadline(self) -> None:
         self._header_timer = None
-        if self.transport.is_closing():
-            return
-        if self.conn.their_state is not h11.IDLE or self.conn.our_state is not h11.IDLE:
+        if self.transport.is_closing() or not self._headers_pending():  # type: ignore[attr-defined]
             return  # the headers came: the request is being handled (its body has the application's deadline)
         logger.info("Closing a connection that sent no complete request headers within %g s", self.header_timeout_s)
         message = (
             f"The request headers were not received within {self.header_timeout_s:g} s (--header-timeout); "
             "the connection is closed."
         )
-        self.transport.write(raw_response(408, "Request Timeout", message))
-        self.transport.close()
+        self._refuse(408, "Request Timeout", message)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         super().connection_lost(exc)
 
-    def _body_unread(self) -> bool:
-        return self.conn.their_state is h11.SEND_BODY
-
     def on_response_complete(self) -> None:
-        if not self.transport.is_closing() and self._body_unread():
+        if not self.transport.is_closing() and self._body_unread():  # type: ignore[attr-defined]
             # answered before its body arrived in full (refused early, or the body deadline passed): close
-            self.server_state.total_requests += 1
+            self.server_state.total_requests += 1  # type: ignore[attr-defined]
             self._linger()
             return
-        super().on_response_complete()
-        if not self.transport.is_closing():
+        next_started = self._next_request_started()
+        super().on_response_complete()  # type: ignore[misc]
+        if not self.transport.is_closing() and not next_started:  # type: ignore[attr-defined]
             self._arm_header_timer()  # the next request's headers have the same deadline
+
+
+class DeadlineH11Protocol(ConnectionDefences, H11Protocol):
+    """uvicorn's h11 protocol with :class:`ConnectionDefences` (h11 bounds the header size itself, 16 KiB)."""
+
+    def _headers_pending(self) -> bool:
+        return self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
+
+    def _body_unread(self) -> bool:
+        return self.conn.their_state is h11.SEND_BODY
 
 
 def _importable(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
+
+
+def _resolve(value: str, choices: tuple[str, ...], name: str, package: str, fallback: str) -> str:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}.")
+    if value == "auto":
+        return package if _importable(package) else fallback
+    if value == package and not _importable(package):
+        raise ImportError(f"--{name} {package} needs the {package} package: pip install raml[serve] (or {package}).")
+    return value
 
 
 def resolve_http(http: str) -> str:
@@ -202,13 +231,7 @@ def resolve_http(http: str) -> str:
         ValueError: ``http`` is not one of :data:`HTTP_CHOICES`.
         ImportError: ``"httptools"`` asked for and not installed.
     """
-    if http not in HTTP_CHOICES:
-        raise ValueError(f"http must be one of {', '.join(HTTP_CHOICES)}, got {http!r}.")
-    if http == "auto":
-        return "httptools" if _importable("httptools") else "h11"
-    if http == "httptools" and not _importable("httptools"):
-        raise ImportError("--http httptools needs the httptools package: pip install raml[serve] (or httptools).")
-    return http
+    return _resolve(http, HTTP_CHOICES, "http", "httptools", "h11")
 
 
 def resolve_loop(loop: str) -> str:
@@ -218,13 +241,7 @@ def resolve_loop(loop: str) -> str:
         ValueError: ``loop`` is not one of :data:`LOOP_CHOICES`.
         ImportError: ``"uvloop"`` asked for and not installed.
     """
-    if loop not in LOOP_CHOICES:
-        raise ValueError(f"loop must be one of {', '.join(LOOP_CHOICES)}, got {loop!r}.")
-    if loop == "auto":
-        return "uvloop" if _importable("uvloop") else "asyncio"
-    if loop == "uvloop" and not _importable("uvloop"):
-        raise ImportError("--loop uvloop needs the uvloop package: pip install raml[serve] (or uvloop).")
-    return loop
+    return _resolve(loop, LOOP_CHOICES, "loop", "uvloop", "asyncio")
 
 
 def server_options(
