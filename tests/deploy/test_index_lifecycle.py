@@ -19,8 +19,10 @@ from PIL import Image
 from raml.cli import main as cli_main
 from raml.data import get_split
 from raml.deploy import IndexParams, index_images, load_index
+from raml.deploy.shards import plan_shards
+from raml.deploy.store import IndexDirectoryError
 from raml.models import checkpoint_sha256, load_network
-from raml.retrieval.extract import extract_embeddings
+from raml.retrieval.extract import extract_embeddings, inference_network
 
 DR = 40
 CPU = torch.device("cpu")
@@ -345,3 +347,40 @@ def test_raml_index_on_disk_through_the_cli_keeps_the_setting_on_append(world, t
     assert index.meta["files"]["invlists"] == "invlists-000002.ivfdata"
     scores, ids = index.search(embed(world, paths[8:]), 1, nprobe=index.params.nlist)
     np.testing.assert_array_equal(ids[:, 0], np.arange(8, 12))  # each appended image finds itself
+
+
+def test_the_precision_is_recorded_and_an_append_in_another_is_refused(world, tmp_path):
+    """bf16 rows and fp32 rows never share an index, nor an interrupted job's shards; an older index is fp32."""
+    paths = copy_images(world, tmp_path / "images")
+    sha = checkpoint_sha256(world["nets"]["teacher"])
+    bf16 = inference_network(world["teacher"], CPU, "bf16")
+    fp32_dir, bf16_dir = tmp_path / "fp32", tmp_path / "bf16"
+    index_images(world["teacher"], paths[:6], DR, fp32_dir, sha)
+    index_images(bf16, paths[:6], DR, bf16_dir, sha)
+    assert load_index(fp32_dir).meta["precision"] == "fp32"
+    assert load_index(bf16_dir).meta["precision"] == "bf16"
+    before = {p.name: p.read_bytes() for p in fp32_dir.iterdir() if p.is_file()}
+    with pytest.raises(IndexDirectoryError, match="Refusing to append bf16 embeddings.*embedded in fp32.*no --bf16"):
+        index_images(bf16, paths[6:], DR, fp32_dir, sha)
+    with pytest.raises(IndexDirectoryError, match="Refusing to append fp32 embeddings.*embedded in bf16.*--bf16"):
+        index_images(world["teacher"], paths[6:], DR, bf16_dir, sha)
+    assert {p.name: p.read_bytes() for p in fp32_dir.iterdir() if p.is_file()} == before  # nothing written
+    # the same precision appends; an index written before the field existed counts as fp32
+    assert index_images(bf16, paths[6:], DR, bf16_dir, sha)["count"] == 12
+    meta_file = fp32_dir / "index.json"
+    meta = json.loads(meta_file.read_text())
+    del meta["precision"]
+    meta_file.write_text(json.dumps(meta))
+    assert index_images(world["teacher"], paths[6:], DR, fp32_dir, sha)["count"] == 12
+    with pytest.raises(IndexDirectoryError, match="embedded in fp32"):
+        index_images(bf16, paths[:1], DR, fp32_dir, sha, overwrite=False, remove=[paths[1]])
+
+
+def test_a_shard_plan_of_another_precision_is_another_job(tmp_path):
+    """Resuming an interrupted bf16 job in fp32 (or back) must not reuse its rows; fp32 keeps the older key."""
+    paths, stamps = ["a.jpg", "b.jpg"], ["1 1", "2 2"]
+    fp32 = plan_shards(tmp_path, paths, stamps, "0" * 64, 32, 1)
+    assert plan_shards(tmp_path, paths, stamps, "0" * 64, 32, 1, "fp32").directory == fp32.directory
+    bf16 = plan_shards(tmp_path, paths, stamps, "0" * 64, 32, 1, "bf16")
+    assert bf16.directory != fp32.directory
+    assert json.loads((bf16.directory / "plan.json").read_text())["precision"] == "bf16"

@@ -63,6 +63,7 @@ from raml.deploy.store import (
     write_generation,
 )
 from raml.retrieval.cache import file_stamps
+from raml.retrieval.extract import forward_precision
 
 logger = logging.getLogger(__name__)
 
@@ -123,8 +124,9 @@ def index_images(
 ) -> dict[str, Any]:
     """Create an index of ``paths`` in ``index_dir``, or update the index already there.
 
-    When ``index_dir`` holds an index (and ``overwrite`` is False) it is updated: the network's content hash
-    and the image size must match the index's; new images are appended with new ids; images already indexed
+    When ``index_dir`` holds an index (and ``overwrite`` is False) it is updated: the network's content hash,
+    the image size and the forward's precision (fp32, or bf16 from ``inference_network``; an index that records
+    none is fp32) must match the index's; new images are appended with new ids; images already indexed
     (same normalised absolute path) keep their id and are re-embedded only if their file changed (size and
     modification time, or SHA-256 of the content with ``hash_images``); repeats in ``paths`` are skipped;
     ``remove`` takes images out (their ids are never given again). ``overwrite`` rebuilds the index from
@@ -181,6 +183,7 @@ def index_images(
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size!r}.")
     label_array = np.asarray(labels if labels is not None else [_NO_LABEL] * len(paths), dtype=np.int64)
     dim = int(getattr(network, "meta", {}).get("outputdim", 0)) or None
+    precision = forward_precision(network)
 
     if index_dir.exists() and not index_dir.is_dir():
         raise IndexDirectoryError(
@@ -193,7 +196,7 @@ def index_images(
         previous: DatabaseIndex | None = None  # the index being rebuilt (--overwrite): only its ids are kept
         if (index_dir / METADATA_NAME).exists() and not overwrite:
             existing = load_index(index_dir, mmap=False)  # updated in a copy, never in its mapped file
-            _check_append(existing, network_sha256, image_size, dim, params)
+            _check_append(existing, network_sha256, image_size, precision, dim, params)
         elif (index_dir / METADATA_NAME).exists():
             try:
                 previous = load_index(index_dir)
@@ -288,7 +291,7 @@ def index_images(
             work_stamps = file_stamps(work_paths, content_hash=hash_images)
             for image_id, stamp in zip(work_ids, work_stamps):
                 stamps_now[image_id] = stamp
-            plan = plan_shards(index_dir, work_paths, work_stamps, network_sha256, image_size, shard_size)
+            plan = plan_shards(index_dir, work_paths, work_stamps, network_sha256, image_size, shard_size, precision)
             run_engine = engine or local_engine(network, image_size, devices, batch_size, workers, progress)
             figures = run_engine(plan)
             engine_report = dict(figures) if isinstance(figures, dict) else {}
@@ -349,6 +352,7 @@ def index_images(
                         "meta": dict(getattr(network, "meta", {}) or {}),
                     },
                     "image_size": int(image_size),
+                    "precision": precision,
                     "transform": (
                         "resize shorter side to S*8/7 (Lanczos), centre crop S, normalise with the network's mean/std"
                     ),
@@ -562,7 +566,12 @@ def _summary(
 
 
 def _check_append(
-    existing: DatabaseIndex, network_sha256: str, image_size: int, dim: int | None, params: IndexParams | None
+    existing: DatabaseIndex,
+    network_sha256: str,
+    image_size: int,
+    precision: str,
+    dim: int | None,
+    params: IndexParams | None,
 ) -> None:
     where = existing.directory
     if existing.network_sha256 != network_sha256:
@@ -576,6 +585,13 @@ def _check_append(
         raise IndexDirectoryError(
             f"Refusing to append to {where}: it was built at --image-size {existing.meta['image_size']}, not "
             f"{image_size}; use the same size, or --overwrite to rebuild the index."
+        )
+    stored_precision = existing.meta.get("precision", "fp32")  # indexes written before it was recorded: fp32
+    if stored_precision != precision:
+        flag = "--bf16" if stored_precision == "bf16" else "no --bf16"
+        raise IndexDirectoryError(
+            f"Refusing to append {precision} embeddings to {where}: its rows were embedded in {stored_precision}; "
+            f"rows of both kinds in one index would rank by a mix. Use {flag}, or --overwrite to rebuild the index."
         )
     if dim is not None and dim != existing.dim:
         raise IndexDirectoryError(

@@ -207,6 +207,7 @@ def plan_shards(
     network_sha256: str,
     image_size: int,
     shard_size: int = DEFAULT_SHARD_SIZE,
+    precision: str = "fp32",
 ) -> ShardPlan:
     """The shard plan of one extraction job; its work folder is created (or found, when resuming).
 
@@ -217,6 +218,8 @@ def plan_shards(
         network_sha256: Content hash of the network.
         image_size: Resolution of the embedding.
         shard_size: Rows per shard.
+        precision: The forward's arithmetic (``fp32``, ``bf16``): rows of another precision are never reused
+            (an fp32 key is the one older raml wrote, so its interrupted jobs still resume).
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of images, got {shard_size!r}.")
@@ -225,6 +228,8 @@ def plan_shards(
     if not paths:
         raise ValueError("No images to embed: the list of paths is empty.")
     header = [f"network {network_sha256}", f"size {image_size}", f"shard {shard_size}", f"count {len(paths)}"]
+    if precision != "fp32":
+        header.append(f"precision {precision}")
     key = _sha256_text([*header, *(f"{s} {p}" for p, s in zip(paths, stamps))])[:_KEY_CHARS]
     plan = ShardPlan(Path(index_dir) / f"{SHARDS_PREFIX}{key}", list(paths), list(stamps), shard_size)
     plan.directory.mkdir(parents=True, exist_ok=True)
@@ -234,6 +239,7 @@ def plan_shards(
             "key": key,
             "network_sha256": network_sha256,
             "image_size": int(image_size),
+            "precision": precision,
             "shard_size": shard_size,
             "count": len(paths),
             "shards": plan.num_shards,

@@ -246,6 +246,11 @@ class Bf16Forward(NetworkWrapper):
         return F.normalize(out.float(), dim=1)
 
 
+def forward_precision(network: nn.Module) -> str:
+    """The arithmetic of ``network``'s forward as :func:`inference_network` wrapped it: ``"bf16"`` or ``"fp32"``."""
+    return "bf16" if isinstance(network, Bf16Forward) else "fp32"
+
+
 def inference_network(
     network: nn.Module, device: torch.device, precision: str = "fp32", runtime: str = "torch"
 ) -> nn.Module:
