@@ -332,6 +332,30 @@ def test_uncoupled_views_draw_the_teacher_s_views_after_the_student_s(tmp_path, 
             assert torch.equal(student, expected_student) and torch.equal(teacher, expected_teacher)
 
 
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("backend", ["pil", "torch"])
+@pytest.mark.parametrize("student_size", [8, 16])
+def test_a_side_not_asked_for_is_not_rendered(fused, backend, student_size) -> None:
+    """``write`` = (student, teacher): the side asked for has the pixels of a render of both; the reference
+    renderer leaves the other untouched (the fused one needs the DR view for the QR one, so it writes it)."""
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 256, size=(30, 40, 3), dtype=np.uint8))
+    generator = torch.Generator().manual_seed(4)
+    params = [sample_view_params(img.width, img.height, generator) for _ in range(3)]
+    both = [np.zeros((3, size, size, 3), np.uint8) for size in (student_size, 16)]
+    views._render_into(img, params, *both, range(3), backend, fused)
+    for write in [(True, False), (False, True)]:
+        student, teacher = (np.full((3, size, size, 3), 7, np.uint8) for size in (student_size, 16))
+        views._render_into(img, params, student, teacher, range(3), backend, fused, write=write)
+        for wanted, got, expected in zip(write, (student, teacher), both):
+            if wanted:
+                np.testing.assert_array_equal(got, expected)
+            elif not (fused and got is teacher):
+                assert (got == 7).all(), f"write={write} rendered a side not asked for"
+    with pytest.raises(ValueError, match="write must ask for"):
+        views._render_into(img, params, *both, range(3), backend, fused, write=(False, False))
+
+
 def test_teacher_seed_is_the_seed_sequence_of_the_view_seed_and_one() -> None:
     for view_seed in (0, 1, 12345, 2**62 - 1):
         words = np.random.SeedSequence([view_seed, 1]).generate_state(2, dtype=np.uint32)

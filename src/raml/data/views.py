@@ -307,8 +307,16 @@ def _render_into(
     slots: Sequence[int],
     backend: str,
     fused: bool,
+    write: tuple[bool, bool] = (True, True),
 ) -> None:
-    """Render ``params[k]`` of ``img`` into ``student[slots[k]]`` (QR, HWC uint8) and ``teacher[slots[k]]``."""
+    """Render ``params[k]`` of ``img`` into ``student[slots[k]]`` (QR, HWC uint8) and ``teacher[slots[k]]``.
+
+    ``write`` = (student, teacher): a view not wanted is not rendered (``--uncoupled-views`` renders each side
+    from its own draws), except that the fused renderer needs the DR view for the QR one; the pixels written
+    are the same as with both.
+    """
+    if not any(write):
+        raise ValueError("write must ask for the student's views, the teacher's, or both.")
     if img.mode != "RGB":
         img = img.convert("RGB")
     width, height = img.size
@@ -325,9 +333,9 @@ def _render_into(
         if backend == "torch" and pixels is None:
             pixels = torch.from_numpy(np.array(img))
         if fused:
-            _render_fused(img, pixels, view, student, teacher, slot, backend)
+            _render_fused(img, pixels, view, student, teacher, slot, backend, write)
         else:
-            _render_reference(img, pixels, view, student, teacher, slot, backend)
+            _render_reference(img, pixels, view, student, teacher, slot, backend, write)
 
 
 def _has_jitter(view: ViewParams) -> bool:
@@ -342,11 +350,16 @@ def _render_reference(
     teacher: np.ndarray,
     slot: int,
     backend: str,
+    write: tuple[bool, bool] = (True, True),
 ) -> None:
-    """The reference's view at each size: the crop box resized straight to the size, flipped, jittered there."""
+    """The reference's view at each size: the crop box resized straight to the size, flipped, jittered there
+    (only at the sizes ``write`` = (student, teacher) asks for)."""
     teacher_size, student_size = teacher.shape[1], student.shape[1]
+    write_student, write_teacher = write
     crop = img.crop(view.box) if backend == "pil" else None
-    sizes = [(teacher_size, teacher)] + ([(student_size, student)] if student_size != teacher_size else [])
+    sizes = [(teacher_size, teacher)] if write_teacher else []
+    if write_student and not (write_teacher and student_size == teacher_size):
+        sizes.append((student_size, student))
     for size, out in sizes:
         if crop is not None:
             resized = np.asarray(crop.resize((size, size), Image.Resampling.BILINEAR))
@@ -359,7 +372,7 @@ def _render_reference(
             jitter_into(resized, *factors, view.order, flip=view.flip, out=out[slot])
         else:
             out[slot] = resized[:, ::-1] if view.flip else resized
-    if student_size == teacher_size:
+    if write_student and write_teacher and student_size == teacher_size:
         student[slot] = teacher[slot]
 
 
@@ -371,8 +384,11 @@ def _render_fused(
     teacher: np.ndarray,
     slot: int,
     backend: str,
+    write: tuple[bool, bool] = (True, True),
 ) -> None:
-    """``fused=True``: the crop resized to DR with the jitter as one colour matrix, then DR -> QR."""
+    """``fused=True``: the crop resized to DR with the jitter as one colour matrix, then DR -> QR (the QR view
+    only when ``write`` = (student, teacher) asks for it; the DR view is rendered either way)."""
+    write_student = write[0]
     teacher_size, student_size = teacher.shape[1], student.shape[1]
     left, top, right, bottom = view.box
     # Flip and the colour twist commute with the (linear, normalised, mirror-symmetric) resize, so they run
@@ -390,6 +406,8 @@ def _render_fused(
         if jitter and not twist_first:
             big = _apply_twist(big, view)
         teacher[slot] = np.asarray(big)
+        if not write_student:
+            return
         if student_size == teacher_size:
             student[slot] = teacher[slot]
         else:
@@ -411,6 +429,8 @@ def _render_fused(
         big_pixels = torch.from_numpy(np.array(twisted))
     teacher_slot = torch.from_numpy(teacher[slot])
     teacher_slot.copy_(big_pixels)
+    if not write_student:
+        return
     if student_size == teacher_size:
         student[slot] = teacher[slot]
     else:
@@ -731,8 +751,10 @@ class CoupledViewDataset(torch.utils.data.Dataset):
         if teacher_params is None:
             _render_into(img, params, student, teacher, slots, self.backend, self.fused)
             return
-        _render_into(img, params, student, np.empty_like(teacher), slots, self.backend, self.fused)
-        _render_into(img, teacher_params, np.empty_like(student), teacher, slots, self.backend, self.fused)
+        # each side from its own draws; the fused renderer writes the student's DR view into a scratch array
+        scratch = np.empty_like(teacher) if self.fused else teacher
+        _render_into(img, params, student, scratch, slots, self.backend, self.fused, write=(True, False))
+        _render_into(img, teacher_params, student, teacher, slots, self.backend, self.fused, write=(False, True))
 
     def _render_seeded(
         self, img: Image.Image, seeds: Sequence[int], student: np.ndarray, teacher: np.ndarray, slots: Sequence[int]
