@@ -208,6 +208,9 @@ class Trainer:
         if dist.is_main:
             for name, bad in self.skipped.items():
                 write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
+        # A network built from an architecture name starts from random weights: the same ones for the same
+        # --seed, on every rank (the reference's main.py seeds torch and numpy with --seed before building).
+        seed_everything(config.seed)
         self.student = self._build_student().to(device)
         if dist.enabled and not config.freeze_bn and device.type == "cuda":
             self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
