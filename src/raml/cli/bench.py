@@ -23,7 +23,6 @@ BENCHMARKS = {
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "bench",
-        help="benchmarks (" + ", ".join(BENCHMARKS) + ")",
         description="Run a benchmark; flags after the benchmark's name go to it (see raml bench NAME -h).",
     )
     parser.add_argument("benchmark", choices=sorted(BENCHMARKS), help="which benchmark")

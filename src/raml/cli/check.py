@@ -15,7 +15,6 @@ logger = logging.getLogger("raml")
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "check-data",
-        help="find missing, empty, truncated or unreadable images in dataset splits",
         description=(
             "Check every image of the named splits and print each bad file with the reason, then one summary "
             "line per split. The default fast check reads headers and the end of each file only (missing, empty "

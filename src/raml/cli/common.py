@@ -5,12 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-
-import torch
+from typing import TYPE_CHECKING
 
 # Shared with the benchmarks, so defined below the CLI; re-exported here for the commands.
 from raml.entry import image_sizes_arg, positive_int, setup_logging, write_json  # noqa: F401
-from raml.utils import select_device
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("raml")
 
@@ -41,6 +42,10 @@ def devices_from_gpu_id(gpu_id: str | None, device: str = "auto") -> tuple[torch
     explicit ``--device`` (not ``auto``) wins over ``--gpu-id``. Without CUDA, ``--gpu-id`` falls back to the
     CPU with a log line, so the reference's commands also run on a machine without a GPU.
     """
+    import torch
+
+    from raml.utils import select_device
+
     if device != "auto" or gpu_id is None:
         chosen = select_device(device)
         return chosen, chosen
@@ -83,6 +88,8 @@ def comma_list(value: str) -> list[str]:
 
 
 def device_from_args(args: argparse.Namespace) -> torch.device:
+    from raml.utils import select_device
+
     try:
         return select_device(args.device)
     except (RuntimeError, ValueError) as error:

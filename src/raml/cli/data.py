@@ -15,7 +15,7 @@ logger = logging.getLogger("raml")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    parser = subparsers.add_parser("data", help="dataset utilities (synth, download)")
+    parser = subparsers.add_parser("data")
     commands = parser.add_subparsers(dest="data_command", metavar="COMMAND", required=True)
     synth = commands.add_parser(
         "synth",

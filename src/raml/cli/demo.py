@@ -17,7 +17,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = DemoSettings()
     parser = subparsers.add_parser(
         "demo",
-        help="generate data, train a teacher, distil a student, compare (the main job)",
         description="Generate a synthetic fine-grained dataset, train a teacher at DR from random weights, "
         "distil a student at QR = DR/2 without labels, and compare five retrieval settings by accuracy and "
         "query cost. Writes results.json, results.md, tradeoff.png and gallery.png (held-out queries with their "

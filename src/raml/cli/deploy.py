@@ -109,7 +109,6 @@ def _require_deps(*modules: str) -> None:
 def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "index",
-        help="embed a database with the teacher and build a faiss index",
         description=(
             "Embed images with the database network (the teacher) at --image-size (DR) and store them in a faiss "
             "inner-product index directory. If --output already holds an index, the images are appended (same "
@@ -270,7 +269,6 @@ def run_index(args: argparse.Namespace) -> int:
 def _add_search_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "search",
-        help="search an index with query images embedded by the student",
         description=(
             "Embed query images with the query network (the student) at --image-size (QR), or with an exported "
             "ONNX model (--onnx, preprocessing from its sidecar), and list their k nearest images in an index built "
@@ -352,7 +350,6 @@ def run_search(args: argparse.Namespace) -> int:
 def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "export",
-        help="export a network to ONNX / TorchScript with its preprocessing",
         description=(
             "Export a network (on the CPU) to ONNX (--output) and/or TorchScript (--torchscript), with a dynamic "
             "batch axis, and write its preprocessing to <file>.json next to each file. Each export is checked "

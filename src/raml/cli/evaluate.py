@@ -34,7 +34,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``raml test``: every flag and alias of the reference's ``test.py``, plus our own."""
     parser = subparsers.add_parser(
         "test",
-        help="symmetric / asymmetric retrieval test",
         description=(
             "Test a student symmetrically (--sym) and/or asymmetrically against a teacher database "
             "(runs when --teacher-path or --teacher is given). Accepts the reference test.py's flags."

@@ -43,7 +43,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``raml extract``: the reference's ``extract_features.py`` flags where they apply, one split per call."""
     parser = subparsers.add_parser(
         "extract",
-        help="embed a dataset split and save the embeddings",
         description=(
             "Embed every image of a split (rows in split order) and write them to --output as float32 .npy, "
             "with a JSON description (paths, labels, network, size, scales) beside it. Embeddings of a checkpoint "

@@ -20,7 +20,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
     parser = subparsers.add_parser(
         "reproduce",
-        help="the paper's table row for one dataset: test the published networks, distil a student, compare",
         description="Test the published teacher (symmetric, at DR) and the published student (asymmetric against "
         "the teacher's database, and symmetric), distil a student with the dataset's config (the paper's "
         "hyper-parameters), test it, and write <out>/reproduce.md and reproduce.json: one row per network with "

@@ -51,7 +51,6 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     defaults = ServiceLimits()
     parser = subparsers.add_parser(
         "serve",
-        help="serve searches of an index over HTTP (JSON API and a web page)",
         description=(
             "Serve top-k searches of an index built by `raml index` over HTTP: POST /search (an image as multipart "
             "field 'image' or as a raw image/* body), GET /health, GET /metrics (Prometheus), GET /image/ID and a "

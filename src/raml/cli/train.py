@@ -45,7 +45,6 @@ EXCLUSIVE = (("student", "student_path"), ("teacher", "teacher_path"))
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "train",
-        help="train a teacher (sym) or distil a student (ts_aug, ts_reg, aml, rkd, csd, d3, rop)",
         description=textwrap.fill(
             "Train with labels (--mode sym) or distil a low-resolution student from a frozen high-resolution "
             "teacher without labels (--mode ts_aug, the paper's method, or another method below).",

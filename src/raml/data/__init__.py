@@ -6,25 +6,42 @@
 
 from __future__ import annotations
 
-from raml.data.datasets import ImageDataset
-from raml.data.images import (
-    EvalTransform,
-    ImageLoadError,
-    eval_resize_size,
-    load_image,
-    resize_shorter,
-    to_rgb,
-)
-from raml.data.splits import (
-    DATASETS,
-    DOWNLOAD_COMMANDS,
-    DatasetNotFoundError,
-    Split,
-    available_datasets,
-    get_split,
-    register_dataset,
-    split_from_lists,
-)
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names, for type checkers and tests/test_layering.py
+    from raml.data.datasets import ImageDataset
+    from raml.data.images import EvalTransform, ImageLoadError, eval_resize_size, load_image, resize_shorter, to_rgb
+    from raml.data.splits import (
+        DATASETS,
+        DOWNLOAD_COMMANDS,
+        DatasetNotFoundError,
+        Split,
+        available_datasets,
+        get_split,
+        register_dataset,
+        split_from_lists,
+    )
+
+# name -> the module that defines it; imported on first use (module __getattr__ below), so that importing
+# one submodule (or a light command) does not import every other submodule's dependencies
+_EXPORTS: dict[str, str] = {
+    "ImageDataset": "raml.data.datasets",
+    "EvalTransform": "raml.data.images",
+    "ImageLoadError": "raml.data.images",
+    "eval_resize_size": "raml.data.images",
+    "load_image": "raml.data.images",
+    "resize_shorter": "raml.data.images",
+    "to_rgb": "raml.data.images",
+    "DATASETS": "raml.data.splits",
+    "DOWNLOAD_COMMANDS": "raml.data.splits",
+    "DatasetNotFoundError": "raml.data.splits",
+    "Split": "raml.data.splits",
+    "available_datasets": "raml.data.splits",
+    "get_split": "raml.data.splits",
+    "register_dataset": "raml.data.splits",
+    "split_from_lists": "raml.data.splits",
+}
 
 __all__ = [
     "DATASETS",
@@ -43,3 +60,16 @@ __all__ = [
     "split_from_lists",
     "to_rgb",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

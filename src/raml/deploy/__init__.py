@@ -10,29 +10,62 @@ faiss, onnx and onnxruntime are optional dependencies, imported when used.
 
 from __future__ import annotations
 
-from raml.deploy.embed import embed_images
-from raml.deploy.export import (
-    ExportReport,
-    ParityError,
-    export_onnx,
-    export_torchscript,
-    preprocessing_record,
-    read_sidecar,
-    sidecar_path,
-)
-from raml.deploy.faiss_index import INDEX_TYPES, IndexParams, build_faiss_index
-from raml.deploy.image_files import collect_images, read_image_list
-from raml.deploy.index import index_images
-from raml.deploy.search import (
-    OnnxEmbedder,
-    check_query_dim,
-    evaluate_with_index,
-    format_search_table,
-    recorded_teacher_sha256,
-    search_images,
-    warn_if_other_teacher,
-)
-from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
+import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # the names, for type checkers and tests/test_layering.py
+    from raml.deploy.embed import embed_images
+    from raml.deploy.export import (
+        ExportReport,
+        ParityError,
+        export_onnx,
+        export_torchscript,
+        preprocessing_record,
+        read_sidecar,
+        sidecar_path,
+    )
+    from raml.deploy.faiss_index import INDEX_TYPES, IndexParams, build_faiss_index
+    from raml.deploy.image_files import collect_images, read_image_list
+    from raml.deploy.index import index_images
+    from raml.deploy.search import (
+        OnnxEmbedder,
+        check_query_dim,
+        evaluate_with_index,
+        format_search_table,
+        recorded_teacher_sha256,
+        search_images,
+        warn_if_other_teacher,
+    )
+    from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
+
+# name -> the module that defines it; imported on first use (module __getattr__ below), so that importing
+# one submodule (or a light command) does not import every other submodule's dependencies
+_EXPORTS: dict[str, str] = {
+    "embed_images": "raml.deploy.embed",
+    "ExportReport": "raml.deploy.export",
+    "ParityError": "raml.deploy.export",
+    "export_onnx": "raml.deploy.export",
+    "export_torchscript": "raml.deploy.export",
+    "preprocessing_record": "raml.deploy.export",
+    "read_sidecar": "raml.deploy.export",
+    "sidecar_path": "raml.deploy.export",
+    "INDEX_TYPES": "raml.deploy.faiss_index",
+    "IndexParams": "raml.deploy.faiss_index",
+    "build_faiss_index": "raml.deploy.faiss_index",
+    "collect_images": "raml.deploy.image_files",
+    "read_image_list": "raml.deploy.image_files",
+    "index_images": "raml.deploy.index",
+    "OnnxEmbedder": "raml.deploy.search",
+    "check_query_dim": "raml.deploy.search",
+    "evaluate_with_index": "raml.deploy.search",
+    "format_search_table": "raml.deploy.search",
+    "recorded_teacher_sha256": "raml.deploy.search",
+    "search_images": "raml.deploy.search",
+    "warn_if_other_teacher": "raml.deploy.search",
+    "DatabaseIndex": "raml.deploy.store",
+    "IndexDirectoryError": "raml.deploy.store",
+    "load_index": "raml.deploy.store",
+}
 
 __all__ = [
     "INDEX_TYPES",
@@ -60,3 +93,16 @@ __all__ = [
     "sidecar_path",
     "warn_if_other_teacher",
 ]
+
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # later lookups are plain attribute reads
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
