@@ -51,7 +51,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from raml.deploy.service.admission import BatchCostModel, QueueWaitError, predicted_wait_s, should_shed
+from raml.deploy.service.admission import (
+    BatchCostModel,
+    QueueWaitError,
+    RecentQuantile,
+    predicted_wait_s,
+    promised_wait_bound_s,
+    should_shed,
+)
 from raml.deploy.store import DatabaseIndex
 
 logger = logging.getLogger(__name__)
@@ -62,6 +69,8 @@ _POLL_S = 0.0005  # while waiting for more queries: how often to re-check whethe
 #: the default queue-wait bound (one full batch's service time) is never below this: a wait this short is not worth
 #: a refusal (a scheduler hiccup or a garbage collection on a busy host lasts as long), e.g. with batches of 2 ms
 MIN_AUTO_QUEUE_WAIT_S = 0.05
+#: the quantile of the front end's time per query taken off the default bound (see ``promised_wait_bound_s``)
+FRONT_END_QUANTILE = 0.9
 
 
 class QueueFullError(RuntimeError):
@@ -83,6 +92,7 @@ class QueryResult:
         wait_bound_s: The queue-wait bound in force when its batch started (``queue_s`` is within it), or None
             while no batch had been measured yet.
         size: The query size it was embedded at.
+        finished: ``time.perf_counter()`` when its answer was ready (the front end measures its own delay from it).
     """
 
     ids: np.ndarray
@@ -94,6 +104,7 @@ class QueryResult:
     search_s: float
     wait_bound_s: float | None = None
     size: int = 0
+    finished: float = 0.0
 
 
 class BatchSizer(Protocol):
@@ -171,6 +182,9 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self.max_queue_wait_s = max_queue_wait_s
         self.cost = BatchCostModel()
+        #: a high quantile of the time an answered query spent outside its batch (the front end's share of the
+        #: promise, taken off the default bound; :meth:`observe_front_end`)
+        self.front_end = RecentQuantile(FRONT_END_QUANTILE)
         self._busy: tuple[float, float] | None = None  # (start, predicted seconds) of the batch in progress
         self._shed_lock = threading.Lock()
         self.shed_predicted = 0  # queries refused at submission: predicted wait over the bound
@@ -188,11 +202,19 @@ class MicroBatcher:
         load whenever a full batch has just started."""
         if self.max_queue_wait_s is not None:
             return None if math.isinf(self.max_queue_wait_s) else self.max_queue_wait_s
+        front_end = self.front_end.value or 0.0
         if self._sizer is not None:
             bound = self._sizer.wait_bound_s(self.max_wait_s)
-            return None if bound is None else max(bound, MIN_AUTO_QUEUE_WAIT_S)
+            return None if bound is None else max(bound - front_end, MIN_AUTO_QUEUE_WAIT_S)
         full = self.cost.predict(self.max_batch)
-        return None if full is None else max(self.max_wait_s + full, MIN_AUTO_QUEUE_WAIT_S)
+        if full is None:
+            return None
+        return max(promised_wait_bound_s(self.max_wait_s, full, front_end), MIN_AUTO_QUEUE_WAIT_S)
+
+    def observe_front_end(self, seconds: float) -> None:
+        """Account the time an answered query spent outside its batch: from its request's start to its submission,
+        and from its answer being ready (:attr:`QueryResult.finished`) to the handler taking it up again."""
+        self.front_end.add(seconds)
 
     def _full_batch_s(self) -> float | None:
         """Predicted service time of a full batch: at the sizer's size in use, else from :attr:`cost`."""
@@ -333,7 +355,8 @@ class MicroBatcher:
                 query.future.set_exception(
                     QueueWaitError(
                         f"The service is busy: the query waited {1000 * (started - query.submitted):.0f} ms for its "
-                        f"batch, over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms); try again shortly."
+                        f"batch, over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms); try again shortly.",
+                        expired=True,
                     )
                 )
             if late:
@@ -371,7 +394,7 @@ class MicroBatcher:
                         keep = row_ids >= 0
                         result = QueryResult(
                             row_ids[keep], row_scores[keep], index, len(group), started - group[row].submitted,
-                            embed_s, search_s, bound, size,
+                            embed_s, search_s, bound, size, time.perf_counter(),
                         )  # fmt: skip
                         group[row].future.set_result(result)
                 if self._sizer is not None:
