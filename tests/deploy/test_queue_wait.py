@@ -91,27 +91,30 @@ def test_should_shed_table(predicted, bound, depth, remaining, shed):
 
 
 @pytest.mark.parametrize(
-    ("window", "full", "front_end", "expected"),
+    ("window", "full", "front_end", "own", "expected"),
     [
-        (0.005, 0.100, 0.0, 0.105),  # no front end measured: the window plus one full batch (the old default)
-        (0.005, 0.100, 0.030, 0.075),  # the front end's 30 ms come off the wait
-        (0.005, 0.100, 0.105, 0.0),  # a front end as slow as the window and a batch leaves no wait at all
-        (0.005, 0.100, 0.200, -0.095),  # ... or less (the batcher floors it)
-        (0.0, 0.0, 0.0, 0.0),
+        (0.005, 0.100, 0.0, None, 0.105),  # no front end, a full own batch: the window plus one full batch
+        (0.005, 0.100, 0.030, None, 0.075),  # the front end's 30 ms come off the wait
+        (0.005, 0.100, 0.030, 0.060, 0.115),  # its own batch, smaller than full, takes 40 ms less
+        (0.005, 0.100, 0.030, 0.100, 0.075),  # a full own batch given is the default
+        (0.005, 0.100, 0.105, None, 0.0),  # a front end as slow as the window and a batch leaves no wait at all
+        (0.005, 0.100, 0.200, None, -0.095),  # ... or less (the batcher floors it)
+        (0.0, 0.0, 0.0, None, 0.0),
     ],
 )
-def test_promised_wait_bound_table(window, full, front_end, expected):
-    assert promised_wait_bound_s(window, full, front_end) == pytest.approx(expected)
+def test_promised_wait_bound_table(window, full, front_end, own, expected):
+    assert promised_wait_bound_s(window, full, front_end, own) == pytest.approx(expected)
 
 
 def test_a_query_admitted_at_the_promised_bound_is_answered_within_the_promise():
     """The promise: the window plus two full batches. Wait up to the bound, then its own batch (at most a full one),
     then the front end: the sum never exceeds the promise, and the bound is the largest wait for which it holds."""
     rng = np.random.default_rng(1)
-    for window, full, front_end in rng.uniform(0, 0.2, size=(200, 3)):
-        bound = promised_wait_bound_s(window, full, front_end)
+    for window, full, front_end, share in rng.uniform(0, 0.2, size=(200, 4)):
+        own = 5 * share * full  # its own batch: 0 to a full one
+        bound = promised_wait_bound_s(window, full, front_end, own)
         promise = window + 2 * full
-        assert bound + full + front_end == pytest.approx(promise)
+        assert bound + own + front_end == pytest.approx(promise)
     with pytest.raises(ValueError, match="front_end_s"):
         promised_wait_bound_s(0.005, 0.1, -1.0)
     with pytest.raises(ValueError, match="full_batch_s"):
@@ -404,7 +407,9 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     window_s = limits.max_wait_ms / 1000
     front_end_s = service.batcher.front_end.value  # measured on the answered queries
     assert front_end_s is not None and front_end_s > 0
-    assert service.batcher.queue_wait_bound_s == max(window_s + full_batch_s - front_end_s, MIN_AUTO_QUEUE_WAIT_S)
+    own_s = service.batcher.cost.predict(round(service.batcher._mean_batch))  # a batch of the recent size
+    expected = window_s + 2 * full_batch_s - min(own_s, full_batch_s) - front_end_s
+    assert service.batcher.queue_wait_bound_s == pytest.approx(max(expected, MIN_AUTO_QUEUE_WAIT_S))
     # the server's own reported queue wait of every 200 is within the largest bound it applied
     largest_ms = 1000 * max(r.wait_bound_s for r in bounded)
     assert max(r.json()["timings_ms"]["queue"] for r in ok) <= largest_ms + 0.001

@@ -203,22 +203,34 @@ def should_shed(predicted_s: float, bound_s: float | None, depth: int, busy_rema
     return predicted_s > bound_s
 
 
-def promised_wait_bound_s(window_s: float, full_batch_s: float, front_end_s: float = 0.0) -> float:
+def promised_wait_bound_s(
+    window_s: float, full_batch_s: float, front_end_s: float = 0.0, own_batch_s: float | None = None
+) -> float:
     """The longest a query may wait for its batch to start so that it is answered within the service's promise,
     ``window + 2 x full batch`` (issue 20: the batching window, the batch ahead of it, its own batch):
-    ``window + 2 full - full - front_end = window + full - front_end``, where ``front_end_s`` is the time a query
-    spends outside the batch (receiving, decoding, and the event loop's delay before its answer is written; a high
-    quantile of what was measured, :class:`RecentQuantile`). With ``front_end_s = 0`` that is the window plus one
-    full batch: a query is refused only when a whole batch's worth of queries waits ahead of it. The caller floors
-    the result (a bound of 0 would refuse everything whenever the front end is slow).
+    ``window + 2 full - own batch - front_end``, where ``own_batch_s`` is the predicted service time of the batch
+    the query joins (default: a full batch) and ``front_end_s`` the time a query spends outside the batch
+    (receiving, decoding, and the event loop's delay before its answer is written; a high quantile of what was
+    measured, :class:`RecentQuantile`). With a full own batch and no front end that is the window plus one full
+    batch: a query is refused only when a whole batch's worth of queries waits ahead of it. At moderate load the
+    batches are smaller than full, and their shorter time leaves the wait more room (a query arriving as a batch
+    of 20 starts is not refused for the front end's few milliseconds). The caller floors the result (a bound of
+    0 would refuse everything whenever the front end is slow).
 
     Raises:
         ValueError: When a time is negative (or NaN).
     """
-    for name, value in (("window_s", window_s), ("full_batch_s", full_batch_s), ("front_end_s", front_end_s)):
+    own = full_batch_s if own_batch_s is None else own_batch_s
+    checked = (
+        ("window_s", window_s),
+        ("full_batch_s", full_batch_s),
+        ("front_end_s", front_end_s),
+        ("own_batch_s", own),
+    )
+    for name, value in checked:
         if not value >= 0:
             raise ValueError(f"{name} must be zero or positive (s), got {value!r}.")
-    return window_s + full_batch_s - front_end_s
+    return window_s + 2 * full_batch_s - own - front_end_s
 
 
 class RecentQuantile:

@@ -185,6 +185,7 @@ class MicroBatcher:
         #: a high quantile of the time an answered query spent outside its batch (the front end's share of the
         #: promise, taken off the default bound; :meth:`observe_front_end`)
         self.front_end = RecentQuantile(FRONT_END_QUANTILE)
+        self._mean_batch: float | None = None  # smoothed queries per batch (weight 0.2 per batch)
         self._busy: tuple[float, float] | None = None  # (start, predicted seconds) of the batch in progress
         self._shed_lock = threading.Lock()
         self.shed_predicted = 0  # queries refused at submission: predicted wait over the bound
@@ -192,14 +193,20 @@ class MicroBatcher:
 
     @property
     def queue_wait_bound_s(self) -> float | None:
-        """The bound on a query's wait for its batch to start: ``max_queue_wait_s``,
-        else the batching window plus one full batch's smoothed service time, at least ``MIN_AUTO_QUEUE_WAIT_S``
-        (None while no batch has been served, or without a bound).
+        """The bound on a query's wait for its batch to start: ``max_queue_wait_s``, else what the promise of an
+        answer within the window plus two full batches leaves once the query's own batch (of the smoothed recent
+        batch size) and the front end's p90 are taken off (:func:`promised_wait_bound_s`), at least
+        ``MIN_AUTO_QUEUE_WAIT_S`` (None while no batch has been served, or without a bound).
 
         Why that default: a query that finds fewer than ``max_batch`` queries ahead of it joins the next batch, so
-        it waits at most for the batch in progress and the window; only a whole batch's worth ahead of it makes
-        the wait longer. Refusing earlier (e.g. at one batch time, without the window) sheds queries at moderate
-        load whenever a full batch has just started."""
+        it waits at most for the batch in progress and the window; only a whole batch's worth ahead of it, or a
+        front end slow enough to eat the promise, makes it late. Refusing earlier (e.g. at one batch time, without
+        the window) sheds queries at moderate load whenever a full batch has just started."""
+        return self._bound_s(None)
+
+    def _bound_s(self, own_queries: int | None) -> float | None:
+        """:attr:`queue_wait_bound_s` for a query whose batch holds ``own_queries`` (None: the smoothed recent
+        batch size)."""
         if self.max_queue_wait_s is not None:
             return None if math.isinf(self.max_queue_wait_s) else self.max_queue_wait_s
         front_end = self.front_end.value or 0.0
@@ -209,7 +216,10 @@ class MicroBatcher:
         full = self.cost.predict(self.max_batch)
         if full is None:
             return None
-        return max(promised_wait_bound_s(self.max_wait_s, full, front_end), MIN_AUTO_QUEUE_WAIT_S)
+        if own_queries is None:
+            own_queries = round(self._mean_batch) if self._mean_batch is not None else self.max_batch
+        own = self.cost.predict(min(self.max_batch, max(1, own_queries))) or 0.0
+        return max(promised_wait_bound_s(self.max_wait_s, full, front_end, min(own, full)), MIN_AUTO_QUEUE_WAIT_S)
 
     def observe_front_end(self, seconds: float) -> None:
         """Account the time an answered query spent outside its batch: from its request's start to its submission,
@@ -256,10 +266,12 @@ class MicroBatcher:
         Raises:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
         """
-        bound, full = self.queue_wait_bound_s, self._full_batch_s()
+        depth, remaining = self.depth, self._busy_remaining()
+        typical = round(self._mean_batch) if self._mean_batch is not None else self.max_batch
+        # its own batch: at least those ahead of it in that batch and itself, else as large as batches are now
+        bound, full = self._bound_s(max(typical, depth % self.max_batch + 1)), self._full_batch_s()
         if bound is None or full is None:
             return
-        depth, remaining = self.depth, self._busy_remaining()
         predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
         if should_shed(predicted, bound, depth, remaining):
             with self._shed_lock:
@@ -348,7 +360,7 @@ class MicroBatcher:
             # the size in use for the queries decoded from now on; told before any query is refused for its wait,
             # so that a backlog refused whole (every query of the batch past the bound) still steps the size down
             self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
-        bound = self.queue_wait_bound_s
+        bound = self._bound_s(len(batch))
         if bound is not None:  # a query that waited past the bound gets 503 rather than a late answer
             late = [query for query in batch if started - query.submitted > bound]
             for query in late:
@@ -371,6 +383,8 @@ class MicroBatcher:
         finally:
             self._busy = None
             self.cost.observe(len(batch), time.perf_counter() - started)
+            n = float(len(batch))
+            self._mean_batch = n if self._mean_batch is None else 0.8 * self._mean_batch + 0.2 * n
 
     def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
