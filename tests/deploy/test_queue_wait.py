@@ -21,8 +21,11 @@ import torch
 from raml.deploy.service.admission import (
     BatchCostModel,
     QueueWaitError,
+    RecentQuantile,
     ServiceBusyError,
+    nearest_rank,
     predicted_wait_s,
+    promised_wait_bound_s,
     should_shed,
 )
 from raml.deploy.service.batching import MIN_AUTO_QUEUE_WAIT_S, MicroBatcher
@@ -82,6 +85,69 @@ def test_predicted_wait_equals_a_simulation_of_the_worker():
 )
 def test_should_shed_table(predicted, bound, depth, remaining, shed):
     assert should_shed(predicted, bound, depth, remaining) is shed
+
+
+# ------------------------------------------------------------------------------------------- the promise's bound
+
+
+@pytest.mark.parametrize(
+    ("window", "full", "front_end", "own", "expected"),
+    [
+        (0.005, 0.100, 0.0, None, 0.105),  # no front end, a full own batch: the window plus one full batch
+        (0.005, 0.100, 0.030, None, 0.075),  # the front end's 30 ms come off the wait
+        (0.005, 0.100, 0.030, 0.060, 0.115),  # its own batch, smaller than full, takes 40 ms less
+        (0.005, 0.100, 0.030, 0.100, 0.075),  # a full own batch given is the default
+        (0.005, 0.100, 0.105, None, 0.0),  # a front end as slow as the window and a batch leaves no wait at all
+        (0.005, 0.100, 0.200, None, -0.095),  # ... or less (the batcher floors it)
+        (0.0, 0.0, 0.0, None, 0.0),
+    ],
+)
+def test_promised_wait_bound_table(window, full, front_end, own, expected):
+    assert promised_wait_bound_s(window, full, front_end, own) == pytest.approx(expected)
+
+
+def test_a_query_admitted_at_the_promised_bound_is_answered_within_the_promise():
+    """The promise: the window plus two full batches. Wait up to the bound, then its own batch (at most a full one),
+    then the front end: the sum never exceeds the promise, and the bound is the largest wait for which it holds."""
+    rng = np.random.default_rng(1)
+    for window, full, front_end, share in rng.uniform(0, 0.2, size=(200, 4)):
+        own = 5 * share * full  # its own batch: 0 to a full one
+        bound = promised_wait_bound_s(window, full, front_end, own)
+        promise = window + 2 * full
+        assert bound + own + front_end == pytest.approx(promise)
+    with pytest.raises(ValueError, match="front_end_s"):
+        promised_wait_bound_s(0.005, 0.1, -1.0)
+    with pytest.raises(ValueError, match="full_batch_s"):
+        promised_wait_bound_s(0.005, float("nan"), 0.0)
+
+
+def test_nearest_rank_against_numpy():
+    rng = np.random.default_rng(2)
+    for n in (1, 2, 7, 100, 256):
+        values = rng.exponential(size=n).tolist()
+        for q in (0.0, 0.5, 0.9, 0.99, 1.0):
+            assert nearest_rank(values, q) == np.quantile(values, q, method="inverted_cdf"), (n, q)
+    with pytest.raises(ValueError):
+        nearest_rank([], 0.9)
+
+
+def test_recent_quantile_keeps_the_last_window_and_recomputes_every_few():
+    tracker = RecentQuantile(quantile=0.9, window=10, every=3)
+    assert tracker.value is None
+    tracker.add(5.0)
+    assert tracker.value == 5.0  # the first observation is taken at once
+    for value in (1.0, 2.0):
+        tracker.add(value)
+    assert tracker.value == 5.0  # not recomputed yet
+    tracker.add(3.0)  # the third since the last recomputation
+    assert tracker.value == nearest_rank([5.0, 1.0, 2.0, 3.0], 0.9)
+    stream = np.random.default_rng(3).uniform(0, 1, size=47).tolist()
+    tracker = RecentQuantile(quantile=0.9, window=10, every=1)
+    for value in stream:
+        tracker.add(value)
+    assert tracker.value == np.quantile(stream[-10:], 0.9, method="inverted_cdf")  # only the last 10 count
+    tracker.add(float("nan"))  # ignored
+    assert tracker.value == np.quantile(stream[-10:], 0.9, method="inverted_cdf")
 
 
 # ------------------------------------------------------------------------------------------- batch cost model
@@ -218,6 +284,17 @@ def test_the_default_bound_is_the_window_plus_one_full_batch_so_a_query_joining_
         batcher.cost.observe(1, 0.1)
         batcher.cost.observe(2, 0.2)
     assert batcher.queue_wait_bound_s == pytest.approx(0.22)  # window 0.02 + full batch 0.2
+    slow_front = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.02, queue_size=100)
+    slow_front.cost.observe(2, 0.2)
+    for seconds in (0.01,) * 9 + (0.05,):
+        slow_front.observe_front_end(seconds)  # p90 (nearest rank) of ten: 0.01
+    assert slow_front.queue_wait_bound_s == pytest.approx(0.21)
+    for _ in range(20):
+        slow_front.observe_front_end(0.05)
+    assert slow_front.queue_wait_bound_s == pytest.approx(0.17)  # the front end's p90 comes off the bound
+    for _ in range(20):
+        slow_front.observe_front_end(0.5)
+    assert slow_front.queue_wait_bound_s == MIN_AUTO_QUEUE_WAIT_S  # never below the floor
     image = torch.zeros(3, 4, 4)
     batcher.start()
     try:
@@ -310,7 +387,16 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     assert len(ok) + len(shed) == len(burst), [r.status_code for r in burst]
     assert shed and ok and all(r.headers.get("retry-after") for r in shed)
     assert service.batcher.shed_predicted > 0  # refused on the prediction, before queueing
-    assert f'raml_shed_total{{reason="queue_wait"}} {float(len(shed))}' in metrics
+    # refused on the prediction (before decoding) or, admitted, when their batch started: counted apart
+    counted = {
+        reason: float(line.rsplit(" ", 1)[1])
+        for reason in ("queue_wait", "queue_wait_expired")
+        for line in metrics.splitlines()
+        if line.startswith(f'raml_shed_total{{reason="{reason}"}}')
+    }
+    assert counted.get("queue_wait", 0.0) == service.batcher.shed_predicted
+    assert counted.get("queue_wait_expired", 0.0) == service.batcher.shed_expired
+    assert sum(counted.values()) == len(shed)
     # every answered query started its batch within the bound in force, computed from the measured batch times
     results = [f.result(timeout=0) for f in answered if f.done() and f.exception() is None]
     assert len(results) == len(answered) - service.batcher.shed_expired
@@ -319,7 +405,11 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     full_batch_s = service.batcher.cost.predict(limits.max_batch)
     assert full_batch_s >= BATCH_SLEEP_S
     window_s = limits.max_wait_ms / 1000
-    assert service.batcher.queue_wait_bound_s == max(window_s + full_batch_s, MIN_AUTO_QUEUE_WAIT_S)
+    front_end_s = service.batcher.front_end.value  # measured on the answered queries
+    assert front_end_s is not None and front_end_s > 0
+    own_s = service.batcher.cost.predict(round(service.batcher._mean_batch))  # a batch of the recent size
+    expected = window_s + 2 * full_batch_s - min(own_s, full_batch_s) - front_end_s
+    assert service.batcher.queue_wait_bound_s == pytest.approx(max(expected, MIN_AUTO_QUEUE_WAIT_S))
     # the server's own reported queue wait of every 200 is within the largest bound it applied
     largest_ms = 1000 * max(r.wait_bound_s for r in bounded)
     assert max(r.json()["timings_ms"]["queue"] for r in ok) <= largest_ms + 0.001

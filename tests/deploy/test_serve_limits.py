@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import socket
 import threading
 import time
@@ -258,6 +259,46 @@ def test_a_client_that_never_finishes_its_headers_gets_408_and_is_closed(world, 
             assert answer.startswith(b"HTTP/1.1 408 ") and b"--header-timeout" in answer
         with httpx.Client(base_url=url, timeout=WAIT_S) as client:  # a normal client is unaffected
             assert client.post("/search", content=good_query(world), headers={"content-type": "image/jpeg"}).is_success
+
+
+def _read_response(sock: socket.socket, buffered: bytes = b"") -> tuple[bytes, bytes, bytes]:
+    """One HTTP response from ``sock`` (after ``buffered``): its head, its body and what came after it."""
+    data = buffered
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        assert chunk, f"the connection closed before a whole response head: {data[:200]!r}"
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:"))[15:])
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        assert chunk, "the connection closed inside a response body"
+        rest += chunk
+    return head, rest[:length], rest[length:]
+
+
+def test_a_pipelined_request_whose_headers_came_early_is_not_timed_out_as_headerless(world, front_end):
+    """A second request pipelined behind the first (its headers in the same segment) already has its headers: the
+    header deadline must not be re-armed for it when the first response completes. Its body, sent after more than
+    the header deadline, is then read under the body deadline and answered 200 (re-arming it instead answers 408
+    and closes the connection, and with httptools would count the body's bytes as header bytes)."""
+    header_timeout_s = 0.3
+    query = good_query(world)
+    head = b"POST /search?k=3 HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
+        query
+    )
+    with (
+        serving(world, front_end, header_timeout_s=header_timeout_s, body_timeout_s=WAIT_S) as (_, url),
+        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
+    ):
+        sock.sendall(head + query + head)  # the first request whole, the second's headers right behind it
+        first_head, first_body, rest = _read_response(sock)
+        assert first_head.startswith(b"HTTP/1.1 200 "), first_head + first_body[:200]
+        time.sleep(2 * header_timeout_s)  # past the header deadline, well within the body deadline
+        sock.sendall(query)
+        second_head, second_body, _ = _read_response(sock, rest)
+        assert second_head.startswith(b"HTTP/1.1 200 "), second_head + second_body[:200]
+        assert len(json.loads(second_body)["results"]) == 3
 
 
 def test_trickled_bodies_get_408_at_the_body_deadline_and_are_closed(world, front_end):

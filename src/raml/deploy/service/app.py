@@ -41,7 +41,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
-from raml.deploy.service.admission import ServiceBusyError
+from raml.deploy.service.admission import QueueWaitError, ServiceBusyError
 from raml.deploy.service.batching import QueueFullError
 from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, header_pixels
 from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -188,11 +188,15 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
                 decoded = time.perf_counter()
                 future = service.submit(image, size, int(k))
             result = await asyncio.wrap_future(future)
+            # the time outside the batch (receiving, decoding, and the loop's delay in taking the answer up): the
+            # default queue-wait bound leaves room for it
+            service.batcher.observe_front_end((decoded - started) + (time.perf_counter() - result.finished))
         except QueryImageError as refused:
             headers = {"Connection": "close"} if refused.status == 408 or not body_read else None
             return answer("search", error(refused.status, str(refused), headers), started)
         except (QueueFullError, ServiceBusyError) as busy:
-            metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size")
+            expired = isinstance(busy, QueueWaitError) and busy.expired
+            metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size", expired)
             headers = {"Retry-After": str(RETRY_AFTER_S)}
             if not body_read:
                 headers["Connection"] = "close"

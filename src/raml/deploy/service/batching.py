@@ -51,7 +51,14 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from raml.deploy.service.admission import BatchCostModel, QueueWaitError, predicted_wait_s, should_shed
+from raml.deploy.service.admission import (
+    BatchCostModel,
+    QueueWaitError,
+    RecentQuantile,
+    predicted_wait_s,
+    promised_wait_bound_s,
+    should_shed,
+)
 from raml.deploy.store import DatabaseIndex
 
 logger = logging.getLogger(__name__)
@@ -62,6 +69,8 @@ _POLL_S = 0.0005  # while waiting for more queries: how often to re-check whethe
 #: the default queue-wait bound (one full batch's service time) is never below this: a wait this short is not worth
 #: a refusal (a scheduler hiccup or a garbage collection on a busy host lasts as long), e.g. with batches of 2 ms
 MIN_AUTO_QUEUE_WAIT_S = 0.05
+#: the quantile of the front end's time per query taken off the default bound (see ``promised_wait_bound_s``)
+FRONT_END_QUANTILE = 0.9
 
 
 class QueueFullError(RuntimeError):
@@ -83,6 +92,7 @@ class QueryResult:
         wait_bound_s: The queue-wait bound in force when its batch started (``queue_s`` is within it), or None
             while no batch had been measured yet.
         size: The query size it was embedded at.
+        finished: ``time.perf_counter()`` when its answer was ready (the front end measures its own delay from it).
     """
 
     ids: np.ndarray
@@ -94,6 +104,7 @@ class QueryResult:
     search_s: float
     wait_bound_s: float | None = None
     size: int = 0
+    finished: float = 0.0
 
 
 class BatchSizer(Protocol):
@@ -171,6 +182,10 @@ class MicroBatcher:
         self._thread: threading.Thread | None = None
         self.max_queue_wait_s = max_queue_wait_s
         self.cost = BatchCostModel()
+        #: a high quantile of the time an answered query spent outside its batch (the front end's share of the
+        #: promise, taken off the default bound; :meth:`observe_front_end`)
+        self.front_end = RecentQuantile(FRONT_END_QUANTILE)
+        self._mean_batch: float | None = None  # smoothed queries per batch (weight 0.2 per batch)
         self._busy: tuple[float, float] | None = None  # (start, predicted seconds) of the batch in progress
         self._shed_lock = threading.Lock()
         self.shed_predicted = 0  # queries refused at submission: predicted wait over the bound
@@ -178,21 +193,38 @@ class MicroBatcher:
 
     @property
     def queue_wait_bound_s(self) -> float | None:
-        """The bound on a query's wait for its batch to start: ``max_queue_wait_s``,
-        else the batching window plus one full batch's smoothed service time, at least ``MIN_AUTO_QUEUE_WAIT_S``
-        (None while no batch has been served, or without a bound).
+        """The bound on a query's wait for its batch to start: ``max_queue_wait_s``, else what the promise of an
+        answer within the window plus two full batches leaves once the query's own batch (of the smoothed recent
+        batch size) and the front end's p90 are taken off (:func:`promised_wait_bound_s`), at least
+        ``MIN_AUTO_QUEUE_WAIT_S`` (None while no batch has been served, or without a bound).
 
         Why that default: a query that finds fewer than ``max_batch`` queries ahead of it joins the next batch, so
-        it waits at most for the batch in progress and the window; only a whole batch's worth ahead of it makes
-        the wait longer. Refusing earlier (e.g. at one batch time, without the window) sheds queries at moderate
-        load whenever a full batch has just started."""
+        it waits at most for the batch in progress and the window; only a whole batch's worth ahead of it, or a
+        front end slow enough to eat the promise, makes it late. Refusing earlier (e.g. at one batch time, without
+        the window) sheds queries at moderate load whenever a full batch has just started."""
+        return self._bound_s(None)
+
+    def _bound_s(self, own_queries: int | None) -> float | None:
+        """:attr:`queue_wait_bound_s` for a query whose batch holds ``own_queries`` (None: the smoothed recent
+        batch size)."""
         if self.max_queue_wait_s is not None:
             return None if math.isinf(self.max_queue_wait_s) else self.max_queue_wait_s
+        front_end = self.front_end.value or 0.0
         if self._sizer is not None:
             bound = self._sizer.wait_bound_s(self.max_wait_s)
-            return None if bound is None else max(bound, MIN_AUTO_QUEUE_WAIT_S)
+            return None if bound is None else max(bound - front_end, MIN_AUTO_QUEUE_WAIT_S)
         full = self.cost.predict(self.max_batch)
-        return None if full is None else max(self.max_wait_s + full, MIN_AUTO_QUEUE_WAIT_S)
+        if full is None:
+            return None
+        if own_queries is None:
+            own_queries = round(self._mean_batch) if self._mean_batch is not None else self.max_batch
+        own = self.cost.predict(min(self.max_batch, max(1, own_queries))) or 0.0
+        return max(promised_wait_bound_s(self.max_wait_s, full, front_end, min(own, full)), MIN_AUTO_QUEUE_WAIT_S)
+
+    def observe_front_end(self, seconds: float) -> None:
+        """Account the time an answered query spent outside its batch: from its request's start to its submission,
+        and from its answer being ready (:attr:`QueryResult.finished`) to the handler taking it up again."""
+        self.front_end.add(seconds)
 
     def _full_batch_s(self) -> float | None:
         """Predicted service time of a full batch: at the sizer's size in use, else from :attr:`cost`."""
@@ -234,10 +266,12 @@ class MicroBatcher:
         Raises:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
         """
-        bound, full = self.queue_wait_bound_s, self._full_batch_s()
+        depth, remaining = self.depth, self._busy_remaining()
+        typical = round(self._mean_batch) if self._mean_batch is not None else self.max_batch
+        # its own batch: at least those ahead of it in that batch and itself, else as large as batches are now
+        bound, full = self._bound_s(max(typical, depth % self.max_batch + 1)), self._full_batch_s()
         if bound is None or full is None:
             return
-        depth, remaining = self.depth, self._busy_remaining()
         predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
         if should_shed(predicted, bound, depth, remaining):
             with self._shed_lock:
@@ -326,14 +360,15 @@ class MicroBatcher:
             # the size in use for the queries decoded from now on; told before any query is refused for its wait,
             # so that a backlog refused whole (every query of the batch past the bound) still steps the size down
             self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
-        bound = self.queue_wait_bound_s
+        bound = self._bound_s(len(batch))
         if bound is not None:  # a query that waited past the bound gets 503 rather than a late answer
             late = [query for query in batch if started - query.submitted > bound]
             for query in late:
                 query.future.set_exception(
                     QueueWaitError(
                         f"The service is busy: the query waited {1000 * (started - query.submitted):.0f} ms for its "
-                        f"batch, over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms); try again shortly."
+                        f"batch, over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms); try again shortly.",
+                        expired=True,
                     )
                 )
             if late:
@@ -348,6 +383,8 @@ class MicroBatcher:
         finally:
             self._busy = None
             self.cost.observe(len(batch), time.perf_counter() - started)
+            n = float(len(batch))
+            self._mean_batch = n if self._mean_batch is None else 0.8 * self._mean_batch + 0.2 * n
 
     def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
@@ -371,7 +408,7 @@ class MicroBatcher:
                         keep = row_ids >= 0
                         result = QueryResult(
                             row_ids[keep], row_scores[keep], index, len(group), started - group[row].submitted,
-                            embed_s, search_s, bound, size,
+                            embed_s, search_s, bound, size, time.perf_counter(),
                         )  # fmt: skip
                         group[row].future.set_result(result)
                 if self._sizer is not None:

@@ -9,8 +9,9 @@ Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_c
 - ``raml_queue_seconds`` histogram: how long each query waited in the batching queue before its forward pass;
 - ``raml_shed_total{reason}`` counter: requests refused with 503 to shed load, by the limit reached
   (``queue`` = ``--queue-size``, ``uploads`` = ``--max-uploads``, ``decodes`` = ``--max-decodes``,
-  ``decode_pixels`` = ``--max-decode-pixels``, ``queue_wait`` = a query's wait for its batch predicted, or found,
-  over ``--max-queue-wait-ms``);
+  ``decode_pixels`` = ``--max-decode-pixels``, ``queue_wait`` = a query's wait for its batch predicted over
+  ``--max-queue-wait-ms``, refused before decoding; ``queue_wait_expired`` = admitted on the prediction, then found
+  over the bound when its batch started);
 - ``raml_batch_size`` histogram: queries embedded together per forward pass;
 - gauges given by the service, read at scrape time: ``raml_queue_depth``, ``raml_uploads_in_flight``,
   ``raml_decodes_in_flight``, ``raml_decode_pixels_in_flight``, ``raml_index_generation``, ``raml_index_size``;
@@ -90,9 +91,11 @@ class ServiceMetrics:
         self._queries.labels(size=str(int(size))).inc()
         self._queue.observe(queue_seconds)
 
-    def record_shed(self, flag: str) -> None:
-        """Count one request refused with 503 because the limit set by ``flag`` was reached."""
-        self._shed.labels(reason=SHED_REASONS.get(flag, flag.lstrip("-") or "other")).inc()
+    def record_shed(self, flag: str, expired: bool = False) -> None:
+        """Count one request refused with 503 because the limit set by ``flag`` was reached (``expired``: a query
+        refused when its batch started, after it was decoded, rather than on its predicted wait)."""
+        reason = SHED_REASONS.get(flag, flag.lstrip("-") or "other")
+        self._shed.labels(reason=f"{reason}_expired" if expired else reason).inc()
 
     def record_batch(self, size: int) -> None:
         """Count one forward pass over ``size`` queries."""

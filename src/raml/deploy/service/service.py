@@ -169,6 +169,15 @@ class SearchService:
                     "Pixels of the images being decoded (--max-decode-pixels).",
                     lambda: self.decode_pixels.held,
                 ),
+                "queue_wait_bound_seconds": (
+                    "The bound in force on a query's wait for its batch (NaN: none yet).",
+                    lambda: _or_nan(self.batcher.queue_wait_bound_s),
+                ),
+                "front_end_p90_seconds": (
+                    "p90 of the last answered queries' time outside their batch, taken off the default bound (NaN: "
+                    "none yet).",
+                    lambda: _or_nan(self.batcher.front_end.value),
+                ),
                 **gauges,
             }
         )
@@ -304,3 +313,7 @@ class SearchService:
                 "max_pixels": self.limits.max_pixels,
             },
         }
+
+
+def _or_nan(value: float | None) -> float:
+    return float("nan") if value is None else float(value)
