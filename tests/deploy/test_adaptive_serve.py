@@ -193,10 +193,13 @@ def test_the_batcher_bounds_the_wait_with_the_sizers_bound_and_batch_times(world
     )
     given = MicroBatcher(embed, lambda: index, max_queue_wait_s=0.5, sizer=FixedSizer(24, bound_s=2.0))
     assert given.queue_wait_bound_s == 0.5
-    slow_front = MicroBatcher(embed, lambda: index, sizer=FixedSizer(24, bound_s=0.3))
+    slow_front = MicroBatcher(embed, lambda: index, sizer=FixedSizer(24, bound_s=0.3), count_front_end=True)
+    uncounted = MicroBatcher(embed, lambda: index, sizer=FixedSizer(24, bound_s=0.3))
     for _ in range(20):
         slow_front.observe_front_end(0.1)
+        uncounted.observe_front_end(0.1)
     assert slow_front.queue_wait_bound_s == pytest.approx(0.2)  # the front end's p90 comes off the sizer's bound
+    assert uncounted.queue_wait_bound_s == pytest.approx(0.3)  # only when asked to
     # 1 s per query: a full batch of 2 is predicted at 2 s, over the bound of 1.5 s; one batch's worth is not
     sizer = FixedSizer(24, per_query_s=1.0, bound_s=1.5)
     batcher = MicroBatcher(embed, lambda: index, max_batch=2, max_wait_s=0.0, queue_size=8, sizer=sizer)

@@ -284,14 +284,18 @@ def test_the_default_bound_is_the_window_plus_one_full_batch_so_a_query_joining_
         batcher.cost.observe(1, 0.1)
         batcher.cost.observe(2, 0.2)
     assert batcher.queue_wait_bound_s == pytest.approx(0.22)  # window 0.02 + full batch 0.2
-    slow_front = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.02, queue_size=100)
-    slow_front.cost.observe(2, 0.2)
+    slow_front = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.02, queue_size=100, count_front_end=True)
+    uncounted = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.02, queue_size=100)
+    for counted in (slow_front, uncounted):
+        counted.cost.observe(2, 0.2)
     for seconds in (0.01,) * 9 + (0.05,):
         slow_front.observe_front_end(seconds)  # p90 (nearest rank) of ten: 0.01
     assert slow_front.queue_wait_bound_s == pytest.approx(0.21)
     for _ in range(20):
         slow_front.observe_front_end(0.05)
+        uncounted.observe_front_end(0.05)
     assert slow_front.queue_wait_bound_s == pytest.approx(0.17)  # the front end's p90 comes off the bound
+    assert uncounted.queue_wait_bound_s == pytest.approx(0.22)  # by default it does not
     for _ in range(20):
         slow_front.observe_front_end(0.5)
     assert slow_front.queue_wait_bound_s == MIN_AUTO_QUEUE_WAIT_S  # never below the floor
@@ -405,10 +409,10 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     full_batch_s = service.batcher.cost.predict(limits.max_batch)
     assert full_batch_s >= BATCH_SLEEP_S
     window_s = limits.max_wait_ms / 1000
-    front_end_s = service.batcher.front_end.value  # measured on the answered queries
+    front_end_s = service.batcher.front_end.value  # measured on the answered queries (not counted by default)
     assert front_end_s is not None and front_end_s > 0
     own_s = service.batcher.cost.predict(round(service.batcher._mean_batch))  # a batch of the recent size
-    expected = window_s + 2 * full_batch_s - min(own_s, full_batch_s) - front_end_s
+    expected = window_s + 2 * full_batch_s - min(own_s, full_batch_s)
     assert service.batcher.queue_wait_bound_s == pytest.approx(max(expected, MIN_AUTO_QUEUE_WAIT_S))
     # the server's own reported queue wait of every 200 is within the largest bound it applied
     largest_ms = 1000 * max(r.wait_bound_s for r in bounded)

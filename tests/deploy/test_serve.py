@@ -470,6 +470,9 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     ]
     service = serve_cli.build_service(args)
     assert service.embedder.sizes == (QR,) and service.limits.max_batch == 4 and len(service.index.current) == 20
+    assert not service.batcher.count_front_end  # the front end's time is off the queue-wait bound by default
+    counted = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--queue-wait-counts-front-end"]))
+    assert counted.limits.queue_wait_counts_front_end and counted.batcher.count_front_end
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--onnx", "x.onnx"])  # one query network
     not_an_index = ["serve", "--index", str(world["base"]), "--network-path", str(world["nets"]["student"])]

@@ -126,6 +126,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "batch and the window, at the size in use)",
     )
     group.add_argument(
+        "--queue-wait-counts-front-end",
+        action="store_true",
+        help="take the front end's measured p90 (receiving, decoding, writing the answer) off the default "
+        "--max-queue-wait-ms, so an admitted query is answered within the promise with its front end counted; "
+        "refuses more at moderate load on a busy host (default off)",
+    )
+    group.add_argument(
         "--max-bytes",
         type=positive_int,
         default=defaults.max_bytes,
@@ -268,6 +275,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         header_timeout_s=args.header_timeout,
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
+        queue_wait_counts_front_end=args.queue_wait_counts_front_end,
     )
     if args.onnx is not None:
         embedder = OnnxQueryEmbedder(args.onnx, args.image_size)

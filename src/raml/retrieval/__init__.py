@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import importlib
 from typing import TYPE_CHECKING
+
+from raml import lazy_exports
 
 if TYPE_CHECKING:  # the names, for type checkers and tests/test_layering.py
     from raml.retrieval.metrics import average_precision, retrieval_metrics
@@ -18,14 +19,4 @@ _EXPORTS: dict[str, str] = {
 __all__ = ["average_precision", "retrieval_metrics"]
 
 
-def __getattr__(name: str) -> object:
-    module = _EXPORTS.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
-    globals()[name] = value  # later lookups are plain attribute reads
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS})
+__getattr__, __dir__ = lazy_exports(__name__, _EXPORTS)

@@ -66,6 +66,8 @@ class ServiceLimits:
         header_timeout_s: Seconds a connection has to deliver complete request headers; then 408 and closed.
         body_timeout_s: Seconds a request has to deliver its whole body once its handler reads it; then 408.
         max_connections: Most connections open at once; more get 503 and are closed.
+        queue_wait_counts_front_end: Take the front end's measured p90 (receiving, decoding, writing the answer)
+            off the default queue-wait bound (``MicroBatcher(count_front_end=...)``); off by default.
     """
 
     max_batch: int = 32
@@ -82,6 +84,7 @@ class ServiceLimits:
     header_timeout_s: float = 10.0
     body_timeout_s: float = 30.0
     max_connections: int = 256
+    queue_wait_counts_front_end: bool = False
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "body_timeout_s"):
@@ -174,8 +177,8 @@ class SearchService:
                     lambda: _or_nan(self.batcher.queue_wait_bound_s),
                 ),
                 "front_end_p90_seconds": (
-                    "p90 of the last answered queries' time outside their batch, taken off the default bound (NaN: "
-                    "none yet).",
+                    "p90 of the last answered queries' time outside their batch, taken off the default bound with "
+                    "--queue-wait-counts-front-end (NaN: none yet).",
                     lambda: _or_nan(self.batcher.front_end.value),
                 ),
                 **gauges,
@@ -191,6 +194,7 @@ class SearchService:
             arriving=lambda: self._arriving,
             max_queue_wait_s=self._queue_wait_bound_s(),
             sizer=self.adaptive,
+            count_front_end=self.limits.queue_wait_counts_front_end,
         )
         self._arriving = 0  # requests between the end of their body and the submission of their query
         self._arriving_lock = threading.Lock()

@@ -138,7 +138,8 @@ def queue_wait_bound_ms(target_ms: float, full_batch_ms: float, window_ms: float
     ``max(window + full batch, target - full batch - window)``, all in ms, ``full_batch_ms`` a full batch's
     service time at the size in use. A query that waited longer would be answered after the target (its batch
     takes up to a full batch's time, and waits up to the window for more queries); the front end's time (reading,
-    decoding, the HTTP exchange) comes on top: the batcher takes its measured p90 off this bound."""
+    decoding, the HTTP exchange) comes on top; with ``count_front_end`` the batcher takes its measured p90 off this
+    bound."""
     for name, value in (("target_ms", target_ms), ("full_batch_ms", full_batch_ms), ("window_ms", window_ms)):
         if not value >= 0:
             raise ValueError(f"{name} must be zero or positive (ms), got {value!r}.")
