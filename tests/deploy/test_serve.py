@@ -358,7 +358,10 @@ def test_a_generation_committed_while_clients_query_is_picked_up_without_a_faile
     index_dir = tmp_path / "index"
     sha = checkpoint_sha256(world["nets"]["teacher"])
     index_images(world["teacher"], world["paths"][:12], DR, index_dir, sha)
-    service = SearchService(student_embedder(world), index_dir, ServiceLimits(max_wait_ms=1, poll_interval_s=0.05))
+    # indexing in this process competes for the CPU with the service: no queue-wait bound, so that a 503 here can
+    # only come from the swap, which is what this test is about (load shedding: tests/deploy/test_queue_wait.py)
+    limits = ServiceLimits(max_wait_ms=1, poll_interval_s=0.05, max_queue_wait_ms=float("inf"))
+    service = SearchService(student_embedder(world), index_dir, limits)
     statuses: list[int] = []
     generations: list[int] = []
     stop = threading.Event()
