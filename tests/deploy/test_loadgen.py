@@ -149,6 +149,7 @@ def test_client_limited_verdict(lags_ms, latency_ms, cpu, limited):
     result = LoadResult(_records(lags_ms, latency_ms), (0.0, 10.0), cpu, 10.0, 1, (None, None))
     row = summarise(result)
     assert row["client_lag_p99_ms"] == pytest.approx(np.percentile(lags_ms, 99))
+    assert row["client_cpu_max"] == max(cpu) and row["client_cpu_cores"] == pytest.approx(sum(cpu))
     assert row["client_limited"] is limited and bool(row["client_limited_because"]) is limited
 
 

@@ -89,6 +89,12 @@ def test_bench_serve_open_loop_curve_goals_and_plot_with_a_client_that_was_not_t
     goals = result["goals"]
     assert goals["saturation_ratio"] == pytest.approx(saturation / max(closed["unbatched"]))
     assert set(goals["at_2x"]) >= {"rejected_503", "shed_by_reason", "p99_ms", "bound_ms", "met"}
+    # how much slower the server's forward pass ran at 2x than at saturation, and the load generator's cores
+    best = max((r for r in result["runs"] if r["mode"] == "batched"), key=lambda r: r["queries_per_s"])
+    at2x = next(r for r in result["open_loop"] if (r["mode"], r["saturation_fraction"]) == ("batched", 2.0))
+    assert goals["at_2x"]["saturation_batch_service_ms"] == best["server_embed_p50_ms"]
+    assert goals["at_2x"]["client_cpu_cores"] == at2x["client_cpu_cores"] > 0
+    assert f"the client processes used {at2x['client_cpu_cores']:.2f} of the machine's" in table
     assert "at_80pct" not in goals
     for row in result["open_loop"]:  # the server's own count of the 503s in the window, by reason
         assert row["shed_by_reason"] is not None  # the probe got through

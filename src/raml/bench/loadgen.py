@@ -348,7 +348,8 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     (``timings_ms.read``: receiving the body) and ``server_rest_p99_ms`` (``total`` minus read, decode, queue, embed
     and search: the wake-up of the event loop after the batch and the answer),
     ``outside_server_p50_ms``/``_p99_ms`` (send -> answer minus the server's total),
-    ``client_lag_p50_ms``/``_p99_ms``/``_max_ms``, ``pool_wait_p99_ms``, ``client_cpu_max``,
+    ``client_lag_p50_ms``/``_p99_ms``/``_max_ms``, ``pool_wait_p99_ms``, ``client_cpu_max`` (the busiest client
+    process, share of a core), ``client_cpu_cores`` (all client processes together, in cores),
     ``client_limited`` and ``client_limited_because`` (the reasons, empty when the server was the limit).
     """
     start, end = result.window
@@ -405,6 +406,8 @@ def summarise(result: LoadResult) -> dict[str, Any]:
         "client_lag_max_ms": float(lag.max()) if lag.size else None,
         "pool_wait_p99_ms": _percentile(pool_wait, 99),
         "client_cpu_max": max(result.cpu_share) if result.cpu_share else None,
+        # the cores the whole load generator took from a machine it may share with the server
+        "client_cpu_cores": float(sum(result.cpu_share)) if result.cpu_share else None,
     }
     reasons = []
     if row["client_cpu_max"] is not None and row["client_cpu_max"] > CPU_LIMIT:

@@ -122,8 +122,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         metavar="MS",
         help="longest predicted (and actual) wait of a query for its batch to start (after its decoding); beyond it "
         "503 with Retry-After (default: --max-wait-ms plus two full batches' measured service time less a batch of "
-        "the recent size, so at least one full batch, at least 50 ms; with --latency-target-ms, the larger of that and T less a full "
-        "batch and the window, at the size in use)",
+        "the recent size, so at least one full batch, at least 50 ms; with --latency-target-ms, the larger of that "
+        "and T less a full batch and the window, at the size in use)",
     )
     group.add_argument(
         "--queue-wait-counts-front-end",

@@ -6,9 +6,10 @@ sheds the load with 503): :class:`QueueFullError` when ``queue_size`` queries al
 :class:`~raml.deploy.service.admission.QueueWaitError` when the query's *predicted wait* for its batch to start
 (:func:`~raml.deploy.service.admission.predicted_wait_s`: the rest of the batch in progress and the full batches
 queued ahead of it, from the smoothed service time of the batches served so far) exceeds the bound
-``max_queue_wait_s`` (default: the batching window plus one full batch's smoothed service time, at least
-``MIN_AUTO_QUEUE_WAIT_S``: a query is admitted unless a whole batch's worth of queries already waits ahead of it,
-so it is answered within the window plus two batch service times). A query that, against the prediction, has
+``max_queue_wait_s`` (default: the batching window plus two full batches' smoothed service time less that of a
+batch of the recent size, so at least the window plus one full batch, and at least ``MIN_AUTO_QUEUE_WAIT_S``: a
+query is admitted unless a whole batch's worth of queries already waits ahead of it, so its batch is done within
+the window plus two batch service times). A query that, against the prediction, has
 waited longer than the bound when its batch starts gets the same error instead of a late answer, so no query that
 is answered waited longer than the bound in force when its batch started (:attr:`QueryResult.wait_bound_s`).
 
