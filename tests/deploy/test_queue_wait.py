@@ -380,8 +380,18 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     ):
         for _ in range(4):  # measured batches: the bound exists from here on
             assert post(client).status_code == 200
-        with ThreadPoolExecutor(4) as pool:
-            assert all(r.status_code == 200 for r in pool.map(lambda _: post(client), range(8)))
+        # four clients against batches of four: never a whole batch ahead of a query, so none is refused on its
+        # predicted wait. One found past the bound when its batch starts (expired) means the batch ahead overran
+        # the smoothed batch time, which a busy host does now and then: that round is repeated, up to three times
+        batcher, rounds = service.batcher, []
+        for _ in range(3):
+            with ThreadPoolExecutor(4) as pool:
+                rounds.append([r.status_code for r in pool.map(lambda _: post(client), range(8))])
+            assert batcher.shed_predicted == 0, (rounds, batcher.shed_expired, batcher.cost.predict(4))
+            if rounds[-1] == [200] * 8:
+                break
+        assert rounds[-1] == [200] * 8, (rounds, batcher.shed_expired, batcher.cost.predict(4))
+        expired_before_the_burst = batcher.shed_expired
         assert service.batcher.queue_wait_bound_s is not None
         with ThreadPoolExecutor(48) as pool:  # a burst of 96: a dozen times what one batch time absorbs
             burst = list(pool.map(lambda _: post(client), range(96)))
@@ -400,7 +410,7 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     }
     assert counted.get("queue_wait", 0.0) == service.batcher.shed_predicted
     assert counted.get("queue_wait_expired", 0.0) == service.batcher.shed_expired
-    assert sum(counted.values()) == len(shed)
+    assert sum(counted.values()) == len(shed) + expired_before_the_burst
     # every answered query started its batch within the bound in force, computed from the measured batch times
     results = [f.result(timeout=0) for f in answered if f.done() and f.exception() is None]
     assert len(results) == len(answered) - service.batcher.shed_expired
