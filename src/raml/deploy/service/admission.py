@@ -13,9 +13,9 @@ fits the service time of a batch of ``n`` queries, ``t(n) = a + b n``, by expone
 over the batches served (the newest weighs most); :func:`predicted_wait_s` turns the queue's state into the
 seconds a query submitted now waits for its batch to start; :func:`should_shed` compares that with the bound
 (``--max-queue-wait-ms``, by default :func:`promised_wait_bound_s`: what the promise of an answer within the batching
-window plus two full batches' service time leaves for the wait once the query's own batch and the front end's time,
-:class:`RecentQuantile` of the measured time outside the batch, are taken off), and the batcher refuses the query
-with :class:`QueueWaitError` (503 + ``Retry-After``) when it is over.
+window plus two full batches' service time leaves for the wait once the query's own batch is taken off, and, with
+``--queue-wait-counts-front-end``, the front end's time too, :class:`RecentQuantile` of the measured time outside
+the batch), and the batcher refuses the query with :class:`QueueWaitError` (503 + ``Retry-After``) when it is over.
 """
 
 from __future__ import annotations

@@ -225,9 +225,13 @@ class MicroBatcher:
         if full is None:
             return None
         if own_queries is None:
-            own_queries = round(self._mean_batch) if self._mean_batch is not None else self.max_batch
+            own_queries = self._recent_batch()
         own = self.cost.predict(min(self.max_batch, max(1, own_queries))) or 0.0
         return max(promised_wait_bound_s(self.max_wait_s, full, front_end, min(own, full)), MIN_AUTO_QUEUE_WAIT_S)
+
+    def _recent_batch(self) -> int:
+        """Queries per batch lately (smoothed; a full batch before any was served)."""
+        return round(self._mean_batch) if self._mean_batch is not None else self.max_batch
 
     def observe_front_end(self, seconds: float) -> None:
         """Account the time an answered query spent outside its batch: from its request's start to its submission,
@@ -275,9 +279,8 @@ class MicroBatcher:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
         """
         depth, remaining = self.depth, self._busy_remaining()
-        typical = round(self._mean_batch) if self._mean_batch is not None else self.max_batch
         # its own batch: at least those ahead of it in that batch and itself, else as large as batches are now
-        bound, full = self._bound_s(max(typical, depth % self.max_batch + 1)), self._full_batch_s()
+        bound, full = self._bound_s(max(self._recent_batch(), depth % self.max_batch + 1)), self._full_batch_s()
         if bound is None or full is None:
             return
         predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
@@ -287,8 +290,8 @@ class MicroBatcher:
             raise QueueWaitError(
                 f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
                 f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default the "
-                "batching window plus one batch service time, or what a --latency-target-ms leaves); try again "
-                "shortly."
+                "batching window plus two batch service times less its own batch's, or what a --latency-target-ms "
+                "leaves); try again shortly."
             )
 
     def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
