@@ -224,6 +224,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "run the HTTP server)",
     )
     runtime.add_argument(
+        "--eager",
+        action="store_true",
+        help="run the query network operator by operator in Python (default: one TorchScript trace per query size, "
+        "kept only where it equals the network bit for bit: its forward pass does not wait for the GIL behind the "
+        "event loop)",
+    )
+    runtime.add_argument(
         "--http",
         choices=("auto", "httptools", "h11"),
         default="auto",
@@ -285,7 +292,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         size = args.image_size
         if size is None and not network.meta.get("image_sizes"):
             size = DEFAULT_QUERY_SIZE
-        embedder = TorchQueryEmbedder(network, device, size)
+        embedder = TorchQueryEmbedder(network, device, size, graph=not args.eager)
     return SearchService(
         embedder, args.index, limits, latency_target_ms=args.latency_target_ms, up_fraction=args.latency_up_fraction
     )

@@ -29,6 +29,7 @@ from torch import nn
 
 from raml.data.images import EvalTransform
 from raml.deploy.search import OnnxEmbedder, recorded_teacher_sha256
+from raml.deploy.service.graph_network import record_graphs
 from raml.retrieval.extract import embed_batch, network_mean_std
 
 __all__ = [
@@ -121,9 +122,13 @@ class TorchQueryEmbedder:
         network: ``(B, 3, S, S)`` -> ``(B, D)`` L2-normalised, in eval mode, on ``device``.
         device: Where it runs.
         image_size: The query size QR (see :func:`allowed_query_sizes`).
+        graph: Run each size's forward pass as a recorded TorchScript graph, kept only where it equals the network
+            bit for bit (:func:`raml.deploy.service.graph_network.record_graphs`): the pass then never waits for
+            the GIL behind the event loop. ``False``: the network itself, operator by operator (``raml serve
+            --eager``).
     """
 
-    def __init__(self, network: nn.Module, device: torch.device, image_size: int | None) -> None:
+    def __init__(self, network: nn.Module, device: torch.device, image_size: int | None, graph: bool = True) -> None:
         self.network = network.eval()
         self.device = device
         meta = dict(getattr(network, "meta", {}) or {})
@@ -134,6 +139,7 @@ class TorchQueryEmbedder:
         self.teacher_sha256 = recorded_teacher_sha256(source) if source is not None else None
         self.mean, self.std = network_mean_std(network)
         self._architecture = meta.get("architecture")
+        self.graphs = record_graphs(self.network, self.sizes, device) if graph else {}
 
     def transform(self, size: int) -> EvalTransform:
         """The evaluation transform at ``size`` with the network's mean/std."""
@@ -141,8 +147,10 @@ class TorchQueryEmbedder:
 
     @torch.inference_mode()
     def embed(self, images: torch.Tensor) -> np.ndarray:
-        """``(B, 3, S, S)`` -> ``(B, D)`` float32."""
-        return embed_batch(self.network, images.to(self.device)).cpu().numpy()
+        """``(B, 3, S, S)`` -> ``(B, D)`` float32 (the size's recorded graph where there is one)."""
+        size = int(images.shape[-1])
+        network = self.graphs.get(size, self.network) if int(images.shape[-2]) == size else self.network
+        return embed_batch(network, images.to(self.device)).cpu().numpy()
 
     def describe(self) -> dict[str, Any]:
         """For ``/health``."""
@@ -152,6 +160,7 @@ class TorchQueryEmbedder:
             "architecture": self._architecture,
             "output_dim": self.output_dim,
             "device": str(self.device),
+            "graph_sizes": sorted(self.graphs),
         }
 
 
