@@ -8,6 +8,7 @@ from raml.deploy.service.size_controller import (
     ControllerSettings,
     SizeLoad,
     choose_size,
+    ewma,
     predict_latency_ms,
     queue_wait_bound_ms,
     smooth,
@@ -128,6 +129,14 @@ def test_smooth_is_an_exponentially_weighted_moving_average():
     assert load.queue_delay_ms == pytest.approx(expected_queue)
     assert load.service_ms == {32: pytest.approx(expected_32)}
     assert smooth(load, size=24, service_ms=7.0).service_ms[24] == 7.0  # first sample of a size: as it is
+
+
+def test_the_one_moving_average_starts_at_its_first_sample():
+    value = None
+    for sample in (4.0, 8.0, 2.0):
+        value = ewma(value, sample, 0.5)
+    assert value == 4.0  # 4, then (4 + 8) / 2 = 6, then (6 + 2) / 2 = 4
+    assert ewma(None, 3, 0.1) == 3.0 and isinstance(ewma(None, 3, 0.1), float)
 
 
 @pytest.mark.parametrize(

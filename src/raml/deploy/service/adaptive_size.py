@@ -54,6 +54,7 @@ from raml.deploy.service.size_controller import (
     ControllerSettings,
     SizeLoad,
     choose_size,
+    ewma,
     predict_latency_ms,
     queue_wait_bound_ms,
 )
@@ -145,9 +146,6 @@ class AdaptiveQuerySize:
             self._arrivals.append(now)
             self._rate(now)  # drops the old ones: the deque holds at most a window's arrivals
 
-    def _ewma(self, old: float | None, sample: float) -> float:
-        return sample if old is None else (1 - self.alpha) * old + self.alpha * sample
-
     def batch_s(self, size: int, queries: int) -> float | None:
         """Predicted seconds to serve ``queries`` queries at ``size``: the smoothed time per query at that size
         (else the nearest measured size's, scaled by the pixel count) times ``queries``; None before any batch of
@@ -172,7 +170,7 @@ class AdaptiveQuerySize:
             before = self._current
             per_query = predict_latency_ms(before, SizeLoad(0.0, self._snapshot().service_ms)) / self._batch
             sample = max(1000.0 * max(0.0, oldest_wait_s), max(0, waiting) * per_query)
-            self._queue_ms = self._ewma(self._queue_ms, sample)
+            self._queue_ms = ewma(self._queue_ms, sample, self.alpha)
             load = self._snapshot()
             after = choose_size(before, load, self.settings)
             if after != before:
@@ -212,8 +210,8 @@ class AdaptiveQuerySize:
         with self._lock:
             if queries >= self.measured_from:
                 per_query = 1000.0 * service_s / queries
-                self._per_query_ms[int(size)] = self._ewma(self._per_query_ms.get(int(size)), per_query)
-            self._batch = self._ewma(self._batch, float(queries))
+                self._per_query_ms[int(size)] = ewma(self._per_query_ms.get(int(size)), per_query, self.alpha)
+            self._batch = ewma(self._batch, float(queries), self.alpha)
 
     def describe(self) -> dict[str, object]:
         """For ``/health``: the target, the size in use and the smoothed load."""

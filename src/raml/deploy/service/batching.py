@@ -60,12 +60,14 @@ from raml.deploy.service.admission import (
     promised_wait_bound_s,
     should_shed,
 )
+from raml.deploy.service.size_controller import ewma
 from raml.deploy.store import DatabaseIndex
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["MIN_AUTO_QUEUE_WAIT_S", "BatchSizer", "MicroBatcher", "QueryResult", "QueueFullError", "QueueWaitError"]
 
+_BATCH_SIZE_ALPHA = 0.2  # weight of each batch in the recent mean batch size (the default bound's own batch)
 _POLL_S = 0.0005  # while waiting for more queries: how often to re-check whether any is still arriving
 #: the default queue-wait bound (one full batch's service time) is never below this: a wait this short is not worth
 #: a refusal (a scheduler hiccup or a garbage collection on a busy host lasts as long), e.g. with batches of 2 ms
@@ -394,8 +396,7 @@ class MicroBatcher:
         finally:
             self._busy = None
             self.cost.observe(len(batch), time.perf_counter() - started)
-            n = float(len(batch))
-            self._mean_batch = n if self._mean_batch is None else 0.8 * self._mean_batch + 0.2 * n
+            self._mean_batch = ewma(self._mean_batch, float(len(batch)), _BATCH_SIZE_ALPHA)
 
     def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in

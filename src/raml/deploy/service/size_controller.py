@@ -45,7 +45,15 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-__all__ = ["ControllerSettings", "SizeLoad", "choose_size", "predict_latency_ms", "queue_wait_bound_ms", "smooth"]
+__all__ = [
+    "ControllerSettings",
+    "SizeLoad",
+    "choose_size",
+    "ewma",
+    "predict_latency_ms",
+    "queue_wait_bound_ms",
+    "smooth",
+]
 
 
 @dataclass(frozen=True)
@@ -146,6 +154,12 @@ def queue_wait_bound_ms(target_ms: float, full_batch_ms: float, window_ms: float
     return max(window_ms + full_batch_ms, target_ms - full_batch_ms - window_ms)
 
 
+def ewma(old: float | None, sample: float, alpha: float) -> float:
+    """The service's one moving average: ``(1 - alpha) * old + alpha * sample``, the sample itself when there is
+    no ``old`` yet (``alpha`` is checked by the callers, once)."""
+    return float(sample) if old is None else (1 - alpha) * old + alpha * sample
+
+
 def smooth(
     load: SizeLoad, *, queue_delay_ms: float | None = None, size: int | None = None, service_ms: float | None = None,
     alpha: float = 0.2,
@@ -157,10 +171,10 @@ def smooth(
         raise ValueError(f"alpha must lie in (0, 1], got {alpha!r}.")
     queue = load.queue_delay_ms
     if queue_delay_ms is not None:
-        queue = (1 - alpha) * queue + alpha * queue_delay_ms
+        queue = ewma(queue, queue_delay_ms, alpha)
     service = dict(load.service_ms)
     if (size is None) != (service_ms is None):
         raise ValueError("Give a batch's size and its service time together.")
     if size is not None and service_ms is not None:
-        service[size] = (1 - alpha) * service[size] + alpha * service_ms if size in service else float(service_ms)
+        service[size] = ewma(service.get(size), service_ms, alpha)
     return SizeLoad(queue, service, load.utilisation)
