@@ -254,6 +254,63 @@ def test_the_sizer_is_told_of_a_batch_even_when_every_query_of_it_waited_past_th
     assert sizer.observed == [(24, 1)]  # only the batch served was timed
 
 
+def test_a_step_down_at_admission_takes_the_largest_smaller_size_that_fits_and_is_recorded():
+    adaptive = AdaptiveQuerySize(ControllerSettings(100.0, (24, 32, 48), 0.7), full_batch=4)
+    asked: list[int] = []
+
+    def fits_up_to_32(size: int) -> bool:
+        asked.append(size)
+        return size <= 32
+
+    assert adaptive.step_down_to_admit(fits_up_to_32) == 32 and adaptive.current == 32
+    assert asked == [32]  # the largest smaller size first, and no further once one fits
+    assert adaptive.changes == 1 and [(d.before, d.after) for d in adaptive.decisions] == [(48, 32)]
+    assert adaptive.step_down_to_admit(lambda size: False) is None  # nothing fits: no change
+    assert adaptive.current == 32 and adaptive.changes == 1
+    adaptive.step_down_to_admit(lambda size: True)
+    assert adaptive.current == 24
+    assert adaptive.step_down_to_admit(lambda size: True) is None  # the smallest size has nothing below it
+
+
+def test_a_query_over_the_bound_at_the_size_in_use_is_admitted_at_a_smaller_size_that_fits(world):
+    """Target 900 ms, batches of 2, no window, 100 ms per query at 48 px (smaller sizes by the pixel count):
+    bounds max(window + full, target - full - window) = 700 ms at 48, 811 at 32, 850 at 24. Eight queries ahead
+    (four full batches of 200 ms at 48) predict 800 ms: over the bound at 48, within it at 32. Without
+    ``step_down`` the query is refused; with it the service steps down to 32 (not 24: the largest that fits) and
+    admits it."""
+    index = load_index(world["index"])
+    release = threading.Event()
+
+    def embed(images: torch.Tensor) -> np.ndarray:
+        release.wait(WAIT_S)
+        return index.embeddings[: images.shape[0]]
+
+    adaptive = AdaptiveQuerySize(ControllerSettings(900.0, (24, 32, 48), 0.7), full_batch=2)
+    batcher = MicroBatcher(embed, lambda: index, max_batch=2, max_wait_s=0.0, queue_size=16, sizer=adaptive)
+    batcher.start()
+    futures = []
+    try:
+        # nothing measured yet: the batch in progress is predicted at 0 s, so its remaining time stays 0
+        futures.append(batcher.submit(torch.zeros(3, 48, 48), 48, k=2))
+        deadline = time.monotonic() + WAIT_S
+        while batcher.depth or batcher._busy is None:  # the worker holds it
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        adaptive.observe(48, 2, 0.200)  # 100 ms per query at 48 from now on
+        futures += [batcher.submit(torch.zeros(3, 48, 48), 48, k=2) for _ in range(8)]
+        assert batcher.queue_wait_bound_s == pytest.approx(0.7)
+        with pytest.raises(QueueWaitError, match="about 800 ms"):
+            batcher.check_admission()
+        assert adaptive.current == 48 and adaptive.changes == 0
+        batcher.check_admission(step_down=True)
+        assert adaptive.current == 32 and [(d.before, d.after) for d in adaptive.decisions] == [(48, 32)]
+        assert batcher.queue_wait_bound_s == pytest.approx(0.9 - 2 * 0.1 * (32 / 48) ** 2)
+    finally:
+        release.set()
+        batcher.stop()
+    assert batcher.shed_predicted == 1  # only the check without a step down refused
+
+
 # ------------------------------------------------------------------------------------------------ service
 
 

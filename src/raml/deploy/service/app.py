@@ -177,7 +177,7 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
             read_done = time.perf_counter()
             # the predicted wait for a batch (--max-queue-wait-ms), before decoding; after the body is read, since a
             # response before it would break the client's keep-alive connection while it still sends
-            service.batcher.check_admission()
+            service.batcher.check_admission(step_down=requested is None)  # a pinned size stays
             with service.decodes.take(), service.arriving():  # only a query with its whole body holds a batch
                 pixels = header_pixels(data) if inline_decode_pixels else None
                 if pixels is not None and pixels <= inline_decode_pixels:

@@ -122,7 +122,9 @@ class BatchSizer(Protocol):
 
     def batch_s(self, size: int, queries: int) -> float | None: ...
 
-    def wait_bound_s(self, window_s: float) -> float | None: ...
+    def wait_bound_s(self, window_s: float, size: int | None = None) -> float | None: ...
+
+    def step_down_to_admit(self, fits: Callable[[int], bool]) -> int | None: ...
 
 
 @dataclass
@@ -272,10 +274,14 @@ class MicroBatcher:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
-    def check_admission(self) -> None:
+    def check_admission(self, step_down: bool = False) -> None:
         """Refuse a query now if its predicted wait for its batch exceeds the bound (the HTTP layer calls this
         before decoding a request's image, so that a request to be shed costs no decode; :meth:`submit` calls it
         again).
+
+        Args:
+            step_down: With a sizer, for a query that will be prepared at the size in use (no size pinned): before
+                refusing, step down to the largest smaller size whose bound admits the wait, and admit it there.
 
         Raises:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`.
@@ -286,7 +292,9 @@ class MicroBatcher:
         if bound is None or full is None:
             return
         predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
-        if should_shed(predicted, bound, depth, remaining):
+        if should_shed(predicted, bound, depth, remaining) and not (
+            step_down and self._admitted_smaller(predicted, depth, remaining)
+        ):
             with self._shed_lock:
                 self.shed_predicted += 1
             raise QueueWaitError(
@@ -295,6 +303,24 @@ class MicroBatcher:
                 "batching window plus two batch service times less its own batch's, or what a --latency-target-ms "
                 "leaves); try again shortly."
             )
+
+    def _admitted_smaller(self, predicted_s: float, depth: int, remaining_s: float) -> bool:
+        """With a sizer and the derived bound: whether a smaller size's bound admits a wait of ``predicted_s`` (the
+        queries ahead keep their sizes; only the query's own batch, at the smaller size, is shorter), in which case
+        the sizer steps down to it (:meth:`~raml.deploy.service.adaptive_size.AdaptiveQuerySize.step_down_to_admit`)
+        and the query is transformed at it."""
+        sizer = self._sizer
+        if sizer is None or self.max_queue_wait_s is not None:
+            return False
+        front_end = (self.front_end.value or 0.0) if self.count_front_end else 0.0
+
+        def fits(size: int) -> bool:
+            bound = sizer.wait_bound_s(self.max_wait_s, size)
+            if bound is None:
+                return False
+            return not should_shed(predicted_s, max(bound - front_end, MIN_AUTO_QUEUE_WAIT_S), depth, remaining_s)
+
+        return sizer.step_down_to_admit(fits) is not None
 
     def submit(self, image: torch.Tensor, size: int, k: int) -> Future:
         """Queue one ``(3, size, size)`` query for the ``k`` nearest database images.
