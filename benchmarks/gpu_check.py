@@ -10,6 +10,10 @@ On synthetic data and random weights (the GPU machine may have no network), in o
    on the device and on the CPU: the metrics must be equal; both times.
 4. Query latency of the student at ``--image-size`` against the teacher at ``--teacher-image-size``, at
    batch 1 and 32 (median ms per image, forward only, float32).
+5. ``raml serve``'s query network on the device (:class:`raml.deploy.service.TorchQueryEmbedder`): whether its
+   TorchScript trace was kept (equal to the network bit for bit on the probe batches; on a GPU, cuDNN may pick
+   other kernels for the trace, and the service then runs the network eagerly, with a warning), and the median ms
+   of a batch of 32 through the service's path against the eager network.
 
 It writes one JSON (``--json``; default ``<out>/gpu_check.json``, else ``./gpu_check.json``) and prints a
 table. Without CUDA (and ``--device auto``) it says so and exits 0; ``--device cpu --tiny`` runs every part on
@@ -269,6 +273,38 @@ def measure_latency(settings: CheckSettings, network: Path, device: torch.device
     return rows
 
 
+# ---------------------------------------------------------------------------------- service network
+def measure_service_graph(settings: CheckSettings, network: Path, device: torch.device) -> dict[str, Any]:
+    """The service's query network on ``device``: the sizes whose trace was kept, and a batch of 32 through the
+    service's path (the trace where kept) against the eager network (median ms of ``latency_repeats``)."""
+    from raml.deploy.service import TorchQueryEmbedder
+    from raml.models import load_network
+
+    model = load_network(network, device=device)
+    size = settings.image_size
+    embedder = TorchQueryEmbedder(model, device, size)
+    batch = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+    def median_ms(run) -> float:
+        times = []
+        for _ in range(max(3, settings.latency_repeats)):
+            _sync(device)
+            start = time.perf_counter()
+            run()
+            _sync(device)
+            times.append(1000.0 * (time.perf_counter() - start))
+        return round(sorted(times)[len(times) // 2], 3)
+
+    with torch.inference_mode():
+        eager = median_ms(lambda: model(batch.to(device)).float().cpu())
+    return {
+        "image_size": size,
+        "graph_sizes": sorted(embedder.graphs),
+        "service_ms_batch32": median_ms(lambda: embedder.embed(batch)),
+        "eager_ms_batch32": eager,
+    }
+
+
 # -------------------------------------------------------------------------------------------- report
 def format_report(report: dict[str, Any]) -> str:
     lines = [f"gpu_check on {report['device_name']} (torch {report['torch']}, built for CUDA {report['cuda']})", ""]
@@ -297,6 +333,14 @@ def format_report(report: dict[str, Any]) -> str:
     ]
     for row in report["latency"]:
         lines.append(f"| {row['role']} | {row['image_size']} | {row['batch_size']} | {row['ms_per_image']} |")
+    graph = report.get("service_graph")
+    if graph:
+        kept = "kept" if graph["image_size"] in graph["graph_sizes"] else "NOT kept (the service runs it eagerly)"
+        lines += [
+            "",
+            f"raml serve's query network at {graph['image_size']} px: trace {kept}; a batch of 32 "
+            f"{graph['service_ms_batch32']} ms through the service, {graph['eager_ms_batch32']} ms eager",
+        ]
     return "\n".join(lines)
 
 
@@ -326,6 +370,7 @@ def run_check(settings: CheckSettings, device: torch.device, work: Path) -> dict
     report["ddp"] = measure_ddp(settings, data_root, network, work, device)
     report["evaluation"] = measure_evaluation(settings, device)
     report["latency"] = measure_latency(settings, network, device)
+    report["service_graph"] = measure_service_graph(settings, network, device)
     report["loadavg_end"] = _loadavg()
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     return report

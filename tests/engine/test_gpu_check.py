@@ -53,8 +53,12 @@ def test_tiny_cpu_run_reports_every_part(gpu_check, tmp_path, capsys):
         for role, size in (("student", settings["image_size"]), ("teacher", settings["teacher_image_size"]))
         for batch in settings["latency_batches"]
     }
+    graph = report["service_graph"]
+    assert graph["graph_sizes"] == [settings["image_size"]]  # kept on the CPU: equal bit for bit
+    assert graph["service_ms_batch32"] > 0 and graph["eager_ms_batch32"] > 0
     out = capsys.readouterr().out
     assert "ts_aug --amp" in out and "exact evaluation" in out and "| teacher |" in out
+    assert "trace kept" in out
 
 
 def test_a_refused_amp_run_is_reported_not_fatal(gpu_check, monkeypatch):
@@ -70,6 +74,7 @@ def test_a_refused_amp_run_is_reported_not_fatal(gpu_check, monkeypatch):
     monkeypatch.setattr(gpu_check, "measure_training", measure)
     monkeypatch.setattr(gpu_check, "measure_evaluation", lambda settings, device: {"skipped": True})
     monkeypatch.setattr(gpu_check, "measure_latency", lambda settings, network, device: [])
+    monkeypatch.setattr(gpu_check, "measure_service_graph", lambda settings, network, device: {})
     report = gpu_check.run_check(gpu_check.TINY, torch.device("cpu"), Path("/nonexistent"))
     assert report["training"][0]["amp"] is False and "images_per_s" in report["training"][0]
     assert "Tesla T4" in report["training"][1]["refused"]
