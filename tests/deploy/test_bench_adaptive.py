@@ -54,7 +54,7 @@ def test_counters_read_from_metrics_and_their_growth():
 def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, capsys):
     out, png = tmp_path / "adaptive.json", tmp_path / "adaptive.png"
     argv = ["bench", "adaptive", "--quick", "--work-dir", str(tmp_path / "work"), "--json", str(out)]
-    assert cli_main.main([*argv, "--plot", str(png)]) == 0
+    assert cli_main.main([*argv, "--plot", str(png), "--server-arg=--eager"]) == 0
     table = capsys.readouterr().out
     result = json.loads(out.read_text())
     assert result["sizes"] == [16, 24] and set(result["asym_mAP"]) == {"16", "24"}
@@ -84,3 +84,8 @@ def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, cap
     assert result["goals"]["target_ms"] == target and "met" in result["goals"]["at_2x"]
     assert "served mAP" in table and "at 2x saturation" in table
     assert png.stat().st_size > 10_000
+    # --server-arg reaches both servers: --eager, so neither traced its network
+    assert result["settings"]["server_args"] == ["--eager"]
+    for log in ("serve-fixed.log", "serve-adaptive.log"):
+        text = (tmp_path / "work" / log).read_text()
+        assert "Serving" in text and "traced" not in text

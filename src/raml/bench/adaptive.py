@@ -86,6 +86,7 @@ class AdaptiveBenchSettings:
     k: int = 10
     timeout_s: float = 30.0
     seed: int = 0
+    server_args: tuple[str, ...] = ()  # more raml serve flags, for both servers (A/B experiments, e.g. --eager)
 
 
 @dataclass(frozen=True)
@@ -336,6 +337,7 @@ def run_adaptive_benchmark(
     bodies = [p.read_bytes() for p in query_files]
     common = ["--index", str(index_dir), "--network-path", str(inputs.student), "--max-batch", str(settings.max_batch)]
     common += ["--max-wait-ms", str(settings.max_wait_ms), "--queue-size", str(settings.queue_size)]
+    common += list(settings.server_args)
     rows: list[dict[str, Any]] = []
     target = settings.target_ms
     load_before = list(os.getloadavg())
@@ -565,6 +567,13 @@ def main(argv: list[str] | None = None) -> int:
         help="hold an exclusive flock on FILE while the servers are loaded (not during the mAP evaluation and "
         "indexing), so that timed runs on a shared machine never overlap",
     )
+    parser.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        metavar="FLAG",
+        help="one more raml serve argument for both servers (repeat; e.g. --server-arg=--eager)",
+    )
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot p99 and served mAP as a PNG")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -589,6 +598,7 @@ def main(argv: list[str] | None = None) -> int:
         saturation_clients=args.saturation_clients,
         client_processes=args.client_processes,
         database_size=args.database_size,
+        server_args=tuple(args.server_arg),
     )
     if args.quick:
         inputs = quick_inputs(args.work_dir)
