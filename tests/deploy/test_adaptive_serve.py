@@ -147,7 +147,7 @@ class FixedSizer:
     def batch_s(self, size: int, queries: int) -> float | None:
         return self.per_query_s * queries
 
-    def wait_bound_s(self, window_s: float) -> float | None:
+    def wait_bound_s(self, window_s: float, size: int | None = None) -> float | None:
         return self.bound_s
 
 

@@ -221,17 +221,27 @@ class MicroBatcher:
         batch size)."""
         if self.max_queue_wait_s is not None:
             return None if math.isinf(self.max_queue_wait_s) else self.max_queue_wait_s
-        front_end = (self.front_end.value or 0.0) if self.count_front_end else 0.0
         if self._sizer is not None:
-            bound = self._sizer.wait_bound_s(self.max_wait_s)
-            return None if bound is None else max(bound - front_end, MIN_AUTO_QUEUE_WAIT_S)
+            return self._sizer_bound_s(self._sizer, None)
         full = self.cost.predict(self.max_batch)
         if full is None:
             return None
         if own_queries is None:
             own_queries = self._recent_batch()
         own = self.cost.predict(min(self.max_batch, max(1, own_queries))) or 0.0
-        return max(promised_wait_bound_s(self.max_wait_s, full, front_end, min(own, full)), MIN_AUTO_QUEUE_WAIT_S)
+        return max(
+            promised_wait_bound_s(self.max_wait_s, full, self._front_end_s(), min(own, full)), MIN_AUTO_QUEUE_WAIT_S
+        )
+
+    def _front_end_s(self) -> float:
+        """The front end's time taken off the bound: its measured p90 with ``count_front_end``, else 0."""
+        return (self.front_end.value or 0.0) if self.count_front_end else 0.0
+
+    def _sizer_bound_s(self, sizer: BatchSizer, size: int | None) -> float | None:
+        """``sizer``'s bound at ``size`` (None: the size in use) less :meth:`_front_end_s`, at least
+        ``MIN_AUTO_QUEUE_WAIT_S``; None before the sizer has measured anything."""
+        bound = sizer.wait_bound_s(self.max_wait_s, size)
+        return None if bound is None else max(bound - self._front_end_s(), MIN_AUTO_QUEUE_WAIT_S)
 
     def _recent_batch(self) -> int:
         """Queries per batch lately (smoothed; a full batch before any was served)."""
@@ -312,13 +322,10 @@ class MicroBatcher:
         sizer = self._sizer
         if sizer is None or self.max_queue_wait_s is not None:
             return False
-        front_end = (self.front_end.value or 0.0) if self.count_front_end else 0.0
 
         def fits(size: int) -> bool:
-            bound = sizer.wait_bound_s(self.max_wait_s, size)
-            if bound is None:
-                return False
-            return not should_shed(predicted_s, max(bound - front_end, MIN_AUTO_QUEUE_WAIT_S), depth, remaining_s)
+            bound = self._sizer_bound_s(sizer, size)
+            return bound is not None and not should_shed(predicted_s, bound, depth, remaining_s)
 
         return sizer.step_down_to_admit(fits) is not None
 
