@@ -276,32 +276,25 @@ def measure_latency(settings: CheckSettings, network: Path, device: torch.device
 # ---------------------------------------------------------------------------------- service network
 def measure_service_graph(settings: CheckSettings, network: Path, device: torch.device) -> dict[str, Any]:
     """The service's query network on ``device``: the sizes whose trace was kept, and a batch of 32 through the
-    service's path (the trace where kept) against the eager network (median ms of ``latency_repeats``)."""
+    module the service runs at ``--image-size`` (the trace where kept, else the network) against the eager network
+    (median ms of ``latency_repeats`` after a warm-up, :func:`~raml.models.cost.latency_ms_per_image`)."""
     from raml.deploy.service import TorchQueryEmbedder
     from raml.models import load_network
 
     model = load_network(network, device=device)
     size = settings.image_size
     embedder = TorchQueryEmbedder(model, device, size)
-    batch = torch.randn(32, 3, size, size, generator=torch.Generator().manual_seed(0))
-
-    def median_ms(run) -> float:
-        times = []
-        for _ in range(max(3, settings.latency_repeats)):
-            _sync(device)
-            start = time.perf_counter()
-            run()
-            _sync(device)
-            times.append(1000.0 * (time.perf_counter() - start))
-        return round(sorted(times)[len(times) // 2], 3)
-
+    served = embedder.graphs.get(size, model)
     with torch.inference_mode():
-        eager = median_ms(lambda: model(batch.to(device)).float().cpu())
+        ms = {
+            name: 32 * latency_ms_per_image(module, size, device, batch_size=32, repeats=settings.latency_repeats)
+            for name, module in (("service", served), ("eager", model))
+        }
     return {
         "image_size": size,
         "graph_sizes": sorted(embedder.graphs),
-        "service_ms_batch32": median_ms(lambda: embedder.embed(batch)),
-        "eager_ms_batch32": eager,
+        "service_ms_batch32": round(ms["service"], 3),
+        "eager_ms_batch32": round(ms["eager"], 3),
     }
 
 
