@@ -24,7 +24,7 @@ def bench(tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("bench_serve")
     out, png = tmp / "serve.json", tmp / "curve.png"
     argv = ["bench", "serve", "--work-dir", str(tmp / "work"), "--json", str(out), "--plot", str(png)]
-    argv += ["--concurrency", "1,3", "--rates", "0.5,2", "--duration", "1.0", "--warmup", "0.3"]
+    argv += ["--concurrency", "1,3", "--rates", "0.5,2", "--duration", "0.5", "--warmup", "0.2"]
     argv += ["--num-classes", "4", "--images-per-class", "2", "--architecture", "timm/test_resnet", "--whitening", "8"]
     # a 20 ms batching window (default 5): three clients in step land in one batch even on a loaded machine
     argv += ["--max-batch", "4", "--max-wait-ms", "20", "--open-connections", "8", "--client-processes", "1"]

@@ -3,8 +3,9 @@
 Covers the training issue's must-shows: a teacher trained with ``sym``, a student distilled with ``ts_aug``
 that beats the undistilled asymmetric baseline, gradients that reach every trainable student parameter and
 never the teacher, and the refusals. Identical seeds and resuming: test_training_resume.py; the other modes,
-the search and the teacher's device: test_training_modes.py. The dataset and the teacher (tests/engine/
-conftest.py ``training``, ``teacher_path``) are made once per session and shared by the three files.
+the search and the teacher's device: test_training_modes.py. The dataset (tests/engine/conftest.py
+``training``) is made once per session and shared with the other training files; the ResNet-18 teacher
+(``teacher_path``) is this file's alone (the machinery tests of the other files use a test_resnet teacher).
 """
 
 from __future__ import annotations
@@ -21,7 +22,9 @@ CPU = torch.device("cpu")
 
 
 def test_distilled_student_beats_the_undistilled_asymmetric_baseline(training, teacher_path, tmp_path):
-    config = training.distill_config(tmp_path / "student", teacher_path, epochs=5, query_size=10**6, val=False)
+    # two epochs: over the data seeds 3 (this dataset's), 4 and 5 the margin below was 17.7 / 13.5 / 16.6 points
+    # after two epochs and 20.3 / 17.3 / 17.2 after five (2026-12-04), at 40 % of five epochs' time
+    config = training.distill_config(tmp_path / "student", teacher_path, epochs=2, query_size=10**6, val=False)
     trainer = Trainer(config, CPU, progress=False)
     result = trainer.run()
     test = get_split("cub-test", training.data_root)
@@ -30,7 +33,7 @@ def test_distilled_student_beats_the_undistilled_asymmetric_baseline(training, t
     qr, dr = training.qr, training.dr
     baseline = evaluate_split(teacher, test, qr, CPU, teacher=teacher, teacher_image_size=dr, progress=False)
     method = evaluate_split(student, test, qr, CPU, teacher=teacher, teacher_image_size=dr, progress=False)
-    # by a margin well beyond run-to-run noise (14-18 points over three data seeds while tuning)
+    # by a margin well beyond run-to-run noise (see above)
     assert method["asym"]["mAP"] > baseline["asym"]["mAP"] + 5.0
     # the final test of the run reports both tests for the test dataset
     results = trainer.test()

@@ -1,6 +1,7 @@
-"""The other training modes and settings end to end (CPU, the shared dataset and teacher of tests/engine/
-conftest.py, as in test_training.py): ``ts_reg`` without validation, the reference's triplet ``sym`` mode,
-``--optimize`` (the search, then training on train + val), and the teacher's device in every evaluation."""
+"""The other training modes and settings end to end (CPU, the shared dataset of tests/engine/conftest.py):
+``ts_reg`` without validation, the reference's triplet ``sym`` mode, ``--optimize`` (the search, then training
+on train + val), and the teacher's device in every evaluation. The distillation runs use the machinery teacher
+(timm's test_resnet): what they check does not depend on the network."""
 
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ from raml.retrieval.evaluate import evaluate_split
 CPU = torch.device("cpu")
 
 
-def test_ts_reg_and_no_val_still_write_model_best(training, teacher_path, tmp_path):
+def test_ts_reg_and_no_val_still_write_model_best(machinery, machinery_teacher_path, tmp_path):
     # also: --logger tensorboard writes the run's scalars
-    config = training.distill_config(
+    config = machinery.distill_config(
         tmp_path / "reg",
-        teacher_path,
+        machinery_teacher_path,
         mode="ts_reg",
         epochs=1,
         val=False,
@@ -66,11 +67,11 @@ def test_triplet_sym_mode_mines_and_learns(training, tmp_path):
     assert all(h["loss"] > 0 for h in result.history)
 
 
-def test_optimize_runs_the_search_then_trains_on_train_plus_val(training, teacher_path, tmp_path):
+def test_optimize_runs_the_search_then_trains_on_train_plus_val(machinery, machinery_teacher_path, tmp_path):
     from raml.engine.search import optimize_and_train
 
-    config = training.distill_config(
-        tmp_path / "search", teacher_path, epochs=2, trials=2, optimize=True, lr=1.5e-4, query_size=8
+    config = machinery.distill_config(
+        tmp_path / "search", machinery_teacher_path, epochs=2, trials=2, optimize=True, lr=1.5e-4, query_size=8
     )
     best, result = optimize_and_train(config, CPU, progress=False)
     assert set(best) == {"lr", "lam_1", "lam_2"}
@@ -95,9 +96,9 @@ def test_optimize_runs_the_search_then_trains_on_train_plus_val(training, teache
 
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (the teacher on the second)")
-def test_teacher_on_a_second_gpu_trains_validates_and_tests(training, teacher_path, tmp_path):
+def test_teacher_on_a_second_gpu_trains_validates_and_tests(machinery, machinery_teacher_path, tmp_path):
     """-g 0,1: the student on cuda:0, the teacher on cuda:1, in training, monitoring and the final test."""
-    config = training.distill_config(tmp_path / "two", teacher_path, epochs=1, val_freq=1, query_size=8)
+    config = machinery.distill_config(tmp_path / "two", machinery_teacher_path, epochs=1, val_freq=1, query_size=8)
     trainer = Trainer(config, torch.device("cuda", 0), progress=False, teacher_device=torch.device("cuda", 1))
     assert next(trainer.teacher.parameters()).device == torch.device("cuda", 1)
     result = trainer.run()
@@ -105,11 +106,11 @@ def test_teacher_on_a_second_gpu_trains_validates_and_tests(training, teacher_pa
     assert set(trainer.test()["cub-test"]) == {"asym", "sym"}
 
 
-def test_the_teacher_device_reaches_every_evaluation(training, teacher_path, tmp_path, monkeypatch):
+def test_the_teacher_device_reaches_every_evaluation(machinery, machinery_teacher_path, tmp_path, monkeypatch):
     """Monitoring and the final test embed the database on the teacher's device, not the student's."""
     import raml.engine.trainer as trainer_module
 
-    config = training.distill_config(tmp_path / "dev", teacher_path, epochs=1, val_freq=1, query_size=8)
+    config = machinery.distill_config(tmp_path / "dev", machinery_teacher_path, epochs=1, val_freq=1, query_size=8)
     sentinel = torch.device("cpu", 0)  # a distinct object standing in for a second device
     trainer = Trainer(config, CPU, progress=False, teacher_device=sentinel)
     seen = []
