@@ -14,6 +14,7 @@ from raml.data.datasets import ImageDataset
 from raml.data.images import (
     EvalTransform,
     ImageLoadError,
+    centre_crop_box,
     eval_resize_size,
     load_image,
     resize_shorter,
@@ -247,6 +248,39 @@ def test_eval_transform_matches_manual(w: int, h: int, size: int) -> None:
     out = EvalTransform(size, MEAN, STD)(img)
     assert out.shape == (3, size, size) and out.dtype == torch.float32
     np.testing.assert_allclose(out.numpy(), _manual_eval(img, size, MEAN, STD), atol=1e-5)
+
+
+def _torchvision_eval(img: Image.Image, size: int, mean, std) -> torch.Tensor:
+    """The composition EvalTransform ran up to 2026-12-04, and with which the published figures, the indexes and
+    the query embeddings were made: torchvision's center_crop and to_tensor, then torch's normalisation."""
+    import torchvision.transforms.functional as TF
+
+    resized = resize_shorter(img, size + size / 7)
+    x = TF.to_tensor(TF.center_crop(resized, [size, size]))
+    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+
+
+def test_eval_transform_is_bit_identical_to_the_torchvision_composition() -> None:
+    """Sizes whose crop offset is a half (37 - 32 = 5: torchvision rounds 2.5 to 2), odd and even sides, both
+    orientations, every pixel value: the same float32 values, not only close ones."""
+    rng = np.random.default_rng(11)
+    cases = [(97, 61, 32), (61, 97, 32), (45, 83, 21), (50, 50, 28), (64, 39, 14), (37, 200, 32), (681, 512, 224)]
+    cases += [(int(rng.integers(1, 300)), int(rng.integers(1, 300)), int(rng.integers(1, 64))) for _ in range(40)]
+    for w, h, size in cases:
+        img = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ours, theirs = EvalTransform(size, MEAN, STD)(img), _torchvision_eval(img, size, MEAN, STD)
+        assert ours.dtype == theirs.dtype == torch.float32 and ours.is_contiguous()
+        assert torch.equal(ours, theirs), (w, h, size)
+    ramp = Image.fromarray(np.arange(256 * 3, dtype=np.uint8).reshape(16, 16, 3).repeat(4, 0).repeat(4, 1))
+    assert torch.equal(EvalTransform(64, MEAN, STD)(ramp), _torchvision_eval(ramp, 64, MEAN, STD))
+
+
+def test_centre_crop_box_places_the_square_as_torchvision() -> None:
+    assert centre_crop_box((37, 32), 32) == (2, 0, 34, 32)  # (37 - 32) / 2 = 2.5: to the even neighbour
+    assert centre_crop_box((39, 32), 32) == (4, 0, 36, 32)  # 3.5 -> 4
+    assert centre_crop_box((32, 40), 32) == (0, 4, 32, 36)
+    with pytest.raises(ValueError, match="Cannot crop 32 x 32 pixels from an image of 31 x 40"):
+        centre_crop_box((31, 40), 32)
 
 
 def test_eval_transform_681x512_at_224_gets_the_reference_crop() -> None:

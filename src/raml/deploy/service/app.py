@@ -30,7 +30,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
@@ -43,9 +43,12 @@ from starlette.routing import Route
 
 from raml.deploy.service.admission import QueueWaitError, ServiceBusyError
 from raml.deploy.service.batching import QueueFullError
-from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, header_pixels
+from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, open_query_image
 from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raml.deploy.service.service import SearchService
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -136,6 +139,11 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
     return value
 
 
+def _open_and_prepare(service: SearchService, data: bytes, size: int | None) -> torch.Tensor:
+    """Identify, decode and transform an upload in one go (in a worker thread, ``inline_decode_pixels`` 0)."""
+    return service.prepare(open_query_image(data), size)
+
+
 def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLINE_DECODE_PIXELS) -> Starlette:
     """The ASGI application; its lifespan starts and stops ``service``'s threads.
 
@@ -179,11 +187,14 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
             # response before it would break the client's keep-alive connection while it still sends
             service.batcher.check_admission(step_down=requested is None)  # a pinned size stays
             with service.decodes.take(), service.arriving():  # only a query with its whole body holds a batch
-                pixels = header_pixels(data) if inline_decode_pixels else None
-                if pixels is not None and pixels <= inline_decode_pixels:
-                    image = service.prepare(data, size)  # small: cheaper here than a hop to a thread
+                if inline_decode_pixels:
+                    opened = open_query_image(data)  # the header only: where to decode, from its pixel count
+                    if opened.width * opened.height <= inline_decode_pixels:
+                        image = service.prepare(opened, size)  # small: cheaper here than a hop to a thread
+                    else:
+                        image = await run_in_threadpool(service.prepare, opened, size)
                 else:
-                    image = await run_in_threadpool(service.prepare, data, size)
+                    image = await run_in_threadpool(_open_and_prepare, service, data, size)
                 del data
                 decoded = time.perf_counter()
                 future = service.submit(image, size, int(k))

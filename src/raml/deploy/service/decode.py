@@ -1,6 +1,7 @@
 """Query images from untrusted bytes: size limits before decoding, then a fully loaded RGB ``PIL.Image``.
 
-Contract: ``decode_query_image(data, max_pixels)`` -> ``RGB`` image (:func:`raml.data.images.to_rgb` rules), or
+Contract: ``decode_query_image(data, max_pixels)`` (``open_query_image`` reading the header, then
+``decode_opened_image``) -> ``RGB`` image (:func:`raml.data.images.to_rgb` rules), or
 :class:`QueryImageError` carrying the HTTP status a client should get:
 
 - 415: the bytes are not an image PIL can identify;
@@ -28,7 +29,13 @@ from raml.data.image_limits import ImageTooLargeError, check_image_size
 from raml.data.images import to_rgb
 from raml.deploy.service.admission import ServiceBusyError
 
-__all__ = ["DEFAULT_INLINE_DECODE_PIXELS", "QueryImageError", "decode_query_image", "header_pixels"]
+__all__ = [
+    "DEFAULT_INLINE_DECODE_PIXELS",
+    "QueryImageError",
+    "decode_opened_image",
+    "decode_query_image",
+    "open_query_image",
+]
 
 #: ``raml serve`` decodes an image of at most this many pixels (from its header) on the event loop, not in a worker
 #: thread (:func:`raml.deploy.service.app.create_app`): up to 128 x 128, decoding and the query transform took
@@ -45,15 +52,61 @@ class QueryImageError(ValueError):
         self.status = status
 
 
-def header_pixels(data: bytes) -> int | None:
-    """Width x height announced by the image header of ``data`` (no pixel is decoded), or None where PIL cannot
-    identify it (:func:`decode_query_image` then says why)."""
+def open_query_image(data: bytes) -> Image.Image:
+    """Identify ``data`` and read its header, no pixel decoded: the image to hand to :func:`decode_opened_image`
+    (its ``size`` is the announced width x height; ``raml serve`` reads it on the event loop to choose where to
+    decode). PIL itself refuses a header over twice its global pixel limit here.
+
+    Raises:
+        QueryImageError: 400 (no bytes; a header that fails), 413 (PIL's bomb guard), 415 (not an image).
+    """
+    if not data:
+        raise QueryImageError(400, "The request holds no image: send the image file as the body or as field 'image'.")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        return Image.open(io.BytesIO(data))
+    except Exception as error:  # noqa: BLE001 - mapped to the status a client should get
+        raise _refusal(error) from error
+
+
+def decode_opened_image(
+    img: Image.Image,
+    max_pixels: int,
+    size: int | None = None,
+    admit: Callable[[int], AbstractContextManager[Any]] | None = None,
+    finish: Callable[[Image.Image], Any] | None = None,
+) -> Any:
+    """Decode an image from :func:`open_query_image` into RGB within ``max_pixels``, before and after the query
+    resize, and apply ``finish``; ``img`` is closed whatever happens. The arguments are those of
+    :func:`decode_query_image`."""
+    try:
+        with img:
             width, height = img.size
-    except Exception:  # noqa: BLE001 - any failure is reported by decode_query_image
-        return None
-    return width * height
+            check_image_size(width, height, size, max_pixels, what="The image")
+            with admit(width * height) if admit is not None else contextlib.nullcontext():
+                img.load()
+                rgb = to_rgb(img)
+                img.close()  # the decoded source is no longer needed while ``finish`` runs
+                return finish(rgb) if finish is not None else rgb
+    except (QueryImageError, ServiceBusyError):
+        raise
+    except Exception as error:  # noqa: BLE001 - mapped to the status a client should get
+        raise _refusal(error) from error
+
+
+def _refusal(error: Exception) -> QueryImageError:
+    """The :class:`QueryImageError` for an exception raised while identifying or decoding an upload."""
+    if isinstance(error, ImageTooLargeError):
+        return QueryImageError(413, f"{error} (this service's --max-pixels)")
+    if isinstance(error, UnidentifiedImageError):
+        return QueryImageError(
+            415, "The upload is not an image this service can read (JPEG, PNG, WebP, GIF, BMP, TIFF ...)."
+        )
+    if isinstance(error, Image.DecompressionBombError):
+        return QueryImageError(413, f"The image is too large to decode safely ({error}); send a smaller one.")
+    # PIL raises OSError, SyntaxError, ValueError ... on truncated or corrupt data
+    return QueryImageError(
+        400, f"The image could not be decoded ({type(error).__name__}: {error}); it is truncated or corrupt."
+    )
 
 
 def decode_query_image(
@@ -63,7 +116,8 @@ def decode_query_image(
     admit: Callable[[int], AbstractContextManager[Any]] | None = None,
     finish: Callable[[Image.Image], Any] | None = None,
 ) -> Any:
-    """Decode ``data`` into an RGB image of at most ``max_pixels`` pixels, before and after the query resize.
+    """Decode ``data`` into an RGB image of at most ``max_pixels`` pixels, before and after the query resize:
+    :func:`open_query_image`, then :func:`decode_opened_image`.
 
     Args:
         data: The uploaded file's bytes.
@@ -83,29 +137,4 @@ def decode_query_image(
         QueryImageError: With status 400, 413 or 415 (see the module docstring).
         ServiceBusyError: From ``admit``.
     """
-    if not data:
-        raise QueryImageError(400, "The request holds no image: send the image file as the body or as field 'image'.")
-    try:
-        # Image.open reads the header only (PIL itself refuses images over twice its global pixel limit there).
-        with Image.open(io.BytesIO(data)) as img:
-            width, height = img.size
-            check_image_size(width, height, size, max_pixels, what="The image")
-            with admit(width * height) if admit is not None else contextlib.nullcontext():
-                img.load()
-                rgb = to_rgb(img)
-                img.close()  # the decoded source is no longer needed while ``finish`` runs
-                return finish(rgb) if finish is not None else rgb
-    except (QueryImageError, ServiceBusyError):
-        raise
-    except ImageTooLargeError as refused:
-        raise QueryImageError(413, f"{refused} (this service's --max-pixels)") from None
-    except UnidentifiedImageError as error:
-        raise QueryImageError(
-            415, "The upload is not an image this service can read (JPEG, PNG, WebP, GIF, BMP, TIFF ...)."
-        ) from error
-    except Image.DecompressionBombError as error:
-        raise QueryImageError(413, f"The image is too large to decode safely ({error}); send a smaller one.") from error
-    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError ... on truncated or corrupt data
-        raise QueryImageError(
-            400, f"The image could not be decoded ({type(error).__name__}: {error}); it is truncated or corrupt."
-        ) from error
+    return decode_opened_image(open_query_image(data), max_pixels, size, admit, finish)

@@ -23,13 +23,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from PIL import Image
 
 from raml.data.image_limits import DEFAULT_MAX_PIXELS
 from raml.deploy.search import check_query_dim, warn_if_other_teacher
 from raml.deploy.service.adaptive_size import AdaptiveQuerySize
 from raml.deploy.service.admission import Slots
 from raml.deploy.service.batching import MicroBatcher
-from raml.deploy.service.decode import decode_query_image
+from raml.deploy.service.decode import decode_opened_image
 from raml.deploy.service.embedders import QueryEmbedder
 from raml.deploy.service.live_index import LiveIndex
 from raml.deploy.service.metrics import ServiceMetrics
@@ -250,11 +251,11 @@ class SearchService:
             )
         return requested
 
-    def prepare(self, data: bytes, size: int | None) -> torch.Tensor:
-        """Decode an upload (within ``max_pixels``, before and after the resize) and transform it to
-        ``(3, size, size)``, holding its pixels (read from the header) in the :attr:`decode_pixels` budget; the
-        caller holds a :attr:`decodes` slot. ``size`` None (a latency target, no size pinned): at the size in use
-        now (:attr:`AdaptiveQuerySize.current`).
+    def prepare(self, image: Image.Image, size: int | None) -> torch.Tensor:
+        """Decode an upload opened by :func:`~raml.deploy.service.decode.open_query_image` (within ``max_pixels``,
+        before and after the resize) and transform it to ``(3, size, size)``, holding its pixels (read from the
+        header) in the :attr:`decode_pixels` budget; the caller holds a :attr:`decodes` slot. ``size`` None (a
+        latency target, no size pinned): at the size in use now (:attr:`AdaptiveQuerySize.current`).
 
         Raises:
             QueryImageError: With the HTTP status to answer (see :mod:`raml.deploy.service.decode`).
@@ -262,10 +263,11 @@ class SearchService:
         """
         if size is None:
             if self.adaptive is None:
+                image.close()
                 raise ValueError("A query without a size needs a latency target; give its size.")
             size = self.adaptive.current
-        return decode_query_image(
-            data, self.limits.max_pixels, size, admit=self.decode_pixels.take, finish=self.transforms[size]
+        return decode_opened_image(
+            image, self.limits.max_pixels, size, admit=self.decode_pixels.take, finish=self.transforms[size]
         )
 
     def submit(self, image: torch.Tensor, size: int | None, k: int) -> Future:
