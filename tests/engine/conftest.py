@@ -286,10 +286,6 @@ class TrainingSetup:
         values.update(changes)
         return self.config(directory, **values)
 
-    def with_arch(self, arch: str) -> TrainingSetup:
-        """The same dataset and sizes with another backbone."""
-        return replace(self, arch=arch)
-
 
 def _training_data(folder: Path) -> None:
     from raml.data.synth import generate_synthetic_dataset
@@ -317,7 +313,7 @@ def teacher_path(training: TrainingSetup, build_once) -> Path:
 @pytest.fixture(scope="session")
 def machinery(training: TrainingSetup) -> TrainingSetup:
     """:class:`TrainingSetup` on the same dataset with the machinery tests' backbone (``MACHINERY_ARCH``)."""
-    return training.with_arch(MACHINERY_ARCH)
+    return replace(training, arch=MACHINERY_ARCH)
 
 
 @pytest.fixture(scope="session")
