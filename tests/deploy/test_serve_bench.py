@@ -95,6 +95,15 @@ def test_bench_serve_open_loop_curve_goals_and_plot_with_a_client_that_was_not_t
     assert goals["at_2x"]["saturation_batch_service_ms"] == best["server_embed_p50_ms"]
     assert goals["at_2x"]["client_cpu_cores"] == at2x["client_cpu_cores"] > 0
     assert f"the client processes used {at2x['client_cpu_cores']:.2f} of the machine's" in table
+    # where the cores went in each row: the server's event loop, its other threads, the whole machine (/proc)
+    for row in result["runs"] + result["open_loop"]:
+        loop, other, busy = row["server_loop_cores"], row["server_other_cores"], row["machine_busy_cores"]
+        assert 0 < loop <= busy + 0.05 and 0 < other <= busy + 0.05
+        assert busy <= result["machine"]["cores"] + 0.05
+    for key in ("server_loop_cores", "server_other_cores", "machine_busy_cores"):
+        assert goals["at_2x"][key] == at2x[key]
+    assert f"the machine was {at2x['machine_busy_cores']:.2f} cores busy" in table
+    assert "loop c" in table and "busy c" in table
     assert "at_80pct" not in goals
     for row in result["open_loop"]:  # the server's own count of the 503s in the window, by reason
         assert row["shed_by_reason"] is not None  # the probe got through

@@ -15,7 +15,8 @@ Each row runs ``duration_s`` seconds after a ``warmup_s`` warm-up and gives quer
 p50/p95/p99 latency, errors (failed connections, statuses other than 200 and 503), 503s (and whether each
 carried ``Retry-After``), the mean number of queries per forward pass (from the answers' ``batch_size``: ``n /
 sum(1 / batch_size)``), the server's own
-``timings_ms.total`` p99, the client's lag p99 and whether the client, not the server, limited the row. The
+``timings_ms.total`` p99, the client's lag p99, the cores used by the server's event loop, by its other threads and
+by the whole machine (:mod:`raml.bench.cpu`), and whether the client, not the server, limited the row. The
 report adds the batched / unbatched ratio per concurrency and issue 20's goals as measured in the run. The
 networks have random weights: throughput does not depend on them.
 """
@@ -39,6 +40,7 @@ from typing import Any
 
 import torch
 
+from raml.bench.cpu import cpu_shares, cpu_snapshot
 from raml.bench.loadgen import ClientPool, run_load, summarise
 from raml.deploy.service.connections import resolve_http, resolve_loop
 from raml.deploy.service.embedders import available_cores, serving_threads
@@ -193,10 +195,16 @@ def _measure(
         timeout_s=settings.timeout_s,
         seed=settings.seed,
         pool=pool,
-        probe=lambda: _scrape_shed(server.url),
+        probe=lambda: (_scrape_shed(server.url), cpu_snapshot(server.process.pid)),
     )
     row = summarise(result)
-    before, after = result.probes
+    (before, cpu_before), (after, cpu_after) = result.probes
+    # the server's CPU in the window: its event loop (the main thread) and its other threads (the batch worker,
+    # torch), and the whole machine's (server, clients and kernel), in cores
+    shares = cpu_shares(cpu_before, cpu_after)
+    row["server_loop_cores"] = shares["main_cores"]
+    row["server_other_cores"] = shares["other_cores"]
+    row["machine_busy_cores"] = shares["machine_busy_cores"]
     # the server's own account of the 503s sent in the window, by the limit reached (queue_wait: the predicted or
     # actual wait for a batch over --max-queue-wait-ms)
     row["shed_by_reason"] = (
@@ -262,6 +270,10 @@ def _goals(runs: list[dict], open_rows: list[dict], settings: ServeBenchSettings
             # shared by server and clients, how much slower the server's own work ran at this rate
             "saturation_batch_service_ms": best["server_embed_p50_ms"] if best is not None else None,
             "client_cpu_cores": at2x.get("client_cpu_cores"),
+            # where the machine's cores went at 2x: a loop under a core on a busy machine waits for a core
+            "server_loop_cores": at2x.get("server_loop_cores"),
+            "server_other_cores": at2x.get("server_other_cores"),
+            "machine_busy_cores": at2x.get("machine_busy_cores"),
         }
         goals["at_2x"]["met"] = bool(
             at2x["rejected_503"] > 0
@@ -343,6 +355,13 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def _cpu_columns(row: dict[str, Any]) -> str:
+    """The row's cores: the server's event loop, its other threads, the machine (``-`` where not measured)."""
+    return " ".join(
+        f"{_number(row.get(key), 2):>6}" for key in ("server_loop_cores", "server_other_cores", "machine_busy_cores")
+    )
+
+
 def format_serve_report(result: dict[str, Any]) -> str:
     """Plain-text tables: closed-loop rows per (mode, concurrency), the open-loop curve, the ratios and goals."""
     s = result["settings"]
@@ -360,14 +379,15 @@ def format_serve_report(result: dict[str, Any]) -> str:
         "",
         "closed loop (each client sends its next query when the last one is answered):",
         f"{'mode':<10} {'max_batch':>9} {'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'lag p99':>8} {'limit':>6}",
+        f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'lag p99':>8} {'loop c':>6} {'wrk c':>6} "
+        f"{'busy c':>6} {'limit':>6}",
     ]
     for r in result["runs"]:
         lines.append(
             f"{r['mode']:<10} {r['max_batch']:>9} {r['concurrency']:>7} {_number(r['queries_per_s']):>8} "
             f"{_number(r['p50_ms']):>8} {_number(r['p95_ms']):>8} {_number(r['p99_ms']):>8} {r['errors']:>6} "
             f"{r['rejected_503']:>5} {_number(r['mean_batch']):>6} {_number(r['server_total_p99_ms']):>8} "
-            f"{_number(r['client_lag_p99_ms']):>8} {'client' if r['client_limited'] else 'server':>6}"
+            f"{_number(r['client_lag_p99_ms']):>8} {_cpu_columns(r)} {'client' if r['client_limited'] else 'server':>6}"
         )
     if result["open_loop"]:
         lines += [
@@ -375,7 +395,7 @@ def format_serve_report(result: dict[str, Any]) -> str:
             "open loop (Poisson arrivals at the offered rate; latency from the intended send time):",
             f"{'offered/s':>9} {'x sat':>5} {'mode':<10} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
             f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'read p99':>8} {'dec p99':>8} {'que p99':>8} "
-            f"{'emb p50':>8} {'rest p99':>8} {'lag p99':>8} {'limit':>6}",
+            f"{'emb p50':>8} {'rest p99':>8} {'lag p99':>8} {'loop c':>6} {'wrk c':>6} {'busy c':>6} {'limit':>6}",
         ]
         for r in result["open_loop"]:
             lines.append(
@@ -385,8 +405,14 @@ def format_serve_report(result: dict[str, Any]) -> str:
                 f"{_number(r['server_total_p99_ms']):>8} {_number(r.get('server_read_p99_ms')):>8} "
                 f"{_number(r.get('server_decode_p99_ms')):>8} {_number(r.get('server_queue_p99_ms')):>8} "
                 f"{_number(r['server_embed_p50_ms']):>8} {_number(r.get('server_rest_p99_ms')):>8} "
-                f"{_number(r['client_lag_p99_ms']):>8} {'client' if r['client_limited'] else 'server':>6}"
+                f"{_number(r['client_lag_p99_ms']):>8} {_cpu_columns(r)} "
+                f"{'client' if r['client_limited'] else 'server':>6}"
             )
+    lines += [
+        "",
+        "cores used in each row's window: loop c by the server's event loop, wrk c by its other threads (the batch "
+        f"worker, torch), busy c by the whole machine ({result['machine']['cores']} cores: server, clients, kernel)",
+    ]
     ratios = ", ".join(f"{c} clients {_number(v, 2)}x" for c, v in result["speedup_batched_over_unbatched"].items())
     lines += ["", f"batched / unbatched throughput: {ratios}"]
     goals = result["goals"]
@@ -416,6 +442,12 @@ def format_serve_report(result: dict[str, Any]) -> str:
                 f"  at 2x a batch's forward pass took {_number(g['batch_service_ms'])} ms (median) against "
                 f"{_number(g['saturation_batch_service_ms'])} ms at saturation, and the client processes used "
                 f"{g['client_cpu_cores']:.2f} of the machine's {result['machine']['cores']} cores"
+                + (
+                    f"; the machine was {g['machine_busy_cores']:.2f} cores busy, the server's event loop "
+                    f"{g['server_loop_cores']:.2f} and its other threads {g['server_other_cores']:.2f}"
+                    if g.get("machine_busy_cores") is not None
+                    else ""
+                )
             )
     limited = [r for r in result["runs"] + result["open_loop"] if r["client_limited"]]
     for r in limited:
