@@ -4,7 +4,8 @@ The pure pieces (:func:`predicted_wait_s`, :func:`should_shed`, :class:`BatchCos
 implementations written here (a simulation of the worker's FIFO, ``numpy.polyfit``); the batcher against a
 worker held at a known point; the service end to end on loopback, where an overload must be shed with 503 +
 ``Retry-After`` and every answered query must have waited no longer than the bound the server computed from its
-own measured batch times.
+own measured batch times. With ``--defer-early-arrivals`` (the end of this file) the batcher refuses an early
+arrival that later ones replace, checked with the worker held in a known batch.
 """
 
 from __future__ import annotations
@@ -476,3 +477,111 @@ def test_a_request_shed_for_its_wait_leaves_the_clients_keep_alive_connection_us
             thread.join(timeout=4 * WAIT_S)
     assert len(outcomes) == 72 and set(outcomes) <= {200, 503}, sorted(map(str, outcomes))
     assert 503 in outcomes and service.batcher.shed_predicted > 0
+
+
+# ------------------------------------------------------------ later arrivals first (--defer-early-arrivals)
+
+
+def _held_batcher(arrivals_per_period: int, overloaded: bool = True, **kwargs) -> tuple[MicroBatcher, HeldEmbed]:
+    """A batcher of 4 whose worker is held in a batch of one (predicted 1 s), after 8 periods in which
+    ``arrivals_per_period`` queries each came spread over the last second of the batch in progress (and, where
+    ``overloaded``, one more was refused on its predicted wait)."""
+    embed = HeldEmbed()
+    kwargs.setdefault("defer_early_arrivals", True)
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=4, max_wait_s=0.0, queue_size=100, **kwargs)
+    for _ in range(3):
+        batcher.cost.observe(1, 1.0)
+        batcher.cost.observe(4, 4.0)  # t(n) = n s
+    for _ in range(8):
+        for i in range(arrivals_per_period):
+            batcher.arrivals.record((i + 0.5) / arrivals_per_period)
+        if overloaded:
+            batcher.arrivals.record_refused()
+        batcher.arrivals.next_period()
+    batcher.start()
+    batcher.submit(torch.zeros(3, 4, 4), 4, 1)
+    assert embed.entered.wait(WAIT_S)
+    return batcher, embed
+
+
+def test_an_early_arrival_is_deferred_when_later_arrivals_fill_the_next_batch():
+    batcher, embed = _held_batcher(40)  # ~40 queries still to come in the batch's last second, 4 places free
+    try:
+        with pytest.raises(QueueWaitError, match="fill its 4 free places") as refused:
+            batcher.check_admission()
+        assert refused.value.flag == "--max-queue-wait-ms" and not refused.value.expired and refused.value.deferred
+        assert batcher.shed_deferred == 1 and batcher.shed_predicted == 0
+        batcher.check_admission(arrival=False)  # submit()'s own check, after decoding, never defers
+        assert batcher.shed_deferred == 1
+    finally:
+        embed.release.set()
+        batcher.stop()
+
+
+def test_no_deferral_in_arrival_order_or_when_too_few_arrive_later():
+    fifo, embed = _held_batcher(40, defer_early_arrivals=False)
+    try:
+        fifo.check_admission()  # admitted: arrival order (the default, without --defer-early-arrivals)
+        assert fifo.shed_deferred == 0
+    finally:
+        embed.release.set()
+        fifo.stop()
+    calm, embed = _held_batcher(40, overloaded=False)  # many arrivals, but none refused on its wait: e.g. a
+    try:  # closed loop of clients that resend at once, whose resends would otherwise defer ever more of them
+        calm.check_admission()
+        assert calm.shed_deferred == 0
+    finally:
+        embed.release.set()
+        calm.stop()
+    sparse, embed = _held_batcher(3)  # 3 later arrivals cannot surely fill 4 places
+    try:
+        sparse.check_admission()
+        assert sparse.shed_deferred == 0
+    finally:
+        embed.release.set()
+        sparse.stop()
+    idle = MicroBatcher(HeldEmbed(), OneRowIndex, max_batch=4, defer_early_arrivals=True)
+    idle.cost.observe(4, 4.0)
+    for _ in range(8):
+        for i in range(40):
+            idle.arrivals.record(i / 40)
+        idle.arrivals.next_period()
+    idle.check_admission()  # no batch in progress: nothing is still to come "before it ends"
+    assert idle.shed_deferred == 0
+
+
+def test_each_batch_the_worker_starts_ends_a_period_and_a_pinned_size_service_never_defers():
+    embed = HeldEmbed()
+    embed.release.set()
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=4, max_wait_s=0.0)
+    batcher.start()
+    try:
+        for n in range(1, 4):
+            batcher.submit(torch.zeros(3, 4, 4), 4, 1).result(timeout=WAIT_S)
+            assert batcher.arrivals.periods_seen == n
+    finally:
+        batcher.stop()
+
+    class Sizer:  # the latency target's sizer steps the size down instead (see adaptive_size)
+        current = 4
+
+    assert not MicroBatcher(embed, OneRowIndex, defer_early_arrivals=True, sizer=Sizer()).defer_early_arrivals  # type: ignore[arg-type]
+    assert not MicroBatcher(embed, OneRowIndex).defer_early_arrivals  # off by default
+
+
+def test_a_query_behind_a_full_batch_counts_the_next_periods_arrivals_too():
+    # 6 arrivals a period, 4 places: for the next batch 6 - 2 sqrt(6) = 1.1 < 4 later arrivals (admitted); behind
+    # a full batch queued, its batch starts a period later: 12 - 2 sqrt(12) = 5.1 >= 4 (deferred)
+    batcher, embed = _held_batcher(6, max_queue_wait_s=100.0)  # a bound that admits a full batch ahead
+    try:
+        batcher.check_admission()
+        assert batcher.shed_deferred == 0
+        for _ in range(4):
+            batcher.submit(torch.zeros(3, 4, 4), 4, 1)
+        assert batcher.depth == 4
+        with pytest.raises(QueueWaitError, match="fill its 4 free places"):
+            batcher.check_admission()
+        assert batcher.shed_deferred == 1
+    finally:
+        embed.release.set()
+        batcher.stop()

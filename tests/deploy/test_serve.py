@@ -438,7 +438,11 @@ def test_metrics_match_an_explicit_count():
     metrics.record_query(32, 0.02)
     for flag in ("--queue-size", "--max-decodes", "--max-decodes", "--max-decode-pixels"):
         metrics.record_shed(flag)
+    metrics.record_shed("--max-queue-wait-ms", deferred=True)  # later arrivals fill its batch
+    metrics.record_shed("--max-queue-wait-ms", expired=True)
     text = metrics.render()
+    assert metric(text, 'raml_shed_total{reason="queue_wait_deferred"}') == 1
+    assert metric(text, 'raml_shed_total{reason="queue_wait_expired"}') == 1
     for bound in (1, 2, 4, 8, 16, 32, 64):
         assert metric(text, f'raml_batch_size_bucket{{le="{float(bound)}"}}') == sum(1 for v in sizes if v <= bound)
     assert metric(text, 'raml_batch_size_bucket{le="+Inf"}') == 4 and metric(text, "raml_batch_size_sum") == 47
@@ -476,6 +480,10 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     assert not service.batcher.count_front_end  # the front end's time is off the queue-wait bound by default
     counted = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--queue-wait-counts-front-end"]))
     assert counted.limits.queue_wait_counts_front_end and counted.batcher.count_front_end
+    # arrival order by default; --defer-early-arrivals lets later arrivals take an early one's place when overloaded
+    assert not service.batcher.defer_early_arrivals and not service.limits.defer_early_arrivals
+    deferring = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--defer-early-arrivals"]))
+    assert deferring.limits.defer_early_arrivals and deferring.batcher.defer_early_arrivals
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--onnx", "x.onnx"])  # one query network
     not_an_index = ["serve", "--index", str(world["base"]), "--network-path", str(world["nets"]["student"])]

@@ -133,6 +133,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "refuses more at moderate load on a busy host (default off)",
     )
     group.add_argument(
+        "--defer-early-arrivals",
+        action="store_true",
+        help="past saturation, refuse a query (503, before decoding) when the queries arriving later in the batch "
+        "period will fill its batch anyway, so that a batch holds the queries that wait least: a lower median "
+        "latency under overload (a fixed query size only; default off: arrival order)",
+    )
+    group.add_argument(
         "--max-bytes",
         type=positive_int,
         default=defaults.max_bytes,
@@ -283,6 +290,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         body_timeout_s=args.body_timeout,
         max_connections=args.max_connections,
         queue_wait_counts_front_end=args.queue_wait_counts_front_end,
+        defer_early_arrivals=args.defer_early_arrivals,
     )
     if args.onnx is not None:
         embedder = OnnxQueryEmbedder(args.onnx, args.image_size)

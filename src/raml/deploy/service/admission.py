@@ -105,11 +105,13 @@ class Slots:
 class QueueWaitError(ServiceBusyError):
     """A query would wait (or has waited) longer than the queue-wait bound for its batch to start (HTTP 503)."""
 
-    def __init__(self, message: str, expired: bool = False) -> None:
+    def __init__(self, message: str, expired: bool = False, deferred: bool = False) -> None:
         super().__init__(message, QUEUE_WAIT_FLAG)
         #: False: refused on its predicted wait, before decoding; True: admitted, then its actual wait when its batch
         #: started was over the bound (it was decoded for nothing): the metrics count the two apart
         self.expired = expired
+        #: refused before decoding because later arrivals fill its batch (:mod:`raml.deploy.service.arrival_profile`)
+        self.deferred = deferred
 
 
 class BatchCostModel:

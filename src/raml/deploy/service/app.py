@@ -207,7 +207,8 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
             return answer("search", error(refused.status, str(refused), headers), started)
         except (QueueFullError, ServiceBusyError) as busy:
             expired = isinstance(busy, QueueWaitError) and busy.expired
-            metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size", expired)
+            deferred = isinstance(busy, QueueWaitError) and busy.deferred
+            metrics.record_shed(busy.flag if isinstance(busy, ServiceBusyError) else "--queue-size", expired, deferred)
             headers = {"Retry-After": str(RETRY_AFTER_S)}
             if not body_read:
                 headers["Connection"] = "close"

@@ -11,7 +11,8 @@ Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_c
   (``queue`` = ``--queue-size``, ``uploads`` = ``--max-uploads``, ``decodes`` = ``--max-decodes``,
   ``decode_pixels`` = ``--max-decode-pixels``, ``queue_wait`` = a query's wait for its batch predicted over
   ``--max-queue-wait-ms``, refused before decoding; ``queue_wait_expired`` = admitted on the prediction, then found
-  over the bound when its batch started);
+  over the bound when its batch started; ``queue_wait_deferred`` = refused before decoding past saturation because
+  the queries arriving later fill its batch, see :mod:`raml.deploy.service.arrival_profile`);
 - ``raml_batch_size`` histogram: queries embedded together per forward pass;
 - gauges given by the service, read at scrape time: ``raml_queue_depth``, ``raml_uploads_in_flight``,
   ``raml_decodes_in_flight``, ``raml_decode_pixels_in_flight``, ``raml_index_generation``, ``raml_index_size``;
@@ -91,11 +92,13 @@ class ServiceMetrics:
         self._queries.labels(size=str(int(size))).inc()
         self._queue.observe(queue_seconds)
 
-    def record_shed(self, flag: str, expired: bool = False) -> None:
+    def record_shed(self, flag: str, expired: bool = False, deferred: bool = False) -> None:
         """Count one request refused with 503 because the limit set by ``flag`` was reached (``expired``: a query
-        refused when its batch started, after it was decoded, rather than on its predicted wait)."""
+        refused when its batch started, after it was decoded, rather than on its predicted wait; ``deferred``: refused
+        before decoding because later arrivals fill its batch)."""
         reason = SHED_REASONS.get(flag, flag.lstrip("-") or "other")
-        self._shed.labels(reason=f"{reason}_expired" if expired else reason).inc()
+        suffix = "_expired" if expired else "_deferred" if deferred else ""
+        self._shed.labels(reason=reason + suffix).inc()
 
     def record_batch(self, size: int) -> None:
         """Count one forward pass over ``size`` queries."""

@@ -69,6 +69,8 @@ class ServiceLimits:
         max_connections: Most connections open at once; more get 503 and are closed.
         queue_wait_counts_front_end: Take the front end's measured p90 (receiving, decoding, writing the answer)
             off the default queue-wait bound (``MicroBatcher(count_front_end=...)``); off by default.
+        defer_early_arrivals: While overloaded, refuse a query when later arrivals fill its batch anyway
+            (``MicroBatcher(defer_early_arrivals=...)``; a fixed query size only); off by default.
     """
 
     max_batch: int = 32
@@ -86,6 +88,7 @@ class ServiceLimits:
     body_timeout_s: float = 30.0
     max_connections: int = 256
     queue_wait_counts_front_end: bool = False
+    defer_early_arrivals: bool = False
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "body_timeout_s"):
@@ -196,6 +199,7 @@ class SearchService:
             max_queue_wait_s=self._queue_wait_bound_s(),
             sizer=self.adaptive,
             count_front_end=self.limits.queue_wait_counts_front_end,
+            defer_early_arrivals=self.limits.defer_early_arrivals,
         )
         self._arriving = 0  # requests between the end of their body and the submission of their query
         self._arriving_lock = threading.Lock()
