@@ -585,3 +585,38 @@ def test_a_query_behind_a_full_batch_counts_the_next_periods_arrivals_too():
     finally:
         embed.release.set()
         batcher.stop()
+
+
+def test_a_query_is_held_to_the_bound_it_was_admitted_under_when_its_batch_grew():
+    """The bound counts the query's own batch: admitted while batches held one query (bound = window + 2 full - a
+    batch of 1), a query is not refused because its batch, when it starts, holds four (whose bound is smaller); a
+    query admitted under the smaller bound is."""
+    embed = HeldEmbed()
+    embed.release.set()
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=4, max_wait_s=0.0, queue_size=100)
+    batcher.start()
+    try:
+        for _ in range(3):  # batches of one query: the recent batch size is 1
+            batcher.submit(torch.zeros(3, 4, 4), 4, 1).result(timeout=WAIT_S)
+        batcher.cost = BatchCostModel()
+        for _ in range(3):
+            batcher.cost.observe(1, 0.1)
+            batcher.cost.observe(4, 0.4)  # t(n) = 0.1 n s: full batch 0.4 s
+        embed.release.clear()
+        embed.entered.clear()
+        held = batcher.submit(torch.zeros(3, 4, 4), 4, 1)
+        assert embed.entered.wait(WAIT_S)  # the worker holds a batch of one
+        # admitted with 0, 1, 2, 3 ahead: own batch of 1, 2, 3, 4 queries, bound 0.7, 0.6, 0.5, 0.4 s
+        queued = [batcher.submit(torch.zeros(3, 4, 4), 4, 1) for _ in range(4)]
+        time.sleep(0.45)  # all four wait past 0.4 s, the bound for their batch of four
+        embed.release.set()
+        held.result(timeout=WAIT_S)
+        answered = [future.result(timeout=WAIT_S) for future in queued[:3]]
+        assert [round(r.wait_bound_s, 3) for r in answered] == [0.7, 0.6, 0.5]
+        assert all(0.45 <= r.queue_s <= r.wait_bound_s and r.batch_size == 3 for r in answered)
+        with pytest.raises(QueueWaitError, match="over the bound of 400 ms"):
+            queued[3].result(timeout=WAIT_S)
+        assert batcher.shed_expired == 1
+    finally:
+        embed.release.set()
+        batcher.stop()

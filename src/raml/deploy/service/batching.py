@@ -11,7 +11,10 @@ batch of the recent size, so at least the window plus one full batch, and at lea
 query is admitted unless a whole batch's worth of queries already waits ahead of it, so its batch is done within
 the window plus two batch service times). A query that, against the prediction, has
 waited longer than the bound when its batch starts gets the same error instead of a late answer, so no query that
-is answered waited longer than the bound in force when its batch started (:attr:`QueryResult.wait_bound_s`).
+is answered waited longer than the bound in force for it when its batch started (:attr:`QueryResult.wait_bound_s`):
+the bound for a batch of that batch's size, or, without a sizer, the bound the query was admitted under where that
+was looser (a batch larger than the recent ones shrinks the bound; a query admitted at moderate load is not refused
+for that after it waited).
 
 The bound counts from the query's submission, after its image was decoded, not from the end of its upload: counting
 the decoding too was tried (issue 20) and, under closed-loop clients that resend at once after a 503, made the
@@ -93,8 +96,9 @@ class QueryResult:
         queue_s: Seconds between submission and the start of its batch.
         embed_s: Seconds of its batch's forward pass.
         search_s: Seconds of its search.
-        wait_bound_s: The queue-wait bound in force when its batch started (``queue_s`` is within it), or None
-            while no batch had been measured yet.
+        wait_bound_s: The queue-wait bound in force for it when its batch started (``queue_s`` is within it): the
+            bound for a batch of its size, or the one it was admitted under where that was looser; None while no
+            batch had been measured yet.
         size: The query size it was embedded at.
         finished: ``time.perf_counter()`` when its answer was ready (the front end measures its own delay from it).
     """
@@ -134,6 +138,8 @@ class _Query:
     size: int
     k: int
     submitted: float
+    admitted_bound: float | None = None  # the bound it was admitted under (at submission)
+    bound: float | None = None  # the bound in force for it when its batch started
     future: Future = field(default_factory=Future)
 
 
@@ -296,7 +302,7 @@ class MicroBatcher:
         """Whether the worker thread is alive."""
         return self._thread is not None and self._thread.is_alive()
 
-    def check_admission(self, step_down: bool = False, arrival: bool = True) -> None:
+    def check_admission(self, step_down: bool = False, arrival: bool = True) -> float | None:
         """Refuse a query now if its predicted wait for its batch exceeds the bound (the HTTP layer calls this
         before decoding a request's image, so that a request to be shed costs no decode; :meth:`submit` calls it
         again, with ``arrival`` False).
@@ -306,6 +312,9 @@ class MicroBatcher:
                 refusing, step down to the largest smaller size whose bound admits the wait, and admit it there.
             arrival: The query's first check: it counts as an arrival, and with ``defer_early_arrivals`` it is
                 refused when later arrivals will fill the next batch.
+
+        Returns:
+            The bound the query was admitted under (None: no bound yet).
 
         Raises:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`, or the query is deferred.
@@ -317,7 +326,7 @@ class MicroBatcher:
         # its own batch: at least those ahead of it in that batch and itself, else as large as batches are now
         bound, full = self._bound_s(max(self._recent_batch(), depth % self.max_batch + 1)), self._full_batch_s()
         if bound is None or full is None:
-            return
+            return None
         predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
         if should_shed(predicted, bound, depth, remaining) and not (
             step_down and self._admitted_smaller(predicted, depth, remaining)
@@ -343,6 +352,7 @@ class MicroBatcher:
                     f"fill its {free} free places and wait less than this one would; try again shortly.",
                     deferred=True,
                 )
+        return bound
 
     def _admitted_smaller(self, predicted_s: float, depth: int, remaining_s: float) -> bool:
         """With a sizer and the derived bound: whether a smaller size's bound admits a wait of ``predicted_s`` (the
@@ -373,8 +383,8 @@ class MicroBatcher:
             raise ValueError(f"Submit a (3, {size}, {size}) query tensor with its size {size}, got {shape!r}.")
         if not self.running:
             raise RuntimeError("The batching worker is not running; start() it first.")
-        self.check_admission(arrival=False)
-        query = _Query(image, int(size), int(k), time.perf_counter())
+        admitted_bound = self.check_admission(arrival=False)
+        query = _Query(image, int(size), int(k), time.perf_counter(), admitted_bound)
         try:
             self._queue.put_nowait(query)
         except queue.Full:
@@ -438,12 +448,20 @@ class MicroBatcher:
             self._sizer.choose(started - batch[0].submitted, self._queue.qsize())
         bound = self._bound_s(len(batch))
         if bound is not None:  # a query that waited past the bound gets 503 rather than a late answer
-            late = [query for query in batch if started - query.submitted > bound]
+            for query in batch:
+                # the bound now, for a batch of this size, or the one it was admitted under if that was looser: a
+                # batch larger than the recent ones shrinks the bound, and a query admitted at moderate load is not
+                # refused for that after it waited (it is answered within the promise plus its batch's growth). Not
+                # with a sizer: there a falling bound is a step down, and the backlog must go
+                admitted = query.admitted_bound if self._sizer is None else None
+                query.bound = bound if admitted is None else max(bound, admitted)
+            late = [query for query in batch if started - query.submitted > query.bound]
             for query in late:
                 query.future.set_exception(
                     QueueWaitError(
                         f"The service is busy: the query waited {1000 * (started - query.submitted):.0f} ms for its "
-                        f"batch, over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms); try again shortly.",
+                        f"batch, over the bound of {1000 * query.bound:.0f} ms (--max-queue-wait-ms); try again "
+                        "shortly.",
                         expired=True,
                     )
                 )
@@ -456,13 +474,13 @@ class MicroBatcher:
         self.arrivals.next_period()
         self._busy = (started, self._predict_batch_s(batch))
         try:
-            self._serve(batch, started, bound)
+            self._serve(batch, started)
         finally:
             self._busy = None
             self.cost.observe(len(batch), time.perf_counter() - started)
             self._mean_batch = ewma(self._mean_batch, float(len(batch)), _BATCH_SIZE_ALPHA)
 
-    def _serve(self, batch: list[_Query], started: float, bound: float | None) -> None:
+    def _serve(self, batch: list[_Query], started: float) -> None:
         index = self._current_index()  # one index for the whole batch, even if a new generation is swapped in
         by_size: dict[int, list[_Query]] = defaultdict(list)
         for query in batch:
@@ -484,7 +502,7 @@ class MicroBatcher:
                         keep = row_ids >= 0
                         result = QueryResult(
                             row_ids[keep], row_scores[keep], index, len(group), started - group[row].submitted,
-                            embed_s, search_s, bound, size, time.perf_counter(),
+                            embed_s, search_s, group[row].bound, size, time.perf_counter(),
                         )  # fmt: skip
                         group[row].future.set_result(result)
                 if self._sizer is not None:
