@@ -78,11 +78,14 @@ def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, cap
             assert shares == {24: pytest.approx(1.0)}
         assert "client_limited" in row
         assert all(isinstance(n, int) and n > 0 for n in row["shed_by_reason"].values())
+        # where the cores went (raml.bench.cpu): the server's event loop, its other threads, the machine
+        assert 0 < row["server_loop_cores"] <= row["machine_busy_cores"] + 0.05
+        assert 0 < row["server_other_cores"] <= row["machine_busy_cores"] + 0.05
     target = result["settings"]["target_ms"]
     fixed_first = result["rows"][0]
     assert result["settings"]["target_derived"] and target == pytest.approx(2.0 * fixed_first["p99_ms"], abs=0.05)
     assert result["goals"]["target_ms"] == target and "met" in result["goals"]["at_2x"]
-    assert "served mAP" in table and "at 2x saturation" in table
+    assert "served mAP" in table and "at 2x saturation" in table and "loop c  wrk c busy c" in table
     assert png.stat().st_size > 10_000
     # --server-arg reaches both servers: --eager, so neither traced its network
     assert result["settings"]["server_args"] == ["--eager"]

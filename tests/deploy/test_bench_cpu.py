@@ -10,7 +10,15 @@ from pathlib import Path
 
 import pytest
 
-from raml.bench.cpu import CpuSnapshot, cpu_shares, cpu_snapshot, machine_seconds, thread_seconds
+from raml.bench.cpu import (
+    CpuSnapshot,
+    add_server_cores,
+    core_columns,
+    cpu_shares,
+    cpu_snapshot,
+    machine_seconds,
+    thread_seconds,
+)
 
 TICKS = float(os.sysconf("SC_CLK_TCK")) if hasattr(os, "sysconf") else 100.0
 
@@ -83,3 +91,15 @@ def test_a_busy_thread_counts_as_other_threads_and_a_sleeping_main_thread_does_n
     assert shares["main_cores"] < 0.1
     assert shares["main_cores"] + shares["other_cores"] <= shares["machine_busy_cores"] + 0.1
     assert shares["machine_cores"] == os.cpu_count()
+
+
+def test_a_rows_cores_and_their_columns():
+    before = CpuSnapshot(wall_s=0.0, main_s=0.0, other_s=0.0, machine_busy_s=0.0, machine_total_s=10.0, cores=2)
+    after = CpuSnapshot(wall_s=5.0, main_s=2.5, other_s=4.0, machine_busy_s=8.0, machine_total_s=20.0, cores=2)
+    row: dict = {}
+    add_server_cores(row, before, after)
+    assert row == pytest.approx({"server_loop_cores": 0.5, "server_other_cores": 0.8, "machine_busy_cores": 1.6})
+    assert core_columns(row) == "  0.50   0.80   1.60"
+    assert core_columns() == "loop c  wrk c busy c"
+    add_server_cores(row, None, after)  # not measured (no /proc): dashes, not zeros
+    assert core_columns(row) == "     -      -      -"

@@ -41,6 +41,7 @@ from typing import Any
 
 import torch
 
+from raml.bench.cpu import add_server_cores, core_columns, cpu_snapshot
 from raml.bench.loadgen import ClientPool, run_load, summarise
 from raml.utils import atomic_write_text, cpu_model
 
@@ -285,16 +286,19 @@ def _row(server: _ServeProcess, pool: ClientPool, bodies: list[bytes], s: Adapti
         processes=s.client_processes,
         timeout_s=s.timeout_s,
         seed=s.seed,
-        probe=lambda: _read_counters(server),
+        probe=lambda: (_read_counters(server), cpu_snapshot(server.process.pid)),
         pool=pool,
         **load,
     )
     row = summarise(result)
-    sizes = [None if probe is None else probe[0] for probe in result.probes]
+    counters = [probe[0] for probe in result.probes]
+    sizes = [None if counted is None else counted[0] for counted in counters]
     row["size_share"] = {str(size): share for size, share in size_shares(*sizes).items()}
-    row["size_share_read"] = all(probe is not None for probe in result.probes)
+    row["size_share_read"] = all(counted is not None for counted in counters)
     # the server's account of its 503s in the window, by the limit reached (queue_wait, uploads, decodes, ...)
-    row["shed_by_reason"] = counter_deltas(*[None if probe is None else probe[1] for probe in result.probes])
+    row["shed_by_reason"] = counter_deltas(*[None if counted is None else counted[1] for counted in counters])
+    # the cores of the window: the server's event loop, its other threads, the whole machine (raml.bench.cpu)
+    add_server_cores(row, *[probe[1] for probe in result.probes])
     return row
 
 
@@ -454,14 +458,14 @@ def format_adaptive_report(result: dict[str, Any]) -> str:
         "",
         f"{'server':<9} {'x sat':>5} {'offered':>8} {'q/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'503s':>5} "
         + " ".join(f"{f'{size}px':>6}" for size in sizes)
-        + f" {'mAP':>6} {'limit':>6}  503s by the server's reason",
+        + f" {'mAP':>6} {core_columns()} {'limit':>6}  503s by the server's reason",
     ]
     for r in result["rows"]:
         shares = " ".join(f"{r['size_share'].get(str(size), 0.0):>6.0%}" for size in sizes)
         lines.append(
             f"{r['server']:<9} {r['saturation_fraction']:>5.2f} {r['offered_per_s']:>8.1f} {r['queries_per_s']:>7.1f} "
             f"{_number(r['p50_ms']):>8} {_number(r['p99_ms']):>8} {r['errors']:>6} {r['rejected_503']:>5} {shares} "
-            f"{_number(r['served_mAP'], 2):>6} {'client' if r['client_limited'] else 'server':>6}  "
+            f"{_number(r['served_mAP'], 2):>6} {core_columns(r)} {'client' if r['client_limited'] else 'server':>6}  "
             + (", ".join(f"{reason} {n}" for reason, n in r.get("shed_by_reason", {}).items()) or "-")
         )
     goal = result["goals"].get("at_2x")

@@ -20,7 +20,16 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["CpuSnapshot", "cpu_shares", "cpu_snapshot", "machine_seconds", "thread_seconds"]
+__all__ = [
+    "CORE_COLUMNS",
+    "CpuSnapshot",
+    "add_server_cores",
+    "core_columns",
+    "cpu_shares",
+    "cpu_snapshot",
+    "machine_seconds",
+    "thread_seconds",
+]
 
 _PROC = Path("/proc")
 
@@ -106,3 +115,24 @@ def cpu_shares(before: CpuSnapshot | None, after: CpuSnapshot | None) -> dict[st
         "machine_busy_cores": after.cores * (after.machine_busy_s - before.machine_busy_s) / machine,
         "machine_cores": float(after.cores),
     }
+
+
+#: a serving benchmark row's cores (:func:`add_server_cores`) and their column headers
+CORE_COLUMNS = {"server_loop_cores": "loop c", "server_other_cores": "wrk c", "machine_busy_cores": "busy c"}
+
+
+def add_server_cores(row: dict, before: CpuSnapshot | None, after: CpuSnapshot | None) -> None:
+    """Put a serving benchmark row's window's cores in ``row``: ``server_loop_cores`` (the server's event loop, its
+    main thread), ``server_other_cores`` (its other threads: batch worker, torch) and ``machine_busy_cores``."""
+    shares = cpu_shares(before, after)
+    row["server_loop_cores"] = shares["main_cores"]
+    row["server_other_cores"] = shares["other_cores"]
+    row["machine_busy_cores"] = shares["machine_busy_cores"]
+
+
+def core_columns(row: dict | None = None) -> str:
+    """The three :data:`CORE_COLUMNS` of ``row`` for a plain-text table, 6 wide each (``-`` where not measured);
+    their headers without a row."""
+    if row is None:
+        return " ".join(f"{header:>6}" for header in CORE_COLUMNS.values())
+    return " ".join("     -" if row.get(key) is None else f"{row[key]:>6.2f}" for key in CORE_COLUMNS)

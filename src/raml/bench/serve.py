@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from raml.bench.cpu import cpu_shares, cpu_snapshot
+from raml.bench.cpu import add_server_cores, core_columns, cpu_snapshot
 from raml.bench.loadgen import ClientPool, run_load, summarise
 from raml.deploy.service.connections import resolve_http, resolve_loop
 from raml.deploy.service.embedders import available_cores, serving_threads
@@ -201,10 +201,7 @@ def _measure(
     (before, cpu_before), (after, cpu_after) = result.probes
     # the server's CPU in the window: its event loop (the main thread) and its other threads (the batch worker,
     # torch), and the whole machine's (server, clients and kernel), in cores
-    shares = cpu_shares(cpu_before, cpu_after)
-    row["server_loop_cores"] = shares["main_cores"]
-    row["server_other_cores"] = shares["other_cores"]
-    row["machine_busy_cores"] = shares["machine_busy_cores"]
+    add_server_cores(row, cpu_before, cpu_after)
     # the server's own account of the 503s sent in the window, by the limit reached (queue_wait: the predicted or
     # actual wait for a batch over --max-queue-wait-ms)
     row["shed_by_reason"] = (
@@ -355,13 +352,6 @@ def _number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def _cpu_columns(row: dict[str, Any]) -> str:
-    """The row's cores: the server's event loop, its other threads, the machine (``-`` where not measured)."""
-    return " ".join(
-        f"{_number(row.get(key), 2):>6}" for key in ("server_loop_cores", "server_other_cores", "machine_busy_cores")
-    )
-
-
 def format_serve_report(result: dict[str, Any]) -> str:
     """Plain-text tables: closed-loop rows per (mode, concurrency), the open-loop curve, the ratios and goals."""
     s = result["settings"]
@@ -379,15 +369,14 @@ def format_serve_report(result: dict[str, Any]) -> str:
         "",
         "closed loop (each client sends its next query when the last one is answered):",
         f"{'mode':<10} {'max_batch':>9} {'clients':>7} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
-        f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'lag p99':>8} {'loop c':>6} {'wrk c':>6} "
-        f"{'busy c':>6} {'limit':>6}",
+        f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'lag p99':>8} {core_columns()} {'limit':>6}",
     ]
     for r in result["runs"]:
         lines.append(
             f"{r['mode']:<10} {r['max_batch']:>9} {r['concurrency']:>7} {_number(r['queries_per_s']):>8} "
             f"{_number(r['p50_ms']):>8} {_number(r['p95_ms']):>8} {_number(r['p99_ms']):>8} {r['errors']:>6} "
             f"{r['rejected_503']:>5} {_number(r['mean_batch']):>6} {_number(r['server_total_p99_ms']):>8} "
-            f"{_number(r['client_lag_p99_ms']):>8} {_cpu_columns(r)} {'client' if r['client_limited'] else 'server':>6}"
+            f"{_number(r['client_lag_p99_ms']):>8} {core_columns(r)} {'client' if r['client_limited'] else 'server':>6}"
         )
     if result["open_loop"]:
         lines += [
@@ -395,7 +384,7 @@ def format_serve_report(result: dict[str, Any]) -> str:
             "open loop (Poisson arrivals at the offered rate; latency from the intended send time):",
             f"{'offered/s':>9} {'x sat':>5} {'mode':<10} {'q/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} "
             f"{'errors':>6} {'503s':>5} {'batch':>6} {'srv p99':>8} {'read p99':>8} {'dec p99':>8} {'que p99':>8} "
-            f"{'emb p50':>8} {'rest p99':>8} {'lag p99':>8} {'loop c':>6} {'wrk c':>6} {'busy c':>6} {'limit':>6}",
+            f"{'emb p50':>8} {'rest p99':>8} {'lag p99':>8} {core_columns()} {'limit':>6}",
         ]
         for r in result["open_loop"]:
             lines.append(
@@ -405,7 +394,7 @@ def format_serve_report(result: dict[str, Any]) -> str:
                 f"{_number(r['server_total_p99_ms']):>8} {_number(r.get('server_read_p99_ms')):>8} "
                 f"{_number(r.get('server_decode_p99_ms')):>8} {_number(r.get('server_queue_p99_ms')):>8} "
                 f"{_number(r['server_embed_p50_ms']):>8} {_number(r.get('server_rest_p99_ms')):>8} "
-                f"{_number(r['client_lag_p99_ms']):>8} {_cpu_columns(r)} "
+                f"{_number(r['client_lag_p99_ms']):>8} {core_columns(r)} "
                 f"{'client' if r['client_limited'] else 'server':>6}"
             )
     lines += [
