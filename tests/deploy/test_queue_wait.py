@@ -553,7 +553,7 @@ def test_no_deferral_in_arrival_order_or_when_too_few_arrive_later():
 def test_each_batch_the_worker_starts_ends_a_period_and_a_pinned_size_service_never_defers():
     embed = HeldEmbed()
     embed.release.set()
-    batcher = MicroBatcher(embed, OneRowIndex, max_batch=4, max_wait_s=0.0)
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=4, max_wait_s=0.0, defer_early_arrivals=True)
     batcher.start()
     try:
         for n in range(1, 4):
@@ -561,6 +561,13 @@ def test_each_batch_the_worker_starts_ends_a_period_and_a_pinned_size_service_ne
             assert batcher.arrivals.periods_seen == n
     finally:
         batcher.stop()
+    fifo = MicroBatcher(embed, OneRowIndex, max_batch=4, max_wait_s=0.0)  # arrival order: no profile kept
+    fifo.start()
+    try:
+        fifo.submit(torch.zeros(3, 4, 4), 4, 1).result(timeout=WAIT_S)
+        assert fifo.arrivals.periods_seen == 0
+    finally:
+        fifo.stop()
 
     class Sizer:  # the latency target's sizer steps the size down instead (see adaptive_size)
         current = 4

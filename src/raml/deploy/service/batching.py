@@ -333,7 +333,7 @@ class MicroBatcher:
         ):
             with self._shed_lock:
                 self.shed_predicted += 1
-            if arrival:
+            if arrival and self.defer_early_arrivals:
                 self.arrivals.record_refused()
             raise QueueWaitError(
                 f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
@@ -471,7 +471,8 @@ class MicroBatcher:
                 batch = [query for query in batch if not query.future.done()]
         if not batch:
             return
-        self.arrivals.next_period()
+        if self.defer_early_arrivals:  # the profile serves the deferral alone
+            self.arrivals.next_period()
         self._busy = (started, self._predict_batch_s(batch))
         try:
             self._serve(batch, started)
