@@ -72,17 +72,3 @@ def test_the_profile_is_the_mean_count_of_arrivals_later_in_the_period():
                 assert profile.expected_later(remaining, periods_ahead=2) == pytest.approx(plain + 2 * whole)
     with pytest.raises(ValueError, match="periods"):
         ArrivalProfile(periods=0)
-
-
-def test_overloaded_means_refusals_on_the_predicted_wait_in_half_the_recent_periods():
-    profile = ArrivalProfile(periods=4)
-    assert not profile.overloaded()
-    for refused in (True, False, True):
-        if refused:
-            profile.record_refused()
-        profile.next_period()
-        assert not profile.overloaded() or refused  # 1 of 1, then 1 of 2: not yet 2 (half of 4)
-    assert profile.overloaded()  # 2 of 3
-    for _ in range(3):
-        profile.next_period()
-    assert not profile.overloaded()  # the last 4: 1 with a refusal

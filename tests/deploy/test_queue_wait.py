@@ -424,6 +424,8 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
     assert front_end_s is not None and front_end_s > 0
     own_s = service.batcher.cost.predict(round(service.batcher._mean_batch))  # a batch of the recent size
     expected = window_s + 2 * full_batch_s - min(own_s, full_batch_s)
+    if service.batcher.overload.overloaded():  # after the burst: less the front end's p90 and two overruns' p90
+        expected -= front_end_s + 2 * (service.batcher.overrun.value or 0.0)
     assert service.batcher.queue_wait_bound_s == pytest.approx(max(expected, MIN_AUTO_QUEUE_WAIT_S))
     # the server's own reported queue wait of every 200 is within the largest bound it applied
     largest_ms = 1000 * max(r.wait_bound_s for r in bounded)
@@ -496,7 +498,8 @@ def _held_batcher(arrivals_per_period: int, overloaded: bool = True, **kwargs) -
         for i in range(arrivals_per_period):
             batcher.arrivals.record((i + 0.5) / arrivals_per_period)
         if overloaded:
-            batcher.arrivals.record_refused()
+            batcher.overload.record_refused()
+        batcher.overload.next_period()
         batcher.arrivals.next_period()
     batcher.start()
     batcher.submit(torch.zeros(3, 4, 4), 4, 1)
@@ -627,3 +630,136 @@ def test_a_query_is_held_to_the_bound_it_was_admitted_under_when_its_batch_grew(
     finally:
         embed.release.set()
         batcher.stop()
+
+
+# ------------------------------------------------------ the overload margin (raml.deploy.service.overload)
+
+
+def _margin_batcher(**kwargs) -> MicroBatcher:
+    """A batcher of 4 with t(n) = 0.1 n s (full batch 0.4 s, window 0: default bound 0.4 s), a front end whose p90
+    is 0.03 s and forward passes whose overrun p90 is 0.02 s."""
+    batcher = MicroBatcher(HeldEmbed(), OneRowIndex, max_batch=4, max_wait_s=0.0, **kwargs)
+    for _ in range(3):
+        batcher.cost.observe(1, 0.1)
+        batcher.cost.observe(4, 0.4)
+    for value in [0.01] * 15 + [0.03] * 2:  # p90 (nearest rank) of 17, recomputed at the 17th: the 16th, 0.03
+        batcher.front_end.add(value)
+    for value in [0.0] * 8 + [0.02]:  # of 9, recomputed at the 9th: the 9th
+        batcher.overrun.add(value)
+    assert (batcher.front_end.value, batcher.overrun.value) == (0.03, 0.02)
+    return batcher
+
+
+def _overload(batcher: MicroBatcher, periods: int = 8) -> None:
+    for _ in range(periods):
+        batcher.overload.record_refused()
+        batcher.overload.next_period()
+
+
+def test_while_overloaded_the_default_bound_loses_the_front_end_and_two_overruns():
+    batcher = _margin_batcher()
+    assert batcher.queue_wait_bound_s == pytest.approx(0.4) and batcher.overload_margin_s() == 0.0  # not overloaded
+    _overload(batcher)
+    assert batcher.overload_margin_s() == pytest.approx(0.03 + 2 * 0.02)
+    assert batcher.queue_wait_bound_s == pytest.approx(0.4 - 0.07)
+    for _ in range(8):  # periods without a refusal: no longer overloaded, the bound is back
+        batcher.overload.next_period()
+    assert batcher.queue_wait_bound_s == pytest.approx(0.4)
+
+    off = _margin_batcher(overload_margin=False)
+    _overload(off)
+    assert off.queue_wait_bound_s == pytest.approx(0.4) and off.overload_margin_s() == 0.0
+    counted = _margin_batcher(count_front_end=True)  # the front end is off the bound already: not taken twice
+    assert counted.queue_wait_bound_s == pytest.approx(0.4 - 0.03)
+    _overload(counted)
+    assert counted.queue_wait_bound_s == pytest.approx(0.4 - 0.03 - 2 * 0.02)
+    fixed = _margin_batcher(max_queue_wait_s=0.3)  # an operator's bound is kept as given
+    _overload(fixed)
+    assert fixed.queue_wait_bound_s == 0.3
+    floored = _margin_batcher()
+    for _ in range(16):
+        floored.front_end.add(5.0)
+    _overload(floored)
+    assert floored.queue_wait_bound_s == MIN_AUTO_QUEUE_WAIT_S
+
+
+def test_an_arrival_refused_on_its_predicted_wait_counts_for_the_gate_and_submits_second_check_does_not():
+    embed = HeldEmbed()
+    batcher = MicroBatcher(embed, OneRowIndex, max_batch=2, max_wait_s=0.0, queue_size=100, max_queue_wait_s=0.15)
+    for _ in range(3):
+        batcher.cost.observe(1, 0.1)
+        batcher.cost.observe(2, 0.2)
+    batcher.start()
+    try:
+        batcher.submit(torch.zeros(3, 4, 4), 4, 1)
+        assert embed.entered.wait(WAIT_S)
+        for _ in range(2):
+            batcher.submit(torch.zeros(3, 4, 4), 4, 1)  # two ahead now: the next arrival waits a full batch more
+        for _ in range(4):
+            with pytest.raises(QueueWaitError):
+                batcher.check_admission(arrival=False)  # submit()'s own check: not an arrival
+            batcher.overload.next_period()
+        assert not batcher.overload.overloaded()
+        for _ in range(4):
+            with pytest.raises(QueueWaitError):
+                batcher.check_admission()  # an arrival (the HTTP layer's check, before decoding)
+            batcher.overload.next_period()
+        assert batcher.overload.overloaded()
+    finally:
+        embed.release.set()
+        batcher.stop()
+
+
+def test_an_early_arrival_is_refused_while_overloaded_and_admitted_without_the_margin():
+    """The worker holds a batch of one predicted at 1 s (t(n) = n s, full batch 4 s): an arrival now waits ~1 s,
+    within the default bound of 4 s; with a front end's p90 of 3.5 s taken off while overloaded, it is not."""
+    for margin, refused in ((True, True), (False, False)):
+        batcher, embed = _held_batcher(0, overloaded=True, defer_early_arrivals=False, overload_margin=margin)
+        try:
+            for _ in range(10):
+                batcher.front_end.add(3.5)
+            if refused:
+                with pytest.raises(QueueWaitError, match="over the bound of 500 ms"):
+                    batcher.check_admission()
+                assert batcher.shed_predicted == 1
+            else:
+                assert batcher.check_admission() == pytest.approx(4.0)
+                assert batcher.shed_predicted == 0
+        finally:
+            embed.release.set()
+            batcher.stop()
+
+
+class SleepEmbed:
+    """An embedder that takes ``seconds`` per forward pass."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def __call__(self, images: torch.Tensor) -> np.ndarray:
+        time.sleep(self.seconds)
+        return np.eye(4, dtype=np.float32)[np.zeros(images.shape[0], dtype=int)]
+
+
+def _served(batcher: MicroBatcher, batches: int) -> MicroBatcher:
+    """``batches`` batches of one query served, the worker stopped (its bookkeeping after each batch done)."""
+    batcher.start()
+    try:
+        for _ in range(batches):
+            batcher.submit(torch.zeros(3, 4, 4), 4, 1).result(timeout=WAIT_S)
+    finally:
+        batcher.stop()
+    return batcher
+
+
+def test_each_batch_ends_a_gate_period_and_records_how_far_it_overran_its_prediction():
+    unpredicted = _served(MicroBatcher(SleepEmbed(0.0), OneRowIndex, max_batch=4, max_wait_s=0.0), 1)
+    assert unpredicted.overrun.value is None and unpredicted.overload.periods_seen == 1  # nothing predicted yet
+    slow = MicroBatcher(SleepEmbed(0.06), OneRowIndex, max_batch=4, max_wait_s=0.0)
+    slow.cost.observe(1, 0.01)  # predicted 10 ms (then a little more each batch); each takes >= 60 ms
+    _served(slow, 1)
+    assert 0.05 - 1e-6 <= slow.overrun.value < 1.0 and slow.overload.periods_seen == 1
+    fast = MicroBatcher(SleepEmbed(0.0), OneRowIndex, max_batch=4, max_wait_s=0.0)
+    fast.cost.observe(1, 5.0)  # predicted 5 s: faster than predicted is an overrun of 0
+    _served(fast, 3)
+    assert fast.overrun.value == 0.0 and fast.overload.periods_seen == 3

@@ -484,6 +484,10 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     assert not service.batcher.defer_early_arrivals and not service.limits.defer_early_arrivals
     deferring = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--defer-early-arrivals"]))
     assert deferring.limits.defer_early_arrivals and deferring.batcher.defer_early_arrivals
+    # past saturation the bound loses the measured tail by default; --no-overload-margin keeps it
+    assert service.limits.overload_margin and service.batcher.overload_margin
+    plain = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--no-overload-margin"]))
+    assert not plain.limits.overload_margin and not plain.batcher.overload_margin
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--onnx", "x.onnx"])  # one query network
     not_an_index = ["serve", "--index", str(world["base"]), "--network-path", str(world["nets"]["student"])]

@@ -140,6 +140,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "latency under overload (a fixed query size only; default off: arrival order)",
     )
     group.add_argument(
+        "--no-overload-margin",
+        dest="overload_margin",
+        action="store_false",
+        help="keep the default --max-queue-wait-ms when overloaded; by default, while arrivals are refused on their "
+        "predicted wait in half of the recent batch periods, the bound loses the front end's p90 and twice the "
+        "forward passes' overrun p90, so that the queries admitted past saturation are answered within the "
+        "promise (a fixed query size only)",
+    )
+    group.add_argument(
         "--max-bytes",
         type=positive_int,
         default=defaults.max_bytes,
@@ -291,6 +300,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         max_connections=args.max_connections,
         queue_wait_counts_front_end=args.queue_wait_counts_front_end,
         defer_early_arrivals=args.defer_early_arrivals,
+        overload_margin=args.overload_margin,
     )
     if args.onnx is not None:
         embedder = OnnxQueryEmbedder(args.onnx, args.image_size)

@@ -10,18 +10,18 @@ the later arrivals of the period are refused. At 2x saturation on the 2-core mac
 batching window plus two batch service times then leaves the front end nothing.
 
 Contract: :class:`ArrivalProfile` records, for each arrival while a batch is in progress, the time that batch had
-left (``record(remaining_s)``), and the arrivals refused on their predicted wait (``record_refused()``), per batch
-period (``next_period()`` when a batch starts); from the last ``periods`` periods, ``expected_later(remaining_s,
-periods_ahead)`` is the mean number of arrivals that came with less than ``remaining_s`` left, plus
-``periods_ahead`` whole periods' worth: how many queries are still to come before the batch in progress ends (and
-the full batches queued after it). :func:`later_arrivals_fill` says whether those will fill the ``free`` places of
-the query's batch even ``z`` standard deviations below their mean (Poisson: the standard deviation is the square
-root of the mean): then the query arriving now is refused (503, ``Retry-After``, before its image is decoded;
-``raml_shed_total{reason="queue_wait_deferred"}``) and a later one takes its place, so the batch is as full and
-its queries waited less. With fewer arrivals than places to come, nothing is refused that would not have been.
+left (``record(remaining_s)``), per batch period (``next_period()`` when a batch starts); from the last ``periods``
+periods, ``expected_later(remaining_s, periods_ahead)`` is the mean number of arrivals that came with less than
+``remaining_s`` left, plus ``periods_ahead`` whole periods' worth: how many queries are still to come before the
+batch in progress ends (and the full batches queued after it). :func:`later_arrivals_fill` says whether those will
+fill the ``free`` places of the query's batch even ``z`` standard deviations below their mean (Poisson: the standard
+deviation is the square root of the mean): then the query arriving now is refused (503, ``Retry-After``, before its
+image is decoded; ``raml_shed_total{reason="queue_wait_deferred"}``) and a later one takes its place, so the batch
+is as full and its queries waited less. With fewer arrivals than places to come, nothing is refused that would not
+have been.
 
-The rule applies only while the service is *overloaded* (:meth:`ArrivalProfile.overloaded`): in at least half
-of the recent periods some arrival was refused on its predicted wait anyway (a full batch's worth already waited).
+The rule applies only while the service is *overloaded* (:class:`raml.deploy.service.overload.OverloadGate`): in
+at least half of the recent periods some arrival was refused on its predicted wait anyway.
 Without that gate a closed loop of clients, each of which sends its next query at once, even after a 503, fed
 itself: a deferred client's resend counted as one more arrival later in the period, which deferred more (on the
 2-core machine, 64 closed-loop clients got 636 and, counting the batches queued ahead too, 4,908 503s in 5 s,
@@ -65,31 +65,19 @@ class ArrivalProfile:
         if isinstance(periods, bool) or not isinstance(periods, int) or periods < 1:
             raise ValueError(f"periods must be a positive integer, got {periods!r}.")
         self.periods = periods
-        self._past: deque[tuple[list[float], int]] = deque(maxlen=periods)  # (remaining times sorted, refused)
+        self._past: deque[list[float]] = deque(maxlen=periods)  # remaining times per period, sorted
         self._current: list[float] = []
-        self._refused = 0
         self.periods_seen = 0  # batch periods ended so far
 
     def record(self, remaining_s: float) -> None:
         """One arrival while the batch in progress had ``remaining_s`` seconds left."""
         self._current.append(float(remaining_s))
 
-    def record_refused(self) -> None:
-        """One arrival refused on its predicted wait (a full batch's worth already waited ahead of it)."""
-        self._refused += 1
-
     def next_period(self) -> None:
         """A batch starts: the arrivals recorded so far form one period."""
         current, self._current = self._current, []
-        refused, self._refused = self._refused, 0
-        self._past.append((sorted(current), refused))
+        self._past.append(sorted(current))
         self.periods_seen += 1
-
-    def overloaded(self) -> bool:
-        """Whether in at least half of the remembered periods (and at least half of ``periods``) an arrival was
-        refused on its predicted wait: more queries come than the batches take, whatever their order."""
-        past = list(self._past)
-        return sum(1 for _, refused in past if refused) >= max(1, self.periods // 2, len(past) // 2)
 
     def expected_later(self, remaining_s: float, periods_ahead: int = 0) -> float | None:
         """The mean number of arrivals per period that came with less than ``remaining_s`` left, plus
@@ -98,5 +86,5 @@ class ArrivalProfile:
         past = list(self._past)
         if len(past) < max(1, self.periods // 2):
             return None
-        later = sum(bisect.bisect_left(period, remaining_s) for period, _ in past)
-        return (later + periods_ahead * sum(len(period) for period, _ in past)) / len(past)
+        later = sum(bisect.bisect_left(period, remaining_s) for period in past)
+        return (later + periods_ahead * sum(len(period) for period in past)) / len(past)

@@ -64,6 +64,7 @@ from raml.deploy.service.admission import (
     should_shed,
 )
 from raml.deploy.service.arrival_profile import ArrivalProfile, later_arrivals_fill
+from raml.deploy.service.overload import OverloadGate, tail_margin_s
 from raml.deploy.service.size_controller import ewma
 from raml.deploy.store import DatabaseIndex
 
@@ -78,6 +79,8 @@ _POLL_S = 0.0005  # while waiting for more queries: how often to re-check whethe
 MIN_AUTO_QUEUE_WAIT_S = 0.05
 #: the quantile of the front end's time per query taken off the default bound (see ``promised_wait_bound_s``)
 FRONT_END_QUANTILE = 0.9
+#: the quantile of a batch's service time beyond its prediction taken off the bound while overloaded
+OVERRUN_QUANTILE = 0.9
 
 
 class QueueFullError(RuntimeError):
@@ -171,6 +174,10 @@ class MicroBatcher:
             batch is made of the queries that wait least. Off by default (arrival order): it lowered the median
             wait at 2x saturation but not the p99, and a closed loop of clients that resend at once still drew
             more 503s with it in one of two runs (issue 20).
+        overload_margin: Without a sizer or ``max_queue_wait_s``, while overloaded (:attr:`overload`): take the
+            tail margin off the default bound (:mod:`raml.deploy.service.overload`: the front end's p90 and twice
+            the forward passes' overrun p90), so that the queries admitted past saturation are answered within the
+            promise. On by default.
     """
 
     def __init__(
@@ -186,6 +193,7 @@ class MicroBatcher:
         sizer: BatchSizer | None = None,
         count_front_end: bool = False,
         defer_early_arrivals: bool = False,
+        overload_margin: bool = True,
     ) -> None:
         for name, value in (("max_batch", max_batch), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -204,6 +212,11 @@ class MicroBatcher:
         self._sizer = sizer
         self.count_front_end = bool(count_front_end)
         self.defer_early_arrivals = bool(defer_early_arrivals) and sizer is None
+        self.overload_margin = bool(overload_margin)
+        #: refusals on the predicted wait per batch period: whether more queries arrive than the batches take
+        self.overload = OverloadGate()
+        #: a high quantile of how much longer a batch took than predicted (the overload margin's second part)
+        self.overrun = RecentQuantile(OVERRUN_QUANTILE, window=64, every=4)
         #: arrivals by the time the batch in progress had left (the estimate of the queries still to come)
         self.arrivals = ArrivalProfile()
         self._queue: queue.Queue[_Query | None] = queue.Queue(maxsize=queue_size)
@@ -247,9 +260,17 @@ class MicroBatcher:
         if own_queries is None:
             own_queries = self._recent_batch()
         own = self.cost.predict(min(self.max_batch, max(1, own_queries))) or 0.0
-        return max(
-            promised_wait_bound_s(self.max_wait_s, full, self._front_end_s(), min(own, full)), MIN_AUTO_QUEUE_WAIT_S
-        )
+        promised = promised_wait_bound_s(self.max_wait_s, full, self._front_end_s(), min(own, full))
+        return max(promised - self.overload_margin_s(), MIN_AUTO_QUEUE_WAIT_S)
+
+    def overload_margin_s(self) -> float:
+        """What the default bound loses while overloaded (:mod:`raml.deploy.service.overload`): the front end's p90
+        (unless ``count_front_end`` takes it off already) and twice the forward passes' overrun p90; 0 when not
+        overloaded or without ``overload_margin``."""
+        if not self.overload_margin or not self.overload.overloaded():
+            return 0.0
+        front_end = 0.0 if self.count_front_end else (self.front_end.value or 0.0)
+        return tail_margin_s(front_end, self.overrun.value or 0.0)
 
     def _front_end_s(self) -> float:
         """The front end's time taken off the bound: its measured p90 with ``count_front_end``, else 0."""
@@ -333,15 +354,15 @@ class MicroBatcher:
         ):
             with self._shed_lock:
                 self.shed_predicted += 1
-            if arrival and self.defer_early_arrivals:
-                self.arrivals.record_refused()
+            if arrival:
+                self.overload.record_refused()
             raise QueueWaitError(
                 f"The service is busy: a query now would wait about {1000 * predicted:.0f} ms for its batch "
                 f"({depth} queued), over the bound of {1000 * bound:.0f} ms (--max-queue-wait-ms; default the "
                 "batching window plus two batch service times less its own batch's, or what a --latency-target-ms "
                 "leaves); try again shortly."
             )
-        if defer and self.arrivals.overloaded():  # will those arriving before its batch starts fill its places?
+        if defer and self.overload.overloaded():  # will those arriving before its batch starts fill its places?
             expected = self.arrivals.expected_later(remaining, periods_ahead=depth // self.max_batch)
             free = self.max_batch - depth % self.max_batch
             if expected is not None and later_arrivals_fill(free, expected):
@@ -471,14 +492,19 @@ class MicroBatcher:
                 batch = [query for query in batch if not query.future.done()]
         if not batch:
             return
+        self.overload.next_period()
         if self.defer_early_arrivals:  # the profile serves the deferral alone
             self.arrivals.next_period()
-        self._busy = (started, self._predict_batch_s(batch))
+        predicted = self._predict_batch_s(batch)
+        self._busy = (started, predicted)
         try:
             self._serve(batch, started)
         finally:
             self._busy = None
-            self.cost.observe(len(batch), time.perf_counter() - started)
+            took = time.perf_counter() - started
+            if predicted > 0:
+                self.overrun.add(max(0.0, took - predicted))
+            self.cost.observe(len(batch), took)
             self._mean_batch = ewma(self._mean_batch, float(len(batch)), _BATCH_SIZE_ALPHA)
 
     def _serve(self, batch: list[_Query], started: float) -> None:

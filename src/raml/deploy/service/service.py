@@ -71,6 +71,9 @@ class ServiceLimits:
             off the default queue-wait bound (``MicroBatcher(count_front_end=...)``); off by default.
         defer_early_arrivals: While overloaded, refuse a query when later arrivals fill its batch anyway
             (``MicroBatcher(defer_early_arrivals=...)``; a fixed query size only); off by default.
+        overload_margin: While overloaded, take the answer's measured tail (front end, forward-pass overruns) off
+            the default queue-wait bound (``MicroBatcher(overload_margin=...)``; a fixed query size only); on by
+            default.
     """
 
     max_batch: int = 32
@@ -89,6 +92,7 @@ class ServiceLimits:
     max_connections: int = 256
     queue_wait_counts_front_end: bool = False
     defer_early_arrivals: bool = False
+    overload_margin: bool = True
 
     def __post_init__(self) -> None:
         for name in ("header_timeout_s", "body_timeout_s"):
@@ -200,6 +204,7 @@ class SearchService:
             sizer=self.adaptive,
             count_front_end=self.limits.queue_wait_counts_front_end,
             defer_early_arrivals=self.limits.defer_early_arrivals,
+            overload_margin=self.limits.overload_margin,
         )
         self._arriving = 0  # requests between the end of their body and the submission of their query
         self._arriving_lock = threading.Lock()
