@@ -410,6 +410,8 @@ def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_boun
         if line.startswith(f'raml_shed_total{{reason="{reason}"}}')
     }
     assert counted.get("queue_wait", 0.0) == service.batcher.shed_predicted
+    margin = next(float(line.split()[1]) for line in metrics.splitlines() if line.startswith("raml_overload_margin_"))
+    assert margin == pytest.approx(service.batcher.overload_margin_s())  # what the bound loses now, exported
     assert counted.get("queue_wait_expired", 0.0) == service.batcher.shed_expired
     assert sum(counted.values()) == len(shed) + expired_before_the_burst
     # every answered query started its batch within the bound in force, computed from the measured batch times
@@ -675,7 +677,7 @@ def test_while_overloaded_the_default_bound_loses_the_front_end_and_two_overruns
     assert counted.queue_wait_bound_s == pytest.approx(0.4 - 0.03 - 2 * 0.02)
     fixed = _margin_batcher(max_queue_wait_s=0.3)  # an operator's bound is kept as given
     _overload(fixed)
-    assert fixed.queue_wait_bound_s == 0.3
+    assert fixed.queue_wait_bound_s == 0.3 and fixed.overload_margin_s() == 0.0
     floored = _margin_batcher()
     for _ in range(16):
         floored.front_end.add(5.0)

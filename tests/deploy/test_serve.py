@@ -41,9 +41,11 @@ from raml.deploy.service import (  # noqa: E402
     TorchQueryEmbedder,
     decode_query_image,
 )
+from raml.deploy.service.admission import RecentQuantile  # noqa: E402
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
 from raml.deploy.service.connections import server_options  # noqa: E402
+from raml.deploy.service.overload import OverloadGate  # noqa: E402
 from raml.models import checkpoint_sha256, load_network  # noqa: E402
 from raml.retrieval.extract import extract_embeddings  # noqa: E402
 
@@ -182,6 +184,23 @@ def test_health_and_images_by_id_only(world, server):
 
 
 # ------------------------------------------------------------------------------------------------ batching
+
+
+def test_the_overload_margin_is_exported(server):
+    service, client = server["service"], server["client"]
+    batcher = service.batcher
+    gate, overrun = batcher.overload, batcher.overrun
+    try:
+        batcher.overload, batcher.overrun = OverloadGate(), RecentQuantile(0.9)
+        assert metric(client.get("/metrics").text, "raml_overload_margin_seconds") == 0.0  # not overloaded
+        for _ in range(8):  # refusals on the predicted wait in every recent batch period
+            batcher.overload.record_refused()
+            batcher.overload.next_period()
+        batcher.overrun.add(0.25)
+        expected = (batcher.front_end.value or 0.0) + 2 * 0.25
+        assert metric(client.get("/metrics").text, "raml_overload_margin_seconds") == pytest.approx(expected)
+    finally:
+        batcher.overload, batcher.overrun = gate, overrun
 
 
 def test_concurrent_queries_are_embedded_together(world, server):

@@ -266,8 +266,11 @@ class MicroBatcher:
     def overload_margin_s(self) -> float:
         """What the default bound loses while overloaded (:mod:`raml.deploy.service.overload`): the front end's p90
         (unless ``count_front_end`` takes it off already) and twice the forward passes' overrun p90; 0 when not
-        overloaded or without ``overload_margin``."""
-        if not self.overload_margin or not self.overload.overloaded():
+        overloaded, without ``overload_margin``, and where the default bound does not apply (a sizer's or an
+        operator's bound)."""
+        if not self.overload_margin or self._sizer is not None or self.max_queue_wait_s is not None:
+            return 0.0
+        if not self.overload.overloaded():
             return 0.0
         front_end = 0.0 if self.count_front_end else (self.front_end.value or 0.0)
         return tail_margin_s(front_end, self.overrun.value or 0.0)

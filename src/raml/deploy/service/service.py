@@ -189,6 +189,11 @@ class SearchService:
                     "--queue-wait-counts-front-end (NaN: none yet).",
                     lambda: _or_nan(self.batcher.front_end.value),
                 ),
+                "overload_margin_seconds": (
+                    "What the default queue-wait bound loses while overloaded: the front end's p90 and twice the "
+                    "forward passes' overrun p90 (0: not overloaded, or --no-overload-margin).",
+                    lambda: self.batcher.overload_margin_s(),
+                ),
                 **gauges,
             }
         )
