@@ -200,6 +200,11 @@ def test_the_batcher_bounds_the_wait_with_the_sizers_bound_and_batch_times(world
         uncounted.observe_front_end(0.1)
     assert slow_front.queue_wait_bound_s == pytest.approx(0.2)  # the front end's p90 comes off the sizer's bound
     assert uncounted.queue_wait_bound_s == pytest.approx(0.3)  # only when asked to
+    for _ in range(8):  # overloaded: the fixed-size overload margin does not apply to a sizer's bound
+        uncounted.overload.record_refused()
+        uncounted.overload.next_period()
+    uncounted.overrun.add(0.05)
+    assert uncounted.queue_wait_bound_s == pytest.approx(0.3) and uncounted.overload_margin_s() == 0.0
     # 1 s per query: a full batch of 2 is predicted at 2 s, over the bound of 1.5 s; one batch's worth is not
     sizer = FixedSizer(24, per_query_s=1.0, bound_s=1.5)
     batcher = MicroBatcher(embed, lambda: index, max_batch=2, max_wait_s=0.0, queue_size=8, sizer=sizer)
