@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +33,7 @@ from raml.deploy.service.admission import QueueWaitError  # noqa: E402
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
 from raml.deploy.service.batching import MIN_AUTO_QUEUE_WAIT_S  # noqa: E402
+from raml.deploy.service.late_budget import LateBudget  # noqa: E402
 from raml.deploy.service.size_controller import ControllerSettings  # noqa: E402
 from raml.models import load_network  # noqa: E402
 from raml.retrieval.extract import extract_embeddings  # noqa: E402
@@ -316,6 +317,117 @@ def test_a_query_over_the_bound_at_the_size_in_use_is_admitted_at_a_smaller_size
     assert batcher.shed_predicted == 1  # only the check without a step down refused
 
 
+def held_batcher(world: dict, budget: LateBudget | None) -> tuple[MicroBatcher, threading.Event]:
+    """Batches of 2 at 24 px, 0.5 s per query by the sizer (a full batch 1 s), a bound of 0.75 s: the late bound is
+    0.75 + 1 = 1.75 s. The forward pass waits for the returned event."""
+    index = load_index(world["index"])
+    release = threading.Event()
+
+    def embed(images: torch.Tensor) -> np.ndarray:
+        release.wait(WAIT_S)
+        return index.embeddings[: images.shape[0]]
+
+    sizer = FixedSizer(24, per_query_s=0.5, bound_s=0.75)
+    batcher = MicroBatcher(
+        embed, lambda: index, max_batch=2, max_wait_s=0.0, queue_size=8, sizer=sizer, late_budget=budget
+    )
+    return batcher, release
+
+
+def start_holding_one(batcher: MicroBatcher) -> Future:
+    """Start ``batcher`` and submit one query, which the worker takes and holds (the batch in progress)."""
+    batcher.start()
+    first = batcher.submit(torch.zeros(3, 24, 24), 24, k=2)
+    deadline = time.monotonic() + WAIT_S
+    while batcher.depth or batcher._busy is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    return first
+
+
+HOLD_S = 1.2  # how long the batch in progress is held: past the bound (0.75 s), within the late bound (1.75 s)
+
+
+def test_a_query_no_size_admits_in_time_is_admitted_late_while_the_budget_lasts(world):
+    """Two queries queued behind the batch in progress are within the bound (a wait of at most its 0.5 s); the next
+    one, a full batch (1 s) behind, is not. The budget (0.1 of the last 10 arrivals) admits it only once a whole
+    grant is due, only within the late bound, once; it is then answered late, with the late bound as its bound,
+    while the two queued before it, past the bound when their batch starts and with the budget spent, are
+    refused."""
+    budget = LateBudget(0.1, window=10)
+    batcher, release = held_batcher(world, budget)
+    try:
+        first = start_holding_one(batcher)
+        queued = [batcher.submit(torch.zeros(3, 24, 24), 24, k=2) for _ in range(2)]
+        with pytest.raises(QueueWaitError, match="over the bound of 750 ms"):
+            batcher.check_admission()  # an arrival: one of 10, no whole grant due yet
+        for _ in range(9):
+            budget.arrived()
+        assert batcher.check_admission() == pytest.approx(1.75)  # a grant is left: admitted at the late bound
+        assert budget.granted == 0  # looking at arrival takes nothing: the submission takes the grant
+        late = batcher.submit(torch.zeros(3, 24, 24), 24, k=2)
+        assert budget.granted == 1
+        with pytest.raises(QueueWaitError, match="over the bound of 750 ms"):
+            batcher.submit(torch.zeros(3, 24, 24), 24, k=2)  # within the late bound, but the budget is spent
+        time.sleep(HOLD_S)
+        release.set()
+        assert not first.result(timeout=WAIT_S).late
+        for future in queued:  # past the bound when their batch started, and no grant left for them
+            with pytest.raises(QueueWaitError, match="waited"):
+                future.result(timeout=WAIT_S)
+        answer = late.result(timeout=WAIT_S)
+    finally:
+        release.set()
+        batcher.stop()
+    assert answer.late and answer.wait_bound_s == pytest.approx(1.75)
+    assert 0.75 < answer.queue_s <= 1.75
+    assert (batcher.shed_predicted, batcher.shed_expired, budget.granted) == (2, 2, 1)
+
+
+def test_queries_found_past_the_bound_when_their_batch_starts_are_answered_late_on_the_budget(world):
+    """With 4 grants due (0.1 of 40 arrivals): the two queries queued within the bound, past it when their batch
+    starts, are answered late rather than refused; two more are admitted late at submission (a full batch ahead:
+    1 s + the rest of the one in progress, within 1.75 s); one with two full batches ahead (over 1.75 s) is
+    refused with grants left. Without a budget the same two queued queries are refused."""
+    for budget in (LateBudget(0.1, window=40), None):
+        batcher, release = held_batcher(world, budget)
+        try:
+            start_holding_one(batcher)
+            queued = [batcher.submit(torch.zeros(3, 24, 24), 24, k=2) for _ in range(2)]
+            if budget is not None:
+                for _ in range(40):
+                    budget.arrived()
+                admitted_late = [batcher.submit(torch.zeros(3, 24, 24), 24, k=2) for _ in range(2)]
+                assert budget.granted == 2
+                with pytest.raises(QueueWaitError, match="over the bound of 750 ms"):
+                    batcher.submit(torch.zeros(3, 24, 24), 24, k=2)  # two full batches ahead: past the late bound
+                assert budget.granted == 2
+            time.sleep(HOLD_S)
+            release.set()
+            if budget is None:
+                for future in queued:
+                    with pytest.raises(QueueWaitError, match="waited"):
+                        future.result(timeout=WAIT_S)
+                continue
+            answers = [f.result(timeout=WAIT_S) for f in queued + admitted_late]
+        finally:
+            release.set()
+            batcher.stop()
+        assert [a.late for a in answers] == [True] * 4
+        assert [a.wait_bound_s for a in answers] == pytest.approx([1.75] * 4)
+        assert all(0.75 < a.queue_s <= 1.75 for a in answers[:2])
+        assert (budget.granted, batcher.shed_expired, batcher.shed_predicted) == (4, 0, 1)
+
+
+def test_a_late_answer_budget_needs_a_sizer_and_yields_to_an_operators_bound(world):
+    index = load_index(world["index"])
+    with pytest.raises(ValueError, match="latency target"):
+        MicroBatcher(lambda images: index.embeddings[:1], lambda: index, late_budget=LateBudget())
+    sizer = FixedSizer(24, bound_s=0.5)
+    given = MicroBatcher(lambda i: None, lambda: index, max_queue_wait_s=0.5, sizer=sizer, late_budget=LateBudget())
+    assert given.late_budget is None  # --max-queue-wait-ms is the operator's word: nothing is admitted past it
+
+
 # ------------------------------------------------------------------------------------------------ service
 
 
@@ -326,6 +438,14 @@ def test_a_latency_target_needs_a_multi_size_network(world):
     assert cli_main.main([*argv, "--image-size", "32", "--latency-target-ms", "100", "--device", "cpu"]) == 2
     args = cli_main.build_parser().parse_args([*argv, "--latency-target-ms", "250", "--latency-up-fraction", "0.6"])
     assert args.latency_target_ms == 250.0 and args.latency_up_fraction == 0.6
+    assert args.late_budget == 0.0  # off by default: refused, not late
+    args = cli_main.build_parser().parse_args([*argv, "--latency-target-ms", "250", "--late-budget", "0.01"])
+    assert args.late_budget == 0.01
+    for bad in ("0.2", "-0.01", "nan"):
+        with pytest.raises(SystemExit):
+            cli_main.build_parser().parse_args([*argv, "--late-budget", bad])
+        with pytest.raises(ValueError, match="late_budget is a share of the queries from 0"):
+            ServiceLimits(late_budget=float(bad))
 
 
 @pytest.mark.parametrize(("target_ms", "served"), [(1e-6, 24), (1e6, 48)])
@@ -358,6 +478,66 @@ def test_answers_say_the_size_chosen_and_equal_raml_search_at_that_size(world, t
     assert metric(text, 'raml_queries_total{size="32"}') == 1 + (3 if served == 32 else 0)
     assert metric(text, "raml_query_size") == served and metric(text, "raml_latency_target_seconds") == target_ms / 1000
     assert health["adaptive"]["current_size"] == served and health["adaptive"]["latency_target_ms"] == target_ms
+    assert [a["late"] for a in answers] == [False] * 3 and metric(text, "raml_late_answers_total") == 0
+
+
+class HeldFirst:
+    """The real student, whose first forward pass waits for :attr:`release` (the batch in progress)."""
+
+    def __init__(self, real: TorchQueryEmbedder) -> None:
+        self.real, self.release, self.calls = real, threading.Event(), 0
+        self.sizes, self.default_size, self.output_dim = real.sizes, real.default_size, real.output_dim
+        self.teacher_sha256, self.transform, self.describe = None, real.transform, real.describe
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        self.calls += 1
+        if self.calls == 1:
+            self.release.wait(WAIT_S)
+        return self.real.embed(images)
+
+
+@pytest.mark.parametrize("late_budget", [0.1, 0.0])
+def test_a_late_answer_says_so_and_is_counted_and_without_a_budget_it_is_refused(world, late_budget):
+    """10 ms per query at every size measured (a full batch of 32: 320 ms), window 5 ms: the bound is 325 ms, the
+    late bound 645 ms. A query queued behind one held for 0.5 s is past its bound when its batch starts: with a
+    budget (0.1, its grant due after 10 arrivals) it is answered with ``late: true`` and counted in
+    ``raml_late_answers_total``; with ``--late-budget 0`` it gets 503."""
+    limits = ServiceLimits(max_wait_ms=5, late_budget=late_budget)
+    student = HeldFirst(multi_size_student(world))
+    service = SearchService(student, world["index"], limits, latency_target_ms=1e-6)
+    for size in SIZES:
+        service.adaptive.observe(size, 32, 32 * 0.010)
+    assert service.batcher.queue_wait_bound_s == pytest.approx(0.325)
+    budget = service.batcher.late_budget
+    assert (budget is None) == (late_budget == 0)
+    if budget is not None:
+        assert budget.fraction == late_budget
+        for _ in range(9):
+            budget.arrived()  # with the next query's arrival, one grant is due
+    paths = world["paths"]
+    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+        with ThreadPoolExecutor(2) as pool:
+            first = pool.submit(post, client, paths[0])
+            deadline = time.monotonic() + WAIT_S
+            while student.calls == 0:  # the worker holds the first query
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            second = pool.submit(post, client, paths[1])
+            while service.batcher.depth == 0:
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+            time.sleep(0.5)
+            student.release.set()
+            first, second = first.result(timeout=WAIT_S), second.result(timeout=WAIT_S)
+        text = client.get("/metrics").text
+    assert first.status_code == 200 and first.json()["late"] is False
+    if budget is None:
+        assert second.status_code == 503 and "waited" in second.json()["error"]
+        assert metric(text, "raml_late_answers_total") == 0
+        return
+    assert second.status_code == 200 and second.json()["late"] is True, second.text
+    assert 325 < second.json()["timings_ms"]["queue"] <= 645
+    assert metric(text, "raml_late_answers_total") == 1 and budget.granted == 1
 
 
 # ------------------------------------------------------------------------------------------------ end to end

@@ -42,8 +42,10 @@ def test_counters_read_from_metrics_and_their_growth():
         'raml_shed_total{reason="queue_wait"} 7.0\n'
         'raml_shed_total{reason="decodes"} 1.0\n'
         'raml_requests_total{route="search",status="503"} 8.0\n'
+        "raml_late_answers_total 2.0\n"
     )
-    assert _read_counters(_Metrics(text)) == ({24: 12.0, 48: 3.0}, {"queue_wait": 7.0, "decodes": 1.0})
+    assert _read_counters(_Metrics(text)) == ({24: 12.0, 48: 3.0}, {"queue_wait": 7.0, "decodes": 1.0}, 2.0)
+    assert _read_counters(_Metrics('raml_queries_total{size="24"} 1.0\n'))[2] == 0.0  # none: an older server
     assert _read_counters(_Metrics("", status=500), attempts=2) is None
     before, after = {"queue_wait": 7.0, "decodes": 1.0}, {"queue_wait": 10.0, "decodes": 1.0, "uploads": 2.0}
     assert counter_deltas(before, after) == {"queue_wait": 3, "uploads": 2}  # only those that grew
@@ -78,6 +80,7 @@ def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, cap
             assert shares == {24: pytest.approx(1.0)}
         assert "client_limited" in row
         assert all(isinstance(n, int) and n > 0 for n in row["shed_by_reason"].values())
+        assert row["late_answers"] >= 0 and (row["server"] == "adaptive" or row["late_answers"] == 0)
         # where the cores went (raml.bench.cpu): the server's event loop, its other threads, the machine
         assert 0 < row["server_loop_cores"] <= row["machine_busy_cores"] + 0.05
         assert 0 < row["server_other_cores"] <= row["machine_busy_cores"] + 0.05

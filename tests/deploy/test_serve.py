@@ -507,6 +507,9 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     assert service.limits.overload_margin and service.batcher.overload_margin
     plain = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--no-overload-margin"]))
     assert not plain.limits.overload_margin and not plain.batcher.overload_margin
+    # the late-answer budget reaches the limits; without a latency target there is none to spend
+    budgeted = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--late-budget", "0.02"]))
+    assert budgeted.limits.late_budget == 0.02 and budgeted.batcher.late_budget is None
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--onnx", "x.onnx"])  # one query network
     not_an_index = ["serve", "--index", str(world["base"]), "--network-path", str(world["nets"]["student"])]

@@ -237,6 +237,12 @@ def _shed_by_reason(metrics_text: str) -> dict[str, float]:
     return {reason: float(value) for reason, value in found}
 
 
+def _late_answers(metrics_text: str) -> float:
+    """``raml_late_answers_total`` of a ``/metrics`` text (0 when absent)."""
+    found = re.search(r"^raml_late_answers_total (\S+)$", metrics_text, flags=re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
 def counter_deltas(before: dict[str, float] | None, after: dict[str, float] | None) -> dict[str, int]:
     """How much each counter grew between two readings (only those that did; empty when a reading is missing)."""
     if before is None or after is None:
@@ -245,9 +251,10 @@ def counter_deltas(before: dict[str, float] | None, after: dict[str, float] | No
     return {name: int(round(value)) for name, value in grown.items() if value > 0}
 
 
-def _read_counters(server: _ServeProcess, attempts: int = 5) -> tuple[dict[int, float], dict[str, float]] | None:
-    """The server's per-size query counters and its 503s by reason, or None when ``/metrics`` did not answer 200
-    (then the row has no size shares rather than wrong ones)."""
+def _read_counters(server: _ServeProcess, attempts: int = 5) -> tuple[dict[int, float], dict[str, float], float] | None:
+    """The server's per-size query counters, its 503s by reason and its late answers (on a latency target's
+    late-answer budget), or None when ``/metrics`` did not answer 200 (then the row has no size shares rather than
+    wrong ones)."""
     for _ in range(attempts):
         try:
             response = server.get("/metrics")
@@ -255,7 +262,7 @@ def _read_counters(server: _ServeProcess, attempts: int = 5) -> tuple[dict[int, 
             logger.warning("GET /metrics failed (%s); retrying", error)
             continue
         if response.status_code == 200:
-            return _queries_by_size(response.text), _shed_by_reason(response.text)
+            return _queries_by_size(response.text), _shed_by_reason(response.text), _late_answers(response.text)
         logger.warning("GET /metrics answered %d; retrying", response.status_code)
         time.sleep(0.1)
     return None
@@ -297,6 +304,9 @@ def _row(server: _ServeProcess, pool: ClientPool, bodies: list[bytes], s: Adapti
     row["size_share_read"] = all(counted is not None for counted in counters)
     # the server's account of its 503s in the window, by the limit reached (queue_wait, uploads, decodes, ...)
     row["shed_by_reason"] = counter_deltas(*[None if counted is None else counted[1] for counted in counters])
+    # answered past their wait bound on the late-answer budget (--late-budget), in the window; None: unread
+    lates = [None if counted is None else counted[2] for counted in counters]
+    row["late_answers"] = None if None in lates else int(round(lates[1] - lates[0]))
     # the cores of the window: the server's event loop, its other threads, the whole machine (raml.bench.cpu)
     add_server_cores(row, *[probe[1] for probe in result.probes])
     return row
@@ -409,6 +419,7 @@ def _goals(rows: list[dict[str, Any]], target: float) -> dict[str, Any]:
         "at_2x": {
             "adaptive_p99_ms": a["p99_ms"],
             "adaptive_503": a["rejected_503"],
+            "adaptive_late": a.get("late_answers"),
             "adaptive_errors": a["errors"],
             "adaptive_served_mAP": a["served_mAP"],
             "fixed_p99_ms": f["p99_ms"],
@@ -457,6 +468,7 @@ def format_adaptive_report(result: dict[str, Any]) -> str:
         f"saturation of the fixed server ({sat['clients']} closed-loop clients): {sat['queries_per_s']:.1f} q/s",
         "",
         f"{'server':<9} {'x sat':>5} {'offered':>8} {'q/s':>7} {'p50 ms':>8} {'p99 ms':>8} {'errors':>6} {'503s':>5} "
+        f"{'late':>5} "
         + " ".join(f"{f'{size}px':>6}" for size in sizes)
         + f" {'mAP':>6} {core_columns()} {'limit':>6}  503s by the server's reason",
     ]
@@ -464,7 +476,8 @@ def format_adaptive_report(result: dict[str, Any]) -> str:
         shares = " ".join(f"{r['size_share'].get(str(size), 0.0):>6.0%}" for size in sizes)
         lines.append(
             f"{r['server']:<9} {r['saturation_fraction']:>5.2f} {r['offered_per_s']:>8.1f} {r['queries_per_s']:>7.1f} "
-            f"{_number(r['p50_ms']):>8} {_number(r['p99_ms']):>8} {r['errors']:>6} {r['rejected_503']:>5} {shares} "
+            f"{_number(r['p50_ms']):>8} {_number(r['p99_ms']):>8} {r['errors']:>6} {r['rejected_503']:>5} "
+            f"{'-' if r.get('late_answers') is None else r['late_answers']:>5} {shares} "
             f"{_number(r['served_mAP'], 2):>6} {core_columns(r)} {'client' if r['client_limited'] else 'server':>6}  "
             + (", ".join(f"{reason} {n}" for reason, n in r.get("shed_by_reason", {}).items()) or "-")
         )
@@ -473,7 +486,8 @@ def format_adaptive_report(result: dict[str, Any]) -> str:
         lines += [
             "",
             f"at 2x saturation: adaptive p99 {_number(goal['adaptive_p99_ms'])} ms (target {s['target_ms']:.1f}), "
-            f"{goal['adaptive_503']} 503s, served mAP {_number(goal['adaptive_served_mAP'], 2)}; fixed p99 "
+            f"{goal['adaptive_503']} 503s, {goal.get('adaptive_late', '-')} answered late (--late-budget), "
+            f"served mAP {_number(goal['adaptive_served_mAP'], 2)}; fixed p99 "
             f"{_number(goal['fixed_p99_ms'])} ms, {goal['fixed_503']} 503s, mAP {_number(goal['fixed_served_mAP'], 2)} "
             f"(goal: adaptive within T without 503s while the fixed one sheds or misses T: "
             f"{'met' if goal['met'] else 'missed'})",

@@ -43,6 +43,13 @@ def positive_float(value: str) -> float:
     return number
 
 
+def late_share(value: str) -> float:
+    number = float(value)
+    if not 0 <= number <= 0.1:
+        raise argparse.ArgumentTypeError(f"expected a share of queries from 0 (off) to 0.1 (e.g. 0.005), got {value}")
+    return number
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` sub-command."""
     from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS
@@ -96,6 +103,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=0.7,
         metavar="F",
         help="hysteresis: step up to a larger size only when it is predicted within F x T (0 < F < 1, default 0.7)",
+    )
+    adaptive.add_argument(
+        "--late-budget",
+        type=late_share,
+        default=defaults.late_budget,
+        metavar="F",
+        help="a p99 target lets 1 %% of answers be late: at the smallest size, admit up to this share of the queries "
+        "(counted over the last 2,000 arrivals, e.g. 0.005) past their wait bound, within one more full batch, and "
+        "answer them late rather than refuse them (503); default 0: refuse them (in trials at 2x saturation it "
+        "answered a few late, still refused some and raised the p99; ignored with --max-queue-wait-ms)",
     )
     group = parser.add_argument_group("batching and limits")
     group.add_argument(
@@ -301,6 +318,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         queue_wait_counts_front_end=args.queue_wait_counts_front_end,
         defer_early_arrivals=args.defer_early_arrivals,
         overload_margin=args.overload_margin,
+        late_budget=args.late_budget,
     )
     if args.onnx is not None:
         embedder = OnnxQueryEmbedder(args.onnx, args.image_size)

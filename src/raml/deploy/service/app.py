@@ -217,6 +217,8 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
             logger.exception("Search failed")
             return answer("search", error(500, "The search failed; see the service's log."), started)
         metrics.record_query(result.size, result.queue_s)
+        if result.late:
+            metrics.record_late()
         index = result.index
         hits = [
             {
@@ -244,6 +246,7 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
             "size_chosen_by": chosen_by,
             "generation": index.generation,
             "batch_size": result.batch_size,
+            "late": result.late,
             "results": hits,
             "timings_ms": {name: round(1000.0 * value, 3) for name, value in timings.items()},
         }

@@ -64,6 +64,7 @@ from raml.deploy.service.admission import (
     should_shed,
 )
 from raml.deploy.service.arrival_profile import ArrivalProfile, later_arrivals_fill
+from raml.deploy.service.late_budget import LateBudget
 from raml.deploy.service.overload import OverloadGate, tail_margin_s
 from raml.deploy.service.size_controller import ewma
 from raml.deploy.store import DatabaseIndex
@@ -104,6 +105,8 @@ class QueryResult:
             batch had been measured yet.
         size: The query size it was embedded at.
         finished: ``time.perf_counter()`` when its answer was ready (the front end measures its own delay from it).
+        late: Admitted on the late-answer budget (:mod:`raml.deploy.service.late_budget`): its wait bound is the late
+            bound, past the one a query is refused beyond.
     """
 
     ids: np.ndarray
@@ -116,6 +119,7 @@ class QueryResult:
     wait_bound_s: float | None = None
     size: int = 0
     finished: float = 0.0
+    late: bool = False
 
 
 class BatchSizer(Protocol):
@@ -143,6 +147,7 @@ class _Query:
     submitted: float
     admitted_bound: float | None = None  # the bound it was admitted under (at submission)
     bound: float | None = None  # the bound in force for it when its batch started
+    late: bool = False  # admitted past the bound on the late-answer budget (admitted_bound is then the late bound)
     future: Future = field(default_factory=Future)
 
 
@@ -178,6 +183,9 @@ class MicroBatcher:
             tail margin off the default bound (:mod:`raml.deploy.service.overload`: the front end's p90 and twice
             the forward passes' overrun p90), so that the queries admitted past saturation are answered within the
             promise. On by default.
+        late_budget: With a sizer and its derived bound: admit a query that no trained size admits within the bound
+            on this budget, within the bound plus one full batch, rather than refuse it; and answer a query found
+            past its bound when its batch starts the same way (:mod:`raml.deploy.service.late_budget`). None: refuse.
     """
 
     def __init__(
@@ -194,6 +202,7 @@ class MicroBatcher:
         count_front_end: bool = False,
         defer_early_arrivals: bool = False,
         overload_margin: bool = True,
+        late_budget: LateBudget | None = None,
     ) -> None:
         for name, value in (("max_batch", max_batch), ("queue_size", queue_size)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -202,6 +211,8 @@ class MicroBatcher:
             raise ValueError(f"max_wait_s must be zero or positive, got {max_wait_s!r}.")
         if max_queue_wait_s is not None and not max_queue_wait_s > 0:
             raise ValueError(f"max_queue_wait_s must be positive (or None: one batch time), got {max_queue_wait_s!r}.")
+        if late_budget is not None and sizer is None:
+            raise ValueError("A late-answer budget belongs to a latency target (a sizer); give one, or no budget.")
         self._embed = embed
         self._current_index = current_index
         self.max_batch = max_batch
@@ -213,6 +224,8 @@ class MicroBatcher:
         self.count_front_end = bool(count_front_end)
         self.defer_early_arrivals = bool(defer_early_arrivals) and sizer is None
         self.overload_margin = bool(overload_margin)
+        #: the share of queries admitted past their bound rather than refused (with a sizer; None: refuse them)
+        self.late_budget = late_budget if max_queue_wait_s is None else None
         #: refusals on the predicted wait per batch period: whether more queries arrive than the batches take
         self.overload = OverloadGate()
         #: a high quantile of how much longer a batch took than predicted (the overload margin's second part)
@@ -338,11 +351,20 @@ class MicroBatcher:
                 refused when later arrivals will fill the next batch.
 
         Returns:
-            The bound the query was admitted under (None: no bound yet).
+            The bound the query was admitted under (None: no bound yet); the late bound for a query admitted past its
+            bound on the late-answer budget (:attr:`late_budget`: at arrival, while the budget has a grant left;
+            :meth:`submit` takes the grant).
 
         Raises:
             QueueWaitError: When the predicted wait exceeds :attr:`queue_wait_bound_s`, or the query is deferred.
         """
+        return self._admit(step_down, arrival)[0]
+
+    def _admit(self, step_down: bool, arrival: bool) -> tuple[float | None, bool]:
+        """:meth:`check_admission`, and whether the query is admitted on the late-answer budget (at ``arrival``
+        only if a grant is left; otherwise, at :meth:`submit`, the grant is taken)."""
+        if arrival and self.late_budget is not None:
+            self.late_budget.arrived()
         depth, remaining = self.depth, self._busy_remaining()
         defer = arrival and self.defer_early_arrivals and remaining > 0
         if defer:
@@ -350,11 +372,14 @@ class MicroBatcher:
         # its own batch: at least those ahead of it in that batch and itself, else as large as batches are now
         bound, full = self._bound_s(max(self._recent_batch(), depth % self.max_batch + 1)), self._full_batch_s()
         if bound is None or full is None:
-            return None
+            return None, False
         predicted = predicted_wait_s(depth, self.max_batch, remaining, full, self.max_wait_s)
         if should_shed(predicted, bound, depth, remaining) and not (
             step_down and self._admitted_smaller(predicted, depth, remaining)
         ):
+            late_bound = self._late_bound_s(bound)
+            if late_bound is not None and predicted <= late_bound and self._grant_late(arrival):
+                return late_bound, True
             with self._shed_lock:
                 self.shed_predicted += 1
             if arrival:
@@ -376,7 +401,23 @@ class MicroBatcher:
                     f"fill its {free} free places and wait less than this one would; try again shortly.",
                     deferred=True,
                 )
-        return bound
+        return bound, False
+
+    def _late_bound_s(self, bound: float) -> float | None:
+        """With a late-answer budget: ``bound`` plus one full batch at the size in use (the longest wait of a query
+        admitted on the budget); None without a budget or before any batch was measured."""
+        if self.late_budget is None:
+            return None
+        full = self._full_batch_s()
+        return None if full is None else bound + full
+
+    def _grant_late(self, arrival: bool) -> bool:
+        """Whether the late-answer budget admits one more query: at arrival only whether a grant is left (the query
+        is decoded, then :meth:`submit` takes the grant, or refuses it if others took the last one meanwhile)."""
+        budget = self.late_budget
+        if budget is None:
+            return False
+        return budget.available() if arrival else budget.try_grant()
 
     def _admitted_smaller(self, predicted_s: float, depth: int, remaining_s: float) -> bool:
         """With a sizer and the derived bound: whether a smaller size's bound admits a wait of ``predicted_s`` (the
@@ -407,8 +448,8 @@ class MicroBatcher:
             raise ValueError(f"Submit a (3, {size}, {size}) query tensor with its size {size}, got {shape!r}.")
         if not self.running:
             raise RuntimeError("The batching worker is not running; start() it first.")
-        admitted_bound = self.check_admission(arrival=False)
-        query = _Query(image, int(size), int(k), time.perf_counter(), admitted_bound)
+        admitted_bound, late = self._admit(step_down=False, arrival=False)
+        query = _Query(image, int(size), int(k), time.perf_counter(), admitted_bound, late=late)
         try:
             self._queue.put_nowait(query)
         except queue.Full:
@@ -477,10 +518,17 @@ class MicroBatcher:
                 # batch larger than the recent ones shrinks the bound, and a query admitted at moderate load is not
                 # refused for that after it waited (it is answered within the promise plus its batch's growth). Not
                 # with a sizer: there a falling bound is a step down, and the backlog must go
-                admitted = query.admitted_bound if self._sizer is None else None
+                # with the sizer, a query admitted on the late-answer budget keeps its late bound
+                admitted = query.admitted_bound if self._sizer is None or query.late else None
                 query.bound = bound if admitted is None else max(bound, admitted)
-            late = [query for query in batch if started - query.submitted > query.bound]
-            for query in late:
+            expired = [query for query in batch if started - query.submitted > query.bound]
+            late_bound = self._late_bound_s(bound)
+            if expired and late_bound is not None:  # answered late on the budget rather than refused, while it lasts
+                for query in expired:
+                    if not query.late and started - query.submitted <= late_bound and self._grant_late(False):
+                        query.late, query.bound = True, late_bound
+                expired = [query for query in expired if started - query.submitted > query.bound]
+            for query in expired:
                 query.future.set_exception(
                     QueueWaitError(
                         f"The service is busy: the query waited {1000 * (started - query.submitted):.0f} ms for its "
@@ -489,9 +537,9 @@ class MicroBatcher:
                         expired=True,
                     )
                 )
-            if late:
+            if expired:
                 with self._shed_lock:
-                    self.shed_expired += len(late)
+                    self.shed_expired += len(expired)
                 batch = [query for query in batch if not query.future.done()]
         if not batch:
             return
@@ -532,7 +580,7 @@ class MicroBatcher:
                         keep = row_ids >= 0
                         result = QueryResult(
                             row_ids[keep], row_scores[keep], index, len(group), started - group[row].submitted,
-                            embed_s, search_s, group[row].bound, size, time.perf_counter(),
+                            embed_s, search_s, group[row].bound, size, time.perf_counter(), group[row].late,
                         )  # fmt: skip
                         group[row].future.set_result(result)
                 if self._sizer is not None:

@@ -13,6 +13,8 @@ Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_c
   ``--max-queue-wait-ms``, refused before decoding; ``queue_wait_expired`` = admitted on the prediction, then found
   over the bound when its batch started; ``queue_wait_deferred`` = refused before decoding past saturation because
   the queries arriving later fill its batch, see :mod:`raml.deploy.service.arrival_profile`);
+- ``raml_late_answers_total`` counter: queries answered past their wait bound on the late-answer budget of a
+  latency target (``--late-budget``) rather than refused, see :mod:`raml.deploy.service.late_budget`;
 - ``raml_batch_size`` histogram: queries embedded together per forward pass;
 - gauges given by the service, read at scrape time: ``raml_queue_depth``, ``raml_uploads_in_flight``,
   ``raml_decodes_in_flight``, ``raml_decode_pixels_in_flight``, ``raml_index_generation``, ``raml_index_size``;
@@ -75,6 +77,11 @@ class ServiceMetrics:
         self._shed = Counter(
             "raml_shed", "Requests refused with 503 to shed load, by the limit reached.", ["reason"], registry=reg
         )
+        self._late = Counter(
+            "raml_late_answers",
+            "Queries answered past their wait bound on the late-answer budget (--late-budget) rather than refused.",
+            registry=reg,
+        )
         self._batches = Histogram(
             "raml_batch_size", "Queries embedded together per forward pass.", buckets=BATCH_BUCKETS, registry=reg
         )
@@ -99,6 +106,10 @@ class ServiceMetrics:
         reason = SHED_REASONS.get(flag, flag.lstrip("-") or "other")
         suffix = "_expired" if expired else "_deferred" if deferred else ""
         self._shed.labels(reason=reason + suffix).inc()
+
+    def record_late(self) -> None:
+        """Count one query answered on the late-answer budget."""
+        self._late.inc()
 
     def record_batch(self, size: int) -> None:
         """Count one forward pass over ``size`` queries."""
