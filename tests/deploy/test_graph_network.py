@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ def test_the_graph_equals_the_network_bit_for_bit_at_batch_sizes_it_was_not_prob
 
 def test_each_size_has_its_own_graph_and_the_embedder_picks_it_by_the_query_size():
     network = _multi_size_network()
-    embedder = TorchQueryEmbedder(network, CPU, None)
+    embedder = TorchQueryEmbedder(network, CPU, None, channels_last=False)
     assert sorted(embedder.graphs) == [24, 32] and embedder.describe()["graph_sizes"] == [24, 32]
     for size in (24, 32):
         x = torch.randn(3, 3, size, size)
@@ -97,10 +98,36 @@ def test_the_embedder_runs_the_graph_not_the_network():
     def broken(*args, **kwargs):
         raise AssertionError("the eager network was called")
 
-    network.forward = broken
+    traced.network.forward = broken
+    eager.network.forward = broken
     assert (traced.embed(x) == expected).all()
     with pytest.raises(AssertionError, match="eager network was called"):
         eager.embed(x)
+
+
+@pytest.mark.parametrize("make", [_network, _multi_size_network])
+def test_channels_last_serves_a_converted_copy_whose_graphs_equal_it_and_the_network_to_rounding(make):
+    """With ``channels_last`` the embedder serves a channels-last copy (faster convolutions): its graphs equal that
+    copy bit for bit, and its embeddings equal the network's own within float32 rounding; the caller's network
+    keeps its format; by default the answers are the network's bit for bit."""
+    network = make()
+    served = TorchQueryEmbedder(network, CPU, None if make is _multi_size_network else 32, channels_last=True)
+    plain = TorchQueryEmbedder(network, CPU, None if make is _multi_size_network else 32)
+    assert served.describe()["memory_format"] == "channels_last" and plain.describe()["memory_format"] == "contiguous"
+    assert served.network is not network and plain.network is network
+    conv = next(m for m in network.modules() if isinstance(m, nn.Conv2d))
+    assert conv.weight.is_contiguous()  # the caller's network is not converted
+    copy_conv = next(m for m in served.network.modules() if isinstance(m, nn.Conv2d))
+    assert copy_conv.weight.is_contiguous(memory_format=torch.channels_last) and not copy_conv.weight.is_contiguous()
+    assert sorted(served.graphs) == sorted(plain.graphs) == sorted(served.sizes)
+    for size in served.sizes:
+        x = torch.randn(5, 3, size, size)
+        with torch.inference_mode():
+            own = network(x).numpy()
+            converted = served.network(x).numpy()
+        assert (served.embed(x) == converted).all()  # the graph equals the converted network
+        assert (plain.embed(x) == own).all()
+        np.testing.assert_allclose(served.embed(x), own, rtol=0, atol=1e-6)
 
 
 def test_a_graph_that_baked_in_the_batch_size_is_left_out_and_the_network_answers(caplog):

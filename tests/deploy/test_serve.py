@@ -510,6 +510,10 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     # the late-answer budget reaches the limits; without a latency target there is none to spend
     budgeted = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--late-budget", "0.02"]))
     assert budgeted.limits.late_budget == 0.02 and budgeted.batcher.late_budget is None
+    # the query network in its own memory format unless --channels-last
+    assert not service.embedder.channels_last and budgeted.embedder.describe()["memory_format"] == "contiguous"
+    nhwc = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--channels-last"]))
+    assert nhwc.embedder.channels_last and nhwc.embedder.describe()["memory_format"] == "channels_last"
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--onnx", "x.onnx"])  # one query network
     not_an_index = ["serve", "--index", str(world["base"]), "--network-path", str(world["nets"]["student"])]

@@ -264,6 +264,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "event loop)",
     )
     runtime.add_argument(
+        "--channels-last",
+        action="store_true",
+        help="serve a copy of the query network in the channels-last memory format: its convolutions ran 1.26-1.51x "
+        "faster on a 2-core CPU (+23-26 %% batched throughput), its embeddings differ from raml search's in the "
+        "last float32 bits (max 1.3e-7; default off: equal bit for bit)",
+    )
+    runtime.add_argument(
         "--http",
         choices=("auto", "httptools", "h11"),
         default="auto",
@@ -328,7 +335,7 @@ def build_service(args: argparse.Namespace):  # -> SearchService (imported lazil
         size = args.image_size
         if size is None and not network.meta.get("image_sizes"):
             size = DEFAULT_QUERY_SIZE
-        embedder = TorchQueryEmbedder(network, device, size, graph=not args.eager)
+        embedder = TorchQueryEmbedder(network, device, size, graph=not args.eager, channels_last=args.channels_last)
     return SearchService(
         embedder, args.index, limits, latency_target_ms=args.latency_target_ms, up_fraction=args.latency_up_fraction
     )

@@ -16,6 +16,7 @@ the cores (at least one) unless told otherwise.
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -126,9 +127,31 @@ class TorchQueryEmbedder:
             bit for bit (:func:`raml.deploy.service.graph_network.record_graphs`): the pass then never waits for
             the GIL behind the event loop. ``False``: the network itself, operator by operator (``raml serve
             --eager``).
+        channels_last: Serve a copy of the network with its weights in the channels-last memory format
+            (``torch.channels_last``; the caller's network is left as it is). The convolutions then take oneDNN's
+            NHWC kernels whatever the input's format (converting the input as well changed neither the time nor a
+            bit): on the project's 2-core CPU a batch of 32 of the demo's ResNet-18 student took 32.3 ms at 24 px
+            and 96.8 ms at 48 px against 48.9 and 121.9 ms (1.51x and 1.26x; one torch thread, traced,
+            2026-12-04). The embeddings differ from the default format's in the last float32 bits (max abs
+            difference 1.3e-7 on unit-norm 128-d embeddings): another summation order, the same numbers to
+            within rounding. Opt-in (``raml serve --channels-last``): in ``raml bench serve`` it raised the batched
+            saturation by 23-26 %, but the faster batches shrink the promise of goal (C) at 2x saturation (the
+            window plus two batch times) while the latency outside the server does not shrink, and (C) was missed
+            in both runs with it, met in both without (issue 20; docs/deployment.md). ``False`` (the default): the
+            network's own format, bit for bit ``raml search``'s embeddings.
     """
 
-    def __init__(self, network: nn.Module, device: torch.device, image_size: int | None, graph: bool = True) -> None:
+    def __init__(
+        self,
+        network: nn.Module,
+        device: torch.device,
+        image_size: int | None,
+        graph: bool = True,
+        channels_last: bool = False,
+    ) -> None:
+        self.channels_last = bool(channels_last)
+        if self.channels_last:  # a copy: the caller's network (e.g. also used for extraction) keeps its format
+            network = copy.deepcopy(network).to(memory_format=torch.channels_last)
         self.network = network.eval()
         self.device = device
         meta = dict(getattr(network, "meta", {}) or {})
@@ -161,6 +184,7 @@ class TorchQueryEmbedder:
             "output_dim": self.output_dim,
             "device": str(self.device),
             "graph_sizes": sorted(self.graphs),
+            "memory_format": "channels_last" if self.channels_last else "contiguous",
         }
 
 
