@@ -10,8 +10,8 @@ little late: the budget lets the batcher admit such a query instead, provided th
 - no smaller size admits it (the step down comes first), and its predicted wait is within the bound plus one full
   batch at the size in use (the *late bound*: it is answered at most one batch after the target, never queued
   without bound);
-- fewer than ``fraction`` of the last ``window`` arrivals were admitted on the budget (default 0.5 %: half of what
-  a p99 allows, so the rest of the tail keeps the other half).
+- fewer than ``fraction`` of the last ``window`` arrivals were admitted on the budget (0.5 % suggested: half of
+  what a p99 allows, so the rest of the tail keeps the other half).
 
 A query admitted within its bound that has, against the prediction, waited past it when its batch starts is
 answered on the budget too (within the late bound, while the budget lasts) rather than refused after its decoding.
@@ -20,7 +20,7 @@ The budget counts arrivals, not seconds: ``window`` arrivals are a few seconds a
 ``1 / fraction`` queries have arrived it grants nothing (a budget of less than one query is none).
 
 ``raml serve --late-budget F`` turns it on; it is off by default because it did not do what it was built for: in
-three alternated pairs of ``raml bench adaptive --rates 2 --target-ms 120.7`` runs (2026-12-04 21:55-22:01 UTC) the
+three alternated pairs of ``raml bench adaptive --rates 2 --target-ms 120.7`` runs (2026-12-04 21:54-22:00 UTC) the
 budget of 0.005 answered 12-15 queries late but still refused 10-26 (the 24 px size then runs at 85-95 % of its
 capacity, and a burst outlasts the budget), and the p99 of the answered queries rose to 122.1-128.9 ms, over T,
 against 116.3-127.6 ms (over T in one of three) with 12-61 refused without it. The queries admitted late lengthen
