@@ -377,7 +377,7 @@ class MicroBatcher:
         if should_shed(predicted, bound, depth, remaining) and not (
             step_down and self._admitted_smaller(predicted, depth, remaining)
         ):
-            late_bound = self._late_bound_s(bound)
+            late_bound = self._late_bound_s(bound, full)
             if late_bound is not None and predicted <= late_bound and self._grant_late(arrival):
                 return late_bound, True
             with self._shed_lock:
@@ -403,13 +403,13 @@ class MicroBatcher:
                 )
         return bound, False
 
-    def _late_bound_s(self, bound: float) -> float | None:
-        """With a late-answer budget: ``bound`` plus one full batch at the size in use (the longest wait of a query
-        admitted on the budget); None without a budget or before any batch was measured."""
-        if self.late_budget is None:
+    def _late_bound_s(self, bound: float, full: float | None) -> float | None:
+        """With a late-answer budget: ``bound`` plus ``full``, one full batch's predicted time at the size in use
+        (:meth:`_full_batch_s`; the longest wait of a query admitted on the budget); None without a budget or
+        before any batch was measured."""
+        if self.late_budget is None or full is None:
             return None
-        full = self._full_batch_s()
-        return None if full is None else bound + full
+        return bound + full
 
     def _grant_late(self, arrival: bool) -> bool:
         """Whether the late-answer budget admits one more query: at arrival only whether a grant is left (the query
@@ -522,8 +522,8 @@ class MicroBatcher:
                 admitted = query.admitted_bound if self._sizer is None or query.late else None
                 query.bound = bound if admitted is None else max(bound, admitted)
             expired = [query for query in batch if started - query.submitted > query.bound]
-            late_bound = self._late_bound_s(bound)
-            if expired and late_bound is not None:  # answered late on the budget rather than refused, while it lasts
+            late_bound = self._late_bound_s(bound, self._full_batch_s()) if expired else None
+            if late_bound is not None:  # answered late on the budget rather than refused, while it lasts
                 for query in expired:
                     if not query.late and started - query.submitted <= late_bound and self._grant_late(False):
                         query.late, query.bound = True, late_bound

@@ -74,17 +74,20 @@ class LateBudget:
         while self._grants and self._grants[0] <= oldest:
             self._grants.popleft()
 
+    def _has_room(self) -> bool:
+        """Whether one more grant fits among the last ``window`` arrivals (the caller holds the lock)."""
+        self._forget()
+        return len(self._grants) + 1 <= self.fraction * min(self.arrivals, self.window)
+
     def available(self) -> bool:
         """Whether one more grant fits in the budget now (nothing is taken)."""
         with self._lock:
-            self._forget()
-            return len(self._grants) + 1 <= self.fraction * min(self.arrivals, self.window)
+            return self._has_room()
 
     def try_grant(self) -> bool:
         """Take one grant if the budget has one; returns whether it did."""
         with self._lock:
-            self._forget()
-            if len(self._grants) + 1 > self.fraction * min(self.arrivals, self.window):
+            if not self._has_room():
                 return False
             self._grants.append(self.arrivals)
             self.granted += 1
