@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 
 import pytest
@@ -139,3 +140,79 @@ def test_proxies_of_our_proxy_loss_keep_their_own_peak_under_the_shared_max_lr()
     peaks = _peaks(opt, scheduler, 50)
     assert peaks["backbone"] == pytest.approx(peaks["pool"]) == pytest.approx(peaks["whiten"])
     assert peaks["proxies"] == pytest.approx(10 * peaks["backbone"])
+
+
+def _hand_step(name: str, param: torch.Tensor, grads: list[torch.Tensor], lr: float, wd: float) -> torch.Tensor:
+    """The textbook update rules, written out in float64: Adam (L2 added to the gradient), AdamW (decoupled decay),
+    SGD with momentum 0.9 (decay added to the gradient); PyTorch's defaults betas (0.9, 0.999), eps 1e-8."""
+    w = param.double().clone()
+    m = torch.zeros_like(w)
+    v = torch.zeros_like(w)
+    for t, grad in enumerate(grads, start=1):
+        g = grad.double()
+        if name == "sgd":
+            g = g + wd * w
+            m = g if t == 1 else 0.9 * m + g
+            w = w - lr * m
+            continue
+        if name == "adamW":
+            w = w * (1 - lr * wd)
+        else:
+            g = g + wd * w
+        m = 0.9 * m + 0.1 * g
+        v = 0.999 * v + 0.001 * g * g
+        m_hat, v_hat = m / (1 - 0.9**t), v / (1 - 0.999**t)
+        w = w - lr * m_hat / (v_hat.sqrt() + 1e-8)
+    return w
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamW"])
+def test_cpu_float_parameters_take_the_fused_step_and_it_is_the_textbook_rule(name):
+    net = Tiny()
+    opt = build_optimizer(net, name, lr=1e-2, weight_decay=1e-2, momentum=0.9)
+    assert opt.defaults["fused"] is True
+    start = {n: p.detach().clone() for n, p in net.named_parameters()}
+    generator = torch.Generator().manual_seed(0)
+    grads = {n: [torch.randn(p.shape, generator=generator) for _ in range(5)] for n, p in net.named_parameters()}
+    for step in range(5):
+        for n, p in net.named_parameters():
+            p.grad = grads[n][step].clone()
+        opt.step()
+    rates = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    for n, p in net.named_parameters():
+        lr, wd = rates[id(p)]
+        expected = _hand_step(name, start[n], grads[n], lr, wd)
+        torch.testing.assert_close(p.detach().double(), expected, rtol=0, atol=1e-6, msg=n)
+
+
+def test_half_precision_parameters_keep_pytorchs_default_step():
+    opt = build_optimizer(Tiny().half(), "adam", lr=1e-3)
+    assert not opt.defaults["fused"]
+
+
+def test_a_state_saved_by_the_unfused_optimizer_resumes_in_the_fused_one():
+    # checkpoints written before the fused step (and the reference's) hold a multi-tensor Adam's state
+    torch.manual_seed(0)
+    old, new = Tiny(), Tiny()
+    new.load_state_dict(old.state_dict())
+    unfused = torch.optim.Adam(parameter_groups(old, 1e-2, 0.0), lr=1e-2)
+    generator = torch.Generator().manual_seed(1)
+    grads = [[torch.randn(p.shape, generator=generator) for p in old.parameters()] for _ in range(6)]
+    for step in range(3):
+        for p, g in zip(old.parameters(), grads[step]):
+            p.grad = g.clone()
+        unfused.step()
+    new.load_state_dict(old.state_dict())
+    fused = build_optimizer(new, "adam", lr=1e-2, weight_decay=0.0)
+    assert fused.defaults["fused"] is True and not unfused.defaults["fused"]
+    saved = io.BytesIO()  # through a file, as from a checkpoint (loading shares the tensors of a live state)
+    torch.save(unfused.state_dict(), saved)
+    saved.seek(0)
+    fused.load_state_dict(torch.load(saved))
+    for step in range(3, 6):
+        for p, q, g in zip(old.parameters(), new.parameters(), grads[step]):
+            p.grad, q.grad = g.clone(), g.clone()
+        unfused.step()
+        fused.step()
+    for p, q in zip(old.parameters(), new.parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
