@@ -344,11 +344,13 @@ def world(tmp_path_factory, synth_and_networks) -> dict:
     root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
     paths = [str(p) for p in get_split("synth-test", root).abspaths()]
     index_images(load_network(nets["teacher"]), paths[:8], DR, base / "index", checkpoint_sha256(nets["teacher"]))
-    return {"nets": nets, "paths": paths, "index": base / "index"}
+    # the real student, loaded and traced once for the module (it holds no state of a service)
+    student = TorchQueryEmbedder(load_network(nets["student"]), torch.device("cpu"), QR)
+    return {"nets": nets, "paths": paths, "index": base / "index", "student": student}
 
 
 def test_an_overload_is_shed_and_no_answered_query_waited_past_the_measured_bound(world, front_end):
-    real = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
+    real = world["student"]
 
     class Slow:  # the real student, each forward pass 40 ms slower
         sizes, default_size, output_dim, teacher_sha256 = real.sizes, real.default_size, real.output_dim, None
@@ -438,7 +440,7 @@ def test_a_request_shed_for_its_wait_leaves_the_clients_keep_alive_connection_us
     """The refusal comes after the body is read: answering before it breaks a connection still sending."""
     import http.client
 
-    real = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
+    real = world["student"]
 
     class Slow:
         sizes, default_size, output_dim, teacher_sha256 = real.sizes, real.default_size, real.output_dim, None

@@ -61,10 +61,16 @@ def world(tmp_path_factory, indexed_synth_world) -> dict:
 
 
 def student_embedder(world: dict, image_sizes: list[int] | None = None) -> TorchQueryEmbedder:
-    network = load_network(world["nets"]["student"])
-    if image_sizes is not None:
-        network.meta["image_sizes"] = image_sizes
-    return TorchQueryEmbedder(network, CPU, None if image_sizes else QR)
+    """The student at QR, or at ``image_sizes`` as a multi-size student; loaded and traced once per module and
+    sizes (it holds no state of a service)."""
+    built = world.setdefault("embedders", {})
+    key = tuple(image_sizes or ())
+    if key not in built:
+        network = load_network(world["nets"]["student"])
+        if image_sizes is not None:
+            network.meta["image_sizes"] = image_sizes
+        built[key] = TorchQueryEmbedder(network, CPU, None if image_sizes else QR)
+    return built[key]
 
 
 def serving(service: SearchService, front_end: dict[str, str]) -> BackgroundServer:
@@ -497,24 +503,28 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     service = serve_cli.build_service(args)
     assert service.embedder.sizes == (QR,) and service.limits.max_batch == 4 and len(service.index.current) == 20
     assert not service.batcher.count_front_end  # the front end's time is off the queue-wait bound by default
-    counted = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--queue-wait-counts-front-end"]))
+    # the flags' plumbing below at the test's query size (the default size's graph costs a second a service)
+    at_qr = [*argv, "--image-size", str(QR), "--device", "cpu"]
+    counted = serve_cli.build_service(parser.parse_args([*at_qr, "--queue-wait-counts-front-end"]))
     assert counted.limits.queue_wait_counts_front_end and counted.batcher.count_front_end
     # arrival order by default; --defer-early-arrivals lets later arrivals take an early one's place when overloaded
     assert not service.batcher.defer_early_arrivals and not service.limits.defer_early_arrivals
-    deferring = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--defer-early-arrivals"]))
+    deferring = serve_cli.build_service(parser.parse_args([*at_qr, "--defer-early-arrivals"]))
     assert deferring.limits.defer_early_arrivals and deferring.batcher.defer_early_arrivals
     # past saturation the bound loses the measured tail by default; --no-overload-margin keeps it
     assert service.limits.overload_margin and service.batcher.overload_margin
-    plain = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--no-overload-margin"]))
+    plain = serve_cli.build_service(parser.parse_args([*at_qr, "--no-overload-margin"]))
     assert not plain.limits.overload_margin and not plain.batcher.overload_margin
     # the late-answer budget reaches the limits; without a latency target there is none to spend
-    budgeted = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--late-budget", "0.02"]))
+    budgeted = serve_cli.build_service(parser.parse_args([*at_qr, "--late-budget", "0.02"]))
     assert budgeted.limits.late_budget == 0.02 and budgeted.batcher.late_budget is None
     # the query network in its own memory format unless --channels-last
     assert not service.embedder.channels_last and budgeted.embedder.describe()["memory_format"] == "contiguous"
-    nhwc = serve_cli.build_service(parser.parse_args([*argv, "--device", "cpu", "--channels-last"]))
+    nhwc = serve_cli.build_service(parser.parse_args([*at_qr, "--channels-last"]))
     assert nhwc.embedder.channels_last and nhwc.embedder.describe()["memory_format"] == "channels_last"
     with pytest.raises(SystemExit):
         parser.parse_args([*argv, "--onnx", "x.onnx"])  # one query network
     not_an_index = ["serve", "--index", str(world["base"]), "--network-path", str(world["nets"]["student"])]
-    assert cli_main.main([*not_an_index, "--device", "cpu"]) == 2  # a clear error, not a traceback
+    assert (
+        cli_main.main([*not_an_index, "--image-size", str(QR), "--device", "cpu"]) == 2
+    )  # a clear error, not a traceback

@@ -124,8 +124,8 @@ def test_small_images_are_decoded_on_the_event_loop_and_answer_as_in_a_thread(wo
     opens: list[int] = []  # PIL's header parsing, once per upload (it was twice on the loop: 80 us each)
     real_open = Image.open
     monkeypatch.setattr(Image, "open", lambda fp, *args, **kwargs: opens.append(1) or real_open(fp, *args, **kwargs))
+    embedder = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
     for threshold in (0, 40 * 40):  # every image in a thread; images up to 40 x 40 on the event loop
-        embedder = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR)
         service = SearchService(embedder, world["index"], ServiceLimits(max_batch=1, max_pixels=1_000_000))
         prepared_in: list[tuple[int | None, str]] = []
         prepare = service.prepare

@@ -49,15 +49,17 @@ def world(tmp_path_factory, synth_and_networks) -> dict:
     paths = [str(p) for p in split.abspaths()]
     teacher = load_network(nets["teacher"])
     index_images(teacher, paths[:8], DR, base / "index", checkpoint_sha256(nets["teacher"]))
-    return {"nets": nets, "paths": paths, "index": base / "index"}
+    # one query network for the module's services: loading and tracing it cost ~0.45 s a service, and it holds
+    # no state of a service (each test's service, batcher and limits are its own)
+    embedder = TorchQueryEmbedder(load_network(nets["student"]), CPU, QR)
+    return {"nets": nets, "paths": paths, "index": base / "index", "embedder": embedder}
 
 
 @contextlib.contextmanager
 def serving(world: dict, front_end: dict[str, str], **limits) -> Iterator[tuple[SearchService, str]]:
     """A service over the test index with ``limits`` (ServiceLimits fields), its deadlines in force, on the HTTP
     front end ``front_end`` (:func:`server_options`'s ``http`` and ``loop``)."""
-    embedder = TorchQueryEmbedder(load_network(world["nets"]["student"]), CPU, QR)
-    service = SearchService(embedder, world["index"], ServiceLimits(**limits))
+    service = SearchService(world["embedder"], world["index"], ServiceLimits(**limits))
     options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
     with BackgroundServer(create_app(service), options=options) as running:
         yield service, running.url

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
 
@@ -579,13 +581,25 @@ def test_clustered_embeddings_have_sop_like_classes() -> None:
         make_clustered_embeddings(150, 16, 100)
 
 
-def test_eval_benchmark_cli_tiny(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:
+#: the tiny benchmark run the tests below read (each phase is a fresh process: one run for the module)
+TINY_BENCH = {"num_images": 500, "dim": 32, "num_classes": 100, "seed": 0}
+
+
+@pytest.fixture(scope="module")
+def tiny_eval_bench(tmp_path_factory) -> dict:
+    """``raml bench eval`` on :data:`TINY_BENCH` with every phase, CUDA asked for: its JSON and printed report."""
     from raml.bench.eval import main
 
-    out = tmp_path / "bench.json"
-    argv = ["--num-images", "500", "--dim", "32", "--num-classes", "100", "--device", "cuda", "--json", str(out)]
-    assert main(argv) == 0
-    result = json.loads(out.read_text())
+    out = tmp_path_factory.mktemp("bench_eval") / "bench.json"
+    argv = [f"--{key.replace('_', '-')}={value}" for key, value in TINY_BENCH.items()]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--device", "cuda", "--json", str(out)]) == 0
+    return {"result": json.loads(out.read_text()), "report": printed.getvalue()}
+
+
+def test_eval_benchmark_cli_tiny(tiny_eval_bench: dict) -> None:
+    result = tiny_eval_bench["result"]
     for key in ("matmul_s", "eval_s", "ratio", "matmul_peak_rss_gb", "eval_peak_rss_gb", "torch_threads", "cpu_model"):
         assert key in result
     assert result["phases"] == ["matmul", "sym", "sym_one_sided", "asym"]
@@ -597,7 +611,7 @@ def test_eval_benchmark_cli_tiny(tmp_path, capsys: pytest.CaptureFixture[str]) -
     assert result["sym_metrics_equal"] is True and result["sym_max_abs_diff"] == 0.0
     assert result["asym_metrics"] != result["sym_metrics"]  # other queries, other figures
     assert result["cpu_ratio"] > 0 and len(result["runs"]) == 1
-    report = capsys.readouterr().out
+    report = tiny_eval_bench["report"]
     assert "symmetric, pairs once" in report and "x matmul (CPU)" in report
     cuda = torch.cuda.is_available()
     assert result["device"] == ("cuda" if cuda else "cpu") and result["cuda_unavailable"] is (not cuda)
@@ -621,17 +635,13 @@ def test_eval_benchmark_cli_bad_sizes(capsys: pytest.CaptureFixture[str]) -> Non
     assert "unknown --phases ['sort']" in capsys.readouterr().err
 
 
-def test_eval_benchmark_metrics_are_those_of_its_embeddings(tmp_path) -> None:
+def test_eval_benchmark_metrics_are_those_of_its_embeddings(tiny_eval_bench: dict) -> None:
     """The benchmark's metrics are measured on its data, not filled in: they equal a direct ``retrieval_metrics``
     call and the plain reference on the same seeded embeddings (fixed numbers in their place failed here)."""
-    from raml.bench.eval import _KS, main, make_clustered_embeddings
+    from raml.bench.eval import _KS, make_clustered_embeddings
 
-    out = tmp_path / "bench.json"
-    # "metrics" are the symmetric phase's: the other phases (each a fresh process) add nothing to this check
-    argv = ["--num-images", "300", "--dim", "16", "--num-classes", "60", "--seed", "3", "--phases", "sym"]
-    assert main([*argv, "--json", str(out)]) == 0
-    measured = json.loads(out.read_text())["metrics"]
-    x, labels = make_clustered_embeddings(300, 16, 60, seed=3)
+    measured = tiny_eval_bench["result"]["metrics"]  # the symmetric phase's
+    x, labels = make_clustered_embeddings(*(TINY_BENCH[k] for k in ("num_images", "dim", "num_classes", "seed")))
     direct = retrieval_metrics(x, x, labels, labels, ks=_KS, exclude_self=True)
     reference = _reference_metrics(x, x, labels, labels, list(_KS), exclude_self=True)
     assert set(measured) == set(direct)
