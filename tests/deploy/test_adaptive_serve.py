@@ -52,11 +52,16 @@ def world(tmp_path_factory, indexed_synth_world) -> dict:
 
 
 def multi_size_student(world: dict, sizes: list[int] | None = SIZES) -> TorchQueryEmbedder:
-    """The tiny student, its meta listing ``sizes`` (a multi-size student) or none (``--image-size 32``)."""
-    network = load_network(world["nets"]["student"])
-    if sizes:
-        network.meta["image_sizes"] = list(sizes)
-    return TorchQueryEmbedder(network, CPU, None if sizes else 32)
+    """The tiny student, its meta listing ``sizes`` (a multi-size student) or none (``--image-size 32``); loaded
+    and traced once per module and sizes (it holds no state of a service)."""
+    built = world.setdefault("embedders", {})
+    key = tuple(sizes or ())
+    if key not in built:
+        network = load_network(world["nets"]["student"])
+        if sizes:
+            network.meta["image_sizes"] = list(sizes)
+        built[key] = TorchQueryEmbedder(network, CPU, None if sizes else 32)
+    return built[key]
 
 
 def post(client, path: str, k: int = 5, **params):

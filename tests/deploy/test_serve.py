@@ -503,8 +503,8 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     service = serve_cli.build_service(args)
     assert service.embedder.sizes == (QR,) and service.limits.max_batch == 4 and len(service.index.current) == 20
     assert not service.batcher.count_front_end  # the front end's time is off the queue-wait bound by default
-    # the flags' plumbing below at the test's query size (the default size's graph costs a second a service)
-    at_qr = [*argv, "--image-size", str(QR), "--device", "cpu"]
+    # the flags' plumbing below at the test's query size, untraced (the default size's graph cost a second a service)
+    at_qr = [*argv, "--image-size", str(QR), "--device", "cpu", "--eager"]
     counted = serve_cli.build_service(parser.parse_args([*at_qr, "--queue-wait-counts-front-end"]))
     assert counted.limits.queue_wait_counts_front_end and counted.batcher.count_front_end
     # arrival order by default; --defer-early-arrivals lets later arrivals take an early one's place when overloaded

@@ -55,7 +55,7 @@ def test_a_failed_rank_gives_its_exit_code_and_the_other_is_ended(two_ranks, scr
 def test_a_hang_times_out(two_ranks, script):
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        two_ranks([script, "hang"], dict(os.environ), timeout=2.0)
+        two_ranks([script, "hang"], dict(os.environ), timeout=1.0)
     assert time.monotonic() - start < 30
 
 
@@ -132,7 +132,7 @@ def test_a_failed_rank_of_the_pair_gives_its_exit_code_and_the_other_is_ended(ba
 def test_a_hang_in_the_pair_times_out(bare_pair, request_script):
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        bare_pair.run([request_script, "hang"], dict(os.environ), timeout=2.0)
+        bare_pair.run([request_script, "hang"], dict(os.environ), timeout=1.0)
     assert time.monotonic() - start < 30
 
 
