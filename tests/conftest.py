@@ -89,37 +89,31 @@ def pytest_configure(config: pytest.Config) -> None:
 # a minute while the other had finished. Here the files known to be long go first, longest first (the other
 # worker takes the next ones, and the many short files fill in at the end, so both workers end together), and
 # the files that share one per-worker resource travel as one unit. Seconds: wall time of each file on the idle
-# 2-core machine with 2 workers (RAML_TEST_PROFILE run of 2026-12-04 17:24, docs/benchmarks.md "Test suite"); only
+# 2-core machine with 2 workers (RAML_TEST_PROFILE run of 2026-12-04 23:58, docs/benchmarks.md "Test suite"); only
 # the order matters, a file missing here goes after these, largest test count first as before.
 _FILE_SECONDS = {
-    "tests/engine/test_training.py": 76,  # with its own ResNet-18 teacher (about 30 s)
-    "tests/deploy/test_serve_limits.py": 27,
-    "tests/cli/test_test_extract.py": 22,
-    "tests/deploy/test_index_ray.py": 21,
-    "tests/retrieval/test_metrics.py": 21,
-    "tests/deploy/test_serve_bench.py": 20,
-    "tests/deploy/test_serve.py": 20,
-    "tests/deploy/test_adaptive_serve.py": 15,
-    "tests/models/test_checkpoints.py": 15,
-    "tests/cli/test_reference_train.py": 15,
-    "tests/data/test_download.py": 14,
-    "tests/engine/test_training_modes.py": 13,
-    "tests/engine/test_methods.py": 13,
-    "tests/deploy/test_index_search.py": 11,
-    "tests/test_demo.py": 11,
-    "tests/deploy/test_index_shards.py": 9,
-    "tests/deploy/test_queue_wait.py": 8,
-    "tests/engine/test_multires.py": 8,
-    "tests/deploy/test_index_lifecycle.py": 7,
-    "tests/deploy/test_export.py": 7,
-    "tests/deploy/test_loadgen.py": 7,
-    "tests/retrieval/test_cpu_runtime.py": 6,
-    "tests/data/test_archives.py": 6,
-    "tests/deploy/test_serve_front_end.py": 6,
-    "tests/deploy/test_quantize.py": 6,
-    "tests/engine/test_search_first_trial.py": 6,
-    "tests/deploy/test_index_lock.py": 5,
-    "tests/cli/test_reproduce.py": 5,
+    "tests/engine/test_training.py": 41,  # with its own ResNet-18 teacher (about 25 s)
+    "tests/deploy/test_index_ray.py": 19,
+    "tests/cli/test_test_extract.py": 18,
+    "tests/deploy/test_serve_bench.py": 17,
+    "tests/deploy/test_adaptive_serve.py": 16,
+    "tests/retrieval/test_metrics.py": 15,
+    "tests/deploy/test_serve.py": 14,
+    "tests/deploy/test_serve_limits.py": 13,
+    "tests/models/test_checkpoints.py": 12,
+    "tests/cli/test_reference_train.py": 12,
+    "tests/engine/test_training_modes.py": 11,
+    "tests/data/test_download.py": 11,
+    "tests/engine/test_methods.py": 10,
+    "tests/deploy/test_index_search.py": 9,
+    "tests/test_demo.py": 8,
+    "tests/deploy/test_loadgen.py": 6,
+    "tests/engine/test_multires.py": 6,
+    "tests/deploy/test_queue_wait.py": 6,
+    "tests/deploy/test_index_shards.py": 5,
+    "tests/retrieval/test_cpu_runtime.py": 5,
+    "tests/data/test_archives.py": 5,
+    "tests/deploy/test_index_lifecycle.py": 5,
 }
 # files run as one unit on one worker: the DDP tests share the worker's pair of gloo ranks (tests/engine/
 # conftest.py ``rank_pair``, about 15 CPU s to start), which a second worker would start again
@@ -128,7 +122,7 @@ _UNITS = {
     "tests/engine/test_gpu_paths.py": "rank_pair",
     "tests/engine/test_two_ranks.py": "rank_pair",
 }
-_UNIT_SECONDS = {"rank_pair": 63}
+_UNIT_SECONDS = {"rank_pair": 44}
 
 
 def _unit_of(nodeid: str) -> str:
