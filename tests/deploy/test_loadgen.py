@@ -46,7 +46,8 @@ class _Handler(BaseHTTPRequestHandler):
 def _serve(server_class):
     server = server_class(("127.0.0.1", 0), _Handler)
     server.daemon_threads = True
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    # a 50 ms poll (the default is 0.5 s): shutdown() waits up to one poll
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 

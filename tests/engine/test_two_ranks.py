@@ -13,6 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
+# the failed-rank tests' grace period and the hang tests' timeout: the other rank sleeps 120 s, so any short
+# wait shows it was ended, not waited for
+GRACE_S = 0.3
+
 SCRIPT = """
 import os, sys, time
 rank = int(os.environ["RANK"])
@@ -47,7 +51,7 @@ def test_each_rank_gets_torchruns_variables(two_ranks, script):
 
 def test_a_failed_rank_gives_its_exit_code_and_the_other_is_ended(two_ranks, script):
     start = time.monotonic()
-    result = two_ranks([script, "fail"], dict(os.environ), timeout=60, grace_s=1.0)
+    result = two_ranks([script, "fail"], dict(os.environ), timeout=60, grace_s=GRACE_S)
     assert result.returncode == 3  # rank 1's, not the -9 of rank 0 killed after the grace period
     assert time.monotonic() - start < 30  # rank 0 (asleep for 120 s) was not waited for
 
@@ -55,7 +59,7 @@ def test_a_failed_rank_gives_its_exit_code_and_the_other_is_ended(two_ranks, scr
 def test_a_hang_times_out(two_ranks, script):
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        two_ranks([script, "hang"], dict(os.environ), timeout=1.0)
+        two_ranks([script, "hang"], dict(os.environ), timeout=GRACE_S)
     assert time.monotonic() - start < 30
 
 
@@ -111,10 +115,10 @@ def test_the_pair_runs_each_request_in_the_same_two_processes_like_python_args(b
 
 def test_an_exception_in_a_request_exits_with_1_and_its_traceback_and_ends_the_pair(bare_pair, request_script):
     env = dict(os.environ)
-    result = bare_pair.run([request_script, "raise"], env, timeout=60, grace_s=1.0)
+    result = bare_pair.run([request_script, "raise"], env, timeout=60, grace_s=GRACE_S)
     assert result.returncode == 1 and "ValueError: boom in rank 1" in result.stderr
     old = bare_pair.pids
-    result = bare_pair.run([request_script, "message"], env, timeout=60, grace_s=1.0)
+    result = bare_pair.run([request_script, "message"], env, timeout=60, grace_s=GRACE_S)
     assert result.returncode == 1 and "a message, exit code 1" in result.stderr
     assert bare_pair.starts == 2 and bare_pair.pids != old  # a failed request's pair is not reused
     assert bare_pair.run([request_script, "ok"], env, timeout=60).returncode == 0 and bare_pair.starts == 3
@@ -122,7 +126,7 @@ def test_an_exception_in_a_request_exits_with_1_and_its_traceback_and_ends_the_p
 
 def test_a_failed_rank_of_the_pair_gives_its_exit_code_and_the_other_is_ended(bare_pair, request_script):
     start = time.monotonic()
-    result = bare_pair.run([request_script, "fail"], dict(os.environ), timeout=60, grace_s=1.0)
+    result = bare_pair.run([request_script, "fail"], dict(os.environ), timeout=60, grace_s=GRACE_S)
     assert result.returncode == 3
     assert time.monotonic() - start < 30  # rank 0 (asleep for 120 s) was not waited for
     assert bare_pair.run([request_script, "ok"], dict(os.environ), timeout=60).returncode == 0
@@ -132,7 +136,7 @@ def test_a_failed_rank_of_the_pair_gives_its_exit_code_and_the_other_is_ended(ba
 def test_a_hang_in_the_pair_times_out(bare_pair, request_script):
     start = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        bare_pair.run([request_script, "hang"], dict(os.environ), timeout=1.0)
+        bare_pair.run([request_script, "hang"], dict(os.environ), timeout=GRACE_S)
     assert time.monotonic() - start < 30
 
 

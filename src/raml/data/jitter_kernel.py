@@ -28,7 +28,7 @@ per pixel or holds the GIL (``nogil``).
 
 Compilation: the kernels are compiled on first use and cached on disk (``cache=True``, in ``__pycache__``
 beside this file, or numba's user cache when that is not writable). The first call of a fresh install compiles
-(about 1-2 s, docs/benchmarks.md); later processes load the cached machine code (milliseconds).
+(5.8-8.7 CPU s on a 2-core machine, docs/benchmarks.md); later processes load the cached machine code (~0.25 s).
 
 Contract: ``(H, W, 3)`` uint8 RGB in -> ``(H, W, 3)`` uint8 RGB out (a given array or a new one).
 """
