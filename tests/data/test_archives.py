@@ -18,7 +18,9 @@ from raml.data.archives import ArchiveError, PlainFile, TarArchive, ZipArchive, 
 
 
 def _tar(path: Path, members: dict[str, bytes], links: dict[str, str] | None = None) -> Path:
-    with tarfile.open(path, "w:gz") as tar:
+    # gzip's level 6 (zlib's and the gzip tool's default; tarfile's is 9): 4 MB of 4-letter bytes in 0.4 CPU s,
+    # not 2.4, and about as small (3.4 against 3.5 times)
+    with tarfile.open(path, "w:gz", compresslevel=6) as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)

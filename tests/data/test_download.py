@@ -30,7 +30,7 @@ def _files(root: Path) -> dict[str, bytes]:
 
 def _tgz(folder: Path, arcname: str, extra: dict[str, bytes] | None = None) -> bytes:
     buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
+    with tarfile.open(fileobj=buffer, mode="w:gz", compresslevel=6) as tar:  # as test_archives.py's _tar
         tar.add(folder, arcname=arcname)
         for name, data in (extra or {}).items():
             info = tarfile.TarInfo(name)

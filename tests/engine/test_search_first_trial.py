@@ -39,6 +39,9 @@ class _RecordingTrainer:
 )
 def test_first_trial_is_the_given_values_unclipped(tmp_path: Path, monkeypatch, lr, lam_1, lam_2):
     monkeypatch.setattr(search_module, "Trainer", _RecordingTrainer)
+    # the stand-in holds no networks: no full garbage collection after each trial (0.2-0.5 s each in a test
+    # worker's heap; test_gpu_paths.py checks that a real trial is freed)
+    monkeypatch.setattr(search_module, "_free_memory", lambda device: None)
     _RecordingTrainer.seen = []
     config = TrainConfig(
         directory=str(tmp_path / "search"),
