@@ -16,7 +16,8 @@ def test_the_benchmark_times_both_loads_of_the_same_weights(tmp_path, capsys):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     out = tmp_path / "load.json"
-    assert module.main(["--architectures", "test_resnet", "--repeats", "1", "--whitening", "8", "--json", str(out)]) == 0
+    argv = ["--architectures", "test_resnet", "--repeats", "1", "--whitening", "8", "--json", str(out)]
+    assert module.main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
     assert row["architecture"] == "test_resnet" and row["identical"] is True
     assert row["baseline_ms"] > 0 and row["raml_ms"] > 0
