@@ -158,6 +158,22 @@ def test_warm_up_runs():
     warm_up()
 
 
+def test_writable_and_read_only_sources_share_one_compiled_variant():
+    """numba compiles a kernel per argument type, and a read-only array is a type of its own: every source reaches
+    the kernels read-only (a view; the caller's array keeps its flag), so a fresh install compiles once."""
+    from raml.data import jitter_kernel
+
+    pixels = _smooth(12, 10, 2).copy()  # writable (np.asarray of a PIL image is read-only)
+    frozen = pixels.copy()
+    frozen.flags.writeable = False
+    for src in (pixels, frozen):
+        for flip in (False, True):
+            jitter_into(src, 1.1, 0.9, 1.2, 0.02, (1, 0, 2, 3), flip=flip)
+    assert pixels.flags.writeable and not frozen.flags.writeable
+    steps = jitter_kernel._jitter_steps.signatures
+    assert len(steps) == 1 and steps[0][0].mutable is False, steps  # the entry kernel (it holds the others)
+
+
 @pytest.mark.parametrize("weight", [0.0, 1e-7, 0.2, 0.4999, 0.5, 0.73, 1.0 - 1e-7, 1.0])
 def test_lerp_uint8_equals_torch_lerp(weight):
     rng = np.random.default_rng(1)

@@ -28,7 +28,9 @@ per pixel or holds the GIL (``nogil``).
 
 Compilation: the kernels are compiled on first use and cached on disk (``cache=True``, in ``__pycache__``
 beside this file, or numba's user cache when that is not writable). The first call of a fresh install compiles
-(5.8-8.7 CPU s on a 2-core machine, docs/benchmarks.md); later processes load the cached machine code (~0.25 s).
+(4.5 CPU s on a 2-core machine, docs/benchmarks.md); later processes load the cached machine code (~0.25 s). A
+writable source is passed to the kernels as a read-only view, so that they are compiled for one source type only
+(numba types the two apart; compiling both took 5.8-6.1 s).
 
 Contract: ``(H, W, 3)`` uint8 RGB in -> ``(H, W, 3)`` uint8 RGB out (a given array or a new one).
 """
@@ -300,6 +302,11 @@ def jitter_into(
         out[...] = src[:, ::-1] if flip else src
         return out
     src = np.ascontiguousarray(src)
+    if src.flags.writeable:
+        # numba types a read-only array apart from a writable one and compiles each kernel for both; a read-only
+        # view of a writable source (no copy; the kernels never write to src) leaves one variant to compile
+        src = src.view()
+        src.flags.writeable = False
     factors = (np.float32(brightness), np.float32(contrast), np.float32(saturation))
     shift = _hue_shift_of(hue) if _HUE in ops else 0
     _jitter_steps(src, out, flip, np.array(ops, dtype=np.int64), *factors, shift)
@@ -359,9 +366,9 @@ def _jitter_steps(
 def warm_up() -> None:
     """Compile (or load from numba's on-disk cache) the kernels for the inputs views give them.
 
-    Writable and read-only sources (torch's resize, PIL's), flipped or not, contrast first or later, and the
-    uint8 mix of :mod:`raml.data.mix_kernel`. Cached, this takes well under a second; a fresh install compiles
-    (seconds, docs/benchmarks.md).
+    Writable and read-only sources (torch's resize, PIL's; both reach the kernels read-only), flipped or not,
+    contrast first or later, and the uint8 mix of :mod:`raml.data.mix_kernel`. Cached, this takes well under a
+    second; a fresh install compiles (seconds, docs/benchmarks.md).
     """
     from raml.data.mix_kernel import lerp_uint8_into
 
