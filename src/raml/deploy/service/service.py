@@ -306,8 +306,9 @@ class SearchService:
         return self.batcher.submit(image, int(image.shape[-1]) if size is None else size, k)
 
     def _late_budget(self) -> LateBudget | None:
-        """The late-answer budget: with a latency target, the derived bound and a share above 0."""
-        if self.adaptive is None or self.limits.max_queue_wait_ms is not None or self.limits.late_budget <= 0:
+        """The late-answer budget: with a latency target and a share above 0 (the batcher drops it where an
+        operator's ``--max-queue-wait-ms`` replaces the derived bound)."""
+        if self.adaptive is None or self.limits.late_budget <= 0:
             return None
         return LateBudget(self.limits.late_budget, window=max(2000, math.ceil(1 / self.limits.late_budget)))
 
