@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from raml.models.checkpoints import load_checkpoint_file, load_network
+from raml.models.checkpoints import load_checkpoint_file, load_network, save_checkpoint
 from raml.models.network import build_network
 from raml.utils import cpu_model
 
@@ -43,8 +43,6 @@ def _timed(load, path: Path) -> tuple[float, torch.nn.Module]:
 
 
 def measure(architectures: list[str], repeats: int, whitening: int, folder: Path) -> list[dict]:
-    from raml.models import save_checkpoint
-
     rows = []
     for architecture in architectures:
         torch.manual_seed(0)
