@@ -44,6 +44,10 @@ def _run(args: list[str]) -> int:
     return 0
 
 
+def _raise_system_exit(code: int) -> None:
+    raise SystemExit(code)
+
+
 def serve(preload: bool) -> None:
     """Answer requests until stdin closes. ``preload``: import torch and raml first (the cost the pair saves) and
     give each request a fresh process's torch threads and random state; without it (the launcher's own tests,
@@ -53,6 +57,11 @@ def serve(preload: bool) -> None:
         import torch
 
         import raml.cli.main  # noqa: F401
+        import raml.distributed
+
+        # a request ends like a fresh process's ``python -m raml`` but without ending this process: the pair keeps
+        # its process group for the next request
+        raml.distributed.exit_process = _raise_system_exit
 
         default_threads = torch.get_num_threads()
     control = os.fdopen(os.dup(1), "w")  # replies; fds 1 and 2 go to each request's files
