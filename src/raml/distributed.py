@@ -60,25 +60,25 @@ def _destroy_process_group() -> None:
 
 def exit_process(code: int) -> NoReturn:
     """End the process with ``code`` (``python -m raml``'s last step). A process that joined a process group ends
-    without the interpreter's finalisation: its non-daemon threads are joined (as at a normal exit), the group is
-    destroyed, the ``atexit`` functions run (logging's flush among them), standard output and error are flushed,
-    and then ``os._exit(code)``.
+    without the interpreter's finalisation: its threads end as at a normal exit (``threading._shutdown``: the
+    executors' idle workers told to stop, non-daemon threads joined), the group is destroyed, the ``atexit``
+    functions run (logging's flush among them), standard output and error are flushed, and then
+    ``os._exit(code)``. Without a process group this is ``raise SystemExit(code)``.
 
-    Why: with the interpreter's own shutdown a rank can abort after its work is done and written ("terminate
-    called without an active exception", SIGABRT), and torchrun then reports the run as failed. Seen with
-    ``torchrun --nproc_per_node 2 -m raml extract`` on a 2-core machine kept busy by two other processes: 2 of 99
-    runs (rank 1 both times, its group destroyed by the ``atexit`` function below), and once in ``make test``;
-    after this change 0 of 60 (too few runs to show the rate fell; what changed is that no finalisation runs);
-    Python's fault handler showed the main thread with no Python frame left, so the abort came from native code
-    at the very end. The likely cause (described in PyTorch pull request 179291): a backend thread still
-    releasing a finished collective's tensors needs the GIL, which a finalising interpreter refuses by ending
-    the thread, and a C++ thread ended that way aborts the process. Without a process group this is
-    ``raise SystemExit(code)``.
+    Why: with the interpreter's own shutdown a rank could abort after its work was done and written ("terminate
+    called without an active exception", SIGABRT), and torchrun then reported the run as failed. Seen with
+    ``torchrun --nproc_per_node 2 -m raml extract`` on a 2-core machine kept busy by two other processes in 2 of
+    99 runs (rank 1 both times, after the ``atexit`` function below had destroyed its group) and once in ``make
+    test``; Python's fault handler showed the main thread with no Python frame left, so the abort came from native
+    code at the very end. The likely cause (described in PyTorch pull request 179291): a backend thread still
+    releasing a finished collective's tensors needs the GIL, which a finalising interpreter refuses by ending the
+    thread, and a C++ thread ended that way aborts the process. With this function: 0 of 60 runs under the same
+    load (too few to show the rate fell; what changed is that no finalisation runs).
     """
     if dist.is_initialized():
-        for thread in threading.enumerate():  # as the interpreter's exit would: non-daemon threads finish first
-            if thread is not threading.current_thread() and not thread.daemon:
-                thread.join()
+        # the interpreter's own first step at exit: the threading module's exit hooks (an executor's idle workers
+        # are told to stop) and then every non-daemon thread joined
+        threading._shutdown()
         _destroy_process_group()
         atexit._run_exitfuncs()
         for stream in (sys.stdout, sys.stderr):

@@ -15,6 +15,7 @@ from raml.distributed import exit_process
 
 SCRIPT = """
 import atexit, os, sys, threading, time
+from concurrent.futures import ThreadPoolExecutor
 import torch.distributed as dist
 from raml.distributed import exit_process
 
@@ -38,6 +39,8 @@ kept = Finalised()
 dist.init_process_group("gloo", init_method="file://" + sys.argv[1], rank=0, world_size=1)
 atexit.register(lambda: mark(f"atexit group={dist.is_initialized()}"))
 threading.Thread(target=lambda: (time.sleep(0.5), mark("thread done"))).start()  # not a daemon: joined first
+idle = ThreadPoolExecutor(1)  # never shut down: its idle worker is not a daemon either, and must not hang the exit
+idle.submit(lambda: None).result()
 sys.stdout.write("unflushed output")  # a pipe: block-buffered until flushed
 exit_process(3)
 """
@@ -58,7 +61,7 @@ def test_in_a_process_group_it_exits_with_the_code_after_atexit_and_flush_and_sk
         [sys.executable, str(script), str(tmp_path / "store"), str(marks)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=60,
         env=env,
     )
     assert result.returncode == 3, result.stderr[-2000:]
