@@ -72,7 +72,7 @@ def exit_process(code: int) -> NoReturn:
     test``; Python's fault handler showed the main thread with no Python frame left, so the abort came from native
     code at the very end. The likely cause (described in PyTorch pull request 179291): a backend thread still
     releasing a finished collective's tensors needs the GIL, which a finalising interpreter refuses by ending the
-    thread, and a C++ thread ended that way aborts the process. With this function: 0 of 60 runs under the same
+    thread, and a C++ thread ended that way aborts the process. With this function: 0 of 90 runs under the same
     load (too few to show the rate fell; what changed is that no finalisation runs).
     """
     if dist.is_initialized():
