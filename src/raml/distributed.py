@@ -59,11 +59,11 @@ def _destroy_process_group() -> None:
 
 
 def exit_process(code: int) -> NoReturn:
-    """End the process with ``code`` (``python -m raml``'s last step). A process that joined a process group ends
-    without the interpreter's finalisation: its threads end as at a normal exit (``threading._shutdown``: the
-    executors' idle workers told to stop, non-daemon threads joined), the group is destroyed, the ``atexit``
-    functions run (logging's flush among them), standard output and error are flushed, and then
-    ``os._exit(code)``. Without a process group this is ``raise SystemExit(code)``.
+    """End the process with ``code`` (the last step of ``raml`` and ``python -m raml``, ``raml.__main__.run``). A
+    process that joined a process group ends without the interpreter's finalisation: its threads end as at a normal
+    exit (``threading._shutdown``: the executors' idle workers told to stop, non-daemon threads joined), the group
+    is destroyed, the ``atexit`` functions run (logging's flush among them), standard output and error are flushed,
+    and then ``os._exit(code)``. Without a process group this is ``raise SystemExit(code)``.
 
     Why: with the interpreter's own shutdown a rank could abort after its work was done and written ("terminate
     called without an active exception", SIGABRT), and torchrun then reported the run as failed. Seen with

@@ -73,3 +73,19 @@ def test_in_a_process_group_it_exits_with_the_code_after_atexit_and_flush_and_sk
     # the thread finished, then the group was destroyed before the atexit functions ran, and the interpreter did
     # not finalise
     assert marks.read_text().splitlines() == ["thread done", "atexit group=False"]
+
+
+def test_both_launchers_end_through_run_and_a_process_group_through_exit_process(monkeypatch):
+    import importlib.metadata
+
+    import raml.__main__ as launcher
+    import raml.distributed
+
+    (script,) = importlib.metadata.entry_points(group="console_scripts", name="raml")
+    assert script.value == "raml.__main__:run"  # the `raml` command, like `python -m raml`
+    monkeypatch.setattr(launcher, "main", lambda: 5)
+    ended: list[int] = []
+    monkeypatch.setattr(raml.distributed, "exit_process", lambda code: ended.append(code) or sys.exit(code))
+    with pytest.raises(SystemExit) as stop:
+        launcher.run()
+    assert stop.value.code == 5 and ended == [5]
