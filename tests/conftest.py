@@ -19,8 +19,8 @@ fixture sets up in well under a second.
   ``pytestmark``).
 - ``build_once``: ``build(name, make) -> folder``, made once per session and shared by the pytest-xdist workers.
 
-Under ``make test`` (``-n auto --dist loadfile``) the files are handed out longest first
-(``pytest_xdist_make_scheduler`` below).
+Under ``make test`` (``-n auto --dist loadfile``: one worker more than the CPUs, ``pytest_xdist_auto_num_workers``
+below) the files are handed out longest first (``pytest_xdist_make_scheduler`` below).
 """
 
 from __future__ import annotations
@@ -83,6 +83,18 @@ def pytest_configure(config: pytest.Config) -> None:
         # that a run in this process and one in a child reduce in the same order (bit-identical weights)
         for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
             os.environ[name] = str(threads)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int | None:
+    """``-n auto`` (``make test``): one worker more than the CPUs this process may use. A worker waits about a fifth
+    of its time (servers and ranks in other processes, Ray, the sleeps of the serving tests), and a third worker
+    on the 2-core machine fills it: 7 alternated pairs, ``-n 3`` against ``-n 2``, 136.6-156.9 s against
+    146.4-159.0 s, faster in every pair by 0.8-15.1 s (docs/benchmarks.md "Ninth pass"). Each worker still gets one
+    torch thread here (:func:`pytest_configure`). ``PYTEST_XDIST_AUTO_NUM_WORKERS`` still sets the count."""
+    if os.environ.get("PYTEST_XDIST_AUTO_NUM_WORKERS"):
+        return None  # xdist's own hook reads it
+    return len(os.sched_getaffinity(0)) + 1
 
 
 @pytest.hookimpl(tryfirst=True)
