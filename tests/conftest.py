@@ -236,13 +236,31 @@ def pytest_xdist_make_scheduler(config: pytest.Config, log):
     return LongestFirstFileScheduling(config, log)
 
 
+def _file_states(folder: Path) -> dict[str, list[int]]:
+    """``{relative path: [size, mtime_ns]}`` of every file under ``folder`` but ``.done`` and ``cache/``: raml
+    writes its embedding cache under a data root (``<data-root>/cache/embeddings``, keyed by the checkpoint's
+    content hash and the settings, each entry written atomically), which the tests using a shared dataset share
+    by design."""
+    states = {}
+    for path in folder.rglob("*"):
+        if path.is_file() and path.name != ".done" and path.relative_to(folder).parts[0] != "cache":
+            stat = path.stat()
+            states[str(path.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
+    return states
+
+
 @pytest.fixture(scope="session")
 def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Callable[[Path], None]], Path]:
     """``build(name, make) -> folder``: ``make(folder)`` runs once per test session, in whichever pytest-xdist
     worker asks first; the other workers wait for it (a file lock) and get the same folder. For an artefact
     that costs seconds to make (a trained network) and that tests in several files use: each file can then run
     on either worker without making it again. A ``make`` that failed leaves no folder marked done: the next
-    worker to ask makes it again (and fails the same way)."""
+    worker to ask makes it again (and fails the same way).
+
+    The folder is shared, so a test must only read it: ``.done`` records every file's size and modification
+    time (but raml's embedding cache, see :func:`_file_states`), and a call that finds the folder changed since
+    it was made (a file written, removed or added) fails, naming the files, instead of handing a changed
+    artefact to the next test."""
     import fcntl
     import shutil
 
@@ -255,13 +273,21 @@ def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Calla
         with open(base / f"once-{name}.lock", "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                if not (folder / ".done").is_file():
+                done = folder / ".done"
+                if not done.is_file():
                     shutil.rmtree(folder, ignore_errors=True)
                     folder.mkdir()
                     make(folder)
-                    (folder / ".done").touch()
+                    done.write_text(json.dumps(_file_states(folder)))
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
+        made, now = json.loads(done.read_text()), _file_states(folder)
+        if now != made:
+            changed = sorted(path for path in made.keys() | now.keys() if made.get(path) != now.get(path))
+            raise RuntimeError(
+                f"the shared artefact {folder} changed after it was made ({', '.join(changed[:5])}"
+                f"{', ...' if len(changed) > 5 else ''}): a test wrote into it; write under the test's tmp_path"
+            )
         return folder
 
     return build

@@ -3,6 +3,7 @@ pytest-xdist workers through a file lock (the training tests' dataset and teache
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from pathlib import Path
@@ -54,3 +55,28 @@ def test_a_failed_make_is_made_again_by_the_next_caller(build_once):
         build_once("test-once-failed", fail)
     folder = build_once("test-once-failed", lambda folder: (folder / "artefact").write_text("made"))
     assert sorted(p.name for p in folder.iterdir()) == [".done", "artefact"]  # the half-made file is gone
+
+
+@pytest.mark.parametrize("change", ["rewrite", "add", "remove"])
+def test_a_shared_folder_changed_after_it_was_made_is_refused_naming_the_file(build_once, change):
+    def make(folder: Path) -> None:
+        (folder / "sub").mkdir()
+        (folder / "sub" / "artefact").write_text("made")
+
+    folder = build_once(f"test-once-changed-{change}", make)
+    if change == "rewrite":
+        (folder / "sub" / "artefact").write_text("written by a test")
+    elif change == "add":
+        (folder / "notes.txt").write_text("mine")
+    else:
+        (folder / "sub" / "artefact").unlink()
+    name = {"rewrite": "sub/artefact", "add": "notes.txt", "remove": "sub/artefact"}[change]
+    with pytest.raises(RuntimeError, match=re.escape(f"changed after it was made ({name}): a test wrote into it")):
+        build_once(f"test-once-changed-{change}", make)
+
+
+def test_raml_s_embedding_cache_under_a_shared_data_root_is_not_a_change(build_once):
+    folder = build_once("test-once-cache", lambda folder: (folder / "artefact").write_text("made"))
+    (folder / "cache" / "embeddings").mkdir(parents=True)
+    (folder / "cache" / "embeddings" / "0123.npy").write_bytes(b"cached")  # what raml test writes there
+    assert build_once("test-once-cache", lambda folder: None) == folder

@@ -24,57 +24,72 @@ def one_thread_and_clean_logging():
     root.setLevel(level)
 
 
-def _synth_and_networks(base: Path, architecture: str, networks: dict[str, tuple[int, int]]) -> tuple[Path, dict]:
-    from raml.data.synth import generate_synthetic_dataset
+def _random_network(folder: Path, architecture: str, dim: int, seed: int) -> None:
     from raml.models import build_network, save_checkpoint
 
-    root = base / "data"
-    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
-    nets = {}
-    for name, (dim, seed) in networks.items():
-        torch.manual_seed(seed)
-        nets[name] = base / f"{name}.pth"
-        save_checkpoint(nets[name], build_network(architecture, whitening=dim, pretrained=False))
-    return root, nets
+    torch.manual_seed(seed)
+    save_checkpoint(folder / "network.pth", build_network(architecture, whitening=dim, pretrained=False))
 
 
 @pytest.fixture(scope="session")
-def synth_and_networks() -> Callable[[Path, str, dict[str, tuple[int, int]]], tuple[Path, dict]]:
-    """``make(base, architecture, {name: (whitening dim, torch seed)}) -> (data root, {name: checkpoint path})``:
-    the synthetic dataset (synth-test: 4 classes x 5 images, 40 px) under ``base/data`` and one randomly
-    initialised checkpoint ``base/<name>.pth`` per network."""
-    return _synth_and_networks
+def random_network(build_once) -> Callable[[str, int, int], Path]:
+    """``make(architecture, whitening dim, torch seed) -> checkpoint path``: a randomly initialised network
+    (``build_network(..., pretrained=False)`` after ``torch.manual_seed(seed)``), written once per test session
+    and shared by every module and worker that asks for the same three values (a ResNet-18 checkpoint is 45 MB
+    and ~0.2 s to build and write). The file is shared: read it, never write to it or next to it."""
 
+    def make(architecture: str, dim: int, seed: int) -> Path:
+        name = f"net-{architecture.replace('/', '_')}-{dim}-{seed}"
+        return build_once(name, lambda folder: _random_network(folder, architecture, dim, seed)) / "network.pth"
 
-def _indexed_synth_world(base: Path, database_size: int) -> dict:
-    """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student (resnet18, seeds 0 and 1)
-    and the teacher's index of synth-test at ``database_size`` px under ``base``: the world of the service tests.
-    Returns ``{"base", "nets", "paths", "teacher", "index"}``."""
-    from raml.data import get_split
-    from raml.deploy import index_images
-    from raml.models import checkpoint_sha256, load_network
-
-    root, nets = _synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
-    split = get_split("synth-test", root)
-    paths = [str(p) for p in split.abspaths()]
-    teacher = load_network(nets["teacher"])
-    index_dir = base / "index"
-    index_images(
-        teacher,
-        paths,
-        database_size,
-        index_dir,
-        checkpoint_sha256(nets["teacher"]),
-        labels=list(split.labels),
-        dataset=split.name,
-    )
-    return {"base": base, "nets": nets, "paths": paths, "teacher": teacher, "index": index_dir}
+    return make
 
 
 @pytest.fixture(scope="session")
-def indexed_synth_world() -> Callable[[Path, int], dict]:
-    """``make(base, database size) -> world``: see :func:`_indexed_synth_world`."""
-    return _indexed_synth_world
+def synth_and_networks(build_once, random_network) -> Callable[[str, dict[str, tuple[int, int]]], tuple[Path, dict]]:
+    """``make(architecture, {name: (whitening dim, torch seed)}) -> (data root, {name: checkpoint path})``: the
+    synthetic dataset (synth-test: 4 classes x 5 images, 40 px) under the data root and one randomly initialised
+    checkpoint per network (:func:`random_network`). Both are made once per session and shared: read them,
+    write under the module's own folder."""
+
+    def make(architecture: str, networks: dict[str, tuple[int, int]]) -> tuple[Path, dict]:
+        from raml.data.synth import generate_synthetic_dataset
+
+        def data(folder: Path) -> None:
+            generate_synthetic_dataset(folder / "synth", num_classes=8, images_per_class=5, image_size=40)
+
+        root = build_once("synth-data", data)
+        return root, {name: random_network(architecture, dim, seed) for name, (dim, seed) in networks.items()}
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def indexed_synth_world(build_once, synth_and_networks) -> Callable[[int], dict]:
+    """``make(database size) -> world``: generated data (synth-test: 4 classes x 5 images), a 16-d teacher and
+    student (resnet18, seeds 0 and 1) and the teacher's index of synth-test at ``database size`` px, the world of
+    the service tests; made once per session and size and shared (read it, never write to it). Returns
+    ``{"base", "nets", "paths", "teacher", "index"}``, ``base`` the folder that holds the index."""
+
+    def make(database_size: int) -> dict:
+        from raml.data import get_split
+        from raml.deploy import index_images
+        from raml.models import checkpoint_sha256, load_network
+
+        root, nets = synth_and_networks("resnet18", {"teacher": (16, 0), "student": (16, 1)})
+        split = get_split("synth-test", root)
+        paths = [str(p) for p in split.abspaths()]
+        teacher = load_network(nets["teacher"])
+
+        def index(folder: Path) -> None:
+            sha = checkpoint_sha256(nets["teacher"])
+            labels = list(split.labels)
+            index_images(teacher, paths, database_size, folder / "index", sha, labels=labels, dataset=split.name)
+
+        base = build_once(f"synth-index-{database_size}", index)
+        return {"base": base, "nets": nets, "paths": paths, "teacher": teacher, "index": base / "index"}
+
+    return make
 
 
 def _installed(module: str) -> bool:

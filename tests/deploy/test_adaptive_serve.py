@@ -46,9 +46,9 @@ EMBED_S = 0.03
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, indexed_synth_world) -> dict:
+def world(indexed_synth_world) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student, an index of synth-test."""
-    return indexed_synth_world(tmp_path_factory.mktemp("adaptive"), DR)
+    return indexed_synth_world(DR)
 
 
 def multi_size_student(world: dict, sizes: list[int] | None = SIZES) -> TorchQueryEmbedder:

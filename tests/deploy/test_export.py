@@ -15,7 +15,7 @@ from raml.cli import main as cli_main
 from raml.data import EvalTransform, load_image
 from raml.deploy import ParityError, export_onnx, export_torchscript, read_sidecar, sidecar_path
 from raml.deploy import export as export_module
-from raml.models import build_network, checkpoint_sha256, load_network, save_checkpoint
+from raml.models import checkpoint_sha256, load_network
 
 REPO_IMAGES = 6
 
@@ -36,15 +36,13 @@ def _write_images(folder: Path, count: int) -> list[Path]:
 
 
 @pytest.fixture(scope="module")
-def nets(tmp_path_factory) -> dict:
-    """A resnet18 (GeM, 16-d whitening) and a timm test_resnet checkpoint, and a folder of real images."""
+def nets(tmp_path_factory, random_network) -> dict:
+    """A resnet18 (GeM, 16-d whitening) and a timm test_resnet checkpoint (seed 0), and a folder of real images."""
     base = tmp_path_factory.mktemp("export")
     out = {"base": base, "images": base / "images"}
     _write_images(out["images"], REPO_IMAGES)
     for name, arch in (("resnet", "resnet18"), ("timm", "timm/test_resnet")):
-        torch.manual_seed(0)
-        out[name] = base / f"{name}.pth"
-        save_checkpoint(out[name], build_network(arch, whitening=16, pretrained=False))
+        out[name] = random_network(arch, 16, 0)
     return out
 
 

@@ -33,7 +33,7 @@ WAIT_S = 20.0
 def world(tmp_path_factory, synth_and_networks) -> dict:
     """12 BMP images (all of one file size, so a content change can keep size and mtime) and a 8-d teacher."""
     base = tmp_path_factory.mktemp("lifecycle")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (8, 0), "student": (8, 1)})
+    root, nets = synth_and_networks("resnet18", {"teacher": (8, 0), "student": (8, 1)})
     split = get_split("synth-test", root)
     images = base / "bmp"
     images.mkdir()

@@ -48,11 +48,10 @@ def ray_instance():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, synth_and_networks) -> dict:
-    base = tmp_path_factory.mktemp("ray")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (8, 0)})
+def world(synth_and_networks) -> dict:
+    root, nets = synth_and_networks("resnet18", {"teacher": (8, 0)})
     paths = [str(p) for p in get_split("synth-test", root).abspaths()]
-    return {"base": base, "net": nets["teacher"], "paths": paths, "teacher": load_network(nets["teacher"])}
+    return {"net": nets["teacher"], "paths": paths, "teacher": load_network(nets["teacher"])}
 
 
 def test_ray_actors_give_bit_identical_embeddings_to_the_single_process_path(ray_instance, world, tmp_path):

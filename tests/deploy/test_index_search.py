@@ -36,7 +36,7 @@ CPU = torch.device("cpu")
 def setup(tmp_path_factory, synth_and_networks) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher, a 16-d student, an 8-d network."""
     base = tmp_path_factory.mktemp("deploy")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1), "narrow": (8, 2)})
+    root, nets = synth_and_networks("resnet18", {"teacher": (16, 0), "student": (16, 1), "narrow": (8, 2)})
     split = get_split("synth-test", root)
     index_dir = base / "index"
     code = cli_main.main(

@@ -27,9 +27,8 @@ BATCH = 4
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory, synth_and_networks) -> dict:
-    base = tmp_path_factory.mktemp("shards")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (8, 0)})
+def setup(synth_and_networks) -> dict:
+    root, nets = synth_and_networks("resnet18", {"teacher": (8, 0)})
     split = get_split("synth-test", root)
     teacher = load_network(nets["teacher"])
     paths = [str(p) for p in split.abspaths()]

@@ -24,7 +24,7 @@ RUNTIME = ["--device", "cpu", "--workers", "0", "--no-progress", "--no-cache"]
 def setup(tmp_path_factory, synth_and_networks) -> dict:
     """synth-test (4 classes x 5 images), a teacher and a student (timm test_resnet, 16-d), the student in ONNX."""
     base = tmp_path_factory.mktemp("onnx_query")
-    root, nets = synth_and_networks(base, "timm/test_resnet", {"teacher": (16, 0), "student": (16, 1)})
+    root, nets = synth_and_networks("timm/test_resnet", {"teacher": (16, 0), "student": (16, 1)})
     onnx_file = base / "student.onnx"
     export_onnx(load_network(nets["student"]), QR, onnx_file, exporter="torchscript")
     return {"base": base, "root": root, "nets": nets, "onnx": onnx_file}

@@ -12,11 +12,10 @@ import torch
 
 from raml.cli import main as cli_main
 from raml.data import EvalTransform, get_split, load_image
-from raml.data.synth import generate_synthetic_dataset
 from raml.deploy import quantize as quantize_module
 from raml.deploy.export import export_onnx, onnx_session, read_sidecar, sidecar_path
 from raml.deploy.quantize import QuantizationError, evenly_spaced, quantize_onnx
-from raml.models import build_network, load_network, save_checkpoint
+from raml.models import load_network
 
 S = 32
 #: what a correct int8 model of the tiny test network reaches on every image (it measures ~0.999); a
@@ -28,14 +27,11 @@ INT8_METRIC_TOLERANCE = 5.0
 
 
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory) -> dict:
+def setup(tmp_path_factory, synth_and_networks) -> dict:
     """synth (train 4 classes, test 4 classes x 5 images), a timm test_resnet student (16-d) and its fp32 export."""
     base = tmp_path_factory.mktemp("quantize")
-    root = base / "data"
-    generate_synthetic_dataset(root / "synth", num_classes=8, images_per_class=5, image_size=40)
-    torch.manual_seed(0)
-    net = base / "student.pth"
-    save_checkpoint(net, build_network("timm/test_resnet", whitening=16, pretrained=False))
+    root, nets = synth_and_networks("timm/test_resnet", {"student": (16, 0)})
+    net = nets["student"]
     fp32 = base / "fp32.onnx"
     export_onnx(load_network(net), S, fp32, exporter="torchscript")
     return {"base": base, "root": root, "net": net, "fp32": fp32}

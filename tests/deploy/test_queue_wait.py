@@ -341,7 +341,7 @@ BATCH_SLEEP_S = 0.04  # added to every forward pass, so that a burst of a few do
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, synth_and_networks) -> dict:
     base = tmp_path_factory.mktemp("queue_wait")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
+    root, nets = synth_and_networks("resnet18", {"teacher": (16, 0), "student": (16, 1)})
     paths = [str(p) for p in get_split("synth-test", root).abspaths()]
     index_images(load_network(nets["teacher"]), paths[:8], DR, base / "index", checkpoint_sha256(nets["teacher"]))
     # the real student, loaded and traced once for the module (it holds no state of a service)

@@ -55,9 +55,9 @@ WAIT_S = 20.0  # bound of every wait loop
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, indexed_synth_world) -> dict:
+def world(indexed_synth_world) -> dict:
     """Generated data (synth-test: 4 classes x 5 images), a 16-d teacher and student, an index of synth-test."""
-    return indexed_synth_world(tmp_path_factory.mktemp("serve"), DR)
+    return indexed_synth_world(DR)
 
 
 def student_embedder(world: dict, image_sizes: list[int] | None = None) -> TorchQueryEmbedder:

@@ -114,8 +114,8 @@ def test_open_query_image_reads_the_header_only():
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, indexed_synth_world) -> dict:
-    return indexed_synth_world(tmp_path_factory.mktemp("front_end"), DR)
+def world(indexed_synth_world) -> dict:
+    return indexed_synth_world(DR)
 
 
 def test_small_images_are_decoded_on_the_event_loop_and_answer_as_in_a_thread(world, front_end, monkeypatch):

@@ -44,7 +44,7 @@ MB = 2**20
 @pytest.fixture(scope="module")
 def world(tmp_path_factory, synth_and_networks) -> dict:
     base = tmp_path_factory.mktemp("serve_limits")
-    root, nets = synth_and_networks(base, "resnet18", {"teacher": (16, 0), "student": (16, 1)})
+    root, nets = synth_and_networks("resnet18", {"teacher": (16, 0), "student": (16, 1)})
     split = get_split("synth-test", root)
     paths = [str(p) for p in split.abspaths()]
     teacher = load_network(nets["teacher"])
