@@ -18,6 +18,7 @@ fixture sets up in well under a second.
 - ``one_torch_thread``: torch limited to one thread for the test (not autouse; a module opts in with
   ``pytestmark``).
 - ``build_once``: ``build(name, make) -> folder``, made once per session and shared by the pytest-xdist workers.
+- ``random_network``: ``make(architecture, whitening dim, seed) -> checkpoint path``, through ``build_once``.
 
 Under ``make test`` (``-n auto --dist loadfile``) the files are handed out longest first
 (``pytest_xdist_make_scheduler`` below).
@@ -291,6 +292,29 @@ def build_once(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, Calla
         return folder
 
     return build
+
+
+def _random_network(folder: Path, architecture: str, dim: int, seed: int) -> None:
+    import torch
+
+    from raml.models import build_network, save_checkpoint
+
+    torch.manual_seed(seed)
+    save_checkpoint(folder / "network.pth", build_network(architecture, whitening=dim, pretrained=False))
+
+
+@pytest.fixture(scope="session")
+def random_network(build_once) -> Callable[[str, int, int], Path]:
+    """``make(architecture, whitening dim, torch seed) -> checkpoint path``: a randomly initialised network
+    (``build_network(..., pretrained=False)`` after ``torch.manual_seed(seed)``), written once per test session
+    and shared by every module and worker that asks for the same three values (a ResNet-18 checkpoint is 45 MB
+    and ~0.2 s to build and write). The file is shared: read it, never write to it or next to it."""
+
+    def make(architecture: str, dim: int, seed: int) -> Path:
+        name = f"net-{architecture.replace('/', '_')}-{dim}-{seed}"
+        return build_once(name, lambda folder: _random_network(folder, architecture, dim, seed)) / "network.pth"
+
+    return make
 
 
 # Opt-in profile of the suite's own cost: RAML_TEST_PROFILE=<folder> writes one line per test phase

@@ -11,25 +11,18 @@ import numpy as np
 import pytest
 
 from raml.cli.main import main
-from raml.models import build_network, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
-def networks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """A 16-d 'teacher', a 16-d 'student' and an 8-d network, resnet18 with random weights; built once for the
-    module (the tests only read them: 3 x 45 MB written per test before)."""
-    out = {}
-    folder = tmp_path_factory.mktemp("nets")
-    for name, dim, seed in (("teacher", 16, 0), ("student", 16, 1), ("narrow", 8, 2)):
-        import torch
-
-        torch.manual_seed(seed)
-        path = folder / f"{name}.pth"
-        save_checkpoint(path, build_network("resnet18", whitening=dim, pretrained=False))
-        out[name] = path
-    return out
+def networks(random_network) -> dict[str, Path]:
+    """A 16-d 'teacher', a 16-d 'student' and an 8-d network, resnet18 with random weights (seeds 0, 1, 2),
+    shared by the session (``random_network``: the tests only read them)."""
+    return {
+        name: random_network("resnet18", dim, seed)
+        for name, dim, seed in (("teacher", 16, 0), ("student", 16, 1), ("narrow", 8, 2))
+    }
 
 
 def test_raml_test_writes_json_for_asym_and_sym(cub_root: Path, networks, tmp_path: Path, capsys):

@@ -11,7 +11,7 @@ import torch
 
 from raml.cli.main import main
 from raml.data.splits import get_split
-from raml.models import build_network, load_network, save_checkpoint
+from raml.models import load_network
 from raml.models.cost import gflops_per_image
 from raml.retrieval import sizes as sizes_module
 from raml.retrieval.evaluate import evaluate_split
@@ -31,15 +31,9 @@ def _assert_same(a: dict[str, dict[str, float]], b: dict[str, dict[str, float]])
 
 
 @pytest.fixture(scope="module")
-def networks(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Random 8-d teacher and student, built once for the module (the tests only read them)."""
-    out = {}
-    folder = tmp_path_factory.mktemp("nets")
-    for name, seed in (("teacher", 0), ("student", 1)):
-        torch.manual_seed(seed)
-        out[name] = folder / f"{name}.pth"
-        save_checkpoint(out[name], build_network(ARCH, whitening=8, pretrained=False))
-    return out
+def networks(random_network) -> dict[str, Path]:
+    """Random 8-d teacher and student (seeds 0 and 1), shared by the session (the tests only read them)."""
+    return {"teacher": random_network(ARCH, 8, 0), "student": random_network(ARCH, 8, 1)}
 
 
 def test_each_size_is_the_single_size_test_and_the_database_is_embedded_once(own_root, networks, monkeypatch):

@@ -24,27 +24,6 @@ def one_thread_and_clean_logging():
     root.setLevel(level)
 
 
-def _random_network(folder: Path, architecture: str, dim: int, seed: int) -> None:
-    from raml.models import build_network, save_checkpoint
-
-    torch.manual_seed(seed)
-    save_checkpoint(folder / "network.pth", build_network(architecture, whitening=dim, pretrained=False))
-
-
-@pytest.fixture(scope="session")
-def random_network(build_once) -> Callable[[str, int, int], Path]:
-    """``make(architecture, whitening dim, torch seed) -> checkpoint path``: a randomly initialised network
-    (``build_network(..., pretrained=False)`` after ``torch.manual_seed(seed)``), written once per test session
-    and shared by every module and worker that asks for the same three values (a ResNet-18 checkpoint is 45 MB
-    and ~0.2 s to build and write). The file is shared: read it, never write to it or next to it."""
-
-    def make(architecture: str, dim: int, seed: int) -> Path:
-        name = f"net-{architecture.replace('/', '_')}-{dim}-{seed}"
-        return build_once(name, lambda folder: _random_network(folder, architecture, dim, seed)) / "network.pth"
-
-    return make
-
-
 @pytest.fixture(scope="session")
 def synth_and_networks(build_once, random_network) -> Callable[[str, dict[str, tuple[int, int]]], tuple[Path, dict]]:
     """``make(architecture, {name: (whitening dim, torch seed)}) -> (data root, {name: checkpoint path})``: the
