@@ -288,7 +288,7 @@ def test_readme_block_is_what_the_script_writes_for_its_numbers():
 
 
 #: what the full demo must show on every machine: distillation lifts QR/DR asymmetric mAP by at least this much
-#: (README's machine: 9.59 -> 34.88, +25.3; docs/demo.md lists the spread measured across machines)
+#: (README's machine: 9.63 -> 34.85, +25.2; docs/demo.md lists the spread measured across machines)
 FULL_DEMO_MIN_LIFT = 15.0
 
 
