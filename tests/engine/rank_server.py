@@ -22,6 +22,7 @@ import os
 import runpy
 import sys
 import traceback
+from typing import NoReturn
 
 
 def _run(args: list[str]) -> int:
@@ -44,7 +45,7 @@ def _run(args: list[str]) -> int:
     return 0
 
 
-def _raise_system_exit(code: int) -> None:
+def _raise_system_exit(code: int) -> NoReturn:
     raise SystemExit(code)
 
 
