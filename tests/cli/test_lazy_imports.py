@@ -125,3 +125,24 @@ def test_a_light_submodule_does_not_import_its_siblings():
     seen = _modules_after("import raml.deploy.lock, raml.data.splits")
     assert not [name for name in HEAVY if name in seen["modules"]]
     assert "raml.deploy.index" not in seen["modules"] and "raml.data.images" not in seen["modules"]
+
+
+def test_no_module_imports_timm_at_import_time():
+    """timm (~0.8 s to import here) is imported inside the functions that need it (raml.models.backbones), so a
+    process that builds or loads a torchvision network (the paper's ResNets) never pays for it."""
+
+    def run_at_import(node: ast.AST):  # every statement but those inside functions (class bodies run too)
+        for child in ast.iter_child_nodes(node):
+            if not isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+                yield child
+                yield from run_at_import(child)
+
+    offenders = []
+    for path in sorted((SRC / "raml").rglob("*.py")):
+        for node in run_at_import(ast.parse(path.read_text())):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            if any(name == "timm" or name.startswith("timm.") for name in names):
+                offenders.append(f"{path.relative_to(SRC)}:{node.lineno}")
+    assert offenders == []

@@ -126,6 +126,21 @@ def test_timm_prefix_forces_timm() -> None:
     assert build_backbone("torchvision/resnet18", pretrained=False).source == "torchvision"
 
 
+@pytest.mark.parametrize("name", ["resnet18", "torchvision/resnet18"])
+def test_a_torchvision_backbone_never_asks_timm(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """timm is imported where a name needs it (its registry, a timm model): a torchvision backbone, the paper's
+    ResNets among them, is built without it (~0.8 s of every process's start-up here)."""
+    import raml.models.backbones as backbones
+
+    def no_timm() -> tuple[str, ...]:
+        raise AssertionError("timm's registry was asked for a torchvision backbone")
+
+    monkeypatch.setattr(backbones, "timm_model_names", no_timm)
+    assert build_backbone(name, pretrained=False).source == "torchvision"
+    with pytest.raises(AssertionError, match="timm's registry"):  # a timm name still asks it
+        build_backbone("test_resnet", pretrained=False)
+
+
 @pytest.mark.parametrize("name", ["resnet5O", "torchvision/test_vit", "timm/not_a_model", ""])
 def test_unknown_architecture_error(name: str) -> None:
     with pytest.raises(ValueError, match="neither a torchvision model|non-empty"):

@@ -42,7 +42,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 import torchvision
@@ -129,7 +128,10 @@ def torchvision_model_names() -> tuple[str, ...]:
 
 @lru_cache(maxsize=1)
 def timm_model_names() -> tuple[str, ...]:
-    """Names of timm's registered models."""
+    """Names of timm's registered models (timm is imported here, on first use: a torchvision backbone never needs
+    it, and its import costs ~0.8 s)."""
+    import timm
+
     return tuple(timm.list_models())
 
 
@@ -322,6 +324,8 @@ def resolve_timm_weights(name: str, pretrained_weights: str = _V1) -> str:
         ValueError: If the model has no pretrained weights, the tag is unknown, or it contradicts the tag in
             ``name``; the message lists the valid tags.
     """
+    import timm
+
     arch, _, name_tag = name.partition(".")
     tags = [full.partition(".")[2] for full in timm.list_pretrained(f"{arch}.*") if full.partition(".")[0] == arch]
     if not tags:
@@ -371,6 +375,8 @@ def _torchvision_download_error(
 
 
 def _timm_download_error(full_name: str, error: BaseException) -> DownloadError:
+    import timm
+
     cfg = timm.models.get_pretrained_cfg(full_name)
     places = []
     if cfg is not None and cfg.hf_hub_id:
@@ -427,6 +433,8 @@ def _build_torchvision(
 
 
 def _create_timm(name: str, pretrained: bool) -> nn.Module:
+    import timm
+
     kwargs = {"pretrained": pretrained, "num_classes": 0, "global_pool": ""}
     try:
         # Position embeddings that follow the input size: the student and teacher see different sizes.
@@ -556,11 +564,14 @@ def build_backbone(architecture: str, pretrained: bool, pretrained_weights: str 
         source, name = "torchvision", name[len("torchvision/") :]
 
     in_torchvision = name in torchvision_model_names()
-    # timm accepts "<model>.<pretrained tag>"; the registry lists the model names without tags.
-    in_timm = name.split(".", 1)[0] in timm_model_names()
+
+    def in_timm() -> bool:  # asked only where needed: a torchvision backbone never imports timm (~0.8 s)
+        # timm accepts "<model>.<pretrained tag>"; the registry lists the model names without tags.
+        return name.split(".", 1)[0] in timm_model_names()
+
     if source is None:
-        source = "torchvision" if in_torchvision else "timm" if in_timm else None
-    if source is None or (source == "torchvision" and not in_torchvision) or (source == "timm" and not in_timm):
+        source = "torchvision" if in_torchvision else "timm" if in_timm() else None
+    if source is None or (source == "torchvision" and not in_torchvision) or (source == "timm" and not in_timm()):
         raise _unknown_model_error(name)
 
     build = _build_torchvision if source == "torchvision" else _build_timm
