@@ -244,9 +244,10 @@ def _file_states(folder: Path) -> dict[str, list[int]]:
     by design."""
     states = {}
     for path in folder.rglob("*"):
-        if path.is_file() and path.name != ".done" and path.relative_to(folder).parts[0] != "cache":
+        relative = path.relative_to(folder)
+        if relative.parts[0] != "cache" and path.name != ".done" and path.is_file():
             stat = path.stat()
-            states[str(path.relative_to(folder))] = [stat.st_size, stat.st_mtime_ns]
+            states[str(relative)] = [stat.st_size, stat.st_mtime_ns]
     return states
 
 
