@@ -22,9 +22,10 @@ CPU = torch.device("cpu")
 
 
 def test_distilled_student_beats_the_undistilled_asymmetric_baseline(training, teacher_path, tmp_path):
-    # one epoch: over the data seeds 3 (this dataset's), 4 and 5 the margin below was 11.9 / 15.8 / 11.6 points
-    # after one epoch (the fused Adam step, one thread, 2026-12-05); 12.7 / 14.0 / 12.2 with the unfused one, and
-    # 17.7 / 13.5 / 16.6 after two epochs, 20.3 / 17.3 / 17.2 after five (2026-12-04)
+    # one epoch: over the data seeds 3 (this dataset's), 4 and 5 the margin below was 9.5 / 7.8 / 10.0 points with
+    # the six-epoch teacher of the fixture and 13.2 / 7.2 / 9.4 with an eight-epoch one (`make test`'s setting:
+    # two workers, one torch thread each; 2026-12-05, main at 95ab35f). Earlier figures (12-04: 17.7 / 13.5 / 16.6
+    # after two student epochs) came from training numerics since changed.
     config = training.distill_config(tmp_path / "student", teacher_path, epochs=1, query_size=10**6, val=False)
     trainer = Trainer(config, CPU, progress=False)
     result = trainer.run()
