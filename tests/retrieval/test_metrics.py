@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from raml.retrieval import count_kernel
 from raml.retrieval import metrics as metrics_module
 from raml.retrieval.metrics import average_precision, retrieval_metrics
 
@@ -67,10 +68,10 @@ def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-@pytest.fixture(params=["numpy", "torch", "sorting"])
+@pytest.fixture(params=["compiled", "torch", "sorting"])
 def counting_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
-    """Run a test once per counting strategy (numpy passes, torch passes, row sorting)."""
-    monkeypatch.setattr(metrics_module, "_NUMPY_ON_CPU", request.param == "numpy")
+    """Run a test once per counting strategy (compiled passes, torch passes, row sorting)."""
+    monkeypatch.setattr(metrics_module, "_COMPILED_ON_CPU", request.param == "compiled")
     monkeypatch.setattr(metrics_module, "_SORT_MIN_POSITIVES", 1 if request.param == "sorting" else 10**9)
     return request.param
 
@@ -131,19 +132,6 @@ def test_large_database_several_lane_chunks_and_sort_chunks(monkeypatch: pytest.
         monkeypatch.setattr(metrics_module, "_SORT_MIN_POSITIVES", threshold)
         got = retrieval_metrics(query, database, query_labels, database_labels, (1, 10, 100), block_size=4)
         _assert_close(got, expected)
-
-
-def test_byte_lane_counting_does_not_overflow() -> None:
-    # Every entry counts: each byte lane of every 255-word sum reaches its maximum, 255.
-    num_cols = 3 * metrics_module._LANE_COLS + 7
-    sims = np.zeros((3, num_cols), dtype=np.float32)
-    sims[1, ::2] = -1.0
-    thresholds = np.array([[0.0, -2.0], [0.0, -2.0], [1.0, 0.0]], dtype=np.float32)
-    counts = np.zeros((3, 2), dtype=np.int64)
-    mask = np.zeros((3, 4 * metrics_module._LANE_COLS), dtype=bool)
-    metrics_module._count_by_passes_numpy(sims, thresholds, counts, mask)
-    expected = [[(sims[i] >= thresholds[i, j]).sum() for j in range(2)] for i in range(3)]
-    assert counts.tolist() == expected == [[num_cols, num_cols], [num_cols // 2, num_cols], [0, num_cols]]
 
 
 def test_exclude_self_junk_is_removed_even_when_labels_differ() -> None:
@@ -374,21 +362,6 @@ def test_symmetric_path_only_when_both_sides_are_the_same() -> None:
     _assert_close(got, _reference_metrics(x, x, labels, other, [1, 4], True))
 
 
-def test_transposed_column_count_against_loop() -> None:
-    rng = np.random.default_rng(13)
-    sims = rng.standard_normal((9, 3000)).astype(np.float32)
-    num_pos = np.sort(rng.integers(0, 4, 3000))
-    thresholds = np.full((3000, 3), np.inf, dtype=np.float32)
-    for c in range(3000):
-        thresholds[c, : num_pos[c]] = np.sort(rng.standard_normal(num_pos[c]))[::-1]
-    starts = np.searchsorted(num_pos, np.arange(3), side="right")
-    counts = np.zeros((3000, 3), dtype=np.int64)
-    mask = np.zeros((9, 2 * metrics_module._LANE_COLS), dtype=bool)
-    metrics_module._count_columns_numpy(sims, np.ascontiguousarray(thresholds.T), starts, counts, mask)
-    expected = [[int((sims[:, c] >= thresholds[c, j]).sum()) for j in range(3)] for c in range(3000)]
-    assert counts.tolist() == expected
-
-
 # --- the device path: sums stay on the device, one transfer to the host at the end ----------------------
 
 
@@ -396,7 +369,7 @@ def test_transposed_column_count_against_loop() -> None:
 def test_device_path_reads_the_host_a_fixed_number_of_times(symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU every read of a device value on the host is a synchronisation. The torch (device) path runs
     here on the CPU with the same functions; its host reads must not grow with the number of blocks."""
-    monkeypatch.setattr(metrics_module, "_NUMPY_ON_CPU", False)  # the path a CUDA device takes
+    monkeypatch.setattr(metrics_module, "_COMPILED_ON_CPU", False)  # the path a CUDA device takes
     rng = np.random.default_rng(14)
     labels = _layout("sop_like", rng)
     x = _unit(rng, labels.size, 6)
@@ -422,7 +395,7 @@ def test_device_path_reads_the_host_a_fixed_number_of_times(symmetric: bool, mon
 
 def test_the_test_protocol_counts_on_a_cuda_device_only(monkeypatch: pytest.MonkeyPatch) -> None:
     """raml test hands the embeddings to the metrics on a CUDA device (counting there), elsewhere on the CPU
-    (the numpy path; other accelerators lack the float64 sums)."""
+    (the compiled path; other accelerators lack the float64 sums)."""
     from raml.retrieval.evaluate import _on_eval_device
 
     x = torch.ones(2, 3)
@@ -465,35 +438,34 @@ def test_thread_pool_counting_matches_the_reference(three_torch_threads, monkeyp
         _assert_close(got, _reference_metrics(query, database, labels, labels, ks, True))
     counter = metrics_module._Counter(torch.device("cpu"), max_rows=labels.size, num_cols=labels.size)
     with counter:
-        assert counter.use_numpy and counter.threads == 3 and counter.pool is not None
+        assert counter.compiled and counter.threads == 3 and counter.pool is not None
     assert counter.pool._shutdown  # leaving the block shuts the pool down
 
 
-def test_counter_sizes_its_scratch_and_threads() -> None:
-    """One scratch buffer per thread, ``chunk`` rows (about _CHUNK_BYTES of similarities) by ``Nd`` rounded up to
-    whole byte-lane chunks, all False; never more threads than rows; no pool on one thread or off the numpy path."""
+def test_counter_sizes_its_chunks_and_threads() -> None:
+    """Chunks of about _CHUNK_BYTES of similarities, at most 255 rows (the column count's 1-byte sums); never more
+    threads than rows; no pool on one thread or off the compiled path (a non-CPU device)."""
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
         counter = metrics_module._Counter(torch.device("cpu"), max_rows=3, num_cols=3000)
         with counter:
-            assert counter.threads == 3 and counter.pool is not None
+            assert counter.compiled and counter.threads == 3 and counter.pool is not None
             assert counter.chunk == min(3, metrics_module._CHUNK_BYTES // (4 * 3000))
-            buffers = [counter.free.get() for _ in range(3)]
-            assert counter.free.empty()
-            width = 2 * metrics_module._LANE_COLS  # 3000 columns need two 2040-column chunks
-            masks = [b.mask for b in buffers]
-            assert all(m.shape == (counter.chunk, width) and m.dtype == np.bool_ and not m.any() for m in masks)
         big = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=1000)
         assert big.chunk == min(255, metrics_module._CHUNK_BYTES // (4 * 1000)) and big.threads == 4
+        assert big.chunk <= count_kernel.MAX_COLUMN_ROWS
         big.__exit__(None, None, None)
+        narrow = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=10)
+        assert narrow.chunk == 255
+        narrow.__exit__(None, None, None)
         torch.set_num_threads(1)
         single = metrics_module._Counter(torch.device("cpu"), max_rows=50, num_cols=10)
         assert single.threads == 1 and single.pool is None and single.chunk == 50
     finally:
         torch.set_num_threads(before)
     off = metrics_module._Counter(torch.device("meta"), max_rows=5, num_cols=10)
-    assert not off.use_numpy and off.threads == 1 and off.pool is None and off.free.empty()
+    assert not off.compiled and off.threads == 1 and off.pool is None
 
 
 def test_sorting_path_in_chunks_of_rows_matches_the_reference(monkeypatch) -> None:

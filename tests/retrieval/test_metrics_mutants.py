@@ -115,24 +115,6 @@ def test_sorting_path_sorts_at_most_the_budgeted_rows_at_once(monkeypatch, budge
     assert counts.tolist() == plain
 
 
-def test_transposed_column_count_adds_to_the_counts_it_is_given() -> None:
-    """A job sweeps its rows in chunks and adds each chunk's column counts to one partial sum: the count adds."""
-    rng = np.random.default_rng(3)
-    sims = rng.integers(0, 5, size=(6, 4)).astype(np.float32)
-    thresholds_t = np.array([[1, 2, 3, 4], [np.inf, 3, 2, 4]], dtype=np.float32)  # (P, columns)
-    starts = np.array([0, 1])  # column 0 has one positive, the others two
-    counts = rng.integers(0, 9, size=(4, 2)).astype(np.int64)
-    expected = counts.copy()
-    for c in range(4):
-        for j in range(2):
-            if c >= starts[j]:
-                expected[c, j] += sum(sims[r, c] >= thresholds_t[j, c] for r in range(6))
-    mask = np.zeros((6, metrics_module._LANE_COLS), dtype=bool)
-    metrics_module._count_columns_numpy(sims[:3], thresholds_t, starts, counts, mask)
-    metrics_module._count_columns_numpy(sims[3:], thresholds_t, starts, counts, mask)
-    assert counts.tolist() == expected.tolist()
-
-
 @pytest.mark.parametrize(("budget", "blocks"), [(4 * 6 * 3, [3, 3, 2]), (4 * 6 * 3 - 1, [2, 2, 2, 2]), (1, [1] * 8)])
 def test_default_blocks_hold_the_budgeted_float32_similarities(monkeypatch, budget: int, blocks: list[int]) -> None:
     """Without ``block_size`` a block holds as many queries as keep its (B, Nd) float32 similarities within
@@ -176,13 +158,12 @@ def test_the_one_sided_path_shows_its_bar_only_when_asked(capsys) -> None:
     ("n", "block_size", "pair_bytes", "expected"),
     [
         (8, 3, None, "8 items, 3 blocks of 3, 6 block pairs"),
-        # the default block: the largest whole number of lane chunks (2,040 columns) whose square of float32
-        # similarities fits _PAIR_BYTES: isqrt(4 * 5000**2 / 4) = 5000 -> 2 chunks = 4,080 columns
-        (4500, None, 4 * 5000 * 5000, "4500 items, 2 blocks of 4080, 3 block pairs"),
+        # the default block: the widest square of float32 similarities within _PAIR_BYTES: isqrt(4 * 3000**2 / 4)
+        (4500, None, 4 * 3000 * 3000, "4500 items, 2 blocks of 3000, 3 block pairs"),
+        (4500, None, 4 * 3000 * 3000 - 1, "4500 items, 2 blocks of 2999, 3 block pairs"),
     ],
 )
 def test_the_symmetric_paths_debug_log_states_its_blocks(caplog, monkeypatch, n, block_size, pair_bytes, expected):
-    assert metrics_module._LANE_COLS == 2040  # the expected block above is computed with this width
     if pair_bytes is not None:
         monkeypatch.setattr(metrics_module, "_PAIR_BYTES", pair_bytes)
     rng = np.random.default_rng(7)

@@ -24,18 +24,18 @@ by their number of positives (sorted by it) and processed in blocks; for a block
 ``S = Q_b @ X^T`` are computed once (the only ``(B, Nd)`` float buffer, about 256 MB by default), the
 positives' similarities are gathered and sorted decreasingly (``s_0 >= s_1 >= ...``), positives and junk
 are overwritten with ``-inf``, and ``r_j = j + #{negatives with similarity >= s_j}``. The counts take one
-comparison pass per positive over the row: on the CPU with numpy, a few rows at a time so that they stay
-in the L2 cache, writing 1-byte booleans that are counted as byte lanes of int64 words, over
+comparison pass per positive over the row: on the CPU by a compiled compare-and-add loop
+(:mod:`raml.retrieval.count_kernel`), the row staying in the L2 cache across its passes, over
 ``torch.get_num_threads()`` threads; on other devices with torch. For queries with very many positives
 (``>= _SORT_MIN_POSITIVES``) the rows are sorted instead and the counts read off by binary search. Extra
-memory beyond ``S``: a few MB of boolean scratch per thread.
+memory beyond ``S``: a few KB per thread.
 
 Symmetric tests (``exclude_self`` with the same embeddings and labels on both sides): ``S`` is symmetric, so
 each pair of blocks is computed once (:func:`_symmetric_scores`). Items are ordered by (number of positives,
 class); the positives' similarities come from per-class products through the same GEMM kind; for blocks
 ``i <= j`` the square ``S_ij = X_i @ X_j^T`` (about 67 MB) has class-mates and self set to ``-inf`` (in both
 directions at once) and is counted along its rows for the queries of block ``i`` and along its columns for
-those of block ``j`` (1-byte booleans summed over at most 255 rows as bytes). Every query's AP is computed
+those of block ``j`` (a few rows at a time, summed per column in 1-byte counters). Every query's AP is computed
 along its row sequentially and the per-query APs are summed in query order, so both paths give bit-identical
 results. The sums stay on the embeddings' device; one transfer to the host at the end.
 """
@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import logging
 import math
-import queue
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
@@ -58,11 +57,9 @@ __all__ = ["average_precision", "retrieval_metrics"]
 
 # Budget of one block of similarities (float32) when block_size is not given.
 _BLOCK_BYTES = 256 * 2**20
-# Byte-lane counting of booleans (see _count_by_passes_numpy): int64 words summed at once, and columns.
-_LANE_WORDS = 255
-_LANE_COLS = 8 * _LANE_WORDS
-# Count with numpy on CPU tensors (faster); tests switch it off to exercise the torch path on the CPU.
-_NUMPY_ON_CPU = True
+# Count with the compiled kernels (raml.retrieval.count_kernel) on CPU tensors; tests switch it off to exercise
+# the torch path (the one a CUDA device takes) on the CPU.
+_COMPILED_ON_CPU = True
 # Rows of similarities counted at once on the CPU: small enough to stay in the L2 cache across the passes.
 _CHUNK_BYTES = 2**20
 # Above this many positives per query, sorting rows is cheaper than one comparison pass per positive.
@@ -173,49 +170,10 @@ def _check_ks(ks: Sequence[int]) -> list[int]:
 def _count_by_passes(sims: torch.Tensor, thresholds: torch.Tensor, counts: torch.Tensor) -> None:
     """``counts[i, j] += #{c : sims[i, c] >= thresholds[i, j]}``, one torch comparison pass per threshold.
 
-    The device-agnostic path (GPU); on the CPU :func:`_count_by_passes_numpy` does the same faster.
+    The device-agnostic path (GPU); on the CPU :func:`raml.retrieval.count_kernel.count_rows` does the same faster.
     """
     for j in range(thresholds.shape[1]):
         counts[:, j] += (sims >= thresholds[:, j : j + 1]).sum(1)
-
-
-def _count_by_passes_numpy(sims: np.ndarray, thresholds: np.ndarray, counts: np.ndarray, mask: np.ndarray) -> None:
-    """CPU version of :func:`_count_by_passes` on numpy views, about twice cheaper than torch's.
-
-    ``mask`` is a zeroed bool scratch of shape ``(>= rows, W)`` with ``W >= Nd`` a multiple of ``8 * 255``
-    whose columns past ``Nd`` stay ``False``. Each pass writes 1-byte booleans (torch would sum floats or
-    widen bools to int64); the booleans are counted by reading them as int64 words, each holding 8 byte
-    lanes of 0/1: summing 255 words at a time cannot carry out of a lane (255 * 1 <= 255), and the lanes
-    of those sums are added up as bytes.
-    """
-    num_rows, num_cols = sims.shape
-    chunks = mask.shape[1] // _LANE_COLS
-    view = mask[:num_rows]
-    words = view.view(np.int64).reshape(num_rows, chunks, _LANE_WORDS)
-    for j in range(thresholds.shape[1]):
-        np.greater_equal(sims, thresholds[:, j : j + 1], out=view[:, :num_cols])
-        lanes = words.sum(2)  # (rows, chunks) int64, each byte lane <= 255
-        counts[:, j] += lanes.view(np.uint8).reshape(num_rows, -1).sum(1, dtype=np.int64)
-
-
-def _count_columns_numpy(
-    sims: np.ndarray, thresholds_t: np.ndarray, starts: np.ndarray, counts: np.ndarray, mask: np.ndarray
-) -> None:
-    """The transposed count: ``counts[c, j] += #{r : sims[r, c] >= thresholds_t[j, c]}``.
-
-    ``sims`` has at most 255 rows (so per-column sums fit a byte); column ``c`` has a ``j``-th threshold
-    only from ``starts[j]`` on (columns sorted by their number of positives), so each pass covers the
-    columns ``starts[j]:``. Each pass writes 1-byte booleans into ``mask`` and adds them up row by row as
-    bytes (contiguous, vectorised), then widens the column sums once.
-    """
-    num_rows, num_cols = sims.shape
-    for j in range(thresholds_t.shape[0]):
-        s = int(starts[j])
-        if s >= num_cols:
-            break  # starts are non-decreasing: no later pass has a column either
-        view = mask[:num_rows, : num_cols - s]
-        np.greater_equal(sims[:, s:], thresholds_t[j, s:], out=view)
-        counts[s:, j] += view.view(np.uint8).sum(0, dtype=np.uint8)
 
 
 def _count_by_sorting(sims: torch.Tensor, thresholds: torch.Tensor, counts: torch.Tensor) -> None:
@@ -451,14 +409,11 @@ def _symmetric_scores(
     p_max = int(num_pos.max())
     thresholds = _positive_thresholds(x, members, num_pos, p_max)
     if block_size is None:
-        # A whole number of byte-lane chunks wide, so that the lane sums read no padding.
-        block_size = max(_LANE_COLS, math.isqrt(_PAIR_BYTES // 4) // _LANE_COLS * _LANE_COLS)
+        block_size = max(1, math.isqrt(_PAIR_BYTES // 4))
     block = int(min(block_size, n))
     counter = _Counter(device, block, block)
-    use_numpy = counter.use_numpy
-    if use_numpy:
-        counts_np = np.zeros(thresholds.shape, dtype=np.int64)
-        counts = torch.from_numpy(counts_np)
+    if counter.compiled:
+        counts = torch.from_numpy(np.zeros(thresholds.shape, dtype=np.int64))
     else:
         counts = torch.zeros(thresholds.shape, dtype=torch.int64, device=device)
     num_pos_t = torch.from_numpy(num_pos).to(device)
@@ -499,42 +454,26 @@ def _symmetric_scores(
     return ap, hits
 
 
-class _Scratch:
-    """A zeroed boolean buffer (``rows x W``) and how many of its leading columns may hold ``True``."""
-
-    def __init__(self, rows: int, width: int) -> None:
-        self.mask = np.zeros((rows, width), dtype=bool)
-        self.dirty = 0
-
-    def for_columns(self, num_cols: int) -> np.ndarray:
-        """The buffer, with every column from ``num_cols`` on ``False`` (the lane sums read them)."""
-        if self.dirty > num_cols:
-            self.mask[:, num_cols : self.dirty] = False
-        self.dirty = num_cols
-        return self.mask
-
-
 class _Counter:
     """Counts, per row of a block, the negatives at or above each positive's similarity.
 
-    Holds what the blocks share; on the CPU: a thread pool (numpy releases the GIL, so the rows are split
-    over ``torch.get_num_threads()`` threads) and one small boolean scratch per thread (``chunk x W``,
-    1 byte per entry, ``W`` = the widest block rounded up to whole byte-lane chunks).
+    Holds what the blocks share; on the CPU the compiled kernels of :mod:`raml.retrieval.count_kernel` (imported
+    here, so that importing this module does not import numba) and a thread pool: the kernels release the GIL,
+    so the rows are split over ``torch.get_num_threads()`` threads.
     """
 
     def __init__(self, device: torch.device, max_rows: int, num_cols: int) -> None:
-        self.use_numpy = device.type == "cpu" and _NUMPY_ON_CPU
+        self.compiled = device.type == "cpu" and _COMPILED_ON_CPU
         self.pool: ThreadPoolExecutor | None = None
         self.threads = 1
-        # A few rows at a time (~1 MiB of similarities) stay in the L2 cache across the passes; at most
-        # 255, so that the transposed count's per-column sums fit a byte.
+        # A few rows at a time (~1 MiB of similarities) stay in the L2 cache between the row and the column
+        # count of a block pair; at most 255, the column count's limit (1-byte sums).
         self.chunk = max(1, min(max_rows, 255, _CHUNK_BYTES // (4 * num_cols)))
-        self.free: queue.SimpleQueue[_Scratch] = queue.SimpleQueue()  # scratch buffers not in use
-        if self.use_numpy:
+        if self.compiled:
+            from raml.retrieval import count_kernel
+
+            self.kernels = count_kernel
             self.threads = max(1, min(torch.get_num_threads(), max_rows))
-            width = -(-num_cols // _LANE_COLS) * _LANE_COLS
-            for _ in range(self.threads):
-                self.free.put(_Scratch(self.chunk, width))
             if self.threads > 1:
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raml-metrics")
 
@@ -558,34 +497,22 @@ class _Counter:
         """``out += `` the counts of entries of ``sims`` (``(B, N)``, positives and junk at -inf) ``>=``
         each of the ``(B, P)`` thresholds (sorted decreasingly per row, +inf padding past ``num_pos``, which
         is non-decreasing). ``out`` is ``(B, P)`` int64 on the device, or a numpy-backed CPU tensor."""
-        num_rows, p_max = thresholds.shape
+        p_max = thresholds.shape[1]
         if p_max >= _SORT_MIN_POSITIVES:
             _count_by_sorting(sims, thresholds, out)
             return
-        bounds = _runs(num_pos)
-        if not self.use_numpy:
-            for r0, r1, p in bounds:
+        if not self.compiled:
+            for r0, r1, p in _runs(num_pos):
                 if p:
                     _count_by_passes(sims[r0:r1], thresholds[r0:r1, :p], out[r0:r1, :p])
             return
-        sims_np = sims.numpy()
-        thr_np = thresholds.numpy()
-        out_np = out.numpy()
+        sims_np, thr_np, out_np = sims.numpy(), thresholds.numpy(), out.numpy()
+        pos_np = np.ascontiguousarray(num_pos, dtype=np.int64)
 
         def work(lo: int, hi: int) -> None:
-            scratch = self.free.get()
-            try:
-                mask = scratch.for_columns(sims_np.shape[1])
-                for r0, r1, p in bounds:
-                    if p == 0:
-                        continue  # queries without positives: nothing to count
-                    for c0 in range(max(r0, lo), min(r1, hi), self.chunk):
-                        c1 = min(c0 + self.chunk, r1, hi)
-                        _count_by_passes_numpy(sims_np[c0:c1], thr_np[c0:c1, :p], out_np[c0:c1, :p], mask)
-            finally:
-                self.free.put(scratch)
+            self.kernels.count_rows(sims_np[lo:hi], thr_np[lo:hi], pos_np[lo:hi], out_np[lo:hi])
 
-        self._run_jobs(num_rows, work)
+        self._run_jobs(sims_np.shape[0], work)
 
     def count_pair(
         self,
@@ -597,30 +524,23 @@ class _Counter:
         columns (``cols``, as if for ``sims.T``), in one sweep over the rows on the CPU."""
         thr_r, pos_r, out_r = rows
         thr_c, pos_c, out_c = cols
-        if not self.use_numpy or max(thr_r.shape[1], thr_c.shape[1]) >= _SORT_MIN_POSITIVES:
+        if not self.compiled or max(thr_r.shape[1], thr_c.shape[1]) >= _SORT_MIN_POSITIVES:
             self.count(sims, thr_r, pos_r, out_r)
             self.count(sims.T.contiguous(), thr_c, pos_c, out_c)
             return
         sims_np = sims.numpy()
         thr_r_np, out_r_np = thr_r.numpy(), out_r.numpy()
+        pos_r_np = np.ascontiguousarray(pos_r, dtype=np.int64)
         thr_c_t = np.ascontiguousarray(thr_c.numpy().T)  # (P, Bj): one contiguous row per pass
-        col_starts = np.searchsorted(pos_c, np.arange(thr_c_t.shape[0]), side="right")
-        bounds = _runs(pos_r)
+        col_starts = np.searchsorted(pos_c, np.arange(thr_c_t.shape[0]), side="right").astype(np.int64)
 
         def work(lo: int, hi: int) -> np.ndarray:
             partial = np.zeros(out_c.shape, dtype=np.int64)
-            scratch = self.free.get()
-            try:
-                mask = scratch.for_columns(sims_np.shape[1])
-                for c0 in range(lo, hi, self.chunk):
-                    c1 = min(c0 + self.chunk, hi)
-                    for r0, r1, p in bounds:
-                        a, b = max(r0, c0), min(r1, c1)
-                        if p and a < b:
-                            _count_by_passes_numpy(sims_np[a:b], thr_r_np[a:b, :p], out_r_np[a:b, :p], mask)
-                    _count_columns_numpy(sims_np[c0:c1], thr_c_t, col_starts, partial, mask)
-            finally:
-                self.free.put(scratch)
+            # A chunk of rows is counted along its rows and then along its columns while it is in the L2 cache.
+            for c0 in range(lo, hi, self.chunk):
+                c1 = min(c0 + self.chunk, hi)
+                self.kernels.count_rows(sims_np[c0:c1], thr_r_np[c0:c1], pos_r_np[c0:c1], out_r_np[c0:c1])
+                self.kernels.count_columns(sims_np[c0:c1], thr_c_t, col_starts, partial)
             return partial
 
         out_c_np = out_c.numpy()
@@ -695,7 +615,7 @@ def _score_block(
     sims.scatter_(1, cols_t, -math.inf)
     if exclude_self:
         sims.scatter_(1, idx_t.unsqueeze(1), -math.inf)
-    if counter.use_numpy:
+    if counter.compiled:
         counts = torch.from_numpy(np.zeros((idx.size, p_max), dtype=np.int64))
     else:
         counts = torch.zeros(idx.size, p_max, dtype=torch.int64, device=device)
