@@ -71,7 +71,7 @@ def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
 @pytest.fixture(params=["compiled", "torch", "sorting"])
 def counting_path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """Run a test once per counting strategy (compiled passes, torch passes, row sorting)."""
-    monkeypatch.setattr(metrics_module, "_COMPILED_ON_CPU", request.param == "compiled")
+    monkeypatch.setattr(metrics_module, "_COMPILED_MIN_COMPARISONS", 0 if request.param == "compiled" else 10**30)
     monkeypatch.setattr(metrics_module, "_SORT_MIN_POSITIVES", 1 if request.param == "sorting" else 10**9)
     return request.param
 
@@ -118,8 +118,9 @@ def test_block_smaller_than_positives_and_mixed_positive_counts(counting_path: s
         _assert_close(got, expected)
 
 
-def test_large_database_several_lane_chunks_and_sort_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
-    # 4500 columns span three 2040-column byte-lane chunks; tiny row chunks count and sort one row at a time.
+def test_large_database_compiled_and_sort_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # 4500 columns, compiled counting; tiny row chunks count and sort one row at a time.
+    monkeypatch.setattr(metrics_module, "_COMPILED_MIN_COMPARISONS", 0)
     monkeypatch.setattr(metrics_module, "_SORT_CHUNK_BYTES", 1)
     monkeypatch.setattr(metrics_module, "_CHUNK_BYTES", 1)
     rng = np.random.default_rng(4)
@@ -369,7 +370,7 @@ def test_symmetric_path_only_when_both_sides_are_the_same() -> None:
 def test_device_path_reads_the_host_a_fixed_number_of_times(symmetric: bool, monkeypatch: pytest.MonkeyPatch) -> None:
     """On a GPU every read of a device value on the host is a synchronisation. The torch (device) path runs
     here on the CPU with the same functions; its host reads must not grow with the number of blocks."""
-    monkeypatch.setattr(metrics_module, "_COMPILED_ON_CPU", False)  # the path a CUDA device takes
+    monkeypatch.setattr(metrics_module, "_COMPILED_MIN_COMPARISONS", 10**30)  # the path a CUDA device takes
     rng = np.random.default_rng(14)
     labels = _layout("sop_like", rng)
     x = _unit(rng, labels.size, 6)
@@ -424,6 +425,7 @@ def three_torch_threads():
 def test_thread_pool_counting_matches_the_reference(three_torch_threads, monkeypatch, chunk_bytes) -> None:
     """The CPU counting split over a pool of threads, in jobs of one or several rows, gives the full-sort
     reference's numbers, with classes of 1 to 20 images (runs of rows with different numbers of positives)."""
+    monkeypatch.setattr(metrics_module, "_COMPILED_MIN_COMPARISONS", 0)
     if chunk_bytes is not None:
         monkeypatch.setattr(metrics_module, "_CHUNK_BYTES", chunk_bytes)
     rng = np.random.default_rng(11)
@@ -436,7 +438,7 @@ def test_thread_pool_counting_matches_the_reference(three_torch_threads, monkeyp
     for block_size in (None, 7):
         got = retrieval_metrics(query, database, labels, labels, ks, exclude_self=True, block_size=block_size)
         _assert_close(got, _reference_metrics(query, database, labels, labels, ks, True))
-    counter = metrics_module._Counter(torch.device("cpu"), max_rows=labels.size, num_cols=labels.size)
+    counter = metrics_module._Counter(torch.device("cpu"), max_rows=labels.size, num_cols=labels.size, comparisons=0)
     with counter:
         assert counter.compiled and counter.threads == 3 and counter.pool is not None
     assert counter.pool._shutdown  # leaving the block shuts the pool down
@@ -444,28 +446,55 @@ def test_thread_pool_counting_matches_the_reference(three_torch_threads, monkeyp
 
 def test_counter_sizes_its_chunks_and_threads() -> None:
     """Chunks of about _CHUNK_BYTES of similarities, at most 255 rows (the column count's 1-byte sums); never more
-    threads than rows; no pool on one thread or off the compiled path (a non-CPU device)."""
+    threads than rows; no pool on one thread or off the compiled path (a non-CPU device, a small evaluation)."""
+    big_job = metrics_module._COMPILED_MIN_COMPARISONS
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(4)
-        counter = metrics_module._Counter(torch.device("cpu"), max_rows=3, num_cols=3000)
+        counter = metrics_module._Counter(torch.device("cpu"), max_rows=3, num_cols=3000, comparisons=big_job)
         with counter:
             assert counter.compiled and counter.threads == 3 and counter.pool is not None
             assert counter.chunk == min(3, metrics_module._CHUNK_BYTES // (4 * 3000))
-        big = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=1000)
+        big = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=1000, comparisons=big_job)
         assert big.chunk == min(255, metrics_module._CHUNK_BYTES // (4 * 1000)) and big.threads == 4
         assert big.chunk <= count_kernel.MAX_COLUMN_ROWS
         big.__exit__(None, None, None)
-        narrow = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=10)
+        narrow = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=10, comparisons=big_job)
         assert narrow.chunk == 255
         narrow.__exit__(None, None, None)
+        small = metrics_module._Counter(torch.device("cpu"), max_rows=10**6, num_cols=10, comparisons=big_job - 1)
+        assert not small.compiled and small.threads == 1 and small.pool is None
         torch.set_num_threads(1)
-        single = metrics_module._Counter(torch.device("cpu"), max_rows=50, num_cols=10)
+        single = metrics_module._Counter(torch.device("cpu"), max_rows=50, num_cols=10, comparisons=big_job)
         assert single.threads == 1 and single.pool is None and single.chunk == 50
     finally:
         torch.set_num_threads(before)
-    off = metrics_module._Counter(torch.device("meta"), max_rows=5, num_cols=10)
+    off = metrics_module._Counter(torch.device("meta"), max_rows=5, num_cols=10, comparisons=big_job)
     assert not off.compiled and off.threads == 1 and off.pool is None
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_the_compiled_kernels_count_from_the_budgeted_comparisons_on(symmetric: bool, monkeypatch) -> None:
+    """An evaluation of at least _COMPILED_MIN_COMPARISONS comparisons (each query's positives x the database, all
+    queries) counts with the compiled kernels, a smaller one with torch; the metrics are the same."""
+    rng = np.random.default_rng(15)
+    labels = np.repeat(np.arange(6), [2, 3, 3, 4, 5, 7])  # 24 items; a query has its class size - 1 positives
+    x = _unit(rng, labels.size, 5)
+    y = x if symmetric else _unit(rng, labels.size, 5)
+    comparisons = int((np.bincount(labels)[labels] - 1).sum()) * labels.size
+    calls: list[str] = []
+    for name in ("count_rows", "count_columns"):
+        real = getattr(count_kernel, name)
+        monkeypatch.setattr(count_kernel, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    expected = _reference_metrics(x, y, labels, labels, [1, 4], True)
+    for budget, compiled in ((comparisons, True), (comparisons + 1, False)):
+        calls.clear()
+        monkeypatch.setattr(metrics_module, "_COMPILED_MIN_COMPARISONS", budget)
+        got = retrieval_metrics(x, y, labels, labels, (1, 4), exclude_self=True, block_size=10)
+        assert bool(calls) == compiled
+        if compiled and symmetric:
+            assert "count_columns" in calls  # the block pairs counted both ways
+        _assert_close(got, expected)
 
 
 def test_sorting_path_in_chunks_of_rows_matches_the_reference(monkeypatch) -> None:

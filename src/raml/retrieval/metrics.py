@@ -26,9 +26,10 @@ positives' similarities are gathered and sorted decreasingly (``s_0 >= s_1 >= ..
 are overwritten with ``-inf``, and ``r_j = j + #{negatives with similarity >= s_j}``. The counts take one
 comparison pass per positive over the row: on the CPU by a compiled compare-and-add loop
 (:mod:`raml.retrieval.count_kernel`), the row staying in the L2 cache across its passes, over
-``torch.get_num_threads()`` threads; on other devices with torch. For queries with very many positives
-(``>= _SORT_MIN_POSITIVES``) the rows are sorted instead and the counts read off by binary search. Extra
-memory beyond ``S``: a few KB per thread.
+``torch.get_num_threads()`` threads; on other devices, and for small evaluations (below
+``_COMPILED_MIN_COMPARISONS``, where loading the kernels would cost more than they save), with torch. For
+queries with very many positives (``>= _SORT_MIN_POSITIVES``) the rows are sorted instead and the counts read
+off by binary search. Extra memory beyond ``S``: a few KB per thread.
 
 Symmetric tests (``exclude_self`` with the same embeddings and labels on both sides): ``S`` is symmetric, so
 each pair of blocks is computed once (:func:`_symmetric_scores`). Items are ordered by (number of positives,
@@ -57,9 +58,13 @@ __all__ = ["average_precision", "retrieval_metrics"]
 
 # Budget of one block of similarities (float32) when block_size is not given.
 _BLOCK_BYTES = 256 * 2**20
-# Count with the compiled kernels (raml.retrieval.count_kernel) on CPU tensors; tests switch it off to exercise
-# the torch path (the one a CUDA device takes) on the CPU.
-_COMPILED_ON_CPU = True
+# On CPU tensors, count with the compiled kernels (raml.retrieval.count_kernel) from this many comparisons (entries
+# x positives) on. Loading them costs about 0.5 s once per process (numba's import and LLVM); torch's passes take
+# about 1.7 ns per comparison on one thread, so below this an evaluation spends at most ~50 ms in them (the tests'
+# and the demo's evaluations, 1e5-1e7 comparisons, never load numba), and a process that evaluates a larger set
+# every epoch recovers the load within a few evaluations. Tests set it to 0 (compiled) or beyond any size (the
+# torch path, the one a CUDA device takes).
+_COMPILED_MIN_COMPARISONS = 3 * 10**7
 # Rows of similarities counted at once on the CPU: small enough to stay in the L2 cache across the passes.
 _CHUNK_BYTES = 2**20
 # Above this many positives per query, sorting rows is cheaper than one comparison pass per positive.
@@ -329,7 +334,8 @@ def _blocked_scores(
         len(starts),
         block_size,
     )
-    with _Counter(device, min(block_size, order.size), num_d) as counter:
+    comparisons = int(num_pos[scored].sum()) * num_d
+    with _Counter(device, min(block_size, order.size), num_d, comparisons) as counter:
         for b0 in tqdm(starts, desc="retrieval metrics", unit="block", disable=not progress):
             idx = order[b0 : b0 + block_size]
             ap_block, hits_block = _score_block(
@@ -411,7 +417,7 @@ def _symmetric_scores(
     if block_size is None:
         block_size = max(1, math.isqrt(_PAIR_BYTES // 4))
     block = int(min(block_size, n))
-    counter = _Counter(device, block, block)
+    counter = _Counter(device, block, block, int(num_pos.sum()) * n)
     if counter.compiled:
         counts = torch.from_numpy(np.zeros(thresholds.shape, dtype=np.int64))
     else:
@@ -457,13 +463,15 @@ def _symmetric_scores(
 class _Counter:
     """Counts, per row of a block, the negatives at or above each positive's similarity.
 
-    Holds what the blocks share; on the CPU the compiled kernels of :mod:`raml.retrieval.count_kernel` (imported
-    here, so that importing this module does not import numba) and a thread pool: the kernels release the GIL,
-    so the rows are split over ``torch.get_num_threads()`` threads.
+    Holds what the blocks share; on the CPU, for an evaluation of at least ``_COMPILED_MIN_COMPARISONS``
+    comparisons (``comparisons``: entries x positives, all blocks), the compiled kernels of
+    :mod:`raml.retrieval.count_kernel` (imported here, so that importing this module does not import numba) and a
+    thread pool: the kernels release the GIL, so the rows are split over ``torch.get_num_threads()`` threads.
+    Smaller evaluations count with torch's passes, as a CUDA device does.
     """
 
-    def __init__(self, device: torch.device, max_rows: int, num_cols: int) -> None:
-        self.compiled = device.type == "cpu" and _COMPILED_ON_CPU
+    def __init__(self, device: torch.device, max_rows: int, num_cols: int, comparisons: int) -> None:
+        self.compiled = device.type == "cpu" and comparisons >= _COMPILED_MIN_COMPARISONS
         self.pool: ThreadPoolExecutor | None = None
         self.threads = 1
         # A few rows at a time (~1 MiB of similarities) stay in the L2 cache between the row and the column
