@@ -63,8 +63,8 @@ def test_inference_network_chooses_the_forward() -> None:
 def test_bf16_over_onnxruntime_is_bf16_autocast_of_the_network() -> None:
     net = _network()
     images = torch.randn(3, 3, 32, 32)
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = F.normalize(net(images).float(), dim=1)  # the bf16 path written plainly
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):  # the bf16 path written plainly
+        plain = F.normalize(net(images.contiguous(memory_format=torch.channels_last)).float(), dim=1)
     with torch.inference_mode():
         got = inference_network(inference_network(net, CPU, "fp32", "onnxruntime"), CPU, "bf16")(images)
     torch.testing.assert_close(got, plain, rtol=0, atol=1e-6)

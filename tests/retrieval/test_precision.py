@@ -15,7 +15,7 @@ from PIL import Image
 
 from raml.data.images import EvalTransform, load_image
 from raml.models import build_network
-from raml.retrieval.extract import bf16_support, check_precision, extract_embeddings
+from raml.retrieval.extract import Bf16Forward, bf16_support, check_precision, extract_embeddings
 
 ARCH = "timm/test_resnet"
 
@@ -44,12 +44,29 @@ def test_bf16_extraction_is_autocast_of_the_fp32_network(network: torch.nn.Modul
     transform = EvalTransform(32, network.meta["mean"], network.meta["std"])
     batch = torch.stack([transform(load_image(p)) for p in paths])
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        plain = network(batch)
+        plain = network(batch.contiguous(memory_format=torch.channels_last))
     plain = F.normalize(plain.float(), dim=1)
     assert bf16.dtype == torch.float32 and bf16.shape == fp32.shape
     torch.testing.assert_close(bf16, plain, rtol=0, atol=1e-6)
     torch.testing.assert_close(bf16.norm(dim=1), torch.ones(len(paths)), rtol=0, atol=1e-6)
     assert 0 < float((bf16 - fp32).abs().max()) < 0.1  # reduced precision: close to fp32, not equal
+
+
+def test_bf16_on_the_cpu_hands_the_network_a_channels_last_batch_under_autocast() -> None:
+    """oneDNN's bf16 convolutions run on NHWC: the wrapper reorders the batch once (the caller's tensor is left as
+    it is) and the network runs under bfloat16 autocast; the output is normalised in fp32."""
+    seen: list[tuple[bool, bool]] = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            seen.append((x.is_contiguous(memory_format=torch.channels_last), torch.is_autocast_enabled("cpu")))
+            return F.linear(x.flatten(1), torch.ones(3, x[0].numel()))  # bf16 under autocast
+
+    images = torch.randn(2, 3, 8, 8)
+    out = Bf16Forward(Probe(), "cpu")(images)
+    assert seen == [(True, True)] and images.is_contiguous()
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out.norm(dim=1), torch.ones(2), rtol=0, atol=1e-6)
 
 
 def test_precision_is_checked_and_emulated_bf16_is_announced(

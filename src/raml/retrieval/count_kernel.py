@@ -6,7 +6,7 @@ For a block of similarities with positives and junk already at ``-inf``, the ran
 * :func:`count_rows`: ``counts[r, j] += #{c : sims[r, c] >= thresholds[r, j]}`` for ``j < num_pos[r]``: one
   pass over the row per positive, the row (at most a database's width of float32, 242 KB at SOP size) staying in
   the L2 cache across the passes. Each pass is a compare-and-add loop that LLVM vectorises (8 floats per AVX2
-  instruction); numpy needed a boolean array per pass and a second pass to add it up.
+  instruction, 16 per AVX-512); numpy needed a boolean array per pass and a second pass to add it up.
 * :func:`count_columns`: the transposed count of a symmetric test's block pair,
   ``counts[c, j] += #{r : sims[r, c] >= thresholds_t[j, c]}`` for the columns ``c >= starts[j]`` (columns
   sorted by their number of positives). Rows are added into a row of 1-byte counters (hence at most 255 rows
