@@ -334,7 +334,7 @@ def _blocked_scores(
         len(starts),
         block_size,
     )
-    comparisons = int(num_pos[scored].sum()) * num_d
+    comparisons = int(num_pos.sum()) * num_d  # queries without positives add 0
     with _Counter(device, min(block_size, order.size), num_d, comparisons) as counter:
         for b0 in tqdm(starts, desc="retrieval metrics", unit="block", disable=not progress):
             idx = order[b0 : b0 + block_size]
@@ -474,13 +474,14 @@ class _Counter:
         self.compiled = device.type == "cpu" and comparisons >= _COMPILED_MIN_COMPARISONS
         self.pool: ThreadPoolExecutor | None = None
         self.threads = 1
-        # A few rows at a time (~1 MiB of similarities) stay in the L2 cache between the row and the column
-        # count of a block pair; at most 255, the column count's limit (1-byte sums).
-        self.chunk = max(1, min(max_rows, 255, _CHUNK_BYTES // (4 * num_cols)))
+        self.chunk = max(1, max_rows)  # rows per kernel call and least rows per job: compiled path only
         if self.compiled:
             from raml.retrieval import count_kernel
 
             self.kernels = count_kernel
+            # A few rows at a time (~1 MiB of similarities) stay in the L2 cache between the row and the column
+            # count of a block pair; at most the column count's limit (1-byte sums).
+            self.chunk = max(1, min(max_rows, count_kernel.MAX_COLUMN_ROWS, _CHUNK_BYTES // (4 * num_cols)))
             self.threads = max(1, min(torch.get_num_threads(), max_rows))
             if self.threads > 1:
                 self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="raml-metrics")
