@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import numpy as np
-import onnx
 import pytest
 import torch
 
@@ -63,7 +62,10 @@ def test_int8_export_is_smaller_and_close_to_fp32(setup, tmp_path, capsys):
     assert record["calibration_images"] == 8 and record["int8_bytes"] == out.stat().st_size
     assert out.stat().st_size < 0.5 * setup["fp32"].stat().st_size
 
-    # the graph holds int8 weights and quantise/dequantise pairs (QDQ)
+    # the graph holds int8 weights and quantise/dequantise pairs (QDQ); onnx imported here, not at collection,
+    # where every pytest-xdist worker would pay its ~0.9 s import (ml_dtypes' extension) for this one test
+    import onnx
+
     model = onnx.load(str(out))
     ops = {node.op_type for node in model.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
