@@ -96,6 +96,43 @@ def test_to_rgb_float_is_read_as_unit_range() -> None:
     np.testing.assert_array_equal(_pixels(to_rgb(src))[0, :, 0], [0, 0, 128, 255, 255, 0])
 
 
+def test_to_rgb_float_over_several_bands_equals_the_per_pixel_rule() -> None:
+    """1024 x 600: three bands of rows (2^18 pixels each); every value against ``round(v * 255)`` clipped (Python's
+    round: halves to even), NaN -> 0, +-inf -> 255 / 0."""
+    rng = np.random.default_rng(5)
+    values = rng.normal(0.5, 0.7, (600, 1024)).astype(np.float32)
+    values.flat[::97] = np.nan
+    values.flat[1::89] = np.inf
+    values.flat[2::83] = -np.inf
+    values.flat[3::7] = np.float32(0.5 / 255) * rng.integers(0, 511, values.flat[3::7].size)  # near the halves
+    got = _pixels(to_rgb(Image.fromarray(values, mode="F")))
+
+    def rule(v: float) -> int:
+        if v != v:
+            return 0
+        return 255 if v * 255.0 >= 255 else 0 if v * 255.0 <= 0 else round(v * 255.0)
+
+    expected = np.array([[rule(float(v)) for v in row] for row in values.astype(np.float64)], dtype=np.uint8)
+    np.testing.assert_array_equal(got[..., 0], expected)
+    assert (got[..., 0] == got[..., 1]).all() and (got[..., 1] == got[..., 2]).all()
+
+
+def test_to_rgb_float_needs_no_float64_copy_of_the_whole_image() -> None:
+    """A float image is converted a band of rows at a time: numpy's peak for 2000 x 2000 stays under 3 bytes a pixel
+    (the grey result, one band); a whole-image float64 copy with its temporaries took over 30."""
+    import tracemalloc
+
+    src = Image.fromarray(np.full((2000, 2000), 0.25, dtype=np.float32), mode="F")
+    tracemalloc.start()
+    try:
+        rgb = to_rgb(src)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert rgb.getpixel((1999, 1999)) == (64, 64, 64)
+    assert peak < 3 * 2000 * 2000, peak
+
+
 def test_to_rgb_returns_a_copy() -> None:
     src = Image.new("RGB", (2, 2), (1, 2, 3))
     out = to_rgb(src)

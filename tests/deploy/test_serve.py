@@ -189,6 +189,29 @@ def test_health_and_images_by_id_only(world, server):
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: nothing from the internet
 
 
+def test_image_by_id_sends_only_image_files_whatever_the_index_lists(world, tmp_path):
+    """An index whose path list names a text file and an HTML page (a crafted or tampered index folder): /image
+    answers 404 for both, never their bytes; a real image is sent with its type and nosniff."""
+    copies = [tmp_path / f"db{i}.jpg" for i in range(3)]
+    for source, copy in zip(world["paths"], copies):
+        copy.write_bytes(Path(source).read_bytes())
+    index_dir = tmp_path / "index"
+    sha = checkpoint_sha256(world["nets"]["teacher"])
+    index_images(world["teacher"], [str(p) for p in copies], DR, index_dir, sha)
+    secret, page = b"root:x:0:0:root:/root:/bin/bash\n", b"<html><script>alert(document.cookie)</script></html>"
+    copies[1].write_bytes(secret)  # the files change after indexing: the service reads them at request time
+    copies[2].write_bytes(page)
+    service = SearchService(student_embedder(world), index_dir, ServiceLimits())
+    with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
+        image = client.get("/image/0")
+        assert image.status_code == 200 and image.content == copies[0].read_bytes()
+        assert image.headers["content-type"] == "image/jpeg" and image.headers["x-content-type-options"] == "nosniff"
+        for image_id, content in ((1, secret), (2, page)):
+            refused = client.get(f"/image/{image_id}")
+            assert refused.status_code == 404 and content not in refused.content
+            assert "not an image file" in refused.json()["error"]
+
+
 # ------------------------------------------------------------------------------------------------ batching
 
 

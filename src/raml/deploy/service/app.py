@@ -18,7 +18,9 @@ Routes:
 - ``GET /health``: :meth:`SearchService.health`;
 - ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
-  request; ids outside the served index get 404).
+  request; ids outside the served index get 404, and so does a file that does not start like an image of
+  :mod:`raml.deploy.service.image_types`, whatever the index's path list names; the type is sent with
+  ``X-Content-Type-Options: nosniff``).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ from starlette.routing import Route
 from raml.deploy.service.admission import QueueWaitError, ServiceBusyError
 from raml.deploy.service.batching import QueueFullError
 from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, open_query_image
+from raml.deploy.service.image_types import SNIFF_BYTES, image_media_type
 from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raml.deploy.service.service import SearchService
 
@@ -268,7 +271,15 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
         path = Path(index.paths[image_id])
         if not path.is_file():
             return answer("image", error(404, f"Image {image_id} is missing on the server's disk."))
-        return answer("image", FileResponse(path))
+        try:
+            with path.open("rb") as f:
+                media_type = image_media_type(f.read(SNIFF_BYTES))
+        except OSError:
+            media_type = None
+        if media_type is None:  # never send a file that is not an image, whatever the index lists
+            return answer("image", error(404, f"Image {image_id} is not an image file this service sends."))
+        headers = {"X-Content-Type-Options": "nosniff"}
+        return answer("image", FileResponse(path, media_type=media_type, headers=headers))
 
     async def home(request: Request) -> Response:
         return answer("page", HTMLResponse(page))

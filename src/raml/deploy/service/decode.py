@@ -4,7 +4,8 @@ Contract: ``decode_query_image(data, max_pixels)`` (``open_query_image`` reading
 ``decode_opened_image``) -> ``RGB`` image (:func:`raml.data.images.to_rgb` rules), or
 :class:`QueryImageError` carrying the HTTP status a client should get:
 
-- 415: the bytes are not an image PIL can identify;
+- 415: the bytes are not an image in one of :data:`~raml.deploy.service.image_types.QUERY_FORMATS` (PIL's other
+  readers are never tried: some decode before a size can be checked, see :mod:`raml.deploy.service.image_types`);
 - 413: the header announces more than ``max_pixels`` pixels, or a size that the evaluation transform at the
   query size would resize to more than ``max_pixels`` pixels (an extreme aspect ratio such as 100000x1); both
   are checked before any pixel is decoded (:mod:`raml.data.image_limits`), so a decompression bomb costs
@@ -28,6 +29,7 @@ from PIL import Image, UnidentifiedImageError
 from raml.data.image_limits import ImageTooLargeError, check_image_size
 from raml.data.images import to_rgb
 from raml.deploy.service.admission import ServiceBusyError
+from raml.deploy.service.image_types import QUERY_FORMAT_NAMES, QUERY_FORMATS
 
 __all__ = [
     "DEFAULT_INLINE_DECODE_PIXELS",
@@ -63,7 +65,7 @@ def open_query_image(data: bytes) -> Image.Image:
     if not data:
         raise QueryImageError(400, "The request holds no image: send the image file as the body or as field 'image'.")
     try:
-        return Image.open(io.BytesIO(data))
+        return Image.open(io.BytesIO(data), formats=QUERY_FORMATS)
     except Exception as error:  # noqa: BLE001 - mapped to the status a client should get
         raise _refusal(error) from error
 
@@ -98,9 +100,7 @@ def _refusal(error: Exception) -> QueryImageError:
     if isinstance(error, ImageTooLargeError):
         return QueryImageError(413, f"{error} (this service's --max-pixels)")
     if isinstance(error, UnidentifiedImageError):
-        return QueryImageError(
-            415, "The upload is not an image this service can read (JPEG, PNG, WebP, GIF, BMP, TIFF ...)."
-        )
+        return QueryImageError(415, f"The upload is not an image this service reads: send a {QUERY_FORMAT_NAMES} file.")
     if isinstance(error, Image.DecompressionBombError):
         return QueryImageError(413, f"The image is too large to decode safely ({error}); send a smaller one.")
     # PIL raises OSError, SyntaxError, ValueError ... on truncated or corrupt data
