@@ -35,6 +35,7 @@ from raml.models import (
 from raml.models import checkpoints as checkpoints_module
 from raml.models.backbones import _torchvision_trunk
 from raml.models.checkpoints import download_file, read_sha256sums
+from raml.models.restricted_pickle import TorchScriptArchiveError, is_torchscript_archive, restricted_torch_load
 
 # torchvision ResNet child name -> index in the reference's ``backbone`` Sequential.
 _RESNET_CHILDREN = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
@@ -708,3 +709,65 @@ def test_own_networks_in_the_cache_folder_are_not_hashed(tmp_path: Path, network
     save_checkpoint(path, network)
     load_network("mine", data_root=tmp_path)
     assert not (tmp_path / "networks" / "SHA256SUMS").exists()
+
+
+def _torchscript_archive(path: Path) -> Path:
+    torch.jit.save(torch.jit.script(nn_identity()), str(path))
+    return path
+
+
+def nn_identity() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(2, 2))
+
+
+@pytest.fixture()
+def no_jit_load(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """torch.jit.load replaced by a recorder that loads nothing: a test asserts it was never called."""
+    calls: list[str] = []
+
+    def refuse(source: object, *args: object, **kwargs: object) -> None:
+        calls.append(str(source))
+        raise AssertionError("torch.jit.load was called")
+
+    monkeypatch.setattr(torch.jit, "load", refuse)
+    return calls
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_torchscript_archive_is_refused_before_any_load(tmp_path: Path, no_jit_load: list[str]) -> None:
+    path = _torchscript_archive(tmp_path / "scripted.pth")
+    before = path.read_bytes()
+    with pytest.raises(CheckpointError, match=r"scripted.pth.*is a TorchScript archive .*torch.save"):
+        load_checkpoint_file(path)
+    with pytest.raises(TorchScriptArchiveError, match="TorchScript archive"):
+        restricted_torch_load(path)  # the restricted loader refuses it on its own too
+    assert no_jit_load == [] and path.read_bytes() == before
+    plain = tmp_path / "plain.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}}, plain)
+    with open(plain, "rb") as handle:
+        assert is_torchscript_archive(handle) is None and handle.tell() == 0
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+def test_a_file_swapped_for_a_torchscript_archive_between_the_two_reads_is_not_run(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_jit_load: list[str]
+) -> None:
+    # a reference-style checkpoint: its numpy max_map sends it to the restricted second read
+    path = tmp_path / "reference.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, "max_map": np.float64(0.5)}, path)
+    scripted = _torchscript_archive(tmp_path / "scripted.pth")
+    real_load = torch.load
+    loads: list[bool] = []
+
+    def load_then_swap(*args: object, **kwargs: object) -> object:
+        loads.append(bool(kwargs.get("weights_only")))
+        try:
+            return real_load(*args, **kwargs)
+        finally:
+            if len(loads) == 1:
+                os.replace(scripted, path)  # between the weights-only read and the restricted one
+
+    monkeypatch.setattr(torch, "load", load_then_swap)
+    checkpoint = load_checkpoint_file(path)
+    assert loads == [True, False] and no_jit_load == []
+    assert checkpoint["max_map"] == 0.5 and torch.equal(checkpoint["state_dict"]["w"], torch.ones(2))

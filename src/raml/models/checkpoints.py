@@ -27,8 +27,9 @@ import re
 import time
 import urllib.error
 import urllib.request
+import zipfile
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from tqdm import tqdm
@@ -36,7 +37,13 @@ from tqdm import tqdm
 from raml.models.backbones import IMAGENET_MEAN, IMAGENET_STD, DownloadError, TimmTrunk
 from raml.models.network import EmbeddingNetwork, build_network
 from raml.models.pooling import POOLINGS
-from raml.models.restricted_pickle import UnsafeGlobalError, contains_dropped, restricted_torch_load
+from raml.models.restricted_pickle import (
+    TorchScriptArchiveError,
+    UnsafeGlobalError,
+    contains_dropped,
+    is_torchscript_archive,
+    restricted_torch_load,
+)
 from raml.models.skip_init import weight_init_skipped
 from raml.utils import atomic_path, atomic_torch_save, atomic_write_text, file_sha256
 
@@ -180,10 +187,23 @@ def _invalid_checkpoint(path: Path, detail: str) -> CheckpointError:
     )
 
 
-def _load_restricted(path: Path, first_error: BaseException) -> dict:
-    """Read a file that ``weights_only=True`` refused; keep only the entries rebuilt entirely from data."""
+def _torchscript_error(path: Path, detail: str) -> CheckpointError:
+    return CheckpointError(
+        f"Refused to load {str(path)!r}: it is a TorchScript archive (torch.jit.save; {detail}), not a checkpoint, "
+        "and loading it would run the code it holds. raml reads checkpoints written by torch.save: save the "
+        "network's 'meta' (plain values) and 'state_dict' (tensors) with torch.save, or use "
+        "raml.models.save_checkpoint."
+    )
+
+
+def _load_restricted(path: Path, handle: IO[bytes], first_error: BaseException) -> dict:
+    """Read a file that ``weights_only=True`` refused (from the start of ``handle``, open on it); keep only the
+    entries rebuilt entirely from data."""
     try:
-        loaded, dropped_globals = restricted_torch_load(path)
+        handle.seek(0)
+        loaded, dropped_globals = restricted_torch_load(handle)
+    except TorchScriptArchiveError as error:
+        raise _torchscript_error(path, error.detail) from error
     except UnsafeGlobalError as error:
         raise _unsafe_error(path, f"{error}; {_unpickling_detail(first_error)}") from error
     except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
@@ -239,20 +259,28 @@ def load_checkpoint_file(path: str | Path) -> dict:
 
     Raises:
         FileNotFoundError: If the file does not exist.
-        CheckpointError: If the file is not a checkpoint, needs arbitrary code to unpickle, or lacks a
-            ``state_dict``.
+        CheckpointError: If the file is not a checkpoint, needs arbitrary code to unpickle, is a TorchScript
+            archive (refused before any load: ``torch.load`` would run it), or lacks a ``state_dict``.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint file {str(path)!r} does not exist.")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        if "global" not in str(error).lower():
-            raise _invalid_checkpoint(path, f"safe unpickling failed: {_unpickling_detail(error)}") from error
-        checkpoint = _load_restricted(path, error)
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise _invalid_checkpoint(path, f"{type(error).__name__}: {error}") from error
+    # One open file for every read: a file replaced under the same name between two reads is not seen.
+    with open(path, "rb") as handle:
+        try:
+            torchscript = is_torchscript_archive(handle)  # the zip's directory only
+        except zipfile.BadZipFile as error:  # e.g. truncated
+            raise _invalid_checkpoint(path, str(error)) from error
+        if torchscript is not None:
+            raise _torchscript_error(path, torchscript)
+        try:
+            checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as error:
+            if "global" not in str(error).lower():
+                raise _invalid_checkpoint(path, f"safe unpickling failed: {_unpickling_detail(error)}") from error
+            checkpoint = _load_restricted(path, handle, error)
+        except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
+            raise _invalid_checkpoint(path, f"{type(error).__name__}: {error}") from error
     if not isinstance(checkpoint, dict):
         raise CheckpointError(
             f"{str(path)!r} holds a {type(checkpoint).__name__}, not a checkpoint dict with 'meta' and 'state_dict'."

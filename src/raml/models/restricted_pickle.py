@@ -16,6 +16,11 @@ unpickler that
 
 Nothing outside the allow-list above is ever imported or called, so the placeholders cannot run code either;
 the refusal list exists so that a file that tries to run code is reported as such instead of loading.
+
+TorchScript archives are refused (``TorchScriptArchiveError``) before ``torch.load`` sees them: given one,
+``torch.load(weights_only=False)`` would hand it to ``torch.jit.load``, which runs its code and never consults
+the pickle module above. The file is read once, and the bytes checked are the bytes loaded: a file replaced
+between the check and the load cannot get through.
 """
 
 from __future__ import annotations
@@ -24,15 +29,24 @@ import _compat_pickle
 import builtins
 import codecs
 import importlib
+import io
 import pickle
 import types
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 
-__all__ = ["Dropped", "UnsafeGlobalError", "contains_dropped", "restricted_torch_load"]
+__all__ = [
+    "Dropped",
+    "TorchScriptArchiveError",
+    "UnsafeGlobalError",
+    "contains_dropped",
+    "is_torchscript_archive",
+    "restricted_torch_load",
+]
 
 
 class UnsafeGlobalError(pickle.UnpicklingError):
@@ -41,6 +55,45 @@ class UnsafeGlobalError(pickle.UnpicklingError):
     def __init__(self, global_name: str) -> None:
         super().__init__(f"the pickle references {global_name}, which is neither data nor training state")
         self.global_name = global_name
+
+
+class TorchScriptArchiveError(pickle.UnpicklingError):
+    """The file is a TorchScript archive (``torch.jit.save``), which ``torch.load`` would run as code."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"the file is a TorchScript archive ({detail}), not a torch.save checkpoint")
+        self.detail = detail
+
+
+_ZIP_MAGIC = b"PK\x03\x04"  # what torch.load checks to read a file as a zip archive
+
+
+def is_torchscript_archive(file: IO[bytes]) -> str | None:
+    """Why the seekable binary ``file`` is (or may be) a TorchScript archive, or None if it is not one.
+
+    Reads only the zip's directory (at its end), not its members; the position is restored.
+
+    Raises:
+        zipfile.BadZipFile: If the file starts like a zip archive (as torch.load checks) but its directory
+            cannot be read (e.g. a truncated file): it is then not known what torch's own reader would find.
+    """
+    start = file.tell()
+    try:
+        if file.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            return None
+        file.seek(start)
+        try:
+            with zipfile.ZipFile(file) as archive:
+                names = archive.namelist()
+        except (zipfile.LargeZipFile, ValueError, EOFError) as error:
+            raise zipfile.BadZipFile(f"a zip archive whose directory is unreadable: {error}") from error
+    finally:
+        file.seek(start)
+    for name in names:
+        inner = name.split("/", 1)[-1]  # torch's records are named after the archive's top folder
+        if inner == "constants.pkl" or inner.startswith(("code/", ".data/ts_code/")):
+            return f"it holds {name}"
+    return None
 
 
 class Dropped:
@@ -176,23 +229,33 @@ def _restricted_pickle_module(dropped: set[str]) -> types.ModuleType:
     return module
 
 
-def restricted_torch_load(path: str | Path) -> tuple[Any, list[str]]:
+def restricted_torch_load(source: str | Path | IO[bytes]) -> tuple[Any, list[str]]:
     """Load a ``torch.save`` file onto the CPU with the restricted unpickler.
 
+    The file is read into memory once (its size more, until the load returns) and loaded from those bytes
+    after checking that they are not a TorchScript archive; see the module docstring.
+
     Args:
-        path: The file.
+        source: The file, or a binary file object open on it (read from its current position).
 
     Returns:
         The loaded object (training-state objects replaced by ``Dropped`` placeholders) and the sorted names
         of the globals that were replaced.
 
     Raises:
+        TorchScriptArchiveError: If the file is a TorchScript archive (it is then not loaded at all).
+        zipfile.BadZipFile: If it starts like a zip archive whose directory is unreadable (not loaded either).
         UnsafeGlobalError: If the file references any other global (it is then not loaded at all).
         Exception: Whatever ``torch.load`` raises for a corrupt file.
     """
+    data = Path(source).read_bytes() if isinstance(source, (str, Path)) else source.read()
+    buffer = io.BytesIO(data)
+    reason = is_torchscript_archive(buffer)
+    if reason is not None:
+        raise TorchScriptArchiveError(reason)
     dropped: set[str] = set()
     # weights_only=False only lets torch use the given pickle module: the restricted one above.
-    obj = torch.load(path, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(dropped))
+    obj = torch.load(buffer, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(dropped))
     return obj, sorted(dropped)
 
 
