@@ -26,7 +26,7 @@ import raml
 from raml.deploy import IndexDirectoryError, index_images, load_index
 from raml.deploy import index as index_module
 from raml.deploy import store as store_module
-from raml.deploy.lock import LOCK_NAME, DirectoryLock, LockHeldError, LockHolder, pid_alive
+from raml.deploy.lock import LOCK_NAME, DirectoryLock, LockFileError, LockHeldError, LockHolder, pid_alive
 
 SIZE = 16
 SHA = "0" * 64  # the network's content hash, only compared between writers
@@ -291,3 +291,27 @@ if __name__ == "__main__":
     if sys.argv[1:2] != ["write"]:
         raise SystemExit("usage: test_index_lock.py write INDEX_DIR WRITING_FILE RELEASE_FILE IMAGE...")
     _child_write(*sys.argv[2:])
+
+
+@pytest.mark.parametrize(
+    ("kind", "what"), [("symlink", "a symbolic link"), ("fifo", "not a regular file"), ("folder", "a folder")]
+)
+def test_a_lock_path_that_is_not_a_regular_file_is_refused_and_nothing_is_written(tmp_path, kind, what):
+    images = make_images(tmp_path / "images", 3)
+    index_dir = tmp_path / "index"
+    index_images(TinyNet(), images[:2], SIZE, index_dir, SHA)
+    before = {name: (index_dir / name).read_bytes() for name in _names(index_dir)}
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    lock = index_dir / LOCK_NAME
+    if kind == "symlink":
+        lock.symlink_to(victim)
+    elif kind == "fifo":
+        os.mkfifo(lock)
+    else:
+        lock.mkdir()
+    with pytest.raises(LockFileError, match=rf"lock file .*{LOCK_NAME} is {what}; .*remove it, and run the command"):
+        index_images(TinyNet(), images, SIZE, index_dir, SHA)
+    assert victim.read_text() == "precious"
+    assert {name: (index_dir / name).read_bytes() for name in _names(index_dir) if name != LOCK_NAME} == before
+    assert os.path.lexists(lock) and load_index(index_dir).live_count == 2

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,14 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "DirectoryLock", "LockHeldError", "LockHolder", "pid_alive"]
+__all__ = ["LOCK_NAME", "DirectoryLock", "LockFileError", "LockHeldError", "LockHolder", "pid_alive"]
 
 LOCK_NAME = ".lock"
 """Name of the lock file inside the locked directory."""
 
 _ACQUIRE_ATTEMPTS = 20  # retries when a holder releases (removes the file) between our open and our flock
+# open() errors meaning the lock path is not a regular file, and what to call it
+_NOT_A_FILE = {errno.ELOOP: "a symbolic link", errno.EISDIR: "a folder", errno.ENXIO: "not a regular file"}
 _HOLDER_WAIT_S = 0.5  # how long a refused writer waits for a new holder to write its PID into the file
 
 
@@ -95,6 +98,14 @@ class LockHeldError(FileExistsError):
         self.holder = holder
 
 
+class LockFileError(FileExistsError):
+    """Something other than a regular file (a symbolic link, a FIFO, a folder) is at the lock file's path."""
+
+    def __init__(self, message: str, path: Path) -> None:
+        super().__init__(message)
+        self.path = path
+
+
 def pid_alive(pid: int) -> bool:
     """Whether a process with this PID exists on this host (it may belong to another user)."""
     if pid <= 0:
@@ -142,9 +153,21 @@ class DirectoryLock:
         for _ in range(_ACQUIRE_ATTEMPTS):
             self._make_directory()
             try:
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                # O_NOFOLLOW: a link named .lock is refused, never followed to the file it names (which the lock
+                # record would overwrite); O_NONBLOCK: a FIFO planted there does not hang the open
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:  # the directory was removed by a releasing writer: make it again
                 continue
+            except OSError as error:
+                self._remove_created_directories()
+                what = _NOT_A_FILE.get(error.errno or 0)
+                if what is not None:
+                    raise LockFileError(self._not_a_file_message(what), self.path) from None
+                raise
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                self._remove_created_directories()
+                raise LockFileError(self._not_a_file_message("not a regular file"), self.path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as error:
@@ -224,6 +247,13 @@ class DirectoryLock:
             except OSError:  # not empty (the writer wrote there) or already gone: keep the rest too
                 self._created.clear()
 
+    def _not_a_file_message(self, what: str) -> str:
+        return (
+            f"The lock file {self.path} is {what}; a writer creates it as a regular file and removes it when done, "
+            "so it was put there by something else. Nothing was written (the file it points to, if any, is "
+            "untouched). Check who made it, remove it, and run the command again."
+        )
+
     def _held_message(self, holder: LockHolder | None) -> str:
         who = holder.describe() if holder is not None else "another process (which has not written its PID yet)"
         message = f"{self.directory} is being written by {who}; wait for it to finish and run the command again."
@@ -249,7 +279,7 @@ def _wait_for_holder(fd: int) -> LockHolder | None:
 
 def _same_file(fd: int, path: Path) -> bool:
     try:
-        on_disk = os.stat(path)
+        on_disk = os.lstat(path)  # a link put in place of the file since our open is not the file
     except FileNotFoundError:
         return False
     opened = os.fstat(fd)
