@@ -9,7 +9,9 @@ processes that load the same index share its pages.
 from __future__ import annotations
 
 import hashlib
+import json
 import multiprocessing
+import os
 from pathlib import Path
 
 import faiss
@@ -17,7 +19,7 @@ import numpy as np
 import pytest
 from torch import nn
 
-from raml.deploy import IndexParams, index_images, load_index
+from raml.deploy import IndexDirectoryError, IndexParams, index_images, load_index
 from raml.deploy.faiss_index import add_with_ids, empty_faiss_index
 from raml.deploy.ondisk_ivf import build_ondisk_ivf, extend_ondisk_ivf, is_ondisk, set_lists_name
 from raml.deploy.shards import ShardPlan
@@ -310,3 +312,72 @@ def test_a_crash_before_the_commit_leaves_the_on_disk_index_intact(tmp_path):
     assert sorted(p.name for p in index_dir.iterdir() if p.name.startswith(("invlists", "."))) == [
         "invlists-000002.ivfdata"
     ]
+
+
+# ----------------------------------------------------------------------------------------- damaged or crafted folders
+
+
+@pytest.mark.parametrize("cut", ["all", "tail"])
+def test_a_truncated_lists_file_is_a_clear_error_before_faiss_reads_it(tmp_path, cut):
+    paths = make_files(tmp_path / "images", 900)
+    index_dir = tmp_path / "disk"
+    build(index_dir, paths, on_disk=True)
+    lists = index_dir / "invlists-000001.ivfdata"
+    complete = lists.read_bytes()
+    full = len(complete)
+    kept = 0 if cut == "all" else full - 100
+    os.truncate(lists, kept)
+    # loading maps the file; without the check a search would die of SIGBUS (or return garbage): none is run
+    with pytest.raises(
+        IndexDirectoryError,
+        match=rf"ivfdata is truncated: .*need {full} bytes, the file has {kept}\b.*`raml index --overwrite`",
+    ):
+        load_index(index_dir)
+    assert lists.stat().st_size == kept and (index_dir / "index.json").is_file()  # nothing else touched
+    lists.write_bytes(complete)  # the other fix the message gives: the complete file copied again
+    assert load_index(index_dir).live_count == 900
+
+
+def _edit_files_entry(index_dir: Path, kind: str, name: str) -> None:
+    meta = json.loads((index_dir / "index.json").read_text())
+    meta["files"][kind] = name
+    (index_dir / "index.json").write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize(
+    ("kind", "name"),
+    [
+        ("paths", "/etc/passwd"),
+        ("paths", "../outside/paths-000001.json"),
+        ("embeddings", "sub/embeddings-000001.npy"),
+        ("labels", "labels-000001.npy/.."),
+        ("index", "paths-000001.json"),
+        ("stamps", 7),
+    ],
+)
+def test_an_index_json_naming_a_file_outside_the_folder_is_refused(tmp_path, kind, name):
+    index_dir = tmp_path / "index"
+    build(index_dir, make_files(tmp_path / "images", 5), on_disk=None)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "paths-000001.json").write_text(json.dumps(["/secret"] * 5))
+    _edit_files_entry(index_dir, kind, name)
+    with pytest.raises(
+        IndexDirectoryError,
+        match=rf"names the '{kind}' file .*expected a file of this folder named '{kind}-<generation>",
+    ):
+        load_index(index_dir)
+
+
+def test_a_symlinked_index_file_is_refused(tmp_path):
+    index_dir = tmp_path / "index"
+    build(index_dir, make_files(tmp_path / "images", 5), on_disk=None)
+    secret = tmp_path / "secret.json"
+    secret.write_text(json.dumps(["/secret"] * 5))
+    (index_dir / "paths-000001.json").unlink()
+    (index_dir / "paths-000001.json").symlink_to(secret)
+    with pytest.raises(
+        IndexDirectoryError, match=r"paths-000001.json is a symbolic link; .*copy the folder with `cp -rL`"
+    ):
+        load_index(index_dir)
+    assert json.loads(secret.read_text()) == ["/secret"] * 5

@@ -53,6 +53,7 @@ import json
 import logging
 import os
 import shutil
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -264,22 +265,113 @@ def _read_flags(faiss: Any, on_disk: bool, mmap: bool) -> int:
     return int(getattr(faiss, "IO_FLAG_MMAP_IFC", 0)) if mmap else 0  # faiss < 1.10: no mapping, read
 
 
+def _checked_files(index_dir: Path, meta: dict[str, Any]) -> dict[str, Path]:
+    """The paths of the files ``index.json`` names, each checked to be what :func:`write_generation` writes: a
+    regular file (not a link) in ``index_dir`` named ``<kind>-<generation>.<ext>``. A crafted ``index.json``
+    naming an absolute path, ``..`` or a link would otherwise make a reader open files outside the folder.
+
+    Raises:
+        IndexDirectoryError: On a name of another form or a file that is not a regular file.
+    """
+    files = meta.get("files")
+    if not isinstance(files, dict):
+        raise IndexDirectoryError(
+            f"{index_dir / METADATA_NAME} has no 'files' table naming the index's files; rebuild the index with "
+            "`raml index --overwrite`."
+        )
+    checked: dict[str, Path] = {}
+    for kind, name in files.items():
+        ext = _FILE_KINDS.get(str(kind))
+        stem, dot, suffix = name.partition(".") if isinstance(name, str) else ("", "", "")
+        number = stem[len(str(kind)) + 1 :]
+        if ext is None or not (dot and suffix == ext and stem == f"{kind}-{number}" and number.isdigit()):
+            raise IndexDirectoryError(
+                f"{index_dir / METADATA_NAME} names the {kind!r} file {name!r}; expected a file of this folder named "
+                f"'{kind}-<generation>.{ext or '<ext>'}' (as `raml index` writes it). The index description was "
+                "edited or crafted: rebuild the index with `raml index --overwrite`."
+            )
+        path = index_dir / name
+        try:
+            mode = path.lstat().st_mode
+        except FileNotFoundError:
+            checked[kind] = path  # reported by the load (a writer may have committed a new generation meanwhile)
+            continue
+        if not stat.S_ISREG(mode):
+            what = "a symbolic link" if stat.S_ISLNK(mode) else "not a regular file"
+            raise IndexDirectoryError(
+                f"{path} is {what}; `raml index` writes the files of an index as regular files in its folder. "
+                "Replace it with the file itself (e.g. copy the folder with `cp -rL`), or rebuild the index with "
+                "`raml index --overwrite`."
+            )
+        checked[kind] = path
+    return checked
+
+
+def _check_lists_file(index: Any, lists_path: Path) -> None:
+    """Check that the on-disk lists file an IVF index maps covers every inverted list it declares.
+
+    faiss maps the file at the size recorded in the ``.faiss`` file without comparing it with the file's size:
+    a truncated file (an interrupted copy, a full disk) would crash the process with SIGBUS at the first search
+    of a list past its end, or return garbage. This reads the lists' offsets and capacities (metadata in
+    memory) and the file's size, never the file itself.
+
+    Raises:
+        IndexDirectoryError: If the file is not the one ``index.json`` names, or too short.
+    """
+    faiss = import_faiss()
+    ivf = faiss.extract_index_ivf(index)
+    lists = faiss.downcast_InvertedLists(ivf.invlists)
+    if not isinstance(lists, faiss.OnDiskInvertedLists):
+        raise IndexDirectoryError(
+            f"{METADATA_NAME} of {lists_path.parent} names the on-disk lists file {lists_path.name}, but its faiss "
+            "index holds its lists in memory; rebuild the index with `raml index --overwrite`."
+        )
+    mapped = Path(str(lists.filename))
+    if mapped.name != lists_path.name:
+        raise IndexDirectoryError(
+            f"{lists_path.with_name(mapped.name)} is the lists file that the faiss index of {lists_path.parent} "
+            f"names, but {METADATA_NAME} names {lists_path.name}; rebuild the index with `raml index --overwrite`."
+        )
+    entry_bytes = int(lists.code_size) + 8  # the codes, then the int64 ids, of each slot
+    needed = int(lists.totsize)
+    for i in range(int(lists.nlist)):
+        one = lists.lists.at(i)
+        size, capacity, offset = int(one.size), int(one.capacity), int(one.offset)
+        end = offset + capacity * entry_bytes
+        if not (0 <= size <= capacity and offset >= 0 and end <= needed):
+            raise IndexDirectoryError(
+                f"The faiss index of {lists_path.parent} is damaged: its inverted list {i} ({size} of {capacity} "
+                f"entries at byte {offset}) does not fit in the {needed} bytes of {lists_path.name}; rebuild the "
+                "index with `raml index --overwrite`."
+            )
+    actual = os.stat(mapped).st_size
+    if actual < needed:
+        raise IndexDirectoryError(
+            f"{lists_path} is truncated: the index's inverted lists need {needed} bytes, the file has {actual} "
+            "(an interrupted copy or a full disk?). Copy the complete file again, or rebuild the index with "
+            "`raml index --overwrite`."
+        )
+
+
 def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> DatabaseIndex:
     faiss = import_faiss()
-    files = meta.get("files", {})
+    checked = _checked_files(index_dir, meta)
+    files = meta["files"]
     try:
-        paths_file, emb_file, labels_file, index_file = (
-            index_dir / files[k] for k in ("paths", "embeddings", "labels", "index")
-        )
+        paths_file, emb_file, labels_file, index_file = (checked[k] for k in ("paths", "embeddings", "labels", "index"))
         paths = json.loads(paths_file.read_text())
         # memory-mapped: replicas on one node share the pages, and a later commit only unlinks the file
         embeddings = np.load(emb_file, allow_pickle=False, mmap_mode="r")
         labels = np.load(labels_file, allow_pickle=False)
-        stamps = json.loads((index_dir / files["stamps"]).read_text()) if "stamps" in files else None
-        if "invlists" in files and not (index_dir / files["invlists"]).is_file():
+        stamps = json.loads(checked["stamps"].read_text()) if "stamps" in checked else None
+        if "invlists" in checked and not checked["invlists"].is_file():
             raise OSError(f"{files['invlists']} (the inverted lists of {files['index']}) is missing")
-        index = faiss.read_index(str(index_file), _read_flags(faiss, "invlists" in files, mmap))
+        index = faiss.read_index(str(index_file), _read_flags(faiss, "invlists" in checked, mmap))
+        if "invlists" in checked:  # before any search touches the mapped file
+            _check_lists_file(index, checked["invlists"])
     except (KeyError, OSError, ValueError, RuntimeError) as error:
+        if isinstance(error, IndexDirectoryError):
+            raise
         raise IndexDirectoryError(
             f"The index at {index_dir} is damaged ({type(error).__name__}: {error}); rebuild it with "
             "`raml index --overwrite`."
