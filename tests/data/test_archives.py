@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from raml.data import archives
 from raml.data.archives import ArchiveError, PlainFile, TarArchive, ZipArchive, safe_member_name
 
 
@@ -284,3 +285,102 @@ def test_the_unpack_ratio_is_a_setting(tmp_path: Path):
     assert _nothing_in(tmp_path / "narrow")
     assert TarArchive().unpack(archive, tmp_path / "wide", max_ratio=5) == 1
     assert (tmp_path / "wide" / "car_ims" / "a.bin").read_bytes() == content
+
+
+# ------------------------------------------------------------------------ empty files and folders (audit)
+def _kept(dest: Path) -> None:
+    """A file that was in the dataset folder before: an unpacking refused later must leave it alone."""
+    dest.mkdir()
+    (dest / "kept.txt").write_bytes(b"downloaded earlier")
+
+
+@pytest.fixture
+def no_writing(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails a test whose archive reaches the writing pass: the limits must refuse it in the first one."""
+
+    def writer(*_: object) -> None:
+        raise AssertionError("the archive should have been refused before anything was written")
+
+    monkeypatch.setattr(archives, "_Writer", writer)
+
+
+def test_empty_folders_count_toward_the_unpack_ratio_and_nothing_already_there_is_lost(
+    tmp_path: Path, no_writing, monkeypatch
+):
+    # 400 folders gzip to a few KB but take 400 blocks and inodes: past the 1 MiB grace and 20x the archive
+    monkeypatch.setattr(archives, "RATIO_FREE_MEMBERS", 100)  # not 4,096: a small archive for a fast test
+    archive = tmp_path / "car_ims.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for i in range(400):
+            info = tarfile.TarInfo(f"car_ims/{i:06d}")
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+    assert archive.stat().st_size * archives.MAX_UNPACK_RATIO < archives.UNPACK_GRACE_BYTES < 400 * 4096
+    dest = tmp_path / "dest"
+    _kept(dest)
+    with pytest.raises(ArchiveError, match=r"each file and folder counted as 4\.0 KiB .*--max-unpack-ratio"):
+        TarArchive().unpack(archive, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["kept.txt"]  # refused before the first folder
+    assert (dest / "kept.txt").read_bytes() == b"downloaded earlier"
+
+
+def test_empty_zip_files_count_toward_the_free_space(tmp_path: Path, monkeypatch, no_writing):
+    archive = tmp_path / "sop.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for i in range(20):
+            z.writestr(f"chair_final/{i}.JPG", b"")
+    usage = shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(shutil, "disk_usage", lambda _: usage._replace(free=20 * 4096))  # not room for 21 entries
+    dest = tmp_path / "dest"
+    _kept(dest)
+    with pytest.raises(OSError, match=r"Not enough free space .*sop.zip: its members take 84.0 KiB"):
+        ZipArchive().unpack(archive, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["kept.txt"]
+
+
+def test_deep_paths_are_charged_for_every_folder_they_create(tmp_path: Path, no_writing, monkeypatch):
+    monkeypatch.setattr(archives, "RATIO_FREE_MEMBERS", 100)
+    # 16 files, each under 40 folders of its own: 656 entries from one small archive, refused before writing
+    deep = "/".join(["d"] * 40)
+    archive = _tar(tmp_path / "car_ims.tgz", {f"x{i}/{deep}/f.jpg": b"" for i in range(16)})
+    dest = tmp_path / "dest"
+    _kept(dest)
+    with pytest.raises(ArchiveError, match=r"--max-unpack-ratio"):
+        TarArchive().unpack(archive, dest)
+    assert sorted(p.name for p in dest.iterdir()) == ["kept.txt"]
+
+
+def test_a_small_archive_of_many_tiny_files_is_not_a_bomb(tmp_path: Path):
+    # 200 class folders x 2 tiny images (the test fixtures' datasets): 600 entries, 2.3 MiB charged, from ~40 KB
+    archive = _tar(
+        tmp_path / "CUB.tgz", {f"images/{k:03d}.A/{j}.jpg": _acgt(60, k * 2 + j) for k in range(200) for j in range(2)}
+    )
+    assert archive.stat().st_size * archives.MAX_UNPACK_RATIO < 600 * archives.MEMBER_BYTES
+    assert TarArchive().unpack(archive, tmp_path / "dest") == 400
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_the_plan_charges_at_least_what_is_written(tmp_path: Path, seed: int):
+    rng = random.Random(seed)
+    names = sorted({"/".join(rng.choices("ab", k=rng.randint(1, 4))) + ".jpg" for _ in range(30)})
+    rng.shuffle(names)  # any order: the members after a member need not share its folders
+    folders = ["a", "b/a"]  # folder members too, one of them already made by a file before it
+    archive = tmp_path / "x.tgz"
+    with tarfile.open(archive, "w:gz") as tar:
+        for name in names + folders:
+            info = tarfile.TarInfo(name)
+            if name in folders:
+                info.type = tarfile.DIRTYPE
+            tar.addfile(info)
+    budget = archives._Budget(archive, tmp_path / "dest", max_ratio=1e9)
+    with tarfile.open(archive) as tar:
+        for member in tar:
+            budget.plan(0, member.name, folder=member.isdir())
+    writer = archives._Writer(archive, tmp_path / "dest", budget)
+    for name in names:
+        writer.file(name, io.BytesIO(b""))
+    for name in folders:
+        writer.directory(name)
+    entries = sum(1 for _ in (tmp_path / "dest").rglob("*"))
+    assert budget.written == entries * archives.MEMBER_BYTES  # every created file and folder, once
+    assert budget.planned >= budget.written

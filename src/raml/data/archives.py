@@ -20,15 +20,19 @@ Safety (the archive is untrusted: the official Cars URL is plain ``http://``):
    names, ``..`` components, NUL bytes and over-long names are refused; so are encrypted zip members, zip
    compression methods other than stored/deflated, and tar compressions other than gzip.
 2. The members' sizes (from the headers, which are what gets written: ``tarfile`` reads exactly that many
-   bytes and ``zipfile`` stops at the declared size) are added up before writing: more than the free space
+   bytes and ``zipfile`` stops at the declared size) are added up before writing, each file and each folder
+   it creates charged :data:`MEMBER_BYTES` more (a filesystem block and an inode: empty files and folders
+   take disk space too, and an archive of a million of them is a few MB; the ratio does not charge the first
+   :data:`RATIO_FREE_MEMBERS`): more than the free space
    (:class:`InsufficientSpaceError`) or more than ``max_ratio`` times the archive's own size
    (:data:`MAX_UNPACK_RATIO`, ``--max-unpack-ratio``; not applied below :data:`UNPACK_GRACE_BYTES`) is
    refused. The gzip size trailer, which wraps at 4 GiB and can be forged, is not used.
 3. Members are written by this module (never ``tarfile.extract``/``zipfile.extract``): into paths built
    from the checked name under the resolved ``dest``, every folder on the way checked to be a real folder
    (not a link), files created with ``O_EXCL | O_NOFOLLOW``. Bytes are counted while writing: past the
-   limits, or when the disk's free space falls below what is left to write (checked at every member and
-   every :data:`FREE_SPACE_CHECK_BYTES`), unpacking stops and what it wrote is removed.
+   limits (every created file and folder counted as :data:`MEMBER_BYTES` more), or when the disk's free
+   space falls below what is left to write (checked at every member and every :data:`FREE_SPACE_CHECK_BYTES`),
+   unpacking stops and what it wrote is removed.
 4. Memory stays bounded: members are streamed (``tarfile``'s member list is not kept), no single read by
    ``tarfile`` may exceed :data:`MAX_READ_BYTES` (a PAX header or long name bigger than that is refused), and
    at most :data:`MAX_MEMBERS` members are accepted.
@@ -70,6 +74,13 @@ MAX_NAME_BYTES = 1024
 """Longest member name (UTF-8 bytes); a single component may not exceed 255 bytes either."""
 MAX_READ_BYTES = 1 << 20
 """Largest single read ``tarfile`` may make (PAX headers and GNU long names are read whole)."""
+MEMBER_BYTES = 4096
+"""What each created file and folder is charged beyond its content, in the ratio and free-space checks: a
+filesystem block (and an inode), which an empty file or folder takes on disk although it holds no bytes."""
+RATIO_FREE_MEMBERS = 4096
+"""The first this many files and folders are not charged :data:`MEMBER_BYTES` in the ratio (16 MiB: small
+archives of many tiny files stay accepted, as :data:`UNPACK_GRACE_BYTES` does for content); the free-space
+check charges every one."""
 FREE_SPACE_CHECK_BYTES = 64 << 20
 """While writing, the free space is checked again at every member and after this many bytes."""
 CHUNK = 1 << 20
@@ -198,14 +209,19 @@ class _Budget:
         self.archive_size = archive.stat().st_size
         self.ratio_cap = max(int(max_ratio * self.archive_size), UNPACK_GRACE_BYTES)
         self.free = _free_space(dest)
-        self.planned = 0
+        self.planned = 0  # content and MEMBER_BYTES of every entry: what the free space must hold
+        self.planned_entries = 0  # of which MEMBER_BYTES charges
+        self.written_entries = 0
         self.members = 0
+        self._last_folders: list[str] = []  # the folders of the last planned member, to count the new ones
         self.written = 0
         self._next_check = 0
 
     def _too_large(self, total: int) -> ArchiveError:
         return ArchiveError(
-            f"{self.archive}: its members hold more than {size_text(total)}, more than {self.max_ratio:g} times "
+            f"{self.archive}: its members take more than {size_text(total)} (each file and folder counted as "
+            f"{size_text(MEMBER_BYTES)} more than its content, beyond the first {RATIO_FREE_MEMBERS}), more than "
+            f"{self.max_ratio:g} times "
             f"the archive's {size_text(self.archive_size)} (--max-unpack-ratio {self.max_ratio:g}). Photos hardly "
             "compress, so this looks like a decompression bomb or a forged size; refusing it, and nothing of it "
             "is kept. If the file is genuine, raise --max-unpack-ratio."
@@ -213,28 +229,50 @@ class _Budget:
 
     def _no_room(self, total: int) -> InsufficientSpaceError:
         return InsufficientSpaceError(
-            f"Not enough free space for unpacking {self.archive.name}: its members hold {size_text(total)} but "
+            f"Not enough free space for unpacking {self.archive.name}: its members take {size_text(total)} but "
             f"{self.dest} has {size_text(self.free)} free. Free some space, or choose a --data-root on a larger "
             "disk. Nothing of it was kept."
         )
 
-    def plan(self, size: int) -> None:
-        """One more member of ``size`` bytes, before anything is written."""
+    def plan(self, size: int, name: str | None, *, folder: bool = False) -> None:
+        """One more member, before anything is written: ``size`` bytes of content written as ``name`` (None: the
+        member is skipped), a file or a ``folder``. Every file, and every folder of ``name`` that the members
+        before it (in writing order) did not pass through, is charged :data:`MEMBER_BYTES`: an upper bound of
+        what :class:`_Writer` charges for the files and folders it creates."""
         self.members += 1
         if self.members > MAX_MEMBERS:
             raise ArchiveError(
                 f"{self.archive}: holds more than {MAX_MEMBERS} members; a dataset has far fewer. Refusing it."
             )
+        if name is not None:
+            parts = name.split("/")
+            folders = parts if folder else parts[:-1]
+            shared = 0
+            for mine, last in zip(folders, self._last_folders, strict=False):
+                if mine != last:
+                    break
+                shared += 1
+            self._last_folders = folders
+            entries = MEMBER_BYTES * (len(folders) - shared + (0 if folder else 1))
+            self.planned_entries += entries
+            size += entries
         self.planned += size
-        if self.planned > self.ratio_cap:  # first: a forged size is a bomb, not a lack of space
+        if self._for_ratio(self.planned, self.planned_entries) > self.ratio_cap:  # first: a bomb, not a lack of space
             raise self._too_large(self.planned)
         if self.planned > self.free:
             raise self._no_room(self.planned)
 
-    def wrote(self, size: int) -> None:
-        """``size`` more bytes are about to be written: stop past the limits or when the disk fills up."""
+    @staticmethod
+    def _for_ratio(total: int, entries: int) -> int:
+        """What the ratio limits of ``total`` bytes of which ``entries`` are :data:`MEMBER_BYTES` charges."""
+        return total - min(entries, RATIO_FREE_MEMBERS * MEMBER_BYTES)
+
+    def wrote(self, size: int, *, entry: bool = False) -> None:
+        """``size`` more bytes are about to be written (``entry``: the :data:`MEMBER_BYTES` of a file or folder
+        about to be created): stop past the limits or when the disk fills up."""
         self.written += size
-        if self.written > self.ratio_cap:
+        self.written_entries += size if entry else 0
+        if self._for_ratio(self.written, self.written_entries) > self.ratio_cap:
             raise self._too_large(self.written)
         if self.written > self.free:
             raise self._no_room(self.written)
@@ -275,6 +313,7 @@ class _Writer:
             try:
                 mode = os.lstat(path).st_mode
             except FileNotFoundError:
+                self.budget.wrote(MEMBER_BYTES, entry=True)  # a folder takes a block and an inode, empty or not
                 os.mkdir(path)
                 if parent not in self._created_dirs:
                     self.created.append(path)
@@ -297,6 +336,7 @@ class _Writer:
         parts = name.split("/")
         folder = self._folder(name, parts[:-1])
         path = os.path.join(folder, parts[-1])
+        self.budget.wrote(MEMBER_BYTES, entry=True)  # a file takes a block and an inode, even an empty one
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_BINARY", 0)
         try:
             fd = os.open(path, flags, 0o666)
@@ -390,7 +430,9 @@ class TarArchive:
                 tar, stream = self._open(path, raw)
                 with tar:
                     for member, name in self._members(path, tar):
-                        budget.plan(member.size if name is not None and member.isreg() else 0)
+                        budget.plan(
+                            member.size if name is not None and member.isreg() else 0, name, folder=member.isdir()
+                        )
                     self._drain(path, stream, budget)
         except ArchiveError:
             raise
@@ -493,7 +535,7 @@ class ZipArchive:
             name = safe_member_name(info.filename, path)
             if prefix and (name == prefix or name.startswith(prefix + "/")):
                 name = name[len(prefix) + 1 :]
-            budget.plan(0 if info.is_dir() else info.file_size)
+            budget.plan(0 if info.is_dir() else info.file_size, name or None, folder=info.is_dir())
             if not name:
                 continue
             if not info.is_dir():
@@ -511,11 +553,12 @@ class PlainFile:
 
     def unpack(self, path: Path, dest: Path, *, max_ratio: float = MAX_UNPACK_RATIO, progress: bool = False) -> int:  # noqa: ARG002
         budget = _Budget(path, dest, max_ratio)
-        budget.plan(path.stat().st_size)
+        name = safe_member_name(path.name, path)
+        budget.plan(path.stat().st_size, name)
         writer = _Writer(path, dest, budget)
         try:
             with open(path, "rb") as source:
-                writer.file(safe_member_name(path.name, path), source)
+                writer.file(name, source)
         except BaseException:
             writer.undo()
             raise
