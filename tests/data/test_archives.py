@@ -384,3 +384,32 @@ def test_the_plan_charges_at_least_what_is_written(tmp_path: Path, seed: int):
     entries = sum(1 for _ in (tmp_path / "dest").rglob("*"))
     assert budget.written == entries * archives.MEMBER_BYTES  # every created file and folder, once
     assert budget.planned >= budget.written
+
+
+def _sparse_tar(path: Path, pax: bool) -> Path:
+    """A tar whose second member is a sparse file: PAX format (a regular member with GNU.sparse.* headers, as
+    GNU ``tar --sparse --format=pax`` writes) or old GNU format (member type 'S')."""
+    with tarfile.open(path, "w:gz", format=tarfile.PAX_FORMAT if pax else tarfile.GNU_FORMAT) as tar:
+        first = tarfile.TarInfo("sp/a.jpg")
+        first.size = 4
+        tar.addfile(first, io.BytesIO(b"jpeg"))
+        hole = tarfile.TarInfo("sp/hole.bin")
+        hole.size = 4
+        if pax:
+            hole.pax_headers = {"GNU.sparse.map": "1048572,4", "GNU.sparse.realsize": str(1 << 20)}
+        else:
+            hole.type = tarfile.GNUTYPE_SPARSE
+        tar.addfile(hole, io.BytesIO(b"data"))
+    return path
+
+
+@pytest.mark.parametrize("pax", [True, False], ids=["pax", "gnu"])
+def test_sparse_members_are_refused_in_both_formats(tmp_path: Path, pax: bool, no_writing):
+    archive = _sparse_tar(tmp_path / "sp.tgz", pax)
+    with tarfile.open(archive) as tar:
+        assert tar.getmember("sp/hole.bin").issparse()
+    dest = tmp_path / "dest"
+    _kept(dest)
+    with pytest.raises(ArchiveError, match=r"member 'sp/hole.bin' is a sparse file; .*regular files and folders"):
+        TarArchive().unpack(archive, dest, max_ratio=1e9)
+    assert sorted(p.name for p in dest.iterdir()) == ["kept.txt"]  # not even the regular file before it

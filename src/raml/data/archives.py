@@ -15,10 +15,11 @@ Safety (the archive is untrusted: the official Cars URL is plain ``http://``):
 
 1. Every member is checked before anything is written (a first pass over a tar's headers; a zip's central
    directory): only regular files and folders are accepted. Symbolic links, hard links, devices, FIFOs and
-   sparse files are refused whatever the Python version (the datasets hold none, and links are how
-   ``tarfile``'s own ``"data"`` filter was bypassed before Python 3.11.13 / 3.12.11, CVE-2025-4517). Absolute
-   names, ``..`` components, NUL bytes and over-long names are refused; so are encrypted zip members, zip
-   compression methods other than stored/deflated, and tar compressions other than gzip.
+   sparse files (GNU type ``S`` and PAX-format sparse members alike) are refused whatever the Python version
+   (the datasets hold none, and links are how ``tarfile``'s own ``"data"`` filter was bypassed before Python
+   3.11.13 / 3.12.11, CVE-2025-4517). Absolute names, ``..`` components, NUL bytes and over-long names are
+   refused; so are encrypted zip members, zip compression methods other than stored/deflated, and tar
+   compressions other than gzip.
 2. The members' sizes (from the headers, which are what gets written: ``tarfile`` reads exactly that many
    bytes and ``zipfile`` stops at the declared size) are added up before writing, each file and each folder
    it creates charged :data:`MEMBER_BYTES` more (a filesystem block and an inode: empty files and folders
@@ -418,8 +419,10 @@ class TarArchive:
         while (member := tar.next()) is not None:
             tar.members.clear()  # tarfile keeps every member it has read; a header pass must not
             name = _strip(safe_member_name(member.name, path), self.strip_components)
-            if member.type in _TAR_KINDS or not (member.isreg() or member.isdir()):
+            if member.type in _TAR_KINDS or member.issparse() or not (member.isreg() or member.isdir()):
                 kind = _TAR_KINDS.get(member.type, f"member of tar type {member.type!r}")
+                if member.issparse():  # GNU type 'S', or a PAX-format sparse member (of type '0')
+                    kind = "sparse file"
                 raise _refused_kind(path, member.name, kind, member.linkname)
             yield member, name
 
