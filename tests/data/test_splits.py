@@ -434,3 +434,77 @@ def test_mat_value_unwraps_nested_arrays() -> None:
     assert splits_mod._mat_value(np.array(["car_ims/1.jpg"])) == "car_ims/1.jpg"
     with pytest.raises(ValueError, match="single value"):
         splits_mod._mat_value(np.array([1, 2]))
+
+
+# ------------------------------------------------------------------------- cars_annos.mat bounded (audit)
+@pytest.fixture
+def scipy_not_reached(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fails a test whose file reaches ``scipy.io.loadmat``: the checks must refuse it before."""
+
+    def loadmat(*_: object, **__: object) -> None:
+        raise AssertionError("scipy.io.loadmat was reached")
+
+    monkeypatch.setattr(scipy.io, "loadmat", loadmat)
+
+
+@pytest.mark.parametrize("compressed", [True, False], ids=["compressed", "plain"])
+def test_cars_mat_larger_than_the_limit_once_inflated_is_refused_before_scipy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, scipy_not_reached: None, compressed: bool
+) -> None:
+    monkeypatch.setattr(splits_mod, "MAX_MAT_BYTES", 1 << 20)  # 2 MiB of zeros: a 2 KB bomb above 1 MiB
+
+    def whosmat(*_: object, **__: object) -> None:  # it inflates a variable's first element: not before the check
+        raise AssertionError("scipy.io.whosmat was reached")
+
+    monkeypatch.setattr(scipy.io, "whosmat", whosmat)
+    index = tmp_path / "cars" / "cars_annos.mat"
+    index.parent.mkdir()
+    scipy.io.savemat(index, {"annotations": np.zeros(1 << 18)}, do_compression=compressed)
+    if compressed:
+        assert index.stat().st_size < 1 << 16
+    before = index.read_bytes()
+    with pytest.raises(ValueError, match=r"cars_annos.mat: holds more than 1 MiB once decompressed .*download it"):
+        get_split("cars", tmp_path)
+    assert index.read_bytes() == before  # refused, not deleted: the user decides
+
+
+def test_cars_annotations_with_too_many_entries_are_refused_before_loading(
+    cars_root: Path, monkeypatch: pytest.MonkeyPatch, scipy_not_reached: None
+) -> None:
+    monkeypatch.setattr(splits_mod, "MAX_CARS_ANNOTATIONS", 300)  # the fixture has 392
+    with pytest.raises(ValueError, match=r"'annotations' is a struct array of shape \(1, 392\); expected a struct"):
+        get_split("cars", cars_root)
+    assert (cars_root / "cars" / "cars_annos.mat").is_file()
+
+
+def test_cars_annotations_that_are_not_a_struct_array_are_refused(tmp_path: Path, scipy_not_reached: None) -> None:
+    (tmp_path / "cars").mkdir()
+    scipy.io.savemat(tmp_path / "cars" / "cars_annos.mat", {"annotations": np.zeros((1, 5))})
+    with pytest.raises(ValueError, match=r"'annotations' is a double array .*expected a struct array of at most"):
+        get_split("cars", tmp_path)
+
+
+def test_cars_mat_with_a_damaged_compressed_element(tmp_path: Path) -> None:
+    index = tmp_path / "cars" / "cars_annos.mat"
+    index.parent.mkdir()
+    scipy.io.savemat(index, {"annotations": np.arange(1000.0)}, do_compression=True)
+    data = bytearray(index.read_bytes())
+    data[128 + 8 + 2 :] = bytes(len(data) - 138)  # zlib header kept, the deflate data zeroed
+    index.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"cars_annos.mat: cannot read it as a MATLAB file"):
+        get_split("cars", tmp_path)
+
+
+def test_cars_mat_inflated_size_counts_every_element(cars_root: Path, tmp_path: Path) -> None:
+    index = cars_root / "cars" / "cars_annos.mat"
+    assert splits_mod._mat_inflated_bytes(index, 1 << 30) == index.stat().st_size  # plain: its size
+    mat = scipy.io.loadmat(index)
+    packed = tmp_path / "packed.mat"
+    scipy.io.savemat(packed, {k: v for k, v in mat.items() if not k.startswith("__")}, do_compression=True)
+    assert packed.stat().st_size < index.stat().st_size
+    inflated = splits_mod._mat_inflated_bytes(packed, 1 << 30)
+    assert abs(inflated - index.stat().st_size) <= 16  # the same elements, their tags aside
+    assert splits_mod._mat_inflated_bytes(packed, 1000) > 1000  # stops once past the limit
+    (tmp_path / "cars").mkdir()
+    packed.rename(tmp_path / "cars" / "cars_annos.mat")
+    assert get_split("cars-test", tmp_path).paths == get_split("cars-test", cars_root).paths  # both forms load

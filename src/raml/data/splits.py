@@ -25,6 +25,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import struct
+import zlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,14 @@ SPLIT_SUFFIXES = ("train", "val", "test", "trainval")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 """Image file extensions recognised in folder-per-class layouts (compared case-insensitively)."""
 SPLIT_FILE_NAME = "split.json"
+MAX_MAT_BYTES = 64 << 20
+"""Most bytes ``cars_annos.mat`` may hold with its compressed elements inflated, checked by streaming before
+``scipy.io`` reads it (a file of the real structure with 16,185 annotations holds 6.4 MiB)."""
+MAX_CARS_ANNOTATIONS = 100_000
+"""Most entries the ``annotations`` struct array of ``cars_annos.mat`` may declare (Cars196 has 16,185)."""
+_MAT_COMPRESSED = 15
+"""The MAT 5 data type of a zlib-compressed element (``miCOMPRESSED``)."""
+_CARS_SOURCE = "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat"
 
 SplitDict = dict[str, list[list[str]]]
 SplitLoader = Callable[[Path, float], SplitDict]
@@ -250,6 +260,76 @@ def _mat_value(x: object) -> object:
     return x.item() if isinstance(x, np.generic) else x
 
 
+def _mat_inflated_bytes(index: Path, limit: int) -> int:
+    """Size of a MAT 5 file with its compressed elements inflated, counted by streaming them through zlib (at
+    most 1 MiB of output held at a time) and stopping once past ``limit``. A file without a MAT 5 header (MAT 4,
+    which is never compressed, or not a MAT file) counts as its size: ``scipy.io`` then says what is wrong."""
+    with open(index, "rb") as f:
+        header = f.read(128)
+        if len(header) < 128 or header[126:128] not in (b"IM", b"MI"):
+            return index.stat().st_size
+        order = "<" if header[126:128] == b"IM" else ">"
+        total = len(header)
+        while total <= limit and len(tag := f.read(8)) == 8:
+            data_type, size = struct.unpack(order + "II", tag)
+            total += 8
+            if data_type >> 16:  # a small element: its data is inside the tag
+                continue
+            if data_type != _MAT_COMPRESSED:
+                total += size
+                f.seek(size, os.SEEK_CUR)
+                continue
+            inflater, left = zlib.decompressobj(), size
+            while left > 0 and total <= limit and (chunk := f.read(min(left, 1 << 16))):
+                left -= len(chunk)
+                while chunk and total <= limit:
+                    try:
+                        total += len(inflater.decompress(chunk, 1 << 20))
+                    except zlib.error as exc:
+                        raise ValueError(
+                            f"{index}: cannot read it as a MATLAB file (a compressed element is damaged: {exc}). "
+                            f"Delete it and download it again from {_CARS_SOURCE}."
+                        ) from exc
+                    chunk = inflater.unconsumed_tail
+        return total
+
+
+def _check_cars_mat(index: Path) -> None:
+    """Refuse a ``cars_annos.mat`` that would take more than a bounded memory and time to load: more than
+    :data:`MAX_MAT_BYTES` once inflated, or an ``annotations`` variable that is not a struct array of at most
+    :data:`MAX_CARS_ANNOTATIONS` entries (``scipy.io.whosmat`` inflates each variable's first element, so the
+    size is checked first)."""
+    import scipy.io
+
+    inflated = _mat_inflated_bytes(index, MAX_MAT_BYTES)
+    if inflated > MAX_MAT_BYTES:
+        raise ValueError(
+            f"{index}: holds more than {MAX_MAT_BYTES >> 20} MiB once decompressed ({index.stat().st_size} bytes "
+            f"on disk); expected the Cars196 annotation file, which holds about 6.4 MiB. Refusing to load it (a "
+            f"damaged or forged file, a decompression bomb?). Delete it and download it again from {_CARS_SOURCE}."
+        )
+    try:
+        variables = scipy.io.whosmat(str(index))
+    except Exception as exc:  # scipy raises several types for broken files
+        raise ValueError(f"{index}: cannot read it as a MATLAB file ({type(exc).__name__}: {exc}).") from exc
+    found = {name: (shape, kind) for name, shape, kind in variables}
+    if "annotations" not in found:
+        raise ValueError(
+            f"{index}: no 'annotations' variable (found {sorted(found)}); expected the Cars196 annotation file. "
+            f"Delete it and download it again from {_CARS_SOURCE}."
+        )
+    shape, kind = found["annotations"]
+    entries = 1
+    for n in shape:
+        entries *= n
+    if kind != "struct" or entries > MAX_CARS_ANNOTATIONS:
+        raise ValueError(
+            f"{index}: 'annotations' is a {kind} array of shape {shape}; expected a struct array of at most "
+            f"{MAX_CARS_ANNOTATIONS} entries (Cars196 has 16,185). Refusing to load it. Delete the file and "
+            f"download it again from {_CARS_SOURCE}."
+        )
+
+
 def load_cars(folder: Path, val_ratio: float) -> SplitDict:
     """Cars196: ``cars_annos.mat`` struct array ``annotations`` (``relative_im_path``, ``class``, ...).
 
@@ -262,13 +342,11 @@ def load_cars(folder: Path, val_ratio: float) -> SplitDict:
 
     index = folder / "cars_annos.mat"
     _require_file(index, "cars")
+    _check_cars_mat(index)  # memory and time bounded before scipy inflates anything
     try:
-        mat = scipy.io.loadmat(str(index))
+        mat = scipy.io.loadmat(str(index), variable_names=["annotations"])
     except Exception as exc:  # scipy raises several types for broken files
         raise ValueError(f"{index}: cannot read it as a MATLAB file ({type(exc).__name__}: {exc}).") from exc
-    if "annotations" not in mat:
-        keys = sorted(k for k in mat if not k.startswith("__"))
-        raise ValueError(f"{index}: no 'annotations' variable (found {keys}); expected the Cars196 annotation file.")
     annos = np.asarray(mat["annotations"])
     names = annos.dtype.names or ()
     for field in ("relative_im_path", "class"):
