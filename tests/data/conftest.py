@@ -37,6 +37,7 @@ class FileServer:
         validators: Send ``ETag`` and ``Last-Modified`` (both derived from the content) and honour ``If-Range``.
         ignore_if_range: Answer a Range with 206 even when its ``If-Range`` does not match (a broken server).
         if_ranges: The ``If-Range`` header (or None) of every GET, in order.
+        send_length: Send ``Content-Length``; without it the body ends when the connection closes.
     """
 
     files: dict[str, bytes] = field(default_factory=dict)
@@ -46,6 +47,7 @@ class FileServer:
     validators: bool = True
     ignore_if_range: bool = False
     if_ranges: list[str | None] = field(default_factory=list)
+    send_length: bool = True
     port: int = 0
 
     def etag(self, name: str) -> str:
@@ -102,7 +104,8 @@ def _handler(state: FileServer) -> type[BaseHTTPRequestHandler]:
             if tags:
                 self.send_header("ETag", tags[0])
                 self.send_header("Last-Modified", tags[1])
-            self.send_header("Content-Length", str(len(content) - start))
+            if state.send_length:
+                self.send_header("Content-Length", str(len(content) - start))
             self.send_header("Connection", "close")
             self.end_headers()
             body = content[start:]
@@ -139,6 +142,8 @@ class FtpServer:
     root: Path
     port: int
     rest_offsets: list[int]
+    announced_sizes: dict[str, int]
+    """File name -> the size its ``SIZE`` command answers instead of the true one (a lying server)."""
 
     def url(self, name: str) -> str:
         return f"ftp://127.0.0.1:{self.port}/{name}"
@@ -157,8 +162,16 @@ def ftp_server(tmp_path: Path) -> Iterator[FtpServer]:
     root = tmp_path / "ftp"
     root.mkdir()
     offsets: list[int] = []
+    announced: dict[str, int] = {}
 
     class Handler(FTPHandler):
+        def ftp_SIZE(self, path: str) -> None:  # noqa: N802 - pyftpdlib's command naming
+            name = Path(path).name
+            if name in announced:
+                self.respond(f"213 {announced[name]}")
+                return
+            super().ftp_SIZE(path)
+
         def ftp_REST(self, line: str) -> None:  # noqa: N802 - pyftpdlib's command naming
             offsets.append(int(line))
             super().ftp_REST(line)
@@ -187,7 +200,7 @@ def ftp_server(tmp_path: Path) -> Iterator[FtpServer]:
     thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     try:
-        yield FtpServer(root, port, offsets)
+        yield FtpServer(root, port, offsets, announced)
     finally:
         stop.set()
         thread.join(timeout=STOP_TIMEOUT_S)

@@ -19,6 +19,7 @@ from raml.cli.main import main
 from raml.data import download as download_module
 from raml.data.download import DOWNLOADS_DIR, SOURCE_FILE, DownloadSettings, fetch
 from raml.data.sources import SOURCES
+from raml.errors import DownloadError
 from raml.models import build_network, save_checkpoint
 
 FAST = ["--no-progress", "--retry-wait", "0", "--timeout", "10", "--workers", "2"]
@@ -529,3 +530,65 @@ def test_a_forged_gzip_trailer_cannot_pass_the_free_space_check_end_to_end(cub_r
     assert "Not enough free space for unpacking CUB_200_2011.tgz" in capsys.readouterr().err
     _no_dataset_left(root)
     assert (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").read_bytes() == forged  # placed by hand: kept
+
+
+# ------------------------------------------------------------------- the announced size bounds a download (audit)
+def test_an_ftp_server_sending_more_than_its_size_is_stopped_and_its_part_removed(ftp_server, tmp_path):
+    (ftp_server.root / "car_ims.tgz").write_bytes(_random_bytes(300_000, 11))
+    ftp_server.announced_sizes["car_ims.tgz"] = 1000  # SIZE says 1000, RETR sends 300,000
+    dest = tmp_path / "car_ims.tgz"
+    (tmp_path / "cars_annos.mat").write_bytes(b"fetched earlier")
+    url = ftp_server.url("car_ims.tgz")
+    with pytest.raises(DownloadError, match=r"more than the 1000 bytes it announced \(FTP SIZE\)") as refused:
+        fetch(url, dest, DownloadSettings(attempts=3, retry_wait=0, progress=False))
+    assert url in str(refused.value) and "mirror" in str(refused.value)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cars_annos.mat", "ftp"]  # no .part, no record
+    assert (tmp_path / "cars_annos.mat").read_bytes() == b"fetched earlier"
+
+
+def test_receive_never_writes_past_the_announced_size(tmp_path):
+    transfer = download_module._Transfer("http://host/f.tgz", tmp_path / "f.tgz.part", SETTINGS)
+    source, out = io.BytesIO(bytes(5000)), io.BytesIO()
+    with pytest.raises(download_module._Permanent, match=r"more than the 4096 bytes it announced \(Content-Range\)"):
+        download_module._receive(transfer, lambda: source.read(1024), out, _NoBar(), 0, 4096, "Content-Range")
+    assert len(out.getvalue()) == 4096  # the chunks that fit, not one byte more
+    source, out = io.BytesIO(bytes(4096)), io.BytesIO()
+    assert download_module._receive(transfer, lambda: source.read(1024), out, _NoBar(), 0, 4096, "SIZE") == 4096
+
+
+class _NoBar:
+    def update(self, _: int) -> None:
+        pass
+
+
+def test_without_a_content_length_the_download_works_as_before(http_server, tmp_path):
+    content = _random_bytes(50_000, 12)
+    http_server.files["car_ims.tgz"] = content
+    http_server.send_length = False
+    dest = tmp_path / "car_ims.tgz"
+    fetch(http_server.url("car_ims.tgz"), dest, SETTINGS)
+    assert dest.read_bytes() == content
+
+
+def test_without_a_content_length_the_free_space_is_watched_as_data_arrives(http_server, tmp_path, monkeypatch):
+    content = _random_bytes(50_000, 13)
+    http_server.files["car_ims.tgz"] = content
+    http_server.send_length = False
+    monkeypatch.setattr(download_module, "CHUNK", 4096)
+    monkeypatch.setattr(download_module, "SPACE_CHECK_BYTES", 10_000)
+    usage = shutil.disk_usage(tmp_path)
+    checks: list[int] = []
+
+    def disk_filling_up(_: object) -> object:  # another program fills the disk after the first check
+        checks.append(1)
+        return usage._replace(free=1 << 40 if len(checks) == 1 else 9_999)
+
+    monkeypatch.setattr(shutil, "disk_usage", disk_filling_up)
+    dest = tmp_path / "car_ims.tgz"
+    url = http_server.url("car_ims.tgz")
+    with pytest.raises(OSError, match=r"Not enough free space for downloading .*did not announce its size") as stop:
+        fetch(url, dest, SETTINGS)
+    assert url in str(stop.value) and "keeps the 12288 bytes received" in str(stop.value)
+    part = dest.with_name("car_ims.tgz.part")
+    assert part.read_bytes() == content[:12288]  # what arrived is kept: the next run can use it
+    assert not dest.exists()

@@ -10,8 +10,11 @@ Steps:
    with :func:`fetch`: the data goes to ``<file>.part``, an interrupted transfer continues from where it
    stopped (HTTP ``Range``, FTP ``REST``) on the next attempt or the next run, a server that ignores the
    request is read again from the start, transient failures are retried with exponential back-off, and the
-   free space is checked against the size the server announces. A complete file found there (fetched
-   earlier, or put there by hand) is used as it is.
+   free space is checked against the size the server announces. A server that sends more than it announced
+   (HTTP ``Content-Length``/``Content-Range``, FTP ``SIZE``) is stopped at the first byte too many (a
+   :class:`~raml.errors.DownloadError`; the partial file is removed); with no size announced, the free space
+   is checked as the data arrives (every :data:`SPACE_CHECK_BYTES`, which must stay free). A complete file
+   found there (fetched earlier, or put there by hand) is used as it is.
 2. Unpack into a temporary sibling ``<data_root>/.<name>.partial``, safely (:mod:`raml.data.archives`:
    only regular files and folders, sizes checked against the free space and ``--max-unpack-ratio``).
 3. Verify against the dataset's own index files (:func:`raml.data.sources.verify_dataset`), write
@@ -46,6 +49,7 @@ import urllib.request
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 from urllib.parse import unquote, urlsplit
 
 from tqdm import tqdm
@@ -70,6 +74,9 @@ PART_RECORD_SUFFIX = ".part.json"
 DONE_RECORD_SUFFIX = ".download.json"
 """``<file>.download.json``: written when raml completes a download of ``<file>`` (see the module docstring)."""
 CHUNK = 1 << 20
+SPACE_CHECK_BYTES = 64 << 20
+"""For a file whose size the server does not announce: the free space is checked before the first byte and
+every this many bytes received, and must hold at least this many more."""
 _USER_AGENT = f"raml/{__version__} (dataset download; Python urllib)"
 
 
@@ -79,6 +86,10 @@ class _Permanent(Exception):
 
 class _Restart(Exception):
     """The partial file cannot be continued (e.g. the server answered another range): start again at 0."""
+
+
+class _Oversize(_Permanent):
+    """The server sent more bytes than it announced: the transfer is refused and its partial file removed."""
 
 
 @dataclass(frozen=True)
@@ -155,6 +166,46 @@ def ensure_free_space(folder: Path, needed: int, what: str) -> None:
 
 
 _size = size_text
+
+
+def _receive(
+    transfer: _Transfer,
+    read: Callable[[], bytes],
+    out: BinaryIO,
+    bar: tqdm,
+    received: int,
+    total: int | None,
+    announced_by: str,
+) -> int:
+    """Copy ``read()`` chunks into ``out`` until an empty one; returns the bytes the partial file then holds.
+
+    Never writes past ``total`` (the size ``announced_by`` the server): the first chunk that would raises
+    :class:`_Oversize`. With no announced size, the free space is checked before the first chunk is written and every
+    :data:`SPACE_CHECK_BYTES`, and must hold :data:`SPACE_CHECK_BYTES` more (else :class:`InsufficientSpaceError`;
+    what was received stays in the partial file, for the next run to continue)."""
+    next_check = received
+    while chunk := read():
+        if total is not None and received + len(chunk) > total:
+            raise _Oversize(
+                f"the server sent more than the {total} bytes it announced ({announced_by}): "
+                f"{received + len(chunk)} bytes or more; stopped there and removed {transfer.part}. The file may have "
+                "changed on the server during the transfer, or the server is misbehaving: run the command again "
+                "later, or fetch the file from a mirror (--url FILE=URL)"
+            )
+        if total is None and received >= next_check:
+            next_check = received + SPACE_CHECK_BYTES
+            free = shutil.disk_usage(transfer.part.parent).free
+            if free < SPACE_CHECK_BYTES:
+                raise InsufficientSpaceError(
+                    f"Not enough free space for downloading {transfer.url}: the server did not announce its size, "
+                    f"and after {_size(received)} {transfer.part.parent} has {_size(free)} free, less than the "
+                    f"{_size(SPACE_CHECK_BYTES)} kept free while it arrives. Free some space, or choose a "
+                    f"--data-root on a larger disk; {transfer.part} keeps the {received} bytes received."
+                )
+        out.write(chunk)
+        received += len(chunk)
+        bar.update(len(chunk))
+    return received
 
 
 def _progress_bar(transfer: _Transfer, total: int | None, initial: int) -> tqdm:
@@ -271,12 +322,9 @@ def _http_attempt(transfer: _Transfer) -> None:
             ensure_free_space(transfer.part.parent, total - offset, f"downloading {transfer.url}")
         if mode == "wb":  # a transfer from byte 0: record which version of the file it is
             transfer.start({**now, "size": size})
-        received = offset
+        announced_by = "Content-Range" if mode == "ab" else "Content-Length"
         with open(transfer.part, mode) as f, _progress_bar(transfer, total, offset) as bar:
-            while chunk := response.read(CHUNK):
-                f.write(chunk)
-                received += len(chunk)
-                bar.update(len(chunk))
+            received = _receive(transfer, lambda: response.read(CHUNK), f, bar, offset, total, announced_by)
     if total is not None and received < total:
         raise ConnectionError(f"the connection closed after {received} of {total} bytes")
 
@@ -328,10 +376,11 @@ def _ftp_attempt(transfer: _Transfer) -> None:
         with open(transfer.part, "ab" if offset else "wb") as f, _progress_bar(transfer, total, offset) as bar:
             try:  # the REST above (if any) applies to this RETR
                 with ftp.transfercmd(f"RETR {path}") as connection:
-                    while chunk := connection.recv(CHUNK):
-                        f.write(chunk)
-                        bar.update(len(chunk))
+                    _receive(transfer, lambda: connection.recv(CHUNK), f, bar, offset, total, "FTP SIZE")
                 ftp.voidresp()
+            except _Oversize:
+                ftp.close()  # no QUIT on leaving: the server's 426 for the aborted transfer would replace this error
+                raise
             except ftplib.error_perm as error:
                 if str(error).startswith("550"):
                     raise _Permanent(f"FTP {error}") from error
@@ -409,6 +458,10 @@ def fetch(url: str, dest: Path, settings: DownloadSettings = DownloadSettings())
             return dest
         except (InsufficientSpaceError, DownloadError):
             raise
+        except _Oversize as error:  # the partial file is of no known version: it goes, with its record
+            transfer.part.unlink(missing_ok=True)
+            transfer.record_path.unlink(missing_ok=True)
+            raise DownloadError(f"Could not download {url}: {error}.") from error
         except _Permanent as error:
             raise DownloadError(f"Could not download {url}: {error}.") from error
         except _TRANSIENT as error:
