@@ -25,12 +25,45 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "(when --out ends in /synth). See docs/synthetic_data.md.",
     )
     synth.add_argument("--out", type=Path, required=True, metavar="DIR", help="dataset folder, e.g. data/synth")
-    synth.add_argument("--classes", type=positive_int, default=None, help="number of classes (even)")
-    synth.add_argument("--images-per-class", type=positive_int, default=None, metavar="N")
-    synth.add_argument("--size", type=positive_int, default=None, metavar="PX", help="image side in pixels")
-    synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--classes", type=_at_most(MAX_SYNTH_CLASSES), default=None, help="number of classes (even)")
+    synth.add_argument("--images-per-class", type=_at_most(MAX_SYNTH_IMAGES_PER_CLASS), default=None, metavar="N")
+    synth.add_argument("--size", type=_at_most(MAX_SYNTH_SIZE), default=None, metavar="PX", help="image side in pixels")
+    synth.add_argument("--seed", type=_non_negative_int, default=0)
+    synth.add_argument(
+        "--force",
+        action="store_true",
+        help="write into an --out folder that already holds files (the dataset's index files are replaced and its "
+        "images mixed with those already there)",
+    )
     synth.set_defaults(func=run_synth)
     _add_download_parser(commands)
+
+
+#: bounds of ``raml data synth``'s sizes: far above any use (CUB has 200 classes of ~60 images, SOP 22,634 classes),
+#: below what would exhaust the memory before the first image is written (10^20 classes hung the command)
+MAX_SYNTH_CLASSES = 100_000
+MAX_SYNTH_IMAGES_PER_CLASS = 10_000
+MAX_SYNTH_SIZE = 4096
+
+
+def _at_most(limit: int):  # noqa: ANN202 - an argparse type
+    def parse(value: str) -> int:
+        number = positive_int(value)
+        if number > limit:
+            raise argparse.ArgumentTypeError(f"expected an integer from 1 to {limit}, got {value}")
+        return number
+
+    return parse
+
+
+def _non_negative_int(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return number
 
 
 def _positive_float(value: str) -> float:
@@ -153,9 +186,19 @@ def run_synth(args: argparse.Namespace) -> int:
         "image_size": args.size,
     }
     kwargs = {k: v for k, v in options.items() if v is not None}
-    try:
-        out = generate_synthetic_dataset(args.out, seed=args.seed, progress=True, **kwargs)
-    except ValueError as error:
-        raise SystemExit(f"raml data synth: error: {error}") from error
+    out_dir: Path = args.out
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ValueError(f"--out {out_dir} is a file; expected a folder for the dataset (made if missing).")
+    if out_dir.is_dir() and not args.force:
+        held = sorted(entry.name for entry in out_dir.iterdir())
+        if held:
+            shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+            raise ValueError(
+                f"--out {out_dir} already holds {len(held)} entries ({shown}); raml data synth writes images.txt, "
+                "classes.txt, image_class_labels.txt, train_test_split.txt and images/ there, replacing a "
+                "dataset's index files and mixing its images with the ones already there. Nothing was written. "
+                "Choose an empty or new folder, or pass --force to write over it."
+            )
+    out = generate_synthetic_dataset(out_dir, seed=args.seed, progress=True, **kwargs)
     logger.info("Wrote the synthetic dataset to %s", out)
     return 0

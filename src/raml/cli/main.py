@@ -116,7 +116,28 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     imported: an error can only have been raised by its module, so none is imported here for a check (the
     training engine's classes would cost a command that never trains about a second of imports)."""
     loaded = (getattr(sys.modules[module], name) for module, name in _USER_ERROR_CLASSES if module in sys.modules)
-    return (ValueError, FileNotFoundError, FileExistsError, *loaded)
+    # every OSError: a folder where a file is expected, a permission, a full disk ... (FileNotFoundError and
+    # FileExistsError among them): the operating system's message names the path
+    return (ValueError, OSError, *loaded)
+
+
+#: how a DataLoader worker's exception, raised again in the main process, carries the worker's traceback
+_WORKER_TRACEBACK = "\nOriginal Traceback (most recent call last):\n"
+
+
+def _message(error: BaseException) -> str:
+    """What a user reads of ``error``: its message; for an error raised in a DataLoader worker (whose text holds
+    the worker's whole traceback), the original message only, from its last ``Type: message`` line on."""
+    text = str(error)
+    if _WORKER_TRACEBACK not in text:
+        return text
+    tail = text.split(_WORKER_TRACEBACK, 1)[1]
+    kind = type(error)
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__qualname__}: "):
+        start = tail.rfind("\n" + prefix)
+        if start >= 0:
+            return tail[start + 1 + len(prefix) :].rstrip() + " (in a data loading worker)"
+    return text.split("\n", 1)[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,7 +164,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         # Bad input (paths, names, files, settings): a clear message, not a traceback.
         if not isinstance(error, _user_errors()) or getattr(args, "verbose", False):
             raise
-        print(f"raml {args.command}: error: {error}", file=sys.stderr)
+        print(f"raml {args.command}: error: {_message(error)}", file=sys.stderr)
         return 2
 
 
