@@ -31,6 +31,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from raml.data.mat_structure import MatStructureError, check_declared_sizes
+
 logger = logging.getLogger(__name__)
 
 PARTS = ("train", "val", "test")
@@ -308,6 +310,13 @@ def _check_cars_mat(index: Path) -> None:
             f"on disk); expected the Cars196 annotation file, which holds about 6.4 MiB. Refusing to load it (a "
             f"damaged or forged file, a decompression bomb?). Delete it and download it again from {_CARS_SOURCE}."
         )
+    try:  # a cell or struct inside 'annotations' declaring billions of entries: scipy allocates them first
+        check_declared_sizes(index, MAX_MAT_BYTES)
+    except MatStructureError as error:
+        raise MatStructureError(
+            f"{error}: a damaged or forged file, refused before loading it; expected the Cars196 annotation file. "
+            f"Delete it and download it again from {_CARS_SOURCE}."
+        ) from error
     try:
         variables = scipy.io.whosmat(str(index))
     except Exception as exc:  # scipy raises several types for broken files
