@@ -82,3 +82,13 @@ def test_data_synth_sizes_and_seed_are_bounded_naming_the_flag(tmp_path, capsys,
         cli_main.main(argv)
     assert exited.value.code == 2 and expected in capsys.readouterr().err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.parametrize("command", ["test", "extract"])
+def test_a_batch_size_below_one_is_refused_by_the_parser_naming_the_flag(capsys, command):
+    with pytest.raises(SystemExit) as exited:
+        cli_main.main([command, "--batch-size", "0"])
+    assert (
+        exited.value.code == 2
+        and "argument --batch-size: expected a positive integer, got 0" in capsys.readouterr().err
+    )

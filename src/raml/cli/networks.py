@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id
+from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id, positive_int
 from raml.entry import DEFAULT_POOL, DEFAULT_WHITENING
 from raml.models import POOLINGS
 from raml.retrieval.extract import parse_scales
@@ -94,7 +94,7 @@ def add_runtime_args(
         metavar="N",
         help=WORKERS_HELP.format(os.cpu_count() or 1),
     )
-    group.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help="images per batch")
+    group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N", help="images per batch")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     group.add_argument("--verbose", action="store_true", help="debug logging")
     group.add_argument(
