@@ -106,3 +106,12 @@ def test_cars_annos_with_a_forged_nested_cell_is_refused_before_scipy(tmp_path, 
     with pytest.raises(ValueError, match=r"cars_annos.mat declares a 1x16777216 cell array .*download it again"):
         get_split("cars", tmp_path)
     assert index.read_bytes() == before
+
+
+def test_a_checked_cars_file_is_checked_again_once_it_changes(cars_root):
+    """The check runs once a process per file version (path, size, modification time): a file replaced after a
+    load that passed is checked again."""
+    assert get_split("cars-test", cars_root).paths
+    _forged(cars_root / "cars" / "cars_annos.mat", compressed=False)
+    with pytest.raises(ValueError, match="declares a 1x16777216 cell array"):
+        get_split("cars-test", cars_root)

@@ -296,6 +296,10 @@ def _mat_inflated_bytes(index: Path, limit: int) -> int:
         return total
 
 
+#: the ``cars_annos.mat`` files that passed :func:`_check_cars_mat` in this process: (path, size, mtime in ns)
+_CHECKED_MATS: set[tuple[str, int, int]] = set()
+
+
 def _check_cars_mat(index: Path) -> None:
     """Refuse a ``cars_annos.mat`` that would take more than a bounded memory and time to load: more than
     :data:`MAX_MAT_BYTES` once inflated, or an ``annotations`` variable that is not a struct array of at most
@@ -351,7 +355,11 @@ def load_cars(folder: Path, val_ratio: float) -> SplitDict:
 
     index = folder / "cars_annos.mat"
     _require_file(index, "cars")
-    _check_cars_mat(index)  # memory and time bounded before scipy inflates anything
+    stamp = index.stat()
+    key = (str(index.resolve()), stamp.st_size, stamp.st_mtime_ns)
+    if key not in _CHECKED_MATS:  # ~1 s for Cars196's file: once a process, and again only if the file changes
+        _check_cars_mat(index)  # memory and time bounded before scipy inflates anything
+        _CHECKED_MATS.add(key)
     try:
         mat = scipy.io.loadmat(str(index), variable_names=["annotations"])
     except Exception as exc:  # scipy raises several types for broken files
