@@ -11,7 +11,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +29,8 @@ __all__ = [
     "DEFAULT_POOL",
     "DEFAULT_WHITENING",
     "add_network_args",
+    "check_output_file",
+    "check_output_files",
     "image_sizes_arg",
     "network_from_args",
     "positive_int",
@@ -73,6 +78,52 @@ def write_json(path: str | Path, payload: object) -> None:
     """Write JSON atomically (a temp file renamed into place)."""
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     logger.info("Wrote %s", path)
+
+
+def check_output_file(path: str | Path, flag: str, overwrite: bool | None = None) -> Path:
+    """Check, before any work, that a command can later write the file ``path`` (``flag`` names it in errors).
+
+    ``path`` must not be a folder; its nearest existing ancestor must be a folder (the missing ones are made
+    when the file is written, as :func:`raml.utils.atomic_path` does) in which a file can be created: checked
+    with :func:`os.access` and by creating (and removing) an empty temporary file there, which also catches a
+    read-only file system or a full inode table. With ``overwrite=False`` an existing ``path`` is refused
+    (``--overwrite`` replaces it); ``None`` allows replacing it (reports such as ``--json``).
+
+    Raises:
+        ValueError: ``path`` is a folder, or no file can be created in its folder.
+        FileExistsError: ``path`` exists and ``overwrite`` is False.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{flag} {str(path)!r} is a folder; give a file path such as {str(path / 'out.json')!r}.")
+    folder = path.parent
+    while not os.path.lexists(folder) and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise ValueError(f"{flag} {str(path)!r}: {str(folder)!r} is not a folder.")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise ValueError(f"{flag} {str(path)!r}: the folder {str(folder)!r} is not writable.")
+    try:
+        handle, probe = tempfile.mkstemp(prefix=".raml-write-check-", suffix=".tmp", dir=folder)
+    except OSError as error:
+        reason = error.strerror or str(error)
+        raise ValueError(f"{flag} {str(path)!r}: cannot create a file in {str(folder)!r} ({reason}).") from None
+    os.close(handle)
+    os.unlink(probe)
+    if overwrite is False and os.path.lexists(path):
+        raise FileExistsError(f"{flag} {str(path)!r} exists; pass --overwrite to replace it.")
+    return path
+
+
+def check_output_files(targets: Sequence[tuple[str, str | Path, bool | None]]) -> None:
+    """:func:`check_output_file` for each ``(flag, path, overwrite)`` of a command; they must name different files."""
+    seen: dict[str, str] = {}
+    for flag, path, overwrite in targets:
+        check_output_file(path, flag, overwrite)
+        key = os.path.normcase(os.path.abspath(path))
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} name the same file {str(path)!r}; give different paths.")
+        seen[key] = flag
 
 
 #: What ``--pool`` and ``--whitening`` mean when they are not given (the reference's defaults).

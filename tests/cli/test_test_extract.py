@@ -164,7 +164,7 @@ def test_extract_rows_in_split_order_and_cache_reuse(cub_root: Path, networks, t
     assert main([*args, "--output", str(second)]) == 0
     np.testing.assert_array_equal(np.load(second), emb)
     assert len(list(cache_dir.glob("*.npy"))) == 1
-    assert main([*common, "--image-size", "40", "--output", str(second)]) == 0
+    assert main([*common, "--image-size", "40", "--output", str(second), "--overwrite"]) == 0
     assert len(list(cache_dir.glob("*.npy"))) == 2
 
 

@@ -120,9 +120,8 @@ def test_parity_failure_writes_nothing_and_keeps_the_previous_file(nets, tmp_pat
         return lambda batch: run(batch) + 1e-3
 
     monkeypatch.setattr(export_module, "_onnx_runner", drifting_runner)
-    code = cli_main.main(
-        ["export", "--network-path", str(nets["resnet"]), "--image-size", "32", "--output", str(onnx_file)]
-    )
+    argv = ["export", "--network-path", str(nets["resnet"]), "--image-size", "32", "--output", str(onnx_file)]
+    code = cli_main.main([*argv, "--overwrite"])
     assert code == 2
     err = capsys.readouterr().err
     assert "exceeds the tolerance 0.0001" in err and "nothing was written" in err

@@ -5,7 +5,14 @@ from __future__ import annotations
 import argparse
 import logging
 
-from raml.cli.common import comma_list, default_workers, positive_int, setup_logging, write_json
+from raml.cli.common import (
+    check_output_file,
+    comma_list,
+    default_workers,
+    positive_int,
+    setup_logging,
+    write_json,
+)
 from raml.data.check import scan_split
 from raml.data.splits import get_split
 
@@ -44,6 +51,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
+    if args.json is not None:  # before the scan, which may take minutes
+        check_output_file(args.json, "--json")
     splits = [get_split(name, args.data_root, args.val_ratio) for name in args.datasets]  # fail early on names
     report: dict[str, list[dict[str, str]]] = {}
     summary: list[str] = []

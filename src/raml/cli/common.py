@@ -8,7 +8,14 @@ import os
 from typing import TYPE_CHECKING
 
 # Shared with the benchmarks, so defined below the CLI; re-exported here for the commands.
-from raml.entry import image_sizes_arg, positive_int, setup_logging, write_json  # noqa: F401
+from raml.entry import (  # noqa: F401
+    check_output_file,
+    check_output_files,
+    image_sizes_arg,
+    positive_int,
+    setup_logging,
+    write_json,
+)
 
 if TYPE_CHECKING:
     import torch

@@ -6,9 +6,12 @@ import argparse
 import logging
 from pathlib import Path
 
-from raml.cli.common import device_from_args, positive_int, setup_logging
+from raml.cli.common import check_output_files, device_from_args, positive_int, setup_logging
 
 logger = logging.getLogger("raml")
+
+#: the files ``raml demo`` writes into --out
+DEMO_OUTPUTS = ("results.json", "results.md", "tradeoff.png", "gallery.png")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -48,6 +51,8 @@ def run(args: argparse.Namespace) -> int:
     from raml.demo import DemoSettings, run_demo, summary
 
     setup_logging(args.verbose)
+    # the results are written at the end: a bad --out fails now, not after the training
+    check_output_files([(f"--out's {name}", args.out / name, None) for name in DEMO_OUTPUTS])
     for noisy in ("raml.models.checkpoints", "raml.retrieval.cache"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = DemoSettings(
@@ -64,6 +69,6 @@ def run(args: argparse.Namespace) -> int:
     rows = run_demo(settings, device_from_args(args), progress=not args.no_progress)
     print((args.out / "results.md").read_text())
     logger.info("%s", summary(rows))
-    written = [args.out / name for name in ("results.json", "results.md", "tradeoff.png", "gallery.png")]
+    written = [args.out / name for name in DEMO_OUTPUTS]
     logger.info("Wrote %s", ", ".join(str(path) for path in written))
     return 0

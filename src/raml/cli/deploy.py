@@ -16,10 +16,25 @@ from pathlib import Path
 
 import torch
 
-from raml.cli.common import add_runtime_args, device_from_args, positive_int, setup_logging, write_json
+from raml.cli.common import (
+    add_runtime_args,
+    check_output_file,
+    check_output_files,
+    device_from_args,
+    positive_int,
+    setup_logging,
+    write_json,
+)
 from raml.data.splits import get_split
 from raml.deploy.embed import embed_images
-from raml.deploy.export import DEFAULT_TOLERANCE, EXPORTERS, MIN_OPSET, export_onnx, export_torchscript
+from raml.deploy.export import (
+    DEFAULT_TOLERANCE,
+    EXPORTERS,
+    MIN_OPSET,
+    export_onnx,
+    export_torchscript,
+    sidecar_path,
+)
 from raml.deploy.faiss_index import INDEX_TYPES, IndexParams
 from raml.deploy.image_files import check_images_exist, collect_images, read_image_list
 from raml.deploy.index import index_images
@@ -199,6 +214,8 @@ def _add_index_forward_args(parser: argparse.ArgumentParser) -> None:
 def run_index(args: argparse.Namespace) -> int:
     """``raml index``."""
     setup_logging(args.verbose)
+    if args.json is not None:  # before anything is embedded or committed
+        check_output_file(args.json, "--json")
     _require_deps("faiss")
     flags = ("index_type", "nlist", "nprobe", "m", "nbits", "hnsw_m", "ef_search", "train_size")
     params = None
@@ -306,6 +323,8 @@ def run_search(args: argparse.Namespace) -> int:
     """``raml search``."""
     setup_logging(args.verbose)
     _require_deps("faiss", *(["onnxruntime"] if args.onnx is not None else []))
+    if args.json is not None:
+        check_output_file(args.json, "--json")
     if args.gallery is not None:  # a bad gallery path fails before anything is embedded or written
         from raml.deploy.gallery import check_gallery_path
 
@@ -384,6 +403,11 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding datasets/networks")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the export report as JSON")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace existing model files and sidecars (refused otherwise, before anything is exported)",
+    )
     int8 = parser.add_argument_group("int8 (static quantisation of the ONNX export, onnxruntime, QDQ)")
     int8.add_argument(
         "--int8",
@@ -429,6 +453,7 @@ def run_export(args: argparse.Namespace) -> int:
         raise SystemExit("raml export: error: give --output FILE.onnx and/or --torchscript FILE.pt.")
     if args.output is not None and args.output.suffix.lower() != ".onnx":
         raise SystemExit(f"raml export: error: --output must end in .onnx, got {args.output}.")
+    _check_export_outputs(args)
     if args.output is not None:
         _require_deps("onnx", "onnxruntime")
     calibration = _int8_calibration(args)  # [] without --int8; a bad split fails here, before anything is written
@@ -481,6 +506,18 @@ def run_export(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, [r.as_dict() for r in reports])
     return 0
+
+
+def _check_export_outputs(args: argparse.Namespace) -> None:
+    """Every file ``raml export`` writes, checked before the network is loaded: the models and their sidecars
+    (an existing one only replaced with --overwrite) and the --json report; all different files."""
+    targets: list[tuple[str, Path, bool | None]] = []
+    for flag, model in (("--output", args.output), ("--torchscript", args.torchscript)):
+        if model is not None:
+            targets += [(flag, model, args.overwrite), (f"{flag}'s sidecar", sidecar_path(model), args.overwrite)]
+    if args.json is not None:
+        targets.append(("--json", args.json, None))
+    check_output_files(targets)
 
 
 def _int8_calibration(args: argparse.Namespace) -> tuple[list[str], list[str]]:

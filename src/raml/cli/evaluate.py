@@ -11,6 +11,7 @@ import torch
 
 from raml.cli.common import (
     add_bad_images_arg,
+    check_output_file,
     comma_list,
     devices_from_gpu_id,
     image_sizes_arg,
@@ -117,6 +118,8 @@ def run(args: argparse.Namespace) -> int:
     if args.index is not None and len(sizes) > 1:
         raise SystemExit("raml test: --index tests one query size at a time; give a single --image-size.")
     args.image_size = sizes[0]
+    if args.json is not None:  # before any network is loaded or image embedded
+        check_output_file(args.json, "--json")
     # the student on the first --gpu-id GPU, the teacher on the second when two are listed
     device, teacher_device = devices_from_gpu_id(args.gpu_id, args.device)
     # Resolve every split first so that a missing dataset fails before any network is loaded.

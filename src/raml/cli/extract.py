@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
+import numpy as np
+
 from raml.cli.common import (
     add_bad_images_arg,
+    check_output_files,
     devices_from_gpu_id,
     positive_int,
     setup_logging,
-    write_json,
 )
 from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args
 from raml.data.check import apply_bad_image_policy
@@ -20,7 +23,7 @@ from raml.distributed import init_distributed
 from raml.entry import add_network_args, network_from_args
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.extract import CPU_RUNTIMES, extract_embeddings_sharded, multiscale_power
-from raml.utils import atomic_numpy_save, file_sha256
+from raml.utils import atomic_path, file_sha256
 
 logger = logging.getLogger("raml")
 
@@ -63,7 +66,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="resolution (default 448)",
     )
     add_multiscale_arg(parser)
-    parser.add_argument("--output", type=Path, required=True, metavar="FILE.npy", help="where to write")
+    parser.add_argument(
+        "--output",
+        type=Path,
+        required=True,
+        metavar="FILE.npy",
+        help="where to write the embeddings; their description goes to FILE.json beside it",
+    )
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing FILE.npy / FILE.json (refused otherwise, before any work)",
+    )
     parser.add_argument("--not-pretrained", action="store_true", help="random weights with --network ARCH")
     parser.add_argument("--no-cache", action="store_true", help="neither read nor write the embedding cache")
     parser.add_argument(
@@ -82,6 +96,9 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     if args.output.suffix != ".npy":
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
+    # every output is checked before any work: a bad path fails now, not after the embedding
+    sidecar = args.output.with_suffix(".json")
+    check_output_files([("--output", args.output, args.overwrite), ("--output's sidecar", sidecar, args.overwrite)])
     # under torchrun every process embeds a share of the split; rank 0 writes the outputs
     dist, dist_device = init_distributed(args.device)
     device = dist_device or devices_from_gpu_id(args.gpu_id, args.device)[0]
@@ -135,24 +152,32 @@ def run(args: argparse.Namespace) -> int:
         embeddings = compute()
     if not dist.is_main:
         return 0
-    atomic_numpy_save(embeddings.numpy(), args.output)
-    write_json(
-        args.output.with_suffix(".json"),
-        {
-            "embeddings": args.output.name,
-            "split": split.name,
-            "root": str(split.root),
-            "image_size": args.image_size,
-            "multiscale": list(args.multiscale),
-            "multiscale_power": multiscale_power(network, args.multiscale),
-            "precision": "bf16" if args.bf16 else "fp32",
-            "network": str(checkpoint) if checkpoint is not None else args.network,
-            "network_sha256": sha,
-            "shape": list(embeddings.shape),
-            "paths": list(split.paths),
-            "labels": list(split.labels),
-            "skipped_images": [{"path": b.path, "reason": b.reason} for b in bad],
-        },
-    )
+    description = {
+        "embeddings": args.output.name,
+        "split": split.name,
+        "root": str(split.root),
+        "image_size": args.image_size,
+        "multiscale": list(args.multiscale),
+        "multiscale_power": multiscale_power(network, args.multiscale),
+        "precision": "bf16" if args.bf16 else "fp32",
+        "network": str(checkpoint) if checkpoint is not None else args.network,
+        "network_sha256": sha,
+        "shape": list(embeddings.shape),
+        "paths": list(split.paths),
+        "labels": list(split.labels),
+        "skipped_images": [{"path": b.path, "reason": b.reason} for b in bad],
+    }
+    write_pair(embeddings.numpy(), description, args.output, sidecar)
     logger.info("Wrote %s embeddings of %s to %s", tuple(embeddings.shape), split.name, args.output)
     return 0
+
+
+def write_pair(array: np.ndarray, description: dict, output: Path, sidecar: Path) -> None:
+    """Write the embeddings and their sidecar, each atomically: both are written in full to temporary files
+    first, then the sidecar is renamed into place and the ``.npy`` last. A failure while writing leaves the
+    previous pair as it was, and a new ``.npy`` never sits beside an old sidecar."""
+    with atomic_path(output) as npy_tmp, atomic_path(sidecar) as json_tmp:
+        with open(npy_tmp, "wb") as f:
+            np.save(f, array)
+        json_tmp.write_text(json.dumps(description, indent=2, sort_keys=False) + "\n")
+    logger.debug("Wrote %s and %s", sidecar, output)

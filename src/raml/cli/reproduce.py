@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from raml.cli.common import default_workers, device_from_args, positive_int, setup_logging
+from raml.cli.common import check_output_files, default_workers, device_from_args, positive_int, setup_logging
 from raml.cli.networks import non_negative_int
 
 logger = logging.getLogger("raml")
@@ -93,10 +93,13 @@ def run(args: argparse.Namespace) -> int:
     from raml.reproduce import ReproduceOptions, run_reproduction
 
     setup_logging(args.verbose)
+    out = args.out if args.out is not None else Path("exp") / f"reproduce-{args.dataset}"
+    # the reports are rewritten after every step: a bad --out fails now, not after the first test
+    check_output_files([(f"--out's {name}", out / name, None) for name in ("reproduce.json", "reproduce.md")])
     options = ReproduceOptions(
         dataset=args.dataset,
         data_root=args.data_root,
-        out=args.out if args.out is not None else Path("exp") / f"reproduce-{args.dataset}",
+        out=out,
         config=resolve_config(args.config, args.dataset),
         device=device_from_args(args),
         epochs=args.epochs,

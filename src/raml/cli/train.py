@@ -14,6 +14,7 @@ from typing import Any
 from raml.cli.common import (
     WORKERS_HELP,
     add_bad_images_arg,
+    check_output_file,
     default_workers,
     devices_from_gpu_id,
     image_sizes_arg,
@@ -322,6 +323,8 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"raml train: error: {error}") from error
+    if config.json is not None:  # before training, not after it (--json may come from --config's YAML too)
+        check_output_file(config.json, "--json")
     # Under torchrun every process joins the group and gets its own device; otherwise choose one as usual.
     dist, dist_device = init_distributed(config.device)
     if not dist.is_main:
