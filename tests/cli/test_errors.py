@@ -84,7 +84,7 @@ def test_data_synth_sizes_and_seed_are_bounded_naming_the_flag(tmp_path, capsys,
     assert not (tmp_path / "new").exists()
 
 
-@pytest.mark.parametrize("command", ["test", "extract"])
+@pytest.mark.parametrize("command", ["test", "extract", "index", "search"])
 def test_a_batch_size_below_one_is_refused_by_the_parser_naming_the_flag(capsys, command):
     with pytest.raises(SystemExit) as exited:
         cli_main.main([command, "--batch-size", "0"])

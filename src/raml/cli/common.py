@@ -77,7 +77,7 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> N
         "--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."
     )
     group.add_argument("--workers", type=int, default=default_workers(), metavar="N", help="data loader workers")
-    group.add_argument("--batch-size", type=int, default=batch_size, metavar="N", help="images per batch")
+    group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N", help="images per batch")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     group.add_argument("--verbose", action="store_true", help="debug logging")
 
