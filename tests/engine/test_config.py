@@ -181,3 +181,68 @@ def test_inconsistent_settings_are_refused():
         TrainConfig(student="r", teacher_path="t", mixup_partner="pairs").validate()
     with pytest.raises(ValueError, match="--search-objective"):
         TrainConfig(student="r", teacher_path="t", search_objective="mean").validate()
+
+
+def test_unreadable_yaml_files_are_named_with_the_place_and_what_is_expected(tmp_path):
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text("lr: 1e-4\nepochs: [1\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML at line 3, column 1: .*TrainConfig keys"):
+        load_yaml_config(cfg)
+    cfg.write_text("epochs: 1\n  lr: 2\n")
+    with pytest.raises(ValueError, match=r"bad\.yaml is not valid YAML at line 2, column 5"):
+        load_yaml_config(cfg)
+    binary = tmp_path / "weights.pth"
+    binary.write_bytes(b"PK\x03\x04\xff\xfe\x00\x81binary")
+    with pytest.raises(ValueError, match=r"weights\.pth is not UTF-8 text .*expected a YAML file"):
+        load_yaml_config(binary)
+    with pytest.raises(ValueError, match=r"is a folder, expected a YAML file"):
+        load_yaml_config(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "flag"),
+    [
+        ({"lr": float("nan")}, "--lr"),
+        ({"lr": float("inf")}, "--lr"),
+        ({"lr": 0.0}, "--lr"),
+        ({"weight_decay": float("nan")}, "--weight-decay"),
+        ({"weight_decay": -1.0}, "--weight-decay"),
+        ({"momentum": -1.0}, "--momentum"),
+        ({"momentum": float("nan")}, "--momentum"),
+        ({"momentum": 1.5}, "--momentum"),
+        ({"loss_margin": float("nan")}, "--loss-margin"),
+        ({"loss_margin": -0.1}, "--loss-margin"),
+        ({"lam_1": float("nan")}, "--lam-1"),
+        ({"lam_2": float("-inf")}, "--lam-2"),
+        ({"val_ratio": float("nan")}, "--val-ratio"),
+        ({"aml_margin": float("inf")}, "--aml-margin"),
+        ({"csd_temperature": float("nan")}, "--csd-temperature"),
+        ({"rop_temperature": 0.0}, "--rop-temperature"),
+        ({"rkd_angle_weight": float("inf")}, "--rkd-angle-weight"),
+        ({"d3_alpha": float("nan")}, "--d3-alpha"),
+        ({"rop_rank_weight": -1.0}, "--rop-rank-weight"),
+        ({"workers": -1}, "--workers"),
+        ({"pool_size": 0}, "--pool-size"),
+        ({"eval_batch_size": 0}, "--eval-batch-size"),
+        ({"whitening": -1}, "--whitening"),
+        ({"whitening": 100_000_000_000}, "--whitening"),
+        ({"seed": -1}, "--seed"),
+    ],
+)
+def test_non_finite_and_out_of_range_numbers_are_refused_by_flag(changes, flag):
+    with pytest.raises(ValueError, match=f"^{flag} must "):
+        TrainConfig(student="r", teacher_path="t", **changes).validate()
+
+
+def test_the_limits_accept_their_edges():
+    TrainConfig(student="r", teacher_path="t", whitening=65536, workers=0, momentum=0.0, weight_decay=0.0).validate()
+    TrainConfig(student="r", teacher_path="t", lam_1=0.0, lam_2=0.0, loss_margin=0.0, seed=0).validate()
+
+
+def test_nan_from_the_command_line_and_yaml_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="--lr must be a finite number"):
+        _parse(["--student", "r", "--teacher-path", "t", "--lr", "nan"]).validate()
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("student: r\nteacher-path: t\nloss-margin: .nan\n")
+    with pytest.raises(ValueError, match="--loss-margin must be a finite number"):
+        _parse(["--config", str(cfg)]).validate()

@@ -7,6 +7,7 @@ optional YAML file; the resolved configuration is written next to every run's ou
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +22,59 @@ SEARCH_OBJECTIVES = ("last", "best")
 LOSSES = ("triplet", "normsoftmax")
 LOGGERS = ("none", "tensorboard")
 AML_VARIANTS = ("contrastive", "regression")
+#: the largest --whitening output dimension: its layer holds (backbone dim x DIM) weights, and embeddings of
+#: 65,536 floats (256 KiB each) are far beyond any retrieval use; a larger value is a typo, not a setting
+MAX_WHITENING = 65536
+#: the largest --seed: seed_everything seeds torch with ``seed + epoch`` (at most 2**64 - 1)
+MAX_SEED = 2**63 - 1
+
+#: float settings and the range each must lie in, besides being finite: ``(low, high, low_open, high_open)``,
+#: None = unbounded on that side
+_FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
+    "lr": (0.0, None, True, False),
+    "weight_decay": (0.0, None, False, False),
+    "momentum": (0.0, 1.0, False, True),
+    "loss_margin": (0.0, None, False, False),
+    "lam_1": (0.0, None, False, False),
+    "lam_2": (0.0, None, False, False),
+    "val_ratio": (0.0, 1.0, True, True),
+    "aml_margin": (0.0, None, True, False),
+    "csd_temperature": (0.0, None, True, False),
+    "rop_temperature": (0.0, None, True, False),
+    "rkd_distance_weight": (0.0, None, False, False),
+    "rkd_angle_weight": (0.0, None, False, False),
+    "csd_first_order_weight": (0.0, None, False, False),
+    "d3_alpha": (0.0, None, False, False),
+    "d3_beta": (0.0, None, False, False),
+    "d3_gamma": (0.0, None, False, False),
+    "rop_rank_weight": (0.0, None, False, False),
+}
+
+
+def _flag(name: str) -> str:
+    return f"--{name.replace('_', '-')}"
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if high is None:
+        return "positive" if low_open else f"at least {low:g}"
+    return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+
+
+def _check_float(name: str, value: float) -> None:
+    """Refuse a float setting that is not finite (nan, inf) or outside its range, naming its flag."""
+    low, high, low_open, high_open = _FLOAT_RANGES[name]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{_flag(name)} must be a number, got {value!r}.")
+    ok = math.isfinite(value)
+    if ok and low is not None:
+        ok = value > low if low_open else value >= low
+    if ok and high is not None:
+        ok = value < high if high_open else value <= high
+    if not ok:
+        raise ValueError(
+            f"{_flag(name)} must be a finite number {_range_text(low, high, low_open, high_open)}, got {value}."
+        )
 
 
 @dataclass
@@ -177,13 +231,22 @@ class TrainConfig:
             )
         if self.mode == "sym" and self.neg_num < 1:
             raise ValueError(f"--neg-num must be at least 1 for triplet training, got {self.neg_num}.")
-        if self.lr <= 0:
-            raise ValueError(f"--lr must be positive, got {self.lr}.")
+        for name in _FLOAT_RANGES:
+            _check_float(name, getattr(self, name))
         self._validate_method_settings()
-        if not 0.0 < self.val_ratio < 1.0:
-            raise ValueError(f"val_ratio must be in (0, 1), got {self.val_ratio}.")
-        if self.whitening < 0:
-            raise ValueError(f"--whitening must be >= 0 (0 = none), got {self.whitening}.")
+        for name in ("workers", "neg_num"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}.")
+        for name in ("pool_size", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}.")
+        if not 0 <= self.whitening <= MAX_WHITENING:
+            raise ValueError(
+                f"--whitening must be in [0, {MAX_WHITENING}] (the embedding's dimension; 0 = none), "
+                f"got {self.whitening}."
+            )
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be in [0, 2**63 - 1], got {self.seed}.")
 
     def _validate_image_sizes(self) -> None:
         from raml.data.sizes import parse_image_sizes
@@ -213,13 +276,6 @@ class TrainConfig:
     def _validate_method_settings(self) -> None:
         if self.aml_variant not in AML_VARIANTS:
             raise ValueError(f"Unknown --aml-variant {self.aml_variant!r}; valid: {', '.join(AML_VARIANTS)}.")
-        for name in ("aml_margin", "csd_temperature", "rop_temperature"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(self, name)}.")
-        for name in ("rkd_distance_weight", "rkd_angle_weight", "csd_first_order_weight", "d3_alpha", "d3_beta",
-                     "d3_gamma", "rop_rank_weight"):  # fmt: skip
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}.")
         if self.csd_k < 1:
             raise ValueError(f"--csd-k must be at least 1 (the image itself), got {self.csd_k}.")
         if self.d3_k < 2:
@@ -238,12 +294,45 @@ def config_fields() -> dict[str, dataclasses.Field]:
     return {f.name: f for f in dataclasses.fields(TrainConfig)}
 
 
+#: what a --config file holds, for the messages that refuse one
+EXPECTED_YAML = "a YAML mapping of TrainConfig keys, e.g. 'epochs: 10' and 'lr: 1.0e-4', one per line"
+
+
+def _yaml_error_place(error: yaml.YAMLError) -> str:
+    """`` at line L, column C`` (1-based) where the YAML parser tells, else nothing."""
+    mark = getattr(error, "problem_mark", None) or getattr(error, "context_mark", None)
+    if mark is None:
+        return ""
+    return f" at line {mark.line + 1}, column {mark.column + 1}"
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    parts = [getattr(error, "context", None), getattr(error, "problem", None)]
+    text = ", ".join(p for p in parts if p)
+    return text or str(error).splitlines()[0]
+
+
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
     """Read a YAML file of flag values (keys as flags, ``-`` or ``_``); unknown keys are an error."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"Config file {path} is a folder, expected a YAML file ({EXPECTED_YAML}).")
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"Config file {path} is not UTF-8 text (byte {error.start} cannot be decoded); expected a YAML file "
+            f"({EXPECTED_YAML})."
+        ) from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ValueError(
+            f"Config file {path} is not valid YAML{_yaml_error_place(error)}: {_yaml_problem(error)}. "
+            f"Expected {EXPECTED_YAML}."
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"Config file {path} must hold a mapping of flag: value, got {type(data).__name__}.")
     known = config_fields()
