@@ -5,6 +5,8 @@ network)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -35,3 +37,39 @@ def test_resume_reproduces_an_uninterrupted_run(machinery, machinery_teacher_pat
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+
+
+def _folder_state(folder) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_a_failed_start_leaves_the_run_folder_as_it_was(machinery, machinery_teacher_path, tmp_path):
+    """Every refusal before training (no checkpoint, an empty one, one of another network, no optimizer step
+    per epoch) happens before anything is written: config.yaml keeps describing the folder's checkpoints."""
+    from raml.models import build_network, save_checkpoint
+    from raml.models.checkpoints import CheckpointError
+
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("epochs: 2\n# the run that wrote model_last.pth.tar\n")
+    (run / "model_last.pth.tar").write_bytes(b"the finished run's checkpoint")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    other = build_network("test_efficientnet", pooling="gem", whitening=32, pretrained=False)
+    save_checkpoint(tmp_path / "other.pth", other)
+    before = _folder_state(run)
+    base = machinery.distill_config(run, machinery_teacher_path, epochs=1, val=False)
+
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        Trainer(base.replace(resume_student=str(tmp_path / "missing.pth")), CPU, progress=False)
+    with pytest.raises(CheckpointError):
+        Trainer(base.replace(resume_student=str(tmp_path / "empty.pth")), CPU, progress=False)
+    with pytest.raises(CheckpointError) as refused:
+        Trainer(base.replace(resume_student=str(tmp_path / "other.pth")), CPU, progress=False)
+    message = str(refused.value)
+    assert "test_efficientnet" in message and "test_resnet" in message
+    assert "--student" in message and "--directory" in message
+    assert re.search(r"\d+ keys missing \([^)]*, \.\.\.\)", message), message
+    assert len(message) < 1000 and "\n" not in message  # not torch's hundreds of lines
+    with pytest.raises(ValueError, match="--update-every"):
+        Trainer(base.replace(overwrite=True, update_every=10**6), CPU, progress=False)
+    assert _folder_state(run) == before

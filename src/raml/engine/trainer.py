@@ -46,6 +46,7 @@ from raml.engine.methods import method_class
 from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
+from raml.models.checkpoints import CheckpointError
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, default_ks, evaluate_split
 from raml.retrieval.extract import extract_embeddings_sharded, network_mean_std
@@ -147,6 +148,39 @@ def refuse_existing_checkpoints(config: TrainConfig) -> None:
         )
 
 
+def _state_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
+    """The keys of ``ours`` absent from ``theirs``, those of ``theirs`` absent from ``ours``, and the shared keys
+    whose tensors differ in shape."""
+    missing = [k for k in ours if k not in theirs]
+    unexpected = [k for k in theirs if k not in ours]
+    mismatched = [
+        k
+        for k in ours
+        if k in theirs and hasattr(theirs[k], "shape") and tuple(theirs[k].shape) != tuple(ours[k].shape)
+    ]
+    return missing, unexpected, mismatched
+
+
+def _describe_network(meta: dict[str, Any] | None) -> str:
+    """``resnet50, gem pooling, whitening 512`` from a checkpoint's or network's meta."""
+    if not meta:
+        return "architecture unknown: no meta"
+    parts = [str(meta.get("architecture", "architecture unknown"))]
+    if meta.get("pooling"):
+        parts.append(f"{meta['pooling']} pooling")
+    if "whitening" in meta:
+        parts.append(f"whitening {meta['whitening']}")
+    return ", ".join(parts)
+
+
+def _key_summary(keys: list[str], what: str, shown: int = 3) -> str:
+    """``N keys WHAT (a, b, c, ...)``: a count and a few names."""
+    if not keys:
+        return f"0 keys {what}"
+    names = ", ".join(keys[:shown]) + (", ..." if len(keys) > shown else "")
+    return f"{len(keys)} key{'s' if len(keys) != 1 else ''} {what} ({names})"
+
+
 # ---------------------------------------------------------------------------------------------- trainer
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
@@ -204,10 +238,8 @@ class Trainer:
         )
         self.train_paths = [str(p) for p in self.train_split.abspaths()]
 
-        self._prepare_directory()
-        if dist.is_main:
-            for name, bad in self.skipped.items():
-                write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
+        # nothing is written before every check that can refuse the run has passed (_record_start, below)
+        refuse_existing_checkpoints(self.config)
         # A network built from an architecture name starts from random weights: the same ones for the same
         # --seed, on every rank (the reference's main.py seeds torch and numpy with --seed before building).
         seed_everything(config.seed)
@@ -255,17 +287,26 @@ class Trainer:
             self.model = DistributedDataParallel(forward, device_ids=[device.index] if device.type == "cuda" else None)
         self.student_norm = Normalizer(self.student, device)
         self.teacher_norm = Normalizer(self.teacher, self.teacher_device) if self.teacher is not None else None
+        self._record_start()
 
     # ------------------------------------------------------------------------------------------ setup
-    def _prepare_directory(self) -> None:
-        refuse_existing_checkpoints(self.config)
+    def _record_start(self) -> None:
+        """Write the run's folder: its ``config.yaml`` and skipped-image reports.
+
+        Called last in ``__init__``, once the data are checked, the networks built, the optimizer made and the
+        resume checkpoint loaded: a start that fails leaves the folder as it was, so its ``config.yaml`` keeps
+        describing the checkpoints beside it.
+        """
         self.directory.mkdir(parents=True, exist_ok=True)
-        if self.dist.is_main:
-            # a job killed while writing (kill -9) leaves its temporary file behind, never a half target
-            for stale in self.directory.glob(".*.tmp"):
-                stale.unlink(missing_ok=True)
-            # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
-            atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        if not self.dist.is_main:
+            return
+        # a job killed while writing (kill -9) leaves its temporary file behind, never a half target
+        for stale in self.directory.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+        for name, bad in self.skipped.items():
+            write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
+        # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
+        atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
 
     def _checked_split(self, name: str) -> Split:
         """Load a split and apply the ``--bad-images`` policy to it (skipped files are remembered)."""
@@ -334,7 +375,7 @@ class Trainer:
     def _resume(self, name: str) -> None:
         path = self.resume_path(name)
         checkpoint = load_checkpoint_file(path)
-        self.student.load_state_dict(checkpoint["state_dict"])
+        self._load_student_state(checkpoint, path)
         if checkpoint.get("optimizer"):
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.scheduler is not None:
@@ -354,6 +395,23 @@ class Trainer:
         self.best_epoch = int(extra.get("best_epoch", 0))
         self.history = list(extra.get("history", []))
         logger.info("Resumed from %s at epoch %d", path, self.start_epoch)
+
+    def _load_student_state(self, checkpoint: dict[str, Any], path: Path) -> None:
+        """Load the resumed weights into the student; a checkpoint of another network is refused in a few lines
+        (torch's own message lists every missing and unexpected key: hundreds of lines)."""
+        state = checkpoint["state_dict"]
+        missing, unexpected, mismatched = _state_differences(self.student.state_dict(), state)
+        if missing or unexpected or mismatched:
+            theirs = _describe_network(checkpoint.get("meta"))
+            ours = _describe_network(getattr(self.student, "meta", None))
+            raise CheckpointError(
+                f"--resume-student {path}: its network ({theirs}) is not this run's student ({ours}): "
+                f"{_key_summary(missing, 'missing')}, {_key_summary(unexpected, 'unexpected')}, "
+                f"{_key_summary(mismatched, 'of another shape')}. Resume with the checkpoint's own --student "
+                "(and the settings of its run), or start a new run in another --directory (its weights can "
+                "start it: --student-path)."
+            )
+        self.student.load_state_dict(state)
 
     def last_checkpoint(self) -> Path:
         """The newest finished-epoch checkpoint in the run's directory (for ``--resume-student last``)."""
