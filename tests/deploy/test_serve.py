@@ -551,3 +551,15 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     assert (
         cli_main.main([*not_an_index, "--image-size", str(QR), "--device", "cpu"]) == 2
     )  # a clear error, not a traceback
+
+
+@pytest.mark.parametrize("flag", ["--max-wait-ms", "--header-timeout", "--body-timeout", "--latency-target-ms"])
+@pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
+def test_cli_refuses_non_finite_timings_naming_the_flag(flag, value, capsys):
+    """inf passed the old checks: the server started and GET /health answered 500 (JSON has no inf)."""
+    argv = ["serve", "--index", "idx", "--network-path", "net.pth", f"{flag}={value}"]
+    with pytest.raises(SystemExit) as exited:
+        cli_main.build_parser().parse_args(argv)
+    assert exited.value.code == 2
+    assert f"argument {flag}: expected a finite" in capsys.readouterr().err
+    assert serve_cli.non_negative_float("0") == 0.0 and serve_cli.positive_float("1e3") == 1000.0

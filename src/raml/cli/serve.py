@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import math
 from pathlib import Path
 
 from raml.cli.common import device_from_args, positive_int, setup_logging
@@ -23,9 +24,11 @@ DEFAULT_QUERY_SIZE = 224
 
 
 def non_negative_float(value: str) -> float:
+    """A finite number >= 0 (argparse names the flag when it is refused; inf and nan are refused: the
+    service reports its settings as JSON, which has neither)."""
     number = float(value)
-    if not number >= 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    if not (math.isfinite(number) and number >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
     return number
 
 
@@ -37,9 +40,10 @@ def non_negative_int(value: str) -> int:
 
 
 def positive_float(value: str) -> float:
+    """A finite number > 0 (inf and nan refused, as by :func:`non_negative_float`)."""
     number = float(value)
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    if not (math.isfinite(number) and number > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite positive number, got {value}")
     return number
 
 
