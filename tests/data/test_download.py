@@ -7,6 +7,7 @@ import hashlib
 import io
 import json
 import random
+import re
 import shutil
 import tarfile
 import zipfile
@@ -592,3 +593,30 @@ def test_without_a_content_length_the_free_space_is_watched_as_data_arrives(http
     part = dest.with_name("car_ims.tgz.part")
     assert part.read_bytes() == content[:12288]  # what arrived is kept: the next run can use it
     assert not dest.exists()
+
+
+@pytest.mark.parametrize(
+    ("changes", "named"),
+    [
+        ({"timeout": float("nan")}, "timeout (--timeout)"),
+        ({"timeout": float("inf")}, "timeout (--timeout)"),
+        ({"timeout": 0.0}, "timeout (--timeout)"),
+        ({"retry_wait": float("nan")}, "retry_wait (--retry-wait)"),
+        ({"retry_wait": float("inf")}, "retry_wait (--retry-wait)"),
+        ({"retry_wait": -1.0}, "retry_wait (--retry-wait)"),
+        ({"max_wait": float("nan")}, "max_wait"),
+        ({"attempts": 0}, "attempts (--retries)"),
+    ],
+)
+def test_download_settings_refuse_non_finite_values_naming_the_setting(changes, named):
+    with pytest.raises(ValueError, match=re.escape(f"Expected {named}")):
+        DownloadSettings(**changes)
+    DownloadSettings(timeout=0.5, retry_wait=0.0, max_wait=0.0)  # the edges are accepted
+
+
+def test_download_cli_refuses_a_nan_timeout_before_any_transfer(tmp_path, capsys):
+    root = tmp_path / "data"
+    assert main(["data", "download", "cub", "--data-root", str(root), *FAST, "--timeout", "nan"]) == 2
+    err = capsys.readouterr().err
+    assert "timeout (--timeout)" in err and "finite" in err and "Traceback" not in err
+    assert not root.exists() or not any(root.rglob("*.part"))

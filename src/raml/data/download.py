@@ -41,6 +41,7 @@ import ftplib
 import http.client
 import json
 import logging
+import math
 import os
 import shutil
 import time
@@ -111,11 +112,17 @@ class DownloadSettings:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if self.attempts < 1 or self.timeout <= 0 or self.retry_wait < 0:
-            raise ValueError(
-                f"Expected attempts (--retries) >= 1, timeout (--timeout) > 0 and retry_wait (--retry-wait) >= 0; "
-                f"got {self.attempts}, {self.timeout} and {self.retry_wait}."
-            )
+        if self.attempts < 1:
+            raise ValueError(f"Expected attempts (--retries) >= 1, got {self.attempts}.")
+        # not finite: nan passed the comparisons (a socket's "Invalid value NaN" deep inside, waits "in nan s")
+        checks = (("timeout", "--timeout", True), ("retry_wait", "--retry-wait", False), ("max_wait", None, False))
+        for name, flag, positive in checks:
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0 or (positive and value == 0):
+                where = f"{name} ({flag})" if flag else name
+                raise ValueError(
+                    f"Expected {where} to be a finite number of seconds {'> 0' if positive else '>= 0'}, got {value}."
+                )
 
 
 @dataclass
