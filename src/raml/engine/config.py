@@ -57,7 +57,7 @@ def _flag(name: str) -> str:
 
 def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
     if high is None:
-        return "positive" if low_open else f"at least {low:g}"
+        return f"> {low:g}" if low_open else f">= {low:g}"
     return f"in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
 
 
