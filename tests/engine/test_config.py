@@ -181,6 +181,12 @@ def test_inconsistent_settings_are_refused():
         TrainConfig(student="r", teacher_path="t", mixup_partner="pairs").validate()
     with pytest.raises(ValueError, match="--search-objective"):
         TrainConfig(student="r", teacher_path="t", search_objective="mean").validate()
+    for name, base in (("synth-val", "synth"), ("cub-trainval", "cub"), ("cars-test", "cars")):
+        with pytest.raises(
+            ValueError, match=rf"--training-dataset '{name}' names a part .* give the dataset, '{base}'"
+        ):
+            TrainConfig(student="r", mode="sym", training_dataset=name).validate()
+    TrainConfig(student="r", mode="sym", training_dataset="own/splits-test.json").validate()  # a file, not a part
 
 
 def test_unreadable_yaml_files_are_named_with_the_place_and_what_is_expected(tmp_path):

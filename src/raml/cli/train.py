@@ -27,6 +27,7 @@ from raml.engine.config import (
     AML_VARIANTS,
     LOGGERS,
     LOSSES,
+    MAX_WHITENING,
     MIXUP_PARTNERS,
     MODES,
     SEARCH_OBJECTIVES,
@@ -74,7 +75,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "-w",
         type=int,
         metavar="DIM",
-        help=f"linear whitening output dimension, 0 = none (default {d.whitening})",
+        help=f"linear whitening output dimension, 0 = none, at most {MAX_WHITENING} (default {d.whitening})",
     )
     net.add_argument(
         "--not-pretrained",

@@ -193,6 +193,14 @@ class TrainConfig:
             raise ValueError(f"Unknown --mode {self.mode!r}; valid: {', '.join(MODES)}.")
         if self.loss not in LOSSES:
             raise ValueError(f"Unknown --loss {self.loss!r}; valid: {', '.join(LOSSES)}.")
+        part = next((p for p in ("trainval", "train", "val", "test") if self.training_dataset.endswith(f"-{p}")), None)
+        if part is not None and not self.training_dataset.endswith(".json"):
+            base = self.training_dataset[: -len(part) - 1]
+            raise ValueError(
+                f"--training-dataset {self.training_dataset!r} names a part of a dataset ('-{part}'); give the "
+                f"dataset, {base!r}: a run trains on its train part (train + val with --trainval) and validates on "
+                "its val part."
+            )
         if self.bad_images not in ("error", "skip"):
             raise ValueError(f"Unknown --bad-images {self.bad_images!r}; valid: error, skip.")
         if self.mixup_partner not in MIXUP_PARTNERS:
