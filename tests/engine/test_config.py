@@ -154,6 +154,11 @@ def test_command_line_overrides_yaml_and_exclusive_twins(tmp_path):
     cfg.write_text("student: resnet50\nteacher-path: t\nlr: 1e-4\nepochs: 3\n")
     c = _parse(["--config", str(cfg), "--epochs", "5", "--student-path", "s.pth"])
     assert c.epochs == 5 and c.lr == 1e-4 and c.student_path == "s.pth" and c.student is None
+    # both twins in the file itself: refused (the run silently took student_path before), unless one is given
+    cfg.write_text("student: resnet50\nstudent-path: s.pth\nteacher-path: t\n")
+    with pytest.raises(ValueError, match=r"c.yaml sets both student and student_path, which exclude each other"):
+        _parse(["--config", str(cfg)])
+    assert _parse(["--config", str(cfg), "--student", "resnet18"]).student == "resnet18"
 
 
 def test_bad_yaml_values_are_clear(tmp_path):

@@ -291,6 +291,12 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         values.update(load_yaml_config(args.config))
     explicit = {k: v for k, v in vars(args).items() if v is not None and k in TrainConfig.__dataclass_fields__}
     for first, second in EXCLUSIVE:
+        given = first in explicit or second in explicit
+        if not given and values.get(first) is not None and values.get(second) is not None:
+            raise ValueError(
+                f"{args.config} sets both {first} and {second}, which exclude each other (--{first} or "
+                f"--{second.replace('_', '-')}); keep one, or give one on the command line."
+            )
         if first in explicit:
             values.pop(second, None)
         if second in explicit:
