@@ -142,6 +142,9 @@ def test_bad_export_inputs(nets, tmp_path, capsys):
     assert "is not a folder" in capsys.readouterr().err
     assert cli_main.main([*network, "--output", str(tmp_path / "b.onnx"), "--opset", "11"]) == 2
     assert "opset must be an integer >= 17" in capsys.readouterr().err
+    # an opset newer than onnx knows: the dynamo exporter wrote opset 18 and the command exited 0
+    assert cli_main.main([*network, "--output", str(tmp_path / "b.onnx"), "--opset", "99"]) == 2
+    assert "opset 99 is newer than the installed onnx knows" in capsys.readouterr().err
     code = cli_main.main(
         ["export", "--network-path", str(tmp_path / "missing.pth"), "--output", str(tmp_path / "b.onnx")]
     )

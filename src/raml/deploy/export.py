@@ -439,10 +439,16 @@ def export_onnx(
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
         raise ValueError(f"opset must be an integer >= {MIN_OPSET}, got {opset!r}.")
     try:
-        import onnx  # noqa: F401
+        import onnx
         import onnxruntime  # noqa: F401
     except ImportError as error:  # pragma: no cover - installed in the dev environment
         raise ImportError("ONNX export needs onnx and onnxruntime: `pip install raml[export]`.") from error
+    newest = onnx.defs.onnx_opset_version()
+    if opset > newest:  # the dynamo exporter fell back to its own opset, 18, and said so only in a log line
+        raise ValueError(
+            f"opset {opset} is newer than the installed onnx knows (at most {newest}); give --opset "
+            f"{MIN_OPSET} to {newest}."
+        )
     check_sizes = _check_sizes_arg(network, dynamic_size, check_sizes)
     path = Path(path)
     net = _cpu_copy(network)
@@ -457,6 +463,9 @@ def export_onnx(
                 import onnx
 
                 onnx.checker.check_model(str(tmp))
+                wanted, written = opset if name == "torchscript" else max(opset, 18), _default_opset(tmp)
+                if written != wanted:
+                    raise RuntimeError(f"it wrote opset {written}, not the {wanted} asked for")
                 used = name
                 break
             except Exception as error:  # noqa: BLE001 - exporters raise many types; fall back or re-raise
@@ -479,12 +488,20 @@ def export_onnx(
             teacher_sha256,
             _file_sha256(tmp),
         )
-        record["opset"] = opset if used == "torchscript" else max(opset, 18)
+        record["opset"] = _default_opset(tmp)
         if check_sizes:
             record["image_sizes"] = check_sizes
         atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
     logger.info("Wrote %s (%s exporter) and %s", path, used, sidecar_path(path).name)
     return ExportReport(path, sidecar_path(path), "onnx", str(used), random_diff, image_diff, len(image_paths), shapes)
+
+
+def _default_opset(path: Path) -> int | None:
+    """The opset of the default ONNX domain that the model file at ``path`` imports (None without one)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((int(entry.version) for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)
 
 
 # ------------------------------------------------------------------------------------------- TorchScript
