@@ -328,11 +328,15 @@ def test_bad_index_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, ca
     empty.mkdir()
     missing_list = tmp_path / "list.txt"
     missing_list.write_text("nowhere/a.jpg\n")
+    binary_list = tmp_path / "binary.txt"
+    binary_list.write_bytes(b"\xff\xfe\x00junk")
     cases = [
         (["--images", str(setup["split"].root), "--output", str(occupied)], "non-empty folder"),
         (["--images", str(empty), "--output", str(tmp_path / "a")], "No images found"),
         (["--list", str(missing_list), "--output", str(tmp_path / "b")], "do not exist"),
         (["--list", str(tmp_path / "nope.txt"), "--output", str(tmp_path / "c")], "does not exist"),
+        (["--list", str(empty), "--output", str(tmp_path / "c2")], f"--list '{empty}' is a folder"),
+        (["--list", str(binary_list), "--output", str(tmp_path / "c3")], "is not UTF-8 text (byte 0 cannot"),
         (
             [
                 "--dataset",

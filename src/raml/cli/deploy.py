@@ -227,7 +227,10 @@ def run_index(args: argparse.Namespace) -> int:
         given = {name: getattr(args, name) for name in flags[1:] if getattr(args, name) is not None}
         params = IndexParams(index_type=index_type, on_disk=args.on_disk, **given)
     paths, labels, dataset = _source_paths(args)
-    remove = [*args.remove, *(read_image_list(args.remove_list) if args.remove_list is not None else [])]
+    remove = [
+        *args.remove,
+        *(read_image_list(args.remove_list, "--remove-list") if args.remove_list is not None else []),
+    ]
     if not paths and not remove:
         raise SystemExit("raml index: error: give the images to index (--images, --list or --dataset) and/or --remove.")
     devices = _devices(args)

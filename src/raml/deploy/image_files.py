@@ -47,30 +47,43 @@ def collect_images(directory: str | Path) -> list[str]:
     return [str(directory / rel) for rel in sorted(found)]
 
 
-def read_image_list(list_file: str | Path) -> list[str]:
+def read_image_list(list_file: str | Path, flag: str = "--list") -> list[str]:
     """Image paths listed in a text file, one per line.
 
     Blank lines and lines starting with ``#`` are skipped; relative paths are relative to the list file's
     folder (returned as ``str(list_folder / path)``), absolute paths are kept.
 
+    Args:
+        list_file: The text file.
+        flag: The command-line flag that named it, for the error messages.
+
     Raises:
         FileNotFoundError: If the list file does not exist.
-        ValueError: If it lists no path.
+        ValueError: If it is a folder, is not UTF-8 text, or lists no path.
     """
     list_file = Path(list_file)
+    if list_file.is_dir():
+        raise ValueError(f"{flag} {str(list_file)!r} is a folder; give a text file with one image path per line.")
     if not list_file.is_file():
         raise FileNotFoundError(
-            f"--list {str(list_file)!r} does not exist; give a text file with one image path per line."
+            f"{flag} {str(list_file)!r} does not exist; give a text file with one image path per line."
         )
+    try:
+        text = list_file.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(
+            f"{flag} {str(list_file)!r} is not UTF-8 text (byte {error.start} cannot be decoded); give a text file "
+            "with one image path per line."
+        ) from None
     paths = []
-    for line in list_file.read_text().splitlines():
+    for line in text.splitlines():
         entry = line.strip()
         if not entry or entry.startswith("#"):
             continue
         path = Path(entry).expanduser()
         paths.append(str(path if path.is_absolute() else list_file.parent / path))
     if not paths:
-        raise ValueError(f"--list {str(list_file)!r} lists no image paths (one path per line expected).")
+        raise ValueError(f"{flag} {str(list_file)!r} lists no image paths (one path per line expected).")
     return paths
 
 
