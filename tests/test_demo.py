@@ -324,3 +324,20 @@ def test_full_demo_gives_the_documents_numbers(full_demo):
     rows, sentence = _marked_rows_and_summary("README.md")
     assert comparable(full_demo) == comparable({"rows": rows}), f"stack of this run: {full_demo['stack']}"
     assert summary(full_demo["rows"]) == sentence
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--images-per-class", "1"], "--images-per-class must be at least 2"),
+        (["--classes", "3"], "--classes must be even and at least 2"),
+        (["--workers", "-1"], "--workers must be >= 0"),
+        (["--seed", "-1"], "--seed must be >= 0"),
+        (["--architecture", "resnet19"], "--architecture: Unknown architecture 'resnet19'"),
+    ],
+)
+def test_bad_demo_settings_are_refused_before_any_data_is_generated(tmp_path, capsys, flags, message):
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()

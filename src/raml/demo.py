@@ -84,6 +84,27 @@ class DemoSettings:
     threads: int = 2
     latency_batch: int = 16
 
+    def validate(self) -> None:
+        """Refuse settings the demo cannot run, before it generates or trains anything (each message names the
+        ``raml demo`` flag)."""
+        from raml.models.backbones import resolve_architecture
+
+        if self.num_classes < 2 or self.num_classes % 2:
+            raise ValueError(f"--classes must be even and at least 2 (half train, half test), got {self.num_classes}.")
+        if self.images_per_class < 2:
+            raise ValueError(
+                f"--images-per-class must be at least 2 (the teacher learns from pairs of one class), got "
+                f"{self.images_per_class}."
+            )
+        if self.workers < 0:
+            raise ValueError(f"--workers must be >= 0, got {self.workers}.")
+        if self.seed < 0:
+            raise ValueError(f"--seed must be >= 0, got {self.seed}.")
+        try:
+            resolve_architecture(self.architecture)
+        except ValueError as error:
+            raise ValueError(f"--architecture: {error}") from None
+
 
 def generate_dataset(settings: DemoSettings, data_root: Path, progress: bool = True) -> None:
     """Write the demo's synthetic dataset unless the same settings already produced it (also used by the
@@ -500,6 +521,7 @@ def run_demo(settings: DemoSettings, device: torch.device, progress: bool = True
 
     ``results.json`` holds ``{"rows": [...], "stack": software_stack(...), "seconds": ...}``.
     """
+    settings.validate()
     start = time.perf_counter()
     out = settings.out
     out.mkdir(parents=True, exist_ok=True)

@@ -534,6 +534,33 @@ def _unknown_model_error(name: str) -> ValueError:
     )
 
 
+def resolve_architecture(architecture: str) -> tuple[str, str]:
+    """``(library, model name)`` of an architecture name as :func:`build_backbone` reads it (``timm/`` and
+    ``torchvision/`` prefixes; a plain name prefers torchvision), without building anything.
+
+    Raises:
+        ValueError: If the name is empty or neither library knows it (with close matches).
+    """
+    if not isinstance(architecture, str) or not architecture:
+        raise ValueError(f"architecture must be a non-empty model name, got {architecture!r}.")
+    source: str | None = None
+    name = architecture
+    if name.startswith("timm/"):
+        source, name = "timm", name[len("timm/") :]
+    elif name.startswith("torchvision/"):
+        source, name = "torchvision", name[len("torchvision/") :]
+
+    in_torchvision = name in torchvision_model_names()
+    if source is None:
+        source = "torchvision" if in_torchvision else "timm"
+    # timm's registry is asked only for a timm name: a torchvision backbone never imports timm (~0.8 s); timm
+    # accepts "<model>.<pretrained tag>", and the registry lists the model names without tags
+    known = in_torchvision if source == "torchvision" else name.split(".", 1)[0] in timm_model_names()
+    if not known:
+        raise _unknown_model_error(name)
+    return source, name
+
+
 def build_backbone(architecture: str, pretrained: bool, pretrained_weights: str = _V1) -> Backbone:
     """Build a backbone by name.
 
@@ -554,24 +581,7 @@ def build_backbone(architecture: str, pretrained: bool, pretrained_weights: str 
         ValueError: If the name is unknown, the model has no usable feature map, or the weights are unknown.
         DownloadError: If the weights could not be downloaded (the message says where to put them by hand).
     """
-    if not isinstance(architecture, str) or not architecture:
-        raise ValueError(f"architecture must be a non-empty model name, got {architecture!r}.")
-    source: str | None = None
-    name = architecture
-    if name.startswith("timm/"):
-        source, name = "timm", name[len("timm/") :]
-    elif name.startswith("torchvision/"):
-        source, name = "torchvision", name[len("torchvision/") :]
-
-    in_torchvision = name in torchvision_model_names()
-    if source is None:
-        source = "torchvision" if in_torchvision else "timm"
-    # timm's registry is asked only for a timm name: a torchvision backbone never imports timm (~0.8 s); timm
-    # accepts "<model>.<pretrained tag>", and the registry lists the model names without tags
-    known = in_torchvision if source == "torchvision" else name.split(".", 1)[0] in timm_model_names()
-    if not known:
-        raise _unknown_model_error(name)
-
+    source, name = resolve_architecture(architecture)
     build = _build_torchvision if source == "torchvision" else _build_timm
     module, mean, std, weights = build(name, pretrained, pretrained_weights)
     channels = _probe_channels(architecture, module)
