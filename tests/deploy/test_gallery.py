@@ -204,6 +204,10 @@ def test_search_gallery_into_a_missing_folder_writes_nothing(indexed, tmp_path, 
     assert "does not exist" in capsys.readouterr().err
     assert not hits.exists() and not missing.parent.exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
+    same = tmp_path / "out.png"
+    assert cli_main.main([*args, "--json", str(same), "--gallery", str(same), query, *indexed["common"]]) == 2
+    assert "--json and --gallery name the same file" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 # ------------------------------------------------------------------------------------------- the demo's gallery
