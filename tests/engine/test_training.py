@@ -78,6 +78,12 @@ def test_existing_checkpoints_are_not_overwritten(training, teacher_path, tmp_pa
     with pytest.raises(FileExistsError, match="--resume-student"):
         Trainer(training.distill_config(directory, teacher_path), CPU, progress=False)
     assert (directory / "model_best.pth.tar").read_bytes() == b"precious"
+    afile = tmp_path / "afile"
+    afile.write_text("mine")
+    for where in (afile, afile / "run"):  # a file as the folder, or above it
+        with pytest.raises(FileExistsError, match=rf"--directory {where}: {afile} is a file, not a folder"):
+            Trainer(training.distill_config(where, teacher_path), CPU, progress=False)
+    assert afile.read_text() == "mine"
 
 
 def test_distillation_without_teacher_is_refused(training, tmp_path):

@@ -139,6 +139,12 @@ def refuse_existing_checkpoints(config: TrainConfig) -> None:
     """Refuse a ``--directory`` that holds checkpoints, unless ``--resume-student`` or ``--overwrite`` says
     to go on; checked before anything is written (by the trainer, and by the search before any trial)."""
     directory = Path(config.directory)
+    blocking = next((p for p in (directory, *directory.parents) if p.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise FileExistsError(
+            f"--directory {directory}: {blocking} is a file, not a folder. Nothing was changed. Give a folder (it is "
+            "made if missing)."
+        )
     existing = sorted(p.name for p in directory.glob("*.pth.tar")) if directory.is_dir() else []
     if existing and config.resume_student is None and not config.overwrite:
         raise FileExistsError(
