@@ -102,11 +102,25 @@ def test_groups_leave_the_other_views_of_an_image_out():
     )
 
 
-def test_weighted_total_and_huber_beyond_delta():
-    student, teacher = 10 * _unit(5, 4, 4), _unit(5, 4, 5)  # large differences reach the linear part
+def test_weighted_total():
+    student, teacher = _unit(5, 4, 4), _unit(5, 4, 5)
     terms = rkd_loss(student, teacher, distance_weight=3.0, angle_weight=0.5)
     assert terms["distance"].item() == pytest.approx(_distance_loop(student, teacher), rel=1e-9)
     assert terms["total"].item() == pytest.approx(3.0 * terms["distance"].item() + 0.5 * terms["angle"].item())
+
+
+def test_the_distance_term_is_linear_beyond_delta():
+    """Each side is divided by its own mean distance, so scaling one side changes nothing: the linear part of
+    the Huber needs another *shape*. Teacher: four points within 0.03 and one 10 away (normalised: ~2.5 and
+    ~0.01); student: a regular simplex (every normalised distance 1): differences of ~1.5 > 1."""
+    teacher = torch.zeros(5, 5, dtype=torch.float64)
+    teacher[1, 0], teacher[2, 1], teacher[3, 2], teacher[4, 3] = 0.01, 0.02, 0.03, 10.0
+    student = torch.eye(5, dtype=torch.float64)  # the 5 vertices of a regular simplex
+    s, t = torch.cdist(student, student), torch.cdist(teacher, teacher)
+    off = ~torch.eye(5, dtype=torch.bool)
+    diff = s / s[off].mean() - t / t[off].mean()
+    assert diff.abs().max() > 1.4  # the linear part is reached
+    assert rkd_loss(student, teacher)["distance"].item() == pytest.approx(_distance_loop(student, teacher), rel=1e-9)
 
 
 def test_gradcheck():

@@ -51,6 +51,18 @@ def test_ugd_loss_equals_a_float64_loop(seed, alpha, beta):
     assert got["local"].item() == pytest.approx(expected[2], rel=1e-12)
 
 
+def test_the_default_weights_are_the_authors_two_and_two():
+    """AIR-Distiller's UGD.ALPHA = UGD.BETA = 2.0, as literal values (with local terms present, so beta counts)."""
+    student, teacher, s_regions, t_regions, masks = _case(11)
+    masks = [torch.ones_like(m) for m in masks]
+    expected = _loop(student.tolist(), teacher.tolist(), [s.tolist() for s in s_regions],
+                     [t.tolist() for t in t_regions], [m.tolist() for m in masks], 2.0, 2.0)  # fmt: skip
+    assert expected[2] > 0
+    assert ugd_loss(student, teacher, s_regions, t_regions, masks)["total"].item() == pytest.approx(
+        expected[0], rel=1e-12
+    )
+
+
 def test_only_unambiguous_regions_count_and_none_gives_zero():
     student, teacher, s_regions, t_regions, masks = _case(7)
     nothing = [torch.zeros_like(m) for m in masks]

@@ -48,6 +48,11 @@ def test_gem_default_p_is_three() -> None:
     assert pool.p.item() == 3.0 and pool.eps == 1e-6
 
 
+def test_gemmp_default_p_is_three_for_every_channel() -> None:
+    pool = GeMmp(4)
+    assert pool.p.tolist() == [3.0, 3.0, 3.0, 3.0] and pool.eps == 1e-6
+
+
 def test_gemmp_matches_loop() -> None:
     x = _feature_map(1)
     pool = GeMmp(channels=3).double()
