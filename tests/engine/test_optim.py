@@ -67,6 +67,34 @@ def test_onecycle_starts_at_a_tenth_and_peaks_at_lr():
     assert max(lrs) == pytest.approx(1e-3, rel=1e-3)
 
 
+def _one_cycle(step: int, total: int, low: float, high: float) -> float:
+    """PyTorch's OneCycleLR curve as its documentation defines it (pct_start 0.3, cosine annealing): from ``low``
+    to ``high`` over steps 0 .. 0.3 * total - 1, then from ``high`` to ``low`` over the rest."""
+    peak = 0.3 * total - 1
+    if step <= peak:
+        start, end, pct = low, high, step / peak
+    else:
+        start, end, pct = high, low, (step - peak) / (total - 1 - peak)
+    return end + (start - end) / 2 * (math.cos(math.pi * pct) + 1)
+
+
+@pytest.mark.parametrize(("optimizer", "key"), [("adamW", "betas"), ("sgd", "momentum")])
+def test_onecycle_follows_the_curve_and_cycles_momentum_against_the_rate(optimizer, key):
+    """The rate from lr / 10 up to lr and down to lr / 10^5 (final div factor 10^4), and the momentum (Adam's
+    beta1, SGD's momentum) from 0.95 down to 0.85 and back, as in the reference's OneCycleLR with its defaults."""
+    total, lr = 100, 1e-3
+    opt = build_optimizer(Tiny(), optimizer, lr=lr, momentum=0.9)
+    scheduler = build_scheduler(opt, "onecycle", total)
+    for step in range(total):
+        group = opt.param_groups[0]
+        momentum = group["betas"][0] if key == "betas" else group["momentum"]
+        assert group["lr"] == pytest.approx(_one_cycle(step, total, lr / 10, lr) if step <= 29 else
+                                            _one_cycle(step, total, lr / 10 / 1e4, lr), rel=1e-9), step  # fmt: skip
+        assert momentum == pytest.approx(_one_cycle(step, total, 0.95, 0.85), rel=1e-9), step
+        opt.step()
+        scheduler.step()
+
+
 def test_cyclic_triangular2_up_phase_is_a_sixth():
     lrs = _lrs("cyclic", 60)
     assert lrs[0] == pytest.approx(1e-4)
