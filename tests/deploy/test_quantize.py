@@ -243,6 +243,10 @@ def test_the_gate_is_on_the_worst_image_and_on_held_out_images(setup, tmp_path):
     with pytest.raises(QuantizationError, match=r"worst 0\.9\d+ at 32 px \(needs 1\.0\)"):
         quantize_onnx(setup["fp32"], out, calibration, _held_out(setup), min_cosine=0.01, min_worst_cosine=1.0)
     assert not out.exists()
+    # and the other way round: a worst image that passes easily, a mean that cannot
+    with pytest.raises(QuantizationError, match=r"mean cosine similarity 0\.9\d+ \(needs 1\.0\)"):
+        quantize_onnx(setup["fp32"], out, calibration, _held_out(setup), min_cosine=1.0, min_worst_cosine=0.01)
+    assert not out.exists()
     # the calibration images themselves are not a check
     with pytest.raises(ValueError, match="not used for calibration"):
         quantize_onnx(setup["fp32"], out, calibration, calibration)
