@@ -216,3 +216,13 @@ def test_class_groups_are_single_class_groups():
         assert labels[group[0]] != 3  # a one-image class has no positive: never an anchor group
     with pytest.raises(ValueError, match="at least two images"):
         class_groups([0, 1, 2], 8, 4, torch.Generator())
+
+
+def test_no_anchors_draw_nothing_and_leave_the_stream_untouched():
+    pool, pool_labels = torch.randn(6, 4, dtype=torch.float64), torch.tensor([0, 0, 1, 1, 2, 2])
+    rng = np.random.RandomState(3)
+    drawn = distance_weighted_negatives(
+        torch.empty(0, 4, dtype=torch.float64), torch.empty(0), pool, pool_labels, 2, rng
+    )
+    assert drawn.shape == (0, 2) and drawn.dtype == torch.int64
+    assert rng.randint(1 << 30) == np.random.RandomState(3).randint(1 << 30)

@@ -244,3 +244,12 @@ def test_a_state_saved_by_the_unfused_optimizer_resumes_in_the_fused_one():
         fused.step()
     for p, q in zip(old.parameters(), new.parameters()):
         torch.testing.assert_close(q, p, rtol=0, atol=1e-6)
+
+
+def test_the_optimizer_defaults_are_the_references():
+    """weight decay 1e-6 on the decayed group and SGD momentum 0.9 when not given (the reference's defaults)."""
+    sgd = build_optimizer(Tiny(), "sgd", lr=1e-3)
+    assert sgd.defaults["momentum"] == 0.9
+    adam = build_optimizer(Tiny(), "adamW", lr=1e-3)
+    for opt in (sgd, adam):
+        assert max(group["weight_decay"] for group in opt.param_groups) == 1e-6
