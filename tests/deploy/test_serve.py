@@ -553,7 +553,9 @@ def test_cli_builds_the_service_from_flags_and_binds_loopback_by_default(world):
     )  # a clear error, not a traceback
 
 
-@pytest.mark.parametrize("flag", ["--max-wait-ms", "--header-timeout", "--body-timeout", "--latency-target-ms"])
+@pytest.mark.parametrize(
+    "flag", ["--max-wait-ms", "--header-timeout", "--body-timeout", "--send-timeout", "--latency-target-ms"]
+)
 @pytest.mark.parametrize("value", ["inf", "nan", "-inf"])
 def test_cli_refuses_non_finite_timings_naming_the_flag(flag, value, capsys):
     """inf passed the old checks: the server started and GET /health answered 500 (JSON has no inf)."""

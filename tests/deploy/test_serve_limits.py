@@ -56,11 +56,15 @@ def world(tmp_path_factory, synth_and_networks) -> dict:
 
 
 @contextlib.contextmanager
-def serving(world: dict, front_end: dict[str, str], **limits) -> Iterator[tuple[SearchService, str]]:
+def serving(
+    world: dict, front_end: dict[str, str], send_timeout_s: float = 30.0, **limits
+) -> Iterator[tuple[SearchService, str]]:
     """A service over the test index with ``limits`` (ServiceLimits fields), its deadlines in force, on the HTTP
     front end ``front_end`` (:func:`server_options`'s ``http`` and ``loop``)."""
     service = SearchService(world["embedder"], world["index"], ServiceLimits(**limits))
-    options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
+    options = server_options(
+        service.limits.header_timeout_s, service.limits.max_connections, send_timeout_s=send_timeout_s, **front_end
+    )
     with BackgroundServer(create_app(service), options=options) as running:
         yield service, running.url
 
@@ -450,3 +454,73 @@ def test_slots_admit_within_the_limit_and_one_oversized_request_alone():
         with pytest.raises(ServiceBusyError), budget.take(1):
             pass
     assert budget.held == 0
+
+
+# ------------------------------------------------------------------------------ protocol level (second audit)
+
+
+def test_trailer_fields_of_a_chunked_body_are_bounded_and_never_answered(world, front_end):
+    """A chunked upload followed by endless trailer fields: uvicorn's httptools protocol appended each to the
+    request's headers (2 GB in 4 s from one socket, then a 200); now the connection is closed once they pass the
+    header bound (h11 refuses them itself), and no answer comes."""
+    query = good_query(world)
+    head = b"POST /search?k=1 HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+    with (
+        serving(world, front_end, header_timeout_s=WAIT_S, body_timeout_s=WAIT_S) as (_, url),
+        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
+    ):
+        sock.sendall(head + b"%x\r\n" % len(query) + query + b"\r\n0\r\n")
+        trailers = b"a: b\r\n" * 10_000  # 60 KB a write, 4 MB in all
+        try:
+            for _ in range(70):
+                sock.sendall(trailers)
+            sock.sendall(b"\r\n")
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # closed by the server while sending: the point
+        answer = _read_until_closed(sock)
+    assert not answer.startswith(b"HTTP/1.1 200 "), answer[:200]
+
+
+def test_a_client_that_reads_none_of_its_answers_is_cut_off_at_the_send_deadline(world, front_end):
+    """One connection (the only one allowed) pipelines requests for the web page and never reads: the server's
+    writes block. It held its slot for ever (every other client got 503); now it is aborted --send-timeout
+    after its writes blocked, and other clients are served again."""
+    with serving(world, front_end, send_timeout_s=0.5, max_connections=1, header_timeout_s=WAIT_S) as (_, url):
+        port = _port(url)
+        hog = socket.socket()
+        hog.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        hog.connect(("127.0.0.1", port))
+        hog.settimeout(2.0)
+        try:
+            # stopped by a timeout when the server stops reading (or a reset once it cut the client off)
+            with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
+                hog.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 2000)
+            started = time.monotonic()
+            while True:  # a new client: 503 while the hog holds the slot, then served
+                with httpx.Client(base_url=url, timeout=WAIT_S) as client:
+                    if client.get("/health").status_code == 200:
+                        break
+                assert time.monotonic() - started < WAIT_S, "the connection that reads nothing is still held"
+                time.sleep(0.1)
+        finally:
+            hog.close()
+
+
+def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed(world, front_end):
+    """The smuggling shape: a proxy framing by Content-Length sees one request, a server framing by chunked two.
+    h11 answered the first and then ran the hidden GET /metrics on the same connection; both front ends now
+    answer 400 and close (llhttp did already)."""
+    hidden = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+    body = b"0\r\n\r\n" + hidden
+    request = (
+        b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n" % len(body)
+    ) + body
+    with (
+        serving(world, front_end, header_timeout_s=WAIT_S) as (_, url),
+        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
+    ):
+        sock.sendall(request)
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
+    assert answer.count(b"HTTP/1.1 ") == 1 and b"raml_" not in answer  # the hidden request was not run

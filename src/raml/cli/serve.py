@@ -233,6 +233,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"seconds a request has to send its whole body; then 408 and closed (default {defaults.body_timeout_s:g})",
     )
     group.add_argument(
+        "--send-timeout",
+        type=positive_float,
+        default=30.0,
+        metavar="S",
+        help="seconds a connection may read none of its responses (the server's writes stay blocked); then it is "
+        "closed (default %(default)g)",
+    )
+    group.add_argument(
         "--max-connections",
         type=positive_int,
         default=defaults.max_connections,
@@ -396,7 +404,13 @@ def run_serve(args: argparse.Namespace) -> int:
             "can reach the port can search the index and fetch its images.",
             args.host,
         )
-    options = server_options(service.limits.header_timeout_s, service.limits.max_connections, http=http, loop=loop)
+    options = server_options(
+        service.limits.header_timeout_s,
+        service.limits.max_connections,
+        http=http,
+        loop=loop,
+        send_timeout_s=args.send_timeout,
+    )
     index = service.index.current
     logger.info(
         "Serving %d images (generation %d) of %s at http://%s:%d/ (query sizes %s%s; HTTP %s, loop %s)",

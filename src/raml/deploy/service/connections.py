@@ -14,7 +14,13 @@ defences to uvicorn's:
   ``Retry-After`` and is closed at once;
 - **unread bodies**: a response sent before its request's body was received in full closes the connection (so a
   client cannot keep trickling a body nobody reads), after lingering at most ``linger_s`` (1 s) while discarding
-  what still arrives, so that a client still sending reads the response instead of a reset (:class:`LingeringClose`).
+  what still arrives, so that a client still sending reads the response instead of a reset (:class:`LingeringClose`);
+- **unread responses**: a connection whose writing stays paused (the client reads nothing while the kernel's
+  buffers are full) for ``send_timeout_s`` is aborted: before, a client that pipelined requests and never read the
+  answers held its connection for ever, and ``max_connections`` such clients locked everyone out;
+- **framing** (h11; llhttp refuses these itself): a request with both ``Content-Length`` and ``Transfer-Encoding``
+  gets ``400`` and the connection is closed (RFC 9112, 6.3): h11 framed it as chunked and kept the connection, so
+  a request hidden in the body behind a proxy that frames by ``Content-Length`` was run.
 
 The body deadline itself (408 when a body is not received in full within ``body_timeout_s``) is the
 application's (:func:`raml.deploy.service.app.read_limited_body`), which answers it in JSON.
@@ -25,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 from typing import Any
 
 import h11
@@ -139,7 +146,9 @@ class ConnectionDefences(LingeringClose):
     header_timeout_s: float = 10.0
     max_connections: int = 256
     retry_after_s: int = 1
+    send_timeout_s: float = 30.0
     _header_timer: asyncio.TimerHandle | None = None
+    _send_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -182,8 +191,29 @@ class ConnectionDefences(LingeringClose):
         )
         self._refuse(408, "Request Timeout", message)
 
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._send_timer is None:
+            self._send_timer = self.loop.call_later(self.send_timeout_s, self._send_deadline)  # type: ignore[attr-defined]
+
+    def resume_writing(self) -> None:
+        self._cancel_send_timer()
+        super().resume_writing()  # type: ignore[misc]
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_deadline(self) -> None:
+        self._send_timer = None  # still paused: resume_writing cancels this timer
+        logger.info("Aborting a connection that read none of its responses for %g s", self.send_timeout_s)
+        # abort, not close: close() would wait for the client to read the buffered bytes it does not read
+        self.transport.abort()  # type: ignore[attr-defined]
+
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self._cancel_send_timer()
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -198,8 +228,27 @@ class ConnectionDefences(LingeringClose):
             self._arm_header_timer()  # the next request's headers have the same deadline
 
 
+class _StrictFraming(h11.Connection):
+    """h11's connection, refusing a request that carries both ``Content-Length`` and ``Transfer-Encoding`` (h11
+    frames it as chunked and keeps the connection open; RFC 9112, 6.3 says to close it): uvicorn answers the
+    :class:`h11.RemoteProtocolError` with 400 and closes the connection, before the application sees the request."""
+
+    def next_event(self) -> Any:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            names = {name.lower() for name, _ in event.headers}
+            if b"content-length" in names and b"transfer-encoding" in names:
+                raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", error_status_hint=400)
+        return event
+
+
 class DeadlineH11Protocol(ConnectionDefences, H11Protocol):
-    """uvicorn's h11 protocol with :class:`ConnectionDefences` (h11 bounds the header size itself, 16 KiB)."""
+    """uvicorn's h11 protocol with :class:`ConnectionDefences` and strict framing (:class:`_StrictFraming`); h11
+    bounds an incomplete request's headers itself (16 KiB)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.conn = _StrictFraming(h11.SERVER, self.conn._max_incomplete_event_size)
 
     def _headers_pending(self) -> bool:
         return self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
@@ -251,6 +300,7 @@ def server_options(
     http: str = "auto",
     loop: str = "auto",
     max_header_bytes: int = 16 * 1024,
+    send_timeout_s: float = 30.0,
 ) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``: the protocol class with these limits, the loop.
 
@@ -261,8 +311,12 @@ def server_options(
         http: ``"httptools"``, ``"h11"`` or ``"auto"`` (httptools where importable; see :func:`resolve_http`).
         loop: ``"uvloop"``, ``"asyncio"`` or ``"auto"`` (uvloop where importable; see :func:`resolve_loop`).
         max_header_bytes: With httptools, most bytes of a request before its headers are complete (h11 has its
-            own bound, 16 KiB).
+            own bound, 16 KiB), and of a chunked body's trailer fields.
+        send_timeout_s: Seconds a connection's writing may stay paused (its client reading nothing) before the
+            connection is aborted.
     """
+    if not (send_timeout_s > 0 and math.isfinite(send_timeout_s)):
+        raise ValueError(f"send_timeout_s must be a finite number of seconds > 0, got {send_timeout_s!r}.")
     if not header_timeout_s > 0:
         raise ValueError(f"header_timeout_s must be positive, got {header_timeout_s!r}.")
     if isinstance(max_connections, bool) or not isinstance(max_connections, int) or max_connections < 1:
@@ -271,6 +325,7 @@ def server_options(
         "header_timeout_s": float(header_timeout_s),
         "max_connections": max_connections,
         "retry_after_s": retry_after_s,
+        "send_timeout_s": float(send_timeout_s),
     }
     if resolve_http(http) == "httptools":
         from raml.deploy.service.httptools_protocol import DeadlineHttpToolsProtocol
