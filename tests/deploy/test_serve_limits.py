@@ -524,3 +524,24 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and
         answer = _read_until_closed(sock)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert answer.count(b"HTTP/1.1 ") == 1 and b"raml_" not in answer  # the hidden request was not run
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        b"GET /health HTTP/1.1\r\n\r\n",
+    ],
+    ids=["gzip-chunked", "no-host"],
+)
+def test_both_front_ends_refuse_the_same_ambiguous_framings(world, front_end, head):
+    """llhttp let these through where h11 refused them (gzip before chunked, read as chunked; HTTP/1.1 without
+    Host): differences a proxy in front could be made to read otherwise. Both now answer 400 and close. (A
+    Content-Length given twice with one value h11 merges into one, as a proxy would read it; llhttp refuses it.)"""
+    with (
+        serving(world, front_end, header_timeout_s=WAIT_S) as (_, url),
+        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
+    ):
+        sock.sendall(head)
+        answer = _read_until_closed(sock)
+    assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]

@@ -18,9 +18,10 @@ defences to uvicorn's:
 - **unread responses**: a connection whose writing stays paused (the client reads nothing while the kernel's
   buffers are full) for ``send_timeout_s`` is aborted: before, a client that pipelined requests and never read the
   answers held its connection for ever, and ``max_connections`` such clients locked everyone out;
-- **framing** (h11; llhttp refuses these itself): a request with both ``Content-Length`` and ``Transfer-Encoding``
-  gets ``400`` and the connection is closed (RFC 9112, 6.3): h11 framed it as chunked and kept the connection, so
-  a request hidden in the body behind a proxy that frames by ``Content-Length`` was run.
+- **framing**: a request with both ``Content-Length`` and ``Transfer-Encoding``, ``Content-Length`` twice, a
+  ``Transfer-Encoding`` other than ``chunked``, or HTTP/1.1 without ``Host`` gets ``400`` and the connection is
+  closed, on both front ends (:func:`framing_problem`; RFC 9112, 6.3): h11 framed the first as chunked and kept
+  the connection, so a request hidden in the body behind a proxy that frames by ``Content-Length`` was run.
 
 The body deadline itself (408 when a body is not received in full within ``body_timeout_s``) is the
 application's (:func:`raml.deploy.service.app.read_limited_body`), which answers it in JSON.
@@ -44,6 +45,7 @@ __all__ = [
     "LOOP_CHOICES",
     "ConnectionDefences",
     "DeadlineH11Protocol",
+    "framing_problem",
     "LingeringClose",
     "raw_response",
     "resolve_http",
@@ -236,10 +238,29 @@ class _StrictFraming(h11.Connection):
     def next_event(self) -> Any:
         event = super().next_event()
         if isinstance(event, h11.Request):
-            names = {name.lower() for name, _ in event.headers}
-            if b"content-length" in names and b"transfer-encoding" in names:
-                raise h11.RemoteProtocolError("both Content-Length and Transfer-Encoding", error_status_hint=400)
+            problem = framing_problem(event.http_version.decode("ascii", "replace"), list(event.headers))
+            if problem is not None:
+                raise h11.RemoteProtocolError(problem, error_status_hint=400)
         return event
+
+
+def framing_problem(http_version: str, headers: list[tuple[bytes, bytes]]) -> str | None:
+    """Why a request's framing headers are refused, or None: both ``Content-Length`` and ``Transfer-Encoding``,
+    ``Content-Length`` more than once, a ``Transfer-Encoding`` other than exactly ``chunked``, or an HTTP/1.1
+    request without ``Host``. Both front ends refuse the same set (h11 and llhttp each let some through: the
+    differences a proxy in front could be made to read otherwise; h11 merges a Content-Length repeated with one
+    value before this sees it, as a proxy would read it, and refuses differing ones itself)."""
+    names = [name.lower() for name, _ in headers]
+    if b"content-length" in names and b"transfer-encoding" in names:
+        return "both Content-Length and Transfer-Encoding"
+    if names.count(b"content-length") > 1:
+        return "Content-Length more than once"
+    encodings = [value.strip().lower() for name, value in headers if name.lower() == b"transfer-encoding"]
+    if encodings and encodings != [b"chunked"]:
+        return "a Transfer-Encoding other than chunked"
+    if http_version == "1.1" and b"host" not in names:
+        return "an HTTP/1.1 request without Host"
+    return None
 
 
 class DeadlineH11Protocol(ConnectionDefences, H11Protocol):

@@ -23,7 +23,7 @@ import logging
 
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from raml.deploy.service.connections import ConnectionDefences
+from raml.deploy.service.connections import ConnectionDefences, framing_problem
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,9 @@ class DeadlineHttpToolsProtocol(ConnectionDefences, HttpToolsProtocol):
         self._headers_done = True
         self._awaiting_headers = False
         self._cancel_header_timer()
+        problem = framing_problem(self.parser.get_http_version(), self.headers)
+        if problem is not None:  # raised through llhttp as a parser error: uvicorn answers 400 and closes
+            raise ValueError(problem)
         super().on_headers_complete()
 
     def _body_unread(self) -> bool:
