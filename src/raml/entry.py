@@ -33,6 +33,7 @@ __all__ = [
     "check_output_files",
     "image_sizes_arg",
     "network_from_args",
+    "non_negative_int",
     "positive_int",
     "setup_logging",
     "write_json",
@@ -59,6 +60,17 @@ def positive_int(value: str) -> int:
     number = int(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    """argparse type: an integer >= 0."""
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return number
 
 

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 from raml.cli.common import default_workers, positive_int, setup_logging
+from raml.entry import non_negative_int
 
 logger = logging.getLogger("raml")
 
@@ -28,7 +29,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     synth.add_argument("--classes", type=_at_most(MAX_SYNTH_CLASSES), default=None, help="number of classes (even)")
     synth.add_argument("--images-per-class", type=_at_most(MAX_SYNTH_IMAGES_PER_CLASS), default=None, metavar="N")
     synth.add_argument("--size", type=_at_most(MAX_SYNTH_SIZE), default=None, metavar="PX", help="image side in pixels")
-    synth.add_argument("--seed", type=_non_negative_int, default=0)
+    synth.add_argument("--seed", type=non_negative_int, default=0)
     synth.add_argument(
         "--force",
         action="store_true",
@@ -54,16 +55,6 @@ def _at_most(limit: int):  # noqa: ANN202 - an argparse type
         return number
 
     return parse
-
-
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return number
 
 
 def _positive_float(value: str) -> float:

@@ -8,19 +8,9 @@ import argparse
 import os
 
 from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id, positive_int
-from raml.entry import DEFAULT_POOL, DEFAULT_WHITENING
+from raml.entry import DEFAULT_POOL, DEFAULT_WHITENING, non_negative_int
 from raml.models import POOLINGS
 from raml.retrieval.extract import parse_scales
-
-
-def non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {value}")
-    return number
 
 
 def scales_arg(value: str) -> tuple[float, ...]:

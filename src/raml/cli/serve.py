@@ -15,6 +15,7 @@ import math
 from pathlib import Path
 
 from raml.cli.common import device_from_args, positive_int, setup_logging
+from raml.entry import non_negative_int
 
 logger = logging.getLogger("raml")
 
@@ -29,13 +30,6 @@ def non_negative_float(value: str) -> float:
     number = float(value)
     if not (math.isfinite(number) and number >= 0):
         raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {value}")
-    return number
-
-
-def non_negative_int(value: str) -> int:
-    number = int(value)
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
     return number
 
 
