@@ -23,7 +23,7 @@ EXIF orientation is not applied (the published models were evaluated on the raw 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -39,42 +39,49 @@ class ImageLoadError(RuntimeError):
     """An image file is missing, empty, truncated, not an image, or cannot be converted to RGB."""
 
 
-_CHUNK_PIXELS = 1 << 18  # 16-bit conversion: pixels converted at a time (2 MB of int64), not the whole image
+_CHUNK_PIXELS = 1 << 18  # 16-bit and float conversions: pixels converted at a time, not the whole image
+
+
+def _gray_by_bands(img: Image.Image, dtype: type, to_gray: Callable[[np.ndarray], np.ndarray]) -> Image.Image:
+    """``img`` -> ``L``, a band of rows (about :data:`_CHUNK_PIXELS` pixels) at a time: each band read as ``dtype``
+    and mapped to 0..255 by ``to_gray`` (which may work in place), so no copy of the whole image is made."""
+    width, height = img.size
+    gray = np.empty((height, width), dtype=np.uint8)
+    rows = max(1, _CHUNK_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        gray[top:bottom] = to_gray(np.asarray(img.crop((0, top, width, bottom)), dtype=dtype))
+    return Image.fromarray(gray)
+
+
+def _sixteen_bit_band(values: np.ndarray) -> np.ndarray:
+    """``round(v * 255 / 65535)`` in integers, in place (no float copy)."""
+    np.clip(values, 0, 65535, out=values)
+    values *= 2  # round(v / 257) = (2v + 257) // 514 (never a tie: 257 is odd)
+    values += 257
+    values //= 514
+    return values
+
+
+def _float_band(values: np.ndarray) -> np.ndarray:
+    """``round(v * 255)`` (halves to even) clipped to ``0..255``, NaN as 0, in place."""
+    np.nan_to_num(values, copy=False, nan=0.0)
+    with np.errstate(over="ignore"):  # +-1.8e308 * 255 is +-inf, clipped like any large value
+        values *= 255.0
+    np.rint(values, out=values)
+    np.clip(values, 0, 255, out=values)
+    return values
 
 
 def _sixteen_bit_to_gray(img: Image.Image) -> Image.Image:
-    """``I;16*`` / ``I`` -> ``L``: ``round(v * 255 / 65535)`` in integers, a band of rows at a time (no float copy)."""
-    width, height = img.size
-    gray = np.empty((height, width), dtype=np.uint8)
-    rows = max(1, _CHUNK_PIXELS // max(1, width))
-    for top in range(0, height, rows):
-        bottom = min(height, top + rows)
-        values = np.asarray(img.crop((0, top, width, bottom)), dtype=np.int64)
-        np.clip(values, 0, 65535, out=values)
-        values *= 2  # in place: round(v / 257) = (2v + 257) // 514 (never a tie: 257 is odd)
-        values += 257
-        values //= 514
-        gray[top:bottom] = values
-    return Image.fromarray(gray)
+    """``I;16*`` / ``I`` -> ``L``: ``round(v * 255 / 65535)`` in integers, a band of rows at a time."""
+    return _gray_by_bands(img, np.int64, _sixteen_bit_band)
 
 
 def _float_to_gray(img: Image.Image) -> Image.Image:
-    """``F`` -> ``L``: ``round(v * 255)`` (halves to even) clipped to ``0..255``, NaN as 0, a band of rows at a time:
-    a whole-image float64 copy (and its temporaries) took 36 bytes a pixel, 1.4 GB for a 252 kB TIFF of 40 M
-    pixels, where the service's decode budget counts about 8."""
-    width, height = img.size
-    gray = np.empty((height, width), dtype=np.uint8)
-    rows = max(1, _CHUNK_PIXELS // max(1, width))
-    for top in range(0, height, rows):
-        bottom = min(height, top + rows)
-        values = np.asarray(img.crop((0, top, width, bottom)), dtype=np.float64)
-        np.nan_to_num(values, copy=False, nan=0.0)
-        with np.errstate(over="ignore"):  # +-1.8e308 * 255 is +-inf, clipped like any large value
-            values *= 255.0
-        np.rint(values, out=values)
-        np.clip(values, 0, 255, out=values)
-        gray[top:bottom] = values
-    return Image.fromarray(gray)
+    """``F`` -> ``L`` a band of rows at a time: a whole-image float64 copy (and its temporaries) took 36 bytes a
+    pixel, 1.4 GB for a 252 kB TIFF of 40 M pixels, where the service's decode budget counts about 8."""
+    return _gray_by_bands(img, np.float64, _float_band)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
