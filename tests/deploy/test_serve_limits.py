@@ -506,6 +506,16 @@ def test_a_client_that_reads_none_of_its_answers_is_cut_off_at_the_send_deadline
             hog.close()
 
 
+def _answer_to_raw_bytes(world: dict, front_end: dict[str, str], data: bytes) -> bytes:
+    """What a fresh server sends back to ``data`` on one new connection, until it closes it."""
+    with (
+        serving(world, front_end, header_timeout_s=WAIT_S) as (_, url),
+        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
+    ):
+        sock.sendall(data)
+        return _read_until_closed(sock)
+
+
 def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and_closed(world, front_end):
     """The smuggling shape: a proxy framing by Content-Length sees one request, a server framing by chunked two.
     h11 answered the first and then ran the hidden GET /metrics on the same connection; both front ends now
@@ -516,12 +526,7 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and
         b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" % len(body)
     ) + body
-    with (
-        serving(world, front_end, header_timeout_s=WAIT_S) as (_, url),
-        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
-    ):
-        sock.sendall(request)
-        answer = _read_until_closed(sock)
+    answer = _answer_to_raw_bytes(world, front_end, request)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
     assert answer.count(b"HTTP/1.1 ") == 1 and b"raml_" not in answer  # the hidden request was not run
 
@@ -538,10 +543,5 @@ def test_both_front_ends_refuse_the_same_ambiguous_framings(world, front_end, he
     """llhttp let these through where h11 refused them (gzip before chunked, read as chunked; HTTP/1.1 without
     Host): differences a proxy in front could be made to read otherwise. Both now answer 400 and close. (A
     Content-Length given twice with one value h11 merges into one, as a proxy would read it; llhttp refuses it.)"""
-    with (
-        serving(world, front_end, header_timeout_s=WAIT_S) as (_, url),
-        socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
-    ):
-        sock.sendall(head)
-        answer = _read_until_closed(sock)
+    answer = _answer_to_raw_bytes(world, front_end, head)
     assert answer.startswith(b"HTTP/1.1 400 "), answer[:200]
