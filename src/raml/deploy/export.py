@@ -456,7 +456,7 @@ def export_onnx(
     min_side = min([32, image_size, *check_sizes])
     candidates = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
     with atomic_path(path) as tmp:
-        used = None
+        used, used_opset = None, None
         for i, name in enumerate(candidates):
             try:
                 _onnx_export(net, example, tmp, dynamic_size, opset, name, min_side)
@@ -466,7 +466,7 @@ def export_onnx(
                 wanted, written = opset if name == "torchscript" else max(opset, 18), _default_opset(tmp)
                 if written != wanted:
                     raise RuntimeError(f"it wrote opset {written}, not the {wanted} asked for")
-                used = name
+                used, used_opset = name, written
                 break
             except Exception as error:  # noqa: BLE001 - exporters raise many types; fall back or re-raise
                 if i + 1 == len(candidates):
@@ -488,7 +488,7 @@ def export_onnx(
             teacher_sha256,
             _file_sha256(tmp),
         )
-        record["opset"] = _default_opset(tmp)
+        record["opset"] = used_opset  # read from the file once, when its exporter was checked
         if check_sizes:
             record["image_sizes"] = check_sizes
         atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
