@@ -326,10 +326,10 @@ def run_search(args: argparse.Namespace) -> int:
     """``raml search``."""
     setup_logging(args.verbose)
     _require_deps("faiss", *(["onnxruntime"] if args.onnx is not None else []))
-    if args.json is not None:
-        check_output_file(args.json, "--json")
-    if args.json is not None and args.gallery is not None:
-        check_output_files([("--json", args.json, None), ("--gallery", args.gallery, None)])  # not one file
+    # both outputs, checked once each and told apart (they must not name one file)
+    check_output_files(
+        [(flag, path, None) for flag, path in (("--json", args.json), ("--gallery", args.gallery)) if path]
+    )
     if args.gallery is not None:  # a bad gallery path fails before anything is embedded or written
         from raml.deploy.gallery import check_gallery_path
 
