@@ -53,19 +53,41 @@ def _tag(buf: bytes, pos: int, end: int, order: str) -> tuple[int, int, int, int
 
 
 def _walk_matrix(buf: bytes, start: int, end: int, order: str, max_depth: int, where: str) -> None:
-    """Check the ``miMATRIX`` body ``buf[start:end]`` and every array nested in it (without recursion)."""
-    stack = [(start, end, 1)]
-    while stack:
-        try:
-            _check_one(buf, *stack.pop(), order, max_depth, where, stack)
-        except _CannotFollow:  # this array is left to scipy; its siblings are still checked
+    """Check the ``miMATRIX`` body ``buf[start:end]`` and every array nested in it, depth first without recursion:
+    one frame per open cell or struct (at most ``max_depth``), whatever the number of their entries."""
+    frames: list[list[int]] = []  # per open cell or struct: [position of its next entry, its end, depth, entries left]
+    array: tuple[int, int, int] | None = (start, end, 1)
+    while True:
+        if array is not None:
+            try:
+                opened = _check_one(buf, *array, order, max_depth, where)
+            except _CannotFollow:  # this array is left to scipy; its siblings are still checked
+                opened = None
+            if opened is not None:
+                frames.append(opened)
+            array = None
+        if not frames:
+            return
+        frame = frames[-1]
+        pos, stop, depth, left = frame
+        if not left:
+            frames.pop()
             continue
+        try:
+            kind, count, data, following = _tag(buf, pos, stop, order)
+        except _CannotFollow:
+            kind = None
+        if kind != _MI_MATRIX:  # the rest of this container is left to scipy
+            frames.pop()
+            continue
+        frame[0], frame[3] = following, left - 1
+        if count:
+            array = (data, data + count, depth + 1)
 
 
-def _check_one(
-    buf: bytes, pos: int, stop: int, depth: int, order: str, max_depth: int, where: str, stack: list
-) -> None:
-    """Check the array ``buf[pos:stop]`` (a ``miMATRIX`` body) and push its entries onto ``stack``."""
+def _check_one(buf: bytes, pos: int, stop: int, depth: int, order: str, max_depth: int, where: str) -> list[int] | None:
+    """Check the array ``buf[pos:stop]`` (a ``miMATRIX`` body): for a cell or struct with entries, the frame
+    ``[position of its first entry, stop, depth, entries]`` to walk them; else None."""
     kind, count, data, pos = _tag(buf, pos, stop, order)
     if kind != _MI_UINT32 or count < 4:
         raise _CannotFollow
@@ -98,17 +120,13 @@ def _check_one(
             )
         if children and depth >= max_depth:
             raise MatStructureError(f"{where} nests arrays more than {max_depth} deep")
-        for _ in range(children):
-            kind, count, data, pos = _tag(buf, pos, stop, order)
-            if kind != _MI_MATRIX:
-                raise _CannotFollow
-            if count:
-                stack.append((data, data + count, depth + 1))
-    elif array_class != _SPARSE and entries > stop - pos:  # a sparse array stores its non-zeros only
+        return [pos, stop, depth, children] if children else None
+    if array_class != _SPARSE and entries > stop - pos:  # a sparse array stores its non-zeros only
         raise MatStructureError(
             f"{where} declares a {'x'.join(map(str, dims))} {_class_name(array_class)} array ({entries} "
             f"values) in {stop - pos} bytes"
         )
+    return None
 
 
 def _class_name(array_class: int) -> str:
