@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from raml import utils
-from raml.utils import atomic_numpy_save, atomic_path, atomic_torch_save, atomic_write_text
+from raml.utils import atomic_duplicate, atomic_numpy_save, atomic_path, atomic_torch_save, atomic_write_text
 
 
 def _mode(path: Path) -> int:
@@ -151,3 +151,37 @@ def test_directory_fsync_tolerates_file_systems_without_it(tmp_path, monkeypatch
     monkeypatch.setattr(os, "fsync", io_error)
     with pytest.raises(OSError, match="Input/output"):
         utils.fsync_directory(tmp_path)
+
+
+@pytest.mark.parametrize("links", [True, False], ids=["hard link", "no links: a copy"])
+def test_a_duplicate_holds_the_files_bytes_and_outlives_a_replacement_of_either_name(tmp_path, monkeypatch, links):
+    source, twin = tmp_path / "model_epoch3.pth.tar", tmp_path / "model_last.pth.tar"
+    source.write_bytes(b"epoch 3")
+    twin.write_bytes(b"epoch 2")  # replaced whole
+    if not links:
+
+        def no_link(src, dst) -> None:
+            raise OSError(18, "Invalid cross-device link")
+
+        monkeypatch.setattr(os, "link", no_link)
+    atomic_duplicate(source, twin)
+    assert twin.read_bytes() == b"epoch 3"
+    assert (source.stat().st_ino == twin.stat().st_ino) is links  # no bytes written where links work
+    atomic_write_text(twin, "epoch 4")  # the next epoch replaces one name: the other keeps its bytes
+    assert source.read_bytes() == b"epoch 3" and twin.read_bytes() == b"epoch 4"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [source.name, twin.name]  # no temporary file left
+
+
+def test_a_failed_duplicate_leaves_the_old_file_and_no_temporary_file(tmp_path, monkeypatch):
+    source, twin = tmp_path / "new.pt", tmp_path / "old.pt"
+    source.write_bytes(b"new")
+    twin.write_bytes(b"old")
+
+    def failing_replace(src, dst) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(OSError, match="No space"):
+        atomic_duplicate(source, twin)
+    assert twin.read_bytes() == b"old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new.pt", "old.pt"]

@@ -10,6 +10,7 @@ import os
 import platform
 import random
 import secrets
+import shutil
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -105,6 +106,29 @@ def atomic_torch_save(obj: object, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically."""
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def atomic_duplicate(source: str | Path, path: str | Path) -> None:
+    """Make ``path`` hold what the finished file ``source`` holds, atomically: a second name for the same file (a
+    hard link: no bytes written) where the file system allows it, else a copy. Either way ``path`` is replaced
+    only once complete, and a later atomic replacement of either name leaves the other as it was."""
+    source, path = Path(source), Path(path)
+    for _ in range(_TEMPORARY_ATTEMPTS):
+        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
+        try:
+            os.link(source, tmp)
+        except FileExistsError:
+            continue
+        except OSError:  # no hard links here (or across devices): copy
+            break
+        try:
+            os.replace(tmp, path)
+            fsync_directory(path.parent)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return
+    with atomic_path(path) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def atomic_numpy_save(array: np.ndarray, path: str | Path) -> None:

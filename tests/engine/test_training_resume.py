@@ -6,22 +6,37 @@ network)."""
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
 import pytest
 import torch
 
+from raml.engine import trainer as trainer_module
 from raml.engine.trainer import Trainer, TrainingInterrupted
+from raml.models import save_checkpoint
 
 CPU = torch.device("cpu")
 
 
-def test_identical_seeds_give_identical_losses(machinery, machinery_teacher_path, tmp_path):
+def test_identical_seeds_give_identical_losses(machinery, machinery_teacher_path, tmp_path, monkeypatch):
+    written: list[str] = []
+
+    def counting_save(path, *args, **kwargs):
+        written.append(Path(path).name)
+        return save_checkpoint(path, *args, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "save_checkpoint", counting_save)
     histories = []
     for run in range(2):
         config = machinery.distill_config(tmp_path / f"run{run}", machinery_teacher_path, epochs=1, val=False)
         histories.append(Trainer(config, CPU, progress=False).run().history)
     assert histories[0][0]["loss"] == histories[1][0]["loss"]
     assert histories[0][0]["loss"] > 0
+    # the last epoch's checkpoint, kept as the model without validation, is serialised once per run; its other
+    # names are the same file
+    assert written == ["model_last.pth.tar"] * 2
+    names = ("model_last.pth.tar", "model_epoch1.pth.tar", "model_best.pth.tar")
+    assert len({(tmp_path / "run0" / name).stat().st_ino for name in names}) == 1
 
 
 def test_resume_reproduces_an_uninterrupted_run(machinery, machinery_teacher_path, tmp_path):

@@ -25,7 +25,7 @@ import logging
 import math
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -51,7 +51,7 @@ from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, default_ks, evaluate_split
 from raml.retrieval.extract import extract_embeddings_sharded, network_mean_std
 from raml.retrieval.metrics import retrieval_metrics
-from raml.utils import atomic_write_text, file_sha256, seed_everything
+from raml.utils import atomic_duplicate, atomic_write_text, file_sha256, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -495,11 +495,11 @@ class Trainer:
                 self.best_epoch = epoch  # the model kept is the last one
             self.history.append(stats)
             self._log_epoch(stats)
-            if epoch % c.save_freq == 0 or epoch == c.epochs:
-                self._save(self.directory / f"model_epoch{epoch}.pth.tar", epoch)
+            # the same checkpoint under each of its names: written once, then linked (or copied)
+            names = [f"model_epoch{epoch}.pth.tar"] if epoch % c.save_freq == 0 or epoch == c.epochs else []
             if self.val_split is None and epoch == c.epochs:
-                self._save(self.directory / BEST_NAME, epoch)
-            self._save(self.directory / "model_last.pth.tar", epoch)
+                names.append(BEST_NAME)
+            self._save(self.directory / "model_last.pth.tar", epoch, also=[self.directory / n for n in names])
             if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < c.epochs:
                 raise TrainingInterrupted(f"Stopped after epoch {epoch} as asked.")
 
@@ -779,7 +779,8 @@ class Trainer:
         return results
 
     # -------------------------------------------------------------------------------------- outputs
-    def _save(self, path: Path, epoch: int) -> None:
+    def _save(self, path: Path, epoch: int, also: Sequence[Path] = ()) -> None:
+        """Write the training checkpoint of ``epoch`` to ``path``, and the same file under the names ``also``."""
         if not self.dist.is_main:  # one writer; every process holds the same weights
             return
         extra = {
@@ -812,6 +813,8 @@ class Trainer:
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             extra=extra,
         )
+        for other in also:
+            atomic_duplicate(path, other)
 
     def _log_epoch(self, stats: dict[str, Any]) -> None:
         if not self.dist.is_main:
