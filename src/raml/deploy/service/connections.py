@@ -269,7 +269,8 @@ class DeadlineH11Protocol(ConnectionDefences, H11Protocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.conn = _StrictFraming(h11.SERVER, self.conn._max_incomplete_event_size)
+        limit = self.config.h11_max_incomplete_event_size  # uvicorn's setting; None: h11's own default (16 KiB)
+        self.conn = _StrictFraming(h11.SERVER) if limit is None else _StrictFraming(h11.SERVER, limit)
 
     def _headers_pending(self) -> bool:
         return self.conn.their_state is h11.IDLE and self.conn.our_state is h11.IDLE
