@@ -12,7 +12,7 @@ import random
 import secrets
 import shutil
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -154,6 +154,17 @@ def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
         while chunk := f.read(chunk_size):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def file_digests(path: str | Path, algorithms: Sequence[str], chunk_size: int = 1 << 20) -> dict[str, str]:
+    """Hex digests of a file's content for several ``hashlib`` algorithms (e.g. ``("sha256", "md5")``), computed
+    in one read of the file (a multi-GB archive is read once, not once per algorithm)."""
+    digests = {name: hashlib.new(name) for name in dict.fromkeys(algorithms)}
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_size):
+            for digest in digests.values():
+                digest.update(chunk)
+    return {name: digest.hexdigest() for name, digest in digests.items()}
 
 
 def seed_everything(seed: int) -> None:

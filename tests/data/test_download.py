@@ -11,6 +11,7 @@ import re
 import shutil
 import tarfile
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -18,10 +19,11 @@ import torch
 
 from raml.cli.main import main
 from raml.data import download as download_module
-from raml.data.download import DOWNLOADS_DIR, SOURCE_FILE, DownloadSettings, fetch
-from raml.data.sources import SOURCES
+from raml.data.download import DOWNLOADS_DIR, SOURCE_FILE, DigestMismatchError, DownloadSettings, fetch, install_dataset
+from raml.data.sources import DIGEST_HEX_LENGTHS, SOURCES, Digest
 from raml.errors import DownloadError
 from raml.models import build_network, save_checkpoint
+from raml.utils import file_digests
 
 FAST = ["--no-progress", "--retry-wait", "0", "--timeout", "10", "--workers", "2"]
 
@@ -61,6 +63,25 @@ def official_files(name: str, data_root: Path) -> dict[str, bytes]:
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
+def _pin(monkeypatch: pytest.MonkeyPatch, name: str, digests: dict[str, Digest | None]) -> None:
+    """Give the files of dataset ``name`` in the registry these pinned digests (the others keep theirs)."""
+    source = SOURCES[name]
+    files = tuple(replace(f, digest=digests.get(f.name, f.digest)) for f in source.files)
+    monkeypatch.setitem(SOURCES, name, replace(source, files=files))
+
+
+@pytest.fixture(autouse=True)
+def _unpinned(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The fixture archives cannot match the official files' digests: tests run with none pinned, unless they
+    pin the fixture's own (or a wrong one) with :func:`_pin`."""
+    for source in list(SOURCES.values()):
+        _pin(monkeypatch, source.name, {f.name: None for f in source.files})
+
+
+def _md5(content: bytes) -> Digest:
+    return Digest("md5", hashlib.md5(content).hexdigest(), "the test")
 
 
 @pytest.fixture
@@ -620,3 +641,126 @@ def test_download_cli_refuses_a_nan_timeout_before_any_transfer(tmp_path, capsys
     err = capsys.readouterr().err
     assert "timeout (--timeout)" in err and "finite" in err and "Traceback" not in err
     assert not root.exists() or not any(root.rglob("*.part"))
+
+
+# ------------------------------------------------------------------------------------------- pinned digests
+_REGISTRY = dict(SOURCES)
+"""The registry as imported, before the autouse :func:`_unpinned` replaces its entries for a test."""
+
+
+def test_the_registry_pins_every_file_with_well_formed_hex():
+    """The published MD5s (see raml.data.sources): a lowercase hex digest of the algorithm's length each."""
+    names = [f.name for s in _REGISTRY.values() for f in s.files]
+    assert names == ["CUB_200_2011.tgz", "car_ims.tgz", "cars_annos.mat", "Stanford_Online_Products.zip"]
+    for source in _REGISTRY.values():
+        for remote in source.files:
+            assert remote.digest is not None, remote.name
+            assert remote.digest.algorithm in DIGEST_HEX_LENGTHS
+            assert len(remote.digest.hex) == DIGEST_HEX_LENGTHS[remote.digest.algorithm], remote.name
+            assert re.fullmatch(r"[0-9a-f]+", remote.digest.hex), remote.name
+            assert "/" in remote.digest.published_by  # names the repositories it comes from
+
+
+@pytest.mark.parametrize(
+    ("algorithm", "hex_digest"),
+    [("md5", "97ECEEB196236B17998738112F37DF78"), ("md5", "97eceeb1"), ("md4", "0" * 32), ("sha256", "g" * 64)],
+)
+def test_a_malformed_digest_is_refused(algorithm, hex_digest):
+    with pytest.raises(ValueError, match="Expected"):
+        Digest(algorithm, hex_digest, "nobody")
+
+
+def test_file_digests_reads_once_for_several_algorithms(tmp_path):
+    path = tmp_path / "f.bin"
+    content = _random_bytes(3 << 20, seed=3)
+    path.write_bytes(content)
+    got = file_digests(path, ["sha256", "md5", "sha256"], chunk_size=1 << 20)
+    assert got == {"sha256": hashlib.sha256(content).hexdigest(), "md5": hashlib.md5(content).hexdigest()}
+
+
+def test_a_file_matching_its_pinned_digest_is_unpacked_and_recorded(
+    http_server, cub_root, tmp_path, monkeypatch, capsys
+):
+    content, url = _serve_cub(http_server, cub_root)
+    _pin(monkeypatch, "cub", {"CUB_200_2011.tgz": _md5(content)})
+    root = tmp_path / "dl"
+    assert main(["data", "download", "cub", "--data-root", str(root), *url, *FAST]) == 0
+    assert "md5 matches the published digest" in capsys.readouterr().out
+    record = json.loads((root / "cub" / SOURCE_FILE).read_text())["files"][0]
+    assert record["pinned_digest"] == {
+        "algorithm": "md5",
+        "expected": hashlib.md5(content).hexdigest(),
+        "actual": hashlib.md5(content).hexdigest(),
+        "matched": True,
+        "published_by": "the test",
+    }
+    assert record["sha256"] == hashlib.sha256(content).hexdigest()
+
+
+def test_a_downloaded_file_that_differs_is_refused_removed_and_nothing_unpacked(
+    http_server, cars_root, tmp_path, monkeypatch, capsys
+):
+    """cars: car_ims.tgz matches, cars_annos.mat (fetched through --url, a mirror) does not: neither is unpacked."""
+    files = official_files("cars", cars_root)
+    http_server.files.update(files)
+    wrong = _md5(b"the published file")
+    _pin(monkeypatch, "cars", {"car_ims.tgz": _md5(files["car_ims.tgz"]), "cars_annos.mat": wrong})
+    root = tmp_path / "dl"
+    urls = [arg for f in files for arg in ("--url", f"{f}={http_server.url(f)}")]
+    assert main(["data", "download", "cars", "--data-root", str(root), *urls, *FAST]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    error = errors[0]
+    actual = hashlib.md5(files["cars_annos.mat"]).hexdigest()
+    assert "cars_annos.mat" in error and wrong.hex in error and actual in error
+    assert "removed" in error and "--no-verify-digest" in error and "was not created" in error
+    _no_dataset_left(root, "cars")
+    downloads = root / DOWNLOADS_DIR
+    assert not (downloads / "cars_annos.mat").exists()
+    assert not (downloads / "cars_annos.mat.download.json").exists()
+
+
+def test_a_file_from_an_earlier_run_that_differs_is_refused_and_removed(http_server, cub_root, tmp_path, monkeypatch):
+    content, url = _serve_cub(http_server, cub_root)
+    root = tmp_path / "dl"
+    assert main(["data", "download", "cub", "--data-root", str(root), "--keep-archives", *url, *FAST]) == 0
+    archive = root / DOWNLOADS_DIR / "CUB_200_2011.tgz"
+    assert archive.is_file()
+    _pin(monkeypatch, "cub", {"CUB_200_2011.tgz": _md5(b"another file")})
+    with pytest.raises(DigestMismatchError, match="it was removed.*left as it was"):
+        install_dataset("cub", root, force=True, settings=DownloadSettings(progress=False))
+    assert not archive.exists()
+    assert (root / "cub" / SOURCE_FILE).is_file()  # the dataset already in place is untouched
+
+
+def test_a_file_placed_by_hand_that_differs_is_refused_and_kept(cub_root, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "dl"
+    (root / DOWNLOADS_DIR).mkdir(parents=True)
+    placed = root / DOWNLOADS_DIR / "CUB_200_2011.tgz"
+    content = official_files("cub", cub_root)["CUB_200_2011.tgz"]
+    placed.write_bytes(content)
+    wrong = _md5(b"the published file")
+    _pin(monkeypatch, "cub", {"CUB_200_2011.tgz": wrong})
+    assert main(["data", "download", "cub", "--data-root", str(root), *FAST]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(errors) == 1, errors
+    assert "left in place" in errors[0] and str(placed) in errors[0] and wrong.hex in errors[0]
+    assert hashlib.md5(content).hexdigest() in errors[0]
+    assert placed.read_bytes() == content  # never deleted: it may be the user's only copy
+    _no_dataset_left(root)
+
+
+def test_no_verify_digest_accepts_a_differing_file_with_a_warning(http_server, cub_root, tmp_path, monkeypatch, capsys):
+    content, url = _serve_cub(http_server, cub_root)
+    wrong = _md5(b"the published file")
+    _pin(monkeypatch, "cub", {"CUB_200_2011.tgz": wrong})
+    root = tmp_path / "dl"
+    assert main(["data", "download", "cub", "--data-root", str(root), "--no-verify-digest", *url, *FAST]) == 0
+    captured = capsys.readouterr()
+    warnings = [line for line in captured.err.splitlines() if " WARNING " in line]
+    assert len(warnings) == 1 and "--no-verify-digest" in warnings[0], warnings
+    assert wrong.hex in warnings[0] and hashlib.md5(content).hexdigest() in warnings[0]
+    assert "DIFFERS from the published digest" in captured.out
+    record = json.loads((root / "cub" / SOURCE_FILE).read_text())["files"][0]
+    assert record["pinned_digest"]["matched"] is False
+    assert record["pinned_digest"]["actual"] == hashlib.md5(content).hexdigest()

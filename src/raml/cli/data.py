@@ -77,6 +77,8 @@ def _add_download_parser(commands: argparse._SubParsersAction) -> None:
         "(resumable: an interrupted transfer continues where it stopped), unpack them safely into "
         "<data-root>/<name> in the layout of the README's commands, check every image the dataset's index "
         f"files list, and record each file's URL, size, SHA-256 and date in <data-root>/<name>/{SOURCE_FILE}. "
+        "Each file is first compared with the MD5 published for it (pinned in raml); a file that differs is refused "
+        "before anything is unpacked (--no-verify-digest to accept it). "
         "A dataset already in place is left alone. On any error no partial dataset folder is left. Archive members "
         "other than regular files and folders (links, devices) are refused, and so are archives that unpack past "
         "the free space or --max-unpack-ratio; see 'Security' in docs/deployment.md.",
@@ -118,6 +120,12 @@ def _add_download_parser(commands: argparse._SubParsersAction) -> None:
         "--force", action="store_true", help="download again and replace an existing dataset folder once verified"
     )
     download.add_argument(
+        "--no-verify-digest",
+        action="store_true",
+        help="use a file whose digest differs from the published one pinned in raml (a warning is logged) instead "
+        "of refusing it; only for a file that differs on purpose and comes from a source you trust",
+    )
+    download.add_argument(
         "--workers", type=positive_int, default=default_workers(), metavar="N", help="threads checking images"
     )
     download.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -156,6 +164,7 @@ def run_download(args: argparse.Namespace) -> int:
                 force=args.force,
                 workers=args.workers,
                 max_unpack_ratio=args.max_unpack_ratio,
+                skip_digest=args.no_verify_digest,
             )
         except (DownloadError, InsufficientSpaceError, ArchiveError, IncompleteDatasetError) as error:
             print(f"raml data download: error: {error}", file=sys.stderr)
@@ -163,7 +172,15 @@ def run_download(args: argparse.Namespace) -> int:
         print(report.message, flush=True)
         for record in report.files if report.installed else []:
             origin = f"from {record['url']}" if record.get("url") else str(record.get("obtained"))
-            print(f"  {record['file']}: {record['size']} bytes, sha256 {record['sha256']}, {origin}")
+            pinned = record.get("pinned_digest")
+            check = (
+                "not pinned"
+                if not isinstance(pinned, dict)
+                else f"{pinned['algorithm']} matches the published digest"
+                if pinned.get("matched")
+                else f"{pinned['algorithm']} DIFFERS from the published digest (--no-verify-digest)"
+            )
+            print(f"  {record['file']}: {record['size']} bytes, sha256 {record['sha256']}, {check}, {origin}")
     return 0
 
 

@@ -15,6 +15,10 @@ Steps:
    :class:`~raml.errors.DownloadError`; the partial file is removed); with no size announced, the free space
    is checked as the data arrives (every :data:`SPACE_CHECK_BYTES`, which must stay free). A complete file
    found there (fetched earlier, or put there by hand) is used as it is.
+   Each file is then compared with its pinned digest (:attr:`raml.data.sources.RemoteFile.digest`, the MD5
+   published by other projects), in the same read that computes its SHA-256, before anything is unpacked: a
+   mismatch is a :class:`DigestMismatchError` (a file raml downloaded is removed, one placed by hand is kept);
+   ``skip_digest`` (``--no-verify-digest``) accepts it with a warning.
 2. Unpack into a temporary sibling ``<data_root>/.<name>.partial``, safely (:mod:`raml.data.archives`:
    only regular files and folders, sizes checked against the free space and ``--max-unpack-ratio``).
 3. Verify against the dataset's own index files (:func:`raml.data.sources.verify_dataset`), write
@@ -57,10 +61,17 @@ from tqdm import tqdm
 
 from raml import __version__
 from raml.data.archives import MAX_UNPACK_RATIO, InsufficientSpaceError, size_text
-from raml.data.sources import DatasetCounts, DatasetSource, IncompleteDatasetError, get_source, verify_dataset
+from raml.data.sources import (
+    DatasetCounts,
+    DatasetSource,
+    IncompleteDatasetError,
+    RemoteFile,
+    get_source,
+    verify_dataset,
+)
 from raml.data.splits import DOWNLOAD_COMMANDS
 from raml.errors import DownloadError
-from raml.utils import atomic_write_text, file_sha256
+from raml.utils import atomic_write_text, file_digests
 
 logger = logging.getLogger(__name__)
 
@@ -79,6 +90,10 @@ SPACE_CHECK_BYTES = 64 << 20
 """For a file whose size the server does not announce: the free space is checked before the first byte and
 every this many bytes received, and must hold at least this many more."""
 _USER_AGENT = f"raml/{__version__} (dataset download; Python urllib)"
+
+
+class DigestMismatchError(DownloadError):
+    """A dataset file's digest differs from the published one: it was substituted or corrupted."""
 
 
 class _Permanent(Exception):
@@ -586,6 +601,7 @@ def install_dataset(
     force: bool = False,
     workers: int = 1,
     max_unpack_ratio: float = MAX_UNPACK_RATIO,
+    skip_digest: bool = False,
 ) -> InstallReport:
     """Download, unpack and verify dataset ``name`` into ``<data_root>/<name>`` (see the module docstring).
 
@@ -601,12 +617,16 @@ def install_dataset(
         workers: Threads checking image headers.
         max_unpack_ratio: An archive's members may hold at most this many times its size
             (:data:`raml.data.archives.MAX_UNPACK_RATIO`).
+        skip_digest: Use a file whose digest differs from its pinned one (a warning is logged) instead of
+            refusing it; for a file that differs on purpose (e.g. re-packed by a mirror you trust).
 
     Returns:
         What was done.
 
     Raises:
         DownloadError: A file could not be fetched; the message names the URL and how to place it by hand.
+        DigestMismatchError: A file differs from its pinned digest (and ``skip_digest`` is off); nothing was
+            unpacked.
         ArchiveError: An archive is damaged, unsafe, or unpacks to more than ``max_unpack_ratio`` times its size.
         IncompleteDatasetError: The unpacked folder lacks images its index lists.
         InsufficientSpaceError: Not enough disk space.
@@ -640,6 +660,7 @@ def install_dataset(
                 + _manual_help(name, data_root, [f.name for f in source.files])
             ) from error
         fetched[remote.name] = _Obtained(dest, urls[remote.name], "downloaded", ours=True)
+    checked = {remote.name: _check_digest(remote, fetched[remote.name], folder, skip_digest) for remote in source.files}
 
     staging = data_root / f".{name}.partial"
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run
@@ -655,12 +676,13 @@ def install_dataset(
                     "file": remote.name,
                     "url": got.url,
                     "size": got.path.stat().st_size,
-                    "sha256": file_sha256(got.path),
+                    "sha256": checked[remote.name]["sha256"],
                     "date": _dt.datetime.fromtimestamp(got.path.stat().st_mtime, _dt.timezone.utc)
                     .replace(microsecond=0)
                     .isoformat()
                     .replace("+00:00", "Z"),
                     "obtained": got.how,
+                    "pinned_digest": checked[remote.name]["pinned"],
                 }
             )
         counts = verify_dataset(name, staging, workers=workers, progress=settings.progress)
@@ -690,6 +712,61 @@ class _Obtained:
     url: str | None
     how: str
     ours: bool
+
+
+def _check_digest(remote: RemoteFile, got: _Obtained, folder: Path, skip_digest: bool) -> dict[str, object]:
+    """Compare ``got`` with ``remote``'s pinned digest, in the read that computes its SHA-256.
+
+    Returns:
+        ``{"sha256": hex, "pinned": None | {"algorithm", "expected", "actual", "matched", "published_by"}}``.
+
+    Raises:
+        DigestMismatchError: The digests differ and ``skip_digest`` is off; a file raml downloaded is removed
+            (with its download record), one placed by hand is kept.
+    """
+    pinned = remote.digest
+    actual = file_digests(got.path, ["sha256", *([pinned.algorithm] if pinned else [])])
+    if pinned is None:
+        logger.info("%s has no pinned digest; not verified (SHA-256 %s recorded).", remote.name, actual["sha256"])
+        return {"sha256": actual["sha256"], "pinned": None}
+    matched = actual[pinned.algorithm] == pinned.hex
+    record = {
+        "algorithm": pinned.algorithm,
+        "expected": pinned.hex,
+        "actual": actual[pinned.algorithm],
+        "matched": matched,
+        "published_by": pinned.published_by,
+    }
+    origin = f"from {got.url}" if got.url else got.how
+    if matched:
+        logger.info("%s matches its published %s.", remote.name, pinned.describe())
+    elif skip_digest:
+        logger.warning(
+            "%s (%s) differs from its published %s (%s): its %s is %s. Used anyway, as --no-verify-digest asks.",
+            got.path,
+            origin,
+            pinned.describe(),
+            pinned.published_by,
+            pinned.algorithm.upper(),
+            actual[pinned.algorithm],
+        )
+    else:
+        if got.ours:
+            got.path.unlink(missing_ok=True)
+            got.path.with_name(got.path.name + DONE_RECORD_SUFFIX).unlink(missing_ok=True)
+            fate = f"it was removed (raml downloaded it {origin})"
+            fix = f"run again to download it afresh, or from another mirror with --url {remote.name}=URL"
+        else:
+            fate = f"it was left in place ({got.how}; raml never deletes a file it did not download)"
+            fix = f"replace it with the published file, or delete it to let raml download {remote.name}"
+        raise DigestMismatchError(
+            f"{remote.name} is not the published file: expected {pinned.describe()} ({pinned.published_by}), "
+            f"got {pinned.algorithm.upper()} {actual[pinned.algorithm]} for {got.path}; {fate}. Nothing was "
+            f"unpacked: {folder} was {'left as it was' if folder.exists() else 'not created'}. The file was "
+            f"substituted or damaged: {fix}; or, if it differs on "
+            "purpose and you trust where it came from, pass --no-verify-digest."
+        )
+    return {"sha256": actual["sha256"], "pinned": record}
 
 
 def _already_there(name: str, folder: Path, workers: int, progress: bool) -> InstallReport:

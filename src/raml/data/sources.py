@@ -12,6 +12,18 @@ The files, addresses and layouts are those of the reference README's commands (`
 - ``sop``: ``Stanford_Online_Products.zip`` (members ``Stanford_Online_Products/...``, from an FTP host)
   unpacked without that first folder: ``sop/Ebay_train.txt``, ``sop/Ebay_test.txt``, ``sop/<super>_final/...``.
 
+Pinned digests (:class:`Digest`): each file's MD5 as published in other projects' download code, accepted only
+where independent projects agree on the same value for the same file name (the dataset pages publish none):
+
+- ``CUB_200_2011.tgz``: MD5 ``97eceeb196236b17998738112f37df78`` (TDeVries/cub2011_dataset,
+  ContinualAI/avalanche).
+- ``car_ims.tgz``: MD5 ``d5c8f0aa497503f355e17dc7886c3f14`` and ``cars_annos.mat``: MD5
+  ``b407c6086d669747186bd1d764ff9dbc`` (KevinMusgrave/powerful-benchmarker, lenscloth/RKD).
+- ``Stanford_Online_Products.zip``: MD5 ``7f73d41a2f44250d4779881525aea32e`` (KevinMusgrave/powerful-benchmarker,
+  vadimkantorov/metriclearningbench).
+
+``raml.data.download`` compares a file with its pinned digest before anything is unpacked.
+
 Verification (:func:`verify_dataset`): the dataset's own loader reads its index files, and every image they
 list must exist and pass the header check of :func:`raml.data.check.check_image`.
 """
@@ -36,6 +48,37 @@ class IncompleteDatasetError(ValueError):
     """A dataset folder lacks index files or images, or holds images that cannot be read."""
 
 
+DIGEST_HEX_LENGTHS: dict[str, int] = {"md5": 32, "sha1": 40, "sha256": 64}
+"""The ``hashlib`` algorithms a pinned digest may use, and the length of their hex digests."""
+
+
+@dataclass(frozen=True)
+class Digest:
+    """The published digest of a file.
+
+    Attributes:
+        algorithm: A ``hashlib`` name from :data:`DIGEST_HEX_LENGTHS` (``md5``, ``sha1``, ``sha256``).
+        hex: The digest in lowercase hex.
+        published_by: Where the value comes from (for error messages and the docs).
+    """
+
+    algorithm: str
+    hex: str
+    published_by: str
+
+    def __post_init__(self) -> None:
+        length = DIGEST_HEX_LENGTHS.get(self.algorithm)
+        if length is None:
+            raise ValueError(
+                f"Expected a digest algorithm among {', '.join(DIGEST_HEX_LENGTHS)}, got {self.algorithm!r}."
+            )
+        if len(self.hex) != length or any(c not in "0123456789abcdef" for c in self.hex):
+            raise ValueError(f"Expected a {self.algorithm} digest of {length} lowercase hex digits, got {self.hex!r}.")
+
+    def describe(self) -> str:
+        return f"{self.algorithm.upper()} {self.hex}"
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """One file of a published dataset.
@@ -44,11 +87,14 @@ class RemoteFile:
         name: The official file name; the key of ``--url FILE=URL`` and the name under ``<data_root>/downloads``.
         url: The official address (the reference README's).
         unpacker: How the file lands in the dataset folder.
+        digest: The file's published digest, compared before it is unpacked; None: not pinned (only its
+            SHA-256 is recorded).
     """
 
     name: str
     url: str
     unpacker: Unpacker
+    digest: Digest | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +104,10 @@ class DatasetSource:
     name: str
     files: tuple[RemoteFile, ...]
 
+
+_CUB_PUBLISHED_BY = "TDeVries/cub2011_dataset and ContinualAI/avalanche on GitHub"
+_CARS_PUBLISHED_BY = "KevinMusgrave/powerful-benchmarker and lenscloth/RKD on GitHub"
+_SOP_PUBLISHED_BY = "KevinMusgrave/powerful-benchmarker and vadimkantorov/metriclearningbench on GitHub"
 
 SOURCES: dict[str, DatasetSource] = {
     source.name: source
@@ -69,14 +119,25 @@ SOURCES: dict[str, DatasetSource] = {
                     "CUB_200_2011.tgz",
                     "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz",
                     TarArchive(strip_components=1),
+                    Digest("md5", "97eceeb196236b17998738112f37df78", _CUB_PUBLISHED_BY),
                 ),
             ),
         ),
         DatasetSource(
             "cars",
             (
-                RemoteFile("car_ims.tgz", "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz", TarArchive()),
-                RemoteFile("cars_annos.mat", "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat", PlainFile()),
+                RemoteFile(
+                    "car_ims.tgz",
+                    "http://ai.stanford.edu/~jkrause/car196/car_ims.tgz",
+                    TarArchive(),
+                    Digest("md5", "d5c8f0aa497503f355e17dc7886c3f14", _CARS_PUBLISHED_BY),
+                ),
+                RemoteFile(
+                    "cars_annos.mat",
+                    "http://ai.stanford.edu/~jkrause/car196/cars_annos.mat",
+                    PlainFile(),
+                    Digest("md5", "b407c6086d669747186bd1d764ff9dbc", _CARS_PUBLISHED_BY),
+                ),
             ),
         ),
         DatasetSource(
@@ -86,6 +147,7 @@ SOURCES: dict[str, DatasetSource] = {
                     "Stanford_Online_Products.zip",
                     "ftp://cs.stanford.edu/cs/cvgl/Stanford_Online_Products.zip",
                     ZipArchive(strip_prefix="Stanford_Online_Products/"),
+                    Digest("md5", "7f73d41a2f44250d4779881525aea32e", _SOP_PUBLISHED_BY),
                 ),
             ),
         ),
