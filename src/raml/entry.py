@@ -18,8 +18,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from raml.utils import atomic_write_text
-
 if TYPE_CHECKING:
     import torch
 
@@ -88,6 +86,8 @@ def image_sizes_arg(value: str) -> int | list[int]:
 
 def write_json(path: str | Path, payload: object) -> None:
     """Write JSON atomically (a temp file renamed into place)."""
+    from raml.utils import atomic_write_text  # here: raml.utils imports torch, which a parser must not
+
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     logger.info("Wrote %s", path)
 

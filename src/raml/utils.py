@@ -14,9 +14,11 @@ import shutil
 import stat
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:  # imported where used: the command line's parsers use this module and import neither
+    import numpy as np
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +106,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
     """``torch.save`` to ``path`` atomically."""
+    import torch
+
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
 
@@ -133,12 +137,16 @@ def atomic_duplicate(source: str | Path, path: str | Path) -> None:
 
 def atomic_numpy_save(array: np.ndarray, path: str | Path) -> None:
     """``np.save`` to ``path`` atomically (the file name is kept exactly, no ``.npy`` appended)."""
+    import numpy as np
+
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         np.save(f, array)
 
 
 def select_device(name: str = "auto") -> torch.device:
     """Resolve a device name once, at the entry point: ``auto`` is CUDA when present, else CPU."""
+    import torch
+
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
@@ -169,6 +177,9 @@ def file_digests(path: str | Path, algorithms: Sequence[str], chunk_size: int = 
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and PyTorch generators."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)

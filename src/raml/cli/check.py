@@ -13,8 +13,6 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.data.check import scan_split
-from raml.data.splits import get_split
 
 logger = logging.getLogger("raml")
 
@@ -50,6 +48,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raml.data.check import scan_split
+    from raml.data.splits import get_split
+
     setup_logging(args.verbose)
     if args.json is not None:  # before the scan, which may take minutes
         check_output_file(args.json, "--json")

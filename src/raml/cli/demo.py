@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from raml.cli.choices import DEMO_SETTINGS
 from raml.cli.common import check_output_files, device_from_args, positive_int, setup_logging
 
 logger = logging.getLogger("raml")
@@ -15,9 +16,7 @@ DEMO_OUTPUTS = ("results.json", "results.md", "tradeoff.png", "gallery.png")
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from raml.demo import DemoSettings
-
-    d = DemoSettings()
+    d = argparse.Namespace(**DEMO_SETTINGS)  # DemoSettings()'s fields, without importing the demo
     parser = subparsers.add_parser(
         "demo",
         description="Generate a synthetic fine-grained dataset, train a teacher at DR from random weights, "

@@ -13,9 +13,18 @@ from __future__ import annotations
 import argparse
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
+from raml.cli.choices import (
+    CALIBRATION_METHODS,
+    EXPORT_TOLERANCE,
+    EXPORTERS,
+    INDEX_TYPES,
+    MIN_COSINE,
+    MIN_OPSET,
+    MIN_WORST_COSINE,
+    SHARD_SIZE,
+)
 from raml.cli.common import (
     add_runtime_args,
     check_output_file,
@@ -25,40 +34,11 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.data.splits import get_split
-from raml.deploy.embed import embed_images
-from raml.deploy.export import (
-    DEFAULT_TOLERANCE,
-    EXPORTERS,
-    MIN_OPSET,
-    export_onnx,
-    export_torchscript,
-    sidecar_path,
-)
-from raml.deploy.faiss_index import INDEX_TYPES, IndexParams
-from raml.deploy.image_files import check_images_exist, collect_images, read_image_list
-from raml.deploy.index import index_images
-from raml.deploy.quantize import (
-    CALIBRATION_METHODS,
-    DEFAULT_MIN_COSINE,
-    DEFAULT_MIN_WORST_COSINE,
-    QuantizationReport,
-    evenly_spaced,
-    quantize_onnx,
-)
-from raml.deploy.search import (
-    OnnxEmbedder,
-    check_query_dim,
-    format_search_table,
-    recorded_teacher_sha256,
-    search_images,
-    warn_if_other_teacher,
-    warn_if_untrained_size,
-)
-from raml.deploy.shards import DEFAULT_SHARD_SIZE
-from raml.deploy.store import METADATA_NAME, load_index
-from raml.models import checkpoint_sha256, load_network
-from raml.retrieval.extract import inference_network
+
+if TYPE_CHECKING:
+    import torch
+
+    from raml.deploy.quantize import QuantizationReport
 
 logger = logging.getLogger("raml")
 
@@ -87,6 +67,9 @@ def _add_source_args(parser: argparse.ArgumentParser, required: bool, what: str)
 
 def _source_paths(args: argparse.Namespace) -> tuple[list[str], list[int] | None, str | None]:
     """Image paths (and labels and split name for a dataset) from --images / --list / --dataset."""
+    from raml.data.splits import get_split
+    from raml.deploy.image_files import collect_images, read_image_list
+
     if args.images is not None:
         return collect_images(args.images), None, None
     if args.list is not None:
@@ -99,6 +82,8 @@ def _source_paths(args: argparse.Namespace) -> tuple[list[str], list[int] | None
 
 def _devices(args: argparse.Namespace) -> list[torch.device]:
     """The extraction devices: every visible GPU for --device auto/cuda when there are several, else one."""
+    import torch
+
     device = device_from_args(args)
     if device.type == "cuda" and device.index is None and torch.cuda.device_count() > 1:
         return [torch.device("cuda", i) for i in range(torch.cuda.device_count())]
@@ -153,9 +138,9 @@ def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
     scale.add_argument(
         "--shard-size",
         type=positive_int,
-        default=DEFAULT_SHARD_SIZE,
+        default=SHARD_SIZE,
         metavar="N",
-        help=f"images per shard; a killed run resumes at the first missing shard (default {DEFAULT_SHARD_SIZE})",
+        help=f"images per shard; a killed run resumes at the first missing shard (default {SHARD_SIZE})",
     )
     scale.add_argument(
         "--engine",
@@ -213,6 +198,13 @@ def _add_index_forward_args(parser: argparse.ArgumentParser) -> None:
 
 def run_index(args: argparse.Namespace) -> int:
     """``raml index``."""
+    from raml.deploy.faiss_index import IndexParams
+    from raml.deploy.image_files import read_image_list
+    from raml.deploy.index import index_images
+    from raml.deploy.store import METADATA_NAME, load_index
+    from raml.models import checkpoint_sha256, load_network
+    from raml.retrieval.extract import inference_network
+
     setup_logging(args.verbose)
     if args.json is not None:  # before anything is embedded or committed
         check_output_file(args.json, "--json")
@@ -324,6 +316,20 @@ def _add_search_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_search(args: argparse.Namespace) -> int:
     """``raml search``."""
+    from raml.deploy.embed import embed_images
+    from raml.deploy.image_files import check_images_exist
+    from raml.deploy.search import (
+        OnnxEmbedder,
+        check_query_dim,
+        format_search_table,
+        recorded_teacher_sha256,
+        search_images,
+        warn_if_other_teacher,
+        warn_if_untrained_size,
+    )
+    from raml.deploy.store import load_index
+    from raml.models import load_network
+
     setup_logging(args.verbose)
     _require_deps("faiss", *(["onnxruntime"] if args.onnx is not None else []))
     # both outputs, checked once each and told apart (they must not name one file)
@@ -400,7 +406,7 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
         "--exporter", choices=EXPORTERS, default="auto", help="ONNX exporter (auto: torchscript-based, then dynamo)"
     )
     parser.add_argument(
-        "--tolerance", type=float, default=DEFAULT_TOLERANCE, help=f"max abs difference (default {DEFAULT_TOLERANCE:g})"
+        "--tolerance", type=float, default=EXPORT_TOLERANCE, help=f"max abs difference (default {EXPORT_TOLERANCE:g})"
     )
     _add_source_args(parser, required=False, what="real images for the parity check")
     parser.add_argument(
@@ -435,17 +441,17 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
     int8.add_argument(
         "--min-cosine",
         type=float,
-        default=DEFAULT_MIN_COSINE,
+        default=MIN_COSINE,
         metavar="C",
-        help=f"smallest mean fp32/int8 embedding cosine similarity accepted (default {DEFAULT_MIN_COSINE})",
+        help=f"smallest mean fp32/int8 embedding cosine similarity accepted (default {MIN_COSINE})",
     )
     int8.add_argument(
         "--min-worst-cosine",
         type=float,
-        default=DEFAULT_MIN_WORST_COSINE,
+        default=MIN_WORST_COSINE,
         metavar="C",
         help="smallest fp32/int8 cosine similarity accepted for any one held-out image at any served size "
-        f"(default {DEFAULT_MIN_WORST_COSINE})",
+        f"(default {MIN_WORST_COSINE})",
     )
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     parser.set_defaults(func=run_export)
@@ -453,6 +459,12 @@ def _add_export_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
     """``raml export``."""
+    from raml.deploy.export import export_onnx, export_torchscript
+    from raml.deploy.image_files import check_images_exist
+    from raml.deploy.quantize import QuantizationReport
+    from raml.deploy.search import recorded_teacher_sha256
+    from raml.models import checkpoint_sha256, load_network
+
     setup_logging(args.verbose)
     if args.output is None and args.torchscript is None:
         raise SystemExit("raml export: error: give --output FILE.onnx and/or --torchscript FILE.pt.")
@@ -516,6 +528,8 @@ def run_export(args: argparse.Namespace) -> int:
 def _check_export_outputs(args: argparse.Namespace) -> None:
     """Every file ``raml export`` writes, checked before the network is loaded: the models and their sidecars
     (an existing one only replaced with --overwrite) and the --json report; all different files."""
+    from raml.deploy.export import sidecar_path
+
     targets: list[tuple[str, Path, bool | None]] = []
     for flag, model in (("--output", args.output), ("--torchscript", args.torchscript)):
         if model is not None:
@@ -528,6 +542,10 @@ def _check_export_outputs(args: argparse.Namespace) -> None:
 def _int8_calibration(args: argparse.Namespace) -> tuple[list[str], list[str]]:
     """The calibration images of ``--int8`` (evenly spaced over the split) and as many held-out images of the
     split to check the int8 model on (evenly spaced over the rest), after checking the flags."""
+    from raml.data.splits import get_split
+    from raml.deploy.image_files import check_images_exist
+    from raml.deploy.quantize import evenly_spaced
+
     if not args.int8:
         if args.calibration_split is not None:
             raise SystemExit("raml export: error: --calibration-split is used with --int8 only; add --int8.")
@@ -554,6 +572,9 @@ def _export_int8(
 ) -> QuantizationReport:
     """Export fp32 ONNX to a temporary file (parity-checked against PyTorch), quantise it into --output."""
     import tempfile
+
+    from raml.deploy.export import export_onnx
+    from raml.deploy.quantize import quantize_onnx
 
     with tempfile.TemporaryDirectory(prefix="raml-export-") as work:
         fp32 = Path(work) / "fp32.onnx"

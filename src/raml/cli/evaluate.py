@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
+from raml import lazy_exports
 from raml.cli.common import (
     add_bad_images_arg,
     check_output_file,
@@ -20,15 +20,41 @@ from raml.cli.common import (
     write_json,
 )
 from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args
-from raml.data.check import apply_bad_image_policy
-from raml.data.splits import get_split
 from raml.entry import add_network_args, network_from_args
-from raml.retrieval.cache import EmbeddingCache
-from raml.retrieval.evaluate import evaluate_split, format_results_table
-from raml.retrieval.extract import SINGLE_SCALE, inference_network
-from raml.utils import file_sha256
+from raml.retrieval.scales import SINGLE_SCALE
+
+if TYPE_CHECKING:
+    import torch
+
+    from raml.data.check import apply_bad_image_policy
+    from raml.data.splits import get_split
+    from raml.retrieval.cache import EmbeddingCache
+    from raml.retrieval.evaluate import evaluate_split, format_results_table
+    from raml.retrieval.extract import inference_network
+    from raml.utils import file_sha256
 
 logger = logging.getLogger("raml")
+
+#: what :func:`run` uses of modules that import torch: attributes of this module imported on first use (the
+#: names of the ``TYPE_CHECKING`` block above), so that building the parser imports none of them
+_RUN_IMPORTS = {
+    "apply_bad_image_policy": "raml.data.check",
+    "get_split": "raml.data.splits",
+    "EmbeddingCache": "raml.retrieval.cache",
+    "evaluate_split": "raml.retrieval.evaluate",
+    "format_results_table": "raml.retrieval.evaluate",
+    "inference_network": "raml.retrieval.extract",
+    "file_sha256": "raml.utils",
+}
+__getattr__, __dir__ = lazy_exports(__name__, _RUN_IMPORTS)
+
+
+def _import_run_names() -> None:
+    """Make each name of :data:`_RUN_IMPORTS` a global of this module; one already set (imported before, or
+    replaced by a test) stays as it is."""
+    module = sys.modules[__name__]
+    for name in _RUN_IMPORTS:
+        getattr(module, name)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
@@ -103,6 +129,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import torch
+
+    _import_run_names()
     setup_logging(args.verbose)
     if args.index is not None and (args.teacher_path is not None or args.teacher is not None):
         raise SystemExit("raml test: --index replaces the teacher; give either --index or --teacher-path/--teacher.")

@@ -6,8 +6,7 @@ import argparse
 import json
 import logging
 from pathlib import Path
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from raml.cli.common import (
     add_bad_images_arg,
@@ -17,13 +16,11 @@ from raml.cli.common import (
     setup_logging,
 )
 from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args
-from raml.data.check import apply_bad_image_policy
-from raml.data.splits import get_split
-from raml.distributed import init_distributed
 from raml.entry import add_network_args, network_from_args
-from raml.retrieval.cache import EmbeddingCache
-from raml.retrieval.extract import CPU_RUNTIMES, extract_embeddings_sharded, multiscale_power
-from raml.utils import atomic_path, file_sha256
+from raml.retrieval.scales import CPU_RUNTIMES
+
+if TYPE_CHECKING:
+    import numpy as np
 
 logger = logging.getLogger("raml")
 
@@ -93,6 +90,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raml.data.check import apply_bad_image_policy
+    from raml.data.splits import get_split
+    from raml.distributed import init_distributed
+    from raml.retrieval.cache import EmbeddingCache
+    from raml.retrieval.extract import extract_embeddings_sharded, multiscale_power
+    from raml.utils import file_sha256
+
     setup_logging(args.verbose)
     if args.output.suffix != ".npy":
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
@@ -176,6 +180,10 @@ def write_pair(array: np.ndarray, description: dict, output: Path, sidecar: Path
     """Write the embeddings and their sidecar, each atomically: both are written in full to temporary files
     first, then the sidecar is renamed into place and the ``.npy`` last. A failure while writing leaves the
     previous pair as it was, and a new ``.npy`` never sits beside an old sidecar."""
+    import numpy as np
+
+    from raml.utils import atomic_path
+
     with atomic_path(output) as npy_tmp, atomic_path(sidecar) as json_tmp:
         with open(npy_tmp, "wb") as f:
             np.save(f, array)

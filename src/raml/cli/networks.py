@@ -7,10 +7,10 @@ from __future__ import annotations
 import argparse
 import os
 
+from raml.cli.choices import POOLING_NAMES as POOLINGS
 from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id, positive_int
 from raml.entry import DEFAULT_POOL, DEFAULT_WHITENING, non_negative_int
-from raml.models import POOLINGS
-from raml.retrieval.extract import parse_scales
+from raml.retrieval.scales import parse_scales
 
 
 def scales_arg(value: str) -> tuple[float, ...]:

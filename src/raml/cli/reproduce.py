@@ -6,6 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
+from raml.cli.choices import REPRODUCE_DATASETS
 from raml.cli.common import check_output_files, default_workers, device_from_args, positive_int, setup_logging
 from raml.cli.networks import non_negative_int
 
@@ -16,8 +17,6 @@ CHECKOUT_CONFIGS = Path(__file__).resolve().parents[3] / "configs"
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
-    from raml.reproduce import PAPER_RESULTS
-
     parser = subparsers.add_parser(
         "reproduce",
         description="Test the published teacher (symmetric, at DR) and the published student (asymmetric against "
@@ -27,7 +26,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "Run it again to continue an interrupted distillation; the teacher's embeddings are cached. A rough "
         "duration estimate for the device comes first.",
     )
-    parser.add_argument("dataset", choices=list(PAPER_RESULTS), help="cub, cars or sop")
+    parser.add_argument("dataset", choices=list(REPRODUCE_DATASETS), help="cub, cars or sop")
     parser.add_argument("--data-root", type=Path, default=Path("data"), metavar="DATA_DIR", help="default: data")
     parser.add_argument(
         "--out",

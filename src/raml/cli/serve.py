@@ -14,6 +14,7 @@ import logging
 import math
 from pathlib import Path
 
+from raml.cli.choices import INLINE_DECODE_PIXELS, SERVICE_LIMITS
 from raml.cli.common import device_from_args, positive_int, setup_logging
 from raml.entry import non_negative_int
 
@@ -50,10 +51,7 @@ def late_share(value: str) -> float:
 
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``serve`` sub-command."""
-    from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS
-    from raml.deploy.service.service import ServiceLimits
-
-    defaults = ServiceLimits()
+    defaults = argparse.Namespace(**SERVICE_LIMITS)  # ServiceLimits()'s fields, without importing the service
     parser = subparsers.add_parser(
         "serve",
         description=(
@@ -206,7 +204,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument(
         "--inline-decode-pixels",
         type=non_negative_int,
-        default=DEFAULT_INLINE_DECODE_PIXELS,
+        default=INLINE_DECODE_PIXELS,
         metavar="N",
         help="decode images of at most N pixels (from the header) on the event loop instead of a worker thread "
         "(0: every image in a thread; default %(default)s)",

@@ -11,6 +11,7 @@ import textwrap
 from pathlib import Path
 from typing import Any
 
+from raml.cli.choices import OPTIMIZER_NAMES, SCHEDULER_NAMES
 from raml.cli.common import (
     WORKERS_HELP,
     add_bad_images_arg,
@@ -35,8 +36,6 @@ from raml.engine.config import (
     load_yaml_config,
 )
 from raml.engine.methods import method_help
-from raml.engine.optim import OPTIMIZERS, SCHEDULERS
-from raml.retrieval.evaluate import format_results_table
 
 logger = logging.getLogger("raml")
 
@@ -233,8 +232,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "in the reference)",
     )
     opt.add_argument("--lr", "--learning-rate", type=float, metavar="LR", help=f"learning rate (default {d.lr})")
-    opt.add_argument("--optimizer", "-o", choices=list(OPTIMIZERS), help=f"default {d.optimizer}")
-    opt.add_argument("--scheduler", choices=list(SCHEDULERS), help=f"default {d.scheduler}")
+    opt.add_argument("--optimizer", "-o", choices=list(OPTIMIZER_NAMES), help=f"default {d.optimizer}")
+    opt.add_argument("--scheduler", choices=list(SCHEDULER_NAMES), help=f"default {d.scheduler}")
     opt.add_argument(
         "--group-lr-peaks",
         action="store_true",
@@ -324,6 +323,7 @@ def run(args: argparse.Namespace) -> int:
     from raml.engine.device import prepare_cuda_device
     from raml.engine.search import optimize_and_train
     from raml.engine.trainer import Trainer
+    from raml.retrieval.evaluate import format_results_table
 
     setup_logging(args.verbose)
     try:

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from raml.data.archives import PlainFile, TarArchive, Unpacker, ZipArchive
-from raml.data.check import scan_split
 from raml.data.splits import DATASETS, split_from_lists
 
 logger = logging.getLogger(__name__)
@@ -197,6 +196,8 @@ def verify_dataset(name: str, folder: Path, workers: int = 1, progress: bool = F
         IncompleteDatasetError: An index file is missing or malformed, or images are missing or unreadable;
             the message names the first few and gives the count.
     """
+    from raml.data.check import scan_split  # here: it imports PIL and torch, which `raml data download -h` must not
+
     try:
         parts = DATASETS[name](folder, 0.5)
     except (FileNotFoundError, ValueError) as error:

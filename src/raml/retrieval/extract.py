@@ -21,11 +21,9 @@ default of ``raml extract`` / ``raml test`` / ``raml index``).
 
 from __future__ import annotations
 
-import ast
 import logging
 import math
-import operator
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -40,29 +38,15 @@ from raml.distributed import DistContext, all_gather_rows, shard_bounds
 from raml.models.forward_wrapper import NetworkWrapper
 from raml.models.onnx_forward import AUTO_WARMUP_PIXELS, OrtForward, onnxruntime_available
 
-logger = logging.getLogger(__name__)
+# defined in a module without torch, for the command line's parsers; still importable from here
+from raml.retrieval.scales import CPU_RUNTIMES, SINGLE_SCALE, parse_scales, validate_scales  # noqa: F401
 
-#: One scale: the image as the evaluation transform gives it.
-SINGLE_SCALE: tuple[float, ...] = (1.0,)
+logger = logging.getLogger(__name__)
 
 #: Numeric precisions of the forward pass: ``fp32`` (the default, the paper's numbers) or ``bf16`` (opt-in:
 #: bfloat16 autocast; fast only where the hardware has bf16 arithmetic, see :func:`bf16_support`).
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16")
 _BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")
-
-#: How an fp32 forward runs on the CPU: ``auto`` (onnxruntime where it works, else torch), ``onnxruntime``
-#: (error when it does not) or ``torch`` (PyTorch's eager forward).
-CPU_RUNTIMES: tuple[str, ...] = ("auto", "onnxruntime", "torch")
-
-_MAX_SCALES_TEXT = 1000
-_BINARY_OPS: dict[type[ast.operator], Callable[[float, float], float]] = {
-    ast.Add: operator.add,
-    ast.Sub: operator.sub,
-    ast.Mult: operator.mul,
-    ast.Div: operator.truediv,
-    ast.Pow: operator.pow,
-}
-_UNARY_OPS: dict[type[ast.unaryop], Callable[[float], float]] = {ast.USub: operator.neg, ast.UAdd: operator.pos}
 
 
 def network_mean_std(network: nn.Module) -> tuple[list[float], list[float]]:
@@ -71,69 +55,6 @@ def network_mean_std(network: nn.Module) -> tuple[list[float], list[float]]:
     mean = list(meta.get("mean", (0.485, 0.456, 0.406)))
     std = list(meta.get("std", (0.229, 0.224, 0.225)))
     return mean, std
-
-
-def _scale_value(node: ast.AST, text: str) -> float:
-    """The value of one scale expression: numbers combined with ``+ - * / **`` and unary signs."""
-    if isinstance(node, ast.Constant) and type(node.value) in (int, float):
-        return float(node.value)
-    if isinstance(node, ast.UnaryOp) and type(node.op) in _UNARY_OPS:
-        return _UNARY_OPS[type(node.op)](_scale_value(node.operand, text))
-    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY_OPS:
-        left, right = _scale_value(node.left, text), _scale_value(node.right, text)
-        try:
-            value = _BINARY_OPS[type(node.op)](left, right)
-        except ZeroDivisionError:
-            raise ValueError(f"{ast.unparse(node)!r} in {text!r} divides by zero") from None
-        except OverflowError:
-            raise ValueError(f"{ast.unparse(node)!r} in {text!r} is too large") from None
-        if not isinstance(value, float):  # a negative base to a fractional power is complex
-            raise ValueError(f"{ast.unparse(node)!r} in {text!r} is not a real number")
-        return value
-    raise ValueError(
-        f"{ast.unparse(node)!r} in {text!r} is not allowed: a scale is a number or arithmetic on numbers "
-        "with + - * / ** (e.g. 1/2**(1/2))"
-    )
-
-
-def validate_scales(scales: Sequence[float]) -> tuple[float, ...]:
-    """Check that ``scales`` is a non-empty list of positive finite numbers; return it as a tuple of floats."""
-    if isinstance(scales, str | bytes) or not isinstance(scales, Sequence):
-        raise ValueError(f"scales must be a sequence of numbers such as (1, 0.5), got {scales!r}")
-    values = tuple(float(s) for s in scales)
-    if not values:
-        raise ValueError("scales must hold at least one scale, e.g. (1,)")
-    bad = [s for s in values if not (math.isfinite(s) and s > 0)]
-    if bad:
-        raise ValueError(f"every scale must be a positive finite number, got {bad[0]!r} in {list(values)}")
-    return values
-
-
-def parse_scales(text: str) -> tuple[float, ...]:
-    """Parse the reference's ``--multiscale`` value, e.g. ``'[1, 1/2**(1/2), 1/2]'``, without evaluating it.
-
-    Accepted: a list or tuple (brackets optional) of numbers or arithmetic on numbers with ``+ - * / **``
-    and unary signs. Every scale must be positive and finite.
-
-    Raises:
-        ValueError: on anything else (names, calls, nested lists, strings, empty lists, non-positive or
-            non-finite scales), naming the part that was refused.
-    """
-    if not isinstance(text, str):
-        raise ValueError(f"scales must be given as text such as '[1, 1/2]', got {text!r}")
-    if len(text) > _MAX_SCALES_TEXT:
-        raise ValueError(f"the list of scales is longer than {_MAX_SCALES_TEXT} characters")
-    try:
-        tree = ast.parse(text.strip(), mode="eval")
-    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
-        raise ValueError(f"{text!r} is not a list of scales such as '[1, 1/2**(1/2), 1/2]' ({error})") from None
-    body = tree.body
-    items = body.elts if isinstance(body, ast.List | ast.Tuple) else [body]
-    try:
-        values = [_scale_value(item, text) for item in items]
-    except RecursionError:
-        raise ValueError(f"{text!r} is nested too deeply") from None
-    return validate_scales(values)
 
 
 def multiscale_power(network: nn.Module, scales: Sequence[float]) -> float:
