@@ -90,6 +90,31 @@ def test_to_rgb_32_bit_int_is_read_as_16_bit() -> None:
     np.testing.assert_array_equal(_pixels(to_rgb(src))[0, :, 0], [0, 0, 100, 255, 255])
 
 
+def test_to_rgb_32_bit_int_far_outside_16_bit_is_clipped_before_scaling() -> None:
+    """Values far below 0 or above 65535 are clipped to 0 / 255 (the rule ``round(clip(v, 0, 65535) * 255 /
+    65535)``), not wrapped around 8 bits: -5 rounds to 0 even unclipped, -1000 does not."""
+    values = [-1000, -70000, -(2**31), 70000, 2**31 - 1, 300]
+    src = Image.fromarray(np.array([values], dtype=np.int32))
+    assert src.mode == "I"
+    expected = [round(min(max(v, 0), 65535) * 255 / 65535) for v in values]
+    assert expected == [0, 0, 0, 255, 255, 1]
+    np.testing.assert_array_equal(_pixels(to_rgb(src))[0, :, 0], expected)
+
+
+def test_to_rgb_palette_with_byte_transparency_goes_through_rgba_without_warning() -> None:
+    """PIL warns that a palette image with per-index alpha bytes should be converted to RGBA: to_rgb does so
+    (the pixels are the same either way, so only the warning tells the two paths apart)."""
+    import warnings
+
+    src = Image.new("P", (4, 2), 1)
+    src.putpalette([0, 0, 0, 255, 0, 0, 0, 255, 0] + [0] * (256 * 3 - 9))
+    src.info["transparency"] = bytes([255, 0, 255])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        out = _pixels(to_rgb(src))
+    assert tuple(out[0, 0]) == (255, 0, 0)
+
+
 def test_to_rgb_float_is_read_as_unit_range() -> None:
     src = Image.fromarray(np.array([[-0.5, 0.0, 0.5, 1.0, 3.0, np.nan]], dtype=np.float32))
     assert src.mode == "F"

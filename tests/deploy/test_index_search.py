@@ -494,3 +494,75 @@ def test_evaluation_needs_an_index_of_the_same_labelled_split(setup, tmp_path):
     )
     with pytest.raises(IndexDirectoryError, match="--dataset synth-test"):
         evaluate_with_index(student, split, QR, index_dir, CPU)
+
+
+@pytest.mark.parametrize(
+    ("num_vectors", "nlist", "nprobe", "train"),
+    [
+        (10_000, 256, 32, 10_000),  # 4 sqrt(N) = 400 > 10000 // 39 = 256 cells; nprobe = 256 // 8
+        (1_000_000, 4000, 500, 200_000),  # 4 sqrt(N) = 4000 < 200000 // 39 = 5128; the sample is 200,000
+        (3_000, 76, 9, 3_000),  # 4 sqrt(3000) = 219.1 > 3000 // 39 = 76
+        (100, 2, 1, 100),  # 100 // 39 = 2; nprobe at least 1
+        (30, 1, 1, 30),  # fewer than 39 training vectors: one cell
+    ],
+)
+def test_ivf_defaults_are_4_sqrt_n_cells_at_most_one_per_39_training_vectors(num_vectors, nlist, nprobe, train):
+    """The documented IVF defaults, hand-computed: nlist = max(1, min(round(4 sqrt N), train // 39)), nprobe =
+    max(1, nlist // 8), train = min(N, 200000)."""
+    resolved = IndexParams("ivf").resolve(num_vectors, 512)
+    assert (resolved.nlist, resolved.nprobe, resolved.train_size) == (nlist, nprobe, train)
+
+
+@pytest.mark.parametrize(
+    ("dim", "num_vectors", "m", "nbits"),
+    [
+        (512, 10_000, 64, 8),  # the largest divisor of 512 up to 512 // 8 = 64; nbits 8
+        (96, 10_000, 12, 8),  # divisors of 96 up to 12: 12
+        (100, 10_000, 10, 8),  # divisors of 100 up to 12: 10
+        (7, 10_000, 1, 8),  # 7 // 8 = 0: one sub-quantiser
+        (64, 100, 8, 6),  # 100 training vectors: nbits = floor(log2 100) = 6
+    ],
+)
+def test_ivfpq_defaults_largest_divisor_up_to_d_over_8_and_nbits_from_the_sample(dim, num_vectors, m, nbits):
+    resolved = IndexParams("ivfpq").resolve(num_vectors, dim)
+    assert (resolved.m, resolved.nbits) == (m, nbits)
+
+
+def test_hnsw_searched_deeper_than_ef_search_keeps_k_candidates() -> None:
+    """``ef_search`` 2 and k = 100: the candidate list is raised to k, so every query gets 100 real results (no
+    -1), scored by their inner product, and its first is the brute-force nearest (a loop over the rows)."""
+    from raml.deploy.faiss_index import apply_search_params, build_faiss_index
+
+    rng = np.random.default_rng(0)
+    rows = rng.normal(size=(400, 16)).astype(np.float32)
+    rows /= np.linalg.norm(rows, axis=1, keepdims=True)
+    queries = rows[:20] + 0.3 * rng.normal(size=(20, 16)).astype(np.float32)
+    index, resolved = build_faiss_index(rows, IndexParams("hnsw", hnsw_m=4, ef_search=2))
+    apply_search_params(index, resolved, k=100)
+    scores, ids = index.search(queries, 100)
+    assert (ids >= 0).all()
+    for q, row_scores, row_ids in zip(queries, scores, ids):
+        np.testing.assert_allclose(row_scores, [float(q @ rows[j]) for j in row_ids], rtol=1e-5, atol=1e-6)
+        best = max(range(len(rows)), key=lambda j: float(q @ rows[j]))
+        assert row_ids[0] == best
+
+
+def test_search_images_drops_the_minus_one_ids_of_missing_results() -> None:
+    """faiss pads a row it cannot fill with id -1 (an IVF search of too few cells): such entries are no results,
+    not ``index.paths[-1]``. A stub index with hand-written search results."""
+    from types import SimpleNamespace
+
+    from raml.deploy.search import format_search_table, search_images
+
+    scores = np.array([[0.9, 0.5, -3.4e38], [-3.4e38, -3.4e38, -3.4e38]], dtype=np.float32)
+    ids = np.array([[2, 0, -1], [-1, -1, -1]], dtype=np.int64)
+    stub = SimpleNamespace(paths=["a.jpg", "b.jpg", "c.jpg"], search=lambda queries, k, nprobe=None: (scores, ids))
+    out = search_images(stub, np.zeros((2, 4), dtype=np.float32), ["q1.jpg", "q2.jpg"], k=3)
+    assert out == [
+        {
+            "query": "q1.jpg",
+            "results": [{"path": "c.jpg", "score": pytest.approx(0.9)}, {"path": "a.jpg", "score": 0.5}],
+        },
+        {"query": "q2.jpg", "results": []},
+    ]
+    assert "(no result)" in format_search_table(out)

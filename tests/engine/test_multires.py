@@ -74,6 +74,17 @@ def test_size_draws_are_balanced_deterministic_and_leave_the_global_generator_al
     assert Counter(draw_batch_sizes([24, 32], 10, seed=0, epoch=1)) == {24: 5, 32: 5}
 
 
+def test_which_sizes_get_the_extra_batches_is_drawn_per_epoch():
+    """31 batches, 3 sizes: one size gets 11 batches, the others 10. Which one is drawn (no size favoured over
+    epochs): over 30 epochs every size is the one with 11 at least once (a fixed choice would always pick 24)."""
+    extra = set()
+    for epoch in range(1, 31):
+        counts = Counter(draw_batch_sizes([24, 32, 48], 31, seed=5, epoch=epoch))
+        assert sorted(counts.values()) == [10, 10, 11]
+        extra |= {s for s, n in counts.items() if n == 11}
+    assert extra == {24, 32, 48}
+
+
 # ------------------------------------------------------------------------------------------------ views
 @pytest.fixture(scope="module")
 def images(tmp_path_factory) -> list[Path]:

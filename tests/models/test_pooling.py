@@ -122,3 +122,13 @@ def test_gem_large_p_approaches_max() -> None:
     x = torch.rand(1, 2, 3, 3, dtype=torch.float64) + 0.5
     out = GeM(p=200.0).double()(x)
     assert math.isclose(out[0, 0].item(), x[0, 0].max().item(), rel_tol=2e-2)
+
+
+@pytest.mark.parametrize("pool", [GeM(p=3.0, eps=1e-6), GeMmp(channels=2, p=3.0, eps=1e-6)])
+def test_gem_of_a_channel_with_no_positive_value_is_eps(pool: torch.nn.Module) -> None:
+    """The clamp is at eps, not 0: a channel of zeros and negatives pools to ``(mean eps**p) ** (1/p) = eps``
+    (the closed form); a clamp at 0 gives 0. The closed-form test's eps effect is below its tolerance."""
+    x = torch.tensor([[[[0.0, -1.0], [-2.0, -0.5]], [[4.0, 0.0], [-3.0, 2.0]]]], dtype=torch.float64)
+    out = pool.double()(x).detach().numpy()
+    assert out[0, 0] == pytest.approx(1e-6, rel=1e-9)
+    assert out[0, 1] == pytest.approx(_gem_closed_form([4.0, 0.0, -3.0, 2.0], 3.0, 1e-6), rel=1e-12)

@@ -98,6 +98,18 @@ def test_the_input_size_selects_the_statistics_and_other_sizes_use_the_shared_on
         torch.testing.assert_close(network(x), _network()(x))
 
 
+def test_a_non_square_input_uses_the_shared_statistics_even_when_a_side_is_a_size(images):
+    """Only a square input ``S x S`` selects ``S``'s statistics: 24 high and 32 wide (both sizes with their own)
+    or 40 x 32 use the shared ones, i.e. compute what the plain network computes."""
+    network = recalibrate_size_bn(_network(), images, [24, 32], torch.device("cpu"))
+    plain = _network()
+    with torch.no_grad():
+        for height, width in ((24, 32), (40, 32), (32, 24)):
+            x = torch.randn(2, 3, height, width)
+            torch.testing.assert_close(network(x), plain(x))
+            assert not torch.allclose(network(x), _with_stats_of(network, width)(x), atol=1e-4)
+
+
 def test_checkpoint_round_trip_and_plain_loading(images, tmp_path):
     network = recalibrate_size_bn(_network(), images, [24, 32], torch.device("cpu"))
     path = tmp_path / "bn.pth"

@@ -129,3 +129,41 @@ def test_bad_scales_are_refused_before_any_extraction(split) -> None:
     with pytest.raises(ValueError, match="positive finite"):
         evaluate_split(student, split, QR, CPU, sym=True, progress=False, query_scales=(1.0, 0.0))
     assert student.calls == []
+
+
+def _loop_metrics(query: torch.Tensor, database: torch.Tensor, labels: list[int], ks: tuple[int, ...]):
+    """mAP (revisited Oxford/Paris ``compute_ap``, trapezoid rule) and R@k in %, each query against every other
+    database image (its own image left out), written as loops."""
+    aps, hits = [], dict.fromkeys(ks, 0)
+    for i in range(len(labels)):
+        others = [j for j in range(len(labels)) if j != i]
+        ranked = sorted(others, key=lambda j: -float(query[i] @ database[j]))
+        ranks = [r for r, j in enumerate(ranked) if labels[j] == labels[i]]
+        ap = 0.0
+        for j, r in enumerate(ranks):
+            ap += ((1.0 if r == 0 else j / r) + (j + 1) / (r + 1)) / 2 / len(ranks)
+        aps.append(ap)
+        for k in ks:
+            hits[k] += ranks[0] < k
+    return 100 * sum(aps) / len(aps), {k: 100 * h / len(labels) for k, h in hits.items()}
+
+
+def test_asymmetric_metrics_leave_each_query_s_own_image_out(split) -> None:
+    """The query image is in the database too (the teacher's embedding of the same file): it is junk, not the
+    first positive. With the student's queries equal to the teacher's embeddings, counting it would give R@1 =
+    100; the metrics must be those of a loop over the other images."""
+    generator = torch.Generator().manual_seed(3)
+    embeddings = torch.nn.functional.normalize(torch.randn(len(split), 4, generator=generator), dim=1)
+    student, teacher = Spy(0, dim=4), Spy(1, dim=4)
+
+    def embed(network, paths, *args, **kwargs):
+        assert len(paths) == len(split)
+        return embeddings.clone()
+
+    ks = (1, 2, 4)
+    results = evaluate_split(student, split, QR, CPU, teacher=teacher, progress=False, ks=ks, embed=embed)
+    mean_ap, recalls = _loop_metrics(embeddings, embeddings, list(split.labels), ks)
+    assert recalls[1] < 100
+    assert results["asym"]["mAP"] == pytest.approx(mean_ap, abs=1e-6)
+    for k in ks:
+        assert results["asym"][f"R@{k}"] == pytest.approx(recalls[k], abs=1e-6)
