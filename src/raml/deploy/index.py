@@ -135,7 +135,8 @@ def index_images(
 
     Args:
         network: The database network (teacher), on ``devices[0]``; ``(B, 3, S, S)`` -> ``(B, D)``.
-        paths: Image files (may be empty when only removing).
+        paths: Image files (may be empty when only removing); stored absolute (a relative path is joined to the
+            working directory).
         image_size: Database resolution DR.
         index_dir: The index directory (created if missing).
         network_sha256: Content hash of the network's checkpoint (see ``raml.models.checkpoint_sha256``).
@@ -168,7 +169,10 @@ def index_images(
             names its PID). A lock left by a killed writer is taken over, with a warning.
     """
     index_dir = Path(index_dir)
-    paths = [str(p) for p in paths]
+    # Stored absolute (a relative path joined to the working directory, not otherwise normalised), so that an
+    # update from another working directory recognises the same file; an older index's relative paths are keyed
+    # against the working directory, as they always were.
+    paths = [_absolute(str(p)) for p in paths]
     remove = [str(p) for p in remove]
     if not paths and not remove:
         raise ValueError("No images to index: the list of paths is empty.")
@@ -405,6 +409,11 @@ def index_images(
             meta["index_type"],
         )
         return {**_summary(index_dir, meta, added, skipped, reembedded, len(removed_ids), not_found), **engine_report}
+
+
+def _absolute(path: str) -> str:
+    """``path`` made absolute by joining it to the working directory (``..`` and links kept as given)."""
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
 
 
 def _compare_stamp(path: str, old: str, hash_images: bool) -> tuple[bool, str]:

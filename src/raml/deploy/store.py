@@ -13,7 +13,8 @@ On-disk layout (``index_dir``)::
     invlists-<G>.ivfdata     an on-disk IVF index's inverted lists (``--on-disk``; raml.deploy.ondisk_ivf): the
                              .faiss file holds the quantiser and names this file
     embeddings-<G>.npy       (N, D) float32 embeddings, rows in index order (re-adding, exact re-ranking)
-    paths-<G>.json           the N image paths, as given on the command line / resolved from a list file
+    paths-<G>.json           the N image paths, as given on the command line / resolved from a list file, made
+                             absolute against the writer's working directory (older indexes: maybe relative)
     labels-<G>.npy           (N,) int64 class labels (-1 where the images did not come from a dataset split)
     stamps-<G>.json          the N file stamps (``"<size>:<mtime_ns>"`` or ``"sha256:<hex>"``): a changed file is
                              re-embedded (indexes written before stamps existed have none)

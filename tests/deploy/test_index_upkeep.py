@@ -1,0 +1,81 @@
+"""Index upkeep across runs: paths recognised from any working directory, leftovers of killed runs removed, other
+jobs' shards kept, list files parsed line by line (the audit of `raml index`, 2026-12-05)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from raml.deploy import index_images, load_index
+from raml.deploy.shards import ShardPlan
+
+DIM = 8
+SHA = "0" * 64
+
+
+def content_rows(paths: list[str]) -> np.ndarray:
+    """Deterministic unit rows from each file's content only (the same file gives the same row by any path)."""
+    out = []
+    for path in paths:
+        seed = int.from_bytes(hashlib.sha256(Path(path).read_bytes()).digest()[:8], "little")
+        x = np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+        out.append(x / np.linalg.norm(x))
+    return np.stack(out)
+
+
+def fake_engine(plan: ShardPlan) -> dict:
+    for i in plan.missing():
+        plan.write(i, content_rows(plan.shard_paths(i)))
+    return {"engine": "fake"}
+
+
+def make_files(folder: Path, count: int, start: int = 0) -> list[str]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(start, start + count):
+        path = folder / f"img{i:05d}.jpg"
+        path.write_bytes(f"image {i}".encode())
+        paths.append(str(path))
+    return paths
+
+
+def index(index_dir: Path, paths: list[str], **kwargs) -> dict:
+    kwargs.setdefault("engine", fake_engine)
+    return index_images(nn.Identity(), paths, 32, index_dir, SHA, shard_size=4, **kwargs)
+
+
+def test_relative_paths_are_the_same_images_from_another_working_directory(tmp_path, monkeypatch):
+    make_files(tmp_path / "cwd1" / "sub" / "db", 6)
+    index_dir = tmp_path / "index"
+    names = [f"img{i:05d}.jpg" for i in range(6)]
+    monkeypatch.chdir(tmp_path / "cwd1")
+    first = index(index_dir, [f"sub/db/{n}" for n in names])
+    assert first["added"] == 6
+    stored = load_index(index_dir).paths
+    assert stored == [str(tmp_path / "cwd1" / "sub" / "db" / n) for n in names]  # absolute
+    # the same files, named relative to another working directory: nothing added
+    monkeypatch.chdir(tmp_path / "cwd1" / "sub")
+    again = index(index_dir, [f"db/{n}" for n in names])
+    assert again["added"] == 0 and again["skipped"] == 6 and again["count"] == 6
+    # and removed by a third name
+    monkeypatch.chdir(tmp_path / "cwd1" / "sub" / "db")
+    removed = index(index_dir, [], remove=[names[0]])
+    assert removed["removed"] == 1 and removed["not_found"] == [] and removed["count"] == 5
+
+
+def test_relative_paths_of_an_older_index_are_keyed_against_the_working_directory(tmp_path, monkeypatch):
+    make_files(tmp_path / "db", 4)
+    index_dir = tmp_path / "index"
+    monkeypatch.chdir(tmp_path)
+    index(index_dir, [str(tmp_path / "db" / f"img{i:05d}.jpg") for i in range(4)])
+    # an index written before paths were stored absolute holds them as given
+    meta = json.loads((index_dir / "index.json").read_text())
+    paths_file = index_dir / meta["files"]["paths"]
+    paths_file.write_text(json.dumps([f"db/img{i:05d}.jpg" for i in range(4)], indent=0) + "\n")
+    report = index(index_dir, [f"db/img{i:05d}.jpg" for i in range(4)], remove=["db/img00000.jpg"])
+    assert report["added"] == 0 and report["removed"] == 1 and report["count"] == 3
+    assert load_index(index_dir).paths[1] == "db/img00001.jpg"  # kept as stored
