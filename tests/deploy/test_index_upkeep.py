@@ -3,14 +3,16 @@ jobs' shards kept, list files parsed line by line (the audit of `raml index`, 20
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 from torch import nn
 
-from raml.deploy import index_images, load_index
+from raml.deploy import IndexDirectoryError, index_images, load_index
 from raml.deploy.shards import ShardPlan
 
 DIM = 8
@@ -79,3 +81,74 @@ def test_relative_paths_of_an_older_index_are_keyed_against_the_working_director
     report = index(index_dir, [f"db/img{i:05d}.jpg" for i in range(4)], remove=["db/img00000.jpg"])
     assert report["added"] == 0 and report["removed"] == 1 and report["count"] == 3
     assert load_index(index_dir).paths[1] == "db/img00001.jpg"  # kept as stored
+
+
+def _plant_leftovers(index_dir: Path) -> list[str]:
+    """What a writer SIGKILLed at each stage leaves (the names the audit found), generation 2 uncommitted."""
+    names = [
+        ".embeddings-000002.npy.1a2b3c4d.tmp",
+        ".invlists-000002.ivfdata.5e6f7a8b.tmp",
+        ".index-000002.faiss.0badc0de.tmp",
+        ".index.json.feedbeef.tmp",
+        "embeddings-000002.npy",
+        "index-000002.faiss",
+    ]
+    for name in names:
+        (index_dir / name).write_bytes(b"x" * 100)
+    parts = index_dir / ".invlists-000002.ivfdata.parts-9c8d7e6f.tmp"
+    parts.mkdir()
+    (parts / "part-000000.faiss").write_bytes(b"x")
+    return [*names, parts.name]
+
+
+def test_leftovers_of_killed_runs_are_removed_by_the_next_writer_even_when_it_changes_nothing(tmp_path):
+    paths = make_files(tmp_path / "db", 6)
+    index_dir = tmp_path / "index"
+    index(index_dir, paths)
+    committed = sorted(p.name for p in index_dir.iterdir())
+    planted = _plant_leftovers(index_dir)
+    (index_dir / "notes.txt").write_text("mine")  # not raml's: never touched
+    (index_dir / "embeddings-old.npy").write_text("mine")
+    report = index(index_dir, paths)  # nothing to change
+    assert report["added"] == 0 and report["count"] == 6
+    left = sorted(p.name for p in index_dir.iterdir())
+    assert not set(planted) & set(left)
+    assert left == sorted([*committed, "notes.txt", "embeddings-old.npy"])
+    assert len(load_index(index_dir)) == 6
+
+
+def test_a_kill_between_the_commit_and_the_shard_clean_up_is_cleaned_by_the_next_writer(tmp_path, monkeypatch):
+    import raml.deploy.index as index_module
+
+    paths = make_files(tmp_path / "db", 10)
+    index_dir = tmp_path / "index"
+    index(index_dir, paths[:6])
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt("killed after the commit")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(index_module, "remove_shard_folders", killed, raising=False)
+        patch.setattr(index_module, "remove_shard_folder", killed, raising=False)
+        with contextlib.suppress(KeyboardInterrupt):
+            index(index_dir, paths)
+    assert load_index(index_dir).live_count == 10  # committed
+    assert [p.name for p in index_dir.iterdir() if p.name.startswith("shards-")]  # its work folder left
+    index(index_dir, paths)  # nothing to change
+    assert not [p.name for p in index_dir.iterdir() if p.name.startswith("shards-")]
+
+
+def test_a_killed_first_build_leaves_nothing_but_its_shards_and_a_foreign_folder_is_untouched(tmp_path):
+    paths = make_files(tmp_path / "db", 6)
+    index_dir = tmp_path / "index"
+    index_dir.mkdir()
+    planted = _plant_leftovers(index_dir)
+    index(index_dir, paths)
+    assert not set(planted) & {p.name for p in index_dir.iterdir()}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    planted = _plant_leftovers(foreign)
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(IndexDirectoryError, match="holds no raml index"):
+        index(foreign, paths)
+    assert set(planted) <= {p.name for p in foreign.iterdir()}

@@ -60,6 +60,7 @@ from raml.deploy.store import (
     is_index_leftover,
     load_index,
     next_generation,
+    remove_leftovers,
     write_generation,
 )
 from raml.retrieval.cache import file_stamps
@@ -196,6 +197,7 @@ def index_images(
 
     # One writer at a time: the lock spans reading the current generation to committing the next one.
     with DirectoryLock(index_dir, "raml index"):
+        remove_leftovers(index_dir)  # what killed writers left (a SIGKILL runs no clean-up of its own)
         existing: DatabaseIndex | None = None  # the index being updated
         previous: DatabaseIndex | None = None  # the index being rebuilt (--overwrite): only its ids are kept
         if (index_dir / METADATA_NAME).exists() and not overwrite:
@@ -381,6 +383,11 @@ def index_images(
                         )
                     meta["datasets"] = [*meta.get("datasets", []), dataset]
             meta["file_stamps"] = "sha256" if hash_images else meta.get("file_stamps", "size+mtime_ns")
+            # the shard folder this generation comes from: done once committed (removed by the next writer if
+            # a kill comes between the commit and its removal)
+            meta.pop("work_folder", None)
+            if plan is not None:
+                meta["work_folder"] = plan.directory.name
             write_generation(
                 index_dir,
                 meta,

@@ -35,7 +35,8 @@ count, the datasets added, and ``files`` (the names above). An update writes eve
 generation ``G + 1`` through temporary files that are fsynced, renamed into place and their directory
 fsynced (``raml.utils.atomic_path``), and only then replaces ``index.json`` the same way: that rename is the
 commit. A crash, an error or a power loss at any earlier point leaves the previous ``index.json`` and the
-files it names untouched; files of an uncommitted generation are removed on error or at the next update.
+files it names untouched; files of an uncommitted generation are removed on error, and what a killed writer
+leaves by the next writer (:func:`remove_leftovers`).
 Writers hold the directory's lock (:mod:`raml.deploy.index`); readers take none (see :func:`load_index`).
 
 Readers map the faiss index instead of reading it (``load_index(..., mmap=True)``, the default), so processes
@@ -83,6 +84,7 @@ __all__ = [
     "is_index_leftover",
     "load_index",
     "next_generation",
+    "remove_leftovers",
     "write_generation",
 ]
 
@@ -429,12 +431,12 @@ def is_index_leftover(name: str) -> bool:
     return name == LOCK_NAME or _is_generation_file(name) or _is_index_temporary(name) or is_shards_folder(name)
 
 
-def _remove_unreferenced(index_dir: Path, keep: set[str]) -> None:
+def _remove_unreferenced(index_dir: Path, keep: set[str] | None) -> None:
     """Delete generation files (and leftover temporary files and folders) that the current index.json does not
-    name."""
+    name (``keep``; None: the temporaries only)."""
     for entry in index_dir.iterdir():
         name = entry.name
-        if (_is_generation_file(name) and name not in keep) or _is_index_temporary(name):
+        if (keep is not None and _is_generation_file(name) and name not in keep) or _is_index_temporary(name):
             try:
                 if entry.is_dir() and not entry.is_symlink():
                     shutil.rmtree(entry)
@@ -442,6 +444,38 @@ def _remove_unreferenced(index_dir: Path, keep: set[str]) -> None:
                     entry.unlink()
             except OSError as error:  # not fatal: the index itself is committed
                 logger.warning("Could not remove stale index file %s: %s", entry, error)
+
+
+def remove_leftovers(index_dir: Path) -> None:
+    """Delete what killed writers left in ``index_dir``; call it holding the writer's lock.
+
+    Removed: temporary files and folders of raml's naming (``.<generation file>.<random>.tmp``, the on-disk
+    lists' ``.invlists-<G>.ivfdata.parts-<random>.tmp``, ``.index.json.<random>.tmp``), generation files that
+    the committed ``index.json`` does not name (every one when there is no ``index.json`` and the folder holds
+    nothing else than a writer's files; none when it is unreadable), and the shard work folder of the committed
+    job (``work_folder`` in ``index.json``: a kill between the commit and its removal). Never a file that
+    ``index.json`` names, nor any other name.
+    """
+    if not index_dir.is_dir():
+        return
+    meta_path = index_dir / METADATA_NAME
+    keep: set[str] | None = set()
+    meta: Any = None
+    if not meta_path.exists() and not all(is_index_leftover(entry.name) for entry in index_dir.iterdir()):
+        return  # not an index folder: the caller refuses it, and nothing is removed
+    if meta_path.exists():
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError):
+            meta = None
+        files = meta.get("files") if isinstance(meta, dict) else None
+        keep = {str(name) for name in files.values()} if isinstance(files, dict) else None
+    _remove_unreferenced(index_dir, keep)
+    work_folder = meta.get("work_folder") if isinstance(meta, dict) else None
+    if isinstance(work_folder, str) and is_shards_folder(work_folder):
+        folder = index_dir / work_folder
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def write_generation(
