@@ -63,6 +63,8 @@ from raml.deploy.store import (
     remove_leftovers,
     write_generation,
 )
+from raml.models.forward_wrapper import NetworkWrapper
+from raml.models.onnx_forward import OrtForward
 from raml.retrieval.cache import file_stamps
 from raml.retrieval.extract import forward_precision
 
@@ -75,7 +77,39 @@ _CHUNK_ROWS = 8192  # rows copied / added to faiss per step when assembling a ge
 
 ShardEngine = Callable[[ShardPlan], "dict[str, Any] | None"]
 """Fills every missing or damaged shard of a plan and may return figures about the run (the single-process
-default: :func:`local_engine`; the Ray engine: :func:`raml.deploy.ray_engine.ray_engine`)."""
+default: :func:`local_engine`; the Ray engine: :func:`raml.deploy.ray_engine.ray_engine`). An engine may have a
+``key_fields(images) -> {"runtime": str, "batch": int}`` attribute: what its rows depend on for a job of ``images``
+images, besides the network, size and precision; both go into the shard key."""
+
+
+class _JobForward(NetworkWrapper):
+    """An :class:`OrtForward` whose runtime was decided for a whole job (``expect`` called once with the job's
+    size): it is no ``OrtForward`` to :func:`extract_embeddings`, so a shard's own size never decides again."""
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.network(images)
+
+
+def _job_runtime(network: nn.Module, image_size: int, images: int) -> str:
+    """``onnxruntime`` or ``torch``: what runs a job of ``images`` images at ``image_size`` on ``network`` (an
+    :class:`OrtForward` with a warm-up, ``--cpu-runtime auto``, exports only for a job that repays it)."""
+    if not isinstance(network, OrtForward):
+        return "torch"
+    if network.warmup_pixels == 0 or images * image_size * image_size >= 2 * network.warmup_pixels:
+        return "onnxruntime"
+    return "torch"
+
+
+def _job_forward(network: nn.Module, image_size: int, images: int) -> nn.Module:
+    """The forward that embeds every shard of a job of ``images`` images: the runtime is the whole job's choice
+    (:func:`_job_runtime`), so a resumed run, which has only the remaining shards to embed, chooses as the
+    uninterrupted run did."""
+    if not isinstance(network, OrtForward) or network.warmup_pixels == 0:
+        return network
+    if _job_runtime(network, image_size, images) == "torch":
+        return network.network
+    network.expect((3, image_size, image_size), images)
+    return _JobForward(network)
 
 
 def local_engine(
@@ -87,18 +121,26 @@ def local_engine(
     progress: bool = False,
 ) -> ShardEngine:
     """The single-process engine: shard after shard through :func:`raml.deploy.embed.embed_images` (several
-    CUDA devices split each shard)."""
+    CUDA devices split each shard). The CPU runtime is decided from the whole job (``plan.paths``).
+
+    The engine's ``key_fields(images)`` names what its rows depend on beyond the network, size and precision
+    (the runtime for a job of ``images`` images and the batch size): they are part of the shard key."""
 
     def run(plan: ShardPlan) -> dict[str, Any]:
         todo = len(plan.missing())
+        forward = _job_forward(network, image_size, len(plan.paths))
         with tqdm(total=todo, desc=f"index@{image_size}", unit="shard", disable=not progress) as bar:
             computed = embed_missing_shards(
                 plan,
-                lambda paths: embed_images(network, paths, image_size, list(devices), batch_size, workers, False),
+                lambda paths: embed_images(forward, paths, image_size, list(devices), batch_size, workers, False),
                 progress=lambda done, total: bar.update(1),
             )
         return {"engine": "local", "shards": plan.num_shards, "shards_computed": computed}
 
+    run.key_fields = lambda images: {  # type: ignore[attr-defined]
+        "runtime": _job_runtime(network, image_size, images),
+        "batch": batch_size,
+    }
     return run
 
 
@@ -297,8 +339,21 @@ def index_images(
             work_stamps = file_stamps(work_paths, content_hash=hash_images)
             for image_id, stamp in zip(work_ids, work_stamps):
                 stamps_now[image_id] = stamp
-            plan = plan_shards(index_dir, work_paths, work_stamps, network_sha256, image_size, shard_size, precision)
             run_engine = engine or local_engine(network, image_size, devices, batch_size, workers, progress)
+            # what the engine's rows depend on besides the network, size and precision (runtime, batch size)
+            key_fields = getattr(run_engine, "key_fields", None)
+            fields = dict(key_fields(len(work_paths))) if callable(key_fields) else {}
+            plan = plan_shards(
+                index_dir,
+                work_paths,
+                work_stamps,
+                network_sha256,
+                image_size,
+                shard_size,
+                precision,
+                runtime=fields.get("runtime"),
+                batch_size=fields.get("batch"),
+            )
             figures = run_engine(plan)
             engine_report = dict(figures) if isinstance(figures, dict) else {}
             missing = plan.missing()

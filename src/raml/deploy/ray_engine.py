@@ -7,8 +7,10 @@ that each load the network once (one actor per GPU, else one per CPU slot) and w
 (:func:`~raml.deploy.shards.write_shard`) into the work folder, which must therefore be on a file system every
 node sees (a local folder on one machine, a shared one on a cluster).
 
-Each shard is embedded exactly like the single-process engine embeds it (:func:`raml.retrieval.extract.
-extract_embeddings` over the shard's paths in batches of ``batch_size``), so the rows are bit-identical. An actor
+Each shard is embedded like the single-process engine embeds it with the PyTorch runtime
+(:func:`raml.retrieval.extract.extract_embeddings` over the shard's paths in batches of ``batch_size``), so the
+rows are bit-identical to that engine's run with ``--cpu-runtime torch`` and the same batch size (not to a run
+through onnxruntime: the last bits differ; the runtime and the batch size are in the shard key). An actor
 that dies (a killed process, a lost node) is restarted and its shard retried by Ray Data (its default fault
 tolerance: without a limit); a rewritten shard replaces the earlier file atomically and the index reads each
 shard once, so every row ends up exactly once. A shard whose embedding raises (an unreadable image) fails the
@@ -210,4 +212,5 @@ def ray_engine(options: RayOptions) -> Any:
             if started:
                 ray.shutdown()
 
+    run.key_fields = lambda images: {"runtime": "torch", "batch": options.batch_size}  # type: ignore[attr-defined]
     return run

@@ -13,8 +13,9 @@ On-disk layout of a work folder::
     shard-<i>.npy         (n_i, D) float32 rows of shard i, in path order
     shard-<i>.json        the shard's record, written last: its range, its paths, the SHA-256 of shard-<i>.npy
 
-The key (folder name) is a hash of the network's content hash, the image size, the shard size and every path
-with the stamp of its file (size and modification time, or content hash), so a run with other inputs never
+The key (folder name) is a hash of the network's content hash, the image size, the shard size, the precision,
+the CPU runtime and the batch size (as the engine declares them) and every path with the stamp of its file
+(size and modification time, or content hash), so a run with other inputs never
 picks up these shards. Both files of a shard are written atomically (``raml.utils.atomic_path``), the record
 after the rows: a killed run leaves either a complete shard or one that is recomputed. A shard whose record is
 missing or unreadable, names other paths, or whose rows do not match the recorded SHA-256 (a damaged disk, a
@@ -208,6 +209,8 @@ def plan_shards(
     image_size: int,
     shard_size: int = DEFAULT_SHARD_SIZE,
     precision: str = "fp32",
+    runtime: str | None = None,
+    batch_size: int | None = None,
 ) -> ShardPlan:
     """The shard plan of one extraction job; its work folder is created (or found, when resuming).
 
@@ -220,6 +223,9 @@ def plan_shards(
         shard_size: Rows per shard.
         precision: The forward's arithmetic (``fp32``, ``bf16``): rows of another precision are never reused
             (an fp32 key is the one older raml wrote, so its interrupted jobs still resume).
+        runtime: The CPU runtime that embeds the job (``torch``, ``onnxruntime``), when the engine says: rows of
+            another runtime differ in their last bits and are never reused.
+        batch_size: Images per forward pass, when the engine says (the batch changes the last bits too).
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of images, got {shard_size!r}.")
@@ -230,6 +236,10 @@ def plan_shards(
     header = [f"network {network_sha256}", f"size {image_size}", f"shard {shard_size}", f"count {len(paths)}"]
     if precision != "fp32":
         header.append(f"precision {precision}")
+    if runtime is not None:
+        header.append(f"runtime {runtime}")
+    if batch_size is not None:
+        header.append(f"batch {batch_size}")
     key = _sha256_text([*header, *(f"{s} {p}" for p, s in zip(paths, stamps))])[:_KEY_CHARS]
     plan = ShardPlan(Path(index_dir) / f"{SHARDS_PREFIX}{key}", list(paths), list(stamps), shard_size)
     plan.directory.mkdir(parents=True, exist_ok=True)
@@ -240,6 +250,8 @@ def plan_shards(
             "network_sha256": network_sha256,
             "image_size": int(image_size),
             "precision": precision,
+            "runtime": runtime,
+            "batch_size": batch_size,
             "shard_size": shard_size,
             "count": len(paths),
             "shards": plan.num_shards,
