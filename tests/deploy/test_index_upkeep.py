@@ -128,8 +128,7 @@ def test_a_kill_between_the_commit_and_the_shard_clean_up_is_cleaned_by_the_next
         raise KeyboardInterrupt("killed after the commit")
 
     with monkeypatch.context() as patch:
-        patch.setattr(index_module, "remove_shard_folders", killed, raising=False)
-        patch.setattr(index_module, "remove_shard_folder", killed, raising=False)
+        patch.setattr(index_module, "remove_shard_folder", killed)
         with contextlib.suppress(KeyboardInterrupt):
             index(index_dir, paths)
     assert load_index(index_dir).live_count == 10  # committed
@@ -152,3 +151,34 @@ def test_a_killed_first_build_leaves_nothing_but_its_shards_and_a_foreign_folder
     with pytest.raises(IndexDirectoryError, match="holds no raml index"):
         index(foreign, paths)
     assert set(planted) <= {p.name for p in foreign.iterdir()}
+
+
+def test_a_commit_keeps_another_interrupted_jobs_shards_and_names_them(tmp_path, caplog):
+    paths = make_files(tmp_path / "db", 20)
+    index_dir = tmp_path / "index"
+    index(index_dir, paths[:4])
+    embedded: list[str] = []
+
+    def engine(kill_after: int | None):
+        def run(plan: ShardPlan) -> dict:
+            for n, i in enumerate(plan.missing()):
+                if kill_after is not None and n == kill_after:
+                    raise KeyboardInterrupt("killed")
+                embedded.extend(plan.shard_paths(i))
+                plan.write(i, content_rows(plan.shard_paths(i)))
+            return {}
+
+        return run
+
+    with pytest.raises(KeyboardInterrupt):
+        index(index_dir, paths, engine=engine(2))  # the append of 16 images: 2 of its 4 shards done
+    (pending,) = [p.name for p in index_dir.iterdir() if p.name.startswith("shards-")]
+    embedded.clear()
+    with caplog.at_level("INFO", logger="raml.deploy.index"):
+        assert index(index_dir, [], remove=[paths[0]])["removed"] == 1  # another job commits
+    assert [p.name for p in index_dir.iterdir() if p.name.startswith("shards-")] == [pending]
+    assert pending in caplog.text and "rm -r" in caplog.text
+    report = index(index_dir, paths[1:], engine=engine(None))  # the append again, id for id
+    assert report["added"] == 16 and report["count"] == 19
+    assert embedded == paths[12:]  # only its 2 missing shards were embedded
+    assert not [p.name for p in index_dir.iterdir() if p.name.startswith("shards-")]

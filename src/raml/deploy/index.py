@@ -48,7 +48,15 @@ from raml.deploy.faiss_index import (
 from raml.deploy.image_files import check_images_exist, image_key
 from raml.deploy.lock import DirectoryLock
 from raml.deploy.ondisk_ivf import build_ondisk_ivf, extend_ondisk_ivf
-from raml.deploy.shards import DEFAULT_SHARD_SIZE, ShardPlan, embed_missing_shards, plan_shards, remove_shard_folders
+from raml.deploy.shards import (
+    DEFAULT_SHARD_SIZE,
+    ShardPlan,
+    embed_missing_shards,
+    folder_bytes,
+    plan_shards,
+    remove_shard_folder,
+    shard_folders,
+)
 from raml.deploy.store import (
     FORMAT,
     FORMAT_VERSION,
@@ -458,7 +466,9 @@ def index_images(
             emb_tmp.unlink(missing_ok=True)
             lists_tmp.unlink(missing_ok=True)
             shutil.rmtree(scratch, ignore_errors=True)
-        remove_shard_folders(index_dir)  # committed: the work folders (this one, stale ones) are done
+        if plan is not None:
+            remove_shard_folder(plan.directory)  # committed: this job's work folder is done
+        _log_other_shard_folders(index_dir)  # another interrupted job's shards: kept for its rerun
         added = len(work_paths) - reembedded
         logger.info(
             "Index %s: %d added, %d re-embedded, %d removed, %d skipped, %d in total (%s)",
@@ -471,6 +481,21 @@ def index_images(
             meta["index_type"],
         )
         return {**_summary(index_dir, meta, added, skipped, reembedded, len(removed_ids), not_found), **engine_report}
+
+
+def _log_other_shard_folders(index_dir: Path) -> None:
+    """Log (info) the shard folders of other jobs, which a commit keeps: a rerun of an interrupted job reuses them."""
+    others = shard_folders(index_dir)
+    if others:
+        sizes = ", ".join(f"{folder.name} ({folder_bytes(folder) / 2**20:.1f} MiB)" for folder in others)
+        logger.info(
+            "Kept %d shard folder(s) of other interrupted jobs in %s: %s. Rerunning such a job reuses its shards; "
+            "if it will not be rerun, delete the folder (rm -r %s/shards-<key>).",
+            len(others),
+            index_dir,
+            sizes,
+            index_dir,
+        )
 
 
 def _absolute(path: str) -> str:

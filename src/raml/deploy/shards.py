@@ -46,7 +46,10 @@ __all__ = [
     "embed_missing_shards",
     "is_shards_folder",
     "plan_shards",
+    "folder_bytes",
+    "remove_shard_folder",
     "remove_shard_folders",
+    "shard_folders",
     "write_shard",
 ]
 
@@ -68,9 +71,33 @@ def is_shards_folder(name: str) -> bool:
 
 def remove_shard_folders(index_dir: Path, keep: str | None = None) -> None:
     """Delete the shard work folders in ``index_dir`` (all but ``keep``, a folder name)."""
-    for entry in index_dir.iterdir():
-        if entry.is_dir() and is_shards_folder(entry.name) and entry.name != keep:
+    for entry in shard_folders(index_dir):
+        if entry.name != keep:
             shutil.rmtree(entry, ignore_errors=True)
+
+
+def remove_shard_folder(folder: Path) -> None:
+    """Delete one shard work folder (a committed job's)."""
+    if folder.is_dir() and not folder.is_symlink() and is_shards_folder(folder.name):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def shard_folders(index_dir: Path) -> list[Path]:
+    """The shard work folders in ``index_dir``, by name."""
+    entries = index_dir.iterdir()
+    return sorted(e for e in entries if is_shards_folder(e.name) and e.is_dir() and not e.is_symlink())
+
+
+def folder_bytes(folder: Path) -> int:
+    """Bytes of the files directly in ``folder`` (a shard work folder has no subfolders)."""
+    total = 0
+    for entry in folder.iterdir():
+        try:
+            if entry.is_file():
+                total += entry.stat().st_size
+        except OSError:
+            pass
+    return total
 
 
 def _sha256_text(lines: Sequence[str]) -> str:
