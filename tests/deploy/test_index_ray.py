@@ -126,3 +126,30 @@ def _local_index(world: dict, tmp_path: Path) -> Path:
     sha = checkpoint_sha256(world["net"])
     index_images(world["teacher"], world["paths"], DR, directory, sha, batch_size=2, shard_size=2)
     return directory
+
+
+def test_an_unreadable_image_is_a_one_line_error_as_with_the_local_engine(ray_instance, world, tmp_path, capsys):
+    from raml.cli import main as cli_main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for path in world["paths"][:2]:
+        (images / Path(path).name).write_bytes(Path(path).read_bytes())
+    (images / "zz-broken.jpg").write_bytes(b"not an image")
+    args = ["index", "--network-path", str(world["net"]), "--image-size", str(DR), "--images", str(images)]
+    args += [
+        "--output",
+        str(tmp_path / "index"),
+        "--no-progress",
+        "--shard-size",
+        "2",
+        "--engine",
+        "ray",
+        "--ray-actors",
+        "1",
+    ]
+    assert cli_main.main(args) == 2
+    err = capsys.readouterr().err.strip()  # the logs, then the error
+    (error,) = [line for line in err.splitlines() if line.startswith("raml index:")]
+    assert error.startswith("raml index: error: Cannot load image") and "zz-broken.jpg" in error
+    assert "RayTaskError" not in error

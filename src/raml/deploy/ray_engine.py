@@ -14,7 +14,8 @@ through onnxruntime: the last bits differ; the runtime and the batch size are in
 that dies (a killed process, a lost node) is restarted and its shard retried by Ray Data (its default fault
 tolerance: without a limit); a rewritten shard replaces the earlier file atomically and the index reads each
 shard once, so every row ends up exactly once. A shard whose embedding raises (an unreadable image) fails the
-job at once and leaves the work folder as it is: the next run resumes from it.
+job at once and leaves the work folder as it is: the next run resumes from it. The actor's exception is raised
+again out of Ray's wrappers, so an unreadable image is the same one-line error as with the local engine.
 
 Actor pool: Ray's read and write tasks need a CPU of their own, so on a local instance the pool gets one actor
 per CPU less one (at least one), and the instance declares at least ``actors + 1`` CPUs; with ``num_cpus=2`` and
@@ -153,6 +154,20 @@ def _start_ray(ray: Any, options: RayOptions) -> bool:
     return True
 
 
+def _cause(error: BaseException) -> BaseException:
+    """The exception an actor raised, out of Ray's wrappers (``RayTaskError`` and its ``RayTaskError(X)``
+    twins, Ray Data's ``UserCodeException``): the first exception down the chain of causes that is not Ray's own;
+    ``error`` itself when there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if type(current).__module__.split(".")[0] != "ray":
+            return current
+        current = getattr(current, "cause", None) or current.__cause__
+    return error
+
+
 def ray_engine(options: RayOptions) -> Any:
     """The Ray engine for :func:`raml.deploy.index.index_images` (see the module docstring)."""
 
@@ -162,6 +177,8 @@ def ray_engine(options: RayOptions) -> Any:
             return {"engine": "ray", "shards": plan.num_shards, "shards_computed": 0}
         ray = _import_ray()
         started = _start_ray(ray, options)
+        context: Any = None
+        raise_original = None
         try:
             resources = ray.cluster_resources()
             actors, use_gpu = actor_pool(resources.get("CPU", 0), resources.get("GPU", 0), options.actors)
@@ -179,6 +196,12 @@ def ray_engine(options: RayOptions) -> Any:
                 items.append(
                     {"shard": i, "start": start, "paths": plan.shard_paths(i), "directory": str(plan.directory)}
                 )
+            # an actor's exception (an unreadable image) reaches the driver as itself, not as Ray Data's
+            # UserCodeException whose cause is lost on the way (set for this job only, restored below)
+            context = ray.data.DataContext.get_current()
+            raise_original = getattr(context, "raise_original_map_exception", None)
+            if raise_original is not None:
+                context.raise_original_map_exception = True
             dataset = ray.data.from_items(items, override_num_blocks=len(items))
             done = dataset.map_batches(
                 _ShardEmbedder,
@@ -196,7 +219,13 @@ def ray_engine(options: RayOptions) -> Any:
                 # fault tolerance: Ray Data's default (a dead actor is restarted, its shard retried); passing
                 # max_restarts / max_task_retries through the remote args is deprecated since Ray 2.60
             )
-            rows = list(done.iter_rows())
+            try:
+                rows = list(done.iter_rows())
+            except Exception as error:
+                cause = _cause(error)
+                if cause is error:
+                    raise
+                raise cause from None  # an unreadable image: the caller's one-line error, not Ray's wrapping
             peaks: dict[int, float] = {}
             for row in rows:
                 peaks[int(row["pid"])] = max(peaks.get(int(row["pid"]), 0.0), float(row["peak_rss_mib"]))
@@ -209,6 +238,8 @@ def ray_engine(options: RayOptions) -> Any:
                 "actor_peak_rss_mib": sorted(peaks.values()),
             }
         finally:
+            if raise_original is not None:
+                context.raise_original_map_exception = raise_original
             if started:
                 ray.shutdown()
 
