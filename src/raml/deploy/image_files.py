@@ -50,8 +50,11 @@ def collect_images(directory: str | Path) -> list[str]:
 def read_image_list(list_file: str | Path, flag: str = "--list") -> list[str]:
     """Image paths listed in a text file, one per line.
 
-    Blank lines and lines starting with ``#`` are skipped; relative paths are relative to the list file's
-    folder (returned as ``str(list_folder / path)``), absolute paths are kept.
+    Lines end at ``\n`` only (a ``\r`` before it is dropped: Windows line ends); every other character is part
+    of the path, leading and trailing spaces and Unicode separators (U+2028, U+0085, ``\x1c``-``\x1e``)
+    included. A line that is empty or holds only whitespace is skipped, and so is a comment: a line whose first
+    character other than whitespace is ``#`` (list a path that starts so as ``./#name``). Relative paths are
+    relative to the list file's folder (returned as ``str(list_folder / path)``), absolute paths are kept.
 
     Args:
         list_file: The text file.
@@ -76,9 +79,9 @@ def read_image_list(list_file: str | Path, flag: str = "--list") -> list[str]:
             "with one image path per line."
         ) from None
     paths = []
-    for line in text.splitlines():
-        entry = line.strip()
-        if not entry or entry.startswith("#"):
+    for line in text.split("\n"):
+        entry = line[:-1] if line.endswith("\r") else line
+        if not entry.strip() or entry.lstrip().startswith("#"):
             continue
         path = Path(entry).expanduser()
         paths.append(str(path if path.is_absolute() else list_file.parent / path))
