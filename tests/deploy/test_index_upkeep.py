@@ -187,8 +187,9 @@ def test_a_commit_keeps_another_interrupted_jobs_shards_and_names_them(tmp_path,
 def test_a_list_file_splits_at_newlines_only_and_keeps_every_other_character(tmp_path):
     from raml.deploy.image_files import read_image_list
 
-    names = ["a\u2028b.jpg", "c\x1cd\x1de\x1ef.jpg", "g\x85h.jpg", " leading.jpg", "trailing.jpg ", "./#hash.jpg"]
-    text = "# a comment\r\n  # an indented comment\n\n   \n" + "\r\n".join(names) + "\n"
+    names = ["a\u2028b.jpg", "c\x1cd\x1de\x1ef.jpg", "g\x85h.jpg", "in side.jpg", "./#hash.jpg", "\u00a0nbsp.jpg"]
+    lines = [f"{name}\r" if i % 2 else f" \t{name} " for i, name in enumerate(names)]  # stray blanks, CRLF
+    text = "# a comment\r\n  # an indented comment\n\n \t \n" + "\n".join(lines) + "\n"
     listing = tmp_path / "list.txt"
     listing.write_text(text, encoding="utf-8", newline="")
     assert read_image_list(listing) == [str(tmp_path / name) for name in names]

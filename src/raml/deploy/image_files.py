@@ -50,10 +50,10 @@ def collect_images(directory: str | Path) -> list[str]:
 def read_image_list(list_file: str | Path, flag: str = "--list") -> list[str]:
     """Image paths listed in a text file, one per line.
 
-    Lines end at ``\n`` only (a ``\r`` before it is dropped: Windows line ends); every other character is part
-    of the path, leading and trailing spaces and Unicode separators (U+2028, U+0085, ``\x1c``-``\x1e``)
-    included. A line that is empty or holds only whitespace is skipped, and so is a comment: a line whose first
-    character other than whitespace is ``#`` (list a path that starts so as ``./#name``). Relative paths are
+    Lines end at ``\n`` only; ASCII spaces, tabs and a ``\r`` (Windows line ends) at either end of a line are
+    dropped, and every other character is part of the path, Unicode separators (U+2028, U+0085,
+    ``\x1c``-``\x1e``) and non-breaking spaces included. A blank line is skipped, and so is a comment: a line
+    whose first character other than blanks is ``#`` (list a path that starts so as ``./#name``). Relative paths are
     relative to the list file's folder (returned as ``str(list_folder / path)``), absolute paths are kept.
 
     Args:
@@ -80,14 +80,18 @@ def read_image_list(list_file: str | Path, flag: str = "--list") -> list[str]:
         ) from None
     paths = []
     for line in text.split("\n"):
-        entry = line[:-1] if line.endswith("\r") else line
-        if not entry.strip() or entry.lstrip().startswith("#"):
+        entry = line.strip(_LINE_BLANKS)  # a hand-edited list's stray spaces; other characters are the path's
+        if not entry or entry.startswith("#"):
             continue
         path = Path(entry).expanduser()
         paths.append(str(path if path.is_absolute() else list_file.parent / path))
     if not paths:
         raise ValueError(f"{flag} {str(list_file)!r} lists no image paths (one path per line expected).")
     return paths
+
+
+_LINE_BLANKS = " \t\r"
+"""What :func:`read_image_list` removes at either end of a line: ASCII spaces, tabs and a Windows line end."""
 
 
 def image_key(path: str) -> str:
