@@ -9,6 +9,7 @@ processes that load the same index share its pages.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import multiprocessing
 import os
@@ -17,6 +18,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from PIL import Image
 from torch import nn
 
 from raml.deploy import IndexDirectoryError, IndexParams, index_images, load_index
@@ -119,12 +121,20 @@ def fake_engine(plan: ShardPlan) -> dict:
     return {"engine": "fake"}
 
 
+def tiny_bmp() -> bytes:
+    """A 1x1 BMP: the files pass raml index's header check (--bad-images); bytes after it make each one unique."""
+    out = io.BytesIO()
+    Image.new("RGB", (1, 1)).save(out, format="BMP")
+    return out.getvalue()
+
+
 def make_files(folder: Path, count: int, start: int = 0) -> list[str]:
     folder.mkdir(exist_ok=True)
     paths = []
+    header = tiny_bmp()
     for i in range(start, start + count):
-        path = folder / f"img{i:05d}.jpg"
-        path.write_bytes(f"image {i}".encode())
+        path = folder / f"img{i:05d}.bmp"
+        path.write_bytes(header + f"image {i}".encode())
         paths.append(str(path))
     return paths
 
@@ -168,7 +178,7 @@ def test_raml_index_on_disk_equals_the_in_memory_index_through_its_life_cycle(tm
     # an update: 100 removed, 3 files changed (re-embedded under their ids), 400 appended; the mapped
     # generation 1 keeps answering as before (its lists file is replaced, never modified)
     for path in paths[200:203]:
-        Path(path).write_bytes(b"changed " + Path(path).read_bytes())
+        Path(path).write_bytes(Path(path).read_bytes() + b" changed")
     more = paths + make_files(images, 400, start=1500)
     removed = paths[500:600]
     for index_dir in (memory_dir, disk_dir):

@@ -26,6 +26,7 @@ from raml.cli.choices import (
     SHARD_SIZE,
 )
 from raml.cli.common import (
+    add_bad_images_arg,
     add_runtime_args,
     check_output_file,
     check_output_files,
@@ -177,6 +178,7 @@ def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
         "indexes and served memory-mapped, for an index larger than memory (appends keep the setting)",
     )
     parser.add_argument("--overwrite", action="store_true", help="rebuild the index instead of appending to it")
+    add_bad_images_arg(parser)
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write a summary as JSON")
     _add_index_forward_args(parser)
     add_runtime_args(parser)
@@ -264,7 +266,10 @@ def run_index(args: argparse.Namespace) -> int:
         hash_images=args.hash_images,
         shard_size=args.shard_size,
         engine=engine,
+        bad_images=args.bad_images,
     )
+    if summary["bad_images_skipped"]:
+        print(f"{summary['bad_images_skipped']} bad image(s) skipped, listed in {summary['bad_images_report']}")
     print(
         f"{summary['index_dir']}: {summary['added']} added, {summary['reembedded']} re-embedded (file changed), "
         f"{summary['removed']} removed, {summary['skipped']} skipped (already indexed), "

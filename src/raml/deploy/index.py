@@ -34,6 +34,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from raml.deploy.bad_images import REPORT_NAMES, BadImagePolicy, screen_work
 from raml.deploy.embed import embed_images
 from raml.deploy.faiss_index import (
     IndexParams,
@@ -172,6 +173,7 @@ def index_images(
     hash_images: bool = False,
     shard_size: int = DEFAULT_SHARD_SIZE,
     engine: ShardEngine | None = None,
+    bad_images: BadImagePolicy = "error",
 ) -> dict[str, Any]:
     """Create an index of ``paths`` in ``index_dir``, or update the index already there.
 
@@ -207,10 +209,14 @@ def index_images(
         hash_images: Compare indexed files by content (SHA-256) instead of size and modification time.
         shard_size: Images per shard of the resumable extraction.
         engine: What fills the shards; default :func:`local_engine` over ``devices``.
+        bad_images: The images to embed (new or changed) are checked first, headers only
+            (:mod:`raml.deploy.bad_images`): ``"error"`` refuses the run if any is bad
+            (:class:`~raml.deploy.bad_images.IndexBadImagesError`), ``"skip"`` leaves them out and lists them
+            in ``skipped_images_index.txt``.
 
     Returns:
         A summary: ``{"index_dir", "added", "skipped", "reembedded", "removed", "not_found", "count",
-        "index_type", "params", "generation"}``.
+        "index_type", "params", "generation", "bad_images_skipped", "bad_images_report"}``.
 
     Raises:
         IndexDirectoryError: On an incompatible existing index, or a non-empty folder that is not an index.
@@ -260,7 +266,8 @@ def index_images(
                 logger.warning("Rebuilding %s without its ids: the old index is unreadable (%s)", index_dir, error)
         else:
             # A folder holding only what a killed first build left (generation, temporary, lock files) is reused.
-            foreign = sorted(p.name for p in index_dir.iterdir() if not is_index_leftover(p.name))
+            names = (p.name for p in index_dir.iterdir())
+            foreign = sorted(n for n in names if not (is_index_leftover(n) or n in REPORT_NAMES))
             if foreign:
                 raise IndexDirectoryError(
                     f"--output {str(index_dir)!r} is a non-empty folder that holds no raml index (it holds "
@@ -322,14 +329,29 @@ def index_images(
                     reembedded += 1
                 elif stamp != old_stamps[image_id]:
                     stamps_now[image_id] = stamp  # first stamp of a legacy index, or sha256 replacing size+mtime
-        skipped = len(paths) - len(work_paths)
+        screened = screen_work(  # --bad-images: the files to embed, checked before any embedding
+            bad_images,
+            index_dir,
+            (index_dir / METADATA_NAME).exists(),
+            work_paths,
+            work_ids,
+            work_labels,
+            reembedded,
+            len(base.paths) if base is not None else 0,
+            num_ids,
+            image_size,
+            progress,
+        )
+        work_paths, work_ids, work_labels = screened.paths, screened.ids, screened.labels
+        reembedded, num_ids = screened.reembedded, screened.num_ids
+        skipped = len(paths) - len(work_paths) - len(screened.bad)
         if skipped:
             logger.info("Skipping %d image(s) already in the index (unchanged) or repeated", skipped)
         if reembedded:
             logger.info("Re-embedding %d indexed image(s) whose file changed", reembedded)
         if existing is not None and not work_paths and not removed_ids and not stamps_now:
             logger.info("Nothing to change: all %d images are already in %s", len(paths), index_dir)
-            return _summary(index_dir, existing.meta, 0, skipped, 0, 0, not_found)
+            return {**_summary(index_dir, existing.meta, 0, skipped, 0, 0, not_found), **screened.summary()}
         if existing is None and not work_paths:
             raise ValueError("No images to index: every given path is a repeat or removed.")
         check_images_exist(work_paths)
@@ -480,7 +502,8 @@ def index_images(
             meta["count"],
             meta["index_type"],
         )
-        return {**_summary(index_dir, meta, added, skipped, reembedded, len(removed_ids), not_found), **engine_report}
+        summary = _summary(index_dir, meta, added, skipped, reembedded, len(removed_ids), not_found)
+        return {**summary, **screened.summary(), **engine_report}
 
 
 def _log_other_shard_folders(index_dir: Path) -> None:
