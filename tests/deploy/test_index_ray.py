@@ -5,6 +5,7 @@ One local Ray instance on 127.0.0.1 is shared by the tests of this module and sh
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import threading
@@ -15,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from raml.data import get_split
 from raml.deploy import index_images, load_index
@@ -135,7 +137,14 @@ def test_an_unreadable_image_is_a_one_line_error_as_with_the_local_engine(ray_in
     images.mkdir()
     for path in world["paths"][:2]:
         (images / Path(path).name).write_bytes(Path(path).read_bytes())
-    (images / "zz-broken.jpg").write_bytes(b"not an image")
+    # a JPEG that passes the header check before embedding (--bad-images) and fails in the actor's decoder: a
+    # stray SOF marker inside the scan data (raml.data.check: only a full decode finds it)
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, format="JPEG", quality=95)
+    data = encoded.getvalue()
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    (images / "zz-broken.jpg").write_bytes(data[:middle] + b"\xff\xc0\x00\x11" + data[middle + 4 :])
     args = ["index", "--network-path", str(world["net"]), "--image-size", str(DR), "--images", str(images)]
     args += [
         "--output",

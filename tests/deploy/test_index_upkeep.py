@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import json
 from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 from torch import nn
 
 from raml.deploy import IndexDirectoryError, index_images, load_index
@@ -17,6 +19,9 @@ from raml.deploy.shards import ShardPlan
 
 DIM = 8
 SHA = "0" * 64
+_BMP = io.BytesIO()
+Image.new("RGB", (1, 1)).save(_BMP, format="BMP")
+TINY_BMP = _BMP.getvalue()  # passes raml index's header check (--bad-images); bytes appended make each file unique
 
 
 def content_rows(paths: list[str]) -> np.ndarray:
@@ -40,7 +45,7 @@ def make_files(folder: Path, count: int, start: int = 0) -> list[str]:
     paths = []
     for i in range(start, start + count):
         path = folder / f"img{i:05d}.jpg"
-        path.write_bytes(f"image {i}".encode())
+        path.write_bytes(TINY_BMP + f"image {i}".encode())
         paths.append(str(path))
     return paths
 
