@@ -45,6 +45,7 @@ from raml.engine.device import AutocastForward, amp_active
 from raml.engine.methods import method_class
 from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
+from raml.engine.resume import check_run_fields, run_fields
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.models.checkpoints import CheckpointError
 from raml.retrieval.cache import EmbeddingCache
@@ -381,6 +382,8 @@ class Trainer:
     def _resume(self, name: str) -> None:
         path = self.resume_path(name)
         checkpoint = load_checkpoint_file(path)
+        stored = checkpoint.get("raml") if isinstance(checkpoint.get("raml"), dict) else {}
+        check_run_fields(stored, run_fields(self.config, self.teacher_sha), path)
         self._load_student_state(checkpoint, path)
         if checkpoint.get("optimizer"):
             self.optimizer.load_state_dict(checkpoint["optimizer"])

@@ -1,0 +1,83 @@
+"""``--resume-student`` continues only the run that wrote the checkpoint: other settings, a foreign checkpoint
+outside ``--directory``, a scheduler out of step with the epoch or a damaged candidate of ``last`` are refused (or
+skipped) with a message, before anything is written (CPU, the machinery teacher of tests/engine/conftest.py)."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from raml.engine.trainer import Trainer
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def finished(machinery, machinery_teacher_path, tmp_path_factory) -> Path:
+    """A one-epoch ts_aug run (exponential schedule, stepped per epoch): its folder."""
+    folder = tmp_path_factory.mktemp("finished") / "run"
+    config = machinery.distill_config(folder, machinery_teacher_path, epochs=1, val=False, scheduler="exponential")
+    Trainer(config, CPU, progress=False).run()
+    return folder
+
+
+def _copy(finished: Path, tmp_path: Path) -> Path:
+    run = tmp_path / "run"
+    shutil.copytree(finished, run)
+    return run
+
+
+def _folder_state(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_a_checkpoint_of_other_run_settings_is_refused_with_every_difference(
+    machinery, machinery_teacher_path, finished, tmp_path
+):
+    run = _copy(finished, tmp_path)
+    before = _folder_state(run)
+    other_teacher = tmp_path / "other_teacher.pth.tar"
+    shutil.copyfile(machinery_teacher_path, other_teacher)
+    with open(other_teacher, "ab") as handle:  # same weights, another file: another SHA-256
+        handle.write(b"\0")
+    config = machinery.distill_config(
+        run,
+        other_teacher,
+        epochs=2,
+        val=False,
+        scheduler="exponential",
+        resume_student="last",
+        mode="aml",
+        image_size=24,
+        trainval=False,
+        training_dataset="cub",
+    )
+    with pytest.raises(ValueError, match="other settings") as refused:
+        Trainer(config, CPU, progress=False)
+    message = str(refused.value)
+    for flag in (
+        "--mode: checkpoint 'ts_aug', asked 'aml'",
+        "--image-size: checkpoint 32, asked 24",
+        "--teacher-path",
+        "--select-on-val",
+        "--student-path",
+    ):
+        assert flag in message, message
+    assert "--training-dataset" not in message  # the same
+    assert _folder_state(run) == before
+
+    # the teacher's own file (a sym run) is not a checkpoint of this distillation run
+    teacher_resume = machinery.distill_config(
+        tmp_path / "new",
+        machinery_teacher_path,
+        epochs=2,
+        val=False,
+        scheduler="exponential",
+        resume_student=str(machinery_teacher_path),
+    )
+    with pytest.raises(ValueError, match="--mode: checkpoint 'sym', asked 'ts_aug'"):
+        Trainer(teacher_resume, CPU, progress=False)
+    assert not (tmp_path / "new").exists()
