@@ -81,3 +81,28 @@ def test_a_checkpoint_of_other_run_settings_is_refused_with_every_difference(
     with pytest.raises(ValueError, match="--mode: checkpoint 'sym', asked 'ts_aug'"):
         Trainer(teacher_resume, CPU, progress=False)
     assert not (tmp_path / "new").exists()
+
+
+def test_another_optimizer_or_scheduler_is_refused_also_for_a_checkpoint_without_their_names(
+    machinery, machinery_teacher_path, finished, tmp_path
+):
+    run = _copy(finished, tmp_path)
+    base = machinery.distill_config(
+        run, machinery_teacher_path, epochs=1, val=False, scheduler="exponential", resume_student="last"
+    )
+    with pytest.raises(ValueError, match="--scheduler: checkpoint 'exponential', asked 'cyclic'"):
+        Trainer(base.replace(scheduler="cyclic"), CPU, progress=False)
+    with pytest.raises(ValueError, match="--optimizer: checkpoint 'adamW', asked 'sgd'"):
+        Trainer(base.replace(optimizer="sgd"), CPU, progress=False)
+
+    # a checkpoint of an older version stores neither name: its states are checked instead
+    checkpoint = torch.load(run / "model_last.pth.tar", weights_only=True)
+    del checkpoint["raml"]["optimizer"], checkpoint["raml"]["scheduler"]
+    torch.save(checkpoint, run / "model_last.pth.tar")
+    before = _folder_state(run)
+    with pytest.raises(ValueError, match="not saved by --optimizer sgd .*lack dampening, momentum, nesterov"):
+        Trainer(base.replace(optimizer="sgd"), CPU, progress=False)
+    with pytest.raises(ValueError, match="not saved by --scheduler cyclic"):
+        Trainer(base.replace(scheduler="cyclic"), CPU, progress=False)
+    assert _folder_state(run) == before
+    Trainer(base, CPU, progress=False)  # its own settings still resume

@@ -25,6 +25,16 @@ RUN_FIELDS: dict[str, str] = {
     "teacher_sha256": "--teacher-path",
     "training_dataset": "--training-dataset",
     "trainval": "--select-on-val",
+    "optimizer": "--optimizer",
+    "scheduler": "--scheduler",
+}
+
+#: parameter-group entries that each optimizer needs and the others lack: an optimizer state saved by another
+#: optimizer (a checkpoint that does not store its optimizer's name) would fail in the first step
+_OPTIMIZER_GROUP_KEYS: dict[str, tuple[str, ...]] = {
+    "sgd": ("momentum", "dampening", "nesterov"),
+    "adam": ("betas", "amsgrad"),
+    "adamW": ("betas", "amsgrad"),
 }
 
 
@@ -37,6 +47,8 @@ def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any
         "teacher_sha256": teacher_sha256,
         "training_dataset": config.training_dataset,
         "trainval": config.trainval,
+        "optimizer": config.optimizer,
+        "scheduler": config.scheduler,
     }
 
 
@@ -63,3 +75,36 @@ def check_run_fields(stored: dict[str, Any], ours: dict[str, Any], path: Path) -
             + "\nResume with the checkpoint's own settings (its run's config.yaml lists them), or start a new run "
             "from its weights in another --directory with --student-path."
         )
+
+
+_SETTINGS_HINT = (
+    "Resume with the checkpoint's own --optimizer and --scheduler (its run's config.yaml lists them), or start a "
+    "new run from its weights in another --directory with --student-path."
+)
+
+
+def check_optimizer_state(saved: dict[str, Any], optimizer_name: str, path: Path) -> None:
+    """Refuse (``ValueError``) an optimizer state whose parameter groups lack what ``optimizer_name`` needs (it
+    was saved by another optimizer), instead of a ``KeyError`` in the first step."""
+    needed = _OPTIMIZER_GROUP_KEYS.get(optimizer_name, ())
+    groups = saved.get("param_groups") or []
+    absent = sorted({key for group in groups for key in needed if key not in group})
+    if absent:
+        found = sorted({key for group in groups for key in group if key not in ("params", "name")})
+        raise ValueError(
+            f"--resume-student {path}: its optimizer state was not saved by --optimizer {optimizer_name} (its "
+            f"parameter groups lack {', '.join(absent)}; they hold {', '.join(found)}); nothing was changed. "
+            + _SETTINGS_HINT
+        )
+
+
+def load_scheduler_state(scheduler: Any, saved: dict[str, Any], scheduler_name: str, path: Path) -> None:
+    """``scheduler.load_state_dict(saved)``; a state saved by another kind of scheduler is refused
+    (``ValueError``) rather than raising torch's ``KeyError``."""
+    try:
+        scheduler.load_state_dict(saved)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(
+            f"--resume-student {path}: its learning-rate schedule was not saved by --scheduler {scheduler_name} "
+            f"({type(error).__name__}: {error}); nothing was changed. " + _SETTINGS_HINT
+        ) from error

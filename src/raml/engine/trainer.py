@@ -45,7 +45,7 @@ from raml.engine.device import AutocastForward, amp_active
 from raml.engine.methods import method_class
 from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
-from raml.engine.resume import check_run_fields, run_fields
+from raml.engine.resume import check_optimizer_state, check_run_fields, load_scheduler_state, run_fields
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.models.checkpoints import CheckpointError
 from raml.retrieval.cache import EmbeddingCache
@@ -386,6 +386,7 @@ class Trainer:
         check_run_fields(stored, run_fields(self.config, self.teacher_sha), path)
         self._load_student_state(checkpoint, path)
         if checkpoint.get("optimizer"):
+            check_optimizer_state(checkpoint["optimizer"], self.config.optimizer, path)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.scheduler is not None:
             saved_total = checkpoint["scheduler"].get("total_steps")
@@ -396,7 +397,7 @@ class Trainer:
                     "steps: --epochs, --query-size, --batch-size or --update-every differ from the checkpoint's "
                     "run. Resume with the same settings, or start a new run from its weights with --student-path."
                 )
-            self.scheduler.load_state_dict(checkpoint["scheduler"])
+            load_scheduler_state(self.scheduler, checkpoint["scheduler"], self.config.scheduler, path)
         self.start_epoch = int(checkpoint.get("epoch", 0)) + 1
         extra = checkpoint.get("raml", {}) or {}
         self.method.load_checkpoint_state(extra, path)
@@ -796,6 +797,8 @@ class Trainer:
                 "teacher_image_size": self.config.teacher_image_size,
                 "teacher_sha256": self.teacher_sha,
                 "training_dataset": self.config.training_dataset,
+                "optimizer": self.config.optimizer,
+                "scheduler": self.config.scheduler,
                 "best_epoch": self.best_epoch,
                 "history": self.history,
             }
