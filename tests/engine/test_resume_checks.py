@@ -106,3 +106,23 @@ def test_another_optimizer_or_scheduler_is_refused_also_for_a_checkpoint_without
         Trainer(base.replace(scheduler="cyclic"), CPU, progress=False)
     assert _folder_state(run) == before
     Trainer(base, CPU, progress=False)  # its own settings still resume
+
+
+def test_another_folders_checkpoint_does_not_overwrite_a_finished_run(
+    machinery, machinery_teacher_path, finished, tmp_path
+):
+    run = _copy(finished, tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    shutil.copytree(finished, elsewhere)
+    before = _folder_state(run)
+    base = machinery.distill_config(run, machinery_teacher_path, epochs=1, val=False, scheduler="exponential")
+    with pytest.raises(FileExistsError, match="is not a checkpoint of --directory .*would overwrite"):
+        Trainer(base.replace(resume_student=str(elsewhere / "model_last.pth.tar")), CPU, progress=False)
+    assert _folder_state(run) == before
+    # the folder's own checkpoints, by name, by a path through another spelling, or 'last', resume; so does
+    # another folder's checkpoint into a new folder
+    Trainer(base.replace(resume_student="model_epoch1.pth.tar"), CPU, progress=False)
+    Trainer(base.replace(resume_student=str(run / ".." / "run" / "model_last.pth.tar")), CPU, progress=False)
+    Trainer(base.replace(resume_student="last"), CPU, progress=False)
+    fresh = base.replace(directory=str(tmp_path / "fresh"), resume_student=str(elsewhere / "model_last.pth.tar"))
+    Trainer(fresh, CPU, progress=False)

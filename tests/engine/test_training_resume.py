@@ -68,18 +68,18 @@ def test_a_failed_start_leaves_the_run_folder_as_it_was(machinery, machinery_tea
     run.mkdir()
     (run / "config.yaml").write_text("epochs: 2\n# the run that wrote model_last.pth.tar\n")
     (run / "model_last.pth.tar").write_bytes(b"the finished run's checkpoint")
-    (tmp_path / "empty.pth").write_bytes(b"")
+    (run / "empty.pth").write_bytes(b"")  # in the run's folder: another folder's checkpoint is refused first
     other = build_network("test_efficientnet", pooling="gem", whitening=32, pretrained=False)
-    save_checkpoint(tmp_path / "other.pth", other)
+    save_checkpoint(run / "other.pth", other)
     before = _folder_state(run)
     base = machinery.distill_config(run, machinery_teacher_path, epochs=1, val=False)
 
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         Trainer(base.replace(resume_student=str(tmp_path / "missing.pth")), CPU, progress=False)
     with pytest.raises(CheckpointError):
-        Trainer(base.replace(resume_student=str(tmp_path / "empty.pth")), CPU, progress=False)
+        Trainer(base.replace(resume_student=str(run / "empty.pth")), CPU, progress=False)
     with pytest.raises(CheckpointError) as refused:
-        Trainer(base.replace(resume_student=str(tmp_path / "other.pth")), CPU, progress=False)
+        Trainer(base.replace(resume_student=str(run / "other.pth")), CPU, progress=False)
     message = str(refused.value)
     assert "test_efficientnet" in message and "test_resnet" in message
     assert "--student" in message and "--directory" in message

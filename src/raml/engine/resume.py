@@ -10,11 +10,10 @@ published networks, checkpoints of older versions) are not compared: such files 
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from pathlib import Path
-
     from raml.engine.config import TrainConfig
 
 #: the run fields stored in ``checkpoint["raml"]`` that a resumed run must share, with the flag that sets each
@@ -36,6 +35,25 @@ _OPTIMIZER_GROUP_KEYS: dict[str, tuple[str, ...]] = {
     "adam": ("betas", "amsgrad"),
     "adamW": ("betas", "amsgrad"),
 }
+
+
+def resume_candidates(name: str, directory: Path) -> list[Path]:
+    """Where ``--resume-student NAME`` (not ``last``) is looked for, in order: a relative name in ``--directory``
+    first (the reference joins the two), then as given."""
+    given = Path(name)
+    return [given] if given.is_absolute() else [directory / given, given]
+
+
+def resumes_inside(config: TrainConfig) -> bool:
+    """Whether ``--resume-student`` continues a checkpoint of ``--directory`` itself (``last`` does; a file is
+    compared resolved). A checkpoint found nowhere counts as inside: the resume refuses it before any write."""
+    if config.resume_student is None:
+        return False
+    if config.resume_student == "last":
+        return True
+    directory = Path(config.directory)
+    found = next((p for p in resume_candidates(config.resume_student, directory) if p.is_file()), None)
+    return found is None or found.resolve().is_relative_to(directory.resolve())
 
 
 def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any]:

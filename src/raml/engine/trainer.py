@@ -45,7 +45,14 @@ from raml.engine.device import AutocastForward, amp_active
 from raml.engine.methods import method_class
 from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
-from raml.engine.resume import check_optimizer_state, check_run_fields, load_scheduler_state, run_fields
+from raml.engine.resume import (
+    check_optimizer_state,
+    check_run_fields,
+    load_scheduler_state,
+    resume_candidates,
+    resumes_inside,
+    run_fields,
+)
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.models.checkpoints import CheckpointError
 from raml.retrieval.cache import EmbeddingCache
@@ -137,8 +144,10 @@ class TrainResult:
 
 
 def refuse_existing_checkpoints(config: TrainConfig) -> None:
-    """Refuse a ``--directory`` that holds checkpoints, unless ``--resume-student`` or ``--overwrite`` says
-    to go on; checked before anything is written (by the trainer, and by the search before any trial)."""
+    """Refuse a ``--directory`` that holds checkpoints, unless ``--overwrite`` or a ``--resume-student`` of that
+    folder's own checkpoints (``last``, or a file inside it) says to go on; checked before anything is written
+    (by the trainer, and by the search before any trial). Resuming another folder's checkpoint into a folder of
+    checkpoints would overwrite them (model_best, model_epochN, model_last), so it is refused too."""
     directory = Path(config.directory)
     blocking = next((p for p in (directory, *directory.parents) if p.exists()), None)
     if blocking is not None and not blocking.is_dir():
@@ -147,6 +156,13 @@ def refuse_existing_checkpoints(config: TrainConfig) -> None:
             "made if missing)."
         )
     existing = sorted(p.name for p in directory.glob("*.pth.tar")) if directory.is_dir() else []
+    if existing and config.resume_student is not None and not config.overwrite and not resumes_inside(config):
+        raise FileExistsError(
+            f"--resume-student {config.resume_student} is not a checkpoint of --directory {directory}, which already "
+            f"holds checkpoints ({', '.join(existing[:3])}...) that the resumed run would overwrite. Nothing was "
+            "changed. Resume into another (new or empty) --directory, resume that folder's own checkpoint "
+            "(--resume-student last), or pass --overwrite to replace them."
+        )
     if existing and config.resume_student is None and not config.overwrite:
         raise FileExistsError(
             f"{directory} already holds checkpoints ({', '.join(existing[:3])}...). Nothing was changed. Use "
@@ -369,8 +385,7 @@ class Trainer:
         a relative name is looked up in ``--directory`` first (the reference joins the two), then as given."""
         if name == "last":
             return self.last_checkpoint()
-        given = Path(name)
-        candidates = [given] if given.is_absolute() else [self.directory / given, given]
+        candidates = resume_candidates(name, self.directory)
         for candidate in candidates:
             if candidate.is_file():
                 return candidate
