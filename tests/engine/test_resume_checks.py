@@ -126,3 +126,31 @@ def test_another_folders_checkpoint_does_not_overwrite_a_finished_run(
     Trainer(base.replace(resume_student="last"), CPU, progress=False)
     fresh = base.replace(directory=str(tmp_path / "fresh"), resume_student=str(elsewhere / "model_last.pth.tar"))
     Trainer(fresh, CPU, progress=False)
+
+
+def test_an_interrupted_checkpoint_is_refused_and_last_resumes(machinery, machinery_teacher_path, tmp_path):
+    """model_interrupted.pth.tar is labelled with the last finished epoch, its schedule is part-way into the next:
+    resuming it used to replay the epoch and overrun the one-cycle schedule near its end."""
+    from raml.engine.trainer import TrainingInterrupted
+
+    config = machinery.distill_config(
+        tmp_path / "run", machinery_teacher_path, epochs=2, val=False, scheduler="onecycle", update_every=1
+    )
+    trainer = Trainer(config, CPU, progress=False)
+    assert trainer.steps_per_epoch >= 2
+    batch_loss, seen = trainer.method.batch_loss, []
+
+    def stopping(*args, **kwargs):
+        seen.append(1)
+        if len(seen) == trainer.batches_per_epoch + 1:  # the first batch of epoch 2: one step into it
+            trainer._stop_signal = 15
+        return batch_loss(*args, **kwargs)
+
+    trainer.method.batch_loss = stopping
+    with pytest.raises(TrainingInterrupted):
+        trainer.run()
+    with pytest.raises(ValueError, match=r"stepped \d+ times, but a checkpoint of epoch 1 .*--resume-student last"):
+        Trainer(config.replace(resume_student="model_interrupted.pth.tar"), CPU, progress=False)
+    resumed = Trainer(config.replace(resume_student="last"), CPU, progress=False)
+    assert resumed.start_epoch == 2
+    resumed.run()

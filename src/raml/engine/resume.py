@@ -126,3 +126,29 @@ def load_scheduler_state(scheduler: Any, saved: dict[str, Any], scheduler_name: 
             f"--resume-student {path}: its learning-rate schedule was not saved by --scheduler {scheduler_name} "
             f"({type(error).__name__}: {error}); nothing was changed. " + _SETTINGS_HINT
         ) from error
+
+
+def check_schedule_position(
+    saved: dict[str, Any], epoch: int, steps_per_epoch: int, per_step: bool, path: Path
+) -> None:
+    """Refuse (``ValueError``) a checkpoint whose learning-rate schedule is not where its epoch says.
+
+    A checkpoint of epoch ``E`` must hold a schedule stepped ``E x steps_per_epoch`` times (per-step schedules)
+    or ``E`` times (per-epoch ones). ``model_interrupted.pth.tar`` is labelled with the last finished epoch but
+    holds the weights, optimizer and schedule of the moment a signal stopped the run, part-way through the
+    next one: resuming it would replay that epoch from there and overrun the schedule near its end.
+    """
+    position = saved.get("last_epoch")
+    if not isinstance(position, int):
+        return
+    expected = epoch * steps_per_epoch if per_step else epoch
+    if position == expected:
+        return
+    unit = f"{steps_per_epoch} optimizer steps per epoch" if per_step else "one step per epoch"
+    raise ValueError(
+        f"--resume-student {path}: its learning-rate schedule was stepped {position} times, but a checkpoint of "
+        f"epoch {epoch} of this run is at step {expected} ({unit}): it was saved part-way through an epoch "
+        "(model_interrupted.pth.tar holds the moment a signal stopped the run, not a finished epoch) or by a run "
+        "of other settings. Nothing was changed. Resume from the last finished epoch: --resume-student last "
+        "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path."
+    )

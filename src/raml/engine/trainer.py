@@ -48,6 +48,7 @@ from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_schedu
 from raml.engine.resume import (
     check_optimizer_state,
     check_run_fields,
+    check_schedule_position,
     load_scheduler_state,
     resume_candidates,
     resumes_inside,
@@ -412,6 +413,13 @@ class Trainer:
                     "steps: --epochs, --query-size, --batch-size or --update-every differ from the checkpoint's "
                     "run. Resume with the same settings, or start a new run from its weights with --student-path."
                 )
+            check_schedule_position(
+                checkpoint["scheduler"],
+                int(checkpoint.get("epoch", 0)),
+                self.steps_per_epoch,
+                self.config.scheduler in PER_STEP_SCHEDULERS,
+                path,
+            )
             load_scheduler_state(self.scheduler, checkpoint["scheduler"], self.config.scheduler, path)
         self.start_epoch = int(checkpoint.get("epoch", 0)) + 1
         extra = checkpoint.get("raml", {}) or {}
