@@ -154,3 +154,19 @@ def test_an_interrupted_checkpoint_is_refused_and_last_resumes(machinery, machin
     resumed = Trainer(config.replace(resume_student="last"), CPU, progress=False)
     assert resumed.start_epoch == 2
     resumed.run()
+
+
+def test_last_skips_a_damaged_checkpoint_and_a_damaged_file_is_named_a_training_checkpoint(
+    machinery, machinery_teacher_path, finished, tmp_path, caplog
+):
+    run = _copy(finished, tmp_path)
+    last = run / "model_last.pth.tar"
+    last.write_bytes(last.read_bytes()[:5000])  # truncated
+    base = machinery.distill_config(run, machinery_teacher_path, epochs=1, val=False, scheduler="exponential")
+    with caplog.at_level("WARNING"):
+        trainer = Trainer(base.replace(resume_student="last"), CPU, progress=False)
+    assert trainer.resume_path("last") == run / "model_epoch1.pth.tar" and trainer.start_epoch == 2
+    assert "skipped damaged checkpoints: model_last.pth.tar" in caplog.text
+    with pytest.raises(ValueError, match="training checkpoint is damaged") as refused:
+        Trainer(base.replace(resume_student="model_last.pth.tar"), CPU, progress=False)
+    assert "downloaded" not in str(refused.value) and "--resume-student last skips" in str(refused.value)

@@ -10,11 +10,23 @@ published networks, checkpoints of older versions) are not compared: such files 
 
 from __future__ import annotations
 
+import logging
+import pickle
+import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
+from raml.models.checkpoints import CheckpointError, InvalidCheckpointError, load_checkpoint_file
+from raml.models.restricted_pickle import is_torchscript_archive
+
 if TYPE_CHECKING:
     from raml.engine.config import TrainConfig
+
+logger = logging.getLogger(__name__)
+
+BEST_NAME = "model_best.pth.tar"
 
 #: the run fields stored in ``checkpoint["raml"]`` that a resumed run must share, with the flag that sets each
 RUN_FIELDS: dict[str, str] = {
@@ -152,3 +164,74 @@ def check_schedule_position(
         "of other settings. Nothing was changed. Resume from the last finished epoch: --resume-student last "
         "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path."
     )
+
+
+def _damaged(path: Path, detail: str) -> InvalidCheckpointError:
+    return InvalidCheckpointError(
+        f"--resume-student {path}: this training checkpoint is damaged ({detail}), e.g. truncated by a full disk "
+        "or a copy cut short. Resume from another checkpoint of the run: --resume-student last skips damaged "
+        "ones, or name a model_epoch<N>.pth.tar; or start a new run without --resume-student.",
+        detail,
+    )
+
+
+def load_resume_checkpoint(path: Path) -> dict[str, Any]:
+    """:func:`load_checkpoint_file`, with a message for a damaged file that fits a training checkpoint."""
+    try:
+        return load_checkpoint_file(path)
+    except InvalidCheckpointError as error:
+        raise _damaged(path, error.detail) from error
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """The ``epoch`` of a training checkpoint, read without loading its tensors where possible: a file that
+    loads with ``weights_only=True`` is memory-mapped (its tensors stay on disk); one that needs the restricted
+    unpickler (the reference's checkpoints) is read by :func:`load_checkpoint_file`. A file that cannot be read
+    raises :class:`CheckpointError`."""
+    with open(path, "rb") as handle:
+        try:
+            torchscript = is_torchscript_archive(handle)
+        except zipfile.BadZipFile as error:
+            raise _damaged(path, str(error)) from error
+    if torchscript is not None:  # never given to torch.load; load_checkpoint_file says why
+        return int(load_resume_checkpoint(path).get("epoch", 0))
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():
+            raise _damaged(path, f"safe unpickling failed: {error}") from error
+        checkpoint = load_resume_checkpoint(path)  # the restricted unpickler, in full
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
+        raise _damaged(path, f"{type(error).__name__}: {error}") from error
+    if not isinstance(checkpoint, dict):
+        raise _damaged(path, f"it holds a {type(checkpoint).__name__}, not a checkpoint dict")
+    return int(checkpoint.get("epoch", 0))
+
+
+def last_checkpoint(directory: Path) -> Path:
+    """The newest finished-epoch checkpoint in ``directory`` (``--resume-student last``): the highest epoch,
+    ``model_last.pth.tar`` before a ``model_epoch<N>.pth.tar`` of the same epoch. Damaged candidates are skipped
+    with a warning naming them."""
+    candidates = sorted(
+        p for p in directory.glob("model_*.pth.tar") if p.name != BEST_NAME and "interrupted" not in p.name
+    )
+    if not candidates:
+        raise FileNotFoundError(
+            f"--resume-student last: {directory} holds no training checkpoint (model_last.pth.tar or "
+            "model_epoch<N>.pth.tar); start without --resume-student or name a checkpoint file."
+        )
+    epochs: dict[Path, int] = {}
+    damaged: list[str] = []
+    for path in candidates:
+        try:
+            epochs[path] = checkpoint_epoch(path)
+        except CheckpointError as error:
+            damaged.append(f"{path.name} ({getattr(error, 'detail', error)})")
+    if damaged:
+        logger.warning("--resume-student last: skipped damaged checkpoints: %s", "; ".join(damaged))
+    if not epochs:
+        raise CheckpointError(
+            f"--resume-student last: every training checkpoint in {directory} is damaged: {'; '.join(damaged)}. "
+            "Start a new run (without --resume-student, with --overwrite), or restore a checkpoint from a backup."
+        )
+    return max(epochs, key=lambda p: (epochs[p], p.name == "model_last.pth.tar"))

@@ -49,12 +49,14 @@ from raml.engine.resume import (
     check_optimizer_state,
     check_run_fields,
     check_schedule_position,
+    last_checkpoint,
+    load_resume_checkpoint,
     load_scheduler_state,
     resume_candidates,
     resumes_inside,
     run_fields,
 )
-from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
+from raml.models import build_network, load_network, save_checkpoint
 from raml.models.checkpoints import CheckpointError
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.evaluate import check_compatible, default_ks, evaluate_split
@@ -397,7 +399,7 @@ class Trainer:
 
     def _resume(self, name: str) -> None:
         path = self.resume_path(name)
-        checkpoint = load_checkpoint_file(path)
+        checkpoint = load_resume_checkpoint(path)
         stored = checkpoint.get("raml") if isinstance(checkpoint.get("raml"), dict) else {}
         check_run_fields(stored, run_fields(self.config, self.teacher_sha), path)
         self._load_student_state(checkpoint, path)
@@ -447,17 +449,9 @@ class Trainer:
         self.student.load_state_dict(state)
 
     def last_checkpoint(self) -> Path:
-        """The newest finished-epoch checkpoint in the run's directory (for ``--resume-student last``)."""
-        candidates = [p for p in self.directory.glob("model_*.pth.tar") if p.name != BEST_NAME]
-        candidates = [p for p in candidates if "interrupted" not in p.name]
-        if not candidates:
-            raise FileNotFoundError(
-                f"--resume-student last: {self.directory} holds no training checkpoint (model_last.pth.tar or "
-                "model_epoch<N>.pth.tar); start without --resume-student or name a checkpoint file."
-            )
-        return max(
-            candidates, key=lambda p: (int(load_checkpoint_file(p).get("epoch", 0)), p.name == "model_last.pth.tar")
-        )
+        """The newest finished-epoch checkpoint in the run's directory (for ``--resume-student last``); damaged
+        candidates are skipped with a warning (:func:`raml.engine.resume.last_checkpoint`)."""
+        return last_checkpoint(self.directory)
 
     # -------------------------------------------------------------------------------------- running
     def run(self) -> TrainResult:

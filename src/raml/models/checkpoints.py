@@ -51,6 +51,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CheckpointError",
+    "InvalidCheckpointError",
     "DownloadError",
     "PUBLISHED_NETWORKS",
     "PUBLISHED_URL_TEMPLATE",
@@ -180,10 +181,19 @@ def _unsafe_error(path: Path, detail: str) -> CheckpointError:
     )
 
 
+class InvalidCheckpointError(CheckpointError):
+    """A file that cannot be read as a checkpoint at all (corrupt, truncated, foreign); ``detail`` says why."""
+
+    def __init__(self, message: str, detail: str) -> None:
+        super().__init__(message)
+        self.detail = detail
+
+
 def _invalid_checkpoint(path: Path, detail: str) -> CheckpointError:
     """The error for a file that cannot be read as a checkpoint at all (corrupt, truncated, foreign)."""
-    return CheckpointError(
-        f"{str(path)!r} is not a valid checkpoint ({detail}); if it was downloaded, delete it to fetch it again."
+    return InvalidCheckpointError(
+        f"{str(path)!r} is not a valid checkpoint ({detail}); if it was downloaded, delete it to fetch it again.",
+        detail,
     )
 
 
