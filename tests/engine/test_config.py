@@ -194,6 +194,15 @@ def test_inconsistent_settings_are_refused():
     TrainConfig(student="r", mode="sym", training_dataset="own/splits-test.json").validate()  # a file, not a part
 
 
+@pytest.mark.parametrize(("batch_size", "low"), [(2, 4), (6, 4), (13, 12)])
+def test_a_sym_batch_size_that_is_not_whole_groups_of_four_is_refused(batch_size, low):
+    """sym batches are groups of 4 images of one class: --batch-size 2 or 6 trained silently with batches of 4."""
+    with pytest.raises(ValueError, match=rf"multiple of 4 .*got {batch_size}; it would train with batches of {low}"):
+        TrainConfig(student="r", mode="sym", batch_size=batch_size).validate()
+    TrainConfig(student="r", mode="sym", batch_size=12).validate()
+    TrainConfig(student="r", teacher_path="t", batch_size=6).validate()  # the distillers take any size
+
+
 def test_unreadable_yaml_files_are_named_with_the_place_and_what_is_expected(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("lr: 1e-4\nepochs: [1\n")

@@ -220,7 +220,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default = getattr(d, flag.replace("-", "_"))
         others.add_argument(f"--{flag}", type=kind, metavar="X", help=f"{text} (default {default})")
     opt = parser.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", "-b", type=int, metavar="N", help=f"default {d.batch_size}")
+    opt.add_argument(
+        "--batch-size",
+        "-b",
+        type=int,
+        metavar="N",
+        help=f"default {d.batch_size}; --mode sym: a multiple of 4 (whole groups of 4 images of one class)",
+    )
     opt.add_argument(
         "--update-every", "-u", type=int, metavar="N", help=f"gradient accumulation (default {d.update_every})"
     )

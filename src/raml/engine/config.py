@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from raml.engine.methods import METHODS
+from raml.engine.methods.labelled import GROUP_SIZE
 
 MODES = tuple(METHODS)  # --mode: the registered training methods (raml.engine.methods)
 MIXUP_PARTNERS = ("dataset", "batch")
@@ -290,6 +291,16 @@ class TrainConfig:
             raise ValueError(f"--d3-k must be at least 2 (the image and one neighbour), got {self.d3_k}.")
         if self.rop_k < 1:
             raise ValueError(f"--rop-k must be at least 1 (the image itself), got {self.rop_k}.")
+        if self.mode == "sym" and self.batch_size % GROUP_SIZE:
+            # a sym batch is whole groups of GROUP_SIZE images of one class (the reference's spc): any other size
+            # would silently train with the multiple of GROUP_SIZE below it (at least one group)
+            low = max(GROUP_SIZE, self.batch_size // GROUP_SIZE * GROUP_SIZE)
+            raise ValueError(
+                f"--mode sym batches whole groups of {GROUP_SIZE} images of one class: --batch-size must be a "
+                f"multiple of {GROUP_SIZE} ({GROUP_SIZE}, {2 * GROUP_SIZE}, {3 * GROUP_SIZE}, ...), got "
+                f"{self.batch_size}; it would train with batches of {low}. Give --batch-size {low} or "
+                f"{low + GROUP_SIZE}."
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
