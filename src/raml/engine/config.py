@@ -7,6 +7,7 @@ optional YAML file; the resolved configuration is written next to every run's ou
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,8 @@ import yaml
 
 from raml.engine.methods import METHODS
 from raml.engine.methods.labelled import GROUP_SIZE
+
+logger = logging.getLogger(__name__)
 
 MODES = tuple(METHODS)  # --mode: the registered training methods (raml.engine.methods)
 MIXUP_PARTNERS = ("dataset", "batch")
@@ -291,16 +294,18 @@ class TrainConfig:
             raise ValueError(f"--d3-k must be at least 2 (the image and one neighbour), got {self.d3_k}.")
         if self.rop_k < 1:
             raise ValueError(f"--rop-k must be at least 1 (the image itself), got {self.rop_k}.")
+
+    def warn_about_rounding(self) -> None:
+        """Log what the run will do other than asked: a ``sym`` batch is whole groups of ``GROUP_SIZE`` images of
+        one class (the reference's spc), so another ``batch_size`` trains with the multiple of ``GROUP_SIZE``
+        below it (at least one group), as the reference's does (its commands keep running)."""
         if self.mode == "sym" and self.batch_size % GROUP_SIZE:
-            # a sym batch is whole groups of GROUP_SIZE images of one class (the reference's spc): any other size
-            # would silently train with the multiple of GROUP_SIZE below it (at least one group)
             low = max(GROUP_SIZE, self.batch_size // GROUP_SIZE * GROUP_SIZE)
-            raise ValueError(
-                f"--mode sym batches whole groups of {GROUP_SIZE} images of one class: --batch-size must be a "
-                f"multiple of {GROUP_SIZE} ({GROUP_SIZE}, {2 * GROUP_SIZE}, {3 * GROUP_SIZE}, ...), got "
-                f"{self.batch_size}; it would train with batches of {low}. Give --batch-size {low} or "
-                f"{low + GROUP_SIZE}."
-            )
+            logger.warning(
+                "--mode sym batches whole groups of %d images of one class: --batch-size %d trains with batches of "
+                "%d (as the reference does); give a multiple of %d (e.g. %d or %d) to train with the size you ask.",
+                GROUP_SIZE, self.batch_size, low, GROUP_SIZE, low, low + GROUP_SIZE,
+            )  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -232,6 +232,8 @@ class Trainer:
         teacher_device: torch.device | None = None,
     ) -> None:
         config.validate()
+        if dist.is_main:
+            config.warn_about_rounding()
         self.config = config
         self.device = device
         self.dist = dist
