@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from raml.engine.methods import METHODS
-from raml.engine.methods.labelled import GROUP_SIZE
 
 logger = logging.getLogger(__name__)
 
@@ -299,6 +298,8 @@ class TrainConfig:
         """Log what the run will do other than asked: a ``sym`` batch is whole groups of ``GROUP_SIZE`` images of
         one class (the reference's spc), so another ``batch_size`` trains with the multiple of ``GROUP_SIZE``
         below it (at least one group), as the reference's does (its commands keep running)."""
+        from raml.engine.methods.labelled import GROUP_SIZE  # torch: not when a parser is built (raml train -h)
+
         if self.mode == "sym" and self.batch_size % GROUP_SIZE:
             low = max(GROUP_SIZE, self.batch_size // GROUP_SIZE * GROUP_SIZE)
             logger.warning(
