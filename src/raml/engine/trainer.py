@@ -42,6 +42,7 @@ from raml.data.splits import Split, get_split
 from raml.distributed import SINGLE, DistContext, all_reduce_min_, all_reduce_sum_, broadcast_object, shard_bounds
 from raml.engine.config import TrainConfig, part_name
 from raml.engine.device import AutocastForward, amp_active
+from raml.engine.guard import gradients_finite, nonfinite_parameters
 from raml.engine.methods import method_class
 from raml.engine.methods.base import BatchLoss, Method
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
@@ -77,7 +78,7 @@ class TrainingInterrupted(RuntimeError):
 
 
 class NonFiniteLossError(RuntimeError):
-    """The loss became NaN or infinite; the last good checkpoint is kept."""
+    """The loss, its gradients or the weights became NaN or infinite; the last good checkpoint is kept."""
 
 
 # --------------------------------------------------------------------------------------------- networks
@@ -536,9 +537,10 @@ class Trainer:
         # Sums of the logged terms, kept on the device (tensors) and read every --print-freq batches only: no
         # host-device sync between one batch's forward and backward.
         totals: dict[str, torch.Tensor | float] = {}
-        # The first batch whose loss was not finite (on the device; read at each optimizer step, see
-        # _check_finite): the check neither stops the device on every batch nor lets one process raise alone.
-        first_nonfinite = torch.full((), _ALL_FINITE, dtype=torch.int64, device=self.device)
+        # The first batch whose loss, and the first whose accumulated gradients, were not finite (on the device;
+        # read at each optimizer step, see _check_finite): the check neither stops the device on every batch nor
+        # lets one process raise alone.
+        first_nonfinite = torch.full((2,), _ALL_FINITE, dtype=torch.int64, device=self.device)
         images_seen, pending, synced, start = 0, 0, True, time.perf_counter()
         bar = tqdm(
             total=self.batches_per_epoch,
@@ -555,13 +557,14 @@ class Trainer:
             with self._gradient_sync(synced):
                 result = self._batch_loss(batch, generator)  # forward (bf16 with --amp), loss in float32
                 loss = result.loss.detach()
-                first_nonfinite = torch.where(
-                    torch.isfinite(loss), first_nonfinite, torch.clamp(first_nonfinite, max=index)
+                first_nonfinite[0] = torch.where(
+                    torch.isfinite(loss), first_nonfinite[0], torch.clamp(first_nonfinite[0], max=index)
                 )
                 # Losses are summed over images; gradients accumulate until an optimizer step. With several
                 # processes DDP averages gradients, so scale by the world size to get the sum over all images.
                 (result.loss * self.dist.world_size).backward()
             if pending == c.update_every:
+                self._mark_nonfinite_gradients(first_nonfinite, index)
                 self._check_finite(first_nonfinite, epoch)
                 self._optimizer_step()
                 pending = 0
@@ -584,6 +587,8 @@ class Trainer:
         if pending and c.flush_accumulation:  # ours: the epoch's last images still make a step
             if not synced:  # fewer batches than batches_per_epoch said: average the local gradients by hand
                 self._average_gradients()
+            self._mark_nonfinite_gradients(first_nonfinite, index)
+            self._check_finite(first_nonfinite, epoch)
             self._optimizer_step()
         # The reference drops an incomplete accumulation: its gradients are discarded, never applied.
         self.optimizer.zero_grad(set_to_none=True)
@@ -615,23 +620,47 @@ class Trainer:
             if param.grad is not None:
                 all_reduce_sum_(param.grad, self.dist).div_(self.dist.world_size)
 
+    def _mark_nonfinite_gradients(self, first_nonfinite: torch.Tensor, index: int) -> None:
+        """Record ``index`` in ``first_nonfinite[1]`` when the accumulated gradients hold a NaN or an infinity (a
+        finite loss can have them: a square root at 0, an overflow in backward). On the device, no sync; one
+        fused max-abs reduction over the gradients (:func:`raml.engine.guard.gradients_finite`). There is no AMP
+        GradScaler to leave inf gradients to (``--amp`` is bf16, which needs no loss scaling)."""
+        finite = gradients_finite(p for group in self.optimizer.param_groups for p in group["params"])
+        if finite is not None:
+            first_nonfinite[1] = torch.where(
+                finite.to(first_nonfinite.device), first_nonfinite[1], torch.clamp(first_nonfinite[1], max=index)
+            )
+
     def _check_finite(self, first_nonfinite: torch.Tensor, epoch: int) -> None:
-        """Raise :class:`NonFiniteLossError` on every process when any process saw a non-finite loss.
+        """Raise :class:`NonFiniteLossError` on every process when any process saw a non-finite loss (or
+        non-finite gradients: ``first_nonfinite[1]``, see :meth:`_mark_nonfinite_gradients`).
 
         Called before each optimizer step (so a bad gradient never reaches the weights) and at the end of the
         epoch. The processes agree first (an all-reduce of the first bad batch): a process that raised alone
         would leave the others waiting in DDP's next all-reduce until a watchdog killed them.
         """
         agreed = all_reduce_min_(first_nonfinite.clone(), self.dist)
-        batch = int(agreed.item())
-        if batch == _ALL_FINITE:
+        loss_batch, gradient_batch = (int(v) for v in agreed.tolist())  # one host-device sync for both
+        if gradient_batch < loss_batch and self._gradients_overflowed_only():
+            first_nonfinite[1] = _ALL_FINITE  # huge but finite gradients: the fast check's norm overflowed
+            gradient_batch = _ALL_FINITE
+        if loss_batch == _ALL_FINITE and gradient_batch == _ALL_FINITE:
             return
         where = f" (on at least one of the {self.dist.world_size} processes)" if self.dist.enabled else ""
+        if loss_batch <= gradient_batch:
+            what, batch, which = "The loss became NaN or infinite", loss_batch, "that batch's"
+        else:
+            what, batch, which = "The gradients became NaN or infinite (under a finite loss)", gradient_batch, "those"
         raise NonFiniteLossError(
-            f"The loss became NaN or infinite at epoch {epoch}, batch {batch}{where}; training stopped before that "
-            f"batch's gradients were applied, and the last good checkpoint in {self.directory} is kept. Lower "
-            "--lr or check the data."
+            f"{what} at epoch {epoch}, batch {batch}{where}; training stopped before {which} gradients were "
+            f"applied, and the last good checkpoint in {self.directory} is kept. Lower --lr or check the data."
         )
+
+    def _gradients_overflowed_only(self) -> bool:
+        """Whether the gradients the fast check called non-finite are finite after all (the exact, slower check;
+        the gradients are the same on every process after DDP's all-reduce, so every process agrees)."""
+        exact = gradients_finite((p for group in self.optimizer.param_groups for p in group["params"]), exact=True)
+        return exact is not None and bool(exact)
 
     def _optimizer_step(self) -> None:
         self.method.before_optimizer_step()
@@ -806,6 +835,14 @@ class Trainer:
         """Write the training checkpoint of ``epoch`` to ``path``, and the same file under the names ``also``."""
         if not self.dist.is_main:  # one writer; every process holds the same weights
             return
+        bad = nonfinite_parameters(self.student)  # a finite loss and gradients can still step to inf (a huge --lr)
+        if bad:
+            raise NonFiniteLossError(
+                f"The weights became NaN or infinite by epoch {epoch} ({', '.join(bad[:3])}"
+                f"{', ...' if len(bad) > 3 else ''}: {len(bad)} tensors) under a finite loss: the steps were too "
+                f"large. {path.name} was not written, and the last good checkpoint in {self.directory} is kept. "
+                "Lower --lr."
+            )
         extra = {
             "raml": {
                 "mode": self.config.mode,

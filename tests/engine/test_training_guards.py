@@ -1,0 +1,74 @@
+"""What keeps a run's outputs trustworthy when something goes wrong: non-finite gradients or weights under a
+finite loss, a full disk while a checkpoint is written, a signal after the batch loop, and a second run into
+the same folder. Tiny runs of the machinery teacher (timm's test_resnet), one or two epochs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raml.engine.guard import gradients_finite
+from raml.engine.trainer import NonFiniteLossError, Trainer
+from raml.models import load_checkpoint_file
+
+CPU = torch.device("cpu")
+
+
+def _config(machinery, teacher, directory, **changes):
+    values = dict(epochs=2, val=False, test_datasets=[], query_size=8, update_every=1, save_freq=1)
+    values.update(changes)
+    return machinery.distill_config(directory, teacher, **values)
+
+
+def _all_finite(path) -> bool:
+    state = load_checkpoint_file(path)["state_dict"]
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def test_a_nan_gradient_under_a_finite_loss_stops_before_the_step(machinery, machinery_teacher_path, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(_config(machinery, machinery_teacher_path, run), CPU, progress=False)
+    original = trainer._batch_loss
+
+    def sqrt_at_zero(batch, generator):  # a finite loss (the extra term is 0) whose gradient is NaN
+        result = original(batch, generator)
+        if trainer.history:  # epoch 2
+            weight = next(trainer.student.parameters())
+            result.loss = result.loss + torch.sqrt((weight - weight.detach()).pow(2).sum())
+            assert torch.isfinite(result.loss)
+        return result
+
+    trainer._batch_loss = sqrt_at_zero
+    with pytest.raises(NonFiniteLossError, match=r"gradients became NaN .* epoch 2, batch 1.*last good checkpoint"):
+        trainer.run()
+    assert load_checkpoint_file(run / "model_last.pth.tar")["epoch"] == 1 and _all_finite(run / "model_last.pth.tar")
+    assert all(torch.isfinite(p).all() for p in trainer.student.parameters())  # the NaN never reached a weight
+
+
+def test_a_step_to_infinite_weights_is_never_saved(machinery, machinery_teacher_path, tmp_path):
+    run = tmp_path / "run"
+    trainer = Trainer(_config(machinery, machinery_teacher_path, run), CPU, progress=False)
+    step, steps = trainer.optimizer.step, []
+
+    def overflowing_step(*args, **kwargs):  # the last step of epoch 2 overflows (a finite loss, a huge --lr)
+        step(*args, **kwargs)
+        steps.append(1)
+        if len(steps) == 2 * trainer.steps_per_epoch:
+            with torch.no_grad():
+                next(trainer.student.parameters()).fill_(float("inf"))
+
+    trainer.optimizer.step = overflowing_step
+    with pytest.raises(NonFiniteLossError, match=r"weights became NaN or infinite by epoch 2.*model_last.pth.tar was"):
+        trainer.run()
+    assert load_checkpoint_file(run / "model_last.pth.tar")["epoch"] == 1 and _all_finite(run / "model_last.pth.tar")
+    assert not (run / "model_epoch2.pth.tar").exists() and not (run / "model_best.pth.tar").exists()
+
+
+def test_the_gradient_check_tells_huge_finite_gradients_from_non_finite_ones():
+    weights = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    weights[0].grad, weights[1].grad = torch.tensor([1e20, 1.0, 2.0]), torch.ones(2)
+    assert not gradients_finite(weights) and gradients_finite(weights, exact=True)  # the fast 2-norm overflows
+    for bad in (float("nan"), float("inf")):
+        weights[1].grad = torch.tensor([1.0, bad])
+        assert not gradients_finite(weights) and not gradients_finite(weights, exact=True)
+    assert gradients_finite([torch.zeros(1, requires_grad=True)]) is None  # no gradients yet
