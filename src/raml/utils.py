@@ -12,6 +12,7 @@ import random
 import secrets
 import shutil
 import stat
+import traceback
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -105,11 +106,65 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:
-    """``torch.save`` to ``path`` atomically."""
+    """``torch.save`` to ``path`` atomically.
+
+    Raises:
+        OSError: The file could not be written (torch says so with a ``RuntimeError`` from its C++ writer, e.g.
+            ``[enforce fail at inline_container.cc:672] . unexpected pos`` on a full disk): ``ENOSPC`` when its
+            disk has less free space than the tensors being saved, else ``EIO``; the message names the path,
+            the bytes free and what was kept (a previous file at ``path`` is left as it was).
+    """
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+    path = Path(path)
+    try:
+        with atomic_path(path) as tmp:
+            torch.save(obj, tmp)
+    except RuntimeError as error:
+        if not any(sign in str(error) for sign in _TORCH_WRITE_FAILURES):
+            raise
+        # the failed writer (in the traceback's frames) still holds the deleted temporary file open, and with it
+        # the disk space it took: let it go before the free space is measured
+        cause: BaseException | None = error
+        while cause is not None:
+            traceback.clear_frames(cause.__traceback__)
+            cause = cause.__context__
+        raise _failed_save_error(path, _tensor_bytes(obj), error) from error
+
+
+#: what torch's C++ writer says when the file cannot be written (a full disk, an I/O error)
+_TORCH_WRITE_FAILURES = ("inline_container", "file write failed", "iostream error", "unexpected pos")
+
+
+def _tensor_bytes(obj: object) -> int:
+    """The bytes of the tensors in ``obj`` (nested dicts, lists and tuples): about what ``torch.save`` writes."""
+    import torch
+
+    if torch.is_tensor(obj):
+        return obj.untyped_storage().nbytes()
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(value) for value in obj)
+    return 0
+
+
+def _failed_save_error(path: Path, needed: int, error: BaseException) -> OSError:
+    """An OSError for a write of about ``needed`` bytes to ``path`` that failed with ``error``."""
+    try:
+        free: int | None = shutil.disk_usage(path.parent).free
+    except OSError:
+        free = None
+    full = free is not None and free < needed
+    free_text = f"{free} bytes" if free is not None else "unknown bytes"
+    kept = f"the previous {path.name} is kept as it was" if path.exists() else f"no {path.name} was written"
+    cause = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    return OSError(
+        errno.ENOSPC if full else errno.EIO,
+        f"Could not write {path} ({'no space left on its disk' if full else 'a write error'}: {free_text} free "
+        f"there, about {needed} bytes to write; {cause}); {kept}. Free some space (or write elsewhere) and run "
+        "again",
+    )
 
 
 def atomic_duplicate(source: str | Path, path: str | Path) -> None:

@@ -4,12 +4,19 @@ the same folder. Tiny runs of the machinery teacher (timm's test_resnet), one or
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
+from raml import utils
+from raml.cli.main import _user_errors
 from raml.engine.guard import gradients_finite
 from raml.engine.trainer import NonFiniteLossError, Trainer
 from raml.models import load_checkpoint_file
+from raml.utils import atomic_torch_save
 
 CPU = torch.device("cpu")
 
@@ -72,3 +79,47 @@ def test_the_gradient_check_tells_huge_finite_gradients_from_non_finite_ones():
         weights[1].grad = torch.tensor([1.0, bad])
         assert not gradients_finite(weights) and not gradients_finite(weights, exact=True)
     assert gradients_finite([torch.zeros(1, requires_grad=True)]) is None  # no gradients yet
+
+
+def _failing_torch_save(monkeypatch, after: int = 0) -> None:
+    """torch.save raises torch's own full-disk error (after writing a few bytes) from call ``after + 1`` on."""
+    calls, save = [], torch.save
+
+    def failing(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) <= after:
+            return save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(b"PK\x03\x04 half a checkpoint")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 2395200 vs 2395092")
+
+    monkeypatch.setattr(torch, "save", failing)
+
+
+@pytest.mark.parametrize(("free", "code"), [(10, errno.ENOSPC), (10**12, errno.EIO)])
+def test_a_failed_checkpoint_write_is_an_os_error_that_keeps_the_previous_file(tmp_path, monkeypatch, free, code):
+    target = tmp_path / "model_last.pth.tar"
+    atomic_torch_save({"w": torch.ones(4)}, target)
+    _failing_torch_save(monkeypatch)
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**13, 10**13 - free, free))
+    with pytest.raises(OSError) as failed:
+        atomic_torch_save({"w": torch.zeros(1000)}, target)
+    assert failed.value.errno == code
+    message = str(failed.value)
+    assert str(target) in message and f"{free} bytes free" in message and "about 4000 bytes to write" in message
+    assert "the previous model_last.pth.tar is kept as it was" in message and "\n" not in message
+    assert torch.equal(torch.load(target)["w"], torch.ones(4)) and sorted(tmp_path.iterdir()) == [target]
+    monkeypatch.setattr(torch, "save", lambda obj, f: (_ for _ in ()).throw(RuntimeError("not a write error")))
+    with pytest.raises(RuntimeError, match="not a write error"):  # other errors of torch.save are left alone
+        atomic_torch_save({"w": torch.zeros(1)}, target)
+
+
+def test_a_full_disk_during_training_stops_with_an_os_error(machinery, machinery_teacher_path, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    trainer = Trainer(_config(machinery, machinery_teacher_path, run), CPU, progress=False)
+    _failing_torch_save(monkeypatch, after=1)  # epoch 1's checkpoint is written, epoch 2's is not
+    monkeypatch.setattr(utils.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 0))
+    with pytest.raises(OSError, match=r"Could not write .*model_last.pth.tar \(no space left.*previous model_last"):
+        trainer.run()
+    assert isinstance(OSError(), _user_errors())  # raml train prints the message in one line and exits 2
+    assert load_checkpoint_file(run / "model_last.pth.tar")["epoch"] == 1
+    assert not list(run.glob(".*.tmp")) and not (run / "model_epoch2.pth.tar").exists()
