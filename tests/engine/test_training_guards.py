@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import torch
 from raml import utils
 from raml.cli.main import _user_errors
 from raml.engine.guard import gradients_finite
-from raml.engine.trainer import NonFiniteLossError, Trainer
+from raml.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 from raml.models import load_checkpoint_file
 from raml.utils import atomic_torch_save
 
@@ -123,3 +124,25 @@ def test_a_full_disk_during_training_stops_with_an_os_error(machinery, machinery
     assert isinstance(OSError(), _user_errors())  # raml train prints the message in one line and exits 2
     assert load_checkpoint_file(run / "model_last.pth.tar")["epoch"] == 1
     assert not list(run.glob(".*.tmp")) and not (run / "model_epoch2.pth.tar").exists()
+
+
+@pytest.mark.parametrize("evaluation", ["validate", "monitor"])
+def test_a_signal_during_the_last_evaluation_stops_the_run_and_the_final_test(
+    machinery, machinery_teacher_path, tmp_path, evaluation
+):
+    run = tmp_path / "run"
+    protocol = dict(trainval=False) if evaluation == "validate" else dict(trainval=True, test_datasets=["cub-test"])
+    config = _config(machinery, machinery_teacher_path, run, epochs=1, val=True, **protocol)
+    trainer = Trainer(config, CPU, progress=False)
+
+    def signalled(*args, **kwargs):  # SIGTERM arrives while the last epoch is evaluated
+        trainer._stop_signal = signal.SIGTERM
+        metrics = {"mAP": 0.5, "R@1": 0.5}
+        return metrics if evaluation == "validate" else {split.name: metrics for split in trainer.monitor_splits}
+
+    setattr(trainer, evaluation, signalled)
+    with pytest.raises(TrainingInterrupted, match=rf"signal {int(signal.SIGTERM)} after epoch 1 .*--resume-student"):
+        trainer.run()
+    assert load_checkpoint_file(run / "model_last.pth.tar")["epoch"] == 1  # the finished epoch is saved
+    with pytest.raises(TrainingInterrupted, match="before the final test"):
+        trainer.test()

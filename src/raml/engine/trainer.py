@@ -471,6 +471,7 @@ class Trainer:
             self._restore_signal_handlers(previous)
         if self.writer is not None:
             self.writer.close()
+        self._stop_if_signalled("after the last epoch")  # a signal between the last check and the restore
         best = self.directory / BEST_NAME
         if not best.exists():  # e.g. resumed a finished run without validation
             self._save(best, c.epochs)
@@ -524,8 +525,22 @@ class Trainer:
             if self.val_split is None and epoch == c.epochs:
                 names.append(BEST_NAME)
             self._save(self.directory / "model_last.pth.tar", epoch, also=[self.directory / n for n in names])
+            # a signal during the validation, the monitoring or the save: the batch loop no longer reads the flag
+            self._stop_if_signalled(f"after epoch {epoch} (its checkpoint is saved)")
             if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < c.epochs:
                 raise TrainingInterrupted(f"Stopped after epoch {epoch} as asked.")
+
+    def _stop_if_signalled(self, when: str) -> None:
+        """Raise :class:`TrainingInterrupted` if SIGINT/SIGTERM asked to stop (outside the batch loop, which stops
+        on its own); what is on disk is then a finished epoch's consistent checkpoint."""
+        if self._stop_signal is None:
+            return
+        raise TrainingInterrupted(
+            f"Stopped by signal {self._stop_signal} {when}; the last finished epoch's checkpoint is "
+            f"{self.directory / 'model_last.pth.tar'} (the final test was not run). Continue with "
+            "--resume-student last (a finished run then only writes model_best and tests it), or test the "
+            "checkpoint with raml test."
+        )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         c = self.config
@@ -820,7 +835,12 @@ class Trainer:
 
     def test(self, checkpoint: Path | None = None) -> dict[str, dict[str, dict[str, float]]]:
         """Test the kept (or given) checkpoint on the configured test datasets: symmetric, and asymmetric
-        when there is a teacher. Each result states how many images ``--bad-images skip`` left out."""
+        when there is a teacher. Each result states how many images ``--bad-images skip`` left out.
+
+        Raises :class:`TrainingInterrupted` at once if a signal asked the run to stop (e.g. during the last
+        epoch's validation): the final test is not started.
+        """
+        self._stop_if_signalled("before the final test")
         network = load_network(checkpoint or self.directory / BEST_NAME, device=self.device)
         results = {}
         for split in self.test_splits:
