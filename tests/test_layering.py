@@ -1,7 +1,7 @@
 """The layering of README's Layout, written down in code: a package imports only from its own layer or
 lower ones, and no two modules import each other (directly or through others).
 
-Layers, lowest first (README, "Layout"): the shared foundation (``raml/__init__``, ``utils``, ``errors``,
+Layers, lowest first (README, "Layout"): the shared foundation (``raml/__init__``, ``utils``, ``errors``, ``locking``,
 ``distributed``); ``data`` (splits, images; no network) beside ``models`` (the network; no data); ``losses``;
 ``retrieval`` (extraction, metrics, evaluation, per-size BatchNorm re-estimation); ``engine`` (training,
 which evaluates); ``deploy``; ``entry`` (helpers of every entry point); the applications ``demo``,
@@ -19,7 +19,7 @@ import pytest
 SRC = Path(__file__).resolve().parents[1] / "src"
 
 LAYERS: list[set[str]] = [
-    {"raml", "utils", "errors", "distributed"},
+    {"raml", "utils", "errors", "distributed", "locking"},
     {"data", "models"},
     {"losses"},
     {"retrieval"},

@@ -5,8 +5,11 @@ the same folder. Tiny runs of the machinery teacher (timm's test_resnet), one or
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -16,6 +19,7 @@ from raml import utils
 from raml.cli.main import _user_errors
 from raml.engine.guard import gradients_finite
 from raml.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+from raml.locking import LOCK_NAME, LockHeldError
 from raml.models import load_checkpoint_file
 from raml.utils import atomic_torch_save
 
@@ -146,3 +150,40 @@ def test_a_signal_during_the_last_evaluation_stops_the_run_and_the_final_test(
     assert load_checkpoint_file(run / "model_last.pth.tar")["epoch"] == 1  # the finished epoch is saved
     with pytest.raises(TrainingInterrupted, match="before the final test"):
         trainer.test()
+
+
+def _folder_state(folder: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_mtime_ns, p.stat().st_size) for p in sorted(folder.iterdir())}
+
+
+def test_a_second_run_into_a_locked_folder_is_refused_at_once(machinery, machinery_teacher_path, tmp_path):
+    run = tmp_path / "run"
+    config = _config(machinery, machinery_teacher_path, run, epochs=1)
+    first = Trainer(config, CPU, progress=False, keep_lock=True)
+    first.run()
+    before = _folder_state(run)
+    started = time.monotonic()
+    with pytest.raises(LockHeldError) as refused:  # even with --overwrite, which the checkpoints would allow
+        Trainer(config.replace(overwrite=True), CPU, progress=False)
+    assert time.monotonic() - started < 5
+    message = str(refused.value)
+    assert f"{run} is being written by raml train (PID {os.getpid()} on host {socket.gethostname()}" in message
+    assert "wait for it to finish" in message and isinstance(refused.value, OSError)  # raml train: exit 2
+    assert _folder_state(run) == before  # nothing of the first run's folder changed
+    first.release_lock()
+    assert LOCK_NAME not in os.listdir(run)
+    second = Trainer(config.replace(overwrite=True), CPU, progress=False)  # free again
+    second.release_lock()
+
+
+def test_a_refused_start_releases_the_lock_and_leaves_no_folder(machinery, tmp_path):
+    config = machinery.config(
+        tmp_path / "new" / "run", student=machinery.arch, mode="sym", test_datasets=["no-such"], epochs=1
+    )
+    with pytest.raises((ValueError, OSError)):
+        Trainer(config, CPU, progress=False)
+    assert not (tmp_path / "new").exists()  # the lock's folders are removed again; so is the lock
+    file = tmp_path / "file"
+    file.write_text("x")
+    with pytest.raises(FileExistsError, match="is a file, not a folder"):
+        Trainer(machinery.config(file / "run", student=machinery.arch, mode="sym", epochs=1), CPU, progress=False)

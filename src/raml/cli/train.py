@@ -370,11 +370,15 @@ def run(args: argparse.Namespace) -> int:
             raise SystemExit(f"raml train: error: {error}") from error
         logger.info("Search picked %s", best)
     else:
-        trainer = Trainer(config, device, progress=progress, dist=dist, teacher_device=teacher_device)
-        result = trainer.run()
-        if config.per_size_bn:
-            _add_per_size_bn(trainer, result.best_checkpoint, device, progress)
-        result.test = trainer.test() if config.test_datasets else {}
+        # the run folder stays locked until its checkpoint is final (--per-size-bn rewrites it) and tested
+        trainer = Trainer(config, device, progress=progress, dist=dist, teacher_device=teacher_device, keep_lock=True)
+        try:
+            result = trainer.run()
+            if config.per_size_bn:
+                _add_per_size_bn(trainer, result.best_checkpoint, device, progress)
+            result.test = trainer.test() if config.test_datasets else {}
+        finally:
+            trainer.release_lock()
     if not dist.is_main:
         return 0
     logger.info("Best checkpoint: %s (epoch %d)", result.best_checkpoint, result.best_epoch)

@@ -57,6 +57,8 @@ from raml.engine.resume import (
     resumes_inside,
     run_fields,
 )
+from raml.engine.run_lock import acquire_run_lock
+from raml.locking import DirectoryLock, LockFileError, LockHeldError
 from raml.models import build_network, load_network, save_checkpoint
 from raml.models.checkpoints import CheckpointError
 from raml.retrieval.cache import EmbeddingCache
@@ -221,9 +223,41 @@ class Trainer:
         stop_after_epoch: stop (raising :class:`TrainingInterrupted`) after this epoch's checkpoint, as a
             killed job would; used to test that resuming reproduces an uninterrupted run.
         dist: this process's place among ``torchrun`` processes (default: a single process).
+        keep_lock: keep the run folder's lock (:mod:`raml.engine.run_lock`, taken here: a second run into the
+            folder is refused at once) after :meth:`run`, until :meth:`release_lock` (``raml train`` holds it
+            through the final test); by default :meth:`run` releases it when it ends, however it ends.
     """
 
     def __init__(
+        self,
+        config: TrainConfig,
+        device: torch.device,
+        progress: bool = True,
+        stop_after_epoch: int | None = None,
+        dist: DistContext = SINGLE,
+        teacher_device: torch.device | None = None,
+        keep_lock: bool = False,
+    ) -> None:
+        config.validate()
+        self.keep_lock = keep_lock
+        try:  # before anything is read or written in the folder
+            self._lock: DirectoryLock | None = acquire_run_lock(self, config.directory, dist)
+        except OSError as error:
+            if not isinstance(error, (LockHeldError, LockFileError)):
+                refuse_existing_checkpoints(config)  # a file where the folder should be: its own message
+            raise
+        try:
+            self._build(config, device, progress, stop_after_epoch, dist, teacher_device)
+        except BaseException:
+            self.release_lock()
+            raise
+
+    def release_lock(self) -> None:
+        """Release the run folder's lock (a no-op when not held)."""
+        if self._lock is not None:
+            self._lock.release()
+
+    def _build(
         self,
         config: TrainConfig,
         device: torch.device,
@@ -329,7 +363,8 @@ class Trainer:
         self.directory.mkdir(parents=True, exist_ok=True)
         if not self.dist.is_main:
             return
-        # a job killed while writing (kill -9) leaves its temporary file behind, never a half target
+        # a job killed while writing (kill -9) leaves its temporary file behind, never a half target; removing
+        # them is safe: this run holds the folder's lock (raml.engine.run_lock), so no other run is writing them
         for stale in self.directory.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
         for name, bad in self.skipped.items():
@@ -464,18 +499,22 @@ class Trainer:
             self.writer = _tensorboard_writer(self.directory / "tensorboard", c)
         if self.start_epoch > c.epochs:
             logger.info("Nothing to train: the checkpoint already finished %d epochs.", c.epochs)
-        previous = self._install_signal_handlers()
         try:
-            self._run_epochs()
+            previous = self._install_signal_handlers()
+            try:
+                self._run_epochs()
+            finally:
+                self._restore_signal_handlers(previous)
+            if self.writer is not None:
+                self.writer.close()
+            self._stop_if_signalled("after the last epoch")  # a signal between the last check and the restore
+            best = self.directory / BEST_NAME
+            if not best.exists():  # e.g. resumed a finished run without validation
+                self._save(best, c.epochs)
+            self.dist.barrier()
         finally:
-            self._restore_signal_handlers(previous)
-        if self.writer is not None:
-            self.writer.close()
-        self._stop_if_signalled("after the last epoch")  # a signal between the last check and the restore
-        best = self.directory / BEST_NAME
-        if not best.exists():  # e.g. resumed a finished run without validation
-            self._save(best, c.epochs)
-        self.dist.barrier()
+            if not self.keep_lock:
+                self.release_lock()
         last_val = next((h["val_mAP"] for h in reversed(self.history) if "val_mAP" in h), None)
         return TrainResult(self.directory, best, self.best_map, self.best_epoch, self.history, last_val_map=last_val)
 
