@@ -105,7 +105,7 @@ def test_another_optimizer_or_scheduler_is_refused_also_for_a_checkpoint_without
     with pytest.raises(ValueError, match="not saved by --scheduler cyclic"):
         Trainer(base.replace(scheduler="cyclic"), CPU, progress=False)
     assert _folder_state(run) == before
-    Trainer(base, CPU, progress=False)  # its own settings still resume
+    Trainer(base, CPU, progress=False).release_lock()  # its own settings still resume (the folder's lock freed)
 
 
 def test_another_folders_checkpoint_does_not_overwrite_a_finished_run(
@@ -121,11 +121,10 @@ def test_another_folders_checkpoint_does_not_overwrite_a_finished_run(
     assert _folder_state(run) == before
     # the folder's own checkpoints, by name, by a path through another spelling, or 'last', resume; so does
     # another folder's checkpoint into a new folder
-    Trainer(base.replace(resume_student="model_epoch1.pth.tar"), CPU, progress=False)
-    Trainer(base.replace(resume_student=str(run / ".." / "run" / "model_last.pth.tar")), CPU, progress=False)
-    Trainer(base.replace(resume_student="last"), CPU, progress=False)
+    for resume in ("model_epoch1.pth.tar", str(run / ".." / "run" / "model_last.pth.tar"), "last"):
+        Trainer(base.replace(resume_student=resume), CPU, progress=False).release_lock()  # each takes the lock
     fresh = base.replace(directory=str(tmp_path / "fresh"), resume_student=str(elsewhere / "model_last.pth.tar"))
-    Trainer(fresh, CPU, progress=False)
+    Trainer(fresh, CPU, progress=False).release_lock()
 
 
 def test_an_interrupted_checkpoint_is_refused_and_last_resumes(machinery, machinery_teacher_path, tmp_path):
@@ -167,6 +166,7 @@ def test_last_skips_a_damaged_checkpoint_and_a_damaged_file_is_named_a_training_
         trainer = Trainer(base.replace(resume_student="last"), CPU, progress=False)
     assert trainer.resume_path("last") == run / "model_epoch1.pth.tar" and trainer.start_epoch == 2
     assert "skipped damaged checkpoints: model_last.pth.tar" in caplog.text
+    trainer.release_lock()  # built, not run: the folder's lock is freed for the next trainer
     with pytest.raises(ValueError, match="training checkpoint is damaged") as refused:
         Trainer(base.replace(resume_student="model_last.pth.tar"), CPU, progress=False)
     assert "downloaded" not in str(refused.value) and "--resume-student last skips" in str(refused.value)
