@@ -170,3 +170,18 @@ def test_last_skips_a_damaged_checkpoint_and_a_damaged_file_is_named_a_training_
     with pytest.raises(ValueError, match="training checkpoint is damaged") as refused:
         Trainer(base.replace(resume_student="model_last.pth.tar"), CPU, progress=False)
     assert "downloaded" not in str(refused.value) and "--resume-student last skips" in str(refused.value)
+
+
+def test_last_reads_a_checkpoint_in_torchs_legacy_format_instead_of_calling_it_damaged(tmp_path, caplog):
+    """The memory-mapped epoch read needs torch's zip format: a legacy-format checkpoint (older torch, or
+    ``_use_new_zipfile_serialization=False``) is read in full, not skipped as damaged."""
+    from raml.engine.resume import last_checkpoint
+
+    state = {"w": torch.zeros(3)}
+    torch.save(
+        {"epoch": 3, "state_dict": state}, tmp_path / "model_epoch3.pth.tar", _use_new_zipfile_serialization=False
+    )
+    torch.save({"epoch": 2, "state_dict": state}, tmp_path / "model_epoch2.pth.tar")
+    with caplog.at_level("WARNING"):
+        assert last_checkpoint(tmp_path) == tmp_path / "model_epoch3.pth.tar"
+    assert "damaged" not in caplog.text

@@ -11,7 +11,6 @@ published networks, checkpoints of older versions) are not compared: such files 
 from __future__ import annotations
 
 import logging
-import pickle
 import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -185,8 +184,9 @@ def load_resume_checkpoint(path: Path) -> dict[str, Any]:
 
 def checkpoint_epoch(path: Path) -> int:
     """The ``epoch`` of a training checkpoint, read without loading its tensors where possible: a file that
-    loads with ``weights_only=True`` is memory-mapped (its tensors stay on disk); one that needs the restricted
-    unpickler (the reference's checkpoints) is read by :func:`load_checkpoint_file`. A file that cannot be read
+    loads with ``weights_only=True`` is memory-mapped (its tensors stay on disk); any other (one that needs the
+    restricted unpickler, as the reference's, or one in torch's legacy non-zip format) is read by
+    :func:`load_checkpoint_file`. A file that cannot be read
     raises :class:`CheckpointError`."""
     with open(path, "rb") as handle:
         try:
@@ -197,12 +197,10 @@ def checkpoint_epoch(path: Path) -> int:
         return int(load_resume_checkpoint(path).get("epoch", 0))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except pickle.UnpicklingError as error:
-        if "global" not in str(error).lower():
-            raise _damaged(path, f"safe unpickling failed: {error}") from error
-        checkpoint = load_resume_checkpoint(path)  # the restricted unpickler, in full
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file
-        raise _damaged(path, f"{type(error).__name__}: {error}") from error
+    except Exception:  # noqa: BLE001 - the fast path declined it: the full reader decides
+        # a checkpoint that needs the restricted unpickler (the reference's), one in torch's legacy non-zip format
+        # (mmap needs the zip format) or a damaged file: load_checkpoint_file reads the first two and names damage
+        checkpoint = load_resume_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise _damaged(path, f"it holds a {type(checkpoint).__name__}, not a checkpoint dict")
     return int(checkpoint.get("epoch", 0))
