@@ -49,6 +49,7 @@ def nonfinite_parameters(module: nn.Module) -> list[str]:
     named = [(n, t) for n, t in module.state_dict().items() if torch.is_tensor(t) and t.is_floating_point()]
     if not named:
         return []
-    maxima = torch.stack([m.float().cpu() for m in torch._foreach_norm([t.detach() for _, t in named], _INF)])
+    # one copy to the host for all of them (not one synchronising copy per tensor)
+    maxima = torch.stack([m.float() for m in torch._foreach_norm([t.detach() for _, t in named], _INF)]).cpu()
     bad = (~torch.isfinite(maxima)).nonzero().flatten().tolist()
     return [named[i][0] for i in bad]

@@ -892,9 +892,9 @@ class Trainer:
     # -------------------------------------------------------------------------------------- outputs
     def _save(self, path: Path, epoch: int, also: Sequence[Path] = ()) -> None:
         """Write the training checkpoint of ``epoch`` to ``path``, and the same file under the names ``also``."""
-        if not self.dist.is_main:  # one writer; every process holds the same weights
-            return
-        bad = nonfinite_parameters(self.student)  # a finite loss and gradients can still step to inf (a huge --lr)
+        # a finite loss and gradients can still step to inf (a huge --lr); checked on every rank, which hold the same
+        # weights, so that all of them stop together rather than the others waiting in the next all-reduce
+        bad = nonfinite_parameters(self.student)
         if bad:
             raise NonFiniteLossError(
                 f"The weights became NaN or infinite by epoch {epoch} ({', '.join(bad[:3])}"
@@ -902,6 +902,8 @@ class Trainer:
                 f"large. {path.name} was not written, and the last good checkpoint in {self.directory} is kept. "
                 "Lower --lr."
             )
+        if not self.dist.is_main:  # one writer; every process holds the same weights
+            return
         extra = {
             "raml": {
                 "mode": self.config.mode,
