@@ -225,7 +225,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "-b",
         type=int,
         metavar="N",
-        help=f"default {d.batch_size}; sym: whole groups of 4 images of a class (rounded down, as in the reference)",
+        help=f"default {d.batch_size}; sym: whole groups of 4 images of a class, rounded down (docs/fidelity.md 27)",
     )
     opt.add_argument(
         "--update-every", "-u", type=int, metavar="N", help=f"gradient accumulation (default {d.update_every})"

@@ -297,14 +297,16 @@ class TrainConfig:
     def warn_about_rounding(self) -> None:
         """Log what the run will do other than asked: a ``sym`` batch is whole groups of ``GROUP_SIZE`` images of
         one class (the reference's spc), so another ``batch_size`` trains with the multiple of ``GROUP_SIZE``
-        below it (at least one group), as the reference's does (its commands keep running)."""
+        below it (at least one group). The reference instead cuts its groups across batches (docs/fidelity.md row
+        27); such sizes are not refused, so that the reference's commands keep running."""
         from raml.engine.methods.labelled import GROUP_SIZE  # torch: not when a parser is built (raml train -h)
 
         if self.mode == "sym" and self.batch_size % GROUP_SIZE:
             low = max(GROUP_SIZE, self.batch_size // GROUP_SIZE * GROUP_SIZE)
             logger.warning(
                 "--mode sym batches whole groups of %d images of one class: --batch-size %d trains with batches of "
-                "%d (as the reference does); give a multiple of %d (e.g. %d or %d) to train with the size you ask.",
+                "%d (the reference instead cuts groups across batches: docs/fidelity.md row 27); give a multiple of "
+                "%d (e.g. %d or %d) to train with the size you ask.",
                 GROUP_SIZE, self.batch_size, low, GROUP_SIZE, low, low + GROUP_SIZE,
             )  # fmt: skip
 
