@@ -15,7 +15,9 @@ from PIL import Image
 from torch import nn
 
 from raml.deploy import IndexDirectoryError, index_images, load_index
+from raml.deploy.bad_images import REPORT_NAMES, SKIP_REPORT
 from raml.deploy.shards import ShardPlan
+from raml.deploy.store import remove_leftovers
 
 DIM = 8
 SHA = "0" * 64
@@ -156,6 +158,13 @@ def test_a_killed_first_build_leaves_nothing_but_its_shards_and_a_foreign_folder
     with pytest.raises(IndexDirectoryError, match="holds no raml index"):
         index(foreign, paths)
     assert set(planted) <= {p.name for p in foreign.iterdir()}
+    # a killed first build of --bad-images skip leaves its report beside the leftovers: still raml's own folder
+    reported = tmp_path / "reported"
+    reported.mkdir()
+    planted = _plant_leftovers(reported)
+    (reported / SKIP_REPORT).write_text("bad.jpg\ttruncated\n")
+    remove_leftovers(reported, own_files=REPORT_NAMES)
+    assert sorted(p.name for p in reported.iterdir()) == [SKIP_REPORT]
 
 
 def test_a_commit_keeps_another_interrupted_jobs_shards_and_names_them(tmp_path, caplog):

@@ -253,7 +253,8 @@ def index_images(
 
     # One writer at a time: the lock spans reading the current generation to committing the next one.
     with DirectoryLock(index_dir, "raml index"):
-        remove_leftovers(index_dir)  # what killed writers left (a SIGKILL runs no clean-up of its own)
+        # what killed writers left (a SIGKILL runs no clean-up of its own); the reports are a writer's own files
+        remove_leftovers(index_dir, own_files=REPORT_NAMES)
         existing: DatabaseIndex | None = None  # the index being updated
         previous: DatabaseIndex | None = None  # the index being rebuilt (--overwrite): only its ids are kept
         if (index_dir / METADATA_NAME).exists() and not overwrite:

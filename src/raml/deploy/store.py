@@ -56,7 +56,7 @@ import logging
 import os
 import shutil
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -446,7 +446,7 @@ def _remove_unreferenced(index_dir: Path, keep: set[str] | None) -> None:
                 logger.warning("Could not remove stale index file %s: %s", entry, error)
 
 
-def remove_leftovers(index_dir: Path) -> None:
+def remove_leftovers(index_dir: Path, own_files: Collection[str] = ()) -> None:
     """Delete what killed writers left in ``index_dir``; call it holding the writer's lock.
 
     Removed: temporary files and folders of raml's naming (``.<generation file>.<random>.tmp``, the on-disk
@@ -454,14 +454,16 @@ def remove_leftovers(index_dir: Path) -> None:
     the committed ``index.json`` does not name (every one when there is no ``index.json`` and the folder holds
     nothing else than a writer's files; none when it is unreadable), and the shard work folder of the committed
     job (``work_folder`` in ``index.json``: a kill between the commit and its removal). Never a file that
-    ``index.json`` names, nor any other name.
+    ``index.json`` names, nor any other name. ``own_files``: other names a writer puts there (its reports), which
+    do not make the folder foreign; they are never removed here.
     """
     if not index_dir.is_dir():
         return
     meta_path = index_dir / METADATA_NAME
     keep: set[str] | None = set()
     meta: Any = None
-    if not meta_path.exists() and not all(is_index_leftover(entry.name) for entry in index_dir.iterdir()):
+    names = [entry.name for entry in index_dir.iterdir()]
+    if not meta_path.exists() and not all(is_index_leftover(n) or n in own_files for n in names):
         return  # not an index folder: the caller refuses it, and nothing is removed
     if meta_path.exists():
         try:
