@@ -48,7 +48,6 @@ __all__ = [
     "plan_shards",
     "folder_bytes",
     "remove_shard_folder",
-    "remove_shard_folders",
     "shard_folders",
     "write_shard",
 ]
@@ -67,13 +66,6 @@ def is_shards_folder(name: str) -> bool:
     """A work folder of :func:`plan_shards` (``shards-<hex key>``)."""
     key = name[len(SHARDS_PREFIX) :]
     return name.startswith(SHARDS_PREFIX) and len(key) == _KEY_CHARS and all(c in "0123456789abcdef" for c in key)
-
-
-def remove_shard_folders(index_dir: Path, keep: str | None = None) -> None:
-    """Delete the shard work folders in ``index_dir`` (all but ``keep``, a folder name)."""
-    for entry in shard_folders(index_dir):
-        if entry.name != keep:
-            shutil.rmtree(entry, ignore_errors=True)
 
 
 def remove_shard_folder(folder: Path) -> None:
@@ -249,10 +241,14 @@ def plan_shards(
         image_size: Resolution of the embedding.
         shard_size: Rows per shard.
         precision: The forward's arithmetic (``fp32``, ``bf16``): rows of another precision are never reused
-            (an fp32 key is the one older raml wrote, so its interrupted jobs still resume).
+            (an fp32 key has no precision entry, as before bf16 existed).
         runtime: The CPU runtime that embeds the job (``torch``, ``onnxruntime``), when the engine says: rows of
             another runtime differ in their last bits and are never reused.
         batch_size: Images per forward pass, when the engine says (the batch changes the last bits too).
+
+    The local and Ray engines give a runtime and a batch size since 2026-12-05, so a job interrupted under an
+    earlier raml does not resume (its rows are recomputed; its old folder stays, named after each commit, until
+    deleted).
     """
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise ValueError(f"shard_size must be a positive number of images, got {shard_size!r}.")
