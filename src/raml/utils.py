@@ -212,11 +212,7 @@ def select_device(name: str = "auto") -> torch.device:
 
 def file_sha256(path: str | Path, chunk_size: int = 1 << 20) -> str:
     """Hex SHA-256 of a file's content."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(chunk_size):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return file_digests(path, ("sha256",), chunk_size)["sha256"]
 
 
 def file_digests(path: str | Path, algorithms: Sequence[str], chunk_size: int = 1 << 20) -> dict[str, str]:
