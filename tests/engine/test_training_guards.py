@@ -187,3 +187,36 @@ def test_a_refused_start_releases_the_lock_and_leaves_no_folder(machinery, tmp_p
     file.write_text("x")
     with pytest.raises(FileExistsError, match="is a file, not a folder"):
         Trainer(machinery.config(file / "run", student=machinery.arch, mode="sym", epochs=1), CPU, progress=False)
+
+
+def test_a_refused_run_lock_stops_every_process_not_only_the_main_one(tmp_path, monkeypatch):
+    """Under torchrun only the main process takes the lock; the others learn its outcome (a broadcast, faked here)
+    and stop too, rather than waiting for ever in the run's first collective."""
+    from raml.distributed import DistContext
+    from raml.engine import run_lock
+    from raml.locking import DirectoryLock
+
+    sent: list[object] = []
+
+    def broadcast(obj, ctx, src=0):  # rank 0 sends, the others receive what it sent
+        if ctx.is_main:
+            sent.append(obj)
+            return obj
+        return sent[-1]
+
+    monkeypatch.setattr(run_lock, "broadcast_object", broadcast)
+    run = tmp_path / "run"
+    holder = DirectoryLock(run, "raml train")
+    holder.acquire()
+    try:
+        with pytest.raises(LockHeldError):
+            run_lock.acquire_run_lock(object(), run, DistContext(rank=0, world_size=2))
+        with pytest.raises(run_lock.RunLockRefusedError, match=r"process 1: the main process could not lock"):
+            run_lock.acquire_run_lock(object(), run, DistContext(rank=1, world_size=2))
+    finally:
+        holder.release()
+    owner = object.__new__(type("Owner", (), {}))  # a weak-referenceable owner
+    lock = run_lock.acquire_run_lock(owner, run, DistContext(rank=0, world_size=2))
+    assert lock is not None and sent[-1] is None  # the main process got it and said so
+    assert run_lock.acquire_run_lock(owner, run, DistContext(rank=1, world_size=2)) is None
+    lock.release()

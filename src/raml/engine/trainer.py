@@ -57,7 +57,7 @@ from raml.engine.resume import (
     resumes_inside,
     run_fields,
 )
-from raml.engine.run_lock import acquire_run_lock
+from raml.engine.run_lock import RunLockRefusedError, acquire_run_lock
 from raml.locking import DirectoryLock, LockFileError, LockHeldError
 from raml.models import build_network, load_network, save_checkpoint
 from raml.models.checkpoints import CheckpointError
@@ -243,7 +243,7 @@ class Trainer:
         try:  # before anything is read or written in the folder
             self._lock: DirectoryLock | None = acquire_run_lock(self, config.directory, dist)
         except OSError as error:
-            if not isinstance(error, (LockHeldError, LockFileError)):
+            if not isinstance(error, (LockHeldError, LockFileError, RunLockRefusedError)):
                 refuse_existing_checkpoints(config)  # a file where the folder should be: its own message
             raise
         try:
