@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -83,10 +84,16 @@ def test_bad_onnx_students_are_clear_errors(setup, tmp_path, capsys):
     # a checkpoint is not an exported model: no sidecar
     assert cli_main.main(["test", "--student-onnx", str(setup["nets"]["student"]), *teacher, *RUNTIME]) == 2
     assert "sidecar" in capsys.readouterr().err
-    # a sidecar next to something that is not ONNX
+    # another export's sidecar beside a file: it describes another model (its model_sha256)
     fake = tmp_path / "fake.onnx"
     fake.write_bytes(b"not a protobuf at all")
     sidecar_path(fake).write_text(sidecar_path(setup["onnx"]).read_text())
+    assert cli_main.main(["test", "--student-onnx", str(fake), *teacher, *RUNTIME]) == 2
+    assert "describes another model file than" in capsys.readouterr().err
+    # a sidecar that names the file, next to something that is not ONNX
+    record = json.loads(sidecar_path(setup["onnx"]).read_text())
+    record["model_sha256"] = hashlib.sha256(fake.read_bytes()).hexdigest()
+    sidecar_path(fake).write_text(json.dumps(record))
     assert cli_main.main(["test", "--student-onnx", str(fake), *teacher, *RUNTIME]) == 2
     assert "not an ONNX model" in capsys.readouterr().err
     # a size the fixed-size export cannot take, refused before any image is read

@@ -3,6 +3,7 @@ calibration and bad inputs are refused with nothing written."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -119,6 +120,11 @@ def test_bad_int8_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, cap
     fake.write_bytes(b"\x00garbage")
     sidecar_path(fake).write_text(sidecar_path(setup["fp32"]).read_text())
     paths = [str(p) for p in get_split("synth-test", setup["root"]).abspaths()][:2]
+    with pytest.raises(ValueError, match="describes another model file than"):  # the fp32 export's sidecar
+        quantize_onnx(fake, tmp_path / "q.onnx", paths, _held_out(setup))
+    record = json.loads(sidecar_path(fake).read_text())
+    record["model_sha256"] = hashlib.sha256(fake.read_bytes()).hexdigest()  # now it names the file
+    sidecar_path(fake).write_text(json.dumps(record))
     with pytest.raises(ValueError, match="not an ONNX model"):
         quantize_onnx(fake, tmp_path / "q.onnx", paths, _held_out(setup))
     with pytest.raises(FileNotFoundError, match="sidecar"):

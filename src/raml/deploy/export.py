@@ -23,7 +23,6 @@ first, then the second if it fails).
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 import warnings
@@ -38,7 +37,7 @@ from torch import nn
 
 from raml.data.images import EvalTransform, eval_resize_size, load_image
 from raml.retrieval.extract import network_mean_std
-from raml.utils import atomic_path, atomic_write_text
+from raml.utils import atomic_path, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -198,7 +197,28 @@ def read_sidecar(model_file: str | Path) -> dict[str, Any]:
             f"{side} is not a raml preprocessing sidecar (format {SIDECAR_FORMAT!r} with {', '.join(required)}); "
             "re-export the model with `raml export`."
         )
+    recorded = record.get("model_sha256")
+    if isinstance(recorded, str):  # the file it describes: not another export's, nor a model replaced after it
+        actual = _cached_sha256(model_file)
+        if actual != recorded:
+            raise ValueError(
+                f"{side} describes another model file than {model_file}: its model_sha256 {recorded[:12]}... differs "
+                f"from the file's {actual[:12]}... (a sidecar copied from another export, a model replaced or "
+                "edited after its export, or an export that was interrupted). Re-export the model with `raml export`."
+            )
     return record
+
+
+_SHA256_BY_STAMP: dict[tuple[str, int, int], str] = {}
+
+
+def _cached_sha256(path: Path) -> str:
+    """The file's SHA-256, computed once a process per file version (path, size, modification time)."""
+    stamp = path.stat()
+    key = (str(path.resolve()), stamp.st_size, stamp.st_mtime_ns)
+    if key not in _SHA256_BY_STAMP:
+        _SHA256_BY_STAMP[key] = file_sha256(path)
+    return _SHA256_BY_STAMP[key]
 
 
 # -------------------------------------------------------------------------------------------- parity checks
@@ -310,7 +330,7 @@ def _cpu_copy(network: nn.Module) -> nn.Module:
 
 
 def _file_sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+    return file_sha256(path)  # streamed: an exported model is not held in memory a second time
 
 
 # -------------------------------------------------------------------------------------------------- ONNX
