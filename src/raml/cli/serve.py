@@ -416,6 +416,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http,
         loop,
     )
+    del index  # the service swaps generations: this name must not keep the first one (and its mapped files) alive
     app = create_app(service, args.inline_decode_pixels)
     freeze_startup_objects()
     uvicorn.run(
