@@ -92,3 +92,17 @@ def test_a_batch_size_below_one_is_refused_by_the_parser_naming_the_flag(capsys,
         exited.value.code == 2
         and "argument --batch-size: expected a positive integer, got 0" in capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("command", "expected"),
+    [("export", "give --output FILE.onnx"), ("index", "give the images to index")],
+)
+def test_a_commands_own_refusal_exits_with_2_and_its_message_like_any_bad_input(tmp_path, capsys, command, expected):
+    """A command's ``SystemExit("message")`` gave exit status 1 (Python's for a message); bad input is 2."""
+    argv = [command, "--network-path", str(tmp_path / "none.pth")]
+    argv += ["--image-size", "32"] if command == "export" else ["--output", str(tmp_path / "index")]
+    with pytest.raises(SystemExit, match=expected) as exited:
+        cli_main.main(argv)
+    assert exited.value.code == 2 and expected in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []

@@ -160,6 +160,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(list(argv) if argv is not None else sys.argv[1:])
     try:
         return int(args.func(args) or 0)
+    except SystemExit as stop:
+        if isinstance(stop.code, str):  # a command's own refusal: its message, and status 2 as for any bad input
+            print(stop.code, file=sys.stderr)
+            stop.code = 2  # (Python would print the message and exit with 1); str(stop) is still the message
+        raise
     except Exception as error:
         # Bad input (paths, names, files, settings): a clear message, not a traceback.
         if not isinstance(error, _user_errors()) or getattr(args, "verbose", False):
