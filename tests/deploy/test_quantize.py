@@ -113,6 +113,10 @@ def test_bad_int8_inputs_are_clear_errors_and_write_nothing(setup, tmp_path, cap
         cli_main.main(_export_args(setup, out, "--calibration-split", "synth-train"))
     assert cli_main.main(_export_args(setup, out, "--int8", "--calibration-split", "nosuch-train")) == 2
     assert "nosuch" in capsys.readouterr().err
+    # every image of the split calibrates and none is left to check the int8 model on: refused before the export
+    every = ["--int8", "--calibration-split", "synth-train", "--calibration-images", "100000"]
+    with pytest.raises(SystemExit, match="takes every image of --calibration-split synth-train"):
+        cli_main.main(_export_args(setup, out, *every))
     assert list(tmp_path.iterdir()) == []
 
     # quantising something that is not an ONNX model, or an int8 model again

@@ -482,6 +482,16 @@ def run_export(args: argparse.Namespace) -> int:
     paths, _, _ = _source_paths(args)
     paths = paths[: args.max_images]
     check_images_exist(paths)
+    if (
+        args.int8
+        and not calibration[1]
+        and not {str(Path(p).resolve()) for p in paths} - {str(Path(p).resolve()) for p in calibration[0]}
+    ):  # before the fp32 export: the int8 check needs images that calibration did not see
+        raise SystemExit(
+            f"raml export: error: --int8 checks the int8 model on images not used for calibration, but "
+            f"--calibration-images {args.calibration_images} takes every image of --calibration-split "
+            f"{args.calibration_split}; give a smaller --calibration-images, or other images with --images or --list."
+        )
     network = load_network(args.network_path, data_root=args.data_root, device="cpu")
     # a student trained for several query sizes (meta["image_sizes"]): one graph for all of them
     trained_sizes = [int(v) for v in network.meta.get("image_sizes") or []]
