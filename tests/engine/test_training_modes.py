@@ -67,13 +67,30 @@ def test_triplet_sym_mode_mines_and_learns(training, tmp_path):
     assert all(h["loss"] > 0 for h in result.history)
 
 
-def test_optimize_runs_the_search_then_trains_on_train_plus_val(machinery, machinery_teacher_path, tmp_path):
+def test_optimize_runs_the_search_then_trains_on_train_plus_val(
+    machinery, machinery_teacher_path, tmp_path, monkeypatch
+):
     from raml.engine.search import optimize_and_train
+    from raml.engine.trainer import Trainer
+    from raml.locking import DirectoryLock, LockHeldError
 
     config = machinery.distill_config(
         tmp_path / "search", machinery_teacher_path, epochs=2, trials=2, optimize=True, lr=1.5e-4, query_size=8
     )
+    real_test, locked = Trainer.test, []
+
+    def test_under_the_lock(self, *args, **kwargs):  # the final test runs with the run folder still locked
+        with pytest.raises(LockHeldError):
+            DirectoryLock(tmp_path / "search", "another run").acquire()
+        locked.append(True)
+        return real_test(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "test", test_under_the_lock)
     best, result = optimize_and_train(config, CPU, progress=False)
+    assert locked == [True]
+    after = DirectoryLock(tmp_path / "search", "after the run")
+    after.acquire()  # and released once done
+    after.release()
     assert set(best) == {"lr", "lam_1", "lam_2"}
     assert 1e-4 <= best["lr"] <= 2e-4 and 0.6 <= best["lam_1"] <= 0.8
     assert (tmp_path / "search" / "optuna.db").is_file()

@@ -117,7 +117,11 @@ def optimize_and_train(
     refuse_existing_checkpoints(config)  # before any trial: the final run would replace them
     best = search(config, device, progress, teacher_device)
     final = config.replace(**best, optimize=False, trainval=True)
-    trainer = Trainer(final, device, progress=progress, teacher_device=teacher_device)
-    result = trainer.run()
-    result.test = trainer.test() if final.test_datasets else {}
+    # the run folder stays locked through the final test, as in a plain raml train
+    trainer = Trainer(final, device, progress=progress, teacher_device=teacher_device, keep_lock=True)
+    try:
+        result = trainer.run()
+        result.test = trainer.test() if final.test_datasets else {}
+    finally:
+        trainer.release_lock()
     return best, result
