@@ -239,6 +239,8 @@ class Trainer:
         keep_lock: bool = False,
     ) -> None:
         config.validate()
+        if dist.is_main:
+            config.warn_about_rounding()
         self.keep_lock = keep_lock
         try:  # before anything is read or written in the folder
             self._lock: DirectoryLock | None = acquire_run_lock(self, config.directory, dist)
@@ -261,14 +263,12 @@ class Trainer:
         self,
         config: TrainConfig,
         device: torch.device,
-        progress: bool = True,
-        stop_after_epoch: int | None = None,
-        dist: DistContext = SINGLE,
-        teacher_device: torch.device | None = None,
+        progress: bool,
+        stop_after_epoch: int | None,
+        dist: DistContext,
+        teacher_device: torch.device | None,
     ) -> None:
-        config.validate()
-        if dist.is_main:
-            config.warn_about_rounding()
+        """The rest of :meth:`__init__`, under the run folder's lock (``config`` already validated)."""
         self.config = config
         self.device = device
         self.dist = dist
