@@ -14,32 +14,6 @@ from raml.retrieval import metrics as metrics_module
 from raml.retrieval.metrics import retrieval_metrics
 
 
-def _plain_metrics(
-    sims: np.ndarray, query_labels: list, database_labels: list, ks: tuple[int, ...], exclude_self: bool
-) -> dict[str, float]:
-    """mAP and R@k from a (Nq, Nd) similarity matrix: sort every row, negatives before positives on ties."""
-    aps, hits, empty = [], dict.fromkeys(ks, 0), 0
-    for i, row in enumerate(sims):
-        items = [
-            (-row[c], database_labels[c] == query_labels[i]) for c in range(len(row)) if not (exclude_self and c == i)
-        ]
-        items.sort()  # decreasing similarity; False (negative) sorts before True (positive) on a tie
-        positives = [r for r, (_, is_pos) in enumerate(items) if is_pos]
-        if not positives:
-            empty += 1
-            continue
-        ap = 0.0
-        for j, r in enumerate(positives):
-            ap += ((1.0 if r == 0 else j / r) + (j + 1) / (r + 1)) / 2 / len(positives)
-        aps.append(ap)
-        for k in ks:
-            hits[k] += positives[0] < k
-    out = {"mAP": 100 * sum(aps) / len(aps)}
-    out.update({f"R@{k}": 100 * hits[k] / len(aps) for k in ks})
-    out.update(num_queries=len(aps), num_no_positive=empty)
-    return out
-
-
 def _unit(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:
     x = rng.standard_normal((n, dim)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True)
@@ -52,13 +26,13 @@ def _check(got: dict, expected: dict) -> None:
 
 
 @pytest.mark.parametrize("exclude_self", [False, True])
-def test_string_labels_and_queries_without_positives_against_a_plain_sort(exclude_self: bool) -> None:
+def test_string_labels_and_queries_without_positives_against_a_plain_sort(exclude_self: bool, plain_metrics) -> None:
     """Classes of 1 to 4 items (with exclude_self a singleton class has no positive), string labels."""
     rng = np.random.default_rng(0)
     labels = [f"c{c}" for c in [0, 0, 0, 0, 1, 1, 1, 2, 2, 3, 4, 4, 4, 5]]
     x = _unit(rng, len(labels), 6)
     q = _unit(rng, len(labels), 6)
-    expected = _plain_metrics(q @ x.T, labels, labels, (1, 2, 3, 5), exclude_self)
+    expected = plain_metrics(q @ x.T, labels, labels, (1, 2, 3, 5), exclude_self)
     if exclude_self:
         assert expected["num_no_positive"] == 2  # the singletons c3 and c5
     for block_size in (1, 4, None):
@@ -66,13 +40,15 @@ def test_string_labels_and_queries_without_positives_against_a_plain_sort(exclud
         _check(got, expected)
 
 
-def test_symmetric_path_falls_back_to_blocks_when_the_whole_set_does_not_fit(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_symmetric_path_falls_back_to_blocks_when_the_whole_set_does_not_fit(
+    monkeypatch: pytest.MonkeyPatch, plain_metrics
+) -> None:
     """The symmetric path keeps 12 bytes per query and positive; above the block budget the one-sided blocks
     run instead, with the same result."""
     rng = np.random.default_rng(1)
     labels = np.repeat(np.arange(5), 3)
     x = _unit(rng, labels.size, 5)
-    expected = _plain_metrics(x @ x.T, labels.tolist(), labels.tolist(), (1, 4), True)
+    expected = plain_metrics(x @ x.T, labels.tolist(), labels.tolist(), (1, 4), True)
     calls = []
     original = metrics_module._symmetric_scores
     monkeypatch.setattr(metrics_module, "_symmetric_scores", lambda *a: calls.append(1) or original(*a))
@@ -116,7 +92,9 @@ def test_sorting_path_sorts_at_most_the_budgeted_rows_at_once(monkeypatch, budge
 
 
 @pytest.mark.parametrize(("budget", "blocks"), [(4 * 6 * 3, [3, 3, 2]), (4 * 6 * 3 - 1, [2, 2, 2, 2]), (1, [1] * 8)])
-def test_default_blocks_hold_the_budgeted_float32_similarities(monkeypatch, budget: int, blocks: list[int]) -> None:
+def test_default_blocks_hold_the_budgeted_float32_similarities(
+    monkeypatch, budget: int, blocks: list[int], plain_metrics
+) -> None:
     """Without ``block_size`` a block holds as many queries as keep its (B, Nd) float32 similarities within
     _BLOCK_BYTES, at least one; the result is the plain one whatever the blocks."""
     rng = np.random.default_rng(4)
@@ -130,7 +108,7 @@ def test_default_blocks_hold_the_budgeted_float32_similarities(monkeypatch, budg
     monkeypatch.setattr(metrics_module, "_BLOCK_BYTES", budget)
     got = retrieval_metrics(q, x, labels, labels[:6], ks=(1, 2))
     assert sizes == blocks
-    _check(got, _plain_metrics(q @ x.T, labels, labels[:6], (1, 2), False))
+    _check(got, plain_metrics(q @ x.T, labels, labels[:6], (1, 2), False))
 
 
 def test_the_debug_log_states_the_problem_size_and_the_blocks(caplog, monkeypatch) -> None:
@@ -163,7 +141,9 @@ def test_the_one_sided_path_shows_its_bar_only_when_asked(capsys) -> None:
         (4500, None, 4 * 3000 * 3000 - 1, "4500 items, 2 blocks of 2999, 3 block pairs"),
     ],
 )
-def test_the_symmetric_paths_debug_log_states_its_blocks(caplog, monkeypatch, n, block_size, pair_bytes, expected):
+def test_the_symmetric_paths_debug_log_states_its_blocks(
+    caplog, monkeypatch, n, block_size, pair_bytes, expected, plain_metrics
+):
     if pair_bytes is not None:
         monkeypatch.setattr(metrics_module, "_PAIR_BYTES", pair_bytes)
     rng = np.random.default_rng(7)
@@ -174,4 +154,4 @@ def test_the_symmetric_paths_debug_log_states_its_blocks(caplog, monkeypatch, n,
     assert f"retrieval_metrics (symmetric): {expected}" in caplog.messages
     if n <= 8:
         sims = x @ x.T
-        _check(got, _plain_metrics(sims, labels, labels, (1,), True))
+        _check(got, plain_metrics(sims, labels, labels, (1,), True))
