@@ -13,7 +13,7 @@ import secrets
 import shutil
 import stat
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -57,20 +57,26 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         tmp.unlink(missing_ok=True)
 
 
-def _create_temporary(path: Path, mode: int) -> Path:
-    """Create an empty, new file next to ``path`` with ``mode`` (less the umask, applied by the kernel)."""
+def _new_temporary(path: Path, make: Callable[[Path], object]) -> Path:
+    """A new temporary name next to ``path`` (``.<name>.<random hex>.tmp``, the pattern the index and the trainer
+    clean up after a kill), made into a file by ``make(name)``, which raises ``FileExistsError`` when the name is
+    taken (another is then tried)."""
     for _ in range(_TEMPORARY_ATTEMPTS):
         tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            make(tmp)
         except FileExistsError:
             continue
-        os.close(fd)
         return tmp
     raise FileExistsError(  # pragma: no cover - 100 collisions of 32 random bits
         f"Could not create a temporary file next to {path}: {_TEMPORARY_ATTEMPTS} names were taken; remove the "
         f"leftover .{path.name}.*.tmp files."
     )
+
+
+def _create_temporary(path: Path, mode: int) -> Path:
+    """Create an empty, new file next to ``path`` with ``mode`` (less the umask, applied by the kernel)."""
+    return _new_temporary(path, lambda tmp: os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)))
 
 
 def _fsync_path(path: Path) -> None:
@@ -172,22 +178,17 @@ def atomic_duplicate(source: str | Path, path: str | Path) -> None:
     hard link: no bytes written) where the file system allows it, else a copy. Either way ``path`` is replaced
     only once complete, and a later atomic replacement of either name leaves the other as it was."""
     source, path = Path(source), Path(path)
-    for _ in range(_TEMPORARY_ATTEMPTS):
-        tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-        try:
-            os.link(source, tmp)
-        except FileExistsError:
-            continue
-        except OSError:  # no hard links here (or across devices): copy
-            break
-        try:
-            os.replace(tmp, path)
-            fsync_directory(path.parent)
-        finally:
-            tmp.unlink(missing_ok=True)
+    try:
+        tmp = _new_temporary(path, lambda name: os.link(source, name))
+    except OSError:  # no hard links here (or across devices): copy
+        with atomic_path(path) as copy:
+            shutil.copyfile(source, copy)
         return
-    with atomic_path(path) as tmp:
-        shutil.copyfile(source, tmp)
+    try:
+        os.replace(tmp, path)
+        fsync_directory(path.parent)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def atomic_numpy_save(array: np.ndarray, path: str | Path) -> None:
