@@ -329,10 +329,6 @@ def _cpu_copy(network: nn.Module) -> nn.Module:
     return copy.deepcopy(network).to("cpu").eval()
 
 
-def _file_sha256(path: Path) -> str:
-    return file_sha256(path)  # streamed: an exported model is not held in memory a second time
-
-
 # -------------------------------------------------------------------------------------------------- ONNX
 
 
@@ -506,7 +502,7 @@ def export_onnx(
             network_sha256,
             network_path,
             teacher_sha256,
-            _file_sha256(tmp),
+            file_sha256(tmp),
         )
         record["opset"] = used_opset  # read from the file once, when its exporter was checked
         if check_sizes:
@@ -578,7 +574,7 @@ def export_torchscript(
             network_sha256,
             network_path,
             teacher_sha256,
-            _file_sha256(tmp),
+            file_sha256(tmp),
         )
         if check_sizes:
             record["image_sizes"] = check_sizes

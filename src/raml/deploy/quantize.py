@@ -25,7 +25,6 @@ never replaced by a failed quantisation.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import tempfile
@@ -40,7 +39,7 @@ import torch
 
 from raml.data.images import EvalTransform, load_image
 from raml.deploy.export import onnx_session, read_sidecar, sidecar_path
-from raml.utils import atomic_path, atomic_write_text
+from raml.utils import atomic_path, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -296,7 +295,7 @@ def quantize_onnx(
                 "was written. Calibrate on more (or more typical) images, or try another --calibration-method."
             )
         record = dict(sidecar)
-        record["model_sha256"] = hashlib.sha256(tmp.read_bytes()).hexdigest()
+        record["model_sha256"] = file_sha256(tmp)
         record["quantization"] = {
             "tool": "onnxruntime.quantization.quantize_static",
             "format": "QDQ",
