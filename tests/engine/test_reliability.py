@@ -130,8 +130,15 @@ def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert "--resume-student last" in err
-    assert (run_dir / "model_interrupted.pth.tar").is_file()
-    assert load_checkpoint_file(run_dir / "model_last.pth.tar")["epoch"] >= 1
+    last = load_checkpoint_file(run_dir / "model_last.pth.tar")["epoch"]
+    assert last >= 1
+    # the signal lands in a batch (the weights of that moment saved apart) or, on these tiny epochs often, while an
+    # epoch's checkpoint is written (the run then stops at that epoch's end: nothing more to save; since cb240da)
+    if "during epoch" in err:
+        assert f"during epoch {last + 1}" in err and (run_dir / "model_interrupted.pth.tar").is_file()
+    else:
+        assert f"after epoch {last} (its checkpoint is saved)" in err
+        assert not (run_dir / "model_interrupted.pth.tar").exists()
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
