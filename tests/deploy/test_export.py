@@ -4,6 +4,7 @@ preprocessing, and a failed export writes nothing; ``raml search --onnx`` agrees
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,17 @@ def test_onnx_and_torchscript_match_pytorch_with_sidecars(nets, tmp_path, capsys
     assert "max abs difference" in out and "onnx" in out and "torchscript" in out
     reports = json.loads(report.read_text())
     assert [r["kind"] for r in reports] == ["onnx", "torchscript"]
+    # written where asked (each first staged in a hidden folder next to it, removed once moved into place)
+    assert [(r["path"], r["sidecar"]) for r in reports] == [
+        (str(f), str(sidecar_path(f))) for f in (onnx_file, ts_file)
+    ]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "report.json",
+        "student.onnx",
+        "student.onnx.json",
+        "student.pt",
+        "student.pt.json",
+    ]
     for r in reports:
         assert r["max_abs_diff_random"] <= 1e-4 and r["max_abs_diff_images"] <= 1e-4 and r["num_images"] == REPO_IMAGES
 
@@ -94,6 +106,32 @@ def test_onnx_and_torchscript_match_pytorch_with_sidecars(nets, tmp_path, capsys
     traced = torch.jit.load(str(ts_file))
     with torch.no_grad():
         assert np.abs(traced(batch).numpy() - reference).max() <= 1e-4
+
+
+def test_a_failure_in_the_second_file_leaves_the_first_files_earlier_version(nets, tmp_path, monkeypatch, capsys):
+    """--output and --torchscript: nothing replaces an existing file until both exports have passed their checks."""
+    onnx_file, ts_file = tmp_path / "student.onnx", tmp_path / "student.pt"
+    first = ["export", "--network-path", str(nets["resnet"]), "--image-size", "32", "--images", str(nets["images"])]
+    assert cli_main.main([*first, "--output", str(onnx_file)]) == 0
+    os.chmod(onnx_file, 0o640)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+
+    def failing_trace(*args, **kwargs):
+        raise ParityError("the traced network differs (forced by the test)")
+
+    monkeypatch.setattr(export_module, "export_torchscript", failing_trace)
+    again = ["export", "--network-path", str(nets["timm"]), "--image-size", "32", "--overwrite"]
+    assert cli_main.main([*again, "--output", str(onnx_file), "--torchscript", str(ts_file)]) == 2
+    assert "raml export: error: the traced network differs (forced by the test)" in capsys.readouterr().err
+    # the ONNX export of the other network passed its check, but the first export's files are untouched
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    monkeypatch.undo()
+    assert cli_main.main([*again, "--output", str(onnx_file), "--torchscript", str(ts_file)]) == 0
+    assert onnx_file.read_bytes() != before["student.onnx"] and read_sidecar(onnx_file)["network"]["sha256"] == (
+        checkpoint_sha256(nets["timm"])
+    )
+    assert os.stat(onnx_file).st_mode & 0o777 == 0o640  # the replaced file's permission bits are kept
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*before, "student.pt", "student.pt.json"])
 
 
 def test_timm_model_with_dynamic_size(nets, tmp_path):

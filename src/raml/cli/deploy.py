@@ -11,9 +11,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from raml.cli.choices import (
     CALIBRATION_METHODS,
@@ -508,14 +509,17 @@ def run_export(args: argparse.Namespace) -> int:
         "teacher_sha256": recorded_teacher_sha256(network.source_path),
     }
     reports = []
-    if args.output is not None and args.int8:
-        reports.append(_export_int8(network, args, common, calibration))
-    elif args.output is not None:
-        reports.append(
-            export_onnx(network, args.image_size, args.output, opset=args.opset, exporter=args.exporter, **common)
-        )
-    if args.torchscript is not None:
-        reports.append(export_torchscript(network, args.image_size, args.torchscript, **common))
+    with _ExportStage([t for t in (args.output, args.torchscript) if t is not None]) as stage:
+        if args.output is not None and args.int8:
+            reports.append(_export_int8(network, args, stage.path(args.output), common, calibration))
+        elif args.output is not None:
+            onnx_file = stage.path(args.output)
+            reports.append(
+                export_onnx(network, args.image_size, onnx_file, opset=args.opset, exporter=args.exporter, **common)
+            )
+        if args.torchscript is not None:
+            reports.append(export_torchscript(network, args.image_size, stage.path(args.torchscript), **common))
+        reports = [stage.commit(report) for report in reports]
     for report in reports:
         if isinstance(report, QuantizationReport):
             print(
@@ -538,6 +542,57 @@ def run_export(args: argparse.Namespace) -> int:
     if args.json is not None:
         write_json(args.json, [r.as_dict() for r in reports])
     return 0
+
+
+class _ExportStage:
+    """Where ``raml export`` writes its models and sidecars before any of them replaces a file: a hidden folder
+    next to each target (``.<name>.<hex>.staged``). :meth:`commit` moves a finished model and its sidecar into
+    place; it is called only once every export has passed its parity check, so that a failure in the second file
+    (e.g. the TorchScript trace after the ONNX export) leaves the first one's previous version in place. The
+    folders are removed on the way out, whatever happened."""
+
+    def __init__(self, targets: list[Path]) -> None:
+        self._targets = targets
+        self._folders: dict[Path, Path] = {}
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _ExportStage:
+        import tempfile
+
+        with self._stack as stack:
+            for target in self._targets:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                folder = tempfile.TemporaryDirectory(dir=target.parent, prefix=f".{target.name}.", suffix=".staged")
+                self._folders[target] = Path(stack.enter_context(folder))
+            self._stack = stack.pop_all()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._stack.close()
+
+    def path(self, target: Path) -> Path:
+        """Where the export of ``target`` is written first."""
+        return self._folders[target] / target.name
+
+    def commit(self, report: Any) -> Any:
+        """Move the staged model of ``report`` and its sidecar onto their targets (an existing target's permission
+        bits kept); ``report`` with the final paths."""
+        import dataclasses
+        import os
+        import stat
+
+        from raml.deploy.export import sidecar_path
+        from raml.utils import fsync_directory
+
+        target = next(t for t in self._targets if self.path(t) == Path(report.path))
+        moves = ((Path(report.path), target), (Path(report.sidecar), sidecar_path(target)))
+        for staged, final in moves:
+            with contextlib.suppress(FileNotFoundError):  # a new file keeps the mode it was created with
+                os.chmod(staged, stat.S_IMODE(os.stat(final).st_mode))
+            os.replace(staged, final)
+        fsync_directory(target.parent)
+        logger.info("Moved %s and %s into place from %s", target, sidecar_path(target).name, Path(report.path).parent)
+        return dataclasses.replace(report, path=target, sidecar=sidecar_path(target))
 
 
 def _check_export_outputs(args: argparse.Namespace) -> None:
@@ -583,7 +638,11 @@ def _int8_calibration(args: argparse.Namespace) -> tuple[list[str], list[str]]:
 
 
 def _export_int8(
-    network: torch.nn.Module, args: argparse.Namespace, common: dict, calibration: tuple[list[str], list[str]]
+    network: torch.nn.Module,
+    args: argparse.Namespace,
+    output: Path,
+    common: dict,
+    calibration: tuple[list[str], list[str]],
 ) -> QuantizationReport:
     """Export fp32 ONNX to a temporary file (parity-checked against PyTorch), quantise it into --output."""
     import tempfile
@@ -596,7 +655,7 @@ def _export_int8(
         export_onnx(network, args.image_size, fp32, opset=args.opset, exporter=args.exporter, **common)
         return quantize_onnx(
             fp32,
-            args.output,
+            output,
             calibration[0],
             check_paths=[*calibration[1], *common["image_paths"]],  # images not used for calibration
             method=args.calibration_method,
