@@ -7,11 +7,17 @@ Each rank writes ``OUT_DIR/rank<R>.json`` with what it saw; a rank killed or hun
 - ``nan``: rank 1's loss of epoch 1, batch 2 is made NaN; every rank must stop with NonFiniteLossError.
 - ``count``: a DDP communication hook counts the gradient all-reduces (bucket 0) against the optimizer steps.
 - ``eval``: monitoring and the final test; which ranks score (``retrieval_metrics``) and what each gets.
+- ``signal_in_batch``: SIGTERM reaches rank 1 only, during epoch 1's batch 2; every rank must stop after the same
+  batch with TrainingInterrupted (none left waiting in an all-reduce).
+- ``signal_in_save``: SIGTERM reaches rank 1 only, while epoch 1's checkpoint is saved; every rank must stop after
+  epoch 1.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -20,7 +26,7 @@ from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
 from raml.distributed import init_distributed
 from raml.engine.config import TrainConfig
-from raml.engine.trainer import NonFiniteLossError, Trainer
+from raml.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
 
 
 def main(scenario: str, config_path: str, out_dir: str) -> None:
@@ -84,6 +90,33 @@ def main(scenario: str, config_path: str, out_dir: str) -> None:
             report.update(scored=scored, history=trainer.history, test=trainer.test())
         finally:
             trainer_module.retrieval_metrics = evaluate_module.retrieval_metrics = metrics
+    elif scenario in ("signal_in_batch", "signal_in_save"):
+        calls = {"n": 0}
+        if scenario == "signal_in_batch":
+            original_loss = trainer._batch_loss
+
+            def signalled_loss(batch, generator):  # noqa: ANN001, ANN202
+                calls["n"] += 1
+                if dist.rank == 1 and calls["n"] == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)  # the trainer's handler only sets its flag
+                return original_loss(batch, generator)
+
+            trainer._batch_loss = signalled_loss
+        else:
+            original_save = trainer._save
+
+            def signalled_save(path, epoch, also=()):  # noqa: ANN001, ANN202
+                if dist.rank == 1 and path.name == "model_last.pth.tar" and epoch == 1:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return original_save(path, epoch, also)
+
+            trainer._save = signalled_save
+        try:
+            trainer.run()
+            report["outcome"] = "finished"
+        except TrainingInterrupted as error:
+            report["outcome"] = "TrainingInterrupted"
+            report["message"] = str(error)
     else:
         raise SystemExit(f"unknown scenario {scenario!r}")
     (Path(out_dir) / f"rank{dist.rank}.json").write_text(json.dumps(report))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -151,12 +152,14 @@ def test_convnext_student_trains_in_two_gloo_processes_like_one(setup, tmp_path,
 
 
 # ------------------------------------------------------ 3, 4: non-finite loss on one rank; no_sync
-def _scenario(name: str, config: TrainConfig, out: Path, rank_pair: Any) -> list[dict]:  # conftest's RankPair
+def _scenario(
+    name: str, config: TrainConfig, out: Path, rank_pair: Any, timeout: float = 300
+) -> list[dict]:  # conftest's RankPair
     out.mkdir()
     config_file = out / "config.json"
     config_file.write_text(json.dumps(dataclasses.asdict(config)))
     # the session's two ranks with torchrun's variables, without its launcher process (tests/engine/conftest.py)
-    result = rank_pair.run([str(HERE / "ddp_scenarios.py"), name, str(config_file), str(out)], _env(), timeout=300)
+    result = rank_pair.run([str(HERE / "ddp_scenarios.py"), name, str(config_file), str(out)], _env(), timeout=timeout)
     reports = [json.loads(p.read_text()) for p in sorted(out.glob("rank*.json"))]
     assert len(reports) == 2, f"a rank wrote no report (rc {result.returncode}): {result.stderr[-3000:]}"
     return reports
@@ -171,6 +174,25 @@ def test_a_nan_loss_on_one_rank_stops_every_rank_with_the_same_error(setup, tmp_
         assert "epoch 1, batch 2" in report["message"]
     # nothing of the bad batch reached the weights: the only checkpoint is none (epoch 1 never finished)
     assert not (tmp_path / "run" / "model_last.pth.tar").exists()
+
+
+@pytest.mark.parametrize("scenario, when", [("signal_in_batch", "during epoch 1"), ("signal_in_save", "after epoch 1")])
+def test_a_signal_to_one_rank_stops_every_rank_at_the_same_point(setup, tmp_path, rank_pair, scenario, when):
+    """SIGTERM that reaches rank 1 only (torchrun forwards a signal to each worker, but not at the same batch):
+    every rank stops at the same point; the one without the signal is not left waiting in an all-reduce."""
+    data_root, resnet, _ = setup
+    config = _config(data_root, resnet, tmp_path / "run", epochs=2)
+    reports = _scenario(scenario, config, tmp_path / "out", rank_pair, timeout=120)
+    for report in reports:
+        assert report["outcome"] == "TrainingInterrupted", report
+        origin = "this process" if report["rank"] == 1 else "another process"
+        assert f"Stopped by signal {int(signal.SIGTERM)} (received by {origin} of 2) {when}" in report["message"]
+    run = tmp_path / "run"
+    if scenario == "signal_in_batch":  # rank 0 wrote the weights of the batch both stopped after
+        assert (run / "model_interrupted.pth.tar").is_file() and not (run / "model_last.pth.tar").exists()
+    else:  # epoch 1 finished and was saved; nothing more to save
+        assert (run / "model_last.pth.tar").is_file() and not (run / "model_interrupted.pth.tar").exists()
+        assert not (run / "model_epoch2.pth.tar").exists()
 
 
 @pytest.mark.parametrize("update_every, flush", [(2, False), (3, True)])

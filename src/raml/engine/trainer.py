@@ -274,6 +274,8 @@ class Trainer:
         self.dist = dist
         self.progress = progress and dist.is_main
         self._stop_signal: int | None = None
+        # under several processes: the signal they agreed to stop for (_check_finite, _stop_if_signalled)
+        self._agreed_stop: int | None = None
         self.stop_after_epoch = stop_after_epoch
         self.directory = Path(config.directory)
         self.history: list[dict[str, Any]] = []
@@ -569,13 +571,26 @@ class Trainer:
             if self.stop_after_epoch is not None and epoch >= self.stop_after_epoch and epoch < c.epochs:
                 raise TrainingInterrupted(f"Stopped after epoch {epoch} as asked.")
 
+    def _signal_origin(self) -> str:
+        """Where the stop signal came from, in a stop message: said only under several processes."""
+        if not self.dist.enabled:
+            return ""
+        where = "this process" if self._stop_signal is not None else "another process"
+        return f" (received by {where} of {self.dist.world_size})"
+
     def _stop_if_signalled(self, when: str) -> None:
         """Raise :class:`TrainingInterrupted` if SIGINT/SIGTERM asked to stop (outside the batch loop, which stops
-        on its own); what is on disk is then a finished epoch's consistent checkpoint."""
-        if self._stop_signal is None:
+        on its own); what is on disk is then a finished epoch's consistent checkpoint. Several processes agree
+        first (one all-reduce): a signal that reached some of them stops them all here."""
+        signum = self._stop_signal
+        if self.dist.enabled:
+            flag = torch.tensor([-(signum or 0)], dtype=torch.int64, device=self.device)
+            signum = -int(all_reduce_min_(flag, self.dist).item()) or None
+            self._agreed_stop = signum
+        if signum is None:
             return
         raise TrainingInterrupted(
-            f"Stopped by signal {self._stop_signal} {when}; the last finished epoch's checkpoint is "
+            f"Stopped by signal {signum}{self._signal_origin()} {when}; the last finished epoch's checkpoint is "
             f"{self.directory / 'model_last.pth.tar'} (the final test was not run). Continue with "
             "--resume-student last (a finished run then only writes model_best and tests it), or test the "
             "checkpoint with raml test."
@@ -593,8 +608,8 @@ class Trainer:
         totals: dict[str, torch.Tensor | float] = {}
         # The first batch whose loss, and the first whose accumulated gradients, were not finite (on the device;
         # read at each optimizer step, see _check_finite): the check neither stops the device on every batch nor
-        # lets one process raise alone.
-        first_nonfinite = torch.full((2,), _ALL_FINITE, dtype=torch.int64, device=self.device)
+        # lets one process raise alone. The third entry carries a stop signal to the same agreement.
+        first_nonfinite = torch.full((3,), _ALL_FINITE, dtype=torch.int64, device=self.device)
         images_seen, pending, synced, start = 0, 0, True, time.perf_counter()
         bar = tqdm(
             total=self.batches_per_epoch,
@@ -628,11 +643,15 @@ class Trainer:
             bar.update(1)
             if index % c.print_freq == 0 or index == self.batches_per_epoch:
                 bar.set_postfix(loss=f"{float(totals['loss']) / max(images_seen, 1):.4f}")
-            if self._stop_signal is not None:
+            # one process: the flag its handler set, after any batch; several: the processes' agreement at the
+            # last optimizer step (_check_finite), so that all stop after the same batch, none left in an all-reduce
+            signum = self._agreed_stop if self.dist.enabled else self._stop_signal
+            if signum is not None and (pending == 0 or not self.dist.enabled):
                 bar.close()
                 self._save(self.directory / "model_interrupted.pth.tar", epoch - 1)
                 raise TrainingInterrupted(
-                    f"Stopped by signal {self._stop_signal} during epoch {epoch}; the weights of that moment are in "
+                    f"Stopped by signal {signum}{self._signal_origin()} during epoch {epoch}; the weights of that "
+                    "moment are in "
                     f"{self.directory / 'model_interrupted.pth.tar'}. Continue exactly from the last finished "
                     "epoch with --resume-student last."
                 )
@@ -693,8 +712,12 @@ class Trainer:
         epoch. The processes agree first (an all-reduce of the first bad batch): a process that raised alone
         would leave the others waiting in DDP's next all-reduce until a watchdog killed them.
         """
+        if self._stop_signal is not None:  # a stop signal as a negative number: the agreement keeps the largest
+            first_nonfinite[2] = -self._stop_signal
         agreed = all_reduce_min_(first_nonfinite.clone(), self.dist)
-        loss_batch, gradient_batch = (int(v) for v in agreed.tolist())  # one host-device sync for both
+        loss_batch, gradient_batch, stop = (int(v) for v in agreed.tolist())  # one host-device sync for all
+        if stop < 0:
+            self._agreed_stop = -stop
         if gradient_batch < loss_batch and self._gradients_overflowed_only():
             first_nonfinite[1] = _ALL_FINITE  # huge but finite gradients: the fast check's norm overflowed
             gradient_batch = _ALL_FINITE
