@@ -226,3 +226,32 @@ def test_no_anchors_draw_nothing_and_leave_the_stream_untouched():
     )
     assert drawn.shape == (0, 2) and drawn.dtype == torch.int64
     assert rng.randint(1 << 30) == np.random.RandomState(3).randint(1 << 30)
+
+
+def test_fewer_than_two_kept_classes_is_an_error_not_same_class_negatives():
+    # only class 0 has >= 4 images: every pool item would be of the anchor's class
+    labels = [0] * 4 + [1] * 3 + [2] * 2 + [3] * 3
+    for call in (
+        lambda: class_grouped_epoch(labels, SPC, 100, np.random.RandomState(0)),
+        lambda: class_grouped_epoch_size(labels, SPC, 100),
+        lambda: mining_pool(labels, SPC, 100, np.random.RandomState(0)),
+    ):
+        with pytest.raises(ValueError, match="at least 2 classes with at least 4 images.*has 1 such"):
+            call()
+    assert len(class_grouped_epoch(labels + [4] * 4, SPC, 100, np.random.RandomState(0))) == 8
+
+
+def test_a_pool_short_of_other_class_images_warns_once(caplog, monkeypatch):
+    import raml.engine.mining as mining
+
+    monkeypatch.setattr(mining, "_warned_short_pool", False)
+    pool, anchors = F.normalize(torch.randn(6, 8), dim=1), F.normalize(torch.randn(3, 8), dim=1)
+    pool_labels, anchor_labels = torch.tensor([0, 0, 0, 0, 1, 1]), torch.tensor([0, 1, 1])
+    with caplog.at_level("WARNING", logger="raml.engine.mining"):
+        distance_weighted_negatives(anchors, anchor_labels, pool, pool_labels, 2, np.random.RandomState(0))
+        assert not caplog.records  # every anchor has >= 2 images of another class
+        distance_weighted_negatives(anchors, anchor_labels, pool, pool_labels, 3, np.random.RandomState(0))
+        distance_weighted_negatives(anchors, anchor_labels, pool, pool_labels, 3, np.random.RandomState(0))
+    assert len(caplog.records) == 1
+    assert "1 of 3 anchors have fewer than --neg-num 3 images of another class" in caplog.text
+    assert "(fewest: 2)" in caplog.text

@@ -3,7 +3,8 @@
 The reference's construction (its ``TuplesFineGrainDataset`` with ``spc = 4``, ``create_epoch_tuples`` and
 ``mine_dist``/``inverse_sphere_distances``; SPEC section 5, ``sym``), in our own code:
 
-- :func:`grouped_classes`: only classes with at least ``samples_per_class`` images take part.
+- :func:`grouped_classes`: only classes with at least ``samples_per_class`` images take part; fewer than two
+  such classes is an error (every negative would be of the anchor's class).
 - :func:`class_grouped_epoch`: every kept class gives ``min_class // spc * spc`` distinct images (each once),
   cut into groups of ``spc``; the classes are put in a random order and the epoch is group 0 of every class
   in that order, then group 1 of every class, and so on, cut at the epoch's size. Each anchor's positives are
@@ -25,12 +26,17 @@ the probabilities agree (ours are float64, the reference's float32 on the GPU).
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+logger = logging.getLogger(__name__)
+
+#: set once the short-pool warning of :func:`distance_weighted_negatives` was logged (it is logged once a process)
+_warned_short_pool = False
 #: added to every pool item's weight before normalising (the reference's ``q_d_inv += 1e-6``)
 WEIGHT_FLOOR = 1e-6
 #: distances are clamped below at this value (the reference's ``clamp(min=0.5)``)
@@ -58,17 +64,20 @@ def grouped_classes(labels: Sequence[int], samples_per_class: int) -> list[list[
     ``samples_per_class`` images; the others take no part in ``sym`` training (neither anchor nor pool).
 
     Raises:
-        ValueError: when no class has ``samples_per_class`` images.
+        ValueError: when fewer than two classes have ``samples_per_class`` images (with one, every negative
+            would be of the anchor's own class: nothing to mine).
     """
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
         by_class.setdefault(int(label), []).append(index)
     kept = [by_class[label] for label in sorted(by_class) if len(by_class[label]) >= samples_per_class]
-    if not kept:
-        largest = max((len(members) for members in by_class.values()), default=0)
+    if len(kept) < 2:
+        largest = sorted((len(members) for members in by_class.values()), reverse=True)[:3]
         raise ValueError(
-            f"Triplet training (--mode sym) uses classes with at least {samples_per_class} images; the largest "
-            f"class of this split has {largest}. Use a split with larger classes."
+            f"Triplet training (--mode sym) needs at least 2 classes with at least {samples_per_class} images "
+            f"(the anchors' negatives come from the other kept classes); this split has {len(kept)} such "
+            f"class(es) of {len(by_class)} (largest class sizes {largest}). Use a split with more or larger "
+            "classes."
         )
     return kept
 
@@ -130,6 +139,20 @@ def negative_probabilities(
     return weight / weight.sum(dim=1, keepdim=True)
 
 
+def count_short_anchors(anchor_labels: torch.Tensor, pool_labels: torch.Tensor, neg_num: int) -> tuple[int, int]:
+    """How many anchors have fewer than ``neg_num`` pool items of another class, and the fewest any anchor has
+    (``(0, M)`` without anchors); counted per class, without a (B, M) matrix."""
+    pool_np = pool_labels.detach().cpu().numpy().reshape(-1)
+    anchor_np = anchor_labels.detach().cpu().numpy().reshape(-1)
+    if anchor_np.size == 0:
+        return 0, int(pool_np.size)
+    classes, counts = np.unique(pool_np, return_counts=True)
+    where = np.clip(np.searchsorted(classes, anchor_np), 0, max(len(classes) - 1, 0))
+    same = np.where(classes[where] == anchor_np, counts[where], 0) if len(classes) else np.zeros_like(anchor_np)
+    other = pool_np.size - same
+    return int((other < neg_num).sum()), int(other.min())
+
+
 def distance_weighted_negatives(
     anchors: torch.Tensor,
     anchor_labels: torch.Tensor,
@@ -145,6 +168,10 @@ def distance_weighted_negatives(
     of :func:`negative_probabilities` (computed on the embeddings' device, ``chunk`` anchors at a time, so
     memory stays at chunk x M).
 
+    Logs a warning (once a process, see :func:`count_short_anchors`) when some anchor has fewer than
+    ``neg_num`` pool items of another class: its draw then takes same-class items, whose weight is the 1e-6
+    floor (false negatives).
+
     Raises:
         ValueError: when the pool has fewer than ``neg_num`` images.
     """
@@ -152,6 +179,20 @@ def distance_weighted_negatives(
         raise ValueError(
             f"The mining pool has {pool.shape[0]} images but --neg-num is {neg_num}: increase --pool-size (or use "
             "a larger training split) or lower --neg-num."
+        )
+    global _warned_short_pool
+    short, fewest = count_short_anchors(anchor_labels, pool_labels, neg_num)
+    if short and not _warned_short_pool:
+        _warned_short_pool = True
+        logger.warning(
+            "Mining: %d of %d anchors have fewer than --neg-num %d images of another class in the pool of %d "
+            "(fewest: %d), so their negatives include images of their own class. Increase --pool-size, lower "
+            "--neg-num or use a split with more classes of at least 4 images (warned once).",
+            short,
+            anchors.shape[0],
+            neg_num,
+            pool.shape[0],
+            fewest,
         )
     rows: list[np.ndarray] = []
     for start in range(0, anchors.shape[0], chunk):
