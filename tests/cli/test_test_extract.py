@@ -341,3 +341,46 @@ def test_extract_multiscale_is_its_own_cache_entry(sop_root: Path, networks, tmp
     meta = json.loads(multi.with_suffix(".json").read_text())
     assert meta["multiscale"] == pytest.approx([1.0, 2**-0.5])
     assert meta["multiscale_power"] == 1.0  # whitened network: a plain mean over scales
+
+
+def test_test_and_extract_use_the_val_ratio_the_run_recorded(cub_root: Path, networks, tmp_path: Path, monkeypatch):
+    import logging
+
+    import raml.cli.evaluate as evaluate_cli
+
+    run = tmp_path / "run"  # a training run's folder: its checkpoint beside the config.yaml it recorded
+    run.mkdir()
+    (run / "model_best.pth.tar").symlink_to(networks["student"])
+    (run / "config.yaml").write_text("mode: sym\nval_ratio: 0.25\n")
+    out = tmp_path / "val.npy"
+    common = ["--data-root", str(cub_root), "--workers", "0", "--device", "cpu", "--no-progress"]
+    checkpoint = ["--network-path", str(run / "model_best.pth.tar")]
+    extract = ["extract", *checkpoint, "--dataset", "cub-val", "--image-size", "32", "--output", str(out)]
+    assert main([*extract, *common]) == 0
+    # 100 train + val classes, 0.25 of them val: 25 classes x 2 images (the default 0.5 would give 50 classes)
+    assert len(json.loads(out.with_suffix(".json").read_text())["labels"]) == 50
+
+    tested: dict[str, int] = {}
+
+    def fake_evaluate_split(student, split, *args, **kwargs):  # noqa: ARG001
+        tested[split.name] = len(split)
+        return {"sym": {"mAP": 0.0}}
+
+    monkeypatch.setattr(evaluate_cli, "evaluate_split", fake_evaluate_split)
+    test = ["test", "--student-path", str(run / "model_best.pth.tar"), "--sym", "-d", "cub-val", "--cpu-runtime"]
+    assert main([*test, "torch", *common]) == 0
+    assert tested == {"cub-val": 50}
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("raml").addHandler(handler)
+    try:
+        assert main([*test, "torch", "--val-ratio", "0.5", *common]) == 0
+    finally:
+        logging.getLogger("raml").removeHandler(handler)
+    assert tested == {"cub-val": 100}  # the given value is used ...
+    warnings = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("--val-ratio 0.5 differs from the val_ratio 0.25" in m for m in warnings)  # ... with a warning
+    with pytest.raises(SystemExit) as stop:  # not a share in [0, 1): a usage error
+        main([*test, "torch", "--val-ratio", "1.5", *common])
+    assert stop.value.code == 2

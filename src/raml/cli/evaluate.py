@@ -116,8 +116,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="opt-in: both networks' forward in bfloat16 autocast (fast only on CPUs with AVX-512 BF16 or AMX, "
         "or a GPU with bf16); off by default, the paper's numbers are fp32; bf16 embeddings are not cached",
     )
-    from raml.cli.extract import add_cpu_runtime_arg  # here: keeps this module's imports as they were
+    from raml.cli.extract import add_cpu_runtime_arg, add_val_ratio_arg  # here: keeps this module's imports
 
+    add_val_ratio_arg(parser)
     add_cpu_runtime_arg(parser)
     add_bad_images_arg(parser)
     add_runtime_args(
@@ -130,6 +131,8 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import torch
+
+    from raml.cli.extract import resolve_val_ratio
 
     _import_run_names()
     setup_logging(args.verbose)
@@ -153,9 +156,10 @@ def run(args: argparse.Namespace) -> int:
     device, teacher_device = devices_from_gpu_id(args.gpu_id, args.device)
     # Resolve every split first so that a missing dataset fails before any network is loaded.
     splits, skipped = [], {}
+    val_ratio = resolve_val_ratio(args.val_ratio, [args.student_path, args.teacher_path], "raml test")
     for name in args.datasets:
         split, bad = apply_bad_image_policy(
-            get_split(name, args.data_root), args.bad_images, workers=max(1, args.workers)
+            get_split(name, args.data_root, val_ratio), args.bad_images, workers=max(1, args.workers)
         )
         splits.append(split)
         skipped[split.name] = len(bad)

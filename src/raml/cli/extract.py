@@ -39,6 +39,88 @@ def add_cpu_runtime_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
+RUN_CONFIG_NAME = "config.yaml"
+"""The training configuration ``raml train`` writes into its run folder, beside the checkpoints."""
+
+
+def _val_ratio(value: str) -> float:
+    try:
+        ratio = float(value)
+    except ValueError:
+        ratio = -1.0
+    if not 0.0 <= ratio < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a share of the training classes in [0, 1), got {value!r}")
+    return ratio
+
+
+def _default_val_ratio() -> float:
+    from raml.engine.config import TrainConfig
+
+    return TrainConfig.val_ratio
+
+
+def add_val_ratio_arg(parser: argparse.ArgumentParser) -> None:
+    """``--val-ratio R`` of ``raml test`` and ``raml extract``; see :func:`resolve_val_ratio`."""
+    parser.add_argument(
+        "--val-ratio",
+        type=_val_ratio,
+        metavar="R",
+        help="share of the training classes held out as validation classes (the -val, -train and -trainval "
+        "parts of cub, cars, sop and synth; split files and folder layouts define their own). Default: the "
+        f"val_ratio the checkpoint's training recorded in the {RUN_CONFIG_NAME} beside it, else "
+        f"{_default_val_ratio()}; a value that differs from the recorded one is used, with a warning",
+    )
+
+
+def recorded_val_ratio(checkpoint: str | Path | None) -> tuple[float, Path] | None:
+    """The ``val_ratio`` of the training run a checkpoint file comes from (``config.yaml`` in its folder, as
+    ``raml train`` writes it), with that file; None for a name, a missing file, or a folder without one. A
+    ``config.yaml`` that cannot be read or holds no valid ``val_ratio`` is ignored, with a warning."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).expanduser()
+    config = path.parent / RUN_CONFIG_NAME
+    if not path.is_file() or not config.is_file():
+        return None
+    import yaml
+
+    try:
+        data = yaml.safe_load(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as error:
+        logger.warning("Ignoring %s beside the checkpoint %s: cannot read it (%s).", config, path, error)
+        return None
+    value = data.get("val_ratio") if isinstance(data, dict) else None
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+        logger.warning("Ignoring val_ratio %r in %s: expected a number in [0, 1).", value, config)
+        return None
+    return float(value), config
+
+
+def resolve_val_ratio(given: float | None, checkpoints: list[str | None], command: str) -> float:
+    """The val_ratio a command's splits use: ``given`` (``--val-ratio``) when set, else the one recorded by the
+    first of ``checkpoints`` that has one (:func:`recorded_val_ratio`), else the library's default. A given
+    value that differs from the recorded one is used, with a warning (its -val classes are not the run's)."""
+    recorded = next((r for r in map(recorded_val_ratio, checkpoints) if r is not None), None)
+    if given is None:
+        if recorded is None:
+            return _default_val_ratio()
+        logger.info("%s: --val-ratio %s, as recorded in %s.", command, recorded[0], recorded[1])
+        return recorded[0]
+    if recorded is not None and recorded[0] != given:
+        logger.warning(
+            "%s: --val-ratio %s differs from the val_ratio %s the checkpoint's training used (%s): the -val, "
+            "-train and -trainval parts of registered datasets then hold other classes than that run's (a -val "
+            "split may include classes it trained on). Drop --val-ratio to use the recorded value.",
+            command,
+            given,
+            recorded[0],
+            recorded[1],
+        )
+    return given
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``raml extract``: the reference's ``extract_features.py`` flags where they apply, one split per call."""
     parser = subparsers.add_parser(
@@ -83,6 +165,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="opt-in: the forward in bfloat16 autocast (fast only on CPUs with AVX-512 BF16 or AMX, or a GPU with "
         "bf16); off by default, the paper's numbers are fp32; bf16 embeddings are not cached",
     )
+    add_val_ratio_arg(parser)
     add_cpu_runtime_arg(parser)
     add_bad_images_arg(parser)
     add_runtime_args(parser, gpu_help="GPU id the network runs on (the first when several are listed; default: '0')")
@@ -107,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
     dist, dist_device = init_distributed(args.device)
     device = dist_device or devices_from_gpu_id(args.gpu_id, args.device)[0]
     split, bad = apply_bad_image_policy(
-        get_split(args.dataset, args.data_root),
+        get_split(args.dataset, args.data_root, resolve_val_ratio(args.val_ratio, [args.network_path], "raml extract")),
         args.bad_images,
         workers=max(1, args.workers),
         image_size=args.image_size,
