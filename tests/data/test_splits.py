@@ -339,11 +339,37 @@ def test_empty_class_is_an_error(tmp_path: Path) -> None:
 
 def test_duplicate_path_is_an_error(tmp_path: Path) -> None:
     name = _write_json(tmp_path, {"train": [["a.jpg"], ["b.jpg", "a.jpg"]]})
-    with pytest.raises(ValueError, match="duplicate path 'a.jpg'"):
+    with pytest.raises(ValueError, match="'a.jpg' in 'train' class 1, already listed in 'train' class 0"):
         get_split(name, tmp_path)
     name = _write_json(tmp_path, {"train": [["a.jpg"]], "val": [["a.jpg"]]})
-    with pytest.raises(ValueError, match="duplicate path 'a.jpg'"):
+    with pytest.raises(ValueError, match="duplicate image 'a.jpg'"):
         get_split(f"{name}:trainval", tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        ({"train": [["c1/0.jpg", "c1/./0.jpg"]]}, r"'c1/\./0.jpg' in 'train' class 0, already listed as 'c1/0.jpg'"),
+        ({"train": [["c1/1.jpg"], ["c1//1.jpg"]]}, r"'c1//1.jpg' in 'train' class 1, already listed as 'c1/1.jpg'"),
+        ({"train": [["c1/x/../2.jpg", "c1/2.jpg"]]}, "already listed as 'c1/x/../2.jpg'"),
+    ],
+    ids=["dot", "double-slash", "dotdot"],
+)
+def test_duplicate_images_spelled_differently_are_an_error(tmp_path: Path, data: dict, match: str) -> None:
+    with pytest.raises(ValueError, match=match):
+        get_split(_write_json(tmp_path, data), tmp_path)
+
+
+def test_the_same_image_in_two_parts_is_an_error_whichever_part_is_selected(tmp_path: Path) -> None:
+    name = _write_json(tmp_path, {"train": [["a.jpg", "b.jpg"]], "test": [["c.jpg"], ["./b.jpg"]]})
+    for part in ("train", "test", "trainval"):
+        with pytest.raises(ValueError, match=r"'\./b.jpg' in 'test' class 1, .*'train' class 0 \(test images"):
+            get_split(f"{name}:{part}", tmp_path)
+    folder = tmp_path / "own"  # the same through <data_root>/<name>/split.json
+    folder.mkdir()
+    (folder / "split.json").write_text(json.dumps({"train": [["a.jpg"]], "val": [["a.jpg"]]}))
+    with pytest.raises(ValueError, match="duplicate image 'a.jpg' in 'val' class 0"):
+        get_split("own", tmp_path)
 
 
 @pytest.mark.parametrize(

@@ -500,11 +500,35 @@ def _check_path(path: str, root: Path, allow_absolute_paths: bool, where: str) -
         )
 
 
+def _check_duplicates(root: Path, split: SplitDict, source: str) -> None:
+    """Refuse an image listed twice anywhere in ``split`` (all parts, not only the selected ones: an image in
+    train and in test leaks test data into training), however its path is spelled: paths are compared
+    normalised (``c1/./0.jpg``, ``c1//0.jpg`` and ``c1/0.jpg`` are one file; an absolute path, where allowed,
+    is compared joined with ``root``). Symbolic links are not followed. Empty paths are left to
+    :func:`_check_path`."""
+    seen: dict[str, tuple[str, str, int]] = {}
+    for p in PARTS:
+        for c, class_paths in enumerate(split.get(p, [])):
+            for path in class_paths:
+                if not path:
+                    continue
+                key = os.path.normpath(os.path.join(str(root), path))
+                if key in seen:
+                    first, first_part, first_class = seen[key]
+                    spelled = "" if first == path else f" as {first!r}"
+                    leak = " (test images would take part in training)" if "test" in (p, first_part) else ""
+                    raise ValueError(
+                        f"{source}: duplicate image {path!r} in '{p}' class {c}, already listed{spelled} in "
+                        f"'{first_part}' class {first_class}{leak}; each image may appear once in a split, in "
+                        "one part and one class. Remove one of the two entries."
+                    )
+                seen[key] = (path, p, c)
+
+
 def _build_split(name: str, root: Path, split: SplitDict, part: str, allow_absolute_paths: bool, source: str) -> Split:
     parts = ("train", "val") if part == "trainval" else (part,)
     paths: list[str] = []
     labels: list[int] = []
-    seen: dict[str, str] = {}
     label = 0
     for p in parts:
         for c, class_paths in enumerate(split[p]):
@@ -513,15 +537,10 @@ def _build_split(name: str, root: Path, split: SplitDict, part: str, allow_absol
                 raise ValueError(f"{where} is empty; every class needs at least one image.")
             for path in class_paths:
                 _check_path(path, root, allow_absolute_paths, where)
-                if path in seen:
-                    raise ValueError(
-                        f"{where}: duplicate path {path!r} (already in {seen[path]}) in split {name!r}; "
-                        "each image may appear once."
-                    )
-                seen[path] = where
                 paths.append(path)
                 labels.append(label)
             label += 1
+    _check_duplicates(root, split, source)
     if not paths:
         raise ValueError(
             f"Split {name!r} is empty: {source} defines no classes for part(s) {list(parts)}. "
