@@ -197,6 +197,41 @@ def test_folder_layout_empty_class_is_an_error(folder_root: Path) -> None:
         get_split("folders", folder_root)
 
 
+def test_folder_layout_skips_hidden_class_folders(folder_root: Path, image_factory) -> None:
+    image_factory(folder_root / "folders" / "train" / ".ipynb_checkpoints" / "a.png")
+    (folder_root / "folders" / "train" / ".thumbnails").mkdir()  # empty: no "holds no images" error either
+    assert get_split("folders", folder_root).num_classes == 3
+
+
+def test_folder_layout_class_in_train_and_val_is_one_class(
+    folder_root: Path, image_factory, caplog: pytest.LogCaptureFixture
+) -> None:
+    val = folder_root / "folders" / "val"
+    for rel in ("cat/z.png", "fox/1.png", "fox/2.png"):
+        image_factory(val / rel)
+    with caplog.at_level("WARNING", logger="raml.data.splits"):
+        trainval = get_split("folders-trainval", folder_root)
+    assert trainval.paths[:7] == (
+        "train/ant/a.png",
+        "train/ant/b.png",
+        "train/bee/a.png",
+        "train/bee/b.PNG",
+        "train/cat/x.png",
+        "train/cat/y.png",
+        "val/cat/z.png",
+    )
+    assert trainval.labels == (0, 0, 1, 1, 2, 2, 2, 3, 3)  # cat is one class; fox follows the train classes
+    assert "1 class name(s) in both train/ and val/ (cat) are the same classes" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raml.data.splits"):
+        assert get_split("folders-val", folder_root).labels == (0, 1, 1)
+    assert "holds no classes out" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="raml.data.splits"):
+        get_split("folders", folder_root)
+    assert not caplog.text  # the train part alone is unaffected
+
+
 def test_own_folder_named_with_part_suffix(tmp_path: Path) -> None:
     folder = tmp_path / "my-test"
     folder.mkdir()

@@ -422,14 +422,16 @@ def load_folder_layout(folder: Path) -> SplitDict:
     """Folder-per-class layout ``<folder>/{train,val,test}/<class>/<image>``.
 
     Classes are the sorted sub-folder names, images sorted by file name; only files with an extension in
-    :data:`IMAGE_EXTENSIONS` (any case) count. Missing ``val`` or ``test`` folders give empty parts.
+    :data:`IMAGE_EXTENSIONS` (any case) count, and hidden files and folders (a name starting with '.', such as
+    ``.ipynb_checkpoints``) are skipped. Missing ``val`` or ``test`` folders give empty parts. A class name in
+    both ``train`` and ``val`` is one class in ``BASE-trainval`` (see :func:`get_split`).
     """
     out: SplitDict = {}
     for part in PARTS:
         part_dir = folder / part
         classes: list[list[str]] = []
         if part_dir.is_dir():
-            for class_dir in sorted(p for p in part_dir.iterdir() if p.is_dir()):
+            for class_dir in sorted(p for p in part_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 images = sorted(
                     p.name
                     for p in class_dir.iterdir()
@@ -443,6 +445,33 @@ def load_folder_layout(folder: Path) -> SplitDict:
                 classes.append([f"{part}/{class_dir.name}/{name}" for name in images])
         out[part] = classes
     return out
+
+
+def _join_shared_classes(split: SplitDict, folder: Path, part: str, display: str) -> SplitDict:
+    """A folder layout's ``val`` or ``trainval`` part when ``train/`` and ``val/`` share class names: warn that
+    such a val split holds no classes out, and for ``trainval`` make each shared name one class (its train
+    images, then its val images, at its place among the train classes; the other val classes follow)."""
+    names = {"train": [c[0].split("/")[1] for c in split["train"]], "val": [c[0].split("/")[1] for c in split["val"]]}
+    shared = [name for name in names["val"] if name in set(names["train"])]
+    if not shared:
+        return split
+    logger.warning(
+        "Folder layout %s (%s): %d class name(s) in both train/ and val/ (%s%s) are the same classes: %s-trainval "
+        "gives each one label, and the val split holds no classes out (--select-on-val would select on classes "
+        "the network trains on). Give val/ other classes than train/ to hold classes out.",
+        folder,
+        display,
+        len(shared),
+        ", ".join(shared[:5]),
+        ", ..." if len(shared) > 5 else "",
+        folder.name,
+    )
+    if part != "trainval":
+        return split
+    val_of = dict(zip(names["val"], split["val"], strict=True))
+    train = [paths + val_of.get(name, []) for name, paths in zip(names["train"], split["train"], strict=True)]
+    rest = [paths for name, paths in zip(names["val"], split["val"], strict=True) if name not in set(names["train"])]
+    return {"train": train, "val": rest, "test": split["test"]}
 
 
 def _load_split_file(path: Path) -> SplitDict:
@@ -660,6 +689,8 @@ def get_split(name: str, data_root: str | Path, val_ratio: float = 0.5, allow_ab
     elif (folder / "train").is_dir():
         split = load_folder_layout(folder)
         source = f"folder layout {folder}"
+        if part in ("val", "trainval"):
+            split = _join_shared_classes(split, folder, part, display)
     else:
         raise _unknown(base, data_root)
     return _build_split(display, folder, split, part, allow_absolute_paths, source)
