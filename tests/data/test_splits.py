@@ -366,6 +366,17 @@ def test_inner_dotdot_that_stays_inside_is_fine(tmp_path: Path) -> None:
     assert get_split(name, tmp_path).paths == ("a/../b.jpg",)
 
 
+def test_symlinks_inside_the_dataset_folder_are_followed(tmp_path: Path, image_factory) -> None:
+    # the documented rule: paths are checked as text; a dataset may be assembled from links to images elsewhere
+    image_factory(tmp_path / "store" / "0.jpg")
+    folder = tmp_path / "data" / "mine"
+    folder.mkdir(parents=True)
+    (folder / "linked").symlink_to(tmp_path / "store", target_is_directory=True)
+    (folder / "split.json").write_text(json.dumps({"train": [["linked/0.jpg"]]}))
+    split = get_split("mine", tmp_path / "data")
+    assert split.paths == ("linked/0.jpg",) and split.abspaths()[0].resolve() == tmp_path / "store" / "0.jpg"
+
+
 def test_empty_class_is_an_error(tmp_path: Path) -> None:
     name = _write_json(tmp_path, {"train": [["a.jpg"], []]})
     with pytest.raises(ValueError, match="'train' class 1 is empty"):

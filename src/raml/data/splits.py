@@ -512,6 +512,10 @@ def _check_split_dict(data: object, source: str) -> SplitDict:
 
 
 def _check_path(path: str, root: Path, allow_absolute_paths: bool, where: str) -> None:
+    """Refuse an empty path, and (unless ``allow_absolute_paths``) an absolute one or one whose text climbs
+    above ``root`` with ``..``. The check is on the text only: symbolic links inside the dataset folder are
+    followed wherever they point (a dataset may be assembled from links to images stored elsewhere, and
+    resolving every path would stat each of its components), so a link placed in the folder is trusted."""
     if not path:
         raise ValueError(f"{where}: empty image path; every path must name a file relative to {root}.")
     if allow_absolute_paths:
@@ -631,7 +635,8 @@ def get_split(name: str, data_root: str | Path, val_ratio: float = 0.5, allow_ab
         data_root: The folder holding the datasets (``<data_root>/cub``, ...).
         val_ratio: Share of the training classes held out as validation classes (registered datasets
             only; split files and folder layouts define val themselves). Must be in [0, 1).
-        allow_absolute_paths: Accept absolute paths and ``..`` escapes in split files.
+        allow_absolute_paths: Accept absolute paths and ``..`` escapes in split files. Either way, symbolic
+            links inside the dataset folder are followed wherever they point.
 
     Returns:
         The split; its ``root`` is the dataset folder (or the JSON file's folder).
