@@ -267,6 +267,36 @@ def test_raml_test_wires_devices_scales_and_hashing_into_the_protocol(
     assert (seen["image_size"], seen["teacher_image_size"], seen["split"]) == (32, 48, "sop-test")
 
 
+def test_raml_test_scans_at_the_largest_size_it_embeds_at(
+    sop_root: Path, networks, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys
+):
+    """An image fine at the query size but too large once resized at the teacher's database size is a bad image
+    of the pre-test scan: an error naming it, or left out with --bad-images skip."""
+    from PIL import Image
+
+    from raml.cli import evaluate as test_cli
+
+    # 20000 x 1: 731429 x 37 at QR = 32 (27 M pixels, under the limit), 1097143 x 55 at DR = 48 (60 M, over)
+    victim = sorted((sop_root / "sop").rglob("*.JPG"))[-1]
+    Image.new("L", (20_000, 1)).save(victim, format="PNG")
+    seen: dict = {}
+
+    def fake_evaluate_split(student, split, image_size, device, **kwargs):
+        seen["paths"] = split.paths
+        return {"asym": {"mAP": 1.0, "R@1": 2.0}}
+
+    monkeypatch.setattr(test_cli, "evaluate_split", fake_evaluate_split)
+    argv = ["test", "-spath", str(networks["student"]), "-tpath", str(networks["teacher"]), "-imsize", "32",
+            "-timsize", "48", "-d", "sop-test", "--data-root", str(sop_root), "--no-progress", "--device", "cpu",
+            "--no-cache"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "too large once resized" in err and "1097143x55" in err
+    assert "paths" not in seen  # refused before any embedding
+    assert main([*argv, "--bad-images", "skip"]) == 0
+    assert seen["paths"] and not any(victim.name in p for p in seen["paths"])
+
+
 def test_model_hints_reach_load_network_only_when_given(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     import torch
 

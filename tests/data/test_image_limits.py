@@ -96,3 +96,43 @@ def test_bad_images_skip_leaves_out_an_image_too_large_once_resized(tmp_path):
     split = split_from_lists("thin", root, [["a/ok1.png", "a/thin.png"], ["b/ok2.png", "b/ok3.png"]])
     kept, bad = apply_bad_image_policy(split, "skip", image_size=32)
     assert [b.path for b in bad] == ["a/thin.png"] and "a/thin.png" not in kept.paths and len(kept) == 3
+
+
+def test_the_late_error_names_the_file(tmp_path):
+    from raml.data.images import load_image
+
+    thin = tmp_path / "thin.png"
+    Image.new("L", (100_000, 1)).save(thin)  # ~370 bytes; 3657143 x 37 once resized at 32 px
+    with pytest.raises(ImageTooLargeError, match="3657143x37") as refused:
+        EvalTransform(32, MEAN, STD)(load_image(thin))
+    assert str(refused.value).startswith(f"Image {thin} is 100000x1 pixels")
+
+
+def test_check_data_image_size_lists_an_image_too_large_once_resized(tmp_path, capsys):
+    import argparse
+    import json
+
+    from raml.cli.check import add_parser
+
+    folder = tmp_path / "data" / "mine"
+    for cls in ("a", "b"):
+        for i in range(2):
+            (folder / cls).mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (40, 30), (i * 90, 20, 20)).save(folder / cls / f"{i}.png")
+    Image.new("L", (100_000, 1)).save(folder / "b" / "thin.png")
+    split = {"train": [["a/0.png", "a/1.png"]], "test": [["b/0.png", "b/1.png", "b/thin.png"]]}
+    (folder / "split.json").write_text(json.dumps(split))
+
+    def check(*extra: str) -> int:
+        parser = argparse.ArgumentParser()
+        add_parser(parser.add_subparsers(dest="command"))
+        argv = ["check-data", "--data-root", str(tmp_path / "data"), "--datasets", "mine-test", "--no-progress"]
+        args = parser.parse_args([*argv, *extra])
+        return args.func(args)
+
+    assert check() == 0  # no size: only the image's own pixels count (100,000)
+    assert "mine-test: 3 images, 0 bad" in capsys.readouterr().out
+    assert check("--image-size", "32") == 1
+    out = capsys.readouterr().out
+    assert f"{folder / 'b' / 'thin.png'}: too large once resized" in out and "3657143x37" in out
+    assert "mine-test: 3 images, 1 bad" in out

@@ -93,6 +93,28 @@ def test_corrupt_image_fails_first_with_its_name_and_skip_leaves_it_out(setup, t
     assert {m["num_skipped_images"] for m in results["cub-test"].values()} == {1}
 
 
+def test_an_image_too_large_once_resized_at_the_teachers_size_is_a_bad_image_before_epoch_1(setup, tmp_path, capsys):
+    from PIL import Image
+
+    _, teacher = setup
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
+    victim = sorted((data / "cub" / "images").rglob("*.jpg"))[-1]  # the last class is a test class
+    # a PNG under the .jpg name: 100000 x 1 is fine at QR = 16 (1828571 x 18, under 40 M pixels), not at the
+    # teacher's DR = 32 (3657143 x 37), where the final test's database is embedded
+    Image.new("L", (100_000, 1)).save(victim, format="PNG")
+    args = _train_args(data, teacher, tmp_path / "run", "--epochs", "1")
+    args[args.index("--test-datasets") + 1] = "cub-test"
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert victim.name in err and "too large once resized" in err and "3657143x37" in err
+    assert not (tmp_path / "run").exists()  # refused before epoch 1
+    skip = [*args, "--bad-images", "skip"]
+    skip[skip.index("--directory") + 1] = str(tmp_path / "skip")
+    assert main(skip) == 0
+    assert victim.name in (tmp_path / "skip" / "skipped_images_cub-test.txt").read_text()
+
+
 def test_sigkill_then_resume_last_equals_an_uninterrupted_run(setup, tmp_path):
     data_root, teacher = setup
     assert main(_train_args(data_root, teacher, tmp_path / "full")) == 0

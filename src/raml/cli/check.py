@@ -41,6 +41,15 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--workers", type=positive_int, default=default_workers(), metavar="N", help="threads checking files"
     )
+    parser.add_argument(
+        "--image-size",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="also report images the evaluation transform would resize to too many pixels at size N (an extreme "
+        "aspect ratio); give the largest size the run uses, e.g. the teacher's --teacher-image-size "
+        "(default: not checked)",
+    )
     parser.add_argument("--json", default=None, metavar="PATH", help='write {split: [{"path", "reason"}, ...]}')
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
@@ -58,7 +67,13 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, list[dict[str, str]]] = {}
     summary: list[str] = []
     for split in splits:
-        bad = scan_split(split, full_decode=args.full_decode, workers=args.workers, progress=not args.no_progress)
+        bad = scan_split(
+            split,
+            full_decode=args.full_decode,
+            workers=args.workers,
+            progress=not args.no_progress,
+            image_size=args.image_size,
+        )
         for b in bad:
             print(f"{split.name}: {split.root / b.path}: {b.reason}", flush=True)
         report[split.name] = [{"path": b.path, "reason": b.reason} for b in bad]

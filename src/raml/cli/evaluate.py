@@ -157,9 +157,16 @@ def run(args: argparse.Namespace) -> int:
     # Resolve every split first so that a missing dataset fails before any network is loaded.
     splits, skipped = [], {}
     val_ratio = resolve_val_ratio(args.val_ratio, [args.student_path, args.teacher_path], "raml test")
+    # each image is checked at the largest size it is embedded at (query sizes, the teacher's database size):
+    # one the evaluation transform would resize to too many pixels is a bad image now, not an error mid-test
+    has_teacher = args.teacher_path is not None or args.teacher is not None
+    check_size = max([*sizes, args.teacher_image_size] if has_teacher else sizes)
     for name in args.datasets:
         split, bad = apply_bad_image_policy(
-            get_split(name, args.data_root, val_ratio), args.bad_images, workers=max(1, args.workers)
+            get_split(name, args.data_root, val_ratio),
+            args.bad_images,
+            workers=max(1, args.workers),
+            image_size=check_size,
         )
         splits.append(split)
         skipped[split.name] = len(bad)

@@ -201,9 +201,10 @@ def check_image(path: Path, full_decode: bool = False, image_size: int | None = 
         path: The image file.
         full_decode: After the fast checks, also decode every pixel with :func:`raml.data.images.load_image`
             (slower; finds corrupt compressed data that the headers do not show).
-        image_size: The evaluation size S the image will be used at: an image that the evaluation transform
-            would resize to more than :data:`raml.data.image_limits.DEFAULT_MAX_PIXELS` pixels (an extreme
-            aspect ratio) is bad. None: not checked.
+        image_size: The largest evaluation size S the image will be used at (the resized size grows with S, so
+            checking the largest covers the smaller ones): an image that the evaluation transform would resize
+            to more than :data:`raml.data.image_limits.DEFAULT_MAX_PIXELS` pixels (an extreme aspect ratio) is
+            bad. None: not checked.
 
     Returns:
         None if the image is usable, else a short reason such as ``"missing file"``, ``"empty file (0

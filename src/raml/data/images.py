@@ -34,6 +34,10 @@ logger = logging.getLogger(__name__)
 
 _ALPHA_PALETTE_MODES = ("P", "PA")
 
+SOURCE_PATH_INFO = "raml_source_path"
+"""Key of ``Image.info`` under which :func:`load_image` records the file an image came from, so that an error of
+:class:`EvalTransform` names the file (PIL writers ignore keys they do not know)."""
+
 
 class ImageLoadError(RuntimeError):
     """An image file is missing, empty, truncated, not an image, or cannot be converted to RGB."""
@@ -112,7 +116,8 @@ def load_image(path: str | Path) -> Image.Image:
         path: The image file.
 
     Returns:
-        The image in mode ``RGB``, independent of the file (the file is closed).
+        The image in mode ``RGB``, independent of the file (the file is closed); ``info[SOURCE_PATH_INFO]`` holds
+        ``str(path)``.
 
     Raises:
         ImageLoadError: The file is missing, empty, truncated, not an image, or its mode cannot be converted;
@@ -128,12 +133,14 @@ def load_image(path: str | Path) -> Image.Image:
     try:
         with Image.open(path) as img:
             img.load()
-            return to_rgb(img)
+            rgb = to_rgb(img)
     except Exception as exc:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
         raise ImageLoadError(
             f"Cannot load image {path}: {type(exc).__name__}: {exc} "
             "(the file is truncated, corrupt or not an image; re-download or remove it)."
         ) from exc
+    rgb.info[SOURCE_PATH_INFO] = str(path)
+    return rgb
 
 
 def _round_half_even(x: float) -> int:
@@ -231,7 +238,8 @@ class EvalTransform:
 
         Raises:
             raml.data.image_limits.ImageTooLargeError: If the resized image would have more than
-                ``raml.data.image_limits.DEFAULT_MAX_PIXELS`` pixels (an extreme aspect ratio).
+                ``raml.data.image_limits.DEFAULT_MAX_PIXELS`` pixels (an extreme aspect ratio); the message names
+                the file when the image comes from :func:`load_image`.
         """
         if not isinstance(img, Image.Image):
             raise TypeError(f"EvalTransform expects a PIL image, got {type(img).__name__}; load it with load_image.")
@@ -242,7 +250,9 @@ class EvalTransform:
             )
         from raml.data.image_limits import check_resized_size  # imported here: image_limits imports this module
 
-        check_resized_size(img.size[0], img.size[1], self.size)  # before the resize allocates it
+        source = img.info.get(SOURCE_PATH_INFO)
+        what = f"Image {source}" if source is not None else "The image"
+        check_resized_size(img.size[0], img.size[1], self.size, what=what)  # before the resize allocates it
         img = resize_shorter(img, eval_resize_size(self.size))
         img = img.crop(centre_crop_box(img.size, self.size))
         # to_tensor and normalise in numpy, in float32 as torchvision's to_tensor + normalise compute them (bit for

@@ -378,10 +378,22 @@ class Trainer:
         """Load a split and apply the ``--bad-images`` policy to it (skipped files are remembered)."""
         c = self.config
         split = get_split(name, c.data_root, c.val_ratio)
-        split, bad = apply_bad_image_policy(split, c.bad_images, workers=max(1, c.workers))
+        split, bad = apply_bad_image_policy(
+            split, c.bad_images, workers=max(1, c.workers), image_size=self._largest_image_size()
+        )
         if bad:
             self.skipped[split.name] = bad
         return split
+
+    def _largest_image_size(self) -> int:
+        """The largest size this run's images go through the evaluation transform at: the student's sizes, and
+        the teacher's when there is one. The scan checks each image at it (the resized size grows with the
+        size), so an image too large once resized (an extreme aspect ratio) is a bad image before epoch 1."""
+        c = self.config
+        sizes = list(c.image_sizes) if c.image_sizes else [c.image_size]
+        if c.teacher_path is not None or c.teacher is not None:
+            sizes.append(c.teacher_image_size)
+        return max(sizes)
 
     def _build_student(self) -> nn.Module:
         c = self.config
