@@ -151,6 +151,72 @@ def test_exif_thumbnail_end_marker_does_not_hide_truncation(tmp_path: Path, no_d
     assert "truncated JPEG" in check_image(path)
 
 
+def _noise(size: tuple[int, int] = (37, 23), seed: int = 0) -> Image.Image:
+    """Noise (long compressed data, odd sides: padded BMP rows)."""
+    pixels = np.random.default_rng(seed).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
+    return Image.fromarray(pixels)
+
+
+def _good_structured_images(folder: Path) -> dict[str, Path]:
+    """Intact files of the formats whose end the fast check finds from their structure (no decoding)."""
+    rgb = _noise()
+    frames = [rgb.quantize(16), rgb.rotate(90, expand=True).quantize(16)]
+    return {
+        "rgb.bmp": _save(folder / "rgb.bmp", rgb),
+        "gray.bmp": _save(folder / "gray.bmp", rgb.convert("L")),
+        "bw.bmp": _save(folder / "bw.bmp", rgb.convert("1")),
+        "rgba.bmp": _save(folder / "rgba.bmp", rgb.convert("RGBA")),
+        "palette.gif": _save(folder / "palette.gif", rgb),
+        # two frames, the second with its own (local) colour table, and a comment extension
+        "anim.gif": _save(folder / "anim.gif", frames[0], save_all=True, append_images=frames[1:], comment=b"hi"),
+        "rgb.webp": _save(folder / "rgb.webp", rgb),
+    }
+
+
+def test_intact_bmp_gif_and_webp_pass_the_fast_check_without_decoding(tmp_path: Path, no_decoding) -> None:
+    for name, path in _good_structured_images(tmp_path).items():
+        assert check_image(path) is None, name
+
+
+@pytest.mark.parametrize(
+    "suffix, cuts, reason",
+    [
+        ("bmp", (1, 37, 1000), "truncated BMP"),
+        ("gif", (1, 2, 50, 300), "truncated GIF"),
+        ("webp", (1, 100), "unreadable image header"),  # PIL's WebP opener parses the whole file
+    ],
+)
+def test_fast_check_finds_truncated_bmp_gif_and_webp_without_decoding(
+    tmp_path: Path, no_decoding, suffix: str, cuts: tuple[int, ...], reason: str
+) -> None:
+    data = _save(tmp_path / f"whole.{suffix}", _noise()).read_bytes()
+    for cut in cuts:
+        path = tmp_path / f"cut{cut}.{suffix}"
+        path.write_bytes(data[:-cut])
+        problem = check_image(path)
+        assert problem is not None and problem.startswith(reason), (cut, problem)
+
+
+@pytest.mark.parametrize("suffix", ["tiff", "ppm"])
+def test_fast_check_decodes_formats_without_a_structural_check(tmp_path: Path, suffix: str) -> None:
+    data = _save(tmp_path / f"whole.{suffix}", _noise()).read_bytes()
+    assert check_image(tmp_path / f"whole.{suffix}") is None
+    (tmp_path / f"cut.{suffix}").write_bytes(data[:-30])
+    problem = check_image(tmp_path / f"cut.{suffix}")
+    assert problem is not None and problem.startswith("decoding failed") and "truncated" in problem
+
+
+def test_skip_leaves_out_truncated_bmp_and_gif(tmp_path: Path) -> None:
+    root = tmp_path / "ds"
+    for name in ("ok.bmp", "cut.bmp", "ok.gif", "cut.gif"):
+        data = _save(root / name, _noise(seed=len(name))).read_bytes()
+        if name.startswith("cut"):
+            (root / name).write_bytes(data[: len(data) // 2])
+    split = split_from_lists("fmt", root, [["ok.bmp", "cut.bmp"], ["ok.gif", "cut.gif"]])
+    kept, bad = apply_bad_image_policy(split, "skip")
+    assert [b.path for b in bad] == ["cut.bmp", "cut.gif"] and kept.paths == ("ok.bmp", "ok.gif")
+
+
 def test_end_marker_search_across_chunk_boundaries() -> None:
     data = io.BytesIO(b"abcde\xff\xd9fgh")
     for start in range(6):

@@ -22,8 +22,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "check-data",
         description=(
             "Check every image of the named splits and print each bad file with the reason, then one summary "
-            "line per split. The default fast check reads headers and the end of each file only (missing, empty "
-            "or non-image files, unsupported modes, truncated JPEG/PNG); --full-decode also decodes every "
+            "line per split. The default fast check reads headers and the structure of each file (missing, empty "
+            "or non-image files, unsupported modes, truncated JPEG/PNG/BMP/GIF/WebP; images of other formats are "
+            "decoded); --full-decode also decodes every "
             "image. Exit status 1 if any image is bad, 0 otherwise. To train anyway, pass "
             "'--bad-images skip' to raml train."
         ),

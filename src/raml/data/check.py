@@ -3,8 +3,10 @@
 Contracts:
 
 - :func:`check_image`: file -> ``None`` (fine) or a short reason (``"missing file"``, ``"truncated JPEG
-  (...)"``, ...). The fast mode (default) reads headers and a few bytes at the end of the file only, never
-  pixels; ``full_decode=True`` then also decodes the whole image with :func:`raml.data.images.load_image`.
+  (...)"``, ...). The fast mode (default) reads headers and the file's structure (its end, or block lengths)
+  only, never pixels, for the formats of :data:`TAIL_CHECKED_FORMATS` (JPEG, PNG, BMP, GIF, WebP), and decodes an
+  image of any other format (TIFF, PPM, ...); ``full_decode=True`` decodes every image with
+  :func:`raml.data.images.load_image`.
 - :func:`scan_split`: :class:`~raml.data.splits.Split` -> ``list[BadImage]`` in split order.
 - :func:`drop_bad_images`: split + bad images -> a new split without them (emptied classes removed, labels
   renumbered ``0..C'-1`` in class order).
@@ -13,8 +15,11 @@ Contracts:
 
 What the fast mode finds: missing, empty or non-regular files; files PIL cannot identify (text, HTML error
 pages, zero-size images); modes that cannot be converted to RGB; truncated JPEGs (no end-of-image marker
-``FF D9`` after the start of the scan data) and truncated PNGs (no ``IEND`` chunk). Grayscale, CMYK,
-palette, RGBA and 16-bit images are fine: :func:`~raml.data.images.load_image` converts them.
+``FF D9`` after the start of the scan data), PNGs (no ``IEND`` chunk), BMPs (shorter than the pixel data
+their header describes) and GIFs (the blocks, walked by their lengths, end before the trailer byte ``3B``);
+truncated WebPs (PIL refuses to open them); a file of another format PIL reads (TIFF, PPM, ICO, ...) is decoded,
+so a truncated one is found too. Grayscale, CMYK, palette, RGBA and 16-bit images are fine:
+:func:`~raml.data.images.load_image` converts them.
 
 What only ``full_decode=True`` finds: errors inside the compressed data, e.g. a stray marker in a JPEG's
 scan (PIL: ``broken data stream``). Note that libjpeg only *warns* about most corrupt entropy-coded data
@@ -55,6 +60,13 @@ MAX_LISTED = 50
 _JPEG_FORMATS = ("JPEG", "MPO")
 _JPEG_EOI = b"\xff\xd9"
 _PNG_IEND = b"IEND"
+_BMP_UNCOMPRESSED = (0, 3, 6)  # BI_RGB, BI_BITFIELDS, BI_ALPHABITFIELDS: rows of raw pixels
+_GIF_TRAILER = b"\x3b"
+_GIF_TRUNCATED = "truncated GIF (its blocks end before the trailer byte 3B)"
+TAIL_CHECKED_FORMATS = ("JPEG", "MPO", "PNG", "BMP", "GIF", "WEBP")
+"""PIL format names whose truncation the fast check finds without decoding pixels: from the file's structure, or
+for WebP when PIL opens it (libwebp's demuxer parses the whole file and refuses a truncated one). An image of any
+other format (TIFF, PPM, ICO, ...) is decoded by the fast check too, so a truncated one is found either way."""
 
 
 @dataclass(frozen=True)
@@ -137,45 +149,121 @@ def _jpeg_scan_start(f: BinaryIO, size: int) -> int:
     return size
 
 
+def _bmp_problem(f: BinaryIO, size: int) -> str | None:
+    """A BMP shorter than its pixel data: for uncompressed data the extent is computed from the header (offset +
+    padded row size x rows), for compressed data it is the header's image size (else its file size)."""
+    f.seek(0)
+    head = f.read(38)
+    if len(head) < 26:
+        return None  # PIL identified it; a header this short is not understood here
+    file_size = int.from_bytes(head[2:6], "little")
+    data_offset = int.from_bytes(head[10:14], "little")
+    dib_size = int.from_bytes(head[14:18], "little")
+    if dib_size == 12:  # OS/2 BITMAPCOREHEADER: 16-bit sides, no compression field
+        width = int.from_bytes(head[18:20], "little")
+        height = int.from_bytes(head[20:22], "little")
+        bits, compression, image_bytes = int.from_bytes(head[24:26], "little"), 0, 0
+    elif len(head) >= 38:
+        width = int.from_bytes(head[18:22], "little", signed=True)
+        height = int.from_bytes(head[22:26], "little", signed=True)
+        bits = int.from_bytes(head[28:30], "little")
+        compression = int.from_bytes(head[30:34], "little")
+        image_bytes = int.from_bytes(head[34:38], "little")
+    else:
+        return None
+    if compression in _BMP_UNCOMPRESSED:
+        end = data_offset + (bits * abs(width) + 31) // 32 * 4 * abs(height)
+        what = "its pixel data end"
+    elif image_bytes > 0:
+        end, what = data_offset + image_bytes, "its compressed pixel data end"
+    else:
+        end, what = file_size, "the file ends"
+    if size < end:
+        return f"truncated BMP ({size} bytes; the header says {what} at byte {end})"
+    return None
+
+
+def _gif_problem(f: BinaryIO) -> str | None:
+    """A GIF whose blocks run out before the trailer byte ``3B`` (each block is walked by its lengths: a ``3B``
+    byte inside the compressed data does not count)."""
+    f.seek(10)
+    flags = f.read(1)
+    if not flags:
+        return _GIF_TRUNCATED
+    pos = 13 + (3 << ((flags[0] & 7) + 1) if flags[0] & 0x80 else 0)  # after the global colour table
+    f.seek(pos)
+    while True:
+        introducer = f.read(1)
+        if not introducer:
+            return _GIF_TRUNCATED
+        if introducer == _GIF_TRAILER:
+            return None
+        if introducer == b"\x21":  # extension: a label byte, then sub-blocks
+            if not f.read(1):
+                return _GIF_TRUNCATED
+        elif introducer == b"\x2c":  # image: a 9-byte descriptor, a local colour table, the LZW code size
+            descriptor = f.read(9)
+            if len(descriptor) < 9:
+                return _GIF_TRUNCATED
+            table = 3 << ((descriptor[8] & 7) + 1) if descriptor[8] & 0x80 else 0
+            f.seek(table, 1)
+            if not f.read(1):
+                return _GIF_TRUNCATED
+        else:
+            return None  # a structure not understood here: left to PIL (and to --full-decode)
+        while True:  # sub-blocks: a length byte, that many bytes; a zero length ends them
+            length = f.read(1)
+            if not length:
+                return _GIF_TRUNCATED
+            if length[0] == 0:
+                break
+            f.seek(length[0], 1)
+
+
 def _tail_problem(f: BinaryIO, size: int, fmt: str | None) -> str | None:
     if fmt in _JPEG_FORMATS:
         if not _has_end_marker(f, size, _JPEG_EOI, _jpeg_scan_start(f, size)):
             return "truncated JPEG (no end-of-image marker FF D9 after the scan data)"
     elif fmt == "PNG" and not _has_end_marker(f, size, _PNG_IEND, 8):
         return "truncated PNG (no IEND chunk)"
+    elif fmt == "BMP":
+        return _bmp_problem(f, size)
+    elif fmt == "GIF":
+        return _gif_problem(f)
     return None
 
 
-def _header_problem(path: Path, image_size: int | None = None) -> str | None:
+def _header_problem(path: Path, image_size: int | None = None) -> tuple[str | None, str | None]:
     """The fast checks: file, header, size (and the size once resized to ``image_size``), mode and end marker; no
-    pixel is decoded."""
+    pixel is decoded. Returns the problem (None: none found) and PIL's format name (None: not identified)."""
     if not path.exists():
-        return "missing file"
+        return "missing file", None
     if not path.is_file():
-        return "not a regular file"
+        return "not a regular file", None
     size = path.stat().st_size
     if size == 0:
-        return "empty file (0 bytes)"
+        return "empty file (0 bytes)", None
     with open(path, "rb") as f:
         try:
             img = Image.open(f)
         except UnidentifiedImageError:
-            return "not an image (PIL cannot identify the format)"
+            return "not an image (PIL cannot identify the format)", None
         except Exception as exc:  # DecompressionBombError, SyntaxError, struct.error, ...
-            return f"unreadable image header ({type(exc).__name__}: {exc})"
+            return f"unreadable image header ({type(exc).__name__}: {exc})", None
         with img:  # closing the image also closes ``f``: finish all reads inside
+            fmt = img.format
             width, height = img.size
             if width <= 0 or height <= 0:
-                return f"zero-size image ({width}x{height})"
+                return f"zero-size image ({width}x{height})", fmt
             if image_size is not None:
                 try:
                     check_resized_size(width, height, image_size)
                 except ImageTooLargeError as refused:
-                    return f"too large once resized ({refused})"
+                    return f"too large once resized ({refused})", fmt
             problem = _mode_problem(img.mode)
             if problem is not None:
-                return problem
-            return _tail_problem(f, size, img.format)
+                return problem, fmt
+            return _tail_problem(f, size, fmt), fmt
 
 
 def _decode_problem(path: Path) -> str | None:
@@ -212,8 +300,8 @@ def check_image(path: Path, full_decode: bool = False, image_size: int | None = 
     """
     path = Path(path)
     try:
-        problem = _header_problem(path, image_size)
-        if problem is None and full_decode:
+        problem, fmt = _header_problem(path, image_size)
+        if problem is None and (full_decode or fmt not in TAIL_CHECKED_FORMATS):
             problem = _decode_problem(path)
     except OSError as exc:  # permission denied, I/O error, a file removed while being checked, ...
         problem = f"cannot read the file ({type(exc).__name__}: {exc})"
