@@ -106,9 +106,14 @@ def fsync_directory(directory: str | Path) -> None:
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically."""
+    """Write ``text`` to ``path`` atomically, in UTF-8.
+
+    Lone surrogates (a file name that is not valid UTF-8, as Python decodes it: ``b"caf\\xe9"`` ->
+    ``"caf\\udce9"``) are written back as the bytes they stand for (``errors="surrogateescape"``), so a report that
+    lists such a file names it byte for byte instead of failing with ``UnicodeEncodeError``.
+    """
     with atomic_path(path) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:

@@ -6,6 +6,7 @@ import argparse
 import io
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -309,6 +310,49 @@ def test_skip_policy_filters_logs_and_writes_the_report(mixed_split, tmp_path: P
     lines = (tmp_path / "run" / "skipped_images_mixed.txt").read_text().splitlines()
     assert [line.split("\t")[0] for line in lines] == [b.path for b in bad]
     assert all(len(line.split("\t")) == 2 for line in lines)
+
+
+def _non_utf8_split(tmp_path: Path):
+    """Two classes; ``a/bad\\xe9.jpg`` (a file name that is not valid UTF-8) is empty, ``a/caf\\xe9.jpg`` is fine."""
+    root = tmp_path / "ds"
+    for folder in ("a", "b"):
+        (root / folder).mkdir(parents=True)
+    bad_name, good_name = os.fsdecode(b"bad\xe9.jpg"), os.fsdecode(b"caf\xe9.jpg")
+    assert bad_name == "bad\udce9.jpg"  # Python's surrogate-escaped spelling of the byte
+    (root / "a" / bad_name).write_bytes(b"")
+    _noise_jpeg(root / "a" / good_name, size=16)
+    _noise_jpeg(root / "b" / "ok.jpg", size=16, seed=1)
+    split = split_from_lists("nu", root, [[f"a/{bad_name}", f"a/{good_name}"], ["b/ok.jpg"]])
+    return split, root
+
+
+@pytest.mark.parametrize("policy, report", [("skip", "skipped_images_nu.txt"), ("error", "bad_images_nu.txt")])
+def test_reports_name_a_non_utf8_file_name_byte_for_byte(tmp_path: Path, policy: str, report: str, caplog) -> None:
+    split, _ = _non_utf8_split(tmp_path)
+    if policy == "skip":
+        with caplog.at_level(logging.WARNING, logger="raml.data.check"):
+            kept, bad = apply_bad_image_policy(split, policy, report_dir=tmp_path / "run")
+        assert len(kept) == 2 and [b.path for b in bad] == ["a/bad\udce9.jpg"]
+        assert "a/bad\\xe9.jpg: empty file" in caplog.text  # the log spells the byte with a backslash escape
+    else:
+        with pytest.raises(BadImagesError) as refused:
+            apply_bad_image_policy(split, policy, report_dir=tmp_path / "run")
+        assert "a/bad\\xe9.jpg: empty file" in str(refused.value)
+    # the file's own bytes, as `ls` and `xargs rm` see them
+    assert (tmp_path / "run" / report).read_bytes() == b"a/bad\xe9.jpg\tempty file (0 bytes)\n"
+
+
+def test_check_data_prints_a_non_utf8_file_name_with_escapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    split, root = _non_utf8_split(tmp_path)  # tmp_path / "ds"
+    (root / "split.json").write_text(json.dumps({"train": [list(split.paths[:2])], "test": [[split.paths[2]]]}))
+    stdout = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")  # a strict terminal or pipe
+    monkeypatch.setattr("sys.stdout", stdout)
+    out_json = tmp_path / "bad.json"
+    assert _run_cli(["--data-root", str(tmp_path), "--datasets", "ds", "--json", str(out_json)]) == 1
+    stdout.flush()
+    printed = stdout.buffer.getvalue().decode("utf-8")
+    assert f"ds: {root}/a/bad\\xe9.jpg: empty file (0 bytes)" in printed and "ds: 2 images, 1 bad" in printed
+    assert json.loads(out_json.read_text()) == {"ds": [{"path": "a/bad\udce9.jpg", "reason": "empty file (0 bytes)"}]}
 
 
 def test_clean_split_is_returned_unchanged(tmp_path: Path) -> None:

@@ -58,7 +58,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raml.data.check import scan_split
+    from raml.data.check import printable, scan_split
     from raml.data.splits import get_split
 
     setup_logging(args.verbose)
@@ -76,7 +76,8 @@ def run(args: argparse.Namespace) -> int:
             image_size=args.image_size,
         )
         for b in bad:
-            print(f"{split.name}: {split.root / b.path}: {b.reason}", flush=True)
+            # a file name that is not valid UTF-8 is printed with backslash escapes (a strict stdout would fail)
+            print(printable(f"{split.name}: {split.root / b.path}: {b.reason}"), flush=True)
         report[split.name] = [{"path": b.path, "reason": b.reason} for b in bad]
         summary.append(f"{split.name}: {len(split)} images, {len(bad)} bad")
     print("\n".join(summary))

@@ -282,6 +282,16 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def printable(text: str) -> str:
+    """``text`` with the bytes of a file name that is not valid UTF-8 (lone surrogates, as Python decodes such a
+    name) spelled as backslash escapes (``"caf\\udce9.jpg"`` -> ``"caf\\\\xe9.jpg"``): printable on any UTF-8
+    stream."""
+    try:
+        return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:  # a surrogate that stands for no byte (e.g. from a split file's "\ud800")
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def check_image(path: Path, full_decode: bool = False, image_size: int | None = None) -> str | None:
     """Check one image file.
 
@@ -373,7 +383,7 @@ def drop_bad_images(split: Split, bad: Sequence[BadImage]) -> Split:
             "Split %r: %d of the bad images are not in it and were ignored: %s",
             split.name,
             len(unknown),
-            ", ".join(sorted(unknown)[:10]) + (" ..." if len(unknown) > 10 else ""),
+            printable(", ".join(sorted(unknown)[:10]) + (" ..." if len(unknown) > 10 else "")),
         )
     kept = [(p, y) for p, y in zip(split.paths, split.labels, strict=True) if p not in drop]
     if not kept:
@@ -392,7 +402,7 @@ def drop_bad_images(split: Split, bad: Sequence[BadImage]) -> Split:
             "Split %r: removed %d class(es) whose images were all bad: %s; labels renumbered 0..%d.",
             split.name,
             len(removed),
-            ", ".join(f"class {y} (first image {first_image[y]})" for y in removed),
+            printable(", ".join(f"class {y} (first image {first_image[y]})" for y in removed)),
             len(kept_labels) - 1,
         )
     return Split(
@@ -437,7 +447,8 @@ class BadImagesError(ValueError):
             "Fix or remove these files (and their entries in the split), or pass --bad-images skip to train "
             "without them (each skipped file is then logged and listed in skipped_images_<split>.txt)."
         )
-        super().__init__("\n".join(lines))
+        # a file name that is not valid UTF-8 spelled with backslash escapes: the message prints anywhere
+        super().__init__(printable("\n".join(lines)))
 
 
 def report_file_name(prefix: str, split_name: str) -> str:
@@ -447,7 +458,8 @@ def report_file_name(prefix: str, split_name: str) -> str:
 
 
 def write_bad_image_report(path: Path, bad: Sequence[BadImage]) -> None:
-    """Write ``path<TAB>reason`` lines, one per bad image (atomically)."""
+    """Write ``path<TAB>reason`` lines, one per bad image (atomically, in UTF-8; a file name that is not valid
+    UTF-8 is written as its own bytes, see :func:`raml.utils.atomic_write_text`)."""
     atomic_write_text(path, "".join(f"{b.path}\t{_one_line(b.reason)}\n" for b in bad))
 
 
@@ -499,15 +511,15 @@ def apply_bad_image_policy(
         report = Path(report_dir) / report_file_name("skipped_images", split.name)
         write_bad_image_report(report, bad)
     if bad:
-        listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad)
+        listing = "\n".join(printable(f"  {b.path}: {b.reason}") for b in bad)
         where = f" (list in {report})" if report is not None else ""
         logger.warning(
             "Split %r (under %s): skipping %d of %d images that are bad%s:\n%s",
             split.name,
-            split.root,
+            printable(str(split.root)),
             len(bad),
             len(split),
-            where,
+            printable(where),
             listing,
         )
     return drop_bad_images(split, bad), bad
