@@ -487,6 +487,34 @@ def test_sop_malformed_line(sop_root: Path) -> None:
         get_split("sop-test", sop_root)
 
 
+@pytest.mark.parametrize("dataset, index", [("cub", "images.txt"), ("sop", "Ebay_train.txt"), ("sop", "Ebay_test.txt")])
+def test_an_index_file_that_is_not_utf8_names_the_file_and_line(
+    cub_root: Path, sop_root: Path, dataset: str, index: str
+) -> None:
+    root = cub_root if dataset == "cub" else sop_root
+    path = root / dataset / index if dataset == "sop" else root / "cub" / index
+    lines = path.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2].replace(b".jpg", b"\xe9.jpg").replace(b".JPG", b"\xe9.JPG")  # a Latin-1 e-acute
+    assert b"\xe9" in lines[2]
+    path.write_bytes(b"".join(lines))
+    with pytest.raises(ValueError, match=rf"{index}, line 3: not UTF-8 text \(byte 0xe9: invalid continuation byte\)"):
+        get_split(f"{dataset}-test", root)
+
+
+@pytest.mark.parametrize("value", [np.inf, -np.inf, np.nan, 2.5])
+def test_cars_class_that_is_not_a_finite_integer_names_the_annotation(tmp_path: Path, value: float) -> None:
+    folder = tmp_path / "cars"
+    folder.mkdir()
+    fields = ["relative_im_path", "class"]
+    annotations = np.empty((1, 4), dtype=[(f, "O") for f in fields])
+    for i in range(4):
+        cls = np.array([[value]]) if i == 2 else np.array([[i // 2 + 1]], dtype=np.uint8)
+        annotations[0, i] = (np.array([f"car_ims/{i + 1:06d}.jpg"]), cls)
+    scipy.io.savemat(folder / "cars_annos.mat", {"annotations": annotations})
+    with pytest.raises(ValueError, match=r"cars_annos.mat, annotation 3: expected a string relative_im_path and an "):
+        get_split("cars", tmp_path)
+
+
 def test_cars_mat_without_annotations(tmp_path: Path) -> None:
     (tmp_path / "cars").mkdir()
     scipy.io.savemat(tmp_path / "cars" / "cars_annos.mat", {"something": np.zeros(3)})

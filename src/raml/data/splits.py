@@ -22,8 +22,10 @@ is an empty list.
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import math
 import os
 import struct
 import zlib
@@ -218,6 +220,26 @@ def _require_file(path: Path, dataset: str) -> None:
 # --------------------------------------------------------------------------------------------------- loaders
 
 
+def _read_index_text(index: Path) -> io.StringIO:
+    """A dataset's index file as UTF-8 text, its lines read as ``open(index, encoding="utf-8")`` reads them
+    (universal newlines).
+
+    Raises:
+        ValueError: The file is not UTF-8, naming the file, the line and the byte (a decoding error of the stream
+            would name only a position in its buffer).
+    """
+    data = index.read_bytes()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = len((data[: exc.start] + b"x").splitlines())
+        raise ValueError(
+            f"{index}, line {line}: not UTF-8 text (byte 0x{data[exc.start]:02x}: {exc.reason}). Save the file as "
+            "UTF-8 (e.g. 'iconv -f latin1 -t utf-8') or download the dataset again."
+        ) from exc
+    return io.StringIO(text, newline=None)
+
+
 def load_cub(folder: Path, val_ratio: float) -> SplitDict:
     """CUB-200-2011: ``images.txt`` lines ``<id> <NNN.Class>/<file>``; images under ``images/``.
 
@@ -228,7 +250,7 @@ def load_cub(folder: Path, val_ratio: float) -> SplitDict:
     index = folder / "images.txt"
     _require_file(index, "cub")
     items: list[tuple[object, str]] = []
-    with open(index, encoding="utf-8") as f:
+    with _read_index_text(index) as f:
         for lineno, line in enumerate(f, start=1):
             if not line.strip():
                 continue
@@ -376,7 +398,12 @@ def load_cars(folder: Path, val_ratio: float) -> SplitDict:
             cls = _mat_value(record["class"])
         except ValueError as exc:
             raise ValueError(f"{index}, annotation {i}: {exc}.") from exc
-        if not isinstance(rel, str) or not isinstance(cls, int | float) or int(cls) != cls:
+        if (
+            not isinstance(rel, str)
+            or not isinstance(cls, int | float)
+            or (isinstance(cls, float) and not math.isfinite(cls))  # int() of inf or nan raises, naming nothing
+            or int(cls) != cls
+        ):
             raise ValueError(
                 f"{index}, annotation {i}: expected a string relative_im_path and an integer class, "
                 f"got {rel!r} and {cls!r}."
@@ -389,7 +416,7 @@ def load_cars(folder: Path, val_ratio: float) -> SplitDict:
 
 def _read_sop_file(index: Path) -> list[list[str]]:
     items: list[tuple[object, str]] = []
-    with open(index, encoding="utf-8") as f:
+    with _read_index_text(index) as f:
         for lineno, line in enumerate(f, start=1):
             fields = line.split()
             if not fields:
