@@ -111,3 +111,59 @@ def test_bench_serve_open_loop_curve_goals_and_plot_with_a_client_that_was_not_t
     assert "open loop (Poisson arrivals" in table and "open loop at 2x saturation" in table
     assert "dec p99" in table and "que p99" in table
     assert bench["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_health_polls_and_metrics_probes_of_a_server_share_one_client(monkeypatch, tmp_path):
+    """``_Server`` polls ``/health`` and probes ``/metrics`` through one ``httpx.Client`` (a ``httpx.get`` per call
+    built a client and its SSL context each time, ~23 ms of CPU), each request still on its own connection."""
+    import http.server
+    import threading
+
+    import httpx
+
+    from raml.bench import serve as bench_serve
+
+    seen: list[tuple[str, int]] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+            seen.append((self.path, self.client_address[1]))
+            if self.path == "/health":
+                body = json.dumps({"ready": len(seen) >= 3}).encode()
+            else:
+                body = b'raml_shed_total{reason="queue_full"} 2.0\n'
+            self.send_response(200)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    made: list[object] = []
+    real_init = httpx.Client.__init__
+
+    def counting_init(self, *args: object, **kwargs: object) -> None:  # every client, httpx.get's own included
+        made.append(self)
+        real_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(httpx.Client, "__init__", counting_init)
+    monkeypatch.setattr(bench_serve.time, "sleep", lambda s: None)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    server = object.__new__(bench_serve._Server)
+    server.url = f"http://127.0.0.1:{httpd.server_address[1]}"
+    server.process = type("Running", (), {"poll": lambda self: None})()
+    server._log = (tmp_path / "log").open("w")
+    server.http = bench_serve.http_client()
+    try:
+        server.wait_ready()
+        shed = [bench_serve._scrape_shed(server.http, server.url) for _ in range(2)]
+    finally:
+        server.http.close()
+        server._log.close()
+        httpd.shutdown()
+    assert shed == [{"queue_full": 2.0}] * 2
+    assert [path for path, _ in seen] == ["/health"] * 3 + ["/metrics"] * 2
+    assert len({port for _, port in seen}) == 5  # a fresh connection per request, as before
+    assert len(made) == 1

@@ -42,7 +42,7 @@ from typing import Any
 import torch
 
 from raml.bench.cpu import add_server_cores, core_columns, cpu_snapshot
-from raml.bench.loadgen import ClientPool, run_load, summarise
+from raml.bench.loadgen import ClientPool, http_client, run_load, summarise
 from raml.utils import atomic_write_text, cpu_model
 
 logger = logging.getLogger(__name__)
@@ -188,13 +188,12 @@ class _ServeProcess:
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = log.open("w")
+        self._http = http_client()  # one client for every poll and probe (see raml.bench.loadgen.http_client)
         command = [sys.executable, "-m", "raml", "serve", *flags, "--port", str(self.port), "--device", "cpu"]
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
     def get(self, route: str) -> Any:
-        import httpx
-
-        return httpx.get(self.url + route, timeout=10)
+        return self._http.get(self.url + route, timeout=10)
 
     def __enter__(self) -> _ServeProcess:
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -222,6 +221,7 @@ class _ServeProcess:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait(timeout=30)
+        self._http.close()
         self._log.close()
 
 

@@ -50,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "ClientPool",
+    "http_client",
     "CPU_LIMIT",
     "LAG_FLOOR_MS",
     "LAG_SHARE",
@@ -205,6 +206,18 @@ def _worker_loop(index: int, bodies: tuple[bytes, ...], jobs: Any, ready: Any, s
     """A client process of a :class:`ClientPool`: runs one job after the other until it receives None."""
     while (job := jobs.get()) is not None:
         _worker(dataclasses.replace(job, bodies=bodies), index, ready, start, results)
+
+
+def http_client() -> Any:  # -> httpx.Client (imported lazily: an optional dependency)
+    """A benchmark's own HTTP client for one server's ``/health`` polls and ``/metrics`` probes (not the load).
+
+    One client for all of them, each request still on a fresh connection (no keep-alive, as ``httpx.get``): a
+    ``httpx.get`` builds a client, and with it an SSL context, for every call (~23 ms of CPU each on the project's
+    machine), and the readiness poll alone calls it five times a second while a server starts.
+    """
+    import httpx
+
+    return httpx.Client(limits=httpx.Limits(max_keepalive_connections=0))
 
 
 class ClientPool:

@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from raml.bench.cpu import add_server_cores, core_columns, cpu_snapshot
-from raml.bench.loadgen import ClientPool, run_load, summarise
+from raml.bench.loadgen import ClientPool, http_client, run_load, summarise
 from raml.deploy.service.connections import resolve_http, resolve_loop
 from raml.deploy.service.embedders import available_cores, serving_threads
 from raml.utils import atomic_write_text, cpu_model
@@ -124,6 +124,7 @@ class _Server:
         command += ["--max-connections", str(max(256, settings.open_connections + 16))]
         command += list(settings.server_args)
         self._log = log.open("w")
+        self.http = http_client()
         self.process = subprocess.Popen(command, stdout=self._log, stderr=subprocess.STDOUT)
 
     def wait_ready(self) -> None:
@@ -134,7 +135,7 @@ class _Server:
             if self.process.poll() is not None:
                 raise RuntimeError(f"raml serve exited with status {self.process.returncode}; see {self._log.name}.")
             try:
-                if httpx.get(self.url + "/health", timeout=2).json().get("ready"):
+                if self.http.get(self.url + "/health", timeout=2).json().get("ready"):
                     return
             except (httpx.HTTPError, ValueError):
                 pass
@@ -148,6 +149,7 @@ class _Server:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=30)
+        self.http.close()
         self._log.close()
 
 
@@ -157,12 +159,12 @@ def _shed_totals(metrics_text: str) -> dict[str, float]:
     return {reason: float(value) for reason, value in found}
 
 
-def _scrape_shed(url: str) -> dict[str, float] | None:
+def _scrape_shed(client: Any, url: str) -> dict[str, float] | None:
     """The server's shed counts, or None when ``/metrics`` did not answer 200 (e.g. every connection taken)."""
     import httpx
 
     try:
-        response = httpx.get(url + "/metrics", timeout=10)
+        response = client.get(url + "/metrics", timeout=10)
     except httpx.HTTPError:
         return None
     return _shed_totals(response.text) if response.status_code == 200 else None
@@ -195,7 +197,7 @@ def _measure(
         timeout_s=settings.timeout_s,
         seed=settings.seed,
         pool=pool,
-        probe=lambda: (_scrape_shed(server.url), cpu_snapshot(server.process.pid)),
+        probe=lambda: (_scrape_shed(server.http, server.url), cpu_snapshot(server.process.pid)),
     )
     row = summarise(result)
     (before, cpu_before), (after, cpu_after) = result.probes
