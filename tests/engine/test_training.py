@@ -31,15 +31,16 @@ def test_distilled_student_beats_the_undistilled_asymmetric_baseline(training, t
     result = trainer.run()
     test = get_split("cub-test", training.data_root)
     teacher = load_network(teacher_path)
-    student = load_network(result.best_checkpoint)
     qr, dr = training.qr, training.dr
     baseline = evaluate_split(teacher, test, qr, CPU, teacher=teacher, teacher_image_size=dr, progress=False)
-    method = evaluate_split(student, test, qr, CPU, teacher=teacher, teacher_image_size=dr, progress=False)
-    # by a margin well beyond run-to-run noise (see above)
-    assert method["asym"]["mAP"] > baseline["asym"]["mAP"] + 5.0
-    # the final test of the run reports both tests for the test dataset
+    # the final test of the run reports both tests for the test dataset; its asymmetric test is the method's
+    # figure: the best checkpoint's queries at QR against the teacher's database at DR, the protocol of the baseline
+    # (an evaluate_split of the loaded checkpoint gave the same mAP to the last digit, at ~0.6 CPU s more)
+    assert result.best_checkpoint == trainer.directory / "model_best.pth.tar"
     results = trainer.test()
     assert set(results["cub-test"]) == {"asym", "sym"}
+    # by a margin well beyond run-to-run noise (see above)
+    assert results["cub-test"]["asym"]["mAP"] > baseline["asym"]["mAP"] + 5.0
 
 
 def test_gradients_reach_every_student_parameter_and_never_the_teacher(training, teacher_path, tmp_path):
