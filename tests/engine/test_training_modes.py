@@ -111,6 +111,27 @@ def test_optimize_runs_the_search_then_trains_on_train_plus_val(
     assert final["epoch"] == 2 and final["raml"]["trainval"] is True
 
 
+def test_optimize_into_a_locked_folder_is_refused_before_the_search(machinery, machinery_teacher_path, tmp_path):
+    """A second --optimize (or any run) into a folder whose run holds the lock is refused before the study is
+    opened or a trial runs: not after a whole search, at the final run."""
+    import raml.engine.search as search_module
+    from raml.locking import LOCK_NAME, DirectoryLock, LockHeldError
+
+    folder = tmp_path / "search"
+    config = machinery.distill_config(folder, machinery_teacher_path, epochs=1, trials=1, optimize=True)
+    first = DirectoryLock(folder, "the first run")
+    first.acquire()
+    searched = []
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(search_module, "search", lambda *args, **kwargs: searched.append(True) or {})
+            with pytest.raises(LockHeldError, match="the first run"):
+                search_module.optimize_and_train(config, CPU, progress=False)
+        assert searched == [] and sorted(p.name for p in folder.iterdir()) == [LOCK_NAME]
+    finally:
+        first.release()
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices (the teacher on the second)")
 def test_teacher_on_a_second_gpu_trains_validates_and_tests(machinery, machinery_teacher_path, tmp_path):

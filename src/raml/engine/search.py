@@ -20,7 +20,9 @@ from pathlib import Path
 import torch
 
 from raml.engine.config import TrainConfig
+from raml.engine.run_lock import RUN_LOCK_COMMAND
 from raml.engine.trainer import Trainer, TrainResult, refuse_existing_checkpoints
+from raml.locking import DirectoryLock, LockFileError, LockHeldError
 
 logger = logging.getLogger(__name__)
 
@@ -112,16 +114,28 @@ def optimize_and_train(
     progress: bool = True,
     teacher_device: torch.device | None = None,
 ) -> tuple[dict, TrainResult]:
-    """Search, then train on train + val with the best values (the test datasets monitored) and test."""
+    """Search, then train on train + val with the best values (the test datasets monitored) and test.
+
+    The run folder is locked from before the study is opened to the end of the final test (one lock, handed to
+    the final run's trainer): a second ``--optimize`` or ``raml train`` into the folder is refused at once,
+    rather than after a whole search, and nothing of the first run's study or checkpoints is touched.
+    """
     _import_optuna()
-    refuse_existing_checkpoints(config)  # before any trial: the final run would replace them
-    best = search(config, device, progress, teacher_device)
-    final = config.replace(**best, optimize=False, trainval=True)
-    # the run folder stays locked through the final test, as in a plain raml train
-    trainer = Trainer(final, device, progress=progress, teacher_device=teacher_device, keep_lock=True)
+    lock = DirectoryLock(config.directory, f"{RUN_LOCK_COMMAND} --optimize")
     try:
+        lock.acquire()
+    except OSError as error:
+        if not isinstance(error, (LockHeldError, LockFileError)):
+            refuse_existing_checkpoints(config)  # a file where the folder should be: its own message
+        raise
+    try:
+        refuse_existing_checkpoints(config)  # before any trial: the final run would replace them
+        best = search(config, device, progress, teacher_device)
+        final = config.replace(**best, optimize=False, trainval=True)
+        # the run folder stays locked through the final test, as in a plain raml train
+        trainer = Trainer(final, device, progress=progress, teacher_device=teacher_device, held_lock=lock)
         result = trainer.run()
         result.test = trainer.test() if final.test_datasets else {}
     finally:
-        trainer.release_lock()
+        lock.release()
     return best, result

@@ -226,6 +226,8 @@ class Trainer:
         keep_lock: keep the run folder's lock (:mod:`raml.engine.run_lock`, taken here: a second run into the
             folder is refused at once) after :meth:`run`, until :meth:`release_lock` (``raml train`` holds it
             through the final test); by default :meth:`run` releases it when it ends, however it ends.
+        held_lock: the run folder's lock, already held by the caller (``raml train --optimize`` takes it before
+            its search): not taken again, and kept after :meth:`run` (the caller releases it).
     """
 
     def __init__(
@@ -237,13 +239,19 @@ class Trainer:
         dist: DistContext = SINGLE,
         teacher_device: torch.device | None = None,
         keep_lock: bool = False,
+        held_lock: DirectoryLock | None = None,
     ) -> None:
         config.validate()
         if dist.is_main:
             config.warn_about_rounding()
-        self.keep_lock = keep_lock
+        self.keep_lock = keep_lock or held_lock is not None
+        if held_lock is not None:  # the caller locked the folder (raml train --optimize, for its whole search)
+            if dist.enabled or not held_lock.held or held_lock.directory.resolve() != Path(config.directory).resolve():
+                raise ValueError(f"held_lock must be a held lock of {config.directory}, in a single process.")
+            self._lock: DirectoryLock | None = held_lock
         try:  # before anything is read or written in the folder
-            self._lock: DirectoryLock | None = acquire_run_lock(self, config.directory, dist)
+            if held_lock is None:
+                self._lock = acquire_run_lock(self, config.directory, dist)
         except OSError as error:
             if not isinstance(error, (LockHeldError, LockFileError, RunLockRefusedError)):
                 refuse_existing_checkpoints(config)  # a file where the folder should be: its own message
