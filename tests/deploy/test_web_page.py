@@ -69,17 +69,22 @@ def _start_chromium(browser: str, driver: str):
         )
 
 
+def _indexed_service(folder: Path, limits: ServiceLimits) -> tuple[SearchService, list[str]]:
+    """A service over a 12-image synthetic index in ``folder`` (a random 16-d ResNet-18 at 32 px) and the images."""
+    generate_synthetic_dataset(folder / "synth", num_classes=4, images_per_class=3, image_size=48)
+    paths = collect_images(folder / "synth" / "images")
+    torch.manual_seed(0)
+    network = build_network("resnet18", whitening=16, pretrained=False).eval()
+    index_images(network, paths, 32, folder / "index", "0" * 64)
+    return SearchService(TorchQueryEmbedder(network, torch.device("cpu"), 32), folder / "index", limits), paths
+
+
 def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     browser, driver_path = _browser_paths()
-    generate_synthetic_dataset(tmp_path / "synth", num_classes=4, images_per_class=3, image_size=48)
-    paths = collect_images(tmp_path / "synth" / "images")
-    torch.manual_seed(0)
-    network = build_network("resnet18", whitening=16, pretrained=False).eval()
-    index_images(network, paths, 32, tmp_path / "index", "0" * 64)
-    service = SearchService(TorchQueryEmbedder(network, torch.device("cpu"), 32), tmp_path / "index", ServiceLimits())
+    service, paths = _indexed_service(tmp_path, ServiceLimits())
     k = 6
     with BackgroundServer(create_app(service)) as server:
         chromium = _start_chromium(browser, driver_path)
@@ -114,6 +119,33 @@ def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
     assert captions[0].startswith("#1 ")
     assert width == PHONE[0] and overflow <= 0  # no horizontal scrolling at phone width
     assert shot.stat().st_size > 1000
+
+
+def test_the_page_asks_for_no_more_than_max_k(tmp_path):
+    """Before, the page's k box said 10 whatever the service's --max-k, so that every search of a service with
+    --max-k under 10 was refused (400) until the user lowered it; now it takes its bound from /health."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _browser_paths()
+    service, paths = _indexed_service(tmp_path, ServiceLimits(max_k=5))
+    with BackgroundServer(create_app(service)) as server:
+        chromium = _start_chromium(browser, driver_path)
+        try:
+            chromium.set_page_load_timeout(WAIT_S)
+            chromium.get(server.url + "/")
+            wait = WebDriverWait(chromium, WAIT_S)
+            wait.until(lambda d: "12 images" in d.find_element(By.ID, "served").text)
+            k_box = chromium.find_element(By.ID, "k")
+            k_value, k_max = k_box.get_attribute("value"), k_box.get_attribute("max")
+            chromium.find_element(By.ID, "file").send_keys(str(Path(paths[4]).resolve()))
+            wait.until(lambda d: d.find_element(By.ID, "status").text not in ("", "Searching..."))
+            status = chromium.find_element(By.ID, "status").text
+            hits = len(chromium.find_elements(By.CSS_SELECTOR, "#results li.hit"))
+        finally:
+            chromium.quit()
+    assert (k_value, k_max) == ("5", "5")
+    assert status.startswith("Top 5 in ") and hits == 5, status
 
 
 def test_a_browser_that_fails_to_start_fails_the_test(tmp_path):

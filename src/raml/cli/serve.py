@@ -240,7 +240,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help=f"most connections open at once; more get 503 and are closed (default {defaults.max_connections})",
     )
     group.add_argument(
-        "--max-k", type=positive_int, default=defaults.max_k, metavar="K", help=f"largest k (default {defaults.max_k})"
+        "--max-k",
+        type=positive_int,
+        default=defaults.max_k,
+        metavar="K",
+        help=f"largest k (default {defaults.max_k}); a request that gives no k gets the smaller of 10 and K",
     )
     group.add_argument(
         "--poll-interval",

@@ -3,9 +3,10 @@
 Routes:
 
 - ``GET /``: the web page (``web/index.html``: choose or drop a query image, see the top-k thumbnails);
-- ``POST /search?k=K&size=S``: the image as multipart form data (field ``image``) or as the raw body with an
-  ``image/*`` content type -> ``{"k", "size", "size_chosen_by", "generation", "batch_size", "results": [{"rank",
-  "id", "path", "label", "score"}, ...], "timings_ms": {"read", "decode", "queue", "embed", "search", "total"}}``
+- ``POST /search?k=K&size=S`` (``k`` omitted: ``DEFAULT_K``, or ``max_k`` where that is smaller): the image as
+  multipart form data (field ``image``) or as the raw body with an ``image/*`` content type -> ``{"k", "size",
+  "size_chosen_by", "generation", "batch_size", "results": [{"rank", "id", "path", "label", "score"}, ...],
+  "timings_ms": {"read", "decode", "queue", "embed", "search", "total"}}``
   (``size``: the query size that answered; ``size_chosen_by``: ``"request"`` (``size=``), ``"default"`` (the
   network's default size) or ``"latency_target"`` (``raml serve --latency-target-ms``: the size of its batch))
   (``label`` is null where the index has none). Errors are ``{"error": message}`` with status 400 (bad k or
@@ -173,7 +174,8 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
         started = time.perf_counter()
         body_read = False  # a refusal before the whole body was read closes the connection (Connection: close)
         try:
-            k = _int_param(request, "k", DEFAULT_K, 1, service.limits.max_k)
+            max_k = service.limits.max_k
+            k = _int_param(request, "k", min(DEFAULT_K, max_k), 1, max_k)  # an omitted k is bounded by --max-k too
             requested = _int_param(request, "size", None, 1, 1 << 16)
             try:
                 size = service.query_size(requested)

@@ -351,6 +351,7 @@ class SearchService:
                 "body_timeout_s": self.limits.body_timeout_s,
                 "max_bytes": self.limits.max_bytes,
                 "max_pixels": self.limits.max_pixels,
+                "max_k": self.limits.max_k,
             },
         }
 

@@ -1,0 +1,65 @@
+"""``raml serve``'s HTTP rules beyond the limits of ``test_serve_limits.py``: the default k within ``--max-k``.
+
+Each server runs on 127.0.0.1 (a free port) on both HTTP front ends; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+pytest.importorskip("faiss")
+
+from raml.deploy.service import SearchService, ServiceLimits, TorchQueryEmbedder  # noqa: E402
+from raml.deploy.service.app import create_app  # noqa: E402
+from raml.deploy.service.background import BackgroundServer  # noqa: E402
+from raml.deploy.service.connections import server_options  # noqa: E402
+from raml.models import load_network  # noqa: E402
+
+QR, DR = 32, 48
+WAIT_S = 20.0
+
+
+@pytest.fixture(scope="module")
+def world(indexed_synth_world) -> dict:
+    """The session's indexed synth-test (20 images) and one untraced student at QR for the module's services."""
+    world = indexed_synth_world(DR)
+    embedder = TorchQueryEmbedder(load_network(world["nets"]["student"]), torch.device("cpu"), QR, graph=False)
+    return {**world, "embedder": embedder}
+
+
+@contextlib.contextmanager
+def client_of(world: dict, front_end: dict[str, str], **limits) -> Iterator[httpx.Client]:
+    """An HTTP client of a service over the test index with ``limits`` (ServiceLimits fields) on ``front_end``."""
+    service = SearchService(world["embedder"], world["index"], ServiceLimits(**limits))
+    options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
+    with (
+        BackgroundServer(create_app(service), options=options) as running,
+        httpx.Client(base_url=running.url, timeout=WAIT_S) as client,
+    ):
+        yield client
+
+
+def query(world: dict) -> dict:
+    return {"content": Path(world["paths"][1]).read_bytes(), "headers": {"content-type": "image/jpeg"}}
+
+
+def test_a_request_without_k_gets_at_most_max_k_results(world, front_end):
+    """Before, a request that gave no k got the default 10 results from a server started with --max-k 5."""
+    with client_of(world, front_end, max_k=5) as client:
+        answer = client.post("/search", **query(world))
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["k"] == 5 and len(answer.json()["results"]) == 5
+        assert client.get("/health").json()["limits"]["max_k"] == 5  # what the web page bounds its k box by
+        refused = client.post("/search", params={"k": 6}, **query(world))
+        assert refused.status_code == 400 and "between 1 and 5" in refused.json()["error"]
+    with client_of(world, front_end) as client:  # the default max_k (100): 10 results
+        answer = client.post("/search", **query(world))
+        assert answer.json()["k"] == 10 and len(answer.json()["results"]) == 10
