@@ -6,6 +6,7 @@ Each server runs on 127.0.0.1 (a free port) on both HTTP front ends; every wait 
 from __future__ import annotations
 
 import contextlib
+import logging
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -63,3 +64,19 @@ def test_a_request_without_k_gets_at_most_max_k_results(world, front_end):
     with client_of(world, front_end) as client:  # the default max_k (100): 10 results
         answer = client.post("/search", **query(world))
         assert answer.json()["k"] == 10 and len(answer.json()["results"]) == 10
+
+
+def test_an_image_id_of_many_digits_is_a_counted_404_without_a_traceback(world, front_end, caplog):
+    """Before, Starlette's int convertor took /image/<5,000 digits> and int() raised in the handler: a 500, a
+    2.3 KB traceback logged for each such request, and nothing counted in /metrics."""
+    with client_of(world, front_end) as client:
+        for bad in ("9" * 5000, "1" * 19, "-1", "7a", "%2e%2e"):
+            refused = client.get(f"/image/{bad}")
+            assert refused.status_code == 404, (bad[:30], refused.text[:200])
+            assert "ids are integers from 0 to 19" in refused.json()["error"]
+            assert len(refused.content) < 300  # the id is not echoed in full
+        assert client.get("/image/7").status_code == 200
+        text = client.get("/metrics").text
+    assert 'raml_requests_total{route="image",status="404"} 5.0' in text
+    assert 'status="500"' not in text
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]

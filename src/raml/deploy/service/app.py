@@ -19,9 +19,9 @@ Routes:
 - ``GET /health``: :meth:`SearchService.health`;
 - ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
-  request; ids outside the served index get 404, and so does a file that does not start like an image of
-  :mod:`raml.deploy.service.image_types`, whatever the index's path list names; the type is sent with
-  ``X-Content-Type-Options: nosniff``).
+  request; an id that is not 1 to 18 digits, and ids outside the served index, get 404, and so does a file that
+  does not start like an image of :mod:`raml.deploy.service.image_types`, whatever the index's path list names;
+  the type is sent with ``X-Content-Type-Options: nosniff``).
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import importlib.resources
 import logging
+import re
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -61,6 +62,8 @@ __all__ = ["DEFAULT_K", "RETRY_AFTER_S", "create_app", "read_limited_body"]
 DEFAULT_K = 10
 RETRY_AFTER_S = 1
 _FORM_FIELD = "image"
+#: an image id of ``GET /image/{id}``: at most 18 digits (below 2**63); anything else is 404 without a conversion
+_IMAGE_ID = re.compile(r"[0-9]{1,18}")
 
 
 def _page() -> str:
@@ -265,7 +268,11 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
 
     async def image(request: Request) -> Response:
         index = service.index.current
-        image_id = int(request.path_params["image_id"])
+        text = request.path_params["image_id"]
+        if _IMAGE_ID.fullmatch(text) is None:  # never int() of an unbounded string (a 5,000-digit id was a 500)
+            shown = text if len(text) <= 24 else text[:24] + "..."
+            return answer("image", error(404, f"No image {shown!r}: ids are integers from 0 to {len(index) - 1}."))
+        image_id = int(text)
         if not 0 <= image_id < len(index):
             return answer("image", error(404, f"No image {image_id}: the index holds ids 0 to {len(index) - 1}."))
         if index.is_removed(image_id):
@@ -299,6 +306,6 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
         Route("/search", search, methods=["POST"]),
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_text, methods=["GET"]),
-        Route("/image/{image_id:int}", image, methods=["GET"]),
+        Route("/image/{image_id}", image, methods=["GET"]),  # the id is checked by the handler (_IMAGE_ID)
     ]
     return Starlette(routes=routes, lifespan=lifespan)
