@@ -38,14 +38,25 @@ def world(indexed_synth_world) -> dict:
 
 @contextlib.contextmanager
 def client_of(world: dict, front_end: dict[str, str], **limits) -> Iterator[httpx.Client]:
-    """An HTTP client of a service over the test index with ``limits`` (ServiceLimits fields) on ``front_end``."""
+    """An HTTP client of a service over the test index with ``limits`` (ServiceLimits fields) on ``front_end``;
+    ``client.service`` is the service."""
     service = SearchService(world["embedder"], world["index"], ServiceLimits(**limits))
     options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
     with (
         BackgroundServer(create_app(service), options=options) as running,
         httpx.Client(base_url=running.url, timeout=WAIT_S) as client,
     ):
+        client.service = service
         yield client
+
+
+class Collected(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
 
 
 def query(world: dict) -> dict:
@@ -80,3 +91,41 @@ def test_an_image_id_of_many_digits_is_a_counted_404_without_a_traceback(world, 
     assert 'raml_requests_total{route="image",status="404"} 5.0' in text
     assert 'status="500"' not in text
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+def test_starlettes_own_errors_are_json_counted_and_a_crash_is_logged_once(world, front_end):
+    """Before, a path with no route (404), a method a route does not take (405) and an unexpected exception (500)
+    were Starlette's text/plain answers, none counted in /metrics; and uvicorn logged the 500's traceback."""
+    collected = Collected()
+    with client_of(world, front_end) as client:
+        for name in ("raml", "uvicorn.error"):  # the service's log, and the server's (which does not propagate)
+            logging.getLogger(name).addHandler(collected)
+        try:
+            missing = client.get("/nope/" + "x" * 500)
+            assert missing.status_code == 404 and missing.headers["content-type"] == "application/json"
+            assert "POST /search" in missing.json()["error"] and len(missing.content) < 400
+            for method in ("GET", "PUT"):
+                wrong = client.request(method, "/search")
+                assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+                assert f"{method} is not allowed on /search; use POST" in wrong.json()["error"]
+            assert sorted(client.delete("/health").headers["allow"].split(", ")) == ["GET", "HEAD"]
+
+            def broken() -> dict:
+                raise RuntimeError("secret detail of the failure")
+
+            client.service.health = broken
+            crashed = client.get("/health")
+            assert crashed.status_code == 500 and crashed.headers["content-type"] == "application/json"
+            assert "secret detail" not in crashed.text and "Traceback" not in crashed.text
+            assert crashed.json()["error"]
+            assert client.get("/metrics").status_code == 200  # served on, on the same connection
+            text = client.get("/metrics").text
+        finally:
+            for name in ("raml", "uvicorn.error"):
+                logging.getLogger(name).removeHandler(collected)
+    assert 'raml_requests_total{route="other",status="404"} 1.0' in text
+    assert 'raml_requests_total{route="search",status="405"} 2.0' in text
+    assert 'raml_requests_total{route="health",status="405"} 1.0' in text
+    assert 'raml_requests_total{route="health",status="500"} 1.0' in text
+    logged = [r for r in collected.records if r.exc_info and "secret detail" in str(r.exc_info[1])]
+    assert len(logged) == 1 and logged[0].name.startswith("raml"), [(r.name, r.getMessage()) for r in logged]

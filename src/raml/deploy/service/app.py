@@ -50,6 +50,7 @@ from raml.deploy.service.batching import QueueFullError
 from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, open_query_image
 from raml.deploy.service.image_types import SNIFF_BYTES, image_media_type
 from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from raml.deploy.service.metrics import ServiceMetrics
 from raml.deploy.service.service import SearchService
 
 if TYPE_CHECKING:
@@ -57,7 +58,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_K", "RETRY_AFTER_S", "create_app", "read_limited_body"]
+__all__ = ["DEFAULT_K", "RETRY_AFTER_S", "create_app", "ServiceApp", "read_limited_body", "route_label"]
 
 DEFAULT_K = 10
 RETRY_AFTER_S = 1
@@ -146,12 +147,62 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
     return value
 
 
+#: the ``route`` label of ``raml_requests_total`` for a path; every other path is ``other`` (a bounded label set)
+_ROUTE_LABELS = {"/": "page", "/search": "search", "/health": "health", "/metrics": "metrics"}
+_ROUTES_TEXT = "GET /, POST /search, GET /health, GET /metrics and GET /image/ID"
+
+
+def route_label(path: str) -> str:
+    """The ``route`` label a request to ``path`` is counted under: one of the routes' names, or ``other``."""
+    if path.startswith("/image/") and "/" not in path[len("/image/") :]:
+        return "image"
+    return _ROUTE_LABELS.get(path, "other")
+
+
+def _shown(text: str, limit: int = 60) -> str:
+    """``text`` for an error message, cut at ``limit`` characters (a request's path can be long)."""
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+class ServiceApp:
+    """The ASGI application of :func:`create_app`, around Starlette's. An unexpected exception that Starlette's
+    ``ServerErrorMiddleware`` answered (the JSON 500 of :func:`create_app`'s handler, which logs it) and then raised
+    again, for a server to log, ends here, so that it is logged once; one raised before an answer (the handler
+    itself failed) gets a JSON 500."""
+
+    def __init__(self, app: Starlette, metrics: ServiceMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracked(message: dict[str, Any]) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracked)
+        except Exception:
+            if started:
+                return  # answered with a JSON 500 and logged by the application's handler
+            logger.exception("The error handler of %s %s failed", scope.get("method"), _shown(scope.get("path", "")))
+            response = JSONResponse({"error": "Internal error; see the service's log."}, status_code=500)
+            self.metrics.record_request(route_label(scope.get("path", "")), 500)
+            await response(scope, receive, send)
+
+
 def _open_and_prepare(service: SearchService, data: bytes, size: int | None) -> torch.Tensor:
     """Identify, decode and transform an upload in one go (in a worker thread, ``inline_decode_pixels`` 0)."""
     return service.prepare(open_query_image(data), size)
 
 
-def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLINE_DECODE_PIXELS) -> Starlette:
+def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLINE_DECODE_PIXELS) -> ServiceApp:
     """The ASGI application; its lifespan starts and stops ``service``'s threads.
 
     Args:
@@ -301,6 +352,24 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
         finally:
             await run_in_threadpool(service.stop)
 
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's own refusals (no route: 404; a method the route does not take: 405) as JSON, counted."""
+        path, method = request.url.path, request.method
+        if exc.status_code == 404:
+            message = f"No route {method} {_shown(path)}; this service answers {_ROUTES_TEXT}."
+        elif exc.status_code == 405:
+            allowed = (exc.headers or {}).get("Allow", "")
+            message = f"{method} is not allowed on {_shown(path)}; use {allowed or 'another method'}."
+        else:
+            message = str(exc.detail)
+        return answer(route_label(path), error(exc.status_code, message, dict(exc.headers or {})))
+
+    async def server_error(request: Request, exc: Exception) -> Response:
+        """An unexpected exception: logged once here (see :class:`ServiceApp`), a JSON 500 without its traceback."""
+        path = request.url.path
+        logger.error("Unexpected error answering %s %s", request.method, _shown(path), exc_info=exc)
+        return answer(route_label(path), error(500, "Internal error; see the service's log."))
+
     routes = [
         Route("/", home, methods=["GET"]),
         Route("/search", search, methods=["POST"]),
@@ -308,4 +377,5 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
         Route("/metrics", metrics_text, methods=["GET"]),
         Route("/image/{image_id}", image, methods=["GET"]),  # the id is checked by the handler (_IMAGE_ID)
     ]
-    return Starlette(routes=routes, lifespan=lifespan)
+    handlers = {HTTPException: http_error, Exception: server_error}
+    return ServiceApp(Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers), metrics)

@@ -2,7 +2,8 @@
 
 Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_created`` series):
 
-- ``raml_requests_total{route, status}`` counter: answered HTTP requests by route and status code;
+- ``raml_requests_total{route, status}`` counter: answered HTTP requests by route (``page``, ``search``, ``health``,
+  ``metrics``, ``image``, or ``other`` for a path without a route) and status code;
 - ``raml_request_seconds`` histogram: latency of ``POST /search`` requests, arrival to answer;
 - ``raml_queries_total{size}`` counter: queries embedded, by the query size that answered (``?size=``, the
   default, or with ``--latency-target-ms`` the size chosen for its batch);
