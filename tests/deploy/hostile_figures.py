@@ -146,10 +146,12 @@ def slow_clients(server: Server, wait_s: float = 5.0) -> dict:
     sockets = []
     for _ in range(3):
         sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-        sock.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n")
+        sock.sendall(
+            b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+        )
         sockets.append(sock)
     headers = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    headers.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\n")
+    headers.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n")
     deadline = time.monotonic() + wait_s
     closed = [False] * 3
     while time.monotonic() < deadline:
@@ -174,7 +176,9 @@ def slow_clients(server: Server, wait_s: float = 5.0) -> dict:
 
 def stalled_upload_latency(server: Server) -> dict:
     stalled = socket.create_connection(("127.0.0.1", server.port), timeout=5)
-    stalled.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 900\r\n\r\nab")
+    stalled.sendall(
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 900\r\n\r\nab"
+    )
     time.sleep(0.3)
     started = time.perf_counter()
     response = httpx.post(server.url + "/search", content=server.query, headers={"content-type": "image/jpeg"})

@@ -1,4 +1,5 @@
-"""``raml serve``'s HTTP rules beyond the limits of ``test_serve_limits.py``: the default k within ``--max-k``.
+"""``raml serve``'s HTTP rules beyond the limits of ``test_serve_limits.py``: the default k within ``--max-k``,
+image ids, Starlette's own errors as counted JSON, the Host and Origin checks against DNS rebinding.
 
 Each server runs on 127.0.0.1 (a free port) on both HTTP front ends; every wait is bounded.
 """
@@ -18,10 +19,12 @@ pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
 pytest.importorskip("faiss")
 
+from raml.cli import main as cli_main  # noqa: E402
 from raml.deploy.service import SearchService, ServiceLimits, TorchQueryEmbedder  # noqa: E402
 from raml.deploy.service.app import create_app  # noqa: E402
 from raml.deploy.service.background import BackgroundServer  # noqa: E402
 from raml.deploy.service.connections import server_options  # noqa: E402
+from raml.deploy.service.hosts import HostRules, allowed_host_name  # noqa: E402
 from raml.models import load_network  # noqa: E402
 
 QR, DR = 32, 48
@@ -37,13 +40,15 @@ def world(indexed_synth_world) -> dict:
 
 
 @contextlib.contextmanager
-def client_of(world: dict, front_end: dict[str, str], **limits) -> Iterator[httpx.Client]:
-    """An HTTP client of a service over the test index with ``limits`` (ServiceLimits fields) on ``front_end``;
-    ``client.service`` is the service."""
+def client_of(
+    world: dict, front_end: dict[str, str], hosts: HostRules | None = None, **limits
+) -> Iterator[httpx.Client]:
+    """An HTTP client of a service over the test index with ``limits`` (ServiceLimits fields) and ``hosts`` on
+    ``front_end``; ``client.service`` is the service."""
     service = SearchService(world["embedder"], world["index"], ServiceLimits(**limits))
     options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
     with (
-        BackgroundServer(create_app(service), options=options) as running,
+        BackgroundServer(create_app(service, hosts=hosts), options=options) as running,
         httpx.Client(base_url=running.url, timeout=WAIT_S) as client,
     ):
         client.service = service
@@ -59,8 +64,10 @@ class Collected(logging.Handler):
         self.records.append(record)
 
 
-def query(world: dict) -> dict:
-    return {"content": Path(world["paths"][1]).read_bytes(), "headers": {"content-type": "image/jpeg"}}
+def query(world: dict, **headers: str) -> dict:
+    """``client.post("/search", **query(world, ...))``: a JPEG as the raw body, with more ``headers``."""
+    content = Path(world["paths"][1]).read_bytes()
+    return {"content": content, "headers": {"content-type": "image/jpeg", **headers}}
 
 
 def test_a_request_without_k_gets_at_most_max_k_results(world, front_end):
@@ -129,3 +136,66 @@ def test_starlettes_own_errors_are_json_counted_and_a_crash_is_logged_once(world
     assert 'raml_requests_total{route="health",status="500"} 1.0' in text
     logged = [r for r in collected.records if r.exc_info and "secret detail" in str(r.exc_info[1])]
     assert len(logged) == 1 and logged[0].name.startswith("raml"), [(r.name, r.getMessage()) for r in logged]
+
+
+def test_a_request_naming_another_host_is_refused_against_dns_rebinding(world, front_end):
+    """Before, a page of attacker.test that a rebinding DNS server pointed at 127.0.0.1 read /health and /image and
+    ran searches (the requests said Host: attacker.test:PORT); the same-origin clients are answered as before."""
+    with client_of(world, front_end) as client:
+        port = client.base_url.port
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}", "LOCALHOST.", "127.0.0.1"):
+            assert client.get("/health", headers={"host": host}).status_code == 200, host
+        for host in (f"attacker.test:{port}", "127.0.0.1.attacker.test", "[::2]", "a b", f"localhost:{port}x"):
+            refused = client.get("/health", headers={"host": host})
+            assert refused.status_code == 421 and refused.headers["connection"] == "close", host
+            assert f"Host {host!r} is not a name this service answers to" in refused.json()["error"]
+        named = client.get("/image/0", headers={"host": f"attacker.test:{port}"}).json()["error"]
+        assert "--allowed-host attacker.test" in named and "DNS rebinding" in named
+        search = client.post("/search", **query(world, host=f"attacker.test:{port}"))
+        assert search.status_code == 421
+        # a POST from a page of another origin (a "simple" request: no preflight) is refused; its own page's is not
+        for origin in (
+            f"http://attacker.test:{port}",
+            "null",
+            f"http://127.0.0.1:{port + 1}",
+            f"http://localhost:{port}",
+        ):
+            foreign = client.post("/search", **query(world, origin=origin))
+            assert foreign.status_code == 403 and origin in foreign.json()["error"], origin
+        own = client.post("/search", **query(world, origin=f"http://127.0.0.1:{port}"))
+        assert own.status_code == 200 and client.post("/search", **query(world)).status_code == 200
+        text = client.get("/metrics").text
+    assert 'raml_requests_total{route="health",status="421"} 5.0' in text
+    assert 'raml_requests_total{route="search",status="403"} 4.0' in text
+    named_rules = HostRules(["search.example.org", "[fd00::1]"], bind_host="0.0.0.0")
+    with client_of(world, front_end, hosts=named_rules) as client:
+        assert client.get("/health", headers={"host": "search.example.org"}).status_code == 200
+        assert client.get("/health", headers={"host": "[fd00::1]:8000"}).status_code == 200
+        assert client.get("/health", headers={"host": "0.0.0.0"}).status_code == 421
+        behind_tls = {"host": "search.example.org", "origin": "https://search.example.org"}  # a TLS proxy's
+        assert client.post("/search", **query(world, **behind_tls)).status_code == 200
+    with client_of(world, front_end, hosts=HostRules(["*"])) as client:
+        assert client.get("/health", headers={"host": "anything.example"}).status_code == 200
+        foreign = {"host": "anything.example", "origin": "http://attacker.test"}
+        assert client.post("/search", **query(world, **foreign)).status_code == 403
+
+
+def test_allowed_host_names_and_the_cli_flag(capsys):
+    assert [allowed_host_name(v) for v in ("Search.Example.org.", "[::1]", "::1", "10.0.0.5", "*")] == [
+        "search.example.org",
+        "::1",
+        "::1",
+        "10.0.0.5",
+        "*",
+    ]
+    for bad in ("example.org:8000", "http://example.org", "a/b", "", "-x.org"):
+        with pytest.raises(ValueError, match="is not a host name or an IP address"):
+            allowed_host_name(bad)
+    assert HostRules(bind_host="0.0.0.0").describe() == ["127.0.0.1", "::1", "localhost"]
+    assert "192.168.1.5" in HostRules(bind_host="192.168.1.5").describe()
+    assert HostRules.same_origin("http://a.org", "a.org") and HostRules.same_origin("https://a.org", "a.org:443")
+    assert not HostRules.same_origin("http://a.org:81", "a.org") and not HostRules.same_origin("http://b.org", "a.org")
+    argv = ["serve", "--index", "idx", "--network-path", "net.pth", "--allowed-host", "a.org,b.org:80"]
+    assert cli_main.main(argv) == 2  # refused before anything is loaded
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("raml serve: error: --allowed-host 'b.org:80' is not a host name") and "\n" not in err

@@ -186,7 +186,7 @@ def test_uploads_beyond_max_uploads_get_503_before_their_body_is_read(world, fro
     with serving(world, front_end, max_uploads=1, body_timeout_s=WAIT_S) as (service, url):
         with socket.create_connection(("127.0.0.1", int(url.rsplit(":", 1)[1])), timeout=WAIT_S) as slow:
             slow.sendall(
-                b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\nab"
+                b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 100\r\n\r\nab"
             )
             deadline = time.monotonic() + WAIT_S
             while service.uploads.held < 1:  # the slow upload holds the only slot
@@ -238,7 +238,7 @@ def test_a_client_that_never_finishes_its_headers_gets_408_and_is_closed(world, 
             socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as partial,
             socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as silent,
         ):
-            partial.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: ima")
+            partial.sendall(b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: ima")
             for sock in (partial, silent):
                 answer = _read_until_closed(sock)
                 assert answer.startswith(b"HTTP/1.1 408 ") and b"--header-timeout" in answer
@@ -248,7 +248,7 @@ def test_a_client_that_never_finishes_its_headers_gets_408_and_is_closed(world, 
         with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as answered:
             query = good_query(world)
             answered.sendall(
-                b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+                b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
                 % len(query)
             )
             time.sleep(0.5)
@@ -293,9 +293,9 @@ def test_a_pipelined_request_whose_headers_came_early_is_not_timed_out_as_header
     and closes the connection, and with httptools would count the body's bytes as header bytes)."""
     header_timeout_s = 0.3
     query = good_query(world)
-    head = b"POST /search?k=3 HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n" % len(
-        query
-    )
+    head = (
+        b"POST /search?k=3 HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/jpeg\r\nContent-Length: %d\r\n\r\n"
+    ) % len(query)
     with (
         serving(world, front_end, header_timeout_s=header_timeout_s, body_timeout_s=WAIT_S) as (_, url),
         socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
@@ -317,7 +317,8 @@ def test_trickled_bodies_get_408_at_the_body_deadline_and_are_closed(world, fron
         try:
             for sock in sockets:
                 sock.sendall(
-                    b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+                    b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+                    b"Content-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
                 )
             closed: dict[int, bytes] = {}
             deadline = time.monotonic() + WAIT_S
@@ -380,7 +381,7 @@ def test_a_response_sent_before_the_body_arrived_closes_the_connection(world, fr
     # the only upload slot is held, so the second request gets 503 before its body is read: a client that goes on
     # trickling that body must not keep the connection (and its socket) open
     with serving(world, front_end, max_uploads=1, body_timeout_s=WAIT_S, header_timeout_s=WAIT_S) as (service, url):
-        head = b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+        head = b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
         with (
             socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as holder,
             socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as refused,
@@ -404,7 +405,7 @@ def test_endless_request_headers_are_refused_and_closed_before_the_header_deadli
         serving(world, front_end, header_timeout_s=WAIT_S) as (_, url),
         socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
     ):
-        sock.sendall(b"GET /health HTTP/1.1\r\nHost: t\r\n")
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n")
         sent, started, answer = 0, time.monotonic(), b""
         try:
             while sent < 4 * MB:
@@ -428,7 +429,9 @@ def test_a_stalled_upload_does_not_hold_a_lone_query_for_the_batching_window(wor
         serving(world, front_end, **limits) as (service, url),
         socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as stalled,
     ):
-        stalled.sendall(b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: 900\r\n\r\n")
+        stalled.sendall(
+            b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 900\r\n\r\n"
+        )
         stalled.sendall(b"\x89PNG\r\n")
         deadline = time.monotonic() + WAIT_S
         while service.uploads.held < 1:
@@ -467,7 +470,10 @@ def test_trailer_fields_of_a_chunked_body_are_bounded_and_never_answered(world, 
     request's headers (2 GB in 4 s from one socket, then a 200); now the connection is closed once they pass the
     header bound (h11 refuses them itself), and no answer comes."""
     query = good_query(world)
-    head = b"POST /search?k=1 HTTP/1.1\r\nHost: t\r\nContent-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+    head = (
+        b"POST /search?k=1 HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        b"Content-Type: image/jpeg\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
     with (
         serving(world, front_end, header_timeout_s=WAIT_S, body_timeout_s=WAIT_S) as (_, url),
         socket.create_connection(("127.0.0.1", _port(url)), timeout=WAIT_S) as sock,
@@ -497,7 +503,7 @@ def test_a_client_that_reads_none_of_its_answers_is_cut_off_at_the_send_deadline
         try:
             # stopped by a timeout when the server stops reading (or a reset once it cut the client off)
             with contextlib.suppress(TimeoutError, BrokenPipeError, ConnectionResetError):
-                hog.sendall(b"GET / HTTP/1.1\r\nHost: t\r\n\r\n" * 2000)
+                hog.sendall(b"GET / HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n" * 2000)
             started = time.monotonic()
             while True:  # a new client: 503 while the hog holds the slot, then served
                 with httpx.Client(base_url=url, timeout=WAIT_S) as client:
@@ -523,10 +529,10 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and
     """The smuggling shape: a proxy framing by Content-Length sees one request, a server framing by chunked two.
     h11 answered the first and then ran the hidden GET /metrics on the same connection; both front ends now
     answer 400 and close (llhttp did already)."""
-    hidden = b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n"
+    hidden = b"GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
     body = b"0\r\n\r\n" + hidden
     request = (
-        b"POST /search HTTP/1.1\r\nHost: t\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: %d\r\n"
         b"Transfer-Encoding: chunked\r\n\r\n" % len(body)
     ) + body
     answer = _answer_to_raw_bytes(world, front_end, request)
@@ -537,7 +543,7 @@ def test_a_request_with_both_content_length_and_transfer_encoding_is_refused_and
 @pytest.mark.parametrize(
     "head",
     [
-        b"POST /search HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
+        b"POST /search HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n4\r\nabcd\r\n0\r\n\r\n",
         b"GET /health HTTP/1.1\r\n\r\n",
     ],
     ids=["gzip-chunked", "no-host"],

@@ -46,14 +46,15 @@ def _browser_paths() -> tuple[str, str]:
     return browser, driver
 
 
-def _start_chromium(browser: str, driver: str):
+def _start_chromium(browser: str, driver: str, *flags: str):
     from selenium import webdriver
     from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.chrome.service import Service
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run"):
+    common = ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu", "--no-first-run")
+    for flag in (*common, *flags):
         options.add_argument(flag)
     options.add_argument(f"--window-size={PHONE[0]},{PHONE[1]}")
     # a phone's viewport (desktop windows have a minimum width above a phone's)
@@ -146,6 +147,33 @@ def test_the_page_asks_for_no_more_than_max_k(tmp_path):
             chromium.quit()
     assert (k_value, k_max) == ("5", "5")
     assert status.startswith("Top 5 in ") and hits == 5, status
+
+
+def test_a_page_of_a_rebound_name_reads_nothing(tmp_path):
+    """DNS rebinding, simulated: the browser resolves attacker.test to 127.0.0.1 (as a rebinding DNS server would
+    once the attacker's page is loaded). Before, the page's scripts read /health and ran searches; now every
+    request names Host attacker.test and gets 421."""
+    browser, driver_path = _browser_paths()
+    service, paths = _indexed_service(tmp_path, ServiceLimits())
+    read = """const done = arguments[0];
+      Promise.all(["health", "image/0", "search"].map((path) =>
+        fetch(path, path === "search" ? {method: "POST", body: new FormData()} : {}).then((r) => r.status)))
+        .then(done, (e) => done(String(e)));"""
+    with BackgroundServer(create_app(service)) as server:
+        chromium = _start_chromium(browser, driver_path, "--host-resolver-rules=MAP attacker.test 127.0.0.1")
+        try:
+            chromium.set_page_load_timeout(WAIT_S)
+            chromium.set_script_timeout(WAIT_S)
+            chromium.get(f"http://attacker.test:{server.port}/")
+            page = chromium.page_source
+            statuses = chromium.execute_async_script(read)
+            chromium.get(server.url + "/")  # the same browser on the service's own name: served
+            own = chromium.execute_async_script(read.replace('"search"].map', '"image/0"].map'))
+        finally:
+            chromium.quit()
+    assert "is not a name this service answers to" in page and "raml search" not in page
+    assert statuses == [421, 421, 421]
+    assert own == [200, 200, 200]
 
 
 def test_a_browser_that_fails_to_start_fails_the_test(tmp_path):

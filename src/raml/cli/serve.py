@@ -81,6 +81,16 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "from the network without authentication)",
     )
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help=f"TCP port (default {DEFAULT_PORT})")
+    parser.add_argument(
+        "--allowed-host",
+        action="append",
+        default=None,
+        metavar="NAME",
+        help="a name clients reach the service by (repeatable, or a comma list; any port): requests whose Host "
+        "header names another get 421, against DNS rebinding. Always allowed: 127.0.0.1, localhost, ::1 and the "
+        "--host address unless it is 0.0.0.0 or ::, where the names must be given here. '*': any Host, only "
+        "behind a reverse proxy that checks it",
+    )
     adaptive = parser.add_argument_group("latency target (a network trained for several query sizes)")
     adaptive.add_argument(
         "--latency-target-ms",
@@ -358,6 +368,25 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def host_rules(args: argparse.Namespace):  # -> HostRules (imported lazily, as the service is)
+    """The ``Host`` names the service answers: ``--allowed-host`` (each a name or a comma list), the loopback names
+    and ``--host`` unless it binds every interface; warns where such a bind is given no name."""
+    from raml.deploy.service.hosts import HostRules
+
+    extra = [name for value in args.allowed_host or () for name in value.split(",") if name.strip()]
+    rules = HostRules(extra, bind_host=args.host)
+    if rules.any_host:
+        logger.warning("--allowed-host *: any Host is answered; only behind a reverse proxy that checks Host itself.")
+    elif not extra and args.host.strip() in ("0.0.0.0", "::", ""):
+        logger.warning(
+            "Bound to %s without --allowed-host: only requests naming %s are answered (others get 421); give the "
+            "names clients use with --allowed-host NAME.",
+            args.host,
+            ", ".join(rules.describe()),
+        )
+    return rules
+
+
 def freeze_startup_objects() -> int:
     """Move every object alive now (the network, the index, the imported libraries) to the garbage collector's
     permanent generation, so that a full collection while serving scans only what was made since.
@@ -392,6 +421,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http, loop = resolve_http(args.http), resolve_loop(args.loop)
     except ImportError as error:
         raise SystemExit(f"raml serve: error: {error}") from None
+    hosts = host_rules(args)  # a bad --allowed-host is refused before anything is loaded
     use_serving_threads(args.threads)
     service = build_service(args)
     if not _is_loopback(args.host):
@@ -421,7 +451,7 @@ def run_serve(args: argparse.Namespace) -> int:
         loop,
     )
     del index  # the service swaps generations: this name must not keep the first one (and its mapped files) alive
-    app = create_app(service, args.inline_decode_pixels)
+    app = create_app(service, args.inline_decode_pixels, hosts)
     freeze_startup_objects()
     uvicorn.run(
         app,

@@ -6,7 +6,8 @@ student of :mod:`~raml.deploy.service.embedders` -> ``(B, D)``, searched in the 
 :mod:`~raml.deploy.service.live_index`) -> JSON from :mod:`~raml.deploy.service.app`.
 :mod:`~raml.deploy.service.service` composes these without HTTP; :mod:`~raml.deploy.service.metrics` counts.
 :mod:`~raml.deploy.service.admission` bounds the uploads and decodes in flight; :mod:`~raml.deploy.service.connections`
-adds the header deadline and the connection cap to uvicorn's protocol. Starlette and uvicorn are optional
+adds the header deadline and the connection cap to uvicorn's protocol; :mod:`~raml.deploy.service.hosts` says which
+``Host`` and ``Origin`` a request may name (DNS rebinding). Starlette and uvicorn are optional
 (``pip install raml[serve]``); only :mod:`~raml.deploy.service.app`, :mod:`~raml.deploy.service.connections`
 and the CLI import them.
 :mod:`~raml.deploy.service.adaptive_size` (with :mod:`~raml.deploy.service.size_controller`) chooses the query

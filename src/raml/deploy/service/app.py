@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any
 
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import UploadFile
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.formparsers import MultiPartException
 from starlette.requests import ClientDisconnect, Request
@@ -48,6 +48,7 @@ from starlette.routing import Route
 from raml.deploy.service.admission import QueueWaitError, ServiceBusyError
 from raml.deploy.service.batching import QueueFullError
 from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, open_query_image
+from raml.deploy.service.hosts import HostRules, parse_host_header
 from raml.deploy.service.image_types import SNIFF_BYTES, image_media_type
 from raml.deploy.service.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from raml.deploy.service.metrics import ServiceMetrics
@@ -149,6 +150,7 @@ def _int_param(request: Request, name: str, default: int | None, low: int, high:
 
 #: the ``route`` label of ``raml_requests_total`` for a path; every other path is ``other`` (a bounded label set)
 _ROUTE_LABELS = {"/": "page", "/search": "search", "/health": "health", "/metrics": "metrics"}
+_SAFE_METHODS = ("GET", "HEAD", "OPTIONS")
 _ROUTES_TEXT = "GET /, POST /search, GET /health, GET /metrics and GET /image/ID"
 
 
@@ -165,18 +167,51 @@ def _shown(text: str, limit: int = 60) -> str:
 
 
 class ServiceApp:
-    """The ASGI application of :func:`create_app`, around Starlette's. An unexpected exception that Starlette's
-    ``ServerErrorMiddleware`` answered (the JSON 500 of :func:`create_app`'s handler, which logs it) and then raised
-    again, for a server to log, ends here, so that it is logged once; one raised before an answer (the handler
-    itself failed) gets a JSON 500."""
+    """The ASGI application of :func:`create_app`, around Starlette's. A request whose ``Host`` the service does not
+    answer to gets 421, a cross-origin POST 403, before Starlette sees either (:class:`HostRules`). An unexpected
+    exception that Starlette's ``ServerErrorMiddleware`` answered (the JSON 500 of :func:`create_app`'s handler,
+    which logs it) and then raised again, for a server to log, ends here, so that it is logged once; one raised
+    before an answer (the handler itself failed) gets a JSON 500."""
 
-    def __init__(self, app: Starlette, metrics: ServiceMetrics) -> None:
+    def __init__(self, app: Starlette, metrics: ServiceMetrics, hosts: HostRules) -> None:
         self.app = app
         self.metrics = metrics
+        self.hosts = hosts
+
+    def _refusal(self, scope: dict[str, Any]) -> JSONResponse | None:
+        """The answer to a request whose ``Host`` is not allowed (421), or a cross-origin POST (403); else None."""
+        headers = Headers(scope=scope)
+        host = headers.get("host")
+        if not self.hosts.allows_host(host):
+            parsed = parse_host_header(host or "")
+            allowed = ", ".join(self.hosts.describe())
+            how = (
+                f"if clients reach the service by that name, start raml serve with --allowed-host {_shown(parsed[0])}"
+                if parsed is not None
+                else "send the service's own name"
+            )
+            message = (
+                f"Host {_shown(host or '')!r} is not a name this service answers to (allowed: {allowed}; any port): "
+                f"a request naming another host may come from a web page through DNS rebinding; {how}."
+            )
+            return JSONResponse({"error": message}, status_code=421, headers={"Connection": "close"})
+        origin = headers.get("origin")
+        if scope.get("method") not in _SAFE_METHODS and origin is not None and not self.hosts.same_origin(origin, host):
+            message = (
+                f"Origin {_shown(origin)!r} is not this service's own ({_shown(host or '')!r}): a web page of another "
+                "origin may not send it requests; use the service's own page, or a client that is no browser."
+            )
+            return JSONResponse({"error": message}, status_code=403, headers={"Connection": "close"})
+        return None
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
+            return
+        refusal = self._refusal(scope)
+        if refusal is not None:
+            self.metrics.record_request(route_label(scope.get("path", "")), refusal.status_code)
+            await refusal(scope, receive, send)
             return
         started = False
 
@@ -202,11 +237,15 @@ def _open_and_prepare(service: SearchService, data: bytes, size: int | None) -> 
     return service.prepare(open_query_image(data), size)
 
 
-def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLINE_DECODE_PIXELS) -> ServiceApp:
+def create_app(
+    service: SearchService, inline_decode_pixels: int = DEFAULT_INLINE_DECODE_PIXELS, hosts: HostRules | None = None
+) -> ServiceApp:
     """The ASGI application; its lifespan starts and stops ``service``'s threads.
 
     Args:
         service: The search service.
+        hosts: The ``Host`` names answered (others get 421) and the ``Origin`` check of POSTs (403); default: the
+            loopback names only (:class:`~raml.deploy.service.hosts.HostRules`).
         inline_decode_pixels: An image whose header announces at most this many pixels is decoded and transformed
             on the event loop itself; larger ones in a worker thread (0: every image in a thread). For a small image
             the hop to a thread (and the wait for the GIL behind a busy loop) costs more than the decoding.
@@ -378,4 +417,5 @@ def create_app(service: SearchService, inline_decode_pixels: int = DEFAULT_INLIN
         Route("/image/{image_id}", image, methods=["GET"]),  # the id is checked by the handler (_IMAGE_ID)
     ]
     handlers = {HTTPException: http_error, Exception: server_error}
-    return ServiceApp(Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers), metrics)
+    starlette = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
+    return ServiceApp(starlette, metrics, hosts if hosts is not None else HostRules())
