@@ -149,6 +149,60 @@ def test_the_page_asks_for_no_more_than_max_k(tmp_path):
     assert status.startswith("Top 5 in ") and hits == 5, status
 
 
+class _BadGateway:
+    """The service's application, except that ``POST /search`` gets a proxy's HTML 502 while ``broken``."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+        self.broken = False
+
+    async def __call__(self, scope, receive, send) -> None:
+        if self.broken and scope["type"] == "http" and scope["path"] == "/search":
+            from starlette.responses import HTMLResponse
+
+            page = "<html><body><h1>502 Bad Gateway</h1></body></html>"
+            await HTMLResponse(page, status_code=502)(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+
+def test_a_failed_search_leaves_no_results_of_the_previous_query(tmp_path):
+    """Before, a search answered by a proxy's HTML 502 or lost to a network failure left the previous query's
+    thumbnails on screen under an error (the page read the body as JSON before it looked at the status)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser, driver_path = _browser_paths()
+    service, paths = _indexed_service(tmp_path, ServiceLimits(max_k=4))
+    app = _BadGateway(create_app(service))
+    chromium = _start_chromium(browser, driver_path)
+    try:
+        chromium.set_page_load_timeout(WAIT_S)
+        wait = WebDriverWait(chromium, WAIT_S)
+        status = lambda: chromium.find_element(By.ID, "status").text  # noqa: E731
+        hits = lambda: len(chromium.find_elements(By.CSS_SELECTOR, "#results li.hit"))  # noqa: E731
+
+        def upload(path: str) -> str:
+            chromium.find_element(By.ID, "file").send_keys(str(Path(path).resolve()))
+            wait.until(lambda d: status() not in ("", "Searching..."))
+            return status()
+
+        with BackgroundServer(app) as server:
+            chromium.get(server.url + "/")
+            wait.until(lambda d: "12 images" in d.find_element(By.ID, "served").text)
+            assert upload(paths[1]).startswith("Top 4 in ") and hits() == 4
+            app.broken = True
+            refused = upload(paths[2])
+            assert refused.startswith("Refused (502): Bad Gateway, not an answer of the search service"), refused
+            assert hits() == 0
+            app.broken = False
+            assert upload(paths[3]).startswith("Top 4 in ") and hits() == 4
+        failed = upload(paths[5])  # the server is gone: a network failure
+        assert failed.startswith("The request failed: ") and hits() == 0, failed
+    finally:
+        chromium.quit()
+
+
 def test_a_page_of_a_rebound_name_reads_nothing(tmp_path):
     """DNS rebinding, simulated: the browser resolves attacker.test to 127.0.0.1 (as a rebinding DNS server would
     once the attacker's page is loaded). Before, the page's scripts read /health and ran searches; now every
