@@ -452,6 +452,7 @@ def run_reproduction(
             options.progress,
             f"{test_split.name} teacher@{dr}",
         ),
+        network_meta=teacher.meta,
         root=test_split.root,
     )
     labels = torch.as_tensor(test_split.labels)

@@ -90,3 +90,65 @@ def test_raml_test_names_the_pool_flag_for_a_meta_less_spoc_checkpoint(
     error = capsys.readouterr().err
     assert "raml test: error:" in error and "--pool mac or --pool spoc" in error and "spoc.pth.tar" in error
     assert not out.exists()
+
+
+def _meta_less_checkpoint(path: Path, pooling: str) -> Path:
+    """A checkpoint as the reference's training writes it (``epoch`` and ``state_dict``, no ``meta``): its
+    pooling cannot be told from the weights (mac and spoc have no parameters), so ``--pool`` decides it (at
+    --image-size 64 the last feature map is 2x2, where mac and spoc differ)."""
+    torch.manual_seed(5)
+    network = build_network("resnet18", pooling=pooling, whitening=16, pretrained=False).eval()
+    torch.save({"epoch": 1, "state_dict": network.state_dict()}, path)
+    return path
+
+
+def test_the_embedding_cache_keys_a_meta_less_checkpoint_by_the_pool_it_is_loaded_with(
+    own_root: Path, tmp_path: Path
+) -> None:
+    checkpoint = _meta_less_checkpoint(tmp_path / "ref_mac.pth.tar", "mac")
+
+    def extract(pool: str, name: str, *extra: str) -> np.ndarray:
+        output = tmp_path / f"{name}.npy"
+        args = ["extract", "--network-path", str(checkpoint), "--dataset", "mine-test", "--data-root", str(own_root)]
+        args += ["--image-size", "64", "--pool", pool, "--device", "cpu", "--output", str(output), *extra]
+        assert main(args) == 0
+        return np.load(output)
+
+    mac = extract("mac", "mac")
+    spoc = extract("spoc", "spoc")  # before: the mac embeddings, read from the cache
+    spoc_uncached = extract("spoc", "spoc_nocache", "--no-cache")
+    assert np.array_equal(spoc, spoc_uncached)
+    assert not np.allclose(mac, spoc)
+    assert len(list((own_root / "cache" / "embeddings").glob("*.npy"))) == 2
+
+
+def test_raml_test_caches_the_teacher_per_pool_of_a_meta_less_checkpoint(own_root: Path, tmp_path: Path) -> None:
+    checkpoint = _meta_less_checkpoint(tmp_path / "ref_mac.pth.tar", "mac")
+
+    def asym(pool: str, name: str, *extra: str) -> dict:
+        out = tmp_path / f"{name}.json"
+        args = ["test", "--student-path", str(checkpoint), "--teacher-path", str(checkpoint)]
+        args += ["--datasets", "mine-test", "--data-root", str(own_root), "--image-size", "64", "--pool", pool]
+        assert (
+            main(
+                [
+                    *args,
+                    "--device",
+                    "cpu",
+                    "--cpu-runtime",
+                    "torch",
+                    "-j",
+                    "0",
+                    "--no-progress",
+                    "--json",
+                    str(out),
+                    *extra,
+                ]
+            )
+            == 0
+        )
+        return json.loads(out.read_text())["mine-test"]["asym"]
+
+    asym("mac", "mac")
+    spoc = asym("spoc", "spoc")  # before: the spoc queries against the mac database read from the cache
+    assert spoc == asym("spoc", "spoc_nocache", "--no-cache")

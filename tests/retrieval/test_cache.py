@@ -36,6 +36,15 @@ def test_key_depends_on_network_size_split_paths_scales_and_stamps():
         cache_key("abc", 448, "cub-test", ["a.jpg", "b.jpg"], stamps=["1:2"])
 
 
+def test_key_depends_on_the_network_configuration_it_was_loaded_with():
+    mac = {"architecture": "resnet18", "pooling": "mac", "whitening": 16, "outputdim": 16}
+    key = cache_key("abc", 448, "cub-test", ["a.jpg"], network_meta=mac)
+    assert key == cache_key("abc", 448, "cub-test", ["a.jpg"], network_meta=dict(reversed(list(mac.items()))))
+    assert key != cache_key("abc", 448, "cub-test", ["a.jpg"], network_meta={**mac, "pooling": "spoc"})
+    assert key != cache_key("abc", 448, "cub-test", ["a.jpg"], network_meta={**mac, "whitening": 0})
+    assert key != cache_key("abc", 448, "cub-test", ["a.jpg"])
+
+
 def test_file_stamps_size_mtime_or_content(tmp_path: Path, caplog):
     a, b = tmp_path / "a.bin", tmp_path / "b.bin"
     a.write_bytes(b"x" * 10)
@@ -63,16 +72,16 @@ def test_get_or_compute_stores_once_and_ignores_bad_entries(tmp_path):
         calls.append(1)
         return torch.ones(2, 3)
 
-    a = cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, root=tmp_path)
-    b = cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, root=tmp_path)
+    a = cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, network_meta=None, root=tmp_path)
+    b = cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, network_meta=None, root=tmp_path)
     assert len(calls) == 1 and torch.equal(a, b)
     # a corrupt entry (wrong row count) is recomputed, not trusted
     (entry,) = (tmp_path / "cache").glob("*.npy")
     np.save(entry, np.zeros((5, 3), dtype=np.float32))
-    cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, root=tmp_path)
+    cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, network_meta=None, root=tmp_path)
     assert len(calls) == 2
     # other scales: another entry
-    cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, root=tmp_path, scales=(1, 0.5))
+    cache.get_or_compute("sha", 32, "x-test", ["p", "q"], compute, network_meta=None, root=tmp_path, scales=(1, 0.5))
     assert len(calls) == 3 and len(list((tmp_path / "cache").glob("*.npy"))) == 2
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
@@ -108,7 +117,14 @@ def test_an_image_rewritten_in_place_is_re_embedded(sop_root: Path, tmp_path: Pa
 
     def lookup() -> torch.Tensor:
         return cache.get_or_compute(
-            "sha", 32, split.name, list(split.paths), compute, root=split.root, content_hash=content_hash
+            "sha",
+            32,
+            split.name,
+            list(split.paths),
+            compute,
+            network_meta=None,
+            root=split.root,
+            content_hash=content_hash,
         )
 
     first = lookup()
@@ -133,7 +149,14 @@ def test_content_hash_sees_a_rewrite_that_keeps_size_and_mtime(sop_root: Path, t
 
     def lookup(content_hash: bool) -> torch.Tensor:
         return cache.get_or_compute(
-            "sha", 32, split.name, list(split.paths), compute, root=split.root, content_hash=content_hash
+            "sha",
+            32,
+            split.name,
+            list(split.paths),
+            compute,
+            network_meta=None,
+            root=split.root,
+            content_hash=content_hash,
         )
 
     lookup(False), lookup(True)

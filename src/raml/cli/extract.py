@@ -128,9 +128,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         description=(
             "Embed every image of a split (rows in split order) and write them to --output as float32 .npy, "
             "with a JSON description (paths, labels, network, size, scales) beside it. Embeddings of a checkpoint "
-            "are cached under <data-root>/cache/embeddings, keyed by the checkpoint's content hash, the size, the "
-            "scales, the split and each image's size and modification time, so later runs (e.g. a teacher's "
-            "database side) reuse them."
+            "are cached under <data-root>/cache/embeddings, keyed by the checkpoint's content hash, the network's "
+            "configuration as loaded (pooling, whitening, ...: --pool/--whitening for a checkpoint without meta), "
+            "the size, the scales, the split and each image's size and modification time, so later runs (e.g. a "
+            "teacher's database side) reuse them."
         ),
     )
     add_network_args(parser, "network", required=True, path_short="-npath")
@@ -231,6 +232,7 @@ def run(args: argparse.Namespace) -> int:
             split.name,
             list(split.paths),
             compute,
+            network_meta=network.meta,
             root=split.root,
             scales=args.multiscale,
             content_hash=args.hash_images,

@@ -843,7 +843,13 @@ class Trainer:
         if self.teacher_sha is None:
             return compute()
         return self.cache.get_or_compute(
-            self.teacher_sha, size, split.name, list(split.paths), compute, root=split.root
+            self.teacher_sha,
+            size,
+            split.name,
+            list(split.paths),
+            compute,
+            network_meta=getattr(self.teacher.network, "meta", None),
+            root=split.root,
         )
 
     # ----------------------------------------------------------------------------------- validation

@@ -1,7 +1,9 @@
 """On-disk cache of embeddings that do not change: a frozen teacher's database side.
 
 The key is derived from everything the embeddings depend on: the checkpoint's content hash (not its
-name), the image size, the scales of a multi-scale embedding, the split's name, the exact list of image
+name), the network's configuration as loaded (its ``meta``: pooling, whitening, architecture, ... -- what a
+checkpoint without ``meta`` takes from ``--pool``/``--whitening`` changes the embeddings of the same file), the
+image size, the scales of a multi-scale embedding, the split's name, the exact list of image
 paths, a stamp of every image file, and the version of the evaluation transform.
 
 The stamp of a file is its size and modification time (``st_size``, ``st_mtime_ns``) by default: an image
@@ -19,8 +21,9 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,6 +68,18 @@ def file_stamps(files: Sequence[str | Path], content_hash: bool = False) -> list
     return stamps
 
 
+def network_meta_digest(meta: Mapping[str, Any] | None) -> str:
+    """A hex digest of a network's resolved configuration (``network.meta``), ``"none"`` for None.
+
+    The same checkpoint file gives other embeddings when it is loaded as another network (a checkpoint
+    without ``meta`` takes its pooling from ``--pool``), so the cache key needs this beside the file's hash.
+    """
+    if meta is None:
+        return "none"
+    text = json.dumps(dict(meta), sort_keys=True, separators=(",", ":"), default=repr)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
 def cache_key(
     network_sha256: str,
     image_size: int,
@@ -73,8 +88,10 @@ def cache_key(
     *,
     scales: Sequence[float] = (1.0,),
     stamps: Sequence[str] | None = None,
+    network_meta: Mapping[str, Any] | None = None,
 ) -> str:
-    """A hex key that changes whenever the network content, the size, the scales or the images change.
+    """A hex key that changes whenever the network (content or configuration), the size, the scales or the
+    images change.
 
     Args:
         network_sha256: content hash of the checkpoint.
@@ -83,12 +100,22 @@ def cache_key(
         paths: the split's image paths, in row order.
         scales: the multi-scale factors (``(1,)`` for single-scale).
         stamps: one :func:`file_stamps` entry per path (None: the paths alone identify the images).
+        network_meta: the loaded network's ``meta`` (its pooling, whitening, ...; see
+            :func:`network_meta_digest`).
     """
     if stamps is not None and len(stamps) != len(paths):
         raise ValueError(f"cache_key needs one stamp per path, got {len(stamps)} stamps for {len(paths)} paths.")
     digest = hashlib.sha256()
     scales_text = ",".join(repr(float(s)) for s in scales)
-    for part in (network_sha256, str(image_size), split_name, TRANSFORM_VERSION, f"scales={scales_text}"):
+    parts = (
+        network_sha256,
+        f"meta={network_meta_digest(network_meta)}",
+        str(image_size),
+        split_name,
+        TRANSFORM_VERSION,
+        f"scales={scales_text}",
+    )
+    for part in parts:
         digest.update(part.encode())
         digest.update(b"\0")
     for i, path in enumerate(paths):
@@ -128,7 +155,7 @@ class EmbeddingCache:
     def store(self, key: str, embeddings: torch.Tensor, description: dict) -> Path:
         path = self.path_for(key)
         atomic_numpy_save(embeddings.float().cpu().numpy(), path)
-        atomic_write_text(path.with_suffix(".json"), json.dumps(description, indent=2, sort_keys=True))
+        atomic_write_text(path.with_suffix(".json"), json.dumps(description, indent=2, sort_keys=True, default=repr))
         logger.info("Cached embeddings %s", path)
         return path
 
@@ -140,6 +167,7 @@ class EmbeddingCache:
         paths: Sequence[str],
         compute: Callable[[], torch.Tensor],
         *,
+        network_meta: Mapping[str, Any] | None,
         root: str | Path | None = None,
         scales: Sequence[float] = (1.0,),
         content_hash: bool = False,
@@ -148,6 +176,8 @@ class EmbeddingCache:
 
         Args:
             network_sha256: content hash of the checkpoint.
+            network_meta: the loaded network's ``meta`` (``network.meta``): the same file loaded with another
+                pooling or whitening is another entry. None only for a network without one.
             image_size: the side S of the evaluation transform.
             split_name: e.g. ``cub-test``.
             paths: the image paths, in row order (relative to ``root`` when it is given).
@@ -158,7 +188,9 @@ class EmbeddingCache:
         """
         files = [Path(root) / p for p in paths] if root is not None else [Path(p) for p in paths]
         stamps = file_stamps(files, content_hash=content_hash)
-        key = cache_key(network_sha256, image_size, split_name, paths, scales=scales, stamps=stamps)
+        key = cache_key(
+            network_sha256, image_size, split_name, paths, scales=scales, stamps=stamps, network_meta=network_meta
+        )
         cached = self.load(key, expected_rows=len(paths))
         if cached is not None:
             return cached
@@ -168,6 +200,7 @@ class EmbeddingCache:
             embeddings,
             {
                 "network_sha256": network_sha256,
+                "network_meta": dict(network_meta) if network_meta is not None else None,
                 "image_size": image_size,
                 "scales": [float(s) for s in scales],
                 "split": split_name,

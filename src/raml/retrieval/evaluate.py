@@ -154,6 +154,7 @@ def evaluate_split(
                 split.name,
                 list(split.paths),
                 embed_database,
+                network_meta=getattr(teacher, "meta", None),
                 root=split.root,
                 content_hash=content_hash,
             )
