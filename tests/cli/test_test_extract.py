@@ -414,3 +414,24 @@ def test_test_and_extract_use_the_val_ratio_the_run_recorded(cub_root: Path, net
     with pytest.raises(SystemExit) as stop:  # not a share in [0, 1): a usage error
         main([*test, "torch", "--val-ratio", "1.5", *common])
     assert stop.value.code == 2
+
+
+@pytest.mark.parametrize("command", ["extract", "test"])
+def test_a_multiscale_scale_past_the_pixel_limit_is_refused_before_any_work(
+    command: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    # 64 * 400 = 25600: 655M pixels per image (7.8 GB in F.interpolate); no dataset or network exists here,
+    # so the refusal comes before either is looked at
+    network = str(tmp_path / "none.pth")
+    if command == "extract":
+        argv = ["extract", "--network-path", network, "--dataset", "cub-test", "--output", str(tmp_path / "e.npy")]
+    else:
+        argv = ["test", "--student-path", network, "--teacher-path", network, "--datasets", "cub-test"]
+    argv += ["--data-root", str(tmp_path / "data"), "--image-size", "64", "-ms", "[1, 400]", "--device", "cpu"]
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    assert stop.value.code == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"raml {command}: --multiscale: scale 400 ") and "\n" not in error
+    assert "25600x25600" in error and "limit of 40000000 pixels" in error and "at most 98.8" in error
+    assert not list(tmp_path.iterdir())

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from raml.data.image_limits import DEFAULT_MAX_PIXELS
 from raml.data.images import EvalTransform, load_image
 from raml.models import build_network
 from raml.retrieval.extract import (
@@ -19,6 +20,7 @@ from raml.retrieval.extract import (
     parse_scales,
     validate_scales,
 )
+from raml.retrieval.scales import check_scaled_size
 
 CPU = torch.device("cpu")
 REFERENCE_EXAMPLES = {
@@ -181,3 +183,17 @@ def test_extract_embeddings_multiscale_equals_per_image_loop(cub_root: Path) -> 
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     single = extract_embeddings(network, paths, 48, CPU, batch_size=2, progress=False)
     assert not torch.allclose(single, got, atol=1e-4)
+
+
+def test_a_scale_past_the_pixel_limit_is_refused_before_any_work(tmp_path: Path) -> None:
+    limit = DEFAULT_MAX_PIXELS
+    side = math.isqrt(limit)
+    check_scaled_size((1.0, side / 64), 64, limit)  # floor(64 * side / 64) = side: fits
+    with pytest.raises(ValueError, match=r"scale 400 .* 25600x25600 .* at image size 64 use scales of at most 98\.8"):
+        check_scaled_size((1.0, 400.0), 64, limit)
+    check_scaled_size((1.0, 0.5), 10_000, limit)  # scales up to 1 never enlarge
+    # the library refuses it before any image is read (the paths do not exist)
+    with pytest.raises(ValueError, match="over the limit"):
+        extract_embeddings(_gem_network(2.0), [tmp_path / "missing.jpg"], 64, CPU, progress=False, scales=(1, 400))
+    with torch.inference_mode(), pytest.raises(ValueError, match="over the limit"):
+        embed_batch(_gem_network(2.0), torch.zeros(1, 3, 8, 8), (1.0, 1000.0))

@@ -19,7 +19,7 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args
+from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args, check_multiscale_size
 from raml.entry import add_network_args, network_from_args
 from raml.retrieval.scales import SINGLE_SCALE
 
@@ -150,6 +150,7 @@ def run(args: argparse.Namespace) -> int:
     if args.index is not None and len(sizes) > 1:
         raise SystemExit("raml test: --index tests one query size at a time; give a single --image-size.")
     args.image_size = sizes[0]
+    check_multiscale_size("raml test", args.multiscale, max(sizes))
     if args.json is not None:  # before any network is loaded or image embedded
         check_output_file(args.json, "--json")
     # the student on the first --gpu-id GPU, the teacher on the second when two are listed

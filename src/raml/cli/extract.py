@@ -15,7 +15,7 @@ from raml.cli.common import (
     positive_int,
     setup_logging,
 )
-from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args
+from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args, check_multiscale_size
 from raml.entry import add_network_args, network_from_args
 from raml.retrieval.scales import CPU_RUNTIMES
 
@@ -184,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
     setup_logging(args.verbose)
     if args.output.suffix != ".npy":
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
+    check_multiscale_size("raml extract", args.multiscale, args.image_size)
     # every output is checked before any work: a bad path fails now, not after the embedding
     sidecar = args.output.with_suffix(".json")
     check_output_files([("--output", args.output, args.overwrite), ("--output's sidecar", sidecar, args.overwrite)])

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Sequence
 
 from raml.cli.choices import POOLING_NAMES as POOLINGS
 from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id, positive_int
@@ -61,6 +62,18 @@ def add_multiscale_arg(parser: argparse.ArgumentParser) -> None:
         help="scales of the query embeddings (the database stays single-scale), e.g. '[1]' | "
         "'[1, 1/2**(1/2), 1/2]' | '[1, 2**(1/2), 1/2**(1/2)]'; numbers and + - * / ** only (default: '[1]')",
     )
+
+
+def check_multiscale_size(command: str, scales: Sequence[float], image_size: int) -> None:
+    """Refuse, before any work, a ``--multiscale`` scale that enlarges the ``image_size`` images past the pixel
+    limit of an image (:data:`raml.data.image_limits.DEFAULT_MAX_PIXELS`): one line naming the flag, exit 2."""
+    from raml.data.image_limits import DEFAULT_MAX_PIXELS
+    from raml.retrieval.scales import check_scaled_size
+
+    try:
+        check_scaled_size(scales, image_size, DEFAULT_MAX_PIXELS)
+    except ValueError as error:
+        raise SystemExit(f"{command}: --multiscale: {error}.") from None
 
 
 def add_runtime_args(

@@ -18,10 +18,12 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
+from raml.data.image_limits import DEFAULT_MAX_PIXELS
 from raml.data.splits import Split
 from raml.retrieval.cache import EmbeddingCache
 from raml.retrieval.extract import SINGLE_SCALE, extract_embeddings, validate_scales
 from raml.retrieval.metrics import retrieval_metrics
+from raml.retrieval.scales import check_scaled_size
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +110,7 @@ def evaluate_split(
     if teacher is not None:
         check_compatible(student, teacher)
     query_scales = validate_scales(query_scales)
+    check_scaled_size(query_scales, image_size, DEFAULT_MAX_PIXELS)  # before any work
     teacher_device = teacher_device if teacher_device is not None else device
     ks = tuple(ks) if ks is not None else default_ks(split.name)
     labels = torch.as_tensor(split.labels)

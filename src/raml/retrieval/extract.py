@@ -33,13 +33,20 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from raml.data.datasets import ImageDataset
+from raml.data.image_limits import DEFAULT_MAX_PIXELS
 from raml.data.images import EvalTransform
 from raml.distributed import DistContext, all_gather_rows, shard_bounds
 from raml.models.forward_wrapper import NetworkWrapper
 from raml.models.onnx_forward import AUTO_WARMUP_PIXELS, OrtForward, onnxruntime_available
 
 # defined in a module without torch, for the command line's parsers; still importable from here
-from raml.retrieval.scales import CPU_RUNTIMES, SINGLE_SCALE, parse_scales, validate_scales  # noqa: F401
+from raml.retrieval.scales import (  # noqa: F401
+    CPU_RUNTIMES,
+    SINGLE_SCALE,
+    check_scaled_size,
+    parse_scales,
+    validate_scales,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +106,12 @@ def embed_batch(
                 raise ValueError(
                     f"scale {scale} turns {height}x{width} images into less than one pixel; use larger scales "
                     "or a larger image size"
+                )
+            if math.floor(height * scale) * math.floor(width * scale) > DEFAULT_MAX_PIXELS:
+                raise ValueError(
+                    f"scale {scale:g} turns {height}x{width} images into {math.floor(height * scale)}x"
+                    f"{math.floor(width * scale)} pixels each, over the limit of {DEFAULT_MAX_PIXELS} pixels; use "
+                    "smaller scales or a smaller image size"
                 )
             rescaled = F.interpolate(images, scale_factor=scale, mode="bilinear", align_corners=False)
         term = network(rescaled).float().pow(power)
@@ -267,8 +280,9 @@ def extract_embeddings(
     """
     if image_size < 1:
         raise ValueError(f"image_size must be a positive number of pixels, got {image_size}.")
-    forward = inference_network(network, device, precision, runtime)
     scales = validate_scales(scales)
+    check_scaled_size(scales, image_size, DEFAULT_MAX_PIXELS)  # before any work: not mid-run, in interpolate
+    forward = inference_network(network, device, precision, runtime)
     power = multiscale_power(network, scales)
     if scales != SINGLE_SCALE:
         logger.info("Multi-scale embedding: scales %s, power %.4g (%s)", list(scales), power, description)

@@ -66,6 +66,29 @@ def validate_scales(scales: Sequence[float]) -> tuple[float, ...]:
     return values
 
 
+def check_scaled_size(scales: Sequence[float], image_size: int, max_pixels: int) -> None:
+    """Refuse a scale that rescales the ``image_size x image_size`` evaluation images to more than ``max_pixels``
+    pixels each (the limit of the images themselves, :data:`raml.data.image_limits.DEFAULT_MAX_PIXELS`).
+
+    The rescaled side is ``floor(image_size * scale)``, as :func:`torch.nn.functional.interpolate` makes it.
+    Scales up to 1 never enlarge an image and are not checked here.
+
+    Raises:
+        ValueError: naming the scale, the size it asks for, the limit and the largest scale that fits.
+    """
+    for scale in validate_scales(scales):
+        if scale <= 1.0:
+            continue
+        side = math.floor(image_size * scale)
+        if side * side > max_pixels:
+            largest = math.floor(math.isqrt(max_pixels) / image_size * 1000) / 1000
+            raise ValueError(
+                f"scale {scale:g} rescales the {image_size}x{image_size} images of image size {image_size} to "
+                f"{side}x{side} = {side * side} pixels each, over the limit of {max_pixels} pixels; at image size "
+                f"{image_size} use scales of at most {largest:g}"
+            )
+
+
 def parse_scales(text: str) -> tuple[float, ...]:
     """Parse the reference's ``--multiscale`` value, e.g. ``'[1, 1/2**(1/2), 1/2]'``, without evaluating it.
 
