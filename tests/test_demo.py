@@ -111,6 +111,34 @@ def test_reduced_demo_writes_every_artefact(reduced_demo):
     assert (out / "teacher" / "model_best.pth.tar").is_file() and (out / "student" / "model_best.pth.tar").is_file()
 
 
+def test_every_file_the_demo_writes_is_checked_before_any_work(reduced_demo, tmp_path, capsys):
+    """Derived from what a run wrote: each of its result files, blocked by a folder, stops the next run before
+    the dataset is generated (settings.json was not checked: the run trained, then failed on it)."""
+    written = sorted(p.name for p in reduced_demo[0].iterdir() if not p.is_dir())
+    assert "settings.json" in written and "results.json" in written
+    for name in written:
+        out = tmp_path / name.replace(".", "_")
+        (out / name).mkdir(parents=True)
+        assert main(["demo", "--out", str(out), *REDUCED]) == 2, name
+        assert f"--out's {name}" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == [name], f"{name}: the run started"
+
+
+def test_a_demo_that_fails_while_writing_its_results_leaves_no_results(tmp_path, monkeypatch, capsys):
+    """The tradeoff plot fails to save (a full disk): no result file is put in place, results.json least of all
+    (before, results.json, results.md and settings.json were written first and looked complete)."""
+    from matplotlib.figure import Figure
+
+    def full_disk(*args: Any, **kwargs: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Figure, "savefig", full_disk)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), *REDUCED]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["data", "student", "teacher"]
+
+
 def _weights(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 

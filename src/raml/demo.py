@@ -3,10 +3,11 @@
 1. Generate a synthetic fine-grained dataset in the CUB-200-2011 format (``raml.data.synth``).
 2. Train a teacher from random weights at the large size DR with labels (``--mode sym``).
 3. Distil a student at the small size QR = DR / 2 from it without labels (``--mode ts_aug``).
-4. Test five settings on the held-out classes, measure each query network's cost, and write
-   ``results.json``, ``results.md`` and ``tradeoff.png`` into the output folder.
+4. Test five settings on the held-out classes and measure each query network's cost.
 5. Draw ``gallery.png``: for a few held-out queries, the top-5 of the teacher's DR database for the
    undistilled teacher at QR and for the distilled student at QR, side by side (:func:`demo_gallery_rows`).
+6. Write :data:`RESULT_FILES` into the output folder (``results.json``, ``results.md``, ``settings.json``,
+   ``tradeoff.png``, ``gallery.png``), all at the end, ``results.json`` last (:func:`write_result_files`).
 
 Every number in the outputs is measured in the run; nothing is filled in. On a CPU the accuracies and FLOPs
 are reproducible bit for bit: every stage is seeded (network initialisation draws from torch's global
@@ -22,8 +23,8 @@ import json
 import logging
 import platform
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -33,7 +34,7 @@ import torch
 
 from raml.data.splits import get_split
 from raml.data.synth import generate_synthetic_dataset
-from raml.deploy.gallery import GalleryRow, Hit, write_gallery
+from raml.deploy.gallery import GalleryRow, Hit, render_gallery, write_gallery
 from raml.engine.config import TrainConfig
 from raml.engine.trainer import Trainer
 from raml.models import load_network
@@ -52,6 +53,10 @@ STACK_PACKAGES = ("torch", "torchvision", "timm", "numpy", "pillow")
 #: the gallery: this many held-out queries (the first image of evenly spaced test classes), top-k each
 GALLERY_QUERIES = 4
 GALLERY_K = 5
+#: the result files the demo writes into its output folder (besides the data/, teacher/ and student/ folders),
+#: in the order they are put in place: each is written in full to a temporary file first, and results.json,
+#: which says that a run finished, is renamed into place last
+RESULT_FILES = ("gallery.png", "tradeoff.png", "settings.json", "results.md", "results.json")
 
 
 @dataclass
@@ -301,17 +306,16 @@ def demo_gallery_rows(
     return rows
 
 
-def write_demo_gallery(
+def demo_gallery(
     settings: DemoSettings,
     data_root: Path,
     teacher_path: Path,
     student_path: Path,
     device: torch.device,
-    path: Path,
     progress: bool,
-) -> Path:
-    """``gallery.png``: held-out queries at QR by the teacher (no distillation) and by the student, top-5 of
-    the teacher's DR database each."""
+) -> tuple[list[GalleryRow], list[str]]:
+    """The rows and panel titles of ``gallery.png``: held-out queries at QR by the teacher (no distillation) and
+    by the student, top-5 of the teacher's DR database each."""
     split = get_split(f"{DATASET}-test", data_root)
     teacher = load_network(teacher_path, device=device)
     student = load_network(student_path, device=device)
@@ -329,6 +333,20 @@ def write_demo_gallery(
         f"teacher @ {qr} px queries (no distillation), teacher @ {dr} px database",
         f"student @ {qr} px queries (distilled), teacher @ {dr} px database",
     ]
+    return rows, titles
+
+
+def write_demo_gallery(
+    settings: DemoSettings,
+    data_root: Path,
+    teacher_path: Path,
+    student_path: Path,
+    device: torch.device,
+    path: Path,
+    progress: bool,
+) -> Path:
+    """Write ``gallery.png`` (:func:`demo_gallery`) at ``path``."""
+    rows, titles = demo_gallery(settings, data_root, teacher_path, student_path, device, progress)
     return write_gallery(rows, path, titles)
 
 
@@ -423,7 +441,13 @@ def results_markdown(rows: list[dict[str, Any]], settings: DemoSettings, seconds
 
 
 def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
-    """Accuracy (mAP) against query cost (GFLOPs per image), one point per setting."""
+    """Accuracy (mAP) against query cost (GFLOPs per image), one point per setting, as a PNG at ``path``."""
+    with atomic_path(path) as tmp:
+        _save_tradeoff(rows, tmp)
+
+
+def _save_tradeoff(rows: list[dict[str, Any]], file: Path) -> None:
+    """Draw :func:`plot_tradeoff`'s figure and save it as PNG to ``file``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -455,9 +479,10 @@ def plot_tradeoff(rows: list[dict[str, Any]], path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(file, format="png", dpi=120)
+    finally:
+        plt.close(fig)
 
 
 @contextmanager
@@ -542,12 +567,32 @@ def run_demo(settings: DemoSettings, device: torch.device, progress: bool = True
         rows = evaluate_settings(settings, data_root, teacher, student, device, progress)
         stack = software_stack(device)
         # after every number is measured: the gallery only reads the networks
-        write_demo_gallery(settings, data_root, teacher, student, device, out / "gallery.png", progress)
+        gallery_rows, gallery_titles = demo_gallery(settings, data_root, teacher, student, device, progress)
     seconds = time.perf_counter() - start
     settings_dict = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(settings).items()}
     results = {"rows": rows, "stack": stack, "seconds": round(seconds, 1)}
-    atomic_write_text(out / "results.json", json.dumps(results, indent=2) + "\n")
-    atomic_write_text(out / "results.md", results_markdown(rows, settings, seconds, stack))
-    atomic_write_text(out / "settings.json", json.dumps({**settings_dict, "seconds": round(seconds, 1)}, indent=2))
-    plot_tradeoff(rows, out / "tradeoff.png")
+    writers: dict[str, Callable[[Path], None]] = {
+        "gallery.png": lambda file: render_gallery(gallery_rows, gallery_titles).save(file, format="PNG"),
+        "tradeoff.png": lambda file: _save_tradeoff(rows, file),
+        "settings.json": lambda file: file.write_text(
+            json.dumps({**settings_dict, "seconds": round(seconds, 1)}, indent=2), encoding="utf-8"
+        ),
+        "results.md": lambda file: file.write_text(results_markdown(rows, settings, seconds, stack), encoding="utf-8"),
+        "results.json": lambda file: file.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8"),
+    }
+    write_result_files(out, writers)
     return rows
+
+
+def write_result_files(out: Path, writers: dict[str, Callable[[Path], None]]) -> None:
+    """Write the demo's :data:`RESULT_FILES` into ``out``: every one in full to a temporary file first
+    (``writers[name](temporary)``), then each renamed into place in :data:`RESULT_FILES` order, ``results.json``
+    last. A failure while writing leaves every previous file as it was; a failure while renaming leaves
+    ``results.json`` as it was, so a failed run never adds a complete-looking result."""
+    if set(writers) != set(RESULT_FILES):
+        raise ValueError(f"write_result_files needs one writer per file of {RESULT_FILES}, got {sorted(writers)}.")
+    with ExitStack() as staged:
+        # contexts leave in the reverse order: the last entered is renamed first
+        temporaries = {name: staged.enter_context(atomic_path(out / name)) for name in reversed(RESULT_FILES)}
+        for name in RESULT_FILES:
+            writers[name](temporaries[name])

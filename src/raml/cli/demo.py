@@ -11,19 +11,18 @@ from raml.cli.common import check_output_files, device_from_args, positive_int, 
 
 logger = logging.getLogger("raml")
 
+
 #: the files ``raml demo`` writes into --out
-DEMO_OUTPUTS = ("results.json", "results.md", "tradeoff.png", "gallery.png")
-
-
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     d = argparse.Namespace(**DEMO_SETTINGS)  # DemoSettings()'s fields, without importing the demo
     parser = subparsers.add_parser(
         "demo",
         description="Generate a synthetic fine-grained dataset, train a teacher at DR from random weights, "
         "distil a student at QR = DR/2 without labels, and compare five retrieval settings by accuracy and "
-        "query cost. Writes results.json, results.md, tradeoff.png and gallery.png (held-out queries with their "
-        "top-5, teacher vs student) into --out. On a CPU a run with the same "
-        "seed, --threads and software stack (recorded in results.json) gives the same numbers, timings aside.",
+        "query cost. Writes results.json, results.md, settings.json, tradeoff.png and gallery.png (held-out "
+        "queries with their top-5, teacher vs student) into --out, all at the end (results.json last). On a CPU "
+        "a run with the same seed, --threads and software stack (recorded in results.json) gives the same "
+        "numbers, timings aside.",
     )
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
     parser.add_argument("--classes", type=positive_int, default=d.num_classes, help="number of classes (even)")
@@ -47,11 +46,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from raml.demo import DemoSettings, run_demo, summary
+    from raml.demo import RESULT_FILES, DemoSettings, run_demo, summary
 
     setup_logging(args.verbose)
     # the results are written at the end: a bad --out fails now, not after the training
-    check_output_files([(f"--out's {name}", args.out / name, None) for name in DEMO_OUTPUTS])
+    check_output_files([(f"--out's {name}", args.out / name, None) for name in RESULT_FILES])
     for noisy in ("raml.models.checkpoints", "raml.retrieval.cache"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     settings = DemoSettings(
@@ -68,6 +67,6 @@ def run(args: argparse.Namespace) -> int:
     rows = run_demo(settings, device_from_args(args), progress=not args.no_progress)
     print((args.out / "results.md").read_text())
     logger.info("%s", summary(rows))
-    written = [args.out / name for name in DEMO_OUTPUTS]
+    written = [args.out / name for name in RESULT_FILES]
     logger.info("Wrote %s", ", ".join(str(path) for path in written))
     return 0
