@@ -10,6 +10,7 @@ import contextlib
 import importlib.util
 import io
 import json
+import signal
 import sys
 from pathlib import Path
 from typing import Any
@@ -137,6 +138,27 @@ def test_a_demo_that_fails_while_writing_its_results_leaves_no_results(tmp_path,
     assert main(["demo", "--out", str(out), *REDUCED]) == 2
     assert "No space left on device" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["data", "student", "teacher"]
+
+
+@pytest.mark.parametrize("moment", ["during", "after"])
+def test_an_interrupted_demo_says_how_to_continue_it(moment, tmp_path, monkeypatch, capsys):
+    """A SIGTERM during the teacher's first epoch (in a batch, or once its checkpoint is saved): the message says
+    to run raml demo again, not the --resume-student of raml train, which raml demo does not take."""
+    from raml.engine.trainer import Trainer
+
+    method = "_batch_loss" if moment == "during" else "train_epoch"
+    original = getattr(Trainer, method)
+
+    def signalled(self, *args: Any, **kwargs: Any) -> Any:
+        result = original(self, *args, **kwargs)
+        self._stop_signal = signal.SIGTERM  # as the trainer's handler records it
+        return result
+
+    monkeypatch.setattr(Trainer, method, signalled)
+    assert main(["demo", "--out", str(tmp_path / "demo"), *REDUCED]) == 2
+    error = capsys.readouterr().err
+    assert f"Stopped by signal {int(signal.SIGTERM)} {moment} epoch 1" in error
+    assert "Run raml demo again to start over" in error and "--resume-student" not in error
 
 
 def _weights(path: Path) -> dict[str, torch.Tensor]:

@@ -57,6 +57,8 @@ GALLERY_K = 5
 #: in the order they are put in place: each is written in full to a temporary file first, and results.json,
 #: which says that a run finished, is renamed into place last
 RESULT_FILES = ("gallery.png", "tradeoff.png", "settings.json", "results.md", "results.json")
+#: how an interrupted demo continues, in the trainer's stop message (raml demo has no --resume-student)
+RESUME_HINT = "Run raml demo again to start over: it trains the teacher and the student from scratch."
 
 
 @dataclass
@@ -179,7 +181,7 @@ def train_teacher(settings: DemoSettings, data_root: Path, device: torch.device,
         batch_size=settings.teacher_batch_size,
         update_every=1,
     )
-    return Trainer(config, device, progress=progress).run().best_checkpoint
+    return Trainer(config, device, progress=progress, resume_hint=RESUME_HINT).run().best_checkpoint
 
 
 def distil_student(
@@ -204,7 +206,7 @@ def distil_student(
         update_every=1,
         freeze_bn=True,  # the teacher's statistics are good ones: keep them, as the paper does
     )
-    return Trainer(config, device, progress=progress).run().best_checkpoint
+    return Trainer(config, device, progress=progress, resume_hint=RESUME_HINT).run().best_checkpoint
 
 
 def evaluate_settings(

@@ -88,6 +88,12 @@ TRAIN_STEP_FORWARDS = 3.0
 RUNTIME_KEYS = frozenset(
     {"resume_student", "overwrite", "workers", "device", "gpu_id", "json", "print_freq", "comment", "data_root"}
 )
+#: how an interrupted distillation continues, in the trainer's stop message (raml reproduce has no
+#: --resume-student: run again, it continues from the last finished epoch by itself, see _resume_settings)
+RESUME_HINT = (
+    "Run the same raml reproduce command again: it continues the distillation from its last finished epoch (from "
+    "the start when none finished)."
+)
 
 
 def teacher_name(dataset: str) -> str:
@@ -482,7 +488,7 @@ def run_reproduction(
     del published
 
     # 3. distil (continuing an interrupted run), 4. test the result
-    trainer = Trainer(config, device, progress=options.progress, teacher_device=device)
+    trainer = Trainer(config, device, progress=options.progress, teacher_device=device, resume_hint=RESUME_HINT)
     report.distill_start_epoch = trainer.start_epoch
     result = trainer.run()
     del trainer

@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 import json
 import re
+import signal
 import threading
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -88,17 +89,26 @@ def test_reproduce_end_to_end_with_a_resumed_distillation(zoo, cub_root, tmp_pat
     config.write_text(yaml.safe_dump(TINY_CONFIG))
     out = tmp_path / "out"
 
-    # an interrupted distillation (killed after epoch 1 of 2) ...
-    monkeypatch.setattr("raml.reproduce.Trainer", functools.partial(Trainer, stop_after_epoch=1))
+    # an interrupted distillation (a SIGTERM during epoch 1 of 2: the run stops once its checkpoint is saved) ...
+    train_epoch = Trainer.train_epoch
+
+    def signalled(self: Trainer, epoch: int) -> dict:
+        stats = train_epoch(self, epoch)
+        self._stop_signal = signal.SIGTERM  # as the trainer's handler records it
+        return stats
+
+    monkeypatch.setattr(Trainer, "train_epoch", signalled)
     assert main(_argv(cub_root, out, config, epochs=2)) == 2
     partial = json.loads((out / "reproduce.json").read_text())
     assert partial["status"] == "running" and len(partial["rows"]) == 2  # the published networks' rows so far
     first = capsys.readouterr()
     assert "Rough duration on this device: the full run (200 epochs) ~" in first.out and "timed probe" in first.out
-    assert "Stopped after epoch 1" in first.err
+    assert f"Stopped by signal {int(signal.SIGTERM)} after epoch 1" in first.err
+    # the advice is reproduce's own: raml reproduce takes no --resume-student
+    assert "Run the same raml reproduce command again" in first.err and "--resume-student" not in first.err
 
     # ... continues from its last finished epoch when run again
-    monkeypatch.setattr("raml.reproduce.Trainer", Trainer)
+    monkeypatch.setattr(Trainer, "train_epoch", train_epoch)
     assert main(_argv(cub_root, out, config, epochs=2)) == 0
     report = json.loads((out / "reproduce.json").read_text())
     assert report["status"] == "complete" and report["epochs"] == 2 and report["shortened"] is True

@@ -228,6 +228,9 @@ class Trainer:
             through the final test); by default :meth:`run` releases it when it ends, however it ends.
         held_lock: the run folder's lock, already held by the caller (``raml train --optimize`` takes it before
             its search): not taken again, and kept after :meth:`run` (the caller releases it).
+        resume_hint: the sentence a signal's :class:`TrainingInterrupted` ends with, saying how the command that
+            runs this trainer continues (``raml demo`` starts over, ``raml reproduce`` resumes by itself when run
+            again); by default ``raml train``'s: continue with ``--resume-student last``.
     """
 
     def __init__(
@@ -240,8 +243,10 @@ class Trainer:
         teacher_device: torch.device | None = None,
         keep_lock: bool = False,
         held_lock: DirectoryLock | None = None,
+        resume_hint: str | None = None,
     ) -> None:
         config.validate()
+        self.resume_hint = resume_hint
         if dist.is_main:
             config.warn_about_rounding()
         self.keep_lock = keep_lock or held_lock is not None
@@ -609,11 +614,13 @@ class Trainer:
             self._agreed_stop = signum
         if signum is None:
             return
+        hint = self.resume_hint or (
+            "Continue with --resume-student last (a finished run then only writes model_best and tests it), or "
+            "test the checkpoint with raml test."
+        )
         raise TrainingInterrupted(
             f"Stopped by signal {signum}{self._signal_origin()} {when}; the last finished epoch's checkpoint is "
-            f"{self.directory / 'model_last.pth.tar'} (the final test was not run). Continue with "
-            "--resume-student last (a finished run then only writes model_best and tests it), or test the "
-            "checkpoint with raml test."
+            f"{self.directory / 'model_last.pth.tar'} (the final test was not run). {hint}"
         )
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
@@ -669,11 +676,10 @@ class Trainer:
             if signum is not None and (pending == 0 or not self.dist.enabled):
                 bar.close()
                 self._save(self.directory / "model_interrupted.pth.tar", epoch - 1)
+                hint = self.resume_hint or "Continue exactly from the last finished epoch with --resume-student last."
                 raise TrainingInterrupted(
                     f"Stopped by signal {signum}{self._signal_origin()} during epoch {epoch}; the weights of that "
-                    "moment are in "
-                    f"{self.directory / 'model_interrupted.pth.tar'}. Continue exactly from the last finished "
-                    "epoch with --resume-student last."
+                    f"moment are in {self.directory / 'model_interrupted.pth.tar'}. {hint}"
                 )
         # a non-finite loss in the epoch's last (dropped or flushed) accumulation stops the run too
         self._check_finite(first_nonfinite, epoch)
