@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from raml.data.synth import PATTERNS, generate_synthetic_dataset, make_class_specs, render_image
+from raml.locking import DirectoryLock, LockHeldError
 
 
 def _tree_digest(root: Path) -> dict[str, str]:
@@ -121,3 +122,24 @@ def test_fine_detail_separates_siblings_and_vanishes_at_half_size() -> None:
     assert np.median(sib_ratios) < 0.65 * np.median(fam_ratios)
     # patterns whose mean is the plain colour (dots, diamonds) are all but invisible to a plain sibling at 32 px
     assert min(sib_ratios) < 0.25
+
+
+def test_a_rerun_removes_the_temporary_files_a_stopped_generation_left(tiny: Path, tmp_path: Path) -> None:
+    """A SIGTERM while an image or an index file is written leaves its hidden temporary file; the next
+    generation into the folder removes those (of its own files only), under the folder's lock."""
+    out = generate_synthetic_dataset(tmp_path / "cub", num_classes=4, images_per_class=3, image_size=32, seed=0)
+    class_folder = next(p for p in sorted((out / "images").iterdir()) if p.is_dir())
+    image = next(class_folder.glob("*.jpg"))
+    ours = [class_folder / f".{image.name}.0a1b2c3d.tmp", out / ".images.txt.deadbeef.tmp"]
+    foreign = [out / ".notes.txt.12345678.tmp", class_folder / ".mine.tmp", out / "images" / ".x.jpg.0a1b2c3d.tmp"]
+    for path in ours + foreign:
+        path.write_bytes(b"partial")
+    # a generation still writing: refused, nothing removed
+    with DirectoryLock(out, "another generation"), pytest.raises(LockHeldError):
+        generate_synthetic_dataset(out, num_classes=4, images_per_class=3, image_size=32, seed=0)
+    assert all(p.exists() for p in ours + foreign)
+    generate_synthetic_dataset(out, num_classes=4, images_per_class=3, image_size=32, seed=0)
+    assert not any(p.exists() for p in ours) and all(p.exists() for p in foreign)
+    for path in foreign:
+        path.unlink()
+    assert _tree_digest(out) == _tree_digest(tiny)

@@ -23,12 +23,14 @@ from __future__ import annotations
 import colorsys
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from raml.locking import DirectoryLock
 from raml.utils import atomic_path, atomic_write_text
 
 logger = logging.getLogger(__name__)
@@ -394,8 +396,12 @@ def generate_synthetic_dataset(
     Returns:
         ``out_dir`` as a ``Path``.
 
+    The folder is locked while it is written (:class:`raml.locking.DirectoryLock`); the temporary files a
+    stopped generation left there (``.<name>.<hex>.tmp`` of its images and index files) are removed first.
+
     Raises:
         ValueError: on an odd or too small ``num_classes``, or too small ``images_per_class``/``image_size``.
+        raml.locking.LockHeldError: another generation is writing into ``out_dir``.
     """
     if images_per_class < 1:
         raise ValueError(f"images_per_class must be at least 1, got {images_per_class}")
@@ -405,6 +411,49 @@ def generate_synthetic_dataset(
         raise ValueError(f"pattern_period must be (low, high) with 0 < low <= high, got {pattern_period}")
     specs = make_class_specs(num_classes, seed, pattern_period=pattern_period)
     out = Path(out_dir)
+    # one writer at a time (a second is refused at once, naming the first), so that the temporary files a
+    # killed run left can be removed without touching those of a run still writing
+    with DirectoryLock(out, "raml synthetic dataset generation"):
+        _remove_own_temporaries(out)
+        _write_dataset(out, specs, num_classes, images_per_class, image_size, seed, progress)
+    return out
+
+
+#: the index files :func:`generate_synthetic_dataset` writes at the top of the dataset folder
+_INDEX_FILES = ("images.txt", "classes.txt", "image_class_labels.txt", "train_test_split.txt")
+
+
+def _is_temporary_of(name: str, targets: Callable[[str], bool]) -> bool:
+    """Whether ``name`` is an :func:`raml.utils.atomic_path` temporary file (``.<target>.<8 hex>.tmp``) of a
+    target for which ``targets(target)`` holds."""
+    if not (name.startswith(".") and name.endswith(".tmp")):
+        return False
+    target, _, token = name[1 : -len(".tmp")].rpartition(".")
+    return len(token) == 8 and all(c in "0123456789abcdef" for c in token) and targets(target)
+
+
+def _remove_own_temporaries(out: Path) -> None:
+    """Remove the temporary files a killed generation left in ``out`` (a SIGTERM or kill -9 while an image or
+    an index file was written): those of the index files, and those of ``.jpg`` images in the class folders
+    under ``images/``. Any other file is left alone. Call it holding the folder's lock."""
+    stale = [p for p in out.glob(".*.tmp") if _is_temporary_of(p.name, lambda t: t in _INDEX_FILES)]
+    stale += [p for p in out.glob("images/*/.*.tmp") if _is_temporary_of(p.name, lambda t: t.endswith(".jpg"))]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    if stale:
+        logger.info("Removed %d temporary files a stopped generation left in %s", len(stale), out)
+
+
+def _write_dataset(
+    out: Path,
+    specs: list[SynthClass],
+    num_classes: int,
+    images_per_class: int,
+    image_size: int,
+    seed: int,
+    progress: bool,
+) -> None:
+    """The files of :func:`generate_synthetic_dataset` (its arguments), under its lock."""
     (out / "images").mkdir(parents=True, exist_ok=True)
     images_lines: list[str] = []
     label_lines: list[str] = []
@@ -439,4 +488,3 @@ def generate_synthetic_dataset(
         image_size,
         out,
     )
-    return out
