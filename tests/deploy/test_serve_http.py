@@ -199,3 +199,35 @@ def test_allowed_host_names_and_the_cli_flag(capsys):
     assert cli_main.main(argv) == 2  # refused before anything is loaded
     err = capsys.readouterr().err.strip()
     assert err.startswith("raml serve: error: --allowed-host 'b.org:80' is not a host name") and "\n" not in err
+
+
+def test_a_proxy_that_drops_the_port_from_host_is_named_in_the_403_and_the_docs_keep_it():
+    """Behind nginx on port 8080 with ``proxy_set_header Host $host`` (no port) the service's own page (Origin
+    http://search.example.org:8080) was refused with a 403 that named no cause; docs/deployment.md documented it."""
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from raml.deploy.service.app import ServiceApp
+    from raml.deploy.service.metrics import ServiceMetrics
+
+    async def search(request):  # noqa: ARG001
+        return JSONResponse({"results": []})
+
+    inner = Starlette(routes=[Route("/search", search, methods=["POST"])])
+    app = ServiceApp(inner, ServiceMetrics(), HostRules(["search.example.org"], bind_host="127.0.0.1"))
+    origin = "http://search.example.org:8080"
+    with TestClient(app) as client:
+        dropped = client.post("/search", headers={"host": "search.example.org", "origin": origin}, content=b"x")
+        assert dropped.status_code == 403
+        assert "a reverse proxy may have dropped the port from Host" in dropped.json()["error"]
+        assert "proxy_set_header Host $http_host" in dropped.json()["error"]
+        kept = client.post("/search", headers={"host": "search.example.org:8080", "origin": origin}, content=b"x")
+        assert kept.status_code == 200
+        other = client.post("/search", headers={"host": "search.example.org", "origin": "http://a.test:8080"})
+        assert other.status_code == 403 and "dropped the port" not in other.json()["error"]
+    assert not HostRules.port_dropped("https://search.example.org", "search.example.org")  # default port: none
+    assert not HostRules.port_dropped(origin, "search.example.org:8081")  # a port given: not dropped
+    deployment = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text(encoding="utf-8")
+    assert "proxy_set_header Host $host;" not in deployment and deployment.count("$http_host;") >= 2

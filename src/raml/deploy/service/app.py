@@ -201,6 +201,11 @@ class ServiceApp:
                 f"Origin {_shown(origin)!r} is not this service's own ({_shown(host or '')!r}): a web page of another "
                 "origin may not send it requests; use the service's own page, or a client that is no browser."
             )
+            if self.hosts.port_dropped(origin, host):
+                message += (
+                    " The Host has no port while the Origin has one: a reverse proxy may have dropped the port from "
+                    "Host; have it pass the client's Host as sent (nginx: proxy_set_header Host $http_host; not $host)."
+                )
             return JSONResponse({"error": message}, status_code=403, headers={"Connection": "close"})
         return None
 

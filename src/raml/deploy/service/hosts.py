@@ -137,3 +137,20 @@ class HostRules:
         if name != origin_name:
             return False
         return port == origin_port if port is not None else origin_port in _DEFAULT_PORTS.values()
+
+    @staticmethod
+    def port_dropped(origin: str, host_header: str | None) -> bool:
+        """Whether ``host_header`` names ``origin``'s host without a port while the origin has a port other than
+        its scheme's default: what a reverse proxy sends when it replaces the client's ``Host`` by the name
+        alone (nginx's ``$host``), so that a page served on another port is refused as cross-origin."""
+        parsed = parse_host_header(host_header) if host_header is not None else None
+        try:
+            split = urlsplit(origin.strip())
+            origin_port = split.port
+        except ValueError:
+            return False
+        if parsed is None or parsed[1] is not None or origin_port is None or not split.hostname:
+            return False
+        return parsed[0] == _ip_or_name(split.hostname.lower().rstrip(".")) and origin_port != _DEFAULT_PORTS.get(
+            split.scheme
+        )
