@@ -231,3 +231,20 @@ def test_a_proxy_that_drops_the_port_from_host_is_named_in_the_403_and_the_docs_
     assert not HostRules.port_dropped(origin, "search.example.org:8081")  # a port given: not dropped
     deployment = (Path(__file__).resolve().parents[2] / "docs" / "deployment.md").read_text(encoding="utf-8")
     assert "proxy_set_header Host $host;" not in deployment and deployment.count("$http_host;") >= 2
+
+
+def test_the_url_raml_serve_logs_is_answered_when_bound_to_every_interface():
+    """Bound to 0.0.0.0, raml serve logged http://0.0.0.0:8000/, whose Host (0.0.0.0) the service refuses (421)."""
+    from urllib.parse import urlsplit
+
+    from raml.cli.serve import local_url
+
+    for bind, url in (
+        ("0.0.0.0", "http://127.0.0.1:8000/"),
+        ("::", "http://[::1]:8000/"),
+        ("127.0.0.1", "http://127.0.0.1:8000/"),
+        ("fd00::5", "http://[fd00::5]:8000/"),
+        ("search.example.org", "http://search.example.org:8000/"),
+    ):
+        assert local_url(bind, 8000) == url, bind
+        assert HostRules(bind_host=bind).allows_host(urlsplit(url).netloc), bind

@@ -368,6 +368,19 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+def local_url(host: str, port: int) -> str:
+    """The URL of the service as this machine reaches it. Bound to every interface (0.0.0.0, ::), the loopback
+    address of that family: ``http://0.0.0.0:PORT/`` names no host, and the service refuses ``Host: 0.0.0.0``
+    with 421 (it answers only names it knows, see :class:`raml.deploy.service.hosts.HostRules`). An IPv6 address
+    is put in brackets."""
+    name = host.strip()
+    if name in ("", "0.0.0.0"):
+        name = "127.0.0.1"
+    elif name == "::":
+        name = "::1"
+    return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
+
+
 def host_rules(args: argparse.Namespace):  # -> HostRules (imported lazily, as the service is)
     """The ``Host`` names the service answers: ``--allowed-host`` (each a name or a comma list), the loopback names
     and ``--host`` unless it binds every interface; warns where such a bind is given no name."""
@@ -439,12 +452,12 @@ def run_serve(args: argparse.Namespace) -> int:
     )
     index = service.index.current
     logger.info(
-        "Serving %d images (generation %d) of %s at http://%s:%d/ (query sizes %s%s; HTTP %s, loop %s)",
+        "Serving %d images (generation %d) of %s at %s%s (query sizes %s%s; HTTP %s, loop %s)",
         len(index),
         index.generation,
         index.directory,
-        args.host,
-        args.port,
+        local_url(args.host, args.port),
+        f" (bound to {args.host}: every interface)" if args.host.strip() in ("", "0.0.0.0", "::") else "",
         ", ".join(map(str, service.embedder.sizes)),
         f"; chosen per batch for a p99 under {args.latency_target_ms:g} ms" if service.adaptive is not None else "",
         http,
