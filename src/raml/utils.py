@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import errno
 import hashlib
@@ -105,15 +106,37 @@ def fsync_directory(directory: str | Path) -> None:
         os.close(fd)
 
 
+_BYTES_OR_ESCAPED = "raml.surrogateescape-or-backslashreplace"
+
+
+def _bytes_or_escaped(error: UnicodeError) -> tuple[bytes, int]:
+    """A codec error handler: a lone surrogate that stands for a byte (U+DC80-U+DCFF, how Python decodes a file
+    name that is not valid UTF-8) is written as that byte, as ``surrogateescape`` does; any other (e.g. U+D800,
+    which stands for no byte: a split file's ``"\\ud800"``) as its escape ``\\ud800``, as ``backslashreplace``
+    does, where ``surrogateescape`` would raise."""
+    if not isinstance(error, UnicodeEncodeError):
+        raise error
+    out = bytearray()
+    for char in error.object[error.start : error.end]:
+        code = ord(char)
+        out += bytes([code - 0xDC00]) if 0xDC80 <= code <= 0xDCFF else f"\\u{code:04x}".encode("ascii")
+    return bytes(out), error.end
+
+
+codecs.register_error(_BYTES_OR_ESCAPED, _bytes_or_escaped)
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write ``text`` to ``path`` atomically, in UTF-8.
 
     Lone surrogates (a file name that is not valid UTF-8, as Python decodes it: ``b"caf\\xe9"`` ->
-    ``"caf\\udce9"``) are written back as the bytes they stand for (``errors="surrogateescape"``), so a report that
-    lists such a file names it byte for byte instead of failing with ``UnicodeEncodeError``.
+    ``"caf\\udce9"``) are written back as the bytes they stand for (as ``errors="surrogateescape"`` does), so a
+    report that lists such a file names it byte for byte instead of failing with ``UnicodeEncodeError``. A lone
+    surrogate that stands for no byte (U+D800-U+DC7F, e.g. from a JSON ``"\\ud800"``) is written as its escape
+    ``\\ud800``.
     """
     with atomic_path(path) as tmp:
-        tmp.write_text(text, encoding="utf-8", errors="surrogateescape")
+        tmp.write_text(text, encoding="utf-8", errors=_BYTES_OR_ESCAPED)
 
 
 def atomic_torch_save(obj: object, path: str | Path) -> None:

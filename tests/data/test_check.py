@@ -342,6 +342,24 @@ def test_reports_name_a_non_utf8_file_name_byte_for_byte(tmp_path: Path, policy:
     assert (tmp_path / "run" / report).read_bytes() == b"a/bad\xe9.jpg\tempty file (0 bytes)\n"
 
 
+@pytest.mark.parametrize("policy, report", [("skip", "skipped_images_lone.txt"), ("error", "bad_images_lone.txt")])
+def test_reports_escape_a_lone_surrogate_that_stands_for_no_byte(tmp_path: Path, policy: str, report: str) -> None:
+    """A split file's entry "a/\\ud800.jpg" (JSON lets a string hold a lone surrogate; no file can have that name)
+    is a missing file; writing the report raised UnicodeEncodeError (surrogateescape encodes U+DC80-U+DCFF only)."""
+    root = tmp_path / "ds"
+    _noise_jpeg(root / "a" / "ok.jpg", size=16)
+    _noise_jpeg(root / "b" / "ok.jpg", size=16, seed=1)
+    split = split_from_lists("lone", root, [["a/\ud800.jpg", "a/ok.jpg"], ["b/ok.jpg"]])
+    if policy == "skip":
+        kept, bad = apply_bad_image_policy(split, policy, report_dir=tmp_path / "run")
+        assert len(kept) == 2 and [b.path for b in bad] == ["a/\ud800.jpg"]
+    else:
+        with pytest.raises(BadImagesError):
+            apply_bad_image_policy(split, policy, report_dir=tmp_path / "run")
+    written = (tmp_path / "run" / report).read_bytes()
+    assert written.startswith(b"a/\\ud800.jpg\t") and written.count(b"\n") == 1, written
+
+
 def test_check_data_prints_a_non_utf8_file_name_with_escapes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     split, root = _non_utf8_split(tmp_path)  # tmp_path / "ds"
     (root / "split.json").write_text(json.dumps({"train": [list(split.paths[:2])], "test": [[split.paths[2]]]}))

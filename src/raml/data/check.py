@@ -459,7 +459,8 @@ def report_file_name(prefix: str, split_name: str) -> str:
 
 def write_bad_image_report(path: Path, bad: Sequence[BadImage]) -> None:
     """Write ``path<TAB>reason`` lines, one per bad image (atomically, in UTF-8; a file name that is not valid
-    UTF-8 is written as its own bytes, see :func:`raml.utils.atomic_write_text`)."""
+    UTF-8 is written as its own bytes, a lone surrogate that stands for no byte as its escape ``\\ud800``, see
+    :func:`raml.utils.atomic_write_text`)."""
     atomic_write_text(path, "".join(f"{b.path}\t{_one_line(b.reason)}\n" for b in bad))
 
 
