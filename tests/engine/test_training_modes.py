@@ -163,3 +163,32 @@ def test_the_teacher_device_reaches_every_evaluation(machinery, machinery_teache
     trainer.run()
     trainer.test()
     assert len(seen) == 2 and all(device == sentinel for device in seen)
+
+
+def test_test_and_extract_use_the_val_ratio_of_the_checkpoint_not_of_a_later_runs_config(
+    machinery, machinery_teacher_path, tmp_path, caplog
+):
+    """A run's model_best (val_ratio 0.25), then a later raml train --overwrite --val-ratio 0.5 into the same folder
+    that rewrites config.yaml at its start and stops before replacing model_best: raml test / extract used 0.5 (the
+    -val classes then include ones the checkpoint trained on). The checkpoint's own record now wins, with a
+    warning naming the config.yaml that disagrees; config.yaml stays the fallback of a checkpoint without one."""
+    import logging
+
+    from raml.cli.extract import resolve_val_ratio
+    from raml.models import save_checkpoint
+
+    folder = tmp_path / "run"
+    first = machinery.distill_config(folder, machinery_teacher_path, epochs=1, val_ratio=0.25, test_datasets=[])
+    best = Trainer(first, CPU, progress=False).run().best_checkpoint
+    assert load_checkpoint_file(best)["raml"]["val_ratio"] == 0.25
+    later = machinery.distill_config(
+        folder, machinery_teacher_path, epochs=5, val_ratio=0.5, overwrite=True, test_datasets=[]
+    )
+    Trainer(later, CPU, progress=False).release_lock()  # started (config.yaml written), stopped before any epoch
+    assert "val_ratio: 0.5" in (folder / "config.yaml").read_text()
+    with caplog.at_level(logging.WARNING, logger="raml"):
+        assert resolve_val_ratio(None, [str(best)], "raml test") == 0.25
+    assert f"records val_ratio 0.25, but the {folder / 'config.yaml'} beside it says 0.5" in caplog.text
+    older = folder / "older.pth.tar"  # a checkpoint without the record: config.yaml as before
+    save_checkpoint(older, load_network(best), extra={"raml": {"mode": "ts_aug"}})
+    assert resolve_val_ratio(None, [str(older)], "raml extract") == 0.5

@@ -67,20 +67,48 @@ def add_val_ratio_arg(parser: argparse.ArgumentParser) -> None:
         metavar="R",
         help="share of the training classes held out as validation classes (the -val, -train and -trainval "
         "parts of cub, cars, sop and synth; split files and folder layouts define their own). Default: the "
-        f"val_ratio the checkpoint's training recorded in the {RUN_CONFIG_NAME} beside it, else "
+        "val_ratio the checkpoint's training recorded (in the checkpoint itself; for an older checkpoint in the "
+        f"{RUN_CONFIG_NAME} beside it), else "
         f"{_default_val_ratio()}; a value that differs from the recorded one is used, with a warning",
     )
 
 
-def recorded_val_ratio(checkpoint: str | Path | None) -> tuple[float, Path] | None:
-    """The ``val_ratio`` of the training run a checkpoint file comes from (``config.yaml`` in its folder, as
-    ``raml train`` writes it), with that file; None for a name, a missing file, or a folder without one. A
-    ``config.yaml`` that cannot be read or holds no valid ``val_ratio`` is ignored, with a warning."""
-    if checkpoint is None:
+def _valid_val_ratio(value: object) -> bool:
+    return not isinstance(value, bool) and isinstance(value, int | float) and 0.0 <= value < 1.0
+
+
+def checkpoint_val_ratio(path: Path) -> float | None:
+    """The ``val_ratio`` a ``raml train`` checkpoint records in its own ``"raml"`` record (written by
+    :meth:`raml.engine.trainer.Trainer._save`), or None: an older checkpoint, another program's, or a file this
+    cannot read (the network's own load reports that). The tensors are memory-mapped, not read."""
+    import zipfile
+
+    import torch
+
+    from raml.models.restricted_pickle import is_torchscript_archive
+
+    try:
+        with open(path, "rb") as handle:
+            zipped = handle.read(4) == b"PK\x03\x04"
+            handle.seek(0)
+            if not zipped or is_torchscript_archive(handle) is not None:
+                return None  # a legacy pickle (the reference's: no record) or a TorchScript archive (not loaded)
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (OSError, zipfile.BadZipFile):
         return None
-    path = Path(checkpoint).expanduser()
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file; the network's load says
+        logger.debug("No run record read from %s (%s); the config.yaml beside it is used, if any.", path, error)
+        return None
+    record = checkpoint.get("raml") if isinstance(checkpoint, dict) else None
+    value = record.get("val_ratio") if isinstance(record, dict) else None
+    return float(value) if _valid_val_ratio(value) else None
+
+
+def _config_val_ratio(path: Path) -> tuple[float, Path] | None:
+    """The ``val_ratio`` of the ``config.yaml`` beside the checkpoint ``path``, with that file; None without one.
+    A ``config.yaml`` that cannot be read or holds no valid ``val_ratio`` is ignored, with a warning."""
     config = path.parent / RUN_CONFIG_NAME
-    if not path.is_file() or not config.is_file():
+    if not config.is_file():
         return None
     import yaml
 
@@ -92,10 +120,41 @@ def recorded_val_ratio(checkpoint: str | Path | None) -> tuple[float, Path] | No
     value = data.get("val_ratio") if isinstance(data, dict) else None
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value < 1.0:
+    if not _valid_val_ratio(value):
         logger.warning("Ignoring val_ratio %r in %s: expected a number in [0, 1).", value, config)
         return None
     return float(value), config
+
+
+def recorded_val_ratio(checkpoint: str | Path | None) -> tuple[float, Path] | None:
+    """The ``val_ratio`` of the training run a checkpoint file comes from, with the file that records it; None for
+    a name, a missing file, or nothing recorded.
+
+    The checkpoint's own record comes first (:func:`checkpoint_val_ratio`): the ``config.yaml`` in its folder
+    is rewritten at the start of every ``raml train`` into that folder (``--overwrite``), before that run
+    replaces (or without it ever replacing) an older run's ``model_best``. A ``config.yaml`` that disagrees is
+    named in a warning; for a checkpoint without a record (written before the record held ``val_ratio``) it is
+    the fallback."""
+    if checkpoint is None:
+        return None
+    path = Path(checkpoint).expanduser()
+    if not path.is_file():
+        return None
+    own = checkpoint_val_ratio(path)
+    config = _config_val_ratio(path)
+    if own is None:
+        return config
+    if config is not None and config[0] != own:
+        logger.warning(
+            "The checkpoint %s records val_ratio %s, but the %s beside it says %s (a later raml train into that "
+            "folder, which has not replaced this checkpoint): the checkpoint's own %s is used.",
+            path,
+            own,
+            config[1],
+            config[0],
+            own,
+        )
+    return own, path
 
 
 def resolve_val_ratio(given: float | None, checkpoints: list[str | None], command: str) -> float:

@@ -963,6 +963,9 @@ class Trainer:
             "raml": {
                 "mode": self.config.mode,
                 "trainval": self.config.trainval,
+                # the -train/-val/-trainval classes of raml test and raml extract (cli.extract.recorded_val_ratio):
+                # the config.yaml beside it is rewritten by a later run into the same folder
+                "val_ratio": self.config.val_ratio,
                 "train_split": self.train_split.name,
                 "train_classes": self.train_split.num_classes,
                 "image_size": self.config.image_size,
