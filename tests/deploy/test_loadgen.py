@@ -97,7 +97,8 @@ def test_open_loop_charges_the_wait_for_a_slow_server_from_the_intended_send_tim
 
 def test_closed_loop_row_counts_503s_apart_from_errors_and_checks_retry_after(threaded_server):
     bodies = [b"busy", b"a", b"b", b"c"]
-    result = run_load(threaded_server, bodies, k=1, warmup_s=0.2, duration_s=0.8, concurrency=4, processes=2)
+    # no warm-up: connection 0 waits the 503's Retry-After (1 s) after its first request, at the window's start
+    result = run_load(threaded_server, bodies, k=1, warmup_s=0.0, duration_s=0.8, concurrency=4, processes=2)
     row = summarise(result)
     start, end = result.window
     inside = [r for r in result.records if start <= r[0] < end]
@@ -126,6 +127,63 @@ def test_small_open_loop_run_is_not_client_limited(threaded_server):
         if not row["client_limited"]:
             break
     assert not row["client_limited"], verdicts
+
+
+class _RefusingHandler(BaseHTTPRequestHandler):
+    """Refuses every POST at once with 503, ``Retry-After: 1`` (``raml serve``'s value); ``/none``: without one."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(503)
+        if not self.path.startswith("/none"):
+            self.send_header("Retry-After", "1")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def test_closed_loop_waits_the_retry_after_of_a_503_instead_of_resending_at_once():
+    """A server that refuses everything at once: re-sending at once made thousands of requests per second (issue:
+    a flood that cost the server and the client a core between them); each client now waits the 1 s asked."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingHandler)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        result = run_load(
+            f"http://127.0.0.1:{server.server_address[1]}", [b"x"], k=1, warmup_s=0.0, duration_s=1.5,
+            concurrency=2, processes=1,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    row = summarise(result)
+    # 2 clients, each sends at 0 s and after 1 s: 4 requests (a few more on a machine that stalls nothing)
+    assert 2 <= len(result.records) <= 6, len(result.records)
+    assert row["rejected_503"] == len(result.records) and row["rejected_without_retry_after"] == 0
+    # the waits asked by the server are not the client's lag
+    assert row["client_lag_max_ms"] < 500.0
+    # nothing was answered: the row measured refusals, not the server's throughput
+    assert row["client_limited"] and "refusals" in " ".join(row["client_limited_because"])
+
+
+def test_a_closed_loop_row_that_sent_far_more_than_was_answered_or_took_the_machines_cores_is_client_limited():
+    nan = float("nan")
+    ok = [(0.1 * i, 0.1 * i, 0.1 * i, 0.1 * i + 0.01, 200, 1.0, 1.0, 1.0, False, 0.0, 0.5, 0.25) for i in range(10)]
+    refused = [(0.01 * i, 0.01 * i, 0.01 * i, 0.01 * i, 503, nan, nan, nan, True, 0.0, nan, nan) for i in range(100)]
+    # 110 sent for 10 answered in the closed loop: flagged
+    row = summarise(LoadResult(ok + refused, (0.0, 1.0), [0.1], None, 2, (None, None), 2))
+    assert row["client_limited"] and "110.0 requests/s for 10.0 answered/s" in row["client_limited_because"][0]
+    # the same in the open loop is the server shedding what was offered: not the client's doing
+    assert not summarise(LoadResult(ok + refused, (0.0, 1.0), [0.1], 110.0, 2, (None, None), 2))["client_limited"]
+    # two client processes at 30 % of a core each: 0.6 of a 2-core machine, over a quarter of it
+    row = summarise(LoadResult(ok, (0.0, 1.0), [0.3, 0.3], None, 2, (None, None), 2))
+    assert row["client_limited_because"] == ["the client processes used 0.60 of the machine's 2 cores (limit 25%)"]
+    assert not summarise(LoadResult(ok, (0.0, 1.0), [0.3, 0.3], None, 2, (None, None), 8))["client_limited"]
 
 
 def _records(lags_ms: list[float], latency_ms: float) -> list:

@@ -12,6 +12,10 @@ headers are sent, and the benchmark reports the client's queue as the server's l
   gaps, seeded). A dispatcher thread per process hands each arrival to a free connection at its *intended* time,
   and the latency is measured from that intended time, so a request that waited for a free connection because
   the server was slow is charged that wait (no coordinated omission);
+- **a 503 in the closed loop**: the client waits what the answer's ``Retry-After`` asks (seconds; ``RETRY_DEFAULT_S``
+  when the 503 carried none or an unreadable one, never past the row's end) before its next request, as a polite
+  client would. Re-sending at once turned an overloaded server's refusals into a flood of requests that cost the
+  server's event loop and the client a core between them, a cost the server that never refused did not pay;
 - the client's own lag: in the open loop, how late the dispatcher handed an arrival over (intended -> handed);
   in the closed loop, the gap between an answer and the next send on the same connection. ``pool wait``
   (handed -> sent) is the time an arrival waited for a free connection: it grows when the server holds all
@@ -19,9 +23,11 @@ headers are sent, and the benchmark reports the client's queue as the server's l
 - each answer's ``timings_ms`` (the server's own account: ``total`` from the handler's start to the answer,
   ``embed`` the batch's forward pass) is kept, so the time spent outside the server's handler is known.
 
-A row is **client-limited** (:func:`summarise`) when a client process used more than ``CPU_LIMIT`` of a core, or
-when the client's lag p99 exceeds ``LAG_SHARE`` of the latency p99 (and ``LAG_FLOOR_MS``): then the row
-describes the client, not the server.
+A row is **client-limited** (:func:`summarise`) when a client process used more than ``CPU_LIMIT`` of a core, when
+the client processes together used more than ``CORES_SHARE`` of the machine's cores, when the client's lag p99
+exceeds ``LAG_SHARE`` of the latency p99 (and ``LAG_FLOOR_MS``), or, in the closed loop, when the clients sent more
+than ``SENT_PER_ANSWER`` requests per answered query (refusals, not queries, made the row): then the row describes
+the client, not the server, and a benchmark leaves it out of its ratios.
 
 Records: one tuple per request, ``(intended, handed, sent, done, status, server_total_ms, server_embed_ms,
 batch_size, retry_after, lag, server_decode_ms, server_queue_ms, server_read_ms, server_search_ms)`` with times in
@@ -36,6 +42,7 @@ import http.client
 import json
 import logging
 import multiprocessing
+import os
 import queue
 import threading
 import time
@@ -51,12 +58,16 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ClientPool",
     "http_client",
+    "CORES_SHARE",
     "CPU_LIMIT",
     "LAG_FLOOR_MS",
     "LAG_SHARE",
     "LoadResult",
+    "machine_cores",
     "poisson_schedule",
+    "RETRY_DEFAULT_S",
     "run_load",
+    "SENT_PER_ANSWER",
     "summarise",
 ]
 
@@ -66,6 +77,12 @@ CPU_LIMIT = 0.8
 LAG_SHARE = 0.25
 #: ... unless it is below this many ms (timer and scheduler granularity on a busy 2-core machine)
 LAG_FLOOR_MS = 20.0
+#: the client processes together above this share of the machine's cores take them from a server beside them
+CORES_SHARE = 0.25
+#: closed loop: more requests sent per answered query than this, and the row measured refusals, not throughput
+SENT_PER_ANSWER = 2.0
+#: closed loop: the wait after a 503 without a readable ``Retry-After`` (the server's own value is 1 s)
+RETRY_DEFAULT_S = 1.0
 
 _READY_TIMEOUT_S = 120.0
 
@@ -95,6 +112,7 @@ class LoadResult:
     rate: float | None  # offered requests/s (open loop), None for the closed loop
     concurrency: int  # connections in all
     probes: tuple[Any, Any]  # what ``probe`` returned at the window's start and end
+    machine_cores: int | None = None  # cores the clients and the server share; None: this process's
 
 
 def poisson_schedule(rate: float, seconds: float, seed: int) -> np.ndarray:
@@ -114,11 +132,30 @@ _NO_TIMINGS = (float("nan"),) * 6
 _TIMINGS = ("total", "embed", "decode", "queue", "read", "search")
 
 
+def machine_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the platform says, else the machine's)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _retry_after_s(value: str | None) -> float | None:
+    """Seconds a ``Retry-After`` header asks for: None without one, ``RETRY_DEFAULT_S`` for an unreadable one."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:  # an HTTP date, or garbage
+        return RETRY_DEFAULT_S
+    return seconds if seconds >= 0 else RETRY_DEFAULT_S
+
+
 def _send(
     conn: http.client.HTTPConnection, target: str, body: bytes
-) -> tuple[int, tuple[float, float, float, float], float, bool]:
-    """One POST; (status, the server's (total, embed, decode, queue, read, search) ms, batch size, Retry-After
-    present). Raises on a failed connection."""
+) -> tuple[int, tuple[float, float, float, float], float, float | None]:
+    """One POST; (status, the server's (total, embed, decode, queue, read, search) ms, batch size, the
+    Retry-After in s or None without one). Raises on a failed connection."""
     conn.request("POST", target, body=body, headers={"Content-Type": "image/jpeg"})
     response = conn.getresponse()
     data = response.read()
@@ -128,7 +165,7 @@ def _send(
         ms = answer.get("timings_ms", {})
         timings = tuple(float(ms.get(name, "nan")) for name in _TIMINGS)
         batch = float(answer.get("batch_size", "nan"))
-    return response.status, timings, batch, response.getheader("Retry-After") is not None
+    return response.status, timings, batch, _retry_after_s(response.getheader("Retry-After"))
 
 
 def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None:
@@ -142,12 +179,12 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
     t0 = start.get(timeout=_READY_TIMEOUT_S)
     arrivals: queue.Queue = queue.Queue()
 
-    def request(conn: http.client.HTTPConnection, i: int) -> tuple[int, tuple[float, ...], float, bool]:
+    def request(conn: http.client.HTTPConnection, i: int) -> tuple[int, tuple[float, ...], float, float | None]:
         try:
             return _send(conn, job.target, job.bodies[i % len(job.bodies)])
         except (OSError, http.client.HTTPException):
             conn.close()  # reconnects on the next request
-            return 0, _NO_TIMINGS, float("nan"), False
+            return 0, _NO_TIMINGS, float("nan"), None
 
     def closed(t: int) -> None:
         conn, i = conns[t], job.start_offset + t
@@ -156,23 +193,27 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
             time.sleep(min(0.01, max(0.0, t0 - time.monotonic())))
         previous = time.monotonic()
         while (sent := time.monotonic()) < stop:
-            status, (total, embed, decode, wait, read, search), batch, retry = request(conn, i)
+            status, (total, embed, decode, wait, read, search), batch, retry_after = request(conn, i)
             done = time.monotonic()
-            lag = sent - previous
+            lag, retry = sent - previous, retry_after is not None
             with lock:
                 records.append(
                     (sent, sent, sent, done, status, total, embed, batch, retry, lag, decode, wait, read, search)
                 )
             previous, i = done, i + job.threads
+            if status == 503:  # wait as asked before the next request (the wait is the server's, not lag)
+                pause = min(RETRY_DEFAULT_S if retry_after is None else retry_after, max(0.0, stop - done))
+                time.sleep(pause)
+                previous = done + pause
 
     def open_(t: int) -> None:
         conn = conns[t]
         while (item := arrivals.get()) is not None:
             intended, handed, i = item
             sent = time.monotonic()
-            status, (total, embed, decode, wait, read, search), batch, retry = request(conn, i)
+            status, (total, embed, decode, wait, read, search), batch, retry_after = request(conn, i)
             done = time.monotonic()
-            lag = handed - intended
+            lag, retry = handed - intended, retry_after is not None
             with lock:
                 records.append(
                     (intended, handed, sent, done, status, total, embed, batch, retry, lag, decode, wait, read, search)
@@ -340,7 +381,8 @@ def run_load(
     gathered = [pool.results.get(timeout=2 * timeout_s + 60) for _ in range(processes)]
     gathered.sort(key=lambda item: item[0])
     records = [record for _, part, _ in gathered for record in part]
-    return LoadResult(records, window, [share for _, _, share in gathered], rate, concurrency, (before, after))
+    shares = [share for _, _, share in gathered]
+    return LoadResult(records, window, shares, rate, concurrency, (before, after), machine_cores())
 
 
 def _percentile(values: np.ndarray, q: float) -> float | None:
@@ -362,7 +404,7 @@ def summarise(result: LoadResult) -> dict[str, Any]:
     and search: the wake-up of the event loop after the batch and the answer),
     ``outside_server_p50_ms``/``_p99_ms`` (send -> answer minus the server's total),
     ``client_lag_p50_ms``/``_p99_ms``/``_max_ms``, ``pool_wait_p99_ms``, ``client_cpu_max`` (the busiest client
-    process, share of a core), ``client_cpu_cores`` (all client processes together, in cores),
+    process, share of a core), ``client_cpu_cores`` (all client processes together, in cores), ``machine_cores``,
     ``client_limited`` and ``client_limited_because`` (the reasons, empty when the server was the limit).
     """
     start, end = result.window
@@ -421,10 +463,21 @@ def summarise(result: LoadResult) -> dict[str, Any]:
         "client_cpu_max": max(result.cpu_share) if result.cpu_share else None,
         # the cores the whole load generator took from a machine it may share with the server
         "client_cpu_cores": float(sum(result.cpu_share)) if result.cpu_share else None,
+        "machine_cores": result.machine_cores or machine_cores(),
     }
     reasons = []
     if row["client_cpu_max"] is not None and row["client_cpu_max"] > CPU_LIMIT:
         reasons.append(f"a client process used {row['client_cpu_max']:.0%} of a core (limit {CPU_LIMIT:.0%})")
+    cores, machine = row["client_cpu_cores"], row["machine_cores"]
+    if cores is not None and cores > CORES_SHARE * machine:
+        reasons.append(
+            f"the client processes used {cores:.2f} of the machine's {machine} cores (limit {CORES_SHARE:.0%})"
+        )
+    if result.rate is None and row["sent_per_s"] > SENT_PER_ANSWER * row["queries_per_s"]:
+        reasons.append(
+            f"the clients sent {row['sent_per_s']:.1f} requests/s for {row['queries_per_s']:.1f} answered/s "
+            f"(more than {SENT_PER_ANSWER:g} per answer: refusals, not the server's throughput)"
+        )
     lag_p99, p99 = row["client_lag_p99_ms"], row["p99_ms"]
     if lag_p99 is not None and lag_p99 > max(LAG_FLOOR_MS, LAG_SHARE * (p99 or 0.0)):
         reasons.append(

@@ -320,9 +320,12 @@ def run_serve_benchmark(work_dir: str | Path, settings: ServeBenchSettings | Non
         finally:
             server.close()
     pool.close()
-    qps = {(r["mode"], r["concurrency"]): r["queries_per_s"] for r in runs}
+    # a ratio only between rows that measured the server: a client-limited row on either side gives none
+    qps = {(r["mode"], r["concurrency"]): r["queries_per_s"] for r in runs if not r["client_limited"]}
     speedup = {
-        str(c): qps[("batched", c)] / qps[("unbatched", c)] if qps[("unbatched", c)] else None
+        str(c): qps[("batched", c)] / qps[("unbatched", c)]
+        if qps.get(("batched", c)) is not None and qps.get(("unbatched", c))
+        else None
         for c in settings.concurrency
     }
     every = runs + open_rows
@@ -405,7 +408,7 @@ def format_serve_report(result: dict[str, Any]) -> str:
         f"worker, torch), busy c by the whole machine ({result['machine']['cores']} cores: server, clients, kernel)",
     ]
     ratios = ", ".join(f"{c} clients {_number(v, 2)}x" for c, v in result["speedup_batched_over_unbatched"].items())
-    lines += ["", f"batched / unbatched throughput: {ratios}"]
+    lines += ["", f"batched / unbatched throughput: {ratios} (-: a row was client-limited, or nothing answered)"]
     goals = result["goals"]
     sat = goals["saturation_per_s"]
     lines.append(
