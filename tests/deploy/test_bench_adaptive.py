@@ -95,3 +95,17 @@ def test_bench_adaptive_quick_rows_shares_served_map_goal_and_plot(tmp_path, cap
     for log in ("serve-fixed.log", "serve-adaptive.log"):
         text = (tmp_path / "work" / log).read_text()
         assert "Serving" in text and "traced" not in text
+
+
+def test_the_goal_at_2x_is_not_measured_when_a_row_behind_it_was_client_limited():
+    from raml.bench.adaptive import _goals
+
+    def row(server: str, p99: float, shed: int, limited: bool) -> dict:
+        return {"server": server, "saturation_fraction": 2.0, "p99_ms": p99, "rejected_503": shed, "errors": 0,
+                "served_mAP": 50.0, "client_limited": limited}  # fmt: skip
+
+    met = [row("adaptive", 40.0, 0, False), row("fixed", 90.0, 12, False)]
+    assert _goals(met, 50.0)["at_2x"]["met"] is True
+    assert _goals(met, 50.0, saturation_limited=True)["at_2x"]["met"] is None  # the rates came from a flagged row
+    assert _goals([row("adaptive", 40.0, 0, True), met[1]], 50.0)["at_2x"]["met"] is None
+    assert _goals([met[0], row("fixed", 90.0, 12, True)], 50.0)["at_2x"]["met"] is None

@@ -6,6 +6,7 @@ two servers, the clients and the index is most of its cost."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import re
@@ -167,3 +168,57 @@ def test_the_health_polls_and_metrics_probes_of_a_server_share_one_client(monkey
     assert [path for path, _ in seen] == ["/health"] * 3 + ["/metrics"] * 2
     assert len({port for _, port in seen}) == 5  # a fresh connection per request, as before
     assert len(made) == 1
+
+
+def _row(qps: float, cpu_share: float, rate: float | None = None, **extra: object) -> dict:
+    """A summarised row of ``qps`` answers/s at 10 ms from one client process at ``cpu_share`` of a core (above 0.8:
+    client-limited) on a 2-core machine."""
+    from raml.bench.loadgen import LoadResult, summarise
+
+    n = int(qps * 10)
+    records = [
+        (i / qps, i / qps, i / qps, i / qps + 0.01, 200, 10.0, 5.0, 1.0, False, 0.0, 1.0, 1.0, 0.1, 0.1)
+        for i in range(n)
+    ]
+    row = summarise(LoadResult(records, (0.0, 10.0), [cpu_share], rate, 8, (None, None), 2))
+    row.update(extra)
+    return row
+
+
+def test_goals_from_client_limited_rows_read_not_measured_and_the_flags_come_before_any_ratio():
+    """The auditor's case: a client-limited batched row gave the saturation (and so every open-loop rate), and the
+    goals read "met"; a flagged row is now left out of the saturation and the ratios, its goals have met None."""
+    from raml.bench.serve import ServeBenchSettings, _goals, format_serve_report
+
+    runs = [
+        _row(400.0, 0.97, mode="batched", max_batch=32),  # client-limited: 97 % of a core
+        _row(80.0, 0.30, mode="unbatched", max_batch=1),
+    ]
+    opened = [_row(400.0 * f, 0.95, 400.0 * f, mode="batched", max_batch=32, saturation_fraction=f) for f in (0.8, 2)]
+    goals = _goals(runs, opened, ServeBenchSettings())
+    assert goals["saturation_per_s"] == {"batched": None, "unbatched": 80.0}
+    assert goals["saturation_ratio"] is None and goals["saturation_ratio_met"] is None
+    assert goals["at_80pct"]["met"] is None and goals["at_2x"]["met"] is None
+    # with a batched row that measured the server, the ratio is from it and the goal is measured
+    runs.append(_row(340.0, 0.3, mode="batched", max_batch=32))
+    opened = [_row(340.0 * f, 0.3, 340.0 * f, mode="batched", max_batch=32, saturation_fraction=f) for f in (0.8, 2)]
+    goals = _goals(runs, opened, ServeBenchSettings())
+    assert goals["saturation_per_s"]["batched"] == runs[2]["queries_per_s"] == pytest.approx(340.0, rel=0.01)
+    assert goals["saturation_ratio"] == pytest.approx(340.0 / 80.0, rel=0.02)
+    assert goals["saturation_ratio_met"] is True and goals["at_80pct"]["met"] is True
+    # the report: the flag first, then the ratios; a goal not measured says so
+    runs[0]["concurrency"] = runs[1]["concurrency"] = 8
+    runs[2]["concurrency"] = 1
+    result = {
+        "settings": {**dataclasses.asdict(ServeBenchSettings()), "database_images": 8},
+        "machine": {"cpu": "test", "cores": 2, "load_average": [0.0, 0.0, 0.0]},
+        "runs": runs,
+        "open_loop": [],
+        "speedup_batched_over_unbatched": {"8": None},
+        "goals": _goals(runs[:2], [], ServeBenchSettings()),
+    }
+    lines = format_serve_report(result).splitlines()
+    flag = next(i for i, line in enumerate(lines) if line.startswith("CLIENT-LIMITED row (batched, 8 clients)"))
+    ratio = next(i for i, line in enumerate(lines) if line.startswith("batched / unbatched throughput: 8 clients -"))
+    assert flag < ratio
+    assert "(goal >= 4x: not measured (client-limited))" in lines[ratio + 1]
