@@ -234,3 +234,45 @@ def test_read_and_the_rest_of_the_handler_time_come_from_the_answers_timings():
     row = summarise(LoadResult(records, (0.0, 2.0), [0.1], None, 4, (None, None)))
     assert row["server_read_p99_ms"] == pytest.approx(3.0)
     assert row["server_rest_p99_ms"] == pytest.approx(np.percentile([14.0 + k for k in range(101)], 99))
+
+
+def test_open_loop_records_every_scheduled_arrival_behind_a_slow_server():
+    """The auditor's slow.py: 100/s offered for 2 s on one connection to a server that takes 0.1 s, a 1 s time-out.
+    Before, the arrivals still queued when the thread's join timed out were dropped (158 of 174 recorded: the
+    longest waits missing, p99 biased low). Now one that waited out the time-out for the connection is recorded as
+    failed (status 0) without being sent, and every scheduled arrival has a record."""
+
+    class Slow(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+        disable_nagle_algorithm = True
+
+        def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(0.1)
+            body = json.dumps({"timings_ms": {"total": 100.0, "embed": 100.0}, "batch_size": 1}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    server.daemon_threads = True
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        result = run_load(
+            f"http://127.0.0.1:{server.server_address[1]}", [b"x"], k=1, warmup_s=0.0, duration_s=2.0,
+            concurrency=1, rate=100.0, processes=1, timeout_s=1.0,
+        )  # fmt: skip
+    finally:
+        server.shutdown()
+        server.server_close()
+    scheduled = poisson_schedule(100.0, 2.0, seed=0)
+    assert sorted(r[0] - result.window[0] for r in result.records) == pytest.approx(list(scheduled), abs=1e-6)
+    row = summarise(result)
+    answered = sum(r[4] == 200 for r in result.records)
+    assert 5 <= answered <= 40 and row["errors"] == len(scheduled) - answered > 100
+    # the answered ones waited up to the time-out for the connection, and their latency says so
+    assert 500.0 < row["p99_ms"] < 1000.0 + 300.0

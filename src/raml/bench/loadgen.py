@@ -32,7 +32,9 @@ the client, not the server, and a benchmark leaves it out of its ratios.
 Records: one tuple per request, ``(intended, handed, sent, done, status, server_total_ms, server_embed_ms,
 batch_size, retry_after, lag, server_decode_ms, server_queue_ms, server_read_ms, server_search_ms)`` with times in
 s on the system-wide ``time.monotonic`` clock (the same in every process on Linux), ``status`` 0 for a failed
-connection or a time-out, ``retry_after`` whether a 503 carried ``Retry-After``.
+connection or a time-out, ``retry_after`` whether a 503 carried ``Retry-After``. In the open loop every scheduled
+arrival gets a record: one that waited more than the time-out for a free connection is not sent and counts as
+failed (status 0), as do those still held by a thread that outlived the run's end.
 """
 
 from __future__ import annotations
@@ -206,18 +208,36 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
                 time.sleep(pause)
                 previous = done + pause
 
+    dispatched: list[tuple[float, float, int]] = []  # open loop: every arrival handed over
+    finished: set[int] = set()  # ... and the numbers of those recorded (under ``lock``)
+    abandoned = threading.Event()  # set when threads outlived their join: what they still record is dropped
+
+    def unsent(item: tuple[float, float, int]) -> Record:
+        """A failed record (status 0) for an arrival that got no answer: never sent, or given up."""
+        intended, handed, _ = item
+        now = time.monotonic()
+        nan = float("nan")
+        return (intended, handed, now, now, 0, nan, nan, nan, False, handed - intended, nan, nan, nan, nan)
+
     def open_(t: int) -> None:
         conn = conns[t]
         while (item := arrivals.get()) is not None:
             intended, handed, i = item
             sent = time.monotonic()
-            status, (total, embed, decode, wait, read, search), batch, retry_after = request(conn, i)
-            done = time.monotonic()
-            lag, retry = handed - intended, retry_after is not None
+            if sent - intended > job.timeout_s:  # waited out its time-out for a free connection: failed, not sent
+                record = unsent(item)
+            else:
+                status, (total, embed, decode, wait, read, search), batch, retry_after = request(conn, i)
+                done = time.monotonic()
+                lag, retry = handed - intended, retry_after is not None
+                record = (
+                    intended, handed, sent, done, status, total, embed, batch, retry, lag, decode, wait, read, search
+                )  # fmt: skip
             with lock:
-                records.append(
-                    (intended, handed, sent, done, status, total, embed, batch, retry, lag, decode, wait, read, search)
-                )
+                if abandoned.is_set():  # the run ended without this thread: its arrival is already counted
+                    return
+                records.append(record)
+                finished.add(i)
 
     threads = [
         threading.Thread(target=open_ if job.schedule is not None else closed, args=(t,), daemon=True)
@@ -231,16 +251,28 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
             intended = t0 + offset
             while (now := time.monotonic()) < intended:
                 time.sleep(intended - now)
-            arrivals.put((intended, time.monotonic(), job.start_offset + n))
+            dispatched.append((intended, time.monotonic(), job.start_offset + n))
+            arrivals.put(dispatched[-1])
         for _ in threads:
             arrivals.put(None)
     for thread in threads:
-        thread.join(timeout=job.stop_after_s + 2 * job.timeout_s + 10)
+        thread.join(timeout=max(0.0, t0 + job.stop_after_s + 2 * job.timeout_s + 10 - time.monotonic()))
     cpu_share = (time.process_time() - cpu0) / max(1e-9, time.monotonic() - max(wall0, t0))
-    for conn in conns:
-        conn.close()
+    alive = [t for t, thread in enumerate(threads) if thread.is_alive()]
     with lock:
+        if alive:  # stuck in a request (a server that drips its answer): what was not recorded counts as failed
+            abandoned.set()
+            left = [item for item in dispatched if item[2] not in finished]
+            records.extend(unsent(item) for item in left)
+            logger.warning(
+                "%d client thread(s) still in a request at the run's end: %d arrivals count as failed",
+                len(alive),
+                len(left),
+            )
         results.put((index, list(records), cpu_share))
+    for t, conn in enumerate(conns):
+        if t not in alive:  # closing a connection under a live thread breaks its request mid-way
+            conn.close()
 
 
 def _worker_loop(index: int, bodies: tuple[bytes, ...], jobs: Any, ready: Any, start: Any, results: Any) -> None:
