@@ -44,6 +44,41 @@ def test_with_workers_only_wall_clock_rates(jpegs):
     assert report["goals"]["per"] == "wall_second" and report["modes"]["batch"]["backend"] == "torch"
 
 
+def test_with_workers_both_sides_time_the_same_batches_after_an_untimed_one(jpegs):
+    """Before, the baseline timed min(batches, 2) batches with the workers' start-up inside its timer while our
+    modes spread it over ``batches``: speedups ~2x inflated (3.68 against 2.06 with equal counts)."""
+    report = run_pipeline_benchmark(jpegs, 16, 32, pos_num=2, batch_size=2, workers=1, batches=3, backend="torch")
+    assert report["settings"]["baseline_batches"] == 3 and report["settings"]["untimed_batches_per_run"] == 1
+    assert report["comparable"] is True
+    # 3 batches of 2 images x 2 views timed on every side: the untimed first batch is not counted
+    for runs in [report["baseline"]["runs"]] + [mode["runs"] for mode in report["modes"].values()]:
+        assert [run["coupled_views"] for run in runs] == [12]
+    for mode in report["modes"].values():
+        assert isinstance(mode["goal_met"], bool)
+    # another baseline count with workers: not comparable per wall-second, so no goal is measured
+    other = run_pipeline_benchmark(
+        jpegs, 16, 32, pos_num=2, batch_size=2, workers=1, batches=2, baseline_batches=1, backend="torch"
+    )
+    assert other["comparable"] is False and [m["goal_met"] for m in other["modes"].values()] == [None] * 3
+
+
+def test_the_timer_starts_after_the_untimed_batches(monkeypatch):
+    """A loader whose first batch takes 10 s of a fake clock (a worker's start-up), the others 1 s each."""
+    from raml.bench import pipeline
+
+    clock = [0.0]
+    monkeypatch.setattr(pipeline.time, "perf_counter", lambda: clock[0])
+
+    def loader(count: int):
+        for i in range(count):
+            clock[0] += 10.0 if i == 0 else 1.0
+            yield torch.zeros(2, 2, 1), torch.zeros(2, 2, 1), None
+
+    timed = pipeline._time_loader(loader(4), lambda batch: batch[:2], 3, untimed=1)
+    assert timed["coupled_views"] == 12 and timed["seconds"] == 3.0
+    assert pipeline._time_loader(loader(3), lambda batch: batch[:2], 3)["seconds"] == 12.0  # start-up counted
+
+
 def test_reference_baseline_reseeds_the_partner_with_the_view_seed(tmp_path):
     # One image: every partner is the image itself, rendered with the view's seed, so the mix is the view.
     (path,) = make_synthetic_jpegs(tmp_path, 1, width=40, height=30)
