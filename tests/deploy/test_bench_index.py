@@ -41,3 +41,19 @@ def test_bench_index_build_part_compares_in_memory_and_on_disk_builds(tmp_path):
         assert run["codes_mib"] == round(3000 * (4 + 8) / 2**20, 1)
     assert "| disk | 3000 |" in format_build_report(report)
     assert (tmp_path / "build-disk-3000" / "lists.ivfdata").is_file()
+
+
+def test_cached_images_are_kept_apart_by_size_and_seed(tmp_path):
+    """A rerun in the same --work-dir with another --image-size measured the images of the first run (the cache
+    was keyed by the image's number only) while reporting the new size."""
+    from PIL import Image
+
+    from raml.bench.index import _write_images
+
+    small = _write_images(tmp_path / "images", 3, 32)
+    large = _write_images(tmp_path / "images", 3, 48)
+    assert [Image.open(p).size for p in small] == [(32, 32)] * 3
+    assert [Image.open(p).size for p in large] == [(48, 48)] * 3
+    reseeded = _write_images(tmp_path / "images", 1, 32, seed=1)
+    assert Image.open(reseeded[0]).tobytes() != Image.open(small[0]).tobytes()
+    assert _write_images(tmp_path / "images", 3, 32) == small  # the cache is still used for the same settings

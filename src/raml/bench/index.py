@@ -44,7 +44,10 @@ __all__ = ["format_build_report", "format_index_report", "main", "run_build_benc
 
 
 def _write_images(folder: Path, count: int, size: int, seed: int = 0) -> list[str]:
-    """``count`` random ``size`` px JPEGs (kept between runs: only missing files are written)."""
+    """``count`` random ``size`` px JPEGs under ``folder/{size}px-seed{seed}`` (kept between runs: only missing
+    files are written; the size and the seed name the folder, so a run with another ``--image-size`` never
+    measures the images of an earlier one)."""
+    folder = folder / f"{size}px-seed{seed}"
     folder.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
     paths = []
