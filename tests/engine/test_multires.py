@@ -365,6 +365,28 @@ def test_bench_resolutions_quick_writes_rows_table_and_plot(tmp_path, capsys, mo
     )
 
 
+def test_an_interrupted_run_s_outputs_say_how_many_of_the_requested_seeds_are_in(tmp_path, monkeypatch):
+    """After each seed the outputs are written; before, the settings' seed count was overwritten with the number
+    done, so the outputs of a run stopped after seed 0 of 2 looked like a complete 1-seed run."""
+    import time
+
+    from raml.bench import resolutions
+
+    monkeypatch.setattr(resolutions, "plot_resolutions", lambda summary, path: None)
+    settings = resolutions.quick_settings(tmp_path)
+    settings.seeds = 2
+    stack = {"torch_threads": 1, "cpu": "test"}
+    partial = resolutions._write_results(tmp_path, settings, [0], [], [], stack, time.perf_counter())
+    written = json.loads((tmp_path / "resolutions.json").read_text())["settings"]
+    assert partial["settings"] == written
+    assert (written["seeds"], written["seeds_done"], written["seed_values"], written["complete"]) == (2, 1, [0], False)
+    assert "over 1 of 2 seeds: INCOMPLETE" in (tmp_path / "resolutions.md").read_text()
+    resolutions._write_results(tmp_path, settings, [0, 1], [], [], stack, time.perf_counter())
+    written = json.loads((tmp_path / "resolutions.json").read_text())["settings"]
+    assert (written["seeds"], written["seeds_done"], written["complete"]) == (2, 2, True)
+    assert "over 2 seed(s)." in (tmp_path / "resolutions.md").read_text()
+
+
 def test_docs_name_existing_flags_and_show_the_recorded_run():
     import re
 

@@ -237,7 +237,13 @@ def resolutions_markdown(results: dict[str, Any]) -> str:
         "# One student for several query sizes",
         "",
         f"Asymmetric retrieval on the held-out synthetic classes: queries at each size against the teacher's "
-        f"{s['demo']['teacher_size']} px database; mean ± standard deviation over {s['seeds']} seed(s).",
+        f"{s['demo']['teacher_size']} px database; mean ± standard deviation over "
+        + (
+            f"{s['seeds']} seed(s)."
+            if s.get("complete", True)
+            else f"{s['seeds_done']} of {s['seeds']} seeds: INCOMPLETE, the run stopped (or is still running) after "
+            f"seed {s['seed_values'][-1] if s['seed_values'] else '-'}."
+        ),
         "",
         resolutions_tables(results),
     ]
@@ -437,8 +443,11 @@ def _write_results(
     stack: dict[str, Any],
     start: float,
 ) -> dict[str, Any]:
+    """Write resolutions.json, .md and .png for the ``seeds`` finished so far; ``settings.seeds`` (the number
+    requested) is kept, with ``seeds_done`` and ``complete`` (False until the last seed is in)."""
     settings_dict = json.loads(json.dumps(asdict(settings), default=str))
-    settings_dict["seeds"], settings_dict["seed_values"] = len(seeds), seeds
+    settings_dict["seed_values"], settings_dict["seeds_done"] = seeds, len(seeds)
+    settings_dict["complete"] = len(seeds) >= settings.seeds
     summary = summarise(rows + bn_rows)
     results = {
         "rows": rows,
