@@ -309,3 +309,14 @@ def test_quantization_benchmark_int8_rows_measure_the_int8_file(setup, bench):
     queries = torch.from_numpy(int8).float()
     expected = retrieval_metrics(queries, database, split.labels, split.labels, exclude_self=True)
     assert exact["mAP"] == pytest.approx(expected["mAP"], abs=1e-4)
+
+
+def test_the_report_says_the_int8_cosine_is_measured_on_held_out_images():
+    """The cosine comes from quantize_onnx's check images, of the test split minus any calibration image; the
+    report said 'on the calibration images'."""
+    from raml.bench.quantization import format_quantization_report
+
+    files = {"fp32_bytes": 2, "int8_bytes": 1, "int8_mean_cosine_to_fp32": 0.9999, "int8_min_cosine_to_fp32": 0.999}
+    line = format_quantization_report({"rows": [], "files": {**files, "int8_checked_images": 64}}).splitlines()[-1]
+    assert "cosine on 64 held-out images of the test split (not used for calibration): mean 0.9999" in line
+    assert "calibration images" not in line
