@@ -266,6 +266,20 @@ def test_a_new_method_trains_and_saves_its_mode(setup, tmp_path):
     assert load_checkpoint_file(result.best_checkpoint)["raml"]["mode"] == "d3"
 
 
+@pytest.mark.parametrize(("mode", "pos_num"), [("d3", 2), ("rkd", 2), ("rkd", 1), ("ugd", 1), ("csd", 1)])
+def test_an_epoch_ending_in_a_one_image_batch_trains_to_a_checkpoint(setup, tmp_path, caplog, mode, pos_num):
+    """5 images, batches of 4: the last batch holds one image, too few for the relations (or, for ugd at one view,
+    the projectors' BatchNorm1d). It contributes a zero loss with a warning instead of stopping the run."""
+    config = _config(setup, tmp_path / mode, mode=mode, pos_num=pos_num, query_size=5)
+    trainer = Trainer(config, CPU, progress=False)
+    assert trainer.batches_per_epoch == 2
+    with caplog.at_level("WARNING"):
+        result = trainer.run()
+    assert load_checkpoint_file(result.best_checkpoint)["raml"]["mode"] == mode
+    assert all(torch.isfinite(torch.tensor(value)) for value in result.history[-1].values() if isinstance(value, float))
+    assert sum("A batch of 1 image(s)" in record.getMessage() for record in caplog.records) == 1
+
+
 # -------------------------------------------------------------------------------------------- ablations
 @pytest.mark.parametrize("partner", ["dataset", "batch"])
 def test_no_mixup_feeds_the_views_as_rendered(setup, tmp_path, partner):

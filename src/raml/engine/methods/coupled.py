@@ -15,8 +15,9 @@ embeddings, L2-normalised (the teacher frozen, no gradient); a subclass turns th
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 
@@ -25,6 +26,8 @@ from raml.data.sizes import draw_batch_sizes
 from raml.data.views import CoupledViewDataset, batch_loader_arguments, mix_partner_views, mixup_views
 from raml.distributed import all_gather_rows, shard_bounds
 from raml.engine.methods.base import BatchLoss, Method
+
+logger = logging.getLogger(__name__)
 
 
 class CoupledViewMethod(Method):
@@ -128,12 +131,29 @@ class BatchRelationMethod(CoupledViewMethod):
     The ``groups`` passed to :meth:`relation_terms` give the image of each row: every relational loss leaves
     the other views of a row's image out of its relations (AIR-Distiller's distillation batches hold distinct
     images), so that the methods treat those near-duplicates alike.
+
+    A batch whose rows cannot form the relations (:meth:`relatable`: e.g. the epoch's last batch holding one
+    image, its views of one group) contributes a zero loss that keeps the graph (every term logged as 0; a
+    warning once per run) instead of stopping the run: the reference keeps an epoch's last, smaller batch
+    (``drop_last`` only in ``sym`` mode), and so do these methods.
     """
+
+    #: the terms :meth:`relation_terms` returns besides ``"total"`` (logged as 0 for a batch without relations)
+    term_names: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        self._warned_no_relations = False
 
     @staticmethod
     def candidates(groups: torch.Tensor) -> int:
         """The fewest rows any row may relate to, itself included: ``N`` minus the largest group, plus one."""
         return int(groups.numel() - torch.bincount(groups).max() + 1)
+
+    def relatable(self, images: int, rows: int) -> bool:
+        """Whether :meth:`relation_terms` can be formed on ``rows`` views of ``images`` images: two rows at least
+        (every loss of :mod:`raml.losses` relates pairs). A subclass needing more says so."""
+        return rows >= 2
 
     def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         """``(N, D)`` student, ``(N, D)`` teacher, ``(N,)`` image of each row -> terms with ``"total"`` (means)."""
@@ -142,6 +162,8 @@ class BatchRelationMethod(CoupledViewMethod):
     def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
         student, teacher = self.view_embeddings(batch, generator)
         b, p = student.shape[:2]
+        if not self.relatable(b, b * p):
+            return self._no_relations(student, b, p)
         groups = torch.arange(b, device=student.device).repeat_interleave(p)
         terms = self.relation_terms(student.flatten(0, 1), teacher.flatten(0, 1), groups)
         loss = terms["total"] * b
@@ -151,3 +173,18 @@ class BatchRelationMethod(CoupledViewMethod):
             **{name: value.detach() * b for name, value in terms.items() if name != "total"},
         }
         return BatchLoss(loss, logged, b)
+
+    def _no_relations(self, student: torch.Tensor, images: int, views: int) -> BatchLoss:
+        """A zero loss for a batch without relations, still on the student's graph (its backward gives zero
+        gradients, so that every process of a distributed run takes part in the all-reduce)."""
+        if not self._warned_no_relations:
+            self._warned_no_relations = True
+            logger.warning(
+                "A batch of %d image(s) x %d view(s) is too small for the relations of %s; it contributes a zero "
+                "loss (this warning is given once per run). Use a --batch-size and --query-size for which the "
+                "epoch's last batch holds at least 2 images (and 3 views for --mode rkd) to avoid it.",
+                images, views, type(self).__name__,
+            )  # fmt: skip
+        loss = student.sum() * 0.0
+        zero = loss.detach()
+        return BatchLoss(loss, {"loss": zero, **{name: zero for name in self.term_names}}, images)

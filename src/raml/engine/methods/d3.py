@@ -19,6 +19,12 @@ from raml.losses import d3_loss
 class DecoupledDifferentialDistillation(BatchRelationMethod):
     """First-order term + the teacher's top-k similarity differences, hard and easy pairs weighted apart."""
 
+    term_names = ("first_order", "hard", "easy")
+
+    def relatable(self, images: int, rows: int) -> bool:
+        """Two images at least: a top-k needs ``k >= 2`` rows, and a row ranks only itself and other images."""
+        return images >= 2
+
     def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         c = self.run.config
         k = min(c.d3_k, self.candidates(groups))

@@ -18,6 +18,12 @@ from raml.losses import rkd_loss
 class RelationalDistillation(BatchRelationMethod):
     """Distance- and angle-wise relations of the batch's student embeddings matched to the teacher's."""
 
+    term_names = ("distance", "angle")
+
+    def relatable(self, images: int, rows: int) -> bool:
+        """Two images (a distance between different images) and three rows (a triangle) at least."""
+        return images >= 2 and rows >= 3
+
     def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         c = self.run.config
         return rkd_loss(student, teacher, c.rkd_distance_weight, c.rkd_angle_weight, groups)

@@ -26,6 +26,7 @@ view keeps its image's label) and the loss is UGD's alone.
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,8 @@ from raml.distributed import all_reduce_sum_
 from raml.engine.methods.base import BatchLoss
 from raml.engine.methods.coupled import CoupledViewMethod
 from raml.losses import ugd_loss
+
+logger = logging.getLogger(__name__)
 
 #: the stage of the student that is distilled, counted from the end of its trunk (the authors' layer 3 of 4)
 STUDENT_STAGE = -2
@@ -94,6 +97,10 @@ class UnambiguousGranularityDistillation(CoupledViewMethod):
 
     labels = True
     projectors: nn.ModuleList
+
+    def __init__(self, run: Any) -> None:
+        super().__init__(run)
+        self._warned_single_region = False
 
     def _networks(self) -> tuple[nn.Module, nn.Module]:
         run = self.run
@@ -155,7 +162,15 @@ class UnambiguousGranularityDistillation(CoupledViewMethod):
                 hook.remove()
         self.projectors.train()
         student_regions, teacher_regions, unambiguous = [], [], []
+        # a granularity of one region row in all (a batch of one image x one view, a 1 x 1 grid) cannot pass the
+        # projector's BatchNorm1d in training: its local term is left out of this batch (0), the projector kept
+        # on the graph with a zero weight so that its gradients exist (zero) on every process
+        skipped = student.new_zeros(())
         for grid, projector in zip(self.grids(student_views.shape[-1]), self.projectors, strict=True):
+            if b * p * grid * grid < 2:
+                self._warn_single_region(b, p)
+                skipped = skipped + sum(parameter.sum() for parameter in projector.parameters()) * 0.0
+                continue
             with torch.no_grad():
                 regions = grid_regions(maps["teacher"].float(), grid)[:, :, None, None]
                 t_regions = teacher_net.pool(regions)
@@ -169,9 +184,20 @@ class UnambiguousGranularityDistillation(CoupledViewMethod):
             teacher_regions.append(t_regions.to(run.device).view(b * p, grid * grid, -1))
             unambiguous.append(hits.to(run.device).view(b * p, grid * grid))
         terms = ugd_loss(student, teacher.to(run.device), student_regions, teacher_regions, unambiguous)
-        loss = terms["total"] * b
+        loss = (terms["total"] + skipped) * b
         logged = {"loss": loss.detach(), "global": terms["global"].detach() * b, "local": terms["local"].detach() * b}
         return BatchLoss(loss, logged, b)
+
+    def _warn_single_region(self, images: int, views: int) -> None:
+        if not self._warned_single_region:
+            self._warned_single_region = True
+            logger.warning(
+                "A batch of %d image(s) x %d view(s) gives a single region per granularity, too few for the "
+                "projectors' BatchNorm1d: its local term is left out (0), the global term kept (this warning is "
+                "given once per run). Use a --batch-size and --query-size for which the epoch's last batch holds "
+                "at least 2 images, or --pos-num 2 or more, to avoid it.",
+                images, views,
+            )  # fmt: skip
 
     def before_optimizer_step(self) -> None:
         dist = self.run.dist
