@@ -83,6 +83,34 @@ def test_a_checkpoint_of_other_run_settings_is_refused_with_every_difference(
     assert not (tmp_path / "new").exists()
 
 
+def test_another_image_size_list_is_refused(machinery, machinery_teacher_path, finished, tmp_path):
+    """The whole --image-size list is compared, not its first size: a run trained at 32,24 resumed at 32,16 or
+    at 32 alone (or a run trained at 32 resumed at 32,24) is refused; the same list resumes."""
+    multi = tmp_path / "multi"
+    config = machinery.distill_config(
+        multi, machinery_teacher_path, epochs=1, val=False, image_sizes=[32, 24], query_size=8, pos_num=2
+    )
+    Trainer(config, CPU, progress=False).run()
+    config = config.replace(epochs=2)
+    before = _folder_state(multi)
+    for sizes, shown in (([32, 16], "32,16"), (None, "32")):
+        with pytest.raises(ValueError, match="other settings") as refused:
+            Trainer(config.replace(image_sizes=sizes, resume_student="last"), CPU, progress=False)
+        assert f"--image-size: checkpoint 32,24, asked {shown}" in str(refused.value)
+        assert str(refused.value).count("--image-size") == 1
+    assert _folder_state(multi) == before
+    resumed = Trainer(config.replace(resume_student="last"), CPU, progress=False)
+    assert resumed.start_epoch == 2
+    resumed.release_lock()
+
+    run = _copy(finished, tmp_path)
+    single = machinery.distill_config(
+        run, machinery_teacher_path, epochs=2, val=False, scheduler="exponential", resume_student="last"
+    )
+    with pytest.raises(ValueError, match="--image-size: checkpoint 32, asked 32,24"):
+        Trainer(single.replace(image_sizes=[32, 24]), CPU, progress=False)
+
+
 def test_another_optimizer_or_scheduler_is_refused_also_for_a_checkpoint_without_their_names(
     machinery, machinery_teacher_path, finished, tmp_path
 ):

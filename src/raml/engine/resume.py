@@ -31,6 +31,7 @@ BEST_NAME = "model_best.pth.tar"
 RUN_FIELDS: dict[str, str] = {
     "mode": "--mode",
     "image_size": "--image-size",
+    "image_sizes": "--image-size",
     "teacher_image_size": "--teacher-image-size",
     "teacher_sha256": "--teacher-path",
     "training_dataset": "--training-dataset",
@@ -72,6 +73,7 @@ def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any
     return {
         "mode": config.mode,
         "image_size": config.image_size,
+        "image_sizes": config.student_sizes(),
         "teacher_image_size": config.teacher_image_size,
         "teacher_sha256": teacher_sha256,
         "training_dataset": config.training_dataset,
@@ -82,6 +84,8 @@ def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any
 
 
 def _shown(name: str, value: Any) -> str:
+    if name == "image_sizes" and isinstance(value, list):  # as --image-size is spelled: 32, or 16,24
+        return ",".join(map(str, value))
     if name == "trainval":
         return "train + val (the reference's protocol)" if value else "--select-on-val (train only)"
     if name == "teacher_sha256":
@@ -92,10 +96,12 @@ def _shown(name: str, value: Any) -> str:
 def check_run_fields(stored: dict[str, Any], ours: dict[str, Any], path: Path) -> None:
     """Refuse (``ValueError``) a checkpoint whose stored run fields differ from this run's, listing each
     difference; fields the checkpoint does not store are not compared."""
+    differing = [name for name, value in ours.items() if name in stored and stored[name] != value]
+    if "image_sizes" in differing and "image_size" in differing:  # the list says it (its first size included)
+        differing.remove("image_size")
     differences = [
-        f"{RUN_FIELDS.get(name, name)}: checkpoint {_shown(name, stored[name])}, asked {_shown(name, value)}"
-        for name, value in ours.items()
-        if name in stored and stored[name] != value
+        f"{RUN_FIELDS.get(name, name)}: checkpoint {_shown(name, stored[name])}, asked {_shown(name, ours[name])}"
+        for name in differing
     ]
     if differences:
         raise ValueError(
@@ -175,11 +181,33 @@ def _damaged(path: Path, detail: str) -> InvalidCheckpointError:
 
 
 def load_resume_checkpoint(path: Path) -> dict[str, Any]:
-    """:func:`load_checkpoint_file`, with a message for a damaged file that fits a training checkpoint."""
+    """:func:`load_checkpoint_file`, with a message for a damaged file that fits a training checkpoint.
+
+    The run fields of its ``raml`` section get ``image_sizes``, the student sizes it was trained at (see
+    :func:`trained_image_sizes`), so that :func:`check_run_fields` compares the whole ``--image-size`` list.
+    """
     try:
-        return load_checkpoint_file(path)
+        checkpoint = load_checkpoint_file(path)
     except InvalidCheckpointError as error:
         raise _damaged(path, error.detail) from error
+    stored = checkpoint.get("raml")
+    if isinstance(stored, dict) and "image_sizes" not in stored:
+        sizes = trained_image_sizes(stored, checkpoint.get("meta"))
+        if sizes is not None:
+            stored["image_sizes"] = sizes
+    return checkpoint
+
+
+def trained_image_sizes(stored: dict[str, Any], meta: Any) -> list[int] | None:
+    """The student sizes a raml training checkpoint was trained at: ``meta["image_sizes"]`` (written for several
+    sizes), else its one ``image_size``; ``None`` for a checkpoint that records no size (the reference's, a
+    published network): not compared, as every field such files lack."""
+    sizes = meta.get("image_sizes") if isinstance(meta, dict) else None
+    if isinstance(sizes, list) and sizes:
+        return [int(size) for size in sizes]
+    if isinstance(stored.get("image_size"), int):
+        return [stored["image_size"]]
+    return None
 
 
 def checkpoint_epoch(path: Path) -> int:
