@@ -61,3 +61,24 @@ def test_first_trial_is_the_given_values_unclipped(tmp_path: Path, monkeypatch, 
     for values in _RecordingTrainer.seen[1:]:
         assert 1e-4 <= values["lr"] <= 2e-4 and 0.6 <= values["lam_1"] <= 0.8 and 0.6 <= values["lam_2"] <= 0.8
     assert len(_RecordingTrainer.seen) == 3
+
+
+@pytest.mark.parametrize("mode", ["csd", "ts_reg"])
+def test_a_mode_that_reads_no_lambda_searches_lr_alone(tmp_path: Path, monkeypatch, mode):
+    """Only ts_aug's loss reads lam_1 / lam_2: the other modes' trials and best values hold lr alone, and their
+    lambdas stay as given."""
+    import optuna
+
+    monkeypatch.setattr(search_module, "Trainer", _RecordingTrainer)
+    monkeypatch.setattr(search_module, "_free_memory", lambda device: None)
+    _RecordingTrainer.seen = []
+    config = TrainConfig(
+        directory=str(tmp_path / "search"), data_root=str(tmp_path / "data"), teacher="resnet18", mode=mode,
+        lr=1.5e-4, lam_1=0.3, lam_2=0.4, trials=3, optimize=True,
+    )  # fmt: skip
+    best = search_module.search(config, torch.device("cpu"), progress=False)
+    assert set(best) == {"lr"}
+    study = optuna.load_study(study_name="raml", storage=f"sqlite:///{tmp_path / 'search' / 'optuna.db'}")
+    assert [set(trial.params) for trial in study.trials] == [{"lr"}] * 3
+    assert all((values["lam_1"], values["lam_2"]) == (0.3, 0.4) for values in _RecordingTrainer.seen)
+    assert search_module.search_space(config.replace(mode="ts_aug")) == search_module.SEARCH_SPACE

@@ -1,6 +1,8 @@
 """Hyper-parameter search (``--optimize``, SPEC section 5) with optuna.
 
-TPE over lr in [1e-4, 2e-4] (log scale), lam-1 and lam-2 in [0.6, 0.8], maximising the validation mAP
+TPE over lr in [1e-4, 2e-4] (log scale), and for ``--mode ts_aug`` lam-1 and lam-2 in [0.6, 0.8] (the
+settings the method reads, its ``Method.searched``: the other modes search lr alone, where the reference also
+draws lambdas its ts_reg and sym losses never read), maximising the validation mAP
 with the val classes held out from training; the first trial is the values given on the command line, unclipped
 (as the reference enqueues them). Our TPE sampler is seeded with ``--seed`` (the reference's is not). A
 trial is scored by its last validation, as in the reference (``--search-objective best``: its best
@@ -20,13 +22,33 @@ from pathlib import Path
 import torch
 
 from raml.engine.config import TrainConfig
+from raml.engine.methods import method_class
 from raml.engine.run_lock import RUN_LOCK_COMMAND
 from raml.engine.trainer import Trainer, TrainResult, refuse_existing_checkpoints
 from raml.locking import DirectoryLock, LockFileError, LockHeldError
 
 logger = logging.getLogger(__name__)
 
+#: every searchable setting and its range (lr on a log scale); a method searches those it names (Method.searched)
 SEARCH_SPACE = {"lr": (1e-4, 2e-4), "lam_1": (0.6, 0.8), "lam_2": (0.6, 0.8)}
+#: the settings searched on a log scale
+LOG_SCALE = ("lr",)
+
+
+def search_space(config: TrainConfig) -> dict[str, tuple[float, float]]:
+    """The ranges ``--optimize`` searches for ``config``'s method, in :data:`SEARCH_SPACE`'s order.
+
+    Raises:
+        ValueError: the method names a setting :data:`SEARCH_SPACE` does not hold.
+    """
+    cls = method_class(config.mode, config.loss)
+    unknown = [name for name in cls.searched if name not in SEARCH_SPACE]
+    if unknown:
+        raise ValueError(
+            f"{cls.__name__}.searched names {', '.join(unknown)}, which --optimize cannot search; name settings of "
+            f"raml.engine.search.SEARCH_SPACE ({', '.join(SEARCH_SPACE)})."
+        )
+    return {name: bounds for name, bounds in SEARCH_SPACE.items() if name in cls.searched}
 
 
 def _import_optuna():  # noqa: ANN202 - optional dependency
@@ -57,18 +79,15 @@ def search(
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
     )
+    space = search_space(config)
     if not study.trials:
         # The first trial evaluates the values the user gave, as given, as the reference enqueues them: a value
         # outside the range is kept (optuna warns), e.g. the reference's default --lam-1 0 --lam-2 0 makes the
         # first trial the absolute term alone.
-        study.enqueue_trial({name: getattr(config, name) for name in SEARCH_SPACE})
+        study.enqueue_trial({name: getattr(config, name) for name in space})
 
     def objective(trial) -> float:  # noqa: ANN001 - optuna.Trial
-        values = {
-            "lr": trial.suggest_float("lr", *SEARCH_SPACE["lr"], log=True),
-            "lam_1": trial.suggest_float("lam_1", *SEARCH_SPACE["lam_1"]),
-            "lam_2": trial.suggest_float("lam_2", *SEARCH_SPACE["lam_2"]),
-        }
+        values = {name: trial.suggest_float(name, *bounds, log=name in LOG_SCALE) for name, bounds in space.items()}
         trial_config = config.replace(
             **values,
             directory=str(directory / f"trial_{trial.number}"),
@@ -94,7 +113,8 @@ def search(
     remaining = max(0, config.trials - len(finished))
     if remaining:
         study.optimize(objective, n_trials=remaining)
-    best = dict(study.best_params)
+    # only this method's settings (a study resumed from an older version may hold others)
+    best = {name: value for name, value in study.best_params.items() if name in space}
     logger.info("Best search values: %s (val mAP %.2f)", best, study.best_value)
     return best
 

@@ -49,10 +49,13 @@ class Method:
         teacher: :data:`TEACHER_USES`: ``"online"`` (the teacher embeds each batch's views), ``"cached"``
             (its embeddings of the training images, computed once) or ``"none"``.
         labels: whether the method reads the training labels.
+        searched: the settings ``--optimize`` searches for it (keys of :data:`raml.engine.search.SEARCH_SPACE`):
+            ``lr`` alone by default; ``ts_aug``, whose loss reads λ1 and λ2, adds ``lam_1`` and ``lam_2``.
     """
 
     teacher: ClassVar[str] = "none"
     labels: ClassVar[bool] = False
+    searched: ClassVar[tuple[str, ...]] = ("lr",)
 
     def __init__(self, run: Trainer) -> None:
         self.run = run

@@ -22,6 +22,8 @@ _LOGGED = {"loss": "total", "absolute": "absolute", "relative_1": "relative_1", 
 class CoupledViewDistillation(CoupledViewMethod):
     """The paper's distillation loss over the coupled views of each image."""
 
+    searched = ("lr", "lam_1", "lam_2")  # the reference's search space (optimize.py)
+
     def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
         c = self.run.config
         student, teacher = self.view_embeddings(batch, generator)
