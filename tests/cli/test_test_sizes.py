@@ -4,6 +4,7 @@ test at that size, the teacher's database embedded once."""
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -87,3 +88,36 @@ def test_index_with_several_sizes_is_refused(own_root, networks, tmp_path):
     argv = ["test", "-d", "mine-test", "--data-root", str(own_root), "--student-path", str(networks["student"])]
     with pytest.raises(SystemExit, match="one query size at a time"):
         main([*argv, "--index", str(tmp_path), "--image-size", "24,32"])
+
+
+def test_raml_test_defaults_to_the_student_s_first_trained_size_and_warns_outside_them(
+    own_root, networks, tmp_path, monkeypatch, caplog
+):
+    """A student trained at 24,32 (meta["image_sizes"]) is tested at 24 when --image-size is not given (before:
+    224, a size it never saw); a size outside its list is tested with a warning."""
+    from raml.cli import evaluate as evaluate_module
+    from raml.models import save_checkpoint
+
+    network = load_network(networks["student"])
+    network.meta["image_sizes"] = [24, 32]
+    student = tmp_path / "multi.pth"
+    save_checkpoint(student, network)
+    seen = []
+
+    def recording(net, split, image_size, *args, **kwargs):
+        seen.append(image_size)
+        return evaluate_split(net, split, image_size, *args, **kwargs)
+
+    monkeypatch.setattr(evaluate_module, "evaluate_split", recording)
+    argv = ["test", "-d", "mine-test", "--data-root", str(own_root), "--sym", "--no-progress", "-j", "0"]
+    argv += ["--student-path", str(student), "--cpu-runtime", "torch"]
+    assert main(argv) == 0
+    assert seen == [24]
+    search_logger = logging.getLogger("raml.deploy.search")
+    search_logger.addHandler(caplog.handler)  # the CLI replaces the root logger's handlers
+    try:
+        assert main([*argv, "--image-size", "40"]) == 0
+    finally:
+        search_logger.removeHandler(caplog.handler)
+    assert seen == [24, 40]
+    assert "trained for query sizes [24, 32]; 40 px queries are outside them" in caplog.text

@@ -46,7 +46,8 @@ REFERENCE_TEST_FLAGS = [
     (("--whitening", "-w"), "whitening", None, 0),  # likewise: 0 for ARCH
     (("--data-root",), "data_root", "data", None),
     (("--datasets", "-d"), "datasets", ["cub-test"], "cub-test"),
-    (("--image-size", "-imsize"), "image_size", 224, 224),
+    # None = not given: the student's first trained size (meta["image_sizes"]), 224 for a network without one
+    (("--image-size", "-imsize"), "image_size", None, 224),
     (("--teacher-image-size", "-timsize"), "teacher_image_size", 448, 448),
     (("--multiscale", "-ms"), "multiscale", (1.0,), "[1]"),
     (("--workers", "-j"), "workers", default_workers(), 8),
@@ -71,7 +72,7 @@ def test_every_reference_flag_and_alias_is_an_option(parser, options, dest, defa
 
 def test_defaults_resolve_to_the_reference_values(parser):
     args = parser.parse_args(["--student-path", "x"])
-    assert args.image_size == 224 and args.teacher_image_size == 448
+    assert (args.image_size or test_cli.DEFAULT_TEST_SIZE) == 224 and args.teacher_image_size == 448
     assert args.datasets == ["cub-test"]  # the reference splits its string on commas
     assert args.multiscale == (1.0,)  # the reference's '[1]'
     assert args.gpu_id == "0" and isinstance(args.gpu_id, str)

@@ -71,6 +71,19 @@ def test_export_is_dynamic_and_checked_at_every_trained_size(multi, tmp_path, ca
     assert "outside them" in caplog.text
 
 
+def test_export_at_a_size_outside_the_trained_ones_warns(multi, tmp_path, caplog):
+    search_logger = logging.getLogger("raml.deploy.search")
+    search_logger.addHandler(caplog.handler)  # the CLI replaces the root logger's handlers
+    try:
+        argv = ["export", "--network-path", str(multi["checkpoint"]), "--torchscript", str(tmp_path / "m.pt")]
+        assert cli_main.main([*argv, "--image-size", "32"]) == 0
+        assert "outside them" not in caplog.text
+        assert cli_main.main([*argv, "--image-size", "56", "--overwrite"]) == 0
+    finally:
+        search_logger.removeHandler(caplog.handler)
+    assert "trained for query sizes [24, 32, 40]; 56 px queries are outside them" in caplog.text
+
+
 def test_parity_is_checked_at_each_size(multi, tmp_path, monkeypatch):
     from raml.deploy import export as export_module
 

@@ -468,7 +468,7 @@ def run_export(args: argparse.Namespace) -> int:
     from raml.deploy.export import export_onnx, export_torchscript
     from raml.deploy.image_files import check_images_exist
     from raml.deploy.quantize import QuantizationReport
-    from raml.deploy.search import recorded_teacher_sha256
+    from raml.deploy.search import recorded_teacher_sha256, warn_if_untrained_size
     from raml.models import checkpoint_sha256, load_network
 
     setup_logging(args.verbose)
@@ -499,6 +499,7 @@ def run_export(args: argparse.Namespace) -> int:
     multi_size = len(trained_sizes) > 1 and not network.meta.get("bn_sizes")
     if args.image_size is None:
         args.image_size = trained_sizes[0] if trained_sizes else DEFAULT_QUERY_SIZE
+    warn_if_untrained_size(args.image_size, trained_sizes, str(args.network_path))
     common = {
         "dynamic_size": args.dynamic_size or multi_size,
         "check_sizes": trained_sizes if multi_size else [],

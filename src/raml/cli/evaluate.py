@@ -35,6 +35,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger("raml")
 
+#: raml test's query size for a student that records no trained size (the reference's test.py default)
+DEFAULT_TEST_SIZE = 224
+
 #: what :func:`run` uses of modules that import torch: attributes of this module imported on first use (the
 #: names of the ``TYPE_CHECKING`` block above), so that building the parser imports none of them
 _RUN_IMPORTS = {
@@ -81,10 +84,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "-imsize",
         "--image-size",
         type=image_sizes_arg,
-        default=224,
+        default=None,
         metavar="N[,N...]",
-        help="query resolution QR (default: 224); several sizes (e.g. 24,32,48) test each against the same "
-        "teacher database, one row per size with its query GFLOPs",
+        help=f"query resolution QR (default: the student's first trained size, meta['image_sizes'], else "
+        f"{DEFAULT_TEST_SIZE}; with --student-onnx the exported size); several sizes (e.g. 24,32,48) test each "
+        "against the same teacher database, one row per size with its query GFLOPs",
     )
     parser.add_argument(
         "-timsize",
@@ -146,31 +150,15 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.index is not None and args.multiscale != SINGLE_SCALE:
         raise SystemExit("raml test: --index does not support multi-scale queries; drop --multiscale.")
-    sizes = args.image_size if isinstance(args.image_size, list) else [args.image_size]
-    if args.index is not None and len(sizes) > 1:
-        raise SystemExit("raml test: --index tests one query size at a time; give a single --image-size.")
-    args.image_size = sizes[0]
-    check_multiscale_size("raml test", args.multiscale, max(sizes))
+    # None: the student's first trained size, known once it is loaded (below)
+    sizes = None if args.image_size is None else _given_sizes(args)
     if args.json is not None:  # before any network is loaded or image embedded
         check_output_file(args.json, "--json")
     # the student on the first --gpu-id GPU, the teacher on the second when two are listed
     device, teacher_device = devices_from_gpu_id(args.gpu_id, args.device)
     # Resolve every split first so that a missing dataset fails before any network is loaded.
-    splits, skipped = [], {}
     val_ratio = resolve_val_ratio(args.val_ratio, [args.student_path, args.teacher_path], "raml test")
-    # each image is checked at the largest size it is embedded at (query sizes, the teacher's database size):
-    # one the evaluation transform would resize to too many pixels is a bad image now, not an error mid-test
-    has_teacher = args.teacher_path is not None or args.teacher is not None
-    check_size = max([*sizes, args.teacher_image_size] if has_teacher else sizes)
-    for name in args.datasets:
-        split, bad = apply_bad_image_policy(
-            get_split(name, args.data_root, val_ratio),
-            args.bad_images,
-            workers=max(1, args.workers),
-            image_size=check_size,
-        )
-        splits.append(split)
-        skipped[split.name] = len(bad)
+    resolved = [get_split(name, args.data_root, val_ratio) for name in args.datasets]
     if args.student_onnx is not None:
         student = _onnx_student(args.student_onnx, sizes, args.multiscale)
         device = torch.device("cpu")  # onnxruntime runs on the CPU
@@ -184,6 +172,28 @@ def run(args: argparse.Namespace) -> int:
             whitening=args.whitening,
             pretrained=not args.not_pretrained,
         )
+    trained_sizes = [int(size) for size in (getattr(student, "meta", None) or {}).get("image_sizes") or []]
+    if sizes is None:
+        if args.student_onnx is not None:
+            args.image_size = student.image_size  # the exported size
+        else:
+            args.image_size = trained_sizes[0] if trained_sizes else DEFAULT_TEST_SIZE
+        sizes = _given_sizes(args)
+        logger.info("Query size %d px (--image-size not given: %s)", sizes[0],
+                    "the student's first trained size" if trained_sizes else "the default")  # fmt: skip
+    from raml.deploy.search import warn_if_untrained_size
+
+    for size in sizes:
+        warn_if_untrained_size(size, trained_sizes, str(args.student_onnx or args.student_path or args.student))
+    # each image is checked at the largest size it is embedded at (query sizes, the teacher's database size):
+    # one the evaluation transform would resize to too many pixels is a bad image now, not an error mid-test
+    splits, skipped = [], {}
+    has_teacher = args.teacher_path is not None or args.teacher is not None
+    check_size = max([*sizes, args.teacher_image_size] if has_teacher else sizes)
+    for split in resolved:
+        split, bad = apply_bad_image_policy(split, args.bad_images, workers=max(1, args.workers), image_size=check_size)
+        splits.append(split)
+        skipped[split.name] = len(bad)
     teacher = teacher_file = None
     if args.teacher_path is not None or args.teacher is not None:
         teacher, teacher_file = network_from_args(
@@ -278,14 +288,27 @@ def _run_sizes(args, sizes, student, splits, skipped, device, options) -> int:  
     return 0
 
 
-def _onnx_student(path: Path, sizes: list[int], multiscale: tuple[float, ...]) -> torch.nn.Module:
-    """``--student-onnx``: the exported student as a query network, after checking the flags it cannot serve."""
+def _given_sizes(args: argparse.Namespace) -> list[int]:
+    """The query sizes of ``args.image_size`` (one or a list), checked against --index and --multiscale;
+    ``args.image_size`` becomes the first."""
+    sizes = args.image_size if isinstance(args.image_size, list) else [args.image_size]
+    if args.index is not None and len(sizes) > 1:
+        raise SystemExit("raml test: --index tests one query size at a time; give a single --image-size.")
+    args.image_size = sizes[0]
+    check_multiscale_size("raml test", args.multiscale, max(sizes))
+    return sizes
+
+
+def _onnx_student(path: Path, sizes: list[int] | None, multiscale: tuple[float, ...]) -> torch.nn.Module:
+    """``--student-onnx``: the exported student as a query network, after checking the flags it cannot serve
+    (``sizes`` None: its exported size)."""
     from raml.deploy.onnx_network import OnnxQueryNetwork
 
-    if len(sizes) > 1:
+    if sizes is not None and len(sizes) > 1:
         raise SystemExit("raml test: --student-onnx tests one query size at a time; give a single --image-size.")
     if tuple(multiscale) != SINGLE_SCALE:
         raise SystemExit("raml test: --student-onnx does not support multi-scale queries; drop --multiscale.")
     student = OnnxQueryNetwork(path)
-    student.check_image_size(sizes[0])
+    if sizes is not None:
+        student.check_image_size(sizes[0])
     return student
