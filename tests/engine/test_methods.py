@@ -35,7 +35,7 @@ from raml.data.views import CoupledViewDataset
 from raml.demo import DATASET, DemoSettings
 from raml.engine.config import LOSSES, TrainConfig
 from raml.engine.methods import METHODS, method_class
-from raml.engine.methods.base import TEACHER_USES, Method
+from raml.engine.methods.base import TEACHER_USES, BatchLoss, Method
 from raml.engine.trainer import Trainer
 from raml.losses import absolute_loss, aml_contrastive_loss, csd_loss, d3_loss, rkd_loss, rop_loss
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
@@ -278,6 +278,41 @@ def test_an_epoch_ending_in_a_one_image_batch_trains_to_a_checkpoint(setup, tmp_
     assert load_checkpoint_file(result.best_checkpoint)["raml"]["mode"] == mode
     assert all(torch.isfinite(torch.tensor(value)) for value in result.history[-1].values() if isinstance(value, float))
     assert sum("A batch of 1 image(s)" in record.getMessage() for record in caplog.records) == 1
+
+
+@pytest.mark.parametrize(
+    ("variant", "match"),
+    [
+        ("vector", r"a loss of shape \(4,\) .*\.sum\(\)"),
+        ("float", "a loss of type float"),
+        ("detached", "does not require grad"),
+        ("integer", "dtype torch.int64"),
+        ("not a BatchLoss", "returned a tuple"),
+    ],
+)
+def test_a_loss_outside_the_batch_loss_contract_is_a_type_error_naming_the_method(setup, tmp_path, variant, match):
+    """A plug-in's batch_loss that breaks the BatchLoss contract fails at once with a TypeError naming its class
+    and the contract, not deep in torch ('expand', 'float' has no attribute 'detach', 'does not require grad')."""
+    trainer = Trainer(_config(setup, tmp_path / "run"), CPU, progress=False)
+    batch, generator = _first_batch(trainer)
+    real = trainer.method.batch_loss
+
+    def broken(batch, generator):
+        result = real(batch, generator)
+        loss = {
+            "vector": result.loss * torch.ones(4),
+            "float": float(result.loss.detach()),
+            "detached": result.loss.detach(),
+            "integer": torch.tensor(1),
+        }.get(variant)
+        return (result.loss, 4) if variant == "not a BatchLoss" else BatchLoss(loss, {}, 4)
+
+    trainer.method.batch_loss = broken
+    with pytest.raises(TypeError, match=match) as refused:
+        trainer._batch_loss(batch, generator)
+    assert "CoupledViewDistillation.batch_loss" in str(refused.value) and "0-d floating-point" in str(refused.value)
+    trainer.method.batch_loss = real
+    assert trainer._batch_loss(batch, generator).loss.requires_grad  # the built-in one keeps the contract
 
 
 # -------------------------------------------------------------------------------------------- ablations

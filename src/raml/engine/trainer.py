@@ -44,7 +44,7 @@ from raml.engine.config import TrainConfig, part_name
 from raml.engine.device import AutocastForward, amp_active
 from raml.engine.guard import gradients_finite, nonfinite_parameters
 from raml.engine.methods import method_class
-from raml.engine.methods.base import BatchLoss, Method
+from raml.engine.methods.base import BatchLoss, Method, check_batch_loss
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
 from raml.engine.resume import (
     check_optimizer_state,
@@ -780,7 +780,9 @@ class Trainer:
         return self.method.epoch_batches(epoch, generator)
 
     def _batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
-        return self.method.batch_loss(batch, generator)
+        result = self.method.batch_loss(batch, generator)
+        check_batch_loss(result, self.method)  # a plug-in's wrong loss: a TypeError naming it, not torch's
+        return result
 
     # ------------------------------------------------------------------- helpers the methods build batches with
     def local_share(self, batch: list[Any]) -> list[Any]:

@@ -22,7 +22,7 @@ import torch
 if TYPE_CHECKING:
     from raml.engine.trainer import Trainer
 
-__all__ = ["TEACHER_USES", "BatchLoss", "Method"]
+__all__ = ["TEACHER_USES", "BatchLoss", "Method", "check_batch_loss"]
 
 #: how a method uses the teacher: not at all, run online on each batch's views, or as embeddings cached once
 TEACHER_USES = ("none", "online", "cached")
@@ -40,6 +40,36 @@ class BatchLoss:
     loss: torch.Tensor
     terms: dict[str, float | torch.Tensor]
     images: int
+
+
+def check_batch_loss(result: Any, method: Method) -> None:
+    """Check what ``method.batch_loss`` returned against the :class:`BatchLoss` contract: a ``BatchLoss`` whose
+    ``loss`` is a 0-d floating-point tensor on the graph (requiring grad, while gradients are enabled) and whose
+    ``images`` is an ``int``. Only the tensor's metadata is read (no wait for the device).
+
+    Raises:
+        TypeError: naming the method's class, what it returned and the contract.
+    """
+    name = type(method).__name__
+    contract = (
+        "batch_loss must return BatchLoss(loss, terms, images) with loss a 0-d floating-point tensor computed "
+        "from the student's output (requiring grad; not .item(), not detached) summed over the batch's images, "
+        "and images an int"
+    )
+    if not isinstance(result, BatchLoss):
+        raise TypeError(f"{name}.batch_loss returned a {type(result).__name__}; {contract}.")
+    loss = result.loss
+    if not isinstance(loss, torch.Tensor):
+        raise TypeError(f"{name}.batch_loss returned a loss of type {type(loss).__name__}; {contract}.")
+    if loss.dim() != 0 or not loss.is_floating_point():
+        raise TypeError(
+            f"{name}.batch_loss returned a loss of shape {tuple(loss.shape)} and dtype {loss.dtype}; {contract} "
+            "(sum a per-image loss: .sum())."
+        )
+    if torch.is_grad_enabled() and not loss.requires_grad:
+        raise TypeError(f"{name}.batch_loss returned a loss that does not require grad (detached); {contract}.")
+    if isinstance(result.images, bool) or not isinstance(result.images, int):
+        raise TypeError(f"{name}.batch_loss returned images={result.images!r}; {contract}.")
 
 
 class Method:
