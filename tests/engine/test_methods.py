@@ -34,7 +34,7 @@ from raml.data.synth import generate_synthetic_dataset
 from raml.data.views import CoupledViewDataset
 from raml.demo import DATASET, DemoSettings
 from raml.engine.config import LOSSES, TrainConfig
-from raml.engine.methods import METHODS, method_class
+from raml.engine.methods import METHODS, method_class, register_method
 from raml.engine.methods.base import TEACHER_USES, BatchLoss, Method
 from raml.engine.trainer import Trainer
 from raml.losses import absolute_loss, aml_contrastive_loss, csd_loss, d3_loss, rkd_loss, rop_loss
@@ -90,6 +90,28 @@ def test_an_unknown_mode_is_refused_with_the_valid_names():
         method_class("kd", "triplet")
     with pytest.raises(ValueError, match="Unknown --mode 'kd'"):
         _config((Path("data"), Path("t.pth")), Path("x"), mode="kd").validate()
+
+
+def test_a_method_registered_after_import_is_a_valid_mode_and_a_taken_name_is_refused():
+    """register_method adds a plug-in that the configuration and the CLI accept (they read the registry when
+    used, not a copy made at import); a registered name, a built-in above all, is never replaced."""
+    target = "raml.engine.methods.ts_aug:CoupledViewDistillation"
+    before = dict(METHODS)
+    try:
+        register_method("my_kd", "my own distillation", target)
+        _config((Path("data"), Path("t.pth")), Path("x"), mode="my_kd").validate()
+        assert method_class("my_kd", "triplet").__name__ == "CoupledViewDistillation"
+        args = build_parser().parse_args(["train", "--student", "resnet18", "--teacher", "resnet18", "-m", "my_kd"])
+        assert config_from_args(args).mode == "my_kd"
+        for name in ("ts_aug", "my_kd"):
+            with pytest.raises(ValueError, match=f"--mode '{name}' is already registered"):
+                register_method(name, "a replacement", "elsewhere:Other")
+        with pytest.raises(ValueError, match="'module:Class'"):
+            register_method("other", "no class", "raml.engine.methods.ts_aug")
+        assert METHODS["ts_aug"] == before["ts_aug"] and "other" not in METHODS
+    finally:
+        METHODS.pop("my_kd", None)
+    assert before == METHODS
 
 
 def test_train_help_lists_every_method_with_one_entry():

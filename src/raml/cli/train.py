@@ -30,12 +30,11 @@ from raml.engine.config import (
     LOSSES,
     MAX_WHITENING,
     MIXUP_PARTNERS,
-    MODES,
     SEARCH_OBJECTIVES,
     TrainConfig,
     load_yaml_config,
 )
-from raml.engine.methods import method_help
+from raml.engine.methods import METHODS, method_help
 
 logger = logging.getLogger("raml")
 
@@ -133,7 +132,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "datasets, keep and test the last epoch)",
     )
     method = parser.add_argument_group("method")
-    method.add_argument("--mode", "-m", choices=MODES, help=f"training method, listed below (default {d.mode})")
+    # the registry when the parser is built: methods registered before (register_method) are choices
+    modes = tuple(METHODS)
+    method.add_argument("--mode", "-m", choices=modes, help=f"training method, listed below (default {d.mode})")
     method.add_argument(
         "--loss",
         choices=LOSSES,

@@ -8,8 +8,10 @@ validation, signals) is the trainer's (:mod:`raml.engine.trainer`).
 This module is light on purpose (no torch import): the CLI lists the registry in ``raml train --help`` and the
 configuration validates ``--mode`` against it. The classes load on first use.
 
-Adding a method: one new module with a :class:`~raml.engine.methods.base.Method` subclass, and one entry in
-:data:`METHODS` (its loss, if new, goes to :mod:`raml.losses`).
+Adding a method: one new module with a :class:`~raml.engine.methods.base.Method` subclass, registered with
+:func:`register_method` (a built-in gets its entry in :data:`METHODS` below; its loss, if new, goes to
+:mod:`raml.losses`). The configuration and the CLI read the registry when they are used, so a method
+registered before a run is built (or before ``raml.cli.main.main`` builds its parser) is a valid ``--mode``.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:
     from raml.engine.methods.base import Method
 
-__all__ = ["METHODS", "MethodEntry", "method_class", "method_help"]
+__all__ = ["METHODS", "MethodEntry", "method_class", "method_help", "register_method"]
 
 
 @dataclass(frozen=True)
@@ -86,6 +88,31 @@ METHODS: dict[str, MethodEntry] = {
         f"{_PACKAGE}.ugd:UnambiguousGranularityDistillation",
     ),
 }
+
+
+def register_method(name: str, summary: str, target: str | dict[str, str]) -> MethodEntry:
+    """Add ``--mode name`` to :data:`METHODS`: ``target`` is ``"module:Class"`` (a
+    :class:`~raml.engine.methods.base.Method` subclass, imported on first use) or a mapping ``--loss`` value ->
+    ``"module:Class"``; ``summary`` is its line in ``raml train --help``.
+
+    Raises:
+        ValueError: ``name`` is already registered (a built-in or another plug-in: pick another name; a method is
+            never replaced silently), is not a plain identifier, or ``target`` is not ``"module:Class"``.
+    """
+    if not isinstance(name, str) or not name.isidentifier():
+        raise ValueError(f"A method's name must be a plain identifier (e.g. 'my_kd'), got {name!r}.")
+    if name in METHODS:
+        raise ValueError(
+            f"--mode {name!r} is already registered ({METHODS[name].target}); register the method under another name."
+        )
+    targets = target.values() if isinstance(target, dict) else [target]
+    for one in targets:
+        module_name, _, class_name = one.partition(":") if isinstance(one, str) else ("", "", "")
+        if not module_name or not class_name:
+            raise ValueError(f"A method's target must be 'module:Class', got {one!r}.")
+    entry = MethodEntry(summary, target)
+    METHODS[name] = entry
+    return entry
 
 
 def method_class(mode: str, loss: str) -> type[Method]:
