@@ -272,3 +272,24 @@ def test_nan_from_the_command_line_and_yaml_is_refused(tmp_path):
     cfg.write_text("student: r\nteacher-path: t\nloss-margin: .nan\n")
     with pytest.raises(ValueError, match="--loss-margin must be a finite number"):
         _parse(["--config", str(cfg)]).validate()
+
+
+def test_method_flags_the_mode_does_not_read_are_reported_once(caplog):
+    """--mode ts_reg ignores --lam-1, --csd-k and --no-mixup: validate() warns naming each (once, though a run
+    validates more than once); flags the mode reads, and defaults, give no warning."""
+    base = {"student": "resnet18", "teacher": "resnet18"}
+    ignored = TrainConfig(**base, mode="ts_reg", lam_1=0.71, csd_k=3, mixup=False, image_size=96)
+    assert ignored.ignored_settings() == ["lam_1", "mixup", "csd_k"]
+    with caplog.at_level(logging.WARNING, logger="raml.engine.config"):
+        ignored.validate()
+        ignored.validate()
+        TrainConfig(**base, mode="ts_aug", lam_1=0.71, pos_num=3, mixup=False).validate()
+        TrainConfig(**base, mode="csd", csd_k=3).validate()
+        TrainConfig(**base).validate()
+    warnings = [r.getMessage() for r in caplog.records if "does not use" in r.getMessage()]
+    assert warnings == [
+        "--mode ts_reg does not use --lam-1 0.71, --no-mixup, --csd-k 3: they have no effect on this run "
+        "(config.yaml records the value as given). Drop what is listed, or choose the mode it belongs to "
+        "(docs/methods.md)."
+    ]
+    assert TrainConfig(student="resnet18", mode="sym", loss="normsoftmax", neg_num=2).ignored_settings() == ["neg_num"]

@@ -19,6 +19,17 @@ from raml.engine.methods import METHODS
 
 logger = logging.getLogger(__name__)
 
+#: the settings that belong to one method or another; each method names those it reads (``Method.reads``), and a
+#: value other than the default of one it does not read is reported by :meth:`TrainConfig.validate`
+METHOD_SETTINGS = (
+    "loss", "loss_margin", "neg_num", "pool_size", "pos_num", "lam_1", "lam_2", "mixup_partner", "mixup",
+    "uncoupled_views", "fused_views", "aml_variant", "aml_margin", "rkd_distance_weight", "rkd_angle_weight",
+    "csd_k", "csd_temperature", "csd_first_order_weight", "d3_k", "d3_alpha", "d3_beta", "d3_gamma", "rop_k",
+    "rop_temperature", "rop_rank_weight",
+)  # fmt: skip
+#: (mode, setting, value) already reported in this process: validate() runs more than once per run
+_REPORTED_IGNORED: set[tuple[str, str, str]] = set()
+
 MIXUP_PARTNERS = ("dataset", "batch")
 SEARCH_OBJECTIVES = ("last", "best")
 LOSSES = ("triplet", "normsoftmax")
@@ -55,6 +66,15 @@ _FLOAT_RANGES: dict[str, tuple[float | None, float | None, bool, bool]] = {
 
 def _flag(name: str) -> str:
     return f"--{name.replace('_', '-')}"
+
+
+def _given_flag(name: str, value: Any) -> str:
+    """How a setting's value is given on the command line: ``--lam-1 0.7``, ``--no-mixup``, ``--fused-views``."""
+    if name == "mixup":
+        return "--mixup" if value else "--no-mixup"
+    if isinstance(value, bool):
+        return _flag(name) if value else f"{_flag(name)} False"
+    return f"{_flag(name)} {value}"
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
@@ -244,6 +264,7 @@ class TrainConfig:
         for name in _FLOAT_RANGES:
             _check_float(name, getattr(self, name))
         self._validate_method_settings()
+        self._warn_ignored_settings()
         for name in ("workers", "neg_num"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}.")
@@ -257,6 +278,31 @@ class TrainConfig:
             )
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be in [0, 2**63 - 1], got {self.seed}.")
+
+    def ignored_settings(self) -> list[str]:
+        """The :data:`METHOD_SETTINGS` given a value other than their default that ``--mode`` does not read
+        (its ``Method.reads``; none for a method that does not declare them)."""
+        from raml.engine.methods import method_class
+
+        reads = method_class(self.mode, self.loss).reads
+        if reads is None:
+            return []
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        return [name for name in METHOD_SETTINGS if name not in reads and getattr(self, name) != defaults[name]]
+
+    def _warn_ignored_settings(self) -> None:
+        ignored = self.ignored_settings()
+        new = [name for name in ignored if (self.mode, name, repr(getattr(self, name))) not in _REPORTED_IGNORED]
+        if not new:
+            return
+        _REPORTED_IGNORED.update((self.mode, name, repr(getattr(self, name))) for name in new)
+        logger.warning(
+            "--mode %s does not use %s: %s no effect on this run (config.yaml records the value as given). Drop "
+            "what is listed, or choose the mode it belongs to (docs/methods.md).",
+            self.mode,
+            ", ".join(_given_flag(name, getattr(self, name)) for name in new),
+            "it has" if len(new) == 1 else "they have",
+        )
 
     def _validate_image_sizes(self) -> None:
         from raml.data.sizes import parse_image_sizes

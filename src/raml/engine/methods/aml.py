@@ -21,6 +21,8 @@ from raml.losses import absolute_loss, aml_contrastive_loss
 class AsymmetricMetricLearning(BatchRelationMethod):
     """Student queries against teacher anchors: contrastive with a margin, or plain regression."""
 
+    reads = BatchRelationMethod.reads | {"aml_variant", "aml_margin"}
+
     def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         c = self.run.config
         if c.aml_variant == "regression":

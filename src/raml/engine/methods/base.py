@@ -81,11 +81,15 @@ class Method:
         labels: whether the method reads the training labels.
         searched: the settings ``--optimize`` searches for it (keys of :data:`raml.engine.search.SEARCH_SPACE`):
             ``lr`` alone by default; ``ts_aug``, whose loss reads λ1 and λ2, adds ``lam_1`` and ``lam_2``.
+        reads: the method settings (:data:`raml.engine.config.METHOD_SETTINGS`) it reads; ``TrainConfig.validate``
+            warns about a non-default value of the others. ``None`` (the default of a plug-in that does not say):
+            not checked.
     """
 
     teacher: ClassVar[str] = "none"
     labels: ClassVar[bool] = False
     searched: ClassVar[tuple[str, ...]] = ("lr",)
+    reads: ClassVar[frozenset[str] | None] = None
 
     def __init__(self, run: Trainer) -> None:
         self.run = run

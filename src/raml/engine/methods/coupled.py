@@ -34,6 +34,7 @@ class CoupledViewMethod(Method):
     """Coupled student/teacher views of each image of the batch; the teacher runs online on its views."""
 
     teacher = "online"
+    reads = frozenset({"pos_num", "mixup", "mixup_partner", "uncoupled_views", "fused_views"})
 
     def __init__(self, run: Any) -> None:
         super().__init__(run)

@@ -19,6 +19,8 @@ from raml.losses import csd_loss
 class ContextualSimilarityDistillation(BatchRelationMethod):
     """Student similarities to the teacher's nearest neighbours matched to the teacher's (KL) + first order."""
 
+    reads = BatchRelationMethod.reads | {"csd_k", "csd_temperature", "csd_first_order_weight"}
+
     term_names = ("context", "first_order")
 
     def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:

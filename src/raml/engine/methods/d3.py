@@ -19,6 +19,8 @@ from raml.losses import d3_loss
 class DecoupledDifferentialDistillation(BatchRelationMethod):
     """First-order term + the teacher's top-k similarity differences, hard and easy pairs weighted apart."""
 
+    reads = BatchRelationMethod.reads | {"d3_k", "d3_alpha", "d3_beta", "d3_gamma"}
+
     term_names = ("first_order", "hard", "easy")
 
     def relatable(self, images: int, rows: int) -> bool:

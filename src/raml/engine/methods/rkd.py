@@ -18,6 +18,8 @@ from raml.losses import rkd_loss
 class RelationalDistillation(BatchRelationMethod):
     """Distance- and angle-wise relations of the batch's student embeddings matched to the teacher's."""
 
+    reads = BatchRelationMethod.reads | {"rkd_distance_weight", "rkd_angle_weight"}
+
     term_names = ("distance", "angle")
 
     def relatable(self, images: int, rows: int) -> bool:

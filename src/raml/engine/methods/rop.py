@@ -19,6 +19,8 @@ from raml.losses import rop_loss
 class RankOrderPreservation(BatchRelationMethod):
     """The student's similarities to the teacher's top-k, as a soft ranking, matched to the teacher's ranking."""
 
+    reads = BatchRelationMethod.reads | {"rop_k", "rop_temperature", "rop_rank_weight"}
+
     def relation_terms(self, student: torch.Tensor, teacher: torch.Tensor, groups: torch.Tensor) -> dict[str, Any]:
         c = self.run.config
         k = min(c.rop_k, self.candidates(groups))

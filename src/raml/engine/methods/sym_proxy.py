@@ -27,6 +27,8 @@ PROXY_LR_MULTIPLIER = 10.0  # proxies start random and must move faster than the
 class ProxyTraining(LabelledMethod):
     """Normalised softmax over one learnable proxy per training class."""
 
+    reads = frozenset({"loss"})
+
     proxies: nn.Parameter
 
     def add_parameters(self, optimizer: torch.optim.Optimizer) -> None:

@@ -33,6 +33,8 @@ from raml.losses import triplet_loss
 class TripletTraining(LabelledMethod):
     """Triplet loss with in-batch positives and distance-weighted negatives mined once per epoch."""
 
+    reads = frozenset({"loss", "loss_margin", "neg_num", "pool_size"})
+
     def epoch_images(self) -> int:
         """``min(--query-size, min_class // GROUP_SIZE * GROUP_SIZE * kept_classes)``, the reference's."""
         return class_grouped_epoch_size(self.run.train_split.labels, GROUP_SIZE, self.run.config.query_size)

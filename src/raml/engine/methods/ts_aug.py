@@ -23,6 +23,7 @@ class CoupledViewDistillation(CoupledViewMethod):
     """The paper's distillation loss over the coupled views of each image."""
 
     searched = ("lr", "lam_1", "lam_2")  # the reference's search space (optimize.py)
+    reads = CoupledViewMethod.reads | {"lam_1", "lam_2"}
 
     def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
         c = self.run.config

@@ -25,6 +25,7 @@ class CachedRegression(Method):
     """Absolute term against the teacher's cached embeddings of the same images."""
 
     teacher = "cached"
+    reads = frozenset()
     teacher_cache: torch.Tensor | None = None
 
     def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
