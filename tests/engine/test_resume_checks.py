@@ -111,6 +111,28 @@ def test_another_image_size_list_is_refused(machinery, machinery_teacher_path, f
         Trainer(single.replace(image_sizes=[32, 24]), CPU, progress=False)
 
 
+def test_another_val_ratio_is_refused_where_it_chooses_the_training_classes(
+    machinery, machinery_teacher_path, finished, tmp_path
+):
+    """--select-on-val trains on the train part of a --val-ratio split: resuming with another ratio would train on
+    other classes, and is refused; a train + val run (every class whatever the ratio) resumes with any."""
+    run = tmp_path / "select"
+    config = machinery.distill_config(run, machinery_teacher_path, epochs=1, trainval=False, val_ratio=0.5)
+    Trainer(config, CPU, progress=False).run()
+    before = _folder_state(run)
+    with pytest.raises(ValueError, match="--val-ratio: checkpoint 0.5, asked 0.25"):
+        Trainer(config.replace(epochs=2, val_ratio=0.25, resume_student="last"), CPU, progress=False)
+    assert _folder_state(run) == before
+    resumed = Trainer(config.replace(epochs=2, resume_student="last"), CPU, progress=False)
+    assert resumed.start_epoch == 2
+    resumed.release_lock()
+    whole = _copy(finished, tmp_path)  # train + val
+    config = machinery.distill_config(whole, machinery_teacher_path, epochs=2, val=False, scheduler="exponential")
+    resumed = Trainer(config.replace(val_ratio=0.25, resume_student="last"), CPU, progress=False)
+    assert resumed.start_epoch == 2
+    resumed.release_lock()
+
+
 def test_another_optimizer_or_scheduler_is_refused_also_for_a_checkpoint_without_their_names(
     machinery, machinery_teacher_path, finished, tmp_path
 ):

@@ -36,6 +36,7 @@ RUN_FIELDS: dict[str, str] = {
     "teacher_sha256": "--teacher-path",
     "training_dataset": "--training-dataset",
     "trainval": "--select-on-val",
+    "val_ratio": "--val-ratio",
     "optimizer": "--optimizer",
     "scheduler": "--scheduler",
 }
@@ -69,8 +70,9 @@ def resumes_inside(config: TrainConfig) -> bool:
 
 
 def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any]:
-    """This run's values of :data:`RUN_FIELDS` (what :meth:`Trainer._save` stores)."""
-    return {
+    """This run's values of :data:`RUN_FIELDS` (what :meth:`Trainer._save` stores). ``val_ratio`` only where it
+    chooses the training classes (``--select-on-val``): a train + val run trains on every class whatever it is."""
+    fields = {
         "mode": config.mode,
         "image_size": config.image_size,
         "image_sizes": config.student_sizes(),
@@ -81,6 +83,9 @@ def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any
         "optimizer": config.optimizer,
         "scheduler": config.scheduler,
     }
+    if not config.trainval:
+        fields["val_ratio"] = config.val_ratio
+    return fields
 
 
 def _shown(name: str, value: Any) -> str:
