@@ -441,6 +441,21 @@ def test_bench_methods_refuses_bad_arguments_before_writing(tmp_path):
     assert a_file.read_text() == "keep" and not (tmp_path / "new").exists()
 
 
+def test_bench_methods_gives_the_demos_lambdas_only_to_rows_that_read_them(tmp_path):
+    """Every row shares the demo's budget; the lambdas and --pos-num only where the row's method reads them, so no row
+    warns about a --lam-1 it never asked for (and its config.yaml does not record one)."""
+    from raml.bench.methods import ROWS, MethodsBenchSettings, _student_config
+
+    settings = MethodsBenchSettings(out=tmp_path)
+    for name, values in ROWS.items():
+        config = _student_config(settings, tmp_path, tmp_path / "t.pth", tmp_path / "run", 0, **values)
+        assert config.ignored_settings() == [], name
+        reads_lambdas = name.startswith("ts_aug")
+        assert (config.lam_1, config.lam_2) == (
+            (settings.demo.lam_1, settings.demo.lam_2) if reads_lambdas else (TrainConfig.lam_1, TrainConfig.lam_2)
+        ), name
+
+
 # ------------------------------------------------------------------------------------------- the documents
 REPO = Path(__file__).resolve().parents[2]
 

@@ -23,6 +23,7 @@ the software stack) and ``methods.png`` (the accuracies with their spread, and t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -125,7 +126,7 @@ def _student_config(
 ) -> TrainConfig:
     """The shared budget (the demo's student stage, ``settings.epochs`` epochs) plus the row's own settings."""
     demo = settings.demo
-    return train_config(
+    config = train_config(
         demo,
         data_root,
         directory,
@@ -146,6 +147,11 @@ def _student_config(
             **values,
         },
     )
+    # the demo's lambdas and --pos-num are the budget of the rows that read them: the others keep the defaults (no
+    # "does not use --lam-1" warning for a setting the row never asked for)
+    shared = {"lam_1", "lam_2", "pos_num"} - set(values)
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    return config.replace(**{name: defaults[name] for name in config.ignored_settings() if name in shared})
 
 
 def _evaluate(network: torch.nn.Module, teacher: torch.nn.Module, demo: DemoSettings, data_root: Path,
