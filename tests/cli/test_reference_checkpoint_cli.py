@@ -129,6 +129,7 @@ def test_raml_test_caches_the_teacher_per_pool_of_a_meta_less_checkpoint(own_roo
         out = tmp_path / f"{name}.json"
         args = ["test", "--student-path", str(checkpoint), "--teacher-path", str(checkpoint)]
         args += ["--datasets", "mine-test", "--data-root", str(own_root), "--image-size", "64", "--pool", pool]
+        args += ["--teacher-image-size", "96"]  # not the default 448: small images are enough here
         assert (
             main(
                 [
