@@ -178,6 +178,13 @@ def test_a_closed_loop_row_that_sent_far_more_than_was_answered_or_took_the_mach
     # 110 sent for 10 answered in the closed loop: flagged
     row = summarise(LoadResult(ok + refused, (0.0, 1.0), [0.1], None, 2, (None, None), 2))
     assert row["client_limited"] and "110.0 requests/s for 10.0 answered/s" in row["client_limited_because"][0]
+    # failures are not refusals: a server that answers 500, or nothing before the time-out, is not the client's limit
+    # (its goals must read missed, not "not measured")
+    failed = [(0.01 * i, 0.01 * i, 0.01 * i, 0.01 * i, status, nan, nan, nan, False, 0.0, nan, nan)
+              for i, status in enumerate([500] * 50 + [0] * 50)]  # fmt: skip
+    for records in (ok + failed, failed):
+        row = summarise(LoadResult(records, (0.0, 1.0), [0.1], None, 2, (None, None), 2))
+        assert not row["client_limited"], row["client_limited_because"]
     # the same in the open loop is the server shedding what was offered: not the client's doing
     assert not summarise(LoadResult(ok + refused, (0.0, 1.0), [0.1], 110.0, 2, (None, None), 2))["client_limited"]
     # two client processes at 30 % of a core each: 0.6 of a 2-core machine, over a quarter of it

@@ -26,8 +26,9 @@ headers are sent, and the benchmark reports the client's queue as the server's l
 A row is **client-limited** (:func:`summarise`) when a client process used more than ``CPU_LIMIT`` of a core, when
 the client processes together used more than ``CORES_SHARE`` of the machine's cores, when the client's lag p99
 exceeds ``LAG_SHARE`` of the latency p99 (and ``LAG_FLOOR_MS``), or, in the closed loop, when the clients sent more
-than ``SENT_PER_ANSWER`` requests per answered query (refusals, not queries, made the row): then the row describes
-the client, not the server, and a benchmark leaves it out of its ratios.
+than ``SENT_PER_ANSWER`` requests per answered query by 503 refusals alone (refusals, not queries, made the row;
+errors and time-outs are the server's failures and do not flag a row): then the row describes the client, not the
+server, and a benchmark leaves it out of its ratios.
 
 Records: one tuple per request, ``(intended, handed, sent, done, status, server_total_ms, server_embed_ms,
 batch_size, retry_after, lag, server_decode_ms, server_queue_ms, server_read_ms, server_search_ms)`` with times in
@@ -505,10 +506,13 @@ def summarise(result: LoadResult) -> dict[str, Any]:
         reasons.append(
             f"the client processes used {cores:.2f} of the machine's {machine} cores (limit {CORES_SHARE:.0%})"
         )
-    if result.rate is None and row["sent_per_s"] > SENT_PER_ANSWER * row["queries_per_s"]:
+    # refusals only: errors and time-outs are the server's failures, which the row and the goals report as such
+    refused_per_s = row["rejected_503"] / seconds
+    if result.rate is None and refused_per_s > 0 and refused_per_s > (SENT_PER_ANSWER - 1) * row["queries_per_s"]:
         reasons.append(
-            f"the clients sent {row['sent_per_s']:.1f} requests/s for {row['queries_per_s']:.1f} answered/s "
-            f"(more than {SENT_PER_ANSWER:g} per answer: refusals, not the server's throughput)"
+            f"the clients sent {row['sent_per_s']:.1f} requests/s for {row['queries_per_s']:.1f} answered/s, "
+            f"{refused_per_s:.1f}/s refused (more than {SENT_PER_ANSWER:g} per answer: refusals, not the server's "
+            "throughput)"
         )
     lag_p99, p99 = row["client_lag_p99_ms"], row["p99_ms"]
     if lag_p99 is not None and lag_p99 > max(LAG_FLOOR_MS, LAG_SHARE * (p99 or 0.0)):
