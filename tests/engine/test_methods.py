@@ -108,9 +108,24 @@ def test_a_method_registered_after_import_is_a_valid_mode_and_a_taken_name_is_re
                 register_method(name, "a replacement", "elsewhere:Other")
         with pytest.raises(ValueError, match="'module:Class'"):
             register_method("other", "no class", "raml.engine.methods.ts_aug")
+        # entries that could never run, or would break raml train --help, are refused when registered
+        for summary, bad_target, message in (
+            ("x", {"arcface": target}, "--loss values triplet, normsoftmax as keys"),  # no such --loss
+            ("x", {}, "as keys, got none"),
+            (None, target, "non-empty string"),  # method_help() crashed on it
+            ("x", "not a module:Not:AClass", "'module:Class'"),
+            ("x", "my pkg:KD", "'module:Class'"),
+        ):
+            with pytest.raises(ValueError, match=message):
+                register_method("other", summary, bad_target)
+        mapping = {"triplet": target}
+        register_method("my_mapped", "per loss", mapping)
+        mapping["triplet"] = "elsewhere:Other"  # the caller's dict, changed after the check, is not the entry
+        assert METHODS["my_mapped"].target == {"triplet": target}
         assert METHODS["ts_aug"] == before["ts_aug"] and "other" not in METHODS
     finally:
         METHODS.pop("my_kd", None)
+        METHODS.pop("my_mapped", None)
     assert before == METHODS
 
 

@@ -17,6 +17,7 @@ registered before a run is built (or before ``raml.cli.main.main`` builds its pa
 from __future__ import annotations
 
 import importlib
+import re
 import textwrap
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -90,6 +91,10 @@ METHODS: dict[str, MethodEntry] = {
 }
 
 
+#: ``module:Class``: a dotted module path and a class name
+_TARGET = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+
+
 def register_method(name: str, summary: str, target: str | dict[str, str]) -> MethodEntry:
     """Add ``--mode name`` to :data:`METHODS`: ``target`` is ``"module:Class"`` (a
     :class:`~raml.engine.methods.base.Method` subclass, imported on first use) or a mapping ``--loss`` value ->
@@ -97,19 +102,33 @@ def register_method(name: str, summary: str, target: str | dict[str, str]) -> Me
 
     Raises:
         ValueError: ``name`` is already registered (a built-in or another plug-in: pick another name; a method is
-            never replaced silently), is not a plain identifier, or ``target`` is not ``"module:Class"``.
+            never replaced silently), is not a plain identifier, ``summary`` is not a non-empty string, ``target``
+            is not ``"module:Class"`` (a dotted module, a class name), or a mapping is empty or has a key that is
+            not a ``--loss`` value (:data:`raml.engine.config.LOSSES`).
     """
+    from raml.engine.config import LOSSES
+
     if not isinstance(name, str) or not name.isidentifier():
         raise ValueError(f"A method's name must be a plain identifier (e.g. 'my_kd'), got {name!r}.")
     if name in METHODS:
         raise ValueError(
             f"--mode {name!r} is already registered ({METHODS[name].target}); register the method under another name."
         )
-    targets = target.values() if isinstance(target, dict) else [target]
-    for one in targets:
-        module_name, _, class_name = one.partition(":") if isinstance(one, str) else ("", "", "")
-        if not module_name or not class_name:
-            raise ValueError(f"A method's target must be 'module:Class', got {one!r}.")
+    if not isinstance(summary, str) or not summary.strip():
+        raise ValueError(
+            f"A method's summary (its line in raml train --help) must be a non-empty string, got {summary!r}."
+        )
+    if isinstance(target, dict):
+        unknown = [key for key in target if key not in LOSSES]
+        if not target or unknown:
+            raise ValueError(
+                f"A method's --loss mapping needs one or more of the --loss values {', '.join(LOSSES)} as keys, got "
+                f"{sorted(map(str, target)) if target else 'none'}."
+            )
+        target = dict(target)  # the caller's dict may change after this check: keep a copy
+    for one in target.values() if isinstance(target, dict) else [target]:
+        if not isinstance(one, str) or not _TARGET.fullmatch(one):
+            raise ValueError(f"A method's target must be 'module:Class' (e.g. 'my_package.kd:MyKD'), got {one!r}.")
     entry = MethodEntry(summary, target)
     METHODS[name] = entry
     return entry
