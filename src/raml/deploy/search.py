@@ -22,6 +22,7 @@ the ranking is exact and the metrics equal ``raml.retrieval.retrieval_metrics``.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,6 @@ from raml.data.images import EvalTransform
 from raml.data.splits import Split
 from raml.deploy.embed import embed_images
 from raml.deploy.export import onnx_session, read_sidecar
-from raml.deploy.image_files import image_key
 from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
 from raml.models.checkpoints import load_checkpoint_file
 from raml.retrieval.evaluate import default_ks
@@ -252,6 +252,66 @@ def ranking_metrics(
     return ap_sum, hits, scored, no_positive
 
 
+def _file_key(path: str) -> str:
+    """Identity of an image file for matching queries to index rows: its resolved path (symbolic links
+    followed, so a linked data root that reaches the same files matches; a copy does not)."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+def _own_rows(index: DatabaseIndex, split_name: str, query_paths: Sequence[str]) -> np.ndarray:
+    """The index row of each query's own image, checking that the index's live rows and the queries correspond
+    one to one (the same files, each once).
+
+    Args:
+        index: An index built on the split (``raml index --dataset <split_name>``).
+        split_name: The split's name, for the message.
+        query_paths: The split's image paths, one query each.
+
+    Returns:
+        ``(Q,)`` int64 row ids, query order.
+
+    Raises:
+        IndexDirectoryError: Naming an unmatched path of each side, if some query has no row or several rows of
+            the same file, or some live row is no query's image.
+    """
+    rows_by_file: dict[str, list[int]] = {}
+    for row in index.live_ids().tolist():
+        rows_by_file.setdefault(_file_key(index.paths[row]), []).append(int(row))
+    own = np.full(len(query_paths), -1, dtype=np.int64)
+    missing: list[str] = []
+    repeated: list[str] = []
+    for i, path in enumerate(query_paths):
+        rows = rows_by_file.get(_file_key(path), [])
+        if len(rows) == 1:
+            own[i] = rows[0]
+        else:
+            (repeated if rows else missing).append(path)
+    matched = set(own[own >= 0].tolist())
+    extra = [index.paths[row] for row in index.live_ids().tolist() if row not in matched]
+    if not (missing or repeated or extra) and len(matched) == len(query_paths):
+        return own
+    problems = []
+    if index.live_count != len(query_paths):
+        problems.append(f"it holds {index.live_count} images, {split_name!r} has {len(query_paths)}")
+    if missing or extra:
+        built = f"built from {extra[0]!r}" if extra else "built without them"
+        evaluating = f"evaluating {missing[0]!r}" if missing else "evaluating without them"
+        problems.append(
+            f"{len(missing)} of the split's images are not in it and {len(extra)} of its images are not in the "
+            f"split ({built}, {evaluating})"
+        )
+    if repeated:
+        problems.append(f"{len(repeated)} of the split's images are in it more than once (e.g. {repeated[0]!r})")
+    if len(matched) < len(query_paths) - len(missing) - len(repeated):
+        problems.append("several of the split's paths are the same file")
+    raise IndexDirectoryError(
+        f"The index at {index.directory} does not hold exactly the images of {split_name!r} as this --data-root "
+        f"reaches them: {'; '.join(problems)}. Evaluate with the --data-root the index was built from, or rebuild "
+        f"it from this one: `raml index --data-root <this root> --dataset {split_name} --output {index.directory} "
+        "--overwrite ...`."
+    )
+
+
 @torch.inference_mode()
 def evaluate_with_index(
     student: nn.Module,
@@ -270,7 +330,9 @@ def evaluate_with_index(
 
     Every image of the split is a query (student at ``image_size``); the database is the index with its
     stored labels; the database entry of the query's own image (same file) is junk. The index must hold
-    labelled images of this split only (``raml index --data-root D --dataset <split.name>``).
+    labelled images of this split only (``raml index --data-root D --dataset <split.name>``), each split image
+    exactly once, as the split reaches them: paths are compared resolved (a symbolic link to the data root
+    it was built from is the same files; a copy of it is not).
 
     Args:
         student: Query network on ``device``.
@@ -289,7 +351,8 @@ def evaluate_with_index(
         ``{"mAP", "R@k"..., "num_queries", "num_no_positive", "index_type", "search_k"}`` (percentages).
 
     Raises:
-        ValueError: On a dimension mismatch, or an index without labels of this split.
+        ValueError: On a dimension mismatch.
+        IndexDirectoryError: If the index is not one of exactly this split's labelled images (see above).
     """
     index = index_dir if isinstance(index_dir, DatabaseIndex) else load_index(index_dir)
     check_query_dim(int(getattr(student, "meta", {}).get("outputdim", index.dim)), index)
@@ -303,12 +366,10 @@ def evaluate_with_index(
     ks = tuple(ks) if ks is not None else default_ks(split.name)
     depth = len(index) if search_k is None else min(int(search_k), len(index))
     query_paths = [str(p) for p in split.abspaths()]
-    positions = {image_key(p): i for i, p in enumerate(index.paths)}
-    junk = np.asarray([positions.get(image_key(p), -1) for p in query_paths], dtype=np.int64)
+    junk = _own_rows(index, split.name, query_paths)
     labels = np.asarray(split.labels, dtype=np.int64)
     # Query labels must be compared with the stored database labels of the same images.
-    matched = junk >= 0
-    if matched.any() and not np.array_equal(index.labels[junk[matched]], labels[matched]):
+    if not np.array_equal(index.labels[junk], labels):
         raise IndexDirectoryError(
             f"The labels stored in {index.directory} differ from {split.name!r}'s; rebuild the index from this split."
         )

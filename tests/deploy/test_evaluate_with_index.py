@@ -1,0 +1,62 @@
+"""evaluate_with_index refuses an index whose images are not the split's, one to one, as the split reaches them."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from raml.data import get_split
+from raml.deploy import evaluate_with_index, index_images
+from raml.deploy.store import IndexDirectoryError, load_index
+from raml.models import checkpoint_sha256, load_network
+
+QR, DR = 32, 48
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def world(indexed_synth_world, synth_and_networks) -> dict:
+    """The shared teacher index of synth-test (built from the data root ``root``) and the student."""
+    built = indexed_synth_world(DR)
+    root, _ = synth_and_networks("resnet18", {"teacher": (16, 0), "student": (16, 1)})
+    return {**built, "root": root, "student": load_network(built["nets"]["student"])}
+
+
+def _evaluate(world: dict, data_root, index_dir=None) -> dict:
+    split = get_split("synth-test", data_root)
+    return evaluate_with_index(world["student"], split, QR, index_dir or world["index"], CPU, ks=(1, 2))
+
+
+def test_a_symlinked_data_root_reaching_the_same_files_gives_the_direct_result(world, tmp_path):
+    link = tmp_path / "linked_root"
+    link.symlink_to(world["root"], target_is_directory=True)
+    assert _evaluate(world, link) == _evaluate(world, world["root"])
+
+
+def test_a_copied_data_root_is_refused_naming_a_path_of_each_side(world, tmp_path):
+    copy = tmp_path / "copied_root"
+    shutil.copytree(world["root"] / "synth", copy / "synth")
+    with pytest.raises(IndexDirectoryError, match=r"built from '.*', evaluating '.*copied_root.*--overwrite"):
+        _evaluate(world, copy)
+
+
+@pytest.mark.parametrize("second_root", ["link", "copy"])
+def test_an_index_holding_the_split_twice_is_refused(world, tmp_path, second_root):
+    other = tmp_path / "other_root"
+    if second_root == "link":
+        other.symlink_to(world["root"], target_is_directory=True)
+    else:
+        shutil.copytree(world["root"] / "synth", other / "synth")
+    index_dir = tmp_path / "index"
+    shutil.copytree(world["index"], index_dir)
+    split = get_split("synth-test", other)
+    sha = checkpoint_sha256(world["nets"]["teacher"])
+    paths = [str(p) for p in split.abspaths()]
+    index_images(world["teacher"], paths, DR, index_dir, sha, labels=list(split.labels), dataset=split.name)
+    index = load_index(index_dir)
+    assert index.live_count == 2 * len(paths) and index.meta["datasets"] == ["synth-test"]
+    expected = "more than once" if second_root == "link" else "holds 40 images, 'synth-test' has 20"
+    with pytest.raises(IndexDirectoryError, match=expected):
+        _evaluate(world, world["root"], index_dir)
