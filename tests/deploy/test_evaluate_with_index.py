@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
@@ -10,7 +11,7 @@ import torch
 from raml.data import get_split
 from raml.deploy import evaluate_with_index, index_images
 from raml.deploy.store import IndexDirectoryError, load_index
-from raml.models import checkpoint_sha256, load_network
+from raml.models import checkpoint_sha256, load_network, save_checkpoint
 
 QR, DR = 32, 48
 CPU = torch.device("cpu")
@@ -60,3 +61,18 @@ def test_an_index_holding_the_split_twice_is_refused(world, tmp_path, second_roo
     expected = "more than once" if second_root == "link" else "holds 40 images, 'synth-test' has 20"
     with pytest.raises(IndexDirectoryError, match=expected):
         _evaluate(world, world["root"], index_dir)
+
+
+def test_a_student_of_another_teacher_is_warned_about(world, tmp_path, caplog):
+    other = tmp_path / "distilled_elsewhere.pth"
+    save_checkpoint(other, world["student"], extra={"raml": {"teacher_sha256": "f" * 64}})
+    with caplog.at_level(logging.WARNING, logger="raml.deploy.search"):
+        _evaluate({**world, "student": load_network(other)}, world["root"])
+    assert sum("different teacher" in r.message for r in caplog.records) == 1
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="raml.deploy.search"):
+        split = get_split("synth-test", world["root"])
+        evaluate_with_index(world["student"], split, QR, world["index"], CPU, teacher_sha256="f" * 64)
+        sha = load_index(world["index"]).network_sha256
+        evaluate_with_index(load_network(other), split, QR, world["index"], CPU, teacher_sha256=sha)
+    assert sum("different teacher" in r.message for r in caplog.records) == 1

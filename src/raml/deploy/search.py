@@ -252,6 +252,14 @@ def ranking_metrics(
     return ap_sum, hits, scored, no_positive
 
 
+def _distilled_from(student: nn.Module) -> str | None:
+    """The teacher hash a query network records: an ONNX student's sidecar value, else its raml checkpoint's."""
+    if hasattr(student, "teacher_sha256"):
+        return student.teacher_sha256
+    source = getattr(student, "source_path", None)
+    return recorded_teacher_sha256(source) if source is not None else None
+
+
 def _file_key(path: str) -> str:
     """Identity of an image file for matching queries to index rows: its resolved path (symbolic links
     followed, so a linked data root that reaches the same files matches; a copy does not)."""
@@ -325,6 +333,7 @@ def evaluate_with_index(
     progress: bool = False,
     search_k: int | None = None,
     nprobe: int | None = None,
+    teacher_sha256: str | None = None,
 ) -> dict[str, Any]:
     """Asymmetric test of ``student`` against an index of ``split`` built by ``raml index``.
 
@@ -346,6 +355,9 @@ def evaluate_with_index(
         progress: Show progress bars.
         search_k: Search depth; default the index size (the full ranking; see the module docstring).
         nprobe: Override the index's IVF ``nprobe``.
+        teacher_sha256: Hash of the teacher the student was distilled from; a warning is logged when the
+            index was built by another network (as ``raml search`` does). None: read from the student (an ONNX
+            student's ``teacher_sha256``, else the raml checkpoint at its ``source_path``), if it records one.
 
     Returns:
         ``{"mAP", "R@k"..., "num_queries", "num_no_positive", "index_type", "search_k"}`` (percentages).
@@ -356,6 +368,7 @@ def evaluate_with_index(
     """
     index = index_dir if isinstance(index_dir, DatabaseIndex) else load_index(index_dir)
     check_query_dim(int(getattr(student, "meta", {}).get("outputdim", index.dim)), index)
+    warn_if_other_teacher(teacher_sha256 or _distilled_from(student), index)
     datasets = list(index.meta.get("datasets", []))
     if datasets != [split.name] or bool((index.labels < 0).any()):
         raise IndexDirectoryError(
