@@ -76,3 +76,23 @@ def test_a_student_of_another_teacher_is_warned_about(world, tmp_path, caplog):
         sha = load_index(world["index"]).network_sha256
         evaluate_with_index(load_network(other), split, QR, world["index"], CPU, teacher_sha256=sha)
     assert sum("different teacher" in r.message for r in caplog.records) == 1
+
+
+def test_an_index_with_a_removed_image_is_refused_as_such_and_its_rebuild_evaluates(world, tmp_path):
+    index_dir = tmp_path / "index"
+    shutil.copytree(world["index"], index_dir)
+    split = get_split("synth-test", world["root"])
+    sha = checkpoint_sha256(world["nets"]["teacher"])
+    paths = [str(p) for p in split.abspaths()]
+    index_images(world["teacher"], [], DR, index_dir, sha, remove=paths[:1])
+    with pytest.raises(IndexDirectoryError, match="1 image was removed from it .*--overwrite") as refused:
+        _evaluate(world, world["root"], index_dir)
+    assert "unlabelled" not in str(refused.value)
+    # the rebuild the message asks for keeps the removed image's tombstone row (ids are never reused) and
+    # evaluates as the index built once, unreturned items (search_k < N) ranked among the live images only
+    labels = list(split.labels)
+    index_images(world["teacher"], paths, DR, index_dir, sha, labels=labels, dataset=split.name, overwrite=True)
+    assert len(load_index(index_dir)) == len(paths) + 1
+    for search_k in (None, 3):
+        direct = evaluate_with_index(world["student"], split, QR, world["index"], CPU, search_k=search_k)
+        assert evaluate_with_index(world["student"], split, QR, index_dir, CPU, search_k=search_k) == direct

@@ -210,6 +210,7 @@ def ranking_metrics(
     database_labels: np.ndarray,
     junk: np.ndarray,
     ks: Sequence[int],
+    num_database: int | None = None,
 ) -> tuple[float, np.ndarray, int, int]:
     """Sum of AP, R@k hit counts, scored queries and queries without positives, from search results.
 
@@ -220,13 +221,15 @@ def ranking_metrics(
         database_labels: ``(N,)`` labels.
         junk: ``(Q,)`` database id to ignore for each query (its own image), -1 for none.
         ks: The k of R@k.
+        num_database: The number of database items; default N. Less when some rows are not in the index
+            (removed images: tombstone rows, label -1).
 
     Returns:
         ``(ap_sum, hits per k, num_scored, num_no_positive)``; see the module docstring for unreturned items.
     """
     ks_arr = np.asarray(list(ks))
     class_count = {int(c): int(n) for c, n in zip(*np.unique(database_labels, return_counts=True))}
-    num_database = database_labels.shape[0]
+    num_database = database_labels.shape[0] if num_database is None else int(num_database)
     ap_sum, hits, scored, no_positive = 0.0, np.zeros(len(ks_arr), dtype=np.int64), 0, 0
     for row_ids, row_scores, label, own in zip(ids, scores, query_labels, junk):
         own = int(own)
@@ -312,6 +315,9 @@ def _own_rows(index: DatabaseIndex, split_name: str, query_paths: Sequence[str])
         problems.append(f"{len(repeated)} of the split's images are in it more than once (e.g. {repeated[0]!r})")
     if len(matched) < len(query_paths) - len(missing) - len(repeated):
         problems.append("several of the split's paths are the same file")
+    removed = len(index) - index.live_count
+    if missing and removed:
+        problems.append(f"{removed} image{'s were' if removed > 1 else ' was'} removed from it (raml index --remove)")
     raise IndexDirectoryError(
         f"The index at {index.directory} does not hold exactly the images of {split_name!r} as this --data-root "
         f"reaches them: {'; '.join(problems)}. Evaluate with the --data-root the index was built from, or rebuild "
@@ -370,14 +376,15 @@ def evaluate_with_index(
     check_query_dim(int(getattr(student, "meta", {}).get("outputdim", index.dim)), index)
     warn_if_other_teacher(teacher_sha256 or _distilled_from(student), index)
     datasets = list(index.meta.get("datasets", []))
-    if datasets != [split.name] or bool((index.labels < 0).any()):
+    unlabelled = bool((index.labels[index.live_ids()] < 0).any())
+    if datasets != [split.name] or unlabelled:
         raise IndexDirectoryError(
             f"The index at {index.directory} holds {', '.join(datasets) or 'unlabelled images'}"
-            f"{' and unlabelled images' if datasets and (index.labels < 0).any() else ''}; evaluating {split.name!r} "
+            f"{' and unlabelled images' if datasets and unlabelled else ''}; evaluating {split.name!r} "
             f"needs an index of exactly that split's labelled images: `raml index --dataset {split.name} ...`."
         )
     ks = tuple(ks) if ks is not None else default_ks(split.name)
-    depth = len(index) if search_k is None else min(int(search_k), len(index))
+    depth = index.live_count if search_k is None else min(int(search_k), index.live_count)
     query_paths = [str(p) for p in split.abspaths()]
     junk = _own_rows(index, split.name, query_paths)
     labels = np.asarray(split.labels, dtype=np.int64)
@@ -395,7 +402,9 @@ def evaluate_with_index(
     for start in range(0, queries.shape[0], block):
         stop = start + block
         scores, ids = index.search(queries[start:stop], depth, nprobe=nprobe)
-        a, h, s, n = ranking_metrics(ids, scores, labels[start:stop], index.labels, junk[start:stop], ks)
+        a, h, s, n = ranking_metrics(
+            ids, scores, labels[start:stop], index.labels, junk[start:stop], ks, index.live_count
+        )
         ap_sum, hits, scored, no_positive = ap_sum + a, hits + h, scored + s, no_positive + n
     if scored == 0:
         raise ValueError(f"No query of {split.name!r} has a positive in the index; every class needs two images.")
