@@ -1,10 +1,12 @@
-"""evaluate_with_index refuses an index whose images are not the split's, one to one, as the split reaches them."""
+"""evaluate_with_index against an index of the split (one to one, removed images, another teacher);
+DatabaseIndex.search's k."""
 
 from __future__ import annotations
 
 import logging
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -96,3 +98,17 @@ def test_an_index_with_a_removed_image_is_refused_as_such_and_its_rebuild_evalua
     for search_k in (None, 3):
         direct = evaluate_with_index(world["student"], split, QR, world["index"], CPU, search_k=search_k)
         assert evaluate_with_index(world["student"], split, QR, index_dir, CPU, search_k=search_k) == direct
+
+
+@pytest.mark.parametrize("k", [np.int64(5), np.int32(5), 5])
+def test_search_takes_numpy_integers_for_k(world, k):
+    index = load_index(world["index"])
+    scores, ids = index.search(np.asarray(index.embeddings[:2]), k)
+    assert ids.shape == scores.shape == (2, 5) and (ids[:, 0] == [0, 1]).all()
+
+
+@pytest.mark.parametrize("k", [True, np.bool_(True), 0, np.int64(-1), 2.0, "5"])
+def test_search_refuses_a_k_that_is_not_a_positive_integer(world, k):
+    index = load_index(world["index"])
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        index.search(np.asarray(index.embeddings[:1]), k)

@@ -53,6 +53,7 @@ from __future__ import annotations
 
 import json
 import logging
+import numbers
 import os
 import shutil
 import stat
@@ -174,7 +175,7 @@ class DatabaseIndex:
 
         Args:
             queries: L2-normalised query embeddings of dimension D.
-            k: Results per query (clamped to the index size).
+            k: Results per query, an int or numpy integer (clamped to the index size).
             nprobe: Override the stored IVF ``nprobe`` for this search.
         """
         q = as_float32_matrix(queries)
@@ -183,9 +184,9 @@ class DatabaseIndex:
                 f"Query embeddings have dimension {q.shape[1]} but the index at {self.directory} holds "
                 f"{self.dim}-dimensional embeddings; use a query network with output dimension {self.dim}."
             )
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be a positive integer, got {k!r}.")
-        k = min(k, max(1, self.live_count))
+        if isinstance(k, (bool, np.bool_)) or not isinstance(k, numbers.Integral) or k < 1:
+            raise ValueError(f"k must be a positive integer (int or numpy integer), got {k!r}.")
+        k = min(int(k), max(1, self.live_count))
         params = self.params
         if nprobe is not None and params.nlist is not None:
             params = replace(params, nprobe=min(int(nprobe), params.nlist))
