@@ -359,7 +359,7 @@ def evaluate_with_index(
         batch_size: Images per forward pass.
         workers: DataLoader workers.
         progress: Show progress bars.
-        search_k: Search depth; default the index size (the full ranking; see the module docstring).
+        search_k: Search depth; default the number of live images (the full ranking; see the module docstring).
         nprobe: Override the index's IVF ``nprobe``.
         teacher_sha256: Hash of the teacher the student was distilled from; a warning is logged when the
             index was built by another network (as ``raml search`` does). None: read from the student (an ONNX
