@@ -109,3 +109,16 @@ def test_the_goal_at_2x_is_not_measured_when_a_row_behind_it_was_client_limited(
     assert _goals(met, 50.0, saturation_limited=True)["at_2x"]["met"] is None  # the rates came from a flagged row
     assert _goals([row("adaptive", 40.0, 0, True), met[1]], 50.0)["at_2x"]["met"] is None
     assert _goals([met[0], row("fixed", 90.0, 12, True)], 50.0)["at_2x"]["met"] is None
+
+
+def test_a_target_derived_from_a_client_limited_row_makes_the_goal_not_measured():
+    from raml.bench.adaptive import derived_target
+
+    def row(p99: float | None, limited: bool) -> dict:
+        return {"p99_ms": p99, "client_limited": limited, "client_limited_because": ["a client at 95 % of a core"]}
+
+    assert derived_target(None, [row(None, False), row(20.0, False)]) == (40.0, False)  # the first that answered
+    assert derived_target(None, [row(20.0, True), row(30.0, False)]) == (40.0, True)
+    assert derived_target(80.0, [row(20.0, True)]) == (80.0, False)  # --target-ms: nothing derived
+    with pytest.raises(RuntimeError, match="no latency target"):
+        derived_target(None, [row(None, False)])

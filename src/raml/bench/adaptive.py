@@ -372,10 +372,7 @@ def run_adaptive_benchmark(
                 )
                 rows.append({"server": "fixed", "saturation_fraction": fraction, **row})
                 _log_row(rows[-1], maps)
-                if target is None and row["p99_ms"] is not None:
-                    target = 2.0 * row["p99_ms"]  # twice the p99 at the lowest rate (see the module docstring)
-        if target is None:
-            raise RuntimeError("The fixed server answered no query at the lowest rate: no latency target to derive.")
+        target, target_limited = derived_target(settings.target_ms, rows)
         flags = [*common, "--latency-target-ms", f"{target:.1f}", "--latency-up-fraction", str(settings.up_fraction)]
         with _ServeProcess(flags, work_dir / "serve-adaptive.log") as adaptive:
             for fraction in settings.rates:
@@ -405,15 +402,38 @@ def run_adaptive_benchmark(
         "database_images": len(query_files),
         "saturation": {"size": largest, "clients": settings.saturation_clients, **closed},
         "rows": rows,
-        "goals": _goals(rows, target, saturation_limited=closed["client_limited"]),
+        "goals": _goals(rows, target, saturation_limited=closed["client_limited"] or target_limited),
         "seconds": time.perf_counter() - start,
     }
 
 
+def derived_target(given_ms: float | None, fixed_rows: list[dict[str, Any]]) -> tuple[float, bool]:
+    """The latency target T and whether it came from a client-limited row: ``given_ms`` (``--target-ms``) as
+    given, else twice the p99 of the fixed server's first row that answered (the lowest rate; see the module
+    docstring). A target derived from a client-limited row measures the client, so the goal it sets is not
+    measured either.
+
+    Raises:
+        RuntimeError: no target given and no fixed row answered a query.
+    """
+    if given_ms is not None:
+        return given_ms, False
+    for row in fixed_rows:
+        if row["p99_ms"] is not None:
+            if row["client_limited"]:
+                logger.warning(
+                    "The latency target comes from a client-limited row (%s): the goal at 2x is not measured.",
+                    "; ".join(row["client_limited_because"]),
+                )
+            return 2.0 * row["p99_ms"], bool(row["client_limited"])
+    raise RuntimeError("The fixed server answered no query at the lowest rate: no latency target to derive.")
+
+
 def _goals(rows: list[dict[str, Any]], target: float, saturation_limited: bool = False) -> dict[str, Any]:
     """Issue 20's goal at 2x saturation: the adaptive server keeps p99 <= T with no 503s; the fixed one sheds or
-    misses T. ``met`` is None (not measured) when either row at 2x, or the saturation row whose rate sets every
-    offered rate (``saturation_limited``), was client-limited."""
+    misses T. ``met`` is None (not measured) when either row at 2x, or a row that set the goal's scale
+    (``saturation_limited``: the saturation row whose rate sets every offered rate, or the row a derived target
+    came from), was client-limited."""
     at = {r["server"]: r for r in rows if abs(r["saturation_fraction"] - 2.0) < 1e-9}
     if set(at) != {"fixed", "adaptive"}:
         return {"target_ms": target}
