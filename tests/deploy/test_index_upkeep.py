@@ -76,20 +76,6 @@ def test_relative_paths_are_the_same_images_from_another_working_directory(tmp_p
     assert removed["removed"] == 1 and removed["not_found"] == [] and removed["count"] == 5
 
 
-def test_the_same_files_through_a_linked_folder_are_the_same_images(tmp_path):
-    """A database folder reached through a symbolic link (a linked data root): the same files, not new rows (an
-    index holding them twice was refused by evaluate_with_index only); removed by either name."""
-    make_files(tmp_path / "db", 4)
-    (tmp_path / "link").symlink_to(tmp_path / "db", target_is_directory=True)
-    index_dir = tmp_path / "index"
-    names = [f"img{i:05d}.jpg" for i in range(4)]
-    assert index(index_dir, [str(tmp_path / "db" / n) for n in names])["added"] == 4
-    again = index(index_dir, [str(tmp_path / "link" / n) for n in names])
-    assert again["added"] == 0 and again["count"] == 4
-    removed = index(index_dir, [], remove=[str(tmp_path / "link" / names[0])])
-    assert removed["removed"] == 1 and removed["not_found"] == [] and removed["count"] == 3
-
-
 def test_relative_paths_of_an_older_index_are_keyed_against_the_working_directory(tmp_path, monkeypatch):
     make_files(tmp_path / "db", 4)
     index_dir = tmp_path / "index"

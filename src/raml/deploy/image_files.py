@@ -95,9 +95,8 @@ _LINE_BLANKS = " \t\r"
 
 
 def image_key(path: str) -> str:
-    """Identity of an image file for duplicate detection: its resolved absolute path (symbolic links followed),
-    so that the same file named through a linked folder is the same image, not a second row."""
-    return os.path.normcase(os.path.realpath(path))
+    """Identity of an image file for duplicate detection: its normalised absolute path."""
+    return os.path.normcase(os.path.abspath(path))
 
 
 def check_images_exist(paths: Sequence[str]) -> None:
