@@ -3,7 +3,9 @@ DatabaseIndex.search's k."""
 
 from __future__ import annotations
 
+import json
 import logging
+import os
 import shutil
 
 import numpy as np
@@ -43,6 +45,22 @@ def test_a_copied_data_root_is_refused_naming_a_path_of_each_side(world, tmp_pat
     shutil.copytree(world["root"] / "synth", copy / "synth")
     with pytest.raises(IndexDirectoryError, match=r"built from '.*', evaluating '.*copied_root.*--overwrite"):
         _evaluate(world, copy)
+
+
+def test_an_older_index_of_relative_paths_read_from_another_folder_says_so(world, tmp_path, monkeypatch):
+    """An index written before paths were stored absolute holds them as given (relative to where it was built):
+    from another working directory nothing matches, and the refusal says why rather than blaming --data-root."""
+    index_dir = tmp_path / "old_index"
+    shutil.copytree(world["index"], index_dir)
+    meta = json.loads((index_dir / "index.json").read_text())
+    paths_file = index_dir / meta["files"]["paths"]
+    stored = json.loads(paths_file.read_text())
+    paths_file.write_text(json.dumps([os.path.relpath(p, world["root"].parent) for p in stored]) + "\n")
+    monkeypatch.chdir(world["root"].parent)  # where it was "built": the relative paths reach the files
+    assert _evaluate(world, world["root"], index_dir) == _evaluate(world, world["root"])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(IndexDirectoryError, match="it stores relative paths .* run from the folder it was built in"):
+        _evaluate(world, world["root"], index_dir)
 
 
 @pytest.mark.parametrize("second_root", ["link", "copy"])

@@ -318,6 +318,12 @@ def _own_rows(index: DatabaseIndex, split_name: str, query_paths: Sequence[str])
     removed = len(index) - index.live_count
     if missing and removed:
         problems.append(f"{removed} image{'s were' if removed > 1 else ' was'} removed from it (raml index --remove)")
+    relative = next((p for p in extra if not os.path.isabs(p)), None)
+    if relative is not None:  # an index written before paths were stored absolute (2026-12-05)
+        problems.append(
+            f"it stores relative paths (e.g. {relative!r}), read against the working directory: run from the folder "
+            "it was built in"
+        )
     raise IndexDirectoryError(
         f"The index at {index.directory} does not hold exactly the images of {split_name!r} as this --data-root "
         f"reaches them: {'; '.join(problems)}. Evaluate with the --data-root the index was built from, or rebuild "
