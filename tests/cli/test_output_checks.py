@@ -262,8 +262,9 @@ def test_train_refuses_a_json_folder_before_training(cub_root: Path, network: Pa
     config = tmp_path / "config.yaml"
     config.write_text(f"json: {folder}\n")
     before = _snapshot(tmp_path)
-    assert main([*argv, "--config", str(config)]) == 2  # --json from the YAML file too
-    assert f"--json '{folder}' is a folder" in _error(capsys, "train")
+    with pytest.raises(SystemExit) as stop:  # a YAML file does not give --json (one invocation's setting)
+        main([*argv, "--config", str(config)])
+    assert stop.value.code == 2 and "is a setting of one invocation" in _error(capsys, "train")
     assert _snapshot(tmp_path) == before  # no run folder, no checkpoint
 
 

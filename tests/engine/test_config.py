@@ -293,3 +293,31 @@ def test_method_flags_the_mode_does_not_read_are_reported_once(caplog):
         "(docs/methods.md)."
     ]
     assert TrainConfig(student="resnet18", mode="sym", loss="normsoftmax", neg_num=2).ignored_settings() == ["neg_num"]
+
+
+@pytest.mark.parametrize(
+    ("line", "flag"),
+    [("overwrite: true", "--overwrite"), ("json: run1.json", "--json"), ("resume-student: last", "--resume-student")],
+)
+def test_a_config_file_does_not_give_the_settings_of_one_invocation(tmp_path, line, flag):
+    """Replaying a run's config.yaml into another --directory carried its --overwrite (replacing that folder's
+    checkpoints), its --json (overwriting the first run's results) and its --resume-student: refused."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"student: r\nteacher-path: t\n{line}\n")
+    with pytest.raises(ValueError, match=f"is a setting of one invocation.*give {flag} on the command line"):
+        _parse(["--config", str(cfg)])
+    cfg.write_text("student: r\nteacher-path: t\noverwrite: false\njson: null\nresume_student: null\n")
+    assert _parse(["--config", str(cfg), "--overwrite", "--json", "x.json"]).overwrite is True  # the command line
+
+
+def test_a_runs_config_yaml_replays_to_the_same_record(tmp_path):
+    import yaml
+
+    run = TrainConfig(student="r", teacher_path="t", lr=2e-3, overwrite=True, json="r.json", resume_student="last")
+    record = run.record()
+    assert (record["overwrite"], record["json"], record["resume_student"]) == (False, None, None)
+    cfg = tmp_path / "config.yaml"
+    cfg.write_text(yaml.safe_dump(record, sort_keys=False))
+    replay = _parse(["--config", str(cfg), "--directory", str(tmp_path / "run2")])
+    assert (replay.overwrite, replay.json, replay.resume_student) == (False, None, None)
+    assert replay.record() == {**record, "directory": str(tmp_path / "run2")}

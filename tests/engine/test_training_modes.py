@@ -186,6 +186,8 @@ def test_test_and_extract_use_the_val_ratio_of_the_checkpoint_not_of_a_later_run
     )
     Trainer(later, CPU, progress=False).release_lock()  # started (config.yaml written), stopped before any epoch
     assert "val_ratio: 0.5" in (folder / "config.yaml").read_text()
+    # its --overwrite is of that invocation: a replay of the record must not overwrite another folder
+    assert "overwrite: false" in (folder / "config.yaml").read_text()
     with caplog.at_level(logging.WARNING, logger="raml"):
         assert resolve_val_ratio(None, [str(best)], "raml test") == 0.25
     assert f"records val_ratio 0.25, but the {folder / 'config.yaml'} beside it says 0.5" in caplog.text

@@ -163,7 +163,7 @@ def train_student(
     best, written = directory / "model_best.pth.tar", directory / "config.yaml"
     # a student finished by an earlier (interrupted) run of the same settings is reused: model_best is
     # written after the last epoch only, and config.yaml holds the run's settings
-    if best.is_file() and written.is_file() and yaml.safe_load(written.read_text()) == config.to_dict():
+    if best.is_file() and written.is_file() and yaml.safe_load(written.read_text()) == config.record():
         logger.info("Reusing the finished student %s", best)
         return best
     seed_everything(seed)

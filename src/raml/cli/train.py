@@ -337,7 +337,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"raml train: error: {error}") from error
-    if config.json is not None:  # before training, not after it (--json may come from --config's YAML too)
+    if config.json is not None:  # before training, not after it
         check_output_file(config.json, "--json")
     # Under torchrun every process joins the group and gets its own device; otherwise choose one as usual.
     dist, dist_device = init_distributed(config.device)

@@ -38,6 +38,11 @@ AML_VARIANTS = ("contrastive", "regression")
 #: the largest --whitening output dimension: its layer holds (backbone dim x DIM) weights, and embeddings of
 #: 65,536 floats (256 KiB each) are far beyond any retrieval use; a larger value is a typo, not a setting
 MAX_WHITENING = 65536
+#: settings of one invocation, not of the run: what it may overwrite, where it writes its results, which checkpoint
+#: it resumes. A run's config.yaml records them at their defaults and a --config file may not set them otherwise,
+#: so that replaying a run's config.yaml into another --directory never overwrites it, another run's results file
+#: or resumes another run's checkpoint; only the command line gives them
+PER_INVOCATION = ("overwrite", "json", "resume_student")
 #: the largest --seed: seed_everything seeds torch with ``seed + epoch`` (at most 2**64 - 1)
 MAX_SEED = 2**63 - 1
 
@@ -358,6 +363,14 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def record(self) -> dict[str, Any]:
+        """The configuration as a run's ``config.yaml`` records it (a valid ``--config`` file): every setting,
+        with the :data:`PER_INVOCATION` ones at their defaults."""
+        values = self.to_dict()
+        for name in PER_INVOCATION:
+            values[name] = config_fields()[name].default
+        return values
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 
@@ -420,7 +433,20 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
                 + ", ..."
             )
         result[name] = _coerce(name, known[name].type, value, path)
+        if name in PER_INVOCATION and result[name] != known[name].default:
+            raise ValueError(
+                f"Config file {path}: {key}: {value!r} is a setting of one invocation, which a --config file does "
+                f"not give (replayed, it would {_PER_INVOCATION_RISK[name]}); remove it from the file and give "
+                f"{_flag(name)} on the command line."
+            )
     return result
+
+
+_PER_INVOCATION_RISK = {
+    "overwrite": "replace the checkpoints of any --directory it is used with",
+    "json": "overwrite the results file of the run it was written for",
+    "resume_student": "resume another run's checkpoint",
+}
 
 
 def _coerce(name: str, annotation: object, value: Any, source: Path) -> Any:

@@ -384,8 +384,9 @@ class Trainer:
             stale.unlink(missing_ok=True)
         for name, bad in self.skipped.items():
             write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
-        # The resolved configuration travels with the outputs; it is also a valid ``--config`` file.
-        atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.to_dict(), sort_keys=False))
+        # The resolved configuration travels with the outputs; it is also a valid ``--config`` file, so it records
+        # --overwrite, --json and --resume-student at their defaults (TrainConfig.record): a replay never inherits them
+        atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.record(), sort_keys=False))
 
     def _checked_split(self, name: str) -> Split:
         """Load a split and apply the ``--bad-images`` policy to it (skipped files are remembered)."""
