@@ -321,3 +321,44 @@ def test_a_runs_config_yaml_replays_to_the_same_record(tmp_path):
     replay = _parse(["--config", str(cfg), "--directory", str(tmp_path / "run2")])
     assert (replay.overwrite, replay.json, replay.resume_student) == (False, None, None)
     assert replay.record() == {**record, "directory": str(tmp_path / "run2")}
+
+
+def _laughs(levels: int) -> str:
+    """A 'billion laughs' YAML value: each level an alias list of nine of the level below."""
+    lists = ["&a0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    lists += [f"&a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return f"[{', '.join(lists)}, *a{levels - 1}]"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        (f"comment: {_laughs(5)}\n", "comment expects a value of type str, got a list of 6 items"),
+        (f"test_datasets: {_laughs(5)}\n", "test_datasets expects a value of type list.*got a list of 6 items"),
+        (f"image_sizes: {_laughs(5)}\n", "image_sizes expects a value of type list.*got a list of 6 items"),
+        ("directory: {a: 1}\n", r"directory expects a value of type str, got a mapping of 1 keys"),
+        ("student: [resnet18, resnet50]\n", r"student expects a value of type str\|None, got a list of 2 items"),
+        ("test_datasets: [[a, b]]\n", "test_datasets expects a value of type list"),
+        ("image_sizes: [[24, 32]]\n", "image_sizes expects a value of type list"),
+        ("image_sizes: {24: 32}\n", "image_sizes expects a value of type list"),
+    ],
+)
+def test_text_settings_take_scalars_only(tmp_path, text, message):
+    """A nested alias ('billion laughs', 438 bytes) turned into text exhausted the memory; a mapping or a list
+    given for a text setting became a folder named "{'a': 1}"."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=message):
+        load_yaml_config(cfg)
+
+
+def test_oversized_and_deeply_nested_config_files_are_refused_as_such(tmp_path):
+    from raml.engine.config import MAX_CONFIG_BYTES
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("comment: " + "x" * MAX_CONFIG_BYTES + "\n")
+    with pytest.raises(ValueError, match=rf"c\.yaml is {MAX_CONFIG_BYTES + 10} bytes, more than a configuration"):
+        load_yaml_config(cfg)
+    cfg.write_text("comment: " + "[" * 5000 + "]" * 5000 + "\n")  # a RecursionError traceback before
+    with pytest.raises(ValueError, match=r"c\.yaml is not valid YAML for a configuration: it nests too deeply"):
+        load_yaml_config(cfg)

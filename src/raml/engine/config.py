@@ -381,6 +381,11 @@ def config_fields() -> dict[str, dataclasses.Field]:
 
 #: what a --config file holds, for the messages that refuse one
 EXPECTED_YAML = "a YAML mapping of TrainConfig keys, e.g. 'epochs: 10' and 'lr: 1.0e-4', one per line"
+#: the largest --config file read: every flag with a long value fits in a few KiB; a larger file is not a
+#: configuration (and is not parsed: nested aliases or nesting can make a small YAML file costly to build)
+MAX_CONFIG_BYTES = 1 << 20
+#: the YAML scalars a setting's value may be (a list or mapping is never one: str() of a nested alias expands it)
+_SCALARS = (str, int, float, bool)
 
 
 def _yaml_error_place(error: yaml.YAMLError) -> str:
@@ -404,8 +409,14 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"Config file {path} is a folder, expected a YAML file ({EXPECTED_YAML}).")
     if not path.is_file():
         raise FileNotFoundError(f"Config file {path} does not exist.")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise ValueError(
+            f"Config file {path} is {size} bytes, more than a configuration holds (at most {MAX_CONFIG_BYTES}); "
+            f"expected {EXPECTED_YAML}."
+        )
     try:
-        text = path.read_bytes().decode("utf-8")
+        text = path.read_bytes()[: MAX_CONFIG_BYTES + 1].decode("utf-8")
     except UnicodeDecodeError as error:
         raise ValueError(
             f"Config file {path} is not UTF-8 text (byte {error.start} cannot be decoded); expected a YAML file "
@@ -418,11 +429,18 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
             f"Config file {path} is not valid YAML{_yaml_error_place(error)}: {_yaml_problem(error)}. "
             f"Expected {EXPECTED_YAML}."
         ) from None
+    except (RecursionError, MemoryError) as error:  # lists or mappings nested thousands deep: not a configuration
+        what = "nests too deeply to read" if isinstance(error, RecursionError) else "is too large to read"
+        raise ValueError(
+            f"Config file {path} is not valid YAML for a configuration: it {what}. Expected {EXPECTED_YAML}."
+        ) from None
     if not isinstance(data, dict):
         raise ValueError(f"Config file {path} must hold a mapping of flag: value, got {type(data).__name__}.")
     known = config_fields()
     result: dict[str, Any] = {}
     for key, value in data.items():
+        if not isinstance(key, _SCALARS):
+            raise ValueError(f"Config file {path}: a key must be a flag name, got {_describe(key)}.")
         name = str(key).lstrip("-").replace("-", "_")
         if name == "test_datasets" and isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
@@ -467,19 +485,40 @@ def _coerce(name: str, annotation: object, value: Any, source: Path) -> Any:
             if not isinstance(value, bool):
                 raise ValueError
             return value
-        if kind.startswith("list[int]"):
-            from raml.data.sizes import parse_image_sizes
-
-            return parse_image_sizes(value if isinstance(value, (str, list)) else [value])
         if kind.startswith("list"):
+            # a flat list of scalars (or one scalar / a comma-separated string for the sizes): a nested list or
+            # a mapping is refused before anything turns it into text
+            if isinstance(value, list) and not all(isinstance(v, _SCALARS) for v in value):
+                raise ValueError
+            if kind.startswith("list[int]"):
+                from raml.data.sizes import parse_image_sizes
+
+                if not isinstance(value, (list, *_SCALARS)):
+                    raise ValueError
+                return parse_image_sizes(value if isinstance(value, (str, list)) else [value])
             if not isinstance(value, list):
                 raise ValueError
             return [str(v) for v in value]
         if kind.startswith("str"):
+            if not isinstance(value, _SCALARS):
+                raise ValueError
             return str(value)
     except (TypeError, ValueError):
-        raise ValueError(f"Config file {source}: {name} expects a value of type {kind}, got {value!r}.") from None
+        raise ValueError(
+            f"Config file {source}: {name} expects a value of type {kind}, got {_describe(value)}."
+        ) from None
     return value
+
+
+def _describe(value: Any) -> str:
+    """A short description of a YAML value for a message: a scalar's repr (cut), a container's kind and size only
+    (the repr of nested aliases is exponentially long)."""
+    if isinstance(value, list):
+        return f"a list of {len(value)} items"
+    if isinstance(value, dict):
+        return f"a mapping of {len(value)} keys"
+    text = repr(value)
+    return text if len(text) <= 80 else f"{text[:77]}..."
 
 
 def part_name(base: str, part: str) -> str:
