@@ -336,7 +336,7 @@ def _laughs(levels: int) -> str:
         (f"comment: {_laughs(5)}\n", "comment expects a value of type str, got a list of 6 items"),
         (f"test_datasets: {_laughs(5)}\n", "test_datasets expects a value of type list.*got a list of 6 items"),
         (f"image_sizes: {_laughs(5)}\n", "image_sizes expects a value of type list.*got a list of 6 items"),
-        ("directory: {a: 1}\n", r"directory expects a value of type str, got a mapping of 1 keys"),
+        ("directory: {a: 1}\n", r"directory expects a value of type str, got a mapping of 1 key"),
         ("student: [resnet18, resnet50]\n", r"student expects a value of type str\|None, got a list of 2 items"),
         ("test_datasets: [[a, b]]\n", "test_datasets expects a value of type list"),
         ("image_sizes: [[24, 32]]\n", "image_sizes expects a value of type list"),
@@ -361,4 +361,43 @@ def test_oversized_and_deeply_nested_config_files_are_refused_as_such(tmp_path):
         load_yaml_config(cfg)
     cfg.write_text("comment: " + "[" * 5000 + "]" * 5000 + "\n")  # a RecursionError traceback before
     with pytest.raises(ValueError, match=r"c\.yaml is not valid YAML for a configuration: it nests too deeply"):
+        load_yaml_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("line", "name", "expected"),
+    [
+        ("seed: 1234567890123456789", "seed", 1234567890123456789),  # was ...768 (rounded through a float)
+        ("seed: 9223372036854775807", "seed", 2**63 - 1),  # the largest --seed, refused from YAML before
+        ("seed: '42'", "seed", 42),
+        ("epochs: 1e3", "epochs", 1000),  # YAML 1.1 reads 1e3 as text
+        ("epochs: 1.0e+2", "epochs", 100),
+        ("lr: 1e-4", "lr", 1e-4),
+        ("lr: 2", "lr", 2.0),
+    ],
+)
+def test_yaml_numbers_are_read_exactly(tmp_path, line, name, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"{line}\n")
+    value = load_yaml_config(cfg)[name]
+    assert value == expected and type(value) is type(expected)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("lr: yes", "lr expects a value of type float, got True .YAML reads yes/no"),  # became 1.0
+        ("lam-1: on", "lam_1 expects a value of type float, got True"),
+        ("epochs: true", "epochs expects a value of type int, got True"),
+        ("epochs: .inf", "epochs expects a value of type int, got inf .a whole number"),  # OverflowError before
+        ("epochs: 1e400", "epochs expects a value of type int, got '1e400'"),  # OverflowError before
+        ("epochs: .nan", "epochs expects a value of type int, got nan"),
+        ("epochs: 2.5", "epochs expects a value of type int, got 2.5"),
+        ("seed: 1e19", r"seed expects a value of type int, got '1e19' .* up to 2\*\*53"),  # not exact as a float
+    ],
+)
+def test_yaml_values_that_are_not_the_settings_number_are_refused(tmp_path, line, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"{line}\n")
+    with pytest.raises(ValueError, match=message):
         load_yaml_config(cfg)

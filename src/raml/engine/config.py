@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -476,11 +477,9 @@ def _coerce(name: str, annotation: object, value: Any, source: Path) -> Any:
         raise ValueError(f"Config file {source}: {name} must not be empty.")
     try:
         if kind.startswith("float"):
-            return float(value)
+            return _float_value(value)
         if kind.startswith("int"):
-            if isinstance(value, bool) or float(value) != int(float(value)):
-                raise ValueError
-            return int(float(value))
+            return _int_value(value)
         if kind == "bool":
             if not isinstance(value, bool):
                 raise ValueError
@@ -504,19 +503,54 @@ def _coerce(name: str, annotation: object, value: Any, source: Path) -> Any:
                 raise ValueError
             return str(value)
     except (TypeError, ValueError):
+        hint = ""
+        if isinstance(value, bool) and kind.startswith(("int", "float")):
+            hint = " (YAML reads yes/no, on/off and true/false as a boolean, not a number)"
+        elif kind.startswith("int") and isinstance(value, (float, str)):
+            hint = " (a whole number, exactly: an integer, or e.g. 1e3 up to 2**53)"
         raise ValueError(
-            f"Config file {source}: {name} expects a value of type {kind}, got {_describe(value)}."
+            f"Config file {source}: {name} expects a value of type {kind}, got {_describe(value)}{hint}."
         ) from None
     return value
+
+
+#: the largest whole number read from a float or an exponent string (``1e3``): above it a float is not exact
+_EXACT_FLOAT_INT = 2**53
+_DIGITS = re.compile(r"[+-]?[0-9]+")
+
+
+def _float_value(value: Any) -> float:
+    """A float setting from YAML: a number, or a string Python reads as one (YAML 1.1 reads ``1e-4`` as text).
+    A bool (``yes``, ``on``) is not a number: it raised no error and became 1.0."""
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise ValueError
+    return float(value)
+
+
+def _int_value(value: Any) -> int:
+    """An int setting from YAML, exactly: an int, a digit string, or a whole float / exponent string (``1e3``)
+    that a float holds exactly (at most 2**53) and is finite. ``int(float(v))`` rounded large ints (a seed of
+    19 digits changed), and ``.inf`` raised OverflowError."""
+    if isinstance(value, bool):
+        raise ValueError
+    if isinstance(value, int):
+        return value
+    if isinstance(value, str) and _DIGITS.fullmatch(value.strip()):
+        return int(value.strip())
+    if not isinstance(value, (float, str)):
+        raise ValueError
+    number = float(value)
+    if not math.isfinite(number) or not number.is_integer() or abs(number) > _EXACT_FLOAT_INT:
+        raise ValueError
+    return int(number)
 
 
 def _describe(value: Any) -> str:
     """A short description of a YAML value for a message: a scalar's repr (cut), a container's kind and size only
     (the repr of nested aliases is exponentially long)."""
-    if isinstance(value, list):
-        return f"a list of {len(value)} items"
-    if isinstance(value, dict):
-        return f"a mapping of {len(value)} keys"
+    if isinstance(value, (list, dict)):
+        kind, unit = ("a list", "item") if isinstance(value, list) else ("a mapping", "key")
+        return f"{kind} of {len(value)} {unit}{'' if len(value) == 1 else 's'}"
     text = repr(value)
     return text if len(text) <= 80 else f"{text[:77]}..."
 
