@@ -401,3 +401,21 @@ def test_yaml_values_that_are_not_the_settings_number_are_refused(tmp_path, line
     cfg.write_text(f"{line}\n")
     with pytest.raises(ValueError, match=message):
         load_yaml_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("optimizer: bogus", r"Unknown --optimizer 'bogus'; valid: sgd, adam, adamW\."),
+        ("scheduler: bogus", r"Unknown --scheduler 'bogus'; valid: onecycle"),
+        ("pool: bogus", r"Unknown --pool 'bogus'; valid: gem, gemmp, mac, spoc\."),
+    ],
+)
+def test_choices_from_a_config_file_are_checked_up_front(tmp_path, line, message):
+    """The parser checks these flags; from YAML they were refused only once the networks were built."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"student: r\nteacher-path: t\n{line}\n")
+    with pytest.raises(ValueError, match=message):
+        _parse(["--config", str(cfg)])
+    key = line.split(":")[0]
+    assert _parse(["--config", str(cfg), f"--{key}", {"optimizer": "sgd", "scheduler": "none", "pool": "GeM"}[key]])

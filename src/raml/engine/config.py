@@ -270,6 +270,7 @@ class TrainConfig:
         for name in _FLOAT_RANGES:
             _check_float(name, getattr(self, name))
         self._validate_method_settings()
+        self._validate_registry_choices()
         self._warn_ignored_settings()
         for name in ("workers", "neg_num"):
             if getattr(self, name) < 0:
@@ -334,6 +335,20 @@ class TrainConfig:
     def student_sizes(self) -> list[int]:
         """The student's training sizes: ``image_sizes``, or ``[image_size]``."""
         return list(self.image_sizes) if self.image_sizes else [self.image_size]
+
+    def _validate_registry_choices(self) -> None:
+        """--optimizer, --scheduler and --pool against their registries: the parser checks the flags, but a
+        --config file's value was only refused once the networks were built (or, for --pool with a network
+        file, never)."""
+        from raml.engine.optim import OPTIMIZERS, SCHEDULERS  # torch: not when a parser is built
+        from raml.models.pooling import POOLINGS
+
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"Unknown --optimizer {self.optimizer!r}; valid: {', '.join(OPTIMIZERS)}.")
+        if self.scheduler not in SCHEDULERS:
+            raise ValueError(f"Unknown --scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}.")
+        if self.pool.lower() not in POOLINGS:
+            raise ValueError(f"Unknown --pool {self.pool!r}; valid: {', '.join(sorted(POOLINGS))}.")
 
     def _validate_method_settings(self) -> None:
         if self.aml_variant not in AML_VARIANTS:
