@@ -43,8 +43,8 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def _serve(server_class):
-    server = server_class(("127.0.0.1", 0), _Handler)
+def _serve(server_class, handler: type[BaseHTTPRequestHandler] = _Handler):
+    server = server_class(("127.0.0.1", 0), handler)
     server.daemon_threads = True
     # a 50 ms poll (the default is 0.5 s): shutdown() waits up to one poll
     thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -150,14 +150,9 @@ class _RefusingHandler(BaseHTTPRequestHandler):
 def test_closed_loop_waits_the_retry_after_of_a_503_instead_of_resending_at_once():
     """A server that refuses everything at once: re-sending at once made thousands of requests per second (issue:
     a flood that cost the server and the client a core between them); each client now waits the 1 s asked."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _RefusingHandler)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server, url = _serve(ThreadingHTTPServer, _RefusingHandler)
     try:
-        result = run_load(
-            f"http://127.0.0.1:{server.server_address[1]}", [b"x"], k=1, warmup_s=0.0, duration_s=1.5,
-            concurrency=2, processes=1,
-        )  # fmt: skip
+        result = run_load(url, [b"x"], k=1, warmup_s=0.0, duration_s=1.5, concurrency=2, processes=1)
     finally:
         server.shutdown()
         server.server_close()
@@ -265,14 +260,11 @@ def test_open_loop_records_every_scheduled_arrival_behind_a_slow_server():
         def log_message(self, *args) -> None:
             pass
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Slow)
-    server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    server, url = _serve(ThreadingHTTPServer, Slow)
     try:
         result = run_load(
-            f"http://127.0.0.1:{server.server_address[1]}", [b"x"], k=1, warmup_s=0.0, duration_s=2.0,
-            concurrency=1, rate=100.0, processes=1, timeout_s=1.0,
-        )  # fmt: skip
+            url, [b"x"], k=1, warmup_s=0.0, duration_s=2.0, concurrency=1, rate=100.0, processes=1, timeout_s=1.0
+        )
     finally:
         server.shutdown()
         server.server_close()
