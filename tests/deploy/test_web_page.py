@@ -80,9 +80,20 @@ def _indexed_service(folder: Path, limits: ServiceLimits) -> tuple[SearchService
     return SearchService(TorchQueryEmbedder(network, torch.device("cpu"), 32), folder / "index", limits), paths
 
 
-def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
+def _open_page(chromium, url: str):
+    """Load the page at ``url`` and wait until it shows the index's 12 images; the page's ``WebDriverWait``."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
+
+    chromium.set_page_load_timeout(WAIT_S)
+    chromium.get(url)
+    wait = WebDriverWait(chromium, WAIT_S)
+    wait.until(lambda d: "12 images" in d.find_element(By.ID, "served").text)
+    return wait
+
+
+def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
+    from selenium.webdriver.common.by import By
 
     browser, driver_path = _browser_paths()
     service, paths = _indexed_service(tmp_path, ServiceLimits())
@@ -90,10 +101,7 @@ def test_the_page_shows_the_top_k_thumbnails_of_an_uploaded_query(tmp_path):
     with BackgroundServer(create_app(service)) as server:
         chromium = _start_chromium(browser, driver_path)
         try:
-            chromium.set_page_load_timeout(WAIT_S)
-            chromium.get(server.url + "/")
-            wait = WebDriverWait(chromium, WAIT_S)
-            wait.until(lambda d: "12 images" in d.find_element(By.ID, "served").text)
+            wait = _open_page(chromium, server.url + "/")
             k_box = chromium.find_element(By.ID, "k")
             k_box.clear()
             k_box.send_keys(str(k))
@@ -126,17 +134,13 @@ def test_the_page_asks_for_no_more_than_max_k(tmp_path):
     """Before, the page's k box said 10 whatever the service's --max-k, so that every search of a service with
     --max-k under 10 was refused (400) until the user lowered it; now it takes its bound from /health."""
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
 
     browser, driver_path = _browser_paths()
     service, paths = _indexed_service(tmp_path, ServiceLimits(max_k=5))
     with BackgroundServer(create_app(service)) as server:
         chromium = _start_chromium(browser, driver_path)
         try:
-            chromium.set_page_load_timeout(WAIT_S)
-            chromium.get(server.url + "/")
-            wait = WebDriverWait(chromium, WAIT_S)
-            wait.until(lambda d: "12 images" in d.find_element(By.ID, "served").text)
+            wait = _open_page(chromium, server.url + "/")
             k_box = chromium.find_element(By.ID, "k")
             k_value, k_max = k_box.get_attribute("value"), k_box.get_attribute("max")
             chromium.find_element(By.ID, "file").send_keys(str(Path(paths[4]).resolve()))
