@@ -33,7 +33,7 @@ import torch
 import yaml
 
 from raml.data.splits import get_split
-from raml.engine.config import TrainConfig, load_yaml_config
+from raml.engine.config import RUN_CONFIG_NAME, TrainConfig, load_yaml_config
 from raml.engine.methods import method_class
 from raml.engine.methods.coupled import CoupledViewMethod
 from raml.engine.trainer import Trainer
@@ -250,7 +250,7 @@ def distillation_config(options: ReproduceOptions) -> TrainConfig:
 def _resume_settings(config: TrainConfig) -> TrainConfig:
     """Continue a distillation already in ``config.directory`` (refused if its settings differ)."""
     directory = Path(config.directory)
-    saved_path = directory / "config.yaml"
+    saved_path = directory / RUN_CONFIG_NAME
     if saved_path.is_file():
         saved = yaml.safe_load(saved_path.read_text()) or {}
         ours = config.to_dict()

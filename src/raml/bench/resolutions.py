@@ -50,7 +50,7 @@ from raml.demo import (
     train_config,
     train_teacher,
 )
-from raml.engine.config import part_name
+from raml.engine.config import RUN_CONFIG_NAME, part_name
 from raml.engine.trainer import Trainer
 from raml.models import load_network
 from raml.retrieval.size_bn import recalibrate_size_bn
@@ -160,7 +160,7 @@ def train_student(
         freeze_bn=True,
         seed=seed,
     )
-    best, written = directory / "model_best.pth.tar", directory / "config.yaml"
+    best, written = directory / "model_best.pth.tar", directory / RUN_CONFIG_NAME
     # a student finished by an earlier (interrupted) run of the same settings is reused: model_best is
     # written after the last epoch only, and config.yaml holds the run's settings
     if best.is_file() and written.is_file() and yaml.safe_load(written.read_text()) == config.record():

@@ -16,6 +16,7 @@ from raml.cli.common import (
     setup_logging,
 )
 from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args, check_multiscale_size
+from raml.engine.config import RUN_CONFIG_NAME
 from raml.entry import add_network_args, network_from_args
 from raml.retrieval.scales import CPU_RUNTIMES
 
@@ -39,16 +40,12 @@ def add_cpu_runtime_arg(parser: argparse.ArgumentParser) -> None:
     )
 
 
-RUN_CONFIG_NAME = "config.yaml"
-"""The training configuration ``raml train`` writes into its run folder, beside the checkpoints."""
-
-
 def _val_ratio(value: str) -> float:
     try:
         ratio = float(value)
     except ValueError:
         ratio = -1.0
-    if not 0.0 <= ratio < 1.0:
+    if not _valid_val_ratio(ratio):
         raise argparse.ArgumentTypeError(f"expected a share of the training classes in [0, 1), got {value!r}")
     return ratio
 

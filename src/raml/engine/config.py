@@ -43,6 +43,8 @@ MAX_WHITENING = 65536
 #: it resumes. A run's config.yaml records them at their defaults and a --config file may not set them otherwise,
 #: so that replaying a run's config.yaml into another --directory never overwrites it, another run's results file
 #: or resumes another run's checkpoint; only the command line gives them
+#: the file a run records its configuration in, in its --directory (:meth:`TrainConfig.record`)
+RUN_CONFIG_NAME = "config.yaml"
 PER_INVOCATION = ("overwrite", "json", "resume_student")
 #: the largest --seed: seed_everything seeds torch with ``seed + epoch`` (at most 2**64 - 1)
 MAX_SEED = 2**63 - 1

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, write_bad_image_report
 from raml.data.splits import Split, get_split
 from raml.distributed import SINGLE, DistContext, all_reduce_min_, all_reduce_sum_, broadcast_object, shard_bounds
-from raml.engine.config import TrainConfig, part_name
+from raml.engine.config import RUN_CONFIG_NAME, TrainConfig, part_name
 from raml.engine.device import AutocastForward, amp_active
 from raml.engine.guard import gradients_finite, nonfinite_parameters
 from raml.engine.methods import method_class
@@ -386,7 +386,7 @@ class Trainer:
             write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file, so it records
         # --overwrite, --json and --resume-student at their defaults (TrainConfig.record): a replay never inherits them
-        atomic_write_text(self.directory / "config.yaml", yaml.safe_dump(self.config.record(), sort_keys=False))
+        atomic_write_text(self.directory / RUN_CONFIG_NAME, yaml.safe_dump(self.config.record(), sort_keys=False))
 
     def _checked_split(self, name: str) -> Split:
         """Load a split and apply the ``--bad-images`` policy to it (skipped files are remembered)."""
