@@ -479,7 +479,8 @@ def _join_shared_classes(split: SplitDict, folder: Path, part: str, display: str
     such a val split holds no classes out, and for ``trainval`` make each shared name one class (its train
     images, then its val images, at its place among the train classes; the other val classes follow)."""
     names = {"train": [c[0].split("/")[1] for c in split["train"]], "val": [c[0].split("/")[1] for c in split["val"]]}
-    shared = [name for name in names["val"] if name in set(names["train"])]
+    train_names = set(names["train"])
+    shared = [name for name in names["val"] if name in train_names]
     if not shared:
         return split
     logger.warning(
@@ -497,7 +498,7 @@ def _join_shared_classes(split: SplitDict, folder: Path, part: str, display: str
         return split
     val_of = dict(zip(names["val"], split["val"], strict=True))
     train = [paths + val_of.get(name, []) for name, paths in zip(names["train"], split["train"], strict=True)]
-    rest = [paths for name, paths in zip(names["val"], split["val"], strict=True) if name not in set(names["train"])]
+    rest = [paths for name, paths in zip(names["val"], split["val"], strict=True) if name not in train_names]
     return {"train": train, "val": rest, "test": split["test"]}
 
 
