@@ -365,8 +365,9 @@ def create_app(
         index = service.index.current
         text = request.path_params["image_id"]
         if _IMAGE_ID.fullmatch(text) is None:  # never int() of an unbounded string (a 5,000-digit id was a 500)
-            shown = text if len(text) <= 24 else text[:24] + "..."
-            return answer("image", error(404, f"No image {shown!r}: ids are integers from 0 to {len(index) - 1}."))
+            return answer(
+                "image", error(404, f"No image {_shown(text, 24)!r}: ids are integers from 0 to {len(index) - 1}.")
+            )
         image_id = int(text)
         if not 0 <= image_id < len(index):
             return answer("image", error(404, f"No image {image_id}: the index holds ids 0 to {len(index) - 1}."))
