@@ -373,24 +373,24 @@ def local_url(host: str, port: int) -> str:
     address of that family: ``http://0.0.0.0:PORT/`` names no host, and the service refuses ``Host: 0.0.0.0``
     with 421 (it answers only names it knows, see :class:`raml.deploy.service.hosts.HostRules`). An IPv6 address
     is put in brackets."""
+    from raml.deploy.service.hosts import binds_every_interface
+
     name = host.strip()
-    if name in ("", "0.0.0.0"):
-        name = "127.0.0.1"
-    elif name == "::":
-        name = "::1"
+    if binds_every_interface(name):
+        name = "::1" if name == "::" else "127.0.0.1"
     return f"http://[{name}]:{port}/" if ":" in name else f"http://{name}:{port}/"
 
 
 def host_rules(args: argparse.Namespace):  # -> HostRules (imported lazily, as the service is)
     """The ``Host`` names the service answers: ``--allowed-host`` (each a name or a comma list), the loopback names
     and ``--host`` unless it binds every interface; warns where such a bind is given no name."""
-    from raml.deploy.service.hosts import HostRules
+    from raml.deploy.service.hosts import HostRules, binds_every_interface
 
     extra = [name for value in args.allowed_host or () for name in value.split(",") if name.strip()]
     rules = HostRules(extra, bind_host=args.host)
     if rules.any_host:
         logger.warning("--allowed-host *: any Host is answered; only behind a reverse proxy that checks Host itself.")
-    elif not extra and args.host.strip() in ("0.0.0.0", "::", ""):
+    elif not extra and binds_every_interface(args.host):
         logger.warning(
             "Bound to %s without --allowed-host: only requests naming %s are answered (others get 421); give the "
             "names clients use with --allowed-host NAME.",
@@ -427,6 +427,7 @@ def run_serve(args: argparse.Namespace) -> int:
     from raml.deploy.service.app import create_app
     from raml.deploy.service.connections import resolve_http, resolve_loop, server_options
     from raml.deploy.service.embedders import use_serving_threads
+    from raml.deploy.service.hosts import binds_every_interface
 
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be between 0 and 65535, got {args.port}.")
@@ -457,7 +458,7 @@ def run_serve(args: argparse.Namespace) -> int:
         index.generation,
         index.directory,
         local_url(args.host, args.port),
-        f" (bound to {args.host}: every interface)" if args.host.strip() in ("", "0.0.0.0", "::") else "",
+        f" (bound to {args.host}: every interface)" if binds_every_interface(args.host) else "",
         ", ".join(map(str, service.embedder.sizes)),
         f"; chosen per batch for a p99 under {args.latency_target_ms:g} ms" if service.adaptive is not None else "",
         http,

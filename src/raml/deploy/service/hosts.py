@@ -17,7 +17,14 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-__all__ = ["ANY_HOST", "LOOPBACK_NAMES", "HostRules", "allowed_host_name", "parse_host_header"]
+__all__ = [
+    "ANY_HOST",
+    "LOOPBACK_NAMES",
+    "HostRules",
+    "allowed_host_name",
+    "binds_every_interface",
+    "parse_host_header",
+]
 
 #: the names of this machine's loopback interface, always allowed
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "::1")
@@ -35,6 +42,12 @@ def _ip_or_name(text: str) -> str | None:
         return str(ipaddress.ip_address(text))
     except ValueError:
         return text if _NAME.fullmatch(text) else None
+
+
+def binds_every_interface(bind_host: str) -> bool:
+    """Whether a server bound to ``bind_host`` listens on every interface (``0.0.0.0``, ``::`` or empty): no name
+    of its own to allow, and no URL to give but the loopback's."""
+    return bind_host.strip() in _WILDCARD_BINDS
 
 
 def allowed_host_name(value: str) -> str:
@@ -99,7 +112,7 @@ class HostRules:
         self.any_host = ANY_HOST in names
         names.discard(ANY_HOST)
         names.update(LOOPBACK_NAMES)
-        if bind_host is not None and bind_host.strip() not in _WILDCARD_BINDS:
+        if bind_host is not None and not binds_every_interface(bind_host):
             names.add(allowed_host_name(bind_host))
         self.names = frozenset(names)
 
