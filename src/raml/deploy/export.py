@@ -258,16 +258,31 @@ def _image_batches(
 
 
 def _max_diff(run_exported, network: nn.Module, batches: Sequence[torch.Tensor]) -> float:
+    """The largest absolute difference between the exported model's and PyTorch's embeddings of ``batches``
+    (``inf`` where the exported model returns a NaN or an infinity: ``max`` and ``>`` would let a NaN through).
+
+    Raises:
+        ParityError: The shapes differ, or PyTorch's own embeddings are not finite (a diverged checkpoint, whose
+            export nothing could check).
+    """
     worst = 0.0
     with torch.no_grad():
         for batch in batches:
             reference = network(batch).numpy()
+            if not np.isfinite(reference).all():
+                raise ParityError(
+                    f"The network outputs NaN/inf for a {tuple(batch.shape)} input batch (PyTorch, before any "
+                    "export), so no export of it can be checked; nothing was written. Export a checkpoint whose "
+                    "weights are finite (e.g. an earlier one of a training run that diverged)."
+                )
             exported = np.asarray(run_exported(batch))
             if exported.shape != reference.shape:
                 raise ParityError(
                     f"The exported model returned shape {exported.shape} for input {tuple(batch.shape)}, PyTorch "
                     f"{reference.shape}."
                 )
+            if not np.isfinite(exported).all():
+                return float("inf")
             worst = max(worst, float(np.abs(exported - reference).max()))
     return worst
 
@@ -297,12 +312,14 @@ def _check_parity(
         random_diff,
         f", {image_diff:.3g} on {len(image_paths)} images" if image_diff is not None else "",
     )
-    if worst > tolerance:
+    if not worst <= tolerance:  # NaN-aware: a NaN difference fails too
         raise ParityError(
             f"{what} export does not match PyTorch: max absolute embedding difference {worst:.3g} (random "
             f"inputs {random_diff:.3g}"
             + (f", images {image_diff:.3g}" if image_diff is not None else "")
-            + f") exceeds the tolerance {tolerance:g}; nothing was written. Try the other exporter "
+            + ")"
+            + (" (inf: the exported model outputs NaN/inf where PyTorch does not)" if not np.isfinite(worst) else "")
+            + f" exceeds the tolerance {tolerance:g}; nothing was written. Try the other exporter "
             "(--exporter) or report the architecture."
         )
     return random_diff, image_diff, [list(t.shape) for t in inputs]
