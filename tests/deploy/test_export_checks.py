@@ -3,6 +3,10 @@ does not describe its model graph, a malformed sidecar (one-line errors, exit 2)
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +14,7 @@ import pytest
 import torch
 
 from raml.cli import main as cli_main
-from raml.deploy import ParityError, export_onnx
+from raml.deploy import ParityError, export_onnx, sidecar_path
 from raml.deploy import export as export_module
 from raml.models import build_network, load_network, save_checkpoint
 
@@ -58,3 +62,64 @@ def test_the_nan_checkpoint_export_through_the_library_raises(small, tmp_path):
     with pytest.raises(ParityError, match="NaN/inf"):
         export_onnx(load_network(small["nan"], device="cpu"), 32, tmp_path / "n.onnx", exporter="torchscript")
     assert not any(tmp_path.iterdir())
+
+
+@pytest.fixture(scope="module")
+def exported(small) -> Path:
+    """The 8-d checkpoint exported to ONNX at a fixed 32 px."""
+    path = small["base"] / "single.onnx"
+    export_onnx(load_network(small["single"], device="cpu"), 32, path, exporter="torchscript")
+    return path
+
+
+def _readers() -> dict[str, Callable[[Path], object]]:
+    from raml.deploy.onnx_network import OnnxQueryNetwork
+    from raml.deploy.search import OnnxEmbedder
+    from raml.deploy.service import OnnxQueryEmbedder
+
+    return {"search": OnnxEmbedder, "test": OnnxQueryNetwork, "serve": OnnxQueryEmbedder}
+
+
+def _lying_copy(exported: Path, folder: Path, changes: dict, drop: tuple[str, ...] = ()) -> Path:
+    """A copy of the export whose sidecar has ``changes`` (and lacks the keys ``drop``)."""
+    model = folder / "model.onnx"
+    shutil.copyfile(exported, model)
+    record = {**json.loads(sidecar_path(exported).read_text()), **changes}
+    for key in drop:
+        del record[key]
+    sidecar_path(model).write_text(json.dumps(record))
+    return model
+
+
+@pytest.mark.parametrize("reader", ["search", "test", "serve"])
+def test_the_untouched_export_loads(exported, reader):
+    _readers()[reader](exported)
+
+
+@pytest.mark.parametrize("reader", ["search", "test", "serve"])
+@pytest.mark.parametrize(
+    ("changes", "drop", "message"),
+    [
+        ({"output_dim": 16}, (), "outputs 8-d embeddings but its sidecar model.onnx.json says output_dim 16"),
+        ({"image_size": 48}, (), "takes 32x32 images but its sidecar model.onnx.json says image_size 48"),
+        ({"dynamic_size": True}, (), "a fixed-size graph) but its sidecar model.onnx.json claims a dynamic size"),
+        ({"image_sizes": [32, 48]}, (), "claims several query sizes"),
+        ({}, ("model_sha256",), "has no valid model_sha256"),
+        ({"model_sha256": 123}, (), "has no valid model_sha256"),
+        ({"model_sha256": "abc"}, (), "has no valid model_sha256"),
+    ],
+    ids=["output-dim", "image-size", "dynamic-size", "image-sizes", "no-sha", "int-sha", "short-sha"],
+)
+def test_a_sidecar_that_lies_about_its_graph_is_refused_at_load(exported, tmp_path, reader, changes, drop, message):
+    model = _lying_copy(exported, tmp_path, changes, drop)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _readers()[reader](model)
+
+
+def test_quantize_refuses_a_lying_fp32_sidecar(exported, tmp_path):
+    from raml.deploy.quantize import quantize_onnx
+
+    model = _lying_copy(exported, tmp_path, {"output_dim": 16})
+    with pytest.raises(ValueError, match="says output_dim 16"):
+        quantize_onnx(model, tmp_path / "q.onnx", [str(exported)], [str(model)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.json"]

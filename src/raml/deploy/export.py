@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -48,6 +49,7 @@ __all__ = [
     "ExportReport",
     "ParityError",
     "export_onnx",
+    "check_graph_against_sidecar",
     "export_torchscript",
     "onnx_session",
     "preprocessing_record",
@@ -198,18 +200,64 @@ def read_sidecar(model_file: str | Path) -> dict[str, Any]:
             "re-export the model with `raml export`."
         )
     recorded = record.get("model_sha256")
-    if isinstance(recorded, str):  # the file it describes: not another export's, nor a model replaced after it
-        actual = _cached_sha256(model_file)
-        if actual != recorded:
-            raise ValueError(
-                f"{side} describes another model file than {model_file}: its model_sha256 {recorded[:12]}... differs "
-                f"from the file's {actual[:12]}... (a sidecar copied from another export, a model replaced or "
-                "edited after its export, or an export that was interrupted). Re-export the model with `raml export`."
-            )
+    if not isinstance(recorded, str) or not _SHA256_HEX.fullmatch(recorded):
+        raise ValueError(
+            f"{side} has no valid model_sha256 (64 hexadecimal digits naming the model file it describes; got "
+            f"{recorded!r:.80}); re-export the model with `raml export`, which writes it."
+        )
+    actual = _cached_sha256(model_file)  # the file it describes: not another export's, nor a model replaced after it
+    if actual != recorded:
+        raise ValueError(
+            f"{side} describes another model file than {model_file}: its model_sha256 {recorded[:12]}... differs "
+            f"from the file's {actual[:12]}... (a sidecar copied from another export, a model replaced or "
+            "edited after its export, or an export that was interrupted). Re-export the model with `raml export`."
+        )
     return record
 
 
 _SHA256_BY_STAMP: dict[tuple[str, int, int], str] = {}
+_SHA256_HEX = re.compile(r"[0-9a-f]{64}")
+
+
+def check_graph_against_sidecar(session: Any, sidecar: dict[str, Any], model_file: str | Path) -> None:
+    """Refuse an ONNX model whose graph contradicts its sidecar (read once the onnxruntime session is open).
+
+    The readers feed the model the sidecar's image size and expect its ``output_dim``: a static output dimension
+    other than ``output_dim``, a static height or width other than ``image_size``, or a fixed-size graph under a
+    sidecar that claims a dynamic size (``dynamic_size``, several ``image_sizes``) would fail on every query
+    instead of at load. Symbolic (dynamic) dimensions are accepted.
+
+    Raises:
+        ValueError: The graph and the sidecar disagree.
+    """
+    side = sidecar_path(model_file)
+    fix = "the sidecar must be the one `raml export` wrote with the model; re-export it with `raml export`."
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    in_shape = list(inputs[0].shape) if inputs else []
+    out_shape = list(outputs[0].shape) if outputs else []
+    if len(in_shape) != 4 or len(out_shape) != 2:
+        raise ValueError(
+            f"{model_file} maps inputs of shape {in_shape} to {out_shape}, not (batch, 3, S, S) images to (batch, D) "
+            f"embeddings; {fix}"
+        )
+    dim, size = out_shape[1], int(sidecar["image_size"])
+    if isinstance(dim, int) and dim != int(sidecar["output_dim"]):
+        raise ValueError(
+            f"{model_file} outputs {dim}-d embeddings but its sidecar {side.name} says output_dim "
+            f"{sidecar['output_dim']}; {fix}"
+        )
+    height, width = in_shape[2], in_shape[3]
+    fixed = [d for d in (height, width) if isinstance(d, int)]
+    if any(d != size for d in fixed):
+        raise ValueError(
+            f"{model_file} takes {height}x{width} images but its sidecar {side.name} says image_size {size}; {fix}"
+        )
+    several = len(sidecar.get("image_sizes") or []) > 1
+    if fixed and (sidecar.get("dynamic_size") or several):
+        raise ValueError(
+            f"{model_file} takes {height}x{width} images only (a fixed-size graph) but its sidecar {side.name} "
+            f"claims {'several query sizes (image_sizes)' if several else 'a dynamic size (dynamic_size)'}; {fix}"
+        )
 
 
 def _cached_sha256(path: Path) -> str:

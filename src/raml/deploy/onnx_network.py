@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from raml.deploy.export import onnx_session, read_sidecar
+from raml.deploy.export import check_graph_against_sidecar, onnx_session, read_sidecar
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class OnnxQueryNetwork(nn.Module):
             "std": list(self.sidecar["std"]),
         }
         self.session = onnx_session(self.source_path, threads)
+        check_graph_against_sidecar(self.session, self.sidecar, self.source_path)
         self.input_name = self.session.get_inputs()[0].name
         logger.info(
             "ONNX query network %s (%s, %d px%s, %d-d)",

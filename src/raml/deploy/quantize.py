@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from raml.data.images import EvalTransform, load_image
-from raml.deploy.export import onnx_session, read_sidecar, sidecar_path
+from raml.deploy.export import check_graph_against_sidecar, onnx_session, read_sidecar, sidecar_path
 from raml.utils import atomic_path, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -255,6 +255,7 @@ def quantize_onnx(
         )
     sizes = served_sizes(sidecar)
     fp32_session = onnx_session(fp32_path)
+    check_graph_against_sidecar(fp32_session, sidecar, fp32_path)
     input_name = fp32_session.get_inputs()[0].name
     calibration = [_preprocess(calibration_paths, sidecar, size) for size in sizes]
     checks = {size: _preprocess(held_out, sidecar, size) for size in sizes}

@@ -37,7 +37,7 @@ from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform
 from raml.data.splits import Split
 from raml.deploy.embed import embed_images
-from raml.deploy.export import onnx_session, read_sidecar
+from raml.deploy.export import check_graph_against_sidecar, onnx_session, read_sidecar
 from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
 from raml.models.checkpoints import load_checkpoint_file
 from raml.retrieval.evaluate import default_ks
@@ -99,6 +99,7 @@ class OnnxEmbedder:
         self.output_dim = int(self.sidecar["output_dim"])
         self.teacher_sha256: str | None = self.sidecar.get("teacher_sha256")
         self.session = onnx_session(self.path)
+        check_graph_against_sidecar(self.session, self.sidecar, self.path)
         self.input_name = self.session.get_inputs()[0].name
 
     def embed(
