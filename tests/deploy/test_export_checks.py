@@ -123,3 +123,57 @@ def test_quantize_refuses_a_lying_fp32_sidecar(exported, tmp_path):
     with pytest.raises(ValueError, match="says output_dim 16"):
         quantize_onnx(model, tmp_path / "q.onnx", [str(exported)], [str(model)])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model.onnx", "model.onnx.json"]
+
+
+def _nested(model: Path) -> None:
+    sidecar_path(model).write_text("[" * 100_000 + "]" * 100_000)
+
+
+def _huge(model: Path) -> None:
+    sidecar_path(model).write_text(json.dumps({"format": "raml-preprocessing", "padding": "x" * 2**20}))
+
+
+@pytest.mark.parametrize(
+    ("changes", "write", "message"),
+    [
+        ({"mean": None}, None, "mean must be three finite numbers"),
+        ({"mean": [0.5, 0.5]}, None, "mean must be three finite numbers"),
+        ({"std": [0.5, 0.0, 0.5]}, None, "std must be three positive finite numbers"),
+        ({"std": "0.5"}, None, "std must be three positive finite numbers"),
+        ({"image_size": [32]}, None, "image_size must be a positive integer"),
+        ({"image_size": 0}, None, "image_size must be a positive integer"),
+        ({"image_size": True}, None, "image_size must be a positive integer"),
+        ({"output_dim": "8"}, None, "output_dim must be a positive integer"),
+        ({"dynamic_size": "no"}, None, "dynamic_size must be true or false"),
+        ({"image_sizes": [32, "48"]}, None, "image_sizes must be a list of positive integers"),
+        ({"image_sizes": 32}, None, "image_sizes must be a list of positive integers"),
+        ({}, _nested, "nested too deeply"),
+        ({}, _huge, "more than a preprocessing sidecar can be"),
+    ],
+    ids=[
+        "mean-null",
+        "mean-two",
+        "std-zero",
+        "std-string",
+        "size-list",
+        "size-zero",
+        "size-bool",
+        "dim-string",
+        "dynamic-string",
+        "sizes-string",
+        "sizes-int",
+        "nested",
+        "huge",
+    ],
+)
+def test_a_malformed_sidecar_is_a_one_line_error(exported, tmp_path, changes, write, message):
+    from raml.deploy import read_sidecar
+    from raml.deploy.search import OnnxEmbedder
+
+    model = _lying_copy(exported, tmp_path, changes)
+    if write is not None:
+        write(model)
+    for reader in (read_sidecar, OnnxEmbedder):
+        with pytest.raises(ValueError, match=re.escape(message)) as caught:
+            reader(model)
+        assert "\n" not in str(caught.value) and "re-export the model with `raml export`" in str(caught.value)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import re
 import warnings
 from collections.abc import Sequence
@@ -64,6 +65,7 @@ EXPORTERS = ("auto", "torchscript", "dynamo")
 INPUT_NAME = "images"
 OUTPUT_NAME = "embeddings"
 MIN_OPSET = 17
+MAX_SIDECAR_BYTES = 2**20  # a sidecar is a few kB; the cap keeps a huge file from being read into memory
 
 
 class ParityError(ValueError):
@@ -190,15 +192,23 @@ def read_sidecar(model_file: str | Path) -> dict[str, Any]:
             "`raml export` (the sidecar holds the image size, mean and std the model needs)."
         )
     try:
+        size = side.stat().st_size
+        if size > MAX_SIDECAR_BYTES:  # before reading: a sidecar is a few kB
+            raise ValueError(
+                f"Sidecar {side} is {size} bytes, more than a preprocessing sidecar can be ({MAX_SIDECAR_BYTES}); "
+                "re-export the model with `raml export`."
+            )
         record = json.loads(side.read_text())
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"Sidecar {side} is unreadable ({error}); re-export the model with `raml export`.") from error
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = "nested too deeply" if isinstance(error, RecursionError) else str(error)
+        raise ValueError(f"Sidecar {side} is unreadable ({reason}); re-export the model with `raml export`.") from None
     required = ("image_size", "mean", "std", "output_dim", "dynamic_size")
     if not isinstance(record, dict) or record.get("format") != SIDECAR_FORMAT or any(k not in record for k in required):
         raise ValueError(
             f"{side} is not a raml preprocessing sidecar (format {SIDECAR_FORMAT!r} with {', '.join(required)}); "
             "re-export the model with `raml export`."
         )
+    _check_sidecar_fields(record, side)
     recorded = record.get("model_sha256")
     if not isinstance(recorded, str) or not _SHA256_HEX.fullmatch(recorded):
         raise ValueError(
@@ -213,6 +223,35 @@ def read_sidecar(model_file: str | Path) -> dict[str, Any]:
             "edited after its export, or an export that was interrupted). Re-export the model with `raml export`."
         )
     return record
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_sidecar_fields(record: dict[str, Any], side: Path) -> None:
+    """Refuse a sidecar whose fields have the wrong type (the readers would fail on them with a traceback)."""
+    problems = []
+    for key in ("image_size", "output_dim"):
+        if not _positive_int(record[key]):
+            problems.append(f"{key} must be a positive integer, got {record[key]!r:.60}")
+    if not isinstance(record["dynamic_size"], bool):
+        problems.append(f"dynamic_size must be true or false, got {record['dynamic_size']!r:.60}")
+    for key in ("mean", "std"):
+        value = record[key]
+        numbers = (
+            isinstance(value, list)
+            and len(value) == 3
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in value)
+        )
+        if not numbers or (key == "std" and any(v <= 0 for v in value)):
+            what = "three positive finite numbers" if key == "std" else "three finite numbers"
+            problems.append(f"{key} must be {what} (one per RGB channel), got {value!r:.60}")
+    sizes = record.get("image_sizes")
+    if sizes is not None and not (isinstance(sizes, list) and sizes and all(_positive_int(v) for v in sizes)):
+        problems.append(f"image_sizes must be a list of positive integers, got {sizes!r:.60}")
+    if problems:
+        raise ValueError(f"Sidecar {side} is malformed: {'; '.join(problems)}; re-export the model with `raml export`.")
 
 
 _SHA256_BY_STAMP: dict[tuple[str, int, int], str] = {}
