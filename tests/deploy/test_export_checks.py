@@ -177,3 +177,27 @@ def test_a_malformed_sidecar_is_a_one_line_error(exported, tmp_path, changes, wr
         with pytest.raises(ValueError, match=re.escape(message)) as caught:
             reader(model)
         assert "\n" not in str(caught.value) and "re-export the model with `raml export`" in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def multi_export(tmp_path_factory) -> Path:
+    """A student trained for 24, 32 and 40 px queries, exported at its second size (32) with a dynamic side."""
+    base = tmp_path_factory.mktemp("multi_default")
+    torch.manual_seed(0)
+    network = build_network("timm/test_resnet", whitening=8, pretrained=False)
+    network.meta["image_sizes"] = [24, 32, 40]
+    path = base / "multi.onnx"
+    export_onnx(network, 32, path, dynamic_size=True, exporter="torchscript", check_sizes=[24, 32, 40])
+    return path
+
+
+def test_serve_defaults_to_the_exported_size_of_a_multi_size_export(multi_export):
+    from raml.deploy.onnx_network import OnnxQueryNetwork
+    from raml.deploy.search import OnnxEmbedder
+    from raml.deploy.service import OnnxQueryEmbedder
+
+    served = OnnxQueryEmbedder(multi_export)
+    assert served.default_size == 32 == OnnxEmbedder(multi_export).image_size
+    assert OnnxQueryNetwork(multi_export).image_size == 32
+    assert served.sizes == (24, 32, 40)
+    assert OnnxQueryEmbedder(multi_export, 40).default_size == 40

@@ -194,14 +194,22 @@ class OnnxQueryEmbedder:
     Args:
         path: The ``.onnx`` file (its sidecar ``<file>.json`` next to it).
         image_size: The query size; default the exported one (see :class:`raml.deploy.search.OnnxEmbedder`). A
-            model exported with ``--dynamic-size`` whose sidecar lists ``image_sizes`` serves those sizes.
+            model exported with ``--dynamic-size`` whose sidecar lists ``image_sizes`` serves those sizes (and the
+            exported one), by default the exported one.
     """
 
     def __init__(self, path: str | Path, image_size: int | None = None) -> None:
         self._model = OnnxEmbedder(path, image_size)
         sidecar = self._model.sidecar
         if sidecar.get("dynamic_size") and sidecar.get("image_sizes"):
-            self.sizes, self.default_size = allowed_query_sizes(sidecar, image_size)
+            # by default the exported size, as `raml search --onnx` and `raml test --student-onnx` (served too when
+            # the export was made at a size outside the trained ones)
+            exported = int(sidecar["image_size"])
+            listed = [int(s) for s in sidecar["image_sizes"]]
+            served = {"image_sizes": listed if exported in listed else [*listed, exported]}
+            self.sizes, self.default_size = allowed_query_sizes(
+                served, image_size if image_size is not None else exported
+            )
         else:  # a fixed-size model runs at its one size only
             self.sizes, self.default_size = (self._model.image_size,), self._model.image_size
         self.output_dim = self._model.output_dim
