@@ -201,3 +201,25 @@ def test_serve_defaults_to_the_exported_size_of_a_multi_size_export(multi_export
     assert OnnxQueryNetwork(multi_export).image_size == 32
     assert served.sizes == (24, 32, 40)
     assert OnnxQueryEmbedder(multi_export, 40).default_size == 40
+
+
+def test_serve_onnx_runs_onnxruntime_on_the_serving_threads(indexed_synth_world, tmp_path):
+    """`raml serve --onnx FILE --threads N`: the onnxruntime session has N intra-op threads and does not spin."""
+    pytest.importorskip("faiss")
+    from raml.cli.main import build_parser
+    from raml.cli.serve import build_service
+    from raml.deploy.service.embedders import use_serving_threads
+
+    world = indexed_synth_world(32)
+    onnx_file = tmp_path / "student.onnx"
+    export_onnx(load_network(world["nets"]["student"], device="cpu"), 32, onnx_file, exporter="torchscript")
+    for threads in (2, 1):
+        args = build_parser().parse_args(
+            ["serve", "--index", str(world["index"]), "--onnx", str(onnx_file), "--threads", str(threads)]
+        )
+        use_serving_threads(args.threads)  # what run_serve does before build_service
+        embedder = build_service(args).embedder
+        options = embedder._model.session.get_session_options()
+        assert options.intra_op_num_threads == threads
+        assert options.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+        assert embedder.describe()["threads"] == threads  # /health says it

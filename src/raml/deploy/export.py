@@ -481,12 +481,15 @@ def _onnx_export(
             )
 
 
-def onnx_session(path: str | Path, threads: int | None = None) -> Any:
+def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> Any:
     """An onnxruntime CPU session of ``path``.
 
     Args:
         path: An ONNX model file.
         threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
+        spinning: Let idle intra-op threads spin-wait for work (onnxruntime's default). ``False`` for a server,
+            whose pool shares the cores with the event loop and the decoding threads
+            (``session.intra_op.allow_spinning`` 0, as :mod:`raml.models.onnx_forward`).
 
     Raises:
         ImportError: onnxruntime is not installed.
@@ -500,6 +503,8 @@ def onnx_session(path: str | Path, threads: int | None = None) -> Any:
     options.log_severity_level = 3
     if threads is not None:
         options.intra_op_num_threads = int(threads)
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])
     except Exception as error:  # noqa: BLE001 - onnxruntime raises its own exception types for bad files

@@ -78,6 +78,8 @@ class OnnxEmbedder:
     Args:
         path: The ``.onnx`` file written by ``raml export`` (its sidecar ``<file>.json`` must be next to it).
         image_size: Query size; defaults to the sidecar's. A fixed-size model refuses any other size.
+        threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
+        spinning: Let idle intra-op threads spin-wait (see :func:`raml.deploy.export.onnx_session`).
 
     Attributes:
         sidecar: The sidecar record.
@@ -85,7 +87,9 @@ class OnnxEmbedder:
         output_dim: D.
     """
 
-    def __init__(self, path: str | Path, image_size: int | None = None) -> None:
+    def __init__(
+        self, path: str | Path, image_size: int | None = None, threads: int | None = None, spinning: bool = True
+    ) -> None:
         self.path = Path(path)
         self.sidecar = read_sidecar(self.path)
         exported_size = int(self.sidecar["image_size"])
@@ -98,7 +102,7 @@ class OnnxEmbedder:
         warn_if_untrained_size(self.image_size, self.sidecar.get("image_sizes"), str(self.path))
         self.output_dim = int(self.sidecar["output_dim"])
         self.teacher_sha256: str | None = self.sidecar.get("teacher_sha256")
-        self.session = onnx_session(self.path)
+        self.session = onnx_session(self.path, threads, spinning)
         check_graph_against_sidecar(self.session, self.sidecar, self.path)
         self.input_name = self.session.get_inputs()[0].name
 

@@ -196,10 +196,18 @@ class OnnxQueryEmbedder:
         image_size: The query size; default the exported one (see :class:`raml.deploy.search.OnnxEmbedder`). A
             model exported with ``--dynamic-size`` whose sidecar lists ``image_sizes`` serves those sizes (and the
             exported one), by default the exported one.
+        threads: onnxruntime intra-op threads; default ``torch.get_num_threads()``, which a server sets to its
+            serving thread count first (:func:`use_serving_threads`, ``raml serve --threads``). Idle threads do not
+            spin-wait: the pool shares the cores with the event loop and the decoding threads.
     """
 
-    def __init__(self, path: str | Path, image_size: int | None = None) -> None:
-        self._model = OnnxEmbedder(path, image_size)
+    def __init__(self, path: str | Path, image_size: int | None = None, threads: int | None = None) -> None:
+        if threads is None:
+            threads = torch.get_num_threads()
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+        self.threads = threads
+        self._model = OnnxEmbedder(path, image_size, threads=threads, spinning=False)
         sidecar = self._model.sidecar
         if sidecar.get("dynamic_size") and sidecar.get("image_sizes"):
             # by default the exported size, as `raml search --onnx` and `raml test --student-onnx` (served too when
@@ -228,4 +236,10 @@ class OnnxQueryEmbedder:
 
     def describe(self) -> dict[str, Any]:
         """For ``/health``."""
-        return {"kind": "onnx", "path": str(self._model.path), "output_dim": self.output_dim, "device": "cpu"}
+        return {
+            "kind": "onnx",
+            "path": str(self._model.path),
+            "output_dim": self.output_dim,
+            "device": "cpu",
+            "threads": self.threads,
+        }
