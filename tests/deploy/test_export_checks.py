@@ -46,6 +46,19 @@ def test_a_nan_row_of_the_exported_model_fails_the_parity_check(small):
         export_module._check_parity(nan_row, network, 32, False, [], 1e-4, "ONNX")
 
 
+@pytest.mark.parametrize("outputdim", [None, 0, "8"])
+def test_a_network_without_a_positive_outputdim_is_refused_before_any_export_work(small, tmp_path, outputdim):
+    network = load_network(small["single"], device="cpu").eval()
+    if outputdim is None:
+        del network.meta["outputdim"]
+    else:
+        network.meta["outputdim"] = outputdim
+    for export in (export_onnx, export_module.export_torchscript):
+        with pytest.raises(ValueError, match="no positive integer 'outputdim'"):
+            export(network, 32, tmp_path / "out.model")
+    assert not any(tmp_path.iterdir())
+
+
 @pytest.mark.parametrize("kind", ["onnx", "torchscript"])
 def test_a_checkpoint_with_a_nan_weight_is_refused_and_nothing_is_written(small, tmp_path, capsys, kind):
     target = ["--output", str(tmp_path / "nan.onnx")] if kind == "onnx" else ["--torchscript", str(tmp_path / "n.pt")]

@@ -147,6 +147,7 @@ def preprocessing_record(
     """
     mean, std = network_mean_std(network)
     meta = dict(getattr(network, "meta", {}) or {})
+    output_dim = meta_output_dim(network)
     return {
         "format": SIDECAR_FORMAT,
         "version": SIDECAR_VERSION,
@@ -163,8 +164,8 @@ def preprocessing_record(
         "input": {"name": INPUT_NAME, "layout": "NCHW", "dtype": "float32", "channels": "RGB", "scale": "[0, 1]"},
         "mean": [float(v) for v in mean],
         "std": [float(v) for v in std],
-        "output": {"name": OUTPUT_NAME, "dim": int(meta.get("outputdim", 0)), "l2_normalised": True},
-        "output_dim": int(meta.get("outputdim", 0)),
+        "output": {"name": OUTPUT_NAME, "dim": output_dim, "l2_normalised": True},
+        "output_dim": output_dim,
         "network": {
             "path": str(network_path) if network_path is not None else None,
             "sha256": network_sha256,
@@ -309,6 +310,23 @@ def _cached_sha256(path: Path) -> str:
 
 
 # -------------------------------------------------------------------------------------------- parity checks
+
+
+def meta_output_dim(network: nn.Module) -> int:
+    """The embedding size the network's ``meta["outputdim"]`` records (what a sidecar's ``output_dim`` says).
+
+    Raises:
+        ValueError: When it is missing or not a positive integer (a sidecar without it would be refused by every
+            reader, so an export is refused before any work).
+    """
+    dim = (getattr(network, "meta", None) or {}).get("outputdim")
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise ValueError(
+            f"The network's meta has no positive integer 'outputdim' (got {dim!r}): the sidecar of an export "
+            "records the embedding size from it. Load the network with raml.models.load_network, or set "
+            "network.meta['outputdim'] to its embedding size."
+        )
+    return dim
 
 
 def _check_args(image_size: int, tolerance: float) -> None:
@@ -559,6 +577,7 @@ def export_onnx(
         ValueError: On bad arguments.
     """
     _check_args(image_size, tolerance)
+    meta_output_dim(network)  # before any work: every reader refuses a sidecar without it
     if exporter not in EXPORTERS:
         raise ValueError(f"Unknown exporter {exporter!r}; choose one of {', '.join(EXPORTERS)}.")
     if isinstance(opset, bool) or not isinstance(opset, int) or opset < MIN_OPSET:
@@ -653,6 +672,7 @@ def export_torchscript(
         ParityError: If the traced module differs by more than ``tolerance`` (nothing is written).
     """
     _check_args(image_size, tolerance)
+    meta_output_dim(network)  # before any work: every reader refuses a sidecar without it
     check_sizes = _check_sizes_arg(network, dynamic_size, check_sizes)
     path = Path(path)
     net = _cpu_copy(network)
