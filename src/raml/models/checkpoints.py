@@ -38,8 +38,10 @@ from raml.models.backbones import IMAGENET_MEAN, IMAGENET_STD, DownloadError, Ti
 from raml.models.network import EmbeddingNetwork, build_network
 from raml.models.pooling import POOLINGS
 from raml.models.restricted_pickle import (
+    DeclaredSizeError,
     TorchScriptArchiveError,
     UnsafeGlobalError,
+    check_declared_sizes,
     contains_dropped,
     is_torchscript_archive,
     restricted_torch_load,
@@ -270,7 +272,10 @@ def load_checkpoint_file(path: str | Path) -> dict:
     Raises:
         FileNotFoundError: If the file does not exist.
         CheckpointError: If the file is not a checkpoint, needs arbitrary code to unpickle, is a TorchScript
-            archive (refused before any load: ``torch.load`` would run it), or lacks a ``state_dict``.
+            archive (refused before any load: ``torch.load`` would run it), or lacks a ``state_dict``;
+            ``InvalidCheckpointError`` if it asks for more memory than it holds (a pickle calling
+            ``bytearray(N)``, a compressed zip record, a storage larger than the file: refused before any
+            allocation, see ``raml.models.restricted_pickle.check_declared_sizes``).
     """
     path = Path(path)
     if not path.is_file():
@@ -283,6 +288,13 @@ def load_checkpoint_file(path: str | Path) -> dict:
             raise _invalid_checkpoint(path, str(error)) from error
         if torchscript is not None:
             raise _torchscript_error(path, torchscript)
+        try:
+            # before any unpickler allocates: a few bytes can ask for gigabytes (bytearray(N), a compressed record)
+            check_declared_sizes(handle)
+        except DeclaredSizeError as error:
+            raise _invalid_checkpoint(path, str(error)) from error
+        except Exception as error:  # noqa: BLE001 - a pickle that cannot be read at all: torch.load would fail too
+            raise _invalid_checkpoint(path, f"its pickle cannot be read: {type(error).__name__}: {error}") from error
         try:
             checkpoint = torch.load(handle, map_location="cpu", weights_only=True)
         except pickle.UnpicklingError as error:

@@ -21,6 +21,14 @@ TorchScript archives are refused (``TorchScriptArchiveError``) before ``torch.lo
 ``torch.load(weights_only=False)`` would hand it to ``torch.jit.load``, which runs its code and never consults
 the pickle module above. The file is read once, and the bytes checked are the bytes loaded: a file replaced
 between the check and the load cannot get through.
+
+A file can also ask for far more memory than it holds, and the loaders (``torch.load``'s weights-only unpickler
+as well as the one above) would allocate it before anything refuses the file: a pickle that calls
+``bytearray(10**10)``, ``_codecs.encode`` chained through ``hex_codec`` (each call doubles), a numpy array or a
+tensor storage declared larger than the file, a zip record stored compressed (``torch.save`` never compresses;
+a 1 MB record can inflate to 1 GB). ``check_declared_sizes`` refuses such files (``DeclaredSizeError``) by
+reading only the zip's directory and the pickles, with an unpickler that builds nothing but checks every size
+passed to a constructor against the file's own size.
 """
 
 from __future__ import annotations
@@ -40,8 +48,10 @@ from typing import IO, Any
 import torch
 
 __all__ = [
+    "DeclaredSizeError",
     "Dropped",
     "TorchScriptArchiveError",
+    "check_declared_sizes",
     "UnsafeGlobalError",
     "contains_dropped",
     "is_torchscript_archive",
@@ -62,6 +72,14 @@ class TorchScriptArchiveError(pickle.UnpicklingError):
 
     def __init__(self, detail: str) -> None:
         super().__init__(f"the file is a TorchScript archive ({detail}), not a torch.save checkpoint")
+        self.detail = detail
+
+
+class DeclaredSizeError(pickle.UnpicklingError):
+    """The file asks the loader for more memory than it holds (see ``check_declared_sizes``)."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(f"refused before loading: {detail}")
         self.detail = detail
 
 
@@ -245,6 +263,7 @@ def restricted_torch_load(source: str | Path | IO[bytes]) -> tuple[Any, list[str
     Raises:
         TorchScriptArchiveError: If the file is a TorchScript archive (it is then not loaded at all).
         zipfile.BadZipFile: If it starts like a zip archive whose directory is unreadable (not loaded either).
+        DeclaredSizeError: If it asks for more memory than it holds (``check_declared_sizes``; not loaded).
         UnsafeGlobalError: If the file references any other global (it is then not loaded at all).
         Exception: Whatever ``torch.load`` raises for a corrupt file.
     """
@@ -253,10 +272,152 @@ def restricted_torch_load(source: str | Path | IO[bytes]) -> tuple[Any, list[str
     reason = is_torchscript_archive(buffer)
     if reason is not None:
         raise TorchScriptArchiveError(reason)
+    check_declared_sizes(buffer)
     dropped: set[str] = set()
     # weights_only=False only lets torch use the given pickle module: the restricted one above.
     obj = torch.load(buffer, map_location="cpu", weights_only=False, pickle_module=_restricted_pickle_module(dropped))
     return obj, sorted(dropped)
+
+
+# torch's legacy (non-zip) format: this pickled number, then the protocol version, the system info, the object
+# (its storages as persistent ids) and the storage keys, each a pickle of its own; the storages' bytes follow.
+_LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
+_LEGACY_PICKLES = 5
+_TEXT_ENCODINGS = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l1", "utf-8", "utf8", "utf_8", "ascii"}
+
+
+class _Inert(Dropped):
+    """What the size check's unpickler builds for every global: accepts any call, item or state, holds nothing."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
+        return _Inert()
+
+
+def _element_count(shape: Any, limit: int, what: str) -> int:
+    """The number of elements of a numpy shape (an int or a sequence of ints), refused above ``limit``."""
+    dims = (shape,) if type(shape) is int else shape
+    if not isinstance(dims, (tuple, list)) or not all(type(d) is int and d >= 0 for d in dims):
+        raise DeclaredSizeError(f"{what} has the shape {shape!r}, not a tuple of sizes")
+    count = 1
+    for dim in dims:
+        count *= dim
+        if count > limit:
+            raise DeclaredSizeError(f"{what} declares {shape!r} elements in a file of {limit} bytes")
+    return count
+
+
+def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
+    """An unpickler that imports and calls nothing: every global becomes an ``_Inert`` stand-in, except the
+    constructors that take a size (``bytes``, ``bytearray``, ``_codecs.encode``, numpy arrays), which refuse any
+    size the file (``limit`` bytes) cannot hold, as do the storages named by torch's persistent ids."""
+
+    class SizedBytes(_Inert):  # builtins.bytes / bytearray: from data (str, bytes, a list of ints), never a size
+        def __new__(cls, *args: Any, **kwargs: Any) -> SizedBytes:
+            if args and not isinstance(args[0], (str, bytes, bytearray, list, tuple)):
+                raise DeclaredSizeError(f"the pickle calls bytes/bytearray with {type(args[0]).__name__} {args[0]!r}")
+            return super().__new__(cls)
+
+    def encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
+        # pickle writes bytes for protocols < 3 as _codecs.encode(<str>, "latin1"); other codecs can grow the data
+        if not isinstance(obj, str) or not isinstance(encoding, str) or encoding.lower() not in _TEXT_ENCODINGS:
+            raise DeclaredSizeError(f"the pickle calls _codecs.encode with the codec {encoding!r}")
+        return codecs.encode(obj, encoding, "replace")
+
+    class SizedArray(_Inert):  # numpy.ndarray(shape, ...), and what _reconstruct returns
+        def __new__(cls, *args: Any, **kwargs: Any) -> SizedArray:
+            if args:
+                _element_count(args[0], limit, "a numpy array")
+            return super().__new__(cls)
+
+        def __setstate__(self, state: Any) -> None:
+            # ndarray.__reduce__'s state: (version, shape, dtype, is_fortran, data); numpy trusts shape too much
+            # (an object array whose list is short crashes it): only raw bytes at least as long as the shape
+            if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[4], bytes):
+                raise DeclaredSizeError("the pickle holds a numpy array that is not plain bytes (an object array?)")
+            if _element_count(state[1], limit, "a numpy array") > len(state[4]):
+                raise DeclaredSizeError(f"a numpy array declares {state[1]!r} elements for {len(state[4])} bytes")
+
+    def reconstruct(subtype: Any, shape: Any, dtype: Any) -> SizedArray:
+        _element_count(shape, limit, "a numpy array")
+        return SizedArray()
+
+    checked: dict[tuple[str, str], Any] = {
+        ("builtins", "bytes"): SizedBytes,
+        ("builtins", "bytearray"): SizedBytes,
+        ("_codecs", "encode"): encode,
+        ("numpy", "ndarray"): SizedArray,
+    }
+    for numpy_core in ("numpy.core.multiarray", "numpy._core.multiarray"):
+        checked[(numpy_core, "_reconstruct")] = reconstruct
+
+    class SizeCheckingUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            elif module in _compat_pickle.IMPORT_MAPPING:
+                module = _compat_pickle.IMPORT_MAPPING[module]
+            return checked.get((module, name), _Inert)
+
+        def persistent_load(self, saved_id: Any) -> Any:
+            # torch's storages: ("storage", type, key, location, numel[, view]); numel counts elements of at
+            # least one byte, all of which the file holds
+            if isinstance(saved_id, tuple) and len(saved_id) >= 5 and saved_id[0] in ("storage", b"storage"):
+                numel = saved_id[4]
+                if type(numel) is not int or not 0 <= numel <= limit:
+                    raise DeclaredSizeError(
+                        f"it declares a tensor storage of {numel!r} elements in a file of {limit} bytes"
+                    )
+            return _Inert()
+
+    return SizeCheckingUnpickler(file, encoding="latin1")
+
+
+def check_declared_sizes(file: IO[bytes]) -> None:
+    """Refuse a ``torch.save`` file that makes the loader allocate more memory than the file holds.
+
+    Reads the seekable binary ``file`` from its current position, which is restored: for a zip archive its
+    directory (every record must be stored uncompressed, as ``torch.save`` writes them, and their sizes must add
+    up to no more than the file) and its ``data.pkl`` records; for torch's legacy format its pickles. The pickles
+    are read by an unpickler that imports and runs nothing and checks every size given to a constructor (see
+    ``_size_checking_unpickler``). A file that passes loads within about its own size, plus the objects its
+    pickle builds.
+
+    Raises:
+        DeclaredSizeError: If the file asks for more than it holds (it must then not be loaded).
+        zipfile.BadZipFile: If it starts like a zip archive whose directory cannot be read.
+        Exception: Whatever unpickling raises for a pickle that cannot be read at all (torch.load would fail too).
+    """
+    start = file.tell()
+    try:
+        limit = file.seek(0, io.SEEK_END) - start
+        file.seek(start)
+        if file.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
+            file.seek(start)
+            for index in range(_LEGACY_PICKLES):
+                value = _size_checking_unpickler(file, limit).load()
+                if index == 0 and value != _LEGACY_MAGIC_NUMBER:
+                    return  # not torch's legacy format: torch.load refuses it before reading anything more
+            return
+        file.seek(start)
+        try:
+            with zipfile.ZipFile(file) as archive:
+                records = archive.infolist()
+                for record in records:
+                    if record.compress_type != zipfile.ZIP_STORED:
+                        raise DeclaredSizeError(
+                            f"its record {record.filename} is compressed (method {record.compress_type}); torch.save "
+                            "stores records uncompressed, and a compressed one can inflate far beyond the file"
+                        )
+                declared = sum(record.file_size for record in records)
+                if declared > limit:
+                    raise DeclaredSizeError(f"its records declare {declared} bytes in a file of {limit} bytes")
+                pickles = [archive.read(r) for r in records if r.filename.rsplit("/", 1)[-1] == "data.pkl"]
+        except (zipfile.LargeZipFile, ValueError, EOFError) as error:
+            raise zipfile.BadZipFile(f"a zip archive whose directory is unreadable: {error}") from error
+        for pickled in pickles:
+            _size_checking_unpickler(io.BytesIO(pickled), limit).load()
+    finally:
+        file.seek(start)
 
 
 def contains_dropped(obj: Any, _depth: int = 0) -> bool:
