@@ -11,17 +11,24 @@ stopped and several processes can work on one study; trials train in ``<director
 Afterwards the best values train a final model on train + val with the reference's protocol, written to
 ``<directory>`` itself, and that model is tested. A ``<directory>`` that already holds checkpoints is
 refused before any trial runs, unless ``--overwrite`` or ``--resume-student`` says otherwise.
+
+The study records the settings that define its trials (:func:`search_settings`: the method, loss, data, schedule,
+the searched ranges, ...) in its ``user_attrs``; a search resumed with other settings is refused before any
+trial (its trials scored another objective, and its best values would be reported as this search's). With
+``--overwrite`` the old study is deleted and a new one started, once every check before the first trial passed.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from raml.engine.config import TrainConfig
+from raml.engine.config import PER_INVOCATION, TrainConfig
 from raml.engine.methods import method_class
 from raml.engine.run_lock import RUN_LOCK_COMMAND
 from raml.engine.trainer import Trainer, TrainResult, refuse_existing_checkpoints
@@ -51,6 +58,81 @@ def search_space(config: TrainConfig) -> dict[str, tuple[float, float]]:
     return {name: bounds for name, bounds in SEARCH_SPACE.items() if name in cls.searched}
 
 
+#: the study's user attribute that holds :func:`search_settings`
+SETTINGS_ATTR = "raml_search_settings"
+#: settings that do not change what a trial scores: where and how often things are written or shown, the
+#: machine, the number of trials, what only the final run reads (its train + val protocol, its test datasets);
+#: the searched settings' given values only start a new study (its first trial)
+_NOT_SEARCH_SETTINGS = (
+    *PER_INVOCATION,
+    "directory",
+    "data_root",
+    "optimize",
+    "val",
+    "trials",
+    "trainval",
+    "test_datasets",
+    "save_freq",
+    "workers",
+    "device",
+    "gpu_id",
+    "print_freq",
+    "comment",
+    "logger",
+    "eval_batch_size",
+)
+
+
+def search_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings that define ``config``'s search, as a study stores them (JSON values): every setting that
+    changes what a trial scores, and the searched ranges (``search_space``) with their scale."""
+    space = search_space(config)
+    settings = {
+        name: value
+        for name, value in config.to_dict().items()
+        if name not in _NOT_SEARCH_SETTINGS and name not in space
+    }
+    settings["search_space"] = {name: [low, high, name in LOG_SCALE] for name, (low, high) in space.items()}
+    return json.loads(json.dumps(settings))
+
+
+def _flag(name: str) -> str:
+    return "the searched ranges" if name == "search_space" else f"--{name.replace('_', '-')}"
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, dict):  # search ranges: lr in [0.0001, 0.0002] (log), ...
+        return (
+            ", ".join(
+                f"{name} in [{bounds[0]:g}, {bounds[1]:g}]{' (log)' if bounds[2] else ''}"
+                if isinstance(bounds, list) and len(bounds) == 3
+                else f"{name} {bounds!r}"
+                for name, bounds in value.items()
+            )
+            or "none"
+        )
+    return repr(value)
+
+
+def _check_study_settings(study: Any, ours: dict[str, Any], path: Path) -> None:
+    """Refuse (``ValueError``, one line) a study made with other search settings, or one with trials that records
+    none (made by an older version): its trials would be counted and its best values reported as this search's."""
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    fix = (
+        "Nothing was changed. Use another --directory for this search, or pass --overwrite to start a new study "
+        "in this one (the old study's trials are deleted)."
+    )
+    if stored is None:
+        if study.trials:
+            raise ValueError(f"{path} holds a search study that does not record its settings (an older raml). {fix}")
+        return
+    # a setting searched on one side only is absent from the other's settings: the ranges tell that difference
+    differing = sorted(name for name in set(stored) & set(ours) if stored[name] != ours[name])
+    if differing:
+        shown = "; ".join(f"{_flag(n)}: study {_shown(stored[n])}, asked {_shown(ours[n])}" for n in differing)
+        raise ValueError(f"{path} holds a search study made with other settings ({shown}). {fix}")
+
+
 def _import_optuna():  # noqa: ANN202 - optional dependency
     try:
         import optuna
@@ -67,11 +149,26 @@ def search(
     progress: bool = True,
     teacher_device: torch.device | None = None,
 ) -> dict[str, float]:
-    """Run (or resume) the study until it holds ``config.trials`` finished trials; returns the best values."""
+    """Run (or resume) the study until it holds ``config.trials`` finished trials; returns the best values.
+
+    Raises:
+        ValueError: ``<directory>/optuna.db`` holds a study made with other search settings (see
+            :func:`search_settings`), or one with trials that records none, and ``config.overwrite`` is not set
+            (with it, that study is deleted and a new one started).
+    """
     optuna = _import_optuna()
+    space = search_space(config)
+    settings = search_settings(config)
     directory = Path(config.directory)
     directory.mkdir(parents=True, exist_ok=True)
-    storage = f"sqlite:///{(directory / 'optuna.db').resolve()}"
+    path = directory / "optuna.db"
+    storage = f"sqlite:///{path.resolve()}"
+    if config.overwrite and path.exists():
+        try:
+            optuna.delete_study(study_name="raml", storage=storage)
+            logger.info("--overwrite: deleted the search study in %s; a new one starts.", path)
+        except KeyError:  # the file holds no study of that name
+            pass
     study = optuna.create_study(
         study_name="raml",
         storage=storage,
@@ -79,7 +176,8 @@ def search(
         load_if_exists=True,
         sampler=optuna.samplers.TPESampler(seed=config.seed),
     )
-    space = search_space(config)
+    _check_study_settings(study, settings, path)
+    study.set_user_attr(SETTINGS_ATTR, settings)
     if not study.trials:
         # The first trial evaluates the values the user gave, as given, as the reference enqueues them: a value
         # outside the range is kept (optuna warns), e.g. the reference's default --lam-1 0 --lam-2 0 makes the
