@@ -170,3 +170,15 @@ def test_checkpoints_of_every_supported_kind_still_load(tmp_path: Path) -> None:
         assert torch.equal(loaded["state_dict"]["w"], state["w"]), name
     with pytest.raises(CheckpointError):
         load_checkpoint_file(_torch_zip(tmp_path / "list.pth", [1, 2]))
+
+
+def test_the_run_record_reader_of_raml_test_never_loads_a_file_asking_for_more_than_it_holds(
+    tmp_path: Path, torch_loads: list[str]
+) -> None:
+    from raml.cli.extract import checkpoint_val_ratio
+
+    path = _torch_zip(tmp_path / "bytearray.pth", {"state_dict": {}, "junk": _Call(bytearray, _BIG)})
+    assert checkpoint_val_ratio(path) is None  # the network's own load names the problem
+    assert torch_loads == []
+    good = _torch_zip(tmp_path / "good.pth", {"state_dict": {}, "raml": {"val_ratio": 0.25}})
+    assert checkpoint_val_ratio(good) == 0.25

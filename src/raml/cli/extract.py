@@ -82,7 +82,7 @@ def checkpoint_val_ratio(path: Path) -> float | None:
 
     import torch
 
-    from raml.models.restricted_pickle import is_torchscript_archive
+    from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive
 
     try:
         with open(path, "rb") as handle:
@@ -90,6 +90,7 @@ def checkpoint_val_ratio(path: Path) -> float | None:
             handle.seek(0)
             if not zipped or is_torchscript_archive(handle) is not None:
                 return None  # a legacy pickle (the reference's: no record) or a TorchScript archive (not loaded)
+            check_declared_sizes(handle)  # a file asking for more memory than it holds is never loaded
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except (OSError, zipfile.BadZipFile):
         return None
