@@ -7,6 +7,8 @@ import io
 import json
 import logging
 import os
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +30,7 @@ from raml.data.check import (
     report_file_name,
     scan_split,
 )
-from raml.data.splits import get_split, split_from_lists
+from raml.data.splits import Split, get_split, split_from_lists
 
 
 def _noise_jpeg(path: Path, size: int = 48, seed: int = 0, **save_kwargs) -> bytes:
@@ -433,6 +435,32 @@ def test_scan_of_200_small_images(tmp_path: Path) -> None:
         classes.append(paths)
     split = split_from_lists("two-hundred", root, classes)
     assert scan_split(split, workers=2) == []
+
+
+def test_threads_hold_a_bounded_number_of_images_at_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The threads get the paths through a bounded queue, not one future per image up front (memory ~ N)."""
+    live = {"now": 0, "peak": 0}
+
+    def gone() -> None:
+        live["now"] -= 1
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs) -> Future:
+            future = super().submit(fn, *args, **kwargs)
+            live["now"] += 1
+            live["peak"] = max(live["peak"], live["now"])
+            weakref.finalize(future, gone)
+            return future
+
+    monkeypatch.setattr(check_module, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(check_module, "CHECK_IN_FLIGHT", 8, raising=False)
+    _save(tmp_path / "ok.png", Image.new("RGB", (8, 8)))
+    paths = tuple("ok.png" if i % 3 else f"missing-{i}.jpg" for i in range(300))
+    split = Split(name="many", root=tmp_path, paths=paths, labels=(0,) * len(paths))
+    bad = scan_split(split, workers=2)
+    assert [b.path for b in bad] == [p for p in paths if p != "ok.png"]  # split order, only the bad ones
+    assert all(b.reason == "missing file" for b in bad)
+    assert 8 <= live["peak"] <= 16, live  # the bound, not the 300 images
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -32,8 +32,9 @@ from __future__ import annotations
 import functools
 import logging
 import re
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -56,6 +57,9 @@ TAIL_BYTES = 1024
 
 MAX_LISTED = 50
 """Bad files listed in a :class:`BadImagesError` message when the full list is also written to a file."""
+
+CHECK_IN_FLIGHT = 4096
+"""Most images :func:`scan_split` has handed to its threads and not yet collected (bounds its memory)."""
 
 _JPEG_FORMATS = ("JPEG", "MPO")
 _JPEG_EOI = b"\xff\xd9"
@@ -338,23 +342,52 @@ def scan_split(
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}.")
-    paths = split.abspaths()
     mode = "full decode" if full_decode else "headers"
-    bar = functools.partial(
-        tqdm, total=len(paths), desc=f"check {split.name} ({mode})", unit="img", disable=not progress
-    )
+    root = split.root
 
-    def check(path: Path) -> str | None:
-        return check_image(path, full_decode=full_decode, image_size=image_size)
+    def check(path: str) -> str | None:
+        return check_image(root / path, full_decode=full_decode, image_size=image_size)
 
-    if workers == 1:
-        reasons = [check(p) for p in bar(paths)]
-    else:
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raml-check") as pool:
-            reasons = list(bar(pool.map(check, paths)))
-    bad = [BadImage(path, reason) for path, reason in zip(split.paths, reasons, strict=True) if reason is not None]
-    logger.info("Checked %d images of %s (%s): %d bad.", len(paths), split.name, mode, len(bad))
+    # only the bad images are kept: at most CHECK_IN_FLIGHT paths are checked or waiting at once and a Path is
+    # made just before its check, so memory does not grow with the number of images
+    bad: list[BadImage] = []
+    with tqdm(total=len(split), desc=f"check {split.name} ({mode})", unit="img", disable=not progress) as bar:
+        if workers == 1:
+            reasons: Iterable[str | None] = map(check, split.paths)
+            bad = _collect_bad(split.paths, reasons, bar)
+        else:
+            with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raml-check") as pool:
+                reasons = _bounded_map(pool, check, split.paths, CHECK_IN_FLIGHT)
+                bad = _collect_bad(split.paths, reasons, bar)
+    logger.info("Checked %d images of %s (%s): %d bad.", len(split), split.name, mode, len(bad))
     return bad
+
+
+def _collect_bad(paths: Sequence[str], reasons: Iterable[str | None], bar: tqdm) -> list[BadImage]:
+    """The bad images of ``paths`` given each one's reason (None: usable), in order; ticks ``bar`` per image."""
+    bad = []
+    for path, reason in zip(paths, reasons, strict=True):
+        bar.update(1)
+        if reason is not None:
+            bad.append(BadImage(path, reason))
+    return bad
+
+
+def _bounded_map(
+    pool: ThreadPoolExecutor, fn: Callable[[str], str | None], items: Iterable[str], in_flight: int
+) -> Iterator[str | None]:
+    """``fn`` of each item, in order, with at most ``in_flight`` submitted and not yet yielded.
+
+    ``pool.map`` submits every item up front (one future per image, about 2 KiB each); this keeps the
+    threads busy with a bounded queue instead.
+    """
+    pending: deque[Future[str | None]] = deque()
+    for item in items:
+        if len(pending) >= in_flight:
+            yield pending.popleft().result()
+        pending.append(pool.submit(fn, item))
+    while pending:
+        yield pending.popleft().result()
 
 
 def drop_bad_images(split: Split, bad: Sequence[BadImage]) -> Split:
