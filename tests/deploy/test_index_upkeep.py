@@ -207,3 +207,19 @@ def test_a_list_file_splits_at_newlines_only_and_keeps_every_other_character(tmp
     listing = tmp_path / "list.txt"
     listing.write_text(text, encoding="utf-8", newline="")
     assert read_image_list(listing) == [str(tmp_path / name) for name in names]
+
+
+@pytest.mark.parametrize("kind", ["embeddings", "labels", "paths", "index"])
+def test_an_empty_file_of_the_index_is_named_and_overwrite_rebuilds_it(tmp_path, kind):
+    paths = make_files(tmp_path / "db", 5)
+    index_dir = tmp_path / "index"
+    index(index_dir, paths)
+    (damaged,) = index_dir.glob(f"{kind}-*")
+    damaged.write_bytes(b"")  # a full disk, an interrupted copy: np.load raises EOFError on it
+    with pytest.raises(IndexDirectoryError, match=rf"damaged: {damaged.name} is unreadable.*--overwrite"):
+        load_index(index_dir)
+    with pytest.raises(IndexDirectoryError, match=damaged.name):  # an append reads the index first
+        index(index_dir, paths)
+    report = index(index_dir, paths, overwrite=True)  # the documented repair
+    assert report["count"] == 5
+    assert load_index(index_dir).paths == paths

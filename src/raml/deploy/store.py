@@ -361,23 +361,33 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
     faiss = import_faiss()
     checked = _checked_files(index_dir, meta)
     files = meta["files"]
+    reading: Path | None = None  # the file being read, named in the error
     try:
         paths_file, emb_file, labels_file, index_file = (checked[k] for k in ("paths", "embeddings", "labels", "index"))
+        reading = paths_file
         paths = json.loads(paths_file.read_text())
         # memory-mapped: replicas on one node share the pages, and a later commit only unlinks the file
+        reading = emb_file
         embeddings = np.load(emb_file, allow_pickle=False, mmap_mode="r")
+        reading = labels_file
         labels = np.load(labels_file, allow_pickle=False)
+        reading = checked.get("stamps")
         stamps = json.loads(checked["stamps"].read_text()) if "stamps" in checked else None
+        reading = checked.get("invlists")
         if "invlists" in checked and not checked["invlists"].is_file():
             raise OSError(f"{files['invlists']} (the inverted lists of {files['index']}) is missing")
+        reading = index_file
         index = faiss.read_index(str(index_file), _read_flags(faiss, "invlists" in checked, mmap))
+        reading = checked.get("invlists")
         if "invlists" in checked:  # before any search touches the mapped file
             _check_lists_file(index, checked["invlists"])
-    except (KeyError, OSError, ValueError, RuntimeError) as error:
+    # EOFError: np.load of an empty (0-byte) .npy file
+    except (KeyError, OSError, ValueError, RuntimeError, EOFError) as error:
         if isinstance(error, IndexDirectoryError):
             raise
+        where = "" if reading is None else f": {reading.name} is unreadable"
         raise IndexDirectoryError(
-            f"The index at {index_dir} is damaged ({type(error).__name__}: {error}); rebuild it with "
+            f"The index at {index_dir} is damaged{where} ({type(error).__name__}: {error}); rebuild it with "
             "`raml index --overwrite`."
         ) from error
     count = int(meta["count"])
