@@ -5,6 +5,8 @@ against an explicit ranking loop."""
 from __future__ import annotations
 
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from raml.cli import main as cli_main
 from raml.data import get_split
 from raml.demo import demo_gallery_rows, gallery_query_ids
 from raml.deploy.gallery import (
+    CELL_BACKGROUND,
     OTHER_LABEL_COLOR,
     QUERY_COLOR,
     SAME_LABEL_COLOR,
@@ -113,6 +116,38 @@ def test_panels_side_by_side_and_unreadable_images(tmp_path, caplog):
         render_gallery(rows, ["only one"])
     with pytest.raises(ValueError, match="at least one"):
         render_gallery([])
+
+
+def _png(path: Path, width: int, height: int, chunks: list[tuple[bytes, bytes]]) -> str:
+    """A PNG file: an 8-bit RGB header of the given size, then ``chunks`` (type, data) and IEND."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + header + b"".join(chunk(*c) for c in [*chunks, (b"IEND", b"")]))
+    return str(path)
+
+
+def test_an_image_pil_refuses_in_any_way_is_an_empty_cell_and_the_gallery_is_written(tmp_path, caplog):
+    """A huge image (DecompressionBombError) or a broken chunk (SyntaxError) is a crossed cell, not a crash."""
+    q = _solid(tmp_path, "q", (0, 0, 255))
+    huge = _png(tmp_path / "huge.png", 20000, 20000, [(b"IDAT", zlib.compress(b"\0" * 100))])  # a header only
+    rng = np.random.default_rng(0)
+    pixels = zlib.compress(b"".join(b"\0" + rng.bytes(24) for _ in range(8)))  # 8 rows of 8 RGB, no filter
+    half = len(pixels) // 2  # the second half in a chunk whose type is not letters: PIL raises SyntaxError
+    broken = _png(tmp_path / "broken.png", 8, 8, [(b"IDAT", pixels[:half]), (b"\x01\x02\x03\x04", pixels[half:])])
+    rows = [GalleryRow(q, [[Hit(huge, 0), Hit(broken, 1)]], 0)]
+    written = write_gallery(rows, tmp_path / "g.png", thumb=32, frame=2)
+    image = Image.open(written).convert("RGB")
+    layout = GalleryLayout(1, 1, 2, thumb=32, frame=2)
+    assert image.size == layout.size
+    for rank, want in enumerate((GREEN, RED)):
+        left, top, _, _ = layout.box(0, 0, rank)
+        ring, _ = _frame_and_centre(image, layout.box(0, 0, rank), 2)
+        assert (ring == want).all()
+        assert image.getpixel((left + 2 + 16, top + 2 + 4)) == CELL_BACKGROUND  # the empty cell, off its cross
+    assert "huge.png (DecompressionBombError" in caplog.text and "broken.png (SyntaxError" in caplog.text
 
 
 def test_bad_gallery_paths_are_refused_before_writing(tmp_path):

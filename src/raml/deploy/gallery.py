@@ -147,8 +147,8 @@ def _thumbnail(path: str, thumb: int) -> Image.Image:
             image.draft("RGB", (thumb, thumb))  # JPEG: decode at a reduced size when much larger
             rgb = image.convert("RGB")
         return ImageOps.pad(rgb, (thumb, thumb), Image.Resampling.LANCZOS, color=CELL_BACKGROUND)
-    except (OSError, ValueError) as error:
-        logger.warning("Gallery: cannot read %s (%s); drawing an empty cell.", path, error)
+    except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
+        logger.warning("Gallery: cannot read %s (%s: %s); drawing an empty cell.", path, type(error).__name__, error)
         cell = Image.new("RGB", (thumb, thumb), CELL_BACKGROUND)
         draw = ImageDraw.Draw(cell)
         draw.line((0, 0, thumb - 1, thumb - 1), fill=UNKNOWN_LABEL_COLOR, width=2)
