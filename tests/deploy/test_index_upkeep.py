@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -223,3 +224,27 @@ def test_an_empty_file_of_the_index_is_named_and_overwrite_rebuilds_it(tmp_path,
     report = index(index_dir, paths, overwrite=True)  # the documented repair
     assert report["count"] == 5
     assert load_index(index_dir).paths == paths
+
+
+def test_a_dotdot_after_a_linked_folder_is_another_file_and_plain_paths_are_not_resolved(tmp_path, monkeypatch):
+    from raml.deploy.image_files import image_key
+
+    here = make_files(tmp_path / "a", 1)[0]  # a/img00000.jpg
+    (elsewhere,) = make_files(tmp_path / "other", 1, start=7)
+    Path(elsewhere).rename(tmp_path / "other" / "img00000.jpg")  # another file of the same name
+    (tmp_path / "other" / "sub").mkdir()
+    (tmp_path / "a" / "link").symlink_to(tmp_path / "other" / "sub")
+    via_link = str(tmp_path / "a" / "link" / ".." / "img00000.jpg")  # other/img00000.jpg, not a/img00000.jpg
+    assert Path(via_link).read_bytes() != Path(here).read_bytes()
+    index_dir = tmp_path / "index"
+    report = index(index_dir, [here, via_link])
+    assert report["added"] == 2 and report["count"] == 2
+    assert index(index_dir, [str(tmp_path / "other" / "img00000.jpg")])["added"] == 0  # the same file again
+    # a '..' that steps out of no link keeps the lexical identity; a path without '..' is never resolved (a
+    # realpath per path made appends of large lists 45x slower)
+    assert image_key(str(tmp_path / "a" / ".." / "a" / "img00000.jpg")) == image_key(here)
+    calls = []
+    real = os.path.realpath
+    monkeypatch.setattr(os.path, "realpath", lambda p, **kw: calls.append(p) or real(p, **kw))
+    assert image_key(here) == here and image_key("x..y.jpg") == os.path.abspath("x..y.jpg")
+    assert calls == []

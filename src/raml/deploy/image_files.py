@@ -7,6 +7,7 @@ the path relative to it; a list file: its line order).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -95,8 +96,30 @@ _LINE_BLANKS = " \t\r"
 
 
 def image_key(path: str) -> str:
-    """Identity of an image file for duplicate detection: its normalised absolute path."""
-    return os.path.normcase(os.path.abspath(path))
+    """Identity of an image file for duplicate detection: its normalised absolute path.
+
+    The normalisation is lexical (fast: no file system access), except where a ``..`` component follows a
+    symbolic link: ``a/link/..`` is the folder that ``link`` points into, not ``a``. So a path with a ``..``
+    (rare in practice; no other path is resolved) has the part up to its last ``..`` resolved with
+    :func:`os.path.realpath`, and if that differs from the resolved lexical form, the resolved part is the key's
+    (a file reached through linked folders under two names may still have two identities, never two files one).
+    """
+    lexical = os.path.normcase(os.path.abspath(path))
+    if ".." not in path:  # a cheap test first: most paths have no '..' at all
+        return lexical
+    parts = re.split(_SEPARATORS, path if os.path.isabs(path) else os.path.join(os.getcwd(), path))
+    if ".." not in parts:  # e.g. 'a..b.jpg'
+        return lexical
+    last = len(parts) - 1 - parts[::-1].index("..")
+    head = os.sep.join(parts[: last + 1]) or os.sep
+    real_head = os.path.realpath(head)
+    if real_head == os.path.realpath(os.path.normpath(head)):  # no '..' stepped out of a linked folder
+        return lexical
+    return os.path.normcase(os.path.abspath(os.path.join(real_head, *parts[last + 1 :])))
+
+
+_SEPARATORS = "[" + re.escape(os.sep + (os.altsep or "")) + "]"
+"""A path separator of this system (Windows: either slash)."""
 
 
 def check_images_exist(paths: Sequence[str]) -> None:
