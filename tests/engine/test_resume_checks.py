@@ -177,13 +177,15 @@ def test_another_folders_checkpoint_does_not_overwrite_a_finished_run(
     Trainer(fresh, CPU, progress=False).release_lock()
 
 
-def test_an_interrupted_checkpoint_is_refused_and_last_resumes(machinery, machinery_teacher_path, tmp_path):
-    """model_interrupted.pth.tar is labelled with the last finished epoch, its schedule is part-way into the next:
-    resuming it used to replay the epoch and overrun the one-cycle schedule near its end."""
+@pytest.mark.parametrize("scheduler", ["onecycle", "exponential", "none"])
+def test_an_interrupted_checkpoint_is_refused_and_last_resumes(machinery, machinery_teacher_path, tmp_path, scheduler):
+    """model_interrupted.pth.tar is labelled with the last finished epoch, its weights are part-way into the next:
+    resuming it used to replay the epoch (and overrun the one-cycle schedule near its end). A per-epoch schedule
+    (exponential) or none has not moved mid-epoch, so the schedule's position cannot tell: the file says it."""
     from raml.engine.trainer import TrainingInterrupted
 
     config = machinery.distill_config(
-        tmp_path / "run", machinery_teacher_path, epochs=2, val=False, scheduler="onecycle", update_every=1
+        tmp_path / "run", machinery_teacher_path, epochs=2, val=False, scheduler=scheduler, update_every=1
     )
     trainer = Trainer(config, CPU, progress=False)
     assert trainer.steps_per_epoch >= 2
@@ -198,8 +200,10 @@ def test_an_interrupted_checkpoint_is_refused_and_last_resumes(machinery, machin
     trainer.method.batch_loss = stopping
     with pytest.raises(TrainingInterrupted):
         trainer.run()
-    with pytest.raises(ValueError, match=r"stepped \d+ times, but a checkpoint of epoch 1 .*--resume-student last"):
+    before = _folder_state(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"part-way through epoch 2.*cannot be resumed.*--resume-student last"):
         Trainer(config.replace(resume_student="model_interrupted.pth.tar"), CPU, progress=False)
+    assert _folder_state(tmp_path / "run") == before
     resumed = Trainer(config.replace(resume_student="last"), CPU, progress=False)
     assert resumed.start_epoch == 2
     resumed.run()

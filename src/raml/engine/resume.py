@@ -150,6 +150,23 @@ def load_scheduler_state(scheduler: Any, saved: dict[str, Any], scheduler_name: 
         ) from error
 
 
+def check_not_interrupted(stored: dict[str, Any], path: Path) -> None:
+    """Refuse (``ValueError``) a checkpoint saved part-way through an epoch (``model_interrupted.pth.tar``, which
+    records ``interrupted_in``), whatever the scheduler: its weights and optimizer state are those of the moment a
+    signal stopped the run, not of the finished epoch it is labelled with, so resuming it would replay that epoch
+    from there. A per-epoch schedule (or none) has not moved mid-epoch, so :func:`check_schedule_position` alone
+    cannot tell."""
+    epoch = stored.get("interrupted_in")
+    if epoch is None:
+        return
+    raise ValueError(
+        f"--resume-student {path}: this checkpoint was saved part-way through epoch {epoch}, when a signal stopped "
+        "the run (model_interrupted.pth.tar); it cannot be resumed, since the run would replay that epoch from "
+        "those weights. Nothing was changed. Resume from the last finished epoch: --resume-student last "
+        "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path."
+    )
+
+
 def check_schedule_position(
     saved: dict[str, Any], epoch: int, steps_per_epoch: int, per_step: bool, path: Path
 ) -> None:

@@ -47,6 +47,7 @@ from raml.engine.methods import method_class
 from raml.engine.methods.base import BatchLoss, Method, check_batch_loss
 from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_scheduler, reference_schedule_lengths
 from raml.engine.resume import (
+    check_not_interrupted,
     check_optimizer_state,
     check_run_fields,
     check_schedule_position,
@@ -467,6 +468,7 @@ class Trainer:
         path = self.resume_path(name)
         checkpoint = load_resume_checkpoint(path)
         stored = checkpoint.get("raml") if isinstance(checkpoint.get("raml"), dict) else {}
+        check_not_interrupted(stored, path)
         check_run_fields(stored, run_fields(self.config, self.teacher_sha), path)
         self._load_student_state(checkpoint, path)
         if checkpoint.get("optimizer"):
@@ -676,7 +678,7 @@ class Trainer:
             signum = self._agreed_stop if self.dist.enabled else self._stop_signal
             if signum is not None and (pending == 0 or not self.dist.enabled):
                 bar.close()
-                self._save(self.directory / "model_interrupted.pth.tar", epoch - 1)
+                self._save(self.directory / "model_interrupted.pth.tar", epoch - 1, interrupted_in=epoch)
                 hint = self.resume_hint or "Continue exactly from the last finished epoch with --resume-student last."
                 raise TrainingInterrupted(
                     f"Stopped by signal {signum}{self._signal_origin()} during epoch {epoch}; the weights of that "
@@ -948,8 +950,11 @@ class Trainer:
         return results
 
     # -------------------------------------------------------------------------------------- outputs
-    def _save(self, path: Path, epoch: int, also: Sequence[Path] = ()) -> None:
-        """Write the training checkpoint of ``epoch`` to ``path``, and the same file under the names ``also``."""
+    def _save(self, path: Path, epoch: int, also: Sequence[Path] = (), interrupted_in: int | None = None) -> None:
+        """Write the training checkpoint of ``epoch`` to ``path``, and the same file under the names ``also``.
+
+        ``interrupted_in``: the epoch a signal stopped part-way through (``model_interrupted.pth.tar``); recorded
+        as ``raml.interrupted_in`` so that ``--resume-student`` refuses the file whatever the scheduler."""
         # a finite loss and gradients can still step to inf (a huge --lr); checked on every rank, which hold the same
         # weights, so that all of them stop together rather than the others waiting in the next all-reduce
         bad = nonfinite_parameters(self.student)
@@ -981,6 +986,8 @@ class Trainer:
                 "history": self.history,
             }
         }
+        if interrupted_in is not None:
+            extra["raml"]["interrupted_in"] = interrupted_in
         extra["raml"].update(self.method.checkpoint_state())
         # a student for several query sizes: meta["image_sizes"] (read by raml test, search, export and serve)
         sizes = self.config.student_sizes()
