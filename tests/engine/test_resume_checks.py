@@ -158,6 +158,33 @@ def test_another_optimizer_or_scheduler_is_refused_also_for_a_checkpoint_without
     Trainer(base, CPU, progress=False).release_lock()  # its own settings still resume (the folder's lock freed)
 
 
+def test_another_lr_or_weight_decay_is_refused_rather_than_ignored(
+    machinery, machinery_teacher_path, finished, tmp_path
+):
+    """The optimizer's state restores its groups' lr and weight decay: a resume that asked others went on with the
+    checkpoint's while config.yaml recorded the new ones. --momentum is compared only where the optimizer reads it."""
+    run = _copy(finished, tmp_path)
+    base = machinery.distill_config(
+        run, machinery_teacher_path, epochs=1, val=False, scheduler="exponential", resume_student="last"
+    )
+    before = _folder_state(run)
+    with pytest.raises(ValueError, match=r"--lr: checkpoint 0\.0003, asked 0\.05\n  - --weight-decay: checkpoint"):
+        Trainer(base.replace(lr=5e-2, weight_decay=1e-3), CPU, progress=False)
+    assert _folder_state(run) == before
+    Trainer(base.replace(momentum=0.5), CPU, progress=False).release_lock()  # adamW reads no momentum
+    from raml.engine.resume import check_run_fields, run_fields
+
+    sgd = base.replace(optimizer="sgd")
+    with pytest.raises(ValueError, match=r"--momentum: checkpoint 0\.9, asked 0\.5"):
+        check_run_fields(run_fields(sgd, None), run_fields(sgd.replace(momentum=0.5), None), run)
+
+    # a checkpoint of an older version stores none of them: not compared, it resumes as before
+    checkpoint = torch.load(run / "model_last.pth.tar", weights_only=True)
+    del checkpoint["raml"]["lr"], checkpoint["raml"]["weight_decay"]
+    torch.save(checkpoint, run / "model_last.pth.tar")
+    Trainer(base.replace(lr=5e-2), CPU, progress=False).release_lock()
+
+
 def test_another_folders_checkpoint_does_not_overwrite_a_finished_run(
     machinery, machinery_teacher_path, finished, tmp_path
 ):

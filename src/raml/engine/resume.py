@@ -39,6 +39,10 @@ RUN_FIELDS: dict[str, str] = {
     "val_ratio": "--val-ratio",
     "optimizer": "--optimizer",
     "scheduler": "--scheduler",
+    # the optimizer's state restores its parameter groups' own values: another value asked would be ignored
+    "lr": "--lr",
+    "weight_decay": "--weight-decay",
+    "momentum": "--momentum",
 }
 
 #: parameter-group entries that each optimizer needs and the others lack: an optimizer state saved by another
@@ -71,7 +75,8 @@ def resumes_inside(config: TrainConfig) -> bool:
 
 def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any]:
     """This run's values of :data:`RUN_FIELDS` (what :meth:`Trainer._save` stores). ``val_ratio`` only where it
-    chooses the training classes (``--select-on-val``): a train + val run trains on every class whatever it is."""
+    chooses the training classes (``--select-on-val``): a train + val run trains on every class whatever it is;
+    ``momentum`` only for ``--optimizer sgd``, the one optimizer that reads it."""
     fields = {
         "mode": config.mode,
         "image_size": config.image_size,
@@ -82,7 +87,11 @@ def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any
         "trainval": config.trainval,
         "optimizer": config.optimizer,
         "scheduler": config.scheduler,
+        "lr": config.lr,
+        "weight_decay": config.weight_decay,
     }
+    if config.optimizer == "sgd":
+        fields["momentum"] = config.momentum
     if not config.trainval:
         fields["val_ratio"] = config.val_ratio
     return fields

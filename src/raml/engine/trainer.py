@@ -982,10 +982,15 @@ class Trainer:
                 "training_dataset": self.config.training_dataset,
                 "optimizer": self.config.optimizer,
                 "scheduler": self.config.scheduler,
+                # the optimizer state holds them too; stored to refuse a resume that asks others (it would ignore them)
+                "lr": self.config.lr,
+                "weight_decay": self.config.weight_decay,
                 "best_epoch": self.best_epoch,
                 "history": self.history,
             }
         }
+        if self.config.optimizer == "sgd":  # the one optimizer that reads --momentum
+            extra["raml"]["momentum"] = self.config.momentum
         if interrupted_in is not None:
             extra["raml"]["interrupted_in"] = interrupted_in
         extra["raml"].update(self.method.checkpoint_state())
