@@ -266,3 +266,26 @@ def test_last_reads_a_checkpoint_in_torchs_legacy_format_instead_of_calling_it_d
     with caplog.at_level("WARNING"):
         assert last_checkpoint(tmp_path) == tmp_path / "model_epoch3.pth.tar"
     assert "damaged" not in caplog.text
+
+
+def test_overwrite_removes_the_previous_runs_checkpoints_so_last_resumes_the_new_run(
+    machinery, machinery_teacher_path, tmp_path, caplog
+):
+    """--overwrite used to leave the old run's model_epoch<N> and model_best beside the new run's: a new run
+    stopped after epoch 1 then resumed from the old run's epoch 2 with --resume-student last."""
+    from raml.engine.trainer import TrainingInterrupted
+
+    run = tmp_path / "run"
+    old = machinery.distill_config(run, machinery_teacher_path, epochs=2, val=False, save_freq=1, lr=1e-3)
+    Trainer(old, CPU, progress=False).run()
+    assert (run / "model_epoch2.pth.tar").is_file() and (run / "model_best.pth.tar").is_file()
+    (run / "notes.txt").write_text("mine")
+    new = old.replace(lr=5e-4)
+    with caplog.at_level("INFO"), pytest.raises(TrainingInterrupted):
+        Trainer(new.replace(overwrite=True), CPU, progress=False, stop_after_epoch=1).run()
+    assert "removed the previous run's checkpoints" in caplog.text
+    assert sorted(p.name for p in run.glob("*.pth.tar")) == ["model_epoch1.pth.tar", "model_last.pth.tar"]
+    assert (run / "notes.txt").read_text() == "mine"  # not a checkpoint of the run: untouched
+    resumed = Trainer(new.replace(resume_student="last"), CPU, progress=False)
+    assert resumed.resume_path("last") == run / "model_last.pth.tar" and resumed.start_epoch == 2
+    resumed.release_lock()

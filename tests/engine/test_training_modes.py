@@ -5,6 +5,9 @@ on train + val), and the teacher's device in every evaluation. The distillation 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -181,6 +184,8 @@ def test_test_and_extract_use_the_val_ratio_of_the_checkpoint_not_of_a_later_run
     first = machinery.distill_config(folder, machinery_teacher_path, epochs=1, val_ratio=0.25, test_datasets=[])
     best = Trainer(first, CPU, progress=False).run().best_checkpoint
     assert load_checkpoint_file(best)["raml"]["val_ratio"] == 0.25
+    # --overwrite removes the run's own model_*.pth.tar at its start: a copy under another name stays beside it
+    best = Path(shutil.copyfile(best, folder / "first_best.pth.tar"))
     later = machinery.distill_config(
         folder, machinery_teacher_path, epochs=5, val_ratio=0.5, overwrite=True, test_datasets=[]
     )

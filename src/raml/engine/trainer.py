@@ -23,6 +23,7 @@ import contextlib
 import json
 import logging
 import math
+import re
 import signal
 import time
 from collections.abc import Iterator, Sequence
@@ -71,6 +72,9 @@ from raml.utils import atomic_duplicate, atomic_write_text, file_sha256, seed_ev
 logger = logging.getLogger(__name__)
 
 BEST_NAME = "model_best.pth.tar"
+
+#: the names of the training checkpoints a run writes into its folder (what ``--overwrite`` removes of a previous run)
+_RUN_CHECKPOINT = re.compile(r"model_(best|last|interrupted|epoch\d+)\.pth\.tar")
 
 #: "no non-finite loss yet" in the device-side record of the first batch whose loss was NaN or infinite
 _ALL_FINITE = 2**62
@@ -383,11 +387,40 @@ class Trainer:
         # them is safe: this run holds the folder's lock (raml.engine.run_lock), so no other run is writing them
         for stale in self.directory.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
+        if self.config.overwrite and not resumes_inside(self.config):
+            self._remove_previous_checkpoints()
         for name, bad in self.skipped.items():
             write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file, so it records
         # --overwrite, --json and --resume-student at their defaults (TrainConfig.record): a replay never inherits them
         atomic_write_text(self.directory / RUN_CONFIG_NAME, yaml.safe_dump(self.config.record(), sort_keys=False))
+
+    def _remove_previous_checkpoints(self) -> None:
+        """``--overwrite`` (a new run, not a resume of this folder's checkpoints): remove the previous run's
+        training checkpoints, now that every start check has passed. Left beside the new run's, its higher
+        ``model_epoch<N>`` would be what ``--resume-student last`` resumes, and its ``model_best`` the result of
+        a new run stopped early. A file this run reads (``--student-path``, ``--teacher-path``) is kept."""
+        inputs = {Path(p).resolve() for p in (self.config.student_path, self.config.teacher_path) if p is not None}
+        removed, kept = [], []
+        for path in sorted(self.directory.iterdir()):
+            if not _RUN_CHECKPOINT.fullmatch(path.name) or not path.is_file():
+                continue
+            if path.resolve() in inputs:
+                kept.append(path.name)
+                continue
+            path.unlink(missing_ok=True)
+            removed.append(path.name)
+        if removed:
+            logger.info(
+                "--overwrite: removed the previous run's checkpoints from %s: %s", self.directory, ", ".join(removed)
+            )
+        if kept:
+            logger.warning(
+                "--overwrite: kept %s in %s, an input of this run (--student-path / --teacher-path); "
+                "--resume-student last may pick it up: name the checkpoint to resume instead.",
+                ", ".join(kept),
+                self.directory,
+            )
 
     def _checked_split(self, name: str) -> Split:
         """Load a split and apply the ``--bad-images`` policy to it (skipped files are remembered)."""
