@@ -289,3 +289,30 @@ def test_overwrite_removes_the_previous_runs_checkpoints_so_last_resumes_the_new
     resumed = Trainer(new.replace(resume_student="last"), CPU, progress=False)
     assert resumed.resume_path("last") == run / "model_last.pth.tar" and resumed.start_epoch == 2
     resumed.release_lock()
+
+
+def test_a_foreign_tmp_file_and_a_users_config_yaml_in_the_folder_are_left_alone(
+    machinery, machinery_teacher_path, tmp_path
+):
+    """A run deleted every hidden ``.*.tmp`` of its folder and replaced a ``config.yaml`` it had not written (the
+    user's, comments and all) without --overwrite. Now only its own outputs' temporaries go, and another
+    config.yaml is refused, before anything is written."""
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / ".notes.tmp").write_text("the user's")
+    (run / "config.yaml").write_text("# my settings\nepochs: 3\n")
+    leftover = run / ".model_last.pth.tar.0123abcd.tmp"  # what a kill -9 during a save leaves
+    leftover.write_bytes(b"half")
+    config = machinery.distill_config(run, machinery_teacher_path, epochs=1, val=False)
+    before = _folder_state(run)
+    with pytest.raises(FileExistsError, match=r"config\.yaml already exists and is not a record.*--overwrite"):
+        Trainer(config, CPU, progress=False)
+    assert _folder_state(run) == before
+
+    (run / "config.yaml").unlink()
+    Trainer(config, CPU, progress=False).release_lock()
+    assert (run / ".notes.tmp").read_text() == "the user's" and not leftover.exists()
+    # a record raml wrote, of these settings or of an earlier start's (stopped before a checkpoint), is replaced
+    Trainer(config, CPU, progress=False).release_lock()
+    Trainer(config.replace(epochs=2), CPU, progress=False).release_lock()
+    assert "epochs: 2" in (run / "config.yaml").read_text()

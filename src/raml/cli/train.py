@@ -30,6 +30,7 @@ from raml.engine.config import (
     LOSSES,
     MAX_WHITENING,
     MIXUP_PARTNERS,
+    RUN_CONFIG_NAME,
     SEARCH_OBJECTIVES,
     TrainConfig,
     load_yaml_config,
@@ -325,6 +326,25 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
     return config
 
 
+def refuse_config_file_as_record(config_file: Path | None, config: TrainConfig) -> None:
+    """Refuse (one line, exit 2) a ``--config`` file that is the run's own record, ``<directory>/config.yaml``,
+    when the run would rewrite it with other content (its comments, its layout, settings changed on the command
+    line, or ``--optimize``'s searched values), even with ``--overwrite``: the user's file would be lost. A replay
+    of a record raml wrote, unchanged, rewrites the same text and goes on."""
+    if config_file is None:
+        return
+    record = Path(config.directory) / RUN_CONFIG_NAME
+    if config_file.resolve() != record.resolve():
+        return
+    if not config.optimize and config_file.is_file() and config_file.read_bytes() == config.record_text().encode():
+        return
+    how = "with the searched values" if config.optimize else "with other content (its comments and layout are lost)"
+    raise SystemExit(
+        f"raml train: error: --config {config_file} is the run's own record {record}, which this run rewrites {how}; "
+        "nothing was changed. Copy it elsewhere and pass the copy to --config, or use another --directory."
+    )
+
+
 def run(args: argparse.Namespace) -> int:
     from raml.distributed import init_distributed
     from raml.engine.device import prepare_cuda_device
@@ -337,6 +357,7 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"raml train: error: {error}") from error
+    refuse_config_file_as_record(args.config, config)
     if config.json is not None:  # before training, not after it
         check_output_file(config.json, "--json")
     # Under torchrun every process joins the group and gets its own device; otherwise choose one as usual.

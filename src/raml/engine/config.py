@@ -389,6 +389,10 @@ class TrainConfig:
             values[name] = config_fields()[name].default
         return values
 
+    def record_text(self) -> str:
+        """:meth:`record` as the text of ``<directory>/config.yaml``."""
+        return yaml.safe_dump(self.record(), sort_keys=False)
+
     def replace(self, **changes: Any) -> TrainConfig:
         return dataclasses.replace(self, **changes)
 

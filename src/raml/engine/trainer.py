@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, write_bad_image_report
 from raml.data.splits import Split, get_split
 from raml.distributed import SINGLE, DistContext, all_reduce_min_, all_reduce_sum_, broadcast_object, shard_bounds
-from raml.engine.config import RUN_CONFIG_NAME, TrainConfig, part_name
+from raml.engine.config import MAX_CONFIG_BYTES, RUN_CONFIG_NAME, TrainConfig, part_name
 from raml.engine.device import AutocastForward, amp_active
 from raml.engine.guard import gradients_finite, nonfinite_parameters
 from raml.engine.methods import method_class
@@ -75,6 +75,12 @@ BEST_NAME = "model_best.pth.tar"
 
 #: the names of the training checkpoints a run writes into its folder (what ``--overwrite`` removes of a previous run)
 _RUN_CHECKPOINT = re.compile(r"model_(best|last|interrupted|epoch\d+)\.pth\.tar")
+
+#: the temporary files (raml.utils.atomic_path: ``.<name>.<8 hex>.tmp``) of the outputs a run writes in its folder
+_RUN_TEMPORARY = re.compile(
+    r"\.(config\.yaml|model_(best|last|interrupted|epoch\d+)\.pth\.tar|skipped_images_[A-Za-z0-9._-]+\.txt)"
+    r"\.[0-9a-f]{8}\.tmp"
+)
 
 #: "no non-finite loss yet" in the device-side record of the first batch whose loss was NaN or infinite
 _ALL_FINITE = 2**62
@@ -180,6 +186,39 @@ def refuse_existing_checkpoints(config: TrainConfig) -> None:
             "another --directory, continue with --resume-student last (or a checkpoint file), or pass "
             "--overwrite to replace them."
         )
+
+
+def refuse_replacing_run_config(config: TrainConfig) -> None:
+    """Refuse (``FileExistsError``) a ``--directory`` whose ``config.yaml`` this run would replace with other
+    content, unless ``--overwrite`` says to, or the run resumes that folder's own checkpoints (whose record it
+    is): the file may be the user's (a ``--config`` file with comments) or the record of an earlier run of other
+    settings. Checked before anything is written."""
+    path = Path(config.directory) / RUN_CONFIG_NAME
+    if config.overwrite or resumes_inside(config) or not path.is_file():
+        return
+    if path.stat().st_size <= MAX_CONFIG_BYTES and _is_run_record(path.read_bytes(), config):
+        return
+    raise FileExistsError(
+        f"{path} already exists and is not a record raml train wrote (a file of yours: comments, other keys or "
+        "layout), and the run would replace it. Nothing was changed. Use another --directory, or pass "
+        "--overwrite to replace it (copy it elsewhere first if you want to keep it)."
+    )
+
+
+def _is_run_record(data: bytes, config: TrainConfig) -> bool:
+    """Whether ``data`` is a ``config.yaml`` as a run writes it (:meth:`TrainConfig.record_text`: every setting,
+    in its order, without comments), of this run's settings or of an earlier start's: replacing it loses nothing
+    the user wrote. A folder with such a record but no checkpoint is a start that stopped before its first epoch
+    ended (the checkpoints themselves are guarded by :func:`refuse_existing_checkpoints`)."""
+    if data == config.record_text().encode("utf-8"):
+        return True
+    try:
+        values = yaml.safe_load(data.decode("utf-8"))
+    except (UnicodeDecodeError, yaml.YAMLError):
+        return False
+    if not isinstance(values, dict) or list(values) != list(config.record()):
+        return False
+    return yaml.safe_dump(values, sort_keys=False).encode("utf-8") == data
 
 
 def _state_differences(ours: dict[str, Any], theirs: dict[str, Any]) -> tuple[list[str], list[str], list[str]]:
@@ -323,6 +362,7 @@ class Trainer:
 
         # nothing is written before every check that can refuse the run has passed (_record_start, below)
         refuse_existing_checkpoints(self.config)
+        refuse_replacing_run_config(self.config)
         # A network built from an architecture name starts from random weights: the same ones for the same
         # --seed, on every rank (the reference's main.py seeds torch and numpy with --seed before building).
         seed_everything(config.seed)
@@ -384,16 +424,18 @@ class Trainer:
         if not self.dist.is_main:
             return
         # a job killed while writing (kill -9) leaves its temporary file behind, never a half target; removing
-        # them is safe: this run holds the folder's lock (raml.engine.run_lock), so no other run is writing them
+        # them is safe: this run holds the folder's lock (raml.engine.run_lock), so no other run is writing them.
+        # Only the temporaries of the run's own outputs: any other hidden .tmp file is not ours to delete.
         for stale in self.directory.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
+            if _RUN_TEMPORARY.fullmatch(stale.name) and stale.is_file():
+                stale.unlink(missing_ok=True)
         if self.config.overwrite and not resumes_inside(self.config):
             self._remove_previous_checkpoints()
         for name, bad in self.skipped.items():
             write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file, so it records
         # --overwrite, --json and --resume-student at their defaults (TrainConfig.record): a replay never inherits them
-        atomic_write_text(self.directory / RUN_CONFIG_NAME, yaml.safe_dump(self.config.record(), sort_keys=False))
+        atomic_write_text(self.directory / RUN_CONFIG_NAME, self.config.record_text())
 
     def _remove_previous_checkpoints(self) -> None:
         """``--overwrite`` (a new run, not a resume of this folder's checkpoints): remove the previous run's
