@@ -88,16 +88,36 @@ def exit_process(code: int) -> NoReturn:
     raise SystemExit(code)
 
 
+def _environment_int(name: str, default: str | None = None) -> int:
+    """The integer in environment variable ``name`` (``default`` when unset); another value is a ``ValueError``
+    naming it."""
+    text = os.environ.get(name, default)
+    try:
+        return int(text)  # type: ignore[arg-type]  # set, or a default given
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"The environment variable {name}={text!r} is not an integer; torchrun sets it (launch with torchrun, "
+            f"or unset WORLD_SIZE for one process)."
+        ) from None
+
+
 def init_distributed(device_name: str = "auto") -> tuple[DistContext, torch.device | None]:
     """Join the process group when launched by torchrun; returns the context and this rank's device.
 
     The device is None for a single process (the caller chooses it as usual). With CUDA each rank uses
     ``cuda:LOCAL_RANK`` and the nccl backend; on CPU (or ``--device cpu``) the gloo backend.
     """
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = _environment_int("WORLD_SIZE", "1")
     if world_size <= 1:
         return SINGLE, None
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
+    if "RANK" not in os.environ:
+        raise ValueError(
+            f"WORLD_SIZE={world_size} is set without RANK (and LOCAL_RANK): launch several processes with torchrun "
+            "(torchrun --nproc_per_node N -m raml ...), which sets them all, or unset WORLD_SIZE for one process."
+        )
+    rank, local_rank = _environment_int("RANK"), _environment_int("LOCAL_RANK", "0")
+    if not 0 <= rank < world_size:
+        raise ValueError(f"RANK={rank} is not in [0, WORLD_SIZE={world_size}); launch with torchrun, which sets both.")
     use_cuda = torch.cuda.is_available() and device_name != "cpu"
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")

@@ -357,6 +357,12 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"raml train: error: {error}") from error
+    if config.optimize and config.resume_student is not None:  # before the search, not after it
+        raise SystemExit(
+            "raml train: error: --optimize cannot --resume-student: the search trains its trials from the start and "
+            "the final run starts from the values it picks. Resume a run without --optimize (its config.yaml lists "
+            "its settings), or run the search into a new --directory."
+        )
     refuse_config_file_as_record(args.config, config)
     if config.json is not None:  # before training, not after it
         check_output_file(config.json, "--json")
