@@ -182,3 +182,15 @@ def test_the_run_record_reader_of_raml_test_never_loads_a_file_asking_for_more_t
     assert torch_loads == []
     good = _torch_zip(tmp_path / "good.pth", {"state_dict": {}, "raml": {"val_ratio": 0.25}})
     assert checkpoint_val_ratio(good) == 0.25
+
+
+def test_the_epoch_reader_of_resume_last_never_loads_a_file_asking_for_more_than_it_holds(
+    tmp_path: Path, torch_loads: list[str]
+) -> None:
+    from raml.engine.resume import checkpoint_epoch
+
+    path = _torch_zip(tmp_path / "bytearray.pth", {"state_dict": {}, "epoch": 3, "junk": _Call(bytearray, _BIG)})
+    with pytest.raises(InvalidCheckpointError, match="bytearray.pth"):
+        checkpoint_epoch(path)
+    assert torch_loads == []
+    assert checkpoint_epoch(_torch_zip(tmp_path / "good.pth", {"state_dict": {}, "epoch": 3})) == 3

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from raml.models.checkpoints import CheckpointError, InvalidCheckpointError, load_checkpoint_file
-from raml.models.restricted_pickle import is_torchscript_archive
+from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive
 
 if TYPE_CHECKING:
     from raml.engine.config import TrainConfig
@@ -241,6 +241,17 @@ def trained_image_sizes(stored: dict[str, Any], meta: Any) -> list[int] | None:
     return None
 
 
+def _declares_no_more_than_it_holds(handle: Any) -> bool:
+    """Whether the open checkpoint passes :func:`check_declared_sizes` (a file asking for more memory than it holds,
+    or one whose pickle cannot be read, is left to :func:`load_checkpoint_file`, which refuses it by name)."""
+    handle.seek(0)
+    try:
+        check_declared_sizes(handle)
+    except Exception:  # noqa: BLE001 - DeclaredSizeError, or any error of an unreadable pickle: the loader decides
+        return False
+    return True
+
+
 def checkpoint_epoch(path: Path) -> int:
     """The ``epoch`` of a training checkpoint, read without loading its tensors where possible: a file that
     loads with ``weights_only=True`` is memory-mapped (its tensors stay on disk); any other (one that needs the
@@ -252,7 +263,8 @@ def checkpoint_epoch(path: Path) -> int:
             torchscript = is_torchscript_archive(handle)
         except zipfile.BadZipFile as error:
             raise _damaged(path, str(error)) from error
-    if torchscript is not None:  # never given to torch.load; load_checkpoint_file says why
+        sized = torchscript is None and _declares_no_more_than_it_holds(handle)
+    if not sized:  # never given to torch.load here; load_checkpoint_file says why
         return int(load_resume_checkpoint(path).get("epoch", 0))
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
