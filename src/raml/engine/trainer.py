@@ -255,6 +255,26 @@ def _key_summary(keys: list[str], what: str, shown: int = 3) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- trainer
+#: how our checkpoints' ``max_map`` is written: a fraction in [0, 1], as the reference's ``compute_map`` returns and
+#: its ``save_checkpoint`` stores (the run's own figures, logs and history are in percent)
+MAX_MAP_UNIT = "fraction"
+
+
+def recorded_best_map(checkpoint: dict[str, Any]) -> float | None:
+    """The best (or last monitored) mAP a training checkpoint records, in percent as the trainer keeps it.
+
+    ``max_map`` is a fraction in the reference's checkpoints (no ``"raml"`` record) and in ours that say
+    ``max_map_unit: fraction``; checkpoints of earlier raml versions (a ``"raml"`` record without the unit)
+    wrote percent."""
+    value = checkpoint.get("max_map")
+    if value is None:
+        return None
+    record = checkpoint.get("raml")
+    if isinstance(record, dict) and record.get("max_map_unit") != MAX_MAP_UNIT:
+        return float(value)  # an earlier raml checkpoint: percent
+    return 100.0 * float(value)
+
+
 class Trainer:
     """Builds everything a run needs from a :class:`TrainConfig` and runs it.
 
@@ -569,7 +589,7 @@ class Trainer:
         self.start_epoch = int(checkpoint.get("epoch", 0)) + 1
         extra = checkpoint.get("raml", {}) or {}
         self.method.load_checkpoint_state(extra, path)
-        self.best_map = checkpoint.get("max_map")
+        self.best_map = recorded_best_map(checkpoint)
         self.best_epoch = int(extra.get("best_epoch", 0))
         self.history = list(extra.get("history", []))
         logger.info("Resumed from %s at epoch %d", path, self.start_epoch)
@@ -1064,6 +1084,7 @@ class Trainer:
                 "history": self.history,
             }
         }
+        extra["raml"]["max_map_unit"] = MAX_MAP_UNIT
         if self.config.optimizer == "sgd":  # the one optimizer that reads --momentum
             extra["raml"]["momentum"] = self.config.momentum
         if interrupted_in is not None:
@@ -1079,7 +1100,7 @@ class Trainer:
             path,
             self.student,
             epoch=epoch,
-            max_map=self.best_map,
+            max_map=self.best_map / 100.0 if self.best_map is not None else None,  # a fraction, as the reference
             optimizer=self.optimizer.state_dict(),
             scheduler=self.scheduler.state_dict() if self.scheduler is not None else None,
             extra=extra,
