@@ -130,6 +130,37 @@ def _local_index(world: dict, tmp_path: Path) -> Path:
     return directory
 
 
+def _broken_jpeg(target: Path) -> str:
+    """A JPEG that passes the header check before embedding (--bad-images) and fails in the decoder: a stray SOF
+    marker inside the scan data (raml.data.check: only a full decode finds it)."""
+    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
+    encoded = io.BytesIO()
+    Image.fromarray(noise).save(encoded, format="JPEG", quality=95)
+    data = encoded.getvalue()
+    middle = (data.find(b"\xff\xda") + len(data)) // 2
+    target.write_bytes(data[:middle] + b"\xff\xc0\x00\x11" + data[middle + 4 :])
+    return str(target)
+
+
+def test_a_rerun_on_ray_without_a_file_that_failed_to_decode_reuses_the_finished_shards(ray_instance, world, tmp_path):
+    """The shards before a file that stopped the run are reused by the rerun without it (here a local run, then
+    Ray: the same runtime and batch size, so the same settings); only the shard of the removed file is embedded,
+    no work folder is left and the rows are a clean local build's."""
+    sha = checkpoint_sha256(world["net"])
+    paths, index_dir = world["paths"][:10], tmp_path / "index"
+    bad = _broken_jpeg(tmp_path / "zz-broken.jpg")
+    with pytest.raises(Exception, match="zz-broken.jpg"):
+        index_images(world["teacher"], [*paths, bad], DR, index_dir, sha, batch_size=BATCH, shard_size=4)
+    Path(bad).unlink()
+    engine = ray_engine(RayOptions(str(world["net"]), DR, batch_size=BATCH, actors=1))
+    summary = index_images(world["teacher"], paths, DR, index_dir, sha, shard_size=4, engine=engine)
+    assert (summary["shards"], summary["shards_computed"], summary["count"]) == (3, 1, 10)
+    assert not [p for p in index_dir.iterdir() if p.name.startswith("shards-")]
+    index_images(world["teacher"], paths, DR, tmp_path / "clean", sha, batch_size=BATCH, shard_size=4)
+    clean = load_index(tmp_path / "clean")
+    np.testing.assert_array_equal(np.asarray(load_index(index_dir).embeddings), np.asarray(clean.embeddings))
+
+
 def test_an_unreadable_image_is_a_one_line_error_as_with_the_local_engine(ray_instance, world, tmp_path, capsys):
     from raml.cli import main as cli_main
 
@@ -137,14 +168,7 @@ def test_an_unreadable_image_is_a_one_line_error_as_with_the_local_engine(ray_in
     images.mkdir()
     for path in world["paths"][:2]:
         (images / Path(path).name).write_bytes(Path(path).read_bytes())
-    # a JPEG that passes the header check before embedding (--bad-images) and fails in the actor's decoder: a
-    # stray SOF marker inside the scan data (raml.data.check: only a full decode finds it)
-    noise = np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)
-    encoded = io.BytesIO()
-    Image.fromarray(noise).save(encoded, format="JPEG", quality=95)
-    data = encoded.getvalue()
-    middle = (data.find(b"\xff\xda") + len(data)) // 2
-    (images / "zz-broken.jpg").write_bytes(data[:middle] + b"\xff\xc0\x00\x11" + data[middle + 4 :])
+    _broken_jpeg(images / "zz-broken.jpg")
     args = ["index", "--network-path", str(world["net"]), "--image-size", str(DR), "--images", str(images)]
     args += [
         "--output",

@@ -17,7 +17,7 @@ import torch
 
 from raml.data import get_split
 from raml.deploy import embed_images, index_images, load_index
-from raml.deploy.shards import ShardPlan, embed_missing_shards, plan_shards
+from raml.deploy.shards import ShardPlan, embed_missing_shards, plan_shards, remove_stale_shards
 from raml.models import checkpoint_sha256, load_network
 from raml.retrieval.extract import extract_embeddings
 
@@ -219,3 +219,92 @@ def test_the_driver_killed_by_sigkill_resumes_from_its_shards(setup, tmp_path, c
     index = load_index(index_dir)
     assert index.paths == setup["paths"]
     np.testing.assert_allclose(np.asarray(index.embeddings), setup["reference"], atol=1e-6)
+
+
+def _undecodable_png(source: str, target: Path) -> str:
+    """A PNG that passes the header and end-marker check (valid chunks and CRCs) but fails to decode."""
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    Image.open(source).convert("RGB").save(target, format="PNG")
+    data = bytearray(target.read_bytes())
+    at = data.find(b"IDAT")
+    (length,) = struct.unpack(">I", data[at - 4 : at])
+    body = bytearray(data[at + 4 : at + 4 + length])
+    for j in range(2, len(body) - 4):
+        body[j] ^= 0x5A
+    data[at + 4 : at + 4 + length] = body
+    data[at + 4 + length : at + 8 + length] = struct.pack(">I", zlib.crc32(b"IDAT" + bytes(body)) & 0xFFFFFFFF)
+    target.write_bytes(bytes(data))
+    return str(target)
+
+
+def test_a_decode_error_keeps_the_finished_shards_for_the_rerun_without_the_file(setup, tmp_path):
+    """Following the advice of a decoding error (remove the file, rerun) reuses the shards before it: only the
+    shards from the removed file on are embedded again, no work folder is left, the rows are a clean build's."""
+    index_dir = tmp_path / "index"
+    sha = checkpoint_sha256(setup["net"])
+    paths, teacher = setup["paths"][:10], setup["teacher"]
+    bad = _undecodable_png(paths[0], tmp_path / "bad.png")
+    first: list[list[str]] = []
+    with pytest.raises(Exception, match="bad.png"):
+        index_images(teacher, [*paths, bad], DR, index_dir, sha, shard_size=4, engine=counting_engine(teacher, first))
+    assert first == [paths[:4], paths[4:8], [*paths[8:], bad]]  # the third shard (with the bad file) failed
+    (folder,) = shard_folders(index_dir)
+    assert len(list(folder.glob("shard-*.json"))) == 2
+    Path(bad).unlink()
+    second: list[list[str]] = []
+    summary = index_images(teacher, paths, DR, index_dir, sha, shard_size=4, engine=counting_engine(teacher, second))
+    assert second == [paths[8:10]] and summary["count"] == 10  # only the shard of the removed file
+    assert shard_folders(index_dir) == []  # nothing orphaned
+    clean = index_images(teacher, paths, DR, tmp_path / "clean", sha, shard_size=4, engine=counting_engine(teacher, []))
+    np.testing.assert_array_equal(
+        np.asarray(load_index(index_dir).embeddings), np.asarray(load_index(clean["index_dir"]).embeddings)
+    )
+
+
+def test_a_job_with_a_file_taken_out_reuses_the_shards_before_it_and_cleans_up_the_rest(tmp_path):
+    rng = np.random.default_rng(1)
+    paths, stamps = [f"img{i}.jpg" for i in range(10)], [f"{i}:1" for i in range(10)]
+    rows = {p: rng.standard_normal(6).astype(np.float32) for p in paths}
+
+    def fill(plan: ShardPlan) -> None:
+        for i in plan.missing():
+            plan.write(i, np.stack([rows[p] for p in plan.shard_paths(i)]))
+
+    first = plan_shards(tmp_path, paths, stamps, "abc", 32, 4)
+    fill(first)
+    other = plan_shards(tmp_path, ["x.jpg", "y.jpg"], ["1:1", "2:2"], "abc", 32, 4)  # another pending job
+    other.write(0, np.zeros((2, 6), np.float32))
+    elsewhere = plan_shards(tmp_path, paths, stamps, "abc", 48, 4)  # the same images at another size
+    kept = paths[:5] + paths[6:]  # img5 taken out: shard 0 unchanged, shards 1 and 2 shifted
+    second = plan_shards(tmp_path, kept, stamps[:5] + stamps[6:], "abc", 32, 4)
+    assert second.directory != first.directory and second.missing() == [1, 2]  # shard 0 moved in, checked
+    assert json.loads((second.directory / "shard-000000.json").read_text())["paths"] == kept[:4]
+    fill(second)
+    np.testing.assert_array_equal(np.concatenate([r for _, r in second.iter_rows()]), [rows[p] for p in kept])
+    remove_stale_shards(second)  # the commit: the first job's shifted shards can never match again
+    assert not first.directory.exists()
+    assert other.missing() == [] and elsewhere.directory.is_dir()
+    # a stamp change is another shard key: the changed file's shard is recomputed, the others reused
+    changed = plan_shards(tmp_path, kept, stamps[:5] + ["6:2"] + stamps[7:], "abc", 32, 4)
+    assert changed.missing() == [1]  # shards 0 and 2 moved in from the second job's folder
+
+
+def test_a_shard_record_without_a_shard_key_still_resumes_its_own_job(tmp_path):
+    """Records written before shard keys (no key, no stamps) are valid in their own folder, whose key covers the
+    stamps; a record with a key for other stamps is not."""
+    plan = plan_shards(tmp_path, ["a.jpg", "b.jpg"], ["1:1", "2:2"], "abc", 32, 1)
+    plan.write(0, np.ones((1, 3), np.float32))
+    plan.write(1, np.ones((1, 3), np.float32))
+    for i in range(2):
+        record_file = plan.directory / f"shard-{i:06d}.json"
+        record = json.loads(record_file.read_text())
+        if i == 0:
+            del record["key"], record["stamps"]
+        else:
+            record["stamps"] = ["9:9"]
+        record_file.write_text(json.dumps(record))
+    assert plan.missing() == [1]

@@ -56,6 +56,7 @@ from raml.deploy.shards import (
     folder_bytes,
     plan_shards,
     remove_shard_folder,
+    remove_stale_shards,
     shard_folders,
 )
 from raml.deploy.store import (
@@ -491,6 +492,7 @@ def index_images(
             shutil.rmtree(scratch, ignore_errors=True)
         if plan is not None:
             remove_shard_folder(plan.directory)  # committed: this job's work folder is done
+            remove_stale_shards(plan)  # what earlier runs of it (other inputs, same settings) left unmatched
         _log_other_shard_folders(index_dir)  # another interrupted job's shards: kept for its rerun
         added = len(work_paths) - reembedded
         logger.info(

@@ -2,10 +2,10 @@
 
 Contract: ``ray_engine(RayOptions(...))`` -> a :data:`raml.deploy.index.ShardEngine`: given a
 :class:`~raml.deploy.shards.ShardPlan`, it fills every missing or damaged shard. The missing shards (their index,
-first row and paths) are a Ray dataset, one row per shard; ``map_batches`` runs them through a pool of actors
-that each load the network once (one actor per GPU, else one per CPU slot) and write the shards they embed
-(:func:`~raml.deploy.shards.write_shard`) into the work folder, which must therefore be on a file system every
-node sees (a local folder on one machine, a shared one on a cluster).
+first row, paths, the paths' stamps and the shard key) are a Ray dataset, one row per shard; ``map_batches``
+runs them through a pool of actors that each load the network once (one actor per GPU, else one per CPU slot)
+and write the shards they embed (:func:`~raml.deploy.shards.write_shard`) into the work folder, which must
+therefore be on a file system every node sees (a local folder on one machine, a shared one on a cluster).
 
 Each shard is embedded like the single-process engine embeds it with the PyTorch runtime
 (:func:`raml.retrieval.extract.extract_embeddings` over the shard's paths in batches of ``batch_size``), so the
@@ -109,12 +109,14 @@ class _ShardEmbedder:
         from raml.retrieval.extract import extract_embeddings
 
         written = []
-        for shard, start, paths, directory in zip(batch["shard"], batch["start"], batch["paths"], batch["directory"]):
+        items = zip(batch["shard"], batch["start"], batch["paths"], batch["stamps"], batch["key"], batch["directory"])
+        for shard, start, paths, stamps, key, directory in items:
             paths = [str(p) for p in paths]
             rows = extract_embeddings(
                 self.network, paths, self.image_size, self.device, self.batch_size, 0, False, f"shard {shard}"
             ).numpy()
-            write_shard(Path(str(directory)), int(shard), int(start), paths, rows)
+            stamps = [str(s) for s in stamps]
+            write_shard(Path(str(directory)), int(shard), int(start), paths, rows, stamps, str(key))
             written.append(int(shard))
         peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
         return {
@@ -194,7 +196,14 @@ def ray_engine(options: RayOptions) -> Any:
             for i in todo:
                 start, _ = plan.bounds(i)
                 items.append(
-                    {"shard": i, "start": start, "paths": plan.shard_paths(i), "directory": str(plan.directory)}
+                    {
+                        "shard": i,
+                        "start": start,
+                        "paths": plan.shard_paths(i),
+                        "stamps": plan.shard_stamps(i),
+                        "key": plan.shard_key(i),
+                        "directory": str(plan.directory),
+                    }
                 )
             # an actor's exception (an unreadable image) reaches the driver as itself, not as Ray Data's
             # UserCodeException whose cause is lost on the way (set for this job only, restored below)

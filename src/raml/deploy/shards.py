@@ -9,18 +9,25 @@ Contract:
 
 On-disk layout of a work folder::
 
-    plan.json             the job: network SHA-256, image size, shard size, number of paths and shards, key
+    plan.json             the job: network SHA-256, image size, shard size, number of paths and shards, key,
+                          settings (the key of the job's settings alone)
     shard-<i>.npy         (n_i, D) float32 rows of shard i, in path order
-    shard-<i>.json        the shard's record, written last: its range, its paths, the SHA-256 of shard-<i>.npy
+    shard-<i>.json        the shard's record, written last: its range, its paths and their stamps, its shard key,
+                          the SHA-256 of shard-<i>.npy
 
-The key (folder name) is a hash of the network's content hash, the image size, the shard size, the precision,
-the CPU runtime and the batch size (as the engine declares them) and every path with the stamp of its file
-(size and modification time, or content hash), so a run with other inputs never
-picks up these shards. Both files of a shard are written atomically (``raml.utils.atomic_path``), the record
-after the rows: a killed run leaves either a complete shard or one that is recomputed. A shard whose record is
-missing or unreadable, names other paths, or whose rows do not match the recorded SHA-256 (a damaged disk, a
-truncated copy) is recomputed; finished shards are never recomputed. The caller removes the folder once the
-index generation built from it is committed.
+The settings are the network's content hash, the image size, the shard size, the precision, the CPU runtime and
+the batch size (as the engine declares them). The key (folder name) hashes them with every path and the stamp
+of its file (size and modification time, or content hash); a shard's own key hashes them with the shard's
+paths and stamps only: its rows depend on nothing else. A job whose inputs changed (a bad file taken out, a file
+fixed) is another folder, but :func:`plan_shards` moves into it every finished shard of an earlier job with the
+same settings whose shard key matches (the shards before the change), so only the shards from the change on are
+recomputed; :func:`remove_stale_shards` then deletes, once the job is committed, what is left of such earlier
+jobs' shards that name one of its images (they can never match again) and their emptied folders. Both files of a
+shard are written atomically (``raml.utils.atomic_path``), the record after the rows: a killed run leaves either
+a complete shard or one that is recomputed. A shard whose record is missing or unreadable, names other paths,
+stamps or settings, or whose rows do not match the recorded SHA-256 (a damaged disk, a truncated copy) is
+recomputed; finished shards are never recomputed. The caller removes the folder once the index generation built
+from it is committed.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -48,6 +56,7 @@ __all__ = [
     "plan_shards",
     "folder_bytes",
     "remove_shard_folder",
+    "remove_stale_shards",
     "shard_folders",
     "write_shard",
 ]
@@ -57,6 +66,7 @@ DEFAULT_SHARD_SIZE = 4096
 
 SHARDS_PREFIX = "shards-"
 _KEY_CHARS = 20
+_SHARD_KEY_CHARS = 32
 
 EmbedFn = Callable[[list[str]], np.ndarray]
 """``paths -> (len(paths), D) float32`` embeddings in path order."""
@@ -109,12 +119,15 @@ class ShardPlan:
         paths: The images to embed, in row order.
         stamps: One stamp per path (part of the key).
         shard_size: Rows per shard (the last shard may be shorter).
+        settings: The job's settings as lines (network, size, shard size, ...): with a shard's paths and stamps,
+            its shard key (:meth:`shard_key`).
     """
 
     directory: Path
     paths: list[str]
     stamps: list[str]
     shard_size: int
+    settings: tuple[str, ...] = ()
 
     @property
     def num_shards(self) -> int:
@@ -132,6 +145,15 @@ class ShardPlan:
         start, stop = self.bounds(i)
         return self.paths[start:stop]
 
+    def shard_stamps(self, i: int) -> list[str]:
+        """The stamps of shard ``i``'s paths."""
+        start, stop = self.bounds(i)
+        return self.stamps[start:stop]
+
+    def shard_key(self, i: int) -> str:
+        """What shard ``i``'s rows depend on: the job's settings, its paths and their stamps (not its place)."""
+        return _shard_key(self.settings, self.shard_paths(i), self.shard_stamps(i))
+
     def _files(self, i: int) -> tuple[Path, Path]:
         return self.directory / f"shard-{i:06d}.npy", self.directory / f"shard-{i:06d}.json"
 
@@ -148,6 +170,9 @@ class ShardPlan:
             or record.get("start") != start
             or record.get("stop") != stop
             or record.get("paths") != self.paths[start:stop]
+            # a record of an earlier raml has no key and no stamps: the folder's key covers the stamps
+            or (("key" in record or "stamps" in record) and record.get("key") != self.shard_key(i))
+            or (("key" in record or "stamps" in record) and record.get("stamps") != self.stamps[start:stop])
             or not rows_file.is_file()
         ):
             return None
@@ -170,7 +195,7 @@ class ShardPlan:
     def write(self, i: int, rows: np.ndarray) -> None:
         """Write shard ``i``: its rows, then (the commit of the shard) its record with their SHA-256."""
         start, stop = self.bounds(i)
-        write_shard(self.directory, i, start, self.paths[start:stop], rows)
+        write_shard(self.directory, i, start, self.paths[start:stop], rows, self.stamps[start:stop], self.shard_key(i))
 
     def read(self, i: int) -> np.ndarray:
         """The rows of shard ``i``, checked against the recorded SHA-256.
@@ -197,15 +222,20 @@ class ShardPlan:
             yield self.bounds(i)[0], self.read(i)
 
 
-def write_shard(directory: Path, i: int, start: int, paths: list[str], rows: np.ndarray) -> None:
+def write_shard(
+    directory: Path, i: int, start: int, paths: list[str], rows: np.ndarray, stamps: list[str], key: str
+) -> None:
     """Write shard ``i`` (rows ``start .. start + len(paths) - 1`` of its job) into the work folder ``directory``:
-    the rows, then (the commit of the shard) its record with their SHA-256. A worker of a distributed engine
-    calls this with its shard's paths only; rewriting a shard (a retried task) replaces it atomically."""
+    the rows, then (the commit of the shard) its record with their SHA-256, the paths' ``stamps`` and the shard
+    ``key`` (:meth:`ShardPlan.shard_key`). A worker of a distributed engine calls this with its shard's paths,
+    stamps and key only; rewriting a shard (a retried task) replaces it atomically."""
     rows = np.ascontiguousarray(rows, dtype=np.float32)
     if rows.ndim != 2 or rows.shape[0] != len(paths):
         raise ValueError(
             f"shard {i} needs {len(paths)} rows (paths {start}..{start + len(paths) - 1}), got shape {rows.shape}"
         )
+    if len(stamps) != len(paths):
+        raise ValueError(f"shard {i} has {len(paths)} paths but {len(stamps)} stamps")
     rows_file, record_file = directory / f"shard-{i:06d}.npy", directory / f"shard-{i:06d}.json"
     atomic_numpy_save(rows, rows_file)
     record = {
@@ -215,7 +245,9 @@ def write_shard(directory: Path, i: int, start: int, paths: list[str], rows: np.
         "rows": int(rows.shape[0]),
         "dim": int(rows.shape[1]),
         "sha256": file_sha256(rows_file),
+        "key": key,
         "paths": list(paths),
+        "stamps": list(stamps),
     }
     atomic_write_text(record_file, json.dumps(record) + "\n")
 
@@ -236,7 +268,8 @@ def plan_shards(
     Args:
         index_dir: The index directory the work folder goes in.
         paths: Images to embed, in row order.
-        stamps: One stamp per path (a changed file changes the key, so its stale rows are never reused).
+        stamps: One stamp per path (a changed file changes the key and its shard's key, so its stale rows are
+            never reused).
         network_sha256: Content hash of the network.
         image_size: Resolution of the embedding.
         shard_size: Rows per shard.
@@ -245,6 +278,9 @@ def plan_shards(
         runtime: The CPU runtime that embeds the job (``torch``, ``onnxruntime``), when the engine says: rows of
             another runtime differ in their last bits and are never reused.
         batch_size: Images per forward pass, when the engine says (the batch changes the last bits too).
+
+    The finished shards of an earlier job with the same settings whose paths and stamps are one of this job's
+    shards (a run stopped by a bad file, rerun without it) are moved into the new folder, not recomputed.
 
     The local and Ray engines give a runtime and a batch size since 2026-12-05, so a job interrupted under an
     earlier raml does not resume (its rows are recomputed; its old folder stays, named after each commit, until
@@ -256,20 +292,25 @@ def plan_shards(
         raise ValueError(f"Got {len(paths)} paths but {len(stamps)} stamps.")
     if not paths:
         raise ValueError("No images to embed: the list of paths is empty.")
-    header = [f"network {network_sha256}", f"size {image_size}", f"shard {shard_size}", f"count {len(paths)}"]
+    settings = [f"network {network_sha256}", f"size {image_size}", f"shard {shard_size}"]
     if precision != "fp32":
-        header.append(f"precision {precision}")
+        settings.append(f"precision {precision}")
     if runtime is not None:
-        header.append(f"runtime {runtime}")
+        settings.append(f"runtime {runtime}")
     if batch_size is not None:
-        header.append(f"batch {batch_size}")
+        settings.append(f"batch {batch_size}")
+    # the folder's key as before the shard keys (the count after the shard size)
+    header = [*settings[:3], f"count {len(paths)}", *settings[3:]]
     key = _sha256_text([*header, *(f"{s} {p}" for p, s in zip(paths, stamps))])[:_KEY_CHARS]
-    plan = ShardPlan(Path(index_dir) / f"{SHARDS_PREFIX}{key}", list(paths), list(stamps), shard_size)
+    settings_key = _sha256_text(settings)[:_KEY_CHARS]
+    directory = Path(index_dir) / f"{SHARDS_PREFIX}{key}"
+    plan = ShardPlan(directory, list(paths), list(stamps), shard_size, tuple(settings))
     plan.directory.mkdir(parents=True, exist_ok=True)
     record = plan.directory / "plan.json"
-    if not record.is_file():
+    if _read_json(record).get("settings") != settings_key:
         description = {
             "key": key,
+            "settings": settings_key,
             "network_sha256": network_sha256,
             "image_size": int(image_size),
             "precision": precision,
@@ -280,7 +321,89 @@ def plan_shards(
             "shards": plan.num_shards,
         }
         atomic_write_text(record, json.dumps(description, indent=2) + "\n")
+    _adopt_shards(plan, settings_key)
     return plan
+
+
+def _shard_key(settings: Sequence[str], paths: Sequence[str], stamps: Sequence[str]) -> str:
+    return _sha256_text([*settings, *(f"{s} {p}" for p, s in zip(paths, stamps))])[:_SHARD_KEY_CHARS]
+
+
+def _read_json(file: Path) -> dict:
+    """The JSON object in ``file``; ``{}`` when it is missing, unreadable or no object."""
+    try:
+        value = json.loads(file.read_text())
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _same_settings_folders(plan: ShardPlan, settings_key: str) -> list[Path]:
+    """The other work folders in ``plan``'s index directory whose jobs have ``plan``'s settings."""
+    return [
+        folder
+        for folder in shard_folders(plan.directory.parent)
+        if folder != plan.directory and _read_json(folder / "plan.json").get("settings") == settings_key
+    ]
+
+
+def _adopt_shards(plan: ShardPlan, settings_key: str) -> None:
+    """Move into ``plan``'s folder every finished shard of an earlier job with the same settings whose shard key
+    is one of ``plan``'s missing shards' (an interrupted run whose inputs then changed: a bad file taken out).
+    The rows file moves as it is and the record is rewritten for its new place; their checksum is checked, as
+    every shard's, by :meth:`ShardPlan.missing` before the engine runs."""
+    wanted: dict[str, int] = {}
+    for i in range(plan.num_shards):
+        if not plan._files(i)[1].is_file():
+            wanted.setdefault(plan.shard_key(i), i)
+    if not wanted:
+        return
+    for folder in _same_settings_folders(plan, settings_key):
+        adopted = 0
+        for record_file in sorted(folder.glob("shard-*.json")):
+            record = _read_json(record_file)
+            i = wanted.get(record.get("key")) if isinstance(record.get("key"), str) else None
+            if i is None:
+                continue
+            start, stop = plan.bounds(i)
+            if record.get("paths") != plan.paths[start:stop] or record.get("stamps") != plan.stamps[start:stop]:
+                continue
+            rows_file, own_record = plan._files(i)
+            try:
+                os.replace(record_file.with_suffix(".npy"), rows_file)
+            except OSError:
+                continue
+            atomic_write_text(own_record, json.dumps({**record, "shard": i, "start": start, "stop": stop}) + "\n")
+            record_file.unlink(missing_ok=True)
+            del wanted[record["key"]]
+            adopted += 1
+        if adopted:
+            logger.info("Reusing %d finished shard(s) of an earlier job with the same settings (%s)", adopted, folder)
+        if not wanted:
+            return
+
+
+def remove_stale_shards(plan: ShardPlan) -> int:
+    """Once ``plan``'s job is committed: delete the shards of other jobs with the same settings that name one of
+    its images (an earlier run of it whose inputs changed: such shards can never match again, since a later
+    update skips the indexed images), then those folders if no shard is left in them. Returns the number of
+    folders deleted."""
+    if not plan.settings:
+        return 0
+    settings_key = _sha256_text(plan.settings)[:_KEY_CHARS]
+    paths = set(plan.paths)
+    removed = 0
+    for folder in _same_settings_folders(plan, settings_key):
+        for record_file in sorted(folder.glob("shard-*.json")):
+            named = _read_json(record_file).get("paths")
+            if isinstance(named, list) and not paths.isdisjoint(p for p in named if isinstance(p, str)):
+                record_file.unlink(missing_ok=True)
+                record_file.with_suffix(".npy").unlink(missing_ok=True)
+        if not any(folder.glob("shard-*.json")):
+            logger.info("Removing %s: an earlier run of this job, its shards reused or unmatchable now", folder)
+            remove_shard_folder(folder)
+            removed += 1
+    return removed
 
 
 def embed_missing_shards(plan: ShardPlan, embed: EmbedFn, progress: Callable[[int, int], None] | None = None) -> int:
