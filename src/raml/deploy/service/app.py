@@ -15,7 +15,9 @@ Routes:
   ``max_pixels``), 415 (not an image, or a body that is neither multipart nor ``image/*``), 503 with
   ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded, the batching
   queue full: refused before the body is read or the image decoded; or a query's predicted wait for its batch over
-  ``--max-queue-wait-ms``: refused before the image is decoded);
+  ``--max-queue-wait-ms``: refused before the image is decoded).
+  A client that closes its connection before its answer is counted as 499 (nothing is sent); its query, if still
+  queued, is dropped unembedded;
 - ``GET /health``: :meth:`SearchService.health`;
 - ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
@@ -33,6 +35,7 @@ import logging
 import re
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import Future
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -46,7 +49,7 @@ from starlette.responses import FileResponse, HTMLResponse, JSONResponse, Respon
 from starlette.routing import Route
 
 from raml.deploy.service.admission import QueueWaitError, ServiceBusyError
-from raml.deploy.service.batching import QueueFullError
+from raml.deploy.service.batching import QueryResult, QueueFullError
 from raml.deploy.service.decode import DEFAULT_INLINE_DECODE_PIXELS, QueryImageError, open_query_image
 from raml.deploy.service.hosts import HostRules, parse_host_header
 from raml.deploy.service.image_types import SNIFF_BYTES, image_media_type
@@ -59,7 +62,15 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DEFAULT_K", "RETRY_AFTER_S", "create_app", "ServiceApp", "read_limited_body", "route_label"]
+__all__ = [
+    "CLIENT_GONE_STATUS",
+    "DEFAULT_K",
+    "RETRY_AFTER_S",
+    "create_app",
+    "ServiceApp",
+    "read_limited_body",
+    "route_label",
+]
 
 DEFAULT_K = 10
 RETRY_AFTER_S = 1
@@ -237,6 +248,36 @@ class ServiceApp:
             await response(scope, receive, send)
 
 
+#: the status a search whose client closed the connection before its answer is counted under (nginx's "client
+#: closed request"; nothing is sent, the connection being gone)
+CLIENT_GONE_STATUS = 499
+
+
+async def _client_gone(request: Request) -> None:
+    """Return once the client has closed the connection (``http.disconnect``); called only after the whole body was
+    read, so that no body message is taken from the request."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _answer_or_gone(request: Request, future: Future) -> tuple[QueryResult | None, bool]:
+    """The query's answer, and whether its client closed the connection before it came. A query whose client
+    leaves while it still waits in the batching queue is dropped (its future cancelled: the batcher skips it; no
+    forward pass, no search) and its answer is None; one whose batch had started is awaited (its answer counts as
+    an embedded query), and nothing is sent."""
+    answer = asyncio.wrap_future(future)
+    gone = asyncio.ensure_future(_client_gone(request))
+    try:
+        await asyncio.wait((answer, gone), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    left = gone.done() and not gone.cancelled() and gone.exception() is None
+    if left and not answer.done() and future.cancel():
+        logger.debug("A client closed its connection while its query was queued; the query is dropped")
+        return None, True
+    return await answer, left
+
+
 def _open_and_prepare(service: SearchService, data: bytes, size: int | None) -> torch.Tensor:
     """Identify, decode and transform an upload in one go (in a worker thread, ``inline_decode_pixels`` 0)."""
     return service.prepare(open_query_image(data), size)
@@ -301,7 +342,11 @@ def create_app(
                 del data
                 decoded = time.perf_counter()
                 future = service.submit(image, size, int(k))
-            result = await asyncio.wrap_future(future)
+            result, left = await _answer_or_gone(request, future)
+            if left:  # the client closed its connection: counted as such, whether or not its query was dropped
+                if result is not None:
+                    metrics.record_query(result.size, result.queue_s)
+                return answer("search", Response(status_code=CLIENT_GONE_STATUS), started)
             # the time outside the batch (receiving, decoding, and the loop's delay in taking the answer up): the
             # default queue-wait bound leaves room for it
             service.batcher.observe_front_end((decoded - started) + (time.perf_counter() - result.finished))

@@ -3,7 +3,8 @@
 Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_created`` series):
 
 - ``raml_requests_total{route, status}`` counter: answered HTTP requests by route (``page``, ``search``, ``health``,
-  ``metrics``, ``image``, or ``other`` for a path without a route) and status code;
+  ``metrics``, ``image``, or ``other`` for a path without a route) and status code (``499`` on ``search``: the
+  client closed its connection before its answer; a query still waiting in the batching queue is then dropped);
 - ``raml_request_seconds`` histogram: latency of ``POST /search`` requests, arrival to answer;
 - ``raml_queries_total{size}`` counter: queries embedded, by the query size that answered (``?size=``, the
   default, or with ``--latency-target-ms`` the size chosen for its batch);
