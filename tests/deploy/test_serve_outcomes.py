@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import threading
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -110,3 +111,38 @@ def test_a_client_that_leaves_while_its_query_is_queued_has_it_dropped_and_count
         with httpx.Client(base_url=url, timeout=WAIT_S) as client:  # a client that waits is still answered
             response = client.post("/search", content=data, headers={"content-type": "image/jpeg"})
         assert response.status_code == 200, response.text
+
+
+def test_a_full_queue_refuses_a_query_before_its_image_is_decoded(world, front_end):
+    """--queue-size 2, forward passes of one query at 0.5 s each, 20 requests at once: the queries queued and those
+    being decoded never exceed the queue, so every image decoded is answered, and the others get 503 (reason
+    ``queue``) without a decode."""
+    requests = 20
+    student = Slowed(world["embedder"])
+    limits = dict(max_batch=1, max_wait_ms=0, queue_size=2, max_queue_wait_ms=60000, max_uploads=64, max_decodes=64)
+    with serving(world, front_end, student, **limits) as (service, url):
+        decoded = []
+        lock = threading.Lock()
+
+        def counting(transform):
+            def run(image):
+                with lock:
+                    decoded.append(1)
+                return transform(image)
+
+            return run
+
+        service.transforms = {size: counting(transform) for size, transform in service.transforms.items()}
+        data = query(world)
+        pool_limits = httpx.Limits(max_connections=requests)
+        with (
+            httpx.Client(base_url=url, timeout=WAIT_S, limits=pool_limits) as client,
+            ThreadPoolExecutor(requests) as pool,
+        ):
+            post = lambda _: client.post("/search", content=data, headers={"content-type": "image/jpeg"})  # noqa: E731
+            statuses = list(pool.map(post, range(requests)))
+        codes = [response.status_code for response in statuses]
+        assert set(codes) <= {200, 503} and codes.count(503) > 0, codes
+        assert len(decoded) == codes.count(200), (len(decoded), codes)
+        assert all("--queue-size" in r.json()["error"] for r in statuses if r.status_code == 503)
+        assert counted(url, 'raml_shed_total{reason="queue"}') == codes.count(503)

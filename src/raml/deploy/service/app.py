@@ -13,9 +13,9 @@ Routes:
   size, truncated or corrupt image, bad form), 408 (the body did not arrive within ``body_timeout_s``; the
   connection is closed), 413 (body over ``max_bytes``; image, or the image resized to the query size, over
   ``max_pixels``), 415 (not an image, or a body that is neither multipart nor ``image/*``), 503 with
-  ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded, the batching
-  queue full: refused before the body is read or the image decoded; or a query's predicted wait for its batch over
-  ``--max-queue-wait-ms``: refused before the image is decoded).
+  ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded: refused before
+  the body is read; the batching queue full (the queries queued and those being decoded fill ``--queue-size``),
+  or a query's predicted wait for its batch over ``--max-queue-wait-ms``: refused before the image is decoded).
   A client that closes its connection before its answer is counted as 499 (nothing is sent); its query, if still
   queued, is dropped unembedded;
 - ``GET /health``: :meth:`SearchService.health`;

@@ -453,10 +453,24 @@ class MicroBatcher:
         try:
             self._queue.put_nowait(query)
         except queue.Full:
-            raise QueueFullError(
-                f"{self.queue_size} queries are already waiting (--queue-size); try again shortly."
-            ) from None
+            raise self._queue_full() from None
         return query.future
+
+    def check_room(self, on_the_way: int = 0) -> None:
+        """Refuse a query before it is decoded when the queue cannot take it: ``on_the_way`` queries (being decoded,
+        to be submitted) and those queued fill ``queue_size`` already.
+
+        Raises:
+            QueueFullError: When ``depth + on_the_way >= queue_size``.
+        """
+        if self.depth + max(0, on_the_way) >= self.queue_size:
+            raise self._queue_full()
+
+    def _queue_full(self) -> QueueFullError:
+        return QueueFullError(
+            f"{self.queue_size} queries are already waiting or being decoded (--queue-size); try again shortly, "
+            "or start the service with a larger --queue-size."
+        )
 
     def start(self) -> None:
         """Start the worker thread."""

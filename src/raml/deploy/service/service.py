@@ -30,7 +30,7 @@ from raml.data.image_limits import DEFAULT_MAX_PIXELS
 from raml.deploy.search import check_query_dim, warn_if_other_teacher
 from raml.deploy.service.adaptive_size import AdaptiveQuerySize
 from raml.deploy.service.admission import Slots
-from raml.deploy.service.batching import MicroBatcher
+from raml.deploy.service.batching import MicroBatcher, QueueFullError
 from raml.deploy.service.decode import decode_opened_image
 from raml.deploy.service.embedders import QueryEmbedder
 from raml.deploy.service.late_budget import LateBudget
@@ -240,8 +240,20 @@ class SearchService:
     @contextlib.contextmanager
     def arriving(self) -> Iterator[None]:
         """Wrap decoding and submitting one query whose body has arrived in full: the batcher waits for such
-        queries only (an upload still being received, perhaps stalled, never holds a batch back)."""
+        queries only (an upload still being received, perhaps stalled, never holds a batch back).
+
+        Raises:
+            QueueFullError: Before anything is decoded, when the queries queued and those already on their way
+                (being decoded) fill ``queue_size``: a query that the queue could not take costs no decode.
+                :meth:`submit` still refuses a query the queue cannot take.
+        """
         with self._arriving_lock:
+            try:
+                self.batcher.check_room(on_the_way=self._arriving)
+            except QueueFullError:
+                if self.adaptive is not None:
+                    self.adaptive.arrived()  # offered load: counted also when the queue is full (as in submit)
+                raise
             self._arriving += 1
         try:
             yield
