@@ -87,9 +87,11 @@ def test_adaptive_size_smooths_per_query_times_and_bounds_the_wait_at_the_size_i
     alpha = 0.5
     adaptive = AdaptiveQuerySize(ControllerSettings(100.0, (24, 32, 48), 0.7), alpha=alpha, full_batch=4)
     assert adaptive.current == 48
-    adaptive.observe(48, 1, 0.050)  # a lone query (below half a full batch): its time per query is not recorded
+    assert adaptive.batch_s(48, 4) is None and adaptive.wait_bound_s(0.005) is None  # nothing served: no bound
+    adaptive.observe(48, 1, 0.050)  # a lone query (below half a full batch): not the controller's time per query,
     assert adaptive.load.service_ms == {}
-    assert adaptive.batch_s(48, 4) is None and adaptive.wait_bound_s(0.005) is None  # nothing measured: no bound
+    # but the batcher's provisional one (an over-estimate) until a half-full batch is measured: a bound already
+    assert adaptive.batch_s(48, 4) == pytest.approx(0.200) and adaptive.wait_bound_s(0.005) == pytest.approx(0.205)
     adaptive.observe(48, 4, 0.080)  # 20 ms per query; batch EWMA 0.5 * 1 + 0.5 * 4
     batch = 0.5 * 1 + 0.5 * 4
     assert adaptive.load.service_ms == pytest.approx({48: 20.0 * batch})
@@ -545,6 +547,53 @@ def test_a_late_answer_says_so_and_is_counted_and_without_a_budget_it_is_refused
     assert metric(text, "raml_late_answers_total") == 1 and budget.granted == 1
 
 
+def test_after_light_traffic_a_latency_target_has_a_bound_and_a_burst_is_refused_before_decoding(world):
+    """Batches of up to 8, a target of 200 ms, three lone queries served (20 ms each: none of them half a full
+    batch): the wait is bounded already (provisionally, from the lone queries' time per query). Then, behind a
+    held batch, a burst of 40: most of it is refused at admission (before decoding), more than are refused after
+    waiting."""
+    index = load_index(world["index"])
+    hold, release = threading.Event(), threading.Event()
+
+    def embed(images: torch.Tensor) -> np.ndarray:
+        if hold.is_set():
+            release.wait(WAIT_S)
+        time.sleep(0.020 * images.shape[0])
+        return index.embeddings[: images.shape[0]]
+
+    sizer = AdaptiveQuerySize(ControllerSettings(200.0, tuple(SIZES), 0.7), full_batch=8)
+    batcher = MicroBatcher(embed, lambda: index, max_batch=8, max_wait_s=0.0, queue_size=64, sizer=sizer)
+    batcher.start()
+    try:
+        assert batcher.queue_wait_bound_s is None  # nothing served yet
+        for _ in range(3):
+            batcher.submit(torch.zeros(3, 48, 48), 48, k=2).result(timeout=WAIT_S)
+        assert batcher.queue_wait_bound_s is not None
+        hold.set()
+        futures = [batcher.submit(torch.zeros(3, 48, 48), 48, k=2)]
+        deadline = time.monotonic() + WAIT_S
+        while batcher.depth or batcher._busy is None:  # the worker holds the first query
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        refused = 0
+        for _ in range(40):
+            try:
+                batcher.check_admission()
+            except QueueWaitError:
+                refused += 1
+                continue
+            futures.append(batcher.submit(torch.zeros(3, 48, 48), 48, k=2))
+        hold.clear()
+        release.set()
+        for future in futures:
+            future.exception(timeout=WAIT_S)
+    finally:
+        release.set()
+        batcher.stop()
+    assert refused >= 20, refused
+    assert batcher.shed_expired < refused, (batcher.shed_expired, refused)
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 #: the slowed student's cost of one query at 48 px (s); at size S it is (S / 48)^2 of that
@@ -583,6 +632,10 @@ def test_a_burst_steps_the_size_down_and_a_quiet_period_brings_it_back(world):
     paths = world["paths"]
     with BackgroundServer(create_app(service)) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
         assert post(client, paths[0]).json()["size"] == 48  # idle: the largest size
+        # a half-full batch at the known cost, as measured on an idle machine: the lone query above gives only a
+        # provisional time per query (its fixed costs x a full batch), which on a loaded machine bounds the wait so
+        # tightly that the burst is refused at 48 px without any smaller size fitting, rather than stepping down
+        service.adaptive.observe(48, limits.max_batch, COST_48_S * limits.max_batch)
         with ThreadPoolExecutor(BURST) as pool:
             burst = list(pool.map(lambda i: post(client, paths[i % len(paths)]), range(BURST)))
         statuses = [r.status_code for r in burst]

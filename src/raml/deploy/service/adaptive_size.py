@@ -32,7 +32,10 @@ Per query, scaled by the batch size of the moment, it follows the load. The time
 of at least half ``full_batch`` queries only: a lone query costs several times more per query than a full batch
 (fixed costs), and times per query measured at different batch sizes would make the ratio between two sizes, which
 rescales the queue delay, meaningless (a step up predicted at a fraction of its cost, then straight back down).
-A size without such a measurement is estimated from the nearest measured one by the pixel count.
+A size without such a measurement is estimated from the nearest measured one by the pixel count. Until the first
+such batch, the batcher's predictions and wait bound (not the controller) take the time per query of the smaller
+batches served so far, an over-estimate: under light traffic no half-full batch may come for a long time, and
+without any bound a burst was admitted, decoded, and only then refused as expired.
 
 The utilisation of each size (the controller's guard against stepping up into a load the larger size cannot
 serve, see :mod:`~raml.deploy.service.size_controller`) is the arrival rate (the queries submitted in the last
@@ -117,6 +120,9 @@ class AdaptiveQuerySize:
         self._current = settings.sizes[-1]
         self._queue_ms = 0.0
         self._per_query_ms: dict[int, float] = {}
+        #: times per query of batches below ``measured_from`` (higher: a small batch's fixed costs are shared by few
+        #: queries): the batcher's predictions and wait bound until a batch of ``measured_from`` is measured
+        self._provisional_ms: dict[int, float] = {}
         self._batch = 1.0  # smoothed queries per forward pass
         self._lock = threading.Lock()
         self.changes = 0  # changes of the size in use so far
@@ -156,16 +162,19 @@ class AdaptiveQuerySize:
 
     def batch_s(self, size: int, queries: int) -> float | None:
         """Predicted seconds to serve ``queries`` queries at ``size``: the smoothed time per query at that size
-        (else the nearest measured size's, scaled by the pixel count) times ``queries``; None before any batch of
-        at least half ``full_batch`` queries was measured."""
+        (else the nearest measured size's, scaled by the pixel count) times ``queries``; None before any batch was
+        served. Until a batch of at least half ``full_batch`` queries is measured, the time per query is that of the
+        smaller batches served so far: an over-estimate (their fixed costs are shared by fewer queries), so a burst
+        after light traffic is refused early, before decoding, rather than admitted without any bound."""
         with self._lock:
-            if not self._per_query_ms:
+            per_query = self._per_query_ms or self._provisional_ms
+            if not per_query:
                 return None
-            return predict_latency_ms(int(size), SizeLoad(0.0, dict(self._per_query_ms))) * queries / 1000.0
+            return predict_latency_ms(int(size), SizeLoad(0.0, dict(per_query))) * queries / 1000.0
 
     def wait_bound_s(self, window_s: float, size: int | None = None) -> float | None:
         """The bound on a query's wait for its batch at ``size`` (default: the size in use; s, see
-        :func:`~raml.deploy.service.size_controller.queue_wait_bound_ms`); None before any measurement."""
+        :func:`~raml.deploy.service.size_controller.queue_wait_bound_ms`); None before any batch was served."""
         full = self.batch_s(self._current if size is None else int(size), self.full_batch)
         if full is None:
             return None
@@ -250,9 +259,9 @@ class AdaptiveQuerySize:
         if queries < 1:
             raise ValueError(f"A batch holds at least one query, got {queries!r}.")
         with self._lock:
-            if queries >= self.measured_from:
-                per_query = 1000.0 * service_s / queries
-                self._per_query_ms[int(size)] = ewma(self._per_query_ms.get(int(size)), per_query, self.alpha)
+            per_query = 1000.0 * service_s / queries
+            measured = self._per_query_ms if queries >= self.measured_from else self._provisional_ms
+            measured[int(size)] = ewma(measured.get(int(size)), per_query, self.alpha)
             self._batch = ewma(self._batch, float(queries), self.alpha)
 
     def describe(self) -> dict[str, object]:
