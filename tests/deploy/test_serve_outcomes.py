@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -60,8 +61,14 @@ class Slowed:
 
 @contextlib.contextmanager
 def serving(world: dict, front_end: dict[str, str], embedder=None, **limits) -> Iterator[tuple[SearchService, str]]:
+    """A service on ``front_end`` with ``limits``, its connection refusals counted in its metrics (as raml serve)."""
     service = SearchService(embedder or world["embedder"], world["index"], ServiceLimits(**limits))
-    options = server_options(service.limits.header_timeout_s, service.limits.max_connections, **front_end)
+    options = server_options(
+        service.limits.header_timeout_s,
+        service.limits.max_connections,
+        on_refusal=service.metrics.record_connection_refusal,
+        **front_end,
+    )
     with BackgroundServer(create_app(service), options=options) as running:
         yield service, running.url
 
@@ -146,3 +153,38 @@ def test_a_full_queue_refuses_a_query_before_its_image_is_decoded(world, front_e
         assert len(decoded) == codes.count(200), (len(decoded), codes)
         assert all("--queue-size" in r.json()["error"] for r in statuses if r.status_code == 503)
         assert counted(url, 'raml_shed_total{reason="queue"}') == codes.count(503)
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    sock.settimeout(WAIT_S)
+    received = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            return received
+        if not chunk:
+            return received
+        received += chunk
+
+
+def test_connections_refused_by_the_connection_cap_and_the_header_deadline_are_counted(world, front_end):
+    """--max-connections 2 held by two silent clients: five more connections get 503 at once, counted as shed
+    (reason ``connections``); the two silent ones then get 408 at the header deadline, counted too."""
+    with serving(world, front_end, max_connections=2, header_timeout_s=2.0) as (service, url):
+        port = int(url.rsplit(":", 1)[1])
+        held = [socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) for _ in range(2)]
+        try:
+            time.sleep(0.2)  # let the server register the two
+            for _ in range(5):
+                with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as extra:
+                    assert _read_until_closed(extra).startswith(b"HTTP/1.1 503 ")
+            for sock in held:
+                assert _read_until_closed(sock).startswith(b"HTTP/1.1 408 ")
+        finally:
+            for sock in held:
+                sock.close()
+        registry = service.metrics.registry
+        assert registry.get_sample_value("raml_shed_total", {"reason": "connections"}) == 5
+        assert registry.get_sample_value("raml_connection_refusals_total", {"status": "503"}) == 5
+        assert registry.get_sample_value("raml_connection_refusals_total", {"status": "408"}) == 2

@@ -450,6 +450,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http=http,
         loop=loop,
         send_timeout_s=args.send_timeout,
+        on_refusal=service.metrics.record_connection_refusal,
     )
     index = service.index.current
     logger.info(

@@ -12,6 +12,9 @@ defences to uvicorn's:
   that never finishes its headers, or trickles them, no longer holds a socket forever);
 - **open connections**: beyond ``max_connections`` open at once, a new connection gets ``503`` with
   ``Retry-After`` and is closed at once;
+- **counted**: each response the protocol writes itself (503, 408, 431) is reported to ``server_options``'s
+  ``on_refusal`` (``raml serve``: ``raml_shed_total{reason="connections"}`` and
+  ``raml_connection_refusals_total{status}``, :mod:`raml.deploy.service.metrics`);
 - **unread bodies**: a response sent before its request's body was received in full closes the connection (so a
   client cannot keep trickling a body nobody reads), after lingering at most ``linger_s`` (1 s) while discarding
   what still arrives, so that a client still sending reads the response instead of a reset (:class:`LingeringClose`);
@@ -33,6 +36,7 @@ import asyncio
 import json
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -193,6 +197,9 @@ class ConnectionDefences(LingeringClose):
     max_connections: int = 256
     retry_after_s: int = 1
     send_timeout_s: float = 30.0
+    #: called with the status of each response this layer writes itself, before any request reaches the
+    #: application (503: the connection cap; 408: the header deadline; 431: headers too large), e.g. for /metrics
+    on_refusal: Callable[[int], None] | None = None
     _header_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
 
@@ -203,6 +210,7 @@ class ConnectionDefences(LingeringClose):
             message = f"{self.max_connections} connections are open already (--max-connections); try again shortly."
             transport.write(raw_response(503, "Service Unavailable", message, f"retry-after: {self.retry_after_s}\r\n"))
             transport.close()
+            self._count_refusal(503)
             return
         self._arm_header_timer()
 
@@ -225,6 +233,14 @@ class ConnectionDefences(LingeringClose):
         self._cancel_header_timer()
         self.transport.write(raw_response(status, reason, message))  # type: ignore[attr-defined]
         self.transport.close()  # type: ignore[attr-defined]
+        self._count_refusal(status)
+
+    def _count_refusal(self, status: int) -> None:
+        if self.on_refusal is not None:
+            try:
+                self.on_refusal(status)
+            except Exception:  # counting must never break the connection handling
+                logger.exception("Counting a refused connection (%d) failed", status)
 
     def _header_deadline(self) -> None:
         self._header_timer = None
@@ -367,6 +383,7 @@ def server_options(
     loop: str = "auto",
     max_header_bytes: int = 16 * 1024,
     send_timeout_s: float = 30.0,
+    on_refusal: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Keyword arguments for ``uvicorn.Config`` / ``uvicorn.run``: the protocol class with these limits, the loop.
 
@@ -380,6 +397,9 @@ def server_options(
             own bound, 16 KiB), and of a chunked body's trailer fields.
         send_timeout_s: Seconds a connection's writing may stay paused (its client reading nothing) before the
             connection is aborted.
+        on_refusal: Called (on the event loop) with the status of each response the protocol writes itself:
+            503 (over ``max_connections``), 408 (headers past ``header_timeout_s``), 431 (httptools: headers over
+            ``max_header_bytes``); e.g. :meth:`~raml.deploy.service.metrics.ServiceMetrics.record_connection_refusal`.
     """
     if not (send_timeout_s > 0 and math.isfinite(send_timeout_s)):
         raise ValueError(f"send_timeout_s must be a finite number of seconds > 0, got {send_timeout_s!r}.")
@@ -392,6 +412,7 @@ def server_options(
         "max_connections": max_connections,
         "retry_after_s": retry_after_s,
         "send_timeout_s": float(send_timeout_s),
+        "on_refusal": staticmethod(on_refusal) if on_refusal is not None else None,
     }
     if resolve_http(http) == "httptools":
         from raml.deploy.service.httptools_protocol import DeadlineHttpToolsProtocol

@@ -10,11 +10,15 @@ Exposed series (``raml_`` prefix; counters also get ``prometheus_client``'s ``_c
   default, or with ``--latency-target-ms`` the size chosen for its batch);
 - ``raml_queue_seconds`` histogram: how long each query waited in the batching queue before its forward pass;
 - ``raml_shed_total{reason}`` counter: requests refused with 503 to shed load, by the limit reached
-  (``queue`` = ``--queue-size``, ``uploads`` = ``--max-uploads``, ``decodes`` = ``--max-decodes``,
+  (``queue`` = ``--queue-size``, ``connections`` = ``--max-connections`` (a connection refused at once, before
+  any request on it), ``uploads`` = ``--max-uploads``, ``decodes`` = ``--max-decodes``,
   ``decode_pixels`` = ``--max-decode-pixels``, ``queue_wait`` = a query's wait for its batch predicted over
   ``--max-queue-wait-ms``, refused before decoding; ``queue_wait_expired`` = admitted on the prediction, then found
   over the bound when its batch started; ``queue_wait_deferred`` = refused before decoding past saturation because
   the queries arriving later fill its batch, see :mod:`raml.deploy.service.arrival_profile`);
+- ``raml_connection_refusals_total{status}`` counter: responses the connection layer wrote itself, before any
+  request reached the application: ``503`` (``--max-connections``), ``408`` (request headers not complete within
+  ``--header-timeout``), ``431`` (request headers too large, httptools front end);
 - ``raml_late_answers_total`` counter: queries answered past their wait bound on the late-answer budget of a
   latency target (``--late-budget``) rather than refused, see :mod:`raml.deploy.service.late_budget`;
 - ``raml_batch_size`` histogram: queries embedded together per forward pass;
@@ -45,6 +49,7 @@ SHED_REASONS = {
     "--max-decodes": "decodes",
     "--max-decode-pixels": "decode_pixels",
     "--max-queue-wait-ms": "queue_wait",
+    "--max-connections": "connections",
 }
 
 
@@ -84,6 +89,13 @@ class ServiceMetrics:
             "Queries answered past their wait bound on the late-answer budget (--late-budget) rather than refused.",
             registry=reg,
         )
+        self._connection_refusals = Counter(
+            "raml_connection_refusals",
+            "Responses the connection layer wrote itself before any request reached the application, by status "
+            "(503: --max-connections; 408: --header-timeout; 431: request headers too large).",
+            ["status"],
+            registry=reg,
+        )
         self._batches = Histogram(
             "raml_batch_size", "Queries embedded together per forward pass.", buckets=BATCH_BUCKETS, registry=reg
         )
@@ -108,6 +120,14 @@ class ServiceMetrics:
         reason = SHED_REASONS.get(flag, flag.lstrip("-") or "other")
         suffix = "_expired" if expired else "_deferred" if deferred else ""
         self._shed.labels(reason=reason + suffix).inc()
+
+    def record_connection_refusal(self, status: int) -> None:
+        """Count one response written by the connection layer (:func:`raml.deploy.service.connections.server_options`
+        ``on_refusal``): a connection over ``--max-connections`` (503, also counted as shed, reason
+        ``connections``), past ``--header-timeout`` (408), or with headers too large (431)."""
+        self._connection_refusals.labels(status=str(int(status))).inc()
+        if int(status) == 503:
+            self.record_shed("--max-connections")
 
     def record_late(self) -> None:
         """Count one query answered on the late-answer budget."""
