@@ -84,3 +84,26 @@ def test_a_study_that_records_no_settings_is_refused(tmp_path: Path, searcher) -
     study._storage.set_study_user_attr(study._study_id, search_module.SETTINGS_ATTR, None)  # as an older raml left it
     with pytest.raises(ValueError, match=r"does not record its settings \(an older raml\).*--overwrite"):
         searcher(loss="normsoftmax", trials=2)
+
+
+def test_overwrite_resumes_a_study_of_the_same_settings(tmp_path: Path, searcher) -> None:
+    # a search started with --overwrite (over an earlier run's checkpoints, which stay until the final run) and
+    # interrupted after one trial: the same command resumes it instead of deleting its finished trials
+    searcher(loss="normsoftmax", trials=1, overwrite=True)
+    searcher(loss="normsoftmax", trials=3, overwrite=True)
+    assert _RecordingTrainer.seen == ["normsoftmax"] * 3 and len(_study(tmp_path).trials) == 3
+
+
+def test_a_users_config_yaml_is_refused_before_any_trial(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(search_module, "Trainer", _RecordingTrainer)
+    _RecordingTrainer.seen = []
+    folder = tmp_path / "search"
+    folder.mkdir()
+    (folder / "config.yaml").write_text("# my notes\nloss: normsoftmax\n", encoding="utf-8")
+    config = TrainConfig(
+        directory=str(folder), data_root=str(tmp_path / "data"), teacher="resnet18", mode="sym", trials=2,
+        optimize=True, loss="normsoftmax",
+    )  # fmt: skip
+    with pytest.raises(FileExistsError, match="config.yaml"):
+        search_module.optimize_and_train(config, torch.device("cpu"), progress=False)
+    assert _RecordingTrainer.seen == [] and not (folder / "optuna.db").exists()

@@ -31,7 +31,7 @@ import torch
 from raml.engine.config import PER_INVOCATION, TrainConfig
 from raml.engine.methods import method_class
 from raml.engine.run_lock import RUN_LOCK_COMMAND
-from raml.engine.trainer import Trainer, TrainResult, refuse_existing_checkpoints
+from raml.engine.trainer import Trainer, TrainResult, refuse_existing_checkpoints, refuse_replacing_run_config
 from raml.locking import DirectoryLock, LockFileError, LockHeldError
 
 logger = logging.getLogger(__name__)
@@ -114,23 +114,29 @@ def _shown(value: Any) -> str:
     return repr(value)
 
 
+def _study_mismatch(study: Any, ours: dict[str, Any]) -> str | None:
+    """Why a stored study is not this search's (other settings, or trials without a record of them: an older raml
+    version), or None when it is (or when it is empty and records nothing)."""
+    stored = study.user_attrs.get(SETTINGS_ATTR)
+    if stored is None:
+        return "a search study that does not record its settings (an older raml)" if study.trials else None
+    # a setting searched on one side only is absent from the other's settings: the ranges tell that difference
+    differing = sorted(name for name in set(stored) & set(ours) if stored[name] != ours[name])
+    if not differing:
+        return None
+    shown = "; ".join(f"{_flag(n)}: study {_shown(stored[n])}, asked {_shown(ours[n])}" for n in differing)
+    return f"a search study made with other settings ({shown})"
+
+
 def _check_study_settings(study: Any, ours: dict[str, Any], path: Path) -> None:
     """Refuse (``ValueError``, one line) a study made with other search settings, or one with trials that records
     none (made by an older version): its trials would be counted and its best values reported as this search's."""
-    stored = study.user_attrs.get(SETTINGS_ATTR)
-    fix = (
-        "Nothing was changed. Use another --directory for this search, or pass --overwrite to start a new study "
-        "in this one (the old study's trials are deleted)."
-    )
-    if stored is None:
-        if study.trials:
-            raise ValueError(f"{path} holds a search study that does not record its settings (an older raml). {fix}")
-        return
-    # a setting searched on one side only is absent from the other's settings: the ranges tell that difference
-    differing = sorted(name for name in set(stored) & set(ours) if stored[name] != ours[name])
-    if differing:
-        shown = "; ".join(f"{_flag(n)}: study {_shown(stored[n])}, asked {_shown(ours[n])}" for n in differing)
-        raise ValueError(f"{path} holds a search study made with other settings ({shown}). {fix}")
+    mismatch = _study_mismatch(study, ours)
+    if mismatch is not None:
+        raise ValueError(
+            f"{path} holds {mismatch}. Nothing was changed. Use another --directory for this search, or pass "
+            "--overwrite to start a new study in this one (the old study's trials are deleted)."
+        )
 
 
 def _import_optuna():  # noqa: ANN202 - optional dependency
@@ -154,7 +160,8 @@ def search(
     Raises:
         ValueError: ``<directory>/optuna.db`` holds a study made with other search settings (see
             :func:`search_settings`), or one with trials that records none, and ``config.overwrite`` is not set
-            (with it, that study is deleted and a new one started).
+            (with it, that study is deleted and a new one started; a study of the same settings resumes either
+            way).
     """
     optuna = _import_optuna()
     space = search_space(config)
@@ -165,10 +172,16 @@ def search(
     storage = f"sqlite:///{path.resolve()}"
     if config.overwrite and path.exists():
         try:
-            optuna.delete_study(study_name="raml", storage=storage)
-            logger.info("--overwrite: deleted the search study in %s; a new one starts.", path)
+            old = optuna.load_study(study_name="raml", storage=storage)
         except KeyError:  # the file holds no study of that name
-            pass
+            old = None
+        if old is not None and _study_mismatch(old, settings) is not None:
+            optuna.delete_study(study_name="raml", storage=storage)
+            logger.info("--overwrite: deleted the search study of other settings in %s; a new one starts.", path)
+        elif old is not None and old.trials:
+            # the same search, interrupted (e.g. started with --overwrite over an earlier run's checkpoints, which
+            # stay until the final run): it resumes; delete optuna.db to search again from scratch
+            logger.info("The search study in %s has these settings: it resumes (%d trials).", path, len(old.trials))
     study = optuna.create_study(
         study_name="raml",
         storage=storage,
@@ -248,6 +261,7 @@ def optimize_and_train(
         raise
     try:
         refuse_existing_checkpoints(config)  # before any trial: the final run would replace them
+        refuse_replacing_run_config(config)  # and its config.yaml: refused after the whole search otherwise
         best = search(config, device, progress, teacher_device)
         final = config.replace(**best, optimize=False, trainval=True)
         # the run folder stays locked through the final test, as in a plain raml train
