@@ -163,6 +163,8 @@ def test_checkpoints_of_every_supported_kind_still_load(tmp_path: Path) -> None:
         # the reference's: numpy max_map, bytes and bytearrays of protocol 2 (via _codecs.encode / bytearray(str))
         "reference": {"state_dict": state, "max_map": np.float64(0.25), "b": b"\x00\xff", "ba": bytearray(b"xy")},
         "arrays": {"state_dict": state, "a": np.arange(5, dtype=np.int64)},
+        # protocol 2 writes b"" (an empty array's data) as a call bytes() with no argument
+        "empty": {"state_dict": state, "e": np.array([]), "z": np.zeros((0, 3), dtype=np.float32), "b": b""},
     }.items():
         path = tmp_path / f"{name}.pth"
         torch.save(obj, path, pickle_protocol=2)

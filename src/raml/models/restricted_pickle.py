@@ -311,11 +311,23 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
     constructors that take a size (``bytes``, ``bytearray``, ``_codecs.encode``, numpy arrays), which refuse any
     size the file (``limit`` bytes) cannot hold, as do the storages named by torch's persistent ids."""
 
-    class SizedBytes(_Inert):  # builtins.bytes / bytearray: from data (str, bytes, a list of ints), never a size
-        def __new__(cls, *args: Any, **kwargs: Any) -> SizedBytes:
-            if args and not isinstance(args[0], (str, bytes, bytearray, list, tuple)):
-                raise DeclaredSizeError(f"the pickle calls bytes/bytearray with {type(args[0]).__name__} {args[0]!r}")
-            return super().__new__(cls)
+    def sized_bytes(kind: type) -> Any:
+        """builtins.bytes / bytearray: built from data (str, bytes, a list of ints: no larger than the pickle), as
+        the real load builds them (``bytes()`` is how protocol 2 writes ``b""``, e.g. an empty numpy array's data),
+        never from a size."""
+
+        def build(*args: Any, **kwargs: Any) -> Any:
+            for value in (*args[:1], *kwargs.values()):
+                if not isinstance(value, (str, bytes, bytearray, list, tuple)):
+                    raise DeclaredSizeError(
+                        f"the pickle calls bytes/bytearray with {type(value).__name__} {value!r}"[:200]
+                    )
+            try:
+                return kind(*args, **kwargs)
+            except (TypeError, ValueError, LookupError):  # e.g. a list holding stand-ins: the real load decides
+                return _Inert()
+
+        return build
 
     def encode(obj: Any, encoding: str = "utf-8", errors: str = "strict") -> bytes:
         # pickle writes bytes for protocols < 3 as _codecs.encode(<str>, "latin1"); other codecs can grow the data
@@ -342,8 +354,8 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
         return SizedArray()
 
     checked: dict[tuple[str, str], Any] = {
-        ("builtins", "bytes"): SizedBytes,
-        ("builtins", "bytearray"): SizedBytes,
+        ("builtins", "bytes"): sized_bytes(bytes),
+        ("builtins", "bytearray"): sized_bytes(bytearray),
         ("_codecs", "encode"): encode,
         ("numpy", "ndarray"): SizedArray,
     }
