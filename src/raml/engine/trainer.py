@@ -388,7 +388,7 @@ class Trainer:
         seed_everything(config.seed)
         self.student = self._build_student().to(device)
         if dist.enabled and not config.freeze_bn and device.type == "cuda":
-            self.student = nn.SyncBatchNorm.convert_sync_batchnorm(self.student)
+            self.student = convert_sync_batchnorm(self.student)
         self.teacher: FrozenTeacher | None = None
         self.teacher_sha: str | None = None
         self.teacher_device = teacher_device if teacher_device is not None else device
@@ -1119,6 +1119,46 @@ class Trainer:
                     tag = f"val/{name[4:]}" if name.startswith("val_") else f"train/{name}"
                     self.writer.add_scalar(tag, value, stats["epoch"])
             self.writer.flush()
+
+
+def convert_sync_batchnorm(network: nn.Module) -> nn.Module:
+    """``network`` with its BatchNorm layers synchronised across processes (``--train-bn`` under torchrun on CUDA).
+
+    Every layer keeps what it computes and its state dict keys: timm's converter maps a plain BatchNorm to
+    ``nn.SyncBatchNorm`` and timm's ``BatchNormAct2d`` (BatchNorm followed by its activation, in EfficientNets)
+    to ``SyncBatchNormAct`` with the same activation (torch's own converter would drop it). A BatchNorm subclass
+    of any other kind, such as the per-size layers of a ``meta["bn_sizes"]`` student
+    (:class:`raml.models.switchable_bn.SwitchableBatchNorm2d`, whose per-size statistics have no synchronised
+    variant), is refused with a ValueError rather than silently changed.
+    """
+    from timm.layers import BatchNormAct2d, SyncBatchNormAct
+    from timm.layers import convert_sync_batchnorm as timm_convert_sync_batchnorm
+
+    convertible = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, BatchNormAct2d, SyncBatchNormAct)
+    others = sorted(
+        {
+            type(m).__name__
+            for m in network.modules()
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and type(m) not in convertible
+        }
+    )
+    if others:
+        meta = getattr(network, "meta", None)
+        sizes = meta.get("bn_sizes") if isinstance(meta, dict) else None
+        detail = f" (per-size BatchNorm statistics for sizes {sizes})" if sizes else ""
+        raise ValueError(
+            f"--train-bn under torchrun on CUDA synchronises the student's BatchNorm across processes, but its "
+            f"{', '.join(others)} layers{detail} have no synchronised variant that keeps their statistics. "
+            "Train with frozen BatchNorm (leave out --train-bn), train in one process, or start from the "
+            "student without per-size statistics (raml.models.switchable_bn.strip_size_bn)."
+        )
+    keys = list(network.state_dict())
+    converted = timm_convert_sync_batchnorm(network)
+    if list(converted.state_dict()) != keys:  # pragma: no cover - a guard against a converter's change
+        raise RuntimeError(
+            "Synchronising the student's BatchNorm changed its state dict keys; train without --train-bn."
+        )
+    return converted
 
 
 def _tensorboard_writer(directory: Path, config: TrainConfig):  # noqa: ANN202 - optional dependency
