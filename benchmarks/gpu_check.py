@@ -119,8 +119,14 @@ def _sync(device: torch.device) -> None:
 # --------------------------------------------------------------------------------------------- data
 def prepare_data(settings: CheckSettings, work: Path) -> tuple[Path, Path]:
     """A synthetic CUB-format dataset and a random-weights checkpoint of ``settings.arch`` (student and
-    teacher start from it; nothing is downloaded)."""
-    data_root = work / "data"
+    teacher start from it; nothing is downloaded).
+
+    Both are reused from an earlier run into the same ``work`` folder only where they were made with the same
+    settings: the data folder is named by its sizes (``data-<classes>x<images per class>x<side>``; a ``--tiny``
+    run's data is never measured by a full run) and the checkpoint by its architecture, which alone decides it
+    (whitening 512, seed 0).
+    """
+    data_root = work / f"data-{settings.num_classes}x{settings.images_per_class}x{settings.source_size}"
     if not (data_root / "cub" / "images.txt").exists():
         generate_synthetic_dataset(
             data_root / "cub",

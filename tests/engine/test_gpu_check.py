@@ -3,6 +3,7 @@ runs every part at toy sizes (the figures mean nothing; the report's shape and c
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
@@ -78,3 +79,22 @@ def test_a_refused_amp_run_is_reported_not_fatal(gpu_check, monkeypatch):
     report = gpu_check.run_check(gpu_check.TINY, torch.device("cpu"), Path("/nonexistent"))
     assert report["training"][0]["amp"] is False and "images_per_s" in report["training"][0]
     assert "Tesla T4" in report["training"][1]["refused"]
+
+
+def test_data_of_other_settings_in_the_same_folder_is_not_reused(gpu_check, tmp_path):
+    """A full run after a --tiny run into the same --out measures data of its own sizes, not the tiny data."""
+    from PIL import Image
+
+    from raml.data.splits import get_split
+
+    tiny = dataclasses.replace(gpu_check.TINY, num_classes=4, images_per_class=2, source_size=16)
+    gpu_check.prepare_data(tiny, tmp_path)
+    other = dataclasses.replace(tiny, num_classes=6, images_per_class=3, source_size=24)
+    for settings in (other, tiny):  # and the first folder is still the tiny one
+        data_root, network = gpu_check.prepare_data(settings, tmp_path)
+        split = get_split("cub-trainval", str(data_root), 0.0)
+        classes = settings.num_classes // 2  # trainval: the first half of the classes
+        assert (split.num_classes, len(split)) == (classes, classes * settings.images_per_class)
+        with Image.open(split.abspaths()[0]) as image:
+            assert image.size == (settings.source_size, settings.source_size)
+        assert network.exists()
