@@ -16,7 +16,8 @@ On synthetic data and random weights (the GPU machine may have no network), in o
    of a batch of 32 through the service's path against the eager network.
 
 It writes one JSON (``--json``; default ``<out>/gpu_check.json``, else ``./gpu_check.json``) and prints a
-table. Without CUDA (and ``--device auto``) it says so and exits 0; ``--device cpu --tiny`` runs every part on
+table. Without CUDA (and ``--device auto``) it says so and exits 0; a ``--device`` named but unusable here (``cuda``
+without CUDA, ``cuda:1`` on one GPU) is refused in one line, exit 2. ``--device cpu --tiny`` runs every part on
 the CPU at toy sizes in seconds (the smoke test of this script; its figures mean nothing).
 
 Usage::
@@ -386,13 +387,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def resolve_device(name: str) -> torch.device:
+    """The device ``--device`` names (``auto``: the first CUDA device); a ValueError saying why where it cannot
+    run here: not a device name, CUDA asked for where none is usable, or an index past the visible devices."""
+    try:
+        device = torch.device("cuda" if name == "auto" else name)
+    except RuntimeError as error:
+        raise ValueError(f"--device {name!r} is not a device: pass auto, cpu, cuda or cuda:<index>.") from error
+    if device.type == "cpu":
+        return device
+    if device.type != "cuda":
+        raise ValueError(f"--device {name!r}: gpu_check runs on CUDA or the CPU; pass auto, cpu, cuda or cuda:<index>.")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"--device {name}: no CUDA device is usable here (torch {torch.__version__}, built for CUDA "
+            f"{torch.version.cuda}); run it on a machine with an NVIDIA GPU, or pass --device cpu --tiny."
+        )
+    count = torch.cuda.device_count()
+    if device.index is not None and device.index >= count:
+        raise ValueError(
+            f"--device {name}: only {count} CUDA device(s) are visible (cuda:0 to cuda:{count - 1}); "
+            "pass one of them, or check CUDA_VISIBLE_DEVICES."
+        )
+    return device
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.device == "auto" and not torch.cuda.is_available():
         print(NO_CUDA)
         return 0
-    device = torch.device("cuda" if args.device == "auto" else args.device)
+    try:
+        device = resolve_device(args.device)
+    except ValueError as error:
+        print(f"gpu_check: error: {error}", file=sys.stderr)
+        return 2
     settings = TINY if args.tiny else FULL
     changes = {k: v for k, v in (("steps", args.steps), ("workers", args.workers)) if v is not None}
     settings = dataclasses.replace(settings, **changes)

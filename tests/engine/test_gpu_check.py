@@ -98,3 +98,24 @@ def test_data_of_other_settings_in_the_same_folder_is_not_reused(gpu_check, tmp_
         with Image.open(split.abspaths()[0]) as image:
             assert image.size == (settings.source_size, settings.source_size)
         assert network.exists()
+
+
+@pytest.mark.parametrize(
+    ("device", "available", "count", "message"),
+    [
+        ("cuda", False, 0, "--device cuda: no CUDA device is usable here"),
+        ("cuda:1", True, 1, "--device cuda:1: only 1 CUDA device(s) are visible (cuda:0 to cuda:0)"),
+        ("gpu", True, 1, "--device 'gpu' is not a device"),
+        ("meta", True, 1, "gpu_check runs on CUDA or the CPU"),
+    ],
+)
+def test_an_unusable_device_is_one_line_and_exit_2(
+    gpu_check, monkeypatch, tmp_path, capsys, device, available, count, message
+):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.chdir(tmp_path)
+    assert gpu_check.main(["--device", device, "--tiny", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("gpu_check: error: ") and message in err and err.count("\n") == 1
+    assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
