@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 import pytest
+import torch
 
 from raml.cli.main import build_parser
 from raml.cli.train import config_from_args
@@ -419,3 +420,24 @@ def test_choices_from_a_config_file_are_checked_up_front(tmp_path, line, message
         _parse(["--config", str(cfg)])
     key = line.split(":")[0]
     assert _parse(["--config", str(cfg), f"--{key}", {"optimizer": "sgd", "scheduler": "none", "pool": "GeM"}[key]])
+
+
+def test_a_mining_pool_smaller_than_neg_num_is_refused_before_any_network_is_built(monkeypatch, tmp_path, cub_root):
+    """--mode sym (triplet) with --pool-size < --neg-num was refused only after the mining pass had embedded the
+    pool; now by the configuration, before the trainer builds or loads a network."""
+    import raml.engine.trainer as trainer_module
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("a network was built before the refusal")
+
+    monkeypatch.setattr(trainer_module, "build_network", no_network)
+    monkeypatch.setattr(trainer_module, "load_network", no_network)
+    config = TrainConfig(
+        student="test_resnet", mode="sym", pool_size=2, neg_num=4, directory=str(tmp_path / "run"),
+        data_root=str(cub_root), training_dataset="cub", test_datasets=["cub-test"],
+    )  # fmt: skip
+    with pytest.raises(ValueError, match=r"--pool-size 2 is smaller than --neg-num 4: --mode sym \(--loss triplet\)"):
+        trainer_module.Trainer(config, torch.device("cpu"))
+    assert not (tmp_path / "run").exists()
+    TrainConfig(student="r", mode="sym", pool_size=4, neg_num=4).validate()  # the edge
+    TrainConfig(student="r", mode="sym", loss="normsoftmax", pool_size=2, neg_num=4).validate()  # no mining

@@ -280,6 +280,7 @@ class TrainConfig:
         for name in ("pool_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}.")
+        self._validate_mining_pool()
         if not 0 <= self.whitening <= MAX_WHITENING:
             raise ValueError(
                 f"--whitening must be in [0, {MAX_WHITENING}] (the embedding's dimension; 0 = none), "
@@ -351,6 +352,20 @@ class TrainConfig:
             raise ValueError(f"Unknown --scheduler {self.scheduler!r}; valid: {', '.join(SCHEDULERS)}.")
         if self.pool.lower() not in POOLINGS:
             raise ValueError(f"Unknown --pool {self.pool!r}; valid: {', '.join(sorted(POOLINGS))}.")
+
+    def _validate_mining_pool(self) -> None:
+        """A mode that mines ``--neg-num`` distinct negatives per anchor from a pool of ``--pool-size`` images
+        (``sym`` with the triplet loss) needs a pool at least that large: refused here, before any network is built
+        or embedded (:func:`raml.engine.mining.distance_weighted_negatives` checks the pool actually drawn)."""
+        from raml.engine.methods import method_class
+
+        reads = method_class(self.mode, self.loss).reads
+        if reads is not None and {"neg_num", "pool_size"} <= reads and self.pool_size < self.neg_num:
+            raise ValueError(
+                f"--pool-size {self.pool_size} is smaller than --neg-num {self.neg_num}: --mode {self.mode} "
+                f"(--loss {self.loss}) draws {self.neg_num} distinct negatives per anchor from the mining pool. "
+                "Raise --pool-size or lower --neg-num."
+            )
 
     def _validate_method_settings(self) -> None:
         if self.aml_variant not in AML_VARIANTS:
