@@ -496,3 +496,26 @@ def test_docs_methods_shows_the_recorded_run_of_every_row_and_names_only_existin
     known |= set(re.findall(r'add_argument\(\s*"(--[^"]+)"', (REPO / "src/raml/bench/methods.py").read_text()))
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*[a-z0-9])", text))
     assert named and not named - known, sorted(named - known)
+
+
+#: every registered mode (sym with each of its losses) and what its run needs besides _config's settings
+EVERY_METHOD = [
+    pytest.param(mode, loss, id=f"{mode}-{loss}" if isinstance(METHODS[mode].target, dict) else mode)
+    for mode in METHODS
+    for loss in (METHODS[mode].target if isinstance(METHODS[mode].target, dict) else ["triplet"])
+]
+
+
+@pytest.mark.parametrize(("mode", "loss"), EVERY_METHOD)
+def test_every_method_logs_its_terms_as_detached_tensors(setup, tmp_path, mode, loss):
+    """BatchLoss's contract: the logged terms stay 0-d tensors on the device (a float, ``loss.item()``, would make
+    the host wait for the device between every batch's forward and backward passes)."""
+    changes: dict[str, object] = {"mode": mode, "loss": loss}
+    if method_class(mode, loss).teacher == "none":
+        changes["teacher_path"] = None
+    trainer = Trainer(_config(setup, tmp_path / "run", **changes), CPU, progress=False)
+    batch, generator = _first_batch(trainer)
+    result = trainer._batch_loss(batch, generator)
+    assert result.terms, mode
+    for name, value in result.terms.items():
+        assert isinstance(value, torch.Tensor) and value.dim() == 0 and not value.requires_grad, (mode, name, value)

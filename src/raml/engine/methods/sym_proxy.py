@@ -57,7 +57,7 @@ class ProxyTraining(LabelledMethod):
         labels = torch.as_tensor(run.train_split.labels)[indices].to(run.device)
         embeddings = run.model(images.to(run.device, non_blocking=True)).float()
         loss = normalized_softmax_loss(embeddings, labels, self.proxies, PROXY_TEMPERATURE)
-        return BatchLoss(loss, {"loss": loss.item()}, images.shape[0])
+        return BatchLoss(loss, {"loss": loss.detach()}, images.shape[0])  # no host-device sync per batch
 
     def before_optimizer_step(self) -> None:
         dist = self.run.dist

@@ -103,7 +103,7 @@ class TripletTraining(LabelledMethod):
         anchor, negatives = embeddings[:n_anchor], embeddings[n_anchor:].view(n_anchor, c.neg_num, -1)
         positives = group_positives(anchor, GROUP_SIZE)
         loss = triplet_loss(anchor, positives, negatives, c.loss_margin)
-        return BatchLoss(loss, {"loss": loss.item()}, n_anchor)
+        return BatchLoss(loss, {"loss": loss.detach()}, n_anchor)  # no host-device sync per batch
 
 
 def group_positives(anchor: torch.Tensor, group_size: int) -> torch.Tensor:
