@@ -620,7 +620,7 @@ class Trainer:
     def run(self) -> TrainResult:
         """Train for the configured epochs (from the resume point), validate, save; returns the result."""
         c = self.config
-        if c.logger == "tensorboard":
+        if c.logger == "tensorboard" and self.dist.is_main:  # one writer: rank 0 logs (_log_epoch), the others not
             self.writer = _tensorboard_writer(self.directory / "tensorboard", c)
         if self.start_epoch > c.epochs:
             logger.info("Nothing to train: the checkpoint already finished %d epochs.", c.epochs)
