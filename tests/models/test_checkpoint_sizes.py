@@ -196,3 +196,27 @@ def test_the_epoch_reader_of_resume_last_never_loads_a_file_asking_for_more_than
         checkpoint_epoch(path)
     assert torch_loads == []
     assert checkpoint_epoch(_torch_zip(tmp_path / "good.pth", {"state_dict": {}, "epoch": 3})) == 3
+
+
+@pytest.mark.parametrize("reader", ["epoch", "val_ratio"])
+def test_the_mapped_readers_load_the_file_they_checked_not_one_swapped_in_after(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
+) -> None:
+    from raml.cli import extract as extract_module
+    from raml.engine import resume as resume_module
+
+    good = _torch_zip(tmp_path / "model_last.pth.tar", {"state_dict": {}, "epoch": 3, "raml": {"val_ratio": 0.25}})
+    swapped = _torch_zip(tmp_path / "other.pth", {"state_dict": {}, "epoch": 7, "raml": {"val_ratio": 0.5}})
+    module = resume_module if reader == "epoch" else extract_module
+    real_check = check_declared_sizes
+
+    def check_then_swap(handle: Any) -> None:
+        real_check(handle)  # the checked file passes...
+        swapped.replace(good)  # ...and another is moved to its path before the load
+
+    if reader == "epoch":
+        monkeypatch.setattr(resume_module, "check_declared_sizes", check_then_swap)
+        assert resume_module.checkpoint_epoch(good) == 3
+    else:
+        monkeypatch.setattr("raml.models.restricted_pickle.check_declared_sizes", check_then_swap)
+        assert module.checkpoint_val_ratio(good) == 0.25

@@ -80,9 +80,7 @@ def checkpoint_val_ratio(path: Path) -> float | None:
     cannot read (the network's own load reports that). The tensors are memory-mapped, not read."""
     import zipfile
 
-    import torch
-
-    from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive
+    from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive, torch_load_mapped
 
     try:
         with open(path, "rb") as handle:
@@ -91,7 +89,7 @@ def checkpoint_val_ratio(path: Path) -> float | None:
             if not zipped or is_torchscript_archive(handle) is not None:
                 return None  # a legacy pickle (the reference's: no record) or a TorchScript archive (not loaded)
             check_declared_sizes(handle)  # a file asking for more memory than it holds is never loaded
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            checkpoint = torch_load_mapped(handle)  # the very file checked
     except (OSError, zipfile.BadZipFile):
         return None
     except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file; the network's load says

@@ -15,10 +15,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from raml.models.checkpoints import CheckpointError, InvalidCheckpointError, load_checkpoint_file
-from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive
+from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive, torch_load_mapped
 
 if TYPE_CHECKING:
     from raml.engine.config import TrainConfig
@@ -264,13 +262,16 @@ def checkpoint_epoch(path: Path) -> int:
         except zipfile.BadZipFile as error:
             raise _damaged(path, str(error)) from error
         sized = torchscript is None and _declares_no_more_than_it_holds(handle)
+        checkpoint: Any = None
+        if sized:
+            try:
+                checkpoint = torch_load_mapped(handle)  # the very file checked
+            except Exception:  # noqa: BLE001 - the fast path declined it: the full reader decides
+                # a checkpoint that needs the restricted unpickler (the reference's), one in torch's legacy non-zip
+                # format (mmap needs the zip format) or a damaged file: load_checkpoint_file reads the first two and
+                # names damage
+                sized = False
     if not sized:  # never given to torch.load here; load_checkpoint_file says why
-        return int(load_resume_checkpoint(path).get("epoch", 0))
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception:  # noqa: BLE001 - the fast path declined it: the full reader decides
-        # a checkpoint that needs the restricted unpickler (the reference's), one in torch's legacy non-zip format
-        # (mmap needs the zip format) or a damaged file: load_checkpoint_file reads the first two and names damage
         checkpoint = load_resume_checkpoint(path)
     if not isinstance(checkpoint, dict):
         raise _damaged(path, f"it holds a {type(checkpoint).__name__}, not a checkpoint dict")

@@ -384,6 +384,32 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
     return SizeCheckingUnpickler(file, encoding="latin1")
 
 
+def torch_load_mapped(handle: IO[bytes]) -> Any:
+    """``torch.load(weights_only=True, mmap=True)`` of the very file ``handle`` has open (checked by the caller with
+    :func:`check_declared_sizes`), so that a file swapped in at its path after the check is never loaded: through
+    ``/proc/self/fd`` where it exists (Linux); elsewhere through the path, once its identity (device, inode, size,
+    modification time) is the handle's.
+
+    Raises:
+        DeclaredSizeError: If the path no longer names the file checked.
+        Exception: Whatever ``torch.load`` raises.
+    """
+    import os
+
+    by_descriptor = f"/proc/self/fd/{handle.fileno()}"
+    if os.path.exists(by_descriptor):
+        return torch.load(by_descriptor, map_location="cpu", weights_only=True, mmap=True)
+    checked, now = os.fstat(handle.fileno()), os.stat(handle.name)
+    if (checked.st_dev, checked.st_ino, checked.st_size, checked.st_mtime_ns) != (
+        now.st_dev,
+        now.st_ino,
+        now.st_size,
+        now.st_mtime_ns,
+    ):
+        raise DeclaredSizeError(f"{handle.name} was replaced after its size check")
+    return torch.load(handle.name, map_location="cpu", weights_only=True, mmap=True)
+
+
 def check_declared_sizes(file: IO[bytes]) -> None:
     """Refuse a ``torch.save`` file that makes the loader allocate more memory than the file holds.
 
