@@ -236,6 +236,16 @@ def test_an_interrupted_checkpoint_is_refused_and_last_resumes(machinery, machin
     resumed.run()
 
 
+def test_an_interrupted_checkpoint_of_an_earlier_version_is_known_by_its_name(tmp_path):
+    """Before ``interrupted_in`` was recorded, model_interrupted.pth.tar said what it was only by its name."""
+    from raml.engine.resume import INTERRUPTED_NAME, check_not_interrupted
+
+    stored = {"lr": 3e-4, "history": []}  # the raml record of an earlier version: no interrupted_in
+    with pytest.raises(ValueError, match=r"part-way through epoch \(recorded by no field.*cannot be resumed"):
+        check_not_interrupted(stored, tmp_path / INTERRUPTED_NAME)
+    check_not_interrupted(stored, tmp_path / "model_last.pth.tar")  # a finished epoch's checkpoint resumes
+
+
 def test_last_skips_a_damaged_checkpoint_and_a_damaged_file_is_named_a_training_checkpoint(
     machinery, machinery_teacher_path, finished, tmp_path, caplog
 ):

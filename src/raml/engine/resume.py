@@ -157,13 +157,20 @@ def load_scheduler_state(scheduler: Any, saved: dict[str, Any], scheduler_name: 
         ) from error
 
 
+#: the checkpoint a signal leaves part-way through an epoch
+INTERRUPTED_NAME = "model_interrupted.pth.tar"
+
+
 def check_not_interrupted(stored: dict[str, Any], path: Path) -> None:
     """Refuse (``ValueError``) a checkpoint saved part-way through an epoch (``model_interrupted.pth.tar``, which
-    records ``interrupted_in``), whatever the scheduler: its weights and optimizer state are those of the moment a
+    records ``interrupted_in``; one of an earlier raml version, without it, is known by its name), whatever the
+    scheduler: its weights and optimizer state are those of the moment a
     signal stopped the run, not of the finished epoch it is labelled with, so resuming it would replay that epoch
     from there. A per-epoch schedule (or none) has not moved mid-epoch, so :func:`check_schedule_position` alone
     cannot tell."""
     epoch = stored.get("interrupted_in")
+    if epoch is None and path.name == INTERRUPTED_NAME:
+        epoch = "(recorded by no field: an earlier raml version wrote it)"  # its name says what it is
     if epoch is None:
         return
     raise ValueError(
