@@ -10,7 +10,7 @@ import torch
 
 from raml.cli.main import build_parser
 from raml.cli.train import config_from_args
-from raml.engine.config import TrainConfig, load_yaml_config
+from raml.engine.config import PER_INVOCATION, TrainConfig, load_yaml_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -161,6 +161,38 @@ def test_command_line_overrides_yaml_and_exclusive_twins(tmp_path):
     with pytest.raises(ValueError, match=r"c.yaml sets both student and student_path, which exclude each other"):
         _parse(["--config", str(cfg)])
     assert _parse(["--config", str(cfg), "--student", "resnet18"]).student == "resnet18"
+
+
+def test_every_on_off_flag_has_an_opposite_that_sets_back_what_the_yaml_sets(tmp_path, monkeypatch):
+    import argparse
+
+    from raml.cli.train import opposite_flag
+
+    monkeypatch.setattr(TrainConfig, "validate", lambda self: None)  # each setting alone, whatever it needs besides
+    train = build_parser()._subparsers._group_actions[0].choices["train"]
+    one_way = [
+        action
+        for action in train._actions
+        if isinstance(action, argparse._StoreConstAction)
+        and isinstance(action.const, bool)
+        and action.dest in TrainConfig.__dataclass_fields__
+        and action.dest not in PER_INVOCATION  # never in a --config file
+        and action.help != argparse.SUPPRESS
+    ]
+    assert {"--amp", "--no-val", "--not-pretrained", "--optimize", "--per-size-bn", "--train-bn"} <= {
+        flag for action in one_way for flag in action.option_strings
+    }
+    cfg = tmp_path / "c.yaml"
+    for action in one_way:
+        flag = next(f for f in action.option_strings if f.startswith("--"))
+        cfg.write_text(f"{action.dest}: {str(action.const).lower()}\n")
+        assert getattr(_parse(["--config", str(cfg)]), action.dest) is action.const, flag
+        assert getattr(_parse(["--config", str(cfg), opposite_flag(flag)]), action.dest) is (not action.const), flag
+    assert (opposite_flag("--no-val"), opposite_flag("--not-pretrained"), opposite_flag("--amp")) == (
+        "--val",
+        "--pretrained",
+        "--no-amp",
+    )
 
 
 def test_bad_yaml_values_are_clear(tmp_path):

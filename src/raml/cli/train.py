@@ -30,6 +30,7 @@ from raml.engine.config import (
     LOSSES,
     MAX_WHITENING,
     MIXUP_PARTNERS,
+    PER_INVOCATION,
     RUN_CONFIG_NAME,
     SEARCH_OBJECTIVES,
     TrainConfig,
@@ -284,11 +285,49 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="allow replacing checkpoints already in --directory",
     )
-    run_group.add_argument("--config", type=Path, metavar="FILE.yaml", help="flag values from a YAML file")
+    run_group.add_argument(
+        "--config",
+        type=Path,
+        metavar="FILE.yaml",
+        help="flag values from a YAML file (the command line wins; every on/off flag has its opposite to set back "
+        "what the file sets: --no-FLAG, or FLAG without its --no-/--not- prefix, e.g. --no-amp, --val, --pretrained)",
+    )
     run_group.add_argument("--json", metavar="PATH", help="write the final test results (percent) as JSON")
     run_group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     run_group.add_argument("--verbose", action="store_true", help="debug logging")
+    add_opposite_flags(parser)
     parser.set_defaults(func=run)
+
+
+def opposite_flag(flag: str) -> str:
+    """The flag that sets the other value of an on/off setting: ``--no-val`` -> ``--val``, ``--not-pretrained`` ->
+    ``--pretrained``, ``--amp`` -> ``--no-amp``."""
+    for prefix in ("--no-", "--not-"):
+        if flag.startswith(prefix):
+            return "--" + flag[len(prefix) :]
+    return "--no-" + flag[2:]
+
+
+def add_opposite_flags(parser: argparse.ArgumentParser) -> None:
+    """Give every on/off setting of a run its opposite flag, so that the command line can set back what a
+    ``--config`` file sets (flags > --config): each one-way flag whose setting is a :class:`TrainConfig` field and
+    "not given" by default (None) gets :func:`opposite_flag`, storing the other value in the same setting. Listed
+    in ``--config``'s help, not one by one."""
+    fields = TrainConfig.__dataclass_fields__
+    for action in list(parser._actions):
+        if not isinstance(action, argparse._StoreConstAction) or action.default is not None:
+            continue
+        if action.dest not in fields or action.dest in PER_INVOCATION or not isinstance(action.const, bool):
+            continue  # a setting of one invocation (--overwrite) is never in a --config file
+        long_flags = [flag for flag in action.option_strings if flag.startswith("--")]
+        parser.add_argument(
+            *(opposite_flag(flag) for flag in long_flags),
+            dest=action.dest,
+            action="store_const",
+            const=not action.const,
+            default=None,
+            help=argparse.SUPPRESS,
+        )
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
