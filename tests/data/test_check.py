@@ -7,6 +7,7 @@ import io
 import json
 import logging
 import os
+import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
@@ -461,6 +462,28 @@ def test_threads_hold_a_bounded_number_of_images_at_once(tmp_path: Path, monkeyp
     assert [b.path for b in bad] == [p for p in paths if p != "ok.png"]  # split order, only the bad ones
     assert all(b.reason == "missing file" for b in bad)
     assert 8 <= live["peak"] <= 16, live  # the bound, not the 300 images
+
+
+def test_an_error_in_a_check_thread_cancels_the_checks_not_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """pool.map cancelled what had not started when a check raised; the bounded queue must too (else up to
+    CHECK_IN_FLIGHT more checks run, each a full decode for some formats, before the error comes out)."""
+    calls = {"n": 0}
+
+    def failing(*args, **kwargs):  # noqa: ANN002, ANN003
+        calls["n"] += 1
+        if calls["n"] > 1:
+            time.sleep(0.02)  # a check takes time: the queued ones must not all run before the error comes out
+        raise MemoryError("out of memory in a check")
+
+    monkeypatch.setattr(check_module, "check_image", failing)
+    monkeypatch.setattr(check_module, "CHECK_IN_FLIGHT", 1000, raising=False)
+    paths = tuple(f"{i}.jpg" for i in range(3000))
+    split = Split(name="many", root=tmp_path, paths=paths, labels=(0,) * len(paths))
+    with pytest.raises(MemoryError, match="out of memory in a check"):
+        scan_split(split, workers=2)
+    assert calls["n"] < 100, calls  # the checks already running, not the 1,000 queued
 
 
 # --------------------------------------------------------------------------------------------------- CLI

@@ -379,15 +379,20 @@ def _bounded_map(
     """``fn`` of each item, in order, with at most ``in_flight`` submitted and not yet yielded.
 
     ``pool.map`` submits every item up front (one future per image, about 2 KiB each); this keeps the
-    threads busy with a bounded queue instead.
+    threads busy with a bounded queue instead. When ``fn`` raises, the error comes out at its item and the
+    items not yet started are cancelled.
     """
     pending: deque[Future[str | None]] = deque()
-    for item in items:
-        if len(pending) >= in_flight:
+    try:
+        for item in items:
+            if len(pending) >= in_flight:
+                yield pending.popleft().result()
+            pending.append(pool.submit(fn, item))
+        while pending:
             yield pending.popleft().result()
-        pending.append(pool.submit(fn, item))
-    while pending:
-        yield pending.popleft().result()
+    finally:  # an error (or Ctrl-C, or a consumer that stops) cancels what has not started, as pool.map does
+        for future in pending:
+            future.cancel()
 
 
 def drop_bad_images(split: Split, bad: Sequence[BadImage]) -> Split:
