@@ -202,6 +202,8 @@ class ConnectionDefences(LingeringClose):
     on_refusal: Callable[[int], None] | None = None
     _header_timer: asyncio.TimerHandle | None = None
     _send_timer: asyncio.TimerHandle | None = None
+    _answered: bool = False  # a response went out on this connection
+    _idle: bool = True  # no byte came since the header deadline was armed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -220,7 +222,12 @@ class ConnectionDefences(LingeringClose):
     def _next_request_started(self) -> bool:
         return False
 
+    def data_received(self, data: bytes) -> None:
+        self._idle = False
+        super().data_received(data)  # type: ignore[misc]
+
     def _arm_header_timer(self) -> None:
+        self._idle = True
         self._cancel_header_timer()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_deadline)  # type: ignore[attr-defined]
 
@@ -246,6 +253,12 @@ class ConnectionDefences(LingeringClose):
         self._header_timer = None
         if self.transport.is_closing() or not self._headers_pending():  # type: ignore[attr-defined]
             return  # the headers came: the request is being handled (its body has the application's deadline)
+        if self._answered and self._idle:
+            # a keep-alive connection after its answer, with no byte of a next request: closed as at keep-alive
+            # expiry, without a 408 (no request timed out; nothing is counted)
+            logger.debug("Closing a keep-alive connection idle for %g s (--header-timeout)", self.header_timeout_s)
+            self.transport.close()  # type: ignore[attr-defined]
+            return
         logger.info("Closing a connection that sent no complete request headers within %g s", self.header_timeout_s)
         message = (
             f"The request headers were not received within {self.header_timeout_s:g} s (--header-timeout); "
@@ -284,6 +297,7 @@ class ConnectionDefences(LingeringClose):
             self.server_state.total_requests += 1  # type: ignore[attr-defined]
             self._linger()
             return
+        self._answered = True
         next_started = self._next_request_started()
         super().on_response_complete()  # type: ignore[misc]
         if not self.transport.is_closing() and not next_started:  # type: ignore[attr-defined]
