@@ -102,3 +102,13 @@ def test_mutation_targets_cover_the_core_modules_and_the_docs_name_them():
     section = text[text.index("## Mutation testing") :]
     for name in targets:
         assert f"| {name} |" in section, name
+
+
+def test_the_readme_check_data_example_checks_the_split_raml_train_reads():
+    """`raml train -d cub` trains on cub-trainval: a bare `cub` would leave its val classes unchecked."""
+    text = (REPO / "README.md").read_text()
+    examples = re.findall(r"raml check-data [^`]*--datasets (\S+)", text)
+    assert examples, "README shows no raml check-data example"
+    for datasets in examples:
+        names = datasets.split(",")
+        assert "cub-trainval" in names and "cub" not in names, datasets

@@ -527,3 +527,22 @@ def test_cli_reports_bad_files_exit_status_and_json(tmp_path: Path, capsys) -> N
 
     assert _run_cli(["--data-root", str(data_root), "--datasets", "mine", "--full-decode", "--no-progress"]) == 0
     assert "mine: 3 images, 0 bad" in capsys.readouterr().out
+
+
+def test_cli_says_a_bare_dataset_name_is_the_train_part_only(tmp_path: Path, capsys) -> None:
+    data_root = tmp_path / "data"
+    folder = data_root / "mine"
+    for i in range(2):
+        _noise_jpeg(folder / "a" / f"{i}.jpg", size=16, seed=i)
+        _noise_jpeg(folder / "b" / f"{i}.jpg", size=16, seed=10 + i)
+    (folder / "split.json").write_text(json.dumps({"train": [["a/0.jpg", "a/1.jpg"]], "val": [["b/0.jpg", "b/1.jpg"]]}))
+
+    assert _run_cli(["--data-root", str(data_root), "--datasets", "mine", "--no-progress"]) == 0
+    err = capsys.readouterr().err
+    assert "'mine' is the train part of the dataset only" in err
+    assert "`raml train -d mine` trains on mine-trainval" in err
+
+    assert _run_cli(["--data-root", str(data_root), "--datasets", "mine-trainval", "--no-progress"]) == 0
+    captured = capsys.readouterr()
+    assert "train part" not in captured.err
+    assert "mine-trainval: 4 images, 0 bad" in captured.out

@@ -57,6 +57,21 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
 
+def _trainval_name(name: str) -> str | None:
+    """The ``trainval`` split name of a bare dataset name (``cub`` -> ``cub-trainval``, ``mine.json`` ->
+    ``mine.json:trainval``): the split ``raml train -d NAME`` trains on; None for a name that selects a part."""
+    from raml.data.splits import SPLIT_SUFFIXES
+
+    if name.endswith(".json"):
+        return f"{name}:trainval"
+    if ":" in name:  # split.json:PART
+        return None
+    base, sep, suffix = name.rpartition("-")
+    if sep and base and suffix in SPLIT_SUFFIXES:
+        return None
+    return f"{name}-trainval"
+
+
 def run(args: argparse.Namespace) -> int:
     from raml.data.check import printable, scan_split
     from raml.data.splits import get_split
@@ -65,6 +80,17 @@ def run(args: argparse.Namespace) -> int:
     if args.json is not None:  # before the scan, which may take minutes
         check_output_file(args.json, "--json")
     splits = [get_split(name, args.data_root, args.val_ratio) for name in args.datasets]  # fail early on names
+    for name in args.datasets:
+        trainval = _trainval_name(name)
+        if trainval is not None and trainval not in args.datasets:
+            logger.info(
+                "%r is the train part of the dataset only, without its val classes; `raml train -d %s` trains on "
+                "%s (train + val classes): check %r too, or instead, to cover every image the run reads",
+                name,
+                name,
+                trainval,
+                trainval,
+            )
     report: dict[str, list[dict[str, str]]] = {}
     summary: list[str] = []
     for split in splits:
