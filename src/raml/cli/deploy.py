@@ -328,8 +328,10 @@ def run_search(args: argparse.Namespace) -> int:
         OnnxEmbedder,
         check_query_dim,
         format_search_table,
+        recorded_image_sizes,
         recorded_teacher_sha256,
         search_images,
+        warn_if_default_sizes,
         warn_if_other_teacher,
         warn_if_untrained_size,
     )
@@ -364,6 +366,9 @@ def run_search(args: argparse.Namespace) -> int:
         trained_sizes = network.meta.get("image_sizes")
         size = args.image_size or (int(trained_sizes[0]) if trained_sizes else DEFAULT_QUERY_SIZE)
         warn_if_untrained_size(size, trained_sizes, str(args.network_path))
+        if args.image_size is None and not trained_sizes:  # the default, where the checkpoint may record another
+            recorded = recorded_image_sizes(network.source_path)
+            warn_if_default_sizes(str(args.network_path), "searching", (recorded[0], None), size)
         embeddings = embed_images(
             network, queries, size, [device], args.batch_size, args.workers, not args.no_progress, f"queries@{size}"
         )
@@ -468,7 +473,12 @@ def run_export(args: argparse.Namespace) -> int:
     from raml.deploy.export import export_onnx, export_torchscript
     from raml.deploy.image_files import check_images_exist
     from raml.deploy.quantize import QuantizationReport
-    from raml.deploy.search import recorded_teacher_sha256, warn_if_untrained_size
+    from raml.deploy.search import (
+        recorded_image_sizes,
+        recorded_teacher_sha256,
+        warn_if_default_sizes,
+        warn_if_untrained_size,
+    )
     from raml.models import checkpoint_sha256, load_network
 
     setup_logging(args.verbose)
@@ -499,6 +509,9 @@ def run_export(args: argparse.Namespace) -> int:
     multi_size = len(trained_sizes) > 1 and not network.meta.get("bn_sizes")
     if args.image_size is None:
         args.image_size = trained_sizes[0] if trained_sizes else DEFAULT_QUERY_SIZE
+        if not trained_sizes:  # the default, where the checkpoint may record another size it was trained at
+            recorded = recorded_image_sizes(network.source_path)
+            warn_if_default_sizes(str(args.network_path), "exporting", (recorded[0], None), args.image_size)
     warn_if_untrained_size(args.image_size, trained_sizes, str(args.network_path))
     common = {
         "dynamic_size": args.dynamic_size or multi_size,

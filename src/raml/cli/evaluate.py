@@ -60,6 +60,21 @@ def _import_run_names() -> None:
         getattr(module, name)
 
 
+class _StoreGiven(argparse.Action):
+    """Store the value and note that the flag was given (``<dest>_given``): its default is then told apart from
+    the same value passed on purpose."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, values)
+        setattr(namespace, f"{self.dest}_given", True)
+
+
 def add_parser(subparsers: argparse._SubParsersAction) -> None:
     """``raml test``: every flag and alias of the reference's ``test.py``, plus our own."""
     parser = subparsers.add_parser(
@@ -95,8 +110,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "--teacher-image-size",
         type=positive_int,
         default=448,
+        action=_StoreGiven,
         metavar="N",
-        help="database resolution DR (default: 448)",
+        help="database resolution DR (default: 448; a warning names the size a student recorded as trained at "
+        "when it differs)",
     )
     add_multiscale_arg(parser)
     parser.add_argument("--sym", action="store_true", help="also run the symmetric test of the student")
@@ -150,6 +167,7 @@ def run(args: argparse.Namespace) -> int:
         )
     if args.index is not None and args.multiscale != SINGLE_SCALE:
         raise SystemExit("raml test: --index does not support multi-scale queries; drop --multiscale.")
+    query_given = args.image_size is not None
     # None: the student's first trained size, known once it is loaded (below)
     sizes = None if args.image_size is None else _given_sizes(args)
     if args.json is not None:  # before any network is loaded or image embedded
@@ -159,11 +177,12 @@ def run(args: argparse.Namespace) -> int:
     # Resolve every split first so that a missing dataset fails before any network is loaded.
     val_ratio = resolve_val_ratio(args.val_ratio, [args.student_path, args.teacher_path], "raml test")
     resolved = [get_split(name, args.data_root, val_ratio) for name in args.datasets]
+    student_file = None
     if args.student_onnx is not None:
         student = _onnx_student(args.student_onnx, sizes, args.multiscale)
         device = torch.device("cpu")  # onnxruntime runs on the CPU
     else:
-        student, _ = network_from_args(
+        student, student_file = network_from_args(
             args.student_path,
             args.student,
             args.data_root,
@@ -181,14 +200,26 @@ def run(args: argparse.Namespace) -> int:
         sizes = _given_sizes(args)
         logger.info("Query size %d px (--image-size not given: %s)", sizes[0],
                     "the student's first trained size" if trained_sizes else "the default")  # fmt: skip
-    from raml.deploy.search import warn_if_untrained_size
+    from raml.deploy.search import recorded_image_sizes, warn_if_default_sizes, warn_if_untrained_size
 
     for size in sizes:
         warn_if_untrained_size(size, trained_sizes, str(args.student_onnx or args.student_path or args.student))
+    has_teacher = args.teacher_path is not None or args.teacher is not None
+    # a size left at its default while the checkpoint records another one it was trained at (one query size:
+    # a multi-size student's meta["image_sizes"] gives the default query size itself)
+    query_default = None if query_given or trained_sizes else sizes[0]
+    database_default = (
+        args.teacher_image_size
+        if has_teacher and args.index is None and not getattr(args, "teacher_image_size_given", False)
+        else None
+    )
+    if student_file is not None and (query_default is not None or database_default is not None):
+        warn_if_default_sizes(
+            str(args.student_path), "testing", recorded_image_sizes(student_file), query_default, database_default
+        )
     # each image is checked at the largest size it is embedded at (query sizes, the teacher's database size):
     # one the evaluation transform would resize to too many pixels is a bad image now, not an error mid-test
     splits, skipped = [], {}
-    has_teacher = args.teacher_path is not None or args.teacher is not None
     check_size = max([*sizes, args.teacher_image_size] if has_teacher else sizes)
     for split in resolved:
         split, bad = apply_bad_image_policy(split, args.bad_images, workers=max(1, args.workers), image_size=check_size)

@@ -128,6 +128,82 @@ def recorded_teacher_sha256(checkpoint_path: str | Path | None) -> str | None:
     return str(value) if value else None
 
 
+def recorded_image_sizes(checkpoint_path: str | Path | None) -> tuple[int | None, int | None]:
+    """The query and database sizes a raml training checkpoint records (``checkpoint["raml"]["image_size"]``
+    and, for a run with a teacher, ``["teacher_image_size"]``); None for each one it does not record."""
+    import zipfile
+
+    from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive, torch_load_mapped
+
+    if checkpoint_path is None:
+        return None, None
+    # quietly, memory-mapped: the network's own load has read (and reported on) this file already
+    try:
+        with open(checkpoint_path, "rb") as handle:
+            zipped = handle.read(4) == b"PK\x03\x04"
+            handle.seek(0)
+            if not zipped or is_torchscript_archive(handle) is not None:
+                return None, None  # a legacy pickle (the reference's: no record) or a TorchScript archive
+            check_declared_sizes(handle)
+            checkpoint = torch_load_mapped(handle)  # the very file checked
+    except (OSError, zipfile.BadZipFile):
+        return None, None
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a file it cannot read
+        logger.debug("No trained sizes read from %s (%s).", checkpoint_path, error)
+        return None, None
+    record = checkpoint.get("raml") if isinstance(checkpoint, dict) else None
+    if not isinstance(record, dict):
+        return None, None
+
+    def size(key: str) -> int | None:
+        value = record.get(key)
+        return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+    return size("image_size"), (size("teacher_image_size") if record.get("mode") != "sym" else None)
+
+
+def warn_if_default_sizes(
+    what: str,
+    action: str,
+    recorded: tuple[int | None, int | None],
+    query_default: int | None,
+    database_default: int | None = None,
+) -> bool:
+    """Warn once when a size left at its default differs from the size the network was trained at.
+
+    Args:
+        what: The network, as the user named it.
+        action: What the command does at those sizes, e.g. ``"testing"``.
+        recorded: ``(query size, database size)`` from :func:`recorded_image_sizes`.
+        query_default: The query size used because ``--image-size`` was not given; None when it was given
+            (or when the query size comes from elsewhere, e.g. a multi-size student's ``meta["image_sizes"]``).
+        database_default: Likewise for the database size and ``--teacher-image-size``; None when given or unused.
+
+    Returns:
+        True when a warning was logged.
+    """
+    parts = [
+        (label, flag, trained, used)
+        for label, flag, trained, used in (
+            ("QR", "--image-size", recorded[0], query_default),
+            ("DR", "--teacher-image-size", recorded[1], database_default),
+        )
+        if trained is not None and used is not None and trained != used
+    ]
+    if not parts:
+        return False
+    logger.warning(
+        "%s was trained at %s; %s at %s (the default%s): pass %s to use the size(s) it was trained at.",
+        what,
+        " / ".join(f"{label} {trained}" for label, _, trained, _ in parts),
+        action,
+        " / ".join(f"{label} {used}" for label, _, _, used in parts),
+        "s" if len(parts) > 1 else "",
+        " ".join(f"{flag} {trained}" for _, flag, trained, _ in parts),
+    )
+    return True
+
+
 def check_query_dim(query_dim: int, index: DatabaseIndex) -> None:
     """Refuse a query network whose output dimension differs from the index's (before embedding anything)."""
     if int(query_dim) != index.dim:
