@@ -392,7 +392,8 @@ def test_full_demo_gives_the_documents_numbers(full_demo):
     ("flags", "message"),
     [
         (["--images-per-class", "1"], "--images-per-class must be at least 2"),
-        (["--classes", "3"], "--classes must be even and at least 2"),
+        (["--classes", "3"], "--classes must be even and at least 4"),
+        (["--classes", "2"], "--classes must be even and at least 4"),  # one training class: nothing to learn
         (["--workers", "-1"], "--workers must be >= 0"),
         (["--seed", "-1"], "--seed must be >= 0"),
         (["--architecture", "resnet19"], "--architecture: Unknown architecture 'resnet19'"),

@@ -96,8 +96,11 @@ class DemoSettings:
         ``raml demo`` flag)."""
         from raml.models.backbones import resolve_architecture
 
-        if self.num_classes < 2 or self.num_classes % 2:
-            raise ValueError(f"--classes must be even and at least 2 (half train, half test), got {self.num_classes}.")
+        if self.num_classes < 4 or self.num_classes % 2:
+            raise ValueError(
+                f"--classes must be even and at least 4 (half train, half test; training needs at least 2 "
+                f"classes), got {self.num_classes}."
+            )
         if self.images_per_class < 2:
             raise ValueError(
                 f"--images-per-class must be at least 2 (the teacher learns from pairs of one class), got "

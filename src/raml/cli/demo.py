@@ -25,7 +25,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         "numbers, timings aside.",
     )
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
-    parser.add_argument("--classes", type=positive_int, default=d.num_classes, help="number of classes (even)")
+    parser.add_argument(
+        "--classes", type=positive_int, default=d.num_classes, help="number of classes (even, at least 4)"
+    )
     parser.add_argument("--images-per-class", type=positive_int, default=d.images_per_class, metavar="N")
     parser.add_argument("--teacher-epochs", type=positive_int, default=d.teacher_epochs, metavar="N")
     parser.add_argument("--student-epochs", type=positive_int, default=d.student_epochs, metavar="N")

@@ -205,6 +205,29 @@ def distance_weighted_negatives(
     return torch.from_numpy(np.stack(rows).astype(np.int64))
 
 
+def proxy_classes(labels: Sequence[int]) -> list[list[int]]:
+    """Indices of each class's images, in first-seen order, for the classes ``--loss normsoftmax`` trains on:
+    those with at least two images.
+
+    Raises:
+        ValueError: when fewer than two classes have two images: with one class, its proxy is the only one, the
+            softmax over the proxies is 1 and the loss exactly 0 (nothing is learnt).
+    """
+    by_class: dict[int, list[int]] = {}
+    for index, label in enumerate(labels):
+        by_class.setdefault(int(label), []).append(index)
+    usable = [members for members in by_class.values() if len(members) >= 2]
+    if len(usable) < 2:
+        largest = sorted((len(members) for members in by_class.values()), reverse=True)[:3]
+        raise ValueError(
+            f"Normalised-softmax training (--loss normsoftmax) needs at least 2 classes with at least 2 images "
+            f"(with one class the softmax over the class proxies is 1 and the loss 0: nothing to learn); this "
+            f"split has {len(usable)} such class(es) of {len(by_class)} (largest class sizes {largest}). Use a "
+            "split with more or larger classes."
+        )
+    return usable
+
+
 def class_groups(
     labels: Sequence[int], num_images: int, group_size: int, generator: torch.Generator
 ) -> list[list[int]]:
@@ -215,14 +238,9 @@ def class_groups(
     images without replacement (with replacement for classes smaller than ``group_size``).
 
     Raises:
-        ValueError: when no class has at least two images (no positive pairs at all).
+        ValueError: when fewer than two classes have at least two images (see :func:`proxy_classes`).
     """
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(index)
-    usable = [members for members in by_class.values() if len(members) >= 2]
-    if not usable:
-        raise ValueError("--loss normsoftmax needs classes with at least two images; this split has none.")
+    usable = proxy_classes(labels)
     groups: list[list[int]] = []
     target_groups = max(1, num_images // group_size)
     while len(groups) < target_groups:

@@ -17,7 +17,7 @@ from torch import nn
 from raml.distributed import all_reduce_sum_
 from raml.engine.methods.base import BatchLoss
 from raml.engine.methods.labelled import GROUP_SIZE, LabelledMethod
-from raml.engine.mining import class_groups
+from raml.engine.mining import class_groups, proxy_classes
 from raml.losses import normalized_softmax_loss
 
 PROXY_TEMPERATURE = 0.05  # normalised-softmax temperature (Zhai & Wu 2019)
@@ -40,6 +40,11 @@ class ProxyTraining(LabelledMethod):
         optimizer.add_param_group(
             {"name": "proxies", "params": [self.proxies], "lr": c.lr * PROXY_LR_MULTIPLIER, "weight_decay": 0.0}
         )
+
+    def epoch_images(self) -> int:
+        """The base's; first refuses a split with fewer than two trainable classes, at the start of the run."""
+        proxy_classes(self.run.train_split.labels)
+        return super().epoch_images()
 
     def epoch_batches(self, epoch: int, generator: torch.Generator) -> Iterator[Any]:
         """Groups of GROUP_SIZE images per class, ``batch_size`` images per batch; no mining needed."""
