@@ -45,7 +45,9 @@ def _help(argv: list[str]) -> str:
 
 def test_raml_help_lists_every_command_without_importing_one():
     seen = _modules_after(_help(["--help"]))
-    assert not [name for name in seen["modules"] if name.startswith("raml.cli.") and name != "raml.cli.main"]
+    # raml.cli.choices: the registries' names (the --mode names of the train line), no command's module
+    light = {"raml.cli.main", "raml.cli.choices"}
+    assert not [name for name in seen["modules"] if name.startswith("raml.cli.") and name not in light]
     assert not [name for name in HEAVY if name in seen["modules"]]
     for name, (_, _, line) in cli_main.COMMANDS.items():
         assert name in seen["stdout"] and line.split()[0] in seen["stdout"]

@@ -18,6 +18,9 @@ OPTIMIZER_NAMES: tuple[str, ...] = ("sgd", "adam", "adamW")
 #: ``raml.engine.optim.SCHEDULERS``
 SCHEDULER_NAMES: tuple[str, ...] = ("onecycle", "cyclic", "exponential", "none")
 
+#: ``list(raml.engine.methods.METHODS)``, in the registry's order: the ``--mode`` names ``raml --help`` lists
+METHOD_NAMES: tuple[str, ...] = ("ts_aug", "ts_reg", "sym", "aml", "rkd", "csd", "d3", "rop", "ugd")
+
 #: ``list(raml.reproduce.PAPER_RESULTS)``: the datasets ``raml reproduce`` knows
 REPRODUCE_DATASETS: tuple[str, ...] = ("cub", "cars", "sop")
 
@@ -93,6 +96,7 @@ SOURCES: dict[str, tuple[str, str]] = {
     "POOLING_NAMES": ("raml.models.pooling", "POOLINGS"),
     "OPTIMIZER_NAMES": ("raml.engine.optim", "OPTIMIZERS"),
     "SCHEDULER_NAMES": ("raml.engine.optim", "SCHEDULERS"),
+    "METHOD_NAMES": ("raml.engine.methods", "METHODS"),
     "REPRODUCE_DATASETS": ("raml.reproduce", "PAPER_RESULTS"),
     "DEMO_SETTINGS": ("raml.demo", "DemoSettings()"),
     "SERVICE_LIMITS": ("raml.deploy.service.service", "ServiceLimits()"),

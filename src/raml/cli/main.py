@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from raml import __version__
+from raml.cli.choices import METHOD_NAMES
 
 #: command -> (module under ``raml.cli``, its function that adds the command's parser, the line ``raml --help``
 #: shows). One module may add several commands (``deploy``: index, search, export): building one builds them all.
@@ -23,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "train": (
         "train",
         "add_parser",
-        "train a teacher (sym) or distil a student (ts_aug, ts_reg, aml, rkd, csd, d3, rop)",
+        f"train a teacher (sym) or distil a student ({', '.join(name for name in METHOD_NAMES if name != 'sym')})",
     ),
     "test": ("evaluate", "add_parser", "symmetric / asymmetric retrieval test"),
     "extract": ("extract", "add_parser", "embed a dataset split and save the embeddings"),
