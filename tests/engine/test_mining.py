@@ -214,7 +214,7 @@ def test_class_groups_are_single_class_groups():
         assert len(group) == 4
         assert len({labels[i] for i in group}) == 1
         assert labels[group[0]] != 3  # a one-image class has no positive: never an anchor group
-    with pytest.raises(ValueError, match="at least two images"):
+    with pytest.raises(ValueError, match="at least 2 classes with at least 2 images"):
         class_groups([0, 1, 2], 8, 4, torch.Generator())
 
 
