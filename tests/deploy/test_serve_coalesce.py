@@ -66,37 +66,52 @@ def _run(steps) -> list[tuple[str, bytes]]:
     return asyncio.run(main())
 
 
-def test_head_and_body_of_one_iteration_go_out_in_one_write():
-    calls = _run(lambda t, r: (t.write(b"HTTP/1.1 200 OK\r\n\r\n"), t.write(b'{"a": 1}')))
-    assert calls == [("write", b'HTTP/1.1 200 OK\r\n\r\n{"a": 1}')]
+HEAD = b"HTTP/1.1 200 OK\r\ncontent-length: 8\r\n\r\n"
 
 
-def test_a_lone_write_goes_out_at_the_end_of_the_iteration():
+def test_a_response_head_and_its_body_go_out_in_one_write_at_once():
     seen: list[int] = []
 
     def steps(t, r):
-        t.write(b"head")
-        seen.append(len(r.calls))  # held, not written yet
+        t.write(HEAD)
+        seen.append(len(r.calls))  # the head is held...
+        t.write(b'{"a": 1}')
+        seen.append(len(r.calls))  # ...and goes out with the body, in the same step (no wait for the loop)
 
-    assert _run(steps) == [("write", b"head")]
-    assert seen == [0]
+    assert _run(steps) == [("write", HEAD + b'{"a": 1}')]
+    assert seen == [0, 1]
+
+
+def test_a_head_without_a_body_goes_out_at_the_end_of_the_iteration():
+    assert _run(lambda t, r: t.write(HEAD)) == [("write", HEAD)]
+
+
+def test_any_other_write_goes_out_at_once():
+    seen: list[int] = []
+
+    def steps(t, r):
+        t.write(b"5\r\nhello\r\n")  # e.g. a chunk of a streamed body
+        seen.append(len(r.calls))
+
+    assert _run(steps) == [("write", b"5\r\nhello\r\n")]
+    assert seen == [1]
 
 
 def test_a_large_body_is_not_copied_into_the_head():
     big = b"x" * (_JOIN_LIMIT + 1)
-    calls = _run(lambda t, r: (t.write(b"head"), t.write(big)))
-    assert calls == [("write", b"head"), ("write", big)]
+    calls = _run(lambda t, r: (t.write(HEAD), t.write(big)))
+    assert calls == [("write", HEAD), ("write", big)]
 
 
 def test_close_and_write_eof_send_what_is_held_first_and_abort_drops_it():
-    assert _run(lambda t, r: (t.write(b"head"), t.close())) == [("write", b"head"), ("close", b"")]
-    assert _run(lambda t, r: (t.write(b"head"), t.write_eof())) == [("write", b"head"), ("eof", b"")]
-    assert _run(lambda t, r: (t.write(b"head"), t.abort())) == [("abort", b"")]
+    assert _run(lambda t, r: (t.write(HEAD), t.close())) == [("write", HEAD), ("close", b"")]
+    assert _run(lambda t, r: (t.write(HEAD), t.write_eof())) == [("write", HEAD), ("eof", b"")]
+    assert _run(lambda t, r: (t.write(HEAD), t.abort())) == [("abort", b"")]
 
 
 def test_nothing_is_written_to_a_transport_closed_underneath():
     def steps(t, r):
-        t.write(b"head")
+        t.write(HEAD)
         r.closing = True  # e.g. the peer reset the connection
 
     assert _run(steps) == []
@@ -105,15 +120,7 @@ def test_nothing_is_written_to_a_transport_closed_underneath():
 def test_the_buffer_size_counts_what_is_held_and_other_attributes_are_the_transports():
     async def main() -> tuple[int, str]:
         wrapper = _LingeringTransport(_Recorder(), _Protocol(), asyncio.get_running_loop())  # type: ignore[arg-type]
-        wrapper.write(b"12345")
+        wrapper.write(HEAD)
         return wrapper.get_write_buffer_size(), wrapper.get_extra_info("peername")
 
-    assert asyncio.run(main()) == (5, "extra:peername")
-
-
-def test_what_is_held_stays_under_the_join_limit():
-    part = b"y" * (_JOIN_LIMIT // 2 + 1)
-    calls = _run(lambda t, r: (t.write(part), t.write(part), t.write(part)))
-    assert calls == [("write", part), ("write", part), ("write", part)]
-    big = b"z" * (_JOIN_LIMIT + 1)
-    assert _run(lambda t, r: t.write(big)) == [("write", big)]
+    assert asyncio.run(main()) == (len(HEAD), "extra:peername")
