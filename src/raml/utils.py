@@ -233,9 +233,19 @@ def select_device(name: str = "auto") -> torch.device:
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise ValueError(
+            f"--device {name!r} is not a device name; use auto, cpu, cuda, cuda:N (N a GPU index) or mps."
+        ) from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"--device {name!r} asked for CUDA, but no CUDA device is visible; use --device cpu.")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        count = torch.cuda.device_count()
+        raise ValueError(
+            f"--device {name!r}: this machine has {count} CUDA device(s), numbered 0 to {count - 1}; pick one of them."
+        )
     return device
 
 
