@@ -171,7 +171,7 @@ def _read_until_closed(sock: socket.socket) -> bytes:
 def test_connections_refused_by_the_connection_cap_and_the_header_deadline_are_counted(world, front_end):
     """--max-connections 2 held by two silent clients: five more connections get 503 at once, counted as shed
     (reason ``connections``); the two silent ones then get 408 at the header deadline, counted too."""
-    with serving(world, front_end, max_connections=2, header_timeout_s=2.0) as (service, url):
+    with serving(world, front_end, max_connections=2, header_timeout_s=1.0) as (service, url):
         port = int(url.rsplit(":", 1)[1])
         held = [socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) for _ in range(2)]
         try:
