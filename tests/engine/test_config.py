@@ -195,6 +195,18 @@ def test_every_on_off_flag_has_an_opposite_that_sets_back_what_the_yaml_sets(tmp
     )
 
 
+@pytest.mark.parametrize(
+    ("argv", "longer"),
+    [(["--pretrained", "IMAGENET1K_V1"], "--pretrained-weights"), (["--mixup", "batch"], "--mixup-partner")],
+)
+def test_an_opposite_flag_given_a_value_names_the_longer_flag_it_once_abbreviated(argv, longer, capsys):
+    with pytest.raises(SystemExit) as exited:
+        build_parser().parse_args(["train", *argv])
+    assert exited.value.code == 2
+    err = capsys.readouterr().err
+    assert f"{argv[0]} takes no value" in err and f"spell it out: {longer} {argv[1]}" in err, err
+
+
 def test_bad_yaml_values_are_clear(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: many\n")

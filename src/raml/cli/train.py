@@ -323,11 +323,33 @@ def add_opposite_flags(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             *(opposite_flag(flag) for flag in long_flags),
             dest=action.dest,
-            action="store_const",
+            action=_OppositeFlag,
             const=not action.const,
             default=None,
             help=argparse.SUPPRESS,
         )
+
+
+class _OppositeFlag(argparse.Action):
+    """An opposite flag (:func:`add_opposite_flags`): stores ``const``, and takes no value. Two of them
+    (``--pretrained``, ``--mixup``) were once abbreviations of ``--pretrained-weights`` and ``--mixup-partner``:
+    given a value, the error names the longer flag instead of leaving the value unrecognized."""
+
+    def __init__(self, option_strings: list[str], dest: str, const: Any = None, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs="?", const=const, **kwargs)
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        if isinstance(values, str):  # nargs "?": the const when no value follows
+            longer = sorted(s for s in parser._option_string_actions if s.startswith(f"{option_string}-"))
+            hint = f"; for {longer[0]}, spell it out: {longer[0]} {values}" if longer else ""
+            parser.error(f"{option_string} takes no value (it sets back a --config file's setting){hint}")
+        setattr(namespace, self.dest, self.const)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
