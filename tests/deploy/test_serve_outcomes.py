@@ -192,12 +192,19 @@ def test_connections_refused_by_the_connection_cap_and_the_header_deadline_are_c
 
 def test_an_idle_keep_alive_connection_is_closed_at_the_header_deadline_without_a_408(world, front_end):
     """After an answer, a connection that sends nothing is closed quietly (no request timed out: nothing counted);
-    one that sends part of its next request's headers gets the 408, counted."""
+    one that sends part of its next request's headers, after the answer or pipelined with the answered request,
+    gets the 408, counted."""
     with serving(world, front_end, header_timeout_s=0.5) as (service, url):
         port = int(url.rsplit(":", 1)[1])
-        for partial, expected in ((b"", b""), (b"GET /health HTTP/1.1\r\nHo", b"HTTP/1.1 408 ")):
+        request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+        cases = (
+            (b"", b"", b""),  # idle after the answer: closed quietly
+            (b"", b"GET /health HTTP/1.1\r\nHo", b"HTTP/1.1 408 "),  # part of a next request after the answer
+            (b"GET /health HTTP/1.1\r\nHo", b"", b"HTTP/1.1 408 "),  # the same part pipelined with the request
+        )
+        for pipelined, partial, expected in cases:
             with socket.create_connection(("127.0.0.1", port), timeout=WAIT_S) as sock:
-                sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+                sock.sendall(request + pipelined)
                 answer = b""
                 while b'"ready"' not in answer:  # the whole /health answer (a small JSON body)
                     chunk = sock.recv(65536)
@@ -208,4 +215,4 @@ def test_an_idle_keep_alive_connection_is_closed_at_the_header_deadline_without_
                 rest = _read_until_closed(sock)
                 assert rest.startswith(expected) and (expected or rest == b""), rest[:200]
         registry = service.metrics.registry
-        assert registry.get_sample_value("raml_connection_refusals_total", {"status": "408"}) == 1
+        assert registry.get_sample_value("raml_connection_refusals_total", {"status": "408"}) == 2

@@ -229,8 +229,12 @@ class ConnectionDefences(LingeringClose):
         self._idle = False
         super().data_received(data)  # type: ignore[misc]
 
+    def _next_bytes_buffered(self) -> bool:
+        """Whether bytes of a next request (incomplete headers) came already, e.g. pipelined with the last one."""
+        return False
+
     def _arm_header_timer(self) -> None:
-        self._idle = True
+        self._idle = not self._next_bytes_buffered()
         self._cancel_header_timer()
         self._header_timer = self.loop.call_later(self.header_timeout_s, self._header_deadline)  # type: ignore[attr-defined]
 
@@ -354,6 +358,9 @@ class DeadlineH11Protocol(ConnectionDefences, H11Protocol):
 
     def _body_unread(self) -> bool:
         return self.conn.their_state is h11.SEND_BODY
+
+    def _next_bytes_buffered(self) -> bool:
+        return bool(self.conn.trailing_data[0])  # what h11 holds unparsed for the next cycle
 
 
 def _importable(module: str) -> bool:

@@ -64,6 +64,9 @@ class DeadlineHttpToolsProtocol(ConnectionDefences, HttpToolsProtocol):
     def _headers_pending(self) -> bool:
         return self._awaiting_headers
 
+    def _next_bytes_buffered(self) -> bool:
+        return not self._headers_done  # a next message began (on_message_begin) and its headers are incomplete
+
     def _arm_header_timer(self) -> None:
         self._awaiting_headers = True
         self._header_bytes = 0
