@@ -220,3 +220,36 @@ def test_the_mapped_readers_load_the_file_they_checked_not_one_swapped_in_after(
     else:
         monkeypatch.setattr("raml.models.restricted_pickle.check_declared_sizes", check_then_swap)
         assert module.checkpoint_val_ratio(good) == 0.25
+
+
+def test_the_same_data_copied_over_and_over_is_refused(tmp_path: Path) -> None:
+    """One 256 KiB string stored once, passed to bytearray() 64 times (9 pickle bytes a call): 16 MiB from a file
+    of about 256 KiB, each copy within the file's size."""
+    text = "x" * (1 << 18)
+    data = (
+        b"\x80\x02]q\x00cbuiltins\nbytearray\nq\x010X"
+        + len(text).to_bytes(4, "little")
+        + text.encode()
+        + b"q\x020X\x07\x00\x00\x00latin-1q\x030"
+        + b"h\x01h\x02h\x03\x86Ra" * 64
+        + b"."
+    )
+    path = tmp_path / "copies.pth"
+    writer = torch._C.PyTorchFileWriter(str(path))
+    writer.write_record("data.pkl", data, len(data))
+    writer.write_record("version", b"3\n", 2)
+    writer.write_end_of_file()
+    del writer
+    with open(path, "rb") as handle, pytest.raises(DeclaredSizeError, match="copied over and over"):
+        check_declared_sizes(handle)
+    with pytest.raises(InvalidCheckpointError, match="copied over and over"):
+        load_checkpoint_file(path)
+
+
+def test_an_honest_checkpoint_made_of_numpy_arrays_loads(tmp_path: Path) -> None:
+    """Protocol 2 writes an array's data as bytes (built once) that the load copies into the array (twice)."""
+    arrays = {f"a{i}": np.arange(50_000, dtype=np.float64) + i for i in range(4)}
+    path = tmp_path / "arrays.pth"
+    torch.save({"state_dict": {"w": torch.ones(2)}, **arrays}, path, pickle_protocol=2)
+    loaded = load_checkpoint_file(path)
+    assert all(np.array_equal(loaded[name], value) for name, value in arrays.items())

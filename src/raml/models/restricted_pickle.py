@@ -311,6 +311,21 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
     constructors that take a size (``bytes``, ``bytearray``, ``_codecs.encode``, numpy arrays), which refuse any
     size the file (``limit`` bytes) cannot hold, as do the storages named by torch's persistent ids."""
 
+    # what the real load copies, in all: the bytes objects it builds and the numpy arrays' data. A string stored
+    # once can be passed to bytearray() any number of times (9 pickle bytes a call), so each object being within
+    # the file's size is not enough: the total is bounded too (twice the file: a numpy array's data is built as
+    # bytes, then copied into the array; 1 MiB of slack for small files)
+    budget = 2 * limit + (1 << 20)
+    built = [0]
+
+    def spend(size: int, what: str) -> None:
+        built[0] += size
+        if built[0] > budget:
+            raise DeclaredSizeError(
+                f"the pickle builds {built[0]} or more bytes ({what}) from a file of {limit} bytes: the same data "
+                "copied over and over"
+            )
+
     def sized_bytes(kind: type) -> Any:
         """builtins.bytes / bytearray: built from data (str, bytes, a list of ints: no larger than the pickle), as
         the real load builds them (``bytes()`` is how protocol 2 writes ``b""``, e.g. an empty numpy array's data),
@@ -323,9 +338,11 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
                         f"the pickle calls bytes/bytearray with {type(value).__name__} {value!r}"[:200]
                     )
             try:
-                return kind(*args, **kwargs)
+                made = kind(*args, **kwargs)
             except (TypeError, ValueError, LookupError):  # e.g. a list holding stand-ins: the real load decides
                 return _Inert()
+            spend(len(made), "bytes/bytearray")
+            return made
 
         return build
 
@@ -333,7 +350,9 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
         # pickle writes bytes for protocols < 3 as _codecs.encode(<str>, "latin1"); other codecs can grow the data
         if not isinstance(obj, str) or not isinstance(encoding, str) or encoding.lower() not in _TEXT_ENCODINGS:
             raise DeclaredSizeError(f"the pickle calls _codecs.encode with the codec {encoding!r}")
-        return codecs.encode(obj, encoding, "replace")
+        made = codecs.encode(obj, encoding, "replace")
+        spend(len(made), "_codecs.encode")
+        return made
 
     class SizedArray(_Inert):  # numpy.ndarray(shape, ...), and what _reconstruct returns
         def __new__(cls, *args: Any, **kwargs: Any) -> SizedArray:
@@ -348,6 +367,7 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
                 raise DeclaredSizeError("the pickle holds a numpy array that is not plain bytes (an object array?)")
             if _element_count(state[1], limit, "a numpy array") > len(state[4]):
                 raise DeclaredSizeError(f"a numpy array declares {state[1]!r} elements for {len(state[4])} bytes")
+            spend(len(state[4]), "numpy arrays' data")  # the real load copies it into the array
 
     def reconstruct(subtype: Any, shape: Any, dtype: Any) -> SizedArray:
         _element_count(shape, limit, "a numpy array")
@@ -417,8 +437,9 @@ def check_declared_sizes(file: IO[bytes]) -> None:
     directory (every record must be stored uncompressed, as ``torch.save`` writes them, and their sizes must add
     up to no more than the file) and its ``data.pkl`` records; for torch's legacy format its pickles. The pickles
     are read by an unpickler that imports and runs nothing and checks every size given to a constructor (see
-    ``_size_checking_unpickler``). A file that passes loads within about its own size, plus the objects its
-    pickle builds.
+    ``_size_checking_unpickler``), and the total of the bytes and array data it builds. A file that passes loads
+    within about three times its own size (its storages, and its bytes and arrays at most twice the file), plus
+    the small objects its pickle builds.
 
     Raises:
         DeclaredSizeError: If the file asks for more than it holds (it must then not be loaded).
