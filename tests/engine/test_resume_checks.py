@@ -301,6 +301,21 @@ def test_overwrite_removes_the_previous_runs_checkpoints_so_last_resumes_the_new
     resumed.release_lock()
 
 
+def test_overwrite_refuses_an_input_that_is_a_checkpoint_of_the_folder_it_replaces(
+    machinery, machinery_teacher_path, finished, tmp_path
+):
+    """Fine-tuning from <dir>/model_best.pth.tar into <dir> with --overwrite replaced the input with the new run's
+    model_best (the log said it was kept): refused before anything is written."""
+    run = _copy(finished, tmp_path)
+    base = machinery.distill_config(run, machinery_teacher_path, epochs=1, val=False, overwrite=True)
+    before = _folder_state(run)
+    inputs = ({"student_path": str(run / "model_best.pth.tar")}, {"teacher_path": str(run / "model_last.pth.tar")})
+    for changes in inputs:
+        with pytest.raises(FileExistsError, match=r"is a checkpoint in --directory .*the input would be lost"):
+            Trainer(base.replace(**changes), CPU, progress=False)
+        assert _folder_state(run) == before
+
+
 def test_a_foreign_tmp_file_and_a_users_config_yaml_in_the_folder_are_left_alone(
     machinery, machinery_teacher_path, tmp_path
 ):

@@ -186,6 +186,17 @@ def refuse_existing_checkpoints(config: TrainConfig) -> None:
             "another --directory, continue with --resume-student last (or a checkpoint file), or pass "
             "--overwrite to replace them."
         )
+    if config.overwrite and directory.is_dir():
+        for flag, given in (("--student-path", config.student_path), ("--teacher-path", config.teacher_path)):
+            if given is None:
+                continue
+            source = Path(given).resolve()
+            if source.parent == directory.resolve() and _RUN_CHECKPOINT.fullmatch(source.name):
+                raise FileExistsError(
+                    f"{flag} {given} is a checkpoint in --directory {directory}, which this run (--overwrite) "
+                    f"replaces with its own {source.name.split('.')[0]}: the input would be lost. Nothing was "
+                    "changed. Copy it out of the folder and pass the copy, or use another --directory."
+                )
 
 
 def refuse_replacing_run_config(config: TrainConfig) -> None:
@@ -461,27 +472,17 @@ class Trainer:
         """``--overwrite`` (a new run, not a resume of this folder's checkpoints): remove the previous run's
         training checkpoints, now that every start check has passed. Left beside the new run's, its higher
         ``model_epoch<N>`` would be what ``--resume-student last`` resumes, and its ``model_best`` the result of
-        a new run stopped early. A file this run reads (``--student-path``, ``--teacher-path``) is kept."""
-        inputs = {Path(p).resolve() for p in (self.config.student_path, self.config.teacher_path) if p is not None}
-        removed, kept = [], []
+        a new run stopped early. A file this run reads (``--student-path``, ``--teacher-path``) is never among them:
+        :func:`refuse_existing_checkpoints` refuses such a run at the start."""
+        removed = []
         for path in sorted(self.directory.iterdir()):
             if not _RUN_CHECKPOINT.fullmatch(path.name) or not path.is_file():
-                continue
-            if path.resolve() in inputs:
-                kept.append(path.name)
                 continue
             path.unlink(missing_ok=True)
             removed.append(path.name)
         if removed:
             logger.info(
                 "--overwrite: removed the previous run's checkpoints from %s: %s", self.directory, ", ".join(removed)
-            )
-        if kept:
-            logger.warning(
-                "--overwrite: kept %s in %s, an input of this run (--student-path / --teacher-path); "
-                "--resume-student last may pick it up: name the checkpoint to resume instead.",
-                ", ".join(kept),
-                self.directory,
             )
 
     def _checked_split(self, name: str) -> Split:
