@@ -58,8 +58,6 @@ __all__ = [
 ]
 
 HTTP_CHOICES = ("auto", "httptools", "h11")
-#: the largest response head held, and the largest body joined to it (a larger body goes out after it, not copied)
-_JOIN_LIMIT = 64 * 1024
 LOOP_CHOICES = ("auto", "uvloop", "asyncio")
 
 
@@ -75,64 +73,20 @@ def raw_response(status: int, reason: str, message: str, extra: str = "") -> byt
 
 class _LingeringTransport:
     """A connection's transport as the uvicorn protocol sees it: ``close()`` lingers (see :class:`LingeringClose`)
-    while the request's body is unread, and a response's head goes out in one write with its body.
+    while the request's body is unread; everything else is the transport's own."""
 
-    uvicorn writes a response's status line and headers, then its body, in two ``write`` calls: two system calls
-    and two TCP segments per answer. A write that is a response's head (``HTTP/...`` up to its blank line, at
-    most ``_JOIN_LIMIT`` bytes) is held until the next write, which follows in the same step as a rule (Starlette
-    sends the body right after the head) and goes out joined with it (a body over ``_JOIN_LIMIT`` after it, not
-    copied); a head with no body (HEAD, 204) goes out when the loop's current iteration ends. Any other write goes
-    out at once. Closing or ending the stream sends what is held first; aborting drops it; the write buffer's
-    size counts it. Measured (A/B, 3 alternated runs each, 2026-12-05): 2-5 % less event-loop CPU per request,
-    about the runs' own spread; a first version that held every write to the iteration's end cost closed-loop
-    latency (p50 +4 %) and was dropped."""
-
-    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, transport: asyncio.Transport, protocol: LingeringClose) -> None:
         self._transport = transport
         self._protocol = protocol
-        self._loop = loop
-        self._held: bytes | None = None
-
-    def write(self, data: bytes) -> None:
-        held = self._held
-        if held is None:
-            if data[-4:] == b"\r\n\r\n" and data[:5] == b"HTTP/" and len(data) <= _JOIN_LIMIT:
-                self._held = bytes(data)  # a response's head: its body follows in the same step, as a rule
-                self._loop.call_soon(self._flush)  # else (no body: HEAD, 204) at the end of the iteration
-            else:
-                self._transport.write(data)
-        else:
-            self._held = None
-            if len(data) <= _JOIN_LIMIT:
-                self._transport.write(held + data)
-            else:
-                self._transport.write(held)
-                self._transport.write(data)
-
-    def _flush(self) -> None:
-        held, self._held = self._held, None
-        if held is not None and not self._transport.is_closing():
-            self._transport.write(held)
+        self.write = transport.write  # the hot path, without __getattr__
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
-
-    def get_write_buffer_size(self) -> int:
-        return self._transport.get_write_buffer_size() + (len(self._held) if self._held is not None else 0)
-
-    def write_eof(self) -> None:
-        self._flush()
-        self._transport.write_eof()
-
-    def abort(self) -> None:
-        self._held = None
-        self._transport.abort()
 
     def is_closing(self) -> bool:
         return self._protocol._lingering or self._transport.is_closing()
 
     def close(self) -> None:
-        self._flush()
         if not self.is_closing() and self._protocol._body_unread():
             self._protocol._linger()
         else:
@@ -157,13 +111,12 @@ class LingeringClose:
     _linger_timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:
-        super().connection_made(_LingeringTransport(transport, self, asyncio.get_running_loop()))  # type: ignore[misc]
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[misc]
 
     def _body_unread(self) -> bool:
         raise NotImplementedError
 
     def _linger(self) -> None:
-        self.transport._flush()  # type: ignore[attr-defined]
         transport: asyncio.Transport = self.transport._transport  # type: ignore[attr-defined]
         self._lingering = True
         self._linger_timer = self.loop.call_later(self.linger_s, transport.close)  # type: ignore[attr-defined]
