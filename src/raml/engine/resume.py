@@ -169,12 +169,14 @@ def check_not_interrupted(stored: dict[str, Any], path: Path) -> None:
     from there. A per-epoch schedule (or none) has not moved mid-epoch, so :func:`check_schedule_position` alone
     cannot tell."""
     epoch = stored.get("interrupted_in")
-    if epoch is None and path.name == INTERRUPTED_NAME:
-        epoch = "(recorded by no field: an earlier raml version wrote it)"  # its name says what it is
-    if epoch is None:
+    if epoch is not None:
+        when = f"epoch {epoch}"
+    elif path.name == INTERRUPTED_NAME:  # an earlier raml version's: its name says what it is
+        when = "an epoch (an earlier raml version wrote it, without the epoch)"
+    else:
         return
     raise ValueError(
-        f"--resume-student {path}: this checkpoint was saved part-way through epoch {epoch}, when a signal stopped "
+        f"--resume-student {path}: this checkpoint was saved part-way through {when}, when a signal stopped "
         "the run (model_interrupted.pth.tar); it cannot be resumed, since the run would replay that epoch from "
         "those weights. Nothing was changed. Resume from the last finished epoch: --resume-student last "
         "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path."
