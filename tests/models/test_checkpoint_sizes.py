@@ -253,3 +253,29 @@ def test_an_honest_checkpoint_made_of_numpy_arrays_loads(tmp_path: Path) -> None
     torch.save({"state_dict": {"w": torch.ones(2)}, **arrays}, path, pickle_protocol=2)
     loaded = load_checkpoint_file(path)
     assert all(np.array_equal(loaded[name], value) for name, value in arrays.items())
+
+
+@pytest.mark.parametrize("constructor", [b"builtins\nlist", b"builtins\nset", b"builtins\ntuple"])
+def test_a_stored_string_passed_to_another_constructor_over_and_over_is_refused(
+    tmp_path: Path, constructor: bytes
+) -> None:
+    """list(s) of one stored 256 KiB string, 64 times: 8 bytes a character each time (128 MiB) from ~256 KiB."""
+    text = "x" * (1 << 18)
+    data = (
+        b"\x80\x02]q\x00c"
+        + constructor
+        + b"\nq\x010X"
+        + len(text).to_bytes(4, "little")
+        + text.encode()
+        + b"q\x020h\x02\x85q\x030"
+        + b"h\x01h\x03Ra" * 64
+        + b"."
+    )
+    path = tmp_path / "copies.pth"
+    writer = torch._C.PyTorchFileWriter(str(path))
+    writer.write_record("data.pkl", data, len(data))
+    writer.write_record("version", b"3\n", 2)
+    writer.write_end_of_file()
+    del writer
+    with open(path, "rb") as handle, pytest.raises(DeclaredSizeError, match="copied over and over"):
+        check_declared_sizes(handle)

@@ -373,6 +373,29 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
         _element_count(shape, limit, "a numpy array")
         return SizedArray()
 
+    def copied(values: tuple[Any, ...]) -> int:
+        """What a constructor given ``values`` may copy out of them: their characters or bytes, or a pointer (8
+        bytes) per item of a container (e.g. ``list(s)`` of a stored string: a list of its characters)."""
+        size = 0
+        for value in values:
+            if isinstance(value, (str, bytes, bytearray)):
+                size += len(value)
+            elif isinstance(value, (list, tuple, set, frozenset, dict)):
+                size += 8 * len(value)
+        return size
+
+    class Counted(_Inert):
+        """Every other global (list, set, str, a numpy scalar, torch's rebuild functions, ...): a stand-in, but
+        what the real load would copy from its arguments counts against the budget (the same stored object passed
+        to list() over and over is as large as the same string passed to bytearray())."""
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Counted:
+            spend(copied((*args, *kwargs.values())), "objects built from stored data")
+            return super().__new__(cls)
+
+        def __call__(self, *args: Any, **kwargs: Any) -> Counted:
+            return Counted(*args, **kwargs)
+
     checked: dict[tuple[str, str], Any] = {
         ("builtins", "bytes"): sized_bytes(bytes),
         ("builtins", "bytearray"): sized_bytes(bytearray),
@@ -388,7 +411,7 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
                 module, name = _compat_pickle.NAME_MAPPING[(module, name)]
             elif module in _compat_pickle.IMPORT_MAPPING:
                 module = _compat_pickle.IMPORT_MAPPING[module]
-            return checked.get((module, name), _Inert)
+            return checked.get((module, name), Counted)
 
         def persistent_load(self, saved_id: Any) -> Any:
             # torch's storages: ("storage", type, key, location, numel[, view]); numel counts elements of at
