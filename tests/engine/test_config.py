@@ -207,6 +207,13 @@ def test_an_opposite_flag_given_a_value_names_the_longer_flag_it_once_abbreviate
     assert f"{argv[0]} takes no value" in err and f"spell it out: {longer} {argv[1]}" in err, err
 
 
+def test_an_opposite_flag_that_abbreviated_nothing_alone_names_no_flag(capsys):
+    with pytest.raises(SystemExit):  # --val was ambiguous (--val-freq, --val-ratio): no guess
+        build_parser().parse_args(["train", "--val", "0.2"])
+    err = capsys.readouterr().err
+    assert "--val takes no value" in err and "spell it out" not in err, err
+
+
 def test_bad_yaml_values_are_clear(tmp_path):
     cfg = tmp_path / "c.yaml"
     cfg.write_text("epochs: many\n")

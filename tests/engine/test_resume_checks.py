@@ -308,10 +308,18 @@ def test_overwrite_refuses_an_input_that_is_a_checkpoint_of_the_folder_it_replac
     model_best (the log said it was kept): refused before anything is written."""
     run = _copy(finished, tmp_path)
     base = machinery.distill_config(run, machinery_teacher_path, epochs=1, val=False, overwrite=True)
+    elsewhere = tmp_path / "elsewhere.pth"
+    elsewhere.write_bytes((run / "model_last.pth.tar").read_bytes())
+    link = run / "model_epoch7.pth.tar"  # a link named like a checkpoint of the folder: removed too
+    link.symlink_to(elsewhere)
+    inputs = (
+        {"student_path": str(run / "model_best.pth.tar")},
+        {"teacher_path": str(run / "model_last.pth.tar")},
+        {"teacher_path": str(link)},
+    )
     before = _folder_state(run)
-    inputs = ({"student_path": str(run / "model_best.pth.tar")}, {"teacher_path": str(run / "model_last.pth.tar")})
     for changes in inputs:
-        with pytest.raises(FileExistsError, match=r"is a checkpoint in --directory .*the input would be lost"):
+        with pytest.raises(FileExistsError, match=r"is a checkpoint in --directory .*--overwrite removes"):
             Trainer(base.replace(**changes), CPU, progress=False)
         assert _folder_state(run) == before
 

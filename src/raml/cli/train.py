@@ -347,7 +347,8 @@ class _OppositeFlag(argparse.Action):
     ) -> None:
         if isinstance(values, str):  # nargs "?": the const when no value follows
             longer = sorted(s for s in parser._option_string_actions if s.startswith(f"{option_string}-"))
-            hint = f"; for {longer[0]}, spell it out: {longer[0]} {values}" if longer else ""
+            # the flag it once abbreviated, where it was the only one (--val was ambiguous: --val-freq, --val-ratio)
+            hint = f"; for {longer[0]}, spell it out: {longer[0]} {values}" if len(longer) == 1 else ""
             parser.error(f"{option_string} takes no value (it sets back a --config file's setting){hint}")
         setattr(namespace, self.dest, self.const)
 

@@ -179,7 +179,8 @@ def check_not_interrupted(stored: dict[str, Any], path: Path) -> None:
         f"--resume-student {path}: this checkpoint was saved part-way through {when}, when a signal stopped "
         "the run (model_interrupted.pth.tar); it cannot be resumed, since the run would replay that epoch from "
         "those weights. Nothing was changed. Resume from the last finished epoch: --resume-student last "
-        "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path."
+        "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path "
+        "(a copy outside --directory, if the new run uses that folder with --overwrite)."
     )
 
 
@@ -205,7 +206,8 @@ def check_schedule_position(
         f"epoch {epoch} of this run is at step {expected} ({unit}): it was saved part-way through an epoch "
         "(model_interrupted.pth.tar holds the moment a signal stopped the run, not a finished epoch) or by a run "
         "of other settings. Nothing was changed. Resume from the last finished epoch: --resume-student last "
-        "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path."
+        "(model_last.pth.tar or model_epoch<N>.pth.tar), or start a new run from its weights with --student-path "
+        "(a copy outside --directory, if the new run uses that folder with --overwrite)."
     )
 
 

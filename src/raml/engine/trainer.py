@@ -190,13 +190,15 @@ def refuse_existing_checkpoints(config: TrainConfig) -> None:
         for flag, given in (("--student-path", config.student_path), ("--teacher-path", config.teacher_path)):
             if given is None:
                 continue
-            source = Path(given).resolve()
-            if source.parent == directory.resolve() and _RUN_CHECKPOINT.fullmatch(source.name):
-                raise FileExistsError(
-                    f"{flag} {given} is a checkpoint in --directory {directory}, which this run (--overwrite) "
-                    f"replaces with its own {source.name.split('.')[0]}: the input would be lost. Nothing was "
-                    "changed. Copy it out of the folder and pass the copy, or use another --directory."
-                )
+            # the path as given (a link named like a checkpoint is removed too) and the file it names
+            for source in (Path(given).absolute(), Path(given).resolve()):
+                if source.parent.resolve() == directory.resolve() and _RUN_CHECKPOINT.fullmatch(source.name):
+                    raise FileExistsError(
+                        f"{flag} {given} is a checkpoint in --directory {directory}, whose checkpoints --overwrite "
+                        "removes at the start (the run then writes its own there): the input would be lost. "
+                        "Nothing was changed. Copy it out of the folder and pass the copy, or use another "
+                        "--directory."
+                    )
 
 
 def refuse_replacing_run_config(config: TrainConfig) -> None:
