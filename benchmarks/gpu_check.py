@@ -40,7 +40,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -311,8 +311,9 @@ def format_report(report: dict[str, Any]) -> str:
     lines.append("| training | amp active | images/s | views/s | loader wait | peak GiB |")
     lines.append("|---|---|---|---|---|---|")
     for row in report["training"]:
-        if "refused" in row:
-            lines.append(f"| ts_aug {'--amp' if row['amp'] else 'fp32'} | refused: {row['refused']} | | | | |")
+        if "refused" in row or "failed" in row:
+            why = f"refused: {row['refused']}" if "refused" in row else f"failed: {row['failed']}"
+            lines.append(f"| ts_aug {'--amp' if row['amp'] else 'fp32'} | {why} | | | | |")
             continue
         lines.append(
             f"| ts_aug {'--amp' if row['amp'] else 'fp32'} | {row['amp_active']} | {row['images_per_s']} | "
@@ -323,18 +324,26 @@ def format_report(report: dict[str, Any]) -> str:
     if "skipped" in ddp or "failed" in ddp:
         lines.append(f"  torchrun: {ddp.get('skipped') or ddp.get('failed')}")
     ev = report["evaluation"]
-    lines += [
-        "",
-        f"exact evaluation of {ev['num_images']} x {ev['dim']}-d embeddings: device {ev['device_seconds']} s, "
-        f"CPU {ev['cpu_seconds']} s, metrics equal: {ev['equal']} (max difference {ev['max_metric_difference']:.2e})",
-        "",
-        "| network | size | batch | ms/image |",
-        "|---|---|---|---|",
-    ]
-    for row in report["latency"]:
-        lines.append(f"| {row['role']} | {row['image_size']} | {row['batch_size']} | {row['ms_per_image']} |")
+    lines.append("")
+    if "failed" in ev:
+        lines.append(f"exact evaluation: failed: {ev['failed']}")
+    else:
+        lines.append(
+            f"exact evaluation of {ev['num_images']} x {ev['dim']}-d embeddings: device {ev['device_seconds']} s, "
+            f"CPU {ev['cpu_seconds']} s, metrics equal: {ev['equal']} (max difference "
+            f"{ev['max_metric_difference']:.2e})"
+        )
+    lines += ["", "| network | size | batch | ms/image |", "|---|---|---|---|"]
+    latency = report["latency"]
+    if isinstance(latency, dict):  # {"failed": ...}
+        lines.append(f"| latency failed: {latency.get('failed')} | | | |")
+    else:
+        for row in latency:
+            lines.append(f"| {row['role']} | {row['image_size']} | {row['batch_size']} | {row['ms_per_image']} |")
     graph = report.get("service_graph")
-    if graph:
+    if graph and "failed" in graph:
+        lines += ["", f"raml serve's query network: failed: {graph['failed']}"]
+    elif graph:
         kept = "kept" if graph["image_size"] in graph["graph_sizes"] else "NOT kept (the service runs it eagerly)"
         lines += [
             "",
@@ -344,8 +353,24 @@ def format_report(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run_check(settings: CheckSettings, device: torch.device, work: Path) -> dict[str, Any]:
-    """Every part of the check on ``device``; returns the report (see the module docstring)."""
+def _part(report: dict[str, Any], name: str, measure: Callable[[], Any], saved: Callable[[dict], None]) -> None:
+    """``report[name] = measure()``; a part that fails is recorded as ``{"failed": ...}`` and the others still
+    run (a GPU session's minutes are counted: one failure must not lose the other figures); the report so far is
+    saved after each part."""
+    try:
+        report[name] = measure()
+    except Exception as error:  # noqa: BLE001 - recorded in the report, with its traceback in the log
+        logger.exception("gpu_check: the %s part failed", name)
+        report[name] = {"failed": f"{type(error).__name__}: {error}"[:2000]}
+    saved(report)
+
+
+def run_check(
+    settings: CheckSettings, device: torch.device, work: Path, saved: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
+    """Every part of the check on ``device``; returns the report (see the module docstring). ``saved`` is called
+    with the report after each part (``main`` writes the JSON then)."""
+    saved = saved or (lambda report: None)
     start = time.perf_counter()
     report: dict[str, Any] = {
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -367,10 +392,14 @@ def run_check(settings: CheckSettings, device: torch.device, work: Path) -> dict
             report["training"].append(measure_training(settings, data_root, network, work, device, amp))
         except ValueError as error:  # --amp refused: this GPU has no native bf16
             report["training"].append({"amp": amp, "refused": str(error)})
-    report["ddp"] = measure_ddp(settings, data_root, network, work, device)
-    report["evaluation"] = measure_evaluation(settings, device)
-    report["latency"] = measure_latency(settings, network, device)
-    report["service_graph"] = measure_service_graph(settings, network, device)
+        except Exception as error:  # noqa: BLE001 - recorded; the other parts still run
+            logger.exception("gpu_check: the training part (amp %s) failed", amp)
+            report["training"].append({"amp": amp, "failed": f"{type(error).__name__}: {error}"[:2000]})
+        saved(report)
+    _part(report, "ddp", lambda: measure_ddp(settings, data_root, network, work, device), saved)
+    _part(report, "evaluation", lambda: measure_evaluation(settings, device), saved)
+    _part(report, "latency", lambda: measure_latency(settings, network, device), saved)
+    _part(report, "service_graph", lambda: measure_service_graph(settings, network, device), saved)
     report["loadavg_end"] = _loadavg()
     report["total_seconds"] = round(time.perf_counter() - start, 1)
     return report
@@ -429,9 +458,13 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu_check_") as scratch:
         work = args.out or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        report = run_check(settings, device, work)
         json_path = args.json or (args.out / "gpu_check.json" if args.out else Path("gpu_check.json"))
-        atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+
+        def save(report: dict[str, Any]) -> None:  # after each part: a later failure or time-out keeps these
+            atomic_write_text(json_path, json.dumps(report, indent=2) + "\n")
+
+        report = run_check(settings, device, work, save)
+        save(report)
     print(format_report(report))
     print(f"\nwrote {json_path}")
     return 0

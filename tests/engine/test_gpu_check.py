@@ -119,3 +119,26 @@ def test_an_unusable_device_is_one_line_and_exit_2(
     err = capsys.readouterr().err
     assert err.startswith("gpu_check: error: ") and message in err and err.count("\n") == 1
     assert list(tmp_path.iterdir()) == []  # nothing run, nothing written
+
+
+def test_a_failing_part_is_recorded_and_the_others_are_kept_in_the_json(gpu_check, monkeypatch, tmp_path, capsys):
+    """A GPU session's minutes are counted: one part that fails (or a time-out of the torchrun part) must not lose
+    the others' figures; the JSON is written after each part."""
+    seen_on_disk: list[list[str]] = []
+    real_write = gpu_check.atomic_write_text
+
+    def recording_write(path, text):  # noqa: ANN001
+        seen_on_disk.append(sorted(json.loads(text)))
+        real_write(path, text)
+
+    def failing_evaluation(settings, device):  # noqa: ANN001
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+    monkeypatch.setattr(gpu_check, "atomic_write_text", recording_write)
+    monkeypatch.setattr(gpu_check, "measure_evaluation", failing_evaluation)
+    assert gpu_check.main(["--device", "cpu", "--tiny", "--out", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert report["evaluation"] == {"failed": "RuntimeError: CUDA error: an illegal memory access was encountered"}
+    assert report["latency"] and report["service_graph"]["service_ms_batch32"] > 0  # the parts after it ran
+    assert len(seen_on_disk) >= 6 and "training" in seen_on_disk[0]  # saved part by part, from the first
+    assert "exact evaluation: failed: RuntimeError" in capsys.readouterr().out
