@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import random
 import shutil
 import stat
@@ -413,3 +414,40 @@ def test_sparse_members_are_refused_in_both_formats(tmp_path: Path, pax: bool, n
     with pytest.raises(ArchiveError, match=r"member 'sp/hole.bin' is a sparse file; .*regular files and folders"):
         TarArchive().unpack(archive, dest, max_ratio=1e9)
     assert sorted(p.name for p in dest.iterdir()) == ["kept.txt"]  # not even the regular file before it
+
+
+# ------------------------------------------------------------------ repeated members, unwritten bytes (audit)
+def _repeated_folder(path: Path, depth: int, times: int) -> Path:
+    """A .tgz of one folder ``a/a/.../a`` (``depth`` levels) listed ``times`` times."""
+    info = tarfile.TarInfo("/".join(["a"] * depth))
+    info.type = tarfile.DIRTYPE
+    header = info.tobuf(tarfile.GNU_FORMAT, "utf-8", "surrogateescape")
+    with gzip.open(path, "wb", compresslevel=6) as out:
+        out.write(header * times + b"\0" * 1024)
+    return path
+
+
+def test_a_deep_folder_repeated_is_checked_once(tmp_path: Path, monkeypatch):
+    # before: every member lstat'ed every level of its path and resolved it again (21.6 ms a member at depth 500)
+    archive = _repeated_folder(tmp_path / "car_ims.tgz", depth=100, times=200)
+    calls = []
+    lstat = os.lstat
+
+    def counted(path, *args, **kwargs):
+        calls.append(path)
+        return lstat(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "lstat", counted)
+    assert TarArchive().unpack(archive, tmp_path / "dest") == 0
+    monkeypatch.setattr(os, "lstat", lstat)
+    assert (tmp_path / "dest" / "/".join(["a"] * 100)).is_dir()
+    assert len(calls) < 4 * 100  # each level checked and resolved once, not once a member (40,000 calls)
+
+
+def test_repeated_members_count_against_the_unpack_ratio(tmp_path: Path, monkeypatch, no_writing):
+    # before: a folder already on the previous member's path cost nothing, so the repeats were free
+    monkeypatch.setattr(archives, "RATIO_FREE_MEMBERS", 0)
+    archive = _repeated_folder(tmp_path / "car_ims.tgz", depth=100, times=1500)
+    assert 100 * archives.MEMBER_BYTES < archives.UNPACK_GRACE_BYTES  # the folders alone pass
+    with pytest.raises(ArchiveError, match=r"--max-unpack-ratio"):
+        TarArchive().unpack(archive, tmp_path / "dest")

@@ -24,13 +24,15 @@ Safety (the archive is untrusted: the official Cars URL is plain ``http://``):
    bytes and ``zipfile`` stops at the declared size) are added up before writing, each file and each folder
    it creates charged :data:`MEMBER_BYTES` more (a filesystem block and an inode: empty files and folders
    take disk space too, and an archive of a million of them is a few MB; the ratio does not charge the first
-   :data:`RATIO_FREE_MEMBERS`): more than the free space
+   :data:`RATIO_FREE_MEMBERS`); a member that creates nothing (a folder already made, a skipped member) is
+   charged its header and name bytes instead, so that repeating one member costs too: more than the free space
    (:class:`InsufficientSpaceError`) or more than ``max_ratio`` times the archive's own size
    (:data:`MAX_UNPACK_RATIO`, ``--max-unpack-ratio``; not applied below :data:`UNPACK_GRACE_BYTES`) is
    refused. The gzip size trailer, which wraps at 4 GiB and can be forged, is not used.
 3. Members are written by this module (never ``tarfile.extract``/``zipfile.extract``): into paths built
    from the checked name under the resolved ``dest``, every folder on the way checked to be a real folder
-   (not a link), files created with ``O_EXCL | O_NOFOLLOW``. Bytes are counted while writing: past the
+   (not a link; once per unpacking: later members under it find it among the checked ones), files created
+   with ``O_EXCL | O_NOFOLLOW``. Bytes are counted while writing: past the
    limits (every created file and folder counted as :data:`MEMBER_BYTES` more), or when the disk's free
    space falls below what is left to write (checked at every member and every :data:`FREE_SPACE_CHECK_BYTES`),
    unpacking stops and what it wrote is removed.
@@ -85,6 +87,8 @@ check charges every one."""
 FREE_SPACE_CHECK_BYTES = 64 << 20
 """While writing, the free space is checked again at every member and after this many bytes."""
 CHUNK = 1 << 20
+_ZIP_HEADER_BYTES = 30 + 46
+"""A zip member's local header and central directory entry, without the name (which both hold)."""
 
 _DAMAGED = (
     tarfile.TarError,
@@ -235,16 +239,19 @@ class _Budget:
             "disk. Nothing of it was kept."
         )
 
-    def plan(self, size: int, name: str | None, *, folder: bool = False) -> None:
+    def plan(self, size: int, name: str | None, *, folder: bool = False, header: int = 0) -> None:
         """One more member, before anything is written: ``size`` bytes of content written as ``name`` (None: the
         member is skipped), a file or a ``folder``. Every file, and every folder of ``name`` that the members
         before it (in writing order) did not pass through, is charged :data:`MEMBER_BYTES`: an upper bound of
-        what :class:`_Writer` charges for the files and folders it creates."""
+        what :class:`_Writer` charges for the files and folders it creates. A member that creates nothing (a
+        folder already on the way, a skipped member) is charged its ``header`` bytes (its header and name in
+        the archive) instead, so that an archive repeating one member many times counts against the limits."""
         self.members += 1
         if self.members > MAX_MEMBERS:
             raise ArchiveError(
                 f"{self.archive}: holds more than {MAX_MEMBERS} members; a dataset has far fewer. Refusing it."
             )
+        entries = 0
         if name is not None:
             parts = name.split("/")
             folders = parts if folder else parts[:-1]
@@ -255,8 +262,9 @@ class _Budget:
                 shared += 1
             self._last_folders = folders
             entries = MEMBER_BYTES * (len(folders) - shared + (0 if folder else 1))
-            self.planned_entries += entries
-            size += entries
+        entries = max(entries, header)  # the least a member costs: reading its header
+        self.planned_entries += entries
+        size += entries
         self.planned += size
         if self._for_ratio(self.planned, self.planned_entries) > self.ratio_cap:  # first: a bomb, not a lack of space
             raise self._too_large(self.planned)
@@ -304,13 +312,20 @@ class _Writer:
         self.root = os.path.realpath(dest)
         self.created: list[str] = []  # what undo removes: created paths whose parent was there before
         self._created_dirs: set[str] = set()
+        self._folders: set[str] = {self.root}  # folders already checked to be real folders under the root
         self.files = 0
 
     def _folder(self, name: str, parts: list[str]) -> str:
-        """The real path of folder ``parts`` under the root, made where missing; each level must be a folder."""
+        """The real path of folder ``parts`` under the root, made where missing; each level must be a folder.
+        Each folder is checked once: later members under it (or repeating it) find it in ``_folders``."""
+        full = os.path.join(self.root, *parts)
+        if full in self._folders:
+            return full
         path = self.root
         for part in parts:
             parent, path = path, os.path.join(path, part)
+            if path in self._folders:
+                continue
             try:
                 mode = os.lstat(path).st_mode
             except FileNotFoundError:
@@ -328,6 +343,12 @@ class _Writer:
         real = os.path.realpath(path)
         if os.path.commonpath([self.root, real]) != self.root:
             raise ArchiveError(f"{self.archive}: member {name!r} resolves outside {self.root}; refusing this archive.")
+        # every level is now a real folder under the root; nothing of the archive can turn one into a link later
+        # (links are refused, files are created with O_EXCL), so none needs checking again
+        level = self.root
+        for part in parts:
+            level = os.path.join(level, part)
+            self._folders.add(level)
         return path
 
     def directory(self, name: str) -> None:
@@ -434,7 +455,10 @@ class TarArchive:
                 with tar:
                     for member, name in self._members(path, tar):
                         budget.plan(
-                            member.size if name is not None and member.isreg() else 0, name, folder=member.isdir()
+                            member.size if name is not None and member.isreg() else 0,
+                            name,
+                            folder=member.isdir(),
+                            header=member.offset_data - member.offset,
                         )
                     self._drain(path, stream, budget)
         except ArchiveError:
@@ -538,7 +562,12 @@ class ZipArchive:
             name = safe_member_name(info.filename, path)
             if prefix and (name == prefix or name.startswith(prefix + "/")):
                 name = name[len(prefix) + 1 :]
-            budget.plan(0 if info.is_dir() else info.file_size, name or None, folder=info.is_dir())
+            budget.plan(
+                0 if info.is_dir() else info.file_size,
+                name or None,
+                folder=info.is_dir(),
+                header=_ZIP_HEADER_BYTES + 2 * len(info.orig_filename.encode("utf-8", "surrogateescape")),
+            )
             if not name:
                 continue
             if not info.is_dir():
