@@ -451,3 +451,36 @@ def test_repeated_members_count_against_the_unpack_ratio(tmp_path: Path, monkeyp
     assert 100 * archives.MEMBER_BYTES < archives.UNPACK_GRACE_BYTES  # the folders alone pass
     with pytest.raises(ArchiveError, match=r"--max-unpack-ratio"):
         TarArchive().unpack(archive, tmp_path / "dest")
+
+
+def test_the_data_of_skipped_members_counts_against_the_unpack_ratio(tmp_path: Path, no_writing):
+    # before: a member skipped by --strip-components was charged nothing, though decompressed (twice): 2 GiB of
+    # zeros from a 2 MB .tgz were accepted; here 40 MiB of zeros, past the 18 MiB the stream may hold
+    archive = tmp_path / "CUB_200_2011.tgz"
+    skipped = tarfile.TarInfo("attributes.txt")  # one component: skipped by strip_components=1
+    skipped.size = 40 << 20
+    kept = tarfile.TarInfo("CUB_200_2011/images.txt")
+    kept.size = 3
+    with gzip.open(archive, "wb", compresslevel=1) as out:
+        out.write(skipped.tobuf(tarfile.GNU_FORMAT))
+        for _ in range(40):
+            out.write(bytes(1 << 20))
+        out.write(kept.tobuf(tarfile.GNU_FORMAT) + b"1 a".ljust(512, b"\0") + bytes(1024))
+    with pytest.raises(ArchiveError, match=r"decompressed stream runs past .*--max-unpack-ratio"):
+        TarArchive(strip_components=1).unpack(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_pax_headers_count_against_the_unpack_ratio(tmp_path: Path, no_writing):
+    # before: header bytes were never charged: 2,000 members with a 1 MB PAX comment each (1.87 GiB) were accepted
+    info = tarfile.TarInfo("car_ims")
+    info.type = tarfile.DIRTYPE
+    info.pax_headers = {"comment": "a" * 1_000_000}
+    header = info.tobuf(tarfile.PAX_FORMAT)
+    archive = tmp_path / "car_ims.tgz"
+    with gzip.open(archive, "wb", compresslevel=1) as out:
+        for _ in range(30):
+            out.write(header)
+        out.write(bytes(1024))
+    with pytest.raises(ArchiveError, match=r"--max-unpack-ratio"):
+        TarArchive().unpack(archive, tmp_path / "dest")

@@ -28,7 +28,9 @@ Safety (the archive is untrusted: the official Cars URL is plain ``http://``):
    charged its header and name bytes instead, so that repeating one member costs too: more than the free space
    (:class:`InsufficientSpaceError`) or more than ``max_ratio`` times the archive's own size
    (:data:`MAX_UNPACK_RATIO`, ``--max-unpack-ratio``; not applied below :data:`UNPACK_GRACE_BYTES`) is
-   refused. The gzip size trailer, which wraps at 4 GiB and can be forged, is not used.
+   refused. The gzip size trailer, which wraps at 4 GiB and can be forged, is not used. Bytes decompressed but
+   never written (headers, members skipped by ``strip_components``) count too: a tar whose stream runs past the
+   ratio's cap plus :data:`UNPACK_GRACE_BYTES` and the free entries' allowance is refused as it gets there.
 3. Members are written by this module (never ``tarfile.extract``/``zipfile.extract``): into paths built
    from the checked name under the resolved ``dest``, every folder on the way checked to be a real folder
    (not a link; once per unpacking: later members under it find it among the checked ones), files created
@@ -271,6 +273,20 @@ class _Budget:
         if self.planned > self.free:
             raise self._no_room(self.planned)
 
+    def read_to(self, position: int) -> None:
+        """The archive's decompressed stream has been read (or skipped) up to ``position``: stop once it passes
+        the ratio's cap plus :data:`UNPACK_GRACE_BYTES` and the free entries' allowance (headers, and the data
+        of members that are never written, are bytes to decompress too)."""
+        limit = self.ratio_cap + UNPACK_GRACE_BYTES + RATIO_FREE_MEMBERS * MEMBER_BYTES
+        if position > limit:
+            raise ArchiveError(
+                f"{self.archive}: its decompressed stream runs past {size_text(limit)} (headers and the data of "
+                "skipped members included), more than "
+                f"{self.max_ratio:g} times the archive's {size_text(self.archive_size)} (--max-unpack-ratio "
+                f"{self.max_ratio:g}) allows. This looks like a decompression bomb; refusing it, and nothing of it "
+                "is kept. If the file is genuine, raise --max-unpack-ratio."
+            )
+
     @staticmethod
     def _for_ratio(total: int, entries: int) -> int:
         """What the ratio limits of ``total`` bytes of which ``entries`` are :data:`MEMBER_BYTES` charges."""
@@ -435,10 +451,14 @@ class TarArchive:
             stream = raw
         return tarfile.open(fileobj=_BoundedReads(stream, path), mode="r:"), stream  # type: ignore[arg-type]
 
-    def _members(self, path: Path, tar: tarfile.TarFile) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
-        """Every member and its checked, stripped name (None: skipped), without keeping the member list."""
+    def _members(
+        self, path: Path, tar: tarfile.TarFile, budget: _Budget
+    ) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
+        """Every member and its checked, stripped name (None: skipped), without keeping the member list; the
+        stream's position (past the member's data, read or skipped) is checked against the budget first."""
         while (member := tar.next()) is not None:
             tar.members.clear()  # tarfile keeps every member it has read; a header pass must not
+            budget.read_to(tar.offset)  # before the next member makes tarfile decompress past a skipped one
             name = _strip(safe_member_name(member.name, path), self.strip_components)
             if member.type in _TAR_KINDS or member.issparse() or not (member.isreg() or member.isdir()):
                 kind = _TAR_KINDS.get(member.type, f"member of tar type {member.type!r}")
@@ -453,7 +473,7 @@ class TarArchive:
             with open(path, "rb") as raw:  # pass 1: every header checked and every size added up
                 tar, stream = self._open(path, raw)
                 with tar:
-                    for member, name in self._members(path, tar):
+                    for member, name in self._members(path, tar, budget):
                         budget.plan(
                             member.size if name is not None and member.isreg() else 0,
                             name,
@@ -473,7 +493,7 @@ class TarArchive:
             ):
                 tar, _ = self._open(path, raw)
                 with tar:
-                    for member, name in self._members(path, tar):  # pass 2: checked again, then written
+                    for member, name in self._members(path, tar, budget):  # pass 2: checked again, then written
                         if name is None:
                             continue
                         if member.isdir():
