@@ -484,3 +484,32 @@ def test_pax_headers_count_against_the_unpack_ratio(tmp_path: Path, no_writing):
         out.write(bytes(1024))
     with pytest.raises(ArchiveError, match=r"--max-unpack-ratio"):
         TarArchive().unpack(archive, tmp_path / "dest")
+
+
+@pytest.mark.parametrize("cut", [512 + 10240, 2 * (512 + 10240), 2 * (512 + 10240) + 100])
+def test_a_plain_tar_cut_at_a_member_boundary_is_damaged(tmp_path: Path, cut: int, no_writing):
+    # before: tarfile took the end of the file for the end of the archive, and the first members were unpacked
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.GNU_FORMAT) as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"car_ims/{i:06d}.jpg")
+            info.size = 10240
+            tar.addfile(info, io.BytesIO(_acgt(10240, i)))
+    archive = tmp_path / "car_ims.tar"
+    archive.write_bytes(buffer.getvalue()[:cut])
+    with pytest.raises(ArchiveError, match=r"car_ims.tar is damaged: .*without the tar end-of-archive block"):
+        TarArchive().unpack(archive, tmp_path / "dest")
+    assert not (tmp_path / "dest").exists()
+
+
+def test_a_complete_plain_tar_unpacks(tmp_path: Path):
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as tar:
+        for i in range(3):
+            info = tarfile.TarInfo(f"car_ims/{i:06d}.jpg")
+            info.size = 100
+            tar.addfile(info, io.BytesIO(_acgt(100, i)))
+    archive = tmp_path / "car_ims.tar"
+    archive.write_bytes(buffer.getvalue())
+    assert TarArchive().unpack(archive, tmp_path / "dest") == 3
+    assert len(_files(tmp_path / "dest")) == 3

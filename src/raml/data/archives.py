@@ -480,6 +480,7 @@ class TarArchive:
                             folder=member.isdir(),
                             header=member.offset_data - member.offset,
                         )
+                    self._check_end(path, stream, tar.offset)
                     self._drain(path, stream, budget)
         except ArchiveError:
             raise
@@ -510,6 +511,21 @@ class TarArchive:
                 raise _damaged(path, error) from error
             raise
         return writer.files
+
+    @staticmethod
+    def _check_end(path: Path, stream: BinaryIO, offset: int) -> None:
+        """A plain tar must end with the end-of-archive zero block: ``tarfile`` ends quietly where the file
+        does, so a file cut at a member boundary would pass for a smaller archive (a gzip stream is checked by
+        its CRC and length trailer instead, in :meth:`_drain`)."""
+        if isinstance(stream, gzip.GzipFile):
+            return
+        stream.seek(offset)
+        if stream.read(tarfile.BLOCKSIZE) != bytes(tarfile.BLOCKSIZE):
+            raise ArchiveError(
+                f"{path} is damaged: it ends at byte {offset} without the tar end-of-archive block; it is probably "
+                "truncated. Nothing was unpacked. Delete it and run the command again to download it anew (or "
+                "fetch it from a mirror)."
+            )
 
     @staticmethod
     def _drain(path: Path, stream: BinaryIO, budget: _Budget) -> None:
