@@ -764,3 +764,43 @@ def test_no_verify_digest_accepts_a_differing_file_with_a_warning(http_server, c
     record = json.loads((root / "cub" / SOURCE_FILE).read_text())["files"][0]
     assert record["pinned_digest"]["matched"] is False
     assert record["pinned_digest"]["actual"] == hashlib.md5(content).hexdigest()
+
+
+def _placed_cub(cub_root: Path, root: Path) -> None:
+    """The CUB archive put into ``<root>/downloads`` by hand (no network needed)."""
+    (root / DOWNLOADS_DIR).mkdir(parents=True, exist_ok=True)
+    (root / DOWNLOADS_DIR / "CUB_200_2011.tgz").write_bytes(official_files("cub", cub_root)["CUB_200_2011.tgz"])
+
+
+def test_a_second_run_on_the_same_dataset_is_refused_while_the_first_unpacks(cub_root, tmp_path, monkeypatch, capsys):
+    root = tmp_path / "dl"
+    _placed_cub(cub_root, root)
+    argv = ["data", "download", "cub", "--data-root", str(root), *FAST]
+    verify = download_module.verify_dataset
+    second: list[int] = []
+    nested: list[bool] = []
+
+    def verify_while_a_second_run_starts(name: str, folder: Path, **kwargs: object) -> object:
+        if not nested:  # only in the first run (without the lock, the second ones would get here too)
+            nested.append(True)
+            second.append(main(argv))  # the first run holds the lock here, its staging folder full
+            second.append(main([*argv, "--force"]))
+        return verify(name, folder, **kwargs)
+
+    monkeypatch.setattr(download_module, "verify_dataset", verify_while_a_second_run_starts)
+    assert main(argv) == 0
+    assert second == [2, 2]
+    err = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert len(err) == 2 and all("is being installed by raml data download cub (PID" in line for line in err), err
+    assert _files(root / "cub").keys() - {SOURCE_FILE} == _files(cub_root / "cub").keys()
+    assert not list(root.glob(".cub.*"))  # no staging folder, no lock folder left
+
+
+def test_a_lock_left_by_a_killed_run_is_taken_over(cub_root, tmp_path, capsys):
+    root = tmp_path / "dl"
+    _placed_cub(cub_root, root)
+    (root / ".cub.lock").mkdir()
+    (root / ".cub.lock" / ".lock").write_text('{"pid": 999999999, "host": "h", "command": "raml data download cub"}\n')
+    assert main(["data", "download", "cub", "--data-root", str(root), *FAST]) == 0
+    assert "Taking over the stale lock" in capsys.readouterr().err
+    assert (root / "cub" / SOURCE_FILE).is_file() and not list(root.glob(".cub.*"))

@@ -36,10 +36,16 @@ server that gave no validator, is started again from byte 0. On completion the r
 files placed by hand.
 
 URLs: ``--url FILE=URL`` > the mirror base URL in :data:`MIRROR_ENV` (``<base>/<file name>``) > official.
+
+One run per dataset and data root: :func:`install_dataset` holds the exclusive lock
+(:class:`raml.locking.DirectoryLock`) of ``<data_root>/.<name>.lock/`` from start to end, so a second run of
+the same dataset is refused at once (:class:`raml.locking.LockHeldError`, naming the holder) instead of
+deleting the first run's staging folder; a lock left by a killed run is taken over.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import ftplib
 import http.client
@@ -71,6 +77,7 @@ from raml.data.sources import (
 )
 from raml.data.splits import DOWNLOAD_COMMANDS
 from raml.errors import DownloadError
+from raml.locking import DirectoryLock, LockHeldError
 from raml.utils import atomic_write_text, file_digests
 
 logger = logging.getLogger(__name__)
@@ -631,9 +638,65 @@ def install_dataset(
         IncompleteDatasetError: The unpacked folder lacks images its index lists.
         InsufficientSpaceError: Not enough disk space.
         FileExistsError: ``<data_root>/<name>`` exists but is not complete (and ``force`` is off).
+        LockHeldError: Another run is installing ``name`` into ``data_root`` (a ``FileExistsError`` naming its
+            PID, host and start time); nothing was changed.
     """
-    source = get_source(name)
+    get_source(name)  # an unknown name is refused before the lock's folder is made
     data_root = Path(data_root)
+    folder = data_root / name
+    lock = DirectoryLock(data_root / f".{name}.lock", f"raml data download {name}")
+    try:
+        lock.acquire()
+    except LockHeldError as error:
+        raise LockHeldError(
+            f"{folder} is being installed by {_holder(error)}; wait for it to finish and run the command again "
+            f"(nothing was changed). Lock file: {error.path}.",
+            error.path,
+            error.holder,
+        ) from None
+    try:
+        return _install_locked(
+            name,
+            data_root,
+            overrides=overrides,
+            mirror=mirror,
+            settings=settings,
+            keep_archives=keep_archives,
+            force=force,
+            workers=workers,
+            max_unpack_ratio=max_unpack_ratio,
+            skip_digest=skip_digest,
+        )
+    finally:
+        lock.release()
+        # the lock removes the folder it made; this one was left by a killed run whose lock it took over (gone
+        # already, or another run's lock file in it now: kept)
+        with contextlib.suppress(OSError):
+            lock.directory.rmdir()
+
+
+def _holder(error: LockHeldError) -> str:
+    """Who holds a refused lock, for the message."""
+    if error.holder is None:
+        return "another raml data download (which has not written its PID yet)"
+    return error.holder.describe()
+
+
+def _install_locked(
+    name: str,
+    data_root: Path,
+    *,
+    overrides: Mapping[str, str] | None,
+    mirror: str | None,
+    settings: DownloadSettings,
+    keep_archives: bool,
+    force: bool,
+    workers: int,
+    max_unpack_ratio: float,
+    skip_digest: bool,
+) -> InstallReport:
+    """:func:`install_dataset`'s work, holding the dataset's lock."""
+    source = get_source(name)
     folder = data_root / name
     if folder.exists() and not force:
         return _already_there(name, folder, workers, settings.progress)
