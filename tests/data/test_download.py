@@ -804,3 +804,39 @@ def test_a_lock_left_by_a_killed_run_is_taken_over(cub_root, tmp_path, capsys):
     assert main(["data", "download", "cub", "--data-root", str(root), *FAST]) == 0
     assert "Taking over the stale lock" in capsys.readouterr().err
     assert (root / "cub" / SOURCE_FILE).is_file() and not list(root.glob(".cub.*"))
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, OSError])
+def test_force_stopped_between_its_two_renames_puts_the_old_folder_back(stop, cub_root, tmp_path, monkeypatch):
+    (cub_root / "cub" / "MY_NOTES.txt").write_text("mine")
+    before = _files(cub_root / "cub")
+    _placed_cub(cub_root, cub_root)
+    replace = download_module.os.replace
+
+    def stopped(src: object, dst: object) -> None:
+        if str(src).endswith(".cub.partial"):
+            raise stop("stopped between the renames")
+        replace(src, dst)
+
+    monkeypatch.setattr(download_module.os, "replace", stopped)
+    argv = ["data", "download", "cub", "--data-root", str(cub_root), "--force", *FAST]
+    if stop is KeyboardInterrupt:
+        with pytest.raises(KeyboardInterrupt):
+            main(argv)
+    else:
+        assert main(argv) == 2
+    assert _files(cub_root / "cub") == before
+    assert not list(cub_root.glob(".cub.*"))
+
+
+def test_an_old_folder_orphaned_by_a_killed_force_run_is_restored_not_deleted(cub_root, capsys):
+    (cub_root / "cub" / "MY_NOTES.txt").write_text("mine")
+    before = _files(cub_root / "cub")
+    (cub_root / "cub").rename(cub_root / ".cub.old")  # killed between the renames: only .cub.old remains
+    assert main(["data", "download", "cub", "--data-root", str(cub_root), *FAST]) == 0
+    assert _files(cub_root / "cub") == before and not (cub_root / ".cub.old").exists()
+    assert f"Restoring it to {cub_root / 'cub'}" in capsys.readouterr().err
+    _placed_cub(cub_root, cub_root)
+    (cub_root / "cub").rename(cub_root / ".cub.old")
+    assert main(["data", "download", "cub", "--data-root", str(cub_root), "--force", *FAST]) == 0
+    assert (cub_root / "cub" / SOURCE_FILE).is_file() and not list(cub_root.glob(".cub.*"))

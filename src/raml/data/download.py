@@ -40,7 +40,10 @@ URLs: ``--url FILE=URL`` > the mirror base URL in :data:`MIRROR_ENV` (``<base>/<
 One run per dataset and data root: :func:`install_dataset` holds the exclusive lock
 (:class:`raml.locking.DirectoryLock`) of ``<data_root>/.<name>.lock/`` from start to end, so a second run of
 the same dataset is refused at once (:class:`raml.locking.LockHeldError`, naming the holder) instead of
-deleting the first run's staging folder; a lock left by a killed run is taken over.
+deleting the first run's staging folder; a lock left by a killed run is taken over. ``--force`` swaps the
+folders with two renames (``<name>`` -> ``.<name>.old``, staging -> ``<name>``): a failure or interrupt
+between them puts ``.<name>.old`` back, and a run that finds ``.<name>.old`` without ``<name>`` (a run killed
+there) restores it, with a warning, before anything else.
 """
 
 from __future__ import annotations
@@ -698,6 +701,7 @@ def _install_locked(
     """:func:`install_dataset`'s work, holding the dataset's lock."""
     source = get_source(name)
     folder = data_root / name
+    _restore_orphaned_old(folder)
     if folder.exists() and not force:
         return _already_there(name, folder, workers, settings.progress)
     urls = file_urls(source, overrides, mirror)
@@ -868,11 +872,41 @@ def _already_there(name: str, folder: Path, workers: int, progress: bool) -> Ins
     )
 
 
+def _old_folder(folder: Path) -> Path:
+    """Where ``--force`` parks the dataset folder it replaces until the new one is in place."""
+    return folder.with_name(f".{folder.name}.old")
+
+
+def _restore_orphaned_old(folder: Path) -> None:
+    """Put back ``.<name>.old`` left without ``<name>`` by a run stopped between ``--force``'s two renames."""
+    old = _old_folder(folder)
+    if old.is_dir() and not os.path.lexists(folder):
+        logger.warning(
+            "Found %s without %s: an earlier --force run was stopped while replacing the dataset folder. "
+            "Restoring it to %s (nothing in it was deleted).",
+            old,
+            folder,
+            folder,
+        )
+        os.replace(old, folder)
+
+
 def _move_into_place(staging: Path, folder: Path) -> None:
-    """Rename the verified staging folder to ``folder``; an old ``folder`` (``--force``) goes only after."""
-    old = folder.with_name(f".{folder.name}.old")
-    shutil.rmtree(old, ignore_errors=True)
+    """Rename the verified staging folder to ``folder``; an old ``folder`` (``--force``) goes only after.
+
+    If anything stops the second rename (an error, Ctrl-C), the old folder is renamed back first."""
+    old = _old_folder(folder)
+    if old.exists():  # the previous dataset of a --force run killed after both renames: already replaced
+        logger.info("Removing %s, left by an earlier --force run after it replaced the dataset.", old)
+        shutil.rmtree(old)
+    parked = False
     if folder.exists():
         os.replace(folder, old)
-    os.replace(staging, folder)
+        parked = True
+    try:
+        os.replace(staging, folder)
+    except BaseException:
+        if parked:
+            os.replace(old, folder)
+        raise
     shutil.rmtree(old, ignore_errors=True)
