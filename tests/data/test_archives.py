@@ -486,6 +486,45 @@ def test_pax_headers_count_against_the_unpack_ratio(tmp_path: Path, no_writing):
         TarArchive().unpack(archive, tmp_path / "dest")
 
 
+def _pax_chain(count: int, payload: int) -> bytes:
+    """``count`` PAX extended headers in a row (each ``payload`` bytes of comment), as tarfile reads them: all
+    within one ``next()``, before the member they would describe."""
+    body = "comment=" + "a" * payload + "\n"
+    length = len(body) + 1
+    length = len(f"{length} {body}")
+    length = len(f"{length} {body}")
+    record = f"{length} {body}".encode()
+    header = tarfile.TarInfo("././@PaxHeader")
+    header.type = tarfile.XHDTYPE
+    header.size = len(record)
+    return (header.tobuf(tarfile.USTAR_FORMAT) + record + bytes(-len(record) % 512)) * count
+
+
+@pytest.mark.parametrize(("count", "payload"), [(40, 1_000_000), (1500, 10)])
+def test_a_chain_of_extended_headers_is_refused_while_it_is_read(
+    tmp_path: Path, count: int, payload: int, no_writing, monkeypatch: pytest.MonkeyPatch
+):
+    # before: the stream check ran once per member, after tarfile had read the whole chain (40 MB here, 190 MiB
+    # held for 200 in the review); a chain thousands long ended in a RecursionError traceback
+    member = tarfile.TarInfo("car_ims/000001.jpg")
+    member.size = 3
+    archive = tmp_path / "car_ims.tgz"
+    with gzip.open(archive, "wb", compresslevel=1) as out:
+        out.write(_pax_chain(count, payload) + member.tobuf(tarfile.USTAR_FORMAT) + b"abc".ljust(512, b"\0"))
+        out.write(bytes(1024))
+    positions: list[int] = []
+    real_read_to = archives._Budget.read_to
+
+    def recording(self, position: int) -> None:  # noqa: ANN001
+        positions.append(position)
+        real_read_to(self, position)
+
+    monkeypatch.setattr(archives._Budget, "read_to", recording)
+    with pytest.raises(ArchiveError, match=r"--max-unpack-ratio|chain of thousands of extended headers"):
+        TarArchive().unpack(archive, tmp_path / "dest")
+    assert max(positions, default=0) < 30 << 20  # refused while the chain was read (~21 MB), not after its 40 MB
+
+
 @pytest.mark.parametrize("cut", [512 + 10240, 2 * (512 + 10240), 2 * (512 + 10240) + 100])
 def test_a_plain_tar_cut_at_a_member_boundary_is_damaged(tmp_path: Path, cut: int, no_writing):
     # before: tarfile took the end of the file for the end of the archive, and the first members were unpacked

@@ -416,8 +416,8 @@ class _BoundedReads:
     """A read-only file object for ``tarfile`` that refuses any single read of more than :data:`MAX_READ_BYTES`
     (``tarfile`` reads PAX headers and long names whole, at the size their header claims)."""
 
-    def __init__(self, raw: BinaryIO, archive: Path) -> None:
-        self.raw, self.archive = raw, archive
+    def __init__(self, raw: BinaryIO, archive: Path, budget: _Budget | None = None) -> None:
+        self.raw, self.archive, self.budget = raw, archive, budget
 
     def read(self, size: int = -1) -> bytes:
         if size is None or size < 0 or size > MAX_READ_BYTES:
@@ -425,13 +425,35 @@ class _BoundedReads:
                 f"{self.archive}: holds a header (PAX or long name) of {size} bytes, more than {MAX_READ_BYTES}; "
                 "refusing it."
             )
+        if self.budget is not None:  # every read, headers included: a chain of them is read within one member
+            self.budget.read_to(self.raw.tell() + size)
         return self.raw.read(size)
 
     def seek(self, offset: int, whence: int = 0) -> int:
+        if self.budget is not None:  # a forward seek in a gzip stream decompresses up to it
+            target = offset if whence == 0 else self.raw.tell() + offset if whence == 1 else None
+            if target is not None:
+                self.budget.read_to(target)
         return self.raw.seek(offset, whence)
 
     def tell(self) -> int:
         return self.raw.tell()
+
+
+def _next_member(tar: tarfile.TarFile, path: Path) -> tarfile.TarInfo | None:
+    """``tar.next()``; tarfile reads a chain of extended headers (PAX, GNU long names) by recursion, so a chain of
+    thousands ends in a RecursionError: refused as a damaged archive."""
+    try:
+        return tar.next()
+    except RecursionError:
+        raise _header_chain(path) from None
+
+
+def _header_chain(path: Path) -> ArchiveError:
+    return ArchiveError(
+        f"{path}: holds a chain of thousands of extended headers (PAX or long-name records) before a member; "
+        "refusing it."
+    )
 
 
 @dataclass(frozen=True)
@@ -440,7 +462,7 @@ class TarArchive:
 
     strip_components: int = 0
 
-    def _open(self, path: Path, raw: BinaryIO) -> tuple[tarfile.TarFile, BinaryIO]:
+    def _open(self, path: Path, raw: BinaryIO, budget: _Budget) -> tuple[tarfile.TarFile, BinaryIO]:
         magic = raw.read(6)
         raw.seek(0)
         if magic.startswith(b"\x1f\x8b"):
@@ -449,14 +471,18 @@ class TarArchive:
             raise ArchiveError(f"{path}: compressed with bzip2, xz or zstd; expected a plain or gzip tar file.")
         else:
             stream = raw
-        return tarfile.open(fileobj=_BoundedReads(stream, path), mode="r:"), stream  # type: ignore[arg-type]
+        try:  # opening reads the first member already
+            tar = tarfile.open(fileobj=_BoundedReads(stream, path, budget), mode="r:")  # type: ignore[arg-type]  # noqa: SIM115 - returned to the caller, which closes it
+        except RecursionError:
+            raise _header_chain(path) from None
+        return tar, stream
 
     def _members(
         self, path: Path, tar: tarfile.TarFile, budget: _Budget
     ) -> Iterator[tuple[tarfile.TarInfo, str | None]]:
         """Every member and its checked, stripped name (None: skipped), without keeping the member list; the
         stream's position (past the member's data, read or skipped) is checked against the budget first."""
-        while (member := tar.next()) is not None:
+        while (member := _next_member(tar, path)) is not None:
             tar.members.clear()  # tarfile keeps every member it has read; a header pass must not
             budget.read_to(tar.offset)  # before the next member makes tarfile decompress past a skipped one
             name = _strip(safe_member_name(member.name, path), self.strip_components)
@@ -471,7 +497,7 @@ class TarArchive:
         budget = _Budget(path, dest, max_ratio)
         try:
             with open(path, "rb") as raw:  # pass 1: every header checked and every size added up
-                tar, stream = self._open(path, raw)
+                tar, stream = self._open(path, raw, budget)
                 with tar:
                     for member, name in self._members(path, tar, budget):
                         budget.plan(
@@ -492,7 +518,7 @@ class TarArchive:
                 open(path, "rb") as raw,
                 tqdm(desc=f"unpack {path.name}", unit="file", disable=not progress) as bar,
             ):
-                tar, _ = self._open(path, raw)
+                tar, _ = self._open(path, raw, budget)
                 with tar:
                     for member, name in self._members(path, tar, budget):  # pass 2: checked again, then written
                         if name is None:
