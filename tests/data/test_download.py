@@ -840,3 +840,49 @@ def test_an_old_folder_orphaned_by_a_killed_force_run_is_restored_not_deleted(cu
     (cub_root / "cub").rename(cub_root / ".cub.old")
     assert main(["data", "download", "cub", "--data-root", str(cub_root), "--force", *FAST]) == 0
     assert (cub_root / "cub" / SOURCE_FILE).is_file() and not list(cub_root.glob(".cub.*"))
+
+
+def test_a_dataset_in_place_is_reported_where_no_lock_can_be_taken(cub_root, tmp_path, capsys, monkeypatch):
+    """A read-only data root (a shared mount) or one without file locks: 'already in place', exit 0, as before the
+    lock (the lock is taken only to change something)."""
+    root = tmp_path / "ro"
+    _placed_cub(cub_root, root)
+    main(["data", "download", "cub", "--data-root", str(root), *FAST])  # installed; SOURCE.json written
+    capsys.readouterr()
+
+    def refused(self) -> None:  # noqa: ANN001
+        raise OSError(30, "Read-only file system", str(root / ".cub.lock"))
+
+    monkeypatch.setattr(download_module.DirectoryLock, "acquire", refused)
+    assert main(["data", "download", "cub", "--data-root", str(root), *FAST]) == 0
+    assert "already in place" in capsys.readouterr().out
+
+
+def test_a_replaced_folder_whose_removal_was_stopped_is_never_restored(cub_root, monkeypatch, capsys):
+    """Ctrl-C in the removal of the folder --force replaced left part of it as .cub.old, which a later run
+    (after the user removed cub) restored and called 'already in place'. It is removed under another name now."""
+    images = len(list((cub_root / "cub").rglob("*.jpg")))
+    _placed_cub(cub_root, cub_root)
+    rmtree = download_module.shutil.rmtree
+    stopped: list[str] = []
+
+    def stopped_half_way(path, *args, **kwargs) -> None:  # noqa: ANN001, ANN002, ANN003
+        if str(path).endswith(".cub.deleting") and Path(path).exists() and not stopped:
+            stopped.append(str(path))
+            victims = sorted(p for p in Path(path).rglob("*.jpg"))
+            for victim in victims[: len(victims) // 2]:
+                victim.unlink()  # half of it deleted...
+            raise KeyboardInterrupt  # ...then Ctrl-C
+        rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(download_module.shutil, "rmtree", stopped_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        main(["data", "download", "cub", "--data-root", str(cub_root), "--force", *FAST])
+    assert stopped and (cub_root / "cub" / SOURCE_FILE).is_file() and not (cub_root / ".cub.old").exists()
+    monkeypatch.setattr(download_module.shutil, "rmtree", rmtree)
+    rmtree(cub_root / "cub")  # the user removes the dataset to get a fresh copy
+    capsys.readouterr()
+    assert main(["data", "download", "cub", "--data-root", str(cub_root), *FAST]) == 0
+    assert "Restoring" not in capsys.readouterr().err
+    assert (cub_root / "cub" / SOURCE_FILE).is_file() and not list(cub_root.glob(".cub.*"))
+    assert len(list((cub_root / "cub").rglob("*.jpg"))) == images  # a fresh, whole copy

@@ -647,6 +647,10 @@ def install_dataset(
     get_source(name)  # an unknown name is refused before the lock's folder is made
     data_root = Path(data_root)
     folder = data_root / name
+    if folder.exists() and not force:
+        # in place (renames are atomic: a run replacing it under its lock never leaves it half there): said
+        # without the lock, which a read-only data root (a shared mount) or one without file locks could not take
+        return _already_there(name, folder, workers, settings.progress)
     lock = DirectoryLock(data_root / f".{name}.lock", f"raml data download {name}")
     try:
         lock.acquire()
@@ -702,6 +706,7 @@ def _install_locked(
     source = get_source(name)
     folder = data_root / name
     _restore_orphaned_old(folder)
+    shutil.rmtree(_deleting_folder(folder), ignore_errors=True)  # a replaced folder whose removal was stopped
     if folder.exists() and not force:
         return _already_there(name, folder, workers, settings.progress)
     urls = file_urls(source, overrides, mirror)
@@ -898,7 +903,7 @@ def _move_into_place(staging: Path, folder: Path) -> None:
     old = _old_folder(folder)
     if old.exists():  # the previous dataset of a --force run killed after both renames: already replaced
         logger.info("Removing %s, left by an earlier --force run after it replaced the dataset.", old)
-        shutil.rmtree(old)
+        _remove_replaced(old)
     parked = False
     if folder.exists():
         os.replace(folder, old)
@@ -909,4 +914,19 @@ def _move_into_place(staging: Path, folder: Path) -> None:
         if parked:
             os.replace(old, folder)
         raise
-    shutil.rmtree(old, ignore_errors=True)
+    if parked:
+        _remove_replaced(old)
+
+
+def _deleting_folder(folder: Path) -> Path:
+    """Where a replaced dataset folder is deleted from (never restored, unlike ``.<name>.old``)."""
+    return folder.with_name(f".{folder.name}.deleting")
+
+
+def _remove_replaced(old: Path) -> None:
+    """Delete a replaced dataset folder under a name :func:`_restore_orphaned_old` never touches, so that a
+    removal stopped half-way (Ctrl-C in a long ``rmtree``) is not taken for a whole folder to restore later."""
+    doomed = _deleting_folder(old.with_name(old.name[1 : -len(".old")]))
+    shutil.rmtree(doomed, ignore_errors=True)  # one left by an earlier run stopped while deleting
+    os.replace(old, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
