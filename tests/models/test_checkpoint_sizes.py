@@ -218,7 +218,7 @@ def test_the_mapped_readers_load_the_file_they_checked_not_one_swapped_in_after(
         monkeypatch.setattr(resume_module, "check_declared_sizes", check_then_swap)
         assert resume_module.checkpoint_epoch(good) == 3
     else:
-        monkeypatch.setattr("raml.models.restricted_pickle.check_declared_sizes", check_then_swap)
+        monkeypatch.setattr("raml.models.checkpoints.check_declared_sizes", check_then_swap)  # run_record
         assert module.checkpoint_val_ratio(good) == 0.25
 
 

@@ -77,26 +77,12 @@ def _valid_val_ratio(value: object) -> bool:
 def checkpoint_val_ratio(path: Path) -> float | None:
     """The ``val_ratio`` a ``raml train`` checkpoint records in its own ``"raml"`` record (written by
     :meth:`raml.engine.trainer.Trainer._save`), or None: an older checkpoint, another program's, or a file this
-    cannot read (the network's own load reports that). The tensors are memory-mapped, not read."""
-    import zipfile
+    cannot read (the network's own load reports that). The tensors are memory-mapped, not read
+    (:func:`raml.models.checkpoints.run_record`)."""
+    from raml.models.checkpoints import run_record
 
-    from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive, torch_load_mapped
-
-    try:
-        with open(path, "rb") as handle:
-            zipped = handle.read(4) == b"PK\x03\x04"
-            handle.seek(0)
-            if not zipped or is_torchscript_archive(handle) is not None:
-                return None  # a legacy pickle (the reference's: no record) or a TorchScript archive (not loaded)
-            check_declared_sizes(handle)  # a file asking for more memory than it holds is never loaded
-            checkpoint = torch_load_mapped(handle)  # the very file checked
-    except (OSError, zipfile.BadZipFile):
-        return None
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file; the network's load says
-        logger.debug("No run record read from %s (%s); the config.yaml beside it is used, if any.", path, error)
-        return None
-    record = checkpoint.get("raml") if isinstance(checkpoint, dict) else None
-    value = record.get("val_ratio") if isinstance(record, dict) else None
+    record = run_record(path)
+    value = record.get("val_ratio") if record is not None else None
     return float(value) if _valid_val_ratio(value) else None
 
 

@@ -131,28 +131,12 @@ def recorded_teacher_sha256(checkpoint_path: str | Path | None) -> str | None:
 def recorded_image_sizes(checkpoint_path: str | Path | None) -> tuple[int | None, int | None]:
     """The query and database sizes a raml training checkpoint records (``checkpoint["raml"]["image_size"]``
     and, for a run with a teacher, ``["teacher_image_size"]``); None for each one it does not record."""
-    import zipfile
-
-    from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive, torch_load_mapped
+    from raml.models.checkpoints import run_record
 
     if checkpoint_path is None:
         return None, None
-    # quietly, memory-mapped: the network's own load has read (and reported on) this file already
-    try:
-        with open(checkpoint_path, "rb") as handle:
-            zipped = handle.read(4) == b"PK\x03\x04"
-            handle.seek(0)
-            if not zipped or is_torchscript_archive(handle) is not None:
-                return None, None  # a legacy pickle (the reference's: no record) or a TorchScript archive
-            check_declared_sizes(handle)
-            checkpoint = torch_load_mapped(handle)  # the very file checked
-    except (OSError, zipfile.BadZipFile):
-        return None, None
-    except Exception as error:  # noqa: BLE001 - torch raises many types for a file it cannot read
-        logger.debug("No trained sizes read from %s (%s).", checkpoint_path, error)
-        return None, None
-    record = checkpoint.get("raml") if isinstance(checkpoint, dict) else None
-    if not isinstance(record, dict):
+    record = run_record(checkpoint_path)  # quietly: the network's own load has read (and reported on) this file
+    if record is None:
         return None, None
 
     def size(key: str) -> int | None:

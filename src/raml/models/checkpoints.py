@@ -45,6 +45,7 @@ from raml.models.restricted_pickle import (
     contains_dropped,
     is_torchscript_archive,
     restricted_torch_load,
+    torch_load_mapped,
 )
 from raml.models.skip_init import weight_init_skipped
 from raml.utils import atomic_path, atomic_torch_save, atomic_write_text, file_sha256
@@ -59,6 +60,7 @@ __all__ = [
     "PUBLISHED_URL_TEMPLATE",
     "save_checkpoint",
     "load_checkpoint_file",
+    "run_record",
     "network_from_checkpoint",
     "download_file",
     "resolve_network_path",
@@ -252,6 +254,28 @@ def _load_restricted(path: Path, handle: IO[bytes], first_error: BaseException) 
         ", ".join(dropped_globals) or "none",
     )
     return kept
+
+
+def run_record(path: str | Path) -> dict[str, Any] | None:
+    """The ``"raml"`` record of a ``raml train`` checkpoint (what :meth:`raml.engine.trainer.Trainer._save` writes:
+    the run's settings, sizes, ``val_ratio``, ...), read quietly and memory-mapped (the tensors stay on disk), or
+    None: a legacy pickle (the reference's: no record), a TorchScript archive (never loaded), a file that asks
+    for more memory than it holds, or one that cannot be read (the network's own load reports on it)."""
+    try:
+        with open(path, "rb") as handle:
+            zipped = handle.read(4) == b"PK\x03\x04"
+            handle.seek(0)
+            if not zipped or is_torchscript_archive(handle) is not None:
+                return None
+            check_declared_sizes(handle)  # a file asking for more memory than it holds is never loaded
+            checkpoint = torch_load_mapped(handle)  # the very file checked
+    except (OSError, zipfile.BadZipFile):
+        return None
+    except Exception as error:  # noqa: BLE001 - torch raises many types for a corrupt file; the network's load says
+        logger.debug("No run record read from %s (%s).", path, error)
+        return None
+    record = checkpoint.get("raml") if isinstance(checkpoint, dict) else None
+    return record if isinstance(record, dict) else None
 
 
 def load_checkpoint_file(path: str | Path) -> dict:
