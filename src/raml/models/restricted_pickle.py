@@ -217,17 +217,20 @@ def _droppable(module: str, name: str) -> bool:
     )
 
 
+def _python3_name(module: str, name: str) -> tuple[str, str]:
+    """Protocol 0-2 pickles name Python 2 modules (``__builtin__``); map them as pickle itself does (those names
+    do not exist in Python 3, so mapping them whatever the protocol is harmless)."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
 def _restricted_pickle_module(dropped: set[str]) -> types.ModuleType:
     """A stand-in for the ``pickle`` module whose ``Unpickler`` only rebuilds allowed globals."""
 
     class RestrictedUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            # Protocol 0-2 pickles name Python 2 modules (``__builtin__``); map them as pickle itself does
-            # (those names do not exist in Python 3, so mapping them whatever the protocol is harmless).
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            elif module in _compat_pickle.IMPORT_MAPPING:
-                module = _compat_pickle.IMPORT_MAPPING[module]
+            module, name = _python3_name(module, name)
             obj = _allowed(module, name)
             if obj is not None:
                 return obj
@@ -407,11 +410,7 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
 
     class SizeCheckingUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            if (module, name) in _compat_pickle.NAME_MAPPING:
-                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
-            elif module in _compat_pickle.IMPORT_MAPPING:
-                module = _compat_pickle.IMPORT_MAPPING[module]
-            return checked.get((module, name), Counted)
+            return checked.get(_python3_name(module, name), Counted)
 
         def persistent_load(self, saved_id: Any) -> Any:
             # torch's storages: ("storage", type, key, location, numel[, view]); numel counts elements of at
