@@ -67,17 +67,31 @@ def grouped_classes(labels: Sequence[int], samples_per_class: int) -> list[list[
         ValueError: when fewer than two classes have ``samples_per_class`` images (with one, every negative
             would be of the anchor's own class: nothing to mine).
     """
+    return _two_classes_of_at_least(
+        labels,
+        samples_per_class,
+        by_label=True,
+        training="Triplet training (--mode sym)",
+        why="the anchors' negatives come from the other kept classes",
+    )
+
+
+def _two_classes_of_at_least(
+    labels: Sequence[int], min_images: int, *, by_label: bool, training: str, why: str
+) -> list[list[int]]:
+    """Indices of each class's images, for the classes with at least ``min_images`` images, in label order
+    (``by_label``) or first-seen order; a ValueError naming ``training`` and ``why`` when fewer than two."""
     by_class: dict[int, list[int]] = {}
     for index, label in enumerate(labels):
         by_class.setdefault(int(label), []).append(index)
-    kept = [by_class[label] for label in sorted(by_class) if len(by_class[label]) >= samples_per_class]
+    order = sorted(by_class) if by_label else list(by_class)
+    kept = [by_class[label] for label in order if len(by_class[label]) >= min_images]
     if len(kept) < 2:
         largest = sorted((len(members) for members in by_class.values()), reverse=True)[:3]
         raise ValueError(
-            f"Triplet training (--mode sym) needs at least 2 classes with at least {samples_per_class} images "
-            f"(the anchors' negatives come from the other kept classes); this split has {len(kept)} such "
-            f"class(es) of {len(by_class)} (largest class sizes {largest}). Use a split with more or larger "
-            "classes."
+            f"{training} needs at least 2 classes with at least {min_images} images ({why}); this split has "
+            f"{len(kept)} such class(es) of {len(by_class)} (largest class sizes {largest}). Use a split with more "
+            "or larger classes."
         )
     return kept
 
@@ -213,19 +227,13 @@ def proxy_classes(labels: Sequence[int]) -> list[list[int]]:
         ValueError: when fewer than two classes have two images: with one class, its proxy is the only one, the
             softmax over the proxies is 1 and the loss exactly 0 (nothing is learnt).
     """
-    by_class: dict[int, list[int]] = {}
-    for index, label in enumerate(labels):
-        by_class.setdefault(int(label), []).append(index)
-    usable = [members for members in by_class.values() if len(members) >= 2]
-    if len(usable) < 2:
-        largest = sorted((len(members) for members in by_class.values()), reverse=True)[:3]
-        raise ValueError(
-            f"Normalised-softmax training (--loss normsoftmax) needs at least 2 classes with at least 2 images "
-            f"(with one class the softmax over the class proxies is 1 and the loss 0: nothing to learn); this "
-            f"split has {len(usable)} such class(es) of {len(by_class)} (largest class sizes {largest}). Use a "
-            "split with more or larger classes."
-        )
-    return usable
+    return _two_classes_of_at_least(
+        labels,
+        2,
+        by_label=False,
+        training="Normalised-softmax training (--loss normsoftmax)",
+        why="with one class the softmax over the class proxies is 1 and the loss 0: nothing to learn",
+    )
 
 
 def class_groups(
