@@ -33,7 +33,11 @@ class _Call:
 
 def _torch_zip(path: Path, obj: Any) -> Path:
     """``obj`` pickled into torch's zip layout (as torch.save writes it, without storages)."""
-    data = pickle.dumps(obj, protocol=2)
+    return _raw_torch_zip(path, pickle.dumps(obj, protocol=2))
+
+
+def _raw_torch_zip(path: Path, data: bytes) -> Path:
+    """The pickle bytes ``data`` as the ``data.pkl`` of torch's zip layout (a pickle written by hand)."""
     writer = torch._C.PyTorchFileWriter(str(path))
     writer.write_record("data.pkl", data, len(data))
     writer.write_record("version", b"3\n", 2)
@@ -234,12 +238,7 @@ def test_the_same_data_copied_over_and_over_is_refused(tmp_path: Path) -> None:
         + b"h\x01h\x02h\x03\x86Ra" * 64
         + b"."
     )
-    path = tmp_path / "copies.pth"
-    writer = torch._C.PyTorchFileWriter(str(path))
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record("version", b"3\n", 2)
-    writer.write_end_of_file()
-    del writer
+    path = _raw_torch_zip(tmp_path / "copies.pth", data)
     with open(path, "rb") as handle, pytest.raises(DeclaredSizeError, match="copied over and over"):
         check_declared_sizes(handle)
     with pytest.raises(InvalidCheckpointError, match="copied over and over"):
@@ -271,11 +270,6 @@ def test_a_stored_string_passed_to_another_constructor_over_and_over_is_refused(
         + b"h\x01h\x03Ra" * 64
         + b"."
     )
-    path = tmp_path / "copies.pth"
-    writer = torch._C.PyTorchFileWriter(str(path))
-    writer.write_record("data.pkl", data, len(data))
-    writer.write_record("version", b"3\n", 2)
-    writer.write_end_of_file()
-    del writer
+    path = _raw_torch_zip(tmp_path / "copies.pth", data)
     with open(path, "rb") as handle, pytest.raises(DeclaredSizeError, match="copied over and over"):
         check_declared_sizes(handle)
