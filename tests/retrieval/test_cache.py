@@ -103,6 +103,20 @@ def _rewrite_in_place(path: Path, keep_stat: bool = False) -> None:
     assert path.read_bytes() != old_bytes
 
 
+def _lookup(cache: EmbeddingCache, split, compute, content_hash: bool) -> torch.Tensor:  # noqa: ANN001
+    """The split's embeddings at 32 px through the cache (stamps by size and mtime, or by content)."""
+    return cache.get_or_compute(
+        "sha",
+        32,
+        split.name,
+        list(split.paths),
+        compute,
+        network_meta=None,
+        root=split.root,
+        content_hash=content_hash,
+    )
+
+
 @pytest.mark.parametrize("content_hash", [False, True])
 def test_an_image_rewritten_in_place_is_re_embedded(sop_root: Path, tmp_path: Path, content_hash: bool):
     split = get_split("sop-test", sop_root)
@@ -116,16 +130,7 @@ def test_an_image_rewritten_in_place_is_re_embedded(sop_root: Path, tmp_path: Pa
         return extract_embeddings(network, split.abspaths(), 32, CPU, batch_size=8, progress=False)
 
     def lookup() -> torch.Tensor:
-        return cache.get_or_compute(
-            "sha",
-            32,
-            split.name,
-            list(split.paths),
-            compute,
-            network_meta=None,
-            root=split.root,
-            content_hash=content_hash,
-        )
+        return _lookup(cache, split, compute, content_hash)
 
     first = lookup()
     assert torch.equal(lookup(), first) and len(calls) == 1  # unchanged files: the cache is reused
@@ -148,16 +153,7 @@ def test_content_hash_sees_a_rewrite_that_keeps_size_and_mtime(sop_root: Path, t
         return torch.full((len(split), 2), float(len(calls)))
 
     def lookup(content_hash: bool) -> torch.Tensor:
-        return cache.get_or_compute(
-            "sha",
-            32,
-            split.name,
-            list(split.paths),
-            compute,
-            network_meta=None,
-            root=split.root,
-            content_hash=content_hash,
-        )
+        return _lookup(cache, split, compute, content_hash)
 
     lookup(False), lookup(True)
     assert len(calls) == 2
