@@ -140,3 +140,28 @@ def test_raml_search_warns_when_searching_at_the_default_query_size(
     with pytest.raises(_Stop):
         cli_main.main([*argv, "--image-size", "32"])
     assert WARNING not in capsys.readouterr().err
+
+
+def test_recorded_teacher_sha256_reads_only_the_record(students, tmp_path: Path, monkeypatch) -> None:
+    """The teacher hash comes from the run record (run_record: memory-mapped, quiet), never from a full load of the
+    checkpoint; a reference checkpoint (legacy pickle, no record) and a plain one record no teacher."""
+    import torch
+
+    from raml.deploy.search import recorded_teacher_sha256
+    from raml.models import load_network
+
+    distilled = _with_record(students["plain"], tmp_path / "distilled.pth", {"teacher_sha256": "f" * 64})
+    reference = tmp_path / "reference.pth.tar"
+    state = load_network(students["plain"]).state_dict()
+    torch.save({"epoch": 3, "state_dict": state}, reference, _use_new_zipfile_serialization=False)
+
+    def full_load(*args, **kwargs):
+        raise AssertionError("the whole checkpoint was loaded to read its teacher hash")
+
+    monkeypatch.setattr("raml.models.checkpoints.load_checkpoint_file", full_load)
+    monkeypatch.setattr("raml.deploy.search.load_checkpoint_file", full_load, raising=False)
+    assert recorded_teacher_sha256(distilled) == "f" * 64
+    assert recorded_teacher_sha256(students["distilled"]) is None  # a record without a teacher hash
+    assert recorded_teacher_sha256(students["plain"]) is None
+    assert recorded_teacher_sha256(reference) is None
+    assert recorded_teacher_sha256(None) is None

@@ -39,7 +39,7 @@ from raml.data.splits import Split
 from raml.deploy.embed import embed_images
 from raml.deploy.export import check_graph_against_sidecar, onnx_session, read_sidecar
 from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
-from raml.models.checkpoints import load_checkpoint_file
+from raml.models.checkpoints import run_record
 from raml.retrieval.evaluate import default_ks
 from raml.retrieval.metrics import average_precision
 
@@ -120,19 +120,20 @@ class OnnxEmbedder:
 
 
 def recorded_teacher_sha256(checkpoint_path: str | Path | None) -> str | None:
-    """The teacher hash a raml training checkpoint records (``checkpoint["raml"]["teacher_sha256"]``), if any."""
+    """The teacher hash a raml training checkpoint records (``checkpoint["raml"]["teacher_sha256"]``), if any.
+
+    Read through :func:`raml.models.checkpoints.run_record` (the record only: quiet, size-checked, memory-mapped),
+    never the whole checkpoint: the network's own load has read (and reported on) this file."""
     if checkpoint_path is None:
         return None
-    record = load_checkpoint_file(checkpoint_path).get("raml")
-    value = record.get("teacher_sha256") if isinstance(record, dict) else None
+    record = run_record(checkpoint_path)
+    value = record.get("teacher_sha256") if record is not None else None
     return str(value) if value else None
 
 
 def recorded_image_sizes(checkpoint_path: str | Path | None) -> tuple[int | None, int | None]:
     """The query and database sizes a raml training checkpoint records (``checkpoint["raml"]["image_size"]``
     and, for a run with a teacher, ``["teacher_image_size"]``); None for each one it does not record."""
-    from raml.models.checkpoints import run_record
-
     if checkpoint_path is None:
         return None, None
     record = run_record(checkpoint_path)  # quietly: the network's own load has read (and reported on) this file
