@@ -107,3 +107,44 @@ def test_bad_onnx_students_are_clear_errors(setup, tmp_path, capsys):
     with pytest.raises(SystemExit):  # argparse: --student-onnx and --student-path exclude each other
         cli_main.main([*args, "--student-path", str(setup["nets"]["student"]), *RUNTIME])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fake.onnx", "fake.onnx.json"]
+
+
+def test_every_onnx_command_opens_its_session_with_the_project_settings(setup, tmp_path, monkeypatch):
+    """``raml test --student-onnx``, ``raml search --onnx`` and the export's parity check open onnxruntime
+    sessions with torch's intra-op thread count (not onnxruntime's one per core) and no spin-waiting, like
+    ``raml serve --onnx`` and the checked onnxruntime forward."""
+    pytest.importorskip("faiss")
+    import onnxruntime
+
+    made: list = []
+    real = onnxruntime.InferenceSession
+
+    def spy(model, sess_options=None, **kwargs):
+        made.append(sess_options)
+        return real(model, sess_options=sess_options, **kwargs)
+
+    def spinning(options) -> str | None:
+        try:
+            return options.get_session_config_entry("session.intra_op.allow_spinning")
+        except Exception:  # noqa: BLE001 - onnxruntime raises its own type for an entry never set
+            return None
+
+    monkeypatch.setattr(onnxruntime, "InferenceSession", spy)
+    threads = torch.get_num_threads()
+    export_onnx(load_network(setup["nets"]["student"]), QR, tmp_path / "again.onnx", exporter="torchscript")
+    assert made, "the parity check opened no session"
+    index = tmp_path / "index"
+    args = ["index", "--network-path", str(setup["nets"]["teacher"]), "--image-size", str(DR)]
+    args += ["--data-root", str(setup["root"]), "--dataset", "synth-test", "--output", str(index)]
+    assert cli_main.main([*args, "--device", "cpu", "--workers", "0", "--no-progress"]) == 0
+    counts = [len(made)]
+    _raml_test(setup, tmp_path, ["--student-onnx", str(setup["onnx"])], "--index", str(index))
+    counts.append(len(made))
+    query = str(sorted((setup["root"] / "synth").rglob("*.jpg"))[0])
+    search = ["search", "--onnx", str(setup["onnx"]), "--index", str(index), "--workers", "0", "--no-progress"]
+    assert cli_main.main([*search, query]) == 0
+    counts.append(len(made))
+    assert counts[0] < counts[1] < counts[2], f"a command opened no session: {counts}"
+    for options in made:
+        assert options is not None and options.intra_op_num_threads == threads
+        assert spinning(options) == "0"

@@ -499,28 +499,35 @@ def _onnx_export(
             )
 
 
-def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = True) -> Any:
-    """An onnxruntime CPU session of ``path``.
+def onnx_session(path: str | Path, threads: int | None = None, spinning: bool = False) -> Any:
+    """An onnxruntime CPU session of ``path``, with the project's settings (as :mod:`raml.models.onnx_forward`):
+    every session raml opens (``raml serve/search --onnx``, ``raml test --student-onnx``, the export's parity
+    check, the int8 calibration) is made here.
 
     Args:
         path: An ONNX model file.
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
-        spinning: Let idle intra-op threads spin-wait for work (onnxruntime's default). ``False`` for a server,
-            whose pool shares the cores with the event loop and the decoding threads
-            (``session.intra_op.allow_spinning`` 0, as :mod:`raml.models.onnx_forward`).
+        threads: onnxruntime intra-op threads; default ``torch.get_num_threads()`` when the session is made (the
+            process's setting: ``raml serve --threads``, ``OMP_NUM_THREADS``), not onnxruntime's one per core.
+        spinning: Let idle intra-op threads spin-wait for work (onnxruntime's own default). Off by default
+            (``session.intra_op.allow_spinning`` 0): the pool shares the cores with the data loader's workers,
+            a server's event loop and decoding threads, which spinning threads starve.
 
     Raises:
         ImportError: onnxruntime is not installed.
-        ValueError: The file is not a model onnxruntime can load.
+        ValueError: The file is not a model onnxruntime can load, or ``threads`` is not a positive integer.
     """
     try:
         import onnxruntime as ort
     except ImportError as error:  # pragma: no cover - installed in the dev environment
         raise ImportError("ONNX models need onnxruntime: `pip install onnxruntime` (or raml[export]).") from error
+    if threads is None:
+        threads = torch.get_num_threads()
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"onnxruntime threads must be a positive integer, got {threads!r}.")
     options = ort.SessionOptions()
     options.log_severity_level = 3
-    if threads is not None:
-        options.intra_op_num_threads = int(threads)
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:

@@ -33,7 +33,8 @@ class OnnxQueryNetwork(nn.Module):
 
     Args:
         path: The ``.onnx`` file written by ``raml export`` (``--int8`` too), with its sidecar ``<file>.json``.
-        threads: onnxruntime intra-op threads (default: one per core).
+        threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``; idle threads do not spin-wait:
+            see :func:`raml.deploy.export.onnx_session`).
 
     Attributes:
         sidecar: The sidecar record.

@@ -78,8 +78,9 @@ class OnnxEmbedder:
     Args:
         path: The ``.onnx`` file written by ``raml export`` (its sidecar ``<file>.json`` must be next to it).
         image_size: Query size; defaults to the sidecar's. A fixed-size model refuses any other size.
-        threads: onnxruntime intra-op threads (default: onnxruntime's choice, one per core).
-        spinning: Let idle intra-op threads spin-wait (see :func:`raml.deploy.export.onnx_session`).
+        threads: onnxruntime intra-op threads (default ``torch.get_num_threads()``, see
+            :func:`raml.deploy.export.onnx_session`).
+        spinning: Let idle intra-op threads spin-wait (default off, see :func:`raml.deploy.export.onnx_session`).
 
     Attributes:
         sidecar: The sidecar record.
@@ -88,7 +89,7 @@ class OnnxEmbedder:
     """
 
     def __init__(
-        self, path: str | Path, image_size: int | None = None, threads: int | None = None, spinning: bool = True
+        self, path: str | Path, image_size: int | None = None, threads: int | None = None, spinning: bool = False
     ) -> None:
         self.path = Path(path)
         self.sidecar = read_sidecar(self.path)
