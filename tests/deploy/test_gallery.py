@@ -286,3 +286,30 @@ def test_the_documents_show_the_demo_gallery_they_describe():
     picture = Image.open(root / "docs" / "images" / "demo_gallery.png")
     # four query rows of two five-result panels, as the demo draws them
     assert picture.format == "PNG" and picture.size == GalleryLayout(4, 2, 5).size
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL's, at open: over 89M pixels
+def test_an_image_over_the_thumbnail_bound_is_an_empty_cell_never_decoded(tmp_path, monkeypatch, caplog):
+    """A 12,000 x 12,000 PNG (under PIL's bomb limit; ~430 MB decoded) is refused from its header: no decoder runs
+    on it, its cell is empty and the log says why; a small image beside it is still drawn."""
+    big = _png(tmp_path / "big.png", 12000, 12000, [(b"IDAT", zlib.compress(b"\0" * 100))])  # a header only
+    small = _solid(tmp_path, "a", (255, 0, 0))
+    loaded: list[tuple[int, int]] = []
+    real_load = Image.Image.load
+
+    def load(self):
+        loaded.append(self.size)
+        if self.size == (12000, 12000):
+            raise AssertionError("the full image was decoded")
+        return real_load(self)
+
+    monkeypatch.setattr(Image.Image, "load", load)
+    rows = [GalleryRow(small, [[Hit(big, 0), Hit(small, 0)]], 0)]
+    image = render_gallery(rows, thumb=32, frame=2)
+    assert (12000, 12000) not in loaded and loaded  # the small image was decoded, the big one never
+    layout = GalleryLayout(1, 1, 2, thumb=32, frame=2)
+    left, top, _, _ = layout.box(0, 0, 0)
+    assert image.getpixel((left + 2 + 16, top + 2 + 4)) == CELL_BACKGROUND  # the empty cell, off its cross
+    _, centre = _frame_and_centre(image, layout.box(0, 0, 1), 2)
+    assert centre == (255, 0, 0)
+    assert "big.png (ValueError: 12000x12000 pixels is over the 40,000,000 a thumbnail is decoded from" in caplog.text

@@ -32,6 +32,7 @@ __all__ = [
     "QUERY_COLOR",
     "SAME_LABEL_COLOR",
     "UNKNOWN_LABEL_COLOR",
+    "MAX_THUMBNAIL_SOURCE_PIXELS",
     "GalleryLayout",
     "GalleryRow",
     "Hit",
@@ -51,6 +52,10 @@ QUERY_COLOR: Color = (40, 90, 200)
 BACKGROUND: Color = (255, 255, 255)
 CELL_BACKGROUND: Color = (235, 235, 235)
 TEXT_COLOR: Color = (20, 20, 20)
+#: The most pixels an image is decoded with to draw its thumbnail (after a JPEG's reduced-size decoding, see
+#: ``Image.draft``); a larger one (e.g. a 12,000 x 12,000 PNG: ~430 MB and seconds to decode, though under PIL's
+#: decompression-bomb limit) is drawn as an empty cell, with a warning, from its header alone.
+MAX_THUMBNAIL_SOURCE_PIXELS = 40_000_000
 
 
 @dataclass(frozen=True)
@@ -141,10 +146,17 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
 
 
 def _thumbnail(path: str, thumb: int) -> Image.Image:
-    """The image fitted into ``thumb`` x ``thumb`` (aspect kept), or a grey square with a cross if unreadable."""
+    """The image fitted into ``thumb`` x ``thumb`` (aspect kept), or a grey square with a cross if unreadable or
+    larger than :data:`MAX_THUMBNAIL_SOURCE_PIXELS` (checked from its header, before any decoding)."""
     try:
         with Image.open(path) as image:
             image.draft("RGB", (thumb, thumb))  # JPEG: decode at a reduced size when much larger
+            width, height = image.size  # the header's (a JPEG's after draft): nothing is decoded yet
+            if width * height > MAX_THUMBNAIL_SOURCE_PIXELS:
+                raise ValueError(
+                    f"{width}x{height} pixels is over the {MAX_THUMBNAIL_SOURCE_PIXELS:,} a thumbnail is decoded "
+                    "from (a JPEG is decoded at a reduced size; other formats in full); not decoded"
+                )
             rgb = image.convert("RGB")
         return ImageOps.pad(rgb, (thumb, thumb), Image.Resampling.LANCZOS, color=CELL_BACKGROUND)
     except Exception as error:  # PIL raises OSError, SyntaxError, ValueError, DecompressionBombError, ...
