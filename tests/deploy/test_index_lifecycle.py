@@ -252,7 +252,7 @@ def test_a_removal_while_two_clients_query_is_served_without_a_failed_request(wo
                     (
                         response.status_code,
                         body.get("generation", -1),
-                        [h["path"] for h in hits],
+                        [str(world["images"] / h["path"]) for h in hits],  # shown below the images' folder
                         [h["id"] for h in hits],
                     )
                 )

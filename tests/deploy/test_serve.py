@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import struct
 import threading
@@ -96,6 +97,11 @@ def post_file(client, path: str, k: int = 5, multipart: bool = True, **params):
     return client.post("/search", params=query, content=data, headers={"content-type": "image/jpeg"})
 
 
+def shown(index, path: str) -> str:
+    """A database path as the service shows it: relative to the folder holding the index's images."""
+    return os.path.relpath(path, os.path.commonpath([os.path.dirname(p) for p in index.paths]))
+
+
 def metric(text: str, name: str, missing: float | None = None) -> float:
     """The sample ``name`` of ``/metrics``; ``missing`` where a labelled counter has not been created yet (else the
     sample must be there)."""
@@ -127,7 +133,7 @@ def test_results_equal_raml_search_and_a_numpy_ranking(world, server, tmp_path):
         assert response.status_code == 200, response.text
         got = response.json()
         assert got["k"] == 5 and got["size"] == QR and got["generation"] == index.generation
-        assert [h["path"] for h in got["results"]] == [h["path"] for h in want["results"]]
+        assert [h["path"] for h in got["results"]] == [shown(index, h["path"]) for h in want["results"]]
         got_scores, want_scores = [h["score"] for h in got["results"]], [h["score"] for h in want["results"]]
         np.testing.assert_allclose(got_scores, want_scores, atol=1e-5)
         # an independent ranking: every database embedding's inner product with the query, sorted
@@ -150,13 +156,14 @@ def test_an_onnx_student_serves_the_results_of_raml_search_onnx(world, tmp_path,
     out = tmp_path / "search.json"
     argv = ["search", "--onnx", str(onnx_file), "--index", str(world["index"]), "--k", "4", "--json", str(out)]
     assert cli_main.main([*argv, "--workers", "0", "--no-progress", *queries]) == 0
+    index = load_index(world["index"])
     service = SearchService(OnnxQueryEmbedder(onnx_file), world["index"], ServiceLimits(max_wait_ms=0))
     assert service.embedder.sizes == (QR,)
     with serving(service, front_end) as running, httpx.Client(base_url=running.url, timeout=WAIT_S) as client:
         assert client.get("/health").json()["networks"]["query"]["kind"] == "onnx"
         for path, want in zip(queries, json.loads(out.read_text())):
             got = post_file(client, path, k=4).json()["results"]
-            assert [h["path"] for h in got] == [h["path"] for h in want["results"]]
+            assert [h["path"] for h in got] == [shown(index, h["path"]) for h in want["results"]]
             np.testing.assert_allclose([h["score"] for h in got], [h["score"] for h in want["results"]], atol=1e-5)
 
 
@@ -177,7 +184,8 @@ def test_health_and_images_by_id_only(world, server):
     assert health["ready"] is True
     assert health["index"]["size"] == 20 and health["index"]["generation"] == load_index(world["index"]).generation
     assert health["query_sizes"] == [QR, 48] and health["default_query_size"] == QR
-    assert health["networks"]["query"]["path"] == str(world["nets"]["student"])
+    assert health["networks"]["query"]["path"] == Path(world["nets"]["student"]).name  # its name only
+    assert health["index"]["name"] == "index"
     assert health["networks"]["database"]["sha256"] == checkpoint_sha256(world["nets"]["teacher"])
     image = client.get("/image/7")
     assert image.status_code == 200 and image.content == Path(world["paths"][7]).read_bytes()
@@ -187,6 +195,34 @@ def test_health_and_images_by_id_only(world, server):
     page = client.get("/")
     assert page.status_code == 200 and '<input id="file" type="file"' in page.text
     assert "http://" not in page.text and "https://" not in page.text  # self-contained: nothing from the internet
+
+
+def _strings(value) -> list[str]:
+    """Every string of a decoded JSON value, keys included."""
+    if isinstance(value, dict):
+        return [s for key, item in value.items() for s in (key, *_strings(item))]
+    if isinstance(value, list):
+        return [s for item in value for s in _strings(item)]
+    return [value] if isinstance(value, str) else []
+
+
+def test_health_and_search_show_no_absolute_server_path(world, server, tmp_path_factory):
+    """An unauthenticated client learns no absolute path on the server: /health names the index folder and the
+    networks' files by name, a /search answer gives each image's id and its path below the images' folder."""
+    client = server["client"]
+    built = str(tmp_path_factory.getbasetemp())  # every file of the test world is below it
+    health = client.get("/health")
+    answer = post_file(client, world["paths"][2], k=20)
+    assert health.status_code == 200 and answer.status_code == 200
+    assert built not in health.text and built not in answer.text
+    for text in _strings(health.json()) + _strings(answer.json()):
+        assert not os.path.isabs(text), text
+    index = load_index(world["index"])
+    hits = answer.json()["results"]
+    assert len(hits) == 20
+    for hit in hits:  # still what a client needs: the id names the image, the path its place in the database
+        stored = index.paths[hit["id"]]
+        assert stored.endswith(os.sep + hit["path"]) and Path(hit["path"]).parts[-2:] == Path(stored).parts[-2:]
 
 
 def test_image_by_id_sends_only_image_files_whatever_the_index_lists(world, tmp_path):

@@ -9,15 +9,16 @@ Routes:
   "timings_ms": {"read", "decode", "queue", "embed", "search", "total"}}``
   (``size``: the query size that answered; ``size_chosen_by``: ``"request"`` (``size=``), ``"default"`` (the
   network's default size) or ``"latency_target"`` (``raml serve --latency-target-ms``: the size of its batch))
-  (``label`` is null where the index has none). Errors are ``{"error": message}`` with status 400 (bad k or
-  size, truncated or corrupt image, bad form), 408 (the body did not arrive within ``body_timeout_s``; the
-  connection is closed), 413 (body over ``max_bytes``; image, or the image resized to the query size, over
-  ``max_pixels``), 415 (not an image, or a body that is neither multipart nor ``image/*``), 503 with
-  ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded: refused before
-  the body is read; the batching queue full (the queries queued and those being decoded fill ``--queue-size``),
-  or a query's predicted wait for its batch over ``--max-queue-wait-ms``: refused before the image is decoded).
-  A client that closes its connection before its answer is counted as 499 (nothing is sent); its query, if still
-  queued, is dropped unembedded;
+  (``label`` is null where the index has none; ``path`` is relative to the folder holding the served generation's
+  images, never an absolute server path: :mod:`raml.deploy.service.shown_paths`). Errors are ``{"error": message}``
+  with status 400 (bad k or size, truncated or corrupt image, bad form), 408 (the body did not arrive within
+  ``body_timeout_s``; the connection is closed), 413 (body over ``max_bytes``; image, or the image resized to the
+  query size, over ``max_pixels``), 415 (not an image, or a body that is neither multipart nor ``image/*``), 503 with
+  ``Retry-After`` (``max_uploads`` bodies being received, ``max_decodes`` images being decoded: refused before the
+  body is read; the batching queue full (the queries queued and those being decoded fill ``--queue-size``), or a
+  query's predicted wait for its batch over ``--max-queue-wait-ms``: refused before the image is decoded). A client
+  that closes its connection before its answer is counted as 499 (nothing is sent); its query, if still queued, is
+  dropped unembedded;
 - ``GET /health``: :meth:`SearchService.health`;
 - ``GET /metrics``: Prometheus text from ``prometheus_client`` (:mod:`raml.deploy.service.metrics`);
 - ``GET /image/{id}``: the database image with that index id, for display (no path is ever taken from a
@@ -372,7 +373,7 @@ def create_app(
             {
                 "rank": rank,
                 "id": int(i),
-                "path": index.paths[int(i)],
+                "path": service.shown_path(index, int(i)),
                 "label": int(index.labels[int(i)]) if int(index.labels[int(i)]) >= 0 else None,
                 "score": float(s),
             }

@@ -36,6 +36,7 @@ from raml.deploy.service.embedders import QueryEmbedder
 from raml.deploy.service.late_budget import LateBudget
 from raml.deploy.service.live_index import LiveIndex
 from raml.deploy.service.metrics import ServiceMetrics
+from raml.deploy.service.shown_paths import DatabaseRoots, shown_name
 from raml.deploy.service.size_controller import ControllerSettings
 from raml.deploy.store import DatabaseIndex
 
@@ -179,6 +180,7 @@ class SearchService:
                     lambda: adaptive.settings.target_ms / 1000.0,
                 ),
             }
+        self.roots = DatabaseRoots()  # before the first index is accepted
         self.index = LiveIndex(index_dir, accept=self._accept, poll_interval_s=self.limits.poll_interval_s)
         self.transforms = {size: embedder.transform(size) for size in embedder.sizes}
         self.metrics = ServiceMetrics(
@@ -264,6 +266,12 @@ class SearchService:
     def _accept(self, index: DatabaseIndex) -> None:
         check_query_dim(self.embedder.output_dim, index)
         warn_if_other_teacher(self.embedder.teacher_sha256, index)
+        self.roots.root(index)  # here (start, or the watcher thread), not on the event loop of a search
+
+    def shown_path(self, index: DatabaseIndex, image_id: int) -> str:
+        """The path of database image ``image_id`` of ``index`` as a client is shown it: relative to the folder
+        holding the generation's images, never absolute (:mod:`raml.deploy.service.shown_paths`)."""
+        return self.roots.shown(index, image_id)
 
     def start(self) -> None:
         """Start the batching worker and the index watcher."""
@@ -325,12 +333,16 @@ class SearchService:
         return LateBudget(self.limits.late_budget, window=max(2000, math.ceil(1 / self.limits.late_budget)))
 
     def health(self) -> dict[str, Any]:
-        """What ``GET /health`` reports."""
+        """What ``GET /health`` reports: no absolute server-side path (the index directory and the networks' files
+        by their names)."""
         index = self.index.current
+        query = dict(self.embedder.describe())
+        if query.get("path") is not None:
+            query["path"] = shown_name(query["path"])
         return {
             "ready": self.batcher.running,
             "index": {
-                "directory": str(index.directory),
+                "name": index.directory.name,
                 "size": index.live_count,  # images served; removed ids (tombstones) counted apart
                 "removed": len(index) - index.live_count,
                 "generation": index.generation,
@@ -338,9 +350,9 @@ class SearchService:
                 "dim": index.dim,
             },
             "networks": {
-                "query": self.embedder.describe(),
+                "query": query,
                 "database": {
-                    "path": index.meta.get("network", {}).get("path"),
+                    "path": shown_name(index.meta.get("network", {}).get("path")),
                     "sha256": index.network_sha256,
                     "image_size": index.meta.get("image_size"),
                 },
