@@ -177,7 +177,7 @@ def test_test_and_extract_use_the_val_ratio_of_the_checkpoint_not_of_a_later_run
     warning naming the config.yaml that disagrees; config.yaml stays the fallback of a checkpoint without one."""
     import logging
 
-    from raml.cli.extract import resolve_val_ratio
+    from raml.engine.val_ratio import resolve_val_ratio
     from raml.models import save_checkpoint
 
     folder = tmp_path / "run"

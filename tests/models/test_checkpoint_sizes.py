@@ -181,7 +181,7 @@ def test_checkpoints_of_every_supported_kind_still_load(tmp_path: Path) -> None:
 def test_the_run_record_reader_of_raml_test_never_loads_a_file_asking_for_more_than_it_holds(
     tmp_path: Path, torch_loads: list[str]
 ) -> None:
-    from raml.cli.extract import checkpoint_val_ratio
+    from raml.engine.val_ratio import checkpoint_val_ratio
 
     path = _torch_zip(tmp_path / "bytearray.pth", {"state_dict": {}, "junk": _Call(bytearray, _BIG)})
     assert checkpoint_val_ratio(path) is None  # the network's own load names the problem
@@ -206,12 +206,12 @@ def test_the_epoch_reader_of_resume_last_never_loads_a_file_asking_for_more_than
 def test_the_mapped_readers_load_the_file_they_checked_not_one_swapped_in_after(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, reader: str
 ) -> None:
-    from raml.cli import extract as extract_module
     from raml.engine import resume as resume_module
+    from raml.engine import val_ratio as val_ratio_module
 
     good = _torch_zip(tmp_path / "model_last.pth.tar", {"state_dict": {}, "epoch": 3, "raml": {"val_ratio": 0.25}})
     swapped = _torch_zip(tmp_path / "other.pth", {"state_dict": {}, "epoch": 7, "raml": {"val_ratio": 0.5}})
-    module = resume_module if reader == "epoch" else extract_module
+    module = resume_module if reader == "epoch" else val_ratio_module
     real_check = check_declared_sizes
 
     def check_then_swap(handle: Any) -> None:

@@ -153,7 +153,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from raml.cli.extract import resolve_val_ratio
+    from raml.engine.val_ratio import resolve_val_ratio
 
     _import_run_names()
     setup_logging(args.verbose)

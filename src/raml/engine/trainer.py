@@ -1069,7 +1069,7 @@ class Trainer:
             "raml": {
                 "mode": self.config.mode,
                 "trainval": self.config.trainval,
-                # the -train/-val/-trainval classes of raml test and raml extract (cli.extract.recorded_val_ratio):
+                # the -train/-val/-trainval classes of raml test and raml extract (engine.val_ratio.recorded_val_ratio):
                 # the config.yaml beside it is rewritten by a later run into the same folder
                 "val_ratio": self.config.val_ratio,
                 "train_split": self.train_split.name,
