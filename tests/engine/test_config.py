@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 import pytest
@@ -492,3 +493,31 @@ def test_a_mining_pool_smaller_than_neg_num_is_refused_before_any_network_is_bui
     assert not (tmp_path / "run").exists()
     TrainConfig(student="r", mode="sym", pool_size=4, neg_num=4).validate()  # the edge
     TrainConfig(student="r", mode="sym", loss="normsoftmax", pool_size=2, neg_num=4).validate()  # no mining
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("epochs: 3\nlr: 1e-4\nepochs: 5\n", r"line 3, column 1: duplicate key 'epochs' \(first at line 1\)"),  # 5 won
+        ("epochs: 010\n", r"line 1, column 9: '010' is octal in YAML 1.1 \(read as 8, not as written\)"),  # 8 before
+        ("seed: -007\n", r"line 1, column 7: '-007' is octal"),
+        ("lr: 1:30\n", r"line 1, column 5: '1:30' is a base-60 number in YAML 1.1 \(read as 90, not as"),  # 90.0 before
+        ("lr: 1:30.5\n", r"line 1, column 5: '1:30.5' is a base-60 number in YAML 1.1 \(read as 90.5, not"),
+    ],
+)
+def test_yaml_keys_given_twice_and_numbers_read_otherwise_than_written_are_refused(tmp_path, text, message):
+    """YAML 1.1 kept the last of two keys without a word, read a leading zero as octal and colons as base 60."""
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ValueError, match=rf"Config file {re.escape(str(cfg))} is not valid YAML at {message}"):
+        load_yaml_config(cfg)
+
+
+@pytest.mark.parametrize(
+    ("line", "name", "expected"),
+    [("epochs: 0", "epochs", 0), ("epochs: '010'", "epochs", 10), ("lr: 0.5", "lr", 0.5), ("lr: 010.5", "lr", 10.5)],
+)
+def test_zeros_and_quoted_numbers_are_read_as_written(tmp_path, line, name, expected):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"{line}\n")
+    assert load_yaml_config(cfg)[name] == expected

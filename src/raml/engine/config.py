@@ -439,8 +439,71 @@ def _yaml_problem(error: yaml.YAMLError) -> str:
     return text or str(error).splitlines()[0]
 
 
+#: YAML 1.1 numbers that a reader of the file takes for decimals: ``010`` (octal: 8) and ``1:30`` (base 60: 90)
+_OCTAL = re.compile(r"[-+]?0[0-7_]+")
+_SEXAGESIMAL = re.compile(r"[-+]?[0-9][0-9_]*(:[0-5]?[0-9])+(\.[0-9_]*)?")
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` for ``--config`` files, refusing what YAML 1.1 reads silently otherwise than written: a key
+    given twice in one mapping (the last one won), a number with a leading zero (octal: ``epochs: 010`` was 8) and
+    a number with colons (base 60: ``lr: 1:30`` was 90). A refusal is a ``yaml.YAMLError`` with the line."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Node] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: the base class names it
+                continue
+            if first is not None:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key {key!r} (first at line {first.start_mark.line + 1}); keep one of them",
+                    key_node.start_mark,
+                )
+            seen[key] = key_node
+        return super().construct_mapping(node, deep=deep)
+
+    def _refuse_ambiguous_number(self, node: yaml.ScalarNode) -> None:
+        text = str(node.value).strip()
+        if _OCTAL.fullmatch(text):
+            reading, advice = "octal", "drop the leading zeros"
+        elif _SEXAGESIMAL.fullmatch(text):
+            reading, advice = "a base-60 number", "write the number without colons"
+        else:
+            return
+        raise yaml.constructor.ConstructorError(
+            None,
+            None,
+            f"{text!r} is {reading} in YAML 1.1 (read as {self._default_number(node)!r}, not as written); {advice}",
+            node.start_mark,
+        )
+
+    def _default_number(self, node: yaml.ScalarNode) -> Any:
+        """The number YAML 1.1 reads ``node`` as, for the message."""
+        if node.tag.endswith(":int"):
+            return yaml.SafeLoader.construct_yaml_int(self, node)
+        return yaml.SafeLoader.construct_yaml_float(self, node)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        self._refuse_ambiguous_number(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        self._refuse_ambiguous_number(node)
+        return super().construct_yaml_float(node)
+
+
+_ConfigLoader.add_constructor("tag:yaml.org,2002:int", _ConfigLoader.construct_yaml_int)
+_ConfigLoader.add_constructor("tag:yaml.org,2002:float", _ConfigLoader.construct_yaml_float)
+
+
 def load_yaml_config(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file of flag values (keys as flags, ``-`` or ``_``); unknown keys are an error."""
+    """Read a YAML file of flag values (keys as flags, ``-`` or ``_``); unknown keys are an error, and so are a key
+    given twice and the YAML 1.1 numbers read otherwise than written (``010`` octal, ``1:30`` base 60)."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"Config file {path} is a folder, expected a YAML file ({EXPECTED_YAML}).")
@@ -460,7 +523,7 @@ def load_yaml_config(path: str | Path) -> dict[str, Any]:
             f"({EXPECTED_YAML})."
         ) from None
     try:
-        data = yaml.safe_load(text) or {}
+        data = yaml.load(text, Loader=_ConfigLoader) or {}  # noqa: S506 (a SafeLoader)
     except yaml.YAMLError as error:
         raise ValueError(
             f"Config file {path} is not valid YAML{_yaml_error_place(error)}: {_yaml_problem(error)}. "
