@@ -133,6 +133,24 @@ def test_another_val_ratio_is_refused_where_it_chooses_the_training_classes(
     resumed.release_lock()
 
 
+def test_a_flipped_per_size_bn_is_refused_as_another_run_setting(machinery, machinery_teacher_path, tmp_path):
+    """--per-size-bn rewrites model_best after training: resumed with the flag flipped, a finished run kept (or
+    added) per-size statistics its settings did not ask for, and an interrupted one ended otherwise than it began."""
+    run = tmp_path / "sizes"
+    config = machinery.distill_config(
+        run, machinery_teacher_path, epochs=1, val=False, scheduler="exponential", image_sizes=[32, 24]
+    )
+    Trainer(config, CPU, progress=False).run()
+    before = _folder_state(run)
+    resume = config.replace(epochs=2, resume_student="last")
+    with pytest.raises(ValueError, match="other settings.*\n  - --per-size-bn: checkpoint off, asked on\n"):
+        Trainer(resume.replace(per_size_bn=True), CPU, progress=False)
+    assert _folder_state(run) == before
+    resumed = Trainer(resume, CPU, progress=False)
+    assert resumed.start_epoch == 2
+    resumed.release_lock()
+
+
 def test_another_optimizer_or_scheduler_is_refused_also_for_a_checkpoint_without_their_names(
     machinery, machinery_teacher_path, finished, tmp_path
 ):

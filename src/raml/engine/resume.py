@@ -41,6 +41,9 @@ RUN_FIELDS: dict[str, str] = {
     "lr": "--lr",
     "weight_decay": "--weight-decay",
     "momentum": "--momentum",
+    # the step after training: a finished run resumed with the flag flipped would keep (or add) per-size statistics
+    # in a model_best the run's settings do not describe, and an interrupted one would end otherwise than it began
+    "per_size_bn": "--per-size-bn",
 }
 
 #: parameter-group entries that each optimizer needs and the others lack: an optimizer state saved by another
@@ -87,6 +90,7 @@ def run_fields(config: TrainConfig, teacher_sha256: str | None) -> dict[str, Any
         "scheduler": config.scheduler,
         "lr": config.lr,
         "weight_decay": config.weight_decay,
+        "per_size_bn": config.per_size_bn,
     }
     if config.optimizer == "sgd":
         fields["momentum"] = config.momentum
@@ -100,6 +104,8 @@ def _shown(name: str, value: Any) -> str:
         return ",".join(map(str, value))
     if name == "trainval":
         return "train + val (the reference's protocol)" if value else "--select-on-val (train only)"
+    if name == "per_size_bn":
+        return "on" if value else "off"
     if name == "teacher_sha256":
         return "no teacher file" if value is None else f"a teacher file of SHA-256 {str(value)[:12]}..."
     return repr(value)

@@ -1083,6 +1083,8 @@ class Trainer:
                 # the optimizer state holds them too; stored to refuse a resume that asks others (it would ignore them)
                 "lr": self.config.lr,
                 "weight_decay": self.config.weight_decay,
+                # the step after training that rewrites model_best: compared on resume as the settings above
+                "per_size_bn": self.config.per_size_bn,
                 "best_epoch": self.best_epoch,
                 "history": self.history,
             }
