@@ -36,7 +36,7 @@ from raml.demo import DATASET, DemoSettings
 from raml.engine.config import LOSSES, TrainConfig
 from raml.engine.methods import METHODS, method_class, register_method
 from raml.engine.methods.base import TEACHER_USES, BatchLoss, Method
-from raml.engine.trainer import Trainer
+from raml.engine.trainer import NonFiniteLossError, Trainer
 from raml.losses import absolute_loss, aml_contrastive_loss, csd_loss, d3_loss, rkd_loss, rop_loss
 from raml.models import build_network, load_checkpoint_file, load_network, save_checkpoint
 from raml.retrieval.evaluate import evaluate_split
@@ -90,6 +90,44 @@ def test_an_unknown_mode_is_refused_with_the_valid_names():
         method_class("kd", "triplet")
     with pytest.raises(ValueError, match="Unknown --mode 'kd'"):
         _config((Path("data"), Path("t.pth")), Path("x"), mode="kd").validate()
+
+
+def test_a_non_finite_loss_names_the_method_settings_given_away_from_their_defaults(setup, tmp_path):
+    """--csd-temperature 1e-40 divides the similarities into infinities: the advice named --lr alone."""
+    config = _config(setup, tmp_path / "csd", mode="csd", csd_temperature=1e-40)
+    advice = (
+        r"Lower --lr, or bring the --mode csd settings given away from their defaults \(--pos-num 2, "
+        r"--csd-temperature 1e-40\) back towards them, or check the data\."
+    )
+    with pytest.raises(NonFiniteLossError, match=advice):
+        Trainer(config, CPU, progress=False).run()
+    assert _config(setup, tmp_path, mode="csd", pos_num=8).changed_method_settings() == []
+
+
+def test_a_plug_in_without_reads_is_named_in_a_warning_and_its_reads_are_checked(monkeypatch, caplog):
+    """A plug-in that declares no Method.reads was never checked for settings without effect, without a word;
+    every method setting away from its default may be one it reads (the non-finite advice names them all)."""
+    from raml.engine.methods.rkd import RelationalDistillation
+
+    monkeypatch.setattr(RelationalDistillation, "reads", None)
+    monkeypatch.setitem(METHODS, "undeclared_kd", METHODS["rkd"])
+    config = _config((Path("data"), Path("t.pth")), Path("x"), mode="undeclared_kd", csd_temperature=0.5, pos_num=8)
+    with caplog.at_level("WARNING", logger="raml"):
+        config.validate()
+        config.validate()  # once per mode and process
+    warned = [r.getMessage() for r in caplog.records if "declares no Method.reads" in r.getMessage()]
+    assert warned == [
+        "--mode undeclared_kd: raml.engine.methods.rkd.RelationalDistillation declares no Method.reads, so a method "
+        "setting it does not read cannot be reported as having no effect. Set reads on the class (a frozenset of "
+        "raml.engine.config.METHOD_SETTINGS names; frozenset() for none)."
+    ]
+    assert config.ignored_settings() == [] and config.changed_method_settings() == ["--csd-temperature 0.5"]
+    monkeypatch.setattr(RelationalDistillation, "reads", frozenset({"rkd_distance_weight", "rkd_angel_weight"}))
+    with pytest.raises(ValueError, match=r"RelationalDistillation.reads names rkd_angel_weight, which is not a method"):
+        config.validate()
+    monkeypatch.setattr(RelationalDistillation, "reads", "rkd_angle_weight")
+    with pytest.raises(ValueError, match=r"reads must be a frozenset of method setting names.*got 'rkd_angle_weight'"):
+        config.validate()
 
 
 def test_a_method_registered_after_import_is_a_valid_mode_and_a_taken_name_is_refused():

@@ -289,18 +289,64 @@ class TrainConfig:
         if not 0 <= self.seed <= MAX_SEED:
             raise ValueError(f"--seed must be in [0, 2**63 - 1], got {self.seed}.")
 
-    def ignored_settings(self) -> list[str]:
-        """The :data:`METHOD_SETTINGS` given a value other than their default that ``--mode`` does not read
-        (its ``Method.reads``; none for a method that does not declare them)."""
+    def _method_reads(self) -> frozenset[str] | None:
+        """``Method.reads`` of ``--mode`` (None where the method does not declare it), checked: a collection of
+        :data:`METHOD_SETTINGS` names, else ``ValueError`` naming the method's class."""
         from raml.engine.methods import method_class
 
-        reads = method_class(self.mode, self.loss).reads
+        cls = method_class(self.mode, self.loss)
+        reads = cls.reads
+        if reads is None:
+            return None
+        if isinstance(reads, str) or not isinstance(reads, set | frozenset | tuple | list):
+            raise ValueError(
+                f"--mode {self.mode}: {cls.__module__}.{cls.__qualname__}.reads must be a frozenset of method "
+                f"setting names (raml.engine.config.METHOD_SETTINGS), got {reads!r}."
+            )
+        unknown = sorted(str(name) for name in reads if name not in METHOD_SETTINGS)
+        if unknown:
+            raise ValueError(
+                f"--mode {self.mode}: {cls.__module__}.{cls.__qualname__}.reads names {', '.join(unknown)}, which "
+                f"{'is not a method setting' if len(unknown) == 1 else 'are not method settings'}; valid: "
+                f"{', '.join(METHOD_SETTINGS)}."
+            )
+        return frozenset(reads)
+
+    def ignored_settings(self) -> list[str]:
+        """The :data:`METHOD_SETTINGS` given a value other than their default that ``--mode`` does not read
+        (its ``Method.reads``; none for a method that does not declare them: :meth:`validate` warns about that)."""
+        reads = self._method_reads()
         if reads is None:
             return []
         defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
         return [name for name in METHOD_SETTINGS if name not in reads and getattr(self, name) != defaults[name]]
 
+    def changed_method_settings(self) -> list[str]:
+        """The :data:`METHOD_SETTINGS` that ``--mode`` reads (every one, for a method that does not declare its
+        ``Method.reads``) given a value other than their default, as given on the command line
+        (``--csd-temperature 1e-40``): what a non-finite loss names beside ``--lr``."""
+        reads = self._method_reads()
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        return [
+            _given_flag(name, getattr(self, name))
+            for name in METHOD_SETTINGS
+            if (reads is None or name in reads) and getattr(self, name) != defaults[name]
+        ]
+
     def _warn_ignored_settings(self) -> None:
+        if self._method_reads() is None and (self.mode, "reads", "") not in _REPORTED_IGNORED:
+            from raml.engine.methods import method_class
+
+            _REPORTED_IGNORED.add((self.mode, "reads", ""))
+            cls = method_class(self.mode, self.loss)
+            logger.warning(
+                "--mode %s: %s.%s declares no Method.reads, so a method setting it does not read cannot be reported "
+                "as having no effect. Set reads on the class (a frozenset of raml.engine.config.METHOD_SETTINGS "
+                "names; frozenset() for none).",
+                self.mode,
+                cls.__module__,
+                cls.__qualname__,
+            )
         ignored = self.ignored_settings()
         new = [name for name in ignored if (self.mode, name, repr(getattr(self, name))) not in _REPORTED_IGNORED]
         if not new:
@@ -357,9 +403,7 @@ class TrainConfig:
         """A mode that mines ``--neg-num`` distinct negatives per anchor from a pool of ``--pool-size`` images
         (``sym`` with the triplet loss) needs a pool at least that large: refused here, before any network is built
         or embedded (:func:`raml.engine.mining.distance_weighted_negatives` checks the pool actually drawn)."""
-        from raml.engine.methods import method_class
-
-        reads = method_class(self.mode, self.loss).reads
+        reads = self._method_reads()
         if reads is not None and {"neg_num", "pool_size"} <= reads and self.pool_size < self.neg_num:
             raise ValueError(
                 f"--pool-size {self.pool_size} is smaller than --neg-num {self.neg_num}: --mode {self.mode} "

@@ -857,7 +857,18 @@ class Trainer:
             what, batch, which = "The gradients became NaN or infinite (under a finite loss)", gradient_batch, "those"
         raise NonFiniteLossError(
             f"{what} at epoch {epoch}, batch {batch}{where}; training stopped before {which} gradients were "
-            f"applied, and the last good checkpoint in {self.directory} is kept. Lower --lr or check the data."
+            f"applied, and the last good checkpoint in {self.directory} is kept. {self._nonfinite_advice()}"
+        )
+
+    def _nonfinite_advice(self) -> str:
+        """What to change after a non-finite loss, gradient or weight: ``--lr``, and the settings of ``--mode``
+        given away from their defaults (an extreme one, e.g. ``--csd-temperature 1e-40``, is as likely a cause)."""
+        changed = self.config.changed_method_settings()
+        if not changed:
+            return "Lower --lr or check the data."
+        return (
+            f"Lower --lr, or bring the --mode {self.config.mode} settings given away from their defaults "
+            f"({', '.join(changed)}) back towards them, or check the data."
         )
 
     def _gradients_overflowed_only(self) -> bool:
@@ -1061,7 +1072,7 @@ class Trainer:
                 f"The weights became NaN or infinite by epoch {epoch} ({', '.join(bad[:3])}"
                 f"{', ...' if len(bad) > 3 else ''}: {len(bad)} tensors) under a finite loss: the steps were too "
                 f"large. {path.name} was not written, and the last good checkpoint in {self.directory} is kept. "
-                "Lower --lr."
+                f"{self._nonfinite_advice()}"
             )
         if not self.dist.is_main:  # one writer; every process holds the same weights
             return
