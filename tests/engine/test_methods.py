@@ -92,6 +92,32 @@ def test_an_unknown_mode_is_refused_with_the_valid_names():
         _config((Path("data"), Path("t.pth")), Path("x"), mode="kd").validate()
 
 
+def test_overwrite_removes_every_output_of_the_previous_run_and_nothing_else(setup, tmp_path):
+    """--overwrite removed the previous run's checkpoints only: its skipped_images_<split>.txt and TensorBoard event
+    files stayed beside the new run's outputs, read as the new run's (a split without bad images now)."""
+    data = tmp_path / "data"
+    generate_synthetic_dataset(data / "cub", num_classes=4, images_per_class=4, image_size=DR, seed=1)
+    victim = sorted((data / "cub" / "images").rglob("*.jpg"))[0]
+    intact = victim.read_bytes()
+    victim.write_bytes(intact[:200])  # truncated: --bad-images skip leaves it out and reports it
+    run = tmp_path / "run"
+    first = _config((data, setup[1]), run, bad_images="skip", logger="tensorboard")
+    Trainer(first, CPU, progress=False).run()
+    assert victim.name in (run / "skipped_images_cub-trainval.txt").read_text()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*"))
+    (run / "notes.txt").write_text("mine")
+    (run / "tensorboard" / "notes.txt").write_text("mine too")
+    (run / "skipped_images_cub-trainval.txt.orig").write_text("a name the run never writes")
+    victim.write_bytes(intact)
+    Trainer(first.replace(logger="none", overwrite=True), CPU, progress=False).run()
+    assert sorted(p.name for p in run.iterdir()) == [
+        "config.yaml", "model_best.pth.tar", "model_epoch1.pth.tar", "model_last.pth.tar", "notes.txt",
+        "skipped_images_cub-trainval.txt.orig", "tensorboard",
+    ]  # fmt: skip
+    assert [p.name for p in (run / "tensorboard").iterdir()] == ["notes.txt"]
+    assert (run / "notes.txt").read_text() == "mine"
+
+
 def test_a_non_finite_loss_names_the_method_settings_given_away_from_their_defaults(setup, tmp_path):
     """--csd-temperature 1e-40 divides the similarities into infinities: the advice named --lr alone."""
     config = _config(setup, tmp_path / "csd", mode="csd", csd_temperature=1e-40)

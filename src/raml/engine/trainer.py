@@ -76,6 +76,13 @@ BEST_NAME = "model_best.pth.tar"
 #: the names of the training checkpoints a run writes into its folder (what ``--overwrite`` removes of a previous run)
 _RUN_CHECKPOINT = re.compile(r"model_(best|last|interrupted|epoch\d+)\.pth\.tar")
 
+#: the other files a run writes into its folder, besides config.yaml (replaced as a whole at every start): the
+#: reports of the images --bad-images skip left out (raml.data.check.report_file_name), and the event files of
+#: --logger tensorboard in its tensorboard/ subfolder (each run adds its own); --overwrite removes a previous run's
+_RUN_REPORT = re.compile(r"skipped_images_[A-Za-z0-9._-]+\.txt")
+_TENSORBOARD_FOLDER = "tensorboard"
+_TENSORBOARD_EVENTS = re.compile(r"events\.out\.tfevents\..+")
+
 #: the temporary files (raml.utils.atomic_path: ``.<name>.<8 hex>.tmp``) of the outputs a run writes in its folder
 _RUN_TEMPORARY = re.compile(
     r"\.(config\.yaml|model_(best|last|interrupted|epoch\d+)\.pth\.tar|skipped_images_[A-Za-z0-9._-]+\.txt)"
@@ -463,28 +470,39 @@ class Trainer:
             if _RUN_TEMPORARY.fullmatch(stale.name) and stale.is_file():
                 stale.unlink(missing_ok=True)
         if self.config.overwrite and not resumes_inside(self.config):
-            self._remove_previous_checkpoints()
+            self._remove_previous_outputs()
         for name, bad in self.skipped.items():
             write_bad_image_report(self.directory / report_file_name("skipped_images", name), bad)
         # The resolved configuration travels with the outputs; it is also a valid ``--config`` file, so it records
         # --overwrite, --json and --resume-student at their defaults (TrainConfig.record): a replay never inherits them
         atomic_write_text(self.directory / RUN_CONFIG_NAME, self.config.record_text())
 
-    def _remove_previous_checkpoints(self) -> None:
+    def _remove_previous_outputs(self) -> None:
         """``--overwrite`` (a new run, not a resume of this folder's checkpoints): remove the previous run's
-        training checkpoints, now that every start check has passed. Left beside the new run's, its higher
-        ``model_epoch<N>`` would be what ``--resume-student last`` resumes, and its ``model_best`` the result of
-        a new run stopped early. A file this run reads (``--student-path``, ``--teacher-path``) is never among them:
-        :func:`refuse_existing_checkpoints` refuses such a run at the start."""
+        outputs, now that every start check has passed: its training checkpoints, its skipped-image reports and
+        its TensorBoard event files (:data:`_RUN_CHECKPOINT`, :data:`_RUN_REPORT`, :data:`_TENSORBOARD_EVENTS`);
+        nothing else (a file of another name is not a run's). Left beside the new run's, its higher
+        ``model_epoch<N>`` would be what ``--resume-student last`` resumes, its ``model_best`` the result of a new
+        run stopped early, a report of a split the new run reads without bad images would describe the new run,
+        and its TensorBoard scalars would be drawn as the new run's. A file this run reads (``--student-path``,
+        ``--teacher-path``) is never among them: :func:`refuse_existing_checkpoints` refuses such a run at the
+        start."""
         removed = []
         for path in sorted(self.directory.iterdir()):
-            if not _RUN_CHECKPOINT.fullmatch(path.name) or not path.is_file():
-                continue
-            path.unlink(missing_ok=True)
-            removed.append(path.name)
+            if (_RUN_CHECKPOINT.fullmatch(path.name) or _RUN_REPORT.fullmatch(path.name)) and path.is_file():
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        events = self.directory / _TENSORBOARD_FOLDER
+        if events.is_dir() and not events.is_symlink():
+            for path in sorted(events.iterdir()):
+                if _TENSORBOARD_EVENTS.fullmatch(path.name) and path.is_file():
+                    path.unlink(missing_ok=True)
+                    removed.append(f"{_TENSORBOARD_FOLDER}/{path.name}")
         if removed:
             logger.info(
-                "--overwrite: removed the previous run's checkpoints from %s: %s", self.directory, ", ".join(removed)
+                "--overwrite: removed the previous run's checkpoints, reports and TensorBoard events from %s: %s",
+                self.directory,
+                ", ".join(removed),
             )
 
     def _checked_split(self, name: str) -> Split:
@@ -624,7 +642,7 @@ class Trainer:
         """Train for the configured epochs (from the resume point), validate, save; returns the result."""
         c = self.config
         if c.logger == "tensorboard" and self.dist.is_main:  # one writer: rank 0 logs (_log_epoch), the others not
-            self.writer = _tensorboard_writer(self.directory / "tensorboard", c)
+            self.writer = _tensorboard_writer(self.directory / _TENSORBOARD_FOLDER, c)
         if self.start_epoch > c.epochs:
             logger.info("Nothing to train: the checkpoint already finished %d epochs.", c.epochs)
         try:
