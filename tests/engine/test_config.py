@@ -11,7 +11,7 @@ import torch
 
 from raml.cli.main import build_parser
 from raml.cli.train import config_from_args
-from raml.engine.config import PER_INVOCATION, TrainConfig, load_yaml_config
+from raml.engine.config import PER_INVOCATION, TrainConfig, _given_flag, load_yaml_config
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -521,3 +521,9 @@ def test_zeros_and_quoted_numbers_are_read_as_written(tmp_path, line, name, expe
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"{line}\n")
     assert load_yaml_config(cfg)[name] == expected
+
+
+def test_a_setting_is_named_as_the_command_line_gives_it():
+    assert _given_flag("lam_1", 0.7) == "--lam-1 0.7"
+    assert [_given_flag("mixup", v) for v in (True, False)] == ["--mixup", "--no-mixup"]
+    assert [_given_flag("fused_views", v) for v in (True, False)] == ["--fused-views", "--no-fused-views"]

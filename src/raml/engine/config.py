@@ -77,11 +77,12 @@ def _flag(name: str) -> str:
 
 
 def _given_flag(name: str, value: Any) -> str:
-    """How a setting's value is given on the command line: ``--lam-1 0.7``, ``--no-mixup``, ``--fused-views``."""
+    """How a setting's value is given on the command line: ``--lam-1 0.7``, ``--no-mixup``, ``--fused-views``,
+    ``--no-fused-views`` (the opposite flag a ``--config`` file's value can be overridden with)."""
     if name == "mixup":
         return "--mixup" if value else "--no-mixup"
     if isinstance(value, bool):
-        return _flag(name) if value else f"{_flag(name)} False"
+        return _flag(name) if value else "--no-" + _flag(name)[2:]
     return f"{_flag(name)} {value}"
 
 
