@@ -296,7 +296,7 @@ def test_a_single_size_run_never_touches_the_size_stream(tiny_run, tmp_path, mon
     assert "image_sizes" not in torch.load(tmp_path / "one" / "model_best.pth.tar", weights_only=True)["meta"]
 
 
-def test_per_size_bn_flag_writes_per_size_statistics(tiny_run, tmp_path):
+def test_per_size_bn_flag_writes_per_size_statistics(tiny_run, tmp_path, capsys):
     from raml.cli.main import main
 
     directory = tmp_path / "bn"
@@ -310,6 +310,10 @@ def test_per_size_bn_flag_writes_per_size_statistics(tiny_run, tmp_path):
     assert checkpoint["meta"]["bn_sizes"] == [16, 24] and checkpoint["meta"]["image_sizes"] == [16, 24]
     assert any(key.endswith("running_var_s24") for key in checkpoint["state_dict"])
     assert "raml" in checkpoint and checkpoint["epoch"] == 1  # the training record is kept
+    # training cannot continue from the re-estimated statistics: said so, not as "another network"
+    assert main([*argv, "--epochs", "2", "--resume-student", str(directory / "model_best.pth.tar")]) == 2
+    said = capsys.readouterr().err
+    assert "re-estimated per query size ([16, 24])" in said and "--resume-student last" in said, said
     with pytest.raises(ValueError, match="--per-size-bn"):
         _distill(tiny_run, tmp_path / "x", image_sizes=None, per_size_bn=True).validate()
 

@@ -620,8 +620,18 @@ class Trainer:
         (torch's own message lists every missing and unexpected key: hundreds of lines)."""
         state = checkpoint["state_dict"]
         missing, unexpected, mismatched = _state_differences(self.student.state_dict(), state)
+        their_meta = checkpoint.get("meta")
+        sizes = their_meta.get("bn_sizes") if isinstance(their_meta, dict) else None
+        if sizes and not (getattr(self.student, "meta", None) or {}).get("bn_sizes"):
+            raise CheckpointError(
+                f"--resume-student {path}: this checkpoint's BatchNorm statistics were re-estimated per query "
+                f"size ({sizes}) after training ended (--per-size-bn writes them into model_best.pth.tar and the "
+                "final checkpoint), so training cannot continue from it. Resume from an epoch's checkpoint "
+                "(--resume-student last, or model_epoch_N.pth.tar), or start a new run from these weights "
+                "(--student-path)."
+            )
         if missing or unexpected or mismatched:
-            theirs = _describe_network(checkpoint.get("meta"))
+            theirs = _describe_network(their_meta)
             ours = _describe_network(getattr(self.student, "meta", None))
             raise CheckpointError(
                 f"--resume-student {path}: its network ({theirs}) is not this run's student ({ours}): "
