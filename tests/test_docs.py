@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from raml.bench.parsers import PARSERS
 from raml.cli.main import build_parser
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,9 +19,9 @@ def _options() -> set[str]:
         if parser._subparsers is not None:
             parsers += parser._subparsers._group_actions[0].choices.values()
     options = {option for parser in parsers for option in parser._option_string_actions}
-    # `raml bench <name>` hands its arguments to the benchmark's own parser, built in its main()
-    for source in (REPO / "src" / "raml" / "bench").glob("*.py"):
-        options |= set(re.findall(r'add_argument\(\s*"(--[^"]+)"', source.read_text()))
+    # `raml bench <name>` hands its arguments to the benchmark's own parser (raml.bench.parsers)
+    for build in PARSERS.values():
+        options |= set(build()._option_string_actions)
     return options
 
 

@@ -1,7 +1,8 @@
 """``raml --help``, ``raml <command> --help`` and argparse's usage errors import only what argparse needs: no torch,
 torchvision, timm, numpy, scipy, faiss, onnx, onnxruntime, ray or uvicorn (each command imports them in its run
 function). That took 2-4 s a help before; the names the parsers offer from those modules' registries are spelled
-in :mod:`raml.cli.choices`, checked here against the registries."""
+in :mod:`raml.cli.choices`, checked here against the registries. The same for ``raml bench NAME -h`` and a
+benchmark's usage errors: its parser is :mod:`raml.bench.parsers`' (defaults spelled there, checked here too)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import raml
+from raml.bench import parsers
 from raml.cli import choices
 
 SRC = Path(raml.__file__).resolve().parent.parent
@@ -38,8 +40,8 @@ HEAVY = (
 
 # Run in a fresh interpreter: records, for each heavy package, the raml frames of the stack that first imported it;
 # then prints every help (the top-level parser, each command, each sub-command such as `data synth`) and makes
-# usage errors, each ending in SystemExit. `raml bench NAME -h` is the benchmark's own parser (raml.bench), not
-# raml's: left out.
+# usage errors, each ending in SystemExit; then `raml bench NAME -h` and a bad flag of each benchmark (its own parser,
+# raml.bench.parsers), recording whether the benchmark's module was imported.
 _SCRIPT = """
 import contextlib, io, json, sys, traceback
 
@@ -92,7 +94,13 @@ for argv in list(commands(build_parser(), [])):
 call(["train", "--epochs", "abc"])
 call(["test", "--no-such-flag"])
 call(["extract", "--cpu-runtime", "nope", "--multiscale", "[1, 1/2]"])
-print(json.dumps({"leaks": leaks, "runs": runs}))
+from raml.cli.bench import BENCHMARKS  # noqa: E402
+
+for benchmark in BENCHMARKS:
+    call(["bench", benchmark, "-h"])
+    call(["bench", benchmark, "--no-such-flag"])
+modules = sorted(module for module, _ in BENCHMARKS.values() if module in sys.modules)
+print(json.dumps({"leaks": leaks, "runs": runs, "bench_modules": modules}))
 """
 
 
@@ -119,6 +127,15 @@ def test_help_and_usage_errors_import_no_heavy_package():
         ("extract --cpu-runtime nope --multiscale [1, 1/2]", "argument --cpu-runtime: invalid choice: 'nope'"),
     ):
         assert by_argv[argv]["code"] == 2 and message in by_argv[argv]["stderr"], by_argv[argv]
+    assert not seen["bench_modules"], "raml bench NAME -h or a usage error imported the benchmark's module"
+    from raml.cli.bench import BENCHMARKS
+
+    for name in BENCHMARKS:
+        run = by_argv[f"bench {name} -h"]
+        assert run["code"] == 0 and run["stdout"].startswith(f"usage: raml bench {name} "), run
+        run = by_argv[f"bench {name} --no-such-flag"]
+        assert run["code"] == 2 and run["stderr"].startswith(f"usage: raml bench {name} "), run
+        assert "unrecognized arguments: --no-such-flag" in run["stderr"] or "required" in run["stderr"], run
 
 
 @pytest.mark.parametrize("name", sorted(choices.SOURCES))
@@ -135,6 +152,40 @@ def test_each_name_offered_by_a_parser_is_its_registrys(name):
         assert ours == expected
     else:
         assert ours == theirs and type(ours) is type(theirs)
+
+
+@pytest.mark.parametrize("name", sorted(parsers.SOURCES))
+def test_each_default_a_bench_parser_spells_is_its_modules(name):
+    module, attribute = parsers.SOURCES[name]
+    ours = getattr(parsers, name)
+    if attribute.endswith("()"):  # a settings class: its default instance, field by field (but the demo's)
+        instance = getattr(importlib.import_module(module), attribute[:-2])()
+        fields = [field.name for field in dataclasses.fields(instance) if field.name != "demo"]
+        assert ours == {field: getattr(instance, field) for field in fields}
+        return
+    if attribute.endswith("().threads"):
+        assert ours == getattr(importlib.import_module(module), attribute.split("(")[0])().threads
+        return
+    theirs = getattr(importlib.import_module(module), attribute)
+    assert ours == tuple(theirs)
+
+
+def test_each_benchmark_has_a_light_parser_that_its_main_uses(monkeypatch):
+    from raml.cli.bench import BENCHMARKS
+
+    assert list(parsers.PARSERS) == list(BENCHMARKS)
+
+    class Used(Exception):
+        pass
+
+    def used() -> None:
+        raise Used
+
+    for name, build in parsers.PARSERS.items():
+        assert build().prog == f"raml bench {name}"
+        monkeypatch.setattr(parsers, build.__name__, used)
+        with pytest.raises(Used):
+            importlib.import_module(BENCHMARKS[name][0]).main(["-h"])
 
 
 def test_the_scales_and_runtimes_of_the_extractor_are_the_light_modules():

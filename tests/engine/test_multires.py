@@ -394,13 +394,14 @@ def test_an_interrupted_run_s_outputs_say_how_many_of_the_requested_seeds_are_in
 def test_docs_name_existing_flags_and_show_the_recorded_run():
     import re
 
+    from raml.bench.parsers import resolutions_parser
     from raml.bench.resolutions import resolutions_tables
 
     repo = Path(__file__).resolve().parents[2]
     text = (repo / "docs" / "resolutions.md").read_text()
     parsers = build_parser()._subparsers._group_actions[0].choices.values()
     known = {option for parser in parsers for option in parser._option_string_actions}
-    known |= set(re.findall(r'add_argument\(\s*"(--[^"]+)"', (repo / "src/raml/bench/resolutions.py").read_text()))
+    known |= set(resolutions_parser()._option_string_actions)
     named = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]*[a-z0-9])", text))
     assert named and not named - known, sorted(named - known)
     # the tables are those of the recorded run's resolutions.json, kept next to the page

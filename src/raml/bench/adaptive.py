@@ -23,7 +23,6 @@ adaptive). ``--quick``: random tiny networks on a tiny dataset, a few seconds pe
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import datetime
 import json
@@ -41,6 +40,7 @@ from typing import Any
 
 import torch
 
+from raml.bench import parsers
 from raml.bench.cpu import add_server_cores, core_columns, cpu_snapshot
 from raml.bench.loadgen import ClientPool, http_client, run_load, summarise
 from raml.utils import atomic_write_text, cpu_model
@@ -578,58 +578,9 @@ def plot_adaptive(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench adaptive [--resolutions DIR | --student S --teacher T --data-root D] [--quick]``."""
-    from raml.entry import positive_int, setup_logging
+    from raml.entry import setup_logging
 
-    d = AdaptiveBenchSettings()
-    parser = argparse.ArgumentParser(
-        prog="raml bench adaptive",
-        description="raml serve at a fixed query size vs with --latency-target-ms (the size chosen per batch), "
-        "open loop at multiples of the fixed server's saturation rate: p99, errors, 503s, the share answered at "
-        "each size and the served mAP (share x that size's asymmetric mAP), with the demo's multi-size student.",
-    )
-    parser.add_argument(
-        "--resolutions",
-        type=Path,
-        default=Path("bench-resolutions"),
-        help="output folder of `raml bench resolutions` (its multi-size student, teacher and data; default "
-        "bench-resolutions)",
-    )
-    parser.add_argument("--student", type=Path, help="a multi-size student checkpoint (instead of --resolutions')")
-    parser.add_argument("--teacher", type=Path, help="its teacher checkpoint (instead of --resolutions')")
-    parser.add_argument("--data-root", type=Path, help="folder holding the demo's synth/ data")
-    parser.add_argument("--work-dir", type=Path, default=Path("bench-adaptive"), help="index, server logs")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help="tiny random networks and data, two 1-second rows per server (tests; overrides the load flags)",
-    )
-    parser.add_argument("--target-ms", type=float, help="the latency target T (default: 2x the fixed p99 at the "
-                        "lowest rate)")  # fmt: skip
-    parser.add_argument("--rates", default=",".join(f"{r:g}" for r in d.rates), help="x saturation (0.5,1,1.5,2,3)")
-    parser.add_argument("--duration", type=float, default=d.duration_s, help=f"seconds per row ({d.duration_s:g})")
-    parser.add_argument("--warmup", type=float, default=d.warmup_s, help=f"warm-up seconds per row ({d.warmup_s:g})")
-    parser.add_argument("--max-batch", type=positive_int, default=d.max_batch, help=f"both servers ({d.max_batch})")
-    parser.add_argument("--queue-size", type=positive_int, default=d.queue_size, help=f"both servers ({d.queue_size})")
-    parser.add_argument("--saturation-clients", type=positive_int, default=d.saturation_clients)
-    parser.add_argument("--client-processes", type=positive_int, default=d.client_processes)
-    parser.add_argument("--database-size", type=positive_int, default=d.database_size, help="DR of the index (64)")
-    parser.add_argument(
-        "--lock",
-        type=Path,
-        metavar="FILE",
-        help="hold an exclusive flock on FILE while the servers are loaded (not during the mAP evaluation and "
-        "indexing), so that timed runs on a shared machine never overlap",
-    )
-    parser.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="one more raml serve argument for both servers (repeat; e.g. --server-arg=--eager)",
-    )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot p99 and served mAP as a PNG")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = parsers.adaptive_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)

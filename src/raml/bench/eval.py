@@ -27,7 +27,6 @@ torch thread count and the machine.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -44,6 +43,7 @@ import numpy as np
 import torch
 
 import raml
+from raml.bench import parsers
 from raml.retrieval import metrics as metrics_module
 from raml.utils import atomic_path, atomic_write_text, cpu_model
 
@@ -391,27 +391,7 @@ def format_eval_report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench eval [--num-images N] [--dim D] [--num-classes C] [--seed S] [--repeat R]
     [--device cpu|cuda] [--phases P ...] [--json PATH]``."""
-    parser = argparse.ArgumentParser(
-        prog="raml bench eval",
-        description="Time exact mAP/R@k evaluation (symmetric and asymmetric) against the bare all-vs-all "
-        "similarity matmul (SOP-sized), in one run.",
-    )
-    parser.add_argument("--num-images", type=int, default=60502, help="embeddings (default: SOP test, 60502)")
-    parser.add_argument("--dim", type=int, default=512, help="embedding dimension (default 512)")
-    parser.add_argument("--num-classes", type=int, default=11316, help="classes of 2..12 images (default 11316)")
-    parser.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
-    parser.add_argument("--repeat", type=int, default=1, help="alternate the phases N times, keep the best (default 1)")
-    parser.add_argument(
-        "--device", default="cpu", help="cpu or cuda (default cpu; without CUDA it runs on the CPU and says so)"
-    )
-    parser.add_argument(
-        "--phases",
-        nargs="+",
-        default=list(PHASES),
-        metavar="PHASE",
-        help=f"phases to run besides matmul (default: all of {' '.join(PHASES)})",
-    )
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
+    parser = parsers.eval_parser()
     args = parser.parse_args(argv)
     try:
         check_sizes(args.num_images, args.dim, args.num_classes)

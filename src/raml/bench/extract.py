@@ -23,7 +23,6 @@ normalise, forward) measured image by image in this process on a few images.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import os
@@ -40,9 +39,10 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from raml.entry import positive_int, setup_logging, write_json
+from raml.bench import parsers
+from raml.entry import setup_logging, write_json
 from raml.models import build_network
-from raml.retrieval.extract import CPU_RUNTIMES, bf16_support, extract_embeddings, inference_network, network_mean_std
+from raml.retrieval.extract import bf16_support, extract_embeddings, inference_network, network_mean_std
 from raml.utils import cpu_model
 
 logger = logging.getLogger(__name__)
@@ -326,27 +326,7 @@ def format_extract_report(result: dict) -> str:
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench extract [--num-images N] [--sizes S ...] [--batch-size B] [--workers W]
     [--threads T] [--bf16] [--cpu-runtime R] [--json PATH]``."""
-    parser = argparse.ArgumentParser(
-        prog="raml bench extract",
-        description="Images/s of raml extract against the reference's loader and eager forward (same images, "
-        "network, workers and threads), and the largest difference of their embeddings.",
-    )
-    parser.add_argument("--num-images", type=positive_int, default=64, help="synthetic JPEGs (default 64)")
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[448, 224], help="sizes (default 448 224)")
-    parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes, both sides (default 1)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--bf16", action="store_true", help="also time raml with bfloat16 autocast")
-    parser.add_argument(
-        "--cpu-runtime",
-        choices=CPU_RUNTIMES,
-        default="auto",
-        help="the forward of the raml row (default auto, raml extract's default)",
-    )
-    parser.add_argument("--architecture", default="resnet50", help="backbone (default resnet50, the paper's)")
-    parser.add_argument("--seed", type=int, default=0, help="images and weights seed (default 0)")
-    parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = parsers.extract_parser()
     args = parser.parse_args(argv)
     if args.workers < 0:
         parser.error(f"--workers must be >= 0, got {args.workers}")

@@ -21,7 +21,6 @@ both indexes are then searched with the same queries and their results (ids and 
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from raml.bench import parsers
 from raml.utils import atomic_write_text, cpu_model
 
 logger = logging.getLogger(__name__)
@@ -361,35 +361,9 @@ def format_build_report(report: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench index [--sizes 2000,8000,32000] [--engines local,ray] [--json PATH]``."""
-    from raml.entry import positive_int, setup_logging
+    from raml.entry import setup_logging
 
-    parser = argparse.ArgumentParser(prog="raml bench index", description=__doc__.splitlines()[0])
-
-    def int_list(value: str) -> tuple[int, ...]:
-        try:
-            items = tuple(int(v) for v in value.split(",") if v.strip())
-        except ValueError:
-            items = ()
-        if not items or min(items) < 1:
-            raise argparse.ArgumentTypeError(f"expected positive integers such as 2000,8000, got {value!r}")
-        return items
-
-    parser.add_argument("--work-dir", type=Path, default=Path("bench-index"), help="images, network, indexes")
-    parser.add_argument("--sizes", type=int_list, default=(2000, 8000, 32000), help="database sizes")
-    parser.add_argument("--engines", default="local,ray", help="engines compared (local,ray)")
-    parser.add_argument("--image-size", type=positive_int, default=32, help="image side and DR (32)")
-    parser.add_argument("--shard-size", type=positive_int, default=1024)
-    parser.add_argument("--batch-size", type=positive_int, default=64)
-    parser.add_argument("--ray-actors", type=positive_int, default=2)
-    parser.add_argument("--architecture", default="test_resnet", help="backbone (default timm's tiny test_resnet)")
-    parser.add_argument(
-        "--build-sizes", type=int_list, default=(250_000, 1_000_000, 4_000_000), help="vectors of the build part"
-    )
-    parser.add_argument(
-        "--parts", default="extraction,build", help="what to run: extraction (raml index), build (faiss, on disk)"
-    )
-    parser.add_argument("--json", type=Path, help="also write the report as JSON")
-    parser.add_argument("--verbose", action="store_true")
+    parser = parsers.index_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     engines = tuple(e for e in args.engines.split(",") if e)

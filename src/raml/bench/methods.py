@@ -22,7 +22,6 @@ the software stack) and ``methods.png`` (the accuracies with their spread, and t
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -34,6 +33,7 @@ from typing import Any
 
 import torch
 
+from raml.bench import parsers
 from raml.data.splits import get_split
 from raml.demo import (
     DATASET,
@@ -304,31 +304,9 @@ def plot_methods(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench methods [--out DIR] [--quick] [--seeds N] [--epochs N]``."""
-    from raml.entry import positive_int, setup_logging
+    from raml.entry import setup_logging
 
-    parser = argparse.ArgumentParser(
-        prog="raml bench methods",
-        description="Every distillation method and ablation with the same budget on the demo's synthetic data "
-        "and teacher (trained once, cached in --out): methods.json, methods.md, methods.png.",
-    )
-    parser.add_argument("--out", type=Path, default=Path("bench-methods"), help="output folder (bench-methods)")
-    parser.add_argument("--quick", action="store_true", help="a smaller dataset and teacher, 1 seed, 1 epoch")
-    parser.add_argument("--seeds", type=positive_int, help="distillation seeds per method (3; --quick: 1)")
-    parser.add_argument("--epochs", type=positive_int, help="distillation epochs of every method (5; --quick: 1)")
-    parser.add_argument("--teacher-epochs", type=positive_int, help="teacher epochs (the demo's 15; --quick: 6)")
-    parser.add_argument("--classes", type=positive_int, help="synthetic classes (the demo's 60; --quick: 20)")
-    parser.add_argument("--images-per-class", type=positive_int, help="the demo's 16; --quick: 8")
-    parser.add_argument("--architecture", help="teacher (and student) architecture (the demo's resnet18)")
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (the demo's 2)")
-    parser.add_argument("--pos-num", type=positive_int, help="views per image of the view-based methods (the demo's 4)")
-    parser.add_argument(
-        "--methods",
-        type=lambda v: tuple(part.strip() for part in v.split(",") if part.strip()),
-        help="comma-separated subset of the rows (default all: " + ", ".join(ROWS) + ")",
-    )
-    parser.add_argument("--device", default="cpu", help="cpu (default: the numbers are reproducible), cuda, auto")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = parsers.methods_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     settings = MethodsBenchSettings.quick(args.out) if args.quick else MethodsBenchSettings(out=args.out)

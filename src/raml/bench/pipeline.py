@@ -53,6 +53,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from raml.bench import parsers
 from raml.data.buffers import BufferPool
 from raml.data.images import load_image
 from raml.data.jitter_kernel import warm_up
@@ -441,38 +442,8 @@ def _loadavg() -> list[float] | None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``raml bench pipeline`` argument parser."""
-    parser = argparse.ArgumentParser(
-        prog="raml bench pipeline",
-        description="Coupled views per second of both distillation mixup modes vs the reference's approach.",
-    )
-    parser.add_argument("--image-size", type=int, default=224, help="QR, the student's resolution (224)")
-    parser.add_argument("--teacher-image-size", type=int, default=448, help="DR, the teacher's resolution (448)")
-    parser.add_argument("--pos-num", type=int, default=8, help="coupled views per image (8)")
-    parser.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = main process)")
-    parser.add_argument("--images", type=Path, default=None, help="folder of images (default: generated JPEGs)")
-    parser.add_argument(
-        "--num-synthetic",
-        type=int,
-        default=64,
-        help="generated 500x375 JPEGs without --images (64: few partners repeat within an item, as on real data)",
-    )
-    parser.add_argument("--batches", type=int, default=10, help="batches timed per run of each of our modes (10)")
-    parser.add_argument(
-        "--baseline-batches",
-        type=int,
-        default=None,
-        help="batches for the baseline (min(2, N) without workers; N with workers, where another count leaves "
-        "the goals unmeasured)",
-    )
-    parser.add_argument("--repeat", type=int, default=1, help="runs of each pipeline, best kept (1)")
-    parser.add_argument(
-        "--backend", choices=RESIZE_BACKENDS, default=None, help="resize backend of our modes (each mode's default)"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
-    return parser
+    """The ``raml bench pipeline`` argument parser (:func:`raml.bench.parsers.pipeline_parser`)."""
+    return parsers.pipeline_parser()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,7 +15,6 @@ run, so their times compare; the PyTorch row is the baseline the fp32 export mus
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import logging
 import statistics
@@ -28,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raml.bench import parsers
 from raml.data.splits import get_split
 from raml.deploy import DatabaseIndex, IndexParams, evaluate_with_index, index_images, load_index
 from raml.deploy.export import export_onnx
@@ -236,39 +236,9 @@ def format_quantization_report(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from raml.entry import positive_int, setup_logging, write_json
+    from raml.entry import setup_logging, write_json
 
-    parser = argparse.ArgumentParser(
-        prog="raml bench quantization",
-        description="fp32 vs int8 ONNX student x exact vs IVF-PQ teacher database: asymmetric mAP, R@1, query "
-        "milliseconds per image on the CPU and bytes per database vector, in one run.",
-    )
-    parser.add_argument("--teacher-path", required=True, metavar="NETWORK", help="database network checkpoint")
-    parser.add_argument("--student-path", required=True, metavar="NETWORK", help="query network checkpoint")
-    parser.add_argument("--data-root", default="data", metavar="DATA_DIR", help="folder holding the datasets")
-    parser.add_argument("--dataset", required=True, metavar="NAME", help="labelled test split, e.g. synth-test")
-    parser.add_argument("--image-size", type=positive_int, required=True, metavar="QR", help="query size")
-    parser.add_argument("--teacher-image-size", type=positive_int, required=True, metavar="DR", help="database size")
-    parser.add_argument("--calibration-split", required=True, metavar="NAME", help="split of the calibration images")
-    parser.add_argument("--calibration-images", type=positive_int, default=64, metavar="N", help="default 64")
-    parser.add_argument("--nlist", type=positive_int, metavar="N", help="IVF cells of the ivfpq index")
-    parser.add_argument(
-        "--nprobe",
-        type=lambda text: [positive_int(v) for v in text.split(",")],
-        metavar="N[,N...]",
-        help="IVF cells searched; several values give one set of rows each (default: the index's, nlist/8)",
-    )
-    parser.add_argument("--m", type=positive_int, metavar="M", help="PQ sub-quantisers")
-    parser.add_argument("--nbits", type=positive_int, metavar="B", help="bits per PQ code")
-    parser.add_argument("--k", type=positive_int, default=10, help="results per timed search (default 10)")
-    parser.add_argument("--repeats", type=positive_int, default=20, help="timed passes (median; default 20)")
-    parser.add_argument(
-        "--threads", type=positive_int, default=1, help="CPU threads of torch and onnxruntime (default 1: steadier)"
-    )
-    parser.add_argument("--work-dir", type=Path, required=True, help="where exports and indexes are written")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
-    parser.add_argument("--markdown", type=Path, metavar="PATH", help="also write the table as Markdown")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = parsers.quantization_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     ivfpq = IndexParams("ivfpq", nlist=args.nlist, m=args.m, nbits=args.nbits)

@@ -14,7 +14,6 @@ ivf/hnsw/ivfpq here is a pessimistic figure; the search times are representative
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from raml.bench import parsers
 from raml.deploy.faiss_index import INDEX_TYPES, IndexParams, build_faiss_index
 from raml.models.cost import gflops_per_image, latency_ms_per_image
 from raml.utils import atomic_path, atomic_write_text, cpu_model, select_device
@@ -323,69 +323,11 @@ def plot_query_report(result: dict[str, Any], path: str | Path) -> None:
     plt.close(fig)
 
 
-def _sizes(value: str) -> list[int]:
-    try:
-        sizes = [int(v) for v in value.split(",") if v.strip()]
-    except ValueError as error:
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated pixel sizes such as 224,448, got {value!r}"
-        ) from error
-    if not sizes or any(s < 8 for s in sizes):
-        raise argparse.ArgumentTypeError(
-            f"expected comma-separated sizes of at least 8 px such as 224,448, got {value!r}"
-        )
-    return sizes
-
-
-def _index_types(value: str) -> list[str]:
-    types = [v.strip() for v in value.split(",") if v.strip()]
-    unknown = [t for t in types if t not in INDEX_TYPES]
-    if unknown:
-        raise argparse.ArgumentTypeError(
-            f"unknown index types {unknown}; choose from {','.join(INDEX_TYPES)} (or 'none')"
-        )
-    return types
-
-
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench query --network-path NET | --network ARCH --sizes 224,448 [...]``."""
-    from raml.entry import add_network_args, network_from_args, positive_int, setup_logging
+    from raml.entry import network_from_args, setup_logging
 
-    parser = argparse.ArgumentParser(
-        prog="raml bench query",
-        description="Cost of a query: FLOPs, latency and throughput of the query network per resolution, and "
-        "search time per query of each index type on a synthetic database.",
-    )
-    add_network_args(parser, "network", required=True)
-    parser.add_argument("--not-pretrained", action="store_true", help="random weights for --network ARCH")
-    parser.add_argument(
-        "--pool", help="pooling for --network ARCH (default gem); for a checkpoint without meta, a hint"
-    )
-    parser.add_argument(
-        "--whitening",
-        type=int,
-        help="whitening dimension for --network ARCH (default 512); for a checkpoint without meta, a hint",
-    )
-    parser.add_argument("--sizes", type=_sizes, default=[224, 448], help="query resolutions (default 224,448)")
-    parser.add_argument("--batch-size", type=positive_int, default=32, help="batch of the throughput figure (32)")
-    parser.add_argument("--repeats", type=positive_int, default=5, help="timed passes per figure (median; 5)")
-    parser.add_argument("--database-size", type=positive_int, default=100_000, help="synthetic database size (100000)")
-    parser.add_argument(
-        "--index-types",
-        type=lambda v: [] if v.strip().lower() == "none" else _index_types(v),
-        default=list(INDEX_TYPES),
-        help="comma-separated index types to time, or 'none' (default flat,ivf,hnsw,ivfpq)",
-    )
-    parser.add_argument("--queries", type=positive_int, default=100, help="single queries timed per index (100)")
-    parser.add_argument("--k", type=positive_int, default=10, help="neighbours per query (10)")
-    parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:1', ...")
-    parser.add_argument(
-        "--threads", type=positive_int, help="CPU threads for torch and faiss (default: their own defaults)"
-    )
-    parser.add_argument("--data-root", default="data", help="folder holding networks/ for --network-path names")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PATH.png", help="also plot time against resolution")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = parsers.query_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     if args.plot is not None and args.plot.suffix.lower() not in PLOT_FORMATS:

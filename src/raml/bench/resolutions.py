@@ -26,7 +26,6 @@ in {``multi``, ``dedicated``, ``dedicated-same-steps``}, ``seed``, ``query_size`
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import statistics
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 import yaml
 
+from raml.bench import parsers
 from raml.data.sizes import parse_image_sizes
 from raml.data.splits import get_split
 from raml.demo import (
@@ -471,36 +471,11 @@ def _write_results(
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench resolutions [--quick] [--out DIR] [--seeds N] [--epochs E] [--sizes 24,32,48]``."""
-    from raml.entry import image_sizes_arg, positive_int, setup_logging
+    from raml.entry import setup_logging
     from raml.utils import select_device
 
     d = ResolutionSettings()
-    parser = argparse.ArgumentParser(
-        prog="raml bench resolutions",
-        description="One student for several query sizes against a dedicated student per size (same teacher, "
-        "same total training budget) on the demo's synthetic data: resolutions.json, .md and .png in --out.",
-    )
-    parser.add_argument("--quick", action="store_true", help="a tiny run in seconds (tests): few images, 1 epoch")
-    parser.add_argument("--out", type=Path, default=d.out, help=f"output folder; the teacher is cached there ({d.out})")
-    parser.add_argument("--seeds", type=positive_int, help=f"student seeds (default {d.seeds}; --quick 1)")
-    parser.add_argument("--epochs", type=positive_int, help=f"epochs of each dedicated student (default {d.epochs})")
-    parser.add_argument(
-        "--sizes", type=image_sizes_arg, help="query sizes, at least two (default 24,32,48; --quick 16,24)"
-    )
-    parser.add_argument(
-        "--no-per-size-bn", action="store_true", help="skip the per-size BatchNorm statistics measurement"
-    )
-    parser.add_argument(
-        "--no-same-steps",
-        action="store_true",
-        help="skip the second control: a dedicated student per size with the multi-size student's steps",
-    )
-    parser.add_argument(
-        "--threads", type=positive_int, help=f"torch intra-op threads for the whole run (default {d.demo.threads})"
-    )
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = parsers.resolutions_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     settings = quick_settings(args.out) if args.quick else replace(d, out=args.out, demo=replace(d.demo, out=args.out))

@@ -23,7 +23,6 @@ networks have random weights: throughput does not depend on them.
 
 from __future__ import annotations
 
-import argparse
 import datetime
 import json
 import logging
@@ -40,6 +39,7 @@ from typing import Any
 
 import torch
 
+from raml.bench import parsers
 from raml.bench.cpu import add_server_cores, core_columns, cpu_snapshot
 from raml.bench.loadgen import ClientPool, http_client, run_load, summarise
 from raml.deploy.service.connections import resolve_http, resolve_loop
@@ -517,80 +517,9 @@ def plot_serve_curve(result: dict[str, Any], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     """CLI entry: ``raml bench serve [--duration S] [--concurrency 1,8,32] [--rates 0.5,1,2] [--json P] [--plot P]``."""
-    from raml.entry import positive_int, setup_logging
+    from raml.entry import setup_logging
 
-    defaults = ServeBenchSettings()
-    parser = argparse.ArgumentParser(
-        prog="raml bench serve",
-        description="The load curve of raml serve on loopback (closed loop at several client concurrencies, open "
-        "loop at offered rates): queries/s, p50/p95/p99, errors, 503s, mean batch, with micro-batching and with "
-        "--max-batch 1, on a demo-sized synthetic index; the client runs in separate processes and each row says "
-        "whether it, not the server, was the limit.",
-    )
-
-    def concurrency_list(value: str) -> tuple[int, ...]:
-        try:
-            levels = tuple(int(v) for v in value.split(",") if v.strip())
-        except ValueError:
-            levels = ()
-        if not levels or min(levels) < 1:
-            raise argparse.ArgumentTypeError(f"expected positive integers such as 1,8,32, got {value!r}")
-        return levels
-
-    def rate_list(value: str) -> tuple[float, ...]:
-        if value.strip().lower() == "none":
-            return ()
-        try:
-            rates = tuple(float(v) for v in value.split(",") if v.strip())
-        except ValueError:
-            rates = ()
-        if not rates or not all(r > 0 for r in rates):
-            raise argparse.ArgumentTypeError(f"expected positive numbers such as 0.5,1,2 (or none), got {value!r}")
-        return rates
-
-    parser.add_argument("--work-dir", type=Path, default=Path("bench-serve"), help="data, index, server logs")
-    parser.add_argument(
-        "--concurrency", type=concurrency_list, default=defaults.concurrency, help="clients (default 1,8,32,64)"
-    )
-    parser.add_argument("--duration", type=float, default=defaults.duration_s, help="seconds measured per row (10)")
-    parser.add_argument("--warmup", type=float, default=defaults.warmup_s, help="seconds of warm-up per row (2)")
-    parser.add_argument("--max-batch", type=positive_int, default=defaults.max_batch, help="batched run's max (32)")
-    parser.add_argument("--max-wait-ms", type=float, default=defaults.max_wait_ms, help="batched run's wait (5)")
-    parser.add_argument("--num-classes", type=positive_int, default=defaults.num_classes, help="synthetic classes")
-    parser.add_argument("--images-per-class", type=positive_int, default=defaults.images_per_class)
-    parser.add_argument("--architecture", default=defaults.architecture, help="backbone of both networks")
-    parser.add_argument("--whitening", type=positive_int, default=defaults.whitening, help="embedding dimension")
-    parser.add_argument("--query-size", type=positive_int, default=defaults.query_size, help="QR (32)")
-    parser.add_argument("--database-size", type=positive_int, default=defaults.database_size, help="DR (64)")
-    parser.add_argument(
-        "--rates",
-        type=rate_list,
-        default=defaults.rates,
-        help="open-loop offered rates as multiples of the batched saturation rate (default 0.25,0.5,0.8,1,1.5,2; "
-        "'none' for closed loop only)",
-    )
-    parser.add_argument(
-        "--open-connections",
-        type=positive_int,
-        default=defaults.open_connections,
-        help="open loop: the most requests in flight (256; above --queue-size + --max-batch, or nothing is shed)",
-    )
-    parser.add_argument(
-        "--client-processes", type=positive_int, default=defaults.client_processes, help="client processes (2)"
-    )
-    parser.add_argument("--queue-size", type=positive_int, default=defaults.queue_size, help="server's queue (64)")
-    parser.add_argument("--http", choices=("auto", "httptools", "h11"), default=defaults.http, help="server's --http")
-    parser.add_argument("--loop", choices=("auto", "uvloop", "asyncio"), default=defaults.loop, help="server's --loop")
-    parser.add_argument(
-        "--server-arg",
-        action="append",
-        default=[],
-        metavar="FLAG",
-        help="one more raml serve argument for both servers (repeat; e.g. --server-arg=--max-decodes --server-arg=8)",
-    )
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
-    parser.add_argument("--plot", type=Path, metavar="PATH", help="also plot the open-loop curve as a PNG")
-    parser.add_argument("--verbose", action="store_true", help="debug logging")
+    parser = parsers.serve_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
     logging.getLogger("httpx").setLevel(logging.DEBUG if args.verbose else logging.WARNING)  # one line per request

@@ -31,5 +31,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from raml.bench.parsers import PARSERS
+
+    # the benchmark's own parser first (torch-free): `raml bench NAME -h` and its usage errors exit here, before
+    # the benchmark's module imports torch and the library; its main then parses the same flags again
+    PARSERS[args.benchmark]().parse_args(args.rest)
     module = importlib.import_module(BENCHMARKS[args.benchmark][0])
     return int(module.main(args.rest) or 0)
