@@ -128,11 +128,14 @@ def check_output_file(path: str | Path, flag: str, overwrite: bool | None = None
 
 
 def check_output_files(targets: Sequence[tuple[str, str | Path, bool | None]]) -> None:
-    """:func:`check_output_file` for each ``(flag, path, overwrite)`` of a command; they must name different files."""
+    """:func:`check_output_file` for each ``(flag, path, overwrite)`` of a command; they must name different files
+    (compared by their folders' real paths, so a linked folder is no second name, and their file names: an output
+    is written by replacing the name, never through a link there)."""
     seen: dict[str, str] = {}
     for flag, path, overwrite in targets:
         check_output_file(path, flag, overwrite)
-        key = os.path.normcase(os.path.abspath(path))
+        absolute = os.path.abspath(path)
+        key = os.path.normcase(os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute)))
         if key in seen:
             raise ValueError(f"{seen[key]} and {flag} name the same file {str(path)!r}; give different paths.")
         seen[key] = flag

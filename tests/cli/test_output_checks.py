@@ -61,6 +61,9 @@ def test_check_output_file_refusals(tmp_path: Path):
     check_output_file(plain, "--output", overwrite=True)
     with pytest.raises(ValueError, match="--output and --json name the same file"):
         check_output_files([("--output", tmp_path / "a.json", None), ("--json", tmp_path / "x/../a.json", None)])
+    (tmp_path / "linked").symlink_to(tmp_path, target_is_directory=True)  # the same folder under another name
+    with pytest.raises(ValueError, match="--output and --json name the same file"):
+        check_output_files([("--output", tmp_path / "a.json", None), ("--json", tmp_path / "linked/a.json", None)])
     assert plain.read_text() == "x"
 
 
