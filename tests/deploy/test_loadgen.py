@@ -275,3 +275,47 @@ def test_open_loop_records_every_scheduled_arrival_behind_a_slow_server():
     assert 5 <= answered <= 40 and row["errors"] == len(scheduled) - answered > 100
     # the answered ones waited up to the time-out for the connection, and their latency says so
     assert 500.0 < row["p99_ms"] < 1000.0 + 300.0
+
+
+def test_a_client_thread_stuck_in_a_dripping_answer_is_left_and_its_arrivals_count_as_failed(monkeypatch, caplog):
+    """A server that sends its answer a byte at a time never times the socket out: the thread is still in its
+    request when the run ends. Its arrivals, sent or still queued, are each recorded once as failed (status 0),
+    and the run does not wait for the thread beyond the time-outs and a grace."""
+    import queue
+    import socket
+
+    from raml.bench import loadgen
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    stop = threading.Event()
+
+    def drip() -> None:
+        conn, _ = listener.accept()
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not stop.wait(0.05):
+            conn.sendall(b"a")
+        conn.close()
+
+    dripper = threading.Thread(target=drip, daemon=True)
+    dripper.start()
+    monkeypatch.setattr(loadgen, "_JOIN_GRACE_S", 0.2)
+    schedule = (0.0, 0.05, 0.1)
+    job = loadgen._Job("127.0.0.1", listener.getsockname()[1], "/search?k=1", (b"x",), 1, 0, 0.3, schedule, 0.15)
+    ready, start, results = queue.Queue(), queue.Queue(), queue.Queue()
+    start.put(time.monotonic() + 0.05)
+    began = time.monotonic()
+    try:
+        with caplog.at_level("WARNING", logger="raml.bench.loadgen"):
+            loadgen._worker(job, 0, ready, start, results)
+        waited = time.monotonic() - began
+    finally:
+        stop.set()
+        dripper.join(timeout=5)
+        listener.close()
+    index, records, _ = results.get(timeout=1)
+    assert index == 0 and ready.get_nowait() == 0
+    assert [r[4] for r in records] == [0, 0, 0]  # every arrival once, as failed
+    assert sorted(r[0] for r in records) == sorted(records[0][0] - schedule[0] + s for s in schedule)
+    assert waited < 5  # the run's end plus two time-outs and the grace, not the stuck request
+    assert "1 client thread(s) still in a request at the run's end: 3 arrivals count as failed" in caplog.text

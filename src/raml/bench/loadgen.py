@@ -88,6 +88,9 @@ SENT_PER_ANSWER = 2.0
 RETRY_DEFAULT_S = 1.0
 
 _READY_TIMEOUT_S = 120.0
+#: how long after its last possible answer (the run's end plus two time-outs) a client thread is waited for before
+#: it counts as stuck in a request (a server that drips its answer byte by byte never times a socket out)
+_JOIN_GRACE_S = 10.0
 
 Record = tuple[float, float, float, float, int, float, float, float, bool, float, float, float, float, float]
 
@@ -257,7 +260,7 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
         for _ in threads:
             arrivals.put(None)
     for thread in threads:
-        thread.join(timeout=max(0.0, t0 + job.stop_after_s + 2 * job.timeout_s + 10 - time.monotonic()))
+        thread.join(timeout=max(0.0, t0 + job.stop_after_s + 2 * job.timeout_s + _JOIN_GRACE_S - time.monotonic()))
     cpu_share = (time.process_time() - cpu0) / max(1e-9, time.monotonic() - max(wall0, t0))
     alive = [t for t, thread in enumerate(threads) if thread.is_alive()]
     with lock:
