@@ -10,6 +10,7 @@ on loopback: a burst makes the server step down, a quiet period brings it back u
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import time
@@ -35,6 +36,7 @@ from raml.deploy.service.background import BackgroundServer  # noqa: E402
 from raml.deploy.service.batching import MIN_AUTO_QUEUE_WAIT_S  # noqa: E402
 from raml.deploy.service.late_budget import LateBudget  # noqa: E402
 from raml.deploy.service.size_controller import ControllerSettings  # noqa: E402
+from raml.deploy.store import DatabaseIndex  # noqa: E402
 from raml.models import load_network  # noqa: E402
 from raml.retrieval.extract import extract_embeddings  # noqa: E402
 
@@ -672,3 +674,135 @@ def test_a_latency_target_bounds_the_queue_at_the_size_in_use_unless_a_bound_is_
     assert given.batcher.max_queue_wait_s == pytest.approx(0.12)
     fixed = SearchService(student, world["index"], ServiceLimits())
     assert fixed.batcher.max_queue_wait_s is None
+
+
+# ------------------------------------------------------------------------------------------------ calibration
+
+
+class Costed:
+    """The real student plus a known cost per query at each size (s); it records each forward pass's input shape.
+    Once :attr:`hold` is set, the next forward pass waits for :attr:`release` (the batch in progress), and
+    :attr:`holding` says it is waiting."""
+
+    def __init__(self, real: TorchQueryEmbedder, cost_s: dict[int, float]) -> None:
+        self.real, self.cost_s = real, cost_s
+        self.sizes, self.default_size, self.output_dim = real.sizes, real.default_size, real.output_dim
+        self.teacher_sha256, self.transform, self.describe = None, real.transform, real.describe
+        self.shapes: list[tuple[int, ...]] = []
+        self.hold, self.holding, self.release = threading.Event(), threading.Event(), threading.Event()
+
+    def embed(self, images: torch.Tensor) -> np.ndarray:
+        self.shapes.append(tuple(images.shape))
+        if self.hold.is_set():
+            self.hold.clear()
+            self.holding.set()
+            self.release.wait(WAIT_S)
+        out = self.real.embed(images)
+        time.sleep(self.cost_s[int(images.shape[-1])] * images.shape[0])
+        return out
+
+
+def test_a_latency_target_measures_every_size_on_a_full_batch_before_the_service_is_ready(world, monkeypatch, caplog):
+    """Before its worker takes a query (and before /health says ready), a service with a latency target runs a
+    full batch of zero images at each size, smallest first, through the embedder and the index search, twice (a
+    warm-up, then timed), and gives the timed one to the sizer: every size has a measured time per query (not a
+    provisional one), so the wait is bounded from the first query on; one INFO line gives the times. Without a
+    target nothing is run."""
+    searched: list[tuple[tuple[int, ...], int]] = []
+    real_search = DatabaseIndex.search
+
+    def search(self, queries, k, nprobe=None):
+        searched.append((tuple(queries.shape), int(k)))
+        return real_search(self, queries, k, nprobe)
+
+    monkeypatch.setattr(DatabaseIndex, "search", search)
+    cost = {24: 0.001, 32: 0.002, 48: 0.004}
+    student = Costed(multi_size_student(world), cost)
+    limits = ServiceLimits(max_batch=4, max_wait_ms=1)
+    service = SearchService(student, world["index"], limits, latency_target_ms=TARGET_MS)
+    sizer = service.adaptive
+    assert not any(sizer.has_measured(s) for s in SIZES) and service.batcher.queue_wait_bound_s is None
+    assert service.health()["ready"] is False
+    with caplog.at_level(logging.INFO, logger="raml.deploy.service.service"):
+        service.start()
+    try:
+        assert service.health()["ready"] is True
+        assert all(sizer.has_measured(s) for s in SIZES) and sorted(sizer.load.service_ms) == SIZES
+        assert student.shapes == [(4, 3, s, s) for s in SIZES for _ in range(2)]  # warm-up and timed, per size
+        dim = load_index(world["index"]).dim
+        assert searched == [((4, dim), 10)] * 6
+        for size in SIZES:  # the known cost is in the time given to the sizer
+            assert cost[size] <= sizer.batch_s(size, 1) < WAIT_S
+        assert service.batcher.queue_wait_bound_s is not None  # bounded before the first query
+        assert service.calibrate() == {}  # every size measured: nothing more to run
+        lines = [r.getMessage() for r in caplog.records if "full batch of 4" in r.getMessage()]
+        assert len(lines) == 1 and all(f"at {s} px" in lines[0] for s in SIZES), lines
+        assert "stopped" not in lines[0]
+        answer = service.submit(torch.zeros(3, 48, 48), 48, k=2).result(timeout=WAIT_S)
+        assert answer.wait_bound_s is not None
+    finally:
+        service.stop()
+    fixed_student = Costed(multi_size_student(world), cost)
+    fixed = SearchService(fixed_student, world["index"], limits)
+    fixed.start()
+    fixed.stop()
+    assert fixed_student.shapes == [] and fixed.calibrate() == {}
+
+
+#: test_a_burst_right_after_start...: the cost of one query at 48 px (s), at size S (S / 48)^2 of it
+CALIBRATED_48_S = 0.05
+
+
+def test_a_burst_right_after_start_is_admitted_at_a_smaller_size_rather_than_without_a_bound(world):
+    """Batches of 4 (a full one 200 ms at 48 px, 89 at 32, 50 at 24, plus the tiny network's own time), a target
+    of 2.8 full batches at 48 px (560 ms): the bounds are 360 ms at 48, 471 at 32, 510 at 24. Right after start,
+    behind a held query, a burst of 40: the first 8 are admitted at 48 (at most one full batch ahead), the next
+    (two full batches, 400 ms, ahead) is over the bound at 48 but not at a smaller size, so the service steps down
+    at admission and admits it there. Without the calibration at start nothing was measured yet: no bound, the
+    whole burst admitted at 48 whatever its wait."""
+    cost = {size: CALIBRATED_48_S * (size / 48) ** 2 for size in SIZES}
+    student = Costed(multi_size_student(world), cost)
+    limits = ServiceLimits(max_batch=4, max_wait_ms=0, queue_size=64)
+    service = SearchService(student, world["index"], limits, latency_target_ms=2.8 * 4 * 1000 * CALIBRATED_48_S)
+    service.start()
+    futures: list[Future] = []
+    admitted: list[int] = []
+    refused = 0
+    try:
+        student.hold.set()
+        futures.append(service.batcher.submit(torch.zeros(3, 24, 24), 24, k=2))  # pinned: a short batch in progress
+        assert student.holding.wait(WAIT_S)
+        for _ in range(BURST):
+            try:
+                service.batcher.check_admission(step_down=True)  # as the HTTP layer does for an unpinned query
+            except QueueWaitError:
+                refused += 1
+                continue
+            size = service.adaptive.current  # the size it is prepared at
+            admitted.append(size)
+            futures.append(service.batcher.submit(torch.zeros(3, size, size), size, k=2))
+    finally:
+        student.release.set()
+        service.stop()
+    for future in futures:
+        future.exception(timeout=WAIT_S)
+    assert admitted[:8] == [48] * 8, admitted
+    steps = [(d.before, d.after) for d in service.adaptive.decisions]
+    assert steps and steps[0][0] == 48 and steps[0][1] < 48, (steps, admitted, refused)
+    assert any(size < 48 for size in admitted[8:]), (admitted, refused)
+
+
+def test_a_size_whose_calibration_batch_exceeds_the_target_ends_the_calibration(world, caplog):
+    """Target 100 ms, batches of 4: 4 ms at 24 px, 240 ms at 32 px (over the target): 48 px is not run, and is
+    left to traffic (until then estimated from 32 px by the pixel count); the log line says so."""
+    student = Costed(multi_size_student(world), {24: 0.001, 32: 0.06, 48: 0.5})
+    service = SearchService(student, world["index"], ServiceLimits(max_batch=4, max_wait_ms=1), latency_target_ms=100)
+    with caplog.at_level(logging.INFO, logger="raml.deploy.service.service"):
+        service.start()
+    service.stop()
+    assert student.shapes == [(4, 3, 24, 24)] * 2 + [(4, 3, 32, 32)] * 2
+    sizer = service.adaptive
+    assert sizer.has_measured(24) and sizer.has_measured(32) and not sizer.has_measured(48)
+    assert sizer.batch_s(48, 4) == pytest.approx(sizer.batch_s(32, 4) * (48 / 32) ** 2)
+    lines = [r.getMessage() for r in caplog.records if "full batch of 4" in r.getMessage()]
+    assert len(lines) == 1 and "stopped after 32 px" in lines[0] and "48 px measured from traffic" in lines[0], lines

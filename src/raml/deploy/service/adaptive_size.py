@@ -32,10 +32,20 @@ Per query, scaled by the batch size of the moment, it follows the load. The time
 of at least half ``full_batch`` queries only: a lone query costs several times more per query than a full batch
 (fixed costs), and times per query measured at different batch sizes would make the ratio between two sizes, which
 rescales the queue delay, meaningless (a step up predicted at a fraction of its cost, then straight back down).
-A size without such a measurement is estimated from the nearest measured one by the pixel count. Until the first
-such batch, the batcher's predictions and wait bound (not the controller) take the time per query of the smaller
-batches served so far, an over-estimate: under light traffic no half-full batch may come for a long time, and
-without any bound a burst was admitted, decoded, and only then refused as expired.
+A size without such a measurement is estimated from the nearest measured one by the pixel count.
+
+Calibration at start: a service with a latency target measures each size on a synthetic full batch before it is
+ready (:meth:`~raml.deploy.service.service.SearchService.calibrate`: ``max_batch`` zero images through the embedder
+and the index search, a warm-up then a timed run, given to :meth:`AdaptiveQuerySize.observe` as a served batch), so
+the predictions and the wait bound hold from the first query on. Before, nothing was measured until traffic made a
+half-full batch: a burst right after start was admitted without any bound, and one after light traffic was refused
+at the largest size on the provisional time below rather than stepped down to a smaller size that answers in time.
+A size whose calibration batch takes longer than the target ends the calibration (its larger sizes, estimated by
+the pixel count from it, are measured from traffic); so does a failing batch. For a size still without a measured
+time (and for a sizer without a service), until the first half-full batch the batcher's predictions and wait bound
+(not the controller) take the time per query of the smaller batches served so far, an over-estimate: under light
+traffic no half-full batch may come for a long time, and without any bound a burst was admitted, decoded, and only
+then refused as expired.
 
 The utilisation of each size (the controller's guard against stepping up into a load the larger size cannot
 serve, see :mod:`~raml.deploy.service.size_controller`) is the arrival rate (the queries submitted in the last
@@ -159,6 +169,11 @@ class AdaptiveQuerySize:
         with self._lock:
             self._arrivals.append(now)
             self._rate(now)  # drops the old ones: the deque holds at most a window's arrivals
+
+    def has_measured(self, size: int) -> bool:
+        """Whether ``size`` has a time per query from a batch of at least half ``full_batch`` queries."""
+        with self._lock:
+            return int(size) in self._per_query_ms
 
     def batch_s(self, size: int, queries: int) -> float | None:
         """Predicted seconds to serve ``queries`` queries at ``size``: the smoothed time per query at that size

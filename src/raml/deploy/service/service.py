@@ -8,7 +8,8 @@ size S (or raises :class:`~raml.deploy.service.decode.QueryImageError` / ``Value
 With a latency target (``latency_target_ms``, a network trained for several query sizes), a query whose request
 pins no size is transformed once, at the size in use when it is decoded (:attr:`AdaptiveQuerySize.current`, which
 the batcher updates as it forms batches, :mod:`raml.deploy.service.adaptive_size`), and served at that size; the
-result says which size answered.
+result says which size answered. :meth:`SearchService.start` then first times a full batch at each size
+(:meth:`SearchService.calibrate`), so that the queue's wait bound holds from the first query on.
 The HTTP layer (:mod:`raml.deploy.service.app`) only parses requests and formats answers.
 """
 
@@ -18,6 +19,7 @@ import contextlib
 import logging
 import math
 import threading
+import time
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -42,7 +44,10 @@ from raml.deploy.store import DatabaseIndex
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ServiceLimits", "SearchService"]
+__all__ = ["CALIBRATION_K", "ServiceLimits", "SearchService"]
+
+#: results per query of the calibration's searches (:meth:`SearchService.calibrate`): an omitted k's default
+CALIBRATION_K = 10
 
 
 @dataclass(frozen=True)
@@ -274,9 +279,78 @@ class SearchService:
         return self.roots.shown(index, image_id)
 
     def start(self) -> None:
-        """Start the batching worker and the index watcher."""
+        """Start the batching worker and the index watcher; with a latency target, first calibrate the sizer
+        (:meth:`calibrate`): the worker takes no query, and ``/health`` says not ready, until every size is
+        measured."""
+        if self.adaptive is not None and not self.batcher.running:
+            self.calibrate()
         self.batcher.start()
         self.index.start()
+
+    def calibrate(self) -> dict[int, float]:
+        """Time a full batch at each trained size the sizer has not measured yet, smallest first, and give it to
+        the sizer as the batching worker gives it a served batch (``observe(size, max_batch, seconds)``), so that
+        its predictions and the queue's wait bound hold from the first query on (see
+        :mod:`~raml.deploy.service.adaptive_size`). Each batch is ``max_batch`` images of zeros in the transform's
+        output shape, through the embedder and a search of the current index (``CALIBRATION_K`` results): what the
+        worker times for a batch. It runs once untimed first (the first call of a recorded graph is slower). A
+        size whose batch takes longer than the latency target ends the calibration: the larger sizes are left to
+        traffic (until then estimated from the smaller ones by the pixel count). A failing batch is logged and
+        ends it too (the service starts as without one). Without a latency target: nothing (an empty dict).
+
+        Returns:
+            The seconds of each size's timed batch.
+        """
+        adaptive = self.adaptive
+        if adaptive is None:
+            return {}
+        index = self.index.current
+        queries = self.limits.max_batch
+        k = min(CALIBRATION_K, self.limits.max_k)
+        cap_s = adaptive.settings.target_ms / 1000.0
+        timed: dict[int, float] = {}
+        stopped = ""
+        for size in adaptive.settings.sizes:
+            if adaptive.has_measured(size):
+                continue
+            side = self.transforms[size].size
+            try:
+                self._calibration_batch(index, queries, side, k)  # warm-up
+                started = time.perf_counter()
+                self._calibration_batch(index, queries, side, k)
+                seconds = time.perf_counter() - started
+            except Exception:
+                logger.warning(
+                    "Calibrating the latency target's sizer failed at %d px; that size and the larger ones are "
+                    "measured from traffic",
+                    size,
+                    exc_info=True,
+                )
+                break
+            adaptive.observe(size, queries, seconds)
+            timed[size] = seconds
+            if seconds > cap_s:
+                larger = [s for s in adaptive.settings.sizes if s > size]
+                if larger:
+                    stopped = (
+                        f"; stopped after {size} px, whose batch took longer than the target of "
+                        f"{adaptive.settings.target_ms:.0f} ms: {', '.join(map(str, larger))} px measured from traffic"
+                    )
+                break
+        if timed:
+            logger.info(
+                "Latency target: a full batch of %d queries (forward pass and search) takes %s%s",
+                queries,
+                ", ".join(f"{1000 * seconds:.1f} ms at {size} px" for size, seconds in timed.items()),
+                stopped,
+            )
+        return timed
+
+    def _calibration_batch(self, index: DatabaseIndex, queries: int, side: int, k: int) -> None:
+        """One synthetic batch of ``queries`` zero images ``(3, side, side)``: stacked, embedded and searched as
+        the batching worker does a batch of one size and one k."""
+        images = torch.stack([torch.zeros(3, side, side) for _ in range(queries)])
+        index.search(self.embedder.embed(images), k)
 
     def stop(self) -> None:
         """Finish the queued queries, then stop both threads."""
