@@ -733,6 +733,8 @@ def test_a_latency_target_measures_every_size_on_a_full_batch_before_the_service
         assert searched == [((4, dim), 10)] * 6
         for size in SIZES:  # the known cost is in the time given to the sizer
             assert cost[size] <= sizer.batch_s(size, 1) < WAIT_S
+        # ... but no batch of the load was served: a batch's predicted time is still that of one query
+        assert sizer.load.service_ms == {size: pytest.approx(1000 * sizer.batch_s(size, 1)) for size in SIZES}
         assert service.batcher.queue_wait_bound_s is not None  # bounded before the first query
         assert service.calibrate() == {}  # every size measured: nothing more to run
         lines = [r.getMessage() for r in caplog.records if "full batch of 4" in r.getMessage()]

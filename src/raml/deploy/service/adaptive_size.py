@@ -269,15 +269,18 @@ class AdaptiveQuerySize:
             )
         return after
 
-    def observe(self, size: int, queries: int, service_s: float) -> None:
-        """Record one forward pass and search of ``queries`` queries at ``size`` that took ``service_s`` seconds."""
+    def observe(self, size: int, queries: int, service_s: float, traffic: bool = True) -> None:
+        """Record one forward pass and search of ``queries`` queries at ``size`` that took ``service_s`` seconds.
+        ``traffic=False`` (a calibration batch, not one the load formed): its time per query is recorded, but the
+        smoothed number of queries per batch, which describes the load, is left as it is."""
         if queries < 1:
             raise ValueError(f"A batch holds at least one query, got {queries!r}.")
         with self._lock:
             per_query = 1000.0 * service_s / queries
             measured = self._per_query_ms if queries >= self.measured_from else self._provisional_ms
             measured[int(size)] = ewma(measured.get(int(size)), per_query, self.alpha)
-            self._batch = ewma(self._batch, float(queries), self.alpha)
+            if traffic:
+                self._batch = ewma(self._batch, float(queries), self.alpha)
 
     def describe(self) -> dict[str, object]:
         """For ``/health``: the target, the size in use and the smoothed load."""

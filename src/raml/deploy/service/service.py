@@ -289,7 +289,8 @@ class SearchService:
 
     def calibrate(self) -> dict[int, float]:
         """Time a full batch at each trained size the sizer has not measured yet, smallest first, and give it to
-        the sizer as the batching worker gives it a served batch (``observe(size, max_batch, seconds)``), so that
+        the sizer as the batching worker gives it a served batch (``observe(size, max_batch, seconds)``, leaving
+        the smoothed batch size, which describes the load, alone), so that
         its predictions and the queue's wait bound hold from the first query on (see
         :mod:`~raml.deploy.service.adaptive_size`). Each batch is ``max_batch`` images of zeros in the transform's
         output shape, through the embedder and a search of the current index (``CALIBRATION_K`` results): what the
@@ -327,7 +328,7 @@ class SearchService:
                     exc_info=True,
                 )
                 break
-            adaptive.observe(size, queries, seconds)
+            adaptive.observe(size, queries, seconds, traffic=False)  # not a batch of the load: its size is not
             timed[size] = seconds
             if seconds > cap_s:
                 larger = [s for s in adaptive.settings.sizes if s > size]
