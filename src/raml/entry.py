@@ -9,6 +9,7 @@ other package, see README's Layout and ``tests/test_layering.py``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -29,8 +30,10 @@ __all__ = [
     "add_network_args",
     "check_output_file",
     "check_output_files",
+    "dataset_inputs",
     "image_sizes_arg",
     "network_from_args",
+    "network_inputs",
     "non_negative_int",
     "positive_int",
     "setup_logging",
@@ -127,15 +130,114 @@ def check_output_file(path: str | Path, flag: str, overwrite: bool | None = None
     return path
 
 
-def check_output_files(targets: Sequence[tuple[str, str | Path, bool | None]]) -> None:
+def _file_key(path: str | Path) -> str:
+    """``path`` by its folder's real path and its own name (an output replaces the name, never a link's target)."""
+    absolute = os.path.abspath(path)
+    return os.path.normcase(os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute)))
+
+
+def _input_conflict(path: str | Path, source: str | Path) -> str | None:
+    """How the output ``path`` would overwrite the input ``source`` (a file or a folder the command reads), or
+    None: the same file (:func:`os.path.samefile` when both exist, else the same real path), or a file inside the
+    folder ``source``."""
+    if os.path.lexists(path) and os.path.exists(source):
+        with contextlib.suppress(OSError):  # vanished or unreadable: compared by name below
+            if os.path.samefile(path, source):
+                return "is"
+    key = _file_key(path)
+    if key in (_file_key(source), os.path.normcase(os.path.realpath(source))):
+        return "is"
+    if os.path.isdir(source):
+        folder = os.path.normcase(os.path.realpath(source))
+        if os.path.commonpath([key, folder]) == folder:
+            return "inside"
+    return None
+
+
+def network_inputs(flag: str, name_or_path: str | Path | None, data_root: str | Path) -> list[tuple[str, Path]]:
+    """The checkpoint file a ``--*-path NETWORK`` flag reads, as an input of :func:`check_output_files`: the path as
+    given, or where it is not a file, the cached ``<data_root>/networks/<name>.pth`` it names (as
+    :func:`raml.models.resolve_network_path` finds it; nothing is downloaded here). Empty for None."""
+    if name_or_path is None:
+        return []
+    given = Path(name_or_path)
+    if given.is_file():
+        return [(flag, given)]
+    name = str(name_or_path)
+    name = name[: -len(".pth")] if name.endswith(".pth") else name
+    cached = (flag, Path(data_root) / "networks" / f"{name}.pth")
+    return [cached] if given.is_dir() else [(flag, given), cached]  # a folder is no checkpoint: not guarded
+
+
+def dataset_inputs(flag: str, name: str | None, data_root: str | Path) -> list[tuple[str, Path]]:
+    """The folders (and split file) a dataset split name reads, as inputs of :func:`check_output_files`, without
+    reading the dataset: ``<data_root>/<name>`` with and without its part suffix (``cub-test`` -> ``cub``), or for
+    ``FILE.json[:PART]`` the file and its folder (as given and under ``data_root``). The data root itself and a
+    folder holding the working directory are left out: a report next to the datasets, or in the folder the
+    command runs from, is fine. Empty for None."""
+    if name is None:
+        return []
+    from raml.data.splits import SPLIT_SUFFIXES  # here: a parser must not import the data package
+
+    data_root = Path(data_root).expanduser()
+    paths: list[Path] = []
+    spec, sep, _part = name.rpartition(":")
+    json_file = name if name.endswith(".json") else spec if sep and spec.endswith(".json") else None
+    if json_file is not None:
+        given = Path(json_file).expanduser()
+        for candidate in [given] if given.is_absolute() else [given, data_root / given]:
+            paths += [candidate, candidate.parent]
+    else:
+        base, dash, suffix = name.rpartition("-")
+        paths.append(data_root / name)
+        if dash and base and suffix in SPLIT_SUFFIXES:
+            paths.append(data_root / base)
+    cwd = os.path.realpath(os.getcwd())
+    spared = {os.path.normcase(os.path.realpath(data_root))}
+    kept = []
+    for path in paths:
+        real = os.path.normcase(os.path.realpath(path))
+        if real in spared or os.path.commonpath([real, os.path.normcase(cwd)]) == real:
+            continue
+        kept.append((flag, path))
+    return kept
+
+
+def check_output_files(
+    targets: Sequence[tuple[str, str | Path, bool | None]],
+    inputs: Sequence[tuple[str, str | Path | None]] = (),
+) -> None:
     """:func:`check_output_file` for each ``(flag, path, overwrite)`` of a command; they must name different files
     (compared by their folders' real paths, so a linked folder is no second name, and their file names: an output
-    is written by replacing the name, never through a link there)."""
+    is written by replacing the name, never through a link there).
+
+    ``inputs`` are the ``(flag, path)`` files and folders the command reads (checkpoints, models and their sidecars,
+    query images, list files, an index folder, dataset folders, a config file; None entries are skipped): no output
+    may be one of those files or lie inside one of those folders, even with ``--overwrite`` (which replaces a
+    previous output, never an input). Checked before an output's other checks, so the refusal of an existing
+    file does not suggest ``--overwrite`` for an input.
+
+    Raises:
+        ValueError: an output is an input or inside an input folder; see also :func:`check_output_file`.
+    """
+    given = [(flag, Path(path)) for flag, path in inputs if path is not None]
     seen: dict[str, str] = {}
     for flag, path, overwrite in targets:
+        for source_flag, source in given:
+            conflict = _input_conflict(path, source)
+            if conflict == "is":
+                raise ValueError(
+                    f"{flag} {str(path)!r} is {source_flag}'s {str(source)!r}, an input the command must not replace"
+                    f"{' (--overwrite replaces a previous output, never an input)' if overwrite else ''}; give "
+                    f"{flag} another path."
+                )
+            if conflict == "inside":
+                raise ValueError(
+                    f"{flag} {str(path)!r} lies inside {str(source)!r}, the folder {source_flag} reads; give "
+                    f"{flag} a path outside it."
+                )
         check_output_file(path, flag, overwrite)
-        absolute = os.path.abspath(path)
-        key = os.path.normcase(os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute)))
+        key = _file_key(path)
         if key in seen:
             raise ValueError(f"{seen[key]} and {flag} name the same file {str(path)!r}; give different paths.")
         seen[key] = flag

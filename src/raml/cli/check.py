@@ -6,13 +6,14 @@ import argparse
 import logging
 
 from raml.cli.common import (
-    check_output_file,
+    check_output_files,
     comma_list,
     default_workers,
     positive_int,
     setup_logging,
     write_json,
 )
+from raml.entry import dataset_inputs
 
 logger = logging.getLogger("raml")
 
@@ -77,8 +78,9 @@ def run(args: argparse.Namespace) -> int:
     from raml.data.splits import get_split
 
     setup_logging(args.verbose)
-    if args.json is not None:  # before the scan, which may take minutes
-        check_output_file(args.json, "--json")
+    if args.json is not None:  # before the scan, which may take minutes; never into a dataset it reads
+        inputs = [source for name in args.datasets for source in dataset_inputs("--datasets", name, args.data_root)]
+        check_output_files([("--json", args.json, None)], inputs)
     splits = [get_split(name, args.data_root, args.val_ratio) for name in args.datasets]  # fail early on names
     for name in args.datasets:
         trainval = _trainval_name(name)

@@ -29,13 +29,13 @@ from raml.cli.choices import (
 from raml.cli.common import (
     add_bad_images_arg,
     add_runtime_args,
-    check_output_file,
     check_output_files,
     device_from_args,
     positive_int,
     setup_logging,
     write_json,
 )
+from raml.entry import dataset_inputs, network_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +80,15 @@ def _source_paths(args: argparse.Namespace) -> tuple[list[str], list[int] | None
         split = get_split(args.dataset, args.data_root)
         return [str(p) for p in split.abspaths()], list(split.labels), split.name
     return [], None, None
+
+
+def _source_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
+    """The files and folders --images / --list / --dataset read, for :func:`check_output_files`."""
+    return [
+        ("--images", args.images),
+        ("--list", args.list),
+        *dataset_inputs("--dataset", args.dataset, args.data_root),
+    ]
 
 
 def _devices(args: argparse.Namespace) -> list[torch.device]:
@@ -209,8 +218,14 @@ def run_index(args: argparse.Namespace) -> int:
     from raml.retrieval.extract import inference_network
 
     setup_logging(args.verbose)
-    if args.json is not None:  # before anything is embedded or committed
-        check_output_file(args.json, "--json")
+    if args.json is not None:  # before anything is embedded or committed; never into what the command reads
+        inputs = [
+            *network_inputs("--network-path", args.network_path, args.data_root),
+            *_source_inputs(args),
+            ("--remove-list", args.remove_list),
+            ("--output", args.output),
+        ]
+        check_output_files([("--json", args.json, None)], inputs)
     _require_deps("faiss")
     flags = ("index_type", "nlist", "nprobe", "m", "nbits", "hnsw_m", "ef_search", "train_size")
     params = None
@@ -340,9 +355,18 @@ def run_search(args: argparse.Namespace) -> int:
 
     setup_logging(args.verbose)
     _require_deps("faiss", *(["onnxruntime"] if args.onnx is not None else []))
-    # both outputs, checked once each and told apart (they must not name one file)
+    # both outputs, checked once each and told apart (they must not name one file), and never an input
+    from raml.deploy.export import sidecar_path
+
+    inputs = [
+        *network_inputs("--network-path", args.network_path, args.data_root),
+        ("--onnx", args.onnx),
+        ("--onnx's sidecar", None if args.onnx is None else sidecar_path(args.onnx)),
+        ("--index", args.index),
+        *(("QUERY_IMAGE", query) for query in args.queries),
+    ]
     check_output_files(
-        [(flag, path, None) for flag, path in (("--json", args.json), ("--gallery", args.gallery)) if path]
+        [(flag, path, None) for flag, path in (("--json", args.json), ("--gallery", args.gallery)) if path], inputs
     )
     if args.gallery is not None:  # a bad gallery path fails before anything is embedded or written
         from raml.deploy.gallery import check_gallery_path
@@ -611,7 +635,8 @@ class _ExportStage:
 
 def _check_export_outputs(args: argparse.Namespace) -> None:
     """Every file ``raml export`` writes, checked before the network is loaded: the models and their sidecars
-    (an existing one only replaced with --overwrite) and the --json report; all different files."""
+    (an existing one only replaced with --overwrite) and the --json report; all different files, none of them
+    (even with --overwrite) the checkpoint, an image source or a dataset the command reads."""
     from raml.deploy.export import sidecar_path
 
     targets: list[tuple[str, Path, bool | None]] = []
@@ -620,7 +645,12 @@ def _check_export_outputs(args: argparse.Namespace) -> None:
             targets += [(flag, model, args.overwrite), (f"{flag}'s sidecar", sidecar_path(model), args.overwrite)]
     if args.json is not None:
         targets.append(("--json", args.json, None))
-    check_output_files(targets)
+    inputs = [
+        *network_inputs("--network-path", args.network_path, args.data_root),
+        *_source_inputs(args),
+        *dataset_inputs("--calibration-split", args.calibration_split, args.data_root),
+    ]
+    check_output_files(targets, inputs)
 
 
 def _int8_calibration(args: argparse.Namespace) -> tuple[list[str], list[str]]:

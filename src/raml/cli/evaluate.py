@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 from raml import lazy_exports
 from raml.cli.common import (
     add_bad_images_arg,
-    check_output_file,
+    check_output_files,
     comma_list,
     devices_from_gpu_id,
     image_sizes_arg,
@@ -20,7 +20,7 @@ from raml.cli.common import (
     write_json,
 )
 from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args, check_multiscale_size
-from raml.entry import add_network_args, network_from_args
+from raml.entry import add_network_args, dataset_inputs, network_from_args, network_inputs
 from raml.retrieval.scales import SINGLE_SCALE
 
 if TYPE_CHECKING:
@@ -170,8 +170,19 @@ def run(args: argparse.Namespace) -> int:
     query_given = args.image_size is not None
     # None: the student's first trained size, known once it is loaded (below)
     sizes = None if args.image_size is None else _given_sizes(args)
-    if args.json is not None:  # before any network is loaded or image embedded
-        check_output_file(args.json, "--json")
+    if args.json is not None:  # before any network is loaded or image embedded; never into what the test reads
+        from raml.deploy.export import sidecar_path
+
+        onnx_sidecar = None if args.student_onnx is None else sidecar_path(args.student_onnx)
+        inputs = [
+            *network_inputs("--student-path", args.student_path, args.data_root),
+            *network_inputs("--teacher-path", args.teacher_path, args.data_root),
+            ("--student-onnx", args.student_onnx),
+            ("--student-onnx's sidecar", onnx_sidecar),
+            ("--index", args.index),
+            *(source for name in args.datasets for source in dataset_inputs("--datasets", name, args.data_root)),
+        ]
+        check_output_files([("--json", args.json, None)], inputs)
     # the student on the first --gpu-id GPU, the teacher on the second when two are listed
     device, teacher_device = devices_from_gpu_id(args.gpu_id, args.device)
     # Resolve every split first so that a missing dataset fails before any network is loaded.

@@ -18,7 +18,7 @@ from raml.cli.common import (
 from raml.cli.networks import add_model_hint_args, add_multiscale_arg, add_runtime_args, check_multiscale_size
 from raml.engine.config import RUN_CONFIG_NAME
 from raml.engine.val_ratio import default_val_ratio, resolve_val_ratio, valid_val_ratio
-from raml.entry import add_network_args, network_from_args
+from raml.entry import add_network_args, dataset_inputs, network_from_args, network_inputs
 from raml.retrieval.scales import CPU_RUNTIMES
 
 if TYPE_CHECKING:
@@ -129,9 +129,15 @@ def run(args: argparse.Namespace) -> int:
     if args.output.suffix != ".npy":
         raise SystemExit(f"raml extract: --output must end in .npy, got {args.output}")
     check_multiscale_size("raml extract", args.multiscale, args.image_size)
-    # every output is checked before any work: a bad path fails now, not after the embedding
+    # every output is checked before any work: a bad path fails now, not after the embedding; never an input
     sidecar = args.output.with_suffix(".json")
-    check_output_files([("--output", args.output, args.overwrite), ("--output's sidecar", sidecar, args.overwrite)])
+    inputs = [
+        *network_inputs("--network-path", args.network_path, args.data_root),
+        *dataset_inputs("--dataset", args.dataset, args.data_root),
+    ]
+    check_output_files(
+        [("--output", args.output, args.overwrite), ("--output's sidecar", sidecar, args.overwrite)], inputs
+    )
     # under torchrun every process embeds a share of the split; rank 0 writes the outputs
     dist, dist_device = init_distributed(args.device)
     device = dist_device or devices_from_gpu_id(args.gpu_id, args.device)[0]

@@ -15,7 +15,7 @@ from raml.cli.choices import OPTIMIZER_NAMES, SCHEDULER_NAMES
 from raml.cli.common import (
     WORKERS_HELP,
     add_bad_images_arg,
-    check_output_file,
+    check_output_files,
     default_workers,
     devices_from_gpu_id,
     image_sizes_arg,
@@ -37,6 +37,7 @@ from raml.engine.config import (
     load_yaml_config,
 )
 from raml.engine.methods import METHODS, method_help
+from raml.entry import dataset_inputs, network_inputs
 
 logger = logging.getLogger("raml")
 
@@ -426,8 +427,19 @@ def run(args: argparse.Namespace) -> int:
             "its settings), or run the search into a new --directory."
         )
     refuse_config_file_as_record(args.config, config)
-    if config.json is not None:  # before training, not after it
-        check_output_file(config.json, "--json")
+    if config.json is not None:  # before training, not after it; never into what the run reads
+        inputs = [
+            ("--config", args.config),
+            *network_inputs("--student-path", config.student_path, config.data_root),
+            *network_inputs("--teacher-path", config.teacher_path, config.data_root),
+            *dataset_inputs("--training-dataset", config.training_dataset, config.data_root),
+        ]
+        if config.resume_student not in (None, "last"):
+            from raml.engine.resume import resume_candidates
+
+            resumed = resume_candidates(config.resume_student, Path(config.directory))
+            inputs += [("--resume-student", path) for path in resumed]
+        check_output_files([("--json", config.json, None)], inputs)
     # Under torchrun every process joins the group and gets its own device; otherwise choose one as usual.
     dist, dist_device = init_distributed(config.device)
     if not dist.is_main:
