@@ -28,6 +28,9 @@ import torch
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "C_INT_MAX",
+    "HNSW_EF_MAX",
+    "HNSW_M_RANGE",
     "INDEX_TYPES",
     "IndexParams",
     "apply_search_params",
@@ -45,6 +48,21 @@ INDEX_TYPES = ("flat", "ivf", "hnsw", "ivfpq")
 """Supported index types, see the module docstring."""
 
 _DEFAULT_TRAIN_SIZE = 200_000
+
+C_INT_MAX = 2**31 - 1
+"""Largest value faiss takes as a C ``int`` (``nlist`` and PQ ``m`` are parsed from the factory string with
+``std::stoi``); a larger one fails inside faiss (``C++ exception stoi``, ``OverflowError``)."""
+
+HNSW_M_RANGE = (2, 512)
+"""Accepted ``hnsw_m``. faiss sets its level multiplier to ``1 / ln(M)``: at M = 1 that is infinite, the graph
+gets no level and adding a vector crashes the process (segmentation fault, faiss 1.15). Each vector stores 2M
+int32 links on level 0 (8M bytes: 4 KB at 512, already twice a 512-d float32 embedding, while recall stops
+improving well below it; the usual range is 16-64); nothing larger is of use."""
+
+HNSW_EF_MAX = 1_000_000
+"""Largest ``ef_search`` / ``ef_construction``. faiss allocates a heap of ``efSearch`` entries (8 bytes each) per
+query searched in parallel: 8 MB at this bound, 800 MB at 10^8, 16 GB near the C ``int`` limit; a list this long
+already visits most of any graph worth searching approximately (``flat`` is exact)."""
 
 
 def import_faiss() -> Any:
@@ -72,11 +90,12 @@ class IndexParams:
         nprobe: IVF cells searched per query (ivf, ivfpq); default ``max(1, nlist // 8)``.
         m: PQ sub-quantisers (ivfpq); must divide D; default the largest divisor of D up to ``D // 8``.
         nbits: Bits per PQ code (ivfpq); default 8, fewer when the training sample has under 256 vectors.
-        hnsw_m: Graph links per node (hnsw).
-        ef_construction: Candidate list size while building (hnsw).
-        ef_search: Candidate list size while searching (hnsw; raised to k when searching deeper).
+        hnsw_m: Graph links per node (hnsw), within :data:`HNSW_M_RANGE`.
+        ef_construction: Candidate list size while building (hnsw), at most :data:`HNSW_EF_MAX`.
+        ef_search: Candidate list size while searching (hnsw; raised to k when searching deeper), at most
+            :data:`HNSW_EF_MAX`.
         train_size: Training sample size (ivf, ivfpq); default all embeddings up to 200,000.
-        seed: Seed of the training sample.
+        seed: Seed of the training sample (non-negative).
         on_disk: Store the inverted lists in their own file, built by merging per-chunk indexes and served
             memory-mapped (ivf, ivfpq; :mod:`raml.deploy.ondisk_ivf`), for an index larger than memory.
     """
@@ -111,8 +130,31 @@ class IndexParams:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}.")
+        # what reaches faiss as a C int, checked here: before anything is embedded, not in faiss after it
+        for name in ("nlist", "nprobe", "m"):
+            value = getattr(self, name)
+            if value is not None and value > C_INT_MAX:
+                raise ValueError(
+                    f"--{name} ({name}) must be at most {C_INT_MAX} (faiss takes it as a C int), got {value}."
+                )
         if self.nbits is not None and self.nbits > 16:
-            raise ValueError(f"nbits must be at most 16 (bits per PQ code), got {self.nbits}.")
+            raise ValueError(f"--nbits (nbits) must be at most 16 (bits per PQ code), got {self.nbits}.")
+        low, high = HNSW_M_RANGE
+        if not low <= self.hnsw_m <= high:
+            raise ValueError(
+                f"--hnsw-m (hnsw_m) must be between {low} and {high} graph links per node, got {self.hnsw_m} "
+                "(faiss crashes at 1; each vector stores 8*M bytes of links and 16-64 is usual)."
+            )
+        for name in ("ef_construction", "ef_search"):
+            value = getattr(self, name)
+            if value > HNSW_EF_MAX:
+                flag = "--ef-search (ef_search)" if name == "ef_search" else name  # no flag sets ef_construction
+                raise ValueError(
+                    f"{flag} must be at most {HNSW_EF_MAX} candidates, got {value} (faiss allocates "
+                    "8 bytes per candidate for each query; use --index-type flat for an exact search)."
+                )
 
     def resolve(self, num_vectors: int, dim: int) -> IndexParams:
         """Fill in the defaults for ``num_vectors`` embeddings of dimension ``dim``; check feasibility.
