@@ -10,9 +10,12 @@ from PIL import Image
 
 from raml.data.image_limits import (
     DEFAULT_MAX_PIXELS,
+    ImageSizeTooLargeError,
     ImageTooLargeError,
     check_image_size,
     check_resized_size,
+    check_size_within_limit,
+    largest_image_size,
     resized_size,
 )
 from raml.data.images import EvalTransform, ImageLoadError, resize_shorter, to_rgb
@@ -136,3 +139,88 @@ def test_check_data_image_size_lists_an_image_too_large_once_resized(tmp_path, c
     out = capsys.readouterr().out
     assert f"{folder / 'b' / 'thin.png'}: too large once resized" in out and "3657143x37" in out
     assert "mine-test: 3 images, 1 bad" in out
+
+
+# ------------------------------------------------------------------- a size too large for any image (not the images)
+
+
+@pytest.mark.parametrize("max_pixels", [1, 3, 1000, 4096])
+def test_largest_image_size_is_the_last_size_a_square_image_fits(max_pixels):
+    # independent: what resize_shorter makes of a square image at each size
+    def fits(size: int) -> bool:
+        width, height = resize_shorter(Image.new("L", (3, 3)), size + size / 7).size
+        return width * height <= max_pixels
+
+    largest = largest_image_size(max_pixels)
+    assert all(fits(size) for size in range(1, largest + 1)) and not fits(largest + 1)
+
+
+def test_a_size_too_large_for_any_image_is_refused_as_a_size():
+    largest = largest_image_size()
+    assert largest == 5533  # 6323 x 6323 at 5533; 6325 x 6325 = 40,005,625 pixels at 5534
+    check_size_within_limit(largest)
+    with pytest.raises(ImageSizeTooLargeError) as refused:
+        check_size_within_limit(8000)
+    message = str(refused.value)
+    assert isinstance(refused.value, ValueError)  # a setting: the CLI's one-line error, exit 2
+    assert "Image size 8000 is too large" in message and "--image-size 5533 or less" in message
+    assert "aspect ratio" not in message and "\n" not in message
+    # per image (the evaluation transform, the service): the size is blamed, not the image's shape
+    with pytest.raises(ImageTooLargeError) as per_image:
+        check_resized_size(32, 32, 8000)
+    message = str(per_image.value)
+    assert "image size 8000 is too large for any image" in message and "at most 5533" in message
+    assert "aspect ratio" not in message and "crop" not in message
+
+
+def test_the_aspect_ratio_is_named_only_as_the_cause():
+    with pytest.raises(ImageTooLargeError) as thin:
+        check_resized_size(100_000, 1, 32)
+    assert "its aspect ratio 100,000:1 is over the roughly 29,561:1 that image size 32 allows" in str(thin.value)
+    # a usual shape at a size where squares still fit: the ratio is named with its value, not called extreme
+    check_resized_size(1000, 1000, 5533)
+    with pytest.raises(ImageTooLargeError) as photo:
+        check_resized_size(1000, 1300, 5500)
+    assert "its aspect ratio 1.3:1 is over the roughly 1.012:1" in str(photo.value)
+    assert "extreme" not in str(photo.value)
+
+
+def test_a_scan_refuses_the_size_before_reading_any_file(tmp_path, monkeypatch):
+    """``--bad-images skip`` dropped every image (each "too large once resized ... an extreme aspect ratio"); the
+    size is now refused before a file is read, under either policy."""
+    import raml.data.check as check_module
+    from raml.data.check import apply_bad_image_policy, scan_split
+    from raml.data.splits import split_from_lists
+
+    root = tmp_path / "ds"
+    (root / "a").mkdir(parents=True)
+    for name in ("0.png", "1.png"):
+        Image.new("RGB", (32, 32)).save(root / "a" / name)
+    split = split_from_lists("small", root, [["a/0.png", "a/1.png"]])
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("an image was checked")
+
+    monkeypatch.setattr(check_module, "check_image", no_reading)
+    for policy in ("error", "skip"):
+        with pytest.raises(ImageSizeTooLargeError, match="--image-size 5533 or less"):
+            apply_bad_image_policy(split, policy, image_size=8000)
+    with pytest.raises(ImageSizeTooLargeError):
+        scan_split(split, image_size=8000)
+
+
+def test_check_data_refuses_a_size_too_large_for_any_image(tmp_path, capsys):
+    import json
+
+    from raml.cli import main as cli_main
+
+    folder = tmp_path / "data" / "mine"
+    for cls in ("a", "b"):
+        (folder / cls).mkdir(parents=True)
+        Image.new("RGB", (32, 32)).save(folder / cls / "0.png")
+    (folder / "split.json").write_text(json.dumps({"train": [["a/0.png"]], "test": [["b/0.png"]]}))
+    argv = ["check-data", "--data-root", str(tmp_path / "data"), "--datasets", "mine-test", "--no-progress"]
+    assert cli_main.main([*argv, "--image-size", "8000"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.splitlines()[-1].startswith("raml check-data: error: Image size 8000 is too large")
+    assert "too large once resized" not in captured.out

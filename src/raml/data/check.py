@@ -42,7 +42,7 @@ from typing import BinaryIO
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from raml.data.image_limits import ImageTooLargeError, check_resized_size
+from raml.data.image_limits import ImageTooLargeError, check_resized_size, check_size_within_limit
 from raml.data.images import ImageLoadError, load_image, to_rgb
 from raml.data.splits import Split
 from raml.utils import atomic_write_text
@@ -306,7 +306,8 @@ def check_image(path: Path, full_decode: bool = False, image_size: int | None = 
         image_size: The largest evaluation size S the image will be used at (the resized size grows with S, so
             checking the largest covers the smaller ones): an image that the evaluation transform would resize
             to more than :data:`raml.data.image_limits.DEFAULT_MAX_PIXELS` pixels (an extreme aspect ratio) is
-            bad. None: not checked.
+            bad. None: not checked. At a size where every image would be (even a square one), the reason blames
+            the size; :func:`scan_split` refuses such a size before reading any file.
 
     Returns:
         None if the image is usable, else a short reason such as ``"missing file"``, ``"empty file (0
@@ -339,9 +340,15 @@ def scan_split(
 
     Returns:
         The bad images, in split order (empty if all are fine).
+
+    Raises:
+        ImageSizeTooLargeError: (a ValueError) ``image_size`` is so large that every image would be too large
+            once resized, even a square one: refused before any file is read, naming the largest size allowed.
     """
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ValueError(f"workers must be a positive integer, got {workers!r}.")
+    if image_size is not None:
+        check_size_within_limit(image_size)  # the size itself, not every image in turn
     mode = "full decode" if full_decode else "headers"
     root = split.root
 
@@ -482,8 +489,8 @@ class BadImagesError(ValueError):
         if len(listed) < len(self.bad):
             lines.append(f"  ... and {len(self.bad) - len(listed)} more; full list in {report_file}")
         lines.append(
-            "Fix or remove these files (and their entries in the split), or pass --bad-images skip to train "
-            "without them (each skipped file is then logged and listed in skipped_images_<split>.txt)."
+            "Fix or remove these files (and their entries in the split), or pass --bad-images skip to leave them "
+            "out of the run (each skipped file is then logged and recorded with the run's outputs)."
         )
         # a file name that is not valid UTF-8 spelled with backslash escapes: the message prints anywhere
         super().__init__(printable("\n".join(lines)))
@@ -530,7 +537,8 @@ def apply_bad_image_policy(
         The split to use (filtered with ``"skip"``) and the bad images found.
 
     Raises:
-        ValueError: Unknown policy, or (with ``"skip"``) every image is bad.
+        ValueError: Unknown policy, or (with ``"skip"``) every image is bad, or ``image_size`` too large for any
+            image (:class:`~raml.data.image_limits.ImageSizeTooLargeError`, before any file is read).
         BadImagesError: Policy ``"error"`` and at least one bad image.
     """
     if policy not in BAD_IMAGE_POLICIES:
