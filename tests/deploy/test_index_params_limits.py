@@ -57,3 +57,21 @@ def test_cli_index_refuses_a_huge_hnsw_m_before_embedding(tmp_path, monkeypatch,
         last = capsys.readouterr().err.splitlines()[-1]  # after faiss's loader's INFO lines
         assert last.startswith(f"raml index: error: {flag} ") and "must be" in last
         assert not output.exists()
+
+
+def test_an_index_recording_parameters_past_a_bound_added_since_is_a_clear_index_error(tmp_path):
+    """An index built before a bound existed (hnsw_m 600) is refused at load as an index problem, naming its
+    index.json and what to do, not with a flag's message from a command that set no flag."""
+    from raml.deploy.store import IndexDirectoryError, _params_from_meta
+
+    with pytest.raises(IndexDirectoryError, match=r"idx/index.json records index parameters .*--hnsw-m.*Rebuild"):
+        _params_from_meta({"params": {"index_type": "hnsw", "hnsw_m": 600}}, tmp_path / "idx")
+    assert _params_from_meta({"params": {"index_type": "hnsw", "hnsw_m": 32, "unknown": 1}}).hnsw_m == 32
+
+
+def test_the_index_help_states_the_bounds_the_params_check(capsys):
+    with pytest.raises(SystemExit):
+        cli_main.main(["index", "-h"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert f"HNSW links per node, {HNSW_M_RANGE[0]}-{HNSW_M_RANGE[1]}" in shown
+    assert f"at most {HNSW_EF_MAX:,}" in shown

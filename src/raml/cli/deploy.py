@@ -176,8 +176,10 @@ def _add_index_parser(subparsers: argparse._SubParsersAction) -> None:
     group.add_argument("--nprobe", type=positive_int, metavar="N", help="IVF cells searched (default nlist/8)")
     group.add_argument("--m", type=positive_int, metavar="M", help="PQ sub-quantisers, divides D (default D/8)")
     group.add_argument("--nbits", type=positive_int, metavar="B", help="bits per PQ code (default 8)")
-    group.add_argument("--hnsw-m", type=positive_int, metavar="M", help="HNSW links per node (default 32)")
-    group.add_argument("--ef-search", type=positive_int, metavar="N", help="HNSW search breadth (default 64)")
+    group.add_argument("--hnsw-m", type=positive_int, metavar="M", help="HNSW links per node, 2-512 (default 32)")
+    group.add_argument(
+        "--ef-search", type=positive_int, metavar="N", help="HNSW search breadth, at most 1,000,000 (default 64)"
+    )
     group.add_argument(
         "--train-size", type=positive_int, metavar="N", help="embeddings sampled to train IVF/PQ (default all, <= 200k)"
     )

@@ -217,10 +217,17 @@ def _read_metadata(index_dir: Path) -> dict[str, Any]:
     return meta
 
 
-def _params_from_meta(meta: dict[str, Any]) -> IndexParams:
+def _params_from_meta(meta: dict[str, Any], index_dir: Path | None = None) -> IndexParams:
     stored = dict(meta.get("params", {}))
     known = {f for f in IndexParams.__dataclass_fields__}
-    return IndexParams(**{k: v for k, v in stored.items() if k in known})
+    try:
+        return IndexParams(**{k: v for k, v in stored.items() if k in known})
+    except (TypeError, ValueError) as error:  # e.g. a bound added since it was built (hnsw_m <= 512)
+        where = f"{index_dir}/index.json" if index_dir is not None else "index.json"
+        raise IndexDirectoryError(
+            f"{where} records index parameters this version refuses: {error} Rebuild the index (raml index "
+            "--output a new folder) with parameters within the bounds."
+        ) from None
 
 
 def load_index(index_dir: str | Path, mmap: bool = True) -> DatabaseIndex:
@@ -399,7 +406,7 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
             f"removed), {embeddings.shape[0]} embeddings, {labels.shape[0]} labels, {index.ntotal} vectors in the "
             "faiss index; rebuild it with `raml index --overwrite`."
         )
-    params = _params_from_meta(meta)
+    params = _params_from_meta(meta, index_dir)
     apply_search_params(index, params)
     return DatabaseIndex(
         index_dir,
