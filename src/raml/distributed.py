@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import NoReturn, TypeVar
 
@@ -153,6 +154,29 @@ def all_reduce_sum_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:
     if ctx.enabled:
         dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
     return tensor
+
+
+def average_gradients_(parameters: Iterable[torch.nn.Parameter], ctx: DistContext) -> None:
+    """Average the gradients of ``parameters`` (a method's own, outside DDP) over the processes, in place; nothing
+    for a single process.
+
+    Every process takes part in the same all-reduces whatever gradients it holds: a parameter without a gradient
+    on this process (its loss did not reach it, e.g. UGD's projectors when this process's share of the batch has
+    no unambiguous region) counts as a zero gradient when another process has one, and stays without one when no
+    process has (as in one process, whose optimizer then skips it). One all-reduce of which gradients exist first.
+    """
+    if not ctx.enabled:
+        return
+    params = list(parameters)
+    if not params:
+        return
+    held = torch.tensor([p.grad is not None for p in params], dtype=torch.int64, device=params[0].device)
+    for param, holders in zip(params, all_reduce_sum_(held, ctx).tolist(), strict=True):
+        if holders == 0:
+            continue
+        if param.grad is None:
+            param.grad = torch.zeros_like(param)
+        all_reduce_sum_(param.grad, ctx).div_(ctx.world_size)
 
 
 def all_reduce_min_(tensor: torch.Tensor, ctx: DistContext) -> torch.Tensor:

@@ -11,10 +11,15 @@ Each rank writes ``OUT_DIR/rank<R>.json`` with what it saw; a rank killed or hun
   batch with TrainingInterrupted (none left waiting in an all-reduce).
 - ``signal_in_save``: SIGTERM reaches rank 1 only, while epoch 1's checkpoint is saved; every rank must stop after
   epoch 1.
+- ``small_batches``: CONFIG.json is ``{"base": {...}, "runs": {NAME: {...}}}``; one training run per entry (the
+  base's values updated with the run's, in ``OUT_DIR/NAME``), one after another; each rank reports per run the
+  epochs' losses and a digest of its student's weights (the batches of a few images: shares left empty). A run's
+  ``_ambiguous_rank: R`` makes no region unambiguous on rank R (``--mode ugd``: its projectors get no gradient).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -24,14 +29,41 @@ from pathlib import Path
 import torch
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 
-from raml.distributed import init_distributed
+from raml.distributed import DistContext, init_distributed
 from raml.engine.config import TrainConfig
 from raml.engine.trainer import NonFiniteLossError, Trainer, TrainingInterrupted
+
+
+def _small_batches(settings: dict, out_dir: Path, dist: DistContext, device: torch.device) -> dict[str, object]:
+    import raml.engine.methods.ugd as ugd_module
+
+    runs: dict[str, object] = {}
+    ugd_loss = ugd_module.ugd_loss
+    for name, changes in settings["runs"].items():
+        changes = dict(changes)
+        if changes.pop("_ambiguous_rank", None) == dist.rank:  # UGD: no region of this rank's shares unambiguous
+            ugd_module.ugd_loss = lambda s, t, sr, tr, masks: ugd_loss(s, t, sr, tr, [m & False for m in masks])
+        config = TrainConfig(**{**settings["base"], "directory": str(out_dir / name), **changes})
+        trainer = Trainer(config, device, progress=False, dist=dist)
+        try:
+            trainer.run()
+        finally:
+            ugd_module.ugd_loss = ugd_loss  # the rank servers run the next scenario in this same process
+        weights = torch.cat([p.detach().flatten().double() for p in trainer.student.parameters()])
+        runs[name] = {
+            "losses": [epoch["loss"] for epoch in trainer.history],
+            "digest": hashlib.sha256(weights.numpy().tobytes()).hexdigest(),
+        }
+    return runs
 
 
 def main(scenario: str, config_path: str, out_dir: str) -> None:
     torch.set_num_threads(1)
     dist, device = init_distributed("cpu")
+    if scenario == "small_batches":
+        runs = _small_batches(json.loads(Path(config_path).read_text()), Path(out_dir), dist, device)
+        (Path(out_dir) / f"rank{dist.rank}.json").write_text(json.dumps({"rank": dist.rank, "runs": runs}))
+        return
     config = TrainConfig(**json.loads(Path(config_path).read_text()))
     trainer = Trainer(config, device, progress=False, dist=dist)
     report: dict[str, object] = {"rank": dist.rank}

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from raml.distributed import all_reduce_sum_
+from raml.distributed import average_gradients_
 from raml.engine.methods.base import BatchLoss
 from raml.engine.methods.labelled import GROUP_SIZE, LabelledMethod
 from raml.engine.mining import class_groups, proxy_classes
@@ -65,10 +65,9 @@ class ProxyTraining(LabelledMethod):
         return BatchLoss(loss, {"loss": loss.detach()}, images.shape[0])  # no host-device sync per batch
 
     def before_optimizer_step(self) -> None:
-        dist = self.run.dist
-        if dist.enabled and self.proxies.grad is not None:
-            # the proxies are outside DDP: sum their gradients over processes by hand (loss was scaled by W)
-            all_reduce_sum_(self.proxies.grad, dist).div_(dist.world_size)
+        # the proxies are outside DDP: sum their gradients over processes by hand (loss was scaled by W), every
+        # process taking part in the all-reduce whether or not its loss reached them
+        average_gradients_([self.proxies], self.run.dist)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"proxies": self.proxies.detach().cpu()}

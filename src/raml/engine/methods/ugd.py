@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raml.distributed import all_reduce_sum_
+from raml.distributed import average_gradients_
 from raml.engine.methods.base import BatchLoss
 from raml.engine.methods.coupled import CoupledViewMethod
 from raml.losses import ugd_loss
@@ -200,12 +200,9 @@ class UnambiguousGranularityDistillation(CoupledViewMethod):
             )  # fmt: skip
 
     def before_optimizer_step(self) -> None:
-        dist = self.run.dist
-        if dist.enabled:
-            # the projectors are outside DDP: average their gradients over processes by hand
-            for parameter in self.projectors.parameters():
-                if parameter.grad is not None:
-                    all_reduce_sum_(parameter.grad, dist).div_(dist.world_size)
+        # the projectors are outside DDP: average their gradients over processes by hand, every process taking
+        # part in every all-reduce (a share without an unambiguous region leaves the projectors without gradients)
+        average_gradients_(self.projectors.parameters(), self.run.dist)
 
     def checkpoint_state(self) -> dict[str, Any]:
         return {"ugd_projectors": {k: v.detach().cpu() for k, v in self.projectors.state_dict().items()}}
