@@ -199,3 +199,16 @@ def shard_bounds(count: int, ctx: DistContext) -> tuple[int, int]:
     """[start, stop) of this rank's contiguous share of ``count`` items (uneven shares allowed)."""
     per = -(-count // ctx.world_size)
     return min(count, ctx.rank * per), min(count, (ctx.rank + 1) * per)
+
+
+def no_rows(batch: T) -> T:
+    """``batch`` with every tensor cut to its first 0 rows (a loaded batch's structure, dtypes and trailing shapes
+    kept): a tensor, or lists, tuples and dicts of them, nested; any other value as it is. The batch of a process
+    whose share of a global batch is empty (:meth:`raml.engine.trainer.Trainer.load_shares`)."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:0] if batch.dim() else batch  # type: ignore[return-value]
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(no_rows(item) for item in batch)  # type: ignore[return-value]
+    if isinstance(batch, dict):
+        return {key: no_rows(value) for key, value in batch.items()}  # type: ignore[return-value]
+    return batch

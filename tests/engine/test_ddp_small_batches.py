@@ -1,6 +1,11 @@
-"""Two gloo processes training on small shares of a batch: every process must take part in every collective
-(DDP's gradient all-reduce, a method's hand all-reduces of its own parameters' gradients), whatever its share
-holds. The runs go through the ``small_batches`` scenario of the session's rank pair (tests/engine/conftest.py).
+"""Two gloo processes training on batches of fewer images than processes: an epoch of 9 images at
+``--batch-size 4`` (4, 4, 1) leaves rank 1 without an image of the last batch, and ``sym`` at ``--batch-size 4``
+(one group of 4 images a batch, split by groups) without any image of any batch.
+
+Such a process loads its share as a batch of no rows (``Trainer.load_shares``) and contributes a zero loss on
+its graph, so that it still takes part in every collective (DDP's gradient all-reduce, the gathered mixup
+partners of ``--mixup-partner batch``, UGD's and the proxies' hand all-reduces, the epoch's loss sums). Every
+view-based mode and both ``sym`` losses run in one scenario of the session's rank pair (tests/engine/conftest.py).
 """
 
 from __future__ import annotations
@@ -14,10 +19,22 @@ import pytest
 import torch
 
 from raml.data.synth import generate_synthetic_dataset
-from raml.models import build_network, save_checkpoint
+from raml.engine.config import TrainConfig
+from raml.engine.trainer import Trainer
+from raml.models import build_network, load_checkpoint_file, save_checkpoint
 
 HERE = Path(__file__).resolve().parent
 DR, QR = 32, 16
+
+#: each run's settings besides the base's: every view-based mode, --mixup-partner batch (a gather of the batch's
+#: views over the processes), --train-bn (BatchNorm in train mode on no rows) and the two sym losses
+RUNS: dict[str, dict[str, object]] = {
+    **{mode: {"mode": mode} for mode in ("ts_aug", "ts_reg", "aml", "rkd", "d3", "rop", "ugd")},
+    "csd-train-bn": {"mode": "csd", "freeze_bn": False},
+    "ts_aug-batch": {"mode": "ts_aug", "mixup_partner": "batch"},
+    "sym": {"mode": "sym", "loss": "normsoftmax", "image_size": DR},
+    "sym-triplet": {"mode": "sym", "loss": "triplet", "image_size": DR, "neg_num": 1, "pool_size": 8},
+}
 
 
 @pytest.fixture(scope="module")
@@ -62,3 +79,17 @@ def test_ugd_projectors_without_gradients_on_one_rank_are_averaged_on_both(setup
     must still take part in rank 0's all-reduces of their gradients (a zero gradient), not skip them."""
     runs = {"ugd-ambiguous": {"mode": "ugd", "query_size": 8, "_ambiguous_rank": 1}}
     _two_ranks(*setup, runs, tmp_path / "out", rank_pair)
+
+
+def test_batches_of_fewer_images_than_processes_train_on_every_rank(setup, tmp_path, rank_pair):
+    data_root, network = setup
+    out = tmp_path / "out"
+    _two_ranks(data_root, network, RUNS, out, rank_pair)
+    # the run equals one process's: ts_aug's last batch of one image (rank 1 empty) and sym's empty rank 1
+    for name in ("ts_aug-batch", "sym"):
+        config = TrainConfig(**{**_base(data_root, network), "directory": str(tmp_path / name), **RUNS[name]})
+        Trainer(config, torch.device("cpu"), progress=False).run()
+        one = load_checkpoint_file(tmp_path / name / "model_last.pth.tar")["state_dict"]
+        two = load_checkpoint_file(out / name / "model_last.pth.tar")["state_dict"]
+        for key in one:
+            torch.testing.assert_close(one[key], two[key], atol=1e-5, rtol=0, msg=f"{name}: {key}")

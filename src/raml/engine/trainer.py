@@ -26,7 +26,7 @@ import math
 import re
 import signal
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -40,7 +40,15 @@ from tqdm.auto import tqdm
 
 from raml.data.check import BadImage, apply_bad_image_policy, report_file_name, write_bad_image_report
 from raml.data.splits import Split, get_split
-from raml.distributed import SINGLE, DistContext, all_reduce_min_, all_reduce_sum_, broadcast_object, shard_bounds
+from raml.distributed import (
+    SINGLE,
+    DistContext,
+    all_reduce_min_,
+    all_reduce_sum_,
+    broadcast_object,
+    no_rows,
+    shard_bounds,
+)
 from raml.engine.config import MAX_CONFIG_BYTES, RUN_CONFIG_NAME, TrainConfig, part_name
 from raml.engine.device import AutocastForward, amp_active
 from raml.engine.guard import gradients_finite, nonfinite_parameters
@@ -926,14 +934,31 @@ class Trainer:
 
     # ------------------------------------------------------------------- helpers the methods build batches with
     def local_share(self, batch: list[Any]) -> list[Any]:
-        """This process's contiguous share of a global batch (all of it for a single process)."""
+        """This process's contiguous share of a global batch (all of it for a single process). It is empty on
+        the last processes when the batch holds fewer items than there are processes (an epoch's last batch of
+        one image over two processes): :meth:`load_shares` loads such a share as a batch of no rows."""
         start, stop = shard_bounds(len(batch), self.dist)
-        if start == stop:
-            raise ValueError(
-                f"A batch of {len(batch)} items leaves process {self.dist.rank} of {self.dist.world_size} with "
-                "nothing to do; use a batch size (and epoch size) of at least the number of processes."
-            )
         return batch[start:stop]
+
+    def load_shares(
+        self,
+        dataset: Dataset,
+        shares: list[list[Any]],
+        stand_ins: list[Any],
+        arguments: Callable[[list[list[Any]]], dict[str, Any]],
+    ) -> Iterator[Any]:
+        """This process's batches: ``shares`` (one list of items per global batch, from :meth:`local_share`)
+        loaded by ``self.loader(dataset, **arguments(shares))``.
+
+        An empty share (a global batch of fewer items than processes) is loaded as its batch's ``stand_ins``
+        item (an item of that global batch: the same structure and image size) and yielded with every tensor
+        cut to no rows, so that the process still runs the batch's forward, backward and collectives (DDP's
+        gradient all-reduce, a method's gathers) in step with the others and contributes a zero loss.
+        """
+        empty = {index for index, share in enumerate(shares) if not share}
+        loaded = [share or [stand_in] for share, stand_in in zip(shares, stand_ins, strict=True)]
+        for index, batch in enumerate(self.loader(dataset, **arguments(loaded))):
+            yield no_rows(batch) if index in empty else batch
 
     def global_batches(self, order: list[int]) -> list[list[int]]:
         size = self.config.batch_size

@@ -3,8 +3,8 @@
 A method is built once per run with the :class:`~raml.engine.trainer.Trainer` as its context: the trainer owns
 the networks (``student``, ``model`` (the student, wrapped by DDP when distributed), ``teacher``), the
 devices, the configuration, the training split and the helpers that shard batches over processes
-(``local_share``, ``global_batches``, ``item_seeds``, ``embed``, ``loader``). A method reads these, never
-re-creates them, and draws randomness only from the generator it is given (the epoch's, seeded with
+(``local_share``, ``load_shares``, ``global_batches``, ``item_seeds``, ``embed``, ``loader``). A method reads
+these, never re-creates them, and draws randomness only from the generator it is given (the epoch's, seeded with
 ``seed + epoch``) or from seeds derived from the epoch, so that a resumed or multi-process run equals an
 uninterrupted single-process one.
 """

@@ -61,10 +61,11 @@ class CoupledViewMethod(Method):
             # process renders the same size and a single-size run's draws are untouched
             drawn = draw_batch_sizes(c.student_sizes(), len(global_batches), c.seed, epoch)
             global_batches = [[(i, size) for i in batch] for batch, size in zip(global_batches, drawn, strict=True)]
-        batches = [run.local_share(batch) for batch in global_batches]
+        shares = [run.local_share(batch) for batch in global_batches]
         # each batch rendered straight into its collated tensors (CoupledViewDataset.batch): no per-item arrays
-        # and no stacking copy; the same tensors as batch_sampler=batches with the default collation
-        return iter(run.loader(dataset, **batch_loader_arguments(batches)))
+        # and no stacking copy; the same tensors as batch_sampler=batches with the default collation. A share
+        # left empty (a batch of fewer images than processes) comes as a batch of no rows (Trainer.load_shares)
+        return run.load_shares(dataset, shares, [batch[0] for batch in global_batches], batch_loader_arguments)
 
     def _views(self, batch: Any, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """The batch's float [0, 1] student ``(B, P, 3, QR, QR)`` views on the student's device and teacher
@@ -117,8 +118,9 @@ class CoupledViewMethod(Method):
         student_in = run.student_norm(student_views.flatten(0, 1))
         teacher_in = run.teacher_norm(teacher_views.flatten(0, 1))
         with torch.no_grad():
-            teacher = run.teacher(teacher_in).to(run.device).float().view(b, p, -1)
-        student = run.model(student_in).float().view(b, p, -1)
+            teacher = run.teacher(teacher_in).to(run.device).float().unflatten(0, (b, p))
+        # unflatten, not view(b, p, -1): a process's empty share of the batch (b = 0) has no size to infer
+        student = run.model(student_in).float().unflatten(0, (b, p))
         return student, teacher
 
 
@@ -163,7 +165,7 @@ class BatchRelationMethod(CoupledViewMethod):
     def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:
         student, teacher = self.view_embeddings(batch, generator)
         b, p = student.shape[:2]
-        if not self.relatable(b, b * p):
+        if b == 0 or not self.relatable(b, b * p):
             return self._no_relations(student, b, p)
         groups = torch.arange(b, device=student.device).repeat_interleave(p)
         terms = self.relation_terms(student.flatten(0, 1), teacher.flatten(0, 1), groups)
@@ -177,8 +179,10 @@ class BatchRelationMethod(CoupledViewMethod):
 
     def _no_relations(self, student: torch.Tensor, images: int, views: int) -> BatchLoss:
         """A zero loss for a batch without relations, still on the student's graph (its backward gives zero
-        gradients, so that every process of a distributed run takes part in the all-reduce)."""
-        if not self._warned_no_relations:
+        gradients, so that every process of a distributed run takes part in the all-reduce). Also the loss of a
+        process whose share of the batch is empty (``images == 0``, no warning: the processes that hold the
+        batch's images warn if it is too small for them)."""
+        if images and not self._warned_no_relations:
             self._warned_no_relations = True
             logger.warning(
                 "A batch of %d image(s) x %d view(s) is too small for the relations of %s; it contributes a zero "

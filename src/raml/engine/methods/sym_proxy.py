@@ -53,8 +53,10 @@ class ProxyTraining(LabelledMethod):
         dataset = self.augmented_images()
         items = list(zip([i for group in groups for i in group], run.item_seeds(epoch, len(groups) * GROUP_SIZE)))
         size = self.groups_per_batch() * GROUP_SIZE
-        batch_lists = [run.local_share(items[i : i + size]) for i in range(0, len(items), size)]
-        return iter(run.loader(dataset, batch_sampler=batch_lists))
+        global_batches = [items[i : i + size] for i in range(0, len(items), size)]
+        shares = [run.local_share(batch) for batch in global_batches]
+        stand_ins = [batch[0] for batch in global_batches]
+        return run.load_shares(dataset, shares, stand_ins, lambda loaded: {"batch_sampler": loaded})
 
     def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:  # noqa: ARG002
         run = self.run

@@ -81,6 +81,7 @@ class TripletTraining(LabelledMethod):
         per_batch = self.groups_per_batch()
         seeds = iter(run.item_seeds(epoch, len(anchors) * (1 + c.neg_num)))
         batch_lists: list[list[tuple[int, int]]] = []
+        stand_ins: list[tuple[int, int]] = []
         for batch in range(self.batches_per_epoch()):
             # every process draws the seeds of the whole batch, then keeps its share of the groups
             group_ids = list(range(batch * per_batch, (batch + 1) * per_batch))
@@ -93,13 +94,18 @@ class TripletTraining(LabelledMethod):
             batch_lists.append(
                 [anchor_items[r] for r in local_rows] + [item for r in local_rows for item in negative_items[r]]
             )
-        return iter(run.loader(dataset, batch_sampler=batch_lists))
+            stand_ins.append(anchor_items[0])
+        # a process without a group of the batch (fewer groups than processes) gets a batch of no rows
+        return run.load_shares(dataset, batch_lists, stand_ins, lambda loaded: {"batch_sampler": loaded})
 
     def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:  # noqa: ARG002
         c = self.run.config
         images, _ = batch
         n_anchor = images.shape[0] // (1 + c.neg_num)
         embeddings = self.run.model(images.to(self.run.device, non_blocking=True)).float()
+        if n_anchor == 0:  # this process's share of the batch is empty: a zero loss on the graph
+            loss = embeddings.sum() * 0.0
+            return BatchLoss(loss, {"loss": loss.detach()}, 0)
         anchor, negatives = embeddings[:n_anchor], embeddings[n_anchor:].view(n_anchor, c.neg_num, -1)
         positives = group_positives(anchor, GROUP_SIZE)
         loss = triplet_loss(anchor, positives, negatives, c.loss_margin)

@@ -44,8 +44,9 @@ class CachedRegression(Method):
             dataset = SizedImages(run.train_paths, mean, std)
             drawn = draw_batch_sizes(c.student_sizes(), len(global_batches), c.seed, epoch)
             global_batches = [[(i, size) for i in batch] for batch, size in zip(global_batches, drawn, strict=True)]
-        batches = [run.local_share(batch) for batch in global_batches]
-        return iter(run.loader(dataset, batch_sampler=batches))
+        shares = [run.local_share(batch) for batch in global_batches]
+        stand_ins = [batch[0] for batch in global_batches]
+        return run.load_shares(dataset, shares, stand_ins, lambda loaded: {"batch_sampler": loaded})
 
     def batch_loss(self, batch: Any, generator: torch.Generator) -> BatchLoss:  # noqa: ARG002
         assert self.teacher_cache is not None

@@ -168,7 +168,8 @@ class UnambiguousGranularityDistillation(CoupledViewMethod):
         skipped = student.new_zeros(())
         for grid, projector in zip(self.grids(student_views.shape[-1]), self.projectors, strict=True):
             if b * p * grid * grid < 2:
-                self._warn_single_region(b, p)
+                if b:  # not for a process whose share of the batch is empty
+                    self._warn_single_region(b, p)
                 skipped = skipped + sum(parameter.sum() for parameter in projector.parameters()) * 0.0
                 continue
             with torch.no_grad():
@@ -183,6 +184,10 @@ class UnambiguousGranularityDistillation(CoupledViewMethod):
             student_regions.append(s_regions.view(b * p, grid * grid, -1))
             teacher_regions.append(t_regions.to(run.device).view(b * p, grid * grid, -1))
             unambiguous.append(hits.to(run.device).view(b * p, grid * grid))
+        if b == 0:  # this process's share of the batch is empty: a zero loss on the graph (the projectors too)
+            zero = student.sum() * 0.0
+            loss = zero + skipped
+            return BatchLoss(loss, {"loss": loss.detach(), "global": zero.detach(), "local": zero.detach()}, 0)
         terms = ugd_loss(student, teacher.to(run.device), student_regions, teacher_regions, unambiguous)
         loss = (terms["total"] + skipped) * b
         logged = {"loss": loss.detach(), "global": terms["global"].detach() * b, "local": terms["local"].detach() * b}
