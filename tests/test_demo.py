@@ -391,9 +391,10 @@ def test_full_demo_gives_the_documents_numbers(full_demo):
 @pytest.mark.parametrize(
     ("flags", "message"),
     [
-        (["--images-per-class", "1"], "--images-per-class must be at least 2"),
-        (["--classes", "3"], "--classes must be even and at least 4"),
-        (["--classes", "2"], "--classes must be even and at least 4"),  # one training class: nothing to learn
+        (["--images-per-class", "1"], "--images-per-class must be from 2 to 10,000"),
+        (["--classes", "3"], "--classes must be even and from 4 to 100,000"),
+        (["--classes", "2"], "--classes must be even and from 4 to 100,000"),  # one training class: nothing to learn
+        (["--classes", "99999"], "--classes must be even"),
         (["--workers", "-1"], "--workers must be >= 0"),
         (["--seed", "-1"], "--seed must be >= 0"),
         (["--architecture", "resnet19"], "--architecture: Unknown architecture 'resnet19'"),
@@ -404,3 +405,32 @@ def test_bad_demo_settings_are_refused_before_any_data_is_generated(tmp_path, ca
     assert main(["demo", "--out", str(out), *flags]) == 2
     assert message in capsys.readouterr().err
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        # 99999999999 images per class grew the memory by gigabytes before the first image was written
+        (["--images-per-class", "10001"], "argument --images-per-class: expected an integer from 1 to 10000"),
+        (["--classes", "100002"], "argument --classes: expected an integer from 1 to 100000"),
+    ],
+)
+def test_demo_sizes_past_raml_data_synth_bounds_are_refused_when_parsed(tmp_path, capsys, flags, message):
+    out = tmp_path / "demo"
+    with pytest.raises(SystemExit) as stop:  # (an unknown architecture: a size let through stops before any work)
+        main(["demo", "--out", str(out), *flags, "--architecture", "resnet19"])
+    assert stop.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_demo_settings_refuse_sizes_past_raml_data_synth_bounds():
+    from raml.cli.data import MAX_SYNTH_CLASSES, MAX_SYNTH_IMAGES_PER_CLASS
+    from raml.demo import MAX_CLASSES, MAX_IMAGES_PER_CLASS
+
+    assert (MAX_CLASSES, MAX_IMAGES_PER_CLASS) == (MAX_SYNTH_CLASSES, MAX_SYNTH_IMAGES_PER_CLASS)
+    DemoSettings(num_classes=MAX_CLASSES, images_per_class=MAX_IMAGES_PER_CLASS).validate()
+    with pytest.raises(ValueError, match="--images-per-class must be from 2 to 10,000"):
+        DemoSettings(images_per_class=MAX_IMAGES_PER_CLASS + 1).validate()
+    with pytest.raises(ValueError, match="--classes must be even and from 4 to 100,000"):
+        DemoSettings(num_classes=MAX_CLASSES + 2).validate()

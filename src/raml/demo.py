@@ -58,6 +58,10 @@ GALLERY_K = 5
 #: which says that a run finished, is renamed into place last
 RESULT_FILES = ("gallery.png", "tradeoff.png", "settings.json", "results.md", "results.json")
 #: how an interrupted demo continues, in the trainer's stop message (raml demo has no --resume-student)
+#: the largest --classes and --images-per-class: raml data synth's (``raml.cli.data.MAX_SYNTH_CLASSES`` and
+#: ``MAX_SYNTH_IMAGES_PER_CLASS``), far above any use; past them the dataset's generation only exhausts the memory
+MAX_CLASSES = 100_000
+MAX_IMAGES_PER_CLASS = 10_000
 RESUME_HINT = "Run raml demo again to start over: it trains the teacher and the student from scratch."
 
 
@@ -96,15 +100,15 @@ class DemoSettings:
         ``raml demo`` flag)."""
         from raml.models.backbones import resolve_architecture
 
-        if self.num_classes < 4 or self.num_classes % 2:
+        if self.num_classes < 4 or self.num_classes % 2 or self.num_classes > MAX_CLASSES:
             raise ValueError(
-                f"--classes must be even and at least 4 (half train, half test; training needs at least 2 "
-                f"classes), got {self.num_classes}."
+                f"--classes must be even and from 4 to {MAX_CLASSES:,} (half train, half test; training needs at "
+                f"least 2 classes), got {self.num_classes}."
             )
-        if self.images_per_class < 2:
+        if not 2 <= self.images_per_class <= MAX_IMAGES_PER_CLASS:
             raise ValueError(
-                f"--images-per-class must be at least 2 (the teacher learns from pairs of one class), got "
-                f"{self.images_per_class}."
+                f"--images-per-class must be from 2 to {MAX_IMAGES_PER_CLASS:,} (the teacher learns from pairs of "
+                f"one class), got {self.images_per_class}."
             )
         if self.workers < 0:
             raise ValueError(f"--workers must be >= 0, got {self.workers}.")

@@ -143,3 +143,29 @@ def test_a_rerun_removes_the_temporary_files_a_stopped_generation_left(tiny: Pat
     for path in foreign:
         path.unlink()
     assert _tree_digest(out) == _tree_digest(tiny)
+
+
+def test_the_images_are_generated_one_at_a_time_not_listed_up_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A huge --images-per-class filled the memory with the list of every (class, image) pair before the first
+    image was drawn; the first image is now drawn before any such list exists."""
+    import tracemalloc
+
+    import raml.data.synth as synth
+
+    class FirstImage(Exception):
+        pass
+
+    def stop(*args: object, **kwargs: object) -> np.ndarray:
+        raise FirstImage
+
+    monkeypatch.setattr(synth, "render_image", stop)
+    tracemalloc.start()
+    try:
+        with pytest.raises(FirstImage):
+            generate_synthetic_dataset(tmp_path / "cub", num_classes=2, images_per_class=500_000, image_size=16)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 * 2**20, f"{peak / 2**20:.0f} MiB allocated before the first image (a list of every job?)"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 # Shared with the benchmarks, so defined below the CLI; re-exported here for the commands.
@@ -26,6 +27,25 @@ logger = logging.getLogger("raml")
 def default_workers() -> int:
     """The reference uses 8 loader workers; never more than the cores this machine has."""
     return min(8, os.cpu_count() or 1)
+
+
+def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[str], int]:
+    """argparse type: an integer from ``low`` to ``high``; argparse's message names the flag
+    (``argument --workers: expected an integer from 0 to 256, got 100000``). ``high_text``: how the message
+    spells ``high`` (``2**63 - 1``)."""
+    upper = high_text or str(high)
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {upper}, got {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {upper}, got {value}")
+        return number
+
+    parse.__name__ = f"integer from {low} to {upper}"
+    return parse
 
 
 WORKERS_HELP = "data loader workers (default: 8, the reference's, capped at this machine's CPU count: {})"

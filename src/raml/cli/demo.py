@@ -7,7 +7,8 @@ import logging
 from pathlib import Path
 
 from raml.cli.choices import DEMO_SETTINGS
-from raml.cli.common import check_output_files, device_from_args, positive_int, setup_logging
+from raml.cli.common import bounded_int, check_output_files, device_from_args, positive_int, setup_logging
+from raml.cli.data import MAX_SYNTH_CLASSES, MAX_SYNTH_IMAGES_PER_CLASS
 
 logger = logging.getLogger("raml")
 
@@ -26,9 +27,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--out", type=Path, default=d.out, help=f"output folder (default {d.out})")
     parser.add_argument(
-        "--classes", type=positive_int, default=d.num_classes, help="number of classes (even, at least 4)"
+        "--classes",
+        type=bounded_int(1, MAX_SYNTH_CLASSES),
+        default=d.num_classes,
+        help=f"number of classes (even, 4 to {MAX_SYNTH_CLASSES:,})",
     )
-    parser.add_argument("--images-per-class", type=positive_int, default=d.images_per_class, metavar="N")
+    parser.add_argument(
+        "--images-per-class",
+        type=bounded_int(1, MAX_SYNTH_IMAGES_PER_CLASS),
+        default=d.images_per_class,
+        metavar="N",
+        help=f"images per class (2 to {MAX_SYNTH_IMAGES_PER_CLASS:,})",
+    )
     parser.add_argument("--teacher-epochs", type=positive_int, default=d.teacher_epochs, metavar="N")
     parser.add_argument("--student-epochs", type=positive_int, default=d.student_epochs, metavar="N")
     parser.add_argument("--architecture", default=d.architecture, help="backbone of both networks")

@@ -23,7 +23,7 @@ from __future__ import annotations
 import colorsys
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -459,12 +459,14 @@ def _write_dataset(
     label_lines: list[str] = []
     split_lines: list[str] = []
     half = num_classes // 2
-    jobs = [(spec, k) for spec in specs for k in range(images_per_class)]
+    # one pair at a time: a list of every (class, image) pair filled the memory before the first image (huge sizes)
+    total = len(specs) * images_per_class
+    jobs: Iterable[tuple[SynthClass, int]] = ((spec, k) for spec in specs for k in range(images_per_class))
     iterator = jobs
     if progress:
         from tqdm import tqdm
 
-        iterator = tqdm(jobs, desc="synthetic images", unit="img")
+        iterator = tqdm(jobs, total=total, desc="synthetic images", unit="img")
     for image_id, (spec, k) in enumerate(iterator, start=1):
         rng = np.random.default_rng([seed, 2, spec.class_id, k])
         img = render_image(spec, image_size, rng)
@@ -482,7 +484,7 @@ def _write_dataset(
     atomic_write_text(out / "train_test_split.txt", "\n".join(split_lines) + "\n")
     logger.info(
         "wrote %d synthetic images (%d classes, %d families, %d px) to %s",
-        len(jobs),
+        total,
         num_classes,
         len({s.family for s in specs}),
         image_size,
