@@ -62,6 +62,8 @@ RESULT_FILES = ("gallery.png", "tradeoff.png", "settings.json", "results.md", "r
 #: ``MAX_SYNTH_IMAGES_PER_CLASS``), far above any use; past them the dataset's generation only exhausts the memory
 MAX_CLASSES = 100_000
 MAX_IMAGES_PER_CLASS = 10_000
+#: the largest --workers (``raml.cli.common.MAX_WORKERS``): loader processes, far above any use
+MAX_WORKERS = 256
 RESUME_HINT = "Run raml demo again to start over: it trains the teacher and the student from scratch."
 
 
@@ -110,8 +112,8 @@ class DemoSettings:
                 f"--images-per-class must be from 2 to {MAX_IMAGES_PER_CLASS:,} (the teacher learns from pairs of "
                 f"one class), got {self.images_per_class}."
             )
-        if self.workers < 0:
-            raise ValueError(f"--workers must be >= 0, got {self.workers}.")
+        if not 0 <= self.workers <= MAX_WORKERS:
+            raise ValueError(f"--workers must be from 0 to {MAX_WORKERS}, got {self.workers}.")
         if self.seed < 0:
             raise ValueError(f"--seed must be >= 0, got {self.seed}.")
         try:

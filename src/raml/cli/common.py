@@ -29,6 +29,11 @@ def default_workers() -> int:
     return min(8, os.cpu_count() or 1)
 
 
+#: the largest --workers: data loader worker processes, far above any use (the default is at most 8); past it a
+#: machine only runs out of memory starting them (99999999999 was OOM-killed, leaving orphaned workers)
+MAX_WORKERS = 256
+
+
 def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[str], int]:
     """argparse type: an integer from ``low`` to ``high``; argparse's message names the flag
     (``argument --workers: expected an integer from 0 to 256, got 100000``). ``high_text``: how the message
@@ -47,6 +52,9 @@ def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[
     parse.__name__ = f"integer from {low} to {upper}"
     return parse
 
+
+#: ``--workers``: data loader worker processes, 0 (the main process) to :data:`MAX_WORKERS`
+workers_int = bounded_int(0, MAX_WORKERS)
 
 WORKERS_HELP = "data loader workers (default: 8, the reference's, capped at this machine's CPU count: {})"
 
@@ -96,7 +104,13 @@ def add_runtime_args(parser: argparse.ArgumentParser, batch_size: int = 32) -> N
     group.add_argument(
         "--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', 'cuda:1', ..."
     )
-    group.add_argument("--workers", type=int, default=default_workers(), metavar="N", help="data loader workers")
+    group.add_argument(
+        "--workers",
+        type=workers_int,
+        default=default_workers(),
+        metavar="N",
+        help=f"data loader workers, 0 to {MAX_WORKERS} (default: 8 capped at this machine's CPU count)",
+    )
     group.add_argument("--batch-size", type=positive_int, default=batch_size, metavar="N", help="images per batch")
     group.add_argument("--no-progress", action="store_true", help="hide progress bars")
     group.add_argument("--verbose", action="store_true", help="debug logging")

@@ -7,7 +7,15 @@ import logging
 from pathlib import Path
 
 from raml.cli.choices import DEMO_SETTINGS
-from raml.cli.common import bounded_int, check_output_files, device_from_args, positive_int, setup_logging
+from raml.cli.common import (
+    MAX_WORKERS,
+    bounded_int,
+    check_output_files,
+    device_from_args,
+    positive_int,
+    setup_logging,
+    workers_int,
+)
 from raml.cli.data import MAX_SYNTH_CLASSES, MAX_SYNTH_IMAGES_PER_CLASS
 
 logger = logging.getLogger("raml")
@@ -44,7 +52,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--architecture", default=d.architecture, help="backbone of both networks")
     parser.add_argument("--seed", type=int, default=d.seed)
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
-    parser.add_argument("--workers", type=int, default=d.workers, metavar="N", help="data loader workers")
+    parser.add_argument(
+        "--workers", type=workers_int, default=d.workers, metavar="N", help=f"data loader workers (0 to {MAX_WORKERS})"
+    )
     parser.add_argument(
         "--threads",
         type=positive_int,
