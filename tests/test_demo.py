@@ -395,7 +395,6 @@ def test_full_demo_gives_the_documents_numbers(full_demo):
         (["--classes", "3"], "--classes must be even and from 4 to 100,000"),
         (["--classes", "2"], "--classes must be even and from 4 to 100,000"),  # one training class: nothing to learn
         (["--classes", "99999"], "--classes must be even"),
-        (["--seed", "-1"], "--seed must be >= 0"),
         (["--architecture", "resnet19"], "--architecture: Unknown architecture 'resnet19'"),
     ],
 )

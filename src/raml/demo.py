@@ -35,7 +35,7 @@ import torch
 from raml.data.splits import get_split
 from raml.data.synth import generate_synthetic_dataset
 from raml.deploy.gallery import GalleryRow, Hit, render_gallery, write_gallery
-from raml.engine.config import TrainConfig
+from raml.engine.config import MAX_SEED, TrainConfig
 from raml.engine.trainer import Trainer
 from raml.models import load_network
 from raml.models.cost import gflops_per_image, latency_ms_per_image
@@ -64,6 +64,8 @@ MAX_CLASSES = 100_000
 MAX_IMAGES_PER_CLASS = 10_000
 #: the largest --workers (``raml.cli.common.MAX_WORKERS``): loader processes, far above any use
 MAX_WORKERS = 256
+#: the largest --threads (``raml.cli.common.MAX_THREADS``): torch.set_num_threads overflows past 2**31 - 1
+MAX_THREADS = 4096
 RESUME_HINT = "Run raml demo again to start over: it trains the teacher and the student from scratch."
 
 
@@ -114,8 +116,10 @@ class DemoSettings:
             )
         if not 0 <= self.workers <= MAX_WORKERS:
             raise ValueError(f"--workers must be from 0 to {MAX_WORKERS}, got {self.workers}.")
-        if self.seed < 0:
-            raise ValueError(f"--seed must be >= 0, got {self.seed}.")
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ValueError(f"--seed must be from 0 to 2**63 - 1, got {self.seed}.")
+        if not 1 <= self.threads <= MAX_THREADS:
+            raise ValueError(f"--threads must be from 1 to {MAX_THREADS}, got {self.threads}.")
         try:
             resolve_architecture(self.architecture)
         except ValueError as error:
@@ -511,8 +515,8 @@ def reproducible(threads: int) -> Iterator[None]:
     Deterministic algorithms only warn where an operation has no deterministic implementation (some CUDA
     kernels; none that the demo uses on a CPU), so that a GPU run still finishes.
     """
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}.")
+    if not 1 <= threads <= MAX_THREADS:
+        raise ValueError(f"threads must be from 1 to {MAX_THREADS}, got {threads}.")
     previous = (
         torch.get_num_threads(),
         torch.are_deterministic_algorithms_enabled(),

@@ -46,3 +46,53 @@ def test_the_demo_settings_refuse_workers_past_the_bound():
     assert DEMO_MAX_WORKERS == MAX_WORKERS
     with pytest.raises(ValueError, match="--workers must be from 0 to 256, got 257"):
         DemoSettings(workers=257).validate()
+
+
+SERVE = ["serve", "--index", "idx", "--network-path", "n.pth"]
+
+
+@pytest.mark.parametrize("command", [SERVE, DEMO], ids=["serve", "demo"])
+@pytest.mark.parametrize("value", ["99999999999", "4097", "0"])
+def test_threads_past_the_bound_are_refused_naming_the_flag(command, value, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = _refusal([*command, "--threads", value], capsys)
+    assert f"argument --threads: expected an integer from 1 to 4096, got {value}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("value", ["99999999999999999999999", str(2**63), "-1"])
+def test_a_seed_past_the_bound_is_refused_naming_the_flag(value, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    line = _refusal([*DEMO, "--seed", value], capsys)
+    assert f"argument --seed: expected an integer from 0 to 2**63 - 1, got {value}" in line
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_threads_and_seeds_within_the_bounds_are_taken():
+    from raml.cli.main import build_parser
+
+    parser = build_parser()
+    for value in ("1", "4096"):
+        assert parser.parse_args([*SERVE, "--threads", value]).threads == int(value)
+        assert parser.parse_args([*DEMO, "--threads", value]).threads == int(value)
+    for value in ("0", str(2**63 - 1)):
+        assert parser.parse_args([*DEMO, "--seed", value]).seed == int(value)
+
+
+def test_the_library_refuses_threads_and_seeds_past_the_bounds():
+    from raml.cli.common import MAX_SEED, MAX_THREADS
+    from raml.demo import MAX_THREADS as DEMO_MAX_THREADS
+    from raml.demo import DemoSettings, reproducible
+    from raml.deploy.service.embedders import MAX_SERVING_THREADS, use_serving_threads
+    from raml.engine.config import MAX_SEED as ENGINE_MAX_SEED
+
+    assert MAX_THREADS == DEMO_MAX_THREADS == MAX_SERVING_THREADS and MAX_SEED == ENGINE_MAX_SEED
+    DemoSettings(seed=MAX_SEED, threads=MAX_THREADS).validate()
+    with pytest.raises(ValueError, match=r"--seed must be from 0 to 2\*\*63 - 1, got 9223372036854775808"):
+        DemoSettings(seed=MAX_SEED + 1).validate()
+    with pytest.raises(ValueError, match="--threads must be from 1 to 4096, got 99999999999"):
+        DemoSettings(threads=99999999999).validate()
+    with pytest.raises(ValueError, match="threads must be from 1 to 4096"), reproducible(99999999999):
+        pass
+    with pytest.raises(ValueError, match="--threads.* up to 4096, got 99999999999"):
+        use_serving_threads(99999999999)

@@ -32,6 +32,11 @@ def default_workers() -> int:
 #: the largest --workers: data loader worker processes, far above any use (the default is at most 8); past it a
 #: machine only runs out of memory starting them (99999999999 was OOM-killed, leaving orphaned workers)
 MAX_WORKERS = 256
+#: the largest --threads: torch's intra-op threads, far above any machine's cores (torch.set_num_threads
+#: overflows past 2**31 - 1 with a message that names no flag)
+MAX_THREADS = 4096
+#: the largest --seed: ``raml.engine.config.MAX_SEED`` (torch seeds ``seed + epoch``, at most 2**64 - 1)
+MAX_SEED = 2**63 - 1
 
 
 def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[str], int]:
@@ -55,6 +60,10 @@ def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[
 
 #: ``--workers``: data loader worker processes, 0 (the main process) to :data:`MAX_WORKERS`
 workers_int = bounded_int(0, MAX_WORKERS)
+#: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`
+threads_int = bounded_int(1, MAX_THREADS)
+#: ``--seed``: 0 to :data:`MAX_SEED`
+seed_int = bounded_int(0, MAX_SEED, "2**63 - 1")
 
 WORKERS_HELP = "data loader workers (default: 8, the reference's, capped at this machine's CPU count: {})"
 

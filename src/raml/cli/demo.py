@@ -8,12 +8,15 @@ from pathlib import Path
 
 from raml.cli.choices import DEMO_SETTINGS
 from raml.cli.common import (
+    MAX_THREADS,
     MAX_WORKERS,
     bounded_int,
     check_output_files,
     device_from_args,
     positive_int,
+    seed_int,
     setup_logging,
+    threads_int,
     workers_int,
 )
 from raml.cli.data import MAX_SYNTH_CLASSES, MAX_SYNTH_IMAGES_PER_CLASS
@@ -50,17 +53,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--teacher-epochs", type=positive_int, default=d.teacher_epochs, metavar="N")
     parser.add_argument("--student-epochs", type=positive_int, default=d.student_epochs, metavar="N")
     parser.add_argument("--architecture", default=d.architecture, help="backbone of both networks")
-    parser.add_argument("--seed", type=int, default=d.seed)
+    parser.add_argument("--seed", type=seed_int, default=d.seed, help=f"0 to 2**63 - 1 (default {d.seed})")
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")
     parser.add_argument(
         "--workers", type=workers_int, default=d.workers, metavar="N", help=f"data loader workers (0 to {MAX_WORKERS})"
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads_int,
         default=d.threads,
         metavar="N",
-        help=f"torch intra-op threads (default {d.threads}); the numbers are reproducible for the same count",
+        help=f"torch intra-op threads, 1 to {MAX_THREADS} (default {d.threads}); the numbers are reproducible for "
+        "the same count",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
     parser.add_argument("--verbose", action="store_true", help="debug logging")

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 
 from raml.cli.choices import INLINE_DECODE_PIXELS, SERVICE_LIMITS
-from raml.cli.common import device_from_args, positive_int, setup_logging
+from raml.cli.common import MAX_THREADS, device_from_args, positive_int, setup_logging, threads_int
 from raml.entry import non_negative_int
 
 logger = logging.getLogger("raml")
@@ -268,11 +268,11 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     runtime.add_argument("--device", default="auto", help="'auto' (CUDA if present, else CPU), 'cpu', 'cuda', ...")
     runtime.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads_int,
         default=None,
         metavar="N",
-        help="intra-op threads of the query network (default: half the cores, at least 1; the rest decode images and "
-        "run the HTTP server)",
+        help=f"intra-op threads of the query network, 1 to {MAX_THREADS} (default: half the cores, at least 1; the "
+        "rest decode images and run the HTTP server)",
     )
     runtime.add_argument(
         "--eager",

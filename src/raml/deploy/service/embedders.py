@@ -62,14 +62,21 @@ def serving_threads(cores: int) -> int:
     return max(1, cores // 2)
 
 
+#: the most intra-op threads :func:`use_serving_threads` sets (``raml.cli.common.MAX_THREADS``, ``--threads``'s
+#: bound): far above any machine's cores; torch.set_num_threads overflows past 2**31 - 1 naming no flag
+MAX_SERVING_THREADS = 4096
+
+
 def use_serving_threads(threads: int | None = None) -> int:
     """Set torch's intra-op threads (and faiss's OpenMP threads, when faiss is loaded) to ``threads``, by default
     :func:`serving_threads` of :func:`available_cores`; returns the number set. Process-wide: call it once, at the
     entry point of a server."""
     if threads is None:
         threads = serving_threads(available_cores())
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise ValueError(f"threads must be a positive integer, got {threads!r}.")
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 1 <= threads <= MAX_SERVING_THREADS:
+        raise ValueError(
+            f"threads (raml serve --threads) must be a positive integer up to {MAX_SERVING_THREADS}, got {threads!r}."
+        )
     torch.set_num_threads(threads)
     faiss = sys.modules.get("faiss")
     if faiss is not None and hasattr(faiss, "omp_set_num_threads"):
