@@ -201,6 +201,17 @@ def test_allowed_host_names_and_the_cli_flag(capsys):
     assert err.startswith("raml serve: error: --allowed-host 'b.org:80' is not a host name") and "\n" not in err
 
 
+@pytest.mark.parametrize("host", ["http://0.0.0.0", "127.0.0.1:8000", "*", "a/b"])
+def test_a_bad_host_to_bind_is_refused_naming_host_not_allowed_host(host, capsys):
+    with pytest.raises(ValueError, match=r"^--host .* is not an IP address or a host name to bind"):
+        HostRules(bind_host=host)
+    argv = ["serve", "--index", "idx", "--network-path", "net.pth", "--host", host]
+    assert cli_main.main(argv) == 2  # refused before anything is loaded
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"raml serve: error: --host {host!r} is not an IP address") and "\n" not in err
+    assert "--allowed-host" not in err
+
+
 def test_a_proxy_that_drops_the_port_from_host_is_named_in_the_403_and_the_docs_keep_it():
     """Behind nginx on port 8080 with ``proxy_set_header Host $host`` (no port) the service's own page (Origin
     http://search.example.org:8080) was refused with a 403 that named no cause; docs/deployment.md documented it."""

@@ -435,7 +435,7 @@ def run_serve(args: argparse.Namespace) -> int:
         http, loop = resolve_http(args.http), resolve_loop(args.loop)
     except ImportError as error:
         raise SystemExit(f"raml serve: error: {error}") from None
-    hosts = host_rules(args)  # a bad --allowed-host is refused before anything is loaded
+    hosts = host_rules(args)  # a bad --allowed-host or --host is refused before anything is loaded
     use_serving_threads(args.threads)
     service = build_service(args)
     if not _is_loopback(args.host):

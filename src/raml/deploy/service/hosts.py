@@ -22,6 +22,7 @@ __all__ = [
     "LOOPBACK_NAMES",
     "HostRules",
     "allowed_host_name",
+    "bind_host_name",
     "binds_every_interface",
     "parse_host_header",
 ]
@@ -70,6 +71,26 @@ def allowed_host_name(value: str) -> str:
     return name
 
 
+def bind_host_name(value: str) -> str:
+    """``--host`` (the address the server binds) normalised as by :func:`allowed_host_name`, for the names a
+    service answers.
+
+    Raises:
+        ValueError: not a host name or an IP address (e.g. one with a scheme or a port), or ``*``; the message
+            names ``--host``.
+    """
+    text = value.strip().lower()
+    if text.startswith("[") and text.endswith("]"):
+        text = text[1:-1]
+    name = _ip_or_name(text.rstrip(".")) if text and text != ANY_HOST else None
+    if name is None:
+        raise ValueError(
+            f"--host {value!r} is not an IP address or a host name to bind; give one without a scheme or port "
+            "(e.g. --host 127.0.0.1, or --host 0.0.0.0 for every interface; the port is --port)."
+        )
+    return name
+
+
 def parse_host_header(value: str) -> tuple[str, int | None] | None:
     """A ``Host`` header's (name, port): the name normalised as by :func:`allowed_host_name`; None if malformed."""
     text = value.strip().lower()
@@ -104,7 +125,8 @@ class HostRules:
         bind_host: The address the server is bound to; allowed too unless it is every interface (0.0.0.0, ::).
 
     Raises:
-        ValueError: an entry of ``extra`` that is not a host name (see :func:`allowed_host_name`).
+        ValueError: an entry of ``extra`` that is not a host name (see :func:`allowed_host_name`), or a
+            ``bind_host`` that is not one (see :func:`bind_host_name`).
     """
 
     def __init__(self, extra: Iterable[str] = (), bind_host: str | None = None) -> None:
@@ -113,7 +135,7 @@ class HostRules:
         names.discard(ANY_HOST)
         names.update(LOOPBACK_NAMES)
         if bind_host is not None and not binds_every_interface(bind_host):
-            names.add(allowed_host_name(bind_host))
+            names.add(bind_host_name(bind_host))
         self.names = frozenset(names)
 
     def describe(self) -> list[str]:
