@@ -3,10 +3,12 @@
 Contract: a database image's path in a ``/search`` answer is :meth:`DatabaseRoots.shown`, the path relative to
 the *database root* of the generation that answered (:func:`database_root`: the deepest folder holding every
 absolute path of that generation, e.g. ``001.Black_footed_Albatross/x.jpg`` for an index of
-``/data/CUB_200_2011/images``); a path stored relative (an index written before paths were made absolute) is
-shown as stored. A file the service was started with (the index directory, the networks) is shown by its name
-only (:func:`shown_name`). The image's id stays the stable way to name it (``GET /image/ID``); the root may
-change with a generation that adds or removes images elsewhere.
+``/data/CUB_200_2011/images``); where that folder is the file system's root (images appended from unrelated
+trees, e.g. ``/home/...`` and ``/mnt/...``), the image's folder and name alone (``001/x.jpg``). A path stored
+relative (an index written before paths were made absolute) is shown as stored. A file the service was started
+with (the index directory, the networks) is shown by its name only (:func:`shown_name`). The image's id stays
+the stable way to name it (``GET /image/ID``); the root may change with a generation that adds or removes images
+elsewhere.
 """
 
 from __future__ import annotations
@@ -65,4 +67,6 @@ class DatabaseRoots:
         if not os.path.isabs(path):
             return path
         root = self.root(index)
-        return os.path.relpath(path, root) if root is not None else os.path.basename(path)
+        if root is None or os.path.dirname(root) == root:  # images under unrelated trees: the common folder is
+            return os.path.join(*Path(path).parts[-2:])  # the file system's root; show the folder and the name
+        return os.path.relpath(path, root)
