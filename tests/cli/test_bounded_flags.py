@@ -3,6 +3,8 @@ otherwise started that many processes or threads, or overflowed deep inside torc
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from raml.cli.main import main
@@ -20,12 +22,16 @@ def _refusal(argv: list[str], capsys: pytest.CaptureFixture[str]) -> str:
     return capsys.readouterr().err.strip().splitlines()[-1]
 
 
-@pytest.mark.parametrize("command", [INDEX, SEARCH, DEMO], ids=["index", "search", "demo"])
+@pytest.mark.parametrize(
+    "command",
+    [INDEX, SEARCH, DEMO, ["train"], ["test"], ["extract"], ["reproduce"]],
+    ids=["index", "search", "demo", "train", "test", "extract", "reproduce"],
+)
 @pytest.mark.parametrize("value", ["100000", "257", "99999999999", "-1"])
 def test_workers_past_the_bound_are_refused_naming_the_flag(command, value, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     line = _refusal([*command, "--workers", value], capsys)
-    assert f"argument --workers: expected an integer from 0 to 256, got {value}" in line
+    assert re.search(rf"argument (-j/)?--workers(/-j)?: expected an integer from 0 to 256, got {value}$", line), line
     assert list(tmp_path.iterdir()) == []
 
 
@@ -96,3 +102,15 @@ def test_the_library_refuses_threads_and_seeds_past_the_bounds():
         pass
     with pytest.raises(ValueError, match="--threads.* up to 4096, got 99999999999"):
         use_serving_threads(99999999999)
+
+
+def test_train_refuses_a_seed_past_the_bound_when_parsed_and_workers_past_it_from_a_config_file(capsys):
+    from raml.cli.common import MAX_WORKERS
+    from raml.engine.config import MAX_WORKERS as ENGINE_MAX_WORKERS
+    from raml.engine.config import TrainConfig
+
+    line = _refusal(["train", "--seed", str(2**63)], capsys)
+    assert f"argument --seed: expected an integer from 0 to 2**63 - 1, got {2**63}" in line
+    assert ENGINE_MAX_WORKERS == MAX_WORKERS
+    with pytest.raises(ValueError, match="--workers must be at most 256 data loader processes, got 257"):
+        TrainConfig(student="resnet18", mode="sym", workers=257).validate()

@@ -9,7 +9,7 @@ import os
 from collections.abc import Sequence
 
 from raml.cli.choices import POOLING_NAMES as POOLINGS
-from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id, positive_int
+from raml.cli.common import WORKERS_HELP, default_workers, parse_gpu_id, positive_int, workers_int
 from raml.entry import DEFAULT_POOL, DEFAULT_WHITENING, non_negative_int
 from raml.retrieval.scales import parse_scales
 
@@ -92,7 +92,7 @@ def add_runtime_args(
     group.add_argument(
         "-j",
         "--workers",
-        type=non_negative_int,
+        type=workers_int,
         default=default_workers(),
         metavar="N",
         help=WORKERS_HELP.format(os.cpu_count() or 1),

@@ -7,8 +7,14 @@ import logging
 from pathlib import Path
 
 from raml.cli.choices import REPRODUCE_DATASETS
-from raml.cli.common import check_output_files, default_workers, device_from_args, positive_int, setup_logging
-from raml.cli.networks import non_negative_int
+from raml.cli.common import (
+    check_output_files,
+    default_workers,
+    device_from_args,
+    positive_int,
+    setup_logging,
+    workers_int,
+)
 
 logger = logging.getLogger("raml")
 
@@ -65,7 +71,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="images per test batch")
     parser.add_argument(
         "--workers",
-        type=non_negative_int,
+        type=workers_int,
         default=default_workers(),
         metavar="N",
         help="data loader workers (default: up to 8)",

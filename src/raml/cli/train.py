@@ -21,7 +21,9 @@ from raml.cli.common import (
     image_sizes_arg,
     optional_comma_list,
     parse_gpu_id,
+    seed_int,
     setup_logging,
+    workers_int,
     write_json,
 )
 from raml.engine.config import (
@@ -253,7 +255,7 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
     )
     opt.add_argument("--momentum", type=float, metavar="M", help=f"SGD momentum (default {d.momentum})")
     opt.add_argument("--weight-decay", "--wd", type=float, metavar="W", help=f"default {d.weight_decay}")
-    opt.add_argument("--seed", type=int, help=f"default {d.seed}")
+    opt.add_argument("--seed", type=seed_int, help=f"0 to 2**63 - 1 (default {d.seed})")
     opt.add_argument("--optimize", action="store_true", default=None, help="optuna search, then train on train+val")
     opt.add_argument("--trials", type=int, metavar="N", help=f"search trials (default {d.trials})")
     opt.add_argument(
@@ -270,7 +272,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="the reference's GPU string: '0' (default), or '0,1' to put the teacher on the second GPU; "
         "falls back to the CPU where no GPU exists",
     )
-    run_group.add_argument("--workers", "-j", type=int, metavar="N", help=WORKERS_HELP.format(default_workers()))
+    run_group.add_argument(
+        "--workers", "-j", type=workers_int, metavar="N", help=WORKERS_HELP.format(default_workers())
+    )
     run_group.add_argument("--amp", action="store_true", default=None, help="bf16 autocast on GPU")
     run_group.add_argument("--print-freq", type=int, metavar="N", help=f"default {d.print_freq}")
     run_group.add_argument("--comment", "-c", help="free text stored with the run's configuration")

@@ -48,6 +48,9 @@ RUN_CONFIG_NAME = "config.yaml"
 PER_INVOCATION = ("overwrite", "json", "resume_student")
 #: the largest --seed: seed_everything seeds torch with ``seed + epoch`` (at most 2**64 - 1)
 MAX_SEED = 2**63 - 1
+#: the most data loader worker processes (``raml.cli.common.MAX_WORKERS``, the parsers' bound): a --config file's
+#: value is checked here, a mistyped huge one would fork workers until the machine runs out of memory
+MAX_WORKERS = 256
 
 #: float settings and the range each must lie in, besides being finite: ``(low, high, low_open, high_open)``,
 #: None = unbounded on that side
@@ -278,6 +281,8 @@ class TrainConfig:
         for name in ("workers", "neg_num"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{_flag(name)} must be >= 0, got {getattr(self, name)}.")
+        if self.workers > MAX_WORKERS:
+            raise ValueError(f"--workers must be at most {MAX_WORKERS} data loader processes, got {self.workers}.")
         for name in ("pool_size", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{_flag(name)} must be at least 1, got {getattr(self, name)}.")
