@@ -601,3 +601,14 @@ def test_cli_refuses_non_finite_timings_naming_the_flag(flag, value, capsys):
     assert exited.value.code == 2
     assert f"argument {flag}: expected a finite" in capsys.readouterr().err
     assert serve_cli.non_negative_float("0") == 0.0 and serve_cli.positive_float("1e3") == 1000.0
+
+
+def test_a_max_pixels_below_a_square_query_at_the_query_size_is_refused_at_start(world):
+    """Every upload is resized at least to a square of side S + S/7 (37 x 37 at 32 px): a --max-pixels under that
+    would answer 413 to every query, so the service refuses to start, naming the flag and the least that works."""
+    embedder = student_embedder(world)
+    assert embedder.sizes == (QR,) == (32,)
+    side = 37  # 32 * 8 / 7 = 36.57, rounded
+    with pytest.raises(ValueError, match=rf"--max-pixels {side * side - 1} is below .* Give --max-pixels {side**2}"):
+        SearchService(embedder, world["index"], ServiceLimits(max_pixels=side * side - 1))
+    SearchService(embedder, world["index"], ServiceLimits(max_pixels=side * side)).stop()

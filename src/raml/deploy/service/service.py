@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from PIL import Image
 
-from raml.data.image_limits import DEFAULT_MAX_PIXELS
+from raml.data.image_limits import DEFAULT_MAX_PIXELS, resized_size
 from raml.deploy.search import check_query_dim, warn_if_other_teacher
 from raml.deploy.service.adaptive_size import AdaptiveQuerySize
 from raml.deploy.service.admission import Slots
@@ -156,6 +156,14 @@ class SearchService:
     ) -> None:
         self.embedder = embedder
         self.limits = limits or ServiceLimits()
+        refused = [size for size in embedder.sizes if resized_size(1, 1, size)[0] ** 2 > self.limits.max_pixels]
+        if refused:  # a square image, the smallest any upload is resized to, already over the limit: refuse them all
+            side = resized_size(1, 1, max(refused))[0]
+            raise ValueError(
+                f"--max-pixels {self.limits.max_pixels} is below what even a square query image is resized to at "
+                f"query size {max(refused)} ({side}x{side} = {side * side} pixels): every upload would be refused "
+                f"(413). Give --max-pixels {side * side} or more."
+            )
         self.adaptive: AdaptiveQuerySize | None = None
         if latency_target_ms is not None:
             sizes = tuple(sorted(embedder.sizes))
