@@ -15,7 +15,7 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +27,11 @@ logger = logging.getLogger("raml")
 __all__ = [
     "DEFAULT_POOL",
     "DEFAULT_WHITENING",
+    "MAX_SEED",
+    "MAX_THREADS",
+    "MAX_WORKERS",
     "add_network_args",
+    "bounded_int",
     "check_output_file",
     "check_output_files",
     "dataset_inputs",
@@ -36,7 +40,10 @@ __all__ = [
     "network_inputs",
     "non_negative_int",
     "positive_int",
+    "seed_int",
     "setup_logging",
+    "threads_int",
+    "workers_int",
     "write_json",
 ]
 
@@ -62,6 +69,43 @@ def positive_int(value: str) -> int:
     if number < 1:
         raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
     return number
+
+
+#: the largest --workers: data loader worker processes, far above any use (the default is at most 8); past it a
+#: machine only runs out of memory starting them (99999999999 was OOM-killed, leaving orphaned workers)
+MAX_WORKERS = 256
+#: the largest --threads: torch's intra-op threads, far above any machine's cores (torch.set_num_threads
+#: overflows past 2**31 - 1 with a message that names no flag)
+MAX_THREADS = 4096
+#: the largest --seed: ``raml.engine.config.MAX_SEED`` (torch seeds ``seed + epoch``, at most 2**64 - 1)
+MAX_SEED = 2**63 - 1
+
+
+def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[str], int]:
+    """argparse type: an integer from ``low`` to ``high``; argparse's message names the flag
+    (``argument --workers: expected an integer from 0 to 256, got 100000``). ``high_text``: how the message
+    spells ``high`` (``2**63 - 1``)."""
+    upper = high_text or str(high)
+
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {upper}, got {value!r}") from None
+        if not low <= number <= high:
+            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {upper}, got {value}")
+        return number
+
+    parse.__name__ = f"integer from {low} to {upper}"
+    return parse
+
+
+#: ``--workers``: data loader worker processes, 0 (the main process) to :data:`MAX_WORKERS`
+workers_int = bounded_int(0, MAX_WORKERS)
+#: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`
+threads_int = bounded_int(1, MAX_THREADS)
+#: ``--seed``: 0 to :data:`MAX_SEED`
+seed_int = bounded_int(0, MAX_SEED, "2**63 - 1")
 
 
 def non_negative_int(value: str) -> int:

@@ -114,3 +114,22 @@ def test_train_refuses_a_seed_past_the_bound_when_parsed_and_workers_past_it_fro
     assert ENGINE_MAX_WORKERS == MAX_WORKERS
     with pytest.raises(ValueError, match="--workers must be at most 256 data loader processes, got 257"):
         TrainConfig(student="resnet18", mode="sym", workers=257).validate()
+
+
+def test_every_benchmarks_threads_workers_and_seed_are_bounded_when_parsed(capsys):
+    """The benchmarks' --threads overflowed inside torch ('Overflow when unpacking long', no flag named) and
+    their --workers started as many processes as asked: each is refused when parsed, naming the flag."""
+    from raml.bench.parsers import PARSERS
+
+    huge = {"threads": "99999999999", "workers": "99999999999", "seed": str(2**63)}
+    checked = set()
+    for name, build in PARSERS.items():
+        parser = build()
+        for action in parser._actions:
+            if action.dest in huge and action.option_strings:
+                with pytest.raises(SystemExit) as stop:
+                    parser.parse_known_args([action.option_strings[-1], huge[action.dest]])
+                assert stop.value.code == 2
+                assert "expected an integer from" in capsys.readouterr().err, (name, action.dest)
+                checked.add((name, action.dest))
+    assert {("extract", "threads"), ("extract", "workers"), ("pipeline", "workers"), ("eval", "seed")} <= checked

@@ -12,7 +12,7 @@ import argparse
 from collections.abc import Callable
 from pathlib import Path
 
-from raml.entry import add_network_args, image_sizes_arg, positive_int
+from raml.entry import add_network_args, image_sizes_arg, positive_int, seed_int, threads_int, workers_int
 from raml.retrieval.scales import CPU_RUNTIMES
 
 #: ``raml.bench.eval.PHASES``
@@ -242,7 +242,7 @@ def eval_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=int, default=60502, help="embeddings (default: SOP test, 60502)")
     parser.add_argument("--dim", type=int, default=512, help="embedding dimension (default 512)")
     parser.add_argument("--num-classes", type=int, default=11316, help="classes of 2..12 images (default 11316)")
-    parser.add_argument("--seed", type=int, default=0, help="data seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="data seed (default 0)")
     parser.add_argument("--repeat", type=int, default=1, help="alternate the phases N times, keep the best (default 1)")
     parser.add_argument(
         "--device", default="cpu", help="cpu or cuda (default cpu; without CUDA it runs on the CPU and says so)"
@@ -268,8 +268,10 @@ def extract_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-images", type=positive_int, default=64, help="synthetic JPEGs (default 64)")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=[448, 224], help="sizes (default 448 224)")
     parser.add_argument("--batch-size", type=positive_int, default=16, help="images per forward pass (default 16)")
-    parser.add_argument("--workers", type=int, default=1, help="DataLoader worker processes, both sides (default 1)")
-    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument(
+        "--workers", type=workers_int, default=1, help="DataLoader worker processes, both sides (default 1)"
+    )
+    parser.add_argument("--threads", type=threads_int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--bf16", action="store_true", help="also time raml with bfloat16 autocast")
     parser.add_argument(
         "--cpu-runtime",
@@ -278,7 +280,7 @@ def extract_parser() -> argparse.ArgumentParser:
         help="the forward of the raml row (default auto, raml extract's default)",
     )
     parser.add_argument("--architecture", default="resnet50", help="backbone (default resnet50, the paper's)")
-    parser.add_argument("--seed", type=int, default=0, help="images and weights seed (default 0)")
+    parser.add_argument("--seed", type=seed_int, default=0, help="images and weights seed (default 0)")
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="also write the result as JSON")
     parser.add_argument("--verbose", action="store_true", help="debug logging")
     return parser
@@ -326,7 +328,7 @@ def methods_parser() -> argparse.ArgumentParser:
     parser.add_argument("--classes", type=positive_int, help="synthetic classes (the demo's 60; --quick: 20)")
     parser.add_argument("--images-per-class", type=positive_int, help="the demo's 16; --quick: 8")
     parser.add_argument("--architecture", help="teacher (and student) architecture (the demo's resnet18)")
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (the demo's 2)")
+    parser.add_argument("--threads", type=threads_int, help="torch intra-op threads (the demo's 2)")
     parser.add_argument("--pos-num", type=positive_int, help="views per image of the view-based methods (the demo's 4)")
     parser.add_argument(
         "--methods",
@@ -349,7 +351,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
     parser.add_argument("--teacher-image-size", type=int, default=448, help="DR, the teacher's resolution (448)")
     parser.add_argument("--pos-num", type=int, default=8, help="coupled views per image (8)")
     parser.add_argument("--batch-size", type=int, default=8, help="images per batch (8)")
-    parser.add_argument("--workers", type=int, default=0, help="DataLoader workers (0 = main process)")
+    parser.add_argument("--workers", type=workers_int, default=0, help="DataLoader workers (0 = main process)")
     parser.add_argument("--images", type=Path, default=None, help="folder of images (default: generated JPEGs)")
     parser.add_argument(
         "--num-synthetic",
@@ -369,7 +371,7 @@ def pipeline_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--backend", choices=RESIZE_BACKENDS, default=None, help="resize backend of our modes (each mode's default)"
     )
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=seed_int, default=0)
     parser.add_argument("--json", type=Path, default=None, help="also write the report to this file")
     return parser
 
@@ -401,7 +403,7 @@ def quantization_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=positive_int, default=10, help="results per timed search (default 10)")
     parser.add_argument("--repeats", type=positive_int, default=20, help="timed passes (median; default 20)")
     parser.add_argument(
-        "--threads", type=positive_int, default=1, help="CPU threads of torch and onnxruntime (default 1: steadier)"
+        "--threads", type=threads_int, default=1, help="CPU threads of torch and onnxruntime (default 1: steadier)"
     )
     parser.add_argument("--work-dir", type=Path, required=True, help="where exports and indexes are written")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
@@ -441,7 +443,7 @@ def query_parser() -> argparse.ArgumentParser:
     parser.add_argument("--k", type=positive_int, default=10, help="neighbours per query (10)")
     parser.add_argument("--device", default="auto", help="'auto' (CUDA if present), 'cpu', 'cuda:1', ...")
     parser.add_argument(
-        "--threads", type=positive_int, help="CPU threads for torch and faiss (default: their own defaults)"
+        "--threads", type=threads_int, help="CPU threads for torch and faiss (default: their own defaults)"
     )
     parser.add_argument("--data-root", default="data", help="folder holding networks/ for --network-path names")
     parser.add_argument("--json", type=Path, metavar="PATH", help="also write the result as JSON")
@@ -477,7 +479,7 @@ def resolutions_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=positive_int,
+        type=threads_int,
         help=f"torch intra-op threads for the whole run (default {DEMO_THREADS})",
     )
     parser.add_argument("--device", default="auto", help="auto (CUDA if present, else CPU), cpu, cuda, ...")

@@ -5,16 +5,22 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 # Shared with the benchmarks, so defined below the CLI; re-exported here for the commands.
 from raml.entry import (  # noqa: F401
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_WORKERS,
+    bounded_int,
     check_output_file,
     check_output_files,
     image_sizes_arg,
     positive_int,
+    seed_int,
     setup_logging,
+    threads_int,
+    workers_int,
     write_json,
 )
 
@@ -28,42 +34,6 @@ def default_workers() -> int:
     """The reference uses 8 loader workers; never more than the cores this machine has."""
     return min(8, os.cpu_count() or 1)
 
-
-#: the largest --workers: data loader worker processes, far above any use (the default is at most 8); past it a
-#: machine only runs out of memory starting them (99999999999 was OOM-killed, leaving orphaned workers)
-MAX_WORKERS = 256
-#: the largest --threads: torch's intra-op threads, far above any machine's cores (torch.set_num_threads
-#: overflows past 2**31 - 1 with a message that names no flag)
-MAX_THREADS = 4096
-#: the largest --seed: ``raml.engine.config.MAX_SEED`` (torch seeds ``seed + epoch``, at most 2**64 - 1)
-MAX_SEED = 2**63 - 1
-
-
-def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[str], int]:
-    """argparse type: an integer from ``low`` to ``high``; argparse's message names the flag
-    (``argument --workers: expected an integer from 0 to 256, got 100000``). ``high_text``: how the message
-    spells ``high`` (``2**63 - 1``)."""
-    upper = high_text or str(high)
-
-    def parse(value: str) -> int:
-        try:
-            number = int(value)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {upper}, got {value!r}") from None
-        if not low <= number <= high:
-            raise argparse.ArgumentTypeError(f"expected an integer from {low} to {upper}, got {value}")
-        return number
-
-    parse.__name__ = f"integer from {low} to {upper}"
-    return parse
-
-
-#: ``--workers``: data loader worker processes, 0 (the main process) to :data:`MAX_WORKERS`
-workers_int = bounded_int(0, MAX_WORKERS)
-#: ``--threads``: torch intra-op threads, 1 to :data:`MAX_THREADS`
-threads_int = bounded_int(1, MAX_THREADS)
-#: ``--seed``: 0 to :data:`MAX_SEED`
-seed_int = bounded_int(0, MAX_SEED, "2**63 - 1")
 
 WORKERS_HELP = "data loader workers (default: 8, the reference's, capped at this machine's CPU count: {})"
 
