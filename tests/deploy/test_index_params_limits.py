@@ -75,3 +75,16 @@ def test_the_index_help_states_the_bounds_the_params_check(capsys):
     shown = " ".join(capsys.readouterr().out.split())
     assert f"HNSW links per node, {HNSW_M_RANGE[0]}-{HNSW_M_RANGE[1]}" in shown
     assert f"at most {HNSW_EF_MAX:,}" in shown
+
+
+def test_the_index_commands_quiet_faiss_loader_before_importing_it(monkeypatch):
+    """faiss's loader logs each instruction set it tries at INFO: eight lines on stderr before a one-line refusal
+    of `raml index` (setup_logging shows INFO). The commands' dependency check quiets it before the import."""
+    import logging
+
+    from raml.cli.deploy import _require_deps
+
+    loader = logging.getLogger("faiss.loader")
+    monkeypatch.setattr(loader, "level", logging.NOTSET)
+    _require_deps("faiss")
+    assert loader.level == logging.WARNING

@@ -104,6 +104,8 @@ def _devices(args: argparse.Namespace) -> list[torch.device]:
 def _require_deps(*modules: str) -> None:
     import importlib
 
+    # faiss's loader logs each instruction set it tries at INFO (eight lines before any message of ours)
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
     for module in modules:
         try:
             importlib.import_module(module)
