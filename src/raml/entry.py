@@ -15,7 +15,8 @@ import logging
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -30,11 +31,13 @@ __all__ = [
     "MAX_SEED",
     "MAX_THREADS",
     "MAX_WORKERS",
+    "InputFiles",
     "add_network_args",
     "bounded_int",
     "check_output_file",
     "check_output_files",
     "dataset_inputs",
+    "image_file_keys",
     "image_sizes_arg",
     "network_from_args",
     "network_inputs",
@@ -180,22 +183,56 @@ def _file_key(path: str | Path) -> str:
     return os.path.normcase(os.path.join(os.path.realpath(os.path.dirname(absolute)), os.path.basename(absolute)))
 
 
-def _input_conflict(path: str | Path, source: str | Path) -> str | None:
-    """How the output ``path`` would overwrite the input ``source`` (a file or a folder the command reads), or
-    None: the same file (:func:`os.path.samefile` when both exist, else the same real path), or a file inside the
-    folder ``source``."""
+def _real_folder(path: str | Path) -> str:
+    """A folder's key: its normalised real path."""
+    return os.path.normcase(os.path.realpath(path))
+
+
+@dataclass(frozen=True)
+class InputFiles:
+    """Many files a command reads or owns, as one input of :func:`check_output_files`, matched by name without a
+    stat per file: ``keys``, the files' :func:`_file_key`-style keys (their folders' real paths and their names),
+    and/or ``owns(folder_key, name)``, whether the file ``name`` of the folder (its :func:`_real_folder` key) is
+    one of them (the files of an index or a training run, named by their patterns).
+
+    Attributes:
+        flag: The flag that names the source, for the message.
+        what: What the files are, e.g. ``"an image that --list 'a.txt' names"``.
+    """
+
+    flag: str
+    what: str
+    keys: frozenset[str] = frozenset()
+    owns: Callable[[str, str], bool] | None = None
+
+    def holds(self, path: str | Path) -> bool:
+        """Whether the output ``path`` is one of these files."""
+        key = _file_key(path)
+        if key in self.keys:
+            return True
+        return self.owns is not None and self.owns(os.path.dirname(key), os.path.basename(key))
+
+
+def image_file_keys(paths: Iterable[str | Path]) -> frozenset[str]:
+    """:func:`_file_key` of each image path for :class:`InputFiles` (one real-path look-up per folder, not per file)."""
+    folders: dict[str, str] = {}
+    keys = set()
+    for path in paths:
+        folder, name = os.path.split(os.path.abspath(path))
+        if folder not in folders:
+            folders[folder] = os.path.realpath(folder)
+        keys.add(os.path.normcase(os.path.join(folders[folder], name)))
+    return frozenset(keys)
+
+
+def _same_file(path: str | Path, source: str | Path) -> bool:
+    """Whether the output ``path`` is the input file ``source``: :func:`os.path.samefile` when both exist, else the
+    same real path (an output replaces its name)."""
     if os.path.lexists(path) and os.path.exists(source):
         with contextlib.suppress(OSError):  # vanished or unreadable: compared by name below
             if os.path.samefile(path, source):
-                return "is"
-    key = _file_key(path)
-    if key in (_file_key(source), os.path.normcase(os.path.realpath(source))):
-        return "is"
-    if os.path.isdir(source):
-        folder = os.path.normcase(os.path.realpath(source))
-        if os.path.commonpath([key, folder]) == folder:
-            return "inside"
-    return None
+                return True
+    return _file_key(path) in (_file_key(source), os.path.normcase(os.path.realpath(source)))
 
 
 def network_inputs(flag: str, name_or_path: str | Path | None, data_root: str | Path) -> list[tuple[str, Path]]:
@@ -210,75 +247,87 @@ def network_inputs(flag: str, name_or_path: str | Path | None, data_root: str | 
     name = str(name_or_path)
     name = name[: -len(".pth")] if name.endswith(".pth") else name
     cached = (flag, Path(data_root) / "networks" / f"{name}.pth")
-    return [cached] if given.is_dir() else [(flag, given), cached]  # a folder is no checkpoint: not guarded
+    return [cached] if given.is_dir() else [(flag, given), cached]  # a folder is no checkpoint
 
 
-def dataset_inputs(flag: str, name: str | None, data_root: str | Path) -> list[tuple[str, Path]]:
-    """The folders (and split file) a dataset split name reads, as inputs of :func:`check_output_files`, without
-    reading the dataset: ``<data_root>/<name>`` with and without its part suffix (``cub-test`` -> ``cub``), or for
-    ``FILE.json[:PART]`` the file and its folder (as given and under ``data_root``). The data root itself and a
-    folder holding the working directory are left out: a report next to the datasets, or in the folder the
-    command runs from, is fine. Empty for None."""
-    if name is None:
+#: the list files the registered datasets' loaders read in their folder (raml.data.splits: load_cub, load_synth,
+#: load_cars, load_sop), and an own dataset folder's split file
+_DATASET_LIST_FILES = ("images.txt", "cars_annos.mat", "Ebay_train.txt", "Ebay_test.txt", "split.json")
+
+
+def dataset_inputs(
+    flag: str, name: str | None, data_root: str | Path, val_ratio: float = 0.5
+) -> list[tuple[str, Path] | InputFiles]:
+    """The files a dataset split name reads, as inputs of :func:`check_output_files`: its list files (the
+    ``FILE.json`` of ``FILE.json[:PART]`` as :func:`raml.data.splits.get_split` finds it, or the existing index
+    files of ``<data_root>/<name>``, with and without its part suffix) and its images, resolved as ``get_split``
+    resolves them (for a train or val part, those of train and val together: which images are val depends on the
+    val ratio). No folder is guarded: a new report anywhere is fine unless it is one of these files. A split that
+    does not resolve gives its list files only (the command reports the problem itself). Empty for None."""
+    if not name:
         return []
-    from raml.data.splits import SPLIT_SUFFIXES  # here: a parser must not import the data package
+    from raml.data.splits import SPLIT_SUFFIXES, get_split  # here: a parser must not import the data package
 
-    data_root = Path(data_root).expanduser()
-    paths: list[Path] = []
-    spec, sep, _part = name.rpartition(":")
+    root = Path(data_root).expanduser()
+    inputs: list[tuple[str, Path] | InputFiles] = []
+    spec, sep, part = name.rpartition(":")
     json_file = name if name.endswith(".json") else spec if sep and spec.endswith(".json") else None
     if json_file is not None:
         given = Path(json_file).expanduser()
-        for candidate in [given] if given.is_absolute() else [given, data_root / given]:
-            paths += [candidate, candidate.parent]
+        inputs += [(flag, candidate) for candidate in ([given] if given.is_absolute() else [given, root / given])]
+        wider = f"{json_file}:trainval" if part in ("", "train", "val") or not sep else None
     else:
         base, dash, suffix = name.rpartition("-")
-        paths.append(data_root / name)
-        if dash and base and suffix in SPLIT_SUFFIXES:
-            paths.append(data_root / base)
-    cwd = os.path.realpath(os.getcwd())
-    spared = {os.path.normcase(os.path.realpath(data_root))}
-    kept = []
-    for path in paths:
-        real = os.path.normcase(os.path.realpath(path))
-        if real in spared or os.path.commonpath([real, os.path.normcase(cwd)]) == real:
+        folders = [root / name, *([root / base] if dash and base and suffix in SPLIT_SUFFIXES else [])]
+        lists = [folder / list_name for folder in folders for list_name in _DATASET_LIST_FILES]
+        inputs += [(flag, path) for path in lists if path.is_file()]
+        has_part = bool(dash and base and suffix in SPLIT_SUFFIXES)
+        wider = None if has_part and suffix not in ("train", "val") else f"{base if has_part else name}-trainval"
+    for candidate in [wider, name] if wider is not None else [name]:
+        try:
+            split = get_split(candidate, root, val_ratio, allow_absolute_paths=True)
+        except (OSError, ValueError, ImportError) as error:  # reported by the command itself
+            logger.debug("Output check: split %r not resolved (%s)", candidate, error)
             continue
-        kept.append((flag, path))
-    return kept
+        inputs.append(InputFiles(flag, f"an image of {flag} {name!r}", image_file_keys(split.abspaths())))
+        break
+    return inputs
 
 
 def check_output_files(
     targets: Sequence[tuple[str, str | Path, bool | None]],
-    inputs: Sequence[tuple[str, str | Path | None]] = (),
+    inputs: Sequence[tuple[str, str | Path | None] | InputFiles] = (),
 ) -> None:
     """:func:`check_output_file` for each ``(flag, path, overwrite)`` of a command; they must name different files
     (compared by their folders' real paths, so a linked folder is no second name, and their file names: an output
     is written by replacing the name, never through a link there).
 
-    ``inputs`` are the ``(flag, path)`` files and folders the command reads (checkpoints, models and their sidecars,
-    query images, list files, an index folder, dataset folders, a config file; None entries are skipped): no output
-    may be one of those files or lie inside one of those folders, even with ``--overwrite`` (which replaces a
-    previous output, never an input). Checked before an output's other checks, so the refusal of an existing
-    file does not suggest ``--overwrite`` for an input.
+    ``inputs`` are the files the command reads or owns: ``(flag, path)`` single files (checkpoints, models and
+    their sidecars, query images, list files, a config file; None entries are skipped) and :class:`InputFiles`
+    (the images of a dataset split or list, the files of an index or a training run). No output may be one of
+    those files, even with ``--overwrite`` (which replaces a previous output, never an input); any other file,
+    also a new one in a folder the command reads, is fine. Checked before an output's other checks, so the
+    refusal of an existing file does not suggest ``--overwrite`` for an input.
 
     Raises:
-        ValueError: an output is an input or inside an input folder; see also :func:`check_output_file`.
+        ValueError: an output is an input; see also :func:`check_output_file`.
     """
-    given = [(flag, Path(path)) for flag, path in inputs if path is not None]
     seen: dict[str, str] = {}
     for flag, path, overwrite in targets:
-        for source_flag, source in given:
-            conflict = _input_conflict(path, source)
-            if conflict == "is":
+        never = " (--overwrite replaces a previous output, never an input)" if overwrite else ""
+        for source in inputs:
+            if isinstance(source, InputFiles):
+                if source.holds(path):
+                    raise ValueError(
+                        f"{flag} {str(path)!r} is {source.what}, a file the command must not replace{never}; give "
+                        f"{flag} another path."
+                    )
+                continue
+            source_flag, source_path = source
+            if source_path is not None and _same_file(path, source_path):
                 raise ValueError(
-                    f"{flag} {str(path)!r} is {source_flag}'s {str(source)!r}, an input the command must not replace"
-                    f"{' (--overwrite replaces a previous output, never an input)' if overwrite else ''}; give "
-                    f"{flag} another path."
-                )
-            if conflict == "inside":
-                raise ValueError(
-                    f"{flag} {str(path)!r} lies inside {str(source)!r}, the folder {source_flag} reads; give "
-                    f"{flag} a path outside it."
+                    f"{flag} {str(path)!r} is {source_flag}'s {str(source_path)!r}, an input the command must not "
+                    f"replace{never}; give {flag} another path."
                 )
         check_output_file(path, flag, overwrite)
         key = _file_key(path)

@@ -5,6 +5,7 @@ with ``--overwrite`` (which replaces a previous output only). Refused before any
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,15 @@ def _inputs(root: Path) -> None:
     (root / "data" / "synth").mkdir(parents=True)
     (root / "data" / "synth" / "images.txt").write_text("1 001.A/x.jpg\n2 002.B/y.jpg\n")
     (root / "data" / "own").mkdir()
-    (root / "data" / "own" / "split.json").write_text('{"train": [], "test": []}\n')
+    (root / "data" / "own" / "split.json").write_text('{"train": [["tr/1.jpg"]], "test": [["te/1.jpg"]]}\n')
+    (root / "data" / "own" / "te").mkdir()
+    (root / "data" / "own" / "te" / "1.jpg").write_bytes(b"a test image")
+    (root / "listdir").mkdir()
+    (root / "listdir" / "list.txt").write_text("a.jpg\n")
+    (root / "listdir" / "a.jpg").write_bytes(b"a listed image")
+    (root / "run1").mkdir()
+    for name in ("model_best.pth.tar", "config.yaml"):
+        (root / "run1" / name).write_bytes(b"a run's file")
     (root / "idx").mkdir()
     (root / "idx" / "index.json").write_text('{"index_type": "flat"}\n')
     for name in ("teacher.pth", "student.pth", "q.jpg", "q.png"):
@@ -113,6 +122,71 @@ def test_check_data_report_replaces_an_earlier_report_next_to_the_datasets(cub_r
         assert report.read_text().startswith("{")
 
 
+@pytest.mark.parametrize(
+    ("folder", "argv", "victim", "words"),
+    [
+        (
+            "data/synth",
+            ["check-data", "--data-root", "..", "--datasets", "synth-test", "--json", "images.txt"],
+            "data/synth/images.txt",
+            ("--json", "--datasets"),
+        ),
+        (
+            "data/own",
+            ["check-data", "--datasets", "split.json:test", "--json", "te/1.jpg"],
+            "data/own/te/1.jpg",
+            ("--json", "--datasets", "an image of"),
+        ),
+    ],
+)
+def test_an_input_in_the_working_directory_is_refused(folder, argv, victim, words, tmp_path, monkeypatch, capsys):
+    """Run from inside the dataset folder: its list and its images are inputs as anywhere else (a folder holding
+    the working directory was left out of the inputs, and the list or an image was replaced)."""
+    _inputs(tmp_path)
+    monkeypatch.chdir(tmp_path / folder)
+    before = _digest(tmp_path / victim)
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("raml check-data: error: ") and all(word in err for word in words), err
+    assert _digest(tmp_path / victim) == before
+
+
+def test_a_new_report_beside_a_split_or_inside_a_dataset_is_fine(own_root: Path, tmp_path, monkeypatch, capsys):
+    """Only the files a command reads are guarded, never a folder: a report in a run folder beside a JSON split,
+    or inside a dataset's folder, is written, whatever the working directory (both were refused)."""
+    split = own_root / "mine" / "split.json"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for report in (own_root / "mine" / "runs" / "a" / "check.json", own_root / "mine" / "check.json"):
+        argv = ["check-data", "--datasets", f"{split}:test", "--workers", "1", "--no-progress", "--json", str(report)]
+        assert main(argv) == 0, capsys.readouterr().err
+        assert json.loads(report.read_text())
+    argv = ["check-data", "--data-root", str(own_root), "--datasets", "mine-test", "--workers", "1", "--no-progress"]
+    assert main([*argv, "--json", str(own_root / "mine" / "new.json")]) == 0, capsys.readouterr().err
+
+
+def test_index_report_in_the_index_folder_on_every_run(random_network, image_factory, tmp_path: Path, capsys):
+    """A report in the --output folder is no file of the index: written on the first run and on the next one,
+    which appends (that one was refused, the index folder being an input)."""
+    pytest.importorskip("faiss")
+    network = random_network("resnet18", 16, 0)
+    (tmp_path / "imgs").mkdir()
+    for k in range(2):
+        image_factory(tmp_path / "imgs" / f"{k}.jpg", color=(40 * k, 90, 200))
+    index = tmp_path / "idx"
+    report = index / "report.json"
+    argv = ["index", "--network-path", str(network), "--image-size", "32", "--images", str(tmp_path / "imgs")]
+    argv += ["--output", str(index), "--device", "cpu", "--workers", "1", "--no-progress", "--json", str(report)]
+    for _ in range(2):
+        assert main(argv) == 0, capsys.readouterr().err
+        assert json.loads(report.read_text())
+        report.unlink()
+    refused = [*argv[:-1], str(index / "index.json")]  # the index's own files stay guarded
+    assert main(refused) == 2
+    assert "is a file of the index --output" in capsys.readouterr().err
+
+
 def test_inputs_of_the_helper(tmp_path: Path, monkeypatch):
     from raml.entry import check_output_files, dataset_inputs, network_inputs
 
@@ -122,13 +196,35 @@ def test_inputs_of_the_helper(tmp_path: Path, monkeypatch):
     inputs = [*network_inputs("--network-path", "linked.pth", "data"), *dataset_inputs("--dataset", "own", "data")]
     with pytest.raises(ValueError, match="--json 'teacher.pth' is --network-path's 'linked.pth'"):
         check_output_files([("--json", "teacher.pth", None)], inputs)  # the same file under another name
-    with pytest.raises(ValueError, match="lies inside 'data/own', the folder --dataset reads"):
-        check_output_files([("--json", "data/own/new/report.json", None)], inputs)
     # a cached network name is its file under <data_root>/networks
     assert ("--teacher-path", Path("data/networks/best.pth")) in network_inputs("--teacher-path", "best", "data")
-    # the data root, and a JSON split's folder that holds the working directory, are no dataset folders
-    assert dataset_inputs("--datasets", "split.json:test", "data") == [
-        ("--datasets", Path("split.json")),
-        ("--datasets", Path("data/split.json")),
+    # a JSON split: the file (as given and under the data root) and its images, train and val together
+    test_inputs = dataset_inputs("--datasets", "data/own/split.json:test", "data")
+    assert test_inputs[:2] == [
+        ("--datasets", Path("data/own/split.json")),
+        ("--datasets", Path("data/data/own/split.json")),
     ]
-    check_output_files([("--json", "data/report.json", None), ("--gallery", "report.png", None)], inputs)
+    with pytest.raises(ValueError, match="--json 'data/own/te/1.jpg' is an image of --datasets"):
+        check_output_files([("--json", "data/own/te/1.jpg", None)], test_inputs)
+    with pytest.raises(ValueError, match="--json 'data/own/tr/1.jpg' is an image of --dataset 'own'"):
+        check_output_files([("--json", "data/own/tr/1.jpg", None)], inputs)  # not there yet: still the image
+    # new files in a dataset folder, beside a split file, in the data root, elsewhere: fine
+    outputs = ["data/own/new/report.json", "data/own/report.json", "data/report.json", "report.png"]
+    check_output_files([(f"--out{k}", path, None) for k, path in enumerate(outputs)], [*inputs, *test_inputs])
+
+
+def test_images_folder_guards_its_images_only(tmp_path: Path, monkeypatch):
+    """--images DIR: the images it takes (by collect_images' rule, without listing the folder), not the folder."""
+    from raml.cli.deploy import _folder_images
+    from raml.entry import check_output_files
+
+    monkeypatch.chdir(tmp_path)
+    for path in ("imgs/a.JPG", "imgs/sub/b.png", "imgs/.hidden/c.jpg", "imgs/notes.txt"):
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_bytes(b"x")
+    inputs = [_folder_images(Path("imgs"))]
+    for image in ("imgs/a.JPG", "imgs/sub/b.png"):
+        with pytest.raises(ValueError, match=f"--gallery '{image}' is an image of --images 'imgs'"):
+            check_output_files([("--gallery", image, None)], inputs)
+    outputs = ["imgs/.hidden/c.jpg", "imgs/notes.txt", "imgs/new.png", "imgs/report.json"]
+    check_output_files([(f"--out{k}", path, None) for k, path in enumerate(outputs)], inputs)

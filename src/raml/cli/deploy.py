@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,7 +36,7 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.entry import dataset_inputs, network_inputs
+from raml.entry import InputFiles, dataset_inputs, network_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -82,10 +83,45 @@ def _source_paths(args: argparse.Namespace) -> tuple[list[str], list[int] | None
     return [], None, None
 
 
-def _source_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None]]:
-    """The files and folders --images / --list / --dataset read, for :func:`check_output_files`."""
+def _folder_images(folder: Path) -> InputFiles:
+    """The images :func:`raml.deploy.image_files.collect_images` takes from ``--images DIR``, matched by its rule
+    (an existing file under the folder with an image extension, no hidden file or folder on the way) rather than by
+    listing the folder; any other file there is fine."""
+    from raml.data.splits import IMAGE_EXTENSIONS
+
+    top = os.path.normcase(os.path.realpath(folder))
+
+    def owns(parent: str, name: str) -> bool:
+        if os.path.commonpath([parent, top]) != top:
+            return False
+        relative = Path(os.path.relpath(os.path.join(parent, name), top))
+        return (
+            not any(part.startswith(".") for part in relative.parts)
+            and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+            and os.path.isfile(os.path.join(parent, name))
+        )
+
+    return InputFiles("--images", f"an image of --images {str(folder)!r}", owns=owns)
+
+
+def _index_files(flag: str, index_dir: Path) -> InputFiles:
+    """The files of the index in ``index_dir`` (its index.json, lock, generation and temporary files, by the store's
+    names), for :func:`check_output_files`: a report never replaces one of them; any other file there is fine."""
+    from raml.deploy.store import METADATA_NAME, is_index_leftover
+
+    folder = os.path.normcase(os.path.realpath(index_dir))
+
+    def owns(parent: str, name: str) -> bool:
+        return parent == folder and (name == METADATA_NAME or is_index_leftover(name))
+
+    return InputFiles(flag, f"a file of the index {flag} {str(index_dir)!r}", owns=owns)
+
+
+def _source_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None] | InputFiles]:
+    """The files --images / --list / --dataset read (the list files and the images), for
+    :func:`check_output_files`."""
     return [
-        ("--images", args.images),
+        *([_folder_images(args.images)] if args.images is not None else []),
         ("--list", args.list),
         *dataset_inputs("--dataset", args.dataset, args.data_root),
     ]
@@ -227,7 +263,7 @@ def run_index(args: argparse.Namespace) -> int:
             *network_inputs("--network-path", args.network_path, args.data_root),
             *_source_inputs(args),
             ("--remove-list", args.remove_list),
-            ("--output", args.output),
+            _index_files("--output", args.output),
         ]
         check_output_files([("--json", args.json, None)], inputs)
     _require_deps("faiss")
@@ -366,7 +402,7 @@ def run_search(args: argparse.Namespace) -> int:
         *network_inputs("--network-path", args.network_path, args.data_root),
         ("--onnx", args.onnx),
         ("--onnx's sidecar", None if args.onnx is None else sidecar_path(args.onnx)),
-        ("--index", args.index),
+        _index_files("--index", args.index),
         *(("QUERY_IMAGE", query) for query in args.queries),
     ]
     check_output_files(
