@@ -78,6 +78,16 @@ CASES = {
         "data/synth/images.txt",
         ("--json", "--training-dataset"),
     ),
+    "index json = an image the --list names": (
+        ["index", *NET, "--list", "listdir/list.txt", "--output", "new-idx", "--json", "listdir/a.jpg"],
+        "listdir/a.jpg",
+        ("--json", "--list"),
+    ),
+    "export json = an image the --list names": (
+        ["export", *NET[:4], "--list", "listdir/list.txt", "--output", "t.onnx", "--json", "listdir/a.jpg"],
+        "listdir/a.jpg",
+        ("--json", "--list"),
+    ),
     "extract sidecar = the split file, --overwrite": (
         [*EXTRACT, "--output", "data/own/split.npy", "--overwrite"],
         "data/own/split.json",

@@ -36,7 +36,7 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.entry import InputFiles, dataset_inputs, network_inputs
+from raml.entry import InputFiles, dataset_inputs, image_file_keys, network_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +83,21 @@ def _source_paths(args: argparse.Namespace) -> tuple[list[str], list[int] | None
     return [], None, None
 
 
+def _list_inputs(flag: str, list_file: Path | None) -> list[tuple[str, Path] | InputFiles]:
+    """A list file and the images it names (as :func:`raml.deploy.image_files.read_image_list` reads them), for
+    :func:`check_output_files`; a list that cannot be read gives the file alone (the command reports it)."""
+    from raml.deploy.image_files import read_image_list
+
+    if list_file is None:
+        return []
+    inputs: list[tuple[str, Path] | InputFiles] = [(flag, list_file)]
+    try:
+        images = read_image_list(list_file, flag)
+    except (OSError, ValueError):
+        return inputs
+    return [*inputs, InputFiles(flag, f"an image that {flag} {str(list_file)!r} names", image_file_keys(images))]
+
+
 def _folder_images(folder: Path) -> InputFiles:
     """The images :func:`raml.deploy.image_files.collect_images` takes from ``--images DIR``, matched by its rule
     (an existing file under the folder with an image extension, no hidden file or folder on the way) rather than by
@@ -117,12 +132,12 @@ def _index_files(flag: str, index_dir: Path) -> InputFiles:
     return InputFiles(flag, f"a file of the index {flag} {str(index_dir)!r}", owns=owns)
 
 
-def _source_inputs(args: argparse.Namespace) -> list[tuple[str, Path | None] | InputFiles]:
+def _source_inputs(args: argparse.Namespace) -> list[tuple[str, Path] | InputFiles]:
     """The files --images / --list / --dataset read (the list files and the images), for
     :func:`check_output_files`."""
     return [
         *([_folder_images(args.images)] if args.images is not None else []),
-        ("--list", args.list),
+        *_list_inputs("--list", args.list),
         *dataset_inputs("--dataset", args.dataset, args.data_root),
     ]
 
@@ -262,7 +277,7 @@ def run_index(args: argparse.Namespace) -> int:
         inputs = [
             *network_inputs("--network-path", args.network_path, args.data_root),
             *_source_inputs(args),
-            ("--remove-list", args.remove_list),
+            *_list_inputs("--remove-list", args.remove_list),
             _index_files("--output", args.output),
         ]
         check_output_files([("--json", args.json, None)], inputs)
