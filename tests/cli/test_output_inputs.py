@@ -78,6 +78,16 @@ CASES = {
         "data/synth/images.txt",
         ("--json", "--training-dataset"),
     ),
+    "train json = the run's best checkpoint": (
+        [*TRAIN, "--directory", "run1", "--json", "run1/model_best.pth.tar"],
+        "run1/model_best.pth.tar",
+        ("--json", "--directory"),
+    ),
+    "train json = the run's config.yaml": (
+        [*TRAIN, "--directory", "run1", "--json", "run1/config.yaml"],
+        "run1/config.yaml",
+        ("--json", "--directory"),
+    ),
     "index json = an image the --list names": (
         ["index", *NET, "--list", "listdir/list.txt", "--output", "new-idx", "--json", "listdir/a.jpg"],
         "listdir/a.jpg",

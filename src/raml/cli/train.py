@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -39,7 +40,7 @@ from raml.engine.config import (
     load_yaml_config,
 )
 from raml.engine.methods import METHODS, method_help
-from raml.entry import dataset_inputs, network_inputs
+from raml.entry import InputFiles, dataset_inputs, network_inputs
 
 logger = logging.getLogger("raml")
 
@@ -412,6 +413,33 @@ def refuse_config_file_as_record(config_file: Path | None, config: TrainConfig) 
     )
 
 
+def _run_files(directory: Path) -> InputFiles:
+    """The files a run owns in its ``--directory`` (by the trainer's names: config.yaml, its checkpoints, its lock,
+    the skipped-image reports, their temporary files, the TensorBoard event files), as an input of
+    :func:`check_output_files`: a report never replaces one of them; any other file in the folder is fine."""
+    from raml.engine.trainer import (
+        _RUN_CHECKPOINT,
+        _RUN_REPORT,
+        _RUN_TEMPORARY,
+        _TENSORBOARD_EVENTS,
+        _TENSORBOARD_FOLDER,
+    )
+    from raml.locking import LOCK_NAME
+
+    run_folder = os.path.normcase(os.path.realpath(directory))
+    events_folder = os.path.normcase(os.path.realpath(directory / _TENSORBOARD_FOLDER))
+
+    def owns(folder: str, name: str) -> bool:
+        if folder == events_folder:
+            return bool(_TENSORBOARD_EVENTS.fullmatch(name))
+        return folder == run_folder and (
+            name in (RUN_CONFIG_NAME, LOCK_NAME)
+            or any(pattern.fullmatch(name) for pattern in (_RUN_CHECKPOINT, _RUN_REPORT, _RUN_TEMPORARY))
+        )
+
+    return InputFiles("--directory", f"a file of the training run in --directory {str(directory)!r}", owns=owns)
+
+
 def run(args: argparse.Namespace) -> int:
     from raml.distributed import init_distributed
     from raml.engine.device import prepare_cuda_device
@@ -436,7 +464,8 @@ def run(args: argparse.Namespace) -> int:
             ("--config", args.config),
             *network_inputs("--student-path", config.student_path, config.data_root),
             *network_inputs("--teacher-path", config.teacher_path, config.data_root),
-            *dataset_inputs("--training-dataset", config.training_dataset, config.data_root),
+            *dataset_inputs("--training-dataset", config.training_dataset, config.data_root, config.val_ratio),
+            _run_files(Path(config.directory)),
         ]
         if config.resume_student not in (None, "last"):
             from raml.engine.resume import resume_candidates
