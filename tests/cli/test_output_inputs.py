@@ -88,6 +88,11 @@ CASES = {
         "run1/config.yaml",
         ("--json", "--directory"),
     ),
+    "train json = a --test-datasets split file": (
+        [*TRAIN, "-td", "data/own/split.json:test", "--directory", "run", "--json", "data/own/split.json"],
+        "data/own/split.json",
+        ("--json", "--test-datasets"),
+    ),
     "index json = an image the --list names": (
         ["index", *NET, "--list", "listdir/list.txt", "--output", "new-idx", "--json", "listdir/a.jpg"],
         "listdir/a.jpg",

@@ -465,6 +465,11 @@ def run(args: argparse.Namespace) -> int:
             *network_inputs("--student-path", config.student_path, config.data_root),
             *network_inputs("--teacher-path", config.teacher_path, config.data_root),
             *dataset_inputs("--training-dataset", config.training_dataset, config.data_root, config.val_ratio),
+            *(
+                source
+                for name in config.test_datasets
+                for source in dataset_inputs("--test-datasets", name, config.data_root, config.val_ratio)
+            ),
             _run_files(Path(config.directory)),
         ]
         if config.resume_student not in (None, "last"):
