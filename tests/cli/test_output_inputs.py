@@ -72,6 +72,11 @@ CASES = {
         "student.pth",
         ("--torchscript", "--network-path", "never an input"),
     ),
+    "test json = the --index's index.json": (
+        [*TEST, "--index", "idx", "--json", "idx/index.json"],
+        "idx/index.json",
+        ("--json", "--index"),
+    ),
     "test json = the student": ([*TEST, "--json", "student.pth"], "student.pth", ("--json", "--student-path")),
     "train json = a dataset's list": (
         [*TRAIN, "--directory", "run", "--json", "data/synth/images.txt"],

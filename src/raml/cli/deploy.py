@@ -119,7 +119,7 @@ def _folder_images(folder: Path) -> InputFiles:
     return InputFiles("--images", f"an image of --images {str(folder)!r}", owns=owns)
 
 
-def _index_files(flag: str, index_dir: Path) -> InputFiles:
+def index_files(flag: str, index_dir: Path) -> InputFiles:
     """The files of the index in ``index_dir`` (its index.json, lock, generation and temporary files, by the store's
     names), for :func:`check_output_files`: a report never replaces one of them; any other file there is fine."""
     from raml.deploy.store import METADATA_NAME, is_index_leftover
@@ -278,7 +278,7 @@ def run_index(args: argparse.Namespace) -> int:
             *network_inputs("--network-path", args.network_path, args.data_root),
             *_source_inputs(args),
             *_list_inputs("--remove-list", args.remove_list),
-            _index_files("--output", args.output),
+            index_files("--output", args.output),
         ]
         check_output_files([("--json", args.json, None)], inputs)
     _require_deps("faiss")
@@ -417,7 +417,7 @@ def run_search(args: argparse.Namespace) -> int:
         *network_inputs("--network-path", args.network_path, args.data_root),
         ("--onnx", args.onnx),
         ("--onnx's sidecar", None if args.onnx is None else sidecar_path(args.onnx)),
-        _index_files("--index", args.index),
+        index_files("--index", args.index),
         *(("QUERY_IMAGE", query) for query in args.queries),
     ]
     check_output_files(

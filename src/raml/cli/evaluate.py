@@ -171,6 +171,7 @@ def run(args: argparse.Namespace) -> int:
     # None: the student's first trained size, known once it is loaded (below)
     sizes = None if args.image_size is None else _given_sizes(args)
     if args.json is not None:  # before any network is loaded or image embedded; never into what the test reads
+        from raml.cli.deploy import index_files
         from raml.deploy.export import sidecar_path
 
         onnx_sidecar = None if args.student_onnx is None else sidecar_path(args.student_onnx)
@@ -179,7 +180,7 @@ def run(args: argparse.Namespace) -> int:
             *network_inputs("--teacher-path", args.teacher_path, args.data_root),
             ("--student-onnx", args.student_onnx),
             ("--student-onnx's sidecar", onnx_sidecar),
-            ("--index", args.index),
+            *([index_files("--index", args.index)] if args.index is not None else []),
             *(source for name in args.datasets for source in dataset_inputs("--datasets", name, args.data_root)),
         ]
         check_output_files([("--json", args.json, None)], inputs)
