@@ -235,19 +235,25 @@ def _same_file(path: str | Path, source: str | Path) -> bool:
     return _file_key(path) in (_file_key(source), os.path.normcase(os.path.realpath(source)))
 
 
+#: the files beside a checkpoint that loading or testing it reads: the digests every load verifies it against
+#: (raml.models.checkpoints) and the run's record that raml test / extract take --val-ratio from (engine.val_ratio)
+_CHECKPOINT_SIBLINGS = ("SHA256SUMS", "config.yaml")
+
+
 def network_inputs(flag: str, name_or_path: str | Path | None, data_root: str | Path) -> list[tuple[str, Path]]:
     """The checkpoint file a ``--*-path NETWORK`` flag reads, as an input of :func:`check_output_files`: the path as
     given, or where it is not a file, the cached ``<data_root>/networks/<name>.pth`` it names (as
-    :func:`raml.models.resolve_network_path` finds it; nothing is downloaded here). Empty for None."""
+    :func:`raml.models.resolve_network_path` finds it; nothing is downloaded here); and the files beside it that
+    are read with it (:data:`_CHECKPOINT_SIBLINGS`). Empty for None."""
     if name_or_path is None:
         return []
     given = Path(name_or_path)
-    if given.is_file():
-        return [(flag, given)]
     name = str(name_or_path)
     name = name[: -len(".pth")] if name.endswith(".pth") else name
-    cached = (flag, Path(data_root) / "networks" / f"{name}.pth")
-    return [cached] if given.is_dir() else [(flag, given), cached]  # a folder is no checkpoint
+    cached = Path(data_root) / "networks" / f"{name}.pth"
+    files = [given] if given.is_file() else [cached] if given.is_dir() else [given, cached]  # a folder: no checkpoint
+    siblings = [file.parent / sibling for file in files for sibling in _CHECKPOINT_SIBLINGS]
+    return [(flag, path) for path in [*files, *siblings]]
 
 
 #: the list files the registered datasets' loaders read in their folder (raml.data.splits: load_cub, load_synth,

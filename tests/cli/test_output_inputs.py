@@ -27,8 +27,13 @@ def _inputs(root: Path) -> None:
     (root / "run1").mkdir()
     for name in ("model_best.pth.tar", "config.yaml"):
         (root / "run1" / name).write_bytes(b"a run's file")
+    (root / "run1" / "optuna.db").write_bytes(b"a study")
+    (root / "run1" / "trial_0").mkdir()
+    (root / "run1" / "trial_0" / "model_best.pth.tar").write_bytes(b"a trial's checkpoint")
+    (root / "SHA256SUMS").write_text("0" * 64 + "  student.pth\n")
     (root / "idx").mkdir()
     (root / "idx" / "index.json").write_text('{"index_type": "flat"}\n')
+    (root / "idx" / "skipped_images_index.txt").write_text("an image skipped\n")
     for name in ("teacher.pth", "student.pth", "q.jpg", "q.png"):
         (root / name).write_bytes(name.encode() * 4)
 
@@ -86,6 +91,31 @@ CASES = {
     "train json = the run's best checkpoint": (
         [*TRAIN, "--directory", "run1", "--json", "run1/model_best.pth.tar"],
         "run1/model_best.pth.tar",
+        ("--json", "--directory"),
+    ),
+    "test json = the record beside the student": (
+        [*TEST, "--student-path", "run1/model_best.pth.tar", "--json", "run1/config.yaml"],
+        "run1/config.yaml",
+        ("--json", "--student-path"),
+    ),
+    "test json = the digests beside the student": (
+        [*TEST, "--json", "SHA256SUMS"],
+        "SHA256SUMS",
+        ("--json", "--student-path"),
+    ),
+    "index json = the index's skip report": (
+        ["index", *NET, "--dataset", "synth-test", "--output", "idx", "--json", "idx/skipped_images_index.txt"],
+        "idx/skipped_images_index.txt",
+        ("--json", "--output"),
+    ),
+    "train --optimize json = the study": (
+        [*TRAIN, "--optimize", "--directory", "run1", "--json", "run1/optuna.db"],
+        "run1/optuna.db",
+        ("--json", "--directory"),
+    ),
+    "train --optimize json = a trial's checkpoint": (
+        [*TRAIN, "--optimize", "--directory", "run1", "--json", "run1/trial_0/model_best.pth.tar"],
+        "run1/trial_0/model_best.pth.tar",
         ("--json", "--directory"),
     ),
     "train json = the run's config.yaml": (
@@ -215,6 +245,25 @@ def test_index_report_in_the_index_folder_on_every_run(random_network, image_fac
     refused = [*argv[:-1], str(index / "index.json")]  # the index's own files stay guarded
     assert main(refused) == 2
     assert "is a file of the index --output" in capsys.readouterr().err
+
+
+def test_search_gallery_never_replaces_an_image_of_the_index(random_network, image_factory, tmp_path, capsys):
+    """The gallery reads the database images it shows: one of them as --gallery is refused once the index is
+    loaded, before anything is embedded or written."""
+    pytest.importorskip("faiss")
+    network = random_network("resnet18", 16, 0)
+    (tmp_path / "imgs").mkdir()
+    for k in range(2):
+        image_factory(tmp_path / "imgs" / f"{k}.jpg", color=(40 * k, 90, 200))
+    query = image_factory(tmp_path / "q.jpg", color=(10, 20, 30))
+    argv = ["index", "--network-path", str(network), "--image-size", "32", "--images", str(tmp_path / "imgs")]
+    assert main([*argv, "--output", str(tmp_path / "idx"), "--device", "cpu", "--workers", "1", "--no-progress"]) == 0
+    victim = tmp_path / "imgs" / "0.jpg"
+    before = _digest(victim)
+    argv = ["search", "--network-path", str(network), "--index", str(tmp_path / "idx"), "--image-size", "32"]
+    assert main([*argv, "--device", "cpu", "--gallery", str(victim), str(query)]) == 2
+    assert "is an image of the index --index" in capsys.readouterr().err
+    assert _digest(victim) == before
 
 
 def test_inputs_of_the_helper(tmp_path: Path, monkeypatch):

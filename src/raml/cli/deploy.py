@@ -121,13 +121,15 @@ def _folder_images(folder: Path) -> InputFiles:
 
 def index_files(flag: str, index_dir: Path) -> InputFiles:
     """The files of the index in ``index_dir`` (its index.json, lock, generation and temporary files, by the store's
-    names), for :func:`check_output_files`: a report never replaces one of them; any other file there is fine."""
+    names, and its bad-image reports), for :func:`check_output_files`: a report never replaces one of them; any
+    other file there is fine."""
+    from raml.deploy.bad_images import REPORT_NAMES
     from raml.deploy.store import METADATA_NAME, is_index_leftover
 
     folder = os.path.normcase(os.path.realpath(index_dir))
 
     def owns(parent: str, name: str) -> bool:
-        return parent == folder and (name == METADATA_NAME or is_index_leftover(name))
+        return parent == folder and (name == METADATA_NAME or name in REPORT_NAMES or is_index_leftover(name))
 
     return InputFiles(flag, f"a file of the index {flag} {str(index_dir)!r}", owns=owns)
 
@@ -428,6 +430,13 @@ def run_search(args: argparse.Namespace) -> int:
 
         check_gallery_path(args.gallery)
     index = load_index(args.index)
+    # the database's images (the gallery reads them for its thumbnails), known once the index is loaded
+    indexed = InputFiles(
+        "--index", f"an image of the index --index {str(args.index)!r}", image_file_keys(p for p in index.paths if p)
+    )
+    check_output_files(
+        [(flag, path, None) for flag, path in (("--json", args.json), ("--gallery", args.gallery)) if path], [indexed]
+    )
     queries = [str(q) for q in args.queries]
     if args.onnx is not None:
         embedder = OnnxEmbedder(args.onnx, args.image_size)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import textwrap
 from pathlib import Path
 from typing import Any
@@ -413,10 +414,17 @@ def refuse_config_file_as_record(config_file: Path | None, config: TrainConfig) 
     )
 
 
+#: the --optimize study's SQLite database and its side files (raml.engine.search: ``<directory>/optuna.db``), and
+#: a trial's folder (``<directory>/trial_<n>``)
+_STUDY_FILE = re.compile(r"optuna\.db(-journal|-wal|-shm)?")
+_TRIAL_FOLDER = re.compile(r"trial_\d+")
+
+
 def _run_files(directory: Path) -> InputFiles:
     """The files a run owns in its ``--directory`` (by the trainer's names: config.yaml, its checkpoints, its lock,
-    the skipped-image reports, their temporary files, the TensorBoard event files), as an input of
-    :func:`check_output_files`: a report never replaces one of them; any other file in the folder is fine."""
+    the skipped-image reports, their temporary files, the TensorBoard event files; with ``--optimize``, the
+    study's ``optuna.db`` and its SQLite side files, and the same files of each ``trial_<n>`` folder), as an input
+    of :func:`check_output_files`: a report never replaces one of them; any other file in the folder is fine."""
     from raml.engine.trainer import (
         _RUN_CHECKPOINT,
         _RUN_REPORT,
@@ -429,13 +437,22 @@ def _run_files(directory: Path) -> InputFiles:
     run_folder = os.path.normcase(os.path.realpath(directory))
     events_folder = os.path.normcase(os.path.realpath(directory / _TENSORBOARD_FOLDER))
 
-    def owns(folder: str, name: str) -> bool:
-        if folder == events_folder:
-            return bool(_TENSORBOARD_EVENTS.fullmatch(name))
-        return folder == run_folder and (
-            name in (RUN_CONFIG_NAME, LOCK_NAME)
-            or any(pattern.fullmatch(name) for pattern in (_RUN_CHECKPOINT, _RUN_REPORT, _RUN_TEMPORARY))
+    def a_run_file(name: str) -> bool:
+        return name in (RUN_CONFIG_NAME, LOCK_NAME) or any(
+            pattern.fullmatch(name) for pattern in (_RUN_CHECKPOINT, _RUN_REPORT, _RUN_TEMPORARY)
         )
+
+    def a_trial(folder: str) -> bool:  # <directory>/trial_<n>, where --optimize trains its trials
+        parent, leaf = os.path.split(folder)
+        return parent == run_folder and _TRIAL_FOLDER.fullmatch(leaf) is not None
+
+    def owns(folder: str, name: str) -> bool:
+        parent, leaf = os.path.split(folder)
+        if folder == events_folder or (leaf == _TENSORBOARD_FOLDER and a_trial(parent)):
+            return bool(_TENSORBOARD_EVENTS.fullmatch(name))
+        if folder == run_folder:
+            return a_run_file(name) or _STUDY_FILE.fullmatch(name) is not None
+        return a_trial(folder) and a_run_file(name)
 
     return InputFiles("--directory", f"a file of the training run in --directory {str(directory)!r}", owns=owns)
 
