@@ -439,6 +439,12 @@ def test_invalid_json_text(tmp_path: Path) -> None:
         get_split(str(tmp_path / "s.json"), tmp_path)
 
 
+def test_a_split_file_nested_too_deeply_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "s.json").write_text("[" * 100_000 + "]" * 100_000)  # json's parser recursed into RecursionError
+    with pytest.raises(ValueError, match="nests its values too deeply"):
+        get_split(str(tmp_path / "s.json"), tmp_path)
+
+
 def test_unknown_part_suffix_on_json(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="Unknown part 'tset'"):
         get_split(_write_json(tmp_path, {"train": [["a"]]}) + ":tset", tmp_path)

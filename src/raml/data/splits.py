@@ -508,6 +508,10 @@ def _load_split_file(path: Path) -> SplitDict:
             data = json.load(f)
     except json.JSONDecodeError as exc:
         raise ValueError(f"Split file {path} is not valid JSON: {exc}.") from exc
+    except RecursionError:  # e.g. 100,000 nested brackets: json's parser recurses per level
+        raise ValueError(
+            f"Split file {path} nests its values too deeply to be a split ({{'train': [[paths], ...], ...}})."
+        ) from None
     return _check_split_dict(data, str(path))
 
 
