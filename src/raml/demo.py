@@ -35,13 +35,13 @@ import torch
 from raml.data.splits import get_split
 from raml.data.synth import generate_synthetic_dataset
 from raml.deploy.gallery import GalleryRow, Hit, render_gallery, write_gallery
-from raml.engine.config import MAX_SEED, TrainConfig
+from raml.engine.config import TrainConfig
 from raml.engine.trainer import Trainer
 from raml.models import load_network
 from raml.models.cost import gflops_per_image, latency_ms_per_image
 from raml.retrieval.evaluate import evaluate_split
 from raml.retrieval.extract import extract_embeddings
-from raml.utils import atomic_path, atomic_write_text, cpu_model, seed_everything
+from raml.utils import MAX_SEED, MAX_THREADS, MAX_WORKERS, atomic_path, atomic_write_text, cpu_model, seed_everything
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +62,6 @@ RESULT_FILES = ("gallery.png", "tradeoff.png", "settings.json", "results.md", "r
 #: ``MAX_SYNTH_IMAGES_PER_CLASS``), far above any use; past them the dataset's generation only exhausts the memory
 MAX_CLASSES = 100_000
 MAX_IMAGES_PER_CLASS = 10_000
-#: the largest --workers (``raml.cli.common.MAX_WORKERS``): loader processes, far above any use
-MAX_WORKERS = 256
-#: the largest --threads (``raml.cli.common.MAX_THREADS``): torch.set_num_threads overflows past 2**31 - 1
-MAX_THREADS = 4096
 RESUME_HINT = "Run raml demo again to start over: it trains the teacher and the student from scratch."
 
 

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from raml.utils import MAX_SEED, MAX_THREADS, MAX_WORKERS, atomic_write_text  # torch-free at import
+
 if TYPE_CHECKING:
     import torch
 
@@ -74,16 +76,6 @@ def positive_int(value: str) -> int:
     return number
 
 
-#: the largest --workers: data loader worker processes, far above any use (the default is at most 8); past it a
-#: machine only runs out of memory starting them (99999999999 was OOM-killed, leaving orphaned workers)
-MAX_WORKERS = 256
-#: the largest --threads: torch's intra-op threads, far above any machine's cores (torch.set_num_threads
-#: overflows past 2**31 - 1 with a message that names no flag)
-MAX_THREADS = 4096
-#: the largest --seed: ``raml.engine.config.MAX_SEED`` (torch seeds ``seed + epoch``, at most 2**64 - 1)
-MAX_SEED = 2**63 - 1
-
-
 def bounded_int(low: int, high: int, high_text: str | None = None) -> Callable[[str], int]:
     """argparse type: an integer from ``low`` to ``high``; argparse's message names the flag
     (``argument --workers: expected an integer from 0 to 256, got 100000``). ``high_text``: how the message
@@ -136,8 +128,6 @@ def image_sizes_arg(value: str) -> int | list[int]:
 
 def write_json(path: str | Path, payload: object) -> None:
     """Write JSON atomically (a temp file renamed into place)."""
-    from raml.utils import atomic_write_text  # here: raml.utils imports torch, which a parser must not
-
     atomic_write_text(path, json.dumps(payload, indent=2, sort_keys=False) + "\n")
     logger.info("Wrote %s", path)
 

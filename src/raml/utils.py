@@ -24,6 +24,17 @@ if TYPE_CHECKING:  # imported where used: the command line's parsers use this mo
 
 logger = logging.getLogger(__name__)
 
+# Bounds of counts a user gives (flags, --config files, library arguments), one home for every layer: the parsers
+# (raml.entry), TrainConfig, DemoSettings and the service check against these.
+#: the largest --workers: data loader worker processes, far above any use (the default is at most 8); past it a
+#: machine only runs out of memory starting them (99999999999 was OOM-killed, leaving orphaned workers)
+MAX_WORKERS = 256
+#: the largest --threads: torch's intra-op threads, far above any machine's cores (torch.set_num_threads
+#: overflows past 2**31 - 1 with a message that names no flag)
+MAX_THREADS = 4096
+#: the largest --seed: seed_everything seeds torch with ``seed + epoch`` (at most 2**64 - 1)
+MAX_SEED = 2**63 - 1
+
 
 _TEMPORARY_ATTEMPTS = 100
 

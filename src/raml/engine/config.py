@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from raml.engine.methods import METHODS
+from raml.utils import MAX_SEED, MAX_WORKERS  # noqa: F401 (also read from here)
 
 logger = logging.getLogger(__name__)
 
@@ -46,11 +47,6 @@ MAX_WHITENING = 65536
 #: the file a run records its configuration in, in its --directory (:meth:`TrainConfig.record`)
 RUN_CONFIG_NAME = "config.yaml"
 PER_INVOCATION = ("overwrite", "json", "resume_student")
-#: the largest --seed: seed_everything seeds torch with ``seed + epoch`` (at most 2**64 - 1)
-MAX_SEED = 2**63 - 1
-#: the most data loader worker processes (``raml.cli.common.MAX_WORKERS``, the parsers' bound): a --config file's
-#: value is checked here, a mistyped huge one would fork workers until the machine runs out of memory
-MAX_WORKERS = 256
 
 #: float settings and the range each must lie in, besides being finite: ``(low, high, low_open, high_open)``,
 #: None = unbounded on that side

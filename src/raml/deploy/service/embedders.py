@@ -32,6 +32,7 @@ from raml.data.images import EvalTransform
 from raml.deploy.search import OnnxEmbedder, recorded_teacher_sha256
 from raml.deploy.service.graph_network import record_graphs
 from raml.retrieval.extract import embed_batch, network_mean_std
+from raml.utils import MAX_THREADS
 
 __all__ = [
     "OnnxQueryEmbedder",
@@ -62,9 +63,8 @@ def serving_threads(cores: int) -> int:
     return max(1, cores // 2)
 
 
-#: the most intra-op threads :func:`use_serving_threads` sets (``raml.cli.common.MAX_THREADS``, ``--threads``'s
-#: bound): far above any machine's cores; torch.set_num_threads overflows past 2**31 - 1 naming no flag
-MAX_SERVING_THREADS = 4096
+#: the most intra-op threads :func:`use_serving_threads` sets (``--threads``'s bound, :data:`raml.utils.MAX_THREADS`)
+MAX_SERVING_THREADS = MAX_THREADS
 
 
 def use_serving_threads(threads: int | None = None) -> int:
