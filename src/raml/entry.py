@@ -45,6 +45,7 @@ __all__ = [
     "network_inputs",
     "non_negative_int",
     "positive_int",
+    "refuse_inputs",
     "seed_int",
     "setup_logging",
     "threads_int",
@@ -310,6 +311,22 @@ def check_output_files(
     """
     seen: dict[str, str] = {}
     for flag, path, overwrite in targets:
+        refuse_inputs([(flag, path, overwrite)], inputs)
+        check_output_file(path, flag, overwrite)
+        key = _file_key(path)
+        if key in seen:
+            raise ValueError(f"{seen[key]} and {flag} name the same file {str(path)!r}; give different paths.")
+        seen[key] = flag
+
+
+def refuse_inputs(
+    targets: Sequence[tuple[str, str | Path, bool | None]],
+    inputs: Sequence[tuple[str, str | Path | None] | InputFiles],
+) -> None:
+    """The input half of :func:`check_output_files`: raise ``ValueError`` (naming both flags) when an output of
+    ``targets`` is one of ``inputs``. Alone, for inputs known only once the command has read something (the
+    database images of a loaded index), after :func:`check_output_files` checked the outputs themselves."""
+    for flag, path, overwrite in targets:
         never = " (--overwrite replaces a previous output, never an input)" if overwrite else ""
         for source in inputs:
             if isinstance(source, InputFiles):
@@ -325,11 +342,6 @@ def check_output_files(
                     f"{flag} {str(path)!r} is {source_flag}'s {str(source_path)!r}, an input the command must not "
                     f"replace{never}; give {flag} another path."
                 )
-        check_output_file(path, flag, overwrite)
-        key = _file_key(path)
-        if key in seen:
-            raise ValueError(f"{seen[key]} and {flag} name the same file {str(path)!r}; give different paths.")
-        seen[key] = flag
 
 
 #: What ``--pool`` and ``--whitening`` mean when they are not given (the reference's defaults).

@@ -36,7 +36,7 @@ from raml.cli.common import (
     setup_logging,
     write_json,
 )
-from raml.entry import InputFiles, dataset_inputs, image_file_keys, network_inputs
+from raml.entry import InputFiles, dataset_inputs, image_file_keys, network_inputs, refuse_inputs
 
 if TYPE_CHECKING:
     import torch
@@ -422,9 +422,8 @@ def run_search(args: argparse.Namespace) -> int:
         index_files("--index", args.index),
         *(("QUERY_IMAGE", query) for query in args.queries),
     ]
-    check_output_files(
-        [(flag, path, None) for flag, path in (("--json", args.json), ("--gallery", args.gallery)) if path], inputs
-    )
+    outputs = [(flag, path, None) for flag, path in (("--json", args.json), ("--gallery", args.gallery)) if path]
+    check_output_files(outputs, inputs)
     if args.gallery is not None:  # a bad gallery path fails before anything is embedded or written
         from raml.deploy.gallery import check_gallery_path
 
@@ -434,9 +433,7 @@ def run_search(args: argparse.Namespace) -> int:
     indexed = InputFiles(
         "--index", f"an image of the index --index {str(args.index)!r}", image_file_keys(p for p in index.paths if p)
     )
-    check_output_files(
-        [(flag, path, None) for flag, path in (("--json", args.json), ("--gallery", args.gallery)) if path], [indexed]
-    )
+    refuse_inputs(outputs, [indexed])
     queries = [str(q) for q in args.queries]
     if args.onnx is not None:
         embedder = OnnxEmbedder(args.onnx, args.image_size)
