@@ -112,6 +112,29 @@ def _device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({cpu_model()})"
 
 
+def tf32_settings(device: torch.device) -> dict[str, Any] | None:
+    """Whether this run's float32 arithmetic on ``device`` is TensorFloat-32 (10-bit mantissa) where the GPU has it
+    (compute capability 8.0 and later): PyTorch lets cuDNN convolutions use TF32 by default
+    (``torch.backends.cudnn.allow_tf32``) but not matrix products (``torch.backends.cuda.matmul.allow_tf32``);
+    raml changes neither, so its "fp32" training on such a GPU convolves in TF32. None off CUDA."""
+    if device.type != "cuda":
+        return None
+    major, _minor = torch.cuda.get_device_capability(device)
+    has_tf32 = major >= 8
+    return {
+        "gpu_has_tf32": has_tf32,
+        "conv_tf32": has_tf32 and bool(torch.backends.cudnn.allow_tf32),
+        "matmul_tf32": has_tf32 and bool(torch.backends.cuda.matmul.allow_tf32),
+    }
+
+
+def _fp32_label(report: dict[str, Any]) -> str:
+    """The float32 training row's name, saying where its convolutions (or products) ran in TF32."""
+    tf32 = report.get("tf32") or {}
+    parts = [name for key, name in (("conv_tf32", "TF32 convs"), ("matmul_tf32", "TF32 matmuls")) if tf32.get(key)]
+    return f"fp32 ({', '.join(parts)})" if parts else "fp32"
+
+
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -310,17 +333,18 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [f"gpu_check on {report['device_name']} (torch {report['torch']}, built for CUDA {report['cuda']})", ""]
     lines.append("| training | amp active | images/s | views/s | loader wait | peak GiB |")
     lines.append("|---|---|---|---|---|---|")
+    fp32 = _fp32_label(report)
     for row in report["training"]:
         if "refused" in row or "failed" in row:
             why = f"refused: {row['refused']}" if "refused" in row else f"failed: {row['failed']}"
-            lines.append(f"| ts_aug {'--amp' if row['amp'] else 'fp32'} | {why} | | | | |")
+            lines.append(f"| ts_aug {'--amp' if row['amp'] else fp32} | {why} | | | | |")
             continue
         lines.append(
-            f"| ts_aug {'--amp' if row['amp'] else 'fp32'} | {row['amp_active']} | {row['images_per_s']} | "
+            f"| ts_aug {'--amp' if row['amp'] else fp32} | {row['amp_active']} | {row['images_per_s']} | "
             f"{row['views_per_s']} | {row['loader_wait_share']:.0%} | {row['peak_memory_gib']} |"
         )
     ddp = report["ddp"]
-    lines.append(f"| torchrun x2 (fp32) | False | {ddp.get('images_per_s', '-')} | | | |")
+    lines.append(f"| torchrun x2 ({fp32}) | False | {ddp.get('images_per_s', '-')} | | | |")
     if "skipped" in ddp or "failed" in ddp:
         lines.append(f"  torchrun: {ddp.get('skipped') or ddp.get('failed')}")
     ev = report["evaluation"]
@@ -382,6 +406,7 @@ def run_check(
         "python": platform.python_version(),
         "cpu": cpu_model(),
         "cpu_count": os.cpu_count(),
+        "tf32": tf32_settings(device),
         "loadavg_start": _loadavg(),
         "settings": dataclasses.asdict(settings),
     }

@@ -142,3 +142,32 @@ def test_a_failing_part_is_recorded_and_the_others_are_kept_in_the_json(gpu_chec
     assert report["latency"] and report["service_graph"]["service_ms_batch32"] > 0  # the parts after it ran
     assert len(seen_on_disk) >= 6 and "training" in seen_on_disk[0]  # saved part by part, from the first
     assert "exact evaluation: failed: RuntimeError" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("capability", "conv", "matmul", "label"),
+    [
+        ((9, 0), True, False, "fp32 (TF32 convs)"),  # an H100 at PyTorch's defaults
+        ((9, 0), True, True, "fp32 (TF32 convs, TF32 matmuls)"),
+        ((9, 0), False, False, "fp32"),
+        ((7, 5), True, True, "fp32"),  # a T4: no TF32 whatever the switches say
+    ],
+)
+def test_fp32_rows_say_where_tf32_was_used(gpu_check, monkeypatch, capability, conv, matmul, label):
+    """On Ampere and later, PyTorch's default lets cuDNN convolve float32 in TF32: the "fp32" rows must say so."""
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    before = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32  # properties: no monkeypatch
+    try:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = conv, matmul
+        tf32 = gpu_check.tf32_settings(torch.device("cuda"))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = before
+    assert tf32["gpu_has_tf32"] is (capability[0] >= 8)
+    report = {
+        "device_name": "GPU", "torch": torch.__version__, "cuda": "12", "tf32": tf32,
+        "training": [{"amp": False, "refused": "x"}], "ddp": {"skipped": "one GPU"},
+        "evaluation": {"failed": "x"}, "latency": {"failed": "x"},
+    }  # fmt: skip
+    out = gpu_check.format_report(report)
+    assert f"| ts_aug {label} |" in out and f"| torchrun x2 ({label}) |" in out
+    assert gpu_check.tf32_settings(torch.device("cpu")) is None
