@@ -41,6 +41,7 @@ from raml.deploy.export import check_graph_against_sidecar, onnx_session, read_s
 from raml.deploy.store import DatabaseIndex, IndexDirectoryError, load_index
 from raml.models.checkpoints import run_record
 from raml.retrieval.evaluate import default_ks
+from raml.retrieval.extract import loader_workers
 from raml.retrieval.metrics import average_precision
 
 logger = logging.getLogger(__name__)
@@ -112,7 +113,9 @@ class OnnxEmbedder:
     ) -> np.ndarray:
         """Embed ``paths`` -> ``(N, D)`` float32, rows in path order."""
         transform = EvalTransform(self.image_size, self.sidecar["mean"], self.sidecar["std"])
-        loader = DataLoader(ImageDataset(list(paths), None, transform), batch_size=batch_size, num_workers=workers)
+        dataset = ImageDataset(list(paths), None, transform)
+        workers = loader_workers(workers, len(dataset), batch_size)
+        loader = DataLoader(dataset, batch_size=batch_size, num_workers=workers)
         chunks = [
             np.asarray(self.session.run(None, {self.input_name: images.numpy()})[0], dtype=np.float32)
             for images, _ in tqdm(loader, desc="onnx queries", unit="batch", disable=not progress, leave=False)

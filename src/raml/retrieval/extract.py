@@ -244,6 +244,22 @@ def worker_start_method(device: torch.device, workers: int) -> str | None:
     return None
 
 
+def loader_workers(workers: int, items: int, batch_size: int) -> int:
+    """The worker processes worth starting for a loader of ``items`` images in batches of ``batch_size``.
+
+    A DataLoader starts all ``workers`` processes (each importing torch) however few batches it yields, so
+    the count is capped at the number of batches, ``ceil(items / batch_size)``; ``0`` stays ``0`` (load in
+    this process). Not for the training loader, whose workers serve many epochs.
+    """
+    if workers <= 0:
+        return 0
+    batches = math.ceil(items / batch_size) if items > 0 else 0
+    if workers > batches:
+        logger.debug("%d loader workers for %d batches of %d images: starting %d", workers, batches, items, batches)
+        return batches
+    return workers
+
+
 @torch.inference_mode()
 def extract_embeddings(
     network: nn.Module,
@@ -292,6 +308,7 @@ def extract_embeddings(
             forward.expect((3, side, side), len(paths))
     mean, std = network_mean_std(network)
     dataset = ImageDataset(list(paths), None, EvalTransform(image_size, mean, std))
+    workers = loader_workers(workers, len(dataset), batch_size)
     loader = DataLoader(
         dataset,
         batch_size=batch_size,

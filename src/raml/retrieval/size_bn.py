@@ -21,6 +21,7 @@ from raml.data.datasets import ImageDataset
 from raml.data.images import EvalTransform
 from raml.models.checkpoints import _RESERVED_KEYS, load_checkpoint_file, network_from_checkpoint, save_checkpoint
 from raml.models.switchable_bn import enable_size_bn, switchable_layers
+from raml.retrieval.extract import loader_workers
 
 logger = logging.getLogger(__name__)
 
@@ -60,8 +61,9 @@ def recalibrate_size_bn(
                 layer.reset_running_stats()
                 layer.momentum = None
                 layer.train()
+            dataset = ImageDataset(paths, None, EvalTransform(size, mean, std))
             loader = DataLoader(
-                ImageDataset(paths, None, EvalTransform(size, mean, std)), batch_size=batch_size, num_workers=workers
+                dataset, batch_size=batch_size, num_workers=loader_workers(workers, len(dataset), batch_size)
             )
             for images, _ in tqdm(loader, desc=f"BN statistics @{size}", disable=not progress, leave=False):
                 network(images.to(device))
