@@ -21,11 +21,7 @@ from raml.cli.choices import METHOD_NAMES
 #: shows). One module may add several commands (``deploy``: index, search, export): building one builds them all.
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "demo": ("demo", "add_parser", "generate data, train a teacher, distil a student, compare (the main job)"),
-    "train": (
-        "train",
-        "add_parser",
-        f"train a teacher (sym) or distil a student ({', '.join(name for name in METHOD_NAMES if name != 'sym')})",
-    ),
+    "train": ("train", "add_parser", "train a teacher (sym) or distil a student ({modes})"),
     "test": ("evaluate", "add_parser", "symmetric / asymmetric retrieval test"),
     "extract": ("extract", "add_parser", "embed a dataset split and save the embeddings"),
     "check-data": ("check", "add_parser", "find missing, empty, truncated or unreadable images in dataset splits"),
@@ -47,6 +43,19 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
 }
 
 _NOT_BUILT = object()
+
+
+def _help_line(name: str) -> str:
+    """``raml --help``'s line for ``name``. The train line's ``--mode`` names are those of the method registry
+    when it is imported already (a plug-in's :func:`raml.engine.methods.register_method` has imported it, so
+    the plug-in is listed), else its built-in names from :data:`raml.cli.choices.METHOD_NAMES`: listing the
+    commands imports no torch."""
+    line = COMMANDS[name][2]
+    if name != "train":
+        return line
+    registry = sys.modules.get("raml.engine.methods")
+    modes = list(registry.METHODS) if registry is not None else list(METHOD_NAMES)
+    return line.format(modes=", ".join(mode for mode in modes if mode != "sym"))
 
 
 class _CommandParsers(dict):
@@ -150,8 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"raml {__version__}")
     parser.register("action", "lazy_commands", _LazyCommands)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, action="lazy_commands")
-    for name, (_, _, help_line) in COMMANDS.items():
-        subparsers.add_command(name, help_line)
+    for name in COMMANDS:
+        subparsers.add_command(name, _help_line(name))
     return parser
 
 
