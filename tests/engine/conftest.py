@@ -351,3 +351,28 @@ def _teacher_trainer(training: TrainingSetup, epochs: int) -> Callable[[Path], N
         assert (folder / "config.yaml").is_file()
 
     return train
+
+
+#: the side of :func:`tiny_cub`'s images: the database size DR of test_reliability.py and test_ddp_small_batches.py
+TINY_CUB_SIDE = 32
+
+
+@pytest.fixture(scope="module")
+def tiny_cub(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """``(data_root, checkpoint)``: a tiny CUB-format dataset (8 classes x 4 images of 32 px, the training
+    classes 16 images, the test classes 16) and a random-weights ``test_resnet`` checkpoint (16-d whitening,
+    torch seed 0), made once per test file (its tests may train from it; a test that damages images makes a
+    dataset of its own under its ``tmp_path``)."""
+    import torch
+
+    from raml.data.synth import generate_synthetic_dataset
+    from raml.models import build_network, save_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny_cub")
+    generate_synthetic_dataset(
+        root / "data" / "cub", num_classes=8, images_per_class=4, image_size=TINY_CUB_SIDE, seed=1
+    )
+    torch.manual_seed(0)
+    network = root / "network.pth"
+    save_checkpoint(network, build_network("test_resnet", whitening=16, pretrained=False))
+    return root / "data", network

@@ -15,13 +15,11 @@ import math
 import os
 from pathlib import Path
 
-import pytest
 import torch
 
-from raml.data.synth import generate_synthetic_dataset
 from raml.engine.config import TrainConfig
 from raml.engine.trainer import Trainer
-from raml.models import build_network, load_checkpoint_file, save_checkpoint
+from raml.models import load_checkpoint_file
 
 HERE = Path(__file__).resolve().parent
 DR, QR = 32, 16
@@ -35,17 +33,6 @@ RUNS: dict[str, dict[str, object]] = {
     "sym": {"mode": "sym", "loss": "normsoftmax", "image_size": DR},
     "sym-triplet": {"mode": "sym", "loss": "triplet", "image_size": DR, "neg_num": 1, "pool_size": 8},
 }
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny CUB-format dataset (16 training images) and a random test_resnet checkpoint."""
-    root = tmp_path_factory.mktemp("small_batches")
-    generate_synthetic_dataset(root / "data" / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
-    torch.manual_seed(0)
-    network = root / "resnet.pth"
-    save_checkpoint(network, build_network("test_resnet", whitening=16, pretrained=False))
-    return root / "data", network
 
 
 def _base(data_root: Path, network: Path) -> dict[str, object]:
@@ -74,15 +61,15 @@ def _two_ranks(data_root: Path, network: Path, runs: dict[str, dict[str, object]
         assert results[0]["digest"] == results[1]["digest"], name  # both ranks end with the same weights
 
 
-def test_ugd_projectors_without_gradients_on_one_rank_are_averaged_on_both(setup, tmp_path, rank_pair):
+def test_ugd_projectors_without_gradients_on_one_rank_are_averaged_on_both(tiny_cub, tmp_path, rank_pair):
     """Rank 1's shares have no unambiguous region, so its loss never reaches the projectors (no gradients): it
     must still take part in rank 0's all-reduces of their gradients (a zero gradient), not skip them."""
     runs = {"ugd-ambiguous": {"mode": "ugd", "query_size": 8, "_ambiguous_rank": 1}}
-    _two_ranks(*setup, runs, tmp_path / "out", rank_pair)
+    _two_ranks(*tiny_cub, runs, tmp_path / "out", rank_pair)
 
 
-def test_batches_of_fewer_images_than_processes_train_on_every_rank(setup, tmp_path, rank_pair):
-    data_root, network = setup
+def test_batches_of_fewer_images_than_processes_train_on_every_rank(tiny_cub, tmp_path, rank_pair):
+    data_root, network = tiny_cub
     out = tmp_path / "out"
     _two_ranks(data_root, network, RUNS, out, rank_pair)
     # the run equals one process's: ts_aug's last batch of one image (rank 1 empty) and sym's empty rank 1

@@ -19,21 +19,10 @@ from raml.cli.main import main
 from raml.data.synth import generate_synthetic_dataset
 from raml.engine.config import TrainConfig
 from raml.engine.trainer import NonFiniteLossError, Trainer
-from raml.models import build_network, load_checkpoint_file, save_checkpoint
+from raml.models import load_checkpoint_file
 
 CPU = torch.device("cpu")
 DR, QR = 32, 16
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A tiny dataset in the CUB format and a random-weights teacher checkpoint."""
-    root = tmp_path_factory.mktemp("rel")
-    generate_synthetic_dataset(root / "data" / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
-    torch.manual_seed(0)
-    teacher = root / "teacher.pth"
-    save_checkpoint(teacher, build_network("test_resnet", whitening=16, pretrained=False))
-    return root / "data", teacher
 
 
 def _train_args(data_root: Path, teacher: Path, directory: Path, *extra: str) -> list[str]:
@@ -67,8 +56,8 @@ def _subprocess_env() -> dict[str, str]:
     return env
 
 
-def test_corrupt_image_fails_first_with_its_name_and_skip_leaves_it_out(setup, tmp_path, capsys):
-    data_root, teacher = setup
+def test_corrupt_image_fails_first_with_its_name_and_skip_leaves_it_out(tiny_cub, tmp_path, capsys):
+    data_root, teacher = tiny_cub
     data = tmp_path / "data"
     generate_synthetic_dataset(data / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
     victim = sorted((data / "cub" / "images").rglob("*.jpg"))[0]
@@ -93,10 +82,10 @@ def test_corrupt_image_fails_first_with_its_name_and_skip_leaves_it_out(setup, t
     assert {m["num_skipped_images"] for m in results["cub-test"].values()} == {1}
 
 
-def test_an_image_too_large_once_resized_at_the_teachers_size_is_a_bad_image_before_epoch_1(setup, tmp_path, capsys):
+def test_an_image_too_large_once_resized_at_the_teachers_size_is_a_bad_image_before_epoch_1(tiny_cub, tmp_path, capsys):
     from PIL import Image
 
-    _, teacher = setup
+    _, teacher = tiny_cub
     data = tmp_path / "data"
     generate_synthetic_dataset(data / "cub", num_classes=8, images_per_class=4, image_size=DR, seed=1)
     victim = sorted((data / "cub" / "images").rglob("*.jpg"))[-1]  # the last class is a test class
@@ -115,8 +104,8 @@ def test_an_image_too_large_once_resized_at_the_teachers_size_is_a_bad_image_bef
     assert victim.name in (tmp_path / "skip" / "skipped_images_cub-test.txt").read_text()
 
 
-def test_sigkill_then_resume_last_equals_an_uninterrupted_run(setup, tmp_path):
-    data_root, teacher = setup
+def test_sigkill_then_resume_last_equals_an_uninterrupted_run(tiny_cub, tmp_path):
+    data_root, teacher = tiny_cub
     assert main(_train_args(data_root, teacher, tmp_path / "full")) == 0
     killed = tmp_path / "killed"
     cmd = [sys.executable, "-m", "raml", *_train_args(data_root, teacher, killed)]
@@ -139,8 +128,8 @@ def test_sigkill_then_resume_last_equals_an_uninterrupted_run(setup, tmp_path):
     _assert_same_weights(tmp_path / "full" / "model_epoch3.pth.tar", killed / "model_epoch3.pth.tar")
 
 
-def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
-    data_root, teacher = setup
+def test_sigterm_saves_a_checkpoint_and_stops(tiny_cub, tmp_path):
+    data_root, teacher = tiny_cub
     run_dir = tmp_path / "term"
     cmd = [sys.executable, "-m", "raml", *_train_args(data_root, teacher, run_dir, "--epochs", "50")]
     proc = subprocess.Popen(cmd, env=_subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -163,8 +152,8 @@ def test_sigterm_saves_a_checkpoint_and_stops(setup, tmp_path):
         assert not (run_dir / "model_interrupted.pth.tar").exists()
 
 
-def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(setup, tmp_path, monkeypatch):
-    data_root, teacher = setup
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tiny_cub, tmp_path, monkeypatch):
+    data_root, teacher = tiny_cub
     config = TrainConfig(
         mode="ts_aug", student_path=str(teacher), teacher_path=str(teacher), training_dataset="cub",
         test_datasets=[], data_root=str(data_root), directory=str(tmp_path / "nan"), image_size=QR,
@@ -194,8 +183,8 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("mode", ["ts_aug", "ts_aug-batch", "sym", "sym-triplet"])
-def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode, rank_pair):
-    data_root, teacher = setup
+def test_two_gloo_processes_equal_one_process(tiny_cub, tmp_path, mode, rank_pair):
+    data_root, teacher = tiny_cub
     # SGD: its step is linear in the gradient, so float summation-order noise stays noise (Adam divides by
     # the gradient's own scale and turns noise on near-zero gradients into full-size steps)
     extra = ["--epochs", "2", "--optimizer", "sgd", "--lr", "0.05"]
@@ -215,8 +204,8 @@ def test_two_gloo_processes_equal_one_process(setup, tmp_path, mode, rank_pair):
     _assert_same_weights(single / "model_epoch2.pth.tar", double / "model_epoch2.pth.tar", atol=1e-5)
 
 
-def test_extraction_shards_over_two_gloo_processes(setup, tmp_path):
-    data_root, teacher = setup
+def test_extraction_shards_over_two_gloo_processes(tiny_cub, tmp_path):
+    data_root, teacher = tiny_cub
     args = ["extract", "--network-path", str(teacher), "--dataset", "cub-test", "--data-root", str(data_root),
             "--image-size", str(DR), "--workers", "0", "--device", "cpu", "--no-progress", "--no-cache"]  # fmt: skip
     assert main([*args, "--output", str(tmp_path / "one.npy")]) == 0
