@@ -199,6 +199,7 @@ class ReproduceReport:
     def to_json(self) -> dict[str, Any]:
         payload = asdict(self)
         payload["shortened"] = self.shortened
+        payload["paper_source"] = {"url": PAPER_SOURCE_URL, "paper": PAPER_ARXIV}  # where each row's "paper" is from
         payload["rows"] = [{**asdict(row), "difference": row.difference()} for row in self.rows]
         return payload
 
@@ -341,8 +342,9 @@ def format_markdown(report: ReproduceReport) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += [
         "",
-        "mAP and R@1 in %, every test image a query against all the others. The paper's numbers (its table, "
-        "also in the README) are those of the distilled student; the paper's table has no row for the teacher.",
+        "mAP and R@1 in %, every test image a query against all the others. The paper's numbers are the "
+        f"authors' published results for {PAPER_ARXIV} (the table of their code's README, {PAPER_SOURCE_URL}; "
+        "also in raml's README), those of the distilled student; that table has no row for the teacher.",
         "",
         f"- status: {report.status}",
         f"- device: {report.device}",

@@ -164,6 +164,12 @@ def test_reproduce_end_to_end_with_a_resumed_distillation(zoo, cub_root, tmp_pat
     markdown = (out / "reproduce.md").read_text()
     assert "**shortened**: --epochs 2 instead of the config's 200" in markdown
     assert f"| {paper['asym']['mAP']:.2f} |" in markdown and "published teacher" in markdown
+    # the paper's figures say where they come from, in both reports
+    assert PAPER_SOURCE_URL in markdown and "arXiv:2210.05463" in markdown
+    assert json.loads((out / "reproduce.json").read_text())["paper_source"] == {
+        "url": PAPER_SOURCE_URL,
+        "paper": "arXiv:2210.05463",
+    }
 
     # the teacher's database was embedded once and cached: one entry for the test split at 48 px
     assert len(list((cub_root / "cache" / "embeddings").glob("*.npy"))) == 1
