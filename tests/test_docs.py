@@ -113,3 +113,21 @@ def test_the_readme_check_data_example_checks_the_split_raml_train_reads():
     for datasets in examples:
         names = datasets.split(",")
         assert "cub-trainval" in names and "cub" not in names, datasets
+
+
+def test_every_test_the_docs_name_exists():
+    """A test cited in the docs (as the one that catches a mutant, or checks a claim) is a test function or file of
+    tests/, or one of timm's ``test_*`` networks; a renamed test must not leave the docs pointing at nothing."""
+    import timm
+
+    defined: set[str] = set()
+    for path in (REPO / "tests").rglob("*.py"):
+        defined.add(path.stem)
+        defined |= set(re.findall(r"^\s*(?:async\s+)?def (test_\w+)", path.read_text(), re.MULTILINE))
+    defined |= set(timm.list_models("test_*"))
+    missing = {}
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        named = set(re.findall(r"(?<![\w.-])(test_\w+)", doc.read_text()))
+        if named - defined:
+            missing[doc.name] = sorted(named - defined)
+    assert not missing, f"the docs name tests that do not exist: {missing}"
