@@ -432,3 +432,41 @@ def test_demo_settings_refuse_sizes_past_raml_data_synth_bounds():
         DemoSettings(images_per_class=MAX_IMAGES_PER_CLASS + 1).validate()
     with pytest.raises(ValueError, match="--classes must be even and from 4 to 100,000"):
         DemoSettings(num_classes=MAX_CLASSES + 2).validate()
+
+
+def test_a_dataset_build_stopped_part_way_is_never_reused(tmp_path, monkeypatch):
+    """A rebuild with other settings overwrites the images of the same names; stopped part-way, it must not leave
+    the first settings' stamp, or the next run with those settings reuses a mix of both builds."""
+    import hashlib
+
+    import raml.demo as demo
+
+    def digests(folder: Path) -> dict[str, str]:
+        return {
+            p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest() for p in folder.rglob("*.jpg")
+        }
+
+    first = DemoSettings(out=tmp_path, num_classes=4, images_per_class=2, image_size=16, seed=0)
+    demo.generate_dataset(first, tmp_path / "data", progress=False)
+    folder = tmp_path / "data" / demo.DATASET
+    built = digests(folder)
+    real = demo.generate_synthetic_dataset
+
+    def stopped(out_dir: Path, **values: Any) -> Path:
+        # the other settings' build writes its first image, then stops
+        image = sorted(Path(out_dir).rglob("*.jpg"))[0]
+        image.write_bytes(b"not the first settings' image")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo, "generate_synthetic_dataset", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        demo.generate_dataset(
+            DemoSettings(out=tmp_path, num_classes=4, images_per_class=2, image_size=16, seed=1),
+            tmp_path / "data",
+            progress=False,
+        )
+    assert not (folder / "raml_synth.json").exists()
+    monkeypatch.setattr(demo, "generate_synthetic_dataset", real)
+    demo.generate_dataset(first, tmp_path / "data", progress=False)
+    assert digests(folder) == built
+    assert json.loads((folder / "raml_synth.json").read_text())["seed"] == 0

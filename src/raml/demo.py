@@ -41,7 +41,16 @@ from raml.models import load_network
 from raml.models.cost import gflops_per_image, latency_ms_per_image
 from raml.retrieval.evaluate import evaluate_split
 from raml.retrieval.extract import extract_embeddings
-from raml.utils import MAX_SEED, MAX_THREADS, MAX_WORKERS, atomic_path, atomic_write_text, cpu_model, seed_everything
+from raml.utils import (
+    MAX_SEED,
+    MAX_THREADS,
+    MAX_WORKERS,
+    atomic_path,
+    atomic_write_text,
+    cpu_model,
+    fsync_directory,
+    seed_everything,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,6 +146,14 @@ def generate_dataset(settings: DemoSettings, data_root: Path, progress: bool = T
     if stamp.is_file() and json.loads(stamp.read_text()) == wanted and (folder / "images.txt").is_file():
         logger.info("Reusing the synthetic dataset in %s", folder)
         return
+    # The images' names do not depend on the settings, so a build stopped part-way leaves a mix of the old and
+    # the new settings' images: remove the old stamp (durably) before writing any, and stamp only a finished build.
+    try:
+        stamp.unlink()
+    except FileNotFoundError:
+        pass
+    else:
+        fsync_directory(folder)
     generate_synthetic_dataset(
         folder,
         num_classes=settings.num_classes,
