@@ -22,13 +22,16 @@ first, then the second if it fails).
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import errno
+import io
 import json
 import logging
 import math
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -642,9 +645,25 @@ def export_onnx(
         record["opset"] = used_opset  # read from the file once, when its exporter was checked
         if check_sizes:
             record["image_sizes"] = check_sizes
-        atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
+        with _writing(sidecar_path(path), "sidecar"):
+            atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
     logger.info("Wrote %s (%s exporter) and %s", path, used, sidecar_path(path).name)
     return ExportReport(path, sidecar_path(path), "onnx", str(used), random_diff, image_diff, len(image_paths), shapes)
+
+
+@contextlib.contextmanager
+def _writing(path: Path, what: str) -> Iterator[None]:
+    """Turn an ``OSError`` of the block, which writes ``path`` (a full disk, an I/O error), into one that names the
+    file, says nothing replaced it and how to go on."""
+    try:
+        yield
+    except OSError as error:
+        reason = "no space left on its disk" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+        raise OSError(
+            error.errno,
+            f"Could not write the {what} {path} ({reason}); nothing was written (a previous {path.name} is kept as "
+            "it was). Free some space on that disk (or write elsewhere) and run the export again.",
+        ) from error
 
 
 def _default_opset(path: Path) -> int | None:
@@ -677,6 +696,8 @@ def export_torchscript(
 
     Raises:
         ParityError: If the traced module differs by more than ``tolerance`` (nothing is written).
+        OSError: If the model or its sidecar cannot be written (e.g. a full disk); the message names the file, and
+            a previous file at ``path`` is kept as it was.
     """
     _check_args(image_size, tolerance)
     meta_output_dim(network)  # before any work: every reader refuses a sidecar without it
@@ -691,7 +712,13 @@ def export_torchscript(
             warnings.simplefilter("ignore", FutureWarning)
             warnings.simplefilter("ignore", torch.jit.TracerWarning)
             traced = torch.jit.trace(net, example, check_trace=False)
-            torch.jit.save(traced, str(tmp))
+            # serialised in memory, then written by Python: torch's C++ file writer aborts the interpreter when
+            # the disk is full (an uncaught c10::Error) and leaves a partial file; a Python write raises OSError
+            serialised = io.BytesIO()
+            torch.jit.save(traced, serialised)
+            with _writing(path, "TorchScript model"), open(tmp, "wb") as file:
+                file.write(serialised.getbuffer())
+            del serialised
             loaded = torch.jit.load(str(tmp), map_location="cpu")
 
         def run(batch: torch.Tensor) -> np.ndarray:
@@ -714,7 +741,8 @@ def export_torchscript(
         )
         if check_sizes:
             record["image_sizes"] = check_sizes
-        atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
+        with _writing(sidecar_path(path), "sidecar"):
+            atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
     logger.info("Wrote %s and %s", path, sidecar_path(path).name)
     return ExportReport(
         path, sidecar_path(path), "torchscript", "trace", random_diff, image_diff, len(image_paths), shapes
