@@ -52,3 +52,25 @@ def test_torchscript_export_onto_a_full_disk_is_a_clear_error(checkpoint, tmp_pa
     assert "no space left on its disk" in err and "Free some space" in err
     assert target.read_bytes() == b"previous export"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["student.pt"]  # no staged folder, no partial file
+
+
+def test_onnx_export_onto_a_full_disk_does_not_fall_back_to_dynamo(checkpoint, tmp_path, monkeypatch, capsys):
+    target = tmp_path / "student.onnx"
+    target.write_bytes(b"previous export")
+    exporters = []
+
+    def full_disk_export(network, example, path, dynamic_size, opset, exporter, min_side=32):
+        exporters.append(exporter)
+        Path(path).write_bytes(b"partial")
+        _no_space()
+
+    monkeypatch.setattr(export_module, "_onnx_export", full_disk_export)
+    argv = ["export", "--network-path", str(checkpoint), "--image-size", "32", "--output", str(target)]
+    assert cli_main.main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err  # log lines, then the one-line error
+    line = err.splitlines()[-1]
+    assert line.startswith("raml export: error: [Errno 28] Could not write the ONNX model")
+    assert "no space left on its disk" in err
+    assert exporters == ["torchscript"]  # the full disk is reported at once, with no second exporter tried
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]

@@ -585,6 +585,8 @@ def export_onnx(
         ImportError: If onnx/onnxruntime are missing.
         ParityError: If the exported model differs by more than ``tolerance`` (nothing is written).
         ValueError: On bad arguments.
+        OSError: If the model or its sidecar cannot be written (e.g. a full disk; the other exporter is then not
+            tried); the message names the file, and a previous file at ``path`` is kept as it was.
     """
     _check_args(image_size, tolerance)
     meta_output_dim(network)  # before any work: every reader refuses a sidecar without it
@@ -613,7 +615,8 @@ def export_onnx(
         used, used_opset = None, None
         for i, name in enumerate(candidates):
             try:
-                _onnx_export(net, example, tmp, dynamic_size, opset, name, min_side)
+                with _writing(path, "ONNX model"):
+                    _onnx_export(net, example, tmp, dynamic_size, opset, name, min_side)
                 import onnx
 
                 onnx.checker.check_model(str(tmp))
@@ -622,6 +625,8 @@ def export_onnx(
                     raise RuntimeError(f"it wrote opset {written}, not the {wanted} asked for")
                 used, used_opset = name, written
                 break
+            except OSError:  # the file could not be written (a full disk): the other exporter would fail too
+                raise
             except Exception as error:  # noqa: BLE001 - exporters raise many types; fall back or re-raise
                 if i + 1 == len(candidates):
                     raise RuntimeError(f"ONNX export with the {name} exporter failed: {error}") from error
