@@ -19,6 +19,7 @@ recorded in ``<data_root>/networks/SHA256SUMS`` (``sha256sum`` format) and check
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import logging
 import os
@@ -28,6 +29,7 @@ import time
 import urllib.error
 import urllib.request
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Any
 
@@ -655,13 +657,66 @@ def read_sha256sums(folder: str | Path) -> dict[str, str]:
     return sums
 
 
+#: the lock file next to SHA256SUMS that :func:`record_sha256` holds while it rewrites it, and how long it waits
+_SUMS_LOCK_NAME = f".{SHA256SUMS_NAME}.lock"
+_SUMS_LOCK_WAIT_S = 60.0
+
+
+@contextlib.contextmanager
+def _sums_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``<folder>/.SHA256SUMS.lock`` for the block, waiting up to a minute for
+    another process (which holds it for one read and rewrite of SHA256SUMS). The file is removed on release; a
+    waiter that then holds the removed file tries again on the new one (as :class:`raml.locking.DirectoryLock`)."""
+    import fcntl
+
+    path = folder / _SUMS_LOCK_NAME
+    deadline = time.monotonic() + _SUMS_LOCK_WAIT_S
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        try:
+            while True:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    break
+                except BlockingIOError:
+                    if time.monotonic() > deadline:
+                        raise TimeoutError(
+                            f"Another process has held {path} for over {_SUMS_LOCK_WAIT_S:.0f} s while recording "
+                            f"a SHA-256 in {folder / SHA256SUMS_NAME}; wait for it to finish (or stop it) and run "
+                            "again."
+                        ) from None
+                    time.sleep(0.01)
+            opened = os.fstat(fd)
+            try:
+                on_disk = os.lstat(path)
+            except FileNotFoundError:  # removed by the holder we waited for: lock the next file
+                on_disk = None
+        except BaseException:
+            os.close(fd)
+            raise
+        if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino):
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        try:
+            path.unlink(missing_ok=True)  # while still held: a waiter on this file notices it is gone
+        finally:
+            os.close(fd)
+
+
 def record_sha256(path: str | Path, digest: str | None = None) -> str:
-    """Record the SHA-256 of ``path`` in ``SHA256SUMS`` of its folder (rewritten atomically); returns it."""
+    """Record the SHA-256 of ``path`` in ``SHA256SUMS`` of its folder (rewritten atomically); returns it.
+
+    The read and rewrite hold a lock (``.SHA256SUMS.lock`` in the folder, removed after), so that processes
+    recording digests in the same folder at once keep each other's lines."""
     path = Path(path)
     digest = digest or file_sha256(path)
-    sums = read_sha256sums(path.parent)
-    sums[path.name] = digest
-    atomic_write_text(path.parent / SHA256SUMS_NAME, "".join(f"{sums[n]}  {n}\n" for n in sorted(sums)))
+    with _sums_lock(path.parent):
+        sums = read_sha256sums(path.parent)
+        sums[path.name] = digest
+        atomic_write_text(path.parent / SHA256SUMS_NAME, "".join(f"{sums[n]}  {n}\n" for n in sorted(sums)))
     return digest
 
 
