@@ -403,8 +403,9 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
     if not (len(paths) == embeddings.shape[0] == labels.shape[0] and index.ntotal == count == live and stamps_ok):
         raise IndexDirectoryError(
             f"The index at {index_dir} is inconsistent: {count} in {METADATA_NAME}, {len(paths)} paths ({live} not "
-            f"removed), {embeddings.shape[0]} embeddings, {labels.shape[0]} labels, {index.ntotal} vectors in the "
-            "faiss index; rebuild it with `raml index --overwrite`."
+            f"removed), {embeddings.shape[0]} embeddings, {labels.shape[0]} labels, "
+            f"{'' if stamps is None else f'{len(stamps)} file stamps, '}{index.ntotal} vectors in the faiss index; "
+            "rebuild it with `raml index --overwrite`."
         )
     params = _params_from_meta(meta, index_dir)
     apply_search_params(index, params)
