@@ -15,6 +15,8 @@ import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import torch
+
 from raml.models.checkpoints import CheckpointError, InvalidCheckpointError, load_checkpoint_file
 from raml.models.restricted_pickle import check_declared_sizes, is_torchscript_archive, torch_load_mapped
 
@@ -149,6 +151,58 @@ def check_optimizer_state(saved: dict[str, Any], optimizer_name: str, path: Path
             f"parameter groups lack {', '.join(absent)}; they hold {', '.join(found)}); nothing was changed. "
             + _SETTINGS_HINT
         )
+
+
+def _shape(shape: Any) -> str:
+    return "(" + ", ".join(map(str, shape)) + ")"
+
+
+def check_optimizer_tensors(saved: dict[str, Any], optimizer: torch.optim.Optimizer, path: Path) -> None:
+    """Refuse (:class:`CheckpointError`) an optimizer state whose tensors ``optimizer.load_state_dict`` would
+    materialise beyond what the run holds, before it is given them.
+
+    Each per-parameter tensor (Adam's ``exp_avg``/``exp_avg_sq``, SGD's ``momentum_buffer``; a 0-d ``step`` is
+    fine) must have its parameter's shape, and no tensor may declare more elements than its storage holds (an
+    optimizer writes its state whole; a stride-0 view of one stored value declaring millions of elements would be
+    copied out, and cast to the parameter's dtype, by ``load_state_dict``). Parameters are matched to the saved
+    indices as ``load_state_dict`` matches them (group by group, in order); groups that do not match are left to
+    it, which refuses them.
+    """
+    state = saved.get("state")
+    if not isinstance(state, dict):
+        return
+    groups = saved.get("param_groups")
+    parameters: dict[Any, torch.Tensor] = {}
+    if isinstance(groups, list) and len(groups) == len(optimizer.param_groups):
+        for group, ours in zip(groups, optimizer.param_groups):
+            indices = group.get("params") if isinstance(group, dict) else None
+            if isinstance(indices, list) and len(indices) == len(ours["params"]):
+                for index, parameter in zip(indices, ours["params"]):
+                    if isinstance(index, (int, str)):
+                        parameters[index] = parameter
+    for index, entry in state.items():
+        if not isinstance(entry, dict):
+            continue
+        parameter = parameters.get(index)
+        for name, value in entry.items():
+            if not isinstance(value, torch.Tensor):
+                continue
+            where = f"the state {name!r} of its parameter {index!r}"
+            capacity = value.untyped_storage().nbytes() // max(value.element_size(), 1)
+            if value.numel() > capacity:
+                raise CheckpointError(
+                    f"--resume-student {path}: its optimizer state is not one an optimizer saved: {where} declares "
+                    f"{value.numel()} elements (shape {_shape(value.shape)}) over a storage of {capacity}; nothing "
+                    "was changed. Resume from another checkpoint of the run, or start a new run from its weights "
+                    "with --student-path."
+                )
+            if parameter is not None and value.dim() > 0 and value.shape != parameter.shape:
+                raise CheckpointError(
+                    f"--resume-student {path}: its optimizer state does not fit this run's network: {where} has "
+                    f"shape {_shape(value.shape)}, the parameter {_shape(parameter.shape)}; nothing was changed. "
+                    "Resume from a checkpoint of this run (--resume-student last), or start a new run from its "
+                    "weights with --student-path."
+                )
 
 
 def load_scheduler_state(scheduler: Any, saved: dict[str, Any], scheduler_name: str, path: Path) -> None:

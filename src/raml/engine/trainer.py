@@ -58,6 +58,7 @@ from raml.engine.optim import PER_STEP_SCHEDULERS, build_optimizer, build_schedu
 from raml.engine.resume import (
     check_not_interrupted,
     check_optimizer_state,
+    check_optimizer_tensors,
     check_run_fields,
     check_schedule_position,
     last_checkpoint,
@@ -597,6 +598,7 @@ class Trainer:
         self._load_student_state(checkpoint, path)
         if checkpoint.get("optimizer"):
             check_optimizer_state(checkpoint["optimizer"], self.config.optimizer, path)
+            check_optimizer_tensors(checkpoint["optimizer"], self.optimizer, path)
             self.optimizer.load_state_dict(checkpoint["optimizer"])
         if checkpoint.get("scheduler") and self.scheduler is not None:
             saved_total = checkpoint["scheduler"].get("total_steps")
