@@ -69,6 +69,7 @@ from raml.deploy.faiss_index import IndexParams, apply_search_params, as_float32
 from raml.deploy.lock import LOCK_NAME
 from raml.deploy.ondisk_ivf import set_lists_name
 from raml.deploy.shards import is_shards_folder
+from raml.retrieval.cache import check_npy_size
 from raml.utils import atomic_numpy_save, atomic_path, atomic_write_text, fsync_directory
 
 logger = logging.getLogger(__name__)
@@ -375,8 +376,10 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
         paths = json.loads(paths_file.read_text())
         # memory-mapped: replicas on one node share the pages, and a later commit only unlinks the file
         reading = emb_file
+        check_npy_size(emb_file)
         embeddings = np.load(emb_file, allow_pickle=False, mmap_mode="r")
         reading = labels_file
+        check_npy_size(labels_file)  # before np.load allocates what its header declares
         labels = np.load(labels_file, allow_pickle=False)
         reading = checked.get("stamps")
         stamps = json.loads(checked["stamps"].read_text()) if "stamps" in checked else None

@@ -39,6 +39,34 @@ TRANSFORM_VERSION = "eval-lanczos-8/7-centrecrop-v1"
 MISSING = "missing"
 
 
+def check_npy_size(path: str | Path) -> None:
+    """Refuse (``ValueError``) a ``.npy`` file whose header declares more data than the file holds.
+
+    ``np.load`` allocates the declared shape before reading (a 136-byte file declaring ``(10**11,)`` int64 asked
+    for 745 GiB), so the header is read on its own first (:mod:`numpy.lib.format`, versions 1.0 and 2.0, those
+    ``np.save`` writes for plain dtypes) and shape x item size is compared with the bytes after it. A malformed
+    header raises numpy's own ``ValueError``.
+    """
+    fmt = np.lib.format
+    with open(path, "rb") as handle:
+        version = fmt.read_magic(handle)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(handle)
+        elif version == (2, 0):
+            shape, _, dtype = fmt.read_array_header_2_0(handle)
+        else:
+            raise ValueError(f"{path}: .npy format version {version[0]}.{version[1]}; 1.0 or 2.0 expected")
+        held = os.fstat(handle.fileno()).st_size - handle.tell()
+    declared = dtype.itemsize
+    for side in shape:
+        declared *= int(side)
+    if declared > held:
+        raise ValueError(
+            f"{path}: its header declares shape {tuple(shape)} of {dtype} ({declared} bytes), but the file holds "
+            f"{held} bytes of data (a damaged or foreign file)"
+        )
+
+
 def file_stamps(files: Sequence[str | Path], content_hash: bool = False) -> list[str]:
     """One stamp per file: ``"<size>:<mtime_ns>"``, or ``"sha256:<hex>"`` with ``content_hash``.
 
@@ -142,8 +170,9 @@ class EmbeddingCache:
         if not path.is_file():
             return None
         try:
+            check_npy_size(path)  # before np.load allocates what the header declares
             array = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as error:
+        except (OSError, ValueError, EOFError) as error:
             logger.warning("Ignoring unreadable cache entry %s (%s); it will be recomputed.", path, error)
             return None
         if array.ndim != 2 or array.shape[0] != expected_rows:
