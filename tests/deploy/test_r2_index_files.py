@@ -65,3 +65,65 @@ def test_a_npy_header_declaring_more_than_the_file_holds_is_refused(index_dir: P
     _declare(index_dir / name, descr, shape)
     with pytest.raises(IndexDirectoryError, match=rf"{name} is unreadable .*declares shape .* but the file holds 64"):
         load_index(index_dir)
+
+
+def _edit_meta(index_dir: Path, **fields) -> None:
+    meta = json.loads((index_dir / "index.json").read_text())
+    for field, value in fields.items():
+        if value is _DROP:
+            del meta[field]
+        else:
+            meta[field] = value
+    (index_dir / "index.json").write_text(json.dumps(meta))
+
+
+_DROP = object()
+
+
+@pytest.mark.parametrize(
+    ("fields", "refusal"),
+    [
+        ({"count": _DROP}, "has no 'count' field"),
+        ({"count": "abc"}, """'count' field is a JSON string "abc", a non-negative integer expected"""),
+        ({"count": [1]}, "'count' field is a JSON list, a non-negative integer expected"),
+        ({"count": True}, "'count' field is a JSON boolean true"),
+        ({"version": "x"}, """'version' field is a JSON string "x", a non-negative integer expected"""),
+        ({"generation": 1.5}, "'generation' field is a JSON number 1.5"),
+        ({"params": [1]}, "'params' field is a JSON list, a table of index parameters expected"),
+    ],
+)
+def test_malformed_index_json_fields_are_refused_by_name(index_dir: Path, fields, refusal) -> None:
+    _edit_meta(index_dir, **fields)
+    with pytest.raises(IndexDirectoryError, match=r"index\.json: its|index\.json has no") as refused:
+        load_index(index_dir)
+    assert refusal in str(refused.value) and "rebuild the index" in str(refused.value)
+
+
+def test_a_deeply_nested_index_json_is_refused(index_dir: Path) -> None:
+    (index_dir / "index.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(IndexDirectoryError, match=r"index\.json is unreadable \(maximum recursion"):
+        load_index(index_dir)
+
+
+@pytest.mark.parametrize(
+    ("kind", "text", "found"),
+    [
+        ("paths", "5", "holds a JSON number 5, a JSON list of image paths"),
+        ("paths", '{"a": 1}', "holds a JSON object, a JSON list of image paths"),
+        ("paths", "[1, 2, 3, 4, 5, 6]", "holds a JSON list holding other values than strings"),
+        ("stamps", "5", "holds a JSON number 5, a JSON list of file stamps"),
+    ],
+)
+def test_malformed_paths_and_stamps_files_are_refused_by_name(index_dir: Path, kind, text, found) -> None:
+    name = _files(index_dir)[kind]
+    (index_dir / name).write_text(text)
+    with pytest.raises(IndexDirectoryError, match=rf"{name} {found}"):
+        load_index(index_dir)
+
+
+@pytest.mark.parametrize(("kind", "array"), [("embeddings", np.float32(1.0)), ("labels", np.zeros((6, 1), np.int64))])
+def test_arrays_of_another_dimension_are_refused_by_name(index_dir: Path, kind, array) -> None:
+    name = _files(index_dir)[kind]
+    np.save(index_dir / name, array)
+    with pytest.raises(IndexDirectoryError, match=rf"{name} holds an array of shape"):
+        load_index(index_dir)

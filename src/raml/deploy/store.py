@@ -204,13 +204,15 @@ def _read_metadata(index_dir: Path) -> dict[str, Any]:
         )
     try:
         meta = json.loads(meta_path.read_text())
-    except (OSError, json.JSONDecodeError) as error:
+    # ValueError: not JSON, or not UTF-8; RecursionError: nested deeper than the decoder goes
+    except (OSError, ValueError, RecursionError) as error:
         raise IndexDirectoryError(
             f"{meta_path} is unreadable ({error}); rebuild the index with `raml index --overwrite`."
         ) from error
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise IndexDirectoryError(f"{meta_path} is not a raml index description (format {FORMAT!r} expected).")
-    if int(meta.get("version", 0)) > FORMAT_VERSION:
+    _check_meta_fields(meta, meta_path)
+    if meta.get("version", 0) > FORMAT_VERSION:
         raise IndexDirectoryError(
             f"{meta_path} has format version {meta.get('version')}, newer than this raml understands "
             f"({FORMAT_VERSION}); upgrade raml."
@@ -218,13 +220,61 @@ def _read_metadata(index_dir: Path) -> dict[str, Any]:
     return meta
 
 
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _check_meta_fields(meta: dict[str, Any], meta_path: Path) -> None:
+    """Refuse (:class:`IndexDirectoryError`, naming the file and field) an ``index.json`` whose fields are not of
+    the types :func:`write_generation` writes: ``count`` a non-negative integer, ``version`` and ``generation``
+    too where present (an index of an early raml may lack them), ``params`` a table."""
+    if "count" not in meta:
+        raise IndexDirectoryError(
+            f"{meta_path} has no 'count' field (the number of indexed images); the index description was edited "
+            "or damaged: rebuild the index with `raml index --overwrite`."
+        )
+    for field in ("count", "version", "generation"):
+        if field in meta and not _is_count(meta[field]):
+            raise IndexDirectoryError(
+                f"{meta_path}: its '{field}' field is {_shown_value(meta[field])}, a non-negative integer expected; "
+                "the index description was edited or damaged: rebuild the index with `raml index --overwrite`."
+            )
+    if "params" in meta and not isinstance(meta["params"], dict):
+        raise IndexDirectoryError(
+            f"{meta_path}: its 'params' field is {_shown_value(meta['params'])}, a table of index parameters "
+            "expected; the index description was edited or damaged: rebuild the index with `raml index --overwrite`."
+        )
+
+
+def _shown_value(value: Any) -> str:
+    """``value`` for a message: its JSON type, and a scalar's text cut short (a crafted file may hold anything)."""
+    kind = {dict: "object", list: "list", str: "string", bool: "boolean", type(None): "null"}.get(type(value))
+    if kind in ("object", "list"):
+        return f"a JSON {kind}"
+    text = json.dumps(value)
+    return f"a JSON {kind or 'number'} {text[:60]}{'...' if len(text) > 60 else ''}"
+
+
+def _check_string_list(value: Any, path: Path, what: str) -> list[str]:
+    """``value`` (the contents of ``path``), refused unless it is a list of strings (:class:`IndexDirectoryError`)."""
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        found = _shown_value(value) if not isinstance(value, list) else "a JSON list holding other values than strings"
+        raise IndexDirectoryError(
+            f"{path} holds {found}, a JSON list of {what} (strings) expected; the file was edited or damaged: "
+            "rebuild the index with `raml index --overwrite`."
+        )
+    return value
+
+
 def _params_from_meta(meta: dict[str, Any], index_dir: Path | None = None) -> IndexParams:
-    stored = dict(meta.get("params", {}))
+    stored = meta.get("params", {})
+    where = f"{index_dir}/index.json" if index_dir is not None else "index.json"
+    if not isinstance(stored, dict):  # load_index refuses it first (_check_meta_fields)
+        raise IndexDirectoryError(f"{where}: its 'params' field is {_shown_value(stored)}, a table expected.")
     known = {f for f in IndexParams.__dataclass_fields__}
     try:
         return IndexParams(**{k: v for k, v in stored.items() if k in known})
     except (TypeError, ValueError) as error:  # e.g. a bound added since it was built (hnsw_m <= 512)
-        where = f"{index_dir}/index.json" if index_dir is not None else "index.json"
         raise IndexDirectoryError(
             f"{where} records index parameters this version refuses: {error} Rebuild the index (raml index "
             "--output a new folder) with parameters within the bounds."
@@ -267,7 +317,7 @@ def committed_generation(index_dir: str | Path) -> int:
     Raises:
         IndexDirectoryError: If the directory holds no readable index description.
     """
-    return int(_read_metadata(Path(index_dir))["generation"])
+    return int(_read_metadata(Path(index_dir)).get("generation", 0))
 
 
 def _read_flags(faiss: Any, on_disk: bool, mmap: bool) -> int:
@@ -373,7 +423,7 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
     try:
         paths_file, emb_file, labels_file, index_file = (checked[k] for k in ("paths", "embeddings", "labels", "index"))
         reading = paths_file
-        paths = json.loads(paths_file.read_text())
+        paths = _check_string_list(json.loads(paths_file.read_text()), paths_file, "image paths")
         # memory-mapped: replicas on one node share the pages, and a later commit only unlinks the file
         reading = emb_file
         check_npy_size(emb_file)
@@ -382,7 +432,9 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
         check_npy_size(labels_file)  # before np.load allocates what its header declares
         labels = np.load(labels_file, allow_pickle=False)
         reading = checked.get("stamps")
-        stamps = json.loads(checked["stamps"].read_text()) if "stamps" in checked else None
+        stamps = None
+        if "stamps" in checked:
+            stamps = _check_string_list(json.loads(checked["stamps"].read_text()), checked["stamps"], "file stamps")
         reading = checked.get("invlists")
         if "invlists" in checked and not checked["invlists"].is_file():
             raise OSError(f"{files['invlists']} (the inverted lists of {files['index']}) is missing")
@@ -400,6 +452,12 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
             f"The index at {index_dir} is damaged{where} ({type(error).__name__}: {error}); rebuild it with "
             "`raml index --overwrite`."
         ) from error
+    for array, file, ndim, shape in ((embeddings, emb_file, 2, "(N, D)"), (labels, labels_file, 1, "(N,)")):
+        if array.ndim != ndim:
+            raise IndexDirectoryError(
+                f"{file} holds an array of shape {array.shape}, {shape} expected; the file was replaced or damaged: "
+                "rebuild the index with `raml index --overwrite`."
+            )
     count = int(meta["count"])
     live = sum(1 for p in paths if p != REMOVED)
     stamps_ok = stamps is None or len(stamps) == len(paths)
