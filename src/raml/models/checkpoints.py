@@ -22,9 +22,11 @@ from __future__ import annotations
 import contextlib
 import difflib
 import logging
+import math
 import os
 import pickle
 import re
+import reprlib
 import time
 import urllib.error
 import urllib.request
@@ -488,6 +490,48 @@ def _timm_reference_keys(network: EmbeddingNetwork, state_dict: dict[str, Any]) 
     }
 
 
+_META_REPR = reprlib.Repr()  # a crafted value shown cut short, however long or deeply nested (repr would recurse)
+_META_REPR.maxlevel, _META_REPR.maxlist, _META_REPR.maxtuple, _META_REPR.maxdict = 2, 4, 4, 4
+_META_REPR.maxstring = _META_REPR.maxother = 40
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _check_meta_fields(meta: dict[str, Any], source: str | Path) -> None:
+    """Refuse (:class:`CheckpointError`, naming the file and each field) a ``meta`` whose values are not of the
+    types the network is rebuilt from: a crafted or damaged file would otherwise end in a bare ``ValueError``
+    (``mean`` of strings), a ``TypeError`` or a ``RecursionError`` (an architecture nested 100 000 lists deep)."""
+    problems = []
+    for key in ("architecture", "pooling"):
+        if not isinstance(meta[key], str) or not meta[key]:
+            problems.append(f"{key} must be a name (a string), got {_META_REPR.repr(meta[key])}")
+    for key in ("mean", "std"):
+        value = meta.get(key)
+        if value is None:
+            continue
+        numbers = isinstance(value, (list, tuple)) and len(value) == 3 and all(_is_number(v) for v in value)
+        if not numbers or (key == "std" and any(v <= 0 for v in value)):
+            what = "three positive finite numbers" if key == "std" else "three finite numbers"
+            problems.append(f"{key} must be {what} (one per RGB channel), got {_META_REPR.repr(value)}")
+    for key in ("bn_sizes", "image_sizes"):
+        value = meta.get(key)
+        if value is None or (isinstance(value, (list, tuple)) and not value):  # [] read as absent, as elsewhere
+            continue
+        if not (isinstance(value, (list, tuple)) and value and all(_is_positive_int(v) for v in value)):
+            problems.append(f"{key} must be a list of positive integers (image sides), got {_META_REPR.repr(value)}")
+    if problems:
+        raise CheckpointError(
+            f"{source}: its meta is malformed: {'; '.join(problems)}. The file was damaged or not written by raml "
+            "or the reference: re-save it with raml.models.save_checkpoint, or use the file it was copied from."
+        )
+
+
 def network_from_checkpoint(
     checkpoint: dict,
     source: str = "<checkpoint>",
@@ -529,6 +573,7 @@ def network_from_checkpoint(
     missing = [key for key in ("architecture", "pooling") if key not in meta]
     if missing:
         raise CheckpointError(f"{source}: meta lacks {missing}; found meta keys {sorted(meta)}.")
+    _check_meta_fields(meta, source)
     if str(meta["pooling"]).lower() not in POOLINGS:
         raise CheckpointError(
             f"{source}: meta names the pooling {meta['pooling']!r}, which is not supported; supported poolings "
