@@ -73,3 +73,17 @@ def test_resuming_a_checkpoint_with_a_stride0_optimizer_state_is_refused_before_
     with pytest.raises(CheckpointError, match=r"declares 1000000 elements \(shape \(1000000\)\) over a storage of 1"):
         Trainer(config, CPU, progress=False)
     assert last.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("sizes", "shown"),
+    [([[1]], "a list holding other values than positive integers"), (["a"], "a list holding"), ("ab", "'ab'")],
+)
+def test_a_checkpoint_of_malformed_image_sizes_is_refused_by_name(tmp_path, sizes, shown) -> None:
+    from raml.engine.resume import load_resume_checkpoint
+
+    path = tmp_path / "model_last.pth.tar"
+    meta = {"architecture": "resnet18", "pooling": "gem", "image_sizes": sizes}
+    torch.save({"meta": meta, "state_dict": {"x": torch.zeros(1)}, "raml": {"mode": "ts_aug"}, "epoch": 1}, path)
+    with pytest.raises(CheckpointError, match=rf"{path.name}: its meta's 'image_sizes' is {shown}"):
+        load_resume_checkpoint(path)

@@ -280,6 +280,25 @@ def _damaged(path: Path, detail: str) -> InvalidCheckpointError:
     )
 
 
+def _check_image_sizes(meta: Any, path: Path) -> None:
+    """Refuse (:class:`CheckpointError`) a ``meta["image_sizes"]`` that is not a list of positive integers: read by
+    :func:`trained_image_sizes`, it would end in a bare ``ValueError`` or ``TypeError``."""
+    sizes = meta.get("image_sizes") if isinstance(meta, dict) else None
+    if sizes is None:
+        return
+    if isinstance(sizes, list):
+        if all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in sizes):
+            return
+        shown = "a list holding other values than positive integers"
+    else:
+        shown = repr(sizes)[:60] if isinstance(sizes, (str, int, float)) else f"a {type(sizes).__name__}"
+    raise CheckpointError(
+        f"--resume-student {path}: its meta's 'image_sizes' is {shown}, a list of positive integers (the student "
+        "sizes it was trained at) expected; the file was damaged or not written by raml. Resume from another "
+        "checkpoint of the run (--resume-student last), or start a new run without --resume-student."
+    )
+
+
 def load_resume_checkpoint(path: Path) -> dict[str, Any]:
     """:func:`load_checkpoint_file`, with a message for a damaged file that fits a training checkpoint.
 
@@ -291,6 +310,7 @@ def load_resume_checkpoint(path: Path) -> dict[str, Any]:
     except InvalidCheckpointError as error:
         raise _damaged(path, error.detail) from error
     stored = checkpoint.get("raml")
+    _check_image_sizes(checkpoint.get("meta"), path)
     if isinstance(stored, dict) and "image_sizes" not in stored:
         sizes = trained_image_sizes(stored, checkpoint.get("meta"))
         if sizes is not None:
