@@ -296,6 +296,12 @@ class _Inert(Dropped):
         return _Inert()
 
 
+def _plain_data(value: Any) -> bool:
+    """Whether the size check's unpickler built ``value`` from opcodes alone (as a plain value or container, which
+    every unpickler builds alike), not by a call (a stand-in, a function, a class)."""
+    return type(value) in (type(None), bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set)
+
+
 def _element_count(shape: Any, limit: int, what: str) -> int:
     """The number of elements of a numpy shape (an int or a sequence of ints), refused above ``limit``."""
     dims = (shape,) if type(shape) is int else shape
@@ -456,8 +462,11 @@ def check_declared_sizes(file: IO[bytes]) -> None:
     """Refuse a ``torch.save`` file that makes the loader allocate more memory than the file holds.
 
     Reads the seekable binary ``file`` from its current position, which is restored: for a zip archive its
-    directory (every record must be stored uncompressed, as ``torch.save`` writes them, and their sizes must add
-    up to no more than the file) and its ``data.pkl`` records; for torch's legacy format its pickles. The pickles
+    directory (every record must be stored uncompressed, as ``torch.save`` writes them, their sizes must add
+    up to no more than the file, and no two names may differ only in case) and its ``data.pkl`` records, whatever
+    the case of their names (torch's zip reader ignores it); for torch's legacy format its pickles (the first of
+    which must be torch's magic number as a plain int: a non-zip file whose first pickle is built by a call is
+    refused, as it may build the number in torch's unpickler). The pickles
     are read by an unpickler that imports and runs nothing and checks every size given to a constructor (see
     ``_size_checking_unpickler``), and the total of the bytes and array data it builds. A file that passes loads
     within about three times its own size (its storages, and its bytes and arrays at most twice the file), plus
@@ -476,14 +485,33 @@ def check_declared_sizes(file: IO[bytes]) -> None:
             file.seek(start)
             for index in range(_LEGACY_PICKLES):
                 value = _size_checking_unpickler(file, limit).load()
-                if index == 0 and value != _LEGACY_MAGIC_NUMBER:
-                    return  # not torch's legacy format: torch.load refuses it before reading anything more
+                if index == 0 and not (type(value) is int and value == _LEGACY_MAGIC_NUMBER):
+                    if _plain_data(value) and value != _LEGACY_MAGIC_NUMBER:
+                        return  # not torch's legacy format: torch.load refuses it before reading anything more
+                    # torch.load reads every non-zip file as its legacy format, and refuses it only if the number
+                    # its own unpickler builds differs; that unpickler may build it from a call this one does not
+                    # make (``int("1950a86a...", 16)``), so a first pickle built by a call is refused here
+                    raise DeclaredSizeError(
+                        "it is neither a zip archive nor torch's legacy format (its first pickle is not torch's magic "
+                        "number written as a plain int, but built by a call)"
+                    )
             return
         file.seek(start)
         try:
             with zipfile.ZipFile(file) as archive:
                 records = archive.infolist()
+                # torch's zip reader (miniz) finds a record whatever the case of its name: every record whose
+                # name could be the one torch reads is checked, and names that differ only in case are refused
+                # (which of them torch would read is not known)
+                seen: dict[str, str] = {}
                 for record in records:
+                    folded = record.filename.lower()
+                    if folded in seen:
+                        raise DeclaredSizeError(
+                            f"its records {seen[folded]!r} and {record.filename!r} have the same name (ignoring "
+                            "case, as torch's zip reader does); torch.save writes every name once"
+                        )
+                    seen[folded] = record.filename
                     if record.compress_type != zipfile.ZIP_STORED:
                         raise DeclaredSizeError(
                             f"its record {record.filename} is compressed (method {record.compress_type}); torch.save "
@@ -492,7 +520,7 @@ def check_declared_sizes(file: IO[bytes]) -> None:
                 declared = sum(record.file_size for record in records)
                 if declared > limit:
                     raise DeclaredSizeError(f"its records declare {declared} bytes in a file of {limit} bytes")
-                pickles = [archive.read(r) for r in records if r.filename.rsplit("/", 1)[-1] == "data.pkl"]
+                pickles = [archive.read(r) for r in records if r.filename.rsplit("/", 1)[-1].lower() == "data.pkl"]
         except (zipfile.LargeZipFile, ValueError, EOFError) as error:
             raise zipfile.BadZipFile(f"a zip archive whose directory is unreadable: {error}") from error
         for pickled in pickles:
