@@ -7,7 +7,9 @@ together with the whole scheduler and optimizer objects). ``restricted_torch_loa
 unpickler that
 
 - rebuilds tensors, parameters, storages, plain containers, ``OrderedDict``, ``torch.Size``/dtypes/devices and
-  numpy scalars/arrays (all of which construct data, never run code);
+  numpy scalars/arrays (all of which construct data, never run code); torch's rebuild functions are handed to
+  the pickle as stand-ins that call them, so that a pickle cannot change them for later loads (a BUILD on one,
+  which would set e.g. its ``__defaults__``, is refused with ``UnsafeStateError``);
 - replaces objects of the training machinery (``torch.optim.*`` optimizers and schedulers, ``getattr`` of
   bound methods, ``copyreg`` reconstructors, ``functools.partial``, ``weakref``) by inert ``Dropped``
   placeholders that ignore their arguments and state;
@@ -53,6 +55,7 @@ __all__ = [
     "TorchScriptArchiveError",
     "check_declared_sizes",
     "UnsafeGlobalError",
+    "UnsafeStateError",
     "contains_dropped",
     "is_torchscript_archive",
     "restricted_torch_load",
@@ -65,6 +68,44 @@ class UnsafeGlobalError(pickle.UnpicklingError):
     def __init__(self, global_name: str) -> None:
         super().__init__(f"the pickle references {global_name}, which is neither data nor training state")
         self.global_name = global_name
+
+
+class UnsafeStateError(UnsafeGlobalError):
+    """The pickle sets the state or attributes of a global it references (BUILD on a function), which would change
+    it for every later load in the process."""
+
+    def __init__(self, global_name: str) -> None:
+        pickle.UnpicklingError.__init__(
+            self, f"the pickle sets the state of {global_name}, a function of torch, not of an object it built"
+        )
+        self.global_name = global_name
+
+
+class _Rebuilder:
+    """What the restricted unpickler hands out for one of torch's rebuild functions: calls it, but cannot be changed.
+
+    The functions themselves are plain Python functions: a pickle's BUILD on the global would set their attributes
+    (``__defaults__``, ``__kwdefaults__``, ...) for the whole process, so that every later load, however clean,
+    rebuilt tensors as the file chose. BUILD on this stand-in refuses the file instead; it has no other attributes
+    to set."""
+
+    __slots__ = ("_function", "_name")
+
+    def __init__(self, function: Any, name: str) -> None:
+        object.__setattr__(self, "_function", function)
+        object.__setattr__(self, "_name", name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self._function(*args, **kwargs)
+
+    def __setstate__(self, state: Any) -> None:
+        raise UnsafeStateError(self._name)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise UnsafeStateError(self._name)
+
+    def __repr__(self) -> str:
+        return f"<rebuilder {self._name}>"
 
 
 class TorchScriptArchiveError(pickle.UnpicklingError):
@@ -187,9 +228,11 @@ _DROPPABLE_MODULES = ("torch.optim", "weakref", "_weakref")
 
 
 def _allowed(module: str, name: str) -> Any | None:
-    """The real object for an allowed data global, else None."""
+    """The real object for an allowed data global (for torch's rebuild functions, which a pickle could change, a
+    stand-in that calls them), else None. Every other object returned is a builtin or a class of C whose attributes
+    cannot be set."""
     if module == "torch._utils" and name in _TORCH_REBUILDERS:
-        return getattr(torch._utils, name)
+        return _Rebuilder(getattr(torch._utils, name), f"{module}.{name}")
     if module == "torch":
         value = getattr(torch, name, None)
         if isinstance(value, torch.dtype) or name in ("Size", "device"):
