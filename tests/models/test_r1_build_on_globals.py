@@ -58,8 +58,8 @@ def test_a_pickle_cannot_change_torchs_rebuild_functions(tmp_path: Path, monkeyp
     torch.save({"state_dict": {"w": torch.arange(4.0)}, "max_map": np.float64(0.5)}, clean)
     poison = _zip(tmp_path / "poison.pth", _build_on("torch._utils", "_rebuild_tensor_v2", _NEGATING))
     try:
-        with pytest.raises(CheckpointError, match=r"poison.pth.*not a valid checkpoint"):
-            load_checkpoint_file(poison)  # the size check cannot read it
+        with pytest.raises(CheckpointError, match=r"poison.pth"):
+            load_checkpoint_file(poison)
         # the loader itself refuses it too, were the size check ever got round (as it was, by a record named in
         # another case)
         with monkeypatch.context() as patch:

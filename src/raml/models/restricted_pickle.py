@@ -333,7 +333,15 @@ _TEXT_ENCODINGS = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l
 
 
 class _Inert(Dropped):
-    """What the size check's unpickler builds for every global: accepts any call, item or state, holds nothing."""
+    """What the size check's unpickler builds for every global: accepts any call, item or state, holds nothing.
+
+    ``elements`` is how many items the real object may yield when iterated (a numpy array's or a storage's
+    elements, a list built from stored data; None: not known, as for a tensor whose shape is not plain ints), and
+    ``item_bytes`` what each costs when a constructor such as ``list()`` builds an object per item (a numpy scalar,
+    a float: about 33 bytes and a pointer; see ``_size_checking_unpickler``)."""
+
+    elements: int | None = 0
+    item_bytes = 64
 
     def __call__(self, *args: Any, **kwargs: Any) -> _Inert:
         return _Inert()
@@ -408,45 +416,104 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
 
     class SizedArray(_Inert):  # numpy.ndarray(shape, ...), and what _reconstruct returns
         def __new__(cls, *args: Any, **kwargs: Any) -> SizedArray:
+            made = super().__new__(cls)
             if args:
-                _element_count(args[0], limit, "a numpy array")
-            return super().__new__(cls)
+                made.elements = _element_count(args[0], limit, "a numpy array")
+            return made
 
         def __setstate__(self, state: Any) -> None:
             # ndarray.__reduce__'s state: (version, shape, dtype, is_fortran, data); numpy trusts shape too much
             # (an object array whose list is short crashes it): only raw bytes at least as long as the shape
             if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[4], bytes):
                 raise DeclaredSizeError("the pickle holds a numpy array that is not plain bytes (an object array?)")
-            if _element_count(state[1], limit, "a numpy array") > len(state[4]):
+            count = _element_count(state[1], limit, "a numpy array")
+            if count > len(state[4]):
                 raise DeclaredSizeError(f"a numpy array declares {state[1]!r} elements for {len(state[4])} bytes")
             spend(len(state[4]), "numpy arrays' data")  # the real load copies it into the array
+            self.elements = count
 
     def reconstruct(subtype: Any, shape: Any, dtype: Any) -> SizedArray:
-        _element_count(shape, limit, "a numpy array")
-        return SizedArray()
+        made = SizedArray()
+        made.elements = _element_count(shape, limit, "a numpy array")
+        return made
 
-    def copied(values: tuple[Any, ...]) -> int:
-        """What a constructor given ``values`` may copy out of them: their characters or bytes, or a pointer (8
-        bytes) per item of a container (e.g. ``list(s)`` of a stored string: a list of its characters)."""
+    def items(values: tuple[Any, ...]) -> int | None:
+        """How many items a constructor given ``values`` may hold (None: not known)."""
+        total = 0
+        for value in values:
+            if isinstance(value, (str, bytes, bytearray, list, tuple, set, frozenset, dict)):
+                total += len(value)
+            elif isinstance(value, _Inert):
+                if value.elements is None:
+                    return None
+                total += value.elements
+        return total
+
+    def copied(values: tuple[Any, ...], per_item: bool = True) -> int:
+        """What a constructor given ``values`` may copy out of them: their characters or bytes, a pointer (8
+        bytes) per item of a container (e.g. ``list(s)`` of a stored string: a list of its characters), and, unless
+        ``per_item`` is false (torch's rebuild functions, which wrap an array or tensor whole), an object per
+        element of a stand-in (``list(a)`` of a stored numpy array, tensor or storage: a numpy scalar, tensor or
+        float per element)."""
         size = 0
         for value in values:
             if isinstance(value, (str, bytes, bytearray)):
                 size += len(value)
             elif isinstance(value, (list, tuple, set, frozenset, dict)):
                 size += 8 * len(value)
+            elif per_item and isinstance(value, _Inert):
+                if value.elements is None:
+                    raise DeclaredSizeError(
+                        "the pickle passes a tensor whose shape is not plain sizes to a constructor that may iterate it"
+                    )
+                size += value.elements * value.item_bytes
         return size
 
     class Counted(_Inert):
-        """Every other global (list, set, str, a numpy scalar, torch's rebuild functions, ...): a stand-in, but
-        what the real load would copy from its arguments counts against the budget (the same stored object passed
-        to list() over and over is as large as the same string passed to bytearray())."""
+        """Every other global (list, set, str, a numpy scalar, ...): a stand-in, but what the real load would copy
+        from its arguments counts against the budget (the same stored object passed to list() over and over is as
+        large as the same string passed to bytearray()); the stand-in holds as many items as its arguments."""
 
         def __new__(cls, *args: Any, **kwargs: Any) -> Counted:
-            spend(copied((*args, *kwargs.values())), "objects built from stored data")
-            return super().__new__(cls)
+            values = (*args, *kwargs.values())
+            spend(copied(values), "objects built from stored data")
+            made = super().__new__(cls)
+            made.elements = items(values)
+            return made
 
         def __call__(self, *args: Any, **kwargs: Any) -> Counted:
             return Counted(*args, **kwargs)
+
+    class Rebuilt(_Inert):
+        """What torch's rebuild functions return: a tensor (or parameter) of the elements its shape declares,
+        each an object of about 650 bytes when a constructor iterates it (``list(t)``: a 0-d tensor per element)."""
+
+        item_bytes = 1024
+
+    def tensor_elements(shape: Any) -> int | None:
+        if not isinstance(shape, (tuple, list)) or not all(type(d) is int and d >= 0 for d in shape):
+            return None
+        count = 1
+        for dim in shape:
+            count = min(count * dim, 1 << 62)
+        return count
+
+    def rebuild(name: str) -> Any:
+        """torch._utils.<name>: nothing built or copied (a view of a storage, a parameter around a tensor)."""
+
+        def build(*args: Any, **kwargs: Any) -> Rebuilt:
+            values = (*args, *kwargs.values())
+            spend(copied(values, per_item=False), "objects built from stored data")
+            made = Rebuilt()
+            if name.startswith("_rebuild_tensor"):  # (storage, storage_offset, size, stride, ...)
+                made.elements = tensor_elements(args[2] if len(args) > 2 else kwargs.get("size"))
+            elif name.startswith("_rebuild_parameter") and args and isinstance(args[0], _Inert):  # (data, ...)
+                made.elements = args[0].elements
+            else:
+                made.elements = None
+            return made
+
+        return build
 
     checked: dict[tuple[str, str], Any] = {
         ("builtins", "bytes"): sized_bytes(bytes),
@@ -459,7 +526,13 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
 
     class SizeCheckingUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
-            return checked.get(_python3_name(module, name), Counted)
+            module, name = _python3_name(module, name)
+            if (module == "torch._utils" and name.startswith("_rebuild_")) or (module, name) == (
+                "torch._tensor",
+                "_rebuild_from_type_v2",
+            ):
+                return rebuild(name)
+            return checked.get((module, name), Counted)
 
         def persistent_load(self, saved_id: Any) -> Any:
             # torch's storages: ("storage", type, key, location, numel[, view]); numel counts elements of at
@@ -470,6 +543,9 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
                     raise DeclaredSizeError(
                         f"it declares a tensor storage of {numel!r} elements in a file of {limit} bytes"
                     )
+                storage = _Inert()
+                storage.elements = numel  # list(storage): a Python number per element
+                return storage
             return _Inert()
 
     return SizeCheckingUnpickler(file, encoding="latin1")
