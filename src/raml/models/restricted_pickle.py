@@ -27,7 +27,9 @@ between the check and the load cannot get through.
 A file can also ask for far more memory than it holds, and the loaders (``torch.load``'s weights-only unpickler
 as well as the one above) would allocate it before anything refuses the file: a pickle that calls
 ``bytearray(10**10)``, ``_codecs.encode`` chained through ``hex_codec`` (each call doubles), a numpy array or a
-tensor storage declared larger than the file, a zip record stored compressed (``torch.save`` never compresses;
+tensor storage declared larger than the file (its elements times their size; in torch's legacy format, all its
+storages together must fit in the bytes after its pickles and be in its list of storage keys, or torch leaves them
+uninitialised), a zip record stored compressed (``torch.save`` never compresses;
 a 1 MB record can inflate to 1 GB). ``check_declared_sizes`` refuses such files (``DeclaredSizeError``) by
 reading only the zip's directory and the pickles, with an unpickler that builds nothing but checks every size
 passed to a constructor against the file's own size.
@@ -366,10 +368,29 @@ def _element_count(shape: Any, limit: int, what: str) -> int:
     return count
 
 
-def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
+class _StorageType(_Inert):
+    """What the size check's unpickler builds for a storage type (``torch.FloatStorage``): its element's size."""
+
+    element_size = 16  # the largest (complex128), for a type torch does not know (it then refuses the file)
+
+
+def _storage_type(name: str) -> type[_StorageType]:
+    """The stand-in for the storage type ``name`` (torch's loaders map every global whose name holds "Storage" to
+    a dtype by its name, whatever its module)."""
+    if name == "UntypedStorage":
+        return type("UntypedStorage", (_StorageType,), {"element_size": 1})
+    try:
+        size = torch._utils._element_size(torch.storage._get_dtype_from_pickle_storage_type(name))
+    except (KeyError, RuntimeError, TypeError):
+        return _StorageType
+    return type(name, (_StorageType,), {"element_size": size})
+
+
+def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, int] | None = None) -> pickle.Unpickler:
     """An unpickler that imports and calls nothing: every global becomes an ``_Inert`` stand-in, except the
     constructors that take a size (``bytes``, ``bytearray``, ``_codecs.encode``, numpy arrays), which refuse any
-    size the file (``limit`` bytes) cannot hold, as do the storages named by torch's persistent ids."""
+    size the file (``limit`` bytes) cannot hold, as do the storages named by torch's persistent ids (their elements
+    times their element's size). ``storages``, if given, receives the bytes of each storage, by its key."""
 
     # what the real load copies, in all: the bytes objects it builds and the numpy arrays' data. A string stored
     # once can be passed to bytearray() any number of times (9 pickle bytes a call), so each object being within
@@ -527,6 +548,8 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
     class SizeCheckingUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
             module, name = _python3_name(module, name)
+            if "Storage" in name:
+                return _storage_type(name)
             if (module == "torch._utils" and name.startswith("_rebuild_")) or (module, name) == (
                 "torch._tensor",
                 "_rebuild_from_type_v2",
@@ -535,14 +558,19 @@ def _size_checking_unpickler(file: IO[bytes], limit: int) -> pickle.Unpickler:
             return checked.get((module, name), Counted)
 
         def persistent_load(self, saved_id: Any) -> Any:
-            # torch's storages: ("storage", type, key, location, numel[, view]); numel counts elements of at
-            # least one byte, all of which the file holds
+            # torch's storages: ("storage", type, key, location, numel[, view]); the file holds all their bytes
             if isinstance(saved_id, tuple) and len(saved_id) >= 5 and saved_id[0] in ("storage", b"storage"):
-                numel = saved_id[4]
-                if type(numel) is not int or not 0 <= numel <= limit:
+                kind, key, numel = saved_id[1], saved_id[2], saved_id[4]
+                element_size = kind.element_size if isinstance(kind, type) and issubclass(kind, _StorageType) else 16
+                if type(numel) is not int or not 0 <= numel * element_size <= limit:
                     raise DeclaredSizeError(
-                        f"it declares a tensor storage of {numel!r} elements in a file of {limit} bytes"
+                        f"it declares a tensor storage of {numel!r} elements of {element_size} bytes in a file of "
+                        f"{limit} bytes"
                     )
+                if type(key) not in (str, int, bytes):
+                    raise DeclaredSizeError(f"it names a tensor storage {type(key).__name__} {key!r}"[:200])
+                if storages is not None:  # a key read again is the storage read first (torch allocates it once)
+                    storages[key] = max(storages.get(key, 0), numel * element_size)
                 storage = _Inert()
                 storage.elements = numel  # list(storage): a Python number per element
                 return storage
@@ -577,6 +605,27 @@ def torch_load_mapped(handle: IO[bytes]) -> Any:
     return torch.load(handle.name, map_location="cpu", weights_only=True, mmap=True)
 
 
+def _check_legacy_storages(storages: dict[Any, int], keys: Any, after: int) -> None:
+    """Refuse a legacy file whose storages (``storages``: bytes by key, as the object's pickle declares them) are
+    not all in its list of storage keys (``keys``, its last pickle: the storages whose data follows, each an 8-byte
+    size and its bytes; torch allocates every declared storage and reads data only for the listed ones, so an
+    unlisted one is memory of the process, uninitialised) or need more than the ``after`` bytes that follow."""
+    if not isinstance(keys, list) or not all(type(key) in (str, int, bytes) for key in keys):
+        raise DeclaredSizeError("its list of storage keys (the last of torch's legacy pickles) is not a list of keys")
+    listed = set(keys)
+    missing = [key for key in storages if key not in listed]
+    if missing:
+        raise DeclaredSizeError(
+            f"it declares {len(missing)} tensor storage(s) whose data it does not hold (not in its list of storage "
+            f"keys, e.g. {missing[0]!r}): torch would leave them uninitialised"
+        )
+    needed = sum(storages.values()) + 8 * len(keys)
+    if needed > after:
+        raise DeclaredSizeError(
+            f"its tensor storages declare {needed} bytes of data, but only {after} bytes follow its pickles"
+        )
+
+
 def check_declared_sizes(file: IO[bytes]) -> None:
     """Refuse a ``torch.save`` file that makes the loader allocate more memory than the file holds.
 
@@ -602,8 +651,9 @@ def check_declared_sizes(file: IO[bytes]) -> None:
         file.seek(start)
         if file.read(len(_ZIP_MAGIC)) != _ZIP_MAGIC:
             file.seek(start)
+            storages: dict[Any, int] = {}
             for index in range(_LEGACY_PICKLES):
-                value = _size_checking_unpickler(file, limit).load()
+                value = _size_checking_unpickler(file, limit, storages).load()
                 if index == 0 and not (type(value) is int and value == _LEGACY_MAGIC_NUMBER):
                     if _plain_data(value) and value != _LEGACY_MAGIC_NUMBER:
                         return  # not torch's legacy format: torch.load refuses it before reading anything more
@@ -614,6 +664,7 @@ def check_declared_sizes(file: IO[bytes]) -> None:
                         "it is neither a zip archive nor torch's legacy format (its first pickle is not torch's magic "
                         "number written as a plain int, but built by a call)"
                     )
+            _check_legacy_storages(storages, value, start + limit - file.tell())
             return
         file.seek(start)
         try:
