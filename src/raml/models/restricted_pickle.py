@@ -127,6 +127,39 @@ class DeclaredSizeError(pickle.UnpicklingError):
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # what torch.load checks to read a file as a zip archive
+_ZIP64_LOCATOR = b"PK\x06\x07"
+_ZIP64_LOCATOR_SIZE, _ZIP64_END_SIZE = 20, 56
+
+
+def _check_same_directory(file: IO[bytes], archive: zipfile.ZipFile) -> None:
+    """Refuse an archive whose central directory torch's zip reader (miniz) may find elsewhere than Python's.
+
+    Python's reader takes a directory that is not at the offset its end record names for an archive appended to
+    other data, and reads it where it lies; miniz reads it at the offset named, so the two can read two different
+    directories (a harmless one checked here, a hostile one loaded by torch). Likewise Python reads a zip64 end
+    record just before its locator, miniz where the locator points. ``torch.save`` writes neither layout.
+
+    Raises:
+        zipfile.BadZipFile: If the two readers may disagree.
+    """
+    end = zipfile._EndRecData(file)  # the end record ZipFile read (zip64 values where it found them)
+    if end is None:
+        raise zipfile.BadZipFile("a zip archive without an end record")
+    location = end[zipfile._ECD_LOCATION]
+    locator = b""
+    if location >= _ZIP64_LOCATOR_SIZE:
+        file.seek(location - _ZIP64_LOCATOR_SIZE)
+        locator = file.read(_ZIP64_LOCATOR_SIZE)
+    zip64 = end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64
+    if locator.startswith(_ZIP64_LOCATOR) != zip64 or (
+        zip64 and int.from_bytes(locator[8:16], "little") != location - _ZIP64_LOCATOR_SIZE - _ZIP64_END_SIZE
+    ):
+        raise zipfile.BadZipFile("a zip archive whose zip64 end records disagree (its readers would differ)")
+    if archive.start_dir != end[zipfile._ECD_OFFSET]:
+        raise zipfile.BadZipFile(
+            f"a zip archive whose central directory lies at {archive.start_dir}, not at {end[zipfile._ECD_OFFSET]} "
+            "where its end record puts it (data before the archive?), so that its readers would differ"
+        )
 
 
 def is_torchscript_archive(file: IO[bytes]) -> str | None:
@@ -145,6 +178,7 @@ def is_torchscript_archive(file: IO[bytes]) -> str | None:
         file.seek(start)
         try:
             with zipfile.ZipFile(file) as archive:
+                _check_same_directory(file, archive)
                 names = archive.namelist()
         except (zipfile.LargeZipFile, ValueError, EOFError) as error:
             raise zipfile.BadZipFile(f"a zip archive whose directory is unreadable: {error}") from error
@@ -669,6 +703,7 @@ def check_declared_sizes(file: IO[bytes]) -> None:
         file.seek(start)
         try:
             with zipfile.ZipFile(file) as archive:
+                _check_same_directory(file, archive)
                 records = archive.infolist()
                 # torch's zip reader (miniz) finds a record whatever the case of its name: every record whose
                 # name could be the one torch reads is checked, and names that differ only in case are refused
