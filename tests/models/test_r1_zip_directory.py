@@ -79,3 +79,15 @@ def test_a_zip64_locator_pointing_elsewhere_is_refused(tmp_path: Path, no_torch_
     path.write_bytes(bytes(data))
     with pytest.raises(InvalidCheckpointError, match=r"zip64.pth.*zip64 end records disagree"):
         load_checkpoint_file(path)
+
+
+def test_the_private_zipfile_names_the_check_reads_exist() -> None:
+    """The directory check reads the end record as ``zipfile.ZipFile`` itself does, through zipfile's private
+    ``_EndRecData`` and ``_ECD_*`` indices (Python 3.10-3.13). A Python that renames them would make every checkpoint
+    load fail with an AttributeError: this test names the cause first."""
+    for name in ("_EndRecData", "_ECD_LOCATION", "_ECD_SIGNATURE", "_ECD_OFFSET", "stringEndArchive64"):
+        assert hasattr(zipfile, name), f"zipfile.{name} is gone in this Python: rewrite _check_same_directory"
+    buffer = io.BytesIO()
+    torch.save({"w": torch.ones(1)}, buffer)
+    end = zipfile._EndRecData(buffer)
+    assert end is not None and end[zipfile._ECD_SIGNATURE] == zipfile.stringEndArchive64  # torch writes zip64
