@@ -127,3 +127,19 @@ def test_arrays_of_another_dimension_are_refused_by_name(index_dir: Path, kind, 
     np.save(index_dir / name, array)
     with pytest.raises(IndexDirectoryError, match=rf"{name} holds an array of shape"):
         load_index(index_dir)
+
+
+@pytest.mark.parametrize(
+    ("kind", "array", "dtype"),
+    [
+        ("labels", np.array(["a"] * ROWS), "<U1"),  # was a ValueError traceback from labels.astype(np.int64)
+        ("labels", np.ones(ROWS, np.complex128), "complex128"),
+        ("embeddings", np.ones((ROWS, DIM), np.int8), "int8"),  # was loaded, and searched as int8
+        ("embeddings", np.ones((ROWS, DIM), np.float64), "float64"),
+    ],
+)
+def test_arrays_of_another_type_are_refused_by_name(index_dir: Path, kind, array, dtype) -> None:
+    name = _files(index_dir)[kind]
+    np.save(index_dir / name, array)
+    with pytest.raises(IndexDirectoryError, match=rf"{name} holds {dtype} values, .* expected"):
+        load_index(index_dir)

@@ -458,6 +458,16 @@ def _load_generation(index_dir: Path, meta: dict[str, Any], mmap: bool) -> Datab
                 f"{file} holds an array of shape {array.shape}, {shape} expected; the file was replaced or damaged: "
                 "rebuild the index with `raml index --overwrite`."
             )
+    # what `raml index` writes (write_generation): float32 embeddings, int64 labels (any integer type is read)
+    for array, file, wrong, expected in (
+        (embeddings, emb_file, embeddings.dtype != np.float32, "float32"),
+        (labels, labels_file, not np.issubdtype(labels.dtype, np.integer), "integer"),
+    ):
+        if wrong:
+            raise IndexDirectoryError(
+                f"{file} holds {array.dtype} values, {expected} expected; the file was replaced or damaged: "
+                "rebuild the index with `raml index --overwrite`."
+            )
     count = int(meta["count"])
     live = sum(1 for p in paths if p != REMOVED)
     stamps_ok = stamps is None or len(stamps) == len(paths)
