@@ -206,11 +206,18 @@ class ShardPlan:
         record = self._record(i)
         rows_file = self._files(i)[0]
         data = rows_file.read_bytes() if record is not None else b""
+        damaged = ValueError(
+            f"Shard {i} in {self.directory} is missing or damaged; run the same `raml index` command again to "
+            "recompute it."
+        )
         if record is None or hashlib.sha256(data).hexdigest() != record.get("sha256"):
-            raise ValueError(
-                f"Shard {i} in {self.directory} is missing or damaged; run the same `raml index` command again to "
-                "recompute it."
-            )
+            raise damaged
+        from raml.retrieval.cache import check_npy_size  # imports torch: not at the top of this light module
+
+        try:  # before np.load allocates what the header declares (the hash only says the record matches the file)
+            check_npy_size(rows_file)
+        except ValueError as error:
+            raise damaged from error
         rows = np.load(rows_file, allow_pickle=False)
         if rows.shape != (record["rows"], record["dim"]) or rows.dtype != np.float32:
             raise ValueError(f"Shard {i} in {self.directory} holds {rows.dtype} {rows.shape}, not its record's.")
