@@ -585,8 +585,10 @@ def export_onnx(
         ImportError: If onnx/onnxruntime are missing.
         ParityError: If the exported model differs by more than ``tolerance`` (nothing is written).
         ValueError: On bad arguments.
-        OSError: If the model or its sidecar cannot be written (e.g. a full disk; the other exporter is then not
-            tried); the message names the file, and a previous file at ``path`` is kept as it was.
+        OSError: If the model or its sidecar cannot be written (a full disk or quota, a file size limit, an I/O
+            error; the other exporter is then not tried); the message names the file, and a previous file at
+            ``path`` is kept as it was. Any other ``OSError`` of the first exporter is taken for its failure: the
+            other one is tried.
     """
     _check_args(image_size, tolerance)
     meta_output_dim(network)  # before any work: every reader refuses a sidecar without it
@@ -615,7 +617,7 @@ def export_onnx(
         used, used_opset = None, None
         for i, name in enumerate(candidates):
             try:
-                with _writing(path, "ONNX model"):
+                with _writing(path, "ONNX model", write_errors_only=True):
                     _onnx_export(net, example, tmp, dynamic_size, opset, name, min_side)
                 import onnx
 
@@ -625,7 +627,7 @@ def export_onnx(
                     raise RuntimeError(f"it wrote opset {written}, not the {wanted} asked for")
                 used, used_opset = name, written
                 break
-            except OSError:  # the file could not be written (a full disk): the other exporter would fail too
+            except _WriteError:  # the file could not be written (a full disk): the other exporter would fail too
                 raise
             except Exception as error:  # noqa: BLE001 - exporters raise many types; fall back or re-raise
                 if i + 1 == len(candidates):
@@ -656,15 +658,28 @@ def export_onnx(
     return ExportReport(path, sidecar_path(path), "onnx", str(used), random_diff, image_diff, len(image_paths), shapes)
 
 
+#: the errnos of a failed write of a file (a full disk or quota, a file size limit, an I/O error)
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+class _WriteError(OSError):
+    """A file of the export could not be written (raised by :func:`_writing`)."""
+
+
 @contextlib.contextmanager
-def _writing(path: Path, what: str) -> Iterator[None]:
-    """Turn an ``OSError`` of the block, which writes ``path`` (a full disk, an I/O error), into one that names the
-    file, says nothing replaced it and how to go on."""
+def _writing(path: Path, what: str, write_errors_only: bool = False) -> Iterator[None]:
+    """Turn an ``OSError`` of the block, which writes ``path`` (a full disk, an I/O error), into a
+    :class:`_WriteError` that names the file, says nothing replaced it and how to go on. With ``write_errors_only``
+    (a block that does more than write: an ONNX exporter), only the errnos of :data:`_WRITE_ERRNOS` and an
+    ``OSError`` without an errno (numpy's ``tofile`` short write, which the dynamo exporter's writer raises on a
+    full disk) are; any other passes unchanged."""
     try:
         yield
     except OSError as error:
+        if write_errors_only and error.errno is not None and error.errno not in _WRITE_ERRNOS:
+            raise
         reason = "no space left on its disk" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise OSError(
+        raise _WriteError(
             error.errno,
             f"Could not write the {what} {path} ({reason}); nothing was written (a previous {path.name} is kept as "
             "it was). Free some space on that disk (or write elsewhere) and run the export again.",

@@ -1,0 +1,47 @@
+"""``raml export`` with ``--exporter auto``: an ``OSError`` of the first ONNX exporter that is not a failed write of
+the model file (a missing or unreadable file of its own) falls back to the other exporter; a failed write (a full
+disk, also as a short write without an errno) does not, and its one-line error names --output, not the staged file."""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+import pytest
+
+from raml.cli import main as cli_main
+from raml.deploy import export as export_module
+
+
+@pytest.fixture(scope="module")
+def checkpoint(random_network) -> Path:
+    return random_network("timm/test_resnet", 8, 0)
+
+
+def _argv(checkpoint: Path, target: Path) -> list[str]:
+    return ["export", "--network-path", str(checkpoint), "--image-size", "32", "--output", str(target), "--overwrite"]
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/exporter_helper"),
+        PermissionError(errno.EACCES, "Permission denied", "/root/.cache/exporter"),
+    ],
+)
+def test_an_exporters_own_os_error_falls_back_to_the_other_exporter(checkpoint, tmp_path, monkeypatch, error):
+    target = tmp_path / "student.onnx"
+    real_export = export_module._onnx_export
+    exporters = []
+
+    def first_fails(network, example, path, dynamic_size, opset, exporter, min_side=32):
+        exporters.append(exporter)
+        if exporter == "torchscript":
+            raise error
+        # a valid model in place of the (slow) dynamo exporter's, at the opset it writes
+        real_export(network, example, path, dynamic_size, max(opset, 18), "torchscript", min_side)
+
+    monkeypatch.setattr(export_module, "_onnx_export", first_fails)
+    assert cli_main.main(_argv(checkpoint, target)) == 0
+    assert exporters == ["torchscript", "dynamo"]
+    assert target.is_file() and export_module.sidecar_path(target).is_file()
