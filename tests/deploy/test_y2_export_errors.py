@@ -45,3 +45,23 @@ def test_an_exporters_own_os_error_falls_back_to_the_other_exporter(checkpoint, 
     assert cli_main.main(_argv(checkpoint, target)) == 0
     assert exporters == ["torchscript", "dynamo"]
     assert target.is_file() and export_module.sidecar_path(target).is_file()
+
+
+def test_a_short_write_is_a_possible_full_disk_naming_the_target(checkpoint, tmp_path, monkeypatch, capsys):
+    target = tmp_path / "student.onnx"
+    target.write_bytes(b"previous export")
+    exporters = []
+
+    def short_write(network, example, path, dynamic_size, opset, exporter, min_side=32):
+        exporters.append(exporter)
+        Path(path).write_bytes(b"partial")
+        raise OSError("165888 requested and 152656 written")  # numpy's tofile on a full disk: no errno
+
+    monkeypatch.setattr(export_module, "_onnx_export", short_write)
+    assert cli_main.main(_argv(checkpoint, target)) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith(f"raml export: error: Could not write the ONNX model {target} (165888 requested and ")
+    assert "the disk may be full" in line and "Errno" not in line and ".staged" not in line
+    assert exporters == ["torchscript"]  # a failed write: the other exporter would fail the same way
+    assert target.read_bytes() == b"previous export"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["student.onnx"]

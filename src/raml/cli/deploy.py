@@ -614,10 +614,21 @@ def run_export(args: argparse.Namespace) -> int:
         elif args.output is not None:
             onnx_file = stage.path(args.output)
             reports.append(
-                export_onnx(network, args.image_size, onnx_file, opset=args.opset, exporter=args.exporter, **common)
+                export_onnx(
+                    network,
+                    args.image_size,
+                    onnx_file,
+                    opset=args.opset,
+                    exporter=args.exporter,
+                    target=args.output,
+                    **common,
+                )
             )
         if args.torchscript is not None:
-            reports.append(export_torchscript(network, args.image_size, stage.path(args.torchscript), **common))
+            torchscript_file = stage.path(args.torchscript)
+            reports.append(
+                export_torchscript(network, args.image_size, torchscript_file, target=args.torchscript, **common)
+            )
         reports = [stage.commit(report) for report in reports]
     for report in reports:
         if isinstance(report, QuantizationReport):
@@ -829,7 +840,9 @@ def _export_int8(
 
     with tempfile.TemporaryDirectory(prefix="raml-export-") as work:
         fp32 = Path(work) / "fp32.onnx"
-        export_onnx(network, args.image_size, fp32, opset=args.opset, exporter=args.exporter, **common)
+        export_onnx(
+            network, args.image_size, fp32, opset=args.opset, exporter=args.exporter, target=args.output, **common
+        )
         return quantize_onnx(
             fp32,
             output,

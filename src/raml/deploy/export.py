@@ -560,6 +560,7 @@ def export_onnx(
     network_path: str | Path | None = None,
     teacher_sha256: str | None = None,
     check_sizes: Sequence[int] = (),
+    target: str | Path | None = None,
 ) -> ExportReport:
     """Export ``network`` to ONNX at ``path`` (plus its sidecar), after a parity check with onnxruntime.
 
@@ -577,6 +578,8 @@ def export_onnx(
         teacher_sha256: The teacher this network was distilled for, recorded (``raml search`` checks it).
         check_sizes: With ``dynamic_size``: sides at which parity is checked too (a multi-size student's
             training sizes); recorded in the sidecar as ``image_sizes``.
+        target: The file a write error names (default ``path``): the final file where ``path`` is a staging file
+            that the caller moves into place (``raml export``).
 
     Returns:
         An :class:`ExportReport`.
@@ -586,9 +589,9 @@ def export_onnx(
         ParityError: If the exported model differs by more than ``tolerance`` (nothing is written).
         ValueError: On bad arguments.
         OSError: If the model or its sidecar cannot be written (a full disk or quota, a file size limit, an I/O
-            error; the other exporter is then not tried); the message names the file, and a previous file at
-            ``path`` is kept as it was. Any other ``OSError`` of the first exporter is taken for its failure: the
-            other one is tried.
+            error, a short write; the other exporter is then not tried); the message names ``target``, and a
+            previous file at ``path`` is kept as it was. Any other ``OSError`` of the first exporter is taken for
+            its failure: the other one is tried.
     """
     _check_args(image_size, tolerance)
     meta_output_dim(network)  # before any work: every reader refuses a sidecar without it
@@ -609,6 +612,7 @@ def export_onnx(
         )
     check_sizes = _check_sizes_arg(network, dynamic_size, check_sizes)
     path = Path(path)
+    shown = path if target is None else Path(target)
     net = _cpu_copy(network)
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     min_side = min([32, image_size, *check_sizes])
@@ -617,7 +621,7 @@ def export_onnx(
         used, used_opset = None, None
         for i, name in enumerate(candidates):
             try:
-                with _writing(path, "ONNX model", write_errors_only=True):
+                with _writing(shown, "ONNX model", write_errors_only=True):
                     _onnx_export(net, example, tmp, dynamic_size, opset, name, min_side)
                 import onnx
 
@@ -652,7 +656,7 @@ def export_onnx(
         record["opset"] = used_opset  # read from the file once, when its exporter was checked
         if check_sizes:
             record["image_sizes"] = check_sizes
-        with _writing(sidecar_path(path), "sidecar"):
+        with _writing(sidecar_path(shown), "sidecar"):
             atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
     logger.info("Wrote %s (%s exporter) and %s", path, used, sidecar_path(path).name)
     return ExportReport(path, sidecar_path(path), "onnx", str(used), random_diff, image_diff, len(image_paths), shapes)
@@ -668,22 +672,27 @@ class _WriteError(OSError):
 
 @contextlib.contextmanager
 def _writing(path: Path, what: str, write_errors_only: bool = False) -> Iterator[None]:
-    """Turn an ``OSError`` of the block, which writes ``path`` (a full disk, an I/O error), into a
-    :class:`_WriteError` that names the file, says nothing replaced it and how to go on. With ``write_errors_only``
-    (a block that does more than write: an ONNX exporter), only the errnos of :data:`_WRITE_ERRNOS` and an
-    ``OSError`` without an errno (numpy's ``tofile`` short write, which the dynamo exporter's writer raises on a
-    full disk) are; any other passes unchanged."""
+    """Turn an ``OSError`` of the block, which writes the file shown as ``path`` (a full disk, an I/O error), into
+    a :class:`_WriteError` that names the file, says nothing replaced it and how to go on. With
+    ``write_errors_only`` (a block that does more than write: an ONNX exporter), only the errnos of
+    :data:`_WRITE_ERRNOS` and an ``OSError`` without an errno (numpy's ``tofile`` short write, which the dynamo
+    exporter's writer raises on a full disk) are; any other passes unchanged."""
     try:
         yield
     except OSError as error:
         if write_errors_only and error.errno is not None and error.errno not in _WRITE_ERRNOS:
             raise
-        reason = "no space left on its disk" if error.errno == errno.ENOSPC else (error.strerror or str(error))
-        raise _WriteError(
-            error.errno,
+        if error.errno == errno.ENOSPC:
+            reason = "no space left on its disk"
+        elif error.errno is None:  # a short write: "165888 requested and 152656 written"
+            reason = f"{error}; the disk may be full"
+        else:
+            reason = error.strerror or str(error)
+        message = (
             f"Could not write the {what} {path} ({reason}); nothing was written (a previous {path.name} is kept as "
-            "it was). Free some space on that disk (or write elsewhere) and run the export again.",
-        ) from error
+            "it was). Free some space on that disk (or write elsewhere) and run the export again."
+        )
+        raise (_WriteError(message) if error.errno is None else _WriteError(error.errno, message)) from error
 
 
 def _default_opset(path: Path) -> int | None:
@@ -708,6 +717,7 @@ def export_torchscript(
     network_path: str | Path | None = None,
     teacher_sha256: str | None = None,
     check_sizes: Sequence[int] = (),
+    target: str | Path | None = None,
 ) -> ExportReport:
     """Trace ``network`` with ``torch.jit.trace`` and save it at ``path`` (plus its sidecar), after a parity check.
 
@@ -723,6 +733,7 @@ def export_torchscript(
     meta_output_dim(network)  # before any work: every reader refuses a sidecar without it
     check_sizes = _check_sizes_arg(network, dynamic_size, check_sizes)
     path = Path(path)
+    shown = path if target is None else Path(target)
     net = _cpu_copy(network)
     example = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(1))
     with atomic_path(path) as tmp:
@@ -736,7 +747,7 @@ def export_torchscript(
             # the disk is full (an uncaught c10::Error) and leaves a partial file; a Python write raises OSError
             serialised = io.BytesIO()
             torch.jit.save(traced, serialised)
-            with _writing(path, "TorchScript model"), open(tmp, "wb") as file:
+            with _writing(shown, "TorchScript model"), open(tmp, "wb") as file:
                 file.write(serialised.getbuffer())
             del serialised
             loaded = torch.jit.load(str(tmp), map_location="cpu")
@@ -761,7 +772,7 @@ def export_torchscript(
         )
         if check_sizes:
             record["image_sizes"] = check_sizes
-        with _writing(sidecar_path(path), "sidecar"):
+        with _writing(sidecar_path(shown), "sidecar"):
             atomic_write_text(sidecar_path(path), json.dumps(record, indent=2) + "\n")
     logger.info("Wrote %s and %s", path, sidecar_path(path).name)
     return ExportReport(
