@@ -832,14 +832,18 @@ def _export_int8(
     common: dict,
     calibration: tuple[list[str], list[str]],
 ) -> QuantizationReport:
-    """Export fp32 ONNX to a temporary file (parity-checked against PyTorch), quantise it into --output."""
-    import tempfile
+    """Export fp32 ONNX to a temporary file (parity-checked against PyTorch), quantise it into ``output`` (--output's
+    file in its staging folder). The fp32 model is written in a subfolder of that staging folder, so that it goes
+    with it, even when the export is killed (the next export of --output removes the folder)."""
+    import shutil
 
     from raml.deploy.export import export_onnx
     from raml.deploy.quantize import quantize_onnx
 
-    with tempfile.TemporaryDirectory(prefix="raml-export-") as work:
-        fp32 = Path(work) / "fp32.onnx"
+    work = output.parent / "fp32"  # no suffix: never --output's name (.onnx) nor its sidecar's
+    work.mkdir()
+    try:
+        fp32 = work / "fp32.onnx"
         export_onnx(
             network, args.image_size, fp32, opset=args.opset, exporter=args.exporter, target=args.output, **common
         )
@@ -853,4 +857,7 @@ def _export_int8(
             min_worst_cosine=args.min_worst_cosine,
             calibration_split=args.calibration_split,
             source_label=str(network.source_path),
+            work_dir=work,
         )
+    finally:  # not kept until the staging folder goes: the disk space of a large model
+        shutil.rmtree(work, ignore_errors=True)

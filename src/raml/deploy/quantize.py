@@ -203,6 +203,7 @@ def quantize_onnx(
     min_worst_cosine: float = DEFAULT_MIN_WORST_COSINE,
     calibration_split: str | None = None,
     source_label: str | None = None,
+    work_dir: str | Path | None = None,
 ) -> QuantizationReport:
     """Quantise an exported fp32 ONNX model to int8 (static, QDQ) and write it with its sidecar.
 
@@ -220,6 +221,9 @@ def quantize_onnx(
         calibration_split: The split the calibration images came from, recorded in the sidecar.
         source_label: What the sidecar records as the fp32 model (default ``fp32_path``; e.g. the checkpoint
             when the fp32 model is a temporary file).
+        work_dir: The folder its temporary folder (the prepared fp32 model) is made in; default the system's
+            temporary folder (``raml export --int8`` gives its staging folder, which a killed export's next run
+            removes).
 
     Raises:
         FileNotFoundError: A missing model, sidecar or image.
@@ -260,7 +264,7 @@ def quantize_onnx(
     calibration = [_preprocess(calibration_paths, sidecar, size) for size in sizes]
     checks = {size: _preprocess(held_out, sidecar, size) for size in sizes}
 
-    with tempfile.TemporaryDirectory(prefix="raml-quantize-") as work, atomic_path(output) as tmp:
+    with tempfile.TemporaryDirectory(prefix="raml-quantize-", dir=work_dir) as work, atomic_path(output) as tmp:
         prepared = Path(work) / "prepared.onnx"
         with _quiet_quantizer():
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
