@@ -365,6 +365,7 @@ def restricted_torch_load(source: str | Path | IO[bytes]) -> tuple[Any, list[str
 # (its storages as persistent ids) and the storage keys, each a pickle of its own; the storages' bytes follow.
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PICKLES = 5
+_VALUED_BUILTINS = ("int", "float", "complex", "bool", "slice")  # results that are single values, never iterated
 _TEXT_ENCODINGS = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l1", "utf-8", "utf8", "utf_8", "ascii"}
 
 
@@ -525,7 +526,7 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
         return size
 
     class Counted(_Inert):
-        """Every other global (list, set, str, a numpy scalar, ...): a stand-in, but what the real load would copy
+        """Every other global (list, set, str, OrderedDict, ...): a stand-in, but what the real load would copy
         from its arguments counts against the budget (the same stored object passed to list() over and over is as
         large as the same string passed to bytearray()); the stand-in holds as many items as its arguments."""
 
@@ -538,6 +539,17 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
 
         def __call__(self, *args: Any, **kwargs: Any) -> Counted:
             return Counted(*args, **kwargs)
+
+    class Valued(Counted):
+        """A global whose result is a single value, not a collection (``int``, ``float``, a numpy dtype or scalar,
+        ``torch.device``): charged as ``Counted`` for what it copies, but it yields no items. ``dtype('f4')`` is
+        built from a string and ``scalar(<dtype>, b'...')`` from a dtype and bytes; counting their arguments' items
+        charged every numpy scalar of a loss history an object per character of its dtype's name."""
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Valued:
+            made = super().__new__(cls, *args, **kwargs)
+            made.elements = 0
+            return made
 
     class Rebuilt(_Inert):
         """What torch's rebuild functions return: a tensor (or parameter) of the elements its shape declares,
@@ -578,6 +590,9 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
     }
     for numpy_core in ("numpy.core.multiarray", "numpy._core.multiarray"):
         checked[(numpy_core, "_reconstruct")] = reconstruct
+        checked[(numpy_core, "scalar")] = Valued
+    for valued in (("numpy", "dtype"), ("torch", "device"), *(("builtins", n) for n in _VALUED_BUILTINS)):
+        checked[valued] = Valued
 
     class SizeCheckingUnpickler(pickle.Unpickler):
         def find_class(self, module: str, name: str) -> Any:
