@@ -27,7 +27,8 @@ between the check and the load cannot get through.
 A file can also ask for far more memory than it holds, and the loaders (``torch.load``'s weights-only unpickler
 as well as the one above) would allocate it before anything refuses the file: a pickle that calls
 ``bytearray(10**10)``, ``_codecs.encode`` chained through ``hex_codec`` (each call doubles), a numpy array or a
-tensor storage declared larger than the file (its elements times their size; in torch's legacy format, all its
+tensor storage declared larger than the file (its elements times their size: numpy arrays and scalars only of plain
+number dtypes, as a void, structured or object dtype can be megabytes an element; in torch's legacy format, all its
 storages together must fit in the bytes after its pickles and be in its list of storage keys, or torch leaves them
 uninitialised), a zip record stored compressed (``torch.save`` never compresses;
 a 1 MB record can inflate to 1 GB). ``check_declared_sizes`` refuses such files (``DeclaredSizeError``) by
@@ -43,6 +44,7 @@ import codecs
 import importlib
 import io
 import pickle
+import re
 import types
 import zipfile
 from collections import OrderedDict
@@ -365,6 +367,26 @@ def restricted_torch_load(source: str | Path | IO[bytes]) -> tuple[Any, list[str
 # (its storages as persistent ids) and the storage keys, each a pickle of its own; the storages' bytes follow.
 _LEGACY_MAGIC_NUMBER = 0x1950A86A20F9469CFC6C
 _LEGACY_PICKLES = 5
+# numpy's names of its plain number types, as it pickles a dtype ('f4', 'i8', 'b1', 'c16'; a byte order is in its
+# state) or as ndarray's pickle names the empty array _reconstruct builds (b'b'): the bytes of an element
+_NUMBER_DTYPE = re.compile(r"[<>|=]?[biufc]([0-9]{1,2})")
+_NUMBER_CODES = {"?": 1, "b": 1, "B": 1, "h": 2, "H": 2, "i": 4, "I": 4, "l": 8, "L": 8, "q": 8, "Q": 8, "e": 2}
+_NUMBER_CODES.update({"f": 4, "d": 8, "g": 16, "F": 8, "D": 16, "G": 32})
+
+
+def _number_itemsize(name: Any) -> int | None:
+    """The bytes of an element of the numpy dtype ``name`` (str or bytes) if it names a plain number type, else
+    None (void, structured, subarray, string, object, datetime: any size per element, or not known here)."""
+    if isinstance(name, bytes):
+        name = name.decode("latin1")
+    if not isinstance(name, str):
+        return None
+    if name in _NUMBER_CODES:
+        return _NUMBER_CODES[name]
+    match = _NUMBER_DTYPE.fullmatch(name)
+    return int(match.group(1)) if match and 0 < int(match.group(1)) <= 32 else None
+
+
 _VALUED_BUILTINS = ("int", "float", "complex", "bool", "slice")  # results that are single values, never iterated
 _TEXT_ENCODINGS = {"latin1", "latin-1", "latin_1", "iso-8859-1", "iso8859-1", "l1", "utf-8", "utf8", "utf_8", "ascii"}
 
@@ -423,9 +445,10 @@ def _storage_type(name: str) -> type[_StorageType]:
 
 def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, int] | None = None) -> pickle.Unpickler:
     """An unpickler that imports and calls nothing: every global becomes an ``_Inert`` stand-in, except the
-    constructors that take a size (``bytes``, ``bytearray``, ``_codecs.encode``, numpy arrays), which refuse any
-    size the file (``limit`` bytes) cannot hold, as do the storages named by torch's persistent ids (their elements
-    times their element's size). ``storages``, if given, receives the bytes of each storage, by its key."""
+    constructors that take a size (``bytes``, ``bytearray``, ``_codecs.encode``, numpy arrays, dtypes and scalars),
+    which refuse any size the file (``limit`` bytes) cannot hold, as do the storages named by torch's persistent ids
+    (their elements times their element's size). ``storages``, if given, receives the bytes of each storage, by
+    its key."""
 
     # what the real load copies, in all: the bytes objects it builds and the numpy arrays' data. A string stored
     # once can be passed to bytearray() any number of times (9 pickle bytes a call), so each object being within
@@ -470,11 +493,38 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
         spend(len(made), "_codecs.encode")
         return made
 
-    class SizedArray(_Inert):  # numpy.ndarray(shape, ...), and what _reconstruct returns
+    def itemsize(dtype: Any, what: str) -> int:
+        """The bytes of each element of ``what`` of the numpy dtype ``dtype`` (a ``Dtype`` stand-in, or the name
+        ``_reconstruct`` is given), refused unless it is a plain number type: a composite, void, string or object
+        dtype can be any size per element (``V1000000``: a megabyte), and numpy pickles none in a checkpoint."""
+        if isinstance(dtype, Dtype):
+            dtype.used = True
+        size = dtype.itemsize if isinstance(dtype, Dtype) else _number_itemsize(dtype)
+        if size is None:
+            raise DeclaredSizeError(
+                f"the pickle holds {what} whose dtype is not a plain number type (a composite, void, string or "
+                "object dtype, whose elements can be any size)"
+            )
+        return size
+
+    def array_bytes(shape: Any, dtype: Any) -> tuple[int, int]:
+        """The elements and bytes of a numpy array of ``shape`` and ``dtype``, refused above the file's size."""
+        count = _element_count(shape, limit, "a numpy array")
+        size = itemsize(dtype, "a numpy array")
+        if count * size > limit:
+            raise DeclaredSizeError(
+                f"a numpy array declares {shape!r} elements of {size} bytes in a file of {limit} bytes"
+            )
+        return count, count * size
+
+    class SizedArray(_Inert):  # numpy.ndarray(shape, dtype=float, ...), and what _reconstruct returns
         def __new__(cls, *args: Any, **kwargs: Any) -> SizedArray:
             made = super().__new__(cls)
-            if args:
-                made.elements = _element_count(args[0], limit, "a numpy array")
+            if args or kwargs:  # called by the pickle: numpy allocates the array
+                shape = args[0] if args else kwargs.get("shape")
+                dtype = args[1] if len(args) > 1 else kwargs.get("dtype")
+                made.elements, size = array_bytes(shape, "f8" if dtype is None else dtype)
+                spend(size, "numpy arrays")
             return made
 
         def __setstate__(self, state: Any) -> None:
@@ -483,14 +533,19 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
             if not isinstance(state, tuple) or len(state) != 5 or not isinstance(state[4], bytes):
                 raise DeclaredSizeError("the pickle holds a numpy array that is not plain bytes (an object array?)")
             count = _element_count(state[1], limit, "a numpy array")
-            if count > len(state[4]):
-                raise DeclaredSizeError(f"a numpy array declares {state[1]!r} elements for {len(state[4])} bytes")
+            size = itemsize(state[2], "a numpy array")
+            if count * size > len(state[4]):
+                raise DeclaredSizeError(
+                    f"a numpy array declares {state[1]!r} elements of {size} bytes for {len(state[4])} bytes"
+                )
             spend(len(state[4]), "numpy arrays' data")  # the real load copies it into the array
             self.elements = count
 
     def reconstruct(subtype: Any, shape: Any, dtype: Any) -> SizedArray:
+        # numpy allocates the array (numpy pickles it empty, then sets its state)
         made = SizedArray()
-        made.elements = _element_count(shape, limit, "a numpy array")
+        made.elements, size = array_bytes(shape, dtype)
+        spend(size, "numpy arrays")
         return made
 
     def items(values: tuple[Any, ...]) -> int | None:
@@ -551,6 +606,35 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
             made.elements = 0
             return made
 
+    class Dtype(Valued):
+        """numpy.dtype(name, align, copy): the bytes of its elements where it is a plain number type, else None.
+        numpy pickles such a dtype as its name ('f4', 'i8', 'b1', 'c16') and a state without subarray, field names
+        or fields; any other state makes it a composite type of any size."""
+
+        itemsize: int | None = None
+        used = False  # by an array or scalar, checked with this itemsize
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Dtype:
+            made = super().__new__(cls, *args, **kwargs)
+            made.itemsize = _number_itemsize(args[0]) if args and not kwargs else None
+            return made
+
+        def __setstate__(self, state: Any) -> None:
+            # (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata])
+            if not (isinstance(state, tuple) and len(state) >= 8 and state[2:5] == (None, None, None)) or not any(
+                type(state[5]) is int and state[5] == size for size in (-1, self.itemsize)
+            ):
+                if self.used:  # numpy would change the arrays built with it
+                    raise DeclaredSizeError("the pickle makes a numpy dtype composite after arrays were built of it")
+                self.itemsize = None
+
+    class Scalar(Valued):
+        """numpy's scalar(dtype, data): numpy allocates an element of the dtype (zeroed without data)."""
+
+        def __new__(cls, *args: Any, **kwargs: Any) -> Scalar:
+            itemsize(args[0] if args else kwargs.get("descr"), "a numpy scalar")
+            return super().__new__(cls, *args, **kwargs)
+
     class Rebuilt(_Inert):
         """What torch's rebuild functions return: a tensor (or parameter) of the elements its shape declares,
         each an object of about 650 bytes when a constructor iterates it (``list(t)``: a 0-d tensor per element)."""
@@ -590,8 +674,9 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
     }
     for numpy_core in ("numpy.core.multiarray", "numpy._core.multiarray"):
         checked[(numpy_core, "_reconstruct")] = reconstruct
-        checked[(numpy_core, "scalar")] = Valued
-    for valued in (("numpy", "dtype"), ("torch", "device"), *(("builtins", n) for n in _VALUED_BUILTINS)):
+        checked[(numpy_core, "scalar")] = Scalar
+    checked[("numpy", "dtype")] = Dtype
+    for valued in (("torch", "device"), *(("builtins", n) for n in _VALUED_BUILTINS)):
         checked[valued] = Valued
 
     class SizeCheckingUnpickler(pickle.Unpickler):
