@@ -707,23 +707,50 @@ _SUMS_LOCK_NAME = f".{SHA256SUMS_NAME}.lock"
 _SUMS_LOCK_WAIT_S = 60.0
 
 
+def _open_sums_lock(path: Path) -> tuple[int, bool]:
+    """Open (creating it if absent) the lock file ``path``; returns its descriptor and whether this call created
+    it."""
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        try:
+            return os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644), True
+        except FileExistsError:
+            pass
+        try:
+            return os.open(path, flags), False
+        except FileNotFoundError:  # removed by its holder in between: create it
+            continue
+
+
 @contextlib.contextmanager
 def _sums_lock(folder: Path) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``<folder>/.SHA256SUMS.lock`` for the block, waiting up to a minute for
     another process (which holds it for one read and rewrite of SHA256SUMS). The file is removed on release; a
-    waiter that then holds the removed file tries again on the new one (as :class:`raml.locking.DirectoryLock`)."""
+    waiter that then holds the removed file tries again on the new one (as :class:`raml.locking.DirectoryLock`).
+
+    On a file system without file locks (NFS mounted without them, some FUSE file systems: ``flock`` fails with
+    ENOLCK, EOPNOTSUPP, ...) the block runs without the lock, with a warning, and the lock file this call created
+    is removed: recording a digest is the last step of a download, which should not fail for it (the SHA256SUMS
+    of such a folder is then as it was before the lock existed: two processes recording at once can lose a line,
+    which is recorded again when its network is next loaded)."""
+    import errno
     import fcntl
 
     path = folder / _SUMS_LOCK_NAME
     deadline = time.monotonic() + _SUMS_LOCK_WAIT_S
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+        fd, created = _open_sums_lock(path)
+        unsupported: OSError | None = None
         try:
+            opened = os.fstat(fd)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
-                except BlockingIOError:
+                except OSError as error:
+                    if error.errno not in (errno.EAGAIN, errno.EACCES):  # EACCES: some systems' "would block"
+                        unsupported = error
+                        break
                     if time.monotonic() > deadline:
                         raise TimeoutError(
                             f"Another process has held {path} for over {_SUMS_LOCK_WAIT_S:.0f} s while recording "
@@ -731,7 +758,6 @@ def _sums_lock(folder: Path) -> Iterator[None]:
                             "again."
                         ) from None
                     time.sleep(0.01)
-            opened = os.fstat(fd)
             try:
                 on_disk = os.lstat(path)
             except FileNotFoundError:  # removed by the holder we waited for: lock the next file
@@ -739,7 +765,22 @@ def _sums_lock(folder: Path) -> Iterator[None]:
         except BaseException:
             os.close(fd)
             raise
-        if on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino):
+        same = on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
+        if unsupported is not None:
+            if created and same:
+                path.unlink(missing_ok=True)
+            os.close(fd)
+            logger.warning(
+                "Cannot lock %s (%s): the file system of %s does not support file locks; recording the SHA-256 in "
+                "%s without it (a process recording in the same folder at the same time could lose this line).",
+                path,
+                unsupported.strerror or unsupported,
+                folder,
+                SHA256SUMS_NAME,
+            )
+            yield
+            return
+        if same:
             break
         os.close(fd)
     try:
