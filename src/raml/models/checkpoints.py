@@ -110,8 +110,11 @@ class CheckpointError(ValueError):
 
 def _plain(value: Any, where: str) -> Any:
     """Return ``value`` as plain Python types (tuples become lists); refuse anything else."""
-    if value is None or isinstance(value, (bool, int, float, str)):
+    if value is None or type(value) in (bool, int, float, str):
         return value
+    for kind in (str, int, float):  # a subclass (numpy.str_, numpy.float64, an enum) as the plain value
+        if isinstance(value, kind):
+            return kind(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):

@@ -28,7 +28,8 @@ A file can also ask for far more memory than it holds, and the loaders (``torch.
 as well as the one above) would allocate it before anything refuses the file: a pickle that calls
 ``bytearray(10**10)``, ``_codecs.encode`` chained through ``hex_codec`` (each call doubles), a numpy array or a
 tensor storage declared larger than the file (its elements times their size: numpy arrays and scalars only of plain
-number dtypes, as a void, structured or object dtype can be megabytes an element; in torch's legacy format, all its
+number, fixed-width string (``U<n>``, ``S<n>``) and datetime dtypes, as a void, structured or object dtype can be
+megabytes an element; in torch's legacy format, all its
 storages together must fit in the bytes after its pickles and be in its list of storage keys, or torch leaves them
 uninitialised), a zip record stored compressed (``torch.save`` never compresses;
 a 1 MB record can inflate to 1 GB). ``check_declared_sizes`` refuses such files (``DeclaredSizeError``) by
@@ -370,21 +371,39 @@ _LEGACY_PICKLES = 5
 # numpy's names of its plain number types, as it pickles a dtype ('f4', 'i8', 'b1', 'c16'; a byte order is in its
 # state) or as ndarray's pickle names the empty array _reconstruct builds (b'b'): the bytes of an element
 _NUMBER_DTYPE = re.compile(r"[<>|=]?[biufc]([0-9]{1,2})")
+# numpy's fixed-width text types, pickled as 'U<n>' (n characters of 4 bytes) and 'S<n>' (n bytes), and its
+# datetime and timedelta types, pickled as 'M8' / 'm8' (8 bytes; the unit is in the state's metadata)
+_TEXT_DTYPE = re.compile(r"[<>|=]?([US])([0-9]{1,12})")
+_TIME_DTYPE = re.compile(r"[<>|=]?[Mm]8(\[[0-9]*[A-Za-z]+\])?")
 _NUMBER_CODES = {"?": 1, "b": 1, "B": 1, "h": 2, "H": 2, "i": 4, "I": 4, "l": 8, "L": 8, "q": 8, "Q": 8, "e": 2}
 _NUMBER_CODES.update({"f": 4, "d": 8, "g": 16, "F": 8, "D": 16, "G": 32})
 
 
 def _number_itemsize(name: Any) -> int | None:
-    """The bytes of an element of the numpy dtype ``name`` (str or bytes) if it names a plain number type, else
-    None (void, structured, subarray, string, object, datetime: any size per element, or not known here)."""
+    """The bytes of an element of the numpy dtype ``name`` (str or bytes) if it names a plain number type, a
+    fixed-width string (``U<n>``, ``S<n>``) or a datetime / timedelta (``M8``, ``m8``), else None (void,
+    structured, subarray, object: any size per element, or not known here)."""
     if isinstance(name, bytes):
         name = name.decode("latin1")
     if not isinstance(name, str):
         return None
     if name in _NUMBER_CODES:
         return _NUMBER_CODES[name]
+    if _TIME_DTYPE.fullmatch(name):
+        return 8
+    text = _TEXT_DTYPE.fullmatch(name)
+    if text:
+        return int(text.group(2)) * (4 if text.group(1) == "U" else 1)
     match = _NUMBER_DTYPE.fullmatch(name)
     return int(match.group(1)) if match and 0 < int(match.group(1)) <= 32 else None
+
+
+def _sized_by_state(name: Any) -> bool:
+    """Whether numpy takes the element size of the dtype ``name`` from its pickled state (a fixed-width string:
+    the state's elsize must then equal the name's), rather than from the name (its state's elsize is -1)."""
+    if isinstance(name, bytes):
+        name = name.decode("latin1")
+    return isinstance(name, str) and _TEXT_DTYPE.fullmatch(name) is not None
 
 
 _VALUED_BUILTINS = ("int", "float", "complex", "bool", "slice")  # results that are single values, never iterated
@@ -495,16 +514,19 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
 
     def itemsize(dtype: Any, what: str) -> int:
         """The bytes of each element of ``what`` of the numpy dtype ``dtype`` (a ``Dtype`` stand-in, or the name
-        ``_reconstruct`` is given), refused unless it is a plain number type: a composite, void, string or object
-        dtype can be any size per element (``V1000000``: a megabyte), and numpy pickles none in a checkpoint."""
+        ``_reconstruct`` is given), refused unless it is a plain number, fixed-width string or datetime type: a
+        composite, void or object dtype can be any size per element (``V1000000``: a megabyte), and numpy
+        pickles none in a checkpoint. A string type's elements must each fit in the file."""
         if isinstance(dtype, Dtype):
             dtype.used = True
         size = dtype.itemsize if isinstance(dtype, Dtype) else _number_itemsize(dtype)
         if size is None:
             raise DeclaredSizeError(
-                f"the pickle holds {what} whose dtype is not a plain number type (a composite, void, string or "
-                "object dtype, whose elements can be any size)"
+                f"the pickle holds {what} whose dtype is not a plain number, string or datetime type (a "
+                "composite, void or object dtype, whose elements can be any size)"
             )
+        if size > limit:
+            raise DeclaredSizeError(f"the pickle holds {what} of {size} bytes in a file of {limit} bytes")
         return size
 
     def array_bytes(shape: Any, dtype: Any) -> tuple[int, int]:
@@ -613,16 +635,20 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
 
         itemsize: int | None = None
         used = False  # by an array or scalar, checked with this itemsize
+        sized_by_state = False  # a fixed-width string: numpy sets its element size from the state's elsize
 
         def __new__(cls, *args: Any, **kwargs: Any) -> Dtype:
             made = super().__new__(cls, *args, **kwargs)
             made.itemsize = _number_itemsize(args[0]) if args and not kwargs else None
+            made.sized_by_state = bool(args) and _sized_by_state(args[0])
             return made
 
         def __setstate__(self, state: Any) -> None:
-            # (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata])
+            # (version, byte order, subarray, names, fields, elsize, alignment, flags[, metadata]); numpy pickles
+            # -1 as the elsize of a number or datetime type (sized by its name), and a string type's own size
+            sizes = (self.itemsize,) if self.sized_by_state else (-1, self.itemsize)
             if not (isinstance(state, tuple) and len(state) >= 8 and state[2:5] == (None, None, None)) or not any(
-                type(state[5]) is int and state[5] == size for size in (-1, self.itemsize)
+                type(state[5]) is int and state[5] == size for size in sizes
             ):
                 if self.used:  # numpy would change the arrays built with it
                     raise DeclaredSizeError("the pickle makes a numpy dtype composite after arrays were built of it")
@@ -632,7 +658,7 @@ def _size_checking_unpickler(file: IO[bytes], limit: int, storages: dict[Any, in
         """numpy's scalar(dtype, data): numpy allocates an element of the dtype (zeroed without data)."""
 
         def __new__(cls, *args: Any, **kwargs: Any) -> Scalar:
-            itemsize(args[0] if args else kwargs.get("descr"), "a numpy scalar")
+            spend(itemsize(args[0] if args else kwargs.get("descr"), "a numpy scalar"), "numpy scalars")
             return super().__new__(cls, *args, **kwargs)
 
     class Rebuilt(_Inert):
