@@ -27,6 +27,9 @@ def _argv(checkpoint: Path, target: Path) -> list[str]:
     [
         FileNotFoundError(errno.ENOENT, "No such file or directory", "/nonexistent/exporter_helper"),
         PermissionError(errno.EACCES, "Permission denied", "/root/.cache/exporter"),
+        # onnx raises these with a message only (no errno): they are no short write either
+        FileNotFoundError("Folder '/x/cache' does not exist."),
+        PermissionError("cannot read /root/.cache/exporter"),
     ],
 )
 def test_an_exporters_own_os_error_falls_back_to_the_other_exporter(checkpoint, tmp_path, monkeypatch, error):

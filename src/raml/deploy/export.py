@@ -675,16 +675,19 @@ def _writing(path: Path, what: str, write_errors_only: bool = False) -> Iterator
     """Turn an ``OSError`` of the block, which writes the file shown as ``path`` (a full disk, an I/O error), into
     a :class:`_WriteError` that names the file, says nothing replaced it and how to go on. With
     ``write_errors_only`` (a block that does more than write: an ONNX exporter), only the errnos of
-    :data:`_WRITE_ERRNOS` and an ``OSError`` without an errno (numpy's ``tofile`` short write, which the dynamo
-    exporter's writer raises on a full disk) are; any other passes unchanged."""
+    :data:`_WRITE_ERRNOS` and a plain ``OSError`` without an errno (numpy's ``tofile`` short write, which the
+    dynamo exporter's writer raises on a full disk) are; any other passes unchanged (a ``FileNotFoundError`` or
+    ``PermissionError`` given only a message, as onnx raises for a file of its own, is no failed write)."""
     try:
         yield
     except OSError as error:
-        if write_errors_only and error.errno is not None and error.errno not in _WRITE_ERRNOS:
+        # a short write: "165888 requested and 152656 written", raised as OSError itself, never a subclass
+        short_write = error.errno is None and type(error) is OSError
+        if write_errors_only and not short_write and error.errno not in _WRITE_ERRNOS:
             raise
         if error.errno == errno.ENOSPC:
             reason = "no space left on its disk"
-        elif error.errno is None:  # a short write: "165888 requested and 152656 written"
+        elif short_write:
             reason = f"{error}; the disk may be full"
         else:
             reason = error.strerror or str(error)
