@@ -858,6 +858,7 @@ def _export_int8(
             calibration_split=args.calibration_split,
             source_label=str(network.source_path),
             work_dir=work,
+            target=args.output,
         )
     finally:  # not kept until the staging folder goes: the disk space of a large model
         shutil.rmtree(work, ignore_errors=True)

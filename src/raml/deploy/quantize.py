@@ -38,7 +38,7 @@ import numpy as np
 import torch
 
 from raml.data.images import EvalTransform, load_image
-from raml.deploy.export import check_graph_against_sidecar, onnx_session, read_sidecar, sidecar_path
+from raml.deploy.export import _writing, check_graph_against_sidecar, onnx_session, read_sidecar, sidecar_path
 from raml.utils import atomic_path, atomic_write_text, file_sha256
 
 logger = logging.getLogger(__name__)
@@ -204,6 +204,7 @@ def quantize_onnx(
     calibration_split: str | None = None,
     source_label: str | None = None,
     work_dir: str | Path | None = None,
+    target: str | Path | None = None,
 ) -> QuantizationReport:
     """Quantise an exported fp32 ONNX model to int8 (static, QDQ) and write it with its sidecar.
 
@@ -224,6 +225,8 @@ def quantize_onnx(
         work_dir: The folder its temporary folder (the prepared fp32 model) is made in; default the system's
             temporary folder (``raml export --int8`` gives its staging folder, which a killed export's next run
             removes).
+        target: The file that errors name as the one written (default ``output``; ``raml export --int8`` writes
+            ``output`` in a staging folder and names its --output).
 
     Raises:
         FileNotFoundError: A missing model, sidecar or image.
@@ -233,6 +236,7 @@ def quantize_onnx(
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quant_pre_process, quantize_static
 
     fp32_path, output = Path(fp32_path), Path(output)
+    shown = output if target is None else Path(target)
     sidecar = read_sidecar(fp32_path)
     if sidecar.get("quantization"):
         raise ValueError(f"{fp32_path} is already quantised; quantise the fp32 export instead.")
@@ -266,7 +270,8 @@ def quantize_onnx(
 
     with tempfile.TemporaryDirectory(prefix="raml-quantize-", dir=work_dir) as work, atomic_path(output) as tmp:
         prepared = Path(work) / "prepared.onnx"
-        with _quiet_quantizer():
+        # a full disk names --output, not the staged file
+        with _quiet_quantizer(), _writing(shown, "int8 model", write_errors_only=True):
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared),
@@ -318,7 +323,8 @@ def quantize_onnx(
             "cosine_to_fp32_by_size": per_size,
         }
         int8_bytes = tmp.stat().st_size
-        atomic_write_text(sidecar_path(output), json.dumps(record, indent=2) + "\n")
+        with _writing(sidecar_path(shown), "sidecar"):
+            atomic_write_text(sidecar_path(output), json.dumps(record, indent=2) + "\n")
     fp32_bytes = fp32_path.stat().st_size
     logger.info("Wrote %s (%d bytes, fp32 %d) and %s", output, int8_bytes, fp32_bytes, sidecar_path(output))
     return QuantizationReport(
