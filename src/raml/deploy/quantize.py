@@ -85,6 +85,20 @@ def _quiet_quantizer() -> Iterator[None]:
         root.removeFilter(quiet)
 
 
+@contextmanager
+def _temporary_folder(folder: Path) -> Iterator[None]:
+    """Make ``folder`` the temporary folder of ``tempfile`` while the block runs (then restore the previous one):
+    onnxruntime's quantiser makes its own (``pre.quant.*``, ``ort.quant.*`` with a copy of the model) in the
+    system's, where a killed export would leave them. ``tempfile.tempdir`` is process-global: the quantiser is
+    run by a single thread (``raml export`` quantises nothing concurrently), so nothing else sees the change."""
+    previous = tempfile.tempdir
+    tempfile.tempdir = str(folder)
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+
+
 class QuantizationError(ValueError):
     """The int8 model's embeddings are too far from the fp32 model's (nothing was written)."""
 
@@ -224,7 +238,7 @@ def quantize_onnx(
             when the fp32 model is a temporary file).
         work_dir: The folder its temporary folder (the prepared fp32 model) is made in; default the system's
             temporary folder (``raml export --int8`` gives its staging folder, which a killed export's next run
-            removes).
+            removes). onnxruntime's own temporary folders are made in that temporary folder too.
         target: The file that errors name as the one written (default ``output``; ``raml export --int8`` writes
             ``output`` in a staging folder and names its --output).
 
@@ -271,7 +285,7 @@ def quantize_onnx(
     with tempfile.TemporaryDirectory(prefix="raml-quantize-", dir=work_dir) as work, atomic_path(output) as tmp:
         prepared = Path(work) / "prepared.onnx"
         # a full disk names --output, not the staged file
-        with _quiet_quantizer(), _writing(shown, "int8 model", write_errors_only=True):
+        with _quiet_quantizer(), _temporary_folder(Path(work)), _writing(shown, "int8 model", write_errors_only=True):
             quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
             quantize_static(
                 str(prepared),
