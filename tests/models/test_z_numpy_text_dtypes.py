@@ -4,6 +4,7 @@ value too, which ``save_checkpoint`` now stores as a plain ``str``), while void 
 
 from __future__ import annotations
 
+import enum
 import pickle
 from pathlib import Path
 
@@ -72,3 +73,22 @@ def test_a_string_scalar_larger_than_the_file_is_refused(tmp_path: Path) -> None
     torch.save({"state_dict": {}, "x": Huge()}, tmp_path / "huge.pth")
     with pytest.raises(InvalidCheckpointError, match=r"not a valid checkpoint.*numpy scalar of 400000000 bytes"):
         load_checkpoint_file(tmp_path / "huge.pth")
+
+
+class _Pooling(str, enum.Enum):
+    GEM = "gem"
+
+
+def test_meta_values_of_str_int_float_subclasses_are_saved_as_their_values(tmp_path: Path) -> None:
+    """A (str, Enum) member is saved as its value ('gem'), not as str() of it ('_Pooling.GEM'); an IntEnum as its
+    int; a datetime64, whose .item() is a datetime the loader would refuse, is refused at save time instead."""
+    network = build_network("test_resnet", whitening=8, pretrained=False)
+    network.meta.update({"how": _Pooling.GEM, "count": enum.IntEnum("E", "A B")(2), "rate": np.float32(0.5)})
+    save_checkpoint(tmp_path / "net.pth", network)
+    meta = load_network(tmp_path / "net.pth").meta
+    assert (meta["how"], meta["count"], meta["rate"]) == ("gem", 2, 0.5)
+    assert (type(meta["how"]), type(meta["count"]), type(meta["rate"])) == (str, int, float)
+    network.meta["when"] = np.datetime64("2026-12-05")
+    with pytest.raises(TypeError, match=r"meta.*when.*datetime64"):
+        save_checkpoint(tmp_path / "dated.pth", network)
+    assert not (tmp_path / "dated.pth").exists()

@@ -114,13 +114,16 @@ def _plain(value: Any, where: str) -> Any:
         return value
     for kind in (str, int, float):  # a subclass (numpy.str_, numpy.float64, an enum) as the plain value
         if isinstance(value, kind):
-            return kind(value)
+            # the base type's own conversion: str() of a (str, Enum) member is 'Pooling.GEM', not its value 'gem'
+            return {str: str.__str__, int: int.__int__, float: float.__float__}[kind](value)
     if isinstance(value, (list, tuple)):
         return [_plain(v, f"{where}[{i}]") for i, v in enumerate(value)]
     if isinstance(value, dict):
         return {str(k): _plain(v, f"{where}[{k!r}]") for k, v in value.items()}
     if hasattr(value, "item") and getattr(value, "ndim", None) == 0:  # numpy / torch scalars
-        return value.item()
+        item = value.item()  # a Python number, str or bytes; a datetime64 gives a datetime, refused below
+        if item is None or type(item) in (bool, int, float, str):
+            return item
     raise TypeError(
         f"Checkpoint {where} holds a {type(value).__name__}; only plain Python values (None, bool, int, "
         "float, str, lists and dicts of them) are allowed so that the file loads with weights_only=True."
