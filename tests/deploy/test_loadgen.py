@@ -319,3 +319,34 @@ def test_a_client_thread_stuck_in_a_dripping_answer_is_left_and_its_arrivals_cou
     assert sorted(r[0] for r in records) == sorted(records[0][0] - schedule[0] + s for s in schedule)
     assert waited < 5  # the run's end plus two time-outs and the grace, not the stuck request
     assert "1 client thread(s) still in a request at the run's end: 3 arrivals count as failed" in caplog.text
+
+
+class _GarbledHandler(BaseHTTPRequestHandler):
+    """Answers every POST with 200 and a body that is not JSON (as a server dying mid-answer may)."""
+
+    protocol_version = "HTTP/1.1"
+    disable_nagle_algorithm = True
+
+    def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self.send_response(200)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+@pytest.mark.parametrize("rate", [None, 20.0])
+def test_a_200_whose_body_is_not_json_counts_as_an_error_and_the_client_goes_on(rate):
+    """Before, json.loads raised in the client's thread, which died (an unhandled thread exception) and left its
+    remaining requests unsent; each such answer is now an error (status 0) and the thread keeps sending."""
+    server, url = _serve(ThreadingHTTPServer, _GarbledHandler)
+    try:
+        result = run_load(url, [b"x"], k=1, warmup_s=0.0, duration_s=1.0, concurrency=1, processes=1, rate=rate)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert len(result.records) >= 3, len(result.records)  # one thread: it went on after the first bad answer
+    assert all(record[4] == 0 for record in result.records)
+    assert summarise(result)["errors"] == len(result.records)

@@ -188,7 +188,8 @@ def _worker(job: _Job, index: int, ready: Any, start: Any, results: Any) -> None
     def request(conn: http.client.HTTPConnection, i: int) -> tuple[int, tuple[float, ...], float, float | None]:
         try:
             return _send(conn, job.target, job.bodies[i % len(job.bodies)])
-        except (OSError, http.client.HTTPException):
+        # ValueError: a 200 whose body is not the JSON answer (cut short): an error, not the thread's end
+        except (OSError, http.client.HTTPException, ValueError):
             conn.close()  # reconnects on the next request
             return 0, _NO_TIMINGS, float("nan"), None
 
