@@ -24,14 +24,6 @@ class _Call:
         return self.function, self.args
 
 
-@pytest.fixture
-def no_torch_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("torch.load was reached")
-
-    monkeypatch.setattr(torch, "load", refuse)
-
-
 def _refused(path: Path) -> None:
     assert path.stat().st_size < 64 * 1024
     with pytest.raises(InvalidCheckpointError, match=r"not a valid checkpoint.*copied over and over"):

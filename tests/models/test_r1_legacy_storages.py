@@ -47,14 +47,6 @@ def _legacy_parts(obj: Any) -> tuple[list[bytes], bytes]:
     return parts, buffer.getvalue()[start:]
 
 
-@pytest.fixture
-def no_torch_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("torch.load was reached")
-
-    monkeypatch.setattr(torch, "load", refuse)
-
-
 def test_storages_missing_from_the_list_of_keys_are_refused(tmp_path: Path, no_torch_load: None) -> None:
     """An empty list of keys: torch would load the weights uninitialised (whatever memory held)."""
     parts, data = _legacy_parts({"state_dict": {"w": torch.ones(64), "b": torch.ones(8)}})

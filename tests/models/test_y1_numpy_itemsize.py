@@ -30,14 +30,6 @@ class _Call:
         return self.function, self.args
 
 
-@pytest.fixture
-def no_torch_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    def refuse(*args: Any, **kwargs: Any) -> Any:
-        raise AssertionError("torch.load was reached")
-
-    monkeypatch.setattr(torch, "load", refuse)
-
-
 def _refused(path: Path, obj: Any) -> None:
     torch.save({"state_dict": {"w": torch.zeros(2)}, "x": obj}, path)
     assert path.stat().st_size < 4096
