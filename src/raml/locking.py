@@ -37,7 +37,7 @@ except ImportError:  # pragma: no cover - Windows
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LOCK_NAME", "DirectoryLock", "LockFileError", "LockHeldError", "LockHolder", "pid_alive"]
+__all__ = ["LOCK_NAME", "DirectoryLock", "LockFileError", "LockHeldError", "LockHolder", "pid_alive", "same_file"]
 
 LOCK_NAME = ".lock"
 """Name of the lock file inside the locked directory."""
@@ -186,7 +186,7 @@ class DirectoryLock:
                     f"Cannot lock {self.path} ({error.strerror}); the file system of {self.directory} does not "
                     "support file locks. Write on a local disk (or one with lock support) and copy the result.",
                 ) from error
-            if not _same_file(fd, self.path):  # the holder released (and removed the file) before our flock
+            if not same_file(fd, self.path):  # the holder released (and removed the file) before our flock
                 os.close(fd)
                 continue
             previous = LockHolder.parse(_read(fd))
@@ -281,7 +281,9 @@ def _wait_for_holder(fd: int) -> LockHolder | None:
     return holder
 
 
-def _same_file(fd: int, path: Path) -> bool:
+def same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open as ``fd`` (not removed, not replaced by another file or a
+    link): a waiter that got its lock on a file its holder removed must lock the new one instead."""
     try:
         on_disk = os.lstat(path)  # a link put in place of the file since our open is not the file
     except FileNotFoundError:

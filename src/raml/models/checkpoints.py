@@ -38,6 +38,7 @@ from typing import IO, Any
 import torch
 from tqdm import tqdm
 
+from raml.locking import same_file
 from raml.models.backbones import IMAGENET_MEAN, IMAGENET_STD, DownloadError, TimmTrunk
 from raml.models.network import EmbeddingNetwork, build_network
 from raml.models.pooling import POOLINGS
@@ -748,7 +749,6 @@ def _sums_lock(folder: Path) -> Iterator[None]:
         fd, created = _open_sums_lock(path)
         unsupported: OSError | None = None
         try:
-            opened = os.fstat(fd)
             while True:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -764,14 +764,10 @@ def _sums_lock(folder: Path) -> Iterator[None]:
                             "again."
                         ) from None
                     time.sleep(0.01)
-            try:
-                on_disk = os.lstat(path)
-            except FileNotFoundError:  # removed by the holder we waited for: lock the next file
-                on_disk = None
+            same = same_file(fd, path)  # False: removed by the holder we waited for, so lock the next file
         except BaseException:
             os.close(fd)
             raise
-        same = on_disk is not None and (on_disk.st_dev, on_disk.st_ino) == (opened.st_dev, opened.st_ino)
         if unsupported is not None:
             if created and same:
                 path.unlink(missing_ok=True)
