@@ -35,10 +35,10 @@ def test_the_next_export_removes_the_staging_folders_a_killed_one_left(random_ne
 
 
 def test_a_new_staging_folder_is_locked_while_the_export_runs(tmp_path):
-    from raml.cli.deploy import _ExportStage
+    from raml.deploy.export_stage import ExportStage
 
     target = tmp_path / "student.onnx"
-    with _ExportStage([target]) as stage:
+    with ExportStage([target]) as stage:
         folder = stage.path(target).parent
         assert folder.name.startswith(".student.onnx.") and folder.name.endswith(".staged")
         fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
@@ -47,6 +47,6 @@ def test_a_new_staging_folder_is_locked_while_the_export_runs(tmp_path):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         finally:
             os.close(fd)
-        with _ExportStage([target]):  # a second export beside it leaves the first one's folder alone
+        with ExportStage([target]):  # a second export beside it leaves the first one's folder alone
             assert folder.is_dir()
     assert list(Path(tmp_path).iterdir()) == []
