@@ -324,6 +324,21 @@ def machinery_teacher_path(machinery: TrainingSetup, build_once) -> Path:
     return build_once("machinery_teacher", _teacher_trainer(machinery, epochs=2)) / "model_best.pth.tar"
 
 
+@pytest.fixture(scope="session")
+def finished(machinery: TrainingSetup, machinery_teacher_path: Path, build_once) -> Path:
+    """A finished one-epoch ts_aug run (exponential schedule, stepped per epoch) with the machinery teacher: its
+    folder, made once per session (the resume tests of two files use it); a test copies it before changing it."""
+    import torch
+
+    from raml.engine.trainer import Trainer
+
+    def make(folder: Path) -> None:
+        config = machinery.distill_config(folder, machinery_teacher_path, epochs=1, val=False, scheduler="exponential")
+        Trainer(config, torch.device("cpu"), progress=False).run()
+
+    return build_once("finished_machinery_run", make)
+
+
 def _teacher_trainer(training: TrainingSetup, epochs: int) -> Callable[[Path], None]:
     import torch
 

@@ -47,14 +47,6 @@ def test_a_state_of_another_shape_than_its_parameter_is_refused() -> None:
         check_optimizer_tensors(saved, optimizer, Path("other.pth"))
 
 
-@pytest.fixture(scope="module")
-def finished(machinery, machinery_teacher_path, tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("finished") / "run"
-    config = machinery.distill_config(folder, machinery_teacher_path, epochs=1, val=False, scheduler="exponential")
-    Trainer(config, CPU, progress=False).run()
-    return folder
-
-
 def test_resuming_a_checkpoint_with_a_stride0_optimizer_state_is_refused_before_loading_it(
     machinery, machinery_teacher_path, finished, tmp_path
 ) -> None:

@@ -15,15 +15,6 @@ from raml.engine.trainer import Trainer
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(scope="module")
-def finished(machinery, machinery_teacher_path, tmp_path_factory) -> Path:
-    """A one-epoch ts_aug run (exponential schedule, stepped per epoch): its folder."""
-    folder = tmp_path_factory.mktemp("finished") / "run"
-    config = machinery.distill_config(folder, machinery_teacher_path, epochs=1, val=False, scheduler="exponential")
-    Trainer(config, CPU, progress=False).run()
-    return folder
-
-
 def _copy(finished: Path, tmp_path: Path) -> Path:
     run = tmp_path / "run"
     shutil.copytree(finished, run)
